@@ -1,0 +1,1 @@
+"""Vision/audio towers and projectors: media tensors -> embeddings [n_slots, hidden]."""

@@ -1,0 +1,1 @@
+"""The shared decoder core: config, weights, decoders, paged KV cache, scheduler, engine."""

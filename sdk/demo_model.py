@@ -1,0 +1,180 @@
+"""Tiny random-weight checkpoints built offline: the README's demo model and the tests' fixtures.
+
+`write_demo_checkpoint(dir, "qwen2_vl")` writes config.json, model.safetensors, a small
+byte-level BPE tokenizer with a ChatML chat template and, for vision models, the HF
+processor configs, exactly as `save_pretrained` lays them out. The weights are random:
+the text such a model writes is gibberish by construction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# ChatML with Qwen2-VL's media markers; add_vision_id numbers pictures/videos as Qwen does.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A picture shows a cat sitting on a mat.
+Describe this image. What is in the video? The sky is blue and the grass is green.
+Once upon a time there was a small model that wrote random words, one token at a time.
+Images, video and audio become embeddings that fill slots in the token stream of a decoder.
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation ! ? , . ; : ( ) [ ] { } " ' - _ / \\
+You are a helpful assistant. Hello, how are you today? I am fine, thank you very much.
+"""
+
+# Tiny shapes shared by every architecture: 2 layers, hidden 64, GQA 4 query / 2 kv heads.
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+)
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen2_vl", "qwen2_5_vl"]
+
+
+def build_tokenizer(vocab_size: int = 480):
+    """A byte-level BPE tokenizer trained on a built-in corpus, with the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _hf_config(arch: str, tokenizer, **overrides):
+    """The transformers config of a tiny `arch` model whose token ids match `tokenizer`."""
+    import transformers as tf
+
+    vocab = len(tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    common = dict(
+        vocab_size=vocab,
+        eos_token_id=ids["<|im_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    text = {**_TEXT, **common}
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**text, head_dim=16)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**text, head_dim=16, sliding_window=8)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**text)
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**text, head_dim=16)
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(**text)
+    elif arch in ("qwen2_vl", "qwen2_5_vl"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        media = dict(
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        if arch == "qwen2_vl":
+            vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+            cls = tf.Qwen2VLConfig
+        else:
+            vision = dict(
+                depth=4,
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                num_heads=2,
+                window_size=56,
+                fullatt_block_indexes=[1, 3],
+            )
+            cls = tf.Qwen2_5_VLConfig
+        vision.update(patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+        text_cfg = {**text, "rope_parameters": rope}
+        cfg = cls(text_config=text_cfg, vision_config=vision, **media, **common)
+    else:
+        raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHITECTURES}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def write_demo_checkpoint(
+    out_dir: str | Path, arch: str = "qwen2_vl", seed: int = 0, dtype=torch.float32, **overrides
+) -> Path:
+    """Write a tiny random `arch` checkpoint (weights, tokenizer, processor) into `out_dir`."""
+    import transformers as tf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    cfg = _hf_config(arch, tokenizer, **overrides)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForImageTextToText if arch.endswith("_vl") else tf.AutoModelForCausalLM
+    model = model.from_config(cfg, dtype=dtype)
+    # Random init draws small weights; scale them up so logits differ between tokens and the
+    # greedy path is not a string of ties (parity tests need a well-separated argmax).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "norm" not in name:
+                param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if arch.endswith("_vl"):
+        _write_processor(out, tokenizer)
+    return out
+
+
+def _write_processor(out: Path, tokenizer) -> None:
+    """Save the HF Qwen2-VL processor (image + video processor, tokenizer, chat template)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
