@@ -1,1 +1,27 @@
-"""llm_core.attention."""
+"""Attention backends: one interface (store_kv / paged_attention / varlen_attention).
+
+`get_backend(name)` picks one: "torch" (reference, any device), "triton" (CUDA default),
+"flash" (flash-attn, when installed). "auto" = triton on CUDA, torch elsewhere.
+"""
+
+from __future__ import annotations
+
+from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.torch_ref import TorchAttentionBackend
+
+__all__ = ["AttentionMetadata", "TorchAttentionBackend", "get_backend"]
+
+
+def get_backend(name: str = "auto", device: str = "cpu"):
+    """Return an attention backend instance by name."""
+    if name == "auto":
+        name = "triton" if str(device).startswith("cuda") else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    from polymodal.llm_core.errors import InvalidInputError
+
+    raise InvalidInputError(f"unknown attention backend {name!r}; choose auto, torch or triton")

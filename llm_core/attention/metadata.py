@@ -1,0 +1,31 @@
+"""Per-step attention metadata, built by the runner and passed explicitly down the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's flat token batch sits in the paged KV cache.
+
+    The new tokens of sequence `s` are its last `query_len[s]` positions: token `t` of it is
+    at absolute position `seq_lens[s] - query_len[s] + t`.
+    """
+
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1], cumulative query lens
+    seq_lens: torch.Tensor  # int32 [num_seqs], context length after this step
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks], padded with 0
+    slot_mapping: torch.Tensor  # int64 [num_tokens], -1 = do not store
+    max_query_len: int
+    max_seq_len: int
+    is_decode: bool = False  # every query len is 1 (the CUDA-graph path)
+    # Host copies, so the reference backend never syncs on device tensors.
+    query_lens_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
