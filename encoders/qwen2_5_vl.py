@@ -1,0 +1,203 @@
+"""Qwen2.5-VL vision tower: RMSNorm, SwiGLU MLP, window attention with a few full-attention blocks.
+
+Window attention: the merged-patch grid of each frame is cut into windows of
+`window_size // patch_size // merge` merged patches a side (partial at the right/bottom edges).
+Patches are permuted once so every window is contiguous, all blocks run in that order (full
+attention blocks see whole frames, which stay contiguous), and the merger output is permuted
+back. Module tree and parameter names equal transformers' `visual.*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from polymodal.encoders.vision_layers import (
+    PatchEmbed,
+    PatchMerger,
+    RMSNorm,
+    VisionAttention,
+    VisionAttentionMeta,
+    config_value,
+    full_attention_meta,
+    get_activation,
+    load_checked,
+    make_uninitialized,
+    patch_coordinates,
+    rope_theta,
+    rotary_cos_sin,
+)
+from polymodal.llm_core.attention import TorchAttentionBackend
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Qwen2_5VisionConfig:
+    """The fields of HF `Qwen2_5_VLVisionConfig` the tower needs."""
+
+    depth: int
+    hidden_size: int  # width of the ViT blocks
+    out_hidden_size: int  # merger output = the decoder's hidden size
+    intermediate_size: int
+    num_heads: int
+    hidden_act: str
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    window_size: int  # window side in pixels
+    fullatt_block_indexes: tuple[int, ...]
+    rope_theta: float
+
+    @classmethod
+    def from_hf(cls, cfg) -> Qwen2_5VisionConfig:
+        """Parse an HF vision config object or config.json's `vision_config` dict."""
+        return cls(
+            depth=int(config_value(cfg, "depth")),
+            hidden_size=int(config_value(cfg, "hidden_size")),
+            out_hidden_size=int(config_value(cfg, "out_hidden_size")),
+            intermediate_size=int(config_value(cfg, "intermediate_size")),
+            num_heads=int(config_value(cfg, "num_heads", "num_attention_heads")),
+            hidden_act=config_value(cfg, "hidden_act", default="silu"),
+            in_channels=int(config_value(cfg, "in_channels", "in_chans", default=3)),
+            patch_size=int(config_value(cfg, "patch_size", default=14)),
+            temporal_patch_size=int(config_value(cfg, "temporal_patch_size", default=2)),
+            spatial_merge_size=int(config_value(cfg, "spatial_merge_size", default=2)),
+            window_size=int(config_value(cfg, "window_size")),
+            fullatt_block_indexes=tuple(config_value(cfg, "fullatt_block_indexes")),
+            rope_theta=rope_theta(cfg),
+        )
+
+
+def window_partition(
+    grid: list[list[int]], merge_size: int, window: int, device: torch.device
+) -> tuple[torch.Tensor, VisionAttentionMeta]:
+    """Order of merged patches that makes each window contiguous, and the windows' segments.
+
+    `window` is the window side in merged patches. Returns `window_index` int64
+    `[num_merged]` (position i of the windowed order holds merged patch `window_index[i]`) and
+    the window-attention metadata, counted in patches (`merge^2` per merged patch).
+    """
+    unit = merge_size**2
+    # Per frame: merged grid (mh, mw), windows per row/column, first window id.
+    frames = [(h // merge_size, w // merge_size) for t, h, w in grid for _ in range(t)]
+    win_rows = [-(-mh // window) for mh, _ in frames]
+    win_cols = [-(-mw // window) for _, mw in frames]
+    win_counts = [r * c for r, c in zip(win_rows, win_cols, strict=True)]
+    sizes = torch.tensor([mh * mw for mh, mw in frames], device=device)
+    widths = torch.tensor([mw for _, mw in frames], device=device)
+    cols_per_frame = torch.tensor(win_cols, device=device)
+    first_window = torch.tensor([0, *win_counts[:-1]], device=device).cumsum(0)
+    total = sum(mh * mw for mh, mw in frames)
+    # [num_merged]: frame of each merged patch, then its (row, col) on the merged grid
+    frame_of = torch.repeat_interleave(
+        torch.arange(len(frames), device=device), sizes, output_size=total
+    )
+    local = torch.arange(total, device=device) - (sizes.cumsum(0) - sizes)[frame_of]
+    row, col = local // widths[frame_of], local % widths[frame_of]
+    window_id = (
+        first_window[frame_of]
+        + (row // window) * cols_per_frame[frame_of]
+        + torch.div(col, window, rounding_mode="floor")
+    )
+    # Stable sort keeps row-major order inside each window, as HF's padded reshape does.
+    window_index = torch.sort(window_id, stable=True).indices
+    counts = torch.bincount(window_id, minlength=sum(win_counts)) * unit
+    cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    # Largest window: a full one, or the whole frame when it is smaller than a window.
+    max_seqlen = max(min(mh, window) * min(mw, window) for mh, mw in frames) * unit
+    return window_index, VisionAttentionMeta(cu_seqlens, max_seqlen)
+
+
+class Qwen2_5VisionMLP(nn.Module):
+    """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)), with biases."""
+
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+        self.act = get_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2_5VisionBlock(nn.Module):
+    """Pre-RMSNorm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: Qwen2_5VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
+        self.mlp = Qwen2_5VisionMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x, rotary, meta: VisionAttentionMeta, backend) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, meta, backend)
+        return x + self.mlp(self.norm2(x))
+
+
+class Qwen2_5VisionTower(nn.Module):
+    """Qwen2.5-VL vision encoder: `(pixel_values, grid_thw) -> [num_slots, out_hidden_size]`.
+
+    `backend` is any attention backend with `varlen_attention` (default: torch reference).
+    """
+
+    def __init__(self, cfg: Qwen2_5VisionConfig, backend=None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.spatial_merge_size = cfg.spatial_merge_size
+        self.out_hidden_size = cfg.out_hidden_size
+        self.attn_backend = backend if backend is not None else TorchAttentionBackend()
+        self.patch_embed = PatchEmbed(
+            cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.hidden_size
+        )
+        self.blocks = nn.ModuleList(Qwen2_5VisionBlock(cfg) for _ in range(cfg.depth))
+        norm = RMSNorm(cfg.hidden_size, eps=1e-6)
+        merge = cfg.spatial_merge_size
+        self.merger = PatchMerger(cfg.out_hidden_size, cfg.hidden_size, merge, norm)
+
+    @classmethod
+    def from_config(
+        cls, hf_vision_config, dtype=torch.float32, device="cpu", backend=None
+    ) -> Qwen2_5VisionTower:
+        """Build the tower from an HF vision config; parameters stay uninitialized until
+        `load_weights`."""
+        cfg = Qwen2_5VisionConfig.from_hf(hf_vision_config)
+        return make_uninitialized(lambda: cls(cfg, backend), dtype, device)
+
+    def load_weights(self, named_tensors) -> None:
+        """Load `(name, tensor)` pairs named as under `visual.` (prefix stripped).
+
+        Raises ModelLoadError on missing, unexpected or mis-shaped tensors.
+        """
+        load_checked(self, named_tensors)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values `[num_patches, C*T*P*P]`, grid_thw int `[num_items, 3]` (t, h, w in
+        patches) -> embeddings `[num_patches / merge^2, out_hidden_size]` in item order."""
+        cfg = self.config
+        grid = grid_thw.tolist()
+        device = pixel_values.device
+        unit = self.spatial_merge_size**2
+        window = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+        window_index, window_meta = window_partition(grid, cfg.spatial_merge_size, window, device)
+        full_meta = full_attention_meta(grid, device)
+
+        def to_window_order(t: torch.Tensor) -> torch.Tensor:
+            # [num_patches, d] -> [num_merged, unit, d], reorder merged patches, flatten back
+            return t.view(-1, unit, t.shape[-1])[window_index].flatten(0, 1)
+
+        x = to_window_order(self.patch_embed(pixel_values))  # [num_patches, hidden_size]
+        rows, cols = patch_coordinates(grid, self.spatial_merge_size, device)
+        head_dim = cfg.hidden_size // cfg.num_heads
+        cos, sin = rotary_cos_sin(rows, cols, head_dim, cfg.rope_theta)
+        rotary = (to_window_order(cos), to_window_order(sin))
+        for i, block in enumerate(self.blocks):
+            meta = full_meta if i in cfg.fullatt_block_indexes else window_meta
+            x = block(x, rotary, meta, self.attn_backend)
+        merged = self.merger(x)  # [num_slots, out_hidden_size], in window order
+        out = torch.empty_like(merged)
+        out[window_index] = merged  # back to item order
+        return out
