@@ -1,0 +1,199 @@
+"""Turn one logits row per sequence into one token: penalties, temperature, min-p, top-k/p.
+
+Order follows vLLM's v1 sampler: raw logprobs -> penalties (repetition, frequency, presence)
+-> greedy argmax for greedy rows -> temperature -> min-p -> top-k -> top-p -> sample.
+
+Sampling uses the exponential race: with q ~ Exp(1) i.i.d. per token, argmax(probs / q) is
+distributed as probs. A seeded row draws its q from its own generator, a fixed number of
+values (vocab) per step, so its tokens never depend on batch size, row position or other rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from polymodal.llm_core.sampling_params import SamplingParams
+
+# Floor for the exponential noise: an exact 0 would turn a masked 0/0 into NaN.
+_MIN_NOISE = 1e-20
+
+
+@dataclass
+class SamplingContext:
+    """Everything the sampler needs about one logits row (one sequence)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    """This request's own random stream (on the logits' device) when `params.seed` is set."""
+
+
+@dataclass
+class SampledToken:
+    """The token picked for one row, with logprobs of the model's raw distribution."""
+
+    token_id: int
+    logprob: float | None = None
+    """log_softmax(raw logits)[token_id], when `params.logprobs` is not None."""
+    top_logprobs: dict[int, float] | None = None
+    """The `params.logprobs` most likely tokens -> logprob, most likely first."""
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed` (any int; wrapped into 64 bits)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % (1 << 64))
+    return generator
+
+
+def apply_penalties(logits: torch.Tensor, contexts: list[SamplingContext]) -> torch.Tensor:
+    """Repetition (prompt+output), frequency and presence (output) penalties; returns a new tensor.
+
+    logits: [n, vocab] float32. Token counts are built with one scatter per kind.
+    """
+    n, vocab = logits.shape
+    device = logits.device
+    rep = [c.params.repetition_penalty for c in contexts]
+    freq = [c.params.frequency_penalty for c in contexts]
+    pres = [c.params.presence_penalty for c in contexts]
+    use_rep = any(r != 1.0 for r in rep)
+    if not use_rep and not any(freq) and not any(pres):
+        return logits
+
+    # [n, vocab] counts of each token in the output; index `vocab` is the padding sink.
+    out_counts = _token_counts([c.output_token_ids for c in contexts], n, vocab, device)
+    out_seen = out_counts > 0
+    logits = logits.clone()
+    if use_rep:
+        # Prompt ids only matter for rows that use a repetition penalty.
+        prompts = [
+            c.prompt_token_ids if r != 1.0 else [] for c, r in zip(contexts, rep, strict=True)
+        ]
+        seen = out_seen | (_token_counts(prompts, n, vocab, device) > 0)
+        rep_t = torch.tensor(rep, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
+        penalty = torch.where(seen, rep_t, torch.ones_like(logits))
+        # HF-style: shrink positive logits, push negative ones further down.
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    freq_t = torch.tensor(freq, dtype=logits.dtype, device=device).unsqueeze(1)
+    pres_t = torch.tensor(pres, dtype=logits.dtype, device=device).unsqueeze(1)
+    return logits - freq_t * out_counts - pres_t * out_seen.to(logits.dtype)
+
+
+def _token_counts(
+    token_lists: list[list[int]], n: int, vocab: int, device: torch.device
+) -> torch.Tensor:
+    """[n, vocab] float counts of each id per row, via one scatter_add over padded ids."""
+    width = max((len(ids) for ids in token_lists), default=0)
+    counts = torch.zeros(n, vocab + 1, dtype=torch.float32, device=device)
+    if width == 0:
+        return counts[:, :vocab]
+    padded = [ids + [vocab] * (width - len(ids)) for ids in token_lists]
+    index = torch.tensor(padded, dtype=torch.long, device=device)  # [n, width]
+    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (-inf) tokens with prob < min_p * max prob. logits [n, vocab], min_p [n]."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)  # [n, 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Top-k then top-p (on the top-k-renormalized distribution) with one descending sort.
+
+    logits [n, vocab]; top_k [n] int (vocab = off); top_p [n] float (1.0 = off). Top-k keeps
+    ties with the k-th logit; top-p keeps a token while the mass before it is < top_p, so
+    the most likely token always survives.
+    """
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, vocab] each
+    k_index = (top_k.clamp(1, vocab) - 1).unsqueeze(1)  # [n, 1]
+    kth = sorted_logits.gather(1, k_index)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # exclusive prefix sum
+    drop = mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    """Samples one token per logits row; see the module docstring for the order of steps."""
+
+    def __call__(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> list[SampledToken]:
+        """logits: [n, vocab] float32 (CPU or CUDA), one context per row -> n sampled tokens."""
+        if logits.dim() != 2 or logits.shape[0] != len(contexts):
+            raise ValueError(
+                f"logits must be [len(contexts)={len(contexts)}, vocab], got {list(logits.shape)}"
+            )
+        logits = logits.float()
+        want_logprobs = [c.params.logprobs is not None for c in contexts]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        logits = apply_penalties(logits, contexts)
+        tokens = logits.argmax(dim=-1)  # [n]; final for greedy rows
+        random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
+        if random_rows:
+            picked = self._sample_random(logits, contexts, random_rows)
+            tokens[torch.tensor(random_rows, device=logits.device)] = picked
+        return self._package(tokens, raw_logprobs, contexts)
+
+    def _sample_random(
+        self, logits: torch.Tensor, contexts: list[SamplingContext], rows: list[int]
+    ) -> torch.Tensor:
+        """Temperature, min-p, top-k/top-p and the exponential race for `rows` -> [len(rows)]."""
+        device = logits.device
+        params = [contexts[i].params for i in rows]
+        x = logits[torch.tensor(rows, device=device)]  # [r, vocab] (a copy)
+        temps = torch.tensor([p.temperature for p in params], device=device)
+        x = x / temps.unsqueeze(1)
+        if any(p.min_p > 0 for p in params):
+            x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=device))
+        vocab = x.shape[1]
+        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        ps = [p.top_p for p in params]
+        if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):
+            x = apply_top_k_top_p(
+                x, torch.tensor(ks, device=device), torch.tensor(ps, device=device)
+            )
+        probs = torch.softmax(x, dim=-1)
+
+        # Exponential noise: unseeded rows in one draw from the global stream, seeded rows
+        # each from their own generator, always exactly `vocab` values per step.
+        noise = torch.empty_like(probs)
+        seeded = [j for j, i in enumerate(rows) if contexts[i].generator is not None]
+        unseeded = [j for j, i in enumerate(rows) if contexts[i].generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for j in seeded:
+            noise[j].exponential_(generator=contexts[rows[j]].generator)
+        return (probs / noise.clamp_(min=_MIN_NOISE)).argmax(dim=-1)
+
+    @staticmethod
+    def _package(
+        tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, contexts: list[SamplingContext]
+    ) -> list[SampledToken]:
+        """Move results to the host in a few transfers and build one SampledToken per row."""
+        token_list = tokens.tolist()
+        if raw_logprobs is None:
+            return [SampledToken(token_id=t) for t in token_list]
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        max_top = max(c.params.logprobs or 0 for c in contexts)
+        top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)  # [n, max_top], descending
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        out = []
+        for i, ctx in enumerate(contexts):
+            num = ctx.params.logprobs
+            if num is None:
+                out.append(SampledToken(token_id=token_list[i]))
+                continue
+            top = dict(zip(top_ids[i][:num], top_values[i][:num], strict=True))
+            out.append(SampledToken(token_list[i], chosen[i], top))
+        return out
