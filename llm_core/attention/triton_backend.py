@@ -1,0 +1,123 @@
+"""Triton attention backend: the CUDA fast path, same interface and semantics as `torch_ref`.
+
+- `store_kv`: one kernel writes new k/v rows into their cache slots (slot -1 skipped).
+- `paged_attention`: `meta.is_decode` -> GQA-grouped paged decode with split-KV
+  (`triton_decode.py`); otherwise the flash-style paged prefill kernel (`triton_prefill.py`).
+- `varlen_attention`: the same flash-style kernel over flat segments (encoders).
+
+Host-side reads (what a CUDA graph freezes): the decode path reads only tensor *shapes*
+(`q.shape`, `kv_cache.shape`, `meta.block_tables.shape[1]`) and no meta host ints, so it never
+syncs and its buffers are sized by shapes alone. The prefill path reads `meta.max_query_len` to
+size its grid. Everything else (`seq_lens`, `query_start_loc`, `block_tables`) is read on device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from polymodal.llm_core.attention import triton_decode, triton_prefill, triton_store
+from polymodal.llm_core.attention.metadata import AttentionMetadata
+
+# Split-KV heuristic knobs: a split should cover at least this many keys, and never more
+# than MAX_DECODE_SPLITS splits (bounds the partial buffer and the reduce kernel).
+MIN_KEYS_PER_SPLIT = 256
+MAX_DECODE_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # CPU / interpreter: a small stand-in so the heuristic still splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int, max_splits: int
+) -> int:
+    """How many KV splits a decode launch uses, from host ints fixed per CUDA-graph bucket.
+
+    Split only when `num_seqs * num_kv_heads` programs leave SMs idle, and only as far as each
+    split still gets `MIN_KEYS_PER_SPLIT` keys of the longest possible context.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(2 * num_sms, programs)  # ~2 waves of programs
+    by_length = triton.cdiv(max_context, MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, by_length, max_splits))
+
+
+class TritonAttentionBackend:
+    """Paged attention and varlen attention in Triton (CUDA; or CPU under TRITON_INTERPRET=1).
+
+    `decode_splits` pins the number of split-KV partitions of the decode kernel (tests, tuning);
+    `None` picks it with `decode_num_splits` from the batch shape.
+    """
+
+    name = "triton"
+
+    def __init__(self, decode_splits: int | None = None) -> None:
+        self.decode_splits = decode_splits
+
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write new keys/values `[num_tokens, kv_heads, head_dim]` into their cache slots."""
+        triton_store.store_kv(k, v, kv_cache, slot_mapping)
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache."""
+        if meta.is_decode:
+            return self._decode(q, kv_cache, meta, scale, sliding_window)
+        return triton_prefill.paged_prefill(
+            q,
+            kv_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_query_len,
+            scale,
+            sliding_window,
+        )
+
+    def _decode(self, q, kv_cache, meta, scale, sliding_window) -> torch.Tensor:
+        """One token per sequence; reads shapes only (CUDA-graph safe)."""
+        num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
+        max_context = meta.block_tables.shape[1] * page_size
+        if sliding_window is not None:
+            max_context = min(max_context, sliding_window)
+        num_splits = self.decode_splits or decode_num_splits(
+            num_seqs, num_kv_heads, max_context, _num_sms(q.device), MAX_DECODE_SPLITS
+        )
+        block_n = 64 if q.is_cuda else 16
+        return triton_decode.paged_decode(
+            q if q.stride(-1) == 1 else q.contiguous(),
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale,
+            sliding_window,
+            num_splits,
+            block_n,
+        )
+
+    def varlen_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        scale: float,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill)."""
+        return triton_prefill.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)

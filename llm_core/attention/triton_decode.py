@@ -1,0 +1,212 @@
+"""Paged decode attention in Triton: one query token per sequence, GQA-grouped, split-KV.
+
+Grid `(num_seqs, num_kv_heads, num_splits)`. A program loads the queries of *all* heads that
+share its kv head (padded to 16 rows so `tl.dot` can use tensor cores), so each K/V tile is read
+from HBM once per kv head, not once per query head. With `num_splits > 1` (flash-decoding) each
+program covers one contiguous slice of the context and writes a partial output plus its
+log-sum-exp; `_reduce_kernel` merges the slices. The slice length is derived in-kernel from the
+sequence's real length, so the launch grid and buffers depend only on shapes: CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, page_size, kv_heads, head_dim]
+    v_cache_ptr,
+    block_table_ptr,  # int32 [num_seqs, max_blocks]
+    seq_lens_ptr,  # int32 [num_seqs]
+    out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
+    part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim] (NUM_SPLITS > 1)
+    part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS], log2 domain
+    qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (ignored unless USE_WINDOW)
+    stride_qs,
+    stride_qh,
+    stride_os,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_co,
+    stride_ch,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # GROUP padded to a power of 2 >= 16
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of 2
+    BLOCK_N: tl.constexpr,  # keys per tile
+    NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    lo = 0
+    if USE_WINDOW:  # the query at seq_len - 1 sees keys > seq_len - 1 - window
+        lo = tl.maximum(seq_len - window, 0)
+    # This split's key range [start, end), tile-aligned relative to lo.
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + rows  # [BLOCK_G] query heads of this group
+    dims = tl.arange(0, BLOCK_D)
+    row_mask = rows < GROUP
+    dim_mask = dims < HEAD_DIM
+    q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = block_table_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+        valid = pos < end
+        page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = page * stride_cb + (pos % PAGE_SIZE) * stride_co + kv_head * stride_ch
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        s = (
+            tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+        )  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out_mask = row_mask[:, None] & dim_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # empty sequence -> zeros
+        o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partials are indexed [seq, head, split]; an empty split stores lse = -inf, out = 0.
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        base = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_lse_ptr + base, lse, mask=row_mask)
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim]
+    part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    stride_os,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Merge the split partials of one (sequence, head): a log-sum-exp weighted average."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < NUM_SPLITS
+    base = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits  # [BLOCK_S]
+    lse = tl.load(part_lse_ptr + base, mask=split_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty -> zeros
+    w = tl.exp2(lse - m)  # [BLOCK_S]
+    mask = split_mask[:, None] & (dims[None, :] < HEAD_DIM)
+    part = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [BLOCK_D]
+    o_off = seq * stride_os + head * stride_oh + dims
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int,
+    block_n: int,
+) -> torch.Tensor:
+    """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
+
+    Reads only shapes on the host (no syncs): safe to capture in a CUDA graph.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits > 1:
+        part_out = torch.empty(
+            (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(
+            (num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device
+        )
+    else:  # unused by the kernel; any fp32 tensor will do
+        part_out = part_lse = out.new_empty((1,), dtype=torch.float32)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        sliding_window or 0,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        USE_WINDOW=sliding_window is not None,
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _reduce_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,219 @@
+"""Flash-attention style Triton kernel shared by paged prefill and encoder varlen attention.
+
+Grid `(num_seqs, cdiv(max_query_len, BLOCK_M), num_heads)`: a program owns `BLOCK_M` queries of
+one head of one sequence and streams that sequence's keys in `BLOCK_N` tiles with an online
+softmax (fp32 running max / sum / accumulator, exp2 with the scale folded in).
+
+- `PAGED=True` (decoder prefill, chunked prefill, prefix-cache hits): keys come from the paged
+  cache through the block table; the sequence's new queries are its last `query_len` positions,
+  so query `i` sits at `seq_len - query_len + i` and sees keys `<=` that (and inside the window).
+- `PAGED=False` (encoders): q/k/v are flat `[total_tokens, heads, head_dim]` segments given by
+  `cu_seqlens`; bidirectional unless `IS_CAUSAL`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_ptr,  # PAGED: [num_blocks, page_size, kv_heads, head_dim]; else [num_tokens, kv_heads, d]
+    v_ptr,
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    q_start_ptr,  # int32 [num_seqs + 1] query offsets (cu_seqlens when not PAGED)
+    seq_lens_ptr,  # int32 [num_seqs] context lengths (PAGED only)
+    block_table_ptr,  # int32 [num_seqs, max_blocks] (PAGED only)
+    qk_scale,  # softmax scale * log2(e)
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kt,  # PAGED: stride of a cache block; else of a token
+    stride_ko,  # PAGED: stride of an offset in a block; unused otherwise
+    stride_kh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_start_ptr + seq + 1) - q_start
+    if q_block * BLOCK_M >= q_len:  # this sequence has fewer queries than the grid
+        return
+    if PAGED:
+        kv_len = tl.load(seq_lens_ptr + seq)
+    else:
+        kv_len = q_len
+    ctx_len = kv_len - q_len  # cached prefix before the new queries
+
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index in the sequence
+    dims = tl.arange(0, BLOCK_D)
+    row_mask = rows < q_len
+    dim_mask = dims < HEAD_DIM
+    q_pos = ctx_len + rows  # absolute positions
+    q_off = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+    # Key range this query tile can see.
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(kv_len, ctx_len + (q_block + 1) * BLOCK_M)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_len + q_block * BLOCK_M - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        valid = pos < hi
+        if PAGED:
+            table = block_table_ptr + seq.to(tl.int64) * stride_bt
+            page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+            kv_off = page * stride_kt + (pos % PAGE_SIZE) * stride_ko + kv_head * stride_kh
+        else:
+            kv_off = (q_start + pos).to(tl.int64) * stride_kt + kv_head * stride_kh
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+        visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
+        if IS_CAUSAL:
+            visible = visible & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
+
+
+def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, causal, paged):
+    """Shared launch: block sizes by device, strides by mode."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_seqs = q_start.shape[0] - 1
+    if q.is_cuda:
+        block_m, block_n = (128, 64) if head_dim <= 64 else (64, 64)
+        extra = {"num_warps": 4, "num_stages": 3}
+    else:  # TRITON_INTERPRET: small tiles so short test sequences span several of them
+        block_m, block_n, extra = 16, 16, {}
+    if paged:  # k, v: [num_blocks, page_size, kv_heads, head_dim]
+        kv_heads, page_size = k.shape[2], k.shape[1]
+        strides = (k.stride(0), k.stride(1), k.stride(2), block_table.stride(0))
+    else:  # k, v: [num_tokens, kv_heads, head_dim]
+        kv_heads, page_size = k.shape[1], 1
+        strides = (k.stride(0), 0, k.stride(1), 0)
+    assert k.stride() == v.stride(), "k and v need the same layout"
+    grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads)
+    _attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        q_start,
+        seq_lens,
+        block_table,
+        scale * _LOG2E,
+        window or 0,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *strides,
+        GROUP=num_heads // kv_heads,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGED=paged,
+        IS_CAUSAL=causal,
+        USE_WINDOW=window is not None,
+        **extra,
+    )
+    return out
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of flat `q [num_tokens, heads, head_dim]` over the paged cache.
+
+    `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
+    """
+    q = _unit_last(q)
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
+    return _launch(
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        max_query_len, scale, sliding_window, True, True,
+    )  # fmt: skip
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Attention inside each segment `cu_seqlens[i]:cu_seqlens[i+1]` of flat `q, k, v`.
+
+    q: `[total, heads, head_dim]`, k/v: `[total, kv_heads, head_dim]`; any head_dim (padded to a
+    power of 2 with masks, e.g. 80 for the Qwen2.5-VL vision tower).
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    return _launch(
+        q, k, v, out, cu_seqlens, cu_seqlens, cu_seqlens,
+        max_seqlen, scale, None, causal, False,
+    )  # fmt: skip
