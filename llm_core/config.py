@@ -1,0 +1,141 @@
+"""Typed model config, parsed from a checkpoint's config.json through transformers' AutoConfig.
+
+AutoConfig fills each model type's defaults (head_dim, rope parameters from legacy
+`rope_scaling`, layer types); this module keeps only what the decoder core reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymodal.llm_core.errors import ModelLoadError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "auto": None,
+}
+
+
+@dataclass
+class ModelConfig:
+    """What the decoder core needs to build and run a model."""
+
+    model_dir: Path
+    architecture: str
+    hf_config: Any  # the full transformers config (vision_config etc. for multimodal models)
+    text_config: Any  # its text part (== hf_config for text-only models)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    rotary_dim: int
+    mrope_section: list[int] | None
+    sliding_windows: list[int | None]  # per layer; None = full attention
+    eos_token_ids: list[int] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.text_config is not self.hf_config
+
+
+def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> ModelConfig:
+    """Parse `model_dir/config.json` (and generation_config.json for EOS ids)."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json (is this a model checkpoint?)")
+    try:
+        raw = json.loads(path.read_text())
+        hf = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ModelLoadError(f"{path}: no 'architectures' entry, cannot pick an implementation")
+    text = hf.get_text_config()
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0))
+    return ModelConfig(
+        model_dir=model_dir,
+        architecture=archs[0],
+        hf_config=hf,
+        text_config=text,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=text.num_attention_heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+        max_position_embeddings=text.max_position_embeddings,
+        tie_word_embeddings=bool(
+            getattr(hf, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+        ),
+        attention_bias=_attention_bias(text),
+        qk_norm=text.model_type in ("qwen3", "qwen3_moe"),
+        rotary_dim=int(head_dim * partial),
+        mrope_section=rope.get("mrope_section"),
+        sliding_windows=_sliding_windows(text),
+        eos_token_ids=_eos_ids(model_dir, hf, text),
+        dtype=_resolve_dtype(dtype, raw, text),
+    )
+
+
+def _attention_bias(text) -> bool:
+    # Qwen2 (and Qwen2-VL's text model) always carry q/k/v biases; others say so in the config.
+    if text.model_type in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen2_vl", "qwen2_5_vl"):
+        return True
+    return bool(getattr(text, "attention_bias", False))
+
+
+def _sliding_windows(text) -> list[int | None]:
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    return [window] * text.num_hidden_layers
+
+
+def _eos_ids(model_dir: Path, hf, text) -> list[int]:
+    ids: list[int] = []
+    gen = model_dir / "generation_config.json"
+    sources = [getattr(hf, "eos_token_id", None), getattr(text, "eos_token_id", None)]
+    if gen.is_file():
+        sources.insert(0, json.loads(gen.read_text()).get("eos_token_id"))
+    for src in sources:
+        for i in src if isinstance(src, list) else [src]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _resolve_dtype(dtype: str | torch.dtype, raw: dict, text) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if _DTYPES[dtype] is not None:
+        return _DTYPES[dtype]
+    name = raw.get("dtype") or raw.get("torch_dtype") or getattr(text, "dtype", None)
+    name = str(name).replace("torch.", "") if name else "float32"
+    return _DTYPES.get(name) or torch.float32

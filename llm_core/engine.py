@@ -1,0 +1,204 @@
+"""The engine: add_request / step / abort, over scheduler + runner + detokenizer.
+
+One `step()` = schedule -> run encoders and decoder on the flat batch -> sample ->
+detokenize and check stops -> one RequestOutput per request that made progress. A request
+with `n > 1` runs as n sequences (seeds `seed + i`) reported together under one id.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+from polymodal.llm_core.detokenizer import IncrementalDetokenizer
+from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
+from polymodal.llm_core.request import Request
+from polymodal.llm_core.sampler import make_generator
+from polymodal.llm_core.sampling_params import SamplingParams
+
+
+@dataclass
+class _Group:
+    """A user request: its `n` sequences and their detokenizers."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    outputs: list[CompletionOutput]
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+
+class Engine:
+    """Continuous-batching engine over one model. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, model: str, config: EngineConfig | None = None, **kwargs):
+        self.config = config or EngineConfig(**kwargs)
+        parts = build_engine_parts(model, self.config)
+        self.model_config = parts.model_config
+        self.tokenizer = parts.tokenizer
+        self.scheduler = parts.scheduler
+        self.runner = parts.runner
+        self.max_model_len = parts.max_model_len
+        self.device = parts.device
+        self._groups: dict[str, _Group] = {}
+        self._seq_to_group: dict[str, tuple[_Group, int]] = {}
+        self._ids = count()
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        positions: list[list[int]] | None = None,
+        mrope_delta: int = 0,
+        mm_items: list | None = None,
+    ) -> str:
+        """Queue a tokenized prompt (with optional media slots); returns the request id."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._groups:
+            raise InvalidInputError(f"request id {request_id!r} is already in use")
+        self._check_prompt(prompt_token_ids)
+        seqs, detoks = [], []
+        eos = () if params.ignore_eos else tuple(self.model_config.eos_token_ids)
+        for i in range(params.n):
+            seq = Request(
+                request_id=f"{request_id}#{i}",
+                prompt_token_ids=list(prompt_token_ids),
+                params=params,
+                eos_token_ids=eos,
+                positions=positions,
+                mrope_delta=mrope_delta,
+                mm_items=list(mm_items or []),
+                max_model_len=self.max_model_len,
+            )
+            if params.seed is not None:
+                seq.generator = make_generator(params.seed + i, self.device)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params))
+        outputs = [CompletionOutput(index=i) for i in range(params.n)]
+        group = _Group(request_id, list(prompt_token_ids), seqs, detoks, outputs)
+        self._groups[request_id] = group
+        for i, seq in enumerate(seqs):
+            self._seq_to_group[seq.request_id] = (group, i)
+            self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidInputError("the prompt is empty: it needs at least one token")
+        if len(ids) >= self.max_model_len:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                f"(prompt + at least one output token must fit)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidInputError(
+                f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (unknown or finished ids are ignored)."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq, out in zip(group.seqs, group.outputs):
+            self.scheduler.finish(seq, "abort")
+            out.finish_reason = out.finish_reason or "abort"
+            self._seq_to_group.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.kv.num_free_blocks
+
+    # ---- stepping -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns outputs of the requests that advanced this step."""
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        sampled = self.runner.execute(sched)
+        self.scheduler.update(sched)
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for seq in sched.requests:
+            tok = sampled.get(seq.request_id)
+            if tok is None:
+                continue
+            group, i = self._seq_to_group[seq.request_id]
+            self._append(seq, tok, group, i, now)
+            touched[group.request_id] = group
+        return [self._output(g, now) for g in touched.values()]
+
+    def _append(self, seq: Request, tok, group: _Group, i: int, now: float) -> None:
+        out, detok = group.outputs[i], group.detoks[i]
+        seq.output_token_ids.append(tok.token_id)
+        group.first_token = group.first_token or now
+        out.delta_token_ids = [tok.token_id]
+        if seq.params.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + [tok.top_logprobs or {}]
+        out.delta_text = detok.step(tok.token_id)
+        reason = stop = None
+        if detok.finished:
+            reason, stop = "stop", detok.stop_reason
+        elif tok.token_id in seq.eos_token_ids or tok.token_id in seq.params.stop_token_ids:
+            reason, stop = "stop", tok.token_id
+        elif len(seq.output_token_ids) >= (seq.params.max_tokens or 1 << 62):
+            reason = "length"
+        elif seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            out.delta_text += detok.flush() if not detok.finished else ""
+            out.finish_reason, out.stop_reason = reason, stop
+            seq.finish_reason, seq.stop_reason = reason, stop
+            self.scheduler.finish(seq, reason)
+        out.text = detok.text
+        out.token_ids = list(seq.output_token_ids)
+
+    def _output(self, group: _Group, now: float) -> RequestOutput:
+        finished = all(o.finished for o in group.outputs)
+        if finished:
+            self._groups.pop(group.request_id, None)
+            for seq in group.seqs:
+                self._seq_to_group.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=[_snapshot(o) for o in group.outputs],
+            finished=finished,
+            usage=Usage(len(group.prompt_token_ids), sum(len(o.token_ids) for o in group.outputs)),
+            timings=Timings(
+                time_to_first_token=group.first_token - group.arrival
+                if group.first_token
+                else None,
+                total=now - group.arrival if finished else None,
+            ),
+        )
+
+    def run_until_done(self) -> dict[str, RequestOutput]:
+        """Step until every queued request finishes; the final output of each."""
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return final
+
+
+def _snapshot(out: CompletionOutput) -> CompletionOutput:
+    """A copy the caller may keep while the engine goes on mutating the live one."""
+    snap = CompletionOutput(**{**out.__dict__})
+    snap.token_ids = list(out.token_ids)
+    out.delta_text, out.delta_token_ids = "", []
+    return snap

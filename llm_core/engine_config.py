@@ -1,0 +1,111 @@
+"""Engine settings and the assembly of its parts (model, KV cache, scheduler, runner)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymodal.llm_core.attention import get_backend
+from polymodal.llm_core.config import ModelConfig, load_config
+from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.kv_cache import KVCacheManager
+from polymodal.llm_core.loader import build_model, resolve_model_path
+from polymodal.llm_core.runner import ModelRunner
+from polymodal.llm_core.scheduler import Scheduler
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of one engine; names follow vLLM where vLLM has the same knob."""
+
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto = cuda when available
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (<= 32k)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: from memory (GPU) or a fixed budget (CPU)
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 1.0
+    max_num_batched_tokens: int = 4096  # per-step token budget (chunked prefill)
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | triton
+    dummy_weights: bool = False  # random weights from config.json alone (benchmarks)
+    seed: int = 0
+
+
+@dataclass
+class EngineParts:
+    model_config: ModelConfig
+    tokenizer: Any
+    scheduler: Scheduler
+    runner: ModelRunner
+    max_model_len: int
+    device: torch.device
+    model_path: Path
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer (with its chat template) through transformers."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot load the tokenizer: {exc}") from exc
+
+
+def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
+    path = resolve_model_path(model)
+    model_config = load_config(path, cfg.dtype)
+    device = _device(cfg.device)
+    if device.type == "cpu" and model_config.dtype in (torch.float16,):
+        model_config.dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
+    max_len = cfg.max_model_len or min(model_config.max_position_embeddings, 32768)
+    if cfg.max_model_len and cfg.max_model_len > model_config.max_position_embeddings:
+        raise InvalidInputError(
+            f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings}"
+        )
+    backend = get_backend(cfg.attention_backend, str(device))
+    # M-RoPE positions can run past the token count (video time axis): leave headroom.
+    max_positions = max(max_len, model_config.max_position_embeddings) + 1024
+    net = build_model(model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed)
+    num_blocks = cfg.num_kv_blocks or _num_blocks(model_config, cfg, device, max_len)
+    if num_blocks * cfg.block_size < max_len:
+        max_len = num_blocks * cfg.block_size  # one request must always fit alone
+    shape = (2, num_blocks, cfg.block_size, model_config.num_kv_heads, model_config.head_dim)
+    kv_caches = [
+        torch.zeros(shape, dtype=model_config.dtype, device=device)
+        for _ in range(model_config.num_layers)
+    ]
+    kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+    scheduler = Scheduler(kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+    runner = ModelRunner(net, kv_caches, cfg.block_size, device)
+    tokenizer = load_tokenizer(path)
+    return EngineParts(model_config, tokenizer, scheduler, runner, max_len, device, path)
+
+
+def _num_blocks(mc: ModelConfig, cfg: EngineConfig, device: torch.device, max_len: int) -> int:
+    per_block = (
+        2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
+    )
+    if device.type == "cuda":
+        # Weights are already on the card: what is free now, less the share we leave alone
+        # and 1 GiB of headroom for activations, holds the KV cache.
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30)
+    else:
+        budget = cfg.cpu_kv_cache_gb * (1 << 30)
+    cap = cfg.max_num_seqs * -(-max_len // cfg.block_size)  # never more than can ever be used
+    return max(1, min(int(budget // per_block), cap))

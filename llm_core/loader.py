@@ -1,0 +1,73 @@
+"""Build a model from a checkpoint directory: config -> registry class -> weights -> device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.errors import ModelNotFoundError
+from polymodal.llm_core.registry import model_class
+from polymodal.llm_core.weights import iter_safetensors, load_weights
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local checkpoint directory as is; otherwise a hub id through huggingface_hub.
+
+    Offline and not cached -> ModelNotFoundError naming the id.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"model {str(model)!r} is a file, not a checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+        return Path(snapshot_download(str(model), allow_patterns=patterns))
+    except Exception as exc:  # hub errors have many types: offline, 404, gated, bad id
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub (offline and not cached, or no such repo): {exc.__class__.__name__}"
+        ) from exc
+
+
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device,
+    backend,
+    max_positions: int,
+    dummy_weights: bool = False,
+    seed: int = 0,
+):
+    """Instantiate the registry's class for `cfg` on `device` in `cfg.dtype` and load weights.
+
+    `dummy_weights=True` skips the checkpoint's safetensors (random weights from config alone,
+    for benchmarks of full-size architectures with nothing downloaded).
+    """
+    cls = model_class(cfg.architecture)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed)
+            model = cls(cfg, backend, max_positions)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if dummy_weights:
+        _randomize(model)
+    else:
+        load_weights(model, iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
+    return model.eval()
+
+
+@torch.no_grad()
+def _randomize(model: torch.nn.Module) -> None:
+    """Small random weights (norms stay 1) so activations stay finite at any depth."""
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, 0.02)
+        elif "norm" not in name and "ln" not in name:
+            param.zero_()

@@ -1,0 +1,148 @@
+"""The Llama family decoder: Llama, Mistral, Qwen2, Qwen3 (q/k norm), Phi-3 (fused checkpoint).
+
+Differences between the families are config flags (bias, q/k norm, sliding windows, partial
+rotary, M-RoPE sections), not subclasses. Parameter names are HF's, with q/k/v and gate/up
+packed into one matmul each (`packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.layers.activation import silu_and_mul
+from polymodal.llm_core.layers.linear import PackedLinear
+from polymodal.llm_core.layers.norm import RMSNorm
+from polymodal.llm_core.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    """Self-attention over the paged KV cache; the backend is handed in, never global."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
+        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.rotary = rotary
+        self.backend = backend
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = cfg.sliding_windows[layer_idx]
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [num_tokens, hidden]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up packed."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sizes = {0: cfg.intermediate_size, 1: cfg.intermediate_size}
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, sizes, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; the residual stream is threaded through so add+norm can fuse."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx, rotary, backend)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, kv_cache, meta):
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF prefix `model.`)."""
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.text_config, cfg.rotary_dim, max_positions, cfg.mrope_section)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, rotary, backend) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
+        hidden, residual = inputs_embeds, None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder core's model interface: `embed`, `forward`, `compute_logits`."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    # transformers v5 nests the text model of multimodal checkpoints
+    weight_name_remap = [("model.language_model.", "model.")]
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, backend, max_positions)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tied_parameters = {}
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
+
+    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
+        return self.model(positions, inputs_embeds, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [num_rows, vocab]

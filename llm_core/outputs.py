@@ -1,0 +1,61 @@
+"""Typed results of generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Usage:
+    """Token counts, as the OpenAI API reports them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Seconds from arrival: to the first output token and to the end (None until then)."""
+
+    time_to_first_token: float | None = None
+    total: float | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence (there are `n` per request)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    logprobs: list[dict[int, float]] | None = None  # per token: top-N token id -> logprob
+    delta_text: str = ""  # text added by the latest step (streaming)
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """State of one request after an engine step (or at the end)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    prompt: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The first sequence's text (the common n=1 case)."""
+        return self.outputs[0].text

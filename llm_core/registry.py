@@ -1,0 +1,50 @@
+"""ONE table: HF `architectures` name -> decoder class and, for multimodal models, processor.
+
+Entries are "module:Class" strings imported on first use, so a text-only user never
+imports vision code. A model opts into features with plain class attributes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from polymodal.llm_core.errors import UnsupportedModelError
+
+_LLAMA = "polymodal.llm_core.models.llama:LlamaForCausalLM"
+_QWEN_VL = "polymodal.llm_core.models.qwen2_vl:Qwen2VLForConditionalGeneration"
+_QWEN_VL_PROCESSOR = "polymodal.processors.qwen_vl:QwenVLProcessor"
+
+#: architecture -> (decoder, processor or None for text-only)
+MODELS: dict[str, tuple[str, str | None]] = {
+    "LlamaForCausalLM": (_LLAMA, None),
+    "MistralForCausalLM": (_LLAMA, None),
+    "Qwen2ForCausalLM": (_LLAMA, None),
+    "Qwen3ForCausalLM": (_LLAMA, None),
+    "Phi3ForCausalLM": (_LLAMA, None),
+    "Qwen2VLForConditionalGeneration": (_QWEN_VL, _QWEN_VL_PROCESSOR),
+    "Qwen2_5_VLForConditionalGeneration": (_QWEN_VL, _QWEN_VL_PROCESSOR),
+}
+
+
+def _import(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _entry(architecture: str) -> tuple[str, str | None]:
+    if architecture not in MODELS:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} is not supported; supported: {sorted(MODELS)}"
+        )
+    return MODELS[architecture]
+
+
+def model_class(architecture: str):
+    """The decoder class for an HF architecture name."""
+    return _import(_entry(architecture)[0])
+
+
+def processor_class(architecture: str):
+    """The multimodal processor class, or None for a text-only model."""
+    path = _entry(architecture)[1]
+    return _import(path) if path else None

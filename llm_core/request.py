@@ -1,0 +1,65 @@
+"""One generation request as the scheduler and runner see it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """Token state, KV blocks and sampling state of one sequence.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache; the tokens still to run
+    are `all_token_ids[num_computed_tokens:]` (the whole prompt at first, then one per step).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Any  # SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    positions: list[list[int]] | None = None  # [3][prompt_len] M-RoPE positions, else None
+    mrope_delta: int = 0
+    mm_items: list = field(default_factory=list)  # processors.types.MultimodalItem
+    max_model_len: int = 1 << 30
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks whose hashes are registered in the pool
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+    logprobs: list = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_id(self, index: int) -> int:
+        prompt_len = len(self.prompt_token_ids)
+        if index < prompt_len:
+            return self.prompt_token_ids[index]
+        return self.output_token_ids[index - prompt_len]

@@ -1,0 +1,158 @@
+"""Turns a SchedulerOutput into batch tensors, runs encoders + decoder + sampler.
+
+The batch is flat: every scheduled token of every request, concatenated. Encoder outputs
+are cached by content hash and sliced by slot range, so a chunked prefill can split one
+image's slots across steps and a repeated image runs its encoder once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
+from polymodal.llm_core.request import Request
+from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
+from polymodal.llm_core.scheduler import SchedulerOutput
+
+
+class EncoderCache:
+    """LRU of encoder outputs `[num_slots, hidden]` keyed by media content hash."""
+
+    def __init__(self, max_items: int = 256):
+        self.max_items = max_items
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.misses += 1
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_items:
+            self.entries.popitem(last=False)
+
+
+class ModelRunner:
+    """Owns the model, the KV tensors, the encoder cache and the sampler."""
+
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device):
+        self.model = model
+        self.kv_caches = kv_caches  # per layer [2, num_blocks, block_size, kv_heads, head_dim]
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.uses_mrope = model.config.mrope_section is not None
+        self.encoder_cache = EncoderCache()
+        self.sampler = Sampler()
+
+    # ---- inputs -------------------------------------------------------------------------
+    def _positions(self, req: Request, start: int, end: int) -> np.ndarray:
+        if not self.uses_mrope:
+            return np.arange(start, end, dtype=np.int64)
+        prompt_len = len(req.prompt_token_ids)
+        out = np.empty((3, end - start), dtype=np.int64)
+        split = min(max(prompt_len, start), end)
+        if split > start:
+            out[:, : split - start] = np.asarray(req.positions, dtype=np.int64)[:, start:split]
+        out[:, split - start :] = np.arange(split, end) + req.mrope_delta
+        return out
+
+    def prepare(self, sched: SchedulerOutput):
+        bs = self.block_size
+        ids, positions, slots, query_lens, seq_lens, sample_rows = [], [], [], [], [], []
+        offset = 0
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            all_ids = req.all_token_ids if end > len(req.prompt_token_ids) else req.prompt_token_ids
+            ids.append(np.asarray(all_ids[start:end], dtype=np.int64))
+            positions.append(self._positions(req, start, end))
+            pos = np.arange(start, end)
+            table = np.asarray(req.block_ids, dtype=np.int64)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            query_lens.append(n)
+            seq_lens.append(end)
+            if end == req.num_tokens:  # caught up: this step yields its next token
+                sample_rows.append(offset + n - 1)
+            offset += n
+        max_blocks = max(len(r.block_ids) for r in sched.requests)
+        tables = np.zeros((len(sched.requests), max_blocks), dtype=np.int32)
+        for row, req in enumerate(sched.requests):
+            tables[row, : len(req.block_ids)] = req.block_ids
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(np.cumsum([0] + query_lens), dtype=torch.int32).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            is_decode=all(q == 1 for q in query_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids = torch.from_numpy(np.concatenate(ids)).to(dev)
+        pos = torch.from_numpy(np.concatenate(positions, axis=-1)).to(dev)
+        return input_ids, pos, meta, sample_rows
+
+    # ---- multimodal ---------------------------------------------------------------------
+    def _mm_embeddings(self, sched: SchedulerOutput):
+        """(flat slot indices, embeddings) for every media slot scheduled in this step."""
+        pieces, indices, missing = [], [], {}
+        offset = 0
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            for item in req.mm_items:
+                lo, hi = max(start, item.slot_start), min(end, item.slot_start + item.num_slots)
+                if lo >= hi:
+                    continue
+                if self.encoder_cache.get(item.content_hash) is None:
+                    missing[item.content_hash] = item
+                pieces.append((item.content_hash, lo - item.slot_start, hi - item.slot_start))
+                indices.append(torch.arange(offset + lo - start, offset + hi - start))
+            offset += n
+        if not pieces:
+            return None, None
+        if missing:
+            items = list(missing.values())
+            for item, emb in zip(items, self.model.encode(items)):
+                self.encoder_cache.put(item.content_hash, emb)
+        embeds = [self.encoder_cache.entries[h][a:b] for h, a, b in pieces]
+        return torch.cat(indices).to(self.device), torch.cat(embeds)
+
+    # ---- step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+        """Run one step; returns the sampled token of every request that caught up."""
+        input_ids, positions, meta, sample_rows = self.prepare(sched)
+        embeds = self.model.embed(input_ids)
+        if any(req.mm_items for req in sched.requests):
+            slot_idx, mm = self._mm_embeddings(sched)
+            if slot_idx is not None:
+                embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
+        hidden = self.model(positions, embeds, self.kv_caches, meta)
+        return self.sample(sched, hidden, sample_rows)
+
+    def sample(self, sched, hidden, sample_rows) -> dict[str, SampledToken]:
+        if not sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden[sample_rows])  # [num_sampled, vocab] fp32
+        reqs = [
+            req
+            for req, n in zip(sched.requests, sched.num_new_tokens)
+            if req.num_computed_tokens + n == req.num_tokens
+        ]
+        contexts = [
+            SamplingContext(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            for r in reqs
+        ]
+        return {r.request_id: tok for r, tok in zip(reqs, self.sampler(logits, contexts))}

@@ -1,0 +1,107 @@
+"""Safetensors weight loading: streaming, name remaps, packed q/k/v and gate/up, strict checks.
+
+A model declares, as data:
+  `packed_modules_mapping`  {"q_proj": ("qkv_proj", "q"), ...}: checkpoint shard -> fused param
+  `weight_name_remap`       [(old_prefix, new_prefix), ...]: e.g. transformers-v5 nesting
+Each fused parameter carries a `weight_loader(param, tensor, shard_id)` that copies the
+shard into its slice. Missing, unexpected and mis-shaped tensors raise ModelLoadError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polymodal.llm_core.errors import ModelLoadError
+
+# Buffers some checkpoints carry that we recompute.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files: a sharded index's shards, or every *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index}: shard files are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weight files")
+    return files
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, so peak host memory stays near one tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
+    """Copy a whole tensor into `param` (dtype converted), checking the shape."""
+    if param.shape != tensor.shape:
+        raise ValueError(f"shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    source: str = "checkpoint",
+) -> None:
+    """Load `weights` into `model` by HF name, following the model's packing/remap tables."""
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    remap: list[tuple[str, str]] = getattr(model, "weight_name_remap", [])
+    params = dict(model.named_parameters())
+    tied = getattr(model, "tied_parameters", {})  # {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded: set[str] = set()
+    shards_seen: dict[str, set] = {}
+    unexpected: list[str] = []
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or name in tied:
+            continue
+        for old, new in remap:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        target, shard_id = name, None
+        for shard_name, (fused_name, sid) in packed.items():
+            if f".{shard_name}." in name:
+                target, shard_id = name.replace(f".{shard_name}.", f".{fused_name}."), sid
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard_id)
+        except ValueError as exc:
+            raise ModelLoadError(f"{source}: tensor {name!r}: {exc}") from exc
+        if shard_id is None:
+            loaded.add(target)
+        else:
+            shards_seen.setdefault(target, set()).add(shard_id)
+    if unexpected:
+        raise ModelLoadError(f"{source}: unexpected tensors not in the model: {unexpected[:8]}")
+    for target, seen in shards_seen.items():
+        if seen >= set(getattr(params[target], "shard_ids", seen)):
+            loaded.add(target)
+    missing = [n for n in params if n not in loaded and n not in tied]
+    if missing:
+        raise ModelLoadError(f"{source}: tensors missing from the checkpoint: {missing[:8]}")

@@ -1,0 +1,44 @@
+"""Shared test helpers: tiny checkpoints (built once per session) and HF references."""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.demo_model import write_demo_checkpoint
+
+_CACHE: dict = {}
+
+
+def tiny_checkpoint(tmp_path_factory, arch: str, **overrides):
+    """Path of a tiny random `arch` checkpoint, built once per test session."""
+    key = (arch, tuple(sorted(overrides.items())))
+    if key not in _CACHE:
+        _CACHE[key] = write_demo_checkpoint(tmp_path_factory.mktemp(arch), arch, **overrides)
+    return _CACHE[key]
+
+
+def hf_greedy(model, prompt_ids: list[int], steps: int):
+    """HF reference: greedy tokens and the logits that chose each, by full re-forwarding."""
+    ids = list(prompt_ids)
+    logits_per_step = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        logits_per_step.append(logits)
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids) :], logits_per_step
+
+
+def record_logits(engine):
+    """Wrap the engine model's compute_logits; returns the list it appends [rows, vocab] to."""
+    seen = []
+    model = engine.runner.model
+    original = model.compute_logits
+
+    def compute_logits(hidden):
+        out = original(hidden)
+        seen.append(out.clone())
+        return out
+
+    model.compute_logits = compute_logits
+    return seen
