@@ -10,7 +10,7 @@ from polymodal.llm_core.errors import InvalidInputError
 def merge_multimodal_embeddings(
     inputs_embeds: torch.Tensor, slot_indices: torch.Tensor, mm_embeds: torch.Tensor
 ) -> torch.Tensor:
-    """Write `mm_embeds [n, hidden]` into `inputs_embeds [num_tokens, hidden]` at `slot_indices [n]`.
+    """Write `mm_embeds [n, hidden]` into `inputs_embeds [num_tokens, hidden]` at `slot_indices`.
 
     The counts must agree exactly: a mismatch means the prompt's placeholder expansion and the
     encoder disagree, and silently truncating would feed the decoder wrong embeddings.
