@@ -1,1 +1,33 @@
-"""Raw media -> tensors, and prompt building (chat template, slot expansion, M-RoPE positions)."""
+"""Raw media -> tensors, and prompt building (chat template, slot expansion, M-RoPE positions).
+
+Entry point: `QwenVLProcessor.from_pretrained(model_dir).process(messages=... | prompt=...)`
+returns a `ProcessedPrompt` (token ids, M-RoPE positions, `MultimodalItem`s with slot ranges
+and content hashes).
+"""
+
+from polymodal.processors.hashing import content_hash
+from polymodal.processors.media import load_image
+from polymodal.processors.mrope import MediaSpan, mrope_positions
+from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
+from polymodal.processors.qwen_vision import VisionPreprocessConfig, preprocess_frames, smart_resize
+from polymodal.processors.qwen_vl import QwenVLProcessor
+from polymodal.processors.types import MultimodalItem, ProcessedPrompt
+from polymodal.processors.video import VideoFrames, load_video, sample_indices
+
+__all__ = [
+    "MediaSpan",
+    "MultimodalItem",
+    "ProcessedPrompt",
+    "QwenVLCheckpointConfig",
+    "QwenVLProcessor",
+    "VideoFrames",
+    "VisionPreprocessConfig",
+    "content_hash",
+    "load_image",
+    "load_qwen_vl_config",
+    "load_video",
+    "mrope_positions",
+    "preprocess_frames",
+    "sample_indices",
+    "smart_resize",
+]

@@ -1,0 +1,182 @@
+"""Load one image from whatever a user hands us, bounded and with errors that name the item.
+
+Sources: a file path (`str`/`Path`, `file://`), raw bytes, a `data:` URL, an `http(s)://` URL
+(only with `allow_http=True`), a PIL image, a numpy array (HW or HWC uint8) or a torch tensor
+(CHW or HWC uint8). The result is always a decoded PIL image in mode RGB, converted the way
+transformers' Qwen2-VL image processor converts it (`PIL.Image.convert("RGB")`, which drops
+alpha rather than blending it), after EXIF orientation has been applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from polymodal.llm_core.errors import MediaError
+
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # decoded width * height; checked from the header
+
+
+def describe_source(source: Any) -> str:
+    """A short, log-safe description of a media source for error messages."""
+    if isinstance(source, Path):
+        return repr(source.name)
+    if isinstance(source, str):
+        if source.startswith("data:"):
+            return repr(source[:30] + f"... ({len(source)} chars)")
+        text = source if len(source) <= 80 else "..." + source[-77:]
+        return repr(os.path.basename(text) if "://" not in text else text)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return f"<{type(source).__name__} {tuple(source.shape)} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def media_error(kind: str, index: int, source: Any, reason: str) -> MediaError:
+    """`MediaError("image 2 ('foo.png'): <reason>")`; `index` is 0-based, printed 1-based."""
+    return MediaError(f"{kind} {index + 1} ({describe_source(source)}): {reason}")
+
+
+def read_source_bytes(source: str | Path | bytes, *, allow_http: bool = False) -> bytes | Path:
+    """Resolve a path / URL / bytes source to bytes or an existing file path (raises ValueError)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise ValueError(f"no such file: {str(source)!r}")
+        return source
+    if source.startswith("data:"):
+        # data:[<mediatype>][;base64],<data>
+        header, sep, payload = source.partition(",")
+        if not sep:
+            raise ValueError("malformed data: URL (no ',')")
+        if header.endswith(";base64"):
+            try:
+                return base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError(f"malformed base64 in data: URL ({exc})") from None
+        return urllib.parse.unquote_to_bytes(payload)
+    if source.startswith(("http://", "https://")):
+        if not allow_http:
+            raise ValueError("http(s) URLs are not fetched unless allow_http=True is passed")
+        with urllib.request.urlopen(source, timeout=30) as response:  # noqa: S310 (opt-in)
+            return response.read()
+    if source.startswith("file://"):
+        source = urllib.parse.unquote(source[len("file://") :])
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"no such file: {source!r}")
+    return path
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    """HW / HWC uint8 array -> PIL image (L, RGB or RGBA)."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"arrays must be uint8 with values 0..255, got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array), mode="L")
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        return Image.fromarray(
+            np.ascontiguousarray(array), mode="RGB" if array.shape[-1] == 3 else "RGBA"
+        )
+    raise ValueError(f"arrays must be HW or HWC with 1, 3 or 4 channels, got shape {array.shape}")
+
+
+def _tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """CHW or HWC uint8 tensor -> HWC numpy array (CHW wins when both readings fit)."""
+    tensor = tensor.detach().cpu()
+    if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4):
+        tensor = tensor.permute(1, 2, 0)
+    return tensor.numpy()
+
+
+def _open_checked(data: bytes | Path, max_pixels: int) -> Image.Image:
+    """Open and decode an encoded image, checking its size from the header before decoding."""
+    with warnings.catch_warnings():
+        # We enforce our own limit below; PIL's bomb check is a warning up to 2x its own limit.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"too many pixels (limit {max_pixels}): {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"cannot decode: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        )
+    if width == 0 or height == 0:
+        raise ValueError(f"empty image ({width}x{height})")
+    try:
+        image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, ... on bad data
+        raise ValueError(f"cannot decode: {exc}") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation, then convert to RGB exactly as transformers' `convert_rgb` does."""
+    try:
+        image = ImageOps.exif_transpose(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"cannot convert mode {image.mode!r} to RGB: {exc}") from None
+
+
+def load_image(
+    source: Any,
+    *,
+    index: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_http: bool = False,
+) -> Image.Image:
+    """Load `source` as a decoded RGB PIL image; user errors raise `MediaError` naming the item.
+
+    `index` (0-based) is the item's position among the request's images, used in messages;
+    `max_pixels` bounds width * height and is checked before any pixel is decoded.
+    """
+    try:
+        if isinstance(source, Image.Image):
+            if source.width * source.height > max_pixels:
+                raise ValueError(
+                    f"{source.width}x{source.height} exceeds the limit of {max_pixels}"
+                )
+            return to_rgb(source)
+        if isinstance(source, torch.Tensor):
+            source = _tensor_to_array(source)
+        if isinstance(source, np.ndarray):
+            if source.ndim >= 2 and source.shape[0] * source.shape[1] > max_pixels:
+                raise ValueError(
+                    f"{source.shape[1]}x{source.shape[0]} exceeds the limit of {max_pixels}"
+                )
+            return to_rgb(_array_to_pil(source))
+        if isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+            data = read_source_bytes(source, allow_http=allow_http)
+            if isinstance(data, bytes) and not data:
+                raise ValueError("cannot decode: empty data (0 bytes)")
+            if isinstance(data, Path) and data.stat().st_size == 0:
+                raise ValueError("cannot decode: empty file (0 bytes)")
+            return to_rgb(_open_checked(data, max_pixels))
+        raise ValueError(
+            f"unsupported image type {type(source).__name__}; pass a path, bytes, data: URL, "
+            "PIL image, numpy array or torch tensor"
+        )
+    except ValueError as exc:
+        raise media_error("image", index, source, str(exc)) from None

@@ -1,0 +1,145 @@
+"""Qwen2-VL / Qwen2.5-VL pixel pipeline: smart resize, rescale + normalize, patchify.
+
+Mirrors transformers' default (torchvision-backend) `Qwen2VLImageProcessor` and
+`Qwen2VLVideoProcessor`: a uint8 CHW frame is resized with torch's antialiased bicubic kernel
+(the kernel torchvision's `resize` calls on CPU for uint8), normalized with the fused
+`(x - mean / rescale) / (std / rescale)` in float32, and cut into patches of
+`C * temporal_patch * patch * patch` values ordered so that each `merge x merge` block of
+patches is contiguous (the vision tower merges them into one slot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL resample codes used in HF configs -> torch interpolate modes.
+RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
+
+
+@dataclass(frozen=True)
+class VisionPreprocessConfig:
+    """The numbers that define the pixel pipeline (read from the checkpoint's processor config)."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = 3
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this (one merged slot covers factor x factor pixels)."""
+        return self.patch_size * self.merge_size
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> tuple[int, int]:
+    """Qwen's target (h, w): sides divisible by `factor`, area in [min, max] pixels, aspect kept.
+
+    Raises ValueError when the aspect ratio exceeds 200 (as the reference does).
+    """
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(
+            f"absolute aspect ratio must be at most 200, got {ratio:.1f} ({width}x{height})"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int], resample: int = 3) -> torch.Tensor:
+    """Antialiased resize of `[N, C, H, W]` frames (uint8 stays uint8, float stays float)."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    mode = RESAMPLE_MODES.get(resample)
+    if mode is None:
+        raise ValueError(
+            f"unsupported resample code {resample}; expected one of {list(RESAMPLE_MODES)}"
+        )
+    if frames.dtype == torch.uint8 and mode == "bilinear":
+        # torch's native uint8 antialias kernel exists for bicubic on every CPU; for bilinear
+        # torchvision only uses it with AVX2, so go through float like it does otherwise.
+        out = F.interpolate(
+            frames.float(), size=size, mode=mode, align_corners=False, antialias=True
+        )
+        return out.clamp_(0, 255).round_().to(torch.uint8)
+    return F.interpolate(frames, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def normalize(frames: torch.Tensor, cfg: VisionPreprocessConfig) -> torch.Tensor:
+    """Rescale by `rescale_factor` and normalize, fused into one float32 step (as HF does)."""
+    # Same float32 rounding as the reference: mean/std scaled by 1/rescale before subtracting.
+    mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
+    std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
+    frames = frames.to(torch.float32)
+    return frames.sub(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+def patchify(
+    frames: torch.Tensor, cfg: VisionPreprocessConfig
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """`[T, C, H, W]` normalized frames -> (`[t*h*w, C*tp*p*p]` patches, grid `(t, h, w)`).
+
+    T is padded to a multiple of the temporal patch size by repeating the last frame.
+    """
+    tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    if pad := -frames.shape[0] % tp:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
+    num_frames, channels, height, width = frames.shape
+    grid_t, grid_h, grid_w = num_frames // tp, height // p, width // p
+    # [gt, tp, C, gh/m, m, p, gw/m, m, p]
+    patches = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    # -> [gt, gh/m, gw/m, m, m, C, tp, p, p]: each merge block's m*m patches are adjacent rows
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
+    return patches.contiguous(), (grid_t, grid_h, grid_w)
+
+
+def preprocess_frames(
+    frames: torch.Tensor,
+    cfg: VisionPreprocessConfig,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Resize, normalize and patchify `[T, 3, H, W]` frames (one image is T=1).
+
+    An image's single frame is repeated `temporal_patch_size` times, as the reference does.
+    Returns float32 `pixel_values [t*h*w, patch_dim]` and the grid `(t, h, w)` in patches.
+    """
+    height, width = frames.shape[-2:]
+    size = smart_resize(
+        height,
+        width,
+        factor=cfg.factor,
+        min_pixels=cfg.min_pixels if min_pixels is None else min_pixels,
+        max_pixels=cfg.max_pixels if max_pixels is None else max_pixels,
+    )
+    frames = normalize(resize_frames(frames, size, cfg.resample), cfg)
+    if frames.shape[0] == 1:
+        frames = frames.expand(cfg.temporal_patch_size, -1, -1, -1)
+    return patchify(frames, cfg)

@@ -1,0 +1,237 @@
+"""`QwenVLProcessor`: chat messages or a raw prompt + media -> `ProcessedPrompt` for Qwen2(.5)-VL.
+
+Steps: render the chat template (or take the raw prompt), tokenize, check that the number of
+`<|image_pad|>` / `<|video_pad|>` placeholders matches the media given, preprocess each item
+(`qwen_vision`), expand each placeholder into `t*h*w / merge^2` slot tokens, compute M-RoPE
+positions (`mrope`) and a content hash per item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
+from polymodal.processors.chat import MediaRef, split_messages
+from polymodal.processors.hashing import content_hash
+from polymodal.processors.media import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    describe_source,
+    load_image,
+    media_error,
+)
+from polymodal.processors.mrope import MediaSpan, mrope_positions
+from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
+from polymodal.processors.qwen_vision import preprocess_frames
+from polymodal.processors.types import MultimodalItem, ProcessedPrompt
+from polymodal.processors.video import DEFAULT_MAX_VIDEO_PIXELS, load_video
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+class QwenVLProcessor:
+    """Prompt + media processing for Qwen2-VL and Qwen2.5-VL checkpoints."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: QwenVLCheckpointConfig,
+        *,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+        allow_http: bool = False,
+    ) -> None:
+        """`max_image_pixels` / `max_video_pixels` bound decoded sizes (videos: all frames)."""
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_image_pixels = max_image_pixels
+        self.max_video_pixels = max_video_pixels
+        self.allow_http = allow_http
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> QwenVLProcessor:
+        """Load the tokenizer (with its chat template) and processor configs from `model_dir`."""
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        config = load_qwen_vl_config(model_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from None
+        template_file = model_dir / "chat_template.jinja"
+        if getattr(tokenizer, "chat_template", None) is None and template_file.is_file():
+            tokenizer.chat_template = template_file.read_text()
+        return cls(tokenizer, config, **kwargs)
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Apply the checkpoint's chat template to messages from `split_messages`."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidInputError(
+                "this checkpoint has no chat template; pass a raw prompt instead"
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def process(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        prompt: str | None = None,
+        images: Sequence[Any] = (),
+        videos: Sequence[Any] = (),
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        add_generation_prompt: bool = True,
+    ) -> ProcessedPrompt:
+        """Build one prompt from chat `messages` or a raw `prompt` with `images` / `videos`.
+
+        A raw prompt marks each item with `<|vision_start|><|image_pad|><|vision_end|>` (or
+        `<|video_pad|>`), in the order of `images` / `videos`. `min_pixels` / `max_pixels`
+        override the checkpoint's resize bounds (images and video frames); `fps` / `num_frames`
+        choose how video files are sampled. Media errors raise `MediaError` naming the item.
+        """
+        if (messages is None) == (prompt is None):
+            raise InvalidInputError("pass exactly one of messages= or prompt=")
+        defaults = {
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
+            "fps": fps,
+            "num_frames": num_frames,
+        }
+        defaults = {key: value for key, value in defaults.items() if value is not None}
+        if messages is not None:
+            if images or videos:
+                raise InvalidInputError(
+                    "with messages=, give media as message parts, not images=/videos="
+                )
+            template_messages, refs = split_messages(messages)
+            prompt = self.render_chat(template_messages, add_generation_prompt)
+        else:
+            if not isinstance(prompt, str):
+                raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+            refs = [MediaRef("image", src) for src in images] + [
+                MediaRef("video", src) for src in videos
+            ]
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.process_tokens(token_ids, refs, defaults)
+
+    def process_tokens(
+        self, token_ids: list[int], refs: list[MediaRef], defaults: dict[str, Any] | None = None
+    ) -> ProcessedPrompt:
+        """Expand the placeholders of tokenized `token_ids` with the media `refs` (in order)."""
+        cfg = self.config
+        images = [ref for ref in refs if ref.modality == "image"]
+        videos = [ref for ref in refs if ref.modality == "video"]
+        for kind, token_id, given in (
+            ("image", cfg.image_token_id, images),
+            ("video", cfg.video_token_id, videos),
+        ):
+            found = token_ids.count(token_id)
+            if found != len(given):
+                extra = ""
+                if len(given) > found:  # name the first item left without a placeholder
+                    extra = (
+                        f"; {kind} {found + 1} ({describe_source(given[found].source)}) has none"
+                    )
+                raise MediaError(
+                    f"{_plural(len(given), kind)} given but the prompt has "
+                    f"{_plural(found, kind + ' placeholder')}{extra}"
+                )
+        processed = {
+            "image": [self._image_item(i, ref, defaults or {}) for i, ref in enumerate(images)],
+            "video": [self._video_item(i, ref, defaults or {}) for i, ref in enumerate(videos)],
+        }
+        queues = {kind: iter(items) for kind, items in processed.items()}
+        modality_of = {cfg.image_token_id: "image", cfg.video_token_id: "video"}
+        merge_area = cfg.image.merge_size**2
+        out_ids: list[int] = []
+        mm_items: list[MultimodalItem] = []
+        spans: list[MediaSpan] = []
+        for token in token_ids:
+            kind = modality_of.get(token)
+            if kind is None:
+                out_ids.append(token)
+                continue
+            item, interval = next(queues[kind])
+            grid = tuple(int(v) for v in item.data["grid_thw"][0])
+            item.slot_start, item.num_slots = len(out_ids), int(np.prod(grid)) // merge_area
+            out_ids.extend([token] * item.num_slots)
+            mm_items.append(item)
+            spans.append(MediaSpan(item.slot_start, grid, interval))
+        positions, delta = mrope_positions(len(out_ids), spans, cfg.image.merge_size)
+        return ProcessedPrompt(out_ids, positions, delta, mm_items)
+
+    def _image_item(
+        self, index: int, ref: MediaRef, defaults: dict[str, Any]
+    ) -> tuple[MultimodalItem, float]:
+        """Load and preprocess one image; returns the item (slots unset) and its time interval."""
+        options = {**defaults, **ref.options}
+        image = load_image(
+            ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
+        )
+        frames = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # [1, 3, H, W] uint8
+        try:
+            pixel_values, grid = preprocess_frames(
+                frames,
+                self.config.image,
+                min_pixels=options.get("min_pixels"),
+                max_pixels=options.get("max_pixels"),
+            )
+        except ValueError as exc:
+            raise media_error("image", index, ref.source, str(exc)) from None
+        return self._item("image", pixel_values, grid), 1.0
+
+    def _video_item(
+        self, index: int, ref: MediaRef, defaults: dict[str, Any]
+    ) -> tuple[MultimodalItem, float]:
+        """Load, sample and preprocess one video; returns the item and its temporal step."""
+        cfg, vcfg = self.config, self.config.video
+        options = {**defaults, **ref.options}
+        video = load_video(
+            ref.source,
+            index=index,
+            fps=options.get("fps"),
+            num_frames=options.get("num_frames"),
+            temporal_patch_size=vcfg.temporal_patch_size,
+            min_frames=cfg.min_frames,
+            max_frames=cfg.max_frames,
+            max_pixels=self.max_video_pixels,
+            allow_http=self.allow_http,
+        )
+        min_pixels = options.get("min_pixels", vcfg.min_pixels)
+        max_pixels = options.get("max_pixels", vcfg.max_pixels)
+        if cfg.video_total_pixels is not None:
+            # qwen-vl-utils' cap: every frame gets an even share of the whole video's budget
+            share = cfg.video_total_pixels * vcfg.temporal_patch_size // video.frames.shape[0]
+            max_pixels = max(min(max_pixels, share), int(min_pixels * 1.05))
+        try:
+            pixel_values, grid = preprocess_frames(
+                video.frames, vcfg, min_pixels=min_pixels, max_pixels=max_pixels
+            )
+        except ValueError as exc:
+            raise media_error("video", index, ref.source, str(exc)) from None
+        second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
+        item = self._item("video", pixel_values, grid)
+        item.second_per_grid = second_per_grid
+        interval = 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
+        return item, interval
+
+    @staticmethod
+    def _item(
+        modality: str, pixel_values: torch.Tensor, grid: tuple[int, int, int]
+    ) -> MultimodalItem:
+        """A `MultimodalItem` with its tensors and content hash; slots are filled in later."""
+        data = {"pixel_values": pixel_values, "grid_thw": torch.tensor([grid], dtype=torch.int64)}
+        return MultimodalItem(modality, data, -1, 0, content_hash(modality, data))

@@ -1,0 +1,193 @@
+"""Load a video as `[T, 3, H, W]` frames: decoded from a file with decord, or given as frames.
+
+Frame sampling follows transformers' `Qwen2VLVideoProcessor.sample_frames`: `num_frames` is
+rounded to a multiple of the temporal patch size; `fps` asks for that many frames per second,
+clamped to `[min_frames, max_frames]` and to the video's length, rounded down to a multiple of
+the temporal patch size; indices are `arange(0, total, total / n)`. Frames get the reference's
+RGB conversion for videos: grayscale is repeated, transparent RGBA is blended onto white.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polymodal.processors.media import media_error, read_source_bytes
+
+DEFAULT_FRAME_LIST_FPS = 24.0  # what transformers assumes for frames given without metadata
+DEFAULT_MAX_VIDEO_PIXELS = 2_000_000_000  # decoded frames * height * width, checked before decode
+
+
+@dataclass
+class VideoFrames:
+    """Decoded frames `[T, 3, H, W]` (uint8, or float32 after alpha blending) and their rate."""
+
+    frames: torch.Tensor
+    sampled_fps: float  # frames per second of the sampled frames (for seconds-per-grid)
+
+
+def sample_indices(
+    total_frames: int,
+    video_fps: float,
+    *,
+    fps: float | None = None,
+    num_frames: int | None = None,
+    temporal_patch_size: int = 2,
+    min_frames: int = 4,
+    max_frames: int = 768,
+) -> torch.Tensor:
+    """Frame indices to decode, as transformers' Qwen2-VL video processor picks them."""
+    if fps is not None and num_frames is not None:
+        raise ValueError("pass either fps or num_frames, not both")
+    tp = temporal_patch_size
+    if num_frames is not None:
+        count = round(num_frames / tp) * tp
+    elif fps is not None:
+        cap = (min(max_frames, total_frames) // tp) * tp
+        count = min(max(total_frames / video_fps * fps, min_frames), cap, total_frames)
+        count = int(count // tp) * tp
+    else:
+        return torch.arange(0, total_frames).int()
+    if count <= 0:
+        raise ValueError(f"sampling gives {count} frames from a {total_frames}-frame video")
+    if count > total_frames:
+        raise ValueError(f"asked for {count} frames but the video has only {total_frames}")
+    # float32 arange then truncation, exactly like the reference (so boundary cases agree)
+    return torch.arange(0, total_frames, total_frames / count).int()
+
+
+def frames_to_rgb(frames: torch.Tensor) -> torch.Tensor:
+    """`[T, C, H, W]` with C in 1/3/4 -> 3 channels; transparent pixels are blended onto white."""
+    channels = frames.shape[1]
+    if channels == 1:
+        return frames.expand(-1, 3, -1, -1)
+    if channels == 3:
+        return frames
+    if channels != 4:
+        raise ValueError(f"frames must have 1, 3 or 4 channels, got {channels}")
+    if not (frames[:, 3] < 255).any():
+        return frames[:, :3]
+    alpha = frames[:, 3:4] / 255.0  # float32 [T, 1, H, W]
+    return (1 - alpha) * 255 + alpha * frames[:, :3]
+
+
+def _frame_to_array(frame: Any) -> np.ndarray:
+    """One frame (PIL, HW/HWC numpy, CHW/HWC tensor) -> HWC uint8 array."""
+    if isinstance(frame, Image.Image):
+        if frame.mode not in ("RGB", "RGBA", "L"):
+            frame = frame.convert("RGB")
+        frame = np.array(frame)
+    elif isinstance(frame, torch.Tensor):
+        frame = frame.detach().cpu()
+        if frame.ndim == 3 and frame.shape[0] in (1, 3, 4) and frame.shape[-1] not in (1, 3, 4):
+            frame = frame.permute(1, 2, 0)
+        frame = frame.numpy()
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"unsupported frame type {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got dtype {frame.dtype}")
+    return frame[..., None] if frame.ndim == 2 else frame
+
+
+def frames_from_list(frames: Any, max_pixels: int) -> torch.Tensor:
+    """A list of frames or a `[T, H, W, C]` array -> `[T, 3, H, W]` RGB tensor."""
+    if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 4:
+        frames = list(frames)
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ValueError("a video must be a file, bytes, or a non-empty list of frames")
+    arrays = [_frame_to_array(frame) for frame in frames]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"all frames must have one shape, got {sorted({a.shape for a in arrays})}")
+    height, width = arrays[0].shape[:2]
+    if len(arrays) * height * width > max_pixels:
+        raise ValueError(
+            f"{len(arrays)} frames of {width}x{height} exceed the limit of {max_pixels} pixels"
+        )
+    video = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [T, C, H, W]
+    return frames_to_rgb(video)
+
+
+def _import_decord():
+    """decord, imported on first use: it is an optional dependency (`polymodal[video]`)."""
+    try:
+        import decord
+    except ImportError:
+        raise ImportError(
+            "reading video files needs the 'decord' package: pip install decord "
+            "(or pass the video as a list of frames)"
+        ) from None
+    return decord
+
+
+def decode_video_file(source: Any, *, max_pixels: int, allow_http: bool, **sampling) -> VideoFrames:
+    """Decode the sampled frames of a video file / bytes / URL with decord."""
+    decord = _import_decord()
+    data = read_source_bytes(source, allow_http=allow_http)
+    if isinstance(data, bytes) and not data:
+        raise ValueError("cannot decode: empty data (0 bytes)")
+    if isinstance(data, Path) and data.stat().st_size == 0:
+        raise ValueError("cannot decode: empty file (0 bytes)")
+    try:
+        reader = decord.VideoReader(io.BytesIO(data) if isinstance(data, bytes) else str(data))
+        total = len(reader)
+        video_fps = float(reader.get_avg_fps())
+    except (decord.DECORDError, RuntimeError) as exc:
+        raise ValueError(f"cannot decode video: {str(exc).splitlines()[0]}") from None
+    if total == 0 or video_fps <= 0:
+        raise ValueError(f"no decodable frames ({total} frames, {video_fps} fps)")
+    indices = sample_indices(total, video_fps, **sampling)
+    height, width = reader[0].shape[:2] if total else (0, 0)
+    if len(indices) * height * width > max_pixels:
+        raise ValueError(
+            f"{len(indices)} frames of {width}x{height} exceed the limit of {max_pixels} pixels"
+        )
+    try:
+        frames = reader.get_batch(indices.tolist()).asnumpy()  # [T, H, W, 3] uint8
+    except (decord.DECORDError, RuntimeError) as exc:
+        raise ValueError(f"cannot decode frames: {str(exc).splitlines()[0]}") from None
+    sampled_fps = len(indices) / total * video_fps
+    return VideoFrames(torch.from_numpy(frames).permute(0, 3, 1, 2), sampled_fps)
+
+
+def load_video(
+    source: Any,
+    *,
+    index: int = 0,
+    fps: float | None = None,
+    num_frames: int | None = None,
+    temporal_patch_size: int = 2,
+    min_frames: int = 4,
+    max_frames: int = 768,
+    max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+    allow_http: bool = False,
+) -> VideoFrames:
+    """Load one video as `[T, 3, H, W]` frames; user errors raise `MediaError` naming the item.
+
+    A file / bytes / URL is decoded with decord and sampled by `fps` (default 2) or
+    `num_frames`. A list of frames (or a `[T, H, W, C]` array) is taken as already sampled;
+    `fps` is then the rate of those frames (default 24, as in transformers).
+    """
+    try:
+        if isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+            if fps is None and num_frames is None:
+                fps = 2.0
+            return decode_video_file(
+                source,
+                max_pixels=max_pixels,
+                allow_http=allow_http,
+                fps=fps,
+                num_frames=num_frames,
+                temporal_patch_size=temporal_patch_size,
+                min_frames=min_frames,
+                max_frames=max_frames,
+            )
+        frames = frames_from_list(source, max_pixels)
+        return VideoFrames(frames, DEFAULT_FRAME_LIST_FPS if fps is None else float(fps))
+    except ValueError as exc:
+        raise media_error("video", index, source, str(exc)) from None
