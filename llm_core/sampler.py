@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from polymodal.llm_core.sampling_params import SamplingParams
 
 # Floor for the exponential noise: an exact 0 would turn a masked 0/0 into NaN.
@@ -160,9 +161,15 @@ class Sampler:
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         ps = [p.top_p for p in params]
         if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):
-            x = apply_top_k_top_p(
-                x, torch.tensor(ks, device=device), torch.tensor(ps, device=device)
-            )
+            ks_t, ps_t = torch.tensor(ks, device=device), torch.tensor(ps, device=device)
+            if all(k < vocab for k in ks):
+                # Every row has a top-k: sort only the top max(k) candidates, not the vocab
+                # (ties with the k-th logit beyond max(k) are dropped here).
+                top_logits, top_ids = x.topk(max(ks), dim=-1)  # [r, max_k], descending
+                kept = apply_top_k_top_p(top_logits, ks_t, ps_t)
+                x = torch.full_like(x, float("-inf")).scatter_(1, top_ids, kept)
+            else:
+                x = apply_top_k_top_p(x, ks_t, ps_t)
         probs = torch.softmax(x, dim=-1)
 
         # Exponential noise: unseeded rows in one draw from the global stream, seeded rows

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from polymodal.llm_core.errors import InvalidInputError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from polymodal.llm_core.errors import InvalidInputError
 
 # Temperatures below this are treated as greedy (argmax), as vLLM does.
 SAMPLING_EPS = 1e-5

@@ -3,11 +3,12 @@
 import random
 
 import pytest
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
 from polymodal.demo_model import build_tokenizer
 from polymodal.llm_core.detokenizer import IncrementalDetokenizer
 from polymodal.llm_core.sampling_params import SamplingParams
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
 
 UNICODE_TEXT = "naïve café — 東京 🎉 ok ## ### done"
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from polymodal.llm_core.sampler import (
     Sampler,
     SamplingContext,
@@ -77,8 +78,11 @@ def test_sampled_tokens_respect_masks():
     torch.manual_seed(1)
     top_p = Sampler()(logits, [ctx(top_p=0.7) for _ in range(4000)])
     min_p = Sampler()(logits, [ctx(min_p=0.4) for _ in range(4000)])  # keeps >= 0.2
+    # All rows with top-k take the top-k-candidates-only path; top-3 then p=0.7 keeps {1, 3}.
+    both = Sampler()(logits, [ctx(top_k=3, top_p=0.7) for _ in range(4000)])
     assert {t.token_id for t in top_p} == {1, 3}
     assert {t.token_id for t in min_p} == {1, 3}
+    assert {t.token_id for t in both} == {1, 3}
 
 
 def reference_penalties(logits, prompt, output, rep, freq, pres):

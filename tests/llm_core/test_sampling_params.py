@@ -1,6 +1,7 @@
 """SamplingParams: defaults, normalization and one readable error per invalid field."""
 
 import pytest
+
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampling_params import SamplingParams
 
