@@ -45,6 +45,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -65,6 +66,8 @@ def _decode_kernel(
     dim_mask = dims < HEAD_DIM
     q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -97,7 +100,7 @@ def _decode_kernel(
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Partials are indexed [seq, head, split]; an empty split stores lse = -inf, out = 0.
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         base = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_G]
         tl.store(part_lse_ptr + base, lse, mask=row_mask)
@@ -193,6 +196,7 @@ def paged_decode(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None,
+        DOT_F32=not q.is_cuda,
         num_warps=4,
         num_stages=2,
     )

@@ -48,6 +48,7 @@ def _attn_fwd_kernel(
     PAGED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -70,6 +71,8 @@ def _attn_fwd_kernel(
     q_pos = ctx_len + rows  # absolute positions
     q_off = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
+        q = q.to(tl.float32)
 
     # Key range this query tile can see.
     hi = kv_len
@@ -158,6 +161,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, 
         PAGED=paged,
         IS_CAUSAL=causal,
         USE_WINDOW=window is not None,
+        DOT_F32=not q.is_cuda,
         **extra,
     )
     return out
