@@ -10,6 +10,7 @@ values (vocab) per step, so its tokens never depend on batch size, row position 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ def apply_penalties(logits: torch.Tensor, contexts: list[SamplingContext]) -> to
     if not use_rep and not any(freq) and not any(pres):
         return logits
 
-    # [n, vocab] counts of each token in the output; index `vocab` is the padding sink.
+    # [n, vocab] counts of each token in the output.
     out_counts = _token_counts([c.output_token_ids for c in contexts], n, vocab, device)
     out_seen = out_counts > 0
     logits = logits.clone()
@@ -85,15 +86,17 @@ def apply_penalties(logits: torch.Tensor, contexts: list[SamplingContext]) -> to
 def _token_counts(
     token_lists: list[list[int]], n: int, vocab: int, device: torch.device
 ) -> torch.Tensor:
-    """[n, vocab] float counts of each id per row, via one scatter_add over padded ids."""
-    width = max((len(ids) for ids in token_lists), default=0)
-    counts = torch.zeros(n, vocab + 1, dtype=torch.float32, device=device)
-    if width == 0:
-        return counts[:, :vocab]
-    padded = [ids + [vocab] * (width - len(ids)) for ids in token_lists]
-    index = torch.tensor(padded, dtype=torch.long, device=device)  # [n, width]
-    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
-    return counts[:, :vocab]
+    """[n, vocab] float counts of each id per row, via one index_add over flat ids."""
+    lengths = [len(ids) for ids in token_lists]
+    counts = torch.zeros(n * vocab, dtype=torch.float32, device=device)
+    if sum(lengths) == 0:
+        return counts.view(n, vocab)
+    # Built on the host from one flat list (nested lists are slow to convert), one copy over.
+    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths))
+    index = (rows * vocab + flat).to(device)  # [total_tokens] into the flat [n * vocab]
+    counts.index_add_(0, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts.view(n, vocab)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
