@@ -81,8 +81,9 @@ def load_weights(
                 break
         target, shard_id = name, None
         for shard_name, (fused_name, sid) in packed.items():
-            if f".{shard_name}." in name:
-                target, shard_id = name.replace(f".{shard_name}.", f".{fused_name}."), sid
+            fused = name.replace(f".{shard_name}.", f".{fused_name}.")
+            if fused != name and fused in params:  # unfused towers keep their own names
+                target, shard_id = fused, sid
                 break
         param = params.get(target)
         if param is None:

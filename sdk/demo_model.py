@@ -162,16 +162,18 @@ def write_demo_checkpoint(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if arch.endswith("_vl"):
-        _write_processor(out, tokenizer)
+        _write_processor(out, tokenizer, arch)
     return out
 
 
-def _write_processor(out: Path, tokenizer) -> None:
-    """Save the HF Qwen2-VL processor (image + video processor, tokenizer, chat template)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def _write_processor(out: Path, tokenizer, arch: str) -> None:
+    """Save the HF Qwen2(.5)-VL processor (image + video processor, tokenizer, template)."""
+    import transformers as tf
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
-    processor = Qwen2VLProcessor(
+    cls = tf.Qwen2VLProcessor if arch == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+    processor = cls(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
         tokenizer=tokenizer,

@@ -1,0 +1,34 @@
+"""Qwen2-VL / Qwen2.5-VL: the Llama-family decoder with M-RoPE, plus the vision tower.
+
+The decoder is `LlamaForCausalLM` (Qwen2 flavour: q/k/v bias, 3-section M-RoPE from the
+config); the tower comes from the encoder registry and is loaded from the same checkpoint
+(`visual.*`, or `model.visual.*` in transformers-v5 layout).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.encoders.registry import get_encoder_class
+from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.models.llama import LlamaForCausalLM
+
+
+class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
+    """Decoder + vision tower; `encode(items)` turns media items into slot embeddings."""
+
+    weight_name_remap = [("model.language_model.", "model."), ("model.visual.", "visual.")]
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__(cfg, backend, max_positions)
+        tower = get_encoder_class(cfg.architecture)
+        device = self.lm_head.weight.device
+        self.visual = tower.from_config(cfg.hf_config.vision_config, cfg.dtype, device, backend)
+
+    def encode(self, items: list) -> list[torch.Tensor]:
+        """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""
+        weight = self.lm_head.weight
+        pixels = torch.cat([it.data["pixel_values"] for it in items])
+        grid = torch.cat([it.data["grid_thw"].reshape(-1, 3) for it in items])
+        embeds = self.visual(pixels.to(weight.device, weight.dtype), grid.to(weight.device))
+        return list(embeds.split([it.num_slots for it in items]))
