@@ -7,8 +7,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from polymodal.llm_core.errors import ModelLoadError
 from safetensors import safe_open
+
+from polymodal.llm_core.errors import ModelLoadError
 
 # Prefixes the vision tower's tensors carry: transformers v4 checkpoints (`visual.`) and the v5
 # in-memory naming (`model.visual.`). Longest first so `model.visual.` wins.

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from polymodal.encoders.vision_layers import (
     PatchEmbed,
     PatchMerger,
@@ -23,7 +25,6 @@ from polymodal.encoders.vision_layers import (
     rotary_cos_sin,
 )
 from polymodal.llm_core.attention import TorchAttentionBackend
-from torch import nn
 
 
 @dataclass(frozen=True)

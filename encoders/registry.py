@@ -11,6 +11,7 @@ import importlib
 from typing import Protocol, runtime_checkable
 
 import torch
+
 from polymodal.llm_core.errors import UnsupportedModelError
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from polymodal.llm_core.errors import ModelLoadError
 from torch import nn
+
+from polymodal.llm_core.errors import ModelLoadError
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import argparse
 import time
 
 import torch
+
 from polymodal.encoders import get_encoder_class
 from polymodal.llm_core.attention import get_backend
 

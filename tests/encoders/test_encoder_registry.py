@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from torch import nn
+
 from polymodal.encoders import ENCODERS, VisionEncoder, get_encoder_class, register_encoder
 from polymodal.encoders.qwen2_5_vl import Qwen2_5VisionTower
 from polymodal.encoders.qwen2_vl import Qwen2VisionTower
 from polymodal.encoders.registry import encoder_class_for_config
 from polymodal.llm_core.errors import UnsupportedModelError
-from torch import nn
 
 
 class ToyEncoder(nn.Module):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from polymodal.encoders import get_encoder_class, load_encoder, vision_tensors
 from polymodal.encoders.loading import read_config, read_vision_tensors
 from polymodal.llm_core.errors import ModelLoadError

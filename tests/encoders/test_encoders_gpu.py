@@ -2,22 +2,26 @@
 
 import pytest
 import torch
+
 from polymodal.encoders import load_encoder
+from polymodal.llm_core.attention import get_backend
 
 GRID = [[1, 10, 14], [2, 4, 6], [1, 6, 4]]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_cuda_matches_cpu(arch, vl_checkpoint, random_pixels):
+def test_cuda_matches_cpu(arch, backend_name, vl_checkpoint, random_pixels):
     pixel_values, grid_thw = random_pixels(GRID)
+    backend = get_backend(backend_name, "cuda")
     with torch.inference_mode():
         ref = load_encoder(vl_checkpoint(arch))(pixel_values, grid_thw)
-        fp32 = load_encoder(vl_checkpoint(arch), device="cuda")
+        fp32 = load_encoder(vl_checkpoint(arch), device="cuda", backend=backend)
         torch.backends.cuda.matmul.allow_tf32 = False
         out = fp32(pixel_values.cuda(), grid_thw)
         torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=0)
-        bf16 = load_encoder(vl_checkpoint(arch), dtype=torch.bfloat16, device="cuda")
+        bf16 = load_encoder(vl_checkpoint(arch), torch.bfloat16, "cuda", backend)
         out = bf16(pixel_values.cuda(), grid_thw)
     assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
     assert (out.float().cpu() - ref).abs().max() < 0.05 * ref.abs().max()

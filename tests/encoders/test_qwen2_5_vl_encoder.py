@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from transformers.vision_utils import get_vision_window_index
+
 from polymodal.encoders import load_encoder
 from polymodal.encoders.qwen2_5_vl import window_partition
 from polymodal.llm_core.attention import TorchAttentionBackend
-from transformers.vision_utils import get_vision_window_index
 
 # Tiny config: patch 14, merge 2, window_size 56 -> windows of 2x2 merged patches (4x4 patches).
 GRIDS = {

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import transformers as tf
+
 from polymodal.encoders import load_encoder
 from polymodal.encoders.loading import read_vision_tensors
 from polymodal.encoders.qwen2_vl import Qwen2VisionTower
