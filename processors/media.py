@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import os
+import re
 import urllib.parse
 import urllib.request
 import warnings
@@ -114,7 +115,10 @@ def _open_checked(data: bytes | Path, max_pixels: int) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         except Image.DecompressionBombError as exc:
-            raise ValueError(f"too many pixels (limit {max_pixels}): {exc}") from None
+            # PIL refused from the header alone (> 2x its own limit); keep its pixel count
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            count = found.group(1) if found else "too many"
+            raise ValueError(f"{count} pixels exceeds the limit of {max_pixels}") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"cannot decode: {exc}") from None
     width, height = image.size
