@@ -34,6 +34,7 @@ class KVCacheManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
+        self.num_hit_tokens = 0  # prompt tokens served from the prefix cache (a statistic)
 
     @property
     def num_free_blocks(self) -> int:
@@ -87,6 +88,7 @@ class KVCacheManager:
             self.free.pop(block_id, None)
             self.blocks[block_id].ref_count += 1
         req.block_ids.extend(computed)
+        self.num_hit_tokens += len(computed) * self.block_size
         req.num_computed_tokens += len(computed) * self.block_size
         req.num_cached_blocks = len(req.block_ids) if computed else req.num_cached_blocks
         for _ in range(needed):

@@ -46,6 +46,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # a statistic: total preemptions so far
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -95,6 +96,7 @@ class Scheduler:
         self.kv.free_request(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
