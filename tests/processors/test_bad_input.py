@@ -116,10 +116,12 @@ def test_bad_videos_name_the_item(tmp_path, video_file, our_processors):
     with av.open(str(no_frames), "w") as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height = 64, 64
+        container.start_encoding()  # writes the header; no frame is ever encoded
+    assert no_frames.stat().st_size > 0
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"\x00\x01not a video" * 100)
     for path, name in [(no_frames, "noframes.mp4"), (garbage, "garbage.mp4")]:
-        with pytest.raises(MediaError, match=rf"video 2 \('{name}'\): "):
+        with pytest.raises(MediaError, match=rf"video 2 \('{name}'\): cannot decode video"):
             ours.process(prompt=vmark * 2, videos=[video_file, str(path)], num_frames=4)
     with pytest.raises(
         MediaError, match=r"video 1 .*asked for 40 frames but the video has only 36"
