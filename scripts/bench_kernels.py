@@ -80,9 +80,9 @@ def bench_decode(batch, ctx, shape, dtype, device):
     scale = head_dim**-0.5
     t = bench_ms(lambda: TritonAttentionBackend().paged_attention(q, cache, meta, scale))
     t_ref = bench_ms(lambda: TorchAttentionBackend().paged_attention(q, cache, meta, scale))
-    k = torch.randn(batch, kv_heads, ctx, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, ctx, head_dim, device=device, dtype=dtype) for _ in "kv")
     qd = q.view(batch, heads, 1, head_dim)
-    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qd, k, k, enable_gqa=True))
+    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True))
     kv_bytes = 2 * batch * ctx * kv_heads * head_dim * cache.element_size()
     gbs = f"{kv_bytes / t / 1e6:7.1f} GB/s (sdpa {kv_bytes / t_sdpa / 1e6:.1f})"
     name = f"decode b{batch} ctx{ctx}"
@@ -95,9 +95,11 @@ def bench_prefill(n_seq, length, shape, dtype, device):
     q, cache, meta = paged_batch([length] * n_seq, [length] * n_seq, *shape, dtype, device)
     t = bench_ms(lambda: TritonAttentionBackend().paged_attention(q, cache, meta, head_dim**-0.5))
     qd = q.view(n_seq, length, heads, head_dim).transpose(1, 2)
-    kd = torch.randn(n_seq, kv_heads, length, head_dim, device=device, dtype=dtype)
+    kd, vd = (
+        torch.randn(n_seq, kv_heads, length, head_dim, device=device, dtype=dtype) for _ in "kv"
+    )
     t_sdpa = bench_ms(
-        lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
+        lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
     )
     flops = 4 * n_seq * heads * head_dim * length * length / 2  # causal: half the matrix
     return [

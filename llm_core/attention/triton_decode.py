@@ -147,6 +147,8 @@ def paged_decode(
     sliding_window: int | None,
     num_splits: int,
     block_n: int,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
 
@@ -197,8 +199,8 @@ def paged_decode(
         NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None,
         DOT_F32=not q.is_cuda,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

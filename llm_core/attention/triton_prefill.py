@@ -120,15 +120,19 @@ def _attn_fwd_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
 
 
+def prefill_config(head_dim: int, is_cuda: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim; tiny tiles when interpreted."""
+    if not is_cuda:  # TRITON_INTERPRET: small tiles so short test sequences span several
+        return 16, 16, 4, 1
+    return (128, 64, 4, 3) if head_dim <= 64 else (64, 64, 4, 3)
+
+
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, causal, paged):
     """Shared launch: block sizes by device, strides by mode."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = q_start.shape[0] - 1
-    if q.is_cuda:
-        block_m, block_n = (128, 64) if head_dim <= 64 else (64, 64)
-        extra = {"num_warps": 4, "num_stages": 3}
-    else:  # TRITON_INTERPRET: small tiles so short test sequences span several of them
-        block_m, block_n, extra = 16, 16, {}
+    block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda)
+    extra = {"num_warps": num_warps, "num_stages": num_stages} if q.is_cuda else {}
     if paged:  # k, v: [num_blocks, page_size, kv_heads, head_dim]
         kv_heads, page_size = k.shape[2], k.shape[1]
         strides = (k.stride(0), k.stride(1), k.stride(2), block_table.stride(0))
