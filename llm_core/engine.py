@@ -27,7 +27,7 @@ class _Group:
     request_id: str
     prompt_token_ids: list[int]
     seqs: list[Request]
-    detoks: list[IncrementalDetokenizer]
+    detoks: list[IncrementalDetokenizer | None]
     outputs: list[CompletionOutput]
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
@@ -65,6 +65,8 @@ class Engine:
         if request_id in self._groups:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids)
+        if self.tokenizer is None and params.stop:
+            raise InvalidInputError("stop strings need a tokenizer (skip_tokenizer_init is set)")
         seqs, detoks = [], []
         eos = () if params.ignore_eos else tuple(self.model_config.eos_token_ids)
         for i in range(params.n):
@@ -81,7 +83,11 @@ class Engine:
             if params.seed is not None:
                 seq.generator = make_generator(params.seed + i, self.device)
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params))
+            detoks.append(
+                IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
+                if self.tokenizer is not None
+                else None  # skip_tokenizer_init: token ids only
+            )
         outputs = [CompletionOutput(index=i) for i in range(params.n)]
         group = _Group(request_id, list(prompt_token_ids), seqs, detoks, outputs)
         self._groups[request_id] = group
@@ -148,9 +154,9 @@ class Engine:
         out.delta_token_ids = [tok.token_id]
         if seq.params.logprobs is not None:
             out.logprobs = (out.logprobs or []) + [tok.top_logprobs or {}]
-        out.delta_text = detok.step(tok.token_id)
+        out.delta_text = detok.step(tok.token_id) if detok else ""
         reason = stop = None
-        if detok.finished:
+        if detok and detok.finished:
             reason, stop = "stop", detok.stop_reason
         elif tok.token_id in seq.eos_token_ids or tok.token_id in seq.params.stop_token_ids:
             reason, stop = "stop", tok.token_id
@@ -159,11 +165,11 @@ class Engine:
         elif seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            out.delta_text += detok.flush() if not detok.finished else ""
+            out.delta_text += detok.flush() if detok and not detok.finished else ""
             out.finish_reason, out.stop_reason = reason, stop
             seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.finish(seq, reason)
-        out.text = detok.text
+        out.text = detok.text if detok else ""
         out.token_ids = list(seq.output_token_ids)
 
     def _output(self, group: _Group, now: float) -> RequestOutput:

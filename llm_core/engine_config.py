@@ -33,6 +33,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     dummy_weights: bool = False  # random weights from config.json alone (benchmarks)
+    cuda_graphs: bool = True  # capture decode graphs (CUDA + Triton backend only)
+    max_graph_batch: int = 256
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
     seed: int = 0
 
 
@@ -92,7 +95,9 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     scheduler = Scheduler(kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
     runner = ModelRunner(net, kv_caches, cfg.block_size, device)
-    tokenizer = load_tokenizer(path)
+    if cfg.cuda_graphs and device.type == "cuda" and backend.name == "triton":
+        runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
+    tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
     return EngineParts(model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 

@@ -54,6 +54,17 @@ class ModelRunner:
         self.uses_mrope = model.config.mrope_section is not None
         self.encoder_cache = EncoderCache()
         self.sampler = Sampler()
+        self.graphs = None  # DecodeGraphs once capture_decode_graphs() ran
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
+        from polymodal.llm_core.cuda_graph import DecodeGraphs
+
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope
+        )
+        self.graphs.capture()
 
     # ---- inputs -------------------------------------------------------------------------
     def _positions(self, req: Request, start: int, end: int) -> np.ndarray:
@@ -134,8 +145,17 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         """Run one step; returns the sampled token of every request that caught up."""
         input_ids, positions, meta, sample_rows = self.prepare(sched)
+        has_media = any(req.mm_items for req in sched.requests)
+        graphs = self.graphs
+        if (
+            graphs
+            and meta.is_decode
+            and not has_media
+            and graphs.can_run(meta.num_seqs, meta.block_tables.shape[1])
+        ):
+            return self.sample(sched, graphs.run(input_ids, positions, meta), sample_rows)
         embeds = self.model.embed(input_ids)
-        if any(req.mm_items for req in sched.requests):
+        if has_media:
             slot_idx, mm = self._mm_embeddings(sched)
             if slot_idx is not None:
                 embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)

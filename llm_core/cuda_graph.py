@@ -1,0 +1,87 @@
+"""CUDA-graph capture and replay of decode steps, one graph per batch-size bucket.
+
+A decode step (one new token per sequence, no media slots) has the same kernels every time;
+only the contents of a few small tensors change. Each bucket's graph is captured once over
+static buffers; a step copies its inputs into the first `n` rows, pads the rest (slot -1:
+nothing stored; seq_len 1: a harmless read of block 0), replays, and reads `hidden[:n]`.
+Graphs are captured largest first and share one memory pool (as nano-vllm does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.llm_core.attention.metadata import AttentionMetadata
+
+BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+
+
+class DecodeGraphs:
+    """Captured decode graphs for batch sizes up to `max_batch` (eager above it)."""
+
+    def __init__(self, model, kv_caches, max_batch: int, max_blocks: int, uses_mrope: bool):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        device = kv_caches[0].device
+        n = self.buckets[-1]
+        hidden = model.config.hidden_size
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, hidden, dtype=model.lm_head.weight.dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            max_query_len=1,
+            max_seq_len=self.block_tables.shape[1] * self.kv_caches[0].shape[2],
+            is_decode=True,
+        )
+
+    def _forward(self, bs: int) -> None:
+        positions = self.positions[..., :bs]
+        embeds = self.model.embed(self.input_ids[:bs])
+        self.hidden[:bs] = self.model(positions, embeds, self.kv_caches, self._meta(bs))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, into one shared memory pool."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):
+                self._forward(bs)  # warm-up: Triton compiles, allocator settles
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self._forward(bs)
+                self.pool = self.pool or graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def can_run(self, num_seqs: int, num_blocks: int) -> bool:
+        return num_seqs <= self.buckets[-1] and num_blocks <= self.block_tables.shape[1]
+
+    def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """Replay the smallest bucket that fits; returns hidden `[num_seqs, hidden]`."""
+        n = input_ids.shape[0]
+        bs = next(b for b in self.buckets if b >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[..., :n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[n:bs].fill_(1)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(meta.block_tables)
+        self.graphs[bs].replay()
+        return self.hidden[:n]

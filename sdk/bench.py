@@ -1,0 +1,137 @@
+"""`polymodal bench`: our engine vs transformers on the same weights, in one run.
+
+Workloads (issue 4): (a) batch-1 decode tokens/s against the HBM floor measured in the same
+run; (b) time to first token for one 448x448 image + 32 text tokens; (c) offline captioning
+of N 448x448 images with 128 forced output tokens; (d) the same through transformers.
+`--dummy-weights` builds the shipped Qwen2.5-VL-7B architecture from config.json alone
+(random bf16 weights, nothing downloaded); transformers gets the very same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+BUILTIN = {"qwen2.5-vl-7b": Path(__file__).parent / "configs" / "qwen2_5_vl_7b"}
+
+
+def bench_command(parser: argparse.ArgumentParser):
+    parser.description = "Benchmark decode, TTFT and captioning vs transformers (CUDA)."
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="qwen2.5-vl-7b",
+        help="checkpoint dir or a built-in architecture: " + ", ".join(BUILTIN),
+    )
+    parser.add_argument("--dummy-weights", action="store_true")
+    parser.add_argument("--images", type=int, default=512, help="captioning workload size")
+    parser.add_argument("--hf-images", type=int, default=64, help="transformers subset size")
+    parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+
+    def run(args) -> int:
+        results = run_bench(args)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print_table(results)
+        return 0
+
+    return run
+
+
+def measure_bandwidth(gib: float = 4.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    import torch
+
+    n = int(gib * (1 << 30)) // 2
+    src = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16).repeat(2)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * n * 2 / statistics.median(times[2:])
+
+
+def run_bench(args) -> dict:
+    import torch
+
+    from polymodal.bench_workloads import OurSide, decoder_bytes, images
+
+    if not torch.cuda.is_available():
+        raise SystemExit("polymodal bench needs a CUDA device")
+    model_dir = BUILTIN.get(args.model, Path(args.model))
+    results: dict = {
+        "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": str(args.model),
+        "torch": torch.__version__,
+    }
+    bandwidth = measure_bandwidth()
+    results["hbm_copy_tb_s"] = bandwidth / 1e12
+    hf = None
+    if not args.skip_hf:
+        from polymodal.bench_hf import HFSide
+
+        hf = HFSide(model_dir)
+    ours = OurSide(model_dir, dummy_weights=args.dummy_weights, weights_from=hf and hf.model)
+    floor_ms = decoder_bytes(ours.model) / bandwidth * 1e3
+    results["decode_floor_ms"] = floor_ms
+    pics = images(args.images)
+    results["ours"] = {
+        "decode_ms_per_token": ours.decode_ms(args.decode_tokens),
+        "ttft_ms": ours.ttft_ms(pics[0]),
+        **ours.caption(pics, args.output_tokens),
+    }
+    results["ours"]["decode_tokens_s"] = 1e3 / results["ours"]["decode_ms_per_token"]
+    results["ours"]["decode_fraction_of_floor"] = floor_ms / results["ours"]["decode_ms_per_token"]
+    if hf is not None:
+        ours.free()
+        results["hf"] = {
+            "decode_ms_per_token": hf.decode_ms(64),
+            "ttft_ms": hf.ttft_ms(pics[0]),
+            **hf.caption(pics[: args.hf_images], args.output_tokens, args.hf_batch),
+        }
+        results["hf"]["decode_tokens_s"] = 1e3 / results["hf"]["decode_ms_per_token"]
+        results["speedup"] = {
+            k: results["ours"][k] / results["hf"][k] for k in ("images_s", "output_tokens_s")
+        }
+        results["speedup"]["decode"] = (
+            results["hf"]["decode_ms_per_token"] / results["ours"]["decode_ms_per_token"]
+        )
+        results["speedup"]["ttft"] = results["hf"]["ttft_ms"] / results["ours"]["ttft_ms"]
+    return results
+
+
+def print_table(r: dict) -> None:
+    """The short table the issue asks for (full numbers are in the JSON)."""
+    print(f"\n{r['card']}  {r['date']}  {r['model']}  HBM copy {r['hbm_copy_tb_s']:.2f} TB/s")
+    print(f"decode floor (decoder bytes / HBM) {r['decode_floor_ms']:.2f} ms/token")
+    rows = [
+        ("batch-1 decode tok/s", "decode_tokens_s", "{:.1f}"),
+        ("TTFT ms (448px + 32 tok)", "ttft_ms", "{:.1f}"),
+        ("captioning images/s", "images_s", "{:.2f}"),
+        ("captioning output tok/s", "output_tokens_s", "{:.0f}"),
+    ]
+    hf = r.get("hf", {})
+    print(f"{'metric':28s} {'polymodal':>10s} {'transformers':>13s}")
+    for label, key, fmt in rows:
+        ours = fmt.format(r["ours"][key])
+        ref = fmt.format(hf[key]) if key in hf else "-"
+        print(f"{label:28s} {ours:>10s} {ref:>13s}")
+    print(f"decode fraction of floor: {r['ours']['decode_fraction_of_floor']:.1%}")
+    if "speedup" in r:
+        print(
+            "speedup vs transformers: "
+            + ", ".join(f"{k} {v:.1f}x" for k, v in r["speedup"].items())
+        )

@@ -1,0 +1,130 @@
+"""The polymodal side of `polymodal bench`: decode, TTFT and captioning workloads."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polymodal.llm_core.engine import Engine
+from polymodal.llm_core.engine_config import EngineConfig
+from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_core.weights import load_weights
+from polymodal.processors.chat import MediaRef
+from polymodal.processors.qwen_config import load_qwen_vl_config
+from polymodal.processors.qwen_vl import QwenVLProcessor
+
+TEXT_TOKENS = 32
+
+
+def images(n: int, size: int = 448, seed: int = 0) -> list[Image.Image]:
+    """n distinct random RGB images (distinct content: no cache hit helps anyone)."""
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)
+    ]
+
+
+def decoder_bytes(model) -> int:
+    """Bytes one decode step must read: every decoder weight and the LM head, once."""
+    parts = [model.model.layers, model.model.norm, model.lm_head]
+    return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+
+
+def text_ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(1000, 100000, n).tolist()
+
+
+class OurSide:
+    """One engine on the GPU, with token-id prompts (no tokenizer needed)."""
+
+    def __init__(self, model_dir: Path, dummy_weights: bool, weights_from=None):
+        config = EngineConfig(
+            dtype="bfloat16",
+            dummy_weights=dummy_weights or weights_from is not None,
+            skip_tokenizer_init=True,
+            max_model_len=4096,
+            max_num_seqs=256,
+            max_num_batched_tokens=16384,
+            gpu_memory_utilization=0.85,
+            enable_prefix_caching=False,
+        )
+        self.engine = Engine(str(model_dir), config)
+        self.model = self.engine.runner.model
+        if weights_from is not None:  # the very tensors transformers runs
+            load_weights(self.model, weights_from.state_dict().items(), "transformers model")
+        self.processor = QwenVLProcessor(None, load_qwen_vl_config(model_dir))
+        cfg = self.processor.config
+        self.image_prefix = [
+            cfg.vision_start_token_id,
+            cfg.image_token_id,
+            cfg.vision_start_token_id + 1,
+        ]
+
+    def _prompt(self, image, seed: int):
+        ids = self.image_prefix + text_ids(TEXT_TOKENS, seed)
+        return self.processor.process_tokens(ids, [MediaRef("image", image)])
+
+    def _add(self, p, max_tokens: int) -> str:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return self.engine.add_request(
+            p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
+        )
+
+    def decode_ms(self, n: int) -> float:
+        """Median inter-token time of one request decoding alone (after its first token)."""
+        p = self.processor.process_tokens(text_ids(TEXT_TOKENS, 1), [])
+        self._add(p, n)
+        stamps = []
+        while self.engine.has_unfinished():
+            if self.engine.step():
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+        gaps = np.diff(stamps[1:])
+        return float(np.median(gaps) * 1e3)
+
+    def ttft_ms(self, _image, repeats: int = 5) -> float:
+        """Median time from raw image + ids to the first output token (processing included)."""
+        fresh = images(repeats + 1, seed=1234)
+        times = []
+        for i, image in enumerate(fresh):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            rid = self._add(self._prompt(image, 100 + i), 1)
+            while not any(o.request_id == rid for o in self.engine.step()):
+                pass
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:]) * 1e3  # the first run warms the encoder kernels
+
+    def caption(self, pics, output_tokens: int) -> dict:
+        """All images through the engine; preprocessing overlaps decoding on a thread pool."""
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            pending = [pool.submit(self._prompt, img, i) for i, img in enumerate(pics)]
+            while pending or self.engine.has_unfinished():
+                while pending and pending[0].done():
+                    self._add(pending.pop(0).result(), output_tokens)
+                if self.engine.has_unfinished():
+                    self.engine.step()
+                elif pending:
+                    pending[0].result()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        n = len(pics)
+        return {
+            "caption_seconds": seconds,
+            "images_s": n / seconds,
+            "output_tokens_s": n * output_tokens / seconds,
+            "caption_images": n,
+        }
+
+    def free(self) -> None:
+        del self.engine, self.model
+        torch.cuda.empty_cache()
