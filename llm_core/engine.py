@@ -153,7 +153,9 @@ class Engine:
         group.first_token = group.first_token or now
         out.delta_token_ids = [tok.token_id]
         if seq.params.logprobs is not None:
-            out.logprobs = (out.logprobs or []) + [tok.top_logprobs or {}]
+            # the top-N table, plus the chosen token's own logprob when it is not in the top-N
+            table = {**(tok.top_logprobs or {}), tok.token_id: tok.logprob}
+            out.logprobs = (out.logprobs or []) + [table]
         out.delta_text = detok.step(tok.token_id) if detok else ""
         reason = stop = None
         if detok and detok.finished:

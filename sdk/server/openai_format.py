@@ -1,0 +1,152 @@
+"""Between OpenAI bodies and the engine: messages with a media policy, logprobs, errors."""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.outputs import CompletionOutput
+from polymodal.server.protocol import ChatMessage
+
+
+@dataclass
+class MediaPolicy:
+    """Which media URLs a request may name: `data:` always; files and http(s) by opt-in."""
+
+    allowed_media_dir: Path | None = None
+    allow_http: bool = False
+
+    def check(self, url: str, param: str) -> str:
+        """The source to load for `url`, or `RequestError` naming `param` if not allowed."""
+        if url.startswith("data:"):
+            return url
+        if url.startswith(("http://", "https://")):
+            if self.allow_http:
+                return url
+            raise RequestError(
+                "http(s) media URLs are disabled on this server (start it with --allow-http); "
+                "send the media inline as a data: URL",
+                param,
+            )
+        if "://" in url and not url.startswith("file://"):
+            raise RequestError(f"unsupported media URL scheme in {url[:40]!r}", param)
+        if self.allowed_media_dir is None:
+            raise RequestError(
+                "local media paths are disabled on this server (start it with "
+                "--allowed-media-dir DIR); send the media inline as a data: URL",
+                param,
+            )
+        raw = urllib.parse.unquote(url[len("file://") :]) if url.startswith("file://") else url
+        path = Path(raw)
+        if not path.is_absolute():
+            path = self.allowed_media_dir / path
+        resolved, root = path.resolve(), self.allowed_media_dir.resolve()
+        if not resolved.is_relative_to(root):
+            raise RequestError(f"media path {raw!r} is outside the allowed media directory", param)
+        return str(resolved)
+
+
+class RequestError(InvalidInputError):
+    """A client error that knows which request field it is about (`param`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def engine_messages(messages: list[ChatMessage], policy: MediaPolicy) -> list[dict[str, Any]]:
+    """OpenAI chat messages -> the message dicts `LLM.process` takes, media URLs checked."""
+    out = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if message.content is None or isinstance(message.content, str):
+            out.append({"role": role, "content": message.content or ""})
+            continue
+        parts = []
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                if part.text is None:
+                    raise RequestError("a text part needs 'text'", f"{where}.text")
+                parts.append({"type": "text", "text": part.text})
+                continue
+            url = part.image_url if part.type == "image_url" else part.video_url
+            if url is None:
+                raise RequestError(
+                    f"a {part.type} part needs '{part.type}'", f"{where}.{part.type}"
+                )
+            kind = "image" if part.type == "image_url" else "video"
+            parts.append({"type": kind, kind: policy.check(url.url, f"{where}.{part.type}.url")})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+_SAMPLING_PARAM = re.compile(r"SamplingParams\.(\w+)")
+# SamplingParams names that OpenAI spells differently
+_OPENAI_NAME = {"logprobs": "top_logprobs"}
+
+
+def error_param(exc: Exception, default: str | None) -> str | None:
+    """The request field an engine error is about: a SamplingParams field, else `default`."""
+    if isinstance(exc, RequestError):
+        return exc.param
+    match = _SAMPLING_PARAM.search(str(exc))
+    if match:
+        return _OPENAI_NAME.get(match.group(1), match.group(1))
+    return default
+
+
+def chat_logprobs(
+    tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int
+) -> dict[str, Any]:
+    """`{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}` for chat choices."""
+    content = []
+    for token_id, table in zip(token_ids, logprobs):
+        content.append(
+            {
+                **_token_entry(tokenizer, token_id, table.get(token_id, float("-inf"))),
+                "top_logprobs": [_token_entry(tokenizer, t, lp) for t, lp in _top(table, top_n)],
+            }
+        )
+    return {"content": content}
+
+
+def completion_logprobs(
+    tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int
+) -> dict[str, Any]:
+    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets, pos = [], 0
+    for token in tokens:
+        offsets.append(pos)
+        pos += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [table.get(t) for t, table in zip(token_ids, logprobs)],
+        "top_logprobs": [
+            {tokenizer.decode([t]): lp for t, lp in _top(table, top_n)} for table in logprobs
+        ],
+        "text_offset": offsets,
+    }
+
+
+def delta_logprobs(out: CompletionOutput) -> tuple[list[int], list[dict[int, float]]]:
+    """The token ids and logprob tables of a streamed output's latest delta."""
+    k = len(out.delta_token_ids)
+    if not k or not out.logprobs:
+        return [], []
+    return out.delta_token_ids, out.logprobs[-k:]
+
+
+def _top(table: dict[int, float], n: int) -> list[tuple[int, float]]:
+    return sorted(table.items(), key=lambda kv: kv[1], reverse=True)[:n]
+
+
+def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    text = tokenizer.decode([token_id])
+    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
