@@ -15,13 +15,25 @@ __all__ = ["AttentionMetadata", "TorchAttentionBackend", "get_backend"]
 def get_backend(name: str = "auto", device: str = "cpu"):
     """Return an attention backend instance by name."""
     if name == "auto":
-        name = "triton" if str(device).startswith("cuda") else "torch"
+        name = ("flash" if _flash_ok() else "triton") if str(device).startswith("cuda") else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
+    if name == "flash":
+        from polymodal.llm_core.attention.flash_backend import FlashAttnBackend
+
+        return FlashAttnBackend()
     from polymodal.llm_core.errors import InvalidInputError
 
-    raise InvalidInputError(f"unknown attention backend {name!r}; choose auto, torch or triton")
+    raise InvalidInputError(
+        f"unknown attention backend {name!r}; choose auto, torch, triton or flash"
+    )
+
+
+def _flash_ok() -> bool:
+    from polymodal.llm_core.attention.flash_backend import flash_attn_available
+
+    return flash_attn_available()

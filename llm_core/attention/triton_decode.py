@@ -148,7 +148,7 @@ def paged_decode(
     num_splits: int,
     block_n: int,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
 

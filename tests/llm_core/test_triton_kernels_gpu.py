@@ -30,12 +30,12 @@ def _backend(splits=None):
     return TritonAttentionBackend(splits)
 
 
-def make_batch(q_lens, seq_lens, seed=0, extra_blocks=4):
+def make_batch(q_lens, seq_lens, seed=0, extra_blocks=4, page=PAGE):
     """bf16 paged cache (shuffled blocks) + metadata on CUDA."""
     gen = torch.Generator().manual_seed(seed)
-    pages = [-(-s // PAGE) for s in seq_lens]
+    pages = [-(-s // page) for s in seq_lens]
     num_blocks = sum(pages) + extra_blocks
-    cache = torch.randn(2, num_blocks, PAGE, KV_HEADS, HEAD_DIM, generator=gen)
+    cache = torch.randn(2, num_blocks, page, KV_HEADS, HEAD_DIM, generator=gen)
     perm = torch.randperm(num_blocks, generator=gen)
     tables = torch.zeros(len(seq_lens), max(pages) + extra_blocks, dtype=torch.int32)
     used = 0
@@ -162,3 +162,21 @@ def test_fused_ops_realistic():
     ops.rotary_embedding(q, k, angles.cos(), angles.sin())
     torch.testing.assert_close(q, ref_q)
     torch.testing.assert_close(k, ref_k)
+
+
+@pytest.mark.parametrize("page", [16, 256])  # 16: flash backend falls back to Triton
+def test_flash_backend_matches_reference(page):
+    pytest.importorskip("flash_attn")
+    from polymodal.llm_core.attention import get_backend
+
+    backend = get_backend("flash", "cuda")
+    cases = [([1] * 8, [1, 300, 17, 512, 999, 5, 256, 257]), ([7, 300], [500, 300])]
+    for q_lens, seq_lens in cases:
+        q, cache, meta = make_batch(q_lens, seq_lens, page=page)
+        for window in (None, 64):
+            out = backend.paged_attention(q, cache, meta, 0.09, window)
+            check(out, reference(q, cache, meta, 0.09, window))
+    cu = torch.tensor([0, 64, 128, 1152], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1152, 16, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = backend.varlen_attention(q, k, v, cu, 1024, 0.11)
+    check(out, REF.varlen_attention(q.float(), k.float(), v.float(), cu, 1024, 0.11))
