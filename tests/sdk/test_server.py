@@ -1,0 +1,301 @@
+"""`polymodal serve` as a real process on 127.0.0.1, driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+from PIL import Image
+
+from tests.helpers import tiny_checkpoint
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+API_KEY = "test-key"
+NUM_KV_BLOCKS = 512
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_data_url(width: int = 48, height: int = 40, color=(200, 30, 60)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bomb_data_url(width: int = 30000, height: int = 30000) -> str:
+    """A tiny PNG whose header claims `width` x `height` (valid CRC; pixel data is not)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Base URL of a running server on the tiny qwen2_vl checkpoint (stopped after the module)."""
+    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "polymodal.cli", "serve", str(ckpt), "--port", str(port)]
+    cmd += ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--api-key", API_KEY, "--log-level", "warning"]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_idle(url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = health(url)
+        if state["running"] == 0 and state["waiting"] == 0:
+            return state
+        time.sleep(0.2)
+    pytest.fail(f"server still busy after {timeout}s: {health(url)}")
+
+
+def test_openai_client_chat_text_and_image(server):
+    c = client(server)
+    models = c.models.list()
+    model = models.data[0].id
+    for content in (
+        "Describe a cat.",
+        [
+            {"type": "image_url", "image_url": {"url": png_data_url()}},
+            {"type": "text", "text": "What is in this image?"},
+        ],
+    ):
+        messages = [{"role": "user", "content": content}]
+        full = c.chat.completions.create(
+            model=model, messages=messages, max_tokens=10, temperature=0
+        )
+        text = full.choices[0].message.content
+        assert full.choices[0].finish_reason in ("length", "stop") and text
+        assert full.usage.completion_tokens <= 10 and full.usage.prompt_tokens > 5
+        stream = c.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert streamed == text
+        assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    image_tokens = full.usage.prompt_tokens
+    text_only = c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=1
+    )
+    assert image_tokens > text_only.usage.prompt_tokens  # the image filled slots
+
+
+def test_sampling_params_logprobs_n_and_completions(server):
+    c = client(server)
+    out = c.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_completion_tokens=4,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+        extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1},
+    )
+    assert [ch.index for ch in out.choices] == [0, 1]
+    for choice in out.choices:
+        entries = choice.logprobs.content
+        assert 1 <= len(entries) <= 4
+        assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    again = c.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=4,
+        temperature=0.8, top_p=0.9, seed=7, n=2, presence_penalty=0.5, frequency_penalty=0.2,
+        extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1},
+    )  # fmt: skip
+    assert [ch.message.content for ch in again.choices] == [
+        ch.message.content for ch in out.choices
+    ]  # seeded
+    comp = c.completions.create(model="m", prompt="Once upon", max_tokens=5, temperature=0)
+    assert comp.choices[0].text and comp.usage.completion_tokens <= 5
+
+
+async def _stream_chat(url: str, prompt: str, max_tokens: int, disconnect_after: int | None):
+    """Stream one chat request with httpx; stop reading (and close) after N events if asked."""
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": disconnect_after is not None,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    text, events = "", 0
+    async with httpx.AsyncClient(timeout=120) as http:
+        async with http.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=headers
+        ) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                text += "".join(ch["delta"].get("content") or "" for ch in chunk["choices"])
+                events += 1
+                if disconnect_after is not None and events >= disconnect_after:
+                    return None  # leaving the block closes the connection midway
+    return text
+
+
+def _metric(url: str, series: str) -> float:
+    """The value of one series (name plus labels, as exported) on /metrics; 0 if absent."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.rsplit(" ", 1)[0] == series:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+ABORTED = 'polymodal_requests_total{endpoint="chat",status="aborted"}'
+
+
+def test_concurrent_streams_with_disconnects_free_all_blocks(server):
+    start = wait_idle(server)
+    assert start["free_kv_blocks"] == start["total_kv_blocks"] == NUM_KV_BLOCKS
+    aborted_before = _metric(server, ABORTED)
+    prompts = [f"Request number {i}: tell me about item {i * 7}." for i in range(32)]
+    leavers = set(range(0, 32, 4))  # 8 clients disconnect midway
+    c = client(server)
+    alone = {
+        i: c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0
+        )
+        .choices[0]
+        .message.content
+        for i, p in enumerate(prompts)
+        if i not in leavers
+    }
+
+    async def burst():
+        jobs = [
+            _stream_chat(server, p, 1000 if i in leavers else 12, 3 if i in leavers else None)
+            for i, p in enumerate(prompts)
+        ]
+        return await asyncio.wait_for(asyncio.gather(*jobs), timeout=150)
+
+    results = asyncio.run(burst())
+    for i, text in enumerate(results):
+        if i not in leavers:
+            assert text == alone[i], f"request {i} differs from its solo run"
+    end = wait_idle(server, timeout=60)
+    assert end["free_kv_blocks"] == start["free_kv_blocks"]
+    assert _metric(server, "polymodal_kv_free_blocks") == NUM_KV_BLOCKS
+    assert _metric(server, ABORTED) - aborted_before == len(leavers)
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    post = lambda body, **kw: httpx.post(  # noqa: E731
+        f"{server}/v1/chat/completions", headers=headers, timeout=60, **kw, json=body
+    )
+    bad_json = httpx.post(
+        f"{server}/v1/chat/completions", headers=headers, content=b"{not json", timeout=30
+    )
+    assert bad_json.status_code == 400 and "error" in bad_json.json()
+    missing = post({"model": "m"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+    user = [{"role": "user", "content": "hi"}]
+    bad_top_p = post({"messages": user, "top_p": 5}).json()["error"]
+    assert bad_top_p["param"] == "top_p" and "top_p" in bad_top_p["message"]
+    bad_logprobs = post({"messages": user, "logprobs": True, "top_logprobs": 99})
+    assert bad_logprobs.status_code == 400
+    assert bad_logprobs.json()["error"]["param"] == "top_logprobs"
+    bomb = [
+        {"type": "image_url", "image_url": {"url": bomb_data_url()}},
+        {"type": "text", "text": "what is this?"},
+    ]
+    for stream in (False, True):
+        resp = post({"messages": [{"role": "user", "content": bomb}], "stream": stream})
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert "900000000 pixels exceeds the limit" in err["message"] and err["param"] == "messages"
+    local = [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]
+    resp = post({"messages": [{"role": "user", "content": local}]})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "messages[0].content[0].image_url.url"
+    no_key = httpx.post(f"{server}/v1/chat/completions", json={"messages": user}, timeout=30)
+    assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
+    ok = post({"messages": user, "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    assert wait_idle(server)["free_kv_blocks"] == NUM_KV_BLOCKS
+
+
+def test_non_streaming_disconnect_aborts(server):
+    start = wait_idle(server)
+    aborted_before = _metric(server, ABORTED)
+    body = {
+        "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=httpx.Timeout(30, read=0.5),
+        )
+    assert wait_idle(server)["free_kv_blocks"] == start["free_kv_blocks"]
+    assert _metric(server, ABORTED) == aborted_before + 1
