@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
@@ -67,52 +66,59 @@ class ModelRunner:
         self.graphs.capture()
 
     # ---- inputs -------------------------------------------------------------------------
-    def _positions(self, req: Request, start: int, end: int) -> np.ndarray:
+    def _positions(self, req: Request, start: int, end: int, rows: list[list[int]]) -> None:
+        """Append the positions of tokens [start, end) to `rows` (1 row, or 3 for M-RoPE)."""
         if not self.uses_mrope:
-            return np.arange(start, end, dtype=np.int64)
-        prompt_len = len(req.prompt_token_ids)
-        out = np.empty((3, end - start), dtype=np.int64)
-        split = min(max(prompt_len, start), end)
-        if split > start:
-            out[:, : split - start] = np.asarray(req.positions, dtype=np.int64)[:, start:split]
-        out[:, split - start :] = np.arange(split, end) + req.mrope_delta
-        return out
+            rows[0].extend(range(start, end))
+            return
+        split = min(max(len(req.prompt_token_ids), start), end)
+        for axis in range(3):
+            if split > start:
+                rows[axis].extend(req.positions[axis][start:split])
+            rows[axis].extend(range(split + req.mrope_delta, end + req.mrope_delta))
 
     def prepare(self, sched: SchedulerOutput):
+        """Flat batch tensors + attention metadata; Python lists, one host->device copy each."""
         bs = self.block_size
-        ids, positions, slots, query_lens, seq_lens, sample_rows = [], [], [], [], [], []
-        offset = 0
+        ids: list[int] = []
+        slots: list[int] = []
+        rows: list[list[int]] = [[], [], []] if self.uses_mrope else [[]]
+        query_lens, seq_lens, sample_rows = [], [], []
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            all_ids = req.all_token_ids if end > len(req.prompt_token_ids) else req.prompt_token_ids
-            ids.append(np.asarray(all_ids[start:end], dtype=np.int64))
-            positions.append(self._positions(req, start, end))
-            pos = np.arange(start, end)
-            table = np.asarray(req.block_ids, dtype=np.int64)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            prompt_len = len(req.prompt_token_ids)
+            if end <= prompt_len:
+                ids.extend(req.prompt_token_ids[start:end])
+            elif n == 1:  # decode: the last sampled token
+                ids.append(req.output_token_ids[start - prompt_len])
+            else:
+                ids.extend(req.all_token_ids[start:end])
+            self._positions(req, start, end, rows)
+            table = req.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(n)
             seq_lens.append(end)
             if end == req.num_tokens:  # caught up: this step yields its next token
-                sample_rows.append(offset + n - 1)
-            offset += n
+                sample_rows.append(len(ids) - 1)
         max_blocks = max(len(r.block_ids) for r in sched.requests)
-        tables = np.zeros((len(sched.requests), max_blocks), dtype=np.int32)
-        for row, req in enumerate(sched.requests):
-            tables[row, : len(req.block_ids)] = req.block_ids
+        tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
         dev = self.device
+        query_start = [0]
+        for q in query_lens:
+            query_start.append(query_start[-1] + q)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(np.cumsum([0] + query_lens), dtype=torch.int32).to(dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
-            is_decode=all(q == 1 for q in query_lens),
+            is_decode=len(ids) == len(query_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
         )
-        input_ids = torch.from_numpy(np.concatenate(ids)).to(dev)
-        pos = torch.from_numpy(np.concatenate(positions, axis=-1)).to(dev)
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev)
+        pos = torch.tensor(rows if self.uses_mrope else rows[0], dtype=torch.int64).to(dev)
         return input_ids, pos, meta, sample_rows
 
     # ---- multimodal ---------------------------------------------------------------------
