@@ -21,6 +21,40 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale, dims,
+          dim_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+          IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies causal/window/tail."""
+    q_start, table, head_off, stride_kt, stride_ko = kv_base
+    pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+    valid = pos < hi
+    if PAGED:
+        page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = page * stride_kt + (pos % PAGE_SIZE) * stride_ko + head_off
+    else:
+        kv_off = (q_start + pos).to(tl.int64) * stride_kt + head_off
+    kv_mask = valid[:, None] & dim_mask[None, :]
+    k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    if MASKED:
+        visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
+        if IS_CAUSAL:
+            visible = visible & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_ptr,  # PAGED: [num_blocks, page_size, kv_heads, head_dim]; else [num_tokens, kv_heads, d]
@@ -83,37 +117,25 @@ def _attn_fwd_kernel(
         lo = tl.maximum(ctx_len + q_block * BLOCK_M - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
 
+    # Tiles in [lo, full_end) are visible to every query of this tile: no masks there.
+    full_end = (hi // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_end = (tl.minimum(hi, ctx_len + q_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
+    if USE_WINDOW:
+        full_end = lo
+    table = block_table_ptr + seq.to(tl.int64) * stride_bt
+    kv_base = (q_start, table, kv_head * stride_kh, stride_kt, stride_ko)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        valid = pos < hi
-        if PAGED:
-            table = block_table_ptr + seq.to(tl.int64) * stride_bt
-            page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-            kv_off = page * stride_kt + (pos % PAGE_SIZE) * stride_ko + kv_head * stride_kh
-        else:
-            kv_off = (q_start + pos).to(tl.int64) * stride_kt + kv_head * stride_kh
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
-        visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
-        if IS_CAUSAL:
-            visible = visible & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & (pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    for n0 in range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
+                              qk_scale, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, IS_CAUSAL,
+                              USE_WINDOW, False)  # fmt: skip
+    for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
+                              qk_scale, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, IS_CAUSAL,
+                              USE_WINDOW, True)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :]
