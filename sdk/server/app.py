@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -33,6 +33,10 @@ from polymodal.server.protocol import (
 from polymodal.server.responses import DONE, ResponseBuilder, sse
 
 DISCONNECT_POLL_S = 0.2
+
+
+class _AuthError(Exception):
+    """The request's bearer token does not match `--api-key`."""
 
 
 def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
@@ -60,19 +64,21 @@ def create_app(
     tokenizer = engine.llm.tokenizer
     app.state.engine, app.state.metrics = engine, metrics
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+    async def check_api_key(request: Request) -> None:
+        # A dependency, not an HTTP middleware: BaseHTTPMiddleware wraps `receive` and would
+        # hide client disconnects from the handlers.
+        if api_key:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(
-                    401,
-                    "invalid or missing API key",
-                    None,
-                    "authentication_error",
-                    "invalid_api_key",
-                )
-        return await call_next(request)
+                raise _AuthError()
+
+    @app.exception_handler(_AuthError)
+    async def on_auth_error(request: Request, exc: _AuthError):
+        return error_response(
+            401, "invalid or missing API key", None, "authentication_error", "invalid_api_key"
+        )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -102,12 +108,12 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict[str, Any]:
         card = ModelCard(id=model_name, max_model_len=engine.engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         params = body.sampling_params(default_max_tokens)
         prompt = {"messages": engine_messages(body.messages, policy)}
@@ -115,7 +121,7 @@ def create_app(
         builder = ResponseBuilder("chat", model_name, tokenizer, top_n)
         return await _run(request, body, prompt, params, builder, "chat", "messages")
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         params = body.sampling_params(default_max_tokens)
         prompt = body.prompt
@@ -134,15 +140,20 @@ def create_app(
         watcher = asyncio.create_task(_abort_on_disconnect(request, engine, request_id))
 
         async def cleanup(status: str, final=None) -> None:
+            # synchronous work first: under cancellation every await may raise again
             watcher.cancel()
-            await outputs.aclose()
             engine.abort(request_id)  # a no-op when it already finished
             ttft = final.timings.time_to_first_token if final is not None else None
             usage = final.usage if final is not None else None
             metrics.observe(endpoint, status, time.monotonic() - start, usage, ttft)
+            with contextlib.suppress(BaseException):
+                await outputs.aclose()
 
         try:
             first = await outputs.__anext__()
+        except asyncio.CancelledError:  # the server cancelled us: the client went away
+            await cleanup("aborted")
+            raise
         except StopAsyncIteration:  # aborted: the client went away
             await cleanup("aborted")
             return Response(status_code=499)
@@ -161,6 +172,9 @@ def create_app(
         try:
             async for final in outputs:  # noqa: B007 - keep the last one
                 pass
+        except asyncio.CancelledError:
+            await cleanup("aborted")
+            raise
         except Exception as exc:  # noqa: BLE001
             await cleanup("error")
             return error_response(500, f"engine error: {exc}")
@@ -170,6 +184,7 @@ def create_app(
         await cleanup("ok", final)
         return JSONResponse(builder.full(final).model_dump())
 
+    app.include_router(v1)
     return app
 
 
