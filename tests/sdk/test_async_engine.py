@@ -1,0 +1,126 @@
+"""AsyncEngine: concurrent streams, per-request errors, step failures, aborts free blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from polymodal import LLM, MediaError, SamplingParams
+from polymodal.async_engine import AsyncEngine
+from tests.helpers import tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    eng = AsyncEngine(LLM(str(tiny_checkpoint(tmp_path_factory, "qwen2_vl")), num_kv_blocks=256))
+    yield eng
+    eng.close()
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _collect(engine: AsyncEngine, prompt, params=GREEDY):
+    request_id = engine.submit(prompt, params)
+    return [out async for out in engine.stream(request_id)]
+
+
+async def _wait_idle(engine: AsyncEngine) -> None:
+    for _ in range(200):
+        s = engine.stats
+        if s.num_running == 0 and s.num_waiting == 0 and not engine.engine.has_unfinished():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine still busy: {engine.stats}")
+
+
+def test_concurrent_streams_match_offline_generate(engine):
+    prompts = [f"Tell me about number {i}." for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*(_collect(engine, p) for p in prompts))
+
+    streams = run(main())
+    for outs in streams:
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert "".join(o.outputs[0].delta_text for o in outs) == outs[-1].text
+    alone = [run(_collect(engine, p))[-1].text for p in prompts]
+    assert [outs[-1].text for outs in streams] == alone
+
+
+def test_bad_media_fails_only_its_request(engine):
+    bad = {"messages": [{"role": "user", "content": [{"type": "image", "image": b"not png"}]}]}
+
+    async def main():
+        good_id = engine.submit("A good prompt", GREEDY)
+        bad_id = engine.submit(bad, GREEDY)
+        with pytest.raises(MediaError, match="image 1"):
+            async for _ in engine.stream(bad_id):
+                pass
+        return [out async for out in engine.stream(good_id)]
+
+    assert run(main())[-1].finished
+
+
+def test_step_failure_fails_that_step_and_loop_survives(engine):
+    free = engine.engine.num_free_blocks
+    runner = engine.engine.runner
+    original = runner.execute
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom in step")
+        return original(sched)
+
+    runner.execute = flaky
+    try:
+        with pytest.raises(RuntimeError, match="boom in step"):
+            run(_collect(engine, "this one hits the failing step"))
+        outs = run(_collect(engine, "this one runs after it"))
+    finally:
+        runner.execute = original
+    assert outs[-1].finished and engine.stats.num_failed_steps >= 1
+    run(_wait_idle(engine))
+    assert engine.engine.num_free_blocks == free
+
+
+def test_abort_and_early_break_free_blocks(engine):
+    free = engine.engine.num_free_blocks
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def main():
+        # consumer stops early -> aborted
+        request_id = engine.submit("keep talking", long)
+        async for out in engine.stream(request_id):
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        # explicit abort -> the stream ends without a finished output
+        other = engine.submit("keep talking too", long)
+        seen = []
+        async for out in engine.stream(other):
+            seen.append(out)
+            if len(seen) == 2:
+                engine.abort(other)
+        assert not seen[-1].finished
+        # cancelled consumer task -> aborted
+        third = engine.submit("and you", long)
+        task = asyncio.create_task(_drain(engine, third))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _wait_idle(engine)
+
+    run(main())
+    assert engine.engine.num_free_blocks == free
+
+
+async def _drain(engine: AsyncEngine, request_id: str) -> None:
+    async for _ in engine.stream(request_id):
+        pass
