@@ -1,0 +1,174 @@
+"""`polymodal caption INPUTS --model MODEL --out FILE`: caption many images and videos.
+
+Resumable and crash-safe: every finished item is durably appended to the output (see
+`caption_io`), a rerun skips the items already there, and items that cannot be read are
+recorded with their error (and not retried). Media is loaded on a small thread pool ahead of
+the engine, and up to `--batch-size` requests run at once, collected as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from polymodal.caption_io import RecordWriter, discover_inputs, media_kind, read_records
+
+DEFAULT_PROMPT = "Describe this {kind} in detail."
+
+
+def build_prompt(path: str, template: str, media_options: dict[str, Any]) -> dict[str, Any]:
+    """The chat prompt for one file; the template may use {kind}, {name} and {path}."""
+    kind = media_kind(path)
+    text = template.format(kind=kind, name=Path(path).name, path=path)
+    content = [{"type": kind, kind: path}, {"type": "text", "text": text}]
+    options = {k: v for k, v in media_options.items() if v is not None}
+    return {"messages": [{"role": "user", "content": content}], **options}
+
+
+def caption_files(
+    llm: Any,
+    paths: list[str],
+    out: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    params: Any = None,
+    batch_size: int = 16,
+    workers: int = 2,
+    media_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Caption `paths` with `llm` (a `polymodal.LLM`) into `out`, skipping finished keys.
+
+    Returns counts: `done` (captioned now), `errors` (recorded with an error now), `skipped`.
+    """
+    from tqdm import tqdm
+
+    from polymodal.llm_core.sampling_params import SamplingParams
+
+    params = params or SamplingParams(temperature=0.0, max_tokens=128)
+    finished = {r["key"] for r in read_records(out)}
+    todo = [p for p in paths if p not in finished]
+    counts = {"done": 0, "errors": 0, "skipped": len(paths) - len(todo)}
+    writer = RecordWriter(out)
+    bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr, smoothing=0.1)
+    engine = llm.engine
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="polymodal-caption")
+    upcoming = iter(todo)
+    prefetch: deque[tuple[str, Future]] = deque()
+    in_flight: dict[str, str] = {}  # request id -> key
+
+    def record(key: str, **fields: Any) -> None:
+        writer.write({"key": key, "kind": media_kind(key), **fields})
+        counts["errors" if fields.get("error") else "done"] += 1
+        bar.update(1)
+
+    def refill() -> None:
+        while len(prefetch) < batch_size:
+            key = next(upcoming, None)
+            if key is None:
+                return
+            request = build_prompt(key, prompt, media_options or {})
+            prefetch.append((key, pool.submit(llm.process, request)))
+
+    try:
+        refill()
+        while prefetch or engine.has_unfinished():
+            # feed: take processed prompts while there is room; block only if the engine idles
+            while prefetch and len(in_flight) < batch_size:
+                key, future = prefetch[0]
+                if engine.has_unfinished() and not future.done():
+                    break
+                prefetch.popleft()
+                try:
+                    p = future.result()
+                    request_id = engine.add_request(
+                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
+                    )
+                    in_flight[request_id] = key
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    record(key, error=f"{type(exc).__name__}: {exc}")
+                refill()
+            for out in engine.step():
+                if out.finished:
+                    first = out.outputs[0]
+                    record(
+                        in_flight.pop(out.request_id),
+                        caption=first.text,
+                        finish_reason=first.finish_reason,
+                        prompt_tokens=out.usage.prompt_tokens,
+                        completion_tokens=out.usage.completion_tokens,
+                    )
+    finally:
+        for request_id in in_flight:
+            engine.abort(request_id)
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        writer.close()
+    return counts
+
+
+def caption_command(parser: argparse.ArgumentParser):
+    """Add the `caption` arguments; returns `run(args) -> int`."""
+    from polymodal.server.cli import add_engine_arguments, engine_kwargs
+
+    parser.description = "Caption images and videos into a resumable JSONL or Parquet file."
+    parser.add_argument("inputs", nargs="+", help="folders, glob patterns, list files or files")
+    parser.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    parser.add_argument("--out", required=True, help="output file: .jsonl or .parquet")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="may use {kind} {name} {path}")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-size", type=int, default=16, help="requests in flight at once")
+    parser.add_argument("--workers", type=int, default=2, help="threads loading media")
+    parser.add_argument("--max-pixels", type=int, help="resize budget per image / frame")
+    parser.add_argument("--fps", type=float, help="video frames sampled per second")
+    parser.add_argument("--num-frames", type=int, help="video frames sampled in all")
+    parser.add_argument("--no-progress", action="store_true")
+    add_engine_arguments(parser)
+
+    def run(args) -> int:
+        from polymodal.llm import LLM
+        from polymodal.llm_core.sampling_params import SamplingParams
+
+        if Path(args.out).suffix.lower() not in (".jsonl", ".parquet"):
+            print("polymodal caption: --out must end in .jsonl or .parquet", file=sys.stderr)
+            return 2
+        paths = discover_inputs(args.inputs)
+        llm = LLM(args.model, **engine_kwargs(args))
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+        )
+        start = time.monotonic()
+        counts = caption_files(
+            llm,
+            paths,
+            args.out,
+            prompt=args.prompt,
+            params=params,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            media_options={
+                "max_pixels": args.max_pixels,
+                "fps": args.fps,
+                "num_frames": args.num_frames,
+            },
+            progress=not args.no_progress,
+        )
+        print(
+            f"{counts['done']} captioned, {counts['errors']} errors, {counts['skipped']} already "
+            f"done -> {args.out} ({time.monotonic() - start:.1f}s)",
+            file=sys.stderr,
+        )
+        return 0
+
+    return run
