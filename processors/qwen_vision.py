@@ -139,7 +139,9 @@ def preprocess_frames(
         min_pixels=cfg.min_pixels if min_pixels is None else min_pixels,
         max_pixels=cfg.max_pixels if max_pixels is None else max_pixels,
     )
-    frames = normalize(resize_frames(frames, size, cfg.resample), cfg)
+    if tuple(size) != (height, width):  # bicubic at scale 1 is the identity: skip it
+        frames = resize_frames(frames, size, cfg.resample)
+    frames = normalize(frames, cfg)
     if frames.shape[0] == 1:
         frames = frames.expand(cfg.temporal_patch_size, -1, -1, -1)
     return patchify(frames, cfg)

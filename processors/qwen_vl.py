@@ -191,7 +191,14 @@ class QwenVLProcessor:
             )
         except ValueError as exc:
             raise media_error("image", index, ref.source, str(exc)) from None
-        return self._item("image", pixel_values, grid), 1.0
+        icfg = self.config.image
+        key = _media_key(
+            frames,
+            options.get("min_pixels", icfg.min_pixels),
+            options.get("max_pixels", icfg.max_pixels),
+            icfg,
+        )
+        return self._item("image", pixel_values, grid, key), 1.0
 
     def _video_item(
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
@@ -223,15 +230,25 @@ class QwenVLProcessor:
         except ValueError as exc:
             raise media_error("video", index, ref.source, str(exc)) from None
         second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
-        item = self._item("video", pixel_values, grid)
+        key = _media_key(video.frames, min_pixels, max_pixels, vcfg)
+        item = self._item("video", pixel_values, grid, key)
         item.second_per_grid = second_per_grid
         interval = 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
         return item, interval
 
     @staticmethod
     def _item(
-        modality: str, pixel_values: torch.Tensor, grid: tuple[int, int, int]
+        modality: str, pixel_values: torch.Tensor, grid: tuple[int, int, int], key: dict
     ) -> MultimodalItem:
         """A `MultimodalItem` with its tensors and content hash; slots are filled in later."""
         data = {"pixel_values": pixel_values, "grid_thw": torch.tensor([grid], dtype=torch.int64)}
-        return MultimodalItem(modality, data, -1, 0, content_hash(modality, data))
+        return MultimodalItem(modality, data, -1, 0, content_hash(modality, key))
+
+
+def _media_key(frames: torch.Tensor, min_pixels, max_pixels, cfg) -> dict[str, torch.Tensor]:
+    """What the content hash covers: the decoded uint8 frames and every knob of their
+    preprocessing. Hashing these (not the 8x larger float32 pixel values) keeps the hash cheap;
+    equal keys give equal pixel values because preprocessing is deterministic."""
+    knobs = [min_pixels, max_pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size]
+    knobs += [*cfg.image_mean, *cfg.image_std, cfg.rescale_factor, cfg.resample]
+    return {"frames": frames, "knobs": torch.tensor(knobs, dtype=torch.float64)}

@@ -24,7 +24,7 @@ class HFSide:
         self.model.eval()
         self.image_processor = tf.AutoImageProcessor.from_pretrained(model_dir)
         self.cfg = cfg
-        self.model.generation_config.pad_token_id = cfg.eos_token_id
+        self.model.generation_config.pad_token_id = cfg.get_text_config().eos_token_id
 
     def _inputs(self, pics, seed: int) -> dict:
         """A batch of identical-length prompts: image slots + TEXT_TOKENS text ids each."""

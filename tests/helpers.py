@@ -23,7 +23,7 @@ def hf_greedy(model, prompt_ids: list[int], steps: int):
     logits_per_step = []
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().cpu()
         logits_per_step.append(logits)
         ids.append(int(logits.argmax()))
     return ids[len(prompt_ids) :], logits_per_step
