@@ -1,0 +1,59 @@
+"""CaptionPredictor on a local Ray cluster (2 CPU workers): one output row per input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import tiny_checkpoint
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[data]')")
+pytest.importorskip("ray.data")
+
+
+def test_predictor_in_process(tmp_path_factory, tmp_path):
+    from polymodal.ray_predictor import CaptionPredictor
+
+    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "a.png")
+    predictor = CaptionPredictor(str(ckpt), max_tokens=3, num_kv_blocks=64)
+    batch = {
+        "image": np.array([np.full((24, 32, 3), 200, np.uint8), None], dtype=object),
+        "path": np.array(["", str(tmp_path / "a.png")], dtype=object),
+    }
+    out = predictor(batch)
+    assert list(out["error"]) == [None, None] and all(out["caption"])
+    bad = predictor({"path": np.array([str(tmp_path / "missing.png")], dtype=object)})
+    assert "no such file" in bad["error"][0] and bad["caption"][0] == ""
+
+
+def test_ray_data_two_workers_one_row_per_input(tmp_path_factory, tmp_path):
+    from polymodal.ray_predictor import CaptionPredictor
+
+    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    paths = []
+    for i in range(9):
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", (32 + i, 32), (i * 20, 50, 90)).save(path)
+        paths.append(str(path))
+    (tmp_path / "corrupt.png").write_bytes(b"nope")
+    paths.append(str(tmp_path / "corrupt.png"))
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    try:
+        ds = ray.data.from_items([{"path": p} for p in paths])
+        ds = ds.map_batches(
+            CaptionPredictor,
+            fn_constructor_kwargs={"model": str(ckpt), "max_tokens": 4, "num_kv_blocks": 64},
+            concurrency=2,
+            batch_size=3,
+            num_cpus=1,
+        )
+        rows = ds.take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["path"] for r in rows) == sorted(paths)
+    by_path = {r["path"]: r for r in rows}
+    assert "image 1" in by_path[paths[-1]]["error"]
+    assert all(by_path[p]["caption"] and by_path[p]["error"] is None for p in paths[:-1])
