@@ -33,6 +33,7 @@ def bench_command(parser: argparse.ArgumentParser):
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="add phase and kernel tables")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 
     def run(args) -> int:
@@ -95,6 +96,11 @@ def run_bench(args) -> dict:
     }
     results["ours"]["decode_tokens_s"] = 1e3 / results["ours"]["decode_ms_per_token"]
     results["ours"]["decode_fraction_of_floor"] = floor_ms / results["ours"]["decode_ms_per_token"]
+    if args.profile:
+        from polymodal.bench_profile import print_profile, profile_all
+
+        results["profile"] = profile_all(ours, images(128, seed=99))
+        print_profile(results["profile"])
     if hf is not None:
         ours.free()
         results["hf"] = {

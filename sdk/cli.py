@@ -37,20 +37,26 @@ def _module_exists(module: str) -> bool:
         return False
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, dict]:
+    """All subcommands are listed; only `command`'s module is imported (its deps may be
+    optional extras: the server's FastAPI, Gradio, Ray)."""
     parser = argparse.ArgumentParser(prog="polymodal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
     for name, target in {**COMMANDS, **_optional_commands()}.items():
-        module, func = target.split(":")
-        runners[name] = getattr(importlib.import_module(module), func)(sub.add_parser(name))
+        subparser = sub.add_parser(name)
+        if name == command:
+            module, func = target.split(":")
+            runners[name] = getattr(importlib.import_module(module), func)(subparser)
     return parser, runners
 
 
 def main(argv: list[str] | None = None) -> int:
     from polymodal.llm_core.errors import PolymodalError
 
-    parser, runners = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser, runners = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return runners[args.command](args) or 0

@@ -1,0 +1,142 @@
+"""`polymodal bench --profile`: where the time goes (phase timers and a kernel table).
+
+Phase timers synchronize the device around each wrapped call, so a profiled run is a little
+slower than the timed run; the shares, not the totals, are the point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+
+class PhaseTimer:
+    """Wraps engine/runner methods to accumulate synchronized wall time per phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._undo = []
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+            self.calls[phase] += 1
+            return out
+
+        setattr(obj, name, timed)
+        self._undo.append((obj, name, original))
+
+    def restore(self) -> None:
+        for obj, name, original in reversed(self._undo):
+            setattr(obj, name, original)
+        self._undo.clear()
+
+    def table(self, total: float) -> dict:
+        return {
+            phase: {"seconds": s, "share": s / total, "calls": self.calls[phase]}
+            for phase, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        }
+
+
+@contextmanager
+def phases(engine):
+    """Time schedule / prepare / encoder / forward (graph or eager) / sample of `engine`."""
+    timer = PhaseTimer()
+    runner = engine.runner
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(runner, "prepare", "prepare inputs")
+    timer.wrap(runner.model, "encode", "vision encoder")
+    timer.wrap(runner, "sample", "logits + sample")
+    if runner.graphs is not None:
+        timer.wrap(runner.graphs, "run", "decode (graph replay)")
+    timer.wrap(runner.model, "forward", "decoder forward (eager)")
+    try:
+        yield timer
+    finally:
+        timer.restore()
+
+
+def profile_run(engine, fn) -> dict:
+    """Run `fn()` once with phase timers; returns the phase table and the total."""
+    with phases(engine) as timer:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    table = timer.table(total)
+    table["other (python: engine, detok, scheduling glue)"] = {
+        "seconds": total - sum(v["seconds"] for v in table.values()),
+        "share": 1 - sum(v["share"] for v in table.values()),
+    }
+    return {"total_seconds": total, "phases": table}
+
+
+def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
+    """Kernel table of batch-1 decode steps and the GPU-busy share of their wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from polymodal.bench_workloads import TEXT_TOKENS, text_ids
+
+    p = ours.processor.process_tokens(text_ids(TEXT_TOKENS, 7), [])
+    ours._add(p, steps + 8)
+    for _ in range(4):  # prefill + warm decode steps
+        ours.engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            ours.engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    while ours.engine.has_unfinished():
+        ours.engine.step()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernel_total = sum(e.self_device_time_total for e in events) / 1e6
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return {
+        "wall_ms_per_step": wall / steps * 1e3,
+        "gpu_busy_ms_per_step": kernel_total / steps * 1e3,
+        "gpu_idle_share": 1 - kernel_total / wall,
+        "top_kernels": [
+            {
+                "name": e.key[:90],
+                "ms_per_step": e.self_device_time_total / 1e3 / steps,
+                "calls_per_step": e.count / steps,
+            }
+            for e in events[:top]
+        ],
+    }
+
+
+def profile_all(ours, pics) -> dict:
+    """Kernel table of decode, and phase tables of TTFT and a captioning run."""
+    return {
+        "decode_kernels": decode_kernels(ours),
+        "ttft_phases": profile_run(ours.engine, lambda: ours.ttft_ms(None, repeats=2)),
+        "caption_phases": profile_run(ours.engine, lambda: ours.caption(pics, 128)),
+    }
+
+
+def print_profile(prof: dict) -> None:
+    dk = prof["decode_kernels"]
+    print(
+        f"\nbatch-1 decode: {dk['wall_ms_per_step']:.2f} ms/step wall, "
+        f"{dk['gpu_busy_ms_per_step']:.2f} ms GPU busy, idle {dk['gpu_idle_share']:.1%}"
+    )
+    for k in dk["top_kernels"]:
+        print(f"  {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.0f}  {k['name']}")
+    for name in ("ttft_phases", "caption_phases"):
+        print(f"{name}: total {prof[name]['total_seconds']:.2f}s")
+        for phase, v in prof[name]["phases"].items():
+            print(f"  {v['share']:6.1%} {v['seconds']:7.3f}s  {phase}")
