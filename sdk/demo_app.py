@@ -104,7 +104,7 @@ def demo_command(parser: argparse.ArgumentParser):
         from polymodal.async_engine import AsyncEngine
 
         engine = AsyncEngine(args.model, **engine_kwargs(args))
-        demo = build_demo(engine, title=f"polymodal: {args.model}")
+        demo = build_demo(engine, title=f"polymodal: {args.model.rstrip('/').split('/')[-1]}")
         try:
             demo.queue(default_concurrency_limit=16).launch(
                 server_name=args.host, server_port=args.port, share=args.share

@@ -10,6 +10,8 @@ from polymodal import LLM, MediaError, SamplingParams
 from polymodal.async_engine import AsyncEngine
 from tests.helpers import tiny_checkpoint
 
+pytestmark = pytest.mark.timeout(300)
+
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 

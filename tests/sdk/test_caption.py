@@ -15,6 +15,8 @@ from PIL import Image
 from polymodal.caption_io import RecordWriter, discover_inputs, read_records
 from tests.helpers import tiny_checkpoint
 
+pytestmark = pytest.mark.timeout(300)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 

@@ -18,6 +18,8 @@ from polymodal.demo_app import build_messages
 from polymodal.processors.qwen_vl import QwenVLProcessor
 from tests.helpers import tiny_checkpoint
 
+pytestmark = pytest.mark.timeout(300)
+
 QUESTION = "What color is this square?"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 

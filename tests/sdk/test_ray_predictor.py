@@ -9,6 +9,8 @@ from PIL import Image
 from tests.helpers import tiny_checkpoint
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[data]')")
+
+pytestmark = pytest.mark.timeout(300)
 pytest.importorskip("ray.data")
 
 

@@ -21,6 +21,8 @@ from tests.helpers import tiny_checkpoint
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.timeout(300)
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
