@@ -151,7 +151,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         """Run one step; returns the sampled token of every request that caught up."""
         input_ids, positions, meta, sample_rows = self.prepare(sched)
-        has_media = any(req.mm_items for req in sched.requests)
+        has_media = _step_has_media(sched)
         graphs = self.graphs
         if (
             graphs
@@ -182,3 +182,13 @@ class ModelRunner:
             for r in reqs
         ]
         return {r.request_id: tok for r, tok in zip(reqs, self.sampler(logits, contexts))}
+
+
+def _step_has_media(sched: SchedulerOutput) -> bool:
+    """Whether any media slot falls in this step's tokens (decodes of media requests don't)."""
+    for req, n in zip(sched.requests, sched.num_new_tokens):
+        start, end = req.num_computed_tokens, req.num_computed_tokens + n
+        for item in req.mm_items:
+            if item.slot_start < end and item.slot_start + item.num_slots > start:
+                return True
+    return False

@@ -119,10 +119,44 @@ def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
     }
 
 
+def _kernel_table(prof, calls: int, top: int) -> list[dict]:
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return [
+        {"name": e.key[:90], "ms_per_call": e.self_device_time_total / 1e3 / calls,
+         "launches": e.count / calls}
+        for e in events[:top]
+    ]  # fmt: skip
+
+
+@torch.inference_mode()
+def encoder_kernels(ours, pics, top: int = 12) -> dict:
+    """Vision tower: wall ms for 1 image and for a batch, and the batch's kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    items = [ours._prompt(img, i).mm_items[0] for i, img in enumerate(pics)]
+    model = ours.model
+    out = {}
+    for label, batch in (("one_image_ms", items[:1]), ("batch_ms", items)):
+        model.encode(batch)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.encode(batch)
+        torch.cuda.synchronize()
+        out[label] = (time.perf_counter() - start) * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.encode(items)
+        torch.cuda.synchronize()
+    out["batch_images"] = len(items)
+    out["top_kernels"] = _kernel_table(prof, 1, top)
+    return out
+
+
 def profile_all(ours, pics) -> dict:
-    """Kernel table of decode, and phase tables of TTFT and a captioning run."""
+    """Kernel tables of decode and the vision tower; phase tables of TTFT and captioning."""
     return {
         "decode_kernels": decode_kernels(ours),
+        "encoder_kernels": encoder_kernels(ours, pics[:16]),
         "ttft_phases": profile_run(ours.engine, lambda: ours.ttft_ms(None, repeats=2)),
         "caption_phases": profile_run(ours.engine, lambda: ours.caption(pics, 128)),
     }
@@ -136,6 +170,13 @@ def print_profile(prof: dict) -> None:
     )
     for k in dk["top_kernels"]:
         print(f"  {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.0f}  {k['name']}")
+    ek = prof["encoder_kernels"]
+    print(
+        f"vision tower: 1 image {ek['one_image_ms']:.1f} ms, {ek['batch_images']} images "
+        f"{ek['batch_ms']:.1f} ms"
+    )
+    for k in ek["top_kernels"]:
+        print(f"  {k['ms_per_call']:7.3f} ms x{k['launches']:5.0f}  {k['name']}")
     for name in ("ttft_phases", "caption_phases"):
         print(f"{name}: total {prof[name]['total_seconds']:.2f}s")
         for phase, v in prof[name]["phases"].items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.llm_core.layers.norm import _triton_ops
+
 
 def _inv_freq(text_config, rotary_dim: int, long: bool = False) -> tuple[torch.Tensor, float]:
     rope = dict(getattr(text_config, "rope_parameters", None) or {})
@@ -75,10 +77,19 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin(positions)
-        return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(
-            k, cos, sin, self.rotary_dim
-        )
+        return self.apply(self.cos_sin(positions), q, k)
+
+    def apply(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        """Rotate q and k with cos/sin from `cos_sin(positions)` (computed once per forward).
+
+        On CUDA a fused Triton kernel rotates in place (fp32 math, one rounding); elsewhere
+        the torch path rounds like HF.
+        """
+        cos, sin = cos_sin
+        if q.is_cuda and _triton_ops() is not None:
+            return _triton_ops().rotary_embedding(q, k, cos, sin)
+        rotated_q = apply_rotary(q, cos, sin, self.rotary_dim)
+        return rotated_q, apply_rotary(k, cos, sin, self.rotary_dim)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):

@@ -44,11 +44,12 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """rope: (cos, sin) `[num_tokens, rotary_dim / 2]` from `RotaryEmbedding.cos_sin`."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -56,7 +57,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary.apply(rope, q, k)
         self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [num_tokens, hidden]
@@ -85,12 +86,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta):
+    def forward(self, rope, hidden, residual, kv_cache, meta):
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(rope, hidden, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -101,7 +102,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.text_config, cfg.rotary_dim, max_positions, cfg.mrope_section)
+        self.rotary = rotary = RotaryEmbedding(
+            cfg.text_config, cfg.rotary_dim, max_positions, cfg.mrope_section
+        )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rotary, backend) for i in range(cfg.num_layers)
         )
@@ -109,8 +112,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         hidden, residual = inputs_embeds, None
+        rope = self.rotary.cos_sin(positions)  # once per forward, shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
