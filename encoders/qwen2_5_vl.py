@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polymodal.encoders.vision_layers import (
@@ -22,6 +23,7 @@ from polymodal.encoders.vision_layers import (
     VisionAttentionMeta,
     config_value,
     full_attention_meta,
+    fused_rotary_tables,
     get_activation,
     load_checked,
     make_uninitialized,
@@ -30,6 +32,7 @@ from polymodal.encoders.vision_layers import (
     rotary_cos_sin,
 )
 from polymodal.llm_core.attention import TorchAttentionBackend
+from polymodal.llm_core.layers.norm import _triton_ops
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,35 @@ class Qwen2_5VisionMLP(nn.Module):
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.act is F.silu and _triton_ops() is not None:
+            gate_up_w, gate_up_b, down_w = self._fused_weights()
+            h = _triton_ops().silu_and_mul(F.linear(x, gate_up_w, gate_up_b))
+            return F.linear(h, down_w, self.down_proj.bias)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def _fused_weights(self):
+        """gate|up stacked and every hidden dim padded to a multiple of 64, built once.
+
+        Qwen2.5-VL's hidden 3420 leaves rows 8-byte aligned, which sends cuBLAS to slow
+        align-2 kernels; zero padding is exact (silu(0) * 0 = 0 meets zero down_proj columns).
+        """
+        version = (self.gate_proj.weight._version, self.down_proj.weight._version)
+        if getattr(self, "_fused_version", None) != version:
+            hidden = self.gate_proj.out_features
+            pad = -hidden % 64
+            gate_up = torch.cat(
+                [
+                    F.pad(self.gate_proj.weight, (0, 0, 0, pad)),
+                    F.pad(self.up_proj.weight, (0, 0, 0, pad)),
+                ]
+            )
+            bias = torch.cat(
+                [F.pad(self.gate_proj.bias, (0, pad)), F.pad(self.up_proj.bias, (0, pad))]
+            )
+            down = F.pad(self.down_proj.weight, (0, pad)).contiguous()
+            self._fused = (gate_up.detach(), bias.detach(), down.detach())
+            self._fused_version = version
+        return self._fused
 
 
 class Qwen2_5VisionBlock(nn.Module):
@@ -151,6 +182,7 @@ class Qwen2_5VisionTower(nn.Module):
         self.spatial_merge_size = cfg.spatial_merge_size
         self.out_hidden_size = cfg.out_hidden_size
         self.attn_backend = backend if backend is not None else TorchAttentionBackend()
+        self._layouts: dict = {}  # grid list -> (window index, metas, rotary tables)
         self.patch_embed = PatchEmbed(
             cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.hidden_size
         )
@@ -175,26 +207,34 @@ class Qwen2_5VisionTower(nn.Module):
         """
         load_checked(self, named_tensors)
 
+    def _layout(self, grid: list[list[int]], device: torch.device):
+        """Window order, attention segments and rotary tables of a grid list, cached: they
+        depend on the grids alone, and batches of same-sized media repeat them."""
+        key = (str(device), tuple(map(tuple, grid)))
+        cache = self._layouts
+        if key not in cache:
+            cfg, unit = self.config, self.spatial_merge_size**2
+            window = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+            index, window_meta = window_partition(grid, cfg.spatial_merge_size, window, device)
+            rows, cols = patch_coordinates(grid, self.spatial_merge_size, device)
+            cos, sin = rotary_cos_sin(rows, cols, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+            cos, sin = (t.view(-1, unit, t.shape[-1])[index].flatten(0, 1) for t in (cos, sin))
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)))
+            full_meta = full_attention_meta(grid, device)
+            cache[key] = (index, window_meta, full_meta, fused_rotary_tables(cos, sin))
+        return cache[key]
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values `[num_patches, C*T*P*P]`, grid_thw int `[num_items, 3]` (t, h, w in
         patches) -> embeddings `[num_patches / merge^2, out_hidden_size]` in item order."""
-        cfg = self.config
         grid = grid_thw.tolist()
-        device = pixel_values.device
+        window_index, window_meta, full_meta, rotary = self._layout(grid, pixel_values.device)
         unit = self.spatial_merge_size**2
-        window = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
-        window_index, window_meta = window_partition(grid, cfg.spatial_merge_size, window, device)
-        full_meta = full_attention_meta(grid, device)
-
-        def to_window_order(t: torch.Tensor) -> torch.Tensor:
-            # [num_patches, d] -> [num_merged, unit, d], reorder merged patches, flatten back
-            return t.view(-1, unit, t.shape[-1])[window_index].flatten(0, 1)
-
-        x = to_window_order(self.patch_embed(pixel_values))  # [num_patches, hidden_size]
-        rows, cols = patch_coordinates(grid, self.spatial_merge_size, device)
-        head_dim = cfg.hidden_size // cfg.num_heads
-        cos, sin = rotary_cos_sin(rows, cols, head_dim, cfg.rope_theta)
-        rotary = (to_window_order(cos), to_window_order(sin))
+        # [num_patches, C*T*P*P] -> [num_patches, hidden]; merged patches in window order
+        x = self.patch_embed(pixel_values)
+        x = x.view(-1, unit, x.shape[-1])[window_index].flatten(0, 1)
+        cfg = self.config
         for i, block in enumerate(self.blocks):
             meta = full_meta if i in cfg.fullatt_block_indexes else window_meta
             x = block(x, rotary, meta, self.attn_backend)

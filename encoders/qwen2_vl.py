@@ -17,6 +17,7 @@ from polymodal.encoders.vision_layers import (
     VisionAttentionMeta,
     config_value,
     full_attention_meta,
+    fused_rotary_tables,
     get_activation,
     load_checked,
     make_uninitialized,
@@ -133,7 +134,7 @@ class Qwen2VisionTower(nn.Module):
         x = self.patch_embed(pixel_values)  # [num_patches, embed_dim]
         rows, cols = patch_coordinates(grid, self.spatial_merge_size, device)
         head_dim = self.config.embed_dim // self.config.num_heads
-        rotary = rotary_cos_sin(rows, cols, head_dim, self.config.rope_theta)
+        rotary = fused_rotary_tables(*rotary_cos_sin(rows, cols, head_dim, self.config.rope_theta))
         meta = full_attention_meta(grid, device)
         for block in self.blocks:
             x = block(x, rotary, meta, self.attn_backend)

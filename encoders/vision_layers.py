@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.layers.norm import _triton_ops
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -104,11 +105,24 @@ def rotary_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [num_patches, heads, head_dim]` in fp32 and cast back to its dtype."""
+    """Rotate `x [num_patches, heads, head_dim]` in fp32 and cast back to its dtype.
+
+    On CUDA a fused Triton kernel rotates `x` in place (same fp32 math, one rounding).
+    """
+    if cos.shape[-1] * 2 == x.shape[-1]:  # half tables from `fused_rotary_tables`
+        return _triton_ops().rotary_embedding(x, x[:0], cos, sin)[0]
     x_f = x.float()
     x1, x2 = x_f.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x_f * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def fused_rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """On CUDA, the half tables the fused Triton rotary takes (once per forward); else as is."""
+    if cos.is_cuda and _triton_ops() is not None:
+        half = cos.shape[-1] // 2
+        return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+    return cos, sin
 
 
 class RMSNorm(nn.Module):
@@ -120,6 +134,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _triton_ops() is not None:  # one fused kernel, same math
+            return _triton_ops().rms_norm(x, self.weight, self.eps)[0]
         x_f = x.float()
         x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_f.to(x.dtype)

@@ -73,8 +73,9 @@ class ModelRunner:
             return
         split = min(max(len(req.prompt_token_ids), start), end)
         for axis in range(3):
-            if split > start:
-                rows[axis].extend(req.positions[axis][start:split])
+            if split > start:  # text-only prompts may come without positions: t = h = w
+                prompt_rows = req.positions[axis] if req.positions else range(split)
+                rows[axis].extend(prompt_rows[start:split])
             rows[axis].extend(range(split + req.mrope_delta, end + req.mrope_delta))
 
     def prepare(self, sched: SchedulerOutput):
