@@ -124,35 +124,28 @@ class Qwen2_5VisionMLP(nn.Module):
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.act is F.silu and _triton_ops() is not None:
-            gate_up_w, gate_up_b, down_w = self._fused_weights()
+        fused = getattr(self, "_fused", None)
+        if fused is not None and x.is_cuda:
+            gate_up_w, gate_up_b, down_w = fused
             h = _triton_ops().silu_and_mul(F.linear(x, gate_up_w, gate_up_b))
             return F.linear(h, down_w, self.down_proj.bias)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
-    def _fused_weights(self):
-        """gate|up stacked and every hidden dim padded to a multiple of 64, built once.
+    @torch.no_grad()
+    def post_load(self) -> None:
+        """After loading, on CUDA: gate|up stacked, hidden dims padded to a multiple of 64.
 
         Qwen2.5-VL's hidden 3420 leaves rows 8-byte aligned, which sends cuBLAS to slow
         align-2 kernels; zero padding is exact (silu(0) * 0 = 0 meets zero down_proj columns).
         """
-        version = (self.gate_proj.weight._version, self.down_proj.weight._version)
-        if getattr(self, "_fused_version", None) != version:
-            hidden = self.gate_proj.out_features
-            pad = -hidden % 64
-            gate_up = torch.cat(
-                [
-                    F.pad(self.gate_proj.weight, (0, 0, 0, pad)),
-                    F.pad(self.up_proj.weight, (0, 0, 0, pad)),
-                ]
-            )
-            bias = torch.cat(
-                [F.pad(self.gate_proj.bias, (0, pad)), F.pad(self.up_proj.bias, (0, pad))]
-            )
-            down = F.pad(self.down_proj.weight, (0, pad)).contiguous()
-            self._fused = (gate_up.detach(), bias.detach(), down.detach())
-            self._fused_version = version
-        return self._fused
+        self._fused = None
+        if not (self.gate_proj.weight.is_cuda and self.act is F.silu and _triton_ops()):
+            return
+        pad = -self.gate_proj.out_features % 64
+        gate_up = torch.cat([F.pad(self.gate_proj.weight, (0, 0, 0, pad)),
+                             F.pad(self.up_proj.weight, (0, 0, 0, pad))])  # fmt: skip
+        bias = torch.cat([F.pad(self.gate_proj.bias, (0, pad)), F.pad(self.up_proj.bias, (0, pad))])
+        self._fused = (gate_up, bias, F.pad(self.down_proj.weight, (0, pad)).contiguous())
 
 
 class Qwen2_5VisionBlock(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 
 from polymodal.llm_core.errors import ModelLoadError
 from polymodal.llm_core.layers.norm import _triton_ops
+from polymodal.llm_core.weights import run_post_load_hooks
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -240,6 +241,7 @@ def load_checked(module: nn.Module, named_tensors) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(items[name])
+    run_post_load_hooks(module)
 
 
 _MISSING = object()

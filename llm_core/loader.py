@@ -9,7 +9,7 @@ import torch
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import ModelNotFoundError
 from polymodal.llm_core.registry import model_class
-from polymodal.llm_core.weights import iter_safetensors, load_weights
+from polymodal.llm_core.weights import iter_safetensors, load_weights, run_post_load_hooks
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -58,6 +58,7 @@ def build_model(
         torch.set_default_dtype(default_dtype)
     if dummy_weights:
         _randomize(model)
+        run_post_load_hooks(model)
     else:
         load_weights(model, iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
     return model.eval()

@@ -106,3 +106,12 @@ def load_weights(
     missing = [n for n in params if n not in loaded and n not in tied]
     if missing:
         raise ModelLoadError(f"{source}: tensors missing from the checkpoint: {missing[:8]}")
+    run_post_load_hooks(model)
+
+
+def run_post_load_hooks(model: nn.Module) -> None:
+    """Let modules derive inference-time tensors (fused, padded copies) from fresh weights."""
+    for module in model.modules():
+        hook = getattr(module, "post_load", None)
+        if callable(hook):
+            hook()
