@@ -129,8 +129,9 @@ class Engine:
         return self.scheduler.kv.num_free_blocks
 
     # ---- stepping -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one batch; returns outputs of the requests that advanced this step."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one batch; returns outputs of the requests that advanced this step
+        (only of those that finished, with `finished_only`: no per-token objects)."""
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -145,7 +146,10 @@ class Engine:
             group, i = self._seq_to_group[seq.request_id]
             self._append(seq, tok, group, i, now)
             touched[group.request_id] = group
-        return [self._output(g, now) for g in touched.values()]
+        groups = touched.values()
+        if finished_only:
+            groups = [g for g in groups if all(o.finished for o in g.outputs)]
+        return [self._output(g, now) for g in groups]
 
     def _append(self, seq: Request, tok, group: _Group, i: int, now: float) -> None:
         out, detok = group.outputs[i], group.detoks[i]
@@ -198,7 +202,7 @@ class Engine:
         """Step until every queued request finishes; the final output of each."""
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
-            for out in self.step():
+            for out in self.step(finished_only=True):
                 if out.finished:
                     final[out.request_id] = out
         return final

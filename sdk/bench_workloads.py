@@ -69,7 +69,9 @@ class OurSide:
 
     def _prompt(self, image, seed: int):
         ids = self.image_prefix + text_ids(TEXT_TOKENS, seed)
-        return self.processor.process_tokens(ids, [MediaRef("image", image)])
+        prompt = self.processor.process_tokens(ids, [MediaRef("image", image)])
+        self.model.stage(prompt.mm_items)  # H2D in the preprocessing thread
+        return prompt
 
     def _add(self, p, max_tokens: int) -> str:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -113,7 +115,7 @@ class OurSide:
                 while pending and pending[0].done():
                     self._add(pending.pop(0).result(), output_tokens)
                 if self.engine.has_unfinished():
-                    self.engine.step()
+                    self.engine.step(finished_only=True)
                 elif pending:
                     pending[0].result()
         torch.cuda.synchronize()

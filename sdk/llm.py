@@ -42,7 +42,18 @@ class LLM:
         return not isinstance(self.processor, TextProcessor)
 
     def process(self, prompt: Any) -> ProcessedPrompt:
-        """Turn one prompt (any accepted form) into token ids, positions and media items."""
+        """Turn one prompt (any accepted form) into token ids, positions and media items.
+
+        Media tensors are moved to the model's device here, so a caller that processes on a
+        worker thread overlaps that copy with the engine's work.
+        """
+        processed = self._process(prompt)
+        stage = getattr(self.engine.runner.model, "stage", None)
+        if stage is not None and processed.mm_items:
+            stage(processed.mm_items)
+        return processed
+
+    def _process(self, prompt: Any) -> ProcessedPrompt:
         if isinstance(prompt, ProcessedPrompt):
             return prompt
         if isinstance(prompt, str):
@@ -59,7 +70,7 @@ class LLM:
             if "messages" in prompt:
                 return self.processor.process(messages=prompt["messages"], **options)
             if "prompt_token_ids" in prompt:
-                return self.process(prompt["prompt_token_ids"])
+                return self._process(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return self.processor.process(prompt=prompt["prompt"], **media, **options)
         raise InvalidInputError(

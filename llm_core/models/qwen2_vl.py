@@ -25,10 +25,23 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         device = self.lm_head.weight.device
         self.visual = tower.from_config(cfg.hf_config.vision_config, cfg.dtype, device, backend)
 
+    def stage(self, items: list) -> None:
+        """Move items' pixels to the model's device and dtype (idempotent).
+
+        Safe to call from a preprocessing thread, so the copy overlaps the engine's work
+        instead of running (and concatenating on the host) inside a step.
+        """
+        weight = self.lm_head.weight
+        for it in items:
+            pixels = it.data["pixel_values"]
+            if pixels.device != weight.device or pixels.dtype != weight.dtype:
+                it.data["pixel_values"] = pixels.to(weight.device).to(weight.dtype)
+
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""
         weight = self.lm_head.weight
-        pixels = torch.cat([it.data["pixel_values"] for it in items])
+        self.stage(items)
+        pixels = torch.cat([it.data["pixel_values"] for it in items])  # on the device
         grid = torch.cat([it.data["grid_thw"].reshape(-1, 3) for it in items])
-        embeds = self.visual(pixels.to(weight.device, weight.dtype), grid.to(weight.device))
+        embeds = self.visual(pixels, grid.to(weight.device))
         return list(embeds.split([it.num_slots for it in items]))
