@@ -169,6 +169,8 @@ class Qwen2_5VisionTower(nn.Module):
     `backend` is any attention backend with `varlen_attention` (default: torch reference).
     """
 
+    supports_cuda_graphs = True  # grid-derived tensors come from the `_layouts` cache
+
     def __init__(self, cfg: Qwen2_5VisionConfig, backend=None) -> None:
         super().__init__()
         self.config = cfg

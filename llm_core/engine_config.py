@@ -97,6 +97,8 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     runner = ModelRunner(net, kv_caches, cfg.block_size, device)
     if cfg.cuda_graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
+        if hasattr(net, "enable_cuda_graphs"):
+            net.enable_cuda_graphs()
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
     return EngineParts(model_config, tokenizer, scheduler, runner, max_len, device, path)
 

@@ -59,3 +59,22 @@ def test_bf16_batch_runs_and_is_deterministic(tmp_path_factory):
     assert [out1[a].outputs[0].token_ids for a in first] == [
         out2[b].outputs[0].token_ids for b in second
     ]
+
+
+def test_vision_graph_replays_match_transformers(tmp_path_factory):
+    """Same-size images one after another: eager, then captured, then replayed graphs."""
+    from tests.sdk.test_vl_parity import _image
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")
+    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = tf.AutoProcessor.from_pretrained(path)
+    llm = LLM(str(path), dtype="float32", device="cuda")
+    graphs = llm.engine.runner.model.run_visual
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for seed in range(4):
+        image = _image(84, 112, 100 + seed)
+        out = llm.generate({"messages": _messages([image], [])}, params)[0]
+        ref, _ = _hf_greedy(hf, processor, [image], [], 6)
+        assert out.outputs[0].token_ids == ref, f"image {seed}"
+    assert len(graphs.graphs) == 1  # captured once, replayed after

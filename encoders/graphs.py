@@ -1,0 +1,55 @@
+"""CUDA graphs for small, repeated vision-tower calls (latency: one image = hundreds of launches).
+
+A tower opts in with `supports_cuda_graphs = True`: its forward must read `grid_thw` on the
+host only and take every grid-derived tensor from a cache (so a replay launches no host->device
+copies). A layout (the list of grids) is captured the second time it is seen; the output is
+cloned after each replay because the encoder cache keeps it beyond the next call.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+
+import torch
+
+
+class EncoderGraphs:
+    """Replays captured graphs of `tower` for batches of at most `max_items` media items."""
+
+    def __init__(self, tower, max_items: int = 4, max_graphs: int = 8):
+        self.tower = tower
+        self.max_items = max_items
+        self.max_graphs = max_graphs
+        self.seen: Counter = Counter()
+        # layout key -> (graph, static pixel_values, static output)
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Same contract as the tower's forward; `grid_thw` must be a CPU tensor."""
+        key = (tuple(map(tuple, grid_thw.tolist())), pixel_values.dtype)
+        if not pixel_values.is_cuda or len(key[0]) > self.max_items:
+            return self.tower(pixel_values, grid_thw)
+        if key not in self.graphs:
+            self.seen[key] += 1
+            if self.seen[key] < 2:
+                return self.tower(pixel_values, grid_thw)
+            self._capture(key, pixel_values, grid_thw)
+        self.graphs.move_to_end(key)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(pixel_values)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, key: tuple, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
+        static_in = pixel_values.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.tower(static_in, grid_thw)  # warm-up: layout cached, kernels compiled
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                static_out = self.tower(static_in, grid_thw)
+        torch.cuda.current_stream().wait_stream(stream)
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = (graph, static_in, static_out)
