@@ -24,14 +24,14 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         tower = get_encoder_class(cfg.architecture)
         device = self.lm_head.weight.device
         self.visual = tower.from_config(cfg.hf_config.vision_config, cfg.dtype, device, backend)
-        self.run_visual = self.visual  # or an EncoderGraphs wrapper, see enable_cuda_graphs
+        self.encoder_graphs = None  # an EncoderGraphs wrapper, see enable_cuda_graphs
 
     def enable_cuda_graphs(self) -> None:
         """Replay CUDA graphs for small repeated tower calls (the tower must opt in)."""
         if getattr(self.visual, "supports_cuda_graphs", False):
             from polymodal.encoders.graphs import EncoderGraphs
 
-            self.run_visual = EncoderGraphs(self.visual)
+            self.encoder_graphs = EncoderGraphs(self.visual)
 
     def stage(self, items: list) -> None:
         """Move items' pixels to the model's device and dtype (idempotent).
@@ -50,5 +50,6 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         self.stage(items)
         pixels = torch.cat([it.data["pixel_values"] for it in items])  # on the device
         grid = torch.cat([it.data["grid_thw"].reshape(-1, 3) for it in items])
-        embeds = self.run_visual(pixels, grid)  # grid stays on the host
+        tower = self.encoder_graphs or self.visual
+        embeds = tower(pixels, grid)  # grid stays on the host
         return list(embeds.split([it.num_slots for it in items]))

@@ -70,7 +70,7 @@ def test_vision_graph_replays_match_transformers(tmp_path_factory):
     hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = tf.AutoProcessor.from_pretrained(path)
     llm = LLM(str(path), dtype="float32", device="cuda")
-    graphs = llm.engine.runner.model.run_visual
+    graphs = llm.engine.runner.model.encoder_graphs
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     for seed in range(4):
         image = _image(84, 112, 100 + seed)
