@@ -11,7 +11,7 @@ _CACHE: dict = {}
 
 def tiny_checkpoint(tmp_path_factory, arch: str, **overrides):
     """Path of a tiny random `arch` checkpoint, built once per test session."""
-    key = (arch, tuple(sorted(overrides.items())))
+    key = (arch, repr(sorted(overrides.items())))
     if key not in _CACHE:
         _CACHE[key] = write_demo_checkpoint(tmp_path_factory.mktemp(arch), arch, **overrides)
     return _CACHE[key]

@@ -1,0 +1,41 @@
+"""The LLM API as a user calls it: chat, streaming deltas, stop strings, logprobs, n."""
+
+import pytest
+
+from polymodal import LLM, SamplingParams
+from tests.helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(str(tiny_checkpoint(tmp_path_factory, "qwen2")), dtype="float32", device="cpu")
+
+
+def test_stream_deltas_concatenate_to_final_text(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    final = llm.generate("Hello, how are you?", params)[0].outputs[0]
+    deltas = [o.outputs[0].delta_text for o in llm.stream("Hello, how are you?", params)]
+    assert "".join(deltas) == final.text and len(deltas) > 1
+    assert llm.engine.num_free_blocks == llm.engine.scheduler.kv.num_blocks
+
+
+def test_stop_string_spanning_tokens_is_excluded(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    full = llm.generate("The quick brown fox", params)[0].outputs[0].text
+    stop = full[5:9]  # four characters from inside the output, likely across tokens
+    out = llm.generate(
+        "The quick brown fox",
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop]),
+    )[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[: full.index(stop)]
+
+
+def test_chat_logprobs_and_n(llm):
+    messages = [{"role": "user", "content": "Describe the sky."}]
+    params = SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=5, logprobs=2)
+    out = llm.chat(messages, params)[0]
+    assert len(out.outputs) == 3 and out.usage.completion_tokens == 15
+    for seq in out.outputs:
+        assert len(seq.logprobs) == 5 and all(len(step) >= 2 for step in seq.logprobs)
+    assert len({tuple(s.token_ids) for s in out.outputs}) > 1
