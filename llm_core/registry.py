@@ -14,8 +14,8 @@ _LLAMA = "polymodal.llm_core.models.llama:LlamaForCausalLM"
 _QWEN_VL = "polymodal.llm_core.models.qwen2_vl:Qwen2VLForConditionalGeneration"
 _QWEN_VL_PROCESSOR = "polymodal.processors.qwen_vl:QwenVLProcessor"
 
-#: architecture -> (decoder, processor or None for text-only)
-MODELS: dict[str, tuple[str, str | None]] = {
+#: architecture -> (decoder, processor or None for text-only); "module:Class" or the class
+MODELS: dict[str, tuple[str | type, str | type | None]] = {
     "LlamaForCausalLM": (_LLAMA, None),
     "MistralForCausalLM": (_LLAMA, None),
     "Qwen2ForCausalLM": (_LLAMA, None),
@@ -26,7 +26,19 @@ MODELS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _import(path: str):
+def register_model(
+    architecture: str, decoder: str | type, processor: str | type | None = None
+) -> None:
+    """Serve checkpoints whose config.json names `architecture` with `decoder` (and, for a
+    multimodal model, `processor`): classes or lazy "module:Class" strings. Replaces any
+    earlier row. A new vision tower also needs `polymodal.encoders.register_encoder`;
+    `examples/custom_encoder.py` shows both."""
+    MODELS[architecture] = (decoder, processor)
+
+
+def _import(path: str | type):
+    if not isinstance(path, str):
+        return path
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 

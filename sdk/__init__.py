@@ -9,6 +9,7 @@ from polymodal.llm_core.errors import (
     UnsupportedModelError,
 )
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Usage
+from polymodal.llm_core.registry import register_model
 from polymodal.llm_core.sampling_params import SamplingParams
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "CompletionOutput",
     "RequestOutput",
     "Usage",
+    "register_model",
     "InvalidInputError",
     "MediaError",
     "ModelLoadError",
