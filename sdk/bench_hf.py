@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.bench_workloads import TEXT_TOKENS, images, text_ids
+from polymodal.bench_workloads import TEXT_TOKENS, caption_rates, images, text_ids
 
 
 class HFSide:
@@ -81,11 +81,4 @@ class HFSide:
             self._generate(self._inputs(pics[i : i + batch], i), output_tokens)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        n = len(pics)
-        return {
-            "caption_seconds": seconds,
-            "images_s": n / seconds,
-            "output_tokens_s": n * output_tokens / seconds,
-            "caption_images": n,
-            "batch": batch,
-        }
+        return {**caption_rates(len(pics), output_tokens, seconds), "batch": batch}

@@ -36,6 +36,16 @@ def decoder_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
 
 
+def caption_rates(images: int, output_tokens: int, seconds: float) -> dict:
+    """The captioning numbers both sides report."""
+    return {
+        "caption_seconds": seconds,
+        "images_s": images / seconds,
+        "output_tokens_s": images * output_tokens / seconds,
+        "caption_images": images,
+    }
+
+
 def text_ids(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(1000, 100000, n).tolist()
 
@@ -119,14 +129,7 @@ class OurSide:
                 elif pending:
                     pending[0].result()
         torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        n = len(pics)
-        return {
-            "caption_seconds": seconds,
-            "images_s": n / seconds,
-            "output_tokens_s": n * output_tokens / seconds,
-            "caption_images": n,
-        }
+        return caption_rates(len(pics), output_tokens, time.perf_counter() - start)
 
     def free(self) -> None:
         del self.engine, self.model

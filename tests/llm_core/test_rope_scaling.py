@@ -10,15 +10,17 @@ from tests.helpers import hf_greedy, record_logits, tiny_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 77, 13, 8, 31, 64, 128, 200, 11, 19, 23, 29, 31, 37, 41]
 
+_SHORT = [1.0 + i / 16 for i in range(8)]
+_LONG = [2.0 + i / 8 for i in range(8)]
 SCALINGS = {
     "linear": ("llama", {"rope_type": "linear", "factor": 4.0}),
     "dynamic": ("llama", {"rope_type": "dynamic", "factor": 2.0}),
     "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "yarn": ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}),
+    "yarn": ("qwen3", {"rope_type": "yarn", "factor": 4.0,
+                       "original_max_position_embeddings": 512}),
     "longrope": ("phi3", {"rope_type": "longrope", "partial_rotary_factor": 1.0,
-                          "short_factor": [1.0 + i / 16 for i in range(8)],
-                          "long_factor": [2.0 + i / 8 for i in range(8)],
+                          "short_factor": _SHORT, "long_factor": _LONG,
                           "original_max_position_embeddings": 512}),
 }  # fmt: skip
 
