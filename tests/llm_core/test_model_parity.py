@@ -29,3 +29,24 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path_factory, arch):
     for step in range(9):
         diff = (seen[step][0] - ref_logits[step]).abs().max().item()
         assert diff <= 1e-4, f"{arch} step {step}: max abs logit diff {diff:.2e}"
+
+
+def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
+    """A sharded index (several files) loads; tied LM head shares the embedding, no lm_head."""
+    from polymodal.demo_model import write_demo_checkpoint
+
+    path = write_demo_checkpoint(tmp_path / "tied", "qwen2", tie_word_embeddings=True)
+    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / "sharded" / name).write_bytes((path / name).read_bytes())
+    shards = list((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ref_tokens, _ = hf_greedy(hf, PROMPT, 12)
+    engine = Engine(str(tmp_path / "sharded"), dtype="float32", device="cpu", num_kv_blocks=32)
+    model = engine.runner.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    rid = engine.add_request(
+        PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    )
+    assert engine.run_until_done()[rid].outputs[0].token_ids == ref_tokens
