@@ -34,6 +34,12 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=model.lm_head.weight.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # pinned host mirrors of the static inputs: filled from lists, copied asynchronously
+        # (the previous step's copies are done: its sampled ids were read back before this)
+        self.host = {
+            name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
+            for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
+        }
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -71,17 +77,23 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, num_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and num_blocks <= self.block_tables.shape[1]
 
-    def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        """Replay the smallest bucket that fits; returns hidden `[num_seqs, hidden]`."""
-        n = input_ids.shape[0]
+    def run(self, hb) -> torch.Tensor:
+        """Replay the smallest bucket that fits `hb` (a decode `HostBatch`); returns hidden
+        `[num_seqs, hidden]`. Inputs go host -> pinned buffer -> one async copy each."""
+        n = len(hb.ids)
         bs = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[..., :n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:bs].fill_(-1)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.seq_lens[n:bs].fill_(1)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(meta.block_tables)
+        h = self.host
+        h["input_ids"].numpy()[:n] = hb.ids
+        h["positions"].numpy()[..., :n] = hb.rows if self.positions.dim() == 2 else hb.rows[0]
+        h["slot_mapping"].numpy()[:n] = hb.slots
+        h["slot_mapping"].numpy()[n:bs] = -1  # padding rows store nothing
+        h["seq_lens"].numpy()[:n] = hb.seq_lens
+        h["seq_lens"].numpy()[n:bs] = 1  # and read one (finite) cache row
+        tables = h["block_tables"].numpy()
+        for row, table in enumerate(hb.tables):
+            tables[row, : len(table)] = table
+        for name in ("input_ids", "slot_mapping", "seq_lens", "block_tables"):
+            getattr(self, name)[:bs].copy_(h[name][:bs], non_blocking=True)
+        self.positions[..., :bs].copy_(h["positions"][..., :bs], non_blocking=True)
         self.graphs[bs].replay()
         return self.hidden[:n]

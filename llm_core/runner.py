@@ -8,6 +8,7 @@ image's slots across steps and a repeated image runs its encoder once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +17,24 @@ from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
+
+
+@dataclass
+class HostBatch:
+    """One step's flat batch as host lists, before any device copy."""
+
+    ids: list[int] = field(default_factory=list)
+    rows: list[list[int]] = field(default_factory=list)  # positions: 1 row, or 3 for M-RoPE
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)  # per request, unpadded
+    max_blocks: int = 0
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.ids) == len(self.query_lens)
 
 
 class EncoderCache:
@@ -78,49 +97,53 @@ class ModelRunner:
                 rows[axis].extend(prompt_rows[start:split])
             rows[axis].extend(range(split + req.mrope_delta, end + req.mrope_delta))
 
-    def prepare(self, sched: SchedulerOutput):
-        """Flat batch tensors + attention metadata; Python lists, one host->device copy each."""
+    def host_batch(self, sched: SchedulerOutput) -> HostBatch:
+        """This step's flat batch as host lists (no device work yet)."""
         bs = self.block_size
-        ids: list[int] = []
-        slots: list[int] = []
-        rows: list[list[int]] = [[], [], []] if self.uses_mrope else [[]]
-        query_lens, seq_lens, sample_rows = [], [], []
+        hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]])
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             prompt_len = len(req.prompt_token_ids)
             if end <= prompt_len:
-                ids.extend(req.prompt_token_ids[start:end])
+                hb.ids.extend(req.prompt_token_ids[start:end])
             elif n == 1:  # decode: the last sampled token
-                ids.append(req.output_token_ids[start - prompt_len])
+                hb.ids.append(req.output_token_ids[start - prompt_len])
             else:
-                ids.extend(req.all_token_ids[start:end])
-            self._positions(req, start, end, rows)
+                hb.ids.extend(req.all_token_ids[start:end])
+            self._positions(req, start, end, hb.rows)
             table = req.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            seq_lens.append(end)
+            hb.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            hb.query_lens.append(n)
+            hb.seq_lens.append(end)
             if end == req.num_tokens:  # caught up: this step yields its next token
-                sample_rows.append(len(ids) - 1)
-        max_blocks = max(len(r.block_ids) for r in sched.requests)
-        tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
+                hb.sample_rows.append(len(hb.ids) - 1)
+        hb.max_blocks = max(len(r.block_ids) for r in sched.requests)
+        hb.tables = [r.block_ids for r in sched.requests]
+        return hb
+
+    def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
+        """Flat batch tensors + attention metadata: one host->device copy per tensor."""
+        hb = hb or self.host_batch(sched)
+        tables = [t + [0] * (hb.max_blocks - len(t)) for t in hb.tables]
         dev = self.device
         query_start = [0]
-        for q in query_lens:
+        for q in hb.query_lens:
             query_start.append(query_start[-1] + q)
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
+            seq_lens=torch.tensor(hb.seq_lens, dtype=torch.int32).to(dev),
             block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            is_decode=len(ids) == len(query_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=torch.tensor(hb.slots, dtype=torch.int64).to(dev),
+            max_query_len=max(hb.query_lens),
+            max_seq_len=max(hb.seq_lens),
+            is_decode=hb.is_decode,
+            query_lens_cpu=hb.query_lens,
+            seq_lens_cpu=hb.seq_lens,
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev)
-        pos = torch.tensor(rows if self.uses_mrope else rows[0], dtype=torch.int64).to(dev)
-        return input_ids, pos, meta, sample_rows
+        input_ids = torch.tensor(hb.ids, dtype=torch.int64).to(dev)
+        rows = hb.rows if self.uses_mrope else hb.rows[0]
+        pos = torch.tensor(rows, dtype=torch.int64).to(dev)
+        return input_ids, pos, meta, hb.sample_rows
 
     # ---- multimodal ---------------------------------------------------------------------
     def _mm_embeddings(self, sched: SchedulerOutput):
@@ -151,16 +174,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         """Run one step; returns the sampled token of every request that caught up."""
-        input_ids, positions, meta, sample_rows = self.prepare(sched)
+        hb = self.host_batch(sched)
         has_media = _step_has_media(sched)
         graphs = self.graphs
-        if (
-            graphs
-            and meta.is_decode
-            and not has_media
-            and graphs.can_run(meta.num_seqs, meta.block_tables.shape[1])
-        ):
-            return self.sample(sched, graphs.run(input_ids, positions, meta), sample_rows)
+        if graphs and hb.is_decode and not has_media and graphs.can_run(len(hb.ids), hb.max_blocks):
+            return self.sample(sched, graphs.run(hb), hb.sample_rows)
+        input_ids, positions, meta, sample_rows = self.prepare(sched, hb)
         embeds = self.model.embed(input_ids)
         if has_media:
             slot_idx, mm = self._mm_embeddings(sched)
@@ -172,7 +191,9 @@ class ModelRunner:
     def sample(self, sched, hidden, sample_rows) -> dict[str, SampledToken]:
         if not sample_rows:
             return {}
-        logits = self.model.compute_logits(hidden[sample_rows])  # [num_sampled, vocab] fp32
+        if len(sample_rows) != hidden.shape[0]:  # else every row samples (decode): no gather
+            hidden = hidden[sample_rows]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] fp32
         reqs = [
             req
             for req, n in zip(sched.requests, sched.num_new_tokens)
