@@ -32,7 +32,7 @@ from polymodal.encoders.vision_layers import (
     rotary_cos_sin,
 )
 from polymodal.llm_core.attention import TorchAttentionBackend
-from polymodal.llm_core.layers.norm import _triton_ops
+from polymodal.llm_core.layers import fused_ops
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class Qwen2_5VisionMLP(nn.Module):
         fused = getattr(self, "_fused", None)
         if fused is not None and x.is_cuda:
             gate_up_w, gate_up_b, down_w = fused
-            h = _triton_ops().silu_and_mul(F.linear(x, gate_up_w, gate_up_b))
+            h = fused_ops().silu_and_mul(F.linear(x, gate_up_w, gate_up_b))
             return F.linear(h, down_w, self.down_proj.bias)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
@@ -139,7 +139,7 @@ class Qwen2_5VisionMLP(nn.Module):
         align-2 kernels; zero padding is exact (silu(0) * 0 = 0 meets zero down_proj columns).
         """
         self._fused = None
-        if not (self.gate_proj.weight.is_cuda and self.act is F.silu and _triton_ops()):
+        if not (self.gate_proj.weight.is_cuda and self.act is F.silu and fused_ops()):
             return
         pad = -self.gate_proj.out_features % 64
         gate_up = torch.cat([F.pad(self.gate_proj.weight, (0, 0, 0, pad)),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.llm_core.errors import ModelLoadError
-from polymodal.llm_core.layers.norm import _triton_ops
+from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.weights import run_post_load_hooks
 
 
@@ -111,7 +111,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     On CUDA a fused Triton kernel rotates `x` in place (same fp32 math, one rounding).
     """
     if cos.shape[-1] * 2 == x.shape[-1]:  # half tables from `fused_rotary_tables`
-        return _triton_ops().rotary_embedding(x, x[:0], cos, sin)[0]
+        return fused_ops().rotary_embedding(x, x[:0], cos, sin)[0]
     x_f = x.float()
     x1, x2 = x_f.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -120,7 +120,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def fused_rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """On CUDA, the half tables the fused Triton rotary takes (once per forward); else as is."""
-    if cos.is_cuda and _triton_ops() is not None:
+    if cos.is_cuda and fused_ops() is not None:
         half = cos.shape[-1] // 2
         return cos[:, :half].contiguous(), sin[:, :half].contiguous()
     return cos, sin
@@ -135,8 +135,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _triton_ops() is not None:  # one fused kernel, same math
-            return _triton_ops().rms_norm(x, self.weight, self.eps)[0]
+        if x.is_cuda and fused_ops() is not None:  # one fused kernel, same math
+            return fused_ops().rms_norm(x, self.weight, self.eps)[0]
         x_f = x.float()
         x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_f.to(x.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.llm_core.layers import fused_ops
+
 
 def rms_norm_torch(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -26,22 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if x.is_cuda and _triton_ops() is not None:
-            out, res = _triton_ops().rms_norm(x, self.weight, self.eps, residual)
+        if x.is_cuda and fused_ops() is not None:
+            out, res = fused_ops().rms_norm(x, self.weight, self.eps, residual)
         else:
             out, res = rms_norm_torch(x, self.weight, self.eps, residual)
         return out if residual is None else (out, res)
-
-
-_OPS: list = []
-
-
-def _triton_ops():
-    """The Triton kernels module, or None where it cannot be imported."""
-    if not _OPS:
-        try:
-            from polymodal.llm_core.layers import triton_ops
-        except ImportError:
-            triton_ops = None
-        _OPS.append(triton_ops)
-    return _OPS[0]

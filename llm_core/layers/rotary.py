@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polymodal.llm_core.layers.norm import _triton_ops
+from polymodal.llm_core.layers import fused_ops
 
 
 def _inv_freq(text_config, rotary_dim: int, long: bool = False) -> tuple[torch.Tensor, float]:
@@ -86,8 +86,8 @@ class RotaryEmbedding(nn.Module):
         the torch path rounds like HF.
         """
         cos, sin = cos_sin
-        if q.is_cuda and _triton_ops() is not None:
-            return _triton_ops().rotary_embedding(q, k, cos, sin)
+        if q.is_cuda and fused_ops() is not None:
+            return fused_ops().rotary_embedding(q, k, cos, sin)
         rotated_q = apply_rotary(q, cos, sin, self.rotary_dim)
         return rotated_q, apply_rotary(k, cos, sin, self.rotary_dim)
 
