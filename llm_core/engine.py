@@ -176,7 +176,7 @@ class Engine:
             seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.finish(seq, reason)
         out.text = detok.text if detok else ""
-        out.token_ids = list(seq.output_token_ids)
+        out.token_ids = seq.output_token_ids  # live list; `_snapshot` copies it out
 
     def _output(self, group: _Group, now: float) -> RequestOutput:
         finished = all(o.finished for o in group.outputs)
@@ -210,7 +210,15 @@ class Engine:
 
 def _snapshot(out: CompletionOutput) -> CompletionOutput:
     """A copy the caller may keep while the engine goes on mutating the live one."""
-    snap = CompletionOutput(**{**out.__dict__})
-    snap.token_ids = list(out.token_ids)
+    snap = CompletionOutput(
+        out.index,
+        out.text,
+        out.token_ids[:],
+        out.finish_reason,
+        out.stop_reason,
+        out.logprobs,
+        out.delta_text,
+        out.delta_token_ids,
+    )
     out.delta_text, out.delta_token_ids = "", []
     return snap

@@ -78,6 +78,10 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot hold them.
         """
+        if not computed and (
+            req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size
+        ):
+            return True  # the common decode step: its blocks already have room
         reused_free = sum(1 for b in computed if b in self.free)
         held = len(req.block_ids) + len(computed)
         total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     """Token counts, as the OpenAI API reports them."""
 
@@ -17,7 +17,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class Timings:
     """Seconds from arrival: to the first output token and to the end (None until then)."""
 
@@ -25,7 +25,7 @@ class Timings:
     total: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence (there are `n` per request)."""
 
@@ -43,7 +43,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """State of one request after an engine step (or at the end)."""
 

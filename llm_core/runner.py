@@ -101,9 +101,20 @@ class ModelRunner:
         """This step's flat batch as host lists (no device work yet)."""
         bs = self.block_size
         hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]])
+        rows = hb.rows
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             prompt_len = len(req.prompt_token_ids)
+            if n == 1 and start >= prompt_len:  # decode fast path: one generated token
+                hb.ids.append(req.output_token_ids[-1])
+                pos = start + req.mrope_delta
+                for row in rows:
+                    row.append(pos)
+                hb.slots.append(req.block_ids[start // bs] * bs + start % bs)
+                hb.query_lens.append(1)
+                hb.seq_lens.append(end)
+                hb.sample_rows.append(len(hb.ids) - 1)
+                continue
             if end <= prompt_len:
                 hb.ids.extend(req.prompt_token_ids[start:end])
             elif n == 1:  # decode: the last sampled token
