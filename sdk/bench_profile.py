@@ -54,7 +54,8 @@ def phases(engine):
     timer = PhaseTimer()
     runner = engine.runner
     timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(runner, "prepare", "prepare inputs")
+    timer.wrap(runner, "host_batch", "batch inputs (host lists)")
+    timer.wrap(runner, "prepare", "device inputs (eager steps)")
     timer.wrap(runner.model, "encode", "vision encoder")
     timer.wrap(runner, "sample", "logits + sample")
     if runner.graphs is not None:
