@@ -106,8 +106,21 @@ class LLM:
             except PolymodalError as exc:
                 raise type(exc)(f"prompt {i}: {exc}") from exc
         ids = [self.submit(p, sp) for p, sp in zip(processed, params)]
-        final = self.engine.run_until_done()
-        return [final[i] for i in ids]
+        return self.run(ids)
+
+    def run(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Step the engine until `request_ids` finish; their final outputs, in order.
+
+        If a step raises (out of memory, a broken kernel), every request of this call is
+        aborted before the error propagates, so the engine is left clean for the next call.
+        """
+        try:
+            final = self.engine.run_until_done()
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+            raise
+        return [final[i] for i in request_ids]
 
     def chat(self, messages: Any, sampling_params: SamplingParams | None = None):
         """`generate` for one conversation (list of messages) or a list of conversations."""

@@ -131,9 +131,8 @@ class Pipeline:
                 ids[i] = self.llm.submit(self._request(dict(fields_i)).to_prompt(), params)
             except PolymodalError as exc:
                 results[i] = Result(text="", finish_reason="error", error=f"request {i}: {exc}")
-        final = self.llm.engine.run_until_done()
-        for i, request_id in ids.items():
-            results[i] = Result.from_output(final[request_id])
+        for i, out in zip(ids, self.llm.run(list(ids.values()))):
+            results[i] = Result.from_output(out)
         return results
 
     def stream(self, **kwargs: Any) -> Iterator[str]:

@@ -39,3 +39,19 @@ def test_chat_logprobs_and_n(llm):
     for seq in out.outputs:
         assert len(seq.logprobs) == 5 and all(len(step) >= 2 for step in seq.logprobs)
     assert len({tuple(s.token_ids) for s in out.outputs}) > 1
+
+
+def test_failed_step_leaves_engine_clean(llm, monkeypatch):
+    start = llm.engine.num_free_blocks
+    original = llm.engine.runner.execute
+
+    def broken(sched):
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(llm.engine.runner, "execute", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate(["one", "two"], SamplingParams(max_tokens=4))
+    monkeypatch.setattr(llm.engine.runner, "execute", original)
+    assert not llm.engine.has_unfinished() and llm.engine.num_free_blocks == start
+    out = llm.generate("three", SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 3
