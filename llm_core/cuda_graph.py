@@ -34,12 +34,17 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=model.lm_head.weight.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # pinned host mirrors of the static inputs: filled from lists, copied asynchronously
-        # (the previous step's copies are done: its sampled ids were read back before this)
-        self.host = {
-            name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
-            for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
-        }
+        # Pinned host mirrors of the static inputs, filled from lists and copied
+        # asynchronously. Two sets, alternating: with one step in flight, the set being
+        # filled was last read by the step before it, whose tokens were already waited for.
+        self.host_sets = [
+            {
+                name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
+                for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
+            }
+            for _ in range(2)
+        ]
+        self.runs = 0
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -77,12 +82,14 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, num_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and num_blocks <= self.block_tables.shape[1]
 
-    def run(self, hb) -> torch.Tensor:
+    def run(self, hb, patch=None) -> torch.Tensor:
         """Replay the smallest bucket that fits `hb` (a decode `HostBatch`); returns hidden
-        `[num_seqs, hidden]`. Inputs go host -> pinned buffer -> one async copy each."""
+        `[num_seqs, hidden]`. Inputs go host -> pinned buffer -> one async copy each; `patch`
+        (rows, ids on the device) fills ids still in flight from the previous step."""
         n = len(hb.ids)
         bs = next(b for b in self.buckets if b >= n)
-        h = self.host
+        h = self.host_sets[self.runs % 2]
+        self.runs += 1
         h["input_ids"].numpy()[:n] = hb.ids
         h["positions"].numpy()[..., :n] = hb.rows if self.positions.dim() == 2 else hb.rows[0]
         h["slot_mapping"].numpy()[:n] = hb.slots
@@ -95,5 +102,7 @@ class DecodeGraphs:
         for name in ("input_ids", "slot_mapping", "seq_lens", "block_tables"):
             getattr(self, name)[:bs].copy_(h[name][:bs], non_blocking=True)
         self.positions[..., :bs].copy_(h["positions"][..., :bs], non_blocking=True)
+        if patch is not None:  # ids sampled by the step before, never read back to the host
+            self.input_ids[patch[0]] = patch[1]
         self.graphs[bs].replay()
         return self.hidden[:n]

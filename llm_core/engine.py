@@ -48,6 +48,7 @@ class Engine:
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = count()
+        self._in_flight = None  # the launched step whose tokens are not read back yet
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(
@@ -130,26 +131,61 @@ class Engine:
 
     # ---- stepping -----------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """Run one batch; returns outputs of the requests that advanced this step
-        (only of those that finished, with `finished_only`: no per-token objects)."""
-        sched = self.scheduler.schedule()
-        if not sched:
-            return []
-        sampled = self.runner.execute(sched)
-        self.scheduler.update(sched)
-        now = time.monotonic()
+        """Run one batch; returns outputs of the requests that advanced
+        (only of those that finished, with `finished_only`: no per-token objects).
+
+        With `async_scheduling`, the next batch is launched before the previous one's tokens
+        are read back, so the GPU never waits for the host in between; outputs then lag one
+        step, and a request that stops computes one extra token that is thrown away.
+        """
         touched: dict[str, _Group] = {}
-        for seq in sched.requests:
-            tok = sampled.get(seq.request_id)
-            if tok is None:
-                continue
-            group, i = self._seq_to_group[seq.request_id]
-            self._append(seq, tok, group, i, now)
-            touched[group.request_id] = group
+        flight = self._in_flight
+        if flight is not None and not self._can_overlap():
+            self._resolve(flight, touched)  # sampling needs every token on the host first
+            flight = self._in_flight = None
+        sched = self.scheduler.schedule()
+        launched = self.runner.launch(sched, flight) if sched else None
+        if launched is not None:
+            self.scheduler.update(sched)
+        if flight is not None:
+            self._resolve(flight, touched)
+        self._in_flight = None
+        if launched is not None:
+            if self._can_overlap():
+                self._in_flight = launched
+            else:
+                self._resolve(launched, touched)
+        now = time.monotonic()
         groups = touched.values()
         if finished_only:
             groups = [g for g in groups if all(o.finished for o in g.outputs)]
         return [self._output(g, now) for g in groups]
+
+    def _can_overlap(self) -> bool:
+        """Async scheduling is on and no running request needs its tokens on the host to
+        sample the next one (penalties count them; logprobs are read back with them)."""
+        if not self.config.async_scheduling:
+            return False
+        for req in self.scheduler.running:
+            p = req.params
+            if p.logprobs is not None or p.repetition_penalty != 1.0:
+                return False
+            if p.presence_penalty or p.frequency_penalty:
+                return False
+        return True
+
+    def _resolve(self, flight, touched: dict[str, _Group]) -> None:
+        """Read a launched step's tokens back and book them (stops, text, outputs)."""
+        sampled = self.runner.resolve(flight)
+        now = time.monotonic()
+        for seq in flight.reqs:
+            seq.num_pending -= 1
+            tok = sampled.get(seq.request_id)
+            if tok is None or seq.is_finished:  # aborted or stopped meanwhile: discard
+                continue
+            group, i = self._seq_to_group[seq.request_id]
+            self._append(seq, tok, group, i, now)
+            touched[group.request_id] = group
 
     def _append(self, seq: Request, tok, group: _Group, i: int, now: float) -> None:
         out, detok = group.outputs[i], group.detoks[i]

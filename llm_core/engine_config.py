@@ -36,6 +36,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode graphs (CUDA + Triton backend only)
     max_graph_batch: int = 256
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
+    # Launch step N+1 before reading step N's tokens back (hides host time behind the GPU).
+    # Off by default until measured on a GPU; correctness is tested on the CPU.
+    async_scheduling: bool = False
     seed: int = 0
 
 

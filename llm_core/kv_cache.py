@@ -46,7 +46,7 @@ class KVCacheManager:
     def _update_hashes(self, req: Request) -> list[int]:
         """Extend `req.block_hashes` to cover every full block of its tokens."""
         bs = self.block_size
-        for i in range(len(req.block_hashes), req.num_tokens // bs):
+        for i in range(len(req.block_hashes), req.num_known_tokens // bs):
             parent = req.block_hashes[i - 1] if i else None
             lo, hi = i * bs, (i + 1) * bs
             tokens = tuple(req.token_id(j) for j in range(lo, hi))
@@ -110,7 +110,7 @@ class KVCacheManager:
         """Register the hashes of blocks that became full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        num_full = req.num_computed_tokens // self.block_size
+        num_full = min(req.num_computed_tokens, req.num_known_tokens) // self.block_size
         if num_full <= req.num_cached_blocks:
             return
         hashes = self._update_hashes(req)

@@ -46,8 +46,16 @@ class Request:
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
 
+    num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
+
     @property
     def num_tokens(self) -> int:
+        """Tokens of the sequence, counting one still in flight."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (prefix hashes and input ids need the values)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

@@ -31,6 +31,8 @@ class HostBatch:
     sample_rows: list[int] = field(default_factory=list)
     tables: list[list[int]] = field(default_factory=list)  # per request, unpadded
     max_blocks: int = 0
+    pending_rows: list[int] = field(default_factory=list)  # ids still on the device ...
+    pending_src: list[int] = field(default_factory=list)  # ... at these rows of prev.tokens
 
     @property
     def is_decode(self) -> bool:
@@ -97,16 +99,22 @@ class ModelRunner:
                 rows[axis].extend(prompt_rows[start:split])
             rows[axis].extend(range(split + req.mrope_delta, end + req.mrope_delta))
 
-    def host_batch(self, sched: SchedulerOutput) -> HostBatch:
+    def host_batch(self, sched: SchedulerOutput, prev: InFlight | None = None) -> HostBatch:
         """This step's flat batch as host lists (no device work yet)."""
         bs = self.block_size
         hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]])
+        prev_rows = prev.row_of() if prev is not None and prev.tokens is not None else {}
         rows = hb.rows
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             prompt_len = len(req.prompt_token_ids)
             if n == 1 and start >= prompt_len:  # decode fast path: one generated token
-                hb.ids.append(req.output_token_ids[-1])
+                if req.num_pending:  # sampled by `prev`, still on the device
+                    hb.pending_rows.append(len(hb.ids))
+                    hb.pending_src.append(prev_rows[req.request_id])
+                    hb.ids.append(0)
+                else:
+                    hb.ids.append(req.output_token_ids[-1])
                 pos = start + req.mrope_delta
                 for row in rows:
                     row.append(pos)
@@ -184,37 +192,93 @@ class ModelRunner:
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run one step; returns the sampled token of every request that caught up."""
-        hb = self.host_batch(sched)
+        """Run one step and read its tokens back: launch + resolve."""
+        return self.resolve(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: InFlight | None = None) -> InFlight:
+        """Queue one step's device work; nothing is read back (see `resolve`).
+
+        Tokens sampled by `prev` that are still in flight feed this step's input ids on the
+        device, so the host never waits for them before launching.
+        """
+        hb = self.host_batch(sched, prev)
         has_media = _step_has_media(sched)
         graphs = self.graphs
         if graphs and hb.is_decode and not has_media and graphs.can_run(len(hb.ids), hb.max_blocks):
-            return self.sample(sched, graphs.run(hb), hb.sample_rows)
-        input_ids, positions, meta, sample_rows = self.prepare(sched, hb)
-        embeds = self.model.embed(input_ids)
-        if has_media:
-            slot_idx, mm = self._mm_embeddings(sched)
-            if slot_idx is not None:
-                embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
-        hidden = self.model(positions, embeds, self.kv_caches, meta)
-        return self.sample(sched, hidden, sample_rows)
+            hidden = graphs.run(hb, self._pending_patch(hb, prev))
+        else:
+            input_ids, positions, meta, _ = self.prepare(sched, hb)
+            patch = self._pending_patch(hb, prev)
+            if patch is not None:
+                input_ids[patch[0]] = patch[1]
+            embeds = self.model.embed(input_ids)
+            if has_media:
+                slot_idx, mm = self._mm_embeddings(sched)
+                if slot_idx is not None:
+                    embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
+            hidden = self.model(positions, embeds, self.kv_caches, meta)
+        return self.sample(sched, hidden, hb.sample_rows)
 
-    def sample(self, sched, hidden, sample_rows) -> dict[str, SampledToken]:
-        if not sample_rows:
-            return {}
-        if len(sample_rows) != hidden.shape[0]:  # else every row samples (decode): no gather
-            hidden = hidden[sample_rows]
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] fp32
+    def _pending_patch(self, hb: HostBatch, prev: InFlight | None):
+        """(rows of this batch, their ids from `prev`'s device tokens) or None."""
+        if not hb.pending_rows:
+            return None
+        rows = torch.tensor(hb.pending_rows, device=self.device)
+        src = torch.tensor(hb.pending_src, device=self.device)
+        return rows, prev.tokens[src]
+
+    def sample(self, sched, hidden, sample_rows) -> InFlight:
+        """Logits and sampling on the device; the ids are copied to the host asynchronously."""
         reqs = [
             req
             for req, n in zip(sched.requests, sched.num_new_tokens)
             if req.num_computed_tokens + n == req.num_tokens
         ]
+        if not sample_rows:
+            return InFlight(reqs)
+        if len(sample_rows) != hidden.shape[0]:  # else every row samples (decode): no gather
+            hidden = hidden[sample_rows]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] fp32
         contexts = [
             SamplingContext(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
             for r in reqs
         ]
-        return {r.request_id: tok for r, tok in zip(reqs, self.sampler(logits, contexts))}
+        tokens, raw_logprobs = self.sampler.sample(logits, contexts)
+        flight = InFlight(reqs, contexts, tokens, raw_logprobs)
+        if tokens.is_cuda and raw_logprobs is None:
+            flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            flight.host.copy_(tokens, non_blocking=True)
+            flight.event = torch.cuda.Event()
+            flight.event.record()
+        return flight
+
+    def resolve(self, flight: InFlight) -> dict[str, SampledToken]:
+        """Wait for a launched step's tokens (only for them: later work stays queued)."""
+        if flight.tokens is None:
+            return {}
+        if flight.event is not None:
+            flight.event.synchronize()
+            sampled = [SampledToken(t) for t in flight.host.tolist()]
+        else:
+            sampled = self.sampler.package(flight.tokens, flight.raw_logprobs, flight.contexts)
+        return {r.request_id: tok for r, tok in zip(flight.reqs, sampled)}
+
+
+@dataclass
+class InFlight:
+    """A launched step: which requests sample, and where their ids will appear."""
+
+    reqs: list[Request]
+    contexts: list = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [len(reqs)] on the device
+    raw_logprobs: torch.Tensor | None = None
+    host: torch.Tensor | None = None  # pinned copy of `tokens`, valid once `event` completes
+    event: torch.cuda.Event | None = None
+
+    def row_of(self) -> dict[str, int]:
+        """request id -> row in `tokens`."""
+        return {r.request_id: i for i, r in enumerate(self.reqs)}
 
 
 def _step_has_media(sched: SchedulerOutput) -> bool:

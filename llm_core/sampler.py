@@ -133,6 +133,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, contexts: list[SamplingContext]) -> list[SampledToken]:
         """logits: [n, vocab] float32 (CPU or CUDA), one context per row -> n sampled tokens."""
+        return self.package(*self.sample(logits, contexts), contexts)
+
+    def sample(
+        self, logits: torch.Tensor, contexts: list[SamplingContext]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device half: sampled ids `[n]` and raw logprobs (if any row wants them), with
+        no device-to-host read, so the caller can queue more work before reading them."""
         if logits.dim() != 2 or logits.shape[0] != len(contexts):
             raise ValueError(
                 f"logits must be [len(contexts)={len(contexts)}, vocab], got {list(logits.shape)}"
@@ -147,7 +154,7 @@ class Sampler:
         if random_rows:
             picked = self._sample_random(logits, contexts, random_rows)
             tokens[torch.tensor(random_rows, device=logits.device)] = picked
-        return self._package(tokens, raw_logprobs, contexts)
+        return tokens, raw_logprobs
 
     def _sample_random(
         self, logits: torch.Tensor, contexts: list[SamplingContext], rows: list[int]
@@ -187,7 +194,7 @@ class Sampler:
         return (probs / noise.clamp_(min=_MIN_NOISE)).argmax(dim=-1)
 
     @staticmethod
-    def _package(
+    def package(
         tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, contexts: list[SamplingContext]
     ) -> list[SampledToken]:
         """Move results to the host in a few transfers and build one SampledToken per row."""

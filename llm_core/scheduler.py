@@ -101,9 +101,12 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, out: SchedulerOutput) -> None:
-        """After the forward pass: advance computed counts and register full blocks."""
+        """After launching the forward pass: advance computed counts, register full blocks,
+        and count the token each caught-up request samples as pending until it is read back."""
         for req, n in zip(out.requests, out.num_new_tokens):
             req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:
+                req.num_pending += 1
             self.kv.cache_full_blocks(req)
 
     def finish(self, req: Request, reason: str) -> None:

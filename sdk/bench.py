@@ -34,6 +34,11 @@ def bench_command(parser: argparse.ArgumentParser):
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", action="store_true", help="add phase and kernel tables")
+    parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="launch each step before reading the previous one's tokens",
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 
     def run(args) -> int:
@@ -85,7 +90,13 @@ def run_bench(args) -> dict:
         from polymodal.bench_hf import HFSide
 
         hf = HFSide(model_dir)
-    ours = OurSide(model_dir, dummy_weights=args.dummy_weights, weights_from=hf and hf.model)
+    ours = OurSide(
+        model_dir,
+        dummy_weights=args.dummy_weights,
+        weights_from=hf and hf.model,
+        async_scheduling=args.async_scheduling,
+    )
+    results["async_scheduling"] = args.async_scheduling
     floor_ms = decoder_bytes(ours.model) / bandwidth * 1e3
     results["decode_floor_ms"] = floor_ms
     pics = images(args.images)

@@ -53,7 +53,9 @@ def text_ids(n: int, seed: int) -> list[int]:
 class OurSide:
     """One engine on the GPU, with token-id prompts (no tokenizer needed)."""
 
-    def __init__(self, model_dir: Path, dummy_weights: bool, weights_from=None):
+    def __init__(
+        self, model_dir: Path, dummy_weights: bool, weights_from=None, async_scheduling=False
+    ):
         config = EngineConfig(
             dtype="bfloat16",
             dummy_weights=dummy_weights or weights_from is not None,
@@ -64,6 +66,7 @@ class OurSide:
             max_num_batched_tokens=16384,
             gpu_memory_utilization=0.85,
             enable_prefix_caching=False,
+            async_scheduling=async_scheduling,
         )
         self.engine = Engine(str(model_dir), config)
         self.model = self.engine.runner.model

@@ -71,22 +71,22 @@ def test_bad_media_fails_only_its_request(engine):
 def test_step_failure_fails_that_step_and_loop_survives(engine):
     free = engine.engine.num_free_blocks
     runner = engine.engine.runner
-    original = runner.execute
+    original = runner.launch
     calls = {"n": 0}
 
-    def flaky(sched):
+    def flaky(sched, prev=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom in step")
-        return original(sched)
+        return original(sched, prev)
 
-    runner.execute = flaky
+    runner.launch = flaky
     try:
         with pytest.raises(RuntimeError, match="boom in step"):
             run(_collect(engine, "this one hits the failing step"))
         outs = run(_collect(engine, "this one runs after it"))
     finally:
-        runner.execute = original
+        runner.launch = original
     assert outs[-1].finished and engine.stats.num_failed_steps >= 1
     run(_wait_idle(engine))
     assert engine.engine.num_free_blocks == free

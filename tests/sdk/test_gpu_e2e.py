@@ -78,3 +78,16 @@ def test_vision_graph_replays_match_transformers(tmp_path_factory):
         ref, _ = _hf_greedy(hf, processor, [image], [], 6)
         assert out.outputs[0].token_ids == ref, f"image {seed}"
     assert len(graphs.graphs) == 1  # captured once, replayed after
+
+
+def test_async_scheduling_on_cuda_equals_sync(tmp_path_factory):
+    """Graph decode fed by device-side ids of the step before, pinned read-back, events."""
+    path = tiny_checkpoint(tmp_path_factory, "qwen3")
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for mode in (False, True):
+        engine = Engine(str(path), dtype="float32", device="cuda", async_scheduling=mode)
+        ids = [engine.add_request(p, params) for p in PROMPTS * 4]
+        final = engine.run_until_done()
+        outs[mode] = [final[i].outputs[0].token_ids for i in ids]
+    assert outs[True] == outs[False]

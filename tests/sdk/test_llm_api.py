@@ -43,15 +43,15 @@ def test_chat_logprobs_and_n(llm):
 
 def test_failed_step_leaves_engine_clean(llm, monkeypatch):
     start = llm.engine.num_free_blocks
-    original = llm.engine.runner.execute
+    original = llm.engine.runner.launch
 
-    def broken(sched):
+    def broken(sched, prev=None):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(llm.engine.runner, "execute", broken)
+    monkeypatch.setattr(llm.engine.runner, "launch", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         llm.generate(["one", "two"], SamplingParams(max_tokens=4))
-    monkeypatch.setattr(llm.engine.runner, "execute", original)
+    monkeypatch.setattr(llm.engine.runner, "launch", original)
     assert not llm.engine.has_unfinished() and llm.engine.num_free_blocks == start
     out = llm.generate("three", SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 3

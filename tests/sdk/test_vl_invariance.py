@@ -78,3 +78,10 @@ def test_bad_media_fails_alone_and_good_request_completes(ckpt, tmp_path):
     )
     assert results[0].error and "broken.jpg" in results[0].error
     assert results[1].error is None and results[1].token_ids == alone.token_ids
+
+
+def test_async_scheduling_same_tokens(ckpt):
+    prompts = [_prompt(_image(s)) for s in (10, 11, 12)] + [_prompt(_image(10), "Again?")]
+    sync = [o.outputs[0].token_ids for o in _llm(ckpt).generate(prompts, GREEDY)]
+    outs = _llm(ckpt, async_scheduling=True, max_num_batched_tokens=40).generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == sync
