@@ -144,14 +144,15 @@ class Engine:
             self._resolve(flight, touched)  # sampling needs every token on the host first
             flight = self._in_flight = None
         sched = self.scheduler.schedule()
-        launched = self.runner.launch(sched, flight) if sched else None
+        overlap = self._can_overlap()
+        launched = self.runner.launch(sched, flight, overlap) if sched else None
         if launched is not None:
             self.scheduler.update(sched)
         if flight is not None:
             self._resolve(flight, touched)
         self._in_flight = None
         if launched is not None:
-            if self._can_overlap():
+            if overlap:
                 self._in_flight = launched
             else:
                 self._resolve(launched, touched)

@@ -196,11 +196,15 @@ class ModelRunner:
         return self.resolve(self.launch(sched))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, prev: InFlight | None = None) -> InFlight:
+    def launch(
+        self, sched: SchedulerOutput, prev: InFlight | None = None, overlap: bool = False
+    ) -> InFlight:
         """Queue one step's device work; nothing is read back (see `resolve`).
 
         Tokens sampled by `prev` that are still in flight feed this step's input ids on the
-        device, so the host never waits for them before launching.
+        device, so the host never waits for them before launching. `overlap` (async
+        scheduling) copies the sampled ids to pinned memory behind an event, so reading them
+        back later waits for this step only, not for whatever is queued after it.
         """
         hb = self.host_batch(sched, prev)
         has_media = _step_has_media(sched)
@@ -218,7 +222,7 @@ class ModelRunner:
                 if slot_idx is not None:
                     embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
             hidden = self.model(positions, embeds, self.kv_caches, meta)
-        return self.sample(sched, hidden, hb.sample_rows)
+        return self.sample(sched, hidden, hb.sample_rows, overlap)
 
     def _pending_patch(self, hb: HostBatch, prev: InFlight | None):
         """(rows of this batch, their ids from `prev`'s device tokens) or None."""
@@ -228,7 +232,7 @@ class ModelRunner:
         src = torch.tensor(hb.pending_src, device=self.device)
         return rows, prev.tokens[src]
 
-    def sample(self, sched, hidden, sample_rows) -> InFlight:
+    def sample(self, sched, hidden, sample_rows, overlap: bool = False) -> InFlight:
         """Logits and sampling on the device; the ids are copied to the host asynchronously."""
         reqs = [
             req
@@ -246,7 +250,7 @@ class ModelRunner:
         ]
         tokens, raw_logprobs = self.sampler.sample(logits, contexts)
         flight = InFlight(reqs, contexts, tokens, raw_logprobs)
-        if tokens.is_cuda and raw_logprobs is None:
+        if overlap and tokens.is_cuda and raw_logprobs is None:
             flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             flight.host.copy_(tokens, non_blocking=True)
             flight.event = torch.cuda.Event()

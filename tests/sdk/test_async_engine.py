@@ -74,11 +74,11 @@ def test_step_failure_fails_that_step_and_loop_survives(engine):
     original = runner.launch
     calls = {"n": 0}
 
-    def flaky(sched, prev=None):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom in step")
-        return original(sched, prev)
+        return original(*args)
 
     runner.launch = flaky
     try:

@@ -45,7 +45,7 @@ def test_failed_step_leaves_engine_clean(llm, monkeypatch):
     start = llm.engine.num_free_blocks
     original = llm.engine.runner.launch
 
-    def broken(sched, prev=None):
+    def broken(*args):
         raise RuntimeError("simulated device failure")
 
     monkeypatch.setattr(llm.engine.runner, "launch", broken)
