@@ -7,12 +7,12 @@ image's slots across steps and a repeated image runs its encoder once.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
@@ -37,30 +37,6 @@ class HostBatch:
     @property
     def is_decode(self) -> bool:
         return len(self.ids) == len(self.query_lens)
-
-
-class EncoderCache:
-    """LRU of encoder outputs `[num_slots, hidden]` keyed by media content hash."""
-
-    def __init__(self, max_items: int = 256):
-        self.max_items = max_items
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-            self.hits += 1
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self.misses += 1
-        self.entries[key] = value
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.max_items:
-            self.entries.popitem(last=False)
 
 
 class ModelRunner:
