@@ -167,11 +167,6 @@ class ModelRunner:
 
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run one step and read its tokens back: launch + resolve."""
-        return self.resolve(self.launch(sched))
-
-    @torch.inference_mode()
     def launch(
         self, sched: SchedulerOutput, prev: InFlight | None = None, overlap: bool = False
     ) -> InFlight:
