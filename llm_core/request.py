@@ -63,6 +63,18 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def reaches_length(self) -> bool:
+        """Its tokens in flight already reach max_tokens or max_model_len: it finishes when
+        they are read back, so scheduling it again would compute a token to throw away."""
+        if not self.num_pending:
+            return False
+        max_tokens = self.params.max_tokens
+        out = len(self.output_token_ids) + self.num_pending
+        return (
+            max_tokens is not None and out >= max_tokens
+        ) or self.num_tokens >= self.max_model_len
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 

@@ -85,3 +85,24 @@ def test_random_aborts_leak_no_blocks(ckpt):
     engine.step()  # read back the last launched step
     assert engine.num_free_blocks == 16
     assert all(b.ref_count == 0 for b in engine.scheduler.kv.blocks)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_no_token_computed_past_max_tokens(ckpt, max_tokens):
+    """A request whose in-flight token reaches max_tokens is not scheduled again: the GPU
+    computes exactly prompt + max_tokens - 1 tokens for it (TTFT pays for no extra step)."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    engine = Engine(ckpt, dtype="float32", device="cpu", num_kv_blocks=64, async_scheduling=True)
+    scheduled = []
+    schedule = engine.scheduler.schedule
+
+    def counting_schedule():
+        out = schedule()
+        scheduled.append(out.total_tokens)
+        return out
+
+    engine.scheduler.schedule = counting_schedule
+    rid = engine.add_request(PROMPTS[2], params)
+    final = engine.run_until_done()
+    assert len(final[rid].outputs[0].token_ids) == max_tokens
+    assert sum(scheduled) == len(PROMPTS[2]) + max_tokens - 1
