@@ -116,6 +116,9 @@ def run_bench(args) -> dict:
 
         results["profile"] = profile_all(ours, images(128, seed=99))
         print_profile(results["profile"])
+        busy = results["profile"]["decode_kernels"]["gpu_busy_ms_per_step"]
+        # kernel time per step (profiled) against the un-profiled timed step
+        results["ours"]["decode_gpu_idle_share"] = 1 - busy / results["ours"]["decode_ms_per_token"]
     if hf is not None:
         ours.free()
         results["hf"] = {
@@ -151,6 +154,8 @@ def print_table(r: dict) -> None:
         ref = fmt.format(hf[key]) if key in hf else "-"
         print(f"{label:28s} {ours:>10s} {ref:>13s}")
     print(f"decode fraction of floor: {r['ours']['decode_fraction_of_floor']:.1%}")
+    if "decode_gpu_idle_share" in r["ours"]:
+        print(f"GPU idle between decode steps: {r['ours']['decode_gpu_idle_share']:.1%}")
     if "speedup" in r:
         print(
             "speedup vs transformers: "

@@ -24,6 +24,7 @@ class HFSide:
         self.model.eval()
         self.image_processor = tf.AutoImageProcessor.from_pretrained(model_dir)
         self.cfg = cfg
+        self.vocab = cfg.get_text_config().vocab_size
         self.model.generation_config.pad_token_id = cfg.get_text_config().eos_token_id
 
     def _inputs(self, pics, seed: int) -> dict:
@@ -38,7 +39,7 @@ class HFSide:
                 [self.cfg.vision_start_token_id]
                 + [self.cfg.image_token_id] * slots
                 + [self.cfg.vision_end_token_id]
-                + text_ids(TEXT_TOKENS, seed)
+                + text_ids(TEXT_TOKENS, seed, self.vocab)
             )
         ids = torch.tensor(rows, device="cuda")
         return {
@@ -53,7 +54,7 @@ class HFSide:
         return self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     def decode_ms(self, n: int) -> float:
-        ids = torch.tensor([text_ids(TEXT_TOKENS, 1)], device="cuda")
+        ids = torch.tensor([text_ids(TEXT_TOKENS, 1, self.vocab)], device="cuda")
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         timed = []
         for tokens in (1, n):

@@ -46,8 +46,11 @@ def caption_rates(images: int, output_tokens: int, seconds: float) -> dict:
     }
 
 
-def text_ids(n: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(1000, 100000, n).tolist()
+def text_ids(n: int, seed: int, vocab: int = 152064) -> list[int]:
+    """Random ordinary-token ids (special tokens sit at the ends of the vocab)."""
+    return (
+        np.random.default_rng(seed).integers(min(1000, vocab // 4), min(100000, vocab), n).tolist()
+    )
 
 
 class OurSide:
@@ -70,6 +73,7 @@ class OurSide:
         )
         self.engine = Engine(str(model_dir), config)
         self.model = self.engine.runner.model
+        self.vocab = self.engine.model_config.vocab_size
         if weights_from is not None:  # the very tensors transformers runs
             load_weights(self.model, weights_from.state_dict().items(), "transformers model")
         self.processor = QwenVLProcessor(None, load_qwen_vl_config(model_dir))
@@ -81,7 +85,7 @@ class OurSide:
         ]
 
     def _prompt(self, image, seed: int):
-        ids = self.image_prefix + text_ids(TEXT_TOKENS, seed)
+        ids = self.image_prefix + text_ids(TEXT_TOKENS, seed, self.vocab)
         prompt = self.processor.process_tokens(ids, [MediaRef("image", image)])
         self.model.stage(prompt.mm_items)  # H2D in the preprocessing thread
         return prompt
@@ -94,7 +98,7 @@ class OurSide:
 
     def decode_ms(self, n: int) -> float:
         """Median inter-token time of one request decoding alone (after its first token)."""
-        p = self.processor.process_tokens(text_ids(TEXT_TOKENS, 1), [])
+        p = self.processor.process_tokens(text_ids(TEXT_TOKENS, 1, self.vocab), [])
         self._add(p, n)
         stamps = []
         while self.engine.has_unfinished():

@@ -1,0 +1,33 @@
+"""`polymodal bench` end to end on a tiny Qwen2.5-VL checkpoint (CUDA): every workload, the
+profile tables and the transformers side run and report sane numbers. Timings are not checked."""
+
+import argparse
+
+import pytest
+
+from polymodal.bench import bench_command, print_table, run_bench
+from tests.helpers import tiny_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_bench_runs_every_workload(tmp_path_factory, async_scheduling, capsys):
+    parser = argparse.ArgumentParser()
+    bench_command(parser)
+    argv = [str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")), "--dummy-weights", "--profile"]
+    argv += ["--images", "8", "--hf-images", "4", "--hf-batch", "2"]
+    argv += ["--output-tokens", "4", "--decode-tokens", "8"]
+    args = parser.parse_args(argv + (["--async-scheduling"] if async_scheduling else []))
+    r = run_bench(args)
+    print_table(r)
+    ours, hf = r["ours"], r["hf"]
+    assert ours["images_s"] > 0 and hf["images_s"] > 0
+    assert ours["output_tokens_s"] == pytest.approx(ours["images_s"] * 4)
+    assert 0 < ours["decode_fraction_of_floor"] and ours["ttft_ms"] > 0
+    assert ours["decode_gpu_idle_share"] < 1
+    prof = r["profile"]
+    assert prof["ttft_kernels"]["decoder forward gpu_ms"] > 0
+    assert prof["ttft_kernels"]["vision encoder gpu_ms"] > 0
+    assert prof["decode_kernels"]["top_kernels"]
+    assert "speedup vs transformers" in capsys.readouterr().out
