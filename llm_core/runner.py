@@ -8,11 +8,13 @@ image's slots across steps and a repeated image runs its encoder once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.encoder_cache import EncoderCache
+from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
@@ -117,27 +119,31 @@ class ModelRunner:
         return hb
 
     def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
-        """Flat batch tensors + attention metadata: one host->device copy per tensor."""
+        """Flat batch tensors + attention metadata, in two asynchronous copies (int32, int64)
+        that never wait for the device (see host_copy)."""
         hb = hb or self.host_batch(sched)
-        tables = [t + [0] * (hb.max_blocks - len(t)) for t in hb.tables]
-        dev = self.device
+        width = hb.max_blocks
+        tables = [t + [0] * (width - len(t)) for t in hb.tables]
         query_start = [0]
         for q in hb.query_lens:
             query_start.append(query_start[-1] + q)
+        starts, seq_lens, flat_tables = upload(
+            [query_start, hb.seq_lens, list(chain.from_iterable(tables))], torch.int32, self.device
+        )
+        flat_rows = list(chain.from_iterable(hb.rows))  # 1 row, or 3 for M-RoPE
+        slots, input_ids, pos = upload([hb.slots, hb.ids, flat_rows], torch.int64, self.device)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(hb.seq_lens, dtype=torch.int32).to(dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev),
-            slot_mapping=torch.tensor(hb.slots, dtype=torch.int64).to(dev),
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            block_tables=flat_tables.view(len(tables), width),
+            slot_mapping=slots,
             max_query_len=max(hb.query_lens),
             max_seq_len=max(hb.seq_lens),
             is_decode=hb.is_decode,
             query_lens_cpu=hb.query_lens,
             seq_lens_cpu=hb.seq_lens,
         )
-        input_ids = torch.tensor(hb.ids, dtype=torch.int64).to(dev)
-        rows = hb.rows if self.uses_mrope else hb.rows[0]
-        pos = torch.tensor(rows, dtype=torch.int64).to(dev)
+        pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
 
     # ---- multimodal ---------------------------------------------------------------------
@@ -154,7 +160,7 @@ class ModelRunner:
                 if self.encoder_cache.get(item.content_hash) is None:
                     missing[item.content_hash] = item
                 pieces.append((item.content_hash, lo - item.slot_start, hi - item.slot_start))
-                indices.append(torch.arange(offset + lo - start, offset + hi - start))
+                indices.extend(range(offset + lo - start, offset + hi - start))
             offset += n
         if not pieces:
             return None, None
@@ -163,7 +169,7 @@ class ModelRunner:
             for item, emb in zip(items, self.model.encode(items)):
                 self.encoder_cache.put(item.content_hash, emb)
         embeds = [self.encoder_cache.entries[h][a:b] for h, a, b in pieces]
-        return torch.cat(indices).to(self.device), torch.cat(embeds)
+        return to_device(indices, torch.int64, self.device), torch.cat(embeds)
 
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -199,8 +205,7 @@ class ModelRunner:
         """(rows of this batch, their ids from `prev`'s device tokens) or None."""
         if not hb.pending_rows:
             return None
-        rows = torch.tensor(hb.pending_rows, device=self.device)
-        src = torch.tensor(hb.pending_src, device=self.device)
+        rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
         return rows, prev.tokens[src]
 
     def sample(self, sched, hidden, sample_rows, overlap: bool = False) -> InFlight:
@@ -213,7 +218,7 @@ class ModelRunner:
         if not sample_rows:
             return InFlight(reqs)
         if len(sample_rows) != hidden.shape[0]:  # else every row samples (decode): no gather
-            hidden = hidden[sample_rows]
+            hidden = hidden[to_device(sample_rows, torch.int64, hidden.device)]
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] fp32
         contexts = [
             SamplingContext(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)

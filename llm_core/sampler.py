@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from polymodal.llm_core.host_copy import to_device
 from polymodal.llm_core.sampling_params import SamplingParams
 
 # Floor for the exponential noise: an exact 0 would turn a masked 0/0 into NaN.
@@ -74,12 +75,12 @@ def apply_penalties(logits: torch.Tensor, contexts: list[SamplingContext]) -> to
             c.prompt_token_ids if r != 1.0 else [] for c, r in zip(contexts, rep, strict=True)
         ]
         seen = out_seen | (_token_counts(prompts, n, vocab, device) > 0)
-        rep_t = torch.tensor(rep, dtype=logits.dtype, device=device).unsqueeze(1)  # [n, 1]
+        rep_t = to_device(rep, logits.dtype, device).unsqueeze(1)  # [n, 1]
         penalty = torch.where(seen, rep_t, torch.ones_like(logits))
         # HF-style: shrink positive logits, push negative ones further down.
         logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    freq_t = torch.tensor(freq, dtype=logits.dtype, device=device).unsqueeze(1)
-    pres_t = torch.tensor(pres, dtype=logits.dtype, device=device).unsqueeze(1)
+    freq_t = to_device(freq, logits.dtype, device).unsqueeze(1)
+    pres_t = to_device(pres, logits.dtype, device).unsqueeze(1)
     return logits - freq_t * out_counts - pres_t * out_seen.to(logits.dtype)
 
 
@@ -153,7 +154,7 @@ class Sampler:
         random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
         if random_rows:
             picked = self._sample_random(logits, contexts, random_rows)
-            tokens[torch.tensor(random_rows, device=logits.device)] = picked
+            tokens[to_device(random_rows, torch.int64, logits.device)] = picked
         return tokens, raw_logprobs
 
     def _sample_random(
@@ -162,16 +163,17 @@ class Sampler:
         """Temperature, min-p, top-k/top-p and the exponential race for `rows` -> [len(rows)]."""
         device = logits.device
         params = [contexts[i].params for i in rows]
-        x = logits[torch.tensor(rows, device=device)]  # [r, vocab] (a copy)
-        temps = torch.tensor([p.temperature for p in params], device=device)
+        x = logits[to_device(rows, torch.int64, device)]  # [r, vocab] (a copy)
+        temps = to_device([p.temperature for p in params], torch.float32, device)
         x = x / temps.unsqueeze(1)
         if any(p.min_p > 0 for p in params):
-            x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=device))
+            x = apply_min_p(x, to_device([p.min_p for p in params], torch.float32, device))
         vocab = x.shape[1]
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         ps = [p.top_p for p in params]
         if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):
-            ks_t, ps_t = torch.tensor(ks, device=device), torch.tensor(ps, device=device)
+            ks_t = to_device(ks, torch.int64, device)
+            ps_t = to_device(ps, torch.float32, device)
             if all(k < vocab for k in ks):
                 # Every row has a top-k: sort only the top max(k) candidates, not the vocab
                 # (ties with the k-th logit beyond max(k) are dropped here).
@@ -188,7 +190,9 @@ class Sampler:
         seeded = [j for j, i in enumerate(rows) if contexts[i].generator is not None]
         unseeded = [j for j, i in enumerate(rows) if contexts[i].generator is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+            noise[to_device(unseeded, torch.int64, device)] = torch.empty(
+                len(unseeded), vocab, device=device
+            ).exponential_()
         for j in seeded:
             noise[j].exponential_(generator=contexts[rows[j]].generator)
         return (probs / noise.clamp_(min=_MIN_NOISE)).argmax(dim=-1)
