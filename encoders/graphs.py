@@ -4,6 +4,7 @@ A tower opts in with `supports_cuda_graphs = True`: its forward must read `grid_
 host only and take every grid-derived tensor from a cache (so a replay launches no host->device
 copies). A layout (the list of grids) is captured the second time it is seen; the output is
 cloned after each replay because the encoder cache keeps it beyond the next call.
+Capture mode is thread-local: media staging threads may use the device meanwhile.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class EncoderGraphs:
         with torch.cuda.stream(stream):
             self.tower(static_in, grid_thw)  # warm-up: layout cached, kernels compiled
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 static_out = self.tower(static_in, grid_thw)
         torch.cuda.current_stream().wait_stream(stream)
         if len(self.graphs) >= self.max_graphs:

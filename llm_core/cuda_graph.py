@@ -1,10 +1,14 @@
-"""CUDA-graph capture and replay of decode steps, one graph per batch-size bucket.
+"""CUDA-graph capture and replay of decoder steps: decode steps by batch-size bucket
+(`DecodeGraphs`), small prefill / mixed steps by token-count bucket (`PrefillGraphs`).
 
 A decode step (one new token per sequence, no media slots) has the same kernels every time;
 only the contents of a few small tensors change. Each bucket's graph is captured once over
 static buffers; a step copies its inputs into the first `n` rows, pads the rest (slot -1:
 nothing stored; seq_len 1: a harmless read of block 0), replays, and reads `hidden[:n]`.
 Graphs are captured largest first and share one memory pool (as nano-vllm does).
+
+Captures use `capture_error_mode="thread_local"`: media staging threads may touch the device
+while the engine thread captures (an encoder graph mid-run, say), which must not void it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,28 @@ import torch
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 
 BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+PREFILL_BUCKETS = [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]
+PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
+
+
+def capture_buckets(buckets: list[int], forward) -> tuple[dict, object]:
+    """Capture `forward(n)` for each bucket, largest first, into one shared memory pool."""
+    graphs, pool = {}, None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for n in reversed(buckets):
+            forward(n)  # warm-up: Triton compiles, allocator settles
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(
+                graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+            ):
+                forward(n)
+            pool = pool or graph.pool()
+            graphs[n] = graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs, pool
 
 
 class DecodeGraphs:
@@ -66,18 +92,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first, into one shared memory pool."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
-                self._forward(bs)  # warm-up: Triton compiles, allocator settles
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self._forward(bs)
-                self.pool = self.pool or graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.graphs, self.pool = capture_buckets(self.buckets, self._forward)
 
     def can_run(self, num_seqs: int, num_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and num_blocks <= self.block_tables.shape[1]
@@ -105,4 +120,76 @@ class DecodeGraphs:
         if patch is not None:  # ids sampled by the step before, never read back to the host
             self.input_ids[patch[0]] = patch[1]
         self.graphs[bs].replay()
+        return self.hidden[:n]
+
+
+class PrefillGraphs:
+    """Captured decoder stacks for small non-decode steps: a short prompt's prefill (the TTFT
+    path) or a mixed step, up to `max_tokens` tokens of at most PREFILL_MAX_SEQS sequences.
+
+    Eager, such a step is bound by the host launching hundreds of kernels that each run for
+    microseconds; a replay launches them at once. The step's embeddings (media slots merged)
+    are computed eagerly and copied in. Padding tokens store nothing (slot -1); padding
+    sequences get no queries, so the prefill kernel's programs for them exit at once (its grid
+    is sized by the bucket). Logits and sampling stay outside, on the returned rows.
+    """
+
+    def __init__(self, model, kv_caches, max_tokens: int, max_blocks: int, uses_mrope: bool):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [max_tokens]
+        device = kv_caches[0].device
+        n, s = self.buckets[-1], PREFILL_MAX_SEQS
+        hidden, dtype = model.config.hidden_size, model.lm_head.weight.dtype
+        self.embeds = torch.zeros(n, hidden, dtype=dtype, device=device)
+        self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.runs = 0
+
+    def _forward(self, n: int) -> None:
+        meta = AttentionMetadata(
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            slot_mapping=self.slot_mapping[:n],
+            max_query_len=n,  # sizes the prefill grid for any split of n tokens
+            max_seq_len=self.block_tables.shape[1] * self.kv_caches[0].shape[2],
+        )
+        positions = self.positions[..., :n]
+        self.hidden[:n] = self.model(positions, self.embeds[:n], self.kv_caches, meta)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket (no queries during capture: nothing is stored or read)."""
+        self.graphs, self.pool = capture_buckets(self.buckets, self._forward)
+
+    def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int) -> bool:
+        return (
+            num_tokens <= self.buckets[-1]
+            and num_seqs <= PREFILL_MAX_SEQS
+            and num_blocks <= self.block_tables.shape[1]
+        )
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """Replay the smallest bucket that holds this step; returns hidden `[num_tokens, hidden]`
+        (a view of a static buffer: valid until the next replay)."""
+        n, s = embeds.shape[0], meta.num_seqs
+        bucket = next(b for b in self.buckets if b >= n)
+        self.runs += 1
+        self.embeds[:n].copy_(embeds)
+        self.positions[..., :n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:bucket].fill_(-1)
+        self.query_start_loc[: s + 1].copy_(meta.query_start_loc)
+        self.query_start_loc[s + 1 :].fill_(n)  # padding sequences: zero queries
+        self.seq_lens[:s].copy_(meta.seq_lens)
+        self.seq_lens[s:].zero_()
+        self.block_tables[:s, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.graphs[bucket].replay()
         return self.hidden[:n]

@@ -12,6 +12,7 @@ from polymodal.llm_core.attention import get_backend
 from polymodal.llm_core.config import ModelConfig, load_config
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.llm_core.kv_cache import KVCacheManager
+from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.loader import build_model, resolve_model_path
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
@@ -33,12 +34,18 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     dummy_weights: bool = False  # random weights from config.json alone (benchmarks)
-    cuda_graphs: bool = True  # capture decode graphs (CUDA + Triton backend only)
-    max_graph_batch: int = 256
+    cuda_graphs: bool = True  # capture decoder CUDA graphs (CUDA + Triton backend only)
+    max_graph_batch: int = 256  # decode steps of up to this many sequences replay a graph
+    # Prefill / mixed steps of up to this many tokens (<= 8 sequences) replay a graph: a short
+    # prompt's prefill is otherwise bound by kernel launches. 0 = always eager.
+    max_prefill_graph_tokens: int = 512
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
     # Launch step N+1 before reading step N's tokens back (hides host time behind the GPU).
     # Off by default until measured on a GPU; correctness is tested on the CPU.
     async_scheduling: bool = False
+    # Decoder linears (and the LM head) with <= 8 input rows run a Triton GEMV instead of
+    # cuBLAS (CUDA, fp16/bf16 weights only; elsewhere a no-op). Off until measured on a GPU.
+    decode_gemv: bool = False
     seed: int = 0
 
 
@@ -87,6 +94,8 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     # M-RoPE positions can run past the token count (video time axis): leave headroom.
     max_positions = max(max_len, model_config.max_position_embeddings) + 1024
     net = build_model(model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed)
+    if cfg.decode_gemv:
+        enable_gemv(net)  # before graph capture, which records whichever kernel runs
     num_blocks = cfg.num_kv_blocks or _num_blocks(model_config, cfg, device, max_len)
     if num_blocks * cfg.block_size < max_len:
         max_len = num_blocks * cfg.block_size  # one request must always fit alone
@@ -100,6 +109,9 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     runner = ModelRunner(net, kv_caches, cfg.block_size, device)
     if cfg.cuda_graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
+        prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
+        if prefill_tokens > 0:
+            runner.capture_prefill_graphs(prefill_tokens, max_len)
         if hasattr(net, "enable_cuda_graphs"):
             net.enable_cuda_graphs()
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)

@@ -53,6 +53,7 @@ class ModelRunner:
         self.encoder_cache = EncoderCache()
         self.sampler = Sampler()
         self.graphs = None  # DecodeGraphs once capture_decode_graphs() ran
+        self.prefill_graphs = None  # PrefillGraphs once capture_prefill_graphs() ran
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
@@ -63,6 +64,16 @@ class ModelRunner:
             self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope
         )
         self.graphs.capture()
+
+    def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
+        """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens."""
+        from polymodal.llm_core.cuda_graph import PrefillGraphs
+
+        max_blocks = -(-max_model_len // self.block_size)
+        self.prefill_graphs = PrefillGraphs(
+            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope
+        )
+        self.prefill_graphs.capture()
 
     # ---- inputs -------------------------------------------------------------------------
     def _positions(self, req: Request, start: int, end: int, rows: list[list[int]]) -> None:
@@ -198,7 +209,11 @@ class ModelRunner:
                 slot_idx, mm = self._mm_embeddings(sched)
                 if slot_idx is not None:
                     embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
-            hidden = self.model(positions, embeds, self.kv_caches, meta)
+            prefill = self.prefill_graphs
+            if prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks):
+                hidden = prefill.run(embeds, positions, meta)
+            else:
+                hidden = self.model(positions, embeds, self.kv_caches, meta)
         return self.sample(sched, hidden, hb.sample_rows, overlap)
 
     def _pending_patch(self, hb: HostBatch, prev: InFlight | None):

@@ -60,6 +60,8 @@ def phases(engine):
     timer.wrap(runner, "sample", "logits + sample")
     if runner.graphs is not None:
         timer.wrap(runner.graphs, "run", "decode (graph replay)")
+    if runner.prefill_graphs is not None:
+        timer.wrap(runner.prefill_graphs, "run", "prefill (graph replay)")
     timer.wrap(runner.model, "forward", "decoder forward (eager)")
     try:
         yield timer
@@ -102,9 +104,8 @@ def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
         wall = time.perf_counter() - start
     while ours.engine.has_unfinished():
         ours.engine.step()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events = _kernels(prof)
     kernel_total = sum(e.self_device_time_total for e in events) / 1e6
-    events.sort(key=lambda e: -e.self_device_time_total)
     return {
         "wall_ms_per_step": wall / steps * 1e3,
         "gpu_busy_ms_per_step": kernel_total / steps * 1e3,
@@ -120,9 +121,22 @@ def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
     }
 
 
-def _kernel_table(prof, calls: int, top: int) -> list[dict]:
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    events.sort(key=lambda e: -e.self_device_time_total)
+def _kernels(prof, exclude=()) -> list:
+    """Device-side events only (kernels, copies, memsets), longest first: host ops such as
+    `aten::mm` also carry their kernels' time and would count it twice."""
+    from torch.autograd import DeviceType
+
+    events = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+        and e.key not in exclude
+    ]  # fmt: skip
+    return sorted(events, key=lambda e: -e.self_device_time_total)
+
+
+def _kernel_table(prof, calls: int, top: int, exclude=()) -> list[dict]:
+    events = _kernels(prof, exclude)
     return [
         {"name": e.key[:90], "ms_per_call": e.self_device_time_total / 1e3 / calls,
          "launches": e.count / calls}
@@ -154,45 +168,53 @@ def encoder_kernels(ours, pics, top: int = 12) -> dict:
 
 
 @contextmanager
-def _annotated(model, labels: dict):
-    """Wrap model methods in profiler ranges, so their kernels' time can be told apart."""
+def _annotated(methods: list[tuple]):
+    """Wrap `(obj, method name, label)` methods in profiler ranges, so their kernels' time can
+    be told apart."""
     from torch.profiler import record_function
 
-    for name, label in labels.items():
-        original = getattr(model, name)
+    for obj, name, label in methods:
+        original = getattr(obj, name)
 
         def ranged(*args, _original=original, _label=label, **kwargs):
             with record_function(_label):
                 return _original(*args, **kwargs)
 
-        setattr(model, name, ranged)  # an instance attribute shadows the method
+        setattr(obj, name, ranged)  # an instance attribute shadows the method
     try:
         yield
     finally:
-        for name in labels:
-            delattr(model, name)
+        for obj, name, _ in methods:
+            delattr(obj, name)
 
 
 def ttft_kernels(ours, runs: int = 3, top: int = 10) -> dict:
-    """GPU time of one TTFT (image + 32 tokens), split into vision tower and decoder forward.
+    """GPU time of one TTFT (image + 32 tokens): kernel busy time, and the GPU span of the
+    vision tower and of the decoder forward (first to last kernel, launch gaps included).
 
     The profiler slows the host, not the kernels: busy time per TTFT against the timed TTFT
     says how much of it is GPU work and how much host work (preprocessing, launches, glue).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    labels = {"encode": "vision encoder", "forward": "decoder forward"}
-    with _annotated(ours.model, labels):
+    runner = ours.engine.runner
+    methods = [(ours.model, "encode", "vision encoder"), (ours.model, "forward", "decoder")]
+    if runner.prefill_graphs is not None:
+        methods.append((runner.prefill_graphs, "run", "decoder"))
+    names = {label for _, _, label in methods}
+    with _annotated(methods):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             ours.ttft_ms(None, repeats=runs - 1)
             torch.cuda.synchronize()
-    averages = prof.key_averages()
-    kernels = [e for e in averages if e.self_device_time_total > 0]
-    ranges = {e.key: e.device_time_total / 1e3 / runs for e in averages if e.key in labels.values()}
+    spans: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key in names:
+            spans[e.key] = max(spans[e.key], e.device_time_total / 1e3 / runs)
+    kernels = _kernels(prof, exclude=names)
     return {
         "gpu_busy_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / runs,
-        **{f"{label} gpu_ms": ranges.get(label, 0.0) for label in labels.values()},
-        "top_kernels": _kernel_table(prof, runs, top),
+        **{f"{label} gpu_span_ms": spans[label] for label in sorted(names)},
+        "top_kernels": _kernel_table(prof, runs, top, exclude=names),
     }
 
 
@@ -218,8 +240,8 @@ def print_profile(prof: dict) -> None:
         print(f"  {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.0f}  {k['name']}")
     tk = prof["ttft_kernels"]
     print(
-        f"TTFT GPU busy {tk['gpu_busy_ms']:.1f} ms (vision {tk['vision encoder gpu_ms']:.1f}, "
-        f"decoder {tk['decoder forward gpu_ms']:.1f})"
+        f"TTFT GPU busy {tk['gpu_busy_ms']:.1f} ms; GPU spans: vision "
+        f"{tk['vision encoder gpu_span_ms']:.1f} ms, decoder {tk['decoder gpu_span_ms']:.1f} ms"
     )
     for k in tk["top_kernels"]:
         print(f"  {k['ms_per_call']:7.3f} ms x{k['launches']:5.0f}  {k['name']}")

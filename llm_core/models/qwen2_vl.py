@@ -42,8 +42,12 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         weight = self.lm_head.weight
         for it in items:
             pixels = it.data["pixel_values"]
+            if pixels.device != weight.device and weight.is_cuda:
+                # pinned + async: no wait for the engine's queued work (see host_copy)
+                pixels = pixels.pin_memory().to(weight.device, non_blocking=True)
             if pixels.device != weight.device or pixels.dtype != weight.dtype:
-                it.data["pixel_values"] = pixels.to(weight.device).to(weight.dtype)
+                pixels = pixels.to(weight.device).to(weight.dtype)
+            it.data["pixel_values"] = pixels
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""
