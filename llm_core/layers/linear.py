@@ -1,13 +1,51 @@
-"""Linear layers whose checkpoint tensors are stored apart but run as one matmul."""
+"""Decoder linear layers: `Linear` (opt-in Triton GEMV for a few rows) and `PackedLinear`
+(checkpoint tensors stored apart, run as one matmul)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+GEMV_MAX_ROWS = 8  # inputs of at most this many rows (decode) take the GEMV when enabled
+GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
-class PackedLinear(nn.Linear):
-    """`nn.Linear` whose output rows stack several checkpoint projections (q/k/v, gate/up).
+
+class Linear(nn.Linear):
+    """`nn.Linear` that runs inputs of <= `GEMV_MAX_ROWS` rows through `self.gemv` when set.
+
+    `gemv` is None (plain `F.linear`) unless `enable_gemv` set it at model build time.
+    """
+
+    gemv = None  # a function like `layers.gemv.gemv(x, weight, bias)`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+            return self.gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def enable_gemv(model: nn.Module) -> int:
+    """Route few-row calls of every `Linear` in `model` with half/bf16 CUDA weights through the
+    Triton GEMV (`EngineConfig.decode_gemv`). Returns how many layers it set; others unchanged."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, Linear) and m.weight.is_cuda and m.weight.dtype in GEMV_DTYPES
+    ]
+    if not layers:
+        return 0
+    try:
+        from polymodal.llm_core.layers.gemv import gemv
+    except ImportError:  # no Triton
+        return 0
+    for layer in layers:
+        layer.gemv = gemv
+    return len(layers)
+
+
+class PackedLinear(Linear):
+    """`Linear` whose output rows stack several checkpoint projections (q/k/v, gate/up).
 
     `shard_sizes` maps a shard id (as in the model's `packed_modules_mapping`) to its rows.
     A checkpoint that already stores the fused tensor loads it whole.

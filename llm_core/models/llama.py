@@ -13,7 +13,7 @@ from torch import nn
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers.activation import silu_and_mul
-from polymodal.llm_core.layers.linear import PackedLinear
+from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import RMSNorm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 
@@ -32,7 +32,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
         self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -70,7 +70,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = {0: cfg.intermediate_size, 1: cfg.intermediate_size}
         self.gate_up_proj = PackedLinear(cfg.hidden_size, sizes, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -136,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, backend, max_positions)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied_parameters = {}
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,191 @@
+"""Triton GEMV for a few rows: `F.linear(x, weight, bias)` with `x [M <= 8, K]`.
+
+Decode at small batch reads every weight once per step and does almost no math, so the
+kernel is shaped for memory bandwidth, not tensor cores: a program owns `BLOCK_N` output
+features, streams their weight rows along K in `[BLOCK_N, BLOCK_K]` tiles (coalesced, 16-byte
+vector loads), and multiplies each tile by every x row (broadcast-multiply + `tl.sum`; `tl.dot`
+would pad M to 16). Shapes with few output blocks (o_proj, qkv, down) also split K across
+programs: fp32 partials go to a `[SPLIT_K, M, N]` workspace that a second kernel sums (+ bias).
+
+Everything the launch depends on is a host int derived from shapes, so calls can be captured
+in CUDA graphs (no syncs, no autotuning at first call).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
+REDUCE_BLOCK = 1024  # features per program of the split-K reduction
+TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of `gemv`; block sizes are powers of two."""
+
+    block_n: int = 32  # output features per program
+    block_k: int = 256  # K elements per weight tile
+    split_k: int = 1  # programs sharing one block of features (fp32 partials when > 1)
+    num_warps: int = 4
+    num_stages: int = 1  # Triton 3.8 emits the same code for 1..4 here (nothing to pipeline)
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"GemvConfig.{name}={value} must be a power of two")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError(f"GemvConfig split_k/num_stages must be >= 1: {self}")
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; a small stand-in on CPU (interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
+    """About 4 programs per SM, each loading `TILE_ELEMENTS` of weight per K step.
+
+    The feature block is the widest of 32 .. 4 that still gives that many programs, but at
+    least 4 features per padded x row (each program reads all of x: a narrow block would read
+    more x than weight). K splits only while programs are still short, keeping 2+ tiles each.
+    """
+    rows = triton.next_power_of_2(max(m, 1))
+    target = 4 * sms
+    block_n = next((b for b in (32, 16, 8) if triton.cdiv(n, b) >= target), 4)
+    block_n = min(max(block_n, 4 * rows), 32)
+    block_k = min(TILE_ELEMENTS // block_n, max(16, triton.next_power_of_2(k)))
+    k_tiles = triton.cdiv(k, block_k)
+    split_k = 1
+    while split_k < 8 and triton.cdiv(n, block_n) * split_k < target and k_tiles >= 4 * split_k:
+        split_k *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])  # fewer variants to compile
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program (n block, k split): acc[f, m] = sum over its K tiles of w[f, k] * x[m, k].
+
+    Writes `out [M, N]` (+ bias, cast), or with PARTIAL (split K) its fp32 partial sums to
+    `out [splits, M, N]`; a split past the last tile writes zeros.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: features x rows
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    for tile in range(tile_start, tile_end):
+        k = tile * BLOCK_K + offs_k
+        k_mask = k < K
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        for m in tl.static_range(BLOCK_M):  # padded rows (m >= M) read zeros
+            x = tl.load(x_ptr + m * K + k, mask=k_mask & (m < M), other=0.0).to(tl.float32)
+            part = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
+            acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+    # [BLOCK_N, BLOCK_M] -> out[m, f] at m * N + f
+    out_offs = offs_m[None, :] * N + offs_n[:, None]
+    out_mask = (offs_m[None, :] < M) & n_mask[:, None]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (feature block, row): out[m, f] = sum_s part[s, m, f] (+ bias[f]), cast."""
+    m = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
+    (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
+
+    `config=None` picks `default_config` from the shape and the device's SM count.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS or weight.shape[1] != k or x.dtype != weight.dtype:
+        raise ValueError(
+            f"gemv takes x [M <= {MAX_ROWS}, K] and weight [N, K] of one dtype; got "
+            f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    if not weight.is_contiguous():
+        raise ValueError("gemv needs a contiguous weight [N, K]")
+    x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or default_config(m, n, k, num_sms(x.device))
+    tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
+    if cfg.split_k == 1:
+        dest = out
+    else:  # every split writes its whole [M, N] slice (zeros when it has no tile)
+        dest = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    b = bias if bias is not None else weight  # unread when HAS_BIAS is False
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
+        x, weight, b, dest, m, n, k, tiles_per_split,
+        HAS_BIAS=bias is not None, PARTIAL=cfg.split_k > 1, BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if cfg.split_k > 1:
+        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            dest, b, out, m, n,
+            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK=REDUCE_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return out
