@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1" or (
     "triton" not in sys.modules and not torch.cuda.is_available()
@@ -26,6 +27,7 @@ from polymodal.llm_core.attention import (  # noqa: E402
     TorchAttentionBackend,
     triton_backend,  # noqa: E402
 )
+from polymodal.llm_core.layers import gemv as gemv_ops  # noqa: E402
 from polymodal.llm_core.layers import triton_ops  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}  # interp. bf16 truncates
@@ -228,3 +230,64 @@ def test_rotary_in_place_on_packed_qkv_views(dtype, rotary_dim):
     assert_close(q, ref_q, dtype)
     assert_close(k, ref_k, dtype)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv(dtype, rows, split_k, with_bias):
+    """N=37, K=83 in 16 x 32 tiles: a partial feature block and a partial last K tile; 3 K tiles
+    -> split 2 gets 2 + 1 tiles, split 4 leaves one split empty (it must write zeros)."""
+    gen = torch.Generator().manual_seed(10 * rows + split_k)
+    x = torch.randn(rows, 83, generator=gen).to(dtype)
+    weight = (torch.randn(37, 83, generator=gen) / 83**0.5).to(dtype)
+    bias = torch.randn(37, generator=gen).to(dtype) if with_bias else None
+    config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k)
+    out = gemv_ops.gemv(x, weight, bias, config)
+    assert out.shape == (rows, 37) and out.dtype == dtype
+    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 300, 2000), (8, 300, 2000), (6, 130, 515), (1, 1, 5)])
+def test_gemv_default_config(rows, n, k):
+    """The heuristic's pick (8 stand-in SMs: the first two shapes split K) on fp16 views."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(rows, 2 * k, generator=gen).half()[:, ::2]  # strided rows: copied
+    weight = (torch.randn(n, k, generator=gen) / k**0.5).half()
+    bias = torch.randn(n, generator=gen).half()
+    out = gemv_ops.gemv(x, weight, bias)
+    assert_close(out, F.linear(x.float(), weight.float(), bias.float()), torch.float16)
+
+
+def test_gemv_edge_cases():
+    weight, bias = torch.randn(5, 7), torch.randn(5)
+    assert gemv_ops.gemv(torch.randn(0, 7), weight).shape == (0, 5)
+    empty_k = gemv_ops.gemv(torch.randn(2, 0), torch.randn(5, 0), bias)  # bias only
+    assert torch.equal(empty_k, bias.expand(2, 5))
+    with pytest.raises(ValueError, match="M <= 8"):
+        gemv_ops.gemv(torch.randn(9, 7), weight)
+    with pytest.raises(ValueError, match="one dtype"):
+        gemv_ops.gemv(torch.randn(2, 7).half(), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv_ops.gemv(torch.randn(2, 5), weight.t())
+    with pytest.raises(ValueError, match="power of two"):
+        gemv_ops.GemvConfig(block_n=24)
+
+
+def test_gemv_default_config_heuristic():
+    """Qwen2.5-VL-7B shapes on 132 SMs: ~4 programs per SM with 8192-element weight tiles;
+    narrow layers take narrow feature blocks (no split at one row), rows widen the block."""
+    pick = gemv_ops.default_config
+    for n in (37888, 152064):  # gate_up, lm_head
+        assert pick(1, n, 3584, 132) == gemv_ops.GemvConfig(block_n=32, block_k=256)
+    for n, k in [(4608, 3584), (3584, 3584), (3584, 18944)]:  # qkv, o_proj, down
+        assert pick(1, n, k, 132).block_n <= 8 and pick(1, n, k, 132).split_k == 1
+        for rows in (1, 2, 4, 8):
+            cfg = pick(rows, n, k, 132)
+            assert cfg.block_n >= 4 * rows, (rows, cfg)
+            assert cfg.block_n * cfg.block_k == gemv_ops.TILE_ELEMENTS
+            assert -(-n // cfg.block_n) * cfg.split_k >= 2 * 132, (n, k, rows, cfg)
+            assert -(-k // cfg.block_k) >= 2 * cfg.split_k  # 2+ K tiles per split
+    assert pick(1, 64, 40, 132) == gemv_ops.GemvConfig(block_n=4, block_k=64)  # K < tile
