@@ -39,6 +39,9 @@ def bench_command(parser: argparse.ArgumentParser):
         action="store_true",
         help="launch each step before reading the previous one's tokens",
     )
+    parser.add_argument(
+        "--gemv", action="store_true", help="Triton GEMV for decoder linears at <= 8 rows"
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 
     def run(args) -> int:
@@ -95,8 +98,10 @@ def run_bench(args) -> dict:
         dummy_weights=args.dummy_weights,
         weights_from=hf and hf.model,
         async_scheduling=args.async_scheduling,
+        decode_gemv=args.gemv,
     )
     results["async_scheduling"] = args.async_scheduling
+    results["decode_gemv"] = args.gemv
     floor_ms = decoder_bytes(ours.model) / bandwidth * 1e3
     results["decode_floor_ms"] = floor_ms
     pics = images(args.images)

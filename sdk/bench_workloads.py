@@ -57,7 +57,12 @@ class OurSide:
     """One engine on the GPU, with token-id prompts (no tokenizer needed)."""
 
     def __init__(
-        self, model_dir: Path, dummy_weights: bool, weights_from=None, async_scheduling=False
+        self,
+        model_dir: Path,
+        dummy_weights: bool,
+        weights_from=None,
+        async_scheduling=False,
+        decode_gemv=False,
     ):
         config = EngineConfig(
             dtype="bfloat16",
@@ -70,6 +75,7 @@ class OurSide:
             gpu_memory_utilization=0.85,
             enable_prefix_caching=False,
             async_scheduling=async_scheduling,
+            decode_gemv=decode_gemv,
         )
         self.engine = Engine(str(model_dir), config)
         self.model = self.engine.runner.model
