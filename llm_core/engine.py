@@ -49,6 +49,8 @@ class Engine:
         self._seq_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
+        overlap = self.config.async_scheduling
+        self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(
@@ -165,7 +167,7 @@ class Engine:
     def _can_overlap(self) -> bool:
         """Async scheduling is on and no running request needs its tokens on the host to
         sample the next one (penalties count them; logprobs are read back with them)."""
-        if not self.config.async_scheduling:
+        if not self.async_scheduling:
             return False
         for req in self.scheduler.running:
             p = req.params

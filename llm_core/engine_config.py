@@ -40,9 +40,9 @@ class EngineConfig:
     # prompt's prefill is otherwise bound by kernel launches. 0 = always eager.
     max_prefill_graph_tokens: int = 512
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
-    # Launch step N+1 before reading step N's tokens back (hides host time behind the GPU).
-    # Off by default until measured on a GPU; correctness is tested on the CPU.
-    async_scheduling: bool = False
+    # Launch step N+1 before reading step N's tokens back (hides host time behind the GPU;
+    # outputs are identical). None = on for CUDA, off on the CPU (no device to overlap with).
+    async_scheduling: bool | None = None
     # Decoder linears (and the LM head) with <= 8 input rows run a Triton GEMV instead of
     # cuBLAS (CUDA, fp16/bf16 weights only; elsewhere a no-op). Off until measured on a GPU.
     decode_gemv: bool = False
