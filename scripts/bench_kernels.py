@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py            # CUDA: triton.testing.do_bench medians
     python scripts/bench_kernels.py --tiny     # tiny shapes; on CPU runs under TRITON_INTERPRET=1
+    python scripts/bench_kernels.py --gemv [--json gemv.json]   # GEMV config sweep vs cuBLAS
 
 Decode rows report achieved GB/s = bytes of K/V read / time (the roofline of decode).
 Shapes follow Qwen2.5-VL-7B: decoder 28 q heads / 4 kv heads, head_dim 128; vision tower
@@ -18,6 +19,8 @@ import time
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test, CPU ok)")
 ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+ARGS.add_argument("--gemv", action="store_true", help="only the GEMV sweep (small-M linears)")
+ARGS.add_argument("--json", help="also write the GEMV results here")
 
 if __name__ == "__main__" and "--tiny" in sys.argv:
     import torch
@@ -25,23 +28,29 @@ if __name__ == "__main__" and "--tiny" in sys.argv:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
 from polymodal.llm_core.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from polymodal.llm_core.layers import gemv as gemv_ops  # noqa: E402
 from polymodal.llm_core.layers import triton_ops  # noqa: E402
 
 
-def bench_ms(fn, graph: bool = False) -> float:
+def bench_ms(fn, graph: bool = False, rep: int = 100) -> float:
     """Median milliseconds of `fn()`: do_bench on CUDA (replayed from a CUDA graph when `graph`,
     as the engine runs decode: no Python launch overhead), a few wall-clock runs elsewhere."""
     if torch.cuda.is_available():
         import triton.testing
 
         if graph:
-            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -148,10 +157,159 @@ def bench_ops(tokens, hidden, inter, shape, dtype, device):
     ]
 
 
+GEMV_SHAPES = {  # Qwen2.5-VL-7B decoder: name -> (N, K, bias)
+    "qkv": (4608, 3584, True),
+    "o_proj": (3584, 3584, False),
+    "gate_up": (37888, 3584, False),
+    "down": (3584, 18944, False),
+    "lm_head": (152064, 3584, False),
+}
+TINY_GEMV_SHAPES = {"qkv": (45, 70, True), "down": (24, 300, False)}
+GEMV_TOL = 1e-2  # wrong if |out - fp32 ref| > tol * (1 + |ref|) anywhere; ref ~ N(0, 1)
+ROTATE_BYTES = 256 << 20  # weight copies cycled per call: reads miss the 50 MB L2, as in decode
+GEMV_REP_MS = 20
+
+
+def gemv_phase1(m: int, n: int, k: int, sms: int, tiny: bool) -> list:
+    """Tile shapes (4 warps, 8 for big tiles), each with the smallest K split that gives ~4
+    programs per SM. Later phases vary split, warps and stages around the fastest."""
+    if tiny:
+        return [gemv_ops.GemvConfig(bn, bk) for bn in (8, 16) for bk in (32, 64)]
+    rows, configs = triton.next_power_of_2(m), []
+    for bn, bk in itertools.product((4, 8, 16, 32, 64), (128, 256, 512, 1024, 2048)):
+        tile = bn * bk
+        if not (2048 <= tile <= 32768 and rows * tile <= 65536 and bk <= 2 * k):
+            continue
+        split = 1
+        while (
+            split < 8 and triton.cdiv(n, bn) * split < 4 * sms and gemv_split_ok(k, bk, 2 * split)
+        ):
+            split *= 2
+        configs.append(gemv_ops.GemvConfig(bn, bk, split, num_warps=4 if tile <= 8192 else 8))
+    return configs
+
+
+def gemv_split_ok(k: int, block_k: int, split: int) -> bool:
+    return split == 1 or triton.cdiv(k, block_k) >= 2 * split  # 2+ tiles per split
+
+
+def bench_gemv_shape(name, n, k, has_bias, m, dtype, device, tiny) -> dict:
+    """cuBLAS (F.linear), the default config and a sweep; every config is checked first."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight_bytes = n * k * dtype.itemsize
+    copies = 1 if tiny else -(-ROTATE_BYTES // weight_bytes)
+    weights = [
+        (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype) for _ in range(copies)
+    ]
+    x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+    bias = torch.randn(n, device=device, generator=gen).to(dtype) if has_bias else None
+    ref = F.linear(x.float(), weights[0].float(), None if bias is None else bias.float())
+
+    def time_us(fn) -> float:  # fn(weight); graph-replayed, a different weight copy each call
+        cycle = itertools.cycle(weights)
+        return 1e3 * bench_ms(lambda: fn(next(cycle)), graph=True, rep=GEMV_REP_MS)
+
+    def tb_s(us: float) -> float:
+        return weight_bytes / us / 1e6
+
+    results: dict = {}
+
+    def run(config) -> None:
+        if config in results:
+            return
+        try:
+            err = (gemv_ops.gemv(x, weights[0], bias, config).float() - ref).abs()
+            us = time_us(lambda w: gemv_ops.gemv(x, w, bias, config))
+            results[config] = {
+                "us": us,
+                "tb_s": tb_s(us),
+                "max_err": err.max().item(),
+                "ok": bool((err <= GEMV_TOL * (1 + ref.abs())).all()),
+            }
+        except Exception as exc:  # a config that does not compile or launch loses, loudly
+            results[config] = {"us": float("inf"), "ok": False, "error": repr(exc)[:300]}
+
+    def fastest(count: int) -> list:
+        good = [c for c, r in results.items() if r["ok"]]
+        return sorted(good, key=lambda c: results[c]["us"])[:count]
+
+    sms = gemv_ops.num_sms(torch.device(device))
+    for config in gemv_phase1(m, n, k, sms, tiny):
+        run(config)
+    for config in fastest(2):
+        for split in (1, 2, 4) if tiny else (1, 2, 4, 8):
+            if gemv_split_ok(k, config.block_k, split):
+                run(dataclasses.replace(config, split_k=split))
+    for config in fastest(2):
+        for warps in (2, 4, 8):  # 2 warps spill above 8192 tile elements per padded row
+            if warps > 2 or triton.next_power_of_2(m) * config.block_n * config.block_k <= 8192:
+                run(dataclasses.replace(config, num_warps=warps))
+    for config in fastest(1):  # num_stages changes nothing in the PTX on Triton 3.8: confirm
+        run(dataclasses.replace(config, num_stages=3))
+    default = gemv_ops.default_config(m, n, k, sms)
+    run(default)
+    cublas_us = time_us(lambda w: F.linear(x, w, bias))
+    best = (fastest(1) or [default])[0]
+    return {
+        "shape": name, "m": m, "n": n, "k": k, "bias": has_bias, "weight_bytes": weight_bytes,
+        "cublas": {"us": cublas_us, "tb_s": tb_s(cublas_us)},
+        "default": {"config": dataclasses.asdict(default), **results[default]},
+        "best": {"config": dataclasses.asdict(best), **results[best]},
+        "sweep": [{"config": dataclasses.asdict(c), **r} for c, r in results.items()],
+    }  # fmt: skip
+
+
+def bench_gemv(args, dtype, device) -> None:
+    """Sweep GEMV configs per (shape, rows) and print cuBLAS / default / best side by side."""
+    start = time.perf_counter()
+    shapes = TINY_GEMV_SHAPES if args.tiny else GEMV_SHAPES
+    records = []
+    for m in (1, 3) if args.tiny else (1, 2, 4):
+        for name, (n, k, has_bias) in shapes.items():
+            r = bench_gemv_shape(name, n, k, has_bias, m, dtype, device, args.tiny)
+            records.append(r)
+            print(  # progress, in case the run is cut short
+                f"{name} M={m}: cuBLAS {r['cublas']['us']:.2f} us, best {r['best']['us']:.2f} us"
+                f" of {len(r['sweep'])} configs, {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the weight copies of the shape before
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
+    print(f"# {device_name}, {args.dtype}, CUDA-graph replay, weights cycled past the L2; us")
+    print(
+        f"{'shape':8} {'M':>2} {'N':>6} {'K':>6} | {'cuBLAS':>7} {'TB/s':>5} | {'default':>7}"
+        f" {'TB/s':>5} | {'best':>7} {'TB/s':>5} {'speedup':>7}  bn/bk/split/warps/stages  err"
+    )
+    for r in records:
+        cu, de, be = r["cublas"], r["default"], r["best"]
+        c = be["config"]
+        cfg = f"{c['block_n']}/{c['block_k']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}"
+        times = " | ".join(f"{t['us']:7.2f} {t.get('tb_s', 0):5.2f}" for t in (cu, de, be))
+        speedup, err = cu["us"] / be["us"], be.get("max_err", float("nan"))
+        print(
+            f"{r['shape']:8} {r['m']:2d} {r['n']:6d} {r['k']:6d} | {times} {speedup:6.2f}x"
+            f"  {cfg:24} {err:.1e}"
+        )
+    bad = [(r["shape"], r["m"], s) for r in records for s in r["sweep"] if not s["ok"]]
+    for shape, m, s in bad:
+        print(f"FAILED {shape} M={m} {s['config']}: {s.get('error') or s['max_err']}")
+    runs = sum(len(r["sweep"]) for r in records)
+    print(f"# {runs} gemv configs timed, {len(bad)} failed, {time.perf_counter() - start:.0f} s")
+    if args.json:
+        meta = {"device": device_name, "dtype": args.dtype, "tolerance": GEMV_TOL}
+        with open(args.json, "w") as f:
+            json.dump({**meta, "results": records}, f, indent=1)
+
+
 def main() -> None:
     args = ARGS.parse_args()
     dtype = getattr(torch, args.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.gemv:
+        bench_gemv(args, dtype, device)
+        return
     tiny = args.tiny
     shape = (4, 2, 32) if tiny else (28, 4, 128)  # q heads, kv heads, head_dim
     rows = []  # (name, triton ms, baseline name, baseline ms, note)
