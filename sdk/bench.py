@@ -36,8 +36,9 @@ def bench_command(parser: argparse.ArgumentParser):
     parser.add_argument("--profile", action="store_true", help="add phase and kernel tables")
     parser.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="launch each step before reading the previous one's tokens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="launch each step before reading the previous one's tokens (the engine default)",
     )
     parser.add_argument(
         "--gemv", action="store_true", help="Triton GEMV for decoder linears at <= 8 rows"

@@ -53,6 +53,14 @@ def text_ids(n: int, seed: int, vocab: int = 152064) -> list[int]:
     )
 
 
+def _max_positions(model_dir: Path) -> int:
+    """The text model's max_position_embeddings (tiny test checkpoints have fewer than 4096)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    return config.get_text_config().max_position_embeddings
+
+
 class OurSide:
     """One engine on the GPU, with token-id prompts (no tokenizer needed)."""
 
@@ -61,14 +69,14 @@ class OurSide:
         model_dir: Path,
         dummy_weights: bool,
         weights_from=None,
-        async_scheduling=False,
+        async_scheduling=True,
         decode_gemv=False,
     ):
         config = EngineConfig(
             dtype="bfloat16",
             dummy_weights=dummy_weights or weights_from is not None,
             skip_tokenizer_init=True,
-            max_model_len=4096,
+            max_model_len=min(4096, _max_positions(model_dir)),
             max_num_seqs=512,
             max_graph_batch=512,
             max_num_batched_tokens=16384,

@@ -18,7 +18,9 @@ def test_bench_runs_every_workload(tmp_path_factory, async_scheduling, capsys):
     argv = [str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")), "--dummy-weights", "--profile"]
     argv += ["--images", "8", "--hf-images", "4", "--hf-batch", "2"]
     argv += ["--output-tokens", "4", "--decode-tokens", "8"]
-    args = parser.parse_args(argv + (["--async-scheduling"] if async_scheduling else []))
+    args = parser.parse_args(
+        argv + (["--async-scheduling"] if async_scheduling else ["--no-async-scheduling"])
+    )
     r = run_bench(args)
     print_table(r)
     ours, hf = r["ours"], r["hf"]
