@@ -57,8 +57,8 @@ def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
     """About 4 programs per SM, each loading `TILE_ELEMENTS` of weight per K step.
 
     The feature block is the widest of 32 .. 4 that still gives that many programs, but at
-    least 4 features per padded x row (each program reads all of x: a narrow block would read
-    more x than weight). K splits only while programs are still short, keeping 2+ tiles each.
+    least 4 features per padded x row (every program reads all of x; this keeps x traffic at
+    most a quarter of the weight's). K splits only while programs are short, 2+ tiles each.
     """
     rows = triton.next_power_of_2(max(m, 1))
     target = 4 * sms

@@ -70,7 +70,7 @@ def test_decode_gemv_engine_matches_cublas_on_cuda(tmp_path_factory):
         final = engine.run_until_done()
         runs[gemv] = (seen, [final[i].outputs[0].token_ids for i in ids])
     (fast, fast_tokens), (ref, ref_tokens) = runs[True], runs[False]
-    assert len(fast) == len(ref) == 8 and fast[0].shape == (2, model.config.vocab_size)
+    assert min(len(fast), len(ref)) >= 8 and fast[0].shape == (2, model.config.vocab_size)
     for step in range(8):  # step 0: prefill; logits of step s chose tokens[:, s]
         torch.testing.assert_close(fast[step], ref[step], atol=5e-2, rtol=0, msg=f"step {step}")
         if [t[step] for t in fast_tokens] != [t[step] for t in ref_tokens]:
