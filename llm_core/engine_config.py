@@ -43,9 +43,9 @@ class EngineConfig:
     # Launch step N+1 before reading step N's tokens back (hides host time behind the GPU;
     # outputs are identical). None = on for CUDA, off on the CPU (no device to overlap with).
     async_scheduling: bool | None = None
-    # Decoder linears (and the LM head) with <= 8 input rows run a Triton GEMV instead of
-    # cuBLAS (CUDA, fp16/bf16 weights only; elsewhere a no-op). Off until measured on a GPU.
-    decode_gemv: bool = False
+    # Batch-1 decode: decoder linears and the LM head at one input row run a Triton GEMV
+    # instead of cuBLAS (CUDA, fp16/bf16 weights only; elsewhere a no-op).
+    decode_gemv: bool = True
     seed: int = 0
 
 

@@ -41,7 +41,10 @@ def bench_command(parser: argparse.ArgumentParser):
         help="launch each step before reading the previous one's tokens (the engine default)",
     )
     parser.add_argument(
-        "--gemv", action="store_true", help="Triton GEMV for decoder linears at <= 8 rows"
+        "--gemv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Triton GEMV for one-row decoder linears (the engine default)",
     )
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 

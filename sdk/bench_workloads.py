@@ -70,7 +70,7 @@ class OurSide:
         dummy_weights: bool,
         weights_from=None,
         async_scheduling=True,
-        decode_gemv=False,
+        decode_gemv=True,
     ):
         config = EngineConfig(
             dtype="bfloat16",

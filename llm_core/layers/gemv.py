@@ -60,6 +60,8 @@ def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
     least 4 features per padded x row (every program reads all of x; this keeps x traffic at
     most a quarter of the weight's). K splits only while programs are short, 2+ tiles each.
     """
+    if m == 1 and n >= 2048 and k >= 2048:
+        return _one_row_config(n, k)
     rows = triton.next_power_of_2(max(m, 1))
     target = 4 * sms
     block_n = next((b for b in (32, 16, 8) if triton.cdiv(n, b) >= target), 4)
@@ -70,6 +72,19 @@ def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
     while split_k < 8 and triton.cdiv(n, block_n) * split_k < target and k_tiles >= 4 * split_k:
         split_k *= 2
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+def _one_row_config(n: int, k: int) -> GemvConfig:
+    """Batch-1 decode, from the H200 sweep of Qwen2.5-VL-7B's shapes (`scripts/bench_kernels.py
+    --gemv`, docs/performance.md): narrow feature blocks and long K tiles; only a long K
+    (down_proj) splits. Each beat cuBLAS by 5-25% there."""
+    if k > 8192:  # down_proj 3584 x 18944: 38.7 -> 35.5 us
+        return GemvConfig(block_n=32, block_k=128, split_k=8)
+    if n >= 65536:  # LM head 152064 x 3584: 258 -> 242 us
+        return GemvConfig(block_n=32, block_k=256, num_stages=3)
+    if n >= 16384:  # gate_up 37888 x 3584: 70.6 -> 62.4 us
+        return GemvConfig(block_n=8, block_k=512)
+    return GemvConfig(block_n=4, block_k=512, num_stages=3)  # qkv, o_proj: 11.3/11.7 -> 10.7/9.4
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])  # fewer variants to compile
