@@ -122,8 +122,10 @@ class OurSide:
         return float(np.median(gaps) * 1e3)
 
     def ttft_ms(self, _image, repeats: int = 5) -> float:
-        """Median time from raw image + ids to the first output token (processing included)."""
-        fresh = images(repeats + 1, seed=1234)
+        """Median time from raw image + ids to the first output token (processing included).
+        Every call draws new images: a repeated one would hit the encoder cache."""
+        self.ttft_calls = getattr(self, "ttft_calls", 0) + 1
+        fresh = images(repeats + 1, seed=1000 * self.ttft_calls)
         times = []
         for i, image in enumerate(fresh):
             torch.cuda.synchronize()
