@@ -18,7 +18,8 @@ import torch
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 
 BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-PREFILL_BUCKETS = [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]
+# 16-token steps up to 512 (an image prompt's prefill pads by < 16 tokens), coarser above.
+PREFILL_BUCKETS = [*range(16, 513, 16), 640, 768, 896, 1024]
 PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
 
 

@@ -43,8 +43,9 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         for it in items:
             pixels = it.data["pixel_values"]
             if pixels.device != weight.device and weight.is_cuda:
-                # pinned + async: no wait for the engine's queued work (see host_copy)
-                pixels = pixels.pin_memory().to(weight.device, non_blocking=True)
+                # cast first (half the bytes to pin and copy; the same rounding as on the
+                # device), then pinned + async: no wait for the engine's queued work
+                pixels = pixels.to(weight.dtype).pin_memory().to(weight.device, non_blocking=True)
             if pixels.device != weight.device or pixels.dtype != weight.dtype:
                 pixels = pixels.to(weight.device).to(weight.dtype)
             it.data["pixel_values"] = pixels
