@@ -8,12 +8,14 @@ import torch
 
 
 def content_hash(modality: str, tensors: dict[str, torch.Tensor]) -> str:
-    """blake2b (128-bit, hex) over the modality and each tensor's name, dtype, shape and bytes.
+    """SHA-256 (hex) over the modality and each tensor's name, dtype, shape and bytes (SHA-256
+    runs in hardware on current x86 and ARM CPUs: ~2x blake2b's speed, and collision-resistant,
+    so one user's media cannot be made to share another's cached blocks).
 
     Hashing the *processed* tensors means two requests share a hash exactly when the encoder
     would see the same input (same pixels after resize, same grid), whatever the source format.
     """
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha256()
     digest.update(modality.encode())
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()

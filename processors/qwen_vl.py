@@ -181,7 +181,8 @@ class QwenVLProcessor:
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
-        frames = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # [1, 3, H, W] uint8
+        pixels = torch.from_numpy(np.array(image))  # [H, W, 3] uint8
+        frames = pixels.permute(2, 0, 1)[None]  # [1, 3, H, W]
         try:
             pixel_values, grid = preprocess_frames(
                 frames,
@@ -193,7 +194,7 @@ class QwenVLProcessor:
             raise media_error("image", index, ref.source, str(exc)) from None
         icfg = self.config.image
         key = _media_key(
-            frames,
+            pixels,  # hashed as decoded (contiguous: no copy)
             options.get("min_pixels", icfg.min_pixels),
             options.get("max_pixels", icfg.max_pixels),
             icfg,
