@@ -192,5 +192,8 @@ class PrefillGraphs:
         self.seq_lens[:s].copy_(meta.seq_lens)
         self.seq_lens[s:].zero_()
         self.block_tables[:s, : meta.block_tables.shape[1]].copy_(meta.block_tables)
-        self.graphs[bucket].replay()
+        if self.graphs:
+            self.graphs[bucket].replay()
+        else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
+            self._forward(bucket)
         return self.hidden[:n]
