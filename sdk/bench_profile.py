@@ -230,28 +230,30 @@ def profile_all(ours, pics) -> dict:
     }
 
 
+def _print_kernels(rows: list[dict], ms: str, count: str) -> None:
+    for k in rows:
+        print(f"  {k[ms]:7.3f} ms x{k[count]:5.0f}  {k['name']}")
+
+
 def print_profile(prof: dict) -> None:
     dk = prof["decode_kernels"]
     print(
         f"\nbatch-1 decode: {dk['wall_ms_per_step']:.2f} ms/step wall, "
         f"{dk['gpu_busy_ms_per_step']:.2f} ms GPU busy, idle {dk['gpu_idle_share']:.1%}"
     )
-    for k in dk["top_kernels"]:
-        print(f"  {k['ms_per_step']:7.3f} ms x{k['calls_per_step']:5.0f}  {k['name']}")
+    _print_kernels(dk["top_kernels"], "ms_per_step", "calls_per_step")
     tk = prof["ttft_kernels"]
     print(
         f"TTFT GPU busy {tk['gpu_busy_ms']:.1f} ms; GPU spans: vision "
         f"{tk['vision encoder gpu_span_ms']:.1f} ms, decoder {tk['decoder gpu_span_ms']:.1f} ms"
     )
-    for k in tk["top_kernels"]:
-        print(f"  {k['ms_per_call']:7.3f} ms x{k['launches']:5.0f}  {k['name']}")
+    _print_kernels(tk["top_kernels"], "ms_per_call", "launches")
     ek = prof["encoder_kernels"]
     print(
         f"vision tower: 1 image {ek['one_image_ms']:.1f} ms, {ek['batch_images']} images "
         f"{ek['batch_ms']:.1f} ms"
     )
-    for k in ek["top_kernels"]:
-        print(f"  {k['ms_per_call']:7.3f} ms x{k['launches']:5.0f}  {k['name']}")
+    _print_kernels(ek["top_kernels"], "ms_per_call", "launches")
     for name in ("ttft_phases", "caption_phases"):
         print(f"{name}: total {prof[name]['total_seconds']:.2f}s")
         for phase, v in prof[name]["phases"].items():

@@ -88,6 +88,7 @@ class OurSide:
         self.engine = Engine(str(model_dir), config)
         self.model = self.engine.runner.model
         self.vocab = self.engine.model_config.vocab_size
+        self.ttft_calls = 0  # each TTFT call draws new images
         if weights_from is not None:  # the very tensors transformers runs
             load_weights(self.model, weights_from.state_dict().items(), "transformers model")
         self.processor = QwenVLProcessor(None, load_qwen_vl_config(model_dir))
@@ -124,7 +125,7 @@ class OurSide:
     def ttft_ms(self, _image, repeats: int = 5) -> float:
         """Median time from raw image + ids to the first output token (processing included).
         Every call draws new images: a repeated one would hit the encoder cache."""
-        self.ttft_calls = getattr(self, "ttft_calls", 0) + 1
+        self.ttft_calls += 1
         fresh = images(repeats + 1, seed=1000 * self.ttft_calls)
         times = []
         for i, image in enumerate(fresh):

@@ -46,9 +46,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
                 # cast first (half the bytes to pin and copy; the same rounding as on the
                 # device), then pinned + async: no wait for the engine's queued work
                 pixels = pixels.to(weight.dtype).pin_memory().to(weight.device, non_blocking=True)
-            if pixels.device != weight.device or pixels.dtype != weight.dtype:
-                pixels = pixels.to(weight.device).to(weight.dtype)
-            it.data["pixel_values"] = pixels
+            it.data["pixel_values"] = pixels.to(weight.device, weight.dtype)  # no-op if there
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""
