@@ -46,6 +46,12 @@ def bench_command(parser: argparse.ArgumentParser):
         default=True,
         help="Triton GEMV for one-row decoder linears (the engine default)",
     )
+    parser.add_argument(
+        "--pdl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="programmatic dependent launch of the Triton kernels on sm_90+ (the default)",
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 
     def run(args) -> int:
@@ -80,6 +86,7 @@ def run_bench(args) -> dict:
     import torch
 
     from polymodal.bench_workloads import OurSide, decoder_bytes, images
+    from polymodal.llm_core import pdl
 
     if not torch.cuda.is_available():
         raise SystemExit("polymodal bench needs a CUDA device")
@@ -90,6 +97,7 @@ def run_bench(args) -> dict:
         "model": str(args.model),
         "torch": torch.__version__,
     }
+    pdl.set_enabled(args.pdl)  # before any kernel compiles or a graph is captured
     bandwidth = measure_bandwidth()
     results["hbm_copy_tb_s"] = bandwidth / 1e12
     hf = None
@@ -106,6 +114,7 @@ def run_bench(args) -> dict:
     )
     results["async_scheduling"] = args.async_scheduling
     results["decode_gemv"] = args.gemv
+    results["pdl"] = args.pdl
     floor_ms = decoder_bytes(ours.model) / bandwidth * 1e3
     results["decode_floor_ms"] = floor_ms
     pics = images(args.images)

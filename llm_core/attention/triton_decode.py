@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from polymodal.llm_core import pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -46,7 +48,9 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -118,8 +122,10 @@ def _reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Merge the split partials of one (sequence, head): a log-sum-exp weighted average."""
+    pdl.wait(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -171,6 +177,7 @@ def paged_decode(
     else:  # unused by the kernel; any fp32 tensor will do
         part_out = part_lse = out.new_empty((1,), dtype=torch.float32)
     block_d = triton.next_power_of_2(head_dim)
+    flag = pdl.use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -199,8 +206,10 @@ def paged_decode(
         NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None,
         DOT_F32=not q.is_cuda,
+        USE_PDL=flag,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=flag,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
@@ -213,6 +222,8 @@ def paged_decode(
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            USE_PDL=flag,
             num_warps=4,
+            launch_pdl=flag,
         )
     return out

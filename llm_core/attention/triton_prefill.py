@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from polymodal.llm_core import pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -83,7 +85,9 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
     head = tl.program_id(2)
@@ -154,6 +158,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, 
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = q_start.shape[0] - 1
     block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda)
+    flag = pdl.use_pdl(q)
     extra = {"num_warps": num_warps, "num_stages": num_stages} if q.is_cuda else {}
     if paged:  # k, v: [num_blocks, page_size, kv_heads, head_dim]
         kv_heads, page_size = k.shape[2], k.shape[1]
@@ -188,6 +193,8 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, 
         IS_CAUSAL=causal,
         USE_WINDOW=window is not None,
         DOT_F32=not q.is_cuda,
+        USE_PDL=flag,
+        launch_pdl=flag,
         **extra,
     )
     return out

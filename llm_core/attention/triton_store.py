@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from polymodal.llm_core import pdl
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -26,8 +28,10 @@ def _store_kv_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per token: copy its `[kv_heads, head_dim]` k and v rows into its slot."""
+    pdl.wait(USE_PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:  # padding token: nothing to store
@@ -78,4 +82,6 @@ def store_kv(
         PAGE_SIZE=kv_cache.shape[2],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        USE_PDL=pdl.use_pdl(k),
+        launch_pdl=pdl.use_pdl(k),
     )

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from polymodal.llm_core import pdl
+
 MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
 REDUCE_BLOCK = 1024  # features per program of the split-K reduction
 TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
@@ -87,6 +89,18 @@ def _one_row_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=4, block_k=512, num_stages=3)  # qkv, o_proj: 11.3/11.7 -> 10.7/9.4
 
 
+@triton.jit
+def _gemv_tile(acc, w, x_ptr, M, K, k, offs_m, BLOCK_M: tl.constexpr):
+    """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0)."""
+    k_mask = k < K
+    w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
+    for m in tl.static_range(BLOCK_M):
+        x = tl.load(x_ptr + m * K + k, mask=k_mask & (m < M), other=0.0).to(tl.float32)
+        part = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
+        acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])  # fewer variants to compile
 def _gemv_kernel(
     x_ptr,
@@ -102,11 +116,13 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (n block, k split): acc[f, m] = sum over its K tiles of w[f, k] * x[m, k].
 
     Writes `out [M, N]` (+ bias, cast), or with PARTIAL (split K) its fp32 partial sums to
-    `out [splits, M, N]`; a split past the last tile writes zeros.
+    `out [splits, M, N]`; a split past the last tile writes zeros. The first weight tile is
+    loaded before the PDL wait: it streams in while the previous kernel finishes.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -118,15 +134,16 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: features x rows
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    for tile in range(tile_start, tile_end):
+    k = tile_start * BLOCK_K + offs_k
+    first = n_mask[:, None] & ((k < K) & (tile_start < tile_end))[None, :]
+    w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
+    pdl.wait(USE_PDL)
+    if tile_start < tile_end:
+        acc = _gemv_tile(acc, w, x_ptr, M, K, k, offs_m, BLOCK_M)
+    for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
-        k_mask = k < K
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        for m in tl.static_range(BLOCK_M):  # padded rows (m >= M) read zeros
-            x = tl.load(x_ptr + m * K + k, mask=k_mask & (m < M), other=0.0).to(tl.float32)
-            part = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
-            acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+        acc = _gemv_tile(acc, w, x_ptr, M, K, k, offs_m, BLOCK_M)
     # [BLOCK_N, BLOCK_M] -> out[m, f] at m * N + f
     out_offs = offs_m[None, :] * N + offs_n[:, None]
     out_mask = (offs_m[None, :] < M) & n_mask[:, None]
@@ -148,8 +165,10 @@ def _split_k_reduce_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (feature block, row): out[m, f] = sum_s part[s, m, f] (+ bias[f]), cast."""
+    pdl.wait(USE_PDL)
     m = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -192,15 +211,17 @@ def gemv(
     else:  # every split writes its whole [M, N] slice (zeros when it has no tile)
         dest = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     b = bias if bias is not None else weight  # unread when HAS_BIAS is False
+    flag = pdl.use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
         x, weight, b, dest, m, n, k, tiles_per_split,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split_k > 1, BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=flag,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     if cfg.split_k > 1:
         _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             dest, b, out, m, n,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK=REDUCE_BLOCK, num_warps=4,
+            USE_PDL=flag, launch_pdl=flag,
         )  # fmt: skip
     return out

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from polymodal.llm_core import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -26,11 +28,14 @@ def _rms_norm_kernel(
     stride_r,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per row: h = x (+ residual); out = w * (h * rsqrt(mean(h^2) + eps))."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static: before the wait
+    pdl.wait(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -39,7 +44,6 @@ def _rms_norm_kernel(
     h = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden + eps)
     normed = (h * rstd).to(x.dtype).to(tl.float32)  # HF casts before scaling by the weight
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,6 +70,7 @@ def rms_norm(
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, new_res, hidden, eps, x2.stride(0), r2.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            USE_PDL=pdl.use_pdl(x2), launch_pdl=pdl.use_pdl(x2),
         )  # fmt: skip
     new_residual = new_res.view(x.shape) if residual is not None else x
     return out.view(x.shape), new_residual
@@ -82,8 +87,9 @@ def rms_norm_ref(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (row, chunk): out[row, c] = silu(x[row, c]) * x[row, d + c]."""
+    pdl.wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -102,8 +108,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, d, x2.stride(0), BLOCK=block, num_warps=4
-        )
+            x2, out, d, x2.stride(0), BLOCK=block, num_warps=4,
+            USE_PDL=pdl.use_pdl(x2), launch_pdl=pdl.use_pdl(x2),
+        )  # fmt: skip
     return out.view(*x.shape[:-1], d)
 
 
@@ -114,33 +121,52 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr,
-    cos_ptr,
-    sin_ptr,
-    num_heads,
-    stride_xt,
-    stride_xh,
-    stride_ct,
-    stride_st,
-    HALF: tl.constexpr,  # rotary_dim // 2
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+def _rotate_heads(
+    x_ptr, cos, sin, num_heads, stride_h, col_mask, cols, HALF: tl.constexpr, BLOCK_H: tl.constexpr
 ):
-    """One program per token: rotate x[t, :, :2*HALF] of every head, neox style, in place."""
-    token = tl.program_id(0).to(tl.int64)
+    """Rotate `x_ptr[:num_heads, :2*HALF]` (one token's heads) in place, neox style."""
     heads = tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_HALF)
-    col_mask = cols < HALF
-    cos = tl.load(cos_ptr + token * stride_ct + cols, mask=col_mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
     mask = (heads[:, None] < num_heads) & col_mask[None, :]
-    ptr1 = x_ptr + token * stride_xt + heads[:, None] * stride_xh + cols[None, :]  # first half
+    ptr1 = x_ptr + heads[:, None] * stride_h + cols[None, :]  # first half
     x1 = tl.load(ptr1, mask=mask, other=0.0)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     tl.store(ptr1, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=mask)
     tl.store(ptr1 + HALF, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    num_q_heads,
+    num_k_heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    stride_st,
+    HALF: tl.constexpr,  # rotary_dim // 2
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,  # 0: no k
+    BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program per token: rotate q[t] and k[t] of every head, neox style, in place."""
+    pdl.wait(USE_PDL)
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    col_mask = cols < HALF
+    cos = tl.load(cos_ptr + token * stride_ct + cols, mask=col_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
+    q_row = q_ptr + token * stride_qt
+    _rotate_heads(q_row, cos, sin, num_q_heads, stride_qh, col_mask, cols, HALF, BLOCK_QH)
+    if BLOCK_KH > 0:
+        k_row = k_ptr + token * stride_kt
+        _rotate_heads(k_row, cos, sin, num_k_heads, stride_kh, col_mask, cols, HALF, BLOCK_KH)
 
 
 def rotary_embedding(
@@ -150,20 +176,25 @@ def rotary_embedding(
 
     `cos, sin`: `[T, rotary_dim / 2]`, already gathered per token (M-RoPE sections merged by the
     caller). Only the first `rotary_dim` features rotate. Views (e.g. slices of a packed qkv)
-    are fine as long as the last dim has unit stride. Returns `(q, k)`.
+    are fine as long as the last dim has unit stride. `k` may have no tokens (q alone is
+    rotated); otherwise one launch rotates both. Returns `(q, k)`.
     """
     half = cos.shape[-1]
     assert 2 * half <= q.shape[-1] and cos.shape == sin.shape
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1, "cos/sin need a unit last stride"
-    for x in (q, k):
-        assert x.stride(-1) == 1, "rotary_embedding works in place: x needs a unit last stride"
-        if x.shape[0] == 0:
-            continue
-        _rotary_kernel[(x.shape[0],)](
-            x, cos, sin, x.shape[1], x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
-            HALF=half, BLOCK_H=triton.next_power_of_2(x.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
-        )  # fmt: skip
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, "rotary works in place: unit last stride"
+    has_k = k.shape[0] > 0
+    assert not has_k or k.shape[0] == q.shape[0], "q and k need the same tokens"
+    if q.shape[0] == 0:
+        return q, k
+    flag = pdl.use_pdl(q)
+    _rotary_kernel[(q.shape[0],)](
+        q, k if has_k else q, cos, sin, q.shape[1], k.shape[1], q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        HALF=half, BLOCK_QH=triton.next_power_of_2(q.shape[1]),
+        BLOCK_KH=triton.next_power_of_2(k.shape[1]) if has_k else 0,
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, USE_PDL=flag, launch_pdl=flag,
+    )  # fmt: skip
     return q, k
 
 

@@ -232,6 +232,16 @@ def test_rotary_in_place_on_packed_qkv_views(dtype, rotary_dim):
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
 
 
+def test_rotary_q_alone_when_k_is_empty():
+    """The vision towers rotate one tensor: `k` with no tokens leaves only q rotated."""
+    q = torch.randn(5, 3, 16)
+    angles = torch.randn(5, 8)
+    ref_q, _ = triton_ops.rotary_embedding_ref(q.clone(), q.clone(), angles.cos(), angles.sin())
+    out_q, out_k = triton_ops.rotary_embedding(q, q[:0], angles.cos(), angles.sin())
+    assert out_q is q and out_k.shape[0] == 0
+    assert_close(q, ref_q, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("split_k", [1, 2, 4])
