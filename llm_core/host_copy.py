@@ -29,3 +29,11 @@ def upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch.
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One flat list as a `dtype` tensor on `device`, without waiting for the device."""
     return upload([values], dtype, device)[0]
+
+
+def copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; host -> CUDA through pinned memory and an async copy (no wait for
+    the device's queued work). Other moves are plain `.to(device)` (a no-op when there)."""
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -9,7 +9,13 @@ from polymodal.processors.hashing import content_hash
 from polymodal.processors.media import load_image
 from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
-from polymodal.processors.qwen_vision import VisionPreprocessConfig, preprocess_frames, smart_resize
+from polymodal.processors.qwen_vision import (
+    VisionPreprocessConfig,
+    normalize_patches,
+    preprocess_frames,
+    resize_and_patchify,
+    smart_resize,
+)
 from polymodal.processors.qwen_vl import QwenVLProcessor
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 from polymodal.processors.video import VideoFrames, load_video, sample_indices
@@ -27,7 +33,9 @@ __all__ = [
     "load_qwen_vl_config",
     "load_video",
     "mrope_positions",
+    "normalize_patches",
     "preprocess_frames",
+    "resize_and_patchify",
     "sample_indices",
     "smart_resize",
 ]

@@ -1,11 +1,13 @@
-"""Qwen2-VL / Qwen2.5-VL pixel pipeline: smart resize, rescale + normalize, patchify.
+"""Qwen2-VL / Qwen2.5-VL pixel pipeline: smart resize, patchify, rescale + normalize.
 
 Mirrors transformers' default (torchvision-backend) `Qwen2VLImageProcessor` and
 `Qwen2VLVideoProcessor`: a uint8 CHW frame is resized with torch's antialiased bicubic kernel
-(the kernel torchvision's `resize` calls on CPU for uint8), normalized with the fused
-`(x - mean / rescale) / (std / rescale)` in float32, and cut into patches of
+(the kernel torchvision's `resize` calls on CPU for uint8), cut into patches of
 `C * temporal_patch * patch * patch` values ordered so that each `merge x merge` block of
-patches is contiguous (the vision tower merges them into one slot).
+patches is contiguous (the vision tower merges them into one slot), and normalized with the
+fused `(x - mean / rescale) / (std / rescale)` in float32. Each element is normalized on its
+own, so patchifying the uint8 first gives the same values. The processor stops at the uint8
+patches (`resize_and_patchify`); `normalize_patches` runs later on the model's device.
 """
 
 from __future__ import annotations
@@ -90,18 +92,37 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int], resample: int = 3
     return F.interpolate(frames, size=size, mode=mode, align_corners=False, antialias=True)
 
 
-def _scaled_mean_std(cfg: VisionPreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_mean_std(cfg: VisionPreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 mean and std pre-divided by the rescale factor (HF's fused rescale+normalize)."""
     scale = 1.0 / cfg.rescale_factor
     return torch.tensor(cfg.image_mean) * scale, torch.tensor(cfg.image_std) * scale
 
 
-def normalize(frames: torch.Tensor, cfg: VisionPreprocessConfig) -> torch.Tensor:
-    """Rescale by `rescale_factor` and normalize, fused into one float32 step (as HF does)."""
-    # Same float32 rounding as the reference: mean/std scaled by 1/rescale before subtracting.
-    mean, std = _scaled_mean_std(cfg)
-    frames = frames.to(torch.float32)
-    return frames.sub(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+def normalize_patches(
+    patches: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    repeat: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Patches `[N, C, t, p*p]` (uint8, or float32 0..255 for alpha-blended video) -> normalized
+    pixel values `[N, C*t*repeat*p*p]` in `dtype`.
+
+    The one normalization of the pixel pipeline, run wherever `patches` are (host or device;
+    `mean`/`std` from `scaled_mean_std`, on the same device): to float32, subtract the scaled
+    mean, divide by the scaled std (HF's fused rescale+normalize, so the same float32 rounding),
+    then cast. `repeat > 1` (needs t == 1) expands an image's one frame to the temporal patch;
+    it comes after the cast, which is elementwise, so the values are those of casting last.
+    """
+    num_patches = patches.shape[0]
+    # copy=True: float32 patches (alpha-blended video) stay as they are; then in place (one
+    # fresh buffer, not three: each costs page faults on the host)
+    out = patches.to(torch.float32, copy=True)
+    out.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+    out = out.to(dtype)
+    if repeat > 1:  # [N, C, 1, p*p] -> [N, C, repeat, p*p]
+        out = out.expand(-1, -1, repeat, -1)
+    return out.reshape(num_patches, -1)
 
 
 def patchify(
@@ -125,17 +146,20 @@ def patchify(
     return patches.contiguous(), (grid_t, grid_h, grid_w)
 
 
-def preprocess_frames(
+def resize_and_patchify(
     frames: torch.Tensor,
     cfg: VisionPreprocessConfig,
     *,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Resize, normalize and patchify `[T, 3, H, W]` frames (one image is T=1).
+) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """Resize and patchify `[T, 3, H, W]` frames (one image is T=1): no float work for uint8.
 
-    An image's single frame is repeated `temporal_patch_size` times, as the reference does.
-    Returns float32 `pixel_values [t*h*w, patch_dim]` and the grid `(t, h, w)` in patches.
+    Returns (patches `[t*h*w, C, t_patch, p*p]` in the frames' dtype, temporal repeat, grid
+    `(t, h, w)`): `normalize_patches(patches, *scaled_mean_std(cfg), repeat)` gives the pixel
+    values. An image's single frame is patchified once (`t_patch` = 1) and repeated
+    `temporal_patch_size` times (`repeat`) on normalizing, as the reference repeats the frame;
+    video has `t_patch` = temporal_patch_size and repeat 1.
     """
     height, width = frames.shape[-2:]
     size = smart_resize(
@@ -147,16 +171,27 @@ def preprocess_frames(
     )
     if tuple(size) != (height, width):  # bicubic at scale 1 is the identity: skip it
         frames = resize_frames(frames, size, cfg.resample)
-    # Patchify the uint8 frames (4x fewer bytes through the strided copy), then normalize the
-    # contiguous patches: the same float32 ops per element as `normalize`, so the same values.
-    # An image is one frame repeated `tp` times: patchify it once and repeat after normalizing.
     tp = cfg.temporal_patch_size
     repeat = tp if frames.shape[0] == 1 else 1
     patches, grid = patchify(frames, cfg, temporal_patch_size=tp // repeat)
-    num_patches, channels = patches.shape[0], frames.shape[1]
-    mean, std = _scaled_mean_std(cfg)
-    out = patches.view(num_patches, channels, 1, -1).to(torch.float32)
-    out.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-    if repeat > 1:  # [N, C, 1, p*p] -> [N, C, tp, p*p]
-        out = out.expand(-1, -1, repeat, -1)
-    return out.reshape(num_patches, -1), grid
+    # [N, C*t*p*p] -> [N, C, t, p*p]: channels apart, so the per-channel mean/std broadcast
+    return patches.view(patches.shape[0], frames.shape[1], tp // repeat, -1), repeat, grid
+
+
+def preprocess_frames(
+    frames: torch.Tensor,
+    cfg: VisionPreprocessConfig,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Resize, patchify and normalize `[T, 3, H, W]` frames (one image is T=1).
+
+    An image's single frame is repeated `temporal_patch_size` times, as the reference does.
+    Returns float32 `pixel_values [t*h*w, patch_dim]` and the grid `(t, h, w)` in patches.
+    (The processor keeps the uint8 patches instead and normalizes on the model's device.)
+    """
+    patches, repeat, grid = resize_and_patchify(
+        frames, cfg, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    return normalize_patches(patches, *scaled_mean_std(cfg), repeat), grid

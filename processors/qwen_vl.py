@@ -26,7 +26,11 @@ from polymodal.processors.media import (
 )
 from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
-from polymodal.processors.qwen_vision import preprocess_frames
+from polymodal.processors.qwen_vision import (
+    VisionPreprocessConfig,
+    resize_and_patchify,
+    scaled_mean_std,
+)
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 from polymodal.processors.video import DEFAULT_MAX_VIDEO_PIXELS, load_video
 
@@ -184,7 +188,7 @@ class QwenVLProcessor:
         pixels = torch.from_numpy(np.array(image))  # [H, W, 3] uint8
         frames = pixels.permute(2, 0, 1)[None]  # [1, 3, H, W]
         try:
-            pixel_values, grid = preprocess_frames(
+            patched = resize_and_patchify(
                 frames,
                 self.config.image,
                 min_pixels=options.get("min_pixels"),
@@ -199,7 +203,7 @@ class QwenVLProcessor:
             options.get("max_pixels", icfg.max_pixels),
             icfg,
         )
-        return self._item("image", pixel_values, grid, key), 1.0
+        return self._item("image", patched, icfg, key), 1.0
 
     def _video_item(
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
@@ -225,30 +229,42 @@ class QwenVLProcessor:
             share = cfg.video_total_pixels * vcfg.temporal_patch_size // video.frames.shape[0]
             max_pixels = max(min(max_pixels, share), int(min_pixels * 1.05))
         try:
-            pixel_values, grid = preprocess_frames(
+            patched = resize_and_patchify(
                 video.frames, vcfg, min_pixels=min_pixels, max_pixels=max_pixels
             )
         except ValueError as exc:
             raise media_error("video", index, ref.source, str(exc)) from None
         second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
         key = _media_key(video.frames, min_pixels, max_pixels, vcfg)
-        item = self._item("video", pixel_values, grid, key)
+        item = self._item("video", patched, vcfg, key)
         item.second_per_grid = second_per_grid
         interval = 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
         return item, interval
 
     @staticmethod
     def _item(
-        modality: str, pixel_values: torch.Tensor, grid: tuple[int, int, int], key: dict
+        modality: str, patched: tuple, cfg: VisionPreprocessConfig, key: dict
     ) -> MultimodalItem:
-        """A `MultimodalItem` with its tensors and content hash; slots are filled in later."""
-        data = {"pixel_values": pixel_values, "grid_thw": torch.tensor([grid], dtype=torch.int64)}
+        """A `MultimodalItem` with its tensors and content hash; slots are filled in later.
+
+        `patched` is `resize_and_patchify`'s output: the item keeps the patches as they are
+        and what normalizing them takes (done by the model's `stage()`, on its device).
+        """
+        patches, repeat, grid = patched
+        mean, std = scaled_mean_std(cfg)
+        data = {
+            "pixel_patches": patches,  # uint8 [num_patches, C, t, p*p]
+            "pixel_mean": mean,
+            "pixel_std": std,
+            "temporal_repeat": torch.tensor(repeat),
+            "grid_thw": torch.tensor([grid], dtype=torch.int64),
+        }
         return MultimodalItem(modality, data, -1, 0, content_hash(modality, key))
 
 
 def _media_key(frames: torch.Tensor, min_pixels, max_pixels, cfg) -> dict[str, torch.Tensor]:
     """What the content hash covers: the decoded uint8 frames and every knob of their
-    preprocessing. Hashing these (not the 8x larger float32 pixel values) keeps the hash cheap;
+    preprocessing. Hashing these (not the pixel values, 8x larger as float32) keeps the hash cheap;
     equal keys give equal pixel values because preprocessing is deterministic."""
     knobs = [min_pixels, max_pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size]
     knobs += [*cfg.image_mean, *cfg.image_std, cfg.rescale_factor, cfg.resample]

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from polymodal.processors.qwen_vision import normalize_patches
+
+# `data` keys of pixels not normalized yet (the processor's output, until the model stages it)
+PATCH_KEYS = ("pixel_patches", "pixel_mean", "pixel_std", "temporal_repeat")
 
 
 @dataclass
 class MultimodalItem:
     """One image or video of a prompt, preprocessed for its encoder.
 
-    `data` holds the encoder inputs: `pixel_values` float32 `[num_patches, patch_dim]` and
-    `grid_thw` int64 `[1, 3]` (temporal, height, width in patches). The encoder's output rows
-    `[num_slots, hidden]` go to `token_ids[slot_start : slot_start + num_slots]`.
+    `data` holds the encoder inputs: `grid_thw` int64 `[1, 3]` (temporal, height, width in
+    patches) and the pixels. From the processor they are not normalized yet (no float work on
+    the host, 4x+ fewer bytes to copy): `pixel_patches` uint8 `[num_patches, C, t, p*p]`
+    (float32 for alpha-blended video), `pixel_mean` / `pixel_std` float32 `[C]` (scaled by
+    1/rescale) and `temporal_repeat` int64 `[]` (an image: t = 1, repeat = temporal_patch_size;
+    video: t = temporal_patch_size, repeat = 1). `pixel_values()` normalizes them; the model's
+    `stage()` replaces them with `pixel_values` `[num_patches, patch_dim]` normalized on its
+    device, in its dtype. The encoder's output rows `[num_slots, hidden]` go to
+    `token_ids[slot_start : slot_start + num_slots]`.
     """
 
     modality: str  # "image" | "video"
@@ -23,6 +35,29 @@ class MultimodalItem:
     content_hash: str
     # Seconds covered by one temporal grid step (temporal_patch_size / sampled fps); videos only.
     second_per_grid: float | None = None
+
+    def pixel_values(
+        self,
+        dtype: torch.dtype = torch.float32,
+        move: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Normalized pixel values `[num_patches, patch_dim]` in `dtype`.
+
+        `move` (e.g. a pinned async copy to the device) is applied to the patches and mean/std
+        first, so `normalize_patches` runs where they land; already normalized `pixel_values`
+        are cast first, then moved.
+        """
+        data, move = self.data, move or (lambda tensor: tensor)
+        if "pixel_patches" not in data:
+            return move(data["pixel_values"].to(dtype))
+        patches, mean, std = (move(data[key]) for key in PATCH_KEYS[:3])
+        return normalize_patches(patches, mean, std, int(data["temporal_repeat"]), dtype)
+
+    def set_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Keep `pixel_values` (normalized, e.g. staged on the device) instead of the patches."""
+        data = {k: v for k, v in self.data.items() if k not in PATCH_KEYS}
+        data["pixel_values"] = pixel_values
+        self.data = data  # one swap: a reader sees the old dict or the new one
 
     @property
     def slot_range(self) -> range:

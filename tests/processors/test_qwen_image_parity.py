@@ -32,7 +32,7 @@ def _check(ours, ids, pixel_values, grids, atol=1e-5):
     assert ours.token_ids == ids
     assert [item.modality for item in ours.mm_items] == ["image"] * len(grids)
     torch.testing.assert_close(torch.cat([it.data["grid_thw"] for it in ours.mm_items]), grids)
-    got = torch.cat([it.data["pixel_values"] for it in ours.mm_items])
+    got = torch.cat([it.pixel_values() for it in ours.mm_items])
     assert got.dtype == torch.float32 and got.shape == pixel_values.shape
     assert (got - pixel_values).abs().max().item() <= atol
 

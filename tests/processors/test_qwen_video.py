@@ -62,7 +62,7 @@ def test_video_file_matches_hf(arch, sampling, video_file, hf_processors, our_pr
     assert result.token_ids == ref["input_ids"][0].tolist()
     assert item.modality == "video"
     assert item.data["grid_thw"].tolist() == ref["video_grid_thw"].tolist()
-    assert (item.data["pixel_values"] - ref["pixel_values_videos"]).abs().max().item() <= 1e-5
+    assert (item.pixel_values() - ref["pixel_values_videos"]).abs().max().item() <= 1e-5
     # seconds per temporal grid step, as Qwen2_5_VLProcessor derives it from the metadata
     assert item.second_per_grid == pytest.approx(2 / metadata.sampled_fps)
     assert item.num_slots == int(item.data["grid_thw"].prod()) // 4
@@ -88,7 +88,7 @@ def test_frame_lists_match_hf_video_processor(photos, hf_processors, our_process
         marker = "<|vision_start|><|video_pad|><|vision_end|>"
         (item,) = ours.process(prompt=f"{marker}Hi", videos=[frames]).mm_items
         assert item.data["grid_thw"].tolist() == ref["video_grid_thw"].tolist()
-        diff = (item.data["pixel_values"] - ref["pixel_values_videos"]).abs().max().item()
+        diff = (item.pixel_values() - ref["pixel_values_videos"]).abs().max().item()
         assert diff <= 1e-5
         assert item.second_per_grid == pytest.approx(2 / 24)  # transformers' default frame rate
 
@@ -111,7 +111,7 @@ def test_total_pixel_budget_and_max_frames_match_hf(video_file, hf_processors, o
         prompt="<|vision_start|><|video_pad|><|vision_end|>", videos=[video_file], fps=12
     ).mm_items
     assert item.data["grid_thw"].tolist() == ref["video_grid_thw"].tolist()
-    assert (item.data["pixel_values"] - ref["pixel_values_videos"]).abs().max().item() <= 1e-5
+    assert (item.pixel_values() - ref["pixel_values_videos"]).abs().max().item() <= 1e-5
     uncapped = QwenVLProcessor(base.tokenizer, dataclasses.replace(config, video_total_pixels=None))
     (big,) = uncapped.process(
         prompt="<|vision_start|><|video_pad|><|vision_end|>", videos=[video_file], fps=12

@@ -1,0 +1,87 @@
+"""The processor keeps uint8 patches; `normalize_patches` turns them into the very float32
+pixel values of the plain pipeline (repeat an image's frame, normalize whole frames, patchify),
+bit for bit. Parity with HF's pixel values is checked in test_qwen_image_parity / _video."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from polymodal.processors import load_video, normalize_patches, preprocess_frames
+from polymodal.processors.qwen_vision import patchify, resize_frames, smart_resize
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def _reference(frames: torch.Tensor, cfg, min_pixels: int, max_pixels: int) -> torch.Tensor:
+    """float32 pixel values in the plain order: resize, repeat a single frame to the temporal
+    patch, rescale + normalize whole frames (HF's fused float32 formula), patchify."""
+    size = smart_resize(*frames.shape[-2:], cfg.factor, min_pixels, max_pixels)
+    if size != tuple(frames.shape[-2:]):
+        frames = resize_frames(frames, size, cfg.resample)
+    if frames.shape[0] == 1:
+        frames = frames.expand(cfg.temporal_patch_size, -1, -1, -1)
+    scale = 1.0 / cfg.rescale_factor
+    mean, std = torch.tensor(cfg.image_mean) * scale, torch.tensor(cfg.image_std) * scale
+    normed = frames.to(torch.float32).sub(mean.view(-1, 1, 1)).div(std.view(-1, 1, 1))
+    return patchify(normed, cfg)[0]
+
+
+def _frames(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "tiny", "camera"])
+def test_image_item_keeps_uint8_patches_that_normalize_bitwise(name, photos, our_processors):
+    ours = our_processors["qwen2_5_vl"]
+    cfg = ours.config.image
+    (item,) = ours.process(prompt=IMAGE, images=[photos[name]]).mm_items
+    data = item.data
+    assert "pixel_values" not in data  # no float work on the host
+    patches = data["pixel_patches"]
+    num_patches = int(data["grid_thw"].prod())
+    assert patches.dtype == torch.uint8 and patches.shape == (num_patches, 3, 1, 14 * 14)
+    assert int(data["temporal_repeat"]) == cfg.temporal_patch_size == 2
+    assert data["pixel_mean"].dtype == data["pixel_std"].dtype == torch.float32
+    ref = _reference(_frames(photos[name]), cfg, cfg.min_pixels, cfg.max_pixels)
+    got = item.pixel_values()
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert torch.equal(preprocess_frames(_frames(photos[name]), cfg)[0], ref)
+    # one frame of uint8 instead of two of bf16: 4x fewer bytes to pin and copy
+    assert patches.nbytes * 4 == got.to(torch.bfloat16).nbytes
+
+
+def test_video_items_keep_patches_that_normalize_bitwise(photos, our_processors):
+    ours = our_processors["qwen2_vl"]
+    cfg = ours.config.video
+    assert ours.config.video_total_pixels is None  # bounds below are the config's own
+    base = photos["coffee"].resize((150, 100))
+    rgb = [base.rotate(5 * i) for i in range(5)]  # odd: the last frame is repeated
+    rgba = [np.asarray(photos["coffee_rgba"].resize((150, 100)))] * 2  # blended: float32
+    for frames, dtype in ((rgb, torch.uint8), (rgba, torch.float32)):
+        (item,) = ours.process(prompt=VIDEO, videos=[frames]).mm_items
+        patches = item.data["pixel_patches"]
+        assert patches.dtype == dtype and patches.shape[1:] == (3, 2, 14 * 14)
+        assert int(item.data["temporal_repeat"]) == 1
+        decoded = load_video(frames).frames
+        ref = _reference(decoded, cfg, cfg.min_pixels, cfg.max_pixels)
+        kept = patches.clone()
+        assert torch.equal(item.pixel_values(), ref)
+        assert torch.equal(patches, kept)  # normalizing left the item's patches as they were
+        assert torch.equal(preprocess_frames(decoded, cfg)[0], ref)
+
+
+def test_normalize_patches_casts_last():
+    """Casting inside (before the temporal expand) gives the float32 result's cast, bitwise."""
+    patches = torch.randint(0, 256, (12, 3, 1, 4), dtype=torch.uint8)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]) * 255
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]) * 255
+    full = normalize_patches(patches, mean, std, repeat=2)
+    assert full.shape == (12, 3 * 2 * 4)
+    # [N, C, 2, 4]: both temporal halves are the one frame
+    assert torch.equal(full.view(12, 3, 2, 4)[:, :, 0], full.view(12, 3, 2, 4)[:, :, 1])
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(normalize_patches(patches, mean, std, 2, dtype), full.to(dtype))
