@@ -4,8 +4,10 @@ Grid `(num_seqs, num_kv_heads, num_splits)`. A program loads the queries of *all
 share its kv head (padded to 16 rows so `tl.dot` can use tensor cores), so each K/V tile is read
 from HBM once per kv head, not once per query head. With `num_splits > 1` (flash-decoding) each
 program covers one contiguous slice of the context and writes a partial output plus its
-log-sum-exp; `_reduce_kernel` merges the slices. The slice length is derived in-kernel from the
-sequence's real length, so the launch grid and buffers depend only on shapes: CUDA-graph safe.
+log-sum-exp; the last split of a (sequence, kv head) to finish (an atomic arrival counter,
+`llm_core/counters.py`) merges the slices, so decode is one launch. The slice length is derived
+in-kernel from the sequence's real length, so the launch grid and buffers depend only on
+shapes: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.counters import arrival_counters
 
 _LOG2E = 1.4426950408889634
 
@@ -29,6 +32,7 @@ def _decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
     part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim] (NUM_SPLITS > 1)
     part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS], log2 domain
+    counter_ptr,  # int32 per (seq, kv head), zero between launches (NUM_SPLITS > 1)
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (ignored unless USE_WINDOW)
     stride_qs,
@@ -106,42 +110,45 @@ def _decode_kernel(
         # Partials are indexed [seq, head, split]; an empty split stores lse = -inf, out = 0.
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        base = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(part_lse_ptr + base, lse, mask=row_mask)
-        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        head_base = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS  # [BLOCK_G]
+        tl.store(part_lse_ptr + head_base + split, lse, mask=row_mask)
+        tl.store(part_out_ptr + (head_base + split)[:, None] * HEAD_DIM + dims[None, :], out,
+                 mask=out_mask)  # fmt: skip
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            # The last split of this (sequence, kv head) merges all of them, in split order.
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims,
+                          row_mask, out_mask, stride_os, stride_oh, HEAD_DIM, NUM_SPLITS,
+                          BLOCK_G, BLOCK_D)  # fmt: skip
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _reduce_kernel(
-    part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim]
-    part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]
-    out_ptr,  # [num_seqs, num_heads, head_dim]
-    stride_os,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """Merge the split partials of one (sequence, head): a log-sum-exp weighted average."""
-    pdl.wait(USE_PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, BLOCK_D)
-    split_mask = splits < NUM_SPLITS
-    base = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits  # [BLOCK_S]
-    lse = tl.load(part_lse_ptr + base, mask=split_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims, row_mask,
+                  out_mask, stride_os, stride_oh, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_D: tl.constexpr):  # fmt: skip
+    """out[head] = log-sum-exp weighted average of the split partials of each group head."""
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
+                      cache_modifier=".cg")  # fmt: skip
+        m = tl.maximum(m, lse)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty -> zeros
-    w = tl.exp2(lse - m)  # [BLOCK_S]
-    mask = split_mask[:, None] & (dims[None, :] < HEAD_DIM)
-    part = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [BLOCK_D]
-    o_off = seq * stride_os + head * stride_oh + dims
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
+                      cache_modifier=".cg")  # fmt: skip
+        w = tl.exp2(lse - m)  # [BLOCK_G]
+        part = tl.load(part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=out_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
+        total += w
+        acc += part * w[:, None]
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def paged_decode(
@@ -174,8 +181,9 @@ def paged_decode(
         part_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device
         )
+        counters = arrival_counters(q.device, num_seqs * num_kv_heads)
     else:  # unused by the kernel; any fp32 tensor will do
-        part_out = part_lse = out.new_empty((1,), dtype=torch.float32)
+        part_out = part_lse = counters = out.new_empty((1,), dtype=torch.float32)
     block_d = triton.next_power_of_2(head_dim)
     flag = pdl.use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -187,6 +195,7 @@ def paged_decode(
         out,
         part_out,
         part_lse,
+        counters,
         scale * _LOG2E,
         sliding_window or 0,
         q.stride(0),
@@ -211,19 +220,4 @@ def paged_decode(
         num_stages=num_stages,
         launch_pdl=flag,
     )
-    if num_splits > 1:
-        _reduce_kernel[(num_seqs, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d,
-            USE_PDL=flag,
-            num_warps=4,
-            launch_pdl=flag,
-        )
     return out

@@ -5,7 +5,10 @@ kernel is shaped for memory bandwidth, not tensor cores: a program owns `BLOCK_N
 features, streams their weight rows along K in `[BLOCK_N, BLOCK_K]` tiles (coalesced, 16-byte
 vector loads), and multiplies each tile by every x row (broadcast-multiply + `tl.sum`; `tl.dot`
 would pad M to 16). Shapes with few output blocks (o_proj, qkv, down) also split K across
-programs: fp32 partials go to a `[SPLIT_K, M, N]` workspace that a second kernel sums (+ bias).
+programs: fp32 partials go to a `[SPLIT_K, M, N]` workspace and the last split of each feature
+block to finish (an atomic arrival counter) sums them, so a call is one kernel. `silu_mul=True`
+reads a packed `[gate | up]` input and applies SiLU-and-multiply as it loads x (the MLP's down
+projection needs no activation kernel then).
 
 Everything the launch depends on is a host int derived from shapes, so calls can be captured
 in CUDA graphs (no syncs, no autotuning at first call).
@@ -21,9 +24,9 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.counters import arrival_counters
 
 MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
-REDUCE_BLOCK = 1024  # features per program of the split-K reduction
 TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
 
 
@@ -90,13 +93,24 @@ def _one_row_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
-def _gemv_tile(acc, w, x_ptr, M, K, k, offs_m, BLOCK_M: tl.constexpr):
-    """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0)."""
+def _gemv_tile(
+    acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr
+):
+    """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0).
+
+    SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
+    input dtype exactly as `triton_ops.silu_and_mul` rounds it.
+    """
     k_mask = k < K
     w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
     for m in tl.static_range(BLOCK_M):
-        x = tl.load(x_ptr + m * K + k, mask=k_mask & (m < M), other=0.0).to(tl.float32)
-        part = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
+        mask = k_mask & (m < M)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=mask, other=0.0)
+        if SILU_MUL:
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptr + m * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+        part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
         acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
     return acc
 
@@ -107,12 +121,16 @@ def _gemv_kernel(
     w_ptr,
     b_ptr,
     out_ptr,
+    part_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
+    counter_ptr,  # int32 per feature block, zero between calls (SPLIT_K > 1)
     M,
     N,
     K,
+    stride_xm,
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
-    PARTIAL: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -120,9 +138,11 @@ def _gemv_kernel(
 ):
     """Program (n block, k split): acc[f, m] = sum over its K tiles of w[f, k] * x[m, k].
 
-    Writes `out [M, N]` (+ bias, cast), or with PARTIAL (split K) its fp32 partial sums to
-    `out [splits, M, N]`; a split past the last tile writes zeros. The first weight tile is
-    loaded before the PDL wait: it streams in while the previous kernel finishes.
+    Writes `out [M, N]` (+ bias, cast). With SPLIT_K > 1 each split stores its fp32 partial
+    sums and the last split of a feature block to arrive (an atomic counter) adds all of them
+    in split order, so the sum is deterministic and no second kernel runs; that program resets
+    the counter for the next call. The first weight tile is loaded before the PDL wait: it
+    streams in while the previous kernel finishes.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -139,45 +159,31 @@ def _gemv_kernel(
     w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
     pdl.wait(USE_PDL)
     if tile_start < tile_end:
-        acc = _gemv_tile(acc, w, x_ptr, M, K, k, offs_m, BLOCK_M)
+        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
-        acc = _gemv_tile(acc, w, x_ptr, M, K, k, offs_m, BLOCK_M)
+        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
     # [BLOCK_N, BLOCK_M] -> out[m, f] at m * N + f
     out_offs = offs_m[None, :] * N + offs_n[:, None]
     out_mask = (offs_m[None, :] < M) & n_mask[:, None]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+    if SPLIT_K > 1:
+        tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last split: sum all (fixed order), reset the counter
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                part = part_ptr + s * M * N + out_offs
+                acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _split_k_reduce_kernel(
-    part_ptr,
-    b_ptr,
-    out_ptr,
-    M,
-    N,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """Program (feature block, row): out[m, f] = sum_s part[s, m, f] (+ bias[f]), cast."""
-    pdl.wait(USE_PDL)
-    m = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gemv(
@@ -185,43 +191,43 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
     (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
 
+    `silu_mul=True`: x is `[M, 2K]` = `[gate | up]` and the product uses `silu(gate) * up`
+    (rounded like `silu_and_mul`), so the MLP's activation needs no kernel of its own.
     `config=None` picks `default_config` from the shape and the device's SM count.
     """
-    m, k = x.shape
+    m, width = x.shape
+    k = width // 2 if silu_mul else width
     n = weight.shape[0]
-    if m > MAX_ROWS or weight.shape[1] != k or x.dtype != weight.dtype:
+    if m > MAX_ROWS or weight.shape[1] != k or x.dtype != weight.dtype or width % (1 + silu_mul):
         raise ValueError(
-            f"gemv takes x [M <= {MAX_ROWS}, K] and weight [N, K] of one dtype; got "
-            f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+            f"gemv takes x [M <= {MAX_ROWS}, K] ([M, 2K] with silu_mul) and weight [N, K] of one "
+            f"dtype; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
         )
     if not weight.is_contiguous():
         raise ValueError("gemv needs a contiguous weight [N, K]")
-    x = x.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(m, n, k, num_sms(x.device))
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
-    if cfg.split_k == 1:
-        dest = out
-    else:  # every split writes its whole [M, N] slice (zeros when it has no tile)
-        dest = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    if cfg.split_k > 1:
+        part = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, n_blocks)
+    else:  # unread
+        part, counters = out, out
     b = bias if bias is not None else weight  # unread when HAS_BIAS is False
     flag = pdl.use_pdl(x)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](
-        x, weight, b, dest, m, n, k, tiles_per_split,
-        HAS_BIAS=bias is not None, PARTIAL=cfg.split_k > 1, BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_PDL=flag,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
+    _gemv_kernel[(n_blocks, cfg.split_k)](
+        x, weight, b, out, part, counters, m, n, k, x.stride(0), tiles_per_split,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=cfg.split_k,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
-    if cfg.split_k > 1:
-        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
-            dest, b, out, m, n,
-            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK=REDUCE_BLOCK, num_warps=4,
-            USE_PDL=flag, launch_pdl=flag,
-        )  # fmt: skip
     return out

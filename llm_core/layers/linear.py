@@ -19,10 +19,14 @@ class Linear(nn.Linear):
     `gemv` is None (plain `F.linear`) unless `enable_gemv` set it at model build time.
     """
 
-    gemv = None  # a function like `layers.gemv.gemv(x, weight, bias)`
+    gemv = None  # a function like `layers.gemv.gemv(x, weight, bias, silu_mul=False)`
+
+    def uses_gemv(self, x: torch.Tensor) -> bool:
+        """Whether `x` (2-D, rows first) goes through the GEMV."""
+        return self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+        if self.uses_gemv(x):
             return self.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

@@ -73,7 +73,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up, down = self.gate_up_proj(x), self.down_proj
+        if down.uses_gemv(gate_up):  # few-row decode: SiLU*mul applied as the GEMV loads x
+            return down.gemv(gate_up, down.weight, down.bias, silu_mul=True)
+        return down(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):

@@ -137,11 +137,14 @@ def test_paged_prefill_half_and_odd_head_dim(dtype):
 @pytest.mark.parametrize("splits", [None, 1, 3, 8])
 @pytest.mark.parametrize("window", [None, 7])
 def test_paged_decode(splits, window):
-    """splits: heuristic, single pass, split-KV, and more splits than tiles (empty splits)."""
+    """splits: heuristic, single pass, split-KV, and more splits than tiles (empty splits).
+    Twice: the last split merges only if the arrival counters were left at zero."""
     q, cache, meta = make_batch([1] * 5, [1, 15, 16, 17, 70], heads=6, kv_heads=2)
     assert meta.is_decode
-    out = triton_backend.TritonAttentionBackend(splits).paged_attention(q, cache, meta, 0.3, window)
-    assert_close(out, REF.paged_attention(q, cache, meta, 0.3, window), torch.float32)
+    backend = triton_backend.TritonAttentionBackend(splits)
+    for _ in range(2):
+        out = backend.paged_attention(q, cache, meta, 0.3, window)
+        assert_close(out, REF.paged_attention(q, cache, meta, 0.3, window), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -246,18 +249,49 @@ def test_rotary_q_alone_when_k_is_empty():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv(dtype, rows, split_k, with_bias):
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_gemv(dtype, rows, split_k, with_bias, silu_mul):
     """N=37, K=83 in 16 x 32 tiles: a partial feature block and a partial last K tile; 3 K tiles
-    -> split 2 gets 2 + 1 tiles, split 4 leaves one split empty (it must write zeros)."""
+    -> split 2 gets 2 + 1 tiles, split 4 leaves one split empty (it must add zeros). Each call
+    twice: the split-K arrival counters must be back at zero after a call. `silu_mul` takes
+    `[gate | up]` rows and must equal `silu_and_mul` then the plain product."""
     gen = torch.Generator().manual_seed(10 * rows + split_k)
-    x = torch.randn(rows, 83, generator=gen).to(dtype)
+    x = torch.randn(rows, 83 * (1 + silu_mul), generator=gen).to(dtype)
     weight = (torch.randn(37, 83, generator=gen) / 83**0.5).to(dtype)
     bias = torch.randn(37, generator=gen).to(dtype) if with_bias else None
     config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k)
-    out = gemv_ops.gemv(x, weight, bias, config)
-    assert out.shape == (rows, 37) and out.dtype == dtype
-    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    assert_close(out, ref, dtype)
+    rows_in = triton_ops.silu_and_mul_ref(x) if silu_mul else x
+    ref = F.linear(rows_in.float(), weight.float(), None if bias is None else bias.float())
+    for _ in range(2):
+        out = gemv_ops.gemv(x, weight, bias, config, silu_mul=silu_mul)
+        assert out.shape == (rows, 37) and out.dtype == dtype
+        assert_close(out, ref, dtype)
+
+
+def test_mlp_one_row_fuses_silu_into_the_down_gemv():
+    """`MLP` with the GEMV set (as `enable_gemv` does on CUDA): one row takes gate_up, then
+    down with SiLU*mul folded in; its output equals the unfused MLP's, and rows > 1 stay plain."""
+    from polymodal.llm_core.config import ModelConfig  # noqa: F401  (MLP reads two fields)
+    from polymodal.llm_core.models.llama import MLP
+
+    class Cfg:
+        hidden_size, intermediate_size = 48, 80
+
+    mlp = MLP(Cfg())
+    calls = []
+
+    def traced_gemv(x, weight, bias=None, config=None, silu_mul=False):
+        calls.append(silu_mul)
+        return gemv_ops.gemv(x, weight, bias, config, silu_mul=silu_mul)
+
+    x = torch.randn(3, 48)
+    plain = mlp(x)  # no GEMV: F.linear + silu_and_mul
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        layer.gemv = traced_gemv
+    assert_close(mlp(x[:1]), plain[:1], torch.float32)
+    assert calls == [False, True]
+    assert_close(mlp(x), plain, torch.float32)  # 3 rows > GEMV_MAX_ROWS: plain path
+    assert calls == [False, True]
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 300, 2000), (8, 300, 2000), (6, 130, 515), (1, 1, 5)])
