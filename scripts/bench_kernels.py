@@ -21,6 +21,8 @@ ARGS.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test, 
 ARGS.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 ARGS.add_argument("--gemv", action="store_true", help="only the GEMV sweep (small-M linears)")
 ARGS.add_argument("--json", help="also write the GEMV results here")
+ARGS.add_argument("--rows", default="1,2,4", help="GEMV sweep: x rows to time, comma-separated")
+ARGS.add_argument("--shapes", help="GEMV sweep: only these shapes, comma-separated")
 
 if __name__ == "__main__" and "--tiny" in sys.argv:
     import torch
@@ -162,6 +164,7 @@ GEMV_SHAPES = {  # Qwen2.5-VL-7B decoder: name -> (N, K, bias)
     "o_proj": (3584, 3584, False),
     "gate_up": (37888, 3584, False),
     "down": (3584, 18944, False),
+    "down+silu": (3584, 18944, False),  # x is [gate | up]: SiLU*mul on load, as decode runs it
     "lm_head": (152064, 3584, False),
 }
 TINY_GEMV_SHAPES = {"qkv": (45, 70, True), "down": (24, 300, False)}
@@ -194,16 +197,19 @@ def gemv_split_ok(k: int, block_k: int, split: int) -> bool:
 
 
 def bench_gemv_shape(name, n, k, has_bias, m, dtype, device, tiny) -> dict:
-    """cuBLAS (F.linear), the default config and a sweep; every config is checked first."""
+    """cuBLAS (F.linear), the default config and a sweep; every config is checked first.
+    A `+silu` shape feeds `[gate | up]` rows (cuBLAS gets `silu_and_mul` + F.linear)."""
+    silu = name.endswith("+silu")
     gen = torch.Generator(device=device).manual_seed(0)
     weight_bytes = n * k * dtype.itemsize
     copies = 1 if tiny else -(-ROTATE_BYTES // weight_bytes)
     weights = [
         (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype) for _ in range(copies)
     ]
-    x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+    x = torch.randn(m, k * (1 + silu), device=device, generator=gen).to(dtype)
     bias = torch.randn(n, device=device, generator=gen).to(dtype) if has_bias else None
-    ref = F.linear(x.float(), weights[0].float(), None if bias is None else bias.float())
+    rows_in = triton_ops.silu_and_mul_ref(x) if silu else x
+    ref = F.linear(rows_in.float(), weights[0].float(), None if bias is None else bias.float())
 
     def time_us(fn) -> float:  # fn(weight); graph-replayed, a different weight copy each call
         cycle = itertools.cycle(weights)
@@ -218,8 +224,8 @@ def bench_gemv_shape(name, n, k, has_bias, m, dtype, device, tiny) -> dict:
         if config in results:
             return
         try:
-            err = (gemv_ops.gemv(x, weights[0], bias, config).float() - ref).abs()
-            us = time_us(lambda w: gemv_ops.gemv(x, w, bias, config))
+            err = (gemv_ops.gemv(x, weights[0], bias, config, silu).float() - ref).abs()
+            us = time_us(lambda w: gemv_ops.gemv(x, w, bias, config, silu))
             results[config] = {
                 "us": us,
                 "tb_s": tb_s(us),
@@ -248,7 +254,8 @@ def bench_gemv_shape(name, n, k, has_bias, m, dtype, device, tiny) -> dict:
         run(dataclasses.replace(config, num_stages=3))
     default = gemv_ops.default_config(m, n, k, sms)
     run(default)
-    cublas_us = time_us(lambda w: F.linear(x, w, bias))
+    act = triton_ops.silu_and_mul if silu and device == "cuda" else (lambda rows: rows)
+    cublas_us = time_us(lambda w: F.linear(act(x), w, bias))
     best = (fastest(1) or [default])[0]
     return {
         "shape": name, "m": m, "n": n, "k": k, "bias": has_bias, "weight_bytes": weight_bytes,
@@ -263,8 +270,10 @@ def bench_gemv(args, dtype, device) -> None:
     """Sweep GEMV configs per (shape, rows) and print cuBLAS / default / best side by side."""
     start = time.perf_counter()
     shapes = TINY_GEMV_SHAPES if args.tiny else GEMV_SHAPES
+    if args.shapes:
+        shapes = {name: shapes[name] for name in args.shapes.split(",")}
     records = []
-    for m in (1, 3) if args.tiny else (1, 2, 4):
+    for m in (1, 3) if args.tiny else [int(r) for r in args.rows.split(",")]:
         for name, (n, k, has_bias) in shapes.items():
             r = bench_gemv_shape(name, n, k, has_bias, m, dtype, device, args.tiny)
             records.append(r)

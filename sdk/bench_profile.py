@@ -111,6 +111,7 @@ def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
         "gpu_busy_ms_per_step": busy / steps * 1e3,
         "kernel_sum_ms_per_step": sum(e.self_device_time_total for e in events) / 1e3 / steps,
         "gpu_idle_share": 1 - busy / wall,
+        "exclusive_kernels": _exclusive_ms(prof, steps, top),
         "top_kernels": [
             {
                 "name": e.key[:90],
@@ -136,25 +137,49 @@ def _kernels(prof, exclude=()) -> list:
     return sorted(events, key=lambda e: -e.self_device_time_total)
 
 
+def _device_spans(prof, exclude=()) -> list[tuple[float, float, str]]:
+    """(start, end, name) in microseconds of every kernel, copy and memset."""
+    from torch.autograd import DeviceType
+
+    return [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+        and e.name not in exclude
+    ]  # fmt: skip
+
+
 def _busy_seconds(prof, exclude=()) -> float:
     """Time at least one kernel, copy or memset ran: the union of their intervals. Under
     programmatic dependent launch consecutive kernels overlap (the next one waits inside), so
     the sum of kernel times overstates the busy time."""
-    from torch.autograd import DeviceType
-
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
-        and e.name not in exclude
-    )  # fmt: skip
     busy, end = 0.0, float("-inf")
-    for start, stop in spans:
+    for start, stop, _ in sorted(_device_spans(prof, exclude)):
         if start > end:
             busy, end = busy + stop - start, stop
         elif stop > end:
             busy, end = busy + stop - end, stop
     return busy / 1e6  # microseconds -> s
+
+
+def _exclusive_ms(prof, calls: int, top: int) -> list[dict]:
+    """Busy time charged to the kernel that ends it: in end order, each kernel gets the time
+    from the previous kernel's end (or its own start, if later) to its own end. With kernels
+    overlapping under PDL this is each kernel's marginal cost (rows sum to the busy time unless
+    a kernel runs wholly inside another, e.g. on a second stream)."""
+    charged: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
+    last_end = float("-inf")
+    for start, stop, name in sorted(_device_spans(prof), key=lambda span: span[1]):
+        charged[name] += stop - max(start, last_end)
+        launches[name] += 1
+        last_end = stop
+    rows = sorted(charged, key=lambda name: -charged[name])[:top]
+    return [
+        {"name": name[:90], "ms_per_step": charged[name] / 1e3 / calls,
+         "calls_per_step": launches[name] / calls}
+        for name in rows
+    ]  # fmt: skip
 
 
 def _kernel_table(prof, calls: int, top: int, exclude=()) -> list[dict]:
@@ -264,7 +289,8 @@ def print_profile(prof: dict) -> None:
         f"\nbatch-1 decode: {dk['wall_ms_per_step']:.2f} ms/step wall, "
         f"{dk['gpu_busy_ms_per_step']:.2f} ms GPU busy, idle {dk['gpu_idle_share']:.1%}"
     )
-    _print_kernels(dk["top_kernels"], "ms_per_step", "calls_per_step")
+    print("  busy time charged to the kernel that ends it (marginal cost under PDL):")
+    _print_kernels(dk["exclusive_kernels"], "ms_per_step", "calls_per_step")
     tk = prof["ttft_kernels"]
     print(
         f"TTFT GPU busy {tk['gpu_busy_ms']:.1f} ms; GPU spans: vision "
