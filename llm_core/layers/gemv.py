@@ -58,7 +58,7 @@ def num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
+def default_config(m: int, n: int, k: int, sms: int, silu_mul: bool = False) -> GemvConfig:
     """About 4 programs per SM, each loading `TILE_ELEMENTS` of weight per K step.
 
     The feature block is the widest of 32 .. 4 that still gives that many programs, but at
@@ -66,7 +66,7 @@ def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
     most a quarter of the weight's). K splits only while programs are short, 2+ tiles each.
     """
     if m == 1 and n >= 2048 and k >= 2048:
-        return _one_row_config(n, k)
+        return _one_row_config(n, k, silu_mul)
     rows = triton.next_power_of_2(max(m, 1))
     target = 4 * sms
     block_n = next((b for b in (32, 16, 8) if triton.cdiv(n, b) >= target), 4)
@@ -79,17 +79,20 @@ def default_config(m: int, n: int, k: int, sms: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
 
 
-def _one_row_config(n: int, k: int) -> GemvConfig:
-    """Batch-1 decode, from the H200 sweep of Qwen2.5-VL-7B's shapes (`scripts/bench_kernels.py
-    --gemv`, docs/performance.md): narrow feature blocks and long K tiles; only a long K
-    (down_proj) splits. Each beat cuBLAS by 5-25% there."""
-    if k > 8192:  # down_proj 3584 x 18944: 38.7 -> 35.5 us
-        return GemvConfig(block_n=32, block_k=128, split_k=8)
+def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
+    """Batch-1 decode, from H200 sweeps of Qwen2.5-VL-7B's shapes under programmatic dependent
+    launch (`scripts/bench_kernels.py --gemv --rows 1`, docs/performance.md): narrow feature
+    blocks and long K tiles; only a long K (down_proj) splits. Times: cuBLAS -> this."""
+    if k > 8192:  # down_proj 3584 x 18944
+        if silu_mul:  # as decode runs it, SiLU*mul on load: 38.4 (+ the SiLU kernel) -> 35.1 us
+            return GemvConfig(block_n=8, block_k=2048, split_k=4, num_warps=8, num_stages=3)
+        return GemvConfig(block_n=32, block_k=256, split_k=8, num_warps=8, num_stages=3)  # 35.4
     if n >= 65536:  # LM head 152064 x 3584: 258 -> 242 us
         return GemvConfig(block_n=32, block_k=256, num_stages=3)
     if n >= 16384:  # gate_up 37888 x 3584: 70.6 -> 62.4 us
         return GemvConfig(block_n=8, block_k=512)
-    return GemvConfig(block_n=4, block_k=512, num_stages=3)  # qkv, o_proj: 11.3/11.7 -> 10.7/9.4
+    # qkv 4608 x 3584: 11.4 -> 9.5 us; o_proj 3584 x 3584: 11.7 -> 7.1 us (2 warps; 8.2 with 4)
+    return GemvConfig(block_n=4, block_k=2048, num_warps=2 if n <= 4096 else 4)
 
 
 @triton.jit
@@ -214,7 +217,7 @@ def gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or default_config(m, n, k, num_sms(x.device))
+    cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
     n_blocks = triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:

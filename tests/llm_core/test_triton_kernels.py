@@ -327,8 +327,12 @@ def test_gemv_default_config_heuristic():
     # one row: the configs measured fastest on an H200
     assert pick(1, 37888, 3584, 132) == Config(block_n=8, block_k=512)
     assert pick(1, 152064, 3584, 132) == Config(block_n=32, block_k=256, num_stages=3)
-    assert pick(1, 3584, 18944, 132) == Config(block_n=32, block_k=128, split_k=8)
-    assert pick(1, 4608, 3584, 132) == Config(block_n=4, block_k=512, num_stages=3)
+    down = Config(block_n=32, block_k=256, split_k=8, num_warps=8, num_stages=3)
+    assert pick(1, 3584, 18944, 132) == down
+    down_silu = Config(block_n=8, block_k=2048, split_k=4, num_warps=8, num_stages=3)
+    assert pick(1, 3584, 18944, 132, silu_mul=True) == down_silu
+    assert pick(1, 4608, 3584, 132) == Config(block_n=4, block_k=2048, num_warps=4)
+    assert pick(1, 3584, 3584, 132) == Config(block_n=4, block_k=2048, num_warps=2)
     for n, k in [(4608, 3584), (3584, 3584), (3584, 18944)]:  # qkv, o_proj, down
         for rows in (2, 4, 8):
             cfg = pick(rows, n, k, 132)

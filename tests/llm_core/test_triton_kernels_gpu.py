@@ -216,6 +216,24 @@ def test_gemv_real_shapes(name, rows):
         check(out, ref)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_silu_mul_down_shape(rows):
+    """The decode MLP's down projection with SiLU*mul on load (default config: the one-row
+    split-K pick for one row) against silu_and_mul + F.linear in fp32, twice (counters reset)."""
+    import torch.nn.functional as F
+
+    from polymodal.llm_core.layers import triton_ops as ops
+    from polymodal.llm_core.layers.gemv import gemv
+
+    n, k, _ = GEMV_SHAPES["down"]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    gate_up = torch.randn(rows, 2 * k, device="cuda", generator=gen).bfloat16()
+    weight = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).bfloat16()
+    ref = F.linear(ops.silu_and_mul_ref(gate_up).float(), weight.float())
+    for _ in range(2):
+        check(gemv(gate_up, weight, silu_mul=True), ref)
+
+
 def test_gemv_cuda_graph_replay_matches_eager():
     """Capture a split-K and a plain call; replay twice with new x and weights copied in."""
     from polymodal.llm_core.layers.gemv import GemvConfig, gemv
