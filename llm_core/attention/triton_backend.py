@@ -97,6 +97,9 @@ class TritonAttentionBackend:
         num_splits = self.decode_splits or decode_num_splits(
             num_seqs, num_kv_heads, max_context, _num_sms(q.device), MAX_DECODE_SPLITS
         )
+        # A pinned split count is used as is; the heuristic's is a maximum that each sequence
+        # scales down in-kernel to MIN_KEYS_PER_SPLIT keys a split of its real context.
+        min_keys = 1 if self.decode_splits else MIN_KEYS_PER_SPLIT
         block_n = 64 if q.is_cuda else 16
         return triton_decode.paged_decode(
             q if q.stride(-1) == 1 else q.contiguous(),
@@ -107,6 +110,7 @@ class TritonAttentionBackend:
             sliding_window,
             num_splits,
             block_n,
+            min_split_keys=min_keys,
         )
 
     def varlen_attention(

@@ -50,6 +50,7 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of 2
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT_KEYS: tl.constexpr,  # keys per split at least, when the context is short
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -62,8 +63,13 @@ def _decode_kernel(
     lo = 0
     if USE_WINDOW:  # the query at seq_len - 1 sees keys > seq_len - 1 - window
         lo = tl.maximum(seq_len - window, 0)
+    # Splits in use for this context (the grid has NUM_SPLITS for the longest one a graph may
+    # see): a short context runs on one split, which writes the output with no merge.
+    active = tl.minimum(NUM_SPLITS, tl.maximum(tl.cdiv(seq_len - lo, MIN_SPLIT_KEYS), 1))
+    if split >= active:
+        return
     # This split's key range [start, end), tile-aligned relative to lo.
-    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, active), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -102,7 +108,7 @@ def _decode_kernel(
         m_i = m_new
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
-    if NUM_SPLITS == 1:
+    if active == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # empty sequence -> zeros
         o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -116,29 +122,28 @@ def _decode_kernel(
                  mask=out_mask)  # fmt: skip
         tl.debug_barrier()  # every thread's partial is written before the counter moves
         counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
             # The last split of this (sequence, kv head) merges all of them, in split order.
             _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims,
-                          row_mask, out_mask, stride_os, stride_oh, HEAD_DIM, NUM_SPLITS,
+                          row_mask, out_mask, stride_os, stride_oh, active, HEAD_DIM,
                           BLOCK_G, BLOCK_D)  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims, row_mask,
-                  out_mask, stride_os, stride_oh, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_D: tl.constexpr):  # fmt: skip
-    """out[head] = log-sum-exp weighted average of the split partials of each group head."""
+                  out_mask, stride_os, stride_oh, active, HEAD_DIM: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """out[head] = log-sum-exp weighted average of the `active` split partials of each head."""
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
+    for s in range(0, active):
         lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
                       cache_modifier=".cg")  # fmt: skip
         m = tl.maximum(m, lse)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty -> zeros
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
+    for s in range(0, active):
         lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
                       cache_modifier=".cg")  # fmt: skip
         w = tl.exp2(lse - m)  # [BLOCK_G]
@@ -162,9 +167,12 @@ def paged_decode(
     block_n: int,
     num_warps: int = 4,
     num_stages: int = 3,
+    min_split_keys: int = 1,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
 
+    `num_splits` is the most KV splits a sequence uses; in-kernel each uses only as many as
+    give every split `min_split_keys` keys of its real context (1 = always all of them).
     Reads only shapes on the host (no syncs): safe to capture in a CUDA graph.
     """
     num_seqs, num_heads, head_dim = q.shape
@@ -213,6 +221,7 @@ def paged_decode(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        MIN_SPLIT_KEYS=min_split_keys,
         USE_WINDOW=sliding_window is not None,
         DOT_F32=not q.is_cuda,
         USE_PDL=flag,

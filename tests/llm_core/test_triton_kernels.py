@@ -147,6 +147,22 @@ def test_paged_decode(splits, window):
         assert_close(out, REF.paged_attention(q, cache, meta, 0.3, window), torch.float32)
 
 
+@pytest.mark.parametrize("window", [None, 50])
+def test_paged_decode_scales_splits_to_the_context(window):
+    """A split count that is a maximum (`min_split_keys`): contexts of 1, 40, 100 and 200 keys
+    use 1, 2, 4 and 4 of 4 splits at 32 keys a split (one split writes the output directly);
+    twice, so the arrival counters of the merged ones must be back at zero."""
+    from polymodal.llm_core.attention.triton_decode import paged_decode
+
+    q, cache, meta = make_batch([1] * 4, [1, 40, 100, 200], heads=4, kv_heads=2)
+    want = REF.paged_attention(q, cache, meta, 0.3, window)
+    for _ in range(2):
+        out = paged_decode(
+            q, cache, meta.block_tables, meta.seq_lens, 0.3, window, 4, 16, min_split_keys=32
+        )
+        assert_close(out, want, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_paged_decode_half(dtype):
     q, cache, meta = make_batch([1, 1], [33, 9], heads=8, kv_heads=1, head_dim=24, dtype=dtype)
