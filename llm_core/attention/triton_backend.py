@@ -3,8 +3,6 @@
 - `store_kv`: one kernel writes new k/v rows into their cache slots (slot -1 skipped).
 - `paged_attention`: `meta.is_decode` -> GQA-grouped paged decode with split-KV
   (`triton_decode.py`); otherwise the flash-style paged prefill kernel (`triton_prefill.py`).
-- `rotary_decode`: a decode step's rotary + `store_kv` + paged decode as one kernel (the
-  decoder's fast path when the backend has it; other backends run the three steps).
 - `varlen_attention`: the same flash-style kernel over flat segments (encoders).
 
 Host-side reads (what a CUDA graph freezes): the decode path reads only tensor *shapes*
@@ -90,27 +88,7 @@ class TritonAttentionBackend:
             sliding_window,
         )
 
-    def rotary_decode(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
-    ) -> torch.Tensor:
-        """A decode step's rotary embedding (neox; `rope = (cos, sin)` gathered per token),
-        KV-cache store and attention in one kernel: the same result as `rotary_embedding`,
-        `store_kv` and `paged_attention` in turn (q and k are not rotated in place)."""
-        assert meta.is_decode, "rotary_decode takes decode steps (one query per sequence)"
-        cos, sin = rope
-        return self._decode(
-            q, kv_cache, meta, scale, sliding_window, (k, v, cos, sin, meta.slot_mapping)
-        )
-
-    def _decode(self, q, kv_cache, meta, scale, sliding_window, rotary_store=None):
+    def _decode(self, q, kv_cache, meta, scale, sliding_window) -> torch.Tensor:
         """One token per sequence; reads shapes only (CUDA-graph safe)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
@@ -135,7 +113,6 @@ class TritonAttentionBackend:
             num_splits,
             block_n,
             min_split_keys=min_keys,
-            rotary_store=rotary_store,
         )
 
     def varlen_attention(

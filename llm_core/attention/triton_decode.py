@@ -33,14 +33,6 @@ def _decode_kernel(
     part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim] (NUM_SPLITS > 1)
     part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS], log2 domain
     counter_ptr,  # int32 per (seq, kv head), zero between launches (NUM_SPLITS > 1)
-    k_new_ptr,  # ROTARY: this step's keys [num_seqs, kv_heads, head_dim] (not yet rotated)
-    v_new_ptr,  # ROTARY: this step's values, same layout
-    cos_ptr,  # ROTARY: fp32 [num_seqs, HALF]
-    sin_ptr,
-    slot_ptr,  # ROTARY: int64 [num_seqs] cache slot of the new token (-1: store nothing)
-    stride_kn,  # ROTARY: token stride of k_new / v_new (head stride is head_dim)
-    stride_vn,
-    stride_cs,  # ROTARY: token stride of cos / sin
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (ignored unless USE_WINDOW)
     stride_qs,
@@ -62,11 +54,7 @@ def _decode_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
-    HALF: tl.constexpr,  # ROTARY when > 0: rotary_dim // 2; q, k rotated (neox) in the kernel
 ):
-    """ROTARY (HALF > 0) folds the step's rotary embedding and KV-cache store in: q is rotated
-    as it loads, and the program whose split holds the last position rotates the new key and
-    writes it and the value into the cache slot before reading its keys."""
     pdl.wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -92,31 +80,6 @@ def _decode_kernel(
     dim_mask = dims < HEAD_DIM
     q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-    if HALF > 0:
-        # neox: d < HALF pairs with d + HALF; fp32 math, one rounding (as `rotary_embedding`)
-        first = dims < HALF
-        rotated = dims < 2 * HALF
-        partner = tl.where(first, dims + HALF, dims - HALF)
-        angle = tl.where(first, dims, dims - HALF)
-        cos = tl.load(cos_ptr + seq * stride_cs + angle, mask=rotated, other=1.0)
-        sin = tl.load(sin_ptr + seq * stride_cs + angle, mask=rotated, other=0.0)
-        q_off2 = seq * stride_qs + heads[:, None] * stride_qh + partner[None, :]
-        q2 = tl.load(q_ptr + q_off2, mask=row_mask[:, None] & rotated[None, :], other=0.0)
-        q = _rotate(q, q2, cos, sin, first, rotated)
-        # The split holding the last position stores the new key (rotated) and value first.
-        owner = (seq_len - 1 - lo) // tl.maximum(chunk, 1)  # -1 for an empty sequence
-        slot = tl.load(slot_ptr + seq)
-        if (split == owner) & (slot >= 0):
-            kv_src = seq * stride_kn + kv_head * HEAD_DIM
-            k1 = tl.load(k_new_ptr + kv_src + dims, mask=dim_mask, other=0.0)
-            k2 = tl.load(k_new_ptr + kv_src + partner, mask=rotated, other=0.0)
-            k_rot = _rotate(k1, k2, cos, sin, first, rotated)
-            v_row = tl.load(v_new_ptr + seq * stride_vn + kv_head * HEAD_DIM + dims, mask=dim_mask)
-            dst = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_co
-            dst += kv_head * stride_ch + dims
-            tl.store(k_cache_ptr + dst, k_rot.to(k_cache_ptr.dtype.element_ty), mask=dim_mask)
-            tl.store(v_cache_ptr + dst, v_row.to(v_cache_ptr.dtype.element_ty), mask=dim_mask)
-            tl.debug_barrier()  # the row is in the cache before this program's threads read it
     if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
         q = q.to(tl.float32)
 
@@ -168,15 +131,6 @@ def _decode_kernel(
 
 
 @triton.jit
-def _rotate(x, x_partner, cos, sin, first, rotated):
-    """Neox rotation of x (last dim): d < HALF -> x cos - x[d + HALF] sin; HALF <= d < 2 HALF
-    -> x cos + x[d - HALF] sin; the rest unchanged. fp32 math, cast back to x's dtype."""
-    a, b = x.to(tl.float32), x_partner.to(tl.float32)
-    out = tl.where(first, a * cos - b * sin, a * cos + b * sin)
-    return tl.where(rotated, out, a).to(x.dtype)
-
-
-@triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims, row_mask,
                   out_mask, stride_os, stride_oh, active, HEAD_DIM: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
@@ -214,16 +168,11 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int = 3,
     min_split_keys: int = 1,
-    rotary_store: tuple | None = None,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
 
     `num_splits` is the most KV splits a sequence uses; in-kernel each uses only as many as
     give every split `min_split_keys` keys of its real context (1 = always all of them).
-    `rotary_store=(k, v, cos, sin, slot_mapping)`: q and the new keys are not rotated yet and
-    the new k/v rows not stored; the kernel does both (one launch instead of three). k, v:
-    `[num_seqs, kv_heads, head_dim]` with unit head_dim stride and head stride head_dim
-    (slices of a packed qkv are fine); cos, sin: `[num_seqs, rotary_dim / 2]`.
     Reads only shapes on the host (no syncs): safe to capture in a CUDA graph.
     """
     num_seqs, num_heads, head_dim = q.shape
@@ -245,16 +194,6 @@ def paged_decode(
         part_out = part_lse = counters = out.new_empty((1,), dtype=torch.float32)
     block_d = triton.next_power_of_2(head_dim)
     flag = pdl.use_pdl(q)
-    if rotary_store is not None:
-        k_new, v_new, cos, sin, slots = rotary_store
-        for x in (k_new, v_new):
-            assert x.stride(-1) == 1 and x.stride(-2) == head_dim, "k/v rows: [kv_heads, D]"
-        assert cos.stride(-1) == 1 and cos.stride() == sin.stride(), "cos/sin: one layout"
-        assert q.stride(-1) == 1, "q needs a unit last stride"
-        half, strides = cos.shape[-1], (k_new.stride(0), v_new.stride(0), cos.stride(0))
-    else:  # unread
-        k_new = v_new = cos = sin = slots = q
-        half, strides = 0, (0, 0, 0)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -265,12 +204,6 @@ def paged_decode(
         part_out,
         part_lse,
         counters,
-        k_new,
-        v_new,
-        cos,
-        sin,
-        slots,
-        *strides,
         scale * _LOG2E,
         sliding_window or 0,
         q.stride(0),
@@ -292,7 +225,6 @@ def paged_decode(
         USE_WINDOW=sliding_window is not None,
         DOT_F32=not q.is_cuda,
         USE_PDL=flag,
-        HALF=half,
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=flag,

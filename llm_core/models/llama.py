@@ -57,13 +57,9 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        fused = getattr(self.backend, "rotary_decode", None) if meta.is_decode else None
-        if fused is not None and q.is_cuda:  # rotary + KV store + attention in one kernel
-            out = fused(q, k, v, rope, kv_cache, meta, self.scale, self.sliding_window)
-        else:
-            q, k = self.rotary.apply(rope, q, k)
-            self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
-            out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
+        q, k = self.rotary.apply(rope, q, k)
+        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [num_tokens, hidden]
 
 

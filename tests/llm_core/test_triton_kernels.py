@@ -163,39 +163,6 @@ def test_paged_decode_scales_splits_to_the_context(window):
         assert_close(out, want, torch.float32)
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("rotary_dim", [32, 16])  # full and partial rotary
-@pytest.mark.parametrize("window", [None, 7])
-def test_rotary_decode_equals_rotary_store_then_attention(splits, rotary_dim, window):
-    """The fused decode step (rotary + KV store + attention in one kernel) against the three
-    reference steps: same output, same cache; slot -1 (a padding row) stores nothing; q and
-    k (views of one packed qkv) are left as they were."""
-    heads, kv_heads, head_dim = 6, 2, 32
-    _, cache, meta = make_batch([1] * 5, [1, 15, 16, 17, 70], heads=heads, kv_heads=kv_heads)
-    gen = torch.Generator().manual_seed(rotary_dim)
-    qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim, generator=gen)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-    q, k, v = (x.view(5, -1, head_dim) for x in (q, k, v))
-    angles = torch.randn(5, rotary_dim // 2, generator=gen)
-    cos, sin = angles.cos(), angles.sin()
-    slots = [int(meta.block_tables[s, (n - 1) // 16]) * 16 + (n - 1) % 16 for s, n in
-             enumerate(meta.seq_lens.tolist())]  # fmt: skip
-    slots[2] = -1  # a padding row: its cache row is whatever was there
-    meta.slot_mapping = torch.tensor(slots)
-    qkv_before = qkv.clone()
-    ref_q, ref_k = triton_ops.rotary_embedding_ref(q, k, cos, sin)
-    ref_cache = cache.clone()
-    REF.store_kv(ref_k, v, ref_cache, meta.slot_mapping)
-    ref = REF.paged_attention(ref_q, ref_cache, meta, 0.3, window)
-    backend = triton_backend.TritonAttentionBackend(splits)
-    for _ in range(2):  # twice: the arrival counters must be back at zero
-        got_cache = cache.clone()
-        out = backend.rotary_decode(q, k, v, (cos, sin), got_cache, meta, 0.3, window)
-        assert_close(out, ref, torch.float32)
-        assert_close(got_cache, ref_cache, torch.float32)
-    assert torch.equal(qkv, qkv_before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_paged_decode_half(dtype):
     q, cache, meta = make_batch([1, 1], [33, 9], heads=8, kv_heads=1, head_dim=24, dtype=dtype)
