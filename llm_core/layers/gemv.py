@@ -97,14 +97,14 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 
 @triton.jit
 def _gemv_tile(
-    acc, w, x_ptr, M, K, k_end, stride_xm, k, offs_m, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr
+    acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr
 ):
     """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0).
 
     SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
     input dtype exactly as `triton_ops.silu_and_mul` rounds it.
     """
-    k_mask = k < k_end
+    k_mask = k < K
     w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
     for m in tl.static_range(BLOCK_M):
         mask = k_mask & (m < M)
@@ -118,7 +118,7 @@ def _gemv_tile(
     return acc
 
 
-@triton.jit(do_not_specialize=["M"])  # fewer variants to compile
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])  # fewer variants to compile
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -130,7 +130,7 @@ def _gemv_kernel(
     N,
     K,
     stride_xm,
-    k_per_split,  # a multiple of 16: each split's range starts 32-byte aligned
+    tiles_per_split,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -155,18 +155,18 @@ def _gemv_kernel(
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: features x rows
-    k_start = pid_k * k_per_split  # this split's K range [k_start, k_end), may be empty
-    k_end = tl.minimum(k_start + k_per_split, K)
-    k = k_start + offs_k
-    first = n_mask[:, None] & (k < k_end)[None, :]
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    k = tile_start * BLOCK_K + offs_k
+    first = n_mask[:, None] & ((k < K) & (tile_start < tile_end))[None, :]
     w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
     pdl.wait(USE_PDL)
-    if k_start < k_end:
-        acc = _gemv_tile(acc, w, x_ptr, M, K, k_end, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
-    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
-        k = k0 + offs_k
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < k_end)[None, :], other=0.0)
-        acc = _gemv_tile(acc, w, x_ptr, M, K, k_end, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
+    if tile_start < tile_end:
+        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
+    for tile in range(tile_start + 1, tile_end):
+        k = tile * BLOCK_K + offs_k
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
     # [BLOCK_N, BLOCK_M] -> out[m, f] at m * N + f
     out_offs = offs_m[None, :] * N + offs_n[:, None]
     out_mask = (offs_m[None, :] < M) & n_mask[:, None]
@@ -218,8 +218,7 @@ def gemv(
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul)
-    # Splits share K evenly (to 16 elements), not in whole tiles: 18944 in 4 is 4736 each.
-    k_per_split = max(16, triton.cdiv(triton.cdiv(k, cfg.split_k), 16) * 16)
+    tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
     n_blocks = triton.cdiv(n, cfg.block_n)
     if cfg.split_k > 1:
         part = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
@@ -229,7 +228,7 @@ def gemv(
     b = bias if bias is not None else weight  # unread when HAS_BIAS is False
     flag = pdl.use_pdl(x)
     _gemv_kernel[(n_blocks, cfg.split_k)](
-        x, weight, b, out, part, counters, m, n, k, x.stride(0), k_per_split,
+        x, weight, b, out, part, counters, m, n, k, x.stride(0), tiles_per_split,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=cfg.split_k,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,

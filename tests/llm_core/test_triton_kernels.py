@@ -267,8 +267,8 @@ def test_rotary_q_alone_when_k_is_empty():
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_gemv(dtype, rows, split_k, with_bias, silu_mul):
-    """N=37, K=83 in 16 x 32 tiles: a partial feature block and partial K tiles; split 2 takes
-    48 + 35 of K, split 4 takes 32, 32, 19 and leaves one split empty (it must add zeros). Each call
+    """N=37, K=83 in 16 x 32 tiles: a partial feature block and a partial last K tile; 3 K tiles
+    -> split 2 gets 2 + 1 tiles, split 4 leaves one split empty (it must add zeros). Each call
     twice: the split-K arrival counters must be back at zero after a call. `silu_mul` takes
     `[gate | up]` rows and must equal `silu_and_mul` then the plain product."""
     gen = torch.Generator().manual_seed(10 * rows + split_k)
