@@ -100,9 +100,10 @@ class TritonAttentionBackend:
         # A pinned split count is used as is; the heuristic's is a maximum that each sequence
         # scales down in-kernel to MIN_KEYS_PER_SPLIT keys a split of its real context.
         min_keys = 1 if self.decode_splits else MIN_KEYS_PER_SPLIT
-        # 128-key tiles: 0.4-1.5 us less per layer than 64 at batch 1 on an H200, contexts of
-        # 100-3000 (PDL graph of store + decode; docs/performance.md)
-        block_n = (128 if q.shape[-1] <= 128 else 64) if q.is_cuda else 16
+        # 64-key tiles: 128 ran store + decode alone 0.4-1.5 us faster per layer on an H200, but
+        # the whole batch-1 step 1% slower (260.5 -> 257.7 tok/s, same machine): the o_proj GEMV
+        # that prefetches its weights under the attention kernel (PDL) has less room beside it.
+        block_n = 64 if q.is_cuda else 16
         return triton_decode.paged_decode(
             q if q.stride(-1) == 1 else q.contiguous(),
             kv_cache,
