@@ -149,7 +149,11 @@ class Qwen2_5VisionMLP(nn.Module):
 
 
 class Qwen2_5VisionBlock(nn.Module):
-    """Pre-RMSNorm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-RMSNorm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    The residual stream is threaded through, as in the decoder: a block returns its MLP output
+    and the running residual, and the next norm adds them (one fused kernel on CUDA).
+    """
 
     def __init__(self, cfg: Qwen2_5VisionConfig) -> None:
         super().__init__()
@@ -158,9 +162,14 @@ class Qwen2_5VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
         self.mlp = Qwen2_5VisionMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x, rotary, meta: VisionAttentionMeta, backend) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary, meta, backend)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, residual, rotary, meta: VisionAttentionMeta, backend):
+        """-> (mlp output, residual); `residual` is None for the first block."""
+        if residual is None:
+            h, residual = self.norm1(x), x
+        else:
+            h, residual = self.norm1(x, residual)
+        h, residual = self.norm2(self.attn(h, rotary, meta, backend), residual)
+        return self.mlp(h), residual
 
 
 class Qwen2_5VisionTower(nn.Module):
@@ -229,11 +238,11 @@ class Qwen2_5VisionTower(nn.Module):
         # [num_patches, C*T*P*P] -> [num_patches, hidden]; merged patches in window order
         x = self.patch_embed(pixel_values)
         x = x.view(-1, unit, x.shape[-1])[window_index].flatten(0, 1)
-        cfg = self.config
+        cfg, residual = self.config, None
         for i, block in enumerate(self.blocks):
             meta = full_meta if i in cfg.fullatt_block_indexes else window_meta
-            x = block(x, rotary, meta, self.attn_backend)
-        merged = self.merger(x)  # [num_slots, out_hidden_size], in window order
+            x, residual = block(x, residual, rotary, meta, self.attn_backend)
+        merged = self.merger(x + residual)  # [num_slots, out_hidden_size], in window order
         out = torch.empty_like(merged)
         out[window_index] = merged  # back to item order
         return out

@@ -134,12 +134,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """`norm(x)`; with `residual`, `(norm(h), h)` for `h = x + residual` (the add rounded to
+        x's dtype, as a block's `x = x + ...`), so a block's residual add fuses into the norm."""
         if x.is_cuda and fused_ops() is not None:  # one fused kernel, same math
-            return fused_ops().rms_norm(x, self.weight, self.eps)[0]
-        x_f = x.float()
+            out, h = fused_ops().rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, h)
+        h = x if residual is None else x + residual
+        x_f = h.float()
         x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_f.to(x.dtype)
+        out = self.weight * x_f.to(h.dtype)
+        return out if residual is None else (out, h)
 
 
 class PatchEmbed(nn.Module):
