@@ -5,7 +5,7 @@ Each such kernel (a) loads only data nothing earlier writes (weights) before `wa
 (b) calls `wait()` in every program before it reads or writes anything else: the instruction
 blocks until the previous kernel has finished and its writes are visible, and (c) calls
 `launch_dependents()` right after, which lets the next PDL kernel start its own launch and
-prologue now instead of after this kernel's tail. Batch-1 decode is ~370 short kernels per
+prologue now instead of after this kernel's tail. Batch-1 decode is ~250 short kernels per
 step, so the launch gaps and ramp-ups this hides are a measurable share of the step.
 
 Correctness holds by induction: every PDL kernel waits in every program, so a kernel that
