@@ -18,7 +18,6 @@ from torch import nn
 from polymodal.encoders.vision_layers import (
     PatchEmbed,
     PatchMerger,
-    RMSNorm,
     VisionAttention,
     VisionAttentionMeta,
     config_value,
@@ -33,6 +32,7 @@ from polymodal.encoders.vision_layers import (
 )
 from polymodal.llm_core.attention import TorchAttentionBackend
 from polymodal.llm_core.layers import fused_ops
+from polymodal.llm_core.layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)

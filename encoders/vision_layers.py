@@ -126,27 +126,6 @@ def fused_rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Ten
     return cos, sin
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, scaled by `weight` in the input dtype (as HF Qwen2.5-VL)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """`norm(x)`; with `residual`, `(norm(h), h)` for `h = x + residual` (the add rounded to
-        x's dtype, as a block's `x = x + ...`), so a block's residual add fuses into the norm."""
-        if x.is_cuda and fused_ops() is not None:  # one fused kernel, same math
-            out, h = fused_ops().rms_norm(x, self.weight, self.eps, residual)
-            return out if residual is None else (out, h)
-        h = x if residual is None else x + residual
-        x_f = h.float()
-        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * x_f.to(h.dtype)
-        return out if residual is None else (out, h)
-
-
 class PatchEmbed(nn.Module):
     """Conv3d with kernel == stride over each patch, run as one matmul over flattened patches.
 
