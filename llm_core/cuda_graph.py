@@ -13,9 +13,13 @@ while the engine thread captures (an encoder graph mid-run, say), which must not
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.host_copy import to_device
+from polymodal.llm_core.layers import fused_ops
 
 BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 # 16-token steps up to 512 (an image prompt's prefill pads by < 16 tokens), coarser above.
@@ -44,7 +48,15 @@ def capture_buckets(buckets: list[int], forward) -> tuple[dict, object]:
 
 
 class DecodeGraphs:
-    """Captured decode graphs for batch sizes up to `max_batch` (eager above it)."""
+    """Captured decode steps for batch sizes up to `max_batch` (eager above it).
+
+    A graph runs the whole step: the ids (each either from the host or sampled by the step
+    before, still on the device), embeddings, decoder, LM head and the greedy argmax. The host
+    then reads back `tokens` when every row is plain greedy, or samples from `logits`.
+
+    The inputs live in one device buffer (`StepInputs`): a step fills a pinned host mirror and
+    copies it over in one transfer.
+    """
 
     def __init__(self, model, kv_caches, max_batch: int, max_blocks: int, uses_mrope: bool):
         self.model = model
@@ -52,43 +64,43 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         device = kv_caches[0].device
         n = self.buckets[-1]
-        hidden = model.config.hidden_size
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, hidden, dtype=model.lm_head.weight.dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Pinned host mirrors of the static inputs, filled from lists and copied
-        # asynchronously. Two sets, alternating: with one step in flight, the set being
-        # filled was last read by the step before it, whose tokens were already waited for.
-        self.host_sets = [
-            {
-                name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
-                for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
-            }
-            for _ in range(2)
+        fields = [
+            ("input_ids", torch.int64, (n,)),
+            ("src", torch.int64, (n,)),  # row of `tokens` holding this row's id, or -1
+            ("positions", torch.int64, (3, n) if uses_mrope else (n,)),
+            ("slot_mapping", torch.int64, (n,)),
+            ("seq_lens", torch.int32, (n,)),
+            ("block_tables", torch.int32, (n, max_blocks)),  # last: a step copies its rows only
         ]
+        self.inputs = StepInputs(fields, device)
+        self.max_blocks = max_blocks
+        self.tokens = torch.zeros(n, dtype=torch.int64, device=device)  # this step's argmax
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        vocab = model.lm_head.weight.shape[0]
+        self.logits = torch.zeros(n, vocab, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.runs = 0
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
+        v = self.inputs.device_views
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs],
-            slot_mapping=self.slot_mapping[:bs],
+            seq_lens=v["seq_lens"][:bs],
+            block_tables=v["block_tables"][:bs],
+            slot_mapping=v["slot_mapping"][:bs],
             max_query_len=1,
-            max_seq_len=self.block_tables.shape[1] * self.kv_caches[0].shape[2],
+            max_seq_len=v["block_tables"].shape[1] * self.kv_caches[0].shape[2],
             is_decode=True,
         )
 
     def _forward(self, bs: int) -> None:
-        positions = self.positions[..., :bs]
-        embeds = self.model.embed(self.input_ids[:bs])
-        self.hidden[:bs] = self.model(positions, embeds, self.kv_caches, self._meta(bs))
+        v = self.inputs.device_views
+        ids = resolve_ids(v["input_ids"][:bs], v["src"][:bs], self.tokens)
+        hidden = self.model(v["positions"][..., :bs], self.model.embed(ids), self.kv_caches,
+                            self._meta(bs))  # fmt: skip
+        logits = self.model.compute_logits(hidden, out=self.logits[:bs])  # fp32
+        torch.argmax(logits, dim=-1, out=self.tokens[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -96,32 +108,96 @@ class DecodeGraphs:
         self.graphs, self.pool = capture_buckets(self.buckets, self._forward)
 
     def can_run(self, num_seqs: int, num_blocks: int) -> bool:
-        return num_seqs <= self.buckets[-1] and num_blocks <= self.block_tables.shape[1]
+        return num_seqs <= self.buckets[-1] and num_blocks <= self.max_blocks
 
-    def run(self, hb, patch=None) -> torch.Tensor:
-        """Replay the smallest bucket that fits `hb` (a decode `HostBatch`); returns hidden
-        `[num_seqs, hidden]`. Inputs go host -> pinned buffer -> one async copy each; `patch`
-        (rows, ids on the device) fills ids still in flight from the previous step."""
+    def run(self, hb, prev_tokens: torch.Tensor | None = None):
+        """Replay the smallest bucket that fits `hb` (a decode `HostBatch`); returns (logits
+        `[num_seqs, vocab]` fp32, greedy tokens `[num_seqs]`), views of static buffers valid
+        until the next replay. Rows in `hb.pending_rows` take their id from `prev_tokens` (the
+        step before's sampled ids, on the device) at `hb.pending_src`."""
         n = len(hb.ids)
         bs = next(b for b in self.buckets if b >= n)
-        h = self.host_sets[self.runs % 2]
+        h = self.inputs.fill_host(self.runs % 2)
         self.runs += 1
-        h["input_ids"].numpy()[:n] = hb.ids
-        h["positions"].numpy()[..., :n] = hb.rows if self.positions.dim() == 2 else hb.rows[0]
-        h["slot_mapping"].numpy()[:n] = hb.slots
-        h["slot_mapping"].numpy()[n:bs] = -1  # padding rows store nothing
-        h["seq_lens"].numpy()[:n] = hb.seq_lens
-        h["seq_lens"].numpy()[n:bs] = 1  # and read one (finite) cache row
-        tables = h["block_tables"].numpy()
+        h["input_ids"][:n] = hb.ids
+        h["positions"][..., :n] = hb.rows if h["positions"].ndim == 2 else hb.rows[0]
+        h["slot_mapping"][:n] = hb.slots
+        h["slot_mapping"][n:bs] = -1  # padding rows store nothing
+        h["seq_lens"][:n] = hb.seq_lens
+        h["seq_lens"][n:bs] = 1  # and read one (finite) cache row
+        h["src"][:bs] = -1
+        if hb.pending_rows:
+            src = hb.pending_src
+            if prev_tokens is not None and prev_tokens.data_ptr() != self.tokens.data_ptr():
+                # sampled outside a graph (a prefill step, a sampled row): gather them in
+                index = to_device(src, torch.int64, self.tokens.device)
+                self.tokens[: len(src)].copy_(prev_tokens[index])
+                src = range(len(src))
+            h["src"][hb.pending_rows] = list(src)
+        tables = h["block_tables"]
         for row, table in enumerate(hb.tables):
             tables[row, : len(table)] = table
-        for name in ("input_ids", "slot_mapping", "seq_lens", "block_tables"):
-            getattr(self, name)[:bs].copy_(h[name][:bs], non_blocking=True)
-        self.positions[..., :bs].copy_(h["positions"][..., :bs], non_blocking=True)
-        if patch is not None:  # ids sampled by the step before, never read back to the host
-            self.input_ids[patch[0]] = patch[1]
-        self.graphs[bs].replay()
-        return self.hidden[:n]
+        self.inputs.upload(rows=bs)
+        if self.graphs:
+            self.graphs[bs].replay()
+        else:  # not captured (CPU tests): the same padded step, eagerly
+            self._forward(bs)
+        return self.logits[:n], self.tokens[:n]
+
+
+class StepInputs:
+    """Named int tensors packed in one device buffer, with two pinned host mirrors: the host
+    fills one mirror (numpy views) and `upload` copies it over in one asynchronous transfer.
+
+    Two mirrors, alternating: with one step in flight, the mirror being filled was last read by
+    the step before it, whose tokens were already waited for. The last field's leading rows are
+    all of it a step needs (block tables), so `upload(rows)` copies only up to them.
+    """
+
+    def __init__(self, fields: list[tuple[str, torch.dtype, tuple]], device: torch.device):
+        offsets, size = {}, 0
+        for name, dtype, shape in fields:
+            offsets[name] = size
+            nbytes = dtype.itemsize * math.prod(shape)
+            size += -(-nbytes // 8) * 8  # 8-byte aligned views
+        pin = torch.device(device).type == "cuda"
+        self.device_buffer = torch.zeros(size, dtype=torch.uint8, device=device)
+        self.host_buffers = [torch.zeros(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.host_views = [
+            {k: v.numpy() for k, v in _views(b, fields, offsets).items()} for b in self.host_buffers
+        ]
+        self.device_views = _views(self.device_buffer, fields, offsets)
+        name, dtype, shape = fields[-1]
+        self._last = (offsets[name], dtype.itemsize * math.prod(shape[1:]))
+        self._current = 0
+
+    def fill_host(self, index: int) -> dict:
+        """The numpy views of host mirror `index` (0 or 1), to fill before `upload`."""
+        self._current = index
+        return self.host_views[index]
+
+    def upload(self, rows: int) -> None:
+        """Copy the current mirror, up to `rows` rows of the last field, to the device."""
+        offset, row_bytes = self._last
+        end = offset + rows * row_bytes
+        src = self.host_buffers[self._current][:end]
+        self.device_buffer[:end].copy_(src, non_blocking=True)
+
+
+def resolve_ids(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Row r's input id: `tokens[src[r]]` (sampled by the step before, on the device) where
+    `src[r] >= 0`, else `ids[r]`. One Triton kernel on CUDA."""
+    if ids.is_cuda and fused_ops() is not None:
+        return fused_ops().resolve_ids(ids, src, tokens)
+    return torch.where(src >= 0, tokens[src.clamp(min=0)], ids)
+
+
+def _views(buffer: torch.Tensor, fields, offsets) -> dict[str, torch.Tensor]:
+    views = {}
+    for name, dtype, shape in fields:
+        nbytes = dtype.itemsize * math.prod(shape)
+        views[name] = buffer[offsets[name] : offsets[name] + nbytes].view(dtype).view(shape)
+    return views
 
 
 class PrefillGraphs:

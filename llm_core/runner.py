@@ -198,48 +198,57 @@ class ModelRunner:
         has_media = _step_has_media(sched)
         graphs = self.graphs
         if graphs and hb.is_decode and not has_media and graphs.can_run(len(hb.ids), hb.max_blocks):
-            hidden = graphs.run(hb, self._pending_patch(hb, prev))
+            return self._launch_graph(sched, hb, prev, overlap)
+        input_ids, positions, meta, _ = self.prepare(sched, hb)
+        if hb.pending_rows:  # ids sampled by `prev`, never read back to the host
+            rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
+            input_ids[rows] = prev.tokens[src]
+        embeds = self.model.embed(input_ids)
+        if has_media:
+            slot_idx, mm = self._mm_embeddings(sched)
+            if slot_idx is not None:
+                embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
+        prefill = self.prefill_graphs
+        if prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks):
+            hidden = prefill.run(embeds, positions, meta)
         else:
-            input_ids, positions, meta, _ = self.prepare(sched, hb)
-            patch = self._pending_patch(hb, prev)
-            if patch is not None:
-                input_ids[patch[0]] = patch[1]
-            embeds = self.model.embed(input_ids)
-            if has_media:
-                slot_idx, mm = self._mm_embeddings(sched)
-                if slot_idx is not None:
-                    embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
-            prefill = self.prefill_graphs
-            if prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks):
-                hidden = prefill.run(embeds, positions, meta)
-            else:
-                hidden = self.model(positions, embeds, self.kv_caches, meta)
+            hidden = self.model(positions, embeds, self.kv_caches, meta)
         return self.sample(sched, hidden, hb.sample_rows, overlap)
 
-    def _pending_patch(self, hb: HostBatch, prev: InFlight | None):
-        """(rows of this batch, their ids from `prev`'s device tokens) or None."""
-        if not hb.pending_rows:
-            return None
-        rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
-        return rows, prev.tokens[src]
+    def _launch_graph(self, sched, hb: HostBatch, prev: InFlight | None, overlap: bool):
+        """A decode step as one graph replay: LM head and greedy argmax included."""
+        logits, greedy = self.graphs.run(hb, prev.tokens if hb.pending_rows else None)
+        reqs = _sampling_requests(sched)
+        if not hb.sample_rows:
+            return InFlight(reqs)
+        if len(hb.sample_rows) != len(hb.ids):  # a prompt chunk of one token samples nothing
+            rows = to_device(hb.sample_rows, torch.int64, logits.device)
+            logits, greedy = logits[rows], greedy[rows]
+        return self.sample_logits(reqs, logits, greedy, overlap)
 
     def sample(self, sched, hidden, sample_rows, overlap: bool = False) -> InFlight:
-        """Logits and sampling on the device; the ids are copied to the host asynchronously."""
-        reqs = [
-            req
-            for req, n in zip(sched.requests, sched.num_new_tokens)
-            if req.num_computed_tokens + n == req.num_tokens
-        ]
+        """Logits of the sampled rows of `hidden`, then `sample_logits`."""
+        reqs = _sampling_requests(sched)
         if not sample_rows:
             return InFlight(reqs)
         if len(sample_rows) != hidden.shape[0]:  # else every row samples (decode): no gather
             hidden = hidden[to_device(sample_rows, torch.int64, hidden.device)]
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] fp32
+        return self.sample_logits(reqs, self.model.compute_logits(hidden), None, overlap)
+
+    def sample_logits(self, reqs, logits, greedy=None, overlap: bool = False) -> InFlight:
+        """Sample one token per row of `logits` (fp32, one row per request of `reqs`) on the
+        device; the ids are copied to the host asynchronously. `greedy` (the rows' argmax,
+        computed in a decode graph) is the answer as is when every row is plain greedy."""
         contexts = [
             SamplingContext(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
             for r in reqs
         ]
-        tokens, raw_logprobs = self.sampler.sample(logits, contexts)
+        if greedy is not None and all(_argmax_only(c.params) for c in contexts):
+            tokens, raw_logprobs = greedy, None
+            if not (overlap and tokens.is_cuda):  # read after the next step rewrote the buffer
+                tokens = tokens.clone()
+        else:
+            tokens, raw_logprobs = self.sampler.sample(logits, contexts)
         flight = InFlight(reqs, contexts, tokens, raw_logprobs)
         if overlap and tokens.is_cuda and raw_logprobs is None:
             flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -274,6 +283,26 @@ class InFlight:
     def row_of(self) -> dict[str, int]:
         """request id -> row in `tokens`."""
         return {r.request_id: i for i, r in enumerate(self.reqs)}
+
+
+def _sampling_requests(sched: SchedulerOutput) -> list[Request]:
+    """The requests whose scheduled tokens reach their end: each samples one token."""
+    return [
+        req
+        for req, n in zip(sched.requests, sched.num_new_tokens)
+        if req.num_computed_tokens + n == req.num_tokens
+    ]
+
+
+def _argmax_only(params) -> bool:
+    """Whether a row's token is the plain argmax of its logits (no penalty, no logprobs)."""
+    return (
+        params.is_greedy
+        and params.logprobs is None
+        and params.repetition_penalty == 1.0
+        and not params.frequency_penalty
+        and not params.presence_penalty
+    )
 
 
 def _step_has_media(sched: SchedulerOutput) -> bool:

@@ -127,6 +127,7 @@ def run_bench(args) -> dict:
         "ttft_ms": ours.ttft_ms(pics[0]),
         **ours.caption(pics, args.output_tokens),
     }
+    results["ours"]["ttft_calls_ms"] = ours.ttft_calls_ms
     results["ours"]["decode_tokens_s"] = 1e3 / results["ours"]["decode_ms_per_token"]
     results["ours"]["decode_fraction_of_floor"] = floor_ms / results["ours"]["decode_ms_per_token"]
     if args.profile:
@@ -172,6 +173,10 @@ def print_table(r: dict) -> None:
         ref = fmt.format(hf[key]) if key in hf else "-"
         print(f"{label:28s} {ours:>10s} {ref:>13s}")
     print(f"decode fraction of floor: {r['ours']['decode_fraction_of_floor']:.1%}")
+    calls = r["ours"].get("ttft_calls_ms", [])[1:]  # the first call warms up
+    if calls:
+        split = {k: statistics.median(c[k] for c in calls) for k in calls[0]}
+        print("TTFT split, median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
     if "decode_gpu_idle_share" in r["ours"]:
         print(f"GPU idle between decode steps: {r['ours']['decode_gpu_idle_share']:.1%}")
     if "speedup" in r:

@@ -124,17 +124,27 @@ class OurSide:
 
     def ttft_ms(self, _image, repeats: int = 5) -> float:
         """Median time from raw image + ids to the first output token (processing included).
-        Every call draws new images: a repeated one would hit the encoder cache."""
+        Every call draws new images: a repeated one would hit the encoder cache. Each call's
+        split (processing, staging, engine) is kept in `ttft_calls_ms`."""
         self.ttft_calls += 1
         fresh = images(repeats + 1, seed=1000 * self.ttft_calls)
-        times = []
+        times, self.ttft_calls_ms = [], []
         for i, image in enumerate(fresh):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            rid = self._add(self._prompt(image, 100 + i), 1)
+            ids = self.image_prefix + text_ids(TEXT_TOKENS, 100 + i, self.vocab)
+            prompt = self.processor.process_tokens(ids, [MediaRef("image", image)])
+            processed = time.perf_counter()
+            self.model.stage(prompt.mm_items)
+            staged = time.perf_counter()
+            rid = self._add(prompt, 1)
             while not any(o.request_id == rid for o in self.engine.step()):
                 pass
-            times.append(time.perf_counter() - start)  # the first token is on the host now
+            end = time.perf_counter()  # the first token is on the host now
+            times.append(end - start)
+            split = {"process": processed - start, "stage": staged - processed}
+            split["engine"] = end - staged
+            self.ttft_calls_ms.append({k: round(v * 1e3, 3) for k, v in split.items()})
             self.engine.step()  # max_tokens=1 finished it; resolve a step left in flight
         return statistics.median(times[1:]) * 1e3  # the first run warms the encoder kernels
 

@@ -30,15 +30,15 @@ def hf_greedy(model, prompt_ids: list[int], steps: int):
 
 
 def record_logits(engine):
-    """Wrap the engine model's compute_logits; returns the list it appends [rows, vocab] to."""
+    """Wrap the engine runner's `sample_logits` (every sampled row's logits pass through it,
+    decode graphs included); returns the list it appends [rows, vocab] fp32 copies to."""
     seen = []
-    model = engine.runner.model
-    original = model.compute_logits
+    runner = engine.runner
+    original = runner.sample_logits
 
-    def compute_logits(hidden):
-        out = original(hidden)
-        seen.append(out.clone())
-        return out
+    def sample_logits(reqs, logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return original(reqs, logits, *args, **kwargs)
 
-    model.compute_logits = compute_logits
+    runner.sample_logits = sample_logits
     return seen

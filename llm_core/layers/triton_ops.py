@@ -1,6 +1,7 @@
 """Fused elementwise Triton kernels for the decoder: RMSNorm (+ residual add), SiLU-and-mul,
-neox rotary embedding. Each has a torch reference `*_ref` beside it with the same semantics
-(used by tests and as the definition of what the kernel computes).
+neox rotary embedding, and the decode graphs' id lookup (`resolve_ids`). Each has a torch
+reference beside it with the same semantics (`*_ref` here; `cuda_graph.resolve_ids`' torch
+path), used by tests and as the definition of what the kernel computes.
 
 All math is fp32 inside the kernels; results are cast back to the input dtype.
 """
@@ -211,3 +212,30 @@ def rotary_embedding_ref(
         return torch.cat([rot, x[..., 2 * half :]], dim=-1)
 
     return rotate(q), rotate(k)
+
+
+@triton.jit
+def _resolve_ids_kernel(ids_ptr, src_ptr, tokens_ptr, out_ptr, n, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr):  # fmt: skip
+    """out[r] = tokens[src[r]] where src[r] >= 0, else ids[r]."""
+    pdl.wait(USE_PDL)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n
+    src = tl.load(src_ptr + rows, mask=mask, other=-1)
+    ids = tl.load(ids_ptr + rows, mask=mask, other=0)
+    sampled = tl.load(tokens_ptr + src, mask=mask & (src >= 0), other=0)
+    tl.store(out_ptr + rows, tl.where(src >= 0, sampled, ids), mask=mask)
+
+
+def resolve_ids(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Input ids of a decode step whose rows may still wait on the step before: row r takes
+    `tokens[src[r]]` (an id sampled on the device) where `src[r] >= 0`, else `ids[r]`.
+    ids, src: int64 `[n]`; tokens: int64 `[m]`. Returns a new `[n]` tensor."""
+    out = torch.empty_like(ids)
+    if ids.numel():
+        block = min(1024, triton.next_power_of_2(ids.numel()))
+        flag = pdl.use_pdl(ids)
+        _resolve_ids_kernel[(triton.cdiv(ids.numel(), block),)](
+            ids, src, tokens, out, ids.numel(), BLOCK=block, USE_PDL=flag, launch_pdl=flag
+        )
+    return out

@@ -151,5 +151,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         return self.model(positions, inputs_embeds, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab]
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)

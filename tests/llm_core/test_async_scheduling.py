@@ -20,15 +20,15 @@ def ckpt(tmp_path_factory):
 def _run(ckpt, params, prompts=PROMPTS, **kw):
     kw.setdefault("num_kv_blocks", 256)
     engine = Engine(ckpt, dtype="float32", device="cpu", **kw)
-    runner, patch = engine.runner, engine.runner._pending_patch
+    runner, host_batch = engine.runner, engine.runner.host_batch
     engine.device_fed_ids = 0  # how many input ids came straight from the previous step
 
-    def counting_patch(hb, prev):
-        out = patch(hb, prev)
-        engine.device_fed_ids += 0 if out is None else len(out[0])
-        return out
+    def counting_host_batch(sched, prev=None):
+        hb = host_batch(sched, prev)
+        engine.device_fed_ids += len(hb.pending_rows)
+        return hb
 
-    runner._pending_patch = counting_patch
+    runner.host_batch = counting_host_batch
     ids = [engine.add_request(p, params) for p in prompts]
     final = engine.run_until_done()
     assert engine.num_free_blocks == engine.scheduler.kv.num_blocks

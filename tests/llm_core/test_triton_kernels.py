@@ -357,3 +357,16 @@ def test_gemv_default_config_heuristic():
             assert -(-n // cfg.block_n) * cfg.split_k >= 2 * 132, (n, k, rows, cfg)
             assert -(-k // cfg.block_k) >= 2 * cfg.split_k  # 2+ K tiles per split
     assert pick(1, 64, 40, 132) == gemv_ops.GemvConfig(block_n=4, block_k=64)  # K < tile
+
+
+def test_resolve_ids():
+    from polymodal.llm_core.cuda_graph import resolve_ids  # the torch path on CPU tensors
+
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 7, 1500):  # one program, a partial one, several
+        ids = torch.randint(0, 1000, (n,), generator=gen)
+        tokens = torch.randint(1000, 2000, (n + 3,), generator=gen)
+        src = torch.randint(-1, n + 3, (n,), generator=gen)
+        expected = resolve_ids(ids, src, tokens)
+        assert torch.equal(triton_ops.resolve_ids(ids, src, tokens), expected)
+    assert (expected >= 1000).any() and (expected < 1000).any()  # both kinds of rows
