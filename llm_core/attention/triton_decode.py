@@ -55,7 +55,10 @@ def _decode_kernel(
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl.wait(USE_PDL)
+    # Before the PDL wait: everything but the newest key. The previous kernel (the KV store)
+    # writes only that key; it passed its own wait before this kernel could launch, so
+    # whatever the kernels before it wrote (q by the rotary, older keys, the host's tables) is
+    # complete. q is read past L1 (.cg).
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -66,9 +69,7 @@ def _decode_kernel(
     # Splits in use for this context (the grid has NUM_SPLITS for the longest one a graph may
     # see): a short context runs on one split, which writes the output with no merge.
     active = tl.minimum(NUM_SPLITS, tl.maximum(tl.cdiv(seq_len - lo, MIN_SPLIT_KEYS), 1))
-    if split >= active:
-        return
-    # This split's key range [start, end), tile-aligned relative to lo.
+    # This split's key range [start, end), tile-aligned relative to lo (empty when unused).
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, active), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
@@ -79,33 +80,40 @@ def _decode_kernel(
     row_mask = rows < GROUP
     dim_mask = dims < HEAD_DIM
     q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    q_mask = row_mask[:, None] & dim_mask[None, :]
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")
     if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
         q = q.to(tl.float32)
+    table = block_table_ptr + seq.to(tl.int64) * stride_bt
+    pos = start + tl.arange(0, BLOCK_N)  # the first tile's absolute key positions
+    valid = pos < end
+    kv_off = _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch, PAGE_SIZE)
+    older = (valid & (pos < seq_len - 1))[:, None] & dim_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
+    pdl.wait(USE_PDL)
+    if split >= active:
+        return
+    newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]  # stored by the previous kernel
+    k_new = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
+    v_new = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
+    k = tl.where(newest, k_new, k)
+    v = tl.where(newest, v_new, v)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table = block_table_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+    if start < end:  # (an all-masked tile would give exp2(-inf + inf) = NaN)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        kv_off = page * stride_cb + (pos % PAGE_SIZE) * stride_co + kv_head * stride_ch
+        kv_off = _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
+                             PAGE_SIZE)  # fmt: skip
         kv_mask = valid[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = (
-            tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
-        )  # [BLOCK_G, BLOCK_N], log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if active == 1:
@@ -128,6 +136,28 @@ def _decode_kernel(
                           row_mask, out_mask, stride_os, stride_oh, active, HEAD_DIM,
                           BLOCK_G, BLOCK_D)  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
+                PAGE_SIZE: tl.constexpr):  # fmt: skip
+    """Cache offsets of the keys at `pos` (one kv head) through the sequence's block table."""
+    page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    return page * stride_cb + (pos % PAGE_SIZE) * stride_co + kv_head * stride_ch
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale):
+    """Online-softmax update of (max, sum, output) with one tile of keys (invalid: -inf)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale  # log2 units
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -173,7 +203,10 @@ def paged_decode(
 
     `num_splits` is the most KV splits a sequence uses; in-kernel each uses only as many as
     give every split `min_split_keys` keys of its real context (1 = always all of them).
-    Reads only shapes on the host (no syncs): safe to capture in a CUDA graph.
+    Reads only shapes on the host (no syncs): safe to capture in a CUDA graph. Under PDL the
+    kernel reads q and all but each sequence's newest key before waiting on the kernel launched
+    just before it, so that one may write only the newest keys (the KV store, as the attention
+    layer runs them); whatever wrote q must come earlier.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_cache.shape[3], kv_cache.shape[2]

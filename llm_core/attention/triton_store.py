@@ -31,9 +31,9 @@ def _store_kv_kernel(
     USE_PDL: tl.constexpr,
 ):
     """One program per token: copy its `[kv_heads, head_dim]` k and v rows into its slot."""
-    pdl.wait(USE_PDL)
     token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)  # the host's, written before: ahead of the wait
+    pdl.wait(USE_PDL)
     if slot < 0:  # padding token: nothing to store
         return
     block = slot // PAGE_SIZE

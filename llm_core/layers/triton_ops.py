@@ -156,13 +156,15 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One program per token: rotate q[t] and k[t] of every head, neox style, in place."""
-    pdl.wait(USE_PDL)
+    """One program per token: rotate q[t] and k[t] of every head, neox style, in place.
+
+    cos/sin (built once per forward, before the layers) load ahead of the PDL wait."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
     cos = tl.load(cos_ptr + token * stride_ct + cols, mask=col_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
+    pdl.wait(USE_PDL)
     q_row = q_ptr + token * stride_qt
     _rotate_heads(q_row, cos, sin, num_q_heads, stride_qh, col_mask, cols, HALF, BLOCK_QH)
     if BLOCK_KH > 0:
@@ -178,7 +180,8 @@ def rotary_embedding(
     `cos, sin`: `[T, rotary_dim / 2]`, already gathered per token (M-RoPE sections merged by the
     caller). Only the first `rotary_dim` features rotate. Views (e.g. slices of a packed qkv)
     are fine as long as the last dim has unit stride. `k` may have no tokens (q alone is
-    rotated); otherwise one launch rotates both. Returns `(q, k)`.
+    rotated); otherwise one launch rotates both. Returns `(q, k)`. Under PDL cos/sin are read
+    before waiting on the kernel launched just before: that one must not be what wrote them.
     """
     half = cos.shape[-1]
     assert 2 * half <= q.shape[-1] and cos.shape == sin.shape
