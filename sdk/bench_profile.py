@@ -112,6 +112,7 @@ def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
         "kernel_sum_ms_per_step": sum(e.self_device_time_total for e in events) / 1e3 / steps,
         "gpu_idle_share": 1 - busy / wall,
         "exclusive_kernels": _exclusive_ms(prof, steps, top),
+        "idle_gaps": _idle_gaps(prof, steps, 8),
         "top_kernels": [
             {
                 "name": e.key[:90],
@@ -179,6 +180,27 @@ def _exclusive_ms(prof, calls: int, top: int) -> list[dict]:
         {"name": name[:90], "ms_per_step": charged[name] / 1e3 / calls,
          "calls_per_step": launches[name] / calls}
         for name in rows
+    ]  # fmt: skip
+
+
+def _idle_gaps(prof, calls: int, top: int) -> list[dict]:
+    """Where the device idles: each gap between busy intervals, charged to the pair (the
+    kernel whose end opened it -> the kernel whose start closed it), largest total first."""
+    gaps: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    end, last = float("-inf"), ""
+    for start, stop, name in sorted(_device_spans(prof)):
+        if start > end and last:
+            pair = f"{last[:40]} -> {name[:40]}"
+            gaps[pair] += start - end
+            counts[pair] += 1
+        if stop > end:
+            end, last = stop, name
+    rows = sorted(gaps, key=lambda pair: -gaps[pair])[:top]
+    return [
+        {"name": pair, "ms_per_step": gaps[pair] / 1e3 / calls,
+         "calls_per_step": counts[pair] / calls}
+        for pair in rows
     ]  # fmt: skip
 
 
@@ -291,6 +313,8 @@ def print_profile(prof: dict) -> None:
     )
     print("  busy time charged to the kernel that ends it (marginal cost under PDL):")
     _print_kernels(dk["exclusive_kernels"], "ms_per_step", "calls_per_step")
+    print("  idle gaps (the kernel that ended -> the one that started):")
+    _print_kernels(dk["idle_gaps"], "ms_per_step", "calls_per_step")
     tk = prof["ttft_kernels"]
     print(
         f"TTFT GPU busy {tk['gpu_busy_ms']:.1f} ms; GPU spans: vision "
