@@ -175,7 +175,8 @@ def test_decode_split_heuristic():
     pick = triton_backend.decode_num_splits
     assert pick(64, 8, 8192, 132, 16) == 1  # enough programs already
     assert pick(1, 4, 4096, 132, 16) == 16  # one long sequence: split, capped
-    assert pick(1, 4, 512, 132, 16) == 2  # short context: at most 256 keys a split
+    assert pick(1, 4, 512, 132, 16) == 512 // triton_backend.MIN_KEYS_PER_SPLIT  # short context
+    assert pick(1, 4, 40, 132, 16) == 1
     assert pick(0, 4, 16, 132, 16) == 1
 
 
