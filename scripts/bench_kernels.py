@@ -173,9 +173,6 @@ ROTATE_BYTES = 256 << 20  # weight copies cycled per call: reads miss the 50 MB 
 GEMV_REP_MS = 20
 
 
-CONFIG_KEYS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "prefetch")
-
-
 def gemv_phase1(m: int, n: int, k: int, sms: int, tiny: bool) -> list:
     """Tile shapes (4 warps, 8 for big tiles), each with the smallest K split that gives ~4
     programs per SM. Later phases vary split, warps and stages around the fastest."""
@@ -253,9 +250,6 @@ def bench_gemv_shape(name, n, k, has_bias, m, dtype, device, tiny) -> dict:
         for warps in (2, 4, 8):  # 2 warps spill above 8192 tile elements per padded row
             if warps > 2 or triton.next_power_of_2(m) * config.block_n * config.block_k <= 8192:
                 run(dataclasses.replace(config, num_warps=warps))
-    for config in fastest(2):  # two weight tiles ahead of the PDL wait, where a split has two
-        if triton.cdiv(triton.cdiv(k, config.block_k), config.split_k) >= 2:
-            run(dataclasses.replace(config, prefetch=2))
     for config in fastest(1):  # num_stages changes nothing in the PTX on Triton 3.8: confirm
         run(dataclasses.replace(config, num_stages=3))
     default = gemv_ops.default_config(m, n, k, sms)
@@ -295,12 +289,12 @@ def bench_gemv(args, dtype, device) -> None:
     print(f"# {device_name}, {args.dtype}, CUDA-graph replay, weights cycled past the L2; us")
     print(
         f"{'shape':8} {'M':>2} {'N':>6} {'K':>6} | {'cuBLAS':>7} {'TB/s':>5} | {'default':>7}"
-        f" {'TB/s':>5} | {'best':>7} {'TB/s':>5} {'speedup':>7}  bn/bk/split/warps/stages/pf  err"
+        f" {'TB/s':>5} | {'best':>7} {'TB/s':>5} {'speedup':>7}  bn/bk/split/warps/stages  err"
     )
     for r in records:
         cu, de, be = r["cublas"], r["default"], r["best"]
         c = be["config"]
-        cfg = "/".join(str(c[key]) for key in CONFIG_KEYS)
+        cfg = f"{c['block_n']}/{c['block_k']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}"
         times = " | ".join(f"{t['us']:7.2f} {t.get('tb_s', 0):5.2f}" for t in (cu, de, be))
         speedup, err = cu["us"] / be["us"], be.get("max_err", float("nan"))
         print(

@@ -39,15 +39,14 @@ class GemvConfig:
     split_k: int = 1  # programs sharing one block of features (fp32 partials when > 1)
     num_warps: int = 4
     num_stages: int = 1  # Triton 3.8 emits the same code for 1..4 here (nothing to pipeline)
-    prefetch: int = 1  # weight tiles a program loads ahead of the PDL wait (1 or 2)
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"GemvConfig.{name}={value} must be a power of two")
-        if self.split_k < 1 or self.num_stages < 1 or self.prefetch not in (1, 2):
-            raise ValueError(f"GemvConfig split_k/num_stages must be >= 1, prefetch 1|2: {self}")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError(f"GemvConfig split_k/num_stages must be >= 1: {self}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,7 +137,6 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Program (n block, k split): acc[f, m] = sum over its K tiles of w[f, k] * x[m, k].
@@ -146,7 +144,8 @@ def _gemv_kernel(
     Writes `out [M, N]` (+ bias, cast). With SPLIT_K > 1 each split stores its fp32 partial
     sums and the last split of a feature block to arrive (an atomic counter) adds all of them
     in split order, so the sum is deterministic and no second kernel runs; that program resets
-    the counter for the next call.
+    the counter for the next call. The first weight tile is loaded before the PDL wait: it
+    streams in while the previous kernel finishes.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -158,22 +157,13 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: features x rows
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    # Weights are static: the first PREFETCH tiles load before the wait, streaming while the
-    # previous kernel (say the attention before o_proj, latency-bound) still runs.
     k = tile_start * BLOCK_K + offs_k
     first = n_mask[:, None] & ((k < K) & (tile_start < tile_end))[None, :]
-    w = tl.load(w_rows + k[None, :], mask=first, other=0.0)
-    if PREFETCH == 2:
-        k2 = k + BLOCK_K
-        second = n_mask[:, None] & ((k2 < K) & (tile_start + 1 < tile_end))[None, :]
-        w2 = tl.load(w_rows + k2[None, :], mask=second, other=0.0)
+    w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
     pdl.wait(USE_PDL)
     if tile_start < tile_end:
         acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
-    if PREFETCH == 2:
-        if tile_start + 1 < tile_end:
-            acc = _gemv_tile(acc, w2, x_ptr, M, K, stride_xm, k2, offs_m, BLOCK_M, SILU_MUL)
-    for tile in range(tile_start + PREFETCH, tile_end):
+    for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
         acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
@@ -241,7 +231,6 @@ def gemv(
         x, weight, b, out, part, counters, m, n, k, x.stride(0), tiles_per_split,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=cfg.split_k,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREFETCH=cfg.prefetch, USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        launch_pdl=flag,
+        USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     return out

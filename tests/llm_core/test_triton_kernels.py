@@ -271,14 +271,12 @@ def test_gemv(dtype, rows, split_k, with_bias, silu_mul):
     """N=37, K=83 in 16 x 32 tiles: a partial feature block and a partial last K tile; 3 K tiles
     -> split 2 gets 2 + 1 tiles, split 4 leaves one split empty (it must add zeros). Each call
     twice: the split-K arrival counters must be back at zero after a call. `silu_mul` takes
-    `[gate | up]` rows and must equal `silu_and_mul` then the plain product. Odd row counts
-    load two tiles ahead of the PDL wait (prefetch 2: a split with one tile must skip its
-    second), even ones one."""
+    `[gate | up]` rows and must equal `silu_and_mul` then the plain product."""
     gen = torch.Generator().manual_seed(10 * rows + split_k)
     x = torch.randn(rows, 83 * (1 + silu_mul), generator=gen).to(dtype)
     weight = (torch.randn(37, 83, generator=gen) / 83**0.5).to(dtype)
     bias = torch.randn(37, generator=gen).to(dtype) if with_bias else None
-    config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k, prefetch=1 + rows % 2)
+    config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k)
     rows_in = triton_ops.silu_and_mul_ref(x) if silu_mul else x
     ref = F.linear(rows_in.float(), weight.float(), None if bias is None else bias.float())
     for _ in range(2):
