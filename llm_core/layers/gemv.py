@@ -8,7 +8,11 @@ would pad M to 16). Shapes with few output blocks (o_proj, qkv, down) also split
 programs: fp32 partials go to a `[SPLIT_K, M, N]` workspace and the last split of each feature
 block to finish (an atomic arrival counter) sums them, so a call is one kernel. `silu_mul=True`
 reads a packed `[gate | up]` input and applies SiLU-and-multiply as it loads x (the MLP's down
-projection needs no activation kernel then).
+projection needs no activation kernel then). The residual add and the RMSNorm between
+blocks fold in too: a GEMV given `residual` adds it to its output and writes each feature
+block's sum of squares; the next GEMV, given that as a `DeferredNorm`, sums those (in a fixed
+order) to each row's 1/rms and normalizes x as it loads it (batch-1 decode runs no norm
+kernel between layers).
 
 Everything the launch depends on is a host int derived from shapes, so calls can be captured
 in CUDA graphs (no syncs, no autotuning at first call).
@@ -25,6 +29,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
 TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
@@ -97,12 +102,14 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 
 @triton.jit
 def _gemv_tile(
-    acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr
-):
+    acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+    BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
     """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0).
 
     SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
-    input dtype exactly as `triton_ops.silu_and_mul` rounds it.
+    input dtype exactly as `triton_ops.silu_and_mul` rounds it. NORM: x[m, k] is RMS-normalized
+    with row m's `rstd` and the norm weight tile `wn` (fp32), rounded as `rms_norm` rounds.
     """
     k_mask = k < K
     w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
@@ -113,9 +120,26 @@ def _gemv_tile(
             gate = x.to(tl.float32)
             up = tl.load(x_ptr + m * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
             x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+        if NORM:
+            row_rstd = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
+            x = (wn * (x.to(tl.float32) * row_rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
         part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
         acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
     return acc
+
+
+@triton.jit
+def _store_out(acc, out_ptr, res_ptr, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+               n_blocks, RESIDUAL: tl.constexpr):  # fmt: skip
+    """out = acc in out's dtype; RESIDUAL: out = that + residual (rounded like torch's add) and
+    this feature block's sums of out^2 per row go to `sumsq[m, pid_n]`."""
+    y = acc.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        h = tl.where(out_mask, y.to(tl.float32), 0.0)
+        tl.store(sumsq_ptr + offs_m * n_blocks + pid_n, tl.sum(h * h, 0), mask=offs_m < M)
+    tl.store(out_ptr + out_offs, y, mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])  # fewer variants to compile
@@ -126,6 +150,12 @@ def _gemv_kernel(
     out_ptr,
     part_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
     counter_ptr,  # int32 per feature block, zero between calls (SPLIT_K > 1)
+    res_ptr,  # [M, N] residual stream (RESIDUAL)
+    sumsq_ptr,  # fp32 [M, n_blocks] out: sums of squares per feature block (RESIDUAL)
+    norm_w_ptr,  # [K] RMSNorm weight (NORM)
+    norm_sumsq_ptr,  # fp32 [M, norm_parts]: x's sums of squares, from its producer (NORM)
+    norm_parts,
+    eps,
     M,
     N,
     K,
@@ -133,6 +163,9 @@ def _gemv_kernel(
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # norm_parts padded to a power of 2
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -160,13 +193,26 @@ def _gemv_kernel(
     k = tile_start * BLOCK_K + offs_k
     first = n_mask[:, None] & ((k < K) & (tile_start < tile_end))[None, :]
     w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
+    wn = tl.zeros((BLOCK_K,), dtype=tl.float32)  # the norm weight's tile (NORM)
+    if NORM:
+        wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     pdl.wait(USE_PDL)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM:  # each row's 1/rms from its producer's per-block sums of squares, in fixed order
+        offs_p = tl.arange(0, BLOCK_P)
+        parts = norm_sumsq_ptr + offs_m[:, None] * norm_parts + offs_p[None, :]
+        mask = (offs_m[:, None] < M) & (offs_p[None, :] < norm_parts)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(parts, mask=mask, other=0.0), 1) / K + eps)
     if tile_start < tile_end:
-        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
+        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+                         BLOCK_M, SILU_MUL, NORM)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
-        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, BLOCK_M, SILU_MUL)
+        if NORM:
+            wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+                         BLOCK_M, SILU_MUL, NORM)  # fmt: skip
     # [BLOCK_N, BLOCK_M] -> out[m, f] at m * N + f
     out_offs = offs_m[None, :] * N + offs_n[:, None]
     out_mask = (offs_m[None, :] < M) & n_mask[:, None]
@@ -181,28 +227,36 @@ def _gemv_kernel(
                 acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _store_out(acc, out_ptr, res_ptr, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+                       tl.num_programs(0), RESIDUAL)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(acc, out_ptr, res_ptr, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+                   tl.num_programs(0), RESIDUAL)  # fmt: skip
 
 
 def gemv(
-    x: torch.Tensor,
+    x,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     silu_mul: bool = False,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+):
     """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
     (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
 
     `silu_mul=True`: x is `[M, 2K]` = `[gate | up]` and the product uses `silu(gate) * up`
     (rounded like `silu_and_mul`), so the MLP's activation needs no kernel of its own.
+    `x` may be a `DeferredNorm`: its rows are RMS-normalized as they load (no norm kernel).
+    `residual [M, N]`: returns `AddedResidual(out + residual, sums of squares)` for the next
+    GEMV's deferred norm (no add kernel either).
     `config=None` picks `default_config` from the shape and the device's SM count.
     """
+    norm = x if isinstance(x, DeferredNorm) else None
+    x = norm.h if norm is not None else x
     m, width = x.shape
     k = width // 2 if silu_mul else width
     n = weight.shape[0]
@@ -213,24 +267,38 @@ def gemv(
         )
     if not weight.is_contiguous():
         raise ValueError("gemv needs a contiguous weight [N, K]")
+    if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous()):
+        raise ValueError(f"gemv residual must be contiguous [{m}, {n}]: {tuple(residual.shape)}")
+    if norm is not None and silu_mul:
+        raise ValueError("gemv: a deferred norm and silu_mul do not combine")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
     cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul)
-    tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
     n_blocks = triton.cdiv(n, cfg.block_n)
+    sumsq = out  # unread without a residual
+    if residual is not None:
+        sumsq = torch.empty((m, n_blocks), dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        return out if residual is None else AddedResidual(out, sumsq)
+    tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
     if cfg.split_k > 1:
         part = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, n_blocks)
     else:  # unread
         part, counters = out, out
     b = bias if bias is not None else weight  # unread when HAS_BIAS is False
+    res = residual if residual is not None else out  # unread without RESIDUAL
+    norm_w, norm_sumsq, eps, parts = weight, out, 0.0, 1  # unread without a norm
+    if norm is not None:
+        norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
     flag = pdl.use_pdl(x)
     _gemv_kernel[(n_blocks, cfg.split_k)](
-        x, weight, b, out, part, counters, m, n, k, x.stride(0), tiles_per_split,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_K=cfg.split_k,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
+        x, weight, b, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
+        m, n, k, x.stride(0), tiles_per_split,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
+        NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts),
+        SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=flag,
     )  # fmt: skip
-    return out
+    return out if residual is None else AddedResidual(out, sumsq)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.llm_core.layers.norm import DeferredNorm
+
 # Inputs of at most this many rows take the GEMV when enabled: measured on an H200, it beats
 # cuBLAS at one row (batch-1 decode) and loses from two rows up (docs/performance.md).
 GEMV_MAX_ROWS = 1
@@ -19,15 +21,21 @@ class Linear(nn.Linear):
     `gemv` is None (plain `F.linear`) unless `enable_gemv` set it at model build time.
     """
 
-    gemv = None  # a function like `layers.gemv.gemv(x, weight, bias, silu_mul=False)`
+    gemv = None  # `layers.gemv.gemv(x, weight, bias, silu_mul=False, residual=None)` or alike
 
-    def uses_gemv(self, x: torch.Tensor) -> bool:
-        """Whether `x` (2-D, rows first) goes through the GEMV."""
+    def uses_gemv(self, x) -> bool:
+        """Whether `x` (2-D, rows first; or a `DeferredNorm` of such) goes through the GEMV."""
+        x = x.h if isinstance(x, DeferredNorm) else x
         return self.gemv is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, residual: torch.Tensor | None = None):
+        """`x`: a tensor or a `DeferredNorm` (normalized as the GEMV loads it, else first).
+        `residual`: the stream the output is added to next. The GEMV folds that add in and
+        returns an `AddedResidual`; otherwise the plain output comes back (the caller adds)."""
         if self.uses_gemv(x):
-            return self.gemv(x, self.weight, self.bias)
+            return self.gemv(x, self.weight, self.bias, residual=residual)
+        if isinstance(x, DeferredNorm):
+            x = x.materialize()
         return F.linear(x, self.weight, self.bias)
 
 

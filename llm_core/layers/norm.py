@@ -1,6 +1,11 @@
-"""RMSNorm with an optional fused residual add (Triton on CUDA, torch elsewhere)."""
+"""RMSNorm with an optional fused residual add (Triton on CUDA, torch elsewhere), and the
+deferred form a few-row decode step uses: the residual add done in the GEMV before (its
+epilogue, `AddedResidual`), the normalization in the GEMV after (as it loads x, `DeferredNorm`).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,3 +38,40 @@ class RMSNorm(nn.Module):
         else:
             out, res = rms_norm_torch(x, self.weight, self.eps, residual)
         return out if residual is None else (out, res)
+
+
+@dataclass
+class AddedResidual:
+    """A block's output already added to the residual stream by the GEMV that produced it:
+    `h = out + residual` `[M, N]`, and the sums of h^2 over each of its feature blocks
+    (`sumsq [M, blocks]` fp32), which is what an RMSNorm of `h` needs besides h."""
+
+    h: torch.Tensor
+    sumsq: torch.Tensor
+
+
+@dataclass
+class DeferredNorm:
+    """`RMSNorm(weight, eps)(h)` not computed yet: a GEMV that takes it normalizes each row as it
+    loads it (`layers.gemv`); anything else calls `materialize()`."""
+
+    h: torch.Tensor
+    sumsq: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+    def materialize(self) -> torch.Tensor:
+        if self.h.is_cuda and fused_ops() is not None:
+            return fused_ops().rms_norm(self.h, self.weight, self.eps)[0]
+        return rms_norm_torch(self.h, self.weight, self.eps)[0]
+
+
+def add_norm(norm: RMSNorm, hidden, residual: torch.Tensor | None):
+    """The next block's input and the new residual stream: `norm(hidden + residual)` and
+    `hidden + residual` (no residual yet: `norm(hidden)`, `hidden`). When `hidden` is an
+    `AddedResidual` the add is done and the norm is deferred to the next GEMV."""
+    if isinstance(hidden, AddedResidual):
+        return DeferredNorm(hidden.h, hidden.sumsq, norm.weight, norm.eps), hidden.h
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)

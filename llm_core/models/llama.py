@@ -14,7 +14,7 @@ from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
-from polymodal.llm_core.layers.norm import RMSNorm
+from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 
 
@@ -45,12 +45,14 @@ class Attention(nn.Module):
     def forward(
         self,
         rope: tuple[torch.Tensor, torch.Tensor],
-        hidden: torch.Tensor,
+        hidden,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """rope: (cos, sin) `[num_tokens, rotary_dim / 2]` from `RotaryEmbedding.cos_sin`."""
-        num_tokens = hidden.shape[0]
+        residual: torch.Tensor | None = None,
+    ):
+        """rope: (cos, sin) `[num_tokens, rotary_dim / 2]` from `RotaryEmbedding.cos_sin`;
+        `hidden` and `residual` as `Linear.forward` takes them (the add may fold into o_proj)."""
+        num_tokens = (hidden.h if isinstance(hidden, DeferredNorm) else hidden).shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -60,7 +62,8 @@ class Attention(nn.Module):
         q, k = self.rotary.apply(rope, q, k)
         self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [num_tokens, hidden]
+        # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.forward)
+        return self.o_proj(out.reshape(num_tokens, self.q_size), residual)
 
 
 class MLP(nn.Module):
@@ -72,10 +75,11 @@ class MLP(nn.Module):
         self.gate_up_proj = PackedLinear(cfg.hidden_size, sizes, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, residual: torch.Tensor | None = None):
+        """`x` and `residual` as `Linear.forward` takes them (the add may fold into down)."""
         gate_up, down = self.gate_up_proj(x), self.down_proj
         if down.uses_gemv(gate_up):  # few-row decode: SiLU*mul applied as the GEMV loads x
-            return down.gemv(gate_up, down.weight, down.bias, silu_mul=True)
+            return down.gemv(gate_up, down.weight, down.bias, silu_mul=True, residual=residual)
         return down(silu_and_mul(gate_up))
 
 
@@ -90,13 +94,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, rope, hidden, residual, kv_cache, meta):
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """Returns (this block's output, the residual stream it adds to). At one row with the
+        GEMV the adds are done in the GEMVs and the norms deferred to the next (norm.py)."""
+        x, residual = add_norm(self.input_layernorm, hidden, residual)
+        hidden = self.self_attn(rope, x, kv_cache, meta, residual)
+        x, residual = add_norm(self.post_attention_layernorm, hidden, residual)
+        return self.mlp(x, residual), residual
 
 
 class LlamaModel(nn.Module):
@@ -118,8 +121,8 @@ class LlamaModel(nn.Module):
         rope = self.rotary.cos_sin(positions)  # once per forward, shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        x, _ = add_norm(self.norm, hidden, residual)
+        return x.materialize() if isinstance(x, DeferredNorm) else x
 
 
 class LlamaForCausalLM(nn.Module):

@@ -18,7 +18,7 @@ def test_linear_routes_few_rows_to_gemv_only_when_set():
     assert torch.equal(layer(x[:2]), F.linear(x[:2], layer.weight, layer.bias))  # default
     calls = []
 
-    def fake_gemv(rows, weight, bias):
+    def fake_gemv(rows, weight, bias, residual=None):
         calls.append(rows.shape[0])
         return F.linear(rows, weight, bias) + 1
 

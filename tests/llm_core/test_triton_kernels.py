@@ -297,9 +297,9 @@ def test_mlp_one_row_fuses_silu_into_the_down_gemv():
     mlp = MLP(Cfg())
     calls = []
 
-    def traced_gemv(x, weight, bias=None, config=None, silu_mul=False):
+    def traced_gemv(x, weight, bias=None, config=None, silu_mul=False, residual=None):
         calls.append(silu_mul)
-        return gemv_ops.gemv(x, weight, bias, config, silu_mul=silu_mul)
+        return gemv_ops.gemv(x, weight, bias, config, silu_mul=silu_mul, residual=residual)
 
     x = torch.randn(3, 48)
     plain = mlp(x)  # no GEMV: F.linear + silu_and_mul
@@ -309,6 +309,78 @@ def test_mlp_one_row_fuses_silu_into_the_down_gemv():
     assert calls == [False, True]
     assert_close(mlp(x), plain, torch.float32)  # 3 rows > GEMV_MAX_ROWS: plain path
     assert calls == [False, True]
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_residual_then_deferred_norm(rows, split_k):
+    """The add + RMSNorm between blocks folded into GEMVs (bf16): a GEMV given `residual`
+    returns h = out + residual (rounded as torch adds) with per-block sums of h^2; a GEMV given
+    `DeferredNorm(h)` equals F.linear of the reference RMSNorm of h."""
+    from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
+
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(rows + 10 * split_k)
+    x = torch.randn(rows, 83, generator=gen).to(dtype)
+    w1 = (torch.randn(37, 83, generator=gen) / 83**0.5).to(dtype)
+    residual = torch.randn(rows, 37, generator=gen).to(dtype)
+    config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)  # 5 feature blocks
+    for _ in range(2):  # the split-K counters are reset
+        added = gemv_ops.gemv(x, w1, None, config, residual=residual)
+        assert isinstance(added, AddedResidual) and added.sumsq.shape == (rows, 5)
+        out = F.linear(x.float(), w1.float()).to(dtype)
+        assert_close(added.h, (out.float() + residual.float()).to(dtype), dtype)
+        h = added.h.float()
+        blocks = torch.stack([(h[:, i : i + 8] ** 2).sum(1) for i in range(0, 37, 8)], 1)
+        torch.testing.assert_close(added.sumsq, blocks, rtol=1e-5, atol=1e-5)
+    norm_w = (1 + 0.1 * torch.randn(37, generator=gen)).to(dtype)
+    w2 = (torch.randn(29, 37, generator=gen) / 37**0.5).to(dtype)
+    deferred = DeferredNorm(added.h, added.sumsq, norm_w, 1e-6)
+    y = gemv_ops.gemv(deferred, w2, None, gemv_ops.GemvConfig(block_n=8, block_k=16))
+    normed = triton_ops.rms_norm_ref(added.h, norm_w, 1e-6)[0]
+    assert_close(y, F.linear(normed.float(), w2.float()), dtype)
+    assert_close(deferred.materialize(), normed, dtype)
+
+
+def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
+    """Every decoder Linear on the GEMV (as `enable_gemv` sets it on CUDA): batch-1 decode
+    steps add the residual in o_proj / down and normalize as qkv / gate_up load x, with no norm
+    between layers; the logits and tokens equal the plain model's."""
+    from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.layers.linear import Linear
+    from polymodal.llm_core.sampling_params import SamplingParams
+    from tests.helpers import record_logits, tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2")  # q/k/v bias
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    runs = []
+    for fused in (False, True):
+        engine = Engine(str(path), dtype="float32", device="cpu", num_kv_blocks=16,
+                        skip_tokenizer_init=True)  # fmt: skip
+        calls = []
+
+        def traced(x, weight, bias=None, config=None, silu_mul=False, residual=None, calls=calls):
+            calls.append((type(x).__name__, silu_mul, residual is not None))
+            return gemv_ops.gemv(x, weight, bias, config, silu_mul, residual)
+
+        if fused:
+            for module in engine.runner.model.modules():
+                if isinstance(module, Linear):
+                    module.gemv = traced
+        seen = record_logits(engine)
+        rid = engine.add_request([5, 17, 42, 99, 3], params)
+        runs.append((engine.run_until_done()[rid].outputs[0].token_ids, seen, calls))
+    (tokens, seen, _), (fused_tokens, fused_seen, calls) = runs
+    assert fused_tokens == tokens and len(fused_seen) == len(seen) == 4
+    for got, ref in zip(fused_seen, seen):
+        assert_close(got, ref, torch.float32)
+    layers = len(engine.runner.model.model.layers)
+    step = calls[-(4 * layers + 1) :]  # the last decode step: 4 GEMVs a layer + the LM head
+    assert step[0] == ("Tensor", False, False)  # layer 0's qkv: its input norm ran plainly
+    assert step[1:4] == [("Tensor", False, True), ("DeferredNorm", False, False),
+                         ("Tensor", True, True)]  # fmt: skip
+    assert step[4] == ("DeferredNorm", False, False)  # layer 1's qkv: no norm kernel before
+    assert step[-1] == ("Tensor", False, False)  # LM head after the final norm
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 300, 2000), (8, 300, 2000), (6, 130, 515), (1, 1, 5)])
