@@ -99,8 +99,7 @@ class DecodeGraphs:
         ids = resolve_ids(v["input_ids"][:bs], v["src"][:bs], self.tokens)
         hidden = self.model(v["positions"][..., :bs], self.model.embed(ids), self.kv_caches,
                             self._meta(bs))  # fmt: skip
-        logits = self.model.compute_logits(hidden, out=self.logits[:bs])  # fp32
-        torch.argmax(logits, dim=-1, out=self.tokens[:bs])
+        self.model.compute_logits(hidden, out=self.logits[:bs], argmax=self.tokens[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:

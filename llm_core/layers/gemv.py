@@ -129,13 +129,13 @@ def _gemv_tile(
 
 
 @triton.jit
-def _store_out(acc, out_ptr, res_ptr, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-               n_blocks, RESIDUAL: tl.constexpr):  # fmt: skip
-    """out = acc in out's dtype; RESIDUAL: out = that + residual (rounded like torch's add) and
-    this feature block's sums of out^2 per row go to `sumsq[m, pid_n]`."""
+def _store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
+               RESIDUAL: tl.constexpr):  # fmt: skip
+    """out = acc in out's dtype; RESIDUAL: out = that + r (the residual rows of this block,
+    rounded like torch's add) and this feature block's sums of out^2 per row go to
+    `sumsq[m, pid_n]`."""
     y = acc.to(out_ptr.dtype.element_ty)
     if RESIDUAL:
-        r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
         h = tl.where(out_mask, y.to(tl.float32), 0.0)
         tl.store(sumsq_ptr + offs_m * n_blocks + pid_n, tl.sum(h * h, 0), mask=offs_m < M)
@@ -194,6 +194,11 @@ def _gemv_kernel(
     first = n_mask[:, None] & ((k < K) & (tile_start < tile_end))[None, :]
     w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
     wn = tl.zeros((BLOCK_K,), dtype=tl.float32)  # the norm weight's tile (NORM)
+    out_offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] -> out[m, f]
+    out_mask = (offs_m[None, :] < M) & n_mask[:, None]
+    r = acc  # the residual rows (RESIDUAL): written long before this kernel, so before the wait
+    if RESIDUAL:
+        r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
     if NORM:
         wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     pdl.wait(USE_PDL)
@@ -213,9 +218,6 @@ def _gemv_kernel(
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip
-    # [BLOCK_N, BLOCK_M] -> out[m, f] at m * N + f
-    out_offs = offs_m[None, :] * N + offs_n[:, None]
-    out_mask = (offs_m[None, :] < M) & n_mask[:, None]
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
@@ -227,13 +229,13 @@ def _gemv_kernel(
                 acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            _store_out(acc, out_ptr, res_ptr, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+            _store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
                        tl.num_programs(0), RESIDUAL)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        _store_out(acc, out_ptr, res_ptr, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+        _store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
                    tl.num_programs(0), RESIDUAL)  # fmt: skip
 
 
@@ -252,7 +254,9 @@ def gemv(
     (rounded like `silu_and_mul`), so the MLP's activation needs no kernel of its own.
     `x` may be a `DeferredNorm`: its rows are RMS-normalized as they load (no norm kernel).
     `residual [M, N]`: returns `AddedResidual(out + residual, sums of squares)` for the next
-    GEMV's deferred norm (no add kernel either).
+    GEMV's deferred norm (no add kernel either). Under PDL it is read before waiting on the
+    kernel launched just before, which must not be what wrote it (the decoder's residual stream
+    was written a block earlier).
     `config=None` picks `default_config` from the shape and the device's SM count.
     """
     norm = x if isinstance(x, DeferredNorm) else None

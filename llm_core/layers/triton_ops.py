@@ -1,7 +1,8 @@
 """Fused elementwise Triton kernels for the decoder: RMSNorm (+ residual add), SiLU-and-mul,
-neox rotary embedding, and the decode graphs' id lookup (`resolve_ids`). Each has a torch
-reference beside it with the same semantics (`*_ref` here; `cuda_graph.resolve_ids`' torch
-path), used by tests and as the definition of what the kernel computes.
+neox rotary embedding, and the decode graphs' id lookup (`resolve_ids`) and logits cast +
+greedy argmax (`logits_argmax`). Each has a torch reference with the same semantics (`*_ref`
+here; the torch paths of `cuda_graph.resolve_ids` and `LlamaForCausalLM.compute_logits`),
+used by tests and as the definition of what the kernel computes.
 
 All math is fp32 inside the kernels; results are cast back to the input dtype.
 """
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.counters import arrival_counters
 
 
 @triton.jit
@@ -242,3 +244,51 @@ def resolve_ids(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> t
             ids, src, tokens, out, ids.numel(), BLOCK=block, USE_PDL=flag, launch_pdl=flag
         )
     return out
+
+
+@triton.jit
+def _logits_argmax_kernel(raw_ptr, out_ptr, val_ptr, idx_ptr, counter_ptr, tokens_ptr, vocab,
+                          chunks, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                          USE_PDL: tl.constexpr):  # fmt: skip
+    """Program (row, chunk): out = raw as fp32 and the chunk's (max, first index of it); the
+    last chunk of a row to arrive (arrival counter) picks the first chunk holding the row's
+    max, so the token is the first index of the maximum, as torch.argmax gives."""
+    pdl.wait(USE_PDL)
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab
+    x = tl.load(raw_ptr + row.to(tl.int64) * vocab + cols, mask=mask, other=float("-inf"))
+    x = x.to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * vocab + cols, x, mask=mask)
+    best, at = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(val_ptr + row * chunks + chunk, best)
+    tl.store(idx_ptr + row * chunks + chunk, chunk * BLOCK + at)
+    tl.debug_barrier()  # the partial is written before the counter moves
+    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") == chunks - 1:
+        offs = tl.arange(0, BLOCK_C)
+        vals = tl.load(val_ptr + row * chunks + offs, mask=offs < chunks, other=float("-inf"),
+                       cache_modifier=".cg")  # fmt: skip
+        idxs = tl.load(idx_ptr + row * chunks + offs, mask=offs < chunks, other=0,
+                       cache_modifier=".cg")  # fmt: skip
+        _, first = tl.max(vals, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(tokens_ptr + row, tl.sum(tl.where(offs == first, idxs, 0), 0))
+        tl.atomic_xchg(counter_ptr + row, 0, sem="relaxed", scope="gpu")
+
+
+def logits_argmax(raw: torch.Tensor, out: torch.Tensor, tokens: torch.Tensor) -> None:
+    """One kernel: `out` (fp32 `[M, vocab]`) = raw logits `[M, vocab]` cast, and `tokens[m]`
+    (int64) = the first index of row m's maximum (torch.argmax's answer, NaN aside)."""
+    rows, vocab = raw.shape
+    if rows == 0:
+        return
+    block = 4096
+    chunks = triton.cdiv(vocab, block)
+    vals = torch.empty((rows, chunks), dtype=torch.float32, device=raw.device)
+    idxs = torch.empty((rows, chunks), dtype=torch.int64, device=raw.device)
+    flag = pdl.use_pdl(raw)
+    _logits_argmax_kernel[(rows, chunks)](
+        raw, out, vals, idxs, arrival_counters(raw.device, rows), tokens, vocab, chunks,
+        BLOCK=block, BLOCK_C=triton.next_power_of_2(chunks), USE_PDL=flag, launch_pdl=flag,
+        num_warps=8,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from torch import nn
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
@@ -154,7 +155,18 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         return self.model(positions, inputs_embeds, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer)."""
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None, argmax=None
+    ) -> torch.Tensor:
+        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer);
+        `argmax` (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
         logits = self.lm_head(hidden)
-        return logits.float() if out is None else out.copy_(logits)
+        if out is None:
+            return logits.float()
+        if argmax is not None and logits.is_cuda and fused_ops() is not None:
+            fused_ops().logits_argmax(logits, out, argmax)  # cast + argmax in one kernel
+            return out
+        out.copy_(logits)
+        if argmax is not None:
+            torch.argmax(out, dim=-1, out=argmax)
+        return out

@@ -443,3 +443,20 @@ def test_resolve_ids():
         expected = resolve_ids(ids, src, tokens)
         assert torch.equal(triton_ops.resolve_ids(ids, src, tokens), expected)
     assert (expected >= 1000).any() and (expected < 1000).any()  # both kinds of rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_argmax(dtype):
+    """Cast + argmax over 3 rows of 9000 (3 chunks, the last partial), ties broken to the first
+    index as torch.argmax does: a tie inside a chunk and one across chunks."""
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randn(3, 9000, generator=gen).to(dtype)
+    raw[1, [70, 90]] = 50.0  # tie inside chunk 0
+    raw[2, [8500, 5000]] = 60.0  # tie across chunks 1 and 2
+    out = torch.empty(3, 9000)
+    tokens = torch.empty(3, dtype=torch.int64)
+    for _ in range(2):  # the arrival counters are back at zero
+        triton_ops.logits_argmax(raw, out, tokens)
+        assert torch.equal(out, raw.float())
+        assert tokens.tolist() == raw.float().argmax(-1).tolist()
+    assert tokens.tolist()[1:] == [70, 5000]
