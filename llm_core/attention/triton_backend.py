@@ -28,6 +28,11 @@ from polymodal.llm_core.attention.metadata import AttentionMetadata
 # the tiles of a split are a chain of dependent loads; splits run side by side.
 MIN_KEYS_PER_SPLIT = 64
 MAX_DECODE_SPLITS = 16
+# Decode tiles of 64 keys, 4 warps: 128-key tiles ran store + decode alone 0.4-1.5 us faster
+# per layer on an H200 but the whole batch-1 step 1% slower (260.5 -> 257.7 tok/s, same
+# machine): the o_proj GEMV that prefetches its weights under the attention (PDL) had less room.
+DECODE_BLOCK_N = 64
+DECODE_WARPS = 4
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,10 +108,7 @@ class TritonAttentionBackend:
         # A pinned split count is used as is; the heuristic's is a maximum that each sequence
         # scales down in-kernel to MIN_KEYS_PER_SPLIT keys a split of its real context.
         min_keys = 1 if self.decode_splits else MIN_KEYS_PER_SPLIT
-        # 64-key tiles: 128 ran store + decode alone 0.4-1.5 us faster per layer on an H200, but
-        # the whole batch-1 step 1% slower (260.5 -> 257.7 tok/s, same machine): the o_proj GEMV
-        # that prefetches its weights under the attention kernel (PDL) has less room beside it.
-        block_n = 64 if q.is_cuda else 16
+        block_n = DECODE_BLOCK_N if q.is_cuda else 16
         return triton_decode.paged_decode(
             q if q.stride(-1) == 1 else q.contiguous(),
             kv_cache,
@@ -116,6 +118,7 @@ class TritonAttentionBackend:
             sliding_window,
             num_splits,
             block_n,
+            num_warps=DECODE_WARPS,
             min_split_keys=min_keys,
         )
 
