@@ -64,6 +64,8 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [num_tokens, rotary_dim / 2] (fp32)."""
+        if self.mrope_section and self.long_from is None and fused_ops() and positions.is_cuda:
+            return fused_ops().mrope_cos_sin(self.cos_sin_cache, positions, self.mrope_section)
         cos_sin = self.cos_sin_cache[positions]
         if self.long_from is not None:
             long = self.long_cos_sin_cache[positions]

@@ -1,8 +1,9 @@
 """Fused elementwise Triton kernels for the decoder: RMSNorm (+ residual add), SiLU-and-mul,
-neox rotary embedding, and the decode graphs' id lookup (`resolve_ids`) and logits cast +
-greedy argmax (`logits_argmax`). Each has a torch reference with the same semantics (`*_ref`
-here; the torch paths of `cuda_graph.resolve_ids` and `LlamaForCausalLM.compute_logits`),
-used by tests and as the definition of what the kernel computes.
+neox rotary embedding and its M-RoPE cos/sin gather (`mrope_cos_sin`), the decode graphs' id
+lookup (`resolve_ids`) and logits cast + greedy argmax (`logits_argmax`). Each has a torch
+reference with the same semantics (`*_ref` here; the torch paths of `RotaryEmbedding.cos_sin`,
+`cuda_graph.resolve_ids` and `LlamaForCausalLM.compute_logits`), used by tests and as the
+definition of what the kernel computes.
 
 All math is fp32 inside the kernels; results are cast back to the input dtype.
 """
@@ -292,3 +293,42 @@ def logits_argmax(raw: torch.Tensor, out: torch.Tensor, tokens: torch.Tensor) ->
         BLOCK=block, BLOCK_C=triton.next_power_of_2(chunks), USE_PDL=flag, launch_pdl=flag,
         num_warps=8,
     )  # fmt: skip
+
+
+@triton.jit
+def _mrope_cos_sin_kernel(cache_ptr, pos_ptr, cos_ptr, sin_ptr, tokens, stride_cache,
+                          HALF: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
+                          BLOCK: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
+    """Program per token: cos/sin column c comes from the position of axis 0, 1 or 2 by
+    the M-RoPE section c falls in (sections S0, S1, the rest)."""
+    pdl.wait(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HALF
+    axis = (cols >= S0).to(tl.int64) + (cols >= S0 + S1).to(tl.int64)
+    pos = tl.load(pos_ptr + axis * tokens + t, mask=mask, other=0)
+    row = cache_ptr + pos * stride_cache
+    cos = tl.load(row + cols, mask=mask, other=0.0)
+    sin = tl.load(row + HALF + cols, mask=mask, other=0.0)
+    tl.store(cos_ptr + t * HALF + cols, cos, mask=mask)
+    tl.store(sin_ptr + t * HALF + cols, sin, mask=mask)
+
+
+def mrope_cos_sin(
+    cache: torch.Tensor, positions: torch.Tensor, sections: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE cos, sin `[T, half]` from the `[max_positions, 2 * half]` cos|sin cache and
+    `[3, T]` positions: column c takes axis i's position, i the section c is in (one gather
+    kernel instead of an index and two concatenations)."""
+    half = cache.shape[1] // 2
+    tokens = positions.shape[1]
+    positions = positions.contiguous()
+    cos = torch.empty((tokens, half), dtype=cache.dtype, device=cache.device)
+    sin = torch.empty_like(cos)
+    if tokens:
+        flag = pdl.use_pdl(cache)
+        _mrope_cos_sin_kernel[(tokens,)](
+            cache, positions, cos, sin, tokens, cache.stride(0), HALF=half, S0=sections[0],
+            S1=sections[1], BLOCK=triton.next_power_of_2(half), USE_PDL=flag, launch_pdl=flag,
+        )  # fmt: skip
+    return cos, sin

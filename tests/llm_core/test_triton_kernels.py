@@ -345,7 +345,9 @@ def test_gemv_residual_then_deferred_norm(rows, split_k):
 def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
     """Every decoder Linear on the GEMV (as `enable_gemv` sets it on CUDA): batch-1 decode
     steps add the residual in o_proj / down and normalize as qkv / gate_up load x, with no norm
-    between layers; the logits and tokens equal the plain model's."""
+    between layers and the final one in the LM head (decode graphs' step, run eagerly here);
+    the logits and tokens equal the plain model's."""
+    from polymodal.llm_core.cuda_graph import DecodeGraphs
     from polymodal.llm_core.engine import Engine
     from polymodal.llm_core.layers.linear import Linear
     from polymodal.llm_core.sampling_params import SamplingParams
@@ -363,8 +365,10 @@ def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
             calls.append((type(x).__name__, silu_mul, residual is not None))
             return gemv_ops.gemv(x, weight, bias, config, silu_mul, residual)
 
+        runner = engine.runner
+        runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 1, 16, runner.uses_mrope)
         if fused:
-            for module in engine.runner.model.modules():
+            for module in runner.model.modules():
                 if isinstance(module, Linear):
                     module.gemv = traced
         seen = record_logits(engine)
@@ -380,7 +384,7 @@ def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
     assert step[1:4] == [("Tensor", False, True), ("DeferredNorm", False, False),
                          ("Tensor", True, True)]  # fmt: skip
     assert step[4] == ("DeferredNorm", False, False)  # layer 1's qkv: no norm kernel before
-    assert step[-1] == ("Tensor", False, False)  # LM head after the final norm
+    assert step[-1] == ("DeferredNorm", False, False)  # the LM head applies the final norm
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 300, 2000), (8, 300, 2000), (6, 130, 515), (1, 1, 5)])
@@ -460,3 +464,17 @@ def test_logits_argmax(dtype):
         assert torch.equal(out, raw.float())
         assert tokens.tolist() == raw.float().argmax(-1).tolist()
     assert tokens.tolist()[1:] == [70, 5000]
+
+
+def test_mrope_cos_sin_matches_the_torch_gather():
+    from types import SimpleNamespace
+
+    from polymodal.llm_core.layers.rotary import RotaryEmbedding
+
+    cfg = SimpleNamespace(rope_theta=10000.0, rope_parameters=None)
+    rotary = RotaryEmbedding(cfg, 32, 64, mrope_section=[4, 6, 6])
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 64, (3, 11), generator=gen)
+    cos, sin = triton_ops.mrope_cos_sin(rotary.cos_sin_cache, positions, rotary.mrope_section)
+    ref_cos, ref_sin = rotary.cos_sin(positions)  # CPU tensors: the torch path
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
