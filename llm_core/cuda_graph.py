@@ -98,7 +98,7 @@ class DecodeGraphs:
         v = self.inputs.device_views
         ids = resolve_ids(v["input_ids"][:bs], v["src"][:bs], self.tokens)
         hidden = self.model(v["positions"][..., :bs], self.model.embed(ids), self.kv_caches,
-                            self._meta(bs), defer_norm=True)  # fmt: skip
+                            self._meta(bs))  # fmt: skip
         self.model.compute_logits(hidden, out=self.logits[:bs], argmax=self.tokens[:bs])
 
     @torch.inference_mode()

@@ -117,15 +117,13 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, inputs_embeds, kv_caches, meta, defer_norm: bool = False):
-        """Final hidden states `[num_tokens, hidden]`; with `defer_norm` the final norm may come
-        back deferred (a `DeferredNorm`, at one row with the GEMV) for the LM head to apply."""
+    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         hidden, residual = inputs_embeds, None
         rope = self.rotary.cos_sin(positions)  # once per forward, shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
         x, _ = add_norm(self.norm, hidden, residual)
-        return x.materialize() if isinstance(x, DeferredNorm) and not defer_norm else x
+        return x.materialize() if isinstance(x, DeferredNorm) else x
 
 
 class LlamaForCausalLM(nn.Module):
@@ -154,13 +152,14 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
 
-    def forward(self, positions, inputs_embeds, kv_caches, meta, defer_norm: bool = False):
-        return self.model(positions, inputs_embeds, kv_caches, meta, defer_norm)
+    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
+        return self.model(positions, inputs_embeds, kv_caches, meta)
 
-    def compute_logits(self, hidden, out: torch.Tensor | None = None, argmax=None) -> torch.Tensor:
-        """fp32 logits `[num_rows, vocab]` of `hidden` (a tensor, or a `DeferredNorm` from
-        `forward(defer_norm=True)`), written into `out` when given (a static buffer); `argmax`
-        (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None, argmax=None
+    ) -> torch.Tensor:
+        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer);
+        `argmax` (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
         logits = self.lm_head(hidden)
         if out is None:
             return logits.float()
