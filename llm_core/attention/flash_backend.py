@@ -42,11 +42,10 @@ class FlashAttnBackend(TritonAttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
-        new_kv=None,
     ) -> torch.Tensor:
         """Causal attention over the paged cache; flash-attn when pages are 256-multiples."""
         if kv_cache.shape[2] % FLASH_PAGE_MULTIPLE or q.dtype not in _FLASH_DTYPES:
-            return super().paged_attention(q, kv_cache, meta, scale, sliding_window, new_kv)
+            return super().paged_attention(q, kv_cache, meta, scale, sliding_window)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         # flash-attn's causal mask is bottom-right aligned, like ours; window keeps w keys.

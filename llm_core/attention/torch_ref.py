@@ -30,10 +30,8 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
-        new_kv=None,
     ) -> torch.Tensor:
-        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache
-        (`new_kv`, the step's stored keys and values, is not needed here)."""
+        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache."""
         block_size = kv_cache.shape[2]
         out = torch.empty_like(q)
         query_lens = meta.query_lens_cpu or (meta.query_start_loc.diff()).tolist()

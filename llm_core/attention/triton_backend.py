@@ -81,12 +81,10 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
-        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache.
-        `new_kv`: the step's keys and values, just stored (decode reads its newest rows there)."""
+        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache."""
         if meta.is_decode:
-            return self._decode(q, kv_cache, meta, scale, sliding_window, new_kv)
+            return self._decode(q, kv_cache, meta, scale, sliding_window)
         return triton_prefill.paged_prefill(
             q,
             kv_cache,
@@ -98,7 +96,7 @@ class TritonAttentionBackend:
             sliding_window,
         )
 
-    def _decode(self, q, kv_cache, meta, scale, sliding_window, new_kv=None) -> torch.Tensor:
+    def _decode(self, q, kv_cache, meta, scale, sliding_window) -> torch.Tensor:
         """One token per sequence; reads shapes only (CUDA-graph safe)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
@@ -122,7 +120,6 @@ class TritonAttentionBackend:
             block_n,
             num_warps=DECODE_WARPS,
             min_split_keys=min_keys,
-            new_kv=new_kv if new_kv is not None and new_kv[0].stride(-1) == 1 else None,
         )
 
     def varlen_attention(

@@ -33,8 +33,6 @@ def _decode_kernel(
     part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim] (NUM_SPLITS > 1)
     part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS], log2 domain
     counter_ptr,  # int32 per (seq, kv head), zero between launches (NUM_SPLITS > 1)
-    k_new_ptr,  # [num_seqs, kv_heads, head_dim]: each sequence's newest key (HAS_NEW)
-    v_new_ptr,
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (ignored unless USE_WINDOW)
     stride_qs,
@@ -45,10 +43,6 @@ def _decode_kernel(
     stride_cb,
     stride_co,
     stride_ch,
-    stride_kns,
-    stride_knh,
-    stride_vns,
-    stride_vnh,
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -59,14 +53,12 @@ def _decode_kernel(
     MIN_SPLIT_KEYS: tl.constexpr,  # keys per split at least, when the context is short
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
-    HAS_NEW: tl.constexpr,  # the newest key/value come from k_new/v_new, not the cache
     USE_PDL: tl.constexpr,
 ):
-    # Before the PDL wait: everything but the newest key in the cache. The previous kernel
-    # (the KV store) writes only that one; it passed its own wait before this kernel could
-    # launch, so whatever the kernels before it wrote (q and k_new by the rotary, older keys,
-    # the host's tables) is complete. Reads of those go past L1 (.cg). With HAS_NEW the whole
-    # attention runs before the wait; only the stores come after it.
+    # Before the PDL wait: everything but the newest key. The previous kernel (the KV store)
+    # writes only that key; it passed its own wait before this kernel could launch, so
+    # whatever the kernels before it wrote (q by the rotary, older keys, the host's tables) is
+    # complete. q is read past L1 (.cg).
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -99,31 +91,29 @@ def _decode_kernel(
     older = (valid & (pos < seq_len - 1))[:, None] & dim_mask[None, :]
     k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
     v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
-    newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]
-    if HAS_NEW:
-        k_row = tl.load(k_new_ptr + seq * stride_kns + kv_head * stride_knh + dims,
-                        mask=dim_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
-        v_row = tl.load(v_new_ptr + seq * stride_vns + kv_head * stride_vnh + dims,
-                        mask=dim_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
-        k = tl.where(newest, k_row[None, :], k)
-        v = tl.where(newest, v_row[None, :], v)
-        m_i, l_i, acc = _attend_split(q, k, v, valid, start, end, seq_len, k_row, v_row, table,
-                                      kv_head, dims, dim_mask, k_cache_ptr, v_cache_ptr,
-                                      stride_cb, stride_co, stride_ch, qk_scale, True, PAGE_SIZE,
-                                      BLOCK_G, BLOCK_D, BLOCK_N)  # fmt: skip
-        pdl.wait(USE_PDL)
-    else:
-        pdl.wait(USE_PDL)
-        k_new = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
-        v_new = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
-        k = tl.where(newest, k_new, k)
-        v = tl.where(newest, v_new, v)
-        m_i, l_i, acc = _attend_split(q, k, v, valid, start, end, seq_len, k, v, table,
-                                      kv_head, dims, dim_mask, k_cache_ptr, v_cache_ptr,
-                                      stride_cb, stride_co, stride_ch, qk_scale, False, PAGE_SIZE,
-                                      BLOCK_G, BLOCK_D, BLOCK_N)  # fmt: skip
+    pdl.wait(USE_PDL)
     if split >= active:
         return
+    newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]  # stored by the previous kernel
+    k_new = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
+    v_new = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
+    k = tl.where(newest, k_new, k)
+    v = tl.where(newest, v_new, v)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if start < end:  # (an all-masked tile would give exp2(-inf + inf) = NaN)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        kv_off = _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
+                             PAGE_SIZE)  # fmt: skip
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if active == 1:
@@ -154,37 +144,6 @@ def _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
     """Cache offsets of the keys at `pos` (one kv head) through the sequence's block table."""
     page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
     return page * stride_cb + (pos % PAGE_SIZE) * stride_co + kv_head * stride_ch
-
-
-@triton.jit
-def _attend_split(q, k, v, valid, start, end, seq_len, k_row, v_row, table, kv_head, dims,
-                  dim_mask, k_cache_ptr, v_cache_ptr, stride_cb, stride_co, stride_ch, qk_scale,
-                  HAS_NEW: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """(max, sum, output) of the split's keys [start, end): the first tile (`k`, `v`, `valid`)
-    given, the rest loaded here (HAS_NEW: the newest key from `k_row`/`v_row`, never the
-    cache, which the kernel before may still be writing)."""
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if start < end:  # (an all-masked tile would give exp2(-inf + inf) = NaN)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        kv_off = _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
-                             PAGE_SIZE)  # fmt: skip
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        if HAS_NEW:
-            kv_mask = kv_mask & (pos < seq_len - 1)[:, None]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if HAS_NEW:
-            newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]
-            k = tl.where(newest, k_row[None, :], k)
-            v = tl.where(newest, v_row[None, :], v)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -239,7 +198,6 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int = 3,
     min_split_keys: int = 1,
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
 
@@ -248,10 +206,7 @@ def paged_decode(
     Reads only shapes on the host (no syncs): safe to capture in a CUDA graph. Under PDL the
     kernel reads q and all but each sequence's newest key before waiting on the kernel launched
     just before it, so that one may write only the newest keys (the KV store, as the attention
-    layer runs them); whatever wrote q must come earlier. `new_kv` (each sequence's newest
-    key and value `[num_seqs, kv_heads, head_dim]`, as just stored; written before that kernel
-    too) is read instead of the newest cache row: then all of the attention runs before the
-    wait.
+    layer runs them); whatever wrote q must come earlier.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -271,7 +226,6 @@ def paged_decode(
     else:  # unused by the kernel; any fp32 tensor will do
         part_out = part_lse = counters = out.new_empty((1,), dtype=torch.float32)
     block_d = triton.next_power_of_2(head_dim)
-    k_new, v_new = new_kv if new_kv is not None else (k_cache, v_cache)  # unread without
     flag = pdl.use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
@@ -283,8 +237,6 @@ def paged_decode(
         part_out,
         part_lse,
         counters,
-        k_new,
-        v_new,
         scale * _LOG2E,
         sliding_window or 0,
         q.stride(0),
@@ -295,10 +247,6 @@ def paged_decode(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
-        k_new.stride(0),
-        k_new.stride(1),
-        v_new.stride(0),
-        v_new.stride(1),
         GROUP=group,
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
@@ -309,7 +257,6 @@ def paged_decode(
         MIN_SPLIT_KEYS=min_split_keys,
         USE_WINDOW=sliding_window is not None,
         DOT_F32=not q.is_cuda,
-        HAS_NEW=new_kv is not None,
         USE_PDL=flag,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -62,9 +62,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary.apply(rope, q, k)
         self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
-        out = self.backend.paged_attention(
-            q, kv_cache, meta, self.scale, self.sliding_window, new_kv=(k, v)
-        )
+        out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
         # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.forward)
         return self.o_proj(out.reshape(num_tokens, self.q_size), residual)
 
