@@ -194,8 +194,10 @@ class ModelRunner:
         scheduling) copies the sampled ids to pinned memory behind an event, so reading them
         back later waits for this step only, not for whatever is queued after it.
         """
-        hb = self.host_batch(sched, prev)
         has_media = _step_has_media(sched)
+        # The encoder goes first: the device starts on it while the host builds the batch.
+        slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
+        hb = self.host_batch(sched, prev)
         graphs = self.graphs
         if graphs and hb.is_decode and not has_media and graphs.can_run(len(hb.ids), hb.max_blocks):
             return self._launch_graph(sched, hb, prev, overlap)
@@ -204,10 +206,8 @@ class ModelRunner:
             rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
             input_ids[rows] = prev.tokens[src]
         embeds = self.model.embed(input_ids)
-        if has_media:
-            slot_idx, mm = self._mm_embeddings(sched)
-            if slot_idx is not None:
-                embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
+        if slot_idx is not None:
+            embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
         prefill = self.prefill_graphs
         if prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks):
             hidden = prefill.run(embeds, positions, meta)
