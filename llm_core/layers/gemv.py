@@ -33,6 +33,7 @@ from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
 TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
+WEIGHT_EVICTION = ""  # L2 eviction hint of the weight loads ("" = default, "evict_first")
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Program (n block, k split): acc[f, m] = sum over its K tiles of w[f, k] * x[m, k].
@@ -192,7 +194,7 @@ def _gemv_kernel(
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     k = tile_start * BLOCK_K + offs_k
     first = n_mask[:, None] & ((k < K) & (tile_start < tile_end))[None, :]
-    w = tl.load(w_rows + k[None, :], mask=first, other=0.0)  # weights: static, before the wait
+    w = tl.load(w_rows + k[None, :], mask=first, other=0.0, eviction_policy=WEIGHT_EVICTION)
     wn = tl.zeros((BLOCK_K,), dtype=tl.float32)  # the norm weight's tile (NORM)
     out_offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] -> out[m, f]
     out_mask = (offs_m[None, :] < M) & n_mask[:, None]
@@ -213,7 +215,8 @@ def _gemv_kernel(
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
+                    eviction_policy=WEIGHT_EVICTION)  # fmt: skip
         if NORM:
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
@@ -302,7 +305,7 @@ def gemv(
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
         NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts),
         SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        launch_pdl=flag,
+        BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)
