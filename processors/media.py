@@ -135,10 +135,14 @@ def _open_checked(data: bytes | Path, max_pixels: int) -> Image.Image:
     return image
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply EXIF orientation, then convert to RGB exactly as transformers' `convert_rgb` does."""
     try:
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # (else exif_transpose only copies)
+            image = ImageOps.exif_transpose(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
         raise ValueError(f"cannot convert mode {image.mode!r} to RGB: {exc}") from None
