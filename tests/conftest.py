@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import tests.llm_core.interpreted  # noqa: F401  (sets TRITON_INTERPRET before triton loads)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
