@@ -116,7 +116,8 @@ class DecodeGraphs:
         step before's sampled ids, on the device) at `hb.pending_src`."""
         n = len(hb.ids)
         bs = next(b for b in self.buckets if b >= n)
-        h = self.inputs.fill_host(self.runs % 2)
+        mirror = self.runs % 2
+        h = self.inputs.host_views[mirror]  # numpy views, filled in place
         self.runs += 1
         h["input_ids"][:n] = hb.ids
         h["positions"][..., :n] = hb.rows if h["positions"].ndim == 2 else hb.rows[0]
@@ -136,7 +137,7 @@ class DecodeGraphs:
         tables = h["block_tables"]
         for row, table in enumerate(hb.tables):
             tables[row, : len(table)] = table
-        self.inputs.upload(rows=bs)
+        self.inputs.upload(mirror, rows=bs)
         if self.graphs:
             self.graphs[bs].replay()
         else:  # not captured (CPU tests): the same padded step, eagerly
@@ -146,11 +147,12 @@ class DecodeGraphs:
 
 class StepInputs:
     """Named int tensors packed in one device buffer, with two pinned host mirrors: the host
-    fills one mirror (numpy views) and `upload` copies it over in one asynchronous transfer.
+    fills one mirror through its numpy views (`host_views[i]`) and `upload` copies it over in
+    one asynchronous transfer.
 
     Two mirrors, alternating: with one step in flight, the mirror being filled was last read by
     the step before it, whose tokens were already waited for. The last field's leading rows are
-    all of it a step needs (block tables), so `upload(rows)` copies only up to them.
+    all of it a step needs (block tables), so `upload(i, rows)` copies only up to them.
     """
 
     def __init__(self, fields: list[tuple[str, torch.dtype, tuple]], device: torch.device):
@@ -168,19 +170,12 @@ class StepInputs:
         self.device_views = _views(self.device_buffer, fields, offsets)
         name, dtype, shape = fields[-1]
         self._last = (offsets[name], dtype.itemsize * math.prod(shape[1:]))
-        self._current = 0
 
-    def fill_host(self, index: int) -> dict:
-        """The numpy views of host mirror `index` (0 or 1), to fill before `upload`."""
-        self._current = index
-        return self.host_views[index]
-
-    def upload(self, rows: int) -> None:
-        """Copy the current mirror, up to `rows` rows of the last field, to the device."""
+    def upload(self, index: int, rows: int) -> None:
+        """Copy host mirror `index`, up to `rows` rows of the last field, to the device."""
         offset, row_bytes = self._last
         end = offset + rows * row_bytes
-        src = self.host_buffers[self._current][:end]
-        self.device_buffer[:end].copy_(src, non_blocking=True)
+        self.device_buffer[:end].copy_(self.host_buffers[index][:end], non_blocking=True)
 
 
 def resolve_ids(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -72,13 +72,13 @@ def test_step_inputs_upload_copies_the_rows_a_step_uses():
         ("tables", torch.int32, (4, 5)),
     ]
     inputs = StepInputs(fields, torch.device("cpu"))
-    h = inputs.fill_host(1)
+    h = inputs.host_views[1]
     h["a"][:] = [1, 2, 3, 4]
     h["b"][:] = [5, 6, 7]
     h["tables"][:] = np.arange(20).reshape(4, 5)
-    inputs.upload(rows=2)
+    inputs.upload(1, rows=2)
     v = inputs.device_views
     assert v["a"].tolist() == [1, 2, 3, 4] and v["b"].tolist() == [5, 6, 7]
     assert v["tables"][:2].flatten().tolist() == list(range(10))
     assert v["tables"][2:].abs().sum() == 0  # rows past the step's are not copied
-    assert inputs.fill_host(0)["a"].tolist() == [0, 0, 0, 0]  # the other mirror is separate
+    assert inputs.host_views[0]["a"].tolist() == [0, 0, 0, 0]  # the other mirror is separate
