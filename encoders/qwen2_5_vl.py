@@ -31,6 +31,7 @@ from polymodal.encoders.vision_layers import (
     rotary_cos_sin,
 )
 from polymodal.llm_core.attention import TorchAttentionBackend
+from polymodal.llm_core.host_copy import copy_to
 from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.layers.norm import RMSNorm
 
@@ -80,7 +81,8 @@ def window_partition(
 
     `window` is the window side in merged patches. Returns `window_index` int64
     `[num_merged]` (position i of the windowed order holds merged patch `window_index[i]`) and
-    the window-attention metadata, counted in patches (`merge^2` per merged patch).
+    the window-attention metadata, counted in patches (`merge^2` per merged patch). Computed on
+    the host and copied to `device` asynchronously: the caller never waits for the device.
     """
     unit = merge_size**2
     # Per frame: merged grid (mh, mw), windows per row/column, first window id.
@@ -88,16 +90,14 @@ def window_partition(
     win_rows = [-(-mh // window) for mh, _ in frames]
     win_cols = [-(-mw // window) for _, mw in frames]
     win_counts = [r * c for r, c in zip(win_rows, win_cols, strict=True)]
-    sizes = torch.tensor([mh * mw for mh, mw in frames], device=device)
-    widths = torch.tensor([mw for _, mw in frames], device=device)
-    cols_per_frame = torch.tensor(win_cols, device=device)
-    first_window = torch.tensor([0, *win_counts[:-1]], device=device).cumsum(0)
+    sizes = torch.tensor([mh * mw for mh, mw in frames])
+    widths = torch.tensor([mw for _, mw in frames])
+    cols_per_frame = torch.tensor(win_cols)
+    first_window = torch.tensor([0, *win_counts[:-1]]).cumsum(0)
     total = sum(mh * mw for mh, mw in frames)
     # [num_merged]: frame of each merged patch, then its (row, col) on the merged grid
-    frame_of = torch.repeat_interleave(
-        torch.arange(len(frames), device=device), sizes, output_size=total
-    )
-    local = torch.arange(total, device=device) - (sizes.cumsum(0) - sizes)[frame_of]
+    frame_of = torch.repeat_interleave(torch.arange(len(frames)), sizes)
+    local = torch.arange(total) - (sizes.cumsum(0) - sizes)[frame_of]
     row, col = local // widths[frame_of], local % widths[frame_of]
     window_id = (
         first_window[frame_of]
@@ -110,7 +110,8 @@ def window_partition(
     cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
     # Largest window: a full one, or the whole frame when it is smaller than a window.
     max_seqlen = max(min(mh, window) * min(mw, window) for mh, mw in frames) * unit
-    return window_index, VisionAttentionMeta(cu_seqlens, max_seqlen)
+    meta = VisionAttentionMeta(copy_to(cu_seqlens, device), max_seqlen)
+    return copy_to(window_index, device), meta
 
 
 class Qwen2_5VisionMLP(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.host_copy import copy_to
 from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.weights import run_post_load_hooks
 
@@ -58,7 +59,7 @@ def full_attention_meta(grid: list[list[int]], device: torch.device) -> VisionAt
     """One segment per frame: an item of grid (t, h, w) gives t segments of h * w patches."""
     seqlens = [h * w for t, h, w in grid for _ in range(t)]
     cu_seqlens = torch.tensor([0, *seqlens], dtype=torch.int64).cumsum(0).to(torch.int32)
-    return VisionAttentionMeta(cu_seqlens.to(device), max(seqlens))
+    return VisionAttentionMeta(copy_to(cu_seqlens, device), max(seqlens))
 
 
 def patch_coordinates(
@@ -68,23 +69,22 @@ def patch_coordinates(
 
     Patches arrive grouped by `merge_size x merge_size` blocks: within a frame the flat index is
     `((block_row * blocks_per_row + block_col) * m + row_in_block) * m + col_in_block`.
-    Returns two int64 tensors `[num_patches]`; computed with tensor ops, no loop over patches.
+    Returns two int64 tensors `[num_patches]` on `device`, computed on the host with tensor ops
+    (no loop over patches) and copied asynchronously: the caller never waits for the device.
     """
     m = merge_size
-    frame_sizes = torch.tensor([h * w for t, h, w in grid for _ in range(t)], device=device)
-    blocks_per_row = torch.tensor([w // m for t, h, w in grid for _ in range(t)], device=device)
+    frame_sizes = torch.tensor([h * w for t, h, w in grid for _ in range(t)])
+    blocks_per_row = torch.tensor([w // m for t, h, w in grid for _ in range(t)])
     total = sum(t * h * w for t, h, w in grid)
     frame_starts = frame_sizes.cumsum(0) - frame_sizes
     # [num_patches]: which frame each patch belongs to, then its index inside that frame
-    frame_of = torch.repeat_interleave(
-        torch.arange(len(frame_sizes), device=device), frame_sizes, output_size=total
-    )
-    local = torch.arange(total, device=device) - frame_starts[frame_of]
+    frame_of = torch.repeat_interleave(torch.arange(len(frame_sizes)), frame_sizes)
+    local = torch.arange(total) - frame_starts[frame_of]
     block, in_block = local // (m * m), local % (m * m)
     per_row = blocks_per_row[frame_of]
     rows = (block // per_row) * m + in_block // m
     cols = (block % per_row) * m + in_block % m
-    return rows, cols
+    return copy_to(rows, device), copy_to(cols, device)
 
 
 def rotary_cos_sin(

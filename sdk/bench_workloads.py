@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from polymodal.caption import PROCESS_WORKERS
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -152,7 +153,7 @@ class OurSide:
         """All images through the engine; preprocessing overlaps decoding on a thread pool."""
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(PROCESS_WORKERS) as pool:  # as `polymodal caption`
             pending = [pool.submit(self._prompt, img, i) for i, img in enumerate(pics)]
             while pending or self.engine.has_unfinished():
                 while pending and pending[0].done():
