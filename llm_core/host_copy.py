@@ -33,7 +33,13 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
 
 def copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device`; host -> CUDA through pinned memory and an async copy (no wait for
-    the device's queued work). Other moves are plain `.to(device)` (a no-op when there)."""
+    the device's queued work). Other moves are plain `.to(device)` (a no-op when there).
+
+    A permuted view (e.g. an HWC image seen as CHW) is copied in its memory order and permuted
+    back on the device, so the host never transposes it."""
     if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
+        order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))  # memory order
+        inverse = sorted(range(tensor.dim()), key=order.__getitem__)
+        stored = tensor.permute(order).contiguous()  # a no-op for a dense permuted view
+        return stored.pin_memory().to(device, non_blocking=True).permute(inverse)
     return tensor.to(device)

@@ -11,9 +11,10 @@ from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
+    frames_to_pixel_values,
     normalize_patches,
     preprocess_frames,
-    resize_and_patchify,
+    resize_for_patches,
     smart_resize,
 )
 from polymodal.processors.qwen_vl import QwenVLProcessor
@@ -33,9 +34,10 @@ __all__ = [
     "load_qwen_vl_config",
     "load_video",
     "mrope_positions",
+    "frames_to_pixel_values",
     "normalize_patches",
     "preprocess_frames",
-    "resize_and_patchify",
+    "resize_for_patches",
     "sample_indices",
     "smart_resize",
 ]

@@ -6,8 +6,9 @@ Mirrors transformers' default (torchvision-backend) `Qwen2VLImageProcessor` and
 `C * temporal_patch * patch * patch` values ordered so that each `merge x merge` block of
 patches is contiguous (the vision tower merges them into one slot), and normalized with the
 fused `(x - mean / rescale) / (std / rescale)` in float32. Each element is normalized on its
-own, so patchifying the uint8 first gives the same values. The processor stops at the uint8
-patches (`resize_and_patchify`); `normalize_patches` runs later on the model's device.
+own, so patchifying the uint8 first gives the same values. The processor stops at the resized
+uint8 frames (`resize_for_patches`, no copy when no resize is needed);
+`frames_to_pixel_values` patchifies and normalizes them later, on the model's device.
 """
 
 from __future__ import annotations
@@ -126,16 +127,11 @@ def normalize_patches(
 
 
 def patchify(
-    frames: torch.Tensor, cfg: VisionPreprocessConfig, temporal_patch_size: int | None = None
+    frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """`[T, C, H, W]` frames -> (`[t*h*w, C*tp*p*p]` patches, grid `(t, h, w)`).
-
-    T is padded to a multiple of the temporal patch size (default: the config's) by repeating
-    the last frame.
-    """
-    tp, p, m = temporal_patch_size or cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
-    if pad := -frames.shape[0] % tp:
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
+    """`[T, C, H, W]` frames (T a multiple of the temporal patch) -> (`[t*h*w, C*tp*p*p]`
+    patches, grid `(t, h, w)`): each merge block's `merge x merge` patches are adjacent rows."""
+    tp, p, m = temporal_patch_size, patch_size, merge_size
     num_frames, channels, height, width = frames.shape
     grid_t, grid_h, grid_w = num_frames // tp, height // p, width // p
     # [gt, tp, C, gh/m, m, p, gw/m, m, p]
@@ -146,20 +142,22 @@ def patchify(
     return patches.contiguous(), (grid_t, grid_h, grid_w)
 
 
-def resize_and_patchify(
+def resize_for_patches(
     frames: torch.Tensor,
     cfg: VisionPreprocessConfig,
     *,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
-    """Resize and patchify `[T, 3, H, W]` frames (one image is T=1): no float work for uint8.
+) -> tuple[torch.Tensor, tuple[int, int, int, int], tuple[int, int, int]]:
+    """Resize `[T, 3, H, W]` frames (one image is T=1) to Qwen's grid: no float work for uint8.
 
-    Returns (patches `[t*h*w, C, t_patch, p*p]` in the frames' dtype, temporal repeat, grid
-    `(t, h, w)`): `normalize_patches(patches, *scaled_mean_std(cfg), repeat)` gives the pixel
+    Returns (frames, layout, grid `(t, h, w)` in patches). `layout` is `(t_patch, patch, merge,
+    repeat)`: `frames_to_pixel_values(frames, *scaled_mean_std(cfg), layout)` gives the pixel
     values. An image's single frame is patchified once (`t_patch` = 1) and repeated
     `temporal_patch_size` times (`repeat`) on normalizing, as the reference repeats the frame;
-    video has `t_patch` = temporal_patch_size and repeat 1.
+    video frames are padded to a multiple of the temporal patch by repeating the last one,
+    `t_patch` = temporal_patch_size and repeat 1. Frames the right size come back as they are
+    (a view: no copy).
     """
     height, width = frames.shape[-2:]
     size = smart_resize(
@@ -173,9 +171,27 @@ def resize_and_patchify(
         frames = resize_frames(frames, size, cfg.resample)
     tp = cfg.temporal_patch_size
     repeat = tp if frames.shape[0] == 1 else 1
-    patches, grid = patchify(frames, cfg, temporal_patch_size=tp // repeat)
-    # [N, C*t*p*p] -> [N, C, t, p*p]: channels apart, so the per-channel mean/std broadcast
-    return patches.view(patches.shape[0], frames.shape[1], tp // repeat, -1), repeat, grid
+    t_patch = tp // repeat
+    if pad := -frames.shape[0] % t_patch:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
+    p = cfg.patch_size
+    grid = (frames.shape[0] // t_patch, size[0] // p, size[1] // p)
+    return frames, (t_patch, p, cfg.merge_size, repeat), grid
+
+
+def frames_to_pixel_values(
+    frames: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    layout: tuple[int, int, int, int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`resize_for_patches`' frames -> pixel values `[num_patches, patch_dim]` in `dtype`:
+    patchify, then `normalize_patches`, wherever `frames` are (host or device)."""
+    t_patch, patch, merge, repeat = layout
+    patches, _ = patchify(frames, patch, merge, t_patch)
+    patches = patches.view(patches.shape[0], frames.shape[1], t_patch, -1)  # [N, C, t, p*p]
+    return normalize_patches(patches, mean, std, repeat, dtype)
 
 
 def preprocess_frames(
@@ -185,13 +201,13 @@ def preprocess_frames(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Resize, patchify and normalize `[T, 3, H, W]` frames (one image is T=1).
+    """Resize, patchify and normalize `[T, 3, H, W]` frames (one image is T=1), on the host.
 
     An image's single frame is repeated `temporal_patch_size` times, as the reference does.
     Returns float32 `pixel_values [t*h*w, patch_dim]` and the grid `(t, h, w)` in patches.
-    (The processor keeps the uint8 patches instead and normalizes on the model's device.)
+    (The processor keeps the resized uint8 frames instead; the model's device does the rest.)
     """
-    patches, repeat, grid = resize_and_patchify(
+    frames, layout, grid = resize_for_patches(
         frames, cfg, min_pixels=min_pixels, max_pixels=max_pixels
     )
-    return normalize_patches(patches, *scaled_mean_std(cfg), repeat), grid
+    return frames_to_pixel_values(frames, *scaled_mean_std(cfg), layout), grid

@@ -28,7 +28,7 @@ from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
-    resize_and_patchify,
+    resize_for_patches,
     scaled_mean_std,
 )
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
@@ -188,7 +188,7 @@ class QwenVLProcessor:
         pixels = torch.from_numpy(np.array(image))  # [H, W, 3] uint8
         frames = pixels.permute(2, 0, 1)[None]  # [1, 3, H, W]
         try:
-            patched = resize_and_patchify(
+            patched = resize_for_patches(
                 frames,
                 self.config.image,
                 min_pixels=options.get("min_pixels"),
@@ -229,7 +229,7 @@ class QwenVLProcessor:
             share = cfg.video_total_pixels * vcfg.temporal_patch_size // video.frames.shape[0]
             max_pixels = max(min(max_pixels, share), int(min_pixels * 1.05))
         try:
-            patched = resize_and_patchify(
+            patched = resize_for_patches(
                 video.frames, vcfg, min_pixels=min_pixels, max_pixels=max_pixels
             )
         except ValueError as exc:
@@ -247,16 +247,17 @@ class QwenVLProcessor:
     ) -> MultimodalItem:
         """A `MultimodalItem` with its tensors and content hash; slots are filled in later.
 
-        `patched` is `resize_and_patchify`'s output: the item keeps the patches as they are
-        and what normalizing them takes (done by the model's `stage()`, on its device).
+        `patched` is `resize_for_patches`' output: the item keeps the resized frames as they
+        are and what patchifying and normalizing them takes (done by the model's `stage()`, on
+        its device).
         """
-        patches, repeat, grid = patched
+        frames, layout, grid = patched
         mean, std = scaled_mean_std(cfg)
         data = {
-            "pixel_patches": patches,  # uint8 [num_patches, C, t, p*p]
+            "pixel_frames": frames,  # uint8 [T, C, H, W]
             "pixel_mean": mean,
             "pixel_std": std,
-            "temporal_repeat": torch.tensor(repeat),
+            "patch_layout": torch.tensor(layout, dtype=torch.int64),
             "grid_thw": torch.tensor([grid], dtype=torch.int64),
         }
         return MultimodalItem(modality, data, -1, 0, content_hash(modality, key))

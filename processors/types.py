@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polymodal.processors.qwen_vision import normalize_patches
+from polymodal.processors.qwen_vision import frames_to_pixel_values
 
 # `data` keys of pixels not normalized yet (the processor's output, until the model stages it)
-PATCH_KEYS = ("pixel_patches", "pixel_mean", "pixel_std", "temporal_repeat")
+PATCH_KEYS = ("pixel_frames", "pixel_mean", "pixel_std", "patch_layout")
 
 
 @dataclass
@@ -18,14 +18,14 @@ class MultimodalItem:
     """One image or video of a prompt, preprocessed for its encoder.
 
     `data` holds the encoder inputs: `grid_thw` int64 `[1, 3]` (temporal, height, width in
-    patches) and the pixels. From the processor they are not normalized yet (no float work on
-    the host, 4x+ fewer bytes to copy): `pixel_patches` uint8 `[num_patches, C, t, p*p]`
-    (float32 for alpha-blended video), `pixel_mean` / `pixel_std` float32 `[C]` (scaled by
-    1/rescale) and `temporal_repeat` int64 `[]` (an image: t = 1, repeat = temporal_patch_size;
-    video: t = temporal_patch_size, repeat = 1). `pixel_values()` normalizes them; the model's
-    `stage()` replaces them with `pixel_values` `[num_patches, patch_dim]` normalized on its
-    device, in its dtype. The encoder's output rows `[num_slots, hidden]` go to
-    `token_ids[slot_start : slot_start + num_slots]`.
+    patches) and the pixels. From the processor they are neither patchified nor normalized
+    (no copy and no float work on the host, 4x+ fewer bytes to copy): `pixel_frames` uint8
+    `[T, C, H, W]`, resized (float32 for alpha-blended video; any strides, e.g. a view of the
+    decoded HWC image), `pixel_mean` / `pixel_std` float32 `[C]` (scaled by 1/rescale) and
+    `patch_layout` int64 `[4]`: (t_patch, patch, merge, repeat), see `resize_for_patches`.
+    `pixel_values()` patchifies and normalizes them; the model's `stage()` replaces them with
+    `pixel_values` `[num_patches, patch_dim]` made on its device, in its dtype. The encoder's
+    output rows `[num_slots, hidden]` go to `token_ids[slot_start : slot_start + num_slots]`.
     """
 
     modality: str  # "image" | "video"
@@ -43,15 +43,15 @@ class MultimodalItem:
     ) -> torch.Tensor:
         """Normalized pixel values `[num_patches, patch_dim]` in `dtype`.
 
-        `move` (e.g. a pinned async copy to the device) is applied to the patches and mean/std
-        first, so `normalize_patches` runs where they land; already normalized `pixel_values`
-        are cast first, then moved.
+        `move` (e.g. a pinned async copy to the device) is applied to the frames and mean/std
+        first, so patchifying and normalizing run where they land; already normalized
+        `pixel_values` are cast first, then moved.
         """
         data, move = self.data, move or (lambda tensor: tensor)
-        if "pixel_patches" not in data:
+        if "pixel_frames" not in data:
             return move(data["pixel_values"].to(dtype))
-        patches, mean, std = (move(data[key]) for key in PATCH_KEYS[:3])
-        return normalize_patches(patches, mean, std, int(data["temporal_repeat"]), dtype)
+        frames, mean, std = (move(data[key]) for key in PATCH_KEYS[:3])
+        return frames_to_pixel_values(frames, mean, std, data["patch_layout"].tolist(), dtype)
 
     def set_pixel_values(self, pixel_values: torch.Tensor) -> None:
         """Keep `pixel_values` (normalized, e.g. staged on the device) instead of the patches."""

@@ -1,5 +1,5 @@
-"""`Qwen2VLForConditionalGeneration.stage`: the uint8 patches go to the model's device, and the
-normalized pixels there equal the host's normalize + cast, bit for bit."""
+"""`Qwen2VLForConditionalGeneration.stage`: the uint8 frames go to the model's device, and the
+pixel values made there equal the host's patchify + normalize + cast, bit for bit."""
 
 import numpy as np
 import pytest
@@ -18,7 +18,11 @@ def _image(w, h, seed):
 
 def _messages():
     video = [_image(56, 42, 10 + i) for i in range(4)]
-    parts = [{"type": "image", "image": _image(90, 60, 0)}, {"type": "video", "video": video}]
+    parts = [
+        {"type": "image", "image": _image(90, 60, 0)},
+        {"type": "image", "image": _image(84, 56, 1)},  # grid-sized: a permuted view, no resize
+        {"type": "video", "video": video},
+    ]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe."}]}]
 
 
@@ -31,7 +35,8 @@ def _check_stage(llm, device, monkeypatch):
     model = llm.engine.runner.model
     dtype = model.lm_head.weight.dtype
     items = llm.processor.process(messages=_messages()).mm_items  # not staged yet
-    assert [it.modality for it in items] == ["image", "video"]
+    assert [it.modality for it in items] == ["image", "image", "video"]
+    assert not items[1].data["pixel_frames"].is_contiguous()
     host = [it.pixel_values().to(dtype) for it in items]  # host normalize, then cast
     moved = []
 
@@ -42,8 +47,8 @@ def _check_stage(llm, device, monkeypatch):
     original = qwen2_vl.copy_to
     monkeypatch.setattr(qwen2_vl, "copy_to", copy_to)
     model.stage(items)
-    # only uint8 patches and the float32 [C] mean/std cross to the device: no pixel floats
-    assert moved == [torch.uint8, torch.float32, torch.float32] * 2
+    # only uint8 frames and the float32 [C] mean/std cross to the device: no pixel floats
+    assert moved == [torch.uint8, torch.float32, torch.float32] * 3
     for it, ref in zip(items, host):
         assert set(it.data) == {"pixel_values", "grid_thw"}
         staged = it.data["pixel_values"]
@@ -51,7 +56,7 @@ def _check_stage(llm, device, monkeypatch):
         assert torch.equal(staged.cpu(), ref)
     before = [it.data["pixel_values"] for it in items]
     model.stage(items)  # idempotent: nothing moved, the same tensors kept
-    assert len(moved) == 6 and all(a is it.data["pixel_values"] for a, it in zip(before, items))
+    assert len(moved) == 9 and all(a is it.data["pixel_values"] for a, it in zip(before, items))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -69,7 +74,7 @@ def test_stage_on_cuda_matches_host_bitwise(ckpt, monkeypatch):
 def test_stage_takes_already_normalized_pixels(ckpt):
     """Items carrying float `pixel_values` (a custom processor's) are cast and moved as is."""
     llm = LLM(ckpt, dtype="bfloat16", device="cpu", num_kv_blocks=64)
-    (item, _) = llm.processor.process(messages=_messages()).mm_items
+    item = llm.processor.process(messages=_messages()).mm_items[0]
     pixels = item.pixel_values()
     item.set_pixel_values(pixels)
     assert set(item.data) == {"pixel_values", "grid_thw"}

@@ -1,6 +1,7 @@
-"""The processor keeps uint8 patches; `normalize_patches` turns them into the very float32
-pixel values of the plain pipeline (repeat an image's frame, normalize whole frames, patchify),
-bit for bit. Parity with HF's pixel values is checked in test_qwen_image_parity / _video."""
+"""The processor keeps resized uint8 frames; `frames_to_pixel_values` turns them into the very
+float32 pixel values of the plain pipeline (repeat an image's frame, normalize whole frames,
+patchify), bit for bit. Parity with HF's pixel values is checked in test_qwen_image_parity and
+test_qwen_video."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ def _reference(frames: torch.Tensor, cfg, min_pixels: int, max_pixels: int) -> t
     size = smart_resize(*frames.shape[-2:], cfg.factor, min_pixels, max_pixels)
     if size != tuple(frames.shape[-2:]):
         frames = resize_frames(frames, size, cfg.resample)
+    tp = cfg.temporal_patch_size
     if frames.shape[0] == 1:
-        frames = frames.expand(cfg.temporal_patch_size, -1, -1, -1)
+        frames = frames.expand(tp, -1, -1, -1)
+    if pad := -frames.shape[0] % tp:  # video: the last frame repeated
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     scale = 1.0 / cfg.rescale_factor
     mean, std = torch.tensor(cfg.image_mean) * scale, torch.tensor(cfg.image_std) * scale
     normed = frames.to(torch.float32).sub(mean.view(-1, 1, 1)).div(std.view(-1, 1, 1))
-    return patchify(normed, cfg)[0]
+    return patchify(normed, cfg.patch_size, cfg.merge_size, tp)[0]
 
 
 def _frames(image: Image.Image) -> torch.Tensor:
@@ -35,16 +39,17 @@ def _frames(image: Image.Image) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "tiny", "camera"])
-def test_image_item_keeps_uint8_patches_that_normalize_bitwise(name, photos, our_processors):
+def test_image_item_keeps_uint8_frames_that_normalize_bitwise(name, photos, our_processors):
     ours = our_processors["qwen2_5_vl"]
     cfg = ours.config.image
     (item,) = ours.process(prompt=IMAGE, images=[photos[name]]).mm_items
     data = item.data
     assert "pixel_values" not in data  # no float work on the host
-    patches = data["pixel_patches"]
+    patches = data["pixel_frames"]
     num_patches = int(data["grid_thw"].prod())
-    assert patches.dtype == torch.uint8 and patches.shape == (num_patches, 3, 1, 14 * 14)
-    assert int(data["temporal_repeat"]) == cfg.temporal_patch_size == 2
+    assert patches.dtype == torch.uint8 and patches.shape[:2] == (1, 3)
+    assert patches[0, 0].numel() == num_patches * 14 * 14
+    assert data["patch_layout"].tolist() == [1, 14, 2, cfg.temporal_patch_size]
     assert data["pixel_mean"].dtype == data["pixel_std"].dtype == torch.float32
     ref = _reference(_frames(photos[name]), cfg, cfg.min_pixels, cfg.max_pixels)
     got = item.pixel_values()
@@ -54,7 +59,7 @@ def test_image_item_keeps_uint8_patches_that_normalize_bitwise(name, photos, our
     assert patches.nbytes * 4 == got.to(torch.bfloat16).nbytes
 
 
-def test_video_items_keep_patches_that_normalize_bitwise(photos, our_processors):
+def test_video_items_keep_frames_that_normalize_bitwise(photos, our_processors):
     ours = our_processors["qwen2_vl"]
     cfg = ours.config.video
     assert ours.config.video_total_pixels is None  # bounds below are the config's own
@@ -63,14 +68,14 @@ def test_video_items_keep_patches_that_normalize_bitwise(photos, our_processors)
     rgba = [np.asarray(photos["coffee_rgba"].resize((150, 100)))] * 2  # blended: float32
     for frames, dtype in ((rgb, torch.uint8), (rgba, torch.float32)):
         (item,) = ours.process(prompt=VIDEO, videos=[frames]).mm_items
-        patches = item.data["pixel_patches"]
-        assert patches.dtype == dtype and patches.shape[1:] == (3, 2, 14 * 14)
-        assert int(item.data["temporal_repeat"]) == 1
+        patches = item.data["pixel_frames"]
+        assert patches.dtype == dtype and patches.shape[0] % 2 == 0 and patches.shape[1] == 3
+        assert item.data["patch_layout"].tolist() == [2, 14, 2, 1]
         decoded = load_video(frames).frames
         ref = _reference(decoded, cfg, cfg.min_pixels, cfg.max_pixels)
         kept = patches.clone()
         assert torch.equal(item.pixel_values(), ref)
-        assert torch.equal(patches, kept)  # normalizing left the item's patches as they were
+        assert torch.equal(patches, kept)  # normalizing left the item's frames as they were
         assert torch.equal(preprocess_frames(decoded, cfg)[0], ref)
 
 
@@ -85,3 +90,15 @@ def test_normalize_patches_casts_last():
     assert torch.equal(full.view(12, 3, 2, 4)[:, :, 0], full.view(12, 3, 2, 4)[:, :, 1])
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(normalize_patches(patches, mean, std, 2, dtype), full.to(dtype))
+
+
+def test_image_at_grid_size_is_kept_without_a_copy(our_processors):
+    """No resize needed: the item's frames are the decoded HWC pixels viewed as CHW (the
+    patchify copy happens where the pixel values are made, on the model's device)."""
+    ours = our_processors["qwen2_5_vl"]
+    pixels = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    (item,) = ours.process(prompt=IMAGE, images=[Image.fromarray(pixels)]).mm_items
+    frames = item.data["pixel_frames"]
+    assert frames.shape == (1, 3, 56, 84) and not frames.is_contiguous()
+    assert torch.equal(frames[0].permute(1, 2, 0), torch.from_numpy(pixels))
+    assert item.data["grid_thw"].tolist() == [[1, 4, 6]]
