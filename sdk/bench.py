@@ -119,8 +119,9 @@ def run_bench(args) -> dict:
     results["decode_floor_ms"] = floor_ms
     pics = images(args.images)
     # Warm-up outside every timed window: Triton compiles a kernel variant per new shape
-    # class on first use (seconds on a fresh machine with an empty ~/.triton cache).
-    ours.caption(images(16, seed=77), 8)
+    # class on first use (seconds on a fresh machine with an empty ~/.triton cache). 64 images
+    # fill a whole token budget and mixed prefill + decode steps, as the captioning run does.
+    ours.caption(images(64, seed=77), 8)
     ours.ttft_ms(None, repeats=2)
     results["ours"] = {
         "decode_ms_per_token": ours.decode_ms(args.decode_tokens),

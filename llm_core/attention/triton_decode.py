@@ -22,7 +22,9 @@ from polymodal.llm_core.counters import arrival_counters
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table stride (a step's widest table) changes from step to step: not specialized on,
+# so a new width never compiles a new variant in the middle of a run.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, page_size, kv_heads, head_dim]

@@ -56,7 +56,9 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
     return acc, l_i, m_new
 
 
-@triton.jit
+# The block-table stride (a step's widest table) changes from step to step: not specialized on,
+# so a new width never compiles a new variant in the middle of a run.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _attn_fwd_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_ptr,  # PAGED: [num_blocks, page_size, kv_heads, head_dim]; else [num_tokens, kv_heads, d]

@@ -295,7 +295,7 @@ def logits_argmax(raw: torch.Tensor, out: torch.Tensor, tokens: torch.Tensor) ->
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])  # one variant for every step size
 def _mrope_cos_sin_kernel(cache_ptr, pos_ptr, cos_ptr, sin_ptr, tokens, stride_cache,
                           HALF: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):  # fmt: skip
