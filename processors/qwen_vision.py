@@ -187,7 +187,14 @@ def frames_to_pixel_values(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """`resize_for_patches`' frames -> pixel values `[num_patches, patch_dim]` in `dtype`:
-    patchify, then `normalize_patches`, wherever `frames` are (host or device)."""
+    patchify, then `normalize_patches`, wherever `frames` are (host or device). `mean` / `std`
+    are host tensors (`scaled_mean_std`); RGB frames on a CUDA device take one Triton kernel
+    that gives the same bits (`triton_pixels`)."""
+    if frames.is_cuda and frames.shape[1] == 3:
+        from polymodal.processors.triton_pixels import patchify_normalize
+
+        return patchify_normalize(frames, mean.tolist(), std.tolist(), layout, dtype)
+    mean, std = mean.to(frames.device), std.to(frames.device)
     t_patch, patch, merge, repeat = layout
     patches, _ = patchify(frames, patch, merge, t_patch)
     patches = patches.view(patches.shape[0], frames.shape[1], t_patch, -1)  # [N, C, t, p*p]

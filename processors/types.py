@@ -43,14 +43,14 @@ class MultimodalItem:
     ) -> torch.Tensor:
         """Normalized pixel values `[num_patches, patch_dim]` in `dtype`.
 
-        `move` (e.g. a pinned async copy to the device) is applied to the frames and mean/std
-        first, so patchifying and normalizing run where they land; already normalized
-        `pixel_values` are cast first, then moved.
+        `move` (e.g. a pinned async copy to the device) is applied to the frames first, so
+        patchifying and normalizing run where they land (mean/std stay host values); already
+        normalized `pixel_values` are cast first, then moved.
         """
         data, move = self.data, move or (lambda tensor: tensor)
         if "pixel_frames" not in data:
             return move(data["pixel_values"].to(dtype))
-        frames, mean, std = (move(data[key]) for key in PATCH_KEYS[:3])
+        frames, mean, std = move(data["pixel_frames"]), data["pixel_mean"], data["pixel_std"]
         return frames_to_pixel_values(frames, mean, std, data["patch_layout"].tolist(), dtype)
 
     def set_pixel_values(self, pixel_values: torch.Tensor) -> None:
