@@ -5,13 +5,14 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.caption import PROCESS_WORKERS
+from polymodal.caption import PREFETCH, PROCESS_WORKERS
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -150,14 +151,17 @@ class OurSide:
         return statistics.median(times[1:]) * 1e3  # the first run warms the encoder kernels
 
     def caption(self, pics, output_tokens: int) -> dict:
-        """All images through the engine; preprocessing overlaps decoding on a thread pool."""
+        """All images through the engine; preprocessing overlaps decoding on a thread pool,
+        up to `PREFETCH` images ahead of the engine (as `polymodal caption`)."""
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with ThreadPoolExecutor(PROCESS_WORKERS) as pool:  # as `polymodal caption`
-            pending = [pool.submit(self._prompt, img, i) for i, img in enumerate(pics)]
+        todo = iter(enumerate(pics))
+        with ThreadPoolExecutor(PROCESS_WORKERS) as pool:
+            pending = [pool.submit(self._prompt, img, i) for i, img in islice(todo, PREFETCH)]
             while pending or self.engine.has_unfinished():
                 while pending and pending[0].done():
                     self._add(pending.pop(0).result(), output_tokens)
+                    pending.extend(pool.submit(self._prompt, img, i) for i, img in islice(todo, 1))
                 if self.engine.has_unfinished():
                     self.engine.step(finished_only=True)
                 elif pending:
