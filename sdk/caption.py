@@ -56,8 +56,7 @@ def caption_files(
 
     `batch_size` requests run at once (default: the engine's `max_num_seqs`, so its batch is
     full); up to `PREFETCH` more are processed ahead on `workers` threads. Returns counts:
-    `done` (captioned now),
-    `errors` (recorded with an error now), `skipped`.
+    `done` (captioned now), `errors` (recorded with an error now), `skipped`.
     """
     from tqdm import tqdm
 

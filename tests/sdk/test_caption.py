@@ -108,3 +108,58 @@ def test_parquet_output_globs_and_list_files(tmp_path_factory, tmp_path):
     rerun = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert f"{len(expected)} already done" in rerun.stderr
     assert pq.read_table(out).num_rows == len(expected)
+
+
+def test_caption_files_fills_the_batch_and_bounds_the_prefetch(tmp_path, monkeypatch):
+    """Default: `max_num_seqs` requests in flight; media processed at most PREFETCH ahead."""
+    from types import SimpleNamespace
+
+    from polymodal import caption
+
+    monkeypatch.setattr(caption, "PREFETCH", 3)
+    counts = {"started": 0, "added": 0, "ahead": 0, "running": 0}
+
+    class Engine:
+        scheduler = SimpleNamespace(max_num_seqs=5)
+
+        def __init__(self):
+            self.left = {}
+
+        def add_request(self, *_):
+            counts["added"] += 1
+            rid = str(counts["added"])
+            self.left[rid] = 3  # steps until it finishes
+            counts["running"] = max(counts["running"], len(self.left))
+            return rid
+
+        def has_unfinished(self):
+            return bool(self.left)
+
+        def step(self):
+            time.sleep(0.005)  # a step takes longer than processing one item, as on a GPU
+            outs = []
+            for rid in list(self.left):
+                self.left[rid] -= 1
+                if not self.left[rid]:
+                    del self.left[rid]
+                    text = SimpleNamespace(text=f"caption {rid}", finish_reason="length")
+                    usage = SimpleNamespace(prompt_tokens=4, completion_tokens=2)
+                    outs.append(SimpleNamespace(finished=True, request_id=rid, outputs=[text],
+                                                usage=usage))  # fmt: skip
+            return outs
+
+        def abort(self, rid):
+            self.left.pop(rid, None)
+
+    def process(request):
+        counts["started"] += 1
+        counts["ahead"] = max(counts["ahead"], counts["started"] - counts["added"])
+        return SimpleNamespace(token_ids=[1, 2], positions=None, mrope_delta=0, mm_items=[])
+
+    llm = SimpleNamespace(engine=Engine(), process=process)
+    paths = [f"/data/img{i}.png" for i in range(12)]
+    done = caption.caption_files(llm, paths, tmp_path / "out.jsonl", workers=1, progress=False)
+    assert done == {"done": 12, "errors": 0, "skipped": 0}
+    assert counts["running"] == 5  # the engine's whole batch, not a fixed 16
+    assert counts["ahead"] <= 3 + 1  # the window, plus the one being handed over
+    assert sorted(r["key"] for r in read_records(tmp_path / "out.jsonl")) == sorted(paths)
