@@ -16,12 +16,17 @@ def _image(w, h, seed):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+def _rgba(w, h, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 4), dtype=np.uint8)
+
+
 def _messages():
     video = [_image(56, 42, 10 + i) for i in range(4)]
     parts = [
         {"type": "image", "image": _image(90, 60, 0)},
         {"type": "image", "image": _image(84, 56, 1)},  # grid-sized: a permuted view, no resize
         {"type": "video", "video": video},
+        {"type": "video", "video": [_rgba(56, 42, 20)] * 2},  # alpha-blended: float32 frames
     ]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe."}]}]
 
@@ -35,7 +40,7 @@ def _check_stage(llm, device, monkeypatch):
     model = llm.engine.runner.model
     dtype = model.lm_head.weight.dtype
     items = llm.processor.process(messages=_messages()).mm_items  # not staged yet
-    assert [it.modality for it in items] == ["image", "image", "video"]
+    assert [it.modality for it in items] == ["image", "image", "video", "video"]
     assert not items[1].data["pixel_frames"].is_contiguous()
     host = [it.pixel_values().to(dtype) for it in items]  # host normalize, then cast
     moved = []
@@ -47,8 +52,8 @@ def _check_stage(llm, device, monkeypatch):
     original = qwen2_vl.copy_to
     monkeypatch.setattr(qwen2_vl, "copy_to", copy_to)
     model.stage(items)
-    # only the uint8 frames cross to the device: no pixel floats
-    assert moved == [torch.uint8] * 3
+    # only the frames cross to the device: uint8, float32 where alpha was blended
+    assert moved == [torch.uint8] * 3 + [torch.float32]
     for it, ref in zip(items, host):
         assert set(it.data) == {"pixel_values", "grid_thw"}
         staged = it.data["pixel_values"]
@@ -56,7 +61,7 @@ def _check_stage(llm, device, monkeypatch):
         assert torch.equal(staged.cpu(), ref)
     before = [it.data["pixel_values"] for it in items]
     model.stage(items)  # idempotent: nothing moved, the same tensors kept
-    assert len(moved) == 3 and all(a is it.data["pixel_values"] for a, it in zip(before, items))
+    assert len(moved) == 4 and all(a is it.data["pixel_values"] for a, it in zip(before, items))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
