@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py            # CUDA: triton.testing.do_bench medians
     python scripts/bench_kernels.py --tiny     # tiny shapes; on CPU runs under TRITON_INTERPRET=1
     python scripts/bench_kernels.py --gemv [--json gemv.json]   # GEMV config sweep vs cuBLAS
+    python scripts/bench_kernels.py --decode-sweep   # decode attention tiles/warps/stages by batch
 
 Decode rows report achieved GB/s = bytes of K/V read / time (the roofline of decode).
 Shapes follow Qwen2.5-VL-7B: decoder 28 q heads / 4 kv heads, head_dim 128; vision tower
@@ -23,6 +24,9 @@ ARGS.add_argument("--gemv", action="store_true", help="only the GEMV sweep (smal
 ARGS.add_argument("--json", help="also write the GEMV results here")
 ARGS.add_argument("--rows", default="1,2,4", help="GEMV sweep: x rows to time, comma-separated")
 ARGS.add_argument("--shapes", help="GEMV sweep: only these shapes, comma-separated")
+ARGS.add_argument(
+    "--decode-sweep", action="store_true", help="only decode attention configs, by batch size"
+)
 
 if __name__ == "__main__" and "--tiny" in sys.argv:
     import torch
@@ -31,6 +35,7 @@ if __name__ == "__main__" and "--tiny" in sys.argv:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 
@@ -102,6 +107,48 @@ def bench_decode(batch, ctx, shape, dtype, device):
     gbs = f"{kv_bytes / t / 1e6:7.1f} GB/s (sdpa {kv_bytes / t_sdpa / 1e6:.1f})"
     name = f"decode b{batch} ctx{ctx} (graph)"
     return [(name, t, "dense sdpa", t_sdpa, gbs), (name, t, "torch ref", t_ref, "")]
+
+
+def _decode_with(q, cache, meta, splits, config):
+    """Decode attention as the engine runs it, with tile / warps / stages from `config`."""
+    from polymodal.llm_core.attention import triton_backend as tb
+    from polymodal.llm_core.attention.triton_decode import paged_decode
+
+    block_n, warps, stages = config
+    scale = q.shape[-1] ** -0.5
+    return paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale, None, splits,
+                        block_n, warps, stages, tb.MIN_KEYS_PER_SPLIT)  # fmt: skip
+
+
+def bench_decode_sweep(tiny: bool, dtype, device) -> None:
+    """Decode attention by (keys per tile, warps, stages) at batch 1 and at captioning's batch
+    sizes, each against the engine's default config (time, K/V GB/s, max difference)."""
+    from polymodal.llm_core.attention import triton_backend as tb
+
+    shape = (4, 2, 32) if tiny else (28, 4, 128)
+    cases = [(1, 40), (3, 70)] if tiny else [(1, 300), (64, 400), (256, 400), (512, 400)]
+    configs = [(16, 4, 2), (16, 2, 3)] if tiny else [
+        (bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
+    ]  # fmt: skip
+    default = (tb.DECODE_BLOCK_N if device == "cuda" else 16, tb.DECODE_WARPS, 3)
+    print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'tile/warps/stages':>17} {'ms':>8} {'GB/s':>8}"
+          f" {'vs default':>10} {'max diff':>9}")  # fmt: skip
+    for batch, ctx in cases:
+        q, cache, meta = paged_batch([1] * batch, [ctx] * batch, *shape, dtype, device)
+        splits = tb.decode_num_splits(
+            batch, shape[1], meta.block_tables.shape[1] * cache.shape[2], tb._num_sms(q.device),
+            tb.MAX_DECODE_SPLITS,
+        )  # fmt: skip
+
+        run = functools.partial(_decode_with, q, cache, meta, splits)
+        ref = run(default)
+        t_ref = bench_ms(functools.partial(run, default), graph=True)
+        kv_bytes = 2 * batch * ctx * shape[1] * shape[2] * cache.element_size()
+        for config in [default, *(c for c in configs if c != default)]:
+            t = bench_ms(functools.partial(run, config), graph=True)
+            diff = (run(config).float() - ref.float()).abs().max().item()
+            print(f"{batch:5d} {ctx:5d} {splits:6d} {'/'.join(map(str, config)):>17} {t:8.4f}"
+                  f" {kv_bytes / t / 1e6:8.1f} {t_ref / t:9.2f}x {diff:9.1e}")  # fmt: skip
 
 
 def bench_prefill(n_seq, length, shape, dtype, device):
@@ -318,6 +365,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.gemv:
         bench_gemv(args, dtype, device)
+        return
+    if args.decode_sweep:
+        bench_decode_sweep(args.tiny, dtype, device)
         return
     tiny = args.tiny
     shape = (4, 2, 32) if tiny else (28, 4, 128)  # q heads, kv heads, head_dim
