@@ -9,8 +9,8 @@ import torch
 
 from polymodal.processors.qwen_vision import frames_to_pixel_values
 
-# `data` keys of pixels not normalized yet (the processor's output, until the model stages it)
-PATCH_KEYS = ("pixel_frames", "pixel_mean", "pixel_std", "patch_layout")
+# `data` keys of raw pixels (the processor's output, until the model stages it)
+RAW_PIXEL_KEYS = ("pixel_frames", "pixel_mean", "pixel_std", "patch_layout")
 
 
 @dataclass
@@ -54,8 +54,8 @@ class MultimodalItem:
         return frames_to_pixel_values(frames, mean, std, data["patch_layout"].tolist(), dtype)
 
     def set_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """Keep `pixel_values` (normalized, e.g. staged on the device) instead of the patches."""
-        data = {k: v for k, v in self.data.items() if k not in PATCH_KEYS}
+        """Keep `pixel_values` (normalized, e.g. staged on the device) instead of the frames."""
+        data = {k: v for k, v in self.data.items() if k not in RAW_PIXEL_KEYS}
         data["pixel_values"] = pixel_values
         self.data = data  # one swap: a reader sees the old dict or the new one
 

@@ -37,13 +37,13 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
             self.encoder_graphs = EncoderGraphs(self.visual)
 
     def stage(self, items: list) -> None:
-        """Normalize items' pixels on the model's device, in its dtype (idempotent).
+        """Make items' pixel values on the model's device, in its dtype (idempotent).
 
-        The processor leaves uint8 patches (`MultimodalItem.pixel_values`): they are copied
-        (pinned + async on CUDA: no wait for the engine's queued work; 4x+ fewer bytes than
-        bf16 pixels) and normalized there, in float32, then cast, so the host does no float
-        work. Safe to call from a preprocessing thread, so this overlaps the engine's work
-        instead of running inside a step.
+        The processor leaves resized uint8 frames (`MultimodalItem.pixel_values`): they are
+        copied (pinned + async on CUDA: no wait for the engine's queued work; 4x+ fewer bytes
+        than bf16 pixels), then patchified and normalized there, so the host does no copy and
+        no float work. Safe to call from a preprocessing thread, so this overlaps the engine's
+        work instead of running inside a step.
         """
         device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
         move = partial(copy_to, device=device)
