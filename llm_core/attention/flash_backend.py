@@ -35,6 +35,15 @@ class FlashAttnBackend(TritonAttentionBackend):
             raise ImportError("the 'flash' attention backend needs the flash_attn package")
         super().__init__(decode_splits)
 
+    def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Only where decode stays on the Triton kernel; flash-attn's own decode keeps the
+        rotary and the KV store as kernels of their own."""
+        return super().fuses_rope_decode(q, kv_cache) and not self._uses_flash(q, kv_cache)
+
+    @staticmethod
+    def _uses_flash(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return kv_cache.shape[2] % FLASH_PAGE_MULTIPLE == 0 and q.dtype in _FLASH_DTYPES
+
     def paged_attention(
         self,
         q: torch.Tensor,
@@ -44,7 +53,7 @@ class FlashAttnBackend(TritonAttentionBackend):
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Causal attention over the paged cache; flash-attn when pages are 256-multiples."""
-        if kv_cache.shape[2] % FLASH_PAGE_MULTIPLE or q.dtype not in _FLASH_DTYPES:
+        if not self._uses_flash(q, kv_cache):
             return super().paged_attention(q, kv_cache, meta, scale, sliding_window)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 

@@ -3,6 +3,8 @@
 - `store_kv`: one kernel writes new k/v rows into their cache slots (slot -1 skipped).
 - `paged_attention`: `meta.is_decode` -> GQA-grouped paged decode with split-KV
   (`triton_decode.py`); otherwise the flash-style paged prefill kernel (`triton_prefill.py`).
+- `rope_decode`: decode with the rotary and the KV store done inside the same kernel (one
+  launch for the three).
 - `varlen_attention`: the same flash-style kernel over flat segments (encoders).
 
 Host-side reads (what a CUDA graph freezes): the decode path reads only tensor *shapes*
@@ -33,6 +35,7 @@ MAX_DECODE_SPLITS = 16
 # machine): the o_proj GEMV that prefetches its weights under the attention (PDL) had less room.
 DECODE_BLOCK_N = 64
 DECODE_WARPS = 4
+DECODE_STAGES = 3
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,7 +99,29 @@ class TritonAttentionBackend:
             sliding_window,
         )
 
-    def _decode(self, q, kv_cache, meta, scale, sliding_window) -> torch.Tensor:
+    def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether `rope_decode` runs as one kernel here (the Triton decode on CUDA)."""
+        return q.is_cuda
+
+    def rope_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Decode attention of unrotated `q, k, v` (one token per sequence): rotates q and k
+        with `rope` = (cos, sin) `[num_seqs, rotary_dim / 2]` (neox style), stores k and v at
+        `meta.slot_mapping` and attends, all in one kernel. Equals `triton_ops.rotary_embedding`
+        + `store_kv` + `paged_attention`."""
+        new = triton_decode.NewTokens(k, v, *rope, meta.slot_mapping)
+        return self._decode(q, kv_cache, meta, scale, sliding_window, new)
+
+    def _decode(self, q, kv_cache, meta, scale, sliding_window, new=None) -> torch.Tensor:
         """One token per sequence; reads shapes only (CUDA-graph safe)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
@@ -119,7 +144,9 @@ class TritonAttentionBackend:
             num_splits,
             block_n,
             num_warps=DECODE_WARPS,
+            num_stages=DECODE_STAGES,
             min_split_keys=min_keys,
+            new=new,
         )
 
     def varlen_attention(

@@ -8,9 +8,17 @@ log-sum-exp; the last split of a (sequence, kv head) to finish (an atomic arriva
 `llm_core/counters.py`) merges the slices, so decode is one launch. The slice length is derived
 in-kernel from the sequence's real length, so the launch grid and buffers depend only on
 shapes: CUDA-graph safe.
+
+Given the step's unrotated q/k/v and their cos/sin (`NewTokens`), the kernel also does the
+rotary and the KV store that otherwise run as two kernels before it: each program rotates its
+query heads and its kv head's new key as it loads them (fp32 math, one rounding, as
+`triton_ops.rotary_embedding` does), attends to the new key and value from registers, and the
+first split writes them to the cache.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,6 +28,21 @@ from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
 
 _LOG2E = 1.4426950408889634
+
+
+class NewTokens(NamedTuple):
+    """A decode step's new token per sequence, before rotary and before the KV store.
+
+    k, v: `[num_seqs, kv_heads, head_dim]` (views of a packed qkv row are fine: unit last
+    stride); cos, sin: fp32 `[num_seqs, rotary_dim / 2]` (neox style, the first `rotary_dim`
+    features rotate); slot_mapping: each new key's cache slot (-1: padding, not stored).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
@@ -35,6 +58,11 @@ def _decode_kernel(
     part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim] (NUM_SPLITS > 1)
     part_lse_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS], log2 domain
     counter_ptr,  # int32 per (seq, kv head), zero between launches (NUM_SPLITS > 1)
+    new_k_ptr,  # [num_seqs, kv_heads, head_dim] the step's keys, unrotated (ROPE_HALF > 0)
+    new_v_ptr,  # [num_seqs, kv_heads, head_dim] the step's values (ROPE_HALF > 0)
+    cos_ptr,  # fp32 [num_seqs, ROPE_HALF] (ROPE_HALF > 0)
+    sin_ptr,
+    slot_ptr,  # int [num_seqs] the new key's cache slot, -1: padding (ROPE_HALF > 0)
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (ignored unless USE_WINDOW)
     stride_qs,
@@ -45,6 +73,11 @@ def _decode_kernel(
     stride_cb,
     stride_co,
     stride_ch,
+    stride_ks,  # new_k's sequence and head strides (ROPE_HALF > 0)
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_rope,  # cos/sin row stride
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -55,12 +88,14 @@ def _decode_kernel(
     MIN_SPLIT_KEYS: tl.constexpr,  # keys per split at least, when the context is short
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
+    ROPE_HALF: tl.constexpr,  # 0: q is rotated and the new key stored; else rotary_dim // 2
     USE_PDL: tl.constexpr,
 ):
-    # Before the PDL wait: everything but the newest key. The previous kernel (the KV store)
-    # writes only that key; it passed its own wait before this kernel could launch, so
-    # whatever the kernels before it wrote (q by the rotary, older keys, the host's tables) is
-    # complete. q is read past L1 (.cg).
+    # Before the PDL wait: everything but the newest key (and, with ROPE_HALF, the step's
+    # q/k/v). The previous kernel (the KV store, or the qkv projection) writes only those; it
+    # passed its own wait before this kernel could launch, so whatever the kernels before it
+    # wrote (q by the rotary, older keys, cos/sin, the host's tables) is complete. q is read
+    # past L1 (.cg).
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -83,9 +118,16 @@ def _decode_kernel(
     dim_mask = dims < HEAD_DIM
     q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
     q_mask = row_mask[:, None] & dim_mask[None, :]
-    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")
-    if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
-        q = q.to(tl.float32)
+    if ROPE_HALF == 0:
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")
+    else:  # the rotary's cos/sin per feature (1, 0 past rotary_dim) and the pair partners
+        lower = dims < ROPE_HALF
+        rotated = dims < 2 * ROPE_HALF
+        freq = tl.where(lower, dims, dims - ROPE_HALF)
+        cos = tl.load(cos_ptr + seq * stride_rope + freq, mask=rotated, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + seq * stride_rope + freq, mask=rotated, other=0.0).to(tl.float32)
+        partner = tl.where(lower, dims + ROPE_HALF, tl.where(rotated, dims - ROPE_HALF, dims))
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     pos = start + tl.arange(0, BLOCK_N)  # the first tile's absolute key positions
     valid = pos < end
@@ -96,11 +138,28 @@ def _decode_kernel(
     pdl.wait(USE_PDL)
     if split >= active:
         return
-    newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]  # stored by the previous kernel
-    k_new = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
-    v_new = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
-    k = tl.where(newest, k_new, k)
-    v = tl.where(newest, v_new, v)
+    newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]
+    if ROPE_HALF == 0:  # the new key and value, stored by the previous kernel
+        k_new = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
+        v_new = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=newest, other=0.0)
+        k = tl.where(newest, k_new, k)
+        v = tl.where(newest, v_new, v)
+    else:  # rotate q and the new key as they load; the first split stores the new key/value
+        q_row = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
+        q = _rotate(q_row, dims[None, :], partner[None, :], q_mask, cos[None, :],
+                    sin[None, :], lower[None, :])  # fmt: skip
+        k_new = _rotate(new_k_ptr + seq * stride_ks + kv_head * stride_kh, dims, partner,
+                        dim_mask, cos, sin, lower)  # fmt: skip
+        v_new = tl.load(new_v_ptr + seq * stride_vs + kv_head * stride_vh + dims, mask=dim_mask)
+        if (split == 0) & (slot >= 0):
+            dst = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_co
+            dst += kv_head * stride_ch + dims
+            tl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty), mask=dim_mask)
+            tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=dim_mask)
+        k = tl.where(newest, k_new[None, :].to(k.dtype), k)
+        v = tl.where(newest, v_new[None, :].to(v.dtype), v)
+    if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -138,6 +197,18 @@ def _decode_kernel(
                           row_mask, out_mask, stride_os, stride_oh, active, HEAD_DIM,
                           BLOCK_G, BLOCK_D)  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _rotate(row_ptr, dims, partner, mask, cos, sin, lower):
+    """Neox rotary of the features at `dims` of the rows at `row_ptr` (loaded here): x*cos -
+    partner*sin in the lower half, x*cos + partner*sin in the upper (cos 1, sin 0 past the
+    rotated features), in fp32 rounded once to the input dtype: the same fma and product as
+    `triton_ops.rotary_embedding`, so the same bits."""
+    x = tl.load(row_ptr + dims, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    ps = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32) * sin
+    return tl.where(lower, tl.fma(xf, cos, -ps), tl.fma(xf, cos, ps)).to(x.dtype)
 
 
 @triton.jit
@@ -200,6 +271,7 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int = 3,
     min_split_keys: int = 1,
+    new: NewTokens | None = None,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
 
@@ -209,6 +281,11 @@ def paged_decode(
     kernel reads q and all but each sequence's newest key before waiting on the kernel launched
     just before it, so that one may write only the newest keys (the KV store, as the attention
     layer runs them); whatever wrote q must come earlier.
+
+    `new` given: q is unrotated, and the kernel rotates q and `new.k`, stores `new.k`/`new.v`
+    at `new.slot_mapping` and attends to them: the same as `rotary_embedding`, `store_kv` and
+    this call without `new`. Then q/k/v are read after the PDL wait (the kernel just before may
+    write them: the qkv projection) and cos/sin/slots before it.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -228,6 +305,19 @@ def paged_decode(
     else:  # unused by the kernel; any fp32 tensor will do
         part_out = part_lse = counters = out.new_empty((1,), dtype=torch.float32)
     block_d = triton.next_power_of_2(head_dim)
+    half = 0
+    if new is not None:
+        half = new.cos.shape[-1]
+        if not (0 < 2 * half <= head_dim and new.cos.shape == new.sin.shape):
+            raise ValueError(
+                f"paged_decode: cos/sin {tuple(new.cos.shape)} for head_dim {head_dim}"
+            )
+        if new.k.stride(-1) != 1 or new.v.stride(-1) != 1 or new.cos.stride(-1) != 1:
+            raise ValueError("paged_decode: new k/v and cos/sin need a unit last stride")
+        if new.sin.stride() != new.cos.stride():
+            raise ValueError("paged_decode: cos and sin need the same strides")
+    else:  # unread by the kernel
+        new = NewTokens(q, q, out, out, seq_lens)
     flag = pdl.use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
@@ -239,6 +329,11 @@ def paged_decode(
         part_out,
         part_lse,
         counters,
+        new.k,
+        new.v,
+        new.cos,
+        new.sin,
+        new.slot_mapping,
         scale * _LOG2E,
         sliding_window or 0,
         q.stride(0),
@@ -249,6 +344,11 @@ def paged_decode(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        new.k.stride(0),
+        new.k.stride(1),
+        new.v.stride(0),
+        new.v.stride(1),
+        new.cos.stride(0),
         GROUP=group,
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
@@ -259,6 +359,7 @@ def paged_decode(
         MIN_SPLIT_KEYS=min_split_keys,
         USE_WINDOW=sliding_window is not None,
         DOT_F32=not q.is_cuda,
+        ROPE_HALF=half,
         USE_PDL=flag,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -135,8 +135,11 @@ def _rotate_heads(
     x1 = tl.load(ptr1, mask=mask, other=0.0)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(ptr1, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=mask)
-    tl.store(ptr1 + HALF, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=mask)
+    # Explicit fma: the rounding is fixed, so decode attention's in-kernel rotary (triton_decode
+    # `_rotate`, the same two ops) gives the same bits whatever the compiler would contract.
+    c, s = cos[None, :], sin[None, :]
+    tl.store(ptr1, tl.fma(a, c, -(b * s)).to(x1.dtype), mask=mask)
+    tl.store(ptr1 + HALF, tl.fma(b, c, a * s).to(x1.dtype), mask=mask)
 
 
 @triton.jit

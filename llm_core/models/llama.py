@@ -60,11 +60,24 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary.apply(rope, q, k)
-        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
-        out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
+        if self.fuse_rope(meta, q, kv_cache):  # rotary + KV store + attention in one kernel
+            out = self.backend.rope_decode(
+                q, k, v, rope, kv_cache, meta, self.scale, self.sliding_window
+            )
+        else:
+            q, k = self.rotary.apply(rope, q, k)
+            self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
+            out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
         # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.forward)
         return self.o_proj(out.reshape(num_tokens, self.q_size), residual)
+
+    def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Decode with a backend that rotates and stores inside its kernel, where the rotary
+        would run as the CUDA kernel anyway (same numerics: fp32 math, one rounding)."""
+        fuses = getattr(self.backend, "fuses_rope_decode", None)
+        return (
+            meta.is_decode and fused_ops() is not None and fuses is not None and fuses(q, kv_cache)
+        )
 
 
 class MLP(nn.Module):

@@ -151,6 +151,39 @@ def test_store_then_decode_matches_reference():
     assert_close(out, REF.paged_attention(q, ref_cache, meta, 0.25), torch.float32)
 
 
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("rotary_dim", [32, 16])  # full and partial rotary
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_decode_equals_rotary_store_then_decode(splits, rotary_dim, dtype):
+    """Decode with the rotary and the KV store inside the kernel, from views of a packed qkv
+    row, equals the three kernels it replaces: the same cache bits and the same output; twice
+    (split merges need the arrival counters back at zero). A padding row (slot -1) stores
+    nothing."""
+    heads, kv_heads, head_dim = 6, 2, 32
+    _, cache, meta = make_batch([1] * 4, [1, 17, 40, 70], heads, kv_heads, head_dim, dtype=dtype)
+    lens = meta.seq_lens.long() - 1
+    meta.slot_mapping = meta.block_tables[torch.arange(4), lens // 16].long() * 16 + lens % 16
+    meta.slot_mapping[0] = -1
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k = q.view(4, heads, head_dim), k.view(4, kv_heads, head_dim)
+    v = v.view(4, kv_heads, head_dim)
+    angles = torch.randn(4, rotary_dim)
+    cos, sin = angles.cos().chunk(2, -1)[0], angles.sin().chunk(2, -1)[0]  # strided views
+    backend = triton_backend.TritonAttentionBackend(splits)
+
+    ref_cache = cache.clone()
+    ref_q, ref_k = triton_ops.rotary_embedding(q.clone(), k.clone(), cos, sin)
+    backend.store_kv(ref_k, v, ref_cache, meta.slot_mapping)
+    want = backend.paged_attention(ref_q, ref_cache, meta, 0.3)
+    before = qkv.clone()
+    for _ in range(2):
+        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, 0.3)
+        assert torch.equal(cache, ref_cache)
+        assert torch.equal(out[1:], want[1:])  # row 0 (padding) attends to a stale slot
+        assert torch.equal(qkv, before)  # the inputs are not rotated in place
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(80, 2, 2), (32, 4, 2)])
 def test_varlen_attention(causal, head_dim, heads, kv_heads):

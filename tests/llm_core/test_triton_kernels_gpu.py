@@ -91,6 +91,34 @@ def test_decode_single_long_sequence_splits():
     check(out, reference(q, cache, meta, HEAD_DIM**-0.5))
 
 
+@pytest.mark.parametrize("seq_lens", [[40], [1, 15, 16, 17, 300, 8000], list(range(1, 1000, 4))])
+def test_rope_decode_equals_rotary_store_then_decode(seq_lens):
+    """Rotary + KV store inside decode attention (views of a packed qkv, M-RoPE-sized cos/sin)
+    gives the same cache bits and the same output as the three kernels it replaces: batch 1,
+    splits, and a captioning-sized batch; twice (arrival counters back at zero)."""
+    from polymodal.llm_core.layers import triton_ops
+
+    n = len(seq_lens)
+    _, cache, meta = make_batch([1] * n, seq_lens, seed=n)
+    lens = meta.seq_lens.long() - 1
+    meta.slot_mapping = meta.block_tables[torch.arange(n).cuda(), lens // PAGE].long() * PAGE
+    meta.slot_mapping += lens % PAGE
+    sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+    qkv = torch.randn(n, sum(sizes), device="cuda").bfloat16()
+    q, k, v = (t.view(n, -1, HEAD_DIM) for t in qkv.split(sizes, -1))
+    angles = torch.rand(n, HEAD_DIM // 2, device="cuda") * 1000
+    cos, sin = angles.cos(), angles.sin()
+    backend = _backend()
+    ref_cache = cache.clone()
+    ref_q, ref_k = triton_ops.rotary_embedding(q.clone(), k.clone(), cos, sin)
+    backend.store_kv(ref_k, v, ref_cache, meta.slot_mapping)
+    want = backend.paged_attention(ref_q, ref_cache, meta, HEAD_DIM**-0.5)
+    for _ in range(2):
+        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, HEAD_DIM**-0.5)
+        assert torch.equal(cache, ref_cache)
+        assert torch.equal(out, want)
+
+
 def test_store_kv_realistic():
     cache = torch.zeros(2, 64, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(700, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)

@@ -1,0 +1,63 @@
+"""Host -> device copies through the pinned ring (`llm_core/host_copy.py`)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from polymodal.llm_core.host_copy import PinnedRing, copy_to, upload
+
+
+def test_cpu_targets_are_plain_moves():
+    x = torch.arange(12).view(3, 4).t()  # a permuted view
+    assert torch.equal(copy_to(x, torch.device("cpu")), x)
+    a, b = upload([[1, 2, 3], [4]], torch.int32, torch.device("cpu"))
+    assert a.tolist() == [1, 2, 3] and b.tolist() == [4]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_ring_reuses_its_bytes_only_after_the_copies_ran():
+    """A 4 KiB ring lent far past its size while the stream is held up by a long kernel: every
+    copy still lands intact (a byte reused before its copy ran would corrupt an earlier one),
+    from two threads at once, with odd sizes and dtypes."""
+    ring = PinnedRing(torch.device("cuda"), 4096)
+    torch.cuda._sleep(50_000_000)  # the copies queue behind this
+    results: dict = {}
+
+    def lend(worker: int) -> None:
+        for i in range(40):
+            src = torch.randint(0, 1000, (i % 3 + 1, 37 + i), dtype=torch.int64)  # <= 1824 B
+            src = src.to(torch.float16 if i % 2 else torch.int64)
+            results[worker, i] = (src, ring.copy(src))
+
+    threads = [threading.Thread(target=lend, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert len(results) == 80
+    for src, out in results.values():
+        assert out.is_cuda and out.dtype == src.dtype
+        assert torch.equal(out.cpu(), src)
+
+
+@pytest.mark.gpu
+@cuda
+def test_copy_to_cuda_keeps_the_view_order():
+    hwc = torch.randint(0, 255, (5, 7, 3), dtype=torch.uint8)
+    chw = hwc.permute(2, 0, 1)
+    out = copy_to(chw, torch.device("cuda"))
+    big = torch.randn(5 << 20)  # over a quarter of the ring: its own pinned copy
+    assert torch.equal(out.cpu(), chw) and out.shape == chw.shape
+    assert torch.equal(copy_to(big, torch.device("cuda")).cpu(), big)
+    with pytest.raises(ValueError, match="ring"):
+        PinnedRing(torch.device("cuda"), 1024).copy(torch.zeros(2048, dtype=torch.uint8))
+    ids, pos = upload([[3, 1], [7, 8, 9]], torch.int64, torch.device("cuda"))
+    assert ids.tolist() == [3, 1] and pos.tolist() == [7, 8, 9]
