@@ -85,14 +85,22 @@ def _to_cuda(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Each of `parts` (flat lists of numbers) as a 1-D `dtype` tensor on `device`, through a
-    single copy. Views of one buffer: do not resize them."""
-    sizes = [len(p) for p in parts]
-    flat = torch.tensor(list(chain.from_iterable(parts)), dtype=dtype)
+    single copy. Views of one buffer: do not resize them.
+
+    Each view starts on a 16-byte boundary (parts padded with zeros): Triton specializes a
+    kernel on its pointers' 16-byte alignment, so an offset that moved with the batch's counts
+    (the block tables after `num_seqs + 1` query starts) compiled a new kernel variant mid-run.
+    """
+    align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    padded = [-(-len(p) // align) * align for p in parts]
+    pads = ([0] * (size - len(p)) for p, size in zip(parts, padded))
+    values = chain.from_iterable(chain(p, pad) for p, pad in zip(parts, pads))
+    flat = torch.tensor(list(values), dtype=dtype)
     if torch.device(device).type == "cuda":
         flat = _to_cuda(flat, device)
     else:
         flat = flat.to(device)
-    return list(flat.split(sizes))
+    return [view[: len(p)] for view, p in zip(flat.split(padded), parts)]
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

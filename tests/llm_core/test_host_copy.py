@@ -17,6 +17,16 @@ def test_cpu_targets_are_plain_moves():
     assert a.tolist() == [1, 2, 3] and b.tolist() == [4]
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32])
+def test_upload_starts_every_part_on_16_bytes(dtype):
+    """Kernels are specialized on their pointers' alignment: a part's offset must not move with
+    the lengths of the parts before it."""
+    parts = [[0, 1, 2], [3], [], [4, 5, 6, 7, 8], [9, 10]]
+    views = upload(parts, dtype, torch.device("cpu"))
+    assert [v.tolist() for v in views] == [[float(x) for x in p] for p in parts]
+    assert all(v.dtype == dtype and v.data_ptr() % 16 == 0 for v in views)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -59,5 +69,6 @@ def test_copy_to_cuda_keeps_the_view_order():
     assert torch.equal(copy_to(big, torch.device("cuda")).cpu(), big)
     with pytest.raises(ValueError, match="ring"):
         PinnedRing(torch.device("cuda"), 1024).copy(torch.zeros(2048, dtype=torch.uint8))
-    ids, pos = upload([[3, 1], [7, 8, 9]], torch.int64, torch.device("cuda"))
-    assert ids.tolist() == [3, 1] and pos.tolist() == [7, 8, 9]
+    starts, lens, tables = upload([[0, 3, 5], [3, 2], [7, 8, 9]], torch.int32, torch.device("cuda"))
+    assert [starts.tolist(), lens.tolist(), tables.tolist()] == [[0, 3, 5], [3, 2], [7, 8, 9]]
+    assert all(t.is_cuda and t.data_ptr() % 16 == 0 for t in (starts, lens, tables))
