@@ -151,10 +151,10 @@ def test_store_then_decode_matches_reference():
     assert_close(out, REF.paged_attention(q, ref_cache, meta, 0.25), torch.float32)
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("splits,window", [(None, None), (1, None), (3, None), (3, 20)])
 @pytest.mark.parametrize("rotary_dim", [32, 16])  # full and partial rotary
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_decode_equals_rotary_store_then_decode(splits, rotary_dim, dtype):
+def test_rope_decode_equals_rotary_store_then_decode(splits, window, rotary_dim, dtype):
     """Decode with the rotary and the KV store inside the kernel, from views of a packed qkv
     row, equals the three kernels it replaces: the same cache bits and the same output; twice
     (split merges need the arrival counters back at zero). A padding row (slot -1) stores
@@ -175,10 +175,10 @@ def test_rope_decode_equals_rotary_store_then_decode(splits, rotary_dim, dtype):
     ref_cache = cache.clone()
     ref_q, ref_k = triton_ops.rotary_embedding(q.clone(), k.clone(), cos, sin)
     backend.store_kv(ref_k, v, ref_cache, meta.slot_mapping)
-    want = backend.paged_attention(ref_q, ref_cache, meta, 0.3)
+    want = backend.paged_attention(ref_q, ref_cache, meta, 0.3, window)
     before = qkv.clone()
     for _ in range(2):
-        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, 0.3)
+        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, 0.3, window)
         assert torch.equal(cache, ref_cache)
         assert torch.equal(out[1:], want[1:])  # row 0 (padding) attends to a stale slot
         assert torch.equal(qkv, before)  # the inputs are not rotated in place
@@ -295,3 +295,61 @@ def test_mrope_cos_sin_matches_the_torch_gather():
     cos, sin = triton_ops.mrope_cos_sin(rotary.cos_sin_cache, positions, rotary.mrope_section)
     ref_cos, ref_sin = rotary.cos_sin(positions)  # CPU tensors: the torch path
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("qwen2", {}),
+        ("qwen3", {}),
+        (
+            "phi3",
+            {
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e4,
+                    "partial_rotary_factor": 0.5,
+                }
+            },
+        ),
+        ("mistral", {}),
+    ],
+)  # qkv bias, q/k norm, partial rotary, sliding window (8, passed by 7 + 5 tokens)
+def test_decoder_decode_with_rope_in_attention_matches_separate_kernels(
+    arch, overrides, tmp_path_factory
+):
+    """The Triton backend's decode with rotary and KV store inside the attention kernel (as
+    CUDA runs it; forced on here) gives the greedy tokens and logits of the separate path."""
+    from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend
+    from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.sampling_params import SamplingParams
+    from tests.helpers import record_logits, tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, arch, **overrides)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    runs = []
+    for fused in (False, True):
+        engine = Engine(str(path), dtype="float32", device="cpu", num_kv_blocks=16,
+                        attention_backend="triton", skip_tokenizer_init=True)  # fmt: skip
+        calls = []
+        backend = engine.runner.model.model.layers[0].self_attn.backend
+        assert isinstance(backend, TritonAttentionBackend)
+        rope_decode = backend.rope_decode
+
+        def traced(*args, calls=calls, rope_decode=rope_decode, **kwargs):
+            calls.append(1)
+            return rope_decode(*args, **kwargs)
+
+        backend.fuses_rope_decode = lambda q, kv_cache, fused=fused: fused
+        backend.rope_decode = traced
+        seen = record_logits(engine)
+        rid = engine.add_request([5, 17, 42, 99, 3, 8, 21], params)
+        runs.append((engine.run_until_done()[rid].outputs[0].token_ids, seen, calls))
+    if overrides:
+        assert engine.model_config.rotary_dim < engine.model_config.head_dim
+    (tokens, seen, calls), (fused_tokens, fused_seen, fused_calls) = runs
+    layers = len(engine.runner.model.model.layers)
+    assert not calls and len(fused_calls) == 4 * layers  # every decode step, every layer
+    assert fused_tokens == tokens and len(fused_seen) == len(seen) == 5
+    for got, ref in zip(fused_seen, seen):
+        assert_close(got, ref, torch.float32)
