@@ -77,7 +77,9 @@ def _to_cuda(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with _RINGS_LOCK:
-        ring = _RINGS.get(device) or _RINGS.setdefault(device, PinnedRing(device))
+        ring = _RINGS.get(device)
+        if ring is None:
+            ring = _RINGS[device] = PinnedRing(device)
     if tensor.numel() * tensor.element_size() > ring.buffer.numel() // 4:
         return tensor.pin_memory().to(device, non_blocking=True)
     return ring.copy(tensor)
@@ -91,7 +93,7 @@ def upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch.
     kernel on its pointers' 16-byte alignment, so an offset that moved with the batch's counts
     (the block tables after `num_seqs + 1` query starts) compiled a new kernel variant mid-run.
     """
-    align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    align = max(1, 16 // dtype.itemsize)
     padded = [-(-len(p) // align) * align for p in parts]
     pads = ([0] * (size - len(p)) for p, size in zip(parts, padded))
     values = chain.from_iterable(chain(p, pad) for p, pad in zip(parts, pads))
