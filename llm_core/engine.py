@@ -38,8 +38,8 @@ class Engine:
     """Continuous-batching engine over one model. Not thread-safe: drive it from one thread."""
 
     def __init__(self, model: str, config: EngineConfig | None = None, **kwargs):
-        self.config = config or EngineConfig(**kwargs)
-        parts = build_engine_parts(model, self.config)
+        parts = build_engine_parts(model, config or EngineConfig(**kwargs))
+        self.config = parts.config
         self.model_config = parts.model_config
         self.tokenizer = parts.tokenizer
         self.scheduler = parts.scheduler

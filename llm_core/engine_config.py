@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,16 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # default: from memory (GPU) or a fixed budget (CPU)
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
-    max_num_batched_tokens: int = 4096  # per-step token budget (chunked prefill)
-    max_num_seqs: int = 256
+    # Per-step token budget (chunked prefill) and running sequences; None = by device
+    # (`resolve_batch_limits`: the bench's sizes on a large GPU, where the batch is what
+    # makes captioning and a loaded server fast).
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     dummy_weights: bool = False  # random weights from config.json alone (benchmarks)
     cuda_graphs: bool = True  # capture decoder CUDA graphs (CUDA + Triton backend only)
-    max_graph_batch: int = 256  # decode steps of up to this many sequences replay a graph
+    max_graph_batch: int = 512  # decode steps of up to this many sequences replay a graph
     # Prefill / mixed steps of up to this many tokens (<= 8 sequences) replay a graph: a short
     # prompt's prefill is otherwise bound by kernel launches. 0 = always eager.
     max_prefill_graph_tokens: int = 512
@@ -49,8 +52,30 @@ class EngineConfig:
     seed: int = 0
 
 
+# (min GPU memory in GiB, max_num_seqs, max_num_batched_tokens), first match wins. An H100 or
+# H200 takes the bench's sizes (512 sequences, 16k tokens a step: docs/performance.md).
+GPU_BATCH_LIMITS = ((70, 512, 16384), (30, 256, 8192), (0, 128, 4096))
+CPU_BATCH_LIMITS = (256, 4096)
+
+
+def resolve_batch_limits(cfg: EngineConfig, device: torch.device) -> EngineConfig:
+    """`cfg` with `max_num_seqs` / `max_num_batched_tokens` set where they were None."""
+    if cfg.max_num_seqs is not None and cfg.max_num_batched_tokens is not None:
+        return cfg
+    seqs, tokens = CPU_BATCH_LIMITS
+    if device.type == "cuda":
+        gib = torch.cuda.get_device_properties(device).total_memory / (1 << 30)
+        seqs, tokens = next((s, t) for floor, s, t in GPU_BATCH_LIMITS if gib >= floor)
+    return replace(
+        cfg,
+        max_num_seqs=cfg.max_num_seqs or seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens or tokens,
+    )
+
+
 @dataclass
 class EngineParts:
+    config: EngineConfig  # as given, with the device-dependent defaults resolved
     model_config: ModelConfig
     tokenizer: Any
     scheduler: Scheduler
@@ -82,6 +107,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     path = resolve_model_path(model)
     model_config = load_config(path, cfg.dtype)
     device = _device(cfg.device)
+    cfg = resolve_batch_limits(cfg, device)
     if device.type == "cpu" and model_config.dtype in (torch.float16,):
         model_config.dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
     max_len = cfg.max_model_len or min(model_config.max_position_embeddings, 32768)
@@ -115,7 +141,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
         if hasattr(net, "enable_cuda_graphs"):
             net.enable_cuda_graphs()
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
-    return EngineParts(model_config, tokenizer, scheduler, runner, max_len, device, path)
+    return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 
 def _num_blocks(mc: ModelConfig, cfg: EngineConfig, device: torch.device, max_len: int) -> int:

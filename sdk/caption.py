@@ -10,6 +10,8 @@ once, collected as they finish.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import re
 import sys
 import time
 from collections import deque
@@ -17,9 +19,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from polymodal.caption_io import RecordWriter, discover_inputs, media_kind, read_records
+from polymodal.caption_io import (
+    RecordWriter,
+    compact_parquet,
+    discover_inputs,
+    media_kind,
+    read_records,
+)
+from polymodal.llm_core.errors import InvalidInputError
 
 DEFAULT_PROMPT = "Describe this {kind} in detail."
+_PLACEHOLDER = re.compile(r"\{(kind|name|path)\}")
 # Threads loading media ahead of the engine. A few keep ahead of it; more hold the GIL that the
 # engine loop needs to launch its steps (H200, 512 448x448 images, the bench's captioning: 78.5
 # images/s with 2 threads, 74.2 with 4, 61-69 with 8).
@@ -31,10 +41,17 @@ PROCESS_WORKERS = 2
 PREFETCH = 64
 
 
+def fill_template(template: str, kind: str, path: str) -> str:
+    """The prompt text: `{kind}`, `{name}` and `{path}` filled in; every other brace is kept as
+    written (a JSON example in the prompt stays as is)."""
+    values = {"kind": kind, "name": Path(path).name if path else "", "path": path}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
 def build_prompt(path: str, template: str, media_options: dict[str, Any]) -> dict[str, Any]:
     """The chat prompt for one file; the template may use {kind}, {name} and {path}."""
     kind = media_kind(path)
-    text = template.format(kind=kind, name=Path(path).name, path=path)
+    text = fill_template(template, kind, path)
     content = [{"type": kind, kind: path}, {"type": "text", "text": text}]
     options = {k: v for k, v in media_options.items() if v is not None}
     return {"messages": [{"role": "user", "content": content}], **options}
@@ -56,7 +73,8 @@ def caption_files(
 
     `batch_size` requests run at once (default: the engine's `max_num_seqs`, so its batch is
     full); up to `PREFETCH` more are processed ahead on `workers` threads. Returns counts:
-    `done` (captioned now), `errors` (recorded with an error now), `skipped`.
+    `done` (captioned now), `errors` (recorded with an error now), `skipped`, and `seconds`
+    from the first item's processing to the last item's record.
     """
     from tqdm import tqdm
 
@@ -65,7 +83,8 @@ def caption_files(
     params = params or SamplingParams(temperature=0.0, max_tokens=128)
     finished = {r["key"] for r in read_records(out)}
     todo = [p for p in paths if p not in finished]
-    counts = {"done": 0, "errors": 0, "skipped": len(paths) - len(todo)}
+    counts = {"done": 0, "errors": 0, "skipped": len(paths) - len(todo), "seconds": 0.0}
+    start = time.monotonic()
     writer = RecordWriter(out)
     bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr, smoothing=0.1)
     engine = llm.engine
@@ -78,6 +97,7 @@ def caption_files(
     def record(key: str, **fields: Any) -> None:
         writer.write({"key": key, "kind": media_kind(key), **fields})
         counts["errors" if fields.get("error") else "done"] += 1
+        counts["seconds"] = time.monotonic() - start
         bar.update(1)
 
     def refill() -> None:
@@ -106,7 +126,7 @@ def caption_files(
                 except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                     record(key, error=f"{type(exc).__name__}: {exc}")
                 refill()
-            for out in engine.step():
+            for out in engine.step(finished_only=True):  # no per-token outputs to build
                 if out.finished:
                     first = out.outputs[0]
                     record(
@@ -125,9 +145,27 @@ def caption_files(
     return counts
 
 
+def plan_job(inputs: list[str], out: str) -> tuple[list[str], list[str]]:
+    """(all inputs, those not yet in `out`), found without the model. Raises InvalidInputError
+    for what would stop the job: a bad output name, Parquet without pyarrow, no inputs."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".jsonl", ".parquet"):
+        raise InvalidInputError(f"--out must end in .jsonl or .parquet, got {out!r}")
+    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise InvalidInputError(
+            f"{out}: Parquet output needs pyarrow (the 'batch' extra): "
+            "pip install 'polymodal[batch]', or write .jsonl"
+        )
+    paths = discover_inputs(inputs)
+    if not paths:
+        raise InvalidInputError(f"no image or video files matched {' '.join(map(repr, inputs))}")
+    finished = {r["key"] for r in read_records(out)}
+    return paths, [p for p in paths if p not in finished]
+
+
 def caption_command(parser: argparse.ArgumentParser):
     """Add the `caption` arguments; returns `run(args) -> int`."""
-    from polymodal.server.cli import add_engine_arguments, engine_kwargs
+    from polymodal.engine_args import add_engine_arguments, engine_kwargs
 
     parser.description = "Caption images and videos into a resumable JSONL or Parquet file."
     parser.add_argument("inputs", nargs="+", help="folders, glob patterns, list files or files")
@@ -151,13 +189,21 @@ def caption_command(parser: argparse.ArgumentParser):
     add_engine_arguments(parser)
 
     def run(args) -> int:
+        # Everything that can fail without the model is checked before it loads.
+        paths, todo = plan_job(args.inputs, args.out)
+        if not todo:
+            if Path(args.out).suffix.lower() == ".parquet":
+                compact_parquet(args.out)  # a journal a killed run left behind
+            print(
+                f"0 captioned, 0 errors, {len(paths)} already done -> {args.out} "
+                "(nothing to do: the model was not loaded)",
+                file=sys.stderr,
+            )
+            return 0
+
         from polymodal.llm import LLM
         from polymodal.llm_core.sampling_params import SamplingParams
 
-        if Path(args.out).suffix.lower() not in (".jsonl", ".parquet"):
-            print("polymodal caption: --out must end in .jsonl or .parquet", file=sys.stderr)
-            return 2
-        paths = discover_inputs(args.inputs)
         llm = LLM(args.model, **engine_kwargs(args))
         params = SamplingParams(
             temperature=args.temperature,
@@ -165,7 +211,6 @@ def caption_command(parser: argparse.ArgumentParser):
             seed=args.seed,
             max_tokens=args.max_tokens,
         )
-        start = time.monotonic()
         counts = caption_files(
             llm,
             paths,
@@ -181,9 +226,11 @@ def caption_command(parser: argparse.ArgumentParser):
             },
             progress=not args.no_progress,
         )
+        processed, seconds = counts["done"] + counts["errors"], counts["seconds"]
         print(
             f"{counts['done']} captioned, {counts['errors']} errors, {counts['skipped']} already "
-            f"done -> {args.out} ({time.monotonic() - start:.1f}s)",
+            f"done -> {args.out} ({seconds:.1f}s from the first item to the last, "
+            f"{processed / max(seconds, 1e-9):.2f} items/s)",
             file=sys.stderr,
         )
         return 0

@@ -2,6 +2,10 @@
 
 polymodal demo-model DIR [--arch qwen2_vl]     write a tiny random checkpoint (offline)
 polymodal generate MODEL --text ... [--image PATH ...] [--video PATH]
+polymodal serve MODEL                         OpenAI-compatible server   (extra: serve)
+polymodal demo MODEL                          Gradio app                 (extra: demo)
+polymodal caption INPUTS --model M --out F    resumable batch captioning (.parquet: batch)
+polymodal bench [MODEL] --dummy-weights       engine vs transformers     (CUDA)
 """
 
 from __future__ import annotations
@@ -12,38 +16,50 @@ import importlib.util
 import sys
 
 # subcommand -> "module:function" taking the parser (adds its arguments) and returning a
-# runner `run(args) -> int`; modules import heavy dependencies inside `run`.
+# runner `run(args) -> int`; modules import heavy dependencies inside `run`, so every
+# command's `--help` works whatever extras are installed.
 COMMANDS = {
     "demo-model": "polymodal.cli_basic:demo_model_command",
     "generate": "polymodal.cli_basic:generate_command",
+    "serve": "polymodal.server.cli:serve_command",
+    "demo": "polymodal.demo_app:demo_command",
+    "caption": "polymodal.caption:caption_command",
+    "bench": "polymodal.bench:bench_command",
+}
+
+# subcommand -> (the extra that installs what it needs, the modules it imports)
+EXTRAS = {
+    "serve": ("serve", ("fastapi", "uvicorn", "prometheus_client")),
+    "demo": ("demo", ("gradio",)),
 }
 
 
-def _optional_commands() -> dict[str, str]:
-    """Subcommands of other modules (server, demo app, batch jobs, bench) when present."""
-    extra = {
-        "serve": "polymodal.server.cli:serve_command",
-        "demo": "polymodal.demo_app:demo_command",
-        "caption": "polymodal.caption:caption_command",
-        "bench": "polymodal.bench:bench_command",
-    }
-    return {name: t for name, t in extra.items() if _module_exists(t.split(":")[0])}
+def missing_extra(command: str) -> str | None:
+    """One line naming the `pip install` that `command` needs, or None when it can run."""
+    extra, modules = EXTRAS.get(command, (None, ()))
+    absent = [m for m in modules if not _module_exists(m)]
+    if not absent:
+        return None
+    return (
+        f"polymodal {command}: needs {', '.join(absent)} (the '{extra}' extra): "
+        f"pip install 'polymodal[{extra}]'"
+    )
 
 
 def _module_exists(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):
         return False
 
 
 def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, dict]:
-    """All subcommands are listed; only `command`'s module is imported (its deps may be
-    optional extras: the server's FastAPI, Gradio, Ray)."""
+    """All subcommands are listed; only `command`'s module is imported (it needs no extra
+    until its runner runs)."""
     parser = argparse.ArgumentParser(prog="polymodal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
-    for name, target in {**COMMANDS, **_optional_commands()}.items():
+    for name, target in COMMANDS.items():
         subparser = sub.add_parser(name)
         if name == command:
             module, func = target.split(":")
@@ -58,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser, runners = build_parser(command)
     args = parser.parse_args(argv)
+    missing = missing_extra(args.command)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     try:
         return runners[args.command](args) or 0
     except PolymodalError as exc:

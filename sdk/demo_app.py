@@ -91,7 +91,7 @@ def build_demo(engine: Any, title: str = "polymodal demo"):
 
 def demo_command(parser: argparse.ArgumentParser):
     """Add the `demo` arguments; returns `run(args) -> int`."""
-    from polymodal.server.cli import add_engine_arguments, engine_kwargs
+    from polymodal.engine_args import add_engine_arguments, engine_kwargs
 
     parser.description = "A Gradio app: upload an image or video and chat about it."
     parser.add_argument("model", help="hub id or local checkpoint directory")

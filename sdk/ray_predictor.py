@@ -20,12 +20,11 @@ read gets an `error` and an empty caption; the batch goes on.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from polymodal.caption import DEFAULT_PROMPT
+from polymodal.caption import DEFAULT_PROMPT, fill_template
 from polymodal.caption_io import media_kind
 
 
@@ -70,7 +69,7 @@ class CaptionPredictor:
             kind, source = media_kind(path), path
         else:
             raise ValueError(f"row has neither {self.image_column!r} nor {self.path_column!r}")
-        text = self.prompt.format(kind=kind, name=Path(path).name, path=path)
+        text = fill_template(self.prompt, kind, path)
         content = [{"type": kind, kind: source}, {"type": "text", "text": text}]
         return {"messages": [{"role": "user", "content": content}], **self.media_options}
 

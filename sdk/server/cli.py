@@ -4,28 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by `serve` and `demo`."""
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--num-kv-blocks", type=int)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """EngineConfig keywords from the parsed engine options."""
-    kwargs = dict(
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        num_kv_blocks=args.num_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
-    return {k: v for k, v in kwargs.items() if v is not None}
+from polymodal.engine_args import add_engine_arguments, engine_kwargs
 
 
 def serve_command(parser: argparse.ArgumentParser):

@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from polymodal.bench import bench_command, print_table, run_bench
+from polymodal.bench import bench_command
+from polymodal.bench.engine import print_table, run_bench
 from tests.helpers import tiny_checkpoint
 
 pytestmark = pytest.mark.gpu

@@ -1,6 +1,6 @@
 """The profile's arithmetic over kernel intervals: busy time, marginal cost, idle gaps."""
 
-from polymodal import bench_profile
+from polymodal.bench import profile as bench_profile
 
 # (start, end, name) in microseconds: a and b overlap (PDL), then a 5 us gap, c, a 2 us gap, a
 SPANS = [(0.0, 10.0, "a"), (8.0, 12.0, "b"), (17.0, 20.0, "c"), (22.0, 23.0, "a")]

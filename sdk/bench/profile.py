@@ -89,7 +89,7 @@ def decode_kernels(ours, steps: int = 32, top: int = 12) -> dict:
     """Kernel table of batch-1 decode steps and the GPU-busy share of their wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from polymodal.bench_workloads import TEXT_TOKENS, text_ids
+    from polymodal.bench.workloads import TEXT_TOKENS, text_ids
 
     p = ours.processor.process_tokens(text_ids(TEXT_TOKENS, 7, ours.vocab), [])
     ours._add(p, steps + 8)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.bench_workloads import TEXT_TOKENS, caption_rates, images, text_ids
+from polymodal.bench.workloads import TEXT_TOKENS, caption_rates, images, text_ids
 
 
 class HFSide:

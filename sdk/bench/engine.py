@@ -85,7 +85,7 @@ def measure_bandwidth(gib: float = 4.0) -> float:
 def run_bench(args) -> dict:
     import torch
 
-    from polymodal.bench_workloads import OurSide, decoder_bytes, images
+    from polymodal.bench.workloads import OurSide, decoder_bytes, images
     from polymodal.llm_core import pdl
 
     if not torch.cuda.is_available():
@@ -102,7 +102,7 @@ def run_bench(args) -> dict:
     results["hbm_copy_tb_s"] = bandwidth / 1e12
     hf = None
     if not args.skip_hf:
-        from polymodal.bench_hf import HFSide
+        from polymodal.bench.hf import HFSide
 
         hf = HFSide(model_dir)
         # Each side runs with the GPU to itself: transformers waits on the host while ours is
@@ -136,7 +136,7 @@ def run_bench(args) -> dict:
     results["ours"]["decode_tokens_s"] = 1e3 / results["ours"]["decode_ms_per_token"]
     results["ours"]["decode_fraction_of_floor"] = floor_ms / results["ours"]["decode_ms_per_token"]
     if args.profile:
-        from polymodal.bench_profile import print_profile, profile_all
+        from polymodal.bench.profile import print_profile, profile_all
 
         results["profile"] = profile_all(ours, images(128, seed=99))
         print_profile(results["profile"])

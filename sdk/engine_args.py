@@ -1,0 +1,40 @@
+"""Engine options shared by the commands that build an engine (`serve`, `demo`, `caption`).
+
+Kept apart from every optional extra: a command imports this without FastAPI, Gradio or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the engine options (names as vLLM's where vLLM has the same knob)."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--num-kv-blocks", type=int)
+    parser.add_argument("--max-num-seqs", type=int, help="default: by device (512 on an H100+)")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, help="default: by device (16384 on an H100+)"
+    )
+    parser.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="dummy: random weights from config.json alone (benchmarks, smoke tests)",
+    )
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig keywords from the parsed engine options."""
+    kwargs = dict(
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        dummy_weights=args.load_format == "dummy" or None,
+    )
+    return {k: v for k, v in kwargs.items() if v is not None}
