@@ -10,12 +10,9 @@ once, collected as they finish.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +23,12 @@ from polymodal.caption_io import (
     media_kind,
     read_records,
 )
+from polymodal.cli import module_available
+from polymodal.feeder import PROCESS_WORKERS
 from polymodal.llm_core.errors import InvalidInputError
 
 DEFAULT_PROMPT = "Describe this {kind} in detail."
 _PLACEHOLDER = re.compile(r"\{(kind|name|path)\}")
-# Threads loading media ahead of the engine. A few keep ahead of it; more hold the GIL that the
-# engine loop needs to launch its steps (H200, 512 448x448 images, the bench's captioning: 78.5
-# images/s with 2 threads, 74.2 with 4, 61-69 with 8).
-PROCESS_WORKERS = 2
-# Media processed ahead of the engine, at most (a step's token budget takes ~56 448x448 images).
-# Processing everything at once front-loads the workers' share of the GIL onto the first steps,
-# whose launches then wait for it: 512 images at 76.6-78.3 images/s all at once, 79.5-79.9 with
-# 64 ahead (H200, same process).
-PREFETCH = 64
 
 
 def fill_template(template: str, kind: str, path: str) -> str:
@@ -78,6 +68,7 @@ def caption_files(
     """
     from tqdm import tqdm
 
+    from polymodal.feeder import run_prompts
     from polymodal.llm_core.sampling_params import SamplingParams
 
     params = params or SamplingParams(temperature=0.0, max_tokens=128)
@@ -87,59 +78,26 @@ def caption_files(
     start = time.monotonic()
     writer = RecordWriter(out)
     bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr, smoothing=0.1)
-    engine = llm.engine
-    batch_size = batch_size or engine.scheduler.max_num_seqs
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="polymodal-caption")
-    upcoming = iter(todo)
-    prefetch: deque[tuple[str, Future]] = deque()
-    in_flight: dict[str, str] = {}  # request id -> key
-
-    def record(key: str, **fields: Any) -> None:
-        writer.write({"key": key, "kind": media_kind(key), **fields})
-        counts["errors" if fields.get("error") else "done"] += 1
-        counts["seconds"] = time.monotonic() - start
-        bar.update(1)
-
-    def refill() -> None:
-        while len(prefetch) < min(batch_size, PREFETCH):
-            key = next(upcoming, None)
-            if key is None:
-                return
-            request = build_prompt(key, prompt, media_options or {})
-            prefetch.append((key, pool.submit(llm.process, request)))
-
+    items = ((key, build_prompt(key, prompt, media_options or {}), params) for key in todo)
+    jobs = run_prompts(llm, items, workers=max(1, workers), max_in_flight=batch_size)
     try:
-        refill()
-        while prefetch or engine.has_unfinished():
-            # feed: take processed prompts while there is room; block only if the engine idles
-            while prefetch and len(in_flight) < batch_size:
-                key, future = prefetch[0]
-                if engine.has_unfinished() and not future.done():
-                    break
-                prefetch.popleft()
-                try:
-                    p = future.result()
-                    request_id = engine.add_request(
-                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
-                    )
-                    in_flight[request_id] = key
-                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                    record(key, error=f"{type(exc).__name__}: {exc}")
-                refill()
-            for out in engine.step(finished_only=True):  # no per-token outputs to build
-                if out.finished:
-                    first = out.outputs[0]
-                    record(
-                        in_flight.pop(out.request_id),
-                        caption=first.text,
-                        finish_reason=first.finish_reason,
-                        prompt_tokens=out.usage.prompt_tokens,
-                        completion_tokens=out.usage.completion_tokens,
-                    )
+        for done in jobs:
+            if done.error is not None:
+                record = {"error": f"{type(done.error).__name__}: {done.error}"}
+            else:
+                first = done.output.outputs[0]
+                record = {
+                    "caption": first.text,
+                    "finish_reason": first.finish_reason,
+                    "prompt_tokens": done.output.usage.prompt_tokens,
+                    "completion_tokens": done.output.usage.completion_tokens,
+                }
+            writer.write({"key": done.key, "kind": media_kind(done.key), **record})
+            counts["errors" if done.error is not None else "done"] += 1
+            counts["seconds"] = time.monotonic() - start
+            bar.update(1)
     finally:
-        for request_id in in_flight:
-            engine.abort(request_id)
-        pool.shutdown(wait=False, cancel_futures=True)
+        jobs.close()  # aborts what is still in flight
         bar.close()
         writer.close()
     return counts
@@ -151,7 +109,7 @@ def plan_job(inputs: list[str], out: str) -> tuple[list[str], list[str]]:
     suffix = Path(out).suffix.lower()
     if suffix not in (".jsonl", ".parquet"):
         raise InvalidInputError(f"--out must end in .jsonl or .parquet, got {out!r}")
-    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+    if suffix == ".parquet" and not module_available("pyarrow"):
         raise InvalidInputError(
             f"{out}: Parquet output needs pyarrow (the 'batch' extra): "
             "pip install 'polymodal[batch]', or write .jsonl"
@@ -176,6 +134,9 @@ def caption_command(parser: argparse.ArgumentParser):
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="always write --max-tokens (benchmarks)"
+    )
     parser.add_argument(
         "--batch-size", type=int, help="requests in flight at once (default: max_num_seqs)"
     )
@@ -210,6 +171,7 @@ def caption_command(parser: argparse.ArgumentParser):
             top_p=args.top_p,
             seed=args.seed,
             max_tokens=args.max_tokens,
+            ignore_eos=args.ignore_eos,
         )
         counts = caption_files(
             llm,

@@ -37,7 +37,7 @@ EXTRAS = {
 def missing_extra(command: str) -> str | None:
     """One line naming the `pip install` that `command` needs, or None when it can run."""
     extra, modules = EXTRAS.get(command, (None, ()))
-    absent = [m for m in modules if not _module_exists(m)]
+    absent = [m for m in modules if not module_available(m)]
     if not absent:
         return None
     return (
@@ -46,7 +46,8 @@ def missing_extra(command: str) -> str | None:
     )
 
 
-def _module_exists(module: str) -> bool:
+def module_available(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ModuleNotFoundError, ValueError):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from typing import Any
 
+from polymodal.feeder import PROCESS_WORKERS, run_prompts
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
@@ -94,19 +96,23 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; results in input order.
 
-        Every prompt is checked before any runs: a bad one raises a PolymodalError naming its
-        index, and nothing is queued.
+        Prompts are processed on worker threads while the engine runs the ones already
+        queued (`feeder.run_prompts`). A bad prompt raises a PolymodalError naming its index,
+        and every request of this call still in the engine is aborted first.
         """
         batch = _as_batch(prompts)
         params = _params_list(sampling_params, len(batch))
-        processed = []
-        for i, prompt in enumerate(batch):
-            try:
-                processed.append(self.process(prompt))
-            except PolymodalError as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from exc
-        ids = [self.submit(p, sp) for p, sp in zip(processed, params)]
-        return self.run(ids)
+        results: list[RequestOutput | None] = [None] * len(batch)
+        items = ((i, prompt, sp) for i, (prompt, sp) in enumerate(zip(batch, params)))
+        workers = PROCESS_WORKERS if len(batch) > 1 else 0  # one prompt: no thread hand-off
+        with closing(run_prompts(self, items, workers=workers)) as finished:
+            for done in finished:
+                if isinstance(done.error, PolymodalError):
+                    raise type(done.error)(f"prompt {done.key}: {done.error}") from done.error
+                if done.error is not None:
+                    raise done.error
+                results[done.key] = done.output
+        return results
 
     def run(self, request_ids: list[str]) -> list[RequestOutput]:
         """Step the engine until `request_ids` finish; their final outputs, in order.

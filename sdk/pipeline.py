@@ -9,11 +9,13 @@ for delta in pipe.stream(image="cat.jpg", text="..."): print(delta, end="")
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from polymodal.feeder import run_prompts
 from polymodal.llm import LLM
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import RequestOutput, Timings, Usage
@@ -125,14 +127,21 @@ class Pipeline:
         if fields:
             raise InvalidInputError(f"with a list of requests, put {sorted(fields)} inside each")
         results: list[Result | None] = [None] * len(requests)
-        ids = {}
+        items = []
         for i, fields_i in enumerate(requests):
             try:
-                ids[i] = self.llm.submit(self._request(dict(fields_i)).to_prompt(), params)
+                items.append((i, self._request(dict(fields_i)).to_prompt(), params))
             except PolymodalError as exc:
                 results[i] = Result(text="", finish_reason="error", error=f"request {i}: {exc}")
-        for i, out in zip(ids, self.llm.run(list(ids.values()))):
-            results[i] = Result.from_output(out)
+        with closing(run_prompts(self.llm, items)) as finished:
+            for done in finished:
+                if done.error is None:
+                    results[done.key] = Result.from_output(done.output)
+                elif isinstance(done.error, PolymodalError):
+                    error = f"request {done.key}: {done.error}"
+                    results[done.key] = Result(text="", finish_reason="error", error=error)
+                else:
+                    raise done.error
         return results
 
     def stream(self, **kwargs: Any) -> Iterator[str]:

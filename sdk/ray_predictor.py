@@ -20,12 +20,14 @@ read gets an `error` and an empty caption; the batch goes on.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any
 
 import numpy as np
 
 from polymodal.caption import DEFAULT_PROMPT, fill_template
 from polymodal.caption_io import media_kind
+from polymodal.feeder import run_prompts
 
 
 class CaptionPredictor:
@@ -78,18 +80,21 @@ class CaptionPredictor:
         n = len(next(iter(batch.values()))) if batch else 0
         captions, errors = [""] * n, [None] * n
         reasons, tokens = [None] * n, [0] * n
-        ids = {}
+        items = []
         for i in range(n):
             try:
-                ids[self.llm.submit(self._request(batch, i), self.params)] = i
+                items.append((i, self._request(batch, i), self.params))
             except Exception as exc:  # noqa: BLE001 - recorded in the row
                 errors[i] = f"{type(exc).__name__}: {exc}"
-        for request_id, out in self.llm.engine.run_until_done().items():
-            i = ids.get(request_id)
-            if i is not None:
-                captions[i] = out.outputs[0].text
-                reasons[i] = out.outputs[0].finish_reason
-                tokens[i] = out.usage.completion_tokens
+        with closing(run_prompts(self.llm, items)) as finished:
+            for done in finished:
+                i = done.key
+                if done.error is not None:
+                    errors[i] = f"{type(done.error).__name__}: {done.error}"
+                    continue
+                captions[i] = done.output.outputs[0].text
+                reasons[i] = done.output.outputs[0].finish_reason
+                tokens[i] = done.output.usage.completion_tokens
         return {
             **batch,
             "caption": np.array(captions, dtype=object),

@@ -1,6 +1,6 @@
-"""`polymodal bench`: our engine vs transformers on the same weights, in one run.
+"""`polymodal bench` (the `engine` workload): our engine vs transformers on the same weights.
 
-Workloads (issue 4): (a) batch-1 decode tokens/s against the HBM floor measured in the same
+Workloads: (a) batch-1 decode tokens/s against the HBM floor measured in the same
 run; (b) time to first token for one 448x448 image + 32 text tokens; (c) offline captioning
 of N 448x448 images with 128 forced output tokens; (d) the same through transformers.
 `--dummy-weights` builds the shipped Qwen2.5-VL-7B architecture from config.json alone
@@ -9,58 +9,8 @@ of N 448x448 images with 128 forced output tokens; (d) the same through transfor
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
-
-BUILTIN = {"qwen2.5-vl-7b": Path(__file__).parent / "configs" / "qwen2_5_vl_7b"}
-
-
-def bench_command(parser: argparse.ArgumentParser):
-    parser.description = "Benchmark decode, TTFT and captioning vs transformers (CUDA)."
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default="qwen2.5-vl-7b",
-        help="checkpoint dir or a built-in architecture: " + ", ".join(BUILTIN),
-    )
-    parser.add_argument("--dummy-weights", action="store_true")
-    parser.add_argument("--images", type=int, default=512, help="captioning workload size")
-    parser.add_argument("--hf-images", type=int, default=64, help="transformers subset size")
-    parser.add_argument("--hf-batch", type=int, default=32)
-    parser.add_argument("--output-tokens", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=256)
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="add phase and kernel tables")
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="launch each step before reading the previous one's tokens (the engine default)",
-    )
-    parser.add_argument(
-        "--gemv",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Triton GEMV for one-row decoder linears (the engine default)",
-    )
-    parser.add_argument(
-        "--pdl",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="programmatic dependent launch of the Triton kernels on sm_90+ (the default)",
-    )
-    parser.add_argument("--json", default="bench.json", help="where to write the results")
-
-    def run(args) -> int:
-        results = run_bench(args)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print_table(results)
-        return 0
-
-    return run
 
 
 def measure_bandwidth(gib: float = 4.0) -> float:
@@ -85,12 +35,13 @@ def measure_bandwidth(gib: float = 4.0) -> float:
 def run_bench(args) -> dict:
     import torch
 
+    from polymodal.bench import resolve_bench_model
     from polymodal.bench.workloads import OurSide, decoder_bytes, images
     from polymodal.llm_core import pdl
 
     if not torch.cuda.is_available():
         raise SystemExit("polymodal bench needs a CUDA device")
-    model_dir = BUILTIN.get(args.model, Path(args.model))
+    model_dir = resolve_bench_model(args.model)
     results: dict = {
         "card": torch.cuda.get_device_name(),
         "date": time.strftime("%Y-%m-%d"),

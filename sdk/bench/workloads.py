@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.caption import PREFETCH, PROCESS_WORKERS
+from polymodal.feeder import PREFETCH, PROCESS_WORKERS
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -123,6 +123,21 @@ class OurSide:
                 stamps.append(time.perf_counter())
         gaps = np.diff(stamps[1:])
         return float(np.median(gaps) * 1e3)
+
+    def decode_wall_ms(self, n: int, repeats: int = 3) -> float:
+        """Per-token wall time as a user times it: a request of n + 1 tokens minus one of 1
+        token, over n (median of `repeats`; every host cost on the way is included)."""
+
+        def wall(max_tokens: int) -> float:
+            p = self.processor.process_tokens(text_ids(TEXT_TOKENS, 1, self.vocab), [])
+            start = time.perf_counter()
+            self._add(p, max_tokens)
+            self.engine.run_until_done()
+            return time.perf_counter() - start
+
+        wall(2)  # warm
+        diffs = [wall(n + 1) - wall(1) for _ in range(repeats)]
+        return statistics.median(diffs) / n * 1e3
 
     def ttft_ms(self, _image, repeats: int = 5) -> float:
         """Median time from raw image + ids to the first output token (processing included).

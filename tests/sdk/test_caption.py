@@ -116,9 +116,9 @@ def test_caption_files_fills_the_batch_and_bounds_the_prefetch(tmp_path, monkeyp
     """Default: `max_num_seqs` requests in flight; media processed at most PREFETCH ahead."""
     from types import SimpleNamespace
 
-    from polymodal import caption
+    from polymodal import caption, feeder
 
-    monkeypatch.setattr(caption, "PREFETCH", 3)
+    monkeypatch.setattr(feeder, "PREFETCH", 3)
     counts = {"started": 0, "added": 0, "ahead": 0, "running": 0}
 
     class Engine:

@@ -1,0 +1,87 @@
+"""`polymodal bench`: what the engine and the user paths deliver on a GPU, each next to its
+reference measured in the same run.
+
+Workloads (`--workload`):
+  engine  the engine alone vs transformers on the same weights: batch-1 decode against the HBM
+          floor, TTFT of one 448x448 image, offline captioning (`bench/engine.py`)
+  paths   what users run vs the engine's own numbers: `Pipeline` decode and TTFT on JPEG
+          files, `polymodal caption` over JPEG files, its nothing-to-do rerun (`bench/paths.py`)
+  serve   the real `polymodal serve` process under N concurrent streamed image requests vs
+          the offline rate of the same requests (`bench/serve.py`)
+A built-in name (`qwen2.5-vl-7b`) is a shipped config run with random weights; a checkpoint
+directory runs as it is (`--dummy-weights` skips its safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+BUILTIN = {"qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b"}
+WORKLOADS = ("engine", "paths", "serve")
+
+
+def resolve_bench_model(model: str) -> Path:
+    """A built-in architecture name -> its shipped config dir; anything else as a path."""
+    return BUILTIN.get(model, Path(model))
+
+
+def bench_command(parser: argparse.ArgumentParser):
+    """Add the `bench` arguments; returns `run(args) -> int`."""
+    parser.description = "Benchmark the engine and the user paths on a GPU (CUDA)."
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="qwen2.5-vl-7b",
+        help="checkpoint dir or a built-in architecture: " + ", ".join(BUILTIN),
+    )
+    parser.add_argument("--workload", choices=WORKLOADS, default="engine")
+    parser.add_argument("--dummy-weights", action="store_true")
+    parser.add_argument("--images", type=int, default=512, help="captioning workload size")
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    engine = parser.add_argument_group("engine workload")
+    engine.add_argument("--hf-images", type=int, default=64, help="transformers subset size")
+    engine.add_argument("--hf-batch", type=int, default=32)
+    engine.add_argument("--skip-hf", action="store_true")
+    engine.add_argument("--profile", action="store_true", help="add phase and kernel tables")
+    engine.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="launch each step before reading the previous one's tokens (the engine default)",
+    )
+    engine.add_argument(
+        "--gemv",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Triton GEMV for one-row decoder linears (the engine default)",
+    )
+    engine.add_argument(
+        "--pdl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="programmatic dependent launch of the Triton kernels on sm_90+ (the default)",
+    )
+    paths = parser.add_argument_group("paths and serve workloads")
+    paths.add_argument("--caption-files", type=int, default=2048, help="JPEGs `caption` reads")
+    paths.add_argument("--ttft-calls", type=int, default=12, help="Pipeline image calls")
+    paths.add_argument("--requests", type=int, default=256, help="concurrent server requests")
+    paths.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+
+    def run(args) -> int:
+        if args.workload == "engine":
+            from polymodal.bench.engine import print_table, run_bench
+        elif args.workload == "paths":
+            from polymodal.bench.paths import print_table, run_bench
+        else:
+            from polymodal.bench.serve import print_table, run_bench
+        results = run_bench(args)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print_table(results)
+        return 0
+
+    return run

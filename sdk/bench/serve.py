@@ -1,0 +1,181 @@
+"""`polymodal bench --workload serve`: the real server under a burst of streamed requests.
+
+One run: N 448x448 JPEGs as data: URLs, each asked for `--output-tokens` tokens (temperature 0,
+`ignore_eos`). First the offline rate of exactly those requests (`LLM.generate` in this
+process), then `polymodal serve` started as a user starts it (a subprocess), warmed with a few
+requests, and the N requests sent at once as streamed `/v1/chat/completions` over HTTP.
+Reported: requests/s and output tokens/s (first request sent to last response done), TTFT
+(request sent to first content chunk) and inter-chunk latency percentiles, and the server's
+rate as a share of the offline one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from polymodal.bench.paths import user_checkpoint, write_jpegs
+
+PROMPT = "Describe this image in detail."
+
+
+def data_url(path: Path) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def messages(url: str) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
+    return [{"role": "user", "content": content}]
+
+
+def offline_rate(ckpt: Path, dummy: bool, urls: list[str], tokens: int) -> dict:
+    """The same requests through `LLM.generate` (processing overlapped, a full batch)."""
+    import torch
+
+    from polymodal.llm import LLM
+    from polymodal.llm_core.sampling_params import SamplingParams
+
+    llm = LLM(str(ckpt), dummy_weights=dummy)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([messages(u) for u in urls[:8]], params)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate([messages(u) for u in urls], params)
+    seconds = time.perf_counter() - start
+    del llm
+    torch.cuda.empty_cache()
+    generated = sum(o.usage.completion_tokens for o in outs)
+    return {"requests_s": len(urls) / seconds, "output_tokens_s": generated / seconds}
+
+
+async def one_request(client, url: str, tokens: int) -> dict:
+    """Send one streamed chat request; the times of its chunks."""
+    body = {
+        "model": "bench",
+        "messages": messages(url),
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    chunk_times, usage = [], None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"in-band error: {event['error']}")
+            if event.get("usage"):
+                usage = event["usage"]
+            if any(c["delta"].get("content") for c in event.get("choices", [])):
+                chunk_times.append(time.perf_counter())
+    return {"sent": sent, "chunks": chunk_times, "done": time.perf_counter(), "usage": usage}
+
+
+async def burst(port: int, urls: list[str], tokens: int) -> list[dict]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(urls) + 8)
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=600) as client:
+        return await asyncio.gather(*(one_request(client, u, tokens) for u in urls))
+
+
+def start_server(ckpt: Path, dummy: bool, port: int) -> subprocess.Popen:
+    """`polymodal serve` as a user starts it; returns once /health answers."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "polymodal.cli", "serve", str(ckpt), "--port", str(port)]
+    cmd += ["--served-model-name", "bench", "--log-level", "warning"]
+    cmd += ["--load-format", "dummy"] if dummy else []
+    server = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"polymodal serve exited with {server.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("polymodal serve did not answer /health within 900 s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def summarize(runs: list[dict]) -> dict:
+    start, end = min(r["sent"] for r in runs), max(r["done"] for r in runs)
+    ttft = [(r["chunks"][0] - r["sent"]) * 1e3 for r in runs if r["chunks"]]
+    gaps = [(b - a) * 1e3 for r in runs for a, b in zip(r["chunks"], r["chunks"][1:])]
+    generated = sum((r["usage"] or {}).get("completion_tokens", 0) for r in runs)
+    return {
+        "requests_s": len(runs) / (end - start),
+        "output_tokens_s": generated / (end - start),
+        "ttft_p50_ms": statistics.median(ttft),
+        "ttft_p99_ms": percentile(ttft, 0.99),
+        "itl_p50_ms": statistics.median(gaps) if gaps else float("nan"),
+        "itl_p99_ms": percentile(gaps, 0.99),
+        "chunks_per_request": statistics.mean(len(r["chunks"]) for r in runs),
+    }
+
+
+def run_bench(args) -> dict:
+    import torch
+
+    from polymodal.bench import resolve_bench_model
+
+    if not torch.cuda.is_available():
+        raise SystemExit("polymodal bench needs a CUDA device")
+    work = Path(tempfile.mkdtemp(prefix="polymodal-bench-"))
+    ckpt, dummy = user_checkpoint(resolve_bench_model(args.model), work)
+    dummy = dummy or args.dummy_weights
+    urls = [data_url(p) for p in write_jpegs(work / "jpegs", args.requests, seed=7)]
+    results = {
+        "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": str(args.model),
+        "workload": "serve",
+        "requests": args.requests,
+        "output_tokens": args.output_tokens,
+    }
+    results["offline"] = offline_rate(ckpt, dummy, urls, args.output_tokens)
+    server = start_server(ckpt, dummy, args.port)
+    try:
+        warm = write_jpegs(work / "warm", 8, seed=8)
+        asyncio.run(burst(args.port, [data_url(p) for p in warm], 8))
+        results["server"] = summarize(asyncio.run(burst(args.port, urls, args.output_tokens)))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    results["server_share_of_offline"] = (
+        results["server"]["requests_s"] / results["offline"]["requests_s"]
+    )
+    return results
+
+
+def print_table(r: dict) -> None:
+    s, o = r["server"], r["offline"]
+    print(f"\n{r['card']}  {r['date']}  {r['model']}  (serve: {r['requests']} streamed requests)")
+    print(f"{'':24s} {'server':>9s} {'offline':>9s}")
+    print(f"{'requests/s':24s} {s['requests_s']:9.2f} {o['requests_s']:9.2f}")
+    print(f"{'output tokens/s':24s} {s['output_tokens_s']:9.0f} {o['output_tokens_s']:9.0f}")
+    print(f"server / offline: {r['server_share_of_offline']:.1%}")
+    print(f"TTFT p50 {s['ttft_p50_ms']:.0f} ms, p99 {s['ttft_p99_ms']:.0f} ms")
+    print(f"inter-chunk p50 {s['itl_p50_ms']:.1f} ms, p99 {s['itl_p99_ms']:.1f} ms")
