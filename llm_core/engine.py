@@ -15,7 +15,13 @@ from itertools import count
 from polymodal.llm_core.detokenizer import IncrementalDetokenizer
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
+from polymodal.llm_core.outputs import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    Timings,
+    Usage,
+)
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import make_generator
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -32,6 +38,7 @@ class _Group:
     outputs: list[CompletionOutput]
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    last_token: float | None = None
 
 
 class Engine:
@@ -199,6 +206,7 @@ class Engine:
         out, detok = group.outputs[i], group.detoks[i]
         seq.output_token_ids.append(tok.token_id)
         group.first_token = group.first_token or now
+        group.last_token = now
         out.delta_token_ids = [tok.token_id]
         if seq.params.logprobs is not None:
             # the top-N table, plus the chosen token's own logprob when it is not in the top-N
@@ -239,6 +247,16 @@ class Engine:
                 if group.first_token
                 else None,
                 total=now - group.arrival if finished else None,
+            ),
+            metrics=RequestMetrics(
+                arrival_time=group.arrival,
+                first_scheduled_time=min(
+                    (s.first_scheduled_time for s in group.seqs if s.first_scheduled_time),
+                    default=None,
+                ),
+                first_token_time=group.first_token,
+                last_token_time=group.last_token,
+                finished_time=now if finished else None,
             ),
         )
 

@@ -26,6 +26,25 @@ class Timings:
 
 
 @dataclass(slots=True)
+class RequestMetrics:
+    """When one request got where (`time.monotonic()` seconds; None until it happened).
+    Field names are vLLM's `RequestMetrics`."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None  # its first tokens entered a step
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        """Arrival to the first step that ran it."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence (there are `n` per request)."""
 
@@ -54,6 +73,7 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     prompt: str | None = None
+    metrics: RequestMetrics | None = None
 
     @property
     def text(self) -> str:

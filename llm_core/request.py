@@ -42,6 +42,7 @@ class Request:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # set by the scheduler when first admitted
     first_token_time: float | None = None
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)

@@ -9,6 +9,8 @@ freed, its tokens recomputed later), never the engine.
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -87,6 +89,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
+            req.first_scheduled_time = req.first_scheduled_time or time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.requests.append(req)

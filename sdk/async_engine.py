@@ -7,8 +7,11 @@
 
 Threads: prompts are processed (media loaded, tokenized) on a small worker pool, so a big
 image never stalls decoding; one engine thread owns the `Engine` (which is not thread-safe)
-and is the only one that touches it. Commands reach it through a locked queue; outputs reach
-each request's `asyncio.Queue` through `loop.call_soon_threadsafe`.
+and is the only one that touches it. Commands reach it through a locked queue; a step's
+outputs reach the event loop in one `loop.call_soon_threadsafe` (not one per request: each
+call wakes the loop through its self-pipe), and a stream that fell behind gets the outputs
+waiting in its queue merged into one (its deltas joined), so a loaded server sends fewer,
+larger chunks instead of falling further behind.
 
 Failures stay local: a prompt that cannot be processed (bad media, too long) fails only its
 own request; an exception inside one engine step fails the requests of that step (and frees
@@ -23,15 +26,16 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from polymodal.feeder import PROCESS_WORKERS
 from polymodal.llm import LLM
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.sampling_params import SamplingParams
 
-_END = None  # queue sentinel: the request was aborted, the stream ends without a final output
+_END = None  # stream sentinel: the request was aborted, the stream ends without a final output
 
 
 @dataclass
@@ -48,8 +52,28 @@ class EngineStats:
 
 @dataclass
 class _Stream:
+    """A request's items on their way to its consumer (touched only on `loop`'s thread)."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    items: deque = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def get(self) -> Any:
+        """The next item; consecutive outputs waiting together come merged into one."""
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        item = self.items.popleft()
+        while self.items and isinstance(item, RequestOutput) and not item.finished:
+            if not isinstance(self.items[0], RequestOutput):
+                break
+            item = merge_outputs(item, self.items.popleft())
+        return item
+
     added: bool = False  # handed to the engine (so abort must reach the engine)
 
 
@@ -60,7 +84,9 @@ class AsyncEngine:
     Call `submit` and `stream` from inside a running event loop; `close()` stops the thread.
     """
 
-    def __init__(self, model: LLM | str, *, process_workers: int = 1, **engine_kwargs: Any):
+    def __init__(
+        self, model: LLM | str, *, process_workers: int = PROCESS_WORKERS, **engine_kwargs: Any
+    ):
         self.llm = model if isinstance(model, LLM) else LLM(model, **engine_kwargs)
         self.engine = self.llm.engine
         self._lock = threading.Lock()
@@ -90,7 +116,7 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise InvalidInputError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = _Stream(loop, asyncio.Queue())
+            self._streams[request_id] = _Stream(loop)
             self._pending += 1
         self._pool.submit(self._process, request_id, prompt, params or SamplingParams())
         return request_id
@@ -109,7 +135,7 @@ class AsyncEngine:
         done = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if item is _END:
                     done = True
                     return
@@ -162,20 +188,26 @@ class AsyncEngine:
             return
         self._command(("add", request_id, processed, params))
 
-    def _deliver(self, request_id: str, item: Any) -> None:
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        """Hand `(request id, item)` pairs to their streams: one call into each event loop.
+        Finished outputs, errors and `_END` are a request's last item: it is forgotten."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
+            for request_id, item in items:
+                last = not isinstance(item, RequestOutput) or item.finished
+                stream = self._streams.pop(request_id, None) if last else None
+                stream = stream or self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
     def _finish(self, request_id: str, last: Any) -> None:
         """Deliver the last item of a request and forget it."""
-        self._deliver(request_id, last)
-        with self._lock:
-            self._streams.pop(request_id, None)
+        self._deliver([(request_id, last)])
 
     def _run_commands(self) -> None:
         with self._lock:
@@ -234,14 +266,24 @@ class AsyncEngine:
                 self._refresh_stats()
                 continue
             self.stats.num_steps += 1
-            for out in outputs:
-                if out.finished:
-                    self._finish(out.request_id, out)
-                else:
-                    self._deliver(out.request_id, out)
+            self._deliver([(out.request_id, out) for out in outputs])
             self._refresh_stats()
         with self._lock:
             leftover = list(self._streams)
         for request_id in leftover:
             self.engine.abort(request_id)
             self._finish(request_id, _END)
+
+
+def _put_all(batch: list[tuple[_Stream, Any]]) -> None:
+    for stream, item in batch:
+        stream.put(item)
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output for two consecutive steps of a request: `later`'s state with `earlier`'s
+    deltas in front of its own (texts, token ids and so the delta logprobs stay whole)."""
+    for a, b in zip(earlier.outputs, later.outputs):
+        b.delta_text = a.delta_text + b.delta_text
+        b.delta_token_ids = a.delta_token_ids + b.delta_token_ids
+    return later

@@ -139,18 +139,20 @@ def create_app(
         outputs = engine.stream(request_id)
         watcher = asyncio.create_task(_abort_on_disconnect(request, engine, request_id))
 
+        first_at = None  # when the first token reached the server
+
         async def cleanup(status: str, final=None) -> None:
             # synchronous work first: under cancellation every await may raise again
             watcher.cancel()
             engine.abort(request_id)  # a no-op when it already finished
-            ttft = final.timings.time_to_first_token if final is not None else None
-            usage = final.usage if final is not None else None
-            metrics.observe(endpoint, status, time.monotonic() - start, usage, ttft)
+            ttft = first_at - start if first_at is not None else None
+            metrics.observe(endpoint, status, time.monotonic() - start, final, ttft)
             with contextlib.suppress(BaseException):
                 await outputs.aclose()
 
         try:
             first = await outputs.__anext__()
+            first_at = time.monotonic()
         except asyncio.CancelledError:  # the server cancelled us: the client went away
             await cleanup("aborted")
             raise
@@ -166,7 +168,7 @@ def create_app(
             return error_response(500, f"engine error: {exc}")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _events(first, outputs, builder, include_usage, cleanup)
+            events = _events(first, outputs, builder, include_usage, cleanup, metrics)
             return StreamingResponse(events, media_type="text/event-stream")
         final = first
         try:
@@ -188,14 +190,19 @@ def create_app(
     return app
 
 
-async def _events(first, outputs, builder: ResponseBuilder, include_usage: bool, cleanup):
+async def _events(first, outputs, builder: ResponseBuilder, include_usage: bool, cleanup, metrics):
     """The SSE body: chunks per step, an optional usage chunk, then `data: [DONE]`."""
     final, status = first, "aborted"
     try:
         for event in builder.chunks(first):
             yield event
         if not first.finished:
+            last = time.monotonic()
             async for final in outputs:
+                now = time.monotonic()
+                tokens = max(len(c.delta_token_ids) for c in final.outputs)
+                metrics.observe_stream_gap(now - last, tokens)
+                last = now
                 for event in builder.chunks(final):
                     yield event
         if final.finished:

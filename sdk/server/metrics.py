@@ -1,64 +1,119 @@
-"""Prometheus metrics of one server (own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one server (own registry, so several apps can live in one process).
+
+Names follow vLLM's (`vllm:` -> `polymodal:`) where vLLM has the same metric, so its dashboards
+work with the prefix changed. Latency buckets start at 1 ms: this engine's TTFT for one image
+is ~15 ms on an H200, and inter-token latencies are a few ms.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from polymodal.async_engine import AsyncEngine
+from polymodal.llm_core.outputs import RequestOutput
 
-_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# seconds: 1 ms .. 40 min, ~2.5x apart at the low end (vLLM's TTFT buckets start at 1 ms too)
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)  # fmt: skip
 
 
 class ServerMetrics:
-    """Request counts, token counts, latencies and engine gauges, exported on `/metrics`."""
+    """Request, token and latency metrics plus engine gauges, exported on `/metrics`."""
 
     def __init__(self, engine: AsyncEngine):
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
+
+        def histogram(name: str, doc: str, buckets=LATENCY_BUCKETS, labels=()) -> Histogram:
+            return Histogram(f"polymodal:{name}", doc, labels, buckets=buckets, registry=r)
+
         self.requests = Counter(
-            "polymodal_requests",
+            "polymodal:requests",
             "Finished requests by endpoint and outcome (ok, client_error, aborted, error).",
             ["endpoint", "status"],
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "polymodal_prompt_tokens", "Prompt tokens of finished requests.", registry=r
+            "polymodal:prompt_tokens", "Prompt tokens of finished requests.", registry=r
         )
         self.generation_tokens = Counter(
-            "polymodal_generation_tokens", "Generated tokens of finished requests.", registry=r
+            "polymodal:generation_tokens", "Generated tokens of finished requests.", registry=r
         )
-        self.latency = Histogram(
-            "polymodal_request_latency_seconds",
-            "Seconds from arrival to the last token.",
-            ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to the last token.", labels=["endpoint"]
         )
-        self.ttft = Histogram(
-            "polymodal_time_to_first_token_seconds",
-            "Seconds from arrival to the first token.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Arrival (HTTP) to the first token, media included."
         )
+        self.itl = histogram(
+            "inter_token_latency_seconds",
+            "Between streamed outputs, per token they carry.",
+            TOKEN_BUCKETS,
+        )
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds",
+            "A request's decode time over its tokens after the first.",
+            TOKEN_BUCKETS,
+        )
+        self.queue = histogram(
+            "request_queue_time_seconds", "Queued in the engine until its first step."
+        )
+        self.prefill = histogram(
+            "request_prefill_time_seconds", "First step to first token (prompt and media)."
+        )
+        self.decode = histogram("request_decode_time_seconds", "First token to the last.")
         stats = engine.stats
         gauges = {
-            "polymodal_num_requests_running": ("Requests in the running batch.", "num_running"),
-            "polymodal_num_requests_waiting": ("Requests queued or processing.", "num_waiting"),
-            "polymodal_kv_free_blocks": ("Free KV cache blocks.", "num_free_blocks"),
-            "polymodal_kv_total_blocks": ("All KV cache blocks.", "num_total_blocks"),
+            "num_requests_running": ("Requests in the running batch.", "num_running"),
+            "num_requests_waiting": ("Requests queued or processing.", "num_waiting"),
+            "kv_free_blocks": ("Free KV cache blocks.", "num_free_blocks"),
+            "kv_total_blocks": ("All KV cache blocks.", "num_total_blocks"),
         }
         for name, (doc, attr) in gauges.items():
-            Gauge(name, doc, registry=r).set_function(lambda a=attr: getattr(stats, a))
+            Gauge(f"polymodal:{name}", doc, registry=r).set_function(
+                lambda a=attr: getattr(stats, a)
+            )
+        Gauge(
+            "polymodal:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1).", registry=r
+        ).set_function(lambda: 1 - stats.num_free_blocks / max(1, stats.num_total_blocks))
 
-    def observe(self, endpoint: str, status: str, seconds: float, usage=None, ttft=None) -> None:
-        """Count one finished request (usage: a polymodal Usage, when tokens were produced)."""
+    def observe_stream_gap(self, seconds: float, tokens: int) -> None:
+        """A streamed output arrived `seconds` after the previous one, carrying `tokens`."""
+        if tokens > 0:
+            self.itl.observe(seconds / tokens)
+
+    def observe(
+        self,
+        endpoint: str,
+        status: str,
+        seconds: float,
+        final: RequestOutput | None = None,
+        ttft: float | None = None,
+    ) -> None:
+        """Count one ended request: `seconds` since its HTTP arrival, `ttft` to its first
+        token (both as the server saw them) and, when it finished, its engine output."""
         self.requests.labels(endpoint, status).inc()
-        self.latency.labels(endpoint).observe(seconds)
-        if usage is not None:
-            self.prompt_tokens.inc(usage.prompt_tokens)
-            self.generation_tokens.inc(usage.completion_tokens)
+        self.e2e.labels(endpoint).observe(seconds)
         if ttft is not None:
             self.ttft.observe(ttft)
+        if final is None:
+            return
+        self.prompt_tokens.inc(final.usage.prompt_tokens)
+        self.generation_tokens.inc(final.usage.completion_tokens)
+        m = final.metrics
+        if m is None or m.first_token_time is None:
+            return
+        if m.first_scheduled_time is not None:
+            self.queue.observe(m.time_in_queue)
+            self.prefill.observe(m.first_token_time - m.first_scheduled_time)
+        end = m.finished_time or m.last_token_time
+        self.decode.observe(end - m.first_token_time)
+        later_tokens = max(len(c.token_ids) for c in final.outputs) - 1
+        if later_tokens > 0:
+            self.tpot.observe((end - m.first_token_time) / later_tokens)
 
     def render(self) -> bytes:
         """The text exposition format."""

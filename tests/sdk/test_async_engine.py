@@ -126,3 +126,28 @@ def test_abort_and_early_break_free_blocks(engine):
 async def _drain(engine: AsyncEngine, request_id: str) -> None:
     async for _ in engine.stream(request_id):
         pass
+
+
+def test_a_stream_that_fell_behind_gets_the_waiting_steps_merged(engine):
+    """A consumer that reads late gets one output for the steps it missed: deltas joined, the
+    same text and token ids as reading every step."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        request_id = engine.submit("Count slowly.", params)
+        first = None
+        outs = []
+        async for out in engine.stream(request_id):
+            if first is None:
+                first = out
+                while engine.engine.has_unfinished():  # let the engine run ahead of us
+                    await asyncio.sleep(0.01)
+            outs.append(out)
+        return outs
+
+    outs = run(main())
+    alone = run(_collect(engine, "Count slowly.", params))
+    assert len(outs) < len(alone)  # steps were merged...
+    assert "".join(o.outputs[0].delta_text for o in outs) == alone[-1].text  # ...losing nothing
+    ids = [t for o in outs for t in o.outputs[0].delta_token_ids]
+    assert ids == alone[-1].outputs[0].token_ids

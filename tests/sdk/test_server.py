@@ -210,7 +210,7 @@ def _metric(url: str, series: str) -> float:
     return 0.0
 
 
-ABORTED = 'polymodal_requests_total{endpoint="chat",status="aborted"}'
+ABORTED = 'polymodal:requests_total{endpoint="chat",status="aborted"}'
 
 
 def test_concurrent_streams_with_disconnects_free_all_blocks(server):
@@ -243,7 +243,7 @@ def test_concurrent_streams_with_disconnects_free_all_blocks(server):
             assert text == alone[i], f"request {i} differs from its solo run"
     end = wait_idle(server, timeout=60)
     assert end["free_kv_blocks"] == start["free_kv_blocks"]
-    assert _metric(server, "polymodal_kv_free_blocks") == NUM_KV_BLOCKS
+    assert _metric(server, "polymodal:kv_free_blocks") == NUM_KV_BLOCKS
     assert _metric(server, ABORTED) - aborted_before == len(leavers)
 
 
@@ -301,3 +301,24 @@ def test_non_streaming_disconnect_aborts(server):
         )
     assert wait_idle(server)["free_kv_blocks"] == start["free_kv_blocks"]
     assert _metric(server, ABORTED) == aborted_before + 1
+
+
+def test_metrics_have_millisecond_buckets_and_request_phases(server):
+    """TTFT, inter-token latency, queue/prefill/decode times (vLLM's names), buckets from 1 ms."""
+    ttft_before = _metric(server, "polymodal:time_to_first_token_seconds_count")
+
+    async def two_streams():
+        jobs = [_stream_chat(server, f"Phases {i}.", 8, None) for i in range(2)]
+        return await asyncio.wait_for(asyncio.gather(*jobs), timeout=120)
+
+    asyncio.run(two_streams())
+    wait_idle(server)
+    assert _metric(server, "polymodal:time_to_first_token_seconds_count") == ttft_before + 2
+    first_bucket = 'polymodal:time_to_first_token_seconds_bucket{le="0.001"}'
+    exported = httpx.get(f"{server}/metrics", timeout=10).text
+    assert first_bucket in exported
+    for name in ("inter_token_latency", "request_queue_time", "request_prefill_time",
+                 "request_decode_time", "request_time_per_output_token"):  # fmt: skip
+        assert _metric(server, f"polymodal:{name}_seconds_count") > 0, name
+    assert _metric(server, "polymodal:generation_tokens_total") > 0
+    assert 0 <= _metric(server, "polymodal:kv_cache_usage_perc") <= 1
