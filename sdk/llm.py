@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Any
+
+from PIL import Image
 
 from polymodal.feeder import PROCESS_WORKERS, run_prompts
 from polymodal.llm_core.engine import Engine
@@ -31,13 +34,40 @@ class LLM:
     `messages` plus optional `images`, `videos` and media options (`max_pixels`, `fps`, ...).
     """
 
-    def __init__(self, model: str, **engine_kwargs: Any):
+    def __init__(self, model: str, *, warmup: bool | None = None, **engine_kwargs: Any):
+        """`engine_kwargs` are `EngineConfig` fields. `warmup` (default: on CUDA) runs one
+        request of each kind the model takes while it loads (`warm_up`)."""
         self.engine = Engine(model, EngineConfig(**engine_kwargs))
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         cls = processor_class(self.model_config.architecture)
         model_dir = self.model_config.model_dir
         self.processor = cls.from_pretrained(model_dir) if cls else TextProcessor(self.tokenizer)
+        self.warmup_seconds = 0.0
+        if warmup if warmup is not None else self.engine.device.type == "cuda":
+            self.warmup_seconds = self.warm_up()
+
+    def warm_up(self) -> float:
+        """Run one short request of each kind the model takes (text; an image and a video for
+        a multimodal model) through the whole path, so that what compiles or allocates on first
+        use (Triton kernels, cuBLAS plans, the pinned ring, the chat template) does it now and
+        the first user request is as fast as the tenth. Returns the seconds it took."""
+        start = time.perf_counter()
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        first = max(0, min(100, self.model_config.vocab_size - 16))
+        prompts: list[Any] = [list(range(first, first + 16))]  # token ids: no tokenizer needed
+        if self.is_multimodal and self.tokenizer is not None:
+            picture = Image.new("RGB", (448, 448), (120, 60, 200))
+            frames = [Image.new("RGB", (224, 224), (i * 40, 90, 30)) for i in range(4)]
+            for part in ({"type": "image", "image": picture}, {"type": "video", "video": frames}):
+                content = [part, {"type": "text", "text": "Warm up."}]
+                prompts.append([{"role": "user", "content": content}])
+        for prompt in prompts:  # one at a time: each kind runs as a first request would
+            try:
+                self.generate(prompt, params)
+            except InvalidInputError:  # this model has no chat template: text alone then
+                continue
+        return time.perf_counter() - start
 
     @property
     def is_multimodal(self) -> bool:

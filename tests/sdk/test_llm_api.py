@@ -55,3 +55,35 @@ def test_failed_step_leaves_engine_clean(llm, monkeypatch):
     assert not llm.engine.has_unfinished() and llm.engine.num_free_blocks == start
     out = llm.generate("three", SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 3
+
+
+def test_warm_up_runs_each_kind_and_leaves_the_engine_clean(tmp_path_factory, monkeypatch):
+    """warmup=True (the CUDA default) runs a text, an image and a video request at load; the
+    engine is idle with every KV block free afterwards, and later outputs are unchanged."""
+    ckpt = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    seen = []
+    original = LLM.generate
+
+    def generate(self, prompts, params=None):
+        seen.append(prompts)
+        return original(self, prompts, params)
+
+    monkeypatch.setattr(LLM, "generate", generate)
+    warm = LLM(ckpt, device="cpu", warmup=True, num_kv_blocks=128)
+    kinds = [
+        [p.get("type") for p in prompt[0]["content"]] if isinstance(prompt[0], dict) else "ids"
+        for prompt in seen
+    ]
+    assert kinds == ["ids", ["image", "text"], ["video", "text"]]
+    assert warm.warmup_seconds > 0
+    assert not warm.engine.has_unfinished()
+    assert warm.engine.num_free_blocks == warm.engine.scheduler.kv.num_blocks
+    cold = LLM(ckpt, device="cpu", num_kv_blocks=128)
+    assert cold.warmup_seconds == 0  # off by default on the CPU
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = [{"role": "user", "content": [{"type": "image", "image": "examples/sample.png"},
+                                           {"type": "text", "text": "What is it?"}]}]  # fmt: skip
+    assert (
+        original(warm, prompt, params)[0].outputs[0].token_ids
+        == original(cold, prompt, params)[0].outputs[0].token_ids
+    )
