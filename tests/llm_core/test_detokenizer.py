@@ -205,3 +205,17 @@ def test_decodes_only_a_small_window_per_step(demo_tok):
     deltas, detok = run(Spy(), ids, prompt=prompt, stop="zzz")
     assert "".join(deltas) == demo_tok.decode(ids)
     assert len(ids) > 200 and max(calls) <= 8
+
+
+def test_fast_tokenizers_decode_through_the_rust_backend(demo_tok):
+    """The per-step decode skips the transformers wrapper for a plain fast tokenizer (the
+    tests above then check it against the wrapper's full decode); others keep `decode`."""
+    detok = IncrementalDetokenizer(demo_tok, [], SamplingParams())
+    assert detok._fast_decode is not None
+
+    class Custom(type(demo_tok)):
+        def decode(self, *args, **kwargs):
+            return super().decode(*args, **kwargs)
+
+    custom = Custom(tokenizer_object=demo_tok.backend_tokenizer)
+    assert IncrementalDetokenizer(custom, [], SamplingParams())._fast_decode is None
