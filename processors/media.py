@@ -139,10 +139,17 @@ ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation, then convert to RGB exactly as transformers' `convert_rgb` does."""
+    """Apply EXIF orientation, then convert to RGB as transformers' `convert_to_rgb` does
+    (5.24): transparency (an alpha band, or a palette's transparent colour) is composited onto
+    white, every other mode converts as PIL converts it. (transformers up to 5.17 dropped the
+    alpha instead: docs/models.md.)"""
     try:
         if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # (else exif_transpose only copies)
             image = ImageOps.exif_transpose(image)
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
         raise ValueError(f"cannot convert mode {image.mode!r} to RGB: {exc}") from None

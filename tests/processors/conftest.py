@@ -84,3 +84,22 @@ def video_file(tmp_path_factory) -> str:
         for packet in stream.encode():
             container.mux(packet)
     return str(path)
+
+
+def reference_blends_alpha() -> bool:
+    """Whether the installed transformers composites transparent images onto white (5.24) or
+    drops the alpha (5.17). Ours follows the newer behaviour."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    clear = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    return np.asarray(convert_to_rgb(clear)).reshape(-1)[:3].tolist() == [255, 255, 255]
+
+
+def as_reference_sees(image):
+    """`image` as the newer reference reads it: with an older transformers (which drops alpha),
+    the white-composited RGB image, so both versions are compared against the same maths."""
+    from polymodal.processors.media import to_rgb
+
+    transparent = "A" in image.getbands() or image.info.get("transparency") is not None
+    return to_rgb(image) if transparent and not reference_blends_alpha() else image

@@ -11,12 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.processors.conftest import as_reference_sees
+
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 
 SIZE_CASES = [
     ["astronaut"],
     ["camera"],  # grayscale (L)
-    ["coffee_rgba"],  # RGBA: the reference drops alpha (PIL convert), it does not blend
+    ["coffee_rgba"],  # RGBA: composited onto white (transformers 5.24; 5.17 dropped alpha)
     ["chelsea_palette"],  # P
     ["hopper", "rocket_tall", "astronaut_wide"],  # tall / very wide / JPEG
     ["tiny", "coffee", "chelsea"],  # upscaled to min_pixels; 3 images in one prompt
@@ -48,7 +50,7 @@ def test_chat_messages_match_hf(arch, names, photos, hf_processors, our_processo
     hf_proc, ours = hf_processors[arch], our_processors[arch]
     messages = _content(names, photos)
     text = hf_proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids, pixel_values, grids = _hf(hf_proc, text, [photos[n] for n in names])
+    ids, pixel_values, grids = _hf(hf_proc, text, [as_reference_sees(photos[n]) for n in names])
     result = ours.process(messages=messages)
     _check(result, ids, pixel_values, grids)
     # slots: each item's range holds exactly its image tokens, in order, t*h*w/4 of them
