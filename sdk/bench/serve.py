@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from polymodal.bench.paths import user_checkpoint, write_jpegs
+from polymodal.bench.paths import in_child, user_checkpoint, write_jpegs
 
 PROMPT = "Describe this image in detail."
 
@@ -49,8 +49,6 @@ def offline_rate(ckpt: Path, dummy: bool, urls: list[str], tokens: int) -> dict:
     start = time.perf_counter()
     outs = llm.generate([messages(u) for u in urls], params)
     seconds = time.perf_counter() - start
-    del llm
-    torch.cuda.empty_cache()
     generated = sum(o.usage.completion_tokens for o in outs)
     return {"requests_s": len(urls) / seconds, "output_tokens_s": generated / seconds}
 
@@ -155,7 +153,7 @@ def run_bench(args) -> dict:
         "requests": args.requests,
         "output_tokens": args.output_tokens,
     }
-    results["offline"] = offline_rate(ckpt, dummy, urls, args.output_tokens)
+    results["offline"] = in_child(offline_rate, ckpt, dummy, urls, args.output_tokens)
     server = start_server(ckpt, dummy, args.port)
     try:
         warm = write_jpegs(work / "warm", 8, seed=8)

@@ -35,3 +35,21 @@ def test_bench_runs_every_workload(tmp_path_factory, async_scheduling, capsys):
     assert prof["ttft_kernels"]["vision encoder gpu_span_ms"] > 0
     assert prof["decode_kernels"]["top_kernels"]
     assert "speedup vs transformers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("workload", ["paths", "serve"])
+def test_user_path_workloads_run_end_to_end(tmp_path_factory, tmp_path, workload, capsys):
+    """`--workload paths` (Pipeline, the caption CLI) and `--workload serve` (a real server
+    process under a streamed burst) on a tiny checkpoint: every number is reported."""
+    parser = argparse.ArgumentParser()
+    run = bench_command(parser)
+    ckpt = str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+    argv = [ckpt, "--workload", workload, "--images", "8", "--output-tokens", "4"]
+    argv += ["--decode-tokens", "8", "--caption-files", "16", "--ttft-calls", "3"]
+    argv += ["--requests", "8", "--json", str(tmp_path / "bench.json")]
+    assert run(parser.parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    if workload == "paths":
+        assert "captioning images/s" in out and "TTFT ms, first call" in out
+    else:
+        assert "server / offline" in out and "TTFT p50" in out
