@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
@@ -48,18 +49,24 @@ class LLM:
             self.warmup_seconds = self.warm_up()
 
     def warm_up(self) -> float:
-        """Run one short request of each kind the model takes (text; an image and a video for
-        a multimodal model) through the whole path, so that what compiles or allocates on first
-        use (Triton kernels, cuBLAS plans, the pinned ring, the chat template) does it now and
-        the first user request is as fast as the tenth. Returns the seconds it took."""
+        """Run one short request of each kind the model takes (text; a 448x448 JPEG, twice, and
+        a video for a multimodal model) through the whole path, so that what compiles,
+        captures or allocates on first use (Triton kernels, the tower's CUDA graph of that
+        layout, cuBLAS plans, the pinned ring, the JPEG decoder, the chat template) does it
+        now and the first user request is as fast as the tenth. Returns the seconds it took."""
         start = time.perf_counter()
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         first = max(0, min(100, self.model_config.vocab_size - 16))
         prompts: list[Any] = [list(range(first, first + 16))]  # token ids: no tokenizer needed
         if self.is_multimodal and self.tokenizer is not None:
-            picture = Image.new("RGB", (448, 448), (120, 60, 200))
+            # an encoded file, as users send: the decoder plugins load on first use (~70 ms)
+            buffer = io.BytesIO()
+            Image.new("RGB", (448, 448), (120, 60, 200)).save(buffer, format="JPEG")
+            picture = buffer.getvalue()
             frames = [Image.new("RGB", (224, 224), (i * 40, 90, 30)) for i in range(4)]
-            for part in ({"type": "image", "image": picture}, {"type": "video", "video": frames}):
+            # the image twice: a tower with CUDA graphs captures a layout on its second call
+            image = {"type": "image", "image": picture}
+            for part in (image, image, {"type": "video", "video": frames}):
                 content = [part, {"type": "text", "text": "Warm up."}]
                 prompts.append([{"role": "user", "content": content}])
         for prompt in prompts:  # one at a time: each kind runs as a first request would

@@ -74,7 +74,7 @@ def test_warm_up_runs_each_kind_and_leaves_the_engine_clean(tmp_path_factory, mo
         [p.get("type") for p in prompt[0]["content"]] if isinstance(prompt[0], dict) else "ids"
         for prompt in seen
     ]
-    assert kinds == ["ids", ["image", "text"], ["video", "text"]]
+    assert kinds == ["ids", ["image", "text"], ["image", "text"], ["video", "text"]]
     assert warm.warmup_seconds > 0
     assert not warm.engine.has_unfinished()
     assert warm.engine.num_free_blocks == warm.engine.scheduler.kv.num_blocks
