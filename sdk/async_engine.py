@@ -1,21 +1,22 @@
-"""`AsyncEngine`: one `LLM`'s engine driven by a background thread, streamed to asyncio.
+"""`AsyncEngine`: one model's engine streamed to asyncio code (the server, the demo app).
 
-    engine = AsyncEngine("path/to/model")
+    engine = AsyncEngine("path/to/model")              # the engine in its own process
     request_id = engine.submit({"messages": [...]}, SamplingParams(max_tokens=32))
     async for out in engine.stream(request_id):      # RequestOutput after every step
         print(out.outputs[0].delta_text, end="")
 
-Threads: prompts are processed (media loaded, tokenized) on a small worker pool, so a big
-image never stalls decoding; one engine thread owns the `Engine` (which is not thread-safe)
-and is the only one that touches it. Commands reach it through a locked queue; a step's
-outputs reach the event loop in one `loop.call_soon_threadsafe` (not one per request: each
-call wakes the loop through its self-pipe), and a stream that fell behind gets the outputs
-waiting in its queue merged into one (its deltas joined), so a loaded server sends fewer,
-larger chunks instead of falling further behind.
+The engine side is an `EngineLoop` (worker threads process media, one thread steps the
+engine: `engine_loop.py`). Given a model path, it runs in a child process
+(`engine_process.py`), so that the event loop's Python work (HTTP, one SSE event per request
+per step) never takes the GIL from the engine thread; given an `LLM`, it runs in this process.
+Either way a step's outputs reach the event loop in one `loop.call_soon_threadsafe` (not one
+per request: each call wakes the loop through its self-pipe), and a stream that fell behind
+gets the outputs waiting for it merged into one (deltas joined), so a loaded server sends
+fewer, larger chunks instead of falling further behind.
 
 Failures stay local: a prompt that cannot be processed (bad media, too long) fails only its
-own request; an exception inside one engine step fails the requests of that step (and frees
-their KV blocks), and the loop goes on serving the others.
+own request; an exception inside one engine step fails the requests of that step; if the
+engine process dies, every open request fails with `EngineDiedError` and `alive` turns False.
 """
 
 from __future__ import annotations
@@ -25,29 +26,17 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from polymodal.engine_loop import END, EngineLoop, EngineStats
 from polymodal.feeder import PROCESS_WORKERS
 from polymodal.llm import LLM
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.sampling_params import SamplingParams
 
-_END = None  # stream sentinel: the request was aborted, the stream ends without a final output
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the engine, refreshed by the engine thread after every step."""
-
-    num_running: int = 0
-    num_waiting: int = 0  # queued in the scheduler or still being processed
-    num_free_blocks: int = 0
-    num_total_blocks: int = 0
-    num_steps: int = 0
-    num_failed_steps: int = 0
+__all__ = ["AsyncEngine", "EngineStats", "merge_outputs"]
 
 
 @dataclass
@@ -74,32 +63,53 @@ class _Stream:
             item = merge_outputs(item, self.items.popleft())
         return item
 
-    added: bool = False  # handed to the engine (so abort must reach the engine)
-
 
 class AsyncEngine:
     """Serve many concurrent requests of one model from asyncio code.
 
-    `model` is an `LLM` or a model id / checkpoint dir (then `engine_kwargs` build the LLM).
-    Call `submit` and `stream` from inside a running event loop; `close()` stops the thread.
+    `model` is an `LLM` (served from this process) or a model id / checkpoint dir, loaded with
+    `engine_kwargs` (`LLM` keywords) in its own engine process, or in this one with
+    `separate_process=False`. Call `submit` and `stream` from inside a running event loop;
+    `close()` stops the engine.
     """
 
     def __init__(
-        self, model: LLM | str, *, process_workers: int = PROCESS_WORKERS, **engine_kwargs: Any
+        self,
+        model: LLM | str,
+        *,
+        process_workers: int = PROCESS_WORKERS,
+        separate_process: bool = True,
+        **engine_kwargs: Any,
     ):
-        self.llm = model if isinstance(model, LLM) else LLM(model, **engine_kwargs)
-        self.engine = self.llm.engine
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._commands: deque[tuple] = deque()
         self._streams: dict[str, _Stream] = {}
-        self._pending = 0  # submitted, not yet added to the engine
         self._stopped = False
-        self.stats = EngineStats()
-        self._refresh_stats()
-        self._pool = ThreadPoolExecutor(process_workers, thread_name_prefix="polymodal-process")
-        self._thread = threading.Thread(target=self._loop, name="polymodal-engine", daemon=True)
-        self._thread.start()
+        if isinstance(model, str) and separate_process:
+            from polymodal.engine_process import EngineProcess
+            from polymodal.llm_core.engine_config import load_tokenizer
+
+            self.llm = None  # it lives in the engine process
+            self._core = EngineProcess(
+                model, engine_kwargs, self._deliver, self._fail_all, process_workers
+            )
+            self.tokenizer = load_tokenizer(self._core.info["model_dir"])
+            self.max_model_len = self._core.info["max_model_len"]
+        else:
+            self.llm = model if isinstance(model, LLM) else LLM(model, **engine_kwargs)
+            self._core = EngineLoop(self.llm, self._deliver, process_workers=process_workers)
+            self.tokenizer = self.llm.tokenizer
+            self.max_model_len = self.llm.engine.max_model_len
+        self.stats: EngineStats = self._core.stats
+
+    @property
+    def engine(self):
+        """The `Engine` when it runs in this process (tests, inspection); else None."""
+        return self.llm.engine if self.llm is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine process died (every request then fails)."""
+        return getattr(self._core, "alive", True) and not self._stopped
 
     # ---- public API (event-loop side) ----------------------------------------------------
     def submit(
@@ -108,17 +118,17 @@ class AsyncEngine:
         """Queue one prompt (any form `LLM.process` takes); returns its request id at once.
 
         Processing errors are not raised here: they end this request's `stream` instead.
+        Every submitted request is to be read with `stream` (or `generate`) or aborted.
         """
-        if self._stopped:
-            raise RuntimeError("the AsyncEngine is closed")
+        if not self.alive:
+            raise RuntimeError("the AsyncEngine is closed or its engine process died")
         loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         with self._lock:
             if request_id in self._streams:
                 raise InvalidInputError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(loop)
-            self._pending += 1
-        self._pool.submit(self._process, request_id, prompt, params or SamplingParams())
+        self._core.submit(request_id, prompt, params or SamplingParams())
         return request_id
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -136,7 +146,7 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.get()
-                if item is _END:
+                if item is END:
                     done = True
                     return
                 if isinstance(item, BaseException):
@@ -147,6 +157,8 @@ class AsyncEngine:
                     done = True
                     return
         finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
             if not done:
                 self.abort(request_id)
 
@@ -162,41 +174,26 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; a running `stream` of it ends. Thread-safe."""
-        self._command(("abort", request_id))
+        if self.alive:
+            self._core.abort(request_id)
+
+    def set_processor_option(self, name: str, value: Any) -> None:
+        """Set an attribute of the model's processor, wherever it runs (e.g. `allow_http`)."""
+        self._core.set_processor_option(name, value)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread (requests still running are aborted)."""
+        """Stop the engine (requests still running are aborted)."""
         self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._core.close(timeout)
 
-    # ---- worker side ---------------------------------------------------------------------
-    def _command(self, command: tuple) -> None:
-        with self._lock:
-            self._commands.append(command)
-        self._wake.set()
-
-    def _process(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
-        """Worker pool: load media and tokenize; hand the result (or the error) on."""
-        try:
-            processed = self.llm.process(prompt)
-        except Exception as exc:  # noqa: BLE001 - the error belongs to this request only
-            with self._lock:
-                self._pending -= 1
-            self._finish(request_id, exc)
-            return
-        self._command(("add", request_id, processed, params))
-
+    # ---- engine side (its threads) -------------------------------------------------------
     def _deliver(self, items: list[tuple[str, Any]]) -> None:
         """Hand `(request id, item)` pairs to their streams: one call into each event loop.
-        Finished outputs, errors and `_END` are a request's last item: it is forgotten."""
+        (A stream is forgotten when its consumer is done with it, in `stream`.)"""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             for request_id, item in items:
-                last = not isinstance(item, RequestOutput) or item.finished
-                stream = self._streams.pop(request_id, None) if last else None
-                stream = stream or self._streams.get(request_id)
+                stream = self._streams.get(request_id)
                 if stream is not None:
                     by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, batch in by_loop.items():
@@ -205,74 +202,11 @@ class AsyncEngine:
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
-    def _finish(self, request_id: str, last: Any) -> None:
-        """Deliver the last item of a request and forget it."""
-        self._deliver([(request_id, last)])
-
-    def _run_commands(self) -> None:
+    def _fail_all(self, exc: Exception) -> None:
+        """The engine process died: every open request ends with `exc`."""
         with self._lock:
-            commands, self._commands = list(self._commands), deque()
-        for command in commands:
-            if command[0] == "add":
-                _, request_id, p, params = command
-                with self._lock:
-                    self._pending -= 1
-                    stream = self._streams.get(request_id)
-                if stream is None:  # aborted while it was being processed
-                    continue
-                try:
-                    self.engine.add_request(
-                        p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items
-                    )
-                    stream.added = True
-                except Exception as exc:  # noqa: BLE001
-                    self._finish(request_id, exc)
-            else:  # abort
-                _, request_id = command
-                self.engine.abort(request_id)
-                self._finish(request_id, _END)
-
-    def _fail_step(self, exc: Exception) -> None:
-        """An engine step raised: fail (and abort) the requests that were running in it."""
-        self.stats.num_failed_steps += 1
-        in_step = {seq.request_id.rsplit("#", 1)[0] for seq in self.engine.scheduler.running}
-        with self._lock:
-            added = [rid for rid, s in self._streams.items() if s.added]
-        victims = [rid for rid in added if rid in in_step] or added
-        for request_id in victims:
-            self.engine.abort(request_id)
-            self._finish(request_id, exc)
-
-    def _refresh_stats(self) -> None:
-        scheduler = self.engine.scheduler
-        self.stats.num_running = len(scheduler.running)
-        self.stats.num_waiting = len(scheduler.waiting) + self._pending
-        self.stats.num_free_blocks = self.engine.num_free_blocks
-        self.stats.num_total_blocks = scheduler.kv.num_blocks
-
-    def _loop(self) -> None:
-        """The engine thread: run commands, step, fan outputs out; never dies of one request."""
-        while not self._stopped:
-            self._run_commands()
-            if not self.engine.has_unfinished():
-                self._refresh_stats()
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001
-                self._fail_step(exc)
-                self._refresh_stats()
-                continue
-            self.stats.num_steps += 1
-            self._deliver([(out.request_id, out) for out in outputs])
-            self._refresh_stats()
-        with self._lock:
-            leftover = list(self._streams)
-        for request_id in leftover:
-            self.engine.abort(request_id)
-            self._finish(request_id, _END)
+            open_ids = list(self._streams)
+        self._deliver([(request_id, exc) for request_id in open_ids])
 
 
 def _put_all(batch: list[tuple[_Stream, Any]]) -> None:

@@ -60,8 +60,8 @@ def create_app(
     metrics = ServerMetrics(engine)
     policy = MediaPolicy(Path(allowed_media_dir) if allowed_media_dir else None, allow_http)
     if allow_http:
-        engine.llm.processor.allow_http = True
-    tokenizer = engine.llm.tokenizer
+        engine.set_processor_option("allow_http", True)
+    tokenizer = engine.tokenizer
     app.state.engine, app.state.metrics = engine, metrics
 
     async def check_api_key(request: Request) -> None:
@@ -94,8 +94,10 @@ def create_app(
         return error_response(400, str(exc), param=error_param(exc, None), code=code)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health():
         s = engine.stats
+        if not engine.alive:
+            return error_response(503, "the engine process is not running", kind="internal_error")
         return {
             "status": "ok",
             "running": s.num_running,
@@ -110,7 +112,7 @@ def create_app(
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        card = ModelCard(id=model_name, max_model_len=engine.engine.max_model_len)
+        card = ModelCard(id=model_name, max_model_len=engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
     @v1.post("/chat/completions")

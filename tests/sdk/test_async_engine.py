@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -151,3 +152,53 @@ def test_a_stream_that_fell_behind_gets_the_waiting_steps_merged(engine):
     assert "".join(o.outputs[0].delta_text for o in outs) == alone[-1].text  # ...losing nothing
     ids = [t for o in outs for t in o.outputs[0].delta_token_ids]
     assert ids == alone[-1].outputs[0].token_ids
+
+
+def test_engine_process_serves_like_the_engine_in_process(engine, tmp_path_factory):
+    """Given a path, the engine runs in its own process: the same tokens as in-process, errors
+    per request, stats and freed blocks reach the parent; a dead child fails every open
+    request instead of hanging it; a model that does not load raises at construction."""
+    import signal
+    import time
+
+    from polymodal import ModelNotFoundError
+    from polymodal.engine_process import EngineDiedError
+
+    ckpt = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    remote = AsyncEngine(ckpt, num_kv_blocks=256)
+    try:
+        assert remote.engine is None and remote.tokenizer is not None
+        prompts = [f"Tell me about number {i}." for i in range(4)]
+        bad = {"messages": [{"role": "user", "content": [{"type": "image", "image": b"junk"}]}]}
+
+        async def main():
+            with pytest.raises(MediaError, match="image 1"):
+                await remote.generate(bad, GREEDY)
+            return await asyncio.gather(*(_collect(remote, p) for p in prompts))
+
+        streams = run(main())
+        local = [run(_collect(engine, p))[-1].outputs[0].token_ids for p in prompts]
+        assert [outs[-1].outputs[0].token_ids for outs in streams] == local
+        for _ in range(100):  # stats arrive from the child after its last step
+            if remote.stats.num_free_blocks == remote.stats.num_total_blocks == 256:
+                break
+            time.sleep(0.05)
+        assert remote.stats.num_free_blocks == 256 and remote.stats.num_waiting == 0
+
+        async def dies():
+            params = SamplingParams(max_tokens=100000, ignore_eos=True)
+            request_id = remote.submit("Talk forever.", params)
+            seen = []
+            with pytest.raises(EngineDiedError):
+                async for out in remote.stream(request_id):
+                    seen.append(out)
+                    if len(seen) == 2:
+                        os.kill(remote._core._process.pid, signal.SIGKILL)
+            return seen
+
+        assert len(run(dies())) >= 2
+        assert not remote.alive
+    finally:
+        remote.close()
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        AsyncEngine(str(tmp_path_factory.mktemp("x") / "no-such-model"))

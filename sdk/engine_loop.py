@@ -1,0 +1,202 @@
+"""`EngineLoop`: the engine side of an `AsyncEngine`, one `LLM` driven by a background thread.
+
+Threads: prompts are processed (media loaded, resized, hashed, staged on the device;
+tokenized) on a small worker pool, so a big image never stalls decoding; one engine thread owns
+the `Engine` (which is not thread-safe) and is the only one that touches it. Commands reach it
+through a locked queue. Everything a request produces leaves through one callback,
+`emit([(request_id, item), ...])`, called once per step with that step's items: a
+`RequestOutput` (the last one has `finished=True`), an exception that ended the request, or
+`END` (aborted: the stream ends without a final output).
+
+Failures stay local: a prompt that cannot be processed (bad media, too long) fails only its
+own request; an exception inside one engine step fails the requests of that step (and frees
+their KV blocks), and the loop goes on serving the others.
+
+The loop runs in the server's own process (`AsyncEngine(llm)`) or alone in an engine process
+(`engine_process.py`), where the HTTP server's Python work cannot take its GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any
+
+from polymodal.feeder import PROCESS_WORKERS
+from polymodal.llm_core.sampling_params import SamplingParams
+
+END = None  # the item that ends an aborted request's stream (no final output)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine, refreshed by the engine thread after every step."""
+
+    num_running: int = 0
+    num_waiting: int = 0  # queued in the scheduler or still being processed
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_steps: int = 0
+    num_failed_steps: int = 0
+
+    def as_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+class EngineLoop:
+    """Serve `submit`ted prompts of one `LLM` from a background thread (see the module doc).
+
+    `emit` receives the items of one step; `on_stats` (optional) the stats after each change.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        emit: Callable[[list[tuple[str, Any]]], None],
+        *,
+        process_workers: int = PROCESS_WORKERS,
+        on_stats: Callable[[EngineStats], None] | None = None,
+    ):
+        self.llm = llm
+        self.engine = llm.engine
+        self.emit = emit
+        self.on_stats = on_stats
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._commands: deque[tuple] = deque()
+        self._live: set[str] = set()  # submitted, not ended
+        self._added: set[str] = set()  # handed to the engine (an abort must reach it)
+        self._pending = 0  # submitted, not yet added to the engine
+        self._stopped = False
+        self.stats = EngineStats()
+        self._last_stats: tuple = ()
+        self._refresh_stats()
+        self._pool = ThreadPoolExecutor(process_workers, thread_name_prefix="polymodal-process")
+        self._thread = threading.Thread(target=self._loop, name="polymodal-engine", daemon=True)
+        self._thread.start()
+
+    # ---- commands (any thread) -----------------------------------------------------------
+    def submit(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
+        """Process `prompt` on the pool, then queue it in the engine under `request_id`."""
+        with self._lock:
+            self._live.add(request_id)
+            self._pending += 1
+        self._pool.submit(self._process, request_id, prompt, params)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; its stream ends with `END`."""
+        self._command(("abort", request_id))
+
+    def set_processor_option(self, name: str, value: Any) -> None:
+        """Set an attribute of the model's processor (e.g. `allow_http`)."""
+        setattr(self.llm.processor, name, value)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (requests still running are aborted)."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- worker side ---------------------------------------------------------------------
+    def _command(self, command: tuple) -> None:
+        with self._lock:
+            self._commands.append(command)
+        self._wake.set()
+
+    def _process(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
+        """Worker pool: load media and tokenize; hand the result (or the error) on."""
+        try:
+            processed = self.llm.process(prompt)
+        except Exception as exc:  # noqa: BLE001 - the error belongs to this request only
+            with self._lock:
+                self._pending -= 1
+            self._end([(request_id, exc)])
+            return
+        self._command(("add", request_id, processed, params))
+
+    def _end(self, items: list[tuple[str, Any]]) -> None:
+        """Emit items, forgetting the requests they end (finished outputs, errors, END)."""
+        with self._lock:
+            for request_id, item in items:
+                if not hasattr(item, "finished") or item.finished:
+                    self._live.discard(request_id)
+                    self._added.discard(request_id)
+        if items:
+            self.emit(items)
+
+    def _run_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = list(self._commands), deque()
+        for command in commands:
+            if command[0] == "add":
+                _, request_id, p, params = command
+                with self._lock:
+                    self._pending -= 1
+                    live = request_id in self._live
+                if not live:  # aborted while it was being processed
+                    continue
+                try:
+                    self.engine.add_request(
+                        p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items
+                    )
+                    with self._lock:
+                        self._added.add(request_id)
+                except Exception as exc:  # noqa: BLE001
+                    self._end([(request_id, exc)])
+            else:  # abort
+                _, request_id = command
+                with self._lock:
+                    live = request_id in self._live
+                self.engine.abort(request_id)
+                if live:
+                    self._end([(request_id, END)])
+
+    def _fail_step(self, exc: Exception) -> None:
+        """An engine step raised: fail (and abort) the requests that were running in it."""
+        self.stats.num_failed_steps += 1
+        in_step = {seq.request_id.rsplit("#", 1)[0] for seq in self.engine.scheduler.running}
+        with self._lock:
+            added = list(self._added)
+        victims = [rid for rid in added if rid in in_step] or added
+        for request_id in victims:
+            self.engine.abort(request_id)
+        self._end([(request_id, exc) for request_id in victims])
+
+    def _refresh_stats(self) -> None:
+        scheduler = self.engine.scheduler
+        self.stats.num_running = len(scheduler.running)
+        self.stats.num_waiting = len(scheduler.waiting) + self._pending
+        self.stats.num_free_blocks = self.engine.num_free_blocks
+        self.stats.num_total_blocks = scheduler.kv.num_blocks
+        now = self.stats.as_tuple()
+        if self.on_stats is not None and now != self._last_stats:
+            self.on_stats(self.stats)
+        self._last_stats = now
+
+    def _loop(self) -> None:
+        """The engine thread: run commands, step, emit outputs; never dies of one request."""
+        while not self._stopped:
+            self._run_commands()
+            if not self.engine.has_unfinished():
+                self._refresh_stats()
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001
+                self._fail_step(exc)
+                self._refresh_stats()
+                continue
+            self.stats.num_steps += 1
+            self._end([(out.request_id, out) for out in outputs])
+            self._refresh_stats()
+        with self._lock:
+            leftover = list(self._live)
+        for request_id in leftover:
+            self.engine.abort(request_id)
+        self._end([(request_id, END) for request_id in leftover])

@@ -1,0 +1,236 @@
+"""`EngineProcess`: an `EngineLoop` alone in a child process, driven over a pipe.
+
+Why: a loaded server spends as much Python time on HTTP and streaming (parsing bodies, one SSE
+event per request per step) as the engine spends launching steps and processing media. In one
+process they share one GIL, and the engine thread and the media workers wait for it while the
+GPU idles (H200, 256 streamed image requests: 35 requests/s in one process against 75 offline).
+Here the child holds the model, the media workers and the engine thread (the offline path's
+situation); the parent keeps the event loop, and only prompts (raw: strings, bytes, images)
+and outputs cross, pickled.
+
+Protocol (each message a tuple): parent -> child `("add", id, prompt, params)`, `("abort",
+id)`, `("option", name, value)`, `("close",)`; child -> parent `("ready", info)` or
+`("failed", exc)` once at start, then `("items", [(id, item), ...])` and `("stats", tuple)`.
+The child sends from its own thread, and everything queued by then goes in one message, so a
+slow parent gets fewer, larger messages instead of stalling the engine thread.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from polymodal.engine_loop import EngineLoop, EngineStats
+from polymodal.feeder import PROCESS_WORKERS
+from polymodal.llm_core.errors import ModelLoadError
+
+
+class EngineDiedError(RuntimeError):
+    """The engine process ended while requests were in it."""
+
+
+class EngineProcess:
+    """The parent's handle on a child process running one model's `EngineLoop`.
+
+    Starting waits until the model is loaded (and warmed up); a load error is raised here.
+    `emit` gets each message's items on a reader thread; `on_death(exc)` runs once if the
+    child dies.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        engine_kwargs: dict[str, Any],
+        emit: Callable[[list[tuple[str, Any]]], None],
+        on_death: Callable[[Exception], None],
+        process_workers: int = PROCESS_WORKERS,
+    ):
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=run_engine_process,
+            args=(child_conn, model, engine_kwargs, process_workers),
+            name="polymodal-engine-core",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._send_lock = threading.Lock()
+        self.emit, self.on_death = emit, on_death
+        self.stats = EngineStats()
+        self.alive = True
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise ModelLoadError(
+                f"{model}: the engine process exited while loading "
+                f"(exit code {self._process.exitcode})"
+            ) from None
+        if kind == "failed":
+            self._process.join(5)
+            raise payload
+        self.info: dict[str, Any] = payload  # model_dir, max_model_len
+        self._reader = threading.Thread(target=self._read, name="polymodal-engine-reader")
+        self._reader.daemon = True
+        self._reader.start()
+
+    def submit(self, request_id: str, prompt: Any, params: Any) -> None:
+        self._send(("add", request_id, prompt, params))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def set_processor_option(self, name: str, value: Any) -> None:
+        self._send(("option", name, value))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop (aborting what runs), then wait; kill it if it hangs."""
+        try:
+            self._send(("close",))
+        except EngineDiedError:
+            pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+    def _send(self, message: tuple) -> None:
+        if not self.alive:
+            raise EngineDiedError("the engine process is not running")
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, EOFError) as exc:
+            self._died(exc)
+            raise EngineDiedError(f"the engine process is gone: {exc}") from None
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, payload = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._died(exc)
+                return
+            if kind == "items":
+                self.emit(payload)
+            elif kind == "stats":
+                for name, value in zip(EngineStats.__dataclass_fields__, payload):
+                    setattr(self.stats, name, value)
+            elif kind == "closed":
+                self.alive = False
+                return
+
+    def _died(self, exc: BaseException) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self._process.join(2)
+        self.on_death(
+            EngineDiedError(
+                f"the engine process died (exit code {self._process.exitcode}): {exc or 'EOF'}"
+            )
+        )
+
+
+def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: int) -> None:
+    """The child: load the model, serve commands until `close` or the parent goes away."""
+    from polymodal.llm import LLM
+
+    try:
+        llm = LLM(model, **engine_kwargs)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", picklable(exc)))
+        return
+    outbox = Outbox(conn)
+    loop = EngineLoop(
+        llm,
+        outbox.put_items,
+        process_workers=process_workers,
+        on_stats=lambda stats: outbox.put_stats(stats.as_tuple()),
+    )
+    info = {"model_dir": str(llm.model_config.model_dir), "max_model_len": llm.engine.max_model_len}
+    conn.send(("ready", info))
+    outbox.start()  # from here on only its thread writes to the pipe
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the parent is gone
+                break
+            if message[0] == "add":
+                loop.submit(*message[1:])
+            elif message[0] == "abort":
+                loop.abort(message[1])
+            elif message[0] == "option":
+                loop.set_processor_option(*message[1:])
+            elif message[0] == "close":
+                break
+    finally:
+        loop.close()
+        outbox.close()
+
+
+class Outbox:
+    """The child's sender thread: items and stats queued by the engine thread go out in one
+    message per wake-up (pickling and the pipe write stay off the engine thread)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._items: deque = deque()
+        self._stats: tuple | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="polymodal-outbox", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put_items(self, items: list[tuple[str, Any]]) -> None:
+        with self._lock:
+            self._items.extend((rid, picklable(item)) for rid, item in items)
+        self._wake.set()
+
+    def put_stats(self, stats: tuple) -> None:
+        with self._lock:
+            self._stats = stats
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                items, self._items = list(self._items), deque()
+                stats, self._stats = self._stats, None
+            try:
+                if items:
+                    self.conn.send(("items", items))
+                if stats is not None:
+                    self.conn.send(("stats", stats))
+                if self._closed and not self._items:
+                    self.conn.send(("closed", None))
+                    return
+            except (OSError, EOFError):  # the parent is gone
+                return
+
+
+def picklable(item: Any) -> Any:
+    """`item`, or for an exception that cannot cross a pipe, a RuntimeError saying what it was."""
+    if not isinstance(item, BaseException):
+        return item
+    try:
+        pickle.loads(pickle.dumps(item))
+        return item
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(item).__name__}: {item}")
