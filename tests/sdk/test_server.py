@@ -322,3 +322,54 @@ def test_metrics_have_millisecond_buckets_and_request_phases(server):
         assert _metric(server, f"polymodal:{name}_seconds_count") > 0, name
     assert _metric(server, "polymodal:generation_tokens_total") > 0
     assert 0 <= _metric(server, "polymodal:kv_cache_usage_perc") <= 1
+
+
+def test_64_concurrent_image_streams_match_offline_and_free_every_block(server, tmp_path_factory):
+    """The server's media path (processed in the engine process, off the event loop) under 64
+    concurrent streamed image requests: every response arrives, each equals `LLM.generate` on
+    the same request in this process, and every KV block is free afterwards."""
+    from polymodal import LLM, SamplingParams
+
+    start = wait_idle(server)
+    urls = [png_data_url(40 + i % 9, 30 + i % 7, (i * 37 % 256, 90, 200)) for i in range(64)]
+
+    def messages(url: str, i: int) -> list[dict]:
+        parts = [{"type": "image_url", "image_url": {"url": url}}]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": f"Image {i}?"}]}]
+
+    async def one(http, i: int) -> str:
+        body = {"model": "m", "messages": messages(urls[i], i), "max_tokens": 6,
+                "temperature": 0, "stream": True}  # fmt: skip
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        text = ""
+        async with http.stream("POST", f"{server}/v1/chat/completions", json=body,
+                               headers=headers) as resp:  # fmt: skip
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    text += "".join(ch["delta"].get("content") or "" for ch in chunk["choices"])
+        return text
+
+    async def burst():
+        limits = httpx.Limits(max_connections=80)
+        async with httpx.AsyncClient(timeout=200, limits=limits) as http:
+            return await asyncio.wait_for(asyncio.gather(*(one(http, i) for i in range(64))), 250)
+
+    served = asyncio.run(burst())
+    llm = LLM(str(tiny_checkpoint(tmp_path_factory, "qwen2_vl")), num_kv_blocks=256)
+    offline = [
+        {
+            "role": m["role"],
+            "content": [
+                {"type": "image", "image": p["image_url"]["url"]} if p["type"] == "image_url" else p
+                for p in m["content"]
+            ],
+        }  # fmt: skip
+        for i in range(64)
+        for m in messages(urls[i], i)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    expected = [out.outputs[0].text for out in llm.generate([[m] for m in offline], params)]
+    assert served == expected
+    assert wait_idle(server, timeout=60)["free_kv_blocks"] == start["free_kv_blocks"]
