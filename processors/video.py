@@ -1,4 +1,5 @@
-"""Load a video as `[T, 3, H, W]` frames: decoded from a file with decord, or given as frames.
+"""Load a video as `[T, 3, H, W]` frames: decoded from a file (decord, or PyAV where decord is
+missing: aarch64, macOS), or given as frames.
 
 Frame sampling follows transformers' `Qwen2VLVideoProcessor.sample_frames`: `num_frames` is
 rounded to a multiple of the temporal patch size; `fps` asks for that many frames per second,
@@ -113,26 +114,46 @@ def frames_from_list(frames: Any, max_pixels: int) -> torch.Tensor:
     return frames_to_rgb(video)
 
 
-def _import_decord():
-    """decord, imported on first use: it is an optional dependency (`polymodal[video]`)."""
-    try:
-        import decord
-    except ImportError:
-        raise ImportError(
-            "reading video files needs the 'decord' package: pip install decord "
-            "(or pass the video as a list of frames)"
-        ) from None
-    return decord
+def _video_backend() -> str:
+    """decord where it is installed (x86-64 only), else PyAV: the same FFmpeg decode."""
+    for name in ("decord", "av"):
+        try:
+            __import__(name)
+            return name
+        except ImportError:
+            continue
+    raise ImportError(
+        "reading video files needs decord or PyAV: pip install 'polymodal[video]' "
+        "(or pass the video as a list of frames)"
+    )
 
 
 def decode_video_file(source: Any, *, max_pixels: int, allow_http: bool, **sampling) -> VideoFrames:
-    """Decode the sampled frames of a video file / bytes / URL with decord."""
-    decord = _import_decord()
+    """Decode the sampled frames of a video file / bytes / URL (decord, else PyAV)."""
+    backend = _video_backend()
     data = read_source_bytes(source, allow_http=allow_http)
     if isinstance(data, bytes) and not data:
         raise ValueError("cannot decode: empty data (0 bytes)")
     if isinstance(data, Path) and data.stat().st_size == 0:
         raise ValueError("cannot decode: empty file (0 bytes)")
+    read = _read_decord if backend == "decord" else _read_pyav
+    frames, total, video_fps = read(data, max_pixels, sampling)
+    return VideoFrames(
+        torch.from_numpy(frames).permute(0, 3, 1, 2), len(frames) / total * video_fps
+    )
+
+
+def _check_size(count: int, height: int, width: int, max_pixels: int) -> None:
+    if count * height * width > max_pixels:
+        raise ValueError(
+            f"{count} frames of {width}x{height} exceed the limit of {max_pixels} pixels"
+        )
+
+
+def _read_decord(data: bytes | Path, max_pixels: int, sampling: dict):
+    """(sampled frames [T, H, W, 3] uint8, total frames, fps) with decord."""
+    import decord
+
     try:
         reader = decord.VideoReader(io.BytesIO(data) if isinstance(data, bytes) else str(data))
         total = len(reader)
@@ -142,17 +163,49 @@ def decode_video_file(source: Any, *, max_pixels: int, allow_http: bool, **sampl
     if total == 0 or video_fps <= 0:
         raise ValueError(f"no decodable frames ({total} frames, {video_fps} fps)")
     indices = sample_indices(total, video_fps, **sampling)
-    height, width = reader[0].shape[:2] if total else (0, 0)
-    if len(indices) * height * width > max_pixels:
-        raise ValueError(
-            f"{len(indices)} frames of {width}x{height} exceed the limit of {max_pixels} pixels"
-        )
+    _check_size(len(indices), *reader[0].shape[:2], max_pixels)
     try:
-        frames = reader.get_batch(indices.tolist()).asnumpy()  # [T, H, W, 3] uint8
+        return reader.get_batch(indices.tolist()).asnumpy(), total, video_fps
     except (decord.DECORDError, RuntimeError) as exc:
         raise ValueError(f"cannot decode frames: {str(exc).splitlines()[0]}") from None
-    sampled_fps = len(indices) / total * video_fps
-    return VideoFrames(torch.from_numpy(frames).permute(0, 3, 1, 2), sampled_fps)
+
+
+def _read_pyav(data: bytes | Path, max_pixels: int, sampling: dict):
+    """(sampled frames [T, H, W, 3] uint8, total frames, fps) with PyAV: the frames are counted
+    from the demuxed packets (no decoding), then decoded in one pass keeping the sampled ones."""
+    import av
+
+    def open_video():
+        container = av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data))
+        if not container.streams.video:
+            container.close()
+            raise ValueError("cannot decode video: no video stream")
+        return container, container.streams.video[0]
+
+    try:
+        container, stream = open_video()
+        with container:
+            rate = stream.average_rate or stream.guessed_rate
+            video_fps = float(rate) if rate else 0.0
+            height, width = stream.codec_context.height, stream.codec_context.width
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+        if total == 0 or video_fps <= 0:
+            raise ValueError(f"no decodable frames ({total} frames, {video_fps} fps)")
+        indices = sample_indices(total, video_fps, **sampling).tolist()
+        _check_size(len(indices), height, width, max_pixels)
+        wanted, frames = set(indices), {}
+        container, stream = open_video()
+        with container:
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= indices[-1]:
+                    break
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"cannot decode video: {exc}") from None
+    if len(frames) < len(wanted):
+        raise ValueError(f"cannot decode frames: the stream ended after {i + 1} of {total}")
+    return np.stack([frames[i] for i in indices]), total, video_fps
 
 
 def load_video(

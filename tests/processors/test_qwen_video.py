@@ -119,9 +119,21 @@ def test_total_pixel_budget_and_max_frames_match_hf(video_file, hf_processors, o
     assert big.num_slots > item.num_slots  # the cap really bound
 
 
-def test_missing_decord_is_a_clear_error(video_file, monkeypatch):
+@pytest.mark.parametrize("sampling", [{"fps": 4}, {"num_frames": 10}, {"fps": 1}, {}])
+def test_pyav_reads_what_decord_reads(video_file, monkeypatch, sampling):
+    """Without decord (aarch64, macOS) video files decode with PyAV: the same frame count,
+    rate, sampled indices and pixels (both are FFmpeg)."""
+    with_decord = load_video(video_file, **sampling)
     monkeypatch.setitem(sys.modules, "decord", None)  # import decord -> ImportError
-    with pytest.raises(ImportError, match="decord"):
+    with_pyav = load_video(video_file, **sampling)
+    assert with_pyav.sampled_fps == pytest.approx(with_decord.sampled_fps)
+    assert torch.equal(with_pyav.frames, with_decord.frames)
+
+
+def test_no_video_decoder_is_a_clear_error(video_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "decord", None)
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(ImportError, match="decord or PyAV"):
         load_video(video_file)
     # frames given directly need no decoder
     frames = [Image.new("RGB", (56, 56), (i * 40, 0, 0)) for i in range(4)]
