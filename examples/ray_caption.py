@@ -14,7 +14,7 @@ import argparse
 
 import ray
 
-from polymodal.ray_predictor import CaptionPredictor
+from polymodal.ray_predictor import CaptionPredictor, actor_resources
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
 
     ray.init()  # joins a running cluster when there is one, else starts a local one
     ds = ray.data.read_images(args.images, include_paths=True, mode="RGB")
-    resources = {"num_cpus": 1} if args.cpu else {"num_gpus": 1}
+    resources = actor_resources(args.workers, use_gpu=not args.cpu)
     captions = ds.map_batches(
         CaptionPredictor,
         fn_constructor_kwargs={

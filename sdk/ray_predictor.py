@@ -30,6 +30,23 @@ from polymodal.caption_io import media_kind
 from polymodal.feeder import run_prompts
 
 
+def actor_resources(workers: int, use_gpu: bool) -> dict[str, float]:
+    """`map_batches` resources for `workers` engine actors that leave one CPU of the cluster to
+    Ray Data's own tasks (reading, decoding, writing): with every CPU held by an actor, a read
+    task never gets one and the job waits forever (2 CPUs, 2 CPU actors).
+
+    A GPU actor asks for one GPU and a share of the spare CPUs; a CPU actor for its share."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    spare = max(0.0, ray.cluster_resources().get("CPU", 1.0) - 1.0)
+    share = round(min(1.0, spare / max(1, workers)), 3)
+    if use_gpu:
+        return {"num_gpus": 1, "num_cpus": share}
+    return {"num_cpus": max(share, 0.001)}
+
+
 class CaptionPredictor:
     """A callable class for `Dataset.map_batches`: loads the model once per actor.
 

@@ -59,3 +59,23 @@ def test_ray_data_two_workers_one_row_per_input(tmp_path_factory, tmp_path):
     by_path = {r["path"]: r for r in rows}
     assert "image 1" in by_path[paths[-1]]["error"]
     assert all(by_path[p]["caption"] and by_path[p]["error"] is None for p in paths[:-1])
+
+
+def test_documented_example_command_finishes_on_this_machine(tmp_path_factory, tmp_path):
+    """`examples/ray_caption.py MODEL examples/ OUT --workers 2 --cpu`, as docs/batch.md says
+    to run it: the actors leave Ray Data's read task a CPU, so it ends (it hung on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    out = tmp_path / "captions"
+    cmd = [sys.executable, "examples/ray_caption.py", str(ckpt), "examples/", str(out)]
+    cmd += ["--workers", "2", "--cpu", "--max-tokens", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = pq.read_table(out).to_pylist()
+    assert rows and all(r["caption"] and r["error"] is None for r in rows)
