@@ -5,10 +5,11 @@
     async for out in engine.stream(request_id):      # RequestOutput after every step
         print(out.outputs[0].delta_text, end="")
 
-Threads: prompts are processed (media loaded, tokenized) on a small worker pool, so a big
-image never stalls decoding; one engine thread owns the `Engine` (which is not thread-safe)
-and is the only one that touches it. Commands reach it through a locked queue; outputs reach
-each request's `asyncio.Queue` through `loop.call_soon_threadsafe`.
+Threads: prompts are processed (media loaded, tokenized, structured-output grammars compiled)
+on a small worker pool, so a big image or schema never stalls decoding; one engine thread owns
+the `Engine` (which is not thread-safe) and is the only one that touches it. Commands reach it
+through a locked queue; outputs reach each request's `asyncio.Queue` through
+`loop.call_soon_threadsafe`.
 
 Failures stay local: a prompt that cannot be processed (bad media, too long) fails only its
 own request; an exception inside one engine step fails the requests of that step (and frees
@@ -29,6 +30,7 @@ from typing import Any
 from polymodal.llm import LLM
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import RequestOutput
+from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
 
 _END = None  # queue sentinel: the request was aborted, the stream ends without a final output
@@ -51,6 +53,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     added: bool = False  # handed to the engine (so abort must reach the engine)
+    done: bool = False  # its last item is queued; `stream` forgets it once read
 
 
 class AsyncEngine:
@@ -81,7 +84,9 @@ class AsyncEngine:
     ) -> str:
         """Queue one prompt (any form `LLM.process` takes); returns its request id at once.
 
-        Processing errors are not raised here: they end this request's `stream` instead.
+        Processing errors are not raised here: they end this request's `stream` instead, as
+        does an explicit `max_tokens` that does not fit the context (vLLM's server rule).
+        Read every submitted request with `stream` (or `abort` it).
         """
         if self._stopped:
             raise RuntimeError("the AsyncEngine is closed")
@@ -123,6 +128,8 @@ class AsyncEngine:
         finally:
             if not done:
                 self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
 
     async def generate(self, prompt: Any, params: SamplingParams | None = None) -> RequestOutput:
         """Submit one prompt and return its final output."""
@@ -152,15 +159,18 @@ class AsyncEngine:
         self._wake.set()
 
     def _process(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
-        """Worker pool: load media and tokenize; hand the result (or the error) on."""
+        """Worker pool: load media, tokenize, compile the grammar (structured output), check
+        `max_tokens` against the context; hand the result (or the error) on."""
         try:
             processed = self.llm.process(prompt)
+            check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
+            grammar = self.engine.compile_grammar(params)
         except Exception as exc:  # noqa: BLE001 - the error belongs to this request only
             with self._lock:
                 self._pending -= 1
             self._finish(request_id, exc)
             return
-        self._command(("add", request_id, processed, params))
+        self._command(("add", request_id, processed, params, grammar))
 
     def _deliver(self, request_id: str, item: Any) -> None:
         with self._lock:
@@ -172,25 +182,34 @@ class AsyncEngine:
                 pass
 
     def _finish(self, request_id: str, last: Any) -> None:
-        """Deliver the last item of a request and forget it."""
+        """Deliver the last item of a request; its `stream` (called before or after this)
+        reads everything up to it, then forgets the request."""
         self._deliver(request_id, last)
         with self._lock:
-            self._streams.pop(request_id, None)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.done = True
 
     def _run_commands(self) -> None:
         with self._lock:
             commands, self._commands = list(self._commands), deque()
         for command in commands:
             if command[0] == "add":
-                _, request_id, p, params = command
+                _, request_id, p, params, grammar = command
                 with self._lock:
                     self._pending -= 1
                     stream = self._streams.get(request_id)
-                if stream is None:  # aborted while it was being processed
+                if stream is None or stream.done:  # aborted while it was being processed
                     continue
                 try:
                     self.engine.add_request(
-                        p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items
+                        p.token_ids,
+                        params,
+                        request_id,
+                        p.positions,
+                        p.mrope_delta,
+                        p.mm_items,
+                        grammar,
                     )
                     stream.added = True
                 except Exception as exc:  # noqa: BLE001
@@ -205,7 +224,7 @@ class AsyncEngine:
         self.stats.num_failed_steps += 1
         in_step = {seq.request_id.rsplit("#", 1)[0] for seq in self.engine.scheduler.running}
         with self._lock:
-            added = [rid for rid, s in self._streams.items() if s.added]
+            added = [rid for rid, s in self._streams.items() if s.added and not s.done]
         victims = [rid for rid in added if rid in in_step] or added
         for request_id in victims:
             self.engine.abort(request_id)
@@ -241,7 +260,7 @@ class AsyncEngine:
                     self._deliver(out.request_id, out)
             self._refresh_stats()
         with self._lock:
-            leftover = list(self._streams)
+            leftover = [rid for rid, s in self._streams.items() if not s.done]
         for request_id in leftover:
             self.engine.abort(request_id)
             self._finish(request_id, _END)
