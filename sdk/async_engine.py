@@ -141,6 +141,10 @@ class AsyncEngine:
             raise RuntimeError(f"request {request_id} was aborted")
         return final
 
+    async def process(self, prompt: Any) -> Any:
+        """`LLM.process(prompt)` on the worker pool (media loading never blocks the loop)."""
+        return await asyncio.wrap_future(self._pool.submit(self.llm.process, prompt))
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; a running `stream` of it ends. Thread-safe."""
         self._command(("abort", request_id))

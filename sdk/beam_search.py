@@ -108,49 +108,79 @@ class _Search:
     open: bool = True  # transformers' is_early_stop_heuristic_unsatisfied
 
 
-def beam_search(llm, prompts: list[ProcessedPrompt], params: BeamSearchParams):
-    """Run the search for every prompt (batched through `llm`'s engine each step)."""
-    eos = () if params.ignore_eos else tuple(llm.engine.model_config.eos_token_ids)
-    width = params.beam_width
-    keep = max(2, 1 + len(eos)) * width
-    if keep > MAX_LOGPROBS:
-        raise InvalidInputError(
-            f"BeamSearchParams.beam_width={width} needs the top {keep} logprobs per step "
-            f"(this model has {len(eos)} EOS ids); at most {MAX_LOGPROBS} are available"
-        )
-    searches = [_Search(p, [_Beam([], 0.0)]) for p in prompts]
-    step = 0
-    while any(s.open for s in searches):
-        live = [(s, b) for s in searches if s.open for b in s.running if b.score > _DEAD / 2]
-        asks = SamplingParams(max_tokens=1, temperature=0.0, logprobs=keep, ignore_eos=True)
-        ids = [llm.submit(extend_prompt(s.prompt, b.generated), asks) for s, b in live]
-        tables = {}
-        for (_, b), out in zip(live, llm.run(ids)):
-            tables[id(b)] = out.outputs[0].logprobs[0]
-        for s in searches:
-            if s.open:
-                _advance(s, tables, step, width, keep, eos, params)
-        step += 1
-    tokenizer = llm.tokenizer
-    results = []
-    for s in searches:
-        sequences = []
-        for score, beam, ended_by_eos in s.finished:
-            tokens = s.prompt.token_ids + beam.generated
-            shown = tokens if params.include_stop_str_in_output or not ended_by_eos else tokens[:-1]
-            sequences.append(
-                BeamSearchSequence(
-                    tokens=tokens,
-                    logprobs=beam.logprobs,
-                    cum_logprob=beam.score,
-                    score=score,
-                    text=tokenizer.decode(shown, skip_special_tokens=True) if tokenizer else None,
-                    finish_reason="stop" if ended_by_eos else "length",
-                    stop_reason=beam.generated[-1] if ended_by_eos else None,
-                )
+class BeamSearch:
+    """The search over a batch of prompts, driven step by step: score `requests()` (one token,
+    `scoring_params`), hand the logprob tables to `advance`, until `done`; then `outputs`."""
+
+    def __init__(self, prompts: list[ProcessedPrompt], params: BeamSearchParams, eos_ids):
+        self.params = params
+        self.eos = () if params.ignore_eos else tuple(eos_ids)
+        self.keep = max(2, 1 + len(self.eos)) * params.beam_width
+        if self.keep > MAX_LOGPROBS:
+            raise InvalidInputError(
+                f"BeamSearchParams.beam_width={params.beam_width} needs the top {self.keep} "
+                f"logprobs per step (this model has {len(self.eos)} EOS ids); at most "
+                f"{MAX_LOGPROBS} are available"
             )
-        results.append(BeamSearchOutput(sequences))
-    return results
+        self.scoring_params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=self.keep, ignore_eos=True
+        )
+        self._searches = [_Search(p, [_Beam([], 0.0)]) for p in prompts]
+        self._live: list[tuple[_Search, _Beam]] = []
+        self._step = 0
+
+    @property
+    def done(self) -> bool:
+        return not any(s.open for s in self._searches)
+
+    def requests(self) -> list[ProcessedPrompt]:
+        """The prompts to score this step: every running beam's prompt + tokens so far."""
+        self._live = [
+            (s, b) for s in self._searches if s.open for b in s.running if b.score > _DEAD / 2
+        ]
+        return [extend_prompt(s.prompt, b.generated) for s, b in self._live]
+
+    def advance(self, tables: list[dict[int, float]]) -> None:
+        """One step, given the top-`keep` logprob table of each prompt from `requests()`."""
+        by_beam = {id(b): table for (_, b), table in zip(self._live, tables, strict=True)}
+        for s in self._searches:
+            if s.open:
+                _advance(s, by_beam, self._step, self.params.beam_width, self.keep, self.eos,
+                         self.params)  # fmt: skip
+        self._step += 1
+
+    def outputs(self, tokenizer) -> list[BeamSearchOutput]:
+        """The finished beams of every prompt, best first."""
+        results = []
+        for s in self._searches:
+            sequences = []
+            for score, beam, by_eos in s.finished:
+                tokens = s.prompt.token_ids + beam.generated
+                keep_eos = self.params.include_stop_str_in_output or not by_eos
+                shown = tokens if keep_eos else tokens[:-1]
+                text = tokenizer.decode(shown, skip_special_tokens=True) if tokenizer else None
+                sequences.append(
+                    BeamSearchSequence(
+                        tokens=tokens,
+                        logprobs=beam.logprobs,
+                        cum_logprob=beam.score,
+                        score=score,
+                        text=text,
+                        finish_reason="stop" if by_eos else "length",
+                        stop_reason=beam.generated[-1] if by_eos else None,
+                    )
+                )
+            results.append(BeamSearchOutput(sequences))
+        return results
+
+
+def beam_search(llm, prompts: list[ProcessedPrompt], params: BeamSearchParams):
+    """Run the search for every prompt, each step batched through `llm`'s engine."""
+    search = BeamSearch(prompts, params, llm.engine.model_config.eos_token_ids)
+    while not search.done:
+        ids = [llm.submit(p, search.scoring_params) for p in search.requests()]
+        search.advance([out.outputs[0].logprobs[0] for out in llm.run(ids)])
+    return search.outputs(llm.tokenizer)
 
 
 def _advance(s: _Search, tables: dict, step: int, width: int, keep: int, eos, params) -> None:
