@@ -4,7 +4,7 @@ In vLLM's order: grammar bitmask (structured output) and `allowed_token_ids` (wh
 `bad_words`, `min_tokens` (stop tokens masked until enough were generated), `logit_bias`.
 The host only gathers (row, token) index lists; each kind is one copy and one indexed write.
 Rows without rules cost nothing; a batch without any rule never calls this (the sampler
-checks `SamplingParams.has_logit_rules`).
+checks each context's `has_rules`, read once per request from `SamplingParams`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def apply_logit_rules(logits: torch.Tensor, contexts: list[Any]) -> torch.Tensor
     bias_val: list[float] = []
     for i, ctx in enumerate(contexts):
         p = ctx.params
-        if not p.has_logit_rules:
+        if not ctx.has_rules:
             continue
         if ctx.grammar is not None:
             grammar_rows.append(i)

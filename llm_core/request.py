@@ -58,6 +58,7 @@ class Request:
         # Checked for every row of every step: read once from the params.
         self.plain_argmax: bool = self.params.is_plain_argmax
         self.needs_host_tokens: bool = self.params.needs_host_tokens
+        self.has_logit_rules: bool = self.params.has_logit_rules
         stop_ids = self.params.stop_token_ids
         self.stop_ids = tuple(self.eos_token_ids) + tuple(stop_ids)  # masked before min_tokens
 

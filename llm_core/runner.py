@@ -287,6 +287,7 @@ class ModelRunner:
                 r.bad_words_ids,
                 r.grammar,
                 r.num_pending,
+                r.has_logit_rules,
             )
             for r in reqs
         ]

@@ -42,6 +42,12 @@ class SamplingContext:
     """Structured output state (`logit_rules.TokenGrammar`) when the request has one."""
     num_pending: int = 0
     """Tokens already sampled but not yet in `output_token_ids` (async scheduling)."""
+    has_rules: bool | None = None
+    """`params.has_logit_rules`, read once per request by the engine (None: read it here)."""
+
+    def __post_init__(self) -> None:
+        if self.has_rules is None:
+            self.has_rules = self.params.has_logit_rules
 
 
 @dataclass
@@ -160,7 +166,7 @@ class Sampler:
         want_logprobs = [c.params.logprobs is not None for c in contexts]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        if any(c.params.has_logit_rules for c in contexts):
+        if any(c.has_rules for c in contexts):
             logits = apply_logit_rules(logits.clone(), contexts)
         logits = apply_penalties(logits, contexts)
         tokens = logits.argmax(dim=-1)  # [n]; final for greedy rows

@@ -31,8 +31,8 @@ _TOOL_TURNS = (
     "{{ message['content'] }}\n</tool_response><|im_end|>\n"
     "{% elif message['role'] == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
     "{% if message['content'] %}{{ message['content'] }}\n{% endif %}"
-    "{% for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
-    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}"
+    '{% for call in message.tool_calls %}<tool_call>\n{"name": "{{ call.function.name }}", '
+    '"arguments": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}'
     "<|im_end|>\n{% else %}"
 )
 CHAT_TEMPLATE = (

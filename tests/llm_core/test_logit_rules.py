@@ -1,6 +1,7 @@
 """Per-request logit rules (allowed ids, bad words, min_tokens, logit bias, grammar bitmask)
 change only the rows and tokens they name, on the logits' device."""
 
+import pytest
 import torch
 
 from polymodal.llm_core.logit_rules import apply_logit_rules, unpack_bitmask
@@ -67,9 +68,7 @@ class FixedGrammar:
     def fill_bitmask(self, bitmask, row):
         bitmask[row] = 0
         for t in self.allowed:
-            bitmask[row, t // 32] |= torch.tensor(1 << (t % 32), dtype=torch.int64).to(
-                torch.int32
-            )
+            bitmask[row, t // 32] |= torch.tensor(1 << (t % 32), dtype=torch.int64).to(torch.int32)
 
 
 def test_grammar_bitmask_masks_exactly_the_disallowed_tokens():
@@ -98,3 +97,18 @@ def test_sampler_respects_rules_for_greedy_and_random_rows_and_keeps_input():
         assert tokens[0] in (2, 3) and tokens[1] in (2, 3) and tokens[2] == 17
         assert tokens[3] == int(logits[3].argmax())
     assert torch.equal(logits, before)
+
+
+@pytest.mark.gpu
+def test_rules_on_cuda_equal_cpu():
+    torch.manual_seed(1)
+    logits = torch.randn(4, VOCAB)
+    contexts = [
+        ctx(allowed_token_ids=[3, 7, 40]),
+        ctx(logit_bias={4: 2.5, 9: -100.0}, output=[8, 11], bad_words=[[11, 12]]),
+        ctx(output=[1], stop_ids=[0, 6], min_tokens=2, grammar=FixedGrammar([0, 6, 31, 32])),
+        ctx(),
+    ]
+    cpu = apply_logit_rules(logits.clone(), contexts)
+    cuda = apply_logit_rules(logits.cuda(), contexts).cpu()
+    assert torch.equal(cpu, cuda)

@@ -67,9 +67,7 @@ def test_unsupported_fields_get_a_400_naming_them(server):
         error = resp.json()["error"]
         assert error["param"].startswith(param) and param.split("[")[0] in error["message"]
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        openai_client(server).chat.completions.create(
-            model="m", messages=USER, logit_bias={"x": 1}
-        )
+        openai_client(server).chat.completions.create(model="m", messages=USER, logit_bias={"x": 1})
 
 
 def test_max_tokens_zero_and_too_large(server):

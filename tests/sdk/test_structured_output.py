@@ -125,3 +125,24 @@ def test_constrained_and_free_requests_in_one_batch_match_alone(ckpt, engine_kw)
     for (_, params), ids in zip(jobs, batched):
         if params.structured_outputs is not None and params.structured_outputs.regex:
             assert re.fullmatch(r"[a-z]{4}-[0-9]{2}", tok.decode(ids, skip_special_tokens=True))
+
+
+@pytest.mark.gpu
+def test_mixed_batch_on_cuda_matches_alone(ckpt):
+    """CUDA graphs + async scheduling: constrained rows fall back cleanly, free rows keep
+    their tokens."""
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    compact = {"json": SCHEMA, "disable_any_whitespace": True}
+    jobs = [([10 + i, 20 + 3 * i, 7], constrained(compact) if i % 2 else free) for i in range(6)]
+
+    def run(batch):
+        engine = Engine(ckpt, dtype="float32", device="cuda")
+        ids = [engine.add_request(p, sp) for p, sp in batch]
+        final = engine.run_until_done()
+        return [final[i].outputs[0].token_ids for i in ids], engine.tokenizer
+
+    batched, tok = run(jobs)
+    assert batched == [run([job])[0][0] for job in jobs]
+    for (_, params), ids in zip(jobs, batched):
+        if params.structured_outputs is not None:
+            assert satisfies(json.loads(tok.decode(ids, skip_special_tokens=True)))

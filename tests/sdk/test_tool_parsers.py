@@ -8,8 +8,11 @@ from polymodal.server.tools import TOOL_PARSERS, ToolStream
 
 CALL = {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}
 REPLIES = {
-    "hermes": "Let me check.\n<tool_call>\n" + json.dumps(CALL) + "\n</tool_call>\n<tool_call>\n"
-    + json.dumps({**CALL, "arguments": {"city": "Rome"}}) + "\n</tool_call>",
+    "hermes": "Let me check.\n<tool_call>\n"
+    + json.dumps(CALL)
+    + "\n</tool_call>\n<tool_call>\n"
+    + json.dumps({**CALL, "arguments": {"city": "Rome"}})
+    + "\n</tool_call>",
     "llama3_json": "<|python_tag|>"
     + json.dumps({"name": "get_weather", "parameters": CALL["arguments"]})
     + "; "
