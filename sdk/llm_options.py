@@ -32,9 +32,10 @@ VLLM_DEFAULT_ONLY = {
 }
 # vLLM keywords with a polymodal effect under another name.
 VLLM_DTYPES = {"half": "float16", "float": "float32"}
-# Accepted for vLLM compatibility: polymodal never runs code shipped with a checkpoint, so
-# there is nothing to trust or refuse.
-ACCEPTED_FLAGS = ("trust_remote_code",)
+# vLLM keywords handled one by one below: enforce_eager (-> cuda_graphs), tokenizer (only the
+# model's own), trust_remote_code (accepted: polymodal never runs code shipped with a
+# checkpoint, so there is nothing to trust or refuse).
+VLLM_KEYWORDS = ("enforce_eager", "tokenizer", "trust_remote_code")
 
 
 def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -58,10 +59,10 @@ def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
                     f"LLM({key}={value!r}) is not supported by polymodal "
                     f"(only {VLLM_DEFAULT_ONLY[key]!r})"
                 )
-        elif key not in ACCEPTED_FLAGS:
+        elif key != "trust_remote_code":
             unknown.append(key)
     if unknown:
-        known = sorted(ENGINE_KEYWORDS | set(VLLM_DEFAULT_ONLY) | {"enforce_eager", "tokenizer"})
+        known = sorted(ENGINE_KEYWORDS | set(VLLM_DEFAULT_ONLY) | set(VLLM_KEYWORDS))
         raise InvalidInputError(
             f"LLM() got unknown keyword(s) {', '.join(map(repr, unknown))}; "
             f"engine keywords are {', '.join(known)}"

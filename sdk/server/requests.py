@@ -23,7 +23,6 @@ class StreamOptions(_Strict):
     """`stream_options`: `include_usage` adds a last chunk with token counts."""
 
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
 
 class ImageURL(_Strict):
