@@ -286,7 +286,13 @@ class Engine:
                 total=now - group.arrival if finished else None,
             ),
             prompt_logprobs=group.seqs[0].prompt_logprobs,
-            metrics=RequestMetrics(**{k: getattr(metrics, k) for k in RequestMetrics.__slots__}),
+            metrics=RequestMetrics(  # a copy: the live one goes on changing
+                metrics.arrival_time,
+                metrics.first_scheduled_time,
+                metrics.first_token_time,
+                metrics.last_token_time,
+                metrics.finished_time,
+            ),
         )
 
     def run_until_done(self) -> dict[str, RequestOutput]:

@@ -218,3 +218,17 @@ def test_pooling_routes_say_the_model_is_generative(server):
     for path in ("/pooling", "/classify", "/score"):
         resp = post(server, path, {"model": "m", "input": "x"})
         assert resp.status_code == 400 and "pooling" in resp.json()["error"]["message"]
+
+
+def test_beam_search_returns_n_beams(server):
+    body = {"prompt": "Once upon", "max_tokens": 4, "n": 3, "use_beam_search": True}
+    resp = post(server, "/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    choices = resp.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and len({c["text"] for c in choices}) == 3
+    chat = post(server, "/v1/chat/completions", {"messages": USER, **body, "prompt": None})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "prompt"
+    body = {"messages": USER, "max_tokens": 4, "n": 2, "use_beam_search": True}
+    assert len(post(server, "/v1/chat/completions", body).json()["choices"]) == 2
+    streamed = post(server, "/v1/chat/completions", {**body, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
