@@ -45,7 +45,8 @@ class _Group:
     outputs: list[CompletionOutput]
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
-    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    arrival_wall: float = field(default_factory=time.time)  # RequestMetrics.arrival_time
+    first_scheduled: float | None = None  # wall clock, from the scheduler
 
 
 class Engine:
@@ -215,7 +216,7 @@ class Engine:
     def _resolve(self, flight, touched: dict[str, _Group]) -> None:
         """Read a launched step's tokens back and book them (stops, text, outputs)."""
         sampled = self.runner.resolve(flight)
-        now, wall = time.monotonic(), time.time()
+        now = time.monotonic()
         for seq in flight.reqs:
             seq.num_pending -= 1
             tok = sampled.get(seq.request_id)
@@ -223,8 +224,6 @@ class Engine:
                 continue
             group, i = self._seq_to_group[seq.request_id]
             self._append(seq, tok, group, i, now)
-            group.metrics.first_token_time = group.metrics.first_token_time or wall
-            group.metrics.last_token_time = wall
             touched[group.request_id] = group
 
     def _append(self, seq: Request, tok, group: _Group, i: int, now: float) -> None:
@@ -264,15 +263,23 @@ class Engine:
 
     def _output(self, group: _Group, now: float) -> RequestOutput:
         finished = all(o.finished for o in group.outputs)
-        metrics = group.metrics
         if finished:
             self._groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._seq_to_group.pop(seq.request_id, None)
-            metrics.finished_time = time.time()
-        if metrics.first_scheduled_time is None:
+        if group.first_scheduled is None:
             scheduled = [s.first_scheduled_time for s in group.seqs if s.first_scheduled_time]
-            metrics.first_scheduled_time = min(scheduled, default=None)
+            group.first_scheduled = min(scheduled, default=None)
+        # wall-clock metrics from the monotonic times; every group here got a token just now
+        wall_now = group.arrival_wall + (now - group.arrival)
+        first = group.first_token
+        metrics = RequestMetrics(
+            group.arrival_wall,
+            group.first_scheduled,
+            None if first is None else group.arrival_wall + (first - group.arrival),
+            wall_now,
+            wall_now if finished else None,
+        )
         return RequestOutput(
             request_id=group.request_id,
             prompt_token_ids=group.prompt_token_ids,
@@ -286,13 +293,7 @@ class Engine:
                 total=now - group.arrival if finished else None,
             ),
             prompt_logprobs=group.seqs[0].prompt_logprobs,
-            metrics=RequestMetrics(  # a copy: the live one goes on changing
-                metrics.arrival_time,
-                metrics.first_scheduled_time,
-                metrics.first_token_time,
-                metrics.last_token_time,
-                metrics.finished_time,
-            ),
+            metrics=metrics,
         )
 
     def run_until_done(self) -> dict[str, RequestOutput]:
