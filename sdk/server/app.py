@@ -125,6 +125,10 @@ def create_app(
             return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
         return error_response(400, str(exc), param=error_param(exc, None), code="invalid_value")
 
+    @app.exception_handler(Exception)
+    async def on_server_error(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"

@@ -78,3 +78,16 @@ def test_cli_parsers(tmp_path):
     serve_command(parser)
     args = parser.parse_args(["x", "--gpu-memory-utilization", "0.5", "--served-model-name", "a"])
     assert args.gpu_memory_utilization == 0.5 and args.served_model_name == ["a"]
+
+
+def test_unexpected_errors_are_openai_shaped_500s(engine, monkeypatch):
+    app = create_app(engine, "m")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(engine.llm.tokenizer, "decode", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/detokenize", json={"tokens": [1, 2]})
+    assert resp.status_code == 500
+    assert "tokenizer exploded" in resp.json()["error"]["message"]
