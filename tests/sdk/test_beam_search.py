@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from polymodal import LLM, InvalidInputError, SamplingParams
-from polymodal import BeamSearchParams
+from polymodal import LLM, BeamSearchParams, InvalidInputError, SamplingParams
 from tests.helpers import tiny_checkpoint
 
 PROMPTS = ["The quick brown fox", "Numbers 0 1 2", "Hello, how are you today?"]
