@@ -174,12 +174,26 @@ class BeamSearch:
         return results
 
 
-def beam_search(llm, prompts: list[ProcessedPrompt], params: BeamSearchParams):
-    """Run the search for every prompt, each step batched through `llm`'s engine."""
+def beam_search(
+    llm, prompts: list[ProcessedPrompt], params: BeamSearchParams, use_tqdm: bool = False
+):
+    """Run the search for every prompt, each step batched through `llm`'s engine
+    (`use_tqdm`: a progress bar of steps, at most `max_tokens`)."""
     search = BeamSearch(prompts, params, llm.engine.model_config.eos_token_ids)
-    while not search.done:
-        ids = [llm.submit(p, search.scoring_params) for p in search.requests()]
-        search.advance([out.outputs[0].logprobs[0] for out in llm.run(ids)])
+    bar = None
+    if use_tqdm:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=params.max_tokens, desc="Beam search", unit="token")
+    try:
+        while not search.done:
+            ids = [llm.submit(p, search.scoring_params) for p in search.requests()]
+            search.advance([out.outputs[0].logprobs[0] for out in llm.run(ids)])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return search.outputs(llm.tokenizer)
 
 

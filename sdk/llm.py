@@ -202,10 +202,10 @@ class LLM:
         self, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False
     ) -> list[BeamSearchOutput]:
         """vLLM's `LLM.beam_search`: the `params.beam_width` best beams of each prompt, found
-        as transformers' `generate(num_beams=...)` finds them (see `polymodal.beam_search`)."""
-        del use_tqdm  # the search steps all prompts together; there is no per-prompt progress
+        as transformers' `generate(num_beams=...)` finds them (see `polymodal.beam_search`).
+        `use_tqdm` shows the steps (all prompts advance together)."""
         processed = [self.process(p) for p in _as_batch(prompts)]
-        return beam_search(self, processed, params)
+        return beam_search(self, processed, params, use_tqdm)
 
     def stream(self, prompt: Any, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (deltas included).
