@@ -42,6 +42,7 @@ class IncrementalDetokenizer:
         self._withheld = ""  # decoded text that may still begin a stop string
         self._finished = False
         self._stop_reason: str | None = None
+        self._num_tokens = 0  # stop strings count only from params.min_tokens on
 
     @property
     def text(self) -> str:
@@ -68,6 +69,7 @@ class IncrementalDetokenizer:
         if self._finished:
             return ""
         self._ids.append(token_id)
+        self._num_tokens += 1
         return self._emit(self._decode_delta(force=False))
 
     def flush(self) -> str:
@@ -111,7 +113,7 @@ class IncrementalDetokenizer:
         """Check stop strings on withheld + delta; return the part that is safe to emit."""
         if not delta:
             return ""
-        if not self._stops:
+        if not self._stops or self._num_tokens < self.params.min_tokens:
             self._emitted.append(delta)
             return delta
         # By the withholding invariant a new match cannot start in already emitted text.

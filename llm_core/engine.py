@@ -11,6 +11,7 @@ import gc
 import time
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 from polymodal.llm_core.detokenizer import IncrementalDetokenizer
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
@@ -23,8 +24,14 @@ from polymodal.llm_core.outputs import (
     Usage,
 )
 from polymodal.llm_core.request import Request
+from polymodal.llm_core.request_checks import (
+    bad_words_token_ids,
+    check_request,
+    truncate_prompt,
+)
 from polymodal.llm_core.sampler import make_generator
 from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_core.structured_output import GrammarCompiler, GrammarState
 
 
 @dataclass
@@ -38,7 +45,8 @@ class _Group:
     outputs: list[CompletionOutput]
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
-    last_token: float | None = None
+    arrival_wall: float = field(default_factory=time.time)  # RequestMetrics.arrival_time
+    first_scheduled: float | None = None  # wall clock, from the scheduler
 
 
 class Engine:
@@ -57,6 +65,7 @@ class Engine:
         self._seq_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
+        self._grammar_compiler = None  # built on first use (structured output)
         overlap = self.config.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
@@ -73,15 +82,32 @@ class Engine:
         positions: list[list[int]] | None = None,
         mrope_delta: int = 0,
         mm_items: list | None = None,
+        grammar: Any = None,
     ) -> str:
-        """Queue a tokenized prompt (with optional media slots); returns the request id."""
+        """Queue a tokenized prompt (with optional media slots); returns the request id.
+
+        `grammar` is `params.structured_outputs` already compiled (`compile_grammar`, e.g. on
+        a worker thread); without it the engine compiles it here.
+        """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
-        self._check_prompt(prompt_token_ids)
-        if self.tokenizer is None and params.stop:
-            raise InvalidInputError("stop strings need a tokenizer (skip_tokenizer_init is set)")
+        if params.truncate_prompt_tokens is not None:
+            prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
+                prompt_token_ids, positions, mrope_delta, mm_items or [],
+                params.truncate_prompt_tokens, self.max_model_len,
+            )  # fmt: skip
+        check_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
+        needs_text = params.stop or params.bad_words or params.structured_outputs
+        if self.tokenizer is None and needs_text:
+            raise InvalidInputError(
+                "stop strings, bad_words and structured_outputs need a tokenizer "
+                "(skip_tokenizer_init is set)"
+            )
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.compile_grammar(params)
+        bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
         seqs, detoks = [], []
         eos = () if params.ignore_eos else tuple(self.model_config.eos_token_ids)
         for i in range(params.n):
@@ -94,9 +120,14 @@ class Engine:
                 mrope_delta=mrope_delta,
                 mm_items=list(mm_items or []),
                 max_model_len=self.max_model_len,
+                bad_words_ids=bad_words,
             )
             if params.seed is not None:
                 seq.generator = make_generator(params.seed + i, self.device)
+            if grammar is not None:
+                seq.grammar = GrammarState(grammar)
+            if params.prompt_logprobs is not None and i == 0:
+                seq.prompt_logprobs = [None] * len(prompt_token_ids)
             seqs.append(seq)
             detoks.append(
                 IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
@@ -111,20 +142,18 @@ class Engine:
             self.scheduler.add(seq)
         return request_id
 
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidInputError("the prompt is empty: it needs at least one token")
-        if len(ids) >= self.max_model_len:
-            raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
-                f"(prompt + at least one output token must fit)"
+    def compile_grammar(self, params: SamplingParams) -> Any:
+        """`params.structured_outputs` compiled for this model's tokenizer (thread-safe; None
+        without structured output). Raises `InvalidInputError` for a bad schema or regex."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise InvalidInputError("structured_outputs need a tokenizer")
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
             )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInputError(
-                f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})"
-            )
+        return self._grammar_compiler.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown or finished ids are ignored)."""
@@ -178,16 +207,11 @@ class Engine:
 
     def _can_overlap(self) -> bool:
         """Async scheduling is on and no running request needs its tokens on the host to
-        sample the next one (penalties count them; logprobs are read back with them)."""
+        sample the next one (`SamplingParams.needs_host_tokens`: penalties count them,
+        grammars and bad words follow them, logprobs are read back with them)."""
         if not self.async_scheduling:
             return False
-        for req in self.scheduler.running:
-            p = req.params
-            if p.logprobs is not None or p.repetition_penalty != 1.0:
-                return False
-            if p.presence_penalty or p.frequency_penalty:
-                return False
-        return True
+        return not any(req.needs_host_tokens for req in self.scheduler.running)
 
     def _resolve(self, flight, touched: dict[str, _Group]) -> None:
         """Read a launched step's tokens back and book them (stops, text, outputs)."""
@@ -206,18 +230,25 @@ class Engine:
         out, detok = group.outputs[i], group.detoks[i]
         seq.output_token_ids.append(tok.token_id)
         group.first_token = group.first_token or now
-        group.last_token = now
         out.delta_token_ids = [tok.token_id]
         if seq.params.logprobs is not None:
             # the top-N table, plus the chosen token's own logprob when it is not in the top-N
             table = {**(tok.top_logprobs or {}), tok.token_id: tok.logprob}
             out.logprobs = (out.logprobs or []) + [table]
+            seq.cumulative_logprob += tok.logprob
+            out.cumulative_logprob = seq.cumulative_logprob
         out.delta_text = detok.step(tok.token_id) if detok else ""
         reason = stop = None
+        grammar_done = False
+        if seq.grammar is not None:
+            # a token the grammar refuses cannot be sampled (masked); end the output if so
+            grammar_done = not seq.grammar.accept(tok.token_id) or seq.grammar.is_terminated
         if detok and detok.finished:
             reason, stop = "stop", detok.stop_reason
         elif tok.token_id in seq.eos_token_ids or tok.token_id in seq.params.stop_token_ids:
             reason, stop = "stop", tok.token_id
+        elif grammar_done:
+            reason = "stop"
         elif len(seq.output_token_ids) >= (seq.params.max_tokens or 1 << 62):
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:
@@ -236,6 +267,19 @@ class Engine:
             self._groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._seq_to_group.pop(seq.request_id, None)
+        if group.first_scheduled is None:
+            scheduled = [s.first_scheduled_time for s in group.seqs if s.first_scheduled_time]
+            group.first_scheduled = min(scheduled, default=None)
+        # wall-clock metrics from the monotonic times; every group here got a token just now
+        wall_now = group.arrival_wall + (now - group.arrival)
+        first = group.first_token
+        metrics = RequestMetrics(
+            group.arrival_wall,
+            group.first_scheduled,
+            None if first is None else group.arrival_wall + (first - group.arrival),
+            wall_now,
+            wall_now if finished else None,
+        )
         return RequestOutput(
             request_id=group.request_id,
             prompt_token_ids=group.prompt_token_ids,
@@ -248,16 +292,8 @@ class Engine:
                 else None,
                 total=now - group.arrival if finished else None,
             ),
-            metrics=RequestMetrics(
-                arrival_time=group.arrival,
-                first_scheduled_time=min(
-                    (s.first_scheduled_time for s in group.seqs if s.first_scheduled_time),
-                    default=None,
-                ),
-                first_token_time=group.first_token,
-                last_token_time=group.last_token,
-                finished_time=now if finished else None,
-            ),
+            prompt_logprobs=group.seqs[0].prompt_logprobs,
+            metrics=metrics,
         )
 
     def run_until_done(self) -> dict[str, RequestOutput]:
@@ -281,6 +317,7 @@ def _snapshot(out: CompletionOutput) -> CompletionOutput:
         out.logprobs,
         out.delta_text,
         out.delta_token_ids,
+        out.cumulative_logprob,
     )
     out.delta_text, out.delta_token_ids = "", []
     return snap

@@ -27,18 +27,17 @@ class Timings:
 
 @dataclass(slots=True)
 class RequestMetrics:
-    """When one request got where (`time.monotonic()` seconds; None until it happened).
-    Field names are vLLM's `RequestMetrics`."""
+    """Wall-clock times (`time.time()` seconds) of one request's life, as vLLM reports them."""
 
     arrival_time: float
-    first_scheduled_time: float | None = None  # its first tokens entered a step
+    first_scheduled_time: float | None = None  # first step that ran any of its tokens
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
 
     @property
     def time_in_queue(self) -> float | None:
-        """Arrival to the first step that ran it."""
+        """Seconds from arrival until its first step."""
         if self.first_scheduled_time is None:
             return None
         return self.first_scheduled_time - self.arrival_time
@@ -56,6 +55,8 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per token: top-N token id -> logprob
     delta_text: str = ""  # text added by the latest step (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    # sum of the chosen tokens' logprobs; set when `logprobs` was requested (as vLLM)
+    cumulative_logprob: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -73,6 +74,8 @@ class RequestOutput:
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     prompt: str | None = None
+    # per prompt token (the first is None): its logprob and the top-N, when requested
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: RequestMetrics | None = None
 
     @property

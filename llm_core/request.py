@@ -46,8 +46,22 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    first_scheduled_time: float | None = None  # time.time() of its first step
+    # [prompt_len] logprob tables (index 0 None) when params.prompt_logprobs is set
+    prompt_logprobs: list | None = None
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words tokenized
+    grammar: Any = None  # structured output state (structured_output.GrammarState)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
+
+    def __post_init__(self) -> None:
+        # Checked for every row of every step: read once from the params.
+        self.plain_argmax: bool = self.params.is_plain_argmax
+        self.needs_host_tokens: bool = self.params.needs_host_tokens
+        self.has_logit_rules: bool = self.params.has_logit_rules
+        stop_ids = self.params.stop_token_ids
+        self.stop_ids = tuple(self.eos_token_ids) + tuple(stop_ids)  # masked before min_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,8 @@ from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
 
+PROMPT_LOGPROB_CHUNK = 512  # prompt rows per LM-head call when computing prompt logprobs
+
 
 @dataclass
 class HostBatch:
@@ -35,6 +37,9 @@ class HostBatch:
     max_blocks: int = 0
     pending_rows: list[int] = field(default_factory=list)  # ids still on the device ...
     pending_src: list[int] = field(default_factory=list)  # ... at these rows of prev.tokens
+    # (request, flat row of its first token, first position, end position) of prompt chunks
+    # whose prompt logprobs this step computes
+    prompt_logprob_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -112,6 +117,8 @@ class ModelRunner:
                 hb.seq_lens.append(end)
                 hb.sample_rows.append(len(hb.ids) - 1)
                 continue
+            if req.prompt_logprobs is not None and start < prompt_len - 1:
+                hb.prompt_logprob_spans.append((req, len(hb.ids), start, min(end, prompt_len - 1)))
             if end <= prompt_len:
                 hb.ids.extend(req.prompt_token_ids[start:end])
             elif n == 1:  # decode: the last sampled token
@@ -199,7 +206,13 @@ class ModelRunner:
         slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
         hb = self.host_batch(sched, prev)
         graphs = self.graphs
-        if graphs and hb.is_decode and not has_media and graphs.can_run(len(hb.ids), hb.max_blocks):
+        if (
+            graphs
+            and hb.is_decode
+            and not has_media
+            and not hb.prompt_logprob_spans
+            and graphs.can_run(len(hb.ids), hb.max_blocks)
+        ):
             return self._launch_graph(sched, hb, prev, overlap)
         input_ids, positions, meta, _ = self.prepare(sched, hb)
         if hb.pending_rows:  # ids sampled by `prev`, never read back to the host
@@ -213,7 +226,32 @@ class ModelRunner:
             hidden = prefill.run(embeds, positions, meta)
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
+        if hb.prompt_logprob_spans:
+            self._prompt_logprobs(hidden, hb.prompt_logprob_spans)
         return self.sample(sched, hidden, hb.sample_rows, overlap)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, spans: list) -> None:
+        """Logprob (+ top-N) of each prompt token given the ones before it, written into
+        `req.prompt_logprobs[position]`; read back at once (such requests run synchronously).
+        Rows go through the LM head in chunks, so a long prompt never holds [len, vocab]."""
+        rows, targets, where = [], [], []
+        for req, offset, start, end in spans:
+            for pos in range(start, end):  # hidden at `pos` predicts the token at pos + 1
+                rows.append(offset + pos - start)
+                targets.append(req.prompt_token_ids[pos + 1])
+                where.append((req, pos + 1))
+        top_n = max(req.params.prompt_logprobs for req, *_ in spans)
+        for lo in range(0, len(rows), PROMPT_LOGPROB_CHUNK):
+            hi = lo + PROMPT_LOGPROB_CHUNK
+            index, target = upload([rows[lo:hi], targets[lo:hi]], torch.int64, hidden.device)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[index]).float(), -1)
+            chosen = logprobs.gather(1, target.unsqueeze(1)).squeeze(1).tolist()
+            top_values, top_ids = (t.tolist() for t in logprobs.topk(top_n, dim=-1))
+            for k, (req, pos) in enumerate(where[lo:hi]):
+                n = req.params.prompt_logprobs
+                table = dict(zip(top_ids[k][:n], top_values[k][:n]))
+                table[req.prompt_token_ids[pos]] = chosen[k]
+                req.prompt_logprobs[pos] = table
 
     def _launch_graph(self, sched, hb: HostBatch, prev: InFlight | None, overlap: bool):
         """A decode step as one graph replay: LM head and greedy argmax included."""
@@ -240,10 +278,20 @@ class ModelRunner:
         device; the ids are copied to the host asynchronously. `greedy` (the rows' argmax,
         computed in a decode graph) is the answer as is when every row is plain greedy."""
         contexts = [
-            SamplingContext(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+            SamplingContext(
+                r.params,
+                r.prompt_token_ids,
+                r.output_token_ids,
+                r.generator,
+                r.stop_ids,
+                r.bad_words_ids,
+                r.grammar,
+                r.num_pending,
+                r.has_logit_rules,
+            )
             for r in reqs
         ]
-        if greedy is not None and all(_argmax_only(c.params) for c in contexts):
+        if greedy is not None and all(r.plain_argmax for r in reqs):
             tokens, raw_logprobs = greedy, None
             if not (overlap and tokens.is_cuda):  # read after the next step rewrote the buffer
                 tokens = tokens.clone()
@@ -292,17 +340,6 @@ def _sampling_requests(sched: SchedulerOutput) -> list[Request]:
         for req, n in zip(sched.requests, sched.num_new_tokens)
         if req.num_computed_tokens + n == req.num_tokens
     ]
-
-
-def _argmax_only(params) -> bool:
-    """Whether a row's token is the plain argmax of its logits (no penalty, no logprobs)."""
-    return (
-        params.is_greedy
-        and params.logprobs is None
-        and params.repetition_penalty == 1.0
-        and not params.frequency_penalty
-        and not params.presence_penalty
-    )
 
 
 def _step_has_media(sched: SchedulerOutput) -> bool:

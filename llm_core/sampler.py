@@ -1,6 +1,7 @@
 """Turn one logits row per sequence into one token: penalties, temperature, min-p, top-k/p.
 
-Order follows vLLM's v1 sampler: raw logprobs -> penalties (repetition, frequency, presence)
+Order follows vLLM's v1 sampler: raw logprobs -> per-request rules (grammar, allowed ids, bad
+words, min_tokens, logit bias; `logit_rules`) -> penalties (repetition, frequency, presence)
 -> greedy argmax for greedy rows -> temperature -> min-p -> top-k -> top-p -> sample.
 
 Sampling uses the exponential race: with q ~ Exp(1) i.i.d. per token, argmax(probs / q) is
@@ -11,11 +12,13 @@ values (vocab) per step, so its tokens never depend on batch size, row position 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from polymodal.llm_core.host_copy import to_device
+from polymodal.llm_core.logit_rules import apply_logit_rules
 from polymodal.llm_core.sampling_params import SamplingParams
 
 # Floor for the exponential noise: an exact 0 would turn a masked 0/0 into NaN.
@@ -31,6 +34,20 @@ class SamplingContext:
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     """This request's own random stream (on the logits' device) when `params.seed` is set."""
+    stop_token_ids: tuple[int, ...] = ()
+    """EOS ids (unless ignore_eos) and `params.stop_token_ids`: masked before `min_tokens`."""
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    """`params.bad_words` as token sequences: the last token is banned after the others."""
+    grammar: Any = None
+    """Structured output state (`logit_rules.TokenGrammar`) when the request has one."""
+    num_pending: int = 0
+    """Tokens already sampled but not yet in `output_token_ids` (async scheduling)."""
+    has_rules: bool | None = None
+    """`params.has_logit_rules`, read once per request by the engine (None: read it here)."""
+
+    def __post_init__(self) -> None:
+        if self.has_rules is None:
+            self.has_rules = self.params.has_logit_rules
 
 
 @dataclass
@@ -149,6 +166,8 @@ class Sampler:
         want_logprobs = [c.params.logprobs is not None for c in contexts]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
+        if any(c.has_rules for c in contexts):
+            logits = apply_logit_rules(logits.clone(), contexts)
         logits = apply_penalties(logits, contexts)
         tokens = logits.argmax(dim=-1)  # [n]; final for greedy rows
         random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]

@@ -5,13 +5,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
 from polymodal.llm_core.errors import InvalidInputError
 
 # Temperatures below this are treated as greedy (argmax), as vLLM does.
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+# Fields a model's generation_config.json may default (vLLM reads the same ones).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _check_range(
@@ -26,6 +38,46 @@ def _check_range(
             raise ValueError(f"must be {finite}{'>' if lo_open else '>='} {lo:g}")
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"must be in {left}{lo:g}, {hi:g}{right}")
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's `StructuredOutputsParams`); set exactly one of
+    `json`, `regex`, `choice`, `grammar`, `json_object`. Compiled with xgrammar."""
+
+    json: str | dict | None = None
+    """A JSON schema (a dict or its JSON text): the output is one JSON value matching it."""
+    regex: str | None = None
+    """The output matches this regular expression."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """An EBNF (GBNF) grammar with a `root` rule."""
+    json_object: bool | None = None
+    """The output is any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    disable_any_whitespace: bool = False
+    """JSON without free whitespace between tokens (compact output)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of json, regex, choice, grammar, json_object"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must list at least one string")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        for key in ("json", "regex", "choice", "grammar"):
+            if getattr(self, key) is not None:
+                return key
+        return "json_object"
 
 
 class SamplingParams(BaseModel):
@@ -71,6 +123,20 @@ class SamplingParams(BaseModel):
     """Leave special tokens out of the output text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the output text."""
+    min_tokens: int = 0
+    """EOS, `stop_token_ids` and stop strings do not end generation before this many tokens."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> value in [-100, 100] added to its logit before sampling."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be generated."""
+    bad_words: list[str] = Field(default_factory=list)
+    """Words never generated (each banned as tokenized with and without a leading space)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob plus the top-N (0..20) at every prompt position."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the last k prompt tokens (-1: as many as max_model_len allows)."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (see the class)."""
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -82,6 +148,59 @@ class SamplingParams(BaseModel):
     def is_greedy(self) -> bool:
         """True when the next token is the argmax (temperature is 0)."""
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        """Repetition, presence or frequency penalties change the logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def has_logit_rules(self) -> bool:
+        """Per-request masks or biases apply to the logits before sampling."""
+        return bool(
+            self.logit_bias
+            or self.allowed_token_ids is not None
+            or self.bad_words
+            or self.min_tokens
+            or self.structured_outputs is not None
+        )
+
+    @property
+    def is_plain_argmax(self) -> bool:
+        """The token is the argmax of the raw logits and nothing else is read from them."""
+        return (
+            self.is_greedy
+            and self.logprobs is None
+            and not self.has_penalties
+            and not self.has_logit_rules
+        )
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling the next token needs the previous one on the host (so no overlap of
+        steps): penalties count tokens, bad words and grammars follow them, logprobs are
+        read back with them."""
+        return (
+            self.has_penalties
+            or self.logprobs is not None
+            or self.prompt_logprobs is not None
+            or bool(self.bad_words)
+            or self.structured_outputs is not None
+        )
+
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
+        """A copy whose fields not set explicitly take `defaults` (e.g. generation_config.json);
+        `model_fields_set` stays the explicitly set fields."""
+        update = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
+        if not update:
+            return self
+        merged = self.model_copy(update=update)
+        merged.__pydantic_fields_set__ = set(self.model_fields_set)
+        return merged
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -162,11 +281,58 @@ class SamplingParams(BaseModel):
             raise ValueError("must not contain empty strings")
         return value
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _check_stop_token_ids(cls, value: list[int]) -> list[int]:
-        if any(t < 0 for t in value):
+    def _check_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(t < 0 for t in value):
             raise ValueError("must contain only token ids >= 0")
+        return value
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _check_allowed_not_empty(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not value:
+            raise ValueError("must list at least one token id")
+        return value
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _check_min_tokens(cls, value: int, info: ValidationInfo) -> int:
+        _check_range(value, 0, math.inf)
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"must not exceed max_tokens={max_tokens}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if token < 0:
+                raise ValueError(f"has token id {token} (token ids are >= 0)")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"values must be in [-100, 100] (token {token}: {bias})")
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _check_bad_words(cls, value: list[str]) -> list[str]:
+        if any(not w.strip() for w in value):
+            raise ValueError("must not contain empty words")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _check_prompt_logprobs(cls, value: int | None) -> int | None:
+        if value is not None:
+            _check_range(value, 0, MAX_LOGPROBS)
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _check_truncate(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("must be >= 1 (or -1: up to max_model_len)")
         return value
 
 

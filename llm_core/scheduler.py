@@ -10,7 +10,6 @@ freed, its tokens recomputed later), never the engine.
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -81,7 +80,9 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            # prompt logprobs are computed from the prompt's own forward pass: no cache hits
+            cacheable = req.num_computed_tokens == 0 and req.prompt_logprobs is None
+            computed = self.kv.get_computed_blocks(req) if cacheable else []
             remaining = (
                 req.num_tokens - req.num_computed_tokens - len(computed) * self.kv.block_size
             )
@@ -89,7 +90,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
-            req.first_scheduled_time = req.first_scheduled_time or time.monotonic()
+            req.first_scheduled_time = req.first_scheduled_time or time.time()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.requests.append(req)

@@ -1,7 +1,9 @@
-"""OpenAI-style chat messages -> template-ready messages plus the media they reference, in order."""
+"""OpenAI-style chat messages -> template-ready messages plus the media they reference, in order;
+and the chat template rendering shared by the processors."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +11,11 @@ from polymodal.llm_core.errors import InvalidInputError
 
 # Per-item options a content part may carry (qwen-vl-utils style), passed to preprocessing.
 ITEM_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
+# OpenAI's `image_url.detail` as a pixel budget: "low" is OpenAI's 512x512 low-res mode;
+# "auto" and "high" keep the model's own resize bounds.
+DETAIL_MAX_PIXELS = {"low": 512 * 512, "high": None, "auto": None}
+# Message keys kept for the chat template besides role and content (tool calling).
+MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
 
 
 @dataclass
@@ -20,9 +27,21 @@ class MediaRef:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _url_of(value: Any) -> Any:
-    """`{"url": ...}` -> the url; anything else unchanged."""
-    return value.get("url") if isinstance(value, dict) else value
+def _url_of(value: Any, options: dict[str, Any], where: str) -> Any:
+    """`{"url": ..., "detail": ...}` -> the url (detail becomes a `max_pixels` option);
+    anything else unchanged."""
+    if not isinstance(value, dict):
+        return value
+    detail = value.get("detail")
+    if detail is not None:
+        if detail not in DETAIL_MAX_PIXELS:
+            raise InvalidInputError(
+                f"{where}: detail must be one of {sorted(DETAIL_MAX_PIXELS)}, got {detail!r}"
+            )
+        budget = DETAIL_MAX_PIXELS[detail]
+        if budget is not None:
+            options["max_pixels"] = min(options.get("max_pixels", budget), budget)
+    return value.get("url")
 
 
 def _part_media(part: dict[str, Any], where: str) -> MediaRef | None:
@@ -38,8 +57,8 @@ def _part_media(part: dict[str, Any], where: str) -> MediaRef | None:
             raise InvalidInputError(f"{where}: a text part needs a string 'text'")
         return None
     if kind in ("image", "image_url", "video", "video_url"):
-        source = part.get(kind, part.get("url"))
-        source = _url_of(source)
+        source = part.get(kind, part.get("url", part.get("path")))  # transformers: url / path
+        source = _url_of(source, options, where)
         if source is None:
             raise InvalidInputError(f"{where}: a {kind!r} part needs a {kind!r} field")
         return MediaRef("image" if kind.startswith("image") else "video", source, options)
@@ -60,9 +79,12 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
         where = f"message {m_index + 1}"
         if not isinstance(message, dict) or "role" not in message:
             raise InvalidInputError(f"{where}: expected a dict with 'role' and 'content'")
-        content = message.get("content", "")
-        if isinstance(content, str):
-            template_messages.append({"role": message["role"], "content": content})
+        extra = {k: message[k] for k in MESSAGE_KEYS if message.get(k) is not None}
+        if "tool_calls" in extra:
+            extra["tool_calls"] = [_tool_call(call, where) for call in extra["tool_calls"]]
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            template_messages.append({"role": message["role"], "content": content or "", **extra})
             continue
         if not isinstance(content, (list, tuple)):
             raise InvalidInputError(f"{where}: content must be a string or a list of parts")
@@ -77,5 +99,65 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
             else:
                 media.append(ref)
                 parts.append({"type": ref.modality})
-        template_messages.append({"role": message["role"], "content": parts})
+        template_messages.append({"role": message["role"], "content": parts, **extra})
     return template_messages, media
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An assistant tool call with its JSON `arguments` string parsed into a dict, which is
+    what chat templates (Llama 3's `tojson`, Qwen's) expect, as vLLM passes them."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise InvalidInputError(f"{where}: each tool call needs a 'function' object")
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise InvalidInputError(
+                f"{where}: tool call arguments must be a JSON object, got {arguments[:60]!r}"
+            ) from None
+    return {**call, "function": function}
+
+
+@dataclass
+class ChatTemplateOptions:
+    """How to render chat messages: the template (the checkpoint's unless given), tools,
+    extra template variables, and whether to open an assistant turn."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def render(self, tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+        """The prompt text; errors name the option at fault."""
+        if self.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise InvalidInputError(
+                "this checkpoint has no chat template: pass chat_template= or a raw prompt"
+            )
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidInputError(
+                "add_generation_prompt and continue_final_message cannot both be true"
+            )
+        reserved = {"messages", "tools", "chat_template", "add_generation_prompt", "tokenize"}
+        clash = sorted(reserved & set(self.chat_template_kwargs))
+        if clash:
+            raise InvalidInputError(f"chat_template_kwargs may not set {clash}")
+        try:
+            return tokenizer.apply_chat_template(
+                messages,
+                tools=self.tools,
+                chat_template=self.chat_template,
+                add_generation_prompt=self.add_generation_prompt,
+                continue_final_message=self.continue_final_message,
+                tokenize=False,
+                **self.chat_template_kwargs,
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidInputError(f"the chat template failed: {exc}") from None
+        except Exception as exc:  # jinja2 errors (undefined variables, syntax) and the like
+            if type(exc).__module__.startswith("jinja2"):
+                raise InvalidInputError(f"the chat template failed: {exc}") from None
+            raise

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
-from polymodal.processors.chat import MediaRef, split_messages
+from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -75,16 +75,11 @@ class QwenVLProcessor:
         return cls(tokenizer, config, **kwargs)
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], template: ChatTemplateOptions | None = None
     ) -> str:
-        """Apply the checkpoint's chat template to messages from `split_messages`."""
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidInputError(
-                "this checkpoint has no chat template; pass a raw prompt instead"
-            )
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """Apply the chat template (the checkpoint's unless `template` names one) to messages
+        from `split_messages`."""
+        return (template or ChatTemplateOptions()).render(self.tokenizer, messages)
 
     def process(
         self,
@@ -97,14 +92,15 @@ class QwenVLProcessor:
         max_pixels: int | None = None,
         fps: float | None = None,
         num_frames: int | None = None,
-        add_generation_prompt: bool = True,
+        template: ChatTemplateOptions | None = None,
     ) -> ProcessedPrompt:
         """Build one prompt from chat `messages` or a raw `prompt` with `images` / `videos`.
 
         A raw prompt marks each item with `<|vision_start|><|image_pad|><|vision_end|>` (or
         `<|video_pad|>`), in the order of `images` / `videos`. `min_pixels` / `max_pixels`
         override the checkpoint's resize bounds (images and video frames); `fps` / `num_frames`
-        choose how video files are sampled. Media errors raise `MediaError` naming the item.
+        choose how video files are sampled. `template` says how messages are rendered (tools,
+        another template, ...). Media errors raise `MediaError` naming the item.
         """
         if (messages is None) == (prompt is None):
             raise InvalidInputError("pass exactly one of messages= or prompt=")
@@ -121,7 +117,7 @@ class QwenVLProcessor:
                     "with messages=, give media as message parts, not images=/videos="
                 )
             template_messages, refs = split_messages(messages)
-            prompt = self.render_chat(template_messages, add_generation_prompt)
+            prompt = self.render_chat(template_messages, template)
         else:
             if not isinstance(prompt, str):
                 raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")

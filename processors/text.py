@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.processors.chat import ChatTemplateOptions, split_messages
 from polymodal.processors.types import ProcessedPrompt
 
 
@@ -20,22 +21,18 @@ class TextProcessor:
         prompt: str | None = None,
         images=(),
         videos=(),
-        add_generation_prompt: bool = True,
+        template: ChatTemplateOptions | None = None,
         **media_kwargs: Any,
     ) -> ProcessedPrompt:
-        """One prompt from `messages` (OpenAI-style; text parts only) or a raw `prompt`."""
+        """One prompt from `messages` (OpenAI-style; text parts only) or a raw `prompt`;
+        `template` says how messages are rendered (tools, another template, ...)."""
         if images or videos or _has_media(messages):
             raise InvalidInputError("this model is text-only: it takes no images or videos")
         if (messages is None) == (prompt is None):
             raise InvalidInputError("pass exactly one of messages= or prompt=")
         if messages is not None:
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                raise InvalidInputError("this checkpoint has no chat template; pass prompt=")
-            text = self.tokenizer.apply_chat_template(
-                [_flatten(m) for m in messages],
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-            )
+            flat = [_flatten(m) for m in messages]
+            text = (template or ChatTemplateOptions()).render(self.tokenizer, flat)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             if not isinstance(prompt, str):
@@ -57,7 +54,8 @@ def _flatten(message: dict) -> dict:
     """Join text parts so plain-string chat templates accept OpenAI-style content lists."""
     if not isinstance(message, dict) or "role" not in message:
         raise InvalidInputError(f"each message needs a 'role' and 'content', got {message!r:.80}")
-    content = message.get("content", "")
+    (message,), _ = split_messages([message])  # tool calls parsed, content None -> ""
+    content = message["content"]
     if isinstance(content, list):
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return {**message, "content": content}

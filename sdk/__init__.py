@@ -8,9 +8,9 @@ from polymodal.llm_core.errors import (
     PolymodalError,
     UnsupportedModelError,
 )
-from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Usage
+from polymodal.llm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, Usage
 from polymodal.llm_core.registry import register_model
-from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_core.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str):
@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from polymodal import pipeline
 
         return getattr(pipeline, name)
+    if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):
+        from polymodal import beam_search
+
+        return getattr(beam_search, name)
     raise AttributeError(f"module 'polymodal' has no attribute {name!r}")
 
 
@@ -31,7 +35,12 @@ __all__ = [
     "Pipeline",
     "Result",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "CompletionOutput",
+    "RequestMetrics",
     "RequestOutput",
     "Usage",
     "register_model",

@@ -92,13 +92,15 @@ class AsyncEngine:
             self._core = EngineProcess(
                 model, engine_kwargs, self._deliver, self._fail_all, process_workers
             )
-            self.tokenizer = load_tokenizer(self._core.info["model_dir"])
-            self.max_model_len = self._core.info["max_model_len"]
+            self.model_info = self._core.info
+            self.tokenizer = load_tokenizer(self.model_info["model_dir"])
         else:
             self.llm = model if isinstance(model, LLM) else LLM(model, **engine_kwargs)
             self._core = EngineLoop(self.llm, self._deliver, process_workers=process_workers)
+            self.model_info = self._core.model_info()
             self.tokenizer = self.llm.tokenizer
-            self.max_model_len = self.llm.engine.max_model_len
+        # model_dir, architecture, vocab_size, eos_token_ids, max_model_len, default_sampling
+        self.max_model_len: int = self.model_info["max_model_len"]
         self.stats: EngineStats = self._core.stats
 
     @property
@@ -171,6 +173,11 @@ class AsyncEngine:
         if final is None:
             raise RuntimeError(f"request {request_id} was aborted")
         return final
+
+    async def process(self, prompt: Any) -> Any:
+        """`LLM.process(prompt)` on the engine's worker pool (media loading never blocks the
+        loop): its token ids and media items (on the host), e.g. for /tokenize or beam search."""
+        return await asyncio.wrap_future(self._core.process_later(prompt))
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; a running `stream` of it ends. Thread-safe."""

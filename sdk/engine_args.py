@@ -19,6 +19,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, help="default: by device (16384 on an H100+)"
     )
     parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of the GPU's memory the engine may use (default 0.9)",
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -35,6 +40,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         dummy_weights=args.load_format == "dummy" or None,
     )
     return {k: v for k, v in kwargs.items() if v is not None}

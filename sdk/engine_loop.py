@@ -1,8 +1,9 @@
 """`EngineLoop`: the engine side of an `AsyncEngine`, one `LLM` driven by a background thread.
 
 Threads: prompts are processed (media loaded, resized, hashed, staged on the device;
-tokenized) on a small worker pool, so a big image never stalls decoding; one engine thread owns
-the `Engine` (which is not thread-safe) and is the only one that touches it. Commands reach it
+tokenized; structured-output grammars compiled) on a small worker pool, so a big image never
+stalls decoding; one engine thread owns the `Engine` (which is not thread-safe) and is the
+only one that touches it. Commands reach it
 through a locked queue. Everything a request produces leaves through one callback,
 `emit([(request_id, item), ...])`, called once per step with that step's items: a
 `RequestOutput` (the last one has `finished=True`), an exception that ended the request, or
@@ -26,6 +27,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from polymodal.feeder import PROCESS_WORKERS
+from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
 
 END = None  # the item that ends an aborted request's stream (no final output)
@@ -94,6 +96,23 @@ class EngineLoop:
         """Set an attribute of the model's processor (e.g. `allow_http`)."""
         setattr(self.llm.processor, name, value)
 
+    def model_info(self) -> dict[str, Any]:
+        """What a front end needs to know of the model (plain values: it may cross a pipe)."""
+        mc = self.llm.model_config
+        return {
+            "model_dir": str(mc.model_dir),
+            "architecture": mc.architecture,
+            "vocab_size": mc.vocab_size,
+            "eos_token_ids": list(mc.eos_token_ids),
+            "max_model_len": self.engine.max_model_len,
+            "default_sampling": dict(self.llm.default_sampling),
+        }
+
+    def process_later(self, prompt: Any) -> Any:
+        """`LLM.process(prompt)` on the worker pool, not staged on the device (a
+        `concurrent.futures.Future`): token ids and media items a front end may keep."""
+        return self._pool.submit(self.llm.process, prompt, False)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine thread (requests still running are aborted)."""
         self._stopped = True
@@ -108,15 +127,18 @@ class EngineLoop:
         self._wake.set()
 
     def _process(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
-        """Worker pool: load media and tokenize; hand the result (or the error) on."""
+        """Worker pool: load media, tokenize, compile the grammar (structured output), check
+        an explicit `max_tokens` against the context (vLLM's server rule); hand the result
+        (or the error) on."""
         try:
-            processed = self.llm.process(prompt)
+            processed, grammar = self.llm.prepare(prompt, params)
+            check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
         except Exception as exc:  # noqa: BLE001 - the error belongs to this request only
             with self._lock:
                 self._pending -= 1
             self._end([(request_id, exc)])
             return
-        self._command(("add", request_id, processed, params))
+        self._command(("add", request_id, processed, params, grammar))
 
     def _end(self, items: list[tuple[str, Any]]) -> None:
         """Emit items, forgetting the requests they end (finished outputs, errors, END)."""
@@ -133,7 +155,7 @@ class EngineLoop:
             commands, self._commands = list(self._commands), deque()
         for command in commands:
             if command[0] == "add":
-                _, request_id, p, params = command
+                _, request_id, p, params, grammar = command
                 with self._lock:
                     self._pending -= 1
                     live = request_id in self._live
@@ -141,7 +163,13 @@ class EngineLoop:
                     continue
                 try:
                     self.engine.add_request(
-                        p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items
+                        p.token_ids,
+                        params,
+                        request_id,
+                        p.positions,
+                        p.mrope_delta,
+                        p.mm_items,
+                        grammar,
                     )
                     with self._lock:
                         self._added.add(request_id)

@@ -9,24 +9,30 @@ situation); the parent keeps the event loop, and only prompts (raw: strings, byt
 and outputs cross, pickled.
 
 Protocol (each message a tuple): parent -> child `("add", id, prompt, params)`, `("abort",
-id)`, `("option", name, value)`, `("close",)`; child -> parent `("ready", info)` or
-`("failed", exc)` once at start, then `("items", [(id, item), ...])` and `("stats", tuple)`.
+id)`, `("option", name, value)`, `("process", token, prompt)`, `("close",)`; child -> parent
+`("ready", info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`,
+`("stats", tuple)` and `("processed", token, result, error)`.
 The child sends from its own thread, and everything queued by then goes in one message, so a
-slow parent gets fewer, larger messages instead of stalling the engine thread.
+slow parent gets fewer, larger messages instead of stalling the engine thread. Outputs cross as
+what each step added, in plain tuples (`output_wire.py`): pickling whole `RequestOutput`s took
+more of both processes' GIL than the engine thread did.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import pickle
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from polymodal.engine_loop import EngineLoop, EngineStats
 from polymodal.feeder import PROCESS_WORKERS
 from polymodal.llm_core.errors import ModelLoadError
+from polymodal.output_wire import Assembler, Encoder
 
 
 class EngineDiedError(RuntimeError):
@@ -74,7 +80,10 @@ class EngineProcess:
         if kind == "failed":
             self._process.join(5)
             raise payload
-        self.info: dict[str, Any] = payload  # model_dir, max_model_len
+        self.info: dict[str, Any] = payload  # EngineLoop.model_info()
+        self._calls: dict[int, Future] = {}
+        self._tokens = itertools.count()
+        self._assemble = Assembler()  # only the reader thread uses it
         self._reader = threading.Thread(target=self._read, name="polymodal-engine-reader")
         self._reader.daemon = True
         self._reader.start()
@@ -87,6 +96,13 @@ class EngineProcess:
 
     def set_processor_option(self, name: str, value: Any) -> None:
         self._send(("option", name, value))
+
+    def process_later(self, prompt: Any) -> Future:
+        """`LLM.process(prompt)` in the child (not staged on its device), as a Future."""
+        token, future = next(self._tokens), Future()
+        self._calls[token] = future
+        self._send(("process", token, prompt))
+        return future
 
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to stop (aborting what runs), then wait; kill it if it hangs."""
@@ -117,10 +133,14 @@ class EngineProcess:
                 self._died(exc)
                 return
             if kind == "items":
-                self.emit(payload)
+                self.emit([(rid, self._assemble(rid, item)) for rid, item in payload])
             elif kind == "stats":
                 for name, value in zip(EngineStats.__dataclass_fields__, payload):
                     setattr(self.stats, name, value)
+            elif kind == "processed":
+                token, result, error = payload
+                future = self._calls.pop(token)
+                future.set_exception(error) if error is not None else future.set_result(result)
             elif kind == "closed":
                 self.alive = False
                 return
@@ -130,6 +150,8 @@ class EngineProcess:
             return
         self.alive = False
         self._process.join(2)
+        for future in self._calls.values():
+            future.set_exception(EngineDiedError("the engine process died"))
         self.on_death(
             EngineDiedError(
                 f"the engine process died (exit code {self._process.exitcode}): {exc or 'EOF'}"
@@ -153,8 +175,7 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: i
         process_workers=process_workers,
         on_stats=lambda stats: outbox.put_stats(stats.as_tuple()),
     )
-    info = {"model_dir": str(llm.model_config.model_dir), "max_model_len": llm.engine.max_model_len}
-    conn.send(("ready", info))
+    conn.send(("ready", loop.model_info()))
     outbox.start()  # from here on only its thread writes to the pipe
     try:
         while True:
@@ -168,6 +189,10 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: i
                 loop.abort(message[1])
             elif message[0] == "option":
                 loop.set_processor_option(*message[1:])
+            elif message[0] == "process":
+                _, token, prompt = message
+                future = loop.process_later(prompt)
+                future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
             elif message[0] == "close":
                 break
     finally:
@@ -183,6 +208,8 @@ class Outbox:
         self.conn = conn
         self._items: deque = deque()
         self._stats: tuple | None = None
+        self._replies: list[tuple] = []
+        self._encode = Encoder()  # only the engine thread calls put_items
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -192,8 +219,16 @@ class Outbox:
         self._thread.start()
 
     def put_items(self, items: list[tuple[str, Any]]) -> None:
+        encoded = [(rid, self._encode(rid, picklable(item))) for rid, item in items]
         with self._lock:
-            self._items.extend((rid, picklable(item)) for rid, item in items)
+            self._items.extend(encoded)
+        self._wake.set()
+
+    def put_processed(self, token: int, future: Future) -> None:
+        error = future.exception()
+        result = None if error is not None else future.result()
+        with self._lock:
+            self._replies.append((token, result, None if error is None else picklable(error)))
         self._wake.set()
 
     def put_stats(self, stats: tuple) -> None:
@@ -213,7 +248,10 @@ class Outbox:
             with self._lock:
                 items, self._items = list(self._items), deque()
                 stats, self._stats = self._stats, None
+                replies, self._replies = self._replies, []
             try:
+                for reply in replies:
+                    self.conn.send(("processed", reply))
                 if items:
                     self.conn.send(("items", items))
                 if stats is not None:

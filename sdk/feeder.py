@@ -2,9 +2,10 @@
 `polymodal caption`, the Ray predictor and the bench all run through `run_prompts`.
 
 Prompts are processed (media loaded, resized, hashed, staged on the device; the template
-rendered and tokenized) on worker threads, up to `PREFETCH` ahead of the engine, while the
-calling thread steps the engine: host work overlaps the GPU, and a full batch stays in
-flight. A single prompt is processed inline (no thread hand-off on the time to first token).
+rendered and tokenized; a structured-output grammar compiled: `LLM.prepare`) on worker
+threads, up to `PREFETCH` ahead of the engine, while the calling thread steps the engine: host
+work overlaps the GPU, and a full batch stays in flight. A single prompt is processed inline
+(no thread hand-off on the time to first token).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def run_prompts(
             if item is None:
                 return
             key, prompt, params = item
-            ahead.append((key, pool.submit(llm.process, prompt) if pool else prompt, params))
+            job = pool.submit(llm.prepare, prompt, params) if pool else prompt
+            ahead.append((key, job, params))
 
     try:
         refill()
@@ -78,9 +80,9 @@ def run_prompts(
                     break
                 ahead.popleft()
                 try:
-                    p = pending.result() if pool else llm.process(pending)
+                    p, grammar = pending.result() if pool else llm.prepare(pending, params)
                     request_id = engine.add_request(
-                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
+                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items, grammar
                     )
                     in_flight[request_id] = key
                 except Exception as exc:  # noqa: BLE001 - this item's error, the rest go on

@@ -8,8 +8,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Any
 
+import torch
 from PIL import Image
 
+from polymodal.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from polymodal.feeder import PROCESS_WORKERS, run_prompts
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
@@ -17,33 +19,65 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_options import engine_config_kwargs, generation_defaults
+from polymodal.llm_prompts import is_messages, is_token_ids, media_options, process_prompt
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
-# Per-request media options a prompt dict may carry.
-MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
+MODALITY_LIMIT_KEYS = ("image", "video")
 
 
 class LLM:
     """Load a model once; generate for many prompts with continuous batching.
 
-    >>> llm = LLM("Qwen/Qwen2.5-VL-7B-Instruct")
-    >>> llm.generate({"prompt": "Hi", "images": []}, SamplingParams(max_tokens=8))
+    >>> llm = LLM("Qwen/Qwen2.5-VL-7B-Instruct", max_model_len=8192)
+    >>> llm.generate({"prompt": "<|vision_start|><|image_pad|><|vision_end|>What is this?",
+    ...               "multi_modal_data": {"image": img}}, SamplingParams(max_tokens=64))
+    >>> llm.chat([{"role": "user", "content": "Hi"}])
 
-    A prompt is a string, a list of token ids, OpenAI-style chat `messages` (a list of
-    {"role", "content"} dicts), or a dict with one of `prompt` / `prompt_token_ids` /
-    `messages` plus optional `images`, `videos` and media options (`max_pixels`, `fps`, ...).
+    Prompts: a string, token ids, chat messages, or a dict (vLLM's `prompt` /
+    `prompt_token_ids` + `multi_modal_data` + `mm_processor_kwargs`, or `messages` with chat
+    template options); see `polymodal.llm_prompts`.
+
+    Keywords: the `EngineConfig` fields (dtype, device, max_model_len, gpu_memory_utilization,
+    max_num_seqs, ...) and vLLM's names for them (`enforce_eager`, ...); `allow_http` lets
+    media be fetched from http(s) URLs; `generation_config` ("auto": the model's
+    generation_config.json supplies default sampling params when `sampling_params` is None,
+    "vllm": it does not, or a folder); `override_generation_config`; `mm_processor_kwargs`
+    (default media options: min_pixels, max_pixels, fps, num_frames); `limit_mm_per_prompt`
+    ({"image": 4, "video": 1}). An unknown keyword raises an error naming it.
     """
 
-    def __init__(self, model: str, *, warmup: bool | None = None, **engine_kwargs: Any):
-        """`engine_kwargs` are `EngineConfig` fields. `warmup` (default: on CUDA) runs one
-        request of each kind the model takes while it loads (`warm_up`)."""
-        self.engine = Engine(model, EngineConfig(**engine_kwargs))
+    def __init__(
+        self,
+        model: str,
+        *,
+        allow_http: bool = False,
+        generation_config: str = "auto",
+        override_generation_config: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        warmup: bool | None = None,
+        **kwargs: Any,
+    ):
+        config = engine_config_kwargs(model, kwargs)
+        self.media_defaults = media_options(mm_processor_kwargs, "LLM(mm_processor_kwargs=...)")
+        self.limit_mm_per_prompt = _check_limits(limit_mm_per_prompt)
+        if "seed" in kwargs:  # as vLLM: the global stream of requests without their own seed
+            torch.manual_seed(kwargs["seed"])
+        self.engine = Engine(model, EngineConfig(**config))
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         cls = processor_class(self.model_config.architecture)
         model_dir = self.model_config.model_dir
         self.processor = cls.from_pretrained(model_dir) if cls else TextProcessor(self.tokenizer)
+        if allow_http:
+            if not hasattr(self.processor, "allow_http"):
+                raise InvalidInputError("allow_http: this model takes no media")
+            self.processor.allow_http = True
+        self.default_sampling = generation_defaults(
+            model_dir, generation_config, override_generation_config
+        )
         self.warmup_seconds = 0.0
         if warmup if warmup is not None else self.engine.device.type == "cuda":
             self.warmup_seconds = self.warm_up()
@@ -59,19 +93,24 @@ class LLM:
         first = max(0, min(100, self.model_config.vocab_size - 16))
         prompts: list[Any] = [list(range(first, first + 16))]  # token ids: no tokenizer needed
         if self.is_multimodal and self.tokenizer is not None:
-            # an encoded file, as users send: the decoder plugins load on first use (~70 ms)
-            buffer = io.BytesIO()
-            Image.new("RGB", (448, 448), (120, 60, 200)).save(buffer, format="JPEG")
-            picture = buffer.getvalue()
+            # encoded files, as users send: the decoder plugins load on first use. Two of one
+            # size, different content (the same bytes would hit the encoder cache): a tower
+            # with CUDA graphs captures a layout on its second call
+            for colour in ((120, 60, 200), (30, 160, 90)):
+                buffer = io.BytesIO()
+                Image.new("RGB", (448, 448), colour).save(buffer, format="JPEG")
+                image = {"type": "image", "image": buffer.getvalue()}
+                prompts.append(
+                    [{"role": "user", "content": [image, {"type": "text", "text": "Warm up."}]}]
+                )
             frames = [Image.new("RGB", (224, 224), (i * 40, 90, 30)) for i in range(4)]
-            # the image twice: a tower with CUDA graphs captures a layout on its second call
-            image = {"type": "image", "image": picture}
-            for part in (image, image, {"type": "video", "video": frames}):
-                content = [part, {"type": "text", "text": "Warm up."}]
-                prompts.append([{"role": "user", "content": content}])
+            video = {"type": "video", "video": frames}
+            prompts.append(
+                [{"role": "user", "content": [video, {"type": "text", "text": "Warm up."}]}]
+            )
         for prompt in prompts:  # one at a time: each kind runs as a first request would
             try:
-                self.generate(prompt, params)
+                self.generate(prompt, params, use_tqdm=False)
             except InvalidInputError:  # this model has no chat template: text alone then
                 continue
         return time.perf_counter() - start
@@ -80,103 +119,162 @@ class LLM:
     def is_multimodal(self) -> bool:
         return not isinstance(self.processor, TextProcessor)
 
-    def process(self, prompt: Any) -> ProcessedPrompt:
+    def get_tokenizer(self) -> Any:
+        """The model's tokenizer (transformers)."""
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's rule: used
+        when `generate` / `chat` get no sampling params)."""
+        return SamplingParams(**self.default_sampling)
+
+    def process(self, prompt: Any, stage: bool = True) -> ProcessedPrompt:
         """Turn one prompt (any accepted form) into token ids, positions and media items.
 
-        Media tensors are moved to the model's device here, so a caller that processes on a
-        worker thread overlaps that copy with the engine's work.
+        Media tensors are moved to the model's device here (`stage`), so a caller that
+        processes on a worker thread overlaps that copy with the engine's work.
         """
-        processed = self._process(prompt)
-        stage = getattr(self.engine.runner.model, "stage", None)
-        if stage is not None and processed.mm_items:
-            stage(processed.mm_items)
+        processed = process_prompt(self.processor, prompt, self.media_defaults)
+        if self.limit_mm_per_prompt:
+            for modality, limit in self.limit_mm_per_prompt.items():
+                count = sum(item.modality == modality for item in processed.mm_items)
+                if count > limit:
+                    raise InvalidInputError(
+                        f"the prompt has {count} {modality} items but limit_mm_per_prompt "
+                        f"allows {limit}"
+                    )
+        to_device = getattr(self.engine.runner.model, "stage", None) if stage else None
+        if to_device is not None and processed.mm_items:
+            to_device(processed.mm_items)
         return processed
 
-    def _process(self, prompt: Any) -> ProcessedPrompt:
-        if isinstance(prompt, ProcessedPrompt):
-            return prompt
-        if isinstance(prompt, str):
-            return self.processor.process(prompt=prompt)
-        if _is_token_ids(prompt):
-            if self.is_multimodal:
-                return self.processor.process_tokens(list(prompt), [])
-            return ProcessedPrompt(list(prompt), None, 0)
-        if _is_messages(prompt):
-            return self.processor.process(messages=list(prompt))
-        if isinstance(prompt, dict):
-            options = {k: prompt[k] for k in MEDIA_OPTIONS if prompt.get(k) is not None}
-            media = {"images": prompt.get("images") or (), "videos": prompt.get("videos") or ()}
-            if "messages" in prompt:
-                return self.processor.process(messages=prompt["messages"], **options)
-            if "prompt_token_ids" in prompt:
-                return self._process(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self.processor.process(prompt=prompt["prompt"], **media, **options)
-        raise InvalidInputError(
-            f"unsupported prompt of type {type(prompt).__name__}: pass a string, token ids, "
-            "chat messages, or a dict with 'prompt', 'prompt_token_ids' or 'messages'"
-        )
-
     def submit(
-        self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Any,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        grammar: Any = None,
     ) -> str:
-        """Process one prompt and queue it in the engine; returns its request id."""
+        """Process one prompt and queue it in the engine; returns its request id.
+
+        `grammar` is `params.structured_outputs` compiled ahead (`engine.compile_grammar`).
+        """
         p = self.process(prompt)
         return self.engine.add_request(
-            p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items
+            p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items, grammar
         )
+
+    def prepare(self, prompt: Any, params: SamplingParams) -> tuple[ProcessedPrompt, Any]:
+        """`process(prompt)` plus the request's compiled grammar (None without structured
+        output): everything a worker thread does before `Engine.add_request`."""
+        return self.process(prompt), self.engine.compile_grammar(params)
 
     def generate(
         self,
         prompts: Any,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; results in input order.
 
         Prompts are processed on worker threads while the engine runs the ones already
         queued (`feeder.run_prompts`). A bad prompt raises a PolymodalError naming its index,
-        and every request of this call still in the engine is aborted first.
+        and every request of this call still in the engine is aborted first. `use_tqdm` shows
+        a progress bar of finished prompts.
         """
         batch = _as_batch(prompts)
-        params = _params_list(sampling_params, len(batch))
+        params = _params_list(sampling_params or self.get_default_sampling_params(), len(batch))
         results: list[RequestOutput | None] = [None] * len(batch)
         items = ((i, prompt, sp) for i, (prompt, sp) in enumerate(zip(batch, params)))
         workers = PROCESS_WORKERS if len(batch) > 1 else 0  # one prompt: no thread hand-off
-        with closing(run_prompts(self, items, workers=workers)) as finished:
-            for done in finished:
-                if isinstance(done.error, PolymodalError):
-                    raise type(done.error)(f"prompt {done.key}: {done.error}") from done.error
-                if done.error is not None:
-                    raise done.error
-                results[done.key] = done.output
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batch), desc="Processed prompts", unit="prompt")
+        try:
+            with closing(run_prompts(self, items, workers=workers)) as finished:
+                for done in finished:
+                    if isinstance(done.error, PolymodalError):
+                        raise type(done.error)(f"prompt {done.key}: {done.error}") from done.error
+                    if done.error is not None:
+                        raise done.error
+                    results[done.key] = done.output
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return results
 
-    def run(self, request_ids: list[str]) -> list[RequestOutput]:
+    def run(self, request_ids: list[str], use_tqdm: bool = False) -> list[RequestOutput]:
         """Step the engine until `request_ids` finish; their final outputs, in order.
 
         If a step raises (out of memory, a broken kernel), every request of this call is
         aborted before the error propagates, so the engine is left clean for the next call.
         """
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Processed prompts", unit="prompt")
         try:
-            final = self.engine.run_until_done()
+            while self.engine.has_unfinished():
+                for out in self.engine.step(finished_only=True):
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
         except BaseException:
             for request_id in request_ids:
                 self.engine.abort(request_id)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [final[i] for i in request_ids]
 
-    def chat(self, messages: Any, sampling_params: SamplingParams | None = None):
-        """`generate` for one conversation (list of messages) or a list of conversations."""
-        if _is_messages(messages):
-            return self.generate([messages], sampling_params)
-        return self.generate(list(messages), sampling_params)
+    def chat(
+        self,
+        messages: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """`generate` for one conversation (a list of messages) or a list of conversations,
+        with vLLM's chat keywords (template, tools, template variables, media options)."""
+        conversations = [messages] if is_messages(messages) else list(messages)
+        options = {
+            "chat_template": chat_template,
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            "tools": tools,
+            "chat_template_kwargs": chat_template_kwargs,
+            "mm_processor_kwargs": mm_processor_kwargs,
+        }
+        prompts = [{"messages": list(conv), **options} for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(
+        self, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`: the `params.beam_width` best beams of each prompt, found
+        as transformers' `generate(num_beams=...)` finds them (see `polymodal.beam_search`).
+        `use_tqdm` shows the steps (all prompts advance together)."""
+        processed = [self.process(p) for p in _as_batch(prompts)]
+        return beam_search(self, processed, params, use_tqdm)
 
     def stream(self, prompt: Any, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (deltas included).
 
         Closing the iterator early aborts the request and frees its KV blocks.
         """
-        request_id = self.submit(prompt, params)
+        request_id = self.submit(prompt, params or self.get_default_sampling_params())
         try:
             while True:
                 for out in self.engine.step():
@@ -187,23 +285,45 @@ class LLM:
         finally:
             self.engine.abort(request_id)
 
+    def _not_pooling(self, method: str):
+        raise InvalidInputError(
+            f"LLM.{method}() needs a pooling model; {self.model_config.architecture} is a "
+            "generative model (use generate or chat)"
+        )
 
-def _is_token_ids(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, int) for t in x)
+    def embed(self, *args: Any, **kwargs: Any):
+        """vLLM's pooling API: not available for generative models (raises)."""
+        self._not_pooling("embed")
+
+    def classify(self, *args: Any, **kwargs: Any):
+        """vLLM's pooling API: not available for generative models (raises)."""
+        self._not_pooling("classify")
+
+    def score(self, *args: Any, **kwargs: Any):
+        """vLLM's pooling API: not available for generative models (raises)."""
+        self._not_pooling("score")
+
+    def encode(self, *args: Any, **kwargs: Any):
+        """vLLM's pooling API: not available for generative models (raises)."""
+        self._not_pooling("encode")
 
 
-def _is_messages(x: Any) -> bool:
-    return (
-        isinstance(x, (list, tuple))
-        and bool(x)
-        and all(isinstance(m, dict) and "role" in m for m in x)
-    )
+def _check_limits(limits: dict[str, int] | None) -> dict[str, int]:
+    limits = dict(limits or {})
+    for key, value in limits.items():
+        if key not in MODALITY_LIMIT_KEYS:
+            raise InvalidInputError(
+                f"limit_mm_per_prompt[{key!r}]: unknown modality; use {list(MODALITY_LIMIT_KEYS)}"
+            )
+        if not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"limit_mm_per_prompt[{key!r}] must be an int >= 0")
+    return limits
 
 
 def _as_batch(prompts: Any) -> list:
-    if isinstance(prompts, (str, dict, ProcessedPrompt)) or _is_token_ids(prompts):
+    if isinstance(prompts, (str, dict, ProcessedPrompt)) or is_token_ids(prompts):
         return [prompts]
-    if _is_messages(prompts):
+    if is_messages(prompts):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
@@ -211,8 +331,8 @@ def _as_batch(prompts: Any) -> list:
 
 
 def _params_list(params, n: int) -> list[SamplingParams]:
-    if params is None or isinstance(params, SamplingParams):
-        return [params or SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
     params = list(params)
     if len(params) != n:
         raise InvalidInputError(f"{len(params)} sampling params given for {n} prompts")

@@ -4,6 +4,12 @@ pipe = Pipeline("Qwen/Qwen2.5-VL-7B-Instruct")
 pipe(image="cat.jpg", text="Describe this image.")        # -> Result
 pipe([{"image": "a.jpg", "text": "..."}, {"video": "b.mp4", "text": "..."}])  # batched
 for delta in pipe.stream(image="cat.jpg", text="..."): print(delta, end="")
+
+transformers' `pipeline("image-text-to-text")` call forms work too: `pipe(images=img,
+text="...")`, `pipe("cat.jpg", text="...")`, `pipe(text=messages)` (chat messages with image
+parts), with `max_new_tokens=`, `do_sample=`, `num_return_sequences=` or
+`generate_kwargs={...}`. The model's generation_config.json supplies every sampling value the
+call does not set, as in transformers.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from polymodal.feeder import run_prompts
 from polymodal.llm import LLM
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
-from polymodal.llm_core.outputs import RequestOutput, Timings, Usage
+from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
 from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_prompts import MEDIA_OPTIONS, is_messages
 
 
 class PipelineRequest(BaseModel):
@@ -38,12 +45,32 @@ class PipelineRequest(BaseModel):
     fps: float | None = None
     num_frames: int | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _transformers_forms(cls, data: Any) -> Any:
+        """`text=` holding chat messages, and `images=` holding one image."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if is_messages(data.get("text")):
+            if data.get("messages") is not None:
+                raise ValueError("give chat messages as messages= or text=, not both")
+            data["messages"] = data.pop("text")
+        images = data.get("images")
+        if images is not None and not isinstance(images, (list, tuple)):
+            data["images"] = [images]
+        return data
+
     @model_validator(mode="after")
     def _one_source(self):
         if self.messages is not None and any(
-            v is not None for v in (self.text, self.image, self.images, self.video)
+            v is not None for v in (self.image, self.images, self.video)
         ):
-            raise ValueError("give either messages= or text/image/images/video, not both")
+            raise ValueError(
+                "give media inside the chat messages, or use text= with image/images/video"
+            )
+        if self.messages is not None and self.text is not None:
+            raise ValueError("give either messages= or text=, not both")
         if (
             self.messages is None
             and self.text is None
@@ -68,13 +95,18 @@ class PipelineRequest(BaseModel):
             messages = [{"role": "user", "content": parts}]
             if self.system:
                 messages.insert(0, {"role": "system", "content": self.system})
-        options = {k: getattr(self, k) for k in ("min_pixels", "max_pixels", "fps", "num_frames")}
+        options = {k: getattr(self, k) for k in MEDIA_OPTIONS}
         return {"messages": messages, **{k: v for k, v in options.items() if v is not None}}
 
 
 @dataclass
 class Result:
-    """What a Pipeline call returns for one request."""
+    """What a Pipeline call returns for one request.
+
+    `text`, `token_ids` and `finish_reason` are the first completion's; `outputs` holds all
+    `n` of them (vLLM's `CompletionOutput`s: text, token_ids, finish_reason, logprobs, ...)
+    and `texts` their texts, in order.
+    """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
@@ -82,28 +114,61 @@ class Result:
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     error: str | None = None  # set (and text empty) when this request of a batch was invalid
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def texts(self) -> list[str]:
+        """Every completion's text (`n` of them), in order."""
+        return [o.text for o in self.outputs]
 
     @classmethod
     def from_output(cls, out: RequestOutput) -> Result:
         first = out.outputs[0]
-        return cls(first.text, first.token_ids, first.finish_reason, out.usage, out.timings)
+        return cls(
+            first.text, first.token_ids, first.finish_reason, out.usage, out.timings,
+            outputs=list(out.outputs),
+        )  # fmt: skip
 
 
 _SAMPLING_FIELDS = set(SamplingParams.model_fields)
+# transformers' generate() names -> SamplingParams fields
+_TRANSFORMERS_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "num_return_sequences": "n",
+}
 
 
 class Pipeline:
-    """Load a (multimodal) model and answer requests; see the module docstring."""
+    """Load a (multimodal) model and answer requests; see the module docstring.
 
-    def __init__(self, model: str, **engine_kwargs: Any):
-        self.llm = LLM(model, **engine_kwargs)
+    `allow_http=True` lets requests name http(s) media URLs (off by default); other keywords
+    go to `LLM` (engine options).
+    """
+
+    def __init__(self, model: str, *, allow_http: bool = False, **engine_kwargs: Any):
+        self.llm = LLM(model, allow_http=allow_http, **engine_kwargs)
 
     def _split(self, kwargs: dict) -> tuple[dict, SamplingParams]:
         params = kwargs.pop("params", None)
-        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_FIELDS}
+        sampling = dict(kwargs.pop("generate_kwargs", None) or {})
+        for key in list(kwargs):
+            if key in _SAMPLING_FIELDS or key in _TRANSFORMERS_NAMES or key == "do_sample":
+                sampling[key] = kwargs.pop(key)
         if params is not None and sampling:
             raise InvalidInputError("give params= or sampling keywords, not both")
-        return kwargs, params or SamplingParams(**sampling)
+        if params is not None:
+            return kwargs, params
+        for name, ours in _TRANSFORMERS_NAMES.items():
+            if name in sampling:
+                if ours in sampling:
+                    raise InvalidInputError(f"give {name}= or {ours}=, not both")
+                sampling[ours] = sampling.pop(name)
+        if sampling.pop("do_sample", True) is False:  # transformers' greedy decoding
+            if sampling.get("temperature", 0.0) != 0.0:
+                raise InvalidInputError("do_sample=False is greedy: it takes no temperature")
+            sampling["temperature"] = 0.0
+        return kwargs, SamplingParams(**sampling).with_defaults(self.llm.default_sampling)
 
     @staticmethod
     def _request(fields: dict) -> PipelineRequest:
@@ -115,15 +180,30 @@ class Pipeline:
             )
             raise InvalidInputError(f"invalid request: {msg}") from None
 
-    def __call__(self, requests: list[dict] | None = None, **kwargs: Any):
+    def __call__(self, inputs: Any = None, **kwargs: Any):
         """One request from keywords -> Result; a list of request dicts -> list[Result].
 
-        In a list, an invalid request yields a Result with `error` set; the others still run.
+        `inputs` may also be chat messages, or transformers' positional images (a path, URL,
+        image or list of them). In a list of requests, an invalid one yields a Result with
+        `error` set; the others still run.
         """
         fields, params = self._split(kwargs)
+        requests = None
+        if (
+            isinstance(inputs, (list, tuple))
+            and inputs
+            and all(isinstance(r, dict) for r in inputs)
+        ):
+            requests = inputs if not is_messages(inputs) else None
+            if requests is None:
+                fields = {**fields, "messages": list(inputs)}
+        elif inputs is not None:
+            if "images" in fields or "image" in fields:
+                raise InvalidInputError("give the images positionally or as images=, not both")
+            fields = {**fields, "images": inputs}
         if requests is None:
             prompt = self._request(fields).to_prompt()
-            return Result.from_output(self.llm.generate(prompt, params)[0])
+            return Result.from_output(self.llm.generate(prompt, params, use_tqdm=False)[0])
         if fields:
             raise InvalidInputError(f"with a list of requests, put {sorted(fields)} inside each")
         results: list[Result | None] = [None] * len(requests)
@@ -145,7 +225,7 @@ class Pipeline:
         return results
 
     def stream(self, **kwargs: Any) -> Iterator[str]:
-        """Yield text deltas of one request as they are generated."""
+        """Yield text deltas of one request as they are generated (the first completion's)."""
         fields, params = self._split(kwargs)
         prompt = self._request(fields).to_prompt()
         for out in self.llm.stream(prompt, params):

@@ -1,67 +1,86 @@
 """The OpenAI-compatible FastAPI app over one `AsyncEngine`.
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`,
-`GET /metrics`. Every error is OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`.
-A client that disconnects (streaming or not) has its request aborted and its KV blocks freed.
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+`GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, vLLM's pooling routes (an error:
+the model is generative), `GET /health`, `GET /metrics`. Every error, 404s included, is
+OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. A client that disconnects
+(streaming or not) has its requests aborted and their KV blocks freed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
-import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from polymodal.async_engine import AsyncEngine
-from polymodal.llm_core.errors import InvalidInputError, PolymodalError
+from polymodal.beam_search import BeamSearchParams
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.server.errors import RequestError
 from polymodal.server.metrics import ServerMetrics
-from polymodal.server.openai_format import MediaPolicy, RequestError, engine_messages, error_param
-from polymodal.server.protocol import (
+from polymodal.server.openai_format import MediaPolicy, engine_messages, error_param
+from polymodal.server.pooling_routes import add_pooling_routes
+from polymodal.server.protocol import ModelCard, ModelList
+from polymodal.server.requests import (
     ChatCompletionRequest,
     CompletionRequest,
-    ErrorInfo,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
+    DetokenizeRequest,
+    TokenizeRequest,
 )
-from polymodal.server.responses import DONE, ResponseBuilder, sse
-
-DISCONNECT_POLL_S = 0.2
+from polymodal.server.responses import ResponseBuilder, Shape
+from polymodal.server.serving import error_response, run_beam_search, run_job
+from polymodal.server.tools import TOOL_PARSERS, choice_constraint
 
 
 class _AuthError(Exception):
     """The request's bearer token does not match `--api-key`."""
 
 
-def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
-    """An OpenAI-shaped error answer."""
-    kind = kind or ("invalid_request_error" if status < 500 else "internal_error")
-    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
 def create_app(
     engine: AsyncEngine,
-    model_name: str,
+    model_name: str | list[str],
     *,
     api_key: str | None = None,
     allowed_media_dir: str | Path | None = None,
     allow_http: bool = False,
     default_max_tokens: int | None = None,
+    allowed_origins: list[str] | None = None,
+    chat_template: str | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
-    """Build the app; the caller owns `engine` (and closes it after the server stops)."""
+    """Build the app; the caller owns `engine` (and closes it after the server stops).
+
+    `model_name`: the served name(s) a request's `model` must match (the first is reported).
+    `allowed_origins` turns CORS on; `chat_template` replaces the checkpoint's;
+    `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`.
+    """
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
     app = FastAPI(title="polymodal", version="0.1.0")
+    if allowed_origins:
+        # pure ASGI (unlike BaseHTTPMiddleware): client disconnects still reach the handlers
+        app.add_middleware(
+            CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
+            allow_headers=["*"], allow_credentials="*" not in allowed_origins,
+        )  # fmt: skip
     metrics = ServerMetrics(engine)
     policy = MediaPolicy(Path(allowed_media_dir) if allowed_media_dir else None, allow_http)
     if allow_http:
         engine.set_processor_option("allow_http", True)
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise InvalidInputError(
+            f"tool_call_parser {tool_call_parser!r} is unknown; choose from {sorted(TOOL_PARSERS)}"
+        )
+    parser = TOOL_PARSERS.get(tool_call_parser) if tool_call_parser else None
     tokenizer = engine.tokenizer
+    defaults = dict(engine.model_info["default_sampling"])
+    if default_max_tokens is not None:
+        defaults["max_tokens"] = default_max_tokens
     app.state.engine, app.state.metrics = engine, metrics
 
     async def check_api_key(request: Request) -> None:
@@ -72,26 +91,49 @@ def create_app(
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise _AuthError()
 
+    def check_model(name: str | None) -> str:
+        """The served name a request asks for (404 OpenAI-shaped if it is not served)."""
+        if name is None:
+            return names[0]
+        if name not in names:
+            raise RequestError(
+                f"The model {name!r} does not exist; this server serves {names}",
+                "model", "model_not_found", status=404,
+            )  # fmt: skip
+        return name
+
     @app.exception_handler(_AuthError)
     async def on_auth_error(request: Request, exc: _AuthError):
         return error_response(
             401, "invalid or missing API key", None, "authentication_error", "invalid_api_key"
         )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
-
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = _dotted(loc) or None
+        if first.get("type") == "extra_forbidden":
+            message = f"{param}: unknown or unsupported field (docs/serving.md lists the fields)"
+            return error_response(400, message, param=param, code="unsupported_field")
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(400, message, param=param, code=first.get("type"))
 
     @app.exception_handler(InvalidInputError)
     async def on_invalid_input(request: Request, exc: InvalidInputError):
-        code = exc.code if isinstance(exc, RequestError) else "invalid_value"
-        return error_response(400, str(exc), param=error_param(exc, None), code=code)
+        if isinstance(exc, RequestError):
+            return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
+        return error_response(400, str(exc), param=error_param(exc, None), code="invalid_value")
+
+    @app.exception_handler(Exception)
+    async def on_server_error(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(exc.status_code, message, kind=kind, code=str(exc.status_code))
 
     @app.get("/health")
     async def health():
@@ -110,126 +152,154 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    auth = APIRouter(dependencies=[Depends(check_api_key)])
+
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, max_model_len=engine.max_model_len)
+
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        card = ModelCard(id=model_name, max_model_len=engine.max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[card(n) for n in names]).model_dump()
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        return card(check_model(model_id)).model_dump()
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        params = body.sampling_params(default_max_tokens)
-        prompt = {"messages": engine_messages(body.messages, policy)}
+        served = check_model(body.model)
+        params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        builder = ResponseBuilder("chat", model_name, tokenizer, top_n)
-        return await _run(request, body, prompt, params, builder, "chat", "messages")
+        shape = Shape("chat", top_n, params.n)
+        shape.prompt_logprobs = body.prompt_logprobs
+        if body.tools:
+            params = _tool_params(body, params, shape, parser)
+        elif body.tool_choice not in (None, "none"):
+            raise RequestError("tool_choice needs tools", "tool_choice")
+        last = body.messages[-1]
+        if body.echo and last.role == "assistant" and isinstance(last.content, str):
+            shape.echo = [last.content]
+        prompt = {
+            "messages": engine_messages(body.messages, policy),
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()] or None,
+            "chat_template": body.chat_template or chat_template,
+            "chat_template_kwargs": body.chat_template_kwargs,
+            "add_generation_prompt": body.add_generation_prompt,
+            "continue_final_message": body.continue_final_message,
+            "mm_processor_kwargs": body.mm_processor_kwargs,
+        }
+        params = params.with_defaults({"max_tokens": None, **defaults})
+        builder = ResponseBuilder(shape, served, tokenizer)
+        if body.use_beam_search:
+            return await _beam(body, prompt, params, builder)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await run_job(request, engine, metrics, "chat", [prompt], params, builder,
+                             body.stream, include_usage, "messages")  # fmt: skip
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        params = body.sampling_params(default_max_tokens)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise RequestError("only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-        builder = ResponseBuilder("completion", model_name, tokenizer, body.logprobs)
-        return await _run(request, body, prompt, params, builder, "completion", "prompt")
+        served = check_model(body.model)
+        params = body.sampling_params().with_defaults({"max_tokens": 16, **defaults})
+        prompts = body.prompts()
+        if not body.add_special_tokens:
+            prompts = [
+                tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p
+                for p in prompts
+            ]
+        shape = Shape("completion", body.logprobs, body.n or 1)
+        shape.prompt_logprobs = body.prompt_logprobs
+        if body.echo:
+            shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+            shape.echo_only = body.max_tokens == 0
+        builder = ResponseBuilder(shape, served, tokenizer)
+        if body.use_beam_search:
+            if len(prompts) != 1:
+                raise RequestError("use_beam_search takes one prompt", "prompt")
+            return await _beam(body, prompts[0], params, builder)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await run_job(request, engine, metrics, "completion", prompts, params, builder,
+                             body.stream, include_usage, "prompt")  # fmt: skip
 
-    async def _run(request, body, prompt, params, builder, endpoint: str, param: str):
-        """Submit, wait for the first output (so input errors are still a 4xx), then answer."""
-        start = time.monotonic()
-        request_id = engine.submit(prompt, params)
-        outputs = engine.stream(request_id)
-        watcher = asyncio.create_task(_abort_on_disconnect(request, engine, request_id))
-
-        first_at = None  # when the first token reached the server
-
-        async def cleanup(status: str, final=None) -> None:
-            # synchronous work first: under cancellation every await may raise again
-            watcher.cancel()
-            engine.abort(request_id)  # a no-op when it already finished
-            ttft = first_at - start if first_at is not None else None
-            metrics.observe(endpoint, status, time.monotonic() - start, final, ttft)
-            with contextlib.suppress(BaseException):
-                await outputs.aclose()
-
-        try:
-            first = await outputs.__anext__()
-            first_at = time.monotonic()
-        except asyncio.CancelledError:  # the server cancelled us: the client went away
-            await cleanup("aborted")
-            raise
-        except StopAsyncIteration:  # aborted: the client went away
-            await cleanup("aborted")
-            return Response(status_code=499)
-        except PolymodalError as exc:
-            await cleanup("client_error")
-            status = 400 if isinstance(exc, InvalidInputError) else 500
-            return error_response(status, str(exc), param=error_param(exc, param))
-        except Exception as exc:  # noqa: BLE001 - an engine failure: 500, the server goes on
-            await cleanup("error")
-            return error_response(500, f"engine error: {exc}")
+    async def _beam(body, prompt, params, builder: ResponseBuilder):
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _events(first, outputs, builder, include_usage, cleanup, metrics)
-            return StreamingResponse(events, media_type="text/event-stream")
-        final = first
-        try:
-            async for final in outputs:  # noqa: B007 - keep the last one
-                pass
-        except asyncio.CancelledError:
-            await cleanup("aborted")
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await cleanup("error")
-            return error_response(500, f"engine error: {exc}")
-        if not final.finished:
-            await cleanup("aborted")
-            return Response(status_code=499)
-        await cleanup("ok", final)
-        return JSONResponse(builder.full(final).model_dump())
+            raise RequestError("use_beam_search cannot be streamed", "stream")
+        if params.max_tokens is None:
+            raise RequestError("use_beam_search needs max_tokens", "max_tokens")
+        beam = BeamSearchParams(
+            beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+            length_penalty=body.length_penalty,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )  # fmt: skip
+        out = await run_beam_search(engine, prompt, beam)
+        return JSONResponse(builder.full([out]).model_dump())
 
+    @auth.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError("give exactly one of prompt or messages", "prompt")
+        if body.prompt is not None:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            prompt = {
+                "messages": engine_messages(body.messages, policy),
+                "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()] or None,
+                "chat_template": body.chat_template or chat_template,
+                "chat_template_kwargs": body.chat_template_kwargs,
+                "add_generation_prompt": body.add_generation_prompt,
+                "continue_final_message": body.continue_final_message,
+                "mm_processor_kwargs": body.mm_processor_kwargs,
+            }
+            ids = (await engine.process(prompt)).token_ids
+        out = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    @auth.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        vocab = engine.model_info["vocab_size"]
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocab [0, {vocab})", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    add_pooling_routes(auth, names[0], engine.model_info["architecture"])
     app.include_router(v1)
+    app.include_router(auth)
     return app
 
 
-async def _events(first, outputs, builder: ResponseBuilder, include_usage: bool, cleanup, metrics):
-    """The SSE body: chunks per step, an optional usage chunk, then `data: [DONE]`."""
-    final, status = first, "aborted"
-    try:
-        for event in builder.chunks(first):
-            yield event
-        if not first.finished:
-            last = time.monotonic()
-            async for final in outputs:
-                now = time.monotonic()
-                tokens = max(len(c.delta_token_ids) for c in final.outputs)
-                metrics.observe_stream_gap(now - last, tokens)
-                last = now
-                for event in builder.chunks(final):
-                    yield event
-        if final.finished:
-            status = "ok"
-            if include_usage:
-                yield builder.usage_chunk(final)
-            yield DONE
-    except PolymodalError as exc:
-        status = "error"
-        yield sse({"error": {"message": str(exc), "type": "invalid_request_error"}})
-        yield DONE
-    except Exception as exc:  # noqa: BLE001 - report engine failures in-band, then end
-        status = "error"
-        yield sse({"error": {"message": f"engine error: {exc}", "type": "internal_error"}})
-        yield DONE
-    finally:
-        await cleanup(status, final if status == "ok" else None)
-
-
-async def _abort_on_disconnect(request: Request, engine: AsyncEngine, request_id: str) -> None:
-    """Poll the connection; when the client is gone, abort its request."""
-    with contextlib.suppress(asyncio.CancelledError):
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
-        engine.abort(request_id)
+def _tool_params(body: ChatCompletionRequest, params, shape: Shape, parser):
+    """Set up tool calling: a constraint for a named / required tool_choice, the parser for
+    "auto" (the default with tools, as in vLLM)."""
+    choice = body.tool_choice or "auto"
+    if choice == "none":
+        return params
+    if choice == "auto":
+        if parser is None:
+            raise RequestError(
+                '"auto" tool choice needs a tool-call parser: start the server with '
+                "--enable-auto-tool-choice --tool-call-parser {hermes,llama3_json,mistral}, "
+                'or send tool_choice "required", "none" or a named function',
+                "tool_choice",
+            )
+        shape.tool_mode, shape.parser, shape.parallel = "auto", parser, body.parallel_tool_calls
+        if parser.name == "mistral" and "skip_special_tokens" not in params.model_fields_set:
+            # [TOOL_CALLS] is a special token: keep it in the text the parser reads
+            return params.model_copy(update={"skip_special_tokens": False})
+        return params
+    if params.structured_outputs is not None:
+        raise RequestError(
+            "tool_choice required or a named function cannot be combined with another "
+            "structured output constraint", "tool_choice",
+        )  # fmt: skip
+    constraint = choice_constraint(body.tools, choice, body.parallel_tool_calls)
+    shape.tool_mode = "required" if choice == "required" else "named"
+    shape.tool_name = None if choice == "required" else choice.function.name
+    return params.model_copy(update={"structured_outputs": constraint})
 
 
 def _dotted(loc: list[str]) -> str:

@@ -3,8 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 from polymodal.engine_args import add_engine_arguments, engine_kwargs
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a file's contents, or the template itself when given inline (as
+    vLLM: text with jinja braces or newlines is a template; anything else must be a file)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if any(c in value for c in "{}\n"):
+        return value
+    raise SystemExit(f"polymodal serve: --chat-template {value!r}: no such file")
+
+
+def parse_origins(value: str) -> list[str]:
+    """`--allowed-origins`: a JSON list (vLLM's form) or comma-separated origins."""
+    value = value.strip()
+    if value.startswith("["):
+        origins = json.loads(value)
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise argparse.ArgumentTypeError("--allowed-origins: a JSON list of strings")
+        return origins
+    return [o.strip() for o in value.split(",") if o.strip()]
 
 
 def serve_command(parser: argparse.ArgumentParser):
@@ -13,13 +40,39 @@ def serve_command(parser: argparse.ArgumentParser):
     parser.add_argument("model", help="hub id or local checkpoint directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", help="the model id clients use (default: MODEL)")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="the model id(s) clients use; requests naming another get a 404 (default: MODEL)",
+    )
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on API routes")
     parser.add_argument(
         "--allowed-media-dir", help="let requests name local media files under this directory"
     )
     parser.add_argument("--allow-http", action="store_true", help="fetch http(s) media URLs")
     parser.add_argument("--default-max-tokens", type=int, help="when a request sets none")
+    parser.add_argument(
+        "--allowed-origins",
+        type=parse_origins,
+        help='CORS: origins allowed to call the API, e.g. \'["https://app.example"]\' or "*"',
+    )
+    parser.add_argument("--chat-template", help="a Jinja chat template (file or inline)")
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' (none), "
+        "or a folder holding a generation_config.json",
+    )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],
+        help="the model's tool-call format (Qwen2.5/Hermes, Llama 3/4 JSON, Mistral)",
+    )
     parser.add_argument("--log-level", default="info")
     add_engine_arguments(parser)
 
@@ -29,14 +82,26 @@ def serve_command(parser: argparse.ArgumentParser):
         from polymodal.async_engine import AsyncEngine
         from polymodal.server.app import create_app
 
-        engine = AsyncEngine(args.model, **engine_kwargs(args))
+        if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+            print(
+                "polymodal serve: --enable-auto-tool-choice and --tool-call-parser go together",
+                file=sys.stderr,
+            )
+            return 2
+        chat_template = load_chat_template(args.chat_template)
+        engine = AsyncEngine(
+            args.model, generation_config=args.generation_config, **engine_kwargs(args)
+        )
         app = create_app(
             engine,
-            args.served_model_name or args.model,
+            args.served_model_name or [args.model],
             api_key=args.api_key,
             allowed_media_dir=args.allowed_media_dir,
             allow_http=args.allow_http,
             default_max_tokens=args.default_max_tokens,
+            allowed_origins=args.allowed_origins,
+            chat_template=chat_template,
+            tool_call_parser=args.tool_call_parser,
         )
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

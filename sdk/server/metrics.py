@@ -90,17 +90,21 @@ class ServerMetrics:
         endpoint: str,
         status: str,
         seconds: float,
-        final: RequestOutput | None = None,
+        finals: list[RequestOutput] | None = None,
         ttft: float | None = None,
     ) -> None:
-        """Count one ended request: `seconds` since its HTTP arrival, `ttft` to its first
-        token (both as the server saw them) and, when it finished, its engine output."""
+        """Count one ended HTTP request: `seconds` since its arrival, `ttft` to its first
+        tokens (both as the server saw them) and, when it finished, its engine outputs (one
+        per prompt)."""
         self.requests.labels(endpoint, status).inc()
         self.e2e.labels(endpoint).observe(seconds)
         if ttft is not None:
             self.ttft.observe(ttft)
-        if final is None:
-            return
+        for final in finals or ():
+            self._observe_engine(final)
+
+    def _observe_engine(self, final: RequestOutput) -> None:
+        """One finished engine request's tokens and phases."""
         self.prompt_tokens.inc(final.usage.prompt_tokens)
         self.generation_tokens.inc(final.usage.completion_tokens)
         m = final.metrics

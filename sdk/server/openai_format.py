@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import CompletionOutput
-from polymodal.server.protocol import ChatMessage
+from polymodal.processors.chat import ITEM_OPTIONS
+from polymodal.server.errors import RequestError
 
 
 @dataclass
@@ -50,22 +50,28 @@ class MediaPolicy:
         return str(resolved)
 
 
-class RequestError(InvalidInputError):
-    """A client error that knows which request field it is about (`param`)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-def engine_messages(messages: list[ChatMessage], policy: MediaPolicy) -> list[dict[str, Any]]:
-    """OpenAI chat messages -> the message dicts `LLM.process` takes, media URLs checked."""
+def engine_messages(messages: list[Any], policy: MediaPolicy) -> list[dict[str, Any]]:
+    """OpenAI chat messages (`requests.ChatMessage`) -> the message dicts `LLM.process` takes:
+    media URLs checked against `policy`, per-part media options and `detail` kept, tool
+    calls and tool results passed on to the chat template."""
     out = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
+        extra: dict[str, Any] = {}
+        if message.name is not None:
+            extra["name"] = message.name
+        if message.tool_calls:
+            if role != "assistant":
+                raise RequestError("only assistant messages carry tool_calls", f"messages[{i}]")
+            extra["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if role == "tool":
+            if message.tool_call_id is None:
+                raise RequestError(
+                    "a tool message needs tool_call_id", f"messages[{i}].tool_call_id"
+                )
+            extra["tool_call_id"] = message.tool_call_id
         if message.content is None or isinstance(message.content, str):
-            out.append({"role": role, "content": message.content or ""})
+            out.append({"role": role, "content": message.content or "", **extra})
             continue
         parts = []
         for j, part in enumerate(message.content):
@@ -80,9 +86,12 @@ def engine_messages(messages: list[ChatMessage], policy: MediaPolicy) -> list[di
                 raise RequestError(
                     f"a {part.type} part needs '{part.type}'", f"{where}.{part.type}"
                 )
-            kind = "image" if part.type == "image_url" else "video"
-            parts.append({"type": kind, kind: policy.check(url.url, f"{where}.{part.type}.url")})
-        out.append({"role": role, "content": parts})
+            source = policy.check(url.url, f"{where}.{part.type}.url")
+            options = {k: getattr(part, k) for k in ITEM_OPTIONS if getattr(part, k) is not None}
+            parts.append(
+                {"type": part.type, part.type: {"url": source, "detail": url.detail}, **options}
+            )
+        out.append({"role": role, "content": parts, **extra})
     return out
 
 
@@ -150,3 +159,19 @@ def _top(table: dict[int, float], n: int) -> list[tuple[int, float]]:
 def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
     text = tokenizer.decode([token_id])
     return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+
+def prompt_logprob_entries(
+    tokenizer: Any, tables: list[dict[int, float] | None]
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first is None) token id ->
+    {"logprob", "decoded_token"}."""
+    return [
+        None
+        if table is None
+        else {
+            str(t): {"logprob": max(lp, -9999.0), "decoded_token": tokenizer.decode([t])}
+            for t, lp in table.items()
+        }
+        for table in tables
+    ]

@@ -1,12 +1,22 @@
-"""Engine outputs -> OpenAI response bodies and SSE chunks (chat and legacy completions)."""
+"""Engine outputs -> OpenAI response bodies and SSE chunks (chat and legacy completions).
+
+One HTTP request may run several engine requests (one per completion prompt); choice `i` of
+prompt `p` is choice `p * n + i` of the response, as OpenAI numbers them.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
-from polymodal.llm_core.outputs import RequestOutput
-from polymodal.server.openai_format import chat_logprobs, completion_logprobs, delta_logprobs
+from polymodal.llm_core.outputs import CompletionOutput, RequestOutput
+from polymodal.server.openai_format import (
+    chat_logprobs,
+    completion_logprobs,
+    delta_logprobs,
+    prompt_logprob_entries,
+)
 from polymodal.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -19,6 +29,7 @@ from polymodal.server.protocol import (
     new_id,
     now,
 )
+from polymodal.server.tools import ToolParser, ToolStream, new_call_id, required_calls
 
 DONE = "data: [DONE]\n\n"
 
@@ -33,13 +44,12 @@ def sse(payload: Any) -> str:
     return f"data: {body}\n\n"
 
 
-def usage_info(out: RequestOutput) -> UsageInfo:
-    """OpenAI usage from an engine output."""
-    u = out.usage
+def usage_info(outs: list[RequestOutput]) -> UsageInfo:
+    """OpenAI usage summed over the engine requests of one HTTP request."""
+    prompt = sum(o.usage.prompt_tokens for o in outs)
+    completion = sum(o.usage.completion_tokens for o in outs)
     return UsageInfo(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.total_tokens,
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
 
 
@@ -47,93 +57,200 @@ def _finish_reason(reason: str | None) -> str | None:
     return None if reason is None else ("stop" if reason == "abort" else reason)
 
 
-class ResponseBuilder:
-    """Builds the responses of one request; `top_n` is the number of top logprobs (or None)."""
+@dataclass
+class Shape:
+    """How one request's outputs become choices."""
 
-    def __init__(self, kind: str, model: str, tokenizer: Any, top_n: int | None):
-        self.kind = kind  # "chat" | "completion"
-        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+    kind: str  # "chat" | "completion"
+    top_n: int | None = None  # top logprobs per token in the answer (None: no logprobs)
+    n: int = 1  # choices returned per prompt (best_of may generate more)
+    tool_mode: str | None = None  # None | "named" | "required" | "auto"
+    tool_name: str | None = None  # the named function
+    parser: ToolParser | None = None  # the auto tool-call parser
+    parallel: bool = True  # auto: more than one tool call may be returned
+    echo: list[str] = field(default_factory=list)  # text put before each prompt's choices
+    echo_only: bool = False  # completions with echo and max_tokens 0: the prompt alone
+    prompt_logprobs: int | None = None  # asked for: returned (vLLM's field)
+
+
+class ResponseBuilder:
+    """Builds the responses of one HTTP request (see `Shape`)."""
+
+    def __init__(self, shape: Shape, model: str, tokenizer: Any):
+        self.shape = shape
+        self.kind = shape.kind
+        self.id = new_id("chatcmpl" if shape.kind == "chat" else "cmpl")
         self.created = now()
         self.model = model
         self.tokenizer = tokenizer
-        self.top_n = top_n
-        self._started: set[int] = set()  # choices whose role chunk was sent
+        self._started: set[int] = set()  # choices whose first chunk was sent
         self._finished: set[int] = set()
+        self._streams: dict[int, ToolStream] = {}  # auto tool calling, per choice
+        self._buffers: dict[int, str] = {}  # "required" tool calling, per choice
+
+    # ---- whole responses ----------------------------------------------------------------
+    def full(self, outs: list[RequestOutput]):
+        """The non-streamed response for finished requests (one per prompt)."""
+        choices = []
+        for p, out in enumerate(outs):
+            for j, c in enumerate(self._returned(out.outputs)):
+                index = p * self.shape.n + j
+                choices.append(self._chat_choice(index, c) if self.kind == "chat" else
+                               self._completion_choice(index, p, out, c))  # fmt: skip
+        common = dict(id=self.id, created=self.created, model=self.model, usage=usage_info(outs))
+        if self.kind == "chat":
+            plp = self._prompt_logprobs(outs[0]) if outs else None
+            return ChatCompletionResponse(choices=choices, prompt_logprobs=plp, **common)
+        return CompletionResponse(choices=choices, **common)
+
+    def _returned(self, seqs: list[CompletionOutput]) -> list[CompletionOutput]:
+        """The `n` choices to return: with best_of, the most likely `n` (cumulative logprob)."""
+        if len(seqs) <= self.shape.n:
+            return seqs
+        ranked = sorted(seqs, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
+        return ranked[: self.shape.n]
+
+    def _chat_choice(self, index: int, c: CompletionOutput) -> ChatChoice:
+        content, calls, reason = self._chat_message(c.text, _finish_reason(c.finish_reason))
+        if self.shape.echo and content is not None:
+            content = self.shape.echo[0] + content
+        return ChatChoice(
+            index=index,
+            message=ChatResponseMessage(role="assistant", content=content, tool_calls=calls),
+            logprobs=self._logprobs(c.token_ids, c.logprobs),
+            finish_reason=reason,
+            stop_reason=c.stop_reason,
+        )
+
+    def _chat_message(self, text: str, reason: str | None):
+        """(content, tool_calls, finish_reason) of a finished reply."""
+        mode = self.shape.tool_mode
+        if mode == "named":
+            call = {"id": new_call_id(), "type": "function"}
+            call["function"] = {"name": self.shape.tool_name, "arguments": text}
+            return None, [call], reason
+        if mode == "required":
+            try:
+                return None, required_calls(text), "tool_calls"
+            except (ValueError, TypeError, KeyError):
+                return text, None, reason  # cut short (length): not a list of calls
+        if mode == "auto":
+            content, calls = self.shape.parser.parse(text)
+            if calls:
+                return content, calls if self.shape.parallel else calls[:1], "tool_calls"
+        return text, None, reason
+
+    def _completion_choice(self, index, p: int, out: RequestOutput, c: CompletionOutput):
+        echo = self.shape.echo[p] if self.shape.echo else ""
+        text = echo if self.shape.echo_only else echo + c.text
+        token_ids, tables = c.token_ids, c.logprobs
+        if self.shape.echo_only:
+            token_ids, tables = [], []
+        logprobs = None
+        if self.shape.top_n is not None:
+            if self.shape.echo and out.prompt_logprobs is not None:
+                prompt = out.prompt_token_ids
+                tables = [t or {} for t in out.prompt_logprobs] + list(tables or [])
+                token_ids = prompt + list(token_ids)
+            logprobs = self._logprobs(token_ids, tables)
+        reason = "length" if self.shape.echo_only else _finish_reason(c.finish_reason)
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=reason,
+            stop_reason=c.stop_reason,
+            prompt_logprobs=self._prompt_logprobs(out),
+        )
+
+    def _prompt_logprobs(self, out: RequestOutput):
+        if self.shape.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        return prompt_logprob_entries(self.tokenizer, out.prompt_logprobs)
 
     def _logprobs(self, token_ids, tables) -> dict[str, Any] | None:
-        if self.top_n is None or not tables:
+        if self.shape.top_n is None or tables is None:
             return None
         fmt = chat_logprobs if self.kind == "chat" else completion_logprobs
-        return fmt(self.tokenizer, token_ids, tables, self.top_n)
+        return fmt(self.tokenizer, token_ids, tables, self.shape.top_n)
 
-    def full(self, out: RequestOutput):
-        """The non-streamed response for a finished request."""
-        if self.kind == "chat":
-            choices = [
-                ChatChoice(
-                    index=c.index,
-                    message=ChatResponseMessage(role="assistant", content=c.text),
-                    logprobs=self._logprobs(c.token_ids, c.logprobs),
-                    finish_reason=_finish_reason(c.finish_reason),
-                )
-                for c in out.outputs
-            ]
-            return ChatCompletionResponse(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=choices,
-                usage=usage_info(out),
-            )
-        choices = [
-            CompletionChoice(
-                index=c.index,
-                text=c.text,
-                logprobs=self._logprobs(c.token_ids, c.logprobs),
-                finish_reason=_finish_reason(c.finish_reason),
-            )
-            for c in out.outputs
-        ]
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices,
-            usage=usage_info(out),
-        )  # fmt: skip
-
-    def chunks(self, out: RequestOutput) -> list[str]:
-        """SSE events for what one engine step added to the request (one per choice)."""
+    # ---- streaming ----------------------------------------------------------------------
+    def chunks(self, p: int, out: RequestOutput) -> list[str]:
+        """SSE events for what one engine step added to prompt `p`'s request (one per choice)."""
         events = []
         for c in out.outputs:
-            if c.index in self._finished:
+            index = p * self.shape.n + c.index
+            if index in self._finished:
                 continue
             token_ids, tables = delta_logprobs(c)
-            logprobs = self._logprobs(token_ids, tables)
+            logprobs = self._logprobs(token_ids, tables) if tables else None
             reason = _finish_reason(c.finish_reason)
             if reason is not None:
-                self._finished.add(c.index)
-            if not c.delta_text and reason is None and logprobs is None:
-                continue
+                self._finished.add(index)
             if self.kind == "chat":
-                role = None if c.index in self._started else "assistant"
-                self._started.add(c.index)
+                delta, reason = self._chat_delta(index, c.delta_text, reason)
+                if delta is None and reason is None and logprobs is None:
+                    continue
+                delta = delta or ChatResponseMessage()
+                if index not in self._started:
+                    delta.role = "assistant"
+                    if self.shape.echo:
+                        delta.content = self.shape.echo[0] + (delta.content or "")
+                self._started.add(index)
                 choice = ChatChunkChoice(
-                    index=c.index,
-                    delta=ChatResponseMessage(role=role, content=c.delta_text),
-                    logprobs=logprobs,
-                    finish_reason=reason,
+                    index=index, delta=delta, logprobs=logprobs, finish_reason=reason
                 )
                 events.append(sse(self._chat_chunk([choice])))
-            else:
-                choice = CompletionChoice(
-                    index=c.index, text=c.delta_text, logprobs=logprobs, finish_reason=reason
-                )
-                events.append(sse(self._completion_chunk([choice])))
+                continue
+            text = "" if self.shape.echo_only else c.delta_text
+            if index not in self._started and self.shape.echo:
+                text = self.shape.echo[p] + text
+            if not text and reason is None and logprobs is None:
+                continue
+            self._started.add(index)
+            if self.shape.echo_only:
+                logprobs, reason = None, ("length" if reason else None)
+            choice = CompletionChoice(
+                index=index, text=text, logprobs=logprobs, finish_reason=reason
+            )
+            events.append(sse(self._completion_chunk([choice])))
         return events
 
-    def usage_chunk(self, out: RequestOutput) -> str:
+    def _chat_delta(self, index: int, text: str, reason: str | None):
+        """(delta message or None, finish reason) of one chat choice's step."""
+        mode = self.shape.tool_mode
+        if mode is None:
+            return (ChatResponseMessage(content=text) if text else None), reason
+        if mode == "named":
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+            if index not in self._started:
+                call.update(id=new_call_id(), type="function")
+                call["function"]["name"] = self.shape.tool_name
+            elif not text:
+                return None, reason
+            return ChatResponseMessage(tool_calls=[call]), reason
+        if mode == "required":
+            self._buffers[index] = self._buffers.get(index, "") + text
+            if reason is None:
+                return None, None
+            content, calls, reason = self._chat_message(self._buffers.pop(index), reason)
+            return ChatResponseMessage(content=content, tool_calls=_indexed(calls)), reason
+        stream = self._streams.setdefault(index, ToolStream(self.shape.parser))
+        content = stream.feed(text)
+        if reason is None:
+            return (ChatResponseMessage(content=content) if content else None), None
+        tail, calls = stream.finish()
+        content = (content + tail) or None
+        calls = calls if self.shape.parallel else calls[:1]
+        if calls:
+            reason = "tool_calls"
+        return ChatResponseMessage(content=content, tool_calls=_indexed(calls)), reason
+
+    def usage_chunk(self, outs: list[RequestOutput]) -> str:
         """The last chunk of a stream with `stream_options.include_usage` (no choices)."""
         if self.kind == "chat":
-            return sse(self._chat_chunk([], usage_info(out)))
-        return sse(self._completion_chunk([], usage_info(out)))
+            return sse(self._chat_chunk([], usage_info(outs)))
+        return sse(self._completion_chunk([], usage_info(outs)))
 
     def _chat_chunk(self, choices, usage=None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -144,3 +261,8 @@ class ResponseBuilder:
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
+
+
+def _indexed(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Tool calls as stream deltas (each with its `index`)."""
+    return [{"index": i, **call} for i, call in enumerate(calls)] if calls else None

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from polymodal.processors import load_image
+from polymodal.processors.chat import ChatTemplateOptions
 
 MARK = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -91,6 +92,9 @@ def test_message_forms(photos, our_processors, tmp_path):
     assert all(r.token_ids == results[0].token_ids for r in results)
     rendered = ours.tokenizer.decode(results[0].token_ids[: results[0].mm_items[0].slot_start])
     assert rendered.endswith("<|vision_start|>") and "You are terse." in rendered
-    no_gen = ours.process(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=False)
+    no_gen = ours.process(
+        messages=[{"role": "user", "content": "hi"}],
+        template=ChatTemplateOptions(add_generation_prompt=False),
+    )
     assert not ours.tokenizer.decode(no_gen.token_ids).endswith("assistant\n")
     assert no_gen.positions == [list(range(len(no_gen.token_ids)))] * 3 and no_gen.mrope_delta == 0

@@ -186,7 +186,7 @@ def test_engine_process_serves_like_the_engine_in_process(engine, tmp_path_facto
         assert remote.stats.num_free_blocks == 256 and remote.stats.num_waiting == 0
 
         async def dies():
-            params = SamplingParams(max_tokens=100000, ignore_eos=True)
+            params = SamplingParams(max_tokens=2000, ignore_eos=True)
             request_id = remote.submit("Talk forever.", params)
             seen = []
             with pytest.raises(EngineDiedError):

@@ -154,12 +154,12 @@ def test_caption_files_fills_the_batch_and_bounds_the_prefetch(tmp_path, monkeyp
         def abort(self, rid):
             self.left.pop(rid, None)
 
-    def process(request):
+    def prepare(request, params):
         counts["started"] += 1
         counts["ahead"] = max(counts["ahead"], counts["started"] - counts["added"])
-        return SimpleNamespace(token_ids=[1, 2], positions=None, mrope_delta=0, mm_items=[])
+        return SimpleNamespace(token_ids=[1, 2], positions=None, mrope_delta=0, mm_items=[]), None
 
-    llm = SimpleNamespace(engine=Engine(), process=process)
+    llm = SimpleNamespace(engine=Engine(), prepare=prepare)
     paths = [f"/data/img{i}.png" for i in range(12)]
     done = caption.caption_files(llm, paths, tmp_path / "out.jsonl", workers=1, progress=False)
     assert {k: done[k] for k in ("done", "errors", "skipped")} == {"done": 12, "errors": 0,

@@ -62,6 +62,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "polymodal.cli", "serve", str(ckpt), "--port", str(port)]
     cmd += ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--api-key", API_KEY, "--log-level", "warning"]
+    cmd += ["--served-model-name", "m"]
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -1,0 +1,106 @@
+"""What `Engine.add_request` checks and derives before a request is queued: prompt and token-id
+limits, `truncate_prompt_tokens`, and `bad_words` as token sequences."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.sampling_params import SamplingParams
+
+
+def check_request(
+    ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
+) -> None:
+    """Raise `InvalidInputError` naming the input when the prompt or a token id does not fit.
+
+    A `max_tokens` beyond what the context leaves ends the output at max_model_len (finish
+    reason "length"), as in vLLM's `LLM`; servers reject it first (`check_max_tokens`).
+    """
+    if not ids:
+        raise InvalidInputError("the prompt is empty: it needs at least one token")
+    if len(ids) >= max_model_len:
+        raise InvalidInputError(
+            f"the prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
+            f"(prompt + at least one output token must fit)"
+        )
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidInputError(
+            f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab_size})"
+        )
+    room = max_model_len - len(ids)
+    if params.min_tokens > room:
+        raise InvalidInputError(
+            f"SamplingParams.min_tokens={params.min_tokens} cannot fit: the prompt has "
+            f"{len(ids)} tokens and max_model_len is {max_model_len}"
+        )
+    for name in ("logit_bias", "allowed_token_ids", "stop_token_ids"):
+        outside = [t for t in getattr(params, name) or () if t >= vocab_size]
+        if outside:
+            raise InvalidInputError(
+                f"SamplingParams.{name} has token ids {outside[:5]} outside the vocab "
+                f"[0, {vocab_size})"
+            )
+
+
+def check_max_tokens(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> None:
+    """Reject an explicitly set `max_tokens` that the context cannot hold (vLLM's server
+    rule; a default max_tokens is cut at max_model_len instead)."""
+    keep = params.truncate_prompt_tokens
+    if keep is not None:
+        num_prompt_tokens = min(num_prompt_tokens, max_model_len - 1 if keep == -1 else keep)
+    room = max_model_len - num_prompt_tokens
+    explicit = "max_tokens" in params.model_fields_set
+    if explicit and params.max_tokens is not None and params.max_tokens > room:
+        raise InvalidInputError(
+            f"SamplingParams.max_tokens={params.max_tokens} is too large: this model's maximum "
+            f"context length is {max_model_len} tokens and the prompt has {num_prompt_tokens}, "
+            f"so at most {max(room, 0)} can be generated"
+        )
+
+
+def truncate_prompt(
+    ids: list[int],
+    positions: list[list[int]] | None,
+    mrope_delta: int,
+    mm_items: list,
+    keep: int,
+    max_model_len: int,
+) -> tuple[list[int], list[list[int]] | None, int, list]:
+    """Keep the last `keep` prompt tokens (-1: max_model_len - 1), as vLLM's left truncation.
+
+    Media slots must lie in the kept part (an image cannot be cut in half). Positions and
+    slot starts are rebased so the result equals processing the kept tokens alone.
+    """
+    keep = max_model_len - 1 if keep == -1 else keep
+    cut = len(ids) - keep
+    if cut <= 0:
+        return ids, positions, mrope_delta, mm_items
+    first_media = min((item.slot_start for item in mm_items), default=None)
+    if first_media is not None and first_media < cut:
+        raise InvalidInputError(
+            f"SamplingParams.truncate_prompt_tokens={keep} would cut into the prompt's "
+            f"{mm_items[0].modality} (the prompt has {len(ids)} tokens and its media starts at "
+            f"token {first_media}); keep at least {len(ids) - first_media} tokens"
+        )
+    if positions is not None:
+        # Tokens before the first media item are text at position == index, so shifting
+        # every position by `cut` gives the kept tokens' own positions from 0.
+        positions = [[p - cut for p in row[cut:]] for row in positions]
+    items = [dataclasses.replace(item, slot_start=item.slot_start - cut) for item in mm_items]
+    return ids[cut:], positions, mrope_delta, items
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """Each bad word as token ids, alone and after a space (vLLM's rule: the spaced form is
+    kept when it tokenizes to a different first token and the same length)."""
+    out: list[list[int]] = []
+    for word in words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(bare)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return out

@@ -1,0 +1,99 @@
+"""`LLM(...)` keywords (vLLM's spellings and polymodal's own) and generation_config.json defaults.
+
+Every keyword either has an effect or is refused with an error naming it: nothing a vLLM user
+passes is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from polymodal.llm_core.engine_config import EngineConfig
+from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
+
+ENGINE_KEYWORDS = {f.name for f in fields(EngineConfig)}
+# vLLM keywords polymodal accepts only at vLLM's default value (anything else needs a feature
+# polymodal does not have, and is refused).
+VLLM_DEFAULT_ONLY = {
+    "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+    "quantization": None,
+    "kv_cache_dtype": "auto",
+    "tokenizer_mode": "auto",
+    "revision": None,
+    "tokenizer_revision": None,
+    "enable_lora": False,
+    "speculative_config": None,
+    "cpu_offload_gb": 0,
+}
+# vLLM keywords with a polymodal effect under another name.
+VLLM_DTYPES = {"half": "float16", "float": "float32"}
+# vLLM keywords handled one by one below: enforce_eager (-> cuda_graphs), tokenizer (only the
+# model's own), trust_remote_code (accepted: polymodal never runs code shipped with a
+# checkpoint, so there is nothing to trust or refuse).
+VLLM_KEYWORDS = ("enforce_eager", "tokenizer", "trust_remote_code")
+
+
+def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """EngineConfig keywords from `LLM(...)`'s keywords; unknown or unsupported ones raise
+    `InvalidInputError` naming every one of them."""
+    out, unknown = {}, []
+    for key, value in kwargs.items():
+        if key in ENGINE_KEYWORDS:
+            out[key] = VLLM_DTYPES.get(value, value) if key == "dtype" else value
+        elif key == "enforce_eager":
+            out["cuda_graphs"] = not value
+        elif key == "tokenizer":
+            if value is not None and str(value) != str(model):
+                raise InvalidInputError(
+                    f"LLM(tokenizer={value!r}): a tokenizer other than the model's is not "
+                    "supported; the checkpoint's own tokenizer is used"
+                )
+        elif key in VLLM_DEFAULT_ONLY:
+            if value != VLLM_DEFAULT_ONLY[key]:
+                raise InvalidInputError(
+                    f"LLM({key}={value!r}) is not supported by polymodal "
+                    f"(only {VLLM_DEFAULT_ONLY[key]!r})"
+                )
+        elif key != "trust_remote_code":
+            unknown.append(key)
+    if unknown:
+        known = sorted(ENGINE_KEYWORDS | set(VLLM_DEFAULT_ONLY) | set(VLLM_KEYWORDS))
+        raise InvalidInputError(
+            f"LLM() got unknown keyword(s) {', '.join(map(repr, unknown))}; "
+            f"engine keywords are {', '.join(known)}"
+        )
+    return out
+
+
+def generation_defaults(
+    model_dir: Path, generation_config: str = "auto", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json, as vLLM reads them: temperature, top_p,
+    top_k, min_p, repetition_penalty and max_new_tokens (-> max_tokens).
+
+    `generation_config` is "auto" (the model's folder), "vllm" (none: SamplingParams' own
+    defaults) or a folder holding a generation_config.json; `overrides` win over the file.
+    """
+    if generation_config == "vllm":
+        raw: dict[str, Any] = {}
+    else:
+        folder = model_dir if generation_config == "auto" else Path(generation_config)
+        path = folder / "generation_config.json"
+        if generation_config != "auto" and not path.is_file():
+            raise InvalidInputError(f"generation_config={generation_config!r}: no {path}")
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    defaults = {k: raw[k] for k in GENERATION_CONFIG_FIELDS if raw.get(k) is not None}
+    if raw.get("max_new_tokens") is not None:
+        defaults["max_tokens"] = raw["max_new_tokens"]
+    for key, value in (overrides or {}).items():  # vLLM's override_generation_config
+        defaults["max_tokens" if key == "max_new_tokens" else key] = value
+    try:
+        SamplingParams(**defaults)
+    except InvalidInputError as exc:
+        raise ModelLoadError(f"generation config of {model_dir}: {exc}") from None
+    return defaults

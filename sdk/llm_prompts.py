@@ -1,0 +1,149 @@
+"""The prompt forms `LLM` takes -> one call of the model's processor.
+
+    "a raw prompt"                               text, tokenized as is
+    [1, 2, 3]                                    token ids
+    [{"role": "user", "content": ...}, ...]      chat messages (the chat template renders them)
+    {"prompt": ..., "multi_modal_data": {"image": img | [imgs], "video": v | [vs]},
+     "mm_processor_kwargs": {"max_pixels": ...}}                         vLLM's text prompt
+    {"prompt_token_ids": [...], "multi_modal_data": ...}                 vLLM's tokens prompt
+    {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
+     "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
+    {"prompt": ..., "images": [...], "videos": [...], "max_pixels": ...}   polymodal's own form
+
+A raw multimodal prompt marks each item with the model's placeholder (Qwen2-VL:
+`<|vision_start|><|image_pad|><|vision_end|>`), in the order of the media given. A dict key
+that is none of these raises an error naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.processors.chat import ChatTemplateOptions, MediaRef
+from polymodal.processors.text import TextProcessor
+from polymodal.processors.types import ProcessedPrompt
+
+# Per-request media options (also vLLM's `mm_processor_kwargs` keys for Qwen-VL models).
+MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
+TEMPLATE_KEYS = (
+    "tools",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+)
+SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages")
+PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}
+PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS}
+MODALITIES = {"image": "images", "video": "videos"}  # multi_modal_data key -> media list
+
+
+def media_options(kwargs: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """Check `mm_processor_kwargs`-style options: only MEDIA_OPTIONS keys are understood."""
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - set(MEDIA_OPTIONS))
+    if unknown:
+        raise InvalidInputError(
+            f"{where} has unsupported key(s) {unknown}; supported: {list(MEDIA_OPTIONS)}"
+        )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def process_prompt(
+    processor: Any, prompt: Any, default_options: dict[str, Any] | None = None
+) -> ProcessedPrompt:
+    """One prompt in any form above -> `ProcessedPrompt` (media loaded, template rendered).
+
+    `default_options` (the LLM's `mm_processor_kwargs`) apply unless the prompt sets them.
+    """
+    options = dict(default_options or {})
+    text_only = isinstance(processor, TextProcessor)
+    if isinstance(prompt, ProcessedPrompt):
+        return prompt
+    if isinstance(prompt, str):
+        return processor.process(prompt=prompt, **options)
+    if is_token_ids(prompt):
+        return _tokens(processor, list(prompt), [], options, text_only)
+    if is_messages(prompt):
+        return processor.process(messages=list(prompt), **options)
+    if not isinstance(prompt, dict):
+        raise InvalidInputError(
+            f"unsupported prompt of type {type(prompt).__name__}: pass a string, token ids, "
+            "chat messages, or a dict with 'prompt', 'prompt_token_ids' or 'messages'"
+        )
+    unknown = sorted(set(prompt) - PROMPT_KEYS)
+    if unknown:
+        raise InvalidInputError(f"unknown prompt key(s) {unknown}; known: {sorted(PROMPT_KEYS)}")
+    sources = [k for k in SOURCE_KEYS if k in prompt]
+    if len(sources) != 1:
+        raise InvalidInputError(
+            f"a prompt dict needs exactly one of {list(SOURCE_KEYS)}, got {sources or 'none'}"
+        )
+    options.update({k: prompt[k] for k in MEDIA_OPTIONS if prompt.get(k) is not None})
+    options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs"))
+    media = _media(prompt)
+    template = {k: prompt[k] for k in TEMPLATE_KEYS if k in prompt}
+    if template and "messages" not in prompt:
+        raise InvalidInputError(f"{sorted(template)} apply to 'messages' prompts only")
+    if "messages" in prompt:
+        if media["images"] or media["videos"]:
+            raise InvalidInputError("with 'messages', give media as message parts")
+        opts = ChatTemplateOptions(**template)
+        opts.chat_template_kwargs = opts.chat_template_kwargs or {}
+        return processor.process(messages=prompt["messages"], template=opts, **options)
+    if "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        if not is_token_ids(ids):
+            raise InvalidInputError("prompt_token_ids must be a non-empty list of ints")
+        refs = [MediaRef("image", s) for s in media["images"]]
+        refs += [MediaRef("video", s) for s in media["videos"]]
+        return _tokens(processor, list(ids), refs, options, text_only)
+    return processor.process(prompt=prompt["prompt"], **media, **options)
+
+
+def _media(prompt: dict) -> dict[str, list]:
+    """`images` / `videos` lists from polymodal's keys or vLLM's `multi_modal_data`."""
+    media = {"images": list(prompt.get("images") or ()), "videos": list(prompt.get("videos") or ())}
+    data = prompt.get("multi_modal_data") or {}
+    if not isinstance(data, dict):
+        raise InvalidInputError("multi_modal_data must be a dict like {'image': [...]}")
+    for key, items in data.items():
+        if key not in MODALITIES:
+            raise InvalidInputError(
+                f"multi_modal_data[{key!r}]: unsupported modality; supported: {list(MODALITIES)}"
+            )
+        if (key == "video" and _is_frame_list(items)) or not isinstance(items, (list, tuple)):
+            items = [items]  # one item (a video given as a list of frames is one item)
+        media[MODALITIES[key]].extend(items)
+    return media
+
+
+def _is_frame_list(items: Any) -> bool:
+    """A list of PIL images or arrays is one video's frames, not a list of videos."""
+    if not isinstance(items, (list, tuple)) or not items:
+        return False
+    first = items[0]
+    return hasattr(first, "getpixel") or (hasattr(first, "shape") and len(first.shape) == 3)
+
+
+def _tokens(processor, ids: list[int], refs: list, options: dict, text_only: bool):
+    if text_only:
+        if refs:
+            raise InvalidInputError("this model is text-only: it takes no images or videos")
+        return ProcessedPrompt(ids, None, 0)
+    return processor.process_tokens(ids, refs, options)
+
+
+def is_token_ids(x: Any) -> bool:
+    """A non-empty list/tuple of ints."""
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, int) for t in x)
+
+
+def is_messages(x: Any) -> bool:
+    """A non-empty list of {"role": ...} dicts."""
+    return (
+        isinstance(x, (list, tuple))
+        and bool(x)
+        and all(isinstance(m, dict) and "role" in m for m in x)
+    )

@@ -1,0 +1,125 @@
+"""Engine outputs across the engine-process pipe: what changed, as plain tuples.
+
+A `RequestOutput` is a tree of slotted dataclasses whose pickling runs Python code per object,
+and it carries each sequence's whole text and token ids at every step. At 256 streamed requests
+that pickling (engine process) and unpickling (API process) took more of each process's GIL
+than the engine thread itself (H200, py-spy). So the child sends per step only what the step
+added, as tuples of plain values (pickled in C), and the parent's `Assembler` rebuilds the
+same `RequestOutput`s the engine made: texts and token ids are the joined deltas (the final
+text comes whole, since a matched stop string cuts it), logprobs the appended tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polymodal.llm_core.outputs import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    Timings,
+    Usage,
+)
+
+
+def encode(out: RequestOutput, first: bool) -> tuple:
+    """What `out` adds to its request (`first`: the request's first output)."""
+    choices = tuple(
+        (
+            c.index,
+            c.delta_text,
+            c.delta_token_ids,
+            c.finish_reason,
+            c.stop_reason,
+            c.logprobs[len(c.logprobs) - len(c.delta_token_ids) :]
+            if c.logprobs and c.delta_token_ids
+            else None,
+            c.cumulative_logprob,
+            c.text if c.finish_reason is not None else None,
+        )
+        for c in out.outputs
+    )
+    m = out.metrics
+    metrics = None if m is None else (
+        m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
+        m.finished_time,
+    )  # fmt: skip
+    prompt = (out.prompt_token_ids, out.prompt_logprobs, out.prompt) if first else None
+    return (
+        out.finished,
+        choices,
+        (out.usage.prompt_tokens, out.usage.completion_tokens),
+        (out.timings.time_to_first_token, out.timings.total),
+        metrics,
+        prompt,
+    )
+
+
+class Encoder:
+    """The child's side: remembers which requests already sent their prompt."""
+
+    def __init__(self) -> None:
+        self._started: set[str] = set()
+
+    def __call__(self, request_id: str, item: Any) -> Any:
+        if not isinstance(item, RequestOutput):
+            self._started.discard(request_id)
+            return item  # an exception or END: as is
+        first = request_id not in self._started
+        if item.finished:
+            self._started.discard(request_id)
+        else:
+            self._started.add(request_id)
+        return ("output", encode(item, first))
+
+
+class Assembler:
+    """The parent's side: rebuilds each request's `RequestOutput` from its encoded steps."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, dict] = {}
+
+    def __call__(self, request_id: str, item: Any) -> Any:
+        if not (isinstance(item, tuple) and item and item[0] == "output"):
+            self._requests.pop(request_id, None)
+            return item
+        finished, choices, usage, timings, metrics, prompt = item[1]
+        state = self._requests.get(request_id)
+        if state is None:
+            token_ids, prompt_logprobs, prompt_text = prompt or ([], None, None)
+            state = {"prompt": (token_ids, prompt_logprobs, prompt_text), "choices": {}}
+            self._requests[request_id] = state
+        outputs = []
+        for index, delta, delta_ids, reason, stop, logprobs, cumulative, text in choices:
+            choice = state["choices"].setdefault(index, {"text": "", "ids": [], "lp": None})
+            choice["text"] = text if text is not None else choice["text"] + delta
+            choice["ids"] = choice["ids"] + list(delta_ids)
+            if logprobs is not None:
+                choice["lp"] = (choice["lp"] or []) + list(logprobs)
+            outputs.append(
+                CompletionOutput(
+                    index,
+                    choice["text"],
+                    choice["ids"],
+                    reason,
+                    stop,
+                    choice["lp"],
+                    delta,
+                    list(delta_ids),
+                    cumulative,
+                )  # fmt: skip
+            )
+        if finished:
+            del self._requests[request_id]
+        token_ids, prompt_logprobs, prompt_text = state["prompt"]
+        return RequestOutput(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            outputs=outputs,
+            finished=finished,
+            usage=Usage(*usage),
+            timings=Timings(*timings),
+            prompt=prompt_text,
+            prompt_logprobs=prompt_logprobs,
+            metrics=None if metrics is None else RequestMetrics(*metrics),
+        )

@@ -1,0 +1,309 @@
+"""OpenAI request bodies (plus vLLM's extra fields), validated strictly: a field this server
+does not implement is a 400 naming it, never silently ignored.
+
+`docs/serving.md` lists every field; `tests/sdk/test_compat_table.py` keeps that table and
+these models in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from polymodal.llm_core.sampling_params import SamplingParams, StructuredOutputsParams
+from polymodal.server.errors import RequestError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`: `include_usage` adds a last chunk with token counts."""
+
+    include_usage: bool = False
+
+
+class ImageURL(_Strict):
+    """`{"url": ..., "detail": ...}`; detail "low" caps the image at 512x512 pixels."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ContentPart(_Strict):
+    """One part of a message: text, an image URL or a video URL (+ qwen-vl-utils' per-item
+    `min_pixels` / `max_pixels` / `fps` / `num_frames`)."""
+
+    type: Literal["text", "image_url", "video_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+    video_url: ImageURL | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    fps: float | None = None
+    num_frames: int | None = None
+
+
+class FunctionCall(_Strict):
+    """A function call: its name and JSON-encoded arguments."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A tool call of an assistant message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    """A chat message; `content` is a string or a list of parts."""
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Strict):
+    """A function the model may call: name, description, JSON-schema parameters."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    """`{"type": "function", "function": {...}}`."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming one function: the output is a call of it."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """`{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# Request fields that map one to one onto SamplingParams.
+SAMPLING_NAMES = (
+    "temperature top_p n stop seed presence_penalty frequency_penalty top_k min_p "
+    "repetition_penalty ignore_eos stop_token_ids skip_special_tokens include_stop_str_in_output "
+    "min_tokens allowed_token_ids bad_words prompt_logprobs truncate_prompt_tokens"
+).split()
+
+
+class _Request(_Strict):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # metadata only
+    response_format: ResponseFormat | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    min_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the request asks for (or None)."""
+        given = []
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise RequestError(
+                    "response_format json_schema needs json_schema.schema", "response_format"
+                )
+            else:
+                given.append(("response_format", {"json": fmt.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                given.append((f"guided_{name}", {name: value}))
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise RequestError(f"give one structured output constraint, got {names}", given[1][0])
+        if not given:
+            return None
+        name, spec = given[0]
+        try:
+            return StructuredOutputsParams(**spec)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"{name}: {str(exc).splitlines()[0]}", name) from None
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """The SamplingParams fields this request sets (max_tokens aside)."""
+        fields = {k: getattr(self, k) for k in SAMPLING_NAMES if getattr(self, k) is not None}
+        if self.logit_bias:
+            try:
+                fields["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise RequestError("logit_bias keys must be token ids", "logit_bias") from None
+        structured = self.structured()
+        if structured is not None:
+            fields["structured_outputs"] = structured
+        return fields
+
+    def max_tokens_of(self, value: int | None, name: str) -> dict[str, Any]:
+        """`{"max_tokens": value}` when set; 0 is refused naming the field (generation needs
+        at least one token; vLLM's rule)."""
+        if value is None:
+            return {}
+        if value < 1:
+            raise RequestError(f"{name} must be at least 1, got {value}", name)
+        return {"max_tokens": value}
+
+
+class ChatCompletionRequest(_Request):
+    """Body of `POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # vLLM's chat extras
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's SamplingParams (raises InvalidInputError naming a bad field)."""
+        fields = self.sampling_fields()
+        if self.max_completion_tokens is not None:
+            fields.update(self.max_tokens_of(self.max_completion_tokens, "max_completion_tokens"))
+        else:
+            fields.update(self.max_tokens_of(self.max_tokens, "max_tokens"))
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.logprobs:
+            fields["logprobs"] = self.top_logprobs or 0
+        return SamplingParams(**fields)
+
+
+class CompletionRequest(_Request):
+    """Body of `POST /v1/completions`: one prompt or several (strings or token-id lists)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    add_special_tokens: bool = True
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per engine request."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise RequestError("prompt must not be empty", "prompt")
+        if all(isinstance(t, int) for t in p):
+            return [list(p)]
+        return list(p)
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's SamplingParams; max_tokens 0 is allowed with `echo` (the prompt only,
+        as vLLM does)."""
+        fields = self.sampling_fields()
+        if self.max_tokens == 0 and self.echo:
+            fields["max_tokens"] = 1  # generated, then dropped
+        else:
+            fields.update(self.max_tokens_of(self.max_tokens, "max_tokens"))
+        if self.logprobs is not None:
+            fields["logprobs"] = self.logprobs
+            if self.echo and "prompt_logprobs" not in fields:
+                fields["prompt_logprobs"] = self.logprobs
+        if self.best_of is not None:
+            n = fields.get("n", 1)
+            if self.best_of < n:
+                raise RequestError(f"best_of={self.best_of} must be >= n={n}", "best_of")
+            if self.stream and self.best_of > n:
+                raise RequestError("best_of > n cannot be streamed", "best_of")
+            fields["n"] = self.best_of
+            fields.setdefault("logprobs", 0)  # the cumulative logprob ranks them
+        return SamplingParams(**fields)
+
+
+class TokenizeRequest(_Strict):
+    """Body of `POST /tokenize` (vLLM's): a raw `prompt` or chat `messages`."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[Tool] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """Body of `POST /detokenize` (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,220 @@
+"""Running one HTTP request's engine requests: submit, wait for each one's first output (so
+input errors are still a 4xx), then answer as one JSON body or one merged event stream.
+A client that disconnects has all of its requests aborted and their KV blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from polymodal.async_engine import AsyncEngine
+from polymodal.beam_search import BeamSearch, BeamSearchParams
+from polymodal.llm_core.errors import InvalidInputError, PolymodalError
+from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Usage
+from polymodal.server.errors import RequestError
+from polymodal.server.openai_format import error_param
+from polymodal.server.protocol import ErrorInfo, ErrorResponse
+from polymodal.server.responses import DONE, ResponseBuilder, sse
+
+DISCONNECT_POLL_S = 0.2
+
+
+def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
+    """An OpenAI-shaped error answer."""
+    kind = kind or ("invalid_request_error" if status < 500 else "internal_error")
+    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def client_error(exc: PolymodalError, param: str | None) -> JSONResponse:
+    """The answer to a PolymodalError: 400 (404 for an unknown model) naming its field, or
+    500 for a server-side failure."""
+    if isinstance(exc, RequestError):
+        return error_response(exc.status, str(exc), exc.param, code=exc.code)
+    status = 400 if isinstance(exc, InvalidInputError) else 500
+    return error_response(status, str(exc), param=error_param(exc, param))
+
+
+async def run_job(
+    request: Request,
+    engine: AsyncEngine,
+    metrics: Any,
+    endpoint: str,
+    prompts: list[Any],
+    params: Any,
+    builder: ResponseBuilder,
+    stream: bool,
+    include_usage: bool,
+    param: str,
+) -> Response:
+    """Submit one engine request per prompt (all with `params`) and answer them together."""
+    start = time.monotonic()
+    ids = [engine.submit(p, params) for p in prompts]
+    streams = [engine.stream(i) for i in ids]
+    watcher = asyncio.create_task(_abort_on_disconnect(request, engine, ids))
+    first_at = None  # when the first tokens reached the server
+
+    async def cleanup(status: str, finals: list[RequestOutput] | None = None) -> None:
+        # synchronous work first: under cancellation every await may raise again
+        watcher.cancel()
+        for request_id in ids:
+            engine.abort(request_id)  # a no-op when it already finished
+        ttft = first_at - start if first_at is not None else None
+        metrics.observe(endpoint, status, time.monotonic() - start, finals, ttft)
+        for s in streams:
+            with contextlib.suppress(BaseException):
+                await s.aclose()
+
+    try:
+        firsts = [await s.__anext__() for s in streams]
+        first_at = time.monotonic()
+    except asyncio.CancelledError:  # the server cancelled us: the client went away
+        await cleanup("aborted")
+        raise
+    except StopAsyncIteration:  # aborted: the client went away
+        await cleanup("aborted")
+        return Response(status_code=499)
+    except PolymodalError as exc:
+        await cleanup("client_error")
+        return client_error(exc, param)
+    except Exception as exc:  # noqa: BLE001 - an engine failure: 500, the server goes on
+        await cleanup("error")
+        return error_response(500, f"engine error: {exc}")
+    if stream:
+        events = _events(firsts, streams, builder, include_usage, cleanup, metrics)
+        return StreamingResponse(events, media_type="text/event-stream")
+    finals = []
+    try:
+        for first, s in zip(firsts, streams):
+            final = first
+            async for final in s:  # noqa: B007 - keep the last one
+                pass
+            finals.append(final)
+    except asyncio.CancelledError:
+        await cleanup("aborted")
+        raise
+    except Exception as exc:  # noqa: BLE001
+        await cleanup("error")
+        return error_response(500, f"engine error: {exc}")
+    if not all(f.finished for f in finals):
+        await cleanup("aborted")
+        return Response(status_code=499)
+    await cleanup("ok", finals)
+    return JSONResponse(builder.full(finals).model_dump())
+
+
+async def _events(firsts, streams, builder: ResponseBuilder, include_usage: bool, cleanup, metrics):
+    """The SSE body: chunks per step of every request (merged as they come), an optional usage
+    chunk, then `data: [DONE]`."""
+    finals, status = list(firsts), "aborted"
+    running = [(p, s) for p, s in enumerate(streams) if not firsts[p].finished]
+    last = [time.monotonic()] * len(streams)
+    updates = _merged(running)
+    try:
+        for p, first in enumerate(firsts):
+            for event in builder.chunks(p, first):
+                yield event
+        async for p, out in updates:
+            now = time.monotonic()
+            tokens = max(len(c.delta_token_ids) for c in out.outputs)
+            metrics.observe_stream_gap(now - last[p], tokens)
+            finals[p], last[p] = out, now
+            for event in builder.chunks(p, out):
+                yield event
+        if all(f.finished for f in finals):
+            status = "ok"
+            if include_usage:
+                yield builder.usage_chunk(finals)
+            yield DONE
+    except PolymodalError as exc:
+        status = "error"
+        yield sse({"error": {"message": str(exc), "type": "invalid_request_error"}})
+        yield DONE
+    except Exception as exc:  # noqa: BLE001 - report engine failures in-band, then end
+        status = "error"
+        yield sse({"error": {"message": f"engine error: {exc}", "type": "internal_error"}})
+        yield DONE
+    finally:
+        await updates.aclose()
+        await cleanup(status, finals if status == "ok" else None)
+
+
+async def _merged(streams: list[tuple[int, Any]]):
+    """`(index, output)` of several streams as they come. One stream (a chat request, the
+    common case) is read directly: no task and no queue hop per step."""
+    if len(streams) == 1:
+        p, outputs = streams[0]
+        async for out in outputs:
+            yield p, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, outputs) -> None:
+        try:
+            async for out in outputs:
+                await queue.put((p, out))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((p, exc))
+        finally:
+            await queue.put((p, None))
+
+    pumps = [asyncio.create_task(pump(p, s)) for p, s in streams]
+    try:
+        remaining = len(pumps)
+        while remaining:
+            p, out = await queue.get()
+            if out is None:
+                remaining -= 1
+            elif isinstance(out, Exception):
+                raise out
+            else:
+                yield p, out
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _abort_on_disconnect(request: Request, engine: AsyncEngine, ids: list[str]) -> None:
+    """Poll the connection; when the client is gone, abort its requests."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        for request_id in ids:
+            engine.abort(request_id)
+
+
+async def run_beam_search(
+    engine: AsyncEngine, prompt: Any, params: BeamSearchParams
+) -> RequestOutput:
+    """vLLM's `use_beam_search` for one prompt: the beams as the choices of one output."""
+    processed = await engine.process(prompt)
+    search = BeamSearch([processed], params, engine.model_info["eos_token_ids"])
+    while not search.done:
+        outs = await asyncio.gather(
+            *(engine.generate(p, search.scoring_params) for p in search.requests())
+        )
+        search.advance([out.outputs[0].logprobs[0] for out in outs])
+    (result,) = search.outputs(None)
+    tokenizer, n_prompt = engine.tokenizer, len(processed.token_ids)
+    choices = []
+    for i, seq in enumerate(result.sequences):
+        generated = seq.tokens[n_prompt:]
+        shown = generated[:-1] if seq.finish_reason == "stop" else generated
+        choices.append(
+            CompletionOutput(
+                index=i,
+                text=tokenizer.decode(shown, skip_special_tokens=True),
+                token_ids=generated,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                cumulative_logprob=seq.cum_logprob,
+            )
+        )
+    usage = Usage(n_prompt, sum(len(c.token_ids) for c in choices))
+    return RequestOutput("beam", processed.token_ids, choices, True, usage)

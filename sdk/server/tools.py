@@ -1,0 +1,191 @@
+"""Tool calling: `tool_choice` -> a structured-output constraint (named, required) and the
+model's own tool-call text -> OpenAI `tool_calls` (auto), whole or streamed.
+
+Parsers (vLLM's `--tool-call-parser` names):
+
+    hermes        Qwen2.5 / Hermes: <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+    llama3_json   Llama 3.x / 4: the reply is {"name": ..., "parameters": {...}} (several
+                  separated by ";"), optionally after <|python_tag|>
+    mistral       [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from polymodal.llm_core.sampling_params import StructuredOutputsParams
+from polymodal.server.errors import RequestError
+
+
+def new_call_id() -> str:
+    """An OpenAI-style tool call id."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_call(name: str, arguments: Any) -> dict[str, Any]:
+    """`{"id", "type": "function", "function": {"name", "arguments": <JSON text>}}`."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": text}}
+
+
+def choice_constraint(tools: list, choice: Any, parallel: bool) -> StructuredOutputsParams | None:
+    """The output constraint a `tool_choice` implies: a named function's parameters as a JSON
+    schema; for "required", a list of calls (vLLM's shape: [{"name", "parameters"}, ...])."""
+    if choice in (None, "none", "auto"):
+        return None
+    if choice == "required":
+        variants = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [t.function.name]},
+                    "parameters": t.function.parameters or {"type": "object"},
+                },
+                "required": ["name", "parameters"],
+            }
+            for t in tools
+        ]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
+        if not parallel:
+            schema["maxItems"] = 1
+        return StructuredOutputsParams(json=schema)
+    name = choice.function.name
+    tool = next((t for t in tools if t.function.name == name), None)
+    if tool is None:
+        raise RequestError(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+    return StructuredOutputsParams(json=tool.function.parameters or {"type": "object"})
+
+
+def required_calls(text: str) -> list[dict[str, Any]]:
+    """The calls of a "required" output (a JSON list of {"name", "parameters"})."""
+    calls = json.loads(text)
+    return [tool_call(c["name"], c.get("parameters", {})) for c in calls]
+
+
+class ToolParser:
+    """Finds tool calls in a model's reply. `start` is the text that opens tool calls: content
+    before it streams as content, everything from it on is held back and parsed at the end."""
+
+    name = ""
+    start = ""
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of a whole reply; no calls -> (text, [])."""
+        raise NotImplementedError
+
+    def starts_calls(self, text: str) -> int | None:
+        """Where tool calls begin in `text`, or None."""
+        at = text.find(self.start)
+        return None if at == -1 else at
+
+
+def _calls_from(objects: list[Any], key: str) -> list[dict[str, Any]]:
+    calls = []
+    for obj in objects:
+        if not isinstance(obj, dict) or "name" not in obj:
+            raise ValueError("not a tool call")
+        calls.append(tool_call(obj["name"], obj.get(key, obj.get("arguments", {}))))
+    return calls
+
+
+class HermesParser(ToolParser):
+    name, start = "hermes", "<tool_call>"
+    _call = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+    def parse(self, text):
+        at = self.starts_calls(text)
+        if at is None:
+            return text, []
+        try:
+            calls = _calls_from([json.loads(m) for m in self._call.findall(text[at:])], "arguments")
+        except (ValueError, TypeError):
+            return text, []
+        return text[:at].strip() or None, calls
+
+
+class Llama3JsonParser(ToolParser):
+    name, start = "llama3_json", "<|python_tag|>"
+
+    def starts_calls(self, text):
+        at = text.find(self.start)
+        if at != -1:
+            return at
+        stripped = text.lstrip()
+        return len(text) - len(stripped) if stripped.startswith("{") else None
+
+    def parse(self, text):
+        at = self.starts_calls(text)
+        if at is None:
+            return text, []
+        body = text[at:].replace(self.start, "").strip()
+        try:
+            objects = [json.loads(part) for part in re.split(r"\s*;\s*(?=\{)", body) if part]
+            calls = _calls_from(objects, "parameters")
+        except (ValueError, TypeError):
+            return text, []
+        return text[:at].strip() or None, calls
+
+
+class MistralParser(ToolParser):
+    name, start = "mistral", "[TOOL_CALLS]"
+
+    def parse(self, text):
+        at = self.starts_calls(text)
+        if at is None:
+            return text, []
+        try:
+            objects = json.loads(text[at + len(self.start) :].strip())
+            calls = _calls_from(objects if isinstance(objects, list) else [objects], "arguments")
+        except (ValueError, TypeError):
+            return text, []
+        return text[:at].strip() or None, calls
+
+
+TOOL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser())}
+
+
+@dataclass
+class ToolStream:
+    """Streams one choice of an auto tool-calling reply: content deltas until the parser's
+    start text appears (text that may still become it is held back), then the calls at the
+    end, one delta each."""
+
+    parser: ToolParser
+    text: str = ""
+    sent: int = 0  # characters of `text` already sent as content
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def feed(self, delta: str) -> str:
+        """Add a text delta; the content that is safe to send now."""
+        self.text += delta
+        if self.parser.starts_calls(self.text) is not None:
+            return self._flush_until(self.parser.starts_calls(self.text))
+        hold = _partial_suffix(self.text, self.parser.start)
+        if isinstance(self.parser, Llama3JsonParser) and not self.text.strip():
+            hold = len(self.text)  # leading space: the reply may still open with "{"
+        return self._flush_until(len(self.text) - hold)
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """At the end: (content not sent yet, tool calls)."""
+        _, calls = self.parser.parse(self.text)
+        if not calls:
+            return self._flush_until(len(self.text)), []
+        self.calls = calls
+        return self._flush_until(self.parser.starts_calls(self.text)), calls
+
+    def _flush_until(self, end: int) -> str:
+        out = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for length in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:length]):
+            return length
+    return 0

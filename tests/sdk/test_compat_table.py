@@ -1,0 +1,119 @@
+"""The compatibility tables of docs/serving.md and docs/api.md say what the code does: every
+request field, serve option, LLM keyword / method and SamplingParams field is listed, and
+"supported" / "not supported" match the request models and signatures."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from polymodal import InvalidInputError, SamplingParams
+from polymodal.llm_options import ENGINE_KEYWORDS, VLLM_DEFAULT_ONLY, VLLM_KEYWORDS
+
+pytest.importorskip("fastapi")
+from polymodal.server.cli import serve_command  # noqa: E402
+from polymodal.server.requests import (  # noqa: E402
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+ROW = re.compile(r"^\| `([^`]+)` \| (supported|not supported|default only) \|")
+
+
+def table(doc: str, heading: str) -> dict[str, str]:
+    """name -> status of the table under `heading`."""
+    text = (DOCS / doc).read_text()
+    assert heading in text, f"{doc} has no section {heading!r}"
+    rows = {}
+    for line in text[text.index(heading) :].splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        match = ROW.match(line)
+        if match:
+            assert match.group(1) not in rows, f"{match.group(1)} listed twice under {heading}"
+            rows[match.group(1)] = match.group(2)
+    assert rows, f"no rows under {heading!r}"
+    return rows
+
+
+def split(rows: dict[str, str]) -> tuple[set[str], set[str]]:
+    return (
+        {n for n, s in rows.items() if s == "supported"},
+        {n for n, s in rows.items() if s == "not supported"},
+    )
+
+
+@pytest.mark.parametrize(
+    "heading, model, minimal",
+    [
+        ("### `POST /v1/chat/completions` fields", ChatCompletionRequest, {"messages": []}),
+        ("### `POST /v1/completions` fields", CompletionRequest, {"prompt": "x"}),
+        ("### `POST /tokenize` fields", TokenizeRequest, {}),
+    ],
+)
+def test_request_fields_match_the_serving_tables(heading, model, minimal):
+    supported, refused = split(table("serving.md", heading))
+    fields = {f.alias or name for name, f in model.model_fields.items()}
+    assert supported == fields, f"supported in docs only: {supported - fields}; in code only: " \
+        f"{fields - supported}"  # fmt: skip
+    for name in refused:
+        with pytest.raises(ValidationError) as err:
+            model.model_validate({**minimal, name: None})
+        kinds = {(e["type"], e["loc"][0]) for e in err.value.errors()}
+        assert ("extra_forbidden", name) in kinds
+
+
+def test_serve_options_match_the_table():
+    parser = argparse.ArgumentParser()
+    serve_command(parser)
+    options = {s for action in parser._actions for s in action.option_strings}
+    supported, refused = split(table("serving.md", "### `polymodal serve` options"))
+    assert supported <= options, supported - options
+    assert not refused & options
+
+
+def test_llm_keywords_match_the_api_table():
+    from polymodal.llm import LLM
+
+    rows = table("api.md", "### `LLM(...)` keywords")
+    supported, refused = split(rows)
+    own = set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
+    accepted = own | ENGINE_KEYWORDS | set(VLLM_KEYWORDS)
+    assert supported <= accepted, supported - accepted
+    assert {n for n, s in rows.items() if s == "default only"} == set(VLLM_DEFAULT_ONLY)
+    from polymodal.llm_options import engine_config_kwargs
+
+    for name in refused:
+        assert name not in accepted | set(VLLM_DEFAULT_ONLY)
+        with pytest.raises(InvalidInputError, match=name):
+            engine_config_kwargs("m", {name: 1})
+
+
+def test_llm_methods_match_the_api_table():
+    from polymodal.llm import LLM
+
+    supported, refused = split(table("api.md", "### `LLM` methods"))
+    assert all(callable(getattr(LLM, name, None)) for name in supported)
+    generative = object.__new__(LLM)  # no engine needed to be refused
+    generative.model_config = SimpleNamespace(architecture="Qwen2ForCausalLM")
+    for name in refused:
+        method = getattr(LLM, name, None)
+        if method is not None:  # present only to say why it is not available
+            with pytest.raises(InvalidInputError, match="pooling model"):
+                method(generative, "text")
+
+
+def test_sampling_params_fields_match_the_api_table():
+    supported, refused = split(table("api.md", "### `SamplingParams` fields"))
+    assert supported == set(SamplingParams.model_fields)
+    for name in refused:
+        with pytest.raises(InvalidInputError, match=f"{name} is not a sampling parameter"):
+            SamplingParams(**{name: 1})

@@ -1,0 +1,95 @@
+"""Server options in-process (FastAPI's test client over a real AsyncEngine): CORS,
+--chat-template, several served names, "auto" tool choice without a parser, the CLI parsers."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from polymodal.async_engine import AsyncEngine
+from polymodal.server.cli import load_chat_template, parse_origins, serve_command
+from tests.helpers import tiny_checkpoint
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from polymodal.server.app import create_app  # noqa: E402
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    eng = AsyncEngine(
+        str(tiny_checkpoint(tmp_path_factory, "qwen2")), separate_process=False, num_kv_blocks=128
+    )
+    yield eng
+    eng.close()
+
+
+def test_cors_preflight_succeeds_only_where_allowed(engine):
+    app = create_app(engine, "m", api_key="k", allowed_origins=["https://app.example"])
+    with TestClient(app) as client:
+        preflight = {"Access-Control-Request-Method": "POST"}
+        ok = client.options(
+            "/v1/chat/completions", headers={"Origin": "https://app.example", **preflight}
+        )
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        denied = client.options(
+            "/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert denied.status_code == 400
+        assert "access-control-allow-origin" not in denied.headers
+    with TestClient(create_app(engine, "m")) as client:  # no --allowed-origins: no CORS
+        resp = client.options("/v1/chat/completions", headers={"Origin": "https://a.b"})
+        assert resp.status_code == 405 and "error" in resp.json()
+
+
+def test_chat_template_names_and_tool_choice_auto(engine):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    app = create_app(engine, ["m", "alias"], chat_template=template)
+    with TestClient(app) as client:
+        models = client.get("/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["m", "alias"]
+        tokens = client.post("/tokenize", json={"messages": USER}).json()["tokens"]
+        text = engine.tokenizer.decode(tokens)
+        assert text == "[user] Hi\n"
+        per_request = "{{ messages[0]['content'] }}!"
+        tokens = client.post("/tokenize", json={"messages": USER, "chat_template": per_request})
+        assert engine.tokenizer.decode(tokens.json()["tokens"]) == "Hi!"
+        body = {"model": "alias", "messages": USER, "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=body).json()["model"] == "alias"
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        resp = client.post("/v1/chat/completions", json={**body, "tools": tools})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "tool_choice"
+        assert "--tool-call-parser" in resp.json()["error"]["message"]
+
+
+def test_cli_parsers(tmp_path):
+    assert parse_origins('["https://a", "https://b"]') == ["https://a", "https://b"]
+    assert parse_origins("https://a, https://b") == ["https://a", "https://b"]
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages }}")
+    assert load_chat_template(str(path)) == "{{ messages }}"
+    assert load_chat_template("{{ messages }}") == "{{ messages }}"
+    with pytest.raises(SystemExit, match="no such file"):
+        load_chat_template("missing.jinja")
+    parser = argparse.ArgumentParser()
+    serve_command(parser)
+    args = parser.parse_args(["x", "--gpu-memory-utilization", "0.5", "--served-model-name", "a"])
+    assert args.gpu_memory_utilization == 0.5 and args.served_model_name == ["a"]
+
+
+def test_unexpected_errors_are_openai_shaped_500s(engine, monkeypatch):
+    app = create_app(engine, "m")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(engine.tokenizer, "decode", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/detokenize", json={"tokens": [1, 2]})
+    assert resp.status_code == 500
+    assert "tokenizer exploded" in resp.json()["error"]["message"]

@@ -1,0 +1,62 @@
+"""Tool-call parsers (hermes, llama3_json, mistral): whole replies and streamed ones."""
+
+import json
+
+import pytest
+
+from polymodal.server.tools import TOOL_PARSERS, ToolStream
+
+CALL = {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}
+REPLIES = {
+    "hermes": "Let me check.\n<tool_call>\n"
+    + json.dumps(CALL)
+    + "\n</tool_call>\n<tool_call>\n"
+    + json.dumps({**CALL, "arguments": {"city": "Rome"}})
+    + "\n</tool_call>",
+    "llama3_json": "<|python_tag|>"
+    + json.dumps({"name": "get_weather", "parameters": CALL["arguments"]})
+    + "; "
+    + json.dumps({"name": "get_weather", "parameters": {"city": "Rome"}}),
+    "mistral": "Let me check.[TOOL_CALLS]"
+    + json.dumps([CALL, {**CALL, "arguments": {"city": "Rome"}}]),
+}
+CONTENT = {"hermes": "Let me check.", "llama3_json": None, "mistral": "Let me check."}
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
+def test_whole_reply(name):
+    content, calls = TOOL_PARSERS[name].parse(REPLIES[name])
+    assert content == CONTENT[name]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_weather"]
+    args = [json.loads(c["function"]["arguments"]) for c in calls]
+    assert args == [CALL["arguments"], {"city": "Rome"}]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
+def test_plain_and_malformed_replies_are_content(name):
+    parser = TOOL_PARSERS[name]
+    assert parser.parse("Just text, no calls.") == ("Just text, no calls.", [])
+    broken = parser.start + '{"name": "get_weather", "argu'
+    assert parser.parse(broken) == (broken, [])
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
+def test_streamed_reply_char_by_char(name):
+    stream = ToolStream(TOOL_PARSERS[name])
+    sent = "".join(stream.feed(ch) for ch in REPLIES[name])
+    tail, calls = stream.finish()
+    assert (sent + tail).strip() == (CONTENT[name] or "")
+    assert len(calls) == 2 and json.loads(calls[1]["function"]["arguments"]) == {"city": "Rome"}
+    # no part of the call text ever went out as content
+    assert TOOL_PARSERS[name].start.strip("<[|") not in sent
+
+
+def test_streamed_plain_text_is_all_content():
+    for name in TOOL_PARSERS:
+        stream = ToolStream(TOOL_PARSERS[name])
+        text = "Sunny, 20 degrees <tool"  # ends like the start of a tag, but never is one
+        sent = "".join(stream.feed(ch) for ch in text)
+        tail, calls = stream.finish()
+        assert sent + tail == text and calls == []
