@@ -112,7 +112,10 @@ def test_padded_prefill_steps_equal_unpadded(ckpt, async_scheduling):
                 runner.model, runner.kv_caches, 40, max_blocks, runner.uses_mrope
             )  # not captured: run() pads and runs the forward eagerly
         seen = record_logits(llm.engine)
-        tokens = [o.outputs[0].token_ids for r in rounds for o in llm.generate(r, GREEDY)]
+        # each round queued whole before it runs: the same steps in both runs (generate would
+        # add prompts as its worker threads finish them, and steps would differ by timing)
+        outs = [llm.run([llm.submit(p, GREEDY) for p in r]) for r in rounds]
+        tokens = [o.outputs[0].token_ids for r in outs for o in r]
         runs.append((tokens, seen))
     assert runner.prefill_graphs.runs > 5
     assert runs[0][0] == runs[1][0]
