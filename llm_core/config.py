@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.registry import check_supported
 
 _DTYPES = {
     "float32": torch.float32,
@@ -64,12 +65,18 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
         raise ModelLoadError(f"{model_dir}: no config.json (is this a model checkpoint?)")
     try:
         raw = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
+    archs = (raw.get("architectures") or []) if isinstance(raw, dict) else []
+    if not archs:
+        raise ModelLoadError(f"{path}: no 'architectures' entry, cannot pick an implementation")
+    # The architecture first: an unserved one (Whisper, BERT for masked LM, ...) is named as
+    # such, whatever fields its config has or lacks.
+    check_supported(archs[0])
+    try:
         hf = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
-    archs = raw.get("architectures") or []
-    if not archs:
-        raise ModelLoadError(f"{path}: no 'architectures' entry, cannot pick an implementation")
     text = hf.get_text_config()
     rope = dict(getattr(text, "rope_parameters", None) or {})
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

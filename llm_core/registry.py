@@ -43,11 +43,17 @@ def _import(path: str | type):
     return getattr(importlib.import_module(module), name)
 
 
-def _entry(architecture: str) -> tuple[str, str | None]:
+def check_supported(architecture: str) -> None:
+    """Raise UnsupportedModelError naming `architecture` and the supported list unless the
+    table serves it."""
     if architecture not in MODELS:
         raise UnsupportedModelError(
             f"architecture {architecture!r} is not supported; supported: {sorted(MODELS)}"
         )
+
+
+def _entry(architecture: str) -> tuple[str, str | None]:
+    check_supported(architecture)
     return MODELS[architecture]
 
 
