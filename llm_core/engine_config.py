@@ -11,9 +11,11 @@ import torch
 from polymodal.llm_core.attention import get_backend
 from polymodal.llm_core.config import ModelConfig, load_config
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.kv_cache import KVCacheManager
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.loader import build_model, resolve_model_path
+from polymodal.llm_core.registry import tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
 
@@ -112,8 +114,8 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
         prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
         if prefill_tokens > 0:
             runner.capture_prefill_graphs(prefill_tokens, max_len)
-        if hasattr(net, "enable_cuda_graphs"):
-            net.enable_cuda_graphs()
+        if supports_multimodal(net):
+            net.enable_cuda_graphs(tower_graphs)
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
     return EngineParts(model_config, tokenizer, scheduler, runner, max_len, device, path)
 

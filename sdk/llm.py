@@ -8,6 +8,7 @@ from typing import Any
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
+from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -48,9 +49,9 @@ class LLM:
         worker thread overlaps that copy with the engine's work.
         """
         processed = self._process(prompt)
-        stage = getattr(self.engine.runner.model, "stage", None)
-        if stage is not None and processed.mm_items:
-            stage(processed.mm_items)
+        model = self.engine.runner.model
+        if processed.mm_items and supports_multimodal(model):
+            model.stage(processed.mm_items)
         return processed
 
     def _process(self, prompt: Any) -> ProcessedPrompt:

@@ -12,6 +12,10 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether `rope_decode` (rotary + KV store + decode in one kernel) exists: not here."""
+        return False
+
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:

@@ -7,6 +7,8 @@ packed into one matmul each (`packed_modules_mapping`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -17,12 +19,23 @@ from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
+from polymodal.llm_core.models.tiny import TinyConfig
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What differs between the family's architectures, from the model class's flags."""
+
+    qkv_bias: bool
+    qk_norm: bool
 
 
 class Attention(nn.Module):
     """Self-attention over the paged KV cache; the backend is handed in, never global."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend, flavor: Flavor
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -32,12 +45,12 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
-        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=cfg.attention_bias)
+        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=flavor.qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
+        if flavor.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm = flavor.qk_norm
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
@@ -74,9 +87,10 @@ class Attention(nn.Module):
     def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Decode with a backend that rotates and stores inside its kernel, where the rotary
         would run as the CUDA kernel anyway (same numerics: fp32 math, one rounding)."""
-        fuses = getattr(self.backend, "fuses_rope_decode", None)
         return (
-            meta.is_decode and fused_ops() is not None and fuses is not None and fuses(q, kv_cache)
+            meta.is_decode
+            and fused_ops() is not None
+            and self.backend.fuses_rope_decode(q, kv_cache)
         )
 
 
@@ -100,9 +114,11 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is threaded through so add+norm can fuse."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend, flavor: Flavor
+    ):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, rotary, backend)
+        self.self_attn = Attention(cfg, layer_idx, rotary, backend, flavor)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -119,14 +135,14 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF prefix `model.`)."""
 
-    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int, flavor: Flavor):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = rotary = RotaryEmbedding(
             cfg.text_config, cfg.rotary_dim, max_positions, cfg.mrope_section
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rotary, backend) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, rotary, backend, flavor) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -151,11 +167,17 @@ class LlamaForCausalLM(nn.Module):
     }
     # transformers v5 nests the text model of multimodal checkpoints
     weight_name_remap = [("model.language_model.", "model.")]
+    # Flavour flags of the family's architectures (subclasses below): q/k/v biases (None: the
+    # config's `attention_bias`), RMSNorm of q and k per head.
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend, max_positions)
+        bias = self.qkv_bias
+        bias = bool(getattr(cfg.text_config, "attention_bias", False)) if bias is None else bias
+        self.model = LlamaModel(cfg, backend, max_positions, Flavor(bias, self.qk_norm))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied_parameters = {}
         if cfg.tie_word_embeddings:
@@ -183,3 +205,24 @@ class LlamaForCausalLM(nn.Module):
         if argmax is not None:
             torch.argmax(out, dim=-1, out=argmax)
         return out
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 (and Qwen2-VL's text model): q/k/v always carry biases."""
+
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: RMSNorm on q and k per head, before the rotary."""
+
+    qk_norm = True
+
+
+TINY_CONFIGS = {
+    "llama": TinyConfig("LlamaForCausalLM", {"head_dim": 16}),
+    "mistral": TinyConfig("MistralForCausalLM", {"head_dim": 16, "sliding_window": 8}),
+    "qwen2": TinyConfig("Qwen2ForCausalLM"),
+    "qwen3": TinyConfig("Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": TinyConfig("Phi3ForCausalLM"),
+}
