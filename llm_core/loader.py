@@ -10,7 +10,7 @@ from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import ModelNotFoundError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.registry import encoder_class, model_class
-from polymodal.llm_core.weights import iter_safetensors, load_weights, run_post_load_hooks
+from polymodal.llm_core.weights import iter_safetensors, run_post_load_hooks
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -63,7 +63,7 @@ def build_model(
         _randomize(model)
         run_post_load_hooks(model)
     else:
-        load_weights(model, iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
+        model.load_weights(iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
     return model.eval()
 
 

@@ -19,6 +19,7 @@ from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
+from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.tiny import TinyConfig
 
 
@@ -155,7 +156,7 @@ class LlamaModel(nn.Module):
         return x.materialize() if isinstance(x, DeferredNorm) else x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(ModelBase):
     """The decoder core's model interface: `embed`, `forward`, `compute_logits`."""
 
     packed_modules_mapping = {
@@ -179,7 +180,6 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(cfg.text_config, "attention_bias", False)) if bias is None else bias
         self.model = LlamaModel(cfg, backend, max_positions, Flavor(bias, self.qk_norm))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tied_parameters = {}
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -1,0 +1,51 @@
+"""What every model class shares: it owns its weight loading (the default helper, driven by the
+tables it declares) and lists its layers' KV-cache specs.
+
+The runner's contract with a model: `embed(input_ids)`, `forward(positions, inputs_embeds,
+kv_caches, meta) -> hidden`, and `compute_logits(hidden)` (generation) or `pool(...)`
+(`SupportsPooling`); `kv_cache_specs()` says what each layer keeps in the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from polymodal.llm_core import weights
+
+
+class ModelBase(nn.Module):
+    """A model loaded from an HF checkpoint by parameter name.
+
+    Declared as data (class attributes; see `llm_core/weights.py`): `packed_modules_mapping`
+    (checkpoint shards -> fused parameters), `weight_name_remap` (prefix renames),
+    `ignored_weights` (regexes of checkpoint tensors the model does not use). Instances may set
+    `tied_parameters` (parameters shared with another, absent from the checkpoint).
+    """
+
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
+    weight_name_remap: ClassVar[list[tuple[str, str]]] = []
+    ignored_weights: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tied_parameters: dict[str, str] = {}
+
+    def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint"
+    ) -> None:
+        """Load `(name, tensor)` pairs named as in the checkpoint; raises ModelLoadError naming
+        missing, unexpected and mis-shaped tensors. Override for a mapping the tables cannot
+        say (then call `weights.load_weights` with the rewritten names)."""
+        weights.load_weights(
+            self,
+            named_tensors,
+            source,
+            packed=self.packed_modules_mapping,
+            remap=self.weight_name_remap,
+            ignore=self.ignored_weights,
+            tied=self.tied_parameters,
+        )
