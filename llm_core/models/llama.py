@@ -15,7 +15,6 @@ from torch import nn
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers import fused_ops
-from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
@@ -66,7 +65,8 @@ class Attention(nn.Module):
         residual: torch.Tensor | None = None,
     ):
         """rope: (cos, sin) `[num_tokens, rotary_dim / 2]` from `RotaryEmbedding.cos_sin`;
-        `hidden` and `residual` as `Linear.forward` takes them (the add may fold into o_proj)."""
+        `hidden` as `Linear.forward` takes it; `residual`: the stream o_proj's output is added to
+        next (asked of `Linear.fused`: the GEMV folds it in)."""
         num_tokens = (hidden.h if isinstance(hidden, DeferredNorm) else hidden).shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -83,7 +83,7 @@ class Attention(nn.Module):
             self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
             out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
         # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.forward)
-        return self.o_proj(out.reshape(num_tokens, self.q_size), residual)
+        return self.o_proj.fused(out.reshape(num_tokens, self.q_size), residual=residual)
 
     def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Decode with a backend that rotates and stores inside its kernel, where the rotary
@@ -105,11 +105,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, residual: torch.Tensor | None = None):
-        """`x` and `residual` as `Linear.forward` takes them (the add may fold into down)."""
-        gate_up, down = self.gate_up_proj(x), self.down_proj
-        if down.uses_gemv(gate_up):  # few-row decode: SiLU*mul applied as the GEMV loads x
-            return down.gemv(gate_up, down.weight, down.bias, silu_mul=True, residual=residual)
-        return down(silu_and_mul(gate_up))
+        """`x` as `Linear.forward` takes it; `residual` as `Linear.fused` (may fold into down)."""
+        # few-row decode on the GEMV: SiLU*mul applied as it loads x, the residual add folded
+        return self.down_proj.fused(self.gate_up_proj(x), residual=residual, silu_mul=True)
 
 
 class DecoderLayer(nn.Module):
