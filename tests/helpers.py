@@ -42,3 +42,15 @@ def record_logits(engine):
 
     runner.sample_logits = sample_logits
     return seen
+
+
+def spec_for(q, kv_cache, scale, window=None, mask=None, softcap=None):
+    """An `AttentionSpec` for kernel tests: head counts from `q [tokens, heads, d]` and the
+    `[2, blocks, page, kv_heads, d]` cache; sliding when `window` is given, unless `mask` says
+    otherwise (`Mask.CHUNKED` reads `window` as the chunk size)."""
+    from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+
+    if mask is None:
+        mask = Mask.CAUSAL if window is None else Mask.SLIDING
+    kv_heads = kv_cache.shape[3] if kv_cache.dim() == 5 else kv_cache.shape[1]
+    return AttentionSpec(q.shape[1], kv_heads, q.shape[2], scale, mask, window, softcap=softcap)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.llm_core.attention.spec import RotarySpec
 from polymodal.llm_core.layers import fused_ops
 
 
@@ -52,6 +53,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim = rotary_dim
         self.mrope_section = list(mrope_section) if mrope_section else None
+        rope_params = dict(getattr(text_config, "rope_parameters", None) or {})
+        base = rope_params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0))
+        kind = "mrope" if self.mrope_section else "neox"
+        self.spec = RotarySpec(float(base), rotary_dim, kind)  # what attention specs record
         inv_freq, scaling = _inv_freq(text_config, rotary_dim)
         cache = _cos_sin(inv_freq, scaling, max_positions)  # [max_positions, rotary_dim] fp32
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
@@ -51,10 +53,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = flavor.qk_norm
-        self.rotary = rotary
-        self.backend = backend
-        self.scale = self.head_dim**-0.5
-        self.sliding_window = cfg.sliding_windows[layer_idx]
+        spec = AttentionSpec.from_window(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            cfg.sliding_windows[layer_idx],
+            rotary=rotary.spec,
+        )
+        self.attn = AttentionLayer(spec, backend, rotary)
 
     def forward(
         self,
@@ -74,25 +81,9 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fuse_rope(meta, q, kv_cache):  # rotary + KV store + attention in one kernel
-            out = self.backend.rope_decode(
-                q, k, v, rope, kv_cache, meta, self.scale, self.sliding_window
-            )
-        else:
-            q, k = self.rotary.apply(rope, q, k)
-            self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
-            out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
-        # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.forward)
-        return self.o_proj.fused(out.reshape(num_tokens, self.q_size), residual=residual)
-
-    def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        """Decode with a backend that rotates and stores inside its kernel, where the rotary
-        would run as the CUDA kernel anyway (same numerics: fp32 math, one rounding)."""
-        return (
-            meta.is_decode
-            and fused_ops() is not None
-            and self.backend.fuses_rope_decode(q, kv_cache)
-        )
+        out = self.attn(q, k, v, rope, kv_cache, meta)  # [num_tokens, heads * head_dim]
+        # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.fused)
+        return self.o_proj.fused(out, residual=residual)
 
 
 class MLP(nn.Module):
