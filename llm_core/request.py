@@ -34,9 +34,10 @@ class Request:
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)  # one per KV group, by position
     block_hashes: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks whose hashes are registered in the pool
+    num_skipped_blocks: list[int] = field(default_factory=list)  # per group: freed window blocks
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
@@ -47,6 +48,11 @@ class Request:
     logprobs: list = field(default_factory=list)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The block table of the first KV group (the only one of a single-group model)."""
+        return self.block_tables[0] if self.block_tables else []
 
     @property
     def num_tokens(self) -> int:

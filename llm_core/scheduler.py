@@ -80,9 +80,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
-            remaining = (
-                req.num_tokens - req.num_computed_tokens - len(computed) * self.kv.block_size
-            )
+            hit = len(computed[0]) * self.kv.block_size if computed else 0  # per group lists
+            remaining = req.num_tokens - req.num_computed_tokens - hit
             n = min(remaining, budget)
             if not self.kv.allocate_slots(req, n, computed):
                 break

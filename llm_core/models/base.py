@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from polymodal.llm_core import weights
+from polymodal.llm_core.attention.layer import AttentionLayer
+from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
 
 
 class ModelBase(nn.Module):
@@ -49,3 +51,11 @@ class ModelBase(nn.Module):
             ignore=self.ignored_weights,
             tied=self.tied_parameters,
         )
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """The decoder's attention layers, in layer order (one per `kv_caches` entry)."""
+        return [m for m in self.modules() if isinstance(m, AttentionLayer)]
+
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """What each layer keeps in the KV cache, from its attention spec."""
+        return [kv_spec_of(layer.spec) for layer in self.attention_layers()]
