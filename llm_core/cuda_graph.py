@@ -236,7 +236,7 @@ class PrefillGraphs:
         self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [max_tokens]
         device = _cache_device(kv_caches)
         n, s = self.buckets[-1], PREFILL_MAX_SEQS
-        hidden, dtype = model.config.hidden_size, model.lm_head.weight.dtype
+        hidden, dtype = model.config.hidden_size, model.config.dtype
         self.embeds = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
         # per KV group: slots [groups, n], tables [s, groups, max_blocks] (group g: [:, g])

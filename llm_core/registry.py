@@ -43,6 +43,7 @@ MODELS: dict[str, ModelRow] = {
     "Qwen2ForCausalLM": ModelRow(_M + "llama:Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ModelRow(_M + "llama:Qwen3ForCausalLM"),
     "Phi3ForCausalLM": ModelRow(_LLAMA),
+    "Gemma3ForCausalLM": ModelRow(_M + "gemma3:Gemma3ForCausalLM"),
     "Qwen2VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2VLForConditionalGeneration"
     ),

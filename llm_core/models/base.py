@@ -17,6 +17,7 @@ from torch import nn
 from polymodal.llm_core import weights
 from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
+from polymodal.llm_core.layers import fused_ops
 
 
 class ModelBase(nn.Module):
@@ -59,3 +60,24 @@ class ModelBase(nn.Module):
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         """What each layer keeps in the KV cache, from its attention spec."""
         return [kv_spec_of(layer.spec) for layer in self.attention_layers()]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's output `[num_rows, vocab]` in the model dtype (a model may post-process
+        it: Gemma's final soft-cap)."""
+        return self.lm_head(hidden)
+
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None, argmax=None
+    ) -> torch.Tensor:
+        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer);
+        `argmax` (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
+        logits = self.lm_logits(hidden)
+        if out is None:
+            return logits.float()
+        if argmax is not None and logits.is_cuda and fused_ops() is not None:
+            fused_ops().logits_argmax(logits, out, argmax)  # cast + argmax in one kernel
+            return out
+        out.copy_(logits)
+        if argmax is not None:
+            torch.argmax(out, dim=-1, out=argmax)
+        return out

@@ -16,7 +16,6 @@ from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
-from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
@@ -178,22 +177,6 @@ class LlamaForCausalLM(ModelBase):
 
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         return self.model(positions, inputs_embeds, kv_caches, meta)
-
-    def compute_logits(
-        self, hidden: torch.Tensor, out: torch.Tensor | None = None, argmax=None
-    ) -> torch.Tensor:
-        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer);
-        `argmax` (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
-        logits = self.lm_head(hidden)
-        if out is None:
-            return logits.float()
-        if argmax is not None and logits.is_cuda and fused_ops() is not None:
-            fused_ops().logits_argmax(logits, out, argmax)  # cast + argmax in one kernel
-            return out
-        out.copy_(logits)
-        if argmax is not None:
-            torch.argmax(out, dim=-1, out=argmax)
-        return out
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
