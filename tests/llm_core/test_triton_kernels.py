@@ -314,6 +314,33 @@ def test_rms_norm(dtype, with_residual):
     assert_close(new_res, ref_res, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gemma_rms_norm(dtype, with_residual):
+    """The (1 + w) variant (`unit_offset`) equals `GemmaRMSNorm`'s torch path (HF's order:
+    normalize and scale in fp32, cast once)."""
+    from polymodal.llm_core.layers.norm import GemmaRMSNorm
+
+    x = torch.randn(7, 48).to(dtype)
+    residual = torch.randn(7, 48).to(dtype) if with_residual else None
+    norm = GemmaRMSNorm(48, 1e-6).to(dtype)
+    norm.weight.data = (0.5 * torch.randn(48)).to(dtype)
+    out, new_res = triton_ops.rms_norm(x, norm.weight, 1e-6, residual, unit_offset=True)
+    ref = norm(x, residual) if with_residual else (norm(x), x)
+    assert out.dtype == dtype
+    assert_close(out, ref[0], dtype)
+    assert_close(new_res, ref[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_and_mul(dtype):
+    x = (3 * torch.randn(5, 2 * 40)).to(dtype)
+    out = triton_ops.silu_and_mul(x, gelu_tanh=True)
+    gate, up = x.float().chunk(2, -1)
+    ref = (torch.nn.functional.gelu(gate, approximate="tanh") * up).to(dtype)
+    assert_close(out, ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_silu_and_mul(dtype):
     x = torch.randn(3, 4, 2 * 40).to(dtype)

@@ -229,6 +229,27 @@ def test_fused_ops_realistic():
     torch.testing.assert_close(k, ref_k)
 
 
+def test_gemma_fused_ops_realistic():
+    """Gemma-3-12B sizes: the (1 + w) RMSNorm (with and without the residual add) and the
+    GELU-tanh gated activation, against their torch definitions."""
+    from polymodal.llm_core.layers import triton_ops as ops
+    from polymodal.llm_core.layers.norm import GemmaRMSNorm
+
+    x = torch.randn(77, 3840, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn_like(x)
+    norm = GemmaRMSNorm(3840).cuda().bfloat16()
+    norm.weight.data.normal_()
+    for residual in (None, res):
+        got = ops.rms_norm(x, norm.weight, 1e-6, residual, unit_offset=True)
+        h = (x if residual is None else x + residual).float()
+        want = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)) * (1 + norm.weight.float())
+        torch.testing.assert_close(got[0], want.bfloat16(), atol=2e-2, rtol=2e-2)
+    gate_up = torch.randn(77, 2 * 15360, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, -1)
+    want = (torch.nn.functional.gelu(gate, approximate="tanh") * up).bfloat16()
+    torch.testing.assert_close(ops.silu_and_mul(gate_up, gelu_tanh=True), want)
+
+
 @pytest.mark.parametrize("page", [16, 256])  # 16: flash backend falls back to Triton
 def test_flash_backend_matches_reference(page):
     pytest.importorskip("flash_attn")
