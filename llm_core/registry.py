@@ -44,6 +44,7 @@ MODELS: dict[str, ModelRow] = {
     "Qwen3ForCausalLM": ModelRow(_M + "llama:Qwen3ForCausalLM"),
     "Phi3ForCausalLM": ModelRow(_LLAMA),
     "Gemma3ForCausalLM": ModelRow(_M + "gemma3:Gemma3ForCausalLM"),
+    "Exaone4ForCausalLM": ModelRow(_M + "exaone4:Exaone4ForCausalLM"),
     "Qwen2VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2VLForConditionalGeneration"
     ),

@@ -35,7 +35,12 @@ class Attention(nn.Module):
     """Self-attention over the paged KV cache; the backend is handed in, never global."""
 
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend, flavor: Flavor
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding | None,
+        backend,
+        flavor: Flavor,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -58,7 +63,7 @@ class Attention(nn.Module):
             self.head_dim,
             self.head_dim**-0.5,
             cfg.sliding_windows[layer_idx],
-            rotary=rotary.spec,
+            rotary=None if rotary is None else rotary.spec,  # None: a NoPE layer
         )
         self.attn = AttentionLayer(spec, backend, rotary)
 

@@ -28,6 +28,8 @@ FAMILIES = {  # demo name: overrides
             "full_attention",
         ],
     },
+    "exaone4": {},
+    "exaone4_global_first": {"layer_types": ["full_attention"] + ["sliding_attention"] * 3},
 }
 
 
