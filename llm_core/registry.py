@@ -45,6 +45,7 @@ MODELS: dict[str, ModelRow] = {
     "Phi3ForCausalLM": ModelRow(_LLAMA),
     "Gemma3ForCausalLM": ModelRow(_M + "gemma3:Gemma3ForCausalLM"),
     "Exaone4ForCausalLM": ModelRow(_M + "exaone4:Exaone4ForCausalLM"),
+    "NemotronForCausalLM": ModelRow(_M + "nemotron:NemotronForCausalLM"),
     "Qwen2VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2VLForConditionalGeneration"
     ),

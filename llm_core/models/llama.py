@@ -29,6 +29,7 @@ class Flavor:
 
     qkv_bias: bool
     qk_norm: bool
+    o_bias: bool = False
 
 
 class Attention(nn.Module):
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
         self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=flavor.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=flavor.o_bias)
         if flavor.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -161,17 +162,20 @@ class LlamaForCausalLM(ModelBase):
     }
     # transformers v5 nests the text model of multimodal checkpoints
     weight_name_remap = [("model.language_model.", "model.")]
-    # Flavour flags of the family's architectures (subclasses below): q/k/v biases (None: the
-    # config's `attention_bias`), RMSNorm of q and k per head.
+    # Flavour flags of the family's architectures (subclasses below): q/k/v and o biases (None:
+    # the config's `attention_bias`), RMSNorm of q and k per head.
     qkv_bias: bool | None = None
+    o_bias: bool | None = None
     qk_norm: bool = False
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.config = cfg
-        bias = self.qkv_bias
-        bias = bool(getattr(cfg.text_config, "attention_bias", False)) if bias is None else bias
-        self.model = LlamaModel(cfg, backend, max_positions, Flavor(bias, self.qk_norm))
+        config_bias = bool(getattr(cfg.text_config, "attention_bias", False))
+        qkv_bias = config_bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = config_bias if self.o_bias is None else self.o_bias
+        flavor = Flavor(qkv_bias, self.qk_norm, o_bias)
+        self.model = LlamaModel(cfg, backend, max_positions, flavor)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -185,9 +189,10 @@ class LlamaForCausalLM(ModelBase):
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    """Qwen2 (and Qwen2-VL's text model): q/k/v always carry biases."""
+    """Qwen2 (and Qwen2-VL's text model): q/k/v always carry biases, o_proj none."""
 
     qkv_bias = True
+    o_bias = False
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

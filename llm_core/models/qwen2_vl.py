@@ -23,7 +23,7 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
     """Decoder + vision tower; `encode(items)` turns media items into slot embeddings."""
 
     weight_name_remap = [("model.language_model.", "model."), ("model.visual.", "visual.")]
-    qkv_bias = True  # Qwen2's text model
+    qkv_bias, o_bias = True, False  # Qwen2's text model
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, tower: type):
         super().__init__(cfg, backend, max_positions)

@@ -30,6 +30,7 @@ FAMILIES = {  # demo name: overrides
     },
     "exaone4": {},
     "exaone4_global_first": {"layer_types": ["full_attention"] + ["sliding_attention"] * 3},
+    "nemotron": {},
 }
 
 
