@@ -16,6 +16,13 @@ from polymodal.llm_core.detokenizer import IncrementalDetokenizer
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
+from polymodal.llm_core.pooling import (
+    PoolingOutput,
+    PoolingRequestOutput,
+    check_pooling_request,
+    run_pooling_step,
+)
+from polymodal.llm_core.registry import model_row
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import make_generator
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -46,6 +53,7 @@ class Engine:
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
         self.device = parts.device
+        self.task = model_row(self.model_config.architecture).task  # generate, or a pooling task
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = count()
@@ -66,13 +74,20 @@ class Engine:
         positions: list[list[int]] | None = None,
         mrope_delta: int = 0,
         mm_items: list | None = None,
+        token_type_ids: list[int] | None = None,
     ) -> str:
-        """Queue a tokenized prompt (with optional media slots); returns the request id."""
-        params = params or SamplingParams()
+        """Queue a tokenized prompt (with optional media slots); returns the request id.
+        A pooling model takes `PoolingParams` (and, for BERT, optional `token_type_ids`)."""
+        pooling = check_pooling_request(params, self.task, self.model_config.architecture)
+        params = pooling or params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids)
+        if pooling is not None:
+            return self._add_pooling(
+                prompt_token_ids, pooling, request_id, mm_items, token_type_ids
+            )
         if self.tokenizer is None and params.stop:
             raise InvalidInputError("stop strings need a tokenizer (skip_tokenizer_init is set)")
         seqs, detoks = [], []
@@ -102,6 +117,35 @@ class Engine:
         for i, seq in enumerate(seqs):
             self._seq_to_group[seq.request_id] = (group, i)
             self.scheduler.add(seq)
+        return request_id
+
+    def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
+        """Queue one pooling request (no sampling, no detokenizer)."""
+        causal, budget = self.runner.model.is_causal, self.scheduler.max_num_batched_tokens
+        if mm_items:
+            raise InvalidInputError("pooling requests take text only (no media)")
+        if not causal and len(ids) > budget:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
+                f"whole in one step of max_num_batched_tokens={budget}"
+            )
+        if token_type_ids is not None and len(token_type_ids) != len(ids):
+            raise InvalidInputError(
+                f"token_type_ids has {len(token_type_ids)} entries for {len(ids)} prompt tokens"
+            )
+        seq = Request(
+            request_id=f"{request_id}#0",
+            prompt_token_ids=list(ids),
+            params=params,
+            max_model_len=self.max_model_len,
+            pooling=True,
+            chunkable=causal,
+            token_type_ids=token_type_ids,
+        )
+        group = _Group(request_id, list(ids), [seq], [None], [CompletionOutput(index=0)])
+        self._groups[request_id] = group
+        self._seq_to_group[seq.request_id] = (group, 0)
+        self.scheduler.add(seq)
         return request_id
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -145,6 +189,8 @@ class Engine:
         are read back, so the GPU never waits for the host in between; outputs then lag one
         step, and a request that stops computes one extra token that is thrown away.
         """
+        if self.task != "generate":
+            return self._pool_step()
         touched: dict[str, _Group] = {}
         flight = self._in_flight
         if flight is not None and not self._can_overlap():
@@ -168,6 +214,27 @@ class Engine:
         if finished_only:
             groups = [g for g in groups if all(o.finished for o in g.outputs)]
         return [self._output(g, now) for g in groups]
+
+    def _pool_step(self) -> list[PoolingRequestOutput]:
+        """One step of a pooling model: the scheduled prompt chunks run; whole prompts are
+        pooled, finished and returned."""
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        pooled = run_pooling_step(self.runner, sched)
+        self.scheduler.update(sched)
+        outputs = []
+        for seq in sched.requests:
+            data = pooled.get(seq.request_id)
+            if data is None:  # more chunks to come
+                continue
+            group, _ = self._seq_to_group.pop(seq.request_id)
+            self._groups.pop(group.request_id, None)
+            self.scheduler.finish(seq, "stop")
+            outputs.append(
+                PoolingRequestOutput(group.request_id, group.prompt_token_ids, PoolingOutput(data))
+            )
+        return outputs
 
     def _can_overlap(self) -> bool:
         """Async scheduling is on and no running request needs its tokens on the host to

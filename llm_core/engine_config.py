@@ -11,7 +11,7 @@ import torch
 from polymodal.llm_core.attention import get_backend
 from polymodal.llm_core.config import ModelConfig, load_config
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
-from polymodal.llm_core.interfaces import supports_multimodal
+from polymodal.llm_core.interfaces import is_pooling_model, supports_multimodal
 from polymodal.llm_core.kv_cache import KVCacheManager
 from polymodal.llm_core.kv_cache_spec import KVCacheLayout, plan_layout
 from polymodal.llm_core.layers.linear import enable_gemv
@@ -99,6 +99,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     net = build_model(model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed)
     if cfg.decode_gemv:
         enable_gemv(net)  # before graph capture, which records whichever kernel runs
+    pooling = is_pooling_model(net)  # runs prompts once: no prefix reuse, no decode graphs
     layout = plan_layout(net.kv_cache_specs())
     for layer, group in zip(net.attention_layers(), layout.layer_groups()):
         layer.kv_group = group or 0  # which block tables it reads
@@ -106,10 +107,12 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     max_len = _fit_one_request(layout, num_blocks, cfg, max_len)
     kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, model_config.dtype, device)
     specs = [g.spec for g in layout.groups]
-    kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, specs)
+    prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
+    kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
     scheduler = Scheduler(kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
     runner = ModelRunner(net, kv_caches, cfg.block_size, device, layout.num_groups)
-    if cfg.cuda_graphs and device.type == "cuda" and backend.name == "triton" and layout.slots:
+    graphs = cfg.cuda_graphs and not pooling and layout.slots
+    if graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
         prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
         if prefill_tokens > 0:

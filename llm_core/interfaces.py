@@ -41,6 +41,8 @@ class SupportsPooling:
 
     is_pooling_model: ClassVar[bool] = True
     is_causal: ClassVar[bool] = True
+    #: `embed(input_ids, positions, token_type_ids)`: absolute position and segment embeddings
+    embeds_positions: ClassVar[bool] = False
 
     def pool(self, hidden: torch.Tensor, prompts: list) -> list[torch.Tensor]:
         """hidden: `[num_tokens, hidden]` of this step's finished prompts, concatenated in

@@ -46,6 +46,13 @@ MODELS: dict[str, ModelRow] = {
     "Gemma3ForCausalLM": ModelRow(_M + "gemma3:Gemma3ForCausalLM"),
     "Exaone4ForCausalLM": ModelRow(_M + "exaone4:Exaone4ForCausalLM"),
     "NemotronForCausalLM": ModelRow(_M + "nemotron:NemotronForCausalLM"),
+    "BertForSequenceClassification": ModelRow(
+        _M + "bert:BertForSequenceClassification", task="classify"
+    ),
+    "Qwen2ForRewardModel": ModelRow(_M + "qwen2_rm:Qwen2ForRewardModel", task="reward"),
+    "Qwen2ForProcessRewardModel": ModelRow(
+        _M + "qwen2_rm:Qwen2ForProcessRewardModel", task="reward"
+    ),
     "Qwen2VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2VLForConditionalGeneration"
     ),

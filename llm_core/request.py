@@ -48,6 +48,13 @@ class Request:
     logprobs: list = field(default_factory=list)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
+    # Pooling requests (`params` is a PoolingParams): no tokens are sampled; the hidden states
+    # of the prompt's chunks gather until it is whole. A non-causal model's prompt is never
+    # split across steps (`chunkable`).
+    pooling: bool = False
+    chunkable: bool = True
+    token_type_ids: list[int] | None = None
+    hidden_chunks: list = field(default_factory=list)
 
     @property
     def block_ids(self) -> list[int]:

@@ -145,6 +145,32 @@ class LLM:
         finally:
             self.engine.abort(request_id)
 
+    # ---- pooling models (vLLM's names; see llm_pooling.py) --------------------------------
+    def encode(self, prompts: Any, pooling_params=None) -> list:
+        """A pooling model's raw head output per prompt (`PoolingRequestOutput.outputs.data`)."""
+        from polymodal.llm_pooling import pool
+
+        return pool(self, prompts, pooling_params, "encode")
+
+    def embed(self, prompts: Any, pooling_params=None) -> list:
+        """An embedding model's vector per prompt (`EmbeddingRequestOutput.outputs.embedding`)."""
+        from polymodal.llm_pooling import as_embedding, pool
+
+        return [as_embedding(o) for o in pool(self, prompts, pooling_params, "embed")]
+
+    def classify(self, prompts: Any, pooling_params=None) -> list:
+        """A classifier's class probabilities per prompt (`...outputs.probs`)."""
+        from polymodal.llm_pooling import as_classification, pool
+
+        return [as_classification(o) for o in pool(self, prompts, pooling_params, "classify")]
+
+    def reward(self, prompts: Any, pooling_params=None) -> list:
+        """A reward model's reward per prompt (`PoolingRequestOutput.outputs.data`: `[1]` for an
+        outcome reward, `[num_steps, 2]` step probabilities for a process reward model)."""
+        from polymodal.llm_pooling import pool
+
+        return pool(self, prompts, pooling_params, "reward")
+
 
 def _is_token_ids(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, int) for t in x)
