@@ -67,3 +67,21 @@ def test_bf16_gemv_engine_matches_cublas(tmp_path_factory, name):
         torch.testing.assert_close(fast[step], ref[step], atol=5e-2, rtol=0, msg=f"step {step}")
         if fast_tokens[step] != ref_tokens[step]:
             break
+
+
+def test_pooling_models_on_cuda(tmp_path_factory):
+    """BERT (varlen Triton attention, no KV cache) and the Qwen2 reward model (paged Triton
+    attention, chunked) on CUDA in fp32: the CPU engine's pooled outputs within 1e-4."""
+    from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.pooling import PoolingParams
+
+    for name in ("bert_cls", "qwen2_rm"):
+        path = str(tiny_checkpoint(tmp_path_factory, name))
+        results = []
+        for device in ("cpu", "cuda"):
+            engine = Engine(path, dtype="float32", device=device, max_num_batched_tokens=64)
+            ids = [engine.add_request(p, PoolingParams(task="encode")) for p in PROMPTS]
+            final = engine.run_until_done()
+            results.append([final[i].outputs.data for i in ids])
+        for cpu, cuda in zip(*results):
+            assert (cpu - cuda).abs().max() <= 1e-4, name

@@ -115,3 +115,37 @@ def test_window_layers_hold_only_their_window(ckpt):
                 assert all(h <= 8 // 4 + 1 for h in held[:5]), held
             assert held[5] == len(seq.block_tables[5])  # the global layer keeps everything
     assert engine.num_free_blocks == kv.num_usable_blocks
+
+
+def test_no_leaked_blocks_after_300_random_requests(ckpt):
+    """Finishing, aborted and preempted requests across Gemma 3's six KV groups (prefix hits
+    included), through the whole engine: every block comes back, every ref count is 0 (1000
+    requests on the scheduler alone: test_kv_groups.py)."""
+    import random
+
+    engine = _engine(
+        ckpt,
+        num_kv_blocks=70,
+        block_size=4,
+        max_num_batched_tokens=32,
+        max_num_seqs=24,
+        skip_tokenizer_init=True,
+    )
+    kv, rng = engine.scheduler.kv, random.Random(2)
+    start, live, submitted = engine.num_free_blocks, [], 0
+    prefixes = [[rng.randrange(5, 400) for _ in range(12)] for _ in range(3)]
+    while submitted < 300 or engine.has_unfinished():
+        for _ in range(rng.randrange(0, 12)):
+            if submitted < 300:
+                prompt = rng.choice(prefixes)[: rng.randrange(0, 12)]
+                prompt += [rng.randrange(5, 400) for _ in range(rng.randrange(1, 16))]
+                params = SamplingParams(max_tokens=rng.randrange(1, 12), ignore_eos=True)
+                live.append(engine.add_request(prompt, params))
+                submitted += 1
+        if live and rng.random() < 0.3:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0, "the pool was meant to force preemptions"
+    assert kv.num_hit_tokens > 0, "the shared prefixes were meant to hit the cache"
+    assert engine.num_free_blocks == start == kv.num_usable_blocks
+    assert all(b.ref_count == 0 for b in kv.blocks)
