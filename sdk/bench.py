@@ -15,7 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
-BUILTIN = {"qwen2.5-vl-7b": Path(__file__).parent / "configs" / "qwen2_5_vl_7b"}
+BUILTIN = {
+    "qwen2.5-vl-7b": Path(__file__).parent / "configs" / "qwen2_5_vl_7b",
+    "gemma-3-12b": Path(__file__).parent / "configs" / "gemma_3_12b",  # text decoder only
+}
 
 
 def bench_command(parser: argparse.ArgumentParser):

@@ -37,17 +37,19 @@ def _inv_freq(
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     kwargs = {} if layer_type is None else {"layer_type": layer_type}
-    if rope_type == "longrope" and long:
-        original = getattr(text_config, "original_max_position_embeddings", None) or rope.get(
-            "original_max_position_embeddings"
-        )
-        return ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", seq_len=original + 1, **kwargs)
-    return ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
+    with torch.device("cpu"):  # they build on "cpu" whatever device the model is built on
+        if rope_type == "longrope" and long:
+            original = getattr(text_config, "original_max_position_embeddings", None)
+            original = original or rope.get("original_max_position_embeddings")
+            return ROPE_INIT_FUNCTIONS[rope_type](
+                text_config, "cpu", seq_len=original + 1, **kwargs
+            )
+        return ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
 
 
 def _cos_sin(inv_freq: torch.Tensor, scaling: float, max_positions: int) -> torch.Tensor:
     t = torch.arange(max_positions, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq.float())  # [max_positions, rotary_dim / 2]
+    freqs = torch.outer(t, inv_freq.float().to(t.device))  # [max_positions, rotary_dim / 2]
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
 
 

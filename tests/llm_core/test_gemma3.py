@@ -149,3 +149,19 @@ def test_no_leaked_blocks_after_300_random_requests(ckpt):
     assert kv.num_hit_tokens > 0, "the shared prefixes were meant to hit the cache"
     assert engine.num_free_blocks == start == kv.num_usable_blocks
     assert all(b.ref_count == 0 for b in kv.blocks)
+
+
+def test_shipped_12b_config_groups_and_kv_bound():
+    """`polymodal bench gemma-3-12b`'s config (built on the meta device, no weights): 48 layers in
+    six groups of eight (five local, one global), and a 32k-token request's KV per layer within
+    (5 x 1024 + 32k) / 6 tokens plus one block per local group."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("mm", root / "scripts" / "model_memory.py")
+    model_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_memory)
+    m = model_memory.memory(str(root / "sdk" / "configs" / "gemma_3_12b"), 32768, "bfloat16")
+    assert m["architecture"] == "Gemma3ForCausalLM" and 11.5e9 < m["params"] < 12e9
+    assert m["kv_tokens_per_layer"] <= (5 * 1024 + 32768) / 6 + 16
