@@ -49,7 +49,8 @@ class KVCacheSpec:
         whole = -(-num_tokens // block_size)
         if not self.is_windowed:
             return whole
-        return min(whole, -(-(self.window + step_tokens) // block_size) + 1)
+        # a step's queries see `window + step_tokens - 1` keys, over at most one more block
+        return min(whole, -(-(self.window + step_tokens - 1) // block_size) + 1)
 
 
 def kv_spec_of(attn: AttentionSpec) -> KVCacheSpec:
