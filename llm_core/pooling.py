@@ -94,7 +94,7 @@ def check_pooling_request(params, task: str, architecture: str) -> PoolingParams
     if params is not None and not is_pooling:
         raise InvalidInputError(
             f"{architecture} is a pooling model (task {task!r}): it does not generate text; "
-            f"use LLM.{task if task != 'embed' else 'embed'} or LLM.encode with PoolingParams"
+            f"use LLM.{task} or LLM.encode (PoolingParams)"
         )
     params = params or PoolingParams()
     wanted = params.task or task
@@ -191,12 +191,8 @@ def run_pooling_step(runner, sched) -> dict[str, torch.Tensor]:
         req.hidden_chunks.append(hidden[offset : offset + n])
         offset += n
         if start + n == len(req.prompt_token_ids):
-            rows.append(
-                torch.cat(req.hidden_chunks)
-                if len(req.hidden_chunks) > 1
-                else hidden[offset - n : offset]
-            )
-            req.hidden_chunks = []
+            chunks, req.hidden_chunks = req.hidden_chunks, []
+            rows.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks))  # [len, hidden]
             prompts.append(PoolingInput(req.prompt_token_ids, req.params))
             done.append(req)
     if not done:
