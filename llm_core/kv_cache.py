@@ -122,15 +122,25 @@ class KVCacheManager:
         """Give `req` blocks for `num_new_tokens` more tokens (after `computed` prefix blocks
         per group). Out-of-window blocks of windowed groups are freed first. Returns False,
         changing nothing else, when the pool cannot hold the rest."""
+        tables, bs = req.block_tables, self.block_size
+        # the common decode step: its blocks already have room (every group's table covers the
+        # same positions)
+        if (
+            not computed
+            and tables
+            and req.num_computed_tokens + num_new_tokens <= len(tables[0]) * bs
+        ):
+            if self.windowed:
+                self._free_skipped(req, req.num_computed_tokens)
+            return True
         tables = self._tables(req)
         if not tables:
             return True  # no layer keeps a KV cache
         if self.windowed:
             self._free_skipped(req, req.num_computed_tokens)
-        bs = self.block_size
-        held = len(tables[0])  # every group's table covers the same positions
+        held = len(tables[0])
         if not computed and req.num_computed_tokens + num_new_tokens <= held * bs:
-            return True  # the common decode step: its blocks already have room
+            return True
         num_hit = len(computed[0]) if computed else 0
         start = req.num_computed_tokens + num_hit * bs  # first position this step computes
         new_entries = max(0, self._blocks_needed(start + num_new_tokens) - held - num_hit)

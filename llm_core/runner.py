@@ -99,6 +99,7 @@ class ModelRunner:
         hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]], slots=[[] for _ in groups])
         prev_rows = prev.row_of() if prev is not None and prev.tokens is not None else {}
         rows, slots = hb.rows, hb.slots
+        slots0, more = slots[0], slots[1:]  # group 0 (the only one of most models), the rest
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             prompt_len = len(req.prompt_token_ids)
@@ -112,8 +113,11 @@ class ModelRunner:
                 pos = start + req.mrope_delta
                 for row in rows:
                     row.append(pos)
-                for group_slots, table in zip(slots, req.block_tables):
-                    group_slots.append(table[start // bs] * bs + start % bs)
+                tables = req.block_tables
+                slots0.append(tables[0][start // bs] * bs + start % bs)
+                if more:
+                    for group_slots, table in zip(more, tables[1:]):
+                        group_slots.append(table[start // bs] * bs + start % bs)
                 hb.query_lens.append(1)
                 hb.seq_lens.append(end)
                 hb.sample_rows.append(len(hb.ids) - 1)
@@ -131,11 +135,12 @@ class ModelRunner:
             hb.seq_lens.append(end)
             if end == req.num_tokens:  # caught up: this step yields its next token
                 hb.sample_rows.append(len(hb.ids) - 1)
-        for group_slots in slots[len(sched.requests[0].block_tables) :]:  # no KV layers
-            group_slots.extend([-1] * len(hb.ids))
-        hb.max_blocks = max(len(r.block_ids) for r in sched.requests)
-        hb.tables = [[r.block_tables[g] if r.block_tables else [] for r in sched.requests]
-                     for g in groups]  # fmt: skip
+        if not sched.requests[0].block_tables:  # no layer keeps a KV cache: nothing stored
+            slots0.extend([-1] * len(hb.ids))
+            hb.tables = [[[] for _ in sched.requests]]
+        else:
+            hb.tables = [[r.block_tables[g] for r in sched.requests] for g in groups]
+        hb.max_blocks = max(map(len, hb.tables[0]))
         return hb
 
     def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
