@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.registry import check_supported
 
 _DTYPES = {
     "float32": torch.float32,
@@ -41,8 +42,6 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
-    qk_norm: bool
     rotary_dim: int
     mrope_section: list[int] | None
     sliding_windows: list[int | None]  # per layer; None = full attention
@@ -64,12 +63,18 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
         raise ModelLoadError(f"{model_dir}: no config.json (is this a model checkpoint?)")
     try:
         raw = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
+    archs = (raw.get("architectures") or []) if isinstance(raw, dict) else []
+    if not archs:
+        raise ModelLoadError(f"{path}: no 'architectures' entry, cannot pick an implementation")
+    # The architecture first: an unserved one (Whisper, BERT for masked LM, ...) is named as
+    # such, whatever fields its config has or lacks.
+    check_supported(archs[0])
+    try:
         hf = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
-    archs = raw.get("architectures") or []
-    if not archs:
-        raise ModelLoadError(f"{path}: no 'architectures' entry, cannot pick an implementation")
     text = hf.get_text_config()
     rope = dict(getattr(text, "rope_parameters", None) or {})
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -91,21 +96,12 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
         tie_word_embeddings=bool(
             getattr(hf, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
         ),
-        attention_bias=_attention_bias(text),
-        qk_norm=text.model_type in ("qwen3", "qwen3_moe"),
         rotary_dim=int(head_dim * partial),
         mrope_section=rope.get("mrope_section"),
         sliding_windows=_sliding_windows(text),
         eos_token_ids=_eos_ids(model_dir, hf, text),
         dtype=_resolve_dtype(dtype, raw, text),
     )
-
-
-def _attention_bias(text) -> bool:
-    # Qwen2 (and Qwen2-VL's text model) always carry q/k/v biases; others say so in the config.
-    if text.model_type in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen2_vl", "qwen2_5_vl"):
-        return True
-    return bool(getattr(text, "attention_bias", False))
 
 
 def _sliding_windows(text) -> list[int | None]:

@@ -58,19 +58,28 @@ class DecodeGraphs:
     copies it over in one transfer.
     """
 
-    def __init__(self, model, kv_caches, max_batch: int, max_blocks: int, uses_mrope: bool):
+    def __init__(
+        self,
+        model,
+        kv_caches,
+        max_batch: int,
+        max_blocks: int,
+        uses_mrope: bool,
+        num_groups: int = 1,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
-        device = kv_caches[0].device
-        n = self.buckets[-1]
+        device = _cache_device(kv_caches)
+        n, g = self.buckets[-1], num_groups
         fields = [
             ("input_ids", torch.int64, (n,)),
             ("src", torch.int64, (n,)),  # row of `tokens` holding this row's id, or -1
             ("positions", torch.int64, (3, n) if uses_mrope else (n,)),
-            ("slot_mapping", torch.int64, (n,)),
+            ("slot_mapping", torch.int64, (g, n)),  # per KV group
             ("seq_lens", torch.int32, (n,)),
-            ("block_tables", torch.int32, (n, max_blocks)),  # last: a step copies its rows only
+            # last: a step copies its rows only; group g's table is the view [:, g]
+            ("block_tables", torch.int32, (n, g, max_blocks)),
         ]
         self.inputs = StepInputs(fields, device)
         self.max_blocks = max_blocks
@@ -84,15 +93,21 @@ class DecodeGraphs:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         v = self.inputs.device_views
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=v["seq_lens"][:bs],
-            block_tables=v["block_tables"][:bs],
-            slot_mapping=v["slot_mapping"][:bs],
-            max_query_len=1,
-            max_seq_len=v["block_tables"].shape[1] * self.kv_caches[0].shape[2],
-            is_decode=True,
-        )
+        tables, slots = v["block_tables"], v["slot_mapping"]
+        metas = [
+            AttentionMetadata(
+                query_start_loc=self.query_start_loc[: bs + 1],
+                seq_lens=v["seq_lens"][:bs],
+                block_tables=tables[:bs, g],
+                slot_mapping=slots[g, :bs],
+                max_query_len=1,
+                max_seq_len=self.max_blocks * _cache_page(self.kv_caches),
+                is_decode=True,
+            )
+            for g in range(tables.shape[1])
+        ]
+        metas[0].groups = metas if len(metas) > 1 else None
+        return metas[0]
 
     def _forward(self, bs: int) -> None:
         v = self.inputs.device_views
@@ -121,8 +136,9 @@ class DecodeGraphs:
         self.runs += 1
         h["input_ids"][:n] = hb.ids
         h["positions"][..., :n] = hb.rows if h["positions"].ndim == 2 else hb.rows[0]
-        h["slot_mapping"][:n] = hb.slots
-        h["slot_mapping"][n:bs] = -1  # padding rows store nothing
+        for g, group_slots in enumerate(hb.slots):
+            h["slot_mapping"][g, :n] = group_slots
+        h["slot_mapping"][:, n:bs] = -1  # padding rows store nothing
         h["seq_lens"][:n] = hb.seq_lens
         h["seq_lens"][n:bs] = 1  # and read one (finite) cache row
         h["src"][:bs] = -1
@@ -135,8 +151,9 @@ class DecodeGraphs:
                 src = range(len(src))
             h["src"][hb.pending_rows] = list(src)
         tables = h["block_tables"]
-        for row, table in enumerate(hb.tables):
-            tables[row, : len(table)] = table
+        for g, group_tables in enumerate(hb.tables):
+            for row, table in enumerate(group_tables):
+                tables[row, g, : len(table)] = table
         self.inputs.upload(mirror, rows=bs)
         if self.graphs:
             self.graphs[bs].replay()
@@ -205,33 +222,47 @@ class PrefillGraphs:
     is sized by the bucket). Logits and sampling stay outside, on the returned rows.
     """
 
-    def __init__(self, model, kv_caches, max_tokens: int, max_blocks: int, uses_mrope: bool):
+    def __init__(
+        self,
+        model,
+        kv_caches,
+        max_tokens: int,
+        max_blocks: int,
+        uses_mrope: bool,
+        num_groups: int = 1,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [max_tokens]
-        device = kv_caches[0].device
+        device = _cache_device(kv_caches)
         n, s = self.buckets[-1], PREFILL_MAX_SEQS
-        hidden, dtype = model.config.hidden_size, model.lm_head.weight.dtype
+        hidden, dtype = model.config.hidden_size, model.config.dtype
         self.embeds = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        # per KV group: slots [groups, n], tables [s, groups, max_blocks] (group g: [:, g])
+        self.slot_mapping = torch.full((num_groups, n), -1, dtype=torch.int64, device=device)
         self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(s, num_groups, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.runs = 0
 
     def _forward(self, n: int) -> None:
-        meta = AttentionMetadata(
-            query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens,
-            block_tables=self.block_tables,
-            slot_mapping=self.slot_mapping[:n],
-            max_query_len=n,  # sizes the prefill grid for any split of n tokens
-            max_seq_len=self.block_tables.shape[1] * self.kv_caches[0].shape[2],
-        )
+        metas = [
+            AttentionMetadata(
+                query_start_loc=self.query_start_loc,
+                seq_lens=self.seq_lens,
+                block_tables=self.block_tables[:, g],
+                slot_mapping=self.slot_mapping[g, :n],
+                max_query_len=n,  # sizes the prefill grid for any split of n tokens
+                max_seq_len=self.block_tables.shape[2] * _cache_page(self.kv_caches),
+            )
+            for g in range(self.block_tables.shape[1])
+        ]
+        meta = metas[0]
+        meta.groups = metas if len(metas) > 1 else None
         positions = self.positions[..., :n]
         self.hidden[:n] = self.model(positions, self.embeds[:n], self.kv_caches, meta)
 
@@ -244,7 +275,7 @@ class PrefillGraphs:
         return (
             num_tokens <= self.buckets[-1]
             and num_seqs <= PREFILL_MAX_SEQS
-            and num_blocks <= self.block_tables.shape[1]
+            and num_blocks <= self.block_tables.shape[2]
         )
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
@@ -255,15 +286,26 @@ class PrefillGraphs:
         self.runs += 1
         self.embeds[:n].copy_(embeds)
         self.positions[..., :n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:bucket].fill_(-1)
+        for g in range(self.block_tables.shape[1]):
+            group = meta.group(g)
+            self.slot_mapping[g, :n].copy_(group.slot_mapping)
+            self.block_tables[:s, g, : group.block_tables.shape[1]].copy_(group.block_tables)
+        self.slot_mapping[:, n:bucket].fill_(-1)
         self.query_start_loc[: s + 1].copy_(meta.query_start_loc)
         self.query_start_loc[s + 1 :].fill_(n)  # padding sequences: zero queries
         self.seq_lens[:s].copy_(meta.seq_lens)
         self.seq_lens[s:].zero_()
-        self.block_tables[:s, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         if self.graphs:
             self.graphs[bucket].replay()
         else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
             self._forward(bucket)
         return self.hidden[:n]
+
+
+def _cache_device(kv_caches) -> torch.device:
+    return next(c for c in kv_caches if c is not None).device
+
+
+def _cache_page(kv_caches) -> int:
+    """Tokens per block of the layers' caches."""
+    return next(c for c in kv_caches if c is not None).shape[2]

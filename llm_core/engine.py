@@ -23,6 +23,13 @@ from polymodal.llm_core.outputs import (
     Timings,
     Usage,
 )
+from polymodal.llm_core.pooling import (
+    PoolingOutput,
+    PoolingRequestOutput,
+    check_pooling_request,
+    run_pooling_step,
+)
+from polymodal.llm_core.registry import model_row
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.request_checks import (
     bad_words_token_ids,
@@ -61,6 +68,7 @@ class Engine:
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
         self.device = parts.device
+        self.task = model_row(self.model_config.architecture).task  # generate, or a pooling task
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = count()
@@ -83,16 +91,24 @@ class Engine:
         mrope_delta: int = 0,
         mm_items: list | None = None,
         grammar: Any = None,
+        token_type_ids: list[int] | None = None,
     ) -> str:
         """Queue a tokenized prompt (with optional media slots); returns the request id.
 
         `grammar` is `params.structured_outputs` already compiled (`compile_grammar`, e.g. on
-        a worker thread); without it the engine compiles it here.
+        a worker thread); without it the engine compiles it here. A pooling model takes
+        `PoolingParams` (and, for BERT, optional `token_type_ids`).
         """
-        params = params or SamplingParams()
+        pooling = check_pooling_request(params, self.task, self.model_config.architecture)
+        params = pooling or params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
+        if pooling is not None:
+            self._check_prompt(prompt_token_ids)
+            return self._add_pooling(
+                prompt_token_ids, pooling, request_id, mm_items, token_type_ids
+            )
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
@@ -142,6 +158,50 @@ class Engine:
             self.scheduler.add(seq)
         return request_id
 
+    def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
+        """Queue one pooling request (no sampling, no detokenizer)."""
+        causal, budget = self.runner.model.is_causal, self.scheduler.max_num_batched_tokens
+        if mm_items:
+            raise InvalidInputError("pooling requests take text only (no media)")
+        if not causal and len(ids) > budget:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
+                f"whole in one step of max_num_batched_tokens={budget}"
+            )
+        if token_type_ids is not None and len(token_type_ids) != len(ids):
+            raise InvalidInputError(
+                f"token_type_ids has {len(token_type_ids)} entries for {len(ids)} prompt tokens"
+            )
+        seq = Request(
+            request_id=f"{request_id}#0",
+            prompt_token_ids=list(ids),
+            params=params,
+            max_model_len=self.max_model_len,
+            pooling=True,
+            chunkable=causal,
+            token_type_ids=token_type_ids,
+        )
+        group = _Group(request_id, list(ids), [seq], [None], [CompletionOutput(index=0)])
+        self._groups[request_id] = group
+        self._seq_to_group[seq.request_id] = (group, 0)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidInputError("the prompt is empty: it needs at least one token")
+        if len(ids) >= self.max_model_len:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                f"(prompt + at least one output token must fit)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidInputError(
+                f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})"
+            )
+
     def compile_grammar(self, params: SamplingParams) -> Any:
         """`params.structured_outputs` compiled for this model's tokenizer (thread-safe; None
         without structured output). Raises `InvalidInputError` for a bad schema or regex."""
@@ -181,6 +241,8 @@ class Engine:
         are read back, so the GPU never waits for the host in between; outputs then lag one
         step, and a request that stops computes one extra token that is thrown away.
         """
+        if self.task != "generate":
+            return self._pool_step()
         touched: dict[str, _Group] = {}
         flight = self._in_flight
         if flight is not None and not self._can_overlap():
@@ -204,6 +266,27 @@ class Engine:
         if finished_only:
             groups = [g for g in groups if all(o.finished for o in g.outputs)]
         return [self._output(g, now) for g in groups]
+
+    def _pool_step(self) -> list[PoolingRequestOutput]:
+        """One step of a pooling model: the scheduled prompt chunks run; whole prompts are
+        pooled, finished and returned."""
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        pooled = run_pooling_step(self.runner, sched)
+        self.scheduler.update(sched)
+        outputs = []
+        for seq in sched.requests:
+            data = pooled.get(seq.request_id)
+            if data is None:  # more chunks to come
+                continue
+            group, _ = self._seq_to_group.pop(seq.request_id)
+            self._groups.pop(group.request_id, None)
+            self.scheduler.finish(seq, "stop")
+            outputs.append(
+                PoolingRequestOutput(group.request_id, group.prompt_token_ids, PoolingOutput(data))
+            )
+        return outputs
 
     def _can_overlap(self) -> bool:
         """Async scheduling is on and no running request needs its tokens on the host to

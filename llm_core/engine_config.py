@@ -11,9 +11,12 @@ import torch
 from polymodal.llm_core.attention import get_backend
 from polymodal.llm_core.config import ModelConfig, load_config
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.interfaces import is_pooling_model, supports_multimodal
 from polymodal.llm_core.kv_cache import KVCacheManager
+from polymodal.llm_core.kv_cache_spec import KVCacheLayout, plan_layout
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.loader import build_model, resolve_model_path
+from polymodal.llm_core.registry import tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
 
@@ -122,32 +125,38 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     net = build_model(model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed)
     if cfg.decode_gemv:
         enable_gemv(net)  # before graph capture, which records whichever kernel runs
-    num_blocks = cfg.num_kv_blocks or _num_blocks(model_config, cfg, device, max_len)
-    if num_blocks * cfg.block_size < max_len:
-        max_len = num_blocks * cfg.block_size  # one request must always fit alone
-    shape = (2, num_blocks, cfg.block_size, model_config.num_kv_heads, model_config.head_dim)
-    kv_caches = [
-        torch.zeros(shape, dtype=model_config.dtype, device=device)
-        for _ in range(model_config.num_layers)
-    ]
-    kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+    pooling = is_pooling_model(net)  # runs prompts once: no prefix reuse, no decode graphs
+    layout = plan_layout(net.kv_cache_specs())
+    for layer, group in zip(net.attention_layers(), layout.layer_groups()):
+        layer.kv_group = group or 0  # which block tables it reads
+    num_blocks = cfg.num_kv_blocks or _num_blocks(model_config, layout, cfg, device, max_len)
+    max_len = _fit_one_request(layout, num_blocks, cfg, max_len)
+    kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, model_config.dtype, device)
+    specs = [g.spec for g in layout.groups]
+    prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
+    kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
     scheduler = Scheduler(kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
-    runner = ModelRunner(net, kv_caches, cfg.block_size, device)
-    if cfg.cuda_graphs and device.type == "cuda" and backend.name == "triton":
+    runner = ModelRunner(net, kv_caches, cfg.block_size, device, layout.num_groups)
+    graphs = cfg.cuda_graphs and not pooling and layout.slots
+    if graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
         prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
         if prefill_tokens > 0:
             runner.capture_prefill_graphs(prefill_tokens, max_len)
-        if hasattr(net, "enable_cuda_graphs"):
-            net.enable_cuda_graphs()
+        if supports_multimodal(net):
+            net.enable_cuda_graphs(tower_graphs)
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 
-def _num_blocks(mc: ModelConfig, cfg: EngineConfig, device: torch.device, max_len: int) -> int:
-    per_block = (
-        2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
-    )
+def _num_blocks(
+    mc: ModelConfig, layout: KVCacheLayout, cfg: EngineConfig, device: torch.device, max_len: int
+) -> int:
+    if not layout.slots:
+        return 1  # no layer keeps a KV cache
+    kv_heads, head_dim = layout.page_shape()
+    # a block id is one page of every slot tensor
+    per_block = 2 * layout.slots * cfg.block_size * kv_heads * head_dim * mc.dtype.itemsize
     if device.type == "cuda":
         # Weights are already on the card: what is free now, less the share we leave alone
         # and 1 GiB of headroom for activations, holds the KV cache.
@@ -155,5 +164,34 @@ def _num_blocks(mc: ModelConfig, cfg: EngineConfig, device: torch.device, max_le
         budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30)
     else:
         budget = cfg.cpu_kv_cache_gb * (1 << 30)
-    cap = cfg.max_num_seqs * -(-max_len // cfg.block_size)  # never more than can ever be used
-    return max(1, min(int(budget // per_block), cap))
+    # never more than can ever be used (+1: a windowed layout's null block)
+    cap = cfg.max_num_seqs * layout.blocks_per_request(
+        max_len, cfg.block_size, cfg.max_num_batched_tokens
+    )
+    return max(1, min(int(budget // per_block), cap + layout.has_windows))
+
+
+def _fit_one_request(layout: KVCacheLayout, num_blocks: int, cfg: EngineConfig, max_len: int):
+    """The longest request the pool holds alone (it must always fit), at most `max_len`."""
+    usable = num_blocks - layout.has_windows  # the null block is never lent
+    step = cfg.max_num_batched_tokens
+    if layout.blocks_per_request(max_len, cfg.block_size, step) <= usable:
+        return max_len
+    lo, hi = 0, max_len  # blocks_per_request grows with the length: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if layout.blocks_per_request(mid, cfg.block_size, step) <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _allocate_kv_caches(layout: KVCacheLayout, num_blocks, block_size, dtype, device) -> list:
+    """Per layer its cache tensor (slot s of every group shares tensor s), None without one."""
+    if not layout.slots:
+        return [None] * len(layout.layer_slot)
+    kv_heads, head_dim = layout.page_shape()
+    shape = (2, num_blocks, block_size, kv_heads, head_dim)
+    tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.slots)]
+    return [None if s is None else tensors[s[1]] for s in layout.layer_slot]

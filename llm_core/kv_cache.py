@@ -1,9 +1,16 @@
-"""Paged KV cache bookkeeping: block pool, block tables, ref counts, prefix caching.
+"""Paged KV cache bookkeeping: block pool, block tables per KV group, ref counts, prefix caching.
 
 Pure Python (no tensors): the runner owns the KV tensors, this module owns which block holds
-what. A full block is identified by a chained hash of (parent hash, its token ids, the
-content hashes of media whose slots fall inside it), so two different images behind the
-same placeholder tokens never share a block, and the same image twice does.
+what. Layers are grouped by their cache spec (`kv_cache_spec.py`); all groups draw from one
+pool and a request holds one block table per group, every table indexed by token position.
+Windowed groups (sliding window, chunked local) free the blocks their queries can no longer
+see as the request advances; their table entries then point at the null block (block 0,
+reserved, never written), so kernels index tables by position as before.
+
+A full block is identified by a chained hash of (parent hash, its token ids, the content
+hashes of media whose slots fall inside it), so two different images behind the same
+placeholder tokens never share a block, and the same image twice does. The prefix cache is
+per group (keys: (group, hash)).
 
 Free blocks wait in `free` in eviction order (front first). A freed block keeps its hash and
 stays findable until it is reused: that is the prefix cache (LRU).
@@ -14,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from polymodal.llm_core.kv_cache_spec import FULL, KVCacheSpec
 from polymodal.llm_core.request import Request
 
 
@@ -21,27 +29,50 @@ from polymodal.llm_core.request import Request
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: tuple[int, int] | None = None  # (group, chained hash) while cached
 
 
 class KVCacheManager:
-    """Allocates `block_size`-token blocks to requests; counts refs; finds cached prefixes."""
+    """Allocates `block_size`-token blocks to requests for each KV group (`specs`, default one
+    full-attention group); counts refs; finds cached prefixes."""
 
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        specs: list[KVCacheSpec] | None = None,
+    ):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.specs = [KVCacheSpec(FULL)] if specs is None else list(specs)
+        self.windowed = [g for g, s in enumerate(self.specs) if s.is_windowed]
+        # Windowed groups point freed positions at a reserved null block (never allocated).
+        self.null_block = 0 if self.windowed else None
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        first = 0 if self.null_block is None else 1
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(first, num_blocks))
+        self.cached: dict[tuple[int, int], int] = {}  # (group, block hash) -> block id
         self.num_hit_tokens = 0  # prompt tokens served from the prefix cache (a statistic)
 
     @property
     def num_free_blocks(self) -> int:
         return len(self.free)
 
+    @property
+    def num_usable_blocks(self) -> int:
+        """Blocks requests can hold (all but the null block)."""
+        return self.num_blocks - (self.null_block is not None)
+
     def _blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _tables(self, req: Request) -> list[list[int]]:
+        if len(req.block_tables) != len(self.specs):  # first allocation (or after a free)
+            req.block_tables = [[] for _ in self.specs]
+            req.num_skipped_blocks = [0] * len(self.specs)
+        return req.block_tables
 
     def _update_hashes(self, req: Request) -> list[int]:
         """Extend `req.block_hashes` to cover every full block of its tokens."""
@@ -58,78 +89,159 @@ class KVCacheManager:
             req.block_hashes.append(hash((parent, tokens, media)))
         return req.block_hashes
 
-    def get_computed_blocks(self, req: Request) -> list[int]:
-        """Block ids of the longest cached prefix of `req` (at least one token is left to run)."""
-        if not self.enable_prefix_caching:
+    # ---- prefix cache -------------------------------------------------------------------
+    def get_computed_blocks(self, req: Request) -> list[list[int]]:
+        """Per group, the blocks of the longest prefix of `req` every group has cached (a
+        windowed group needs only the blocks its first new query can see; the rest of its
+        table is the null block). `[]` when there is no hit. At least one token is left to
+        run."""
+        if not self.enable_prefix_caching or not self.specs:
+            return []
+        bs, hashes = self.block_size, self._update_hashes(req)
+        length = len(hashes)
+        while length and length * bs >= req.num_tokens:  # the last token must run for logits
+            length -= 1
+        found = [[self.cached.get((g, h)) for h in hashes[:length]] for g in range(len(self.specs))]
+        changed = True
+        while changed and length:  # shrink until every group can serve the same length
+            changed = False
+            for spec, ids in zip(self.specs, found):
+                ok = _longest_servable(spec, ids, length, bs)
+                if ok < length:
+                    length, changed = ok, True
+        if not length:
             return []
         hits = []
-        for block_hash in self._update_hashes(req):
-            block_id = self.cached.get(block_hash)
-            if block_id is None:
-                break
-            hits.append(block_id)
-        # The last token must run to produce logits: never take a prefix covering all tokens.
-        while hits and len(hits) * self.block_size >= req.num_tokens:
-            hits.pop()
+        for spec, ids in zip(self.specs, found):
+            first = spec.first_needed(length * bs) // bs
+            hits.append([self.null_block] * first + ids[first:length])
         return hits
 
-    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[int] = ()) -> bool:
-        """Give `req` blocks for `num_new_tokens` more tokens (after `computed` prefix blocks).
-
-        Returns False, changing nothing, when the pool cannot hold them.
-        """
-        if not computed and (
-            req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size
+    # ---- allocation ---------------------------------------------------------------------
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list = ()) -> bool:
+        """Give `req` blocks for `num_new_tokens` more tokens (after `computed` prefix blocks
+        per group). Out-of-window blocks of windowed groups are freed first. Returns False,
+        changing nothing else, when the pool cannot hold the rest."""
+        tables, bs = req.block_tables, self.block_size
+        # the common decode step: its blocks already have room (every group's table covers the
+        # same positions)
+        if (
+            not computed
+            and tables
+            and req.num_computed_tokens + num_new_tokens <= len(tables[0]) * bs
         ):
-            return True  # the common decode step: its blocks already have room
-        reused_free = sum(1 for b in computed if b in self.free)
-        held = len(req.block_ids) + len(computed)
-        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        needed = max(0, self._blocks_needed(total) - held)
-        if needed + reused_free > len(self.free):
+            if self.windowed:
+                self._free_skipped(req, req.num_computed_tokens)
+            return True
+        tables = self._tables(req)
+        if not tables:
+            return True  # no layer keeps a KV cache
+        if self.windowed:
+            self._free_skipped(req, req.num_computed_tokens)
+        held = len(tables[0])
+        if not computed and req.num_computed_tokens + num_new_tokens <= held * bs:
+            return True
+        num_hit = len(computed[0]) if computed else 0
+        start = req.num_computed_tokens + num_hit * bs  # first position this step computes
+        new_entries = max(0, self._blocks_needed(start + num_new_tokens) - held - num_hit)
+        fresh = [
+            self._fresh_entries(spec, held + num_hit, new_entries, start) for spec in self.specs
+        ]
+        reused_free = len({b for ids in computed for b in ids if b in self.free})
+        if sum(fresh) + reused_free > len(self.free):
             return False
-        for block_id in computed:
-            self.free.pop(block_id, None)
-            self.blocks[block_id].ref_count += 1
-        req.block_ids.extend(computed)
-        self.num_hit_tokens += len(computed) * self.block_size
-        req.num_computed_tokens += len(computed) * self.block_size
-        req.num_cached_blocks = len(req.block_ids) if computed else req.num_cached_blocks
-        for _ in range(needed):
-            block_id, _ = self.free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.block_hash is not None:  # evict its cached content
-                if self.cached.get(block.block_hash) == block_id:
-                    del self.cached[block.block_hash]
-                block.block_hash = None
-            block.ref_count = 1
-            req.block_ids.append(block_id)
+        for table, ids in zip(tables, computed):
+            for block_id in ids:
+                if block_id != self.null_block:
+                    self.free.pop(block_id, None)
+                    self.blocks[block_id].ref_count += 1
+                table.append(block_id)
+        if computed:
+            self.num_hit_tokens += num_hit * bs
+            req.num_computed_tokens += num_hit * bs
+            req.num_cached_blocks = held + num_hit
+        for table, count in zip(tables, fresh):
+            table.extend([self.null_block] * (new_entries - count))  # out of the window already
+            for _ in range(count):
+                table.append(self._take_free())
         return True
+
+    def _fresh_entries(self, spec: KVCacheSpec, first_index: int, count: int, start: int) -> int:
+        """How many of `count` new table entries from `first_index` need a real block: a
+        windowed group skips those its first new query (at `start`) cannot see."""
+        if not spec.is_windowed:
+            return count
+        skipped = max(0, spec.first_needed(start) // self.block_size - first_index)
+        return count - min(count, skipped)
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict its cached content
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            if block.block_hash is None:  # nothing worth keeping: reuse it first
+                self.free.move_to_end(block_id, last=False)
+
+    def _free_skipped(self, req: Request, position: int) -> None:
+        """Windowed groups: free the blocks no query at `position` or later can see."""
+        for g in self.windowed:
+            table = req.block_tables[g]
+            target = min(self.specs[g].first_needed(position) // self.block_size, len(table))
+            for i in range(req.num_skipped_blocks[g], target):
+                if table[i] != self.null_block:
+                    self._release(table[i])
+                    table[i] = self.null_block
+            req.num_skipped_blocks[g] = max(req.num_skipped_blocks[g], target)
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the hashes of blocks that became full of computed tokens."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not req.block_tables:
             return
         num_full = min(req.num_computed_tokens, req.num_known_tokens) // self.block_size
         if num_full <= req.num_cached_blocks:
             return
         hashes = self._update_hashes(req)
-        for i in range(req.num_cached_blocks, num_full):
-            block = self.blocks[req.block_ids[i]]
-            if hashes[i] not in self.cached:
-                self.cached[hashes[i]] = block.block_id
-                block.block_hash = hashes[i]
+        for g, table in enumerate(req.block_tables):
+            for i in range(req.num_cached_blocks, num_full):
+                block_id = table[i]
+                if block_id == self.null_block or (g, hashes[i]) in self.cached:
+                    continue
+                self.cached[(g, hashes[i])] = block_id
+                self.blocks[block_id].block_hash = (g, hashes[i])
         req.num_cached_blocks = num_full
 
     def free_request(self, req: Request) -> None:
         """Drop `req`'s references. Its tail blocks are evicted before its head blocks."""
-        for block_id in reversed(req.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                if block.block_hash is None:  # nothing worth keeping: reuse it first
-                    self.free.move_to_end(block_id, last=False)
-        req.block_ids = []
+        for table in req.block_tables:
+            for block_id in reversed(table):
+                if block_id != self.null_block:
+                    self._release(block_id)
+        req.block_tables = []
         req.num_cached_blocks = 0
+
+    def num_held_blocks(self, req: Request) -> list[int]:
+        """Per group, the real blocks `req` holds now (memory accounting)."""
+        return [sum(b != self.null_block for b in table) for table in req.block_tables]
+
+
+def _longest_servable(spec: KVCacheSpec, ids: list[int | None], length: int, bs: int) -> int:
+    """The longest prefix (in blocks, <= `length`) whose blocks a group of `spec` has cached:
+    all of them for full attention, those its next query sees for a windowed group."""
+    if not spec.is_windowed:
+        return next((i for i, b in enumerate(ids[:length]) if b is None), length)
+    for n in range(length, 0, -1):
+        first = spec.first_needed(n * bs) // bs
+        if all(b is not None for b in ids[first:n]):
+            return n
+    return 0

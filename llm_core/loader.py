@@ -8,8 +8,9 @@ import torch
 
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import ModelNotFoundError
-from polymodal.llm_core.registry import model_class
-from polymodal.llm_core.weights import iter_safetensors, load_weights, run_post_load_hooks
+from polymodal.llm_core.interfaces import supports_multimodal
+from polymodal.llm_core.registry import encoder_class, model_class
+from polymodal.llm_core.weights import iter_safetensors, run_post_load_hooks
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -48,19 +49,21 @@ def build_model(
     for benchmarks of full-size architectures with nothing downloaded).
     """
     cls = model_class(cfg.architecture)
+    # a multimodal model gets its tower class from the registry (model files import no encoder)
+    extra = {"tower": encoder_class(cfg.architecture)} if supports_multimodal(cls) else {}
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(cfg.dtype)
     try:
         with torch.device(device):
             torch.manual_seed(seed)
-            model = cls(cfg, backend, max_positions)
+            model = cls(cfg, backend, max_positions, **extra)
     finally:
         torch.set_default_dtype(default_dtype)
     if dummy_weights:
         _randomize(model)
         run_post_load_hooks(model)
     else:
-        load_weights(model, iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
+        model.load_weights(iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
     return model.eval()
 
 

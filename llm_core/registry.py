@@ -1,39 +1,83 @@
-"""ONE table: HF `architectures` name -> decoder class and, for multimodal models, processor.
+"""ONE table: HF `architectures` name -> a `ModelRow` naming its model, processor, encoder and
+task.
 
-Entries are "module:Class" strings imported on first use, so a text-only user never
-imports vision code. A model opts into features with plain class attributes.
+Classes are "module:Class" strings imported on first use, so a text-only user never imports
+vision code. A model opts into features with plain class attributes and the capability
+interfaces of `llm_core/interfaces.py` (`SupportsMultiModal`, `SupportsPooling`).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from polymodal.llm_core.errors import UnsupportedModelError
 
-_LLAMA = "polymodal.llm_core.models.llama:LlamaForCausalLM"
-_QWEN_VL = "polymodal.llm_core.models.qwen2_vl:Qwen2VLForConditionalGeneration"
-_QWEN_VL_PROCESSOR = "polymodal.processors.qwen_vl:QwenVLProcessor"
+#: What a model is served for: text generation, or one of the pooling tasks (vLLM's names).
+TASKS = ("generate", "classify", "reward", "embed")
 
-#: architecture -> (decoder, processor or None for text-only); "module:Class" or the class
-MODELS: dict[str, tuple[str | type, str | type | None]] = {
-    "LlamaForCausalLM": (_LLAMA, None),
-    "MistralForCausalLM": (_LLAMA, None),
-    "Qwen2ForCausalLM": (_LLAMA, None),
-    "Qwen3ForCausalLM": (_LLAMA, None),
-    "Phi3ForCausalLM": (_LLAMA, None),
-    "Qwen2VLForConditionalGeneration": (_QWEN_VL, _QWEN_VL_PROCESSOR),
-    "Qwen2_5_VLForConditionalGeneration": (_QWEN_VL, _QWEN_VL_PROCESSOR),
+
+@dataclass(frozen=True)
+class ModelRow:
+    """How one architecture is served.
+
+    `model`: the model class (or "module:Class"). `processor`: the multimodal processor, None
+    for text-only models (`TextProcessor`). `encoder`: the name its media tower is registered
+    under in `polymodal.encoders` (None: no tower). `task`: one of `TASKS`.
+    """
+
+    model: str | type
+    processor: str | type | None = None
+    encoder: str | None = None
+    task: str = "generate"
+
+
+_M = "polymodal.llm_core.models."
+_LLAMA = _M + "llama:LlamaForCausalLM"
+_QWEN_VL_PROCESSOR = "polymodal.processors.qwen_vl:QwenVLProcessor"
+_QWEN_VL = _M + "qwen2_vl:Qwen2VLForConditionalGeneration"
+
+MODELS: dict[str, ModelRow] = {
+    "LlamaForCausalLM": ModelRow(_LLAMA),
+    "MistralForCausalLM": ModelRow(_LLAMA),
+    "Qwen2ForCausalLM": ModelRow(_M + "llama:Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ModelRow(_M + "llama:Qwen3ForCausalLM"),
+    "Phi3ForCausalLM": ModelRow(_LLAMA),
+    "Gemma3ForCausalLM": ModelRow(_M + "gemma3:Gemma3ForCausalLM"),
+    "Exaone4ForCausalLM": ModelRow(_M + "exaone4:Exaone4ForCausalLM"),
+    "NemotronForCausalLM": ModelRow(_M + "nemotron:NemotronForCausalLM"),
+    "BertForSequenceClassification": ModelRow(
+        _M + "bert:BertForSequenceClassification", task="classify"
+    ),
+    "Qwen2ForRewardModel": ModelRow(_M + "qwen2_rm:Qwen2ForRewardModel", task="reward"),
+    "Qwen2ForProcessRewardModel": ModelRow(
+        _M + "qwen2_rm:Qwen2ForProcessRewardModel", task="reward"
+    ),
+    "Qwen2VLForConditionalGeneration": ModelRow(
+        _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2VLForConditionalGeneration"
+    ),
+    "Qwen2_5_VLForConditionalGeneration": ModelRow(
+        _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2_5_VLForConditionalGeneration"
+    ),
 }
 
 
 def register_model(
-    architecture: str, decoder: str | type, processor: str | type | None = None
+    architecture: str,
+    decoder: str | type,
+    processor: str | type | None = None,
+    encoder: str | None = None,
+    task: str = "generate",
 ) -> None:
     """Serve checkpoints whose config.json names `architecture` with `decoder` (and, for a
     multimodal model, `processor`): classes or lazy "module:Class" strings. Replaces any
-    earlier row. A new vision tower also needs `polymodal.encoders.register_encoder`;
-    `examples/custom_encoder.py` shows both."""
-    MODELS[architecture] = (decoder, processor)
+    earlier row. A multimodal model's tower is looked up in `polymodal.encoders` under
+    `encoder` (default: the architecture name); `examples/custom_encoder.py` shows both."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if processor is not None and encoder is None:
+        encoder = architecture
+    MODELS[architecture] = ModelRow(decoder, processor, encoder, task)
 
 
 def _import(path: str | type):
@@ -43,20 +87,54 @@ def _import(path: str | type):
     return getattr(importlib.import_module(module), name)
 
 
-def _entry(architecture: str) -> tuple[str, str | None]:
+def check_supported(architecture: str) -> None:
+    """Raise UnsupportedModelError naming `architecture` and the supported list unless the
+    table serves it."""
     if architecture not in MODELS:
         raise UnsupportedModelError(
             f"architecture {architecture!r} is not supported; supported: {sorted(MODELS)}"
         )
+
+
+def model_row(architecture: str) -> ModelRow:
+    """The table's row for an HF architecture name (UnsupportedModelError if none)."""
+    check_supported(architecture)
     return MODELS[architecture]
 
 
 def model_class(architecture: str):
-    """The decoder class for an HF architecture name."""
-    return _import(_entry(architecture)[0])
+    """The model class for an HF architecture name."""
+    return _import(model_row(architecture).model)
 
 
 def processor_class(architecture: str):
     """The multimodal processor class, or None for a text-only model."""
-    path = _entry(architecture)[1]
+    path = model_row(architecture).processor
     return _import(path) if path else None
+
+
+def encoder_class(architecture: str):
+    """The media tower class of a multimodal architecture (None for text-only), resolved
+    through the encoder registry by the row's `encoder` name."""
+    name = model_row(architecture).encoder
+    if name is None:
+        return None
+    return _import("polymodal.encoders.registry:get_encoder_class")(name)
+
+
+def tower_graphs(tower):
+    """`tower` wrapped in the encoders' CUDA-graph replayer (for towers that opt in with
+    `supports_cuda_graphs`); named here so model files never import the encoders package."""
+    return _import("polymodal.encoders.graphs:EncoderGraphs")(tower)
+
+
+def model_modules() -> list[str]:
+    """The modules of every registered model class given as a "module:Class" string, in table
+    order, once each (where per-family declarations such as `TINY_CONFIGS` live)."""
+    modules: list[str] = []
+    for row in MODELS.values():
+        if isinstance(row.model, str):
+            module = row.model.split(":")[0]
+            if module not in modules:
+                modules.append(module)
+    return modules

@@ -34,9 +34,10 @@ class Request:
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)  # one per KV group, by position
     block_hashes: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks whose hashes are registered in the pool
+    num_skipped_blocks: list[int] = field(default_factory=list)  # per group: freed window blocks
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
@@ -54,13 +55,27 @@ class Request:
     grammar: Any = None  # structured output state (structured_output.GrammarState)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
+    # Pooling requests (`params` is a PoolingParams): no tokens are sampled; the hidden states
+    # of the prompt's chunks gather until it is whole. A non-causal model's prompt is never
+    # split across steps (`chunkable`).
+    pooling: bool = False
+    chunkable: bool = True
+    token_type_ids: list[int] | None = None
+    hidden_chunks: list = field(default_factory=list)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The block table of the first KV group (the only one of a single-group model)."""
+        return self.block_tables[0] if self.block_tables else []
 
     def __post_init__(self) -> None:
-        # Checked for every row of every step: read once from the params.
-        self.plain_argmax: bool = self.params.is_plain_argmax
-        self.needs_host_tokens: bool = self.params.needs_host_tokens
-        self.has_logit_rules: bool = self.params.has_logit_rules
-        stop_ids = self.params.stop_token_ids
+        # Checked for every row of every step: read once from the params (a PoolingParams
+        # samples nothing).
+        sampling = not self.pooling
+        self.plain_argmax: bool = sampling and self.params.is_plain_argmax
+        self.needs_host_tokens: bool = sampling and self.params.needs_host_tokens
+        self.has_logit_rules: bool = sampling and self.params.has_logit_rules
+        stop_ids = self.params.stop_token_ids if sampling else ()
         self.stop_ids = tuple(self.eos_token_ids) + tuple(stop_ids)  # masked before min_tokens
 
     @property

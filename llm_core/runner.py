@@ -29,11 +29,11 @@ class HostBatch:
 
     ids: list[int] = field(default_factory=list)
     rows: list[list[int]] = field(default_factory=list)  # positions: 1 row, or 3 for M-RoPE
-    slots: list[int] = field(default_factory=list)
+    slots: list[list[int]] = field(default_factory=list)  # per KV group: each token's slot
     query_lens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
-    tables: list[list[int]] = field(default_factory=list)  # per request, unpadded
+    tables: list[list[list[int]]] = field(default_factory=list)  # per group, per request
     max_blocks: int = 0
     pending_rows: list[int] = field(default_factory=list)  # ids still on the device ...
     pending_src: list[int] = field(default_factory=list)  # ... at these rows of prev.tokens
@@ -49,10 +49,14 @@ class HostBatch:
 class ModelRunner:
     """Owns the model, the KV tensors, the encoder cache and the sampler."""
 
-    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device):
+    def __init__(self, model, kv_caches: list, block_size: int, device, num_kv_groups: int = 1):
         self.model = model
-        self.kv_caches = kv_caches  # per layer [2, num_blocks, block_size, kv_heads, head_dim]
+        # per layer [2, num_blocks, block_size, kv_heads, head_dim] (a tensor several groups'
+        # layers share), or None for a layer without a KV cache
+        self.kv_caches = kv_caches
         self.block_size = block_size
+        # block tables per request (a model without KV layers still gets one, empty and unread)
+        self.num_kv_groups = max(1, num_kv_groups)
         self.device = torch.device(device)
         self.uses_mrope = model.config.mrope_section is not None
         self.encoder_cache = EncoderCache()
@@ -66,7 +70,7 @@ class ModelRunner:
 
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
-            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope
+            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups
         )
         self.graphs.capture()
 
@@ -76,7 +80,7 @@ class ModelRunner:
 
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
-            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope
+            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups
         )
         self.prefill_graphs.capture()
 
@@ -96,9 +100,11 @@ class ModelRunner:
     def host_batch(self, sched: SchedulerOutput, prev: InFlight | None = None) -> HostBatch:
         """This step's flat batch as host lists (no device work yet)."""
         bs = self.block_size
-        hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]])
+        groups = range(self.num_kv_groups)
+        hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]], slots=[[] for _ in groups])
         prev_rows = prev.row_of() if prev is not None and prev.tokens is not None else {}
-        rows = hb.rows
+        rows, slots = hb.rows, hb.slots
+        slots0, more = slots[0], slots[1:]  # group 0 (the only one of most models), the rest
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             prompt_len = len(req.prompt_token_ids)
@@ -112,7 +118,11 @@ class ModelRunner:
                 pos = start + req.mrope_delta
                 for row in rows:
                     row.append(pos)
-                hb.slots.append(req.block_ids[start // bs] * bs + start % bs)
+                tables = req.block_tables
+                slots0.append(tables[0][start // bs] * bs + start % bs)
+                if more:
+                    for group_slots, table in zip(more, tables[1:]):
+                        group_slots.append(table[start // bs] * bs + start % bs)
                 hb.query_lens.append(1)
                 hb.seq_lens.append(end)
                 hb.sample_rows.append(len(hb.ids) - 1)
@@ -126,41 +136,52 @@ class ModelRunner:
             else:
                 hb.ids.extend(req.all_token_ids[start:end])
             self._positions(req, start, end, hb.rows)
-            table = req.block_ids
-            hb.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            for group_slots, table in zip(slots, req.block_tables):
+                group_slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             hb.query_lens.append(n)
             hb.seq_lens.append(end)
             if end == req.num_tokens:  # caught up: this step yields its next token
                 hb.sample_rows.append(len(hb.ids) - 1)
-        hb.max_blocks = max(len(r.block_ids) for r in sched.requests)
-        hb.tables = [r.block_ids for r in sched.requests]
+        if not sched.requests[0].block_tables:  # no layer keeps a KV cache: nothing stored
+            slots0.extend([-1] * len(hb.ids))
+            hb.tables = [[[] for _ in sched.requests]]
+        else:
+            hb.tables = [[r.block_tables[g] for r in sched.requests] for g in groups]
+        hb.max_blocks = max(map(len, hb.tables[0]))
         return hb
 
     def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
         """Flat batch tensors + attention metadata, in two asynchronous copies (int32, int64)
         that never wait for the device (see host_copy)."""
         hb = hb or self.host_batch(sched)
-        width = hb.max_blocks
-        tables = [t + [0] * (width - len(t)) for t in hb.tables]
+        width, num_seqs = hb.max_blocks, len(hb.seq_lens)
+        # per group, each request's table padded to the step's widest, groups one after another
+        flat_tables = [b for group in hb.tables for t in group for b in t + [0] * (width - len(t))]
         query_start = [0]
         for q in hb.query_lens:
             query_start.append(query_start[-1] + q)
-        starts, seq_lens, flat_tables = upload(
-            [query_start, hb.seq_lens, list(chain.from_iterable(tables))], torch.int32, self.device
+        starts, seq_lens, tables = upload(
+            [query_start, hb.seq_lens, flat_tables], torch.int32, self.device
         )
+        tables = tables.view(len(hb.tables), num_seqs, width)  # [groups, num_seqs, max_blocks]
         flat_rows = list(chain.from_iterable(hb.rows))  # 1 row, or 3 for M-RoPE
-        slots, input_ids, pos = upload([hb.slots, hb.ids, flat_rows], torch.int64, self.device)
-        meta = AttentionMetadata(
-            query_start_loc=starts,
-            seq_lens=seq_lens,
-            block_tables=flat_tables.view(len(tables), width),
-            slot_mapping=slots,
-            max_query_len=max(hb.query_lens),
-            max_seq_len=max(hb.seq_lens),
-            is_decode=hb.is_decode,
-            query_lens_cpu=hb.query_lens,
-            seq_lens_cpu=hb.seq_lens,
-        )
+        *slots, input_ids, pos = upload([*hb.slots, hb.ids, flat_rows], torch.int64, self.device)
+        metas = [
+            AttentionMetadata(
+                query_start_loc=starts,
+                seq_lens=seq_lens,
+                block_tables=tables[g],
+                slot_mapping=slots[g],
+                max_query_len=max(hb.query_lens),
+                max_seq_len=max(hb.seq_lens),
+                is_decode=hb.is_decode,
+                query_lens_cpu=hb.query_lens,
+                seq_lens_cpu=hb.seq_lens,
+            )
+            for g in range(len(slots))
+        ]
+        meta = metas[0]
+        meta.groups = metas if len(metas) > 1 else None
         pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
 

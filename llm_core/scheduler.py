@@ -83,10 +83,11 @@ class Scheduler:
             # prompt logprobs are computed from the prompt's own forward pass: no cache hits
             cacheable = req.num_computed_tokens == 0 and req.prompt_logprobs is None
             computed = self.kv.get_computed_blocks(req) if cacheable else []
-            remaining = (
-                req.num_tokens - req.num_computed_tokens - len(computed) * self.kv.block_size
-            )
+            hit = len(computed[0]) * self.kv.block_size if computed else 0  # per group lists
+            remaining = req.num_tokens - req.num_computed_tokens - hit
             n = min(remaining, budget)
+            if n < remaining and not req.chunkable:  # runs whole, in a later step
+                break
             if not self.kv.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
@@ -112,7 +113,7 @@ class Scheduler:
         and count the token each caught-up request samples as pending until it is read back."""
         for req, n in zip(out.requests, out.num_new_tokens):
             req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
+            if req.num_computed_tokens == req.num_tokens and not req.pooling:
                 req.num_pending += 1
             self.kv.cache_full_blocks(req)
 

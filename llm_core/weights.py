@@ -1,16 +1,22 @@
 """Safetensors weight loading: streaming, name remaps, packed q/k/v and gate/up, strict checks.
 
-A model declares, as data:
-  `packed_modules_mapping`  {"q_proj": ("qkv_proj", "q"), ...}: checkpoint shard -> fused param
-  `weight_name_remap`       [(old_prefix, new_prefix), ...]: e.g. transformers-v5 nesting
+Models own their loading (`ModelBase.load_weights`); `load_weights` here is the default helper
+they call with what they declare, as data:
+  `packed`  {"q_proj": ("qkv_proj", "q"), ...}: checkpoint shard -> fused param and shard id
+  `remap`   [(old_prefix, new_prefix), ...]: e.g. transformers-v5 nesting
+  `ignore`  regexes of checkpoint names the model does not use (a pooling model's `lm_head`,
+            multi-token-prediction layers, ...): skipped, never "unexpected"
+  `tied`    {"lm_head.weight": "model.embed_tokens.weight"}: parameters shared with another
 Each fused parameter carries a `weight_loader(param, tensor, shard_id)` that copies the
-shard into its slice. Missing, unexpected and mis-shaped tensors raise ModelLoadError.
+shard into its slice (stacked experts will use the same seam, with (expert, shard) ids).
+Missing, unexpected and mis-shaped tensors raise ModelLoadError.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -63,17 +69,24 @@ def load_weights(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     source: str = "checkpoint",
+    packed: Mapping[str, tuple[str, object]] | None = None,
+    remap: Sequence[tuple[str, str]] = (),
+    ignore: Sequence[str] = (),
+    tied: Mapping[str, str] | None = None,
 ) -> None:
-    """Load `weights` into `model` by HF name, following the model's packing/remap tables."""
-    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
-    remap: list[tuple[str, str]] = getattr(model, "weight_name_remap", [])
+    """Load `weights` into `model` by HF name, following the packing / remap / ignore / tied
+    tables the model declares (see the module docstring)."""
+    packed = packed or {}
+    tied = tied or {}
+    skip = re.compile("|".join(f"(?:{p})" for p in ignore)) if ignore else None
     params = dict(model.named_parameters())
-    tied = getattr(model, "tied_parameters", {})  # {"lm_head.weight": "model.embed_tokens.weight"}
     loaded: set[str] = set()
     shards_seen: dict[str, set] = {}
     unexpected: list[str] = []
     for name, tensor in weights:
         if name.endswith(_IGNORED_SUFFIXES) or name in tied:
+            continue
+        if skip is not None and skip.search(name):
             continue
         for old, new in remap:
             if name.startswith(old):

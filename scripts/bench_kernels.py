@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from polymodal.llm_core.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
+from polymodal.llm_core.attention.spec import AttentionSpec  # noqa: E402
 from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from polymodal.llm_core.layers import gemv as gemv_ops  # noqa: E402
 from polymodal.llm_core.layers import triton_ops  # noqa: E402
@@ -115,8 +116,8 @@ def _decode_with(q, cache, meta, splits, config):
     from polymodal.llm_core.attention.triton_decode import paged_decode
 
     block_n, warps, stages = config
-    scale = q.shape[-1] ** -0.5
-    return paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale, None, splits,
+    spec = AttentionSpec(q.shape[1], cache.shape[3], q.shape[-1], q.shape[-1] ** -0.5)
+    return paged_decode(q, cache, meta.block_tables, meta.seq_lens, spec, splits,
                         block_n, warps, stages, tb.MIN_KEYS_PER_SPLIT)  # fmt: skip
 
 
@@ -155,7 +156,8 @@ def bench_prefill(n_seq, length, shape, dtype, device):
     """Paged Triton prefill of fresh sequences vs dense causal SDPA."""
     heads, kv_heads, head_dim = shape
     q, cache, meta = paged_batch([length] * n_seq, [length] * n_seq, *shape, dtype, device)
-    t = bench_ms(lambda: TritonAttentionBackend().paged_attention(q, cache, meta, head_dim**-0.5))
+    spec = AttentionSpec(q.shape[1], cache.shape[3], head_dim, head_dim**-0.5)
+    t = bench_ms(lambda: TritonAttentionBackend().paged_attention(q, cache, meta, spec))
     qd = q.view(n_seq, length, heads, head_dim).transpose(1, 2)
     kd, vd = (
         torch.randn(n_seq, kv_heads, length, head_dim, device=device, dtype=dtype) for _ in "kv"

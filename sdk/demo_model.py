@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from polymodal.llm_core.models.tiny import TINY_TEXT
+
 # ChatML with Qwen2-VL's media markers; add_vision_id numbers pictures/videos as Qwen does.
 # With `tools`, the system turn lists them and tool calls / results use Qwen2.5's (Hermes)
 # <tool_call> / <tool_response> format.
@@ -73,18 +75,24 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation ! ? , . ; : ( ) [ ] { } " '
 You are a helpful assistant. Hello, how are you today? I am fine, thank you very much.
 """
 
-# Tiny shapes shared by every architecture: 2 layers, hidden 64, GQA 4 query / 2 kv heads.
-_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-)
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen2_vl", "qwen2_5_vl"]
+def tiny_configs() -> dict:
+    """Demo name -> `TinyConfig`, gathered from every registered model file's `TINY_CONFIGS`
+    (each family declares its own tiny checkpoints next to its model)."""
+    import importlib
+
+    from polymodal.llm_core.registry import model_modules
+
+    found: dict = {}
+    for module in model_modules():
+        found.update(getattr(importlib.import_module(module), "TINY_CONFIGS", {}))
+    return found
+
+
+def __getattr__(name: str):
+    if name == "ARCHITECTURES":  # computed on use: importing this module imports no model
+        return list(tiny_configs())
+    raise AttributeError(name)
 
 
 def build_tokenizer(vocab_size: int = 480):
@@ -110,57 +118,24 @@ def build_tokenizer(vocab_size: int = 480):
     )
 
 
-def _hf_config(arch: str, tokenizer, **overrides):
-    """The transformers config of a tiny `arch` model whose token ids match `tokenizer`."""
+def _hf_config(tiny, tokenizer, **overrides):
+    """The transformers config of a tiny model whose token ids match `tokenizer`."""
     import transformers as tf
 
-    vocab = len(tokenizer)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    common = dict(
-        vocab_size=vocab,
+    kwargs = dict(
+        TINY_TEXT,
+        vocab_size=len(tokenizer),
         eos_token_id=ids["<|im_end|>"],
         bos_token_id=ids["<|endoftext|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    text = {**_TEXT, **common}
-    if arch == "llama":
-        cfg = tf.LlamaConfig(**text, head_dim=16)
-    elif arch == "mistral":
-        cfg = tf.MistralConfig(**text, head_dim=16, sliding_window=8)
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(**text)
-    elif arch == "qwen3":
-        cfg = tf.Qwen3Config(**text, head_dim=16)
-    elif arch == "phi3":
-        cfg = tf.Phi3Config(**text)
-    elif arch in ("qwen2_vl", "qwen2_5_vl"):
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        media = dict(
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
-        if arch == "qwen2_vl":
-            vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-            cls = tf.Qwen2VLConfig
-        else:
-            vision = dict(
-                depth=4,
-                hidden_size=32,
-                intermediate_size=64,
-                out_hidden_size=64,
-                num_heads=2,
-                window_size=56,
-                fullatt_block_indexes=[1, 3],
-            )
-            cls = tf.Qwen2_5_VLConfig
-        vision.update(patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
-        text_cfg = {**text, "rope_parameters": rope}
-        cfg = cls(text_config=text_cfg, vision_config=vision, **media, **common)
+    kwargs.update(tiny.config)
+    if tiny.build is not None:
+        cfg = tiny.build(kwargs, ids)
     else:
-        raise ValueError(f"unknown demo architecture {arch!r}; choose from {ARCHITECTURES}")
+        cfg = getattr(tf, tiny.architecture).config_class(**kwargs)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -172,13 +147,19 @@ def write_demo_checkpoint(
     """Write a tiny random `arch` checkpoint (weights, tokenizer, processor) into `out_dir`."""
     import transformers as tf
 
+    tinies = tiny_configs()
+    if arch not in tinies:
+        raise ValueError(f"unknown demo architecture {arch!r}; choose from {list(tinies)}")
+    tiny = tinies[arch]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    cfg = _hf_config(arch, tokenizer, **overrides)
+    cfg = _hf_config(tiny, tokenizer, **overrides)
     torch.manual_seed(seed)
-    model = tf.AutoModelForImageTextToText if arch.endswith("_vl") else tf.AutoModelForCausalLM
-    model = model.from_config(cfg, dtype=dtype)
+    if tiny.make_model is not None:
+        model = tiny.make_model(cfg, dtype)
+    else:
+        model = getattr(tf, tiny.architecture)._from_config(cfg, dtype=dtype)
     # Random init draws small weights; scale them up so logits differ between tokens and the
     # greedy path is not a string of ties (parity tests need a well-separated argmax).
     with torch.no_grad():
@@ -187,22 +168,6 @@ def write_demo_checkpoint(
                 param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if arch.endswith("_vl"):
-        _write_processor(out, tokenizer, arch)
+    if tiny.write_extra is not None:
+        tiny.write_extra(out, tokenizer)
     return out
-
-
-def _write_processor(out: Path, tokenizer, arch: str) -> None:
-    """Save the HF Qwen2(.5)-VL processor (image + video processor, tokenizer, template)."""
-    import transformers as tf
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
-    cls = tf.Qwen2VLProcessor if arch == "qwen2_vl" else tf.Qwen2_5_VLProcessor
-    processor = cls(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        video_processor=Qwen2VLVideoProcessor(**pixels),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)

@@ -16,6 +16,7 @@ from polymodal.feeder import PROCESS_WORKERS, run_prompts
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
+from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -89,6 +90,8 @@ class LLM:
         layout, cuBLAS plans, the pinned ring, the JPEG decoder, the chat template) does it
         now and the first user request is as fast as the tenth. Returns the seconds it took."""
         start = time.perf_counter()
+        if self.engine.task != "generate":  # pooling models: no sampling path to warm
+            return 0.0
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         first = max(0, min(100, self.model_config.vocab_size - 16))
         prompts: list[Any] = [list(range(first, first + 16))]  # token ids: no tokenizer needed
@@ -143,9 +146,9 @@ class LLM:
                         f"the prompt has {count} {modality} items but limit_mm_per_prompt "
                         f"allows {limit}"
                     )
-        to_device = getattr(self.engine.runner.model, "stage", None) if stage else None
-        if to_device is not None and processed.mm_items:
-            to_device(processed.mm_items)
+        model = self.engine.runner.model
+        if stage and processed.mm_items and supports_multimodal(model):
+            model.stage(processed.mm_items)
         return processed
 
     def submit(
@@ -285,27 +288,37 @@ class LLM:
         finally:
             self.engine.abort(request_id)
 
-    def _not_pooling(self, method: str):
-        raise InvalidInputError(
-            f"LLM.{method}() needs a pooling model; {self.model_config.architecture} is a "
-            "generative model (use generate or chat)"
-        )
+    # ---- pooling models (vLLM's names; see llm_pooling.py) --------------------------------
+    def encode(self, prompts: Any, pooling_params=None) -> list:
+        """A pooling model's raw head output per prompt (`PoolingRequestOutput.outputs.data`)."""
+        from polymodal.llm_pooling import pool
 
-    def embed(self, *args: Any, **kwargs: Any):
-        """vLLM's pooling API: not available for generative models (raises)."""
-        self._not_pooling("embed")
+        return pool(self, prompts, pooling_params, "encode")
 
-    def classify(self, *args: Any, **kwargs: Any):
-        """vLLM's pooling API: not available for generative models (raises)."""
-        self._not_pooling("classify")
+    def embed(self, prompts: Any, pooling_params=None) -> list:
+        """An embedding model's vector per prompt (`EmbeddingRequestOutput.outputs.embedding`)."""
+        from polymodal.llm_pooling import as_embedding, pool
+
+        return [as_embedding(o) for o in pool(self, prompts, pooling_params, "embed")]
+
+    def classify(self, prompts: Any, pooling_params=None) -> list:
+        """A classifier's class probabilities per prompt (`...outputs.probs`)."""
+        from polymodal.llm_pooling import as_classification, pool
+
+        return [as_classification(o) for o in pool(self, prompts, pooling_params, "classify")]
+
+    def reward(self, prompts: Any, pooling_params=None) -> list:
+        """A reward model's reward per prompt (`PoolingRequestOutput.outputs.data`: `[1]` for an
+        outcome reward, `[num_steps, 2]` step probabilities for a process reward model)."""
+        from polymodal.llm_pooling import pool
+
+        return pool(self, prompts, pooling_params, "reward")
 
     def score(self, *args: Any, **kwargs: Any):
-        """vLLM's pooling API: not available for generative models (raises)."""
-        self._not_pooling("score")
-
-    def encode(self, *args: Any, **kwargs: Any):
-        """vLLM's pooling API: not available for generative models (raises)."""
-        self._not_pooling("encode")
+        """vLLM's `LLM.score` (cross-encoder or embedding similarity): not served yet."""
+        raise InvalidInputError(
+            "LLM.score is not supported yet: no cross-encoder or embedding model is served"
+        )
 
 
 def _check_limits(limits: dict[str, int] | None) -> dict[str, int]:

@@ -42,3 +42,54 @@ def record_logits(engine):
 
     runner.sample_logits = sample_logits
     return seen
+
+
+def spec_for(q, kv_cache, scale, window=None, mask=None, softcap=None):
+    """An `AttentionSpec` for kernel tests: head counts from `q [tokens, heads, d]` and the
+    `[2, blocks, page, kv_heads, d]` cache; sliding when `window` is given, unless `mask` says
+    otherwise (`Mask.CHUNKED` reads `window` as the chunk size)."""
+    from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+
+    if mask is None:
+        mask = Mask.CAUSAL if window is None else Mask.SLIDING
+    kv_heads = kv_cache.shape[3] if kv_cache.dim() == 5 else kv_cache.shape[1]
+    return AttentionSpec(q.shape[1], kv_heads, q.shape[2], scale, mask, window, softcap=softcap)
+
+
+def record_logits_by_request(engine) -> dict:
+    """Like `record_logits`, keyed by request: {request id: [logits row per sampled token]}."""
+    seen: dict = {}
+    runner = engine.runner
+    original = runner.sample_logits
+
+    def sample_logits(reqs, logits, *args, **kwargs):
+        for req, row in zip(reqs, logits):
+            seen.setdefault(req.request_id.split("#")[0], []).append(row.clone())
+        return original(reqs, logits, *args, **kwargs)
+
+    runner.sample_logits = sample_logits
+    return seen
+
+
+def assert_matches_transformers(path, prompts, steps=12, logit_steps=9, **engine_kwargs):
+    """Greedy tokens identical to transformers' and fp32 logits within 1e-4 (prefill and the
+    first `logit_steps - 1` decode steps) for every prompt, run together in one engine."""
+    import transformers as tf
+
+    from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.sampling_params import SamplingParams
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    refs = [hf_greedy(hf, p, steps) for p in prompts]
+    engine_kwargs = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 128, **engine_kwargs}
+    engine = Engine(str(path), **engine_kwargs)
+    seen = record_logits_by_request(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = engine.run_until_done()
+    for i, (rid, (ref_tokens, ref_logits)) in enumerate(zip(ids, refs)):
+        assert final[rid].outputs[0].token_ids == ref_tokens, f"prompt {i}: greedy tokens differ"
+        for step in range(min(logit_steps, steps)):
+            diff = (seen[rid][step].cpu() - ref_logits[step]).abs().max().item()
+            assert diff <= 1e-4, f"prompt {i} step {step}: max abs logit diff {diff:.2e}"
+    return engine

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend
 
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2's paged-KV constraint
@@ -45,20 +46,17 @@ class FlashAttnBackend(TritonAttentionBackend):
         return kv_cache.shape[2] % FLASH_PAGE_MULTIPLE == 0 and q.dtype in _FLASH_DTYPES
 
     def paged_attention(
-        self,
-        q: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, spec: AttentionSpec
     ) -> torch.Tensor:
-        """Causal attention over the paged cache; flash-attn when pages are 256-multiples."""
-        if not self._uses_flash(q, kv_cache):
-            return super().paged_attention(q, kv_cache, meta, scale, sliding_window)
+        """Attention over the paged cache; flash-attn when pages are 256-multiples and the mask
+        is causal or a sliding window without soft-cap (else the Triton kernels)."""
+        if not self._uses_flash(q, kv_cache) or not _flash_mask(spec):
+            return super().paged_attention(q, kv_cache, meta, spec)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         # flash-attn's causal mask is bottom-right aligned, like ours; window keeps w keys.
-        window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+        window = (-1, -1) if spec.mask == Mask.CAUSAL else (spec.window - 1, 0)
+        scale = spec.scale
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page, kv_heads, head_dim]
         if meta.is_decode:  # [num_seqs, 1, heads, head_dim]; graph-safe (no host reads)
             out = flash_attn_with_kvcache(
@@ -93,3 +91,8 @@ class FlashAttnBackend(TritonAttentionBackend):
         return flash_attn_varlen_func(
             q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal
         )
+
+
+def _flash_mask(spec: AttentionSpec) -> bool:
+    """Masks flash-attn's paged path takes here: causal or sliding, no soft-cap."""
+    return spec.mask in (Mask.CAUSAL, Mask.SLIDING) and spec.softcap is None

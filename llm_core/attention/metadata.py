@@ -12,7 +12,8 @@ class AttentionMetadata:
     """Where this step's flat token batch sits in the paged KV cache.
 
     The new tokens of sequence `s` are its last `query_len[s]` positions: token `t` of it is
-    at absolute position `seq_lens[s] - query_len[s] + t`.
+    at absolute position `seq_lens[s] - query_len[s] + t`. `block_tables` and `slot_mapping`
+    are of one KV group; `group(g)` gives group g's view.
     """
 
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1], cumulative query lens
@@ -25,6 +26,13 @@ class AttentionMetadata:
     # Host copies, so the reference backend never syncs on device tensors.
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # Several KV groups (layers grouped by cache spec, `kv_cache_spec.py`): one metadata per
+    # group, differing in `block_tables` and `slot_mapping`; this object is group 0's.
+    groups: list[AttentionMetadata] | None = None
+
+    def group(self, index: int) -> AttentionMetadata:
+        """The metadata of KV group `index` (a layer's `kv_group`)."""
+        return self if index == 0 else self.groups[index]
 
     @property
     def num_seqs(self) -> int:

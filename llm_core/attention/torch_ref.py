@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
 
 class TorchAttentionBackend:
     """Gathers each sequence's keys/values through its block table and runs masked SDPA."""
 
     name = "torch"
+
+    def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether `rope_decode` (rotary + KV store + decode in one kernel) exists: not here."""
+        return False
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -24,14 +29,10 @@ class TorchAttentionBackend:
         kv_cache[1, blocks, offsets] = v[keep].to(kv_cache.dtype)
 
     def paged_attention(
-        self,
-        q: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, spec: AttentionSpec
     ) -> torch.Tensor:
-        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache."""
+        """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked as
+        `spec` says (causal / sliding / chunked / bidirectional, soft-capped logits)."""
         block_size = kv_cache.shape[2]
         out = torch.empty_like(q)
         query_lens = meta.query_lens_cpu or (meta.query_start_loc.diff()).tolist()
@@ -46,7 +47,7 @@ class TorchAttentionBackend:
             k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
             v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
             q_s = q[start : start + q_len]
-            out[start : start + q_len] = _attend(q_s, k, v, seq_len - q_len, scale, sliding_window)
+            out[start : start + q_len] = _attend(q_s, k, v, seq_len - q_len, spec)
             start += q_len
         return out
 
@@ -61,45 +62,46 @@ class TorchAttentionBackend:
         causal: bool = False,
     ) -> torch.Tensor:
         """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill)."""
+        mask = Mask.CAUSAL if causal else Mask.BIDIRECTIONAL
+        spec = AttentionSpec(q.shape[1], k.shape[1], q.shape[2], scale, mask)
         out = torch.empty_like(q)
         bounds = cu_seqlens.tolist()
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if hi == lo:
                 continue
-            offset = 0 if causal else None
-            out[lo:hi] = _attend(q[lo:hi], k[lo:hi], v[lo:hi], offset, scale, None)
+            out[lo:hi] = _attend(q[lo:hi], k[lo:hi], v[lo:hi], 0, spec)
         return out
 
 
 def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_offset: int | None,
-    scale: float,
-    sliding_window: int | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, spec: AttentionSpec
 ) -> torch.Tensor:
-    """q [q_len, heads, d], k/v [kv_len, kv_heads, d]; query i sits at position q_offset + i.
-
-    `q_offset=None` means no causal mask (bidirectional, for encoders).
-    """
+    """q [q_len, heads, d], k/v [kv_len, kv_heads, d]; query i sits at position q_offset + i
+    and sees the keys `spec.mask` allows."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:  # GQA: repeat each kv head for its group of query heads
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
     mask = None
-    if q_offset is not None:
+    if spec.mask != Mask.BIDIRECTIONAL:
         q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + q_offset
         k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
         mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-    # SDPA wants [heads, len, d]; compute in the query dtype
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1).to(q.dtype),
-        v.transpose(0, 1).to(q.dtype),
-        attn_mask=mask,
-        scale=scale,
-    )
-    return out.transpose(0, 1)
+        if spec.mask == Mask.SLIDING:
+            mask &= k_pos > q_pos - spec.window
+        elif spec.mask == Mask.CHUNKED:
+            mask &= k_pos >= q_pos // spec.window * spec.window
+    # [heads, len, d]; compute in the query dtype
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+    if spec.softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=spec.scale
+        )
+        return out.transpose(0, 1)
+    # soft-capped logits (as HF's eager attention: scale, cap, mask, fp32 softmax, cast)
+    scores = torch.matmul(q, k.transpose(1, 2)) * spec.scale
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(0, 1)

@@ -3,6 +3,7 @@
 - `store_kv`: one kernel writes new k/v rows into their cache slots (slot -1 skipped).
 - `paged_attention`: `meta.is_decode` -> GQA-grouped paged decode with split-KV
   (`triton_decode.py`); otherwise the flash-style paged prefill kernel (`triton_prefill.py`).
+  Both take the layer's `AttentionSpec`: its mask kind and soft-cap are kernel constexprs.
 - `rope_decode`: decode with the rotary and the KV store done inside the same kernel (one
   launch for the three).
 - `varlen_attention`: the same flash-style kernel over flat segments (encoders).
@@ -22,6 +23,7 @@ import triton
 
 from polymodal.llm_core.attention import triton_decode, triton_prefill, triton_store
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.spec import AttentionSpec
 
 # Split-KV heuristic knobs: a split should cover at least this many keys, and never more
 # than MAX_DECODE_SPLITS splits (bounds the partial buffer and the reduce kernel). One 64-key
@@ -78,16 +80,13 @@ class TritonAttentionBackend:
         triton_store.store_kv(k, v, kv_cache, slot_mapping)
 
     def paged_attention(
-        self,
-        q: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, spec: AttentionSpec
     ) -> torch.Tensor:
-        """Causal attention of `q [num_tokens, heads, head_dim]` over each sequence's cache."""
-        if meta.is_decode:
-            return self._decode(q, kv_cache, meta, scale, sliding_window)
+        """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked and
+        soft-capped as `spec` says."""
+        _check_spec(spec)
+        if meta.is_decode and spec.is_causal:
+            return self._decode(q, kv_cache, meta, spec)
         return triton_prefill.paged_prefill(
             q,
             kv_cache,
@@ -95,8 +94,7 @@ class TritonAttentionBackend:
             meta.seq_lens,
             meta.block_tables,
             meta.max_query_len,
-            scale,
-            sliding_window,
+            spec,
         )
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -111,22 +109,22 @@ class TritonAttentionBackend:
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
+        spec: AttentionSpec,
     ) -> torch.Tensor:
         """Decode attention of unrotated `q, k, v` (one token per sequence): rotates q and k
         with `rope` = (cos, sin) `[num_seqs, rotary_dim / 2]` (neox style), stores k and v at
         `meta.slot_mapping` and attends, all in one kernel. Equals `triton_ops.rotary_embedding`
         + `store_kv` + `paged_attention`."""
+        _check_spec(spec)
         new = triton_decode.NewTokens(k, v, *rope, meta.slot_mapping)
-        return self._decode(q, kv_cache, meta, scale, sliding_window, new)
+        return self._decode(q, kv_cache, meta, spec, new)
 
-    def _decode(self, q, kv_cache, meta, scale, sliding_window, new=None) -> torch.Tensor:
+    def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None) -> torch.Tensor:
         """One token per sequence; reads shapes only (CUDA-graph safe)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
-        if sliding_window is not None:
-            max_context = min(max_context, sliding_window)
+        if spec.window is not None:  # a window or a chunk bounds the keys a query sees
+            max_context = min(max_context, spec.window)
         num_splits = self.decode_splits or decode_num_splits(
             num_seqs, num_kv_heads, max_context, _num_sms(q.device), MAX_DECODE_SPLITS
         )
@@ -139,8 +137,7 @@ class TritonAttentionBackend:
             kv_cache,
             meta.block_tables,
             meta.seq_lens,
-            scale,
-            sliding_window,
+            spec,
             num_splits,
             block_n,
             num_warps=DECODE_WARPS,
@@ -161,3 +158,12 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill)."""
         return triton_prefill.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+
+
+def _check_spec(spec: AttentionSpec) -> None:
+    """The kernels read keys and values of one head size from the `[2, ...]` cache."""
+    if spec.value_dim != spec.head_dim:
+        raise NotImplementedError(
+            f"attention with value head dim {spec.value_dim} != q/k head dim {spec.head_dim} "
+            "needs a split K/V cache layout (MLA), not implemented yet"
+        )

@@ -14,6 +14,9 @@ rotary and the KV store that otherwise run as two kernels before it: each progra
 query heads and its kv head's new key as it loads them (fp32 math, one rounding, as
 `triton_ops.rotary_embedding` does), attends to the new key and value from registers, and the
 first split writes them to the cache.
+
+The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local; a
+decode query sees the keys of its window or chunk only), `SOFTCAP` caps the logits.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.attention.triton_prefill import softcap_log2
 from polymodal.llm_core.counters import arrival_counters
 
 _LOG2E = 1.4426950408889634
@@ -64,7 +69,8 @@ def _decode_kernel(
     sin_ptr,
     slot_ptr,  # int [num_seqs] the new key's cache slot, -1: padding (ROPE_HALF > 0)
     qk_scale,  # softmax scale * log2(e)
-    window,  # sliding window (ignored unless USE_WINDOW)
+    cap_log2,  # soft-cap * log2(e) (SOFTCAP)
+    window,  # sliding window (MASK 1) or chunk size (MASK 2)
     stride_qs,
     stride_qh,
     stride_os,
@@ -86,7 +92,8 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS: tl.constexpr,
     MIN_SPLIT_KEYS: tl.constexpr,  # keys per split at least, when the context is short
-    USE_WINDOW: tl.constexpr,
+    MASK: tl.constexpr,  # 0 causal, 1 sliding window, 2 chunked local
+    SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr,
     ROPE_HALF: tl.constexpr,  # 0: q is rotated and the new key stored; else rotary_dim // 2
     USE_PDL: tl.constexpr,
@@ -101,8 +108,10 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     lo = 0
-    if USE_WINDOW:  # the query at seq_len - 1 sees keys > seq_len - 1 - window
+    if MASK == 1:  # the query at seq_len - 1 sees keys > seq_len - 1 - window
         lo = tl.maximum(seq_len - window, 0)
+    if MASK == 2:  # ... and keys of its own chunk
+        lo = ((seq_len - 1) // window) * window
     # Splits in use for this context (the grid has NUM_SPLITS for the longest one a graph may
     # see): a short context runs on one split, which writes the output with no merge.
     active = tl.minimum(NUM_SPLITS, tl.maximum(tl.cdiv(seq_len - lo, MIN_SPLIT_KEYS), 1))
@@ -165,7 +174,7 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if start < end:  # (an all-masked tile would give exp2(-inf + inf) = NaN)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
@@ -174,7 +183,7 @@ def _decode_kernel(
         kv_mask = valid[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if active == 1:
@@ -220,9 +229,11 @@ def _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
 
 
 @triton.jit
-def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale):
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
     """Online-softmax update of (max, sum, output) with one tile of keys (invalid: -inf)."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale  # log2 units
+    if SOFTCAP:
+        s = softcap_log2(s, cap_log2)
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
@@ -264,8 +275,7 @@ def paged_decode(
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
+    spec: AttentionSpec,
     num_splits: int,
     block_n: int,
     num_warps: int = 4,
@@ -273,7 +283,8 @@ def paged_decode(
     min_split_keys: int = 1,
     new: NewTokens | None = None,
 ) -> torch.Tensor:
-    """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence).
+    """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence), masked
+    and soft-capped as `spec` says (not bidirectional: a decode step is causal by nature).
 
     `num_splits` is the most KV splits a sequence uses; in-kernel each uses only as many as
     give every split `min_split_keys` keys of its real context (1 = always all of them).
@@ -287,6 +298,8 @@ def paged_decode(
     this call without `new`. Then q/k/v are read after the PDL wait (the kernel just before may
     write them: the qkv projection) and cos/sin/slots before it.
     """
+    if spec.mask == Mask.BIDIRECTIONAL:
+        raise ValueError("paged_decode: a bidirectional layer has no decode step")
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -334,8 +347,9 @@ def paged_decode(
         new.cos,
         new.sin,
         new.slot_mapping,
-        scale * _LOG2E,
-        sliding_window or 0,
+        spec.scale * _LOG2E,
+        (spec.softcap or 1.0) * _LOG2E,
+        spec.window or 0,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -357,7 +371,8 @@ def paged_decode(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         MIN_SPLIT_KEYS=min_split_keys,
-        USE_WINDOW=sliding_window is not None,
+        MASK=int(spec.mask),
+        SOFTCAP=spec.softcap is not None,
         DOT_F32=not q.is_cuda,
         ROPE_HALF=half,
         USE_PDL=flag,

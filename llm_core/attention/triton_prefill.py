@@ -6,9 +6,13 @@ softmax (fp32 running max / sum / accumulator, exp2 with the scale folded in).
 
 - `PAGED=True` (decoder prefill, chunked prefill, prefix-cache hits): keys come from the paged
   cache through the block table; the sequence's new queries are its last `query_len` positions,
-  so query `i` sits at `seq_len - query_len + i` and sees keys `<=` that (and inside the window).
+  so query `i` sits at `seq_len - query_len + i` and sees the keys its mask allows.
 - `PAGED=False` (encoders): q/k/v are flat `[total_tokens, heads, head_dim]` segments given by
-  `cu_seqlens`; bidirectional unless `IS_CAUSAL`.
+  `cu_seqlens`.
+
+The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local,
+3 bidirectional), so each kind compiles its own variant and causal runs no window code.
+`SOFTCAP` caps the logits (`softcap * tanh(x / softcap)`) before the softmax.
 """
 
 from __future__ import annotations
@@ -18,15 +22,24 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale, dims,
-          dim_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-          IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies causal/window/tail."""
+def softcap_log2(s, cap_log2):
+    """`cap * tanh(x / cap)` of logits `s = x * log2(e)` kept in log2 units (`cap_log2 = cap *
+    log2(e)`); tanh as 2 * sigmoid(2y) - 1 (no libdevice call, so it runs interpreted too)."""
+    return cap_log2 * (2.0 * tl.sigmoid(2.0 * (s / cap_log2)) - 1.0)
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale, cap_log2,
+          dims, dim_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+          MASK: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies the mask and the
+    sequence's tail."""
     q_start, table, head_off, stride_kt, stride_ko = kv_base
     pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     valid = pos < hi
@@ -39,12 +52,16 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
     k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    if SOFTCAP:
+        s = softcap_log2(s, cap_log2)
     if MASKED:
         visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
-        if IS_CAUSAL:
+        if MASK != 3:  # causal (all but bidirectional)
             visible = visible & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
+        if MASK == 1:  # sliding window
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        if MASK == 2:  # chunked local
+            visible = visible & (pos[None, :] >= (q_pos[:, None] // window) * window)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
@@ -68,7 +85,8 @@ def _attn_fwd_kernel(
     seq_lens_ptr,  # int32 [num_seqs] context lengths (PAGED only)
     block_table_ptr,  # int32 [num_seqs, max_blocks] (PAGED only)
     qk_scale,  # softmax scale * log2(e)
-    window,
+    cap_log2,  # soft-cap * log2(e) (SOFTCAP)
+    window,  # sliding window (MASK 1) or chunk size (MASK 2)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -84,8 +102,8 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -116,18 +134,23 @@ def _attn_fwd_kernel(
 
     # Key range this query tile can see.
     hi = kv_len
-    if IS_CAUSAL:
+    if MASK != 3:  # causal
         hi = tl.minimum(kv_len, ctx_len + (q_block + 1) * BLOCK_M)
     lo = 0
-    if USE_WINDOW:
+    if MASK == 1:  # the window of the tile's first query
         lo = tl.maximum(ctx_len + q_block * BLOCK_M - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if MASK == 2:  # the chunk of the tile's first query
+        lo = ((ctx_len + q_block * BLOCK_M) // window) * window
         lo = (lo // BLOCK_N) * BLOCK_N
 
     # Tiles in [lo, full_end) are visible to every query of this tile: no masks there.
     full_end = (hi // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
+    if MASK != 3:
         full_end = (tl.minimum(hi, ctx_len + q_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
-    if USE_WINDOW:
+    if MASK == 1:  # windowed kinds mask every tile
+        full_end = lo
+    if MASK == 2:
         full_end = lo
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     kv_base = (q_start, table, kv_head * stride_kh, stride_kt, stride_ko)
@@ -136,12 +159,12 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
-                              qk_scale, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, IS_CAUSAL,
-                              USE_WINDOW, False)  # fmt: skip
+                              qk_scale, cap_log2, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, MASK,
+                              SOFTCAP, False)  # fmt: skip
     for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
-                              qk_scale, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, IS_CAUSAL,
-                              USE_WINDOW, True)  # fmt: skip
+                              qk_scale, cap_log2, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, MASK,
+                              SOFTCAP, True)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :]
@@ -155,8 +178,9 @@ def prefill_config(head_dim: int, is_cuda: bool) -> tuple[int, int, int, int]:
     return (128, 64, 4, 3) if head_dim <= 64 else (64, 64, 4, 3)
 
 
-def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, causal, paged):
-    """Shared launch: block sizes by device, strides by mode."""
+def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
+            paged):  # fmt: skip
+    """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = q_start.shape[0] - 1
     block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda)
@@ -179,6 +203,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, 
         seq_lens,
         block_table,
         scale * _LOG2E,
+        (softcap or 1.0) * _LOG2E,
         window or 0,
         q.stride(0),
         q.stride(1),
@@ -192,8 +217,8 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, window, 
         BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGED=paged,
-        IS_CAUSAL=causal,
-        USE_WINDOW=window is not None,
+        MASK=int(mask),
+        SOFTCAP=softcap is not None,
         DOT_F32=not q.is_cuda,
         USE_PDL=flag,
         launch_pdl=flag,
@@ -213,10 +238,10 @@ def paged_prefill(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     max_query_len: int,
-    scale: float,
-    sliding_window: int | None = None,
+    spec: AttentionSpec,
 ) -> torch.Tensor:
-    """Causal attention of flat `q [num_tokens, heads, head_dim]` over the paged cache.
+    """Attention of flat `q [num_tokens, heads, head_dim]` over the paged cache, masked and
+    soft-capped as `spec` says.
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
     """
@@ -227,7 +252,7 @@ def paged_prefill(
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
     return _launch(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        max_query_len, scale, sliding_window, True, True,
+        max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True,
     )  # fmt: skip
 
 
@@ -254,5 +279,5 @@ def varlen_attention(
     cu_seqlens = cu_seqlens.to(torch.int32)
     return _launch(
         q, k, v, out, cu_seqlens, cu_seqlens, cu_seqlens,
-        max_seqlen, scale, None, causal, False,
+        max_seqlen, scale, Mask.CAUSAL if causal else Mask.BIDIRECTIONAL, None, None, False,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""SiLU-and-multiply for packed gate/up projections."""
+"""Gated activations for packed gate/up projections (SiLU, GELU-tanh), and squared ReLU."""
 
 from __future__ import annotations
 
@@ -14,3 +14,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return fused_ops().silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2 * d] = [gate | up] -> gelu_tanh(gate) * up: [..., d] (Gemma's MLP)."""
+    if x.is_cuda and fused_ops() is not None:
+        return fused_ops().silu_and_mul(x, gelu_tanh=True)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (Nemotron's MLP), rounded as HF's two ops round."""
+    return torch.square(F.relu(x))

@@ -40,6 +40,27 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, res)
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: `(x * rsqrt(mean(x^2) + eps)) * (1 + weight)` in fp32, cast once
+    (weights stored as offsets from 1, initialized to 0). `forward(x, residual=None)` as
+    `RMSNorm`'s: with a residual, returns `(norm(x + residual), x + residual)`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and fused_ops() is not None:
+            out, res = fused_ops().rms_norm(x, self.weight, self.eps, residual, unit_offset=True)
+        else:
+            res = x if residual is None else x + residual
+            h = res.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            out = (h * (1.0 + self.weight.float())).to(res.dtype)
+        return out if residual is None else (out, res)
+
+
 @dataclass
 class AddedResidual:
     """A block's output already added to the residual stream by the GEMV that produced it:

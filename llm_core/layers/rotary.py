@@ -13,11 +13,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polymodal.llm_core.attention.spec import RotarySpec
 from polymodal.llm_core.layers import fused_ops
 
 
-def _inv_freq(text_config, rotary_dim: int, long: bool = False) -> tuple[torch.Tensor, float]:
+def rope_parameters(text_config, layer_type: str | None = None) -> dict:
+    """The rotary parameters (`rope_theta`, `rope_type`, scaling) of a config; a config with
+    per-layer-type parameters (Gemma 3: `{"sliding_attention": ..., "full_attention": ...}`)
+    gives those of `layer_type`."""
     rope = dict(getattr(text_config, "rope_parameters", None) or {})
+    return dict(rope.get(layer_type) or {}) if layer_type is not None else rope
+
+
+def _inv_freq(
+    text_config, rotary_dim: int, long: bool = False, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
+    rope = rope_parameters(text_config, layer_type)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default" or rope_type == "mrope":
         base = rope.get("rope_theta", getattr(text_config, "rope_theta", 10000.0))
@@ -25,17 +36,20 @@ def _inv_freq(text_config, rotary_dim: int, long: bool = False) -> tuple[torch.T
         return 1.0 / (base**exps), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    if rope_type == "longrope" and long:
-        original = getattr(text_config, "original_max_position_embeddings", None) or rope.get(
-            "original_max_position_embeddings"
-        )
-        return ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", seq_len=original + 1)
-    return ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu")
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    with torch.device("cpu"):  # they build on "cpu" whatever device the model is built on
+        if rope_type == "longrope" and long:
+            original = getattr(text_config, "original_max_position_embeddings", None)
+            original = original or rope.get("original_max_position_embeddings")
+            return ROPE_INIT_FUNCTIONS[rope_type](
+                text_config, "cpu", seq_len=original + 1, **kwargs
+            )
+        return ROPE_INIT_FUNCTIONS[rope_type](text_config, "cpu", **kwargs)
 
 
 def _cos_sin(inv_freq: torch.Tensor, scaling: float, max_positions: int) -> torch.Tensor:
     t = torch.arange(max_positions, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq.float())  # [max_positions, rotary_dim / 2]
+    freqs = torch.outer(t, inv_freq.float().to(t.device))  # [max_positions, rotary_dim / 2]
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
 
 
@@ -47,19 +61,30 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(
-        self, text_config, rotary_dim: int, max_positions: int, mrope_section=None, device=None
+        self,
+        text_config,
+        rotary_dim: int,
+        max_positions: int,
+        mrope_section=None,
+        device=None,
+        layer_type: str | None = None,
     ):
+        """`layer_type` picks one set of a config's per-layer-type rotary parameters."""
         super().__init__()
         self.rotary_dim = rotary_dim
         self.mrope_section = list(mrope_section) if mrope_section else None
-        inv_freq, scaling = _inv_freq(text_config, rotary_dim)
+        rope = rope_parameters(text_config, layer_type)
+        base = rope.get("rope_theta", getattr(text_config, "rope_theta", 10000.0))
+        kind = "mrope" if self.mrope_section else "neox"
+        self.spec = RotarySpec(float(base), rotary_dim, kind)  # what attention specs record
+        inv_freq, scaling = _inv_freq(text_config, rotary_dim, layer_type=layer_type)
         cache = _cos_sin(inv_freq, scaling, max_positions)  # [max_positions, rotary_dim] fp32
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
-        rope = dict(getattr(text_config, "rope_parameters", None) or {})
         self.long_from = None
         if rope.get("rope_type") == "longrope":
             self.long_from = getattr(text_config, "original_max_position_embeddings", None)
-            long_cache = _cos_sin(*_inv_freq(text_config, rotary_dim, long=True), max_positions)
+            long = _inv_freq(text_config, rotary_dim, long=True, layer_type=layer_type)
+            long_cache = _cos_sin(*long, max_positions)
             self.register_buffer("long_cos_sin_cache", long_cache.to(device), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,8 +33,10 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr = False,
 ):
-    """One program per row: h = x (+ residual); out = w * (h * rsqrt(mean(h^2) + eps))."""
+    """One program per row: h = x (+ residual); out = w * (h * rsqrt(mean(h^2) + eps)).
+    UNIT_OFFSET (Gemma): out = (h * rsqrt(...)) * (1 + w) in fp32, rounded once."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -47,22 +49,32 @@ def _rms_norm_kernel(
         tl.store(new_res_ptr + row * hidden + cols, x, mask=mask)
     h = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden + eps)
-    normed = (h * rstd).to(x.dtype).to(tl.float32)  # HF casts before scaling by the weight
-    tl.store(out_ptr + row * hidden + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    if UNIT_OFFSET:  # Gemma scales in fp32 and casts once
+        out = (h * rstd) * (1.0 + w)
+    else:
+        normed = (h * rstd).to(x.dtype).to(tl.float32)  # HF casts before scaling by the weight
+        out = w * normed
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused (add +) RMSNorm over the last dim. Returns `(out, new_residual)`.
 
     With `residual`, `h = x + residual` and `new_residual = h`; without, `new_residual = x`.
-    `out` has dtype `promote(x, weight)`, like HF's `weight * h.to(dtype)`.
+    `out` has dtype `promote(x, weight)`, like HF's `weight * h.to(dtype)`; with `unit_offset`
+    (Gemma's norm) `(h * rstd * (1 + weight)).to(x.dtype)`.
     """
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)  # [rows, hidden]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
     if residual is not None:
         r2 = residual.reshape(-1, hidden)
         r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
@@ -74,7 +86,7 @@ def rms_norm(
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, new_res, hidden, eps, x2.stride(0), r2.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-            USE_PDL=pdl.use_pdl(x2), launch_pdl=pdl.use_pdl(x2),
+            USE_PDL=pdl.use_pdl(x2), UNIT_OFFSET=unit_offset, launch_pdl=pdl.use_pdl(x2),
         )  # fmt: skip
     new_residual = new_res.view(x.shape) if residual is not None else x
     return out.view(x.shape), new_residual
@@ -91,20 +103,27 @@ def rms_norm_ref(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (row, chunk): out[row, c] = silu(x[row, c]) * x[row, d + c]."""
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+                         GELU_TANH: tl.constexpr = False):  # fmt: skip
+    """Program (row, chunk): out[row, c] = silu(x[row, c]) * x[row, d + c] (GELU_TANH:
+    gelu_tanh(x) = x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), the same function)."""
     pdl.wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
+    if GELU_TANH:
+        inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)  # 2 sqrt(2/pi) (..)
+        out = gate * tl.sigmoid(inner) * up
+    else:
+        out = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + row * d + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """`x [..., 2d] = [gate | up]` -> `silu(gate) * up` of shape `[..., d]`."""
+def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+    """`x [..., 2d] = [gate | up]` -> `silu(gate) * up` (`gelu_tanh`: GELU with the tanh
+    approximation instead of SiLU) of shape `[..., d]`."""
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)  # [rows, 2d]
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -113,7 +132,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
             x2, out, d, x2.stride(0), BLOCK=block, num_warps=4,
-            USE_PDL=pdl.use_pdl(x2), launch_pdl=pdl.use_pdl(x2),
+            USE_PDL=pdl.use_pdl(x2), GELU_TANH=gelu_tanh, launch_pdl=pdl.use_pdl(x2),
         )  # fmt: skip
     return out.view(*x.shape[:-1], d)
 

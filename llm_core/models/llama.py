@@ -7,22 +7,42 @@ packed into one matmul each (`packed_modules_mapping`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
-from polymodal.llm_core.layers import fused_ops
-from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
+from polymodal.llm_core.models.base import ModelBase
+from polymodal.llm_core.models.tiny import TinyConfig
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What differs between the family's architectures, from the model class's flags."""
+
+    qkv_bias: bool
+    qk_norm: bool
+    o_bias: bool = False
 
 
 class Attention(nn.Module):
     """Self-attention over the paged KV cache; the backend is handed in, never global."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding | None,
+        backend,
+        flavor: Flavor,
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -32,16 +52,21 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
-        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
+        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=flavor.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=flavor.o_bias)
+        if flavor.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
-        self.rotary = rotary
-        self.backend = backend
-        self.scale = self.head_dim**-0.5
-        self.sliding_window = cfg.sliding_windows[layer_idx]
+        self.qk_norm = flavor.qk_norm
+        spec = AttentionSpec.from_window(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            cfg.sliding_windows[layer_idx],
+            rotary=None if rotary is None else rotary.spec,  # None: a NoPE layer
+        )
+        self.attn = AttentionLayer(spec, backend, rotary)
 
     def forward(
         self,
@@ -52,7 +77,8 @@ class Attention(nn.Module):
         residual: torch.Tensor | None = None,
     ):
         """rope: (cos, sin) `[num_tokens, rotary_dim / 2]` from `RotaryEmbedding.cos_sin`;
-        `hidden` and `residual` as `Linear.forward` takes them (the add may fold into o_proj)."""
+        `hidden` as `Linear.forward` takes it; `residual`: the stream o_proj's output is added to
+        next (asked of `Linear.fused`: the GEMV folds it in)."""
         num_tokens = (hidden.h if isinstance(hidden, DeferredNorm) else hidden).shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -60,24 +86,9 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fuse_rope(meta, q, kv_cache):  # rotary + KV store + attention in one kernel
-            out = self.backend.rope_decode(
-                q, k, v, rope, kv_cache, meta, self.scale, self.sliding_window
-            )
-        else:
-            q, k = self.rotary.apply(rope, q, k)
-            self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
-            out = self.backend.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
-        # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.forward)
-        return self.o_proj(out.reshape(num_tokens, self.q_size), residual)
-
-    def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        """Decode with a backend that rotates and stores inside its kernel, where the rotary
-        would run as the CUDA kernel anyway (same numerics: fp32 math, one rounding)."""
-        fuses = getattr(self.backend, "fuses_rope_decode", None)
-        return (
-            meta.is_decode and fused_ops() is not None and fuses is not None and fuses(q, kv_cache)
-        )
+        out = self.attn(q, k, v, rope, kv_cache, meta)  # [num_tokens, heads * head_dim]
+        # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.fused)
+        return self.o_proj.fused(out, residual=residual)
 
 
 class MLP(nn.Module):
@@ -90,19 +101,19 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, residual: torch.Tensor | None = None):
-        """`x` and `residual` as `Linear.forward` takes them (the add may fold into down)."""
-        gate_up, down = self.gate_up_proj(x), self.down_proj
-        if down.uses_gemv(gate_up):  # few-row decode: SiLU*mul applied as the GEMV loads x
-            return down.gemv(gate_up, down.weight, down.bias, silu_mul=True, residual=residual)
-        return down(silu_and_mul(gate_up))
+        """`x` as `Linear.forward` takes it; `residual` as `Linear.fused` (may fold into down)."""
+        # few-row decode on the GEMV: SiLU*mul applied as it loads x, the residual add folded
+        return self.down_proj.fused(self.gate_up_proj(x), residual=residual, silu_mul=True)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is threaded through so add+norm can fuse."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend, flavor: Flavor
+    ):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, rotary, backend)
+        self.self_attn = Attention(cfg, layer_idx, rotary, backend, flavor)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -119,14 +130,14 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF prefix `model.`)."""
 
-    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int, flavor: Flavor):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = rotary = RotaryEmbedding(
             cfg.text_config, cfg.rotary_dim, max_positions, cfg.mrope_section
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rotary, backend) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, rotary, backend, flavor) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -139,7 +150,7 @@ class LlamaModel(nn.Module):
         return x.materialize() if isinstance(x, DeferredNorm) else x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(ModelBase):
     """The decoder core's model interface: `embed`, `forward`, `compute_logits`."""
 
     packed_modules_mapping = {
@@ -151,13 +162,21 @@ class LlamaForCausalLM(nn.Module):
     }
     # transformers v5 nests the text model of multimodal checkpoints
     weight_name_remap = [("model.language_model.", "model.")]
+    # Flavour flags of the family's architectures (subclasses below): q/k/v and o biases (None:
+    # the config's `attention_bias`), RMSNorm of q and k per head.
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    qk_norm: bool = False
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend, max_positions)
+        config_bias = bool(getattr(cfg.text_config, "attention_bias", False))
+        qkv_bias = config_bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = config_bias if self.o_bias is None else self.o_bias
+        flavor = Flavor(qkv_bias, self.qk_norm, o_bias)
+        self.model = LlamaModel(cfg, backend, max_positions, flavor)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tied_parameters = {}
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -168,18 +187,24 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         return self.model(positions, inputs_embeds, kv_caches, meta)
 
-    def compute_logits(
-        self, hidden: torch.Tensor, out: torch.Tensor | None = None, argmax=None
-    ) -> torch.Tensor:
-        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer);
-        `argmax` (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
-        logits = self.lm_head(hidden)
-        if out is None:
-            return logits.float()
-        if argmax is not None and logits.is_cuda and fused_ops() is not None:
-            fused_ops().logits_argmax(logits, out, argmax)  # cast + argmax in one kernel
-            return out
-        out.copy_(logits)
-        if argmax is not None:
-            torch.argmax(out, dim=-1, out=argmax)
-        return out
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 (and Qwen2-VL's text model): q/k/v always carry biases, o_proj none."""
+
+    qkv_bias = True
+    o_bias = False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: RMSNorm on q and k per head, before the rotary."""
+
+    qk_norm = True
+
+
+TINY_CONFIGS = {
+    "llama": TinyConfig("LlamaForCausalLM", {"head_dim": 16}),
+    "mistral": TinyConfig("MistralForCausalLM", {"head_dim": 16, "sliding_window": 8}),
+    "qwen2": TinyConfig("Qwen2ForCausalLM"),
+    "qwen3": TinyConfig("Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": TinyConfig("Phi3ForCausalLM"),
+}

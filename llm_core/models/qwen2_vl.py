@@ -1,8 +1,9 @@
 """Qwen2-VL / Qwen2.5-VL: the Llama-family decoder with M-RoPE, plus the vision tower.
 
 The decoder is `LlamaForCausalLM` (Qwen2 flavour: q/k/v bias, 3-section M-RoPE from the
-config); the tower comes from the encoder registry and is loaded from the same checkpoint
-(`visual.*`, or `model.visual.*` in transformers-v5 layout).
+config); the tower class comes from the registry row's encoder (resolved by the loader: this
+file imports no encoder) and is loaded from the same checkpoint (`visual.*`, or
+`model.visual.*` in transformers-v5 layout).
 """
 
 from __future__ import annotations
@@ -11,30 +12,29 @@ from functools import partial
 
 import torch
 
-from polymodal.encoders.registry import get_encoder_class
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.host_copy import copy_to
+from polymodal.llm_core.interfaces import SupportsMultiModal
 from polymodal.llm_core.models.llama import LlamaForCausalLM
+from polymodal.llm_core.models.tiny import TinyConfig
 
 
-class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
+class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
     """Decoder + vision tower; `encode(items)` turns media items into slot embeddings."""
 
     weight_name_remap = [("model.language_model.", "model."), ("model.visual.", "visual.")]
+    qkv_bias, o_bias = True, False  # Qwen2's text model
 
-    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int, tower: type):
         super().__init__(cfg, backend, max_positions)
-        tower = get_encoder_class(cfg.architecture)
         device = self.lm_head.weight.device
         self.visual = tower.from_config(cfg.hf_config.vision_config, cfg.dtype, device, backend)
         self.encoder_graphs = None  # an EncoderGraphs wrapper, see enable_cuda_graphs
 
-    def enable_cuda_graphs(self) -> None:
+    def enable_cuda_graphs(self, wrap) -> None:
         """Replay CUDA graphs for small repeated tower calls (the tower must opt in)."""
         if getattr(self.visual, "supports_cuda_graphs", False):
-            from polymodal.encoders.graphs import EncoderGraphs
-
-            self.encoder_graphs = EncoderGraphs(self.visual)
+            self.encoder_graphs = wrap(self.visual)
 
     def stage(self, items: list) -> None:
         """Make items' pixel values on the model's device, in its dtype (idempotent).
@@ -60,3 +60,68 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         tower = self.encoder_graphs or self.visual
         embeds = tower(pixels, grid)  # grid stays on the host
         return list(embeds.split([it.num_slots for it in items]))
+
+
+def _tiny_vl_config(arch: str):
+    """A tiny Qwen2(.5)-VL config: the shared text shapes with 3-section M-RoPE, a small tower,
+    and the tokenizer's media token ids."""
+
+    def build(kwargs: dict, ids: dict):
+        import transformers as tf
+
+        text_keys = ("vocab_size", "eos_token_id", "bos_token_id", "pad_token_id")
+        text_keys += ("tie_word_embeddings",)
+        common = {k: kwargs[k] for k in text_keys if k in kwargs}
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        media = dict(
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        if arch == "qwen2_vl":
+            vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+            cls = tf.Qwen2VLConfig
+        else:
+            vision = dict(
+                depth=4,
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                num_heads=2,
+                window_size=56,
+                fullatt_block_indexes=[1, 3],
+            )
+            cls = tf.Qwen2_5_VLConfig
+        vision.update(patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+        text = {**kwargs, "rope_parameters": rope}
+        return cls(text_config=text, vision_config=vision, **media, **common)
+
+    def make_model(hf_config, dtype):
+        import transformers as tf
+
+        return tf.AutoModelForImageTextToText.from_config(hf_config, dtype=dtype)
+
+    def write_processor(out, tokenizer) -> None:
+        """The HF Qwen2(.5)-VL processor (image + video processor, tokenizer, template)."""
+        import transformers as tf
+
+        pixels = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256)
+        cls = tf.Qwen2VLProcessor if arch == "qwen2_vl" else tf.Qwen2_5_VLProcessor
+        processor = cls(
+            image_processor=tf.Qwen2VLImageProcessor(**pixels),
+            video_processor=tf.Qwen2VLVideoProcessor(**pixels),
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+        )
+        processor.save_pretrained(out)
+
+    name = (
+        "Qwen2VLForConditionalGeneration"
+        if arch == "qwen2_vl"
+        else ("Qwen2_5_VLForConditionalGeneration")
+    )
+    return TinyConfig(name, build=build, make_model=make_model, write_extra=write_processor)
+
+
+TINY_CONFIGS = {arch: _tiny_vl_config(arch) for arch in ("qwen2_vl", "qwen2_5_vl")}

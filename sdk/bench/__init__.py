@@ -19,7 +19,10 @@ import json
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-BUILTIN = {"qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b"}
+BUILTIN = {
+    "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
+    "gemma-3-12b": CONFIGS / "gemma_3_12b",  # text decoder only: no engine workload yet
+}
 WORKLOADS = ("engine", "paths", "serve")
 
 

@@ -16,7 +16,6 @@ from polymodal.feeder import PREFETCH, PROCESS_WORKERS
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.sampling_params import SamplingParams
-from polymodal.llm_core.weights import load_weights
 from polymodal.processors.chat import MediaRef
 from polymodal.processors.qwen_config import load_qwen_vl_config
 from polymodal.processors.qwen_vl import QwenVLProcessor
@@ -92,7 +91,7 @@ class OurSide:
         self.vocab = self.engine.model_config.vocab_size
         self.ttft_calls = 0  # each TTFT call draws new images
         if weights_from is not None:  # the very tensors transformers runs
-            load_weights(self.model, weights_from.state_dict().items(), "transformers model")
+            self.model.load_weights(weights_from.state_dict().items(), "transformers model")
         self.processor = QwenVLProcessor(None, load_qwen_vl_config(model_dir))
         cfg = self.processor.config
         self.image_prefix = [

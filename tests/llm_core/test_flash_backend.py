@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from polymodal.llm_core.attention import TorchAttentionBackend
+from tests.helpers import spec_for
 from tests.llm_core import interpreted
 from tests.llm_core.interpreted import assert_close
 from tests.llm_core.test_triton_kernels import make_batch
@@ -98,8 +99,10 @@ def test_paged_attention_through_flash(flash, window, q_lens, seq_lens):
     backend, calls = flash
     q, cache, meta = make_batch(q_lens, seq_lens, heads=4, kv_heads=2, page=256,
                                 dtype=torch.bfloat16)  # fmt: skip
-    out = backend.paged_attention(q, cache, meta, 0.2, window)
-    want = REF.paged_attention(q.float(), cache.float(), meta, 0.2, window)
+    out = backend.paged_attention(q, cache, meta, spec_for(q, cache, 0.2, window))
+    want = REF.paged_attention(
+        q.float(), cache.float(), meta, spec_for(q.float(), cache.float(), 0.2, window)
+    )
     assert_close(out, want, torch.bfloat16)
     assert calls == ["flash_attn_with_kvcache" if meta.is_decode else "flash_attn_varlen_func"]
 
@@ -121,9 +124,9 @@ def test_other_pages_and_dtypes_stay_on_triton(flash):
     """16-token pages and fp32 run the Triton kernels (interpreted here), not flash-attn."""
     backend, calls = flash
     q, cache, meta = make_batch([1, 1], [17, 40], page=16, dtype=torch.bfloat16)
-    backend.paged_attention(q, cache, meta, 0.2)
+    backend.paged_attention(q, cache, meta, spec_for(q, cache, 0.2))
     q32, cache32, meta32 = make_batch([1, 1], [17, 40], page=256)
-    backend.paged_attention(q32, cache32, meta32, 0.2)
+    backend.paged_attention(q32, cache32, meta32, spec_for(q32, cache32, 0.2))
     assert calls == []
 
 

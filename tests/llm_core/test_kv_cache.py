@@ -36,12 +36,12 @@ def test_prefix_hit_shares_full_blocks_and_keeps_last_token_to_run():
     _fill(kv, a, 10)
     b = _req(list(range(8)) + [77, 78], "b")
     hits = kv.get_computed_blocks(b)
-    assert hits == a.block_ids[:2]
+    assert hits == [a.block_ids[:2]]  # one list per KV group
     assert kv.allocate_slots(b, 2, hits)
     assert b.num_computed_tokens == 8 and kv.blocks[a.block_ids[0]].ref_count == 2
     # an identical 8-token prompt may reuse only one block: its last token must run
     c = _req(range(8), "c")
-    assert kv.get_computed_blocks(c) == a.block_ids[:1]
+    assert kv.get_computed_blocks(c) == [a.block_ids[:1]]
 
 
 def test_freed_blocks_stay_cached_and_evict_tail_first():
@@ -53,11 +53,11 @@ def test_freed_blocks_stay_cached_and_evict_tail_first():
     # hashed blocks come back in LRU order with the tail (block 2) evicted first
     assert list(kv.free) == [3, 2, 1, 0]
     again = _req(range(6), "again")
-    assert kv.get_computed_blocks(again) == [0, 1]
+    assert kv.get_computed_blocks(again) == [[0, 1]]
     b = _req(range(50, 54), "b")
     assert kv.allocate_slots(b, 4)
     assert b.block_ids == [3, 2]  # the never-hashed block first, then the tail block
-    assert kv.get_computed_blocks(_req(range(6), "x")) == [0, 1]
+    assert kv.get_computed_blocks(_req(range(6), "x")) == [[0, 1]]
 
 
 def test_media_hash_separates_identical_placeholder_tokens():
@@ -73,7 +73,7 @@ def test_media_hash_separates_identical_placeholder_tokens():
     a = with_image("img-A", "a")
     _fill(kv, a, 11)
     assert kv.get_computed_blocks(with_image("img-B", "b")) == []
-    assert kv.get_computed_blocks(with_image("img-A", "c")) == a.block_ids[:2]
+    assert kv.get_computed_blocks(with_image("img-A", "c")) == [a.block_ids[:2]]
 
 
 def test_no_block_leaks_after_1000_random_requests(tmp_path_factory):

@@ -18,7 +18,7 @@ def test_linear_routes_few_rows_to_gemv_only_when_set():
     assert torch.equal(layer(x[:2]), F.linear(x[:2], layer.weight, layer.bias))  # default
     calls = []
 
-    def fake_gemv(rows, weight, bias, residual=None):
+    def fake_gemv(rows, weight, bias, silu_mul=False, residual=None):
         calls.append(rows.shape[0])
         return F.linear(rows, weight, bias) + 1
 
@@ -31,6 +31,54 @@ def test_linear_routes_few_rows_to_gemv_only_when_set():
         layer(x[:9].view(3, 3, 16)), F.linear(x[:9].view(3, 3, 16), layer.weight, layer.bias)
     )
     assert calls == [GEMV_MAX_ROWS]
+
+
+def test_fused_work_only_where_the_call_site_asks_for_it():
+    """`forward` is the plain product even where a GEMV could fold an add; `fused` asks for
+    SiLU*mul on load and the residual add, which the GEMV folds and other paths leave to the
+    caller (plain output back)."""
+    from polymodal.llm_core.layers.activation import silu_and_mul
+    from polymodal.llm_core.layers.norm import AddedResidual
+
+    layer = Linear(8, 6, bias=False)
+    x, residual = torch.randn(1, 16), torch.randn(1, 6)
+    gate_up = x
+    expected = F.linear(silu_and_mul(gate_up), layer.weight)
+    assert torch.equal(layer.fused(gate_up, residual=residual, silu_mul=True), expected)
+    seen = []
+
+    def fake_gemv(rows, weight, bias, silu_mul=False, residual=None):
+        seen.append((silu_mul, residual is not None))
+        out = F.linear(silu_and_mul(rows) if silu_mul else rows, weight, bias)
+        return out if residual is None else AddedResidual(out + residual, out.new_zeros(1, 1))
+
+    layer.gemv = fake_gemv
+    assert torch.equal(layer(x[:, :8]), F.linear(x[:, :8], layer.weight))
+    added = layer.fused(gate_up, residual=residual, silu_mul=True)
+    assert isinstance(added, AddedResidual) and torch.equal(added.h, expected + residual)
+    assert seen == [(False, False), (True, True)]
+
+
+def test_a_linear_method_plugs_in():
+    """The `LinearMethod` seam: a method owns the weights and the product; `enable_gemv` leaves
+    a method that does not support the GEMV alone."""
+    from polymodal.llm_core.layers.linear import LinearMethod
+
+    class Int8Rows(LinearMethod):  # a toy weight-only quantization: int8 rows + fp32 scales
+        def create_weights(self, layer, dtype=None, device=None):
+            shape = (layer.out_features, layer.in_features)
+            layer.qweight = nn.Parameter(torch.zeros(shape, dtype=torch.int8), False)
+            layer.scale = nn.Parameter(torch.ones(layer.out_features))
+            layer.weight, layer.bias = layer.qweight, None
+
+        def apply(self, layer, x, silu_mul=False, residual=None):
+            return F.linear(x, layer.qweight.float() * layer.scale[:, None])
+
+    layer = Linear(4, 3, bias=False, method=Int8Rows())
+    layer.qweight.data = torch.tensor([[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, -3]], dtype=torch.int8)
+    layer.scale.data = torch.tensor([0.5, 1.0, 2.0])
+    assert layer(torch.ones(1, 4)).tolist() == [[0.5, 2.0, -6.0]]
+    assert not layer.method.supports_gemv and not layer.uses_gemv(torch.ones(1, 4))
 
 
 def test_enable_gemv_skips_cpu_weights():

@@ -50,3 +50,12 @@ def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
         PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     )
     assert engine.run_until_done()[rid].outputs[0].token_ids == ref_tokens
+
+
+def test_llama_attention_bias_covers_o_proj(tmp_path_factory):
+    """Llama's `attention_bias` puts biases on q/k/v and o_proj (Qwen2: q/k/v only)."""
+    from tests.helpers import assert_matches_transformers
+
+    path = tiny_checkpoint(tmp_path_factory, "llama", attention_bias=True)
+    engine = assert_matches_transformers(path, [PROMPT], steps=8)
+    assert engine.runner.model.model.layers[0].self_attn.o_proj.bias is not None

@@ -43,3 +43,20 @@ def test_rope_scaling_matches_transformers(tmp_path_factory, name):
     for step in range(9):
         diff = (seen[step][0] - ref_logits[step]).abs().max().item()
         assert diff <= 1e-4, f"{name} step {step}: {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+def test_rope_tables_build_on_the_models_device(name):
+    """transformers' init functions compute on "cpu": the tables land on the device the model
+    is built on (here meta, as `scripts/model_memory.py` builds; a CUDA build mixed devices)."""
+    from polymodal.llm_core.layers.rotary import RotaryEmbedding
+
+    arch, rope = SCALINGS[name]
+    cfg = getattr(tf, {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "phi3": "Phi3Config"}[arch])(
+        head_dim=16, hidden_size=64, num_attention_heads=4, max_position_embeddings=2048,
+        rope_parameters={"rope_theta": 10000.0, **rope}, original_max_position_embeddings=512,
+    )  # fmt: skip
+    with torch.device("meta"):
+        rotary = RotaryEmbedding(cfg, 16, 1024)
+    assert rotary.cos_sin_cache.device.type == "meta"
+    assert rotary.spec.rotary_dim == 16

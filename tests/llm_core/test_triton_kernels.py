@@ -12,6 +12,7 @@ from polymodal.llm_core.attention import (
     triton_backend,
 )
 from polymodal.llm_core.layers import triton_ops
+from tests.helpers import spec_for
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
     assert_close,
@@ -72,24 +73,32 @@ PREFILL_CASES = {  # name: (q_lens, seq_lens)
 def test_paged_prefill(case, heads, kv_heads):
     q, cache, meta = make_batch(*PREFILL_CASES[case], heads=heads, kv_heads=kv_heads)
     meta.is_decode = False  # q_len 1 sequences go through the prefill kernel here too
-    out = triton_backend.TritonAttentionBackend().paged_attention(q, cache, meta, 0.2)
-    assert_close(out, REF.paged_attention(q, cache, meta, 0.2), torch.float32)
+    out = triton_backend.TritonAttentionBackend().paged_attention(
+        q, cache, meta, spec_for(q, cache, 0.2)
+    )
+    assert_close(out, REF.paged_attention(q, cache, meta, spec_for(q, cache, 0.2)), torch.float32)
 
 
 @pytest.mark.parametrize("window", [1, 5, 16])
 def test_paged_prefill_sliding_window(window):
     q, cache, meta = make_batch([5, 17, 20], [21, 17, 40])
     meta.is_decode = False
-    out = triton_backend.TritonAttentionBackend().paged_attention(q, cache, meta, 0.2, window)
-    assert_close(out, REF.paged_attention(q, cache, meta, 0.2, window), torch.float32)
+    out = triton_backend.TritonAttentionBackend().paged_attention(
+        q, cache, meta, spec_for(q, cache, 0.2, window)
+    )
+    assert_close(
+        out, REF.paged_attention(q, cache, meta, spec_for(q, cache, 0.2, window)), torch.float32
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_paged_prefill_half_and_odd_head_dim(dtype):
     q, cache, meta = make_batch([5, 17], [21, 17], head_dim=24, page=8, dtype=dtype)
-    out = triton_backend.TritonAttentionBackend().paged_attention(q, cache, meta, 0.2)
+    out = triton_backend.TritonAttentionBackend().paged_attention(
+        q, cache, meta, spec_for(q, cache, 0.2)
+    )
     assert out.dtype == dtype
-    assert_close(out, REF.paged_attention(q, cache, meta, 0.2), dtype)
+    assert_close(out, REF.paged_attention(q, cache, meta, spec_for(q, cache, 0.2)), dtype)
 
 
 @pytest.mark.parametrize("splits", [None, 1, 3, 8])
@@ -101,8 +110,10 @@ def test_paged_decode(splits, window):
     assert meta.is_decode
     backend = triton_backend.TritonAttentionBackend(splits)
     for _ in range(2):
-        out = backend.paged_attention(q, cache, meta, 0.3, window)
-        assert_close(out, REF.paged_attention(q, cache, meta, 0.3, window), torch.float32)
+        out = backend.paged_attention(q, cache, meta, spec_for(q, cache, 0.3, window))
+        assert_close(
+            out, REF.paged_attention(q, cache, meta, spec_for(q, cache, 0.3, window)), torch.float32
+        )
 
 
 @pytest.mark.parametrize("window", [None, 50])
@@ -113,11 +124,79 @@ def test_paged_decode_scales_splits_to_the_context(window):
     from polymodal.llm_core.attention.triton_decode import paged_decode
 
     q, cache, meta = make_batch([1] * 4, [1, 40, 100, 200], heads=4, kv_heads=2)
-    want = REF.paged_attention(q, cache, meta, 0.3, window)
+    want = REF.paged_attention(q, cache, meta, spec_for(q, cache, 0.3, window))
     for _ in range(2):
         out = paged_decode(
-            q, cache, meta.block_tables, meta.seq_lens, 0.3, window, 4, 16, min_split_keys=32
+            q,
+            cache,
+            meta.block_tables,
+            meta.seq_lens,
+            spec_for(q, cache, 0.3, window),
+            4,
+            16,
+            min_split_keys=32,
         )
+        assert_close(out, want, torch.float32)
+
+
+def _naive(q, cache, meta, spec):
+    """Attention spelled out per query: its visible keys by the spec's definition, logits
+    scaled and soft-capped, softmax, weighted values (the reference's reference)."""
+    from polymodal.llm_core.attention.spec import Mask
+
+    page, group = cache.shape[2], q.shape[1] // cache.shape[3]
+    out = torch.zeros_like(q)
+    starts = meta.query_start_loc.tolist()
+    for s, seq_len in enumerate(meta.seq_lens.tolist()):
+        keys = [int(meta.block_tables[s, p // page]) * page + p % page for p in range(seq_len)]
+        k = cache[0].flatten(0, 1)[keys].float()  # [seq_len, kv_heads, d]
+        v = cache[1].flatten(0, 1)[keys].float()
+        q_len = starts[s + 1] - starts[s]
+        for i in range(q_len):
+            p = seq_len - q_len + i
+            seen = [j for j in range(seq_len) if spec.mask == Mask.BIDIRECTIONAL or j <= p]
+            if spec.mask == Mask.SLIDING:
+                seen = [j for j in seen if j > p - spec.window]
+            if spec.mask == Mask.CHUNKED:
+                seen = [j for j in seen if j // spec.window == p // spec.window]
+            for h in range(q.shape[1]):
+                logits = k[seen, h // group] @ q[starts[s] + i, h].float() * spec.scale
+                if spec.softcap:
+                    logits = spec.softcap * torch.tanh(logits / spec.softcap)
+                out[starts[s] + i, h] = torch.softmax(logits, 0) @ v[seen, h // group]
+    return out
+
+
+MASK_CASES = {  # name: (mask, window, softcap)
+    "causal_softcap": ("CAUSAL", None, 2.0),
+    "sliding_softcap": ("SLIDING", 7, 1.5),
+    "chunked": ("CHUNKED", 16, None),
+    "chunked_odd_softcap": ("CHUNKED", 11, 3.0),
+    "bidirectional": ("BIDIRECTIONAL", None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MASK_CASES))
+def test_masks_and_softcap_prefill_and_decode(case):
+    """Every mask kind and the soft-cap: the torch reference against the definition, and the
+    Triton prefill (chunked prefill with a cached prefix) and decode (split-KV) against it."""
+    from polymodal.llm_core.attention.spec import Mask
+
+    name, window, softcap = MASK_CASES[case]
+    mask = Mask[name]
+    q, cache, meta = make_batch([5, 17, 1, 40], [21, 17, 16, 40])
+    spec = spec_for(q, cache, 0.3, window, mask, softcap)
+    want = _naive(q, cache, meta, spec)
+    assert_close(REF.paged_attention(q, cache, meta, spec), want, torch.float32)
+    out = triton_backend.TritonAttentionBackend().paged_attention(q, cache, meta, spec)
+    assert_close(out, want, torch.float32)
+    if mask == Mask.BIDIRECTIONAL:
+        return  # no decode step
+    q, cache, meta = make_batch([1] * 4, [1, 16, 33, 70])
+    want = _naive(q, cache, meta, spec)
+    assert_close(REF.paged_attention(q, cache, meta, spec), want, torch.float32)
+    for splits in (1, 3):
+        out = triton_backend.TritonAttentionBackend(splits).paged_attention(q, cache, meta, spec)
         assert_close(out, want, torch.float32)
 
 
@@ -125,8 +204,10 @@ def test_paged_decode_scales_splits_to_the_context(window):
 def test_paged_decode_half(dtype):
     q, cache, meta = make_batch([1, 1], [33, 9], heads=8, kv_heads=1, head_dim=24, dtype=dtype)
     for splits in (1, 2):
-        out = triton_backend.TritonAttentionBackend(splits).paged_attention(q, cache, meta, 0.3)
-        assert_close(out, REF.paged_attention(q, cache, meta, 0.3), dtype)
+        out = triton_backend.TritonAttentionBackend(splits).paged_attention(
+            q, cache, meta, spec_for(q, cache, 0.3)
+        )
+        assert_close(out, REF.paged_attention(q, cache, meta, spec_for(q, cache, 0.3)), dtype)
 
 
 def test_decode_split_heuristic():
@@ -147,14 +228,27 @@ def test_store_then_decode_matches_reference():
     REF.store_kv(k, v, ref_cache, meta.slot_mapping)
     backend = triton_backend.TritonAttentionBackend(2)
     backend.store_kv(k, v, cache, meta.slot_mapping)
-    out = backend.paged_attention(q, cache, meta, 0.25)
-    assert_close(out, REF.paged_attention(q, ref_cache, meta, 0.25), torch.float32)
+    out = backend.paged_attention(q, cache, meta, spec_for(q, cache, 0.25))
+    assert_close(
+        out, REF.paged_attention(q, ref_cache, meta, spec_for(q, ref_cache, 0.25)), torch.float32
+    )
 
 
-@pytest.mark.parametrize("splits,window", [(None, None), (1, None), (3, None), (3, 20)])
+@pytest.mark.parametrize(
+    "splits,window,mask,softcap",
+    [
+        (None, None, None, None),
+        (1, None, None, None),
+        (3, None, None, None),
+        (3, 20, None, None),
+        (3, 16, "CHUNKED", 2.5),  # a chunked layer with soft-capped logits
+    ],
+)
 @pytest.mark.parametrize("rotary_dim", [32, 16])  # full and partial rotary
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_decode_equals_rotary_store_then_decode(splits, window, rotary_dim, dtype):
+def test_rope_decode_equals_rotary_store_then_decode(
+    splits, window, mask, softcap, rotary_dim, dtype
+):
     """Decode with the rotary and the KV store inside the kernel, from views of a packed qkv
     row, equals the three kernels it replaces: the same cache bits and the same output; twice
     (split merges need the arrival counters back at zero). A padding row (slot -1) stores
@@ -171,14 +265,16 @@ def test_rope_decode_equals_rotary_store_then_decode(splits, window, rotary_dim,
     angles = torch.randn(4, rotary_dim)
     cos, sin = angles.cos().chunk(2, -1)[0], angles.sin().chunk(2, -1)[0]  # strided views
     backend = triton_backend.TritonAttentionBackend(splits)
+    from polymodal.llm_core.attention.spec import Mask
 
+    spec = spec_for(q, cache, 0.3, window, mask and Mask[mask], softcap)
     ref_cache = cache.clone()
     ref_q, ref_k = triton_ops.rotary_embedding(q.clone(), k.clone(), cos, sin)
     backend.store_kv(ref_k, v, ref_cache, meta.slot_mapping)
-    want = backend.paged_attention(ref_q, ref_cache, meta, 0.3, window)
+    want = backend.paged_attention(ref_q, ref_cache, meta, spec)
     before = qkv.clone()
     for _ in range(2):
-        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, 0.3, window)
+        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, spec)
         assert torch.equal(cache, ref_cache)
         assert torch.equal(out[1:], want[1:])  # row 0 (padding) attends to a stale slot
         assert torch.equal(qkv, before)  # the inputs are not rotated in place
@@ -216,6 +312,33 @@ def test_rms_norm(dtype, with_residual):
     assert out.shape == x.shape and out.dtype == ref_out.dtype
     assert_close(out, ref_out, dtype)
     assert_close(new_res, ref_res, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gemma_rms_norm(dtype, with_residual):
+    """The (1 + w) variant (`unit_offset`) equals `GemmaRMSNorm`'s torch path (HF's order:
+    normalize and scale in fp32, cast once)."""
+    from polymodal.llm_core.layers.norm import GemmaRMSNorm
+
+    x = torch.randn(7, 48).to(dtype)
+    residual = torch.randn(7, 48).to(dtype) if with_residual else None
+    norm = GemmaRMSNorm(48, 1e-6).to(dtype)
+    norm.weight.data = (0.5 * torch.randn(48)).to(dtype)
+    out, new_res = triton_ops.rms_norm(x, norm.weight, 1e-6, residual, unit_offset=True)
+    ref = norm(x, residual) if with_residual else (norm(x), x)
+    assert out.dtype == dtype
+    assert_close(out, ref[0], dtype)
+    assert_close(new_res, ref[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_and_mul(dtype):
+    x = (3 * torch.randn(5, 2 * 40)).to(dtype)
+    out = triton_ops.silu_and_mul(x, gelu_tanh=True)
+    gate, up = x.float().chunk(2, -1)
+    ref = (torch.nn.functional.gelu(gate, approximate="tanh") * up).to(dtype)
+    assert_close(out, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -332,7 +455,7 @@ def test_decoder_decode_with_rope_in_attention_matches_separate_kernels(
         engine = Engine(str(path), dtype="float32", device="cpu", num_kv_blocks=16,
                         attention_backend="triton", skip_tokenizer_init=True)  # fmt: skip
         calls = []
-        backend = engine.runner.model.model.layers[0].self_attn.backend
+        backend = engine.runner.model.model.layers[0].self_attn.attn.backend
         assert isinstance(backend, TritonAttentionBackend)
         rope_decode = backend.rope_decode
 

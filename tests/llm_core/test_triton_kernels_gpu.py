@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from polymodal.llm_core.attention import AttentionMetadata, TorchAttentionBackend
+from tests.helpers import spec_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,7 +59,9 @@ def make_batch(q_lens, seq_lens, seed=0, extra_blocks=4, page=PAGE):
 
 
 def reference(q, cache, meta, scale, window=None):
-    return REF.paged_attention(q.float(), cache.float(), meta, scale, window)
+    return REF.paged_attention(
+        q.float(), cache.float(), meta, spec_for(q.float(), cache.float(), scale, window)
+    )
 
 
 def check(out, ref):
@@ -71,7 +74,7 @@ def test_prefill_mixed_batch(window):
     q_lens = [1, 17, 512, 2048, 300, 8192]
     seq_lens = [100, 17, 4096, 2048, 7000, 8192]  # with and without cached prefixes
     q, cache, meta = make_batch(q_lens, seq_lens)
-    out = _backend().paged_attention(q, cache, meta, HEAD_DIM**-0.5, window)
+    out = _backend().paged_attention(q, cache, meta, spec_for(q, cache, HEAD_DIM**-0.5, window))
     check(out, reference(q, cache, meta, HEAD_DIM**-0.5, window))
 
 
@@ -81,13 +84,43 @@ def test_decode_64_sequences(splits, window):
     seq_lens = torch.randint(1, 8192, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     seq_lens[:4] = [1, 15, 16, 8192]
     q, cache, meta = make_batch([1] * 64, seq_lens)
-    out = _backend(splits).paged_attention(q, cache, meta, HEAD_DIM**-0.5, window)
+    out = _backend(splits).paged_attention(
+        q, cache, meta, spec_for(q, cache, HEAD_DIM**-0.5, window)
+    )
     check(out, reference(q, cache, meta, HEAD_DIM**-0.5, window))
+
+
+@pytest.mark.parametrize(
+    "mask,window,softcap",
+    [
+        ("SLIDING", 1024, 50.0),
+        ("CHUNKED", 2048, None),
+        ("CHUNKED", 1000, 30.0),
+        ("CAUSAL", None, 50.0),
+    ],
+)
+def test_masks_and_softcap_at_size(mask, window, softcap):
+    """Chunked-local and soft-capped attention (Gemma-style caps, Llama-4-style chunks) in
+    prefill (with cached prefixes) and decode (split-KV), against the fp32 reference."""
+    from polymodal.llm_core.attention.spec import Mask
+
+    q_lens, seq_lens = [1, 17, 512, 2048, 300], [100, 17, 4096, 2048, 7000]
+    q, cache, meta = make_batch(q_lens, seq_lens, seed=3)
+    spec = spec_for(q, cache, HEAD_DIM**-0.5, window, Mask[mask], softcap)
+    ref_spec = spec_for(q.float(), cache.float(), HEAD_DIM**-0.5, window, Mask[mask], softcap)
+    want = REF.paged_attention(q.float(), cache.float(), meta, ref_spec)
+    check(_backend().paged_attention(q, cache, meta, spec), want)
+    q, cache, meta = make_batch([1] * 8, [1, 15, 16, 1000, 2049, 4097, 6000, 8192], seed=4)
+    want = REF.paged_attention(q.float(), cache.float(), meta, ref_spec)
+    for splits in (None, 1, 8):
+        check(_backend(splits).paged_attention(q, cache, meta, spec), want)
 
 
 def test_decode_single_long_sequence_splits():
     q, cache, meta = make_batch([1], [8000])
-    out = _backend().paged_attention(q, cache, meta, HEAD_DIM**-0.5)  # heuristic: split-KV
+    out = _backend().paged_attention(
+        q, cache, meta, spec_for(q, cache, HEAD_DIM**-0.5)
+    )  # heuristic: split-KV
     check(out, reference(q, cache, meta, HEAD_DIM**-0.5))
 
 
@@ -112,9 +145,13 @@ def test_rope_decode_equals_rotary_store_then_decode(seq_lens):
     ref_cache = cache.clone()
     ref_q, ref_k = triton_ops.rotary_embedding(q.clone(), k.clone(), cos, sin)
     backend.store_kv(ref_k, v, ref_cache, meta.slot_mapping)
-    want = backend.paged_attention(ref_q, ref_cache, meta, HEAD_DIM**-0.5)
+    want = backend.paged_attention(
+        ref_q, ref_cache, meta, spec_for(ref_q, ref_cache, HEAD_DIM**-0.5)
+    )
     for _ in range(2):
-        out = backend.rope_decode(q, k, v, (cos, sin), cache, meta, HEAD_DIM**-0.5)
+        out = backend.rope_decode(
+            q, k, v, (cos, sin), cache, meta, spec_for(q, cache, HEAD_DIM**-0.5)
+        )
         assert torch.equal(cache, ref_cache)
         assert torch.equal(out, want)
 
@@ -151,11 +188,11 @@ def test_decode_cuda_graph_replay_matches_eager():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (compile) outside the capture
-        backend.paged_attention(q, cache, meta, scale)
+        backend.paged_attention(q, cache, meta, spec_for(q, cache, scale))
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = backend.paged_attention(q, cache, meta, scale)
+        static_out = backend.paged_attention(q, cache, meta, spec_for(q, cache, scale))
     for seed in (3, 4):
         gen = torch.Generator().manual_seed(seed)
         capacity = meta.block_tables.shape[1] * PAGE  # may exceed the captured lengths
@@ -166,7 +203,7 @@ def test_decode_cuda_graph_replay_matches_eager():
         meta.block_tables.copy_(new_tables.int())
         cache.normal_()
         graph.replay()
-        eager = backend.paged_attention(q, cache, meta, scale)
+        eager = backend.paged_attention(q, cache, meta, spec_for(q, cache, scale))
         torch.testing.assert_close(static_out, eager, atol=0, rtol=0)
         meta.seq_lens_cpu = new_lens.tolist()
         check(static_out, reference(q, cache, meta, scale))
@@ -192,6 +229,27 @@ def test_fused_ops_realistic():
     torch.testing.assert_close(k, ref_k)
 
 
+def test_gemma_fused_ops_realistic():
+    """Gemma-3-12B sizes: the (1 + w) RMSNorm (with and without the residual add) and the
+    GELU-tanh gated activation, against their torch definitions."""
+    from polymodal.llm_core.layers import triton_ops as ops
+    from polymodal.llm_core.layers.norm import GemmaRMSNorm
+
+    x = torch.randn(77, 3840, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn_like(x)
+    norm = GemmaRMSNorm(3840).cuda().bfloat16()
+    norm.weight.data.normal_()
+    for residual in (None, res):
+        got = ops.rms_norm(x, norm.weight, 1e-6, residual, unit_offset=True)
+        h = (x if residual is None else x + residual).float()
+        want = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)) * (1 + norm.weight.float())
+        torch.testing.assert_close(got[0], want.bfloat16(), atol=2e-2, rtol=2e-2)
+    gate_up = torch.randn(77, 2 * 15360, device="cuda", dtype=torch.bfloat16)
+    gate, up = gate_up.float().chunk(2, -1)
+    want = (torch.nn.functional.gelu(gate, approximate="tanh") * up).bfloat16()
+    torch.testing.assert_close(ops.silu_and_mul(gate_up, gelu_tanh=True), want)
+
+
 @pytest.mark.parametrize("page", [16, 256])  # 16: flash backend falls back to Triton
 def test_flash_backend_matches_reference(page):
     pytest.importorskip("flash_attn")
@@ -202,7 +260,7 @@ def test_flash_backend_matches_reference(page):
     for q_lens, seq_lens in cases:
         q, cache, meta = make_batch(q_lens, seq_lens, page=page)
         for window in (None, 64):
-            out = backend.paged_attention(q, cache, meta, 0.09, window)
+            out = backend.paged_attention(q, cache, meta, spec_for(q, cache, 0.09, window))
             check(out, reference(q, cache, meta, 0.09, window))
     cu = torch.tensor([0, 64, 128, 1152], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(1152, 16, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -306,7 +364,7 @@ def _decode_layer_chain(x, weights, cache, meta, layers=6):
         q, k = q.view(1, HEADS, HEAD_DIM), k.view(1, KV_HEADS, HEAD_DIM)
         ops.rotary_embedding(q, k, angles.cos(), angles.sin())
         backend.store_kv(k, v.view(1, KV_HEADS, HEAD_DIM), cache, meta.slot_mapping)
-        attn = backend.paged_attention(q, cache, meta, HEAD_DIM**-0.5)
+        attn = backend.paged_attention(q, cache, meta, spec_for(q, cache, HEAD_DIM**-0.5))
         hidden = gemv(attn.reshape(1, -1), w_o)
         normed, residual = ops.rms_norm(hidden, norm_w, 1e-6, residual)
         hidden = gemv(ops.silu_and_mul(gemv(normed, w_gate_up)), w_down)  # down: split K

@@ -1,0 +1,68 @@
+"""`AttentionLayer`: the attention of one decoder layer after its projections, as its
+`AttentionSpec` says: rotary (or none), KV store, paged attention; or, on a backend that folds
+them (Triton on CUDA), all three in one decode kernel (`rope_decode`). Layers without a KV
+cache (bidirectional encoders) attend over the step's own tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.layers import fused_ops
+
+
+class AttentionLayer(nn.Module):
+    """`forward(q, k, v, rope, kv_cache, meta) -> [num_tokens, heads * v_head_dim]`.
+
+    q: `[num_tokens, heads, head_dim]`, k/v: `[num_tokens, kv_heads, head_dim]`, unrotated;
+    `rope`: (cos, sin) from the layer's rotary module (`rotary.cos_sin(positions)`, computed once
+    per forward and shared by layers with the same rotary), None for NoPE layers.
+    """
+
+    def __init__(self, spec: AttentionSpec, backend, rotary: nn.Module | None = None):
+        super().__init__()
+        if (rotary is None) != (spec.rotary is None):
+            raise ValueError("an attention layer has a rotary module iff its spec names one")
+        self.spec = spec
+        self.backend = backend
+        self.rotary = rotary
+        self.uses_kv_cache = spec.mask != Mask.BIDIRECTIONAL
+        self.kv_group = 0  # which KV group's block tables it reads: set from the KV layout
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        meta = meta.group(self.kv_group)  # this layer's block tables and slots
+        if self.fuse_rope(meta, q, kv_cache):  # rotary + KV store + attention in one kernel
+            out = self.backend.rope_decode(q, k, v, rope, kv_cache, meta, self.spec)
+            return out.reshape(num_tokens, -1)
+        if self.rotary is not None:
+            q, k = self.rotary.apply(rope, q, k)
+        if not self.uses_kv_cache:  # every prompt is whole in this step: attend in place
+            out = self.backend.varlen_attention(
+                q, k, v, meta.query_start_loc, meta.max_query_len, self.spec.scale, causal=False
+            )
+            return out.reshape(num_tokens, -1)
+        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = self.backend.paged_attention(q, kv_cache, meta, self.spec)
+        return out.reshape(num_tokens, -1)  # [num_tokens, heads * head_dim]
+
+    def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache) -> bool:
+        """Decode with a backend that rotates and stores inside its kernel, where the rotary
+        would run as the CUDA kernel anyway (same numerics: fp32 math, one rounding)."""
+        return (
+            meta.is_decode
+            and self.rotary is not None
+            and fused_ops() is not None
+            and self.backend.fuses_rope_decode(q, kv_cache)
+        )

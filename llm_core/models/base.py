@@ -1,0 +1,83 @@
+"""What every model class shares: it owns its weight loading (the default helper, driven by the
+tables it declares) and lists its layers' KV-cache specs.
+
+The runner's contract with a model: `embed(input_ids)`, `forward(positions, inputs_embeds,
+kv_caches, meta) -> hidden`, and `compute_logits(hidden)` (generation) or `pool(...)`
+(`SupportsPooling`); `kv_cache_specs()` says what each layer keeps in the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from polymodal.llm_core import weights
+from polymodal.llm_core.attention.layer import AttentionLayer
+from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
+from polymodal.llm_core.layers import fused_ops
+
+
+class ModelBase(nn.Module):
+    """A model loaded from an HF checkpoint by parameter name.
+
+    Declared as data (class attributes; see `llm_core/weights.py`): `packed_modules_mapping`
+    (checkpoint shards -> fused parameters), `weight_name_remap` (prefix renames),
+    `ignored_weights` (regexes of checkpoint tensors the model does not use). Instances may set
+    `tied_parameters` (parameters shared with another, absent from the checkpoint).
+    """
+
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
+    weight_name_remap: ClassVar[list[tuple[str, str]]] = []
+    ignored_weights: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tied_parameters: dict[str, str] = {}
+
+    def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint"
+    ) -> None:
+        """Load `(name, tensor)` pairs named as in the checkpoint; raises ModelLoadError naming
+        missing, unexpected and mis-shaped tensors. Override for a mapping the tables cannot
+        say (then call `weights.load_weights` with the rewritten names)."""
+        weights.load_weights(
+            self,
+            named_tensors,
+            source,
+            packed=self.packed_modules_mapping,
+            remap=self.weight_name_remap,
+            ignore=self.ignored_weights,
+            tied=self.tied_parameters,
+        )
+
+    def attention_layers(self) -> list[AttentionLayer]:
+        """The decoder's attention layers, in layer order (one per `kv_caches` entry)."""
+        return [m for m in self.modules() if isinstance(m, AttentionLayer)]
+
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """What each layer keeps in the KV cache, from its attention spec."""
+        return [kv_spec_of(layer.spec) for layer in self.attention_layers()]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's output `[num_rows, vocab]` in the model dtype (a model may post-process
+        it: Gemma's final soft-cap)."""
+        return self.lm_head(hidden)
+
+    def compute_logits(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None, argmax=None
+    ) -> torch.Tensor:
+        """fp32 logits `[num_rows, vocab]`, written into `out` when given (a static buffer);
+        `argmax` (int64 `[num_rows]`, with `out`) receives each row's greedy token."""
+        logits = self.lm_logits(hidden)
+        if out is None:
+            return logits.float()
+        if argmax is not None and logits.is_cuda and fused_ops() is not None:
+            fused_ops().logits_argmax(logits, out, argmax)  # cast + argmax in one kernel
+            return out
+        out.copy_(logits)
+        if argmax is not None:
+            torch.argmax(out, dim=-1, out=argmax)
+        return out

@@ -1,0 +1,144 @@
+"""BERT for sequence classification: a bidirectional encoder (absolute position and token-type
+embeddings, post-LayerNorm blocks, GELU MLP), the tanh pooler on the [CLS] token and a linear
+classifier. Its layers keep no KV cache: each prompt runs whole in one step and attends over
+its own tokens (`Mask.BIDIRECTIONAL`). HF parameter names; query/key/value packed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.llm_core.attention.layer import AttentionLayer
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.errors import UnsupportedModelError
+from polymodal.llm_core.interfaces import SupportsPooling
+from polymodal.llm_core.layers.linear import Linear, PackedLinear
+from polymodal.llm_core.models.base import ModelBase
+from polymodal.llm_core.models.tiny import TinyConfig
+from polymodal.llm_core.pooling import Pooler, finish_pooled, pool_rows
+
+
+class BertEmbeddings(nn.Module):
+    """word + token type + absolute position embeddings, then LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        text = cfg.text_config
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(text.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(text.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=text.layer_norm_eps)
+
+    def forward(self, input_ids, positions, token_type_ids) -> torch.Tensor:
+        embeds = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(embeds + self.position_embeddings(positions))
+
+
+class BertLayer(nn.Module):
+    """x = LN(x + attn(x)); x = LN(x + down(gelu(up(x)))), with HF's module nesting."""
+
+    def __init__(self, cfg: ModelConfig, backend):
+        super().__init__()
+        text, hidden = cfg.text_config, cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, hidden // cfg.num_heads
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        self.attention.self.qkv = PackedLinear(
+            hidden, {"q": hidden, "k": hidden, "v": hidden}, True
+        )
+        self.attention.output = nn.Module()
+        self.attention.output.dense = Linear(hidden, hidden)
+        self.attention.output.LayerNorm = nn.LayerNorm(hidden, eps=text.layer_norm_eps)
+        spec = AttentionSpec(
+            self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5, Mask.BIDIRECTIONAL
+        )
+        self.attn = AttentionLayer(spec, backend)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = Linear(hidden, cfg.intermediate_size)
+        self.output = nn.Module()
+        self.output.dense = Linear(cfg.intermediate_size, hidden)
+        self.output.LayerNorm = nn.LayerNorm(hidden, eps=text.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.attention.self.qkv(x).view(num_tokens, 3, self.num_heads, -1).unbind(1)
+        attn = self.attn(q, k, v, None, None, meta)  # [num_tokens, hidden]
+        out = self.attention.output
+        x = out.LayerNorm(out.dense(attn) + x)
+        up = F.gelu(self.intermediate.dense(x))  # erf GELU ("gelu")
+        return self.output.LayerNorm(self.output.dense(up) + x)
+
+
+class BertForSequenceClassification(SupportsPooling, ModelBase):
+    """Encoder + [CLS] pooler + classifier: one probability vector (or raw logits with task
+    "encode") per prompt."""
+
+    is_causal = False
+    # the pooling step passes positions and segment ids to `embed` (absolute embeddings)
+    embeds_positions = True
+    pooler = Pooler.CLS
+    packed_modules_mapping = {
+        "query": ("qkv", "q"),
+        "key": ("qkv", "k"),
+        "value": ("qkv", "v"),
+    }
+    ignored_weights = (r"position_ids$", r"^cls\.")  # buffers, pretraining heads
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__()
+        text = cfg.text_config
+        if getattr(text, "position_embedding_type", "absolute") != "absolute":
+            raise UnsupportedModelError("BERT with relative position embeddings")
+        if text.hidden_act != "gelu":
+            raise UnsupportedModelError(f"BERT with hidden_act {text.hidden_act!r}")
+        self.config = cfg
+        self.bert = nn.Module()
+        self.bert.embeddings = BertEmbeddings(cfg)
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList(
+            BertLayer(cfg, backend) for _ in range(cfg.num_layers)
+        )
+        self.bert.pooler = nn.Module()
+        self.bert.pooler.dense = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.classifier = Linear(cfg.hidden_size, text.num_labels)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embeddings of word, segment (default 0) and absolute position (default 0..n-1)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self.bert.embeddings(input_ids, positions, token_type_ids)
+
+    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
+        x = inputs_embeds
+        for layer in self.bert.encoder.layer:
+            x = layer(x, meta)
+        return x  # [num_tokens, hidden]
+
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
+        cls = torch.stack([pool_rows(self.pooler, h, p.token_ids) for h, p in zip(hidden, prompts)])
+        logits = self.classifier(torch.tanh(self.bert.pooler.dense(cls)))  # [prompts, labels]
+        return [finish_pooled(row, p.params) for row, p in zip(logits, prompts)]
+
+
+TINY_CONFIGS = {
+    # 2 layers, hidden 64, 4 heads, 3 labels, 2 segment types, absolute positions up to 128
+    "bert_cls": TinyConfig(
+        "BertForSequenceClassification",
+        {
+            "num_labels": 3,
+            "max_position_embeddings": 128,
+            "type_vocab_size": 2,
+            "layer_norm_eps": 1e-12,
+        },
+    ),
+}

@@ -1,0 +1,201 @@
+"""The pooling task: `PoolingParams` (vLLM's names), poolers, pooled outputs, and the engine's
+pooling step.
+
+A pooling model (`SupportsPooling`, registry task classify / reward / embed) runs each prompt
+once and returns tensors instead of tokens: the runner keeps each prompt's hidden states until
+its last chunk ran (non-causal models are never chunked), then the model pools them (CLS, last,
+mean, all tokens, or the tokens that end a step) and applies its head. Prefix caching is off
+for pooling models (a cached prefix has no hidden states to pool).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from polymodal.llm_core.errors import InvalidInputError
+
+POOLING_TASKS = ("encode", "embed", "classify", "reward")
+
+
+@dataclass
+class PoolingParams:
+    """What a pooling request returns.
+
+    `task`: "encode" (the head's raw output), "embed", "classify" or "reward"; None = the
+    model's own task. `normalize` (embed): L2-normalize, default True. `activation`: classify:
+    softmax over the labels (sigmoid for one label); step rewards: softmax per step; default
+    True. `step_tag_id`: the token that ends a step (step pooling; default: the model's).
+    """
+
+    task: str | None = None
+    normalize: bool | None = None
+    activation: bool | None = None
+    step_tag_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in POOLING_TASKS:
+            raise InvalidInputError(
+                f"pooling task must be one of {POOLING_TASKS}, got {self.task!r}"
+            )
+
+
+class Pooler(enum.Enum):
+    """Which hidden rows of a prompt a model's head reads."""
+
+    CLS = "cls"  # the first token
+    LAST = "last"  # the last token
+    MEAN = "mean"  # the mean over all tokens
+    ALL = "all"  # every token
+    STEP = "step"  # the tokens equal to the step tag (process rewards)
+
+
+def pool_rows(
+    pooler: Pooler, hidden: torch.Tensor, token_ids: list[int], step_tag_id: int | None = None
+) -> torch.Tensor:
+    """The rows of one prompt's `hidden [num_tokens, hidden]` that `pooler` keeps:
+    `[hidden]` for CLS / LAST / MEAN, `[rows, hidden]` for ALL / STEP."""
+    if pooler is Pooler.CLS:
+        return hidden[0]
+    if pooler is Pooler.LAST:
+        return hidden[-1]
+    if pooler is Pooler.MEAN:
+        return hidden.float().mean(0).to(hidden.dtype)
+    if pooler is Pooler.ALL:
+        return hidden
+    if step_tag_id is None:
+        raise InvalidInputError("step pooling needs a step_tag_id (PoolingParams.step_tag_id)")
+    steps = torch.tensor(token_ids, device=hidden.device) == step_tag_id
+    return hidden[steps]
+
+
+@dataclass
+class PoolingInput:
+    """One finished prompt for `SupportsPooling.pool`: its token ids and resolved params."""
+
+    token_ids: list[int]
+    params: PoolingParams
+
+
+def check_pooling_request(params, task: str, architecture: str) -> PoolingParams | None:
+    """The request's params checked against the model's task (`ModelRow.task`): a generation
+    request to a pooling model and the reverse raise InvalidInputError naming both. Returns the
+    PoolingParams (defaults filled) of a pooling request, None for a generation request."""
+    is_pooling = isinstance(params, PoolingParams)
+    if task == "generate":
+        if is_pooling:
+            raise InvalidInputError(
+                f"{architecture} is a generation model (task 'generate'): it takes "
+                f"SamplingParams, not a pooling request (task {params.task!r})"
+            )
+        return None
+    if params is not None and not is_pooling:
+        raise InvalidInputError(
+            f"{architecture} is a pooling model (task {task!r}): it does not generate text; "
+            f"use LLM.{task} or LLM.encode (PoolingParams)"
+        )
+    params = params or PoolingParams()
+    wanted = params.task or task
+    if wanted not in ("encode", task):
+        raise InvalidInputError(
+            f"{architecture} serves the pooling task {task!r} (and 'encode'), not {wanted!r}"
+        )
+    return PoolingParams(wanted, params.normalize, params.activation, params.step_tag_id)
+
+
+def finish_pooled(head_output: torch.Tensor, params: PoolingParams) -> torch.Tensor:
+    """The head's output for one prompt, as its task returns it: classify -> probabilities,
+    embed -> L2-normalized, reward / encode -> as is (step rewards: see the model)."""
+    out = head_output.float()
+    if params.task == "classify" and params.activation is not False:
+        return out.sigmoid() if out.shape[-1] == 1 else out.softmax(-1)
+    if params.task == "embed" and params.normalize is not False:
+        return torch.nn.functional.normalize(out, dim=-1)
+    return out
+
+
+# ---- outputs (vLLM's shapes) --------------------------------------------------------------
+@dataclass
+class PoolingOutput:
+    """A pooled tensor (on the host)."""
+
+    data: torch.Tensor
+
+
+@dataclass
+class PoolingRequestOutput:
+    """The result of one pooling request (always finished)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput
+    finished: bool = True
+
+
+@dataclass
+class ClassificationOutput:
+    """Class probabilities of one prompt."""
+
+    probs: list[float]
+
+
+@dataclass
+class ClassificationRequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ClassificationOutput
+    finished: bool = True
+
+
+@dataclass
+class EmbeddingOutput:
+    """The embedding vector of one prompt."""
+
+    embedding: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
+# ---- the engine's pooling step ------------------------------------------------------------
+@torch.inference_mode()
+def run_pooling_step(runner, sched) -> dict[str, torch.Tensor]:
+    """Run this step's prompt chunks through `runner.model`; every prompt whose last chunk ran
+    is pooled. Returns {request id: pooled tensor on the host}."""
+    from polymodal.llm_core.host_copy import to_device
+
+    model = runner.model
+    input_ids, positions, meta, _ = runner.prepare(sched)
+    if model.embeds_positions:  # absolute position (and segment) embeddings: BERT
+        types: list[int] = []
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            start = req.num_computed_tokens
+            types += (req.token_type_ids or [0] * (start + n))[start : start + n]
+        token_types = to_device(types, torch.int64, input_ids.device)
+        embeds = model.embed(input_ids, positions, token_types)
+    else:
+        embeds = model.embed(input_ids)
+    hidden = model(positions, embeds, runner.kv_caches, meta)  # [num_tokens, hidden]
+    done, rows, prompts, offset = [], [], [], 0
+    for req, n in zip(sched.requests, sched.num_new_tokens):
+        start = req.num_computed_tokens
+        if start == 0:  # a first chunk (or a recompute after preemption)
+            req.hidden_chunks = []
+        req.hidden_chunks.append(hidden[offset : offset + n])
+        offset += n
+        if start + n == len(req.prompt_token_ids):
+            chunks, req.hidden_chunks = req.hidden_chunks, []
+            rows.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks))  # [len, hidden]
+            prompts.append(PoolingInput(req.prompt_token_ids, req.params))
+            done.append(req)
+    if not done:
+        return {}
+    pooled = model.pool(rows, prompts)
+    return {req.request_id: out.cpu() for req, out in zip(done, pooled)}
