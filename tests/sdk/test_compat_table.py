@@ -107,7 +107,7 @@ def test_llm_methods_match_the_api_table():
     for name in refused:
         method = getattr(LLM, name, None)
         if method is not None:  # present only to say why it is not available
-            with pytest.raises(InvalidInputError, match="pooling model"):
+            with pytest.raises(InvalidInputError, match="not supported"):
                 method(generative, "text")
 
 

@@ -73,9 +73,9 @@ def test_bad_prompts_and_keywords_are_named(llm, ckpt):
         LLM(ckpt, device="cpu", tensor_parallel_size=2)
     with pytest.raises(InvalidInputError, match="limit_mm_per_prompt"):
         LLM(ckpt, device="cpu", limit_mm_per_prompt={"audio": 1})
-    with pytest.raises(InvalidInputError, match="pooling model"):
+    with pytest.raises(InvalidInputError, match="not a pooling request"):
         llm.embed("hello")
-    with pytest.raises(InvalidInputError, match="pooling model"):
+    with pytest.raises(InvalidInputError, match="not a pooling request"):
         llm.classify("hello")
 
 
