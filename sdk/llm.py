@@ -84,17 +84,26 @@ class LLM:
             self.warmup_seconds = self.warm_up()
 
     def warm_up(self) -> float:
-        """Run one short request of each kind the model takes (text; a 448x448 JPEG, twice, and
-        a video for a multimodal model) through the whole path, so that what compiles,
-        captures or allocates on first use (Triton kernels, the tower's CUDA graph of that
-        layout, cuBLAS plans, the pinned ring, the JPEG decoder, the chat template) does it
-        now and the first user request is as fast as the tenth. Returns the seconds it took."""
+        """Run one short request of each kind the model takes (text, sampled and greedy; two
+        448x448 JPEGs and a video for a multimodal model) through the whole path, so that what
+        compiles, captures or allocates on first use (Triton kernels, the tower's CUDA graph of
+        that layout, the sampler's kernels, cuBLAS plans, the pinned ring, the JPEG decoder,
+        the chat template) does it now and the first user request is as fast as the tenth.
+        Returns the seconds it took."""
         start = time.perf_counter()
         if self.engine.task != "generate":  # pooling models: no sampling path to warm
             return 0.0
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         first = max(0, min(100, self.model_config.vocab_size - 16))
-        prompts: list[Any] = [list(range(first, first + 16))]  # token ids: no tokenizer needed
+        ids = list(range(first, first + 16))  # token ids: no tokenizer needed
+        # the sampling path too (softmax, top-k/p, a seeded draw): greedy rows take the argmax
+        # inside the decode graph, and the first sampled request paid ~60 ms of CUDA's lazy
+        # kernel loading (H200, first Pipeline call at the default temperature)
+        sampled = SamplingParams(
+            temperature=1.0, top_p=0.9, top_k=50, seed=0, max_tokens=2, ignore_eos=True
+        )
+        self.generate(ids, sampled, use_tqdm=False)
+        prompts: list[Any] = [ids]
         if self.is_multimodal and self.tokenizer is not None:
             # encoded files, as users send: the decoder plugins load on first use. Two of one
             # size, different content (the same bytes would hit the encoder cache): a tower

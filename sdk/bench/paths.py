@@ -85,7 +85,8 @@ def pipeline_side(ckpt: Path, dummy: bool, jpegs: list[Path], args) -> dict:
         pipe(**request)
         return time.perf_counter() - t0
 
-    calls = [wall(image=str(path), text=TTFT_TEXT, max_tokens=1) for path in jpegs]
+    # greedy, as the engine workload's TTFT (the default temperature would add the sampler)
+    calls = [wall(image=str(p), text=TTFT_TEXT, max_tokens=1, temperature=0.0) for p in jpegs]
     n = args.decode_tokens
     text = dict(text=TTFT_TEXT, temperature=0.0, ignore_eos=True)
     diffs = [wall(**text, max_tokens=n + 1) - wall(**text, max_tokens=1) for _ in range(3)]

@@ -64,8 +64,11 @@ def test_warm_up_runs_each_kind_and_leaves_the_engine_clean(tmp_path_factory, mo
     seen = []
     original = LLM.generate
 
+    temperatures = []
+
     def generate(self, prompts, params=None, **kwargs):
         seen.append(prompts)
+        temperatures.append(params.temperature)
         return original(self, prompts, params, **kwargs)
 
     monkeypatch.setattr(LLM, "generate", generate)
@@ -74,10 +77,11 @@ def test_warm_up_runs_each_kind_and_leaves_the_engine_clean(tmp_path_factory, mo
         [p.get("type") for p in prompt[0]["content"]] if isinstance(prompt[0], dict) else "ids"
         for prompt in seen
     ]
-    assert kinds == ["ids", ["image", "text"], ["image", "text"], ["video", "text"]]
+    assert kinds == ["ids", "ids", ["image", "text"], ["image", "text"], ["video", "text"]]
+    assert temperatures[0] > 0 and temperatures[1] == 0  # the sampler's kernels warm too
     # the two images differ: the same content would hit the encoder cache the second time,
     # and the tower's CUDA graph of that layout would wait for the first user request
-    assert seen[1][0]["content"][0]["image"] != seen[2][0]["content"][0]["image"]
+    assert seen[2][0]["content"][0]["image"] != seen[3][0]["content"][0]["image"]
     assert warm.warmup_seconds > 0
     assert not warm.engine.has_unfinished()
     assert warm.engine.num_free_blocks == warm.engine.scheduler.kv.num_blocks
