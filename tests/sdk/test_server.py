@@ -6,11 +6,7 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 
@@ -18,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import tiny_checkpoint
+from tests.sdk.server_process import API_KEY, png_data_url, running_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -27,21 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-API_KEY = "test-key"
 NUM_KV_BLOCKS = 512
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_data_url(width: int = 48, height: int = 40, color=(200, 30, 60)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def bomb_data_url(width: int = 30000, height: int = 30000) -> str:
@@ -58,33 +41,9 @@ def bomb_data_url(width: int = 30000, height: int = 30000) -> str:
 def server(tmp_path_factory):
     """Base URL of a running server on the tiny qwen2_vl checkpoint (stopped after the module)."""
     ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "polymodal.cli", "serve", str(ckpt), "--port", str(port)]
-    cmd += ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--api-key", API_KEY, "--log-level", "warning"]
-    cmd += ["--served-model-name", "m"]
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+    log_dir = tmp_path_factory.mktemp("server")
+    with running_server(ckpt, log_dir, "--num-kv-blocks", str(NUM_KV_BLOCKS)) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def client(url: str) -> openai.OpenAI:
