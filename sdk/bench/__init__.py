@@ -8,6 +8,8 @@ Workloads (`--workload`):
           files, `polymodal caption` over JPEG files, its nothing-to-do rerun (`bench/paths.py`)
   serve   the real `polymodal serve` process under N concurrent streamed image requests vs
           the offline rate of the same requests (`bench/serve.py`)
+  media   TTFT of 448 px / 1080p / 4K images and 16 / 64 / 256-frame 720p videos (and of
+          each again) vs transformers and the compute floor (`bench/media.py`)
 A built-in name (`qwen2.5-vl-7b`) is a shipped config run with random weights; a checkpoint
 directory runs as it is (`--dummy-weights` skips its safetensors).
 """
@@ -23,7 +25,7 @@ BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
     "gemma-3-12b": CONFIGS / "gemma_3_12b",  # text decoder only: no engine workload yet
 }
-WORKLOADS = ("engine", "paths", "serve")
+WORKLOADS = ("engine", "paths", "serve", "media")
 
 
 def resolve_bench_model(model: str) -> Path:
@@ -80,6 +82,8 @@ def bench_command(parser: argparse.ArgumentParser):
             from polymodal.bench.engine import print_table, run_bench
         elif args.workload == "paths":
             from polymodal.bench.paths import print_table, run_bench
+        elif args.workload == "media":
+            from polymodal.bench.media import print_table, run_bench
         else:
             from polymodal.bench.serve import print_table, run_bench
         results = run_bench(args)

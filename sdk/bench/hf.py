@@ -6,6 +6,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from polymodal.bench.workloads import TEXT_TOKENS, caption_rates, images, text_ids
@@ -23,6 +24,7 @@ class HFSide:
             self.model = tf.AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
         self.model.eval()
         self.image_processor = tf.AutoImageProcessor.from_pretrained(model_dir)
+        self.video_processor = None  # built on first use (media workload)
         self.cfg = cfg
         self.vocab = cfg.get_text_config().vocab_size
         self.model.generation_config.pad_token_id = cfg.get_text_config().eos_token_id
@@ -48,6 +50,39 @@ class HFSide:
             "pixel_values": vision["pixel_values"].to("cuda", torch.bfloat16),
             "image_grid_thw": grid.to("cuda"),
         }
+
+    def media_inputs(self, kind: str, item, seed: int) -> dict:
+        """One prompt around one image (PIL) or video (a list of frames, taken at 24 fps as
+        our processor takes a frame list): media slots + TEXT_TOKENS text ids."""
+        merge = self.image_processor.merge_size**2
+        if kind == "image":
+            vision = self.image_processor(images=[item], return_tensors="pt")
+            grid, token, keys = vision["image_grid_thw"], self.cfg.image_token_id, "image"
+        else:
+            if self.video_processor is None:
+                import transformers as tf
+
+                self.video_processor = tf.Qwen2VLVideoProcessor()
+            frames = np.stack([np.asarray(frame) for frame in item])
+            vision = self.video_processor(
+                videos=[frames], do_sample_frames=False, return_tensors="pt"
+            )
+            grid, token, keys = vision["video_grid_thw"], self.cfg.video_token_id, "video"
+        slots = int(grid.prod()) // merge
+        ids = [self.cfg.vision_start_token_id] + [token] * slots + [self.cfg.vision_end_token_id]
+        ids = torch.tensor([ids + text_ids(TEXT_TOKENS, seed, self.vocab)], device="cuda")
+        pixels = vision["pixel_values" if kind == "image" else "pixel_values_videos"]
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            ("pixel_values" if kind == "image" else "pixel_values_videos"): pixels.to(
+                "cuda", torch.bfloat16
+            ),
+            f"{keys}_grid_thw": grid.to("cuda"),
+        }
+        if kind == "video":
+            inputs["second_per_grid_ts"] = torch.tensor([2 / 24], device="cuda")
+        return inputs
 
     @torch.inference_mode()
     def _generate(self, inputs: dict, n: int):

@@ -72,17 +72,21 @@ class OurSide:
         weights_from=None,
         async_scheduling=True,
         decode_gemv=True,
+        max_model_len: int | None = None,
+        prefix_caching: bool = False,
     ):
+        """`max_model_len` (default 4096) and `prefix_caching` (default off: distinct inputs
+        everywhere) are for workloads of long media (`bench/media.py`)."""
         config = EngineConfig(
             dtype="bfloat16",
             dummy_weights=dummy_weights or weights_from is not None,
             skip_tokenizer_init=True,
-            max_model_len=min(4096, _max_positions(model_dir)),
+            max_model_len=max_model_len or min(4096, _max_positions(model_dir)),
             max_num_seqs=512,
             max_graph_batch=512,
             max_num_batched_tokens=16384,
             gpu_memory_utilization=0.85,
-            enable_prefix_caching=False,
+            enable_prefix_caching=prefix_caching,
             async_scheduling=async_scheduling,
             decode_gemv=decode_gemv,
         )

@@ -53,3 +53,15 @@ def test_user_path_workloads_run_end_to_end(tmp_path_factory, tmp_path, workload
         assert "captioning images/s" in out and "TTFT ms, first call" in out
     else:
         assert "server / offline" in out and "TTFT p50" in out
+
+
+def test_media_workload_runs_and_refuses_what_does_not_fit(tmp_path_factory, capsys):
+    """`--workload media` on a tiny checkpoint (max_model_len 2048): the images and the short
+    video run with a floor and a transformers time; the long videos are refused, not crashed."""
+    parser = argparse.ArgumentParser()
+    run = bench_command(parser)
+    ckpt = str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+    args = parser.parse_args([ckpt, "--workload", "media", "--json", "/dev/null"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert "448px" in out and "refused" in out

@@ -1,0 +1,189 @@
+"""`polymodal bench --workload media`: TTFT of large images and long videos against
+transformers and against the compute floor, in one run (issue 15).
+
+Inputs (photo-like, distinct per call): 448x448, 1920x1080 and 3840x2160 images; 16, 64 and
+256 frames of 1280x720 given as frame lists, each with 32 text tokens. For each: our TTFT from
+raw media to the first token (processing included; median of fresh inputs), the same input
+again (the encoder and prefix caches hit), and transformers' `generate(max_new_tokens=1)` on
+the same weights. The floor is the input's FLOPs (decoder GEMMs and causal attention, vision
+tower GEMMs, full- and window-attention) over the bf16 matrix rate measured in the same run.
+An input our engine refuses (over `max_model_len`) is reported with its error, never a crash.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polymodal.bench.workloads import TEXT_TOKENS, OurSide, _max_positions, text_ids
+from polymodal.processors.chat import MediaRef
+
+IMAGES = {"448px": (448, 448), "1080p": (1920, 1080), "4k": (3840, 2160)}
+VIDEOS = {"video16": 16, "video64": 64, "video256": 256}
+VIDEO_SIZE = (1280, 720)
+MAX_MODEL_LEN = 131072  # the engine's own limit for the long videos (Qwen2.5-VL: 128k)
+
+
+def photo(size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth random colour field with grain, `size` = (width, height)."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    pixels = np.asarray(base.resize(size, Image.BICUBIC), dtype=np.int16)
+    pixels += rng.integers(-6, 7, pixels.shape, dtype=np.int16)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def media(name: str, seed: int):
+    """(kind, media) for an input name: a PIL image or a list of video frames."""
+    if name in IMAGES:
+        return "image", photo(IMAGES[name], seed)
+    first = photo(VIDEO_SIZE, seed)
+    frames = [first.transform(VIDEO_SIZE, Image.AFFINE, (1, 0, i, 0, 1, 0)) for i in range(
+        VIDEOS[name])]  # fmt: skip
+    return "video", frames
+
+
+def matmul_tflops() -> float:
+    """bf16 8192^3 matrix product rate on this card (random data), TFLOP/s."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def input_flops(model, grid_thw: torch.Tensor, num_tokens: int) -> float:
+    """FLOPs of a prefill over `num_tokens` holding one media item of `grid_thw` patches:
+    2 per weight per token (decoder) or patch (tower), plus attention's two products."""
+    tower = model.visual
+    patches = int(grid_thw.prod())
+    t, h, w = (int(v) for v in grid_thw.reshape(-1))
+    tower_params = sum(p.numel() for p in tower.parameters())
+    vcfg = model.config.hf_config.vision_config
+    width, depth = vcfg.hidden_size, vcfg.depth
+    full = len(getattr(vcfg, "fullatt_block_indexes", None) or range(depth))
+    window = (getattr(vcfg, "window_size", 0) // vcfg.patch_size) ** 2 or h * w
+    per_slice = h * w  # attention segments are the frames of one temporal patch
+    tower_attn = 4 * width * (full * t * per_slice**2 + (depth - full) * patches * window)
+    layers = model.model.layers
+    decoder_params = sum(p.numel() for p in layers.parameters())
+    cfg = model.config
+    attn = 2 * len(layers) * cfg.num_heads * cfg.head_dim * num_tokens**2  # causal: half of 4
+    return 2 * tower_params * patches + tower_attn + 2 * decoder_params * num_tokens + attn
+
+
+def ours_ttft(ours: OurSide, name: str, seeds: list[int], again: bool) -> dict:
+    """Median TTFT (ms) over fresh inputs; with `again`, also the last input repeated."""
+    cfg = ours.processor.config
+    times, last, tokens, grid = [], None, 0, None
+    for seed in seeds:
+        kind, item = media(name, seed)
+        token = cfg.image_token_id if kind == "image" else cfg.video_token_id
+        ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1]
+        ids += text_ids(TEXT_TOKENS, seed, ours.vocab)
+        last = (ids, kind, item)
+        times.append(_first_token_ms(ours, ids, kind, item))
+        prompt = ours.processor.process_tokens(ids, [MediaRef(kind, item)])
+        tokens, grid = len(prompt.token_ids), prompt.mm_items[0].data["grid_thw"]
+    out = {"ttft_ms": statistics.median(times), "prompt_tokens": tokens, "grid_thw": grid}
+    if again:
+        out["repeat_ttft_ms"] = _first_token_ms(ours, *last)
+    return out
+
+
+def _first_token_ms(ours: OurSide, ids, kind, item) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    prompt = ours.processor.process_tokens(ids, [MediaRef(kind, item)])
+    ours.model.stage(prompt.mm_items)
+    request_id = ours._add(prompt, 1)
+    while not any(o.request_id == request_id for o in ours.engine.step()):
+        pass
+    elapsed = (time.perf_counter() - start) * 1e3
+    ours.engine.step()  # resolve a step left in flight
+    return elapsed
+
+
+def hf_ttft(hf, name: str, seeds: list[int]) -> float:
+    """transformers: processor + `generate(max_new_tokens=1)`, median over fresh inputs."""
+    times = []
+    for seed in seeds:
+        kind, item = media(name, seed)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf._generate(hf.media_inputs(kind, item, seed), 1)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_bench(args) -> dict:
+    from polymodal.bench import resolve_bench_model
+    from polymodal.bench.hf import HFSide
+
+    if not torch.cuda.is_available():
+        raise SystemExit("polymodal bench needs a CUDA device")
+    model_dir = resolve_bench_model(args.model)
+    rate = matmul_tflops()
+    results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "model": str(args.model), "workload": "media", "matmul_tflops": rate}  # fmt: skip
+    hf = None if args.skip_hf else HFSide(model_dir)
+    if hf is not None:
+        hf.model.to("cpu")  # each side has the GPU to itself
+        torch.cuda.empty_cache()
+    max_len = min(MAX_MODEL_LEN, _max_positions(model_dir))
+    ours = OurSide(model_dir, dummy_weights=True, weights_from=hf and hf.model,
+                   max_model_len=max_len, prefix_caching=True)  # fmt: skip
+    ours_ttft(ours, "448px", [900, 901], again=False)  # warm-up (compiles, graph capture)
+    rows = {}
+    for name in [*IMAGES, *VIDEOS]:
+        seeds = [11, 12, 13] if name in IMAGES or VIDEOS.get(name, 0) <= 16 else [11]
+        try:
+            row = ours_ttft(ours, name, seeds, again=True)
+        except Exception as exc:  # noqa: BLE001 - reported: the engine must survive it
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        flops = input_flops(ours.model, row.pop("grid_thw"), row["prompt_tokens"])
+        row["floor_ms"] = flops / (rate * 1e12) * 1e3
+        row["fraction_of_floor"] = row["floor_ms"] / row["ttft_ms"]
+        rows[name] = row
+    ours.free()
+    if hf is not None:
+        hf.model.to("cuda")
+        for name, row in rows.items():
+            if "error" not in row and VIDEOS.get(name, 0) <= 64:
+                row["hf_ttft_ms"] = hf_ttft(hf, name, [21, 22] if name in IMAGES else [21])
+                row["speedup"] = row["hf_ttft_ms"] / row["ttft_ms"]
+    results["inputs"] = rows
+    return results
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['card']}  {r['date']}  {r['model']}  (media; bf16 GEMM "
+          f"{r['matmul_tflops']:.0f} TFLOP/s)")  # fmt: skip
+    head = ("input", "tokens", "TTFT ms", "again ms", "floor ms", "% floor", "HF ms", "x HF")
+    print("{:10s} {:>7s} {:>9s} {:>9s} {:>9s} {:>8s} {:>9s} {:>6s}".format(*head))
+    for name, row in r["inputs"].items():
+        if "error" in row:
+            print(f"{name:10s} refused: {row['error'][:90]}")
+            continue
+        cells = [
+            ("{:7d}", row["prompt_tokens"]),
+            ("{:9.1f}", row["ttft_ms"]),
+            ("{:9.1f}", row["repeat_ttft_ms"]),
+            ("{:9.1f}", row["floor_ms"]),
+            ("{:7.0f}%", 100 * row["fraction_of_floor"]),
+            ("{:9.1f}", row.get("hf_ttft_ms")),
+            ("{:6.1f}", row.get("speedup")),
+        ]
+        text = [f.format(v) if v is not None else "-".rjust(len(f.format(0))) for f, v in cells]
+        print(f"{name:10s} " + " ".join(text))
