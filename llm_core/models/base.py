@@ -25,11 +25,13 @@ class ModelBase(nn.Module):
 
     Declared as data (class attributes; see `llm_core/weights.py`): `packed_modules_mapping`
     (checkpoint shards -> fused parameters), `weight_name_remap` (prefix renames),
-    `ignored_weights` (regexes of checkpoint tensors the model does not use). Instances may set
-    `tied_parameters` (parameters shared with another, absent from the checkpoint).
+    `ignored_weights` (regexes of checkpoint tensors the model does not use),
+    `expert_modules_mapping` (per-expert tensors -> stacked expert parameters). Instances may
+    set `tied_parameters` (parameters shared with another, absent from the checkpoint).
     """
 
     packed_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
+    expert_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
     weight_name_remap: ClassVar[list[tuple[str, str]]] = []
     ignored_weights: ClassVar[tuple[str, ...]] = ()
 
@@ -51,6 +53,7 @@ class ModelBase(nn.Module):
             remap=self.weight_name_remap,
             ignore=self.ignored_weights,
             tied=self.tied_parameters,
+            experts=self.expert_modules_mapping,
         )
 
     def attention_layers(self) -> list[AttentionLayer]:
