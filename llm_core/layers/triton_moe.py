@@ -29,7 +29,9 @@ GEMV_MAX_TOKENS = 1
 
 
 @triton.jit
-def _epilogue(acc, acc_up, weights_ptr, pair, valid, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr):
+def _epilogue(
+    acc, acc_up, weights_ptr, pair, valid, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr
+):
     if SILU_MUL:  # silu(gate) * up, in fp32
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if WEIGHTED:  # the routing weight of each pair
@@ -171,7 +173,8 @@ def align_pairs(
     ends = torch.cumsum(padded, 0)
     order = torch.argsort(ids, stable=True)  # pair ids, grouped by expert in pair order
     expert_of = ids[order]
-    rank = torch.arange(num_pairs, device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=ids.device) - first_of_expert[expert_of]
     # at most min(pairs, experts) runs are non-empty, each padded by < block_m
     size = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
     size = triton.cdiv(size, block_m) * block_m

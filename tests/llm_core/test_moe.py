@@ -48,8 +48,14 @@ def test_mixtral_router_renormalizes():
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2), (8, 3)])
 def test_grouped_sigmoid_router_matches_deepseek_v3(groups):
     n_group, topk_group = groups
-    cfg = tf.DeepseekV3Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4,
-                              n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5)
+    cfg = tf.DeepseekV3Config(
+        hidden_size=32,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=2.5,
+    )
     ref = tf.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter(cfg)
     nn.init.normal_(ref.weight)
     nn.init.normal_(ref.e_score_correction_bias)
