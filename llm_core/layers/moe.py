@@ -27,6 +27,17 @@ from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.norm import DeferredNorm
 
+# Per-expert checkpoint tensors -> (stacked parameter, shard): HF's gate/up/down names and
+# Mixtral's w1 (gate) / w3 (up) / w2 (down). A model's `expert_modules_mapping`.
+HF_EXPERT_MAPPING = {
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+    "w1": ("gate_up_proj", 0),
+    "w3": ("gate_up_proj", 1),
+    "w2": ("down_proj", 0),
+}
+
 
 @dataclass(frozen=True)
 class RouterConfig:

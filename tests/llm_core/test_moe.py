@@ -8,7 +8,14 @@ import torch
 import transformers as tf
 from torch import nn
 
-from polymodal.llm_core.layers.moe import FusedMoE, Router, RouterConfig, SparseMoeBlock, route
+from polymodal.llm_core.layers.moe import (
+    HF_EXPERT_MAPPING,
+    FusedMoE,
+    Router,
+    RouterConfig,
+    SparseMoeBlock,
+    route,
+)
 from polymodal.llm_core.models.base import ModelBase
 
 
@@ -79,14 +86,7 @@ def test_group_choice_uses_the_correction_bias_but_weights_do_not():
 
 
 class ToyMoE(ModelBase):
-    expert_modules_mapping = {
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-        "down_proj": ("down_proj", 0),
-        "w1": ("gate_up_proj", 0),
-        "w3": ("gate_up_proj", 1),
-        "w2": ("down_proj", 0),
-    }
+    expert_modules_mapping = HF_EXPERT_MAPPING
 
     def __init__(self):
         super().__init__()
