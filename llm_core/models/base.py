@@ -16,7 +16,7 @@ from torch import nn
 
 from polymodal.llm_core import weights
 from polymodal.llm_core.attention.layer import AttentionLayer
-from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
+from polymodal.llm_core.kv_cache_spec import KVCacheSpec
 from polymodal.llm_core.layers import fused_ops
 
 
@@ -62,7 +62,7 @@ class ModelBase(nn.Module):
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         """What each layer keeps in the KV cache, from its attention spec."""
-        return [kv_spec_of(layer.spec) for layer in self.attention_layers()]
+        return [layer.kv_cache_spec() for layer in self.attention_layers()]
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head's output `[num_rows, vocab]` in the model dtype (a model may post-process
