@@ -141,7 +141,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     if graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
         prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
-        if prefill_tokens > 0:
+        if prefill_tokens > 0 and getattr(net, "supports_prefill_graphs", True):
             runner.capture_prefill_graphs(prefill_tokens, max_len)
         if supports_multimodal(net):
             net.enable_cuda_graphs(tower_graphs)

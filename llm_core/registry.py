@@ -48,6 +48,7 @@ MODELS: dict[str, ModelRow] = {
     "NemotronForCausalLM": ModelRow(_M + "nemotron:NemotronForCausalLM"),
     "MixtralForCausalLM": ModelRow(_M + "mixtral:MixtralForCausalLM"),
     "Qwen3MoeForCausalLM": ModelRow(_M + "mixtral:Qwen3MoeForCausalLM"),
+    "DeepseekV3ForCausalLM": ModelRow(_M + "deepseek_v3:DeepseekV3ForCausalLM"),
     "BertForSequenceClassification": ModelRow(
         _M + "bert:BertForSequenceClassification", task="classify"
     ),

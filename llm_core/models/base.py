@@ -34,6 +34,8 @@ class ModelBase(nn.Module):
     expert_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
     weight_name_remap: ClassVar[list[tuple[str, str]]] = []
     ignored_weights: ClassVar[tuple[str, ...]] = ()
+    #: whether the engine may capture CUDA graphs of small prefill steps (`PrefillGraphs`)
+    supports_prefill_graphs: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -35,6 +35,8 @@ FAMILIES = {  # demo name: overrides
     "mixtral_top2_window_8": {"num_experts_per_tok": 2, "sliding_window": 8},
     "qwen3_moe": {},
     "qwen3_moe_sparse_step_2": {"decoder_sparse_step": 2, "mlp_only_layers": []},
+    "deepseek_v3": {},
+    "deepseek_v3_no_q_lora": {"q_lora_rank": None, "rope_interleave": False},
 }
 
 
