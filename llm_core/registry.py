@@ -49,6 +49,8 @@ MODELS: dict[str, ModelRow] = {
     "MixtralForCausalLM": ModelRow(_M + "mixtral:MixtralForCausalLM"),
     "Qwen3MoeForCausalLM": ModelRow(_M + "mixtral:Qwen3MoeForCausalLM"),
     "DeepseekV3ForCausalLM": ModelRow(_M + "deepseek_v3:DeepseekV3ForCausalLM"),
+    "DeciLMForCausalLM": ModelRow(_M + "decilm:DeciLMForCausalLM"),
+    "NemotronNASForCausalLM": ModelRow(_M + "decilm:DeciLMForCausalLM"),
     "BertForSequenceClassification": ModelRow(
         _M + "bert:BertForSequenceClassification", task="classify"
     ),
