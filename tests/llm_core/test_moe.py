@@ -133,3 +133,17 @@ def test_dense_path_matches_transformers_experts():
 def test_expert_bytes():
     experts = FusedMoE(4, 16, 8)
     assert experts.expert_bytes() == 3 * 16 * 8 * 4  # gate, up, down in fp32
+
+
+def test_stacked_tensors_load_whole():
+    """transformers v5's in-memory layout (`experts.gate_up_proj [E, 2I, H]`, as its
+    `state_dict()` names them) loads as is: the bench hands our model transformers' tensors."""
+    tensors = {
+        "mlp.gate.weight": torch.randn(3, 8),
+        "mlp.experts.gate_up_proj": torch.randn(3, 10, 8),
+        "mlp.experts.down_proj": torch.randn(3, 8, 5),
+    }
+    model = ToyMoE()
+    model.load_weights(tensors.items())
+    assert torch.equal(model.mlp.experts.gate_up_proj, tensors["mlp.experts.gate_up_proj"])
+    assert torch.equal(model.mlp.experts.down_proj, tensors["mlp.experts.down_proj"])
