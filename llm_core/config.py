@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from polymodal.llm_core.errors import ModelLoadError
-from polymodal.llm_core.registry import check_supported
+from polymodal.llm_core.registry import check_supported, model_class
 
 _DTYPES = {
     "float32": torch.float32,
@@ -71,8 +71,10 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
     # The architecture first: an unserved one (Whisper, BERT for masked LM, ...) is named as
     # such, whatever fields its config has or lacks.
     check_supported(archs[0])
+    # a model class may parse configs transformers does not know (DeciLM's "nemotron-nas")
+    config_class = getattr(model_class(archs[0]), "hf_config_class", None) or AutoConfig
     try:
-        hf = AutoConfig.from_pretrained(model_dir)
+        hf = config_class.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
     text = hf.get_text_config()

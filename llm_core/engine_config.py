@@ -141,7 +141,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     if graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
         prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
-        if prefill_tokens > 0:
+        if prefill_tokens > 0 and getattr(net, "supports_prefill_graphs", True):
             runner.capture_prefill_graphs(prefill_tokens, max_len)
         if supports_multimodal(net):
             net.enable_cuda_graphs(tower_graphs)
@@ -154,9 +154,8 @@ def _num_blocks(
 ) -> int:
     if not layout.slots:
         return 1  # no layer keeps a KV cache
-    kv_heads, head_dim = layout.page_shape()
     # a block id is one page of every slot tensor
-    per_block = 2 * layout.slots * cfg.block_size * kv_heads * head_dim * mc.dtype.itemsize
+    per_block = layout.block_elements(cfg.block_size) * mc.dtype.itemsize
     if device.type == "cuda":
         # Weights are already on the card: what is free now, less the share we leave alone
         # and 1 GiB of headroom for activations, holds the KV cache.
@@ -191,7 +190,8 @@ def _allocate_kv_caches(layout: KVCacheLayout, num_blocks, block_size, dtype, de
     """Per layer its cache tensor (slot s of every group shares tensor s), None without one."""
     if not layout.slots:
         return [None] * len(layout.layer_slot)
-    kv_heads, head_dim = layout.page_shape()
-    shape = (2, num_blocks, block_size, kv_heads, head_dim)
-    tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.slots)]
+    tensors = [
+        torch.zeros(layout.cache_shape(s, num_blocks, block_size), dtype=dtype, device=device)
+        for s in range(layout.slots)
+    ]
     return [None if s is None else tensors[s[1]] for s in layout.layer_slot]

@@ -1,9 +1,14 @@
 """What each layer keeps in the KV cache (`KVCacheSpec`), and how layers share memory
-(`KVCacheLayout`): layers group by spec; every group holds the same number of layers (`slots`),
-and slot `s` of every group lives in the same tensor, so a block id is one page of `slots`
-layers of whichever group owns it. All groups draw blocks from one pool; each request holds one
-block table per group. A model whose layers all share a spec has one group of all its layers:
-today's layout (one tensor per layer, one block table).
+(`KVCacheLayout`): layers group by how their blocks are held (kind and window); every group
+holds the same number of layers (`slots`), and slot `s` of every group lives in the same tensor,
+so a block id is one page of `slots` layers of whichever group owns it. All groups draw blocks
+from one pool; each request holds one block table per group. A model whose layers all share a
+spec has one group of all its layers: today's layout (one tensor per layer, one block table).
+
+Each slot tensor has its own page shape, `[planes, num_blocks, block_size, kv_heads, head_dim]`:
+2 planes (keys, values) for attention caches, 1 for an MLA latent cache (`[..., 1,
+kv_lora_rank + rope_dim]`, one vector per token). Layers of one group may differ in page shape
+(DeciLM's per-layer kv-head counts); the layers sharing a slot across groups may not.
 
 Pure Python: the runner allocates the tensors the layout describes.
 """
@@ -15,20 +20,35 @@ from dataclasses import dataclass, field
 
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
-FULL, SLIDING, CHUNKED, NONE = "full", "sliding", "chunked", "none"
-# Room for more kinds: "mla" (one latent vector per token), "cross" (encoder states computed
-# once per request): each is a spec kind with its own `first_needed` rule and page shape.
+FULL, SLIDING, CHUNKED, NONE, MLA = "full", "sliding", "chunked", "none", "mla"
+# Room for more kinds: "cross" (encoder states computed once per request), a spec kind with its
+# own `first_needed` rule and page shape.
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """One layer's KV cache: `kind` (full, sliding, chunked, none), the window or chunk size,
-    and the page shape (kv heads, head dim)."""
+    """One layer's KV cache: `kind` (full, sliding, chunked, none, mla), the window or chunk
+    size, and the page shape (kv heads, head dim; MLA: 1 head of the latent + rope dims)."""
 
     kind: str
     window: int | None = None
     num_kv_heads: int = 0
     head_dim: int = 0
+
+    @property
+    def planes(self) -> int:
+        """Tensors per token and head: keys and values, or MLA's one latent vector."""
+        return 1 if self.kind == MLA else 2
+
+    @property
+    def page_shape(self) -> tuple[int, int, int]:
+        """(planes, kv heads, head dim) of one token's cache."""
+        return self.planes, self.num_kv_heads, self.head_dim
+
+    @property
+    def block_table_kind(self) -> tuple[str, int | None]:
+        """What decides which blocks a request holds: layers equal in it share a block table."""
+        return self.kind, self.window
 
     @property
     def is_windowed(self) -> bool:
@@ -74,8 +94,9 @@ class KVCacheLayout:
     None for a layer without a KV cache."""
 
     groups: list[KVCacheGroup]
-    slots: int  # tensors, each `[2, num_blocks, block_size, kv_heads, head_dim]`
+    slots: int  # tensors, slot s `[planes, num_blocks, block_size, kv_heads, head_dim]`
     layer_slot: list[tuple[int, int] | None]
+    slot_shapes: list[tuple[int, int, int]] = field(default_factory=list)  # (planes, heads, dim)
 
     @property
     def num_groups(self) -> int:
@@ -86,8 +107,22 @@ class KVCacheLayout:
         return any(g.spec.is_windowed for g in self.groups)
 
     def page_shape(self) -> tuple[int, int]:
-        spec = self.groups[0].spec
-        return spec.num_kv_heads, spec.head_dim
+        """(kv heads, head dim) of slot 0's tensor."""
+        return self.slot_shapes[0][1:]
+
+    def cache_shape(self, slot: int, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Slot `slot`'s tensor: `[planes, num_blocks, block_size, kv_heads, head_dim]`."""
+        planes, heads, dim = self.slot_shapes[slot]
+        return planes, num_blocks, block_size, heads, dim
+
+    def block_elements(self, block_size: int) -> int:
+        """Elements one block id holds across every slot tensor."""
+        return block_size * sum(math.prod(shape) for shape in self.slot_shapes)
+
+    def token_elements(self, group: int) -> int:
+        """Elements one token takes in group `group`'s layers."""
+        slots = range(len(self.groups[group].layers))
+        return sum(math.prod(self.slot_shapes[s]) for s in slots)
 
     def layer_groups(self) -> list[int | None]:
         """Per layer: its group index (None without a KV cache)."""
@@ -104,30 +139,34 @@ MAX_PADDING = 0.15
 
 
 def plan_layout(specs: list[KVCacheSpec]) -> KVCacheLayout:
-    """Group layers by spec (order of first appearance) into groups of equal size."""
-    by_spec: dict[KVCacheSpec, list[int]] = {}
+    """Group layers by block-table kind (order of first appearance) into groups of equal size;
+    slot s of every group shares one tensor (its layers need one page shape)."""
+    by_kind: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
         if spec.kind != NONE:
-            by_spec.setdefault(spec, []).append(i)
+            by_kind.setdefault(spec.block_table_kind, []).append(i)
     layer_slot: list[tuple[int, int] | None] = [None] * len(specs)
-    if not by_spec:
+    if not by_kind:
         return KVCacheLayout([], 0, layer_slot)
-    shapes = {(s.num_kv_heads, s.head_dim) for s in by_spec}
-    if len(shapes) > 1:
-        raise NotImplementedError(
-            f"layers with different KV page shapes (kv heads, head dim) {sorted(shapes)} need "
-            "per-group tensors, not implemented yet"
-        )
-    counts = [len(layers) for layers in by_spec.values()]
+    counts = [len(layers) for layers in by_kind.values()]
     size = min(counts)
     padding = sum(-(-c // size) * size - c for c in counts)
     if padding > MAX_PADDING * (sum(counts) + padding):
         size = math.gcd(*counts)
     groups = []
-    for spec, layers in by_spec.items():
+    for layers in by_kind.values():
         for start in range(0, len(layers), size):
-            groups.append(KVCacheGroup(spec, layers[start : start + size]))
+            chunk = layers[start : start + size]
+            groups.append(KVCacheGroup(specs[chunk[0]], chunk))
+    slot_shapes: list[set] = [set() for _ in range(size)]
     for g, group in enumerate(groups):
         for slot, layer in enumerate(group.layers):
             layer_slot[layer] = (g, slot)
-    return KVCacheLayout(groups, size, layer_slot)
+            slot_shapes[slot].add(specs[layer].page_shape)
+    mixed = [sorted(shapes) for shapes in slot_shapes if len(shapes) > 1]
+    if mixed:
+        raise NotImplementedError(
+            f"layers of different kinds with different KV page shapes (planes, kv heads, head "
+            f"dim) {mixed[0]} would share a cache tensor: not implemented yet"
+        )
+    return KVCacheLayout(groups, size, layer_slot, [shapes.pop() for shapes in slot_shapes])

@@ -46,6 +46,11 @@ MODELS: dict[str, ModelRow] = {
     "Gemma3ForCausalLM": ModelRow(_M + "gemma3:Gemma3ForCausalLM"),
     "Exaone4ForCausalLM": ModelRow(_M + "exaone4:Exaone4ForCausalLM"),
     "NemotronForCausalLM": ModelRow(_M + "nemotron:NemotronForCausalLM"),
+    "MixtralForCausalLM": ModelRow(_M + "mixtral:MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ModelRow(_M + "mixtral:Qwen3MoeForCausalLM"),
+    "DeepseekV3ForCausalLM": ModelRow(_M + "deepseek_v3:DeepseekV3ForCausalLM"),
+    "DeciLMForCausalLM": ModelRow(_M + "decilm:DeciLMForCausalLM"),
+    "NemotronNASForCausalLM": ModelRow(_M + "decilm:DeciLMForCausalLM"),
     "BertForSequenceClassification": ModelRow(
         _M + "bert:BertForSequenceClassification", task="classify"
     ),

@@ -7,9 +7,11 @@ they call with what they declare, as data:
   `ignore`  regexes of checkpoint names the model does not use (a pooling model's `lm_head`,
             multi-token-prediction layers, ...): skipped, never "unexpected"
   `tied`    {"lm_head.weight": "model.embed_tokens.weight"}: parameters shared with another
+  `experts` {"gate_proj": ("gate_up_proj", 0), ...}: per-expert checkpoint tensors
+            `<prefix>.experts.<e>.<name>.weight` -> the stacked `<prefix>.experts.<fused>`
+            parameter, shard id `(e, shard)` (HF's names; Mixtral's w1/w2/w3 alike)
 Each fused parameter carries a `weight_loader(param, tensor, shard_id)` that copies the
-shard into its slice (stacked experts will use the same seam, with (expert, shard) ids).
-Missing, unexpected and mis-shaped tensors raise ModelLoadError.
+shard into its slice. Missing, unexpected and mis-shaped tensors raise ModelLoadError.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from polymodal.llm_core.errors import ModelLoadError
 
 # Buffers some checkpoints carry that we recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# One expert's tensor in a checkpoint: (prefix ending in ".experts", expert index, projection)
+_EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -73,9 +77,10 @@ def load_weights(
     remap: Sequence[tuple[str, str]] = (),
     ignore: Sequence[str] = (),
     tied: Mapping[str, str] | None = None,
+    experts: Mapping[str, tuple[str, object]] | None = None,
 ) -> None:
-    """Load `weights` into `model` by HF name, following the packing / remap / ignore / tied
-    tables the model declares (see the module docstring)."""
+    """Load `weights` into `model` by HF name, following the packing / remap / ignore / tied /
+    experts tables the model declares (see the module docstring)."""
     packed = packed or {}
     tied = tied or {}
     skip = re.compile("|".join(f"(?:{p})" for p in ignore)) if ignore else None
@@ -93,7 +98,14 @@ def load_weights(
                 name = new + name[len(old) :]
                 break
         target, shard_id = name, None
-        for shard_name, (fused_name, sid) in packed.items():
+        expert = _EXPERT_NAME.match(name) if experts else None
+        if expert is not None and expert.group(3) in experts:
+            fused_name, sid = experts[expert.group(3)]
+            target, shard_id = f"{expert.group(1)}.{fused_name}", (int(expert.group(2)), sid)
+            packed_items = ()
+        else:
+            packed_items = packed.items()
+        for shard_name, (fused_name, sid) in packed_items:
             fused = name.replace(f".{shard_name}.", f".{fused_name}.")
             if fused != name and fused in params:  # unfused towers keep their own names
                 target, shard_id = fused, sid

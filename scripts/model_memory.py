@@ -33,12 +33,12 @@ def memory(model_dir: str, tokens: int, dtype: str, block_size: int = 16) -> dic
     params = {id(p): p.numel() for p in model.parameters()}  # tied weights once
     weight_bytes = sum(params.values()) * cfg.dtype.itemsize
     layout = plan_layout(model.kv_cache_specs())
-    held = 0
-    for group in layout.groups:
+    held = kv_elements = 0
+    for g, group in enumerate(layout.groups):
         blocks = group.spec.max_blocks(tokens, block_size, 1)  # decode: one token a step
         held += blocks * block_size * len(group.layers)
-    kv_heads, head_dim = layout.page_shape() if layout.slots else (0, 0)
-    kv_bytes = held * 2 * kv_heads * head_dim * cfg.dtype.itemsize
+        kv_elements += blocks * block_size * layout.token_elements(g)
+    kv_bytes = kv_elements * cfg.dtype.itemsize
     num_layers = max(1, len(layout.layer_slot))
     return {
         "architecture": cfg.architecture,

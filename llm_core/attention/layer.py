@@ -11,6 +11,7 @@ from torch import nn
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
 from polymodal.llm_core.layers import fused_ops
 
 
@@ -56,6 +57,10 @@ class AttentionLayer(nn.Module):
         self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache, meta, self.spec)
         return out.reshape(num_tokens, -1)  # [num_tokens, heads * head_dim]
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """What this layer keeps in the KV cache (from its attention spec)."""
+        return kv_spec_of(self.spec)
 
     def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache) -> bool:
         """Decode with a backend that rotates and stores inside its kernel, where the rotary

@@ -16,7 +16,7 @@ from torch import nn
 
 from polymodal.llm_core import weights
 from polymodal.llm_core.attention.layer import AttentionLayer
-from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
+from polymodal.llm_core.kv_cache_spec import KVCacheSpec
 from polymodal.llm_core.layers import fused_ops
 
 
@@ -25,13 +25,20 @@ class ModelBase(nn.Module):
 
     Declared as data (class attributes; see `llm_core/weights.py`): `packed_modules_mapping`
     (checkpoint shards -> fused parameters), `weight_name_remap` (prefix renames),
-    `ignored_weights` (regexes of checkpoint tensors the model does not use). Instances may set
-    `tied_parameters` (parameters shared with another, absent from the checkpoint).
+    `ignored_weights` (regexes of checkpoint tensors the model does not use),
+    `expert_modules_mapping` (per-expert tensors -> stacked expert parameters). Instances may
+    set `tied_parameters` (parameters shared with another, absent from the checkpoint).
     """
 
     packed_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
+    expert_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {}
     weight_name_remap: ClassVar[list[tuple[str, str]]] = []
     ignored_weights: ClassVar[tuple[str, ...]] = ()
+    #: whether the engine may capture CUDA graphs of small prefill steps (`PrefillGraphs`)
+    supports_prefill_graphs: ClassVar[bool] = True
+    #: the transformers config class parsing this model's config.json, for model types
+    #: transformers does not know (None: `AutoConfig`)
+    hf_config_class: ClassVar[type | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,6 +58,7 @@ class ModelBase(nn.Module):
             remap=self.weight_name_remap,
             ignore=self.ignored_weights,
             tied=self.tied_parameters,
+            experts=self.expert_modules_mapping,
         )
 
     def attention_layers(self) -> list[AttentionLayer]:
@@ -59,7 +67,7 @@ class ModelBase(nn.Module):
 
     def kv_cache_specs(self) -> list[KVCacheSpec]:
         """What each layer keeps in the KV cache, from its attention spec."""
-        return [kv_spec_of(layer.spec) for layer in self.attention_layers()]
+        return [layer.kv_cache_spec() for layer in self.attention_layers()]
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head's output `[num_rows, vocab]` in the model dtype (a model may post-process

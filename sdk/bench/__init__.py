@@ -24,6 +24,10 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
     "gemma-3-12b": CONFIGS / "gemma_3_12b",  # text decoder only: no engine workload yet
+    # MoE decoders (text only, no engine workload yet: docs/performance.md says what to run)
+    "qwen3-30b-a3b": CONFIGS / "qwen3_30b_a3b",
+    "mixtral-8x7b": CONFIGS / "mixtral_8x7b",
+    "deepseek-v3-reduced": CONFIGS / "deepseek_v3_reduced",  # 3 of 61 layers: its README
 }
 WORKLOADS = ("engine", "paths", "serve", "media")
 

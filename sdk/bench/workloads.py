@@ -37,6 +37,22 @@ def decoder_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
 
 
+def active_decoder_bytes(model, num_tokens: int = 1) -> float:
+    """Bytes a decode step of `num_tokens` sequences reads when MoE layers read only the experts
+    chosen: `decoder_bytes` less the experts no token picked. One token reads exactly `top_k`
+    experts a layer; more count the experts expected under uniform routing,
+    `E * (1 - (1 - top_k / E) ** num_tokens)`."""
+    from polymodal.llm_core.layers.moe import SparseMoeBlock
+
+    total = float(decoder_bytes(model))
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            experts, top_k = block.experts.num_experts, block.gate.cfg.top_k
+            chosen = experts * (1 - (1 - top_k / experts) ** num_tokens)
+            total -= (experts - chosen) * block.experts.expert_bytes()
+    return total
+
+
 def caption_rates(images: int, output_tokens: int, seconds: float) -> dict:
     """The captioning numbers both sides report."""
     return {

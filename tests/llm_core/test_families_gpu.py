@@ -31,11 +31,21 @@ FAMILIES = {  # demo name: overrides
     "exaone4": {},
     "exaone4_global_first": {"layer_types": ["full_attention"] + ["sliding_attention"] * 3},
     "nemotron": {},
+    "mixtral": {},
+    "mixtral_top2_window_8": {"num_experts_per_tok": 2, "sliding_window": 8},
+    "qwen3_moe": {},
+    "qwen3_moe_sparse_step_2": {"decoder_sparse_step": 2, "mlp_only_layers": []},
+    "deepseek_v3": {},
+    "deepseek_v3_no_q_lora": {"q_lora_rank": None, "rope_interleave": False},
 }
 
 
 def _checkpoint(tmp_path_factory, name):
-    return tiny_checkpoint(tmp_path_factory, name.split("_")[0], **FAMILIES[name])
+    from polymodal.demo_model import tiny_configs
+
+    # the demo architecture: the longest demo name the family name starts with
+    arch = max((a for a in tiny_configs() if name == a or name.startswith(a + "_")), key=len)
+    return tiny_checkpoint(tmp_path_factory, arch, **FAMILIES[name])
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -10,6 +10,7 @@ from polymodal.llm_core.kv_cache import KVCacheManager
 from polymodal.llm_core.kv_cache_spec import (
     CHUNKED,
     FULL,
+    MLA,
     NONE,
     SLIDING,
     KVCacheSpec,
@@ -60,6 +61,29 @@ def test_layers_without_kv_and_mismatched_pages():
     assert plan_layout([none, none]).slots == 0
     with pytest.raises(NotImplementedError, match="page shapes"):
         plan_layout([FULL_SPEC, KVCacheSpec(SLIDING, 8, 2, 32)])
+
+
+def test_one_group_may_mix_page_shapes():
+    """DeciLM's layers differ in kv heads (and skip attention): one block table, each layer its
+    own tensor shape; a block id holds one page of each."""
+    specs = [KVCacheSpec(FULL, None, 8, 16), KVCacheSpec(NONE), KVCacheSpec(FULL, None, 1, 16),
+             KVCacheSpec(FULL, None, 2, 16)]  # fmt: skip
+    layout = plan_layout(specs)
+    assert layout.num_groups == 1 and layout.slots == 3
+    assert layout.layer_slot == [(0, 0), None, (0, 1), (0, 2)]
+    assert [layout.cache_shape(s, 10, 4) for s in range(3)] == [
+        (2, 10, 4, 8, 16), (2, 10, 4, 1, 16), (2, 10, 4, 2, 16)
+    ]  # fmt: skip
+    assert layout.block_elements(4) == 4 * 2 * 16 * (8 + 1 + 2)
+    assert layout.token_elements(0) == 2 * 16 * 11
+
+
+def test_mla_latent_cache_is_one_plane_of_one_vector_per_token():
+    spec = KVCacheSpec(MLA, None, 1, 512 + 64)  # DeepSeek-V3: kv_lora_rank + qk_rope_head_dim
+    layout = plan_layout([spec] * 3)
+    assert spec.planes == 1 and not spec.is_windowed and spec.first_needed(1000) == 0
+    assert layout.num_groups == 1 and layout.cache_shape(0, 7, 16) == (1, 7, 16, 1, 576)
+    assert layout.token_elements(0) == 3 * 576  # (rank + rope) x layers per token
 
 
 def _req(tokens, rid="r", max_tokens=8):

@@ -1,0 +1,238 @@
+"""Mixture of experts: the router, the stacked experts and the sparse block around them.
+
+- `route` picks each token's `top_k` experts and their weights: softmax top-k with or without
+  renormalisation (Mixtral, Qwen3-MoE), or DeepSeek-V3's sigmoid scores + a correction bias
+  (used for the choice only) + grouped top-k (`num_groups` groups ranked by the sum of their two
+  best scores, experts chosen from the best `topk_groups`), times `scaling`.
+- `FusedMoE` holds every expert's weights stacked, `gate_up_proj [E, 2 * I, H]` (`[gate | up]`
+  rows) and `down_proj [E, H, I]` (transformers v5's in-memory layout), loaded from per-expert
+  checkpoint tensors by the model's `expert_modules_mapping`. Its `ExpertsMethod` owns the
+  weights and the product (the seam quantized experts plug into, like `LinearMethod`):
+  unquantized, the Triton kernels on CUDA (`triton_moe.fused_experts`: tokens sorted and padded
+  by expert, gate_up and down as grouped GEMMs, SiLU*mul and the routing weight in their
+  epilogues; one token: a GEMV per chosen expert that reads only those experts' weights) and
+  the dense per-expert loop of transformers elsewhere (the CPU reference).
+- `SparseMoeBlock`: router (`gate`), experts and optional shared experts, HF's names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.llm_core.layers import fused_ops
+from polymodal.llm_core.layers.activation import silu_and_mul
+from polymodal.llm_core.layers.norm import DeferredNorm
+
+# Per-expert checkpoint tensors -> (stacked parameter, shard): HF's gate/up/down names and
+# Mixtral's w1 (gate) / w3 (up) / w2 (down). A model's `expert_modules_mapping`.
+HF_EXPERT_MAPPING = {
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+    "w1": ("gate_up_proj", 0),
+    "w3": ("gate_up_proj", 1),
+    "w2": ("down_proj", 0),
+}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a router turns logits `[T, E]` into `top_k` experts per token.
+
+    `scoring`: "softmax" (probabilities over all experts) or "sigmoid" (DeepSeek-V3: independent
+    scores; a correction bias shifts the choice, not the weights). `renormalize`: the chosen
+    weights are divided by their sum. `num_groups` / `topk_groups`: experts split into groups,
+    tokens choose only from the `topk_groups` best groups (ranked by their two best scores).
+    `scaling`: the final weights are multiplied by it (`routed_scaling_factor`).
+    """
+
+    top_k: int
+    renormalize: bool = True
+    scoring: str = "softmax"
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"router scoring must be softmax or sigmoid, got {self.scoring!r}")
+
+
+def route(
+    logits: torch.Tensor, cfg: RouterConfig, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 `[T, top_k]`, expert ids int64 `[T, top_k]`) for router `logits [T, E]`."""
+    if cfg.scoring == "softmax":
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
+        if cfg.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * cfg.scaling if cfg.scaling != 1.0 else weights, ids
+    scores = logits.float().sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if cfg.num_groups > 1:
+        num_tokens, num_experts = choice.shape
+        grouped = choice.view(num_tokens, cfg.num_groups, num_experts // cfg.num_groups)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, groups]
+        best = torch.topk(group_scores, cfg.topk_groups, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = torch.topk(choice, cfg.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if cfg.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.scaling, ids
+
+
+class Router(nn.Module):
+    """The gate: `weight [E, H]` (HF `...gate.weight`), DeepSeek's fp32
+    `e_score_correction_bias [E]` when `correction_bias`; logits in fp32 when `fp32_logits`
+    (DeepSeek-V3), else in the model dtype (Mixtral, Qwen3-MoE)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        cfg: RouterConfig,
+        correction_bias: bool = False,
+        fp32_logits: bool = False,
+    ):
+        super().__init__()
+        self.cfg, self.fp32_logits = cfg, fp32_logits
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(num_experts, dtype=torch.float32)) if correction_bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fp32_logits:
+            logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x, self.weight)
+        return route(logits, self.cfg, self.e_score_correction_bias)
+
+
+class ExpertsMethod:
+    """How a `FusedMoE` holds its experts' weights and computes their weighted sum."""
+
+    def create_weights(self, layer: FusedMoE) -> None:
+        """Register the stacked parameters, each with a `weight_loader(param, tensor,
+        (expert, shard))` and its `shard_ids`."""
+        raise NotImplementedError
+
+    def apply(self, layer: FusedMoE, x, weights, ids) -> torch.Tensor:
+        """`sum_j weights[t, j] * expert_{ids[t, j]}(x[t])` for every token: `[T, H]`."""
+        raise NotImplementedError
+
+
+class UnquantizedExpertsMethod(ExpertsMethod):
+    """Experts in the model dtype: the Triton kernels on CUDA, the dense loop elsewhere."""
+
+    def create_weights(self, layer: FusedMoE) -> None:
+        e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        layer.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        layer.down_proj = nn.Parameter(torch.empty(e, h, i))
+        nn.init.normal_(layer.gate_up_proj, std=h**-0.5)
+        nn.init.normal_(layer.down_proj, std=i**-0.5)
+        for param, shards in ((layer.gate_up_proj, (0, 1)), (layer.down_proj, (0,))):
+            param.weight_loader = layer.load_expert_shard
+            param.shard_ids = [(expert, s) for expert in range(e) for s in shards]
+
+    def apply(self, layer: FusedMoE, x, weights, ids) -> torch.Tensor:
+        if x.is_cuda and fused_ops() is not None:
+            from polymodal.llm_core.layers.triton_moe import fused_experts
+
+            return fused_experts(x, layer.gate_up_proj, layer.down_proj, weights, ids)
+        return experts_reference(x, layer.gate_up_proj, layer.down_proj, weights, ids)
+
+
+UNQUANTIZED_EXPERTS = UnquantizedExpertsMethod()
+
+
+class FusedMoE(nn.Module):
+    """`num_experts` SwiGLU experts with stacked weights (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        method: ExpertsMethod | None = None,
+    ):
+        super().__init__()
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.intermediate_size = intermediate_size
+        self.method = method or UNQUANTIZED_EXPERTS
+        self.method.create_weights(self)
+
+    def load_expert_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
+        """Copy one expert's projection (`shard_id = (expert, shard)`: shard 0 = gate or down,
+        1 = up) into the stacked parameter; `None`: the whole stacked tensor."""
+        if shard_id is None:
+            target = param.data
+        else:
+            expert, shard = shard_id
+            rows = param.shape[1] // (2 if param is self.gate_up_proj else 1)
+            target = param.data[expert].narrow(0, shard * rows, rows)
+        if target.shape != tensor.shape:
+            raise ValueError(f"shape {tuple(tensor.shape)} does not fit {tuple(target.shape)}")
+        target.copy_(tensor)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x `[T, H]`, weights fp32 / ids `[T, top_k]` from `route` -> `[T, H]`."""
+        return self.method.apply(self, x, weights, ids)
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (what a token that chooses it makes a step read)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters()) // self.num_experts
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_size}, "
+            f"intermediate={self.intermediate_size}, method={type(self.method).__name__}"
+        )
+
+
+def experts_reference(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+) -> torch.Tensor:
+    """The dense per-expert loop (transformers' own): each expert that any token chose runs
+    on its tokens; outputs are weighted and summed in expert order. `[T, H]` in x's dtype."""
+    out = torch.zeros_like(x)
+    hit = torch.zeros(gate_up.shape[0], dtype=torch.bool, device=x.device)
+    hit[ids.flatten()] = True
+    for expert in hit.nonzero().flatten().tolist():
+        token, slot = torch.where(ids == expert)
+        h = silu_and_mul(F.linear(x[token], gate_up[expert]))
+        h = F.linear(h, down[expert]) * weights[token, slot, None]
+        out.index_add_(0, token, h.to(x.dtype))
+    return out
+
+
+class SparseMoeBlock(nn.Module):
+    """`experts(x, *gate(x)) (+ shared_experts(x))`: HF's `mlp` / `block_sparse_moe` module
+    (`gate.weight`, `experts.<e>.*`, `shared_experts.*`)."""
+
+    def __init__(self, gate: Router, experts: FusedMoE, shared_experts: nn.Module | None = None):
+        super().__init__()
+        self.gate, self.experts = gate, experts
+        self.shared_experts = shared_experts
+
+    def forward(self, x) -> torch.Tensor:
+        """x: `[T, H]` (a `DeferredNorm` is normalized first: the experts need it whole)."""
+        if isinstance(x, DeferredNorm):
+            x = x.materialize()
+        out = self.experts(x, *self.gate(x))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

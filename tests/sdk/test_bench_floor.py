@@ -1,0 +1,49 @@
+"""The bench's decode floors: every decoder weight once (`decoder_bytes`), and for MoE models
+only the experts the step's tokens choose (`active_decoder_bytes`), on the shipped configs
+built on the meta device (no weights, no GPU)."""
+
+import pytest
+import torch
+
+from polymodal.bench import BUILTIN
+from polymodal.bench.workloads import active_decoder_bytes, decoder_bytes
+from polymodal.llm_core.attention import get_backend
+from polymodal.llm_core.config import load_config
+from polymodal.llm_core.registry import model_class
+
+
+def _meta_model(name):
+    cfg = load_config(BUILTIN[name], "bfloat16")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            return model_class(cfg.architecture)(cfg, get_backend("torch"), 16)
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize(
+    # parameters one token reads: the published "active" counts less the embedding table (a
+    # step reads one row of it); the reduced DeepSeek-V3 by hand (3 MLA layers, 1 dense MLP,
+    # 2 x (8 experts + the shared one + the router), the head)
+    "name, active_params",
+    [
+        ("qwen3-30b-a3b", 3.35e9 - 0.31e9),
+        ("mixtral-8x7b", 12.9e9 - 0.13e9),
+        ("deepseek-v3-reduced", 2.68e9),
+    ],  # fmt: skip
+)
+def test_one_token_reads_top_k_experts_a_layer(name, active_params):
+    model = _meta_model(name)
+    dense = decoder_bytes(model)
+    active = active_decoder_bytes(model, 1)
+    assert abs(active / 2 - active_params) / active_params < 0.05, active / 2
+    assert active < dense
+    many = active_decoder_bytes(model, 10_000)  # every expert chosen: all weights again
+    assert abs(many - dense) / dense < 1e-6
+
+
+def test_dense_model_floor_is_unchanged():
+    model = _meta_model("gemma-3-12b")
+    assert active_decoder_bytes(model, 1) == decoder_bytes(model)
