@@ -114,3 +114,67 @@ def write_int4_checkpoint(
     _write(out, tensors, qc, "float16")
     _write(ref_dir, ref, None)
     return out, ref_dir
+
+
+def write_fp8_checkpoint(src: Path, out: Path, fmt: str, strategy: str = "channel") -> Path:
+    """An FP8 checkpoint of `src`'s decoder linears in `out`:
+    `fmt="compressed-tensors"` (llm-compressor's float-quantized; `strategy` tensor / channel /
+    block), `"fp8-block"` (DeepSeek-V3 / Qwen3: `weight_scale_inv`, `weight_block_size`) or
+    `"modelopt"` (per-tensor `weight_scale` + a static `input_scale`, `quant_algo: FP8`)."""
+    from polymodal.llm_core.quantization import fp8_ops
+
+    if fmt == "fp8-block":
+        strategy = "block"
+    elif fmt == "modelopt":
+        strategy = "tensor"
+    tensors = _copy_checkpoint(src, out)
+    scale_name = "weight_scale_inv" if fmt == "fp8-block" else "weight_scale"
+    for name in [n for n in tensors if _is_decoder_linear(n)]:
+        weight, scale = fp8_ops.quantize_weight(tensors[name], strategy)
+        prefix = name[: -len(".weight")]
+        tensors[name] = weight
+        tensors[f"{prefix}.{scale_name}"] = scale.reshape(()) if fmt == "modelopt" else scale
+        if fmt == "modelopt":
+            tensors[f"{prefix}.input_scale"] = torch.tensor(0.05)
+    if fmt == "compressed-tensors":
+        block = [128, 128] if strategy == "block" else None
+        act = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True}
+        act["strategy"] = "group" if strategy == "block" else "token"
+        if strategy == "block":
+            act["group_size"] = 128
+        qc = {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 8,
+                        "type": "float",
+                        "symmetric": True,
+                        "dynamic": False,
+                        "strategy": strategy,
+                        "block_structure": block,
+                    },
+                    "input_activations": act,
+                }
+            },
+            "ignore": ["lm_head", "re:.*visual.*"],
+        }
+    elif fmt == "fp8-block":
+        qc = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+    else:
+        qc = {
+            "quant_method": "modelopt",
+            "quant_algo": "FP8",
+            "kv_cache_quant_algo": None,
+            "exclude_modules": ["lm_head"],
+        }
+    _write(out, tensors, qc, "bfloat16")
+    return out
