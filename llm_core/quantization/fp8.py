@@ -123,6 +123,9 @@ class Fp8LinearMethod(LinearMethod):
             layer.weight = _param((n, k), dtype, device)
         else:
             layer.weight = _param((n, k), fp8_ops.FP8, device)
+        layer.bias = _param((n,), dtype, device) if layer.has_bias else None
+        if scheme.online:
+            return  # the scales come with the quantization (process_weights)
         if scheme.strategy == "block":
             block = fp8_ops.BLOCK
             shards = getattr(layer, "shard_offsets", None) or {}
@@ -135,7 +138,6 @@ class Fp8LinearMethod(LinearMethod):
         else:
             scale = _param((n, 1), torch.float32, device, broadcast=True)
         setattr(layer, scheme.scale_name, scale)
-        layer.bias = _param((n,), dtype, device) if layer.has_bias else None
 
     def randomize(self, layer: Linear) -> bool:
         if self.scheme.online:  # 16-bit weights: the default init, quantized after
@@ -154,7 +156,7 @@ class Fp8LinearMethod(LinearMethod):
             weight, scale = fp8_ops.quantize_weight(layer.weight.data, "channel")
             del layer.weight
             layer.weight = nn.Parameter(weight, requires_grad=False)
-            getattr(layer, self.scheme.scale_name).data.copy_(scale)
+            setattr(layer, self.scheme.scale_name, nn.Parameter(scale, requires_grad=False))
         layer.weight_scale_fp32 = getattr(layer, self.scheme.scale_name).data.float()
 
     def dequantized(self, layer: Linear) -> torch.Tensor:
@@ -196,6 +198,3 @@ def _scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias)
         bias=None if bias is None else bias.to(torch.bfloat16),
     )
     return out.to(x.dtype)
-
-
-

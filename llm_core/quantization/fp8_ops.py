@@ -64,8 +64,10 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, block: int | No
     n, k = weight.shape
     if block is not None:
         return weight.float() * expand_block_scale(scale.float(), n, k, block)
-    return weight.float() * scale.float().reshape(-1, 1) if scale.numel() > 1 else (
-        weight.float() * scale.float().reshape(())
+    return (
+        weight.float() * scale.float().reshape(-1, 1)
+        if scale.numel() > 1
+        else (weight.float() * scale.float().reshape(()))
     )
 
 
