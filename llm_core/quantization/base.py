@@ -10,7 +10,7 @@ from polymodal.llm_core.errors import InvalidInputError
 
 # KV-cache scale tensors as the checkpoint makers name them (llm-compressor: `self_attn.k_scale`;
 # ModelOpt / older exports: `self_attn.k_proj.k_scale`, `...k_proj.output_scale`)
-KV_SCALE = re.compile(r"^(.*)\.(k_scale|v_scale|(?:k|v)_proj\.(?:k|v|output)_scale)$")
+KV_SCALE = re.compile(r"^(.*?)\.(k_scale|v_scale|(?:k|v)_proj\.(?:k|v|output)_scale)$")
 
 
 class QuantScheme:
