@@ -71,7 +71,10 @@ def assign_linear_methods(model: nn.Module, scheme: QuantScheme, quantized: set 
             quantize = name.rpartition(".")[2] != "lm_head" and not scheme.is_ignored(name)
         else:
             quantize = name in quantized
-        layer.set_method(scheme.linear_method(layer) if quantize else UNQUANTIZED)
+        try:
+            layer.set_method(scheme.linear_method(layer) if quantize else UNQUANTIZED)
+        except ValueError as exc:
+            raise ModelLoadError(f"{scheme.describe()}: layer {name!r}: {exc}") from exc
         count += quantize
     return count
 
@@ -107,7 +110,12 @@ class QuantizedStream:
         for module, tensors in pending.items():
             try:
                 weight = scheme.dequantize(tensors, module)
-            except (KeyError, ValueError) as exc:
+            except KeyError as exc:
+                raise ModelLoadError(
+                    f"quantized tensors {sorted(tensors)} of {module!r} without tensor "
+                    f"'{module}.{exc.args[0]}' (missing from the checkpoint)"
+                ) from exc
+            except (ValueError, RuntimeError) as exc:
                 raise ModelLoadError(f"quantized module {module!r}: {exc}") from exc
             yield module + ".weight", weight
 
