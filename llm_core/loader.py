@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from polymodal.llm_core.config import ModelConfig
-from polymodal.llm_core.errors import ModelNotFoundError
+from polymodal.llm_core.errors import ModelLoadError, ModelNotFoundError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.layers.linear import deferred_weights
 from polymodal.llm_core.quantization import QuantScheme
@@ -89,6 +89,10 @@ def build_model(
         weights = stream(iter_safetensors(cfg.model_dir))
         model.load_weights(weights, source=str(cfg.model_dir))
     model.checkpoint_kv_scales = stream.attention_scales(model)
+    if quant is not None:  # a module built from a deferred layer's device would be left here
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ModelLoadError(f"{cfg.model_dir}: parameters left unbuilt: {meta[:8]}")
     return model.eval()
 
 

@@ -183,7 +183,7 @@ def _int4_gemm_kernel(
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
         q = ((p >> shifts[:, None]) & 0xF).to(tl.float32)  # [BLOCK_K, BLOCK_N]
         w = ((q - z[None, :]) * s[None, :]).to(a.dtype)
-        if DOT_F32:  # the interpreter cannot tl.dot 16-bit operands
+        if DOT_F32:  # fp32 activations, or the interpreter (no 16-bit tl.dot there)
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a, w)
@@ -220,7 +220,8 @@ def int4_gemm(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         x, qweight, zeros, scales, qweight if perm is None else perm,
         out if bias is None else bias, out,
         m, n, k, x.stride(0), group_size,
-        HAS_BIAS=bias is not None, HAS_PERM=perm is not None, DOT_F32=not x.is_cuda,
+        HAS_BIAS=bias is not None, HAS_PERM=perm is not None,
+        DOT_F32=not x.is_cuda or x.dtype == torch.float32,  # fp32: exact products, not tf32
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, USE_PDL=flag,
         launch_pdl=flag, **extra,
     )  # fmt: skip

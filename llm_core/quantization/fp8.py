@@ -177,7 +177,7 @@ class Fp8LinearMethod(LinearMethod):
         n, k = layer.weight.shape
         if rows.shape[0] <= FP8_GEMV_MAX_ROWS:
             out = fp8_kernels.fp8_gemv(rows, layer.weight, scale, block, layer.bias)
-        elif block is None and n % 16 == 0 and k % 16 == 0:
+        elif block is None and n % 16 == 0 and k % 16 == 0 and x.dtype != torch.float32:
             out = _scaled_mm(rows, layer.weight, scale, layer.bias)
         else:
             out = fp8_kernels.fp8_gemm(rows, layer.weight, scale, block, layer.bias)

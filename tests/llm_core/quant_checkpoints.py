@@ -116,11 +116,14 @@ def write_int4_checkpoint(
     return out, ref_dir
 
 
-def write_fp8_checkpoint(src: Path, out: Path, fmt: str, strategy: str = "channel") -> Path:
+def write_fp8_checkpoint(
+    src: Path, out: Path, fmt: str, strategy: str = "channel", tower: bool = False
+) -> Path:
     """An FP8 checkpoint of `src`'s decoder linears in `out`:
     `fmt="compressed-tensors"` (llm-compressor's float-quantized; `strategy` tensor / channel /
     block), `"fp8-block"` (DeepSeek-V3 / Qwen3: `weight_scale_inv`, `weight_block_size`) or
-    `"modelopt"` (per-tensor `weight_scale` + a static `input_scale`, `quant_algo: FP8`)."""
+    `"modelopt"` (per-tensor `weight_scale` + a static `input_scale`, `quant_algo: FP8`).
+    `tower=True` quantizes the vision tower's linear layers too (and ignores only lm_head)."""
     from polymodal.llm_core.quantization import fp8_ops
 
     if fmt == "fp8-block":
@@ -129,7 +132,11 @@ def write_fp8_checkpoint(src: Path, out: Path, fmt: str, strategy: str = "channe
         strategy = "tensor"
     tensors = _copy_checkpoint(src, out)
     scale_name = "weight_scale_inv" if fmt == "fp8-block" else "weight_scale"
-    for name in [n for n in tensors if _is_decoder_linear(n)]:
+    def quantized(name: str) -> bool:
+        tower_linear = "visual" in name and name.endswith(".weight") and tensors[name].dim() == 2
+        return _is_decoder_linear(name) or (tower and tower_linear)
+
+    for name in [n for n in tensors if quantized(n)]:
         weight, scale = fp8_ops.quantize_weight(tensors[name], strategy)
         prefix = name[: -len(".weight")]
         tensors[name] = weight
@@ -160,7 +167,7 @@ def write_fp8_checkpoint(src: Path, out: Path, fmt: str, strategy: str = "channe
                     "input_activations": act,
                 }
             },
-            "ignore": ["lm_head", "re:.*visual.*"],
+            "ignore": ["lm_head"] if tower else ["lm_head", "re:.*visual.*"],
         }
     elif fmt == "fp8-block":
         qc = {

@@ -133,6 +133,29 @@ def test_qwen2_vl_fp8_keeps_the_tower_16_bit(tmp_path_factory):
     src = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
     engine = Engine(str(src), dtype="float32", device="cpu", num_kv_blocks=64, quantization="fp8")
     model = engine.runner.model
-    dtypes = {p.dtype for n, p in model.named_parameters() if "visual" in n or "tower" in n}
-    assert dtypes == {torch.float32}
+    tower = [p for n, p in model.named_parameters() if "visual" in n]
+    assert tower and all(p.dtype == torch.float32 and not p.is_meta for p in tower)
     assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == fp8_ops.FP8
+
+
+def test_a_checkpoint_that_quantizes_the_tower_loads_it_dequantized(tmp_path_factory):
+    """The vision tower runs in 16 bits (nn.Linear): FP8 tower weights in the checkpoint are
+    dequantized as they load (weight * scale), the decoder's stay FP8."""
+    from safetensors.torch import load_file
+
+    src = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    path = write_fp8_checkpoint(src, tmp_path_factory.mktemp("tower") / "q", "compressed-tensors",
+                                tower=True)  # fmt: skip
+    stored = load_file(path / "model.safetensors")
+    names = [n[: -len(".weight_scale")] for n in stored if "visual" in n and "scale" in n]
+    assert names
+    engine = Engine(str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    params = dict(engine.runner.model.named_parameters())
+    for module in names:
+        param = next(p for n, p in params.items() if n.endswith(module.split("visual.")[1]
+                                                                + ".weight"))  # fmt: skip
+        want = fp8_ops.dequantize_weight(
+            stored[module + ".weight"], stored[module + ".weight_scale"]
+        )
+        assert param.dtype == torch.float32 and torch.equal(param, want)
+    assert engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == fp8_ops.FP8
