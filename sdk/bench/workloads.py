@@ -72,8 +72,12 @@ class OurSide:
         weights_from=None,
         async_scheduling=True,
         decode_gemv=True,
+        quantization=None,
+        kv_cache_dtype="auto",
     ):
         config = EngineConfig(
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
             dtype="bfloat16",
             dummy_weights=dummy_weights or weights_from is not None,
             skip_tokenizer_init=True,

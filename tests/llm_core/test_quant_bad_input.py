@@ -142,3 +142,17 @@ def test_fp8_missing_and_misshaped_scale(tmp_path_factory):
     _edit(path, lambda t: t.__setitem__(name, saved[:3].contiguous()))
     with pytest.raises(ModelLoadError, match=rf"{name}.*does not fit"):
         _engine(path)
+
+
+def test_bench_quantization_options():
+    """`polymodal bench --quantization fp8|awq|gptq --kv-cache-dtype fp8` parse (the engine
+    workload builds our side with dummy weights quantized on load)."""
+    import argparse
+
+    from polymodal.bench import bench_command
+
+    parser = argparse.ArgumentParser()
+    bench_command(parser)
+    args = parser.parse_args(["--quantization", "awq", "--kv-cache-dtype", "fp8"])
+    assert args.quantization == "awq" and args.kv_cache_dtype == "fp8"
+    assert parser.parse_args([]).quantization is None
