@@ -132,6 +132,7 @@ def write_fp8_checkpoint(
         strategy = "tensor"
     tensors = _copy_checkpoint(src, out)
     scale_name = "weight_scale_inv" if fmt == "fp8-block" else "weight_scale"
+
     def quantized(name: str) -> bool:
         tower_linear = "visual" in name and name.endswith(".weight") and tensors[name].dim() == 2
         return _is_decoder_linear(name) or (tower and tower_linear)
