@@ -47,6 +47,8 @@ class ModelConfig:
     sliding_windows: list[int | None]  # per layer; None = full attention
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
+    # config.json's `quantization_config` (a pre-quantized checkpoint), else None
+    quantization_config: dict | None = None
 
     @property
     def is_multimodal(self) -> bool:
@@ -103,6 +105,8 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
         sliding_windows=_sliding_windows(text),
         eos_token_ids=_eos_ids(model_dir, hf, text),
         dtype=_resolve_dtype(dtype, raw, text),
+        quantization_config=raw.get("quantization_config")
+        or (raw.get("text_config") or {}).get("quantization_config"),
     )
 
 

@@ -13,9 +13,11 @@ from polymodal.llm_core.config import ModelConfig, load_config
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.llm_core.interfaces import is_pooling_model, supports_multimodal
 from polymodal.llm_core.kv_cache import KVCacheManager
-from polymodal.llm_core.kv_cache_spec import KVCacheLayout, plan_layout
+from polymodal.llm_core.kv_cache_spec import MLA, KVCacheLayout, plan_layout
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.loader import build_model, resolve_model_path
+from polymodal.llm_core.quantization import resolve_quantization
+from polymodal.llm_core.quantization.base import check_fp8_device
 from polymodal.llm_core.registry import tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
@@ -52,6 +54,13 @@ class EngineConfig:
     # Batch-1 decode: decoder linears and the LM head at one input row run a Triton GEMV
     # instead of cuBLAS (CUDA, fp16/bf16 weights only; elsewhere a no-op).
     decode_gemv: bool = True
+    # Weight quantization (docs/quantization.md). None: as the checkpoint says (config.json's
+    # `quantization_config`: awq, gptq, fp8, compressed-tensors, modelopt); "fp8" quantizes a
+    # 16-bit checkpoint as it loads; naming the checkpoint's own scheme checks it.
+    quantization: str | None = None
+    # KV cache storage: "auto" = the model dtype; "fp8" = E4M3 with one scale per layer for
+    # keys and one for values (the checkpoint's k_scale / v_scale, else 1.0): twice the tokens.
+    kv_cache_dtype: str = "auto"
     seed: int = 0
 
 
@@ -119,19 +128,36 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
             f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}"
         )
+    quant = resolve_quantization(
+        model_config.quantization_config, cfg.quantization, cfg.dummy_weights, str(path)
+    )
+    if quant is not None:
+        quant.check_device(device)
+    kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, model_config.dtype, device)
     backend = get_backend(cfg.attention_backend, str(device))
     # M-RoPE positions can run past the token count (video time axis): leave headroom.
     max_positions = max(max_len, model_config.max_position_embeddings) + 1024
-    net = build_model(model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed)
+    net = build_model(
+        model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed, quant
+    )
+    if kv_dtype != model_config.dtype:
+        scales = net.checkpoint_kv_scales  # {layer: (k_scale, v_scale)}; 1.0 where absent
+        for layer in net.attention_layers():
+            layer.kv_scales = scales.get(layer, (1.0, 1.0))
     if cfg.decode_gemv:
         enable_gemv(net)  # before graph capture, which records whichever kernel runs
     pooling = is_pooling_model(net)  # runs prompts once: no prefix reuse, no decode graphs
     layout = plan_layout(net.kv_cache_specs())
+    if kv_dtype != model_config.dtype and any(g.spec.kind == MLA for g in layout.groups):
+        raise InvalidInputError(
+            f"kv_cache_dtype={cfg.kv_cache_dtype!r}: the MLA latent cache of "
+            f"{model_config.architecture} is kept in the model dtype; use kv_cache_dtype='auto'"
+        )
     for layer, group in zip(net.attention_layers(), layout.layer_groups()):
         layer.kv_group = group or 0  # which block tables it reads
-    num_blocks = cfg.num_kv_blocks or _num_blocks(model_config, layout, cfg, device, max_len)
+    num_blocks = cfg.num_kv_blocks or _num_blocks(kv_dtype, layout, cfg, device, max_len)
     max_len = _fit_one_request(layout, num_blocks, cfg, max_len)
-    kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, model_config.dtype, device)
+    kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, kv_dtype, device)
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
     kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
@@ -149,13 +175,30 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's storage dtype for `EngineConfig.kv_cache_dtype`."""
+    if name not in KV_CACHE_DTYPES:
+        raise InvalidInputError(f"kv_cache_dtype={name!r}: choose from {list(KV_CACHE_DTYPES)}")
+    if name == "auto":
+        return model_dtype
+    check_fp8_device(device, f"kv_cache_dtype={name!r}")
+    return torch.float8_e4m3fn
+
+
 def _num_blocks(
-    mc: ModelConfig, layout: KVCacheLayout, cfg: EngineConfig, device: torch.device, max_len: int
+    kv_dtype: torch.dtype,
+    layout: KVCacheLayout,
+    cfg: EngineConfig,
+    device: torch.device,
+    max_len: int,
 ) -> int:
     if not layout.slots:
         return 1  # no layer keeps a KV cache
     # a block id is one page of every slot tensor
-    per_block = layout.block_elements(cfg.block_size) * mc.dtype.itemsize
+    per_block = layout.block_elements(cfg.block_size) * kv_dtype.itemsize
     if device.type == "cuda":
         # Weights are already on the card: what is free now, less the share we leave alone
         # and 1 GiB of headroom for activations, holds the KV cache.

@@ -7,8 +7,17 @@ from pathlib import Path
 import torch
 
 from polymodal.llm_core.config import ModelConfig
-from polymodal.llm_core.errors import ModelNotFoundError
+from polymodal.llm_core.errors import ModelLoadError, ModelNotFoundError
 from polymodal.llm_core.interfaces import supports_multimodal
+from polymodal.llm_core.layers.linear import deferred_weights
+from polymodal.llm_core.quantization import QuantScheme
+from polymodal.llm_core.quantization.apply import (
+    QuantizedStream,
+    assign_linear_methods,
+    checkpoint_tensor_names,
+    quantized_linear_names,
+    randomize_quantized,
+)
 from polymodal.llm_core.registry import encoder_class, model_class
 from polymodal.llm_core.weights import iter_safetensors, run_post_load_hooks
 
@@ -42,11 +51,15 @@ def build_model(
     max_positions: int,
     dummy_weights: bool = False,
     seed: int = 0,
+    quant: QuantScheme | None = None,
 ):
     """Instantiate the registry's class for `cfg` on `device` in `cfg.dtype` and load weights.
 
     `dummy_weights=True` skips the checkpoint's safetensors (random weights from config alone,
-    for benchmarks of full-size architectures with nothing downloaded).
+    for benchmarks of full-size architectures with nothing downloaded). `quant`: the scheme
+    its linear layers run (`quantization.resolve_quantization`); the 16-bit weights of the
+    layers it quantizes are never allocated. The KV-cache scales a checkpoint carries end up
+    in `model.checkpoint_kv_scales` ({AttentionLayer: (k_scale, v_scale)}).
     """
     cls = model_class(cfg.architecture)
     # a multimodal model gets its tower class from the registry (model files import no encoder)
@@ -56,21 +69,40 @@ def build_model(
     try:
         with torch.device(device):
             torch.manual_seed(seed)
-            model = cls(cfg, backend, max_positions, **extra)
+            if quant is None:
+                model = cls(cfg, backend, max_positions, **extra)
+            else:
+                with deferred_weights():
+                    model = cls(cfg, backend, max_positions, **extra)
+                marked = None  # online / dummy: the scheme's rule picks the layers
+                if not (quant.online or dummy_weights):
+                    names = checkpoint_tensor_names(cfg.model_dir)
+                    marked = quantized_linear_names(model, quant, names)
+                assign_linear_methods(model, quant, marked)
     finally:
         torch.set_default_dtype(default_dtype)
+    stream = QuantizedStream(model, quant)
     if dummy_weights:
-        _randomize(model)
+        _randomize(model, randomize_quantized(model))
         run_post_load_hooks(model)
     else:
-        model.load_weights(iter_safetensors(cfg.model_dir), source=str(cfg.model_dir))
+        weights = stream(iter_safetensors(cfg.model_dir))
+        model.load_weights(weights, source=str(cfg.model_dir))
+    model.checkpoint_kv_scales = stream.attention_scales(model)
+    if quant is not None:  # a module built from a deferred layer's device would be left here
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ModelLoadError(f"{cfg.model_dir}: parameters left unbuilt: {meta[:8]}")
     return model.eval()
 
 
 @torch.no_grad()
-def _randomize(model: torch.nn.Module) -> None:
-    """Small random weights (norms stay 1) so activations stay finite at any depth."""
+def _randomize(model: torch.nn.Module, done: set = frozenset()) -> None:
+    """Small random weights (norms stay 1) so activations stay finite at any depth; `done`:
+    ids of parameters already filled (quantized layers)."""
     for name, param in model.named_parameters():
+        if id(param) in done:
+            continue
         if param.dim() >= 2:
             param.normal_(0.0, 0.02)
         elif "norm" not in name and "ln" not in name:

@@ -69,6 +69,32 @@ def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id=No
     param.data.copy_(tensor)
 
 
+def resolve_name(
+    name: str,
+    params: Mapping | set,
+    packed: Mapping[str, tuple[str, object]] | None = None,
+    remap: Sequence[tuple[str, str]] = (),
+    experts: Mapping[str, tuple[str, object]] | None = None,
+) -> tuple[str, str, object]:
+    """(remapped name, target parameter, shard id or None) of checkpoint tensor `name`, by the
+    model's remap, experts and packing tables; `params` holds the model's parameter names (a
+    shard packs only into a fused parameter that exists: unfused towers keep their own names).
+    An expert's tensor targets the stacked parameter with shard id (expert index, its shard)."""
+    for old, new in remap:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    expert = _EXPERT_NAME.match(name) if experts else None
+    if expert is not None and expert.group(3) in experts:
+        fused_name, sid = experts[expert.group(3)]
+        return name, f"{expert.group(1)}.{fused_name}", (int(expert.group(2)), sid)
+    for shard_name, (fused_name, sid) in (packed or {}).items():
+        fused = name.replace(f".{shard_name}.", f".{fused_name}.")
+        if fused != name and fused in params:
+            return name, fused, sid
+    return name, name, None
+
+
 def load_weights(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
@@ -93,23 +119,7 @@ def load_weights(
             continue
         if skip is not None and skip.search(name):
             continue
-        for old, new in remap:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-                break
-        target, shard_id = name, None
-        expert = _EXPERT_NAME.match(name) if experts else None
-        if expert is not None and expert.group(3) in experts:
-            fused_name, sid = experts[expert.group(3)]
-            target, shard_id = f"{expert.group(1)}.{fused_name}", (int(expert.group(2)), sid)
-            packed_items = ()
-        else:
-            packed_items = packed.items()
-        for shard_name, (fused_name, sid) in packed_items:
-            fused = name.replace(f".{shard_name}.", f".{fused_name}.")
-            if fused != name and fused in params:  # unfused towers keep their own names
-                target, shard_id = fused, sid
-                break
+        name, target, shard_id = resolve_name(name, params, packed, remap, experts)
         param = params.get(target)
         if param is None:
             unexpected.append(name)
@@ -128,7 +138,12 @@ def load_weights(
     for target, seen in shards_seen.items():
         if seen >= set(getattr(params[target], "shard_ids", seen)):
             loaded.add(target)
-    missing = [n for n in params if n not in loaded and n not in tied]
+    missing = []
+    for n in params:
+        if n in loaded or n in tied:
+            continue
+        absent = [s for s in getattr(params[n], "shard_ids", ()) if s not in shards_seen.get(n, ())]
+        missing.append(f"{n} (shards {absent})" if n in shards_seen else n)
     if missing:
         raise ModelLoadError(f"{source}: tensors missing from the checkpoint: {missing[:8]}")
     run_post_load_hooks(model)

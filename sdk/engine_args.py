@@ -24,6 +24,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of the GPU's memory the engine may use (default 0.9)",
     )
     parser.add_argument(
+        "--quantization",
+        choices=("awq", "gptq", "fp8", "compressed-tensors", "modelopt"),
+        help="weight quantization: default as the checkpoint says; fp8 quantizes a 16-bit "
+        "checkpoint on load (docs/quantization.md)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8"),
+        help="fp8: E4M3 KV cache, twice the tokens (default auto: the model dtype)",
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -42,5 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         dummy_weights=args.load_format == "dummy" or None,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     return {k: v for k, v in kwargs.items() if v is not None}

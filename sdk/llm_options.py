@@ -21,8 +21,6 @@ ENGINE_KEYWORDS = {f.name for f in fields(EngineConfig)}
 VLLM_DEFAULT_ONLY = {
     "tensor_parallel_size": 1,
     "pipeline_parallel_size": 1,
-    "quantization": None,
-    "kv_cache_dtype": "auto",
     "tokenizer_mode": "auto",
     "revision": None,
     "tokenizer_revision": None,

@@ -43,15 +43,24 @@ class FlashAttnBackend(TritonAttentionBackend):
 
     @staticmethod
     def _uses_flash(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        return kv_cache.shape[2] % FLASH_PAGE_MULTIPLE == 0 and q.dtype in _FLASH_DTYPES
+        return (
+            kv_cache.shape[2] % FLASH_PAGE_MULTIPLE == 0
+            and q.dtype in _FLASH_DTYPES
+            and kv_cache.dtype == q.dtype  # an FP8 cache stays on the Triton kernels
+        )
 
     def paged_attention(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, spec: AttentionSpec
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: AttentionSpec,
+        kv_scales: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Attention over the paged cache; flash-attn when pages are 256-multiples and the mask
         is causal or a sliding window without soft-cap (else the Triton kernels)."""
         if not self._uses_flash(q, kv_cache) or not _flash_mask(spec):
-            return super().paged_attention(q, kv_cache, meta, spec)
+            return super().paged_attention(q, kv_cache, meta, spec, kv_scales)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         # flash-attn's causal mask is bottom-right aligned, like ours; window keeps w keys.

@@ -32,6 +32,9 @@ class AttentionLayer(nn.Module):
         self.rotary = rotary
         self.uses_kv_cache = spec.mask != Mask.BIDIRECTIONAL
         self.kv_group = 0  # which KV group's block tables it reads: set from the KV layout
+        # An FP8 KV cache's (k_scale, v_scale): stored values are k / k_scale, v / v_scale.
+        # Set by the engine (the checkpoint's scales, else 1.0); None for a 16-bit cache.
+        self.kv_scales: tuple[float, float] | None = None
 
     def forward(
         self,
@@ -45,7 +48,8 @@ class AttentionLayer(nn.Module):
         num_tokens = q.shape[0]
         meta = meta.group(self.kv_group)  # this layer's block tables and slots
         if self.fuse_rope(meta, q, kv_cache):  # rotary + KV store + attention in one kernel
-            out = self.backend.rope_decode(q, k, v, rope, kv_cache, meta, self.spec)
+            scales = self.kv_scales
+            out = self.backend.rope_decode(q, k, v, rope, kv_cache, meta, self.spec, scales)
             return out.reshape(num_tokens, -1)
         if self.rotary is not None:
             q, k = self.rotary.apply(rope, q, k)
@@ -54,8 +58,8 @@ class AttentionLayer(nn.Module):
                 q, k, v, meta.query_start_loc, meta.max_query_len, self.spec.scale, causal=False
             )
             return out.reshape(num_tokens, -1)
-        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping)
-        out = self.backend.paged_attention(q, kv_cache, meta, self.spec)
+        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping, self.kv_scales)
+        out = self.backend.paged_attention(q, kv_cache, meta, self.spec, self.kv_scales)
         return out.reshape(num_tokens, -1)  # [num_tokens, heads * head_dim]
 
     def kv_cache_spec(self) -> KVCacheSpec:

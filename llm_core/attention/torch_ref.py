@@ -7,6 +7,9 @@ import torch
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
 
 class TorchAttentionBackend:
     """Gathers each sequence's keys/values through its block table and runs masked SDPA."""
@@ -18,21 +21,38 @@ class TorchAttentionBackend:
         return False
 
     def store_kv(
-        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scales: tuple[float, float] | None = None,
     ) -> None:
-        """Write new keys/values `[num_tokens, kv_heads, head_dim]` into their cache slots."""
+        """Write new keys/values `[num_tokens, kv_heads, head_dim]` into their cache slots (an
+        FP8 cache: divided by `kv_scales`, default 1.0, saturated to +-448)."""
         block_size = kv_cache.shape[2]
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
         blocks, offsets = slots // block_size, slots % block_size
-        kv_cache[0, blocks, offsets] = k[keep].to(kv_cache.dtype)
-        kv_cache[1, blocks, offsets] = v[keep].to(kv_cache.dtype)
+        k, v = k[keep], v[keep]
+        if kv_cache.dtype == FP8:
+            k_scale, v_scale = kv_scales or (1.0, 1.0)
+            k = (k.float() / k_scale).clamp(-FP8_MAX, FP8_MAX)
+            v = (v.float() / v_scale).clamp(-FP8_MAX, FP8_MAX)
+        kv_cache[0, blocks, offsets] = k.to(kv_cache.dtype)
+        kv_cache[1, blocks, offsets] = v.to(kv_cache.dtype)
 
     def paged_attention(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, spec: AttentionSpec
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: AttentionSpec,
+        kv_scales: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked as
-        `spec` says (causal / sliding / chunked / bidirectional, soft-capped logits)."""
+        `spec` says (causal / sliding / chunked / bidirectional, soft-capped logits); an FP8
+        cache's keys and values are multiplied back by `kv_scales`."""
         block_size = kv_cache.shape[2]
         out = torch.empty_like(q)
         query_lens = meta.query_lens_cpu or (meta.query_start_loc.diff()).tolist()
@@ -46,6 +66,9 @@ class TorchAttentionBackend:
             # [n_blocks, block_size, kv_heads, head_dim] -> [seq_len, kv_heads, head_dim]
             k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
             v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+            if kv_cache.dtype == FP8:  # dequantized in the query dtype
+                k_scale, v_scale = kv_scales or (1.0, 1.0)
+                k, v = k.to(q.dtype) * k_scale, v.to(q.dtype) * v_scale
             q_s = q[start : start + q_len]
             out[start : start + q_len] = _attend(q_s, k, v, seq_len - q_len, spec)
             start += q_len

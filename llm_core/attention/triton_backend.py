@@ -74,19 +74,30 @@ class TritonAttentionBackend:
         self.decode_splits = decode_splits
 
     def store_kv(
-        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scales: tuple[float, float] | None = None,
     ) -> None:
-        """Write new keys/values `[num_tokens, kv_heads, head_dim]` into their cache slots."""
-        triton_store.store_kv(k, v, kv_cache, slot_mapping)
+        """Write new keys/values `[num_tokens, kv_heads, head_dim]` into their cache slots (an
+        FP8 cache: divided by `kv_scales`, saturated)."""
+        triton_store.store_kv(k, v, kv_cache, slot_mapping, kv_scales)
 
     def paged_attention(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, spec: AttentionSpec
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: AttentionSpec,
+        kv_scales: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked and
-        soft-capped as `spec` says."""
+        soft-capped as `spec` says (an FP8 cache's values times `kv_scales`)."""
         _check_spec(spec)
         if meta.is_decode and spec.is_causal:
-            return self._decode(q, kv_cache, meta, spec)
+            return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales)
         return triton_prefill.paged_prefill(
             q,
             kv_cache,
@@ -95,6 +106,7 @@ class TritonAttentionBackend:
             meta.block_tables,
             meta.max_query_len,
             spec,
+            kv_scales,
         )
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -110,6 +122,7 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        kv_scales: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Decode attention of unrotated `q, k, v` (one token per sequence): rotates q and k
         with `rope` = (cos, sin) `[num_seqs, rotary_dim / 2]` (neox style), stores k and v at
@@ -117,9 +130,9 @@ class TritonAttentionBackend:
         + `store_kv` + `paged_attention`."""
         _check_spec(spec)
         new = triton_decode.NewTokens(k, v, *rope, meta.slot_mapping)
-        return self._decode(q, kv_cache, meta, spec, new)
+        return self._decode(q, kv_cache, meta, spec, new, kv_scales)
 
-    def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None) -> torch.Tensor:
+    def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None, kv_scales=None):
         """One token per sequence; reads shapes only (CUDA-graph safe)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
@@ -144,6 +157,7 @@ class TritonAttentionBackend:
             num_stages=DECODE_STAGES,
             min_split_keys=min_keys,
             new=new,
+            kv_scales=kv_scales,
         )
 
     def varlen_attention(

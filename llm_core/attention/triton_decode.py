@@ -30,6 +30,7 @@ import triton.language as tl
 from polymodal.llm_core import pdl
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.attention.triton_prefill import softcap_log2
+from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
 
 _LOG2E = 1.4426950408889634
@@ -97,6 +98,9 @@ def _decode_kernel(
     DOT_F32: tl.constexpr,
     ROPE_HALF: tl.constexpr,  # 0: q is rotated and the new key stored; else rotary_dim // 2
     USE_PDL: tl.constexpr,
+    k_scale=1.0,  # FP8 cache: what the stored keys / values are divided by (k_scale also
+    v_scale=1.0,  # folds into qk_scale)
+    FP8_KV: tl.constexpr = False,
 ):
     # Before the PDL wait: everything but the newest key (and, with ROPE_HALF, the step's
     # q/k/v). The previous kernel (the KV store, or the qkv projection) writes only those; it
@@ -160,13 +164,18 @@ def _decode_kernel(
         k_new = _rotate(new_k_ptr + seq * stride_ks + kv_head * stride_kh, dims, partner,
                         dim_mask, cos, sin, lower)  # fmt: skip
         v_new = tl.load(new_v_ptr + seq * stride_vs + kv_head * stride_vh + dims, mask=dim_mask)
+        if FP8_KV:  # as stored: scaled, saturated, E4M3 (attended as such)
+            k_new = fp8_scaled(k_new, k_scale)
+            v_new = fp8_scaled(v_new, v_scale)
+        k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
         if (split == 0) & (slot >= 0):
             dst = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_co
             dst += kv_head * stride_ch + dims
-            tl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty), mask=dim_mask)
-            tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=dim_mask)
-        k = tl.where(newest, k_new[None, :].to(k.dtype), k)
-        v = tl.where(newest, v_new[None, :].to(v.dtype), v)
+            tl.store(k_cache_ptr + dst, k_new, mask=dim_mask)
+            tl.store(v_cache_ptr + dst, v_new, mask=dim_mask)
+        k = tl.where(newest, k_new[None, :], k)
+        v = tl.where(newest, v_new[None, :], v)
     if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
         q = q.to(tl.float32)
 
@@ -186,6 +195,8 @@ def _decode_kernel(
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
+    if FP8_KV:  # the FP8 values' scale (a constant factor of every split)
+        acc = acc * v_scale
     if active == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # empty sequence -> zeros
         o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
@@ -282,6 +293,7 @@ def paged_decode(
     num_stages: int = 3,
     min_split_keys: int = 1,
     new: NewTokens | None = None,
+    kv_scales: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence), masked
     and soft-capped as `spec` says (not bidirectional: a decode step is causal by nature).
@@ -297,6 +309,9 @@ def paged_decode(
     at `new.slot_mapping` and attends to them: the same as `rotary_embedding`, `store_kv` and
     this call without `new`. Then q/k/v are read after the PDL wait (the kernel just before may
     write them: the qkv projection) and cos/sin/slots before it.
+
+    An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`, as `store_kv`
+    writes them): the key scale folds into the softmax scale, the value scale into the output.
     """
     if spec.mask == Mask.BIDIRECTIONAL:
         raise ValueError("paged_decode: a bidirectional layer has no decode step")
@@ -347,7 +362,7 @@ def paged_decode(
         new.cos,
         new.sin,
         new.slot_mapping,
-        spec.scale * _LOG2E,
+        spec.scale * _LOG2E * (1.0 if kv_scales is None else kv_scales[0]),
         (spec.softcap or 1.0) * _LOG2E,
         spec.window or 0,
         q.stride(0),
@@ -376,6 +391,9 @@ def paged_decode(
         DOT_F32=not q.is_cuda,
         ROPE_HALF=half,
         USE_PDL=flag,
+        k_scale=1.0 if kv_scales is None else float(kv_scales[0]),
+        v_scale=1.0 if kv_scales is None else float(kv_scales[1]),
+        FP8_KV=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=flag,

@@ -106,6 +106,8 @@ def _attn_fwd_kernel(
     SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
+    v_scale=1.0,  # an FP8 cache's value scale (its key scale is folded into qk_scale)
+    FP8_KV: tl.constexpr = False,
 ):
     pdl.wait(USE_PDL)
     seq = tl.program_id(0)
@@ -167,6 +169,8 @@ def _attn_fwd_kernel(
                               SOFTCAP, True)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if FP8_KV:
+        out = out * v_scale
     o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
 
@@ -179,8 +183,12 @@ def prefill_config(head_dim: int, is_cuda: bool) -> tuple[int, int, int, int]:
 
 
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
-            paged):  # fmt: skip
-    """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code."""
+            paged, kv_scales=None):  # fmt: skip
+    """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
+    `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale."""
+    v_scale, fp8 = 1.0, k.dtype == torch.float8_e4m3fn
+    if fp8 and kv_scales is not None:
+        scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = q_start.shape[0] - 1
     block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda)
@@ -221,6 +229,8 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         SOFTCAP=softcap is not None,
         DOT_F32=not q.is_cuda,
         USE_PDL=flag,
+        v_scale=v_scale,
+        FP8_KV=fp8,
         launch_pdl=flag,
         **extra,
     )
@@ -239,11 +249,13 @@ def paged_prefill(
     block_tables: torch.Tensor,
     max_query_len: int,
     spec: AttentionSpec,
+    kv_scales: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Attention of flat `q [num_tokens, heads, head_dim]` over the paged cache, masked and
     soft-capped as `spec` says.
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
+    An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`).
     """
     q = _unit_last(q)
     out = torch.empty_like(q)
@@ -252,7 +264,7 @@ def paged_prefill(
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
     return _launch(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True,
+        max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True, kv_scales,
     )  # fmt: skip
 
 

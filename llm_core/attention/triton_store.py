@@ -8,6 +8,14 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 
+FP8_MAX = 448.0
+
+
+@triton.jit
+def fp8_scaled(x, scale):
+    """x / scale, saturated to E4M3's range (fp32; the store casts)."""
+    return tl.minimum(tl.maximum(x.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -24,11 +32,14 @@ def _store_kv_kernel(
     stride_co,  # cache stride of an offset inside a block
     stride_ch,  # cache stride of a kv head
     num_kv_heads,
+    k_scale,  # FP8 cache: stored values are k / k_scale, v / v_scale, saturated (FP8)
+    v_scale,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
+    FP8: tl.constexpr = False,
 ):
     """One program per token: copy its `[kv_heads, head_dim]` k and v rows into its slot."""
     token = tl.program_id(0)
@@ -46,16 +57,24 @@ def _store_kv_kernel(
     dst = block * stride_cb + offset * stride_co + heads[:, None] * stride_ch + dims[None, :]
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
+    if FP8:
+        k = fp8_scaled(k, k_scale)
+        v = fp8_scaled(v, v_scale)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: tuple[float, float] | None = None,
 ) -> None:
     """Write `k, v [num_tokens, kv_heads, head_dim]` into `kv_cache` at `slot_mapping` (-1 skips).
 
-    `kv_cache` is `[2, num_blocks, block_size, kv_heads, head_dim]` with a unit last stride.
+    `kv_cache` is `[2, num_blocks, block_size, kv_heads, head_dim]` with a unit last stride; an
+    FP8 cache stores `k / k_scale` and `v / v_scale` (`kv_scales`, default 1.0), saturated.
     """
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
@@ -78,10 +97,12 @@ def store_kv(
         k_cache.stride(1),
         k_cache.stride(2),
         num_kv_heads,
+        *(kv_scales or (1.0, 1.0)),
         HEAD_DIM=head_dim,
         PAGE_SIZE=kv_cache.shape[2],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
         USE_PDL=pdl.use_pdl(k),
+        FP8=kv_cache.dtype == torch.float8_e4m3fn,
         launch_pdl=pdl.use_pdl(k),
     )

@@ -12,6 +12,9 @@ can and the caller finishes the rest (`add_norm`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,9 @@ from polymodal.llm_core.layers.norm import DeferredNorm
 # cuBLAS at one row (batch-1 decode) and loses from two rows up (docs/performance.md).
 GEMV_MAX_ROWS = 1
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
+# Set by `deferred_weights()`: Linears built meanwhile without an explicit method allocate
+# their weights on the meta device until `Linear.set_method` gives them their real method.
+_DEFERRED = contextvars.ContextVar("polymodal_deferred_linear_weights", default=False)
 
 
 class LinearMethod:
@@ -32,8 +38,22 @@ class LinearMethod:
     supports_gemv = False
 
     def create_weights(self, layer: Linear, dtype=None, device=None) -> None:
-        """Register the layer's parameters (sizes: `layer.in_features`, `out_features`)."""
+        """Register the layer's parameters (sizes: `layer.in_features`, `out_features`).
+
+        Parameters split by output feature (packed q/k/v, gate/up) say along which dim with
+        `param.output_dim` (default 0; None: not split, every shard loads it whole) and how
+        many output features one stored element holds with `param.pack_factor` (default 1);
+        `param.broadcast = True` lets a one-element checkpoint tensor fill the whole slice (a
+        per-tensor scale kept per output channel)."""
         raise NotImplementedError
+
+    def process_weights(self, layer: Linear) -> None:
+        """After loading: derive the tensors the kernels read (repacked, quantized on load)."""
+
+    def randomize(self, layer: Linear) -> bool:
+        """Fill the layer with random weights for `dummy_weights` builds; False: the loader's
+        default (normal floats for 2-D parameters) suits this method."""
+        return False
 
     def apply(self, layer: Linear, x, silu_mul: bool = False, residual=None):
         """`x @ W^T + b`. `x`: a tensor or a `DeferredNorm`; `silu_mul`: x is `[gate | up]`
@@ -99,7 +119,58 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
         self.method = method or UNQUANTIZED
+        if method is None and _DEFERRED.get():
+            device = "meta"  # `set_method` allocates the real weights
         self.method.create_weights(self, dtype, device)
+        self._bind_loaders()
+
+    @property
+    def is_deferred(self) -> bool:
+        """Built under `deferred_weights()` and not given its method yet."""
+        return any(p.is_meta for p in self._parameters.values() if p is not None)
+
+    def set_method(self, method: LinearMethod, dtype=None, device=None) -> None:
+        """Replace the layer's weights with fresh ones of `method` (a deferred layer's meta
+        weights; or any layer's, whose loaded values are then lost)."""
+        for name in list(self._parameters):
+            del self._parameters[name]
+        self.method = method
+        method.create_weights(self, dtype, device)
+        self._bind_loaders()
+
+    def post_load(self) -> None:
+        """Called by the loader after the checkpoint is in: the method's `process_weights`."""
+        self.method.process_weights(self)
+
+    def _bind_loaders(self) -> None:
+        for param in self._parameters.values():
+            if param is not None:
+                param.weight_loader = self._load_param
+                if getattr(self, "shard_offsets", None):
+                    param.shard_ids = list(self.shard_offsets)
+
+    def _load_param(self, param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
+        """Copy a checkpoint tensor into `param`, or into its shard's slice of the output
+        features (`PackedLinear`); `shard_id=None` is the whole parameter (a checkpoint that
+        stores the fused tensor, or a plain layer)."""
+        target, dim = param.data, getattr(param, "output_dim", 0)
+        if shard_id is not None and dim is not None:
+            start, size = self.shard_offsets[shard_id]
+            pack = getattr(param, "pack_factor", 1)
+            target = target.narrow(dim, start // pack, size // pack)
+        if shard_id is not None and dim is None:  # one tensor every shard carries (g_idx)
+            if getattr(param, "loaded_by_a_shard", False) and not torch.equal(
+                target, tensor.to(target.dtype)
+            ):
+                raise ValueError(f"shard {shard_id!r} differs from its fused layer's other shards")
+            param.loaded_by_a_shard = True
+        if getattr(param, "broadcast", False) and tensor.numel() == 1:
+            target.fill_(tensor.reshape(()).item())
+            return
+        if target.shape != tensor.shape:
+            what = "shape" if shard_id is None or dim is None else f"shard {shard_id!r} shape"
+            raise ValueError(f"{what} {tuple(tensor.shape)} does not fit {tuple(target.shape)}")
+        target.copy_(tensor)
 
     def uses_gemv(self, x) -> bool:
         """Whether `x` (2-D, rows first; or a `DeferredNorm` of such) goes through the GEMV."""
@@ -121,6 +192,18 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, " + (
             f"bias={self.has_bias}, method={type(self.method).__name__}"
         )
+
+
+@contextlib.contextmanager
+def deferred_weights():
+    """Inside, `Linear`s built without an explicit method put their weights on the meta
+    device: a quantized build gives each its method by name afterwards (`set_method`), so
+    the 16-bit weights of a quantized model are never allocated."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 def enable_gemv(model: nn.Module) -> int:
@@ -168,21 +251,4 @@ class PackedLinear(Linear):
             offsets[shard_id] = (start, size)
             start += size
         self.shard_offsets = offsets
-        for param in (self.weight, self.bias):
-            if param is not None:
-                param.weight_loader = self._load_shard
-                param.shard_ids = list(shard_sizes)
-
-    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
-        if shard_id is None:  # already fused in the checkpoint (Phi-3)
-            if param.shape != tensor.shape:
-                raise ValueError(f"shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
-            param.data.copy_(tensor)
-            return
-        start, size = self.shard_offsets[shard_id]
-        target = param.data.narrow(0, start, size)
-        if target.shape != tensor.shape:
-            raise ValueError(
-                f"shard {shard_id!r} shape {tuple(tensor.shape)} does not fit {tuple(target.shape)}"
-            )
-        target.copy_(tensor)
+        self._bind_loaders()

@@ -27,7 +27,7 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, tower: type):
         super().__init__(cfg, backend, max_positions)
-        device = self.lm_head.weight.device
+        device = self.model.embed_tokens.weight.device  # (a quantized build defers lm_head's)
         self.visual = tower.from_config(cfg.hf_config.vision_config, cfg.dtype, device, backend)
         self.encoder_graphs = None  # an EncoderGraphs wrapper, see enable_cuda_graphs
 

@@ -69,6 +69,13 @@ def bench_command(parser: argparse.ArgumentParser):
         help="Triton GEMV for one-row decoder linears (the engine default)",
     )
     engine.add_argument(
+        "--quantization",
+        choices=("fp8", "awq", "gptq"),
+        help="our side's decoder weights quantized on load (fp8: the random bf16 weights; "
+        "awq/gptq: random 4-bit tensors in the format); transformers keeps bf16",
+    )
+    engine.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
+    engine.add_argument(
         "--pdl",
         action=argparse.BooleanOptionalAction,
         default=True,

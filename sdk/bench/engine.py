@@ -60,13 +60,20 @@ def run_bench(args) -> dict:
         # built (from its tensors, as from a checkpoint) and measured.
         hf.model.to("cpu")
         torch.cuda.empty_cache()
+    quantization = getattr(args, "quantization", None)
+    kv_dtype = getattr(args, "kv_cache_dtype", "auto")
     ours = OurSide(
         model_dir,
-        dummy_weights=args.dummy_weights,
-        weights_from=hf and hf.model,
+        dummy_weights=args.dummy_weights or quantization is not None,
+        weights_from=None if quantization else hf and hf.model,  # quantized: random weights
         async_scheduling=args.async_scheduling,
         decode_gemv=args.gemv,
+        quantization=quantization,
+        kv_cache_dtype=kv_dtype,
     )
+    results["quantization"] = quantization
+    results["kv_cache_dtype"] = kv_dtype
+    results["kv_cache_blocks"] = ours.engine.runner.kv_caches[0].shape[1]
     results["async_scheduling"] = args.async_scheduling
     results["decode_gemv"] = args.gemv
     results["pdl"] = args.pdl
@@ -117,6 +124,11 @@ def print_table(r: dict) -> None:
     """The short table the issue asks for (full numbers are in the JSON)."""
     print(f"\n{r['card']}  {r['date']}  {r['model']}  HBM copy {r['hbm_copy_tb_s']:.2f} TB/s")
     print(f"decode floor (decoder bytes / HBM) {r['decode_floor_ms']:.2f} ms/token")
+    if r.get("quantization") or r.get("kv_cache_dtype", "auto") != "auto":
+        print(
+            f"quantization {r.get('quantization') or 'none'} (transformers: bf16), KV cache "
+            f"{r.get('kv_cache_dtype')} ({r.get('kv_cache_blocks')} blocks)"
+        )
     rows = [
         ("batch-1 decode tok/s", "decode_tokens_s", "{:.1f}"),
         ("TTFT ms (448px + 32 tok)", "ttft_ms", "{:.1f}"),

@@ -90,10 +90,14 @@ class OurSide:
         decode_gemv=True,
         max_model_len: int | None = None,
         prefix_caching: bool = False,
+        quantization=None,
+        kv_cache_dtype="auto",
     ):
         """`max_model_len` (default 4096) and `prefix_caching` (default off: distinct inputs
         everywhere) are for workloads of long media (`bench/media.py`)."""
         config = EngineConfig(
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
             dtype="bfloat16",
             dummy_weights=dummy_weights or weights_from is not None,
             skip_tokenizer_init=True,

@@ -1,0 +1,84 @@
+"""The FP8 Triton kernels (`layers/fp8_kernels.py`) against `fp8_ops`' reference, on CPU under
+TRITON_INTERPRET=1 (`interpreted.py`; the interpreter reads and writes E4M3 but has no FP8
+dot, so the GEMM's dots run in fp32 there: the same products). Per-channel and 128x128 block
+weights, partial row / feature / K tiles, split-K, bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polymodal.llm_core.layers import fp8_kernels
+from polymodal.llm_core.quantization import fp8_ops
+from tests.llm_core.interpreted import (
+    _interpreted_only,  # noqa: F401  (autouse fixture)
+    assert_close,
+    test_interpreted_in_subprocess,  # noqa: F401
+)
+
+
+def exact_x(rows: int, k: int, dtype, group: int | None = None, seed: int = 0):
+    """Activations whose quantization is exact: FP8 values times a power of two, every row (or
+    128-feature group) reaching +-448. The interpreter's fp32 -> E4M3 cast rounds values just
+    under a power of two down a whole binade (124.6 -> 64; compiled kernels and torch give
+    128), so interpreted tests keep x on the grid, where no rounding happens; the GPU tests
+    (`test_quant_gpu.py`) check the rounding itself."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(rows, k, generator=gen) * 100).clamp(-440, 440).to(fp8_ops.FP8).float()
+    span = group or k
+    q.view(rows, k // span, span)[:, :, 0] = 448.0  # the amax of each row / group
+    return (q * 2.0**-9).to(dtype)
+
+
+def _weights(n, k, strategy, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    return fp8_ops.quantize_weight(w, strategy)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_quantize_rows_equals_reference(group):
+    x = exact_x(5, 384, torch.bfloat16, group)
+    x[2] = 0  # an all-zero row: the minimum scale, zeros out
+    xq, xs = fp8_kernels.quantize_rows(x, group)
+    ref_q, ref_s = fp8_ops.quantize_per_token(x, group)
+    torch.testing.assert_close(xs, ref_s.reshape(xs.shape), rtol=0, atol=0)
+    assert torch.equal(xq.float(), ref_q.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["channel", "block"])
+@pytest.mark.parametrize("rows", [2, 17])
+def test_fp8_gemm(dtype, strategy, rows):
+    """N=200 (a partial 128-row scale block and 16-feature tiles), K=256 (two scale blocks)."""
+    n, k = 200, 256
+    weight, scale = _weights(n, k, strategy)
+    gen = torch.Generator().manual_seed(rows)
+    block = 128 if strategy == "block" else None
+    x = exact_x(rows, k, dtype, block, seed=rows)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block, bias.float())
+    out = fp8_kernels.fp8_gemm(x, weight, scale, block, bias)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["channel", "block"])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+def test_fp8_gemv(dtype, strategy, rows, split_k):
+    """x quantized inside the kernel (per row, or per 128-feature tile for block weights):
+    the same numbers as quantize_rows + the GEMM. N=37 in blocks of 8 (one partial), K=384
+    (3 tiles of 128: split 4 leaves a split empty); each call twice (counters reset)."""
+    n, k = 37, 384
+    weight, scale = _weights(n, k, strategy, seed=split_k)
+    gen = torch.Generator().manual_seed(rows + 7)
+    block = 128 if strategy == "block" else None
+    x = exact_x(rows, k, dtype, block, seed=rows + 7)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block, bias.float())
+    for _ in range(2):
+        out = fp8_kernels.fp8_gemv(x, weight, scale, block, bias, config=(8, 128, split_k))
+        assert out.shape == (rows, n) and out.dtype == dtype
+        assert_close(out, ref, dtype)

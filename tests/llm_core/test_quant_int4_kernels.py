@@ -1,0 +1,73 @@
+"""The INT4 Triton kernels (`layers/int4_kernels.py`) against the dequantized reference, on CPU
+under TRITON_INTERPRET=1 (`interpreted.py`): partial feature blocks, several groups per K,
+act-order permutations, split-K, bias, 1-5 rows (GEMV) and odd row counts (GEMM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polymodal.llm_core.layers import int4_kernels
+from polymodal.llm_core.quantization import int4_pack
+from tests.llm_core.interpreted import (
+    _interpreted_only,  # noqa: F401  (autouse fixture)
+    assert_close,
+    test_interpreted_in_subprocess,  # noqa: F401
+)
+
+
+def make_int4(n: int, k: int, group: int, act_order: bool, seed: int = 0):
+    """Random INT4 tensors in the kernels' layout and the fp32 weight `[N, K]` they stand for
+    (in x's feature order)."""
+    gen = torch.Generator().manual_seed(seed)
+    g_idx = int4_pack.act_order_g_idx(k, group, gen) if act_order else None
+    q, zeros, scales = int4_pack.quantize_rtn(torch.randn(n, k, generator=gen), group, g_idx)
+    weight = int4_pack.dequantize(q, zeros, scales, g_idx)
+    perm = None
+    if act_order:  # as Int4LinearMethod.process_weights sorts the rows by group
+        perm = torch.argsort(g_idx.long(), stable=True)
+        q = q[perm]
+        perm = perm.to(torch.int32)
+    return int4_pack.pack_k(q), zeros.to(torch.uint8), scales, perm, weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemv(dtype, rows, split_k, act_order):
+    """N=40 in 32-feature blocks (one partial), K=96 in groups of 32 (3 tiles: split 2 gets
+    2 + 1, split 4 leaves one split empty); each call twice (the arrival counters reset)."""
+    qweight, zeros, scales, perm, weight = make_int4(40, 96, 32, act_order, rows + split_k)
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 96, generator=gen) / 96**0.5).to(dtype)
+    bias = torch.randn(40, generator=gen).to(dtype)
+    ref = F.linear(x.float(), weight, bias.float())
+    for _ in range(2):
+        out = int4_kernels.int4_gemv(
+            x, qweight, zeros, scales, 32, perm, bias, config=(32, 32, split_k)
+        )
+        assert out.shape == (rows, 40) and out.dtype == dtype
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [9, 33])
+@pytest.mark.parametrize("group", [16, 64])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemm(dtype, rows, group, act_order):
+    """M = 9 / 33 rows in 16-row tiles, N=40 in 16-feature tiles, K=128: the weight tile
+    dequantized to x's dtype before the dot (the reference rounds it the same way)."""
+    qweight, zeros, scales, perm, weight = make_int4(40, 128, group, act_order, rows)
+    x = (torch.randn(rows, 128, generator=torch.Generator().manual_seed(3)) / 128**0.5).to(dtype)
+    ref = F.linear(x.float(), weight.to(dtype).float())
+    out = int4_kernels.int4_gemm(x, qweight, zeros, scales, group, perm)
+    assert out.shape == (rows, 40) and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+def test_gemv_config_keeps_one_group_per_tile():
+    for group in (32, 64, 128, 256, 4096):
+        _, block_k, _ = int4_kernels.gemv_config(1, 4096, 4096, group, 132)
+        assert group % block_k == 0 and block_k % 8 == 0
