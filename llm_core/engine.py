@@ -115,6 +115,7 @@ class Engine:
                 params.truncate_prompt_tokens, self.max_model_len,
             )  # fmt: skip
         check_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
+        atomic = self._atomic_spans(mm_items or [])
         needs_text = params.stop or params.bad_words or params.structured_outputs
         if self.tokenizer is None and needs_text:
             raise InvalidInputError(
@@ -135,6 +136,7 @@ class Engine:
                 positions=positions,
                 mrope_delta=mrope_delta,
                 mm_items=list(mm_items or []),
+                atomic_spans=atomic,
                 max_model_len=self.max_model_len,
                 bad_words_ids=bad_words,
             )
@@ -157,6 +159,22 @@ class Engine:
             self._seq_to_group[seq.request_id] = (group, i)
             self.scheduler.add(seq)
         return request_id
+
+    def _atomic_spans(self, mm_items: list) -> list[tuple[int, int]]:
+        """The spans no step may cut: each item's, when the model attends bidirectionally
+        within media (`SupportsMultiModal.bidirectional_media`). A span longer than a step's
+        token budget could never run: refused here, naming the item and the budget."""
+        if not mm_items or not getattr(self.runner.model, "bidirectional_media", False):
+            return []
+        budget = self.scheduler.max_num_batched_tokens
+        spans = sorted((item.slot_start, item.slot_end) for item in mm_items)
+        for item in mm_items:
+            if item.num_slots > budget:
+                raise InvalidInputError(
+                    f"a {item.modality} of {item.num_slots} tokens must run in one step, but "
+                    f"max_num_batched_tokens is {budget}: raise it, or send a smaller image"
+                )
+        return spans
 
     def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
         """Queue one pooling request (no sampling, no detokenizer)."""

@@ -52,6 +52,12 @@ class EngineConfig:
     # Batch-1 decode: decoder linears and the LM head at one input row run a Triton GEMV
     # instead of cuBLAS (CUDA, fp16/bf16 weights only; elsewhere a no-op).
     decode_gemv: bool = True
+    # Multimodal models: embedding rows the encoders may produce in one step (None = the
+    # token budget), and the encoder-output cache's size in MiB (None = four steps' worth of
+    # rows at the model's hidden size and dtype). On a GPU the cache comes out of the KV
+    # cache's share of memory.
+    max_num_encoder_tokens: int | None = None
+    encoder_cache_mb: float | None = None
     seed: int = 0
 
 
@@ -129,14 +135,25 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     layout = plan_layout(net.kv_cache_specs())
     for layer, group in zip(net.attention_layers(), layout.layer_groups()):
         layer.kv_group = group or 0  # which block tables it reads
-    num_blocks = cfg.num_kv_blocks or _num_blocks(model_config, layout, cfg, device, max_len)
+    encoder_cache = encoder_cache_bytes(cfg, model_config) if supports_multimodal(net) else 0
+    num_blocks = cfg.num_kv_blocks or _num_blocks(
+        model_config, layout, cfg, device, max_len, encoder_cache
+    )
     max_len = _fit_one_request(layout, num_blocks, cfg, max_len)
     kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, model_config.dtype, device)
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
     kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
-    scheduler = Scheduler(kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
-    runner = ModelRunner(net, kv_caches, cfg.block_size, device, layout.num_groups)
+    runner = ModelRunner(
+        net, kv_caches, cfg.block_size, device, layout.num_groups, max(encoder_cache, 1)
+    )
+    scheduler = Scheduler(
+        kv,
+        cfg.max_num_batched_tokens,
+        cfg.max_num_seqs,
+        cfg.max_num_encoder_tokens,
+        runner.encoder_cache,
+    )
     graphs = cfg.cuda_graphs and not pooling and layout.slots
     if graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
@@ -149,9 +166,25 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 
+def encoder_cache_bytes(cfg: EngineConfig, mc: ModelConfig) -> int:
+    """Bytes the encoder-output cache may hold: `encoder_cache_mb`, else four steps' worth of
+    encoder rows (`max_num_encoder_tokens`, default the token budget) at the decoder's hidden
+    size and dtype."""
+    if cfg.encoder_cache_mb is not None:
+        return int(cfg.encoder_cache_mb * (1 << 20))
+    rows = 4 * (cfg.max_num_encoder_tokens or cfg.max_num_batched_tokens)
+    return rows * mc.hidden_size * mc.dtype.itemsize
+
+
 def _num_blocks(
-    mc: ModelConfig, layout: KVCacheLayout, cfg: EngineConfig, device: torch.device, max_len: int
+    mc: ModelConfig,
+    layout: KVCacheLayout,
+    cfg: EngineConfig,
+    device: torch.device,
+    max_len: int,
+    reserved: int = 0,
 ) -> int:
+    """KV blocks that fit the memory budget less `reserved` bytes (the encoder cache)."""
     if not layout.slots:
         return 1  # no layer keeps a KV cache
     kv_heads, head_dim = layout.page_shape()
@@ -161,7 +194,7 @@ def _num_blocks(
         # Weights are already on the card: what is free now, less the share we leave alone
         # and 1 GiB of headroom for activations, holds the KV cache.
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30)
+        budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30) - reserved
     else:
         budget = cfg.cpu_kv_cache_gb * (1 << 30)
     # never more than can ever be used (+1: a windowed layout's null block)

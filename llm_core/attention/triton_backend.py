@@ -85,7 +85,7 @@ class TritonAttentionBackend:
         """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked and
         soft-capped as `spec` says."""
         _check_spec(spec)
-        if meta.is_decode and spec.is_causal:
+        if meta.is_decode and spec.is_causal and meta.media_key_ranges is None:
             return self._decode(q, kv_cache, meta, spec)
         return triton_prefill.paged_prefill(
             q,
@@ -95,6 +95,7 @@ class TritonAttentionBackend:
             meta.block_tables,
             meta.max_query_len,
             spec,
+            meta.media_key_ranges,
         )
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
