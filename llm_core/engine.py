@@ -161,20 +161,24 @@ class Engine:
         return request_id
 
     def _atomic_spans(self, mm_items: list) -> list[tuple[int, int]]:
-        """The spans no step may cut: each item's, when the model attends bidirectionally
-        within media (`SupportsMultiModal.bidirectional_media`). A span longer than a step's
-        token budget could never run: refused here, naming the item and the budget."""
+        """The spans no step may cut: each embedded run of each item (an image, or one crop
+        of it), when the model attends bidirectionally within them
+        (`SupportsMultiModal.bidirectional_media`). A run longer than a step's token budget
+        could never run: refused here, naming the item and the budget."""
         if not mm_items or not getattr(self.runner.model, "bidirectional_media", False):
             return []
         budget = self.scheduler.max_num_batched_tokens
-        spans = sorted((item.slot_start, item.slot_end) for item in mm_items)
-        for item in mm_items:
-            if item.num_slots > budget:
-                raise InvalidInputError(
-                    f"a {item.modality} of {item.num_slots} tokens must run in one step, but "
-                    f"max_num_batched_tokens is {budget}: raise it, or send a smaller image"
-                )
-        return spans
+        spans = []
+        for index, item in enumerate(mm_items):
+            for start, end in item.embed_runs():
+                if end - start > budget:
+                    raise InvalidInputError(
+                        f"media item {index + 1} ({item.modality}) has a run of {end - start} "
+                        f"tokens that must run in one step, but max_num_batched_tokens is "
+                        f"{budget}: raise it, or send a smaller {item.modality}"
+                    )
+                spans.append((start, end))
+        return sorted(spans)
 
     def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
         """Queue one pooling request (no sampling, no detokenizer)."""

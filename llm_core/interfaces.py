@@ -29,8 +29,8 @@ class SupportsMultiModal:
 
     supports_multimodal: ClassVar[bool] = True
     #: the decoder attends bidirectionally among the embedded tokens of each item's runs
-    #: (`MultimodalItem.embed_runs`; Gemma 3): the scheduler never splits an item's span
-    #: across steps and the runner hands the runs to the attention as per-token key ranges
+    #: (`MultimodalItem.embed_runs`; Gemma 3): the scheduler never splits a run across steps
+    #: and the runner hands the runs to the attention as per-token key ranges
     bidirectional_media: ClassVar[bool] = False
 
     def encode(self, items: list) -> list[torch.Tensor]:

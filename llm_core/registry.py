@@ -34,7 +34,8 @@ class ModelRow:
 
 _M = "polymodal.llm_core.models."
 _LLAMA = _M + "llama:LlamaForCausalLM"
-_QWEN_VL_PROCESSOR = "polymodal.processors.qwen_vl:QwenVLProcessor"
+_P = "polymodal.processors."
+_QWEN_VL_PROCESSOR = _P + "qwen_vl:QwenVLProcessor"
 _QWEN_VL = _M + "qwen2_vl:Qwen2VLForConditionalGeneration"
 
 MODELS: dict[str, ModelRow] = {
@@ -58,6 +59,11 @@ MODELS: dict[str, ModelRow] = {
     ),
     "Qwen2_5_VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2_5_VLForConditionalGeneration"
+    ),
+    "Gemma3ForConditionalGeneration": ModelRow(
+        _M + "gemma3_vl:Gemma3ForConditionalGeneration",
+        _P + "gemma3:Gemma3Processor",
+        "Gemma3ForConditionalGeneration",
     ),
 }
 

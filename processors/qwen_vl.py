@@ -55,6 +55,8 @@ def _plural(count: int, noun: str) -> str:
 class QwenVLProcessor:
     """Prompt + media processing for Qwen2-VL and Qwen2.5-VL checkpoints."""
 
+    MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
+
     def __init__(
         self,
         tokenizer: Any,
