@@ -79,6 +79,8 @@ ENCODERS: dict[str, str | type] = {
     "Qwen2_5_VLModel": _QWEN2_5_VL,
     "qwen2_5_vl": _QWEN2_5_VL,
     "Gemma3ForConditionalGeneration": "polymodal.encoders.gemma3:Gemma3VisionEncoder",
+    "LlavaForConditionalGeneration": "polymodal.encoders.llava:LlavaEncoder",
+    "LlavaNextForConditionalGeneration": "polymodal.encoders.llava:LlavaNextEncoder",
 }
 
 

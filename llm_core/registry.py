@@ -37,6 +37,7 @@ _LLAMA = _M + "llama:LlamaForCausalLM"
 _P = "polymodal.processors."
 _QWEN_VL_PROCESSOR = _P + "qwen_vl:QwenVLProcessor"
 _QWEN_VL = _M + "qwen2_vl:Qwen2VLForConditionalGeneration"
+_LLAVA = _M + "llava:LlavaForConditionalGeneration"
 
 MODELS: dict[str, ModelRow] = {
     "LlamaForCausalLM": ModelRow(_LLAMA),
@@ -59,6 +60,12 @@ MODELS: dict[str, ModelRow] = {
     ),
     "Qwen2_5_VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2_5_VLForConditionalGeneration"
+    ),
+    "LlavaForConditionalGeneration": ModelRow(
+        _LLAVA, _P + "llava:LlavaProcessor", "LlavaForConditionalGeneration"
+    ),
+    "LlavaNextForConditionalGeneration": ModelRow(
+        _LLAVA, _P + "llava:LlavaNextProcessor", "LlavaNextForConditionalGeneration"
     ),
     "Gemma3ForConditionalGeneration": ModelRow(
         _M + "gemma3_vl:Gemma3ForConditionalGeneration",
