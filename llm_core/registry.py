@@ -67,6 +67,9 @@ MODELS: dict[str, ModelRow] = {
     "LlavaNextForConditionalGeneration": ModelRow(
         _LLAVA, _P + "llava:LlavaNextProcessor", "LlavaNextForConditionalGeneration"
     ),
+    "Mistral3ForConditionalGeneration": ModelRow(
+        _LLAVA, _P + "pixtral:PixtralProcessor", "Mistral3ForConditionalGeneration"
+    ),
     "Gemma3ForConditionalGeneration": ModelRow(
         _M + "gemma3_vl:Gemma3ForConditionalGeneration",
         _P + "gemma3:Gemma3Processor",

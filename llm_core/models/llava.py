@@ -130,3 +130,88 @@ def _tiny_llava(arch: str) -> TinyConfig:
 
 
 TINY_CONFIGS = {arch: _tiny_llava(arch) for arch in ("llava", "llava_next")}
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}[IMG]"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "[/INST]{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+MISTRAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "image_token": "[IMG]",
+    "image_break_token": "[IMG_BREAK]",
+    "image_end_token": "[IMG_END]",
+    "inst_token": "[INST]",
+    "inst_end_token": "[/INST]",
+}
+# Pixtral-like tiny tower: 7 px patches, at most 56 px a side
+TINY_PIXTRAL = dict(
+    model_type="pixtral",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    head_dim=16,
+    image_size=56,
+    patch_size=7,
+    hidden_act="silu",
+)
+
+
+def _tiny_pixtral(arch: str) -> TinyConfig:
+    """Mistral 3 (`mistral3`: 2x2 patch merger) or Pixtral-12B's LLaVA form (`pixtral`) on
+    the tiny Mistral text shapes."""
+    mistral3 = arch == "mistral3"
+
+    def build(kwargs: dict, ids: dict):
+        import transformers as tf
+
+        text = {**kwargs, "model_type": "mistral", "head_dim": 16, "sliding_window": None}
+        common = dict(
+            text_config=text,
+            vision_config=TINY_PIXTRAL,
+            image_token_index=ids["[IMG]"],
+            vision_feature_layer=-1,
+            projector_hidden_act="gelu",
+            tie_word_embeddings=False,
+        )
+        if mistral3:
+            return tf.Mistral3Config(**common, spatial_merge_size=2)
+        return tf.LlavaConfig(**common, vision_feature_select_strategy="full")
+
+    def make_model(hf_config, dtype):
+        import transformers as tf
+
+        return tf.AutoModelForImageTextToText.from_config(hf_config, dtype=dtype)
+
+    def write_processor(out, tokenizer) -> None:
+        import transformers as tf
+
+        images = tf.PixtralImageProcessor(
+            size={"longest_edge": 56}, patch_size={"height": 7, "width": 7}
+        )
+        processor = tf.PixtralProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            patch_size=7,
+            spatial_merge_size=2 if mistral3 else 1,
+            chat_template=tokenizer.chat_template,
+        )
+        processor.save_pretrained(out)
+
+    name = "Mistral3ForConditionalGeneration" if mistral3 else "LlavaForConditionalGeneration"
+    return TinyConfig(
+        name,
+        build=build,
+        make_model=make_model,
+        write_extra=write_processor,
+        tokens=MISTRAL_TOKENS,
+        chat_template=MISTRAL_TEMPLATE,
+    )
+
+
+TINY_CONFIGS.update({arch: _tiny_pixtral(arch) for arch in ("mistral3", "pixtral")})

@@ -1,4 +1,5 @@
-"""LLaVA-family models end to end (processor + tower + projector + decoder) vs transformers,
+"""LLaVA-family models end to end (processor + tower + projector + decoder) vs transformers:
+LLaVA-1.5, LLaVA-NeXT, Mistral 3 and Pixtral-12B's LLaVA form,
 fp32 on the CPU: one image, several, a mixed batch with a text-only prompt, and chunked
 prefill that splits images across steps (their attention is causal, so a split is allowed and
 must not change anything)."""
@@ -19,7 +20,7 @@ from tests.sdk.vl_reference import (
 )
 
 STEPS = 6
-ARCHS = ["llava", "llava_next"]
+ARCHS = ["llava", "llava_next", "mistral3", "pixtral"]
 CASES = {
     "one_image": [random_image(64, 48, 0)],
     "three_images": [random_image(28, 28, 1), random_image(90, 40, 2), random_image(9, 50, 3)],
