@@ -21,7 +21,13 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent.parent / "configs"
 BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
-    "gemma-3-12b": CONFIGS / "gemma_3_12b",  # text decoder only: no engine workload yet
+    # The workloads below drive Qwen-VL prompts (token ids with Qwen's image markers): these
+    # configs build and serve (`polymodal serve <dir> --dummy-weights` with a tokenizer), the
+    # engine workload for them is the lead's to wire (docs/performance.md, "GPU to run").
+    "gemma-3-12b": CONFIGS / "gemma_3_12b",  # the text decoder alone
+    "gemma-3-12b-it": CONFIGS / "gemma_3_12b_it",  # with its SigLIP tower (896 px, 256 tokens)
+    "llava-next-7b": CONFIGS / "llava_next_7b",  # llava-v1.6-mistral-7b-hf
+    "pixtral-12b": CONFIGS / "pixtral_12b",  # mistral-community/pixtral-12b (LLaVA form)
 }
 WORKLOADS = ("engine", "paths", "serve")
 
