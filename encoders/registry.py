@@ -1,8 +1,14 @@
 """Encoder registry: ONE table from HF architecture name / model type to the encoder class.
 
-Plug in your own encoder with `register_encoder(architecture_name, encoder_cls)`; the class
-must satisfy `VisionEncoder` below. Built-in entries are lazy `"module:Class"` strings so that
-importing the registry does not import every tower.
+Plug in your own encoder with `register_encoder(architecture_name, encoder_cls)`. Two shapes
+of encoder are served:
+- `Encoder` (every family): `encode(items)` takes the prompt's `MultimodalItem`s (their
+  `data`, staged on the device) and returns one tensor `[item.num_embeds, hidden]` each; the
+  tower and its projector are one module whose parameter names follow the checkpoint's.
+- `VisionEncoder` (Qwen2-VL's patch towers, and custom towers plugged into a Qwen-VL model):
+  `forward(pixel_values, grid_thw)` over the concatenated patches of a batch.
+Built-in entries are lazy `"module:Class"` strings so that importing the registry does not
+import every tower.
 """
 
 from __future__ import annotations
@@ -42,6 +48,25 @@ class VisionEncoder(Protocol):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class Encoder(Protocol):
+    """A family's media encoder (tower + projector), as the engine uses it.
+
+    - `from_config(hf_config, dtype, device, backend)`: classmethod building it from the
+      checkpoint's whole config (an HF config object: `vision_config`, the projector's fields,
+      the text hidden size) on `device` in `dtype`, calling `backend.varlen_attention` for
+      attention (`None` = the torch reference). Parameters may be uninitialized: the model's
+      loader fills them by name (the encoder keeps the checkpoint's names below its root).
+    - `encode(items) -> list[Tensor]`: one `[item.num_embeds, hidden]` per item, in order;
+      `item.data` holds what the family's processor made (`pixel_values` staged on the device).
+    """
+
+    @classmethod
+    def from_config(cls, hf_config, dtype, device, backend) -> Encoder: ...
+
+    def encode(self, items: list) -> list[torch.Tensor]: ...
+
+
 _QWEN2_VL = "polymodal.encoders.qwen2_vl:Qwen2VisionTower"
 _QWEN2_5_VL = "polymodal.encoders.qwen2_5_vl:Qwen2_5VisionTower"
 
@@ -53,17 +78,20 @@ ENCODERS: dict[str, str | type] = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_5_VL,
     "Qwen2_5_VLModel": _QWEN2_5_VL,
     "qwen2_5_vl": _QWEN2_5_VL,
+    "Gemma3ForConditionalGeneration": "polymodal.encoders.gemma3:Gemma3VisionEncoder",
+    "LlavaForConditionalGeneration": "polymodal.encoders.llava:LlavaEncoder",
+    "LlavaNextForConditionalGeneration": "polymodal.encoders.llava:LlavaNextEncoder",
+    "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
 }
 
 
 def register_encoder(architecture_name: str, encoder_cls: type) -> None:
     """Map `architecture_name` (as in config.json's `architectures`, or a `model_type`) to
-    `encoder_cls`, replacing any earlier entry. `encoder_cls` must satisfy `VisionEncoder`."""
-    missing = [
-        attr
-        for attr in ("from_config", "load_weights", "forward")
-        if not hasattr(encoder_cls, attr)
-    ]
+    `encoder_cls`, replacing any earlier entry. `encoder_cls` must satisfy `Encoder` (or, for
+    a Qwen-VL model's tower, `VisionEncoder`)."""
+    missing = [attr for attr in ("from_config", "load_weights") if not hasattr(encoder_cls, attr)]
+    if not (hasattr(encoder_cls, "encode") or hasattr(encoder_cls, "forward")):
+        missing.append("encode (or forward)")
     if missing:
         raise TypeError(f"encoder class {encoder_cls!r} lacks {', '.join(missing)}")
     ENCODERS[architecture_name] = encoder_cls

@@ -1,7 +1,11 @@
-"""Encoder outputs cached by media content hash (bounded LRU).
+"""Encoder outputs cached by media content hash: an LRU bounded in bytes.
 
 Chunked prefill reads an item's embeddings in slices across steps, and the same image in
-another request (or turn) reuses them without running the tower again.
+another request (or turn) reuses them without running the tower again. The bound is in bytes
+(`max_bytes`, set by the engine from `EngineConfig.encoder_cache_mb` and taken out of the KV
+cache's share of device memory), so a model with a wide hidden size or large images cannot
+grow it past what was budgeted. The entry just stored is never evicted by its own `put` (an
+item larger than the whole cache still serves the step that made it).
 """
 
 from __future__ import annotations
@@ -11,14 +15,35 @@ from collections import OrderedDict
 import torch
 
 
-class EncoderCache:
-    """LRU of encoder outputs `[num_slots, hidden]` keyed by media content hash."""
+def tensor_bytes(value) -> int:
+    """Device bytes of an encoder output: a tensor, or a tuple / list / dict of them."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
-    def __init__(self, max_items: int = 256):
-        self.max_items = max_items
+
+class EncoderCache:
+    """LRU of encoder outputs (`[num_embeds, hidden]`, or what a family's encoder returns)
+    keyed by media content hash, holding at most `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.sizes: dict[str, int] = {}
+        self.num_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
@@ -29,7 +54,14 @@ class EncoderCache:
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.misses += 1
+        if key in self.entries:
+            self.num_bytes -= self.sizes[key]
+        size = tensor_bytes(value)
         self.entries[key] = value
         self.entries.move_to_end(key)
-        while len(self.entries) > self.max_items:
-            self.entries.popitem(last=False)
+        self.sizes[key] = size
+        self.num_bytes += size
+        while self.num_bytes > self.max_bytes and len(self.entries) > 1:
+            old, _ = self.entries.popitem(last=False)
+            self.num_bytes -= self.sizes.pop(old)
+            self.evictions += 1

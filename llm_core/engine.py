@@ -115,6 +115,7 @@ class Engine:
                 params.truncate_prompt_tokens, self.max_model_len,
             )  # fmt: skip
         check_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
+        atomic = self._atomic_spans(mm_items or [])
         needs_text = params.stop or params.bad_words or params.structured_outputs
         if self.tokenizer is None and needs_text:
             raise InvalidInputError(
@@ -135,6 +136,7 @@ class Engine:
                 positions=positions,
                 mrope_delta=mrope_delta,
                 mm_items=list(mm_items or []),
+                atomic_spans=atomic,
                 max_model_len=self.max_model_len,
                 bad_words_ids=bad_words,
             )
@@ -157,6 +159,26 @@ class Engine:
             self._seq_to_group[seq.request_id] = (group, i)
             self.scheduler.add(seq)
         return request_id
+
+    def _atomic_spans(self, mm_items: list) -> list[tuple[int, int]]:
+        """The spans no step may cut: each embedded run of each item (an image, or one crop
+        of it), when the model attends bidirectionally within them
+        (`SupportsMultiModal.bidirectional_media`). A run longer than a step's token budget
+        could never run: refused here, naming the item and the budget."""
+        if not mm_items or not getattr(self.runner.model, "bidirectional_media", False):
+            return []
+        budget = self.scheduler.max_num_batched_tokens
+        spans = []
+        for index, item in enumerate(mm_items):
+            for start, end in item.embed_runs():
+                if end - start > budget:
+                    raise InvalidInputError(
+                        f"media item {index + 1} ({item.modality}) has a run of {end - start} "
+                        f"tokens that must run in one step, but max_num_batched_tokens is "
+                        f"{budget}: raise it, or send a smaller {item.modality}"
+                    )
+                spans.append((start, end))
+        return sorted(spans)
 
     def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
         """Queue one pooling request (no sampling, no detokenizer)."""

@@ -61,6 +61,12 @@ class EngineConfig:
     # KV cache storage: "auto" = the model dtype; "fp8" = E4M3 with one scale per layer for
     # keys and one for values (the checkpoint's k_scale / v_scale, else 1.0): twice the tokens.
     kv_cache_dtype: str = "auto"
+    # Multimodal models: embedding rows the encoders may produce in one step (None = the
+    # token budget), and the encoder-output cache's size in MiB (None = four steps' worth of
+    # rows at the model's hidden size and dtype). On a GPU the cache comes out of the KV
+    # cache's share of memory.
+    max_num_encoder_tokens: int | None = None
+    encoder_cache_mb: float | None = None
     seed: int = 0
 
 
@@ -155,14 +161,25 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
         )
     for layer, group in zip(net.attention_layers(), layout.layer_groups()):
         layer.kv_group = group or 0  # which block tables it reads
-    num_blocks = cfg.num_kv_blocks or _num_blocks(kv_dtype, layout, cfg, device, max_len)
+    encoder_cache = encoder_cache_bytes(cfg, model_config) if supports_multimodal(net) else 0
+    num_blocks = cfg.num_kv_blocks or _num_blocks(
+        kv_dtype, layout, cfg, device, max_len, encoder_cache
+    )
     max_len = _fit_one_request(layout, num_blocks, cfg, max_len)
     kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, kv_dtype, device)
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
     kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
-    scheduler = Scheduler(kv, cfg.max_num_batched_tokens, cfg.max_num_seqs)
-    runner = ModelRunner(net, kv_caches, cfg.block_size, device, layout.num_groups)
+    runner = ModelRunner(
+        net, kv_caches, cfg.block_size, device, layout.num_groups, max(encoder_cache, 1)
+    )
+    scheduler = Scheduler(
+        kv,
+        cfg.max_num_batched_tokens,
+        cfg.max_num_seqs,
+        cfg.max_num_encoder_tokens,
+        runner.encoder_cache,
+    )
     graphs = cfg.cuda_graphs and not pooling and layout.slots
     if graphs and device.type == "cuda" and backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
@@ -188,13 +205,25 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) ->
     return torch.float8_e4m3fn
 
 
+def encoder_cache_bytes(cfg: EngineConfig, mc: ModelConfig) -> int:
+    """Bytes the encoder-output cache may hold: `encoder_cache_mb`, else four steps' worth of
+    encoder rows (`max_num_encoder_tokens`, default the token budget) at the decoder's hidden
+    size and dtype."""
+    if cfg.encoder_cache_mb is not None:
+        return int(cfg.encoder_cache_mb * (1 << 20))
+    rows = 4 * (cfg.max_num_encoder_tokens or cfg.max_num_batched_tokens)
+    return rows * mc.hidden_size * mc.dtype.itemsize
+
+
 def _num_blocks(
     kv_dtype: torch.dtype,
     layout: KVCacheLayout,
     cfg: EngineConfig,
     device: torch.device,
     max_len: int,
+    reserved: int = 0,
 ) -> int:
+    """KV blocks that fit the memory budget less `reserved` bytes (the encoder cache)."""
     if not layout.slots:
         return 1  # no layer keeps a KV cache
     # a block id is one page of every slot tensor
@@ -203,7 +232,7 @@ def _num_blocks(
         # Weights are already on the card: what is free now, less the share we leave alone
         # and 1 GiB of headroom for activations, holds the KV cache.
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30)
+        budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30) - reserved
     else:
         budget = cfg.cpu_kv_cache_gb * (1 << 30)
     # never more than can ever be used (+1: a windowed layout's null block)

@@ -1,33 +1,55 @@
 """Capability interfaces a model class opts into by inheriting them (plain classes, checked
 with `isinstance`), instead of the engine probing for attributes.
 
-- `SupportsMultiModal`: turns media items into slot embeddings (`encode`), may stage their
-  tensors onto its device ahead of the step (`stage`) and replay CUDA graphs for its tower.
+- `SupportsMultiModal`: turns media items into embeddings (`encode`), stages their tensors
+  onto its device ahead of the step (`stage`), may replay CUDA graphs for its tower, and says
+  how its decoder attends over media (`bidirectional_media`).
 - `SupportsPooling`: a pooling model (classification, reward, embedding): no LM head; the
   runner hands it each finished prompt's hidden states and it returns one pooled tensor each.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
 
+from polymodal.llm_core.host_copy import copy_to
+
 
 class SupportsMultiModal:
-    """A model whose prompts carry media slots filled by its own encoder."""
+    """A model whose prompts carry media items (`processors.types.MultimodalItem`) filled by
+    the encoder its registry row names (built by the loader: a model file imports no encoder).
+
+    The runner's contract: `encode(items)` returns one tensor per item, `[item.num_embeds,
+    hidden]`, written into the item's slot positions (`embed_mask`); `stage(items)` may run on
+    a preprocessing thread before the request reaches the engine.
+    """
 
     supports_multimodal: ClassVar[bool] = True
-    #: the tower class, resolved by the registry (a model file never imports encoders)
-    tower_class: ClassVar[type | None] = None
+    #: the decoder attends bidirectionally among the embedded tokens of each item's runs
+    #: (`MultimodalItem.embed_runs`; Gemma 3): the scheduler never splits a run across steps
+    #: and the runner hands the runs to the attention as per-token key ranges
+    bidirectional_media: ClassVar[bool] = False
 
     def encode(self, items: list) -> list[torch.Tensor]:
-        """Embeddings `[num_slots, hidden]` for each media item, in order."""
+        """Embeddings `[num_embeds, hidden]` for each media item, in order."""
         raise NotImplementedError
+
+    def media_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where and in what dtype the encoder takes its inputs (default: the LM head's)."""
+        weight = self.lm_head.weight
+        return weight.device, weight.dtype
 
     def stage(self, items: list) -> None:
         """Put the items' tensors on the model's device ahead of the step (idempotent; may run
-        on a preprocessing thread). Default: nothing to do."""
+        on a preprocessing thread): raw frames are copied (pinned, asynchronous) and turned
+        into pixel values there by the processor's recipe (`MultimodalItem.stage`)."""
+        device, dtype = self.media_device_dtype()
+        move = partial(copy_to, device=device)
+        for item in items:
+            item.stage(device, dtype, move)
 
     def enable_cuda_graphs(self, wrap) -> None:
         """Called once the decoder's graphs are captured: a tower that opts in may replay its

@@ -90,15 +90,16 @@ class KVCacheManager:
         return req.block_hashes
 
     # ---- prefix cache -------------------------------------------------------------------
-    def get_computed_blocks(self, req: Request) -> list[list[int]]:
+    def get_computed_blocks(self, req: Request, limit: int | None = None) -> list[list[int]]:
         """Per group, the blocks of the longest prefix of `req` every group has cached (a
         windowed group needs only the blocks its first new query can see; the rest of its
         table is the null block). `[]` when there is no hit. At least one token is left to
-        run."""
+        run; `limit` caps the hit at that many tokens (the scheduler's: never inside an
+        image a model attends to bidirectionally)."""
         if not self.enable_prefix_caching or not self.specs:
             return []
         bs, hashes = self.block_size, self._update_hashes(req)
-        length = len(hashes)
+        length = len(hashes) if limit is None else min(len(hashes), limit // bs)
         while length and length * bs >= req.num_tokens:  # the last token must run for logits
             length -= 1
         found = [[self.cached.get((g, h)) for h in hashes[:length]] for g in range(len(self.specs))]

@@ -34,8 +34,10 @@ class ModelRow:
 
 _M = "polymodal.llm_core.models."
 _LLAMA = _M + "llama:LlamaForCausalLM"
-_QWEN_VL_PROCESSOR = "polymodal.processors.qwen_vl:QwenVLProcessor"
+_P = "polymodal.processors."
+_QWEN_VL_PROCESSOR = _P + "qwen_vl:QwenVLProcessor"
 _QWEN_VL = _M + "qwen2_vl:Qwen2VLForConditionalGeneration"
+_LLAVA = _M + "llava:LlavaForConditionalGeneration"
 
 MODELS: dict[str, ModelRow] = {
     "LlamaForCausalLM": ModelRow(_LLAMA),
@@ -63,6 +65,20 @@ MODELS: dict[str, ModelRow] = {
     ),
     "Qwen2_5_VLForConditionalGeneration": ModelRow(
         _QWEN_VL, _QWEN_VL_PROCESSOR, "Qwen2_5_VLForConditionalGeneration"
+    ),
+    "LlavaForConditionalGeneration": ModelRow(
+        _LLAVA, _P + "llava:LlavaProcessor", "LlavaForConditionalGeneration"
+    ),
+    "LlavaNextForConditionalGeneration": ModelRow(
+        _LLAVA, _P + "llava:LlavaNextProcessor", "LlavaNextForConditionalGeneration"
+    ),
+    "Mistral3ForConditionalGeneration": ModelRow(
+        _LLAVA, _P + "pixtral:PixtralProcessor", "Mistral3ForConditionalGeneration"
+    ),
+    "Gemma3ForConditionalGeneration": ModelRow(
+        _M + "gemma3_vl:Gemma3ForConditionalGeneration",
+        _P + "gemma3:Gemma3Processor",
+        "Gemma3ForConditionalGeneration",
     ),
 }
 

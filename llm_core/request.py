@@ -31,6 +31,9 @@ class Request:
     positions: list[list[int]] | None = None  # [3][prompt_len] M-RoPE positions, else None
     mrope_delta: int = 0
     mm_items: list = field(default_factory=list)  # processors.types.MultimodalItem
+    # token ranges [start, end) no step may cut: the spans of media a model attends to
+    # bidirectionally (Gemma 3's images), set by the engine from the model's interface
+    atomic_spans: list[tuple[int, int]] = field(default_factory=list)
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

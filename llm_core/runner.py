@@ -1,8 +1,11 @@
 """Turns a SchedulerOutput into batch tensors, runs encoders + decoder + sampler.
 
 The batch is flat: every scheduled token of every request, concatenated. Encoder outputs
-are cached by content hash and sliced by slot range, so a chunked prefill can split one
-image's slots across steps and a repeated image runs its encoder once.
+are cached by content hash and sliced by slot range (only the span positions an item's
+`embed_mask` marks take a row), so a chunked prefill can split one image's slots across steps
+and a repeated image runs its encoder once. A model whose images attend bidirectionally
+(`bidirectional_media`) gets each step's embedded runs as per-token key ranges in the
+attention metadata (`media_key_ranges`); the scheduler keeps those spans inside one step.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.encoder_cache import EncoderCache
+from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
 from polymodal.llm_core.request import Request
@@ -40,6 +44,8 @@ class HostBatch:
     # (request, flat row of its first token, first position, end position) of prompt chunks
     # whose prompt logprobs this step computes
     prompt_logprob_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    # per flat token, extra visible key positions [lo, hi) (bidirectional media runs), or None
+    key_ranges: tuple[list[int], list[int]] | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -49,7 +55,15 @@ class HostBatch:
 class ModelRunner:
     """Owns the model, the KV tensors, the encoder cache and the sampler."""
 
-    def __init__(self, model, kv_caches: list, block_size: int, device, num_kv_groups: int = 1):
+    def __init__(
+        self,
+        model,
+        kv_caches: list,
+        block_size: int,
+        device,
+        num_kv_groups: int = 1,
+        encoder_cache_bytes: int = 256 << 20,
+    ):
         self.model = model
         # per layer [2, num_blocks, block_size, kv_heads, head_dim] (a tensor several groups'
         # layers share), or None for a layer without a KV cache
@@ -59,7 +73,8 @@ class ModelRunner:
         self.num_kv_groups = max(1, num_kv_groups)
         self.device = torch.device(device)
         self.uses_mrope = model.config.mrope_section is not None
-        self.encoder_cache = EncoderCache()
+        self.bidirectional_media = getattr(model, "bidirectional_media", False)
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.sampler = Sampler()
         self.graphs = None  # DecodeGraphs once capture_decode_graphs() ran
         self.prefill_graphs = None  # PrefillGraphs once capture_prefill_graphs() ran
@@ -182,33 +197,76 @@ class ModelRunner:
         ]
         meta = metas[0]
         meta.groups = metas if len(metas) > 1 else None
+        if hb.key_ranges is not None:  # the same positions in every group
+            lo, hi = upload(hb.key_ranges, torch.int32, self.device)
+            for m in metas:
+                m.media_key_ranges, m.media_key_ranges_cpu = (lo, hi), hb.key_ranges
         pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
 
     # ---- multimodal ---------------------------------------------------------------------
     def _mm_embeddings(self, sched: SchedulerOutput):
-        """(flat slot indices, embeddings) for every media slot scheduled in this step."""
-        pieces, indices, missing = [], [], {}
+        """(flat slot indices, embeddings) for every media slot scheduled in this step.
+
+        Items not in the encoder cache run through `model.encode` together (one call); their
+        outputs are held for this step even if the cache evicts them right away."""
+        pieces, indices, missing, found = [], [], {}, {}
         offset = 0
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             for item in req.mm_items:
-                lo, hi = max(start, item.slot_start), min(end, item.slot_start + item.num_slots)
-                if lo >= hi:
+                lo, hi = max(start, item.slot_start), min(end, item.slot_end)
+                if lo >= hi or item.target != "slots":
                     continue
-                if self.encoder_cache.get(item.content_hash) is None:
-                    missing[item.content_hash] = item
-                pieces.append((item.content_hash, lo - item.slot_start, hi - item.slot_start))
-                indices.extend(range(offset + lo - start, offset + hi - start))
+                key = item.content_hash
+                if key not in found:
+                    cached = self.encoder_cache.get(key)
+                    if cached is None:
+                        missing[key] = item
+                    found[key] = cached
+                base = offset + item.slot_start - start  # flat row of the span's offset 0
+                if item.embed_mask is None:  # every span position takes a row
+                    pieces.append((key, lo - item.slot_start, hi - item.slot_start))
+                    indices.extend(range(offset + lo - start, offset + hi - start))
+                    continue
+                offsets, first, last = item.embed_rows(lo - item.slot_start, hi - item.slot_start)
+                if first < last:
+                    pieces.append((key, first, last))
+                    indices.extend(base + o for o in offsets)
             offset += n
-        if not pieces:
-            return None, None
         if missing:
             items = list(missing.values())
             for item, emb in zip(items, self.model.encode(items)):
+                if emb.shape[0] != item.num_embeds:
+                    raise InvalidInputError(
+                        f"the encoder gave {emb.shape[0]} embeddings for a {item.modality} "
+                        f"with {item.num_embeds} slots"
+                    )
+                found[item.content_hash] = emb
                 self.encoder_cache.put(item.content_hash, emb)
-        embeds = [self.encoder_cache.entries[h][a:b] for h, a, b in pieces]
+        if not pieces:
+            return None, None
+        embeds = [found[h][a:b] for h, a, b in pieces]
         return to_device(indices, torch.int64, self.device), torch.cat(embeds)
+
+    def _media_key_ranges(self, sched: SchedulerOutput) -> tuple[list[int], list[int]] | None:
+        """Per flat token of this step, the key positions `[lo, hi)` it sees beyond its mask:
+        the embedded run (crop, tile) it belongs to, for a `bidirectional_media` model; (0, 0)
+        for other tokens. None when no run falls in this step."""
+        lows, highs, any_run = [], [], False
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            lo_row, hi_row = [0] * n, [0] * n
+            for item in req.mm_items:
+                if item.slot_start >= end or item.slot_end <= start:
+                    continue
+                for a, b in item.embed_runs():
+                    for pos in range(max(a, start), min(b, end)):
+                        lo_row[pos - start], hi_row[pos - start] = a, b
+                        any_run = True
+            lows.extend(lo_row)
+            highs.extend(hi_row)
+        return (lows, highs) if any_run else None
 
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -226,6 +284,8 @@ class ModelRunner:
         # The encoder goes first: the device starts on it while the host builds the batch.
         slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
         hb = self.host_batch(sched, prev)
+        if has_media and self.bidirectional_media:
+            hb.key_ranges = self._media_key_ranges(sched)
         graphs = self.graphs
         if (
             graphs
@@ -243,7 +303,8 @@ class ModelRunner:
         if slot_idx is not None:
             embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
         prefill = self.prefill_graphs
-        if prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks):
+        fits = prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks)
+        if fits and hb.key_ranges is None:  # captured graphs know no media key ranges
             hidden = prefill.run(embeds, positions, meta)
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
@@ -368,6 +429,6 @@ def _step_has_media(sched: SchedulerOutput) -> bool:
     for req, n in zip(sched.requests, sched.num_new_tokens):
         start, end = req.num_computed_tokens, req.num_computed_tokens + n
         for item in req.mm_items:
-            if item.slot_start < end and item.slot_start + item.num_slots > start:
+            if item.slot_start < end and item.slot_end > start and item.target == "slots":
                 return True
     return False

@@ -5,6 +5,15 @@ request, up to the remaining budget for a prefill (so one long prompt is split a
 and decodes are never starved behind it). Running requests go first, in arrival order; when
 the block pool runs out, the most recently admitted running request is preempted (its blocks
 freed, its tokens recomputed later), never the engine.
+
+Media add two limits to a prefill chunk (`_fit`):
+- a request's `atomic_spans` (an image whose tokens a model attends to bidirectionally) are
+  never cut: a chunk ends before such a span when the whole span does not fit, and a prefix
+  hit never ends inside one;
+- encoder work is budgeted per step like tokens: the embedding rows of items the step must
+  encode (not in the encoder cache, not already encoded for another request of this step)
+  count against `max_num_encoder_tokens`; a chunk ends before an item that would overflow it.
+  The first item of a step always fits, however large, so nothing waits forever.
 """
 
 from __future__ import annotations
@@ -41,10 +50,16 @@ class Scheduler:
         kv: KVCacheManager,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
+        max_num_encoder_tokens: int | None = None,
+        encoder_cache=None,
     ):
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        # embedding rows the encoders may produce in one step (default: the token budget)
+        self.max_num_encoder_tokens = max_num_encoder_tokens or max_num_batched_tokens
+        # content hashes already encoded (anything with `in`; the runner's EncoderCache)
+        self.encoder_cache = encoder_cache if encoder_cache is not None else {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # a statistic: total preemptions so far
@@ -58,6 +73,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        encoding = _EncoderWork(self.max_num_encoder_tokens, self.encoder_cache)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -65,6 +81,11 @@ class Scheduler:
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.mm_items and req.num_computed_tokens < len(req.prompt_token_ids):
+                n = self._fit(req, req.num_computed_tokens, n, encoding)
+                if n == 0:  # its next image does not fit this step: wait for the next one
+                    i += 1
+                    continue
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()  # lowest priority: admitted last
                 self._preempt(victim)
@@ -84,11 +105,22 @@ class Scheduler:
             cacheable = req.num_computed_tokens == 0 and req.prompt_logprobs is None
             computed = self.kv.get_computed_blocks(req) if cacheable else []
             hit = len(computed[0]) * self.kv.block_size if computed else 0  # per group lists
+            inside = _span_around(req.atomic_spans, hit)
+            if inside is not None:  # a hit never ends inside an atomic span
+                computed = self.kv.get_computed_blocks(req, limit=inside[0])
+                hit = len(computed[0]) * self.kv.block_size if computed else 0
             remaining = req.num_tokens - req.num_computed_tokens - hit
             n = min(remaining, budget)
             if n < remaining and not req.chunkable:  # runs whole, in a later step
                 break
+            if req.mm_items:
+                mark = encoding.mark()
+                n = self._fit(req, req.num_computed_tokens + hit, n, encoding)
+                if n == 0:
+                    break
             if not self.kv.allocate_slots(req, n, computed):
+                if req.mm_items:
+                    encoding.undo(mark)
                 break
             self.waiting.popleft()
             req.first_scheduled_time = req.first_scheduled_time or time.time()
@@ -98,6 +130,23 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
         return out
+
+    def _fit(self, req: Request, start: int, n: int, encoding: _EncoderWork) -> int:
+        """The largest chunk `[start, start + m)`, m <= n, that cuts no atomic span and whose
+        new encoder work fits the step's encoder budget (booked in `encoding`)."""
+        end = start + n
+        inside = _span_around(req.atomic_spans, end)
+        if inside is not None:  # ends inside an image: stop before it, or take it whole
+            end = inside[0] if inside[0] >= start else end
+        for item in req.mm_items:
+            if item.slot_start >= end:
+                break
+            if item.slot_end <= start:
+                continue
+            if not encoding.take(item):  # over the encoder budget: stop before the item
+                end = max(start, item.slot_start)
+                break
+        return end - start
 
     def _preempt(self, req: Request) -> None:
         """Free all of `req`'s blocks; it recomputes prompt + outputs so far when readmitted."""
@@ -128,3 +177,41 @@ class Scheduler:
         self.kv.free_request(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = req.finish_reason or reason
+
+
+def _span_around(spans: list[tuple[int, int]], position: int) -> tuple[int, int] | None:
+    """The span `(a, b)` with `a < position < b` (a cut at `position` would split it)."""
+    for span in spans:
+        if span[0] < position < span[1]:
+            return span
+    return None
+
+
+class _EncoderWork:
+    """The encoder rows one step books: items not in the encoder cache, each hash once."""
+
+    def __init__(self, budget: int, cache):
+        self.budget = budget
+        self.cache = cache
+        self.used = 0
+        self.hashes: list[str] = []
+
+    def take(self, item) -> bool:
+        """Book `item`'s encoding if it needs one and fits (the step's first always fits)."""
+        key = item.content_hash
+        if key in self.cache or key in self.hashes:
+            return True
+        cost = item.num_embeds
+        if self.hashes and self.used + cost > self.budget:
+            return False
+        self.used += cost
+        self.hashes.append(key)
+        return True
+
+    def mark(self) -> tuple[int, int]:
+        return self.used, len(self.hashes)
+
+    def undo(self, mark: tuple[int, int]) -> None:
+        """Forget what was booked since `mark` (a request that was not admitted after all)."""
+        self.used, count = mark
+        del self.hashes[count:]

@@ -9,6 +9,8 @@ positions (`mrope`) and a content hash per item.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,22 @@ from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
+    frames_to_pixel_values,
     resize_for_patches,
     scaled_mean_std,
 )
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 from polymodal.processors.video import DEFAULT_MAX_VIDEO_PIXELS, load_video
+
+
+@dataclass
+class QwenMediaItem(MultimodalItem):
+    """A Qwen-VL image or video: `data["grid_thw"]` int64 `[1, 3]` (temporal, height, width in
+    patches) and the raw frames, patchified + normalized by `frames_to_pixel_values` on staging
+    (`data["patch_layout"]`: t_patch, patch, merge, repeat); `num_slots = t*h*w / merge^2`."""
+
+    # Seconds covered by one temporal grid step (temporal_patch_size / sampled fps); videos only.
+    second_per_grid: float | None = None
 
 
 def _plural(count: int, noun: str) -> str:
@@ -41,6 +54,8 @@ def _plural(count: int, noun: str) -> str:
 
 class QwenVLProcessor:
     """Prompt + media processing for Qwen2-VL and Qwen2.5-VL checkpoints."""
+
+    MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
 
     def __init__(
         self,
@@ -175,7 +190,7 @@ class QwenVLProcessor:
 
     def _image_item(
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
-    ) -> tuple[MultimodalItem, float]:
+    ) -> tuple[QwenMediaItem, float]:
         """Load and preprocess one image; returns the item (slots unset) and its time interval."""
         options = {**defaults, **ref.options}
         image = load_image(
@@ -203,7 +218,7 @@ class QwenVLProcessor:
 
     def _video_item(
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
-    ) -> tuple[MultimodalItem, float]:
+    ) -> tuple[QwenMediaItem, float]:
         """Load, sample and preprocess one video; returns the item and its temporal step."""
         cfg, vcfg = self.config, self.config.video
         options = {**defaults, **ref.options}
@@ -240,7 +255,7 @@ class QwenVLProcessor:
     @staticmethod
     def _item(
         modality: str, patched: tuple, cfg: VisionPreprocessConfig, key: dict
-    ) -> MultimodalItem:
+    ) -> QwenMediaItem:
         """A `MultimodalItem` with its tensors and content hash; slots are filled in later.
 
         `patched` is `resize_for_patches`' output: the item keeps the resized frames as they
@@ -256,7 +271,8 @@ class QwenVLProcessor:
             "patch_layout": torch.tensor(layout, dtype=torch.int64),
             "grid_thw": torch.tensor([grid], dtype=torch.int64),
         }
-        return MultimodalItem(modality, data, -1, 0, content_hash(modality, key))
+        pixel_fn = partial(frames_to_pixel_values, layout=tuple(layout))
+        return QwenMediaItem(modality, data, -1, 0, content_hash(modality, key), pixel_fn=pixel_fn)
 
 
 def _media_key(frames: torch.Tensor, min_pixels, max_pixels, cfg) -> dict[str, torch.Tensor]:

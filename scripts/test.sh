@@ -8,7 +8,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" HF_HUB_OFFLINE=1 TOKENIZERS_PARAL
 if ! python - 2>/dev/null <<'PY'
 import importlib.util, sys
 need = ["pytest", "pytest_timeout", "skimage", "matplotlib", "openai", "httpx", "selenium",
-        "fastapi", "uvicorn", "prometheus_client", "gradio", "pyarrow", "ray"]
+        "fastapi", "uvicorn", "prometheus_client", "gradio", "pyarrow", "ray", "compressed_tensors"]
 sys.exit(any(importlib.util.find_spec(name) is None for name in need))
 PY
 then

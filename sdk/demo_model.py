@@ -95,8 +95,9 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def build_tokenizer(vocab_size: int = 480):
-    """A byte-level BPE tokenizer trained on a built-in corpus, with the ChatML template."""
+def build_tokenizer(vocab_size: int = 480, tokens: dict | None = None, chat_template=None):
+    """A byte-level BPE tokenizer trained on a built-in corpus, with the ChatML template (or
+    `chat_template`); `tokens` adds a family's special tokens by role (see `TinyConfig`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,11 +111,17 @@ def build_tokenizer(vocab_size: int = 480):
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokens = dict(tokens or {})
+    roles = {"eos_token": tokens.pop("eos_token", "<|im_end|>"), "pad_token": "<|endoftext|>"}
+    if "bos_token" in tokens:
+        roles["bos_token"] = tokens.pop("bos_token")
+    new = [t for t in [*roles.values(), *tokens.values()] if t not in SPECIAL_TOKENS]
+    tok.add_special_tokens(list(dict.fromkeys(new)))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        **roles,
+        extra_special_tokens=tokens or None,
+        chat_template=chat_template or CHAT_TEMPLATE,
     )
 
 
@@ -122,12 +129,13 @@ def _hf_config(tiny, tokenizer, **overrides):
     """The transformers config of a tiny model whose token ids match `tokenizer`."""
     import transformers as tf
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    names = [*SPECIAL_TOKENS, *tiny.tokens.values()]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
     kwargs = dict(
         TINY_TEXT,
         vocab_size=len(tokenizer),
-        eos_token_id=ids["<|im_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token else ids["<|endoftext|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
@@ -153,7 +161,7 @@ def write_demo_checkpoint(
     tiny = tinies[arch]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tokens=tiny.tokens, chat_template=tiny.chat_template)
     cfg = _hf_config(tiny, tokenizer, **overrides)
     torch.manual_seed(seed)
     if tiny.make_model is not None:

@@ -21,7 +21,13 @@ from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_options import engine_config_kwargs, generation_defaults
-from polymodal.llm_prompts import is_messages, is_token_ids, media_options, process_prompt
+from polymodal.llm_prompts import (
+    MEDIA_OPTIONS,
+    is_messages,
+    is_token_ids,
+    media_options,
+    process_prompt,
+)
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
@@ -62,7 +68,6 @@ class LLM:
         **kwargs: Any,
     ):
         config = engine_config_kwargs(model, kwargs)
-        self.media_defaults = media_options(mm_processor_kwargs, "LLM(mm_processor_kwargs=...)")
         self.limit_mm_per_prompt = _check_limits(limit_mm_per_prompt)
         if "seed" in kwargs:  # as vLLM: the global stream of requests without their own seed
             torch.manual_seed(kwargs["seed"])
@@ -72,6 +77,10 @@ class LLM:
         cls = processor_class(self.model_config.architecture)
         model_dir = self.model_config.model_dir
         self.processor = cls.from_pretrained(model_dir) if cls else TextProcessor(self.tokenizer)
+        allowed = tuple(getattr(self.processor, "MEDIA_OPTIONS", MEDIA_OPTIONS))
+        self.media_defaults = media_options(
+            mm_processor_kwargs, "LLM(mm_processor_kwargs=...)", allowed
+        )
         if allow_http:
             if not hasattr(self.processor, "allow_http"):
                 raise InvalidInputError("allow_http: this model takes no media")

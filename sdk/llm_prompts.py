@@ -39,13 +39,16 @@ PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS}
 MODALITIES = {"image": "images", "video": "videos"}  # multi_modal_data key -> media list
 
 
-def media_options(kwargs: dict[str, Any] | None, where: str) -> dict[str, Any]:
-    """Check `mm_processor_kwargs`-style options: only MEDIA_OPTIONS keys are understood."""
+def media_options(
+    kwargs: dict[str, Any] | None, where: str, allowed: tuple[str, ...] = MEDIA_OPTIONS
+) -> dict[str, Any]:
+    """Check `mm_processor_kwargs`-style options: only `allowed` keys (the processor's
+    `MEDIA_OPTIONS`; Qwen-VL's by default) are understood."""
     kwargs = dict(kwargs or {})
-    unknown = sorted(set(kwargs) - set(MEDIA_OPTIONS))
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise InvalidInputError(
-            f"{where} has unsupported key(s) {unknown}; supported: {list(MEDIA_OPTIONS)}"
+            f"{where} has unsupported key(s) {unknown}; supported: {list(allowed)}"
         )
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -59,6 +62,7 @@ def process_prompt(
     """
     options = dict(default_options or {})
     text_only = isinstance(processor, TextProcessor)
+    allowed = tuple(getattr(processor, "MEDIA_OPTIONS", MEDIA_OPTIONS))
     if isinstance(prompt, ProcessedPrompt):
         return prompt
     if isinstance(prompt, str):
@@ -72,16 +76,18 @@ def process_prompt(
             f"unsupported prompt of type {type(prompt).__name__}: pass a string, token ids, "
             "chat messages, or a dict with 'prompt', 'prompt_token_ids' or 'messages'"
         )
-    unknown = sorted(set(prompt) - PROMPT_KEYS)
+    unknown = sorted(set(prompt) - PROMPT_KEYS - set(allowed))
     if unknown:
-        raise InvalidInputError(f"unknown prompt key(s) {unknown}; known: {sorted(PROMPT_KEYS)}")
+        known = sorted(PROMPT_KEYS | set(allowed))
+        raise InvalidInputError(f"unknown prompt key(s) {unknown}; known: {known}")
     sources = [k for k in SOURCE_KEYS if k in prompt]
     if len(sources) != 1:
         raise InvalidInputError(
             f"a prompt dict needs exactly one of {list(SOURCE_KEYS)}, got {sources or 'none'}"
         )
-    options.update({k: prompt[k] for k in MEDIA_OPTIONS if prompt.get(k) is not None})
-    options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs"))
+    keys = dict.fromkeys([*MEDIA_OPTIONS, *allowed])
+    options.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
+    options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs", allowed))
     media = _media(prompt)
     template = {k: prompt[k] for k in TEMPLATE_KEYS if k in prompt}
     if template and "messages" not in prompt:

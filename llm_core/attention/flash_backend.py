@@ -59,7 +59,8 @@ class FlashAttnBackend(TritonAttentionBackend):
     ) -> torch.Tensor:
         """Attention over the paged cache; flash-attn when pages are 256-multiples and the mask
         is causal or a sliding window without soft-cap (else the Triton kernels)."""
-        if not self._uses_flash(q, kv_cache) or not _flash_mask(spec):
+        ranges = meta.media_key_ranges is not None  # flash-attn has no per-query key ranges
+        if not self._uses_flash(q, kv_cache) or not _flash_mask(spec) or ranges:
             return super().paged_attention(q, kv_cache, meta, spec, kv_scales)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 

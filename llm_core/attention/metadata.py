@@ -29,6 +29,12 @@ class AttentionMetadata:
     # Several KV groups (layers grouped by cache spec, `kv_cache_spec.py`): one metadata per
     # group, differing in `block_tables` and `slot_mapping`; this object is group 0's.
     groups: list[AttentionMetadata] | None = None
+    # Media a model attends to bidirectionally (Gemma 3's images): per flat token, key
+    # positions [lo, hi) it sees besides those its mask allows (lo == hi: none). A windowed
+    # mask still bounds them from below (transformers: AND(window, OR(causal, block))).
+    # int32 [num_tokens] each on the device, and the host lists. None: no such step.
+    media_key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None
+    media_key_ranges_cpu: tuple[list[int], list[int]] | None = None
 
     def group(self, index: int) -> AttentionMetadata:
         """The metadata of KV group `index` (a layer's `kv_group`)."""

@@ -57,6 +57,7 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         query_lens = meta.query_lens_cpu or (meta.query_start_loc.diff()).tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        ranges = meta.media_key_ranges_cpu
         start = 0
         for s, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
             if q_len == 0:
@@ -70,7 +71,12 @@ class TorchAttentionBackend:
                 k_scale, v_scale = kv_scales or (1.0, 1.0)
                 k, v = k.to(q.dtype) * k_scale, v.to(q.dtype) * v_scale
             q_s = q[start : start + q_len]
-            out[start : start + q_len] = _attend(q_s, k, v, seq_len - q_len, spec)
+            extra = None
+            if ranges is not None:  # [q_len] each: media key ranges of these queries
+                extra = tuple(
+                    torch.tensor(r[start : start + q_len], device=q.device) for r in ranges
+                )
+            out[start : start + q_len] = _attend(q_s, k, v, seq_len - q_len, spec, extra)
             start += q_len
         return out
 
@@ -97,10 +103,16 @@ class TorchAttentionBackend:
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, spec: AttentionSpec
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offset: int,
+    spec: AttentionSpec,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [q_len, heads, d], k/v [kv_len, kv_heads, d]; query i sits at position q_offset + i
-    and sees the keys `spec.mask` allows."""
+    and sees the keys `spec.mask` allows, plus those in `[extra[0][i], extra[1][i])` (media
+    runs attended bidirectionally; still inside a sliding window or chunk)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:  # GQA: repeat each kv head for its group of query heads
         k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -110,6 +122,8 @@ def _attend(
         q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + q_offset
         k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
         mask = k_pos <= q_pos
+        if extra is not None:
+            mask = mask | ((k_pos >= extra[0][:, None]) & (k_pos < extra[1][:, None]))
         if spec.mask == Mask.SLIDING:
             mask &= k_pos > q_pos - spec.window
         elif spec.mask == Mask.CHUNKED:

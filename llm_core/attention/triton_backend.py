@@ -96,7 +96,7 @@ class TritonAttentionBackend:
         """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked and
         soft-capped as `spec` says (an FP8 cache's values times `kv_scales`)."""
         _check_spec(spec)
-        if meta.is_decode and spec.is_causal:
+        if meta.is_decode and spec.is_causal and meta.media_key_ranges is None:
             return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales)
         return triton_prefill.paged_prefill(
             q,
@@ -107,6 +107,7 @@ class TritonAttentionBackend:
             meta.max_query_len,
             spec,
             kv_scales,
+            meta.media_key_ranges,
         )
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

@@ -12,7 +12,9 @@ softmax (fp32 running max / sum / accumulator, exp2 with the scale folded in).
 
 The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local,
 3 bidirectional), so each kind compiles its own variant and causal runs no window code.
-`SOFTCAP` caps the logits (`softcap * tanh(x / softcap)`) before the softmax.
+`SOFTCAP` caps the logits (`softcap * tanh(x / softcap)`) before the softmax. `RANGES` (paged
+steps with media attended bidirectionally, `meta.media_key_ranges`) lets each query also see
+the keys of its own range `[lo, hi)` (still inside its window); other steps compile without it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def softcap_log2(s, cap_log2):
 
 @triton.jit
 def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale, cap_log2,
-          dims, dim_mask, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-          MASK: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+          dims, dim_mask, r_lo, r_hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+          PAGED: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+          RANGES: tl.constexpr):  # fmt: skip
     """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies the mask and the
     sequence's tail."""
     q_start, table, head_off, stride_kt, stride_ko = kv_base
@@ -56,8 +59,11 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
         s = softcap_log2(s, cap_log2)
     if MASKED:
         visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
-        if MASK != 3:  # causal (all but bidirectional)
-            visible = visible & (pos[None, :] <= q_pos[:, None])
+        if MASK != 3:  # causal (all but bidirectional), or inside the query's media range
+            seen = pos[None, :] <= q_pos[:, None]
+            if RANGES:
+                seen = seen | ((pos[None, :] >= r_lo[:, None]) & (pos[None, :] < r_hi[:, None]))
+            visible = visible & seen
         if MASK == 1:  # sliding window
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
         if MASK == 2:  # chunked local
@@ -84,6 +90,8 @@ def _attn_fwd_kernel(
     q_start_ptr,  # int32 [num_seqs + 1] query offsets (cu_seqlens when not PAGED)
     seq_lens_ptr,  # int32 [num_seqs] context lengths (PAGED only)
     block_table_ptr,  # int32 [num_seqs, max_blocks] (PAGED only)
+    range_lo_ptr,  # int32 [num_tokens] media key ranges (RANGES only)
+    range_hi_ptr,
     qk_scale,  # softmax scale * log2(e)
     cap_log2,  # soft-cap * log2(e) (SOFTCAP)
     window,  # sliding window (MASK 1) or chunk size (MASK 2)
@@ -106,6 +114,7 @@ def _attn_fwd_kernel(
     SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
+    RANGES: tl.constexpr,
     v_scale=1.0,  # an FP8 cache's value scale (its key scale is folded into qk_scale)
     FP8_KV: tl.constexpr = False,
 ):
@@ -154,6 +163,13 @@ def _attn_fwd_kernel(
         full_end = lo
     if MASK == 2:
         full_end = lo
+    r_lo = rows  # placeholders when RANGES is off (never read)
+    r_hi = rows
+    if RANGES:  # media ranges reach past the causal edge: mask every tile up to their end
+        r_lo = tl.load(range_lo_ptr + q_start + rows, mask=row_mask, other=0)
+        r_hi = tl.load(range_hi_ptr + q_start + rows, mask=row_mask, other=0)
+        hi = tl.maximum(hi, tl.minimum(tl.max(r_hi, 0), kv_len))
+        full_end = lo
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     kv_base = (q_start, table, kv_head * stride_kh, stride_kt, stride_ko)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -161,12 +177,12 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
-                              qk_scale, cap_log2, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, MASK,
-                              SOFTCAP, False)  # fmt: skip
+                              qk_scale, cap_log2, dims, dim_mask, r_lo, r_hi, PAGE_SIZE, BLOCK_N,
+                              PAGED, MASK, SOFTCAP, False, RANGES)  # fmt: skip
     for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
-                              qk_scale, cap_log2, dims, dim_mask, PAGE_SIZE, BLOCK_N, PAGED, MASK,
-                              SOFTCAP, True)  # fmt: skip
+                              qk_scale, cap_log2, dims, dim_mask, r_lo, r_hi, PAGE_SIZE, BLOCK_N,
+                              PAGED, MASK, SOFTCAP, True, RANGES)  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if FP8_KV:
@@ -183,9 +199,10 @@ def prefill_config(head_dim: int, is_cuda: bool) -> tuple[int, int, int, int]:
 
 
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
-            paged, kv_scales=None):  # fmt: skip
+            paged, kv_scales=None, ranges=None):  # fmt: skip
     """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
-    `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale."""
+    `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale; `ranges`
+    (lo, hi) per query: keys it sees besides its mask's."""
     v_scale, fp8 = 1.0, k.dtype == torch.float8_e4m3fn
     if fp8 and kv_scales is not None:
         scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
@@ -210,6 +227,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         q_start,
         seq_lens,
         block_table,
+        *(ranges if ranges is not None else (q_start, q_start)),
         scale * _LOG2E,
         (softcap or 1.0) * _LOG2E,
         window or 0,
@@ -229,6 +247,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         SOFTCAP=softcap is not None,
         DOT_F32=not q.is_cuda,
         USE_PDL=flag,
+        RANGES=ranges is not None,
         v_scale=v_scale,
         FP8_KV=fp8,
         launch_pdl=flag,
@@ -250,9 +269,11 @@ def paged_prefill(
     max_query_len: int,
     spec: AttentionSpec,
     kv_scales: tuple[float, float] | None = None,
+    key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of flat `q [num_tokens, heads, head_dim]` over the paged cache, masked and
-    soft-capped as `spec` says.
+    soft-capped as `spec` says; `key_ranges` (int32 `[num_tokens]` lo, hi) add keys each
+    query sees (`AttentionMetadata.media_key_ranges`).
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
     An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`).
@@ -265,6 +286,7 @@ def paged_prefill(
     return _launch(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True, kv_scales,
+        key_ranges,
     )  # fmt: skip
 
 

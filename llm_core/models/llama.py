@@ -171,15 +171,18 @@ class LlamaForCausalLM(ModelBase):
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.config = cfg
-        config_bias = bool(getattr(cfg.text_config, "attention_bias", False))
-        qkv_bias = config_bias if self.qkv_bias is None else self.qkv_bias
-        o_bias = config_bias if self.o_bias is None else self.o_bias
-        flavor = Flavor(qkv_bias, self.qk_norm, o_bias)
-        self.model = LlamaModel(cfg, backend, max_positions, flavor)
+        self.model = LlamaModel(cfg, backend, max_positions, self.flavor(cfg))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def flavor(self, cfg: ModelConfig) -> Flavor:
+        """The class's flags; a bias left None follows the config's `attention_bias`."""
+        config_bias = bool(getattr(cfg.text_config, "attention_bias", False))
+        qkv_bias = config_bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = config_bias if self.o_bias is None else self.o_bias
+        return Flavor(qkv_bias, self.qk_norm, o_bias)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]

@@ -45,12 +45,10 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
         no float work. Safe to call from a preprocessing thread, so this overlaps the engine's
         work instead of running inside a step.
         """
-        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        device, dtype = self.media_device_dtype()
         move = partial(copy_to, device=device)
         for it in items:
-            pixels = it.data.get("pixel_values")
-            if pixels is None or pixels.device != device or pixels.dtype != dtype:
-                it.set_pixel_values(it.pixel_values(dtype, move))
+            it.stage(device, dtype, move)
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""

@@ -30,6 +30,10 @@ class TinyConfig:
     `make_model(hf_config, dtype)`: the module whose random weights are saved; default: the
     transformers class of the architecture (`from_config`).
     `write_extra(out_dir, tokenizer)`: more files (an HF processor's configs, ...).
+    `tokens`: extra special tokens of the tiny tokenizer, by role (`{"boi_token":
+    "<start_of_image>", ...}`: the tokenizer gets them as attributes, as a family's real one
+    does); `"bos_token"` / `"eos_token"` set those. `chat_template`: the family's (default: the
+    ChatML template with Qwen's media markers).
     """
 
     architecture: str
@@ -37,3 +41,5 @@ class TinyConfig:
     build: Callable[[dict, dict], Any] | None = None
     make_model: Callable[[Any, Any], Any] | None = None
     write_extra: Callable[[Any, Any], None] | None = None
+    tokens: dict = field(default_factory=dict)
+    chat_template: str | None = None

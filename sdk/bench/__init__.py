@@ -23,8 +23,13 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent.parent / "configs"
 BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
-    "gemma-3-12b": CONFIGS / "gemma_3_12b",  # text decoder only: no engine workload yet
-    # MoE decoders (text only, no engine workload yet: docs/performance.md says what to run)
+    # gemma-3-12b, llava-next-7b, pixtral-12b and the MoE configs build and serve
+    # (`polymodal serve <dir> --dummy-weights` with a tokenizer); the engine workload drives
+    # Qwen-VL prompts, so these run through scripts (docs/performance.md, "GPU to run").
+    "gemma-3-12b": CONFIGS / "gemma_3_12b",  # the text decoder alone
+    "gemma-3-12b-it": CONFIGS / "gemma_3_12b_it",  # with its SigLIP tower (896 px, 256 tokens)
+    "llava-next-7b": CONFIGS / "llava_next_7b",  # llava-v1.6-mistral-7b-hf
+    "pixtral-12b": CONFIGS / "pixtral_12b",  # mistral-community/pixtral-12b (LLaVA form)
     "qwen3-30b-a3b": CONFIGS / "qwen3_30b_a3b",
     "mixtral-8x7b": CONFIGS / "mixtral_8x7b",
     "deepseek-v3-reduced": CONFIGS / "deepseek_v3_reduced",  # 3 of 61 layers: its README

@@ -1,0 +1,59 @@
+"""SigLIP vision tower (transformers' `SiglipVisionModel`, no pooling head): Conv2d patch
+embedding + learned position embedding, pre-norm ViT layers, final LayerNorm.
+
+Parameter names as HF's under the tower's root: `embeddings.patch_embedding`,
+`embeddings.position_embedding`, `encoder.layers.N.*`, `post_layernorm` (checkpoints nest
+them under `vision_tower.vision_model.` or `vision_tower.`; the model's remap table says so).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.encoders.vit import ViTEncoder, uniform_segments
+
+
+class SiglipEmbeddings(nn.Module):
+    """Patches of `[N, C, S, S]` images -> `[N * (S/p)^2, dim]` plus position embeddings."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.num_positions = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size
+        )
+        self.position_embedding = nn.Embedding(self.num_positions, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.patch_embedding.weight
+        # [N, dim, S/p, S/p] -> [N, patches, dim]
+        patches = F.conv2d(pixel_values.to(weight.dtype), weight, self.patch_embedding.bias,
+                           stride=self.patch_size)  # fmt: skip
+        patches = patches.flatten(2).transpose(1, 2)
+        if patches.shape[1] != self.num_positions:
+            raise ValueError(
+                f"SigLIP takes {self.num_positions} patches an image, got {patches.shape[1]}"
+            )
+        return (patches + self.position_embedding.weight).flatten(0, 1)
+
+
+class SiglipVisionTower(nn.Module):
+    """`[N, C, S, S]` pixel values -> last hidden states `[N, patches, dim]` (post-LayerNorm)."""
+
+    def __init__(self, cfg, backend) -> None:
+        super().__init__()
+        self.attn_backend = backend
+        self.num_positions = (cfg.image_size // cfg.patch_size) ** 2
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = ViTEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        count = pixel_values.shape[0]
+        x = self.embeddings(pixel_values)  # [N * patches, dim]
+        meta = uniform_segments(count, self.num_positions, x.device)
+        x = self.encoder(x, meta, self.attn_backend)
+        return self.post_layernorm(x).view(count, self.num_positions, -1)

@@ -1,0 +1,110 @@
+"""Pixel helpers shared by the image processors of every family (family-neutral).
+
+`resize` reproduces torchvision's `resize` (the kernel transformers' default image processors
+call) on uint8 CHW frames: torch's antialiased kernels, natively on uint8 where torchvision
+takes that path (bicubic always on CPU, bilinear on AVX2 / AVX512 / arm64), else through
+float32 with the same clamp and rounding. `normalize_frames` is the fused rescale + normalize
+of transformers' torchvision backend (`(x - mean / r) / (std / r)` in float32), run on the
+model's device at staging time (`MultimodalItem.pixel_fn`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from polymodal.llm_core.errors import ModelLoadError
+
+# PIL resample codes used in HF configs -> torch interpolate modes
+RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+
+def _native_uint8(mode: str) -> bool:
+    """Whether torchvision resizes uint8 natively (else through float32) on this CPU."""
+    if mode == "bicubic":
+        return True
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resize(frames: torch.Tensor, size: tuple[int, int], resample: int = 3) -> torch.Tensor:
+    """Antialiased resize of uint8 `[..., C, H, W]` frames to `size` (h, w), as torchvision's
+    `resize(..., antialias=True)` on the CPU. Frames already of that size come back as is."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    mode = RESAMPLE_MODES.get(resample)
+    if mode is None:
+        raise ValueError(f"unsupported resample code {resample}; expected {list(RESAMPLE_MODES)}")
+    shape = frames.shape
+    batch = frames.reshape(-1, *shape[-3:])
+    if frames.dtype == torch.uint8 and _native_uint8(mode):
+        out = F.interpolate(batch, size=size, mode=mode, align_corners=False, antialias=True)
+    else:
+        out = F.interpolate(
+            batch.float(), size=size, mode=mode, align_corners=False, antialias=True
+        )
+        if frames.dtype == torch.uint8:
+            if mode == "bicubic":
+                out = out.clamp_(0, 255)
+            out = out.round_().to(torch.uint8)
+    return out.reshape(*shape[:-2], *size)
+
+
+def image_to_frames(image) -> torch.Tensor:
+    """A decoded RGB PIL image -> uint8 `[1, 3, H, W]` (a view of its HWC pixels, no copy)."""
+    pixels = torch.from_numpy(np.array(image))  # [H, W, 3]
+    return pixels.permute(2, 0, 1)[None]
+
+
+def scaled_mean_std(mean, std, rescale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 mean and std pre-divided by the rescale factor (HF's fused rescale+normalize)."""
+    scale = 1.0 / rescale_factor
+    return torch.tensor(mean) * scale, torch.tensor(std) * scale
+
+
+def normalize_frames(
+    frames: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 `[N, C, H, W]` -> float32 `(x - mean) / std` per channel, cast to `dtype`, wherever
+    `frames` are (`mean` / `std` from `scaled_mean_std`, host tensors)."""
+    mean = mean.to(frames.device).view(1, -1, 1, 1)
+    std = std.to(frames.device).view(1, -1, 1, 1)
+    out = frames.to(torch.float32, copy=True)
+    out.sub_(mean).div_(std)
+    return out.to(dtype)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file as a dict, None when absent; ModelLoadError when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def image_processor_section(model_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's image processor settings: `preprocessor_config.json` (transformers v4
+    layout), else the `image_processor` section of `processor_config.json` (v5)."""
+    model_dir = Path(model_dir)
+    section = read_json(model_dir / "preprocessor_config.json")
+    if section is None:
+        section = (read_json(model_dir / "processor_config.json") or {}).get("image_processor")
+    return section or {}
+
+
+def processor_section(model_dir: str | Path) -> dict[str, Any]:
+    """`processor_config.json`'s top level (the processor's own fields), or {}."""
+    return read_json(Path(model_dir) / "processor_config.json") or {}

@@ -1,0 +1,34 @@
+"""The shipped architecture configs (`polymodal bench` names) build at their published sizes
+(meta device: no weights), with their processors' token counts for a 448x448-class image."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from polymodal.bench import BUILTIN
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZES = {  # bench name: (architecture, billions of parameters)
+    "qwen2.5-vl-7b": ("Qwen2_5_VLForConditionalGeneration", 8.29),
+    "gemma-3-12b": ("Gemma3ForCausalLM", 11.77),
+    "gemma-3-12b-it": ("Gemma3ForConditionalGeneration", 12.19),
+    "llava-next-7b": ("LlavaNextForConditionalGeneration", 7.57),
+    "pixtral-12b": ("LlavaForConditionalGeneration", 12.68),
+}
+
+
+def _memory():
+    spec = importlib.util.spec_from_file_location("mm", ROOT / "scripts" / "model_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.memory
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_shipped_config_builds_at_its_size(name):
+    assert set(SIZES) == set(BUILTIN)
+    m = _memory()(str(BUILTIN[name]), 32768, "bfloat16")
+    architecture, billions = SIZES[name]
+    assert m["architecture"] == architecture
+    assert m["params"] / 1e9 == pytest.approx(billions, abs=0.01)
