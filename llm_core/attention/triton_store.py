@@ -8,7 +8,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 
-FP8_MAX = 448.0
+FP8_MAX = tl.constexpr(448.0)  # a global a kernel reads must be a constexpr
 
 
 @triton.jit

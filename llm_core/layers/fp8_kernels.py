@@ -23,8 +23,8 @@ from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
 from polymodal.llm_core.layers.gemv import num_sms
 
-FP8_MAX = 448.0
-MIN_SCALE = 1e-12
+FP8_MAX = tl.constexpr(448.0)  # a global a kernel reads must be a constexpr
+MIN_SCALE = tl.constexpr(1e-12)
 GEMV_MAX_ROWS = 8
 
 

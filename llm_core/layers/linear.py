@@ -160,7 +160,7 @@ class Linear(nn.Module):
             target = target.narrow(dim, start // pack, size // pack)
         if shard_id is not None and dim is None:  # one tensor every shard carries (g_idx)
             if getattr(param, "loaded_by_a_shard", False) and not torch.equal(
-                target, tensor.to(target.dtype)
+                target, tensor.to(target.device, target.dtype)
             ):
                 raise ValueError(f"shard {shard_id!r} differs from its fused layer's other shards")
             param.loaded_by_a_shard = True

@@ -95,7 +95,8 @@ class ReferenceDeciLM:
 
 
 def _engine_run(path, **kw):
-    engine = Engine(str(path), dtype="float32", device="cpu", **{"num_kv_blocks": 128, **kw})
+    kw = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 128, **kw}
+    engine = Engine(str(path), **kw)
     seen = record_logits_by_request(engine)
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in PROMPTS]
