@@ -153,7 +153,9 @@ def _greedy(path, steps=24, **kw):
     from polymodal.llm_core.sampling_params import SamplingParams
     from tests.helpers import record_logits
 
-    engine = Engine(str(path), device="cuda", num_kv_blocks=64, **kw)
+    # two prompts: graphs for up to 4 sequences (the card's default captures up to 512)
+    kw = {"num_kv_blocks": 64, "max_num_seqs": 4, "max_num_batched_tokens": 256, **kw}
+    engine = Engine(str(path), device="cuda", **kw)
     seen = record_logits(engine)
     prompts = [[5, 17, 42, 99, 3, 250, 77, 13], [8, 31, 64]]
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
