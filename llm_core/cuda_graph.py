@@ -78,11 +78,16 @@ class DecodeGraphs:
             ("positions", torch.int64, (3, n) if uses_mrope else (n,)),
             ("slot_mapping", torch.int64, (g, n)),  # per KV group
             ("seq_lens", torch.int32, (n,)),
-            # last: a step copies its rows only; group g's table is the view [:, g]
-            ("block_tables", torch.int32, (n, g, max_blocks)),
+            ("table_width", torch.int32, (1,)),
+            # last: a step copies only what it fills: rows x groups tables, `table_width` each
+            ("packed_tables", torch.int32, (n * g * max_blocks,)),
         ]
         self.inputs = StepInputs(fields, device)
         self.max_blocks = max_blocks
+        # The graphs read full-width tables [n, groups, max_blocks] (group g: [:, g]), unpacked
+        # on the device each step: the upload grows with the batch's longest table, not with
+        # max_model_len (128k context: 8192 blocks, 32 KiB a row).
+        self.block_tables = torch.zeros(n, g, max_blocks, dtype=torch.int32, device=device)
         self.tokens = torch.zeros(n, dtype=torch.int64, device=device)  # this step's argmax
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         vocab = model.lm_head.weight.shape[0]
@@ -93,7 +98,7 @@ class DecodeGraphs:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         v = self.inputs.device_views
-        tables, slots = v["block_tables"], v["slot_mapping"]
+        tables, slots = self.block_tables, v["slot_mapping"]
         metas = [
             AttentionMetadata(
                 query_start_loc=self.query_start_loc[: bs + 1],
@@ -111,6 +116,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> None:
         v = self.inputs.device_views
+        unpack_tables(v["packed_tables"], v["table_width"], self.block_tables, bs)
         ids = resolve_ids(v["input_ids"][:bs], v["src"][:bs], self.tokens)
         hidden = self.model(v["positions"][..., :bs], self.model.embed(ids), self.kv_caches,
                             self._meta(bs))  # fmt: skip
@@ -150,11 +156,17 @@ class DecodeGraphs:
                 self.tokens[: len(src)].copy_(prev_tokens[index])
                 src = range(len(src))
             h["src"][hb.pending_rows] = list(src)
-        tables = h["block_tables"]
+        # rows x groups tables of the longest one's width; padding rows' tables keep whatever
+        # block ids the buffer last held (their one read is of a valid block)
+        groups = len(hb.tables)
+        width = max(len(t) for group_tables in hb.tables for t in group_tables) or 1
+        packed = h["packed_tables"]
         for g, group_tables in enumerate(hb.tables):
             for row, table in enumerate(group_tables):
-                tables[row, g, : len(table)] = table
-        self.inputs.upload(mirror, rows=bs)
+                start = (row * groups + g) * width
+                packed[start : start + len(table)] = table
+        h["table_width"][0] = width
+        self.inputs.upload(mirror, rows=bs * groups * width)
         if self.graphs:
             self.graphs[bs].replay()
         else:  # not captured (CPU tests): the same padded step, eagerly
@@ -169,7 +181,7 @@ class StepInputs:
 
     Two mirrors, alternating: with one step in flight, the mirror being filled was last read by
     the step before it, whose tokens were already waited for. The last field's leading rows are
-    all of it a step needs (block tables), so `upload(i, rows)` copies only up to them.
+    all of it a step needs (packed block tables), so `upload(i, rows)` copies only up to them.
     """
 
     def __init__(self, fields: list[tuple[str, torch.dtype, tuple]], device: torch.device):
@@ -201,6 +213,16 @@ def resolve_ids(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> t
     if ids.is_cuda and fused_ops() is not None:
         return fused_ops().resolve_ids(ids, src, tokens)
     return torch.where(src >= 0, tokens[src.clamp(min=0)], ids)
+
+
+def unpack_tables(packed: torch.Tensor, width: torch.Tensor, out: torch.Tensor, rows: int) -> None:
+    """`out[:rows, g, :w]` = the packed `[rows, groups, w]` tables (`w = width[0]`, on the
+    device: a captured graph replays any width). One Triton kernel on CUDA."""
+    if out.is_cuda and fused_ops() is not None:
+        fused_ops().unpack_tables(packed, width, out, rows)
+        return
+    w, groups = int(width[0]), out.shape[1]
+    out[:rows, :, :w] = packed[: rows * groups * w].view(rows, groups, w)
 
 
 def _views(buffer: torch.Tensor, fields, offsets) -> dict[str, torch.Tensor]:

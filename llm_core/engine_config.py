@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ class EngineConfig:
 
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto = cuda when available
-    max_model_len: int | None = None  # default: the model's max_position_embeddings (<= 32k)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, or the
+    # longest request the KV cache holds when less (with a warning)
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: from memory (GPU) or a fixed budget (CPU)
     gpu_memory_utilization: float = 0.9
@@ -128,7 +130,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     cfg = resolve_batch_limits(cfg, device)
     if device.type == "cpu" and model_config.dtype in (torch.float16,):
         model_config.dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
-    max_len = cfg.max_model_len or min(model_config.max_position_embeddings, 32768)
+    max_len = cfg.max_model_len or model_config.max_position_embeddings
     if cfg.max_model_len and cfg.max_model_len > model_config.max_position_embeddings:
         raise InvalidInputError(
             f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
@@ -165,7 +167,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     num_blocks = cfg.num_kv_blocks or _num_blocks(
         kv_dtype, layout, cfg, device, max_len, encoder_cache
     )
-    max_len = _fit_one_request(layout, num_blocks, cfg, max_len)
+    max_len = _fit_one_request(layout, num_blocks, cfg, max_len, model_config)
     kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, kv_dtype, device)
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
@@ -191,6 +193,8 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
+
+log = logging.getLogger("polymodal")
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
@@ -242,12 +246,36 @@ def _num_blocks(
     return max(1, min(int(budget // per_block), cap + layout.has_windows))
 
 
-def _fit_one_request(layout: KVCacheLayout, num_blocks: int, cfg: EngineConfig, max_len: int):
-    """The longest request the pool holds alone (it must always fit), at most `max_len`."""
+def _fit_one_request(
+    layout: KVCacheLayout, num_blocks: int, cfg: EngineConfig, max_len: int, mc: ModelConfig
+) -> int:
+    """The longest request the pool holds alone (it must always fit), at most `max_len`. The
+    default (the model's own context) shrinks to it with a warning; a `max_model_len` the
+    user set that does not fit is an error."""
     usable = num_blocks - layout.has_windows  # the null block is never lent
     step = cfg.max_num_batched_tokens
     if layout.blocks_per_request(max_len, cfg.block_size, step) <= usable:
         return max_len
+    fits = _longest_fitting(layout, usable, cfg, max_len)
+    more = (
+        "raise num_kv_blocks"
+        if cfg.num_kv_blocks
+        else "raise gpu_memory_utilization (GPU) or cpu_kv_cache_gb (CPU)"
+    )
+    if cfg.max_model_len:
+        raise InvalidInputError(
+            f"max_model_len={cfg.max_model_len} does not fit the KV cache: its {num_blocks} "
+            f"blocks hold one request of at most {fits} tokens; lower max_model_len or {more}"
+        )
+    log.warning(
+        "max_model_len is %d, not the model's own %d: the KV cache's %d blocks hold no longer "
+        "request (%s for more)", fits, mc.max_position_embeddings, num_blocks, more,
+    )  # fmt: skip
+    return fits
+
+
+def _longest_fitting(layout: KVCacheLayout, usable: int, cfg: EngineConfig, max_len: int) -> int:
+    step = cfg.max_num_batched_tokens
     lo, hi = 0, max_len  # blocks_per_request grows with the length: bisect
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -270,6 +270,32 @@ def resolve_ids(ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> t
 
 
 @triton.jit
+def _unpack_tables_kernel(packed_ptr, width_ptr, out_ptr, groups, max_blocks, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr):  # fmt: skip
+    """Program (row, group, chunk): out[row, group, :width] = the packed [rows, groups, width]
+    table's (row, group) entries; `width` is read from the device (a graph replays any)."""
+    pdl.wait(USE_PDL)
+    row, group, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    width = tl.load(width_ptr)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    table = row * groups + group
+    vals = tl.load(packed_ptr + table * width + cols, mask=mask)
+    tl.store(out_ptr + table * max_blocks + cols, vals, mask=mask)
+
+
+def unpack_tables(packed: torch.Tensor, width: torch.Tensor, out: torch.Tensor, rows: int) -> None:
+    """Fill `out[:rows, g, :width]` (int32 `[n, groups, max_blocks]`) from `packed` (flat int32,
+    rows x groups tables of `width` entries each; `width` an int32 `[1]` on the device)."""
+    groups, max_blocks = out.shape[1], out.shape[2]
+    block = min(1024, triton.next_power_of_2(max_blocks))
+    flag = pdl.use_pdl(out)
+    _unpack_tables_kernel[(rows, groups, triton.cdiv(max_blocks, block))](
+        packed, width, out, groups, max_blocks, BLOCK=block, USE_PDL=flag, launch_pdl=flag
+    )
+
+
+@triton.jit
 def _logits_argmax_kernel(raw_ptr, out_ptr, val_ptr, idx_ptr, counter_ptr, tokens_ptr, vocab,
                           chunks, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                           USE_PDL: tl.constexpr):  # fmt: skip

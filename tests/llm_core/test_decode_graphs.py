@@ -29,7 +29,9 @@ def _run(path, padded: bool, async_scheduling: bool, mix: bool):
     )  # fmt: skip
     runner = engine.runner
     if padded:  # not captured: run() packs, pads and runs the graph's forward eagerly
-        runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, 16, runner.uses_mrope)
+        runner.graphs = DecodeGraphs(
+            runner.model, runner.kv_caches, 8, 16, runner.uses_mrope, runner.num_kv_groups
+        )
     seen = record_logits(engine)
     params = PARAMS if mix else [PARAMS[0]] * len(PROMPTS)
     ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
@@ -38,7 +40,8 @@ def _run(path, padded: bool, async_scheduling: bool, mix: bool):
     return [o.token_ids for o in outs], [o.logprobs for o in outs], seen, runner
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2_5_vl"])  # 1-row and M-RoPE positions
+# 1-row and M-RoPE positions; gemma3: two KV groups (full and sliding), packed tables per group
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2_5_vl", "gemma3"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("mix", [False, True])
 def test_padded_decode_steps_equal_eager(tmp_path_factory, arch, async_scheduling, mix):

@@ -389,6 +389,27 @@ def test_resolve_ids():
     assert (expected >= 1000).any() and (expected < 1000).any()  # both kinds of rows
 
 
+def test_unpack_tables():
+    """Packed [rows, groups, width] tables land in the full-width buffer's first `width`
+    columns (several chunks of a row, a partial one); columns past it keep their old ids."""
+    from polymodal.llm_core.cuda_graph import unpack_tables  # the torch path on CPU tensors
+
+    gen = torch.Generator().manual_seed(9)
+    for rows, groups, width, max_blocks in ((1, 1, 1, 8), (3, 2, 5, 8), (4, 3, 1500, 2100)):
+        packed = torch.randint(0, 10_000, (rows * groups * width + 7,), generator=gen).int()
+        old = torch.randint(0, 10_000, (rows + 1, groups, max_blocks), generator=gen).int()
+        width_t = torch.tensor([width], dtype=torch.int32)
+        expected = old.clone()
+        unpack_tables(packed, width_t, expected, rows)
+        out = old.clone()
+        triton_ops.unpack_tables(packed, width_t, out, rows)
+        assert torch.equal(out, expected)
+        grid = packed[: rows * groups * width].view(rows, groups, width)
+        assert torch.equal(out[:rows, :, :width], grid)
+        assert torch.equal(out[:rows, :, width:], old[:rows, :, width:])
+        assert torch.equal(out[rows:], old[rows:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_argmax(dtype):
     """Cast + argmax over 3 rows of 9000 (3 chunks, the last partial), ties broken to the first
