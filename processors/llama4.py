@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.pixels import (
@@ -49,8 +49,9 @@ def supported_resolutions(max_tiles: int, tile: int) -> list[tuple[int, int]]:
     return [(r * tile, c * tile) for grids in by_ratio.values() for r, c in grids]
 
 
-def best_fit(size: tuple[int, int], canvases: list, to_max: bool) -> tuple[int, int]:
-    """transformers' `get_best_fit`, in float32 as it computes."""
+def best_fit(size: tuple[int, int], canvases: list, to_max: bool) -> torch.Tensor:
+    """transformers' `get_best_fit`, in float32 as it computes: the canvas `(h, w)` as the
+    int64 `[2]` tensor it returns (its entries' type matters downstream)."""
     height, width = size
     options = torch.tensor(canvases)
     scale_w = options[:, 1] / width
@@ -62,12 +63,14 @@ def best_fit(size: tuple[int, int], canvases: list, to_max: bool) -> tuple[int, 
     else:
         chosen = torch.max(scales[scales < 1])
     picked = options[scales == chosen]
-    best = picked[torch.argmin(picked[:, 0] * picked[:, 1])] if len(picked) > 1 else picked[0]
-    return int(best[0]), int(best[1])
+    return picked[torch.argmin(picked[:, 0] * picked[:, 1])] if len(picked) > 1 else picked[0]
 
 
-def fit_without_distortion(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    """transformers' `get_max_res_without_distortion` (floors, at least 1 pixel)."""
+def fit_without_distortion(size: tuple[int, int], target: tuple) -> tuple[int, int]:
+    """transformers' `get_max_res_without_distortion` (floors, at least 1 pixel), with its
+    arithmetic: `target`'s entries are Python ints or 0-dim int64 tensors as transformers
+    passes them, and a tensor makes the scale float32, which floors differently from float64
+    at some sizes (40x90 into 28x84: 63 px wide, not 62)."""
     height, width = size
     target_h, target_w = target
     scale_w, scale_h = target_w / width, target_h / height
@@ -75,7 +78,7 @@ def fit_without_distortion(size: tuple[int, int], target: tuple[int, int]) -> tu
         new = (min(math.floor(height * scale_w), target_h), target_w)
     else:
         new = (target_h, min(math.floor(width * scale_h), target_w))
-    return max(new[0], 1), max(new[1], 1)
+    return int(max(new[0], 1)), int(max(new[1], 1))
 
 
 def bf16_normalize(frames, mean, std, dtype=torch.float32, rescale: float = 1 / 255):
@@ -120,12 +123,17 @@ class Llama4Processor(MediaProcessor):
         opts = {**self.defaults, **options}
         frames = image_to_frames(image)  # [1, 3, H, W]
         size = (image.height, image.width)
-        canvases = supported_resolutions(int(opts["max_patches"]), self.tile)
-        canvas = best_fit(size, canvases, bool(opts["resize_to_max_canvas"]))
-        target = canvas
-        if not opts["resize_to_max_canvas"]:  # never upscale past one tile
-            target = tuple(min(max(s, self.tile), c) for s, c in zip(size, canvas))
+        max_patches = opts["max_patches"]
+        if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
+            raise InvalidInputError(f"max_patches must be an integer >= 1, got {max_patches!r}")
+        canvases = supported_resolutions(max_patches, self.tile)
+        best = best_fit(size, canvases, bool(opts["resize_to_max_canvas"]))  # int64 [2]
+        target = (best[0], best[1])
+        if not opts["resize_to_max_canvas"]:  # never upscale past one tile (same min / max
+            # as transformers: each entry stays an int or becomes a tensor as there)
+            target = tuple(min(max(s, self.tile), c) for s, c in zip(size, target))
         fitted = resize(frames, fit_without_distortion(size, target), self.resample)
+        canvas = (int(best[0]), int(best[1]))
         padded = F.pad(fitted, (0, canvas[1] - fitted.shape[-1], 0, canvas[0] - fitted.shape[-2]))
         rows, cols = canvas[0] // self.tile, canvas[1] // self.tile
         # [1, 3, rows * t, cols * t] -> [rows * cols, 3, t, t] (transformers' split_to_tiles)

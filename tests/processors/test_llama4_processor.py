@@ -131,7 +131,24 @@ def test_canvas_choice_matches_hf():
         sides = (1, 13, tile - 1, tile, tile + 1, 2 * tile + 5, 5 * tile, 900)
         for size, to_max in itertools.product(itertools.product(sides, sides), (False, True)):
             expected = ref.get_best_fit(size, torch.tensor(theirs), resize_to_max_canvas=to_max)
-            assert best_fit(size, ours, to_max) == tuple(expected.tolist()), (size, to_max)
+            assert best_fit(size, ours, to_max).tolist() == expected.tolist(), (size, to_max)
+
+
+@pytest.mark.parametrize("max_patches", [4, 2])
+def test_size_grid_matches_hf(processors, max_patches):
+    """Random images over a grid of sizes around one and several tiles: the same canvas,
+    resized size (transformers' float32 floors included) and pixels."""
+    from tests.sdk.vl_reference import random_image
+
+    hf, ours = processors
+    if ours.tile != 28:
+        pytest.skip("the grid is drawn around 28 px tiles")
+    sides = (1, 9, 27, 28, 29, 40, 57, 90, 113, 200)
+    images = [random_image(w, h, i) for i, (w, h) in enumerate(itertools.product(sides, sides))]
+    for image in images:
+        ref = hf(text=["<|image|>"], images=[image], return_tensors="pt", max_patches=max_patches)
+        got = ours.process(prompt="<|image|>", images=[image], max_patches=max_patches)
+        _check(got, ref, _patch_id(ours))
 
 
 def test_options_change_the_hash(photos, processors):
@@ -147,5 +164,7 @@ def test_bad_input_names_the_problem(photos, processors):
         ours.process(prompt="<|image|>", images=[photos["coffee"]] * 2)
     with pytest.raises(InvalidInputError, match="do_pan_and_scan"):
         ours.process(prompt="<|image|>", images=[photos["coffee"]], do_pan_and_scan=True)
+    with pytest.raises(InvalidInputError, match="max_patches must be an integer >= 1, got 0"):
+        ours.process(prompt="<|image|>", images=[photos["coffee"]], max_patches=0)
     with pytest.raises(InvalidInputError, match="images only"):
         ours.process(prompt="<|image|>", videos=[[photos["coffee"]] * 2])
