@@ -140,3 +140,30 @@ def test_chunked_layers_hold_only_their_chunk(ckpt):
                 assert all(h <= 8 // 4 + 1 for h in held[:3]), held
             assert held[3] == len(seq.block_tables[3])  # the global layer keeps everything
     assert engine.num_free_blocks == kv.num_usable_blocks
+
+
+def test_shipped_scout_config_layout():
+    """`polymodal bench llama4-scout-reduced`'s config (meta device, no weights): Scout's
+    widths (20.56B parameters in 8 layers), chunked layers of 8192 with every fourth global,
+    every layer MoE, and the KV layout of three chunked groups and one global of two layers."""
+    from pathlib import Path
+
+    from polymodal.llm_core.attention import get_backend
+    from polymodal.llm_core.config import load_config
+    from polymodal.llm_core.kv_cache_spec import plan_layout
+    from polymodal.llm_core.models.llama4 import Llama4Moe
+    from polymodal.llm_core.registry import encoder_class, model_class
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "sdk" / "configs" / "llama4_scout_reduced", "bfloat16")
+    with torch.device("meta"):
+        model = model_class(cfg.architecture)(
+            cfg, get_backend("torch"), 16, tower=encoder_class(cfg.architecture)
+        )
+    specs = [(s.kind, s.window) for s in model.kv_cache_specs()]
+    assert specs == ([("chunked", 8192)] * 3 + [("full", None)]) * 2
+    assert all(isinstance(layer.feed_forward, Llama4Moe) for layer in model.model.layers)
+    layout = plan_layout(model.kv_cache_specs())
+    assert [(g.spec.kind, g.layers) for g in layout.groups] == [
+        ("chunked", [0, 1]), ("chunked", [2, 4]), ("chunked", [5, 6]), ("full", [3, 7])
+    ]  # fmt: skip
