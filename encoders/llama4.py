@@ -47,6 +47,8 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Llama4VisionAttention(nn.Module):
+    """Bidirectional attention within each tile; biased q/k/v/o, q and k rotated per pair."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -66,6 +68,8 @@ class Llama4VisionAttention(nn.Module):
 
 
 class Llama4VisionMLP(nn.Module):
+    """fc1 -> GELU (exact) -> fc2, both biased."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -76,6 +80,8 @@ class Llama4VisionMLP(nn.Module):
 
 
 class Llama4VisionLayer(nn.Module):
+    """Pre-norm block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
     def __init__(self, cfg) -> None:
         super().__init__()
         self.self_attn = Llama4VisionAttention(cfg.hidden_size, cfg.num_attention_heads)
@@ -110,6 +116,9 @@ class Llama4PixelShuffleMLP(nn.Module):
 
 
 class Llama4VisionModel(nn.Module):
+    """transformers' `Llama4VisionModel` (names under `vision_model.`): tiles -> shuffled,
+    adapted patch features."""
+
     def __init__(self, cfg, backend) -> None:
         super().__init__()
         self.attn_backend = backend
@@ -175,12 +184,16 @@ class Llama4VisionEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, hf_config, dtype=torch.float32, device="cpu", backend=None):
+        """Build from the checkpoint's `Llama4Config`; weights come from the model's loader."""
         return make_uninitialized(lambda: cls(hf_config, backend), dtype, device)
 
     def load_weights(self, named_tensors) -> None:
+        """Checkpoint tensors named `vision_model.*` / `multi_modal_projector.*`."""
         load_checked(self, named_tensors)
 
     def encode(self, items: list) -> list[torch.Tensor]:
+        """One tower call over every tile of every item (each tile its own segment):
+        `[tiles * tokens_per_tile, text_hidden]` per item, tiles in the processor's order."""
         tiles = [it.data["pixel_values"] for it in items]  # [tiles, C, S, S] each
         features = self.vision_model(torch.cat(tiles))
         rows = self.multi_modal_projector.linear_1(features.flatten(0, 1))
