@@ -96,3 +96,16 @@ def test_chunked_prefill_splits_images_and_matches(models, budget):
     assert llm.engine.runner.encoder_cache.misses == 3  # each image encoded once
     spans = [(it.slot_start, it.slot_end) for it in llm.process(prompt).mm_items]
     assert any(a < end < b for end in ends for a, b in spans), "no step ended inside an image"
+
+
+def test_prefix_and_encoder_cache_hits_keep_the_output(models):
+    """The same image prompt again: prefix-cache blocks hit (the chunked groups serve only what
+    their next query sees) and the encoder is not rerun; the output stays the reference's."""
+    llm = models[3]
+    tokens, logits = _reference(models, CASES["tall_and_wide"])
+    prompt = {"messages": messages(CASES["tall_and_wide"])}
+    assert_single_matches(llm, prompt, tokens, logits, STEPS, "first")
+    kv, cache = llm.engine.scheduler.kv, llm.engine.runner.encoder_cache
+    hits, misses = kv.num_hit_tokens, cache.misses
+    assert_single_matches(llm, prompt, tokens, logits, STEPS, "again")
+    assert kv.num_hit_tokens > hits and cache.misses == misses
