@@ -87,3 +87,35 @@ def test_each_tile_is_one_attention_segment(models):
 
 def test_registered_for_the_architecture():
     assert get_encoder_class("Llama4ForConditionalGeneration") is Llama4VisionEncoder
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_and_never_waits(models):
+    """Triton varlen attention on CUDA: fp32 equal to the CPU tower, bf16 close; a second call
+    (rotary tables made) queues without waiting for the device."""
+    from polymodal.llm_core.attention import get_backend
+
+    path, hf = models
+    torch.backends.cuda.matmul.allow_tf32 = False
+    backend = get_backend("triton", "cuda")
+    items = _items([5, 1, 3])
+    with torch.inference_mode():
+        ref = _encoder(path, hf.config).encode(items)
+        fp32 = _encoder(path, hf.config, backend).to("cuda")
+        cuda_items = _items([5, 1, 3])
+        for item in cuda_items:
+            item.data["pixel_values"] = item.data["pixel_values"].cuda()
+        for got, want in zip(fp32.encode(cuda_items), ref):
+            torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
+        bf16 = fp32.to(torch.bfloat16)
+        bf16.encode(cuda_items)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = bf16.encode(cuda_items)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(out, ref):
+        assert got.dtype == torch.bfloat16
+        assert (got.float().cpu() - want).abs().max() < 0.05 * want.abs().max()
