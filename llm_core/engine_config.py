@@ -143,8 +143,9 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
         quant.check_device(device)
     kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, model_config.dtype, device)
     backend = get_backend(cfg.attention_backend, str(device))
-    # M-RoPE positions can run past the token count (video time axis): leave headroom.
-    max_positions = max(max_len, model_config.max_position_embeddings) + 1024
+    # M-RoPE positions can run past the token count (video time axis): leave headroom. The
+    # rotary tables hold every position: past 128k (Llama 4's 10M) only max_len's are kept.
+    max_positions = max(max_len, min(model_config.max_position_embeddings, 131072)) + 1024
     net = build_model(
         model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed, quant
     )

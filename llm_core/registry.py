@@ -52,6 +52,7 @@ MODELS: dict[str, ModelRow] = {
     "Qwen3MoeForCausalLM": ModelRow(_M + "mixtral:Qwen3MoeForCausalLM"),
     "DeepseekV3ForCausalLM": ModelRow(_M + "deepseek_v3:DeepseekV3ForCausalLM"),
     "DeciLMForCausalLM": ModelRow(_M + "decilm:DeciLMForCausalLM"),
+    "Llama4ForCausalLM": ModelRow(_M + "llama4:Llama4ForCausalLM"),
     "NemotronNASForCausalLM": ModelRow(_M + "decilm:DeciLMForCausalLM"),
     "BertForSequenceClassification": ModelRow(
         _M + "bert:BertForSequenceClassification", task="classify"
@@ -79,6 +80,11 @@ MODELS: dict[str, ModelRow] = {
         _M + "gemma3_vl:Gemma3ForConditionalGeneration",
         _P + "gemma3:Gemma3Processor",
         "Gemma3ForConditionalGeneration",
+    ),
+    "Llama4ForConditionalGeneration": ModelRow(
+        _M + "llama4_vl:Llama4ForConditionalGeneration",
+        _P + "llama4:Llama4Processor",
+        "Llama4ForConditionalGeneration",
     ),
 }
 

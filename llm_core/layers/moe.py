@@ -228,6 +228,11 @@ class SparseMoeBlock(nn.Module):
         self.gate, self.experts = gate, experts
         self.shared_experts = shared_experts
 
+    @property
+    def top_k(self) -> int:
+        """Experts each token runs."""
+        return self.gate.cfg.top_k
+
     def forward(self, x) -> torch.Tensor:
         """x: `[T, H]` (a `DeferredNorm` is normalized first: the experts need it whole)."""
         if isinstance(x, DeferredNorm):

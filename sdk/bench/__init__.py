@@ -23,7 +23,7 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent.parent / "configs"
 BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
-    # gemma-3-12b, llava-next-7b, pixtral-12b and the MoE configs build and serve
+    # gemma-3-12b, llava-next-7b, pixtral-12b, Llama 4 and the MoE configs build and serve
     # (`polymodal serve <dir> --dummy-weights` with a tokenizer); the engine workload drives
     # Qwen-VL prompts, so these run through scripts (docs/performance.md, "GPU to run").
     "gemma-3-12b": CONFIGS / "gemma_3_12b",  # the text decoder alone
@@ -33,6 +33,7 @@ BUILTIN = {
     "qwen3-30b-a3b": CONFIGS / "qwen3_30b_a3b",
     "mixtral-8x7b": CONFIGS / "mixtral_8x7b",
     "deepseek-v3-reduced": CONFIGS / "deepseek_v3_reduced",  # 3 of 61 layers: its README
+    "llama4-scout-reduced": CONFIGS / "llama4_scout_reduced",  # 8 of 48 layers: its README
 }
 WORKLOADS = ("engine", "paths", "serve", "media")
 

@@ -42,12 +42,12 @@ def active_decoder_bytes(model, num_tokens: int = 1) -> float:
     chosen: `decoder_bytes` less the experts no token picked. One token reads exactly `top_k`
     experts a layer; more count the experts expected under uniform routing,
     `E * (1 - (1 - top_k / E) ** num_tokens)`."""
-    from polymodal.llm_core.layers.moe import SparseMoeBlock
+    from polymodal.llm_core.layers.moe import FusedMoE
 
     total = float(decoder_bytes(model))
-    for block in model.modules():
-        if isinstance(block, SparseMoeBlock):
-            experts, top_k = block.experts.num_experts, block.gate.cfg.top_k
+    for block in model.modules():  # MoE blocks: `experts` (a FusedMoE) and `top_k`
+        if isinstance(getattr(block, "experts", None), FusedMoE):
+            experts, top_k = block.experts.num_experts, block.top_k
             chosen = experts * (1 - (1 - top_k / experts) ** num_tokens)
             total -= (experts - chosen) * block.experts.expert_bytes()
     return total

@@ -37,6 +37,12 @@ FAMILIES = {  # demo name: overrides
     "qwen3_moe_sparse_step_2": {"decoder_sparse_step": 2, "mlp_only_layers": []},
     "deepseek_v3": {},
     "deepseek_v3_no_q_lora": {"q_lora_rank": None, "rope_interleave": False},
+    "llama4": {},
+    "llama4_top2_nope_first": {
+        "num_experts_per_tok": 2,
+        "interleave_moe_layer_step": 1,
+        "no_rope_layers": [0, 1, 1, 0],
+    },
 }
 
 

@@ -9,7 +9,7 @@ from polymodal.bench import BUILTIN
 from polymodal.bench.workloads import active_decoder_bytes, decoder_bytes
 from polymodal.llm_core.attention import get_backend
 from polymodal.llm_core.config import load_config
-from polymodal.llm_core.registry import model_class
+from polymodal.llm_core.registry import encoder_class, model_class
 
 
 def _meta_model(name):
@@ -18,7 +18,9 @@ def _meta_model(name):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
-            return model_class(cfg.architecture)(cfg, get_backend("torch"), 16)
+            tower = encoder_class(cfg.architecture)
+            extra = {"tower": tower} if tower is not None else {}
+            return model_class(cfg.architecture)(cfg, get_backend("torch"), 16, **extra)
     finally:
         torch.set_default_dtype(default)
 
@@ -32,6 +34,9 @@ def _meta_model(name):
         ("qwen3-30b-a3b", 3.35e9 - 0.31e9),
         ("mixtral-8x7b", 12.9e9 - 0.13e9),
         ("deepseek-v3-reduced", 2.68e9),
+        # 8 Scout layers (attention 62.9M, shared expert + one expert 2 x 125.8M, router) and
+        # the head (1.03B); the tower is not part of a decode step
+        ("llama4-scout-reduced", 8 * 314.66e6 + 1.0345e9),
     ],  # fmt: skip
 )
 def test_one_token_reads_top_k_experts_a_layer(name, active_params):

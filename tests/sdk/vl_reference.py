@@ -32,6 +32,8 @@ def hf_inputs(processor, msgs, images, **kwargs) -> dict:
 def hf_greedy(hf, inputs: dict, steps: int):
     """Greedy tokens and the fp32 logits that chose each (the whole prompt re-run each step)."""
     inputs = dict(inputs)
+    if "pixel_values" in inputs:  # Llama 4's processor gives bfloat16; the model takes its dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(hf.dtype)
     ids = inputs.pop("input_ids")
     inputs.pop("attention_mask", None)
     tokens, logits_seen = [], []

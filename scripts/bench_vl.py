@@ -1,0 +1,306 @@
+"""Image-prompt bench for the multimodal families whose processors expand text placeholders
+(Llama 4, Gemma 3, LLaVA-NeXT, Pixtral; `polymodal bench`'s engine workload is Qwen-VL's):
+ours next to transformers in the same run, on the same random bf16 tensors.
+
+    python scripts/bench_vl.py llama4-scout-reduced [--images 256] [--output-tokens 128]
+    python scripts/bench_vl.py gemma-3-12b-it --hf-images 32 --hf-batch 8
+    python scripts/bench_vl.py DIR --device cpu --images 4     # a tiny checkpoint, as the test
+
+Workloads, each side alone on the device (transformers' model waits on the host meanwhile):
+TTFT of one fresh 448x448 image + a short question (processing included, median of 5),
+batch-1 decode of a text prompt, captioning N distinct 448x448 images with M forced tokens
+(ours: `LLM.generate` over chat prompts, processing on its worker threads; transformers:
+processor + `generate` in batches). Floors: batch-1 decode = the bytes a step reads (only the
+chosen experts) / the HBM copy bandwidth; TTFT = max(weights read, FLOPs / `--peak-tflops`)
+of the tower over its tiles and the decoder over the prompt (2 x parameters touched per token;
+attention's own FLOPs are below 2% at these lengths and left out).
+
+A built-in name is a shipped config without a tokenizer: one is written with the family's
+special tokens at the ids its config names (ordinary ids filled with unused tokens), so both
+processors expand images into the same token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from polymodal.bench import resolve_bench_model
+from polymodal.bench.workloads import active_decoder_bytes, images
+
+QUESTION = "Describe this image in detail."
+# family (config model_type) -> (module and names of its tiny tokens / template, config
+# attribute -> special token placed at that id)
+FAMILIES = {
+    "llama4": (
+        "llama4_vl:LLAMA4_TOKENS:LLAMA4_TEMPLATE",
+        {
+            "image_token_index": "<|patch|>",
+            "boi_token_index": "<|image_start|>",
+            "eoi_token_index": "<|image_end|>",
+        },
+    ),
+    "gemma3": (
+        "gemma3_vl:GEMMA_TOKENS:GEMMA_TEMPLATE",
+        {
+            "image_token_index": "<image_soft_token>",
+            "boi_token_index": "<start_of_image>",
+            "eoi_token_index": "<end_of_image>",
+        },
+    ),
+    "llava_next": ("llava:None:LLAVA_TEMPLATE", {"image_token_index": "<image>"}),
+    # the shipped `llava` config is Pixtral-12B's LLaVA form: Mistral's tokens
+    "llava": ("llava:MISTRAL_TOKENS:MISTRAL_TEMPLATE", {"image_token_index": "[IMG]"}),
+}
+
+
+def family_tokens(config: dict):
+    """(special tokens by role, chat template, {token: id from the config}) of a family."""
+    import importlib
+
+    spec, placed = FAMILIES[config["model_type"]]
+    module, tokens, template = spec.split(":")
+    module = importlib.import_module("polymodal.llm_core.models." + module)
+    roles = dict(getattr(module, tokens)) if tokens != "None" else {"image_token": "<image>"}
+    ids = {token: config[attr] for attr, token in placed.items() if attr in config}
+    return roles, getattr(module, template), ids
+
+
+def build_tokenizer_at(vocab_size: int, roles: dict, template: str, ids: dict):
+    """A byte-level BPE of `vocab_size` ids: the demo tokenizer's merges, `ids`' special tokens
+    at their ids, the family's other special tokens just below the top, unused filler tokens
+    everywhere else (never produced by a merge)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from polymodal.demo_model import build_tokenizer
+
+    small = json.loads(build_tokenizer()._tokenizer.to_str())["model"]
+    ordinary = [t for t in sorted(small["vocab"], key=small["vocab"].get) if not t.startswith("<")]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["merges"]]
+    roles = dict(roles)
+    named = {r: roles.pop(r) for r in ("bos_token", "eos_token") if r in roles}
+    specials = list(dict.fromkeys([*named.values(), *roles.values(), "<pad>"]))
+    placed = dict(ids)
+    free = (i for i in range(vocab_size - 1, -1, -1) if i not in ids.values())
+    for token in specials:
+        if token not in placed:
+            placed[token] = next(free)
+    by_id = {i: t for t, i in placed.items()}
+    vocab, words = {}, iter(ordinary)
+    for i in range(vocab_size):
+        vocab[by_id.get(i) or next(words, None) or f"\u0120w{i}"] = i
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        **named,
+        extra_special_tokens=roles or None,
+        chat_template=template,
+    )
+
+
+def user_checkpoint(model_dir: Path) -> Path:
+    """`model_dir` as is when it has a tokenizer, else a copy of its configs with one."""
+    if (model_dir / "tokenizer.json").is_file():
+        return model_dir
+    out = Path(tempfile.mkdtemp(prefix="bench_vl_"))
+    for path in model_dir.glob("*.json"):
+        shutil.copy(path, out / path.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    roles, template, ids = family_tokens(config)
+    vocab = (config.get("text_config") or config)["vocab_size"]
+    build_tokenizer_at(vocab, roles, template, ids).save_pretrained(out)
+    return out
+
+
+def chat(image=None, text: str = QUESTION) -> list[dict]:
+    parts = ([{"type": "image", "image": image}] if image is not None else []) + [
+        {"type": "text", "text": text}
+    ]
+    return [{"role": "user", "content": parts}]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class HFRunner:
+    """transformers' model (random weights) and processor for `model_dir`."""
+
+    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype):
+        import transformers as tf
+
+        config = tf.AutoConfig.from_pretrained(model_dir)
+        torch.manual_seed(0)
+        with torch.device(device):
+            self.model = tf.AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+        for param in self.model.parameters():  # small weights: finite at any depth
+            if param.dim() >= 2:
+                param.data.normal_(0.0, 0.02)
+        self.processor = tf.AutoProcessor.from_pretrained(model_dir)
+        self.device, self.dtype = device, dtype
+        text = config.get_text_config()
+        self.model.generation_config.pad_token_id = self.processor.tokenizer.pad_token_id
+        self.model.generation_config.eos_token_id = None
+        self.vocab = text.vocab_size
+
+    def inputs(self, batch: list) -> dict:
+        texts = [
+            self.processor.apply_chat_template(chat(im), tokenize=False, add_generation_prompt=True)
+            for im in batch
+        ]
+        pics = [im for im in batch if im is not None] or None
+        self.processor.tokenizer.padding_side = "left"
+        out = self.processor(text=texts, images=pics, return_tensors="pt", padding=True)
+        out = {k: v.to(self.device) for k, v in out.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, batch: list, tokens: int) -> torch.Tensor:
+        inputs = self.inputs(batch)
+        out = self.model.generate(
+            **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+        )
+        return out[:, inputs["input_ids"].shape[1] :]
+
+
+def hf_config_max_positions(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    return (config.get("text_config") or config).get("max_position_embeddings", 4096)
+
+
+def timed(device: str, fn) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_side(gen, device: str, pics, output_tokens: int, batch: int) -> dict:
+    """The three workloads through `gen(prompts, tokens)` (a list of images or None)."""
+    fresh = images(6, seed=4321)
+    ttft = [timed(device, lambda im=im: gen([im], 1)) for im in fresh]
+    one, many = (timed(device, lambda n=n: gen([None], n)) for n in (2, 66))
+    start = time.perf_counter()
+    for i in range(0, len(pics), batch):
+        gen(pics[i : i + batch], output_tokens)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {
+        "ttft_ms": statistics.median(ttft[1:]) * 1e3,
+        "decode_ms_per_token": (many - one) / 64 * 1e3,
+        "images_s": len(pics) / seconds,
+        "output_tokens_s": len(pics) * output_tokens / seconds,
+        "caption_images": len(pics),
+    }
+
+
+def ttft_floor(llm, bandwidth: float, peak: float) -> dict:
+    """Weights read and FLOPs of one 448x448 image's prefill: the tower's matmul FLOPs as
+    counted by torch (its attention kernel's are not), 2 x the parameters each prompt token
+    touches in the decoder (the LM head once), and every weight the step reads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = llm.engine.runner.model
+    prompt = llm.process({"messages": chat(images(1)[0])})
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.encode(prompt.mm_items)
+    size = next(model.parameters()).element_size()
+    tokens, head = len(prompt.token_ids), model.lm_head.weight.numel()
+    per_token = active_decoder_bytes(model, 1) / size - head
+    flops = counter.get_total_flops() + 2 * (per_token * tokens + head)
+    tower = sum(p.numel() for p in model.vision.parameters()) * size
+    weights = active_decoder_bytes(model, tokens) + tower
+    return {
+        "prompt_tokens": tokens,
+        "ttft_tflop": flops / 1e12,
+        "ttft_weights_gb": weights / 1e9,
+        "ttft_floor_ms": max(weights / bandwidth, flops / peak) * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--hf-images", type=int, default=32)
+    parser.add_argument("--hf-batch", type=int, default=8)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 (H200)")
+    parser.add_argument("--json", default="bench_vl.json")
+    args = parser.parse_args()
+    print(json.dumps(run(args), indent=2))
+
+
+def run(args) -> dict:
+    """The bench (see the module docstring); returns the results (also written to --json)."""
+    from polymodal import LLM, SamplingParams
+
+    model_dir = user_checkpoint(Path(resolve_bench_model(args.model)))
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    results: dict = {"model": str(args.model), "device": device}
+    hf = None if args.skip_hf else HFRunner(model_dir, device, dtype)
+    if hf is not None and device == "cuda":
+        hf.model.to("cpu")
+        torch.cuda.empty_cache()
+    max_len = min(4096, hf_config_max_positions(model_dir))
+    llm = LLM(
+        str(model_dir), dtype=str(dtype).split(".")[-1], device=device, dummy_weights=True,
+        max_model_len=max_len, gpu_memory_utilization=0.85, enable_prefix_caching=False,
+    )  # fmt: skip
+    if hf is not None:  # the very tensors transformers runs
+        llm.engine.runner.model.load_weights(hf.model.state_dict().items(), "transformers")
+
+    def ours(batch, tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        prompts = [{"messages": chat(im)} for im in batch]
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    pics = images(args.images)
+    ours([images(1, seed=77)[0]], 2)  # warm (LLM warmed up too on CUDA)
+    results["ours"] = run_side(ours, device, pics, args.output_tokens, len(pics))
+    if device == "cuda":
+        from polymodal.bench.engine import measure_bandwidth
+
+        bandwidth = measure_bandwidth()
+        model = llm.engine.runner.model
+        results["decode_floor_ms"] = active_decoder_bytes(model, 1) / bandwidth * 1e3
+        results.update(ttft_floor(llm, bandwidth, args.peak_tflops * 1e12))
+    if hf is not None:
+        del llm
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            hf.model.to("cuda")
+        hf.generate([images(1, seed=77)[0]], 2)
+        gen = hf.generate
+        results["hf"] = run_side(gen, device, pics[: args.hf_images], args.output_tokens,
+                                 args.hf_batch)  # fmt: skip
+        results["speedup"] = {
+            "captioning": results["ours"]["images_s"] / results["hf"]["images_s"],
+            "ttft": results["hf"]["ttft_ms"] / results["ours"]["ttft_ms"],
+            "decode": results["hf"]["decode_ms_per_token"] / results["ours"]["decode_ms_per_token"],
+        }
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""scripts/bench_vl.py on the CPU: the tokenizer it writes for a shipped config puts the
+family's image tokens at the config's ids (both processors then expand an image into the same
+ids), and on a tiny checkpoint both sides run every workload on the same tensors (the same
+greedy tokens)."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from polymodal.bench import BUILTIN
+from tests.helpers import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_vl", ROOT / "scripts" / "bench_vl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name", ["llama4-scout-reduced", "gemma-3-12b-it", "llava-next-7b", "pixtral-12b"]
+)
+def test_shipped_config_gets_a_tokenizer_with_its_ids(bench, name):
+    import json
+
+    import transformers as tf
+
+    from polymodal.llm_core.registry import processor_class
+
+    path = bench.user_checkpoint(BUILTIN[name])
+    config = json.loads((path / "config.json").read_text())
+    hf = tf.AutoProcessor.from_pretrained(path)
+    _, _, ids = bench.family_tokens(config)
+    assert ids and all(hf.tokenizer.convert_tokens_to_ids(t) == i for t, i in ids.items())
+    ours = processor_class(config["architectures"][0]).from_pretrained(path)
+    image = bench.images(1)[0]
+    messages = bench.chat(image)
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ref = hf(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    got = ours.process(messages=messages).token_ids
+    assert got == ref and ids[next(iter(ids))] in got  # the image token is in the prompt
+
+
+def test_runs_both_sides_on_the_same_tensors(bench, tmp_path_factory, tmp_path):
+    from polymodal import LLM, SamplingParams
+
+    path = tiny_checkpoint(tmp_path_factory, "llama4_vl")
+    args = SimpleNamespace(
+        model=str(path), device="cpu", images=3, output_tokens=3, hf_images=2, hf_batch=1,
+        skip_hf=False, peak_tflops=989.0, json=str(tmp_path / "out.json"),
+    )  # fmt: skip
+    results = bench.run(args)
+    assert set(results["speedup"]) == {"captioning", "ttft", "decode"}
+    assert results["ours"]["caption_images"] == 3 and results["hf"]["caption_images"] == 2
+    # like with like: the weights the bench loads into ours are transformers', and the prompts
+    # expand the same way, so greedy tokens agree
+    hf = bench.HFRunner(path, "cpu", torch.float32)
+    llm = LLM(str(path), dtype="float32", device="cpu", dummy_weights=True)
+    llm.engine.runner.model.load_weights(hf.model.state_dict().items(), "transformers")
+    image = bench.images(1, seed=5)[0]
+    ref = hf.generate([image], 4)[0].tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    out = llm.generate({"messages": bench.chat(image)}, params, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == ref
+    floor = bench.ttft_floor(llm, bandwidth=1e12, peak=1e14)
+    assert floor["prompt_tokens"] > 20 and floor["ttft_floor_ms"] > 0
