@@ -28,7 +28,7 @@ class LoRAManager:
             raise InvalidInputError(f"max_loras must be >= 1, got {max_loras}")
         if max_rank < 1:
             raise InvalidInputError(f"max_lora_rank must be >= 1, got {max_rank}")
-        if not getattr(model, "supports_lora", True):
+        if not model.supports_lora:
             raise InvalidInputError(f"{type(model).__name__} does not support LoRA adapters")
         self.max_loras, self.max_rank = max_loras, max_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)

@@ -106,8 +106,8 @@ def create_app(
         """400 for an audio part sent to a model without an audio encoder, naming it."""
         if "audio" not in takes:
             raise RequestError(
-                f"model {names[0]!r} ({architecture}) takes no audio input: it has no audio "
-                f"encoder (it takes {', '.join(takes) or 'text only'})",
+                f"{where}: model {names[0]!r} ({architecture}) takes no audio input: it has no "
+                f"audio encoder (it takes {', '.join(takes) or 'text only'})",
                 where, "unsupported_modality",
             )  # fmt: skip
 
