@@ -179,7 +179,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     runner = ModelRunner(
         net, kv_caches, cfg.block_size, device, layout.num_groups, max(encoder_cache, 1)
     )
-    runner.lora = _lora_manager(net, cfg, device, pooling)
+    runner.lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
     scheduler = Scheduler(
         kv,
         cfg.max_num_batched_tokens,
@@ -200,7 +200,7 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 
-def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool):
+def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool, dtype):
     """The LoRAManager of an engine with `enable_lora` (its layers wrapped), else None."""
     if not cfg.enable_lora:
         return None
@@ -210,7 +210,7 @@ def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool):
 
     return LoRAManager(
         net, cfg.max_loras, cfg.max_lora_rank, cfg.max_num_batched_tokens, device,
-        cfg.max_cpu_loras,
+        cfg.max_cpu_loras, dtype,
     )  # fmt: skip
 
 

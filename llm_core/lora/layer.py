@@ -72,7 +72,7 @@ class LoRALinearMethod(LinearMethod):
     take the GEMV's folded epilogues."""
 
     def __init__(self, base: LinearMethod, batch: LoRABatch, layer: Linear, max_loras: int,
-                 max_rank: int):  # fmt: skip
+                 max_rank: int, dtype: torch.dtype):  # fmt: skip
         self.base = base
         self.batch = batch
         self.supports_gemv = base.supports_gemv
@@ -80,10 +80,7 @@ class LoRALinearMethod(LinearMethod):
         self.shards = list(offsets)  # shard id per slice
         self.slices = [offsets[s] for s in self.shards]  # (out offset, out size)
         self.rank = max_rank
-        weight = next(p for p in layer.parameters())
-        dtype = weight.dtype if weight.is_floating_point() and weight.element_size() >= 2 else None
-        dtype = dtype or torch.bfloat16  # quantized base weights: adapters in 16 bits
-        device = weight.device
+        device = next(p for p in layer.parameters()).device  # adapters in the model dtype
         num = len(self.slices)
         layer.register_buffer(
             "lora_a",
@@ -154,12 +151,14 @@ def lora_layers(model: torch.nn.Module) -> dict[str, Linear]:
     }
 
 
-def wrap_model(model: torch.nn.Module, batch: LoRABatch, max_loras: int, max_rank: int) -> dict:
+def wrap_model(
+    model: torch.nn.Module, batch: LoRABatch, max_loras: int, max_rank: int, dtype: torch.dtype
+) -> dict:
     """Give every LoRA-capable layer a `LoRALinearMethod` (its loaded weights are kept);
     returns module name -> layer (each with `lora_slices()`: its slices' shard, offset, size)."""
     layers = lora_layers(model)
     for layer in layers.values():
-        method = LoRALinearMethod(layer.method, batch, layer, max_loras, max_rank)
+        method = LoRALinearMethod(layer.method, batch, layer, max_loras, max_rank, dtype)
         layer.method = method
         layer.lora_slices = method.slice_table
     return layers

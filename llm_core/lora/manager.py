@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+import torch
+
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.lora.adapter import LoRAAdapter, LoRARequest, load_adapter
 from polymodal.llm_core.lora.layer import LoRABatch, wrap_model
@@ -23,7 +25,7 @@ class LoRAManager:
     """Loads adapters, assigns slots, and fills the step's token -> slot mapping."""
 
     def __init__(self, model, max_loras: int, max_rank: int, max_tokens: int, device,
-                 max_cpu_loras: int | None = None):  # fmt: skip
+                 max_cpu_loras: int | None = None, dtype: torch.dtype = torch.float32):  # fmt: skip
         if max_loras < 1:
             raise InvalidInputError(f"max_loras must be >= 1, got {max_loras}")
         if max_rank < 1:
@@ -33,7 +35,7 @@ class LoRAManager:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.batch = LoRABatch(max_loras, max_tokens, device)
-        self.layers = wrap_model(model, self.batch, max_loras, max_rank)
+        self.layers = wrap_model(model, self.batch, max_loras, max_rank, dtype)
         if not self.layers:
             raise InvalidInputError(f"{type(model).__name__} has no layers that take LoRA")
         self.packed = getattr(model, "packed_modules_mapping", {})
