@@ -152,3 +152,21 @@ def test_bad_adapters_are_refused_naming_them(llama_adapters, tmp_path):
         plain.add_request([1, 2, 3], PARAMS, lora_request=good)
     with pytest.raises(InvalidInputError, match="max_loras must be >= 1"):
         Engine(str(base), enable_lora=True, max_loras=0, **ENGINE)
+
+
+def test_a_request_without_a_free_slot_waits_while_others_run(llama_adapters):
+    base, adapters = llama_adapters
+    engine = Engine(str(base), enable_lora=True, max_loras=1, **ENGINE)
+    first, second = _lora(adapters, "all", 1), _lora(adapters, "qv_down", 2)
+    ids = [engine.add_request(p, PARAMS, lora_request=lo)
+           for p, lo in zip(PROMPTS[:3], [first, second, None])]  # fmt: skip
+    engine.step()
+    # the one slot holds `first`: `second` waits (at the front), the base request goes ahead
+    running = [r.request_id for r in engine.scheduler.running]
+    assert running == [f"{ids[0]}#0", f"{ids[2]}#0"]
+    assert [r.request_id for r in engine.scheduler.waiting] == [f"{ids[1]}#0"]
+    manager = engine.runner.lora
+    assert manager.slot_users == [1] and manager.slot_key[0] == first.cache_key
+    final = engine.run_until_done()  # `second` runs once `first` finished
+    assert all(len(final[i].outputs[0].token_ids) == STEPS for i in ids)
+    assert manager.slot_users == [0] and manager.slot_key[0] == second.cache_key
