@@ -80,6 +80,9 @@ MODELS: dict[str, ModelRow] = {
         _P + "gemma3:Gemma3Processor",
         "Gemma3ForConditionalGeneration",
     ),
+    "LlavaLlamaModel": ModelRow(
+        _M + "vila:LlavaLlamaModel", _P + "vila:VilaProcessor", "LlavaLlamaModel"
+    ),
 }
 
 
