@@ -106,12 +106,9 @@ class VilaEncoder(nn.Module):
                 n = math.isqrt(tokens.shape[1])
                 grid = merge_tiles(grid.reshape(*grid.shape[:2], n, n), rows, cols)
                 out.append(grid.flatten(1).transpose(0, 1))
-            elif item.modality == "video" and self.pool_sizes:
-                out.append(
-                    torch.cat([temporal_spatial_pool(tokens, p) for p in self.pool_sizes]).flatten(
-                        0, 1
-                    )
-                )
+            elif item.modality == "video" and self.pool_sizes:  # each pool's frames in turn
+                pooled = [temporal_spatial_pool(tokens, p).flatten(0, 1) for p in self.pool_sizes]
+                out.append(torch.cat(pooled))
             else:
                 out.append(tokens.flatten(0, 1))
         return out
