@@ -137,20 +137,27 @@ def ratios(lo, hi):
 class VilaReference:
     """The public code's inference path on a tiny checkpoint (fp32, CPU)."""
 
-    def __init__(self, path):
+    def __init__(self, path, models: bool = True):
+        """`models=False`: the preprocessing only (no decoder, tower or projector loaded)."""
         root = Path(path)
         self.cfg = json.loads((root / "config.json").read_text())
-        self.llm = tf.AutoModelForCausalLM.from_pretrained(root / "llm", dtype=torch.float32).eval()
-        self.tower = tf.SiglipVisionModel.from_pretrained(
-            root / "vision_tower", dtype=torch.float32
-        ).eval()
         self.images = tf.SiglipImageProcessor.from_pretrained(root / "vision_tower")
+        self.size = self.images.size["height"]
+        self.scales = [int(s) for s in (self.cfg.get("s2_scales") or "").split(",") if s]
+        video = self.cfg.get("video_encoder") or {}
+        video = json.loads(video) if isinstance(video, str) else video
+        self.pools = video.get("pool_sizes") if "TSP" in video.get("_target_", "") else None
+        if not models:
+            return
         self.tok = tf.AutoTokenizer.from_pretrained(root / "llm")
         for token in (IMAGE, VIDEO):
             if token not in self.tok.get_vocab():
                 self.tok.add_tokens([token], special_tokens=True)
+        self.llm = tf.AutoModelForCausalLM.from_pretrained(root / "llm", dtype=torch.float32).eval()
+        self.tower = tf.SiglipVisionModel.from_pretrained(
+            root / "vision_tower", dtype=torch.float32
+        ).eval()
         kind = self.cfg["mm_projector_cfg"]["mm_projector_type"]
-        self.scales = [int(s) for s in (self.cfg.get("s2_scales") or "").split(",") if s]
         mm_hidden = self.tower.config.hidden_size * (
             len(self.scales) if self.cfg.get("dynamic_s2") else 1
         )
@@ -160,10 +167,6 @@ class VilaReference:
             for k, v in load_file(str(root / "mm_projector" / "model.safetensors")).items()
         }
         self.projector.load_state_dict(state, strict=True)
-        self.size = self.images.size["height"]
-        video = self.cfg.get("video_encoder") or {}
-        video = json.loads(video) if isinstance(video, str) else video
-        self.pools = video.get("pool_sizes") if "TSP" in video.get("_target_", "") else None
 
     # ---- prompt and media (generate_content, extract_media) ----
     def prompt_ids(self, value: str) -> list[int]:
