@@ -65,6 +65,8 @@ class VilaEncoder(nn.Module):
                 "mm_vision_select_feature must be 'cls_patch' for a SigLIP tower (it has no "
                 f"class token to drop), got {hf_config.mm_vision_select_feature!r}"
             )
+        if getattr(hf_config, "s2", False) and not hf_config.dynamic_s2:
+            raise ModelLoadError("VILA's fixed S2 (`s2: true`, s2wrapper) is not supported")
         self.layer = int(getattr(hf_config, "mm_vision_select_layer", -2))
         self.side = vision.image_size // vision.patch_size  # features per view side
         self.scales = list(hf_config.s2_scales) if hf_config.dynamic_s2 else []
