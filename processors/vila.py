@@ -52,6 +52,7 @@ from polymodal.processors.vila_tiles import (
     dynamic_tiles,
     s2_tiles,
     square_view,
+    square_views,
     to_frames,
 )
 
@@ -375,13 +376,21 @@ class VilaProcessor(MediaProcessor):
                     source, index=index, sampler=sampler, allow_http=self.allow_http
                 ).frames
             else:  # given frames: VILA's frame-folder rule (evenly spread, rounded)
-                frames = frames_from_list(source, DEFAULT_MAX_VIDEO_PIXELS)
-                frames = frames[vila_frame_indices(len(frames), 0.0, num_frames, 0.0)]
+                if not hasattr(source, "__len__") or not len(source):
+                    raise ValueError("a video must be a file, bytes, or a non-empty frame list")
+                picks = vila_frame_indices(len(source), 0.0, num_frames, 0.0)
+                chosen = (
+                    [source[i] for i in picks]
+                    if isinstance(source, (list, tuple))
+                    else source[picks]
+                )
+                frames = frames_from_list(chosen, DEFAULT_MAX_VIDEO_PIXELS)
         except ValueError as exc:
             raise MediaError(f"video {index + 1} ({describe_source(source)}): {exc}") from None
         if frames.dtype != torch.uint8:  # alpha-blended frames: back to whole values
             frames = frames.round().clamp(0, 255).to(torch.uint8)
-        views = [square_view(_pil(f), m.size) for f in frames]
+        hwc = frames.permute(0, 2, 3, 1).contiguous()  # a view back to the decoded layout
+        views = square_views([frame.numpy() for frame in hwc], m.size)
         count, ids = len(views), []
         for t, h, w in m.pools or [(1, 1, 1)]:
             if count % t or m.tokens_side % h or m.tokens_side % w:
@@ -396,7 +405,7 @@ class VilaProcessor(MediaProcessor):
             )
             ids += frame * (count // t) + sep  # per pooled frame, then the pool's separator
         knobs = [MODES["video"], m.size, *(v for p in m.pools for v in p)]
-        item = self._item("video", frames, to_frames(views), knobs, [ids], {})
+        item = self._item("video", frames, views, knobs, [ids], {})
         return _Media(item, [ids], VIDEO_TOKEN)
 
     def _item(self, modality, source, frames, knobs, groups, extra) -> MultimodalItem:
@@ -410,10 +419,3 @@ class VilaProcessor(MediaProcessor):
         num_embeds = sum(token == self.embed_token_id for g in groups for token in g)
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std, **extra}
         return MultimodalItem(modality, data, -1, num_embeds, digest, pixel_fn=normalize_frames)
-
-
-def _pil(frame: torch.Tensor):
-    """uint8 `[3, H, W]` -> RGB PIL image."""
-    from PIL import Image
-
-    return Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy())

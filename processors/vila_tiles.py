@@ -5,9 +5,23 @@ code (`llava/mm_utils.py`) and the SigLIP image processor it ran with do.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from PIL import Image
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A few threads for per-frame resizes (PIL releases the GIL while it resamples)."""
+    global _POOL
+    if _POOL is None:
+        workers = min(8, os.cpu_count() or 1)
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vila-views")
+    return _POOL
 
 
 def tile_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -81,6 +95,16 @@ def square_view(image: Image.Image, size: int, pad_colour=None) -> Image.Image:
         canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = canvas
     return image.resize((size, size), Image.BICUBIC)
+
+
+def square_views(frames: list[np.ndarray], size: int) -> torch.Tensor:
+    """HWC uint8 frames -> their square views `[N, 3, S, S]`, resized on a few threads."""
+
+    def view(frame: np.ndarray) -> np.ndarray:
+        return np.asarray(square_view(Image.fromarray(frame), size))
+
+    arrays = list(_pool().map(view, frames)) if len(frames) > 1 else [view(f) for f in frames]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def to_frames(views: list[Image.Image]) -> torch.Tensor:
