@@ -106,7 +106,13 @@ def _sub_config(values: dict) -> PretrainedConfig:
     model_type = values.pop("model_type", None)
     if model_type is None:
         raise ModelLoadError(f"a VILA sub-config lacks model_type: {sorted(values)[:8]}")
-    return AutoConfig.for_model(model_type, **values)
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError:
+        raise ModelLoadError(
+            f"a VILA part of model_type {model_type!r} is not supported (served: SigLIP towers, "
+            "Llama / Qwen2 decoders)"
+        ) from None
 
 
 class LlavaLlamaModel(SupportsMultiModal, LlamaForCausalLM):

@@ -105,6 +105,7 @@ def test_missing_tensor_is_named(nvila, tmp_path):
         ({"s2": True, "dynamic_s2": False}, "fixed S2"),
         ({"mm_vision_select_feature": "patch"}, "cls_patch"),
         ({"mm_projector_cfg": {"mm_projector_type": "spatial_pool"}}, "spatial_pool"),
+        ({"vision_tower_cfg": {"model_type": "intern_vit_6b"}}, "intern_vit_6b"),
     ],
 )
 def test_unsupported_variants_fail_clearly(nvila, tmp_path, change, message):
