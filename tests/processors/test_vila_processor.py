@@ -194,3 +194,19 @@ def test_hash_follows_what_the_encoder_sees(tmp_path_factory, photos):
     again = proc.process(messages=_messages([photos["coffee"]])).mm_items[0]
     paired = proc.process(messages=_messages([photos["coffee"], photos["tiny"]])).mm_items[0]
     assert alone.content_hash == again.content_hash != paired.content_hash
+
+
+@pytest.mark.parametrize("arch", ["nvila", "vila1.5"])
+def test_tokenized_prompt_expands_like_the_text(tmp_path_factory, photos, arch):
+    """`prompt_token_ids` with `<image>` / `<vila/video>` ids give the text path's ids."""
+    from polymodal.processors.chat import MediaRef
+
+    proc = VilaProcessor.from_pretrained(tiny_checkpoint(tmp_path_factory, arch))
+    frames = [np.full((30, 40, 3), i * 20, np.uint8) for i in range(8)]
+    text = "<image>Look.<vila/video>And this?"
+    by_text = proc.process(prompt=text, images=[photos["coffee"]], videos=[frames])
+    ids = proc.tokenizer(text).input_ids
+    refs = [MediaRef("image", photos["coffee"]), MediaRef("video", frames)]
+    by_ids = proc.process_tokens(ids, refs)
+    assert by_ids.token_ids == by_text.token_ids
+    assert [i.content_hash for i in by_ids.mm_items] == [i.content_hash for i in by_text.mm_items]
