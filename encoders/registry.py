@@ -83,6 +83,7 @@ ENCODERS: dict[str, str | type] = {
     "LlavaNextForConditionalGeneration": "polymodal.encoders.llava:LlavaNextEncoder",
     "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
     "Llama4ForConditionalGeneration": "polymodal.encoders.llama4:Llama4VisionEncoder",
+    "LlavaLlamaModel": "polymodal.encoders.vila:VilaEncoder",
 }
 
 

@@ -41,7 +41,9 @@ class SiglipEmbeddings(nn.Module):
 
 
 class SiglipVisionTower(nn.Module):
-    """`[N, C, S, S]` pixel values -> last hidden states `[N, patches, dim]` (post-LayerNorm)."""
+    """`[N, C, S, S]` pixel values -> last hidden states `[N, patches, dim]` (post-LayerNorm),
+    or the hidden states of one layer (`feature_layer`, HF's `hidden_states[i]`: 0 is the
+    embeddings, i the i-th layer's output, negative from the end; no post-LayerNorm)."""
 
     def __init__(self, cfg, backend) -> None:
         super().__init__()
@@ -51,9 +53,13 @@ class SiglipVisionTower(nn.Module):
         self.encoder = ViTEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, feature_layer: int | None = None) -> torch.Tensor:
         count = pixel_values.shape[0]
         x = self.embeddings(pixel_values)  # [N * patches, dim]
         meta = uniform_segments(count, self.num_positions, x.device)
-        x = self.encoder(x, meta, self.attn_backend)
-        return self.post_layernorm(x).view(count, self.num_positions, -1)
+        if feature_layer is None:
+            x = self.post_layernorm(self.encoder(x, meta, self.attn_backend))
+        else:  # the tower runs only as deep as the layer asked for
+            depth = len(self.encoder.layers)
+            x = self.encoder(x, meta, self.attn_backend, feature_layer % (depth + 1))
+        return x.view(count, self.num_positions, -1)

@@ -19,7 +19,7 @@ from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.loader import build_model, resolve_model_path
 from polymodal.llm_core.quantization import resolve_quantization
 from polymodal.llm_core.quantization.base import check_fp8_device
-from polymodal.llm_core.registry import tower_graphs
+from polymodal.llm_core.registry import model_class, tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
 
@@ -199,7 +199,9 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
             runner.capture_prefill_graphs(prefill_tokens, max_len)
         if supports_multimodal(net):
             net.enable_cuda_graphs(tower_graphs)
-    tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
+    cls = model_class(model_config.architecture)
+    tokenizer_dir = cls.tokenizer_dir(path) if hasattr(cls, "tokenizer_dir") else path
+    tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
 
 

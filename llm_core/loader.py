@@ -19,7 +19,7 @@ from polymodal.llm_core.quantization.apply import (
     randomize_quantized,
 )
 from polymodal.llm_core.registry import encoder_class, model_class
-from polymodal.llm_core.weights import iter_safetensors, run_post_load_hooks
+from polymodal.llm_core.weights import iter_checkpoint, run_post_load_hooks
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -86,7 +86,7 @@ def build_model(
         _randomize(model, randomize_quantized(model))
         run_post_load_hooks(model)
     else:
-        weights = stream(iter_safetensors(cfg.model_dir))
+        weights = stream(iter_checkpoint(cfg.model_dir, getattr(cls, "weight_folders", None)))
         model.load_weights(weights, source=str(cfg.model_dir))
     model.checkpoint_kv_scales = stream.attention_scales(model)
     if quant is not None:  # a module built from a deferred layer's device would be left here

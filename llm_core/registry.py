@@ -86,6 +86,9 @@ MODELS: dict[str, ModelRow] = {
         _P + "llama4:Llama4Processor",
         "Llama4ForConditionalGeneration",
     ),
+    "LlavaLlamaModel": ModelRow(
+        _M + "vila:LlavaLlamaModel", _P + "vila:VilaProcessor", "LlavaLlamaModel"
+    ),
 }
 
 

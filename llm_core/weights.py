@@ -62,6 +62,25 @@ def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]
             raise ModelLoadError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
+def iter_checkpoint(
+    model_dir: str | Path, folders: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`iter_safetensors` over a checkpoint published as one folder or as several
+    (`ModelBase.weight_folders`: subfolder -> name prefix): the root's tensors as they are,
+    then each subfolder's with its prefix. ModelLoadError when none has weights."""
+    model_dir = Path(model_dir)
+    parts = [(model_dir, "")] if not folders or any(model_dir.glob("*.safetensors")) else []
+    parts += [(model_dir / sub, prefix) for sub, prefix in (folders or {}).items()]
+    parts = [(path, prefix) for path, prefix in parts if path == model_dir or path.is_dir()]
+    if not parts:
+        raise ModelLoadError(
+            f"{model_dir}: no *.safetensors weight files, nor the folders {sorted(folders or {})}"
+        )
+    for path, prefix in parts:
+        for name, tensor in iter_safetensors(path):
+            yield prefix + name, tensor
+
+
 def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id=None) -> None:
     """Copy a whole tensor into `param` (dtype converted), checking the shape."""
     if param.shape != tensor.shape:

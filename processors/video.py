@@ -150,6 +150,14 @@ def _check_size(count: int, height: int, width: int, max_pixels: int) -> None:
         )
 
 
+def _indices(total: int, video_fps: float, sampling: dict) -> torch.Tensor:
+    """The frames to decode: a family's own `sampler(total, fps)` if given, else Qwen's rule."""
+    sampler = sampling.get("sampler")
+    if sampler is not None:
+        return torch.as_tensor(sampler(total, video_fps), dtype=torch.int64)
+    return sample_indices(total, video_fps, **sampling)
+
+
 def _read_decord(data: bytes | Path, max_pixels: int, sampling: dict):
     """(sampled frames [T, H, W, 3] uint8, total frames, fps) with decord."""
     import decord
@@ -162,7 +170,7 @@ def _read_decord(data: bytes | Path, max_pixels: int, sampling: dict):
         raise ValueError(f"cannot decode video: {str(exc).splitlines()[0]}") from None
     if total == 0 or video_fps <= 0:
         raise ValueError(f"no decodable frames ({total} frames, {video_fps} fps)")
-    indices = sample_indices(total, video_fps, **sampling)
+    indices = _indices(total, video_fps, sampling)
     _check_size(len(indices), *reader[0].shape[:2], max_pixels)
     try:
         return reader.get_batch(indices.tolist()).asnumpy(), total, video_fps
@@ -191,7 +199,7 @@ def _read_pyav(data: bytes | Path, max_pixels: int, sampling: dict):
             total = sum(1 for packet in container.demux(stream) if packet.size)
         if total == 0 or video_fps <= 0:
             raise ValueError(f"no decodable frames ({total} frames, {video_fps} fps)")
-        indices = sample_indices(total, video_fps, **sampling).tolist()
+        indices = _indices(total, video_fps, sampling).tolist()
         _check_size(len(indices), height, width, max_pixels)
         wanted, frames = set(indices), {}
         container, stream = open_video()
@@ -219,15 +227,22 @@ def load_video(
     max_frames: int = 768,
     max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
     allow_http: bool = False,
+    sampler=None,
 ) -> VideoFrames:
     """Load one video as `[T, 3, H, W]` frames; user errors raise `MediaError` naming the item.
 
     A file / bytes / URL is decoded with decord and sampled by `fps` (default 2) or
-    `num_frames`. A list of frames (or a `[T, H, W, C]` array) is taken as already sampled;
-    `fps` is then the rate of those frames (default 24, as in transformers).
+    `num_frames`, or by `sampler(total_frames, video_fps) -> indices` (a family's own rule;
+    then `fps` / `num_frames` are ignored). A list of frames (or a `[T, H, W, C]` array) is
+    taken as already sampled; `fps` is then the rate of those frames (default 24, as in
+    transformers).
     """
     try:
         if isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+            if sampler is not None:
+                return decode_video_file(
+                    source, max_pixels=max_pixels, allow_http=allow_http, sampler=sampler
+                )
             if fps is None and num_frames is None:
                 fps = 2.0
             return decode_video_file(

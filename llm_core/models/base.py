@@ -41,6 +41,25 @@ class ModelBase(nn.Module):
     #: the transformers config class parsing this model's config.json, for model types
     #: transformers does not know (None: `AutoConfig`)
     hf_config_class: ClassVar[type | None] = None
+    #: a checkpoint published as several folders (VILA: `llm/`, `vision_tower/`,
+    #: `mm_projector/`): subfolder -> the prefix its tensors' names get when read; tensors in
+    #: the root (a single-folder save) are read as they are
+    weight_folders: ClassVar[dict[str, str]] = {}
+    #: the subfolder holding the tokenizer when the root has none (VILA: "llm")
+    tokenizer_folder: ClassVar[str] = ""
+
+    @classmethod
+    def tokenizer_dir(cls, model_dir):
+        """Where the checkpoint in `model_dir` keeps its tokenizer: the root, else
+        `tokenizer_folder`."""
+        from pathlib import Path
+
+        root = Path(model_dir)
+        sub = root / cls.tokenizer_folder
+        if cls.tokenizer_folder and not (root / "tokenizer_config.json").is_file():
+            if (sub / "tokenizer_config.json").is_file():
+                return sub
+        return root
 
     def __init__(self) -> None:
         super().__init__()

@@ -65,6 +65,8 @@ def write_user_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Path:
     """`config_dir`'s config and processor files plus a Qwen-id tokenizer, in `out_dir`."""
     config_dir, out = Path(config_dir), Path(out_dir)
     config = json.loads((config_dir / "config.json").read_text())
+    if config.get("model_type") == "llava_llama":
+        return write_vila_checkpoint(config_dir, out)
     if config.get("model_type") not in ("qwen2_vl", "qwen2_5_vl", "qwen2"):
         raise ValueError(f"{config_dir}: a user-path checkpoint is built for Qwen families only")
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,27 @@ def write_user_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Path:
         if name in config and not (token or "").startswith("<|"):
             raise ValueError(f"{config_dir}: {name}={config[name]} is not a special token id")
     tokenizer.save_pretrained(out)
+    return out
+
+
+# VILA's media tokens, after Qwen2's own specials (NVILA's tokenizer has them at 151648-151650)
+VILA_TOKENS = ["<vila/sentinel>", "<image>", "<vila/video>"]
+
+
+def write_vila_checkpoint(config_dir: Path, out: Path) -> Path:
+    """A VILA / NVILA config dir (Qwen2 decoder) in the hub's layout: config.json and
+    `vision_tower/`'s processor config copied, the Qwen-id tokenizer with VILA's media tokens
+    and NVILA's chat template in `llm/`."""
+    from polymodal.llm_core.models.vila_tiny import QWEN2_TEMPLATE
+
+    config = json.loads((config_dir / "config.json").read_text())
+    if (config.get("llm_cfg") or {}).get("model_type") != "qwen2":
+        raise ValueError(f"{config_dir}: a user-path VILA checkpoint is built for Qwen2 only")
+    shutil.copytree(config_dir, out, dirs_exist_ok=True)
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": VILA_TOKENS})
+    tokenizer.chat_template = QWEN2_TEMPLATE
+    tokenizer.save_pretrained(out / "llm")
     return out
 
 

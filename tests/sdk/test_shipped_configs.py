@@ -19,6 +19,7 @@ SIZES = {  # bench name: (architecture, billions of parameters)
     "mixtral-8x7b": ("MixtralForCausalLM", 46.70),
     "deepseek-v3-reduced": ("DeepseekV3ForCausalLM", 25.45),
     "llama4-scout-reduced": ("Llama4ForConditionalGeneration", 20.56),
+    "nvila-8b": ("LlavaLlamaModel", 8.09),
 }
 
 
