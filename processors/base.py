@@ -34,6 +34,18 @@ from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, describe_source
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
 
+def refuse_modalities(processor: Any, refs: Sequence[MediaRef]) -> None:
+    """Raise `InvalidInputError` for the first item of a modality `processor` does not take
+    (its `MODALITIES`): an audio part given to an image model is never silently dropped."""
+    takes = getattr(processor, "MODALITIES", ("image",))
+    for index, ref in enumerate(refs):
+        if ref.modality not in takes:
+            raise InvalidInputError(
+                f"item {index + 1} is {ref.modality}: {type(processor).__name__} takes "
+                f"{' and '.join(takes)} input only"
+            )
+
+
 @runtime_checkable
 class MultimodalProcessor(Protocol):
     """What the SDK needs from a model's processor (see the module docstring)."""
@@ -189,9 +201,7 @@ class MediaProcessor:
 
     def _items(self, refs: list[MediaRef], options: dict[str, Any], found: int):
         """Load and preprocess every image of `refs` (after checking the placeholder count)."""
-        videos = [ref for ref in refs if ref.modality != "image"]
-        if videos:
-            raise InvalidInputError(f"{type(self).__name__} takes images only, not videos")
+        refuse_modalities(self, refs)
         if found != len(refs):
             extra = ""
             if len(refs) > found:

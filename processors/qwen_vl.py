@@ -19,7 +19,9 @@ import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
+from polymodal.processors.base import refuse_modalities
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key
 from polymodal.processors.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
     describe_source,
@@ -66,13 +68,28 @@ class QwenVLProcessor:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
         allow_http: bool = False,
+        processed_cache_mb: float = DEFAULT_MAX_MB,
     ) -> None:
-        """`max_image_pixels` / `max_video_pixels` bound decoded sizes (videos: all frames)."""
+        """`max_image_pixels` / `max_video_pixels` bound decoded sizes (videos: all frames);
+        `processed_cache_mb` bounds the processed-input cache (0: off; `input_cache.py`)."""
         self.tokenizer = tokenizer
         self.config = config
         self.max_image_pixels = max_image_pixels
         self.max_video_pixels = max_video_pixels
         self.allow_http = allow_http
+        self.input_cache = ProcessedInputCache(processed_cache_mb) if processed_cache_mb else None
+
+    def _cached(self, modality: str, source: Any, *options: Any) -> tuple[tuple | None, Any]:
+        """(cache key, the cached item or None) for a source with raw bytes; (None, None) for
+        one without, or with the cache off."""
+        if self.input_cache is None:
+            return None, None
+        raw = raw_media_key(source, self.allow_http)
+        if raw is None:
+            return None, None
+        limit = self.max_image_pixels if modality == "image" else self.max_video_pixels
+        key = (modality, raw, limit, *options)
+        return key, self.input_cache.get(key)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> QwenVLProcessor:
@@ -147,6 +164,7 @@ class QwenVLProcessor:
         self, token_ids: list[int], refs: list[MediaRef], defaults: dict[str, Any] | None = None
     ) -> ProcessedPrompt:
         """Expand the placeholders of tokenized `token_ids` with the media `refs` (in order)."""
+        refuse_modalities(self, refs)
         cfg = self.config
         images = [ref for ref in refs if ref.modality == "image"]
         videos = [ref for ref in refs if ref.modality == "video"]
@@ -194,28 +212,26 @@ class QwenVLProcessor:
     ) -> tuple[QwenMediaItem, float]:
         """Load and preprocess one image; returns the item (slots unset) and its time interval."""
         options = {**defaults, **ref.options}
+        icfg = self.config.image
+        min_pixels = options.get("min_pixels", icfg.min_pixels)
+        max_pixels = options.get("max_pixels", icfg.max_pixels)
+        cache_key, hit = self._cached("image", ref.source, min_pixels, max_pixels)
+        if hit is not None:
+            return hit, 1.0
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
         pixels = torch.from_numpy(np.array(image))  # [H, W, 3] uint8
         frames = pixels.permute(2, 0, 1)[None]  # [1, 3, H, W]
         try:
-            patched = resize_for_patches(
-                frames,
-                self.config.image,
-                min_pixels=options.get("min_pixels"),
-                max_pixels=options.get("max_pixels"),
-            )
+            patched = resize_for_patches(frames, icfg, min_pixels=min_pixels, max_pixels=max_pixels)
         except ValueError as exc:
             raise media_error("image", index, ref.source, str(exc)) from None
-        icfg = self.config.image
-        key = _media_key(
-            pixels,  # hashed as decoded (contiguous: no copy)
-            options.get("min_pixels", icfg.min_pixels),
-            options.get("max_pixels", icfg.max_pixels),
-            icfg,
-        )
-        return self._item("image", patched, icfg, key), 1.0
+        key = _media_key(pixels, min_pixels, max_pixels, icfg)  # as decoded (no copy)
+        item = self._item("image", patched, icfg, key)
+        if cache_key is not None:
+            self.input_cache.put(cache_key, item)
+        return item, 1.0
 
     def _video_item(
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
@@ -223,19 +239,23 @@ class QwenVLProcessor:
         """Load, sample and preprocess one video; returns the item and its temporal step."""
         cfg, vcfg = self.config, self.config.video
         options = {**defaults, **ref.options}
+        fps, num_frames = options.get("fps"), options.get("num_frames")
+        min_pixels = options.get("min_pixels", vcfg.min_pixels)
+        max_pixels = options.get("max_pixels", vcfg.max_pixels)
+        cache_key, hit = self._cached("video", ref.source, fps, num_frames, min_pixels, max_pixels)
+        if hit is not None:
+            return hit, _time_interval(cfg, hit.second_per_grid)
         video = load_video(
             ref.source,
             index=index,
-            fps=options.get("fps"),
-            num_frames=options.get("num_frames"),
+            fps=fps,
+            num_frames=num_frames,
             temporal_patch_size=vcfg.temporal_patch_size,
             min_frames=cfg.min_frames,
             max_frames=cfg.max_frames,
             max_pixels=self.max_video_pixels,
             allow_http=self.allow_http,
         )
-        min_pixels = options.get("min_pixels", vcfg.min_pixels)
-        max_pixels = options.get("max_pixels", vcfg.max_pixels)
         if cfg.video_total_pixels is not None:
             # qwen-vl-utils' cap: every frame gets an even share of the whole video's budget
             share = cfg.video_total_pixels * vcfg.temporal_patch_size // video.frames.shape[0]
@@ -250,8 +270,9 @@ class QwenVLProcessor:
         key = _media_key(video.frames, min_pixels, max_pixels, vcfg)
         item = self._item("video", patched, vcfg, key)
         item.second_per_grid = second_per_grid
-        interval = 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
-        return item, interval
+        if cache_key is not None:
+            self.input_cache.put(cache_key, item)
+        return item, _time_interval(cfg, second_per_grid)
 
     @staticmethod
     def _item(
@@ -274,6 +295,11 @@ class QwenVLProcessor:
         }
         pixel_fn = partial(frames_to_pixel_values, layout=tuple(layout))
         return QwenMediaItem(modality, data, -1, 0, content_hash(modality, key), pixel_fn=pixel_fn)
+
+
+def _time_interval(cfg, second_per_grid: float) -> float:
+    """M-RoPE time step of a video's temporal grid step (1.0 for Qwen2-VL)."""
+    return 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
 
 
 def _media_key(frames: torch.Tensor, min_pixels, max_pixels, cfg) -> dict[str, torch.Tensor]:

@@ -135,7 +135,7 @@ def test_bad_input_names_the_problem(photos, processors):
         ours.process(prompt="<start_of_image>", images=[photos["coffee"]] * 2)
     with pytest.raises(InvalidInputError, match="max_pixels"):
         ours.process(prompt="<start_of_image>", images=[photos["coffee"]], max_pixels=100)
-    with pytest.raises(InvalidInputError, match="images only"):
+    with pytest.raises(InvalidInputError, match="item 1 is video: .* takes image input only"):
         ours.process(prompt="<start_of_image>", videos=[[photos["coffee"]] * 2])
 
 

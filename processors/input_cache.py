@@ -1,0 +1,95 @@
+"""Processed-input cache: a repeated image or video (the same bytes, the same options) skips
+decoding, resizing and hashing.
+
+The key is BLAKE3 of the item's raw bytes (a file's content, a data: URL's payload, bytes
+given directly) plus the options that shape its preprocessing; the value is the processed item
+(resized uint8 frames, grid, content hash). A hit returns a shallow copy: the tensors are
+shared read-only, the item's own fields (slots, staged data) are not. Sources without raw
+bytes (PIL images, arrays, tensors, frame lists) are not cached here: their content hash is
+taken on the decoded pixels as before, and the prefix cache still skips the tower for them.
+
+Entries are bounded by the bytes of their tensors, least recently used out first; lookups and
+inserts are thread-safe (media is processed on worker threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from polymodal.processors.media import read_source_bytes
+
+DEFAULT_MAX_MB = 2048
+
+
+def raw_media_key(source: Any, allow_http: bool = False) -> str | None:
+    """BLAKE3 (hex) of `source`'s raw bytes, or None when it has none (decoded images, arrays,
+    frame lists) or cannot be read (the loader then reports the error, naming the item)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data: bytes | Path = bytes(source)
+    elif isinstance(source, (str, Path)):
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            return None  # fetched once by the loader; never twice
+        try:
+            data = read_source_bytes(source, allow_http=allow_http)
+        except (ValueError, OSError):
+            return None
+    else:
+        return None
+    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if isinstance(data, Path):
+        try:
+            digest.update_mmap(data)
+        except OSError:
+            return None
+    else:
+        digest.update(data)
+    return digest.hexdigest()
+
+
+class ProcessedInputCache:
+    """LRU of processed media items, bounded by their tensors' bytes."""
+
+    def __init__(self, max_mb: float = DEFAULT_MAX_MB) -> None:
+        self.max_bytes = int(max_mb * (1 << 20))
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> Any | None:
+        """A copy of the item cached under `key` (its tensors shared), else None."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+        item = entry[0]
+        return dataclasses.replace(item, data=dict(item.data))
+
+    def put(self, key: tuple, item: Any) -> None:
+        """Keep a copy of `item` (an unstaged processed item) under `key`, evicting the least
+        recently used entries past the byte bound; an item larger than the bound is not kept."""
+        nbytes = sum(t.numel() * t.element_size() for t in item.data.values())
+        if nbytes > self.max_bytes:
+            return
+        kept = dataclasses.replace(item, data=dict(item.data))
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (kept, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, size) = self._items.popitem(last=False)
+                self._bytes -= size
+
+    def __len__(self) -> int:
+        return len(self._items)

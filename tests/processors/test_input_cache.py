@@ -1,0 +1,144 @@
+"""The processed-input cache: a repeated image or video (same bytes, same options) skips
+decoding and resizing and gives the same item; other bytes, options or limits miss; the cache
+is bounded by bytes and safe across threads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from polymodal.processors import qwen_vl
+from polymodal.processors.input_cache import ProcessedInputCache, raw_media_key
+from polymodal.processors.qwen_vl import QwenVLProcessor
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def _jpeg(image, size=(320, 240)) -> bytes:
+    buffer = io.BytesIO()
+    image.resize(size).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def fresh(our_processors):
+    """A processor of its own (the session's shared one keeps its cache between tests)."""
+    shared = our_processors["qwen2_5_vl"]
+    return QwenVLProcessor(shared.tokenizer, shared.config)
+
+
+@pytest.fixture()
+def decodes(monkeypatch):
+    calls = []
+    real_image, real_video = qwen_vl.load_image, qwen_vl.load_video
+    monkeypatch.setattr(
+        qwen_vl, "load_image", lambda *a, **k: calls.append(1) or real_image(*a, **k)
+    )
+    monkeypatch.setattr(
+        qwen_vl, "load_video", lambda *a, **k: calls.append(1) or real_video(*a, **k)
+    )
+    return calls
+
+
+def _same(a, b):
+    assert a.content_hash == b.content_hash
+    assert a.data.keys() == b.data.keys()
+    for name in a.data:
+        assert torch.equal(a.data[name], b.data[name])
+    assert (a.slot_start, a.num_slots) == (b.slot_start, b.num_slots)
+
+
+def test_repeated_bytes_skip_decoding(fresh, decodes, photos, tmp_path):
+    data = _jpeg(photos["astronaut"])
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    first = fresh.process(prompt="x " + IMAGE, images=[data])
+    assert len(decodes) == 1
+    # the same bytes as bytes, a path and a data: URL: one entry, no more decoding
+    for source in (data, path, str(path), url):
+        again = fresh.process(prompt="x " + IMAGE, images=[source])
+        _same(again.mm_items[0], first.mm_items[0])
+        assert again.token_ids == first.token_ids
+    assert len(decodes) == 1 and fresh.input_cache.hits == 4
+    # a hit is a copy: staging or re-slotting it leaves the cached entry alone
+    hit = fresh.process(prompt="longer prompt " + IMAGE, images=[data]).mm_items[0]
+    assert hit.slot_start != first.mm_items[0].slot_start
+    hit.data["pixel_frames"] = None
+    _same(fresh.process(prompt="x " + IMAGE, images=[data]).mm_items[0], first.mm_items[0])
+
+
+def test_other_bytes_options_or_limits_miss(fresh, decodes, photos):
+    data = _jpeg(photos["astronaut"])
+    other = _jpeg(photos["camera"])
+    base = fresh.process(prompt=IMAGE, images=[data]).mm_items[0]
+    small = fresh.process(prompt=IMAGE, images=[data], max_pixels=28 * 28 * 16).mm_items[0]
+    assert small.content_hash != base.content_hash and small.num_slots < base.num_slots
+    assert fresh.process(prompt=IMAGE, images=[other]).mm_items[0].content_hash != base.content_hash
+    assert len(decodes) == 3
+    fresh.max_image_pixels = 320 * 240 - 1  # a lower limit is checked again, not served cached
+    with pytest.raises(Exception, match="exceeds the limit"):
+        fresh.process(prompt=IMAGE, images=[data])
+
+
+def test_decoded_sources_are_not_cached(fresh, decodes, photos):
+    image = photos["astronaut"].resize((64, 64))
+    for _ in range(2):
+        fresh.process(prompt=IMAGE, images=[image])
+        fresh.process(prompt=IMAGE, images=[np.asarray(image)])
+    assert len(decodes) == 4 and len(fresh.input_cache) == 0
+    assert raw_media_key(image) is None and raw_media_key("https://example.com/a.jpg") is None
+
+
+def test_video_files_hit_with_the_same_sampling(fresh, decodes, video_file):
+    first = fresh.process(prompt=VIDEO, videos=[video_file], num_frames=4).mm_items[0]
+    again = fresh.process(prompt=VIDEO, videos=[video_file], num_frames=4)
+    _same(again.mm_items[0], first)
+    assert again.mm_items[0].second_per_grid == first.second_per_grid
+    assert len(decodes) == 1
+    fresh.process(prompt=VIDEO, videos=[video_file], num_frames=2)
+    assert len(decodes) == 2
+
+
+def test_bounded_by_bytes_least_recent_out(photos):
+    cache = ProcessedInputCache(max_mb=1)
+    item = qwen_vl.QwenMediaItem(
+        "image", {"x": torch.zeros(400_000, dtype=torch.uint8)}, -1, 0, "h"
+    )
+    for key in "abc":
+        cache.put((key,), item)
+    assert len(cache) == 2 and cache.get(("a",)) is None and cache.get(("c",)) is not None
+    cache.get(("b",))
+    cache.put(("d",), item)  # evicts c (b was used since)
+    assert cache.get(("b",)) is not None and cache.get(("c",)) is None
+    huge = qwen_vl.QwenMediaItem(
+        "image", {"x": torch.zeros(2 << 20, dtype=torch.uint8)}, -1, 0, "h"
+    )
+    cache.put(("huge",), huge)  # larger than the bound: not kept, nothing evicted
+    assert cache.get(("huge",)) is None and len(cache) == 2
+
+
+def test_threads_share_one_cache(fresh, photos):
+    images = [_jpeg(photos[name]) for name in ("astronaut", "camera", "coffee")]
+    results, errors = [], []
+
+    def work():
+        try:
+            for data in images * 3:
+                results.append(fresh.process(prompt=IMAGE, images=[data]).mm_items[0].content_hash)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 36 and len(set(results)) == 3
+    assert len(fresh.input_cache) == 3
