@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
-from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.base import refuse_modalities
+from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key
 from polymodal.processors.media import (

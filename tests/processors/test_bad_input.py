@@ -102,7 +102,8 @@ def test_placeholder_count_mismatch(photos, our_processors):
         ours.process(prompt="no markers", videos=[[photos["tiny"]] * 2])
     with pytest.raises(InvalidInputError, match="exactly one of"):
         ours.process()
-    with pytest.raises(InvalidInputError, match="item 1 is audio: QwenVLProcessor takes image and video input only"):
+    refused = "item 1 is audio: QwenVLProcessor takes image and video input only"
+    with pytest.raises(InvalidInputError, match=refused):
         ours.process(messages=[{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}])
 
 
