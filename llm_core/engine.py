@@ -109,7 +109,7 @@ class Engine:
         if request_id in self._groups:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         if pooling is not None:
-            self._check_prompt(prompt_token_ids)
+            self._check_prompt(prompt_token_ids, pooling=True)
             return self._add_pooling(
                 prompt_token_ids, pooling, request_id, mm_items, token_type_ids
             )
@@ -197,10 +197,15 @@ class Engine:
                 f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
                 f"whole in one step of max_num_batched_tokens={budget}"
             )
-        if token_type_ids is not None and len(token_type_ids) != len(ids):
-            raise InvalidInputError(
-                f"token_type_ids has {len(token_type_ids)} entries for {len(ids)} prompt tokens"
-            )
+        if token_type_ids is not None:
+            if len(token_type_ids) != len(ids):
+                raise InvalidInputError(
+                    f"token_type_ids has {len(token_type_ids)} entries for {len(ids)} prompt tokens"
+                )
+            # an id past the model's segment table would fail the whole step on the device
+            types = getattr(self.model_config.text_config, "type_vocab_size", None) or 1
+            if not all(isinstance(t, int) and 0 <= t < types for t in token_type_ids):
+                raise InvalidInputError(f"token_type_ids must be ints in [0, {types})")
         seq = Request(
             request_id=f"{request_id}#0",
             prompt_token_ids=list(ids),
@@ -216,10 +221,14 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def _check_prompt(self, ids: list[int], pooling: bool = False) -> None:
         if not ids:
             raise InvalidInputError("the prompt is empty: it needs at least one token")
-        if len(ids) >= self.max_model_len:
+        if pooling and len(ids) > self.max_model_len:  # no output token to leave room for
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}"
+            )
+        if not pooling and len(ids) >= self.max_model_len:
             raise InvalidInputError(
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
                 f"(prompt + at least one output token must fit)"

@@ -164,6 +164,21 @@ class EmbeddingRequestOutput:
     finished: bool = True
 
 
+@dataclass
+class ScoringOutput:
+    """The relevance score of one text pair (a cross-encoder's probability)."""
+
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+    finished: bool = True
+
+
 # ---- the engine's pooling step ------------------------------------------------------------
 @torch.inference_mode()
 def run_pooling_step(runner, sched) -> dict[str, torch.Tensor]:

@@ -27,8 +27,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from polymodal.feeder import PROCESS_WORKERS
+from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_pooling import split_token_types
 
 END = None  # the item that ends an aborted request's stream (no final output)
 
@@ -110,6 +112,9 @@ class EngineLoop:
             "max_model_len": self.engine.max_model_len,
             "default_sampling": dict(self.llm.default_sampling),
             "modalities": list(self.llm.processor.MODALITIES),  # media kinds the model takes
+            "task": self.engine.task,  # generate, or a pooling task (classify, reward, embed)
+            # a classifier's labels, by class index (config.json's id2label)
+            "labels": _labels(mc.text_config) if self.engine.task == "classify" else None,
         }
 
     def process_later(self, prompt: Any) -> Any:
@@ -134,9 +139,14 @@ class EngineLoop:
         """Worker pool: load media, tokenize, compile the grammar (structured output), check
         an explicit `max_tokens` against the context (vLLM's server rule); hand the result
         (or the error) on."""
+        token_types = None
         try:
-            processed, grammar = self.llm.prepare(prompt, params)
-            check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
+            if isinstance(params, PoolingParams):  # no grammar, no output tokens
+                prompt, token_types = split_token_types(prompt)
+                processed, grammar = self.llm.process(prompt), None
+            else:
+                processed, grammar = self.llm.prepare(prompt, params)
+                check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
             if lora is not None:  # read and check the adapter here, off the engine thread
                 self.engine.check_lora(lora)
         except Exception as exc:  # noqa: BLE001 - the error belongs to this request only
@@ -144,7 +154,7 @@ class EngineLoop:
                 self._pending -= 1
             self._end([(request_id, exc)])
             return
-        self._command(("add", request_id, processed, params, grammar, lora))
+        self._command(("add", request_id, processed, params, grammar, lora, token_types))
 
     def _end(self, items: list[tuple[str, Any]]) -> None:
         """Emit items, forgetting the requests they end (finished outputs, errors, END)."""
@@ -161,7 +171,7 @@ class EngineLoop:
             commands, self._commands = list(self._commands), deque()
         for command in commands:
             if command[0] == "add":
-                _, request_id, p, params, grammar, lora = command
+                _, request_id, p, params, grammar, lora, token_types = command
                 with self._lock:
                     self._pending -= 1
                     live = request_id in self._live
@@ -177,6 +187,7 @@ class EngineLoop:
                         p.mm_items,
                         grammar,
                         lora_request=lora,
+                        token_type_ids=token_types,
                     )
                     with self._lock:
                         self._added.add(request_id)
@@ -235,3 +246,10 @@ class EngineLoop:
         for request_id in leftover:
             self.engine.abort(request_id)
         self._end([(request_id, END) for request_id in leftover])
+
+
+def _labels(text_config: Any) -> list[str]:
+    """Class names by index: `id2label` (keys may be strings in config.json), else LABEL_i."""
+    num = int(getattr(text_config, "num_labels", 0) or 0)
+    names = {int(k): str(v) for k, v in (getattr(text_config, "id2label", None) or {}).items()}
+    return [names.get(i, f"LABEL_{i}") for i in range(num)]

@@ -353,11 +353,15 @@ class LLM:
 
         return pool(self, prompts, pooling_params, "reward")
 
-    def score(self, *args: Any, **kwargs: Any):
-        """vLLM's `LLM.score` (cross-encoder or embedding similarity): not served yet."""
-        raise InvalidInputError(
-            "LLM.score is not supported yet: no cross-encoder or embedding model is served"
-        )
+    def score(self, text_1: Any, text_2: Any, /, *, pooling_params=None) -> list:
+        """vLLM's `LLM.score` for cross-encoders (a BERT sequence classifier with one label):
+        the relevance of each pair, `ScoringRequestOutput.outputs.score`. One `text_1` against
+        one or a list of `text_2`, or two lists of the same length (pairwise). Each pair is
+        tokenized as the tokenizer pairs texts (BERT: `[CLS] a [SEP] b [SEP]`, segment ids 0
+        then 1). Another model raises, naming it."""
+        from polymodal.llm_pooling import score
+
+        return score(self, text_1, text_2, pooling_params)
 
 
 def _check_limits(limits: dict[str, int] | None) -> dict[str, int]:

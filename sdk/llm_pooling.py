@@ -1,11 +1,11 @@
-"""`LLM.encode` / `embed` / `classify` / `reward` (vLLM's names): pooling requests through
-the engine of a pooling model (registry task classify, reward or embed)."""
+"""`LLM.encode` / `embed` / `classify` / `reward` / `score` (vLLM's names): pooling requests
+through the engine of a pooling model (registry task classify, reward or embed)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from polymodal.llm_core.errors import PolymodalError
+from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.pooling import (
     ClassificationOutput,
     ClassificationRequestOutput,
@@ -13,7 +13,18 @@ from polymodal.llm_core.pooling import (
     EmbeddingRequestOutput,
     PoolingParams,
     PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
+
+
+def split_token_types(prompt: Any) -> tuple[Any, list[int] | None]:
+    """A pooling prompt without its `token_type_ids` (BERT's segment ids, which the prompt
+    processor does not know), and those ids (None when not given)."""
+    if isinstance(prompt, dict) and "token_type_ids" in prompt:
+        rest = {k: v for k, v in prompt.items() if k != "token_type_ids"}
+        return rest, prompt["token_type_ids"]
+    return prompt, None
 
 
 def pool(llm, prompts: Any, params: PoolingParams | None, task: str) -> list[PoolingRequestOutput]:
@@ -28,15 +39,18 @@ def pool(llm, prompts: Any, params: PoolingParams | None, task: str) -> list[Poo
     queued = []
     for i, prompt in enumerate(batch):
         try:
-            token_types = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+            prompt, token_types = split_token_types(prompt)
             processed = llm.process(prompt)
             queued.append((processed.token_ids, token_types))
         except PolymodalError as exc:
             raise type(exc)(f"prompt {i}: {exc}") from exc
     ids = []
     try:
-        for token_ids, token_types in queued:
-            ids.append(llm.engine.add_request(token_ids, params, token_type_ids=token_types))
+        for i, (token_ids, token_types) in enumerate(queued):
+            try:
+                ids.append(llm.engine.add_request(token_ids, params, token_type_ids=token_types))
+            except PolymodalError as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from exc
     except BaseException:
         for request_id in ids:
             llm.engine.abort(request_id)
@@ -52,3 +66,64 @@ def as_classification(out: PoolingRequestOutput) -> ClassificationRequestOutput:
 def as_embedding(out: PoolingRequestOutput) -> EmbeddingRequestOutput:
     vector = EmbeddingOutput(out.outputs.data.flatten().tolist())
     return EmbeddingRequestOutput(out.request_id, out.prompt_token_ids, vector)
+
+
+def as_score(out: PoolingRequestOutput) -> ScoringRequestOutput:
+    score = ScoringOutput(float(out.outputs.data.flatten()[0]))
+    return ScoringRequestOutput(out.request_id, out.prompt_token_ids, score)
+
+
+# ---- scoring text pairs (cross-encoders) --------------------------------------------------
+def is_cross_encoder(task: str, num_labels: int | None) -> bool:
+    """A model that scores text pairs: a sequence classifier with one label (vLLM's rule)."""
+    return task == "classify" and num_labels == 1
+
+
+def check_cross_encoder(task: str, num_labels: int | None, model: str) -> None:
+    """Raise InvalidInputError naming `model` unless it scores text pairs."""
+    if not is_cross_encoder(task, num_labels):
+        kind = f"a {task} model" if task != "classify" else f"a {num_labels}-label classifier"
+        raise InvalidInputError(
+            f"scoring is not supported by {model}: it is {kind}, not a cross-encoder "
+            "(a sequence classifier with one label)"
+        )
+
+
+def score_pairs(text_1: Any, text_2: Any, where: tuple[str, str] = ("text_1", "text_2")):
+    """vLLM's pairing of `score(text_1, text_2)`: one against one, one against many, or many
+    against as many (pairwise). Returns [(a, b), ...]; errors name the argument."""
+    first = [text_1] if isinstance(text_1, str) else list(text_1)
+    second = [text_2] if isinstance(text_2, str) else list(text_2)
+    for name, texts in zip(where, (first, second)):
+        if not texts:
+            raise InvalidInputError(f"{name}: give at least one text")
+        if not all(isinstance(t, str) for t in texts):
+            raise InvalidInputError(f"{name}: a string or a list of strings")
+    if len(first) == 1:
+        first = first * len(second)
+    if len(first) != len(second):
+        raise InvalidInputError(
+            f"{where[0]} has {len(first)} texts and {where[1]} {len(second)}: give one "
+            f"{where[0]}, or as many as {where[1]}"
+        )
+    return list(zip(first, second))
+
+
+def pair_prompt(tokenizer: Any, text_1: str, text_2: str) -> dict[str, Any]:
+    """One cross-encoder prompt: the tokenizer's pair encoding (BERT: [CLS] a [SEP] b [SEP])
+    with its segment ids, as vLLM builds it."""
+    enc = tokenizer(text=text_1, text_pair=text_2)
+    prompt = {"prompt_token_ids": list(enc["input_ids"])}
+    if enc.get("token_type_ids") is not None:
+        prompt["token_type_ids"] = list(enc["token_type_ids"])
+    return prompt
+
+
+def score(llm, text_1: Any, text_2: Any, params: PoolingParams | None) -> list:
+    """`LLM.score`: a cross-encoder's relevance score per text pair (`ScoringRequestOutput`)."""
+    text = llm.model_config.text_config
+    check_cross_encoder(llm.engine.task, getattr(text, "num_labels", None), llm.model_name)
+    if llm.tokenizer is None:
+        raise InvalidInputError("LLM.score needs a tokenizer (skip_tokenizer_init is set)")
+    prompts = [pair_prompt(llm.tokenizer, a, b) for a, b in score_pairs(text_1, text_2)]
+    return [as_score(o) for o in pool(llm, prompts, params, "classify")]

@@ -7,11 +7,16 @@ than the engine thread itself (H200, py-spy). So the child sends per step only w
 added, as tuples of plain values (pickled in C), and the parent's `Assembler` rebuilds the
 same `RequestOutput`s the engine made: texts and token ids are the joined deltas (the final
 text comes whole, since a matched stop string cuts it), logprobs the appended tables.
+
+A pooling output (`PoolingRequestOutput`, always final) crosses as its tensor's raw bytes,
+dtype and shape: a pickled tensor would go through torch's shared-memory reducers.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from polymodal.llm_core.outputs import (
     CompletionOutput,
@@ -20,6 +25,7 @@ from polymodal.llm_core.outputs import (
     Timings,
     Usage,
 )
+from polymodal.llm_core.pooling import PoolingOutput, PoolingRequestOutput
 
 
 def encode(out: RequestOutput, first: bool) -> tuple:
@@ -62,6 +68,8 @@ class Encoder:
         self._started: set[str] = set()
 
     def __call__(self, request_id: str, item: Any) -> Any:
+        if isinstance(item, PoolingRequestOutput):
+            return ("pooled", encode_pooled(item))
         if not isinstance(item, RequestOutput):
             self._started.discard(request_id)
             return item  # an exception or END: as is
@@ -80,6 +88,8 @@ class Assembler:
         self._requests: dict[str, dict] = {}
 
     def __call__(self, request_id: str, item: Any) -> Any:
+        if isinstance(item, tuple) and item and item[0] == "pooled":
+            return decode_pooled(request_id, item[1])
         if not (isinstance(item, tuple) and item and item[0] == "output"):
             self._requests.pop(request_id, None)
             return item
@@ -123,3 +133,21 @@ class Assembler:
             prompt_logprobs=prompt_logprobs,
             metrics=None if metrics is None else RequestMetrics(*metrics),
         )
+
+
+def encode_pooled(out: PoolingRequestOutput) -> tuple:
+    """`(prompt token ids, tensor bytes, dtype name, shape)` of a pooling output."""
+    data = out.outputs.data.detach().cpu().contiguous()
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return (out.prompt_token_ids, raw, str(data.dtype).removeprefix("torch."), tuple(data.shape))
+
+
+def decode_pooled(request_id: str, wire: tuple) -> PoolingRequestOutput:
+    """The `PoolingRequestOutput` that `encode_pooled` sent."""
+    token_ids, raw, dtype, shape = wire
+    dtype = getattr(torch, dtype)
+    if raw:
+        data = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    else:
+        data = torch.empty(shape, dtype=dtype)
+    return PoolingRequestOutput(request_id, list(token_ids), PoolingOutput(data))

@@ -1,8 +1,9 @@
 """The OpenAI-compatible FastAPI app over one `AsyncEngine`.
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-`GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, vLLM's pooling routes (an error:
-the model is generative), `GET /health`, `GET /metrics`. Every error, 404s included, is
+`GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, vLLM's pooling routes
+(`pooling_routes.py`: for pooling models; a 400 for the others, and generation routes answer
+a pooling model with a 400), `GET /health`, `GET /metrics`. Every error, 404s included, is
 OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. A client that disconnects
 (streaming or not) has its requests aborted and their KV blocks freed.
 """
@@ -25,7 +26,7 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.server.errors import RequestError
 from polymodal.server.metrics import ServerMetrics
 from polymodal.server.openai_format import MediaPolicy, engine_messages, error_param
-from polymodal.server.pooling_routes import add_pooling_routes
+from polymodal.server.pooling_routes import add_pooling_routes, serving_routes
 from polymodal.server.protocol import ModelCard, ModelList
 from polymodal.server.requests import (
     ChatCompletionRequest,
@@ -101,6 +102,19 @@ def create_app(
 
     takes = engine.model_info.get("modalities", ())
     architecture = engine.model_info.get("architecture")
+    task = engine.model_info.get("task", "generate")
+
+    def generates(path: str) -> None:
+        """400 for a generation route on a pooling model, naming the routes it serves."""
+        if task != "generate":
+            labels = engine.model_info.get("labels") or []
+            routes = serving_routes(task, task == "classify" and len(labels) == 1)
+            raise RequestError(
+                f"the served model {names[0]!r} ({architecture}) is a pooling model (task "
+                f"{task!r}): it does not generate text, so {path} is not available; use "
+                f"{', '.join(routes)}",
+                "model", "model_not_supported",
+            )  # fmt: skip
 
     def takes_audio(where: str) -> None:
         """400 for an audio part sent to a model without an audio encoder, naming it."""
@@ -195,6 +209,7 @@ def create_app(
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         served = check_model(body.model)
+        generates("/v1/chat/completions")
         params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         shape = Shape("chat", top_n, params.n)
@@ -231,6 +246,7 @@ def create_app(
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         served = check_model(body.model)
+        generates("/v1/completions")
         params = body.sampling_params().with_defaults({"max_tokens": 16, **defaults})
         prompts = body.prompts()
         if not body.add_special_tokens:
@@ -302,7 +318,7 @@ def create_app(
             raise RequestError(f"token ids {bad[:5]} are outside the vocab [0, {vocab})", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    add_pooling_routes(auth, names[0], engine.model_info["architecture"])
+    add_pooling_routes(auth, engine, names[0], check_model, metrics)
     app.include_router(v1)
     app.include_router(auth)
     return app

@@ -1,14 +1,43 @@
-"""vLLM's pooling routes (`/v1/embeddings`, `/pooling`, `/classify`, `/score`, `/rerank`).
+"""vLLM's pooling routes: `/v1/embeddings`, `/pooling`, `/classify`, `/score` (+ `/v1/score`),
+`/rerank` (+ `/v1/rerank`), with vLLM's request and response shapes.
 
-The served models are generative: each route answers an OpenAI-shaped 400 saying so, rather
-than a bare 404, so a client learns why. Pooling models will answer them here.
+Each route serves the models whose task fits it (the registry row's task, in
+`engine.model_info["task"]`): embeddings need an embedding model, `/classify` a classifier,
+`/score` and `/rerank` a cross-encoder (a sequence classifier with one label), `/pooling` any
+pooling model. Any other model gets an OpenAI-shaped 400 naming it and the routes it does
+serve. A request's inputs go to the engine together (one engine request each, batched in its
+steps); an input the engine refuses (empty, too long, a token id outside the vocab) is a 400
+naming it, and the engine goes on serving the others.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import asyncio
+import base64
+import time
+from collections.abc import Callable
+from typing import Any
 
-from polymodal.server.serving import error_response
+import torch
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from polymodal.async_engine import AsyncEngine
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.pooling import PoolingParams, PoolingRequestOutput
+from polymodal.llm_pooling import is_cross_encoder, score_pairs
+from polymodal.server.errors import RequestError
+from polymodal.server.pooling_requests import (
+    ClassificationRequest,
+    EmbeddingRequest,
+    PoolingRequest,
+    RerankRequest,
+    ScoreRequest,
+    texts,
+)
+from polymodal.server.protocol import new_id
+from polymodal.server.serving import _abort_on_disconnect
 
 POOLING_ROUTES = (
     "/v1/embeddings",
@@ -21,17 +50,236 @@ POOLING_ROUTES = (
 )
 
 
-def add_pooling_routes(router: APIRouter, model_name: str, architecture: str) -> None:
+def serving_routes(task: str, cross_encoder: bool) -> list[str]:
+    """The routes a model of `task` answers (for error messages)."""
+    if task == "generate":
+        return ["/v1/chat/completions", "/v1/completions"]
+    routes = {"embed": ["/v1/embeddings"], "classify": ["/classify"]}.get(task, [])
+    routes = [*routes, "/pooling"]
+    return routes + (["/score", "/rerank"] if cross_encoder else [])
+
+
+def add_pooling_routes(
+    router: APIRouter, engine: AsyncEngine, name: str, check_model: Callable, metrics: Any
+) -> None:
     """Register every pooling route on `router` (which carries the API-key check)."""
+    info = engine.model_info
+    task, architecture = info.get("task", "generate"), info["architecture"]
+    labels = info.get("labels") or []
+    cross_encoder = is_cross_encoder(task, len(labels))
+    tokenizer = engine.tokenizer
 
-    async def not_a_pooling_model(request: Request):
-        return error_response(
-            400,
-            f"the served model {model_name!r} ({architecture}) is a generative model, not a "
-            f"pooling model: {request.url.path} is not available; use /v1/chat/completions or "
-            "/v1/completions",
-            code="model_not_supported",
-        )
+    def refuse(path: str, wants: str) -> None:
+        if task == "generate":
+            raise RequestError(
+                f"the served model {name!r} ({architecture}) is a generative model, not a "
+                f"pooling model: {path} is not available; use /v1/chat/completions or "
+                "/v1/completions",
+                "model", "model_not_supported",
+            )  # fmt: skip
+        raise RequestError(
+            f"the served model {name!r} ({architecture}, task {task!r}) is not {wants}: "
+            f"{path} is not available; it serves {', '.join(serving_routes(task, cross_encoder))}",
+            "model", "model_not_supported",
+        )  # fmt: skip
 
+    async def run(request: Request, endpoint: str, prompts: list, params: PoolingParams,
+                  field: str) -> list[PoolingRequestOutput]:  # fmt: skip
+        start, status = time.monotonic(), "error"
+        try:
+            outs = await pool_prompts(request, engine, prompts, params, field)
+            status = "ok"
+            return outs
+        except RequestError:
+            status = "client_error"
+            raise
+        finally:
+            metrics.observe(endpoint, status, time.monotonic() - start)
+
+    def prepared(prompts: list, add_special_tokens: bool) -> list:
+        if add_special_tokens or tokenizer is None:
+            return prompts
+        return [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p
+                for p in prompts]  # fmt: skip
+
+    async def embeddings(request: Request):
+        if task != "embed":
+            refuse("/v1/embeddings", "an embedding model")
+        body = await parse(request, EmbeddingRequest)
+        served = check_model(body.model)
+        if body.dimensions is not None:
+            raise RequestError(
+                f"dimensions: {name!r} does not support matryoshka dimensions (reduced "
+                "embedding sizes); leave dimensions unset",
+                "dimensions", "unsupported_value",
+            )  # fmt: skip
+        prompts = prepared(body.prompts(), body.add_special_tokens)
+        params = PoolingParams("embed", normalize=body.normalize)
+        outs = await run(request, "embeddings", prompts, params, "input")
+        data = [
+            {"index": i, "object": "embedding",
+             "embedding": encoded(o.outputs.data.flatten(), body.encoding_format)}
+            for i, o in enumerate(outs)
+        ]  # fmt: skip
+        return listing("embd", served, data, outs)
+
+    async def pooling(request: Request):
+        if task == "generate":
+            refuse("/pooling", "a pooling model")
+        body = await parse(request, PoolingRequest)
+        served = check_model(body.model)
+        wanted = body.task or task
+        if wanted not in ("encode", task):
+            raise RequestError(
+                f"task: {name!r} serves the pooling task {task!r} (and 'encode'), not "
+                f"{wanted!r}", "task",
+            )  # fmt: skip
+        prompts = prepared(body.prompts(), body.add_special_tokens)
+        params = PoolingParams(wanted, body.normalize, body.activation)
+        outs = await run(request, "pooling", prompts, params, "input")
+        data = [
+            {"index": i, "object": "pooling",
+             "data": encoded(o.outputs.data, body.encoding_format)}
+            for i, o in enumerate(outs)
+        ]  # fmt: skip
+        return listing("pool", served, data, outs)
+
+    async def classify(request: Request):
+        if task != "classify":
+            refuse("/classify", "a classification model")
+        body = await parse(request, ClassificationRequest)
+        served = check_model(body.model)
+        prompts = prepared(body.prompts(), body.add_special_tokens)
+        params = PoolingParams("classify", activation=body.activation)
+        outs = await run(request, "classify", prompts, params, "input")
+        data = []
+        for i, o in enumerate(outs):
+            probs = o.outputs.data.flatten()
+            label = labels[int(probs.argmax())] if probs.numel() == len(labels) else None
+            data.append(
+                {"index": i, "label": label, "probs": probs.tolist(), "num_classes": len(probs)}
+            )
+        return listing("classify", served, data, outs)
+
+    async def pair_prompts(first: list[str], second: list[str], where: tuple[str, str]):
+        try:
+            pairs = score_pairs(first, second, where)
+        except InvalidInputError as exc:
+            raise RequestError(str(exc), where[0]) from None
+        a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+        # one batched call off the event loop (the fast tokenizer releases the GIL)
+        enc = await asyncio.to_thread(tokenizer, a, text_pair=b)
+        types = enc.get("token_type_ids")
+        return [
+            {"prompt_token_ids": list(ids)}
+            | ({"token_type_ids": list(types[i])} if types is not None else {})
+            for i, ids in enumerate(enc["input_ids"])
+        ]
+
+    async def score(request: Request):
+        if not cross_encoder:
+            refuse(request.url.path, "a cross-encoder (a sequence classifier with one label)")
+        body = await parse(request, ScoreRequest)
+        served = check_model(body.model)
+        first, second = texts(body.text_1, "text_1"), texts(body.text_2, "text_2")
+        prompts = await pair_prompts(first, second, ("text_1", "text_2"))
+        params = PoolingParams("classify", activation=body.activation)
+        outs = await run(request, "score", prompts, params, "text_2")
+        data = [
+            {"index": i, "object": "score", "score": float(o.outputs.data.flatten()[0])}
+            for i, o in enumerate(outs)
+        ]
+        return listing("score", served, data, outs)
+
+    async def rerank(request: Request):
+        if not cross_encoder:
+            refuse(request.url.path, "a cross-encoder (a sequence classifier with one label)")
+        body = await parse(request, RerankRequest)
+        served = check_model(body.model)
+        query = texts(body.query, "query", many=False)
+        documents = texts(body.documents, "documents")
+        if body.top_n is not None and body.top_n < 0:
+            raise RequestError("top_n: must be >= 0 (0: every document)", "top_n")
+        prompts = await pair_prompts(query, documents, ("query", "documents"))
+        params = PoolingParams("classify", activation=body.activation)
+        outs = await run(request, "rerank", prompts, params, "documents")
+        results = [
+            {"index": i, "document": {"text": documents[i]},
+             "relevance_score": float(o.outputs.data.flatten()[0])}
+            for i, o in enumerate(outs)
+        ]  # fmt: skip
+        results.sort(key=lambda r: -r["relevance_score"])
+        if body.top_n:
+            results = results[: body.top_n]
+        tokens = sum(len(o.prompt_token_ids) for o in outs)
+        return {"id": new_id("rerank"), "model": served, "usage": {"total_tokens": tokens},
+                "results": results}  # fmt: skip
+
+    routes = {
+        "/v1/embeddings": embeddings, "/pooling": pooling, "/classify": classify,
+        "/score": score, "/v1/score": score, "/rerank": rerank, "/v1/rerank": rerank,
+    }  # fmt: skip
     for path in POOLING_ROUTES:
-        router.add_api_route(path, not_a_pooling_model, methods=["POST"])
+        router.add_api_route(path, routes[path], methods=["POST"])
+
+
+async def parse(request: Request, model: type[BaseModel]) -> Any:
+    """The request's JSON body as `model` (validated after the route's task check, so a
+    model that cannot serve the route says so whatever the body holds)."""
+    try:
+        raw = await request.json()
+    except ValueError:
+        raise RequestError("the request body is not valid JSON", None, "invalid_json") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def pool_prompts(
+    request: Request, engine: AsyncEngine, prompts: list, params: PoolingParams, field: str
+) -> list[PoolingRequestOutput]:
+    """Submit every prompt at once (the engine batches them), wait for all; a refused prompt
+    is a RequestError naming `field` (and its index when there are several). A client that
+    disconnects has its requests aborted."""
+    ids = [engine.submit(p, params) for p in prompts]
+    watcher = asyncio.create_task(_abort_on_disconnect(request, engine, ids))
+
+    async def final(request_id: str) -> PoolingRequestOutput | None:
+        out = None
+        async for out in engine.stream(request_id):  # noqa: B007 - one final output
+            pass
+        return out
+
+    try:
+        results = await asyncio.gather(*(final(i) for i in ids), return_exceptions=True)
+    finally:
+        watcher.cancel()
+        for request_id in ids:
+            engine.abort(request_id)  # a no-op when it finished
+    for i, result in enumerate(results):
+        where = f"{field}[{i}]" if len(prompts) > 1 else field
+        if isinstance(result, InvalidInputError):
+            raise RequestError(f"{where}: {result}", where) from None
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"engine error on {where}: {result}") from result
+        if result is None:  # aborted: the client went away
+            raise RequestError("the request was aborted", None, "aborted", status=499)
+    return results
+
+
+def encoded(data: torch.Tensor, encoding_format: str) -> Any:
+    """A pooled tensor as JSON: nested floats, or base64 of its float32 little-endian bytes
+    (OpenAI's `encoding_format: "base64"`)."""
+    data = data.float()
+    if encoding_format == "base64":
+        return base64.b64encode(data.numpy().astype("<f4").tobytes()).decode()
+    return data.tolist()
+
+
+def listing(prefix: str, model: str, data: list, outs: list[PoolingRequestOutput]) -> dict:
+    """vLLM's pooling response: `{id, object: "list", created, model, data, usage}`."""
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+    return {"id": new_id(prefix), "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": usage}  # fmt: skip
