@@ -93,3 +93,21 @@ def assert_matches_transformers(path, prompts, steps=12, logit_steps=9, **engine
             diff = (seen[rid][step].cpu() - ref_logits[step]).abs().max().item()
             assert diff <= 1e-4, f"prompt {i} step {step}: max abs logit diff {diff:.2e}"
     return engine
+
+
+def with_pair_tokenizer(path):
+    """Give the tiny checkpoint's tokenizer BERT's pair template: [CLS] a [SEP] b [SEP] with
+    segment ids 0 then 1 (stand-ins for [CLS] / [SEP]: the demo tokenizer's specials)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    cls, sep = "<|endoftext|>", "<|im_end|>"
+    specials = [(t, tok.convert_tokens_to_ids(t)) for t in (cls, sep)]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=specials
+    )
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    tok.init_kwargs["model_input_names"] = tok.model_input_names
+    tok.save_pretrained(path)
+    return path

@@ -11,7 +11,7 @@ from polymodal.llm import LLM
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.sampling_params import SamplingParams
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, with_pair_tokenizer
 
 PROMPTS = [[1, 5, 17, 42, 99, 3, 2], [1, 300, 301, 2], list(range(5, 70))]
 
@@ -150,3 +150,25 @@ def test_llm_pooling_methods(tmp_path_factory, bert):
     gen = LLM(str(tiny_checkpoint(tmp_path_factory, "qwen2")), dtype="float32", device="cpu")
     with pytest.raises(InvalidInputError, match="generation model"):
         gen.classify(PROMPTS[0])
+
+
+def test_llm_score_is_the_cross_encoders_sigmoid_with_segment_ids(tmp_path_factory):
+    """vLLM's `LLM.score`: pairs tokenized with segment ids, sigmoid of the one logit;
+    one-to-one, one-to-many and pairwise; a classifier of several labels is refused."""
+    path = with_pair_tokenizer(tiny_checkpoint(tmp_path_factory, "bert_cls", num_labels=1))
+    hf = tf.BertForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    query, docs = "the cat sat", ["on the mat", "hello world", "a fox"]
+    outs = llm.score(query, docs)
+    assert [type(o).__name__ for o in outs] == ["ScoringRequestOutput"] * 3
+    for doc, out in zip(docs, outs):
+        enc = llm.tokenizer(query, text_pair=doc)
+        assert out.prompt_token_ids == enc["input_ids"] and 1 in enc["token_type_ids"]
+        want = _hf_logits(hf, enc["input_ids"], enc["token_type_ids"]).sigmoid()
+        assert abs(out.outputs.score - float(want)) <= 1e-5
+    pairwise = llm.score(docs, docs[::-1])
+    assert abs(pairwise[1].outputs.score - llm.score(docs[1], docs[1])[0].outputs.score) < 1e-6
+    with pytest.raises(InvalidInputError, match="text_1 has 2 texts and text_2 3"):
+        llm.score(docs[:2], docs)
+    with pytest.raises(InvalidInputError, match="3-label classifier, not a cross-encoder"):
+        LLM(str(tiny_checkpoint(tmp_path_factory, "bert_cls")), device="cpu").score("a", "b")

@@ -18,6 +18,13 @@ from polymodal.llm_options import ENGINE_KEYWORDS, VLLM_DEFAULT_ONLY, VLLM_KEYWO
 
 pytest.importorskip("fastapi")
 from polymodal.server.cli import serve_command  # noqa: E402
+from polymodal.server.pooling_requests import (  # noqa: E402
+    ClassificationRequest,
+    EmbeddingRequest,
+    PoolingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from polymodal.server.requests import (  # noqa: E402
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,6 +64,11 @@ def split(rows: dict[str, str]) -> tuple[set[str], set[str]]:
         ("### `POST /v1/chat/completions` fields", ChatCompletionRequest, {"messages": []}),
         ("### `POST /v1/completions` fields", CompletionRequest, {"prompt": "x"}),
         ("### `POST /tokenize` fields", TokenizeRequest, {}),
+        ("### `POST /v1/embeddings` fields", EmbeddingRequest, {"input": "x"}),
+        ("### `POST /pooling` fields", PoolingRequest, {"input": "x"}),
+        ("### `POST /classify` fields", ClassificationRequest, {"input": "x"}),
+        ("### `POST /score` fields", ScoreRequest, {"text_1": "a", "text_2": "b"}),
+        ("### `POST /rerank` fields", RerankRequest, {"query": "a", "documents": ["b"]}),
     ],
 )
 def test_request_fields_match_the_serving_tables(heading, model, minimal):

@@ -15,7 +15,7 @@ import torch
 
 from polymodal import InvalidInputError
 from polymodal.llm import LLM
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, with_pair_tokenizer
 from tests.sdk.server_process import API_KEY, openai_client, post, running_server
 
 openai = pytest.importorskip("openai")
@@ -33,24 +33,6 @@ TOL = 1e-5
 def serve(tmp_path_factory, ckpt):
     log_dir = tmp_path_factory.mktemp("server")
     return running_server(ckpt, log_dir, "--device", "cpu", "--dtype", "float32")
-
-
-def with_pair_tokenizer(path):
-    """Give the tiny checkpoint's tokenizer BERT's pair template: [CLS] a [SEP] b [SEP] with
-    segment ids 0 then 1 (stand-ins for [CLS] / [SEP]: the demo tokenizer's specials)."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    cls, sep = "<|endoftext|>", "<|im_end|>"
-    specials = [(t, tok.convert_tokens_to_ids(t)) for t in (cls, sep)]
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=specials
-    )
-    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-    tok.init_kwargs["model_input_names"] = tok.model_input_names
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
