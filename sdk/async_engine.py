@@ -123,6 +123,8 @@ class AsyncEngine:
     ) -> str:
         """Queue one prompt (any form `LLM.process` takes); returns its request id at once.
         `lora_request` (a `LoRARequest`) runs it with that adapter (`enable_lora`).
+        A pooling model takes `PoolingParams` (a prompt dict may add BERT's `token_type_ids`);
+        its stream yields one final `PoolingRequestOutput`.
 
         Processing errors are not raised here: they end this request's `stream` instead.
         Every submitted request is to be read with `stream` (or `generate`) or aborted.

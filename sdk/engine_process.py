@@ -15,7 +15,8 @@ id)`, `("option", name, value)`, `("process", token, prompt)`, `("close",)`; chi
 The child sends from its own thread, and everything queued by then goes in one message, so a
 slow parent gets fewer, larger messages instead of stalling the engine thread. Outputs cross as
 what each step added, in plain tuples (`output_wire.py`): pickling whole `RequestOutput`s took
-more of both processes' GIL than the engine thread did.
+more of both processes' GIL than the engine thread did. Pooling outputs cross as their
+tensor's bytes (`output_wire.encode_pooled`).
 """
 
 from __future__ import annotations

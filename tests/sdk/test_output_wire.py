@@ -39,3 +39,21 @@ def test_encoded_steps_rebuild_every_output(tmp_path_factory, params):
             if want.finished:
                 assert got.text == want.text
     assert out.finished and not assemble._requests and not encode._started
+
+
+def test_pooling_outputs_cross_as_raw_bytes():
+    """Pooled tensors cross the engine pipe as bytes + dtype + shape (plain values, no
+    torch reducers) and come back equal, empty step sets included."""
+    import pickle
+
+    import torch
+
+    from polymodal.llm_core.pooling import PoolingOutput, PoolingRequestOutput
+    from polymodal.output_wire import Assembler, Encoder
+
+    for data in (torch.randn(3), torch.randn(2, 2).bfloat16(), torch.empty(0, 2)):
+        wire = Encoder()("r", PoolingRequestOutput("r", [1, 2], PoolingOutput(data)))
+        assert all(not isinstance(v, torch.Tensor) for v in wire[1])
+        back = Assembler()("r", pickle.loads(pickle.dumps(wire)))
+        assert back.prompt_token_ids == [1, 2] and back.finished
+        assert back.outputs.data.dtype == data.dtype and torch.equal(back.outputs.data, data)

@@ -70,9 +70,7 @@ def error(resp: httpx.Response, status: int = 400) -> dict:
 
 
 def close(a, b) -> bool:
-    return torch.allclose(
-        torch.tensor(a, dtype=torch.float32), torch.as_tensor(b).float(), atol=TOL
-    )
+    return torch.allclose(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=TOL)
 
 
 # ---- values equal the offline API ---------------------------------------------------------
