@@ -84,6 +84,8 @@ ENCODERS: dict[str, str | type] = {
     "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
     "Llama4ForConditionalGeneration": "polymodal.encoders.llama4:Llama4VisionEncoder",
     "LlavaLlamaModel": "polymodal.encoders.vila:VilaEncoder",
+    "Phi4MMForCausalLM": "polymodal.encoders.phi4mm:Phi4MMEncoder",
+    "Phi4MultimodalForCausalLM": "polymodal.encoders.phi4mm:Phi4MMEncoder",
 }
 
 

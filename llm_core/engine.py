@@ -126,6 +126,10 @@ class Engine:
                 "stop strings, bad_words and structured_outputs need a tokenizer "
                 "(skip_tokenizer_init is set)"
             )
+        if lora_request is None and hasattr(self.runner.model, "modality_adapter"):
+            # the model's own adapter for the prompt's media (Phi-4-MM: vision / speech)
+            adapter = self.runner.model.modality_adapter(mm_items or [])
+            lora_request = getattr(self.runner.model, "adapter_requests", {}).get(adapter)
         if lora_request is not None:
             self.check_lora(lora_request)
         if params.structured_outputs is not None and grammar is None:
