@@ -164,3 +164,26 @@ def test_bad_size(tmp_path_factory, bad):
 def test_vocab_rows_pad_the_last_rank():
     table = torch.arange(10.0).view(5, 2)
     assert torch.equal(vocab_rows(table, 3, 3), torch.tensor([[6.0, 7], [8, 9], [0, 0]]))
+
+
+def test_llm_and_cli_take_tensor_parallel_size(tmp_path_factory):
+    import argparse
+
+    from polymodal import LLM
+    from polymodal.engine_args import add_engine_arguments, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_kwargs(parser.parse_args(["--tensor-parallel-size", "2"])) == {
+        "device": "auto", "dtype": "auto", "tensor_parallel_size": 2,
+    }  # fmt: skip
+    path = str(tiny_checkpoint(tmp_path_factory, "llama"))
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    texts = []
+    for tp in (1, 2):
+        llm = LLM(path, device="cpu", dtype="float32", tensor_parallel_size=tp)
+        try:
+            texts.append([o.outputs[0].token_ids for o in llm.generate(["hi", "a b c"], greedy)])
+        finally:
+            llm.engine.close()
+    assert texts[0] == texts[1]
