@@ -23,6 +23,7 @@ CASES = {
     "llama-4-kv1": ("llama", {"num_key_value_heads": 1}, 4),  # one kv head on all 4 ranks
     "qwen2-4": ("qwen2", {}, 4),  # 2 kv heads on 4 ranks (replicated), q/k/v biases
     "qwen2-2-tied": ("qwen2", {"tie_word_embeddings": True, "vocab_size": 479}, 2),  # padded
+    "phi3-2": ("phi3", {}, 2),  # q/k/v and gate/up stored fused in the checkpoint
 }
 
 
