@@ -19,10 +19,10 @@ from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.loader import build_model, resolve_model_path
 from polymodal.llm_core.quantization import resolve_quantization
 from polymodal.llm_core.quantization.base import check_fp8_device
-from polymodal.llm_core.registry import model_class, model_row, tower_graphs
+from polymodal.llm_core.registry import model_class, tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
-from polymodal.llm_core.tensor_parallel import SINGLE, TPGroup, check_heads, tensor_parallel
+from polymodal.llm_core.tensor_parallel import SINGLE, TPGroup, tensor_parallel
 
 
 @dataclass
@@ -152,54 +152,6 @@ def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):
     return model_config, device, cfg, max_len
 
 
-def check_tensor_parallel(mc: ModelConfig, cfg: EngineConfig, device: torch.device) -> None:
-    """InvalidInputError naming what stops `cfg.tensor_parallel_size` ranks for this model."""
-    size = cfg.tensor_parallel_size
-    if not isinstance(size, int) or size < 1:
-        raise InvalidInputError(f"tensor_parallel_size={size!r}: must be an integer >= 1")
-    if size == 1:
-        return
-    what = f"tensor_parallel_size={size}"
-    if not model_class(mc.architecture).splits_over_ranks():
-        raise InvalidInputError(
-            f"{what}: {mc.architecture} does not support tensor parallelism yet "
-            f"(families that do: {', '.join(tensor_parallel_architectures())})"
-        )
-    if device.type == "cuda" and size > torch.cuda.device_count():
-        raise InvalidInputError(
-            f"{what}, but only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    if device.type not in ("cuda", "cpu"):
-        raise InvalidInputError(f"{what}: runs on CUDA (NCCL) or the CPU (gloo), not {device}")
-    check_heads(mc.num_heads, mc.num_kv_heads, size)
-    if mc.intermediate_size % size:
-        raise InvalidInputError(
-            f"{what} does not divide the model's intermediate_size={mc.intermediate_size}"
-        )
-    not_yet = {
-        "quantization": cfg.quantization is not None or mc.quantization_config is not None,
-        "enable_lora": cfg.enable_lora,
-        "a pooling task": model_row(mc.architecture).task != "generate",
-    }
-    for name, used in not_yet.items():
-        if used:
-            raise InvalidInputError(f"{what} with {name} is not supported yet")
-
-
-def tensor_parallel_architectures() -> list[str]:
-    """The registry's architectures whose model class splits over ranks."""
-    from polymodal.llm_core.registry import MODELS
-
-    names = []
-    for arch in MODELS:
-        try:
-            if model_class(arch).splits_over_ranks():
-                names.append(arch)
-        except Exception:  # a family whose optional dependency is missing
-            continue
-    return names
-
-
 @dataclass
 class RankParts:
     """What every tensor-parallel rank builds: its shard of the model and of the KV cache."""
@@ -275,7 +227,6 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
     rank 0 while the executor's workers build the other ranks."""
     path = resolve_model_path(model)
     model_config, device, cfg, max_len = resolve_model(path, cfg)
-    check_tensor_parallel(model_config, cfg, device)
     tp = executor.group if executor is not None else SINGLE
     ready = executor.wait_ready if executor is not None else None
     rank = build_rank(path, model_config, cfg, device, max_len, tp, ready)

@@ -31,17 +31,14 @@ from pathlib import Path
 
 import torch
 
-from polymodal.llm_core.engine_config import (
-    EngineConfig,
-    build_rank,
-    check_tensor_parallel,
-    resolve_model,
-)
-from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.engine_config import EngineConfig, build_rank, resolve_model
+from polymodal.llm_core.errors import EngineDeadError, InvalidInputError, ModelLoadError
 from polymodal.llm_core.host_copy import to_device
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
+from polymodal.llm_core.registry import model_class, model_row
 from polymodal.llm_core.runner import PROMPT_LOGPROB_CHUNK, HostBatch
-from polymodal.llm_core.tensor_parallel import TPGroup, join_group
+from polymodal.llm_core.tensor_parallel import TPGroup, check_heads, join_group
 
 START_TIMEOUT_S = 120.0  # a worker's interpreter start and imports
 READY_TIMEOUT_S = 600.0  # a worker's model build (loading its slice of the checkpoint)
@@ -72,6 +69,54 @@ def logit_rows(batch: HostBatch) -> list[list[int] | None]:
         full = len(batch.sample_rows) == len(batch.ids)
         calls.append(None if full else list(batch.sample_rows))
     return calls
+
+
+def check_tensor_parallel(mc: ModelConfig, cfg: EngineConfig, device: torch.device) -> None:
+    """InvalidInputError naming what stops `cfg.tensor_parallel_size` ranks for this model."""
+    size = cfg.tensor_parallel_size
+    if not isinstance(size, int) or size < 1:
+        raise InvalidInputError(f"tensor_parallel_size={size!r}: must be an integer >= 1")
+    if size == 1:
+        return
+    what = f"tensor_parallel_size={size}"
+    if not model_class(mc.architecture).splits_over_ranks():
+        raise InvalidInputError(
+            f"{what}: {mc.architecture} does not support tensor parallelism yet "
+            f"(families that do: {', '.join(tensor_parallel_architectures())})"
+        )
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise InvalidInputError(
+            f"{what}, but only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise InvalidInputError(f"{what}: runs on CUDA (NCCL) or the CPU (gloo), not {device}")
+    check_heads(mc.num_heads, mc.num_kv_heads, size)
+    if mc.intermediate_size % size:
+        raise InvalidInputError(
+            f"{what} does not divide the model's intermediate_size={mc.intermediate_size}"
+        )
+    not_yet = {
+        "quantization": cfg.quantization is not None or mc.quantization_config is not None,
+        "enable_lora": cfg.enable_lora,
+        "a pooling task": model_row(mc.architecture).task != "generate",
+    }
+    for name, used in not_yet.items():
+        if used:
+            raise InvalidInputError(f"{what} with {name} is not supported yet")
+
+
+def tensor_parallel_architectures() -> list[str]:
+    """The registry's architectures whose model class splits over ranks."""
+    from polymodal.llm_core.registry import MODELS
+
+    names = []
+    for arch in MODELS:
+        try:
+            if model_class(arch).splits_over_ranks():
+                names.append(arch)
+        except Exception:  # a family whose optional dependency is missing
+            continue
+    return names
 
 
 class TPExecutor:
@@ -142,8 +187,15 @@ class TPExecutor:
         if media is not None:
             msg.media_rows = media_rows.tolist()
             msg.media_shape, msg.media_dtype = tuple(media.shape), media.dtype
-        for conn in self.conns:
-            conn.send(msg)
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send(msg)
+            except OSError as exc:  # a broken pipe: the worker is gone
+                code = self.procs[rank - 1].exitcode
+                raise EngineDeadError(
+                    f"tensor-parallel rank {rank} exited (exit code {code}); "
+                    "the engine cannot run steps any more"
+                ) from exc
         if media is not None:
             self.group.broadcast(media.contiguous())
 

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from polymodal.llm_core.engine import Engine
-from polymodal.llm_core.engine_config import EngineConfig, check_tensor_parallel, resolve_model
-from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.engine_config import EngineConfig, resolve_model
+from polymodal.llm_core.errors import EngineDeadError, InvalidInputError
+from polymodal.llm_core.executor import check_tensor_parallel
 from polymodal.llm_core.layers.parallel import vocab_rows
 from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import record_logits_by_request, tiny_checkpoint
@@ -160,6 +161,21 @@ def test_bad_size(tmp_path_factory, bad):
     path = tiny_checkpoint(tmp_path_factory, "llama")
     with pytest.raises(InvalidInputError, match="tensor_parallel_size"):
         Engine(str(path), tensor_parallel_size=bad, skip_tokenizer_init=True)
+
+
+def test_a_dead_worker_fails_the_step_not_hangs(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory, "llama")
+    engine = Engine(str(path), dtype="float32", tensor_parallel_size=2, skip_tokenizer_init=True)
+    try:
+        worker = engine.executor.procs[0]
+        worker.kill()
+        worker.join(10)
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=3))
+        with pytest.raises(EngineDeadError, match="rank 1 exited"):
+            engine.run_until_done()
+    finally:
+        engine.close()
+    _assert_no_workers(engine)
 
 
 def test_vocab_rows_pad_the_last_rank():
