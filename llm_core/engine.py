@@ -60,7 +60,19 @@ class Engine:
     """Continuous-batching engine over one model. Not thread-safe: drive it from one thread."""
 
     def __init__(self, model: str, config: EngineConfig | None = None, **kwargs):
-        parts = build_engine_parts(model, config or EngineConfig(**kwargs))
+        config = config or EngineConfig(**kwargs)
+        # tensor_parallel_size > 1: worker processes for ranks 1..N-1 (llm_core/executor.py);
+        # one rank has none and runs in this process as it always did
+        self.executor = None
+        if config.tensor_parallel_size != 1:
+            from polymodal.llm_core.executor import TPExecutor
+
+            self.executor = TPExecutor.start(model, config)
+        try:
+            parts = build_engine_parts(model, config, self.executor)
+        except BaseException:
+            self.close()
+            raise
         self.config = parts.config
         self.model_config = parts.model_config
         self.tokenizer = parts.tokenizer
@@ -76,10 +88,18 @@ class Engine:
         self._grammar_compiler = None  # built on first use (structured output)
         overlap = self.config.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
+        # workers get each step's ids from the host batch: no device-resident ids to chain on
+        self.async_scheduling = self.async_scheduling and self.executor is None
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
         # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.
         gc.collect()
         gc.freeze()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected
+        or the process exits). The engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(

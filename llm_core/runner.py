@@ -80,6 +80,9 @@ class ModelRunner:
         # LoRAManager when adapters are on: it fills each step's token -> adapter-slot mapping
         self.lora = None
         self.prefill_graphs = None  # PrefillGraphs once capture_prefill_graphs() ran
+        # tensor_parallel_size > 1: the TPExecutor that hands each step to the other ranks
+        # (this runner is rank 0's: it alone samples); None runs as one process
+        self.executor = None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
@@ -311,6 +314,8 @@ class ModelRunner:
         ):
             return self._launch_graph(sched, hb, prev, overlap)
         input_ids, positions, meta, _ = self.prepare(sched, hb)
+        if self.executor is not None:  # the other ranks run this step with us, in lock step
+            self.executor.run_step(hb, slot_idx, mm)
         if hb.pending_rows:  # ids sampled by `prev`, never read back to the host
             rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
             input_ids[rows] = prev.tokens[src]

@@ -36,6 +36,10 @@ class ModelBase(nn.Module):
     ignored_weights: ClassVar[tuple[str, ...]] = ()
     #: whether the engine may capture CUDA graphs of small prefill steps (`PrefillGraphs`)
     supports_prefill_graphs: ClassVar[bool] = True
+    #: whether it builds its layers split over `current_tp()` (tensor_parallel_size > 1). Read
+    #: from the class's own dict, not inherited (`supports_tensor_parallel`): a subclass that
+    #: swaps layers is checked under tensor parallelism before it says so.
+    supports_tensor_parallel: ClassVar[bool] = False
     #: whether LoRA adapters may wrap its decoder linears (`llm_core/lora`)
     supports_lora: ClassVar[bool] = True
     #: the transformers config class parsing this model's config.json, for model types
@@ -47,6 +51,11 @@ class ModelBase(nn.Module):
     weight_folders: ClassVar[dict[str, str]] = {}
     #: the subfolder holding the tokenizer when the root has none (VILA: "llm")
     tokenizer_folder: ClassVar[str] = ""
+
+    @classmethod
+    def splits_over_ranks(cls) -> bool:
+        """Whether this class itself (not a parent) declares `supports_tensor_parallel`."""
+        return bool(cls.__dict__.get("supports_tensor_parallel", False))
 
     @classmethod
     def tokenizer_dir(cls, model_dir):
