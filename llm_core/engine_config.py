@@ -170,9 +170,11 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
     kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
+    cross = layout.num_cross_groups
     runner = ModelRunner(
-        net, kv_caches, cfg.block_size, device, layout.num_groups, max(encoder_cache, 1)
-    )
+        net, kv_caches, cfg.block_size, device, layout.num_groups - cross, max(encoder_cache, 1),
+        cross, max((g.spec.max_rows for g in layout.groups), default=0),
+    )  # fmt: skip
     scheduler = Scheduler(
         kv,
         cfg.max_num_batched_tokens,

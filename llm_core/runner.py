@@ -6,6 +6,12 @@ are cached by content hash and sliced by slot range (only the span positions an 
 and a repeated image runs its encoder once. A model whose images attend bidirectionally
 (`bidirectional_media`) gets each step's embedded runs as per-token key ranges in the
 attention metadata (`media_key_ranges`); the scheduler keeps those spans inside one step.
+
+Cross-attention models (cross KV groups, after the token groups) get one more metadata per
+cross group: each sequence's encoder-row table and count, each token's rows `[lo, hi)` and gate
+(`Request.cross_ranges`), and, for requests whose cross tables were just allocated, their
+encoder states (`SupportsMultiModal.cross_states`, encoder outputs cached by content hash) with
+the cross slots their K/V go to: written once, in the request's first step.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
-from polymodal.llm_core.request import Request
+from polymodal.llm_core.request import CROSS_ATTENTION, Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
 
@@ -46,6 +52,14 @@ class HostBatch:
     prompt_logprob_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
     # per flat token, extra visible key positions [lo, hi) (bidirectional media runs), or None
     key_ranges: tuple[list[int], list[int]] | None = None
+    # cross groups: per group, per request its encoder-row table; per request its rows; per
+    # token (lo, hi, gate); the requests writing their rows this step and, per group, the
+    # slots of those rows (in request order)
+    cross_tables: list[list[list[int]]] = field(default_factory=list)
+    cross_lens: list[int] = field(default_factory=list)
+    cross_ranges: list[list[int]] = field(default_factory=list)
+    cross_writes: list[Request] = field(default_factory=list)
+    cross_slots: list[list[int]] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -63,14 +77,19 @@ class ModelRunner:
         device,
         num_kv_groups: int = 1,
         encoder_cache_bytes: int = 256 << 20,
+        num_cross_groups: int = 0,
+        max_encoder_rows: int = 0,
     ):
         self.model = model
         # per layer [2, num_blocks, block_size, kv_heads, head_dim] (a tensor several groups'
         # layers share), or None for a layer without a KV cache
         self.kv_caches = kv_caches
         self.block_size = block_size
-        # block tables per request (a model without KV layers still gets one, empty and unread)
+        # block tables per request (a model without KV layers still gets one, empty and unread):
+        # token groups first, then cross groups (encoder rows, at most `max_encoder_rows`)
         self.num_kv_groups = max(1, num_kv_groups)
+        self.num_cross_groups = num_cross_groups
+        self.max_cross_blocks = -(-max_encoder_rows // block_size)
         self.device = torch.device(device)
         self.uses_mrope = model.config.mrope_section is not None
         self.bidirectional_media = getattr(model, "bidirectional_media", False)
@@ -85,8 +104,9 @@ class ModelRunner:
 
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
-            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups
-        )
+            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups,
+            self.num_cross_groups, self.max_cross_blocks,
+        )  # fmt: skip
         self.graphs.capture()
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
@@ -95,8 +115,9 @@ class ModelRunner:
 
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
-            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups
-        )
+            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups,
+            self.num_cross_groups, self.max_cross_blocks,
+        )  # fmt: skip
         self.prefill_graphs.capture()
 
     # ---- inputs -------------------------------------------------------------------------
@@ -163,7 +184,33 @@ class ModelRunner:
         else:
             hb.tables = [[r.block_tables[g] for r in sched.requests] for g in groups]
         hb.max_blocks = max(map(len, hb.tables[0]))
+        if self.num_cross_groups:
+            self._cross_batch(sched, hb)
         return hb
+
+    def _cross_batch(self, sched: SchedulerOutput, hb: HostBatch) -> None:
+        """The cross groups' part of `hb`: tables, row counts, per-token ranges, writes."""
+        first = self.num_kv_groups
+        cross = range(first, first + self.num_cross_groups)
+        hb.cross_tables = [[r.block_tables[g] for r in sched.requests] for g in cross]
+        hb.cross_slots = [[] for _ in cross]
+        lows, highs, gates = hb.cross_ranges = [[], [], []]
+        bs = self.block_size
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            rows = req.num_encoder_rows if req.block_tables[first] else 0
+            hb.cross_lens.append(rows)
+            start = req.num_computed_tokens
+            pieces = req.cross_ranges if rows else ()
+            for pos in range(start, start + n):
+                lo, hi, gate = _cross_range(pieces, pos)
+                lows.append(lo)
+                highs.append(hi)
+                gates.append(gate)
+            if req.cross_pending:
+                hb.cross_writes.append(req)
+                for group_slots, g in zip(hb.cross_slots, cross):
+                    table = req.block_tables[g]
+                    group_slots.extend(table[r // bs] * bs + r % bs for r in range(rows))
 
     def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
         """Flat batch tensors + attention metadata, in two asynchronous copies (int32, int64)
@@ -201,8 +248,40 @@ class ModelRunner:
             lo, hi = upload(hb.key_ranges, torch.int32, self.device)
             for m in metas:
                 m.media_key_ranges, m.media_key_ranges_cpu = (lo, hi), hb.key_ranges
+        if hb.cross_tables:
+            metas += self._cross_metas(hb, starts)
+            meta.groups = metas
         pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
+
+    def _cross_metas(self, hb: HostBatch, starts: torch.Tensor) -> list[AttentionMetadata]:
+        """One metadata per cross group (its states, if any, set by `launch`)."""
+        width = max(1, max(len(t) for group in hb.cross_tables for t in group))
+        flat = [b for group in hb.cross_tables for t in group for b in t + [0] * (width - len(t))]
+        lens, tables, ranges = upload(
+            [hb.cross_lens, flat, list(chain.from_iterable(hb.cross_ranges))],
+            torch.int32,
+            self.device,
+        )
+        tables = tables.view(len(hb.cross_tables), len(hb.cross_lens), width)
+        slots = upload(hb.cross_slots, torch.int64, self.device)
+        return [
+            AttentionMetadata(
+                query_start_loc=starts,
+                seq_lens=lens,
+                block_tables=tables[c],
+                slot_mapping=slots[c],
+                max_query_len=max(hb.query_lens),
+                max_seq_len=max(hb.cross_lens),
+                is_decode=hb.is_decode,
+                query_lens_cpu=hb.query_lens,
+                seq_lens_cpu=hb.cross_lens,
+                cross_ranges=ranges.view(3, -1),
+                cross_ranges_cpu=hb.cross_ranges,
+                any_cross=any(hb.cross_lens),
+            )
+            for c in range(len(hb.cross_tables))
+        ]
 
     # ---- multimodal ---------------------------------------------------------------------
     def _mm_embeddings(self, sched: SchedulerOutput):
@@ -249,6 +328,44 @@ class ModelRunner:
         embeds = [found[h][a:b] for h, a, b in pieces]
         return to_device(indices, torch.int64, self.device), torch.cat(embeds)
 
+    def _encoder_outputs(self, items: list) -> list[torch.Tensor]:
+        """Encoder outputs of `items` (content hashes once each): from the encoder cache, the
+        rest in one `model.encode` call (outputs held for this step even if evicted)."""
+        found, missing = {}, {}
+        for item in items:
+            key = item.content_hash
+            if key not in found:
+                found[key] = self.encoder_cache.get(key)
+                if found[key] is None:
+                    missing[key] = item
+        if missing:
+            todo = list(missing.values())
+            for item, emb in zip(todo, self.model.encode(todo)):
+                if emb.shape[0] != item.num_embeds:
+                    raise InvalidInputError(
+                        f"the encoder gave {emb.shape[0]} rows for a {item.modality} with "
+                        f"{item.num_embeds} encoder rows"
+                    )
+                found[item.content_hash] = emb
+                self.encoder_cache.put(item.content_hash, emb)
+        return [found[item.content_hash] for item in items]
+
+    def _cross_states(self, reqs: list[Request]) -> torch.Tensor:
+        """`[rows, hidden]`: the encoder states of `reqs` (requests in their first step), each
+        request's rows as its model lays them out, in request order."""
+        per_req = [[i for i in r.mm_items if i.target == CROSS_ATTENTION] for r in reqs]
+        outputs = iter(self._encoder_outputs([i for items in per_req for i in items]))
+        states = []
+        for req, items in zip(reqs, per_req):
+            rows = self.model.cross_states(items, [next(outputs) for _ in items])
+            if rows.shape[0] != req.num_encoder_rows:
+                raise InvalidInputError(
+                    f"the model laid out {rows.shape[0]} encoder rows for a request with "
+                    f"{req.num_encoder_rows}"
+                )
+            states.append(rows)
+        return torch.cat(states)
+
     def _media_key_ranges(self, sched: SchedulerOutput) -> tuple[list[int], list[int]] | None:
         """Per flat token of this step, the key positions `[lo, hi)` it sees beyond its mask:
         the embedded run (crop, tile) it belongs to, for a `bidirectional_media` model; (0, 0)
@@ -283,6 +400,8 @@ class ModelRunner:
         has_media = _step_has_media(sched)
         # The encoder goes first: the device starts on it while the host builds the batch.
         slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
+        writes = [r for r in sched.requests if r.cross_pending] if self.num_cross_groups else []
+        cross_states = self._cross_states(writes) if writes else None
         hb = self.host_batch(sched, prev)
         if has_media and self.bidirectional_media:
             hb.key_ranges = self._media_key_ranges(sched)
@@ -291,11 +410,15 @@ class ModelRunner:
             graphs
             and hb.is_decode
             and not has_media
+            and not writes
             and not hb.prompt_logprob_spans
             and graphs.can_run(len(hb.ids), hb.max_blocks)
         ):
             return self._launch_graph(sched, hb, prev, overlap)
         input_ids, positions, meta, _ = self.prepare(sched, hb)
+        if cross_states is not None:  # every cross group stores the same rows' K/V
+            for g in range(self.num_kv_groups, self.num_kv_groups + self.num_cross_groups):
+                meta.group(g).cross_states = cross_states
         if hb.pending_rows:  # ids sampled by `prev`, never read back to the host
             rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
             input_ids[rows] = prev.tokens[src]
@@ -304,7 +427,8 @@ class ModelRunner:
             embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
         prefill = self.prefill_graphs
         fits = prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks)
-        if fits and hb.key_ranges is None:  # captured graphs know no media key ranges
+        # captured graphs know no media key ranges and store no encoder rows
+        if fits and hb.key_ranges is None and cross_states is None:
             hidden = prefill.run(embeds, positions, meta)
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
@@ -422,6 +546,15 @@ def _sampling_requests(sched: SchedulerOutput) -> list[Request]:
         for req, n in zip(sched.requests, sched.num_new_tokens)
         if req.num_computed_tokens + n == req.num_tokens
     ]
+
+
+def _cross_range(pieces, position: int) -> tuple[int, int, int]:
+    """(lo, hi, gate) of the token at `position` from a request's `cross_ranges` pieces (the
+    last piece whose first position is at or before it); none: (0, 0, 0)."""
+    for first, lo, hi, gate in reversed(pieces):
+        if position >= first:
+            return lo, hi, gate
+    return 0, 0, 0
 
 
 def _step_has_media(sched: SchedulerOutput) -> bool:

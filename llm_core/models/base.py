@@ -39,6 +39,9 @@ class ModelBase(nn.Module):
     #: the transformers config class parsing this model's config.json, for model types
     #: transformers does not know (None: `AutoConfig`)
     hf_config_class: ClassVar[type | None] = None
+    #: token ids past the LM head's vocab that prompts may hold (embedding rows beyond it:
+    #: Mllama's image token)
+    extra_input_ids: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()
