@@ -82,6 +82,7 @@ ENCODERS: dict[str, str | type] = {
     "LlavaForConditionalGeneration": "polymodal.encoders.llava:LlavaEncoder",
     "LlavaNextForConditionalGeneration": "polymodal.encoders.llava:LlavaNextEncoder",
     "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
+    "MllamaForConditionalGeneration": "polymodal.encoders.mllama:MllamaVisionEncoder",
 }
 
 

@@ -137,9 +137,9 @@ class Scheduler:
         """The largest chunk `[start, start + m)`, m <= n, that cuts no atomic span and whose
         new encoder work fits the step's encoder budget (booked in `encoding`)."""
         if req.num_encoder_rows and not req.block_tables:  # its first step: encode them all
-            for item in req.mm_items:
-                if item.target == CROSS_ATTENTION and not encoding.take(item):
-                    return 0
+            cross = [item for item in req.mm_items if item.target == CROSS_ATTENTION]
+            if not encoding.take_all(cross):
+                return 0
         end = start + n
         inside = _span_around(req.atomic_spans, end)
         if inside is not None:  # ends inside an image: stop before it, or take it whole
@@ -215,6 +215,21 @@ class _EncoderWork:
             return False
         self.used += cost
         self.hashes.append(key)
+        return True
+
+    def take_all(self, items: list) -> bool:
+        """Book `items` together (a request's cross-attention items, all encoded in its first
+        step): they fit when the step has booked nothing yet, else within the budget."""
+        todo = {}
+        for item in items:
+            key = item.content_hash
+            if key not in self.cache and key not in self.hashes:
+                todo[key] = item.num_embeds
+        cost = sum(todo.values())
+        if self.hashes and self.used + cost > self.budget:
+            return False
+        self.used += cost
+        self.hashes.extend(todo)
         return True
 
     def mark(self) -> tuple[int, int]:

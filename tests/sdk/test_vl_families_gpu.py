@@ -2,7 +2,8 @@
 prefill kernel's key ranges), decode and prefill CUDA graphs, the towers through the varlen
 Triton kernel, media staged on the device; fp32 against transformers (greedy tokens identical,
 logits within 1e-4), one image and a mixed batch; bf16 runs (its first logits near the fp32
-run's)."""
+run's). Mllama's images reach the decoder through the cross KV cache (Triton cross prefill and
+decode, cross tables in the decode graphs)."""
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-ARCHS = ["gemma3_vl", "llava", "llava_next", "mistral3", "pixtral"]
+ARCHS = ["gemma3_vl", "llava", "llava_next", "mistral3", "pixtral", "mllama"]
 STEPS = 6
 IMAGES = [random_image(64, 48, 0), random_image(90, 40, 2), random_image(9, 50, 3)]
 
