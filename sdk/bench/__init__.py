@@ -30,6 +30,8 @@ BUILTIN = {
     "gemma-3-12b-it": CONFIGS / "gemma_3_12b_it",  # with its SigLIP tower (896 px, 256 tokens)
     "llava-next-7b": CONFIGS / "llava_next_7b",  # llava-v1.6-mistral-7b-hf
     "pixtral-12b": CONFIGS / "pixtral_12b",  # mistral-community/pixtral-12b (LLaVA form)
+    # meta-llama/Llama-3.2-11B-Vision(-Instruct): cross-attention to the image tiles
+    "llama-3.2-11b-vision": CONFIGS / "llama_3_2_11b_vision",
     "qwen3-30b-a3b": CONFIGS / "qwen3_30b_a3b",
     "mixtral-8x7b": CONFIGS / "mixtral_8x7b",
     "deepseek-v3-reduced": CONFIGS / "deepseek_v3_reduced",  # 3 of 61 layers: its README

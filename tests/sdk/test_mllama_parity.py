@@ -150,3 +150,24 @@ def test_vision_encoder_matches_transformers(models, llm):
     ours = llm.engine.runner.model.encode(prompt.mm_items)
     for i, rows in enumerate(ours):
         assert (rows - ref[i].flatten(0, 1)).abs().max().item() <= 1e-5
+
+
+def test_graph_step_paths_match_transformers(models):
+    """What the decode and prefill CUDA graphs run (cross tables, row counts and ranges packed
+    into their static inputs, batches padded to buckets), eagerly on the CPU: a mixed batch in
+    small chunks still gives the reference's tokens and logits."""
+    from polymodal.llm_core.cuda_graph import DecodeGraphs, PrefillGraphs
+
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=256,
+              max_num_batched_tokens=16)  # fmt: skip
+    runner = llm.engine.runner
+    shape = (runner.model, runner.kv_caches)
+    groups = (runner.uses_mrope, runner.num_kv_groups, runner.num_cross_groups,
+              runner.max_cross_blocks)  # fmt: skip
+    assert runner.num_cross_groups == 2  # two cross layers of five: groups of one layer
+    runner.graphs = DecodeGraphs(*shape, 8, 16, *groups)
+    runner.prefill_graphs = PrefillGraphs(*shape, 64, 16, *groups)
+    cases = ["one_image", "text_only", "images_between_text", "three_images"]
+    refs = [_reference(models, case) for case in cases]
+    assert_batch_matches(llm, [_prompt(case) for case in cases], refs, STEPS)
+    assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0
