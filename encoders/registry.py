@@ -83,6 +83,7 @@ ENCODERS: dict[str, str | type] = {
     "LlavaNextForConditionalGeneration": "polymodal.encoders.llava:LlavaNextEncoder",
     "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
     "MllamaForConditionalGeneration": "polymodal.encoders.mllama:MllamaVisionEncoder",
+    "WhisperForConditionalGeneration": "polymodal.encoders.whisper:WhisperAudioEncoder",
 }
 
 

@@ -80,6 +80,11 @@ MODELS: dict[str, ModelRow] = {
         _P + "gemma3:Gemma3Processor",
         "Gemma3ForConditionalGeneration",
     ),
+    "WhisperForConditionalGeneration": ModelRow(
+        _M + "whisper:WhisperForConditionalGeneration",
+        _P + "whisper:WhisperProcessor",
+        "WhisperForConditionalGeneration",
+    ),
     "MllamaForConditionalGeneration": ModelRow(
         _M + "mllama:MllamaForConditionalGeneration",
         _P + "mllama:MllamaProcessor",

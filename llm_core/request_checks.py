@@ -43,7 +43,9 @@ def check_request(
             f"SamplingParams.min_tokens={params.min_tokens} cannot fit: the prompt has "
             f"{len(ids)} tokens and max_model_len is {max_model_len}"
         )
-    for name in ("logit_bias", "allowed_token_ids", "stop_token_ids"):
+    names = ("logit_bias", "allowed_token_ids", "stop_token_ids", "suppress_tokens",
+             "begin_suppress_tokens")  # fmt: skip
+    for name in names:
         outside = [t for t in getattr(params, name) or () if t >= vocab_size]
         if outside:
             raise InvalidInputError(

@@ -5,6 +5,8 @@
     [{"role": "user", "content": ...}, ...]      chat messages (the chat template renders them)
     {"prompt": ..., "multi_modal_data": {"image": img | [imgs], "video": v | [vs]},
      "mm_processor_kwargs": {"max_pixels": ...}}                         vLLM's text prompt
+    {"prompt": "<|startoftranscript|>...", "multi_modal_data": {"audio": (waveform, rate)}}
+                                                 vLLM's Whisper prompt (audio models only)
     {"prompt_token_ids": [...], "multi_modal_data": ...}                 vLLM's tokens prompt
     {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
      "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
@@ -36,7 +38,8 @@ TEMPLATE_KEYS = (
 SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages")
 PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}
 PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS}
-MODALITIES = {"image": "images", "video": "videos"}  # multi_modal_data key -> media list
+# multi_modal_data key -> media list ("audios" reach only processors that take audio)
+MODALITIES = {"image": "images", "video": "videos", "audio": "audios"}
 
 
 def media_options(
@@ -89,11 +92,13 @@ def process_prompt(
     options.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs", allowed))
     media = _media(prompt)
+    if media.get("audios") and not getattr(processor, "takes_audio", False):
+        raise InvalidInputError("this model takes no audio (multi_modal_data['audio'])")
     template = {k: prompt[k] for k in TEMPLATE_KEYS if k in prompt}
     if template and "messages" not in prompt:
         raise InvalidInputError(f"{sorted(template)} apply to 'messages' prompts only")
     if "messages" in prompt:
-        if media["images"] or media["videos"]:
+        if media["images"] or media["videos"] or media.get("audios"):
             raise InvalidInputError("with 'messages', give media as message parts")
         opts = ChatTemplateOptions(**template)
         opts.chat_template_kwargs = opts.chat_template_kwargs or {}
@@ -102,6 +107,8 @@ def process_prompt(
         ids = prompt["prompt_token_ids"]
         if not is_token_ids(ids):
             raise InvalidInputError("prompt_token_ids must be a non-empty list of ints")
+        if media.get("audios"):
+            raise InvalidInputError("give audio with a text 'prompt' (the decoder prompt)")
         refs = [MediaRef("image", s) for s in media["images"]]
         refs += [MediaRef("video", s) for s in media["videos"]]
         return _tokens(processor, list(ids), refs, options, text_only)
@@ -119,10 +126,16 @@ def _media(prompt: dict) -> dict[str, list]:
             raise InvalidInputError(
                 f"multi_modal_data[{key!r}]: unsupported modality; supported: {list(MODALITIES)}"
             )
-        if (key == "video" and _is_frame_list(items)) or not isinstance(items, (list, tuple)):
+        one = (key == "video" and _is_frame_list(items)) or (key == "audio" and _is_clip(items))
+        if one or not isinstance(items, (list, tuple)):
             items = [items]  # one item (a video given as a list of frames is one item)
-        media[MODALITIES[key]].extend(items)
+        media.setdefault(MODALITIES[key], []).extend(items)
     return media
+
+
+def _is_clip(items: Any) -> bool:
+    """vLLM's `(waveform, sampling_rate)` pair is one audio clip, not a list of two."""
+    return isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], (int, float))
 
 
 def _is_frame_list(items: Any) -> bool:

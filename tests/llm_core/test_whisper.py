@@ -1,0 +1,207 @@
+"""Whisper (audio encoder + decoder with cross-attention over the cross KV kind) vs transformers,
+fp32 on the CPU, on a tiny checkpoint (5 s windows of 16 mel bins: 250 encoder rows):
+- the decoder prompt equals `generate`'s forced ids (language, task, timestamps);
+- greedy tokens equal `WhisperForConditionalGeneration.generate` (its suppress and
+  begin-suppress rules from generation_config.json), fp32 logits within 1e-4 of the forward;
+- several clips and tasks in one engine run, a decoder prompt without audio among them; chunked
+  prefill; prefix hits; the decode and prefill graph step paths (eagerly)."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from polymodal import LLM, SamplingParams
+from polymodal.processors.whisper import WhisperProcessor
+from tests.helpers import record_logits_by_request, tiny_checkpoint
+
+STEPS = 8
+RATE = 16000
+
+
+def clip(kind: str, seconds: float = 3.0) -> np.ndarray:
+    t = np.arange(int(RATE * seconds)) / RATE
+    rng = np.random.default_rng(len(kind))
+    waves = {
+        "noise": rng.standard_normal(t.size) * 0.1,
+        "tone": np.sin(2 * np.pi * 440 * t) * 0.5,
+        "chirp": np.sin(2 * np.pi * (200 + 600 * t) * t) * 0.5,
+        "short": np.sin(2 * np.pi * 300 * t[: RATE // 4]) * 0.3,
+    }
+    return waves[kind].astype(np.float32)
+
+
+CASES = {  # name -> (clip, language, task, timestamps)
+    "noise_en_transcribe": ("noise", "en", "transcribe", False),
+    "tone_de_translate": ("tone", "de", "translate", False),
+    "chirp_fr_default_task": ("chirp", "fr", None, False),
+    "short_en_timestamps_prompt": ("short", "en", "transcribe", True),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory, "whisper")
+    hf = tf.WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return path, hf, tf.WhisperFeatureExtractor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def llm(models):
+    return LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=128)
+
+
+def _features(models, name):
+    return models[2](clip(CASES[name][0]), sampling_rate=RATE, return_tensors="pt").input_features
+
+
+def _reference(models, name):
+    """generate()'s forced prompt and greedy tokens, and the forward's raw logits per step."""
+    _, hf, _ = models
+    _, language, task, timestamps = CASES[name]
+    features = _features(models, name)
+    if timestamps:  # the timestamp rules are not ported: compare the decoder on its prompt
+        prompt = WhisperProcessor.from_pretrained(models[0]).prompt_ids(language, task, True)
+        tokens = None
+    else:
+        out = hf.generate(
+            features, language=language, task=task, max_new_tokens=STEPS, do_sample=False,
+            return_dict_in_generate=True, output_scores=True,
+        )  # fmt: skip
+        seq = out.sequences[0].tolist()
+        prompt_len = len(seq) - len(out.scores)
+        prompt, tokens = seq[:prompt_len], seq[prompt_len:]
+    ids, logits = list(prompt), []
+    gen = hf.generation_config
+    for step in range(STEPS):  # re-forward the whole decoder prompt each step
+        with torch.no_grad():
+            row = hf(input_features=features, decoder_input_ids=torch.tensor([ids])).logits[0, -1]
+        logits.append(row.float())
+        masked = row.clone()
+        masked[gen.suppress_tokens] = float("-inf")
+        if step == 0:
+            masked[gen.begin_suppress_tokens] = float("-inf")
+        ids.append(int(masked.argmax()))
+    return prompt, tokens if tokens is not None else ids[len(prompt) :], logits
+
+
+def _prompt(name):
+    kind, language, task, timestamps = CASES[name]
+    options = {"language": language, "task": task, "timestamps": timestamps}
+    return {"prompt": "", "multi_modal_data": {"audio": (clip(kind), RATE)},
+            "mm_processor_kwargs": {k: v for k, v in options.items() if v is not None}}  # fmt: skip
+
+
+def _params(llm):
+    """The checkpoint's defaults (its suppress lists), greedy, no early stop."""
+    defaults = llm.get_default_sampling_params()
+    return defaults.model_copy(update={"temperature": 0.0, "max_tokens": STEPS, "ignore_eos": True})
+
+
+def _check(llm, prompts, refs):
+    seen = record_logits_by_request(llm.engine)
+    ids = [llm.submit(p, _params(llm)) for p in prompts]
+    final = {o.request_id: o for o in llm.run(ids)}
+    for rid, (prompt, tokens, logits) in zip(ids, refs):
+        out = final[rid]
+        assert out.prompt_token_ids == prompt, "the forced decoder ids differ"
+        assert out.outputs[0].token_ids == tokens[: len(out.outputs[0].token_ids)]
+        assert len(out.outputs[0].token_ids) == STEPS or tokens[-1] == llm.tokenizer.eos_token_id
+        for step, ref in enumerate(logits):
+            diff = (seen[rid][step].cpu() - ref).abs().max().item()
+            assert diff <= 1e-4, f"step {step}: max abs logit diff {diff:.2e}"
+
+
+def test_the_tiny_checkpoint_is_not_vacuous(models):
+    """Different audio moves the first logits far past the tolerance."""
+    a = _reference(models, "noise_en_transcribe")[2][0]
+    b = _reference(models, "tone_de_translate")[2][0]
+    assert (a - b).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_single_request_matches_transformers(models, llm, name):
+    _check(llm, [_prompt(name)], [_reference(models, name)])
+
+
+def test_batch_of_clips_and_tasks(models, llm):
+    """Every case twice in one run, and a decoder prompt without audio (its cross layers
+    skipped) alongside."""
+    names = list(CASES) * 2
+    proc = WhisperProcessor.from_pretrained(models[0])
+    llm.submit(proc.prompt_ids("en", "transcribe"), SamplingParams(max_tokens=3))
+    _check(llm, [_prompt(n) for n in names], [_reference(models, n) for n in names])
+    assert not llm.engine.has_unfinished()  # the audio-less request ran with them
+    assert llm.engine.num_free_blocks == llm.engine.scheduler.kv.num_usable_blocks
+
+
+@pytest.mark.parametrize("budget", [1, 3])
+def test_chunked_prefill(models, budget):
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=128,
+              max_num_batched_tokens=budget)  # fmt: skip
+    names = ["noise_en_transcribe", "tone_de_translate"]
+    _check(llm, [_prompt(n) for n in names], [_reference(models, n) for n in names])
+
+
+def test_prefix_hits_write_the_audio_rows_anew(models):
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=400, block_size=2)
+    kv = llm.engine.scheduler.kv
+    ref = _reference(models, "noise_en_transcribe")
+    _check(llm, [_prompt("noise_en_transcribe")], [ref])
+    hits = kv.num_hit_tokens
+    _check(llm, [_prompt("noise_en_transcribe")], [ref])
+    assert kv.num_hit_tokens > hits  # the decoder prompt's blocks are shared
+    hits = kv.num_hit_tokens
+    _check(llm, [_prompt("chirp_fr_default_task")], [_reference(models, "chirp_fr_default_task")])
+    assert kv.num_hit_tokens == hits  # another clip: nothing shared
+
+
+def test_graph_step_paths(models):
+    """The decode and prefill graph inputs (cross tables, row counts, ranges), eagerly."""
+    from polymodal.llm_core.cuda_graph import DecodeGraphs, PrefillGraphs
+
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=128,
+              max_num_batched_tokens=3)  # fmt: skip
+    runner = llm.engine.runner
+    groups = (runner.uses_mrope, runner.num_kv_groups, runner.num_cross_groups,
+              runner.max_cross_blocks)  # fmt: skip
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, 4, *groups)
+    runner.prefill_graphs = PrefillGraphs(runner.model, runner.kv_caches, 32, 4, *groups)
+    names = list(CASES)
+    _check(llm, [_prompt(n) for n in names], [_reference(models, n) for n in names])
+    assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0
+
+
+def test_processor_prompts_and_features(models):
+    """The forced ids as `generate` builds them, and features equal to the extractor's."""
+    proc = WhisperProcessor.from_pretrained(models[0])
+    gen = models[1].generation_config
+    lang, task = gen.lang_to_id, gen.task_to_id
+    sot, notimestamps = gen.decoder_start_token_id, gen.no_timestamps_token_id
+    assert proc.prompt_ids("en") == [sot, lang["<|en|>"], task["transcribe"], notimestamps]
+    assert proc.prompt_ids("German", "translate", True) == [sot, lang["<|de|>"], task["translate"]]
+    item = proc.audio_item(clip("chirp"))
+    want = models[2](clip("chirp"), sampling_rate=RATE, return_tensors="pt").input_features[0]
+    assert item.num_embeds == 250 and torch.equal(item.data["input_features"], want)
+    assert proc.audio_item(clip("chirp")).content_hash == item.content_hash
+    assert proc.audio_item(clip("tone")).content_hash != item.content_hash
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"language": None}, "language= is required"),
+        ({"language": "xx"}, "not one of this checkpoint's"),
+        ({"language": "en", "task": "summarize"}, "task="),
+        ({"language": "en", "audio": np.zeros(RATE * 6, np.float32)}, "longer than one 5 s"),
+        ({"language": "en", "audio": np.zeros(0, np.float32)}, "non-empty mono"),
+        ({"language": "en", "audio": (np.zeros(800, np.float32), 8000)}, "8000 Hz"),
+    ],
+)
+def test_bad_requests_name_the_problem(models, kwargs, message):
+    from polymodal.llm_core.errors import PolymodalError
+
+    proc = WhisperProcessor.from_pretrained(models[0])
+    audio = kwargs.pop("audio", clip("tone"))
+    with pytest.raises(PolymodalError, match=message):
+        proc.process(audios=[audio], **kwargs)
