@@ -92,8 +92,12 @@ class Engine:
         mm_items: list | None = None,
         grammar: Any = None,
         token_type_ids: list[int] | None = None,
+        lora_request: Any = None,
     ) -> str:
         """Queue a tokenized prompt (with optional media slots); returns the request id.
+
+        `lora_request` (a `LoRARequest`) runs it with that adapter (the engine needs
+        `enable_lora`); the adapter is read and checked here, so a bad one fails this request.
 
         `grammar` is `params.structured_outputs` already compiled (`compile_grammar`, e.g. on
         a worker thread); without it the engine compiles it here. A pooling model takes
@@ -125,6 +129,8 @@ class Engine:
                 "stop strings, bad_words and structured_outputs need a tokenizer "
                 "(skip_tokenizer_init is set)"
             )
+        if lora_request is not None:
+            self.check_lora(lora_request)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params)
         bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
@@ -143,6 +149,7 @@ class Engine:
                 cross_ranges=cross_ranges,
                 max_model_len=self.max_model_len,
                 bad_words_ids=bad_words,
+                lora_request=lora_request,
             )
             if params.seed is not None:
                 seq.generator = make_generator(params.seed + i, self.device)
@@ -247,6 +254,17 @@ class Engine:
             raise InvalidInputError(
                 f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})"
             )
+
+    def check_lora(self, lora_request: Any) -> None:
+        """Load (once) and check a request's adapter; raises InvalidInputError naming it
+        (thread-safe: callers may check on a worker thread ahead of `add_request`)."""
+        if self.runner.lora is None:
+            name = getattr(lora_request, "lora_name", lora_request)
+            raise InvalidInputError(
+                f"lora_request {name!r}: this engine was built without LoRA; pass "
+                "enable_lora=True (and max_loras / max_lora_rank) to use adapters"
+            )
+        self.runner.lora.load(lora_request)
 
     def compile_grammar(self, params: SamplingParams) -> Any:
         """`params.structured_outputs` compiled for this model's tokenizer (thread-safe; None

@@ -67,6 +67,12 @@ class EngineConfig:
     # cache's share of memory.
     max_num_encoder_tokens: int | None = None
     encoder_cache_mb: float | None = None
+    # LoRA adapters (vLLM's names): per-request PEFT adapters, up to `max_loras` of them in one
+    # step, each of rank <= `max_lora_rank`; `max_cpu_loras` loaded adapters kept on the host.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     seed: int = 0
 
 
@@ -175,12 +181,14 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
         net, kv_caches, cfg.block_size, device, layout.num_groups - cross, max(encoder_cache, 1),
         cross, max((g.spec.max_rows for g in layout.groups), default=0),
     )  # fmt: skip
+    runner.lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
     scheduler = Scheduler(
         kv,
         cfg.max_num_batched_tokens,
         cfg.max_num_seqs,
         cfg.max_num_encoder_tokens,
         runner.encoder_cache,
+        runner.lora,
     )
     graphs = cfg.cuda_graphs and not pooling and layout.slots
     if graphs and device.type == "cuda" and backend.name == "triton":
@@ -192,6 +200,20 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
             net.enable_cuda_graphs(tower_graphs)
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(path)
     return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
+
+
+def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool, dtype):
+    """The LoRAManager of an engine with `enable_lora` (its layers wrapped), else None."""
+    if not cfg.enable_lora:
+        return None
+    if pooling:
+        raise InvalidInputError("enable_lora: LoRA adapters on pooling models are not supported")
+    from polymodal.llm_core.lora import LoRAManager
+
+    return LoRAManager(
+        net, cfg.max_loras, cfg.max_lora_rank, cfg.max_num_batched_tokens, device,
+        cfg.max_cpu_loras, dtype,
+    )  # fmt: skip
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")

@@ -87,7 +87,10 @@ class KVCacheManager:
         """Extend `req.block_hashes` to cover every full block of its tokens."""
         bs = self.block_size
         for i in range(len(req.block_hashes), req.num_known_tokens // bs):
-            parent = req.block_hashes[i - 1] if i else None
+            # the chain starts at the request's adapter: blocks computed with one LoRA (or
+            # none) are never served to another
+            root = req.lora_request.cache_key if req.lora_request is not None else None
+            parent = req.block_hashes[i - 1] if i else root
             lo, hi = i * bs, (i + 1) * bs
             tokens = tuple(req.token_id(j) for j in range(lo, hi))
             media = tuple(

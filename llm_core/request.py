@@ -67,6 +67,8 @@ class Request:
     prompt_logprobs: list | None = None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words tokenized
     grammar: Any = None  # structured output state (structured_output.GrammarState)
+    lora_request: Any = None  # lora.LoRARequest: the adapter this sequence runs with
+    lora_slot: int = -1  # its adapter's slot while admitted (LoRAManager.acquire)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
     # Pooling requests (`params` is a PoolingParams): no tokens are sampled; the hidden states

@@ -96,29 +96,42 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.sampler = Sampler()
         self.graphs = None  # DecodeGraphs once capture_decode_graphs() ran
+        # LoRAManager when adapters are on: it fills each step's token -> adapter-slot mapping
+        self.lora = None
         self.prefill_graphs = None  # PrefillGraphs once capture_prefill_graphs() ran
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
         from polymodal.llm_core.cuda_graph import DecodeGraphs
 
+        self._lora_capture(True)
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
             self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups,
             self.num_cross_groups, self.max_cross_blocks,
         )  # fmt: skip
         self.graphs.capture()
+        self._lora_capture(False)
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
         """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens."""
         from polymodal.llm_core.cuda_graph import PrefillGraphs
 
+        self._lora_capture(True)
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
             self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups,
             self.num_cross_groups, self.max_cross_blocks,
         )  # fmt: skip
         self.prefill_graphs.capture()
+        self._lora_capture(False)
+
+    def _lora_capture(self, capturing: bool) -> None:
+        """Graphs record the LoRA kernels whatever the step holds (no adapter token while
+        capturing: they do nothing then); replays read each step's mapping."""
+        if self.lora is not None:
+            self.lora.batch.clear()
+            self.lora.batch.always_run = capturing
 
     # ---- inputs -------------------------------------------------------------------------
     def _positions(self, req: Request, start: int, end: int, rows: list[list[int]]) -> None:
@@ -403,6 +416,8 @@ class ModelRunner:
         writes = [r for r in sched.requests if r.cross_pending] if self.num_cross_groups else []
         cross_states = self._cross_states(writes) if writes else None
         hb = self.host_batch(sched, prev)
+        if self.lora is not None:  # static buffers the LoRA layers (and their graphs) read
+            self.lora.set_step(sched.requests, sched.num_new_tokens)
         if has_media and self.bidirectional_media:
             hb.key_ranges = self._media_key_ranges(sched)
         graphs = self.graphs

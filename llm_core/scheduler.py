@@ -54,6 +54,7 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_encoder_tokens: int | None = None,
         encoder_cache=None,
+        lora=None,
     ):
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -65,6 +66,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # a statistic: total preemptions so far
+        # LoRAManager when adapters are on: a request is admitted only with a slot for its
+        # adapter; one that finds none waits while others behind it go ahead
+        self.lora = lora
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -101,8 +105,12 @@ class Scheduler:
                 i += 1
         if out.preempted:  # the pool is full: admit nobody new this step
             return out
+        no_slot: list[Request] = []  # waiting requests whose adapter has no slot this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if self.lora is not None and not self.lora.can_acquire(req):
+                no_slot.append(self.waiting.popleft())
+                continue
             # prompt logprobs are computed from the prompt's own forward pass: no cache hits
             cacheable = req.num_computed_tokens == 0 and req.prompt_logprobs is None
             computed = self.kv.get_computed_blocks(req) if cacheable else []
@@ -125,12 +133,15 @@ class Scheduler:
                     encoding.undo(mark)
                 break
             self.waiting.popleft()
+            if self.lora is not None:
+                self.lora.acquire(req)  # can_acquire said yes: this takes the slot
             req.first_scheduled_time = req.first_scheduled_time or time.time()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.requests.append(req)
             out.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(no_slot))  # back at the front, in their order
         return out
 
     def _fit(self, req: Request, start: int, n: int, encoding: _EncoderWork) -> int:
@@ -159,6 +170,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Free all of `req`'s blocks; it recomputes prompt + outputs so far when readmitted."""
         self.kv.free_request(req)
+        if self.lora is not None:
+            self.lora.release(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -184,6 +197,8 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free_request(req)
+        if self.lora is not None:
+            self.lora.release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = req.finish_reason or reason
 

@@ -5,6 +5,8 @@ returns a `ProcessedPrompt` (token ids, M-RoPE positions, `MultimodalItem`s with
 and content hashes).
 """
 
+from polymodal.processors.audio import Audio, load_audio
+from polymodal.processors.audio_features import Phi4MMFeatures, WhisperFeatures, audio_content_hash
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.media import load_image
 from polymodal.processors.mrope import MediaSpan, mrope_positions
@@ -22,6 +24,11 @@ from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 from polymodal.processors.video import VideoFrames, load_video, sample_indices
 
 __all__ = [
+    "Audio",
+    "Phi4MMFeatures",
+    "WhisperFeatures",
+    "audio_content_hash",
+    "load_audio",
     "MediaSpan",
     "MultimodalItem",
     "ProcessedPrompt",

@@ -40,6 +40,7 @@ class MultimodalProcessor(Protocol):
 
     tokenizer: Any
     MEDIA_OPTIONS: ClassVar[tuple[str, ...]]
+    MODALITIES: ClassVar[tuple[str, ...]]  # "image", "video", "audio"
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> MultimodalProcessor: ...
@@ -85,6 +86,9 @@ class MediaProcessor:
     """
 
     MEDIA_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    #: the media kinds the model takes (its encoders': an audio part to a model without an
+    #: audio encoder is refused, naming the model)
+    MODALITIES: ClassVar[tuple[str, ...]] = ("image",)
     placeholder: str = "<image>"
     embed_token_id: int = -1
 

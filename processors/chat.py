@@ -3,6 +3,8 @@ and the chat template rendering shared by the processors."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,7 @@ MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
 class MediaRef:
     """One media item named by a message part (or passed next to a raw prompt)."""
 
-    modality: str  # "image" | "video"
+    modality: str  # "image" | "video" | "audio"
     source: Any
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -44,13 +46,53 @@ def _url_of(value: Any, options: dict[str, Any], where: str) -> Any:
     return value.get("url")
 
 
+# Content part types -> modality (OpenAI's `input_audio`, vLLM's `audio_url`, transformers'
+# `audio`).
+PART_MODALITY = {
+    "image": "image",
+    "image_url": "image",
+    "video": "video",
+    "video_url": "video",
+    "audio": "audio",
+    "audio_url": "audio",
+    "input_audio": "audio",
+}
+# `input_audio.format` values (OpenAI's wav / mp3, and what our decoders read); the bytes are
+# decoded by their content whatever the format says
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "mp4", "aac", "opus", "webm")
+
+
+def input_audio(value: Any, where: str) -> bytes:
+    """OpenAI's `{"data": <base64>, "format": "wav"}` -> the encoded bytes."""
+    if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+        raise InvalidInputError(f"{where}: input_audio needs {{'data': <base64>, 'format': ...}}")
+    fmt = value.get("format")
+    if fmt not in AUDIO_FORMATS:
+        raise InvalidInputError(
+            f"{where}: input_audio.format must be one of {list(AUDIO_FORMATS)}, got {fmt!r}"
+        )
+    try:
+        data = base64.b64decode(value["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(f"{where}: input_audio.data is not valid base64") from None
+    if not data:
+        raise InvalidInputError(f"{where}: input_audio.data is empty")
+    return data
+
+
+def part_modality(part: Any) -> str | None:
+    """The modality a content part carries (None: text, or not a media part)."""
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type") or next((k for k in PART_MODALITY if k in part), None)
+    return PART_MODALITY.get(kind)
+
+
 def _part_media(part: dict[str, Any], where: str) -> MediaRef | None:
     """The media a content part references, or None for a text part."""
     kind = part.get("type")
     if kind is None:  # Qwen's own format: {"image": src} / {"video": src} / {"text": ...}
-        kind = next(
-            (k for k in ("image", "image_url", "video", "video_url", "text") if k in part), None
-        )
+        kind = next((k for k in (*PART_MODALITY, "text") if k in part), None)
     options = {key: part[key] for key in ITEM_OPTIONS if key in part}
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -62,6 +104,13 @@ def _part_media(part: dict[str, Any], where: str) -> MediaRef | None:
         if source is None:
             raise InvalidInputError(f"{where}: a {kind!r} part needs a {kind!r} field")
         return MediaRef("image" if kind.startswith("image") else "video", source, options)
+    if kind == "input_audio":
+        return MediaRef("audio", input_audio(part.get("input_audio"), where), options)
+    if kind in ("audio", "audio_url"):
+        source = _url_of(part.get(kind, part.get("url", part.get("path"))), options, where)
+        if source is None:
+            raise InvalidInputError(f"{where}: a {kind!r} part needs a {kind!r} field")
+        return MediaRef("audio", source, options)
     raise InvalidInputError(f"{where}: unknown content part type {kind!r}")
 
 
@@ -70,7 +119,9 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
 
     Accepted parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": src}`,
     `{"type": "image_url", "image_url": {"url": ...}}`, `{"type": "video", "video": src}`
-    (and `video_url`). Message content may also be a plain string.
+    (and `video_url`), `{"type": "input_audio", "input_audio": {"data": b64, "format": ...}}`,
+    `{"type": "audio_url", "audio_url": {"url": ...}}`, `{"type": "audio", "audio": src}`.
+    Message content may also be a plain string.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")

@@ -44,6 +44,11 @@ def describe_source(source: Any) -> str:
         return f"<PIL image {source.mode} {source.width}x{source.height}>"
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return f"<{type(source).__name__} {tuple(source.shape)} {source.dtype}>"
+    if isinstance(source, tuple) and len(source) == 2:  # (audio array, sampling rate)
+        return f"{describe_source(source[0])[:-1]} at {source[1]!r} Hz>"
+    if isinstance(source, dict) and "sampling_rate" in source:  # transformers' audio dict
+        array = source.get("array", source.get("raw"))
+        return f"{describe_source(array)[:-1]} at {source['sampling_rate']!r} Hz>"
     return f"<{type(source).__name__}>"
 
 

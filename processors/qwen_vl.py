@@ -56,6 +56,7 @@ class QwenVLProcessor:
     """Prompt + media processing for Qwen2-VL and Qwen2.5-VL checkpoints."""
 
     MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
+    MODALITIES = ("image", "video")
 
     def __init__(
         self,

@@ -12,6 +12,8 @@ from polymodal.processors.types import ProcessedPrompt
 class TextProcessor:
     """Tokenizes a raw prompt or renders chat messages through the checkpoint's template."""
 
+    MODALITIES: tuple[str, ...] = ()  # the media kinds it takes: none
+
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
 

@@ -27,7 +27,7 @@ PixelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torc
 
 @dataclass
 class MultimodalItem:
-    """One media item (an image, a video) of a prompt, preprocessed for its encoder.
+    """One media item (an image, a video, an audio clip) of a prompt, preprocessed for its encoder.
 
     Span: `token_ids[slot_start : slot_start + num_slots]`. With `target == SLOTS` the
     encoder's output rows `[num_embeds, hidden]` replace the embeddings of the span's positions
@@ -45,7 +45,7 @@ class MultimodalItem:
     `pixel_values()` makes them anywhere.
     """
 
-    modality: str  # "image" | "video"
+    modality: str  # "image" | "video" | "audio"
     data: dict[str, torch.Tensor]
     slot_start: int
     num_slots: int

@@ -4,14 +4,18 @@
 The decoder prompt is what transformers' `WhisperForConditionalGeneration.generate` starts
 from (its `_retrieve_init_tokens`): `<|startoftranscript|>`, the language (`language=`, a code
 or a name; a multilingual model needs one: language detection is not done here), the task
-(`transcribe` / `translate`), and `<|notimestamps|>` unless `timestamps=True`; a text prompt
-given as well is appended as is (a raw decoder prompt, vLLM's form). The audio is one window
-of at most `chunk_length` seconds (30 for the released models): its log-mel features
-`[num_mel_bins, 2 * max_source_positions]`, an item of `max_source_positions` encoder rows.
+(`transcribe` / `translate`), and `<|notimestamps|>` unless `timestamps=True`. Text given with
+the audio (a chat message's text, Pipeline's `text=`) is previous-context text, as
+`generate(prompt_ids=get_prompt_ids(text))` puts it: `<|startofprev|>` + its tokens before the
+rest; a raw prompt that starts with `<|startoftranscript|>` is the whole decoder prompt
+(vLLM's form).
 
-Log-mel features: given as `input_features`, or computed from a 16 kHz mono float waveform by
-transformers' `WhisperFeatureExtractor` until `processors/audio.py` (decoding, resampling,
-log-mel; another branch) lands.
+The audio (a path, bytes, data: URL or `(waveform, rate)`: `processors/audio.py` decodes,
+downmixes and resamples it to 16 kHz) is one window of at most `chunk_length` seconds (30 for
+the released models): its log-mel features `[num_mel_bins, 2 * max_source_positions]`
+(`processors/audio_features.WhisperFeatures`, equal to transformers' extractor), an item of
+`max_source_positions` encoder rows. Precomputed features `[num_mel_bins, frames]` are taken
+as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import numpy as np
 import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError
+from polymodal.processors.audio import load_audio
+from polymodal.processors.audio_features import WhisperFeatures, audio_content_hash
 from polymodal.processors.base import load_tokenizer
+from polymodal.processors.chat import split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.pixels import read_json
 from polymodal.processors.types import CROSS_ATTENTION, MultimodalItem, ProcessedPrompt
@@ -46,10 +53,18 @@ class WhisperProcessor:
     """Decoder prompts and log-mel items for Whisper checkpoints."""
 
     MEDIA_OPTIONS: ClassVar[tuple[str, ...]] = ("language", "task", "timestamps")
-    takes_audio: ClassVar[bool] = True  # `process(audios=...)` (vLLM's multi_modal_data["audio"])
+    MODALITIES: ClassVar[tuple[str, ...]] = ("audio",)
 
-    def __init__(self, tokenizer: Any, *, model_dir: str | Path | None = None, **_: Any):
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        model_dir: str | Path | None = None,
+        allow_http: bool = False,
+        **_: Any,
+    ):
         self.tokenizer = tokenizer
+        self.allow_http = allow_http
         folder = Path(model_dir) if model_dir is not None else None
         generation = (read_json(folder / "generation_config.json") or {}) if folder else {}
         config = (read_json(folder / "config.json") or {}) if folder else {}
@@ -58,9 +73,9 @@ class WhisperProcessor:
             extractor = (read_json(folder / "processor_config.json") or {}).get(
                 "feature_extractor", {}
             )
-        self.extractor_config = extractor
-        self.sampling_rate = int(extractor.get("sampling_rate", 16000))
-        self.chunk_length = float(extractor.get("chunk_length", 30))
+        self.extractor = WhisperFeatures.from_config(extractor)
+        self.sampling_rate = self.extractor.sampling_rate
+        self.chunk_length = self.extractor.chunk_length
         self.num_rows = int(config.get("max_source_positions", 1500))
         self.num_frames = 2 * self.num_rows
         self.sot = int(
@@ -70,7 +85,7 @@ class WhisperProcessor:
         self.task_to_id = dict(generation.get("task_to_id") or {})
         self.no_timestamps = generation.get("no_timestamps_token_id")
         self.multilingual = bool(generation.get("is_multilingual", bool(self.lang_to_id)))
-        self._extractor = None
+        self.prev = tokenizer.convert_tokens_to_ids("<|startofprev|>")
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> WhisperProcessor:
@@ -79,11 +94,19 @@ class WhisperProcessor:
 
     # ---- the decoder prompt ------------------------------------------------------------
     def prompt_ids(
-        self, language: str | None = None, task: str | None = None, timestamps: bool = False
+        self,
+        language: str | None = None,
+        task: str | None = None,
+        timestamps: bool = False,
+        previous_text: str | None = None,
     ) -> list[int]:
-        """`<|startoftranscript|>` [language] [task] [`<|notimestamps|>`] as `generate` builds
-        them (a language without a task means transcribe)."""
+        """[`<|startofprev|>` previous text] `<|startoftranscript|>` [language] [task]
+        [`<|notimestamps|>`] as `generate` builds them (a language without a task means
+        transcribe)."""
         ids = [self.sot]
+        if previous_text and previous_text.strip():  # transformers' `get_prompt_ids`
+            text = " " + previous_text.strip()
+            ids = [self.prev, *self.tokenizer.encode(text, add_special_tokens=False), self.sot]
         if language is not None:
             ids.append(self._language_id(language))
         elif self.multilingual:
@@ -112,54 +135,32 @@ class WhisperProcessor:
         return int(self.lang_to_id[token])
 
     # ---- audio -------------------------------------------------------------------------
-    def features(self, audio: Any, sampling_rate: int | None = None) -> torch.Tensor:
-        """float32 log-mel `[num_mel_bins, frames]` of one window: `audio` is a 1-D waveform
-        (numpy / torch / list, at the extractor's rate) or already such features."""
-        if isinstance(audio, tuple):  # vLLM's (waveform, sampling rate)
-            audio, sampling_rate = audio
-        data = torch.as_tensor(np.asarray(audio, dtype=np.float32))
-        if data.dim() == 2:  # precomputed features
-            if data.shape[-1] != self.num_frames:
+    def audio_item(self, source: Any, index: int = 0) -> MultimodalItem:
+        """One window's features as a cross-attention item of `max_source_positions` rows:
+        `source` decoded and resampled (`load_audio`), or features `[num_mel_bins, frames]`."""
+        if isinstance(source, (np.ndarray, torch.Tensor)) and np.ndim(source) == 2:
+            features = torch.as_tensor(np.asarray(source, dtype=np.float32))
+            if features.shape != (self.extractor.feature_size, self.num_frames):
                 raise MediaError(
-                    f"audio features have {data.shape[-1]} frames; this model takes "
-                    f"{self.num_frames} (one {self.chunk_length:g} s window)"
+                    f"audio {index + 1}: features of shape {tuple(features.shape)}; this model "
+                    f"takes [{self.extractor.feature_size}, {self.num_frames}] (one "
+                    f"{self.chunk_length:g} s window)"
                 )
-            return data
-        if data.dim() != 1 or data.numel() == 0:
-            raise MediaError(
-                f"audio must be a non-empty mono waveform, got shape {tuple(data.shape)}"
+            key = content_hash("audio", {"input_features": features})
+        else:
+            audio = load_audio(
+                source, index=index, sampling_rate=self.sampling_rate, allow_http=self.allow_http
             )
-        rate = sampling_rate or self.sampling_rate
-        if rate != self.sampling_rate:
-            raise MediaError(
-                f"audio at {rate} Hz: this model takes {self.sampling_rate} Hz (resampling "
-                "comes with processors/audio.py)"
-            )
-        seconds = data.numel() / rate
-        if seconds > self.chunk_length:
-            raise MediaError(
-                f"audio of {seconds:.1f} s is longer than one {self.chunk_length:g} s window "
-                "(long-form transcription is not supported yet)"
-            )
-        extractor = self._feature_extractor()
-        out = extractor(data.numpy(), sampling_rate=rate, return_tensors="pt")
-        return out["input_features"][0]
-
-    def _feature_extractor(self):
-        if self._extractor is None:
-            from transformers import WhisperFeatureExtractor
-
-            known = ("feature_size", "sampling_rate", "hop_length", "chunk_length", "n_fft",
-                     "padding_value")  # fmt: skip
-            self._extractor = WhisperFeatureExtractor(
-                **{k: v for k, v in self.extractor_config.items() if k in known}
-            )
-        return self._extractor
-
-    def audio_item(self, audio: Any, sampling_rate: int | None = None) -> MultimodalItem:
-        """One window's features as a cross-attention item of `max_source_positions` rows."""
-        features = self.features(audio, sampling_rate)
-        key = content_hash("audio", {"input_features": features})
+            if audio.num_samples == 0:
+                raise MediaError(f"audio {index + 1}: the clip is empty (0 samples)")
+            if audio.duration > self.chunk_length:
+                raise MediaError(
+                    f"audio {index + 1}: {audio.duration:.1f} s is longer than one "
+                    f"{self.chunk_length:g} s window (long-form transcription is not supported "
+                    "yet)"
+                )
+            features = self.extractor(audio.waveform)
+            key = audio_content_hash(audio.waveform, self.extractor)
         return MultimodalItem(
             "audio", {"input_features": features}, 0, 0, key, target=CROSS_ATTENTION,
             encoder_rows=self.num_rows,
@@ -169,11 +170,12 @@ class WhisperProcessor:
     def process_tokens(
         self, token_ids: list[int], refs: list, defaults: dict[str, Any] | None = None
     ) -> ProcessedPrompt:
-        """A tokenized decoder prompt: without audio, the decoder runs alone (its
-        cross-attention layers skip the request)."""
-        if refs:
-            raise InvalidInputError("give audio with a text 'prompt' (the decoder prompt)")
-        return ProcessedPrompt(list(token_ids), None, 0, [])
+        """A tokenized decoder prompt and at most one audio clip; without audio, the decoder
+        runs alone (its cross-attention layers skip the request)."""
+        if len(refs) > 1 or any(ref.modality != "audio" for ref in refs):
+            raise InvalidInputError("Whisper takes one audio clip a request, and no images")
+        items = [self.audio_item(refs[0].source)] if refs else []
+        return ProcessedPrompt(list(token_ids), None, 0, items)
 
     def process(
         self,
@@ -189,18 +191,39 @@ class WhisperProcessor:
         template: Any = None,
         **options: Any,
     ) -> ProcessedPrompt:
-        """One transcription request: the task prompt (plus `prompt`, a raw decoder prompt, if
-        given) and its one audio window."""
-        if messages is not None or images or videos:
-            raise InvalidInputError("Whisper takes audio and a decoder prompt, not chat or images")
+        """One transcription request: one audio window, the task prompt; text with it (a raw
+        `prompt`, or the text of chat `messages`, whose one audio part is the clip) is
+        previous-context text, unless it is a whole decoder prompt."""
+        if images or videos:
+            raise InvalidInputError("Whisper takes audio, not images or videos")
         unknown = sorted(k for k, v in options.items() if v is not None)
         if unknown:
             raise InvalidInputError(f"options {unknown} do not apply to Whisper")
+        audios = list(audios)
+        if messages is not None:
+            if prompt is not None or audios:
+                raise InvalidInputError("with messages=, give the audio as a message part")
+            template_messages, refs = split_messages(messages)
+            if any(ref.modality != "audio" for ref in refs):
+                raise InvalidInputError("Whisper takes audio, not images or videos")
+            audios = [ref.source for ref in refs]
+            prompt = _message_text(template_messages)
         if len(audios) != 1:
-            raise InvalidInputError(f"Whisper takes one audio window a request, got {len(audios)}")
-        ids = self.prompt_ids(language, task, timestamps)
-        if prompt and prompt.startswith("<|startoftranscript|>"):
-            ids = []  # a whole decoder prompt, vLLM's form
-        if prompt:
-            ids += self.tokenizer.encode(prompt, add_special_tokens=False)
+            raise InvalidInputError(f"Whisper takes one audio clip a request, got {len(audios)}")
+        if prompt and prompt.startswith("<|startoftranscript|>"):  # a whole decoder prompt
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = self.prompt_ids(language, task, timestamps, prompt)
         return ProcessedPrompt(ids, None, 0, [self.audio_item(audios[0])])
+
+
+def _message_text(messages: list[dict[str, Any]]) -> str:
+    """The text parts of chat messages (from `split_messages`), joined by spaces."""
+    texts = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        texts += [part.get("text", "") for part in content if part.get("type") == "text"]
+    return " ".join(t for t in texts if t)

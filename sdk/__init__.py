@@ -27,6 +27,10 @@ def __getattr__(name: str):
         from polymodal import beam_search
 
         return getattr(beam_search, name)
+    if name == "LoRARequest":
+        from polymodal.llm_core.lora.adapter import LoRARequest
+
+        return LoRARequest
     raise AttributeError(f"module 'polymodal' has no attribute {name!r}")
 
 
@@ -36,6 +40,7 @@ __all__ = [
     "Result",
     "SamplingParams",
     "StructuredOutputsParams",
+    "LoRARequest",
     "BeamSearchParams",
     "BeamSearchOutput",
     "BeamSearchSequence",

@@ -115,9 +115,14 @@ class AsyncEngine:
 
     # ---- public API (event-loop side) ----------------------------------------------------
     def submit(
-        self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Any,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        lora_request: Any = None,
     ) -> str:
         """Queue one prompt (any form `LLM.process` takes); returns its request id at once.
+        `lora_request` (a `LoRARequest`) runs it with that adapter (`enable_lora`).
 
         Processing errors are not raised here: they end this request's `stream` instead.
         Every submitted request is to be read with `stream` (or `generate`) or aborted.
@@ -130,7 +135,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise InvalidInputError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = _Stream(loop)
-        self._core.submit(request_id, prompt, params or SamplingParams())
+        self._core.submit(request_id, prompt, params or SamplingParams(), lora_request)
         return request_id
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:

@@ -35,6 +35,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp8: E4M3 KV cache, twice the tokens (default auto: the model dtype)",
     )
     parser.add_argument(
+        "--enable-lora", action="store_true", help="serve LoRA adapters (per request)"
+    )
+    parser.add_argument("--max-loras", type=int, help="adapters in one step (default 1)")
+    parser.add_argument("--max-lora-rank", type=int, help="largest adapter rank (default 16)")
+    parser.add_argument("--max-cpu-loras", type=int, help="loaded adapters kept on the host")
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="PEFT adapters served under their own model names (implies --enable-lora)",
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -55,5 +67,31 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dummy_weights=args.load_format == "dummy" or None,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        enable_lora=bool(args.enable_lora or args.lora_modules) or None,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def lora_modules(values: list[str] | None) -> dict:
+    """`--lora-modules name=path ...` (vLLM's form; also a JSON object per value with
+    `name`, `path`) -> served name -> `LoRARequest`, ids from 1 in order."""
+    import json
+
+    from polymodal.llm_core.lora.adapter import LoRARequest
+
+    modules: dict = {}
+    for value in values or ():
+        if value.lstrip().startswith("{"):
+            spec = json.loads(value)
+            name, path = spec.get("name"), spec.get("path")
+        else:
+            name, _, path = value.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora-modules {value!r}: expected NAME=PATH")
+        if name in modules:
+            raise ValueError(f"--lora-modules: {name!r} is given twice")
+        modules[name] = LoRARequest(name, len(modules) + 1, path)
+    return modules

@@ -81,12 +81,15 @@ class EngineLoop:
         self._thread.start()
 
     # ---- commands (any thread) -----------------------------------------------------------
-    def submit(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
-        """Process `prompt` on the pool, then queue it in the engine under `request_id`."""
+    def submit(
+        self, request_id: str, prompt: Any, params: SamplingParams, lora_request: Any = None
+    ) -> None:
+        """Process `prompt` on the pool, then queue it in the engine under `request_id` (with
+        the adapter `lora_request`, when given)."""
         with self._lock:
             self._live.add(request_id)
             self._pending += 1
-        self._pool.submit(self._process, request_id, prompt, params)
+        self._pool.submit(self._process, request_id, prompt, params, lora_request)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; its stream ends with `END`."""
@@ -106,6 +109,7 @@ class EngineLoop:
             "eos_token_ids": list(mc.eos_token_ids),
             "max_model_len": self.engine.max_model_len,
             "default_sampling": dict(self.llm.default_sampling),
+            "modalities": list(self.llm.processor.MODALITIES),  # media kinds the model takes
         }
 
     def process_later(self, prompt: Any) -> Any:
@@ -126,19 +130,21 @@ class EngineLoop:
             self._commands.append(command)
         self._wake.set()
 
-    def _process(self, request_id: str, prompt: Any, params: SamplingParams) -> None:
+    def _process(self, request_id: str, prompt: Any, params: SamplingParams, lora=None) -> None:
         """Worker pool: load media, tokenize, compile the grammar (structured output), check
         an explicit `max_tokens` against the context (vLLM's server rule); hand the result
         (or the error) on."""
         try:
             processed, grammar = self.llm.prepare(prompt, params)
             check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
+            if lora is not None:  # read and check the adapter here, off the engine thread
+                self.engine.check_lora(lora)
         except Exception as exc:  # noqa: BLE001 - the error belongs to this request only
             with self._lock:
                 self._pending -= 1
             self._end([(request_id, exc)])
             return
-        self._command(("add", request_id, processed, params, grammar))
+        self._command(("add", request_id, processed, params, grammar, lora))
 
     def _end(self, items: list[tuple[str, Any]]) -> None:
         """Emit items, forgetting the requests they end (finished outputs, errors, END)."""
@@ -155,7 +161,7 @@ class EngineLoop:
             commands, self._commands = list(self._commands), deque()
         for command in commands:
             if command[0] == "add":
-                _, request_id, p, params, grammar = command
+                _, request_id, p, params, grammar, lora = command
                 with self._lock:
                     self._pending -= 1
                     live = request_id in self._live
@@ -170,6 +176,7 @@ class EngineLoop:
                         p.mrope_delta,
                         p.mm_items,
                         grammar,
+                        lora_request=lora,
                     )
                     with self._lock:
                         self._added.add(request_id)

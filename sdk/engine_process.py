@@ -8,7 +8,7 @@ Here the child holds the model, the media workers and the engine thread (the off
 situation); the parent keeps the event loop, and only prompts (raw: strings, bytes, images)
 and outputs cross, pickled.
 
-Protocol (each message a tuple): parent -> child `("add", id, prompt, params)`, `("abort",
+Protocol (each message a tuple): parent -> child `("add", id, prompt, params, lora)`, `("abort",
 id)`, `("option", name, value)`, `("process", token, prompt)`, `("close",)`; child -> parent
 `("ready", info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`,
 `("stats", tuple)` and `("processed", token, result, error)`.
@@ -88,8 +88,8 @@ class EngineProcess:
         self._reader.daemon = True
         self._reader.start()
 
-    def submit(self, request_id: str, prompt: Any, params: Any) -> None:
-        self._send(("add", request_id, prompt, params))
+    def submit(self, request_id: str, prompt: Any, params: Any, lora_request: Any = None) -> None:
+        self._send(("add", request_id, prompt, params, lora_request))
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

@@ -45,8 +45,9 @@ def run_prompts(
     prefetch: int | None = None,
     max_in_flight: int | None = None,
 ) -> Iterator[Finished]:
-    """Run `(key, prompt, SamplingParams)` items through `llm` (a `polymodal.LLM`); yield a
-    `Finished` per item as it ends, in completion order.
+    """Run `(key, prompt, SamplingParams)` items (or `(key, prompt, params, lora_request)`)
+    through `llm` (a `polymodal.LLM`); yield a `Finished` per item as it ends, in completion
+    order.
 
     At most `max_in_flight` requests (default: the engine's `max_num_seqs`, a full batch) are
     in the engine, and at most `prefetch` more processed ahead on `workers` threads
@@ -66,24 +67,25 @@ def run_prompts(
             item = next(upcoming, None)
             if item is None:
                 return
-            key, prompt, params = item
+            key, prompt, params, *lora = item
             job = pool.submit(llm.prepare, prompt, params) if pool else prompt
-            ahead.append((key, job, params))
+            ahead.append((key, job, params, lora[0] if lora else None))
 
     try:
         refill()
         while ahead or in_flight:
             # feed: take processed prompts while there is room; wait only if the engine idles
             while ahead and len(in_flight) < max_in_flight:
-                key, pending, params = ahead[0]
+                key, pending, params, lora_request = ahead[0]
                 if pool and in_flight and not pending.done():
                     break
                 ahead.popleft()
                 try:
                     p, grammar = pending.result() if pool else llm.prepare(pending, params)
                     request_id = engine.add_request(
-                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items, grammar
-                    )
+                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items,
+                        grammar, lora_request=lora_request,
+                    )  # fmt: skip
                     in_flight[request_id] = key
                 except Exception as exc:  # noqa: BLE001 - this item's error, the rest go on
                     yield Finished(key, error=exc)

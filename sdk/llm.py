@@ -17,6 +17,7 @@ from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
+from polymodal.llm_core.lora import LoRARequest
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -31,7 +32,7 @@ from polymodal.llm_prompts import (
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
-MODALITY_LIMIT_KEYS = ("image", "video")
+MODALITY_LIMIT_KEYS = ("image", "video", "audio")
 
 
 class LLM:
@@ -74,6 +75,7 @@ class LLM:
         self.engine = Engine(model, EngineConfig(**config))
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
+        self.model_name = f"{model!r} ({self.model_config.architecture})"
         cls = processor_class(self.model_config.architecture)
         model_dir = self.model_config.model_dir
         self.processor = cls.from_pretrained(model_dir) if cls else TextProcessor(self.tokenizer)
@@ -155,7 +157,7 @@ class LLM:
         Media tensors are moved to the model's device here (`stage`), so a caller that
         processes on a worker thread overlaps that copy with the engine's work.
         """
-        processed = process_prompt(self.processor, prompt, self.media_defaults)
+        processed = process_prompt(self.processor, prompt, self.media_defaults, self.model_name)
         if self.limit_mm_per_prompt:
             for modality, limit in self.limit_mm_per_prompt.items():
                 count = sum(item.modality == modality for item in processed.mm_items)
@@ -175,15 +177,18 @@ class LLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         grammar: Any = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Process one prompt and queue it in the engine; returns its request id.
 
-        `grammar` is `params.structured_outputs` compiled ahead (`engine.compile_grammar`).
+        `grammar` is `params.structured_outputs` compiled ahead (`engine.compile_grammar`);
+        `lora_request` runs it with that adapter.
         """
         p = self.process(prompt)
         return self.engine.add_request(
-            p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items, grammar
-        )
+            p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items, grammar,
+            lora_request=lora_request,
+        )  # fmt: skip
 
     def prepare(self, prompt: Any, params: SamplingParams) -> tuple[ProcessedPrompt, Any]:
         """`process(prompt)` plus the request's compiled grammar (None without structured
@@ -195,8 +200,13 @@ class LLM:
         prompts: Any,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; results in input order.
+
+        `lora_request` (vLLM's keyword; the engine needs `enable_lora=True`): one adapter for
+        every prompt, or a list with one per prompt (None: the base model). Requests with
+        different adapters run batched in the same steps.
 
         Prompts are processed on worker threads while the engine runs the ones already
         queued (`feeder.run_prompts`). A bad prompt raises a PolymodalError naming its index,
@@ -205,8 +215,11 @@ class LLM:
         """
         batch = _as_batch(prompts)
         params = _params_list(sampling_params or self.get_default_sampling_params(), len(batch))
+        loras = _lora_list(lora_request, len(batch))
         results: list[RequestOutput | None] = [None] * len(batch)
-        items = ((i, prompt, sp) for i, (prompt, sp) in enumerate(zip(batch, params)))
+        items = (
+            (i, prompt, sp, lora) for i, (prompt, sp, lora) in enumerate(zip(batch, params, loras))
+        )
         workers = PROCESS_WORKERS if len(batch) > 1 else 0  # one prompt: no thread hand-off
         bar = None
         if use_tqdm:
@@ -266,9 +279,11 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """`generate` for one conversation (a list of messages) or a list of conversations,
-        with vLLM's chat keywords (template, tools, template variables, media options)."""
+        with vLLM's chat keywords (template, tools, template variables, media options,
+        `lora_request`)."""
         conversations = [messages] if is_messages(messages) else list(messages)
         options = {
             "chat_template": chat_template,
@@ -279,7 +294,7 @@ class LLM:
             "mm_processor_kwargs": mm_processor_kwargs,
         }
         prompts = [{"messages": list(conv), **options} for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def beam_search(
         self, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False
@@ -290,12 +305,18 @@ class LLM:
         processed = [self.process(p) for p in _as_batch(prompts)]
         return beam_search(self, processed, params, use_tqdm)
 
-    def stream(self, prompt: Any, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompt: Any,
+        params: SamplingParams | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (deltas included).
 
         Closing the iterator early aborts the request and frees its KV blocks.
         """
-        request_id = self.submit(prompt, params or self.get_default_sampling_params())
+        params = params or self.get_default_sampling_params()
+        request_id = self.submit(prompt, params, lora_request=lora_request)
         try:
             while True:
                 for out in self.engine.step():
@@ -368,3 +389,17 @@ def _params_list(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise InvalidInputError(f"{len(params)} sampling params given for {n} prompts")
     return params
+
+
+def _lora_list(lora_request, n: int) -> list:
+    """One adapter (or None) per prompt from `generate(lora_request=...)`."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if not isinstance(lora_request, (list, tuple)):
+        raise InvalidInputError(
+            f"lora_request must be a LoRARequest or a list of them, got "
+            f"{type(lora_request).__name__}"
+        )
+    if len(lora_request) != n:
+        raise InvalidInputError(f"{len(lora_request)} lora requests given for {n} prompts")
+    return list(lora_request)

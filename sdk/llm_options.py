@@ -24,7 +24,6 @@ VLLM_DEFAULT_ONLY = {
     "tokenizer_mode": "auto",
     "revision": None,
     "tokenizer_revision": None,
-    "enable_lora": False,
     "speculative_config": None,
     "cpu_offload_gb": 0,
 }

@@ -6,11 +6,15 @@
     {"prompt": ..., "multi_modal_data": {"image": img | [imgs], "video": v | [vs]},
      "mm_processor_kwargs": {"max_pixels": ...}}                         vLLM's text prompt
     {"prompt": "<|startoftranscript|>...", "multi_modal_data": {"audio": (waveform, rate)}}
-                                                 vLLM's Whisper prompt (audio models only)
+                                                 vLLM's Whisper prompt (one clip: a tuple)
     {"prompt_token_ids": [...], "multi_modal_data": ...}                 vLLM's tokens prompt
     {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
      "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
     {"prompt": ..., "images": [...], "videos": [...], "max_pixels": ...}   polymodal's own form
+
+Audio (`multi_modal_data={"audio": ...}`, `audios=[...]`, or `input_audio` / `audio_url` /
+`audio` message parts) goes only to a model whose processor takes it (`MODALITIES`); any
+other model refuses it with an error naming the model.
 
 A raw multimodal prompt marks each item with the model's placeholder (Qwen2-VL:
 `<|vision_start|><|image_pad|><|vision_end|>`), in the order of the media given. A dict key
@@ -22,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.processors.chat import ChatTemplateOptions, MediaRef
+from polymodal.processors.chat import ChatTemplateOptions, MediaRef, part_modality
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
@@ -37,8 +41,9 @@ TEMPLATE_KEYS = (
 )
 SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages")
 PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}
+PROMPT_KEYS |= {"audios"}
 PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS}
-# multi_modal_data key -> media list ("audios" reach only processors that take audio)
+# multi_modal_data key -> media list
 MODALITIES = {"image": "images", "video": "videos", "audio": "audios"}
 
 
@@ -56,13 +61,42 @@ def media_options(
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def check_modalities(processor: Any, used: set[str], model: str) -> None:
+    """Refuse audio for a model whose processor takes none (it has no audio encoder)."""
+    takes = tuple(processor.MODALITIES)
+    if "audio" in used and "audio" not in takes:
+        raise InvalidInputError(
+            f"model {model} takes no audio input: it has no audio encoder (it takes "
+            f"{', '.join(takes) or 'text only'})"
+        )
+
+
+def prompt_modalities(prompt: Any) -> set[str]:
+    """The media kinds a prompt carries (message parts, multi_modal_data, media keys), read
+    without loading anything."""
+    messages = prompt if is_messages(prompt) else None
+    found: set[str] = set()
+    if isinstance(prompt, dict):
+        messages = prompt.get("messages") if isinstance(prompt.get("messages"), list) else None
+        data = prompt.get("multi_modal_data")
+        found |= set(data) & set(MODALITIES) if isinstance(data, dict) else set()
+        found |= {m for m, key in MODALITIES.items() if prompt.get(key)}
+    for message in messages or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            found |= {part_modality(part) for part in content} - {None}
+    return found
+
+
 def process_prompt(
-    processor: Any, prompt: Any, default_options: dict[str, Any] | None = None
+    processor: Any, prompt: Any, default_options: dict[str, Any] | None = None, model: str = ""
 ) -> ProcessedPrompt:
     """One prompt in any form above -> `ProcessedPrompt` (media loaded, template rendered).
 
-    `default_options` (the LLM's `mm_processor_kwargs`) apply unless the prompt sets them.
+    `default_options` (the LLM's `mm_processor_kwargs`) apply unless the prompt sets them;
+    `model` names the model in the error for media it does not take.
     """
+    check_modalities(processor, prompt_modalities(prompt), model or "this model")
     options = dict(default_options or {})
     text_only = isinstance(processor, TextProcessor)
     allowed = tuple(getattr(processor, "MEDIA_OPTIONS", MEDIA_OPTIONS))
@@ -92,13 +126,13 @@ def process_prompt(
     options.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs", allowed))
     media = _media(prompt)
-    if media.get("audios") and not getattr(processor, "takes_audio", False):
-        raise InvalidInputError("this model takes no audio (multi_modal_data['audio'])")
     template = {k: prompt[k] for k in TEMPLATE_KEYS if k in prompt}
     if template and "messages" not in prompt:
         raise InvalidInputError(f"{sorted(template)} apply to 'messages' prompts only")
+    if not media["audios"]:
+        del media["audios"]  # only processors that take audio know the keyword
     if "messages" in prompt:
-        if media["images"] or media["videos"] or media.get("audios"):
+        if any(media.values()):
             raise InvalidInputError("with 'messages', give media as message parts")
         opts = ChatTemplateOptions(**template)
         opts.chat_template_kwargs = opts.chat_template_kwargs or {}
@@ -107,17 +141,16 @@ def process_prompt(
         ids = prompt["prompt_token_ids"]
         if not is_token_ids(ids):
             raise InvalidInputError("prompt_token_ids must be a non-empty list of ints")
-        if media.get("audios"):
-            raise InvalidInputError("give audio with a text 'prompt' (the decoder prompt)")
         refs = [MediaRef("image", s) for s in media["images"]]
         refs += [MediaRef("video", s) for s in media["videos"]]
+        refs += [MediaRef("audio", s) for s in media.get("audios", ())]
         return _tokens(processor, list(ids), refs, options, text_only)
     return processor.process(prompt=prompt["prompt"], **media, **options)
 
 
 def _media(prompt: dict) -> dict[str, list]:
     """`images` / `videos` lists from polymodal's keys or vLLM's `multi_modal_data`."""
-    media = {"images": list(prompt.get("images") or ()), "videos": list(prompt.get("videos") or ())}
+    media = {key: list(prompt.get(key) or ()) for key in MODALITIES.values()}
     data = prompt.get("multi_modal_data") or {}
     if not isinstance(data, dict):
         raise InvalidInputError("multi_modal_data must be a dict like {'image': [...]}")
@@ -129,7 +162,7 @@ def _media(prompt: dict) -> dict[str, list]:
         one = (key == "video" and _is_frame_list(items)) or (key == "audio" and _is_clip(items))
         if one or not isinstance(items, (list, tuple)):
             items = [items]  # one item (a video given as a list of frames is one item)
-        media.setdefault(MODALITIES[key], []).extend(items)
+        media[MODALITIES[key]].extend(items)
     return media
 
 

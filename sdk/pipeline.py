@@ -28,9 +28,13 @@ from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings,
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_prompts import MEDIA_OPTIONS, is_messages
 
+SPEECH_OPTIONS = ("language", "task", "timestamps")  # reach processors that take them
+
 
 class PipelineRequest(BaseModel):
-    """One request: `text` with optional `image` / `images` / `video`, or chat `messages`."""
+    """One request: `text` with optional `image` / `images` / `video` / `audio`, or chat
+    `messages`. `audio` (a path, bytes, data: URL or `(array, sampling_rate)`; or a list of
+    them) goes to models with an audio encoder; others refuse it, naming the model."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
@@ -38,12 +42,17 @@ class PipelineRequest(BaseModel):
     image: Any = None
     images: list[Any] | None = None
     video: Any = None
+    audio: Any = None
     messages: list[dict[str, Any]] | None = None
     system: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
     fps: float | None = None
     num_frames: int | None = None
+    # speech models (Whisper): the spoken language, "transcribe" / "translate", timestamps
+    language: str | None = None
+    task: str | None = None
+    timestamps: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -64,10 +73,10 @@ class PipelineRequest(BaseModel):
     @model_validator(mode="after")
     def _one_source(self):
         if self.messages is not None and any(
-            v is not None for v in (self.image, self.images, self.video)
+            v is not None for v in (self.image, self.images, self.video, self.audio)
         ):
             raise ValueError(
-                "give media inside the chat messages, or use text= with image/images/video"
+                "give media inside the chat messages, or use text= with image/images/video/audio"
             )
         if self.messages is not None and self.text is not None:
             raise ValueError("give either messages= or text=, not both")
@@ -75,9 +84,11 @@ class PipelineRequest(BaseModel):
             self.messages is None
             and self.text is None
             and self.image is None
-            and not (self.images or self.video is not None)
+            and not (self.images or self.video is not None or self.audio is not None)
         ):
-            raise ValueError("nothing to do: give text=, image=, images=, video= or messages=")
+            raise ValueError(
+                "nothing to do: give text=, image=, images=, video=, audio= or messages="
+            )
         if self.image is not None and self.images:
             raise ValueError("give image= or images=, not both")
         return self
@@ -91,11 +102,14 @@ class PipelineRequest(BaseModel):
                 parts.append({"type": "image", "image": img})
             if self.video is not None:
                 parts.append({"type": "video", "video": self.video})
+            audios = self.audio if isinstance(self.audio, list) else [self.audio]
+            for clip in audios if self.audio is not None else ():
+                parts.append({"type": "audio", "audio": clip})
             parts.append({"type": "text", "text": self.text or ""})
             messages = [{"role": "user", "content": parts}]
             if self.system:
                 messages.insert(0, {"role": "system", "content": self.system})
-        options = {k: getattr(self, k) for k in MEDIA_OPTIONS}
+        options = {k: getattr(self, k) for k in (*MEDIA_OPTIONS, *SPEECH_OPTIONS)}
         return {"messages": messages, **{k: v for k, v in options.items() if v is not None}}
 
 

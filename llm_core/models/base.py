@@ -36,6 +36,8 @@ class ModelBase(nn.Module):
     ignored_weights: ClassVar[tuple[str, ...]] = ()
     #: whether the engine may capture CUDA graphs of small prefill steps (`PrefillGraphs`)
     supports_prefill_graphs: ClassVar[bool] = True
+    #: whether LoRA adapters may wrap its decoder linears (`llm_core/lora`)
+    supports_lora: ClassVar[bool] = True
     #: the transformers config class parsing this model's config.json, for model types
     #: transformers does not know (None: `AutoConfig`)
     hf_config_class: ClassVar[type | None] = None

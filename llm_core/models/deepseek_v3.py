@@ -168,6 +168,9 @@ class DeepseekV3ForCausalLM(ModelBase):
     # The expanded prefill up-projects every cached latent of the step's sequences: a captured
     # prefill graph would do it for its whole table width (all of max_model_len).
     supports_prefill_graphs = False
+    # decode folds kv_b_proj's weight into the query and output (absorbed MLA): an adapter on it
+    # would be skipped there, so LoRA is refused for the family
+    supports_lora = False
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()

@@ -53,10 +53,13 @@ def create_app(
     allowed_origins: list[str] | None = None,
     chat_template: str | None = None,
     tool_call_parser: str | None = None,
+    lora_modules: dict[str, Any] | None = None,
 ) -> FastAPI:
     """Build the app; the caller owns `engine` (and closes it after the server stops).
 
     `model_name`: the served name(s) a request's `model` must match (the first is reported).
+    `lora_modules`: served name -> `LoRARequest`: a request naming one runs with that adapter
+    (vLLM's `--lora-modules`; they are listed in `/v1/models` with the base model as parent).
     `allowed_origins` turns CORS on; `chat_template` replaces the checkpoint's;
     `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`.
     """
@@ -91,13 +94,31 @@ def create_app(
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise _AuthError()
 
+    adapters = dict(lora_modules or {})
+    if adapters and engine.engine is not None:  # in process: check them now, not per request
+        for lora in adapters.values():
+            engine.engine.check_lora(lora)
+
+    takes = engine.model_info.get("modalities", ())
+    architecture = engine.model_info.get("architecture")
+
+    def takes_audio(where: str) -> None:
+        """400 for an audio part sent to a model without an audio encoder, naming it."""
+        if "audio" not in takes:
+            raise RequestError(
+                f"{where}: model {names[0]!r} ({architecture}) takes no audio input: it has no "
+                f"audio encoder (it takes {', '.join(takes) or 'text only'})",
+                where, "unsupported_modality",
+            )  # fmt: skip
+
     def check_model(name: str | None) -> str:
         """The served name a request asks for (404 OpenAI-shaped if it is not served)."""
         if name is None:
             return names[0]
-        if name not in names:
+        if name not in names and name not in adapters:
             raise RequestError(
-                f"The model {name!r} does not exist; this server serves {names}",
+                f"The model {name!r} does not exist; this server serves "
+                f"{names + list(adapters)}",
                 "model", "model_not_found", status=404,
             )  # fmt: skip
         return name
@@ -156,11 +177,16 @@ def create_app(
     auth = APIRouter(dependencies=[Depends(check_api_key)])
 
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, max_model_len=engine.max_model_len)
+        lora = adapters.get(name) if name not in names else None
+        if lora is not None:  # as vLLM lists an adapter: its path as root, the base as parent
+            return ModelCard(
+                id=name, max_model_len=engine.max_model_len, root=lora.lora_path, parent=names[0]
+            )
+        return ModelCard(id=name, max_model_len=engine.max_model_len, root=name)
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        return ModelList(data=[card(n) for n in names]).model_dump()
+        return ModelList(data=[card(n) for n in names + list(adapters)]).model_dump()
 
     @v1.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
@@ -181,7 +207,7 @@ def create_app(
         if body.echo and last.role == "assistant" and isinstance(last.content, str):
             shape.echo = [last.content]
         prompt = {
-            "messages": engine_messages(body.messages, policy),
+            "messages": engine_messages(body.messages, policy, takes_audio),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()] or None,
             "chat_template": body.chat_template or chat_template,
             "chat_template_kwargs": body.chat_template_kwargs,
@@ -192,10 +218,15 @@ def create_app(
         params = params.with_defaults({"max_tokens": None, **defaults})
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
+            if served in adapters:
+                raise RequestError(
+                    f"use_beam_search does not run LoRA adapters (model {served!r})", "model"
+                )
             return await _beam(body, prompt, params, builder)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run_job(request, engine, metrics, "chat", [prompt], params, builder,
-                             body.stream, include_usage, "messages")  # fmt: skip
+                             body.stream, include_usage, "messages",
+                             adapters.get(served))  # fmt: skip
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -214,12 +245,17 @@ def create_app(
             shape.echo_only = body.max_tokens == 0
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
+            if served in adapters:
+                raise RequestError(
+                    f"use_beam_search does not run LoRA adapters (model {served!r})", "model"
+                )
             if len(prompts) != 1:
                 raise RequestError("use_beam_search takes one prompt", "prompt")
             return await _beam(body, prompts[0], params, builder)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run_job(request, engine, metrics, "completion", prompts, params, builder,
-                             body.stream, include_usage, "prompt")  # fmt: skip
+                             body.stream, include_usage, "prompt",
+                             adapters.get(served))  # fmt: skip
 
     async def _beam(body, prompt, params, builder: ResponseBuilder):
         if body.stream:
@@ -243,7 +279,7 @@ def create_app(
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             prompt = {
-                "messages": engine_messages(body.messages, policy),
+                "messages": engine_messages(body.messages, policy, takes_audio),
                 "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()] or None,
                 "chat_template": body.chat_template or chat_template,
                 "chat_template_kwargs": body.chat_template_kwargs,

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from polymodal.engine_args import add_engine_arguments, engine_kwargs
+from polymodal.engine_args import add_engine_arguments, engine_kwargs, lora_modules
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -89,6 +89,11 @@ def serve_command(parser: argparse.ArgumentParser):
             )
             return 2
         chat_template = load_chat_template(args.chat_template)
+        try:
+            adapters = lora_modules(args.lora_modules)
+        except ValueError as exc:
+            print(f"polymodal serve: {exc}", file=sys.stderr)
+            return 2
         engine = AsyncEngine(
             args.model, generation_config=args.generation_config, **engine_kwargs(args)
         )
@@ -102,6 +107,7 @@ def serve_command(parser: argparse.ArgumentParser):
             allowed_origins=args.allowed_origins,
             chat_template=chat_template,
             tool_call_parser=args.tool_call_parser,
+            lora_modules=adapters,
         )
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

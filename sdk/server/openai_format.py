@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import CompletionOutput
-from polymodal.processors.chat import ITEM_OPTIONS
+from polymodal.processors.chat import ITEM_OPTIONS, input_audio
 from polymodal.server.errors import RequestError
 
 
@@ -50,10 +52,14 @@ class MediaPolicy:
         return str(resolved)
 
 
-def engine_messages(messages: list[Any], policy: MediaPolicy) -> list[dict[str, Any]]:
+def engine_messages(
+    messages: list[Any], policy: MediaPolicy, takes_audio: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     """OpenAI chat messages (`requests.ChatMessage`) -> the message dicts `LLM.process` takes:
     media URLs checked against `policy`, per-part media options and `detail` kept, tool
-    calls and tool results passed on to the chat template."""
+    calls and tool results passed on to the chat template. An audio part is first handed to
+    `takes_audio(where)`, which raises for a model without an audio encoder; `input_audio`
+    is checked (format, base64) here."""
     out = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
@@ -81,6 +87,9 @@ def engine_messages(messages: list[Any], policy: MediaPolicy) -> list[dict[str, 
                     raise RequestError("a text part needs 'text'", f"{where}.text")
                 parts.append({"type": "text", "text": part.text})
                 continue
+            if part.type in ("input_audio", "audio_url"):
+                parts.append(_audio_part(part, where, policy, takes_audio))
+                continue
             url = part.image_url if part.type == "image_url" else part.video_url
             if url is None:
                 raise RequestError(
@@ -93,6 +102,23 @@ def engine_messages(messages: list[Any], policy: MediaPolicy) -> list[dict[str, 
             )
         out.append({"role": role, "content": parts, **extra})
     return out
+
+
+def _audio_part(part: Any, where: str, policy: MediaPolicy, takes_audio) -> dict[str, Any]:
+    """An `input_audio` / `audio_url` part, checked, as the engine's message part."""
+    if takes_audio is not None:
+        takes_audio(where)
+    value = getattr(part, part.type)
+    if value is None:
+        raise RequestError(f"a {part.type} part needs '{part.type}'", f"{where}.{part.type}")
+    if part.type == "input_audio":
+        try:
+            input_audio(value.model_dump(), f"{where}.input_audio")
+        except InvalidInputError as exc:
+            raise RequestError(str(exc), f"{where}.input_audio") from None
+        return {"type": "input_audio", "input_audio": value.model_dump()}
+    source = policy.check(value.url, f"{where}.audio_url.url")
+    return {"type": "audio_url", "audio_url": {"url": source}}
 
 
 _SAMPLING_PARAM = re.compile(r"SamplingParams\.(\w+)")

@@ -126,6 +126,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "polymodal"
+    root: str | None = None  # the checkpoint (a LoRA adapter: its directory)
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

@@ -32,14 +32,31 @@ class ImageURL(_Strict):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ContentPart(_Strict):
-    """One part of a message: text, an image URL or a video URL (+ qwen-vl-utils' per-item
-    `min_pixels` / `max_pixels` / `fps` / `num_frames`)."""
+class AudioURL(_Strict):
+    """vLLM's `audio_url`: `{"url": ...}` (a data: URL, a path under --allowed-media-dir, or
+    http(s) with --allow-http)."""
 
-    type: Literal["text", "image_url", "video_url"]
+    url: str
+
+
+class InputAudio(_Strict):
+    """OpenAI's `input_audio`: base64 `data` and its `format` ("wav", "mp3", ...)."""
+
+    data: str
+    format: str
+
+
+class ContentPart(_Strict):
+    """One part of a message: text, an image URL, a video URL (+ qwen-vl-utils' per-item
+    `min_pixels` / `max_pixels` / `fps` / `num_frames`), or audio (`input_audio`,
+    `audio_url`)."""
+
+    type: Literal["text", "image_url", "video_url", "input_audio", "audio_url"]
     text: str | None = None
     image_url: ImageURL | None = None
     video_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
+    audio_url: AudioURL | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
     fps: float | None = None

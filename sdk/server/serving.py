@@ -52,10 +52,12 @@ async def run_job(
     stream: bool,
     include_usage: bool,
     param: str,
+    lora_request: Any = None,
 ) -> Response:
-    """Submit one engine request per prompt (all with `params`) and answer them together."""
+    """Submit one engine request per prompt (all with `params` and `lora_request`, the
+    adapter the request's model name selects) and answer them together."""
     start = time.monotonic()
-    ids = [engine.submit(p, params) for p in prompts]
+    ids = [engine.submit(p, params, lora_request=lora_request) for p in prompts]
     streams = [engine.stream(i) for i in ids]
     watcher = asyncio.create_task(_abort_on_disconnect(request, engine, ids))
     first_at = None  # when the first tokens reached the server

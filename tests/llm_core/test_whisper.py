@@ -180,11 +180,14 @@ def test_processor_prompts_and_features(models):
     sot, notimestamps = gen.decoder_start_token_id, gen.no_timestamps_token_id
     assert proc.prompt_ids("en") == [sot, lang["<|en|>"], task["transcribe"], notimestamps]
     assert proc.prompt_ids("German", "translate", True) == [sot, lang["<|de|>"], task["translate"]]
-    item = proc.audio_item(clip("chirp"))
+    item = proc.audio_item((clip("chirp"), RATE))
     want = models[2](clip("chirp"), sampling_rate=RATE, return_tensors="pt").input_features[0]
-    assert item.num_embeds == 250 and torch.equal(item.data["input_features"], want)
-    assert proc.audio_item(clip("chirp")).content_hash == item.content_hash
-    assert proc.audio_item(clip("tone")).content_hash != item.content_hash
+    assert item.num_embeds == 250
+    assert (item.data["input_features"] - want).abs().max() <= 1e-4
+    assert proc.audio_item((clip("chirp"), RATE)).content_hash == item.content_hash
+    assert proc.audio_item((clip("tone"), RATE)).content_hash != item.content_hash
+    # precomputed features are taken as they are
+    assert torch.equal(proc.audio_item(want).data["input_features"], want)
 
 
 @pytest.mark.parametrize(
@@ -193,15 +196,53 @@ def test_processor_prompts_and_features(models):
         ({"language": None}, "language= is required"),
         ({"language": "xx"}, "not one of this checkpoint's"),
         ({"language": "en", "task": "summarize"}, "task="),
-        ({"language": "en", "audio": np.zeros(RATE * 6, np.float32)}, "longer than one 5 s"),
-        ({"language": "en", "audio": np.zeros(0, np.float32)}, "non-empty mono"),
-        ({"language": "en", "audio": (np.zeros(800, np.float32), 8000)}, "8000 Hz"),
+        ({"language": "en", "audio": (np.zeros(RATE * 6, np.float32), RATE)}, "longer than"),
+        ({"language": "en", "audio": (np.zeros(0, np.float32), RATE)}, "no audio samples"),
+        ({"language": "en", "audio": np.zeros(RATE, np.float32)}, "no sampling rate"),
+        ({"language": "en", "audio": np.zeros((16, 30), np.float32)}, r"takes \[16, 500\]"),
     ],
 )
 def test_bad_requests_name_the_problem(models, kwargs, message):
     from polymodal.llm_core.errors import PolymodalError
 
     proc = WhisperProcessor.from_pretrained(models[0])
-    audio = kwargs.pop("audio", clip("tone"))
+    audio = kwargs.pop("audio", (clip("tone"), RATE))
     with pytest.raises(PolymodalError, match=message):
         proc.process(audios=[audio], **kwargs)
+
+
+def test_previous_text_prompt_matches_generate_prompt_ids(models, llm):
+    """Text with the audio is previous context: `<|startofprev|>` + its tokens before the
+    task prompt, as `generate(prompt_ids=...)` puts it."""
+    _, hf, extractor = models
+    tokenizer = llm.tokenizer
+    text = "the quick brown fox"
+    prev = [tokenizer.convert_tokens_to_ids("<|startofprev|>")]
+    prev += tokenizer.encode(" " + text, add_special_tokens=False)
+    features = extractor(clip("tone"), sampling_rate=RATE, return_tensors="pt").input_features
+    out = hf.generate(features, language="de", task="transcribe", prompt_ids=torch.tensor(prev),
+                      max_new_tokens=STEPS, do_sample=False)  # fmt: skip
+    prompt = {"prompt": text, "multi_modal_data": {"audio": (clip("tone"), RATE)},
+              "mm_processor_kwargs": {"language": "de"}}  # fmt: skip
+    got = llm.generate(prompt, _params(llm), use_tqdm=False)[0]
+    assert got.prompt_token_ids[: len(prev)] == prev
+    assert got.outputs[0].token_ids == out[0].tolist()[-STEPS:]
+
+
+def test_pipeline_and_chat_forms(models, llm, tmp_path):
+    """`Pipeline(audio=..., language=...)` and chat messages with an audio part (a WAV file
+    decoded by processors/audio.py) give the same tokens as the prompt form."""
+    import soundfile
+
+    from polymodal import Pipeline
+
+    path = tmp_path / "chirp.wav"
+    soundfile.write(path, clip("chirp"), RATE, subtype="FLOAT")
+    ref = _reference(models, "chirp_fr_default_task")[1]
+    pipe = Pipeline(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=64)
+    result = pipe(audio=str(path), language="fr", max_tokens=STEPS, ignore_eos=True,
+                  temperature=0.0)  # fmt: skip
+    assert result.token_ids == ref
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}]
+    chat = {"messages": messages, "mm_processor_kwargs": {"language": "fr"}}
+    assert llm.generate(chat, _params(llm), use_tqdm=False)[0].outputs[0].token_ids == ref

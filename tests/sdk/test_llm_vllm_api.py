@@ -63,8 +63,10 @@ def test_vllm_prompt_forms_equal_the_native_forms(llm):
 def test_bad_prompts_and_keywords_are_named(llm, ckpt):
     with pytest.raises(InvalidInputError, match="'multimodal_data'"):
         llm.generate({"prompt": "x", "multimodal_data": {}})
-    with pytest.raises(InvalidInputError, match="'audio'"):
+    with pytest.raises(InvalidInputError, match="takes no audio input: it has no audio encoder"):
         llm.generate({"prompt": "x", "multi_modal_data": {"audio": b""}})
+    with pytest.raises(InvalidInputError, match="'speech'"):
+        llm.generate({"prompt": "x", "multi_modal_data": {"speech": b""}})
     with pytest.raises(InvalidInputError, match="'resize'"):
         llm.generate({"prompt": "x", "mm_processor_kwargs": {"resize": 1}})
     with pytest.raises(InvalidInputError, match="'swap_spaec', 'lora'"):
@@ -72,7 +74,7 @@ def test_bad_prompts_and_keywords_are_named(llm, ckpt):
     with pytest.raises(InvalidInputError, match="tensor_parallel_size=2"):
         LLM(ckpt, device="cpu", tensor_parallel_size=2)
     with pytest.raises(InvalidInputError, match="limit_mm_per_prompt"):
-        LLM(ckpt, device="cpu", limit_mm_per_prompt={"audio": 1})
+        LLM(ckpt, device="cpu", limit_mm_per_prompt={"speech": 1})
     with pytest.raises(InvalidInputError, match="not a pooling request"):
         llm.embed("hello")
     with pytest.raises(InvalidInputError, match="not a pooling request"):

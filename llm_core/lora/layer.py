@@ -1,0 +1,164 @@
+"""LoRA at the `LinearMethod` seam: `LoRALinearMethod` wraps a layer's own method (dense,
+FP8, INT4) and adds the adapters' low-rank products of the step's tokens; `LoRABatch` holds
+which adapter slot each token of the step uses.
+
+`LoRABatch` is the one piece of per-step state the layers read without it being passed down
+the model's forward: like the KV caches, it is a set of static device buffers that the runner
+refills before each forward (`set_step`), which is what lets a captured CUDA graph replay the
+kernels with each step's adapter mapping. Each wrapped layer holds the stacked weights of every
+slot (`lora_a [max_loras, S * R, in]`, `lora_b [max_loras, out, R]`, scaling folded into B,
+rank zero-padded to `max_lora_rank`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.llm_core.host_copy import upload
+from polymodal.llm_core.layers.activation import silu_and_mul
+from polymodal.llm_core.layers.linear import Linear, LinearMethod
+from polymodal.llm_core.layers.norm import DeferredNorm
+from polymodal.llm_core.lora.ops import LoRASegments, lora_reference, lora_triton
+
+
+class LoRABatch:
+    """Which adapter slot each token of the step uses (-1: none), as device segments for the
+    kernels (`LoRASegments`) and host index groups for the torch path."""
+
+    def __init__(self, max_loras: int, max_tokens: int, device: torch.device):
+        self.max_loras = max_loras
+        self.device = torch.device(device)
+        zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
+        self.segments = LoRASegments(zeros(max_tokens), zeros(max_loras), zeros(max_loras), [])
+        self.num_active = 0  # slots with tokens this step
+        # kernels run whatever the step holds: set while CUDA graphs are captured
+        self.always_run = False
+        self.use_triton = self.device.type == "cuda"
+
+    def set_step(self, slots_and_counts: list[tuple[int, int]]) -> None:
+        """The step's requests in batch order as `(slot, num_tokens)`; slot -1: no adapter."""
+        groups: dict[int, list[int]] = {}
+        position = 0
+        for slot, count in slots_and_counts:
+            if slot >= 0:
+                groups.setdefault(slot, []).extend(range(position, position + count))
+            position += count
+        seg = self.segments
+        if position > seg.sorted_tokens.shape[0]:
+            raise ValueError(f"{position} tokens exceed the LoRA batch's {seg.sorted_tokens.shape}")
+        lengths = [len(groups.get(slot, ())) for slot in range(self.max_loras)]
+        starts = [sum(lengths[:slot]) for slot in range(self.max_loras)]
+        tokens = [t for slot in sorted(groups) for t in groups[slot]]
+        self.num_active = len(groups)
+        seg.host_groups = [(slot, torch.tensor(groups[slot])) for slot in sorted(groups)]
+        if self.use_triton:
+            # one pinned asynchronous upload, then device copies into the static buffers
+            lens, begins, order = upload([lengths, starts, tokens or [0]], torch.int32, self.device)
+            seg.seg_len.copy_(lens)
+            seg.seg_start.copy_(begins)
+            seg.sorted_tokens[: len(tokens)].copy_(order[: len(tokens)])
+
+    def clear(self) -> None:
+        """No token uses an adapter (before graph capture, and for steps without LoRA)."""
+        self.set_step([])
+
+
+class LoRALinearMethod(LinearMethod):
+    """The wrapped method's product, plus each token's adapter: `out += B A x` per slice.
+
+    Fused call-site work is done here, not folded: `silu_mul` is applied to x first (the
+    adapter sees the same activated input), a `DeferredNorm` is materialized, and a
+    `residual` is left to the caller (`add_norm` takes a plain output), so LoRA layers never
+    take the GEMV's folded epilogues."""
+
+    def __init__(self, base: LinearMethod, batch: LoRABatch, layer: Linear, max_loras: int,
+                 max_rank: int, dtype: torch.dtype):  # fmt: skip
+        self.base = base
+        self.batch = batch
+        self.supports_gemv = base.supports_gemv
+        offsets = getattr(layer, "shard_offsets", None) or {None: (0, layer.out_features)}
+        self.shards = list(offsets)  # shard id per slice
+        self.slices = [offsets[s] for s in self.shards]  # (out offset, out size)
+        self.rank = max_rank
+        device = next(p for p in layer.parameters()).device  # adapters in the model dtype
+        num = len(self.slices)
+        layer.register_buffer(
+            "lora_a",
+            torch.zeros(max_loras, num * max_rank, layer.in_features, dtype=dtype, device=device),
+            persistent=False,
+        )
+        layer.register_buffer(
+            "lora_b",
+            torch.zeros(max_loras, layer.out_features, max_rank, dtype=dtype, device=device),
+            persistent=False,
+        )
+        slice_offsets = [o for o, _ in self.slices]
+        slice_sizes = [s for _, s in self.slices]
+        self.slice_offsets = torch.tensor(slice_offsets, dtype=torch.int32, device=device)
+        self.slice_sizes = torch.tensor(slice_sizes, dtype=torch.int32, device=device)
+        self.max_slice = max(slice_sizes)
+
+    def slice_table(self) -> list[tuple[object, int, int]]:
+        """`(shard id, out offset, out size)` of each slice (shard None: an unpacked layer)."""
+        return [(shard, *where) for shard, where in zip(self.shards, self.slices)]
+
+    def create_weights(self, layer: Linear, dtype=None, device=None) -> None:
+        self.base.create_weights(layer, dtype, device)
+
+    def process_weights(self, layer: Linear) -> None:
+        self.base.process_weights(layer)
+
+    def set_slot(self, layer: Linear, slot: int, slices: dict | None) -> None:
+        """Write an adapter's `{shard: (A [r, in], B [out_slice, r])}` into `slot` (zeros for
+        slices it leaves alone; `slices=None` clears the slot)."""
+        a_all, b_all, rank = layer.lora_a[slot], layer.lora_b[slot], self.rank
+        a_all.zero_()
+        b_all.zero_()
+        for index, shard in enumerate(self.shards):
+            if not slices or shard not in slices:
+                continue
+            a, b = slices[shard]
+            offset, size = self.slices[index]
+            r = a.shape[0]
+            a_all[index * rank : index * rank + r].copy_(a)
+            b_all[offset : offset + size, :r].copy_(b)
+
+    def apply(self, layer: Linear, x, silu_mul: bool = False, residual=None):
+        batch = self.batch
+        if not batch.num_active and not batch.always_run:
+            return self.base.apply(layer, x, silu_mul=silu_mul, residual=residual)
+        if isinstance(x, DeferredNorm):
+            x = x.materialize()
+        if silu_mul:
+            x = silu_and_mul(x)
+        out = self.base.apply(layer, x)  # [num_tokens, out]
+        x = x.contiguous()
+        if batch.use_triton:
+            sizes = self.slice_sizes
+            return lora_triton(x, out, layer.lora_a, layer.lora_b, self.slice_offsets, sizes,
+                               self.max_slice, self.rank, batch.segments)  # fmt: skip
+        groups = batch.segments.host_groups
+        return lora_reference(x, out, layer.lora_a, layer.lora_b, self.slices, self.rank, groups)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, Linear]:
+    """The model's layers that take adapters: every decoder `Linear` but the LM head (vision
+    towers are built from `nn.Linear` and stay without)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and name.rpartition(".")[2] != "lm_head"
+    }
+
+
+def wrap_model(
+    model: torch.nn.Module, batch: LoRABatch, max_loras: int, max_rank: int, dtype: torch.dtype
+) -> dict:
+    """Give every LoRA-capable layer a `LoRALinearMethod` (its loaded weights are kept);
+    returns module name -> layer (each with `lora_slices()`: its slices' shard, offset, size)."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        method = LoRALinearMethod(layer.method, batch, layer, max_loras, max_rank, dtype)
+        layer.method = method
+        layer.lora_slices = method.slice_table
+    return layers

@@ -1,0 +1,77 @@
+"""Batched multi-LoRA products: the torch reference (CPU, and the oracle of the kernel tests)
+and the dispatch to the Triton kernels.
+
+Shapes, for one layer with `S` output slices (q/k/v of a packed qkv: 3; a plain layer: 1):
+
+    x        [T, in]                 the step's flat tokens
+    lora_a   [L, S * R, in]          per adapter slot, each slice's A rows (rank padded to R)
+    lora_b   [L, out, R]             per adapter slot, B (scaling folded in) of the slice
+                                     each output row belongs to
+    y        [T, S * R]  float32     shrink: y[t, s*R:(s+1)*R] = A[slot(t), s] x[t]
+    out      [T, out]                expand: out[t, slice s] += B[slot(t), slice s] y[t, s]
+
+Tokens are grouped by adapter slot (`LoRASegments`): the tokens of slot l are
+`sorted_tokens[seg_start[l] : seg_start[l] + seg_len[l]]`; tokens without an adapter are in
+no segment and left as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoRASegments:
+    """One step's tokens grouped by adapter slot, on the device (static buffers, so a captured
+    CUDA graph reads each step's values), and the same on the host for the torch path."""
+
+    sorted_tokens: torch.Tensor  # int32 [max_tokens]: token indices, by slot
+    seg_start: torch.Tensor  # int32 [L]
+    seg_len: torch.Tensor  # int32 [L]
+    host_groups: list[tuple[int, torch.Tensor]]  # (slot, int64 token indices) per active slot
+
+
+def lora_reference(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slices: list[tuple[int, int]],
+    rank: int,
+    groups: list[tuple[int, torch.Tensor]],
+) -> torch.Tensor:
+    """`out[t] += B[slot] A[slot] x[t]` per slice, in float32, for each `(slot, tokens)` group;
+    `slices` are the layer's `(out offset, out size)`. Returns `out` (updated in place)."""
+    for slot, tokens in groups:
+        tokens = tokens.to(x.device)
+        y = x[tokens].float() @ lora_a[slot].float().T  # [n, S * R]
+        delta = torch.empty(tokens.shape[0], out.shape[1], dtype=torch.float32, device=x.device)
+        for s, (offset, size) in enumerate(slices):
+            b = lora_b[slot, offset : offset + size].float()  # [size, R]
+            delta[:, offset : offset + size] = y[:, s * rank : (s + 1) * rank] @ b.T
+        out.index_put_((tokens,), (out[tokens].float() + delta).to(out.dtype))
+    return out
+
+
+def lora_triton(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slice_offsets: torch.Tensor,
+    slice_sizes: torch.Tensor,
+    max_slice: int,
+    rank: int,
+    segments: LoRASegments,
+) -> torch.Tensor:
+    """The same product with the Triton shrink and expand kernels (one launch each over every
+    token of the step); `slice_offsets` / `slice_sizes`: int32 `[S]` on the device."""
+    from polymodal.llm_core.lora import triton_lora
+
+    num_slices = slice_offsets.shape[0]
+    y = torch.empty(x.shape[0], num_slices * rank, dtype=torch.float32, device=x.device)
+    triton_lora.shrink(x, lora_a, y, segments)
+    triton_lora.expand(y, lora_b, out, slice_offsets, slice_sizes, max_slice, rank, segments)
+    return out

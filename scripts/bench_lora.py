@@ -1,0 +1,125 @@
+"""Multi-LoRA decode cost on CUDA: a decode step of B sequences with 4 adapters (round robin)
+against the same batch without LoRA, on the Qwen2.5-VL-7B decoder (dummy weights, the shipped
+config) with rank-16 adapters on every decoder linear (random, written in PEFT's format).
+
+    python scripts/bench_lora.py                  # B = 64, 4 adapters, rank 16
+    python scripts/bench_lora.py --batch 1,64 --adapters 4 --rank 16
+
+Rows: base engine (no LoRA), LoRA engine with no adapter in the batch, LoRA engine with
+`--adapters` adapters. ms/step is the median of `--steps` pure decode steps (CUDA graphs on);
+the target (issue 20) is the adapters row within 15% of the base row at B = 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from polymodal.bench.checkpoint import write_user_checkpoint
+from polymodal.llm_core.engine import Engine
+from polymodal.llm_core.lora import LoRARequest
+from polymodal.llm_core.sampling_params import SamplingParams
+
+CONFIG = Path(__file__).resolve().parents[1] / "sdk" / "configs" / "qwen2_5_vl_7b"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(out: Path, config: dict, rank: int, seed: int) -> Path:
+    """A random PEFT LoRA directory for every decoder linear of `config`."""
+    from safetensors.torch import save_file
+
+    text = config.get("text_config", config)
+    hidden, inter = text["hidden_size"], text["intermediate_size"]
+    heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
+    head_dim = hidden // heads
+    shapes = {  # module: (in, out)
+        "self_attn.q_proj": (hidden, heads * head_dim),
+        "self_attn.k_proj": (hidden, kv_heads * head_dim),
+        "self_attn.v_proj": (hidden, kv_heads * head_dim),
+        "self_attn.o_proj": (heads * head_dim, hidden),
+        "mlp.gate_proj": (hidden, inter),
+        "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(text["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            name = f"base_model.model.model.layers.{layer}.{module}"
+            a = torch.randn(rank, fan_in, generator=gen) * fan_in**-0.5
+            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            b = torch.randn(fan_out, rank, generator=gen) * 0.01
+            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+               "target_modules": list(TARGETS), "bias": "none"}  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(adapter))
+    return out
+
+
+def decode_ms(engine: Engine, batch: int, loras: list, steps: int) -> float:
+    """Median ms of a pure decode step of `batch` sequences (prompts of 128 tokens)."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(batch):
+        prompt = [(7 * i + j) % 1000 + 100 for j in range(128)]
+        engine.add_request(prompt, params, lora_request=loras[i % len(loras)] if loras else None)
+    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running) \
+            or engine.scheduler.waiting:  # fmt: skip
+        engine.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    engine.run_until_done()
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="64")
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_user_checkpoint(CONFIG, Path(tmp) / "ckpt")
+        config = json.loads((ckpt / "config.json").read_text())
+        paths = [
+            write_adapter(Path(tmp) / f"a{i}", config, args.rank, i) for i in range(args.adapters)
+        ]
+        loras = [LoRARequest(f"a{i}", i + 1, str(path)) for i, path in enumerate(paths)]
+        common = dict(dummy_weights=True, dtype="bfloat16", max_num_seqs=max(batches),
+                      max_model_len=4096)  # fmt: skip
+        rows = []
+        for label, kwargs, use in (
+            ("base (no LoRA)", {}, []),
+            ("LoRA engine, no adapter", {"enable_lora": True}, []),
+            (f"LoRA engine, {args.adapters} adapters", {"enable_lora": True}, loras),
+        ):
+            lora_kwargs = {"max_loras": max(1, args.adapters), "max_lora_rank": args.rank}
+            engine = Engine(str(ckpt), **common, **kwargs, **(lora_kwargs if kwargs else {}))
+            for batch in batches:
+                rows.append((label, batch, decode_ms(engine, batch, use, args.steps)))
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+    base = {b: ms for label, b, ms in rows if label.startswith("base")}
+    print(f"{'engine':34} {'batch':>5} {'ms/step':>8} {'vs base':>8}")
+    for label, batch, ms in rows:
+        print(f"{label:34} {batch:5d} {ms:8.3f} {100 * (ms / base[batch] - 1):+7.1f}%")
+
+
+if __name__ == "__main__":
+    main()
