@@ -246,3 +246,50 @@ def test_pipeline_and_chat_forms(models, llm, tmp_path):
     messages = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}]
     chat = {"messages": messages, "mm_processor_kwargs": {"language": "fr"}}
     assert llm.generate(chat, _params(llm), use_tqdm=False)[0].outputs[0].token_ids == ref
+
+
+def test_transcription_routes(models, tmp_path_factory):
+    """`/v1/audio/transcriptions` and `/translations` (multipart upload): the engine's greedy
+    text; json and text formats; srt/vtt refused naming the field; no file: a 400."""
+    pytest.importorskip("fastapi")
+    import io
+
+    import soundfile
+    from fastapi.testclient import TestClient
+
+    from polymodal.async_engine import AsyncEngine
+    from polymodal.server.app import create_app
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, clip("chirp"), RATE, format="WAV", subtype="FLOAT")
+    wav = buffer.getvalue()
+    engine = AsyncEngine(str(models[0]), separate_process=False, num_kv_blocks=64,
+                         dtype="float32")  # fmt: skip
+    llm_side = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=64)
+    want = {}
+    for task in ("transcribe", "translate"):
+        prompt = {"prompt": "", "multi_modal_data": {"audio": wav},
+                  "mm_processor_kwargs": {"language": "fr", "task": task}}  # fmt: skip
+        params = llm_side.get_default_sampling_params().model_copy(update={"temperature": 0.0})
+        want[task] = llm_side.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+    try:
+        with TestClient(create_app(engine, "whisper")) as client:
+            form = {"model": "whisper", "language": "fr"}
+            files = {"file": ("a.wav", wav, "audio/wav")}
+            resp = client.post("/v1/audio/transcriptions", data=form, files=files)
+            assert resp.status_code == 200, resp.text
+            assert resp.json() == {"text": want["transcribe"]}
+            resp = client.post("/v1/audio/translations", data=form, files=files)
+            assert resp.json() == {"text": want["translate"]}
+            text = {**form, "response_format": "text"}
+            resp = client.post("/v1/audio/transcriptions", data=text, files=files)
+            assert resp.status_code == 200 and resp.text == want["transcribe"]
+            srt = {**form, "response_format": "srt"}
+            resp = client.post("/v1/audio/transcriptions", data=srt, files=files)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format"
+            resp = client.post("/v1/audio/transcriptions", data=form)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
+            resp = client.post("/v1/audio/transcriptions", data={"model": "whisper"}, files=files)
+            assert resp.status_code == 400 and "language= is required" in resp.text
+    finally:
+        engine.close()
