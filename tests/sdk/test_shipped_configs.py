@@ -16,6 +16,7 @@ SIZES = {  # bench name: (architecture, billions of parameters)
     "llava-next-7b": ("LlavaNextForConditionalGeneration", 7.57),
     "pixtral-12b": ("LlavaForConditionalGeneration", 12.68),
     "llama-3.2-11b-vision": ("MllamaForConditionalGeneration", 10.67),
+    "whisper-large-v3": ("WhisperForConditionalGeneration", 1.54),
     "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", 30.53),
     "mixtral-8x7b": ("MixtralForCausalLM", 46.70),
     "deepseek-v3-reduced": ("DeepseekV3ForCausalLM", 25.45),
