@@ -85,12 +85,12 @@ class DecodeGraphs:
             ("positions", torch.int64, (3, n) if uses_mrope else (n,)),
             ("slot_mapping", torch.int64, (g, n)),  # per KV group
             ("seq_lens", torch.int32, (n,)),
-            ("cross_lens", torch.int32, (n,)),  # encoder rows per sequence (cross groups)
-            ("cross_ranges", torch.int32, (3, n)),  # per token: rows lo, hi, gate
-            # last: a step copies its rows only; group g's table is the view [:, g] (token
-            # groups, then cross groups)
-            ("block_tables", torch.int32, (n, g + c, width)),
         ]
+        if c:  # cross groups: encoder rows per sequence, per token rows lo, hi and gate
+            fields += [("cross_lens", torch.int32, (n,)), ("cross_ranges", torch.int32, (3, n))]
+        # last: a step copies its rows only; group g's table is the view [:, g] (token
+        # groups, then cross groups)
+        fields.append(("block_tables", torch.int32, (n, g + c, width)))
         self.inputs = StepInputs(fields, device)
         self.max_blocks = max_blocks
         self.num_groups, self.max_cross_blocks = g, max_cross_blocks

@@ -138,9 +138,9 @@ def _decode_kernel(
     dim_mask = dims < HEAD_DIM
     q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
     q_mask = row_mask[:, None] & dim_mask[None, :]
-    if ROPE_HALF == 0:
+    if ROPE_HALF == 0 and MASK != 4:
         q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")
-    else:  # the rotary's cos/sin per feature (1, 0 past rotary_dim) and the pair partners
+    if ROPE_HALF != 0:  # the rotary's cos/sin per feature (1, 0 past rotary_dim), pair partners
         lower = dims < ROPE_HALF
         rotated = dims < 2 * ROPE_HALF
         freq = tl.where(lower, dims, dims - ROPE_HALF)
@@ -156,6 +156,8 @@ def _decode_kernel(
     k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
     v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
     pdl.wait(USE_PDL)
+    if MASK == 4:  # cross: q comes from the kernel just before (Mllama's q norm) and no key
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")  # is stored
     if split >= active:
         return
     newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]
@@ -311,7 +313,8 @@ def paged_decode(
     Reads only shapes on the host (no syncs): safe to capture in a CUDA graph. Under PDL the
     kernel reads q and all but each sequence's newest key before waiting on the kernel launched
     just before it, so that one may write only the newest keys (the KV store, as the attention
-    layer runs them); whatever wrote q must come earlier.
+    layer runs them); whatever wrote q must come earlier. Cross attention stores nothing in a
+    decode step: its q (written by the kernel just before, a q norm) is read after the wait.
 
     `new` given: q is unrotated, and the kernel rotates q and `new.k`, stores `new.k`/`new.v`
     at `new.slot_mapping` and attends to them: the same as `rotary_embedding`, `store_kv` and
