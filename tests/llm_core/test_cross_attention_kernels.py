@@ -129,3 +129,53 @@ def test_store_then_attend_over_written_rows():
     meta.is_decode = False
     out = backend.paged_attention(q, cache, meta, spec)
     assert_close(out, dense_reference(q, cache, meta, spec), torch.float32)
+
+
+def _backend_outputs(path, prompts, backend, **kwargs):
+    from polymodal import LLM, SamplingParams
+    from tests.helpers import record_logits_by_request
+
+    llm = LLM(str(path), dtype="float32", device="cpu", attention_backend=backend, **kwargs)
+    seen = record_logits_by_request(llm.engine)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, torch.stack(seen[o.request_id])) for o in outs]
+
+
+def _assert_same(path, prompts, **kwargs):
+    ref = _backend_outputs(path, prompts, "torch", **kwargs)
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(
+        _backend_outputs(path, prompts, "triton", **kwargs), ref
+    ):
+        assert tokens == ref_tokens
+        assert_close(logits, ref_logits, torch.float32)
+
+
+def test_mllama_through_the_triton_backend(tmp_path_factory):
+    """The whole model on the Triton kernels (cross prefill in 16-token chunks with per-token
+    ranges, cross decode, a text-only request alongside) equals the torch reference."""
+    from tests.helpers import tiny_checkpoint
+    from tests.sdk.vl_reference import messages, random_image
+
+    prompts = [
+        {"messages": messages([random_image(64, 48, 0)])},
+        {"messages": messages([])},
+        {"prompt": "Look <|image|> at <|image|> this",
+         "multi_modal_data": {"image": [random_image(28, 28, 1), random_image(90, 40, 2)]}},
+    ]  # fmt: skip
+    path = tiny_checkpoint(tmp_path_factory, "mllama")
+    _assert_same(path, prompts, num_kv_blocks=256, max_num_batched_tokens=16)
+
+
+def test_whisper_through_the_triton_backend(tmp_path_factory):
+    """Whisper's encoder (varlen kernel), self and cross attention on the Triton kernels."""
+    import numpy as np
+
+    from tests.helpers import tiny_checkpoint
+
+    t = np.arange(32000) / 16000
+    audio = (np.sin(2 * np.pi * 440 * t) * 0.5).astype(np.float32)
+    prompt = {"prompt": "", "multi_modal_data": {"audio": (audio, 16000)},
+              "mm_processor_kwargs": {"language": "en"}}  # fmt: skip
+    path = tiny_checkpoint(tmp_path_factory, "whisper")
+    _assert_same(path, [prompt, prompt], num_kv_blocks=128)
