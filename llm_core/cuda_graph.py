@@ -176,13 +176,14 @@ class DecodeGraphs:
                 src = range(len(src))
             h["src"][hb.pending_rows] = list(src)
         tables = h["block_tables"]
-        for g, group_tables in enumerate(hb.tables + hb.cross_tables):
+        cross = hb.cross
+        for g, group_tables in enumerate(hb.tables + (cross.tables if cross else [])):
             for row, table in enumerate(group_tables):
                 tables[row, g, : len(table)] = table
-        if hb.cross_tables:  # padding rows: no encoder rows, nothing seen
-            h["cross_lens"][:n] = hb.cross_lens
+        if cross is not None:  # padding rows: no encoder rows, nothing seen
+            h["cross_lens"][:n] = cross.lens
             h["cross_lens"][n:bs] = 0
-            h["cross_ranges"][:, :n] = hb.cross_ranges
+            h["cross_ranges"][:, :n] = cross.ranges
             h["cross_ranges"][:, n:bs] = 0
         self.inputs.upload(mirror, rows=bs)
         if self.graphs:

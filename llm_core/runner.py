@@ -22,11 +22,12 @@ from itertools import chain
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.cross_inputs import CrossBatch, cross_batch, cross_metas, cross_states
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
-from polymodal.llm_core.request import CROSS_ATTENTION, Request
+from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
 
@@ -52,14 +53,8 @@ class HostBatch:
     prompt_logprob_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
     # per flat token, extra visible key positions [lo, hi) (bidirectional media runs), or None
     key_ranges: tuple[list[int], list[int]] | None = None
-    # cross groups: per group, per request its encoder-row table; per request its rows; per
-    # token (lo, hi, gate); the requests writing their rows this step and, per group, the
-    # slots of those rows (in request order)
-    cross_tables: list[list[list[int]]] = field(default_factory=list)
-    cross_lens: list[int] = field(default_factory=list)
-    cross_ranges: list[list[int]] = field(default_factory=list)
-    cross_writes: list[Request] = field(default_factory=list)
-    cross_slots: list[list[int]] = field(default_factory=list)
+    # the cross groups' tables, row counts, per-token ranges and writes (cross_inputs.py)
+    cross: CrossBatch | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -198,32 +193,10 @@ class ModelRunner:
             hb.tables = [[r.block_tables[g] for r in sched.requests] for g in groups]
         hb.max_blocks = max(map(len, hb.tables[0]))
         if self.num_cross_groups:
-            self._cross_batch(sched, hb)
+            first = self.num_kv_groups
+            groups = range(first, first + self.num_cross_groups)
+            hb.cross = cross_batch(sched.requests, sched.num_new_tokens, groups, bs)
         return hb
-
-    def _cross_batch(self, sched: SchedulerOutput, hb: HostBatch) -> None:
-        """The cross groups' part of `hb`: tables, row counts, per-token ranges, writes."""
-        first = self.num_kv_groups
-        cross = range(first, first + self.num_cross_groups)
-        hb.cross_tables = [[r.block_tables[g] for r in sched.requests] for g in cross]
-        hb.cross_slots = [[] for _ in cross]
-        lows, highs, gates = hb.cross_ranges = [[], [], []]
-        bs = self.block_size
-        for req, n in zip(sched.requests, sched.num_new_tokens):
-            rows = req.num_encoder_rows if req.block_tables[first] else 0
-            hb.cross_lens.append(rows)
-            start = req.num_computed_tokens
-            pieces = req.cross_ranges if rows else ()
-            for pos in range(start, start + n):
-                lo, hi, gate = _cross_range(pieces, pos)
-                lows.append(lo)
-                highs.append(hi)
-                gates.append(gate)
-            if req.cross_pending:
-                hb.cross_writes.append(req)
-                for group_slots, g in zip(hb.cross_slots, cross):
-                    table = req.block_tables[g]
-                    group_slots.extend(table[r // bs] * bs + r % bs for r in range(rows))
 
     def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
         """Flat batch tensors + attention metadata, in two asynchronous copies (int32, int64)
@@ -261,40 +234,11 @@ class ModelRunner:
             lo, hi = upload(hb.key_ranges, torch.int32, self.device)
             for m in metas:
                 m.media_key_ranges, m.media_key_ranges_cpu = (lo, hi), hb.key_ranges
-        if hb.cross_tables:
-            metas += self._cross_metas(hb, starts)
+        if hb.cross is not None:
+            metas += cross_metas(hb.cross, starts, hb.query_lens, hb.is_decode, self.device)
             meta.groups = metas
         pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
-
-    def _cross_metas(self, hb: HostBatch, starts: torch.Tensor) -> list[AttentionMetadata]:
-        """One metadata per cross group (its states, if any, set by `launch`)."""
-        width = max(1, max(len(t) for group in hb.cross_tables for t in group))
-        flat = [b for group in hb.cross_tables for t in group for b in t + [0] * (width - len(t))]
-        lens, tables, ranges = upload(
-            [hb.cross_lens, flat, list(chain.from_iterable(hb.cross_ranges))],
-            torch.int32,
-            self.device,
-        )
-        tables = tables.view(len(hb.cross_tables), len(hb.cross_lens), width)
-        slots = upload(hb.cross_slots, torch.int64, self.device)
-        return [
-            AttentionMetadata(
-                query_start_loc=starts,
-                seq_lens=lens,
-                block_tables=tables[c],
-                slot_mapping=slots[c],
-                max_query_len=max(hb.query_lens),
-                max_seq_len=max(hb.cross_lens),
-                is_decode=hb.is_decode,
-                query_lens_cpu=hb.query_lens,
-                seq_lens_cpu=hb.cross_lens,
-                cross_ranges=ranges.view(3, -1),
-                cross_ranges_cpu=hb.cross_ranges,
-                any_cross=any(hb.cross_lens),
-            )
-            for c in range(len(hb.cross_tables))
-        ]
 
     # ---- multimodal ---------------------------------------------------------------------
     def _mm_embeddings(self, sched: SchedulerOutput):
@@ -363,22 +307,6 @@ class ModelRunner:
                 self.encoder_cache.put(item.content_hash, emb)
         return [found[item.content_hash] for item in items]
 
-    def _cross_states(self, reqs: list[Request]) -> torch.Tensor:
-        """`[rows, hidden]`: the encoder states of `reqs` (requests in their first step), each
-        request's rows as its model lays them out, in request order."""
-        per_req = [[i for i in r.mm_items if i.target == CROSS_ATTENTION] for r in reqs]
-        outputs = iter(self._encoder_outputs([i for items in per_req for i in items]))
-        states = []
-        for req, items in zip(reqs, per_req):
-            rows = self.model.cross_states(items, [next(outputs) for _ in items])
-            if rows.shape[0] != req.num_encoder_rows:
-                raise InvalidInputError(
-                    f"the model laid out {rows.shape[0]} encoder rows for a request with "
-                    f"{req.num_encoder_rows}"
-                )
-            states.append(rows)
-        return torch.cat(states)
-
     def _media_key_ranges(self, sched: SchedulerOutput) -> tuple[list[int], list[int]] | None:
         """Per flat token of this step, the key positions `[lo, hi)` it sees beyond its mask:
         the embedded run (crop, tile) it belongs to, for a `bidirectional_media` model; (0, 0)
@@ -414,7 +342,7 @@ class ModelRunner:
         # The encoder goes first: the device starts on it while the host builds the batch.
         slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
         writes = [r for r in sched.requests if r.cross_pending] if self.num_cross_groups else []
-        cross_states = self._cross_states(writes) if writes else None
+        states = cross_states(self.model, writes, self._encoder_outputs) if writes else None
         hb = self.host_batch(sched, prev)
         if self.lora is not None:  # static buffers the LoRA layers (and their graphs) read
             self.lora.set_step(sched.requests, sched.num_new_tokens)
@@ -431,9 +359,9 @@ class ModelRunner:
         ):
             return self._launch_graph(sched, hb, prev, overlap)
         input_ids, positions, meta, _ = self.prepare(sched, hb)
-        if cross_states is not None:  # every cross group stores the same rows' K/V
+        if states is not None:  # every cross group stores the same rows' K/V
             for g in range(self.num_kv_groups, self.num_kv_groups + self.num_cross_groups):
-                meta.group(g).cross_states = cross_states
+                meta.group(g).cross_states = states
         if hb.pending_rows:  # ids sampled by `prev`, never read back to the host
             rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
             input_ids[rows] = prev.tokens[src]
@@ -443,7 +371,7 @@ class ModelRunner:
         prefill = self.prefill_graphs
         fits = prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks)
         # captured graphs know no media key ranges and store no encoder rows
-        if fits and hb.key_ranges is None and cross_states is None:
+        if fits and hb.key_ranges is None and states is None:
             hidden = prefill.run(embeds, positions, meta)
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
@@ -561,15 +489,6 @@ def _sampling_requests(sched: SchedulerOutput) -> list[Request]:
         for req, n in zip(sched.requests, sched.num_new_tokens)
         if req.num_computed_tokens + n == req.num_tokens
     ]
-
-
-def _cross_range(pieces, position: int) -> tuple[int, int, int]:
-    """(lo, hi, gate) of the token at `position` from a request's `cross_ranges` pieces (the
-    last piece whose first position is at or before it); none: (0, 0, 0)."""
-    for first, lo, hi, gate in reversed(pieces):
-        if position >= first:
-            return lo, hi, gate
-    return 0, 0, 0
 
 
 def _step_has_media(sched: SchedulerOutput) -> bool:
