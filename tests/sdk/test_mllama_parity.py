@@ -171,3 +171,13 @@ def test_graph_step_paths_match_transformers(models):
     refs = [_reference(models, case) for case in cases]
     assert_batch_matches(llm, [_prompt(case) for case in cases], refs, STEPS)
     assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0
+
+
+def test_too_many_images_name_the_limit(llm):
+    """The cross-attention cache holds 4 images a request: a fifth is refused, naming it."""
+    from polymodal import InvalidInputError
+
+    images = [random_image(28, 28, i) for i in range(5)]
+    with pytest.raises(InvalidInputError, match="bring 340 encoder rows.*holds 272 per request"):
+        llm.generate({"messages": messages(images)}, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
