@@ -86,6 +86,8 @@ ENCODERS: dict[str, str | type] = {
     "LlavaLlamaModel": "polymodal.encoders.vila:VilaEncoder",
     "Phi4MMForCausalLM": "polymodal.encoders.phi4mm:Phi4MMEncoder",
     "Phi4MultimodalForCausalLM": "polymodal.encoders.phi4mm:Phi4MMEncoder",
+    "MllamaForConditionalGeneration": "polymodal.encoders.mllama:MllamaVisionEncoder",
+    "WhisperForConditionalGeneration": "polymodal.encoders.whisper:WhisperAudioEncoder",
 }
 
 

@@ -215,9 +215,11 @@ def build_rank(
         num_blocks = tp.min_int(num_blocks)  # every rank holds the same block ids
     max_len = _fit_one_request(layout, num_blocks, cfg, max_len, model_config)
     kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, kv_dtype, device)
+    cross = layout.num_cross_groups
     runner = ModelRunner(
-        net, kv_caches, cfg.block_size, device, layout.num_groups, max(encoder_cache, 1)
-    )
+        net, kv_caches, cfg.block_size, device, layout.num_groups - cross, max(encoder_cache, 1),
+        cross, max((g.spec.max_rows for g in layout.groups), default=0),
+    )  # fmt: skip
     runner.lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
     return RankParts(net, runner, layout, num_blocks, max_len, backend)
 

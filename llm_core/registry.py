@@ -92,6 +92,16 @@ MODELS: dict[str, ModelRow] = {
     "LlavaLlamaModel": ModelRow(
         _M + "vila:LlavaLlamaModel", _P + "vila:VilaProcessor", "LlavaLlamaModel"
     ),
+    "WhisperForConditionalGeneration": ModelRow(
+        _M + "whisper:WhisperForConditionalGeneration",
+        _P + "whisper:WhisperProcessor",
+        "WhisperForConditionalGeneration",
+    ),
+    "MllamaForConditionalGeneration": ModelRow(
+        _M + "mllama:MllamaForConditionalGeneration",
+        _P + "mllama:MllamaProcessor",
+        "MllamaForConditionalGeneration",
+    ),
 }
 
 

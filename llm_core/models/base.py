@@ -45,6 +45,9 @@ class ModelBase(nn.Module):
     #: the transformers config class parsing this model's config.json, for model types
     #: transformers does not know (None: `AutoConfig`)
     hf_config_class: ClassVar[type | None] = None
+    #: token ids past the LM head's vocab that prompts may hold (embedding rows beyond it:
+    #: Mllama's image token)
+    extra_input_ids: ClassVar[int] = 0
     #: a checkpoint published as several folders (VILA: `llm/`, `vision_tower/`,
     #: `mm_projector/`): subfolder -> the prefix its tensors' names get when read; tensors in
     #: the root (a single-folder save) are read as they are
