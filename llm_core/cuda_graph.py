@@ -7,6 +7,10 @@ static buffers; a step copies its inputs into the first `n` rows, pads the rest 
 nothing stored; seq_len 1: a harmless read of block 0), replays, and reads `hidden[:n]`.
 Graphs are captured largest first and share one memory pool (as nano-vllm does).
 
+Cross-attention models replay too: their cross groups' tables, row counts and per-token row
+ranges are more inputs (tables share one buffer with the token groups' tables, `[rows, groups,
+width]`); a step that writes encoder rows (a request's first) runs eager.
+
 Captures use `capture_error_mode="thread_local"`: media staging threads may touch the device
 while the engine thread captures (an encoder graph mid-run, say), which must not void it.
 """
@@ -66,12 +70,15 @@ class DecodeGraphs:
         max_blocks: int,
         uses_mrope: bool,
         num_groups: int = 1,
+        num_cross_groups: int = 0,
+        max_cross_blocks: int = 0,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         device = _cache_device(kv_caches)
-        n, g = self.buckets[-1], num_groups
+        n, g, c = self.buckets[-1], num_groups, num_cross_groups
+        width = max(max_blocks, max_cross_blocks)
         fields = [
             ("input_ids", torch.int64, (n,)),
             ("src", torch.int64, (n,)),  # row of `tokens` holding this row's id, or -1
@@ -79,15 +86,19 @@ class DecodeGraphs:
             ("slot_mapping", torch.int64, (g, n)),  # per KV group
             ("seq_lens", torch.int32, (n,)),
             ("table_width", torch.int32, (1,)),
-            # last: a step copies only what it fills: rows x groups tables, `table_width` each
-            ("packed_tables", torch.int32, (n * g * max_blocks,)),
         ]
+        if c:  # cross groups: encoder rows per sequence, per token rows lo, hi and gate
+            fields += [("cross_lens", torch.int32, (n,)), ("cross_ranges", torch.int32, (3, n))]
+        # last: a step copies only what it fills: rows x groups tables (token groups, then
+        # cross groups), `table_width` entries each
+        fields.append(("packed_tables", torch.int32, (n * (g + c) * width,)))
         self.inputs = StepInputs(fields, device)
         self.max_blocks = max_blocks
-        # The graphs read full-width tables [n, groups, max_blocks] (group g: [:, g]), unpacked
-        # on the device each step: the upload grows with the batch's longest table, not with
+        self.num_groups, self.max_cross_blocks = g, max_cross_blocks
+        # The graphs read full-width tables [n, groups, width] (group g: [:, g]), unpacked on
+        # the device each step: the upload grows with the batch's longest table, not with
         # max_model_len (128k context: 8192 blocks, 32 KiB a row).
-        self.block_tables = torch.zeros(n, g, max_blocks, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, g + c, width, dtype=torch.int32, device=device)
         self.tokens = torch.zeros(n, dtype=torch.int64, device=device)  # this step's argmax
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         vocab = model.lm_head.weight.shape[0]
@@ -99,17 +110,31 @@ class DecodeGraphs:
     def _meta(self, bs: int) -> AttentionMetadata:
         v = self.inputs.device_views
         tables, slots = self.block_tables, v["slot_mapping"]
+        page = _cache_page(self.kv_caches)
         metas = [
             AttentionMetadata(
                 query_start_loc=self.query_start_loc[: bs + 1],
                 seq_lens=v["seq_lens"][:bs],
-                block_tables=tables[:bs, g],
+                block_tables=tables[:bs, g, : self.max_blocks],
                 slot_mapping=slots[g, :bs],
                 max_query_len=1,
-                max_seq_len=self.max_blocks * _cache_page(self.kv_caches),
+                max_seq_len=self.max_blocks * page,
                 is_decode=True,
             )
-            for g in range(tables.shape[1])
+            for g in range(self.num_groups)
+        ]
+        metas += [  # cross groups: nothing stored in a decode step
+            AttentionMetadata(
+                query_start_loc=self.query_start_loc[: bs + 1],
+                seq_lens=v["cross_lens"][:bs],
+                block_tables=tables[:bs, g, : self.max_cross_blocks],
+                slot_mapping=slots[0, :0],
+                max_query_len=1,
+                max_seq_len=self.max_cross_blocks * page,
+                is_decode=True,
+                cross_ranges=v["cross_ranges"][:, :bs],
+            )
+            for g in range(self.num_groups, tables.shape[1])
         ]
         metas[0].groups = metas if len(metas) > 1 else None
         return metas[0]
@@ -158,14 +183,21 @@ class DecodeGraphs:
             h["src"][hb.pending_rows] = list(src)
         # rows x groups tables of the longest one's width; padding rows' tables keep whatever
         # block ids the buffer last held (their one read is of a valid block)
-        groups = len(hb.tables)
-        width = max(len(t) for group_tables in hb.tables for t in group_tables) or 1
+        cross = hb.cross
+        all_tables = hb.tables + (cross.tables if cross else [])
+        groups = len(all_tables)
+        width = max(len(t) for group_tables in all_tables for t in group_tables) or 1
         packed = h["packed_tables"]
-        for g, group_tables in enumerate(hb.tables):
+        for g, group_tables in enumerate(all_tables):
             for row, table in enumerate(group_tables):
                 start = (row * groups + g) * width
                 packed[start : start + len(table)] = table
         h["table_width"][0] = width
+        if cross is not None:  # padding rows: no encoder rows, nothing seen
+            h["cross_lens"][:n] = cross.lens
+            h["cross_lens"][n:bs] = 0
+            h["cross_ranges"][:, :n] = cross.ranges
+            h["cross_ranges"][:, n:bs] = 0
         self.inputs.upload(mirror, rows=bs * groups * width)
         if self.graphs:
             self.graphs[bs].replay()
@@ -252,6 +284,8 @@ class PrefillGraphs:
         max_blocks: int,
         uses_mrope: bool,
         num_groups: int = 1,
+        num_cross_groups: int = 0,
+        max_cross_blocks: int = 0,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -266,6 +300,11 @@ class PrefillGraphs:
         self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s, num_groups, max_blocks, dtype=torch.int32, device=device)
+        # cross groups: tables [s, cross groups, width], rows per sequence, per token ranges
+        c = num_cross_groups
+        self.cross_tables = torch.zeros(s, c, max_cross_blocks, dtype=torch.int32, device=device)
+        self.cross_lens = torch.zeros(s, dtype=torch.int32, device=device)
+        self.cross_ranges = torch.zeros(3, n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -283,6 +322,18 @@ class PrefillGraphs:
             )
             for g in range(self.block_tables.shape[1])
         ]
+        metas += [  # cross groups: nothing stored (a step writing encoder rows runs eager)
+            AttentionMetadata(
+                query_start_loc=self.query_start_loc,
+                seq_lens=self.cross_lens,
+                block_tables=self.cross_tables[:, c],
+                slot_mapping=self.slot_mapping[0, :0],
+                max_query_len=n,
+                max_seq_len=self.cross_tables.shape[2] * _cache_page(self.kv_caches),
+                cross_ranges=self.cross_ranges[:, :n],
+            )
+            for c in range(self.cross_tables.shape[1])
+        ]
         meta = metas[0]
         meta.groups = metas if len(metas) > 1 else None
         positions = self.positions[..., :n]
@@ -298,7 +349,7 @@ class PrefillGraphs:
             num_tokens <= self.buckets[-1]
             and num_seqs <= PREFILL_MAX_SEQS
             and num_blocks <= self.block_tables.shape[2]
-        )
+        )  # (cross tables are never wider than `max_cross_blocks`)
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """Replay the smallest bucket that holds this step; returns hidden `[num_tokens, hidden]`
@@ -313,6 +364,15 @@ class PrefillGraphs:
             self.slot_mapping[g, :n].copy_(group.slot_mapping)
             self.block_tables[:s, g, : group.block_tables.shape[1]].copy_(group.block_tables)
         self.slot_mapping[:, n:bucket].fill_(-1)
+        groups = self.block_tables.shape[1]
+        for c in range(self.cross_tables.shape[1]):
+            group = meta.group(groups + c)
+            self.cross_tables[:s, c, : group.block_tables.shape[1]].copy_(group.block_tables)
+            if c == 0:  # the same rows and ranges in every cross group
+                self.cross_lens[:s].copy_(group.seq_lens)
+                self.cross_lens[s:].zero_()
+                self.cross_ranges[:, :n].copy_(group.cross_ranges)
+                self.cross_ranges[:, n:bucket].zero_()
         self.query_start_loc[: s + 1].copy_(meta.query_start_loc)
         self.query_start_loc[s + 1 :].fill_(n)  # padding sequences: zero queries
         self.seq_lens[:s].copy_(meta.seq_lens)

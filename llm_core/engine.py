@@ -30,7 +30,7 @@ from polymodal.llm_core.pooling import (
     run_pooling_step,
 )
 from polymodal.llm_core.registry import model_row
-from polymodal.llm_core.request import Request
+from polymodal.llm_core.request import CROSS_ATTENTION, Request
 from polymodal.llm_core.request_checks import (
     bad_words_token_ids,
     check_request,
@@ -60,7 +60,19 @@ class Engine:
     """Continuous-batching engine over one model. Not thread-safe: drive it from one thread."""
 
     def __init__(self, model: str, config: EngineConfig | None = None, **kwargs):
-        parts = build_engine_parts(model, config or EngineConfig(**kwargs))
+        config = config or EngineConfig(**kwargs)
+        # tensor_parallel_size > 1: worker processes for ranks 1..N-1 (llm_core/executor.py);
+        # one rank has none and runs in this process as it always did
+        self.executor = None
+        if config.tensor_parallel_size != 1:
+            from polymodal.llm_core.executor import TPExecutor
+
+            self.executor = TPExecutor.start(model, config)
+        try:
+            parts = build_engine_parts(model, config, self.executor)
+        except BaseException:
+            self.close()
+            raise
         self.config = parts.config
         self.model_config = parts.model_config
         self.tokenizer = parts.tokenizer
@@ -76,10 +88,18 @@ class Engine:
         self._grammar_compiler = None  # built on first use (structured output)
         overlap = self.config.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
+        # workers get each step's ids from the host batch: no device-resident ids to chain on
+        self.async_scheduling = self.async_scheduling and self.executor is None
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
         # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.
         gc.collect()
         gc.freeze()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected
+        or the process exits). The engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(
@@ -118,14 +138,21 @@ class Engine:
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
                 params.truncate_prompt_tokens, self.max_model_len,
             )  # fmt: skip
-        check_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
+        vocab = self.model_config.vocab_size
+        embeddable = vocab + self.runner.model.extra_input_ids
+        check_request(prompt_token_ids, params, self.max_model_len, vocab, embeddable)
         atomic = self._atomic_spans(mm_items or [])
+        cross_ranges = self._cross_ranges(mm_items or [], len(prompt_token_ids))
         needs_text = params.stop or params.bad_words or params.structured_outputs
         if self.tokenizer is None and needs_text:
             raise InvalidInputError(
                 "stop strings, bad_words and structured_outputs need a tokenizer "
                 "(skip_tokenizer_init is set)"
             )
+        if lora_request is None and hasattr(self.runner.model, "modality_adapter"):
+            # the model's own adapter for the prompt's media (Phi-4-MM: vision / speech)
+            adapter = self.runner.model.modality_adapter(mm_items or [])
+            lora_request = getattr(self.runner.model, "adapter_requests", {}).get(adapter)
         if lora_request is not None:
             self.check_lora(lora_request)
         if params.structured_outputs is not None and grammar is None:
@@ -143,6 +170,7 @@ class Engine:
                 mrope_delta=mrope_delta,
                 mm_items=list(mm_items or []),
                 atomic_spans=atomic,
+                cross_ranges=cross_ranges,
                 max_model_len=self.max_model_len,
                 bad_words_ids=bad_words,
                 lora_request=lora_request,
@@ -186,6 +214,26 @@ class Engine:
                     )
                 spans.append((start, end))
         return sorted(spans)
+
+    def _cross_ranges(self, mm_items: list, num_prompt_tokens: int) -> list:
+        """The encoder rows each token attends to (`SupportsMultiModal.cross_ranges`), for a
+        request with cross-attention items; their rows must fit the model's cross cache."""
+        items = [item for item in mm_items if item.target == CROSS_ATTENTION]
+        if not items:
+            return []
+        specs = [s for s in self.scheduler.kv.specs if s.is_cross]
+        rows = sum(item.num_embeds for item in items)
+        if not specs:
+            raise InvalidInputError(
+                f"{self.model_config.architecture} has no cross-attention layers for "
+                f"{items[0].modality} items of target {CROSS_ATTENTION!r}"
+            )
+        if rows > specs[0].max_rows:
+            raise InvalidInputError(
+                f"the request's {len(items)} {items[0].modality} item(s) bring {rows} encoder "
+                f"rows; the model's cross-attention cache holds {specs[0].max_rows} per request"
+            )
+        return self.runner.model.cross_ranges(items, num_prompt_tokens)
 
     def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
         """Queue one pooling request (no sampling, no detokenizer)."""

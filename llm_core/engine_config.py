@@ -22,6 +22,7 @@ from polymodal.llm_core.quantization.base import check_fp8_device
 from polymodal.llm_core.registry import model_class, tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
+from polymodal.llm_core.tensor_parallel import SINGLE, TPGroup, tensor_parallel
 
 
 @dataclass
@@ -75,6 +76,10 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Split the decoder over this many ranks (one process each; rank 0 is the engine's):
+    # GPUs 0..N-1 on CUDA (NCCL), processes talking gloo on the CPU. 1 = today's in-process
+    # path, unchanged. llm_core/executor.py; docs/serving.md says what is not done yet.
+    tensor_parallel_size: int = 1
     seed: int = 0
 
 
@@ -129,10 +134,12 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"{path}: cannot load the tokenizer: {exc}") from exc
 
 
-def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
-    path = resolve_model_path(model)
+def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):
+    """(model config, this rank's device, `cfg` with its device defaults, max_model_len)."""
     model_config = load_config(path, cfg.dtype)
     device = _device(cfg.device)
+    if device.type == "cuda" and cfg.tensor_parallel_size > 1:
+        device = torch.device("cuda", rank)  # rank r drives GPU r
     cfg = resolve_batch_limits(cfg, device)
     if device.type == "cpu" and model_config.dtype in (torch.float16,):
         model_config.dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
@@ -142,6 +149,33 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
             f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}"
         )
+    return model_config, device, cfg, max_len
+
+
+@dataclass
+class RankParts:
+    """What every tensor-parallel rank builds: its shard of the model and of the KV cache."""
+
+    net: Any
+    runner: ModelRunner
+    layout: KVCacheLayout
+    num_blocks: int
+    max_len: int
+    backend: Any
+
+
+def build_rank(
+    path: Path,
+    model_config: ModelConfig,
+    cfg: EngineConfig,
+    device: torch.device,
+    max_len: int,
+    tp: TPGroup = SINGLE,
+    before_sync=None,
+) -> RankParts:
+    """Build this rank's model (split over `tp`), KV cache and runner. With several ranks the
+    KV block count is the smallest any rank holds (a collective: `before_sync()` runs first,
+    e.g. rank 0 checking that every worker built its model)."""
     quant = resolve_quantization(
         model_config.quantization_config, cfg.quantization, cfg.dummy_weights, str(path)
     )
@@ -152,9 +186,10 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     # M-RoPE positions can run past the token count (video time axis): leave headroom. The
     # rotary tables hold every position: past 128k (Llama 4's 10M) only max_len's are kept.
     max_positions = max(max_len, min(model_config.max_position_embeddings, 131072)) + 1024
-    net = build_model(
-        model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed, quant
-    )
+    with tensor_parallel(tp):
+        net = build_model(
+            model_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed, quant
+        )
     if kv_dtype != model_config.dtype:
         scales = net.checkpoint_kv_scales  # {layer: (k_scale, v_scale)}; 1.0 where absent
         for layer in net.attention_layers():
@@ -174,15 +209,35 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
     num_blocks = cfg.num_kv_blocks or _num_blocks(
         kv_dtype, layout, cfg, device, max_len, encoder_cache
     )
+    if tp.size > 1:
+        if before_sync is not None:
+            before_sync()
+        num_blocks = tp.min_int(num_blocks)  # every rank holds the same block ids
     max_len = _fit_one_request(layout, num_blocks, cfg, max_len, model_config)
     kv_caches = _allocate_kv_caches(layout, num_blocks, cfg.block_size, kv_dtype, device)
+    cross = layout.num_cross_groups
+    runner = ModelRunner(
+        net, kv_caches, cfg.block_size, device, layout.num_groups - cross, max(encoder_cache, 1),
+        cross, max((g.spec.max_rows for g in layout.groups), default=0),
+    )  # fmt: skip
+    runner.lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
+    return RankParts(net, runner, layout, num_blocks, max_len, backend)
+
+
+def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EngineParts:
+    """The engine's parts; with an `executor` (tensor_parallel_size > 1) this process builds
+    rank 0 while the executor's workers build the other ranks."""
+    path = resolve_model_path(model)
+    model_config, device, cfg, max_len = resolve_model(path, cfg)
+    tp = executor.group if executor is not None else SINGLE
+    ready = executor.wait_ready if executor is not None else None
+    rank = build_rank(path, model_config, cfg, device, max_len, tp, ready)
+    net, runner, layout, max_len = rank.net, rank.runner, rank.layout, rank.max_len
+    runner.executor = executor
+    pooling = is_pooling_model(net)
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
-    kv = KVCacheManager(num_blocks, cfg.block_size, prefix_caching, specs)
-    runner = ModelRunner(
-        net, kv_caches, cfg.block_size, device, layout.num_groups, max(encoder_cache, 1)
-    )
-    runner.lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
+    kv = KVCacheManager(rank.num_blocks, cfg.block_size, prefix_caching, specs)
     scheduler = Scheduler(
         kv,
         cfg.max_num_batched_tokens,
@@ -191,8 +246,9 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
         runner.encoder_cache,
         runner.lora,
     )
-    graphs = cfg.cuda_graphs and not pooling and layout.slots
-    if graphs and device.type == "cuda" and backend.name == "triton":
+    # CUDA graphs with the collectives inside are not done yet: tensor parallelism runs eager
+    graphs = cfg.cuda_graphs and not pooling and layout.slots and tp.size == 1
+    if graphs and device.type == "cuda" and rank.backend.name == "triton":
         runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
         prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
         if prefill_tokens > 0 and getattr(net, "supports_prefill_graphs", True):
@@ -206,17 +262,47 @@ def build_engine_parts(model: str, cfg: EngineConfig) -> EngineParts:
 
 
 def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool, dtype):
-    """The LoRAManager of an engine with `enable_lora` (its layers wrapped), else None."""
-    if not cfg.enable_lora:
+    """The LoRAManager of an engine with `enable_lora` (its layers wrapped), or of a model
+    with adapters of its own (`builtin_adapters`: Phi-4-MM's vision / speech LoRA, routed per
+    request by `modality_adapter`; room for them is added to `max_loras` / `max_lora_rank`),
+    else None."""
+    builtin = net.builtin_adapters() if hasattr(net, "builtin_adapters") else {}
+    if not (cfg.enable_lora or builtin):
         return None
     if pooling:
         raise InvalidInputError("enable_lora: LoRA adapters on pooling models are not supported")
-    from polymodal.llm_core.lora import LoRAManager
+    from polymodal.llm_core.lora import LoRAManager, LoRARequest
+    from polymodal.llm_core.lora.adapter import adapter_from_tensors, load_adapter
 
-    return LoRAManager(
-        net, cfg.max_loras, cfg.max_lora_rank, cfg.max_num_batched_tokens, device,
+    ranks = [int(_peft_config(c).get("r", 8)) for c, _ in builtin.values()]
+    max_loras = max(cfg.max_loras, len(builtin)) if cfg.enable_lora else len(builtin)
+    manager = LoRAManager(
+        net, max_loras, max([cfg.max_lora_rank, *ranks]), cfg.max_num_batched_tokens, device,
         cfg.max_cpu_loras, dtype,
     )  # fmt: skip
+    net.adapter_requests = {}
+    for index, (name, (config, tensors)) in enumerate(builtin.items()):
+        # ids far above a user's; the path names where the adapter came from
+        path = str(config) if tensors is None else f"{type(net).__name__}#{name}_lora"
+        request = LoRARequest(name, 1_000_000_000 + index, path)
+        args = (manager.layers, manager.packed, manager.remap, manager.max_rank)
+        if tensors is None:
+            adapter = load_adapter(request, *args)
+        else:
+            adapter = adapter_from_tensors(request, config, tensors, *args)
+        manager.register(request, adapter)
+        net.adapter_requests[name] = request
+    return manager
+
+
+def _peft_config(config) -> dict:
+    """A builtin adapter's config dict (given, or its PEFT folder's adapter_config.json)."""
+    if isinstance(config, dict):
+        return config
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(config) / "adapter_config.json").read_text())
 
 
 log = logging.getLogger("polymodal")

@@ -23,3 +23,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class ModelNotFoundError(ModelLoadError):
     """A model id is neither a local directory nor reachable/cached on the hub."""
+
+
+class EngineDeadError(PolymodalError, RuntimeError):
+    """A part of the engine that runs elsewhere (a tensor-parallel worker) is gone."""

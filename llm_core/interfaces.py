@@ -3,7 +3,9 @@ with `isinstance`), instead of the engine probing for attributes.
 
 - `SupportsMultiModal`: turns media items into embeddings (`encode`), stages their tensors
   onto its device ahead of the step (`stage`), may replay CUDA graphs for its tower, and says
-  how its decoder attends over media (`bidirectional_media`).
+  how its decoder attends over media (`bidirectional_media`); a model with cross-attention
+  layers lays out a request's encoder rows (`cross_states`) and says which rows each token
+  attends to (`cross_ranges`).
 - `SupportsPooling`: a pooling model (classification, reward, embedding): no LM head; the
   runner hands it each finished prompt's hidden states and it returns one pooled tensor each.
 """
@@ -50,6 +52,20 @@ class SupportsMultiModal:
         move = partial(copy_to, device=device)
         for item in items:
             item.stage(device, dtype, move)
+
+    def cross_states(self, items: list, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """A request's encoder rows `[rows, hidden]` that its cross-attention layers read, from
+        the encoder outputs of its cross-attention items (in order). Default: concatenated."""
+        return torch.cat(outputs)
+
+    def cross_ranges(self, items: list, num_prompt_tokens: int) -> list[tuple[int, int, int, int]]:
+        """Which of a request's encoder rows (as `cross_states` lays them out) each token attends
+        to: pieces `(first position, lo, hi, gate)` in position order, each holding until the
+        next, the last one for the generated tokens too (lo == hi: no rows; gate 0: the
+        reference masks the token's row out, the model decides what that means). `items`: the
+        request's cross-attention items, in order. Default: every token sees every row."""
+        rows = sum(item.num_embeds for item in items)
+        return [(0, 0, rows, 1)] if rows else []
 
     def enable_cuda_graphs(self, wrap) -> None:
         """Called once the decoder's graphs are captured: a tower that opts in may replay its

@@ -12,6 +12,13 @@ hashes of media whose slots fall inside it), so two different images behind the 
 placeholder tokens never share a block, and the same image twice does. The prefix cache is
 per group (keys: (group, hash)).
 
+Cross groups (`KVCacheSpec.is_cross`) hold a request's encoder rows: their tables are allocated
+whole (`Request.num_encoder_rows` rows) with the request's first blocks, flagged
+`Request.cross_pending` until the runner has written them, never grown, never prefix-cached. A
+request without encoder rows holds empty cross tables. Since every token of such a model may
+read the encoder states, a request's first block hash includes the content hashes of its
+cross-attention items (and the chain carries them to every later block).
+
 Free blocks wait in `free` in eviction order (front first). A freed block keeps its hash and
 stays findable until it is reused: that is the prefix cache (LRU).
 """
@@ -22,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from polymodal.llm_core.kv_cache_spec import FULL, KVCacheSpec
-from polymodal.llm_core.request import Request
+from polymodal.llm_core.request import CROSS_ATTENTION, Request
 
 
 @dataclass
@@ -48,6 +55,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.specs = [KVCacheSpec(FULL)] if specs is None else list(specs)
         self.windowed = [g for g, s in enumerate(self.specs) if s.is_windowed]
+        self.cross = [g for g, s in enumerate(self.specs) if s.is_cross]
+        self.token_groups = [g for g, s in enumerate(self.specs) if not s.is_cross]
         # Windowed groups point freed positions at a reserved null block (never allocated).
         self.null_block = 0 if self.windowed else None
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -87,7 +96,8 @@ class KVCacheManager:
             media = tuple(
                 (item.content_hash, item.slot_start)
                 for item in req.mm_items
-                if item.slot_start < hi and item.slot_start + item.num_slots > lo
+                if (item.slot_start < hi and item.slot_start + item.num_slots > lo)
+                or (i == 0 and item.target == CROSS_ATTENTION)  # every token reads them
             )
             req.block_hashes.append(hash((parent, tokens, media)))
         return req.block_hashes
@@ -105,20 +115,23 @@ class KVCacheManager:
         length = len(hashes) if limit is None else min(len(hashes), limit // bs)
         while length and length * bs >= req.num_tokens:  # the last token must run for logits
             length -= 1
-        found = [[self.cached.get((g, h)) for h in hashes[:length]] for g in range(len(self.specs))]
+        found = {g: [self.cached.get((g, h)) for h in hashes[:length]] for g in self.token_groups}
         changed = True
         while changed and length:  # shrink until every group can serve the same length
             changed = False
-            for spec, ids in zip(self.specs, found):
-                ok = _longest_servable(spec, ids, length, bs)
+            for g, ids in found.items():
+                ok = _longest_servable(self.specs[g], ids, length, bs)
                 if ok < length:
                     length, changed = ok, True
         if not length:
             return []
         hits = []
-        for spec, ids in zip(self.specs, found):
+        for g, spec in enumerate(self.specs):
+            if spec.is_cross:  # encoder rows: written anew for each request
+                hits.append([])
+                continue
             first = spec.first_needed(length * bs) // bs
-            hits.append([self.null_block] * first + ids[first:length])
+            hits.append([self.null_block] * first + found[g][first:length])
         return hits
 
     # ---- allocation ---------------------------------------------------------------------
@@ -143,16 +156,21 @@ class KVCacheManager:
         if self.windowed:
             self._free_skipped(req, req.num_computed_tokens)
         held = len(tables[0])
-        if not computed and req.num_computed_tokens + num_new_tokens <= held * bs:
+        # encoder rows of a request whose cross tables are not allocated yet (its first step)
+        cross_new = 0
+        if self.cross and req.num_encoder_rows and not tables[self.cross[0]]:
+            cross_new = self._blocks_needed(req.num_encoder_rows)
+        if not computed and not cross_new and req.num_computed_tokens + num_new_tokens <= held * bs:
             return True
         num_hit = len(computed[0]) if computed else 0
         start = req.num_computed_tokens + num_hit * bs  # first position this step computes
         new_entries = max(0, self._blocks_needed(start + num_new_tokens) - held - num_hit)
-        fresh = [
-            self._fresh_entries(spec, held + num_hit, new_entries, start) for spec in self.specs
-        ]
+        fresh = {
+            g: self._fresh_entries(self.specs[g], held + num_hit, new_entries, start)
+            for g in self.token_groups
+        }
         reused_free = len({b for ids in computed for b in ids if b in self.free})
-        if sum(fresh) + reused_free > len(self.free):
+        if sum(fresh.values()) + cross_new * len(self.cross) + reused_free > len(self.free):
             return False
         for table, ids in zip(tables, computed):
             for block_id in ids:
@@ -164,10 +182,15 @@ class KVCacheManager:
             self.num_hit_tokens += num_hit * bs
             req.num_computed_tokens += num_hit * bs
             req.num_cached_blocks = held + num_hit
-        for table, count in zip(tables, fresh):
+        for g, count in fresh.items():
+            table = tables[g]
             table.extend([self.null_block] * (new_entries - count))  # out of the window already
             for _ in range(count):
                 table.append(self._take_free())
+        if cross_new:
+            for g in self.cross:
+                tables[g].extend(self._take_free() for _ in range(cross_new))
+            req.cross_pending = True  # the runner writes the encoder rows' K/V this step
         return True
 
     def _fresh_entries(self, spec: KVCacheSpec, first_index: int, count: int, start: int) -> int:
@@ -216,7 +239,8 @@ class KVCacheManager:
         if num_full <= req.num_cached_blocks:
             return
         hashes = self._update_hashes(req)
-        for g, table in enumerate(req.block_tables):
+        for g in self.token_groups:
+            table = req.block_tables[g]
             for i in range(req.num_cached_blocks, num_full):
                 block_id = table[i]
                 if block_id == self.null_block or (g, hashes[i]) in self.cached:
@@ -233,6 +257,7 @@ class KVCacheManager:
                     self._release(block_id)
         req.block_tables = []
         req.num_cached_blocks = 0
+        req.cross_pending = False
 
     def num_held_blocks(self, req: Request) -> list[int]:
         """Per group, the real blocks `req` holds now (memory accounting)."""

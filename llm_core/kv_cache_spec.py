@@ -5,6 +5,12 @@ so a block id is one page of `slots` layers of whichever group owns it. All grou
 from one pool; each request holds one block table per group. A model whose layers all share a
 spec has one group of all its layers: today's layout (one tensor per layer, one block table).
 
+A "cross" group (cross-attention: Mllama's image layers, Whisper's decoder) holds the K/V of a
+request's encoder rows instead of its tokens: its table is indexed by encoder row, allocated
+whole when the request is first scheduled (`Request.num_encoder_rows` rows, written once in that
+step) and never grown, and it takes no part in prefix caching. Cross groups come after the token
+groups, so group 0 is always indexed by token position.
+
 Each slot tensor has its own page shape, `[planes, num_blocks, block_size, kv_heads, head_dim]`:
 2 planes (keys, values) for attention caches, 1 for an MLA latent cache (`[..., 1,
 kv_lora_rank + rope_dim]`, one vector per token). Layers of one group may differ in page shape
@@ -20,20 +26,20 @@ from dataclasses import dataclass, field
 
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
-FULL, SLIDING, CHUNKED, NONE, MLA = "full", "sliding", "chunked", "none", "mla"
-# Room for more kinds: "cross" (encoder states computed once per request), a spec kind with its
-# own `first_needed` rule and page shape.
+FULL, SLIDING, CHUNKED, NONE, MLA, CROSS = "full", "sliding", "chunked", "none", "mla", "cross"
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """One layer's KV cache: `kind` (full, sliding, chunked, none, mla), the window or chunk
-    size, and the page shape (kv heads, head dim; MLA: 1 head of the latent + rope dims)."""
+    """One layer's KV cache: `kind` (full, sliding, chunked, none, mla, cross), the window or
+    chunk size, and the page shape (kv heads, head dim; MLA: 1 head of the latent + rope dims).
+    `max_rows` (cross): the most encoder rows one request brings."""
 
     kind: str
     window: int | None = None
     num_kv_heads: int = 0
     head_dim: int = 0
+    max_rows: int = 0
 
     @property
     def planes(self) -> int:
@@ -54,6 +60,11 @@ class KVCacheSpec:
     def is_windowed(self) -> bool:
         return self.kind in (SLIDING, CHUNKED)
 
+    @property
+    def is_cross(self) -> bool:
+        """Its table holds a request's encoder rows, not its tokens."""
+        return self.kind == CROSS
+
     def first_needed(self, position: int) -> int:
         """The earliest key position a query at `position` (or later) can read: blocks wholly
         before it can be freed."""
@@ -65,7 +76,9 @@ class KVCacheSpec:
 
     def max_blocks(self, num_tokens: int, block_size: int, step_tokens: int) -> int:
         """Blocks one request of `num_tokens` holds at most, running up to `step_tokens` new
-        tokens a step (a window needs its keys plus the step's)."""
+        tokens a step (a window needs its keys plus the step's; cross: its encoder rows)."""
+        if self.is_cross:
+            return -(-self.max_rows // block_size)
         whole = -(-num_tokens // block_size)
         if not self.is_windowed:
             return whole
@@ -75,9 +88,10 @@ class KVCacheSpec:
 
 def kv_spec_of(attn: AttentionSpec) -> KVCacheSpec:
     """The cache a layer with attention `attn` needs."""
-    kind = {Mask.CAUSAL: FULL, Mask.SLIDING: SLIDING, Mask.CHUNKED: CHUNKED}.get(attn.mask, NONE)
+    kinds = {Mask.CAUSAL: FULL, Mask.SLIDING: SLIDING, Mask.CHUNKED: CHUNKED, Mask.CROSS: CROSS}
+    kind = kinds.get(attn.mask, NONE)
     window = attn.window if kind in (SLIDING, CHUNKED) else None
-    return KVCacheSpec(kind, window, attn.num_kv_heads, attn.head_dim)
+    return KVCacheSpec(kind, window, attn.num_kv_heads, attn.head_dim, attn.encoder_rows or 0)
 
 
 @dataclass
@@ -105,6 +119,11 @@ class KVCacheLayout:
     @property
     def has_windows(self) -> bool:
         return any(g.spec.is_windowed for g in self.groups)
+
+    @property
+    def num_cross_groups(self) -> int:
+        """Cross groups (the last ones)."""
+        return sum(g.spec.is_cross for g in self.groups)
 
     def page_shape(self) -> tuple[int, int]:
         """(kv heads, head dim) of slot 0's tensor."""
@@ -139,10 +158,11 @@ MAX_PADDING = 0.15
 
 
 def plan_layout(specs: list[KVCacheSpec]) -> KVCacheLayout:
-    """Group layers by block-table kind (order of first appearance) into groups of equal size;
-    slot s of every group shares one tensor (its layers need one page shape)."""
+    """Group layers by block-table kind (order of first appearance, cross kinds last) into
+    groups of equal size; slot s of every group shares one tensor (its layers need one page
+    shape)."""
     by_kind: dict[tuple, list[int]] = {}
-    for i, spec in enumerate(specs):
+    for i, spec in sorted(enumerate(specs), key=lambda pair: pair[1].is_cross):  # stable
         if spec.kind != NONE:
             by_kind.setdefault(spec.block_table_kind, []).append(i)
     layer_slot: list[tuple[int, int] | None] = [None] * len(specs)

@@ -1,7 +1,9 @@
 """Per-request rules on the logits before sampling, vectorised over the batch on their device.
 
 In vLLM's order: grammar bitmask (structured output) and `allowed_token_ids` (whitelists),
-`bad_words`, `min_tokens` (stop tokens masked until enough were generated), `logit_bias`.
+`bad_words`, `min_tokens` (stop tokens masked until enough were generated), `logit_bias`;
+transformers' `suppress_tokens` (always) and `begin_suppress_tokens` (the first output token)
+are masked with the bad words.
 The host only gathers (row, token) index lists; each kind is one copy and one indexed write.
 Rows without rules cost nothing; a batch without any rule never calls this (the sampler
 checks each context's `has_rules`, read once per request from `SamplingParams`).
@@ -57,6 +59,12 @@ def apply_logit_rules(logits: torch.Tensor, contexts: list[Any]) -> torch.Tensor
             if not prefix or ctx.output_token_ids[-len(prefix) :] == prefix:
                 ban_rows.append(i)
                 ban_tok.append(word[-1])
+        if p.suppress_tokens:
+            ban_rows.extend([i] * len(p.suppress_tokens))
+            ban_tok.extend(p.suppress_tokens)
+        if p.begin_suppress_tokens and not ctx.output_token_ids and not ctx.num_pending:
+            ban_rows.extend([i] * len(p.begin_suppress_tokens))
+            ban_tok.extend(p.begin_suppress_tokens)
         if p.min_tokens and len(ctx.output_token_ids) + ctx.num_pending < p.min_tokens:
             ban_rows.extend([i] * len(ctx.stop_token_ids))
             ban_tok.extend(ctx.stop_token_ids)

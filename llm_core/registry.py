@@ -86,8 +86,21 @@ MODELS: dict[str, ModelRow] = {
         _P + "llama4:Llama4Processor",
         "Llama4ForConditionalGeneration",
     ),
+    "Phi4MultimodalForCausalLM": ModelRow(
+        _M + "phi4mm:Phi4MMForCausalLM", _P + "phi4mm:Phi4MMProcessor", "Phi4MMForCausalLM"
+    ),
     "LlavaLlamaModel": ModelRow(
         _M + "vila:LlavaLlamaModel", _P + "vila:VilaProcessor", "LlavaLlamaModel"
+    ),
+    "WhisperForConditionalGeneration": ModelRow(
+        _M + "whisper:WhisperForConditionalGeneration",
+        _P + "whisper:WhisperProcessor",
+        "WhisperForConditionalGeneration",
+    ),
+    "MllamaForConditionalGeneration": ModelRow(
+        _M + "mllama:MllamaForConditionalGeneration",
+        _P + "mllama:MllamaProcessor",
+        "MllamaForConditionalGeneration",
     ),
 }
 

@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+# `MultimodalItem.target` of items whose encoder rows cross-attention layers read
+# (processors.types.CROSS_ATTENTION; the core does not import the processors)
+CROSS_ATTENTION = "cross_attention"
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -34,6 +38,13 @@ class Request:
     # token ranges [start, end) no step may cut: the spans of media a model attends to
     # bidirectionally (Gemma 3's images), set by the engine from the model's interface
     atomic_spans: list[tuple[int, int]] = field(default_factory=list)
+    # Cross-attention (a model with cross KV groups): per-token encoder rows [lo, hi) and gate,
+    # as pieces `(first position, lo, hi, gate)`, the last one extending over the generated
+    # tokens (`SupportsMultiModal.cross_ranges`; set by the engine); and whether the cross
+    # tables were just allocated and await the encoder rows' K/V (set by the KV manager,
+    # cleared once the step that writes them is launched).
+    cross_ranges: list[tuple[int, int, int, int]] = field(default_factory=list)
+    cross_pending: bool = False
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -82,6 +93,10 @@ class Request:
         self.has_logit_rules: bool = sampling and self.params.has_logit_rules
         stop_ids = self.params.stop_token_ids if sampling else ()
         self.stop_ids = tuple(self.eos_token_ids) + tuple(stop_ids)  # masked before min_tokens
+        # encoder rows its cross-attention layers read (0: none, those layers skip it)
+        self.num_encoder_rows: int = sum(
+            item.num_embeds for item in self.mm_items if item.target == CROSS_ATTENTION
+        )
 
     @property
     def num_tokens(self) -> int:

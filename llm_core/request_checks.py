@@ -11,9 +11,15 @@ from polymodal.llm_core.sampling_params import SamplingParams
 
 
 def check_request(
-    ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
+    ids: list[int],
+    params: SamplingParams,
+    max_model_len: int,
+    vocab_size: int,
+    input_vocab_size: int | None = None,
 ) -> None:
     """Raise `InvalidInputError` naming the input when the prompt or a token id does not fit.
+    Prompt ids may reach `input_vocab_size` (default `vocab_size`): Mllama embeds its image
+    token past the LM head's vocab.
 
     A `max_tokens` beyond what the context leaves ends the output at max_model_len (finish
     reason "length"), as in vLLM's `LLM`; servers reject it first (`check_max_tokens`).
@@ -25,10 +31,11 @@ def check_request(
             f"the prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
             f"(prompt + at least one output token must fit)"
         )
-    bad = [t for t in ids if not 0 <= t < vocab_size]
+    embeddable = input_vocab_size or vocab_size
+    bad = [t for t in ids if not 0 <= t < embeddable]
     if bad:
         raise InvalidInputError(
-            f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab_size})"
+            f"prompt token ids {bad[:5]} are outside the vocab [0, {embeddable})"
         )
     room = max_model_len - len(ids)
     if params.min_tokens > room:
@@ -36,7 +43,9 @@ def check_request(
             f"SamplingParams.min_tokens={params.min_tokens} cannot fit: the prompt has "
             f"{len(ids)} tokens and max_model_len is {max_model_len}"
         )
-    for name in ("logit_bias", "allowed_token_ids", "stop_token_ids"):
+    names = ("logit_bias", "allowed_token_ids", "stop_token_ids", "suppress_tokens",
+             "begin_suppress_tokens")  # fmt: skip
+    for name in names:
         outside = [t for t in getattr(params, name) or () if t >= vocab_size]
         if outside:
             raise InvalidInputError(

@@ -6,6 +6,12 @@ are cached by content hash and sliced by slot range (only the span positions an 
 and a repeated image runs its encoder once. A model whose images attend bidirectionally
 (`bidirectional_media`) gets each step's embedded runs as per-token key ranges in the
 attention metadata (`media_key_ranges`); the scheduler keeps those spans inside one step.
+
+Cross-attention models (cross KV groups, after the token groups) get one more metadata per
+cross group: each sequence's encoder-row table and count, each token's rows `[lo, hi)` and gate
+(`Request.cross_ranges`), and, for requests whose cross tables were just allocated, their
+encoder states (`SupportsMultiModal.cross_states`, encoder outputs cached by content hash) with
+the cross slots their K/V go to: written once, in the request's first step.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from itertools import chain
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.cross_inputs import CrossBatch, cross_batch, cross_metas, cross_states
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device, upload
@@ -46,6 +53,8 @@ class HostBatch:
     prompt_logprob_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
     # per flat token, extra visible key positions [lo, hi) (bidirectional media runs), or None
     key_ranges: tuple[list[int], list[int]] | None = None
+    # the cross groups' tables, row counts, per-token ranges and writes (cross_inputs.py)
+    cross: CrossBatch | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -63,14 +72,19 @@ class ModelRunner:
         device,
         num_kv_groups: int = 1,
         encoder_cache_bytes: int = 256 << 20,
+        num_cross_groups: int = 0,
+        max_encoder_rows: int = 0,
     ):
         self.model = model
         # per layer [2, num_blocks, block_size, kv_heads, head_dim] (a tensor several groups'
         # layers share), or None for a layer without a KV cache
         self.kv_caches = kv_caches
         self.block_size = block_size
-        # block tables per request (a model without KV layers still gets one, empty and unread)
+        # block tables per request (a model without KV layers still gets one, empty and unread):
+        # token groups first, then cross groups (encoder rows, at most `max_encoder_rows`)
         self.num_kv_groups = max(1, num_kv_groups)
+        self.num_cross_groups = num_cross_groups
+        self.max_cross_blocks = -(-max_encoder_rows // block_size)
         self.device = torch.device(device)
         self.uses_mrope = model.config.mrope_section is not None
         self.bidirectional_media = getattr(model, "bidirectional_media", False)
@@ -80,6 +94,9 @@ class ModelRunner:
         # LoRAManager when adapters are on: it fills each step's token -> adapter-slot mapping
         self.lora = None
         self.prefill_graphs = None  # PrefillGraphs once capture_prefill_graphs() ran
+        # tensor_parallel_size > 1: the TPExecutor that hands each step to the other ranks
+        # (this runner is rank 0's: it alone samples); None runs as one process
+        self.executor = None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
@@ -88,8 +105,9 @@ class ModelRunner:
         self._lora_capture(True)
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
-            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups
-        )
+            self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups,
+            self.num_cross_groups, self.max_cross_blocks,
+        )  # fmt: skip
         self.graphs.capture()
         self._lora_capture(False)
 
@@ -100,8 +118,9 @@ class ModelRunner:
         self._lora_capture(True)
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
-            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups
-        )
+            self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups,
+            self.num_cross_groups, self.max_cross_blocks,
+        )  # fmt: skip
         self.prefill_graphs.capture()
         self._lora_capture(False)
 
@@ -176,6 +195,10 @@ class ModelRunner:
         else:
             hb.tables = [[r.block_tables[g] for r in sched.requests] for g in groups]
         hb.max_blocks = max(map(len, hb.tables[0]))
+        if self.num_cross_groups:
+            first = self.num_kv_groups
+            groups = range(first, first + self.num_cross_groups)
+            hb.cross = cross_batch(sched.requests, sched.num_new_tokens, groups, bs)
         return hb
 
     def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
@@ -214,6 +237,9 @@ class ModelRunner:
             lo, hi = upload(hb.key_ranges, torch.int32, self.device)
             for m in metas:
                 m.media_key_ranges, m.media_key_ranges_cpu = (lo, hi), hb.key_ranges
+        if hb.cross is not None:
+            metas += cross_metas(hb.cross, starts, hb.query_lens, hb.is_decode, self.device)
+            meta.groups = metas
         pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
 
@@ -262,6 +288,28 @@ class ModelRunner:
         embeds = [found[h][a:b] for h, a, b in pieces]
         return to_device(indices, torch.int64, self.device), torch.cat(embeds)
 
+    def _encoder_outputs(self, items: list) -> list[torch.Tensor]:
+        """Encoder outputs of `items` (content hashes once each): from the encoder cache, the
+        rest in one `model.encode` call (outputs held for this step even if evicted)."""
+        found, missing = {}, {}
+        for item in items:
+            key = item.content_hash
+            if key not in found:
+                found[key] = self.encoder_cache.get(key)
+                if found[key] is None:
+                    missing[key] = item
+        if missing:
+            todo = list(missing.values())
+            for item, emb in zip(todo, self.model.encode(todo)):
+                if emb.shape[0] != item.num_embeds:
+                    raise InvalidInputError(
+                        f"the encoder gave {emb.shape[0]} rows for a {item.modality} with "
+                        f"{item.num_embeds} encoder rows"
+                    )
+                found[item.content_hash] = emb
+                self.encoder_cache.put(item.content_hash, emb)
+        return [found[item.content_hash] for item in items]
+
     def _media_key_ranges(self, sched: SchedulerOutput) -> tuple[list[int], list[int]] | None:
         """Per flat token of this step, the key positions `[lo, hi)` it sees beyond its mask:
         the embedded run (crop, tile) it belongs to, for a `bidirectional_media` model; (0, 0)
@@ -296,6 +344,8 @@ class ModelRunner:
         has_media = _step_has_media(sched)
         # The encoder goes first: the device starts on it while the host builds the batch.
         slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
+        writes = [r for r in sched.requests if r.cross_pending] if self.num_cross_groups else []
+        states = cross_states(self.model, writes, self._encoder_outputs) if writes else None
         hb = self.host_batch(sched, prev)
         if self.lora is not None:  # static buffers the LoRA layers (and their graphs) read
             self.lora.set_step(sched.requests, sched.num_new_tokens)
@@ -306,11 +356,17 @@ class ModelRunner:
             graphs
             and hb.is_decode
             and not has_media
+            and not writes
             and not hb.prompt_logprob_spans
             and graphs.can_run(len(hb.ids), hb.max_blocks)
         ):
             return self._launch_graph(sched, hb, prev, overlap)
         input_ids, positions, meta, _ = self.prepare(sched, hb)
+        if states is not None:  # every cross group stores the same rows' K/V
+            for g in range(self.num_kv_groups, self.num_kv_groups + self.num_cross_groups):
+                meta.group(g).cross_states = states
+        if self.executor is not None:  # the other ranks run this step with us, in lock step
+            self.executor.run_step(hb, slot_idx, mm)
         if hb.pending_rows:  # ids sampled by `prev`, never read back to the host
             rows, src = upload([hb.pending_rows, hb.pending_src], torch.int64, self.device)
             input_ids[rows] = prev.tokens[src]
@@ -319,7 +375,8 @@ class ModelRunner:
             embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
         prefill = self.prefill_graphs
         fits = prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks)
-        if fits and hb.key_ranges is None:  # captured graphs know no media key ranges
+        # captured graphs know no media key ranges and store no encoder rows
+        if fits and hb.key_ranges is None and states is None:
             hidden = prefill.run(embeds, positions, meta)
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)

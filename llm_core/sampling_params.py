@@ -23,7 +23,15 @@ SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 # Fields a model's generation_config.json may default (vLLM reads the same ones).
-GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+GENERATION_CONFIG_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+)
 
 
 def _check_range(
@@ -129,6 +137,12 @@ class SamplingParams(BaseModel):
     """Token id -> value in [-100, 100] added to its logit before sampling."""
     allowed_token_ids: list[int] | None = None
     """Only these token ids may be generated."""
+    suppress_tokens: list[int] | None = None
+    """Token ids never generated (transformers' `suppress_tokens`; Whisper's generation config
+    lists its non-speech tokens)."""
+    begin_suppress_tokens: list[int] | None = None
+    """Token ids not generated as the first output token (transformers'
+    `begin_suppress_tokens`; Whisper: the blank and end-of-text)."""
     bad_words: list[str] = Field(default_factory=list)
     """Words never generated (each banned as tokenized with and without a leading space)."""
     prompt_logprobs: int | None = None
@@ -166,6 +180,8 @@ class SamplingParams(BaseModel):
             or self.allowed_token_ids is not None
             or self.bad_words
             or self.min_tokens
+            or self.suppress_tokens
+            or self.begin_suppress_tokens
             or self.structured_outputs is not None
         )
 
@@ -281,7 +297,8 @@ class SamplingParams(BaseModel):
             raise ValueError("must not contain empty strings")
         return value
 
-    @field_validator("stop_token_ids", "allowed_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids", "suppress_tokens",
+                     "begin_suppress_tokens")  # fmt: skip
     @classmethod
     def _check_token_ids(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and any(t < 0 for t in value):

@@ -14,6 +14,8 @@ Media add two limits to a prefill chunk (`_fit`):
   encode (not in the encoder cache, not already encoded for another request of this step)
   count against `max_num_encoder_tokens`; a chunk ends before an item that would overflow it.
   The first item of a step always fits, however large, so nothing waits forever.
+  Cross-attention items (encoder rows the decoder attends to, not slots) are encoded in the
+  request's first step, whatever its chunk: all of them are booked then.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polymodal.llm_core.kv_cache import KVCacheManager
-from polymodal.llm_core.request import Request, RequestStatus
+from polymodal.llm_core.request import CROSS_ATTENTION, Request, RequestStatus
 
 
 @dataclass
@@ -145,11 +147,17 @@ class Scheduler:
     def _fit(self, req: Request, start: int, n: int, encoding: _EncoderWork) -> int:
         """The largest chunk `[start, start + m)`, m <= n, that cuts no atomic span and whose
         new encoder work fits the step's encoder budget (booked in `encoding`)."""
+        if req.num_encoder_rows and not req.block_tables:  # its first step: encode them all
+            cross = [item for item in req.mm_items if item.target == CROSS_ATTENTION]
+            if not encoding.take_all(cross):
+                return 0
         end = start + n
         inside = _span_around(req.atomic_spans, end)
         if inside is not None:  # ends inside an image: stop before it, or take it whole
             end = inside[0] if inside[0] >= start else end
         for item in req.mm_items:
+            if item.target == CROSS_ATTENTION:
+                continue
             if item.slot_start >= end:
                 break
             if item.slot_end <= start:
@@ -174,6 +182,7 @@ class Scheduler:
         """After launching the forward pass: advance computed counts, register full blocks,
         and count the token each caught-up request samples as pending until it is read back."""
         for req, n in zip(out.requests, out.num_new_tokens):
+            req.cross_pending = False  # the launched step wrote its encoder rows' K/V
             req.num_computed_tokens += n
             if req.num_computed_tokens == req.num_tokens and not req.pooling:
                 req.num_pending += 1
@@ -221,6 +230,21 @@ class _EncoderWork:
             return False
         self.used += cost
         self.hashes.append(key)
+        return True
+
+    def take_all(self, items: list) -> bool:
+        """Book `items` together (a request's cross-attention items, all encoded in its first
+        step): they fit when the step has booked nothing yet, else within the budget."""
+        todo = {}
+        for item in items:
+            key = item.content_hash
+            if key not in self.cache and key not in self.hashes:
+                todo[key] = item.num_embeds
+        cost = sum(todo.values())
+        if self.hashes and self.used + cost > self.budget:
+            return False
+        self.used += cost
+        self.hashes.extend(todo)
         return True
 
     def mark(self) -> tuple[int, int]:

@@ -33,8 +33,9 @@ class MultimodalItem:
     encoder's output rows `[num_embeds, hidden]` replace the embeddings of the span's positions
     where `embed_mask` is true (all of them when it is None), in order; positions where it is
     false keep their token's embedding (Pixtral's `[IMG_BREAK]`, Llama 4's tile separators,
-    Gemma 3's text between pan-and-scan crops). With `target == CROSS_ATTENTION` the output is
-    read by cross-attention layers and the span marks the item's placeholder token(s).
+    Gemma 3's text between pan-and-scan crops). With `target == CROSS_ATTENTION` the output,
+    `[encoder_rows, hidden]`, is read by cross-attention layers (its K/V written once per
+    request into the cross KV cache) and the span marks the item's placeholder token(s), if any.
 
     `data` holds the encoder's inputs. From the processor the pixels are raw (no float work on
     the host, 4x+ fewer bytes to copy): `pixel_frames` (resized uint8 `[N, C, H, W]`, any
@@ -52,6 +53,7 @@ class MultimodalItem:
     embed_mask: torch.Tensor | None = None  # bool [num_slots]; None: every position
     target: str = SLOTS
     pixel_fn: PixelFn | None = field(default=None, repr=False)
+    encoder_rows: int = 0  # CROSS_ATTENTION: rows its encoder output has
 
     @property
     def slot_range(self) -> range:
@@ -64,7 +66,10 @@ class MultimodalItem:
 
     @property
     def num_embeds(self) -> int:
-        """Rows the encoder gives for this item (slot positions it fills)."""
+        """Rows the encoder gives for this item (slot positions it fills; cross-attention: its
+        encoder rows)."""
+        if self.target == CROSS_ATTENTION:
+            return self.encoder_rows
         if self.embed_mask is None:
             return self.num_slots
         return int(self.embed_mask.sum())
@@ -81,6 +86,8 @@ class MultimodalItem:
     def embed_runs(self) -> list[tuple[int, int]]:
         """Maximal runs `[start, end)` of embedded positions (absolute token indices): one run
         per crop or tile an image brings (Gemma 3's bidirectional groups)."""
+        if self.target == CROSS_ATTENTION:
+            return []
         if self.embed_mask is None:
             return [(self.slot_start, self.slot_end)] if self.num_slots else []
         mask = self.embed_mask.to(torch.int8)

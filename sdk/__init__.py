@@ -1,6 +1,7 @@
 """polymodal: fast multimodal LLM inference."""
 
 from polymodal.llm_core.errors import (
+    EngineDeadError,
     InvalidInputError,
     MediaError,
     ModelLoadError,
@@ -49,6 +50,7 @@ __all__ = [
     "RequestOutput",
     "Usage",
     "register_model",
+    "EngineDeadError",
     "InvalidInputError",
     "MediaError",
     "ModelLoadError",

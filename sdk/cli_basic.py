@@ -36,12 +36,18 @@ def generate_command(parser: argparse.ArgumentParser):
     parser.add_argument("--max-pixels", type=int)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--stream", action="store_true")
 
     def run(args) -> int:
         from polymodal.pipeline import Pipeline
 
-        pipe = Pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = Pipeline(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
         request = dict(
             text=args.text,
             images=args.image or None,

@@ -47,6 +47,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="PEFT adapters served under their own model names (implies --enable-lora)",
     )
     parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        help="split the decoder over N GPUs (N processes; gloo on CPU); default 1",
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -71,6 +77,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -62,7 +62,8 @@ class EngineProcess:
             target=run_engine_process,
             args=(child_conn, model, engine_kwargs, process_workers),
             name="polymodal-engine-core",
-            daemon=True,
+            # a daemonic process may not start processes: tensor-parallel workers need it not
+            daemon=engine_kwargs.get("tensor_parallel_size", 1) == 1,
         )
         self._process.start()
         child_conn.close()

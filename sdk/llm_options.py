@@ -19,7 +19,6 @@ ENGINE_KEYWORDS = {f.name for f in fields(EngineConfig)}
 # vLLM keywords polymodal accepts only at vLLM's default value (anything else needs a feature
 # polymodal does not have, and is refused).
 VLLM_DEFAULT_ONLY = {
-    "tensor_parallel_size": 1,
     "pipeline_parallel_size": 1,
     "tokenizer_mode": "auto",
     "revision": None,

@@ -5,6 +5,8 @@
     [{"role": "user", "content": ...}, ...]      chat messages (the chat template renders them)
     {"prompt": ..., "multi_modal_data": {"image": img | [imgs], "video": v | [vs]},
      "mm_processor_kwargs": {"max_pixels": ...}}                         vLLM's text prompt
+    {"prompt": "<|startoftranscript|>...", "multi_modal_data": {"audio": (waveform, rate)}}
+                                                 vLLM's Whisper prompt (one clip: a tuple)
     {"prompt_token_ids": [...], "multi_modal_data": ...}                 vLLM's tokens prompt
     {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
      "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
@@ -157,10 +159,16 @@ def _media(prompt: dict) -> dict[str, list]:
             raise InvalidInputError(
                 f"multi_modal_data[{key!r}]: unsupported modality; supported: {list(MODALITIES)}"
             )
-        if (key == "video" and _is_frame_list(items)) or not isinstance(items, (list, tuple)):
+        one = (key == "video" and _is_frame_list(items)) or (key == "audio" and _is_clip(items))
+        if one or not isinstance(items, (list, tuple)):
             items = [items]  # one item (a video given as a list of frames is one item)
         media[MODALITIES[key]].extend(items)
     return media
+
+
+def _is_clip(items: Any) -> bool:
+    """vLLM's `(waveform, sampling_rate)` pair is one audio clip, not a list of two."""
+    return isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], (int, float))
 
 
 def _is_frame_list(items: Any) -> bool:

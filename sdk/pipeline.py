@@ -28,6 +28,8 @@ from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings,
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_prompts import MEDIA_OPTIONS, is_messages
 
+SPEECH_OPTIONS = ("language", "task", "timestamps")  # reach processors that take them
+
 
 class PipelineRequest(BaseModel):
     """One request: `text` with optional `image` / `images` / `video` / `audio`, or chat
@@ -47,6 +49,10 @@ class PipelineRequest(BaseModel):
     max_pixels: int | None = None
     fps: float | None = None
     num_frames: int | None = None
+    # speech models (Whisper): the spoken language, "transcribe" / "translate", timestamps
+    language: str | None = None
+    task: str | None = None
+    timestamps: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -103,7 +109,7 @@ class PipelineRequest(BaseModel):
             messages = [{"role": "user", "content": parts}]
             if self.system:
                 messages.insert(0, {"role": "system", "content": self.system})
-        options = {k: getattr(self, k) for k in MEDIA_OPTIONS}
+        options = {k: getattr(self, k) for k in (*MEDIA_OPTIONS, *SPEECH_OPTIONS)}
         return {"messages": messages, **{k: v for k, v in options.items() if v is not None}}
 
 

@@ -1,7 +1,9 @@
 """`AttentionLayer`: the attention of one decoder layer after its projections, as its
 `AttentionSpec` says: rotary (or none), KV store, paged attention; or, on a backend that folds
 them (Triton on CUDA), all three in one decode kernel (`rope_decode`). Layers without a KV
-cache (bidirectional encoders) attend over the step's own tokens.
+cache (bidirectional encoders) attend over the step's own tokens. A cross-attention layer
+(`Mask.CROSS`) stores the K/V of the encoder rows given this step (a request's first step) into
+its cross group's cache and attends over each sequence's rows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ class AttentionLayer(nn.Module):
 
     q: `[num_tokens, heads, head_dim]`, k/v: `[num_tokens, kv_heads, head_dim]`, unrotated;
     `rope`: (cos, sin) from the layer's rotary module (`rotary.cos_sin(positions)`, computed once
-    per forward and shared by layers with the same rotary), None for NoPE layers.
+    per forward and shared by layers with the same rotary), None for NoPE layers. A cross layer
+    takes k/v of this step's new encoder rows `[rows, kv_heads, head_dim]` (stored at its group's
+    `slot_mapping`), or None when no request writes its encoder rows this step.
     """
 
     def __init__(self, spec: AttentionSpec, backend, rotary: nn.Module | None = None):
@@ -39,8 +43,8 @@ class AttentionLayer(nn.Module):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: torch.Tensor | None,
         meta: AttentionMetadata,
@@ -58,7 +62,8 @@ class AttentionLayer(nn.Module):
                 q, k, v, meta.query_start_loc, meta.max_query_len, self.spec.scale, causal=False
             )
             return out.reshape(num_tokens, -1)
-        self.backend.store_kv(k, v, kv_cache, meta.slot_mapping, self.kv_scales)
+        if k is not None:
+            self.backend.store_kv(k, v, kv_cache, meta.slot_mapping, self.kv_scales)
         out = self.backend.paged_attention(q, kv_cache, meta, self.spec, self.kv_scales)
         return out.reshape(num_tokens, -1)  # [num_tokens, heads * head_dim]
 

@@ -35,6 +35,18 @@ class AttentionMetadata:
     # int32 [num_tokens] each on the device, and the host lists. None: no such step.
     media_key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None
     media_key_ranges_cpu: tuple[list[int], list[int]] | None = None
+    # A cross group's metadata (`kv_cache_spec.CROSS`): `seq_lens` / `block_tables` are each
+    # sequence's encoder rows and their blocks; `cross_ranges` int32 [3, num_tokens] holds per
+    # token the rows [lo, hi) it attends to (lo == hi: none, e.g. a text-only request, whose
+    # tokens the model passes through its cross layers unchanged) and a gate (1, or 0 where the
+    # model's reference masks the token's row out); `cross_states` [rows, hidden] are the
+    # encoder states whose K/V this step writes at `slot_mapping` (requests in their first
+    # step; None when none). `any_cross`: some sequence of the step has encoder rows (host
+    # knowledge: True in captured graphs).
+    cross_ranges: torch.Tensor | None = None
+    cross_ranges_cpu: list[list[int]] | None = None
+    cross_states: torch.Tensor | None = None
+    any_cross: bool = True
 
     def group(self, index: int) -> AttentionMetadata:
         """The metadata of KV group `index` (a layer's `kv_group`)."""

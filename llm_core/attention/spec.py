@@ -19,6 +19,9 @@ class Mask(enum.IntEnum):
     SLIDING = 1  # keys in (p - window, p]: `window` keys, p's own included
     CHUNKED = 2  # keys in [p // window * window, p]: causal inside fixed chunks (Llama 4 local)
     BIDIRECTIONAL = 3  # every key of the sequence (encoders; the prompt runs in one step)
+    # the request's encoder rows (cross-attention): keys [lo, hi) of the query's range in
+    # `AttentionMetadata.cross_ranges`, no position order
+    CROSS = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class AttentionSpec:
     `head_dim` is the q/k head size, `v_head_dim` the value's (None: the same). `window`: the
     sliding window (SLIDING) or the chunk size (CHUNKED). `rotary` None means no position
     rotation (NoPE). `softcap`: attention logits pass through `softcap * tanh(x / softcap)`.
+    `encoder_rows` (CROSS only): the most encoder rows one request brings (sizes its cache).
     """
 
     num_heads: int
@@ -49,17 +53,27 @@ class AttentionSpec:
     v_head_dim: int | None = None
     rotary: RotarySpec | None = None
     softcap: float | None = None
+    encoder_rows: int | None = None
 
     def __post_init__(self) -> None:
         windowed = self.mask in (Mask.SLIDING, Mask.CHUNKED)
         if windowed != (self.window is not None) or (windowed and self.window < 1):
             raise ValueError(f"{self.mask.name} attention takes a window >= 1, got {self.window}")
+        cross = self.mask == Mask.CROSS
+        if cross != (self.encoder_rows is not None) or (cross and self.encoder_rows < 1):
+            raise ValueError(f"{self.mask.name} attention takes encoder_rows >= 1")
+        if cross and self.rotary is not None:
+            raise ValueError("cross-attention keys have no positions: rotary must be None")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} heads do not group over {self.num_kv_heads}")
 
     @property
     def is_causal(self) -> bool:
-        return self.mask != Mask.BIDIRECTIONAL
+        return self.mask not in (Mask.BIDIRECTIONAL, Mask.CROSS)
+
+    @property
+    def is_cross(self) -> bool:
+        return self.mask == Mask.CROSS
 
     @property
     def value_dim(self) -> int:

@@ -53,6 +53,8 @@ class TorchAttentionBackend:
         """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked as
         `spec` says (causal / sliding / chunked / bidirectional, soft-capped logits); an FP8
         cache's keys and values are multiplied back by `kv_scales`."""
+        if spec.mask == Mask.CROSS:
+            return self._cross_attention(q, kv_cache, meta, spec, kv_scales)
         block_size = kv_cache.shape[2]
         out = torch.empty_like(q)
         query_lens = meta.query_lens_cpu or (meta.query_start_loc.diff()).tolist()
@@ -77,6 +79,37 @@ class TorchAttentionBackend:
                     torch.tensor(r[start : start + q_len], device=q.device) for r in ranges
                 )
             out[start : start + q_len] = _attend(q_s, k, v, seq_len - q_len, spec, extra)
+            start += q_len
+        return out
+
+    def _cross_attention(self, q, kv_cache, meta: AttentionMetadata, spec, kv_scales):
+        """Each query attends to its sequence's encoder rows `[lo, hi)` of `meta.cross_ranges`
+        (none: zeros)."""
+        block_size = kv_cache.shape[2]
+        out = torch.zeros_like(q)
+        query_lens = meta.query_lens_cpu or (meta.query_start_loc.diff()).tolist()
+        rows = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        ranges = meta.cross_ranges_cpu or meta.cross_ranges.tolist()
+        start = 0
+        for s, (q_len, num_rows) in enumerate(zip(query_lens, rows)):
+            lo = torch.tensor(ranges[0][start : start + q_len], device=q.device)
+            hi = torch.tensor(ranges[1][start : start + q_len], device=q.device)
+            if num_rows == 0 or not bool((hi > lo).any()):
+                start += q_len
+                continue
+            blocks = meta.block_tables[s, : -(-num_rows // block_size)].long()
+            k = kv_cache[0, blocks].flatten(0, 1)[:num_rows]  # [rows, kv_heads, head_dim]
+            v = kv_cache[1, blocks].flatten(0, 1)[:num_rows]
+            if kv_cache.dtype == FP8:
+                k_scale, v_scale = kv_scales or (1.0, 1.0)
+                k, v = k.to(q.dtype) * k_scale, v.to(q.dtype) * v_scale
+            pos = torch.arange(num_rows, device=q.device)[None, :]
+            seen = (pos >= lo[:, None]) & (pos < hi[:, None])  # [q_len, rows]
+            some = seen.any(-1)  # queries that see nothing keep zeros
+            cross = AttentionSpec(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.scale)
+            out[start : start + q_len][some] = _attend(
+                q[start : start + q_len][some], k, v, 0, cross, mask=seen[some]
+            )
             start += q_len
         return out
 
@@ -109,16 +142,17 @@ def _attend(
     q_offset: int,
     spec: AttentionSpec,
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [q_len, heads, d], k/v [kv_len, kv_heads, d]; query i sits at position q_offset + i
     and sees the keys `spec.mask` allows, plus those in `[extra[0][i], extra[1][i])` (media
-    runs attended bidirectionally; still inside a sliding window or chunk)."""
+    runs attended bidirectionally; still inside a sliding window or chunk). A given `mask`
+    (bool [q_len, kv_len]) replaces the spec's."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:  # GQA: repeat each kv head for its group of query heads
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    mask = None
-    if spec.mask != Mask.BIDIRECTIONAL:
+    if mask is None and spec.mask != Mask.BIDIRECTIONAL:
         q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + q_offset
         k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
         mask = k_pos <= q_pos

@@ -96,6 +96,14 @@ class TritonAttentionBackend:
         """Attention of `q [num_tokens, heads, head_dim]` over each sequence's cache, masked and
         soft-capped as `spec` says (an FP8 cache's values times `kv_scales`)."""
         _check_spec(spec)
+        if spec.is_cross:  # each query's encoder rows (cross group tables)
+            ranges = (meta.cross_ranges[0], meta.cross_ranges[1])
+            if meta.is_decode:
+                return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales, ranges=ranges)
+            return triton_prefill.paged_prefill(
+                q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                meta.max_query_len, spec, kv_scales, ranges,
+            )  # fmt: skip
         if meta.is_decode and spec.is_causal and meta.media_key_ranges is None:
             return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales)
         return triton_prefill.paged_prefill(
@@ -133,7 +141,8 @@ class TritonAttentionBackend:
         new = triton_decode.NewTokens(k, v, *rope, meta.slot_mapping)
         return self._decode(q, kv_cache, meta, spec, new, kv_scales)
 
-    def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None, kv_scales=None):
+    def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None, kv_scales=None,
+                ranges=None):  # fmt: skip
         """One token per sequence; reads shapes only (CUDA-graph safe)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
@@ -159,6 +168,7 @@ class TritonAttentionBackend:
             min_split_keys=min_keys,
             new=new,
             kv_scales=kv_scales,
+            key_ranges=ranges,
         )
 
     def varlen_attention(

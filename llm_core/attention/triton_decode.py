@@ -15,8 +15,10 @@ query heads and its kv head's new key as it loads them (fp32 math, one rounding,
 `triton_ops.rotary_embedding` does), attends to the new key and value from registers, and the
 first split writes them to the cache.
 
-The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local; a
-decode query sees the keys of its window or chunk only), `SOFTCAP` caps the logits.
+The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local, 4
+cross; a decode query sees the keys of its window or chunk only; a cross query the encoder rows
+`[lo, hi)` of its range, `seq_lens` and the table being the cross group's), `SOFTCAP` caps the
+logits.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def _decode_kernel(
     cos_ptr,  # fp32 [num_seqs, ROPE_HALF] (ROPE_HALF > 0)
     sin_ptr,
     slot_ptr,  # int [num_seqs] the new key's cache slot, -1: padding (ROPE_HALF > 0)
+    range_lo_ptr,  # int32 [num_seqs] cross rows [lo, hi) each query sees (MASK 4)
+    range_hi_ptr,
     qk_scale,  # softmax scale * log2(e)
     cap_log2,  # soft-cap * log2(e) (SOFTCAP)
     window,  # sliding window (MASK 1) or chunk size (MASK 2)
@@ -116,6 +120,9 @@ def _decode_kernel(
         lo = tl.maximum(seq_len - window, 0)
     if MASK == 2:  # ... and keys of its own chunk
         lo = ((seq_len - 1) // window) * window
+    if MASK == 4:  # cross: the encoder rows of the query's range (empty: zeros)
+        lo = tl.load(range_lo_ptr + seq)
+        seq_len = tl.maximum(tl.minimum(tl.load(range_hi_ptr + seq), seq_len), lo)
     # Splits in use for this context (the grid has NUM_SPLITS for the longest one a graph may
     # see): a short context runs on one split, which writes the output with no merge.
     active = tl.minimum(NUM_SPLITS, tl.maximum(tl.cdiv(seq_len - lo, MIN_SPLIT_KEYS), 1))
@@ -131,9 +138,9 @@ def _decode_kernel(
     dim_mask = dims < HEAD_DIM
     q_off = seq * stride_qs + heads[:, None] * stride_qh + dims[None, :]
     q_mask = row_mask[:, None] & dim_mask[None, :]
-    if ROPE_HALF == 0:
+    if ROPE_HALF == 0 and MASK != 4:
         q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")
-    else:  # the rotary's cos/sin per feature (1, 0 past rotary_dim) and the pair partners
+    if ROPE_HALF != 0:  # the rotary's cos/sin per feature (1, 0 past rotary_dim), pair partners
         lower = dims < ROPE_HALF
         rotated = dims < 2 * ROPE_HALF
         freq = tl.where(lower, dims, dims - ROPE_HALF)
@@ -149,6 +156,8 @@ def _decode_kernel(
     k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
     v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
     pdl.wait(USE_PDL)
+    if MASK == 4:  # cross: q comes from the kernel just before (Mllama's q norm) and no key
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0, cache_modifier=".cg")  # is stored
     if split >= active:
         return
     newest = (pos == seq_len - 1)[:, None] & dim_mask[None, :]
@@ -294,6 +303,7 @@ def paged_decode(
     min_split_keys: int = 1,
     new: NewTokens | None = None,
     kv_scales: tuple[float, float] | None = None,
+    key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention of `q [num_seqs, heads, head_dim]` (one token per sequence), masked
     and soft-capped as `spec` says (not bidirectional: a decode step is causal by nature).
@@ -303,7 +313,8 @@ def paged_decode(
     Reads only shapes on the host (no syncs): safe to capture in a CUDA graph. Under PDL the
     kernel reads q and all but each sequence's newest key before waiting on the kernel launched
     just before it, so that one may write only the newest keys (the KV store, as the attention
-    layer runs them); whatever wrote q must come earlier.
+    layer runs them); whatever wrote q must come earlier. Cross attention stores nothing in a
+    decode step: its q (written by the kernel just before, a q norm) is read after the wait.
 
     `new` given: q is unrotated, and the kernel rotates q and `new.k`, stores `new.k`/`new.v`
     at `new.slot_mapping` and attends to them: the same as `rotary_embedding`, `store_kv` and
@@ -312,9 +323,15 @@ def paged_decode(
 
     An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`, as `store_kv`
     writes them): the key scale folds into the softmax scale, the value scale into the output.
+
+    Cross attention (`spec.mask == CROSS`): `kv_cache`, `block_tables` and `seq_lens` are the
+    cross group's (encoder rows) and `key_ranges` (int32 `[num_seqs]` lo, hi) the rows each
+    query sees.
     """
     if spec.mask == Mask.BIDIRECTIONAL:
         raise ValueError("paged_decode: a bidirectional layer has no decode step")
+    if (spec.mask == Mask.CROSS) != (key_ranges is not None):
+        raise ValueError("paged_decode: cross attention takes key_ranges, other masks none")
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -362,6 +379,7 @@ def paged_decode(
         new.cos,
         new.sin,
         new.slot_mapping,
+        *(key_ranges if key_ranges is not None else (seq_lens, seq_lens)),
         spec.scale * _LOG2E * (1.0 if kv_scales is None else kv_scales[0]),
         (spec.softcap or 1.0) * _LOG2E,
         spec.window or 0,

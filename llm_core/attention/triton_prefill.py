@@ -11,10 +11,13 @@ softmax (fp32 running max / sum / accumulator, exp2 with the scale folded in).
   `cu_seqlens`.
 
 The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local,
-3 bidirectional), so each kind compiles its own variant and causal runs no window code.
+3 bidirectional, 4 cross), so each kind compiles its own variant and causal runs no window code.
 `SOFTCAP` caps the logits (`softcap * tanh(x / softcap)`) before the softmax. `RANGES` (paged
 steps with media attended bidirectionally, `meta.media_key_ranges`) lets each query also see
 the keys of its own range `[lo, hi)` (still inside its window); other steps compile without it.
+Cross attention (MASK 4, always with RANGES) reads the sequence's encoder rows instead of its
+tokens (`seq_lens`: rows, the table: a cross group's) and each query sees exactly the rows of
+its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
         s = softcap_log2(s, cap_log2)
     if MASKED:
         visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
-        if MASK != 3:  # causal (all but bidirectional), or inside the query's media range
+        if MASK < 3:  # causal (not bidirectional, not cross), or inside the query's media range
             seen = pos[None, :] <= q_pos[:, None]
             if RANGES:
                 seen = seen | ((pos[None, :] >= r_lo[:, None]) & (pos[None, :] < r_hi[:, None]))
@@ -68,6 +71,8 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
         if MASK == 2:  # chunked local
             visible = visible & (pos[None, :] >= (q_pos[:, None] // window) * window)
+        if MASK == 4:  # cross: the rows of the query's range only
+            visible = visible & (pos[None, :] >= r_lo[:, None]) & (pos[None, :] < r_hi[:, None])
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
@@ -90,7 +95,7 @@ def _attn_fwd_kernel(
     q_start_ptr,  # int32 [num_seqs + 1] query offsets (cu_seqlens when not PAGED)
     seq_lens_ptr,  # int32 [num_seqs] context lengths (PAGED only)
     block_table_ptr,  # int32 [num_seqs, max_blocks] (PAGED only)
-    range_lo_ptr,  # int32 [num_tokens] media key ranges (RANGES only)
+    range_lo_ptr,  # int32 [num_tokens] media key ranges / cross rows (RANGES only)
     range_hi_ptr,
     qk_scale,  # softmax scale * log2(e)
     cap_log2,  # soft-cap * log2(e) (SOFTCAP)
@@ -145,7 +150,7 @@ def _attn_fwd_kernel(
 
     # Key range this query tile can see.
     hi = kv_len
-    if MASK != 3:  # causal
+    if MASK < 3:  # causal
         hi = tl.minimum(kv_len, ctx_len + (q_block + 1) * BLOCK_M)
     lo = 0
     if MASK == 1:  # the window of the tile's first query
@@ -157,7 +162,7 @@ def _attn_fwd_kernel(
 
     # Tiles in [lo, full_end) are visible to every query of this tile: no masks there.
     full_end = (hi // BLOCK_N) * BLOCK_N
-    if MASK != 3:
+    if MASK < 3:
         full_end = (tl.minimum(hi, ctx_len + q_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
     if MASK == 1:  # windowed kinds mask every tile
         full_end = lo
@@ -168,7 +173,12 @@ def _attn_fwd_kernel(
     if RANGES:  # media ranges reach past the causal edge: mask every tile up to their end
         r_lo = tl.load(range_lo_ptr + q_start + rows, mask=row_mask, other=0)
         r_hi = tl.load(range_hi_ptr + q_start + rows, mask=row_mask, other=0)
-        hi = tl.maximum(hi, tl.minimum(tl.max(r_hi, 0), kv_len))
+        if MASK == 4:  # cross: from the first row any query of the tile sees to the last
+            lo = tl.min(tl.where(r_hi > r_lo, r_lo, kv_len), 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(tl.max(r_hi, 0), kv_len)
+        else:
+            hi = tl.maximum(hi, tl.minimum(tl.max(r_hi, 0), kv_len))
         full_end = lo
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     kv_base = (q_start, table, kv_head * stride_kh, stride_kt, stride_ko)

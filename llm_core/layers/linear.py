@@ -106,6 +106,7 @@ class Linear(nn.Module):
     """
 
     gemv = None  # `layers.gemv.gemv(x, weight, bias, silu_mul=False, residual=None)` or alike
+    parallel = None  # a tensor-parallel shard (layers/parallel.py): None on one rank
 
     def __init__(
         self,
@@ -115,10 +116,17 @@ class Linear(nn.Module):
         method: LinearMethod | None = None,
         dtype=None,
         device=None,
+        parallel=None,
     ):
+        """`in_features` / `out_features`: this rank's (the whole layer on one rank);
+        `parallel`: its shard (`layers/parallel.py`), which narrows each checkpoint tensor as it
+        loads and wraps the method (the row shard's all-reduce)."""
         super().__init__()
         self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
         self.method = method or UNQUANTIZED
+        if parallel is not None:
+            self.parallel = parallel
+            self.method = parallel.wrap(self.method)
         if method is None and _DEFERRED.get():
             device = "meta"  # `set_method` allocates the real weights
         self.method.create_weights(self, dtype, device)
@@ -154,6 +162,8 @@ class Linear(nn.Module):
         features (`PackedLinear`); `shard_id=None` is the whole parameter (a checkpoint that
         stores the fused tensor, or a plain layer)."""
         target, dim = param.data, getattr(param, "output_dim", 0)
+        if self.parallel is not None:  # this rank's slice of the checkpoint tensor
+            tensor = self.parallel.narrow(self, param, tensor, shard_id)
         if shard_id is not None and dim is not None:
             start, size = self.shard_offsets[shard_id]
             pack = getattr(param, "pack_factor", 1)
@@ -243,9 +253,10 @@ class PackedLinear(Linear):
         method: LinearMethod | None = None,
         dtype=None,
         device=None,
+        parallel=None,
     ):
         out_features = sum(shard_sizes.values())
-        super().__init__(in_features, out_features, bias, method, dtype=dtype, device=device)
+        super().__init__(in_features, out_features, bias, method, dtype, device, parallel)
         offsets, start = {}, 0
         for shard_id, size in shard_sizes.items():
             offsets[shard_id] = (start, size)

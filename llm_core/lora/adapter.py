@@ -106,6 +106,22 @@ def load_adapter(
         tensors = _read_tensors(path)
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"{name}: cannot read the adapter directory: {exc}") from None
+    return adapter_from_tensors(request, config, tensors, layers, packed, remap, max_rank)
+
+
+def adapter_from_tensors(
+    request: LoRARequest,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    layers: dict[str, object],
+    packed: dict,
+    remap: list,
+    max_rank: int,
+) -> LoRAAdapter:
+    """Check and build an adapter from a PEFT `config` dict and its `tensors`
+    (`<module>.lora_{A,B}[.<name>].weight`, PEFT's prefix optional): what `load_adapter` does
+    once the directory is read; models with adapters inside their checkpoint call it too."""
+    name = f"LoRA adapter {request.lora_name!r} ({request.lora_path})"
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InvalidInputError(f"{name}: peft_type {peft_type!r} is not LoRA")

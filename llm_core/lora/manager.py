@@ -45,6 +45,7 @@ class LoRAManager:
         self.slot_users = [0] * max_loras  # admitted requests using each slot
         self.slot_order: list[int] = list(range(max_loras))  # unheld slots, LRU first
         self.ids: dict[int, tuple] = {}  # lora_int_id -> its request's cache key
+        self.pinned: set[tuple] = set()  # registered adapters, never dropped
         self._lock = threading.Lock()  # `load` runs on worker threads
 
     def load(self, request: LoRARequest) -> LoRAAdapter:
@@ -70,11 +71,20 @@ class LoRAManager:
             self.ids[request.lora_int_id] = key
             self.loaded[key] = adapter
             while len(self.loaded) > self.max_cpu_loras:  # drop the least recent unslotted
-                old = next((k for k in self.loaded if k not in self.slot_key), None)
+                old = next((k for k in self.loaded
+                            if k not in self.slot_key and k not in self.pinned), None)  # fmt: skip
                 if old is None:
                     break
                 del self.loaded[old]
         return adapter
+
+    def register(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
+        """Keep an adapter built by the model (its checkpoint's own) under `request`; it is
+        never dropped from the host."""
+        with self._lock:
+            self.ids[request.lora_int_id] = request.cache_key
+            self.loaded[request.cache_key] = adapter
+            self.pinned.add(request.cache_key)
 
     def can_acquire(self, req) -> bool:
         """Whether `acquire(req)` would find a slot now."""

@@ -36,17 +36,29 @@ class ModelBase(nn.Module):
     ignored_weights: ClassVar[tuple[str, ...]] = ()
     #: whether the engine may capture CUDA graphs of small prefill steps (`PrefillGraphs`)
     supports_prefill_graphs: ClassVar[bool] = True
+    #: whether it builds its layers split over `current_tp()` (tensor_parallel_size > 1). Read
+    #: from the class's own dict, not inherited (`supports_tensor_parallel`): a subclass that
+    #: swaps layers is checked under tensor parallelism before it says so.
+    supports_tensor_parallel: ClassVar[bool] = False
     #: whether LoRA adapters may wrap its decoder linears (`llm_core/lora`)
     supports_lora: ClassVar[bool] = True
     #: the transformers config class parsing this model's config.json, for model types
     #: transformers does not know (None: `AutoConfig`)
     hf_config_class: ClassVar[type | None] = None
+    #: token ids past the LM head's vocab that prompts may hold (embedding rows beyond it:
+    #: Mllama's image token)
+    extra_input_ids: ClassVar[int] = 0
     #: a checkpoint published as several folders (VILA: `llm/`, `vision_tower/`,
     #: `mm_projector/`): subfolder -> the prefix its tensors' names get when read; tensors in
     #: the root (a single-folder save) are read as they are
     weight_folders: ClassVar[dict[str, str]] = {}
     #: the subfolder holding the tokenizer when the root has none (VILA: "llm")
     tokenizer_folder: ClassVar[str] = ""
+
+    @classmethod
+    def splits_over_ranks(cls) -> bool:
+        """Whether this class itself (not a parent) declares `supports_tensor_parallel`."""
+        return bool(cls.__dict__.get("supports_tensor_parallel", False))
 
     @classmethod
     def tokenizer_dir(cls, model_dir):

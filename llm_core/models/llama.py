@@ -18,9 +18,11 @@ from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
+from polymodal.llm_core.layers.parallel import column, local_vocab, row, vocab, vocab_embedding
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.tiny import TinyConfig
+from polymodal.llm_core.tensor_parallel import current_tp, split_evenly, split_heads
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,10 @@ class Flavor:
 
 
 class Attention(nn.Module):
-    """Self-attention over the paged KV cache; the backend is handed in, never global."""
+    """Self-attention over the paged KV cache; the backend is handed in, never global.
+
+    Under tensor parallelism (`current_tp()`) it holds this rank's heads: q/k/v column-split by
+    heads (kv heads replicated when fewer than ranks), o row-split with an all-reduce."""
 
     def __init__(
         self,
@@ -44,16 +49,22 @@ class Attention(nn.Module):
         flavor: Flavor,
     ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        tp = current_tp()
+        heads = split_heads(cfg.num_heads, cfg.num_kv_heads, tp)
+        d = self.head_dim = cfg.head_dim
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
         sizes = {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}
-        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, bias=flavor.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=flavor.o_bias)
+        kv_full = cfg.num_kv_heads * d
+        qkv_split = column(
+            tp,
+            {"q": heads.q_start * d, "k": heads.kv_start * d, "v": heads.kv_start * d},
+            {"q": cfg.num_heads * d, "k": kv_full, "v": kv_full},
+        )
+        self.qkv_proj = PackedLinear(cfg.hidden_size, sizes, flavor.qkv_bias, parallel=qkv_split)
+        o_split = row(tp, heads.q_start * d)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=flavor.o_bias, parallel=o_split)
         if flavor.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -96,9 +107,13 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        sizes = {0: cfg.intermediate_size, 1: cfg.intermediate_size}
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, sizes, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        tp, full = current_tp(), cfg.intermediate_size
+        start, inner = split_evenly(full, tp, "intermediate_size")  # this rank's features
+        sizes = {0: inner, 1: inner}
+        split = column(tp, {0: start, 1: start}, {0: full, 1: full})
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, sizes, bias=False, parallel=split)
+        down_split = row(tp, start)
+        self.down_proj = Linear(inner, cfg.hidden_size, bias=False, parallel=down_split)
 
     def forward(self, x, residual: torch.Tensor | None = None):
         """`x` as `Linear.forward` takes it; `residual` as `Linear.fused` (may fold into down)."""
@@ -132,7 +147,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, flavor: Flavor):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, current_tp())
         self.rotary = rotary = RotaryEmbedding(
             cfg.text_config, cfg.rotary_dim, max_positions, cfg.mrope_section
         )
@@ -167,12 +182,19 @@ class LlamaForCausalLM(ModelBase):
     qkv_bias: bool | None = None
     o_bias: bool | None = None
     qk_norm: bool = False
+    supports_tensor_parallel = True  # checked on each class itself (see ModelBase)
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, backend, max_positions, self.flavor(cfg))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        tp = current_tp()
+        self.lm_head = Linear(
+            cfg.hidden_size,
+            local_vocab(cfg.vocab_size, tp),
+            bias=False,
+            parallel=vocab(tp, cfg.vocab_size),
+        )
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -196,12 +218,14 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
     qkv_bias = True
     o_bias = False
+    supports_tensor_parallel = True
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: RMSNorm on q and k per head, before the rotary."""
 
     qk_norm = True
+    supports_tensor_parallel = True
 
 
 TINY_CONFIGS = {

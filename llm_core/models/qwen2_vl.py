@@ -24,6 +24,9 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
 
     weight_name_remap = [("model.language_model.", "model."), ("model.visual.", "visual.")]
     qkv_bias, o_bias = True, False  # Qwen2's text model
+    # The decoder splits over the ranks; the tower is replicated on each (rank 0 runs it and
+    # broadcasts the step's media embeddings to the others: llm_core/executor.py).
+    supports_tensor_parallel = True
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, tower: type):
         super().__init__(cfg, backend, max_positions)

@@ -32,6 +32,10 @@ BUILTIN = {
     "pixtral-12b": CONFIGS / "pixtral_12b",  # mistral-community/pixtral-12b (LLaVA form)
     # Efficient-Large-Model/NVILA-8B: Qwen2-7B + SigLIP-448, dynamic S2, TSP video (config only)
     "nvila-8b": CONFIGS / "nvila_8b",
+    # meta-llama/Llama-3.2-11B-Vision(-Instruct): cross-attention to the image tiles
+    "llama-3.2-11b-vision": CONFIGS / "llama_3_2_11b_vision",
+    # openai/whisper-large-v3 (config + feature extractor; the tokenizer comes with a download)
+    "whisper-large-v3": CONFIGS / "whisper_large_v3",
     "qwen3-30b-a3b": CONFIGS / "qwen3_30b_a3b",
     "mixtral-8x7b": CONFIGS / "mixtral_8x7b",
     "deepseek-v3-reduced": CONFIGS / "deepseek_v3_reduced",  # 3 of 61 layers: its README

@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app over one `AsyncEngine`.
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/audio/transcriptions`
+and `/v1/audio/translations` (speech models), `GET /v1/models`,
 `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, vLLM's pooling routes
 (`pooling_routes.py`: for pooling models; a 400 for the others, and generation routes answer
 a pooling model with a 400), `GET /health`, `GET /metrics`. Every error, 404s included, is
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 from polymodal.async_engine import AsyncEngine
 from polymodal.beam_search import BeamSearchParams
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.server.audio_routes import add_audio_routes
 from polymodal.server.errors import RequestError
 from polymodal.server.metrics import ServerMetrics
 from polymodal.server.openai_format import MediaPolicy, engine_messages, error_param
@@ -319,6 +321,7 @@ def create_app(
         return {"prompt": tokenizer.decode(body.tokens)}
 
     add_pooling_routes(auth, engine, names[0], check_model, metrics)
+    add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     app.include_router(v1)
     app.include_router(auth)
     return app

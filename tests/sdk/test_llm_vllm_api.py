@@ -71,8 +71,10 @@ def test_bad_prompts_and_keywords_are_named(llm, ckpt):
         llm.generate({"prompt": "x", "mm_processor_kwargs": {"resize": 1}})
     with pytest.raises(InvalidInputError, match="'swap_spaec', 'lora'"):
         LLM(ckpt, device="cpu", swap_spaec=4, lora=True)
-    with pytest.raises(InvalidInputError, match="tensor_parallel_size=2"):
-        LLM(ckpt, device="cpu", tensor_parallel_size=2)
+    with pytest.raises(InvalidInputError, match="tensor_parallel_size=3 does not divide"):
+        LLM(ckpt, device="cpu", tensor_parallel_size=3)
+    with pytest.raises(InvalidInputError, match="pipeline_parallel_size=2"):
+        LLM(ckpt, device="cpu", pipeline_parallel_size=2)
     with pytest.raises(InvalidInputError, match="limit_mm_per_prompt"):
         LLM(ckpt, device="cpu", limit_mm_per_prompt={"speech": 1})
     with pytest.raises(InvalidInputError, match="not a pooling request"):

@@ -20,6 +20,8 @@ SIZES = {  # bench name: (architecture, billions of parameters)
     "deepseek-v3-reduced": ("DeepseekV3ForCausalLM", 25.45),
     "llama4-scout-reduced": ("Llama4ForConditionalGeneration", 20.56),
     "nvila-8b": ("LlavaLlamaModel", 8.09),
+    "llama-3.2-11b-vision": ("MllamaForConditionalGeneration", 10.67),
+    "whisper-large-v3": ("WhisperForConditionalGeneration", 1.54),
 }
 
 

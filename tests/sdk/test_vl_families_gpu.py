@@ -2,7 +2,8 @@
 prefill kernel's key ranges), decode and prefill CUDA graphs, the towers through the varlen
 Triton kernel, media staged on the device; fp32 against transformers (greedy tokens identical,
 logits within 1e-4), one image and a mixed batch; bf16 runs (its first logits near the fp32
-run's)."""
+run's). Mllama's images reach the decoder through the cross KV cache (Triton cross prefill and
+decode, cross tables in the decode graphs)."""
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ ARCHS = [
     "llava_next",
     "mistral3",
     "pixtral",
+    "mllama",
     pytest.param("llama4_vl", marks=_LLAMA4_REFERENCE),
 ]
 STEPS = 6

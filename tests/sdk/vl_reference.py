@@ -46,6 +46,9 @@ def hf_greedy(hf, inputs: dict, steps: int):
         for key in TYPE_KEYS:  # a generated token is text: type 0
             if key in inputs:
                 inputs[key] = torch.cat([inputs[key], inputs[key].new_zeros(1, 1)], dim=1)
+        if "cross_attention_mask" in inputs:  # Mllama: a new token sees what the last one saw
+            mask = inputs["cross_attention_mask"]
+            inputs["cross_attention_mask"] = torch.cat([mask, mask[:, -1:]], dim=1)
     return tokens, logits_seen
 
 

@@ -1,0 +1,229 @@
+"""`WhisperProcessor`: audio + task -> the decoder prompt and one cross-attention item for
+`WhisperForConditionalGeneration`.
+
+The decoder prompt is what transformers' `WhisperForConditionalGeneration.generate` starts
+from (its `_retrieve_init_tokens`): `<|startoftranscript|>`, the language (`language=`, a code
+or a name; a multilingual model needs one: language detection is not done here), the task
+(`transcribe` / `translate`), and `<|notimestamps|>` unless `timestamps=True`. Text given with
+the audio (a chat message's text, Pipeline's `text=`) is previous-context text, as
+`generate(prompt_ids=get_prompt_ids(text))` puts it: `<|startofprev|>` + its tokens before the
+rest; a raw prompt that starts with `<|startoftranscript|>` is the whole decoder prompt
+(vLLM's form).
+
+The audio (a path, bytes, data: URL or `(waveform, rate)`: `processors/audio.py` decodes,
+downmixes and resamples it to 16 kHz) is one window of at most `chunk_length` seconds (30 for
+the released models): its log-mel features `[num_mel_bins, 2 * max_source_positions]`
+(`processors/audio_features.WhisperFeatures`, equal to transformers' extractor), an item of
+`max_source_positions` encoder rows. Precomputed features `[num_mel_bins, frames]` are taken
+as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from polymodal.llm_core.errors import InvalidInputError, MediaError
+from polymodal.processors.audio import load_audio
+from polymodal.processors.audio_features import WhisperFeatures, audio_content_hash
+from polymodal.processors.base import load_tokenizer
+from polymodal.processors.chat import split_messages
+from polymodal.processors.hashing import content_hash
+from polymodal.processors.pixels import read_json
+from polymodal.processors.types import CROSS_ATTENTION, MultimodalItem, ProcessedPrompt
+
+TASKS = ("transcribe", "translate")
+# transformers' `TO_LANGUAGE_CODE` names for the codes most asked for; any code works as is
+LANGUAGE_NAMES = {
+    "english": "en",
+    "german": "de",
+    "french": "fr",
+    "spanish": "es",
+    "chinese": "zh",
+    "japanese": "ja",
+    "italian": "it",
+    "portuguese": "pt",
+}
+
+
+class WhisperProcessor:
+    """Decoder prompts and log-mel items for Whisper checkpoints."""
+
+    MEDIA_OPTIONS: ClassVar[tuple[str, ...]] = ("language", "task", "timestamps")
+    MODALITIES: ClassVar[tuple[str, ...]] = ("audio",)
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        model_dir: str | Path | None = None,
+        allow_http: bool = False,
+        **_: Any,
+    ):
+        self.tokenizer = tokenizer
+        self.allow_http = allow_http
+        folder = Path(model_dir) if model_dir is not None else None
+        generation = (read_json(folder / "generation_config.json") or {}) if folder else {}
+        config = (read_json(folder / "config.json") or {}) if folder else {}
+        extractor = (read_json(folder / "preprocessor_config.json") or {}) if folder else {}
+        if not extractor and folder is not None:
+            extractor = (read_json(folder / "processor_config.json") or {}).get(
+                "feature_extractor", {}
+            )
+        self.extractor = WhisperFeatures.from_config(extractor)
+        self.sampling_rate = self.extractor.sampling_rate
+        self.chunk_length = self.extractor.chunk_length
+        self.num_rows = int(config.get("max_source_positions", 1500))
+        self.num_frames = 2 * self.num_rows
+        self.sot = int(
+            generation.get("decoder_start_token_id", config.get("decoder_start_token_id", 50258))
+        )
+        self.lang_to_id = dict(generation.get("lang_to_id") or {})
+        self.task_to_id = dict(generation.get("task_to_id") or {})
+        self.no_timestamps = generation.get("no_timestamps_token_id")
+        self.multilingual = bool(generation.get("is_multilingual", bool(self.lang_to_id)))
+        self.prev = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> WhisperProcessor:
+        model_dir = Path(model_dir)
+        return cls(load_tokenizer(model_dir), model_dir=model_dir, **kwargs)
+
+    # ---- the decoder prompt ------------------------------------------------------------
+    def prompt_ids(
+        self,
+        language: str | None = None,
+        task: str | None = None,
+        timestamps: bool = False,
+        previous_text: str | None = None,
+    ) -> list[int]:
+        """[`<|startofprev|>` previous text] `<|startoftranscript|>` [language] [task]
+        [`<|notimestamps|>`] as `generate` builds them (a language without a task means
+        transcribe)."""
+        ids = [self.sot]
+        if previous_text and previous_text.strip():  # transformers' `get_prompt_ids`
+            text = " " + previous_text.strip()
+            ids = [self.prev, *self.tokenizer.encode(text, add_special_tokens=False), self.sot]
+        if language is not None:
+            ids.append(self._language_id(language))
+        elif self.multilingual:
+            raise InvalidInputError(
+                "language= is required for a multilingual Whisper checkpoint (language "
+                f"detection is not supported yet); known: {sorted(self.lang_to_id)}"
+            )
+        if task is not None or language is not None:
+            task = task or "transcribe"
+            if task not in TASKS or task not in self.task_to_id:
+                raise InvalidInputError(f"task={task!r}: choose from {list(self.task_to_id)}")
+            ids.append(self.task_to_id[task])
+        if not timestamps and self.no_timestamps is not None:
+            ids.append(int(self.no_timestamps))
+        return ids
+
+    def _language_id(self, language: str) -> int:
+        key = language.lower()
+        code = LANGUAGE_NAMES.get(key, key.strip("<|>"))
+        token = f"<|{code}|>"
+        if token not in self.lang_to_id:
+            raise InvalidInputError(
+                f"language={language!r} is not one of this checkpoint's: "
+                f"{sorted(t.strip('<|>') for t in self.lang_to_id)}"
+            )
+        return int(self.lang_to_id[token])
+
+    # ---- audio -------------------------------------------------------------------------
+    def audio_item(self, source: Any, index: int = 0) -> MultimodalItem:
+        """One window's features as a cross-attention item of `max_source_positions` rows:
+        `source` decoded and resampled (`load_audio`), or features `[num_mel_bins, frames]`."""
+        if isinstance(source, (np.ndarray, torch.Tensor)) and np.ndim(source) == 2:
+            features = torch.as_tensor(np.asarray(source, dtype=np.float32))
+            if features.shape != (self.extractor.feature_size, self.num_frames):
+                raise MediaError(
+                    f"audio {index + 1}: features of shape {tuple(features.shape)}; this model "
+                    f"takes [{self.extractor.feature_size}, {self.num_frames}] (one "
+                    f"{self.chunk_length:g} s window)"
+                )
+            key = content_hash("audio", {"input_features": features})
+        else:
+            audio = load_audio(
+                source, index=index, sampling_rate=self.sampling_rate, allow_http=self.allow_http
+            )
+            if audio.num_samples == 0:
+                raise MediaError(f"audio {index + 1}: the clip is empty (0 samples)")
+            if audio.duration > self.chunk_length:
+                raise MediaError(
+                    f"audio {index + 1}: {audio.duration:.1f} s is longer than one "
+                    f"{self.chunk_length:g} s window (long-form transcription is not supported "
+                    "yet)"
+                )
+            features = self.extractor(audio.waveform)
+            key = audio_content_hash(audio.waveform, self.extractor)
+        return MultimodalItem(
+            "audio", {"input_features": features}, 0, 0, key, target=CROSS_ATTENTION,
+            encoder_rows=self.num_rows,
+        )  # fmt: skip
+
+    # ---- the processor contract ----------------------------------------------------------
+    def process_tokens(
+        self, token_ids: list[int], refs: list, defaults: dict[str, Any] | None = None
+    ) -> ProcessedPrompt:
+        """A tokenized decoder prompt and at most one audio clip; without audio, the decoder
+        runs alone (its cross-attention layers skip the request)."""
+        if len(refs) > 1 or any(ref.modality != "audio" for ref in refs):
+            raise InvalidInputError("Whisper takes one audio clip a request, and no images")
+        items = [self.audio_item(refs[0].source)] if refs else []
+        return ProcessedPrompt(list(token_ids), None, 0, items)
+
+    def process(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        prompt: str | None = None,
+        images=(),
+        videos=(),
+        audios=(),
+        *,
+        language: str | None = None,
+        task: str | None = None,
+        timestamps: bool = False,
+        template: Any = None,
+        **options: Any,
+    ) -> ProcessedPrompt:
+        """One transcription request: one audio window, the task prompt; text with it (a raw
+        `prompt`, or the text of chat `messages`, whose one audio part is the clip) is
+        previous-context text, unless it is a whole decoder prompt."""
+        if images or videos:
+            raise InvalidInputError("Whisper takes audio, not images or videos")
+        unknown = sorted(k for k, v in options.items() if v is not None)
+        if unknown:
+            raise InvalidInputError(f"options {unknown} do not apply to Whisper")
+        audios = list(audios)
+        if messages is not None:
+            if prompt is not None or audios:
+                raise InvalidInputError("with messages=, give the audio as a message part")
+            template_messages, refs = split_messages(messages)
+            if any(ref.modality != "audio" for ref in refs):
+                raise InvalidInputError("Whisper takes audio, not images or videos")
+            audios = [ref.source for ref in refs]
+            prompt = _message_text(template_messages)
+        if len(audios) != 1:
+            raise InvalidInputError(f"Whisper takes one audio clip a request, got {len(audios)}")
+        if prompt and prompt.startswith("<|startoftranscript|>"):  # a whole decoder prompt
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = self.prompt_ids(language, task, timestamps, prompt)
+        return ProcessedPrompt(ids, None, 0, [self.audio_item(audios[0])])
+
+
+def _message_text(messages: list[dict[str, Any]]) -> str:
+    """The text parts of chat messages (from `split_messages`), joined by spaces."""
+    texts = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        texts += [part.get("text", "") for part in content if part.get("type") == "text"]
+    return " ".join(t for t in texts if t)
