@@ -22,6 +22,7 @@ the embed token, its span running from the first to the last (`embed_mask` marks
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -30,8 +31,30 @@ import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
+from polymodal.processors.input_cache import (
+    DEFAULT_MAX_MB,
+    ProcessedInputCache,
+    copy_item,
+    raw_media_key,
+)
 from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, describe_source, load_image
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
+
+
+@dataclasses.dataclass
+class _Cached:
+    """A processed image and its prompt expansion, as the processed-input cache keeps them
+    (`data` is the item's: what the cache sizes and copies)."""
+
+    item: MultimodalItem
+    expansion: str
+
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        return self.item.data
+
+    def copy(self) -> _Cached:
+        return _Cached(copy_item(self.item), self.expansion)
 
 
 def refuse_modalities(processor: Any, refs: Sequence[MediaRef]) -> None:
@@ -110,10 +133,14 @@ class MediaProcessor:
         *,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         allow_http: bool = False,
+        processed_cache_mb: float = DEFAULT_MAX_MB,
     ) -> None:
+        """`max_image_pixels` bounds decoded sizes; `processed_cache_mb` the processed-input
+        cache (0: off; `input_cache.py`)."""
         self.tokenizer = tokenizer
         self.max_image_pixels = max_image_pixels
         self.allow_http = allow_http
+        self.input_cache = ProcessedInputCache(processed_cache_mb) if processed_cache_mb else None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any):
@@ -212,22 +239,38 @@ class MediaProcessor:
             )
         items, expansions = [], []
         for index, ref in enumerate(refs):
-            image = load_image(
-                ref.source,
-                index=index,
-                max_pixels=self.max_image_pixels,
-                allow_http=self.allow_http,
-            )
             # per-part options a family does not take (Qwen's pixel bounds, OpenAI's
             # `detail`) are dropped: a message part may be written for any model
             item_options = {
                 **options,
                 **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
             }
-            item, expansion = self.image_item(image, item_options)
+            key = self._cache_key(ref.source, item_options)
+            hit = self.input_cache.get(key) if key is not None else None
+            if hit is not None:
+                item, expansion = hit.item, hit.expansion
+            else:
+                image = load_image(
+                    ref.source,
+                    index=index,
+                    max_pixels=self.max_image_pixels,
+                    allow_http=self.allow_http,
+                )
+                item, expansion = self.image_item(image, item_options)
+                if key is not None:
+                    self.input_cache.put(key, _Cached(item, expansion))
             items.append(item)
             expansions.append(expansion)
         return items, expansions
+
+    def _cache_key(self, source: Any, options: dict[str, Any]) -> tuple | None:
+        """The processed-input cache key of an image source with raw bytes (None: not cached)."""
+        if getattr(self, "input_cache", None) is None:
+            return None
+        raw = raw_media_key(source, self.allow_http)
+        if raw is None:
+            return None
+        return ("image", raw, self.max_image_pixels, repr(sorted(options.items())))
 
     def finish(self, ids: list[int], items: list[MultimodalItem]) -> ProcessedPrompt:
         """Give each item, in order, the next `num_embeds` positions of the embed token: its

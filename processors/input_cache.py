@@ -52,6 +52,14 @@ def raw_media_key(source: Any, allow_http: bool = False) -> str | None:
     return digest.hexdigest()
 
 
+def copy_item(value: Any) -> Any:
+    """A copy of a cached value that shares its tensors: a `MultimodalItem` (its `data` dict
+    copied), or a value with its own `copy()`."""
+    if hasattr(value, "copy"):
+        return value.copy()
+    return dataclasses.replace(value, data=dict(value.data))
+
+
 class ProcessedInputCache:
     """LRU of processed media items, bounded by their tensors' bytes."""
 
@@ -71,8 +79,7 @@ class ProcessedInputCache:
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-        item = entry[0]
-        return dataclasses.replace(item, data=dict(item.data))
+        return copy_item(entry[0])
 
     def put(self, key: tuple, item: Any) -> None:
         """Keep a copy of `item` (an unstaged processed item) under `key`, evicting the least
@@ -80,7 +87,7 @@ class ProcessedInputCache:
         nbytes = sum(t.numel() * t.element_size() for t in item.data.values())
         if nbytes > self.max_bytes:
             return
-        kept = dataclasses.replace(item, data=dict(item.data))
+        kept = copy_item(item)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:

@@ -142,3 +142,66 @@ def test_threads_share_one_cache(fresh, photos):
         t.join()
     assert not errors and len(results) == 36 and len(set(results)) == 3
     assert len(fresh.input_cache) == 3
+
+
+FAMILIES = ["gemma3_vl", "llava_next", "pixtral", "llama4_vl", "mllama"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_family_reuses_processed_bytes(arch, tmp_path_factory, photos, monkeypatch):
+    """The shared MediaProcessor flow: the same bytes again reuse the processed item and its
+    expansion (same ids, pixels and hash as the first time and as the decoded image), without
+    decoding again."""
+    from polymodal.llm_core.registry import processor_class
+    from polymodal.processors import base
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, arch)
+    proc = processor_class(_architecture(path)).from_pretrained(path)
+    data = _jpeg(photos["astronaut"], (200, 120))
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    message[0]["content"][0]["image"] = data
+    first = proc.process(messages=message)
+    calls = []
+    real = base.load_image
+    monkeypatch.setattr(base, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = proc.process(messages=message)
+    assert calls == [] and again.token_ids == first.token_ids
+    for a, b in zip(again.mm_items, first.mm_items):
+        _same(a, b)
+    message[0]["content"][0]["image"] = real(data)  # a decoded image: loaded, the same item
+    decoded = proc.process(messages=message)
+    assert calls == [1] and decoded.token_ids == first.token_ids
+    assert [i.content_hash for i in decoded.mm_items] == [i.content_hash for i in first.mm_items]
+
+
+def _architecture(path) -> str:
+    import json
+
+    return json.loads((path / "config.json").read_text())["architectures"][0]
+
+
+@pytest.mark.parametrize("arch", ["gemma3_vl", "qwen2_5_vl"])
+def test_cached_items_generate_as_decoded_ones(arch, tmp_path_factory, photos):
+    """Served twice from the cache (staged and encoded each time, in one batch and in the
+    next call), an image's bytes give the tokens its decoded image gives."""
+    from polymodal import LLM, SamplingParams
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, arch)
+    # no prefix or encoder-output reuse: every request stages and encodes its item
+    llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=256, warmup=False,
+              enable_prefix_caching=False, encoder_cache_mb=0.001)  # fmt: skip
+    data = _jpeg(photos["astronaut"], (120, 90))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def chat(image):
+        parts = [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]
+        return [{"role": "user", "content": parts}]
+
+    from polymodal.processors.media import load_image
+
+    want = [o.outputs[0].token_ids for o in llm.chat([chat(load_image(data))], params)]
+    for _ in range(2):
+        got = [o.outputs[0].token_ids for o in llm.chat([chat(data), chat(data)], params)]
+        assert got == want * 2
