@@ -89,6 +89,10 @@ MODELS: dict[str, ModelRow] = {
     "Phi4MultimodalForCausalLM": ModelRow(
         _M + "phi4mm:Phi4MMForCausalLM", _P + "phi4mm:Phi4MMProcessor", "Phi4MMForCausalLM"
     ),
+    # the hub's own layout (model_type phi4mm): same classes, config read by phi4mm_hub.py
+    "Phi4MMForCausalLM": ModelRow(
+        _M + "phi4mm:Phi4MMForCausalLM", _P + "phi4mm:Phi4MMProcessor", "Phi4MMForCausalLM"
+    ),
     "LlavaLlamaModel": ModelRow(
         _M + "vila:LlavaLlamaModel", _P + "vila:VilaProcessor", "LlavaLlamaModel"
     ),

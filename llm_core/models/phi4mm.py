@@ -5,10 +5,11 @@ HD crops, the conformer speech encoder; this file imports no encoder).
 Two checkpoint layouts load:
 - transformers' `Phi4MultimodalForCausalLM` (`model.embed_tokens_extend.{image,audio}_embed.*`
   with transformers' names; the LoRA adapters as PEFT folders `vision-lora/`, `speech-lora/`);
-- the hub's remote-code `Phi4MMForCausalLM` (model_type `phi4mm`): the same tensors under other
-  names (`HUB_RENAMES`), the decoder's adapted linears as `<layer>.base_layer.weight` with their
-  adapters inside the checkpoint (`<layer>.lora_A.vision.weight`, `...lora_B.speech.weight`;
-  rank and alpha in config.json's `vision_lora` / `speech_lora`).
+- the hub's remote-code `Phi4MMForCausalLM` (model_type `phi4mm`; its config.json converted by
+  `phi4mm_hub.Phi4MMConfig`): the same tensors under other names (`phi4mm_hub.HUB_RENAMES`),
+  the decoder's adapted linears as `<layer>.base_layer.weight` with their adapters inside the
+  checkpoint (`<layer>.lora_A.vision.weight`, `...lora_B.speech.weight`; rank and alpha in
+  config.json's `vision_lora` / `speech_lora`).
 
 The adapters are applied per request from its media (`modality_adapter`, the hub code's
 choice): an image (with or without audio) -> `vision`, audio only -> `speech`, text -> none.
@@ -16,7 +17,6 @@ choice): an image (with or without audio) -> `vision`, audio only -> `speech`, t
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -24,44 +24,22 @@ import torch
 
 from polymodal.llm_core import weights
 from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.errors import ModelLoadError
 from polymodal.llm_core.interfaces import SupportsMultiModal
 from polymodal.llm_core.models.llama import LlamaForCausalLM
+from polymodal.llm_core.models.phi4mm_hub import Phi4MMConfig, hub_name
 from polymodal.llm_core.models.phi4mm_tiny import TINY_CONFIGS  # noqa: F401 (demo checkpoints)
 
 _ROOT = "mm."  # our encoder's root (HF: model.embed_tokens_extend.)
-_IMG, _AUD = "model.embed_tokens_extend.image_embed.", "model.embed_tokens_extend.audio_embed."
-# hub name (regex) -> transformers name; applied before the prefix remap
-HUB_RENAMES = [
-    (re.escape(_IMG) + r"img_projection\.0\.", _IMG + "img_projection_up."),
-    (re.escape(_IMG) + r"img_projection\.2\.", _IMG + "img_projection_down."),
-    (re.escape(_IMG) + r"glb_GN$", _IMG + "global_img_feature_extensor"),
-    (re.escape(_IMG) + r"sub_GN$", _IMG + "sub_img_feature_extensor"),
-    (re.escape(_AUD) + r"audio_projection\.speech\.0\.", _AUD + "up_proj_for_speech."),
-    (re.escape(_AUD) + r"audio_projection\.speech\.2\.", _AUD + "down_proj_for_speech."),
-    (re.escape(_AUD) + r"audio_projection\.vision\.0\.", _AUD + "up_proj_for_vision_speech."),
-    (re.escape(_AUD) + r"audio_projection\.vision\.2\.", _AUD + "down_proj_for_vision_speech."),
-    (r"\.feed_forward_(in|out)\.net\.0\.linear\.", r".feed_forward_\1.gate_up_proj."),
-    (r"\.feed_forward_(in|out)\.net\.2\.", r".feed_forward_\1.down_proj."),
-    (r"\.self_attn\.linear_(q|k|v)\.", r".self_attn.\1_proj."),
-    (r"\.self_attn\.linear_out\.", r".self_attn.o_proj."),
-    (r"\.base_layer\.", "."),
-]
-_HUB_RENAMES = [(re.compile(a), b) for a, b in HUB_RENAMES]
 _LORA = re.compile(r"^(.*)\.lora_([AB])\.(\w+)\.weight$")
 ADAPTERS = ("vision", "speech")
 PEFT_FOLDERS = {"vision": "vision-lora", "speech": "speech-lora"}
 
 
-def hub_name(name: str) -> str:
-    """A hub checkpoint tensor's transformers name."""
-    for pattern, new in _HUB_RENAMES:
-        name = pattern.sub(new, name)
-    return name
-
-
 class Phi4MMForCausalLM(SupportsMultiModal, LlamaForCausalLM):
     """Phi-4-mini decoder + image and speech encoders; both checkpoint layouts."""
 
+    hf_config_class = Phi4MMConfig  # reads the hub's config.json too (phi4mm_hub.py)
     weight_name_remap = [("model.embed_tokens_extend.", _ROOT)]
     # SigLIP's pooling head, which Phi-4-MM never runs
     ignored_weights = (r"img_processor\.head\.",)
@@ -71,6 +49,8 @@ class Phi4MMForCausalLM(SupportsMultiModal, LlamaForCausalLM):
         device = self.lm_head.weight.device
         self.mm = tower.from_config(cfg.hf_config, cfg.dtype, device, backend)
         self.model_dir = Path(cfg.model_dir)
+        # config.json's `vision_lora` / `speech_lora` (hub layout): {"r": ..., "lora_alpha": ...}
+        self.lora_sections = {n: getattr(cfg.hf_config, f"{n}_lora", None) for n in ADAPTERS}
         # adapters found inside the checkpoint (hub layout): name -> {tensor name: tensor}
         self.checkpoint_loras: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -101,11 +81,15 @@ class Phi4MMForCausalLM(SupportsMultiModal, LlamaForCausalLM):
         """name -> (PEFT-style config, tensors named `<module>.lora_{A,B}.weight`): the
         checkpoint's own (hub layout) or its `vision-lora/` / `speech-lora/` PEFT folders."""
         found = {}
-        raw = _read_json(self.model_dir / "config.json")
         for name in ADAPTERS:
             if name in self.checkpoint_loras:
-                section = raw.get(f"{name}_lora") or {}
-                config = {"r": section.get("r", 8), "lora_alpha": section.get("lora_alpha", 8)}
+                section = self.lora_sections[name] or {}
+                if "r" not in section or "lora_alpha" not in section:
+                    raise ModelLoadError(
+                        f"{self.model_dir}: the checkpoint holds {name} LoRA tensors but "
+                        f"config.json's {name}_lora has no r / lora_alpha ({section})"
+                    )
+                config = {"r": int(section["r"]), "lora_alpha": section["lora_alpha"]}
                 found[name] = (config, self.checkpoint_loras[name])
                 continue
             folder = self.model_dir / PEFT_FOLDERS[name]
@@ -120,7 +104,3 @@ class Phi4MMForCausalLM(SupportsMultiModal, LlamaForCausalLM):
         if "image" in kinds:
             return "vision"
         return "speech" if "audio" in kinds else None
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -36,6 +36,9 @@ BUILTIN = {
     "llama-3.2-11b-vision": CONFIGS / "llama_3_2_11b_vision",
     # openai/whisper-large-v3 (config + feature extractor; the tokenizer comes with a download)
     "whisper-large-v3": CONFIGS / "whisper_large_v3",
+    # microsoft/Phi-4-multimodal-instruct in the hub's own layout (config + processor settings;
+    # the tokenizer comes with a download; its vision / speech LoRA are not in the dummy weights)
+    "phi-4-multimodal": CONFIGS / "phi_4_multimodal",
     "qwen3-30b-a3b": CONFIGS / "qwen3_30b_a3b",
     "mixtral-8x7b": CONFIGS / "mixtral_8x7b",
     "deepseek-v3-reduced": CONFIGS / "deepseek_v3_reduced",  # 3 of 61 layers: its README

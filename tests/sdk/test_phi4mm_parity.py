@@ -1,7 +1,7 @@
 """Phi-4-multimodal end to end (processor + SigLIP HD + conformer + decoder + the modality
 LoRA picked per request) vs transformers' `Phi4MultimodalForCausalLM` with the same adapter
 merged into its weights, fp32 on the CPU: text, image, audio, image + audio, a mixed batch of
-them in one engine run, chunked prefill, and the hub's checkpoint layout."""
+them in one engine run, chunked prefill (the hub's own layout: test_phi4mm_hub.py)."""
 
 import copy
 import json

@@ -22,6 +22,8 @@ SIZES = {  # bench name: (architecture, billions of parameters)
     "nvila-8b": ("LlavaLlamaModel", 8.09),
     "llama-3.2-11b-vision": ("MllamaForConditionalGeneration", 10.67),
     "whisper-large-v3": ("WhisperForConditionalGeneration", 1.54),
+    # base + towers; the two LoRA adapters' 0.83 B make the published 5.6 B (its README)
+    "phi-4-multimodal": ("Phi4MMForCausalLM", 4.73),
 }
 
 
