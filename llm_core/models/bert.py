@@ -4,7 +4,7 @@ over its own tokens (`Mask.BIDIRECTIONAL`). HF parameter names; query/key/value 
 
 - `BertForSequenceClassification`: the tanh pooler on the [CLS] token and a linear classifier.
 - `BertEmbeddingModel` (checkpoints naming `BertModel`: sentence-transformers' all-MiniLM,
-  BAAI/bge, e5): the encoder's hidden states pooled as the checkpoint declares
+  BAAI/bge): the encoder's hidden states pooled as the checkpoint declares
   (`pooling_config.py`: modules.json), CLS + L2 normalization without those files (vLLM's
   default for BERT).
 """
