@@ -12,6 +12,7 @@ over its own tokens (`Mask.BIDIRECTIONAL`). HF parameter names; query/key/value 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import torch
@@ -167,7 +168,7 @@ class BertForSequenceClassification(BertBase):
 
 class BertEmbeddingModel(BertBase):
     """`BertModel` checkpoints served for the embed task: the encoder's final hidden states
-    pooled per prompt (CLS or mean, as the checkpoint declares), L2-normalized when the
+    pooled per prompt (CLS, mean or last token, as the checkpoint declares), L2-normalized when the
     checkpoint has a Normalize module (or without sentence-transformers files: CLS + normalize,
     vLLM's default). A request's `normalize` overrides; task "encode": the pooled vector as is.
     The tanh pooler (`pooler.dense`) is not used: sentence-transformers does not read it."""
@@ -182,6 +183,10 @@ class BertEmbeddingModel(BertBase):
         _check_supported(cfg)
         self.config = cfg
         self.pooling = load_pooling_config(cfg.model_dir, self.default_pooling)
+        logging.getLogger("polymodal").info(
+            "embedding pooling: %s, normalize=%s (from %s)",
+            self.pooling.pooler.value, self.pooling.normalize, self.pooling.source,
+        )  # fmt: skip
         # HF BertModel's names: `embeddings.*`, `encoder.layer.<i>.*` at the root
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg, backend)
