@@ -57,6 +57,7 @@ MODELS: dict[str, ModelRow] = {
     "BertForSequenceClassification": ModelRow(
         _M + "bert:BertForSequenceClassification", task="classify"
     ),
+    "BertModel": ModelRow(_M + "bert:BertEmbeddingModel", task="embed"),
     "Qwen2ForRewardModel": ModelRow(_M + "qwen2_rm:Qwen2ForRewardModel", task="reward"),
     "Qwen2ForProcessRewardModel": ModelRow(
         _M + "qwen2_rm:Qwen2ForProcessRewardModel", task="reward"

@@ -9,7 +9,7 @@ if ! python - 2>/dev/null <<'PY'
 import importlib.util, sys
 need = ["pytest", "pytest_timeout", "skimage", "matplotlib", "openai", "httpx", "selenium",
         "fastapi", "uvicorn", "prometheus_client", "gradio", "pyarrow", "ray", "compressed_tensors",
-        "torchaudio", "soundfile", "av", "peft"]
+        "torchaudio", "soundfile", "av", "peft", "sentence_transformers"]
 sys.exit(any(importlib.util.find_spec(name) is None for name in need))
 PY
 then

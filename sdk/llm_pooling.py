@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.pooling import (
     ClassificationOutput,
@@ -73,20 +75,41 @@ def as_score(out: PoolingRequestOutput) -> ScoringRequestOutput:
     return ScoringRequestOutput(out.request_id, out.prompt_token_ids, score)
 
 
-# ---- scoring text pairs (cross-encoders) --------------------------------------------------
+# ---- scoring text pairs (cross-encoders, embedding models) -------------------------------
 def is_cross_encoder(task: str, num_labels: int | None) -> bool:
     """A model that scores text pairs: a sequence classifier with one label (vLLM's rule)."""
     return task == "classify" and num_labels == 1
 
 
-def check_cross_encoder(task: str, num_labels: int | None, model: str) -> None:
-    """Raise InvalidInputError naming `model` unless it scores text pairs."""
-    if not is_cross_encoder(task, num_labels):
+def check_scorer(task: str, num_labels: int | None, model: str) -> None:
+    """Raise InvalidInputError naming `model` unless it scores text pairs: a cross-encoder, or
+    an embedding model (cosine similarity)."""
+    if task != "embed" and not is_cross_encoder(task, num_labels):
         kind = f"a {task} model" if task != "classify" else f"a {num_labels}-label classifier"
         raise InvalidInputError(
             f"scoring is not supported by {model}: it is {kind}, not a cross-encoder "
-            "(a sequence classifier with one label)"
+            "(a sequence classifier with one label) nor an embedding model"
         )
+
+
+def cosine_scores(
+    first: list[PoolingRequestOutput],
+    second: list[PoolingRequestOutput],
+    pad_token_id: int | None,
+) -> list[ScoringRequestOutput]:
+    """vLLM's score for embedding models: the cosine similarity of each pair's embeddings
+    (`first` has one output, paired with every one of `second`, or as many). The pair's
+    prompt_token_ids are both prompts joined by the pad token, as vLLM reports them."""
+    if len(first) == 1:
+        first = first * len(second)
+    pad = [] if pad_token_id is None else [pad_token_id]
+    outs = []
+    for a, b in zip(first, second):
+        cos = torch.nn.functional.cosine_similarity(a.outputs.data, b.outputs.data, dim=0)
+        tokens = a.prompt_token_ids + pad + b.prompt_token_ids
+        request_id = f"{a.request_id}_{b.request_id}"
+        outs.append(ScoringRequestOutput(request_id, tokens, ScoringOutput(float(cos))))
+    return outs
 
 
 def score_pairs(text_1: Any, text_2: Any, where: tuple[str, str] = ("text_1", "text_2")):
@@ -120,10 +143,18 @@ def pair_prompt(tokenizer: Any, text_1: str, text_2: str) -> dict[str, Any]:
 
 
 def score(llm, text_1: Any, text_2: Any, params: PoolingParams | None) -> list:
-    """`LLM.score`: a cross-encoder's relevance score per text pair (`ScoringRequestOutput`)."""
+    """`LLM.score`: per text pair (`ScoringRequestOutput`), a cross-encoder's relevance score
+    or an embedding model's cosine similarity (each distinct text embedded once)."""
     text = llm.model_config.text_config
-    check_cross_encoder(llm.engine.task, getattr(text, "num_labels", None), llm.model_name)
+    check_scorer(llm.engine.task, getattr(text, "num_labels", None), llm.model_name)
     if llm.tokenizer is None:
         raise InvalidInputError("LLM.score needs a tokenizer (skip_tokenizer_init is set)")
+    if llm.engine.task == "embed":
+        score_pairs(text_1, text_2)  # the pairing's errors, before anything runs
+        first = [text_1] if isinstance(text_1, str) else list(text_1)
+        second = [text_2] if isinstance(text_2, str) else list(text_2)
+        outs = pool(llm, first + second, params, "embed")
+        pad = getattr(llm.tokenizer, "pad_token_id", None)
+        return cosine_scores(outs[: len(first)], outs[len(first) :], pad)
     prompts = [pair_prompt(llm.tokenizer, a, b) for a, b in score_pairs(text_1, text_2)]
     return [as_score(o) for o in pool(llm, prompts, params, "classify")]

@@ -1,10 +1,19 @@
-"""BERT for sequence classification: a bidirectional encoder (absolute position and token-type
-embeddings, post-LayerNorm blocks, GELU MLP), the tanh pooler on the [CLS] token and a linear
-classifier. Its layers keep no KV cache: each prompt runs whole in one step and attends over
-its own tokens (`Mask.BIDIRECTIONAL`). HF parameter names; query/key/value packed.
+"""BERT: a bidirectional encoder (absolute position and token-type embeddings, post-LayerNorm
+blocks, GELU MLP). Its layers keep no KV cache: each prompt runs whole in one step and attends
+over its own tokens (`Mask.BIDIRECTIONAL`). HF parameter names; query/key/value packed.
+
+- `BertForSequenceClassification`: the tanh pooler on the [CLS] token and a linear classifier.
+- `BertEmbeddingModel` (checkpoints naming `BertModel`: sentence-transformers' all-MiniLM,
+  BAAI/bge): the encoder's hidden states pooled as the checkpoint declares
+  (`pooling_config.py`: modules.json), CLS + L2 normalization without those files (vLLM's
+  default for BERT).
 """
 
 from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,7 @@ from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.tiny import TinyConfig
 from polymodal.llm_core.pooling import Pooler, finish_pooled, pool_rows
+from polymodal.llm_core.pooling_config import PoolingConfig, load_pooling_config
 
 
 class BertEmbeddings(nn.Module):
@@ -72,38 +82,44 @@ class BertLayer(nn.Module):
         return self.output.LayerNorm(self.output.dense(up) + x)
 
 
-class BertForSequenceClassification(SupportsPooling, ModelBase):
-    """Encoder + [CLS] pooler + classifier: one probability vector (or raw logits with task
-    "encode") per prompt."""
+class BertEncoder(nn.Module):
+    """The stack of `BertLayer`s (HF's `encoder.layer.<i>`)."""
+
+    def __init__(self, cfg: ModelConfig, backend):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg, backend) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, meta)
+        return x  # [num_tokens, hidden]
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    text = cfg.text_config
+    if getattr(text, "position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedModelError("BERT with relative position embeddings")
+    if text.hidden_act != "gelu":
+        raise UnsupportedModelError(f"BERT with hidden_act {text.hidden_act!r}")
+
+
+class BertBase(SupportsPooling, ModelBase):
+    """What both BERT heads share: bidirectional, absolute embeddings, packed q/k/v. A subclass
+    says where its `embeddings` and `encoder` live (`bert_root`) and implements `pool`."""
 
     is_causal = False
     # the pooling step passes positions and segment ids to `embed` (absolute embeddings)
     embeds_positions = True
-    pooler = Pooler.CLS
     packed_modules_mapping = {
         "query": ("qkv", "q"),
         "key": ("qkv", "k"),
         "value": ("qkv", "v"),
     }
-    ignored_weights = (r"position_ids$", r"^cls\.")  # buffers, pretraining heads
 
-    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
-        super().__init__()
-        text = cfg.text_config
-        if getattr(text, "position_embedding_type", "absolute") != "absolute":
-            raise UnsupportedModelError("BERT with relative position embeddings")
-        if text.hidden_act != "gelu":
-            raise UnsupportedModelError(f"BERT with hidden_act {text.hidden_act!r}")
-        self.config = cfg
-        self.bert = nn.Module()
-        self.bert.embeddings = BertEmbeddings(cfg)
-        self.bert.encoder = nn.Module()
-        self.bert.encoder.layer = nn.ModuleList(
-            BertLayer(cfg, backend) for _ in range(cfg.num_layers)
-        )
-        self.bert.pooler = nn.Module()
-        self.bert.pooler.dense = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.classifier = Linear(cfg.hidden_size, text.num_labels)
+    @property
+    def bert_root(self) -> nn.Module:
+        """The module holding `embeddings` and `encoder` (HF: `bert.` or the root)."""
+        raise NotImplementedError
 
     def embed(
         self,
@@ -116,13 +132,33 @@ class BertForSequenceClassification(SupportsPooling, ModelBase):
             positions = torch.arange(input_ids.shape[0], device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        return self.bert.embeddings(input_ids, positions, token_type_ids)
+        return self.bert_root.embeddings(input_ids, positions, token_type_ids)
 
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
-        x = inputs_embeds
-        for layer in self.bert.encoder.layer:
-            x = layer(x, meta)
-        return x  # [num_tokens, hidden]
+        return self.bert_root.encoder(inputs_embeds, meta)  # [num_tokens, hidden]
+
+
+class BertForSequenceClassification(BertBase):
+    """Encoder + [CLS] pooler + classifier: one probability vector (or raw logits with task
+    "encode") per prompt."""
+
+    pooler = Pooler.CLS
+    ignored_weights = (r"position_ids$", r"^cls\.")  # buffers, pretraining heads
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__()
+        _check_supported(cfg)
+        self.config = cfg
+        self.bert = nn.Module()
+        self.bert.embeddings = BertEmbeddings(cfg)
+        self.bert.encoder = BertEncoder(cfg, backend)
+        self.bert.pooler = nn.Module()
+        self.bert.pooler.dense = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.classifier = Linear(cfg.hidden_size, cfg.text_config.num_labels)
+
+    @property
+    def bert_root(self) -> nn.Module:
+        return self.bert
 
     def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
         cls = torch.stack([pool_rows(self.pooler, h, p.token_ids) for h, p in zip(hidden, prompts)])
@@ -130,15 +166,88 @@ class BertForSequenceClassification(SupportsPooling, ModelBase):
         return [finish_pooled(row, p.params) for row, p in zip(logits, prompts)]
 
 
+class BertEmbeddingModel(BertBase):
+    """`BertModel` checkpoints served for the embed task: the encoder's final hidden states
+    pooled per prompt (CLS, mean or last token, as the checkpoint declares), L2-normalized when the
+    checkpoint has a Normalize module (or without sentence-transformers files: CLS + normalize,
+    vLLM's default). A request's `normalize` overrides; task "encode": the pooled vector as is.
+    The tanh pooler (`pooler.dense`) is not used: sentence-transformers does not read it."""
+
+    # the `pooler.` weights are unused; checkpoints saved from a task model keep a `bert.` root
+    ignored_weights = (r"position_ids$", r"^(bert\.)?pooler\.", r"^cls\.")
+    weight_name_remap = [("bert.", "")]
+    default_pooling = PoolingConfig(Pooler.CLS, normalize=True, source="vLLM's BERT default")
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__()
+        _check_supported(cfg)
+        self.config = cfg
+        self.pooling = load_pooling_config(cfg.model_dir, self.default_pooling)
+        logging.getLogger("polymodal").info(
+            "embedding pooling: %s, normalize=%s (from %s)",
+            self.pooling.pooler.value, self.pooling.normalize, self.pooling.source,
+        )  # fmt: skip
+        # HF BertModel's names: `embeddings.*`, `encoder.layer.<i>.*` at the root
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg, backend)
+
+    @property
+    def bert_root(self) -> nn.Module:
+        return self
+
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
+        out = []
+        for h, prompt in zip(hidden, prompts):
+            vector = pool_rows(self.pooling.pooler, h, prompt.token_ids)  # [hidden]
+            params = prompt.params
+            if params.normalize is None:  # the checkpoint's choice
+                params = replace(params, normalize=self.pooling.normalize)
+            out.append(finish_pooled(vector, params))
+        return out
+
+
+def sentence_transformers_files(mode: str, normalize: bool):
+    """`write_extra` of a tiny checkpoint in sentence-transformers' layout, as the hub's
+    all-MiniLM / bge checkpoints have it: modules.json (Transformer at the root, Pooling in
+    1_Pooling with the legacy `pooling_mode_*` flags, Normalize in 2_Normalize)."""
+
+    def write(out_dir, tokenizer) -> None:
+        from pathlib import Path
+
+        out = Path(out_dir)
+        st = "sentence_transformers.models."
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
+        ]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"})
+            (out / "2_Normalize").mkdir(exist_ok=True)
+        (out / "modules.json").write_text(json.dumps(modules, indent=2))
+        hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+        flags = {f"pooling_mode_{m}": m == mode for m in ("cls_token", "mean_tokens", "max_tokens")}
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": hidden, **flags}
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+        (out / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": 128, "do_lower_case": False})
+        )
+
+    return write
+
+
+# 2 layers, hidden 64, 4 heads, 2 segment types, absolute positions up to 128
+_TINY_BERT = {"max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12}
+
 TINY_CONFIGS = {
-    # 2 layers, hidden 64, 4 heads, 3 labels, 2 segment types, absolute positions up to 128
-    "bert_cls": TinyConfig(
-        "BertForSequenceClassification",
-        {
-            "num_labels": 3,
-            "max_position_embeddings": 128,
-            "type_vocab_size": 2,
-            "layer_norm_eps": 1e-12,
-        },
+    "bert_cls": TinyConfig("BertForSequenceClassification", {**_TINY_BERT, "num_labels": 3}),
+    # embedding models: no sentence-transformers files (CLS + normalize, vLLM's default) ...
+    "bert_embed": TinyConfig("BertModel", _TINY_BERT),
+    # ... mean pooling + Normalize (all-MiniLM-L6-v2's layout), CLS without Normalize
+    "bert_st_mean": TinyConfig(
+        "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("mean_tokens", True)
+    ),
+    "bert_st_cls": TinyConfig(
+        "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("cls_token", False)
     ),
 }

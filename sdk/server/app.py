@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from polymodal.async_engine import AsyncEngine
 from polymodal.beam_search import BeamSearchParams
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_pooling import is_cross_encoder
 from polymodal.server.audio_routes import add_audio_routes
 from polymodal.server.errors import RequestError
 from polymodal.server.metrics import ServerMetrics
@@ -110,7 +111,7 @@ def create_app(
         """400 for a generation route on a pooling model, naming the routes it serves."""
         if task != "generate":
             labels = engine.model_info.get("labels") or []
-            routes = serving_routes(task, task == "classify" and len(labels) == 1)
+            routes = serving_routes(task, is_cross_encoder(task, len(labels)))
             raise RequestError(
                 f"the served model {names[0]!r} ({architecture}) is a pooling model (task "
                 f"{task!r}): it does not generate text, so {path} is not available; use "

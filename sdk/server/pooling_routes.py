@@ -3,11 +3,12 @@
 
 Each route serves the models whose task fits it (the registry row's task, in
 `engine.model_info["task"]`): embeddings need an embedding model, `/classify` a classifier,
-`/score` and `/rerank` a cross-encoder (a sequence classifier with one label), `/pooling` any
-pooling model. Any other model gets an OpenAI-shaped 400 naming it and the routes it does
-serve. A request's inputs go to the engine together (one engine request each, batched in its
-steps); an input the engine refuses (empty, too long, a token id outside the vocab) is a 400
-naming it, and the engine goes on serving the others.
+`/score` and `/rerank` a cross-encoder (a sequence classifier with one label: its relevance
+score) or an embedding model (the cosine similarity of the two embeddings, as vLLM scores
+with one), `/pooling` any pooling model. Any other model gets an OpenAI-shaped 400 naming it
+and the routes it does serve. A request's inputs go to the engine together (one engine request
+each, batched in its steps); an input the engine refuses (empty, too long, a token id outside
+the vocab) is a 400 naming it, and the engine goes on serving the others.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from polymodal.async_engine import AsyncEngine
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.pooling import PoolingParams, PoolingRequestOutput
-from polymodal.llm_pooling import is_cross_encoder, score_pairs
+from polymodal.llm_pooling import cosine_scores, is_cross_encoder, score_pairs
 from polymodal.server.errors import RequestError
 from polymodal.server.pooling_requests import (
     ClassificationRequest,
@@ -56,7 +57,7 @@ def serving_routes(task: str, cross_encoder: bool) -> list[str]:
         return ["/v1/chat/completions", "/v1/completions"]
     routes = {"embed": ["/v1/embeddings"], "classify": ["/classify"]}.get(task, [])
     routes = [*routes, "/pooling"]
-    return routes + (["/score", "/rerank"] if cross_encoder else [])
+    return routes + (["/score", "/rerank"] if cross_encoder or task == "embed" else [])
 
 
 def add_pooling_routes(
@@ -67,6 +68,8 @@ def add_pooling_routes(
     task, architecture = info.get("task", "generate"), info["architecture"]
     labels = info.get("labels") or []
     cross_encoder = is_cross_encoder(task, len(labels))
+    scorer = cross_encoder or task == "embed"  # embedding models score by cosine similarity
+    not_scorer = "a cross-encoder (a sequence classifier with one label) nor an embedding model"
     tokenizer = engine.tokenizer
 
     def refuse(path: str, wants: str) -> None:
@@ -84,7 +87,7 @@ def add_pooling_routes(
         )  # fmt: skip
 
     async def run(request: Request, endpoint: str, prompts: list, params: PoolingParams,
-                  field: str) -> list[PoolingRequestOutput]:  # fmt: skip
+                  field: str | list[str]) -> list[PoolingRequestOutput]:  # fmt: skip
         start, status = time.monotonic(), "error"
         try:
             outs = await pool_prompts(request, engine, prompts, params, field)
@@ -121,7 +124,7 @@ def add_pooling_routes(
              "embedding": encoded(o.outputs.data.flatten(), body.encoding_format)}
             for i, o in enumerate(outs)
         ]  # fmt: skip
-        return listing("embd", served, data, outs)
+        return listing("embd", served, data, [o.prompt_token_ids for o in outs])
 
     async def pooling(request: Request):
         if task == "generate":
@@ -142,7 +145,7 @@ def add_pooling_routes(
              "data": encoded(o.outputs.data, body.encoding_format)}
             for i, o in enumerate(outs)
         ]  # fmt: skip
-        return listing("pool", served, data, outs)
+        return listing("pool", served, data, [o.prompt_token_ids for o in outs])
 
     async def classify(request: Request):
         if task != "classify":
@@ -159,13 +162,9 @@ def add_pooling_routes(
             data.append(
                 {"index": i, "label": label, "probs": probs.tolist(), "num_classes": len(probs)}
             )
-        return listing("classify", served, data, outs)
+        return listing("classify", served, data, [o.prompt_token_ids for o in outs])
 
-    async def pair_prompts(first: list[str], second: list[str], where: tuple[str, str]):
-        try:
-            pairs = score_pairs(first, second, where)
-        except InvalidInputError as exc:
-            raise RequestError(str(exc), where[0]) from None
+    async def pair_prompts(pairs: list[tuple[str, str]]) -> list[dict]:
         a, b = [p[0] for p in pairs], [p[1] for p in pairs]
         # one batched call off the event loop (the fast tokenizer releases the GIL)
         enc = await asyncio.to_thread(tokenizer, a, text_pair=b)
@@ -176,42 +175,68 @@ def add_pooling_routes(
             for i, ids in enumerate(enc["input_ids"])
         ]
 
+    async def pair_scores(request: Request, endpoint: str, first: list[str], second: list[str],
+                          where: tuple[str, str], activation: bool | None, given: tuple[Any, Any]
+                          ) -> tuple[list[float], list[list[int]]]:  # fmt: skip
+        """Per pair: its score and the prompt tokens it took. A cross-encoder runs each pair
+        (errors name the second text); an embedding model embeds every text once (errors name
+        the text) and returns the cosine similarity of each pair's embeddings."""
+        try:
+            pairs = score_pairs(first, second, where)
+        except InvalidInputError as exc:
+            raise RequestError(str(exc), where[0]) from None
+        if task == "embed":
+            fields = [
+                f"{name}[{i}]" if isinstance(value, list) else name
+                for name, value, items in zip(where, given, (first, second))
+                for i in range(len(items))
+            ]
+            params = PoolingParams("embed")
+            outs = await run(request, endpoint, first + second, params, fields)
+            pad = getattr(tokenizer, "pad_token_id", None)
+            scored = cosine_scores(outs[: len(first)], outs[len(first) :], pad)
+            return [o.outputs.score for o in scored], [o.prompt_token_ids for o in scored]
+        prompts = await pair_prompts(pairs)
+        params = PoolingParams("classify", activation=activation)
+        outs = await run(request, endpoint, prompts, params, where[1])
+        return [float(o.outputs.data.flatten()[0]) for o in outs], [
+            o.prompt_token_ids for o in outs
+        ]
+
     async def score(request: Request):
-        if not cross_encoder:
-            refuse(request.url.path, "a cross-encoder (a sequence classifier with one label)")
+        if not scorer:
+            refuse(request.url.path, not_scorer)
         body = await parse(request, ScoreRequest)
         served = check_model(body.model)
         first, second = texts(body.text_1, "text_1"), texts(body.text_2, "text_2")
-        prompts = await pair_prompts(first, second, ("text_1", "text_2"))
-        params = PoolingParams("classify", activation=body.activation)
-        outs = await run(request, "score", prompts, params, "text_2")
-        data = [
-            {"index": i, "object": "score", "score": float(o.outputs.data.flatten()[0])}
-            for i, o in enumerate(outs)
-        ]
-        return listing("score", served, data, outs)
+        scores, tokens = await pair_scores(
+            request, "score", first, second, ("text_1", "text_2"), body.activation,
+            (body.text_1, body.text_2),
+        )  # fmt: skip
+        data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+        return listing("score", served, data, tokens)
 
     async def rerank(request: Request):
-        if not cross_encoder:
-            refuse(request.url.path, "a cross-encoder (a sequence classifier with one label)")
+        if not scorer:
+            refuse(request.url.path, not_scorer)
         body = await parse(request, RerankRequest)
         served = check_model(body.model)
         query = texts(body.query, "query", many=False)
         documents = texts(body.documents, "documents")
         if body.top_n is not None and body.top_n < 0:
             raise RequestError("top_n: must be >= 0 (0: every document)", "top_n")
-        prompts = await pair_prompts(query, documents, ("query", "documents"))
-        params = PoolingParams("classify", activation=body.activation)
-        outs = await run(request, "rerank", prompts, params, "documents")
+        scores, prompt_tokens = await pair_scores(
+            request, "rerank", query, documents, ("query", "documents"), body.activation,
+            (body.query, body.documents),
+        )  # fmt: skip
         results = [
-            {"index": i, "document": {"text": documents[i]},
-             "relevance_score": float(o.outputs.data.flatten()[0])}
-            for i, o in enumerate(outs)
-        ]  # fmt: skip
+            {"index": i, "document": {"text": documents[i]}, "relevance_score": s}
+            for i, s in enumerate(scores)
+        ]
         results.sort(key=lambda r: -r["relevance_score"])
         if body.top_n:
             results = results[: body.top_n]
-        tokens = sum(len(o.prompt_token_ids) for o in outs)
+        tokens = sum(len(t) for t in prompt_tokens)
         return {"id": new_id("rerank"), "model": served, "usage": {"total_tokens": tokens},
                 "results": results}  # fmt: skip
 
@@ -237,11 +262,15 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
 
 
 async def pool_prompts(
-    request: Request, engine: AsyncEngine, prompts: list, params: PoolingParams, field: str
+    request: Request,
+    engine: AsyncEngine,
+    prompts: list,
+    params: PoolingParams,
+    field: str | list[str],
 ) -> list[PoolingRequestOutput]:
     """Submit every prompt at once (the engine batches them), wait for all; a refused prompt
-    is a RequestError naming `field` (and its index when there are several). A client that
-    disconnects has its requests aborted."""
+    is a RequestError naming `field` (and its index when there are several; a list: each
+    prompt's own name). A client that disconnects has its requests aborted."""
     ids = [engine.submit(p, params) for p in prompts]
     watcher = asyncio.create_task(_abort_on_disconnect(request, engine, ids))
 
@@ -258,7 +287,10 @@ async def pool_prompts(
         for request_id in ids:
             engine.abort(request_id)  # a no-op when it finished
     for i, result in enumerate(results):
-        where = f"{field}[{i}]" if len(prompts) > 1 else field
+        if isinstance(field, list):
+            where = field[i]
+        else:
+            where = f"{field}[{i}]" if len(prompts) > 1 else field
         if isinstance(result, InvalidInputError):
             raise RequestError(f"{where}: {result}", where) from None
         if isinstance(result, BaseException):
@@ -277,9 +309,9 @@ def encoded(data: torch.Tensor, encoding_format: str) -> Any:
     return data.tolist()
 
 
-def listing(prefix: str, model: str, data: list, outs: list[PoolingRequestOutput]) -> dict:
+def listing(prefix: str, model: str, data: list, prompt_tokens: list[list[int]]) -> dict:
     """vLLM's pooling response: `{id, object: "list", created, model, data, usage}`."""
-    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    tokens = sum(len(t) for t in prompt_tokens)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
     return {"id": new_id(prefix), "object": "list", "created": int(time.time()), "model": model,
             "data": data, "usage": usage}  # fmt: skip

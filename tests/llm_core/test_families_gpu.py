@@ -86,12 +86,13 @@ def test_bf16_gemv_engine_matches_cublas(tmp_path_factory, name):
 
 
 def test_pooling_models_on_cuda(tmp_path_factory):
-    """BERT (varlen Triton attention, no KV cache) and the Qwen2 reward model (paged Triton
-    attention, chunked) on CUDA in fp32: the CPU engine's pooled outputs within 1e-4."""
+    """BERT (classifier and embedding model: varlen Triton attention, no KV cache) and the Qwen2
+    reward model (paged Triton attention, chunked) on CUDA in fp32: the CPU engine's pooled
+    outputs within 1e-4."""
     from polymodal.llm_core.engine import Engine
     from polymodal.llm_core.pooling import PoolingParams
 
-    for name in ("bert_cls", "qwen2_rm"):
+    for name in ("bert_cls", "bert_st_mean", "qwen2_rm"):
         path = str(tiny_checkpoint(tmp_path_factory, name))
         results = []
         for device in ("cpu", "cuda"):
