@@ -1,6 +1,7 @@
-"""Inputs and crash-safe outputs of `polymodal caption`.
+"""Inputs and crash-safe outputs of the batch jobs (`polymodal caption`, `polymodal transcribe`).
 
-Inputs: folders (searched recursively for image / video files), glob patterns, list files
+Inputs: folders (searched recursively for the job's media: image / video files for captions,
+audio files for transcripts), glob patterns, list files
 (`.txt` / `.lst` / `.list`: one path per line, relative to the list file; `#` comments) or
 single files. Each item's key is its absolute path.
 
@@ -27,6 +28,8 @@ from typing import Any
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".m4a"}
+VISUAL_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what `polymodal caption` looks for
 LIST_EXTENSIONS = {".txt", ".lst", ".list"}
 RECORD_FIELDS = (
     "key", "kind", "caption", "error", "finish_reason", "prompt_tokens", "completion_tokens",
@@ -34,18 +37,18 @@ RECORD_FIELDS = (
 
 
 def media_kind(path: str | Path) -> str:
-    """ "video" for video file extensions, else "image"."""
-    return "video" if Path(path).suffix.lower() in VIDEO_EXTENSIONS else "image"
+    """ "video" or "audio" for those file extensions, else "image"."""
+    suffix = Path(path).suffix.lower()
+    if suffix in AUDIO_EXTENSIONS:
+        return "audio"
+    return "video" if suffix in VIDEO_EXTENSIONS else "image"
 
 
-def _is_media(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-
-
-def _expand(spec: str) -> Iterator[Path]:
+def _expand(spec: str, extensions: set[str]) -> Iterator[Path]:
     path = Path(spec)
     if path.is_dir():
-        yield from sorted(p for p in path.rglob("*") if p.is_file() and _is_media(p))
+        found = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        yield from sorted(found)
     elif any(ch in spec for ch in "*?["):
         yield from (Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file())
     elif path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
@@ -58,11 +61,12 @@ def _expand(spec: str) -> Iterator[Path]:
         yield path  # a single file (a missing one is recorded with its error later)
 
 
-def discover_inputs(specs: Iterable[str]) -> list[str]:
-    """Absolute paths of all inputs named by `specs`, in order, without duplicates."""
+def discover_inputs(specs: Iterable[str], extensions: set[str] = VISUAL_EXTENSIONS) -> list[str]:
+    """Absolute paths of all inputs named by `specs`, in order, without duplicates; folders
+    contribute their files with `extensions` (globs, lists and named files are taken as is)."""
     seen: dict[str, None] = {}
     for spec in specs:
-        for path in _expand(str(spec)):
+        for path in _expand(str(spec), extensions):
             seen.setdefault(os.path.abspath(path), None)
     return list(seen)
 
@@ -106,10 +110,12 @@ def journal_path(out: str | Path) -> Path:
 
 
 class RecordWriter:
-    """Appends finished records durably; `close()` compacts Parquet outputs."""
+    """Appends finished records durably (the columns `fields`); `close()` compacts Parquet
+    outputs."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, fields: tuple[str, ...] = RECORD_FIELDS):
         self.out = Path(out)
+        self.fields = fields
         self.is_parquet = self.out.suffix.lower() == ".parquet"
         self.path = journal_path(self.out) if self.is_parquet else self.out
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,7 @@ class RecordWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; it is on disk when this returns."""
-        line = json.dumps({k: record.get(k) for k in RECORD_FIELDS}, ensure_ascii=False)
+        line = json.dumps({k: record.get(k) for k in self.fields}, ensure_ascii=False)
         self._file.write(line.encode() + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -149,20 +155,19 @@ class RecordWriter:
         """Close the file; for Parquet, compact journal + old rows into OUT atomically."""
         self._file.close()
         if self.is_parquet:
-            compact_parquet(self.out)
+            compact_parquet(self.out, self.fields)
 
 
-def compact_parquet(out: str | Path) -> None:
-    """Rewrite `out` from its rows plus its journal (deduped), then delete the journal."""
+def compact_parquet(out: str | Path, fields: tuple[str, ...] = RECORD_FIELDS) -> None:
+    """Rewrite `out` from its rows plus its journal (deduped) as the columns `fields`, then
+    delete the journal."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(out)
     rows = read_records(out)
-    schema = pa.schema(
-        [(k, pa.int64() if k.endswith("_tokens") else pa.string()) for k in RECORD_FIELDS]
-    )
-    table = pa.Table.from_pylist([{k: r.get(k) for k in RECORD_FIELDS} for r in rows], schema)
+    schema = pa.schema([(k, pa.int64() if k.endswith("_tokens") else pa.string()) for k in fields])
+    table = pa.Table.from_pylist([{k: r.get(k) for k in fields} for r in rows], schema)
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:

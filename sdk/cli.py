@@ -5,6 +5,7 @@ polymodal generate MODEL --text ... [--image PATH ...] [--video PATH]
 polymodal serve MODEL                         OpenAI-compatible server   (extra: serve)
 polymodal demo MODEL                          Gradio app                 (extra: demo)
 polymodal caption INPUTS --model M --out F    resumable batch captioning (.parquet: batch)
+polymodal transcribe INPUTS --model M --out F resumable batch transcription (.parquet: batch)
 polymodal bench [MODEL] --dummy-weights       engine vs transformers     (CUDA)
 """
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "serve": "polymodal.server.cli:serve_command",
     "demo": "polymodal.demo_app:demo_command",
     "caption": "polymodal.caption:caption_command",
+    "transcribe": "polymodal.transcribe:transcribe_command",
     "bench": "polymodal.bench:bench_command",
 }
 

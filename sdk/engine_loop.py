@@ -31,6 +31,7 @@ from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_pooling import split_token_types
+from polymodal.llm_prompts import MEDIA_OPTIONS
 
 END = None  # the item that ends an aborted request's stream (no final output)
 
@@ -112,6 +113,8 @@ class EngineLoop:
             "max_model_len": self.engine.max_model_len,
             "default_sampling": dict(self.llm.default_sampling),
             "modalities": list(self.llm.processor.MODALITIES),  # media kinds the model takes
+            # options its prompts take (Whisper: language, task, timestamps)
+            "media_options": list(getattr(self.llm.processor, "MEDIA_OPTIONS", MEDIA_OPTIONS)),
             "task": self.engine.task,  # generate, or a pooling task (classify, reward, embed)
             # a classifier's labels, by class index (config.json's id2label)
             "labels": _labels(mc.text_config) if self.engine.task == "classify" else None,

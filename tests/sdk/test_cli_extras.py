@@ -40,7 +40,10 @@ def polymodal(*argv, hidden=ALL_EXTRAS) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
 
 
-@pytest.mark.parametrize("command", ["demo-model", "generate", "serve", "demo", "caption", "bench"])
+COMMANDS = ["demo-model", "generate", "serve", "demo", "caption", "transcribe", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_without_extras(command):
     run = polymodal(command, "--help")
     assert run.returncode == 0, run.stderr[-2000:]
