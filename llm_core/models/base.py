@@ -18,6 +18,7 @@ from polymodal.llm_core import weights
 from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.kv_cache_spec import KVCacheSpec
 from polymodal.llm_core.layers import fused_ops
+from polymodal.llm_core.layers.linear import Linear
 
 
 class ModelBase(nn.Module):
@@ -93,6 +94,22 @@ class ModelBase(nn.Module):
             tied=self.tied_parameters,
             experts=self.expert_modules_mapping,
         )
+
+    def attach_decoder(self, cfg, model: nn.Module) -> None:
+        """`self.model` (a decoder stack with `embed_tokens`) under a plain `lm_head`, tied to
+        the embedding when the config says: the text families' usual head. Such a model's
+        `embed` and `forward` are the defaults below."""
+        self.config, self.model = cfg, model
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = model.embed_tokens.weight
+            self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
+
+    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
+        return self.model(positions, inputs_embeds, kv_caches, meta)
 
     def attention_layers(self) -> list[AttentionLayer]:
         """The decoder's attention layers, in layer order (one per `kv_caches` entry)."""

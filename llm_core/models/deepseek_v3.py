@@ -186,12 +186,6 @@ class DeepseekV3ForCausalLM(ModelBase):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
-
-    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
-        return self.model(positions, inputs_embeds, kv_caches, meta)
-
 
 def _tiny_deepseek(hf_config, dtype):
     """transformers' model with a random (not zero) correction bias, so it shifts the choice."""

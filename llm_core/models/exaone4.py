@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from polymodal.llm_core.config import ModelConfig
-from polymodal.llm_core.layers.linear import Linear
 from polymodal.llm_core.layers.norm import RMSNorm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
@@ -67,18 +66,7 @@ class Exaone4ForCausalLM(ModelBase):
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
-        self.config = cfg
-        self.model = Exaone4Model(cfg, backend, max_positions)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            self.tied_parameters = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
-
-    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
-        return self.model(positions, inputs_embeds, kv_caches, meta)
+        self.attach_decoder(cfg, Exaone4Model(cfg, backend, max_positions))
 
 
 TINY_CONFIGS = {

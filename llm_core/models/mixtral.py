@@ -107,12 +107,6 @@ class MixtralForCausalLM(ModelBase):
             FusedMoE(experts, text.hidden_size, text.intermediate_size),
         )
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
-
-    def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
-        return self.model(positions, inputs_embeds, kv_caches, meta)
-
 
 class Qwen3MoeForCausalLM(MixtralForCausalLM):
     """Qwen3-MoE: q/k norms, dense layers by `mlp_only_layers` / `decoder_sparse_step`."""
