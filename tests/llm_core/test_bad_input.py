@@ -102,3 +102,19 @@ def test_unknown_model_id_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="no-such-org/no-such-model"):
         Engine("no-such-org/no-such-model", device="cpu")
+
+
+def test_context_longer_than_the_kv_cache(ckpt, caplog):
+    """By default the context is the model's own, shrunk with a warning to what the KV cache
+    holds for one request; a `max_model_len` the user set that does not fit is an error."""
+    import logging
+
+    kw = {"dtype": "float32", "device": "cpu", "num_kv_blocks": 8, "block_size": 4,
+          "skip_tokenizer_init": True, "max_num_batched_tokens": 16}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="polymodal"):
+        engine = Engine(str(ckpt), **kw)
+    assert engine.max_model_len == 32  # 8 blocks of 4 tokens
+    assert "not the model's own" in caplog.text and "raise num_kv_blocks" in caplog.text
+    with pytest.raises(InvalidInputError, match="max_model_len=64 does not fit the KV cache"):
+        Engine(str(ckpt), max_model_len=64, **kw)
+    assert Engine(str(ckpt), max_model_len=32, **kw).max_model_len == 32

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polymodal.llm_core.engine import Engine
-from polymodal.llm_core.engine_config import kv_cache_dtype
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.kv_memory import kv_cache_dtype
 from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import record_logits, tiny_checkpoint
 
