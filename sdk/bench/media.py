@@ -156,6 +156,7 @@ def run_bench(args) -> dict:
         row["floor_ms"] = flops / (rate * 1e12) * 1e3
         row["fraction_of_floor"] = row["floor_ms"] / row["ttft_ms"]
         rows[name] = row
+        print(f"{name}: {row}", flush=True)  # a run cut short still shows what it measured
     ours.free()
     if hf is not None:
         hf.model.to("cuda")
