@@ -84,6 +84,7 @@ ENCODERS: dict[str, str | type] = {
     "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
     "Llama4ForConditionalGeneration": "polymodal.encoders.llama4:Llama4VisionEncoder",
     "LlavaLlamaModel": "polymodal.encoders.vila:VilaEncoder",
+    "HCXVisionForCausalLM": "polymodal.encoders.hcx_vision:HCXVisionEncoder",
     "Phi4MMForCausalLM": "polymodal.encoders.phi4mm:Phi4MMEncoder",
     "Phi4MultimodalForCausalLM": "polymodal.encoders.phi4mm:Phi4MMEncoder",
     "MllamaForConditionalGeneration": "polymodal.encoders.mllama:MllamaVisionEncoder",

@@ -97,6 +97,11 @@ MODELS: dict[str, ModelRow] = {
     "LlavaLlamaModel": ModelRow(
         _M + "vila:LlavaLlamaModel", _P + "vila:VilaProcessor", "LlavaLlamaModel"
     ),
+    "HCXVisionForCausalLM": ModelRow(
+        _M + "hcx_vision:HCXVisionForCausalLM",
+        _P + "hcx_vision:HCXVisionProcessor",
+        "HCXVisionForCausalLM",
+    ),
     "WhisperForConditionalGeneration": ModelRow(
         _M + "whisper:WhisperForConditionalGeneration",
         _P + "whisper:WhisperProcessor",

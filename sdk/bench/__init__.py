@@ -32,6 +32,9 @@ BUILTIN = {
     "pixtral-12b": CONFIGS / "pixtral_12b",  # mistral-community/pixtral-12b (LLaVA form)
     # Efficient-Large-Model/NVILA-8B: Qwen2-7B + SigLIP-448, dynamic S2, TSP video (config only)
     "nvila-8b": CONFIGS / "nvila_8b",
+    # naver-hyperclovax/HyperCLOVAX-SEED-Vision-Instruct-3B: SigLIP-378 + C-Abstractor + a
+    # Llama decoder (config only; sizes from the model card and vLLM, see docs/models.md)
+    "hyperclovax-seed-vision-3b": CONFIGS / "hyperclovax_seed_vision_3b",
     # meta-llama/Llama-3.2-11B-Vision(-Instruct): cross-attention to the image tiles
     "llama-3.2-11b-vision": CONFIGS / "llama_3_2_11b_vision",
     # openai/whisper-large-v3 (config + feature extractor; the tokenizer comes with a download)

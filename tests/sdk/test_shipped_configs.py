@@ -20,6 +20,8 @@ SIZES = {  # bench name: (architecture, billions of parameters)
     "deepseek-v3-reduced": ("DeepseekV3ForCausalLM", 25.45),
     "llama4-scout-reduced": ("Llama4ForConditionalGeneration", 20.56),
     "nvila-8b": ("LlavaLlamaModel", 8.09),
+    # the model card: 3.2 B decoder + 0.43 B vision (our sizes give 3.24 + 0.44)
+    "hyperclovax-seed-vision-3b": ("HCXVisionForCausalLM", 3.68),
     "llama-3.2-11b-vision": ("MllamaForConditionalGeneration", 10.67),
     "whisper-large-v3": ("WhisperForConditionalGeneration", 1.54),
     # base + towers; the two LoRA adapters' 0.83 B make the published 5.6 B (its README)
