@@ -31,6 +31,7 @@ from polymodal.processors.pixels import (
     image_to_frames,
     processor_section,
     resize,
+    split_tiles,
 )
 from polymodal.processors.types import MultimodalItem
 
@@ -136,9 +137,7 @@ class Llama4Processor(MediaProcessor):
         canvas = (int(best[0]), int(best[1]))
         padded = F.pad(fitted, (0, canvas[1] - fitted.shape[-1], 0, canvas[0] - fitted.shape[-2]))
         rows, cols = canvas[0] // self.tile, canvas[1] // self.tile
-        # [1, 3, rows * t, cols * t] -> [rows * cols, 3, t, t] (transformers' split_to_tiles)
-        views = padded.reshape(3, rows, self.tile, cols, self.tile).permute(1, 3, 0, 2, 4)
-        views = views.reshape(rows * cols, 3, self.tile, self.tile)
+        views = split_tiles(padded, rows, cols, self.tile)  # transformers' split_to_tiles
         if rows * cols > 1:  # the global view last
             views = torch.cat([views, resize(frames, (self.tile, self.tile), self.resample)])
         knobs = [self.tile, self.resample, self.rescale, *self.mean.tolist(), *self.std.tolist()]

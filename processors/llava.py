@@ -31,6 +31,7 @@ from polymodal.processors.pixels import (
     processor_section,
     resize,
     scaled_mean_std,
+    split_tiles,
 )
 from polymodal.processors.qwen_vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from polymodal.processors.types import MultimodalItem
@@ -189,9 +190,7 @@ class LlavaNextProcessor(LlavaProcessor):
         pad_h, pad_w = best[0] - fitted.shape[-2], best[1] - fitted.shape[-1]
         padded = F.pad(fitted, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         rows, cols = best[0] // self.tile, best[1] // self.tile
-        # [1, 3, rows * t, cols * t] -> [rows * cols, 3, t, t], row-major tiles
-        tiles = padded.view(3, rows, self.tile, cols, self.tile).permute(1, 3, 0, 2, 4)
-        tiles = tiles.reshape(rows * cols, 3, self.tile, self.tile)
+        tiles = split_tiles(padded, rows, cols, self.tile)
         views = torch.cat([resize(frames, self.view, self.resample), tiles])
         if (self.tile, self.tile) != self.view or self.crop != self.view:  # as transformers
             size = shortest_edge_size(views.shape[-2:], self.shortest)

@@ -35,6 +35,7 @@ from polymodal.processors.pixels import (
     read_json,
     resize,
     scaled_mean_std,
+    split_tiles,
 )
 from polymodal.processors.types import CROSS_ATTENTION, MultimodalItem, ProcessedPrompt
 
@@ -84,9 +85,7 @@ def tiles_pixel_values(
     rows, cols = grid
     channels, height, width = frames.shape[1:]
     canvas = F.pad(frames, (0, cols * tile - width, 0, rows * tile - height))
-    # [1, C, rows, tile, cols, tile] -> [rows * cols, C, tile, tile]
-    tiles = canvas.view(channels, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)
-    tiles = normalize_frames(tiles.reshape(rows * cols, channels, tile, tile), mean, std)
+    tiles = normalize_frames(split_tiles(canvas, rows, cols, tile), mean, std)
     out = tiles.new_zeros(max_tiles, channels, tile, tile)
     out[: rows * cols] = tiles
     return out.to(dtype)

@@ -36,7 +36,12 @@ from polymodal.processors.base import load_tokenizer, plural
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, load_image
-from polymodal.processors.pixels import image_processor_section, image_to_frames, read_json
+from polymodal.processors.pixels import (
+    image_processor_section,
+    image_to_frames,
+    read_json,
+    split_tiles,
+)
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
 IMAGE_PATTERN = re.compile(r"<\|image(?:_\d+)?\|>")
@@ -155,9 +160,7 @@ class Phi4MMProcessor:
                           antialias=False)  # fmt: skip
         height, width = pixels.shape[-2:]
         rows, cols = height // size, width // size
-        # [3, rows*S, cols*S] -> [rows*cols, 3, S, S], row-major crops
-        crops = pixels.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4)
-        crops = crops.reshape(-1, 3, size, size)
+        crops = split_tiles(pixels, rows, cols, size)  # row-major crops
         m = size // self.patch
         crop_masks = mask.reshape(rows, m, cols, m).transpose(1, 2).reshape(-1, m, m)
         data = {

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.llm_core.errors import ModelLoadError
+from polymodal.processors.hashing import NUMPY_DTYPES
 
 # PIL resample codes used in HF configs -> torch interpolate modes
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
@@ -62,6 +63,20 @@ def image_to_frames(image) -> torch.Tensor:
     """A decoded RGB PIL image -> uint8 `[1, 3, H, W]` (a view of its HWC pixels, no copy)."""
     pixels = torch.from_numpy(np.array(image))  # [H, W, 3]
     return pixels.permute(2, 0, 1)[None]
+
+
+def split_tiles(frames: torch.Tensor, rows: int, cols: int, tile: int) -> torch.Tensor:
+    """`[1, C, rows * tile, cols * tile]` (or `[C, ...]`) -> `[rows * cols, C, tile, tile]`,
+    tiles row-major. Host tensors are laid out by numpy: torch's strided copy of this permute
+    on the CPU took ~15 ms for a 672x672 uint8 canvas here, numpy's ~0.1 ms."""
+    channels = frames.shape[-3]
+    shape, order = (channels, rows, tile, cols, tile), (1, 3, 0, 2, 4)
+    if frames.device.type == "cpu" and frames.dtype in NUMPY_DTYPES:
+        array = frames.reshape(shape).numpy().transpose(order)
+        tiles = torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        tiles = frames.reshape(shape).permute(order)
+    return tiles.reshape(rows * cols, channels, tile, tile)
 
 
 def scaled_mean_std(mean, std, rescale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
