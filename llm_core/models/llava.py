@@ -1,9 +1,9 @@
 """LLaVA-style models: a Llama-family decoder (Llama, Mistral, Qwen2 text configs) whose image
-slots are filled by the encoder its registry row names (this file imports no encoder):
-LLaVA-1.5 (`LlavaForConditionalGeneration`, also Pixtral-12B's transformers form),
-LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and Mistral 3
-(`Mistral3ForConditionalGeneration`). Attention over image tokens is causal, as in the
-reference; positions are 1-D.
+(and video) slots are filled by the encoder its registry row names (this file imports no
+encoder): LLaVA-1.5 (`LlavaForConditionalGeneration`, also Pixtral-12B's transformers form),
+LLaVA-NeXT (`LlavaNextForConditionalGeneration`), LLaVA-OneVision
+(`LlavaOnevisionForConditionalGeneration`) and Mistral 3 (`Mistral3ForConditionalGeneration`).
+Attention over media tokens is causal, as in the reference; positions are 1-D.
 """
 
 from __future__ import annotations
@@ -130,6 +130,87 @@ def _tiny_llava(arch: str) -> TinyConfig:
 
 
 TINY_CONFIGS = {arch: _tiny_llava(arch) for arch in ("llava", "llava_next")}
+
+
+ONEVISION_TEMPLATE = (  # the hub's: a turn's images, then its videos, then its text
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n"
+    "{% endfor %}{% for item in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "<video>\n{% endfor %}{% for item in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ item['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# SigLIP-like tiny tower: 35 px views of 7 px patches, a 5 x 5 feature map (odd, as the
+# released 27 x 27: the video pooling rounds up to 3 x 3)
+TINY_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=35,
+    patch_size=7,
+)
+# grids up to 4 x 4 tiles: more than anyres_max_9's nine, so large images are resampled
+TINY_ONEVISION_PINPOINTS = [[35 * i, 35 * j] for i in range(1, 5) for j in range(1, 5)]
+
+
+def _tiny_onevision() -> TinyConfig:
+    """LLaVA-OneVision on the tiny Qwen2 text shapes; its processor follows the checkpoint's
+    feature strategy (a test may override it)."""
+
+    def build(kwargs: dict, ids: dict):
+        import transformers as tf
+
+        return tf.LlavaOnevisionConfig(
+            text_config={**kwargs, "model_type": "qwen2"},
+            vision_config=TINY_SIGLIP,
+            image_token_index=ids["<image>"],
+            video_token_index=ids["<video>"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            image_grid_pinpoints=TINY_ONEVISION_PINPOINTS,
+            tie_word_embeddings=False,
+        )
+
+    def make_model(hf_config, dtype):
+        import transformers as tf
+
+        return tf.AutoModelForImageTextToText.from_config(hf_config, dtype=dtype)
+
+    def write_processor(out, tokenizer) -> None:
+        import json
+
+        import transformers as tf
+
+        config = json.loads((out / "config.json").read_text())
+        pixels = dict(size={"height": 35, "width": 35}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        images = tf.LlavaOnevisionImageProcessor(
+            **pixels, image_grid_pinpoints=config["image_grid_pinpoints"]
+        )
+        processor = tf.LlavaOnevisionProcessor(
+            image_processor=images,
+            video_processor=tf.LlavaOnevisionVideoProcessor(**pixels),
+            tokenizer=tokenizer,
+            num_image_tokens=(35 // 7) ** 2,
+            vision_feature_select_strategy=config["vision_feature_select_strategy"],
+            vision_aspect_ratio=config.get("vision_aspect_ratio", "anyres_max_9"),
+            chat_template=tokenizer.chat_template,
+        )
+        processor.save_pretrained(out)
+
+    return TinyConfig(
+        "LlavaOnevisionForConditionalGeneration",
+        build=build,
+        make_model=make_model,
+        write_extra=write_processor,
+        tokens={"image_token": "<image>", "video_token": "<video>"},
+        chat_template=ONEVISION_TEMPLATE,
+    )
+
+
+TINY_CONFIGS["llava_onevision"] = _tiny_onevision()
 
 
 MISTRAL_TEMPLATE = (
