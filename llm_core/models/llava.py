@@ -151,6 +151,7 @@ TINY_SIGLIP = dict(
     num_attention_heads=2,
     image_size=35,
     patch_size=7,
+    vision_use_head=False,  # as released: LLaVA reads hidden states, the pooling head is unused
 )
 # grids up to 4 x 4 tiles: more than anyres_max_9's nine, so large images are resampled
 TINY_ONEVISION_PINPOINTS = [[35 * i, 35 * j] for i in range(1, 5) for j in range(1, 5)]
