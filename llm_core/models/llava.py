@@ -141,6 +141,7 @@ ONEVISION_TEMPLATE = (  # the hub's: a turn's images, then its videos, then its 
     "'text') %}{{ item['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+ONEVISION_TOKENS = {"image_token": "<image>", "video_token": "<video>"}
 # SigLIP-like tiny tower: 35 px views of 7 px patches, a 5 x 5 feature map (odd, as the
 # released 27 x 27: the video pooling rounds up to 3 x 3)
 TINY_SIGLIP = dict(
@@ -206,7 +207,7 @@ def _tiny_onevision() -> TinyConfig:
         build=build,
         make_model=make_model,
         write_extra=write_processor,
-        tokens={"image_token": "<image>", "video_token": "<video>"},
+        tokens=ONEVISION_TOKENS,
         chat_template=ONEVISION_TEMPLATE,
     )
 
