@@ -216,6 +216,6 @@ class LlavaNextProcessor(LlavaProcessor):
         tiles = tiles.reshape(rows * cols, 3, self.tile, self.tile)
         views = torch.cat([resize(frames, self.view, self.resample), tiles])
         if (self.tile, self.tile) != self.view or self.crop != self.view:  # as transformers
-            views = resize(views, shortest_edge_size(views.shape[-2:], self.shortest), self.resample)
-            views = center_crop(views, self.crop)
+            size = shortest_edge_size(views.shape[-2:], self.shortest)
+            views = center_crop(resize(views, size, self.resample), self.crop)
         return views, (rows, cols)

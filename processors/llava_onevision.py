@@ -146,13 +146,20 @@ class LlavaOnevisionProcessor(LlavaNextProcessor):
             frames = load_video(source, index=index).frames
             if count is not None:
                 try:
-                    picks = sample_indices(len(frames), 1.0, num_frames=count, temporal_patch_size=1)
+                    picks = sample_indices(
+                        len(frames), 1.0, num_frames=count, temporal_patch_size=1
+                    )
                 except ValueError as exc:
                     raise media_error("video", index, source, str(exc)) from None
                 frames = frames[picks]
         views = resize(frames, self.video_size, self.video_resample)  # [T, 3, S, S]
         num_embeds = views.shape[0] * self.pooled_side**2 + 1  # + one newline after the video
-        knobs = [*self.video_size, self.video_resample, *self.video_mean.tolist(), *self.video_std.tolist()]
+        knobs = [
+            *self.video_size,
+            self.video_resample,
+            *self.video_mean.tolist(),
+            *self.video_std.tolist(),
+        ]
         key = {"frames": views, "knobs": torch.tensor(knobs, dtype=torch.float64)}
         data = {"pixel_frames": views, "pixel_mean": self.video_mean, "pixel_std": self.video_std}
         item = MultimodalItem(

@@ -128,7 +128,9 @@ def test_num_frames_samples_as_hf(processors):
     hf, ours = processors
     frames = [random_image(50, 40, i) for i in range(10)]
     result = ours.process(prompt="<video>\nWhat happens?", videos=[frames], num_frames=4)
-    ref = _reference(hf, "<video>\nWhat happens?", [], [frames], do_sample_frames=True, num_frames=4)
+    ref = _reference(
+        hf, "<video>\nWhat happens?", [], [frames], do_sample_frames=True, num_frames=4
+    )
     _check(result, ref)
 
 
@@ -180,3 +182,19 @@ def test_bad_video_input_names_it(processors):
             ours.process(prompt="<video>", videos=[frames], num_frames=bad)
     with pytest.raises(InvalidInputError, match="do not apply"):
         ours.process(prompt="<video>", videos=[frames], fps=2)
+
+
+def test_cached_image_keeps_its_prompt_mode(photos, processors):
+    """The processed-input cache keys an image by how many images its prompt has: the same
+    bytes are anyres alone and one view next to another image."""
+    import io
+
+    _, ours = processors
+    buffer = io.BytesIO()
+    photos["coffee"].save(buffer, format="PNG")
+    data = buffer.getvalue()
+    alone = ours.process(prompt="<image>", images=[data]).mm_items[0]
+    pair = ours.process(prompt="<image><image>", images=[data, data]).mm_items
+    again = ours.process(prompt="<image>", images=[data]).mm_items[0]
+    assert alone.data["pixel_frames"].shape[0] > 1 and again.num_embeds == alone.num_embeds
+    assert [item.num_embeds for item in pair] == [ours.num_image_tokens + 1] * 2

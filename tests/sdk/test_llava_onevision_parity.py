@@ -12,14 +12,22 @@ import transformers as tf
 
 from polymodal import LLM
 from tests.helpers import tiny_checkpoint
-from tests.sdk.vl_reference import assert_batch_matches, assert_single_matches, hf_greedy, random_image
+from tests.sdk.vl_reference import (
+    assert_batch_matches,
+    assert_single_matches,
+    hf_greedy,
+    hf_sample_inputs,
+    media_messages,
+    random_image,
+)
 
 STEPS = 6
 VIDEO = [random_image(50, 40, 10 + i) for i in range(4)]
+THREE = [random_image(28, 28, 1), random_image(90, 40, 2), random_image(9, 50, 3)]
 CASES = {  # (images, videos)
     "one_image": ([random_image(64, 48, 0)], []),
     "resampled_image": ([random_image(140, 140, 1)], []),
-    "three_images": ([random_image(28, 28, 1), random_image(90, 40, 2), random_image(9, 50, 3)], []),
+    "three_images": (THREE, []),
     "video": ([], [VIDEO]),
     "image_and_video": ([random_image(100, 60, 4)], [VIDEO[:3]]),
     "two_images_and_video": ([random_image(20, 200, 5), random_image(300, 31, 6)], [VIDEO]),
@@ -38,24 +46,10 @@ def models(request, tmp_path_factory):
     return path, hf, processor, llm
 
 
-def messages(images, videos, text="Describe."):
-    parts = [{"type": "image", "image": im} for im in images]
-    parts += [{"type": "video", "video": v} for v in videos]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-
-
 def reference(models, images, videos):
     """transformers' greedy tokens and logits, the prompt's images nested as one sample."""
     _, hf, processor, _ = models
-    msgs = messages(images, videos) if images or videos else [{"role": "user", "content": "Hi!"}]
-    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    inputs = processor(
-        text=[text],
-        images=[images] if images else None,
-        videos=[list(v) for v in videos] or None,
-        return_tensors="pt",
-    )
-    tokens, logits = hf_greedy(hf, dict(inputs), STEPS)
+    tokens, logits = hf_greedy(hf, hf_sample_inputs(processor, images, videos), STEPS)
     media = {hf.config.image_token_id, hf.config.video_token_id}
     assert not media & set(tokens[:-1]), "the reference wrote a media token: pick another seed"
     return tokens, logits
@@ -64,22 +58,22 @@ def reference(models, images, videos):
 @pytest.mark.parametrize("case", list(CASES))
 def test_single_request_matches_transformers(models, case):
     tokens, logits = reference(models, *CASES[case])
-    prompt = {"messages": messages(*CASES[case])}
+    prompt = {"messages": media_messages(*CASES[case])}
     assert_single_matches(models[3], prompt, tokens, logits, STEPS, case)
 
 
 def test_resampled_image_takes_fewer_tokens(models):
     """The 4 x 4 grid's 20 x 20 map becomes 15 x 15 (+ newlines) after the base view."""
-    item = models[3].processor.process(messages=messages(*CASES["resampled_image"])).mm_items[0]
+    prompt = media_messages(*CASES["resampled_image"])
+    item = models[3].processor.process(messages=prompt).mm_items[0]
     assert item.data["tile_layout"].tolist()[2:] == [0, 20, 0, 20, 15, 15]
     assert item.num_embeds == 25 + 15 * 16
 
 
 def test_mixed_batch_matches_transformers(models):
-    cases = list(CASES.values()) + [([], [])]
+    cases = list(CASES.values()) + [([], [])]  # and a text-only prompt
     refs = [reference(models, *case) for case in cases]
-    prompts = [{"messages": messages(*case)} for case in cases[:-1]]
-    prompts.append([{"role": "user", "content": "Hi!"}])
+    prompts = [{"messages": media_messages(*case)} for case in cases]
     assert_batch_matches(models[3], prompts, refs, STEPS)
 
 
@@ -91,5 +85,6 @@ def test_chunked_prefill_splits_media_and_matches(models, budget):
     )  # fmt: skip
     case = CASES["two_images_and_video"]
     tokens, logits = reference(models, *case)
-    assert_single_matches(llm, {"messages": messages(*case)}, tokens, logits, STEPS, f"{budget}")
+    prompt = {"messages": media_messages(*case)}
+    assert_single_matches(llm, prompt, tokens, logits, STEPS, f"budget {budget}")
     assert llm.engine.runner.encoder_cache.misses == 3  # each item encoded once
