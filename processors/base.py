@@ -337,17 +337,20 @@ class MediaProcessor:
 
     def finish(self, ids: list[int], items: list[MultimodalItem]) -> ProcessedPrompt:
         """Give each item, in order, the next `num_embeds` positions of its modality's embed
-        token: its span runs from the first to the last, `embed_mask` marks them inside it.
-        Items come back in prompt order."""
-        for modality, token_id in self.embed_token_ids().items():
+        token (`embed_token_ids`; a modality without its own: the image token): its span runs
+        from the first to the last, `embed_mask` marks them inside it. Items come back in
+        prompt order."""
+        token_of = self.embed_token_ids()
+        for kind, token_id in token_of.items():
+            own_items = [
+                i for i in items if token_of.get(i.modality, self.embed_token_id) == token_id
+            ]
             positions = [i for i, token in enumerate(ids) if token == token_id]
-            own_items = [item for item in items if item.modality == modality]
             need = sum(item.num_embeds for item in own_items)
             if len(positions) != need:
                 raise InvalidInputError(
-                    f"the prompt has {len(positions)} {modality} slot tokens but its "
-                    f"{modality}s need {need}: the text must not contain the {modality} tokens "
-                    "itself"
+                    f"the prompt has {len(positions)} {kind} slot tokens but its {kind}s need "
+                    f"{need}: the text must not contain the {kind} tokens itself"
                 )
             used = 0
             for item in own_items:
