@@ -88,3 +88,20 @@ def test_chunked_prefill_splits_media_and_matches(models, budget):
     prompt = {"messages": media_messages(*case)}
     assert_single_matches(llm, prompt, tokens, logits, STEPS, f"budget {budget}")
     assert llm.engine.runner.encoder_cache.misses == 3  # each item encoded once
+
+
+def test_prefix_cache_tells_videos_apart(models):
+    """The same video again reuses its blocks (a prefix hit past the video's first slot);
+    another video of the same size and length under the same text shares only the tokens
+    before it; each matches transformers."""
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=256)
+    kv = llm.engine.scheduler.kv
+    other = [random_image(50, 40, 30 + i) for i in range(4)]
+    start = llm.process({"messages": media_messages([], [VIDEO])}).mm_items[0].slot_start
+    for label, video in (("first", VIDEO), ("again", VIDEO), ("other", other)):
+        tokens, logits = reference(models, [], [video])
+        before = kv.num_hit_tokens
+        prompt = {"messages": media_messages([], [video])}
+        assert_single_matches(llm, prompt, tokens, logits, STEPS, label)
+        hits = kv.num_hit_tokens - before
+        assert hits > start + 16 if label == "again" else hits <= start, (label, hits)
