@@ -81,6 +81,7 @@ ENCODERS: dict[str, str | type] = {
     "Gemma3ForConditionalGeneration": "polymodal.encoders.gemma3:Gemma3VisionEncoder",
     "LlavaForConditionalGeneration": "polymodal.encoders.llava:LlavaEncoder",
     "LlavaNextForConditionalGeneration": "polymodal.encoders.llava:LlavaNextEncoder",
+    "LlavaOnevisionForConditionalGeneration": "polymodal.encoders.llava:LlavaOnevisionEncoder",
     "Mistral3ForConditionalGeneration": "polymodal.encoders.pixtral:Mistral3Encoder",
     "Llama4ForConditionalGeneration": "polymodal.encoders.llama4:Llama4VisionEncoder",
     "LlavaLlamaModel": "polymodal.encoders.vila:VilaEncoder",

@@ -43,7 +43,8 @@ class SiglipEmbeddings(nn.Module):
 class SiglipVisionTower(nn.Module):
     """`[N, C, S, S]` pixel values -> last hidden states `[N, patches, dim]` (post-LayerNorm),
     or the hidden states of one layer (`feature_layer`, HF's `hidden_states[i]`: 0 is the
-    embeddings, i the i-th layer's output, negative from the end; no post-LayerNorm)."""
+    embeddings, i the i-th layer's output, negative from the end; no post-LayerNorm), or of
+    several, concatenated on the feature axis (a list, as LLaVA's `vision_feature_layer`)."""
 
     def __init__(self, cfg, backend) -> None:
         super().__init__()
@@ -53,13 +54,24 @@ class SiglipVisionTower(nn.Module):
         self.encoder = ViTEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, feature_layer: int | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, feature_layer: int | list[int] | None = None
+    ) -> torch.Tensor:
         count = pixel_values.shape[0]
         x = self.embeddings(pixel_values)  # [N * patches, dim]
         meta = uniform_segments(count, self.num_positions, x.device)
         if feature_layer is None:
             x = self.post_layernorm(self.encoder(x, meta, self.attn_backend))
-        else:  # the tower runs only as deep as the layer asked for
+        elif isinstance(feature_layer, int):  # the tower runs only as deep as the layer asked
             depth = len(self.encoder.layers)
             x = self.encoder(x, meta, self.attn_backend, feature_layer % (depth + 1))
+        else:
+            depth = len(self.encoder.layers)
+            wanted = [i % (depth + 1) for i in feature_layer]
+            states = {0: x} if 0 in wanted else {}  # only the asked-for layers are kept
+            for index, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
+                x = layer(x, meta, self.attn_backend)
+                if index in wanted:
+                    states[index] = x
+            x = torch.cat([states[i] for i in wanted], dim=-1)
         return x.view(count, self.num_positions, -1)

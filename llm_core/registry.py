@@ -74,6 +74,11 @@ MODELS: dict[str, ModelRow] = {
     "LlavaNextForConditionalGeneration": ModelRow(
         _LLAVA, _P + "llava:LlavaNextProcessor", "LlavaNextForConditionalGeneration"
     ),
+    "LlavaOnevisionForConditionalGeneration": ModelRow(
+        _LLAVA,
+        _P + "llava_onevision:LlavaOnevisionProcessor",
+        "LlavaOnevisionForConditionalGeneration",
+    ),
     "Mistral3ForConditionalGeneration": ModelRow(
         _LLAVA, _P + "pixtral:PixtralProcessor", "Mistral3ForConditionalGeneration"
     ),

@@ -14,15 +14,19 @@ a worker thread).
 
 `MediaProcessor` does the shared part for text-expanding families: a family supplies its
 placeholder text, the token whose positions take embeddings, and `image_item()` (one image ->
-an item without a span and its expansion text). Like transformers' processors it replaces
-each placeholder in the rendered text and tokenizes the whole string once, so token ids match
-the reference's exactly; each item then owns, in order, the next `num_embeds` positions of
-the embed token, its span running from the first to the last (`embed_mask` marks them inside).
+an item without a span and its expansion text); a family that takes video also its video
+placeholder, token and `video_item()`. Like transformers' processors it replaces each
+placeholder in the rendered text (the n-th image placeholder by the n-th image, the n-th video
+placeholder by the n-th video) and tokenizes the whole string once, so token ids match the
+reference's exactly; each item then owns, in order, the next `num_embeds` positions of its
+modality's embed token, its span running from the first to the last (`embed_mask` marks them
+inside).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -117,7 +121,8 @@ class MediaProcessor:
 
     Subclasses set `placeholder` (the text a prompt marks an image with; chat templates render
     it), `embed_token_id` (the token whose positions take the image's embeddings) and
-    implement `image_item(index, image, options)`.
+    implement `image_item(image, options)`; a family with "video" in `MODALITIES` sets
+    `video_placeholder` and `video_token_id` too and implements `video_item(...)`.
     """
 
     MEDIA_OPTIONS: ClassVar[tuple[str, ...]] = ()
@@ -126,6 +131,8 @@ class MediaProcessor:
     MODALITIES: ClassVar[tuple[str, ...]] = ("image",)
     placeholder: str = "<image>"
     embed_token_id: int = -1
+    video_placeholder: str = "<video>"
+    video_token_id: int = -1
 
     def __init__(
         self,
@@ -152,6 +159,26 @@ class MediaProcessor:
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
         """One decoded RGB image -> (item without its span, its expansion text)."""
         raise NotImplementedError
+
+    def video_item(self, source, index: int, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+        """One video (a file, bytes, or a list of frames; `index`: 0-based among the prompt's
+        videos, for errors) -> (item without its span, its expansion text)."""
+        raise NotImplementedError
+
+    def placeholders(self) -> dict[str, str]:
+        """Modality -> the text marking one item of it in a prompt (images, and videos for a
+        family that takes them)."""
+        marks = {"image": self.placeholder}
+        if "video" in self.MODALITIES:
+            marks["video"] = self.video_placeholder
+        return marks
+
+    def embed_token_ids(self) -> dict[str, int]:
+        """Modality -> the token whose positions take its items' embeddings."""
+        ids = {"image": self.embed_token_id}
+        if "video" in self.MODALITIES:
+            ids["video"] = self.video_token_id
+        return ids
 
     # ---- the shared flow ---------------------------------------------------------------
     def render_chat(
@@ -201,9 +228,14 @@ class MediaProcessor:
             refs = [MediaRef("image", src) for src in images]
             refs += [MediaRef("video", src) for src in videos]
             text, special = prompt, True  # as the HF processor tokenizes a raw prompt
-        items, expansions = self._items(refs, options, text.count(self.placeholder))
-        pieces = text.split(self.placeholder)
-        expanded = pieces[0] + "".join(e + p for e, p in zip(expansions, pieces[1:]))
+        marks = self.placeholders()
+        found = {modality: text.count(mark) for modality, mark in marks.items()}
+        items, expansions = self._items(refs, options, found)
+        queues = self._queues(items, expansions)
+        modality_of = {mark: modality for modality, mark in marks.items()}
+        pattern = "|".join(re.escape(m) for m in sorted(modality_of, key=len, reverse=True))
+        # each placeholder -> the next expansion of its modality (a function: taken literally)
+        expanded = re.sub(pattern, lambda m: next(queues[modality_of[m.group(0)]]), text)
         ids = self.tokenizer.encode(expanded, add_special_tokens=special)
         return self.finish(ids, items)
 
@@ -212,39 +244,65 @@ class MediaProcessor:
     ) -> ProcessedPrompt:
         """Expand the placeholder tokens of tokenized `token_ids` with the media `refs`."""
         options = self.check_options(dict(defaults or {}))
-        marker = self.tokenizer.encode(self.placeholder, add_special_tokens=False)
-        if len(marker) != 1:
-            raise InvalidInputError(f"the placeholder {self.placeholder!r} is not one token")
-        found = token_ids.count(marker[0])
+        modality_of: dict[int, str] = {}
+        for modality, mark in self.placeholders().items():
+            marker = self.tokenizer.encode(mark, add_special_tokens=False)
+            if len(marker) != 1:
+                raise InvalidInputError(f"the placeholder {mark!r} is not one token")
+            modality_of[marker[0]] = modality
+        found = {m: sum(modality_of.get(t) == m for t in token_ids) for m in modality_of.values()}
         items, expansions = self._items(refs, options, found)
-        queue = iter(expansions)
+        queues = self._queues(items, expansions)
         ids: list[int] = []
         for token in token_ids:
-            if token == marker[0]:
-                ids.extend(self.tokenizer.encode(next(queue), add_special_tokens=False))
+            if token in modality_of:
+                text = next(queues[modality_of[token]])
+                ids.extend(self.tokenizer.encode(text, add_special_tokens=False))
             else:
                 ids.append(token)
         return self.finish(ids, items)
 
-    def _items(self, refs: list[MediaRef], options: dict[str, Any], found: int):
-        """Load and preprocess every image of `refs` (after checking the placeholder count)."""
+    @staticmethod
+    def _queues(items: list[MultimodalItem], expansions: list[str]) -> dict[str, Any]:
+        """Modality -> an iterator over its items' expansions, in order."""
+        by_modality: dict[str, list[str]] = {}
+        for item, expansion in zip(items, expansions):
+            by_modality.setdefault(item.modality, []).append(expansion)
+        return {modality: iter(texts) for modality, texts in by_modality.items()}
+
+    def _items(self, refs: list[MediaRef], options: dict[str, Any], found: dict[str, int]):
+        """Load and preprocess every item of `refs` (after checking the placeholder count of
+        each modality, `found`)."""
         refuse_modalities(self, refs)
-        if found != len(refs):
-            extra = ""
-            if len(refs) > found:
-                extra = f"; image {found + 1} ({describe_source(refs[found].source)}) has none"
-            raise MediaError(
-                f"{plural(len(refs), 'image')} given but the prompt has "
-                f"{plural(found, repr(self.placeholder) + ' placeholder')}{extra}"
-            )
+        marks = self.placeholders()
+        for modality, count in found.items():
+            given = [ref for ref in refs if ref.modality == modality]
+            if count != len(given):
+                extra = ""
+                if len(given) > count:
+                    source = describe_source(given[count].source)
+                    extra = f"; {modality} {count + 1} ({source}) has none"
+                raise MediaError(
+                    f"{plural(len(given), modality)} given but the prompt has "
+                    f"{plural(count, repr(marks[modality]) + ' placeholder')}{extra}"
+                )
         items, expansions = [], []
-        for index, ref in enumerate(refs):
+        seen = dict.fromkeys(found, 0)  # items of each modality so far
+        for ref in refs:
+            index = seen[ref.modality]
+            seen[ref.modality] += 1
             # per-part options a family does not take (Qwen's pixel bounds, OpenAI's
             # `detail`) are dropped: a message part may be written for any model
             item_options = {
                 **options,
                 **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
             }
+            if ref.modality == "video":
+                item, expansion = self.video_item(ref.source, index, item_options)
+                items.append(item)
+                expansions.append(expansion)
+                continue
+            item_options.update(self.image_options(refs))
             key = self._cache_key(ref.source, item_options)
             hit = self.input_cache.get(key) if key is not None else None
             if hit is not None:
@@ -263,6 +321,11 @@ class MediaProcessor:
             expansions.append(expansion)
         return items, expansions
 
+    def image_options(self, refs: list[MediaRef]) -> dict[str, Any]:
+        """Options every image of a prompt with these `refs` gets from the prompt itself (none by
+        default; LLaVA-OneVision: how many images there are). Part of the cache key."""
+        return {}
+
     def _cache_key(self, source: Any, options: dict[str, Any]) -> tuple | None:
         """The processed-input cache key of an image source with raw bytes (None: not cached)."""
         if getattr(self, "input_cache", None) is None:
@@ -273,22 +336,30 @@ class MediaProcessor:
         return ("image", raw, self.max_image_pixels, repr(sorted(options.items())))
 
     def finish(self, ids: list[int], items: list[MultimodalItem]) -> ProcessedPrompt:
-        """Give each item, in order, the next `num_embeds` positions of the embed token: its
-        span runs from the first to the last, `embed_mask` marks them inside it."""
-        positions = [i for i, token in enumerate(ids) if token == self.embed_token_id]
-        need = sum(item.num_embeds for item in items)
-        if len(positions) != need:
-            raise InvalidInputError(
-                f"the prompt has {len(positions)} image slot tokens but its images need {need}: "
-                "the text must not contain the image tokens itself"
-            )
-        used = 0
-        for item in items:
-            own = positions[used : used + item.num_embeds]
-            used += item.num_embeds
-            item.slot_start, item.num_slots = own[0], own[-1] + 1 - own[0]
-            if item.num_slots != len(own):  # other tokens in between (breaks, separators)
-                mask = torch.zeros(item.num_slots, dtype=torch.bool)
-                mask[torch.tensor(own) - own[0]] = True
-                item.embed_mask = mask
+        """Give each item, in order, the next `num_embeds` positions of its modality's embed
+        token (`embed_token_ids`; a modality without its own: the image token): its span runs
+        from the first to the last, `embed_mask` marks them inside it. Items come back in
+        prompt order."""
+        token_of = self.embed_token_ids()
+        for kind, token_id in token_of.items():
+            own_items = [
+                i for i in items if token_of.get(i.modality, self.embed_token_id) == token_id
+            ]
+            positions = [i for i, token in enumerate(ids) if token == token_id]
+            need = sum(item.num_embeds for item in own_items)
+            if len(positions) != need:
+                raise InvalidInputError(
+                    f"the prompt has {len(positions)} {kind} slot tokens but its {kind}s need "
+                    f"{need}: the text must not contain the {kind} tokens itself"
+                )
+            used = 0
+            for item in own_items:
+                own = positions[used : used + item.num_embeds]
+                used += item.num_embeds
+                item.slot_start, item.num_slots = own[0], own[-1] + 1 - own[0]
+                if item.num_slots != len(own):  # other tokens in between (breaks, separators)
+                    mask = torch.zeros(item.num_slots, dtype=torch.bool)
+                    mask[torch.tensor(own) - own[0]] = True
+                    item.embed_mask = mask
+        items = sorted(items, key=lambda item: item.slot_start)
         return ProcessedPrompt(list(ids), None, 0, items)

@@ -10,7 +10,8 @@ processors (`CLIPImageProcessor` / `LlavaImageProcessor`, `LlavaNextImageProcess
   (aspect kept, `select_best_resolution`), zero-padded to it and cut into `crop_size` tiles;
   with the whole image squashed to `crop_size` first. The placeholder becomes the base view's
   tokens plus one per unpadded feature of the tile grid and one newline per feature row.
-  The processor hands the encoder that geometry (`data["tile_layout"]`).
+  The processor hands the encoder that geometry (`data["tile_layout"]`; LLaVA-OneVision,
+  `llava_onevision.py`, adds a smaller size to resample the unpadded map to).
 """
 
 from __future__ import annotations
@@ -180,10 +181,31 @@ class LlavaNextProcessor(LlavaProcessor):
         side = size.get("shortest_edge") or size["height"]
         self.view = (int(side), int(side))  # the base view: the whole image, squashed
         self.tile = self.crop[0]
+        self.feature_side = self.tile // self.patch_size  # features per tile side
 
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
-        frames = image_to_frames(image)  # [1, 3, H, W]
         size = (image.height, image.width)
+        views, (rows, cols) = self.anyres_views(image_to_frames(image), size)
+        layout = self.tile_layout(size, rows, cols)
+        base = self.tokens_per_view(*views.shape[-2:])
+        out_height, out_width = layout[6:]
+        num_embeds = base + out_height * (out_width + 1)  # a newline ends each feature row
+        knobs = [*self.view, self.tile, self.resample, *(v for p in self.pinpoints for v in p)]
+        extra = {"tile_layout": torch.tensor(layout, dtype=torch.int64)}
+        item = self._item(image, views, knobs, num_embeds, extra)
+        return item, self.placeholder * num_embeds
+
+    def tile_layout(self, size: tuple[int, int], rows: int, cols: int) -> list[int]:
+        """(rows, cols, top, height, left, width, out_height, out_width): the tile grid, the
+        crop of its `(rows * side) x (cols * side)` feature map that holds the image (no
+        padding), and the size that crop is resampled to (LLaVA-NeXT: its own)."""
+        side = self.feature_side
+        box = unpad_box(size, rows * side, cols * side)
+        return [rows, cols, *box, box[1], box[3]]
+
+    def anyres_views(self, frames: torch.Tensor, size: tuple[int, int]):
+        """`[1, 3, H, W]` -> (the base view and the tiles `[1 + rows * cols, 3, t, t]`,
+        (rows, cols))."""
         best = select_best_resolution(size, self.pinpoints)
         fitted = resize(frames, fit_size(size, best), self.resample)
         # zero padding, centred (transformers' `_pad_for_patching`)
@@ -194,13 +216,5 @@ class LlavaNextProcessor(LlavaProcessor):
         views = torch.cat([resize(frames, self.view, self.resample), tiles])
         if (self.tile, self.tile) != self.view or self.crop != self.view:  # as transformers
             size = shortest_edge_size(views.shape[-2:], self.shortest)
-            views = resize(views, size, self.resample)
-            views = center_crop(views, self.crop)
-        side = self.tile // self.patch_size  # features per tile side
-        box = unpad_box(size, rows * side, cols * side)
-        base = self.tokens_per_view(*views.shape[-2:])
-        num_embeds = base + box[1] * (box[3] + 1)
-        layout = torch.tensor([rows, cols, *box], dtype=torch.int64)
-        knobs = [*self.view, self.tile, self.resample, *(v for p in self.pinpoints for v in p)]
-        item = self._item(image, views, knobs, num_embeds, {"tile_layout": layout})
-        return item, self.placeholder * num_embeds
+            views = center_crop(resize(views, size, self.resample), self.crop)
+        return views, (rows, cols)

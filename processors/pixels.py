@@ -120,6 +120,17 @@ def image_processor_section(model_dir: str | Path) -> dict[str, Any]:
     return section or {}
 
 
+def video_processor_section(model_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's video processor settings: `video_preprocessor_config.json` (v4 layout),
+    else the `video_processor` section of `processor_config.json` (v5), else the image
+    processor's (older checkpoints)."""
+    model_dir = Path(model_dir)
+    section = read_json(model_dir / "video_preprocessor_config.json")
+    if section is None:
+        section = (read_json(model_dir / "processor_config.json") or {}).get("video_processor")
+    return section or image_processor_section(model_dir)
+
+
 def processor_section(model_dir: str | Path) -> dict[str, Any]:
     """`processor_config.json`'s top level (the processor's own fields), or {}."""
     return read_json(Path(model_dir) / "processor_config.json") or {}

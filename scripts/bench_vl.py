@@ -1,6 +1,6 @@
 """Image-prompt bench for the multimodal families whose processors expand text placeholders
-(Llama 4, Gemma 3, LLaVA-NeXT, Pixtral; `polymodal bench`'s engine workload is Qwen-VL's):
-ours next to transformers in the same run, on the same random bf16 tensors.
+(Llama 4, Gemma 3, LLaVA-NeXT, LLaVA-OneVision, Pixtral; `polymodal bench`'s engine workload
+is Qwen-VL's): ours next to transformers in the same run, on the same random bf16 tensors.
 
     python scripts/bench_vl.py llama4-scout-reduced [--images 256] [--output-tokens 128]
     python scripts/bench_vl.py gemma-3-12b-it --hf-images 32 --hf-batch 8
@@ -55,9 +55,13 @@ FAMILIES = {
             "eoi_token_index": "<end_of_image>",
         },
     ),
-    "llava_next": ("llava:None:LLAVA_TEMPLATE", {"image_token_index": "<image>"}),
+    "llava_next": ("llava_tiny:None:LLAVA_TEMPLATE", {"image_token_index": "<image>"}),
+    "llava_onevision": (
+        "llava_tiny:ONEVISION_TOKENS:ONEVISION_TEMPLATE",
+        {"image_token_index": "<image>", "video_token_index": "<video>"},
+    ),
     # the shipped `llava` config is Pixtral-12B's LLaVA form: Mistral's tokens
-    "llava": ("llava:MISTRAL_TOKENS:MISTRAL_TEMPLATE", {"image_token_index": "[IMG]"}),
+    "llava": ("llava_tiny:MISTRAL_TOKENS:MISTRAL_TEMPLATE", {"image_token_index": "[IMG]"}),
 }
 
 

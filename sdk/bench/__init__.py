@@ -23,12 +23,15 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent.parent / "configs"
 BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
-    # gemma-3-12b, llava-next-7b, pixtral-12b, Llama 4 and the MoE configs build and serve
-    # (`polymodal serve <dir> --dummy-weights` with a tokenizer); the engine workload drives
-    # Qwen-VL prompts, so these run through scripts (docs/performance.md, "GPU to run").
+    # gemma-3-12b, llava-next-7b, llava-onevision-7b, pixtral-12b, Llama 4 and the MoE configs
+    # build and serve (`polymodal serve <dir> --dummy-weights` with a tokenizer); the engine
+    # workload drives Qwen-VL prompts, so these run through scripts (docs/performance.md, "GPU
+    # to run").
     "gemma-3-12b": CONFIGS / "gemma_3_12b",  # the text decoder alone
     "gemma-3-12b-it": CONFIGS / "gemma_3_12b_it",  # with its SigLIP tower (896 px, 256 tokens)
     "llava-next-7b": CONFIGS / "llava_next_7b",  # llava-v1.6-mistral-7b-hf
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf: Qwen2-7B + SigLIP-384, anyres_max_9, video
+    "llava-onevision-7b": CONFIGS / "llava_onevision_7b",
     "pixtral-12b": CONFIGS / "pixtral_12b",  # mistral-community/pixtral-12b (LLaVA form)
     # Efficient-Large-Model/NVILA-8B: Qwen2-7B + SigLIP-448, dynamic S2, TSP video (config only)
     "nvila-8b": CONFIGS / "nvila_8b",

@@ -25,7 +25,14 @@ def bench():
 
 
 @pytest.mark.parametrize(
-    "name", ["llama4-scout-reduced", "gemma-3-12b-it", "llava-next-7b", "pixtral-12b"]
+    "name",
+    [
+        "llama4-scout-reduced",
+        "gemma-3-12b-it",
+        "llava-next-7b",
+        "llava-onevision-7b",
+        "pixtral-12b",
+    ],
 )
 def test_shipped_config_gets_a_tokenizer_with_its_ids(bench, name):
     import json

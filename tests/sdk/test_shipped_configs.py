@@ -14,6 +14,7 @@ SIZES = {  # bench name: (architecture, billions of parameters)
     "gemma-3-12b": ("Gemma3ForCausalLM", 11.77),
     "gemma-3-12b-it": ("Gemma3ForConditionalGeneration", 12.19),
     "llava-next-7b": ("LlavaNextForConditionalGeneration", 7.57),
+    "llava-onevision-7b": ("LlavaOnevisionForConditionalGeneration", 8.03),
     "pixtral-12b": ("LlavaForConditionalGeneration", 12.68),
     "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", 30.53),
     "mixtral-8x7b": ("MixtralForCausalLM", 46.70),

@@ -29,6 +29,31 @@ def hf_inputs(processor, msgs, images, **kwargs) -> dict:
     return dict(processor(text=[text], images=images or None, return_tensors="pt", **kwargs))
 
 
+def media_messages(images, videos, text="Describe.") -> list[dict]:
+    """A user turn with images, then videos, then text (a text-only turn without media)."""
+    if not images and not videos:
+        return [{"role": "user", "content": "Hi!"}]
+    parts = [{"type": "image", "image": im} for im in images]
+    parts += [{"type": "video", "video": v} for v in videos]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def hf_sample_inputs(processor, images, videos) -> dict:
+    """transformers' inputs for `media_messages(images, videos)` with the prompt's images as one
+    sample, as `apply_chat_template` nests them (LLaVA-OneVision: several images -> one view
+    each) and each video a list of frames."""
+    msgs = media_messages(images, videos)
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return dict(
+        processor(
+            text=[text],
+            images=[images] if images else None,
+            videos=[list(v) for v in videos] or None,
+            return_tensors="pt",
+        )
+    )
+
+
 def hf_greedy(hf, inputs: dict, steps: int):
     """Greedy tokens and the fp32 logits that chose each (the whole prompt re-run each step)."""
     inputs = dict(inputs)
