@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -37,6 +38,7 @@ from polymodal.processors.input_cache import (
     copy_item,
     raw_media_key,
 )
+from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, describe_source, load_image
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
@@ -237,31 +239,29 @@ class MediaProcessor:
                 f"{plural(len(refs), 'image')} given but the prompt has "
                 f"{plural(found, repr(self.placeholder) + ' placeholder')}{extra}"
             )
-        items, expansions = [], []
-        for index, ref in enumerate(refs):
-            # per-part options a family does not take (Qwen's pixel bounds, OpenAI's
-            # `detail`) are dropped: a message part may be written for any model
-            item_options = {
-                **options,
-                **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
-            }
-            key = self._cache_key(ref.source, item_options)
-            hit = self.input_cache.get(key) if key is not None else None
-            if hit is not None:
-                item, expansion = hit.item, hit.expansion
-            else:
-                image = load_image(
-                    ref.source,
-                    index=index,
-                    max_pixels=self.max_image_pixels,
-                    allow_http=self.allow_http,
-                )
-                item, expansion = self.image_item(image, item_options)
-                if key is not None:
-                    self.input_cache.put(key, _Cached(item, expansion))
-            items.append(item)
-            expansions.append(expansion)
-        return items, expansions
+        # every image decoded and preprocessed side by side (item_pool.py)
+        done = run_items([partial(self._one_image, i, ref, options) for i, ref in enumerate(refs)])
+        return [item for item, _ in done], [expansion for _, expansion in done]
+
+    def _one_image(self, index: int, ref: MediaRef, options: dict[str, Any]):
+        """One image of the request -> (item without its span, its expansion text)."""
+        # per-part options a family does not take (Qwen's pixel bounds, OpenAI's `detail`) are
+        # dropped: a message part may be written for any model
+        item_options = {
+            **options,
+            **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
+        }
+        key = self._cache_key(ref.source, item_options)
+        hit = self.input_cache.get(key) if key is not None else None
+        if hit is not None:
+            return hit.item, hit.expansion
+        image = load_image(
+            ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
+        )
+        item, expansion = self.image_item(image, item_options)
+        if key is not None:
+            self.input_cache.put(key, _Cached(item, expansion))
+        return item, expansion
 
     def _cache_key(self, source: Any, options: dict[str, Any]) -> tuple | None:
         """The processed-input cache key of an image source with raw bytes (None: not cached)."""
