@@ -2,7 +2,8 @@
 
 Decoding (PIL, decord, PyAV), resizing (torch) and hashing (BLAKE3) release the GIL, so the
 items of one request (several images, a video next to them) overlap: eight 1080p JPEGs through
-the Qwen-VL processor take ~1.7x less time on two cores (docs/performance.md). A job running
+the Qwen-VL processor ran 1.57x faster on two lightly loaded cores, two 64-frame videos 1.66x
+(docs/performance.md). A job running
 in the pool never waits on the pool (a nested call runs its jobs inline), so a full pool cannot
 deadlock; processors called from many request threads at once share its workers.
 """

@@ -69,6 +69,7 @@ def test_long_video_in_temporal_pieces_matches_one_shot_in_bounded_memory():
 
     from polymodal.bench import BUILTIN
     from polymodal.encoders.qwen2_5_vl import Qwen2_5VisionTower
+    from polymodal.llm_core.weights import run_post_load_hooks
 
     vision = json.loads((BUILTIN["qwen2.5-vl-7b"] / "config.json").read_text())["vision_config"]
     backend = get_backend("triton", "cuda")
@@ -80,6 +81,7 @@ def test_long_video_in_temporal_pieces_matches_one_shot_in_bounded_memory():
                 p.normal_(0, 0.02, generator=gen)
             else:
                 p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    run_post_load_hooks(tower)  # as after loading: the fused, padded MLP weights
     torch.backends.cuda.matmul.allow_tf32 = False
     t, h, w, per_piece = 32, 32, 32, 4
     pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, device="cuda", generator=gen)
