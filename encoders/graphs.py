@@ -15,11 +15,15 @@ import torch
 
 
 class EncoderGraphs:
-    """Replays captured graphs of `tower` for batches of at most `max_items` media items."""
+    """Replays captured graphs of `tower` for batches of at most `max_items` media items and
+    `max_patches` patches. Larger calls run eager: launches matter little there, and a graph
+    would keep its activations in its private memory pool for good (the pieces of a long
+    video repeat one layout, which would otherwise be captured)."""
 
-    def __init__(self, tower, max_items: int = 4, max_graphs: int = 8):
+    def __init__(self, tower, max_items: int = 4, max_graphs: int = 8, max_patches: int = 16384):
         self.tower = tower
         self.max_items = max_items
+        self.max_patches = max_patches
         self.max_graphs = max_graphs
         self.seen: Counter = Counter()
         # layout key -> (graph, static pixel_values, static output)
@@ -28,7 +32,8 @@ class EncoderGraphs:
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Same contract as the tower's forward; `grid_thw` must be a CPU tensor."""
         key = (tuple(map(tuple, grid_thw.tolist())), pixel_values.dtype)
-        if not pixel_values.is_cuda or len(key[0]) > self.max_items:
+        small = len(key[0]) <= self.max_items and pixel_values.shape[0] <= self.max_patches
+        if not pixel_values.is_cuda or not small:
             return self.tower(pixel_values, grid_thw)
         if key not in self.graphs:
             self.seen[key] += 1

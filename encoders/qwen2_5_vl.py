@@ -180,6 +180,12 @@ class Qwen2_5VisionTower(nn.Module):
     """
 
     supports_cuda_graphs = True  # grid-derived tensors come from the `_layouts` cache
+    # Each temporal patch (frame pair) of a video is computed alone: windows are cut per
+    # temporal patch and the window order never moves a patch out of its own (`window_partition`),
+    # full-attention blocks attend within one temporal patch (`full_attention_meta`), the rotary
+    # angles depend on a patch's row and column only. So a video's rows equal those of its
+    # temporal patches encoded apart (the engine's `split_media` relies on it).
+    frames_attend_alone = True
 
     def __init__(self, cfg: Qwen2_5VisionConfig, backend=None) -> None:
         super().__init__()

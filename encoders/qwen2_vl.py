@@ -97,6 +97,12 @@ class Qwen2VisionTower(nn.Module):
     `backend` is any attention backend with `varlen_attention` (default: torch reference).
     """
 
+    # Each temporal patch (frame pair) of a video is computed alone: attention segments are one
+    # per temporal patch (`full_attention_meta`), the rotary angles depend on a patch's row and
+    # column only, and everything else is per patch or per merge block. So a video's rows equal
+    # those of its temporal patches encoded apart (the engine's `split_media` relies on it).
+    frames_attend_alone = True
+
     def __init__(self, cfg: Qwen2VisionConfig, backend=None) -> None:
         super().__init__()
         self.config = cfg

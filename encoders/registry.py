@@ -36,6 +36,9 @@ class VisionEncoder(Protocol):
       `[num_patches, C*T*P*P]`, `grid_thw` int `[num_items, 3]`; rows in item order, one per
       prompt slot, `num_slots = num_patches // spatial_merge_size**2`.
     - `spatial_merge_size: int`: patches per slot side (slots of an item = t*h*w / merge^2).
+    - optional `frames_attend_alone = True`: each temporal patch of a video is computed alone
+      (no attention across them), so the engine may encode a long video in pieces of whole
+      temporal patches within its encoder budget (`SupportsMultiModal.split_media`).
     """
 
     spatial_merge_size: int

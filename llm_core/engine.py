@@ -16,6 +16,7 @@ from typing import Any
 from polymodal.llm_core.detokenizer import IncrementalDetokenizer
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import (
     CompletionOutput,
     RequestMetrics,
@@ -138,6 +139,11 @@ class Engine:
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
                 params.truncate_prompt_tokens, self.max_model_len,
             )  # fmt: skip
+        if mm_items and supports_multimodal(self.runner.model):
+            # a long video as pieces, each within one step's encoder budget
+            mm_items = self.runner.model.split_media(
+                mm_items, self.scheduler.max_num_encoder_tokens
+            )
         vocab = self.model_config.vocab_size
         embeddable = vocab + self.runner.model.extra_input_ids
         check_request(prompt_token_ids, params, self.max_model_len, vocab, embeddable)

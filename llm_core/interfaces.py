@@ -2,7 +2,8 @@
 with `isinstance`), instead of the engine probing for attributes.
 
 - `SupportsMultiModal`: turns media items into embeddings (`encode`), stages their tensors
-  onto its device ahead of the step (`stage`), may replay CUDA graphs for its tower, and says
+  onto its device ahead of the step (`stage`), may cut an item into pieces its encoder runs
+  apart (`split_media`: a long video), may replay CUDA graphs for its tower, and says
   how its decoder attends over media (`bidirectional_media`); a model with cross-attention
   layers lays out a request's encoder rows (`cross_states`) and says which rows each token
   attends to (`cross_ranges`).
@@ -38,6 +39,15 @@ class SupportsMultiModal:
     def encode(self, items: list) -> list[torch.Tensor]:
         """Embeddings `[num_embeds, hidden]` for each media item, in order."""
         raise NotImplementedError
+
+    def split_media(self, items: list, max_rows: int) -> list:
+        """The items as the engine books and encodes them. A model whose encoder computes an
+        item's rows in independent parts (Qwen-VL: each temporal patch of a video alone) may
+        return such an item as consecutive pieces of at most `max_rows` rows each (a part
+        larger than that is one piece), each an item with its own slots and content hash, so
+        one step's encoder call stays within the budget however long the video. Default: the
+        items as they are."""
+        return items
 
     def media_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where and in what dtype the encoder takes its inputs (default: the LM head's)."""

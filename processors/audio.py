@@ -19,6 +19,7 @@ what transformers' speech-recognition pipeline uses).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polymodal.processors.input_cache import ProcessedInputCache, raw_media_key
 from polymodal.processors.media import media_error, read_source_bytes
 
 DEFAULT_MAX_AUDIO_SECONDS = 3600.0  # one hour; a longer clip is refused from its header
@@ -70,6 +72,15 @@ class Audio:
     def duration(self) -> float:
         """Seconds."""
         return self.num_samples / self.sampling_rate
+
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        """Its tensors (what the processed-input cache sizes)."""
+        return {"waveform": self.waveform}
+
+    def copy(self) -> Audio:
+        """A copy sharing the waveform (read-only), as the processed-input cache hands out."""
+        return dataclasses.replace(self)
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -276,14 +287,29 @@ def load_audio(
     max_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
     max_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
     allow_http: bool = False,
+    cache: ProcessedInputCache | None = None,
 ) -> Audio:
     """Decode `source` to mono float32 at `sampling_rate`; user errors raise `MediaError`
     naming the item ("audio 2 ('a.wav'): ...").
 
     `index` (0-based) is the item's position among the request's audio clips; `max_seconds`
     bounds the duration (checked from the header before decoding, and while decoding);
-    `max_bytes` bounds the encoded size.
+    `max_bytes` bounds the encoded size. With a processed-input `cache`, encoded sources (a
+    path, bytes, a data: URL) are keyed by BLAKE3 of their bytes, the rate and the limits: the
+    same clip again skips decoding and resampling.
     """
+    raw = raw_media_key(source, allow_http) if cache is not None else None
+    key = ("audio", raw, sampling_rate, max_seconds, max_bytes)
+    if raw is not None and (hit := cache.get(key)) is not None:
+        return hit
+    audio = _load_audio(source, index, sampling_rate, max_seconds, max_bytes, allow_http)
+    if raw is not None:
+        cache.put(key, audio)
+    return audio
+
+
+def _load_audio(source, index, sampling_rate, max_seconds, max_bytes, allow_http) -> Audio:
+    """`load_audio` without the cache."""
     try:
         pair = _split_source(source)
         if pair is not None:

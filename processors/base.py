@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -41,6 +42,7 @@ from polymodal.processors.input_cache import (
     copy_item,
     raw_media_key,
 )
+from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, describe_source, load_image
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
@@ -286,40 +288,37 @@ class MediaProcessor:
                     f"{plural(len(given), modality)} given but the prompt has "
                     f"{plural(count, repr(marks[modality]) + ' placeholder')}{extra}"
                 )
-        items, expansions = [], []
+        jobs = []
         seen = dict.fromkeys(found, 0)  # items of each modality so far
         for ref in refs:
-            index = seen[ref.modality]
+            jobs.append(partial(self._one_item, seen[ref.modality], ref, refs, options))
             seen[ref.modality] += 1
-            # per-part options a family does not take (Qwen's pixel bounds, OpenAI's
-            # `detail`) are dropped: a message part may be written for any model
-            item_options = {
-                **options,
-                **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
-            }
-            if ref.modality == "video":
-                item, expansion = self.video_item(ref.source, index, item_options)
-                items.append(item)
-                expansions.append(expansion)
-                continue
-            item_options.update(self.image_options(refs))
-            key = self._cache_key(ref.source, item_options)
-            hit = self.input_cache.get(key) if key is not None else None
-            if hit is not None:
-                item, expansion = hit.item, hit.expansion
-            else:
-                image = load_image(
-                    ref.source,
-                    index=index,
-                    max_pixels=self.max_image_pixels,
-                    allow_http=self.allow_http,
-                )
-                item, expansion = self.image_item(image, item_options)
-                if key is not None:
-                    self.input_cache.put(key, _Cached(item, expansion))
-            items.append(item)
-            expansions.append(expansion)
-        return items, expansions
+        # every item decoded and preprocessed side by side (item_pool.py)
+        done = run_items(jobs)
+        return [item for item, _ in done], [expansion for _, expansion in done]
+
+    def _one_item(self, index: int, ref: MediaRef, refs: list[MediaRef], options: dict[str, Any]):
+        """One media item of the request -> (item without its span, its expansion text)."""
+        # per-part options a family does not take (Qwen's pixel bounds, OpenAI's `detail`) are
+        # dropped: a message part may be written for any model
+        item_options = {
+            **options,
+            **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
+        }
+        if ref.modality == "video":
+            return self.video_item(ref.source, index, item_options)
+        item_options.update(self.image_options(refs))
+        key = self._cache_key(ref.source, item_options)
+        hit = self.input_cache.get(key) if key is not None else None
+        if hit is not None:
+            return hit.item, hit.expansion
+        image = load_image(
+            ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
+        )
+        item, expansion = self.image_item(image, item_options)
+        if key is not None:
+            self.input_cache.put(key, _Cached(item, expansion))
+        return item, expansion
 
     def image_options(self, refs: list[MediaRef]) -> dict[str, Any]:
         """Options every image of a prompt with these `refs` gets from the prompt itself (none by

@@ -35,6 +35,7 @@ from polymodal.processors.audio_features import Phi4MMFeatures, audio_content_ha
 from polymodal.processors.base import load_tokenizer, plural
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key
 from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from polymodal.processors.pixels import (
     image_processor_section,
@@ -118,9 +119,12 @@ class Phi4MMProcessor:
 
     def __init__(self, tokenizer: Any, *, model_dir: str | Path | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, allow_http: bool = False,
-                 **_: Any) -> None:  # fmt: skip
+                 processed_cache_mb: float = DEFAULT_MAX_MB, **_: Any) -> None:  # fmt: skip
+        """`processed_cache_mb` bounds the processed-input cache (0: off; `input_cache.py`):
+        images and clips given as bytes, paths or data: URLs are processed once."""
         self.tokenizer = tokenizer
         self.max_image_pixels, self.allow_http = max_image_pixels, allow_http
+        self.input_cache = ProcessedInputCache(processed_cache_mb) if processed_cache_mb else None
         section = image_processor_section(model_dir) if model_dir is not None else {}
         size = section.get("size") or {"height": 448, "width": 448}
         self.crop = int(size.get("height", 448))
@@ -176,7 +180,7 @@ class Phi4MMProcessor:
     def audio_item(self, source, index: int) -> MultimodalItem:
         """One clip -> its log-mel features `[frames, 80]`."""
         clip = load_audio(source, index=index, sampling_rate=self.features.sampling_rate,
-                          allow_http=self.allow_http)  # fmt: skip
+                          allow_http=self.allow_http, cache=self.input_cache)  # fmt: skip
         try:
             features = self.features(clip.waveform)
         except ValueError as exc:
@@ -264,9 +268,7 @@ class Phi4MMProcessor:
             index = counts[ref.modality]
             counts[ref.modality] += 1
             if ref.modality == "image":
-                image = load_image(ref.source, index=index, max_pixels=self.max_image_pixels,
-                                   allow_http=self.allow_http)  # fmt: skip
-                items.append(self.image_item(image, index, max_crops))
+                items.append(self._cached_image(ref.source, index, max_crops))
             else:
                 items.append(self.audio_item(ref.source, index))
         if counts["image"]:  # audio next to an image goes through the vision-speech projector
@@ -275,6 +277,20 @@ class Phi4MMProcessor:
                     item.data["vision_speech"] = torch.tensor(True)
                     item.content_hash += ":vision_speech"
         return items
+
+    def _cached_image(self, source: Any, index: int, max_crops: int) -> MultimodalItem:
+        """`image_item` of `source`, from the processed-input cache when its bytes were
+        processed before with the same crop limit (and pixel limit)."""
+        raw = raw_media_key(source, self.allow_http) if self.input_cache is not None else None
+        key = ("image", raw, self.max_image_pixels, max_crops)
+        if raw is not None and (hit := self.input_cache.get(key)) is not None:
+            return hit
+        image = load_image(source, index=index, max_pixels=self.max_image_pixels,
+                           allow_http=self.allow_http)  # fmt: skip
+        item = self.image_item(image, index, max_crops)
+        if raw is not None:
+            self.input_cache.put(key, item)
+        return item
 
     def finish(self, ids: list[int], items: list[MultimodalItem]) -> ProcessedPrompt:
         """Give each item, in order, the next `num_slots` slot tokens of its modality."""

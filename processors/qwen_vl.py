@@ -22,6 +22,7 @@ from polymodal.processors.base import refuse_modalities
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key
+from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
     describe_source,
@@ -183,10 +184,11 @@ class QwenVLProcessor:
                     f"{_plural(len(given), kind)} given but the prompt has "
                     f"{_plural(found, kind + ' placeholder')}{extra}"
                 )
-        processed = {
-            "image": [self._image_item(i, ref, defaults or {}) for i, ref in enumerate(images)],
-            "video": [self._video_item(i, ref, defaults or {}) for i, ref in enumerate(videos)],
-        }
+        # every item decoded, resized and hashed side by side (item_pool.py)
+        jobs = [partial(self._image_item, i, ref, defaults or {}) for i, ref in enumerate(images)]
+        jobs += [partial(self._video_item, i, ref, defaults or {}) for i, ref in enumerate(videos)]
+        done = run_items(jobs)
+        processed = {"image": done[: len(images)], "video": done[len(images) :]}
         queues = {kind: iter(items) for kind, items in processed.items()}
         modality_of = {cfg.image_token_id: "image", cfg.video_token_id: "video"}
         merge_area = cfg.image.merge_size**2
@@ -267,7 +269,8 @@ class QwenVLProcessor:
         except ValueError as exc:
             raise media_error("video", index, ref.source, str(exc)) from None
         second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
-        key = _media_key(video.frames, min_pixels, max_pixels, vcfg)
+        # hashed as decoded, [T, H, W, C] (a view, no copy: [T, C, H, W] is a permuted view)
+        key = _media_key(video.frames.permute(0, 2, 3, 1), min_pixels, max_pixels, vcfg)
         item = self._item("video", patched, vcfg, key)
         item.second_per_grid = second_per_grid
         if cache_key is not None:

@@ -33,6 +33,7 @@ from polymodal.llm_core.errors import InvalidInputError, MediaError
 from polymodal.processors.base import MediaProcessor, load_tokenizer, plural
 from polymodal.processors.chat import MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.input_cache import copy_item, raw_media_key
 from polymodal.processors.media import describe_source, load_image
 from polymodal.processors.pixels import (
     IMAGENET_STANDARD_MEAN,
@@ -66,6 +67,15 @@ class _Media:
     item: MultimodalItem
     groups: list[list[int]]
     text: str  # what its placeholder becomes in the prompt text (dynamic tiles: one per view)
+
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        """The item's tensors (what the processed-input cache sizes)."""
+        return self.item.data
+
+    def copy(self) -> _Media:
+        """A copy whose item and groups are its own (tensors shared), as the cache hands out."""
+        return _Media(copy_item(self.item), list(self.groups), self.text)
 
 
 class VilaProcessor(MediaProcessor):
@@ -221,22 +231,47 @@ class VilaProcessor(MediaProcessor):
         out, image_index, video_index = [], 0, 0
         for ref in refs:
             if ref.modality == "image":
-                image = load_image(
-                    ref.source,
-                    index=image_index,
-                    max_pixels=self.max_image_pixels,
-                    allow_http=self.allow_http,
-                )
-                out.append(self._image(image, tiled=count == 1))
+                tiled = count == 1  # one image alone is tiled; several: a view each
+                key = self._media_key(ref.source, "image", self.max_image_pixels, tiled)
+                media = self.input_cache.get(key) if key is not None else None
+                if media is None:
+                    image = load_image(
+                        ref.source,
+                        index=image_index,
+                        max_pixels=self.max_image_pixels,
+                        allow_http=self.allow_http,
+                    )
+                    media = self._image(image, tiled=tiled)
+                    self._keep(key, media)
                 image_index += 1
             else:
                 item_options = {
                     **options,
                     **{k: v for k, v in ref.options.items() if k in self.MEDIA_OPTIONS},
                 }
-                out.append(self._video(ref.source, video_index, item_options))
+                num_frames = int(item_options.get("num_frames") or self.media.num_frames)
+                fps = item_options.get("fps")
+                fps = float(fps if fps is not None else self.media.fps)
+                key = self._media_key(ref.source, "video", num_frames, fps)
+                media = self.input_cache.get(key) if key is not None else None
+                if media is None:
+                    media = self._video(ref.source, video_index, num_frames, fps)
+                    self._keep(key, media)
                 video_index += 1
+            out.append(media)
         return out
+
+    def _media_key(self, source: Any, *options: Any) -> tuple | None:
+        """The processed-input cache key of a source with raw bytes (a path, bytes, a data:
+        URL) and the options that shape its views; None: not cached."""
+        if self.input_cache is None:
+            return None
+        raw = raw_media_key(source, self.allow_http)
+        return None if raw is None else (raw, *options)
+
+    def _keep(self, key: tuple | None, media: _Media) -> None:
+        if key is not None:
+            self.input_cache.put(key, media)
 
     def _image(self, image, tiled: bool) -> _Media:
         m, size = self.media, self.media.size
@@ -272,10 +307,8 @@ class VilaProcessor(MediaProcessor):
         item = self._item("image", image_to_frames(image)[0], frames, knobs, groups, extra)
         return _Media(item, groups, text)
 
-    def _video(self, source, index: int, options: dict[str, Any]) -> _Media:
+    def _video(self, source, index: int, num_frames: int, fps: float) -> _Media:
         m = self.media
-        num_frames = int(options.get("num_frames") or m.num_frames)
-        fps = float(options.get("fps") if options.get("fps") is not None else m.fps)
         try:
             if isinstance(source, (str, Path, bytes, bytearray, memoryview)):
                 sampler = lambda total, rate: vila_frame_indices(total, rate, num_frames, fps)

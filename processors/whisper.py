@@ -32,6 +32,7 @@ from polymodal.processors.audio_features import WhisperFeatures, audio_content_h
 from polymodal.processors.base import load_tokenizer
 from polymodal.processors.chat import split_messages
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache
 from polymodal.processors.pixels import read_json
 from polymodal.processors.types import CROSS_ATTENTION, MultimodalItem, ProcessedPrompt
 
@@ -61,10 +62,14 @@ class WhisperProcessor:
         *,
         model_dir: str | Path | None = None,
         allow_http: bool = False,
+        processed_cache_mb: float = DEFAULT_MAX_MB,
         **_: Any,
     ):
+        """`processed_cache_mb` bounds the processed-input cache (0: off; `input_cache.py`):
+        a clip given as bytes, a path or a data: URL is decoded and resampled once."""
         self.tokenizer = tokenizer
         self.allow_http = allow_http
+        self.input_cache = ProcessedInputCache(processed_cache_mb) if processed_cache_mb else None
         folder = Path(model_dir) if model_dir is not None else None
         generation = (read_json(folder / "generation_config.json") or {}) if folder else {}
         config = (read_json(folder / "config.json") or {}) if folder else {}
@@ -149,7 +154,11 @@ class WhisperProcessor:
             key = content_hash("audio", {"input_features": features})
         else:
             audio = load_audio(
-                source, index=index, sampling_rate=self.sampling_rate, allow_http=self.allow_http
+                source,
+                index=index,
+                sampling_rate=self.sampling_rate,
+                allow_http=self.allow_http,
+                cache=self.input_cache,
             )
             if audio.num_samples == 0:
                 raise MediaError(f"audio {index + 1}: the clip is empty (0 samples)")

@@ -8,6 +8,7 @@ file imports no encoder) and is loaded from the same checkpoint (`visual.*`, or
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -53,6 +54,25 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
         for it in items:
             it.stage(device, dtype, move)
 
+    def split_media(self, items: list, max_rows: int) -> list:
+        """Videos longer than `max_rows` slots as pieces of whole temporal patches (a frame pair
+        each): the tower attends within each temporal patch alone (`frames_attend_alone`), so
+        the pieces' rows are the video's rows. A tower without that promise gets items whole."""
+        if not getattr(self.visual, "frames_attend_alone", False):
+            return items
+        merge_area = self.visual.spatial_merge_size**2
+        pieces = []
+        for item in items:
+            t, h, w = (int(v) for v in item.data["grid_thw"].reshape(3))
+            rows = h * w // merge_area  # slots of one temporal patch
+            step = max(1, max_rows // rows)  # temporal patches a piece
+            has_pixels = "pixel_values" in item.data or "pixel_frames" in item.data
+            if t <= step or item.embed_mask is not None or not has_pixels:
+                pieces.append(item)
+                continue
+            pieces.extend(_temporal_piece(item, t0, min(t, t0 + step)) for t0 in range(0, t, step))
+        return pieces
+
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""
         self.stage(items)
@@ -61,6 +81,29 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
         tower = self.encoder_graphs or self.visual
         embeds = tower(pixels, grid)  # grid stays on the host
         return list(embeds.split([it.num_slots for it in items]))
+
+
+def _temporal_piece(item, first: int, last: int):
+    """Temporal patches `[first, last)` of a Qwen-VL item, as an item of their own: its slots
+    are theirs (temporal-patch-major, `h * w / merge^2` each), its pixels a view of theirs
+    (staged pixel values: `h * w` rows a temporal patch; raw frames: `t_patch` frames of
+    `patch_layout`), its content hash the item's with the range."""
+    t, h, w = (int(v) for v in item.data["grid_thw"].reshape(3))
+    per_slot = item.num_slots // t
+    data = dict(item.data)  # one read: a staging thread swaps the dict, never mutates it
+    data["grid_thw"] = torch.tensor([[last - first, h, w]], dtype=torch.int64)
+    if "pixel_values" in data:
+        data["pixel_values"] = data["pixel_values"][first * h * w : last * h * w]
+    else:
+        t_patch = int(data["patch_layout"][0])
+        data["pixel_frames"] = data["pixel_frames"][first * t_patch : last * t_patch]
+    return dataclasses.replace(
+        item,
+        data=data,
+        slot_start=item.slot_start + first * per_slot,
+        num_slots=(last - first) * per_slot,
+        content_hash=f"{item.content_hash}/t{first}:{last}",
+    )
 
 
 def _tiny_vl_config(arch: str):
