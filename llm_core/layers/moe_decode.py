@@ -244,8 +244,9 @@ def _down_kernel(
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                         eviction_policy=WEIGHT_EVICTION)  # fmt: skip
-            acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, k, offs_m, no_rstd, no_wn, BLOCK_M,
-                            True, False)  # SiLU*mul as it loads the [gate | up] rows
+            acc = gemv_tile(
+                acc, w, x_rows, M, K, 2 * K, k, offs_m, no_rstd, no_wn, BLOCK_M, True, False
+            )  # SiLU*mul as it loads the [gate | up] rows
         routing = tl.sum(tl.load(weights_ptr + slots, mask=chosen, other=0.0), 1)  # [BLOCK_M]
         dest = tl.sum(tl.where(chosen, slots, 0), 1)  # each row's pair of this expert
         has = tl.max(chosen.to(tl.int32), 1) > 0

@@ -219,9 +219,8 @@ def test_moe_decoder_steps_take_the_fused_path(tmp_path_factory, monkeypatch):
                     module.gemv = gemv.gemv
                 if isinstance(module, SparseMoeBlock):
                     module.fused_decode = True
-            original = moe_decode.experts
 
-            def traced(x, *args, calls=calls):
+            def traced(x, *args, calls=calls, original=moe_decode.experts):
                 out = original(x, *args)
                 calls.append((type(x).__name__, type(out).__name__))
                 return out
