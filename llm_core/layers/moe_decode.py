@@ -121,6 +121,7 @@ def _route_kernel(
         top_id = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.int32)
         for j in tl.static_range(TOP_K):  # slot j: the best expert left (the lowest id on ties)
             best = tl.argmax(probs, 1, tie_break_left=True)  # [BLOCK_M]
+            best = tl.minimum(best, E - 1)  # a NaN row (graph padding) still names an expert
             top_w = tl.where(offs_j[None, :] == j, tl.max(probs, 1)[:, None], top_w)
             top_id = tl.where(offs_j[None, :] == j, best[:, None], top_id)
             probs = tl.where(offs_e[None, :] == best[:, None], -1.0, probs)
