@@ -107,7 +107,7 @@ EXPERT_CASES = {  # name: (rows, experts, top_k, experts the rows choose from)
     "mixtral_one_row": (1, 8, 2, None),
     "qwen3_one_row": (1, 32, 8, None),
     "rows_share_experts": (4, 8, 3, [0, 2, 5, 6]),  # every expert chosen by 3 rows
-    "eight_rows": (8, 32, 8, None),
+    "eight_rows": (8, 16, 2, None),
 }
 
 
