@@ -54,6 +54,36 @@ def _norm_tile(norm_w_ptr, k, K, NORM: tl.constexpr):
     return wn
 
 
+@triton.jit
+def _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E,
+                   RENORMALIZE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_J: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Each row's `TOP_K` experts from its fp32 logits `[M, E]`: softmax over all of them, the
+    best left slot by slot (the lowest id on ties), renormalized, times `scaling`."""
+    offs_e = tl.arange(0, BLOCK_E)
+    rows, cols = offs_m[:, None] < M, offs_e[None, :] < E
+    logits = tl.load(logits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=rows & cols,
+                     other=0.0, cache_modifier=".cg")  # fmt: skip
+    logits = tl.where(cols, logits, float("-inf"))
+    probs = tl.exp(logits - tl.max(logits, 1)[:, None])
+    probs = tl.where(cols, probs / tl.sum(probs, 1)[:, None], -1.0)  # padding: never chosen
+    offs_j = tl.arange(0, BLOCK_J)
+    top_w = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    top_id = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):  # slot j: the best expert left (the lowest id on ties)
+        best = tl.argmax(probs, 1, tie_break_left=True)  # [BLOCK_M]
+        best = tl.minimum(best, E - 1)  # a NaN row (graph padding) still names an expert
+        top_w = tl.where(offs_j[None, :] == j, tl.max(probs, 1)[:, None], top_w)
+        top_id = tl.where(offs_j[None, :] == j, best[:, None], top_id)
+        probs = tl.where(offs_e[None, :] == best[:, None], -1.0, probs)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, 1)[:, None]
+    out = offs_m[:, None] * TOP_K + offs_j[None, :]
+    mask = rows & (offs_j[None, :] < TOP_K)
+    tl.store(weights_ptr + out, top_w * scaling, mask=mask)
+    tl.store(ids_ptr + out, top_id, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M", "norm_parts"])
 def _route_kernel(
     x_ptr,  # [M, K] (NORM: before the RMSNorm)
@@ -108,29 +138,9 @@ def _route_kernel(
     tl.store(logits_ptr + offs_m[None, :] * E + offs_n[:, None], logits, mask=mask)
     tl.debug_barrier()  # every thread's logits are written before the counter moves
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(0) - 1:
-        offs_e = tl.arange(0, BLOCK_E)
-        rows, cols = offs_m[:, None] < M, offs_e[None, :] < E
-        logits = tl.load(logits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=rows & cols,
-                         other=0.0, cache_modifier=".cg")  # fmt: skip
-        logits = tl.where(cols, logits, float("-inf"))
-        probs = tl.exp(logits - tl.max(logits, 1)[:, None])
-        probs = tl.where(cols, probs / tl.sum(probs, 1)[:, None], -1.0)  # padding: never chosen
-        offs_j = tl.arange(0, BLOCK_J)
-        top_w = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-        top_id = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.int32)
-        for j in tl.static_range(TOP_K):  # slot j: the best expert left (the lowest id on ties)
-            best = tl.argmax(probs, 1, tie_break_left=True)  # [BLOCK_M]
-            best = tl.minimum(best, E - 1)  # a NaN row (graph padding) still names an expert
-            top_w = tl.where(offs_j[None, :] == j, tl.max(probs, 1)[:, None], top_w)
-            top_id = tl.where(offs_j[None, :] == j, best[:, None], top_id)
-            probs = tl.where(offs_e[None, :] == best[:, None], -1.0, probs)
-        if RENORMALIZE:
-            top_w = top_w / tl.sum(top_w, 1)[:, None]
-        out = offs_m[:, None] * TOP_K + offs_j[None, :]
-        mask = rows & (offs_j[None, :] < TOP_K)
-        tl.store(weights_ptr + out, top_w * scaling, mask=mask)
-        tl.store(ids_ptr + out, top_id, mask=mask)
+    if arrived == tl.num_programs(0) - 1:  # every block's logits are in: pick the experts
+        _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E, RENORMALIZE,
+                       TOP_K, BLOCK_J, BLOCK_E, BLOCK_M)  # fmt: skip
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
