@@ -22,6 +22,7 @@ from polymodal.llm_core.kv_memory import (
     num_kv_blocks,
 )
 from polymodal.llm_core.layers.linear import enable_gemv
+from polymodal.llm_core.layers.moe import enable_moe_decode
 from polymodal.llm_core.loader import build_model, resolve_model_path
 from polymodal.llm_core.quantization import resolve_quantization
 from polymodal.llm_core.registry import model_class, tower_graphs
@@ -199,8 +200,9 @@ def build_rank(
         scales = net.checkpoint_kv_scales  # {layer: (k_scale, v_scale)}; 1.0 where absent
         for layer in net.attention_layers():
             layer.kv_scales = scales.get(layer, (1.0, 1.0))
-    if cfg.decode_gemv:
-        enable_gemv(net)  # before graph capture, which records whichever kernel runs
+    if cfg.decode_gemv:  # before graph capture, which records whichever kernel runs
+        enable_gemv(net)
+        enable_moe_decode(net)
     pooling = is_pooling_model(net)  # runs prompts once: no prefix reuse, no decode graphs
     layout = plan_layout(net.kv_cache_specs())
     if kv_dtype != model_config.dtype and any(g.spec.kind == MLA for g in layout.groups):

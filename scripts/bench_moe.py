@@ -2,12 +2,18 @@
 
     python scripts/bench_moe.py                  # bf16, the shipped models' shapes
     python scripts/bench_moe.py --tokens 1,8,64,512
+    python scripts/bench_moe.py --only decode --sweep   # + the decode experts' config sweep
 
 MoE rows: `fused_experts` for one layer; GB/s = bytes of the distinct experts the tokens chose
 (what the step must read) / time; against the dense per-expert loop (transformers' algorithm)
-timed the same way. MLA rows: `mla_decode` (absorbed form) over a paged latent cache; GB/s =
-latent bytes of every sequence's context / time (the cache read once per step is the floor).
-Timings are CUDA-graph replays (`triton.testing.do_bench_cudagraph`, median).
+timed the same way. Decode rows (few tokens): the unfused path (`fused_experts`; the block:
+norm kernel + router GEMV + torch top-k + `fused_experts` + the next layer's add+norm kernel)
+against `moe_decode` (its two expert launches; the block: route + experts with the residual,
+whose norm the next GEMV applies as it loads). `--sweep`: one token, `moe_decode.experts`
+over launch configs of gate_up (down at its default), then of down. MLA rows: `mla_decode`
+(absorbed form) over a paged latent cache; GB/s = latent bytes of every sequence's context /
+time (the cache read once per step is the floor). Timings are CUDA-graph replays
+(`triton.testing.do_bench_cudagraph`, median).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import torch
 import triton.testing
 
 from polymodal.llm_core.attention.triton_mla import mla_decode
-from polymodal.llm_core.layers.moe import experts_reference
+from polymodal.llm_core.layers import moe_decode, triton_ops
+from polymodal.llm_core.layers.gemv import GemvConfig
+from polymodal.llm_core.layers.moe import RouterConfig, experts_reference, route
+from polymodal.llm_core.layers.norm import DeferredNorm
 from polymodal.llm_core.layers.triton_moe import fused_experts
 
 MOE_SHAPES = {  # name: (experts, top_k, hidden, expert intermediate)
@@ -51,6 +60,80 @@ def bench_moe(name: str, tokens: int) -> None:
     print(line)
 
 
+def decode_inputs(name: str, tokens: int) -> dict:
+    """One layer's tensors as a decode step meets them: the router and experts in bf16, x as a
+    `DeferredNorm` (o_proj's sums of squares per 4 features), the residual stream."""
+    experts, top_k, hidden, inter = MOE_SHAPES[name]
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(tokens, hidden, **bf16)
+    sumsq = (h.float() ** 2).view(tokens, -1, 4).sum(-1)
+    return dict(
+        top_k=top_k,
+        router=torch.randn(experts, hidden, **bf16) * hidden**-0.5,
+        gate_up=torch.randn(experts, 2 * inter, hidden, **bf16) * 0.02,
+        down=torch.randn(experts, hidden, inter, **bf16) * 0.02,
+        x=DeferredNorm(h, sumsq, torch.ones(hidden, **bf16), 1e-6),
+        residual=torch.randn(tokens, hidden, **bf16),
+    )
+
+
+def old_block(t: dict):
+    x = t["x"].materialize()
+    weights, ids = route(torch.nn.functional.linear(x, t["router"]), RouterConfig(t["top_k"]))
+    out = fused_experts(x, t["gate_up"], t["down"], weights, ids)
+    return triton_ops.rms_norm(out, t["x"].weight, 1e-6, t["residual"])  # the next layer's
+
+
+def new_block(t: dict):
+    weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
+    return moe_decode.experts(t["x"], t["gate_up"], t["down"], weights, ids, t["residual"])
+
+
+def bench_decode(name: str, tokens: int) -> None:
+    t = decode_inputs(name, tokens)
+    x = t["x"].materialize()
+    weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
+    nbytes = ids.unique().numel() * t["gate_up"][0].numel() * 3 // 2 * 2
+    old = graph_ms(lambda: fused_experts(x, t["gate_up"], t["down"], weights, ids))
+    new = graph_ms(lambda: moe_decode.experts(x, t["gate_up"], t["down"], weights, ids))
+    old_all, new_all = graph_ms(lambda: old_block(t)), graph_ms(lambda: new_block(t))
+    print(f"| {name} | {tokens} | {ids.unique().numel()} | {old * 1e3:.1f} "
+          f"({nbytes / old / 1e9:.2f}) | {new * 1e3:.1f} ({nbytes / new / 1e9:.2f}) | "
+          f"{old_all * 1e3:.1f} | {new_all * 1e3:.1f} |")  # fmt: skip
+
+
+def sweep_decode(name: str) -> None:
+    """One token: the fastest launch configs of the two expert kernels, 5 of each."""
+    t = decode_inputs(name, 1)
+    x = t["x"].materialize()
+    weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
+    nbytes = t["top_k"] * t["gate_up"][0].numel() * 3 // 2 * 2
+    configs = [GemvConfig(block_n=n, block_k=k, num_warps=w)
+               for n in (4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)
+               if 2048 <= n * k <= 16384]  # fmt: skip
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _, _, hidden, inter = MOE_SHAPES[name]
+    pairs = t["top_k"]
+    default = moe_decode.expert_config(pairs, hidden, inter, sms, True)
+    best_gate_up = None
+    for which in ("gate_up", "down"):
+        times = []
+        for cfg in configs:
+            pair = (cfg, default) if which == "gate_up" else (best_gate_up, cfg)
+            ms = graph_ms(
+                lambda p=pair: moe_decode.experts(
+                    x, t["gate_up"], t["down"], weights, ids, configs=p
+                )  # fmt: skip
+            )
+            times.append((ms, cfg))
+        times.sort(key=lambda item: item[0])
+        best_gate_up = best_gate_up or times[0][1]
+        for ms, cfg in times[:5]:
+            print(f"sweep {name} {which}: {ms * 1e3:.1f} us ({nbytes / ms / 1e9:.2f} TB/s both "
+                  f"launches)  block_n={cfg.block_n} block_k={cfg.block_k} "
+                  f"num_warps={cfg.num_warps}")  # fmt: skip
+
+
 def bench_mla(batch: int, context: int, page: int = 16) -> None:
     heads, rank, rope = 128, 512, 64
     blocks = batch * -(-context // page)
@@ -67,14 +150,30 @@ def bench_mla(batch: int, context: int, page: int = 16) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,4,32,256,2048")
+    parser.add_argument("--decode-tokens", default="1,2,4,8")
     parser.add_argument("--mla", default="1x1024,1x8192,1x32768,32x4096,256x1024")
+    parser.add_argument("--only", choices=("moe", "decode", "mla"), help="one section")
+    parser.add_argument("--sweep", action="store_true", help="decode experts' launch configs")
     args = parser.parse_args()
-    for name in MOE_SHAPES:
-        for tokens in map(int, args.tokens.split(",")):
-            bench_moe(name, tokens)
-    for case in args.mla.split(","):
-        batch, context = map(int, case.split("x"))
-        bench_mla(batch, context)
+    if args.only in (None, "moe"):
+        for name in MOE_SHAPES:
+            for tokens in map(int, args.tokens.split(",")):
+                bench_moe(name, tokens)
+    if args.only in (None, "decode"):
+        print(
+            "\n| layer | tokens | experts read | experts: unfused us (TB/s) | moe_decode us "
+            "(TB/s) | block: unfused us | moe_decode us |\n|---|---|---|---|---|---|---|"
+        )
+        for name in MOE_SHAPES:
+            for tokens in map(int, args.decode_tokens.split(",")):
+                bench_decode(name, tokens)
+        if args.sweep:
+            for name in ("qwen3-30b-a3b", "mixtral-8x7b"):  # the models that take it
+                sweep_decode(name)
+    if args.only in (None, "mla"):
+        for case in args.mla.split(","):
+            batch, context = map(int, case.split("x"))
+            bench_mla(batch, context)
 
 
 if __name__ == "__main__":

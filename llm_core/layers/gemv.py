@@ -105,7 +105,7 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 
 
 @triton.jit
-def _gemv_tile(
+def gemv_tile(
     acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
@@ -125,16 +125,30 @@ def _gemv_tile(
             up = tl.load(x_ptr + m * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
             x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
         if NORM:
-            row_rstd = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
-            x = (wn * (x.to(tl.float32) * row_rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+            rstd_m = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
+            x = (wn * (x.to(tl.float32) * rstd_m).to(x.dtype).to(tl.float32)).to(x.dtype)
         part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
         acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
     return acc
 
 
 @triton.jit
-def _store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
-               RESIDUAL: tl.constexpr):  # fmt: skip
+def row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM: tl.constexpr,
+             BLOCK_P: tl.constexpr):  # fmt: skip
+    """Each row's 1/rms (`[BLOCK_M]` fp32; zeros without NORM) from its producer's per-block
+    sums of squares `[M, norm_parts]`, summed in a fixed order."""
+    rstd = tl.zeros(offs_m.shape, dtype=tl.float32)
+    if NORM:
+        offs_p = tl.arange(0, BLOCK_P)
+        parts = norm_sumsq_ptr + offs_m[:, None] * norm_parts + offs_p[None, :]
+        mask = (offs_m[:, None] < M) & (offs_p[None, :] < norm_parts)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(parts, mask=mask, other=0.0), 1) / K + eps)
+    return rstd
+
+
+@triton.jit
+def store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
+              RESIDUAL: tl.constexpr):  # fmt: skip
     """out = acc in out's dtype; RESIDUAL: out = that + r (the residual rows of this block,
     rounded like torch's add) and this feature block's sums of out^2 per row go to
     `sumsq[m, pid_n]`."""
@@ -207,14 +221,9 @@ def _gemv_kernel(
     if NORM:
         wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     pdl.wait(USE_PDL)
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM:  # each row's 1/rms from its producer's per-block sums of squares, in fixed order
-        offs_p = tl.arange(0, BLOCK_P)
-        parts = norm_sumsq_ptr + offs_m[:, None] * norm_parts + offs_p[None, :]
-        mask = (offs_m[:, None] < M) & (offs_p[None, :] < norm_parts)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(parts, mask=mask, other=0.0), 1) / K + eps)
+    rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
     if tile_start < tile_end:
-        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
@@ -222,7 +231,7 @@ def _gemv_kernel(
                     eviction_policy=WEIGHT_EVICTION)  # fmt: skip
         if NORM:
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc = _gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
@@ -235,13 +244,13 @@ def _gemv_kernel(
                 acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            _store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+            store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
                        tl.num_programs(0), RESIDUAL)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        _store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
+        store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
                    tl.num_programs(0), RESIDUAL)  # fmt: skip
 
 

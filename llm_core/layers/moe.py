@@ -12,7 +12,10 @@
   by expert, gate_up and down as grouped GEMMs, SiLU*mul and the routing weight in their
   epilogues; one token: a GEMV per chosen expert that reads only those experts' weights) and
   the dense per-expert loop of transformers elsewhere (the CPU reference).
-- `SparseMoeBlock`: router (`gate`), experts and optional shared experts, HF's names.
+- `SparseMoeBlock`: router (`gate`), experts and optional shared experts, HF's names. Where
+  `enable_moe_decode` set it (CUDA, half/bf16, softmax router, no shared experts), up to
+  `DECODE_MAX_TOKENS` rows take `moe_decode` instead: routing in one launch, the experts in two,
+  a deferred RMSNorm of x applied as it loads and the residual add in the last epilogue.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from polymodal.llm_core.layers.norm import DeferredNorm
 
 # Per-expert checkpoint tensors -> (stacked parameter, shard): HF's gate/up/down names and
 # Mixtral's w1 (gate) / w3 (up) / w2 (down). A model's `expert_modules_mapping`.
+# Rows up to this count take `moe_decode` in blocks `enable_moe_decode` set (decode steps).
+DECODE_MAX_TOKENS = 4
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 HF_EXPERT_MAPPING = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
@@ -223,6 +230,8 @@ class SparseMoeBlock(nn.Module):
     """`experts(x, *gate(x)) (+ shared_experts(x))`: HF's `mlp` / `block_sparse_moe` module
     (`gate.weight`, `experts.<e>.*`, `shared_experts.*`)."""
 
+    fused_decode = False  # few rows take `moe_decode` (set by `enable_moe_decode`)
+
     def __init__(self, gate: Router, experts: FusedMoE, shared_experts: nn.Module | None = None):
         super().__init__()
         self.gate, self.experts = gate, experts
@@ -233,11 +242,49 @@ class SparseMoeBlock(nn.Module):
         """Experts each token runs."""
         return self.gate.cfg.top_k
 
-    def forward(self, x) -> torch.Tensor:
-        """x: `[T, H]` (a `DeferredNorm` is normalized first: the experts need it whole)."""
+    def fused_decode_fits(self) -> bool:
+        """Whether `moe_decode` computes this block: a softmax router in the experts' dtype,
+        unquantized half/bf16 experts on CUDA, no shared experts."""
+        cfg, method = self.gate.cfg, self.experts.method
+        if not isinstance(method, UnquantizedExpertsMethod) or self.shared_experts is not None:
+            return False
+        weight = self.experts.gate_up_proj
+        return (
+            cfg.scoring == "softmax"
+            and not self.gate.fp32_logits
+            and weight.is_cuda
+            and weight.dtype in HALF_DTYPES
+            and self.gate.weight.dtype == weight.dtype
+        )
+
+    def forward(self, x, residual: torch.Tensor | None = None):
+        """x: `[T, H]` or a `DeferredNorm`. `fused_decode` and T <= `DECODE_MAX_TOKENS`:
+        `moe_decode` normalizes x as it loads it and, given `residual`, adds it and returns an
+        `AddedResidual` (as `Linear.fused` does). Otherwise x is normalized first and the plain
+        output comes back (the caller adds `residual`)."""
+        rows = x.h if isinstance(x, DeferredNorm) else x
+        if self.fused_decode and rows.shape[0] <= DECODE_MAX_TOKENS:
+            from polymodal.llm_core.layers import moe_decode
+
+            cfg = self.gate.cfg
+            weights, ids = moe_decode.route(x, self.gate.weight, cfg.top_k, cfg.renormalize,
+                                            cfg.scaling)  # fmt: skip
+            gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+            return moe_decode.experts(x, gate_up, down, weights, ids, residual)
         if isinstance(x, DeferredNorm):
             x = x.materialize()
         out = self.experts(x, *self.gate(x))
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+def enable_moe_decode(model: nn.Module) -> int:
+    """Let few-row calls of the `SparseMoeBlock`s of `model` that `moe_decode` computes take it
+    (`EngineConfig.decode_gemv`, before graph capture). Returns how many blocks it set."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.fused_decode_fits()]
+    if not blocks or fused_ops() is None:  # no Triton
+        return 0
+    for block in blocks:
+        block.fused_decode = True
+    return len(blocks)

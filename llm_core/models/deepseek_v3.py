@@ -130,7 +130,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         x, residual = add_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(rope, x, kv_cache, meta, residual)
         x, residual = add_norm(self.post_attention_layernorm, hidden, residual)
-        return (self.mlp(x, residual) if isinstance(self.mlp, MLP) else self.mlp(x)), residual
+        return self.mlp(x, residual), residual  # either MLP may fold the add (AddedResidual)
 
 
 class DeepseekV3Model(nn.Module):

@@ -47,13 +47,12 @@ class MoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, rope, hidden, residual, kv_cache, meta):
-        """Returns (this block's output, the residual stream it adds to); a dense MLP may fold
-        the add into its GEMV (Llama's), the sparse block's output is added by the next norm."""
+        """Returns (this block's output, the residual stream it adds to); the MLP, dense or
+        sparse, may fold the add into its last kernel (an `AddedResidual`)."""
         x, residual = add_norm(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(rope, x, kv_cache, meta, residual)
         x, residual = add_norm(self.post_attention_layernorm, hidden, residual)
-        mlp = getattr(self, self.mlp_name)
-        return (mlp(x, residual) if isinstance(mlp, MLP) else mlp(x)), residual
+        return getattr(self, self.mlp_name)(x, residual), residual
 
 
 class MoeModel(nn.Module):
