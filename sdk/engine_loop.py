@@ -30,7 +30,7 @@ from polymodal.feeder import PROCESS_WORKERS
 from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
-from polymodal.llm_pooling import split_token_types
+from polymodal.llm_pooling import pooling_prompt
 from polymodal.llm_prompts import MEDIA_OPTIONS
 
 END = None  # the item that ends an aborted request's stream (no final output)
@@ -145,8 +145,7 @@ class EngineLoop:
         token_types = None
         try:
             if isinstance(params, PoolingParams):  # no grammar, no output tokens
-                prompt, token_types = split_token_types(prompt)
-                processed, grammar = self.llm.process(prompt), None
+                (processed, token_types), grammar = pooling_prompt(self.llm, prompt, params), None
             else:
                 processed, grammar = self.llm.prepare(prompt, params)
                 check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
