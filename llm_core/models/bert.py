@@ -218,4 +218,22 @@ TINY_CONFIGS = {
     "bert_st_cls": TinyConfig(
         "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("cls", normalize=False)
     ),
+    # max + mean concatenated, two Dense projections (tanh, GELU), Normalize
+    "bert_st_dense": TinyConfig(
+        "BertModel",
+        _TINY_BERT,
+        write_extra=sentence_transformers_files(
+            ("max", "mean"), dense=((48, "Tanh"), (32, "GELU"))
+        ),
+    ),
+    # sqrt-length mean + weighted mean, an identity Dense, no Normalize; inputs of at most 12
+    # tokens, lower-cased
+    "bert_st_short": TinyConfig(
+        "BertModel",
+        _TINY_BERT,
+        write_extra=sentence_transformers_files(
+            ("mean_sqrt_len_tokens", "weightedmean"), normalize=False,
+            dense=((40, "Identity"),), max_seq_length=12, do_lower_case=True,
+        ),  # fmt: skip
+    ),
 }
