@@ -19,6 +19,7 @@ from polymodal.llm_core.pooling import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from polymodal.llm_prompts import is_messages
 from polymodal.processors.types import ProcessedPrompt
 
 
@@ -35,8 +36,12 @@ def pooling_prompt(llm, prompt: Any, params: PoolingParams) -> tuple[Any, list[i
     """One pooling prompt processed (`ProcessedPrompt`) and its segment ids (None: not given).
     A text prompt is lower-cased first when the checkpoint's sentence_bert_config.json says
     `do_lower_case`, and with `truncate_prompt_tokens` the tokenizer cuts it (on its truncation
-    side, special tokens kept: sentence-transformers' tokens); the engine cuts token ids."""
+    side, special tokens kept: sentence-transformers' tokens); the engine cuts token ids. Chat
+    messages are rendered by the template without opening an assistant turn unless a
+    `{"messages": ..., "add_generation_prompt": True}` prompt asks."""
     prompt, token_types = split_token_types(prompt)
+    if is_messages(prompt):  # one conversation: no assistant turn opened (vLLM's default)
+        prompt = {"messages": list(prompt), "add_generation_prompt": False}
     text = prompt if isinstance(prompt, str) else None
     if isinstance(prompt, dict) and set(prompt) == {"prompt"}:
         text = prompt["prompt"]
