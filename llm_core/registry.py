@@ -58,6 +58,8 @@ MODELS: dict[str, ModelRow] = {
         _M + "bert:BertForSequenceClassification", task="classify"
     ),
     "BertModel": ModelRow(_M + "bert:BertEmbeddingModel", task="embed"),
+    "RobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
+    "XLMRobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
     # bare decoders (no LM head): embedding models (`models/decoder_embedding.py`)
     "LlamaModel": ModelRow(_LLAMA, task="embed"),
     "MistralModel": ModelRow(_LLAMA, task="embed"),

@@ -182,11 +182,9 @@ class BertEmbeddingModel(BertBase):
         _check_supported(cfg)
         self.config = cfg
         # HF BertModel's names: `embeddings.*`, `encoder.layer.<i>.*` at the root
-        self.embeddings = self.embeddings_class(cfg)
+        self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg, backend)
         self.head = embedding_head(cfg.model_dir, cfg.hidden_size, self.default_pooling)
-
-    embeddings_class = BertEmbeddings
 
     @property
     def bert_root(self) -> nn.Module:
