@@ -158,10 +158,12 @@ def model_row(architecture: str) -> ModelRow:
 
 
 def model_class(architecture: str, task: str | None = None):
-    """The model class for an HF architecture name; served for `task` "embed" (`ModelConfig
-    .task`) a generation model's class becomes its embedding model (`as_embedding_model`)."""
-    cls = _import(model_row(architecture).model)
-    if task == "embed" and not getattr(cls, "is_pooling_model", False):
+    """The model class for an HF architecture name, served for `task` (`ModelConfig.task`;
+    default: the row's): for "embed", a generation model's class becomes its embedding model
+    (`as_embedding_model`: `runner="pooling"`, the bare-decoder rows)."""
+    row = model_row(architecture)
+    cls = _import(row.model)
+    if (task or row.task) == "embed" and not getattr(cls, "is_pooling_model", False):
         return _import(_M + "decoder_embedding:as_embedding_model")(cls)
     return cls
 

@@ -240,4 +240,7 @@ TINY_CONFIGS = {
         "Qwen3ForCausalLM", {"head_dim": 16}, write_extra=sentence_transformers_files("lasttoken")
     ),
     "qwen3_model_embed": TinyConfig("Qwen3Model", {"head_dim": 16}),
+    "qwen2_model_embed": TinyConfig("Qwen2Model"),
+    "llama_model_embed": TinyConfig("LlamaModel", {"head_dim": 16}),
+    "mistral_model_embed": TinyConfig("MistralModel", {"head_dim": 16}),
 }

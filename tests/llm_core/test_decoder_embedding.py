@@ -53,8 +53,9 @@ def test_qwen3_embedding_layout_is_an_embedding_model(tmp_path_factory):
     assert gen.engine.task == "generate" and gen.generate("hi")[0].outputs[0].token_ids
 
 
-def test_bare_qwen3_model_weights(tmp_path_factory):
-    path = str(tiny_checkpoint(tmp_path_factory, "qwen3_model_embed"))  # no `model.` root
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
+def test_bare_decoder_weights(tmp_path_factory, arch):
+    path = str(tiny_checkpoint(tmp_path_factory, f"{arch}_model_embed"))  # no `model.` root
     llm = LLM(path, dtype="float32", device="cpu")
     assert llm.engine.task == "embed"
     check_by_hand(llm, path, bare=True)
