@@ -230,8 +230,11 @@ TINY_CONFIGS = {
         "BertModel",
         _TINY_BERT,
         write_extra=sentence_transformers_files(
-            ("mean_sqrt_len_tokens", "weightedmean"), normalize=False,
-            dense=((40, "Identity"),), max_seq_length=12, do_lower_case=True,
-        ),  # fmt: skip
+            ("mean_sqrt_len_tokens", "weightedmean"),
+            normalize=False,
+            dense=((40, "Identity"),),
+            max_seq_length=12,
+            do_lower_case=True,
+        ),
     ),
 }

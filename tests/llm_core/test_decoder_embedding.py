@@ -69,8 +69,8 @@ def test_runner_pooling_serves_a_generation_checkpoint(tmp_path_factory, arch):
     assert llm.engine.task == "embed"
     check_by_hand(llm, path)
     raw = llm.encode(TEXTS[0])[0].outputs.data  # encode: before normalization
-    assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1),
-                          torch.tensor(llm.embed(TEXTS[0])[0].outputs.embedding), atol=1e-6)  # fmt: skip
+    unit = torch.tensor(llm.embed(TEXTS[0])[0].outputs.embedding)
+    assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1), unit, atol=1e-6)
     with pytest.raises(InvalidInputError, match=r"pooling model \(task 'embed'\)"):
         llm.generate("hi")
 

@@ -105,8 +105,8 @@ def test_truncate_prompt_tokens_and_chat_messages(embedder):
         assert len(body["data"]) == 1 and close(body["data"][0][key], want)
     opened = ok(post(url, "/v1/embeddings", {"messages": messages, "add_generation_prompt": True}))
     assert not close(opened["data"][0]["embedding"], want)
-    for extra, param in (({"input": "x"}, "messages"), ({"add_special_tokens": True}, "add_special_tokens"),
-                         ({"messages": []}, "messages")):  # fmt: skip
+    bad = [({"input": "x"}, "messages"), ({"add_special_tokens": True}, "add_special_tokens")]
+    for extra, param in [*bad, ({"messages": []}, "messages")]:
         err = post(url, "/v1/embeddings", {"messages": messages, **extra})
         assert err.status_code == 400 and err.json()["error"]["param"] == param
 
