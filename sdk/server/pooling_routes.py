@@ -6,8 +6,10 @@ Each route serves the models whose task fits it (the registry row's task, in
 `/score` and `/rerank` a cross-encoder (a sequence classifier with one label: its relevance
 score) or an embedding model (the cosine similarity of the two embeddings, as vLLM scores
 with one), `/pooling` any pooling model. Any other model gets an OpenAI-shaped 400 naming it
-and the routes it does serve. A request's inputs go to the engine together (one engine request
-each, batched in its steps); an input the engine refuses (empty, too long, a token id outside
+and the routes it does serve. `/v1/embeddings` and `/pooling` take vLLM's chat form too
+(`messages`: one conversation, one vector); every route takes `truncate_prompt_tokens`;
+`dimensions` cuts a Matryoshka model's vectors. A request's inputs go to the engine together
+(one engine request each, batched in its steps); an input the engine refuses (empty, too long, a token id outside
 the vocab) is a 400 naming it, and the engine goes on serving the others.
 """
 
