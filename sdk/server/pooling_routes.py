@@ -9,8 +9,8 @@ with one), `/pooling` any pooling model. Any other model gets an OpenAI-shaped 4
 and the routes it does serve. `/v1/embeddings` and `/pooling` take vLLM's chat form too
 (`messages`: one conversation, one vector); every route takes `truncate_prompt_tokens`;
 `dimensions` cuts a Matryoshka model's vectors. A request's inputs go to the engine together
-(one engine request each, batched in its steps); an input the engine refuses (empty, too long, a token id outside
-the vocab) is a 400 naming it, and the engine goes on serving the others.
+(one engine request each, batched in its steps); an input the engine refuses (empty, too long,
+a token id outside the vocab) is a 400 naming it, and the engine goes on serving the others.
 """
 
 from __future__ import annotations
