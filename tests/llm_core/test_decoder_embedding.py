@@ -104,6 +104,9 @@ def test_runner_errors(tmp_path_factory):
         LLM(bert, dtype="float32", device="cpu", runner="generate")
     with pytest.raises(InvalidInputError, match="runner must be one of"):
         LLM(bert, dtype="float32", device="cpu", runner="embed")
+    qwen3 = str(tiny_checkpoint(tmp_path_factory, "qwen3"))
+    with pytest.raises(InvalidInputError, match="with a pooling task is not supported"):
+        LLM(qwen3, device="cpu", runner="pooling", tensor_parallel_size=2)
 
 
 def test_multimodal_models_are_not_converted():
