@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from polymodal.llm_core.errors import ModelLoadError
-from polymodal.llm_core.registry import check_supported, model_class
+from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.pooling_config import declares_pooling, sentence_bert_config
+from polymodal.llm_core.registry import check_supported, model_class, model_row
 
 _DTYPES = {
     "float32": torch.float32,
@@ -49,14 +50,24 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32
     # config.json's `quantization_config` (a pre-quantized checkpoint), else None
     quantization_config: dict | None = None
+    # what the engine serves: the registry row's task, or "embed" for a generation model run as
+    # an embedding model (`served_task`)
+    task: str = "generate"
+    # sentence_bert_config.json (sentence-transformers checkpoints): the longest input
+    # (max_model_len is capped at it) and whether text prompts are lower-cased first
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
 
     @property
     def is_multimodal(self) -> bool:
         return self.text_config is not self.hf_config
 
 
-def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> ModelConfig:
-    """Parse `model_dir/config.json` (and generation_config.json for EOS ids)."""
+def load_config(
+    model_dir: str | Path, dtype: str | torch.dtype = "auto", runner: str = "auto"
+) -> ModelConfig:
+    """Parse `model_dir/config.json` (and generation_config.json for EOS ids); `runner` as
+    `served_task` takes it."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -73,8 +84,10 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
     # The architecture first: an unserved one (Whisper, BERT for masked LM, ...) is named as
     # such, whatever fields its config has or lacks.
     check_supported(archs[0])
+    task = served_task(archs[0], model_dir, runner)
     # a model class may parse configs transformers does not know (DeciLM's "nemotron-nas")
-    config_class = getattr(model_class(archs[0]), "hf_config_class", None) or AutoConfig
+    cls = model_class(archs[0])
+    config_class = getattr(cls, "hf_config_class", None) or AutoConfig
     try:
         hf = config_class.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as exc:
@@ -96,7 +109,7 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
         num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         head_dim=head_dim,
         rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
-        max_position_embeddings=text.max_position_embeddings,
+        max_position_embeddings=cls.max_prompt_positions(text),
         tie_word_embeddings=bool(
             getattr(hf, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
         ),
@@ -107,7 +120,33 @@ def load_config(model_dir: str | Path, dtype: str | torch.dtype = "auto") -> Mod
         dtype=_resolve_dtype(dtype, raw, text),
         quantization_config=raw.get("quantization_config")
         or (raw.get("text_config") or {}).get("quantization_config"),
+        task=task,
+        **sentence_bert_config(model_dir),
     )
+
+
+RUNNERS = ("auto", "generate", "pooling")
+
+
+def served_task(architecture: str, model_dir: Path, runner: str = "auto") -> str:
+    """What the engine serves the checkpoint for (vLLM's `runner`): "auto" = the registry
+    row's task, except that a generation model whose checkpoint has sentence-transformers files
+    naming a Pooling module is an embedding model (Qwen3-Embedding: `Qwen3ForCausalLM`);
+    "pooling" runs a generation model as an embedding model (vLLM's `runner="pooling"`, its
+    convert "embed"); "generate" refuses a pooling model."""
+    if runner not in RUNNERS:
+        raise InvalidInputError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    task = model_row(architecture).task
+    if task != "generate":
+        if runner == "generate":
+            raise InvalidInputError(
+                f"runner='generate': {architecture} is a pooling model (task {task!r}); it "
+                "does not generate text"
+            )
+        return task
+    if runner == "pooling" or (runner == "auto" and declares_pooling(model_dir)):
+        return "embed"
+    return "generate"
 
 
 def _sliding_windows(text) -> list[int | None]:

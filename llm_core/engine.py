@@ -14,6 +14,7 @@ from itertools import count
 from typing import Any
 
 from polymodal.llm_core.detokenizer import IncrementalDetokenizer
+from polymodal.llm_core.embedding_head import check_dimensions, matryoshka_dimensions
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.interfaces import supports_multimodal
@@ -30,11 +31,11 @@ from polymodal.llm_core.pooling import (
     check_pooling_request,
     run_pooling_step,
 )
-from polymodal.llm_core.registry import model_row
 from polymodal.llm_core.request import CROSS_ATTENTION, Request
 from polymodal.llm_core.request_checks import (
     bad_words_token_ids,
     check_request,
+    truncate_pooling_prompt,
     truncate_prompt,
 )
 from polymodal.llm_core.sampler import make_generator
@@ -81,7 +82,7 @@ class Engine:
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
         self.device = parts.device
-        self.task = model_row(self.model_config.architecture).task  # generate, or a pooling task
+        self.task = self.model_config.task  # generate, or a pooling task
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = count()
@@ -130,6 +131,12 @@ class Engine:
         if request_id in self._groups:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         if pooling is not None:
+            if pooling.truncate_prompt_tokens is not None:
+                side = getattr(self.tokenizer, "truncation_side", "right")
+                prompt_token_ids, token_type_ids = truncate_pooling_prompt(
+                    prompt_token_ids, token_type_ids, pooling.truncate_prompt_tokens,
+                    self.max_model_len, side,
+                )  # fmt: skip
             self._check_prompt(prompt_token_ids, pooling=True)
             return self._add_pooling(
                 prompt_token_ids, pooling, request_id, mm_items, token_type_ids
@@ -246,6 +253,12 @@ class Engine:
         causal, budget = self.runner.model.is_causal, self.scheduler.max_num_batched_tokens
         if mm_items:
             raise InvalidInputError("pooling requests take text only (no media)")
+        model = self.runner.model
+        allowed, sizes = matryoshka_dimensions(self.model_config.text_config)
+        check_dimensions(
+            params.dimensions, allowed, sizes, self.model_config.architecture,
+            model.embedding_dimension(),
+        )  # fmt: skip
         if not causal and len(ids) > budget:
             raise InvalidInputError(
                 f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
@@ -280,7 +293,8 @@ class Engine:
             raise InvalidInputError("the prompt is empty: it needs at least one token")
         if pooling and len(ids) > self.max_model_len:  # no output token to leave room for
             raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}"
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                "(truncate_prompt_tokens=-1 cuts it to max_model_len)"
             )
         if not pooling and len(ids) >= self.max_model_len:
             raise InvalidInputError(

@@ -87,6 +87,11 @@ class EngineConfig:
     # path, unchanged. llm_core/executor.py; docs/serving.md says what is not done yet.
     tensor_parallel_size: int = 1
     seed: int = 0
+    # vLLM's `runner`: "auto" (the architecture's task; a generation model with
+    # sentence-transformers pooling files is an embedding model), "pooling" (a generation model
+    # runs as an embedding model: last-token pooling + normalize unless its files say other),
+    # "generate"
+    runner: str = "auto"
 
 
 # (min GPU memory in GiB, max_num_seqs, max_num_batched_tokens), first match wins. An H100 or
@@ -142,7 +147,7 @@ def load_tokenizer(path: Path):
 
 def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):
     """(model config, this rank's device, `cfg` with its device defaults, max_model_len)."""
-    model_config = load_config(path, cfg.dtype)
+    model_config = load_config(path, cfg.dtype, cfg.runner)
     device = _device(cfg.device)
     if device.type == "cuda" and cfg.tensor_parallel_size > 1:
         device = torch.device("cuda", rank)  # rank r drives GPU r
@@ -155,6 +160,15 @@ def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):
             f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}"
         )
+    # sentence-transformers' longest input caps the context, as in vLLM
+    seq_length = model_config.max_seq_length
+    if seq_length is not None and cfg.max_model_len and cfg.max_model_len > seq_length:
+        raise InvalidInputError(
+            f"max_model_len={cfg.max_model_len} exceeds max_seq_length={seq_length} of "
+            f"{path / 'sentence_bert_config.json'}"
+        )
+    if seq_length is not None:
+        max_len = min(max_len, seq_length)
     return model_config, device, cfg, max_len
 
 

@@ -36,7 +36,7 @@ from polymodal.llm_core.engine_config import EngineConfig, build_rank, resolve_m
 from polymodal.llm_core.errors import EngineDeadError, InvalidInputError, ModelLoadError
 from polymodal.llm_core.host_copy import to_device
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
-from polymodal.llm_core.registry import model_class, model_row
+from polymodal.llm_core.registry import model_class
 from polymodal.llm_core.runner import PROMPT_LOGPROB_CHUNK, HostBatch
 from polymodal.llm_core.tensor_parallel import TPGroup, check_heads, join_group
 
@@ -98,7 +98,7 @@ def check_tensor_parallel(mc: ModelConfig, cfg: EngineConfig, device: torch.devi
     not_yet = {
         "quantization": cfg.quantization is not None or mc.quantization_config is not None,
         "enable_lora": cfg.enable_lora,
-        "a pooling task": model_row(mc.architecture).task != "generate",
+        "a pooling task": mc.task != "generate",
     }
     for name, used in not_yet.items():
         if used:

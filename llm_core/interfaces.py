@@ -92,11 +92,14 @@ class SupportsPooling:
     #: `embed(input_ids, positions, token_type_ids)`: absolute position and segment embeddings
     embeds_positions: ClassVar[bool] = False
 
-    def pool(self, hidden: torch.Tensor, prompts: list) -> list[torch.Tensor]:
-        """hidden: `[num_tokens, hidden]` of this step's finished prompts, concatenated in
-        order; `prompts`: per prompt a `PoolingInput` (token ids, pooling params). Returns one
-        tensor per prompt."""
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
+        """hidden: per finished prompt of this step, its `[num_tokens, hidden]`; `prompts`: per
+        prompt a `PoolingInput` (token ids, pooling params). Returns one tensor per prompt."""
         raise NotImplementedError
+
+    def embedding_dimension(self) -> int | None:
+        """An embedding model's vector size (what `dimensions` may cut); None for others."""
+        return None
 
 
 def supports_multimodal(model) -> bool:

@@ -61,7 +61,7 @@ def build_model(
     layers it quantizes are never allocated. The KV-cache scales a checkpoint carries end up
     in `model.checkpoint_kv_scales` ({AttentionLayer: (k_scale, v_scale)}).
     """
-    cls = model_class(cfg.architecture)
+    cls = model_class(cfg.architecture, cfg.task)
     # a multimodal model gets its tower class from the registry (model files import no encoder)
     extra = {"tower": encoder_class(cfg.architecture)} if supports_multimodal(cls) else {}
     default_dtype = torch.get_default_dtype()

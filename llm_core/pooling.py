@@ -11,7 +11,7 @@ for pooling models (a cached prefix has no hidden states to pool).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,17 +28,31 @@ class PoolingParams:
     model's own task. `normalize` (embed): L2-normalize, default True. `activation`: classify:
     softmax over the labels (sigmoid for one label); step rewards: softmax per step; default
     True. `step_tag_id`: the token that ends a step (step pooling; default: the model's).
+    `dimensions` (embed): keep the first n features, then normalize (a Matryoshka model's
+    smaller vectors). `truncate_prompt_tokens`: a longer prompt keeps only k tokens, cut on the
+    tokenizer's truncation side (right: the beginning stays, as sentence-transformers and vLLM's
+    pooling runner cut; a text prompt keeps its special tokens); -1: max_model_len.
     """
 
     task: str | None = None
     normalize: bool | None = None
     activation: bool | None = None
     step_tag_id: int | None = None
+    dimensions: int | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in POOLING_TASKS:
             raise InvalidInputError(
                 f"pooling task must be one of {POOLING_TASKS}, got {self.task!r}"
+            )
+        keep = self.truncate_prompt_tokens
+        if keep is not None and (
+            isinstance(keep, bool) or not isinstance(keep, int) or (keep < 1 and keep != -1)
+        ):
+            raise InvalidInputError(
+                f"truncate_prompt_tokens must be a positive integer or -1 (max_model_len), "
+                f"got {keep!r}"
             )
 
 
@@ -102,7 +116,9 @@ def check_pooling_request(params, task: str, architecture: str) -> PoolingParams
         raise InvalidInputError(
             f"{architecture} serves the pooling task {task!r} (and 'encode'), not {wanted!r}"
         )
-    return PoolingParams(wanted, params.normalize, params.activation, params.step_tag_id)
+    if params.dimensions is not None and wanted != "embed":
+        raise InvalidInputError(f"dimensions applies to task 'embed', not {wanted!r}")
+    return replace(params, task=wanted)
 
 
 def finish_pooled(head_output: torch.Tensor, params: PoolingParams) -> torch.Tensor:

@@ -58,6 +58,13 @@ MODELS: dict[str, ModelRow] = {
         _M + "bert:BertForSequenceClassification", task="classify"
     ),
     "BertModel": ModelRow(_M + "bert:BertEmbeddingModel", task="embed"),
+    "RobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
+    "XLMRobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
+    # bare decoders (no LM head): embedding models (`models/decoder_embedding.py`)
+    "LlamaModel": ModelRow(_LLAMA, task="embed"),
+    "MistralModel": ModelRow(_LLAMA, task="embed"),
+    "Qwen2Model": ModelRow(_M + "llama:Qwen2ForCausalLM", task="embed"),
+    "Qwen3Model": ModelRow(_M + "llama:Qwen3ForCausalLM", task="embed"),
     "Qwen2ForRewardModel": ModelRow(_M + "qwen2_rm:Qwen2ForRewardModel", task="reward"),
     "Qwen2ForProcessRewardModel": ModelRow(
         _M + "qwen2_rm:Qwen2ForProcessRewardModel", task="reward"
@@ -160,9 +167,15 @@ def model_row(architecture: str) -> ModelRow:
     return MODELS[architecture]
 
 
-def model_class(architecture: str):
-    """The model class for an HF architecture name."""
-    return _import(model_row(architecture).model)
+def model_class(architecture: str, task: str | None = None):
+    """The model class for an HF architecture name, served for `task` (`ModelConfig.task`;
+    default: the row's): for "embed", a generation model's class becomes its embedding model
+    (`as_embedding_model`: `runner="pooling"`, the bare-decoder rows)."""
+    row = model_row(architecture)
+    cls = _import(row.model)
+    if (task or row.task) == "embed" and not getattr(cls, "is_pooling_model", False):
+        return _import(_M + "decoder_embedding:as_embedding_model")(cls)
+    return cls
 
 
 def processor_class(architecture: str):

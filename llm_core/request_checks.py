@@ -102,6 +102,22 @@ def truncate_prompt(
     return ids[cut:], positions, mrope_delta, items
 
 
+def truncate_pooling_prompt(
+    ids: list[int], token_type_ids: list[int] | None, keep: int, max_model_len: int, side: str
+) -> tuple[list[int], list[int] | None]:
+    """A pooling prompt (and its segment ids) cut to `keep` tokens (-1: max_model_len) on the
+    tokenizer's truncation `side`: "right" keeps the beginning (sentence-transformers and vLLM's
+    pooling runner), "left" the end. A `keep` past max_model_len raises, as in vLLM."""
+    if keep > max_model_len:
+        raise InvalidInputError(
+            f"truncate_prompt_tokens={keep} is greater than max_model_len={max_model_len}: "
+            "select a smaller truncation size (or -1: max_model_len)"
+        )
+    keep = max_model_len if keep == -1 else keep
+    cut = slice(None, keep) if side != "left" else slice(-keep, None)
+    return ids[cut], (None if token_type_ids is None else token_type_ids[cut])
+
+
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
     """Each bad word as token ids, alone and after a space (vLLM's rule: the spaced form is
     kept when it tokenizes to a different first token and the same length)."""

@@ -53,6 +53,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="split the decoder over N GPUs (N processes; gloo on CPU); default 1",
     )
     parser.add_argument(
+        "--runner",
+        choices=("auto", "generate", "pooling"),
+        help="pooling: serve a generation model as an embedding model (vLLM's --runner); "
+        "default auto: the architecture's task (with sentence-transformers pooling files: embed)",
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -78,6 +84,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
         tensor_parallel_size=args.tensor_parallel_size,
+        runner=args.runner,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -27,10 +27,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from polymodal.feeder import PROCESS_WORKERS
+from polymodal.llm_core.embedding_head import matryoshka_dimensions
+from polymodal.llm_core.interfaces import is_pooling_model
 from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
-from polymodal.llm_pooling import split_token_types
+from polymodal.llm_pooling import pooling_prompt
 from polymodal.llm_prompts import MEDIA_OPTIONS
 
 END = None  # the item that ends an aborted request's stream (no final output)
@@ -118,6 +120,10 @@ class EngineLoop:
             "task": self.engine.task,  # generate, or a pooling task (classify, reward, embed)
             # a classifier's labels, by class index (config.json's id2label)
             "labels": _labels(mc.text_config) if self.engine.task == "classify" else None,
+            # an embedding model's vector size and the Matryoshka sizes it may be cut to
+            "embedding_dimension": embedding_dimension(self.engine.runner.model),
+            "matryoshka": list(matryoshka_dimensions(mc.text_config)),
+            "do_lower_case": mc.do_lower_case,  # sentence_bert_config.json: text lower-cased
         }
 
     def process_later(self, prompt: Any) -> Any:
@@ -145,8 +151,7 @@ class EngineLoop:
         token_types = None
         try:
             if isinstance(params, PoolingParams):  # no grammar, no output tokens
-                prompt, token_types = split_token_types(prompt)
-                processed, grammar = self.llm.process(prompt), None
+                (processed, token_types), grammar = pooling_prompt(self.llm, prompt, params), None
             else:
                 processed, grammar = self.llm.prepare(prompt, params)
                 check_max_tokens(len(processed.token_ids), params, self.engine.max_model_len)
@@ -249,6 +254,11 @@ class EngineLoop:
         for request_id in leftover:
             self.engine.abort(request_id)
         self._end([(request_id, END) for request_id in leftover])
+
+
+def embedding_dimension(model) -> int | None:
+    """A pooling model's embedding size (None: not an embedding model, or not pooling)."""
+    return model.embedding_dimension() if is_pooling_model(model) else None
 
 
 def _labels(text_config: Any) -> list[str]:

@@ -328,40 +328,48 @@ class LLM:
             self.engine.abort(request_id)
 
     # ---- pooling models (vLLM's names; see llm_pooling.py) --------------------------------
-    def encode(self, prompts: Any, pooling_params=None) -> list:
+    # `truncate_prompt_tokens` (vLLM's keyword): a longer prompt keeps k tokens (-1:
+    # max_model_len), cut as the tokenizer truncates (`PoolingParams.truncate_prompt_tokens`)
+    def encode(self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None) -> list:
         """A pooling model's raw head output per prompt (`PoolingRequestOutput.outputs.data`)."""
         from polymodal.llm_pooling import pool
 
-        return pool(self, prompts, pooling_params, "encode")
+        return pool(self, prompts, pooling_params, "encode", truncate_prompt_tokens)
 
-    def embed(self, prompts: Any, pooling_params=None) -> list:
-        """An embedding model's vector per prompt (`EmbeddingRequestOutput.outputs.embedding`)."""
+    def embed(self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None) -> list:
+        """An embedding model's vector per prompt (`EmbeddingRequestOutput.outputs.embedding`).
+        Prompts may be chat messages (the chat template renders them)."""
         from polymodal.llm_pooling import as_embedding, pool
 
-        return [as_embedding(o) for o in pool(self, prompts, pooling_params, "embed")]
+        outs = pool(self, prompts, pooling_params, "embed", truncate_prompt_tokens)
+        return [as_embedding(o) for o in outs]
 
-    def classify(self, prompts: Any, pooling_params=None) -> list:
+    def classify(self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None) -> list:
         """A classifier's class probabilities per prompt (`...outputs.probs`)."""
         from polymodal.llm_pooling import as_classification, pool
 
-        return [as_classification(o) for o in pool(self, prompts, pooling_params, "classify")]
+        outs = pool(self, prompts, pooling_params, "classify", truncate_prompt_tokens)
+        return [as_classification(o) for o in outs]
 
-    def reward(self, prompts: Any, pooling_params=None) -> list:
+    def reward(self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None) -> list:
         """A reward model's reward per prompt (`PoolingRequestOutput.outputs.data`: `[1]` for an
         outcome reward, `[num_steps, 2]` step probabilities for a process reward model)."""
         from polymodal.llm_pooling import pool
 
-        return pool(self, prompts, pooling_params, "reward")
+        return pool(self, prompts, pooling_params, "reward", truncate_prompt_tokens)
 
-    def score(self, text_1: Any, text_2: Any, /, *, pooling_params=None) -> list:
+    def score(
+        self, text_1: Any, text_2: Any, /, *, pooling_params=None, truncate_prompt_tokens=None
+    ) -> list:
         """vLLM's `LLM.score` for cross-encoders (a BERT sequence classifier with one label):
-        the relevance of each pair, `ScoringRequestOutput.outputs.score`. One `text_1` against
+        the relevance of each pair, `ScoringRequestOutput.outputs.score`; for an embedding
+        model, the cosine similarity of the two texts' embeddings. One `text_1` against
         one or a list of `text_2`, or two lists of the same length (pairwise). Each pair is
         tokenized as the tokenizer pairs texts (BERT: `[CLS] a [SEP] b [SEP]`, segment ids 0
         then 1). Another model raises, naming it."""
         from polymodal.llm_pooling import score
 
-        return score(self, text_1, text_2, pooling_params)
+        return score(self, text_1, text_2, pooling_params, truncate_prompt_tokens)
 
 
 def _check_limits(limits: dict[str, int] | None) -> dict[str, int]:

@@ -3,6 +3,7 @@ through the engine of a pooling model (registry task classify, reward or embed).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from polymodal.llm_core.pooling import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from polymodal.llm_prompts import is_messages
+from polymodal.processors.types import ProcessedPrompt
 
 
 def split_token_types(prompt: Any) -> tuple[Any, list[int] | None]:
@@ -29,20 +32,57 @@ def split_token_types(prompt: Any) -> tuple[Any, list[int] | None]:
     return prompt, None
 
 
-def pool(llm, prompts: Any, params: PoolingParams | None, task: str) -> list[PoolingRequestOutput]:
-    """Run `prompts` (one or a list: strings, token ids, or dicts with `prompt` /
-    `prompt_token_ids` and optional `token_type_ids`) as pooling requests of `task`; outputs
-    in input order. Every prompt is checked before any runs (errors name its index)."""
+def pooling_prompt(llm, prompt: Any, params: PoolingParams) -> tuple[Any, list[int] | None]:
+    """One pooling prompt processed (`ProcessedPrompt`) and its segment ids (None: not given).
+    A text prompt is lower-cased first when the checkpoint's sentence_bert_config.json says
+    `do_lower_case`, and with `truncate_prompt_tokens` the tokenizer cuts it (on its truncation
+    side, special tokens kept: sentence-transformers' tokens); the engine cuts token ids. Chat
+    messages are rendered by the template without opening an assistant turn unless a
+    `{"messages": ..., "add_generation_prompt": True}` prompt asks."""
+    prompt, token_types = split_token_types(prompt)
+    if is_messages(prompt):  # one conversation: no assistant turn opened (vLLM's default)
+        prompt = {"messages": list(prompt), "add_generation_prompt": False}
+    text = prompt if isinstance(prompt, str) else None
+    if isinstance(prompt, dict) and set(prompt) == {"prompt"}:
+        text = prompt["prompt"]
+    if not isinstance(text, str):
+        return llm.process(prompt), token_types
+    if llm.model_config.do_lower_case:
+        text = text.lower()
+    keep = params.truncate_prompt_tokens
+    if keep is None or llm.tokenizer is None:
+        return llm.process(text), token_types
+    max_length = truncate_length(keep, llm.engine.max_model_len)
+    ids = llm.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    return ProcessedPrompt(list(ids), None, 0), token_types
+
+
+def truncate_length(truncate_prompt_tokens: int, max_model_len: int) -> int:
+    """The tokens a prompt keeps under `truncate_prompt_tokens` (-1: max_model_len)."""
+    return max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+
+
+def pool(
+    llm,
+    prompts: Any,
+    params: PoolingParams | None,
+    task: str,
+    truncate_prompt_tokens: int | None = None,
+) -> list[PoolingRequestOutput]:
+    """Run `prompts` (one or a list: strings, token ids, chat messages, or dicts with `prompt` /
+    `prompt_token_ids` / `messages` and optional `token_type_ids`) as pooling requests of
+    `task`; outputs in input order. `truncate_prompt_tokens` (vLLM's keyword) overrides the
+    params' own. Every prompt is checked before any runs (errors name its index)."""
     from polymodal.llm import _as_batch
 
-    params = params or PoolingParams()
-    params = PoolingParams(task, params.normalize, params.activation, params.step_tag_id)
+    params = replace(params or PoolingParams(), task=task)
+    if truncate_prompt_tokens is not None:
+        params = replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
     batch = _as_batch(prompts)
     queued = []
     for i, prompt in enumerate(batch):
         try:
-            prompt, token_types = split_token_types(prompt)
-            processed = llm.process(prompt)
+            processed, token_types = pooling_prompt(llm, prompt, params)
             queued.append((processed.token_ids, token_types))
         except PolymodalError as exc:
             raise type(exc)(f"prompt {i}: {exc}") from exc
@@ -132,19 +172,27 @@ def score_pairs(text_1: Any, text_2: Any, where: tuple[str, str] = ("text_1", "t
     return list(zip(first, second))
 
 
-def pair_prompt(tokenizer: Any, text_1: str, text_2: str) -> dict[str, Any]:
+def pair_prompt(
+    tokenizer: Any, text_1: str, text_2: str, max_length: int | None = None
+) -> dict[str, Any]:
     """One cross-encoder prompt: the tokenizer's pair encoding (BERT: [CLS] a [SEP] b [SEP])
-    with its segment ids, as vLLM builds it."""
-    enc = tokenizer(text=text_1, text_pair=text_2)
+    with its segment ids, as vLLM builds it; `max_length`: cut to that many tokens (the longer
+    text first, special tokens kept)."""
+    enc = tokenizer(
+        text=text_1, text_pair=text_2, truncation=bool(max_length), max_length=max_length
+    )
     prompt = {"prompt_token_ids": list(enc["input_ids"])}
     if enc.get("token_type_ids") is not None:
         prompt["token_type_ids"] = list(enc["token_type_ids"])
     return prompt
 
 
-def score(llm, text_1: Any, text_2: Any, params: PoolingParams | None) -> list:
+def score(
+    llm, text_1: Any, text_2: Any, params: PoolingParams | None, truncate: int | None = None
+) -> list:
     """`LLM.score`: per text pair (`ScoringRequestOutput`), a cross-encoder's relevance score
-    or an embedding model's cosine similarity (each distinct text embedded once)."""
+    or an embedding model's cosine similarity (each text embedded once); `truncate`: the
+    `truncate_prompt_tokens` of each prompt (a pair, or a text)."""
     text = llm.model_config.text_config
     check_scorer(llm.engine.task, getattr(text, "num_labels", None), llm.model_name)
     if llm.tokenizer is None:
@@ -153,8 +201,10 @@ def score(llm, text_1: Any, text_2: Any, params: PoolingParams | None) -> list:
         score_pairs(text_1, text_2)  # the pairing's errors, before anything runs
         first = [text_1] if isinstance(text_1, str) else list(text_1)
         second = [text_2] if isinstance(text_2, str) else list(text_2)
-        outs = pool(llm, first + second, params, "embed")
+        outs = pool(llm, first + second, params, "embed", truncate)
         pad = getattr(llm.tokenizer, "pad_token_id", None)
         return cosine_scores(outs[: len(first)], outs[len(first) :], pad)
-    prompts = [pair_prompt(llm.tokenizer, a, b) for a, b in score_pairs(text_1, text_2)]
-    return [as_score(o) for o in pool(llm, prompts, params, "classify")]
+    max_length = None if truncate is None else truncate_length(truncate, llm.engine.max_model_len)
+    pairs = score_pairs(text_1, text_2)
+    prompts = [pair_prompt(llm.tokenizer, a, b, max_length) for a, b in pairs]
+    return [as_score(o) for o in pool(llm, prompts, params, "classify", truncate)]

@@ -62,6 +62,11 @@ class ModelBase(nn.Module):
         return bool(cls.__dict__.get("supports_tensor_parallel", False))
 
     @classmethod
+    def max_prompt_positions(cls, text_config) -> int:
+        """The longest sequence its position embeddings hold (the default max_model_len)."""
+        return text_config.max_position_embeddings
+
+    @classmethod
     def tokenizer_dir(cls, model_dir):
         """Where the checkpoint in `model_dir` keeps its tokenizer: the root, else
         `tokenizer_folder`."""

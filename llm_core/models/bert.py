@@ -11,9 +11,7 @@ over its own tokens (`Mask.BIDIRECTIONAL`). HF parameter names; query/key/value 
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import replace
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +20,14 @@ from torch import nn
 from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.embedding_head import embedding_head
 from polymodal.llm_core.errors import UnsupportedModelError
 from polymodal.llm_core.interfaces import SupportsPooling
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.models.base import ModelBase
-from polymodal.llm_core.models.tiny import TinyConfig
+from polymodal.llm_core.models.tiny import TinyConfig, sentence_transformers_files
 from polymodal.llm_core.pooling import Pooler, finish_pooled, pool_rows
-from polymodal.llm_core.pooling_config import PoolingConfig, load_pooling_config
+from polymodal.llm_core.pooling_config import PoolingConfig
 
 
 class BertEmbeddings(nn.Module):
@@ -168,72 +167,39 @@ class BertForSequenceClassification(BertBase):
 
 class BertEmbeddingModel(BertBase):
     """`BertModel` checkpoints served for the embed task: the encoder's final hidden states
-    pooled per prompt (CLS, mean or last token, as the checkpoint declares), L2-normalized when the
-    checkpoint has a Normalize module (or without sentence-transformers files: CLS + normalize,
-    vLLM's default). A request's `normalize` overrides; task "encode": the pooled vector as is.
+    through the checkpoint's sentence-transformers modules (`EmbeddingHead`: pooling modes,
+    Dense projections, Normalize), CLS + L2 normalization without those files (vLLM's default).
+    A request's `normalize` overrides; task "encode": the vector before normalization.
     The tanh pooler (`pooler.dense`) is not used: sentence-transformers does not read it."""
 
     # the `pooler.` weights are unused; checkpoints saved from a task model keep a `bert.` root
     ignored_weights = (r"position_ids$", r"^(bert\.)?pooler\.", r"^cls\.")
     weight_name_remap = [("bert.", "")]
-    default_pooling = PoolingConfig(Pooler.CLS, normalize=True, source="vLLM's BERT default")
+    default_pooling = PoolingConfig(("cls",), normalize=True, source="vLLM's BERT default")
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         _check_supported(cfg)
         self.config = cfg
-        self.pooling = load_pooling_config(cfg.model_dir, self.default_pooling)
-        logging.getLogger("polymodal").info(
-            "embedding pooling: %s, normalize=%s (from %s)",
-            self.pooling.pooler.value, self.pooling.normalize, self.pooling.source,
-        )  # fmt: skip
         # HF BertModel's names: `embeddings.*`, `encoder.layer.<i>.*` at the root
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg, backend)
+        self.head = embedding_head(cfg.model_dir, cfg.hidden_size, self.default_pooling)
 
     @property
     def bert_root(self) -> nn.Module:
         return self
 
+    def load_weights(self, named_tensors, source: str = "checkpoint") -> None:
+        """The checkpoint's tensors, then the Dense modules' from their folders (`head.`)."""
+        tensors = chain(named_tensors, self.head.checkpoint_tensors("head."))
+        super().load_weights(tensors, source)
+
     def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
-        out = []
-        for h, prompt in zip(hidden, prompts):
-            vector = pool_rows(self.pooling.pooler, h, prompt.token_ids)  # [hidden]
-            params = prompt.params
-            if params.normalize is None:  # the checkpoint's choice
-                params = replace(params, normalize=self.pooling.normalize)
-            out.append(finish_pooled(vector, params))
-        return out
+        return [self.head(h, prompt.params) for h, prompt in zip(hidden, prompts)]
 
-
-def sentence_transformers_files(mode: str, normalize: bool):
-    """`write_extra` of a tiny checkpoint in sentence-transformers' layout, as the hub's
-    all-MiniLM / bge checkpoints have it: modules.json (Transformer at the root, Pooling in
-    1_Pooling with the legacy `pooling_mode_*` flags, Normalize in 2_Normalize)."""
-
-    def write(out_dir, tokenizer) -> None:
-        from pathlib import Path
-
-        out = Path(out_dir)
-        st = "sentence_transformers.models."
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
-        ]
-        if normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"})
-            (out / "2_Normalize").mkdir(exist_ok=True)
-        (out / "modules.json").write_text(json.dumps(modules, indent=2))
-        hidden = json.loads((out / "config.json").read_text())["hidden_size"]
-        flags = {f"pooling_mode_{m}": m == mode for m in ("cls_token", "mean_tokens", "max_tokens")}
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        pooling = {"word_embedding_dimension": hidden, **flags}
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
-        (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": 128, "do_lower_case": False})
-        )
-
-    return write
+    def embedding_dimension(self) -> int:
+        return self.head.dimension
 
 
 # 2 layers, hidden 64, 4 heads, 2 segment types, absolute positions up to 128
@@ -245,9 +211,30 @@ TINY_CONFIGS = {
     "bert_embed": TinyConfig("BertModel", _TINY_BERT),
     # ... mean pooling + Normalize (all-MiniLM-L6-v2's layout), CLS without Normalize
     "bert_st_mean": TinyConfig(
-        "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("mean_tokens", True)
+        "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("mean")
     ),
     "bert_st_cls": TinyConfig(
-        "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("cls_token", False)
+        "BertModel", _TINY_BERT, write_extra=sentence_transformers_files("cls", normalize=False)
+    ),
+    # max + mean concatenated, two Dense projections (tanh, GELU), Normalize
+    "bert_st_dense": TinyConfig(
+        "BertModel",
+        _TINY_BERT,
+        write_extra=sentence_transformers_files(
+            ("max", "mean"), dense=((48, "Tanh"), (32, "GELU"))
+        ),
+    ),
+    # sqrt-length mean + weighted mean, an identity Dense, no Normalize; inputs of at most 12
+    # tokens, lower-cased
+    "bert_st_short": TinyConfig(
+        "BertModel",
+        _TINY_BERT,
+        write_extra=sentence_transformers_files(
+            ("mean_sqrt_len_tokens", "weightedmean"),
+            normalize=False,
+            dense=((40, "Identity"),),
+            max_seq_length=12,
+            do_lower_case=True,
+        ),
     ),
 }

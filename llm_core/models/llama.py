@@ -21,7 +21,7 @@ from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.parallel import column, local_vocab, row, vocab, vocab_embedding
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
-from polymodal.llm_core.models.tiny import TinyConfig
+from polymodal.llm_core.models.tiny import TinyConfig, sentence_transformers_files
 from polymodal.llm_core.tensor_parallel import current_tp, split_evenly, split_heads
 
 
@@ -234,4 +234,13 @@ TINY_CONFIGS = {
     "qwen2": TinyConfig("Qwen2ForCausalLM"),
     "qwen3": TinyConfig("Qwen3ForCausalLM", {"head_dim": 16}),
     "phi3": TinyConfig("Phi3ForCausalLM"),
+    # Qwen3-Embedding's layout: causal LM weights, sentence-transformers' last-token pooling +
+    # Normalize; and a bare Qwen3Model checkpoint (no files: last token + normalize)
+    "qwen3_embed": TinyConfig(
+        "Qwen3ForCausalLM", {"head_dim": 16}, write_extra=sentence_transformers_files("lasttoken")
+    ),
+    "qwen3_model_embed": TinyConfig("Qwen3Model", {"head_dim": 16}),
+    "qwen2_model_embed": TinyConfig("Qwen2Model"),
+    "llama_model_embed": TinyConfig("LlamaModel", {"head_dim": 16}),
+    "mistral_model_embed": TinyConfig("MistralModel", {"head_dim": 16}),
 }

@@ -43,3 +43,66 @@ class TinyConfig:
     write_extra: Callable[[Any, Any], None] | None = None
     tokens: dict = field(default_factory=dict)
     chat_template: str | None = None
+
+
+def sentence_transformers_files(
+    mode: str | tuple[str, ...],
+    normalize: bool = True,
+    dense: tuple[tuple[int, str], ...] = (),
+    max_seq_length: int = 128,
+    do_lower_case: bool = False,
+):
+    """`write_extra` of a tiny checkpoint in sentence-transformers' layout, as the hub's
+    embedding checkpoints have it: modules.json (Transformer at the root, Pooling in 1_Pooling
+    with the legacy `pooling_mode_*` flags, each Dense in 2_Dense, 3_Dense, ... with random
+    weights: `dense` = ((out_features, torch.nn activation name), ...), Normalize last) and
+    sentence_bert_config.json."""
+
+    def write(out_dir, tokenizer) -> None:
+        import json
+        from pathlib import Path
+
+        import torch
+        from safetensors.torch import save_file
+
+        out, st = Path(out_dir), "sentence_transformers.models."
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": st + "Transformer"}]
+        folders = [("1_Pooling", "Pooling")]
+        folders += [(f"{i + 2}_Dense", "Dense") for i in range(len(dense))]
+        folders += [(f"{len(dense) + 2}_Normalize", "Normalize")] if normalize else []
+        for i, (path, kind) in enumerate(folders, 1):
+            modules.append({"idx": i, "name": str(i), "path": path, "type": st + kind})
+            (out / path).mkdir(exist_ok=True)
+        (out / "modules.json").write_text(json.dumps(modules, indent=2))
+        hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+        legacy = {"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens",
+                  "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                  "weightedmean": "weightedmean_tokens", "lasttoken": "lasttoken"}  # fmt: skip
+        flags = {f"pooling_mode_{name}": m in modes for m, name in legacy.items()}
+        pooling = {"word_embedding_dimension": hidden, **flags}
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+        width = hidden * len(modes)
+        generator = torch.Generator().manual_seed(1)
+        for (path, _), (size, activation) in zip(folders[1:], dense):
+            config = {"in_features": width, "out_features": size, "bias": True,
+                      "activation_function": _torch_class(activation)}  # fmt: skip
+            (out / path / "config.json").write_text(json.dumps(config))
+            weight = torch.randn(size, width, generator=generator) / width**0.5
+            bias = torch.randn(size, generator=generator) * 0.1
+            save_file(
+                {"linear.weight": weight, "linear.bias": bias},
+                str(out / path / "model.safetensors"),
+            )
+            width = size
+        (out / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": do_lower_case})
+        )
+
+    return write
+
+
+def _torch_class(activation: str) -> str:
+    """The full name sentence-transformers saves for a torch.nn activation class."""
+    module = "linear" if activation == "Identity" else "activation"
+    return f"torch.nn.modules.{module}.{activation}"

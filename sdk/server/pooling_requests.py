@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from polymodal.server.errors import RequestError
 
@@ -20,7 +20,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class _InputRequest(_Strict):
+class _Truncated(_Strict):
+    """vLLM's `truncate_prompt_tokens`: a longer prompt keeps k tokens (-1: max_model_len)."""
+
+    truncate_prompt_tokens: int | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keep(cls, value: int | None) -> int | None:
+        if value is not None and value < 1 and value != -1:
+            raise ValueError("a positive number of tokens, or -1 (max_model_len)")
+        return value
+
+
+class _InputRequest(_Truncated):
     """The fields every pooling route with an `input` shares."""
 
     model: str | None = None
@@ -33,15 +46,54 @@ class _InputRequest(_Strict):
         return input_prompts(self.input, "input")
 
 
-class EmbeddingRequest(_InputRequest):
-    """OpenAI's `POST /v1/embeddings` (+ vLLM's `normalize`, `add_special_tokens`)."""
+class _ChatInputRequest(_InputRequest):
+    """A pooling request whose input may instead be one conversation (vLLM's chat form):
+    `messages` rendered by the chat template (its own special tokens; `add_special_tokens`
+    applies to `input`), with the template options of `/v1/chat/completions`."""
+
+    messages: Any = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def prompts(self) -> list[Any]:
+        """`input`'s prompts, or the one conversation of `messages` (a prompt dict)."""
+        if self.messages is None:
+            if self.input is None:
+                raise RequestError("input: give `input` (or `messages`)", "input")
+            return input_prompts(self.input, "input")
+        if self.input is not None:
+            raise RequestError("messages: give `input` or `messages`, not both", "messages")
+        if "add_special_tokens" in self.model_fields_set:
+            raise RequestError(
+                "add_special_tokens: applies to `input`; the chat template adds its own",
+                "add_special_tokens",
+            )
+        if not isinstance(self.messages, list) or not self.messages:
+            raise RequestError("messages: give a non-empty list of messages", "messages")
+        for i, message in enumerate(self.messages):
+            if not isinstance(message, dict) or "role" not in message:
+                raise RequestError(f"messages[{i}]: a message needs a role", f"messages[{i}]")
+        template = {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "chat_template": self.chat_template,
+            "chat_template_kwargs": self.chat_template_kwargs,
+        }
+        return [{"messages": self.messages, **template}]
+
+
+class EmbeddingRequest(_ChatInputRequest):
+    """OpenAI's `POST /v1/embeddings` (+ vLLM's `normalize`, `add_special_tokens`,
+    `truncate_prompt_tokens`, chat-form `messages`)."""
 
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     normalize: bool | None = None
 
 
-class PoolingRequest(_InputRequest):
+class PoolingRequest(_ChatInputRequest):
     """vLLM's `POST /pooling`: the model's pooled output as raw `data`. `task` "encode" is the
     head's raw output; the default is the model's own task (classify: probabilities, reward:
     rewards). `activation` / `normalize` switch the task's activation / L2 norm."""
@@ -58,7 +110,7 @@ class ClassificationRequest(_InputRequest):
     activation: bool | None = None
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(_Truncated):
     """vLLM's `POST /score`: `text_1` (one text or a list) against `text_2` (one or a list)."""
 
     model: str | None = None
@@ -68,7 +120,7 @@ class ScoreRequest(_Strict):
     activation: bool | None = None
 
 
-class RerankRequest(_Strict):
+class RerankRequest(_Truncated):
     """vLLM's (Jina / Cohere-style) `POST /rerank`: documents ordered by relevance to `query`;
     `top_n` keeps the best n (0 or unset: all)."""
 

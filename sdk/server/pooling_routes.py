@@ -6,9 +6,11 @@ Each route serves the models whose task fits it (the registry row's task, in
 `/score` and `/rerank` a cross-encoder (a sequence classifier with one label: its relevance
 score) or an embedding model (the cosine similarity of the two embeddings, as vLLM scores
 with one), `/pooling` any pooling model. Any other model gets an OpenAI-shaped 400 naming it
-and the routes it does serve. A request's inputs go to the engine together (one engine request
-each, batched in its steps); an input the engine refuses (empty, too long, a token id outside
-the vocab) is a 400 naming it, and the engine goes on serving the others.
+and the routes it does serve. `/v1/embeddings` and `/pooling` take vLLM's chat form too
+(`messages`: one conversation, one vector); every route takes `truncate_prompt_tokens`;
+`dimensions` cuts a Matryoshka model's vectors. A request's inputs go to the engine together
+(one engine request each, batched in its steps); an input the engine refuses (empty, too long,
+a token id outside the vocab) is a 400 naming it, and the engine goes on serving the others.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from polymodal.async_engine import AsyncEngine
+from polymodal.llm_core.embedding_head import check_dimensions
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.pooling import PoolingParams, PoolingRequestOutput
-from polymodal.llm_pooling import cosine_scores, is_cross_encoder, score_pairs
+from polymodal.llm_pooling import cosine_scores, is_cross_encoder, score_pairs, truncate_length
 from polymodal.server.errors import RequestError
 from polymodal.server.pooling_requests import (
     ClassificationRequest,
@@ -71,6 +74,7 @@ def add_pooling_routes(
     scorer = cross_encoder or task == "embed"  # embedding models score by cosine similarity
     not_scorer = "a cross-encoder (a sequence classifier with one label) nor an embedding model"
     tokenizer = engine.tokenizer
+    max_model_len = engine.max_model_len
 
     def refuse(path: str, wants: str) -> None:
         if task == "generate":
@@ -102,22 +106,39 @@ def add_pooling_routes(
     def prepared(prompts: list, add_special_tokens: bool) -> list:
         if add_special_tokens or tokenizer is None:
             return prompts
-        return [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p
-                for p in prompts]  # fmt: skip
+        lower = info.get("do_lower_case", False)  # as the engine's own tokenizing does
+        return [tokenizer.encode(p.lower() if lower else p, add_special_tokens=False)
+                if isinstance(p, str) else p for p in prompts]  # fmt: skip
+
+    def truncation(body: Any) -> int | None:
+        """The request's `truncate_prompt_tokens`, checked against max_model_len (vLLM's
+        400)."""
+        keep = body.truncate_prompt_tokens
+        if keep is not None and keep > max_model_len:
+            raise RequestError(
+                f"truncate_prompt_tokens: {keep} is greater than max_model_len "
+                f"({max_model_len}); select a smaller truncation size",
+                "truncate_prompt_tokens",
+            )
+        return keep
 
     async def embeddings(request: Request):
         if task != "embed":
             refuse("/v1/embeddings", "an embedding model")
         body = await parse(request, EmbeddingRequest)
         served = check_model(body.model)
-        if body.dimensions is not None:
-            raise RequestError(
-                f"dimensions: {name!r} does not support matryoshka dimensions (reduced "
-                "embedding sizes); leave dimensions unset",
-                "dimensions", "unsupported_value",
-            )  # fmt: skip
+        allowed, sizes = info.get("matryoshka") or (False, None)
+        try:
+            check_dimensions(
+                body.dimensions, allowed, sizes, repr(name), info.get("embedding_dimension")
+            )
+        except InvalidInputError as exc:
+            raise RequestError(str(exc), "dimensions", "unsupported_value") from None
         prompts = prepared(body.prompts(), body.add_special_tokens)
-        params = PoolingParams("embed", normalize=body.normalize)
+        params = PoolingParams(
+            "embed", body.normalize, dimensions=body.dimensions,
+            truncate_prompt_tokens=truncation(body),
+        )  # fmt: skip
         outs = await run(request, "embeddings", prompts, params, "input")
         data = [
             {"index": i, "object": "embedding",
@@ -138,7 +159,9 @@ def add_pooling_routes(
                 f"{wanted!r}", "task",
             )  # fmt: skip
         prompts = prepared(body.prompts(), body.add_special_tokens)
-        params = PoolingParams(wanted, body.normalize, body.activation)
+        params = PoolingParams(
+            wanted, body.normalize, body.activation, truncate_prompt_tokens=truncation(body)
+        )
         outs = await run(request, "pooling", prompts, params, "input")
         data = [
             {"index": i, "object": "pooling",
@@ -153,7 +176,9 @@ def add_pooling_routes(
         body = await parse(request, ClassificationRequest)
         served = check_model(body.model)
         prompts = prepared(body.prompts(), body.add_special_tokens)
-        params = PoolingParams("classify", activation=body.activation)
+        params = PoolingParams(
+            "classify", activation=body.activation, truncate_prompt_tokens=truncation(body)
+        )
         outs = await run(request, "classify", prompts, params, "input")
         data = []
         for i, o in enumerate(outs):
@@ -164,10 +189,15 @@ def add_pooling_routes(
             )
         return listing("classify", served, data, [o.prompt_token_ids for o in outs])
 
-    async def pair_prompts(pairs: list[tuple[str, str]]) -> list[dict]:
+    async def pair_prompts(pairs: list[tuple[str, str]], keep: int | None) -> list[dict]:
         a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+        cut = (
+            {}
+            if keep is None
+            else {"truncation": True, "max_length": truncate_length(keep, max_model_len)}
+        )
         # one batched call off the event loop (the fast tokenizer releases the GIL)
-        enc = await asyncio.to_thread(tokenizer, a, text_pair=b)
+        enc = await asyncio.to_thread(tokenizer, a, text_pair=b, **cut)
         types = enc.get("token_type_ids")
         return [
             {"prompt_token_ids": list(ids)}
@@ -176,7 +206,7 @@ def add_pooling_routes(
         ]
 
     async def pair_scores(request: Request, endpoint: str, first: list[str], second: list[str],
-                          where: tuple[str, str], activation: bool | None, given: tuple[Any, Any]
+                          where: tuple[str, str], body: Any, given: tuple[Any, Any]
                           ) -> tuple[list[float], list[list[int]]]:  # fmt: skip
         """Per pair: its score and the prompt tokens it took. A cross-encoder runs each pair
         (errors name the second text); an embedding model embeds every text once (errors name
@@ -191,13 +221,14 @@ def add_pooling_routes(
                 for name, value, items in zip(where, given, (first, second))
                 for i in range(len(items))
             ]
-            params = PoolingParams("embed")
+            params = PoolingParams("embed", truncate_prompt_tokens=truncation(body))
             outs = await run(request, endpoint, first + second, params, fields)
             pad = getattr(tokenizer, "pad_token_id", None)
             scored = cosine_scores(outs[: len(first)], outs[len(first) :], pad)
             return [o.outputs.score for o in scored], [o.prompt_token_ids for o in scored]
-        prompts = await pair_prompts(pairs)
-        params = PoolingParams("classify", activation=activation)
+        keep = truncation(body)
+        prompts = await pair_prompts(pairs, keep)
+        params = PoolingParams("classify", activation=body.activation, truncate_prompt_tokens=keep)
         outs = await run(request, endpoint, prompts, params, where[1])
         return [float(o.outputs.data.flatten()[0]) for o in outs], [
             o.prompt_token_ids for o in outs
@@ -210,7 +241,7 @@ def add_pooling_routes(
         served = check_model(body.model)
         first, second = texts(body.text_1, "text_1"), texts(body.text_2, "text_2")
         scores, tokens = await pair_scores(
-            request, "score", first, second, ("text_1", "text_2"), body.activation,
+            request, "score", first, second, ("text_1", "text_2"), body,
             (body.text_1, body.text_2),
         )  # fmt: skip
         data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
@@ -226,7 +257,7 @@ def add_pooling_routes(
         if body.top_n is not None and body.top_n < 0:
             raise RequestError("top_n: must be >= 0 (0: every document)", "top_n")
         scores, prompt_tokens = await pair_scores(
-            request, "rerank", query, documents, ("query", "documents"), body.activation,
+            request, "rerank", query, documents, ("query", "documents"), body,
             (body.query, body.documents),
         )  # fmt: skip
         results = [

@@ -15,7 +15,7 @@ from polymodal import InvalidInputError
 from polymodal.llm import LLM
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.errors import UnsupportedModelError
-from polymodal.llm_core.pooling import Pooler, PoolingParams
+from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.pooling_config import PoolingConfig, load_pooling_config
 from tests.helpers import tiny_checkpoint
 
@@ -152,47 +152,63 @@ def _st_dir(tmp_path, pooling: dict, extra_modules=(), normalize=True):
     modules += [{"path": "2_Normalize", "type": st + "Normalize"}] if normalize else []
     modules += [{"path": f"x_{m}", "type": st + m} for m in extra_modules]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
-    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling").mkdir(exist_ok=True)
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     return tmp_path
 
 
-DEFAULT = PoolingConfig(Pooler.CLS, True, "default")
+DEFAULT = PoolingConfig(("cls",), True, "default")
 
 
 @pytest.mark.parametrize(
-    "pooling, normalize, pooler",
+    "pooling, normalize, modes",
     [
-        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, True, Pooler.MEAN),
-        ({"pooling_mode_cls_token": True}, False, Pooler.CLS),
-        ({"pooling_mode": "lasttoken"}, True, Pooler.LAST),  # sentence-transformers 5+ format
-        ({"pooling_mode": ["cls"]}, True, Pooler.CLS),
-        ({"word_embedding_dimension": 64}, False, Pooler.MEAN),  # none set: its default, mean
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, True, ("mean",)),
+        ({"pooling_mode_cls_token": True}, False, ("cls",)),
+        ({"pooling_mode": "lasttoken"}, True, ("lasttoken",)),  # sentence-transformers 5+ format
+        ({"pooling_mode": ["cls"]}, True, ("cls",)),
+        ({"word_embedding_dimension": 64}, False, ("mean",)),  # none set: its default, mean
+        # several: concatenated, legacy flags in sentence-transformers' order
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, True, ("cls", "mean")),
+        ({"pooling_mode": ["weightedmean", "max"]}, False, ("weightedmean", "max")),
     ],
 )
-def test_pooling_config_from_modules_json(tmp_path, pooling, normalize, pooler):
+def test_pooling_config_from_modules_json(tmp_path, pooling, normalize, modes):
     got = load_pooling_config(_st_dir(tmp_path, pooling, normalize=normalize), DEFAULT)
-    assert (got.pooler, got.normalize) == (pooler, normalize)
+    assert (got.modes, got.normalize, got.dense) == (modes, normalize, ())
 
 
 def test_pooling_config_defaults_and_refusals(tmp_path):
     assert load_pooling_config(tmp_path, DEFAULT) is DEFAULT  # no modules.json
     bad = {
-        "max": ({"pooling_mode_max_tokens": True}, (), r"pooling mode 'max' is not supported"),
-        "two": ({"pooling_mode": ["cls", "mean"]}, (), r"one mode is supported"),
+        "mode": ({"pooling_mode": "median"}, (), r"pooling mode 'median' is not supported"),
         "prompt": ({"pooling_mode": "mean", "include_prompt": False}, (), "include_prompt"),
-        "dense": ({"pooling_mode": "mean"}, ("Dense",), r"modules \['Dense'\] are not supported"),
+        "other": ({"pooling_mode": "mean"}, ("WordWeights",), r"\['WordWeights'\] are not"),
     }
     for name, (pooling, extra, message) in bad.items():
         (tmp_path / name).mkdir()
         with pytest.raises(UnsupportedModelError, match=message):
             load_pooling_config(_st_dir(tmp_path / name, pooling, extra), DEFAULT)
+    (tmp_path / "dense").mkdir()
+    dense = _st_dir(tmp_path / "dense", {"pooling_mode": "mean"}, normalize=False)
+    (dense / "2_Dense").mkdir()
+    modules = json.loads((dense / "modules.json").read_text())
+    modules.append({"path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (dense / "modules.json").write_text(json.dumps(modules))
+    config = {"in_features": 64, "out_features": 8, "activation_function": "my.Activation"}
+    (dense / "2_Dense" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"2_Dense/config.json: activation_function"):
+        load_pooling_config(dense, DEFAULT)
+    modules.insert(1, modules.pop())  # Dense before Pooling
+    (dense / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedModelError, match="in the order"):
+        load_pooling_config(dense, DEFAULT)
 
 
 def test_unsupported_pooling_fails_at_load_naming_the_file(tmp_path_factory, tmp_path):
     src = tiny_checkpoint(tmp_path_factory, "bert_embed")
     for f in src.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
-    _st_dir(tmp_path, {"pooling_mode_max_tokens": True})
-    with pytest.raises(UnsupportedModelError, match=r"1_Pooling/config.json: pooling mode 'max'"):
+    _st_dir(tmp_path, {"pooling_mode": "median"})
+    with pytest.raises(UnsupportedModelError, match=r"1_Pooling/config.json: pooling mode 'med"):
         Engine(str(tmp_path), dtype="float32", device="cpu")

@@ -86,13 +86,14 @@ def test_bf16_gemv_engine_matches_cublas(tmp_path_factory, name):
 
 
 def test_pooling_models_on_cuda(tmp_path_factory):
-    """BERT (classifier and embedding model: varlen Triton attention, no KV cache) and the Qwen2
-    reward model (paged Triton attention, chunked) on CUDA in fp32: the CPU engine's pooled
-    outputs within 1e-4."""
+    """BERT (classifier and embedding models, with Dense modules too), RoBERTa (varlen Triton
+    attention, no KV cache), the Qwen2 reward model and a Qwen3 embedder (paged Triton
+    attention, chunked) on CUDA in fp32: the CPU engine's pooled outputs within 1e-4."""
     from polymodal.llm_core.engine import Engine
     from polymodal.llm_core.pooling import PoolingParams
 
-    for name in ("bert_cls", "bert_st_mean", "qwen2_rm"):
+    for name in ("bert_cls", "bert_st_mean", "bert_st_dense", "roberta_embed", "qwen2_rm",
+                 "qwen3_embed"):  # fmt: skip
         path = str(tiny_checkpoint(tmp_path_factory, name))
         results = []
         for device in ("cpu", "cuda"):

@@ -1,7 +1,8 @@
 """An embedding model (a BERT `BertModel` checkpoint in sentence-transformers' layout: mean
-pooling + Normalize) behind `polymodal serve`: `/v1/embeddings` (float and base64, through the
-official openai client too), `/pooling`, and the cosine-similarity `/score` / `/rerank`, all
-equal to `LLM.embed` / `encode` / `score` on the same checkpoint."""
+pooling + Normalize; Matryoshka sizes 16 and 32) behind `polymodal serve`: `/v1/embeddings`
+(float and base64, through the official openai client too; `dimensions`,
+`truncate_prompt_tokens`, chat `messages`), `/pooling`, and the cosine-similarity `/score` /
+`/rerank`, all equal to `LLM.embed` / `encode` / `score` on the same checkpoint."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):
-    ckpt = tiny_checkpoint(tmp_path_factory, "bert_st_mean")
+    ckpt = tiny_checkpoint(tmp_path_factory, "bert_st_mean", matryoshka_dimensions=[16, 32])
     llm = LLM(str(ckpt), dtype="float32", device="cpu")
     log_dir = tmp_path_factory.mktemp("server")
     with running_server(ckpt, log_dir, "--device", "cpu", "--dtype", "float32") as url:
@@ -72,8 +73,42 @@ def test_openai_client_float_and_base64(embedder):
         if fmt == "base64" and isinstance(got[0], str):
             got = [np.frombuffer(base64.b64decode(g), dtype="<f4").tolist() for g in got]
         assert all(close(g, w) for g, w in zip(got, want))
-    with pytest.raises(openai.BadRequestError, match="dimensions"):
+    cut = client.embeddings.create(model="m", input=TEXTS, dimensions=16)
+    want = [o.outputs.embedding for o in llm.embed(TEXTS, PoolingParams(dimensions=16))]
+    assert all(close(d.embedding, w) for d, w in zip(cut.data, want))
+    assert all(len(d.embedding) == 16 for d in cut.data)
+    with pytest.raises(openai.BadRequestError, match=r"dimensions.*\[16, 32\]"):
         client.embeddings.create(model="m", input="x", dimensions=8)
+
+
+def test_truncate_prompt_tokens_and_chat_messages(embedder):
+    url, llm = embedder
+    want = llm.embed([*TEXTS, IDS], truncate_prompt_tokens=4)
+    body = ok(post(url, "/v1/embeddings", {"input": [*TEXTS, IDS], "truncate_prompt_tokens": 4}))
+    assert all(close(d["embedding"], o.outputs.embedding) for d, o in zip(body["data"], want))
+    assert body["usage"]["prompt_tokens"] == 4 * len(want)
+    pooled = ok(post(url, "/pooling", {"input": TEXTS, "truncate_prompt_tokens": -1}))
+    assert all(
+        close(d["data"], o.outputs.embedding) for d, o in zip(pooled["data"], llm.embed(TEXTS))
+    )
+    for keep, words in ((129, "greater than max_model_len (128)"), (0, "positive")):
+        err = post(url, "/v1/embeddings", {"input": "x", "truncate_prompt_tokens": keep})
+        assert err.status_code == 400 and err.json()["error"]["param"] == "truncate_prompt_tokens"
+        assert words in err.json()["error"]["message"]
+    # one conversation, rendered by the chat template (no assistant turn opened)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    want = llm.embed([llm.tokenizer.encode(text, add_special_tokens=False)])[0].outputs.embedding
+    assert llm.embed([messages])[0].outputs.embedding == want
+    for route, key in (("/v1/embeddings", "embedding"), ("/pooling", "data")):
+        body = ok(post(url, route, {"messages": messages}))
+        assert len(body["data"]) == 1 and close(body["data"][0][key], want)
+    opened = ok(post(url, "/v1/embeddings", {"messages": messages, "add_generation_prompt": True}))
+    assert not close(opened["data"][0]["embedding"], want)
+    bad = [({"input": "x"}, "messages"), ({"add_special_tokens": True}, "add_special_tokens")]
+    for extra, param in [*bad, ({"messages": []}, "messages")]:
+        err = post(url, "/v1/embeddings", {"messages": messages, **extra})
+        assert err.status_code == 400 and err.json()["error"]["param"] == param
 
 
 def test_pooling_equals_llm_embed_and_encode(embedder):

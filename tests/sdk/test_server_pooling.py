@@ -93,6 +93,10 @@ def test_classify_equals_llm_classify(classifier):
     }
     one = ok(post(url, "/classify", {"input": TEXTS[0]}))  # one string, model unset
     assert close(one["data"][0]["probs"], want[0].outputs.probs)
+    cut = ok(post(url, "/classify", {"input": inputs, "truncate_prompt_tokens": 3}))
+    for got, ref in zip(cut["data"], llm.classify(inputs, truncate_prompt_tokens=3)):
+        assert close(got["probs"], ref.outputs.probs)
+    assert cut["usage"]["prompt_tokens"] == 3 * len(inputs)
 
 
 def test_pooling_route_equals_llm_encode_and_classify(classifier):
@@ -121,6 +125,13 @@ def test_score_and_rerank_equal_llm_score(cross_encoder):
     assert set(pair["token_type_ids"]) == {0, 1}
     flat = llm.classify([pair["input_ids"]])[0].outputs.probs[0]
     assert abs(flat - want[0]) > 1e-4
+    # truncation: each pair cut by the tokenizer to 6 tokens, the longer text first
+    cut = ok(post(url, "/score", {"text_1": query, "text_2": docs, "truncate_prompt_tokens": 6}))
+    want_cut = llm.score(query, docs, truncate_prompt_tokens=6)
+    assert close([d["score"] for d in cut["data"]], [o.outputs.score for o in want_cut])
+    assert cut["usage"]["prompt_tokens"] == 6 * len(docs)
+    pair = llm.tokenizer(query, text_pair=docs[0], truncation=True, max_length=6)["input_ids"]
+    assert want_cut[0].prompt_token_ids == pair
     for path in ("/rerank", "/v1/rerank"):
         body = ok(post(url, path, {"query": query, "documents": docs, "top_n": 2}))
         order = sorted(range(3), key=lambda i: -want[i])[:2]
@@ -224,7 +235,8 @@ def test_routes_that_do_not_fit_the_task_say_so(classifier, prm):
         ({}, "input", "got nothing"),
         ({"input": list(range(3, 200))}, "input", "max_model_len"),
         ({"input": [[3, 4], [1, 100000]]}, "input[1]", "outside the vocab"),
-        ({"input": "x", "truncate_prompt_tokens": 3}, "truncate_prompt_tokens", "unsupported"),
+        ({"input": "x", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens", "positive"),
+        ({"input": "x", "truncate_prompt_tokens": 999}, "truncate_prompt_tokens", "max_model_len"),
         ({"input": "x", "activation": "maybe"}, "activation", "bool"),
     ],
 )

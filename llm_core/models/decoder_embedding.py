@@ -1,0 +1,68 @@
+"""A generation model's decoder served for the embed task (vLLM's `as_embedding_model`):
+Qwen3-Embedding (`Qwen3ForCausalLM` weights), gte-Qwen2, Llama-based embedders.
+
+The decoder runs as it does for generation (causal, paged KV cache, chunked prefill); its
+final hidden states go through the checkpoint's sentence-transformers modules
+(`EmbeddingHead`), last-token pooling + L2 normalization without those files (vLLM's default
+for decoder embedders). The LM head is not built: a checkpoint's `lm_head.*` is skipped.
+Weights load with the `model.` root (saved from *ForCausalLM) or without it (saved from the
+bare *Model, as Qwen3-Embedding's are).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from polymodal.llm_core.embedding_head import embedding_head
+from polymodal.llm_core.errors import UnsupportedModelError
+from polymodal.llm_core.interfaces import SupportsPooling, supports_multimodal
+from polymodal.llm_core.pooling_config import PoolingConfig
+
+_CLASSES: dict[type, type] = {}
+
+
+def as_embedding_model(cls: type) -> type:
+    """`cls` (a text generation model with a `model.` decoder stack) as an embedding model
+    class; one class per `cls`."""
+    if supports_multimodal(cls):
+        raise UnsupportedModelError(
+            f"{cls.__name__} takes media: serving a multimodal model for embeddings is not "
+            "supported"
+        )
+    if cls not in _CLASSES:
+        attributes = {
+            "__doc__": f"{cls.__name__}'s decoder served for embeddings (DecoderEmbedding).",
+            "ignored_weights": (*cls.ignored_weights, r"^lm_head\."),
+        }
+        _CLASSES[cls] = type(f"{cls.__name__}ForEmbedding", (DecoderEmbedding, cls), attributes)
+    return _CLASSES[cls]
+
+
+class DecoderEmbedding(SupportsPooling):
+    """Mixed in before a decoder class by `as_embedding_model`: drops its LM head and pools
+    through an `EmbeddingHead` (`head.`)."""
+
+    default_pooling = PoolingConfig(("lasttoken",), True, "vLLM's default for decoder embedders")
+
+    def __init__(self, cfg, backend, max_positions: int):
+        super().__init__(cfg, backend, max_positions)
+        del self.lm_head
+        self.tied_parameters = {}
+        self.head = embedding_head(cfg.model_dir, cfg.hidden_size, self.default_pooling)
+
+    def load_weights(self, named_tensors, source: str = "checkpoint") -> None:
+        """The checkpoint's tensors (a bare decoder's names get the `model.` root), then the
+        Dense modules' from their folders."""
+        rooted = (
+            (name if name.startswith(("model.", "lm_head.")) else "model." + name, tensor)
+            for name, tensor in named_tensors
+        )
+        super().load_weights(chain(rooted, self.head.checkpoint_tensors("head.")), source)
+
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
+        return [self.head(h, prompt.params) for h, prompt in zip(hidden, prompts)]
+
+    def embedding_dimension(self) -> int:
+        return self.head.dimension
