@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError
 from polymodal.llm_core.timestamp_rules import TimestampRules
@@ -41,17 +42,6 @@ from polymodal.processors.pixels import read_json
 from polymodal.processors.types import CROSS_ATTENTION, MultimodalItem, ProcessedPrompt
 
 TASKS = ("transcribe", "translate")
-# transformers' `TO_LANGUAGE_CODE` names for the codes most asked for; any code works as is
-LANGUAGE_NAMES = {
-    "english": "en",
-    "german": "de",
-    "french": "fr",
-    "spanish": "es",
-    "chinese": "zh",
-    "japanese": "ja",
-    "italian": "it",
-    "portuguese": "pt",
-}
 
 
 class WhisperProcessor:
@@ -97,6 +87,13 @@ class WhisperProcessor:
         self.timestamp_begin = int(no_timestamps) + 1
         self.no_speech = int(no_timestamps) - 1
         self.multilingual = bool(generation.get("is_multilingual", bool(self.lang_to_id)))
+        # the task `forced_decoder_ids` puts after a detected language (released checkpoints:
+        # transcribe; none without them)
+        forced = dict(
+            generation.get("forced_decoder_ids") or config.get("forced_decoder_ids") or []
+        )
+        task_names = {int(v): k for k, v in self.task_to_id.items()}
+        self.forced_task = task_names.get(forced.get(2))
         self.prev = tokenizer.convert_tokens_to_ids("<|startofprev|>")
 
     @classmethod
@@ -132,15 +129,21 @@ class WhisperProcessor:
         return [self.prev, *self.tokenizer.encode(text, add_special_tokens=False)]
 
     def init_ids(
-        self, language_id: int | None, task: str | None = None, timestamps: bool = False
+        self,
+        language_id: int | None,
+        task: str | None = None,
+        timestamps: bool = False,
+        detected: bool = False,
     ) -> list[int]:
-        """`<|startoftranscript|>` [language] [task] [`<|notimestamps|>`]: a task is written
-        when given or when a language is (then transcribe)."""
+        """`<|startoftranscript|>` [language] [task] [`<|notimestamps|>`]. Without a task, a
+        given language means transcribe; a `detected` one gets the task the checkpoint's
+        `forced_decoder_ids` name, if any (transformers' `_retrieve_init_tokens`)."""
         ids = [self.sot]
         if language_id is not None:
             ids.append(language_id)
-        if task is not None or language_id is not None:
-            task = task or "transcribe"
+        if task is None and language_id is not None:
+            task = self.forced_task if detected else "transcribe"
+        if task is not None:
             if task not in TASKS or task not in self.task_to_id:
                 raise InvalidInputError(f"task={task!r}: choose from {list(self.task_to_id)}")
             ids.append(self.task_to_id[task])
@@ -181,7 +184,7 @@ class WhisperProcessor:
         """The token id of a language code or name (`de`, `German`); InvalidInputError naming
         the checkpoint's languages for any other."""
         key = language.lower()
-        code = LANGUAGE_NAMES.get(key, key.strip("<|>"))
+        code = TO_LANGUAGE_CODE.get(key, key.strip("<|>"))  # a name (german) or a code
         token = f"<|{code}|>"
         if token not in self.lang_to_id:
             raise InvalidInputError(

@@ -204,7 +204,9 @@ class Transcription:
             detect = SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=languages)
             batch = [(DETECT, prompt([sot]), detect)]
         else:
-            init = self.processor.init_ids(self.language_id, self.task, self.timestamps)
+            init = self.processor.init_ids(
+                self.language_id, self.task, self.timestamps, detected=self.detect
+            )
             batch = [(WINDOW, prompt(self.previous + init), self.params)]
             if self.details:
                 no_speech = SamplingParams(
@@ -251,9 +253,14 @@ class Transcription:
         for start, end, piece in pieces:
             self.segments.append(
                 Segment(
-                    id=len(self.segments), seek=self.seek, start=offset + start,
-                    end=offset + end, text=text_of(piece), tokens=piece,
-                    temperature=self.params.temperature, avg_logprob=avg_logprob,
+                    id=len(self.segments),
+                    seek=self.seek,
+                    start=offset + start,
+                    end=offset + end,
+                    text=text_of(piece),
+                    tokens=piece,
+                    temperature=self.params.temperature,
+                    avg_logprob=avg_logprob,
                     compression_ratio=compression_ratio(text_of(tokens)),
                     no_speech_prob=no_speech_prob,
                 )  # fmt: skip

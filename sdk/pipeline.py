@@ -284,8 +284,12 @@ class Pipeline:
             raise InvalidInputError("a speech model takes one audio clip a request, no images")
         if request.video is not None:
             raise InvalidInputError("a speech model takes audio, not video")
-        options = {"language": request.language, "task": request.task,
-                   "timestamps": bool(request.timestamps), "previous_text": request.text}  # fmt: skip
+        options = {
+            "language": request.language,
+            "task": request.task,
+            "timestamps": bool(request.timestamps),
+            "previous_text": request.text,
+        }
         return request.audio, params, options
 
     def stream(self, **kwargs: Any) -> Iterator[str]:

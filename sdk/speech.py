@@ -13,6 +13,7 @@ the same `Transcription` from asyncio.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,7 +65,9 @@ class _Requests:
             if job is None:
                 break
             key, audio, params, options = job
-            load = self.pool.submit(Transcription.load, self.llm.processor, audio, params, **options)
+            load = self.pool.submit(
+                Transcription.load, self.llm.processor, audio, params, **options
+            )
             self.loading.append((key, load))
         if not self.loading or (self.in_engine and not self.loading[0][1].done()):
             return False
@@ -126,6 +129,20 @@ def run_transcriptions(
             yield from _drain(requests.errors)
     finally:
         requests.close()
+
+
+async def transcribe_async(
+    engine: Any, processor: Any, audio: Any, params: Any, **options: Any
+) -> Any:
+    """One clip through an `AsyncEngine` (the server): its `Transcript`. The audio is decoded
+    on a thread; each batch of the clip's requests runs concurrently with other requests."""
+    transcription = await asyncio.to_thread(Transcription.load, processor, audio, params, **options)
+    while not transcription.done:
+        batch = transcription.requests()
+        outputs = await asyncio.gather(*(engine.generate(prompt, p) for _, prompt, p in batch))
+        for (tag, _, _), output in zip(batch, outputs):
+            transcription.add_output(tag, output)
+    return transcription.result()
 
 
 def _drain(errors: list[Finished]) -> Iterator[Finished]:
