@@ -77,6 +77,8 @@ class Transcript:
     completion_tokens: int = 0
     finish_reason: str | None = None
     """The last window's."""
+    timestamps: bool = False
+    """Whether it was decoded with timestamps (asked for, or a clip longer than a window)."""
 
 
 def split_window(
@@ -190,8 +192,9 @@ class Transcription:
         return window
 
     def requests(self) -> list[tuple[str, ProcessedPrompt, SamplingParams]]:
-        """The next requests (tagged `detect`, `window`, `no_speech`); [] when done."""
-        if self.done:
+        """The next requests (tagged `detect`, `window`, `no_speech`); [] when done or while
+        the last batch's outputs are not all in."""
+        if self.done or self._waiting:
             return []
         item = self.processor.window_item(self._window())
         sot = self.processor.sot
@@ -276,5 +279,5 @@ class Transcription:
         tokens = [t for s in self.segments for t in s.tokens]
         return Transcript(
             self.processor.decode_text(tokens), self.language, self.duration, self.segments,
-            self.token_ids, self.usage[0], self.usage[1], self.finish_reason,
+            self.token_ids, self.usage[0], self.usage[1], self.finish_reason, self.timestamps,
         )  # fmt: skip

@@ -137,7 +137,7 @@ class Result:
     error: str | None = None  # set (and text empty) when this request of a batch was invalid
     outputs: list[CompletionOutput] = field(default_factory=list)
     language: str | None = None  # speech models: the language transcribed (given or detected)
-    segments: list[Segment] | None = None  # speech models with timestamps=True: timed pieces
+    segments: list[Segment] | None = None  # speech models, timestamps=True or long-form
 
     @property
     def texts(self) -> list[str]:
@@ -145,11 +145,13 @@ class Result:
         return [o.text for o in self.outputs]
 
     @classmethod
-    def from_transcript(cls, transcript: Transcript, timestamps: bool) -> Result:
+    def from_transcript(cls, transcript: Transcript) -> Result:
+        """A speech model's transcript: segments when decoded with timestamps."""
         usage = Usage(transcript.prompt_tokens, transcript.completion_tokens)
+        segments = transcript.segments if transcript.timestamps else None
         return cls(
             transcript.text, transcript.token_ids, transcript.finish_reason, usage,
-            language=transcript.language, segments=transcript.segments if timestamps else None,
+            language=transcript.language, segments=segments,
         )  # fmt: skip
 
     @classmethod
@@ -239,20 +241,19 @@ class Pipeline:
                 done = next(run_transcriptions(self.llm, [(0, *job)], workers=1))
                 if done.error is not None:
                     raise done.error
-                return Result.from_transcript(done.output, bool(request.timestamps))
+                return Result.from_transcript(done.output)
             prompt = request.to_prompt()
             return Result.from_output(self.llm.generate(prompt, params, use_tqdm=False)[0])
         if fields:
             raise InvalidInputError(f"with a list of requests, put {sorted(fields)} inside each")
         results: list[Result | None] = [None] * len(requests)
-        items, jobs, timestamps = [], [], {}
+        items, jobs = [], []
         for i, fields_i in enumerate(requests):
             try:
                 request = self._request(dict(fields_i))
                 job = self._transcription(request, params)
                 if job is not None:
                     jobs.append((i, *job))
-                    timestamps[i] = bool(request.timestamps)
                 else:
                     items.append((i, request.to_prompt(), params))
             except PolymodalError as exc:
@@ -264,8 +265,8 @@ class Pipeline:
                 for done in finished:
                     if done.error is None:
                         results[done.key] = (
-                            Result.from_transcript(done.output, timestamps[done.key])
-                            if done.key in timestamps
+                            Result.from_transcript(done.output)
+                            if isinstance(done.output, Transcript)
                             else Result.from_output(done.output)
                         )
                     elif isinstance(done.error, PolymodalError):
