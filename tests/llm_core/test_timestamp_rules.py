@@ -17,7 +17,9 @@ from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_core.timestamp_rules import TimestampRules
 
 VOCAB, EOS, NO_TS = 120, 50, 69  # timestamps: 70 ... 119
-RULES = TimestampRules(no_timestamps_token_id=NO_TS, eos_token_id=EOS, max_initial_timestamp_index=5)
+RULES = TimestampRules(
+    no_timestamps_token_id=NO_TS, eos_token_id=EOS, max_initial_timestamp_index=5
+)
 PROMPT = [60, 61, 62]  # the decoder prompt: begin_index = 3
 
 

@@ -33,8 +33,10 @@ def clip(kind: str, seconds: float) -> np.ndarray:
         "noise": lambda: rng.standard_normal(t.size) * 0.1,
         "low": lambda: np.sin(2 * np.pi * 100 * t) * 0.5,
         "high": lambda: np.sin(2 * np.pi * 850 * t) * 0.5,
-        "sweep": lambda: np.sin(2 * np.pi * (200 + 300 * np.sin(t)) * t) * 0.5
-        + rng.standard_normal(t.size) * 0.05,
+        "sweep": lambda: (
+            np.sin(2 * np.pi * (200 + 300 * np.sin(t)) * t) * 0.5
+            + rng.standard_normal(t.size) * 0.05
+        ),
     }
     return waves[kind]().astype(np.float32)
 
@@ -83,9 +85,7 @@ def test_timestamps_match_generate(models, pipe, kind):
     assert_same_segments(ours(result), want)
     stamps = [t for *_, tokens in want for t in tokens if t > pipe.llm.processor.no_timestamps]
     assert len(stamps) >= 2  # the rules had timestamps to place
-    assert result.text == pipe.llm.processor.decode_text(
-        [t for *_, tokens in want for t in tokens]
-    )
+    assert result.text == pipe.llm.processor.decode_text([t for *_, tokens in want for t in tokens])
     assert [s.text for s in result.segments] == [
         pipe.llm.processor.decode_text(tokens) for *_, tokens in want
     ]
@@ -115,7 +115,7 @@ def test_long_form_matches_generate_batched(models, pipe):
     requests = [{"audio": (a, RATE), "language": "de", "timestamps": k == "low"}
                 for k, a in clips.items()]  # fmt: skip
     results = pipe(requests, temperature=0.0)
-    for (kind, audio), result in zip(clips.items(), results):
+    for audio, result in zip(clips.values(), results):
         want, _ = reference(models, audio, language="de", task="transcribe")
         assert result.error is None
         assert_same_segments(ours(result), want)
@@ -128,10 +128,10 @@ def test_long_form_matches_generate_batched(models, pipe):
 
 def test_long_form_with_previous_text(models, pipe):
     """`text=` is `prompt_ids` before every window (condition_on_prev_tokens off)."""
-    _, hf, _ = models
     audio = clip("noise", 8.0)
-    prompt_ids = torch.tensor(hf.generation_config.prev_sot_token_id and
-                              pipe.llm.processor.previous_ids("the fox"))  # fmt: skip
+    tokenizer = pipe.llm.tokenizer  # `get_prompt_ids`: <|startofprev|> + " the fox"
+    prev = [tokenizer.convert_tokens_to_ids("<|startofprev|>")]
+    prompt_ids = torch.tensor(prev + tokenizer.encode(" the fox", add_special_tokens=False))
     want, _ = reference(models, audio, language="fr", prompt_ids=prompt_ids)
     result = pipe(audio=(audio, RATE), language="fr", text="the fox", temperature=0.0)
     assert_same_segments(ours(result), want)
@@ -228,8 +228,11 @@ def test_transcription_routes(models, pipe):
             srt = post(response_format="srt").text
             assert srt == subtitles(want.segments, "srt") and "-->" in srt
             assert post(response_format="vtt").text.startswith("WEBVTT\n\n")
-            auto = client.post("/v1/audio/transcriptions", files=files,
-                               data={"model": "whisper", "response_format": "verbose_json"})
+            auto = client.post(
+                "/v1/audio/transcriptions",
+                files=files,
+                data={"model": "whisper", "response_format": "verbose_json"},
+            )
             assert auto.json()["text"] == detected.text
             assert auto.json()["language"] == tf.models.whisper.tokenization_whisper.LANGUAGES[
                 detected.language
@@ -247,3 +250,18 @@ def test_transcription_routes(models, pipe):
             assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_long_form_matches_generate(models):
+    """On CUDA (Triton kernels, decode graphs; the timestamp rules on the device): long-form
+    and detected-language transcripts, batched, equal transformers' on the CPU, fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    gpu = Pipeline(str(models[0]), dtype="float32", device="cuda", attention_backend="triton")
+    clips = [clip("sweep", 17.3), clip("noise", 9.0), clip("high", 3.0)]
+    results = gpu([{"audio": (a, RATE), "timestamps": True} for a in clips], temperature=0.0)
+    for audio, result in zip(clips, results):
+        want, _ = reference(models, audio)
+        assert_same_segments(ours(result), want)
