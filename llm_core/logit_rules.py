@@ -3,7 +3,8 @@
 In vLLM's order: grammar bitmask (structured output) and `allowed_token_ids` (whitelists),
 `bad_words`, `min_tokens` (stop tokens masked until enough were generated), `logit_bias`;
 transformers' `suppress_tokens` (always) and `begin_suppress_tokens` (the first output token)
-are masked with the bad words.
+are masked with the bad words; Whisper's timestamp rules (`timestamp_rules`) come last, as
+transformers runs its timestamp processor after the suppressions.
 The host only gathers (row, token) index lists; each kind is one copy and one indexed write.
 Rows without rules cost nothing; a batch without any rule never calls this (the sampler
 checks each context's `has_rules`, read once per request from `SamplingParams`).
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from polymodal.llm_core.host_copy import copy_to, to_device, upload
+from polymodal.llm_core.timestamp_rules import apply_timestamp_rules
 
 _WORD_BITS = 32  # a grammar bitmask packs 32 tokens per int32
 
@@ -43,6 +45,7 @@ def apply_logit_rules(logits: torch.Tensor, contexts: list[Any]) -> torch.Tensor
     bias_rows: list[int] = []
     bias_tok: list[int] = []
     bias_val: list[float] = []
+    timestamp_rows: list[int] = []
     for i, ctx in enumerate(contexts):
         p = ctx.params
         if not ctx.has_rules:
@@ -72,6 +75,8 @@ def apply_logit_rules(logits: torch.Tensor, contexts: list[Any]) -> torch.Tensor
             bias_rows.extend([i] * len(p.logit_bias))
             bias_tok.extend(p.logit_bias)
             bias_val.extend(p.logit_bias.values())
+        if p.timestamp_rules is not None:
+            timestamp_rows.append(i)
     neg_inf = float("-inf")
     if grammar_rows:
         _apply_grammars(logits, [contexts[i].grammar for i in grammar_rows], grammar_rows)
@@ -87,6 +92,8 @@ def apply_logit_rules(logits: torch.Tensor, contexts: list[Any]) -> torch.Tensor
         rows, tok = upload([bias_rows, bias_tok], torch.int64, device)
         values = to_device(bias_val, torch.float32, device)
         logits.index_put_((rows, tok), values, accumulate=True)
+    if timestamp_rows:
+        apply_timestamp_rules(logits, contexts, timestamp_rows)
     return logits
 
 

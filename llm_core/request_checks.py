@@ -52,6 +52,13 @@ def check_request(
                 f"SamplingParams.{name} has token ids {outside[:5]} outside the vocab "
                 f"[0, {vocab_size})"
             )
+    rules = params.timestamp_rules
+    if rules is not None and not rules.timestamp_begin < vocab_size > rules.eos_token_id:
+        raise InvalidInputError(
+            f"SamplingParams.timestamp_rules: no_timestamps_token_id "
+            f"{rules.no_timestamps_token_id} and eos_token_id {rules.eos_token_id} must leave "
+            f"the timestamps inside the vocab [0, {vocab_size})"
+        )
 
 
 def check_max_tokens(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> None:

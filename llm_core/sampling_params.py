@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.timestamp_rules import TimestampRules
 
 # Temperatures below this are treated as greedy (argmax), as vLLM does.
 SAMPLING_EPS = 1e-5
@@ -143,6 +144,10 @@ class SamplingParams(BaseModel):
     begin_suppress_tokens: list[int] | None = None
     """Token ids not generated as the first output token (transformers'
     `begin_suppress_tokens`; Whisper: the blank and end-of-text)."""
+    timestamp_rules: TimestampRules | None = None
+    """Whisper's timestamp rules (transformers' `WhisperTimeStampLogitsProcessor`: timestamps
+    in pairs, never decreasing, forced when likelier than any text token); set by the
+    transcription path (`Pipeline(audio=..., timestamps=True)`), see `TimestampRules`."""
     bad_words: list[str] = Field(default_factory=list)
     """Words never generated (each banned as tokenized with and without a leading space)."""
     prompt_logprobs: int | None = None
@@ -182,6 +187,7 @@ class SamplingParams(BaseModel):
             or self.min_tokens
             or self.suppress_tokens
             or self.begin_suppress_tokens
+            or self.timestamp_rules is not None
             or self.structured_outputs is not None
         )
 
@@ -198,13 +204,14 @@ class SamplingParams(BaseModel):
     @property
     def needs_host_tokens(self) -> bool:
         """Sampling the next token needs the previous one on the host (so no overlap of
-        steps): penalties count tokens, bad words and grammars follow them, logprobs are
-        read back with them."""
+        steps): penalties count tokens, bad words, grammars and timestamp rules follow them,
+        logprobs are read back with them."""
         return (
             self.has_penalties
             or self.logprobs is not None
             or self.prompt_logprobs is not None
             or bool(self.bad_words)
+            or self.timestamp_rules is not None
             or self.structured_outputs is not None
         )
 

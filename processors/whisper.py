@@ -3,19 +3,23 @@
 
 The decoder prompt is what transformers' `WhisperForConditionalGeneration.generate` starts
 from (its `_retrieve_init_tokens`): `<|startoftranscript|>`, the language (`language=`, a code
-or a name; a multilingual model needs one: language detection is not done here), the task
-(`transcribe` / `translate`), and `<|notimestamps|>` unless `timestamps=True`. Text given with
-the audio (a chat message's text, Pipeline's `text=`) is previous-context text, as
-`generate(prompt_ids=get_prompt_ids(text))` puts it: `<|startofprev|>` + its tokens before the
-rest; a raw prompt that starts with `<|startoftranscript|>` is the whole decoder prompt
-(vLLM's form).
+or a name), the task (`transcribe` / `translate`), and `<|notimestamps|>` unless
+`timestamps=True`. Text given with the audio (a chat message's text, Pipeline's `text=`) is
+previous-context text, as `generate(prompt_ids=get_prompt_ids(text))` puts it:
+`<|startofprev|>` + its tokens before the rest; a raw prompt that starts with
+`<|startoftranscript|>` is the whole decoder prompt (vLLM's form).
+
+One prompt here is one request: one window of at most `chunk_length` seconds (30 for the
+released models), so a multilingual model needs its language. Language detection, timestamp
+segments and audio longer than a window run through `whisper_transcription.Transcription`
+(Pipeline(audio=...), `polymodal transcribe`, /v1/audio/transcriptions), which uses
+`features`, `window_item`, `init_ids` and `timestamp_rules` from here.
 
 The audio (a path, bytes, data: URL or `(waveform, rate)`: `processors/audio.py` decodes,
-downmixes and resamples it to 16 kHz) is one window of at most `chunk_length` seconds (30 for
-the released models): its log-mel features `[num_mel_bins, 2 * max_source_positions]`
-(`processors/audio_features.WhisperFeatures`, equal to transformers' extractor), an item of
-`max_source_positions` encoder rows. Precomputed features `[num_mel_bins, frames]` are taken
-as they are.
+downmixes and resamples it to 16 kHz) gives log-mel features `[num_mel_bins, frames]`
+(`processors/audio_features.WhisperFeatures`, equal to transformers' extractor); a window is
+an item of `max_source_positions` encoder rows. Precomputed features `[num_mel_bins,
+2 * max_source_positions]` are taken as they are.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError
+from polymodal.llm_core.timestamp_rules import TimestampRules
 from polymodal.processors.audio import load_audio
 from polymodal.processors.audio_features import WhisperFeatures, audio_content_hash
 from polymodal.processors.base import load_tokenizer
@@ -37,17 +43,6 @@ from polymodal.processors.pixels import read_json
 from polymodal.processors.types import CROSS_ATTENTION, MultimodalItem, ProcessedPrompt
 
 TASKS = ("transcribe", "translate")
-# transformers' `TO_LANGUAGE_CODE` names for the codes most asked for; any code works as is
-LANGUAGE_NAMES = {
-    "english": "en",
-    "german": "de",
-    "french": "fr",
-    "spanish": "es",
-    "chinese": "zh",
-    "japanese": "ja",
-    "italian": "it",
-    "portuguese": "pt",
-}
 
 
 class WhisperProcessor:
@@ -89,7 +84,21 @@ class WhisperProcessor:
         self.lang_to_id = dict(generation.get("lang_to_id") or {})
         self.task_to_id = dict(generation.get("task_to_id") or {})
         self.no_timestamps = generation.get("no_timestamps_token_id")
+        eos = generation.get("eos_token_id", config.get("eos_token_id"))
+        self.eos = int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None
+        self.max_initial_timestamp_index = generation.get("max_initial_timestamp_index")
+        # `<|0.00|>` onwards are timestamps; `<|nospeech|>` sits before `<|notimestamps|>`
+        no_timestamps = self.no_timestamps if self.no_timestamps is not None else 1 << 30
+        self.timestamp_begin = int(no_timestamps) + 1
+        self.no_speech = int(no_timestamps) - 1
         self.multilingual = bool(generation.get("is_multilingual", bool(self.lang_to_id)))
+        # the task `forced_decoder_ids` puts after a detected language (released checkpoints:
+        # transcribe; none without them)
+        forced = dict(
+            generation.get("forced_decoder_ids") or config.get("forced_decoder_ids") or []
+        )
+        task_names = {int(v): k for k, v in self.task_to_id.items()}
+        self.forced_task = task_names.get(forced.get(2))
         self.prev = tokenizer.convert_tokens_to_ids("<|startofprev|>")
 
     @classmethod
@@ -108,19 +117,38 @@ class WhisperProcessor:
         """[`<|startofprev|>` previous text] `<|startoftranscript|>` [language] [task]
         [`<|notimestamps|>`] as `generate` builds them (a language without a task means
         transcribe)."""
-        ids = [self.sot]
-        if previous_text and previous_text.strip():  # transformers' `get_prompt_ids`
-            text = " " + previous_text.strip()
-            ids = [self.prev, *self.tokenizer.encode(text, add_special_tokens=False), self.sot]
-        if language is not None:
-            ids.append(self._language_id(language))
-        elif self.multilingual:
+        if language is None and self.multilingual:
             raise InvalidInputError(
-                "language= is required for a multilingual Whisper checkpoint (language "
-                f"detection is not supported yet); known: {sorted(self.lang_to_id)}"
+                "language= is required for a multilingual Whisper checkpoint in a raw prompt "
+                "(Pipeline(audio=...), `polymodal transcribe` and /v1/audio/transcriptions "
+                f"detect it); known: {self.language_codes()}"
             )
-        if task is not None or language is not None:
-            task = task or "transcribe"
+        language_id = self.language_id(language) if language is not None else None
+        return self.previous_ids(previous_text) + self.init_ids(language_id, task, timestamps)
+
+    def previous_ids(self, previous_text: str | None) -> list[int]:
+        """`<|startofprev|>` + the tokens of " text" (transformers' `get_prompt_ids`), or []."""
+        if not previous_text or not previous_text.strip():
+            return []
+        text = " " + previous_text.strip()
+        return [self.prev, *self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def init_ids(
+        self,
+        language_id: int | None,
+        task: str | None = None,
+        timestamps: bool = False,
+        detected: bool = False,
+    ) -> list[int]:
+        """`<|startoftranscript|>` [language] [task] [`<|notimestamps|>`]. Without a task, a
+        given language means transcribe; a `detected` one gets the task the checkpoint's
+        `forced_decoder_ids` name, if any (transformers' `_retrieve_init_tokens`)."""
+        ids = [self.sot]
+        if language_id is not None:
+            ids.append(language_id)
+        if task is None and language_id is not None:
+            task = self.forced_task if detected else "transcribe"
+        if task is not None:
             if task not in TASKS or task not in self.task_to_id:
                 raise InvalidInputError(f"task={task!r}: choose from {list(self.task_to_id)}")
             ids.append(self.task_to_id[task])
@@ -128,48 +156,105 @@ class WhisperProcessor:
             ids.append(int(self.no_timestamps))
         return ids
 
-    def _language_id(self, language: str) -> int:
+    def language_codes(self) -> list[str]:
+        """This checkpoint's language codes (`en`, `de`, ...)."""
+        return sorted(t.strip("<|>") for t in self.lang_to_id)
+
+    def language_code(self, token_id: int) -> str:
+        """The code of a language token id (`<|de|>` -> `de`)."""
+        for token, value in self.lang_to_id.items():
+            if int(value) == token_id:
+                return token.strip("<|>")
+        raise InvalidInputError(f"token {token_id} is not one of this checkpoint's languages")
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        """The text of output tokens: timestamps and other special tokens left out."""
+        text_ids = [t for t in token_ids if t < self.timestamp_begin]
+        return self.tokenizer.decode(text_ids, skip_special_tokens=True)
+
+    def timestamp_rules(self) -> TimestampRules:
+        """The sampling rules of timestamp decoding, from generation_config.json."""
+        if self.no_timestamps is None or self.eos is None:
+            raise InvalidInputError(
+                "timestamps: this checkpoint's generation_config.json has no "
+                "no_timestamps_token_id / eos_token_id"
+            )
+        return TimestampRules(
+            no_timestamps_token_id=int(self.no_timestamps),
+            eos_token_id=self.eos,
+            max_initial_timestamp_index=self.max_initial_timestamp_index,
+        )
+
+    def language_id(self, language: str) -> int:
+        """The token id of a language code or name (`de`, `German`); InvalidInputError naming
+        the checkpoint's languages for any other."""
         key = language.lower()
-        code = LANGUAGE_NAMES.get(key, key.strip("<|>"))
+        code = TO_LANGUAGE_CODE.get(key, key.strip("<|>"))  # a name (german) or a code
         token = f"<|{code}|>"
         if token not in self.lang_to_id:
             raise InvalidInputError(
-                f"language={language!r} is not one of this checkpoint's: "
-                f"{sorted(t.strip('<|>') for t in self.lang_to_id)}"
+                f"language={language!r} is not one of this checkpoint's: {self.language_codes()}"
             )
         return int(self.lang_to_id[token])
 
     # ---- audio -------------------------------------------------------------------------
-    def audio_item(self, source: Any, index: int = 0) -> MultimodalItem:
-        """One window's features as a cross-attention item of `max_source_positions` rows:
-        `source` decoded and resampled (`load_audio`), or features `[num_mel_bins, frames]`."""
-        if isinstance(source, (np.ndarray, torch.Tensor)) and np.ndim(source) == 2:
-            features = torch.as_tensor(np.asarray(source, dtype=np.float32))
-            if features.shape != (self.extractor.feature_size, self.num_frames):
-                raise MediaError(
-                    f"audio {index + 1}: features of shape {tuple(features.shape)}; this model "
-                    f"takes [{self.extractor.feature_size}, {self.num_frames}] (one "
-                    f"{self.chunk_length:g} s window)"
-                )
-            key = content_hash("audio", {"input_features": features})
-        else:
-            audio = load_audio(
-                source,
-                index=index,
-                sampling_rate=self.sampling_rate,
-                allow_http=self.allow_http,
-                cache=self.input_cache,
+    def features(self, source: Any, index: int = 0) -> tuple[torch.Tensor, float]:
+        """(`[num_mel_bins, frames]` log-mel features, duration in seconds) of a clip: one
+        window padded with silence when it fits in one (the extractor's default), else the
+        whole clip unpadded (transformers' long-form `truncation=False`: one log-mel
+        normalization over the clip)."""
+        audio = load_audio(
+            source,
+            index=index,
+            sampling_rate=self.sampling_rate,
+            allow_http=self.allow_http,
+            cache=self.input_cache,
+        )
+        if audio.num_samples == 0:
+            raise MediaError(f"audio {index + 1}: the clip is empty (0 samples)")
+        long = audio.num_samples > self.extractor.n_samples
+        features = self.extractor(audio.waveform, pad_to=None if long else "window")
+        return features, audio.duration
+
+    def window_item(self, features: torch.Tensor, index: int = 0) -> MultimodalItem:
+        """One window's features `[num_mel_bins, 2 * max_source_positions]` as a
+        cross-attention item of `max_source_positions` rows."""
+        features = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if tuple(features.shape) != (self.extractor.feature_size, self.num_frames):
+            raise MediaError(
+                f"audio {index + 1}: features of shape {tuple(features.shape)}; this model "
+                f"takes [{self.extractor.feature_size}, {self.num_frames}] (one "
+                f"{self.chunk_length:g} s window)"
             )
-            if audio.num_samples == 0:
-                raise MediaError(f"audio {index + 1}: the clip is empty (0 samples)")
-            if audio.duration > self.chunk_length:
-                raise MediaError(
-                    f"audio {index + 1}: {audio.duration:.1f} s is longer than one "
-                    f"{self.chunk_length:g} s window (long-form transcription is not supported "
-                    "yet)"
-                )
-            features = self.extractor(audio.waveform)
-            key = audio_content_hash(audio.waveform, self.extractor)
+        key = content_hash("audio", {"input_features": features})
+        return MultimodalItem(
+            "audio", {"input_features": features}, 0, 0, key, target=CROSS_ATTENTION,
+            encoder_rows=self.num_rows,
+        )  # fmt: skip
+
+    def audio_item(self, source: Any, index: int = 0) -> MultimodalItem:
+        """One request's window: features `[num_mel_bins, frames]` as they are, or a clip of
+        at most one window (`source` decoded and resampled by `load_audio`)."""
+        if isinstance(source, (np.ndarray, torch.Tensor)) and np.ndim(source) == 2:
+            return self.window_item(source, index)
+        audio = load_audio(
+            source,
+            index=index,
+            sampling_rate=self.sampling_rate,
+            allow_http=self.allow_http,
+            cache=self.input_cache,
+        )
+        if audio.num_samples == 0:
+            raise MediaError(f"audio {index + 1}: the clip is empty (0 samples)")
+        if audio.duration > self.chunk_length:
+            raise MediaError(
+                f"audio {index + 1}: {audio.duration:.1f} s is longer than one "
+                f"{self.chunk_length:g} s window: one prompt is one window (long-form "
+                "transcription runs through Pipeline(audio=...), `polymodal transcribe` and "
+                "/v1/audio/transcriptions)"
+            )
+        features = self.extractor(audio.waveform)
+        key = audio_content_hash(audio.waveform, self.extractor)
         return MultimodalItem(
             "audio", {"input_features": features}, 0, 0, key, target=CROSS_ATTENTION,
             encoder_rows=self.num_rows,

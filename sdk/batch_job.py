@@ -56,10 +56,13 @@ def run_job(
     batch_size: int | None = None,
     workers: int = PROCESS_WORKERS,
     progress: bool = True,
+    runner: Callable[..., Any] | None = None,
 ) -> dict[str, int]:
     """Run `make_prompt(key)` for every key of `paths` not yet in `out` through `llm`; append
     `make_record(output)` (or `error` for an item that failed), with `key` and the fields of
-    `key_record(key)`, as each finishes.
+    `key_record(key)`, as each finishes. `runner` (default `feeder.run_prompts`) drives the
+    engine over the `(key, prompt, params)` items (`speech.run_transcriptions`' adapter for
+    Whisper transcripts).
 
     `batch_size` requests run at once (default: the engine's `max_num_seqs`); up to
     `feeder.PREFETCH` more are processed ahead on `workers` threads. Returns counts: `done`,
@@ -76,7 +79,7 @@ def run_job(
     start = time.monotonic()
     writer = RecordWriter(out, fields)
     bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr, smoothing=0.1)
-    jobs = run_prompts(
+    jobs = (runner or run_prompts)(
         llm, ((key, make_prompt(key), params) for key in todo), workers=max(1, workers),
         max_in_flight=batch_size,
     )  # fmt: skip

@@ -166,7 +166,10 @@ def compact_parquet(out: str | Path, fields: tuple[str, ...] = RECORD_FIELDS) ->
 
     out = Path(out)
     rows = read_records(out)
-    schema = pa.schema([(k, pa.int64() if k.endswith("_tokens") else pa.string()) for k in fields])
+    kinds = {"duration": pa.float64()}  # token counts are ints, the rest text
+    schema = pa.schema(
+        [(k, pa.int64() if k.endswith("_tokens") else kinds.get(k, pa.string())) for k in fields]
+    )
     table = pa.Table.from_pylist([{k: r.get(k) for k in fields} for r in rows], schema)
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)

@@ -52,7 +52,9 @@ def run_prompts(
     At most `max_in_flight` requests (default: the engine's `max_num_seqs`, a full batch) are
     in the engine, and at most `prefetch` more processed ahead on `workers` threads
     (`workers=0`: processed inline; `prefetch` defaults to `PREFETCH`). Closing the iterator
-    early aborts what is in flight.
+    early aborts what is in flight. `items` is read again after every step: an iterator that
+    ran dry may yield more once outputs came back (`polymodal.speech` feeds follow-up requests
+    that way).
     """
     engine = llm.engine
     max_in_flight = max_in_flight or engine.scheduler.max_num_seqs
@@ -95,6 +97,7 @@ def run_prompts(
             for out in engine.step(finished_only=True):  # no per-token outputs to build
                 if out.request_id in in_flight:
                     yield Finished(in_flight.pop(out.request_id), output=out)
+            refill()  # `items` may grow as outputs arrive (the next window of a clip)
     finally:
         for request_id in in_flight:
             engine.abort(request_id)

@@ -10,6 +10,11 @@ text="...")`, `pipe("cat.jpg", text="...")`, `pipe(text=messages)` (chat message
 parts), with `max_new_tokens=`, `do_sample=`, `num_return_sequences=` or
 `generate_kwargs={...}`. The model's generation_config.json supplies every sampling value the
 call does not set, as in transformers.
+
+A speech model (Whisper) transcribes `audio=` clips of any length through `polymodal.speech`:
+`pipe(audio="talk.mp3")` detects the language when none is given (`Result.language`),
+`timestamps=True` gives `Result.segments` (start, end, text), a clip longer than one window is
+decoded window after window (with timestamps), and `text=` is previous-context text.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_prompts import MEDIA_OPTIONS, is_messages
+from polymodal.processors.whisper_transcription import Segment, Transcript
+from polymodal.speech import run_transcriptions, takes_transcription
 
 SPEECH_OPTIONS = ("language", "task", "timestamps")  # reach processors that take them
 
@@ -129,11 +136,23 @@ class Result:
     timings: Timings = field(default_factory=Timings)
     error: str | None = None  # set (and text empty) when this request of a batch was invalid
     outputs: list[CompletionOutput] = field(default_factory=list)
+    language: str | None = None  # speech models: the language transcribed (given or detected)
+    segments: list[Segment] | None = None  # speech models, timestamps=True or long-form
 
     @property
     def texts(self) -> list[str]:
         """Every completion's text (`n` of them), in order."""
         return [o.text for o in self.outputs]
+
+    @classmethod
+    def from_transcript(cls, transcript: Transcript) -> Result:
+        """A speech model's transcript: segments when decoded with timestamps."""
+        usage = Usage(transcript.prompt_tokens, transcript.completion_tokens)
+        segments = transcript.segments if transcript.timestamps else None
+        return cls(
+            transcript.text, transcript.token_ids, transcript.finish_reason, usage,
+            language=transcript.language, segments=segments,
+        )  # fmt: skip
 
     @classmethod
     def from_output(cls, out: RequestOutput) -> Result:
@@ -216,27 +235,63 @@ class Pipeline:
                 raise InvalidInputError("give the images positionally or as images=, not both")
             fields = {**fields, "images": inputs}
         if requests is None:
-            prompt = self._request(fields).to_prompt()
+            request = self._request(fields)
+            job = self._transcription(request, params)
+            if job is not None:
+                done = next(run_transcriptions(self.llm, [(0, *job)], workers=1))
+                if done.error is not None:
+                    raise done.error
+                return Result.from_transcript(done.output)
+            prompt = request.to_prompt()
             return Result.from_output(self.llm.generate(prompt, params, use_tqdm=False)[0])
         if fields:
             raise InvalidInputError(f"with a list of requests, put {sorted(fields)} inside each")
         results: list[Result | None] = [None] * len(requests)
-        items = []
+        items, jobs = [], []
         for i, fields_i in enumerate(requests):
             try:
-                items.append((i, self._request(dict(fields_i)).to_prompt(), params))
+                request = self._request(dict(fields_i))
+                job = self._transcription(request, params)
+                if job is not None:
+                    jobs.append((i, *job))
+                else:
+                    items.append((i, request.to_prompt(), params))
             except PolymodalError as exc:
                 results[i] = Result(text="", finish_reason="error", error=f"request {i}: {exc}")
-        with closing(run_prompts(self.llm, items)) as finished:
-            for done in finished:
-                if done.error is None:
-                    results[done.key] = Result.from_output(done.output)
-                elif isinstance(done.error, PolymodalError):
-                    error = f"request {done.key}: {done.error}"
-                    results[done.key] = Result(text="", finish_reason="error", error=error)
-                else:
-                    raise done.error
+        runs = [run_prompts(self.llm, items)] if items else []
+        runs += [run_transcriptions(self.llm, jobs)] if jobs else []
+        for run in runs:
+            with closing(run) as finished:
+                for done in finished:
+                    if done.error is None:
+                        results[done.key] = (
+                            Result.from_transcript(done.output)
+                            if isinstance(done.output, Transcript)
+                            else Result.from_output(done.output)
+                        )
+                    elif isinstance(done.error, PolymodalError):
+                        error = f"request {done.key}: {done.error}"
+                        results[done.key] = Result(text="", finish_reason="error", error=error)
+                    else:
+                        raise done.error
         return results
+
+    def _transcription(self, request: PipelineRequest, params: SamplingParams) -> tuple | None:
+        """`(audio, params, options)` of a speech model's `audio=` request (Whisper: detected
+        language, timestamps, long-form); None for any other request."""
+        if request.audio is None or not takes_transcription(self.llm.processor):
+            return None
+        if isinstance(request.audio, list) or request.image is not None or request.images:
+            raise InvalidInputError("a speech model takes one audio clip a request, no images")
+        if request.video is not None:
+            raise InvalidInputError("a speech model takes audio, not video")
+        options = {
+            "language": request.language,
+            "task": request.task,
+            "timestamps": bool(request.timestamps),
+            "previous_text": request.text,
+        }
+        return request.audio, params, options
 
     def stream(self, **kwargs: Any) -> Iterator[str]:
         """Yield text deltas of one request as they are generated (the first completion's)."""

@@ -5,13 +5,15 @@ The same job as `polymodal caption` (`batch_job`): every finished file is durabl
 the output, a rerun skips the files already there and ends before the model loads when none
 is left, and a file that cannot be read is recorded with its error (and not retried).
 
-Any model whose processor takes audio serves: a speech model whose processor takes
-`language` / `task` options (Whisper) gets each file as `Pipeline(audio=path, language=...,
-task=...)` builds it, with `--prompt` as previous-context text; a chat model (Phi-4-multimodal)
-gets the audio and an instruction (`--prompt`, or one made from the task and language). A model
-without audio input is refused from its config before any weight is loaded, and `--language`
-/ `--task` are checked against the model's processor then too (a typo would otherwise be
-recorded as an error for every file).
+Any model whose processor takes audio serves. A speech model (Whisper) transcribes each file
+through `polymodal.speech` as `Pipeline(audio=path, ...)` does: files of any length (window
+after window), the language detected when `--language` is not given (the record's
+`language`), `--timestamps` for the record's `segments` (JSON text: a list of {start, end,
+text}), `--prompt` as previous-context text. A chat model (Phi-4-multimodal) gets the audio
+and an instruction (`--prompt`, or one made from the task and language). A model without audio
+input is refused from its config before any weight is loaded, and `--language` / `--task` are
+checked against the model's processor then too (a typo would otherwise be recorded as an error
+for every file).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from polymodal.llm_core.errors import InvalidInputError
 
 TASKS = ("transcribe", "translate")
 TRANSCRIPT_FIELDS = (
-    "key", "text", "language", "task", "error", "finish_reason", "prompt_tokens",
-    "completion_tokens",
+    "key", "text", "language", "task", "duration", "segments", "error", "finish_reason",
+    "prompt_tokens", "completion_tokens",
 )  # fmt: skip
 # the instruction for chat models (a speech model's processor builds its own task prompt)
 CHAT_INSTRUCTIONS = {
@@ -57,34 +59,37 @@ def takes_speech_options(processor: Any) -> bool:
 
 def transcription_prompt(
     audio: Any,
-    speech_options: bool,
     *,
     language: str | None = None,
     task: str | None = None,
     prompt: str | None = None,
     path: str = "",
 ) -> dict[str, Any]:
-    """The chat prompt for one clip (a path, or anything `load_audio` takes).
-
-    `speech_options`: the processor takes `language` / `task` (Whisper): the prompt is what
-    `Pipeline(audio=..., language=..., task=...)` sends, `prompt` (if any) its previous-context
-    text. Otherwise `prompt` (default: an instruction for `task`, naming `language`) is the
-    text after the audio. `prompt` may use {name} and {path}.
-    """
+    """A chat model's prompt for one clip (a path, or anything `load_audio` takes): the audio
+    and `prompt` (default: an instruction for `task`, naming `language`; it may use {name}
+    and {path})."""
     content: list[dict[str, Any]] = [{"type": "audio", "audio": audio}]
     text = fill_template(prompt, "audio", path) if prompt else None
-    if speech_options:
-        if text:
-            content.append({"type": "text", "text": text})
-        options = {"language": language, "task": task}
-        options = {k: v for k, v in options.items() if v is not None}
-        return {"messages": [{"role": "user", "content": content}], **options}
     if text is None:
         text = CHAT_INSTRUCTIONS[task or "transcribe"]
         if language:
             text += f" The speech is in {language}."
     content.append({"type": "text", "text": text})
     return {"messages": [{"role": "user", "content": content}]}
+
+
+def transcript_record(transcript: Any, timestamps: bool) -> dict[str, Any]:
+    """A speech model's record: text, language, duration, segments (JSON text) and usage."""
+    segments = None
+    if timestamps:
+        pieces = [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments]
+        segments = json.dumps(pieces, ensure_ascii=False)
+    return {
+        "text": transcript.text, "language": transcript.language,
+        "duration": transcript.duration, "segments": segments,
+        "finish_reason": transcript.finish_reason, "prompt_tokens": transcript.prompt_tokens,
+        "completion_tokens": transcript.completion_tokens,
+    }  # fmt: skip
 
 
 def audio_processor(model: str) -> Any:
@@ -112,14 +117,21 @@ def audio_processor(model: str) -> Any:
     return cls.from_pretrained(path)
 
 
-def check_options(processor: Any, model: str, **prompt_options: Any) -> None:
-    """Process a second of silence with the job's options: a language, task or prompt the
-    model does not take raises InvalidInputError here, before the job starts."""
+def check_options(processor: Any, model: str, **options: Any) -> None:
+    """Check the job's options on a second of silence: a language, task or prompt the model
+    does not take raises InvalidInputError here, before the job starts."""
+    from polymodal.llm_core.sampling_params import SamplingParams
     from polymodal.llm_prompts import process_prompt
+    from polymodal.processors.whisper_transcription import Transcription
 
     silence = (np.zeros(16_000, dtype=np.float32), 16_000)
-    probe = transcription_prompt(silence, takes_speech_options(processor), **prompt_options)
-    process_prompt(processor, probe, model=model)
+    if not takes_speech_options(processor):
+        process_prompt(processor, transcription_prompt(silence, **options), model=model)
+        return
+    Transcription.load(
+        processor, silence, SamplingParams(), language=options.get("language"),
+        task=options.get("task"), previous_text=options.get("prompt"),
+    )  # fmt: skip
 
 
 def transcribe_files(
@@ -130,6 +142,7 @@ def transcribe_files(
     language: str | None = None,
     task: str | None = None,
     prompt: str | None = None,
+    timestamps: bool = False,
     params: Any = None,
     batch_size: int | None = None,
     workers: int = PROCESS_WORKERS,
@@ -137,27 +150,41 @@ def transcribe_files(
 ) -> dict[str, int]:
     """Transcribe `paths` with `llm` (a `polymodal.LLM` whose model takes audio) into `out`,
     skipping finished keys; returns `batch_job.run_job`'s counts. `params` defaults to greedy
-    decoding with the model's generation_config (Whisper's suppressed tokens)."""
+    decoding with the model's generation_config (Whisper's suppressed tokens); `timestamps`
+    (speech models) writes each file's segments."""
     from polymodal.llm_core.sampling_params import SamplingParams
+    from polymodal.speech import run_transcriptions
 
     if task is not None and task not in TASKS:
         raise InvalidInputError(f"task={task!r}: choose from {list(TASKS)}")
-    speech = takes_speech_options(llm.processor)
     params = params or SamplingParams(temperature=0.0, max_tokens=448).with_defaults(
         llm.default_sampling
     )
+    key_record = lambda key: {"language": language, "task": task or "transcribe"}  # noqa: E731
+    common = dict(params=params, fields=TRANSCRIPT_FIELDS, batch_size=batch_size,
+                  workers=workers, progress=progress, key_record=key_record)  # fmt: skip
+    if not takes_speech_options(llm.processor):
+        return run_job(
+            llm, paths, out, **common,
+            make_prompt=lambda key: transcription_prompt(
+                key, language=language, task=task, prompt=prompt, path=key
+            ),
+            make_record=lambda output: {"text": output.outputs[0].text, **usage_record(output)},
+        )  # fmt: skip
 
     def make_prompt(key: str) -> dict[str, Any]:
-        return transcription_prompt(
-            key, speech, language=language, task=task, prompt=prompt, path=key
-        )
+        previous = fill_template(prompt, "audio", key) if prompt else None
+        options = {"language": language, "task": task, "timestamps": timestamps,
+                   "previous_text": previous}  # fmt: skip
+        return {"audio": key, "options": options}
+
+    def runner(llm: Any, items: Any, **kwargs: Any):
+        jobs = ((key, p["audio"], sp, p["options"]) for key, p, sp in items)
+        return run_transcriptions(llm, jobs, **kwargs)
 
     return run_job(
-        llm, paths, out, make_prompt=make_prompt,
-        make_record=lambda output: {"text": output.outputs[0].text, **usage_record(output)},
-        key_record=lambda key: {"language": language, "task": task or "transcribe"},
-        params=params, fields=TRANSCRIPT_FIELDS, batch_size=batch_size, workers=workers,
-        progress=progress,
+        llm, paths, out, **common, make_prompt=make_prompt, runner=runner,
+        make_record=lambda transcript: transcript_record(transcript, timestamps),
     )  # fmt: skip
 
 
@@ -167,11 +194,17 @@ def transcribe_command(parser: argparse.ArgumentParser):
 
     parser.description = "Transcribe audio files into a resumable JSONL or Parquet file."
     add_job_arguments(parser, max_tokens=448)
-    parser.add_argument("--language", help="the spoken language: a code (en) or name (english)")
+    parser.add_argument(
+        "--language",
+        help="the spoken language: a code (en) or name (english); default: detected (Whisper)",
+    )
     parser.add_argument("--task", choices=TASKS, help="translate: into English; default transcribe")
     parser.add_argument(
         "--prompt",
         help="Whisper: previous-context text; chat models: the instruction (may use {name} {path})",
+    )
+    parser.add_argument(
+        "--timestamps", action="store_true", help="Whisper: write each file's timed segments"
     )
     add_engine_arguments(parser)
 
@@ -193,6 +226,7 @@ def transcribe_command(parser: argparse.ArgumentParser):
             paths,
             args.out,
             **options,
+            timestamps=args.timestamps,
             params=sampling_params(args, llm.default_sampling),
             batch_size=args.batch_size,
             workers=args.workers,

@@ -170,7 +170,7 @@ class WhisperForConditionalGeneration(SupportsMultiModal, ModelBase):
 # The tiny checkpoint's special tokens, in id order after the BPE vocab: Whisper's task tokens,
 # then <|notimestamps|> and the timestamp tokens (ids past it, as transformers expects).
 WHISPER_LANGUAGES = ("en", "de", "fr")
-NUM_TIMESTAMPS = 51  # <|0.00|> ... <|1.00|>
+NUM_TIMESTAMPS = 251  # <|0.00|> ... <|5.00|>: the tiny 5 s window
 WHISPER_TOKENS = {
     "eos_token": "<|endoftext|>",
     "bos_token": "<|endoftext|>",

@@ -1,26 +1,35 @@
 """OpenAI's speech-to-text routes: `POST /v1/audio/transcriptions` and `/v1/audio/translations`
-(multipart form: `file`, `model`, `language`, `prompt`, `response_format`, `temperature`).
+(multipart form: `file`, `model`, `language`, `prompt`, `response_format`, `temperature`,
+`timestamp_granularities[]`).
 
-The clip is decoded and resampled by the model's processor (`processors/audio.py`), one window
-a request (Whisper: 30 s); `prompt` is previous-context text. `response_format` json or text;
-srt, vtt and verbose_json need segment timestamps, which are not generated yet (a 400 says
-so). A model without an audio encoder answers a 400 naming it.
+Each clip runs through `polymodal.speech.transcribe_async` (`Transcription`): the language is
+detected when not given, a clip longer than one window (Whisper: 30 s) is decoded window after
+window, `prompt` is previous-context text. `response_format`: `json` ({"text"}), `text`,
+`verbose_json` (task, language, duration, text, segments with OpenAI's fields; `avg_logprob`
+is the mean logprob of the raw distribution, `no_speech_prob` P(`<|nospeech|>`) after
+`<|startoftranscript|>`), `srt` and `vtt`. `timestamp_granularities[]`: `segment`; `word`
+is refused (no word timestamps). A model whose processor builds no speech prompts answers a
+400 naming it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from polymodal.llm_core.errors import PolymodalError
+from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.server.errors import RequestError
 from polymodal.server.serving import client_error
+from polymodal.speech import takes_transcription, transcribe_async
 
-RESPONSE_FORMATS = ("json", "text")
-NEEDS_TIMESTAMPS = ("srt", "vtt", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+TIMED_FORMATS = ("verbose_json", "srt", "vtt")
+GRANULARITIES = ("segment",)
 
 
 def add_audio_routes(
@@ -31,47 +40,69 @@ def add_audio_routes(
     defaults: dict,
 ) -> None:
     """Register the transcription and translation routes on `router` (the `/v1` one)."""
+    processor = None
+    if "audio" in engine.model_info.get("modalities", ()):
+        cls = processor_class(engine.model_info["architecture"])
+        processor = cls.from_pretrained(engine.model_info["model_dir"])
 
     async def run(request: Request, task: str):
         form = await request.form()
         check_model(form.get("model") or None)
         takes_audio("file")
+        if not takes_transcription(processor):
+            raise RequestError(
+                f"model ({engine.model_info['architecture']}) takes audio in chat messages, "
+                "not through the transcription routes (a speech model such as Whisper does)",
+                "model", "model_not_supported",
+            )  # fmt: skip
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise RequestError("a multipart 'file' field holding the audio is required", "file")
         fmt = form.get("response_format") or "json"
-        if fmt in NEEDS_TIMESTAMPS:
-            raise RequestError(
-                f"response_format {fmt!r} needs segment timestamps, which are not supported "
-                f"yet; use one of {list(RESPONSE_FORMATS)}",
-                "response_format",
-            )
         if fmt not in RESPONSE_FORMATS:
             raise RequestError(
-                f"response_format must be one of {list(RESPONSE_FORMATS + NEEDS_TIMESTAMPS)}, "
-                f"got {fmt!r}",
+                f"response_format must be one of {list(RESPONSE_FORMATS)}, got {fmt!r}",
                 "response_format",
+            )
+        granularities = form.getlist("timestamp_granularities[]") or form.getlist(
+            "timestamp_granularities"
+        )
+        unknown = [g for g in granularities if g not in GRANULARITIES]
+        if unknown:
+            raise RequestError(
+                f"timestamp_granularities {unknown} are not supported (word timestamps are "
+                f"not generated); use {list(GRANULARITIES)}",
+                "timestamp_granularities[]",
             )
         try:
             temperature = float(form.get("temperature") or 0.0)
         except ValueError:
             raise RequestError("temperature must be a number", "temperature") from None
-        options = {"task": task}
-        if form.get("language"):
-            options["language"] = form["language"]
-        prompt = {
-            "prompt": form.get("prompt") or "",
-            "multi_modal_data": {"audio": await upload.read()},
-            "mm_processor_kwargs": options,
+        options = {
+            "language": form.get("language") or None,
+            "task": task,
+            "timestamps": fmt in TIMED_FORMATS or bool(granularities),
+            "previous_text": form.get("prompt") or None,
+            "details": fmt == "verbose_json",
         }
+        if options["language"] is not None:
+            try:
+                processor.language_id(options["language"])
+            except PolymodalError as exc:
+                raise RequestError(str(exc), "language") from None
         try:
-            params = SamplingParams(temperature=temperature)
-            params = params.with_defaults({"max_tokens": None, **defaults})
-            out = await engine.generate(prompt, params)
+            params = SamplingParams(temperature=temperature).with_defaults(defaults)
+            audio = await upload.read()
+            transcript = await transcribe_async(engine, processor, audio, params, **options)
         except PolymodalError as exc:
             return client_error(exc, "file")
-        text = out.outputs[0].text
-        return PlainTextResponse(text) if fmt == "text" else {"text": text}
+        if fmt == "text":
+            return PlainTextResponse(transcript.text)
+        if fmt in ("srt", "vtt"):
+            return PlainTextResponse(subtitles(transcript.segments, fmt))
+        if fmt == "verbose_json":
+            return verbose_json(transcript, task)
+        return {"text": transcript.text}
 
     @router.post("/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -80,3 +111,38 @@ def add_audio_routes(
     @router.post("/audio/translations")
     async def translations(request: Request):
         return await run(request, "translate")
+
+
+def verbose_json(transcript: Any, task: str) -> dict[str, Any]:
+    """OpenAI's verbose transcription object (the language as a name: `german`)."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    language = transcript.language
+    return {
+        "task": task,
+        "language": LANGUAGES.get(language, language),
+        "duration": transcript.duration,
+        "text": transcript.text,
+        "segments": [segment.to_dict() for segment in transcript.segments],
+    }
+
+
+def subtitles(segments: list, fmt: str) -> str:
+    """SubRip (`srt`) or WebVTT (`vtt`) cues, one per segment with text."""
+    mark = "," if fmt == "srt" else "."
+    cues = []
+    for segment in (s for s in segments if s.text.strip()):
+        span = f"{_clock(segment.start, mark)} --> {_clock(segment.end, mark)}"
+        number = f"{len(cues) + 1}\n" if fmt == "srt" else ""
+        cues.append(f"{number}{span}\n{segment.text.strip()}\n")
+    body = "\n".join(cues)
+    return body if fmt == "srt" else f"WEBVTT\n\n{body}"
+
+
+def _clock(seconds: float, mark: str) -> str:
+    """`HH:MM:SS,mmm` (srt) or `HH:MM:SS.mmm` (vtt)."""
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{mark}{millis:03d}"

@@ -4,7 +4,9 @@ fp32 on the CPU, on a tiny checkpoint (5 s windows of 16 mel bins: 250 encoder r
 - greedy tokens equal `WhisperForConditionalGeneration.generate` (its suppress and
   begin-suppress rules from generation_config.json), fp32 logits within 1e-4 of the forward;
 - several clips and tasks in one engine run, a decoder prompt without audio among them; chunked
-  prefill; prefix hits; the decode and prefill graph step paths (eagerly)."""
+  prefill; prefix hits; the decode and prefill graph step paths (eagerly).
+One request is one window here; timestamps, language detection, long-form and the audio routes:
+tests/sdk/test_speech.py."""
 
 import numpy as np
 import pytest
@@ -64,9 +66,9 @@ def _reference(models, name):
         prompt = WhisperProcessor.from_pretrained(models[0]).prompt_ids(language, task, True)
         tokens = None
     else:
-        out = hf.generate(
+        out = hf.generate(  # one window, one call (no seek past a timestamp pair)
             features, language=language, task=task, max_new_tokens=STEPS, do_sample=False,
-            return_dict_in_generate=True, output_scores=True,
+            return_dict_in_generate=True, output_scores=True, force_unique_generate_call=True,
         )  # fmt: skip
         seq = out.sequences[0].tolist()
         prompt_len = len(seq) - len(out.scores)
@@ -221,7 +223,8 @@ def test_previous_text_prompt_matches_generate_prompt_ids(models, llm):
     prev += tokenizer.encode(" " + text, add_special_tokens=False)
     features = extractor(clip("tone"), sampling_rate=RATE, return_tensors="pt").input_features
     out = hf.generate(features, language="de", task="transcribe", prompt_ids=torch.tensor(prev),
-                      max_new_tokens=STEPS, do_sample=False)  # fmt: skip
+                      max_new_tokens=STEPS, do_sample=False,
+                      force_unique_generate_call=True)  # fmt: skip
     prompt = {"prompt": text, "multi_modal_data": {"audio": (clip("tone"), RATE)},
               "mm_processor_kwargs": {"language": "de"}}  # fmt: skip
     got = llm.generate(prompt, _params(llm), use_tqdm=False)[0]
@@ -229,70 +232,18 @@ def test_previous_text_prompt_matches_generate_prompt_ids(models, llm):
     assert got.outputs[0].token_ids == out[0].tolist()[-STEPS:]
 
 
-def test_pipeline_and_chat_forms(models, llm, tmp_path):
-    """`Pipeline(audio=..., language=...)` and chat messages with an audio part (a WAV file
-    decoded by processors/audio.py) give the same tokens as the prompt form."""
+def test_chat_form(models, llm, tmp_path):
+    """Chat messages with an audio part (a WAV file decoded by processors/audio.py) give the
+    same tokens as the prompt form (Pipeline(audio=...) runs `polymodal.speech`:
+    tests/sdk/test_speech.py)."""
     import soundfile
-
-    from polymodal import Pipeline
 
     path = tmp_path / "chirp.wav"
     soundfile.write(path, clip("chirp"), RATE, subtype="FLOAT")
     ref = _reference(models, "chirp_fr_default_task")[1]
-    pipe = Pipeline(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=64)
-    result = pipe(audio=str(path), language="fr", max_tokens=STEPS, ignore_eos=True,
-                  temperature=0.0)  # fmt: skip
-    assert result.token_ids == ref
     messages = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}]}]
     chat = {"messages": messages, "mm_processor_kwargs": {"language": "fr"}}
     assert llm.generate(chat, _params(llm), use_tqdm=False)[0].outputs[0].token_ids == ref
-
-
-def test_transcription_routes(models, tmp_path_factory):
-    """`/v1/audio/transcriptions` and `/translations` (multipart upload): the engine's greedy
-    text; json and text formats; srt/vtt refused naming the field; no file: a 400."""
-    pytest.importorskip("fastapi")
-    import io
-
-    import soundfile
-    from fastapi.testclient import TestClient
-
-    from polymodal.async_engine import AsyncEngine
-    from polymodal.server.app import create_app
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, clip("chirp"), RATE, format="WAV", subtype="FLOAT")
-    wav = buffer.getvalue()
-    engine = AsyncEngine(str(models[0]), separate_process=False, num_kv_blocks=64,
-                         dtype="float32")  # fmt: skip
-    llm_side = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=64)
-    want = {}
-    for task in ("transcribe", "translate"):
-        prompt = {"prompt": "", "multi_modal_data": {"audio": wav},
-                  "mm_processor_kwargs": {"language": "fr", "task": task}}  # fmt: skip
-        params = llm_side.get_default_sampling_params().model_copy(update={"temperature": 0.0})
-        want[task] = llm_side.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
-    try:
-        with TestClient(create_app(engine, "whisper")) as client:
-            form = {"model": "whisper", "language": "fr"}
-            files = {"file": ("a.wav", wav, "audio/wav")}
-            resp = client.post("/v1/audio/transcriptions", data=form, files=files)
-            assert resp.status_code == 200, resp.text
-            assert resp.json() == {"text": want["transcribe"]}
-            resp = client.post("/v1/audio/translations", data=form, files=files)
-            assert resp.json() == {"text": want["translate"]}
-            text = {**form, "response_format": "text"}
-            resp = client.post("/v1/audio/transcriptions", data=text, files=files)
-            assert resp.status_code == 200 and resp.text == want["transcribe"]
-            srt = {**form, "response_format": "srt"}
-            resp = client.post("/v1/audio/transcriptions", data=srt, files=files)
-            assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format"
-            resp = client.post("/v1/audio/transcriptions", data=form)
-            assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
-            resp = client.post("/v1/audio/transcriptions", data={"model": "whisper"}, files=files)
-            assert resp.status_code == 400 and "language= is required" in resp.text
-    finally:
-        engine.close()
 
 
 @pytest.mark.gpu

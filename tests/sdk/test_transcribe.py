@@ -1,8 +1,8 @@
 """`polymodal transcribe` on a tiny Whisper over generated audio files (wav, flac, ogg, mp3,
-m4a): each transcript equals `Pipeline(audio=...)`'s text for that file; a corrupt file and a
-clip longer than the window get error rows; a rerun after partial output does only the rest;
-a finished job's rerun loads no model; a model without audio input, a language the model does
-not know and Parquet output."""
+m4a): each transcript equals `Pipeline(audio=...)`'s text for that file, a clip longer than the
+window included (long-form); a corrupt file gets an error row; a rerun after partial output
+does only the rest; a finished job's rerun loads no model; a model without audio input, a
+language the model does not know; Parquet output with detected languages and segments."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ ENGINE = ["--num-kv-blocks", "128", "--dtype", "float32"]
 
 
 def make_audio(folder) -> tuple[list[str], dict[str, str]]:
-    """Five clips in five containers, a corrupt WAV, a clip longer than the tiny model's 5 s
-    window, and a text file; returns (all keys, bad key -> what its error says)."""
+    """Five clips in five containers, a clip longer than the tiny model's 5 s window, a corrupt
+    WAV and a text file; returns (all keys, bad key -> what its error says)."""
     folder.mkdir(parents=True, exist_ok=True)
     clips = {
         "tone.wav": tone(440.0, 1.5, RATE),
@@ -47,7 +47,7 @@ def make_audio(folder) -> tuple[list[str], dict[str, str]]:
     (folder / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
     (folder / "notes.txt").write_text("not audio: ignored by folder discovery")
     keys = discover_inputs([str(folder)], AUDIO_EXTENSIONS)
-    bad = {str(folder / "broken.wav"): "audio 1", str(folder / "long.wav"): "longer than one"}
+    bad = {str(folder / "broken.wav"): "audio 1"}
     return keys, bad
 
 
@@ -82,7 +82,7 @@ def test_transcripts_equal_the_pipeline_and_resume(whisper, pipe, tmp_path):
     cmd = transcribe_cmd(whisper, [tmp_path / "audio"], out, "--language", "en")
     first = run(cmd + ["--batch-size", "3"])
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "5 transcribed, 2 errors, 0 already done" in first.stderr
+    assert "6 transcribed, 1 errors, 0 already done" in first.stderr
     rows = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(rows) == sorted(keys)
     for key, what in bad.items():
@@ -133,8 +133,8 @@ def test_a_model_without_audio_or_a_bad_language_is_refused_before_weights(whisp
     bad = run(transcribe_cmd(no_weights, [tmp_path / "audio"], out, "--language", "klingon"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "language='klingon'" in bad.stderr
-    missing = run(transcribe_cmd(no_weights, [tmp_path / "audio"], out))  # multilingual
-    assert missing.returncode == 2 and "language= is required" in missing.stderr
+    task = run(transcribe_cmd(no_weights, [tmp_path / "audio"], out, "--task", "summarize"))
+    assert task.returncode == 2 and "invalid choice: 'summarize'" in task.stderr
     assert not out.exists()  # no record of a job that never started
 
 
@@ -148,25 +148,25 @@ def test_transcribe_files_to_parquet_and_translate(pipe, tmp_path):
     params = SamplingParams(max_tokens=STEPS, temperature=0.0)
     params = params.with_defaults(pipe.llm.default_sampling)  # as Pipeline does
     counts = transcribe_files(
-        pipe.llm, keys, out, language="de", task="translate", params=params, progress=False,
+        pipe.llm, keys, out, task="translate", timestamps=True, params=params, progress=False,
         workers=1,
     )  # fmt: skip
-    assert counts["done"] == 5 and counts["errors"] == 2
+    assert counts["done"] == 6 and counts["errors"] == 1
     rows = {r["key"]: r for r in read_records(out)}
-    key = keys[0] if keys[0] not in bad else keys[1]
-    ref = pipe(audio=key, language="de", task="translate", max_tokens=STEPS, temperature=0.0)
-    assert rows[key]["text"] == ref.text and rows[key]["task"] == "translate"
+    for key in (k for k in keys if k not in bad):
+        ref = pipe(audio=key, task="translate", timestamps=True, max_tokens=STEPS,
+                   temperature=0.0)  # fmt: skip
+        row = rows[key]
+        assert row["text"] == ref.text and row["task"] == "translate"
+        assert row["language"] == ref.language  # detected
+        assert row["duration"] > 0
+        pieces = [{"start": s.start, "end": s.end, "text": s.text} for s in ref.segments]
+        assert json.loads(row["segments"]) == pieces
 
 
-def test_chat_models_get_an_instruction_whisper_gets_options():
-    whisper = transcription_prompt("a.wav", True, language="en", task="translate")
-    assert whisper == {
-        "messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
-        "language": "en",
-        "task": "translate",
-    }
-    chat = transcription_prompt("a.wav", False, language="French")
+def test_chat_models_get_an_instruction():
+    chat = transcription_prompt("a.wav", language="French")
     text = chat["messages"][0]["content"][1]["text"]
     assert text == "Transcribe the audio clip into text. The speech is in French."
-    named = transcription_prompt("/x/a.wav", False, prompt="Transcribe {name}.", path="/x/a.wav")
+    named = transcription_prompt("/x/a.wav", prompt="Transcribe {name}.", path="/x/a.wav")
     assert named["messages"][0]["content"][1]["text"] == "Transcribe a.wav."
