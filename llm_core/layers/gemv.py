@@ -168,7 +168,7 @@ def _lora_delta(part_ptr, lora_b, slots, piece, offs_m, M, splits, R, NUM_SLICES
                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_S: tl.constexpr):  # fmt: skip
     """`delta [BLOCK_N, BLOCK_M]` of `LoRADelta` from `_lora_rows`' values; y is summed over
-    the splits as it loads."""
+    the splits as it loads, only for the slices this feature block holds (mostly one)."""
     ss = tl.arange(0, BLOCK_S)
     rs = tl.arange(0, BLOCK_R)
     width = NUM_SLICES * R
@@ -176,7 +176,8 @@ def _lora_delta(part_ptr, lora_b, slots, piece, offs_m, M, splits, R, NUM_SLICES
     rows = part_ptr + ss[:, None, None] * M * width + offs_m[None, :, None] * width
     delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
-        y = tl.sum(tl.load(rows + s * R + rs[None, None, :], mask=mask, other=0.0), 0)
+        held = tl.max((piece == s).to(tl.int32), 0) > 0
+        y = tl.sum(tl.load(rows + s * R + rs[None, None, :], mask=mask & held, other=0.0), 0)
         part = tl.sum(lora_b * y[None, :, :], 2)  # [BLOCK_N, BLOCK_M]
         delta = tl.where((piece == s)[:, None], part, delta)
     return delta
