@@ -15,7 +15,7 @@ written.
   (normalized as it loads) or `[gate | up]` (`silu_mul`: activated as it loads), rounded as
   the GEMV and `silu_and_mul` round, so the base layer keeps those folds.
 - `expand`: `out[t, slice s] += (sum over c of part[c, t, s*R:(s+1)*R]) @ B[slot(t), slice s]^T`
-  (splits summed in order as y loads); the grid's third axis is (slot, slice). Every output
+  (the splits summed as y loads); the grid's third axis is (slot, slice). Every output
   element belongs to one token and one slice: no atomics. A one-row GEMV adds the same term
   in its own epilogue instead (`layers.gemv.LoRADelta`), before its residual add.
 """
@@ -173,7 +173,7 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # splits summed per load
+    BLOCK_S: tl.constexpr,  # splits padded to a power of 2
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -201,17 +201,13 @@ def _expand_kernel(
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs < length
     rows = tl.load(sorted_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
-    # y [BLOCK_M, BLOCK_R]: this slice's rank columns, the K splits summed in order
+    # y [BLOCK_M, BLOCK_R]: this slice's rank columns, every K split in one load, summed
     width = NUM_SLICES * R
-    ys = tl.arange(0, BLOCK_S)
-    y_ptrs = part_ptr + rows[None, :, None] * width + piece * R + rs[None, None, :]
-    y_mask = row_ok[None, :, None] & r_ok[None, None, :]
-    y = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    for s0 in range(0, splits, BLOCK_S):
-        s = (s0 + ys).to(tl.int64)
-        chunk = tl.load(y_ptrs + s[:, None, None] * num_tokens * width,
-                        mask=(s < splits)[:, None, None] & y_mask, other=0.0)  # fmt: skip
-        y += tl.sum(chunk, 0)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    y_ptrs = (part_ptr + s[:, None, None] * num_tokens * width + rows[None, :, None] * width
+              + piece * R + rs[None, None, :])  # fmt: skip
+    y_mask = (s < splits)[:, None, None] & row_ok[None, :, None] & r_ok[None, None, :]
+    y = tl.sum(tl.load(y_ptrs, mask=y_mask, other=0.0), 0)
     if DOT_F32:
         delta = tl.dot(y, b.to(tl.float32), input_precision="ieee")
     else:
@@ -270,6 +266,8 @@ def expand(
     splits, num_tokens, _ = part.shape
     slots = lora_b.shape[0]
     num_slices = slice_offsets.shape[0]
+    if splits > MAX_SPLITS:  # one load sums them all
+        raise ValueError(f"expand takes at most {MAX_SPLITS} K splits, got {splits}")
     if num_tokens == 0:
         return
     block_n = max(16, min(128, triton.next_power_of_2(max_slice)))
@@ -280,6 +278,6 @@ def expand(
         part, lora_b, out, seg.sorted_tokens, seg.seg_start, seg.seg_len, slice_offsets,
         slice_sizes, num_tokens, splits, rank, lora_b.stride(0), lora_b.stride(1),
         out.stride(0), NUM_SLICES=num_slices, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_R=block_r, BLOCK_S=min(8, triton.next_power_of_2(splits)),
+        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits),
         DOT_F32=_dot_f32(lora_b), USE_PDL=flag, launch_pdl=flag,
     )  # fmt: skip
