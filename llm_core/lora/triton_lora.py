@@ -123,9 +123,8 @@ def _shrink_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + slot.to(tl.int64) * stride_al + cols[None, :].to(tl.int64) * stride_an
     k = k_begin + ks
-    a = tl.load(
-        a_rows + k[:, None], mask=busy & (k < k_end)[:, None] & col_ok[None, :], other=0.0
-    )  # fmt: skip  [BLOCK_K, BLOCK_N]: the slot's A rows `cols`, transposed
+    first = busy & (k < k_end)[:, None] & col_ok[None, :]
+    a = tl.load(a_rows + k[:, None], mask=first, other=0.0)  # [BLOCK_K, BLOCK_N]: A^T's tile
     pdl.wait(USE_PDL)
     if not busy:
         return
