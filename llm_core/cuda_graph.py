@@ -24,6 +24,7 @@ graph objects and capture time, not a second set of activations.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -37,9 +38,11 @@ PREFILL_BUCKETS = [*range(16, 513, 16), 640, 768, 896, 1024]
 PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
 
 
-def capture_buckets(buckets: list[int], forward, pool=None) -> tuple[dict, object]:
+def capture_buckets(buckets: list[int], forward, pool=None) -> tuple[dict, object, tuple]:
     """Capture `forward(n)` for each bucket, largest first, into one shared memory pool
-    (`pool`, or a new one); returns the graphs by bucket and the pool."""
+    (`pool`, or a new one); returns the graphs by bucket, the pool and what the capture cost:
+    (seconds, device bytes it took: pool growth and the graphs themselves)."""
+    start, free = time.perf_counter(), torch.cuda.mem_get_info()[0]
     graphs = {}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -55,7 +58,7 @@ def capture_buckets(buckets: list[int], forward, pool=None) -> tuple[dict, objec
             graphs[n] = graph
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    return graphs, pool
+    return graphs, pool, (time.perf_counter() - start, free - torch.cuda.mem_get_info()[0])
 
 
 class DecodeGraphs:
@@ -112,6 +115,7 @@ class DecodeGraphs:
         self.logits = torch.zeros(n, vocab, dtype=torch.float32, device=device)
         # {lora: {bucket: graph}}: captured with the LoRA kernels in (True) or without
         self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}
+        self.capture_cost: dict[bool, tuple[float, int]] = {}  # per set: seconds, device bytes
         self.runs = 0
         self.lora_runs = 0  # of which with the LoRA kernels
         self.pool = None
@@ -160,7 +164,9 @@ class DecodeGraphs:
     def capture(self, lora: bool = False) -> None:
         """Capture every bucket, largest first, into the shared memory pool, as the set `lora`
         (the caller sets the model up to run the LoRA kernels or not)."""
-        self.graphs[lora], self.pool = capture_buckets(self.buckets, self._forward, self.pool)
+        self.graphs[lora], self.pool, self.capture_cost[lora] = capture_buckets(
+            self.buckets, self._forward, self.pool
+        )
 
     def can_run(self, num_seqs: int, num_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and num_blocks <= self.max_blocks
@@ -318,6 +324,7 @@ class PrefillGraphs:
         self.cross_ranges = torch.zeros(3, n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}  # as DecodeGraphs'
+        self.capture_cost: dict[bool, tuple[float, int]] = {}
         self.pool = None
         self.runs = 0
         self.lora_runs = 0
@@ -355,7 +362,9 @@ class PrefillGraphs:
     def capture(self, lora: bool = False) -> None:
         """Capture every bucket as the set `lora` (as `DecodeGraphs.capture`; no queries during
         capture: nothing is stored or read)."""
-        self.graphs[lora], self.pool = capture_buckets(self.buckets, self._forward, self.pool)
+        self.graphs[lora], self.pool, self.capture_cost[lora] = capture_buckets(
+            self.buckets, self._forward, self.pool
+        )
 
     def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int) -> bool:
         return (
