@@ -113,8 +113,9 @@ def main() -> None:
             engine = Engine(str(ckpt), **common, **kwargs, **(lora_kwargs if kwargs else {}))
             if not use:  # each engine once: the base, then the LoRA one
                 runner = engine.runner
-                for kind, graphs in (("decode", runner.graphs), ("prefill", runner.prefill_graphs)):
-                    for lora, (seconds, used) in getattr(graphs, "capture_cost", {}).items():
+                sets = (("decode", runner.graphs), ("prefill", runner.prefill_graphs))
+                for kind, graphs in (s for s in sets if s[1] is not None):
+                    for lora, (seconds, used) in graphs.capture_cost.items():
                         costs.append((label.split(",")[0], kind, lora, seconds, used / 2**20))
             for batch in batches:
                 rows.append((label, batch, decode_ms(engine, batch, use, args.steps)))
