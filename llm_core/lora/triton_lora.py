@@ -126,7 +126,7 @@ def _shrink_kernel(
     first = busy & (k < k_end)[:, None] & col_ok[None, :]
     a = tl.load(a_rows + k[:, None], mask=first, other=0.0)  # [BLOCK_K, BLOCK_N]: A^T's tile
     pdl.wait(USE_PDL)
-    if not busy:
+    if pid_m * BLOCK_M >= length:
         return
     start = tl.load(seg_start_ptr + slot)
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,7 +194,7 @@ def _expand_kernel(
         other=0.0,
     )
     pdl.wait(USE_PDL)
-    if not busy:
+    if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
         return
     start = tl.load(seg_start_ptr + slot)
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
