@@ -13,11 +13,18 @@ width]`); a step that writes encoder rows (a request's first) runs eager.
 
 Captures use `capture_error_mode="thread_local"`: media staging threads may touch the device
 while the engine thread captures (an encoder graph mid-run, say), which must not void it.
+
+An engine with LoRA captures every bucket twice (`capture(lora)`): with the LoRA kernels in,
+and without (the base layers' kernels and fused epilogues, exactly the plain engine's); a step
+replays the LoRA set only when a token of it uses an adapter. Both sets share the static
+inputs and the one memory pool (only one graph runs at a time), so the second set costs its
+graph objects and capture time, not a second set of activations.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -31,9 +38,12 @@ PREFILL_BUCKETS = [*range(16, 513, 16), 640, 768, 896, 1024]
 PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
 
 
-def capture_buckets(buckets: list[int], forward) -> tuple[dict, object]:
-    """Capture `forward(n)` for each bucket, largest first, into one shared memory pool."""
-    graphs, pool = {}, None
+def capture_buckets(buckets: list[int], forward, pool=None) -> tuple[dict, object, tuple]:
+    """Capture `forward(n)` for each bucket, largest first, into one shared memory pool
+    (`pool`, or a new one); returns the graphs by bucket, the pool and what the capture cost:
+    (seconds, device bytes it took: pool growth and the graphs themselves)."""
+    start, free = time.perf_counter(), torch.cuda.mem_get_info()[0]
+    graphs = {}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -48,7 +58,7 @@ def capture_buckets(buckets: list[int], forward) -> tuple[dict, object]:
             graphs[n] = graph
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    return graphs, pool
+    return graphs, pool, (time.perf_counter() - start, free - torch.cuda.mem_get_info()[0])
 
 
 class DecodeGraphs:
@@ -103,8 +113,11 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         vocab = model.lm_head.weight.shape[0]
         self.logits = torch.zeros(n, vocab, dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # {lora: {bucket: graph}}: captured with the LoRA kernels in (True) or without
+        self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}
+        self.capture_cost: dict[bool, tuple[float, int]] = {}  # per set: seconds, device bytes
         self.runs = 0
+        self.lora_runs = 0  # of which with the LoRA kernels
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -148,23 +161,27 @@ class DecodeGraphs:
         self.model.compute_logits(hidden, out=self.logits[:bs], argmax=self.tokens[:bs])
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first, into one shared memory pool."""
-        self.graphs, self.pool = capture_buckets(self.buckets, self._forward)
+    def capture(self, lora: bool = False) -> None:
+        """Capture every bucket, largest first, into the shared memory pool, as the set `lora`
+        (the caller sets the model up to run the LoRA kernels or not)."""
+        self.graphs[lora], self.pool, self.capture_cost[lora] = capture_buckets(
+            self.buckets, self._forward, self.pool
+        )
 
     def can_run(self, num_seqs: int, num_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and num_blocks <= self.max_blocks
 
-    def run(self, hb, prev_tokens: torch.Tensor | None = None):
-        """Replay the smallest bucket that fits `hb` (a decode `HostBatch`); returns (logits
-        `[num_seqs, vocab]` fp32, greedy tokens `[num_seqs]`), views of static buffers valid
-        until the next replay. Rows in `hb.pending_rows` take their id from `prev_tokens` (the
-        step before's sampled ids, on the device) at `hb.pending_src`."""
+    def run(self, hb, prev_tokens: torch.Tensor | None = None, lora: bool = False):
+        """Replay the smallest bucket that fits `hb` (a decode `HostBatch`) from the set `lora`;
+        returns (logits `[num_seqs, vocab]` fp32, greedy tokens `[num_seqs]`), views of static
+        buffers valid until the next replay. Rows in `hb.pending_rows` take their id from
+        `prev_tokens` (the step before's sampled ids, on the device) at `hb.pending_src`."""
         n = len(hb.ids)
         bs = next(b for b in self.buckets if b >= n)
         mirror = self.runs % 2
         h = self.inputs.host_views[mirror]  # numpy views, filled in place
         self.runs += 1
+        self.lora_runs += lora
         h["input_ids"][:n] = hb.ids
         h["positions"][..., :n] = hb.rows if h["positions"].ndim == 2 else hb.rows[0]
         for g, group_slots in enumerate(hb.slots):
@@ -200,7 +217,7 @@ class DecodeGraphs:
             h["cross_ranges"][:, n:bs] = 0
         self.inputs.upload(mirror, rows=bs * groups * width)
         if self.graphs:
-            self.graphs[bs].replay()
+            self.graphs[lora][bs].replay()
         else:  # not captured (CPU tests): the same padded step, eagerly
             self._forward(bs)
         return self.logits[:n], self.tokens[:n]
@@ -306,9 +323,11 @@ class PrefillGraphs:
         self.cross_lens = torch.zeros(s, dtype=torch.int32, device=device)
         self.cross_ranges = torch.zeros(3, n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}  # as DecodeGraphs'
+        self.capture_cost: dict[bool, tuple[float, int]] = {}
         self.pool = None
         self.runs = 0
+        self.lora_runs = 0
 
     def _forward(self, n: int) -> None:
         metas = [
@@ -340,9 +359,12 @@ class PrefillGraphs:
         self.hidden[:n] = self.model(positions, self.embeds[:n], self.kv_caches, meta)
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket (no queries during capture: nothing is stored or read)."""
-        self.graphs, self.pool = capture_buckets(self.buckets, self._forward)
+    def capture(self, lora: bool = False) -> None:
+        """Capture every bucket as the set `lora` (as `DecodeGraphs.capture`; no queries during
+        capture: nothing is stored or read)."""
+        self.graphs[lora], self.pool, self.capture_cost[lora] = capture_buckets(
+            self.buckets, self._forward, self.pool
+        )
 
     def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int) -> bool:
         return (
@@ -351,12 +373,13 @@ class PrefillGraphs:
             and num_blocks <= self.block_tables.shape[2]
         )  # (cross tables are never wider than `max_cross_blocks`)
 
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """Replay the smallest bucket that holds this step; returns hidden `[num_tokens, hidden]`
-        (a view of a static buffer: valid until the next replay)."""
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta, lora: bool = False):
+        """Replay the smallest bucket that holds this step, from the set `lora`; returns hidden
+        `[num_tokens, hidden]` (a view of a static buffer: valid until the next replay)."""
         n, s = embeds.shape[0], meta.num_seqs
         bucket = next(b for b in self.buckets if b >= n)
         self.runs += 1
+        self.lora_runs += lora
         self.embeds[:n].copy_(embeds)
         self.positions[..., :n].copy_(positions)
         for g in range(self.block_tables.shape[1]):
@@ -378,7 +401,7 @@ class PrefillGraphs:
         self.seq_lens[:s].copy_(meta.seq_lens)
         self.seq_lens[s:].zero_()
         if self.graphs:
-            self.graphs[bucket].replay()
+            self.graphs[lora][bucket].replay()
         else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
             self._forward(bucket)
         return self.hidden[:n]

@@ -102,34 +102,42 @@ class ModelRunner:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
         from polymodal.llm_core.cuda_graph import DecodeGraphs
 
-        self._lora_capture(True)
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
             self.model, self.kv_caches, max_batch, max_blocks, self.uses_mrope, self.num_kv_groups,
             self.num_cross_groups, self.max_cross_blocks,
         )  # fmt: skip
-        self.graphs.capture()
-        self._lora_capture(False)
+        self._capture(self.graphs)
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
         """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens."""
         from polymodal.llm_core.cuda_graph import PrefillGraphs
 
-        self._lora_capture(True)
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
             self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups,
             self.num_cross_groups, self.max_cross_blocks,
         )  # fmt: skip
-        self.prefill_graphs.capture()
-        self._lora_capture(False)
+        self._capture(self.prefill_graphs)
 
-    def _lora_capture(self, capturing: bool) -> None:
-        """Graphs record the LoRA kernels whatever the step holds (no adapter token while
-        capturing: they do nothing then); replays read each step's mapping."""
-        if self.lora is not None:
-            self.lora.batch.clear()
-            self.lora.batch.always_run = capturing
+    def _capture(self, graphs) -> None:
+        """Capture `graphs` as the plain set; with LoRA also as the LoRA set, whose graphs record
+        the LoRA kernels whatever the step holds (no adapter token while capturing: they do
+        nothing then) and whose replays read each step's mapping. `lora_step` picks the set."""
+        if self.lora is None:
+            graphs.capture(False)
+            return
+        batch = self.lora.batch
+        for lora in (True, False):
+            batch.clear()
+            batch.always_run = lora
+            graphs.capture(lora)
+        batch.always_run = False
+
+    def lora_step(self) -> bool:
+        """Whether a token of the step just set (`LoRAManager.set_step`) uses an adapter: it
+        runs the LoRA kernels (the LoRA graph set); others run exactly as without LoRA."""
+        return self.lora is not None and self.lora.batch.num_active > 0
 
     # ---- inputs -------------------------------------------------------------------------
     def _positions(self, req: Request, start: int, end: int, rows: list[list[int]]) -> None:
@@ -360,7 +368,7 @@ class ModelRunner:
             and not hb.prompt_logprob_spans
             and graphs.can_run(len(hb.ids), hb.max_blocks)
         ):
-            return self._launch_graph(sched, hb, prev, overlap)
+            return self._launch_graph(sched, hb, prev, overlap, self.lora_step())
         input_ids, positions, meta, _ = self.prepare(sched, hb)
         if states is not None:  # every cross group stores the same rows' K/V
             for g in range(self.num_kv_groups, self.num_kv_groups + self.num_cross_groups):
@@ -377,7 +385,7 @@ class ModelRunner:
         fits = prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks)
         # captured graphs know no media key ranges and store no encoder rows
         if fits and hb.key_ranges is None and states is None:
-            hidden = prefill.run(embeds, positions, meta)
+            hidden = prefill.run(embeds, positions, meta, self.lora_step())
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
         if hb.prompt_logprob_spans:
@@ -407,9 +415,11 @@ class ModelRunner:
                 table[req.prompt_token_ids[pos]] = chosen[k]
                 req.prompt_logprobs[pos] = table
 
-    def _launch_graph(self, sched, hb: HostBatch, prev: InFlight | None, overlap: bool):
-        """A decode step as one graph replay: LM head and greedy argmax included."""
-        logits, greedy = self.graphs.run(hb, prev.tokens if hb.pending_rows else None)
+    def _launch_graph(self, sched, hb: HostBatch, prev: InFlight | None, overlap: bool,
+                      lora: bool):  # fmt: skip
+        """A decode step as one graph replay (of the LoRA set when `lora`): LM head and greedy
+        argmax included."""
+        logits, greedy = self.graphs.run(hb, prev.tokens if hb.pending_rows else None, lora)
         reqs = _sampling_requests(sched)
         if not hb.sample_rows:
             return InFlight(reqs)

@@ -7,7 +7,8 @@ config) with rank-16 adapters on every decoder linear (random, written in PEFT's
 
 Rows: base engine (no LoRA), LoRA engine with no adapter in the batch, LoRA engine with
 `--adapters` adapters. ms/step is the median of `--steps` pure decode steps (CUDA graphs on);
-the target (issue 20) is the adapters row within 15% of the base row at B = 64.
+the target (issue 20) is the adapters row within 15% of the base row at B = 64. Then what each
+engine's graph sets cost to capture (a LoRA engine captures a set without LoRA too).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main() -> None:
         loras = [LoRARequest(f"a{i}", i + 1, str(path)) for i, path in enumerate(paths)]
         common = dict(dummy_weights=True, dtype="bfloat16", max_num_seqs=max(batches),
                       max_model_len=4096)  # fmt: skip
-        rows = []
+        rows, costs = [], []
         for label, kwargs, use in (
             ("base (no LoRA)", {}, []),
             ("LoRA engine, no adapter", {"enable_lora": True}, []),
@@ -110,6 +111,12 @@ def main() -> None:
         ):
             lora_kwargs = {"max_loras": max(1, args.adapters), "max_lora_rank": args.rank}
             engine = Engine(str(ckpt), **common, **kwargs, **(lora_kwargs if kwargs else {}))
+            if not use:  # each engine once: the base, then the LoRA one
+                runner = engine.runner
+                sets = (("decode", runner.graphs), ("prefill", runner.prefill_graphs))
+                for kind, graphs in (s for s in sets if s[1] is not None):
+                    for lora, (seconds, used) in graphs.capture_cost.items():
+                        costs.append((label.split(",")[0], kind, lora, seconds, used / 2**20))
             for batch in batches:
                 rows.append((label, batch, decode_ms(engine, batch, use, args.steps)))
             del engine
@@ -119,6 +126,10 @@ def main() -> None:
     print(f"{'engine':34} {'batch':>5} {'ms/step':>8} {'vs base':>8}")
     for label, batch, ms in rows:
         print(f"{label:34} {batch:5d} {ms:8.3f} {100 * (ms / base[batch] - 1):+7.1f}%")
+    print(f"\n{'graphs captured':34} {'set':>8} {'seconds':>8} {'MiB':>8}")
+    for label, kind, lora, seconds, mib in costs:
+        name = f"{label}: {kind}"
+        print(f"{name:34} {'LoRA' if lora else 'plain':>8} {seconds:8.1f} {mib:8.0f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ projection needs no activation kernel then). The residual add and the RMSNorm be
 blocks fold in too: a GEMV given `residual` adds it to its output and writes each feature
 block's sum of squares; the next GEMV, given that as a `DeferredNorm`, sums those (in a fixed
 order) to each row's 1/rms and normalizes x as it loads it (batch-1 decode runs no norm
-kernel between layers).
+kernel between layers). A LoRA layer's low-rank term (`LoRADelta`) is added in the epilogue
+too, after the rounding to the output dtype and before the residual: the same order as the
+unfused path (product, `+= delta`, then the add), so LoRA keeps every fold.
 
 Everything the launch depends on is a host int derived from shapes, so calls can be captured
 in CUDA graphs (no syncs, no autotuning at first call).
@@ -37,6 +39,18 @@ TILE_ELEMENTS = 8192  # weight elements per program and K step in the default co
 # keep what is re-read (activations, norm weights, partial sums, the KV cache). Batch-1 decode on
 # an H200: 3.762 (default policy) -> 3.735 ms a token, same machine.
 WEIGHT_EVICTION = "evict_first"
+
+
+@dataclass(frozen=True)
+class LoRADelta:
+    """Per-row low-rank terms a GEMV adds to its output (`lora/layer.py`): row m, feature f of
+    slice s gets `y[m, s*R:(s+1)*R] @ lora_b[slot[m], f]`, where `y = part.sum(0)` (the split-K
+    partial sums of `lora/triton_lora.shrink`) and `slot[m] = token_slot[m]` (-1: no term)."""
+
+    part: torch.Tensor  # fp32 [splits, M, S * R]
+    lora_b: torch.Tensor  # [L, N, R]
+    token_slot: torch.Tensor  # int32 [>= M]
+    slice_offsets: torch.Tensor  # int32 [S]: each slice's first feature (0 first)
 
 
 @dataclass(frozen=True)
@@ -146,13 +160,51 @@ def row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM: tl.constexpr,
     return rstd
 
 
+def _lora_rows(slot_ptr, b_ptr, slice_ptr, offs_m, offs_n, n_mask, M, N, R,
+               NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """`LoRADelta`'s weights of this feature block: each row's slot `[BLOCK_M]`, its B rows
+    `[BLOCK_N, BLOCK_M, BLOCK_R]` (fp32, zeros for rows without a slot) and each feature's
+    slice `[BLOCK_N]`."""
+    slots = tl.load(slot_ptr + offs_m, mask=offs_m < M, other=-1)
+    rs = tl.arange(0, BLOCK_R)
+    mask = (slots >= 0)[None, :, None] & n_mask[:, None, None] & (rs < R)[None, None, :]
+    rows = b_ptr + slots.to(tl.int64)[None, :, None] * N * R + offs_n[:, None, None] * R
+    lora_b = tl.load(rows + rs[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    piece = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for s in tl.static_range(1, NUM_SLICES):
+        piece += (offs_n >= tl.load(slice_ptr + s)).to(tl.int32)
+    return slots, lora_b, piece
+
+
+@triton.jit
+def _lora_delta(part_ptr, lora_b, slots, piece, offs_m, M, splits, R, NUM_SLICES: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_S: tl.constexpr):  # fmt: skip
+    """`delta [BLOCK_N, BLOCK_M]` of `LoRADelta` from `_lora_rows`' values; y is summed over
+    the splits as it loads, only for the slices this feature block holds (mostly one)."""
+    ss = tl.arange(0, BLOCK_S)
+    rs = tl.arange(0, BLOCK_R)
+    width = NUM_SLICES * R
+    mask = (ss < splits)[:, None, None] & (slots >= 0)[None, :, None] & (rs < R)[None, None, :]
+    rows = part_ptr + ss[:, None, None] * M * width + offs_m[None, :, None] * width
+    delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for s in tl.static_range(NUM_SLICES):
+        held = tl.max((piece == s).to(tl.int32), 0) > 0
+        y = tl.sum(tl.load(rows + s * R + rs[None, None, :], mask=mask & held, other=0.0), 0)
+        part = tl.sum(lora_b * y[None, :, :], 2)  # [BLOCK_N, BLOCK_M]
+        delta = tl.where((piece == s)[:, None], part, delta)
+    return delta
+
+
 @triton.jit
 def store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
-              RESIDUAL: tl.constexpr):  # fmt: skip
-    """out = acc in out's dtype; RESIDUAL: out = that + r (the residual rows of this block,
-    rounded like torch's add) and this feature block's sums of out^2 per row go to
-    `sumsq[m, pid_n]`."""
+              delta, RESIDUAL: tl.constexpr, LORA: tl.constexpr):  # fmt: skip
+    """out = acc in out's dtype; LORA: out = that + delta (rounded as `out += delta` rounds);
+    RESIDUAL: out = that + r (the residual rows of this block, rounded like torch's add) and
+    this feature block's sums of out^2 per row go to `sumsq[m, pid_n]`."""
     y = acc.to(out_ptr.dtype.element_ty)
+    if LORA:
+        y = (y.to(tl.float32) + delta).to(out_ptr.dtype.element_ty)
     if RESIDUAL:
         y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
         h = tl.where(out_mask, y.to(tl.float32), 0.0)
@@ -174,6 +226,12 @@ def _gemv_kernel(
     norm_sumsq_ptr,  # fp32 [M, norm_parts]: x's sums of squares, from its producer (NORM)
     norm_parts,
     eps,
+    lora_part_ptr,  # fp32 [lora_splits, M, LORA_SLICES * R] (LORA)
+    lora_b_ptr,  # [L, N, R] (LORA)
+    lora_slot_ptr,  # int32 [>= M]: each row's adapter slot, -1: none (LORA)
+    lora_slice_ptr,  # int32 [LORA_SLICES]: each slice's first feature (LORA)
+    lora_splits,
+    R,
     M,
     N,
     K,
@@ -184,6 +242,10 @@ def _gemv_kernel(
     RESIDUAL: tl.constexpr,
     NORM: tl.constexpr,
     BLOCK_P: tl.constexpr,  # norm_parts padded to a power of 2
+    LORA: tl.constexpr,
+    LORA_SLICES: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # R padded to a power of 2 (LORA)
+    BLOCK_S: tl.constexpr,  # lora_splits padded to a power of 2 (LORA)
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -220,8 +282,17 @@ def _gemv_kernel(
         r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
     if NORM:
         wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    slots, lora_b, piece = offs_m, acc, offs_n  # unread without LORA
+    if LORA:  # the rows' slots (copied in before the step's first kernel) and B (weights)
+        slots, lora_b, piece = _lora_rows(lora_slot_ptr, lora_b_ptr, lora_slice_ptr, offs_m,
+                                          offs_n, n_mask, M, N, R, LORA_SLICES, BLOCK_N,
+                                          BLOCK_R)  # fmt: skip
     pdl.wait(USE_PDL)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
+    delta = acc  # LORA: the rows' low-rank terms, loaded now: they stream in with x
+    if LORA:
+        delta = _lora_delta(lora_part_ptr, lora_b, slots, piece, offs_m, M, lora_splits, R,
+                            LORA_SLICES, BLOCK_N, BLOCK_M, BLOCK_R, BLOCK_S)  # fmt: skip
     if tile_start < tile_end:
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip
@@ -245,13 +316,13 @@ def _gemv_kernel(
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-                       tl.num_programs(0), RESIDUAL)  # fmt: skip
+                      tl.num_programs(0), delta, RESIDUAL, LORA)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-                   tl.num_programs(0), RESIDUAL)  # fmt: skip
+                  tl.num_programs(0), delta, RESIDUAL, LORA)  # fmt: skip
 
 
 def gemv(
@@ -261,6 +332,7 @@ def gemv(
     config: GemvConfig | None = None,
     silu_mul: bool = False,
     residual: torch.Tensor | None = None,
+    lora: LoRADelta | None = None,
 ):
     """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
     (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
@@ -272,6 +344,7 @@ def gemv(
     GEMV's deferred norm (no add kernel either). Under PDL it is read before waiting on the
     kernel launched just before, which must not be what wrote it (the decoder's residual stream
     was written a block earlier).
+    `lora`: each row's low-rank term is added to the output before the residual (`LoRADelta`).
     `config=None` picks `default_config` from the shape and the device's SM count.
     """
     norm = x if isinstance(x, DeferredNorm) else None
@@ -290,6 +363,11 @@ def gemv(
         raise ValueError(f"gemv residual must be contiguous [{m}, {n}]: {tuple(residual.shape)}")
     if norm is not None and silu_mul:
         raise ValueError("gemv: a deferred norm and silu_mul do not combine")
+    if lora is not None and (lora.part.shape[1] != m or lora.lora_b.shape[1:2] != (n,)):
+        raise ValueError(
+            f"gemv lora terms {tuple(lora.part.shape)}, B {tuple(lora.lora_b.shape)} do not "
+            f"fit x of {m} rows and {n} features"
+        )
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul)
@@ -310,12 +388,20 @@ def gemv(
     norm_w, norm_sumsq, eps, parts = weight, out, 0.0, 1  # unread without a norm
     if norm is not None:
         norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
+    # unread without a LoRA term
+    l_part, l_b, l_slot, l_slice, l_splits, rank, l_slices = out, out, out, out, 1, 1, 1
+    if lora is not None:
+        l_part, l_b, l_slot, l_slice = lora.part, lora.lora_b, lora.token_slot, lora.slice_offsets
+        l_splits, rank, l_slices = lora.part.shape[0], lora.lora_b.shape[2], l_slice.shape[0]
     flag = pdl.use_pdl(x)
     _gemv_kernel[(n_blocks, cfg.split_k)](
         x, weight, b, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
+        l_part, l_b, l_slot, l_slice, l_splits, rank,
         m, n, k, x.stride(0), tiles_per_split,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
-        NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts),
+        NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts), LORA=lora is not None,
+        LORA_SLICES=l_slices, BLOCK_R=triton.next_power_of_2(rank),
+        BLOCK_S=triton.next_power_of_2(l_splits),
         SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,

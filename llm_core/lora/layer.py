@@ -16,9 +16,9 @@ import torch
 
 from polymodal.llm_core.host_copy import upload
 from polymodal.llm_core.layers.activation import silu_and_mul
-from polymodal.llm_core.layers.linear import Linear, LinearMethod
+from polymodal.llm_core.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from polymodal.llm_core.layers.norm import DeferredNorm
-from polymodal.llm_core.lora.ops import LoRASegments, lora_reference, lora_triton
+from polymodal.llm_core.lora.ops import LoRASegments, lora_reference
 
 
 class LoRABatch:
@@ -29,14 +29,22 @@ class LoRABatch:
         self.max_loras = max_loras
         self.device = torch.device(device)
         zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
-        self.segments = LoRASegments(zeros(max_tokens), zeros(max_loras), zeros(max_loras), [])
+        token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
+        self.segments = LoRASegments(
+            zeros(max_tokens), zeros(max_loras), zeros(max_loras), token_slot, []
+        )
         self.num_active = 0  # slots with tokens this step
-        # kernels run whatever the step holds: set while CUDA graphs are captured
+        # kernels run whatever the step holds: set while the LoRA CUDA graphs are captured
         self.always_run = False
         self.use_triton = self.device.type == "cuda"
+        self._slot_rows = 0  # leading rows of `token_slot` the last upload wrote
 
     def set_step(self, slots_and_counts: list[tuple[int, int]]) -> None:
-        """The step's requests in batch order as `(slot, num_tokens)`; slot -1: no adapter."""
+        """The step's requests in batch order as `(slot, num_tokens)`; slot -1: no adapter.
+
+        A step without adapter tokens uploads nothing: its layers take their base method (its
+        eager kernels, or the decode / prefill graphs captured without LoRA), and the device
+        buffers are read only in steps that hold adapter tokens (or by `clear`'s capture)."""
         groups: dict[int, list[int]] = {}
         position = 0
         for slot, count in slots_and_counts:
@@ -46,30 +54,44 @@ class LoRABatch:
         seg = self.segments
         if position > seg.sorted_tokens.shape[0]:
             raise ValueError(f"{position} tokens exceed the LoRA batch's {seg.sorted_tokens.shape}")
+        self.num_active = len(groups)
+        seg.host_groups = [(slot, torch.tensor(groups[slot])) for slot in sorted(groups)]
+        if not (self.use_triton and groups):
+            return
         lengths = [len(groups.get(slot, ())) for slot in range(self.max_loras)]
         starts = [sum(lengths[:slot]) for slot in range(self.max_loras)]
         tokens = [t for slot in sorted(groups) for t in groups[slot]]
-        self.num_active = len(groups)
-        seg.host_groups = [(slot, torch.tensor(groups[slot])) for slot in sorted(groups)]
-        if self.use_triton:
-            # one pinned asynchronous upload, then device copies into the static buffers
-            lens, begins, order = upload([lengths, starts, tokens or [0]], torch.int32, self.device)
-            seg.seg_len.copy_(lens)
-            seg.seg_start.copy_(begins)
-            seg.sorted_tokens[: len(tokens)].copy_(order[: len(tokens)])
+        # each token's slot; rows the last upload set beyond this step's are reset to -1
+        token_slots = [slot for slot, count in slots_and_counts for _ in range(count)]
+        token_slots += [-1] * (self._slot_rows - position)
+        self._slot_rows = position
+        # one pinned asynchronous upload, then device copies into the static buffers
+        lists = [lengths, starts, tokens, token_slots]
+        lens, begins, order, owner = upload(lists, torch.int32, self.device)
+        seg.seg_len.copy_(lens)
+        seg.seg_start.copy_(begins)
+        seg.sorted_tokens[: len(tokens)].copy_(order)
+        seg.token_slot[: len(token_slots)].copy_(owner)
 
     def clear(self) -> None:
-        """No token uses an adapter (before graph capture, and for steps without LoRA)."""
+        """No token uses an adapter, on the host and in the device buffers (before a capture:
+        the LoRA graphs record kernels that find no tokens)."""
         self.set_step([])
+        self.segments.seg_len.zero_()
+        self.segments.token_slot.fill_(-1)
+        self._slot_rows = 0
 
 
 class LoRALinearMethod(LinearMethod):
     """The wrapped method's product, plus each token's adapter: `out += B A x` per slice.
 
-    Fused call-site work is done here, not folded: `silu_mul` is applied to x first (the
-    adapter sees the same activated input), a `DeferredNorm` is materialized, and a
-    `residual` is left to the caller (`add_norm` takes a plain output), so LoRA layers never
-    take the GEMV's folded epilogues."""
+    Steps without adapter tokens take the wrapped method as it is, fused work and all. With
+    adapters (Triton kernels), the shrink reads x as the layer does (a `DeferredNorm` normalized
+    and `silu_mul` applied as it loads), so the base product keeps those folds; the residual add
+    must follow the delta (`out = (base + delta) + residual`, rounded in that order): a one-row
+    GEMV adds the delta in its epilogue before the residual (every fold kept), any other method
+    returns its plain product, `expand` adds the delta, and the caller adds the residual
+    (`add_norm`). The torch path (CPU) applies the fused work first, then `lora_reference`."""
 
     def __init__(self, base: LinearMethod, batch: LoRABatch, layer: Linear, max_loras: int,
                  max_rank: int, dtype: torch.dtype):  # fmt: skip
@@ -127,18 +149,28 @@ class LoRALinearMethod(LinearMethod):
         batch = self.batch
         if not batch.num_active and not batch.always_run:
             return self.base.apply(layer, x, silu_mul=silu_mul, residual=residual)
-        if isinstance(x, DeferredNorm):
-            x = x.materialize()
-        if silu_mul:
-            x = silu_and_mul(x)
-        out = self.base.apply(layer, x)  # [num_tokens, out]
-        x = x.contiguous()
-        if batch.use_triton:
-            sizes = self.slice_sizes
-            return lora_triton(x, out, layer.lora_a, layer.lora_b, self.slice_offsets, sizes,
-                               self.max_slice, self.rank, batch.segments)  # fmt: skip
-        groups = batch.segments.host_groups
-        return lora_reference(x, out, layer.lora_a, layer.lora_b, self.slices, self.rank, groups)
+        if not batch.use_triton:
+            if isinstance(x, DeferredNorm):
+                x = x.materialize()
+            if silu_mul:
+                x = silu_and_mul(x)
+            out = self.base.apply(layer, x)  # [num_tokens, out]
+            groups = batch.segments.host_groups
+            return lora_reference(x, out, layer.lora_a, layer.lora_b, self.slices, self.rank,
+                                  groups)  # fmt: skip
+        from polymodal.llm_core.layers.gemv import LoRADelta  # Triton: an optional dependency
+        from polymodal.llm_core.lora import triton_lora
+
+        seg = batch.segments
+        part = triton_lora.shrink(x, layer.lora_a, seg, silu_mul)  # [splits, num_tokens, S * R]
+        if isinstance(self.base, UnquantizedLinearMethod) and self.base.uses_gemv(layer, x):
+            delta = LoRADelta(part, layer.lora_b, seg.token_slot, self.slice_offsets)
+            return layer.gemv(x, layer.weight, layer.bias, silu_mul=silu_mul, residual=residual,
+                              lora=delta)  # fmt: skip
+        out = self.base.apply(layer, x, silu_mul=silu_mul)  # plain: the residual comes after
+        triton_lora.expand(part, layer.lora_b, out, self.slice_offsets, self.slice_sizes,
+                           self.max_slice, self.rank, seg)  # fmt: skip
+        return out
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, Linear]:

@@ -7,7 +7,8 @@ Shapes, for one layer with `S` output slices (q/k/v of a packed qkv: 3; a plain 
     lora_a   [L, S * R, in]          per adapter slot, each slice's A rows (rank padded to R)
     lora_b   [L, out, R]             per adapter slot, B (scaling folded in) of the slice
                                      each output row belongs to
-    y        [T, S * R]  float32     shrink: y[t, s*R:(s+1)*R] = A[slot(t), s] x[t]
+    y        [T, S * R]  float32     shrink: y[t, s*R:(s+1)*R] = A[slot(t), s] x[t] (the
+                                     kernels keep it as split-K partial sums [splits, T, S * R])
     out      [T, out]                expand: out[t, slice s] += B[slot(t), slice s] y[t, s]
 
 Tokens are grouped by adapter slot (`LoRASegments`): the tokens of slot l are
@@ -30,6 +31,7 @@ class LoRASegments:
     sorted_tokens: torch.Tensor  # int32 [max_tokens]: token indices, by slot
     seg_start: torch.Tensor  # int32 [L]
     seg_len: torch.Tensor  # int32 [L]
+    token_slot: torch.Tensor  # int32 [max_tokens]: each token's slot, -1: none (the GEMV's)
     host_groups: list[tuple[int, torch.Tensor]]  # (slot, int64 token indices) per active slot
 
 
@@ -56,7 +58,7 @@ def lora_reference(
 
 
 def lora_triton(
-    x: torch.Tensor,
+    x,
     out: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -65,13 +67,13 @@ def lora_triton(
     max_slice: int,
     rank: int,
     segments: LoRASegments,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """The same product with the Triton shrink and expand kernels (one launch each over every
-    token of the step); `slice_offsets` / `slice_sizes`: int32 `[S]` on the device."""
+    token of the step); `x` as `shrink` takes it (a `DeferredNorm`, or `[gate | up]` with
+    `silu_mul`); `slice_offsets` / `slice_sizes`: int32 `[S]` on the device."""
     from polymodal.llm_core.lora import triton_lora
 
-    num_slices = slice_offsets.shape[0]
-    y = torch.empty(x.shape[0], num_slices * rank, dtype=torch.float32, device=x.device)
-    triton_lora.shrink(x, lora_a, y, segments)
-    triton_lora.expand(y, lora_b, out, slice_offsets, slice_sizes, max_slice, rank, segments)
+    part = triton_lora.shrink(x, lora_a, segments, silu_mul)
+    triton_lora.expand(part, lora_b, out, slice_offsets, slice_sizes, max_slice, rank, segments)
     return out

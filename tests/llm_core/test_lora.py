@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from polymodal import InvalidInputError, LoRARequest
 from polymodal.llm_core.engine import Engine
@@ -170,3 +171,90 @@ def test_a_request_without_a_free_slot_waits_while_others_run(llama_adapters):
     final = engine.run_until_done()  # `second` runs once `first` finished
     assert all(len(final[i].outputs[0].token_ids) == STEPS for i in ids)
     assert manager.slot_users == [0] and manager.slot_key[0] == second.cache_key
+
+
+def test_steps_without_adapters_replay_the_plain_graphs(llama_adapters):
+    """Decode steps replay the LoRA graph set only while a token of theirs uses an adapter
+    (graphs run their padded forward eagerly here, on CPU), and give what an engine without
+    graphs gives; a LoRA engine's steps without adapters equal the plain engine's exactly."""
+    from polymodal.llm_core.cuda_graph import DecodeGraphs
+
+    base, adapters = llama_adapters
+
+    def engine_with_graphs(**kwargs):
+        engine = Engine(str(base), **ENGINE, **kwargs)
+        runner = engine.runner
+        runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, 16, runner.uses_mrope)
+        return engine
+
+    plain = _run(engine_with_graphs(), PROMPTS[:2], [None, None])
+    engine = engine_with_graphs(enable_lora=True, max_loras=1)
+    runner = engine.runner
+    again = _run(engine, PROMPTS[:2], [None, None])
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(again, plain):
+        assert tokens == ref_tokens  # and the logits bitwise: the same kernels ran
+        assert len(logits) == len(ref_logits) and all(map(torch.equal, logits, ref_logits))
+    assert runner.graphs.runs > 0 and runner.graphs.lora_runs == 0
+    # the adapter request stops after 3 tokens, the other decodes on without it
+    chosen, expected = [], []
+    run_graph, launch = runner.graphs.run, runner.launch
+
+    def traced_run(hb, prev_tokens=None, lora=False):
+        chosen.append(lora)
+        return run_graph(hb, prev_tokens, lora)
+
+    def traced_launch(sched, *args, **kwargs):
+        if sched.requests and all(n == 1 for n in sched.num_new_tokens):  # a decode step
+            expected.append(any(r.lora_slot >= 0 for r in sched.requests))
+        return launch(sched, *args, **kwargs)
+
+    runner.graphs.run, runner.launch = traced_run, traced_launch
+    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    lora = _lora(adapters, "all", 1)
+    seen = record_logits_by_request(engine)
+    ids = [engine.add_request(PROMPTS[0], short, lora_request=lora),
+           engine.add_request(PROMPTS[1], PARAMS)]  # fmt: skip
+    final = engine.run_until_done()
+    assert chosen == expected and True in chosen and False in chosen
+    eager = Engine(str(base), enable_lora=True, max_loras=1, **ENGINE)
+    eager_seen = record_logits_by_request(eager)
+    eager_ids = [eager.add_request(PROMPTS[0], short, lora_request=lora),
+                 eager.add_request(PROMPTS[1], PARAMS)]  # fmt: skip
+    eager_final = eager.run_until_done()
+    for i, j in zip(ids, eager_ids):
+        got = final[i].outputs[0].token_ids, seen[i]
+        _assert_same(got, (eager_final[j].outputs[0].token_ids, eager_seen[j]), "graphs")
+
+
+def test_lora_engines_capture_both_graph_sets():
+    """`_capture`: with LoRA, the LoRA set records the kernels (always_run) over cleared device
+    buffers, then the plain set without them; always_run is off after; without LoRA one set."""
+    from polymodal.llm_core.lora.layer import LoRABatch
+    from polymodal.llm_core.runner import ModelRunner
+
+    class Graphs:
+        def __init__(self, batch):
+            self.batch, self.captured = batch, []
+
+        def capture(self, lora):
+            seg = None if self.batch is None else self.batch.segments
+            state = None if seg is None else (self.batch.always_run, int(seg.seg_len.sum()),
+                                              int(seg.token_slot.max()))  # fmt: skip
+            self.captured.append((lora, state))
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.lora = None
+    graphs = Graphs(None)
+    runner._capture(graphs)
+    assert graphs.captured == [(False, None)]
+
+    class Manager:
+        batch = LoRABatch(2, 16, "cpu")
+
+    runner.lora = Manager()
+    Manager.batch.use_triton = True
+    Manager.batch.set_step([(1, 3), (0, 2)])  # left over from a step before the capture
+    graphs = Graphs(Manager.batch)
+    runner._capture(graphs)
+    assert graphs.captured == [(True, (True, 0, -1)), (False, (False, 0, -1))]
+    assert not Manager.batch.always_run and not runner.lora_step()
