@@ -160,6 +160,7 @@ def row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM: tl.constexpr,
     return rstd
 
 
+@triton.jit
 def _lora_rows(slot_ptr, b_ptr, slice_ptr, offs_m, offs_n, n_mask, M, N, R,
                NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
     """`LoRADelta`'s weights of this feature block: each row's slot `[BLOCK_M]`, its B rows
