@@ -33,7 +33,10 @@ from polymodal.llm_core.layers.norm import DeferredNorm
 # Per-expert checkpoint tensors -> (stacked parameter, shard): HF's gate/up/down names and
 # Mixtral's w1 (gate) / w3 (up) / w2 (down). A model's `expert_modules_mapping`.
 # Rows up to this count take `moe_decode` in blocks `enable_moe_decode` set (decode steps).
-DECODE_MAX_TOKENS = 4
+# H200, `scripts/bench_moe.py --only decode` (block us, unfused / moe_decode): Qwen3-30B-A3B
+# 62 / 35 at 1 row, 129 / 59 at 2, 163 / 155 at 4, 206 / 397 at 8; Mixtral 235 / 211 at 1,
+# 461 / 434 at 2, 522 / 835 at 4: the fused path wins up to 2 rows.
+DECODE_MAX_TOKENS = 2
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 HF_EXPERT_MAPPING = {
