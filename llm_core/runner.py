@@ -1,11 +1,12 @@
 """Turns a SchedulerOutput into batch tensors, runs encoders + decoder + sampler.
 
 The batch is flat: every scheduled token of every request, concatenated. Encoder outputs
-are cached by content hash and sliced by slot range (only the span positions an item's
-`embed_mask` marks take a row), so a chunked prefill can split one image's slots across steps
-and a repeated image runs its encoder once. A model whose images attend bidirectionally
-(`bidirectional_media`) gets each step's embedded runs as per-token key ranges in the
-attention metadata (`media_key_ranges`); the scheduler keeps those spans inside one step.
+are cached by content hash and sliced by slot range (`media_inputs.py`; only the span
+positions an item's `embed_mask` marks take a row), so a chunked prefill can split one
+image's slots across steps and a repeated image runs its encoder once. A model whose images
+attend bidirectionally (`bidirectional_media`) gets each step's embedded runs as per-token
+key ranges in the attention metadata (`media_key_ranges`); the scheduler keeps those spans
+inside one step.
 
 Cross-attention models (cross KV groups, after the token groups) get one more metadata per
 cross group: each sequence's encoder-row table and count, each token's rows `[lo, hi)` and gate
@@ -17,6 +18,7 @@ the cross slots their K/V go to: written once, in the request's first step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 
 import torch
@@ -24,9 +26,9 @@ import torch
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.cross_inputs import CrossBatch, cross_batch, cross_metas, cross_states
 from polymodal.llm_core.encoder_cache import EncoderCache
-from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
+from polymodal.llm_core.media_inputs import encoder_outputs, media_key_ranges, slot_embeddings
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
@@ -251,92 +253,6 @@ class ModelRunner:
         pos = pos.view(3, -1) if self.uses_mrope else pos
         return input_ids, pos, meta, hb.sample_rows
 
-    # ---- multimodal ---------------------------------------------------------------------
-    def _mm_embeddings(self, sched: SchedulerOutput):
-        """(flat slot indices, embeddings) for every media slot scheduled in this step.
-
-        Items not in the encoder cache run through `model.encode` together (one call); their
-        outputs are held for this step even if the cache evicts them right away."""
-        pieces, indices, missing, found = [], [], {}, {}
-        offset = 0
-        for req, n in zip(sched.requests, sched.num_new_tokens):
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            for item in req.mm_items:
-                lo, hi = max(start, item.slot_start), min(end, item.slot_end)
-                if lo >= hi or item.target != "slots":
-                    continue
-                key = item.content_hash
-                if key not in found:
-                    cached = self.encoder_cache.get(key)
-                    if cached is None:
-                        missing[key] = item
-                    found[key] = cached
-                base = offset + item.slot_start - start  # flat row of the span's offset 0
-                if item.embed_mask is None:  # every span position takes a row
-                    pieces.append((key, lo - item.slot_start, hi - item.slot_start))
-                    indices.extend(range(offset + lo - start, offset + hi - start))
-                    continue
-                offsets, first, last = item.embed_rows(lo - item.slot_start, hi - item.slot_start)
-                if first < last:
-                    pieces.append((key, first, last))
-                    indices.extend(base + o for o in offsets)
-            offset += n
-        if missing:
-            items = list(missing.values())
-            for item, emb in zip(items, self.model.encode(items)):
-                if emb.shape[0] != item.num_embeds:
-                    raise InvalidInputError(
-                        f"the encoder gave {emb.shape[0]} embeddings for a {item.modality} "
-                        f"with {item.num_embeds} slots"
-                    )
-                found[item.content_hash] = emb
-                self.encoder_cache.put(item.content_hash, emb)
-        if not pieces:
-            return None, None
-        embeds = [found[h][a:b] for h, a, b in pieces]
-        return to_device(indices, torch.int64, self.device), torch.cat(embeds)
-
-    def _encoder_outputs(self, items: list) -> list[torch.Tensor]:
-        """Encoder outputs of `items` (content hashes once each): from the encoder cache, the
-        rest in one `model.encode` call (outputs held for this step even if evicted)."""
-        found, missing = {}, {}
-        for item in items:
-            key = item.content_hash
-            if key not in found:
-                found[key] = self.encoder_cache.get(key)
-                if found[key] is None:
-                    missing[key] = item
-        if missing:
-            todo = list(missing.values())
-            for item, emb in zip(todo, self.model.encode(todo)):
-                if emb.shape[0] != item.num_embeds:
-                    raise InvalidInputError(
-                        f"the encoder gave {emb.shape[0]} rows for a {item.modality} with "
-                        f"{item.num_embeds} encoder rows"
-                    )
-                found[item.content_hash] = emb
-                self.encoder_cache.put(item.content_hash, emb)
-        return [found[item.content_hash] for item in items]
-
-    def _media_key_ranges(self, sched: SchedulerOutput) -> tuple[list[int], list[int]] | None:
-        """Per flat token of this step, the key positions `[lo, hi)` it sees beyond its mask:
-        the embedded run (crop, tile) it belongs to, for a `bidirectional_media` model; (0, 0)
-        for other tokens. None when no run falls in this step."""
-        lows, highs, any_run = [], [], False
-        for req, n in zip(sched.requests, sched.num_new_tokens):
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            lo_row, hi_row = [0] * n, [0] * n
-            for item in req.mm_items:
-                if item.slot_start >= end or item.slot_end <= start:
-                    continue
-                for a, b in item.embed_runs():
-                    for pos in range(max(a, start), min(b, end)):
-                        lo_row[pos - start], hi_row[pos - start] = a, b
-                        any_run = True
-            lows.extend(lo_row)
-            highs.extend(hi_row)
-        return (lows, highs) if any_run else None
-
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(
@@ -351,14 +267,19 @@ class ModelRunner:
         """
         has_media = _step_has_media(sched)
         # The encoder goes first: the device starts on it while the host builds the batch.
-        slot_idx, mm = self._mm_embeddings(sched) if has_media else (None, None)
+        slot_idx, mm = (
+            slot_embeddings(sched, self.model, self.encoder_cache, self.device)
+            if has_media
+            else (None, None)
+        )
         writes = [r for r in sched.requests if r.cross_pending] if self.num_cross_groups else []
-        states = cross_states(self.model, writes, self._encoder_outputs) if writes else None
+        encode = partial(encoder_outputs, self.model, self.encoder_cache)
+        states = cross_states(self.model, writes, encode) if writes else None
         hb = self.host_batch(sched, prev)
         if self.lora is not None:  # static buffers the LoRA layers (and their graphs) read
             self.lora.set_step(sched.requests, sched.num_new_tokens)
         if has_media and self.bidirectional_media:
-            hb.key_ranges = self._media_key_ranges(sched)
+            hb.key_ranges = media_key_ranges(sched)
         graphs = self.graphs
         if (
             graphs
