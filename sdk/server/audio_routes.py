@@ -43,7 +43,7 @@ def add_audio_routes(
     processor = None
     if "audio" in engine.model_info.get("modalities", ()):
         cls = processor_class(engine.model_info["architecture"])
-        processor = cls.from_pretrained(engine.model_info["model_dir"])
+        processor = cls.from_pretrained(engine.model_info["model_dir"]) if cls else None
 
     async def run(request: Request, task: str):
         form = await request.form()
