@@ -31,10 +31,12 @@ from polymodal.llm_core.pooling import (
     check_pooling_request,
     run_pooling_step,
 )
-from polymodal.llm_core.request import CROSS_ATTENTION, Request
+from polymodal.llm_core.request import Request
 from polymodal.llm_core.request_checks import (
+    atomic_spans,
     bad_words_token_ids,
     check_request,
+    media_cross_ranges,
     truncate_pooling_prompt,
     truncate_prompt,
 )
@@ -154,8 +156,13 @@ class Engine:
         vocab = self.model_config.vocab_size
         embeddable = vocab + self.runner.model.extra_input_ids
         check_request(prompt_token_ids, params, self.max_model_len, vocab, embeddable)
-        atomic = self._atomic_spans(mm_items or [])
-        cross_ranges = self._cross_ranges(mm_items or [], len(prompt_token_ids))
+        model, budget = self.runner.model, self.scheduler.max_num_batched_tokens
+        atomic = atomic_spans(model, mm_items or [], budget)
+        cross_specs = [s for s in self.scheduler.kv.specs if s.is_cross]
+        cross_ranges = media_cross_ranges(
+            model, cross_specs, self.model_config.architecture, mm_items or [],
+            len(prompt_token_ids),
+        )  # fmt: skip
         needs_text = params.stop or params.bad_words or params.structured_outputs
         if self.tokenizer is None and needs_text:
             raise InvalidInputError(
@@ -207,46 +214,6 @@ class Engine:
             self._seq_to_group[seq.request_id] = (group, i)
             self.scheduler.add(seq)
         return request_id
-
-    def _atomic_spans(self, mm_items: list) -> list[tuple[int, int]]:
-        """The spans no step may cut: each embedded run of each item (an image, or one crop
-        of it), when the model attends bidirectionally within them
-        (`SupportsMultiModal.bidirectional_media`). A run longer than a step's token budget
-        could never run: refused here, naming the item and the budget."""
-        if not mm_items or not getattr(self.runner.model, "bidirectional_media", False):
-            return []
-        budget = self.scheduler.max_num_batched_tokens
-        spans = []
-        for index, item in enumerate(mm_items):
-            for start, end in item.embed_runs():
-                if end - start > budget:
-                    raise InvalidInputError(
-                        f"media item {index + 1} ({item.modality}) has a run of {end - start} "
-                        f"tokens that must run in one step, but max_num_batched_tokens is "
-                        f"{budget}: raise it, or send a smaller {item.modality}"
-                    )
-                spans.append((start, end))
-        return sorted(spans)
-
-    def _cross_ranges(self, mm_items: list, num_prompt_tokens: int) -> list:
-        """The encoder rows each token attends to (`SupportsMultiModal.cross_ranges`), for a
-        request with cross-attention items; their rows must fit the model's cross cache."""
-        items = [item for item in mm_items if item.target == CROSS_ATTENTION]
-        if not items:
-            return []
-        specs = [s for s in self.scheduler.kv.specs if s.is_cross]
-        rows = sum(item.num_embeds for item in items)
-        if not specs:
-            raise InvalidInputError(
-                f"{self.model_config.architecture} has no cross-attention layers for "
-                f"{items[0].modality} items of target {CROSS_ATTENTION!r}"
-            )
-        if rows > specs[0].max_rows:
-            raise InvalidInputError(
-                f"the request's {len(items)} {items[0].modality} item(s) bring {rows} encoder "
-                f"rows; the model's cross-attention cache holds {specs[0].max_rows} per request"
-            )
-        return self.runner.model.cross_ranges(items, num_prompt_tokens)
 
     def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
         """Queue one pooling request (no sampling, no detokenizer)."""

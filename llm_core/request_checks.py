@@ -1,5 +1,6 @@
 """What `Engine.add_request` checks and derives before a request is queued: prompt and token-id
-limits, `truncate_prompt_tokens`, and `bad_words` as token sequences."""
+limits, `truncate_prompt_tokens`, `bad_words` as token sequences, and a media request's
+atomic spans and cross-attention ranges."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.request import CROSS_ATTENTION
 from polymodal.llm_core.sampling_params import SamplingParams
 
 
@@ -136,3 +138,47 @@ def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
         if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
             out.append(spaced)
     return out
+
+
+def atomic_spans(model, mm_items: list, budget: int) -> list[tuple[int, int]]:
+    """The spans no step may cut: each embedded run of each item (an image, or one crop of it),
+    when the model attends bidirectionally within them (`SupportsMultiModal.bidirectional_media`).
+    A run longer than a step's token budget could never run: refused, naming the item and the
+    budget."""
+    if not mm_items or not getattr(model, "bidirectional_media", False):
+        return []
+    spans = []
+    for index, item in enumerate(mm_items):
+        for start, end in item.embed_runs():
+            if end - start > budget:
+                raise InvalidInputError(
+                    f"media item {index + 1} ({item.modality}) has a run of {end - start} "
+                    f"tokens that must run in one step, but max_num_batched_tokens is "
+                    f"{budget}: raise it, or send a smaller {item.modality}"
+                )
+            spans.append((start, end))
+    return sorted(spans)
+
+
+def media_cross_ranges(
+    model, cross_specs: list, architecture: str, mm_items: list, num_prompt_tokens: int
+) -> list:
+    """The encoder rows each token attends to (`SupportsMultiModal.cross_ranges`), for a
+    request with cross-attention items; their rows must fit the model's cross cache
+    (`cross_specs`: its cross-attention KV specs)."""
+    items = [item for item in mm_items if item.target == CROSS_ATTENTION]
+    if not items:
+        return []
+    rows = sum(item.num_embeds for item in items)
+    if not cross_specs:
+        raise InvalidInputError(
+            f"{architecture} has no cross-attention layers for {items[0].modality} items of "
+            f"target {CROSS_ATTENTION!r}"
+        )
+    if rows > cross_specs[0].max_rows:
+        raise InvalidInputError(
+            f"the request's {len(items)} {items[0].modality} item(s) bring {rows} encoder "
+            f"rows; the model's cross-attention cache holds {cross_specs[0].max_rows} per "
+            "request"
+        )
+    return model.cross_ranges(items, num_prompt_tokens)
