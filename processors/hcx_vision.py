@@ -36,7 +36,7 @@ from PIL import Image
 from polymodal.llm_core.errors import ModelLoadError
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
-from polymodal.processors.llava import select_best_resolution
+from polymodal.processors.llava import fit_size, select_best_resolution
 from polymodal.processors.pixels import (
     image_processor_section,
     image_to_frames,
@@ -47,6 +47,7 @@ from polymodal.processors.qwen_vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from polymodal.processors.types import MultimodalItem
 
 IMAGE_TOKEN = "<|dummy3|>"
+# the published `_get_local_grids_output_size` is LLaVA-NeXT's `fit_size` (same maths)
 
 
 def possible_resolutions(max_num_grids: int, grid: int, use_1x1_grid: bool) -> list[tuple]:
@@ -55,16 +56,6 @@ def possible_resolutions(max_num_grids: int, grid: int, use_1x1_grid: bool) -> l
     span = range(1, max_num_grids + 1)
     grids = [(i, j) for i in span for j in span if i * j <= max_num_grids]
     return [(i * grid, j * grid) for i, j in grids if (i, j) != (1, 1) or use_1x1_grid]
-
-
-def fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    """The published `_get_local_grids_output_size`: (h, w) scaled to fit `target`."""
-    height, width = size
-    target_h, target_w = target
-    scale_w, scale_h = target_w / width, target_h / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_h), target_w
-    return target_h, min(math.ceil(width * scale_h), target_w)
 
 
 def unpad_box(size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
