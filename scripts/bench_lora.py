@@ -4,11 +4,18 @@ config) with rank-16 adapters on every decoder linear (random, written in PEFT's
 
     python scripts/bench_lora.py                  # B = 64, 4 adapters, rank 16
     python scripts/bench_lora.py --batch 1,64 --adapters 4 --rank 16
+    python scripts/bench_lora.py --kernels --batch 1,64   # one layer's LoRA sites, kernel by kernel
 
 Rows: base engine (no LoRA), LoRA engine with no adapter in the batch, LoRA engine with
 `--adapters` adapters. ms/step is the median of `--steps` pure decode steps (CUDA graphs on);
 the target (issue 20) is the adapters row within 15% of the base row at B = 64. Then what each
 engine's graph sets cost to capture (a LoRA engine captures a set without LoRA too).
+
+`--kernels`: each LoRA site of one decoder layer (qkv, o, gate_up, down) alone, as CUDA-graph
+replays (`triton.testing.do_bench_cudagraph`, median): the base product (the one-row GEMV at
+B = 1, `F.linear` above the GEMV's rows), the shrink, and the LoRA term (the GEMV with its
+LoRA epilogue minus the plain GEMV at B = 1; `expand` above), then the shrink's launch configs
+(`ShrinkConfig`) swept per site.
 """
 
 from __future__ import annotations
@@ -86,14 +93,77 @@ def decode_ms(engine: Engine, batch: int, loras: list, steps: int) -> float:
     return statistics.median(times)
 
 
+SITES = {  # Qwen2.5-VL-7B decoder: name -> (out slices, in features, silu_mul)
+    "qkv": ((3584, 512, 512), 3584, False),
+    "o": ((3584,), 3584, False),
+    "gate_up": ((18944, 18944), 3584, False),
+    "down": ((3584,), 18944, True),
+}
+
+
+def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
+    """The `--kernels` rows (module docstring)."""
+    import triton.testing
+
+    from polymodal.llm_core.layers import gemv as gemv_mod
+    from polymodal.llm_core.lora import triton_lora
+    from polymodal.llm_core.lora.layer import LoRABatch
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    time_us = lambda fn: 1e3 * triton.testing.do_bench_cudagraph(fn, rep=200)  # noqa: E731
+    sweep = [triton_lora.ShrinkConfig(block_k=bk, min_tiles=t, num_warps=w)
+             for bk in (64, 128, 256) for t in (1, 2, 4) for w in (2, 4, 8)]  # fmt: skip
+    print("| site | B | base us | shrink us | LoRA term us | best shrink (block_k, tiles, warps) us |")
+    print("|---|---|---|---|---|---|")
+    for name, (sizes, k, silu) in SITES.items():
+        n = sum(sizes)
+        offsets = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int32,
+                               device=dev)  # fmt: skip
+        weight = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+        lora_a = torch.randn(adapters, len(sizes) * rank, k, device=dev, dtype=dt) / k**0.5
+        lora_b = torch.randn(adapters, n, rank, device=dev, dtype=dt) / rank
+        for m in batches:
+            x = torch.randn(m, 2 * k if silu else k, device=dev, dtype=dt)
+            batch = LoRABatch(adapters, m, dev)
+            batch.set_step([(i % adapters, 1) for i in range(m)])
+            seg = batch.segments
+            one_row = m <= gemv_mod.MAX_ROWS
+            if one_row:
+                base = lambda: gemv_mod.gemv(x, weight, silu_mul=silu)  # noqa: E731
+            else:
+                xs = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if silu else x
+                base = lambda: torch.nn.functional.linear(xs, weight)  # noqa: E731
+            part = triton_lora.shrink(x, lora_a, seg, silu)
+            if one_row:
+                delta = gemv_mod.LoRADelta(part, lora_b, seg.token_slot, offsets)
+                term = lambda: gemv_mod.gemv(x, weight, silu_mul=silu, lora=delta)  # noqa: E731
+            else:
+                out = base()
+                sizes_t = torch.tensor(sizes, dtype=torch.int32, device=dev)
+                term = lambda: triton_lora.expand(part, lora_b, out, offsets, sizes_t,  # noqa: E731
+                                                  max(sizes), rank, seg)  # fmt: skip
+            base_us = time_us(base)
+            shrink_us = time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu))
+            term_us = time_us(term) - (base_us if one_row else 0.0)
+            best = min((time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu, c)), c)
+                       for c in sweep)  # fmt: skip
+            c = best[1]
+            print(f"| {name} | {m} | {base_us:.1f} | {shrink_us:.1f} | {term_us:.1f} | "
+                  f"{best[0]:.1f} ({c.block_k}, {c.min_tiles}, {c.num_warps}) |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="64")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--kernels", action="store_true", help="one layer's sites, per kernel")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
+    if args.kernels:
+        bench_kernels(batches, args.adapters, args.rank)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_user_checkpoint(CONFIG, Path(tmp) / "ckpt")
         config = json.loads((ckpt / "config.json").read_text())

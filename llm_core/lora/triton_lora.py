@@ -23,6 +23,7 @@ written.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,13 +42,23 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def split_plan(k: int) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Launch parameters of `shrink` (`scripts/bench_lora.py --kernels` sweeps them)."""
+
+    block_k: int = 128  # A tile width
+    min_tiles: int = MIN_TILES  # A tiles per K chunk at least
+    num_warps: int = 4
+
+
+def split_plan(k: int, config: ShrinkConfig | None = None) -> tuple[int, int, int]:
     """`(block_k, chunk, splits)` of a shrink over `k` input features: A tiles of `block_k`,
     `chunk` (a multiple of it) per program, `splits = cdiv(k, chunk)` programs per token block.
-    Chunks of >= MIN_TILES tiles, at most MAX_SPLITS of them: Qwen2.5-VL-7B's K = 3584 is
-    14 chunks of 256, K = 18944 (down_proj) 30 of 640. The interpreter takes 32-wide tiles,
-    one per chunk, so small test shapes split too."""
-    block_k, min_tiles = (32, 1) if _interpreted() else (128, MIN_TILES)
+    Chunks of >= `min_tiles` tiles, at most MAX_SPLITS of them: Qwen2.5-VL-7B's K = 3584 is
+    14 chunks of 256, K = 18944 (down_proj) 30 of 640 by default. The interpreter takes 32-wide
+    tiles, one per chunk, so small test shapes split too."""
+    config = config or ShrinkConfig()
+    block_k, min_tiles = (32, 1) if _interpreted() else (config.block_k, config.min_tiles)
     tiles = max(1, triton.cdiv(k, block_k))
     per_split = max(min_tiles, triton.cdiv(tiles, MAX_SPLITS))
     return block_k, per_split * block_k, triton.cdiv(tiles, per_split)
@@ -221,16 +232,18 @@ def _dot_f32(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 or _interpreted()
 
 
-def shrink(x, lora_a: torch.Tensor, seg: LoRASegments, silu_mul: bool = False) -> torch.Tensor:
+def shrink(x, lora_a: torch.Tensor, seg: LoRASegments, silu_mul: bool = False,
+           config: ShrinkConfig | None = None) -> torch.Tensor:  # fmt: skip
     """Split-K partial sums `part [splits, T, N]` fp32 of `x[t] @ lora_a[slot(t)]^T` for the
     tokens in `seg` (rows of other tokens are left unwritten). `x [T, K]`, or `[T, 2K]` =
     `[gate | up]` with `silu_mul`, or a `DeferredNorm` of `[T, K]`; `lora_a [L, N, K]`."""
+    config = config or ShrinkConfig()
     norm = x if isinstance(x, DeferredNorm) else None
     x = norm.h if norm is not None else x
     x = x if x.stride(-1) == 1 else x.contiguous()
     num_tokens = x.shape[0]
     slots, n, k = lora_a.shape
-    block_k, chunk, splits = split_plan(k)
+    block_k, chunk, splits = split_plan(k, config)
     part = torch.empty(splits, num_tokens, n, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return part
@@ -245,7 +258,7 @@ def shrink(x, lora_a: torch.Tensor, seg: LoRASegments, silu_mul: bool = False) -
         parts, eps, num_tokens, n, k, chunk, x.stride(0), lora_a.stride(0), lora_a.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(parts),
         SILU_MUL=silu_mul, NORM=norm is not None, DOT_F32=_dot_f32(lora_a), USE_PDL=flag,
-        launch_pdl=flag,
+        num_warps=config.num_warps, launch_pdl=flag,
     )  # fmt: skip
     return part
 
