@@ -101,56 +101,67 @@ SITES = {  # Qwen2.5-VL-7B decoder: name -> (out slices, in features, silu_mul)
 }
 
 
-def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
-    """The `--kernels` rows (module docstring)."""
+def site_row(name: str, m: int, adapters: int, rank: int, sweep: list) -> str:
+    """One `--kernels` row: site `name` (`SITES`) at `m` tokens, round robin over the slots."""
     import triton.testing
 
     from polymodal.llm_core.layers import gemv as gemv_mod
     from polymodal.llm_core.lora import triton_lora
     from polymodal.llm_core.lora.layer import LoRABatch
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    time_us = lambda fn: 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100)  # noqa: E731
-    sweep = [triton_lora.ShrinkConfig(block_k=bk, min_tiles=t)
-             for bk in (64, 128, 256) for t in (1, 2, 4)]  # fmt: skip
-    sweep += [triton_lora.ShrinkConfig(num_warps=w) for w in (2, 8)]
-    print("| site | B | base us | shrink us | LoRA term us | best shrink (block_k, tiles, warps) us |")
+    sizes, k, silu = SITES[name]
+    dev, dt, n = torch.device("cuda"), torch.bfloat16, sum(sizes)
+    offsets = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int32,
+                           device=dev)  # fmt: skip
+    sizes_t = torch.tensor(sizes, dtype=torch.int32, device=dev)
+    weight = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+    lora_a = torch.randn(adapters, len(sizes) * rank, k, device=dev, dtype=dt) / k**0.5
+    lora_b = torch.randn(adapters, n, rank, device=dev, dtype=dt) / rank
+    x = torch.randn(m, 2 * k if silu else k, device=dev, dtype=dt)
+    batch = LoRABatch(adapters, m, dev)
+    batch.set_step([(i % adapters, 1) for i in range(m)])
+    seg = batch.segments
+    part = triton_lora.shrink(x, lora_a, seg, silu)
+    one_row = m <= gemv_mod.MAX_ROWS
+    xs = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if silu else x
+    out = torch.nn.functional.linear(xs, weight)
+    delta = gemv_mod.LoRADelta(part, lora_b, seg.token_slot, offsets)
+
+    def base():
+        if one_row:
+            return gemv_mod.gemv(x, weight, silu_mul=silu)
+        return torch.nn.functional.linear(xs, weight)
+
+    def term():
+        if one_row:
+            return gemv_mod.gemv(x, weight, silu_mul=silu, lora=delta)
+        return triton_lora.expand(part, lora_b, out, offsets, sizes_t, max(sizes), rank, seg)
+
+    def time_us(fn) -> float:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100)
+
+    def shrink_us(config=None) -> float:
+        return time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu, config))
+
+    base_us = time_us(base)
+    term_us = time_us(term) - (base_us if one_row else 0.0)
+    timed = [(shrink_us(c), c) for c in sweep]
+    best_us, c = min(timed, key=lambda t: t[0])
+    best = f"{best_us:.1f} (block_k {c.block_k}, tiles {c.min_tiles}, warps {c.num_warps})"
+    return f"| {name} | {m} | {base_us:.1f} | {shrink_us():.1f} | {term_us:.1f} | {best} |"
+
+
+def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
+    """The `--kernels` rows (module docstring)."""
+    from polymodal.llm_core.lora.triton_lora import ShrinkConfig
+
+    sweep = [ShrinkConfig(block_k=bk, min_tiles=t) for bk in (64, 128, 256) for t in (1, 2, 4)]
+    sweep += [ShrinkConfig(num_warps=w) for w in (2, 8)]
+    print("| site | B | base us | shrink us | LoRA term us | best shrink us (config) |")
     print("|---|---|---|---|---|---|")
-    for name, (sizes, k, silu) in SITES.items():
-        n = sum(sizes)
-        offsets = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int32,
-                               device=dev)  # fmt: skip
-        weight = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
-        lora_a = torch.randn(adapters, len(sizes) * rank, k, device=dev, dtype=dt) / k**0.5
-        lora_b = torch.randn(adapters, n, rank, device=dev, dtype=dt) / rank
+    for name in SITES:
         for m in batches:
-            x = torch.randn(m, 2 * k if silu else k, device=dev, dtype=dt)
-            batch = LoRABatch(adapters, m, dev)
-            batch.set_step([(i % adapters, 1) for i in range(m)])
-            seg = batch.segments
-            one_row = m <= gemv_mod.MAX_ROWS
-            if one_row:
-                base = lambda: gemv_mod.gemv(x, weight, silu_mul=silu)  # noqa: E731
-            else:
-                xs = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if silu else x
-                base = lambda: torch.nn.functional.linear(xs, weight)  # noqa: E731
-            part = triton_lora.shrink(x, lora_a, seg, silu)
-            if one_row:
-                delta = gemv_mod.LoRADelta(part, lora_b, seg.token_slot, offsets)
-                term = lambda: gemv_mod.gemv(x, weight, silu_mul=silu, lora=delta)  # noqa: E731
-            else:
-                out = base()
-                sizes_t = torch.tensor(sizes, dtype=torch.int32, device=dev)
-                term = lambda: triton_lora.expand(part, lora_b, out, offsets, sizes_t,  # noqa: E731
-                                                  max(sizes), rank, seg)  # fmt: skip
-            base_us = time_us(base)
-            shrink_us = time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu))
-            term_us = time_us(term) - (base_us if one_row else 0.0)
-            best = min((time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu, c)), c)
-                       for c in sweep)  # fmt: skip
-            c = best[1]
-            print(f"| {name} | {m} | {base_us:.1f} | {shrink_us:.1f} | {term_us:.1f} | "
-                  f"{best[0]:.1f} ({c.block_k}, {c.min_tiles}, {c.num_warps}) |")  # fmt: skip
+            print(site_row(name, m, adapters, rank, sweep), flush=True)
 
 
 def main() -> None:
