@@ -60,6 +60,12 @@ MODELS: dict[str, ModelRow] = {
     "BertModel": ModelRow(_M + "bert:BertEmbeddingModel", task="embed"),
     "RobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
     "XLMRobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
+    "RobertaForSequenceClassification": ModelRow(
+        _M + "roberta:RobertaForSequenceClassification", task="classify"
+    ),
+    "XLMRobertaForSequenceClassification": ModelRow(
+        _M + "roberta:RobertaForSequenceClassification", task="classify"
+    ),
     # bare decoders (no LM head): embedding models (`models/decoder_embedding.py`)
     "LlamaModel": ModelRow(_LLAMA, task="embed"),
     "MistralModel": ModelRow(_LLAMA, task="embed"),

@@ -94,7 +94,7 @@ class BertEncoder(nn.Module):
         return x  # [num_tokens, hidden]
 
 
-def _check_supported(cfg: ModelConfig) -> None:
+def check_supported(cfg: ModelConfig) -> None:
     text = cfg.text_config
     if getattr(text, "position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError("BERT with relative position embeddings")
@@ -146,7 +146,7 @@ class BertForSequenceClassification(BertBase):
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
-        _check_supported(cfg)
+        check_supported(cfg)
         self.config = cfg
         self.bert = nn.Module()
         self.bert.embeddings = BertEmbeddings(cfg)
@@ -179,7 +179,7 @@ class BertEmbeddingModel(BertBase):
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
-        _check_supported(cfg)
+        check_supported(cfg)
         self.config = cfg
         # HF BertModel's names: `embeddings.*`, `encoder.layer.<i>.*` at the root
         self.embeddings = BertEmbeddings(cfg)

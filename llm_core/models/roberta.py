@@ -1,6 +1,10 @@
-"""RoBERTa and XLM-RoBERTa embedding models (`RobertaModel` / `XLMRobertaModel` checkpoints:
-BAAI/bge-m3's dense vector, sentence-transformers' RoBERTa embedders): BERT's encoder and
-embedding head (`bert.py`, `EmbeddingHead`); only the positions differ.
+"""RoBERTa and XLM-RoBERTa: BERT's encoder (`bert.py`) with RoBERTa's positions.
+
+- Embedding models (`RobertaModel` / `XLMRobertaModel` checkpoints: BAAI/bge-m3's dense
+  vector, sentence-transformers' RoBERTa embedders): BERT's embedding head (`EmbeddingHead`).
+- Sequence classifiers (`RobertaForSequenceClassification` /
+  `XLMRobertaForSequenceClassification`: cross-encoder rerankers such as BAAI/bge-reranker,
+  sentiment classifiers): RoBERTa's head on the first token (`<s>`): dense, tanh, out_proj.
 
 RoBERTa numbers positions from `padding_idx + 1` (config.json's `pad_token_id`), counting only
 the tokens that are not the pad token (a pad token gets `padding_idx` itself), as transformers'
@@ -11,9 +15,19 @@ pad 1 holds 512 tokens. Segment ids are all 0 (`type_vocab_size` 1).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from polymodal.llm_core.models.bert import BertEmbeddingModel
+from polymodal.llm_core.config import ModelConfig
+from polymodal.llm_core.layers.linear import Linear
+from polymodal.llm_core.models.bert import (
+    BertBase,
+    BertEmbeddingModel,
+    BertEmbeddings,
+    BertEncoder,
+    check_supported,
+)
 from polymodal.llm_core.models.tiny import TinyConfig, sentence_transformers_files
+from polymodal.llm_core.pooling import Pooler, finish_pooled, pool_rows
 from polymodal.llm_core.pooling_config import PoolingConfig
 
 
@@ -30,13 +44,8 @@ def roberta_positions(
     return count * real + padding_idx
 
 
-class RobertaEmbeddingModel(BertEmbeddingModel):
-    """BERT's embedding model with RoBERTa's positions; weights saved from a task model keep
-    a `roberta.` root; its LM head (`lm_head.*`) and tanh pooler are not used."""
-
-    ignored_weights = (r"position_ids$", r"^(roberta\.)?pooler\.", r"^lm_head\.")
-    weight_name_remap = [("roberta.", "")]
-    default_pooling = PoolingConfig(("cls",), normalize=True, source="vLLM's RoBERTa default")
+class RobertaPositions:
+    """RoBERTa's position numbering over BERT's embeddings (mixed into a `BertBase`)."""
 
     @classmethod
     def max_prompt_positions(cls, text_config) -> int:
@@ -52,6 +61,48 @@ class RobertaEmbeddingModel(BertEmbeddingModel):
         )
 
 
+class RobertaEmbeddingModel(RobertaPositions, BertEmbeddingModel):
+    """BERT's embedding model with RoBERTa's positions; weights saved from a task model keep
+    a `roberta.` root; its LM head (`lm_head.*`) and tanh pooler are not used."""
+
+    ignored_weights = (r"position_ids$", r"^(roberta\.)?pooler\.", r"^lm_head\.")
+    weight_name_remap = [("roberta.", "")]
+    default_pooling = PoolingConfig(("cls",), normalize=True, source="vLLM's RoBERTa default")
+
+
+class RobertaForSequenceClassification(RobertaPositions, BertBase):
+    """Encoder + RoBERTa's classification head on the first token: one probability vector
+    (or raw logits with task "encode") per prompt; with one label, a cross-encoder's
+    relevance (`LLM.score`, `/score`, `/rerank`: its sigmoid)."""
+
+    pooler = Pooler.CLS
+    ignored_weights = (r"position_ids$", r"^lm_head\.")
+
+    def __init__(self, cfg: ModelConfig, backend, max_positions: int):
+        super().__init__()
+        check_supported(cfg)
+        self.config = cfg
+        hidden = cfg.hidden_size
+        self.roberta = nn.Module()
+        self.roberta.embeddings = BertEmbeddings(cfg)
+        self.roberta.encoder = BertEncoder(cfg, backend)
+        self.classifier = nn.Module()
+        self.classifier.dense = Linear(hidden, hidden)
+        self.classifier.out_proj = Linear(hidden, cfg.text_config.num_labels)
+
+    @property
+    def bert_root(self) -> nn.Module:
+        return self.roberta
+
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
+        first = torch.stack(
+            [pool_rows(self.pooler, h, p.token_ids) for h, p in zip(hidden, prompts)]
+        )
+        head = self.classifier
+        logits = head.out_proj(torch.tanh(head.dense(first)))  # [prompts, labels]
+        return [finish_pooled(row, p.params) for row, p in zip(logits, prompts)]
+
+
 # 2 layers, hidden 64, 4 heads; positions 0..129 with the pad token 0: 129 tokens
 _TINY_ROBERTA = {"max_position_embeddings": 130, "type_vocab_size": 1, "layer_norm_eps": 1e-5}
 
@@ -61,5 +112,11 @@ TINY_CONFIGS = {
     # bge-m3's layout: CLS pooling + Normalize
     "xlm_roberta_embed": TinyConfig(
         "XLMRobertaModel", _TINY_ROBERTA, write_extra=sentence_transformers_files("cls")
+    ),
+    "roberta_cls": TinyConfig(
+        "RobertaForSequenceClassification", {**_TINY_ROBERTA, "num_labels": 3}
+    ),
+    "xlm_roberta_cls": TinyConfig(
+        "XLMRobertaForSequenceClassification", {**_TINY_ROBERTA, "num_labels": 3}
     ),
 }

@@ -92,8 +92,8 @@ def test_pooling_models_on_cuda(tmp_path_factory):
     from polymodal.llm_core.engine import Engine
     from polymodal.llm_core.pooling import PoolingParams
 
-    for name in ("bert_cls", "bert_st_mean", "bert_st_dense", "roberta_embed", "qwen2_rm",
-                 "qwen3_embed"):  # fmt: skip
+    for name in ("bert_cls", "bert_st_mean", "bert_st_dense", "roberta_embed", "roberta_cls",
+                 "qwen2_rm", "qwen3_embed"):  # fmt: skip
         path = str(tiny_checkpoint(tmp_path_factory, name))
         results = []
         for device in ("cpu", "cuda"):

@@ -66,3 +66,51 @@ def test_context_and_batching(tmp_path_factory):
         one = alone.add_request(prompt, PoolingParams())
         want = alone.run_until_done()[one].outputs.data
         assert torch.allclose(batched[rid].outputs.data, want, atol=1e-6)
+
+
+# ---- sequence classifiers (cross-encoders) ---------------------------------------------------
+def roberta_pair_tokenizer(path):
+    """RoBERTa's pair template on the tiny tokenizer: <s> a </s></s> b </s>, every segment id
+    0 (stand-ins for <s> / </s>: the demo tokenizer's specials)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    cls, sep = "<|endoftext|>", "<|im_end|>"
+    specials = [(t, tok.convert_tokens_to_ids(t)) for t in (cls, sep)]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=specials
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["roberta_cls", "xlm_roberta_cls"])
+def test_classifier_matches_transformers(tmp_path_factory, name):
+    path = str(tiny_checkpoint(tmp_path_factory, name))
+    hf = tf.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == tf.AutoConfig.from_pretrained(path).architectures[0]
+    llm = LLM(path, dtype="float32", device="cpu")
+    prompts = [llm.tokenizer.encode(t) for t in TEXTS] + IDS
+    outs = llm.classify([*TEXTS, *IDS])
+    for out, ids in zip(outs, prompts):
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0].softmax(-1)
+        got = torch.tensor(out.outputs.probs)
+        assert (got - want).abs().max() <= TOL and abs(float(got.sum()) - 1) < 1e-5
+
+
+def test_reranker_score_is_the_sigmoid_of_transformers_logit(tmp_path_factory):
+    """bge-reranker's layout: XLMRobertaForSequenceClassification with one label, pairs as
+    RoBERTa tokenizes them (no segment ids)."""
+    path = roberta_pair_tokenizer(
+        tiny_checkpoint(tmp_path_factory, "xlm_roberta_cls", num_labels=1)
+    )
+    hf = tf.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    query, docs = "the cat sat", ["on the mat", "hello world", "a fox"]
+    for doc, out in zip(docs, llm.score(query, docs)):
+        ids = llm.tokenizer(query, text_pair=doc)["input_ids"]
+        assert out.prompt_token_ids == ids
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0, 0].sigmoid()
+        assert abs(out.outputs.score - float(want)) <= 1e-5
