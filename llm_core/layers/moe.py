@@ -251,8 +251,7 @@ class SparseMoeBlock(nn.Module):
         """Whether `moe_decode` computes this block: unquantized half/bf16 experts on CUDA, a
         router in their dtype (softmax, or sigmoid with groups that `moe_route` takes), shared
         experts (if any) an unsharded, unquantized SwiGLU MLP of a multiple of I features."""
-        cfg, method = self.gate.cfg, self.experts.method
-        if not isinstance(method, UnquantizedExpertsMethod):
+        if not isinstance(self.experts.method, UnquantizedExpertsMethod):
             return False
         weight = self.experts.gate_up_proj
         if not (weight.is_cuda and weight.dtype in HALF_DTYPES):

@@ -49,7 +49,7 @@ from polymodal.llm_core.layers.moe_route import (  # noqa: F401  (route: part of
     route,
     router_config,
 )
-from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
+from polymodal.llm_core.layers.norm import AddedResidual
 
 
 @triton.jit
@@ -111,7 +111,8 @@ def _gate_up_kernel(
             w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
         else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
             inter = N // 2
-            row = offs_n + (expert - E) * inter + tl.where(offs_n >= inter, num_shared - 1, 0) * inter
+            up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
+            row = offs_n + (expert - E) * inter + up_skip
             w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -295,8 +296,8 @@ def experts(
     res = residual if residual is not None else out  # unread without RESIDUAL
     _down_kernel[(num_pairs, n_blocks)](
         gate_up_rows, down, shared_down, part, arrival_counters(device, n_blocks), ids, weights,
-        res, out, sumsq, m, gate_up.shape[0], hidden, inter, num_shared, RESIDUAL=residual is not None, BLOCK_N=down_cfg.block_n,
-        BLOCK_K=down_cfg.block_k, num_warps=down_cfg.num_warps,
-        num_stages=down_cfg.num_stages, **pairs,
+        res, out, sumsq, m, gate_up.shape[0], hidden, inter, num_shared,
+        RESIDUAL=residual is not None, BLOCK_N=down_cfg.block_n, BLOCK_K=down_cfg.block_k,
+        num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages, **pairs,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)

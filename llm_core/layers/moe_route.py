@@ -141,7 +141,7 @@ def _sigmoid_grouped_top_k(logits_ptr, bias_ptr, weights_ptr, ids_ptr, scaling, 
         best = tl.max(tl.max(tl.where(open_, choice, float("-inf")), 2), 1)  # [BLOCK_M]
         hit = open_ & (choice == best[:, None, None])
         pick = tl.minimum(tl.min(tl.min(tl.where(hit, expert, _NO_ID), 2), 1), E - 1)
-        one = expert == pick[:, None, None]
+        one = in_e & (expert == pick[:, None, None])  # (padding ids alias real ones)
         weight = tl.sum(tl.sum(tl.where(one, scores, 0.0), 2), 1)
         top_w = tl.where(offs_j == j, weight[:, None], top_w)
         top_id = tl.where(offs_j == j, pick[:, None], top_id)
