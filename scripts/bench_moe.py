@@ -9,7 +9,11 @@ MoE rows: `fused_experts` for one layer; GB/s = bytes of the distinct experts th
 timed the same way. Decode rows (few tokens): the unfused path (`fused_experts`; the block:
 norm kernel + router GEMV + torch top-k + `fused_experts` + the next layer's add+norm kernel)
 against `moe_decode` (its two expert launches; the block: route + experts with the residual,
-whose norm the next GEMV applies as it loads). `--sweep`: one token, `moe_decode.experts`
+whose norm the next GEMV applies as it loads). DeepSeek-V3's decode rows route as the model
+does (fp32 logits, sigmoid + correction bias, 8 groups keep 4, top-8) and add its shared
+expert: unfused, torch routing and the shared MLP on its own (GEMVs at one row, as the engine
+runs it); `moe_decode`, routed + shared in the same two launches. `--sweep`: one token,
+`moe_decode.experts`
 over launch configs of gate_up (down at its default), then of down. MLA rows: `mla_decode`
 (absorbed form) over a paged latent cache; GB/s = latent bytes of every sequence's context /
 time (the cache read once per step is the floor). Timings are CUDA-graph replays
@@ -25,7 +29,8 @@ import triton.testing
 
 from polymodal.llm_core.attention.triton_mla import mla_decode
 from polymodal.llm_core.layers import moe_decode, triton_ops
-from polymodal.llm_core.layers.gemv import GemvConfig
+from polymodal.llm_core.layers.activation import silu_and_mul
+from polymodal.llm_core.layers.gemv import GemvConfig, gemv
 from polymodal.llm_core.layers.moe import RouterConfig, experts_reference, route
 from polymodal.llm_core.layers.norm import DeferredNorm
 from polymodal.llm_core.layers.triton_moe import fused_experts
@@ -35,6 +40,9 @@ MOE_SHAPES = {  # name: (experts, top_k, hidden, expert intermediate)
     "mixtral-8x7b": (8, 2, 4096, 14336),
     "deepseek-v3": (256, 8, 7168, 2048),
 }
+# DeepSeek-V3's router and shared expert (the decode rows): RouterConfig and the shared count
+DEEPSEEK_ROUTER = RouterConfig(8, True, "sigmoid", num_groups=8, topk_groups=4, scaling=2.5)
+DEEPSEEK_SHARED = 1
 
 
 def graph_ms(fn) -> float:
@@ -67,7 +75,18 @@ def decode_inputs(name: str, tokens: int) -> dict:
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     h = torch.randn(tokens, hidden, **bf16)
     sumsq = (h.float() ** 2).view(tokens, -1, 4).sum(-1)
+    extra = {}
+    if name == "deepseek-v3":  # its router and shared expert
+        shared = DEEPSEEK_SHARED * inter
+        extra = dict(
+            bias=torch.rand(experts, device="cuda") * 0.1,
+            shared=(
+                torch.randn(2 * shared, hidden, **bf16) * 0.02,
+                torch.randn(hidden, shared, **bf16) * 0.02,
+            ),  # fmt: skip
+        )
     return dict(
+        **extra,
         top_k=top_k,
         router=torch.randn(experts, hidden, **bf16) * hidden**-0.5,
         gate_up=torch.randn(experts, 2 * inter, hidden, **bf16) * 0.02,
@@ -77,27 +96,61 @@ def decode_inputs(name: str, tokens: int) -> dict:
     )
 
 
+def torch_route(t: dict, x: torch.Tensor):
+    """The model's unfused routing: F.linear + `moe.route` (fp32 logits for DeepSeek)."""
+    if "bias" not in t:
+        return route(torch.nn.functional.linear(x, t["router"]), RouterConfig(t["top_k"]))
+    logits = torch.nn.functional.linear(x.float(), t["router"].float())
+    return route(logits, DEEPSEEK_ROUTER, t["bias"])
+
+
+def shared_mlp(t: dict, x: torch.Tensor):
+    """The unfused shared MLP as the engine runs it: GEMVs at one row, else cuBLAS."""
+    gate_up, down = t["shared"]
+    if x.shape[0] == 1:
+        return gemv(gemv(x, gate_up, None), down, None, silu_mul=True)
+    return torch.nn.functional.linear(silu_and_mul(torch.nn.functional.linear(x, gate_up)), down)
+
+
+def old_experts(t: dict, x, weights, ids):
+    out = fused_experts(x, t["gate_up"], t["down"], weights, ids)
+    return out + shared_mlp(t, x) if "shared" in t else out
+
+
+def new_route(t: dict):
+    if "bias" not in t:
+        return moe_decode.route(t["x"], t["router"], t["top_k"])
+    cfg = DEEPSEEK_ROUTER
+    return moe_decode.route(t["x"], t["router"], cfg.top_k, cfg.renormalize, cfg.scaling,
+                            scoring="sigmoid", fp32_logits=True, correction_bias=t["bias"],
+                            num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
+                            shared_experts=DEEPSEEK_SHARED)  # fmt: skip
+
+
 def old_block(t: dict):
     x = t["x"].materialize()
-    weights, ids = route(torch.nn.functional.linear(x, t["router"]), RouterConfig(t["top_k"]))
-    out = fused_experts(x, t["gate_up"], t["down"], weights, ids)
+    out = old_experts(t, x, *torch_route(t, x))
     return triton_ops.rms_norm(out, t["x"].weight, 1e-6, t["residual"])  # the next layer's
 
 
 def new_block(t: dict):
-    weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
-    return moe_decode.experts(t["x"], t["gate_up"], t["down"], weights, ids, t["residual"])
+    weights, ids = new_route(t)
+    return moe_decode.experts(t["x"], t["gate_up"], t["down"], weights, ids, t["residual"],
+                              shared=t.get("shared"))  # fmt: skip
 
 
 def bench_decode(name: str, tokens: int) -> None:
     t = decode_inputs(name, tokens)
     x = t["x"].materialize()
-    weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
-    nbytes = ids.unique().numel() * t["gate_up"][0].numel() * 3 // 2 * 2
-    old = graph_ms(lambda: fused_experts(x, t["gate_up"], t["down"], weights, ids))
-    new = graph_ms(lambda: moe_decode.experts(x, t["gate_up"], t["down"], weights, ids))
+    weights, ids = new_route(t)  # (with the shared experts' slots: ids E..)
+    read = ids.unique().numel()  # distinct experts, shared ones counted (all of routed size)
+    nbytes = read * t["gate_up"][0].numel() * 3 // 2 * 2
+    top_w, top_ids = weights[:, : t["top_k"]], ids[:, : t["top_k"]].long()
+    old = graph_ms(lambda: old_experts(t, x, top_w, top_ids))
+    new = graph_ms(lambda: moe_decode.experts(x, t["gate_up"], t["down"], weights, ids,
+                                              shared=t.get("shared")))  # fmt: skip
     old_all, new_all = graph_ms(lambda: old_block(t)), graph_ms(lambda: new_block(t))
-    print(f"| {name} | {tokens} | {ids.unique().numel()} | {old * 1e3:.1f} "
+    print(f"| {name} | {tokens} | {read} | {old * 1e3:.1f} "
           f"({nbytes / old / 1e9:.2f}) | {new * 1e3:.1f} ({nbytes / new / 1e9:.2f}) | "
           f"{old_all * 1e3:.1f} | {new_all * 1e3:.1f} |")  # fmt: skip
 

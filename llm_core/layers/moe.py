@@ -13,9 +13,10 @@
   epilogues; one token: a GEMV per chosen expert that reads only those experts' weights) and
   the dense per-expert loop of transformers elsewhere (the CPU reference).
 - `SparseMoeBlock`: router (`gate`), experts and optional shared experts, HF's names. Where
-  `enable_moe_decode` set it (CUDA, half/bf16, softmax router, no shared experts), up to
-  `DECODE_MAX_TOKENS` rows take `moe_decode` instead: routing in one launch, the experts in two,
-  a deferred RMSNorm of x applied as it loads and the residual add in the last epilogue.
+  `enable_moe_decode` set it (CUDA, half/bf16, unquantized; softmax or DeepSeek-V3's grouped
+  sigmoid router; shared experts an unsharded SwiGLU `MLP`), up to `DECODE_MAX_TOKENS` rows take
+  `moe_decode` instead: routing in one launch, routed and shared experts together in two, a
+  deferred RMSNorm of x applied as it loads and the residual add in the last epilogue.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from polymodal.llm_core.layers import fused_ops
 from polymodal.llm_core.layers.activation import silu_and_mul
+from polymodal.llm_core.layers.linear import Linear, UnquantizedLinearMethod
 from polymodal.llm_core.layers.norm import DeferredNorm
 
 # Per-expert checkpoint tensors -> (stacked parameter, shard): HF's gate/up/down names and
@@ -246,19 +248,66 @@ class SparseMoeBlock(nn.Module):
         return self.gate.cfg.top_k
 
     def fused_decode_fits(self) -> bool:
-        """Whether `moe_decode` computes this block: a softmax router in the experts' dtype,
-        unquantized half/bf16 experts on CUDA, no shared experts."""
-        cfg, method = self.gate.cfg, self.experts.method
-        if not isinstance(method, UnquantizedExpertsMethod) or self.shared_experts is not None:
+        """Whether `moe_decode` computes this block: unquantized half/bf16 experts on CUDA, a
+        router in their dtype (softmax, or sigmoid with groups that `moe_route` takes), shared
+        experts (if any) an unsharded, unquantized SwiGLU MLP of a multiple of I features."""
+        if not isinstance(self.experts.method, UnquantizedExpertsMethod):
             return False
         weight = self.experts.gate_up_proj
-        return (
-            cfg.scoring == "softmax"
-            and not self.gate.fp32_logits
-            and weight.is_cuda
-            and weight.dtype in HALF_DTYPES
-            and self.gate.weight.dtype == weight.dtype
-        )
+        if not (weight.is_cuda and weight.dtype in HALF_DTYPES):
+            return False
+        if self.gate.weight.dtype != weight.dtype or self._decode_router_args() is None:
+            return False
+        return self.shared_experts is None or self._decode_shared_weights() is not None
+
+    def _decode_router_args(self) -> dict | None:
+        """`moe_decode.route`'s keywords for this router; None where it cannot compute it."""
+        cfg, num_experts = self.gate.cfg, self.experts.num_experts
+        if cfg.scoring == "softmax":  # the torch router has no groups or bias for softmax
+            if self.gate.fp32_logits or self.gate.e_score_correction_bias is not None:
+                return None
+            return {"shared_experts": self._num_shared()}
+        groups = cfg.num_groups
+        size = num_experts // groups
+        if groups > 1 and (size * groups != num_experts or size < 2):
+            return None  # (torch's router needs the same)
+        if cfg.top_k > (size * cfg.topk_groups if groups > 1 else num_experts):
+            return None
+        return {
+            "scoring": "sigmoid",
+            "fp32_logits": self.gate.fp32_logits,
+            "correction_bias": self.gate.e_score_correction_bias,
+            "num_groups": groups,
+            "topk_groups": cfg.topk_groups if groups > 1 else 1,
+            "shared_experts": self._num_shared(),
+        }
+
+    def _num_shared(self) -> int:
+        """How many routed-size experts the shared MLP splits into (0 without one)."""
+        if self.shared_experts is None:
+            return 0
+        return self.shared_experts.down_proj.in_features // self.experts.intermediate_size
+
+    def _decode_shared_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The shared MLP's `(gate_up [2 * S * I, H], down [H, S * I])` for `moe_decode`, or
+        None where it is not a plain SwiGLU `MLP` of S * I features (sharded, quantized, with a
+        bias, another module)."""
+        shared, inter = self.shared_experts, self.experts.intermediate_size
+        children = dict(shared.named_children())
+        if set(children) != {"gate_up_proj", "down_proj"}:
+            return None
+        linears = list(children.values())
+        plain = all(
+            isinstance(lin, Linear) and type(lin.method) is UnquantizedLinearMethod
+            and lin.parallel is None and not lin.has_bias and not list(lin.children())
+            and lin.weight.dtype == self.experts.gate_up_proj.dtype and lin.weight.is_contiguous()
+            for lin in linears
+        )  # fmt: skip
+        gate_up, down = children["gate_up_proj"].weight, children["down_proj"].weight
+        count = down.shape[1] // inter if plain else 0
+        if count < 1 or down.shape[1] != count * inter or gate_up.shape[0] != 2 * count * inter:
+            return None
+        return gate_up, down
 
     def forward(self, x, residual: torch.Tensor | None = None):
         """x: `[T, H]` or a `DeferredNorm`. `fused_decode` and T <= `DECODE_MAX_TOKENS`:
@@ -271,9 +320,10 @@ class SparseMoeBlock(nn.Module):
 
             cfg = self.gate.cfg
             weights, ids = moe_decode.route(x, self.gate.weight, cfg.top_k, cfg.renormalize,
-                                            cfg.scaling)  # fmt: skip
+                                            cfg.scaling, **self._decode_router_args())  # fmt: skip
             gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
-            return moe_decode.experts(x, gate_up, down, weights, ids, residual)
+            shared = None if self.shared_experts is None else self._decode_shared_weights()
+            return moe_decode.experts(x, gate_up, down, weights, ids, residual, shared=shared)
         if isinstance(x, DeferredNorm):
             x = x.materialize()
         out = self.experts(x, *self.gate(x))

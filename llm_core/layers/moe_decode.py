@@ -1,16 +1,13 @@
-"""A sparse MoE block for a few rows (decode) in three Triton launches: `route`, then `experts`
-(gate_up, down).
+"""A sparse MoE block for a few rows (decode) in three Triton launches: `route`
+(`moe_route.py`, re-exported here), then `experts` (gate_up, down).
 
 Decode reads each chosen expert's weights once and does little math, so the experts run as
 GEMVs over the chosen experts only (the tiles of the dense decode GEMV, `gemv.gemv_tile`), and
 what lies between them folds into their prologues and epilogues:
 
-- `route`: each program computes the router logits of a block of experts for every row
-  (normalizing x as it loads it when x is a `DeferredNorm`, as the dense GEMVs do), rounded to
-  the model dtype as `F.linear` rounds them; the last program to finish (an arrival counter,
-  `counters.py`) takes every row's logits through softmax, top-k (ties go to the lower expert
-  id), renormalization and scaling. No sort, no torch op between the launches.
-- `experts`: a row's `top_k` (row, expert) pairs are numbered `pair = row * top_k + slot`; a
+- `route` (one launch): router logits, then top-k per row (softmax, or DeepSeek-V3's grouped
+  sigmoid with its correction bias); shared experts follow as extra slots of weight 1.
+- `experts`: a row's slots (routed, then shared) are numbered `pair = row * slots + slot`; a
   program takes one pair and one block of output features. Rows that chose the same expert
   share the program of that expert's first pair (later pairs' programs do nothing), so every
   chosen expert's weights are read once whatever the row count. gate_up writes each row's
@@ -19,6 +16,10 @@ what lies between them folds into their prologues and epilogues:
   program of a feature block to arrive sums each row's pairs in slot order (a row's sum does not
   depend on the other rows), adds the residual and writes the sums of squares the next GEMV's
   deferred RMSNorm needs (`AddedResidual`).
+- Shared experts (DeepSeek): ids `E .. E + S - 1` read the shared MLP's own weights in place
+  (`shared = (gate_up [2 * S * I, H], down [H, S * I])`, `llama.MLP`'s packed layout), its
+  intermediate features cut into S experts of the routed size I: expert `E + s` is gate rows
+  `[s * I, (s + 1) * I)`, the same up rows and down columns. Their sum is the MLP's output.
 
 Shapes come from the rows and the config alone (no host read), so calls are captured in CUDA
 graphs; the launches take programmatic dependent launch where `pdl.use_pdl` says so.
@@ -33,7 +34,6 @@ import triton.language as tl
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
 from polymodal.llm_core.layers.gemv import (
-    MAX_ROWS,
     TILE_ELEMENTS,
     WEIGHT_EVICTION,
     GemvConfig,
@@ -42,110 +42,18 @@ from polymodal.llm_core.layers.gemv import (
     row_rstd,
     store_out,
 )
-from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
+from polymodal.llm_core.layers.moe_route import (  # noqa: F401  (route: part of this API)
+    decode_rows,
+    norm_args,
+    norm_tile,
+    route,
+    router_config,
+)
+from polymodal.llm_core.layers.norm import AddedResidual
 
 
 @triton.jit
-def _norm_tile(norm_w_ptr, k, K, NORM: tl.constexpr):
-    """The RMSNorm weight at `k` (fp32; zeros without NORM)."""
-    wn = tl.zeros(k.shape, dtype=tl.float32)
-    if NORM:
-        wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    return wn
-
-
-@triton.jit
-def _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E,
-                   RENORMALIZE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_J: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """Each row's `TOP_K` experts from its fp32 logits `[M, E]`: softmax over all of them, the
-    best left slot by slot (the lowest id on ties), renormalized, times `scaling`."""
-    offs_e = tl.arange(0, BLOCK_E)
-    rows, cols = offs_m[:, None] < M, offs_e[None, :] < E
-    logits = tl.load(logits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=rows & cols,
-                     other=0.0, cache_modifier=".cg")  # fmt: skip
-    logits = tl.where(cols, logits, float("-inf"))
-    probs = tl.exp(logits - tl.max(logits, 1)[:, None])
-    probs = tl.where(cols, probs / tl.sum(probs, 1)[:, None], -1.0)  # padding: never chosen
-    offs_j = tl.arange(0, BLOCK_J)
-    top_w = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-    top_id = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):  # slot j: the best expert left (the lowest id on ties)
-        best = tl.argmax(probs, 1, tie_break_left=True)  # [BLOCK_M]
-        best = tl.minimum(best, E - 1)  # a NaN row (graph padding) still names an expert
-        top_w = tl.where(offs_j[None, :] == j, tl.max(probs, 1)[:, None], top_w)
-        top_id = tl.where(offs_j[None, :] == j, best[:, None], top_id)
-        probs = tl.where(offs_e[None, :] == best[:, None], -1.0, probs)
-    if RENORMALIZE:
-        top_w = top_w / tl.sum(top_w, 1)[:, None]
-    out = offs_m[:, None] * TOP_K + offs_j[None, :]
-    mask = rows & (offs_j[None, :] < TOP_K)
-    tl.store(weights_ptr + out, top_w * scaling, mask=mask)
-    tl.store(ids_ptr + out, top_id, mask=mask)
-
-
-@triton.jit(do_not_specialize=["M", "norm_parts"])
-def _route_kernel(
-    x_ptr,  # [M, K] (NORM: before the RMSNorm)
-    w_ptr,  # [E, K] router weight
-    logits_ptr,  # fp32 [M, E] workspace
-    counter_ptr,  # int32 [1], zero between calls
-    weights_ptr,  # fp32 [M, TOP_K] out
-    ids_ptr,  # int32 [M, TOP_K] out
-    norm_w_ptr,  # [K] RMSNorm weight (NORM)
-    norm_sumsq_ptr,  # fp32 [M, norm_parts]: x's sums of squares (NORM)
-    norm_parts,
-    eps,
-    scaling,
-    M,
-    E,
-    K,
-    stride_xm,
-    NORM: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BLOCK_J: tl.constexpr,  # TOP_K padded to a power of 2
-    BLOCK_E: tl.constexpr,  # E padded to a power of 2
-    BLOCK_P: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    WEIGHT_EVICTION: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """Program n: logits of experts [n * BLOCK_N, (n + 1) * BLOCK_N) for every row; the last
-    program to arrive picks each row's experts. The first weight tile loads before the PDL wait."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < E
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
-    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
-                eviction_policy=WEIGHT_EVICTION)  # fmt: skip
-    pdl.wait(USE_PDL)
-    rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [experts, rows]
-    acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
-                    _norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + offs_k
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
-                    eviction_policy=WEIGHT_EVICTION)  # fmt: skip
-        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd,
-                        _norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
-    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear's output
-    mask = (offs_m[None, :] < M) & n_mask[:, None]
-    tl.store(logits_ptr + offs_m[None, :] * E + offs_n[:, None], logits, mask=mask)
-    tl.debug_barrier()  # every thread's logits are written before the counter moves
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(0) - 1:  # every block's logits are in: pick the experts
-        _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E, RENORMALIZE,
-                       TOP_K, BLOCK_J, BLOCK_E, BLOCK_M)  # fmt: skip
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _expert_rows(ids_ptr, pair, M, offs_m, TOP_K: tl.constexpr, BLOCK_J: tl.constexpr,
+def _expert_rows(ids_ptr, pair, M, offs_m, SLOTS: tl.constexpr, BLOCK_J: tl.constexpr,
                  BLOCK_PAIRS: tl.constexpr):  # fmt: skip
     """`pair`'s expert (int64); whether `pair` is the first to choose it (its program serves
     every row that did); `chosen [BLOCK_M, BLOCK_J]`: row m's slot j holds that expert;
@@ -155,8 +63,8 @@ def _expert_rows(ids_ptr, pair, M, offs_m, TOP_K: tl.constexpr, BLOCK_J: tl.cons
     earlier = tl.load(ids_ptr + offs_p, mask=offs_p < pair, other=-1)
     first = tl.sum((earlier == expert).to(tl.int32), 0) == 0
     offs_j = tl.arange(0, BLOCK_J)
-    slots = offs_m[:, None] * TOP_K + offs_j[None, :]
-    valid = (offs_m[:, None] < M) & (offs_j[None, :] < TOP_K)
+    slots = offs_m[:, None] * SLOTS + offs_j[None, :]
+    valid = (offs_m[:, None] < M) & (offs_j[None, :] < SLOTS)
     chosen = valid & (tl.load(ids_ptr + slots, mask=valid, other=-1) == expert)
     return expert.to(tl.int64), first, chosen, slots
 
@@ -165,20 +73,23 @@ def _expert_rows(ids_ptr, pair, M, offs_m, TOP_K: tl.constexpr, BLOCK_J: tl.cons
 def _gate_up_kernel(
     x_ptr,  # [M, K] (NORM: before the RMSNorm)
     w_ptr,  # [E, N, K] gate_up (`[gate | up]` rows), contiguous
-    out_ptr,  # [M * TOP_K, M, N]: (p, m) = row m's [gate | up] through pair p's expert
-    ids_ptr,  # int32 [M, TOP_K]
+    shared_ptr,  # [2 * S * (N / 2), K] shared experts' gate_up (`[gate | up]` rows)
+    out_ptr,  # [M * SLOTS, M, N]: (p, m) = row m's [gate | up] through pair p's expert
+    ids_ptr,  # int32 [M, SLOTS]: routed ids < E, shared ones E + s
     norm_w_ptr,
     norm_sumsq_ptr,
     norm_parts,
     eps,
     M,
+    E,
     N,
     K,
+    num_shared,
     stride_xm,
     NORM: tl.constexpr,
-    TOP_K: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK_J: tl.constexpr,
-    BLOCK_PAIRS: tl.constexpr,  # M * TOP_K padded to a power of 2
+    BLOCK_PAIRS: tl.constexpr,  # M * SLOTS padded to a power of 2
     BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -191,12 +102,18 @@ def _gate_up_kernel(
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     pdl.wait(USE_PDL)  # the expert ids come from the kernel before
-    expert, first, chosen, _ = _expert_rows(ids_ptr, pair, M, offs_m, TOP_K, BLOCK_J, BLOCK_PAIRS)
+    expert, first, chosen, _ = _expert_rows(ids_ptr, pair, M, offs_m, SLOTS, BLOCK_J, BLOCK_PAIRS)
     if first:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
-        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+        if expert < E:
+            w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+        else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
+            inter = N // 2
+            up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
+            row = offs_n + (expert - E) * inter + up_skip
+            w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -204,7 +121,7 @@ def _gate_up_kernel(
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                         eviction_policy=WEIGHT_EVICTION)  # fmt: skip
             acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd,
-                            _norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
+                            norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
         has = tl.max(chosen.to(tl.int32), 1) > 0  # [BLOCK_M]
         rows = pair * M + offs_m
         tl.store(out_ptr + rows.to(tl.int64)[None, :] * N + offs_n[:, None],
@@ -213,20 +130,23 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _down_kernel(
-    h_ptr,  # [M * TOP_K, M, 2K] from _gate_up_kernel
+    h_ptr,  # [M * SLOTS, M, 2K] from _gate_up_kernel
     w_ptr,  # [E, N, K] down, contiguous
-    part_ptr,  # fp32 [M * TOP_K, N]: each pair's weighted output
+    shared_ptr,  # [N, S * K] shared experts' down
+    part_ptr,  # fp32 [M * SLOTS, N]: each pair's weighted output
     counter_ptr,  # int32 per n block, zero between calls
-    ids_ptr,  # int32 [M, TOP_K]
-    weights_ptr,  # fp32 [M, TOP_K]
+    ids_ptr,  # int32 [M, SLOTS]
+    weights_ptr,  # fp32 [M, SLOTS]
     res_ptr,  # [M, N] residual stream (RESIDUAL)
     out_ptr,  # [M, N]
     sumsq_ptr,  # fp32 [M, n blocks] out (RESIDUAL)
     M,
+    E,
     N,
     K,
+    num_shared,
     RESIDUAL: tl.constexpr,
-    TOP_K: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -243,11 +163,14 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     pdl.wait(USE_PDL)
-    expert, first, chosen, slots = _expert_rows(ids_ptr, pair, M, offs_m, TOP_K, BLOCK_J,
+    expert, first, chosen, slots = _expert_rows(ids_ptr, pair, M, offs_m, SLOTS, BLOCK_J,
                                                 BLOCK_PAIRS)  # fmt: skip
     if first:
         offs_k = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+        if expert < E:
+            w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+        else:  # shared expert s: columns [s * K, (s + 1) * K) of the shared down
+            w_rows = shared_ptr + offs_n.to(tl.int64)[:, None] * (num_shared * K) + (expert - E) * K
         x_rows = h_ptr + pair.to(tl.int64) * M * 2 * K  # [M, 2K]: rows m of this expert
         no_rstd, no_wn = tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_K,), tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -269,8 +192,8 @@ def _down_kernel(
         out_offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] -> out[m, f]
         out_mask = (offs_m[None, :] < M) & n_mask[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            part = part_ptr + (offs_m * TOP_K + j).to(tl.int64)[None, :] * N + offs_n[:, None]
+        for j in tl.static_range(SLOTS):
+            part = part_ptr + (offs_m * SLOTS + j).to(tl.int64)[None, :] * N + offs_n[:, None]
             acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
         r = acc
         if RESIDUAL:
@@ -279,14 +202,6 @@ def _down_kernel(
         store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
                   tl.num_programs(1), acc, RESIDUAL, False)  # fmt: skip
         tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-
-
-def router_config(num_experts: int, k: int, is_cuda: bool) -> GemvConfig:
-    """Feature block of the routing launch: a few experts per program, long K tiles."""
-    if not is_cuda:  # interpreter: small tiles so test shapes span several
-        return GemvConfig(block_n=2, block_k=32)
-    block_n = 4 if num_experts >= 128 else 2 if num_experts >= 32 else 1
-    return GemvConfig(block_n=block_n, block_k=min(2048, triton.next_power_of_2(k)))
 
 
 def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool) -> GemvConfig:
@@ -299,62 +214,23 @@ def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool) -> Ge
     return GemvConfig(block_n=block_n, block_k=block_k)
 
 
-def _rows(x, weight: torch.Tensor, what: str):
-    """(the DeferredNorm or None, the rows) of x, checked against a `[..., K]` weight."""
-    norm = x if isinstance(x, DeferredNorm) else None
-    rows = norm.h if norm is not None else x
-    if rows.dim() != 2 or rows.shape[0] > MAX_ROWS or rows.shape[1] != weight.shape[-1]:
-        raise ValueError(f"moe decode {what}: x must be [M <= {MAX_ROWS}, "
-                         f"{weight.shape[-1]}], got {tuple(rows.shape)}")  # fmt: skip
-    if rows.dtype != weight.dtype or not weight.is_contiguous():
-        raise ValueError(f"moe decode {what}: x {rows.dtype} and contiguous weights "
-                         f"{weight.dtype} of one dtype")  # fmt: skip
-    return norm, rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _norm_args(norm: DeferredNorm | None, unused: torch.Tensor) -> tuple:
-    """(norm weight, sums of squares, their count per row, eps); `unused` without a norm."""
-    if norm is None:
-        return unused, unused, 1, 0.0
-    return norm.weight, norm.sumsq, norm.sumsq.shape[1], norm.eps
-
-
-def route(
-    x,
-    weight: torch.Tensor,
-    top_k: int,
-    renormalize: bool = True,
-    scaling: float = 1.0,
-    config: GemvConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k routing in one launch: (weights fp32 `[M, top_k]`, expert ids int32
-    `[M, top_k]`), slots by decreasing weight, ties to the lower expert id.
-
-    x: `[M <= MAX_ROWS, H]` or a `DeferredNorm` of such (normalized as it loads); weight: the
-    router `[E, H]` in x's dtype. Logits are rounded to x's dtype (as `F.linear`), softmax over
-    all experts in fp32, `renormalize`: the chosen weights divided by their sum; then * scaling.
-    """
-    norm, rows = _rows(x, weight, "route")
-    m, k = rows.shape
-    num_experts = weight.shape[0]
-    weights = torch.empty((m, top_k), dtype=torch.float32, device=rows.device)
-    ids = torch.empty((m, top_k), dtype=torch.int32, device=rows.device)
-    if m == 0:
-        return weights, ids
-    logits = torch.empty((m, num_experts), dtype=torch.float32, device=rows.device)
-    norm_w, norm_sumsq, parts, eps = _norm_args(norm, rows)
-    cfg = config or router_config(num_experts, k, rows.is_cuda)
-    flag = pdl.use_pdl(rows)
-    _route_kernel[(triton.cdiv(num_experts, cfg.block_n),)](
-        rows, weight, logits, arrival_counters(rows.device, 1), weights, ids,
-        norm_w, norm_sumsq, parts, eps, scaling, m, num_experts, k, rows.stride(0),
-        NORM=norm is not None, RENORMALIZE=renormalize, TOP_K=top_k,
-        BLOCK_J=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_P=triton.next_power_of_2(parts), BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION,
-        USE_PDL=flag, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
-    )  # fmt: skip
-    return weights, ids
+def _shared_weights(shared, gate_up: torch.Tensor, down: torch.Tensor) -> tuple:
+    """(S, shared gate_up, shared down) checked against the routed experts' sizes; without
+    shared experts (0, the routed weights as unread stand-ins)."""
+    if shared is None:
+        return 0, gate_up, down
+    shared_gate_up, shared_down = shared
+    two_inter, hidden = gate_up.shape[1:]
+    count = shared_down.shape[-1] // (two_inter // 2) if shared_down.dim() == 2 else 0
+    fits = count >= 1 and shared_gate_up.shape == (count * two_inter, hidden)
+    if not fits or shared_down.shape != (hidden, count * two_inter // 2):
+        raise ValueError(f"moe decode experts: shared gate_up {tuple(shared_gate_up.shape)} / "
+                         f"down {tuple(shared_down.shape)} are not S experts of gate_up "
+                         f"{tuple(gate_up.shape[1:])}")  # fmt: skip
+    if not (shared_gate_up.is_contiguous() and shared_down.is_contiguous()) or {
+        shared_gate_up.dtype, shared_down.dtype} != {gate_up.dtype}:  # fmt: skip
+        raise ValueError(f"moe decode experts: shared weights must be contiguous {gate_up.dtype}")
+    return count, shared_gate_up, shared_down
 
 
 def experts(
@@ -365,16 +241,20 @@ def experts(
     ids: torch.Tensor,
     residual: torch.Tensor | None = None,
     configs: tuple[GemvConfig, GemvConfig] | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """`sum_j weights[m, j] * down[e] @ (silu(gate[e] @ x[m]) * up[e] @ x[m])`, `e = ids[m, j]`,
     in two launches; each chosen expert's weights are read once.
 
     x: `[M <= MAX_ROWS, H]` or a `DeferredNorm` of such; gate_up `[E, 2I, H]`, down `[E, H, I]`
-    (contiguous, x's dtype); weights / ids `[M, top_k]` (a row's experts distinct). Returns
-    `[M, H]` in x's dtype, or with `residual [M, H]`: `AddedResidual(out + residual, sums of
-    squares)` as `gemv` does. `configs`: (gate_up's, down's) launch; default `expert_config`.
+    (contiguous, x's dtype); weights / ids `[M, slots]` (a row's experts distinct). `shared`:
+    the shared MLP's `(gate_up [2 * S * I, H], down [H, S * I])` (x's dtype, contiguous), run
+    as experts `E .. E + S - 1` where `ids` names them (`route(..., shared_experts=S)` appends
+    them with weight 1). Returns `[M, H]` in x's dtype, or with `residual [M, H]`:
+    `AddedResidual(out + residual, sums of squares)` as `gemv` does. `configs`: (gate_up's,
+    down's) launch; default `expert_config`.
     """
-    norm, rows = _rows(x, gate_up, "experts")
+    norm, rows = decode_rows(x, gate_up, "experts")
     m, hidden = rows.shape
     two_inter, inter = gate_up.shape[1], down.shape[2]
     if down.shape != (gate_up.shape[0], hidden, two_inter // 2) or not down.is_contiguous():
@@ -382,8 +262,9 @@ def experts(
                          f"gate_up {tuple(gate_up.shape)}")  # fmt: skip
     if residual is not None and (residual.shape != (m, hidden) or not residual.is_contiguous()):
         raise ValueError(f"moe decode residual must be contiguous [{m}, {hidden}]")
-    top_k = ids.shape[1]
-    num_pairs = m * top_k
+    num_shared, shared_gate_up, shared_down = _shared_weights(shared, gate_up, down)
+    slots = ids.shape[1]
+    num_pairs = m * slots
     ids = ids.to(torch.int32).contiguous()  # no copy when it comes from `route`
     weights = weights.to(torch.float32).contiguous()
     device = rows.device
@@ -400,23 +281,23 @@ def experts(
         return out if residual is None else AddedResidual(out, sumsq)
     gate_up_rows = torch.empty((num_pairs, m, two_inter), dtype=rows.dtype, device=device)
     part = torch.empty((num_pairs, hidden), dtype=torch.float32, device=device)
-    norm_w, norm_sumsq, parts, eps = _norm_args(norm, rows)
+    norm_w, norm_sumsq, parts, eps = norm_args(norm, rows)
     flag = pdl.use_pdl(rows)
-    pairs = dict(TOP_K=top_k, BLOCK_J=triton.next_power_of_2(top_k),
+    pairs = dict(SLOTS=slots, BLOCK_J=triton.next_power_of_2(slots),
                  BLOCK_PAIRS=triton.next_power_of_2(num_pairs), BLOCK_M=triton.next_power_of_2(m),
                  WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag, launch_pdl=flag)  # fmt: skip
     _gate_up_kernel[(num_pairs, triton.cdiv(two_inter, gate_up_cfg.block_n))](
-        rows, gate_up, gate_up_rows, ids, norm_w, norm_sumsq, parts, eps,
-        m, two_inter, hidden, rows.stride(0), NORM=norm is not None,
+        rows, gate_up, shared_gate_up, gate_up_rows, ids, norm_w, norm_sumsq, parts, eps,
+        m, gate_up.shape[0], two_inter, hidden, num_shared, rows.stride(0), NORM=norm is not None,
         BLOCK_P=triton.next_power_of_2(parts), BLOCK_N=gate_up_cfg.block_n,
         BLOCK_K=gate_up_cfg.block_k, num_warps=gate_up_cfg.num_warps,
         num_stages=gate_up_cfg.num_stages, **pairs,
     )  # fmt: skip
     res = residual if residual is not None else out  # unread without RESIDUAL
     _down_kernel[(num_pairs, n_blocks)](
-        gate_up_rows, down, part, arrival_counters(device, n_blocks), ids, weights, res, out,
-        sumsq, m, hidden, inter, RESIDUAL=residual is not None, BLOCK_N=down_cfg.block_n,
-        BLOCK_K=down_cfg.block_k, num_warps=down_cfg.num_warps,
-        num_stages=down_cfg.num_stages, **pairs,
+        gate_up_rows, down, shared_down, part, arrival_counters(device, n_blocks), ids, weights,
+        res, out, sumsq, m, gate_up.shape[0], hidden, inter, num_shared,
+        RESIDUAL=residual is not None, BLOCK_N=down_cfg.block_n, BLOCK_K=down_cfg.block_k,
+        num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages, **pairs,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)

@@ -11,7 +11,9 @@ mixture-of-experts MLPs with shared experts and grouped sigmoid routing.
   `n_routed_experts` experts of `moe_intermediate_size` chosen by sigmoid scores + the
   correction bias, `n_group` / `topk_group` grouped top-k, weights renormalized
   (`norm_topk_prob`) and scaled (`routed_scaling_factor`), plus `n_shared_experts` shared
-  experts as one MLP.
+  experts as one MLP. Decode steps of up to `DECODE_MAX_TOKENS` rows on CUDA (bf16/fp16, with
+  `decode_gemv`) run the whole block, routing and shared experts included, on the fused
+  `moe_decode` path (`SparseMoeBlock`, `enable_moe_decode`); prefill keeps this one.
 - Multi-token prediction: the checkpoint's `num_nextn_predict_layers` extra layers (indices
   from `num_hidden_layers` on) are skipped by the mapping (`ignored_weights`), kept for
   speculative decoding later.

@@ -68,6 +68,7 @@ def test_fp32_triton_graphs_match_transformers(tmp_path_factory, name, chunk):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_bf16_gemv_engine_matches_cublas(tmp_path_factory, name):
     from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.layers.moe import SparseMoeBlock
     from polymodal.llm_core.sampling_params import SamplingParams
 
     path = _checkpoint(tmp_path_factory, name)
@@ -75,6 +76,10 @@ def test_bf16_gemv_engine_matches_cublas(tmp_path_factory, name):
     runs = {}
     for gemv in (True, False):
         engine = Engine(str(path), dtype="bfloat16", device="cuda", decode_gemv=gemv)
+        blocks = [m for m in engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+        # every sparse block (Mixtral, Qwen3-MoE, DeepSeek-V3 with its shared expert) decodes
+        # on the fused moe_decode path with the GEMV, and only then
+        assert all(block.fused_decode == gemv for block in blocks), name
         seen = record_logits(engine)
         rid = engine.add_request(PROMPTS[0], params)
         runs[gemv] = (seen, engine.run_until_done()[rid].outputs[0].token_ids)

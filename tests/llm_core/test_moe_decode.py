@@ -1,7 +1,8 @@
-"""The few-row MoE decode kernels (`layers/moe_decode.py`) against the torch router and the
-dense per-expert loop, on CPU under TRITON_INTERPRET=1 (set up in `interpreted.py`): Mixtral's
-top-2 and Qwen3's top-8 routing with and without renormalization, ties, a deferred RMSNorm
-input, rows sharing experts, the residual epilogue, and a decoder whose decode steps take it."""
+"""The few-row MoE decode kernels (`layers/moe_route.py`, `layers/moe_decode.py`) against the
+torch router and the dense per-expert loop, on CPU under TRITON_INTERPRET=1 (set up in
+`interpreted.py`): Mixtral's top-2 and Qwen3's top-8 routing with and without renormalization,
+ties, a deferred RMSNorm input, rows sharing experts, the residual epilogue, and a decoder whose
+decode steps take it (DeepSeek-V3's router and shared experts: `test_moe_decode_deepseek.py`)."""
 
 from __future__ import annotations
 
@@ -220,8 +221,8 @@ def test_moe_decoder_steps_take_the_fused_path(tmp_path_factory, monkeypatch):
                 if isinstance(module, SparseMoeBlock):
                     module.fused_decode = True
 
-            def traced(x, *args, calls=calls, original=moe_decode.experts):
-                out = original(x, *args)
+            def traced(x, *args, calls=calls, original=moe_decode.experts, **kwargs):
+                out = original(x, *args, **kwargs)
                 calls.append((type(x).__name__, type(out).__name__))
                 return out
 

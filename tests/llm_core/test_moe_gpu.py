@@ -195,3 +195,152 @@ def test_sparse_block_fused_decode_matches_the_unfused_block():
     rows = DECODE_MAX_TOKENS + 1
     x, normed = _deferred(rows, hidden)
     assert isinstance(block(x, torch.zeros_like(normed)), torch.Tensor)  # the unfused path
+
+
+# DeepSeek-V3's router (fp32 logits, sigmoid + correction bias, 8 groups keep 4, top-8, scaled
+# 2.5) and its shared expert, on the fused decode path
+DEEPSEEK_ROUTER = dict(top_k=8, renormalize=True, scoring="sigmoid", num_groups=8,
+                       topk_groups=4, scaling=2.5)  # fmt: skip
+
+
+def _deepseek_route(x, weight, bias, shared=1):
+    from polymodal.llm_core.layers import moe_decode
+
+    cfg = DEEPSEEK_ROUTER
+    return moe_decode.route(x, weight, cfg["top_k"], cfg["renormalize"], cfg["scaling"],
+                            scoring="sigmoid", fp32_logits=True, correction_bias=bias,
+                            num_groups=cfg["num_groups"], topk_groups=cfg["topk_groups"],
+                            shared_experts=shared)  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+def test_moe_decode_deepseek_route_matches_the_torch_router(rows):
+    """The model's torch router (fp32 `F.linear` of the normalized bf16 rows): slot by slot the
+    chosen experts' biased scores equal the reference's (cuBLAS sums in another order, so an
+    exact near-tie may flip: the contract is on the scores); rows that chose the same experts
+    (all but such ties) have weights within 1e-4; the shared expert's slot is id 256, weight 1."""
+    from polymodal.llm_core.layers.moe import RouterConfig, route
+
+    num_experts, _, hidden, _ = SHAPES["deepseek_v3"]
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    weight = torch.randn(num_experts, hidden, device="cuda", generator=gen) * hidden**-0.5
+    weight = weight.to(torch.bfloat16)
+    bias = torch.rand(num_experts, device="cuda", generator=gen) * 0.1
+    x, normed = _deferred(rows, hidden)
+    logits = torch.nn.functional.linear(normed.float(), weight.float())
+    ref_weights, ref_ids = route(logits, RouterConfig(**DEEPSEEK_ROUTER), bias)
+    weights, ids = _deepseek_route(x, weight, bias)
+    assert ids[:, -1].eq(num_experts).all() and weights[:, -1].eq(1).all()
+    ids, weights = ids[:, :-1].long(), weights[:, :-1]
+    choice = logits.sigmoid() + bias
+    ref_choice, order = choice.gather(1, ref_ids).sort(1, descending=True)
+    torch.testing.assert_close(choice.gather(1, ids), ref_choice, atol=1e-5, rtol=0)
+    same = (ids.sort(1)[0] == ref_ids.sort(1)[0]).all(1)
+    assert same.any()
+    torch.testing.assert_close(weights[same], ref_weights.gather(1, order)[same], atol=1e-4,
+                               rtol=1e-4)  # fmt: skip
+
+
+def _shared(hidden, inter, count=1):
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    gate_up = torch.randn(2 * count * inter, hidden, device="cuda", generator=gen) * hidden**-0.5
+    down = torch.randn(hidden, count * inter, device="cuda", generator=gen) * inter**-0.5
+    return gate_up.to(torch.bfloat16), down.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_moe_decode_experts_with_shared_match_the_reference(count, rows):
+    """DeepSeek-V3's sizes: routed experts + the shared MLP (`count` experts of 2048 features)
+    in the same two launches, a `DeferredNorm` in, the residual added: within 2e-2 of the
+    scale of the fp32 routed loop + shared MLP."""
+    from polymodal.llm_core.layers import moe_decode
+    from polymodal.llm_core.layers.activation import silu_and_mul
+
+    num_experts, top_k, hidden, inter = SHAPES["deepseek_v3"]
+    gate_up, down = _experts(num_experts, hidden, inter)
+    weights, ids = _routing(rows, num_experts, top_k)
+    shared = _shared(hidden, inter, count)
+    extra = torch.arange(num_experts, num_experts + count, device="cuda").expand(rows, count)
+    all_ids = torch.cat([ids, extra], 1)
+    all_weights = torch.cat([weights, torch.ones(rows, count, device="cuda")], 1)
+    x, normed = _deferred(rows, hidden)
+    residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+    ref = experts_reference(normed.float(), gate_up.float(), down.float(), weights, ids)
+    gu, dn = (w.float() for w in shared)
+    ref = ref + torch.nn.functional.linear(silu_and_mul(normed.float() @ gu.T), dn)
+    added = moe_decode.experts(x, gate_up, down, all_weights, all_ids, residual, shared=shared)
+    scale = ref.abs().max().item()
+    assert (added.h.float() - residual.float() - ref).abs().max().item() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_moe_decode_deepseek_captures_in_a_cuda_graph(rows):
+    """DeepSeek routing + routed and shared experts captured once; replays on new rows give
+    the eager result, twice (the arrival counters are back at zero)."""
+    from polymodal.llm_core.layers import moe_decode
+
+    num_experts, _, hidden, inter = SHAPES["deepseek_v3"]
+    gate_up, down = _experts(num_experts, hidden, inter)
+    shared = _shared(hidden, inter)
+    router = (torch.randn(num_experts, hidden, device="cuda") * hidden**-0.5).to(torch.bfloat16)
+    bias = torch.rand(num_experts, device="cuda") * 0.1
+    x, _ = _deferred(rows, hidden)
+    residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+
+    def block():
+        weights, ids = _deepseek_route(x, router, bias)
+        return moe_decode.experts(x, gate_up, down, weights, ids, residual, shared=shared)
+
+    block()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = block()
+    for seed in (7, 8):
+        new_x, _ = _deferred(rows, hidden, seed=seed)
+        x.h.copy_(new_x.h)
+        x.sumsq.copy_(new_x.sumsq)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = block()
+        assert torch.equal(out.h, eager.h) and torch.equal(out.sumsq, eager.sumsq)
+
+
+def test_deepseek_block_fused_decode_matches_the_unfused_block():
+    """A DeepSeek-V3-style block in bf16 (256 experts in 8 groups, fp32 router logits, a
+    correction bias, one shared expert; narrower than V3): `enable_moe_decode` takes it; one and
+    two rows return the residual added within the unfused block's rounding, three rows keep the
+    unfused path."""
+    from types import SimpleNamespace
+
+    from polymodal.llm_core.layers.moe import (
+        DECODE_MAX_TOKENS,
+        FusedMoE,
+        Router,
+        RouterConfig,
+        SparseMoeBlock,
+        enable_moe_decode,
+    )
+    from polymodal.llm_core.models.llama import MLP
+
+    num_experts, hidden, inter = 256, 1024, 256
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        gate = Router(hidden, num_experts, RouterConfig(**DEEPSEEK_ROUTER), correction_bias=True,
+                      fp32_logits=True)  # fmt: skip
+        shared = MLP(SimpleNamespace(hidden_size=hidden, intermediate_size=inter))
+        block = SparseMoeBlock(gate, FusedMoE(num_experts, hidden, inter), shared)
+    block = block.to(torch.bfloat16)
+    gate.e_score_correction_bias.data = torch.rand(num_experts, device="cuda") * 0.1  # fp32
+    assert enable_moe_decode(block) == 1 and block.fused_decode
+    for rows in (1, 2):
+        x, normed = _deferred(rows, hidden)
+        residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+        added = block(x, residual)
+        block.fused_decode = False
+        ref = block(normed, residual) + residual
+        block.fused_decode = True
+        scale = ref.abs().max().item()
+        assert (added.h.float() - ref.float()).abs().max().item() <= 2e-2 * scale
+    x, normed = _deferred(DECODE_MAX_TOKENS + 1, hidden)
+    assert isinstance(block(x, torch.zeros_like(normed)), torch.Tensor)  # the unfused path
