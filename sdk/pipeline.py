@@ -32,7 +32,7 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_prompts import MEDIA_OPTIONS, is_messages
-from polymodal.processors.whisper_transcription import Segment, Transcript
+from polymodal.processors.whisper_segments import Segment, Transcript
 from polymodal.speech import run_transcriptions, takes_transcription
 
 SPEECH_OPTIONS = ("language", "task", "timestamps")  # reach processors that take them

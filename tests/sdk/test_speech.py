@@ -19,7 +19,7 @@ import transformers as tf
 
 from polymodal import Pipeline
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.processors.whisper_transcription import split_window
+from polymodal.processors.whisper_segments import split_window
 from polymodal.server.audio_routes import subtitles
 from tests.helpers import tiny_checkpoint
 
@@ -171,7 +171,7 @@ def test_split_window_follows_transformers_rules():
 
 
 def test_subtitles():
-    from polymodal.processors.whisper_transcription import Segment
+    from polymodal.processors.whisper_segments import Segment
 
     segments = [Segment(0, 0, 0.0, 1.5, " Hello", [1], 0.0),
                 Segment(1, 0, 1.5, 1.5, "", [], 0.0),
