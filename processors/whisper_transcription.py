@@ -289,7 +289,8 @@ class Transcription:
             )  # fmt: skip
             if times is not None:
                 segment.token_timestamps = [offset + t for t in times[first : first + len(piece)]]
-                segment.words = self.words.words(piece, segment.token_timestamps)
+                stamps = segment.token_timestamps
+                segment.words = self.words.words(piece, stamps, offset, self.language)
             first += len(piece)
             self.segments.append(segment)
         # an output that would not move (a `<|0.00|>` pair without the timestamp rules)
