@@ -135,8 +135,9 @@ def run_transcriptions(
 
     `options`: `Transcription`'s (`language` (None: detected), `task`, `timestamps`,
     `previous_text`, `details`, the fallback `temperatures` and thresholds,
-    `condition_on_prev_tokens`, `word_timestamps`). At most `max_in_flight` requests run at once (default: the engine's
-    `max_num_seqs`). Closing the iterator early aborts what is in flight.
+    `condition_on_prev_tokens`, `word_timestamps`). At most `max_in_flight` requests run at
+    once (default: the engine's `max_num_seqs`). Closing the iterator early aborts what is in
+    flight.
     """
     requests = _Requests(llm, jobs, workers)
     engine_side = run_prompts(llm, requests, workers=workers, max_in_flight=max_in_flight)

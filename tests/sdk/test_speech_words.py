@@ -69,8 +69,10 @@ def transcribe(pipe, audio, **options):
     return done.output
 
 
-@pytest.mark.parametrize("kind,seconds,condition", [("sweep", 3.0, False), ("noise", 4.0, False),
-                                                    ("sweep", 17.3, True), ("noise", 9.0, False)])  # fmt: skip
+CASES = [("sweep", 3.0, False), ("noise", 4.0, False), ("sweep", 17.3, True), ("noise", 9.0, False)]
+
+
+@pytest.mark.parametrize("kind,seconds,condition", CASES)
 def test_token_timestamps_match_generate(aligned, kind, seconds, condition):
     _, hf, extractor, pipe = aligned
     audio = clip(kind, seconds)
