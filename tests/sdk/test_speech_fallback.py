@@ -171,3 +171,21 @@ def test_bad_fallback_options_are_named(pipe):
         transcribe(pipe, clip("low", 1.0), no_speech_threshold=0.5)
     with pytest.raises(InvalidInputError, match="temperature="):
         transcribe(pipe, clip("low", 1.0), temperatures=(0.0, -1.0))
+
+
+def test_pipeline_takes_the_options(models, pipe):
+    """`Pipeline(audio=...)`: a temperature tuple and the thresholds reach the transcription
+    (the same segments as `generate` with them); they are refused for other requests."""
+    audio = clip("sweep", 12.0)
+    options = dict(logprob_threshold=-0.1, compression_ratio_threshold=1.5)
+    want, _ = reference(models, audio, language="de", temperature=(0.0, 0.0),
+                        condition_on_prev_tokens=True, **options)  # fmt: skip
+    result = pipe(audio=(audio, RATE), language="de", temperature=(0.0, 0.0),
+                  condition_on_prev_tokens=True, **options)  # fmt: skip
+    assert_same_segments(ours(result), want)
+    with pytest.raises(InvalidInputError, match="no_speech_threshold needs logprob_threshold"):
+        pipe(audio=(audio, RATE), no_speech_threshold=0.6)
+    with pytest.raises(InvalidInputError, match="temperature"):
+        pipe(text="hello", temperature=(0.0, 0.5))
+    with pytest.raises(InvalidInputError, match="word_timestamps"):
+        pipe(text="hello", word_timestamps=True)
