@@ -7,16 +7,16 @@ is left, and a file that cannot be read is recorded with its error (and not retr
 
 Any model whose processor takes audio serves. A speech model (Whisper) transcribes each file
 through `polymodal.speech` as `Pipeline(audio=path, ...)` does: files of any length (window
-after window), the language detected when `--language` is not given (the record's
-`language`), `--timestamps` for the record's `segments` (JSON text: a list of {start, end,
-text}), `--prompt` as previous-context text. As OpenAI's whisper CLI: `--temperature-increment-
-on-fallback` (temperatures from `--temperature` up to 1.0) with `--compression-ratio-threshold`,
+after window), the language detected when `--language` is not given (the record's `language`),
+`--timestamps` for the record's `segments` (JSON text: a list of {start, end, text}), `--prompt`
+as previous-context text. As OpenAI's whisper CLI: `--temperature-increment- on-fallback`
+(temperatures from `--temperature` up to 1.0) with `--compression-ratio-threshold`,
 `--logprob-threshold`, `--no-speech-threshold`; `--condition-on-prev-tokens`; and
-`--word-timestamps` (each segment's `words`: {word, start, end}). A chat model (Phi-4-multimodal) gets the audio
-and an instruction (`--prompt`, or one made from the task and language). A model without audio
-input is refused from its config before any weight is loaded, and `--language` / `--task` are
-checked against the model's processor then too (a typo would otherwise be recorded as an error
-for every file).
+`--word-timestamps` (each segment's `words`: {word, start, end}). A chat model
+(Phi-4-multimodal) gets the audio and an instruction (`--prompt`, or one made from the task and
+language). A model without audio input is refused from its config before any weight is loaded,
+and `--language` / `--task` are checked against the model's processor then too (a typo would
+otherwise be recorded as an error for every file).
 """
 
 from __future__ import annotations
