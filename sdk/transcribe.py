@@ -9,7 +9,7 @@ Any model whose processor takes audio serves. A speech model (Whisper) transcrib
 through `polymodal.speech` as `Pipeline(audio=path, ...)` does: files of any length (window
 after window), the language detected when `--language` is not given (the record's `language`),
 `--timestamps` for the record's `segments` (JSON text: a list of {start, end, text}), `--prompt`
-as previous-context text. As OpenAI's whisper CLI: `--temperature-increment- on-fallback`
+as previous-context text. As OpenAI's whisper CLI: `--temperature-increment-on-fallback`
 (temperatures from `--temperature` up to 1.0) with `--compression-ratio-threshold`,
 `--logprob-threshold`, `--no-speech-threshold`; `--condition-on-prev-tokens`; and
 `--word-timestamps` (each segment's `words`: {word, start, end}). A chat model
