@@ -158,12 +158,18 @@ async def transcribe_async(
 ) -> Any:
     """One clip through an `AsyncEngine` (the server): its `Transcript`. The audio is decoded
     on a thread; each batch of the clip's requests runs concurrently with other requests."""
+    words = bool(options.get("word_timestamps"))
+    if words:  # the alignment pass runs where the model is; this waits on a thread
+        options = {**options, "aligner": lambda *args: engine.align_later(*args).result()}
     transcription = await asyncio.to_thread(Transcription.load, processor, audio, params, **options)
     while not transcription.done:
         batch = transcription.requests()
         outputs = await asyncio.gather(*(engine.generate(prompt, p) for _, prompt, p in batch))
         for (tag, _, _), output in zip(batch, outputs):
-            transcription.add_output(tag, output)
+            if words:
+                await asyncio.to_thread(transcription.add_output, tag, output)
+            else:
+                transcription.add_output(tag, output)
     return transcription.result()
 
 

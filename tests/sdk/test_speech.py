@@ -246,6 +246,8 @@ def test_transcription_routes(models, pipe):
                 resp = post(**{field: value})
                 assert resp.status_code == 400 and resp.json()["error"]["param"] == param
             assert post(**{"timestamp_granularities[]": "segment"}).status_code == 200
+            words = post(response_format="verbose_json", **{"timestamp_granularities[]": "word"})
+            assert words.status_code == 400 and "alignment_heads" in words.text
             resp = client.post("/v1/audio/transcriptions", data=form)
             assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
     finally:

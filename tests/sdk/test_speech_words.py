@@ -124,3 +124,52 @@ def test_without_alignment_heads_word_timestamps_are_refused(tmp_path_factory):
     pipe = Pipeline(str(path), dtype="float32", device="cpu", num_kv_blocks=64)
     with pytest.raises(InvalidInputError, match="alignment_heads"):
         transcribe(pipe, clip("low", 1.0))
+
+
+@pytest.mark.parametrize("separate_process", [False, True])
+def test_transcription_route_words_and_fallback_fields(aligned, separate_process):
+    """`timestamp_granularities[]=word` gives verbose_json `words` equal to the Pipeline's,
+    whether the engine runs in this process or its own (the alignment pass crosses the pipe);
+    the fallback fields reach the transcription; bad fields are named."""
+    pytest.importorskip("fastapi")
+    import io
+
+    import soundfile
+    from fastapi.testclient import TestClient
+
+    from polymodal.async_engine import AsyncEngine
+    from polymodal.server.app import create_app
+
+    path, _, _, pipe = aligned
+    audio = clip("sweep", 7.0)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, RATE, format="WAV", subtype="FLOAT")
+    wav = buffer.getvalue()
+    want = pipe(audio=wav, language="de", word_timestamps=True, temperature=0.0,
+                condition_on_prev_tokens=True, logprob_threshold=-100.0)  # fmt: skip
+    engine = AsyncEngine(str(path), separate_process=separate_process, num_kv_blocks=128,
+                         dtype="float32", device="cpu")  # fmt: skip
+    files = {"file": ("a.wav", wav, "audio/wav")}
+    form = {"model": "whisper", "language": "de", "response_format": "verbose_json"}
+    try:
+        with TestClient(create_app(engine, "whisper")) as client:
+
+            def post(**fields):
+                data = {**form, **fields}
+                return client.post("/v1/audio/transcriptions", data=data, files=files)
+
+            body = post(**{"timestamp_granularities[]": "word", "condition_on_prev_tokens":
+                           "true", "logprob_threshold": "-100"}).json()  # fmt: skip
+            assert "segments" not in body and body["text"] == want.text
+            words = [w.to_dict() for s in want.segments for w in s.words]
+            assert body["words"] == words and len(words) >= 3
+            bad = {"no_speech_threshold": ("0.5", "no_speech_threshold"),
+                   "logprob_threshold": ("low", "logprob_threshold"),
+                   "condition_on_prev_tokens": ("maybe", "condition_on_prev_tokens")}  # fmt: skip
+            for field, (value, param) in bad.items():
+                resp = post(**{field: value})
+                assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+            resp = post(response_format="json", **{"timestamp_granularities[]": "word"})
+            assert resp.status_code == 400
+    finally:
+        engine.close()
