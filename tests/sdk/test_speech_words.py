@@ -173,3 +173,27 @@ def test_transcription_route_words_and_fallback_fields(aligned, separate_process
             assert resp.status_code == 400
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_words_fallback_and_conditioning(aligned):
+    """On CUDA (Triton kernels, decode graphs, the alignment pass on the device): token
+    timestamps, conditioned long-form segments and fallback retries equal transformers' on
+    the CPU, fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    path, hf, extractor, _ = aligned
+    gpu = Pipeline(str(path), dtype="float32", device="cuda", attention_backend="triton")
+    audio = clip("sweep", 17.3)
+    inputs = features_of(extractor, audio)
+    options = dict(condition_on_prev_tokens=True, temperature=(0.0, 0.0), logprob_threshold=-1.0)
+    out = hf.generate(inputs.input_features, attention_mask=inputs.attention_mask,
+                      do_sample=False, return_timestamps=True, return_segments=True,
+                      return_token_timestamps=True, language="de", **options)  # fmt: skip
+    want = out["segments"][0]
+    got = gpu(audio=(audio, RATE), language="de", word_timestamps=True, **options)
+    assert [s.tokens for s in got.segments] == [s["tokens"].tolist() for s in want]
+    for ours, theirs in zip(got.segments, want):
+        np.testing.assert_allclose(ours.token_timestamps, theirs["token_timestamps"].tolist(),
+                                   atol=0.02 + 1e-6)  # fmt: skip
