@@ -2,7 +2,8 @@
 
 Order follows vLLM's v1 sampler: raw logprobs -> per-request rules (grammar, allowed ids, bad
 words, min_tokens, logit bias; `logit_rules`) -> penalties (repetition, frequency, presence)
--> greedy argmax for greedy rows -> temperature -> min-p -> top-k -> top-p -> sample.
+-> processed logprobs (rows that ask for them) -> greedy argmax for greedy rows -> temperature
+-> min-p -> top-k -> top-p -> sample.
 
 Sampling uses the exponential race: with q ~ Exp(1) i.i.d. per token, argmax(probs / q) is
 distributed as probs. A seeded row draws its q from its own generator, a fixed number of
@@ -156,7 +157,8 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, contexts: list[SamplingContext]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The device half: sampled ids `[n]` and raw logprobs (if any row wants them), with
+        """The device half: sampled ids `[n]` and logprobs (if any row wants them; raw, or
+        processed for `logprobs_mode="processed_logprobs"` rows), with
         no device-to-host read, so the caller can queue more work before reading them."""
         if logits.dim() != 2 or logits.shape[0] != len(contexts):
             raise ValueError(
@@ -169,6 +171,11 @@ class Sampler:
         if any(c.has_rules for c in contexts):
             logits = apply_logit_rules(logits.clone(), contexts)
         logits = apply_penalties(logits, contexts)
+        processed = [i for i, c in enumerate(contexts) if c.params.logprobs is not None
+                     and c.params.logprobs_mode == "processed_logprobs"]  # fmt: skip
+        if processed:  # these rows read their logprobs after the rules and penalties
+            rows = to_device(processed, torch.int64, logits.device)
+            raw_logprobs[rows] = torch.log_softmax(logits[rows], dim=-1)
         tokens = logits.argmax(dim=-1)  # [n]; final for greedy rows
         random_rows = [i for i, c in enumerate(contexts) if not c.params.is_greedy]
         if random_rows:

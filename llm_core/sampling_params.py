@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -128,6 +128,11 @@ class SamplingParams(BaseModel):
     """Keep generating after EOS."""
     logprobs: int | None = None
     """Return the chosen token's logprob plus the top-N (0..20) logprobs per generated token."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """Which distribution `logprobs` are read from: the model's raw logits, or the logits after
+    the logit rules (allowed ids, suppressed tokens, timestamp rules, bias, ...) and penalties,
+    before temperature and top-k/p (Whisper's `avg_logprob`, as transformers and OpenAI's
+    whisper compute it)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the output text."""
     include_stop_str_in_output: bool = False

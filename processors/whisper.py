@@ -78,6 +78,11 @@ class WhisperProcessor:
         self.chunk_length = self.extractor.chunk_length
         self.num_rows = int(config.get("max_source_positions", 1500))
         self.num_frames = 2 * self.num_rows
+        self.max_target_positions = int(config.get("max_target_positions", 448))
+        self.vocab_size = int(config.get("vocab_size", len(tokenizer)))
+        # word timestamps: the cross-attention heads that follow the audio, [[layer, head]]
+        self.alignment_heads = generation.get("alignment_heads")
+        self.median_filter_width = int(config.get("median_filter_width", 7))
         self.sot = int(
             generation.get("decoder_start_token_id", config.get("decoder_start_token_id", 50258))
         )

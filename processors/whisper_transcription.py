@@ -11,9 +11,20 @@
    window's end when the output ends on a single timestamp or has no pair).
 
 A clip longer than one window decodes with timestamps (transformers turns them on there).
-`condition_on_prev_tokens` is off (transformers' default): each window starts from the same
-prompt; there is no temperature fallback (a window is decoded once, at the request's
-temperature).
+
+Temperature fallback (`temperatures=(0.0, 0.2, ..., 1.0)`, transformers'
+`generate_with_fallback`): a window whose output fails a threshold is decoded again at the
+next temperature (the last attempt is kept whatever it scores). It fails when its token ids'
+compression ratio (`token_compression_ratio`) is above `compression_ratio_threshold`, or its
+average logprob (end-of-text included, after the logit rules) is below `logprob_threshold`;
+but when also P(`<|nospeech|>`) is above `no_speech_threshold`, the window is silence: skipped
+without a segment. `condition_on_prev_tokens=True`: each window's prompt is `<|startofprev|>`
+and the last `max_target_positions // 2 - 1` tokens of the previous text and every segment so
+far; a window decoded at temperature >= 0.5 turns it off for the next window only. Off (the
+default), every window starts from the previous text alone.
+
+`word_timestamps=True` times each output token (and word) from the cross-attention of the
+alignment heads (`whisper_words.py`).
 
 `Transcription` is the state of one clip and builds its engine requests; a driver (the SDK's
 `polymodal.speech` for `LLM`, the audio routes for the server) runs them, many clips in one
@@ -25,99 +36,25 @@ tokens' logprobs (`avg_logprob`) and a one-step request for `<|nospeech|>`'s pro
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.types import ProcessedPrompt
+from polymodal.processors.whisper_segments import (
+    FRAMES_PER_STEP,
+    TIME_PRECISION,
+    Segment,
+    Transcript,
+    compression_ratio,
+    split_window,
+    token_compression_ratio,
+)
 
-TIME_PRECISION = 0.02  # seconds per timestamp token step (`<|0.02|>`)
-FRAMES_PER_STEP = 2  # mel frames per timestamp step (two frames per encoder row)
 DETECT, WINDOW, NO_SPEECH = "detect", "window", "no_speech"
-
-
-@dataclass
-class Segment:
-    """A timed piece of the transcript, as OpenAI's verbose_json shapes it."""
-
-    id: int
-    seek: int
-    """The first mel frame (10 ms each) of the window it was decoded from."""
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    """Its tokens, timestamps included (transformers' segment `tokens`)."""
-    temperature: float
-    avg_logprob: float | None = None
-    """The window's mean chosen-token logprob (raw logits; `details=True`)."""
-    compression_ratio: float = 0.0
-    """The window's text bytes over their zlib-compressed size."""
-    no_speech_prob: float | None = None
-    """P(`<|nospeech|>`) after `<|startoftranscript|>` in its window (`details=True`)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass
-class Transcript:
-    """A finished clip: its text, language, duration and segments, and the engine's tokens."""
-
-    text: str
-    language: str | None
-    duration: float
-    segments: list[Segment]
-    token_ids: list[int] = field(default_factory=list)
-    """Every window's generated tokens, in order, as the engine returned them."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    """The last window's."""
-    timestamps: bool = False
-    """Whether it was decoded with timestamps (asked for, or a clip longer than a window)."""
-
-
-def split_window(
-    tokens: list[int], timestamp_begin: int, window_frames: int
-) -> tuple[list[tuple[float, float, list[int]]], int]:
-    """Split one window's output (end-of-text removed) at its timestamp pairs: ([(start, end,
-    tokens)] in seconds from the window's start, frames to advance `seek`), as transformers'
-    `_retrieve_segment` does."""
-    is_timestamp = [t >= timestamp_begin for t in tokens]
-    single_ending = is_timestamp[-2:] == [False, True]
-    pair_ends = [i + 1 for i in range(len(tokens) - 1) if is_timestamp[i] and is_timestamp[i + 1]]
-    if not pair_ends:  # the whole output is one segment, to its last timestamp or the end
-        end = int(window_frames / FRAMES_PER_STEP)
-        stamps = [t for t in tokens if t >= timestamp_begin]
-        if stamps and stamps[-1] != timestamp_begin:
-            end = stamps[-1] - timestamp_begin
-        return [(0.0, end * TIME_PRECISION, list(tokens))], window_frames
-    slices = list(pair_ends)
-    if single_ending:
-        slices.append(len(tokens))
-    else:
-        slices[-1] += 1  # the last complete segment keeps both timestamps of its pair
-    segments, last = [], 0
-    for k, cut in enumerate(slices):
-        piece = tokens[last:cut]
-        end_at = -1 if k < len(slices) - 1 or single_ending else -2
-        start = (piece[0] - timestamp_begin) * TIME_PRECISION
-        segments.append((start, (piece[end_at] - timestamp_begin) * TIME_PRECISION, piece))
-        last = cut
-    if single_ending:  # no speech after the last timestamp: the whole window is done
-        return segments, window_frames
-    # the text after the last pair is cut mid-speech: decode it again from its start
-    return segments, (tokens[last - 2] - timestamp_begin) * FRAMES_PER_STEP
-
-
-def compression_ratio(text: str) -> float:
-    """OpenAI's `compression_ratio`: UTF-8 bytes over their zlib-compressed size."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 class Transcription:
@@ -140,6 +77,13 @@ class Transcription:
         timestamps: bool = False,
         previous_text: str | None = None,
         details: bool = False,
+        temperatures: Sequence[float] | None = None,
+        compression_ratio_threshold: float | None = None,
+        logprob_threshold: float | None = None,
+        no_speech_threshold: float | None = None,
+        condition_on_prev_tokens: bool = False,
+        word_timestamps: bool = False,
+        aligner: Callable[..., torch.Tensor] | None = None,
     ):
         self.processor = processor
         self.features = features  # [num_mel_bins, frames]
@@ -152,15 +96,28 @@ class Transcription:
         self.language_id = processor.language_id(language) if language is not None else None
         self.detect = self.language_id is None and processor.multilingual
         self.previous = processor.previous_ids(previous_text)
+        self.temperatures = tuple(temperatures) if temperatures else (params.temperature,)
+        self.thresholds = (compression_ratio_threshold, logprob_threshold, no_speech_threshold)
+        check_fallback(self.temperatures, *self.thresholds)
+        self.condition_on_prev_tokens = condition_on_prev_tokens
+        self.condition = condition_on_prev_tokens  # this window's (off after a hot one)
+        self.words = None
+        if word_timestamps:
+            from polymodal.processors.whisper_words import WordTimer
+
+            self.words = WordTimer(processor, aligner, self._clip_frames(processor))
         update: dict[str, Any] = {}
         if self.timestamps:
             update["timestamp_rules"] = processor.timestamp_rules()
-        if details:
+        if details or logprob_threshold is not None:
             update["logprobs"] = 0
+            update["logprobs_mode"] = "processed_logprobs"
         if "max_tokens" not in params.model_fields_set:  # up to the context, as `generate`
             update["max_tokens"] = None
         self.params = params.model_copy(update=update)
         self.seek = 0
+        self.attempt = 0  # index into `temperatures` of this window's decoding
+        self.no_speech_prob: float | None = None  # this window's
         self.segments: list[Segment] = []
         self.token_ids: list[int] = []
         self.usage = [0, 0]
@@ -172,6 +129,11 @@ class Transcription:
         """A transcription of `audio` (anything `load_audio` takes), its features computed."""
         features, duration = processor.features(audio)
         return cls(processor, features, duration, params, **options)
+
+    def _clip_frames(self, processor: Any) -> int:
+        """The clip's own mel frames (transformers' attention-mask length), padding left out."""
+        samples = round(self.duration * processor.sampling_rate)
+        return -(-samples // processor.extractor.hop_length)
 
     @property
     def done(self) -> bool:
@@ -190,6 +152,21 @@ class Transcription:
         if window.shape[-1] < size:
             window = torch.nn.functional.pad(window, (0, size - window.shape[-1]))
         return window
+
+    def _previous_ids(self) -> list[int]:
+        """The window's `<|startofprev|>` context (transformers' `_prepare_decoder_input_ids`):
+        conditioned, the last `max_target_positions // 2 - 1` tokens of the previous text and
+        every segment so far (a segment ending in a timestamp pair without its last one);
+        else the previous text alone."""
+        if not self.condition or not (self.segments or self.previous):
+            return self.previous
+        begin = self.processor.timestamp_begin
+        tokens = list(self.previous[1:])
+        for segment in self.segments:
+            ids = segment.tokens
+            tokens += ids[:-1] if len(ids) > 2 and ids[-2] >= begin else ids
+        keep = self.processor.max_target_positions // 2 - 1
+        return [self.processor.prev, *tokens[-keep:]]
 
     def requests(self) -> list[tuple[str, ProcessedPrompt, SamplingParams]]:
         """The next requests (tagged `detect`, `window`, `no_speech`); [] when done or while
@@ -210,19 +187,29 @@ class Transcription:
             init = self.processor.init_ids(
                 self.language_id, self.task, self.timestamps, detected=self.detect
             )
-            batch = [(WINDOW, prompt(self.previous + init), self.params)]
-            if self.details:
+            previous = self._previous_ids()
+            self._prompt_ids = previous + init
+            params = self.params.model_copy(update={"temperature": self.temperature})
+            batch = [(WINDOW, prompt(self._prompt_ids), params)]
+            wants_no_speech = self.details or self.thresholds[2] is not None
+            if wants_no_speech and self.attempt == 0:  # the same for every attempt
                 no_speech = SamplingParams(
                     temperature=0.0, max_tokens=1, logprobs=0,
                     allowed_token_ids=[self.processor.no_speech],
                 )  # fmt: skip
-                batch.append((NO_SPEECH, prompt(self.previous + [sot]), no_speech))
+                batch.append((NO_SPEECH, prompt(previous + [sot]), no_speech))
         self._waiting = {tag: None for tag, _, _ in batch}
         return batch
 
+    @property
+    def temperature(self) -> float:
+        """The temperature of this window's current attempt."""
+        return self.temperatures[self.attempt]
+
     def add_output(self, tag: str, output: Any) -> None:
         """Take the final output of the request tagged `tag`; once every request of the
-        batch is in, advance (the language found, or the window's segments and `seek`)."""
+        batch is in, advance (the language found, a retry at the next temperature, or the
+        window's segments and `seek`)."""
         if tag not in self._waiting:
             raise ValueError(f"no {tag!r} request is waiting")
         self._waiting[tag] = output
@@ -234,40 +221,78 @@ class Transcription:
         if DETECT in outputs:
             self.language_id = outputs[DETECT].outputs[0].token_ids[0]
             return
-        self._add_window(outputs[WINDOW].outputs[0], outputs.get(NO_SPEECH))
+        if NO_SPEECH in outputs:
+            self.no_speech_prob = math.exp(outputs[NO_SPEECH].outputs[0].cumulative_logprob)
+        completion = outputs[WINDOW].outputs[0]
+        retry, skip = self._judge(completion)
+        if retry and self.attempt + 1 < len(self.temperatures):
+            self.attempt += 1  # decode the window again, hotter
+            return
+        # transformers conditions the next window only on a cool one (temperature < 0.5)
+        self.condition = self.condition_on_prev_tokens and self.temperature < 0.5
+        window_frames = min(self.num_frames - self.seek, self.processor.num_frames)
+        if skip:  # silence: no segment, on to the next window
+            self.seek += window_frames
+        else:
+            self._add_window(completion)
+        self.attempt = 0
+        self.no_speech_prob = None
 
-    def _add_window(self, completion: Any, no_speech: Any) -> None:
+    def _avg_logprob(self, completion: Any) -> float | None:
+        if completion.cumulative_logprob is None or not completion.token_ids:
+            return None
+        return completion.cumulative_logprob / len(completion.token_ids)
+
+    def _judge(self, completion: Any) -> tuple[bool, bool]:
+        """(decode again hotter, skip as silence) for one attempt: transformers'
+        `_need_fallback` on the tokens with end-of-text."""
+        ratio_limit, logprob_limit, no_speech_limit = self.thresholds
+        tokens = list(completion.token_ids)
+        retry = skip = False
+        ratio = token_compression_ratio(tokens, self.processor.vocab_size)
+        if ratio_limit is not None and ratio > ratio_limit:
+            retry = True
+        avg_logprob = self._avg_logprob(completion)
+        if logprob_limit is not None and avg_logprob < logprob_limit:
+            retry = True
+            if no_speech_limit is not None and self.no_speech_prob > no_speech_limit:
+                retry, skip = False, True
+        return retry, skip
+
+    def _add_window(self, completion: Any) -> None:
         tokens = list(completion.token_ids)
         self.token_ids += tokens
         self.finish_reason = completion.finish_reason
+        times = None
+        if self.words is not None:  # each output token's time in the window
+            times = self.words.token_times(self._window(), self._prompt_ids, tokens, self.seek)
         if tokens and tokens[-1] == self.processor.eos:
             tokens = tokens[:-1]
         begin = self.processor.timestamp_begin
         window_frames = min(self.num_frames - self.seek, self.processor.num_frames)
         pieces, advance = split_window(tokens, begin, window_frames)
         text_of = self.processor.decode_text
-        avg_logprob = None
-        if completion.cumulative_logprob is not None and completion.token_ids:
-            avg_logprob = completion.cumulative_logprob / len(completion.token_ids)
-        no_speech_prob = None
-        if no_speech is not None:
-            no_speech_prob = math.exp(no_speech.outputs[0].cumulative_logprob)
         offset = self.seek * TIME_PRECISION / FRAMES_PER_STEP
+        first = 0
         for start, end, piece in pieces:
-            self.segments.append(
-                Segment(
-                    id=len(self.segments),
-                    seek=self.seek,
-                    start=offset + start,
-                    end=offset + end,
-                    text=text_of(piece),
-                    tokens=piece,
-                    temperature=self.params.temperature,
-                    avg_logprob=avg_logprob,
-                    compression_ratio=compression_ratio(text_of(tokens)),
-                    no_speech_prob=no_speech_prob,
-                )  # fmt: skip
-            )
+            segment = Segment(
+                id=len(self.segments),
+                seek=self.seek,
+                start=offset + start,
+                end=offset + end,
+                text=text_of(piece),
+                tokens=piece,
+                temperature=self.temperature,
+                avg_logprob=self._avg_logprob(completion),
+                compression_ratio=compression_ratio(text_of(tokens)),
+                no_speech_prob=self.no_speech_prob,
+            )  # fmt: skip
+            if times is not None:
+                segment.token_timestamps = [offset + t for t in times[first : first + len(piece)]]
+                stamps = segment.token_timestamps
+                segment.words = self.words.words(piece, stamps, offset, self.language)
+            first += len(piece)
+            self.segments.append(segment)
         # an output that would not move (a `<|0.00|>` pair without the timestamp rules)
         # skips the window instead of decoding it forever
         self.seek += advance if advance > 0 else window_frames
@@ -281,3 +306,21 @@ class Transcription:
             self.processor.decode_text(tokens), self.language, self.duration, self.segments,
             self.token_ids, self.usage[0], self.usage[1], self.finish_reason, self.timestamps,
         )  # fmt: skip
+
+
+def check_fallback(
+    temperatures: tuple[float, ...],
+    compression_ratio_threshold: float | None,
+    logprob_threshold: float | None,
+    no_speech_threshold: float | None,
+) -> None:
+    """InvalidInputError naming the option for a fallback setting that cannot work."""
+    if not temperatures or any(not 0.0 <= t < math.inf for t in temperatures):
+        raise InvalidInputError(
+            f"temperature={list(temperatures)}: give one or more temperatures >= 0"
+        )
+    if no_speech_threshold is not None and logprob_threshold is None:
+        raise InvalidInputError(
+            "no_speech_threshold needs logprob_threshold (a window is skipped as silence when "
+            "its no-speech probability is above the one and its avg logprob below the other)"
+        )

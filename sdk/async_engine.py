@@ -186,6 +186,11 @@ class AsyncEngine:
         loop): its token ids and media items (on the host), e.g. for /tokenize or beam search."""
         return await asyncio.wrap_future(self._core.process_later(prompt))
 
+    def align_later(self, features: Any, token_ids: list[int], heads: list) -> Any:
+        """Whisper's alignment-head cross-attention of one window on the engine's model
+        (word timestamps), as a `concurrent.futures.Future`."""
+        return self._core.align_later(features, token_ids, heads)
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; a running `stream` of it ends. Thread-safe."""
         if self.alive:

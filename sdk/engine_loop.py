@@ -131,6 +131,13 @@ class EngineLoop:
         `concurrent.futures.Future`): token ids and media items a front end may keep."""
         return self._pool.submit(self.llm.process, prompt, False)
 
+    def align_later(self, features: Any, token_ids: list[int], heads: list) -> Any:
+        """Whisper's alignment-head cross-attention of one window (word timestamps,
+        `polymodal.speech.model_aligner`) on the worker pool, as a Future."""
+        from polymodal.speech import model_aligner
+
+        return self._pool.submit(lambda: model_aligner(self.llm)(features, token_ids, heads))
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine thread (requests still running are aborted)."""
         self._stopped = True

@@ -9,7 +9,8 @@ situation); the parent keeps the event loop, and only prompts (raw: strings, byt
 and outputs cross, pickled.
 
 Protocol (each message a tuple): parent -> child `("add", id, prompt, params, lora)`, `("abort",
-id)`, `("option", name, value)`, `("process", token, prompt)`, `("close",)`; child -> parent
+id)`, `("option", name, value)`, `("process", token, prompt)`, `("align", token, args)`,
+`("close",)`; child -> parent
 `("ready", info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`,
 `("stats", tuple)` and `("processed", token, result, error)`.
 The child sends from its own thread, and everything queued by then goes in one message, so a
@@ -106,6 +107,13 @@ class EngineProcess:
         self._send(("process", token, prompt))
         return future
 
+    def align_later(self, features: Any, token_ids: list[int], heads: list) -> Future:
+        """`EngineLoop.align_later` in the child (Whisper's word timestamps), as a Future."""
+        token, future = next(self._tokens), Future()
+        self._calls[token] = future
+        self._send(("align", token, (features, token_ids, heads)))
+        return future
+
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to stop (aborting what runs), then wait; kill it if it hangs."""
         try:
@@ -194,6 +202,10 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: i
             elif message[0] == "process":
                 _, token, prompt = message
                 future = loop.process_later(prompt)
+                future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
+            elif message[0] == "align":
+                _, token, args = message
+                future = loop.align_later(*args)
                 future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
             elif message[0] == "close":
                 break

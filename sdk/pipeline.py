@@ -15,6 +15,10 @@ A speech model (Whisper) transcribes `audio=` clips of any length through `polym
 `pipe(audio="talk.mp3")` detects the language when none is given (`Result.language`),
 `timestamps=True` gives `Result.segments` (start, end, text), a clip longer than one window is
 decoded window after window (with timestamps), and `text=` is previous-context text.
+As transformers' `generate` takes them: `temperature=(0.0, 0.2, ..., 1.0)` with
+`compression_ratio_threshold=`, `logprob_threshold=`, `no_speech_threshold=` (temperature
+fallback), `condition_on_prev_tokens=True`; `word_timestamps=True` gives each segment's
+`token_timestamps` and `words` (the checkpoint needs `alignment_heads`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Timings, Usage
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_prompts import MEDIA_OPTIONS, is_messages
-from polymodal.processors.whisper_transcription import Segment, Transcript
+from polymodal.processors.whisper_segments import Segment, Transcript
 from polymodal.speech import run_transcriptions, takes_transcription
 
 SPEECH_OPTIONS = ("language", "task", "timestamps")  # reach processors that take them
+# only a speech model's transcription (`polymodal.speech`) takes these
+TRANSCRIPTION_OPTIONS = ("condition_on_prev_tokens", "compression_ratio_threshold",
+                         "logprob_threshold", "no_speech_threshold", "word_timestamps")  # fmt: skip
 
 
 class PipelineRequest(BaseModel):
@@ -60,6 +67,12 @@ class PipelineRequest(BaseModel):
     language: str | None = None
     task: str | None = None
     timestamps: bool | None = None
+    # speech models: temperature fallback thresholds, previous-window context, word times
+    condition_on_prev_tokens: bool | None = None
+    compression_ratio_threshold: float | None = None
+    logprob_threshold: float | None = None
+    no_speech_threshold: float | None = None
+    word_timestamps: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +129,11 @@ class PipelineRequest(BaseModel):
             messages = [{"role": "user", "content": parts}]
             if self.system:
                 messages.insert(0, {"role": "system", "content": self.system})
+        given = [k for k in TRANSCRIPTION_OPTIONS if getattr(self, k) is not None]
+        if given:
+            raise InvalidInputError(
+                f"{given} apply to a speech model's (Whisper's) audio= transcription only"
+            )
         options = {k: getattr(self, k) for k in (*MEDIA_OPTIONS, *SPEECH_OPTIONS)}
         return {"messages": messages, **{k: v for k, v in options.items() if v is not None}}
 
@@ -148,7 +166,8 @@ class Result:
     def from_transcript(cls, transcript: Transcript) -> Result:
         """A speech model's transcript: segments when decoded with timestamps."""
         usage = Usage(transcript.prompt_tokens, transcript.completion_tokens)
-        segments = transcript.segments if transcript.timestamps else None
+        timed = transcript.timestamps or any(s.words is not None for s in transcript.segments)
+        segments = transcript.segments if timed else None
         return cls(
             transcript.text, transcript.token_ids, transcript.finish_reason, usage,
             language=transcript.language, segments=segments,
@@ -220,6 +239,7 @@ class Pipeline:
         image or list of them). In a list of requests, an invalid one yields a Result with
         `error` set; the others still run.
         """
+        temperatures = _fallback_temperatures(kwargs)
         fields, params = self._split(kwargs)
         requests = None
         if (
@@ -236,7 +256,7 @@ class Pipeline:
             fields = {**fields, "images": inputs}
         if requests is None:
             request = self._request(fields)
-            job = self._transcription(request, params)
+            job = self._transcription(request, params, temperatures)
             if job is not None:
                 done = next(run_transcriptions(self.llm, [(0, *job)], workers=1))
                 if done.error is not None:
@@ -251,7 +271,7 @@ class Pipeline:
         for i, fields_i in enumerate(requests):
             try:
                 request = self._request(dict(fields_i))
-                job = self._transcription(request, params)
+                job = self._transcription(request, params, temperatures)
                 if job is not None:
                     jobs.append((i, *job))
                 else:
@@ -276,10 +296,17 @@ class Pipeline:
                         raise done.error
         return results
 
-    def _transcription(self, request: PipelineRequest, params: SamplingParams) -> tuple | None:
+    def _transcription(
+        self, request: PipelineRequest, params: SamplingParams, temperatures: tuple | None
+    ) -> tuple | None:
         """`(audio, params, options)` of a speech model's `audio=` request (Whisper: detected
-        language, timestamps, long-form); None for any other request."""
+        language, timestamps, long-form, fallback, word times); None for any other request."""
         if request.audio is None or not takes_transcription(self.llm.processor):
+            if temperatures is not None:
+                raise InvalidInputError(
+                    "temperature as a list is Whisper's temperature fallback: it applies to a "
+                    "speech model's audio= transcription only"
+                )
             return None
         if isinstance(request.audio, list) or request.image is not None or request.images:
             raise InvalidInputError("a speech model takes one audio clip a request, no images")
@@ -290,7 +317,11 @@ class Pipeline:
             "task": request.task,
             "timestamps": bool(request.timestamps),
             "previous_text": request.text,
+            "temperatures": temperatures,
+            **{k: getattr(request, k) for k in TRANSCRIPTION_OPTIONS},
         }
+        options["condition_on_prev_tokens"] = bool(request.condition_on_prev_tokens)
+        options["word_timestamps"] = bool(request.word_timestamps)
         return request.audio, params, options
 
     def stream(self, **kwargs: Any) -> Iterator[str]:
@@ -300,3 +331,15 @@ class Pipeline:
         for out in self.llm.stream(prompt, params):
             if out.outputs[0].delta_text:
                 yield out.outputs[0].delta_text
+
+
+def _fallback_temperatures(kwargs: dict) -> tuple[float, ...] | None:
+    """A `temperature=` list or tuple (Whisper's fallback, as transformers takes it): the
+    first becomes the sampling temperature, all of them the transcription's `temperatures`."""
+    temperature = kwargs.get("temperature")
+    if not isinstance(temperature, (list, tuple)):
+        return None
+    if not temperature:
+        raise InvalidInputError("temperature=[]: give one or more temperatures")
+    kwargs["temperature"] = temperature[0]
+    return tuple(temperature)

@@ -21,9 +21,23 @@ from contextlib import closing
 from typing import Any
 
 from polymodal.feeder import PROCESS_WORKERS, Finished, run_prompts
+from polymodal.llm_core.errors import InvalidInputError
 from polymodal.processors.whisper_transcription import Transcription
 
 LOAD_AHEAD = 4  # clips decoded ahead of the engine
+
+
+def model_aligner(llm: Any) -> Any:
+    """The cross-attention of `llm`'s Whisper model for word timestamps (a teacher-forced pass
+    on the engine's model, between engine steps); InvalidInputError under tensor parallelism
+    (the model's weights are sharded)."""
+    from functools import partial
+
+    from polymodal.llm_core.models.whisper_alignment import cross_attention_weights
+
+    if llm.engine.executor is not None:
+        raise InvalidInputError("word timestamps do not run with tensor_parallel_size > 1")
+    return partial(cross_attention_weights, llm.engine.runner.model)
 
 
 def takes_transcription(processor: Any) -> bool:
@@ -65,6 +79,12 @@ class _Requests:
             if job is None:
                 break
             key, audio, params, options = job
+            if options.get("word_timestamps"):
+                try:
+                    options = {**options, "aligner": model_aligner(self.llm)}
+                except InvalidInputError as exc:
+                    self.errors.append(Finished(key, error=exc))
+                    continue
             load = self.pool.submit(
                 Transcription.load, self.llm.processor, audio, params, **options
             )
@@ -113,9 +133,11 @@ def run_transcriptions(
     """Transcribe `(key, audio, SamplingParams, options)` jobs with `llm` (a Whisper `LLM`);
     yield a `Finished` per clip as it ends: `output` a `Transcript`, or `error`.
 
-    `options`: `language` (None: detected), `task`, `timestamps`, `previous_text`, `details`
-    (`Transcription`'s). At most `max_in_flight` requests run at once (default: the engine's
-    `max_num_seqs`). Closing the iterator early aborts what is in flight.
+    `options`: `Transcription`'s (`language` (None: detected), `task`, `timestamps`,
+    `previous_text`, `details`, the fallback `temperatures` and thresholds,
+    `condition_on_prev_tokens`, `word_timestamps`). At most `max_in_flight` requests run at
+    once (default: the engine's `max_num_seqs`). Closing the iterator early aborts what is in
+    flight.
     """
     requests = _Requests(llm, jobs, workers)
     engine_side = run_prompts(llm, requests, workers=workers, max_in_flight=max_in_flight)
@@ -136,12 +158,18 @@ async def transcribe_async(
 ) -> Any:
     """One clip through an `AsyncEngine` (the server): its `Transcript`. The audio is decoded
     on a thread; each batch of the clip's requests runs concurrently with other requests."""
+    words = bool(options.get("word_timestamps"))
+    if words:  # the alignment pass runs where the model is; this waits on a thread
+        options = {**options, "aligner": lambda *args: engine.align_later(*args).result()}
     transcription = await asyncio.to_thread(Transcription.load, processor, audio, params, **options)
     while not transcription.done:
         batch = transcription.requests()
         outputs = await asyncio.gather(*(engine.generate(prompt, p) for _, prompt, p in batch))
         for (tag, _, _), output in zip(batch, outputs):
-            transcription.add_output(tag, output)
+            if words:
+                await asyncio.to_thread(transcription.add_output, tag, output)
+            else:
+                transcription.add_output(tag, output)
     return transcription.result()
 
 

@@ -7,13 +7,16 @@ is left, and a file that cannot be read is recorded with its error (and not retr
 
 Any model whose processor takes audio serves. A speech model (Whisper) transcribes each file
 through `polymodal.speech` as `Pipeline(audio=path, ...)` does: files of any length (window
-after window), the language detected when `--language` is not given (the record's
-`language`), `--timestamps` for the record's `segments` (JSON text: a list of {start, end,
-text}), `--prompt` as previous-context text. A chat model (Phi-4-multimodal) gets the audio
-and an instruction (`--prompt`, or one made from the task and language). A model without audio
-input is refused from its config before any weight is loaded, and `--language` / `--task` are
-checked against the model's processor then too (a typo would otherwise be recorded as an error
-for every file).
+after window), the language detected when `--language` is not given (the record's `language`),
+`--timestamps` for the record's `segments` (JSON text: a list of {start, end, text}), `--prompt`
+as previous-context text. As OpenAI's whisper CLI: `--temperature-increment-on-fallback`
+(temperatures from `--temperature` up to 1.0) with `--compression-ratio-threshold`,
+`--logprob-threshold`, `--no-speech-threshold`; `--condition-on-prev-tokens`; and
+`--word-timestamps` (each segment's `words`: {word, start, end}). A chat model
+(Phi-4-multimodal) gets the audio and an instruction (`--prompt`, or one made from the task and
+language). A model without audio input is refused from its config before any weight is loaded,
+and `--language` / `--task` are checked against the model's processor then too (a typo would
+otherwise be recorded as an error for every file).
 """
 
 from __future__ import annotations
@@ -79,10 +82,16 @@ def transcription_prompt(
 
 
 def transcript_record(transcript: Any, timestamps: bool) -> dict[str, Any]:
-    """A speech model's record: text, language, duration, segments (JSON text) and usage."""
+    """A speech model's record: text, language, duration, segments (JSON text; with their
+    words when timed by word) and usage."""
     segments = None
     if timestamps:
-        pieces = [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments]
+        pieces = []
+        for s in transcript.segments:
+            piece = {"start": s.start, "end": s.end, "text": s.text}
+            if s.words is not None:
+                piece["words"] = [w.to_dict() for w in s.words]
+            pieces.append(piece)
         segments = json.dumps(pieces, ensure_ascii=False)
     return {
         "text": transcript.text, "language": transcript.language,
@@ -117,20 +126,50 @@ def audio_processor(model: str) -> Any:
     return cls.from_pretrained(path)
 
 
-def check_options(processor: Any, model: str, **options: Any) -> None:
-    """Check the job's options on a second of silence: a language, task or prompt the model
-    does not take raises InvalidInputError here, before the job starts."""
+def fallback_temperatures(start: float, increment: float | None) -> tuple[float, ...] | None:
+    """OpenAI whisper's `--temperature_increment_on_fallback`: `start`, `start + increment`,
+    ... up to 1.0; None without an increment."""
+    if increment is None:
+        return None
+    if increment <= 0:
+        raise InvalidInputError(f"--temperature-increment-on-fallback={increment}: must be > 0")
+    count = int(round((1.0 - start) / increment, 6)) + 1 if start <= 1.0 else 1
+    return tuple(round(start + k * increment, 6) for k in range(max(1, count)))
+
+
+def _flag(option: str) -> str:
+    """The command-line flag of a speech option."""
+    if option == "temperatures":
+        return "--temperature-increment-on-fallback"
+    return "--" + option.replace("_", "-")
+
+
+def check_options(
+    processor: Any, model: str, speech: dict[str, Any] | None = None, **options: Any
+) -> None:
+    """Check the job's options on a second of silence: a language, task, prompt or speech
+    option (`speech`: fallback, conditioning, word times) the model does not take raises
+    InvalidInputError here, before the job starts."""
     from polymodal.llm_core.sampling_params import SamplingParams
     from polymodal.llm_prompts import process_prompt
     from polymodal.processors.whisper_transcription import Transcription
 
     silence = (np.zeros(16_000, dtype=np.float32), 16_000)
+    speech = {k: v for k, v in (speech or {}).items() if v not in (None, False)}
     if not takes_speech_options(processor):
+        if speech:
+            flags = ", ".join(_flag(k) for k in speech)
+            raise InvalidInputError(f"{flags}: Whisper's options; {model} is a chat model")
         process_prompt(processor, transcription_prompt(silence, **options), model=model)
         return
+    words = speech.pop("word_timestamps", False)
+    if words and not processor.alignment_heads:
+        raise InvalidInputError(
+            f"--word-timestamps: {model}'s generation_config.json has no alignment_heads"
+        )
     Transcription.load(
         processor, silence, SamplingParams(), language=options.get("language"),
-        task=options.get("task"), previous_text=options.get("prompt"),
+        task=options.get("task"), previous_text=options.get("prompt"), **speech,
     )  # fmt: skip
 
 
@@ -143,6 +182,7 @@ def transcribe_files(
     task: str | None = None,
     prompt: str | None = None,
     timestamps: bool = False,
+    speech: dict[str, Any] | None = None,
     params: Any = None,
     batch_size: int | None = None,
     workers: int = PROCESS_WORKERS,
@@ -151,7 +191,8 @@ def transcribe_files(
     """Transcribe `paths` with `llm` (a `polymodal.LLM` whose model takes audio) into `out`,
     skipping finished keys; returns `batch_job.run_job`'s counts. `params` defaults to greedy
     decoding with the model's generation_config (Whisper's suppressed tokens); `timestamps`
-    (speech models) writes each file's segments."""
+    (speech models) writes each file's segments; `speech`: more `Transcription` options
+    (`temperatures`, the thresholds, `condition_on_prev_tokens`, `word_timestamps`)."""
     from polymodal.llm_core.sampling_params import SamplingParams
     from polymodal.speech import run_transcriptions
 
@@ -164,6 +205,9 @@ def transcribe_files(
     common = dict(params=params, fields=TRANSCRIPT_FIELDS, batch_size=batch_size,
                   workers=workers, progress=progress, key_record=key_record)  # fmt: skip
     if not takes_speech_options(llm.processor):
+        given = [k for k, v in (speech or {}).items() if v not in (None, False)]
+        if given:
+            raise InvalidInputError(f"{given}: Whisper's options; this is a chat model")
         return run_job(
             llm, paths, out, **common,
             make_prompt=lambda key: transcription_prompt(
@@ -175,7 +219,7 @@ def transcribe_files(
     def make_prompt(key: str) -> dict[str, Any]:
         previous = fill_template(prompt, "audio", key) if prompt else None
         options = {"language": language, "task": task, "timestamps": timestamps,
-                   "previous_text": previous}  # fmt: skip
+                   "previous_text": previous, **(speech or {})}  # fmt: skip
         return {"audio": key, "options": options}
 
     def runner(llm: Any, items: Any, **kwargs: Any):
@@ -184,7 +228,9 @@ def transcribe_files(
 
     return run_job(
         llm, paths, out, **common, make_prompt=make_prompt, runner=runner,
-        make_record=lambda transcript: transcript_record(transcript, timestamps),
+        make_record=lambda transcript: transcript_record(
+            transcript, timestamps or bool((speech or {}).get("word_timestamps"))
+        ),
     )  # fmt: skip
 
 
@@ -206,6 +252,24 @@ def transcribe_command(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--timestamps", action="store_true", help="Whisper: write each file's timed segments"
     )
+    parser.add_argument(
+        "--temperature-increment-on-fallback", type=float,
+        help="Whisper: decode a window that fails a threshold again, this much hotter (to 1.0)",
+    )  # fmt: skip
+    for name, meaning in (
+        ("compression-ratio-threshold", "a window whose token compression ratio is above"),
+        ("logprob-threshold", "a window whose average logprob is below"),
+        ("no-speech-threshold", "a window is silence (skipped) when P(no speech) is above"),
+    ):
+        parser.add_argument(f"--{name}", type=float, help=f"Whisper: {meaning} it falls back")
+    parser.add_argument(
+        "--condition-on-prev-tokens", action="store_true",
+        help="Whisper: each window's prompt holds the previous windows' text",
+    )  # fmt: skip
+    parser.add_argument(
+        "--word-timestamps", action="store_true",
+        help="Whisper: each segment's words with their times (needs alignment_heads)",
+    )  # fmt: skip
     add_engine_arguments(parser)
 
     def run(args) -> int:
@@ -215,8 +279,18 @@ def transcribe_command(parser: argparse.ArgumentParser):
             return nothing_to_do(args.out, TRANSCRIPT_FIELDS, len(paths), "transcribed")
         processor = audio_processor(args.model)
         options = {"language": args.language, "task": args.task, "prompt": args.prompt}
+        speech = {
+            "temperatures": fallback_temperatures(
+                args.temperature, args.temperature_increment_on_fallback
+            ),
+            "compression_ratio_threshold": args.compression_ratio_threshold,
+            "logprob_threshold": args.logprob_threshold,
+            "no_speech_threshold": args.no_speech_threshold,
+            "condition_on_prev_tokens": args.condition_on_prev_tokens,
+            "word_timestamps": args.word_timestamps,
+        }
         if processor is not None:
-            check_options(processor, args.model, **options)
+            check_options(processor, args.model, speech, **options)
 
         from polymodal.llm import LLM
 
@@ -227,6 +301,7 @@ def transcribe_command(parser: argparse.ArgumentParser):
             args.out,
             **options,
             timestamps=args.timestamps,
+            speech=speech,
             params=sampling_params(args, llm.default_sampling),
             batch_size=args.batch_size,
             workers=args.workers,

@@ -1,15 +1,20 @@
 """OpenAI's speech-to-text routes: `POST /v1/audio/transcriptions` and `/v1/audio/translations`
 (multipart form: `file`, `model`, `language`, `prompt`, `response_format`, `temperature`,
-`timestamp_granularities[]`).
+`timestamp_granularities[]`, and the extra fields below).
 
 Each clip runs through `polymodal.speech.transcribe_async` (`Transcription`): the language is
 detected when not given, a clip longer than one window (Whisper: 30 s) is decoded window after
 window, `prompt` is previous-context text. `response_format`: `json` ({"text"}), `text`,
-`verbose_json` (task, language, duration, text, segments with OpenAI's fields; `avg_logprob`
-is the mean logprob of the raw distribution, `no_speech_prob` P(`<|nospeech|>`) after
-`<|startoftranscript|>`), `srt` and `vtt`. `timestamp_granularities[]`: `segment`; `word`
-is refused (no word timestamps). A model whose processor builds no speech prompts answers a
-400 naming it.
+`verbose_json` (task, language, duration, text, segments with OpenAI's fields; `avg_logprob` is
+the mean logprob after the logit rules (suppressed tokens, timestamp rules), `no_speech_prob`
+P(`<|nospeech|>`) after `<|startoftranscript|>`), `srt` and `vtt`. `timestamp_granularities[]`:
+`segment`, `word` (verbose_json only; `words`: [{word, start, end}], from the alignment heads'
+cross-attention, computed where the engine runs; a model without `alignment_heads` answers a
+400). `temperature`: one value, as OpenAI takes it; extra form fields (transformers' names):
+`compression_ratio_threshold`, `logprob_threshold`, `no_speech_threshold` turn on the
+temperature fallback (0.2 hotter per retry, up to 1.0) and `condition_on_prev_tokens=true` the
+previous-window context. A model whose processor builds no speech prompts answers a 400 naming
+it; a bad field, a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ from fastapi.responses import PlainTextResponse
 from polymodal.llm_core.errors import PolymodalError
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.processors.whisper_transcription import check_fallback
 from polymodal.server.errors import RequestError
 from polymodal.server.serving import client_error
 from polymodal.speech import takes_transcription, transcribe_async
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 TIMED_FORMATS = ("verbose_json", "srt", "vtt")
-GRANULARITIES = ("segment",)
+GRANULARITIES = ("segment", "word")
+# vLLM-style extra form fields: transformers' names for Whisper's fallback thresholds
+THRESHOLDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
 
 
 def add_audio_routes(
@@ -70,21 +78,38 @@ def add_audio_routes(
         unknown = [g for g in granularities if g not in GRANULARITIES]
         if unknown:
             raise RequestError(
-                f"timestamp_granularities {unknown} are not supported (word timestamps are "
-                f"not generated); use {list(GRANULARITIES)}",
+                f"timestamp_granularities {unknown} are not supported; use {list(GRANULARITIES)}",
                 "timestamp_granularities[]",
             )
-        try:
-            temperature = float(form.get("temperature") or 0.0)
-        except ValueError:
-            raise RequestError("temperature must be a number", "temperature") from None
+        if "word" in granularities and fmt != "verbose_json":
+            raise RequestError(
+                "word timestamps need response_format=verbose_json, got "
+                f"{fmt!r}", "timestamp_granularities[]",
+            )  # fmt: skip
+        temperature = _number(form, "temperature") or 0.0
+        thresholds = {name: _number(form, name) for name in THRESHOLDS}
+        condition = _flag(form, "condition_on_prev_tokens")
         options = {
             "language": form.get("language") or None,
             "task": task,
             "timestamps": fmt in TIMED_FORMATS or bool(granularities),
             "previous_text": form.get("prompt") or None,
             "details": fmt == "verbose_json",
+            "temperatures": fallback_ladder(temperature, thresholds),
+            "condition_on_prev_tokens": condition,
+            "word_timestamps": "word" in granularities,
+            **thresholds,
         }
+        try:
+            check_fallback(options["temperatures"] or (temperature,), *thresholds.values())
+        except PolymodalError as exc:
+            field = "temperature" if "temperature=" in str(exc) else "no_speech_threshold"
+            raise RequestError(str(exc), field) from None
+        if options["word_timestamps"] and not processor.alignment_heads:
+            raise RequestError(
+                "word timestamps: this model's generation_config.json has no alignment_heads",
+                "timestamp_granularities[]",
+            )
         if options["language"] is not None:
             try:
                 processor.language_id(options["language"])
@@ -101,7 +126,7 @@ def add_audio_routes(
         if fmt in ("srt", "vtt"):
             return PlainTextResponse(subtitles(transcript.segments, fmt))
         if fmt == "verbose_json":
-            return verbose_json(transcript, task)
+            return verbose_json(transcript, task, granularities)
         return {"text": transcript.text}
 
     @router.post("/audio/transcriptions")
@@ -113,18 +138,50 @@ def add_audio_routes(
         return await run(request, "translate")
 
 
-def verbose_json(transcript: Any, task: str) -> dict[str, Any]:
-    """OpenAI's verbose transcription object (the language as a name: `german`)."""
+def verbose_json(transcript: Any, task: str, granularities: list[str] = ()) -> dict[str, Any]:
+    """OpenAI's verbose transcription object (the language as a name: `german`): `segments`
+    unless only `word` granularity is asked for, `words` when it is."""
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     language = transcript.language
-    return {
+    body = {
         "task": task,
         "language": LANGUAGES.get(language, language),
         "duration": transcript.duration,
         "text": transcript.text,
-        "segments": [segment.to_dict() for segment in transcript.segments],
     }
+    if "word" in granularities:
+        body["words"] = [w.to_dict() for s in transcript.segments for w in s.words or ()]
+    if not granularities or "segment" in granularities:
+        body["segments"] = [segment.to_dict() for segment in transcript.segments]
+    return body
+
+
+def fallback_ladder(temperature: float, thresholds: dict[str, float | None]) -> tuple | None:
+    """OpenAI's API: with a fallback threshold given, a window that fails is decoded again
+    0.2 hotter, up to 1.0 (OpenAI whisper's `temperature_increment_on_fallback`); without one,
+    the one `temperature`."""
+    if all(v is None for v in thresholds.values()):
+        return None
+    steps = max(0, int(round((1.0 - temperature) / 0.2, 6)))
+    return tuple(round(temperature + 0.2 * k, 6) for k in range(steps + 1))
+
+
+def _number(form: Any, name: str) -> float | None:
+    value = form.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise RequestError(f"{name} must be a number, got {value!r}", name) from None
+
+
+def _flag(form: Any, name: str) -> bool:
+    value = (form.get(name) or "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise RequestError(f"{name} must be true or false, got {value!r}", name)
+    return value in ("true", "1")
 
 
 def subtitles(segments: list, fmt: str) -> str:

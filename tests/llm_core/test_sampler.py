@@ -204,6 +204,23 @@ def test_logprobs_are_raw_and_top_logprobs_sorted():
     assert math.isclose(out[2].logprob, raw[2].max().item(), rel_tol=1e-6)
 
 
+def test_processed_logprobs_follow_the_rules_and_penalties():
+    """`logprobs_mode="processed_logprobs"`: log_softmax of the logits after the masks and
+    penalties, before temperature; a raw row in the same batch keeps raw logprobs."""
+    logits = random_logits(2, 5)
+    rules = dict(logprobs=2, suppress_tokens=[0, 3], repetition_penalty=1.5, output=[1, 4])
+    contexts = [ctx(**rules, temperature=0.7, seed=3, logprobs_mode="processed_logprobs"),
+                ctx(**rules, temperature=0.0)]  # fmt: skip
+    out = Sampler()(logits, contexts)
+    expected = apply_penalties(logits.clone(), contexts)
+    expected[:, [0, 3]] = float("-inf")
+    processed = torch.log_softmax(expected[0], -1)
+    assert math.isclose(out[0].logprob, processed[out[0].token_id].item(), rel_tol=1e-6)
+    assert list(out[0].top_logprobs) == processed.topk(2).indices.tolist()
+    raw = torch.log_softmax(logits[1], -1)
+    assert math.isclose(out[1].logprob, raw[out[1].token_id].item(), rel_tol=1e-6)
+
+
 def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="len\\(contexts\\)=2"):
         Sampler()(torch.zeros(3, VOCAB), [ctx(), ctx()])

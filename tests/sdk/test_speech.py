@@ -19,7 +19,7 @@ import transformers as tf
 
 from polymodal import Pipeline
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.processors.whisper_transcription import split_window
+from polymodal.processors.whisper_segments import split_window
 from polymodal.server.audio_routes import subtitles
 from tests.helpers import tiny_checkpoint
 
@@ -171,7 +171,7 @@ def test_split_window_follows_transformers_rules():
 
 
 def test_subtitles():
-    from polymodal.processors.whisper_transcription import Segment
+    from polymodal.processors.whisper_segments import Segment
 
     segments = [Segment(0, 0, 0.0, 1.5, " Hello", [1], 0.0),
                 Segment(1, 0, 1.5, 1.5, "", [], 0.0),
@@ -246,6 +246,8 @@ def test_transcription_routes(models, pipe):
                 resp = post(**{field: value})
                 assert resp.status_code == 400 and resp.json()["error"]["param"] == param
             assert post(**{"timestamp_granularities[]": "segment"}).status_code == 200
+            words = post(response_format="verbose_json", **{"timestamp_granularities[]": "word"})
+            assert words.status_code == 400 and "alignment_heads" in words.text
             resp = client.post("/v1/audio/transcriptions", data=form)
             assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
     finally:

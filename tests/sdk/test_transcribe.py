@@ -170,3 +170,32 @@ def test_chat_models_get_an_instruction():
     assert text == "Transcribe the audio clip into text. The speech is in French."
     named = transcription_prompt("/x/a.wav", prompt="Transcribe {name}.", path="/x/a.wav")
     assert named["messages"][0]["content"][1]["text"] == "Transcribe a.wav."
+
+
+def test_speech_flags(whisper, pipe, tmp_path):
+    """`--condition-on-prev-tokens` and the fallback flags reach the transcription (the
+    record equals `Pipeline(audio=...)` with the same options); options that cannot work are
+    refused before the weights load, naming the flag."""
+    from polymodal.transcribe import fallback_temperatures
+
+    assert fallback_temperatures(0.0, 0.2) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert fallback_temperatures(0.3, None) is None
+    (tmp_path / "audio").mkdir()
+    clip = tmp_path / "audio" / "long.wav"
+    clip.write_bytes(encode(chirp(12.0, RATE), RATE, "wav"))
+    out = tmp_path / "t.jsonl"
+    flags = ["--language", "de", "--condition-on-prev-tokens", "--logprob-threshold", "-100",
+             "--temperature-increment-on-fallback", "0.5", "--timestamps"]  # fmt: skip
+    done = run(transcribe_cmd(whisper, [clip], out, *flags))
+    assert done.returncode == 0, done.stderr
+    row = read_records(out)[0]
+    ref = pipe(audio=str(clip), language="de", condition_on_prev_tokens=True, timestamps=True,
+               temperature=(0.0, 0.5, 1.0), logprob_threshold=-100, max_tokens=STEPS)  # fmt: skip
+    assert row["text"] == ref.text and len(json.loads(row["segments"])) == len(ref.segments)
+    no_weights = tmp_path / "whisper-no-weights"
+    shutil.copytree(whisper, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    for extra, says in ((["--word-timestamps"], "alignment_heads"),
+                        (["--no-speech-threshold", "0.5"], "needs logprob_threshold")):  # fmt: skip
+        bad = run(transcribe_cmd(no_weights, [clip], tmp_path / "x.jsonl", *extra))
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert says in bad.stderr
