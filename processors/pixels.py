@@ -5,9 +5,11 @@ processors call, on the CPU unless told otherwise) on uint8 CHW frames: torch's 
 kernels, natively on uint8 where torchvision takes that path (bicubic always on CPU, bilinear on
 AVX2 / AVX512 / arm64), else through float32 with the same clamp and rounding. uint8 frames on a
 CUDA device get the same pixels from a port of the CPU kernel (`triton_resize`), not
-torchvision's GPU route (float32, then rounded: a level off here and there). `normalize_frames` is the fused rescale + normalize
-of transformers' torchvision backend (`(x - mean / r) / (std / r)` in float32), run on the
-model's device at staging time (`MultimodalItem.pixel_fn`).
+torchvision's GPU route (float32, then rounded: a level off here and there).
+
+`normalize_frames` is the fused rescale + normalize of transformers' torchvision backend
+(`(x - mean / r) / (std / r)` in float32), run on the model's device at staging time
+(`MultimodalItem.pixel_fn`).
 """
 
 from __future__ import annotations

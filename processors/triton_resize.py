@@ -182,12 +182,11 @@ def _axis_pass(frames: torch.Tensor, out_size: int, mode: str, axis: int) -> tor
     num, channels, height, width = frames.shape
     taps, precision = _taps_on(frames.device, frames.shape[axis], out_size, mode)
     num_taps = taps.shape[1] - 2
-    if axis == 3:
-        out = torch.empty((num, channels, height, out_size), dtype=torch.uint8, device=frames.device)
-        kernel, rows, cols = _width_pass_kernel, height, out_size
-    else:
-        out = torch.empty((num, channels, out_size, width), dtype=torch.uint8, device=frames.device)
-        kernel, rows, cols = _height_pass_kernel, out_size, width
+    kernel = _width_pass_kernel if axis == 3 else _height_pass_kernel
+    shape = [num, channels, height, width]
+    shape[axis] = out_size
+    rows, cols = shape[2], shape[3]  # program rows (output rows), columns a row
+    out = torch.empty(shape, dtype=torch.uint8, device=frames.device)
     if out.numel():
         grid = (num * channels * rows, triton.cdiv(cols, BLOCK))
         kernel[grid](
@@ -198,7 +197,9 @@ def _axis_pass(frames: torch.Tensor, out_size: int, mode: str, axis: int) -> tor
     return out
 
 
-def resize_uint8(frames: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+def resize_uint8(
+    frames: torch.Tensor, size: tuple[int, int], mode: str = "bicubic"
+) -> torch.Tensor:
     """uint8 `[N, C, H, W]` frames (any strides, on a CUDA device) resized to `size` (h, w) with
     antialiasing, equal bit for bit to torch's CPU `F.interpolate(..., antialias=True)` of them.
     Width first, then height, as the CPU kernel does; a side that keeps its size is not touched."""

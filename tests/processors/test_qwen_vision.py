@@ -1,7 +1,7 @@
 """The processor keeps the decoded uint8 frames (no host resize); `frames_to_pixel_values` turns
 them into the very float32 pixel values of the plain pipeline (resize, repeat an image's frame,
-normalize whole frames, patchify), bit for bit. Parity with HF's pixel values is checked in test_qwen_image_parity and
-test_qwen_video."""
+normalize whole frames, patchify), bit for bit. Parity with HF's pixel values is checked in
+test_qwen_image_parity and test_qwen_video."""
 
 from __future__ import annotations
 
