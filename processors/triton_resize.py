@@ -108,7 +108,12 @@ def _taps_on(device: torch.device, in_size: int, out_size: int, mode: str):
     return entry
 
 
-@triton.jit
+# every size-dependent int: a new image size must not compile a kernel variant mid-run
+_SIZE_ARGS = ["channels", "rows", "out_width", "out_rows", "width", "stride_n", "stride_c",
+              "stride_h", "stride_w", "num_taps", "precision", "half"]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=[a for a in _SIZE_ARGS if a not in ("out_rows", "width")])
 def _width_pass_kernel(
     src_ptr, dst_ptr, taps_ptr,
     channels, rows, out_width,
@@ -142,7 +147,7 @@ def _width_pass_kernel(
     tl.store(dst_ptr + pid.to(tl.int64) * out_width + cols, out, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[a for a in _SIZE_ARGS if a not in ("rows", "out_width")])
 def _height_pass_kernel(
     src_ptr, dst_ptr, taps_ptr,
     channels, out_rows, width,
