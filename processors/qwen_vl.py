@@ -30,6 +30,7 @@ from polymodal.processors.media import (
     media_error,
 )
 from polymodal.processors.mrope import MediaSpan, mrope_positions
+from polymodal.processors.pixels import resize
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
@@ -270,7 +271,12 @@ class QwenVLProcessor:
         second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
         # hashed as decoded, [T, H, W, C] (a view, no copy: [T, C, H, W] is a permuted view)
         key = _media_key(video.frames.permute(0, 2, 3, 1), min_pixels, max_pixels, vcfg)
-        item = self._item("video", video.frames, plan, vcfg, key)
+        frames = video.frames
+        if frames.dtype != torch.uint8:
+            # alpha-blended float32 frames: torch's float kernel differs by device in the last
+            # bits, so these (rare) frames are resized here, on the host, as the reference does
+            frames = resize(frames, plan[0], vcfg.resample)
+        item = self._item("video", frames, plan, vcfg, key)
         item.second_per_grid = second_per_grid
         if cache_key is not None:
             self.input_cache.put(cache_key, item)

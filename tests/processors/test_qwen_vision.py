@@ -69,7 +69,11 @@ def test_video_items_keep_frames_that_normalize_bitwise(photos, our_processors):
         (item,) = ours.process(prompt=VIDEO, videos=[frames]).mm_items
         kept = item.data["pixel_frames"]
         decoded = load_video(frames).frames
-        assert kept.dtype == dtype and torch.equal(kept, decoded)  # as decoded, unpadded
+        if dtype == torch.uint8:
+            assert torch.equal(kept, decoded)  # as decoded, unpadded: the device resizes
+        else:  # blended float32 frames are resized on the host (float kernels vary by device)
+            assert kept.shape[:2] == decoded.shape[:2] and kept.shape[2:] != decoded.shape[2:]
+        assert kept.dtype == dtype
         assert item.data["patch_layout"].tolist() == [2, 14, 2, 1]
         assert int(item.data["grid_thw"][0, 0]) == (len(frames) + 1) // 2
         ref = _reference(decoded, cfg, cfg.min_pixels, cfg.max_pixels)
