@@ -15,8 +15,8 @@ from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
     frames_to_pixel_values,
     normalize_patches,
+    plan_patches,
     preprocess_frames,
-    resize_for_patches,
     smart_resize,
 )
 from polymodal.processors.qwen_vl import QwenVLProcessor
@@ -43,8 +43,8 @@ __all__ = [
     "mrope_positions",
     "frames_to_pixel_values",
     "normalize_patches",
+    "plan_patches",
     "preprocess_frames",
-    "resize_for_patches",
     "sample_indices",
     "smart_resize",
 ]

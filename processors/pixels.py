@@ -1,11 +1,15 @@
 """Pixel helpers shared by the image processors of every family (family-neutral).
 
-`resize` reproduces torchvision's `resize` (the kernel transformers' default image processors
-call) on uint8 CHW frames: torch's antialiased kernels, natively on uint8 where torchvision
-takes that path (bicubic always on CPU, bilinear on AVX2 / AVX512 / arm64), else through
-float32 with the same clamp and rounding. `normalize_frames` is the fused rescale + normalize
-of transformers' torchvision backend (`(x - mean / r) / (std / r)` in float32), run on the
-model's device at staging time (`MultimodalItem.pixel_fn`).
+`resize` reproduces torchvision's `resize` on the CPU (the kernel transformers' default image
+processors call, on the CPU unless told otherwise) on uint8 CHW frames: torch's antialiased
+kernels, natively on uint8 where torchvision takes that path (bicubic always on CPU, bilinear on
+AVX2 / AVX512 / arm64), else through float32 with the same clamp and rounding. uint8 frames on a
+CUDA device get the same pixels from a port of the CPU kernel (`triton_resize`), not
+torchvision's GPU route (float32, then rounded: a level off here and there).
+
+`normalize_frames` is the fused rescale + normalize of transformers' torchvision backend
+(`(x - mean / r) / (std / r)` in float32), run on the model's device at staging time
+(`MultimodalItem.pixel_fn`).
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ def _native_uint8(mode: str) -> bool:
 
 
 def resize(frames: torch.Tensor, size: tuple[int, int], resample: int = 3) -> torch.Tensor:
-    """Antialiased resize of uint8 `[..., C, H, W]` frames to `size` (h, w), as torchvision's
-    `resize(..., antialias=True)` on the CPU. Frames already of that size come back as is."""
+    """Antialiased resize of `[..., C, H, W]` frames to `size` (h, w), as torchvision's
+    `resize(..., antialias=True)` on the CPU, wherever the frames are: uint8 stays uint8 (on a
+    GPU: the CPU kernel's integer arithmetic, the same bits), float stays float (float frames,
+    e.g. alpha-blended video, go through torch's float kernel of their device). Frames already
+    of that size come back as is."""
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     mode = RESAMPLE_MODES.get(resample)
@@ -46,6 +53,10 @@ def resize(frames: torch.Tensor, size: tuple[int, int], resample: int = 3) -> to
         raise ValueError(f"unsupported resample code {resample}; expected {list(RESAMPLE_MODES)}")
     shape = frames.shape
     batch = frames.reshape(-1, *shape[-3:])
+    if frames.dtype == torch.uint8 and frames.is_cuda and _native_uint8(mode):
+        from polymodal.processors.triton_resize import resize_uint8
+
+        return resize_uint8(batch, size, mode).reshape(*shape[:-2], *size)
     if frames.dtype == torch.uint8 and _native_uint8(mode):
         out = F.interpolate(batch, size=size, mode=mode, align_corners=False, antialias=True)
     else:

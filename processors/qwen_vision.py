@@ -1,14 +1,17 @@
 """Qwen2-VL / Qwen2.5-VL pixel pipeline: smart resize, patchify, rescale + normalize.
 
 Mirrors transformers' default (torchvision-backend) `Qwen2VLImageProcessor` and
-`Qwen2VLVideoProcessor`: a uint8 CHW frame is resized with torch's antialiased bicubic kernel
-(the kernel torchvision's `resize` calls on CPU for uint8), cut into patches of
-`C * temporal_patch * patch * patch` values ordered so that each `merge x merge` block of
-patches is contiguous (the vision tower merges them into one slot), and normalized with the
-fused `(x - mean / rescale) / (std / rescale)` in float32. Each element is normalized on its
-own, so patchifying the uint8 first gives the same values. The processor stops at the resized
-uint8 frames (`resize_for_patches`, no copy when no resize is needed);
-`frames_to_pixel_values` patchifies and normalizes them later, on the model's device.
+`Qwen2VLVideoProcessor` as they run by default, on the CPU: a uint8 CHW frame is resized with
+torch's antialiased bicubic kernel (`pixels.resize`; on a GPU its bit-exact port), cut into
+patches of `C * temporal_patch * patch * patch` values ordered so that each `merge x merge`
+block of patches is contiguous (the vision tower merges them into one slot), and normalized with
+the fused `(x - mean / rescale) / (std / rescale)` in float32. Each element is normalized on its
+own, so patchifying the uint8 first gives the same values.
+
+The processor only plans (`plan_patches`: target size, grid, layout) and keeps the decoded
+frames as they are; `frames_to_pixel_values` resizes, patchifies and normalizes them later,
+wherever they are: on the model's device at staging (a GPU resizes a 4K frame in well under a
+millisecond; the host took 26-38 ms), on the host for a CPU model.
 """
 
 from __future__ import annotations
@@ -17,12 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from polymodal.processors.pixels import resize
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# PIL resample codes used in HF configs -> torch interpolate modes.
-RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
 
 
 @dataclass(frozen=True)
@@ -74,25 +76,6 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def resize_frames(frames: torch.Tensor, size: tuple[int, int], resample: int = 3) -> torch.Tensor:
-    """Antialiased resize of `[N, C, H, W]` frames (uint8 stays uint8, float stays float)."""
-    if tuple(frames.shape[-2:]) == tuple(size):
-        return frames
-    mode = RESAMPLE_MODES.get(resample)
-    if mode is None:
-        raise ValueError(
-            f"unsupported resample code {resample}; expected one of {list(RESAMPLE_MODES)}"
-        )
-    if frames.dtype == torch.uint8 and mode == "bilinear":
-        # torch's native uint8 antialias kernel exists for bicubic on every CPU; for bilinear
-        # torchvision only uses it with AVX2, so go through float like it does otherwise.
-        out = F.interpolate(
-            frames.float(), size=size, mode=mode, align_corners=False, antialias=True
-        )
-        return out.clamp_(0, 255).round_().to(torch.uint8)
-    return F.interpolate(frames, size=size, mode=mode, align_corners=False, antialias=True)
-
-
 def scaled_mean_std(cfg: VisionPreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 mean and std pre-divided by the rescale factor (HF's fused rescale+normalize)."""
     scale = 1.0 / cfg.rescale_factor
@@ -142,24 +125,24 @@ def patchify(
     return patches.contiguous(), (grid_t, grid_h, grid_w)
 
 
-def resize_for_patches(
+def plan_patches(
     frames: torch.Tensor,
     cfg: VisionPreprocessConfig,
     *,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-) -> tuple[torch.Tensor, tuple[int, int, int, int], tuple[int, int, int]]:
-    """Resize `[T, 3, H, W]` frames (one image is T=1) to Qwen's grid: no float work for uint8.
+) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int, int]]:
+    """Where `[T, 3, H, W]` frames (one image is T=1) go on Qwen's grid, without touching them.
 
-    Returns (frames, layout, grid `(t, h, w)` in patches). `layout` is `(t_patch, patch, merge,
-    repeat)`: `frames_to_pixel_values(frames, *scaled_mean_std(cfg), layout)` gives the pixel
-    values. An image's single frame is patchified once (`t_patch` = 1) and repeated
-    `temporal_patch_size` times (`repeat`) on normalizing, as the reference repeats the frame;
-    video frames are padded to a multiple of the temporal patch by repeating the last one,
-    `t_patch` = temporal_patch_size and repeat 1. Frames the right size come back as they are
-    (a view: no copy).
+    Returns (resized size `(h, w)`, layout, grid `(t, h, w)` in patches). `layout` is
+    `(t_patch, patch, merge, repeat)`: `frames_to_pixel_values(frames, *scaled_mean_std(cfg),
+    layout, size=size)` gives the pixel values. An image's single frame is patchified once
+    (`t_patch` = 1) and repeated `temporal_patch_size` times (`repeat`) on normalizing, as the
+    reference repeats the frame; video frames are padded to a multiple of the temporal patch by
+    repeating the last one (`t_patch` = temporal_patch_size, repeat 1). Raises ValueError for an
+    aspect ratio over 200.
     """
-    height, width = frames.shape[-2:]
+    num_frames, _, height, width = frames.shape
     size = smart_resize(
         height,
         width,
@@ -167,16 +150,12 @@ def resize_for_patches(
         min_pixels=cfg.min_pixels if min_pixels is None else min_pixels,
         max_pixels=cfg.max_pixels if max_pixels is None else max_pixels,
     )
-    if tuple(size) != (height, width):  # bicubic at scale 1 is the identity: skip it
-        frames = resize_frames(frames, size, cfg.resample)
     tp = cfg.temporal_patch_size
-    repeat = tp if frames.shape[0] == 1 else 1
+    repeat = tp if num_frames == 1 else 1
     t_patch = tp // repeat
-    if pad := -frames.shape[0] % t_patch:
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
     p = cfg.patch_size
-    grid = (frames.shape[0] // t_patch, size[0] // p, size[1] // p)
-    return frames, (t_patch, p, cfg.merge_size, repeat), grid
+    grid = (-(-num_frames // t_patch), size[0] // p, size[1] // p)
+    return size, (t_patch, p, cfg.merge_size, repeat), grid
 
 
 def frames_to_pixel_values(
@@ -185,17 +164,26 @@ def frames_to_pixel_values(
     std: torch.Tensor,
     layout: tuple[int, int, int, int],
     dtype: torch.dtype = torch.float32,
+    *,
+    size: tuple[int, int] | None = None,
+    resample: int = 3,
 ) -> torch.Tensor:
-    """`resize_for_patches`' frames -> pixel values `[num_patches, patch_dim]` in `dtype`:
-    patchify, then `normalize_patches`, wherever `frames` are (host or device). `mean` / `std`
-    are host tensors (`scaled_mean_std`); RGB frames on a CUDA device take one Triton kernel
-    that gives the same bits (`triton_pixels`)."""
+    """Decoded `[T, 3, H, W]` frames (any strides) -> pixel values `[num_patches, patch_dim]` in
+    `dtype`, wherever `frames` are (host or device): resize to `size` (`plan_patches`; bicubic
+    at scale 1 is the identity, so frames of that size are not touched), pad to whole temporal
+    patches with the last frame, patchify, then `normalize_patches`. `mean` / `std` are host
+    tensors (`scaled_mean_std`); RGB frames on a CUDA device are patchified and normalized by
+    one Triton kernel that gives the same bits (`triton_pixels`)."""
+    if size is not None:
+        frames = resize(frames, size, resample)
+    t_patch, patch, merge, repeat = layout
+    if pad := -frames.shape[0] % t_patch:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
     if frames.is_cuda and frames.shape[1] == 3:
         from polymodal.processors.triton_pixels import patchify_normalize
 
         return patchify_normalize(frames, mean.tolist(), std.tolist(), layout, dtype)
     mean, std = mean.to(frames.device), std.to(frames.device)
-    t_patch, patch, merge, repeat = layout
     patches, _ = patchify(frames, patch, merge, t_patch)
     patches = patches.view(patches.shape[0], frames.shape[1], t_patch, -1)  # [N, C, t, p*p]
     return normalize_patches(patches, mean, std, repeat, dtype)
@@ -208,13 +196,12 @@ def preprocess_frames(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Resize, patchify and normalize `[T, 3, H, W]` frames (one image is T=1), on the host.
+    """Resize, patchify and normalize `[T, 3, H, W]` frames (one image is T=1) where they are.
 
     An image's single frame is repeated `temporal_patch_size` times, as the reference does.
     Returns float32 `pixel_values [t*h*w, patch_dim]` and the grid `(t, h, w)` in patches.
-    (The processor keeps the resized uint8 frames instead; the model's device does the rest.)
+    (The processor keeps the decoded frames instead; the model's device does all of this.)
     """
-    frames, layout, grid = resize_for_patches(
-        frames, cfg, min_pixels=min_pixels, max_pixels=max_pixels
-    )
-    return frames_to_pixel_values(frames, *scaled_mean_std(cfg), layout), grid
+    size, layout, grid = plan_patches(frames, cfg, min_pixels=min_pixels, max_pixels=max_pixels)
+    mean, std = scaled_mean_std(cfg)
+    return frames_to_pixel_values(frames, mean, std, layout, size=size, resample=cfg.resample), grid

@@ -30,11 +30,12 @@ from polymodal.processors.media import (
     media_error,
 )
 from polymodal.processors.mrope import MediaSpan, mrope_positions
+from polymodal.processors.pixels import resize
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
     frames_to_pixel_values,
-    resize_for_patches,
+    plan_patches,
     scaled_mean_std,
 )
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
@@ -44,8 +45,9 @@ from polymodal.processors.video import DEFAULT_MAX_VIDEO_PIXELS, load_video
 @dataclass
 class QwenMediaItem(MultimodalItem):
     """A Qwen-VL image or video: `data["grid_thw"]` int64 `[1, 3]` (temporal, height, width in
-    patches) and the raw frames, patchified + normalized by `frames_to_pixel_values` on staging
-    (`data["patch_layout"]`: t_patch, patch, merge, repeat); `num_slots = t*h*w / merge^2`."""
+    patches) and the decoded frames, resized + patchified + normalized by
+    `frames_to_pixel_values` on staging, on the model's device (`data["patch_layout"]`:
+    t_patch, patch, merge, repeat); `num_slots = t*h*w / merge^2`."""
 
     # Seconds covered by one temporal grid step (temporal_patch_size / sampled fps); videos only.
     second_per_grid: float | None = None
@@ -226,11 +228,11 @@ class QwenVLProcessor:
         pixels = torch.from_numpy(np.array(image))  # [H, W, 3] uint8
         frames = pixels.permute(2, 0, 1)[None]  # [1, 3, H, W]
         try:
-            patched = resize_for_patches(frames, icfg, min_pixels=min_pixels, max_pixels=max_pixels)
+            plan = plan_patches(frames, icfg, min_pixels=min_pixels, max_pixels=max_pixels)
         except ValueError as exc:
             raise media_error("image", index, ref.source, str(exc)) from None
         key = _media_key(pixels, min_pixels, max_pixels, icfg)  # as decoded (no copy)
-        item = self._item("image", patched, icfg, key)
+        item = self._item("image", frames, plan, icfg, key)
         if cache_key is not None:
             self.input_cache.put(cache_key, item)
         return item, 1.0
@@ -263,15 +265,18 @@ class QwenVLProcessor:
             share = cfg.video_total_pixels * vcfg.temporal_patch_size // video.frames.shape[0]
             max_pixels = max(min(max_pixels, share), int(min_pixels * 1.05))
         try:
-            patched = resize_for_patches(
-                video.frames, vcfg, min_pixels=min_pixels, max_pixels=max_pixels
-            )
+            plan = plan_patches(video.frames, vcfg, min_pixels=min_pixels, max_pixels=max_pixels)
         except ValueError as exc:
             raise media_error("video", index, ref.source, str(exc)) from None
         second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
         # hashed as decoded, [T, H, W, C] (a view, no copy: [T, C, H, W] is a permuted view)
         key = _media_key(video.frames.permute(0, 2, 3, 1), min_pixels, max_pixels, vcfg)
-        item = self._item("video", patched, vcfg, key)
+        frames = video.frames
+        if frames.dtype != torch.uint8:
+            # alpha-blended float32 frames: torch's float kernel differs by device in the last
+            # bits, so these (rare) frames are resized here, on the host, as the reference does
+            frames = resize(frames, plan[0], vcfg.resample)
+        item = self._item("video", frames, plan, vcfg, key)
         item.second_per_grid = second_per_grid
         if cache_key is not None:
             self.input_cache.put(cache_key, item)
@@ -279,24 +284,26 @@ class QwenVLProcessor:
 
     @staticmethod
     def _item(
-        modality: str, patched: tuple, cfg: VisionPreprocessConfig, key: dict
+        modality: str, frames: torch.Tensor, plan: tuple, cfg: VisionPreprocessConfig, key: dict
     ) -> QwenMediaItem:
         """A `MultimodalItem` with its tensors and content hash; slots are filled in later.
 
-        `patched` is `resize_for_patches`' output: the item keeps the resized frames as they
-        are and what patchifying and normalizing them takes (done by the model's `stage()`, on
-        its device).
+        The item keeps the decoded `frames` as they are and `plan` (`plan_patches`' output):
+        resizing, patchifying and normalizing them is the model's `stage()`, on its device (a
+        GPU resizes a 1080p frame in well under a millisecond, the host took ~7-21 ms).
         """
-        frames, layout, grid = patched
+        size, layout, grid = plan
         mean, std = scaled_mean_std(cfg)
         data = {
-            "pixel_frames": frames,  # uint8 [T, C, H, W]
+            "pixel_frames": frames,  # as decoded: uint8 [T, C, H, W], any strides
             "pixel_mean": mean,
             "pixel_std": std,
             "patch_layout": torch.tensor(layout, dtype=torch.int64),
             "grid_thw": torch.tensor([grid], dtype=torch.int64),
         }
-        pixel_fn = partial(frames_to_pixel_values, layout=tuple(layout))
+        pixel_fn = partial(
+            frames_to_pixel_values, layout=tuple(layout), size=size, resample=cfg.resample
+        )
         return QwenMediaItem(modality, data, -1, 0, content_hash(modality, key), pixel_fn=pixel_fn)
 
 

@@ -66,7 +66,7 @@ def patchify_normalize(
 ) -> torch.Tensor:
     """Pixel values `[num_patches, 3 * t_patch * repeat * patch^2]` in `dtype` from RGB frames
     `[T, 3, H, W]` (uint8, or float32 0..255) on the frames' device; `mean` / `std` are the three
-    float32 values of `scaled_mean_std`, `layout` is `resize_for_patches`' (t_patch, patch,
+    float32 values of `scaled_mean_std`, `layout` is `plan_patches`' (t_patch, patch,
     merge, repeat)."""
     t_patch, patch, merge, repeat = layout
     num_frames, channels, height, width = frames.shape

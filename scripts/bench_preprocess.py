@@ -6,6 +6,13 @@ folder with the shipped config and a Qwen-id tokenizer, then times `process()` w
 processed-input cache off:
 
     python scripts/bench_preprocess.py [--images 8] [--videos 2] [--frames 64] [--repeats 5]
+
+`--resize` times instead where one decoded image (448x448, 1080p, 4K, 12 MP photographs) becomes
+bf16 pixel values at the 7B's bounds: the CPU route (process, then resize + patchify + normalize
+on the host) against the CUDA route (process, then staged: the decoded frame copied, resized,
+patchified and normalized on the GPU), and the bicubic resize alone on each:
+
+    python scripts/bench_preprocess.py --resize [--repeats 20]
 """
 
 from __future__ import annotations
@@ -68,19 +75,77 @@ def timed(proc, request: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def _median_ms(fn, repeats: int, sync=lambda: None) -> float:
+    fn()  # warm-up: kernels compiled, taps cached, allocator settled
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _resize_row(proc, image: Image.Image, repeats: int) -> str:
+    """One table row: the CPU and CUDA routes of `image`, then the resize alone on each."""
+    from functools import partial
+
+    from polymodal.llm_core.host_copy import copy_to
+    from polymodal.processors.pixels import image_to_frames, resize
+    from polymodal.processors.qwen_vision import plan_patches
+
+    frames = image_to_frames(image)
+    size = plan_patches(frames, proc.config.image)[0]
+
+    def item():
+        return proc.process(prompt=IMAGE, images=[image]).mm_items[0]
+
+    cpu_route = _median_ms(lambda: item().pixel_values(torch.bfloat16), repeats)
+    cpu_resize = _median_ms(lambda: resize(frames, size), repeats)
+    row = f"{size[0]:>5}x{size[1]:<5} | {cpu_route:9.1f} "
+    if not torch.cuda.is_available():
+        return row + f"{'(no GPU)':>10} | {cpu_resize:10.1f} {'-':>10}"
+    device, sync = torch.device("cuda", torch.cuda.current_device()), torch.cuda.synchronize
+    move = partial(copy_to, device=device)
+    cuda_route = _median_ms(lambda: item().stage(device, torch.bfloat16, move), repeats, sync)
+    gpu_frames = frames.to(device)
+    gpu_resize = _median_ms(lambda: resize(gpu_frames, size), repeats, sync)
+    return row + f"{cuda_route:10.1f} | {cpu_resize:10.1f} {gpu_resize:10.2f}"
+
+
+def bench_resize(proc, repeats: int) -> None:
+    """CPU vs CUDA route for one decoded image per size (see the module docstring)."""
+    import skimage.data
+
+    rng = np.random.default_rng(0)
+    sizes = {"448x448": (448, 448), "1080p": (1920, 1080), "4K": (3840, 2160), "12MP": (4000, 3000)}
+    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {os.getloadavg()}")
+    print(f"{'image':8} {'resized to':>11} | {'CPU route':>9} {'CUDA route':>10} | "
+          f"{'CPU resize':>10} {'GPU resize':>10}  (ms, median of {repeats})")  # fmt: skip
+    for name, (width, height) in sizes.items():
+        photo = Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BICUBIC)
+        noisy = np.asarray(photo).astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
+        image = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+        print(f"{name:8} {_resize_row(proc, image, repeats)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--videos", type=int, default=2)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resize", action="store_true", help="CPU vs CUDA route per image size")
     args = parser.parse_args()
     from polymodal.bench.checkpoint import write_user_checkpoint
 
     out = Path(tempfile.mkdtemp())
-    images, clip = write_media(out, args.images)
+    images, clip = write_media(out, 0 if args.resize else args.images)
     ckpt = write_user_checkpoint(ROOT / "sdk" / "configs" / "qwen2_5_vl_7b", out / "ckpt")
     proc = qwen_vl.QwenVLProcessor.from_pretrained(ckpt, processed_cache_mb=0)
+    if args.resize:
+        return bench_resize(proc, args.repeats)
     cases = {
         f"{args.images} x 1080p JPEG": dict(prompt=IMAGE * args.images, images=images),
         f"{args.videos} x {args.frames}-frame 720p video": dict(

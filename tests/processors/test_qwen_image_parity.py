@@ -2,8 +2,10 @@
 
 Reference: `AutoProcessor.from_pretrained(tiny_ckpt)`, which in transformers 5.17 with
 torchvision installed is `Qwen2VLProcessor` + `Qwen2VLImageProcessor` (the torchvision
-backend, not the PIL `Qwen2VLImageProcessorPil`). Token ids and grids must be identical,
-pixel values within 1e-5.
+backend, not the PIL `Qwen2VLImageProcessorPil`), run as it runs by default: on the CPU.
+Token ids and grids must be identical, pixel values within 1e-5 (equal, at the large sizes).
+Ours resize at staging, on the model's device; on a GPU with a bit-exact port of the CPU
+kernel (test_gpu_resize.py), so these numbers hold there too.
 """
 
 from __future__ import annotations
@@ -60,6 +62,39 @@ def test_chat_messages_match_hf(arch, names, photos, hf_processors, our_processo
         slots = result.token_ids[item.slot_start : item.slot_start + item.num_slots]
         assert set(slots) == {image_id}
     assert sum(it.num_slots for it in result.mm_items) == result.token_ids.count(image_id)
+
+
+def _photo(width: int, height: int, mode: str):
+    """A real photograph at `width x height` with a little noise (JPEG-like texture)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(width * height)
+    base = Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(base).astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    if mode == "RGBA":
+        alpha = np.linspace(0, 255, width, dtype=np.uint8)[None].repeat(height, 0)
+        image.putalpha(Image.fromarray(alpha))
+    return image.convert(mode)
+
+
+# Qwen2.5-VL-7B's own bounds: a 1080p photo is resized to 1092x1932 (scale ~1.01, not skipped)
+QWEN25_7B_BOUNDS = {"min_pixels": 3136, "max_pixels": 12845056}
+
+
+@pytest.mark.parametrize(
+    "width,height,mode",
+    [(1920, 1080, "RGB"), (1001, 667, "RGBA"), (799, 601, "L"), (333, 517, "RGB")],
+)
+def test_large_and_odd_sizes_equal_hf(width, height, mode, hf_processors, our_processors):
+    hf_proc, ours = hf_processors["qwen2_5_vl"], our_processors["qwen2_5_vl"]
+    image = _photo(width, height, mode)
+    marker = "<|vision_start|><|image_pad|><|vision_end|>"
+    ids, pixel_values, grids = _hf(hf_proc, marker, [as_reference_sees(image)], **QWEN25_7B_BOUNDS)
+    result = ours.process(prompt=marker, images=[image], **QWEN25_7B_BOUNDS)
+    _check(result, ids, pixel_values, grids, atol=0.0)
 
 
 def test_raw_prompt_and_pixel_overrides_match_hf(photos, hf_processors, our_processors):

@@ -1,7 +1,7 @@
-"""The processor keeps resized uint8 frames; `frames_to_pixel_values` turns them into the very
-float32 pixel values of the plain pipeline (repeat an image's frame, normalize whole frames,
-patchify), bit for bit. Parity with HF's pixel values is checked in test_qwen_image_parity and
-test_qwen_video."""
+"""The processor keeps the decoded uint8 frames (no host resize); `frames_to_pixel_values` turns
+them into the very float32 pixel values of the plain pipeline (resize, repeat an image's frame,
+normalize whole frames, patchify), bit for bit. Parity with HF's pixel values is checked in
+test_qwen_image_parity and test_qwen_video."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from polymodal.processors import load_video, normalize_patches, preprocess_frames
-from polymodal.processors.qwen_vision import patchify, resize_frames, smart_resize
+from polymodal.processors.pixels import resize
+from polymodal.processors.qwen_vision import patchify, smart_resize
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -22,7 +23,7 @@ def _reference(frames: torch.Tensor, cfg, min_pixels: int, max_pixels: int) -> t
     patch, rescale + normalize whole frames (HF's fused float32 formula), patchify."""
     size = smart_resize(*frames.shape[-2:], cfg.factor, min_pixels, max_pixels)
     if size != tuple(frames.shape[-2:]):
-        frames = resize_frames(frames, size, cfg.resample)
+        frames = resize(frames, size, cfg.resample)
     tp = cfg.temporal_patch_size
     if frames.shape[0] == 1:
         frames = frames.expand(tp, -1, -1, -1)
@@ -39,24 +40,22 @@ def _frames(image: Image.Image) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "tiny", "camera"])
-def test_image_item_keeps_uint8_frames_that_normalize_bitwise(name, photos, our_processors):
+def test_image_item_keeps_decoded_frames_that_make_pixels_bitwise(name, photos, our_processors):
     ours = our_processors["qwen2_5_vl"]
     cfg = ours.config.image
     (item,) = ours.process(prompt=IMAGE, images=[photos[name]]).mm_items
     data = item.data
-    assert "pixel_values" not in data  # no float work on the host
-    patches = data["pixel_frames"]
-    num_patches = int(data["grid_thw"].prod())
-    assert patches.dtype == torch.uint8 and patches.shape[:2] == (1, 3)
-    assert patches[0, 0].numel() == num_patches * 14 * 14
+    assert "pixel_values" not in data  # no float work and no resize on the host
+    decoded = _frames(photos[name])
+    assert data["pixel_frames"].dtype == torch.uint8
+    assert torch.equal(data["pixel_frames"], decoded)  # as decoded: the resize is the device's
     assert data["patch_layout"].tolist() == [1, 14, 2, cfg.temporal_patch_size]
     assert data["pixel_mean"].dtype == data["pixel_std"].dtype == torch.float32
-    ref = _reference(_frames(photos[name]), cfg, cfg.min_pixels, cfg.max_pixels)
+    ref = _reference(decoded, cfg, cfg.min_pixels, cfg.max_pixels)
     got = item.pixel_values()
     assert got.dtype == torch.float32 and torch.equal(got, ref)
-    assert torch.equal(preprocess_frames(_frames(photos[name]), cfg)[0], ref)
-    # one frame of uint8 instead of two of bf16: 4x fewer bytes to pin and copy
-    assert patches.nbytes * 4 == got.to(torch.bfloat16).nbytes
+    assert got.shape[0] == int(data["grid_thw"].prod())
+    assert torch.equal(preprocess_frames(decoded, cfg)[0], ref)
 
 
 def test_video_items_keep_frames_that_normalize_bitwise(photos, our_processors):
@@ -68,14 +67,19 @@ def test_video_items_keep_frames_that_normalize_bitwise(photos, our_processors):
     rgba = [np.asarray(photos["coffee_rgba"].resize((150, 100)))] * 2  # blended: float32
     for frames, dtype in ((rgb, torch.uint8), (rgba, torch.float32)):
         (item,) = ours.process(prompt=VIDEO, videos=[frames]).mm_items
-        patches = item.data["pixel_frames"]
-        assert patches.dtype == dtype and patches.shape[0] % 2 == 0 and patches.shape[1] == 3
-        assert item.data["patch_layout"].tolist() == [2, 14, 2, 1]
+        kept = item.data["pixel_frames"]
         decoded = load_video(frames).frames
+        if dtype == torch.uint8:
+            assert torch.equal(kept, decoded)  # as decoded, unpadded: the device resizes
+        else:  # blended float32 frames are resized on the host (float kernels vary by device)
+            assert kept.shape[:2] == decoded.shape[:2] and kept.shape[2:] != decoded.shape[2:]
+        assert kept.dtype == dtype
+        assert item.data["patch_layout"].tolist() == [2, 14, 2, 1]
+        assert int(item.data["grid_thw"][0, 0]) == (len(frames) + 1) // 2
         ref = _reference(decoded, cfg, cfg.min_pixels, cfg.max_pixels)
-        kept = patches.clone()
+        copy = kept.clone()
         assert torch.equal(item.pixel_values(), ref)
-        assert torch.equal(patches, kept)  # normalizing left the item's frames as they were
+        assert torch.equal(kept, copy)  # making pixels left the item's frames as they were
         assert torch.equal(preprocess_frames(decoded, cfg)[0], ref)
 
 

@@ -10,7 +10,7 @@ import torch
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
     frames_to_pixel_values,
-    resize_for_patches,
+    plan_patches,
     scaled_mean_std,
 )
 from tests.llm_core.interpreted import (
@@ -36,7 +36,11 @@ def _frames(num_frames: int, height: int, width: int, dtype=torch.uint8) -> torc
 def test_patchify_normalize_matches_torch(num_frames, height, width, dtype):
     from polymodal.processors.triton_pixels import patchify_normalize
 
-    frames, layout, _ = resize_for_patches(_frames(num_frames, height, width, dtype), CFG)
+    frames = _frames(num_frames, height, width, dtype)
+    size, layout, _ = plan_patches(frames, CFG)
+    assert size == (height, width)  # grid-sized: no resize
+    if pad := -num_frames % layout[0]:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     mean, std = scaled_mean_std(CFG)
     ref = frames_to_pixel_values(frames, mean, std, layout)  # host: the torch ops
     got = patchify_normalize(frames, mean.tolist(), std.tolist(), layout, torch.float32)
