@@ -87,7 +87,7 @@ class ModelRunner:
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
         """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens."""
-        from polymodal.llm_core.cuda_graph import PrefillGraphs
+        from polymodal.llm_core.prefill_graphs import PrefillGraphs
 
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
