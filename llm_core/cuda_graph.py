@@ -1,5 +1,6 @@
-"""CUDA-graph capture and replay of decoder steps: decode steps by batch-size bucket
-(`DecodeGraphs`), small prefill / mixed steps by token-count bucket (`PrefillGraphs`).
+"""CUDA-graph capture of decoder steps (`capture_buckets`, shared with `prefill_graphs.py`) and
+the decode graphs: decode steps by batch-size bucket (`DecodeGraphs`, their static inputs
+`StepInputs`). Small prefill / mixed steps by token-count bucket: `prefill_graphs.py`.
 
 A decode step (one new token per sequence, no media slots) has the same kernels every time;
 only the contents of a few small tensors change. Each bucket's graph is captured once over
@@ -32,10 +33,8 @@ from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.host_copy import to_device
 from polymodal.llm_core.layers import fused_ops
 
+# decode batch sizes with a graph (each set also captures its `max_batch`)
 BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
-# 16-token steps up to 512 (an image prompt's prefill pads by < 16 tokens), coarser above.
-PREFILL_BUCKETS = [*range(16, 513, 16), 640, 768, 896, 1024]
-PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
 
 
 def capture_buckets(buckets: list[int], forward, pool=None) -> tuple[dict, object, tuple]:
@@ -86,7 +85,7 @@ class DecodeGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
-        device = _cache_device(kv_caches)
+        device = cache_device(kv_caches)
         n, g, c = self.buckets[-1], num_groups, num_cross_groups
         width = max(max_blocks, max_cross_blocks)
         fields = [
@@ -123,7 +122,7 @@ class DecodeGraphs:
     def _meta(self, bs: int) -> AttentionMetadata:
         v = self.inputs.device_views
         tables, slots = self.block_tables, v["slot_mapping"]
-        page = _cache_page(self.kv_caches)
+        page = cache_page(self.kv_caches)
         metas = [
             AttentionMetadata(
                 query_start_loc=self.query_start_loc[: bs + 1],
@@ -282,135 +281,11 @@ def _views(buffer: torch.Tensor, fields, offsets) -> dict[str, torch.Tensor]:
     return views
 
 
-class PrefillGraphs:
-    """Captured decoder stacks for small non-decode steps: a short prompt's prefill (the TTFT
-    path) or a mixed step, up to `max_tokens` tokens of at most PREFILL_MAX_SEQS sequences.
-
-    Eager, such a step is bound by the host launching hundreds of kernels that each run for
-    microseconds; a replay launches them at once. The step's embeddings (media slots merged)
-    are computed eagerly and copied in. Padding tokens store nothing (slot -1); padding
-    sequences get no queries, so the prefill kernel's programs for them exit at once (its grid
-    is sized by the bucket). Logits and sampling stay outside, on the returned rows.
-    """
-
-    def __init__(
-        self,
-        model,
-        kv_caches,
-        max_tokens: int,
-        max_blocks: int,
-        uses_mrope: bool,
-        num_groups: int = 1,
-        num_cross_groups: int = 0,
-        max_cross_blocks: int = 0,
-    ):
-        self.model = model
-        self.kv_caches = kv_caches
-        self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [max_tokens]
-        device = _cache_device(kv_caches)
-        n, s = self.buckets[-1], PREFILL_MAX_SEQS
-        hidden, dtype = model.config.hidden_size, model.config.dtype
-        self.embeds = torch.zeros(n, hidden, dtype=dtype, device=device)
-        self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
-        # per KV group: slots [groups, n], tables [s, groups, max_blocks] (group g: [:, g])
-        self.slot_mapping = torch.full((num_groups, n), -1, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(s, num_groups, max_blocks, dtype=torch.int32, device=device)
-        # cross groups: tables [s, cross groups, width], rows per sequence, per token ranges
-        c = num_cross_groups
-        self.cross_tables = torch.zeros(s, c, max_cross_blocks, dtype=torch.int32, device=device)
-        self.cross_lens = torch.zeros(s, dtype=torch.int32, device=device)
-        self.cross_ranges = torch.zeros(3, n, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
-        self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}  # as DecodeGraphs'
-        self.capture_cost: dict[bool, tuple[float, int]] = {}
-        self.pool = None
-        self.runs = 0
-        self.lora_runs = 0
-
-    def _forward(self, n: int) -> None:
-        metas = [
-            AttentionMetadata(
-                query_start_loc=self.query_start_loc,
-                seq_lens=self.seq_lens,
-                block_tables=self.block_tables[:, g],
-                slot_mapping=self.slot_mapping[g, :n],
-                max_query_len=n,  # sizes the prefill grid for any split of n tokens
-                max_seq_len=self.block_tables.shape[2] * _cache_page(self.kv_caches),
-            )
-            for g in range(self.block_tables.shape[1])
-        ]
-        metas += [  # cross groups: nothing stored (a step writing encoder rows runs eager)
-            AttentionMetadata(
-                query_start_loc=self.query_start_loc,
-                seq_lens=self.cross_lens,
-                block_tables=self.cross_tables[:, c],
-                slot_mapping=self.slot_mapping[0, :0],
-                max_query_len=n,
-                max_seq_len=self.cross_tables.shape[2] * _cache_page(self.kv_caches),
-                cross_ranges=self.cross_ranges[:, :n],
-            )
-            for c in range(self.cross_tables.shape[1])
-        ]
-        meta = metas[0]
-        meta.groups = metas if len(metas) > 1 else None
-        positions = self.positions[..., :n]
-        self.hidden[:n] = self.model(positions, self.embeds[:n], self.kv_caches, meta)
-
-    @torch.inference_mode()
-    def capture(self, lora: bool = False) -> None:
-        """Capture every bucket as the set `lora` (as `DecodeGraphs.capture`; no queries during
-        capture: nothing is stored or read)."""
-        self.graphs[lora], self.pool, self.capture_cost[lora] = capture_buckets(
-            self.buckets, self._forward, self.pool
-        )
-
-    def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int) -> bool:
-        return (
-            num_tokens <= self.buckets[-1]
-            and num_seqs <= PREFILL_MAX_SEQS
-            and num_blocks <= self.block_tables.shape[2]
-        )  # (cross tables are never wider than `max_cross_blocks`)
-
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta, lora: bool = False):
-        """Replay the smallest bucket that holds this step, from the set `lora`; returns hidden
-        `[num_tokens, hidden]` (a view of a static buffer: valid until the next replay)."""
-        n, s = embeds.shape[0], meta.num_seqs
-        bucket = next(b for b in self.buckets if b >= n)
-        self.runs += 1
-        self.lora_runs += lora
-        self.embeds[:n].copy_(embeds)
-        self.positions[..., :n].copy_(positions)
-        for g in range(self.block_tables.shape[1]):
-            group = meta.group(g)
-            self.slot_mapping[g, :n].copy_(group.slot_mapping)
-            self.block_tables[:s, g, : group.block_tables.shape[1]].copy_(group.block_tables)
-        self.slot_mapping[:, n:bucket].fill_(-1)
-        groups = self.block_tables.shape[1]
-        for c in range(self.cross_tables.shape[1]):
-            group = meta.group(groups + c)
-            self.cross_tables[:s, c, : group.block_tables.shape[1]].copy_(group.block_tables)
-            if c == 0:  # the same rows and ranges in every cross group
-                self.cross_lens[:s].copy_(group.seq_lens)
-                self.cross_lens[s:].zero_()
-                self.cross_ranges[:, :n].copy_(group.cross_ranges)
-                self.cross_ranges[:, n:bucket].zero_()
-        self.query_start_loc[: s + 1].copy_(meta.query_start_loc)
-        self.query_start_loc[s + 1 :].fill_(n)  # padding sequences: zero queries
-        self.seq_lens[:s].copy_(meta.seq_lens)
-        self.seq_lens[s:].zero_()
-        if self.graphs:
-            self.graphs[lora][bucket].replay()
-        else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
-            self._forward(bucket)
-        return self.hidden[:n]
-
-
-def _cache_device(kv_caches) -> torch.device:
+def cache_device(kv_caches) -> torch.device:
+    """The device of the layers' caches."""
     return next(c for c in kv_caches if c is not None).device
 
 
-def _cache_page(kv_caches) -> int:
+def cache_page(kv_caches) -> int:
     """Tokens per block of the layers' caches."""
     return next(c for c in kv_caches if c is not None).shape[2]

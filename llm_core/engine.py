@@ -1,30 +1,23 @@
-"""The engine: add_request / step / abort, over scheduler + runner + detokenizer.
+"""The engine: add_request / step / abort, over scheduler + runner.
 
 One `step()` = schedule -> run encoders and decoder on the flat batch -> sample ->
 detokenize and check stops -> one RequestOutput per request that made progress. A request
-with `n > 1` runs as n sequences (seeds `seed + i`) reported together under one id.
+with `n > 1` runs as n sequences (seeds `seed + i`) reported together under one id: a
+`RequestGroup` (request_group.py: the sequences, token booking, outputs). What a request must
+pass before it is queued lives in request_checks.py.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from polymodal.llm_core.detokenizer import IncrementalDetokenizer
-from polymodal.llm_core.embedding_head import check_dimensions, matryoshka_dimensions
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.interfaces import supports_multimodal
-from polymodal.llm_core.outputs import (
-    CompletionOutput,
-    RequestMetrics,
-    RequestOutput,
-    Timings,
-    Usage,
-)
+from polymodal.llm_core.outputs import CompletionOutput, RequestOutput
 from polymodal.llm_core.pooling import (
     PoolingOutput,
     PoolingRequestOutput,
@@ -35,29 +28,15 @@ from polymodal.llm_core.request import Request
 from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
+    check_pooling_prompt,
     check_request,
     media_cross_ranges,
     truncate_pooling_prompt,
     truncate_prompt,
 )
-from polymodal.llm_core.sampler import make_generator
+from polymodal.llm_core.request_group import RequestGroup
 from polymodal.llm_core.sampling_params import SamplingParams
-from polymodal.llm_core.structured_output import GrammarCompiler, GrammarState
-
-
-@dataclass
-class _Group:
-    """A user request: its `n` sequences and their detokenizers."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    seqs: list[Request]
-    detoks: list[IncrementalDetokenizer | None]
-    outputs: list[CompletionOutput]
-    arrival: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    arrival_wall: float = field(default_factory=time.time)  # RequestMetrics.arrival_time
-    first_scheduled: float | None = None  # wall clock, from the scheduler
+from polymodal.llm_core.structured_output import GrammarCompiler
 
 
 class Engine:
@@ -85,8 +64,8 @@ class Engine:
         self.max_model_len = parts.max_model_len
         self.device = parts.device
         self.task = self.model_config.task  # generate, or a pooling task
-        self._groups: dict[str, _Group] = {}
-        self._seq_to_group: dict[str, tuple[_Group, int]] = {}
+        self._groups: dict[str, RequestGroup] = {}
+        self._seq_to_group: dict[str, tuple[RequestGroup, int]] = {}
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
         self._grammar_compiler = None  # built on first use (structured output)
@@ -139,10 +118,22 @@ class Engine:
                     prompt_token_ids, token_type_ids, pooling.truncate_prompt_tokens,
                     self.max_model_len, side,
                 )  # fmt: skip
-            self._check_prompt(prompt_token_ids, pooling=True)
-            return self._add_pooling(
-                prompt_token_ids, pooling, request_id, mm_items, token_type_ids
+            check_pooling_prompt(
+                prompt_token_ids, pooling, token_type_ids, mm_items, self.runner.model,
+                self.model_config, self.max_model_len, self.scheduler.max_num_batched_tokens,
+            )  # fmt: skip
+            seq = Request(
+                request_id=f"{request_id}#0",
+                prompt_token_ids=list(prompt_token_ids),
+                params=pooling,
+                max_model_len=self.max_model_len,
+                pooling=True,
+                chunkable=self.runner.model.is_causal,
+                token_type_ids=token_type_ids,
             )
+            outputs = [CompletionOutput(index=0)]
+            group = RequestGroup(request_id, list(prompt_token_ids), [seq], [None], outputs)
+            return self._queue(group)
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
@@ -177,103 +168,27 @@ class Engine:
             self.check_lora(lora_request)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params)
-        bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
-        seqs, detoks = [], []
-        eos = () if params.ignore_eos else tuple(self.model_config.eos_token_ids)
-        for i in range(params.n):
-            seq = Request(
-                request_id=f"{request_id}#{i}",
-                prompt_token_ids=list(prompt_token_ids),
-                params=params,
-                eos_token_ids=eos,
-                positions=positions,
-                mrope_delta=mrope_delta,
-                mm_items=list(mm_items or []),
-                atomic_spans=atomic,
-                cross_ranges=cross_ranges,
-                max_model_len=self.max_model_len,
-                bad_words_ids=bad_words,
-                lora_request=lora_request,
-            )
-            if params.seed is not None:
-                seq.generator = make_generator(params.seed + i, self.device)
-            if grammar is not None:
-                seq.grammar = GrammarState(grammar)
-            if params.prompt_logprobs is not None and i == 0:
-                seq.prompt_logprobs = [None] * len(prompt_token_ids)
-            seqs.append(seq)
-            detoks.append(
-                IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
-                if self.tokenizer is not None
-                else None  # skip_tokenizer_init: token ids only
-            )
-        outputs = [CompletionOutput(index=i) for i in range(params.n)]
-        group = _Group(request_id, list(prompt_token_ids), seqs, detoks, outputs)
-        self._groups[request_id] = group
-        for i, seq in enumerate(seqs):
+        group = RequestGroup.sample(
+            request_id, prompt_token_ids, params, self.tokenizer, self.device, grammar,
+            mm_items or [],
+            eos_token_ids=() if params.ignore_eos else tuple(self.model_config.eos_token_ids),
+            positions=positions,
+            mrope_delta=mrope_delta,
+            atomic_spans=atomic,
+            cross_ranges=cross_ranges,
+            max_model_len=self.max_model_len,
+            bad_words_ids=bad_words_token_ids(self.tokenizer, params.bad_words),
+            lora_request=lora_request,
+        )  # fmt: skip
+        return self._queue(group)
+
+    def _queue(self, group: RequestGroup) -> str:
+        """Hand a new request's sequences to the scheduler; returns its id."""
+        self._groups[group.request_id] = group
+        for i, seq in enumerate(group.seqs):
             self._seq_to_group[seq.request_id] = (group, i)
             self.scheduler.add(seq)
-        return request_id
-
-    def _add_pooling(self, ids, params, request_id, mm_items, token_type_ids) -> str:
-        """Queue one pooling request (no sampling, no detokenizer)."""
-        causal, budget = self.runner.model.is_causal, self.scheduler.max_num_batched_tokens
-        if mm_items:
-            raise InvalidInputError("pooling requests take text only (no media)")
-        model = self.runner.model
-        allowed, sizes = matryoshka_dimensions(self.model_config.text_config)
-        check_dimensions(
-            params.dimensions, allowed, sizes, self.model_config.architecture,
-            model.embedding_dimension(),
-        )  # fmt: skip
-        if not causal and len(ids) > budget:
-            raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
-                f"whole in one step of max_num_batched_tokens={budget}"
-            )
-        if token_type_ids is not None:
-            if len(token_type_ids) != len(ids):
-                raise InvalidInputError(
-                    f"token_type_ids has {len(token_type_ids)} entries for {len(ids)} prompt tokens"
-                )
-            # an id past the model's segment table would fail the whole step on the device
-            types = getattr(self.model_config.text_config, "type_vocab_size", None) or 1
-            if not all(isinstance(t, int) and 0 <= t < types for t in token_type_ids):
-                raise InvalidInputError(f"token_type_ids must be ints in [0, {types})")
-        seq = Request(
-            request_id=f"{request_id}#0",
-            prompt_token_ids=list(ids),
-            params=params,
-            max_model_len=self.max_model_len,
-            pooling=True,
-            chunkable=causal,
-            token_type_ids=token_type_ids,
-        )
-        group = _Group(request_id, list(ids), [seq], [None], [CompletionOutput(index=0)])
-        self._groups[request_id] = group
-        self._seq_to_group[seq.request_id] = (group, 0)
-        self.scheduler.add(seq)
-        return request_id
-
-    def _check_prompt(self, ids: list[int], pooling: bool = False) -> None:
-        if not ids:
-            raise InvalidInputError("the prompt is empty: it needs at least one token")
-        if pooling and len(ids) > self.max_model_len:  # no output token to leave room for
-            raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
-                "(truncate_prompt_tokens=-1 cuts it to max_model_len)"
-            )
-        if not pooling and len(ids) >= self.max_model_len:
-            raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
-                f"(prompt + at least one output token must fit)"
-            )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInputError(
-                f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})"
-            )
+        return group.request_id
 
     def check_lora(self, lora_request: Any) -> None:
         """Load (once) and check a request's adapter; raises InvalidInputError naming it
@@ -327,7 +242,7 @@ class Engine:
         """
         if self.task != "generate":
             return self._pool_step()
-        touched: dict[str, _Group] = {}
+        touched: dict[str, RequestGroup] = {}
         flight = self._in_flight
         if flight is not None and not self._can_overlap():
             self._resolve(flight, touched)  # sampling needs every token on the host first
@@ -348,7 +263,7 @@ class Engine:
         now = time.monotonic()
         groups = touched.values()
         if finished_only:
-            groups = [g for g in groups if all(o.finished for o in g.outputs)]
+            groups = [g for g in groups if g.finished]
         return [self._output(g, now) for g in groups]
 
     def _pool_step(self) -> list[PoolingRequestOutput]:
@@ -380,7 +295,7 @@ class Engine:
             return False
         return not any(req.needs_host_tokens for req in self.scheduler.running)
 
-    def _resolve(self, flight, touched: dict[str, _Group]) -> None:
+    def _resolve(self, flight, touched: dict[str, RequestGroup]) -> None:
         """Read a launched step's tokens back and book them (stops, text, outputs)."""
         sampled = self.runner.resolve(flight)
         now = time.monotonic()
@@ -390,78 +305,18 @@ class Engine:
             if tok is None or seq.is_finished:  # aborted or stopped meanwhile: discard
                 continue
             group, i = self._seq_to_group[seq.request_id]
-            self._append(seq, tok, group, i, now)
+            reason = group.append(i, tok, now, self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
             touched[group.request_id] = group
 
-    def _append(self, seq: Request, tok, group: _Group, i: int, now: float) -> None:
-        out, detok = group.outputs[i], group.detoks[i]
-        seq.output_token_ids.append(tok.token_id)
-        group.first_token = group.first_token or now
-        out.delta_token_ids = [tok.token_id]
-        if seq.params.logprobs is not None:
-            # the top-N table, plus the chosen token's own logprob when it is not in the top-N
-            table = {**(tok.top_logprobs or {}), tok.token_id: tok.logprob}
-            out.logprobs = (out.logprobs or []) + [table]
-            seq.cumulative_logprob += tok.logprob
-            out.cumulative_logprob = seq.cumulative_logprob
-        out.delta_text = detok.step(tok.token_id) if detok else ""
-        reason = stop = None
-        grammar_done = False
-        if seq.grammar is not None:
-            # a token the grammar refuses cannot be sampled (masked); end the output if so
-            grammar_done = not seq.grammar.accept(tok.token_id) or seq.grammar.is_terminated
-        if detok and detok.finished:
-            reason, stop = "stop", detok.stop_reason
-        elif tok.token_id in seq.eos_token_ids or tok.token_id in seq.params.stop_token_ids:
-            reason, stop = "stop", tok.token_id
-        elif grammar_done:
-            reason = "stop"
-        elif len(seq.output_token_ids) >= (seq.params.max_tokens or 1 << 62):
-            reason = "length"
-        elif seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            out.delta_text += detok.flush() if detok and not detok.finished else ""
-            out.finish_reason, out.stop_reason = reason, stop
-            seq.finish_reason, seq.stop_reason = reason, stop
-            self.scheduler.finish(seq, reason)
-        out.text = detok.text if detok else ""
-        out.token_ids = seq.output_token_ids  # live list; `_snapshot` copies it out
-
-    def _output(self, group: _Group, now: float) -> RequestOutput:
-        finished = all(o.finished for o in group.outputs)
-        if finished:
+    def _output(self, group: RequestGroup, now: float) -> RequestOutput:
+        """The group's output now; a finished group is forgotten."""
+        if group.finished:
             self._groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._seq_to_group.pop(seq.request_id, None)
-        if group.first_scheduled is None:
-            scheduled = [s.first_scheduled_time for s in group.seqs if s.first_scheduled_time]
-            group.first_scheduled = min(scheduled, default=None)
-        # wall-clock metrics from the monotonic times; every group here got a token just now
-        wall_now = group.arrival_wall + (now - group.arrival)
-        first = group.first_token
-        metrics = RequestMetrics(
-            group.arrival_wall,
-            group.first_scheduled,
-            None if first is None else group.arrival_wall + (first - group.arrival),
-            wall_now,
-            wall_now if finished else None,
-        )
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt_token_ids=group.prompt_token_ids,
-            outputs=[_snapshot(o) for o in group.outputs],
-            finished=finished,
-            usage=Usage(len(group.prompt_token_ids), sum(len(o.token_ids) for o in group.outputs)),
-            timings=Timings(
-                time_to_first_token=group.first_token - group.arrival
-                if group.first_token
-                else None,
-                total=now - group.arrival if finished else None,
-            ),
-            prompt_logprobs=group.seqs[0].prompt_logprobs,
-            metrics=metrics,
-        )
+        return group.output(now)
 
     def run_until_done(self) -> dict[str, RequestOutput]:
         """Step until every queued request finishes; the final output of each."""
@@ -471,20 +326,3 @@ class Engine:
                 if out.finished:
                     final[out.request_id] = out
         return final
-
-
-def _snapshot(out: CompletionOutput) -> CompletionOutput:
-    """A copy the caller may keep while the engine goes on mutating the live one."""
-    snap = CompletionOutput(
-        out.index,
-        out.text,
-        out.token_ids[:],
-        out.finish_reason,
-        out.stop_reason,
-        out.logprobs,
-        out.delta_text,
-        out.delta_token_ids,
-        out.cumulative_logprob,
-    )
-    out.delta_text, out.delta_token_ids = "", []
-    return snap

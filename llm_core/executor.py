@@ -37,7 +37,8 @@ from polymodal.llm_core.errors import EngineDeadError, InvalidInputError, ModelL
 from polymodal.llm_core.host_copy import to_device
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
 from polymodal.llm_core.registry import model_class
-from polymodal.llm_core.runner import PROMPT_LOGPROB_CHUNK, HostBatch
+from polymodal.llm_core.runner import PROMPT_LOGPROB_CHUNK
+from polymodal.llm_core.step_batch import HostBatch
 from polymodal.llm_core.tensor_parallel import TPGroup, check_heads, join_group
 
 START_TIMEOUT_S = 120.0  # a worker's interpreter start and imports
@@ -247,7 +248,7 @@ class Worker:
         if msg.media_shape is not None:  # first, as rank 0 broadcasts them first
             media = torch.empty(msg.media_shape, dtype=msg.media_dtype, device=runner.device)
             self.group.broadcast(media)
-        input_ids, positions, meta, _ = runner.prepare(None, batch)
+        input_ids, positions, meta = runner.prepare(None, batch)
         embeds = self.model.embed(input_ids)
         if media is not None:
             rows = to_device(msg.media_rows, torch.int64, runner.device)

@@ -203,7 +203,7 @@ def run_pooling_step(runner, sched) -> dict[str, torch.Tensor]:
     from polymodal.llm_core.host_copy import to_device
 
     model = runner.model
-    input_ids, positions, meta, _ = runner.prepare(sched)
+    input_ids, positions, meta = runner.prepare(sched)
     if model.embeds_positions:  # absolute position (and segment) embeddings: BERT
         types: list[int] = []
         for req, n in zip(sched.requests, sched.num_new_tokens):

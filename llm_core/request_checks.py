@@ -1,12 +1,13 @@
 """What `Engine.add_request` checks and derives before a request is queued: prompt and token-id
-limits, `truncate_prompt_tokens`, `bad_words` as token sequences, and a media request's
-atomic spans and cross-attention ranges."""
+limits (a pooling prompt's included), `truncate_prompt_tokens`, `bad_words` as token sequences,
+and a media request's atomic spans and cross-attention ranges."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from polymodal.llm_core.embedding_head import check_dimensions, matryoshka_dimensions
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.request import CROSS_ATTENTION
 from polymodal.llm_core.sampling_params import SamplingParams
@@ -61,6 +62,53 @@ def check_request(
             f"{rules.no_timestamps_token_id} and eos_token_id {rules.eos_token_id} must leave "
             f"the timestamps inside the vocab [0, {vocab_size})"
         )
+
+
+def check_pooling_prompt(
+    ids: list[int],
+    params: Any,
+    token_type_ids: list[int] | None,
+    mm_items: list | None,
+    model: Any,
+    model_config: Any,
+    max_model_len: int,
+    budget: int,
+) -> None:
+    """Raise `InvalidInputError` naming the input when a pooling prompt does not fit: text only,
+    within max_model_len (no output token to leave room for) and the vocab, `params.dimensions`
+    allowed by the model, a bidirectional model's prompt within one step's token `budget`,
+    `token_type_ids` one per token inside the model's segment table."""
+    if not ids:
+        raise InvalidInputError("the prompt is empty: it needs at least one token")
+    if len(ids) > max_model_len:
+        raise InvalidInputError(
+            f"the prompt has {len(ids)} tokens but max_model_len is {max_model_len} "
+            "(truncate_prompt_tokens=-1 cuts it to max_model_len)"
+        )
+    vocab = model_config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidInputError(f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})")
+    if mm_items:
+        raise InvalidInputError("pooling requests take text only (no media)")
+    allowed, sizes = matryoshka_dimensions(model_config.text_config)
+    check_dimensions(
+        params.dimensions, allowed, sizes, model_config.architecture, model.embedding_dimension()
+    )
+    if not model.is_causal and len(ids) > budget:
+        raise InvalidInputError(
+            f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
+            f"whole in one step of max_num_batched_tokens={budget}"
+        )
+    if token_type_ids is not None:
+        if len(token_type_ids) != len(ids):
+            raise InvalidInputError(
+                f"token_type_ids has {len(token_type_ids)} entries for {len(ids)} prompt tokens"
+            )
+        # an id past the model's segment table would fail the whole step on the device
+        types = getattr(model_config.text_config, "type_vocab_size", None) or 1
+        if not all(isinstance(t, int) and 0 <= t < types for t in token_type_ids):
+            raise InvalidInputError(f"token_type_ids must be ints in [0, {types})")
 
 
 def check_max_tokens(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> None:

@@ -1,4 +1,6 @@
-"""Turns a SchedulerOutput into batch tensors, runs encoders + decoder + sampler.
+"""Runs one step: encoders, the flat batch (`step_batch.py`), the decoder (eager, or a captured
+graph: `cuda_graph.py`), prompt logprobs, the LM head and the sampler; `resolve` reads the
+sampled ids back.
 
 The batch is flat: every scheduled token of every request, concatenated. Encoder outputs
 are cached by content hash and sliced by slot range (`media_inputs.py`; only the span
@@ -19,12 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
 
 import torch
 
-from polymodal.llm_core.attention.metadata import AttentionMetadata
-from polymodal.llm_core.cross_inputs import CrossBatch, cross_batch, cross_metas, cross_states
+from polymodal.llm_core.cross_inputs import cross_states
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
@@ -32,35 +32,9 @@ from polymodal.llm_core.media_inputs import encoder_outputs, media_key_ranges, s
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
+from polymodal.llm_core.step_batch import HostBatch, device_batch, host_batch
 
 PROMPT_LOGPROB_CHUNK = 512  # prompt rows per LM-head call when computing prompt logprobs
-
-
-@dataclass
-class HostBatch:
-    """One step's flat batch as host lists, before any device copy."""
-
-    ids: list[int] = field(default_factory=list)
-    rows: list[list[int]] = field(default_factory=list)  # positions: 1 row, or 3 for M-RoPE
-    slots: list[list[int]] = field(default_factory=list)  # per KV group: each token's slot
-    query_lens: list[int] = field(default_factory=list)
-    seq_lens: list[int] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)
-    tables: list[list[list[int]]] = field(default_factory=list)  # per group, per request
-    max_blocks: int = 0
-    pending_rows: list[int] = field(default_factory=list)  # ids still on the device ...
-    pending_src: list[int] = field(default_factory=list)  # ... at these rows of prev.tokens
-    # (request, flat row of its first token, first position, end position) of prompt chunks
-    # whose prompt logprobs this step computes
-    prompt_logprob_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
-    # per flat token, extra visible key positions [lo, hi) (bidirectional media runs), or None
-    key_ranges: tuple[list[int], list[int]] | None = None
-    # the cross groups' tables, row counts, per-token ranges and writes (cross_inputs.py)
-    cross: CrossBatch | None = None
-
-    @property
-    def is_decode(self) -> bool:
-        return len(self.ids) == len(self.query_lens)
 
 
 class ModelRunner:
@@ -113,7 +87,7 @@ class ModelRunner:
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
         """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens."""
-        from polymodal.llm_core.cuda_graph import PrefillGraphs
+        from polymodal.llm_core.prefill_graphs import PrefillGraphs
 
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
@@ -141,117 +115,19 @@ class ModelRunner:
         runs the LoRA kernels (the LoRA graph set); others run exactly as without LoRA."""
         return self.lora is not None and self.lora.batch.num_active > 0
 
-    # ---- inputs -------------------------------------------------------------------------
-    def _positions(self, req: Request, start: int, end: int, rows: list[list[int]]) -> None:
-        """Append the positions of tokens [start, end) to `rows` (1 row, or 3 for M-RoPE)."""
-        if not self.uses_mrope:
-            rows[0].extend(range(start, end))
-            return
-        split = min(max(len(req.prompt_token_ids), start), end)
-        for axis in range(3):
-            if split > start:  # text-only prompts may come without positions: t = h = w
-                prompt_rows = req.positions[axis] if req.positions else range(split)
-                rows[axis].extend(prompt_rows[start:split])
-            rows[axis].extend(range(split + req.mrope_delta, end + req.mrope_delta))
-
+    # ---- inputs (step_batch.py) ----------------------------------------------------------
     def host_batch(self, sched: SchedulerOutput, prev: InFlight | None = None) -> HostBatch:
-        """This step's flat batch as host lists (no device work yet)."""
-        bs = self.block_size
-        groups = range(self.num_kv_groups)
-        hb = HostBatch(rows=[[], [], []] if self.uses_mrope else [[]], slots=[[] for _ in groups])
+        """This step's flat batch as host lists; decode ids `prev` sampled stay on the device."""
         prev_rows = prev.row_of() if prev is not None and prev.tokens is not None else {}
-        rows, slots = hb.rows, hb.slots
-        slots0, more = slots[0], slots[1:]  # group 0 (the only one of most models), the rest
-        for req, n in zip(sched.requests, sched.num_new_tokens):
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            prompt_len = len(req.prompt_token_ids)
-            if n == 1 and start >= prompt_len:  # decode fast path: one generated token
-                if req.num_pending:  # sampled by `prev`, still on the device
-                    hb.pending_rows.append(len(hb.ids))
-                    hb.pending_src.append(prev_rows[req.request_id])
-                    hb.ids.append(0)
-                else:
-                    hb.ids.append(req.output_token_ids[-1])
-                pos = start + req.mrope_delta
-                for row in rows:
-                    row.append(pos)
-                tables = req.block_tables
-                slots0.append(tables[0][start // bs] * bs + start % bs)
-                if more:
-                    for group_slots, table in zip(more, tables[1:]):
-                        group_slots.append(table[start // bs] * bs + start % bs)
-                hb.query_lens.append(1)
-                hb.seq_lens.append(end)
-                hb.sample_rows.append(len(hb.ids) - 1)
-                continue
-            if req.prompt_logprobs is not None and start < prompt_len - 1:
-                hb.prompt_logprob_spans.append((req, len(hb.ids), start, min(end, prompt_len - 1)))
-            if end <= prompt_len:
-                hb.ids.extend(req.prompt_token_ids[start:end])
-            elif n == 1:  # decode: the last sampled token
-                hb.ids.append(req.output_token_ids[start - prompt_len])
-            else:
-                hb.ids.extend(req.all_token_ids[start:end])
-            self._positions(req, start, end, hb.rows)
-            for group_slots, table in zip(slots, req.block_tables):
-                group_slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            hb.query_lens.append(n)
-            hb.seq_lens.append(end)
-            if end == req.num_tokens:  # caught up: this step yields its next token
-                hb.sample_rows.append(len(hb.ids) - 1)
-        if not sched.requests[0].block_tables:  # no layer keeps a KV cache: nothing stored
-            slots0.extend([-1] * len(hb.ids))
-            hb.tables = [[[] for _ in sched.requests]]
-        else:
-            hb.tables = [[r.block_tables[g] for r in sched.requests] for g in groups]
-        hb.max_blocks = max(map(len, hb.tables[0]))
-        if self.num_cross_groups:
-            first = self.num_kv_groups
-            groups = range(first, first + self.num_cross_groups)
-            hb.cross = cross_batch(sched.requests, sched.num_new_tokens, groups, bs)
-        return hb
+        return host_batch(
+            sched, prev_rows, self.block_size, self.num_kv_groups, self.num_cross_groups,
+            self.uses_mrope,
+        )  # fmt: skip
 
-    def prepare(self, sched: SchedulerOutput, hb: HostBatch | None = None):
-        """Flat batch tensors + attention metadata, in two asynchronous copies (int32, int64)
-        that never wait for the device (see host_copy)."""
-        hb = hb or self.host_batch(sched)
-        width, num_seqs = hb.max_blocks, len(hb.seq_lens)
-        # per group, each request's table padded to the step's widest, groups one after another
-        flat_tables = [b for group in hb.tables for t in group for b in t + [0] * (width - len(t))]
-        query_start = [0]
-        for q in hb.query_lens:
-            query_start.append(query_start[-1] + q)
-        starts, seq_lens, tables = upload(
-            [query_start, hb.seq_lens, flat_tables], torch.int32, self.device
-        )
-        tables = tables.view(len(hb.tables), num_seqs, width)  # [groups, num_seqs, max_blocks]
-        flat_rows = list(chain.from_iterable(hb.rows))  # 1 row, or 3 for M-RoPE
-        *slots, input_ids, pos = upload([*hb.slots, hb.ids, flat_rows], torch.int64, self.device)
-        metas = [
-            AttentionMetadata(
-                query_start_loc=starts,
-                seq_lens=seq_lens,
-                block_tables=tables[g],
-                slot_mapping=slots[g],
-                max_query_len=max(hb.query_lens),
-                max_seq_len=max(hb.seq_lens),
-                is_decode=hb.is_decode,
-                query_lens_cpu=hb.query_lens,
-                seq_lens_cpu=hb.seq_lens,
-            )
-            for g in range(len(slots))
-        ]
-        meta = metas[0]
-        meta.groups = metas if len(metas) > 1 else None
-        if hb.key_ranges is not None:  # the same positions in every group
-            lo, hi = upload(hb.key_ranges, torch.int32, self.device)
-            for m in metas:
-                m.media_key_ranges, m.media_key_ranges_cpu = (lo, hi), hb.key_ranges
-        if hb.cross is not None:
-            metas += cross_metas(hb.cross, starts, hb.query_lens, hb.is_decode, self.device)
-            meta.groups = metas
-        pos = pos.view(3, -1) if self.uses_mrope else pos
-        return input_ids, pos, meta, hb.sample_rows
+    def prepare(self, sched: SchedulerOutput | None, hb: HostBatch | None = None):
+        """The step's input ids, positions and attention metadata on the device (from `hb`,
+        else built from `sched`)."""
+        return device_batch(hb or self.host_batch(sched), self.uses_mrope, self.device)
 
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -290,7 +166,7 @@ class ModelRunner:
             and graphs.can_run(len(hb.ids), hb.max_blocks)
         ):
             return self._launch_graph(sched, hb, prev, overlap, self.lora_step())
-        input_ids, positions, meta, _ = self.prepare(sched, hb)
+        input_ids, positions, meta = self.prepare(sched, hb)
         if states is not None:  # every cross group stores the same rows' K/V
             for g in range(self.num_kv_groups, self.num_kv_groups + self.num_cross_groups):
                 meta.group(g).cross_states = states

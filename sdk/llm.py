@@ -1,15 +1,16 @@
-"""`LLM`: the offline, vLLM-style API over one engine (text and multimodal prompts)."""
+"""`LLM`: the offline, vLLM-style API over one engine (text and multimodal prompts).
+
+Its pieces: llm_prompts.py (the prompt forms, one-or-a-list arguments), llm_options.py (the
+keywords), llm_warmup.py (the load-time warm-up), llm_pooling.py (the pooling methods).
+"""
 
 from __future__ import annotations
 
-import io
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Any
 
 import torch
-from PIL import Image
 
 from polymodal.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from polymodal.feeder import PROCESS_WORKERS, run_prompts
@@ -21,18 +22,24 @@ from polymodal.llm_core.lora import LoRARequest
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.registry import processor_class
 from polymodal.llm_core.sampling_params import SamplingParams
-from polymodal.llm_options import engine_config_kwargs, generation_defaults
+from polymodal.llm_options import (
+    check_mm_limits,
+    engine_config_kwargs,
+    generation_defaults,
+    mm_limits,
+)
 from polymodal.llm_prompts import (
     MEDIA_OPTIONS,
+    as_batch,
     is_messages,
-    is_token_ids,
+    loras_per_prompt,
     media_options,
+    params_per_prompt,
     process_prompt,
 )
+from polymodal.llm_warmup import warm_up
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
-
-MODALITY_LIMIT_KEYS = ("image", "video", "audio")
 
 
 class LLM:
@@ -69,7 +76,7 @@ class LLM:
         **kwargs: Any,
     ):
         config = engine_config_kwargs(model, kwargs)
-        self.limit_mm_per_prompt = _check_limits(limit_mm_per_prompt)
+        self.limit_mm_per_prompt = mm_limits(limit_mm_per_prompt)
         if "seed" in kwargs:  # as vLLM: the global stream of requests without their own seed
             torch.manual_seed(kwargs["seed"])
         self.engine = Engine(model, EngineConfig(**config))
@@ -95,48 +102,9 @@ class LLM:
             self.warmup_seconds = self.warm_up()
 
     def warm_up(self) -> float:
-        """Run one short request of each kind the model takes (text, sampled and greedy; two
-        448x448 JPEGs and a video for a multimodal model) through the whole path, so that what
-        compiles, captures or allocates on first use (Triton kernels, the tower's CUDA graph of
-        that layout, the sampler's kernels, cuBLAS plans, the pinned ring, the JPEG decoder,
-        the chat template) does it now and the first user request is as fast as the tenth.
-        Returns the seconds it took."""
-        start = time.perf_counter()
-        if self.engine.task != "generate":  # pooling models: no sampling path to warm
-            return 0.0
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        first = max(0, min(100, self.model_config.vocab_size - 16))
-        ids = list(range(first, first + 16))  # token ids: no tokenizer needed
-        # the sampling path too (softmax, top-k/p, a seeded draw): greedy rows take the argmax
-        # inside the decode graph, and the first sampled request paid ~60 ms of CUDA's lazy
-        # kernel loading (H200, first Pipeline call at the default temperature)
-        sampled = SamplingParams(
-            temperature=1.0, top_p=0.9, top_k=50, seed=0, max_tokens=2, ignore_eos=True
-        )
-        self.generate(ids, sampled, use_tqdm=False)
-        prompts: list[Any] = [ids]
-        if self.is_multimodal and self.tokenizer is not None:
-            # encoded files, as users send: the decoder plugins load on first use. Two of one
-            # size, different content (the same bytes would hit the encoder cache): a tower
-            # with CUDA graphs captures a layout on its second call
-            for colour in ((120, 60, 200), (30, 160, 90)):
-                buffer = io.BytesIO()
-                Image.new("RGB", (448, 448), colour).save(buffer, format="JPEG")
-                image = {"type": "image", "image": buffer.getvalue()}
-                prompts.append(
-                    [{"role": "user", "content": [image, {"type": "text", "text": "Warm up."}]}]
-                )
-            frames = [Image.new("RGB", (224, 224), (i * 40, 90, 30)) for i in range(4)]
-            video = {"type": "video", "video": frames}
-            prompts.append(
-                [{"role": "user", "content": [video, {"type": "text", "text": "Warm up."}]}]
-            )
-        for prompt in prompts:  # one at a time: each kind runs as a first request would
-            try:
-                self.generate(prompt, params, use_tqdm=False)
-            except InvalidInputError:  # this model has no chat template: text alone then
-                continue
-        return time.perf_counter() - start
+        """Run one short request of each kind the model takes (`polymodal.llm_warmup`), so the
+        first user request is as fast as the tenth; returns the seconds it took."""
+        return warm_up(self)
 
     @property
     def is_multimodal(self) -> bool:
@@ -158,14 +126,7 @@ class LLM:
         processes on a worker thread overlaps that copy with the engine's work.
         """
         processed = process_prompt(self.processor, prompt, self.media_defaults, self.model_name)
-        if self.limit_mm_per_prompt:
-            for modality, limit in self.limit_mm_per_prompt.items():
-                count = sum(item.modality == modality for item in processed.mm_items)
-                if count > limit:
-                    raise InvalidInputError(
-                        f"the prompt has {count} {modality} items but limit_mm_per_prompt "
-                        f"allows {limit}"
-                    )
+        check_mm_limits(processed.mm_items, self.limit_mm_per_prompt)
         model = self.engine.runner.model
         if stage and processed.mm_items and supports_multimodal(model):
             model.stage(processed.mm_items)
@@ -213,9 +174,11 @@ class LLM:
         and every request of this call still in the engine is aborted first. `use_tqdm` shows
         a progress bar of finished prompts.
         """
-        batch = _as_batch(prompts)
-        params = _params_list(sampling_params or self.get_default_sampling_params(), len(batch))
-        loras = _lora_list(lora_request, len(batch))
+        batch = as_batch(prompts)
+        params = params_per_prompt(
+            sampling_params or self.get_default_sampling_params(), len(batch)
+        )
+        loras = loras_per_prompt(lora_request, len(batch))
         results: list[RequestOutput | None] = [None] * len(batch)
         items = (
             (i, prompt, sp, lora) for i, (prompt, sp, lora) in enumerate(zip(batch, params, loras))
@@ -302,7 +265,7 @@ class LLM:
         """vLLM's `LLM.beam_search`: the `params.beam_width` best beams of each prompt, found
         as transformers' `generate(num_beams=...)` finds them (see `polymodal.beam_search`).
         `use_tqdm` shows the steps (all prompts advance together)."""
-        processed = [self.process(p) for p in _as_batch(prompts)]
+        processed = [self.process(p) for p in as_batch(prompts)]
         return beam_search(self, processed, params, use_tqdm)
 
     def stream(
@@ -370,48 +333,3 @@ class LLM:
         from polymodal.llm_pooling import score
 
         return score(self, text_1, text_2, pooling_params, truncate_prompt_tokens)
-
-
-def _check_limits(limits: dict[str, int] | None) -> dict[str, int]:
-    limits = dict(limits or {})
-    for key, value in limits.items():
-        if key not in MODALITY_LIMIT_KEYS:
-            raise InvalidInputError(
-                f"limit_mm_per_prompt[{key!r}]: unknown modality; use {list(MODALITY_LIMIT_KEYS)}"
-            )
-        if not isinstance(value, int) or value < 0:
-            raise InvalidInputError(f"limit_mm_per_prompt[{key!r}] must be an int >= 0")
-    return limits
-
-
-def _as_batch(prompts: Any) -> list:
-    if isinstance(prompts, (str, dict, ProcessedPrompt)) or is_token_ids(prompts):
-        return [prompts]
-    if is_messages(prompts):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        return list(prompts)
-    raise InvalidInputError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.80}")
-
-
-def _params_list(params, n: int) -> list[SamplingParams]:
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    params = list(params)
-    if len(params) != n:
-        raise InvalidInputError(f"{len(params)} sampling params given for {n} prompts")
-    return params
-
-
-def _lora_list(lora_request, n: int) -> list:
-    """One adapter (or None) per prompt from `generate(lora_request=...)`."""
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        return [lora_request] * n
-    if not isinstance(lora_request, (list, tuple)):
-        raise InvalidInputError(
-            f"lora_request must be a LoRARequest or a list of them, got "
-            f"{type(lora_request).__name__}"
-        )
-    if len(lora_request) != n:
-        raise InvalidInputError(f"{len(lora_request)} lora requests given for {n} prompts")
-    return list(lora_request)

@@ -1,4 +1,5 @@
-"""`LLM(...)` keywords (vLLM's spellings and polymodal's own) and generation_config.json defaults.
+"""`LLM(...)` keywords (vLLM's spellings and polymodal's own; `limit_mm_per_prompt`, also checked
+against each processed prompt) and generation_config.json defaults.
 
 Every keyword either has an effect or is refused with an error naming it: nothing a vLLM user
 passes is silently dropped.
@@ -93,3 +94,29 @@ def generation_defaults(
     except InvalidInputError as exc:
         raise ModelLoadError(f"generation config of {model_dir}: {exc}") from None
     return defaults
+
+
+MODALITY_LIMIT_KEYS = ("image", "video", "audio")  # limit_mm_per_prompt's keys
+
+
+def mm_limits(limits: dict[str, int] | None) -> dict[str, int]:
+    """`LLM(limit_mm_per_prompt=...)` checked: known modalities, ints >= 0."""
+    limits = dict(limits or {})
+    for key, value in limits.items():
+        if key not in MODALITY_LIMIT_KEYS:
+            raise InvalidInputError(
+                f"limit_mm_per_prompt[{key!r}]: unknown modality; use {list(MODALITY_LIMIT_KEYS)}"
+            )
+        if not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"limit_mm_per_prompt[{key!r}] must be an int >= 0")
+    return limits
+
+
+def check_mm_limits(mm_items: list, limits: dict[str, int]) -> None:
+    """Refuse a processed prompt with more items of a modality than `limits` allows."""
+    for modality, limit in limits.items():
+        count = sum(item.modality == modality for item in mm_items)
+        if count > limit:
+            raise InvalidInputError(
+                f"the prompt has {count} {modality} items but limit_mm_per_prompt allows {limit}"
+            )

@@ -19,7 +19,7 @@ from polymodal.llm_core.pooling import (
     ScoringOutput,
     ScoringRequestOutput,
 )
-from polymodal.llm_prompts import is_messages
+from polymodal.llm_prompts import as_batch, is_messages
 from polymodal.processors.types import ProcessedPrompt
 
 
@@ -73,12 +73,10 @@ def pool(
     `prompt_token_ids` / `messages` and optional `token_type_ids`) as pooling requests of
     `task`; outputs in input order. `truncate_prompt_tokens` (vLLM's keyword) overrides the
     params' own. Every prompt is checked before any runs (errors name its index)."""
-    from polymodal.llm import _as_batch
-
     params = replace(params or PoolingParams(), task=task)
     if truncate_prompt_tokens is not None:
         params = replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
-    batch = _as_batch(prompts)
+    batch = as_batch(prompts)
     queued = []
     for i, prompt in enumerate(batch):
         try:

@@ -16,6 +16,9 @@ Audio (`multi_modal_data={"audio": ...}`, `audios=[...]`, or `input_audio` / `au
 `audio` message parts) goes only to a model whose processor takes it (`MODALITIES`); any
 other model refuses it with an error naming the model.
 
+`generate`'s one-or-a-list arguments become one entry per prompt here too (`as_batch`,
+`params_per_prompt`, `loras_per_prompt`).
+
 A raw multimodal prompt marks each item with the model's placeholder (Qwen2-VL:
 `<|vision_start|><|image_pad|><|vision_end|>`), in the order of the media given. A dict key
 that is none of these raises an error naming it.
@@ -26,6 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.lora import LoRARequest
+from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, part_modality
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
@@ -199,3 +204,38 @@ def is_messages(x: Any) -> bool:
         and bool(x)
         and all(isinstance(m, dict) and "role" in m for m in x)
     )
+
+
+def as_batch(prompts: Any) -> list:
+    """One prompt (any form above) or a list of them -> a list of prompts."""
+    if isinstance(prompts, (str, dict, ProcessedPrompt)) or is_token_ids(prompts):
+        return [prompts]
+    if is_messages(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise InvalidInputError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.80}")
+
+
+def params_per_prompt(params: Any, n: int) -> list[SamplingParams]:
+    """One SamplingParams for every prompt, or a list with one per prompt."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise InvalidInputError(f"{len(params)} sampling params given for {n} prompts")
+    return params
+
+
+def loras_per_prompt(lora_request: Any, n: int) -> list:
+    """One adapter (or None) per prompt from `generate(lora_request=...)`."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if not isinstance(lora_request, (list, tuple)):
+        raise InvalidInputError(
+            f"lora_request must be a LoRARequest or a list of them, got "
+            f"{type(lora_request).__name__}"
+        )
+    if len(lora_request) != n:
+        raise InvalidInputError(f"{len(lora_request)} lora requests given for {n} prompts")
+    return list(lora_request)

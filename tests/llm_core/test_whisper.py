@@ -160,7 +160,8 @@ def test_prefix_hits_write_the_audio_rows_anew(models):
 
 def test_graph_step_paths(models):
     """The decode and prefill graph inputs (cross tables, row counts, ranges), eagerly."""
-    from polymodal.llm_core.cuda_graph import DecodeGraphs, PrefillGraphs
+    from polymodal.llm_core.cuda_graph import DecodeGraphs
+    from polymodal.llm_core.prefill_graphs import PrefillGraphs
 
     llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=128,
               max_num_batched_tokens=3)  # fmt: skip

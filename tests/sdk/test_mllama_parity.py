@@ -156,7 +156,8 @@ def test_graph_step_paths_match_transformers(models):
     """What the decode and prefill CUDA graphs run (cross tables, row counts and ranges packed
     into their static inputs, batches padded to buckets), eagerly on the CPU: a mixed batch in
     small chunks still gives the reference's tokens and logits."""
-    from polymodal.llm_core.cuda_graph import DecodeGraphs, PrefillGraphs
+    from polymodal.llm_core.cuda_graph import DecodeGraphs
+    from polymodal.llm_core.prefill_graphs import PrefillGraphs
 
     llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=256,
               max_num_batched_tokens=16)  # fmt: skip

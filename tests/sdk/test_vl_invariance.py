@@ -92,7 +92,7 @@ def test_padded_prefill_steps_equal_unpadded(ckpt, async_scheduling):
     """What a prefill CUDA graph runs, eagerly on the CPU: the step padded to its token bucket
     (padding tokens store nothing) and to 8 sequences (padding ones have no queries). Chunked
     image prompts, text prompts and decodes mixed in: same logits, same tokens as unpadded."""
-    from polymodal.llm_core.cuda_graph import PrefillGraphs
+    from polymodal.llm_core.prefill_graphs import PrefillGraphs
     from tests.helpers import record_logits
 
     def text(n):
