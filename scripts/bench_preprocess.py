@@ -141,11 +141,11 @@ def main() -> None:
     from polymodal.bench.checkpoint import write_user_checkpoint
 
     out = Path(tempfile.mkdtemp())
-    images, clip = write_media(out, 0 if args.resize else args.images)
     ckpt = write_user_checkpoint(ROOT / "sdk" / "configs" / "qwen2_5_vl_7b", out / "ckpt")
     proc = qwen_vl.QwenVLProcessor.from_pretrained(ckpt, processed_cache_mb=0)
-    if args.resize:
+    if args.resize:  # in-memory images: no files, no video encoder (PyAV) needed
         return bench_resize(proc, args.repeats)
+    images, clip = write_media(out, args.images)
     cases = {
         f"{args.images} x 1080p JPEG": dict(prompt=IMAGE * args.images, images=images),
         f"{args.videos} x {args.frames}-frame 720p video": dict(
