@@ -28,9 +28,11 @@ class PoolingParams:
 
     `task`: "encode" (the head's raw output), "embed", "classify" or "reward"; None = the
     model's own task. "token_embed" / "token_classify": one vector / one score per token, from
-    a model that has such heads (bge-m3: its ColBERT vectors / lexical weights). `normalize` (embed, token_embed): L2-normalize, default True. `activation`: classify:
-    softmax over the labels (sigmoid for one label); step rewards: softmax per step; default
-    True. `step_tag_id`: the token that ends a step (step pooling; default: the model's).
+    a model that has such heads (bge-m3: its ColBERT vectors / lexical weights). `normalize`
+    (embed, token_embed): L2-normalize, default True. `activation`: classify: softmax over the
+    labels (sigmoid for one label); step rewards: softmax per step; token_classify: bge-m3's
+    ReLU; default True. `step_tag_id`: the token that ends a step (step pooling; default: the
+    model's).
     `dimensions` (embed): keep the first n features, then normalize (a Matryoshka model's
     smaller vectors). `truncate_prompt_tokens`: a longer prompt keeps only k tokens, cut on the
     tokenizer's truncation side (right: the beginning stays, as sentence-transformers and vLLM's

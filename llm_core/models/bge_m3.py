@@ -84,7 +84,7 @@ class BgeM3EmbeddingModel(RobertaEmbeddingModel):
             weights = torch.relu(weights)
         start = 1 if token_ids[0] == self.bos_token_id else 0
         end = len(token_ids) - (1 if token_ids[-1] == self.eos_token_id else 0)
-        return weights[start:max(start, end)]
+        return weights[start : max(start, end)]
 
     def colbert_vectors(self, hidden: torch.Tensor, token_ids: list[int], params) -> torch.Tensor:
         """One prompt's `hidden [num_tokens, hidden]` -> its ColBERT vectors
@@ -97,9 +97,7 @@ class BgeM3EmbeddingModel(RobertaEmbeddingModel):
         return torch.nn.functional.normalize(vectors, dim=-1)
 
 
-def lexical_weights(
-    prompt_token_ids: list[int], token_weights, tokenizer
-) -> dict[int, float]:
+def lexical_weights(prompt_token_ids: list[int], token_weights, tokenizer) -> dict[int, float]:
     """FlagEmbedding's lexical weights from a "token_classify" output: {token id: its largest
     weight}, without the tokenizer's cls, eos, pad and unk tokens and without weights <= 0.
     `token_weights` (a tensor or list) are those of `prompt_token_ids` less a leading BOS and
