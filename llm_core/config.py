@@ -64,10 +64,14 @@ class ModelConfig:
 
 
 def load_config(
-    model_dir: str | Path, dtype: str | torch.dtype = "auto", runner: str = "auto"
+    model_dir: str | Path,
+    dtype: str | torch.dtype = "auto",
+    runner: str = "auto",
+    hf_overrides: dict | None = None,
 ) -> ModelConfig:
     """Parse `model_dir/config.json` (and generation_config.json for EOS ids); `runner` as
-    `served_task` takes it."""
+    `served_task` takes it; `hf_overrides` (vLLM's): {"architectures": [name]} serves the
+    checkpoint as that registered architecture."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -79,6 +83,7 @@ def load_config(
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"{path}: cannot parse the model config: {exc}") from exc
     archs = (raw.get("architectures") or []) if isinstance(raw, dict) else []
+    archs = override_architectures(hf_overrides) or archs
     if not archs:
         raise ModelLoadError(f"{path}: no 'architectures' entry, cannot pick an implementation")
     # The architecture first: an unserved one (Whisper, BERT for masked LM, ...) is named as
@@ -123,6 +128,26 @@ def load_config(
         task=task,
         **sentence_bert_config(model_dir),
     )
+
+
+def override_architectures(hf_overrides: dict | None) -> list[str] | None:
+    """The architecture list `hf_overrides` names (None: no override); any other key raises
+    InvalidInputError naming it (polymodal applies no other config override)."""
+    if not hf_overrides:
+        return None
+    if not isinstance(hf_overrides, dict):
+        raise InvalidInputError(f"hf_overrides must be a dict, got {type(hf_overrides).__name__}")
+    other = sorted(set(hf_overrides) - {"architectures"})
+    if other:
+        raise InvalidInputError(
+            f"hf_overrides: only 'architectures' is supported, not {', '.join(map(repr, other))}"
+        )
+    archs = hf_overrides["architectures"]
+    if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        raise InvalidInputError(
+            f"hf_overrides['architectures'] must be a non-empty list of names, got {archs!r}"
+        )
+    return archs
 
 
 RUNNERS = ("auto", "generate", "pooling")

@@ -106,7 +106,8 @@ class Engine:
         a worker thread); without it the engine compiles it here. A pooling model takes
         `PoolingParams` (and, for BERT, optional `token_type_ids`).
         """
-        pooling = check_pooling_request(params, self.task, self.model_config.architecture)
+        mc = self.model_config
+        pooling = check_pooling_request(params, self.task, mc.architecture, mc.model_dir)
         params = pooling or params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups:

@@ -92,6 +92,9 @@ class EngineConfig:
     # runs as an embedding model: last-token pooling + normalize unless its files say other),
     # "generate"
     runner: str = "auto"
+    # vLLM's `hf_overrides`: only {"architectures": [name]} (serve the checkpoint as another
+    # registered architecture: BAAI/bge-m3 as "BgeM3EmbeddingModel", as vLLM's docs say)
+    hf_overrides: dict | None = None
 
 
 # (min GPU memory in GiB, max_num_seqs, max_num_batched_tokens), first match wins. An H100 or
@@ -147,7 +150,7 @@ def load_tokenizer(path: Path):
 
 def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):
     """(model config, this rank's device, `cfg` with its device defaults, max_model_len)."""
-    model_config = load_config(path, cfg.dtype, cfg.runner)
+    model_config = load_config(path, cfg.dtype, cfg.runner, cfg.hf_overrides)
     device = _device(cfg.device)
     if device.type == "cuda" and cfg.tensor_parallel_size > 1:
         device = torch.device("cuda", rank)  # rank r drives GPU r

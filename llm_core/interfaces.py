@@ -91,6 +91,9 @@ class SupportsPooling:
     is_causal: ClassVar[bool] = True
     #: `embed(input_ids, positions, token_type_ids)`: absolute position and segment embeddings
     embeds_positions: ClassVar[bool] = False
+    #: per-token tasks ("token_embed", "token_classify") -> the checkpoint file of their head
+    #: (bge-m3: colbert_linear.pt, sparse_linear.pt); a request for one needs that file
+    token_task_files: ClassVar[dict[str, str]] = {}
 
     def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
         """hidden: per finished prompt of this step, its `[num_tokens, hidden]`; `prompts`: per

@@ -17,7 +17,9 @@ import torch
 
 from polymodal.llm_core.errors import InvalidInputError
 
-POOLING_TASKS = ("encode", "embed", "classify", "reward")
+POOLING_TASKS = ("encode", "embed", "classify", "reward", "token_embed", "token_classify")
+#: per-token tasks a model serves beside its own (`SupportsPooling.token_task_files`)
+TOKEN_TASKS = ("token_embed", "token_classify")
 
 
 @dataclass
@@ -25,9 +27,12 @@ class PoolingParams:
     """What a pooling request returns.
 
     `task`: "encode" (the head's raw output), "embed", "classify" or "reward"; None = the
-    model's own task. `normalize` (embed): L2-normalize, default True. `activation`: classify:
-    softmax over the labels (sigmoid for one label); step rewards: softmax per step; default
-    True. `step_tag_id`: the token that ends a step (step pooling; default: the model's).
+    model's own task. "token_embed" / "token_classify": one vector / one score per token, from
+    a model that has such heads (bge-m3: its ColBERT vectors / lexical weights). `normalize`
+    (embed, token_embed): L2-normalize, default True. `activation`: classify: softmax over the
+    labels (sigmoid for one label); step rewards: softmax per step; token_classify: bge-m3's
+    ReLU; default True. `step_tag_id`: the token that ends a step (step pooling; default: the
+    model's).
     `dimensions` (embed): keep the first n features, then normalize (a Matryoshka model's
     smaller vectors). `truncate_prompt_tokens`: a longer prompt keeps only k tokens, cut on the
     tokenizer's truncation side (right: the beginning stays, as sentence-transformers and vLLM's
@@ -93,10 +98,15 @@ class PoolingInput:
     params: PoolingParams
 
 
-def check_pooling_request(params, task: str, architecture: str) -> PoolingParams | None:
+def check_pooling_request(
+    params, task: str, architecture: str, model_dir=None
+) -> PoolingParams | None:
     """The request's params checked against the model's task (`ModelRow.task`): a generation
-    request to a pooling model and the reverse raise InvalidInputError naming both. Returns the
-    PoolingParams (defaults filled) of a pooling request, None for a generation request."""
+    request to a pooling model and the reverse raise InvalidInputError naming both. A per-token
+    task ("token_embed", "token_classify") needs the model class's head for it
+    (`token_task_files`) and that head's file in `model_dir`; the error names what is missing.
+    Returns the PoolingParams (defaults filled) of a pooling request, None for a generation
+    request."""
     is_pooling = isinstance(params, PoolingParams)
     if task == "generate":
         if is_pooling:
@@ -112,13 +122,35 @@ def check_pooling_request(params, task: str, architecture: str) -> PoolingParams
         )
     params = params or PoolingParams()
     wanted = params.task or task
-    if wanted not in ("encode", task):
+    if wanted in TOKEN_TASKS:
+        check_token_task(wanted, task, architecture, model_dir)
+    elif wanted not in ("encode", task):
         raise InvalidInputError(
             f"{architecture} serves the pooling task {task!r} (and 'encode'), not {wanted!r}"
         )
     if params.dimensions is not None and wanted != "embed":
         raise InvalidInputError(f"dimensions applies to task 'embed', not {wanted!r}")
     return replace(params, task=wanted)
+
+
+def check_token_task(wanted: str, task: str, architecture: str, model_dir) -> None:
+    """InvalidInputError unless `architecture` (served for `task`) has a head for the per-token
+    task `wanted` and its file is in `model_dir`."""
+    from pathlib import Path
+
+    from polymodal.llm_core.registry import model_class
+
+    files = getattr(model_class(architecture, task), "token_task_files", {})
+    if wanted not in files:
+        raise InvalidInputError(
+            f"{architecture} serves the pooling task {task!r} (and 'encode'), not {wanted!r}: "
+            "it has no per-token head"
+        )
+    if model_dir is not None and not (Path(model_dir) / files[wanted]).is_file():
+        raise InvalidInputError(
+            f"task {wanted!r} needs {files[wanted]} (the checkpoint's {wanted} head), which "
+            f"{model_dir} does not have"
+        )
 
 
 def finish_pooled(head_output: torch.Tensor, params: PoolingParams) -> torch.Tensor:

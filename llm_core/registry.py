@@ -59,7 +59,10 @@ MODELS: dict[str, ModelRow] = {
     ),
     "BertModel": ModelRow(_M + "bert:BertEmbeddingModel", task="embed"),
     "RobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
-    "XLMRobertaModel": ModelRow(_M + "roberta:RobertaEmbeddingModel", task="embed"),
+    # bge-m3: dense + its lexical-weight / ColBERT heads when the checkpoint has their files;
+    # "BgeM3EmbeddingModel" is vLLM's name for it (its hf_overrides architecture switch)
+    "XLMRobertaModel": ModelRow(_M + "bge_m3:BgeM3EmbeddingModel", task="embed"),
+    "BgeM3EmbeddingModel": ModelRow(_M + "bge_m3:BgeM3EmbeddingModel", task="embed"),
     "RobertaForSequenceClassification": ModelRow(
         _M + "roberta:RobertaForSequenceClassification", task="classify"
     ),

@@ -6,6 +6,7 @@ Kept apart from every optional extra: a command imports this without FastAPI, Gr
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "default auto: the architecture's task (with sentence-transformers pooling files: embed)",
     )
     parser.add_argument(
+        "--hf-overrides",
+        type=json.loads,
+        help="vLLM's --hf-overrides, architectures only: '{\"architectures\": "
+        '["BgeM3EmbeddingModel"]}\' (BAAI/bge-m3 with its lexical weights and ColBERT vectors)',
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -85,6 +92,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_cpu_loras=args.max_cpu_loras,
         tensor_parallel_size=args.tensor_parallel_size,
         runner=args.runner,
+        hf_overrides=args.hf_overrides,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -92,8 +100,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def lora_modules(values: list[str] | None) -> dict:
     """`--lora-modules name=path ...` (vLLM's form; also a JSON object per value with
     `name`, `path`) -> served name -> `LoRARequest`, ids from 1 in order."""
-    import json
-
     from polymodal.llm_core.lora.adapter import LoRARequest
 
     modules: dict = {}

@@ -293,11 +293,17 @@ class LLM:
     # ---- pooling models (vLLM's names; see llm_pooling.py) --------------------------------
     # `truncate_prompt_tokens` (vLLM's keyword): a longer prompt keeps k tokens (-1:
     # max_model_len), cut as the tokenizer truncates (`PoolingParams.truncate_prompt_tokens`)
-    def encode(self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None) -> list:
-        """A pooling model's raw head output per prompt (`PoolingRequestOutput.outputs.data`)."""
+    def encode(
+        self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None, pooling_task=None
+    ) -> list:
+        """A pooling model's raw head output per prompt (`PoolingRequestOutput.outputs.data`);
+        `pooling_task` (vLLM's keyword, else `pooling_params.task`, else "encode") picks
+        another output: "token_embed" / "token_classify" (bge-m3's ColBERT vectors / lexical
+        weights, one row per token), or the model's own task."""
         from polymodal.llm_pooling import pool
 
-        return pool(self, prompts, pooling_params, "encode", truncate_prompt_tokens)
+        task = pooling_task or (pooling_params.task if pooling_params else None) or "encode"
+        return pool(self, prompts, pooling_params, task, truncate_prompt_tokens)
 
     def embed(self, prompts: Any, pooling_params=None, *, truncate_prompt_tokens=None) -> list:
         """An embedding model's vector per prompt (`EmbeddingRequestOutput.outputs.embedding`).

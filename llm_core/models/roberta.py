@@ -1,7 +1,8 @@
 """RoBERTa and XLM-RoBERTa: BERT's encoder (`bert.py`) with RoBERTa's positions.
 
 - Embedding models (`RobertaModel` / `XLMRobertaModel` checkpoints: BAAI/bge-m3's dense
-  vector, sentence-transformers' RoBERTa embedders): BERT's embedding head (`EmbeddingHead`).
+  vector, sentence-transformers' RoBERTa embedders): BERT's embedding head (`EmbeddingHead`);
+  `XLMRobertaModel` adds bge-m3's lexical-weight and ColBERT heads (`bge_m3.py`).
 - Sequence classifiers (`RobertaForSequenceClassification` /
   `XLMRobertaForSequenceClassification`: cross-encoder rerankers such as BAAI/bge-reranker,
   sentiment classifiers): RoBERTa's head on the first token (`<s>`): dense, tanh, out_proj.
@@ -26,7 +27,12 @@ from polymodal.llm_core.models.bert import (
     BertEncoder,
     check_supported,
 )
-from polymodal.llm_core.models.tiny import TinyConfig, sentence_transformers_files
+from polymodal.llm_core.models.tiny import (
+    TinyConfig,
+    bge_m3_heads,
+    both,
+    sentence_transformers_files,
+)
 from polymodal.llm_core.pooling import Pooler, finish_pooled, pool_rows
 from polymodal.llm_core.pooling_config import PoolingConfig
 
@@ -109,9 +115,12 @@ _TINY_ROBERTA = {"max_position_embeddings": 130, "type_vocab_size": 1, "layer_no
 TINY_CONFIGS = {
     # no sentence-transformers files: CLS + normalize (vLLM's default)
     "roberta_embed": TinyConfig("RobertaModel", _TINY_ROBERTA),
-    # bge-m3's layout: CLS pooling + Normalize
+    # bge-m3's layout: CLS pooling + Normalize, its lexical-weight and ColBERT heads
+    # (`bge_m3.py`)
     "xlm_roberta_embed": TinyConfig(
-        "XLMRobertaModel", _TINY_ROBERTA, write_extra=sentence_transformers_files("cls")
+        "XLMRobertaModel",
+        _TINY_ROBERTA,
+        write_extra=both(sentence_transformers_files("cls"), bge_m3_heads()),
     ),
     "roberta_cls": TinyConfig(
         "RobertaForSequenceClassification", {**_TINY_ROBERTA, "num_labels": 3}

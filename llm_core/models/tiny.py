@@ -102,6 +102,39 @@ def sentence_transformers_files(
     return write
 
 
+def bge_m3_heads(seed: int = 2):
+    """`write_extra` of a tiny checkpoint: random `sparse_linear.pt` and `colbert_linear.pt`
+    in BAAI/bge-m3's layout (state dicts of a Linear hidden -> 1 and hidden -> hidden)."""
+
+    def write(out_dir, tokenizer) -> None:
+        import json
+        from pathlib import Path
+
+        import torch
+
+        out = Path(out_dir)
+        hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+        generator = torch.Generator().manual_seed(seed)
+        for name, size in (("sparse_linear", 1), ("colbert_linear", hidden)):
+            state = {
+                "weight": torch.randn(size, hidden, generator=generator) / hidden**0.5,
+                "bias": torch.randn(size, generator=generator) * 0.1,
+            }
+            torch.save(state, out / f"{name}.pt")
+
+    return write
+
+
+def both(*writers):
+    """One `write_extra` running each of `writers` in turn."""
+
+    def write(out_dir, tokenizer) -> None:
+        for writer in writers:
+            writer(out_dir, tokenizer)
+
+    return write
+
+
 def _torch_class(activation: str) -> str:
     """The full name sentence-transformers saves for a torch.nn activation class."""
     module = "linear" if activation == "Identity" else "activation"

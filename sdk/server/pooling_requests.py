@@ -96,10 +96,14 @@ class EmbeddingRequest(_ChatInputRequest):
 class PoolingRequest(_ChatInputRequest):
     """vLLM's `POST /pooling`: the model's pooled output as raw `data`. `task` "encode" is the
     head's raw output; the default is the model's own task (classify: probabilities, reward:
-    rewards). `activation` / `normalize` switch the task's activation / L2 norm."""
+    rewards); "token_classify" / "token_embed": one weight / one vector per token (bge-m3's
+    lexical weights / ColBERT vectors). `activation` / `normalize` switch the task's
+    activation / L2 norm."""
 
     encoding_format: Literal["float", "base64"] = "float"
-    task: Literal["encode", "embed", "classify", "reward"] | None = None
+    task: (
+        Literal["encode", "embed", "classify", "reward", "token_embed", "token_classify"] | None
+    ) = None
     activation: bool | None = None
     normalize: bool | None = None
 

@@ -29,7 +29,11 @@ from pydantic import BaseModel, ValidationError
 from polymodal.async_engine import AsyncEngine
 from polymodal.llm_core.embedding_head import check_dimensions
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.llm_core.pooling import PoolingParams, PoolingRequestOutput
+from polymodal.llm_core.pooling import (
+    PoolingParams,
+    PoolingRequestOutput,
+    check_pooling_request,
+)
 from polymodal.llm_pooling import cosine_scores, is_cross_encoder, score_pairs, truncate_length
 from polymodal.server.errors import RequestError
 from polymodal.server.pooling_requests import (
@@ -153,11 +157,10 @@ def add_pooling_routes(
         body = await parse(request, PoolingRequest)
         served = check_model(body.model)
         wanted = body.task or task
-        if wanted not in ("encode", task):
-            raise RequestError(
-                f"task: {name!r} serves the pooling task {task!r} (and 'encode'), not "
-                f"{wanted!r}", "task",
-            )  # fmt: skip
+        try:  # the engine's own rule (a per-token task needs the model's head and its file)
+            check_pooling_request(PoolingParams(wanted), task, architecture, info["model_dir"])
+        except InvalidInputError as exc:
+            raise RequestError(f"task: {name!r}: {exc}", "task") from None
         prompts = prepared(body.prompts(), body.add_special_tokens)
         params = PoolingParams(
             wanted, body.normalize, body.activation, truncate_prompt_tokens=truncation(body)
