@@ -8,9 +8,9 @@ A `BertForSequenceClassification` of bert-base-uncased's sizes (12 layers, hidde
 labels) is built by transformers with random weights and saved; ours loads that folder.
 Ours: every prompt handed to the engine at once (`Engine.add_request` of token ids, the
 engine batches them); transformers: `model(input_ids)` in batches of `--batch` (sdpa, the
-same dtype). Both report sequences/s over `--prompts` prompts of `--tokens` random ids, and
-the largest difference of their class probabilities on the first batch (a sanity check; the
-parity tests are tests/llm_core/test_pooling.py).
+same dtype). Both report sequences/s over `--prompts` prompts of `--tokens` random ids (the
+best of three passes after a warm-up), and the largest difference of their class
+probabilities (a sanity check; the parity tests are tests/llm_core/test_pooling.py).
 """
 
 from __future__ import annotations
@@ -38,16 +38,18 @@ def sync(device: str) -> None:
 
 def ours_rate(path: str, prompts: list, device: str, dtype: str) -> tuple[float, list]:
     engine = Engine(path, dtype=dtype, device=device, skip_tokenizer_init=True)
-    for p in prompts[:64]:  # warm-up: kernels compiled, graphs captured
+    for p in prompts[:1024]:  # warm-up: full steps and a partial one (kernels compiled)
         engine.add_request(p, PoolingParams())
     engine.run_until_done()
-    sync(device)
-    start = time.perf_counter()
-    ids = [engine.add_request(p, PoolingParams()) for p in prompts]
-    final = engine.run_until_done()
-    sync(device)
-    seconds = time.perf_counter() - start
-    return len(prompts) / seconds, [final[i].outputs.data.float().cpu() for i in ids]
+    best = float("inf")
+    for _ in range(3):  # the best of three passes
+        sync(device)
+        start = time.perf_counter()
+        ids = [engine.add_request(p, PoolingParams()) for p in prompts]
+        final = engine.run_until_done()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return len(prompts) / best, [final[i].outputs.data.float().cpu() for i in ids]
 
 
 @torch.inference_mode()
@@ -56,11 +58,14 @@ def hf_rate(model, prompts: list, batch: int, device: str) -> tuple[float, list]
         return model(torch.tensor(chunk, device=device)).logits.float().softmax(-1).cpu()
 
     run(prompts[:batch])
-    sync(device)
-    start = time.perf_counter()
-    outs = [run(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
-    sync(device)
-    return len(prompts) / (time.perf_counter() - start), list(torch.cat(outs))
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        outs = [run(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return len(prompts) / best, list(torch.cat(outs))
 
 
 def main() -> None:
