@@ -164,6 +164,25 @@ def finish_pooled(head_output: torch.Tensor, params: PoolingParams) -> torch.Ten
     return out
 
 
+def finish_pooled_rows(head_output: torch.Tensor, prompts: list) -> list[torch.Tensor]:
+    """`finish_pooled` of each row of `head_output [prompts, features]` with its prompt's
+    params; rows whose params finish alike (the usual batch) in one op, not one per row."""
+    keys = {(p.params.task, p.params.activation, p.params.normalize) for p in prompts}
+    if len(keys) == 1:
+        return list(finish_pooled(head_output, prompts[0].params).unbind(0))
+    return [finish_pooled(row, p.params) for row, p in zip(head_output, prompts)]
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors on the CPU with one device-to-host copy (one sync) where they share a
+    dtype, instead of one per tensor."""
+    if not tensors or tensors[0].device.type == "cpu" or len({t.dtype for t in tensors}) > 1:
+        return [t.cpu() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    sizes = [t.numel() for t in tensors]
+    return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors)]
+
+
 # ---- outputs (vLLM's shapes) --------------------------------------------------------------
 @dataclass
 class PoolingOutput:
@@ -261,4 +280,4 @@ def run_pooling_step(runner, sched) -> dict[str, torch.Tensor]:
     if not done:
         return {}
     pooled = model.pool(rows, prompts)
-    return {req.request_id: out.cpu() for req, out in zip(done, pooled)}
+    return {req.request_id: out for req, out in zip(done, to_host(pooled))}

@@ -33,7 +33,7 @@ from polymodal.llm_core.models.tiny import (
     both,
     sentence_transformers_files,
 )
-from polymodal.llm_core.pooling import Pooler, finish_pooled, pool_rows
+from polymodal.llm_core.pooling import Pooler, finish_pooled_rows, pool_rows
 from polymodal.llm_core.pooling_config import PoolingConfig
 
 
@@ -106,7 +106,7 @@ class RobertaForSequenceClassification(RobertaPositions, BertBase):
         )
         head = self.classifier
         logits = head.out_proj(torch.tanh(head.dense(first)))  # [prompts, labels]
-        return [finish_pooled(row, p.params) for row, p in zip(logits, prompts)]
+        return finish_pooled_rows(logits, prompts)
 
 
 # 2 layers, hidden 64, 4 heads; positions 0..129 with the pad token 0: 129 tokens
