@@ -239,24 +239,30 @@ class Engine:
 
         With `async_scheduling`, the next batch is launched before the previous one's tokens
         are read back, so the GPU never waits for the host in between; outputs then lag one
-        step, and a request that stops computes one extra token that is thrown away.
+        step, and a request that stops computes one extra token that is thrown away. A batch
+        with rules that follow the previous tokens launches its forward pass the same way and
+        samples once they are read back (`ModelRunner.finish_sampling`).
         """
         if self.task != "generate":
             return self._pool_step()
         touched: dict[str, RequestGroup] = {}
         flight = self._in_flight
-        if flight is not None and not self._can_overlap():
-            self._resolve(flight, touched)  # sampling needs every token on the host first
+        overlap = self.async_scheduling
+        if flight is not None and not overlap:
+            self._resolve(flight, touched)
             flight = self._in_flight = None
         sched = self.scheduler.schedule()
-        overlap = self._can_overlap()
-        launched = self.runner.launch(sched, flight, overlap) if sched else None
+        # rules that follow the previous tokens (grammars, penalties, bad words, logprobs)
+        # sample after that step is read back, while the GPU runs this step's forward pass
+        defer = overlap and any(req.needs_host_tokens for req in self.scheduler.running)
+        launched = self.runner.launch(sched, flight, overlap, defer) if sched else None
         if launched is not None:
             self.scheduler.update(sched)
         if flight is not None:
             self._resolve(flight, touched)
         self._in_flight = None
         if launched is not None:
+            launched = self.runner.finish_sampling(launched)
             if overlap:
                 self._in_flight = launched
             else:
@@ -287,14 +293,6 @@ class Engine:
                 PoolingRequestOutput(group.request_id, group.prompt_token_ids, PoolingOutput(data))
             )
         return outputs
-
-    def _can_overlap(self) -> bool:
-        """Async scheduling is on and no running request needs its tokens on the host to
-        sample the next one (`SamplingParams.needs_host_tokens`: penalties count them,
-        grammars and bad words follow them, logprobs are read back with them)."""
-        if not self.async_scheduling:
-            return False
-        return not any(req.needs_host_tokens for req in self.scheduler.running)
 
     def _resolve(self, flight, touched: dict[str, RequestGroup]) -> None:
         """Read a launched step's tokens back and book them (stops, text, outputs)."""

@@ -132,7 +132,11 @@ class ModelRunner:
     # ---- step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(
-        self, sched: SchedulerOutput, prev: InFlight | None = None, overlap: bool = False
+        self,
+        sched: SchedulerOutput,
+        prev: InFlight | None = None,
+        overlap: bool = False,
+        defer: bool = False,
     ) -> InFlight:
         """Queue one step's device work; nothing is read back (see `resolve`).
 
@@ -140,6 +144,9 @@ class ModelRunner:
         device, so the host never waits for them before launching. `overlap` (async
         scheduling) copies the sampled ids to pinned memory behind an event, so reading them
         back later waits for this step only, not for whatever is queued after it.
+        `defer`: the forward pass (logits included) is queued but not the sampling: a batch
+        whose rules follow the previous tokens (grammars, penalties, bad words) samples in
+        `finish_sampling`, once `prev` is resolved, while the GPU runs this forward pass.
         """
         has_media = _step_has_media(sched)
         # The encoder goes first: the device starts on it while the host builds the batch.
@@ -165,7 +172,7 @@ class ModelRunner:
             and not hb.prompt_logprob_spans
             and graphs.can_run(len(hb.ids), hb.max_blocks)
         ):
-            return self._launch_graph(sched, hb, prev, overlap, self.lora_step())
+            return self._launch_graph(sched, hb, prev, overlap, self.lora_step(), defer)
         input_ids, positions, meta = self.prepare(sched, hb)
         if states is not None:  # every cross group stores the same rows' K/V
             for g in range(self.num_kv_groups, self.num_kv_groups + self.num_cross_groups):
@@ -187,7 +194,7 @@ class ModelRunner:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
         if hb.prompt_logprob_spans:
             self._prompt_logprobs(hidden, hb.prompt_logprob_spans)
-        return self.sample(sched, hidden, hb.sample_rows, overlap)
+        return self.sample(sched, hidden, hb.sample_rows, overlap, defer)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, spans: list) -> None:
         """Logprob (+ top-N) of each prompt token given the ones before it, written into
@@ -213,7 +220,7 @@ class ModelRunner:
                 req.prompt_logprobs[pos] = table
 
     def _launch_graph(self, sched, hb: HostBatch, prev: InFlight | None, overlap: bool,
-                      lora: bool):  # fmt: skip
+                      lora: bool, defer: bool = False):  # fmt: skip
         """A decode step as one graph replay (of the LoRA set when `lora`): LM head and greedy
         argmax included."""
         logits, greedy = self.graphs.run(hb, prev.tokens if hb.pending_rows else None, lora)
@@ -223,18 +230,35 @@ class ModelRunner:
         if len(hb.sample_rows) != len(hb.ids):  # a prompt chunk of one token samples nothing
             rows = to_device(hb.sample_rows, torch.int64, logits.device)
             logits, greedy = logits[rows], greedy[rows]
+        if defer:
+            return InFlight(reqs, deferred=(logits, greedy, overlap))
         return self.sample_logits(reqs, logits, greedy, overlap)
 
-    def sample(self, sched, hidden, sample_rows, overlap: bool = False) -> InFlight:
-        """Logits of the sampled rows of `hidden`, then `sample_logits`."""
+    def sample(self, sched, hidden, sample_rows, overlap: bool = False,
+               defer: bool = False) -> InFlight:  # fmt: skip
+        """Logits of the sampled rows of `hidden`, then `sample_logits` (later with `defer`)."""
         reqs = _sampling_requests(sched)
         if not sample_rows:
             return InFlight(reqs)
         if len(sample_rows) != hidden.shape[0]:  # else every row samples (decode): no gather
             hidden = hidden[to_device(sample_rows, torch.int64, hidden.device)]
-        return self.sample_logits(reqs, self.model.compute_logits(hidden), None, overlap)
+        logits = self.model.compute_logits(hidden)
+        if defer:
+            return InFlight(reqs, deferred=(logits, None, overlap))
+        return self.sample_logits(reqs, logits, None, overlap)
 
-    def sample_logits(self, reqs, logits, greedy=None, overlap: bool = False) -> InFlight:
+    def finish_sampling(self, flight: InFlight) -> InFlight:
+        """Sample a step launched with `defer`, now that the step before it is resolved: its
+        requests' output ids, grammars and counts are current on the host. The token being
+        sampled is already counted in `num_pending` (the scheduler's update), so it is left
+        out; a request that finished meanwhile samples without rules (its token is dropped)."""
+        if flight.deferred is None:
+            return flight
+        logits, greedy, overlap = flight.deferred
+        return self.sample_logits(flight.reqs, logits, greedy, overlap, pending_offset=1)
+
+    def sample_logits(self, reqs, logits, greedy=None, overlap: bool = False,
+                      pending_offset: int = 0) -> InFlight:  # fmt: skip
         """Sample one token per row of `logits` (fp32, one row per request of `reqs`) on the
         device; the ids are copied to the host asynchronously. `greedy` (the rows' argmax,
         computed in a decode graph) is the answer as is when every row is plain greedy."""
@@ -246,9 +270,9 @@ class ModelRunner:
                 r.generator,
                 r.stop_ids,
                 r.bad_words_ids,
-                r.grammar,
-                r.num_pending,
-                r.has_logit_rules,
+                None if r.is_finished else r.grammar,
+                r.num_pending - pending_offset,
+                r.has_logit_rules and not r.is_finished,
             )
             for r in reqs
         ]
@@ -288,6 +312,7 @@ class InFlight:
     raw_logprobs: torch.Tensor | None = None
     host: torch.Tensor | None = None  # pinned copy of `tokens`, valid once `event` completes
     event: torch.cuda.Event | None = None
+    deferred: tuple | None = None  # (logits, greedy, overlap) until `finish_sampling`
 
     def row_of(self) -> dict[str, int]:
         """request id -> row in `tokens`."""

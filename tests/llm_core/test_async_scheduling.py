@@ -106,3 +106,60 @@ def test_no_token_computed_past_max_tokens(ckpt, max_tokens):
     final = engine.run_until_done()
     assert len(final[rid].outputs[0].token_ids) == max_tokens
     assert sum(scheduled) == len(PROMPTS[2]) + max_tokens - 1
+
+
+def test_rules_that_follow_tokens_overlap_steps_and_match_sync(ckpt):
+    """Grammars, penalties, bad words, min_tokens and logprobs need the previous token on the
+    host to sample: the step's forward pass still launches first (fed on the device) and
+    samples once that token is read back; outputs equal the synchronous engine's."""
+    from polymodal.llm_core.sampling_params import StructuredOutputsParams
+
+    kinds = [
+        SamplingParams(temperature=0.0, max_tokens=10, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=10, bad_words=[" the"], min_tokens=6),
+        SamplingParams(temperature=0.0, max_tokens=10, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=12,
+                       structured_outputs=StructuredOutputsParams(regex="[a-z ]{3,40}")),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),  # no rules
+    ]  # fmt: skip
+
+    def run(**kw):
+        engine = Engine(ckpt, dtype="float32", device="cpu", num_kv_blocks=256, **kw)
+        engine.device_fed_ids = 0
+        host_batch = engine.runner.host_batch
+
+        def counting_host_batch(sched, prev=None):
+            hb = host_batch(sched, prev)
+            engine.device_fed_ids += len(hb.pending_rows)
+            return hb
+
+        engine.runner.host_batch = counting_host_batch
+        ids = [engine.add_request(p, kinds[i % len(kinds)]) for i, p in enumerate(PROMPTS)]
+        final = engine.run_until_done()
+        assert engine.num_free_blocks == engine.scheduler.kv.num_blocks
+        outs = [final[i].outputs[0] for i in ids]
+        return [(o.token_ids, o.finish_reason, o.logprobs) for o in outs], engine
+
+    sync, _ = run()
+    overlapped, engine = run(async_scheduling=True)
+    assert overlapped == sync
+    assert engine.device_fed_ids > 16 * 4  # the steps really overlapped
+
+
+def test_min_tokens_counts_the_same_when_sampling_waits(ckpt):
+    """min_tokens masks a stop token until enough tokens exist: the deferred sampling must count
+    the step's own pending token exactly as the synchronous engine does (the stop token is the
+    4th token greedy decoding picks, so an off-by-one lets it through; logprobs make the steps
+    sample late)."""
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    first, _ = _run(ckpt, plain, prompts=PROMPTS[:3])
+    results = []
+    for kw in ({}, {"async_scheduling": True}):
+        outs = []
+        for prompt, ref in zip(PROMPTS[:3], first):
+            params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=4, logprobs=0,
+                                    stop_token_ids=[ref.token_ids[3]])  # fmt: skip
+            outs.append(_run(ckpt, params, prompts=[prompt], **kw)[0][0].token_ids)
+        results.append(outs)
+    assert results[0] == results[1]
+    assert all(out[:4] != ref.token_ids[:4] or len(out) > 4 for out, ref in zip(results[0], first))
