@@ -44,7 +44,8 @@ class EngineProcess:
     """The parent's handle on a child process running one model's `EngineLoop`.
 
     Starting waits until the model is loaded (and warmed up); a load error is raised here.
-    `emit` gets each message's items on a reader thread; `on_death(exc)` runs once if the
+    `setup(llm)` (picklable: a module-level function or a partial of one) runs in the child
+    once the `LLM` is built (the frontend bench installs its fake model step there). `emit` gets each message's items on a reader thread; `on_death(exc)` runs once if the
     child dies.
     """
 
@@ -55,12 +56,13 @@ class EngineProcess:
         emit: Callable[[list[tuple[str, Any]]], None],
         on_death: Callable[[Exception], None],
         process_workers: int = PROCESS_WORKERS,
+        setup: Callable[[Any], None] | None = None,
     ):
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(
             target=run_engine_process,
-            args=(child_conn, model, engine_kwargs, process_workers),
+            args=(child_conn, model, engine_kwargs, process_workers, setup),
             name="polymodal-engine-core",
             # a daemonic process may not start processes: tensor-parallel workers need it not
             daemon=engine_kwargs.get("tensor_parallel_size", 1) == 1,
@@ -161,12 +163,17 @@ class EngineProcess:
         )
 
 
-def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: int) -> None:
-    """The child: load the model, serve commands until `close` or the parent goes away."""
+def run_engine_process(
+    conn, model: str, engine_kwargs: dict, process_workers: int, setup=None
+) -> None:
+    """The child: load the model (then `setup(llm)`, if given), serve commands until `close`
+    or the parent goes away."""
     from polymodal.llm import LLM
 
     try:
         llm = LLM(model, **engine_kwargs)
+        if setup is not None:
+            setup(llm)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", picklable(exc)))
         return
