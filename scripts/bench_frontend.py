@@ -17,7 +17,7 @@ small JPEG as a data: URL (`--kind image`) or text only (`--kind text`), `--repe
 
     python scripts/bench_frontend.py                        # both kinds, 256 streams, 3 repeats
     python scripts/bench_frontend.py --kind text --repeats 5 --json out.json
-    python scripts/bench_frontend.py --profile prof/        # + py-spy (--gil) of both processes
+    python scripts/bench_frontend.py --profile prof/        # + py-spy of both processes (on PATH)
 
 Reported per burst (and the median over repeats): requests/s and tokens/s against the ideal,
 TTFT p50/p99 (request sent to its first event), inter-event p50/p99, CPU seconds (and % of the
@@ -25,8 +25,8 @@ burst) of the API process, the engine process and the clients, CPU microseconds 
 the server's two processes, and the engine's step record: steps that ended late (the host
 took longer than the period: the engine waited for something), the engine thread's time
 between steps (emit and commands) and the median rows per step. With `--profile`, py-spy
-samples both processes (`--gil`: only the thread holding the GIL is sampled) during a burst
-and the share of time each thread held the GIL is printed.
+samples both processes during the last burst (raw stacks per thread, for flame graphs) and
+the share of time each thread ran is printed (`--profile-gil`: held the GIL).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ PROMPT = "Describe this image in detail."
 def fake_model_step(period_ms: float, step_log: str, llm) -> None:
     """Install the fake model in `llm`: no decoder or tower compute, steps paced to
     `period_ms`; one line per step goes to `step_log` (monotonic clock, shared by processes):
-    `entered worked due left tokens`."""
+    `entered worked due left tokens running`."""
     import torch
 
     engine = llm.engine
@@ -79,7 +79,8 @@ def fake_model_step(period_ms: float, step_log: str, llm) -> None:
             time.sleep(due[0] - worked)
         left = time.monotonic()
         tokens = sum(len(c.delta_token_ids) for out in outputs for c in out.outputs)
-        log.write(f"{entered:.6f} {worked:.6f} {due[0]:.6f} {left:.6f} {tokens}\n")
+        running = len(engine.scheduler.running)
+        log.write(f"{entered:.6f} {worked:.6f} {due[0]:.6f} {left:.6f} {tokens} {running}\n")
         return outputs
 
     engine.step = paced_step
@@ -238,13 +239,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def step_record(step_log: Path, start: float, end: float, period_ms: float) -> dict:
     """The engine's steps inside [start, end]: late ones, time between steps, rows."""
-    steps = []
+    steps, running = [], []
     for line in step_log.read_text().splitlines():
-        entered, worked, due, left, tokens = line.split()
+        entered, worked, due, left, tokens, rows = line.split()
         if start <= float(entered) <= end:
             steps.append((float(entered), float(worked), float(due), float(left), int(tokens)))
+            running.append(int(rows))
     if len(steps) < 2:
         return {}
+    most = max(running)
+    all_in = next(s[0] for s, r in zip(steps, running) if r == most)
     late = [w - d for _, w, d, _, _ in steps if w > d + 1e-3]
     between = [b[0] - a[3] for a, b in zip(steps, steps[1:])]
     full = [s for s in steps if s[4] >= 0.9 * max(s[4] for s in steps)]
@@ -257,6 +261,8 @@ def step_record(step_log: Path, start: float, end: float, period_ms: float) -> d
         "between_steps_ms_p50": statistics.median(between) * 1e3,
         "between_steps_ms_max": max(between) * 1e3,
         "rows_p50": statistics.median(s[4] for s in steps),
+        "max_running": most,
+        "all_running_after_ms": (all_in - start) * 1e3,  # burst start to the full batch
         "full_step_period_ms": statistics.median(b[0] - a[0] for a, b in zip(full, full[1:]))
         * 1e3 if len(full) > 1 else float("nan"),
     }  # fmt: skip
@@ -323,7 +329,7 @@ def one_burst(args, server, engine_pid, requests, step_log, profile_dir=None) ->
     runs = [r for part in parts for r in part]
     cpu = {k: after[k] - before[k] for k in before}
     result = summarize(runs, args, cpu, t1 - t0)
-    result.update(step_record(step_log, t0, t1, args.period_ms))
+    result.update(step_record(step_log, start_at, t1, args.period_ms))
     del psutil
     return result
 
@@ -335,15 +341,17 @@ def start_py_spy(out: Path, pids: dict[str, int], args) -> list[subprocess.Popen
     time.sleep(1.0)
     spies = []
     for name, pid in pids.items():
-        cmd = [exe, "record", "--pid", str(pid), "--gil", "--threads", "--nonblocking",
+        cmd = [exe, "record", "--pid", str(pid), "--threads", "--nonblocking",
                "-r", "100", "-d", str(args.profile_seconds), "-f", "raw",
                "-o", str(out / f"{name}.txt")]  # fmt: skip
+        cmd += ["--gil"] if args.profile_gil else []
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
 
 
 def gil_shares(path: Path, seconds: float, rate: int = 100) -> dict[str, float]:
-    """Share of the time each thread held the GIL (py-spy --gil --threads raw output)."""
+    """Share of the time each thread held the GIL (py-spy --gil --threads raw output), or
+    without --gil, was running."""
     held: dict[str, int] = {}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -406,7 +414,8 @@ def print_row(kind: str, r: dict) -> None:
         f" us/tok (api {r['api_cpu_us_per_token']:.0f}, engine {r['engine_cpu_us_per_token']:.0f})"
         f"  steps {r.get('steps', 0)} late {r.get('late_steps', 0)} (max "
         f"{r.get('late_ms_max', 0):.1f} ms) host p50 {r.get('host_ms_p50', 0):.1f} ms, between "
-        f"{r.get('between_steps_ms_p50', 0):.2f}/{r.get('between_steps_ms_max', 0):.1f} ms",
+        f"{r.get('between_steps_ms_p50', 0):.2f}/{r.get('between_steps_ms_max', 0):.1f} ms, "
+        f"{r.get('max_running', 0):.0f} running after {r.get('all_running_after_ms', 0):.0f} ms",
         flush=True,
     )
 
@@ -423,6 +432,10 @@ def main() -> None:
     parser.add_argument("--json", help="write every burst and the medians here")
     parser.add_argument("--profile", type=Path, help="py-spy both processes into this folder")
     parser.add_argument("--profile-seconds", type=int, default=3)
+    parser.add_argument(
+        "--profile-gil", action="store_true",
+        help="sample only the thread holding the GIL (else every thread on a CPU)",
+    )  # fmt: skip
     parser.add_argument("--port", type=int, default=0)
     # the server process's own arguments
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -457,7 +470,8 @@ def main() -> None:
                     for name in ("api", "engine"):
                         shares = gil_shares(profile / f"{name}.txt", args.profile_seconds)
                         top = ", ".join(f"{k} {v:.0%}" for k, v in list(shares.items())[:6])
-                        print(f"  GIL held, {name} process: {top}")
+                        what = "GIL held" if args.profile_gil else "on a CPU"
+                        print(f"  {what}, {name} process: {top}")
                 time.sleep(1.0)
     finally:
         server.terminate()
