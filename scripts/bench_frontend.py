@@ -406,7 +406,7 @@ def warm_up(args, kind: str) -> None:
 
 def print_row(kind: str, r: dict) -> None:
     print(
-        f"{kind:5s} ok {r['ok']:3d}  {r['requests_s']:6.1f} req/s  {r['tokens_s']:6.0f} tok/s "
+        f"{kind:5s} ok {r['ok']:3.0f}  {r['requests_s']:6.1f} req/s  {r['tokens_s']:6.0f} tok/s "
         f"({r['share_of_ideal']:.1%} of ideal {r['ideal_tokens_s']:.0f})  TTFT p50/p99 "
         f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms  gap p50/p99 {r['gap_p50_ms']:.1f}/"
         f"{r['gap_p99_ms']:.1f} ms  CPU api/engine/clients {r['cpu_api_pct']:.0f}/"
