@@ -8,12 +8,16 @@ Here the child holds the model, the media workers and the engine thread (the off
 situation); the parent keeps the event loop, and only prompts (raw: strings, bytes, images)
 and outputs cross, pickled.
 
-Protocol (each message a tuple): parent -> child `("add", id, prompt, params, lora)`, `("abort",
-id)`, `("option", name, value)`, `("process", token, prompt)`, `("close",)`; child -> parent
-`("ready", info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`,
-`("stats", tuple)` and `("processed", token, result, error)`.
-The child sends from its own thread, and everything queued by then goes in one message, so a
-slow parent gets fewer, larger messages instead of stalling the engine thread. Outputs cross as
+Protocol: parent -> child, a list of commands per message, each a tuple: `("add", id, prompt,
+params, lora)`, `("abort", id)`, `("option", name, value)`, `("process", token, prompt)`,
+`("close",)`; child -> parent (each message a tuple) `("ready", info)` or `("failed", exc)`
+once at start, then `("items", [(id, item), ...])`, `("stats", tuple)` and `("processed",
+token, result, error)`.
+Each side sends from its own thread, and everything queued by then goes in one message: the
+event loop never waits on the pipe (a burst of 256 image requests is megabytes, and the child
+reads between its engine steps), the child unpickles a burst in one go instead of taking its
+GIL back once per request, and a slow parent gets fewer, larger messages instead of stalling
+the engine thread. Outputs cross as
 what each step added, in plain tuples (`output_wire.py`): pickling whole `RequestOutput`s took
 more of both processes' GIL than the engine thread did. Pooling outputs cross as their
 tensor's bytes (`output_wire.encode_pooled`).
@@ -70,6 +74,8 @@ class EngineProcess:
         self._process.start()
         child_conn.close()
         self._send_lock = threading.Lock()
+        self._outgoing: list[tuple] = []  # commands for the sender thread
+        self._send_wake = threading.Event()
         self.emit, self.on_death = emit, on_death
         self.stats = EngineStats()
         self.alive = True
@@ -91,6 +97,10 @@ class EngineProcess:
         self._reader = threading.Thread(target=self._read, name="polymodal-engine-reader")
         self._reader.daemon = True
         self._reader.start()
+        self._sender = threading.Thread(
+            target=self._send_queued, name="polymodal-engine-sender", daemon=True
+        )
+        self._sender.start()
 
     def submit(self, request_id: str, prompt: Any, params: Any, lora_request: Any = None) -> None:
         self._send(("add", request_id, prompt, params, lora_request))
@@ -114,20 +124,37 @@ class EngineProcess:
             self._send(("close",))
         except EngineDiedError:
             pass
+        else:
+            self._sender.join(timeout)  # the close (and what was queued before it) went out
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
 
     def _send(self, message: tuple) -> None:
+        """Queue a command for the sender thread (never blocks on the pipe)."""
         if not self.alive:
             raise EngineDiedError("the engine process is not running")
-        try:
+        with self._send_lock:
+            self._outgoing.append(message)
+        self._send_wake.set()
+
+    def _send_queued(self) -> None:
+        """The sender thread: everything queued since its last write goes in one message."""
+        while True:
+            self._send_wake.wait()
+            self._send_wake.clear()
             with self._send_lock:
-                self._conn.send(message)
-        except (OSError, EOFError) as exc:
-            self._died(exc)
-            raise EngineDiedError(f"the engine process is gone: {exc}") from None
+                batch, self._outgoing = self._outgoing, []
+            if not batch:
+                continue
+            try:
+                self._conn.send(batch)
+            except (OSError, EOFError) as exc:  # the child is gone: every request fails
+                self._died(exc)
+                return
+            if batch[-1][0] == "close":
+                return
 
     def _read(self) -> None:
         while True:
@@ -189,24 +216,32 @@ def run_engine_process(
     try:
         while True:
             try:
-                message = conn.recv()
+                commands = conn.recv()
             except (EOFError, OSError):  # the parent is gone
                 break
-            if message[0] == "add":
-                loop.submit(*message[1:])
-            elif message[0] == "abort":
-                loop.abort(message[1])
-            elif message[0] == "option":
-                loop.set_processor_option(*message[1:])
-            elif message[0] == "process":
-                _, token, prompt = message
-                future = loop.process_later(prompt)
-                future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
-            elif message[0] == "close":
+            if not run_commands(loop, outbox, commands):
                 break
     finally:
         loop.close()
         outbox.close()
+
+
+def run_commands(loop: EngineLoop, outbox: Outbox, commands: list[tuple]) -> bool:
+    """Carry out one message's commands; False once told to close."""
+    for command in commands:
+        if command[0] == "add":
+            loop.submit(*command[1:])
+        elif command[0] == "abort":
+            loop.abort(command[1])
+        elif command[0] == "option":
+            loop.set_processor_option(*command[1:])
+        elif command[0] == "process":
+            _, token, prompt = command
+            future = loop.process_later(prompt)
+            future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
+        elif command[0] == "close":
+            return False
+    return True
 
 
 class Outbox:
