@@ -118,22 +118,22 @@ async def _events(firsts, streams, builder: ResponseBuilder, include_usage: bool
     running = [(p, s) for p, s in enumerate(streams) if not firsts[p].finished]
     last = [time.monotonic()] * len(streams)
     updates = _merged(running)
+    # the events of one step go out as one body chunk (one socket write, not one per event)
     try:
-        for p, first in enumerate(firsts):
-            for event in builder.chunks(p, first):
-                yield event
+        events = [event for p, first in enumerate(firsts) for event in builder.chunks(p, first)]
+        if events:
+            yield "".join(events)
         async for p, out in updates:
             now = time.monotonic()
             tokens = max(len(c.delta_token_ids) for c in out.outputs)
             metrics.observe_stream_gap(now - last[p], tokens)
             finals[p], last[p] = out, now
-            for event in builder.chunks(p, out):
-                yield event
+            events = builder.chunks(p, out)
+            if events:
+                yield "".join(events)
         if all(f.finished for f in finals):
             status = "ok"
-            if include_usage:
-                yield builder.usage_chunk(finals)
-            yield DONE
+            yield (builder.usage_chunk(finals) if include_usage else "") + DONE
     except PolymodalError as exc:
         status = "error"
         yield sse({"error": {"message": str(exc), "type": "invalid_request_error"}})
