@@ -22,9 +22,6 @@ from polymodal.server.openai_format import error_param
 from polymodal.server.protocol import ErrorInfo, ErrorResponse
 from polymodal.server.responses import DONE, ResponseBuilder, sse
 
-DISCONNECT_POLL_S = 0.2
-
-
 def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
     """An OpenAI-shaped error answer."""
     kind = kind or ("invalid_request_error" if status < 500 else "internal_error")
@@ -65,8 +62,9 @@ async def run_job(
     async def cleanup(status: str, finals: list[RequestOutput] | None = None) -> None:
         # synchronous work first: under cancellation every await may raise again
         watcher.cancel()
-        for request_id in ids:
-            engine.abort(request_id)  # a no-op when it already finished
+        if status != "ok":  # (all finished: nothing to abort, no command to send)
+            for request_id in ids:
+                engine.abort(request_id)
         ttft = first_at - start if first_at is not None else None
         metrics.observe(endpoint, status, time.monotonic() - start, finals, ttft)
         for s in streams:
@@ -183,10 +181,12 @@ async def _merged(streams: list[tuple[int, Any]]):
 
 
 async def _abort_on_disconnect(request: Request, engine: AsyncEngine, ids: list[str]) -> None:
-    """Poll the connection; when the client is gone, abort its requests."""
+    """Wait for the client to go away, then abort its requests. (The body is read by now,
+    so the server's next message is the disconnect. Polling `is_disconnected` every 0.2 s
+    cost ~40% of the event loop at 256 streams: each poll builds an anyio cancel scope.)"""
     with contextlib.suppress(asyncio.CancelledError):
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
         for request_id in ids:
             engine.abort(request_id)
 
