@@ -24,7 +24,10 @@ TTFT p50/p99 (request sent to its first event), inter-event p50/p99, CPU seconds
 burst) of the API process, the engine process and the clients, CPU microseconds per token of
 the server's two processes, and the engine's step record: steps that ended late (the host
 took longer than the period: the engine waited for something), the engine thread's time
-between steps (emit and commands) and the median rows per step. With `--profile`, py-spy
+between steps (emit and commands), the median rows per step and when the batch was full.
+Where the time to first token went, as means: the client's, the server's (its handler's
+start to the first token: `/metrics`), and of that the engine's queue and prefill (the rest
+is the pipe, the media workers and the engine thread's pick-up). With `--profile`, py-spy
 samples both processes during the last burst (raw stacks per thread, for flame graphs) and
 the share of time each thread ran is printed (`--profile-gil`: held the GIL).
 """
@@ -303,9 +306,30 @@ def summarize(runs: list[dict], args, cpu: dict, seconds: float) -> dict:
     }
 
 
+SERVER_PHASES = {  # /metrics histograms: where a request's time to first token went
+    "server_ttft": "polymodal:time_to_first_token_seconds",  # HTTP handler start -> 1st token
+    "engine_queue": "polymodal:request_queue_time_seconds",  # engine.add_request -> 1st step
+    "engine_prefill": "polymodal:request_prefill_time_seconds",  # 1st step -> 1st token
+}
+
+
+def phase_sums(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each `SERVER_PHASES` histogram."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    out = {}
+    for key, name in SERVER_PHASES.items():
+        total = re.search(rf"^{re.escape(name)}_sum (\S+)$", text, re.M)
+        count = re.search(rf"^{re.escape(name)}_count (\S+)$", text, re.M)
+        out[key] = (float(total.group(1)), float(count.group(1))) if total and count else (0, 0)
+    return out
+
+
 def one_burst(args, server, engine_pid, requests, step_log, profile_dir=None) -> dict:
     import psutil
 
+    phases = phase_sums(args.port)
     pool = multiprocessing.get_context("spawn").Pool(args.clients)
     shares = [requests[i :: args.clients] for i in range(args.clients)]
     client_pids = [p.pid for p in pool._pool]  # noqa: SLF001 - only to read their CPU time
@@ -330,15 +354,22 @@ def one_burst(args, server, engine_pid, requests, step_log, profile_dir=None) ->
     cpu = {k: after[k] - before[k] for k in before}
     result = summarize(runs, args, cpu, t1 - t0)
     result.update(step_record(step_log, start_at, t1, args.period_ms))
+    for key, (total, count) in phase_sums(args.port).items():
+        n = count - phases[key][1]
+        result[f"{key}_mean_ms"] = 1e3 * (total - phases[key][0]) / n if n else float("nan")
+    result["client_ttft_mean_ms"] = statistics.mean(
+        (r["times"][0] - r["sent"]) * 1e3 for r in runs if r["times"]
+    )
     del psutil
     return result
 
 
 def start_py_spy(out: Path, pids: dict[str, int], args) -> list[subprocess.Popen]:
-    """py-spy on both processes for `--profile-seconds`, from 1 s into the burst."""
+    """py-spy on both processes for `--profile-seconds`, from `--profile-delay` s into the
+    burst (0: its admission)."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.mkdir(parents=True, exist_ok=True)
-    time.sleep(1.0)
+    time.sleep(args.profile_delay)
     spies = []
     for name, pid in pids.items():
         cmd = [exe, "record", "--pid", str(pid), "--threads", "--nonblocking",
@@ -415,7 +446,10 @@ def print_row(kind: str, r: dict) -> None:
         f"  steps {r.get('steps', 0)} late {r.get('late_steps', 0)} (max "
         f"{r.get('late_ms_max', 0):.1f} ms) host p50 {r.get('host_ms_p50', 0):.1f} ms, between "
         f"{r.get('between_steps_ms_p50', 0):.2f}/{r.get('between_steps_ms_max', 0):.1f} ms, "
-        f"{r.get('max_running', 0):.0f} running after {r.get('all_running_after_ms', 0):.0f} ms",
+        f"{r.get('max_running', 0):.0f} running after {r.get('all_running_after_ms', 0):.0f} ms"
+        f"; TTFT means: client {r['client_ttft_mean_ms']:.0f}, server {r['server_ttft_mean_ms']:.0f}"
+        f", engine queue {r['engine_queue_mean_ms']:.0f} + prefill "
+        f"{r['engine_prefill_mean_ms']:.0f} ms",
         flush=True,
     )
 
@@ -432,6 +466,7 @@ def main() -> None:
     parser.add_argument("--json", help="write every burst and the medians here")
     parser.add_argument("--profile", type=Path, help="py-spy both processes into this folder")
     parser.add_argument("--profile-seconds", type=int, default=3)
+    parser.add_argument("--profile-delay", type=float, default=1.0)
     parser.add_argument(
         "--profile-gil", action="store_true",
         help="sample only the thread holding the GIL (else every thread on a CPU)",

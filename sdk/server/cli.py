@@ -38,6 +38,9 @@ def serve_app(app, host: str, port: int, log_level: str = "info") -> None:
     """Run `app` on uvicorn until it is stopped (`polymodal serve` and the frontend bench)."""
     import uvicorn
 
+    from polymodal.engine_process import freeze_heap
+
+    freeze_heap()  # what the app holds now (modules, torch, the tokenizer) lives on
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
