@@ -8,7 +8,10 @@ process: the decoder's forward returns its input embeddings and the vision tower
 zeros (nothing is computed), and each engine step is paced to take `--period-ms` (27 ms: an
 H200's decode step at ~250 rows of Qwen2.5-VL-7B), with the host's work inside that window as
 when it overlaps the GPU. So every running request gets one token per period, and the ideal
-rate is `streams / period` tokens/s once the batch is full.
+rate is `streams / period` tokens/s once the batch is full. The engine's own host work per
+step (scheduler, sampler, detokenizer: ~2 ms at 256 rows on a fast host) still runs, at this
+machine's speed; `--engine synthetic` replaces it too (one token per request per step, the
+outputs built as the engine builds them), leaving only the frontend's own work.
 
 The burst: `--streams` streamed chat completions sent at once from `--clients` client
 processes (plain asyncio protocols: they count SSE events without parsing JSON, so they cost
@@ -17,6 +20,7 @@ small JPEG as a data: URL (`--kind image`) or text only (`--kind text`), `--repe
 
     python scripts/bench_frontend.py                        # both kinds, 256 streams, 3 repeats
     python scripts/bench_frontend.py --kind text --repeats 5 --json out.json
+    python scripts/bench_frontend.py --engine synthetic     # no engine host work at all
     python scripts/bench_frontend.py --profile prof/        # + py-spy of both processes (on PATH)
 
 Reported per burst (and the median over repeats): requests/s and tokens/s against the ideal,
@@ -89,6 +93,62 @@ def fake_model_step(period_ms: float, step_log: str, llm) -> None:
     engine.step = paced_step
 
 
+def synthetic_engine(period_ms: float, step_log: str, llm) -> None:
+    """Replace the engine's request handling itself (not just the model): each running
+    request gets one token a step, with its text and a `RequestOutput` as the engine builds
+    them, but no scheduler, sampler or detokenizer runs. What is left in the engine process
+    is the frontend's share: the media workers, the engine loop, the outbox and the wire."""
+    from polymodal.llm_core.outputs import (
+        CompletionOutput,
+        RequestMetrics,
+        RequestOutput,
+        Timings,
+        Usage,
+    )
+
+    engine = llm.engine
+    words = "The quick brown fox jumps over the lazy dog, and then it runs away again."
+    ids = engine.tokenizer.encode(" " + words, add_special_tokens=False)
+    pieces = [(engine.tokenizer.decode([i]), i) for i in ids]
+    running: dict[str, list] = {}  # id -> [prompt ids, max tokens, text, token ids, times]
+
+    def add_request(prompt_token_ids, params=None, request_id=None, *args, **kwargs):
+        now = time.monotonic()
+        running[request_id] = [list(prompt_token_ids), params.max_tokens or 16, "", [], now,
+                               time.time(), None]  # fmt: skip
+        return request_id
+
+    def step(finished_only=False):
+        outputs, now, wall = [], time.monotonic(), time.time()
+        for request_id, r in list(running.items()):
+            prompt, limit, text, token_ids, arrival, arrival_wall, first = r
+            piece, token = pieces[len(token_ids) % len(pieces)]
+            r[2] = text = text + piece
+            token_ids.append(token)
+            r[6] = first = first or now
+            done = len(token_ids) >= limit
+            if done:
+                del running[request_id]
+            if finished_only and not done:
+                continue
+            out = CompletionOutput(0, text, token_ids[:], "length" if done else None, None,
+                                   None, piece, [token])  # fmt: skip
+            outputs.append(RequestOutput(
+                request_id, prompt, [out], done, Usage(len(prompt), len(token_ids)),
+                Timings(first - arrival, now - arrival if done else None), None, None,
+                RequestMetrics(arrival_wall, arrival_wall, arrival_wall + first - arrival,
+                               wall, wall if done else None),
+            ))  # fmt: skip
+        return outputs
+
+    engine.add_request = add_request
+    engine.step = step
+    engine.abort = lambda request_id: running.pop(request_id, None)
+    engine.has_unfinished = lambda: bool(running)
+    fake_model_step(period_ms, step_log, llm)  # pacing and the step record
+    engine.scheduler.running = running  # the step record's running count (ids only)
+
+
 def serve(args) -> None:
     """The server process: `polymodal serve`'s app and uvicorn, the fake model inside."""
     from polymodal.async_engine import AsyncEngine
@@ -97,7 +157,11 @@ def serve(args) -> None:
 
     engine = AsyncEngine(
         args.checkpoint,
-        engine_setup=partial(fake_model_step, args.period_ms, args.step_log),
+        engine_setup=partial(
+            synthetic_engine if args.engine == "synthetic" else fake_model_step,
+            args.period_ms,
+            args.step_log,
+        ),
         device="cpu",
         dtype="float32",
         num_kv_blocks=args.streams * (args.tokens // 16 + 8),
@@ -407,7 +471,7 @@ def start_server(args, work: Path) -> tuple[subprocess.Popen, int, Path]:
     cmd = [sys.executable, __file__, "--serve", "--checkpoint", str(args.checkpoint),
            "--port", str(args.port), "--period-ms", str(args.period_ms),
            "--step-log", str(step_log), "--streams", str(args.streams),
-           "--tokens", str(args.tokens)]  # fmt: skip
+           "--tokens", str(args.tokens), "--engine", args.engine]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 300
@@ -460,6 +524,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--period-ms", type=float, default=27.0)
     parser.add_argument("--kind", choices=["image", "text", "both"], default="both")
+    parser.add_argument(
+        "--engine", choices=["model", "synthetic"], default="model",
+        help="model: the real engine with a fake model; synthetic: no scheduler, sampler or "
+        "detokenizer either (only the frontend's own work is left)",
+    )  # fmt: skip
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2)
