@@ -23,7 +23,10 @@ small JPEG as a data: URL (`--kind image`) or text only (`--kind text`), `--repe
     python scripts/bench_frontend.py --engine synthetic     # no engine host work at all
     python scripts/bench_frontend.py --profile prof/        # + py-spy of both processes (on PATH)
 
-Reported per burst (and the median over repeats): requests/s and tokens/s against the ideal,
+Reported per burst (and the median over repeats): requests/s and tokens/s against the ideal
+(the share: the ideal burst's wall time, every request in the first step, over the real one),
+the steady share (events the clients got while every stream ran, over one per stream per
+period: below 100% the frontend merged steps, it fell behind), the engine's step period,
 TTFT p50/p99 (request sent to its first event), inter-event p50/p99, CPU seconds (and % of the
 burst) of the API process, the engine process and the clients, CPU microseconds per token of
 the server's two processes, and the engine's step record: steps that ended late (the host
@@ -74,20 +77,25 @@ def fake_model_step(period_ms: float, step_log: str, llm) -> None:
     model.encode = lambda items: [torch.zeros(it.num_embeds, hidden, dtype=dtype) for it in items]
     step, period = engine.step, period_ms / 1e3
     log = open(step_log, "a", buffering=1)  # noqa: SIM115 - open for the process's life
-    due = [0.0]
+    # As with async scheduling on a GPU: each call launches the next step before it returns
+    # this one's outputs, so the device runs steps back to back while the host's work between
+    # calls (emitting outputs, taking new requests) overlaps it. A call returns when its
+    # step's device time is over; the next step starts then, or when launched if later.
+    state = {"next_due": 0.0, "launched": False}
 
     def paced_step(*args, **kwargs):
         entered = time.monotonic()
+        due = state["next_due"] if state["launched"] else entered + period
         outputs = step(*args, **kwargs)
         worked = time.monotonic()
-        # the device is busy `period` from when the host launched it (or it became free)
-        due[0] = max(entered, due[0]) + period
-        if worked < due[0]:
-            time.sleep(due[0] - worked)
+        state["next_due"] = max(due, worked) + period
+        state["launched"] = engine.has_unfinished()
+        if worked < due:
+            time.sleep(due - worked)
         left = time.monotonic()
         tokens = sum(len(c.delta_token_ids) for out in outputs for c in out.outputs)
         running = len(engine.scheduler.running)
-        log.write(f"{entered:.6f} {worked:.6f} {due[0]:.6f} {left:.6f} {tokens} {running}\n")
+        log.write(f"{entered:.6f} {worked:.6f} {due:.6f} {left:.6f} {tokens} {running}\n")
         return outputs
 
     engine.step = paced_step
@@ -189,6 +197,7 @@ class _Stream(asyncio.Protocol):
         self.sent = 0.0
 
     def connection_made(self, transport) -> None:
+        self.connected = time.monotonic()
         self.transport = transport
         transport.write(self.request)
 
@@ -222,6 +231,7 @@ async def _one(port: int, request: bytes) -> dict:
     return {
         "ok": finished is not None and proto.head.startswith(b"HTTP/1.1 200"),
         "sent": sent,
+        "connected": proto.connected,
         "done": finished or time.monotonic(),
         "times": proto.times,
         "counts": proto.counts,
@@ -330,6 +340,7 @@ def step_record(step_log: Path, start: float, end: float, period_ms: float) -> d
         "rows_p50": statistics.median(s[4] for s in steps),
         "max_running": most,
         "all_running_after_ms": (all_in - start) * 1e3,  # burst start to the full batch
+        "all_running_at": all_in,
         "full_step_period_ms": statistics.median(b[0] - a[0] for a, b in zip(full, full[1:]))
         * 1e3 if len(full) > 1 else float("nan"),
     }  # fmt: skip
@@ -421,9 +432,16 @@ def one_burst(args, server, engine_pid, requests, step_log, profile_dir=None) ->
     for key, (total, count) in phase_sums(args.port).items():
         n = count - phases[key][1]
         result[f"{key}_mean_ms"] = 1e3 * (total - phases[key][0]) / n if n else float("nan")
+    if "all_running_at" in result:  # the steady state: every stream running, none done yet
+        a = result.pop("all_running_at") + 2 * args.period_ms / 1e3
+        b = min(r["done"] for r in runs)
+        events = sum(n for r in runs for t, n in zip(r["times"], r["counts"]) if a <= t < b)
+        expected = len(runs) * (b - a) / (args.period_ms / 1e3)
+        result["steady_events_share"] = events / expected if b > a else float("nan")
     result["client_ttft_mean_ms"] = statistics.mean(
         (r["times"][0] - r["sent"]) * 1e3 for r in runs if r["times"]
     )
+    result["connect_mean_ms"] = statistics.mean((r["connected"] - r["sent"]) * 1e3 for r in runs)
     del psutil
     return result
 
@@ -502,7 +520,9 @@ def warm_up(args, kind: str) -> None:
 def print_row(kind: str, r: dict) -> None:
     print(
         f"{kind:5s} ok {r['ok']:3.0f}  {r['requests_s']:6.1f} req/s  {r['tokens_s']:6.0f} tok/s "
-        f"({r['share_of_ideal']:.1%} of ideal {r['ideal_tokens_s']:.0f})  TTFT p50/p99 "
+        f"({r['share_of_ideal']:.1%} of ideal {r['ideal_tokens_s']:.0f}; steady "
+        f"{r.get('steady_events_share', float('nan')):.1%}, engine period "
+        f"{r.get('full_step_period_ms', float('nan')):.1f} ms)  TTFT p50/p99 "
         f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms  gap p50/p99 {r['gap_p50_ms']:.1f}/"
         f"{r['gap_p99_ms']:.1f} ms  CPU api/engine/clients {r['cpu_api_pct']:.0f}/"
         f"{r['cpu_engine_pct']:.0f}/{r['cpu_clients_pct']:.0f}%  server {r['server_cpu_us_per_token']:.0f}"
@@ -511,7 +531,8 @@ def print_row(kind: str, r: dict) -> None:
         f"{r.get('late_ms_max', 0):.1f} ms) host p50 {r.get('host_ms_p50', 0):.1f} ms, between "
         f"{r.get('between_steps_ms_p50', 0):.2f}/{r.get('between_steps_ms_max', 0):.1f} ms, "
         f"{r.get('max_running', 0):.0f} running after {r.get('all_running_after_ms', 0):.0f} ms"
-        f"; TTFT means: client {r['client_ttft_mean_ms']:.0f}, server {r['server_ttft_mean_ms']:.0f}"
+        f"; TTFT means: client {r['client_ttft_mean_ms']:.0f} (connect "
+        f"{r['connect_mean_ms']:.0f}), server {r['server_ttft_mean_ms']:.0f}"
         f", engine queue {r['engine_queue_mean_ms']:.0f} + prefill "
         f"{r['engine_prefill_mean_ms']:.0f} ms",
         flush=True,
