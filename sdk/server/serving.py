@@ -115,7 +115,7 @@ async def _events(firsts, streams, builder: ResponseBuilder, include_usage: bool
     finals, status = list(firsts), "aborted"
     running = [(p, s) for p, s in enumerate(streams) if not firsts[p].finished]
     last = [time.monotonic()] * len(streams)
-    updates = _merged(running)
+    updates = _merged(running) if len(running) != 1 else _indexed(*running[0])
     # the events of one step go out as one body chunk (one socket write, not one per event)
     try:
         events = [event for p, first in enumerate(firsts) for event in builder.chunks(p, first)]
@@ -145,14 +145,14 @@ async def _events(firsts, streams, builder: ResponseBuilder, include_usage: bool
         await cleanup(status, finals if status == "ok" else None)
 
 
+async def _indexed(p: int, outputs):
+    """`(p, output)` of one stream (a chat request, the common case): no task, no queue."""
+    async for out in outputs:
+        yield p, out
+
+
 async def _merged(streams: list[tuple[int, Any]]):
-    """`(index, output)` of several streams as they come. One stream (a chat request, the
-    common case) is read directly: no task and no queue hop per step."""
-    if len(streams) == 1:
-        p, outputs = streams[0]
-        async for out in outputs:
-            yield p, out
-        return
+    """`(index, output)` of several streams as they come."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, outputs) -> None:
