@@ -411,16 +411,15 @@ def one_burst(args, server, engine_pid, requests, step_log, profile_dir=None) ->
     start_at = time.monotonic() + 2.0  # every client up and waiting by then
     jobs = pool.starmap_async(client_process, [(args.port, s, start_at) for s in shares])
     time.sleep(max(0.0, start_at - time.monotonic() - 0.05))
-    before = {k: cpu_seconds(p) for k, p in
-              (("api", [server.pid]), ("engine", [engine_pid]), ("clients", client_pids))}  # fmt: skip
+    pids = {"api": [server.pid], "engine": [engine_pid], "clients": client_pids}
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
     t0 = time.monotonic()
     spies = []
     if profile_dir is not None:
         spies = start_py_spy(profile_dir, {"api": server.pid, "engine": engine_pid}, args)
     parts = jobs.get(timeout=600)
     t1 = time.monotonic()
-    after = {k: cpu_seconds(p) for k, p in
-             (("api", [server.pid]), ("engine", [engine_pid]), ("clients", client_pids))}  # fmt: skip
+    after = {k: cpu_seconds(p) for k, p in pids.items()}
     pool.close()
     pool.join()
     for spy in spies:
@@ -525,7 +524,8 @@ def print_row(kind: str, r: dict) -> None:
         f"{r.get('full_step_period_ms', float('nan')):.1f} ms)  TTFT p50/p99 "
         f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms  gap p50/p99 {r['gap_p50_ms']:.1f}/"
         f"{r['gap_p99_ms']:.1f} ms  CPU api/engine/clients {r['cpu_api_pct']:.0f}/"
-        f"{r['cpu_engine_pct']:.0f}/{r['cpu_clients_pct']:.0f}%  server {r['server_cpu_us_per_token']:.0f}"
+        f"{r['cpu_engine_pct']:.0f}/{r['cpu_clients_pct']:.0f}%  server "
+        f"{r['server_cpu_us_per_token']:.0f}"
         f" us/tok (api {r['api_cpu_us_per_token']:.0f}, engine {r['engine_cpu_us_per_token']:.0f})"
         f"  steps {r.get('steps', 0)} late {r.get('late_steps', 0)} (max "
         f"{r.get('late_ms_max', 0):.1f} ms) host p50 {r.get('host_ms_p50', 0):.1f} ms, between "

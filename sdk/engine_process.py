@@ -50,8 +50,8 @@ class EngineProcess:
 
     Starting waits until the model is loaded (and warmed up); a load error is raised here.
     `setup(llm)` (picklable: a module-level function or a partial of one) runs in the child
-    once the `LLM` is built (the frontend bench installs its fake model step there). `emit` gets each message's items on a reader thread; `on_death(exc)` runs once if the
-    child dies.
+    once the `LLM` is built (the frontend bench installs its fake model step there). `emit`
+    gets each message's items on a reader thread; `on_death(exc)` runs once if the child dies.
     """
 
     def __init__(

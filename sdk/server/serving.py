@@ -22,6 +22,7 @@ from polymodal.server.openai_format import error_param
 from polymodal.server.protocol import ErrorInfo, ErrorResponse
 from polymodal.server.responses import DONE, ResponseBuilder, sse
 
+
 def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
     """An OpenAI-shaped error answer."""
     kind = kind or ("invalid_request_error" if status < 500 else "internal_error")
