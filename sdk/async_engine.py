@@ -69,7 +69,9 @@ class AsyncEngine:
 
     `model` is an `LLM` (served from this process) or a model id / checkpoint dir, loaded with
     `engine_kwargs` (`LLM` keywords) in its own engine process, or in this one with
-    `separate_process=False`. Call `submit` and `stream` from inside a running event loop;
+    `separate_process=False`. `engine_setup(llm)` runs once the `LLM` is built, in the process
+    that holds it (a picklable callable; `scripts/bench_frontend.py` fakes the model step
+    there). Call `submit` and `stream` from inside a running event loop;
     `close()` stops the engine.
     """
 
@@ -79,6 +81,7 @@ class AsyncEngine:
         *,
         process_workers: int = PROCESS_WORKERS,
         separate_process: bool = True,
+        engine_setup: Any = None,
         **engine_kwargs: Any,
     ):
         self._lock = threading.Lock()
@@ -90,12 +93,14 @@ class AsyncEngine:
 
             self.llm = None  # it lives in the engine process
             self._core = EngineProcess(
-                model, engine_kwargs, self._deliver, self._fail_all, process_workers
+                model, engine_kwargs, self._deliver, self._fail_all, process_workers, engine_setup
             )
             self.model_info = self._core.info
             self.tokenizer = load_tokenizer(self.model_info["model_dir"])
         else:
             self.llm = model if isinstance(model, LLM) else LLM(model, **engine_kwargs)
+            if engine_setup is not None:
+                engine_setup(self.llm)
             self._core = EngineLoop(self.llm, self._deliver, process_workers=process_workers)
             self.model_info = self._core.model_info()
             self.tokenizer = self.llm.tokenizer

@@ -8,13 +8,16 @@ Here the child holds the model, the media workers and the engine thread (the off
 situation); the parent keeps the event loop, and only prompts (raw: strings, bytes, images)
 and outputs cross, pickled.
 
-Protocol (each message a tuple): parent -> child `("add", id, prompt, params, lora)`, `("abort",
-id)`, `("option", name, value)`, `("process", token, prompt)`, `("align", token, args)`,
-`("close",)`; child -> parent
-`("ready", info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`,
-`("stats", tuple)` and `("processed", token, result, error)`.
-The child sends from its own thread, and everything queued by then goes in one message, so a
-slow parent gets fewer, larger messages instead of stalling the engine thread. Outputs cross as
+Protocol: parent -> child, a list of commands per message, each a tuple: `("add", id, prompt,
+params, lora)`, `("abort", id)`, `("option", name, value)`, `("process", token, prompt)`,
+`("align", token, args)`, `("close",)`; child -> parent (each message a tuple) `("ready",
+info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`, `("stats",
+tuple)` and `("processed", token, result, error)`.
+Each side sends from its own thread, and everything queued by then goes in one message: the
+event loop never waits on the pipe (a burst of 256 image requests is megabytes, and the child
+reads between its engine steps), the child unpickles a burst in one go instead of taking its
+GIL back once per request, and a slow parent gets fewer, larger messages instead of stalling
+the engine thread. Outputs cross as
 what each step added, in plain tuples (`output_wire.py`): pickling whole `RequestOutput`s took
 more of both processes' GIL than the engine thread did. Pooling outputs cross as their
 tensor's bytes (`output_wire.encode_pooled`).
@@ -22,6 +25,7 @@ tensor's bytes (`output_wire.encode_pooled`).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import pickle
@@ -45,8 +49,9 @@ class EngineProcess:
     """The parent's handle on a child process running one model's `EngineLoop`.
 
     Starting waits until the model is loaded (and warmed up); a load error is raised here.
-    `emit` gets each message's items on a reader thread; `on_death(exc)` runs once if the
-    child dies.
+    `setup(llm)` (picklable: a module-level function or a partial of one) runs in the child
+    once the `LLM` is built (the frontend bench installs its fake model step there). `emit`
+    gets each message's items on a reader thread; `on_death(exc)` runs once if the child dies.
     """
 
     def __init__(
@@ -56,12 +61,13 @@ class EngineProcess:
         emit: Callable[[list[tuple[str, Any]]], None],
         on_death: Callable[[Exception], None],
         process_workers: int = PROCESS_WORKERS,
+        setup: Callable[[Any], None] | None = None,
     ):
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(
             target=run_engine_process,
-            args=(child_conn, model, engine_kwargs, process_workers),
+            args=(child_conn, model, engine_kwargs, process_workers, setup),
             name="polymodal-engine-core",
             # a daemonic process may not start processes: tensor-parallel workers need it not
             daemon=engine_kwargs.get("tensor_parallel_size", 1) == 1,
@@ -69,6 +75,8 @@ class EngineProcess:
         self._process.start()
         child_conn.close()
         self._send_lock = threading.Lock()
+        self._outgoing: list[tuple] = []  # commands for the sender thread
+        self._send_wake = threading.Event()
         self.emit, self.on_death = emit, on_death
         self.stats = EngineStats()
         self.alive = True
@@ -90,6 +98,10 @@ class EngineProcess:
         self._reader = threading.Thread(target=self._read, name="polymodal-engine-reader")
         self._reader.daemon = True
         self._reader.start()
+        self._sender = threading.Thread(
+            target=self._send_queued, name="polymodal-engine-sender", daemon=True
+        )
+        self._sender.start()
 
     def submit(self, request_id: str, prompt: Any, params: Any, lora_request: Any = None) -> None:
         self._send(("add", request_id, prompt, params, lora_request))
@@ -120,20 +132,37 @@ class EngineProcess:
             self._send(("close",))
         except EngineDiedError:
             pass
+        else:
+            self._sender.join(timeout)  # the close (and what was queued before it) went out
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
 
     def _send(self, message: tuple) -> None:
+        """Queue a command for the sender thread (never blocks on the pipe)."""
         if not self.alive:
             raise EngineDiedError("the engine process is not running")
-        try:
+        with self._send_lock:
+            self._outgoing.append(message)
+        self._send_wake.set()
+
+    def _send_queued(self) -> None:
+        """The sender thread: everything queued since its last write goes in one message."""
+        while True:
+            self._send_wake.wait()
+            self._send_wake.clear()
             with self._send_lock:
-                self._conn.send(message)
-        except (OSError, EOFError) as exc:
-            self._died(exc)
-            raise EngineDiedError(f"the engine process is gone: {exc}") from None
+                batch, self._outgoing = self._outgoing, []
+            if not batch:
+                continue
+            try:
+                self._conn.send(batch)
+            except (OSError, EOFError) as exc:  # the child is gone: every request fails
+                self._died(exc)
+                return
+            if batch[-1][0] == "close":
+                return
 
     def _read(self) -> None:
         while True:
@@ -169,12 +198,17 @@ class EngineProcess:
         )
 
 
-def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: int) -> None:
-    """The child: load the model, serve commands until `close` or the parent goes away."""
+def run_engine_process(
+    conn, model: str, engine_kwargs: dict, process_workers: int, setup=None
+) -> None:
+    """The child: load the model (then `setup(llm)`, if given), serve commands until `close`
+    or the parent goes away."""
     from polymodal.llm import LLM
 
     try:
         llm = LLM(model, **engine_kwargs)
+        if setup is not None:
+            setup(llm)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", picklable(exc)))
         return
@@ -185,33 +219,42 @@ def run_engine_process(conn, model: str, engine_kwargs: dict, process_workers: i
         process_workers=process_workers,
         on_stats=lambda stats: outbox.put_stats(stats.as_tuple()),
     )
+    freeze_heap()  # the loaded model's objects: out of the collector's full collections
     conn.send(("ready", loop.model_info()))
     outbox.start()  # from here on only its thread writes to the pipe
     try:
         while True:
             try:
-                message = conn.recv()
+                commands = conn.recv()
             except (EOFError, OSError):  # the parent is gone
                 break
-            if message[0] == "add":
-                loop.submit(*message[1:])
-            elif message[0] == "abort":
-                loop.abort(message[1])
-            elif message[0] == "option":
-                loop.set_processor_option(*message[1:])
-            elif message[0] == "process":
-                _, token, prompt = message
-                future = loop.process_later(prompt)
-                future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
-            elif message[0] == "align":
-                _, token, args = message
-                future = loop.align_later(*args)
-                future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
-            elif message[0] == "close":
+            if not run_commands(loop, outbox, commands):
                 break
     finally:
         loop.close()
         outbox.close()
+
+
+def run_commands(loop: EngineLoop, outbox: Outbox, commands: list[tuple]) -> bool:
+    """Carry out one message's commands; False once told to close."""
+    for command in commands:
+        if command[0] == "add":
+            loop.submit(*command[1:])
+        elif command[0] == "abort":
+            loop.abort(command[1])
+        elif command[0] == "option":
+            loop.set_processor_option(*command[1:])
+        elif command[0] == "process":
+            _, token, prompt = command
+            future = loop.process_later(prompt)
+            future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
+        elif command[0] == "align":
+            _, token, args = command
+            future = loop.align_later(*args)
+            future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
+        elif command[0] == "close":
+            return False
+    return True
 
 
 class Outbox:
@@ -275,6 +318,14 @@ class Outbox:
                     return
             except (OSError, EOFError):  # the parent is gone
                 return
+
+
+def freeze_heap() -> None:
+    """Leave every object alive now (modules, torch, a loaded model, the tokenizer: ~500k
+    objects) out of the garbage collector's full collections, each of which walked all of
+    them: 0.4 s of a stalled event loop or engine thread on a CPU box, several times a burst."""
+    gc.collect()
+    gc.freeze()
 
 
 def picklable(item: Any) -> Any:

@@ -85,54 +85,51 @@ class Assembler:
     """The parent's side: rebuilds each request's `RequestOutput` from its encoded steps."""
 
     def __init__(self) -> None:
-        self._requests: dict[str, dict] = {}
+        # request id -> [(prompt ids, prompt logprobs, prompt), {index: [text, ids, logprobs]}]
+        self._requests: dict[str, list] = {}
 
     def __call__(self, request_id: str, item: Any) -> Any:
-        if isinstance(item, tuple) and item and item[0] == "pooled":
-            return decode_pooled(request_id, item[1])
-        if not (isinstance(item, tuple) and item and item[0] == "output"):
+        # (this runs for every request at every step, on the reader thread: kept lean)
+        kind = item[0] if type(item) is tuple and item else None
+        if kind != "output":
+            if kind == "pooled":
+                return decode_pooled(request_id, item[1])
             self._requests.pop(request_id, None)
             return item
         finished, choices, usage, timings, metrics, prompt = item[1]
         state = self._requests.get(request_id)
         if state is None:
-            token_ids, prompt_logprobs, prompt_text = prompt or ([], None, None)
-            state = {"prompt": (token_ids, prompt_logprobs, prompt_text), "choices": {}}
-            self._requests[request_id] = state
+            state = self._requests[request_id] = [prompt or ([], None, None), {}]
+        seqs = state[1]
         outputs = []
         for index, delta, delta_ids, reason, stop, logprobs, cumulative, text in choices:
-            choice = state["choices"].setdefault(index, {"text": "", "ids": [], "lp": None})
-            choice["text"] = text if text is not None else choice["text"] + delta
-            choice["ids"] = choice["ids"] + list(delta_ids)
+            seq = seqs.get(index)
+            if seq is None:
+                seq = seqs[index] = ["", [], None]
+            seq[0] = text if text is not None else seq[0] + delta
+            delta_ids = list(delta_ids)
+            seq[1] = seq[1] + delta_ids  # a new list: earlier outputs keep theirs
             if logprobs is not None:
-                choice["lp"] = (choice["lp"] or []) + list(logprobs)
+                seq[2] = (seq[2] or []) + list(logprobs)
             outputs.append(
                 CompletionOutput(
-                    index,
-                    choice["text"],
-                    choice["ids"],
-                    reason,
-                    stop,
-                    choice["lp"],
-                    delta,
-                    list(delta_ids),
-                    cumulative,
-                )  # fmt: skip
+                    index, seq[0], seq[1], reason, stop, seq[2], delta, delta_ids, cumulative
+                )
             )
         if finished:
             del self._requests[request_id]
-        token_ids, prompt_logprobs, prompt_text = state["prompt"]
+        token_ids, prompt_logprobs, prompt_text = state[0]
         return RequestOutput(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            outputs=outputs,
-            finished=finished,
-            usage=Usage(*usage),
-            timings=Timings(*timings),
-            prompt=prompt_text,
-            prompt_logprobs=prompt_logprobs,
-            metrics=None if metrics is None else RequestMetrics(*metrics),
-        )
+            request_id,
+            token_ids,
+            outputs,
+            finished,
+            Usage(*usage),
+            Timings(*timings),
+            prompt_text,
+            prompt_logprobs,
+            None if metrics is None else RequestMetrics(*metrics),
+        )  # fmt: skip
 
 
 def encode_pooled(out: PoolingRequestOutput) -> tuple:

@@ -190,8 +190,10 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
-    auth = APIRouter(dependencies=[Depends(check_api_key)])
+    # no key, no dependency to solve on every request
+    keyed = [Depends(check_api_key)] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
+    auth = APIRouter(dependencies=keyed)
 
     def card(name: str) -> ModelCard:
         lora = adapters.get(name) if name not in names else None

@@ -34,6 +34,16 @@ def parse_origins(value: str) -> list[str]:
     return [o.strip() for o in value.split(",") if o.strip()]
 
 
+def serve_app(app, host: str, port: int, log_level: str = "info") -> None:
+    """Run `app` on uvicorn until it is stopped (`polymodal serve` and the frontend bench)."""
+    import uvicorn
+
+    from polymodal.engine_process import freeze_heap
+
+    freeze_heap()  # what the app holds now (modules, torch, the tokenizer) lives on
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
 def serve_command(parser: argparse.ArgumentParser):
     """Add the `serve` arguments; returns `run(args) -> int`."""
     parser.description = "Serve a model over an OpenAI-compatible HTTP API."
@@ -77,8 +87,6 @@ def serve_command(parser: argparse.ArgumentParser):
     add_engine_arguments(parser)
 
     def run(args) -> int:
-        import uvicorn
-
         from polymodal.async_engine import AsyncEngine
         from polymodal.server.app import create_app
 
@@ -110,7 +118,7 @@ def serve_command(parser: argparse.ArgumentParser):
             lora_modules=adapters,
         )
         try:
-            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+            serve_app(app, args.host, args.port, args.log_level)
         finally:
             engine.close()
         return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # the C encoder of json.dumps(s, ensure_ascii=False)
 from typing import Any
 
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput
@@ -32,6 +33,7 @@ from polymodal.server.protocol import (
 from polymodal.server.tools import ToolParser, ToolStream, new_call_id, required_calls
 
 DONE = "data: [DONE]\n\n"
+_MARK = "@@polymodal-delta-text@@"  # stands for the text in a chunk template
 
 
 def sse(payload: Any) -> str:
@@ -87,6 +89,12 @@ class ResponseBuilder:
         self._finished: set[int] = set()
         self._streams: dict[int, ToolStream] = {}  # auto tool calling, per choice
         self._buffers: dict[int, str] = {}  # "required" tool calling, per choice
+        # A chunk that only carries text (no role, logprobs, finish reason or tool calls: all
+        # but a choice's first and last) is a template per choice, the text put in place.
+        # Pydantic built each one before: ~10x the time, per token of every stream.
+        plain = shape.tool_mode is None if self.kind == "chat" else not shape.echo_only
+        self._plain = plain and shape.top_n is None
+        self._templates: dict[int, tuple[str, str] | None] = {}
 
     # ---- whole responses ----------------------------------------------------------------
     def full(self, outs: list[RequestOutput]):
@@ -182,6 +190,15 @@ class ResponseBuilder:
             index = p * self.shape.n + c.index
             if index in self._finished:
                 continue
+            if (
+                self._plain
+                and c.delta_text
+                and c.finish_reason is None
+                and index in self._started
+                and (template := self._template(index)) is not None
+            ):
+                events.append(template[0] + encode_basestring(c.delta_text) + template[1])
+                continue
             token_ids, tables = delta_logprobs(c)
             logprobs = self._logprobs(token_ids, tables) if tables else None
             reason = _finish_reason(c.finish_reason)
@@ -215,6 +232,20 @@ class ResponseBuilder:
             )
             events.append(sse(self._completion_chunk([choice])))
         return events
+
+    def _template(self, index: int) -> tuple[str, str] | None:
+        """(before, after) the JSON string of the text in choice `index`'s text-only chunk,
+        cut from the chunk pydantic builds (None: the cut is not clean; pydantic it is)."""
+        if index not in self._templates:
+            if self.kind == "chat":
+                delta = ChatResponseMessage(content=_MARK)
+                event = sse(self._chat_chunk([ChatChunkChoice(index=index, delta=delta)]))
+            else:
+                event = sse(self._completion_chunk([CompletionChoice(index=index, text=_MARK)]))
+            before, mark, after = event.partition(json.dumps(_MARK))
+            clean = mark and _MARK not in before + after
+            self._templates[index] = (before, after) if clean else None
+        return self._templates[index]
 
     def _chat_delta(self, index: int, text: str, reason: str | None):
         """(delta message or None, finish reason) of one chat choice's step."""

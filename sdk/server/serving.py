@@ -22,8 +22,6 @@ from polymodal.server.openai_format import error_param
 from polymodal.server.protocol import ErrorInfo, ErrorResponse
 from polymodal.server.responses import DONE, ResponseBuilder, sse
 
-DISCONNECT_POLL_S = 0.2
-
 
 def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
     """An OpenAI-shaped error answer."""
@@ -65,8 +63,9 @@ async def run_job(
     async def cleanup(status: str, finals: list[RequestOutput] | None = None) -> None:
         # synchronous work first: under cancellation every await may raise again
         watcher.cancel()
-        for request_id in ids:
-            engine.abort(request_id)  # a no-op when it already finished
+        if status != "ok":  # (all finished: nothing to abort, no command to send)
+            for request_id in ids:
+                engine.abort(request_id)
         ttft = first_at - start if first_at is not None else None
         metrics.observe(endpoint, status, time.monotonic() - start, finals, ttft)
         for s in streams:
@@ -117,23 +116,23 @@ async def _events(firsts, streams, builder: ResponseBuilder, include_usage: bool
     finals, status = list(firsts), "aborted"
     running = [(p, s) for p, s in enumerate(streams) if not firsts[p].finished]
     last = [time.monotonic()] * len(streams)
-    updates = _merged(running)
+    updates = _merged(running) if len(running) != 1 else _indexed(*running[0])
+    # the events of one step go out as one body chunk (one socket write, not one per event)
     try:
-        for p, first in enumerate(firsts):
-            for event in builder.chunks(p, first):
-                yield event
+        events = [event for p, first in enumerate(firsts) for event in builder.chunks(p, first)]
+        if events:
+            yield "".join(events)
         async for p, out in updates:
             now = time.monotonic()
             tokens = max(len(c.delta_token_ids) for c in out.outputs)
             metrics.observe_stream_gap(now - last[p], tokens)
             finals[p], last[p] = out, now
-            for event in builder.chunks(p, out):
-                yield event
+            events = builder.chunks(p, out)
+            if events:
+                yield "".join(events)
         if all(f.finished for f in finals):
             status = "ok"
-            if include_usage:
-                yield builder.usage_chunk(finals)
-            yield DONE
+            yield (builder.usage_chunk(finals) if include_usage else "") + DONE
     except PolymodalError as exc:
         status = "error"
         yield sse({"error": {"message": str(exc), "type": "invalid_request_error"}})
@@ -147,14 +146,14 @@ async def _events(firsts, streams, builder: ResponseBuilder, include_usage: bool
         await cleanup(status, finals if status == "ok" else None)
 
 
+async def _indexed(p: int, outputs):
+    """`(p, output)` of one stream (a chat request, the common case): no task, no queue."""
+    async for out in outputs:
+        yield p, out
+
+
 async def _merged(streams: list[tuple[int, Any]]):
-    """`(index, output)` of several streams as they come. One stream (a chat request, the
-    common case) is read directly: no task and no queue hop per step."""
-    if len(streams) == 1:
-        p, outputs = streams[0]
-        async for out in outputs:
-            yield p, out
-        return
+    """`(index, output)` of several streams as they come."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, outputs) -> None:
@@ -183,10 +182,12 @@ async def _merged(streams: list[tuple[int, Any]]):
 
 
 async def _abort_on_disconnect(request: Request, engine: AsyncEngine, ids: list[str]) -> None:
-    """Poll the connection; when the client is gone, abort its requests."""
+    """Wait for the client to go away, then abort its requests. (The body is read by now,
+    so the server's next message is the disconnect. Polling `is_disconnected` every 0.2 s
+    cost ~40% of the event loop at 256 streams: each poll builds an anyio cancel scope.)"""
     with contextlib.suppress(asyncio.CancelledError):
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
         for request_id in ids:
             engine.abort(request_id)
 
