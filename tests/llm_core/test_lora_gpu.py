@@ -174,8 +174,8 @@ def test_one_row_gemv_lora_epilogue_at_real_sizes(layer):
     lora_batch = LoRABatch(4, 8, "cuda")
     lora_batch.set_step([(2, 1)])
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    part = triton_lora.shrink(x, lora_a, lora_batch.segments, silu_mul=silu)
-    delta = gemv_ops.LoRADelta(part, lora_b, lora_batch.segments.token_slot,
+    y = triton_lora.shrink(x, lora_a, lora_batch.segments, silu_mul=silu)
+    delta = gemv_ops.LoRADelta(y, lora_b, lora_batch.segments.token_slot,
                                torch.tensor(offsets, dtype=torch.int32, device="cuda"))  # fmt: skip
     added = gemv_ops.gemv(x, weight, silu_mul=silu, residual=residual, lora=delta)
     ref = torch.nn.functional.linear(plain, weight)
