@@ -91,6 +91,18 @@ def split_plan(k: int, work: int, sms: int, config: ShrinkConfig | None = None):
     return block_k, per_split * block_k, triton.cdiv(tiles, per_split)
 
 
+def shrink_plan(num_tokens: int, n: int, k: int, sms: int, config: ShrinkConfig | None = None):
+    """`(block_m, block_n, block_k, chunk, splits)` of a shrink of `num_tokens` tokens to `n`
+    outputs over `k` features: token blocks of 16 for tl.dot, or the padded token count for
+    the multiply-and-sum path (<= `fma_rows` tokens); all of `n` (<= 64) in one block."""
+    config = config or ShrinkConfig()
+    fma = num_tokens <= config.fma_rows
+    block_m = triton.next_power_of_2(max(num_tokens, 1)) if fma else DOT_ROWS
+    block_n = max(16, min(64, triton.next_power_of_2(n)))
+    work = triton.cdiv(num_tokens, block_m) * triton.cdiv(n, block_n)
+    return block_m, block_n, *split_plan(k, work, sms, config)
+
+
 def expand_config(num_tokens: int, out_features: int, sms: int, slots: int) -> ExpandConfig:
     """The widest feature block (256 .. 64) that still gives a busy program per SM when the
     tokens spread over the slots (wide blocks: fewer programs re-reading y and the rows, 8
@@ -334,12 +346,9 @@ def shrink(x, lora_a: torch.Tensor, seg: LoRASegments, silu_mul: bool = False,
     y = torch.empty(num_tokens, n, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return y
-    use_dot = num_tokens > config.fma_rows
-    block_m = DOT_ROWS if use_dot else triton.next_power_of_2(num_tokens)
-    block_n = max(16, min(64, triton.next_power_of_2(n)))
+    block_m, block_n, block_k, chunk, splits = shrink_plan(num_tokens, n, k, num_sms(x.device),
+                                                           config)  # fmt: skip
     m_blocks, n_blocks = triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n)
-    sms = num_sms(x.device)
-    block_k, chunk, splits = split_plan(k, m_blocks * n_blocks, sms, config)
     part, counters = y, y  # unread with one split
     if splits > 1:
         part = torch.empty(splits, num_tokens, n, dtype=torch.float32, device=x.device)
@@ -357,8 +366,8 @@ def shrink(x, lora_a: torch.Tensor, seg: LoRASegments, silu_mul: bool = False,
         norm_sumsq, parts, eps, num_tokens, splits, n, k, chunk, x.stride(0), lora_a.stride(0),
         lora_a.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_P=triton.next_power_of_2(parts), REDUCE_S=reduce_s, SPLIT=splits > 1,
-        USE_DOT=use_dot, SILU_MUL=silu_mul, NORM=norm is not None, DOT_F32=_dot_f32(lora_a),
-        USE_PDL=flag, num_warps=config.num_warps, launch_pdl=flag,
+        USE_DOT=block_m >= DOT_ROWS, SILU_MUL=silu_mul, NORM=norm is not None,
+        DOT_F32=_dot_f32(lora_a), USE_PDL=flag, num_warps=config.num_warps, launch_pdl=flag,
     )  # fmt: skip
     return y
 

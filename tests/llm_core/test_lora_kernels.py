@@ -171,9 +171,10 @@ def test_launch_configs_equal_the_reference(fma_rows, expand_cfg):
 @pytest.mark.parametrize("rows,slots", [(1, [1]), (1, [-1]), (3, [-1, 2, 0])])
 @pytest.mark.parametrize("form", ["plain", "deferred_norm", "silu_mul"])
 def test_gemv_adds_the_lora_term_before_the_residual(form, rows, slots, split_k):
-    """The GEMV's LoRA epilogue (bf16): each row's term from the shrink's y and its slot's B (slices of 20 / 9 / 8 features in 8-wide blocks: blocks straddle slices), added
-    to the rounded product before the residual, rounded in that order; sums of squares of the
-    result per block. Rows without a slot get no term."""
+    """The GEMV's LoRA epilogue (bf16): each row's term from the shrink's y and its slot's B
+    (slices of 20 / 9 / 8 features in 8-wide blocks: blocks straddle slices), added to the
+    rounded product before the residual, rounded in that order; sums of squares of the result
+    per block. Rows without a slot get no term."""
     dtype, k_in, sizes, rank = torch.bfloat16, 83, [20, 9, 8], 8
     lora_a, lora_b = _weights(k_in, sizes, rank, 3, dtype, seed=5)
     gen = torch.Generator().manual_seed(6 + rows)
