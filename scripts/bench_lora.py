@@ -153,8 +153,8 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
     splits = triton_lora.shrink_plan(m, len(sizes) * rank, k, gemv_mod.num_sms(dev))[-1]
     timed = [(shrink_us(c), c) for c in sweep if c.fma_rows == fma_rows or m <= fma_rows]
     best_us, c = min(timed, key=lambda t: t[0])
-    best = (f"{best_us:.1f} (block_k {c.block_k}, programs/SM {c.programs_per_sm}, "
-            f"warps {c.num_warps}, fma_rows {c.fma_rows})")  # fmt: skip
+    best = (f"{best_us:.1f} (block_k {c.block_k}, tiles {c.min_tiles}, programs/SM "
+            f"{c.programs_per_sm}, warps {c.num_warps}, fma_rows {c.fma_rows})")  # fmt: skip
     best_expand = "-"
     if not one_row:
         timed = [(time_us(lambda c=c: expand(c), rep=40), c) for c in expand_sweep]
@@ -170,11 +170,15 @@ def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
     from polymodal.llm_core.lora.triton_lora import ExpandConfig, ShrinkConfig
 
     start = time.perf_counter()
-    sweep = [ShrinkConfig(block_k=bk, programs_per_sm=p) for bk in (64, 128, 256)
-             for p in (2, 4, 8)]  # fmt: skip
+    # fewer, longer K chunks (min_tiles) trade the final split sum against each chunk's loop
+    sweep = [ShrinkConfig(min_tiles=t) for t in (1, 2, 4)]
+    sweep += [ShrinkConfig(block_k=bk) for bk in (64, 256)]
+    sweep += [ShrinkConfig(programs_per_sm=p) for p in (2, 8)]
     sweep += [ShrinkConfig(num_warps=w) for w in (2, 8)] + [ShrinkConfig(fma_rows=0)]
-    expand_sweep = [ExpandConfig(block_n=bn, num_warps=w, token_programs=tp)
-                    for bn in (64, 128, 256) for w in (4, 8) for tp in (None, 1)]  # fmt: skip
+    # token_programs is a launch argument (no new compile); 1: one program walks a slot's blocks
+    expand_sweep = [ExpandConfig(block_n=bn, num_warps=4 + 4 * (bn >= 256), token_programs=tp)
+                    for bn in (64, 128, 256) for tp in (None, 1)]  # fmt: skip
+    expand_sweep += [ExpandConfig(block_n=128, num_warps=8), ExpandConfig(block_n=256)]
     print("| site | B | base us | shrink us | LoRA term us | best shrink us (config) "
           "| best expand us (config) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
