@@ -35,7 +35,7 @@ def check_request(
             f"(prompt + at least one output token must fit)"
         )
     embeddable = input_vocab_size or vocab_size
-    bad = [t for t in ids if not 0 <= t < embeddable]
+    bad = out_of_range(ids, embeddable)
     if bad:
         raise InvalidInputError(
             f"prompt token ids {bad[:5]} are outside the vocab [0, {embeddable})"
@@ -64,6 +64,13 @@ def check_request(
         )
 
 
+def out_of_range(ids: list[int], size: int) -> list[int]:
+    """The ids outside [0, size) (min / max first: a prompt in range costs no Python loop)."""
+    if min(ids) >= 0 and max(ids) < size:
+        return []
+    return [t for t in ids if not 0 <= t < size]
+
+
 def check_pooling_prompt(
     ids: list[int],
     params: Any,
@@ -86,15 +93,17 @@ def check_pooling_prompt(
             "(truncate_prompt_tokens=-1 cuts it to max_model_len)"
         )
     vocab = model_config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
+    bad = out_of_range(ids, vocab)
     if bad:
         raise InvalidInputError(f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})")
     if mm_items:
         raise InvalidInputError("pooling requests take text only (no media)")
-    allowed, sizes = matryoshka_dimensions(model_config.text_config)
-    check_dimensions(
-        params.dimensions, allowed, sizes, model_config.architecture, model.embedding_dimension()
-    )
+    if params.dimensions is not None:
+        allowed, sizes = matryoshka_dimensions(model_config.text_config)
+        check_dimensions(
+            params.dimensions, allowed, sizes, model_config.architecture,
+            model.embedding_dimension(),
+        )  # fmt: skip
     if not model.is_causal and len(ids) > budget:
         raise InvalidInputError(
             f"the prompt has {len(ids)} tokens but a bidirectional model runs each prompt "
