@@ -25,7 +25,13 @@ from torch import nn
 
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import ModelLoadError
-from polymodal.llm_core.models.roberta import RobertaEmbeddingModel
+from polymodal.llm_core.models.roberta import TINY_ROBERTA, RobertaEmbeddingModel
+from polymodal.llm_core.models.tiny import (
+    TinyConfig,
+    bge_m3_heads,
+    both,
+    sentence_transformers_files,
+)
 
 
 class BgeM3EmbeddingModel(RobertaEmbeddingModel):
@@ -135,3 +141,37 @@ def _read_head(path: Path, hidden_size: int, out_features: int | None) -> dict:
             f"{path}: weight has {weight.shape[0]} outputs, expected {out_features}"
         )
     return state
+
+
+def _named_bge_m3(out_dir, tokenizer) -> None:
+    """config.json names vLLM's override architecture itself (what `hf_overrides` would set)."""
+    import json
+
+    path = Path(out_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = ["BgeM3EmbeddingModel"]
+    path.write_text(json.dumps(config, indent=2))
+
+
+def _xlm_roberta(kwargs: dict, token_ids: dict):
+    import transformers as tf
+
+    return tf.XLMRobertaConfig(**kwargs)
+
+
+def _hf_xlm_roberta(hf_config, dtype):
+    import transformers as tf
+
+    return tf.XLMRobertaModel(hf_config).to(dtype)
+
+
+TINY_CONFIGS = {
+    # xlm_roberta_embed's checkpoint (bge-m3's layout) whose config.json names the architecture
+    "bge_m3": TinyConfig(
+        "BgeM3EmbeddingModel",
+        TINY_ROBERTA,
+        build=_xlm_roberta,
+        make_model=_hf_xlm_roberta,
+        write_extra=both(sentence_transformers_files("cls"), bge_m3_heads(), _named_bge_m3),
+    ),
+}

@@ -110,22 +110,22 @@ class RobertaForSequenceClassification(RobertaPositions, BertBase):
 
 
 # 2 layers, hidden 64, 4 heads; positions 0..129 with the pad token 0: 129 tokens
-_TINY_ROBERTA = {"max_position_embeddings": 130, "type_vocab_size": 1, "layer_norm_eps": 1e-5}
+TINY_ROBERTA = {"max_position_embeddings": 130, "type_vocab_size": 1, "layer_norm_eps": 1e-5}
 
 TINY_CONFIGS = {
     # no sentence-transformers files: CLS + normalize (vLLM's default)
-    "roberta_embed": TinyConfig("RobertaModel", _TINY_ROBERTA),
+    "roberta_embed": TinyConfig("RobertaModel", TINY_ROBERTA),
     # bge-m3's layout: CLS pooling + Normalize, its lexical-weight and ColBERT heads
     # (`bge_m3.py`)
     "xlm_roberta_embed": TinyConfig(
         "XLMRobertaModel",
-        _TINY_ROBERTA,
+        TINY_ROBERTA,
         write_extra=both(sentence_transformers_files("cls"), bge_m3_heads()),
     ),
     "roberta_cls": TinyConfig(
-        "RobertaForSequenceClassification", {**_TINY_ROBERTA, "num_labels": 3}
+        "RobertaForSequenceClassification", {**TINY_ROBERTA, "num_labels": 3}
     ),
     "xlm_roberta_cls": TinyConfig(
-        "XLMRobertaForSequenceClassification", {**_TINY_ROBERTA, "num_labels": 3}
+        "XLMRobertaForSequenceClassification", {**TINY_ROBERTA, "num_labels": 3}
     ),
 }

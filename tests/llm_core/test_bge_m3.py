@@ -159,3 +159,16 @@ def test_bad_head_file_is_named(bge_m3, tmp_path):
     torch.save({"weight": torch.zeros(1, 7)}, broken / "sparse_linear.pt")
     with pytest.raises(Exception, match=r"sparse_linear.pt: weight has shape \(1, 7\)"):
         Engine(str(broken), dtype="float32", device="cpu")
+
+
+def test_config_naming_the_architecture_equals_the_override(bge_m3, tmp_path_factory):
+    """A checkpoint whose config.json names `BgeM3EmbeddingModel` (the tiny `bge_m3` fixture:
+    the same tensors as `xlm_roberta_embed`) serves the same three outputs as the override."""
+    path, llm = bge_m3
+    named = LLM(str(tiny_checkpoint(tmp_path_factory, "bge_m3")), dtype="float32", device="cpu")
+    assert named.model_config.architecture == "BgeM3EmbeddingModel"
+    for task in ("embed", "token_classify", "token_embed"):
+        want = llm.encode(IDS, pooling_task=task)
+        got = named.encode(IDS, pooling_task=task)
+        for a, b in zip(got, want):
+            assert torch.equal(a.outputs.data, b.outputs.data), task
