@@ -1,8 +1,9 @@
 """The server's frontend alone, on the CPU: `polymodal serve`'s real stack with a fake model step.
 
-What runs is the real server: the API process (FastAPI on uvicorn, `create_app`, the same
-`serve_app` as `polymodal serve`), the engine process (`EngineProcess`: feeder workers,
-engine thread, scheduler, sampler, detokenizer, the output wire) and the pipe between them.
+What runs is the real server (`scripts/frontend_server.py`, a subprocess): the API process
+(FastAPI on uvicorn, `create_app`, the same `serve_app` as `polymodal serve`), the engine
+process (`EngineProcess`: feeder workers, engine thread, scheduler, sampler, detokenizer, the
+output wire) and the pipe between them.
 Only the model is fake, installed through `AsyncEngine(engine_setup=...)` in the engine
 process: the decoder's forward returns its input embeddings and the vision tower returns
 zeros (nothing is computed), and each engine step is paced to take `--period-ms` (27 ms: an
@@ -42,9 +43,6 @@ the share of time each thread ran is printed (`--profile-gil`: held the GIL).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import json
 import multiprocessing
 import os
@@ -56,243 +54,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
-PROMPT = "Describe this image in detail."
-
-
-# ---- the fake model (runs in the engine process) --------------------------------------------
-def fake_model_step(period_ms: float, step_log: str, llm) -> None:
-    """Install the fake model in `llm`: no decoder or tower compute, steps paced to
-    `period_ms`; one line per step goes to `step_log` (monotonic clock, shared by processes):
-    `entered worked due left tokens running`."""
-    import torch
-
-    engine = llm.engine
-    model = engine.runner.model
-    weight = model.embed(torch.zeros(1, dtype=torch.long))
-    hidden, dtype = weight.shape[-1], weight.dtype
-    model.forward = lambda positions, embeds, kv_caches, meta: embeds  # [num_tokens, hidden]
-    model.encode = lambda items: [torch.zeros(it.num_embeds, hidden, dtype=dtype) for it in items]
-    step, period = engine.step, period_ms / 1e3
-    log = open(step_log, "a", buffering=1)  # noqa: SIM115 - open for the process's life
-    # As with async scheduling on a GPU: each call launches the next step before it returns
-    # this one's outputs, so the device runs steps back to back while the host's work between
-    # calls (emitting outputs, taking new requests) overlaps it. A call returns when its
-    # step's device time is over; the next step starts then, or when launched if later.
-    state = {"next_due": 0.0, "launched": False}
-
-    def paced_step(*args, **kwargs):
-        entered = time.monotonic()
-        due = state["next_due"] if state["launched"] else entered + period
-        outputs = step(*args, **kwargs)
-        worked = time.monotonic()
-        state["next_due"] = max(due, worked) + period
-        state["launched"] = engine.has_unfinished()
-        if worked < due:
-            time.sleep(due - worked)
-        left = time.monotonic()
-        tokens = sum(len(c.delta_token_ids) for out in outputs for c in out.outputs)
-        running = len(engine.scheduler.running)
-        log.write(f"{entered:.6f} {worked:.6f} {due:.6f} {left:.6f} {tokens} {running}\n")
-        return outputs
-
-    engine.step = paced_step
-
-
-def synthetic_engine(period_ms: float, step_log: str, llm) -> None:
-    """Replace the engine's request handling itself (not just the model): each running
-    request gets one token a step, with its text and a `RequestOutput` as the engine builds
-    them, but no scheduler, sampler or detokenizer runs. What is left in the engine process
-    is the frontend's share: the media workers, the engine loop, the outbox and the wire."""
-    from polymodal.llm_core.outputs import (
-        CompletionOutput,
-        RequestMetrics,
-        RequestOutput,
-        Timings,
-        Usage,
-    )
-
-    engine = llm.engine
-    words = "The quick brown fox jumps over the lazy dog, and then it runs away again."
-    ids = engine.tokenizer.encode(" " + words, add_special_tokens=False)
-    pieces = [(engine.tokenizer.decode([i]), i) for i in ids]
-    running: dict[str, list] = {}  # id -> [prompt ids, max tokens, text, token ids, times]
-
-    def add_request(prompt_token_ids, params=None, request_id=None, *args, **kwargs):
-        now = time.monotonic()
-        running[request_id] = [list(prompt_token_ids), params.max_tokens or 16, "", [], now,
-                               time.time(), None]  # fmt: skip
-        return request_id
-
-    def step(finished_only=False):
-        outputs, now, wall = [], time.monotonic(), time.time()
-        for request_id, r in list(running.items()):
-            prompt, limit, text, token_ids, arrival, arrival_wall, first = r
-            piece, token = pieces[len(token_ids) % len(pieces)]
-            r[2] = text = text + piece
-            token_ids.append(token)
-            r[6] = first = first or now
-            done = len(token_ids) >= limit
-            if done:
-                del running[request_id]
-            if finished_only and not done:
-                continue
-            out = CompletionOutput(0, text, token_ids[:], "length" if done else None, None,
-                                   None, piece, [token])  # fmt: skip
-            outputs.append(RequestOutput(
-                request_id, prompt, [out], done, Usage(len(prompt), len(token_ids)),
-                Timings(first - arrival, now - arrival if done else None), None, None,
-                RequestMetrics(arrival_wall, arrival_wall, arrival_wall + first - arrival,
-                               wall, wall if done else None),
-            ))  # fmt: skip
-        return outputs
-
-    engine.add_request = add_request
-    engine.step = step
-    engine.abort = lambda request_id: running.pop(request_id, None)
-    engine.has_unfinished = lambda: bool(running)
-    fake_model_step(period_ms, step_log, llm)  # pacing and the step record
-    engine.scheduler.running = running  # the step record's running count (ids only)
-
-
-def serve(args) -> None:
-    """The server process: `polymodal serve`'s app and uvicorn, the fake model inside."""
-    from polymodal.async_engine import AsyncEngine
-    from polymodal.server.app import create_app
-    from polymodal.server.cli import serve_app
-
-    engine = AsyncEngine(
-        args.checkpoint,
-        engine_setup=partial(
-            synthetic_engine if args.engine == "synthetic" else fake_model_step,
-            args.period_ms,
-            args.step_log,
-        ),
-        device="cpu",
-        dtype="float32",
-        num_kv_blocks=args.streams * (args.tokens // 16 + 8),
-        max_num_seqs=args.streams,
-        max_num_batched_tokens=16384,
-    )
-    app = create_app(engine, "bench")
-    try:
-        serve_app(app, "127.0.0.1", args.port, "warning")
-    finally:
-        engine.close()
-
-
-# ---- the clients ----------------------------------------------------------------------------
-class _Stream(asyncio.Protocol):
-    """One streamed request on its own connection: times of the reads that carried events."""
-
-    def __init__(self, request: bytes, done: asyncio.Future):
-        self.request, self.done = request, done
-        self.times: list[float] = []
-        self.counts: list[int] = []
-        self.tail = b""  # the last bytes, so that a marker split across reads still counts
-        self.last = b""  # the end of the body (the usage event)
-        self.head = b""
-        self.sent = 0.0
-
-    def connection_made(self, transport) -> None:
-        self.connected = time.monotonic()
-        self.transport = transport
-        transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        if not self.head:
-            self.head = data[:12]
-        buf = self.tail + data
-        n = buf.count(b"data: ")
-        if n:
-            self.times.append(now)
-            self.counts.append(n)
-        self.tail = buf[-5:]
-        self.last = (self.last + data)[-4096:]
-        if b"data: [DONE]" in self.last and not self.done.done():
-            self.done.set_result(now)
-            self.transport.close()
-
-    def connection_lost(self, exc) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-async def _one(port: int, request: bytes) -> dict:
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    sent = time.monotonic()
-    _, proto = await loop.create_connection(lambda: _Stream(request, done), "127.0.0.1", port)
-    finished = await done
-    usage = re.search(rb'"completion_tokens":\s*(\d+)', proto.last)
-    return {
-        "ok": finished is not None and proto.head.startswith(b"HTTP/1.1 200"),
-        "sent": sent,
-        "connected": proto.connected,
-        "done": finished or time.monotonic(),
-        "times": proto.times,
-        "counts": proto.counts,
-        "tokens": int(usage.group(1)) if usage else 0,
-    }
-
-
-async def _burst(port: int, requests: list[bytes], start_at: float) -> list[dict]:
-    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-    return await asyncio.gather(*(_one(port, r) for r in requests))
-
-
-def client_process(port: int, requests: list[bytes], start_at: float) -> list[dict]:
-    """One client process: its share of the burst, all at `start_at` (monotonic clock)."""
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-    return asyncio.run(_burst(port, requests, start_at))
-
-
-def http_request(port: int, body: dict) -> bytes:
-    payload = json.dumps(body).encode()
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    return head.encode() + payload
-
-
-def jpeg_data_url(i: int, size: int) -> str:
-    """A small photo-like JPEG (noise over a colour), different for every `i`."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(i)
-    base = rng.integers(0, 256, 3)
-    pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def bodies(kind: str, n: int, tokens: int, image_size: int, salt: int) -> list[dict]:
-    """The burst's request bodies: every prompt differs (no prefix or encoder cache hits)."""
-    out = []
-    for i in range(n):
-        if kind == "image":
-            url = jpeg_data_url(salt * 100003 + i, image_size)
-            content = [{"type": "image_url", "image_url": {"url": url}},
-                       {"type": "text", "text": PROMPT}]  # fmt: skip
-        else:
-            content = f"Request {salt}-{i}: write a long story about a fox and a dog."
-        out.append({
-            "model": "bench", "messages": [{"role": "user", "content": content}],
-            "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True},
-        })  # fmt: skip
-    return out
+from frontend_clients import bodies, client_process, http_request  # scripts/
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -485,7 +249,8 @@ def start_server(args, work: Path) -> tuple[subprocess.Popen, int, Path]:
     import psutil
 
     step_log = work / "steps.txt"
-    cmd = [sys.executable, __file__, "--serve", "--checkpoint", str(args.checkpoint),
+    script = Path(__file__).with_name("frontend_server.py")
+    cmd = [sys.executable, str(script), "--checkpoint", str(args.checkpoint),
            "--port", str(args.port), "--period-ms", str(args.period_ms),
            "--step-log", str(step_log), "--streams", str(args.streams),
            "--tokens", str(args.tokens), "--engine", args.engine]  # fmt: skip
@@ -562,13 +327,7 @@ def main() -> None:
         help="sample only the thread holding the GIL (else every thread on a CPU)",
     )  # fmt: skip
     parser.add_argument("--port", type=int, default=0)
-    # the server process's own arguments
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--step-log", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        return serve(args)
     os.environ["OMP_NUM_THREADS"] = "1"
     from polymodal.demo_model import write_demo_checkpoint
 
