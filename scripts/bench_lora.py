@@ -13,9 +13,10 @@ engine's graph sets cost to capture (a LoRA engine captures a set without LoRA t
 
 `--kernels`: each LoRA site of one decoder layer (qkv, o, gate_up, down) alone, as CUDA-graph
 replays (`triton.testing.do_bench_cudagraph`, median): the base product (the one-row GEMV at
-B = 1, `F.linear` above the GEMV's rows), the shrink, and the LoRA term (the GEMV with its
-LoRA epilogue minus the plain GEMV at B = 1; `expand` above), then the shrink's launch configs
-(`ShrinkConfig`) swept per site.
+B = 1, `F.linear` above the GEMV's rows), the shrink (default `ShrinkConfig`, its K splits),
+and the LoRA term (the GEMV with its LoRA epilogue minus the plain GEMV at B = 1; `expand`
+with the default `expand_config` above), then the best of the shrink's launch configs
+(`ShrinkConfig`) and, above the GEMV's rows, of expand's (`ExpandConfig`), swept per site.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ SITES = {  # Qwen2.5-VL-7B decoder: name -> (out slices, in features, silu_mul)
 }
 
 
-def site_row(name: str, m: int, adapters: int, rank: int, sweep: list) -> str:
+def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sweep: list) -> str:
     """One `--kernels` row: site `name` (`SITES`) at `m` tokens, round robin over the slots."""
     import triton.testing
 
@@ -121,47 +122,70 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list) -> str:
     batch = LoRABatch(adapters, m, dev)
     batch.set_step([(i % adapters, 1) for i in range(m)])
     seg = batch.segments
-    part = triton_lora.shrink(x, lora_a, seg, silu)
+    y = triton_lora.shrink(x, lora_a, seg, silu)
     one_row = m <= gemv_mod.MAX_ROWS
     xs = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if silu else x
     out = torch.nn.functional.linear(xs, weight)
-    delta = gemv_mod.LoRADelta(part, lora_b, seg.token_slot, offsets)
+    delta = gemv_mod.LoRADelta(y, lora_b, seg.token_slot, offsets)
 
     def base():
         if one_row:
             return gemv_mod.gemv(x, weight, silu_mul=silu)
         return torch.nn.functional.linear(xs, weight)
 
+    def expand(config=None):
+        triton_lora.expand(y, lora_b, out, offsets, sizes_t, max(sizes), rank, seg, config)
+
     def term():
         if one_row:
             return gemv_mod.gemv(x, weight, silu_mul=silu, lora=delta)
-        return triton_lora.expand(part, lora_b, out, offsets, sizes_t, max(sizes), rank, seg)
+        return expand()
 
-    def time_us(fn) -> float:
-        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100)
+    def time_us(fn, rep=100) -> float:
+        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep)
 
     def shrink_us(config=None) -> float:
-        return time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu, config))
+        return time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu, config), rep=40)
 
     base_us = time_us(base)
     term_us = time_us(term) - (base_us if one_row else 0.0)
-    timed = [(shrink_us(c), c) for c in sweep]
+    fma_rows = triton_lora.ShrinkConfig().fma_rows
+    splits = triton_lora.shrink_plan(m, len(sizes) * rank, k, gemv_mod.num_sms(dev))[-1]
+    timed = [(shrink_us(c), c) for c in sweep if c.fma_rows == fma_rows or m <= fma_rows]
     best_us, c = min(timed, key=lambda t: t[0])
-    best = f"{best_us:.1f} (block_k {c.block_k}, tiles {c.min_tiles}, warps {c.num_warps})"
-    return f"| {name} | {m} | {base_us:.1f} | {shrink_us():.1f} | {term_us:.1f} | {best} |"
+    best = (f"{best_us:.1f} (block_k {c.block_k}, tiles {c.min_tiles}, programs/SM "
+            f"{c.programs_per_sm}, warps {c.num_warps}, fma_rows {c.fma_rows})")  # fmt: skip
+    best_expand = "-"
+    if not one_row:
+        timed = [(time_us(lambda c=c: expand(c), rep=40), c) for c in expand_sweep]
+        us, c = min(timed, key=lambda t: t[0])
+        best_expand = (f"{us:.1f} (block_n {c.block_n}, warps {c.num_warps}, token programs "
+                       f"{c.token_programs or 'all'})")  # fmt: skip
+    return (f"| {name} | {m} | {base_us:.1f} | {shrink_us():.1f} ({splits} splits) | "
+            f"{term_us:.1f} | {best} | {best_expand} |")  # fmt: skip
 
 
 def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
     """The `--kernels` rows (module docstring)."""
-    from polymodal.llm_core.lora.triton_lora import ShrinkConfig
+    from polymodal.llm_core.lora.triton_lora import ExpandConfig, ShrinkConfig
 
-    sweep = [ShrinkConfig(block_k=bk, min_tiles=t) for bk in (64, 128, 256) for t in (1, 2, 4)]
-    sweep += [ShrinkConfig(num_warps=w) for w in (2, 8)]
-    print("| site | B | base us | shrink us | LoRA term us | best shrink us (config) |")
-    print("|---|---|---|---|---|---|")
+    start = time.perf_counter()
+    # fewer, longer K chunks (min_tiles) trade the final split sum against each chunk's loop
+    sweep = [ShrinkConfig(min_tiles=t) for t in (1, 2, 4)]
+    sweep += [ShrinkConfig(block_k=bk) for bk in (64, 256)]
+    sweep += [ShrinkConfig(programs_per_sm=p) for p in (2, 8)]
+    sweep += [ShrinkConfig(num_warps=w) for w in (2, 8)] + [ShrinkConfig(fma_rows=0)]
+    # token_programs is a launch argument (no new compile); 1: one program walks a slot's blocks
+    expand_sweep = [ExpandConfig(block_n=bn, num_warps=4 + 4 * (bn >= 256), token_programs=tp)
+                    for bn in (64, 128, 256) for tp in (None, 1)]  # fmt: skip
+    expand_sweep += [ExpandConfig(block_n=128, num_warps=8), ExpandConfig(block_n=256)]
+    print("| site | B | base us | shrink us | LoRA term us | best shrink us (config) "
+          "| best expand us (config) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for name in SITES:
         for m in batches:
-            print(site_row(name, m, adapters, rank, sweep), flush=True)
+            print(site_row(name, m, adapters, rank, sweep, expand_sweep), flush=True)
+    print(f"({time.perf_counter() - start:.0f} s)")
 
 
 def main() -> None:

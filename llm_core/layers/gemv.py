@@ -44,10 +44,10 @@ WEIGHT_EVICTION = "evict_first"
 @dataclass(frozen=True)
 class LoRADelta:
     """Per-row low-rank terms a GEMV adds to its output (`lora/layer.py`): row m, feature f of
-    slice s gets `y[m, s*R:(s+1)*R] @ lora_b[slot[m], f]`, where `y = part.sum(0)` (the split-K
-    partial sums of `lora/triton_lora.shrink`) and `slot[m] = token_slot[m]` (-1: no term)."""
+    slice s gets `y[m, s*R:(s+1)*R] @ lora_b[slot[m], f]`, where `y` is
+    `lora/triton_lora.shrink`'s output and `slot[m] = token_slot[m]` (-1: no term)."""
 
-    part: torch.Tensor  # fp32 [splits, M, S * R]
+    y: torch.Tensor  # fp32 [M, S * R]
     lora_b: torch.Tensor  # [L, N, R]
     token_slot: torch.Tensor  # int32 [>= M]
     slice_offsets: torch.Tensor  # int32 [S]: each slice's first feature (0 first)
@@ -178,20 +178,18 @@ def _lora_rows(slot_ptr, b_ptr, slice_ptr, offs_m, offs_n, n_mask, M, N, R,
 
 
 @triton.jit
-def _lora_delta(part_ptr, lora_b, slots, piece, offs_m, M, splits, R, NUM_SLICES: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_S: tl.constexpr):  # fmt: skip
-    """`delta [BLOCK_N, BLOCK_M]` of `LoRADelta` from `_lora_rows`' values; y is summed over
-    the splits as it loads, only for the slices this feature block holds (mostly one)."""
-    ss = tl.arange(0, BLOCK_S)
+def _lora_delta(y_ptr, lora_b, slots, piece, offs_m, R, NUM_SLICES: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """`delta [BLOCK_N, BLOCK_M]` of `LoRADelta` from `_lora_rows`' values; y rows are
+    loaded only for the slices this feature block holds (mostly one)."""
     rs = tl.arange(0, BLOCK_R)
     width = NUM_SLICES * R
-    mask = (ss < splits)[:, None, None] & (slots >= 0)[None, :, None] & (rs < R)[None, None, :]
-    rows = part_ptr + ss[:, None, None] * M * width + offs_m[None, :, None] * width
+    mask = (slots >= 0)[:, None] & (rs < R)[None, :]
+    rows = y_ptr + offs_m[:, None] * width + rs[None, :]  # [BLOCK_M, BLOCK_R]
     delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for s in tl.static_range(NUM_SLICES):
         held = tl.max((piece == s).to(tl.int32), 0) > 0
-        y = tl.sum(tl.load(rows + s * R + rs[None, None, :], mask=mask & held, other=0.0), 0)
+        y = tl.load(rows + s * R, mask=mask & held, other=0.0)
         part = tl.sum(lora_b * y[None, :, :], 2)  # [BLOCK_N, BLOCK_M]
         delta = tl.where((piece == s)[:, None], part, delta)
     return delta
@@ -227,11 +225,10 @@ def _gemv_kernel(
     norm_sumsq_ptr,  # fp32 [M, norm_parts]: x's sums of squares, from its producer (NORM)
     norm_parts,
     eps,
-    lora_part_ptr,  # fp32 [lora_splits, M, LORA_SLICES * R] (LORA)
+    lora_y_ptr,  # fp32 [M, LORA_SLICES * R] (LORA)
     lora_b_ptr,  # [L, N, R] (LORA)
     lora_slot_ptr,  # int32 [>= M]: each row's adapter slot, -1: none (LORA)
     lora_slice_ptr,  # int32 [LORA_SLICES]: each slice's first feature (LORA)
-    lora_splits,
     R,
     M,
     N,
@@ -246,7 +243,6 @@ def _gemv_kernel(
     LORA: tl.constexpr,
     LORA_SLICES: tl.constexpr,
     BLOCK_R: tl.constexpr,  # R padded to a power of 2 (LORA)
-    BLOCK_S: tl.constexpr,  # lora_splits padded to a power of 2 (LORA)
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -292,8 +288,8 @@ def _gemv_kernel(
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
     delta = acc  # LORA: the rows' low-rank terms, loaded now: they stream in with x
     if LORA:
-        delta = _lora_delta(lora_part_ptr, lora_b, slots, piece, offs_m, M, lora_splits, R,
-                            LORA_SLICES, BLOCK_N, BLOCK_M, BLOCK_R, BLOCK_S)  # fmt: skip
+        delta = _lora_delta(lora_y_ptr, lora_b, slots, piece, offs_m, R, LORA_SLICES, BLOCK_N,
+                            BLOCK_M, BLOCK_R)  # fmt: skip
     if tile_start < tile_end:
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip
@@ -364,9 +360,9 @@ def gemv(
         raise ValueError(f"gemv residual must be contiguous [{m}, {n}]: {tuple(residual.shape)}")
     if norm is not None and silu_mul:
         raise ValueError("gemv: a deferred norm and silu_mul do not combine")
-    if lora is not None and (lora.part.shape[1] != m or lora.lora_b.shape[1:2] != (n,)):
+    if lora is not None and (lora.y.shape[0] != m or lora.lora_b.shape[1:2] != (n,)):
         raise ValueError(
-            f"gemv lora terms {tuple(lora.part.shape)}, B {tuple(lora.lora_b.shape)} do not "
+            f"gemv lora terms {tuple(lora.y.shape)}, B {tuple(lora.lora_b.shape)} do not "
             f"fit x of {m} rows and {n} features"
         )
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -390,19 +386,18 @@ def gemv(
     if norm is not None:
         norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
     # unread without a LoRA term
-    l_part, l_b, l_slot, l_slice, l_splits, rank, l_slices = out, out, out, out, 1, 1, 1
+    l_y, l_b, l_slot, l_slice, rank, l_slices = out, out, out, out, 1, 1
     if lora is not None:
-        l_part, l_b, l_slot, l_slice = lora.part, lora.lora_b, lora.token_slot, lora.slice_offsets
-        l_splits, rank, l_slices = lora.part.shape[0], lora.lora_b.shape[2], l_slice.shape[0]
+        l_y, l_b, l_slot, l_slice = lora.y, lora.lora_b, lora.token_slot, lora.slice_offsets
+        rank, l_slices = lora.lora_b.shape[2], l_slice.shape[0]
     flag = pdl.use_pdl(x)
     _gemv_kernel[(n_blocks, cfg.split_k)](
         x, weight, b, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
-        l_part, l_b, l_slot, l_slice, l_splits, rank,
+        l_y, l_b, l_slot, l_slice, rank,
         m, n, k, x.stride(0), tiles_per_split,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
         NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts), LORA=lora is not None,
         LORA_SLICES=l_slices, BLOCK_R=triton.next_power_of_2(rank),
-        BLOCK_S=triton.next_power_of_2(l_splits),
         SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,

@@ -162,13 +162,13 @@ class LoRALinearMethod(LinearMethod):
         from polymodal.llm_core.lora import triton_lora
 
         seg = batch.segments
-        part = triton_lora.shrink(x, layer.lora_a, seg, silu_mul)  # [splits, num_tokens, S * R]
+        y = triton_lora.shrink(x, layer.lora_a, seg, silu_mul)  # fp32 [num_tokens, S * R]
         if isinstance(self.base, UnquantizedLinearMethod) and self.base.uses_gemv(layer, x):
-            delta = LoRADelta(part, layer.lora_b, seg.token_slot, self.slice_offsets)
+            delta = LoRADelta(y, layer.lora_b, seg.token_slot, self.slice_offsets)
             return layer.gemv(x, layer.weight, layer.bias, silu_mul=silu_mul, residual=residual,
                               lora=delta)  # fmt: skip
         out = self.base.apply(layer, x, silu_mul=silu_mul)  # plain: the residual comes after
-        triton_lora.expand(part, layer.lora_b, out, self.slice_offsets, self.slice_sizes,
+        triton_lora.expand(y, layer.lora_b, out, self.slice_offsets, self.slice_sizes,
                            self.max_slice, self.rank, seg)  # fmt: skip
         return out
 

@@ -8,7 +8,7 @@ Shapes, for one layer with `S` output slices (q/k/v of a packed qkv: 3; a plain 
     lora_b   [L, out, R]             per adapter slot, B (scaling folded in) of the slice
                                      each output row belongs to
     y        [T, S * R]  float32     shrink: y[t, s*R:(s+1)*R] = A[slot(t), s] x[t] (the
-                                     kernels keep it as split-K partial sums [splits, T, S * R])
+                                     kernel sums split-K partials [splits, T, S * R] into it)
     out      [T, out]                expand: out[t, slice s] += B[slot(t), slice s] y[t, s]
 
 Tokens are grouped by adapter slot (`LoRASegments`): the tokens of slot l are
@@ -74,6 +74,6 @@ def lora_triton(
     `silu_mul`); `slice_offsets` / `slice_sizes`: int32 `[S]` on the device."""
     from polymodal.llm_core.lora import triton_lora
 
-    part = triton_lora.shrink(x, lora_a, segments, silu_mul)
-    triton_lora.expand(part, lora_b, out, slice_offsets, slice_sizes, max_slice, rank, segments)
+    y = triton_lora.shrink(x, lora_a, segments, silu_mul)
+    triton_lora.expand(y, lora_b, out, slice_offsets, slice_sizes, max_slice, rank, segments)
     return out

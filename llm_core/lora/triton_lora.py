@@ -8,16 +8,20 @@ step's token count alone (no host sync; inside a CUDA graph the segment buffers 
 refilled each step). Tokens without an adapter are in no segment: nothing of theirs is read or
 written.
 
-- `shrink`, split-K: `part[c, t, :] = x[t, chunk c] @ A[slot(t), :, chunk c]^T` (fp32
-  `[splits, T, S * R]`, all slices at once). A decode step's tokens are few and `S * R` is
-  small, so the programs are spread over K: each reduces one chunk of K (`split_plan`) and
-  stores its own partial sums; no atomics, no zeroed buffer. x may be a `DeferredNorm`
+- `shrink`: `y[t, :] = x[t] @ A[slot(t)]^T` (fp32 `[T, S * R]`, all slices at once). A decode
+  step's tokens are few and `S * R` is small, so the programs are spread over K (`split_plan`:
+  enough K chunks for a few busy programs per SM): each reduces one chunk into fp32 partial
+  sums, and the last chunk of a (token block, slot) to arrive (an arrival counter, as the
+  split-K GEMV does) sums all chunks in a fixed order into y; one launch, deterministic, no
+  zeroed buffer. Few tokens (`ShrinkConfig.fma_rows`) take a multiply-and-sum path with a
+  token block of their padded count instead of `tl.dot`'s 16 rows. x may be a `DeferredNorm`
   (normalized as it loads) or `[gate | up]` (`silu_mul`: activated as it loads), rounded as
   the GEMV and `silu_and_mul` round, so the base layer keeps those folds.
-- `expand`: `out[t, slice s] += (sum over c of part[c, t, s*R:(s+1)*R]) @ B[slot(t), slice s]^T`
-  (the splits summed as y loads); the grid's third axis is (slot, slice). Every output
-  element belongs to one token and one slice: no atomics. A one-row GEMV adds the same term
-  in its own epilogue instead (`layers.gemv.LoRADelta`), before its residual add.
+- `expand`: `out[t, slice s] += y[t, s*R:(s+1)*R] @ B[slot(t), slice s]^T`; the grid's third
+  axis is (slot, slice), and a program walks its slot's token blocks (`ExpandConfig`), keeping
+  its B tile. Every output element belongs to one token and one slice: no atomics. A one-row
+  GEMV adds the same term in its own epilogue instead (`layers.gemv.LoRADelta`), before its
+  residual add.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.gemv import num_sms
 from polymodal.llm_core.layers.norm import DeferredNorm
 from polymodal.llm_core.lora.ops import LoRASegments
 
-BLOCK_M = 16  # tokens per program (a decode step's tokens of one adapter: often fewer)
-MAX_SPLITS = 32  # K chunks of a shrink at most (each expand program sums all of them)
-MIN_TILES = 2  # A tiles per K chunk at least
+DOT_ROWS = 16  # token block of the tl.dot paths (tl.dot pads M to 16)
+MAX_SPLITS = 256  # K chunks of a shrink at most (bounds the partials and the final sum)
+REDUCE_ELEMENTS = 32  # partial sums per thread in each load of the final split sum
 
 
 def _interpreted() -> bool:
@@ -44,24 +50,73 @@ def _interpreted() -> bool:
 
 @dataclass(frozen=True)
 class ShrinkConfig:
-    """Launch parameters of `shrink` (`scripts/bench_lora.py --kernels` sweeps them)."""
+    """Launch parameters of `shrink` (`scripts/bench_lora.py --kernels` sweeps them).
+
+    Defaults, reasoned (H200, Qwen2.5-VL-7B, rank 16): a shrink moves little (A is 0.1-0.6 MB a
+    slot) and is latency-bound, so what counts is busy programs with short dependent chains:
+    about `programs_per_sm` busy programs per SM (K = 18944 at one token: 148 chunks of one
+    128-wide tile instead of 30 of five), one tile per chunk allowed (`min_tiles`)."""
 
     block_k: int = 128  # A tile width
-    min_tiles: int = MIN_TILES  # A tiles per K chunk at least
+    min_tiles: int = 1  # A tiles per K chunk at least
+    programs_per_sm: int = 4  # busy programs `split_plan` aims for, per SM
+    fma_rows: int = 8  # steps of <= this many tokens: multiply-and-sum rows, not tl.dot's 16
     num_warps: int = 4
 
 
-def split_plan(k: int, config: ShrinkConfig | None = None) -> tuple[int, int, int]:
-    """`(block_k, chunk, splits)` of a shrink over `k` input features: A tiles of `block_k`,
-    `chunk` (a multiple of it) per program, `splits = cdiv(k, chunk)` programs per token block.
-    Chunks of >= `min_tiles` tiles, at most MAX_SPLITS of them: Qwen2.5-VL-7B's K = 3584 is
-    14 chunks of 256, K = 18944 (down_proj) 30 of 640 by default. The interpreter takes 32-wide
-    tiles, one per chunk, so small test shapes split too."""
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Launch parameters of `expand` (`expand_config` picks them; the bench sweeps them)."""
+
+    block_n: int = 128  # output features per program
+    block_m: int = DOT_ROWS  # tokens per block (>= 16: tl.dot)
+    token_programs: int | None = None  # programs per (N block, slot, slice) along the tokens,
+    # each walking every token_programs-th block of its slot; None: one per block of the step
+    num_warps: int = 4
+
+
+def split_plan(k: int, work: int, sms: int, config: ShrinkConfig | None = None):
+    """`(block_k, chunk, splits)` of a shrink over `k` input features, where `work` is the
+    (token block x N block) tiles of the step: A tiles of `block_k`, `chunk` (a multiple of it)
+    per program, `splits = cdiv(k, chunk)` chunks, about `programs_per_sm * sms / work` of them
+    (at most MAX_SPLITS, chunks of >= `min_tiles` tiles). The busy programs are then about
+    `programs_per_sm` an SM when the tokens spread over the slots (each token block is one
+    slot's). Prefill-sized steps have `work` enough: one chunk, y stored directly. The
+    interpreter takes 32-wide tiles, so small test shapes split too."""
     config = config or ShrinkConfig()
     block_k, min_tiles = (32, 1) if _interpreted() else (config.block_k, config.min_tiles)
     tiles = max(1, triton.cdiv(k, block_k))
-    per_split = max(min_tiles, triton.cdiv(tiles, MAX_SPLITS))
+    wanted = max(1, min(MAX_SPLITS, triton.cdiv(config.programs_per_sm * sms, max(1, work))))
+    per_split = max(min_tiles, triton.cdiv(tiles, wanted))
     return block_k, per_split * block_k, triton.cdiv(tiles, per_split)
+
+
+def shrink_plan(num_tokens: int, n: int, k: int, sms: int, config: ShrinkConfig | None = None):
+    """`(block_m, block_n, block_k, chunk, splits)` of a shrink of `num_tokens` tokens to `n`
+    outputs over `k` features: token blocks of 16 for tl.dot, or the padded token count for
+    the multiply-and-sum path (<= `fma_rows` tokens); all of `n` (<= 64) in one block."""
+    config = config or ShrinkConfig()
+    fma = num_tokens <= config.fma_rows
+    block_m = triton.next_power_of_2(max(num_tokens, 1)) if fma else DOT_ROWS
+    block_n = max(16, min(64, triton.next_power_of_2(n)))
+    work = triton.cdiv(num_tokens, block_m) * triton.cdiv(n, block_n)
+    return block_m, block_n, *split_plan(k, work, sms, config)
+
+
+def expand_config(num_tokens: int, out_features: int, sms: int, slots: int) -> ExpandConfig:
+    """The widest feature block (256 .. 64) that still gives a busy program per SM when the
+    tokens spread over the slots (wide blocks: fewer programs re-reading y and the rows, 8
+    warps from 256); the programs along the tokens are as many as such a step's token blocks
+    per slot, so a round-robin decode step has no idle program along the tokens (a step of one
+    adapter walks `slots` blocks a program)."""
+    token_blocks = triton.cdiv(max(num_tokens, 1), DOT_ROWS)
+    block_n = next((b for b in (256, 128) if triton.cdiv(out_features, b) * token_blocks >= sms),
+                   64)  # fmt: skip
+    return ExpandConfig(
+        block_n=block_n,
+        token_programs=triton.cdiv(token_blocks, max(1, slots)),
+        num_warps=8 if block_n >= 256 else 4,
+    )
 
 
 @triton.jit
@@ -91,11 +146,34 @@ def _dot(acc, x, a, DOT_F32: tl.constexpr):
     return tl.dot(x, a.to(x.dtype), acc)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
+@triton.jit
+def _rows_times(acc, x, a, BLOCK_M: tl.constexpr):
+    """acc[m, n] += sum over k of x[m, k] * a[k, n] by multiply-and-sum, row by row (fp32
+    products of the inputs: exact for half inputs, as tl.dot's): few rows, no 16-row pad."""
+    offs_m = tl.arange(0, BLOCK_M)
+    xf = x.to(tl.float32)
+    af = a.to(tl.float32)  # [BLOCK_K, BLOCK_N]
+    for m in tl.static_range(BLOCK_M):
+        x_m = tl.sum(tl.where(offs_m[:, None] == m, xf, 0.0), 0)  # [BLOCK_K]
+        part = tl.sum(af * x_m[:, None], 0)  # [BLOCK_N]
+        acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _product(acc, x, a, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr):
+    if USE_DOT:
+        return _dot(acc, x, a, DOT_F32)
+    return _rows_times(acc, x, a, BLOCK_M)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "splits"])
 def _shrink_kernel(
     x_ptr,  # [T, K], or [T, 2K] = [gate | up] (SILU_MUL)
     a_ptr,  # [L, N, K]
-    part_ptr,  # fp32 [splits, T, N] out: one K chunk's sums per split
+    y_ptr,  # fp32 [T, N] out
+    part_ptr,  # fp32 [splits, T, N]: one K chunk's sums per split (SPLIT)
+    counter_ptr,  # int32 per (token block, slot, N block), zero between calls (SPLIT)
     sorted_ptr,  # int32 [>= T]: token indices grouped by slot
     seg_start_ptr,  # int32 [L]
     seg_len_ptr,  # int32 [L]
@@ -104,6 +182,7 @@ def _shrink_kernel(
     norm_parts,
     eps,
     num_tokens,
+    splits,
     N,
     K,
     chunk,  # K elements per split, a multiple of BLOCK_K
@@ -114,6 +193,9 @@ def _shrink_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # norm_parts padded to a power of 2
+    REDUCE_S: tl.constexpr,  # splits summed per load of the final sum
+    SPLIT: tl.constexpr,  # splits > 1
+    USE_DOT: tl.constexpr,  # tl.dot (BLOCK_M >= 16), else `_rows_times`
     SILU_MUL: tl.constexpr,
     NORM: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -121,7 +203,9 @@ def _shrink_kernel(
 ):
     """Program (split x N block, token block, slot). The segment lengths (copied in before the
     step's first kernel) and A (written between steps) are read before the PDL wait: the first
-    A tile streams in while the kernel before ends."""
+    A tile streams in while the kernel before ends. With SPLIT, each program stores its chunk's
+    sums and the last of its tile's splits to arrive sums them all (split order) into y and
+    resets the counter; the others end there."""
     pid, pid_m, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_blocks = tl.cdiv(N, BLOCK_N)
     split, pid_n = pid // n_blocks, pid % n_blocks
@@ -151,21 +235,39 @@ def _shrink_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(tl.load(parts, mask=mask, other=0.0), 1) / K + eps)
     x = _load_x(x_ptr, rows, row_ok, k, k < k_end, K, stride_xm, rstd, norm_w_ptr,
                 SILU_MUL, NORM)  # fmt: skip
-    acc = _dot(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x, a, DOT_F32)
+    acc = _product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x, a, USE_DOT, DOT_F32, BLOCK_M)
     for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
         k = k0 + ks
         k_ok = k < k_end
         a = tl.load(a_rows + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         x = _load_x(x_ptr, rows, row_ok, k, k_ok, K, stride_xm, rstd, norm_w_ptr,
                     SILU_MUL, NORM)  # fmt: skip
-        acc = _dot(acc, x, a, DOT_F32)
-    part = part_ptr + split.to(tl.int64) * num_tokens * N + rows[:, None] * N + cols[None, :]
-    tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
+        acc = _product(acc, x, a, USE_DOT, DOT_F32, BLOCK_M)
+    tile = rows[:, None] * N + cols[None, :]  # [BLOCK_M, BLOCK_N] offsets into [T, N]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT:
+        plane = num_tokens.to(tl.int64) * N
+        tl.store(part_ptr + split * plane + tile, acc, mask=tile_ok)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        counter = counter_ptr + (pid_m * tl.num_programs(2) + slot) * n_blocks + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:  # the last split: sum all (fixed order), reset the counter
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            ss = tl.arange(0, REDUCE_S)
+            for s0 in range(0, splits, REDUCE_S):
+                s = s0 + ss
+                ptrs = part_ptr + s.to(tl.int64)[:, None, None] * plane + tile[None, :, :]
+                mask = (s < splits)[:, None, None] & tile_ok[None, :, :]
+                acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), 0)
+            tl.store(y_ptr + tile, acc, mask=tile_ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(y_ptr + tile, acc, mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
+@triton.jit(do_not_specialize=["token_step"])
 def _expand_kernel(
-    part_ptr,  # fp32 [splits, T, S * R]
+    y_ptr,  # fp32 [T, S * R]
     b_ptr,  # [L, N_out, R]
     out_ptr,  # [T, N_out], updated in place
     sorted_ptr,
@@ -173,8 +275,7 @@ def _expand_kernel(
     seg_len_ptr,
     slice_offset_ptr,  # int32 [S]
     slice_size_ptr,  # int32 [S]
-    num_tokens,
-    splits,
+    token_step,  # tokens between a program's blocks: BLOCK_M x programs along the tokens
     R,
     stride_bl,
     stride_bn,
@@ -183,11 +284,11 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # splits padded to a power of 2
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Program (token block, N block, slot x slice); B is read before the PDL wait."""
+    """Program (token program, N block, slot x slice): its B tile (read before the PDL wait)
+    times y of each of its slot's token blocks pid_m, pid_m + programs, ..., added to out."""
     pid_m, pid_n, pid_ls = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot, piece = pid_ls // NUM_SLICES, pid_ls % NUM_SLICES
     length = tl.load(seg_len_ptr + slot)
@@ -204,28 +305,27 @@ def _expand_kernel(
         mask=busy & r_ok[:, None] & col_ok[None, :],
         other=0.0,
     )
+    if DOT_F32:
+        b = b.to(tl.float32)
     pdl.wait(USE_PDL)
     if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
         return
     start = tl.load(seg_start_ptr + slot)
-    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs < length
-    rows = tl.load(sorted_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
-    # y [BLOCK_M, BLOCK_R]: this slice's rank columns, every K split in one load, summed
     width = NUM_SLICES * R
-    s = tl.arange(0, BLOCK_S).to(tl.int64)
-    y_ptrs = (part_ptr + s[:, None, None] * num_tokens * width + rows[None, :, None] * width
-              + piece * R + rs[None, None, :])  # fmt: skip
-    y_mask = (s < splits)[:, None, None] & row_ok[None, :, None] & r_ok[None, None, :]
-    y = tl.sum(tl.load(y_ptrs, mask=y_mask, other=0.0), 0)
-    if DOT_F32:
-        delta = tl.dot(y, b.to(tl.float32), input_precision="ieee")
-    else:
-        delta = tl.dot(y.to(b.dtype), b)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    old = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, (old + delta).to(out_ptr.dtype.element_ty), mask=mask)
+    for m0 in range(pid_m * BLOCK_M, length, token_step):
+        offs = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs < length
+        rows = tl.load(sorted_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
+        y_ptrs = y_ptr + rows[:, None] * width + piece * R + rs[None, :]  # this slice's ranks
+        y = tl.load(y_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, R]
+        if DOT_F32:
+            delta = tl.dot(y, b, input_precision="ieee")
+        else:
+            delta = tl.dot(y.to(b.dtype), b)
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        old = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, (old + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_f32(weight: torch.Tensor) -> bool:
@@ -234,37 +334,46 @@ def _dot_f32(weight: torch.Tensor) -> bool:
 
 def shrink(x, lora_a: torch.Tensor, seg: LoRASegments, silu_mul: bool = False,
            config: ShrinkConfig | None = None) -> torch.Tensor:  # fmt: skip
-    """Split-K partial sums `part [splits, T, N]` fp32 of `x[t] @ lora_a[slot(t)]^T` for the
-    tokens in `seg` (rows of other tokens are left unwritten). `x [T, K]`, or `[T, 2K]` =
-    `[gate | up]` with `silu_mul`, or a `DeferredNorm` of `[T, K]`; `lora_a [L, N, K]`."""
+    """`y [T, N]` fp32 `= x[t] @ lora_a[slot(t)]^T` for the tokens in `seg` (rows of other
+    tokens are left unwritten). `x [T, K]`, or `[T, 2K]` = `[gate | up]` with `silu_mul`, or a
+    `DeferredNorm` of `[T, K]`; `lora_a [L, N, K]`."""
     config = config or ShrinkConfig()
     norm = x if isinstance(x, DeferredNorm) else None
     x = norm.h if norm is not None else x
     x = x if x.stride(-1) == 1 else x.contiguous()
     num_tokens = x.shape[0]
     slots, n, k = lora_a.shape
-    block_k, chunk, splits = split_plan(k, config)
-    part = torch.empty(splits, num_tokens, n, dtype=torch.float32, device=x.device)
+    y = torch.empty(num_tokens, n, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
-        return part
-    block_n = max(16, min(64, triton.next_power_of_2(n)))
-    norm_w, norm_sumsq, eps, parts = lora_a, part, 0.0, 1  # unread without a norm
+        return y
+    block_m, block_n, block_k, chunk, splits = shrink_plan(num_tokens, n, k, num_sms(x.device),
+                                                           config)  # fmt: skip
+    m_blocks, n_blocks = triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n)
+    part, counters = y, y  # unread with one split
+    if splits > 1:
+        part = torch.empty(splits, num_tokens, n, dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, m_blocks * slots * n_blocks)
+    # the final sum loads REDUCE_S splits of the tile at once, REDUCE_ELEMENTS a thread
+    budget = REDUCE_ELEMENTS * 32 * config.num_warps // (block_m * block_n)
+    reduce_s = max(1, min(triton.next_power_of_2(splits), triton.next_power_of_2(budget + 1) // 2))
+    norm_w, norm_sumsq, eps, parts = lora_a, y, 0.0, 1  # unread without a norm
     if norm is not None:
         norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
-    grid = (splits * triton.cdiv(n, block_n), triton.cdiv(num_tokens, BLOCK_M), slots)
+    grid = (splits * n_blocks, m_blocks, slots)
     flag = pdl.use_pdl(x)
     _shrink_kernel[grid](
-        x, lora_a, part, seg.sorted_tokens, seg.seg_start, seg.seg_len, norm_w, norm_sumsq,
-        parts, eps, num_tokens, n, k, chunk, x.stride(0), lora_a.stride(0), lora_a.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(parts),
-        SILU_MUL=silu_mul, NORM=norm is not None, DOT_F32=_dot_f32(lora_a), USE_PDL=flag,
-        num_warps=config.num_warps, launch_pdl=flag,
+        x, lora_a, y, part, counters, seg.sorted_tokens, seg.seg_start, seg.seg_len, norm_w,
+        norm_sumsq, parts, eps, num_tokens, splits, n, k, chunk, x.stride(0), lora_a.stride(0),
+        lora_a.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_P=triton.next_power_of_2(parts), REDUCE_S=reduce_s, SPLIT=splits > 1,
+        USE_DOT=block_m >= DOT_ROWS, SILU_MUL=silu_mul, NORM=norm is not None,
+        DOT_F32=_dot_f32(lora_a), USE_PDL=flag, num_warps=config.num_warps, launch_pdl=flag,
     )  # fmt: skip
-    return part
+    return y
 
 
 def expand(
-    part: torch.Tensor,
+    y: torch.Tensor,
     lora_b: torch.Tensor,
     out: torch.Tensor,
     slice_offsets: torch.Tensor,
@@ -272,24 +381,28 @@ def expand(
     max_slice: int,
     rank: int,
     seg: LoRASegments,
+    config: ExpandConfig | None = None,
 ) -> None:
-    """`out[t, slice s] += y[t, s*R:(s+1)*R] @ lora_b[slot(t), slice s]^T` in place, with
-    `y = part.sum(0)` (`shrink`'s split-K partial sums, `[splits, T, S * R]`)."""
-    splits, num_tokens, _ = part.shape
+    """`out[t, slice s] += y[t, s*R:(s+1)*R] @ lora_b[slot(t), slice s]^T` in place (`y`:
+    `shrink`'s `[T, S * R]`); `config=None`: `expand_config` of the shape."""
+    num_tokens = y.shape[0]
     slots = lora_b.shape[0]
     num_slices = slice_offsets.shape[0]
-    if splits > MAX_SPLITS:  # one load sums them all
-        raise ValueError(f"expand takes at most {MAX_SPLITS} K splits, got {splits}")
     if num_tokens == 0:
         return
-    block_n = max(16, min(128, triton.next_power_of_2(max_slice)))
+    config = config or expand_config(num_tokens, out.shape[1], num_sms(out.device), slots)
+    if config.block_m < DOT_ROWS:
+        raise ValueError(f"ExpandConfig.block_m must be >= {DOT_ROWS} (tl.dot): {config}")
+    block_n = min(config.block_n, max(16, triton.next_power_of_2(max_slice)))
     block_r = max(16, triton.next_power_of_2(rank))  # tl.dot needs K >= 16
-    grid = (triton.cdiv(num_tokens, BLOCK_M), triton.cdiv(max_slice, block_n), slots * num_slices)
-    flag = pdl.use_pdl(part)
+    token_blocks = triton.cdiv(num_tokens, config.block_m)
+    programs = min(token_blocks, config.token_programs or token_blocks)
+    grid = (programs, triton.cdiv(max_slice, block_n), slots * num_slices)
+    flag = pdl.use_pdl(y)
     _expand_kernel[grid](
-        part, lora_b, out, seg.sorted_tokens, seg.seg_start, seg.seg_len, slice_offsets,
-        slice_sizes, num_tokens, splits, rank, lora_b.stride(0), lora_b.stride(1),
-        out.stride(0), NUM_SLICES=num_slices, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits),
-        DOT_F32=_dot_f32(lora_b), USE_PDL=flag, launch_pdl=flag,
+        y, lora_b, out, seg.sorted_tokens, seg.seg_start, seg.seg_len, slice_offsets,
+        slice_sizes, programs * config.block_m, rank, lora_b.stride(0), lora_b.stride(1),
+        out.stride(0), NUM_SLICES=num_slices, BLOCK_M=config.block_m, BLOCK_N=block_n,
+        BLOCK_R=block_r, DOT_F32=_dot_f32(lora_b), USE_PDL=flag, num_warps=config.num_warps,
+        launch_pdl=flag,
     )  # fmt: skip

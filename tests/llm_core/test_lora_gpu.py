@@ -174,11 +174,43 @@ def test_one_row_gemv_lora_epilogue_at_real_sizes(layer):
     lora_batch = LoRABatch(4, 8, "cuda")
     lora_batch.set_step([(2, 1)])
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    part = triton_lora.shrink(x, lora_a, lora_batch.segments, silu_mul=silu)
-    delta = gemv_ops.LoRADelta(part, lora_b, lora_batch.segments.token_slot,
+    y = triton_lora.shrink(x, lora_a, lora_batch.segments, silu_mul=silu)
+    delta = gemv_ops.LoRADelta(y, lora_b, lora_batch.segments.token_slot,
                                torch.tensor(offsets, dtype=torch.int32, device="cuda"))  # fmt: skip
     added = gemv_ops.gemv(x, weight, silu_mul=silu, residual=residual, lora=delta)
     ref = torch.nn.functional.linear(plain, weight)
     ref = lora_reference(plain, ref, lora_a, lora_b, list(zip(offsets, sizes)), rank,
                          lora_batch.segments.host_groups)  # fmt: skip
     torch.testing.assert_close(added.h.float(), (ref + residual).float(), atol=6e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layer", ["qkv", "down"])
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("knobs", ["tl_dot_few_chunks", "walk_wide"])
+def test_launch_configs_at_real_sizes(layer, batch, knobs):
+    """Other points of the bench's sweep give the reference too (compiled): tl.dot for one
+    token and 4-tile K chunks; or 256-wide expand blocks walking each slot's token blocks."""
+    from polymodal.llm_core.lora import triton_lora
+    from polymodal.llm_core.lora.layer import LoRABatch
+    from polymodal.llm_core.lora.ops import lora_reference
+
+    in_features, sizes, rank, slots = *QWEN_7B[layer], 16, 4
+    gen = torch.Generator().manual_seed(11)
+    lora_a, lora_b = _lora_weights(in_features, sizes, rank, slots, gen)
+    lora_batch = LoRABatch(slots, 128, "cuda")
+    lora_batch.set_step([(i % slots, 1) for i in range(batch)])
+    x = torch.randn(batch, in_features, generator=gen).to("cuda", torch.bfloat16)
+    base = torch.randn(batch, sum(sizes), generator=gen).to("cuda", torch.bfloat16)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    expected = lora_reference(x, base.clone(), lora_a, lora_b, list(zip(offsets, sizes)), rank,
+                              lora_batch.segments.host_groups)  # fmt: skip
+    shrink_cfg, expand_cfg = triton_lora.ShrinkConfig(fma_rows=0, min_tiles=4), None
+    if knobs == "walk_wide":
+        shrink_cfg = triton_lora.ShrinkConfig(programs_per_sm=8)
+        expand_cfg = triton_lora.ExpandConfig(block_n=256, token_programs=1, num_warps=8)
+    out = base.clone()
+    y = triton_lora.shrink(x, lora_a, lora_batch.segments, config=shrink_cfg)
+    triton_lora.expand(y, lora_b, out, torch.tensor(offsets, dtype=torch.int32, device="cuda"),
+                       torch.tensor(sizes, dtype=torch.int32, device="cuda"), max(sizes), rank,
+                       lora_batch.segments, expand_cfg)  # fmt: skip
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=2e-2)

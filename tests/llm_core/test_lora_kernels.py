@@ -1,6 +1,6 @@
 """The segmented multi-LoRA Triton kernels (split-K shrink + expand, and the GEMV's LoRA
 epilogue) against the torch reference, on CPU under TRITON_INTERPRET=1 (`interpreted.py`, where
-K chunks are 32 wide): packed slices, ranks below the padded rank, tokens without an adapter,
+A tiles are 32 wide): packed slices, ranks below the padded rank, tokens without an adapter,
 idle slots, more tokens than a block, K not a multiple of the chunk, x as the layer sees it
 (deferred norm, SiLU*mul), and the grid sized for a padded (graph-bucket) token count."""
 
@@ -115,26 +115,66 @@ def test_shrink_reads_x_as_the_layer_does(form, dtype):
     assert_close(out, expected, dtype)
 
 
-def test_split_plan_covers_k_in_few_chunks(monkeypatch):
-    """Compiled-GPU plan: chunks of whole 128-wide tiles, >= 2 of them, at most MAX_SPLITS
-    chunks covering K exactly once (the last one partial); the 7B's two K values."""
+def test_split_plan_spreads_k_over_the_sms(monkeypatch):
+    """Compiled-GPU plan (132 SMs): chunks of whole 128-wide tiles covering K exactly once (the
+    last one partial), about 4 busy programs an SM over the step's tiles, at most MAX_SPLITS
+    chunks; the 7B's K values at one token and at 64 (4 token blocks); prefill: one chunk."""
     monkeypatch.setattr(triton_lora, "_interpreted", lambda: False)
     for k in [1, 100, 128, 300, 3584, 4096, 8192, 8193, 18944, 29568, 100_000]:
-        block_k, chunk, splits = triton_lora.split_plan(k)
-        assert block_k == 128 and chunk % block_k == 0 and chunk >= 2 * block_k, k
-        assert splits <= triton_lora.MAX_SPLITS and (splits - 1) * chunk < k <= splits * chunk
-    assert triton_lora.split_plan(3584) == (128, 256, 14)
-    assert triton_lora.split_plan(18944) == (128, 640, 30)
+        for work in [1, 4, 64, 10_000]:
+            block_k, chunk, splits = triton_lora.split_plan(k, work, 132)
+            assert block_k == 128 and chunk % block_k == 0, k
+            assert splits <= triton_lora.MAX_SPLITS and (splits - 1) * chunk < k <= splits * chunk
+    assert triton_lora.split_plan(18944, 1, 132) == (128, 128, 148)  # one tile a program
+    assert triton_lora.split_plan(18944, 4, 132) == (128, 256, 74)
+    assert triton_lora.split_plan(3584, 4, 132) == (128, 128, 28)
+    assert triton_lora.split_plan(3584, 1000, 132) == (128, 3584, 1)
+
+
+@pytest.mark.parametrize("fma_rows", [0, 8])
+@pytest.mark.parametrize("expand_cfg", [None, (16, 1), (32, 2)])
+def test_launch_configs_equal_the_reference(fma_rows, expand_cfg):
+    """Every launch knob gives the same result (bf16): the shrink's tl.dot and multiply-and-sum
+    paths (a 4-token step), expand's feature blocks narrower than a slice and its programs
+    walking several token blocks of their slot (one adapter's 20 tokens: two 16-token blocks)."""
+    dtype, k_in, sizes, rank = torch.bfloat16, 83, [40, 9, 8], 16
+    lora_a, lora_b = _weights(k_in, sizes, rank, 3, dtype, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    shrink_cfg = triton_lora.ShrinkConfig(fma_rows=fma_rows)
+    small = [(2, 2), (-1, 1), (0, 1)]  # 4 tokens
+    x = torch.randn(4, k_in, generator=gen).to(dtype)
+    y = triton_lora.shrink(x, lora_a, _step(3, small).segments, config=shrink_cfg)
+    for t, slot in [(0, 2), (1, 2), (3, 0)]:
+        want = x[t].float() @ lora_a[slot].float().T
+        torch.testing.assert_close(y[t], want, atol=1e-4, rtol=1e-4)
+    requests = [(2, 3), (-1, 2), (0, 20), (1, 1)]
+    num_tokens = sum(n for _, n in requests)
+    x = torch.randn(num_tokens, k_in, generator=gen).to(dtype)
+    base = torch.randn(num_tokens, sum(sizes), generator=gen).to(dtype)
+    batch = _step(3, requests)
+    offsets = [0, 40, 49]
+    expected = lora_reference(x, base.clone(), lora_a, lora_b, list(zip(offsets, sizes)), rank,
+                              batch.segments.host_groups)  # fmt: skip
+    y = triton_lora.shrink(x, lora_a, batch.segments, config=shrink_cfg)
+    config = None
+    if expand_cfg is not None:
+        config = triton_lora.ExpandConfig(block_n=expand_cfg[0], token_programs=expand_cfg[1])
+    out = base.clone()
+    triton_lora.expand(y, lora_b, out, torch.tensor(offsets, dtype=torch.int32),
+                       torch.tensor(sizes, dtype=torch.int32), max(sizes), rank, batch.segments,
+                       config)  # fmt: skip
+    assert_close(out, expected, dtype)
+    assert torch.equal(out[3:5], base[3:5])
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("rows,slots", [(1, [1]), (1, [-1]), (3, [-1, 2, 0])])
 @pytest.mark.parametrize("form", ["plain", "deferred_norm", "silu_mul"])
 def test_gemv_adds_the_lora_term_before_the_residual(form, rows, slots, split_k):
-    """The GEMV's LoRA epilogue (bf16): each row's term from the shrink's split-K partials and
-    its slot's B (slices of 20 / 9 / 8 features in 8-wide blocks: blocks straddle slices), added
-    to the rounded product before the residual, rounded in that order; sums of squares of the
-    result per block. Rows without a slot get no term."""
+    """The GEMV's LoRA epilogue (bf16): each row's term from the shrink's y and its slot's B
+    (slices of 20 / 9 / 8 features in 8-wide blocks: blocks straddle slices), added to the
+    rounded product before the residual, rounded in that order; sums of squares of the result
+    per block. Rows without a slot get no term."""
     dtype, k_in, sizes, rank = torch.bfloat16, 83, [20, 9, 8], 8
     lora_a, lora_b = _weights(k_in, sizes, rank, 3, dtype, seed=5)
     gen = torch.Generator().manual_seed(6 + rows)
@@ -149,9 +189,8 @@ def test_gemv_adds_the_lora_term_before_the_residual(form, rows, slots, split_k)
     residual = torch.randn(rows, 37, generator=gen).to(dtype)
     batch = _step(3, [(slot, 1) for slot in slots])
     offsets = [0, 20, 29]
-    part = triton_lora.shrink(x, lora_a, batch.segments, silu_mul=form == "silu_mul")
-    assert part.shape[0] == 3  # K = 83: three chunks
-    delta = gemv_ops.LoRADelta(part, lora_b, batch.segments.token_slot,
+    y = triton_lora.shrink(x, lora_a, batch.segments, silu_mul=form == "silu_mul")
+    delta = gemv_ops.LoRADelta(y, lora_b, batch.segments.token_slot,
                                torch.tensor(offsets, dtype=torch.int32))  # fmt: skip
     config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)
     ref = F.linear(plain.float(), weight.float()).to(dtype)
