@@ -231,8 +231,8 @@ def _shrink_kernel(
     if NORM:  # each row's 1/rms from its producer's per-block sums of squares, in fixed order
         offs_p = tl.arange(0, BLOCK_P)
         parts = norm_sumsq_ptr + rows[:, None] * norm_parts + offs_p[None, :]
-        mask = row_ok[:, None] & (offs_p[None, :] < norm_parts)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(parts, mask=mask, other=0.0), 1) / K + eps)
+        p_ok = row_ok[:, None] & (offs_p[None, :] < norm_parts)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(parts, mask=p_ok, other=0.0), 1) / K + eps)
     x = _load_x(x_ptr, rows, row_ok, k, k < k_end, K, stride_xm, rstd, norm_w_ptr,
                 SILU_MUL, NORM)  # fmt: skip
     acc = _product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x, a, USE_DOT, DOT_F32, BLOCK_M)
@@ -257,8 +257,8 @@ def _shrink_kernel(
             for s0 in range(0, splits, REDUCE_S):
                 s = s0 + ss
                 ptrs = part_ptr + s.to(tl.int64)[:, None, None] * plane + tile[None, :, :]
-                mask = (s < splits)[:, None, None] & tile_ok[None, :, :]
-                acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), 0)
+                s_ok = (s < splits)[:, None, None] & tile_ok[None, :, :]
+                acc += tl.sum(tl.load(ptrs, mask=s_ok, other=0.0, cache_modifier=".cg"), 0)
             tl.store(y_ptr + tile, acc, mask=tile_ok)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
