@@ -1,6 +1,7 @@
 """The LLaVA family's pixel recipes: decoded frames -> views -> pixel values, wherever they are.
 
-The processors (`llava.py`, `llava_onevision.py`) only plan: from the decoded image's size and
+The processors (`llava.py`, `llava_onevision.py`; `pixtral.py` and `gemma3.py` take the
+single-view and crops recipes too) only plan: from the decoded image's size and
 the checkpoint's settings they fix every size (`plan_view`, `plan_anyres`) and keep the decoded
 uint8 frames. `view_pixel_values` / `anyres_pixel_values` then do the pixel work at staging, on
 the model's device (a CPU model: on the host), with the ops of transformers' torchvision
@@ -135,6 +136,16 @@ def plan_anyres(
     return AnyresPlan(view, fit_size(size, canvas), canvas, grid, tile, resample, recrop)
 
 
+@dataclass(frozen=True)
+class CropsPlan:
+    """The whole image and its `boxes` (top, left, height, width), each resized to `size`
+    (Gemma 3's pan-and-scan crops)."""
+
+    size: tuple[int, int]
+    resample: int
+    boxes: tuple[tuple[int, int, int, int], ...] = ()
+
+
 def view_frames(frames: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
     """Decoded uint8 `[1, 3, H, W]` -> the view `[1, 3, h, w]`, where `frames` are."""
     if plan.square is not None:
@@ -156,6 +167,24 @@ def anyres_frames(frames: torch.Tensor, plan: AnyresPlan) -> torch.Tensor:
         size, crop = plan.recrop
         views = center_crop(resize(views, size, plan.resample), crop)
     return views
+
+
+def crops_frames(frames: torch.Tensor, plan: CropsPlan) -> torch.Tensor:
+    """Decoded uint8 `[1, 3, H, W]` -> `[1 + len(boxes), 3, h, w]`, where `frames` are."""
+    views = [frames] + [frames[..., t : t + h, x : x + w] for t, x, h, w in plan.boxes]
+    return torch.cat([resize(view, plan.size, plan.resample) for view in views])
+
+
+def crops_pixel_values(
+    frames: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    *,
+    plan: CropsPlan,
+) -> torch.Tensor:
+    """Pixel values `[1 + len(boxes), 3, h, w]` in `dtype` (a `MultimodalItem.pixel_fn`)."""
+    return normalize_frames(crops_frames(frames, plan), mean, std, dtype)
 
 
 def view_pixel_values(
