@@ -1,6 +1,7 @@
-"""On CUDA: LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision images staged on the GPU (resize, pad,
-tiles and normalize there, `llava_views`) give the host route's pixel values bit for bit, at
-the released checkpoints' settings (336 / 384 px, the 7Bs' pinpoints) from 448 px to 12 MP,
+"""On CUDA: LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision / Pixtral / Gemma 3 images staged on the
+GPU (resize, pad, tiles or crops and normalize there, `llava_views`) give the host route's pixel
+values bit for bit, at the released checkpoints' settings (336 / 384 / 1024 / 896 px, the 7Bs'
+pinpoints, pan-and-scan) from 448 px to 12 MP,
 with the same token ids; and greedy tokens of the tiny models do not depend on the route.
 (The host route is the one test_llava_processor.py / test_llava_onevision_processor.py hold to
 transformers.)"""
@@ -20,8 +21,10 @@ from PIL import Image
 
 from polymodal import LLM, SamplingParams
 from polymodal.llm_core.host_copy import copy_to
+from polymodal.processors.gemma3 import Gemma3Processor
 from polymodal.processors.llava import LlavaNextProcessor, LlavaProcessor
 from polymodal.processors.llava_onevision import LlavaOnevisionProcessor
+from polymodal.processors.pixtral import PixtralProcessor
 from tests.helpers import tiny_checkpoint
 
 pytestmark = [
@@ -37,11 +40,15 @@ VARIANTS = {  # name -> (tiny arch, image processor settings: a shipped config o
     "llava_onevision_7b": ("llava_onevision", "llava_onevision_7b"),
     "llava@336": ("llava", LLAVA_336),
     "llava_padded@336": ("llava", {**LLAVA_336, "do_pad": True}),
+    "pixtral_12b": ("pixtral", "pixtral_12b"),
+    "gemma3@896": ("gemma3_vl", {"size": {"height": 896, "width": 896}}),
 }
 PROCESSORS = {
     "llava": LlavaProcessor,
     "llava_next": LlavaNextProcessor,
     "llava_onevision": LlavaOnevisionProcessor,
+    "pixtral": PixtralProcessor,
+    "gemma3_vl": Gemma3Processor,
 }
 
 
@@ -63,8 +70,9 @@ def _released(tmp_path_factory, name):
         shutil.copy(CONFIGS / settings / "processor_config.json", path / "processor_config.json")
     else:
         config = json.loads((path / "processor_config.json").read_text())
-        config["image_processor"].update(settings, patch_size=14)
-        config["patch_size"] = 14
+        config["image_processor"].update(settings)
+        if arch == "llava":
+            config["image_processor"]["patch_size"] = config["patch_size"] = 14
         (path / "processor_config.json").write_text(json.dumps(config))
     return PROCESSORS[arch].from_pretrained(path, processed_cache_mb=0)
 
@@ -80,14 +88,17 @@ def _stage(items, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_staged_on_cuda_equals_host_route(tmp_path_factory, name, dtype):
     proc = _released(tmp_path_factory, name)
+    tag = proc.placeholder
     for width, height in SIZES:
         image = _photo(width, height)
-        prompts = [("<image>", [image])]
+        prompts = [(tag, [image], {})]
         if name == "llava_onevision_7b":  # one of several images: one squared view each
-            prompts.append(("<image><image>", [image, _photo(height, width, 1)]))
-        for prompt, images in prompts:
-            host = proc.process(prompt=prompt, images=images)
-            device = proc.process(prompt=prompt, images=images)
+            prompts.append((tag * 2, [image, _photo(height, width, 1)], {}))
+        if name.startswith("gemma3"):  # pan-and-scan crops (none for a square image)
+            prompts.append((tag, [image], {"do_pan_and_scan": True}))
+        for prompt, images, options in prompts:
+            host = proc.process(prompt=prompt, images=images, **options)
+            device = proc.process(prompt=prompt, images=images, **options)
             assert device.token_ids == host.token_ids
             expected = [item.pixel_values(dtype) for item in host.mm_items]
             for got, ref in zip(_stage(device.mm_items, dtype), expected):
@@ -95,7 +106,7 @@ def test_staged_on_cuda_equals_host_route(tmp_path_factory, name, dtype):
                 assert torch.equal(got.cpu(), ref), (name, width, height, prompt)
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision", "pixtral", "gemma3_vl"])
 def test_greedy_tokens_do_not_depend_on_where_the_pixels_were_made(tmp_path_factory, arch):
     llm = LLM(str(tiny_checkpoint(tmp_path_factory, arch)), dtype="float32", device="cuda")
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -103,7 +114,8 @@ def test_greedy_tokens_do_not_depend_on_where_the_pixels_were_made(tmp_path_fact
     routes = {}
     for route in ("gpu", "host"):
         for image in images:
-            p = llm.processor.process(prompt="<image>\nDescribe.", images=[image])
+            prompt = llm.processor.placeholder + "\nDescribe."
+            p = llm.processor.process(prompt=prompt, images=[image])
             if route == "host":  # pixel values made on the host, then only moved
                 p.mm_items = [
                     dataclasses.replace(it, content_hash=it.content_hash + "/host")  # no cache hit
