@@ -4,13 +4,13 @@ Mirrors transformers' `Gemma3Processor` + `Gemma3ImageProcessor` (torchvision ba
 `<start_of_image>` in the text becomes `"\\n\\n<start_of_image>" + <image_soft_token> x
 image_seq_length + "<end_of_image>\\n\\n"`; the image is resized to the tower's square size
 (bilinear, antialiased; no aspect kept) and normalized (mean = std = 0.5), at staging on the
-model's device (`llava_views.crops_pixel_values`; the processor keeps the decoded image). With pan-and-scan
-(`do_pan_and_scan=True`, off by default as in transformers) an image whose aspect ratio
-reaches `pan_and_scan_min_ratio_to_activate` is also cut into 2..`pan_and_scan_max_num_crops`
-crops along its long side (each at least `pan_and_scan_min_crop_size` pixels), every crop
-resized the same way, and the text says so: "Here is the original image <image> and here are
-some crops to help you see better <crop> <crop>". An image's soft tokens form one
-bidirectional run per crop.
+model's device (`llava_views.crops_pixel_values`; the processor keeps the decoded image).
+With pan-and-scan (`do_pan_and_scan=True`, off by default as in transformers) an image whose
+aspect ratio reaches `pan_and_scan_min_ratio_to_activate` is also cut into
+2..`pan_and_scan_max_num_crops` crops along its long side (each at least
+`pan_and_scan_min_crop_size` pixels), every crop resized the same way, and the text says so:
+"Here is the original image <image> and here are some crops to help you see better <crop> <crop>".
+An image's soft tokens form one bidirectional run per crop.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class Gemma3Processor(MediaProcessor):
         plan = CropsPlan(self.size, self.resample, tuple(tuple(box) for box in boxes))
         knobs = [*self.size, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs += [float(bool(opts["do_pan_and_scan"]))] + [float(b) for box in boxes for b in box]
-        key = {"frames": frames[0], "knobs": torch.tensor(knobs, dtype=torch.float64)}
+        knobs = torch.tensor(knobs, dtype=torch.float64)
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
         num_embeds = (1 + len(boxes)) * self.image_seq_length
         pixel_fn = partial(crops_pixel_values, plan=plan)

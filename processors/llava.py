@@ -116,7 +116,7 @@ class LlavaProcessor(MediaProcessor):
         knobs = [*knobs, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
         frames = image_to_frames(image)  # uint8 [1, 3, H, W], a view of the decoded HWC pixels
-        key = {"frames": frames[0], "knobs": knobs}
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std, **extra}
         return MultimodalItem(
             "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=pixel_fn

@@ -4,9 +4,10 @@ Mistral 3 (`Mistral3ForConditionalGeneration`).
 Mirrors transformers' `PixtralProcessor` + `PixtralImageProcessor` (torchvision backend): an
 image keeps its aspect ratio, shrunk (never grown) to fit `longest_edge` and rounded up to a
 multiple of `patch_size * spatial_merge_size` (bicubic, antialiased), then normalized (CLIP
-mean/std): both at staging, on the model's device (`llava_views.view_pixel_values`). Its placeholder becomes one row of `[IMG]` per `patch * merge` pixels of height,
-each row ended by `[IMG_BREAK]`, the last by `[IMG_END]`; only the `[IMG]` positions take
-embeddings (`embed_mask`), the break and end tokens keep their own.
+mean/std): both at staging, on the model's device (`llava_views.view_pixel_values`). Its
+placeholder becomes one row of `[IMG]` per `patch * merge` pixels of height, each row ended by
+`[IMG_BREAK]`, the last by `[IMG_END]`; only the `[IMG]` positions take embeddings
+(`embed_mask`), the break and end tokens keep their own.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class PixtralProcessor(MediaProcessor):
         rows, cols = size[0] // self.unit, size[1] // self.unit
         knobs = [self.longest, self.unit, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        key = {"frames": frames[0], "knobs": knobs}
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
         item = MultimodalItem(
             "image", data, -1, rows * cols, content_hash("image", key), pixel_fn=pixel_fn
