@@ -3,19 +3,21 @@
 Mirrors transformers' `Gemma3Processor` + `Gemma3ImageProcessor` (torchvision backend): each
 `<start_of_image>` in the text becomes `"\\n\\n<start_of_image>" + <image_soft_token> x
 image_seq_length + "<end_of_image>\\n\\n"`; the image is resized to the tower's square size
-(bilinear, antialiased; no aspect kept) and normalized (mean = std = 0.5). With pan-and-scan
-(`do_pan_and_scan=True`, off by default as in transformers) an image whose aspect ratio
-reaches `pan_and_scan_min_ratio_to_activate` is also cut into 2..`pan_and_scan_max_num_crops`
-crops along its long side (each at least `pan_and_scan_min_crop_size` pixels), every crop
-resized the same way, and the text says so: "Here is the original image <image> and here are
-some crops to help you see better <crop> <crop>". An image's soft tokens form one
-bidirectional run per crop.
+(bilinear, antialiased; no aspect kept) and normalized (mean = std = 0.5), at staging on the
+model's device (`llava_views.crops_pixel_values`; the processor keeps the decoded image).
+With pan-and-scan (`do_pan_and_scan=True`, off by default as in transformers) an image whose
+aspect ratio reaches `pan_and_scan_min_ratio_to_activate` is also cut into
+2..`pan_and_scan_max_num_crops` crops along its long side (each at least
+`pan_and_scan_min_crop_size` pixels), every crop resized the same way, and the text says so:
+"Here is the original image <image> and here are some crops to help you see better <crop> <crop>".
+An image's soft tokens form one bidirectional run per crop.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,13 @@ import torch
 from polymodal.llm_core.errors import ModelLoadError
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.llava_views import CropsPlan, crops_pixel_values
 from polymodal.processors.pixels import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
     image_processor_section,
     image_to_frames,
-    normalize_frames,
     processor_section,
-    resize,
     scaled_mean_std,
 )
 from polymodal.processors.types import MultimodalItem
@@ -114,15 +115,17 @@ class Gemma3Processor(MediaProcessor):
                 int(opts["pan_and_scan_max_num_crops"]),
                 float(opts["pan_and_scan_min_ratio_to_activate"]),
             )
-        views = [frames] + [frames[..., t : t + h, x : x + w] for t, x, h, w in boxes]
-        crops = torch.cat([resize(view, self.size, self.resample) for view in views])
+        # the crops are resized at staging, on the model's device (`llava_views`)
+        plan = CropsPlan(self.size, self.resample, tuple(tuple(box) for box in boxes))
         knobs = [*self.size, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs += [float(bool(opts["do_pan_and_scan"]))] + [float(b) for box in boxes for b in box]
-        key = {"frames": frames[0], "knobs": torch.tensor(knobs, dtype=torch.float64)}
-        data = {"pixel_frames": crops, "pixel_mean": self.mean, "pixel_std": self.std}
-        num_embeds = len(views) * self.image_seq_length
+        knobs = torch.tensor(knobs, dtype=torch.float64)
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
+        data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
+        num_embeds = (1 + len(boxes)) * self.image_seq_length
+        pixel_fn = partial(crops_pixel_values, plan=plan)
         item = MultimodalItem(
-            "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=normalize_frames
+            "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=pixel_fn
         )
         if not boxes:
             return item, self.full_image

@@ -16,50 +16,32 @@ processors (`CLIPImageProcessor` / `LlavaImageProcessor`, `LlavaNextImageProcess
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.llava_views import (
+    AnyresPlan,
+    ViewPlan,
+    anyres_pixel_values,
+    fit_size,  # noqa: F401 (re-exported: HyperCLOVA X's processor takes it from here)
+    plan_anyres,
+    select_best_resolution,  # noqa: F401 (re-exported, as fit_size)
+    shortest_edge_size,
+    view_pixel_values,
+)
 from polymodal.processors.pixels import (
     image_processor_section,
     image_to_frames,
-    normalize_frames,
     processor_section,
-    resize,
     scaled_mean_std,
-    split_tiles,
 )
 from polymodal.processors.qwen_vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from polymodal.processors.types import MultimodalItem
-
-
-def select_best_resolution(size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
-    """transformers' `select_best_resolution`: of the (height, width) pinpoints, the one that
-    keeps the most of the image (downscaled to fit) and wastes the least."""
-    height, width = size
-    best, most, least = None, 0, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / width, h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = w * h - effective
-        if effective > most or (effective == most and wasted < least):
-            best, most, least = (h, w), effective, wasted
-    return best
-
-
-def fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    """transformers' `get_patch_output_size`: `size` scaled to fit `target`, aspect kept."""
-    height, width = size
-    target_h, target_w = target
-    scale_w, scale_h = target_w / width, target_h / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_h), target_w
-    return target_h, min(math.ceil(width * scale_h), target_w)
 
 
 def unpad_box(size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -73,26 +55,6 @@ def unpad_box(size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, in
     new_width = int(round(width * (rows / height), 7))
     pad = (cols - new_width) // 2
     return 0, rows, pad, cols - 2 * pad
-
-
-def shortest_edge_size(size: tuple[int, int], shortest: int) -> tuple[int, int]:
-    """transformers' `get_resize_output_image_size(..., default_to_square=False)`."""
-    height, width = size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = shortest, int(shortest * long / short)
-    return (new_long, new_short) if width <= height else (new_short, new_long)
-
-
-def center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """transformers' torchvision `center_crop` (zero padding when the crop is larger)."""
-    height, width = frames.shape[-2:]
-    crop_h, crop_w = size
-    if crop_w > width or crop_h > height:
-        pad_w, pad_h = max(crop_w - width, 0), max(crop_h - height, 0)
-        frames = F.pad(frames, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        height, width = frames.shape[-2:]
-    top, left = int((height - crop_h) / 2.0), int((width - crop_w) / 2.0)
-    return frames[..., top : top + crop_h, left : left + crop_w]
 
 
 class LlavaProcessor(MediaProcessor):
@@ -134,36 +96,30 @@ class LlavaProcessor(MediaProcessor):
         count = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
         return count - 1 if self.drop_cls else count
 
-    def _square(self, frames: torch.Tensor) -> torch.Tensor:
-        """LlavaImageProcessor's `pad_to_square`: centred on the mean colour."""
-        height, width = frames.shape[-2:]
-        if height == width:
-            return frames
-        side = max(height, width)
-        left, top = (side - width) // 2, (side - height) // 2
-        out = frames.new_empty((*frames.shape[:-2], side, side))
-        out[...] = torch.tensor(self.pad_colour, dtype=frames.dtype).view(-1, 1, 1)
-        out[..., top : top + height, left : left + width] = frames
-        return out
-
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
-        frames = image_to_frames(image)
-        if self.do_pad:
-            frames = self._square(frames)
-        frames = resize(frames, shortest_edge_size(frames.shape[-2:], self.shortest), self.resample)
-        if self.do_center_crop:
-            frames = center_crop(frames, self.crop)
+        size = (image.height, image.width)
+        if self.do_pad:  # squared with the mean colour first
+            size = (max(size), max(size))
+        crop = self.crop if self.do_center_crop else None
+        resized = shortest_edge_size(size, self.shortest)
+        square = tuple(self.pad_colour) if self.do_pad else None
+        plan = ViewPlan(resized, self.resample, square, crop)
         knobs = [self.shortest, *self.crop, self.do_pad, self.resample]
-        item = self._item(image, frames, knobs, self.tokens_per_view(*frames.shape[-2:]), {})
+        num_embeds = self.tokens_per_view(*(crop or resized))
+        item = self._item(image, partial(view_pixel_values, plan=plan), knobs, num_embeds, {})
         return item, self.placeholder * item.num_slots
 
-    def _item(self, image, frames, knobs, num_embeds, extra) -> MultimodalItem:
+    def _item(self, image, pixel_fn, knobs, num_embeds, extra) -> MultimodalItem:
+        """An item that keeps the decoded frames; `pixel_fn` (a `llava_views` recipe) makes
+        the pixel values at staging, on the model's device. Hashed as decoded, with the knobs
+        that decide its views (the plan follows from them and the image's size)."""
         knobs = [*knobs, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        key = {"frames": image_to_frames(image)[0], "knobs": knobs}
+        frames = image_to_frames(image)  # uint8 [1, 3, H, W], a view of the decoded HWC pixels
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std, **extra}
         return MultimodalItem(
-            "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=normalize_frames
+            "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=pixel_fn
         )
 
 
@@ -185,14 +141,15 @@ class LlavaNextProcessor(LlavaProcessor):
 
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
         size = (image.height, image.width)
-        views, (rows, cols) = self.anyres_views(image_to_frames(image), size)
-        layout = self.tile_layout(size, rows, cols)
-        base = self.tokens_per_view(*views.shape[-2:])
+        plan = self.anyres_plan(size)
+        layout = self.tile_layout(size, *plan.grid)
+        base = self.tokens_per_view(*(plan.recrop[1] if plan.recrop else plan.view))
         out_height, out_width = layout[6:]
         num_embeds = base + out_height * (out_width + 1)  # a newline ends each feature row
         knobs = [*self.view, self.tile, self.resample, *(v for p in self.pinpoints for v in p)]
         extra = {"tile_layout": torch.tensor(layout, dtype=torch.int64)}
-        item = self._item(image, views, knobs, num_embeds, extra)
+        pixel_fn = partial(anyres_pixel_values, plan=plan)
+        item = self._item(image, pixel_fn, knobs, num_embeds, extra)
         return item, self.placeholder * num_embeds
 
     def tile_layout(self, size: tuple[int, int], rows: int, cols: int) -> list[int]:
@@ -203,18 +160,8 @@ class LlavaNextProcessor(LlavaProcessor):
         box = unpad_box(size, rows * side, cols * side)
         return [rows, cols, *box, box[1], box[3]]
 
-    def anyres_views(self, frames: torch.Tensor, size: tuple[int, int]):
-        """`[1, 3, H, W]` -> (the base view and the tiles `[1 + rows * cols, 3, t, t]`,
-        (rows, cols))."""
-        best = select_best_resolution(size, self.pinpoints)
-        fitted = resize(frames, fit_size(size, best), self.resample)
-        # zero padding, centred (transformers' `_pad_for_patching`)
-        pad_h, pad_w = best[0] - fitted.shape[-2], best[1] - fitted.shape[-1]
-        padded = F.pad(fitted, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        rows, cols = best[0] // self.tile, best[1] // self.tile
-        tiles = split_tiles(padded, rows, cols, self.tile)
-        views = torch.cat([resize(frames, self.view, self.resample), tiles])
-        if (self.tile, self.tile) != self.view or self.crop != self.view:  # as transformers
-            size = shortest_edge_size(views.shape[-2:], self.shortest)
-            views = center_crop(resize(views, size, self.resample), self.crop)
-        return views, (rows, cols)
+    def anyres_plan(self, size: tuple[int, int]) -> AnyresPlan:
+        """Where an image of `size` (h, w) goes: its base view and tile grid (`llava_views`)."""
+        return plan_anyres(
+            size, self.pinpoints, self.tile, self.view, self.resample, self.shortest, self.crop
+        )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,10 @@ from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.processors.chat import MediaRef
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.llava import LlavaNextProcessor
+from polymodal.processors.llava_views import ViewPlan, view_pixel_values
 from polymodal.processors.media import media_error
 from polymodal.processors.pixels import (
     image_processor_section,
-    image_to_frames,
     normalize_frames,
     processor_section,
     read_json,
@@ -120,10 +121,10 @@ class LlavaOnevisionProcessor(LlavaNextProcessor):
         if options.get(IMAGES_IN_PROMPT, 1) == 1:
             return super().image_item(image, options)
         # one of several: a single view, squared with the mean colour (no tiles)
-        view = resize(self._square(image_to_frames(image)), self.view, self.resample)
+        plan = ViewPlan(self.view, self.resample, square=tuple(self.pad_colour))
         num_embeds = self.tokens_per_view(*self.view) + 1  # its features and one newline
         knobs = [0, *self.view, self.resample, *self.pad_colour]
-        item = self._item(image, view, knobs, num_embeds, {})
+        item = self._item(image, partial(view_pixel_values, plan=plan), knobs, num_embeds, {})
         return item, self.placeholder * num_embeds
 
     def video_item(self, source, index: int, options: dict[str, Any]) -> tuple[MultimodalItem, str]:

@@ -4,14 +4,16 @@ Mistral 3 (`Mistral3ForConditionalGeneration`).
 Mirrors transformers' `PixtralProcessor` + `PixtralImageProcessor` (torchvision backend): an
 image keeps its aspect ratio, shrunk (never grown) to fit `longest_edge` and rounded up to a
 multiple of `patch_size * spatial_merge_size` (bicubic, antialiased), then normalized (CLIP
-mean/std). Its placeholder becomes one row of `[IMG]` per `patch * merge` pixels of height,
-each row ended by `[IMG_BREAK]`, the last by `[IMG_END]`; only the `[IMG]` positions take
-embeddings (`embed_mask`), the break and end tokens keep their own.
+mean/std): both at staging, on the model's device (`llava_views.view_pixel_values`). Its
+placeholder becomes one row of `[IMG]` per `patch * merge` pixels of height, each row ended by
+`[IMG_BREAK]`, the last by `[IMG_END]`; only the `[IMG]` positions take embeddings
+(`embed_mask`), the break and end tokens keep their own.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,11 @@ import torch
 
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
+from polymodal.processors.llava_views import ViewPlan, view_pixel_values
 from polymodal.processors.pixels import (
     image_processor_section,
     image_to_frames,
-    normalize_frames,
     processor_section,
-    resize,
     scaled_mean_std,
 )
 from polymodal.processors.qwen_vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -61,16 +62,16 @@ class PixtralProcessor(MediaProcessor):
         self.embed_token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
 
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
-        frames = image_to_frames(image)
+        frames = image_to_frames(image)  # as decoded: staging resizes (`llava_views`)
         size = pixtral_size(image.height, image.width, self.longest, self.unit)
-        frames = resize(frames, size, self.resample)
+        pixel_fn = partial(view_pixel_values, plan=ViewPlan(size, self.resample))
         rows, cols = size[0] // self.unit, size[1] // self.unit
         knobs = [self.longest, self.unit, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        key = {"frames": image_to_frames(image)[0], "knobs": knobs}
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
         item = MultimodalItem(
-            "image", data, -1, rows * cols, content_hash("image", key), pixel_fn=normalize_frames
+            "image", data, -1, rows * cols, content_hash("image", key), pixel_fn=pixel_fn
         )
         expansion = (self.placeholder * cols + self.break_token) * rows
         return item, expansion[: -len(self.break_token)] + self.end_token

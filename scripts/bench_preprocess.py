@@ -13,6 +13,14 @@ on the host) against the CUDA route (process, then staged: the decoded frame cop
 patchified and normalized on the GPU), and the bicubic resize alone on each:
 
     python scripts/bench_preprocess.py --resize [--repeats 20]
+
+`--resize --family llava_next` (or `llava_onevision`) times the same for the 7B's LLaVA-NeXT /
+OneVision processor settings (a tiny checkpoint's tokenizer; no weights): the host route
+(process, then the anyres views' resizes, padding, tiles and normalize on the host) against the
+CUDA route (process, then staged: all of that on the GPU), and `process()` alone (decoded
+frames kept, the host's share of the CUDA route):
+
+    python scripts/bench_preprocess.py --resize --family llava_next [--repeats 20]
 """
 
 from __future__ import annotations
@@ -114,20 +122,64 @@ def _resize_row(proc, image: Image.Image, repeats: int) -> str:
     return row + f"{cuda_route:10.1f} | {cpu_resize:10.1f} {gpu_resize:10.2f}"
 
 
-def bench_resize(proc, repeats: int) -> None:
+def _llava_row(proc, image: Image.Image, repeats: int) -> str:
+    """One table row for a LLaVA-NeXT / OneVision processor: host route, CUDA route, and
+    `process()` alone."""
+    from functools import partial
+
+    from polymodal.llm_core.host_copy import copy_to
+
+    plan = proc.anyres_plan((image.height, image.width))
+
+    def item():
+        return proc.process(prompt="<image>", images=[image]).mm_items[0]
+
+    host_route = _median_ms(lambda: item().pixel_values(torch.bfloat16), repeats)
+    process = _median_ms(item, repeats)
+    canvas = f"{plan.canvas[0]}x{plan.canvas[1]}"
+    row = f"{canvas:>11} {plan.num_views:5} | {host_route:9.1f} "
+    if not torch.cuda.is_available():
+        return row + f"{'(no GPU)':>10} | {process:10.1f}"
+    device, sync = torch.device("cuda", torch.cuda.current_device()), torch.cuda.synchronize
+    move = partial(copy_to, device=device)
+    cuda_route = _median_ms(lambda: item().stage(device, torch.bfloat16, move), repeats, sync)
+    return row + f"{cuda_route:10.1f} | {process:10.1f}"
+
+
+def llava_processor(family: str, out: Path):
+    """The 7B's LLaVA-NeXT / OneVision processor settings on a tiny checkpoint's tokenizer."""
+    import shutil
+
+    from polymodal.demo_model import write_demo_checkpoint
+    from polymodal.processors.llava import LlavaNextProcessor
+    from polymodal.processors.llava_onevision import LlavaOnevisionProcessor
+
+    ckpt = write_demo_checkpoint(out / family, family)
+    config = ROOT / "sdk" / "configs" / f"{family}_7b" / "processor_config.json"
+    shutil.copy(config, ckpt / "processor_config.json")
+    cls = LlavaNextProcessor if family == "llava_next" else LlavaOnevisionProcessor
+    return cls.from_pretrained(ckpt, processed_cache_mb=0)
+
+
+def bench_resize(proc, repeats: int, family: str = "qwen_vl") -> None:
     """CPU vs CUDA route for one decoded image per size (see the module docstring)."""
     import skimage.data
 
     rng = np.random.default_rng(0)
     sizes = {"448x448": (448, 448), "1080p": (1920, 1080), "4K": (3840, 2160), "12MP": (4000, 3000)}
     print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {os.getloadavg()}")
-    print(f"{'image':8} {'resized to':>11} | {'CPU route':>9} {'CUDA route':>10} | "
-          f"{'CPU resize':>10} {'GPU resize':>10}  (ms, median of {repeats})")  # fmt: skip
+    if family == "qwen_vl":
+        print(f"{'image':8} {'resized to':>11} | {'CPU route':>9} {'CUDA route':>10} | "
+              f"{'CPU resize':>10} {'GPU resize':>10}  (ms, median of {repeats})")  # fmt: skip
+    else:
+        print(f"{family}: {'image':8} {'canvas':>11} {'views':>5} | {'CPU route':>9} "
+              f"{'CUDA route':>10} | {'process()':>10}  (ms, median of {repeats})")  # fmt: skip
+    row_of = _resize_row if family == "qwen_vl" else _llava_row
     for name, (width, height) in sizes.items():
         photo = Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BICUBIC)
         noisy = np.asarray(photo).astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
         image = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
-        print(f"{name:8} {_resize_row(proc, image, repeats)}", flush=True)
+        print(f"{name:8} {row_of(proc, image, repeats)}", flush=True)
 
 
 def main() -> None:
@@ -137,10 +189,17 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resize", action="store_true", help="CPU vs CUDA route per image size")
+    parser.add_argument(
+        "--family", choices=["qwen_vl", "llava_next", "llava_onevision"], default="qwen_vl"
+    )
     args = parser.parse_args()
     from polymodal.bench.checkpoint import write_user_checkpoint
 
     out = Path(tempfile.mkdtemp())
+    if args.family != "qwen_vl":
+        if not args.resize:
+            parser.error("--family llava_next / llava_onevision times the --resize table only")
+        return bench_resize(llava_processor(args.family, out), args.repeats, args.family)
     ckpt = write_user_checkpoint(ROOT / "sdk" / "configs" / "qwen2_5_vl_7b", out / "ckpt")
     proc = qwen_vl.QwenVLProcessor.from_pretrained(ckpt, processed_cache_mb=0)
     if args.resize:  # in-memory images: no files, no video encoder (PyAV) needed

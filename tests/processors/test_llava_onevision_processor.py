@@ -66,9 +66,9 @@ def _check(ours, ref):
     images = [item for item in ours.mm_items if item.modality == "image"]
     videos = [item for item in ours.mm_items if item.modality == "video"]
     if images:  # [images, max views, C, S, S], zero-padded views
-        views = [item.data["pixel_frames"].shape[0] for item in images]
-        expected = torch.cat([ref["pixel_values"][i, :n] for i, n in enumerate(views)])
-        got = torch.cat([item.pixel_values() for item in images])
+        each = [item.pixel_values() for item in images]  # [views, C, S, S] each
+        expected = torch.cat([ref["pixel_values"][i, : v.shape[0]] for i, v in enumerate(each)])
+        got = torch.cat(each)
         assert got.shape == expected.shape
         assert (got - expected).abs().max().item() <= 1e-6
     if videos:
@@ -121,7 +121,7 @@ def test_video_frames_match_hf(processors):
 def test_image_and_video_match_hf(photos, processors):
     """One image with a video is the prompt's only image: anyres."""
     result = _chat(processors, [photos["coffee"]], [[random_image(30, 60, i) for i in range(3)]])
-    assert result.mm_items[0].data["pixel_frames"].shape[0] > 1
+    assert result.mm_items[0].pixel_values().shape[0] > 1
 
 
 def test_num_frames_samples_as_hf(processors):
@@ -196,5 +196,5 @@ def test_cached_image_keeps_its_prompt_mode(photos, processors):
     alone = ours.process(prompt="<image>", images=[data]).mm_items[0]
     pair = ours.process(prompt="<image><image>", images=[data, data]).mm_items
     again = ours.process(prompt="<image>", images=[data]).mm_items[0]
-    assert alone.data["pixel_frames"].shape[0] > 1 and again.num_embeds == alone.num_embeds
+    assert alone.pixel_values().shape[0] > 1 and again.num_embeds == alone.num_embeds
     assert [item.num_embeds for item in pair] == [ours.num_image_tokens + 1] * 2

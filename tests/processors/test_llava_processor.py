@@ -78,10 +78,10 @@ def _messages(names, photos):
 def _check(ours, ref):
     assert ours.token_ids == ref["input_ids"][0].tolist()
     expected = ref["pixel_values"]
+    each = [item.pixel_values() for item in ours.mm_items]  # [views, C, S, S] each
     if expected.dim() == 5:  # LLaVA-NeXT: [images, max views, C, S, S], zero-padded views
-        views = [item.data["pixel_frames"].shape[0] for item in ours.mm_items]
-        expected = torch.cat([expected[i, :n] for i, n in enumerate(views)])
-    got = torch.cat([item.pixel_values() for item in ours.mm_items])
+        expected = torch.cat([expected[i, : got.shape[0]] for i, got in enumerate(each)])
+    got = torch.cat(each)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-6
 
