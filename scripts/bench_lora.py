@@ -171,7 +171,7 @@ def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
 
     start = time.perf_counter()
     # fewer, longer K chunks (min_tiles) trade the final split sum against each chunk's loop
-    sweep = [ShrinkConfig(min_tiles=t) for t in (1, 2, 4)]
+    sweep = [ShrinkConfig(min_tiles=t, dot_min_tiles=t) for t in (1, 2, 4, 8)]
     sweep += [ShrinkConfig(block_k=bk) for bk in (64, 256)]
     sweep += [ShrinkConfig(programs_per_sm=p) for p in (2, 8)]
     sweep += [ShrinkConfig(num_warps=w) for w in (2, 8)] + [ShrinkConfig(fma_rows=0)]

@@ -27,7 +27,7 @@ written.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -58,7 +58,9 @@ class ShrinkConfig:
     128-wide tile instead of 30 of five), one tile per chunk allowed (`min_tiles`)."""
 
     block_k: int = 128  # A tile width
-    min_tiles: int = 1  # A tiles per K chunk at least
+    min_tiles: int = 1  # A tiles per K chunk at least (multiply-and-sum steps)
+    dot_min_tiles: int = 4  # the same for tl.dot steps (H200, B = 64: 28 one-tile chunks of
+    # the qkv shrink took 17.6 us, 7 four-tile chunks 6.3: the final sum costs more than a loop)
     programs_per_sm: int = 4  # busy programs `split_plan` aims for, per SM
     fma_rows: int = 8  # steps of <= this many tokens: multiply-and-sum rows, not tl.dot's 16
     num_warps: int = 4
@@ -100,22 +102,22 @@ def shrink_plan(num_tokens: int, n: int, k: int, sms: int, config: ShrinkConfig 
     block_m = triton.next_power_of_2(max(num_tokens, 1)) if fma else DOT_ROWS
     block_n = max(16, min(64, triton.next_power_of_2(n)))
     work = triton.cdiv(num_tokens, block_m) * triton.cdiv(n, block_n)
+    if not fma:
+        config = replace(config, min_tiles=max(config.min_tiles, config.dot_min_tiles))
     return block_m, block_n, *split_plan(k, work, sms, config)
 
 
 def expand_config(num_tokens: int, out_features: int, sms: int, slots: int) -> ExpandConfig:
-    """The widest feature block (256 .. 64) that still gives a busy program per SM when the
-    tokens spread over the slots (wide blocks: fewer programs re-reading y and the rows, 8
-    warps from 256); the programs along the tokens are as many as such a step's token blocks
-    per slot, so a round-robin decode step has no idle program along the tokens (a step of one
-    adapter walks `slots` blocks a program)."""
+    """128 output features per program when that still gives a busy program per SM with the
+    tokens spread over the slots, else 64 (H200, B = 64: 256-wide blocks were slower at every
+    site, e.g. gate_up 8.3 us against 6.7 at 128); the programs along the tokens are as many
+    as such a step's token blocks per slot, so a round-robin decode step has no idle program
+    along the tokens (a step of one adapter walks `slots` blocks a program)."""
     token_blocks = triton.cdiv(max(num_tokens, 1), DOT_ROWS)
-    block_n = next((b for b in (256, 128) if triton.cdiv(out_features, b) * token_blocks >= sms),
-                   64)  # fmt: skip
+    block_n = 128 if triton.cdiv(out_features, 128) * token_blocks >= sms else 64
     return ExpandConfig(
         block_n=block_n,
         token_programs=triton.cdiv(token_blocks, max(1, slots)),
-        num_warps=8 if block_n >= 256 else 4,
     )
 
 
