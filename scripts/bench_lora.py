@@ -107,6 +107,7 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
     import triton.testing
 
     from polymodal.llm_core.layers import gemv as gemv_mod
+    from polymodal.llm_core.layers import gemv_lora
     from polymodal.llm_core.lora import triton_lora
     from polymodal.llm_core.lora.layer import LoRABatch
 
@@ -126,7 +127,7 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
     one_row = m <= gemv_mod.MAX_ROWS
     xs = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if silu else x
     out = torch.nn.functional.linear(xs, weight)
-    delta = gemv_mod.LoRADelta(y, lora_b, seg.token_slot, offsets)
+    delta = gemv_lora.LoRADelta(y, lora_b, seg.token_slot, offsets)
 
     def base():
         if one_row:

@@ -12,9 +12,9 @@ projection needs no activation kernel then). The residual add and the RMSNorm be
 blocks fold in too: a GEMV given `residual` adds it to its output and writes each feature
 block's sum of squares; the next GEMV, given that as a `DeferredNorm`, sums those (in a fixed
 order) to each row's 1/rms and normalizes x as it loads it (batch-1 decode runs no norm
-kernel between layers). A LoRA layer's low-rank term (`LoRADelta`) is added in the epilogue
-too, after the rounding to the output dtype and before the residual: the same order as the
-unfused path (product, `+= delta`, then the add), so LoRA keeps every fold.
+kernel between layers). A LoRA layer's low-rank term (`LoRADelta`, gemv_lora.py) is added
+in the epilogue too, after the rounding to the output dtype and before the residual: the same
+order as the unfused path (product, `+= delta`, then the add), so LoRA keeps every fold.
 
 Everything the launch depends on is a host int derived from shapes, so calls can be captured
 in CUDA graphs (no syncs, no autotuning at first call).
@@ -31,6 +31,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.gemv_lora import LoRADelta, lora_delta, lora_rows
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
@@ -39,18 +40,6 @@ TILE_ELEMENTS = 8192  # weight elements per program and K step in the default co
 # keep what is re-read (activations, norm weights, partial sums, the KV cache). Batch-1 decode on
 # an H200: 3.762 (default policy) -> 3.735 ms a token, same machine.
 WEIGHT_EVICTION = "evict_first"
-
-
-@dataclass(frozen=True)
-class LoRADelta:
-    """Per-row low-rank terms a GEMV adds to its output (`lora/layer.py`): row m, feature f of
-    slice s gets `y[m, s*R:(s+1)*R] @ lora_b[slot[m], f]`, where `y` is
-    `lora/triton_lora.shrink`'s output and `slot[m] = token_slot[m]` (-1: no term)."""
-
-    y: torch.Tensor  # fp32 [M, S * R]
-    lora_b: torch.Tensor  # [L, N, R]
-    token_slot: torch.Tensor  # int32 [>= M]
-    slice_offsets: torch.Tensor  # int32 [S]: each slice's first feature (0 first)
 
 
 @dataclass(frozen=True)
@@ -161,41 +150,6 @@ def row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM: tl.constexpr,
 
 
 @triton.jit
-def _lora_rows(slot_ptr, b_ptr, slice_ptr, offs_m, offs_n, n_mask, M, N, R,
-               NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """`LoRADelta`'s weights of this feature block: each row's slot `[BLOCK_M]`, its B rows
-    `[BLOCK_N, BLOCK_M, BLOCK_R]` (fp32, zeros for rows without a slot) and each feature's
-    slice `[BLOCK_N]`."""
-    slots = tl.load(slot_ptr + offs_m, mask=offs_m < M, other=-1)
-    rs = tl.arange(0, BLOCK_R)
-    mask = (slots >= 0)[None, :, None] & n_mask[:, None, None] & (rs < R)[None, None, :]
-    rows = b_ptr + slots.to(tl.int64)[None, :, None] * N * R + offs_n[:, None, None] * R
-    lora_b = tl.load(rows + rs[None, None, :], mask=mask, other=0.0).to(tl.float32)
-    piece = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for s in tl.static_range(1, NUM_SLICES):
-        piece += (offs_n >= tl.load(slice_ptr + s)).to(tl.int32)
-    return slots, lora_b, piece
-
-
-@triton.jit
-def _lora_delta(y_ptr, lora_b, slots, piece, offs_m, R, NUM_SLICES: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """`delta [BLOCK_N, BLOCK_M]` of `LoRADelta` from `_lora_rows`' values; y rows are
-    loaded only for the slices this feature block holds (mostly one)."""
-    rs = tl.arange(0, BLOCK_R)
-    width = NUM_SLICES * R
-    mask = (slots >= 0)[:, None] & (rs < R)[None, :]
-    rows = y_ptr + offs_m[:, None] * width + rs[None, :]  # [BLOCK_M, BLOCK_R]
-    delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for s in tl.static_range(NUM_SLICES):
-        held = tl.max((piece == s).to(tl.int32), 0) > 0
-        y = tl.load(rows + s * R, mask=mask & held, other=0.0)
-        part = tl.sum(lora_b * y[None, :, :], 2)  # [BLOCK_N, BLOCK_M]
-        delta = tl.where((piece == s)[:, None], part, delta)
-    return delta
-
-
-@triton.jit
 def store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
               delta, RESIDUAL: tl.constexpr, LORA: tl.constexpr):  # fmt: skip
     """out = acc in out's dtype; LORA: out = that + delta (rounded as `out += delta` rounds);
@@ -281,15 +235,15 @@ def _gemv_kernel(
         wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     slots, lora_b, piece = offs_m, acc, offs_n  # unread without LORA
     if LORA:  # the rows' slots (copied in before the step's first kernel) and B (weights)
-        slots, lora_b, piece = _lora_rows(lora_slot_ptr, lora_b_ptr, lora_slice_ptr, offs_m,
-                                          offs_n, n_mask, M, N, R, LORA_SLICES, BLOCK_N,
-                                          BLOCK_R)  # fmt: skip
+        slots, lora_b, piece = lora_rows(lora_slot_ptr, lora_b_ptr, lora_slice_ptr, offs_m,
+                                         offs_n, n_mask, M, N, R, LORA_SLICES, BLOCK_N,
+                                         BLOCK_R)  # fmt: skip
     pdl.wait(USE_PDL)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
     delta = acc  # LORA: the rows' low-rank terms, loaded now: they stream in with x
     if LORA:
-        delta = _lora_delta(lora_y_ptr, lora_b, slots, piece, offs_m, R, LORA_SLICES, BLOCK_N,
-                            BLOCK_M, BLOCK_R)  # fmt: skip
+        delta = lora_delta(lora_y_ptr, lora_b, slots, piece, offs_m, R, LORA_SLICES, BLOCK_N,
+                           BLOCK_M, BLOCK_R)  # fmt: skip
     if tile_start < tile_end:
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
                          BLOCK_M, SILU_MUL, NORM)  # fmt: skip

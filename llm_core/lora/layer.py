@@ -158,7 +158,7 @@ class LoRALinearMethod(LinearMethod):
             groups = batch.segments.host_groups
             return lora_reference(x, out, layer.lora_a, layer.lora_b, self.slices, self.rank,
                                   groups)  # fmt: skip
-        from polymodal.llm_core.layers.gemv import LoRADelta  # Triton: an optional dependency
+        from polymodal.llm_core.layers.gemv_lora import LoRADelta  # Triton: an optional dependency
         from polymodal.llm_core.lora import triton_lora
 
         seg = batch.segments

@@ -20,7 +20,7 @@ written.
 - `expand`: `out[t, slice s] += y[t, s*R:(s+1)*R] @ B[slot(t), slice s]^T`; the grid's third
   axis is (slot, slice), and a program walks its slot's token blocks (`ExpandConfig`), keeping
   its B tile. Every output element belongs to one token and one slice: no atomics. A one-row
-  GEMV adds the same term in its own epilogue instead (`layers.gemv.LoRADelta`), before its
+  GEMV adds the same term in its own epilogue instead (`layers.gemv_lora.LoRADelta`), before its
   residual add.
 """
 

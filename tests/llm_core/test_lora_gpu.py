@@ -150,6 +150,7 @@ def test_one_row_gemv_lora_epilogue_at_real_sizes(layer):
     for down): x normalized as it loads (SiLU*mul for down), the LoRA term, then the residual;
     equal to the unfused reference."""
     from polymodal.llm_core.layers import gemv as gemv_ops
+    from polymodal.llm_core.layers import gemv_lora
     from polymodal.llm_core.layers.norm import DeferredNorm, rms_norm_torch
     from polymodal.llm_core.layers.triton_ops import silu_and_mul_ref
     from polymodal.llm_core.lora import triton_lora
@@ -175,7 +176,7 @@ def test_one_row_gemv_lora_epilogue_at_real_sizes(layer):
     lora_batch.set_step([(2, 1)])
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     y = triton_lora.shrink(x, lora_a, lora_batch.segments, silu_mul=silu)
-    delta = gemv_ops.LoRADelta(y, lora_b, lora_batch.segments.token_slot,
+    delta = gemv_lora.LoRADelta(y, lora_b, lora_batch.segments.token_slot,
                                torch.tensor(offsets, dtype=torch.int32, device="cuda"))  # fmt: skip
     added = gemv_ops.gemv(x, weight, silu_mul=silu, residual=residual, lora=delta)
     ref = torch.nn.functional.linear(plain, weight)

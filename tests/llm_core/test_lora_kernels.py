@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.llm_core.layers import gemv as gemv_ops
+from polymodal.llm_core.layers import gemv_lora
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm, rms_norm_torch
 from polymodal.llm_core.layers.triton_ops import silu_and_mul_ref
 from polymodal.llm_core.lora import triton_lora
@@ -190,7 +191,7 @@ def test_gemv_adds_the_lora_term_before_the_residual(form, rows, slots, split_k)
     batch = _step(3, [(slot, 1) for slot in slots])
     offsets = [0, 20, 29]
     y = triton_lora.shrink(x, lora_a, batch.segments, silu_mul=form == "silu_mul")
-    delta = gemv_ops.LoRADelta(y, lora_b, batch.segments.token_slot,
+    delta = gemv_lora.LoRADelta(y, lora_b, batch.segments.token_slot,
                                torch.tensor(offsets, dtype=torch.int32))  # fmt: skip
     config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)
     ref = F.linear(plain.float(), weight.float()).to(dtype)
