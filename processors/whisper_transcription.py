@@ -14,9 +14,10 @@ A clip longer than one window decodes with timestamps (transformers turns them o
 
 Temperature fallback (`temperatures=(0.0, 0.2, ..., 1.0)`, transformers'
 `generate_with_fallback`): a window whose output fails a threshold is decoded again at the
-next temperature (the last attempt is kept whatever it scores). It fails when its token ids'
-compression ratio (`token_compression_ratio`) is above `compression_ratio_threshold`, or its
-average logprob (end-of-text included, after the logit rules) is below `logprob_threshold`;
+next temperature (the last attempt is kept whatever it scores; sampled from the
+`FALLBACK_TOP_K` likeliest tokens unless the request sets top_k, as `generate`). It fails
+when its token ids' compression ratio (`token_compression_ratio`) is above
+`compression_ratio_threshold`, or its average logprob (end-of-text included, after the logit rules) is below `logprob_threshold`;
 but when also P(`<|nospeech|>`) is above `no_speech_threshold`, the window is silence: skipped
 without a segment. `condition_on_prev_tokens=True`: each window's prompt is `<|startofprev|>`
 and the last `max_target_positions // 2 - 1` tokens of the previous text and every segment so
@@ -55,6 +56,11 @@ from polymodal.processors.whisper_segments import (
 )
 
 DETECT, WINDOW, NO_SPEECH = "detect", "window", "no_speech"
+
+
+# transformers' `generate` samples a fallback retry from the 50 likeliest tokens (its default
+# top_k: Whisper's generation_config.json sets none); a request's own top_k is kept
+FALLBACK_TOP_K = 50
 
 
 class Transcription:
@@ -114,6 +120,8 @@ class Transcription:
             update["logprobs_mode"] = "processed_logprobs"
         if "max_tokens" not in params.model_fields_set:  # up to the context, as `generate`
             update["max_tokens"] = None
+        if len(self.temperatures) > 1 and "top_k" not in params.model_fields_set:
+            update["top_k"] = FALLBACK_TOP_K
         self.params = params.model_copy(update=update)
         self.seek = 0
         self.attempt = 0  # index into `temperatures` of this window's decoding

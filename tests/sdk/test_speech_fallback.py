@@ -166,6 +166,29 @@ def test_hot_retry_keeps_the_accepted_attempt(pipe, monkeypatch):
     assert len(accepted) >= 2 and all(p[0] != prev for p in prompts)  # never conditioned
 
 
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_retries_sample_from_top_k_as_generate(pipe, monkeypatch, top_k):
+    """With fallback temperatures, the windows sample from transformers' default top_k (50)
+    unless the request sets its own."""
+    seen = []
+    original = Transcription.requests
+
+    def requests(self):
+        batch = original(self)
+        seen.extend(params.top_k for tag, _, params in batch if tag == "window")
+        return batch
+
+    monkeypatch.setattr(Transcription, "requests", requests)
+    params = SamplingParams(temperature=0.0, **({} if top_k is None else {"top_k": top_k}))
+    options = {"language": "de", "temperatures": (0.0, 1.0), "logprob_threshold": 0.0}
+    job = (0, (clip("sweep", 4.0), RATE), params, options)
+    done = next(run_transcriptions(pipe.llm, [job], workers=1))
+    assert done.error is None and len(seen) >= 2  # greedy attempts and their retries
+    assert seen == [top_k or 50] * len(seen)
+    transcribe(pipe, clip("sweep", 4.0), temperature=0.5)  # one temperature: no fallback
+    assert seen[-1] == 0
+
+
 def test_bad_fallback_options_are_named(pipe):
     with pytest.raises(InvalidInputError, match="no_speech_threshold needs logprob_threshold"):
         transcribe(pipe, clip("low", 1.0), no_speech_threshold=0.5)
