@@ -13,12 +13,12 @@
 A clip longer than one window decodes with timestamps (transformers turns them on there).
 
 Temperature fallback (`temperatures=(0.0, 0.2, ..., 1.0)`, transformers'
-`generate_with_fallback`): a window whose output fails a threshold is decoded again at the
-next temperature (the last attempt is kept whatever it scores; sampled from the
-`FALLBACK_TOP_K` likeliest tokens unless the request sets top_k, as `generate`). It fails
-when its token ids' compression ratio (`token_compression_ratio`) is above
-`compression_ratio_threshold`, or its average logprob (end-of-text included, after the logit rules) is below `logprob_threshold`;
-but when also P(`<|nospeech|>`) is above `no_speech_threshold`, the window is silence: skipped
+`generate_with_fallback`): a window whose output fails a threshold is decoded again at the next
+temperature (the last attempt is kept whatever it scores; sampled from the `FALLBACK_TOP_K`
+likeliest tokens unless the request sets top_k, as `generate`). It fails when its token ids'
+compression ratio (`token_compression_ratio`) is above `compression_ratio_threshold`, or its
+average logprob (end-of-text included, after the logit rules) is below `logprob_threshold`; but
+when also P(`<|nospeech|>`) is above `no_speech_threshold`, the window is silence: skipped
 without a segment. `condition_on_prev_tokens=True`: each window's prompt is `<|startofprev|>`
 and the last `max_target_positions // 2 - 1` tokens of the previous text and every segment so
 far; a window decoded at temperature >= 0.5 turns it off for the next window only. Off (the
