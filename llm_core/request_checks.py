@@ -147,8 +147,14 @@ def truncate_prompt(
     """Keep the last `keep` prompt tokens (-1: max_model_len - 1), as vLLM's left truncation.
 
     Media slots must lie in the kept part (an image cannot be cut in half). Positions and
-    slot starts are rebased so the result equals processing the kept tokens alone.
+    slot starts are rebased so the result equals processing the kept tokens alone. A `keep`
+    past max_model_len raises, as in vLLM (it could never be honoured).
     """
+    if keep > max_model_len:
+        raise InvalidInputError(
+            f"SamplingParams.truncate_prompt_tokens={keep} is greater than max_model_len="
+            f"{max_model_len}: select a smaller truncation size (or -1: max_model_len - 1)"
+        )
     keep = max_model_len - 1 if keep == -1 else keep
     cut = len(ids) - keep
     if cut <= 0:

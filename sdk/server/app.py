@@ -151,6 +151,10 @@ def create_app(
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = _dotted(loc) or None
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            why = (first.get("ctx") or {}).get("error", first.get("msg"))
+            message = f"the request body is not valid JSON: {why} (at character {loc[-1]})"
+            return error_response(400, message, code="json_invalid")
         if first.get("type") == "extra_forbidden":
             message = f"{param}: unknown or unsupported field (docs/serving.md lists the fields)"
             return error_response(400, message, param=param, code="unsupported_field")

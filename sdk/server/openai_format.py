@@ -154,20 +154,30 @@ def chat_logprobs(
 def completion_logprobs(
     tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int
 ) -> dict[str, Any]:
-    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset.
+
+    Each top_logprobs entry holds the `top_n` most likely tokens and the chosen one (OpenAI's
+    "up to logprobs + 1"; vLLM's too); a token without a table (an echoed prompt's first)
+    has None for both, as in vLLM.
+    """
     tokens = [tokenizer.decode([t]) for t in token_ids]
     offsets, pos = [], 0
     for token in tokens:
         offsets.append(pos)
         pos += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [table.get(t) for t, table in zip(token_ids, logprobs)],
-        "top_logprobs": [
-            {tokenizer.decode([t]): lp for t, lp in _top(table, top_n)} for table in logprobs
-        ],
-        "text_offset": offsets,
-    }
+    chosen, tops = [], []
+    for token_id, table in zip(token_ids, logprobs):
+        if not table:
+            chosen.append(None)
+            tops.append(None)
+            continue
+        top = _top(table, top_n)
+        if token_id in table and all(t != token_id for t, _ in top):
+            top.append((token_id, table[token_id]))
+        chosen.append(max(table[token_id], -9999.0) if token_id in table else None)
+        tops.append({tokenizer.decode([t]): max(lp, -9999.0) for t, lp in top})
+    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": tops,
+            "text_offset": offsets}  # fmt: skip
 
 
 def delta_logprobs(out: CompletionOutput) -> tuple[list[int], list[dict[int, float]]]:

@@ -7,11 +7,14 @@ these models in step.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampling_params import SamplingParams, StructuredOutputsParams
+from polymodal.processors.chat import ITEM_OPTIONS
 from polymodal.server.errors import RequestError
 
 
@@ -137,6 +140,20 @@ SAMPLING_NAMES = (
     "repetition_penalty ignore_eos stop_token_ids skip_special_tokens include_stop_str_in_output "
     "min_tokens allowed_token_ids bad_words prompt_logprobs truncate_prompt_tokens"
 ).split()
+_SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
+
+
+def build_sampling_params(fields: dict[str, Any], renames: dict[str, str]) -> SamplingParams:
+    """SamplingParams(**fields); an invalid value is a RequestError naming the request field
+    (`renames`: SamplingParams name -> the request's, e.g. chat's logprobs -> top_logprobs)."""
+    try:
+        return SamplingParams(**fields)
+    except InvalidInputError as exc:
+        match = _SAMPLING_FIELD.search(str(exc))
+        if match is None:
+            raise
+        name = renames.get(match.group(1), match.group(1))
+        raise RequestError(_SAMPLING_FIELD.sub(name, str(exc), count=1), name) from None
 
 
 class _Request(_Strict):
@@ -207,7 +224,16 @@ class _Request(_Strict):
             raise RequestError(f"{name}: {str(exc).splitlines()[0]}", name) from None
 
     def sampling_fields(self) -> dict[str, Any]:
-        """The SamplingParams fields this request sets (max_tokens aside)."""
+        """The SamplingParams fields this request sets (max_tokens aside); request options
+        that need one another are checked here, before any engine work."""
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options needs stream: true", "stream_options")
+        unknown = sorted(set(self.mm_processor_kwargs or ()) - set(ITEM_OPTIONS))
+        if unknown:
+            raise RequestError(
+                f"mm_processor_kwargs has unsupported key(s) {unknown}; supported: "
+                f"{list(ITEM_OPTIONS)}", "mm_processor_kwargs",
+            )  # fmt: skip
         fields = {k: getattr(self, k) for k in SAMPLING_NAMES if getattr(self, k) is not None}
         if self.logit_bias:
             try:
@@ -255,9 +281,14 @@ class ChatCompletionRequest(_Request):
             fields.update(self.max_tokens_of(self.max_tokens, "max_tokens"))
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise RequestError(
+                "continue_final_message continues the last message: it needs "
+                "add_generation_prompt: false", "continue_final_message",
+            )  # fmt: skip
         if self.logprobs:
             fields["logprobs"] = self.top_logprobs or 0
-        return SamplingParams(**fields)
+        return build_sampling_params(fields, {"logprobs": "top_logprobs"})
 
 
 class CompletionRequest(_Request):
@@ -278,6 +309,10 @@ class CompletionRequest(_Request):
             raise RequestError("prompt must not be empty", "prompt")
         if all(isinstance(t, int) for t in p):
             return [list(p)]
+        for i, item in enumerate(p):
+            if not item:
+                where = f"prompt[{i}]"
+                raise RequestError(f"{where} is empty: it needs text or token ids", where)
         return list(p)
 
     def sampling_params(self) -> SamplingParams:
@@ -294,13 +329,15 @@ class CompletionRequest(_Request):
                 fields["prompt_logprobs"] = self.logprobs
         if self.best_of is not None:
             n = fields.get("n", 1)
+            if n < 1:
+                raise RequestError(f"n must be >= 1, got {n}", "n")
             if self.best_of < n:
                 raise RequestError(f"best_of={self.best_of} must be >= n={n}", "best_of")
             if self.stream and self.best_of > n:
                 raise RequestError("best_of > n cannot be streamed", "best_of")
             fields["n"] = self.best_of
             fields.setdefault("logprobs", 0)  # the cumulative logprob ranks them
-        return SamplingParams(**fields)
+        return build_sampling_params(fields, {"n": "best_of"} if self.best_of else {})
 
 
 class TokenizeRequest(_Strict):

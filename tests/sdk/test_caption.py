@@ -1,4 +1,5 @@
-"""`polymodal caption`: SIGKILL midway + rerun = every input exactly once; errors recorded."""
+"""`polymodal caption`: SIGKILL midway + rerun = every input exactly once; errors recorded;
+prompt templates keep literal braces."""
 
 from __future__ import annotations
 
@@ -168,3 +169,14 @@ def test_caption_files_fills_the_batch_and_bounds_the_prefetch(tmp_path, monkeyp
     assert counts["running"] == 5  # the engine's whole batch, not a fixed 16
     assert counts["ahead"] <= 3 + 1  # the window, plus the one being handed over
     assert sorted(r["key"] for r in read_records(tmp_path / "out.jsonl")) == sorted(paths)
+
+
+def test_prompt_braces_other_than_the_placeholders_stay_as_written():
+    from polymodal.caption import build_prompt
+
+    template = 'Answer as JSON like {"caption": "...", "tags": []} for the {kind} {name} ({path}).'
+    prompt = build_prompt("/data/cat.png", template, {"max_pixels": 4096})
+    text = prompt["messages"][0]["content"][-1]["text"]
+    expected = 'Answer as JSON like {"caption": "...", "tags": []} for the image cat.png'
+    assert text == expected + " (/data/cat.png)."
+    assert prompt["max_pixels"] == 4096

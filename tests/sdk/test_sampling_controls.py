@@ -5,7 +5,7 @@ per-request metrics, and the same tokens with async scheduling."""
 import pytest
 import torch
 
-from polymodal import LLM, SamplingParams
+from polymodal import LLM, InvalidInputError, SamplingParams
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.request_checks import bad_words_token_ids
 from tests.helpers import tiny_checkpoint
@@ -84,6 +84,10 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     out = llm.generate(ids, SamplingParams(**GREEDY, truncate_prompt_tokens=4), use_tqdm=False)
     assert out[0].prompt_token_ids == ids[-4:]
     assert out[0].outputs[0].token_ids == tokens(llm, ids[-4:], **GREEDY).token_ids
+    # more than max_model_len can never be kept: refused naming the field, as in vLLM
+    too_many = SamplingParams(**GREEDY, truncate_prompt_tokens=llm.engine.max_model_len + 1)
+    with pytest.raises(InvalidInputError, match="truncate_prompt_tokens=.* max_model_len"):
+        llm.generate(ids, too_many, use_tqdm=False)
 
 
 def test_cumulative_logprob_and_metrics(llm):

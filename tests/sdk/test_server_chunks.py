@@ -1,4 +1,5 @@
-"""Streamed chunks: the text-only chunk template gives exactly the events pydantic builds."""
+"""Streamed chunks: the text-only chunk template gives exactly the events pydantic builds;
+"required" tool calls stream as indexed deltas equal to the whole reply's calls."""
 
 from __future__ import annotations
 
@@ -56,3 +57,29 @@ def test_chunks_with_logprobs_or_tools_take_the_general_path():
     shape = Shape("chat", tool_mode="named", tool_name="f")
     assert not ResponseBuilder(shape, "m", None)._plain  # noqa: SLF001
     assert sse({"a": 1}) == 'data: {"a": 1}\n\n'
+
+
+def test_required_tool_calls_stream_as_indexed_deltas_matching_the_whole_reply():
+    text = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {}}]'
+    shape = Shape("chat", tool_mode="required")
+    builder = ResponseBuilder(shape, "m", None)
+    pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+    events = []
+    for i, piece in enumerate(pieces):
+        events += builder.chunks(0, _out([piece], "stop" if i == len(pieces) - 1 else None))
+    assert len(events) == 1  # held back until the list is whole, then one delta
+    choice = json.loads(events[0][6:])["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["delta"]["role"] == "assistant"
+    calls = choice["delta"]["tool_calls"]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("f", {"x": 1}), ("g", {})
+    ]  # fmt: skip
+    whole = ResponseBuilder(shape, "m", None).full([_out([text], "stop")])
+    assert [c["function"] for c in whole.choices[0].message.tool_calls] == [
+        c["function"] for c in calls
+    ]
+    # cut short (length): not a list of calls, so the text is content, as unstreamed
+    cut = ResponseBuilder(shape, "m", None).chunks(0, _out([text[:20]], "length"))
+    choice = json.loads(cut[0][6:])["choices"][0]
+    assert choice["delta"]["content"] == text[:20] and choice["finish_reason"] == "length"

@@ -1,7 +1,7 @@
 """The server as a vLLM / OpenAI user meets it: every field implemented or refused with a 400
 naming it, the model name checked (404), OpenAI-shaped errors everywhere, several prompts in
 one completion, echo, logit_bias, max_tokens limits, media options, generation_config.json
-defaults, tokenize / detokenize, pooling routes."""
+defaults, tokenize / detokenize, pooling routes, CORS preflight."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def server(tmp_path_factory):
     shutil.copytree(tiny_checkpoint(tmp_path_factory, "qwen2_vl"), ckpt)
     gen = json.loads((ckpt / "generation_config.json").read_text())
     (ckpt / "generation_config.json").write_text(json.dumps({**gen, "top_k": 1}))
-    with running_server(ckpt, tmp_path_factory.mktemp("log"), "--num-kv-blocks", "256") as url:
+    args = ["--num-kv-blocks", "256", "--allowed-origins", '["https://app.example"]']
+    with running_server(ckpt, tmp_path_factory.mktemp("log"), *args) as url:
         yield url
 
 
@@ -47,6 +48,25 @@ def test_model_names_and_unknown_routes_are_openai_errors(server):
     for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)):
         resp = httpx.request(method, f"{server}{path}", timeout=30)
         assert resp.status_code == status and set(resp.json()["error"]) >= {"message", "type"}
+
+
+def test_cors_preflight_of_the_real_server(server):
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    ok = httpx.options(f"{server}/v1/chat/completions", timeout=30,
+                       headers={"Origin": "https://app.example", **preflight})  # fmt: skip
+    assert (
+        ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    )
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    denied = httpx.options(f"{server}/v1/chat/completions", timeout=30,
+                           headers={"Origin": "https://evil.example", **preflight})  # fmt: skip
+    assert denied.status_code == 400 and "access-control-allow-origin" not in denied.headers
+    # a cross-origin call from the allowed origin gets the header on the answer itself
+    models = httpx.get(f"{server}/v1/models", headers={"Origin": "https://app.example"}, timeout=30)
+    assert models.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_unsupported_fields_get_a_400_naming_them(server):

@@ -1,5 +1,6 @@
 """Server options in-process (FastAPI's test client over a real AsyncEngine): CORS,
---chat-template, several served names, "auto" tool choice without a parser, the CLI parsers."""
+--chat-template, several served names, "auto" tool choice without a parser, the CLI parsers,
+--generation-config reaching the served sampling defaults."""
 
 from __future__ import annotations
 
@@ -93,3 +94,23 @@ def test_unexpected_errors_are_openai_shaped_500s(engine, monkeypatch):
         resp = client.post("/detokenize", json={"tokens": [1, 2]})
     assert resp.status_code == 500
     assert "tokenizer exploded" in resp.json()["error"]["message"]
+
+
+def test_generation_config_option_reaches_the_served_defaults(tmp_path_factory):
+    import json
+    import shutil
+
+    ckpt = tmp_path_factory.mktemp("gen") / "model"
+    shutil.copytree(tiny_checkpoint(tmp_path_factory, "qwen2"), ckpt)
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps({**gen, "top_k": 1}))
+    parser = argparse.ArgumentParser()
+    serve_command(parser)
+    for option, expected in (("auto", 1), ("vllm", None)):
+        args = parser.parse_args([str(ckpt), "--generation-config", option])
+        eng = AsyncEngine(args.model, generation_config=args.generation_config,
+                          separate_process=False, num_kv_blocks=32)  # fmt: skip
+        try:
+            assert eng.model_info["default_sampling"].get("top_k") == expected
+        finally:
+            eng.close()

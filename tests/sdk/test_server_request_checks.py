@@ -1,0 +1,82 @@
+"""Request checks of the server in-process (FastAPI's test client over a real AsyncEngine): a
+body that is not JSON, options that need one another, bad values named by the request's own
+field, empty prompts of a list, and legacy completion logprobs as OpenAI returns them."""
+
+from __future__ import annotations
+
+import pytest
+
+from polymodal.async_engine import AsyncEngine
+from tests.helpers import tiny_checkpoint
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from polymodal.server.app import create_app  # noqa: E402
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    eng = AsyncEngine(
+        str(tiny_checkpoint(tmp_path_factory, "qwen2")), separate_process=False, num_kv_blocks=128
+    )
+    with TestClient(create_app(eng, "m")) as test_client:
+        yield test_client
+    eng.close()
+
+
+def error_of(resp, status=400) -> dict:
+    assert resp.status_code == status, resp.text
+    return resp.json()["error"]
+
+
+def test_a_body_that_is_not_json_is_named_as_such(client):
+    resp = client.post(
+        "/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
+    error = error_of(resp)
+    assert error["param"] is None and error["code"] == "json_invalid"
+    assert error["message"].startswith("the request body is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        # vLLM: "Stream options can only be defined when `stream=True`"
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/completions", {"logprobs": 25}, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
+        ("/v1/completions", {"best_of": 0}, "best_of"),
+        ("/v1/completions", {"n": 0, "best_of": 2}, "n"),
+        ("/v1/completions", {"prompt": ["a", ""]}, "prompt[1]"),
+        ("/v1/completions", {"prompt": [[5, 6], []]}, "prompt[1]"),
+        ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+        ("/v1/chat/completions", {"mm_processor_kwargs": {"size": 3}}, "mm_processor_kwargs"),
+        ("/v1/completions", {"truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens"),
+    ],
+)
+def test_bad_values_name_the_request_field(client, path, body, param):
+    base = {"messages": USER} if "chat" in path else {"prompt": "Hi"}
+    error = error_of(client.post(path, json={**base, "max_tokens": 2, **body}))
+    assert error["param"] == param
+    assert param.split("[")[0] in error["message"]
+
+
+@pytest.mark.parametrize("top_n", [0, 2])
+def test_completion_top_logprobs_hold_the_chosen_token(client, top_n):
+    body = {"prompt": "Hello there", "max_tokens": 4, "temperature": 1.0, "seed": 3,
+            "logprobs": top_n, "echo": True}  # fmt: skip
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    # the echoed prompt's first token has no logprob, as in vLLM
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for token, chosen, top in zip(
+        lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]
+    ):
+        assert top[token] == pytest.approx(chosen)  # OpenAI: "up to logprobs + 1" entries
+        assert top_n <= len(top) <= top_n + 1
