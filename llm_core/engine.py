@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
 from itertools import count
 from typing import Any
 
@@ -20,7 +19,7 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.pooling import PoolingOutput, PoolingRequestOutput, check_pooling_request
-from polymodal.llm_core.pooling_requests import check_pooling_batch, pooling_group
+from polymodal.llm_core.pooling_requests import check_pooling_batch, paused_gc, pooling_group
 from polymodal.llm_core.pooling_step import PoolingFlight, launch_pooling_step
 from polymodal.llm_core.request_checks import (
     atomic_spans,
@@ -34,20 +33,6 @@ from polymodal.llm_core.request_checks import (
 from polymodal.llm_core.request_group import RequestGroup
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_core.structured_output import GrammarCompiler
-
-
-@contextmanager
-def paused_gc():
-    """The cyclic GC off inside (restored after): creating thousands of request objects at
-    once otherwise runs its older generations' scans over every live request several times
-    (~10 us a request for a batch of 4k, issue 16); one young collection follows instead."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Engine:
