@@ -15,16 +15,12 @@ from itertools import count
 from typing import Any
 
 from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
-from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
-from polymodal.llm_core.outputs import CompletionOutput, RequestOutput
-from polymodal.llm_core.pooling import (
-    PoolingOutput,
-    PoolingRequestOutput,
-    check_pooling_request,
-    run_pooling_step,
-)
-from polymodal.llm_core.request import Request
+from polymodal.llm_core.outputs import RequestOutput
+from polymodal.llm_core.pooling import PoolingOutput, PoolingRequestOutput, check_pooling_request
+from polymodal.llm_core.pooling_requests import check_pooling_batch, paused_gc, pooling_group
+from polymodal.llm_core.pooling_step import PoolingFlight, launch_pooling_step
 from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
@@ -68,6 +64,7 @@ class Engine:
         self._seq_to_group: dict[str, tuple[RequestGroup, int]] = {}
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
+        self._pool_flight: PoolingFlight | None = None  # same, of a pooling step
         self._grammar_compiler = None  # built on first use (structured output)
         overlap = self.config.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
@@ -120,21 +117,18 @@ class Engine:
                     self.max_model_len, side,
                 )  # fmt: skip
             check_pooling_prompt(
-                prompt_token_ids, pooling, token_type_ids, mm_items, self.runner.model,
-                self.model_config, self.max_model_len, self.scheduler.max_num_batched_tokens,
-            )  # fmt: skip
-            seq = Request(
-                request_id=f"{request_id}#0",
-                prompt_token_ids=list(prompt_token_ids),
-                params=pooling,
-                max_model_len=self.max_model_len,
-                pooling=True,
-                chunkable=self.runner.model.is_causal,
-                token_type_ids=token_type_ids,
+                prompt_token_ids, pooling, token_type_ids, mm_items, **self._pooling_checks()
             )
-            outputs = [CompletionOutput(index=0)]
-            group = RequestGroup(request_id, list(prompt_token_ids), [seq], [None], outputs)
-            return self._queue(group)
+            return self._queue(
+                pooling_group(
+                    request_id,
+                    list(prompt_token_ids),
+                    pooling,
+                    self.max_model_len,
+                    self.runner.model.is_causal,
+                    token_type_ids,
+                )  # fmt: skip
+            )
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
@@ -182,6 +176,63 @@ class Engine:
             lora_request=lora_request,
         )  # fmt: skip
         return self._queue(group)
+
+    def add_requests(
+        self,
+        prompts: list[list[int]],
+        params: Any = None,
+        token_type_ids: list[list[int] | None] | None = None,
+    ) -> list[str]:
+        """Queue many tokenized prompts with the same params; returns their ids, in order.
+        Every prompt is checked before any is queued: the first bad one raises, naming its
+        index (`prompt 3: ...`), and none is queued.
+
+        A pooling model takes the whole batch at once (`PoolingParams`; `token_type_ids`: per
+        prompt its segment ids or None): one copy of the params, one conversion of all token
+        ids (`pooling_requests.py`). This is how to queue thousands of short prompts
+        (`LLM.encode` / `classify` / `embed` do). A generation model queues each prompt through
+        `add_request`."""
+        mc = self.model_config
+        pooling = check_pooling_request(params, self.task, mc.architecture, mc.model_dir)
+        if pooling is None:
+            return self._add_each(prompts, params, token_type_ids)
+        side = getattr(self.tokenizer, "truncation_side", "right")
+        causal, request_ids = self.runner.model.is_causal, []
+        with paused_gc():
+            checks = self._pooling_checks()
+            batch = check_pooling_batch(prompts, pooling, token_type_ids, checks, side)
+            for ids, types, tensor in zip(*batch):
+                request_id = f"req-{next(self._ids)}"
+                group = pooling_group(
+                    request_id, ids, pooling, self.max_model_len, causal, types, tensor
+                )
+                request_ids.append(self._queue(group))
+        return request_ids
+
+    def _add_each(self, prompts: list, params: Any, token_type_ids: list | None) -> list[str]:
+        """`add_requests` one prompt at a time; a bad prompt aborts those queued before it."""
+        types = token_type_ids if token_type_ids is not None else [None] * len(prompts)
+        request_ids: list[str] = []
+        try:
+            for i, (prompt, segments) in enumerate(zip(prompts, types)):
+                try:
+                    request_ids.append(self.add_request(prompt, params, token_type_ids=segments))
+                except PolymodalError as exc:
+                    raise type(exc)(f"prompt {i}: {exc}") from exc
+        except BaseException:
+            for request_id in request_ids:
+                self.abort(request_id)
+            raise
+        return request_ids
+
+    def _pooling_checks(self) -> dict[str, Any]:
+        """`check_pooling_prompt`'s model-side arguments."""
+        return {
+            "model": self.runner.model,
+            "model_config": self.model_config,
+            "max_model_len": self.max_model_len,
+            "budget": self.scheduler.max_num_batched_tokens,
+        }
 
     def _queue(self, group: RequestGroup) -> str:
         """Hand a new request's sequences to the scheduler; returns its id."""
@@ -275,20 +326,32 @@ class Engine:
 
     def _pool_step(self) -> list[PoolingRequestOutput]:
         """One step of a pooling model: the scheduled prompt chunks run; whole prompts are
-        pooled, finished and returned."""
+        pooled, finished and returned. With async scheduling the step's outputs are read back
+        in the next call, after it launched its own step (outputs lag one step)."""
+        flight, self._pool_flight = self._pool_flight, None
         sched = self.scheduler.schedule()
-        if not sched:
-            return []
-        pooled = run_pooling_step(self.runner, sched)
-        self.scheduler.update(sched)
+        launched = None
+        if sched:
+            launched = launch_pooling_step(self.runner, sched, self.async_scheduling)
+            self.scheduler.update(sched)
+            self.scheduler.finish_all(launched.requests, "stop")  # pooled: nothing more to run
+        outputs = self._pool_outputs(flight) if flight is not None else []
+        if launched is not None and self.async_scheduling:
+            self._pool_flight = launched
+        elif launched is not None:
+            outputs += self._pool_outputs(launched)
+        return outputs
+
+    def _pool_outputs(self, flight: PoolingFlight) -> list[PoolingRequestOutput]:
+        """The outputs of a launched pooling step (its requests are forgotten; one aborted
+        meanwhile is skipped)."""
         outputs = []
-        for seq in sched.requests:
-            data = pooled.get(seq.request_id)
-            if data is None:  # more chunks to come
+        for seq, data in zip(flight.requests, flight.resolve()):
+            entry = self._seq_to_group.pop(seq.request_id, None)
+            if entry is None:  # aborted after its step was launched
                 continue
-            group, _ = self._seq_to_group.pop(seq.request_id)
+            group = entry[0]
             self._groups.pop(group.request_id, None)
-            self.scheduler.finish(seq, "stop")
             outputs.append(
                 PoolingRequestOutput(group.request_id, group.prompt_token_ids, PoolingOutput(data))
             )

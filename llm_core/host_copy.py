@@ -13,6 +13,7 @@ The pinned memory is one buffer per device handed out in turn (`PinnedRing`), no
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import deque
 from itertools import chain
 
@@ -96,13 +97,41 @@ def upload(parts: list, dtype: torch.dtype, device: torch.device) -> list[torch.
     align = max(1, 16 // dtype.itemsize)
     padded = [-(-len(p) // align) * align for p in parts]
     pads = ([0] * (size - len(p)) for p, size in zip(parts, padded))
-    values = chain.from_iterable(chain(p, pad) for p, pad in zip(parts, pads))
-    flat = torch.tensor(list(values), dtype=dtype)
+    values = list(chain.from_iterable(chain(p, pad) for p, pad in zip(parts, pads)))
+    flat = host_tensor(values, dtype)
     if torch.device(device).type == "cuda":
         flat = _to_cuda(flat, device)
     else:
         flat = flat.to(device)
     return [view[: len(p)] for view, p in zip(flat.split(padded), parts)]
+
+
+# array typecodes of the dtypes `host_tensor` converts through the buffer protocol
+_TYPECODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f", torch.float64: "d"}
+
+
+def host_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A flat list of numbers as a 1-D CPU `dtype` tensor. Through `array` (~15 ns a value)
+    rather than `torch.tensor(list)` (~130 ns a value: 2 ms for a step of 16k tokens)."""
+    code = _TYPECODES.get(dtype)
+    if code is None or not values or array(code).itemsize != dtype.itemsize:
+        return torch.tensor(values, dtype=dtype)
+    try:
+        return torch.frombuffer(array(code, values), dtype=dtype)
+    except (TypeError, OverflowError):  # values array does not take: torch's own rules
+        return torch.tensor(values, dtype=dtype)
+
+
+def upload_tensors(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Each of `parts` (1-D CPU tensors of one dtype) on `device` through a single copy, each
+    view starting on a 16-byte boundary as in `upload`."""
+    align = max(1, 16 // parts[0].dtype.itemsize)
+    sizes = [-(-len(p) // align) * align for p in parts]
+    flat = torch.zeros(sum(sizes), dtype=parts[0].dtype)
+    for view, part in zip(flat.split(sizes), parts):
+        view[: len(part)] = part
+    flat = copy_to(flat, device)
+    return [view[: len(p)] for view, p in zip(flat.split(sizes), parts)]
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

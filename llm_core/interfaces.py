@@ -95,9 +95,12 @@ class SupportsPooling:
     #: (bge-m3: colbert_linear.pt, sparse_linear.pt); a request for one needs that file
     token_task_files: ClassVar[dict[str, str]] = {}
 
-    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
-        """hidden: per finished prompt of this step, its `[num_tokens, hidden]`; `prompts`: per
-        prompt a `PoolingInput` (token ids, pooling params). Returns one tensor per prompt."""
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor] | torch.Tensor:
+        """hidden: per finished prompt of this step, its `[num_tokens, hidden]` (a `PromptRows`
+        when the step ran whole prompts only: `pooled_rows` gathers from it in one op);
+        `prompts`: per prompt a `PoolingInput` (token ids, pooling params). Returns one tensor
+        per prompt, or one tensor whose rows are the prompts' outputs (copied to the host in
+        one piece)."""
         raise NotImplementedError
 
     def embedding_dimension(self) -> int | None:

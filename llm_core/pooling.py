@@ -2,10 +2,11 @@
 pooling step.
 
 A pooling model (`SupportsPooling`, registry task classify / reward / embed) runs each prompt
-once and returns tensors instead of tokens: the runner keeps each prompt's hidden states until
-its last chunk ran (non-causal models are never chunked), then the model pools them (CLS, last,
-mean, all tokens, or the tokens that end a step) and applies its head. Prefix caching is off
-for pooling models (a cached prefix has no hidden states to pool).
+once and returns tensors instead of tokens: the pooling step (pooling_step.py) keeps each
+prompt's hidden states until its last chunk ran (non-causal models are never chunked), then
+the model pools them (CLS, last, mean, all tokens, or the tokens that end a step) and applies
+its head. Prefix caching is off for pooling models (a cached prefix has no hidden states to
+pool).
 """
 
 from __future__ import annotations
@@ -90,6 +91,29 @@ def pool_rows(
     return hidden[steps]
 
 
+class PromptRows(list):
+    """Per prompt of a step, its hidden rows `[num_tokens, hidden]`: views of `flat`, the step's
+    hidden states, prompts one after another from row 0; `starts` (int32 `[prompts + 1]`, on
+    `flat`'s device) are their cumulative lengths, so `pooled_rows` gathers every prompt's
+    first or last row in one op. The whole-prompt step builds it (pooling_step.py); a plain
+    list of rows pools the same."""
+
+    def __init__(self, flat: torch.Tensor, starts: torch.Tensor, lens: list[int]):
+        super().__init__(flat.split(lens))
+        self.flat, self.starts = flat, starts
+
+
+def pooled_rows(pooler: Pooler, hidden: list[torch.Tensor], prompts: list) -> torch.Tensor:
+    """`pool_rows` of every prompt (CLS / LAST / MEAN) stacked: `[prompts, hidden]`; from
+    `PromptRows`, CLS and LAST are one gather instead of one op per prompt."""
+    starts = getattr(hidden, "starts", None)
+    if starts is not None and pooler is Pooler.CLS:
+        return hidden.flat.index_select(0, starts[:-1])
+    if starts is not None and pooler is Pooler.LAST:
+        return hidden.flat.index_select(0, starts[1:] - 1)
+    return torch.stack([pool_rows(pooler, h, p.token_ids) for h, p in zip(hidden, prompts)])
+
+
 @dataclass
 class PoolingInput:
     """One finished prompt for `SupportsPooling.pool`: its token ids and resolved params."""
@@ -164,23 +188,17 @@ def finish_pooled(head_output: torch.Tensor, params: PoolingParams) -> torch.Ten
     return out
 
 
-def finish_pooled_rows(head_output: torch.Tensor, prompts: list) -> list[torch.Tensor]:
+def finish_pooled_rows(
+    head_output: torch.Tensor, prompts: list
+) -> torch.Tensor | list[torch.Tensor]:
     """`finish_pooled` of each row of `head_output [prompts, features]` with its prompt's
-    params; rows whose params finish alike (the usual batch) in one op, not one per row."""
-    keys = {(p.params.task, p.params.activation, p.params.normalize) for p in prompts}
-    if len(keys) == 1:
-        return list(finish_pooled(head_output, prompts[0].params).unbind(0))
+    params: rows whose params finish alike (the usual batch) in one op, returned as one
+    tensor `[prompts, features]`; otherwise one tensor per row."""
+    first = prompts[0].params
+    key = (first.task, first.activation, first.normalize)
+    if all((p.params.task, p.params.activation, p.params.normalize) == key for p in prompts):
+        return finish_pooled(head_output, first)
     return [finish_pooled(row, p.params) for row, p in zip(head_output, prompts)]
-
-
-def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors on the CPU with one device-to-host copy (one sync) where they share a
-    dtype, instead of one per tensor."""
-    if not tensors or tensors[0].device.type == "cpu" or len({t.dtype for t in tensors}) > 1:
-        return [t.cpu() for t in tensors]
-    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
-    sizes = [t.numel() for t in tensors]
-    return [part.view(t.shape) for part, t in zip(flat.split(sizes), tensors)]
 
 
 # ---- outputs (vLLM's shapes) --------------------------------------------------------------
@@ -244,40 +262,3 @@ class ScoringRequestOutput:
     prompt_token_ids: list[int]
     outputs: ScoringOutput
     finished: bool = True
-
-
-# ---- the engine's pooling step ------------------------------------------------------------
-@torch.inference_mode()
-def run_pooling_step(runner, sched) -> dict[str, torch.Tensor]:
-    """Run this step's prompt chunks through `runner.model`; every prompt whose last chunk ran
-    is pooled. Returns {request id: pooled tensor on the host}."""
-    from polymodal.llm_core.host_copy import to_device
-
-    model = runner.model
-    input_ids, positions, meta = runner.prepare(sched)
-    if model.embeds_positions:  # absolute position (and segment) embeddings: BERT
-        types: list[int] = []
-        for req, n in zip(sched.requests, sched.num_new_tokens):
-            start = req.num_computed_tokens
-            types += (req.token_type_ids or [0] * (start + n))[start : start + n]
-        token_types = to_device(types, torch.int64, input_ids.device)
-        embeds = model.embed(input_ids, positions, token_types)
-    else:
-        embeds = model.embed(input_ids)
-    hidden = model(positions, embeds, runner.kv_caches, meta)  # [num_tokens, hidden]
-    done, rows, prompts, offset = [], [], [], 0
-    for req, n in zip(sched.requests, sched.num_new_tokens):
-        start = req.num_computed_tokens
-        if start == 0:  # a first chunk (or a recompute after preemption)
-            req.hidden_chunks = []
-        req.hidden_chunks.append(hidden[offset : offset + n])
-        offset += n
-        if start + n == len(req.prompt_token_ids):
-            chunks, req.hidden_chunks = req.hidden_chunks, []
-            rows.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks))  # [len, hidden]
-            prompts.append(PoolingInput(req.prompt_token_ids, req.params))
-            done.append(req)
-    if not done:
-        return {}
-    pooled = model.pool(rows, prompts)
-    return {req.request_id: out for req, out in zip(done, to_host(pooled))}

@@ -78,6 +78,9 @@ class Request:
     chunkable: bool = True
     token_type_ids: list[int] | None = None
     hidden_chunks: list = field(default_factory=list)
+    # the prompt as an int64 CPU tensor (`Engine.add_requests` converts a batch at once; the
+    # pooling step concatenates them instead of converting lists), or None
+    prompt_tensor: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def block_ids(self) -> list[int]:

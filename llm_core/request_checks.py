@@ -80,11 +80,13 @@ def check_pooling_prompt(
     model_config: Any,
     max_model_len: int,
     budget: int,
+    check_vocab: bool = True,
 ) -> None:
     """Raise `InvalidInputError` naming the input when a pooling prompt does not fit: text only,
-    within max_model_len (no output token to leave room for) and the vocab, `params.dimensions`
-    allowed by the model, a bidirectional model's prompt within one step's token `budget`,
-    `token_type_ids` one per token inside the model's segment table."""
+    within max_model_len (no output token to leave room for) and the vocab (unless
+    `check_vocab` is False: a batch checked at once), `params.dimensions` allowed by the model,
+    a bidirectional model's prompt within one step's token `budget`, `token_type_ids` one per
+    token inside the model's segment table."""
     if not ids:
         raise InvalidInputError("the prompt is empty: it needs at least one token")
     if len(ids) > max_model_len:
@@ -93,7 +95,7 @@ def check_pooling_prompt(
             "(truncate_prompt_tokens=-1 cuts it to max_model_len)"
         )
     vocab = model_config.vocab_size
-    bad = out_of_range(ids, vocab)
+    bad = out_of_range(ids, vocab) if check_vocab else []
     if bad:
         raise InvalidInputError(f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})")
     if mm_items:

@@ -6,8 +6,9 @@ same random weights, in the same run.
 
 A `BertForSequenceClassification` of bert-base-uncased's sizes (12 layers, hidden 768, 2
 labels) is built by transformers with random weights and saved; ours loads that folder.
-Ours: every prompt handed to the engine at once (`Engine.add_request` of token ids, the
-engine batches them); transformers: `model(input_ids)` in batches of `--batch` (sdpa, the
+Ours: every prompt handed to the engine at once (`Engine.add_requests` of token ids, as
+`LLM.classify` queues them; `--add-each`: one `Engine.add_request` each), the engine batches
+them; transformers: `model(input_ids)` in batches of `--batch` (sdpa, the
 same dtype). Both report sequences/s over `--prompts` prompts of `--tokens` random ids (the
 best of three passes after a warm-up), and the largest difference of their class
 probabilities (a sanity check; the parity tests are tests/llm_core/test_pooling.py).
@@ -36,16 +37,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours_rate(path: str, prompts: list, device: str, dtype: str) -> tuple[float, list]:
+def ours_rate(
+    path: str, prompts: list, device: str, dtype: str, each: bool = False
+) -> tuple[float, list]:
     engine = Engine(path, dtype=dtype, device=device, skip_tokenizer_init=True)
-    for p in prompts[:1024]:  # warm-up: full steps and a partial one (kernels compiled)
-        engine.add_request(p, PoolingParams())
+
+    def add(batch: list) -> list[str]:
+        if each:
+            return [engine.add_request(p, PoolingParams()) for p in batch]
+        return engine.add_requests(batch, PoolingParams())
+
+    add(prompts[:1024])  # warm-up: full steps and a partial one (kernels compiled)
     engine.run_until_done()
     best = float("inf")
     for _ in range(3):  # the best of three passes
         sync(device)
         start = time.perf_counter()
-        ids = [engine.add_request(p, PoolingParams()) for p in prompts]
+        ids = add(prompts)
         final = engine.run_until_done()
         sync(device)
         best = min(best, time.perf_counter() - start)
@@ -75,6 +83,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 64")
+    parser.add_argument("--add-each", action="store_true", help="one add_request per prompt")
     parser.add_argument("--json", default="bench_bert.json")
     args = parser.parse_args()
     import transformers as tf
@@ -88,7 +97,8 @@ def main() -> None:
     prompts = torch.randint(1000, vocab, (args.prompts, args.tokens), generator=gen).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        ours, ours_out = ours_rate(tmp, prompts, args.device, str(dtype).split(".")[-1])
+        dtype_name = str(dtype).split(".")[-1]
+        ours, ours_out = ours_rate(tmp, prompts, args.device, dtype_name, args.add_each)
     if args.device == "cuda":
         torch.cuda.empty_cache()
     model = model.to(device=args.device, dtype=dtype)

@@ -84,17 +84,10 @@ def pool(
             queued.append((processed.token_ids, token_types))
         except PolymodalError as exc:
             raise type(exc)(f"prompt {i}: {exc}") from exc
-    ids = []
-    try:
-        for i, (token_ids, token_types) in enumerate(queued):
-            try:
-                ids.append(llm.engine.add_request(token_ids, params, token_type_ids=token_types))
-            except PolymodalError as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from exc
-    except BaseException:
-        for request_id in ids:
-            llm.engine.abort(request_id)
-        raise
+    # one batch: checked whole (a bad prompt raises naming its index, nothing queued)
+    token_ids = [ids for ids, _ in queued]
+    token_types = [types for _, types in queued]
+    ids = llm.engine.add_requests(token_ids, params, token_type_ids=token_types)
     return llm.run(ids)
 
 

@@ -26,7 +26,7 @@ from polymodal.llm_core.interfaces import SupportsPooling
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.tiny import TinyConfig, sentence_transformers_files
-from polymodal.llm_core.pooling import Pooler, finish_pooled_rows, pool_rows
+from polymodal.llm_core.pooling import Pooler, finish_pooled_rows, pooled_rows
 from polymodal.llm_core.pooling_config import PoolingConfig
 
 
@@ -159,8 +159,8 @@ class BertForSequenceClassification(BertBase):
     def bert_root(self) -> nn.Module:
         return self.bert
 
-    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
-        cls = torch.stack([pool_rows(self.pooler, h, p.token_ids) for h, p in zip(hidden, prompts)])
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> torch.Tensor | list[torch.Tensor]:
+        cls = pooled_rows(self.pooler, hidden, prompts)  # [prompts, hidden]
         logits = self.classifier(torch.tanh(self.bert.pooler.dense(cls)))  # [prompts, labels]
         return finish_pooled_rows(logits, prompts)
 

@@ -33,7 +33,7 @@ from polymodal.llm_core.models.tiny import (
     both,
     sentence_transformers_files,
 )
-from polymodal.llm_core.pooling import Pooler, finish_pooled_rows, pool_rows
+from polymodal.llm_core.pooling import Pooler, finish_pooled_rows, pooled_rows
 from polymodal.llm_core.pooling_config import PoolingConfig
 
 
@@ -100,10 +100,8 @@ class RobertaForSequenceClassification(RobertaPositions, BertBase):
     def bert_root(self) -> nn.Module:
         return self.roberta
 
-    def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:
-        first = torch.stack(
-            [pool_rows(self.pooler, h, p.token_ids) for h, p in zip(hidden, prompts)]
-        )
+    def pool(self, hidden: list[torch.Tensor], prompts: list) -> torch.Tensor | list[torch.Tensor]:
+        first = pooled_rows(self.pooler, hidden, prompts)  # [prompts, hidden]
         head = self.classifier
         logits = head.out_proj(torch.tanh(head.dense(first)))  # [prompts, labels]
         return finish_pooled_rows(logits, prompts)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from polymodal.llm_core.host_copy import PinnedRing, copy_to, upload
+from polymodal.llm_core.host_copy import PinnedRing, copy_to, host_tensor, upload, upload_tensors
 
 
 def test_cpu_targets_are_plain_moves():
@@ -72,3 +72,21 @@ def test_copy_to_cuda_keeps_the_view_order():
     starts, lens, tables = upload([[0, 3, 5], [3, 2], [7, 8, 9]], torch.int32, torch.device("cuda"))
     assert [starts.tolist(), lens.tolist(), tables.tolist()] == [[0, 3, 5], [3, 2], [7, 8, 9]]
     assert all(t.is_cuda and t.data_ptr() % 16 == 0 for t in (starts, lens, tables))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32, torch.float16])
+def test_host_tensor_converts_like_torch_tensor(dtype):
+    """The buffer-protocol conversion gives what torch.tensor gives (dtypes without an array
+    typecode, and values array refuses, take torch.tensor itself)."""
+    for values in ([3, -1, 7], [], [0.5, 2.25] if dtype.is_floating_point else [True, 2]):
+        got = host_tensor(values, dtype)
+        assert got.dtype == dtype and torch.equal(got, torch.tensor(values, dtype=dtype))
+    assert host_tensor([1.5], torch.int64).tolist() == torch.tensor([1.5]).long().tolist()
+
+
+def test_upload_tensors_is_one_aligned_buffer():
+    parts = [torch.arange(3), torch.tensor([], dtype=torch.int64), torch.arange(5) * 7]
+    views = upload_tensors(parts, torch.device("cpu"))
+    assert [v.tolist() for v in views] == [p.tolist() for p in parts]
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1  # one copy
