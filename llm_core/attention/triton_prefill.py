@@ -201,11 +201,23 @@ def _attn_fwd_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
 
 
-def prefill_config(head_dim: int, is_cuda: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim; tiny tiles when interpreted."""
+# Query rows from which a launch takes 128-row tiles on 8 warps (64 < head_dim <= 128; 256-wide
+# heads would not fit the shared memory of 3 stages). H200, bf16
+# (`.gpu/attn_bench.py`, eleventh session): Qwen2.5-VL tower full attention over 42k patches
+# (d 80) 35.5 -> 30.1 ms, 64 frames' per-frame segments of 4784 17.5 -> 14.7, a 38k-token
+# causal decoder prefill (d 128, GQA 7) 26.1 -> 22.7; its 64-patch windows stay faster on
+# 64-row tiles (0.23 vs 0.41 ms).
+LONG_QUERIES = 1024
+
+
+def prefill_config(head_dim: int, is_cuda: bool, max_q: int = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim and the longest query run of
+    the launch; tiny tiles when interpreted."""
     if not is_cuda:  # TRITON_INTERPRET: small tiles so short test sequences span several
         return 16, 16, 4, 1
-    return (128, 64, 4, 3) if head_dim <= 64 else (64, 64, 4, 3)
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return (128, 64, 8, 3) if max_q >= LONG_QUERIES and head_dim <= 128 else (64, 64, 4, 3)
 
 
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
@@ -218,7 +230,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = q_start.shape[0] - 1
-    block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda)
+    block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda, max_q)
     flag = pdl.use_pdl(q)
     extra = {"num_warps": num_warps, "num_stages": num_stages} if q.is_cuda else {}
     if paged:  # k, v: [num_blocks, page_size, kv_heads, head_dim]
