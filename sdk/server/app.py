@@ -28,7 +28,7 @@ from polymodal.llm_pooling import is_cross_encoder
 from polymodal.server.audio_routes import add_audio_routes
 from polymodal.server.errors import RequestError
 from polymodal.server.metrics import ServerMetrics
-from polymodal.server.openai_format import MediaPolicy, engine_messages, error_param
+from polymodal.server.openai_format import MediaPolicy, engine_messages, request_error
 from polymodal.server.pooling_routes import add_pooling_routes, serving_routes
 from polymodal.server.protocol import ModelCard, ModelList
 from polymodal.server.requests import (
@@ -165,7 +165,8 @@ def create_app(
     async def on_invalid_input(request: Request, exc: InvalidInputError):
         if isinstance(exc, RequestError):
             return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
-        return error_response(400, str(exc), param=error_param(exc, None), code="invalid_value")
+        message, param = request_error(exc, None)
+        return error_response(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(Exception)
     async def on_server_error(request: Request, exc: Exception):
@@ -250,7 +251,7 @@ def create_app(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run_job(request, engine, metrics, "chat", [prompt], params, builder,
                              body.stream, include_usage, "messages",
-                             adapters.get(served))  # fmt: skip
+                             adapters.get(served), body.field_names())  # fmt: skip
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -280,7 +281,7 @@ def create_app(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await run_job(request, engine, metrics, "completion", prompts, params, builder,
                              body.stream, include_usage, "prompt",
-                             adapters.get(served))  # fmt: skip
+                             adapters.get(served), body.field_names())  # fmt: skip
 
     async def _beam(body, prompt, params, builder: ResponseBuilder):
         if body.stream:

@@ -121,19 +121,29 @@ def _audio_part(part: Any, where: str, policy: MediaPolicy, takes_audio) -> dict
     return {"type": "audio_url", "audio_url": {"url": source}}
 
 
-_SAMPLING_PARAM = re.compile(r"SamplingParams\.(\w+)")
-# SamplingParams names that OpenAI spells differently
+_SAMPLING_PARAM = re.compile(r"SamplingParams\.(\w+)((?:\.\w+)*)")
+# SamplingParams names that OpenAI spells differently (chat; without the request's own names)
 _OPENAI_NAME = {"logprobs": "top_logprobs"}
 
 
-def error_param(exc: Exception, default: str | None) -> str | None:
-    """The request field an engine error is about: a SamplingParams field, else `default`."""
+def request_error(
+    exc: Exception, default: str | None, fields: dict[str, str] | None = None
+) -> tuple[str, str | None]:
+    """(message, param) of an engine error in the request's own terms. The engine says
+    `SamplingParams.x` (what `LLM` users pass); the answer names the request field that set x
+    (`fields`: SamplingParams name -> request field, e.g. structured_outputs -> guided_regex;
+    else the same name) in the message and as `param`; any other error is about `default`."""
+    text = str(exc)
     if isinstance(exc, RequestError):
-        return exc.param
-    match = _SAMPLING_PARAM.search(str(exc))
-    if match:
-        return _OPENAI_NAME.get(match.group(1), match.group(1))
-    return default
+        return text, exc.param
+    match = _SAMPLING_PARAM.search(text)
+    if match is None:
+        return text, default
+    name, inner = match.groups()
+    field = (_OPENAI_NAME if fields is None else fields).get(name, name)
+    # structured_outputs.regex keeps its kind; guided_regex / response_format say it already
+    said = field + inner if field == name else field
+    return text[: match.start()] + said + text[match.end() :], field
 
 
 def chat_logprobs(

@@ -195,6 +195,26 @@ class _Request(_Strict):
 
     def structured(self) -> StructuredOutputsParams | None:
         """The one structured-output constraint the request asks for (or None)."""
+        given = self._constraints()
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise RequestError(f"give one structured output constraint, got {names}", given[1][0])
+        if not given:
+            return None
+        name, spec = given[0]
+        try:
+            return StructuredOutputsParams(**spec)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"{name}: {str(exc).splitlines()[0]}", name) from None
+
+    def field_names(self) -> dict[str, str]:
+        """SamplingParams name -> the request field that set it, where they differ: engine
+        errors name the request's field (see `openai_format.request_error`)."""
+        given = self._constraints()
+        return {"structured_outputs": given[0][0]} if given else {}
+
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(request field, StructuredOutputsParams fields) of each constraint given."""
         given = []
         if self.response_format is not None and self.response_format.type != "text":
             fmt = self.response_format
@@ -212,16 +232,7 @@ class _Request(_Strict):
             value = getattr(self, f"guided_{name}")
             if value is not None:
                 given.append((f"guided_{name}", {name: value}))
-        if len(given) > 1:
-            names = ", ".join(name for name, _ in given)
-            raise RequestError(f"give one structured output constraint, got {names}", given[1][0])
-        if not given:
-            return None
-        name, spec = given[0]
-        try:
-            return StructuredOutputsParams(**spec)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"{name}: {str(exc).splitlines()[0]}", name) from None
+        return given
 
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams fields this request sets (max_tokens aside); request options
@@ -288,7 +299,15 @@ class ChatCompletionRequest(_Request):
             )  # fmt: skip
         if self.logprobs:
             fields["logprobs"] = self.top_logprobs or 0
-        return build_sampling_params(fields, {"logprobs": "top_logprobs"})
+        return build_sampling_params(fields, self.field_names())
+
+    def field_names(self) -> dict[str, str]:
+        names = {**super().field_names(), "logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        if self.tools and self.tool_choice not in (None, "none", "auto"):
+            names["structured_outputs"] = "tools"  # the constraint is a tool's parameters
+        return names
 
 
 class CompletionRequest(_Request):
@@ -337,7 +356,10 @@ class CompletionRequest(_Request):
                 raise RequestError("best_of > n cannot be streamed", "best_of")
             fields["n"] = self.best_of
             fields.setdefault("logprobs", 0)  # the cumulative logprob ranks them
-        return build_sampling_params(fields, {"n": "best_of"} if self.best_of else {})
+        return build_sampling_params(fields, self.field_names())
+
+    def field_names(self) -> dict[str, str]:
+        return {**super().field_names(), **({"n": "best_of"} if self.best_of else {})}
 
 
 class TokenizeRequest(_Strict):

@@ -30,7 +30,8 @@ from polymodal.server.protocol import (
     new_id,
     now,
 )
-from polymodal.server.tools import ToolParser, ToolStream, new_call_id, required_calls
+from polymodal.server.required_calls import RequiredCallStream, required_reply
+from polymodal.server.tools import ToolParser, ToolStream, new_call_id
 
 DONE = "data: [DONE]\n\n"
 _MARK = "@@polymodal-delta-text@@"  # stands for the text in a chunk template
@@ -88,7 +89,7 @@ class ResponseBuilder:
         self._started: set[int] = set()  # choices whose first chunk was sent
         self._finished: set[int] = set()
         self._streams: dict[int, ToolStream] = {}  # auto tool calling, per choice
-        self._buffers: dict[int, str] = {}  # "required" tool calling, per choice
+        self._required: dict[int, RequiredCallStream] = {}  # "required" calls, per choice
         # A chunk that only carries text (no role, logprobs, finish reason or tool calls: all
         # but a choice's first and last) is a template per choice, the text put in place.
         # Pydantic built each one before: ~10x the time, per token of every stream.
@@ -138,10 +139,10 @@ class ResponseBuilder:
             call["function"] = {"name": self.shape.tool_name, "arguments": text}
             return None, [call], reason
         if mode == "required":
-            try:
-                return None, required_calls(text), "tool_calls"
-            except (ValueError, TypeError, KeyError):
-                return text, None, reason  # cut short (length): not a list of calls
+            calls, whole = required_reply(text)
+            if not calls:  # cut short (length) before a call was named: the text is content
+                return text, None, reason
+            return None, calls, "tool_calls" if whole else reason
         if mode == "auto":
             content, calls = self.shape.parser.parse(text)
             if calls:
@@ -261,11 +262,7 @@ class ResponseBuilder:
                 return None, reason
             return ChatResponseMessage(tool_calls=[call]), reason
         if mode == "required":
-            self._buffers[index] = self._buffers.get(index, "") + text
-            if reason is None:
-                return None, None
-            content, calls, reason = self._chat_message(self._buffers.pop(index), reason)
-            return ChatResponseMessage(content=content, tool_calls=_indexed(calls)), reason
+            return self._required_delta(index, text, reason)
         stream = self._streams.setdefault(index, ToolStream(self.shape.parser))
         content = stream.feed(text)
         if reason is None:
@@ -276,6 +273,18 @@ class ResponseBuilder:
         if calls:
             reason = "tool_calls"
         return ChatResponseMessage(content=content, tool_calls=_indexed(calls)), reason
+
+    def _required_delta(self, index: int, text: str, reason: str | None):
+        """A "required" choice's step: each call's id / name once known, then its arguments as
+        they come. At the end, a list of calls finishes with "tool_calls"; an output cut short
+        before any call was named goes out as content (as unstreamed: see `_chat_message`)."""
+        stream = self._required.setdefault(index, RequiredCallStream())
+        calls = stream.feed(text)
+        if reason is not None:
+            if not any(c.name is not None for c in stream.calls):
+                return ChatResponseMessage(content=stream.text or None), reason
+            reason = "tool_calls" if stream.is_valid() else reason
+        return (ChatResponseMessage(tool_calls=calls) if calls else None), reason
 
     def usage_chunk(self, outs: list[RequestOutput]) -> str:
         """The last chunk of a stream with `stream_options.include_usage` (no choices)."""

@@ -18,7 +18,7 @@ from polymodal.beam_search import BeamSearch, BeamSearchParams
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput, Usage
 from polymodal.server.errors import RequestError
-from polymodal.server.openai_format import error_param
+from polymodal.server.openai_format import request_error
 from polymodal.server.protocol import ErrorInfo, ErrorResponse
 from polymodal.server.responses import DONE, ResponseBuilder, sse
 
@@ -30,13 +30,16 @@ def error_response(status: int, message: str, param=None, kind=None, code=None) 
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def client_error(exc: PolymodalError, param: str | None) -> JSONResponse:
-    """The answer to a PolymodalError: 400 (404 for an unknown model) naming its field, or
-    500 for a server-side failure."""
+def client_error(
+    exc: PolymodalError, param: str | None, fields: dict[str, str] | None = None
+) -> JSONResponse:
+    """The answer to a PolymodalError: 400 (404 for an unknown model) naming its request field
+    (`fields`: see `request_error`), or 500 for a server-side failure."""
     if isinstance(exc, RequestError):
         return error_response(exc.status, str(exc), exc.param, code=exc.code)
     status = 400 if isinstance(exc, InvalidInputError) else 500
-    return error_response(status, str(exc), param=error_param(exc, param))
+    message, param = request_error(exc, param, fields)
+    return error_response(status, message, param=param)
 
 
 async def run_job(
@@ -51,9 +54,11 @@ async def run_job(
     include_usage: bool,
     param: str,
     lora_request: Any = None,
+    fields: dict[str, str] | None = None,
 ) -> Response:
     """Submit one engine request per prompt (all with `params` and `lora_request`, the
-    adapter the request's model name selects) and answer them together."""
+    adapter the request's model name selects) and answer them together. An input error names
+    `param`, or the request field (`fields`: SamplingParams name -> it) the engine's names."""
     start = time.monotonic()
     ids = [engine.submit(p, params, lora_request=lora_request) for p in prompts]
     streams = [engine.stream(i) for i in ids]
@@ -83,7 +88,7 @@ async def run_job(
         return Response(status_code=499)
     except PolymodalError as exc:
         await cleanup("client_error")
-        return client_error(exc, param)
+        return client_error(exc, param, fields)
     except Exception as exc:  # noqa: BLE001 - an engine failure: 500, the server goes on
         await cleanup("error")
         return error_response(500, f"engine error: {exc}")

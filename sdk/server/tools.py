@@ -60,18 +60,13 @@ def choice_constraint(tools: list, choice: Any, parallel: bool) -> StructuredOut
     return StructuredOutputsParams(json=tool.function.parameters or {"type": "object"})
 
 
-def required_calls(text: str) -> list[dict[str, Any]]:
-    """The calls of a "required" output (a JSON list of {"name", "parameters"})."""
-    calls = json.loads(text)
-    return [tool_call(c["name"], c.get("parameters", {})) for c in calls]
-
-
 class ToolParser:
     """Finds tool calls in a model's reply. `start` is the text that opens tool calls: content
     before it streams as content, everything from it on is held back and parsed at the end."""
 
     name = ""
     start = ""
+    keeps_blank_content = True  # spaces alone before the calls are content
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, tool calls) of a whole reply; no calls -> (text, [])."""
@@ -81,6 +76,13 @@ class ToolParser:
         """Where tool calls begin in `text`, or None."""
         at = text.find(self.start)
         return None if at == -1 else at
+
+    def content_before(self, text: str, at: int) -> str | None:
+        """The content of a reply whose calls begin at `at`: the text before them as written,
+        spaces kept (vLLM's hermes and mistral parsers), None when there is none (or only
+        spaces, for a parser that does not keep them)."""
+        content = text[:at]
+        return content if content.strip() or (content and self.keeps_blank_content) else None
 
 
 def _calls_from(objects: list[Any], key: str) -> list[dict[str, Any]]:
@@ -104,11 +106,13 @@ class HermesParser(ToolParser):
             calls = _calls_from([json.loads(m) for m in self._call.findall(text[at:])], "arguments")
         except (ValueError, TypeError):
             return text, []
-        return text[:at].strip() or None, calls
+        return self.content_before(text, at), calls
 
 
 class Llama3JsonParser(ToolParser):
     name, start = "llama3_json", "<|python_tag|>"
+    # vLLM's llama3_json parser: no content with calls (ours keeps text before a python tag)
+    keeps_blank_content = False
 
     def starts_calls(self, text):
         at = text.find(self.start)
@@ -127,7 +131,7 @@ class Llama3JsonParser(ToolParser):
             calls = _calls_from(objects, "parameters")
         except (ValueError, TypeError):
             return text, []
-        return text[:at].strip() or None, calls
+        return self.content_before(text, at), calls
 
 
 class MistralParser(ToolParser):
@@ -142,7 +146,7 @@ class MistralParser(ToolParser):
             calls = _calls_from(objects if isinstance(objects, list) else [objects], "arguments")
         except (ValueError, TypeError):
             return text, []
-        return text[:at].strip() or None, calls
+        return self.content_before(text, at), calls
 
 
 TOOL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser())}
@@ -152,7 +156,7 @@ TOOL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralP
 class ToolStream:
     """Streams one choice of an auto tool-calling reply: content deltas until the parser's
     start text appears (text that may still become it is held back), then the calls at the
-    end, one delta each."""
+    end, one delta each. The content sent joined equals the unstreamed `content`."""
 
     parser: ToolParser
     text: str = ""
@@ -162,11 +166,12 @@ class ToolStream:
     def feed(self, delta: str) -> str:
         """Add a text delta; the content that is safe to send now."""
         self.text += delta
-        if self.parser.starts_calls(self.text) is not None:
-            return self._flush_until(self.parser.starts_calls(self.text))
+        at = self.parser.starts_calls(self.text)
+        if at is not None:
+            return self._flush_content(at)
         hold = _partial_suffix(self.text, self.parser.start)
-        if isinstance(self.parser, Llama3JsonParser) and not self.text.strip():
-            hold = len(self.text)  # leading space: the reply may still open with "{"
+        if not self.parser.keeps_blank_content and not self.text[: len(self.text) - hold].strip():
+            hold = len(self.text)  # only spaces yet: the reply may still open with calls
         return self._flush_until(len(self.text) - hold)
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
@@ -175,7 +180,15 @@ class ToolStream:
         if not calls:
             return self._flush_until(len(self.text)), []
         self.calls = calls
-        return self._flush_until(self.parser.starts_calls(self.text)), calls
+        return self._flush_content(self.parser.starts_calls(self.text)), calls
+
+    def _flush_content(self, at: int) -> str:
+        """Calls begin at `at`: the content before them not sent yet (the parser's
+        `content_before`, so that streamed content equals the unstreamed reply's)."""
+        if self.sent == 0 and self.parser.content_before(self.text, at) is None:
+            self.sent = at  # (held back: leading space before llama3_json calls)
+            return ""
+        return self._flush_until(at)
 
     def _flush_until(self, end: int) -> str:
         out = self.text[self.sent : end] if end > self.sent else ""

@@ -1,5 +1,5 @@
 """Streamed chunks: the text-only chunk template gives exactly the events pydantic builds;
-"required" tool calls stream as indexed deltas equal to the whole reply's calls."""
+"required" tool calls stream as they are generated, joined equal to the whole reply's calls."""
 
 from __future__ import annotations
 
@@ -59,27 +59,60 @@ def test_chunks_with_logprobs_or_tools_take_the_general_path():
     assert sse({"a": 1}) == 'data: {"a": 1}\n\n'
 
 
-def test_required_tool_calls_stream_as_indexed_deltas_matching_the_whole_reply():
-    text = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {}}]'
+def _joined(events: list[str]) -> dict[int, dict]:
+    """Streamed tool-call deltas joined per call index: {index: {id, name, arguments}}."""
+    calls: dict[int, dict] = {}
+    for event in events:
+        for delta in json.loads(event[6:])["choices"][0]["delta"].get("tool_calls") or ():
+            call = calls.setdefault(delta["index"], {"arguments": ""})
+            if "id" in delta:
+                assert "id" not in call  # id, type and name come once, first
+                call.update(id=delta["id"], name=delta["function"]["name"])
+            call["arguments"] += delta["function"]["arguments"]
+    return calls
+
+
+def test_required_tool_calls_stream_incrementally_matching_the_whole_reply():
+    text = (
+        '[{"name": "f", "parameters": {"x": 1, "s": "a}, \\"b"}}, {"name": "g", "parameters": {}}]'
+    )
     shape = Shape("chat", tool_mode="required")
     builder = ResponseBuilder(shape, "m", None)
-    pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
     events = []
     for i, piece in enumerate(pieces):
         events += builder.chunks(0, _out([piece], "stop" if i == len(pieces) - 1 else None))
-    assert len(events) == 1  # held back until the list is whole, then one delta
-    choice = json.loads(events[0][6:])["choices"][0]
-    assert choice["finish_reason"] == "tool_calls" and choice["delta"]["role"] == "assistant"
-    calls = choice["delta"]["tool_calls"]
-    assert [c["index"] for c in calls] == [0, 1]
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
-        ("f", {"x": 1}), ("g", {})
-    ]  # fmt: skip
+    chunks = [json.loads(e[6:])["choices"][0] for e in events]
+    assert chunks[0]["delta"]["role"] == "assistant" and chunks[-1]["finish_reason"] == "tool_calls"
+    # each call's arguments come in several deltas, before the final chunk
+    first = [c for c in chunks[:-1] for d in c["delta"]["tool_calls"] or () if d["index"] == 0]
+    assert len(first) > 2 and all(c["finish_reason"] is None for c in first)
+    calls = _joined(events)
+    assert sorted(calls) == [0, 1] and calls[0]["id"] != calls[1]["id"]
     whole = ResponseBuilder(shape, "m", None).full([_out([text], "stop")])
-    assert [c["function"] for c in whole.choices[0].message.tool_calls] == [
-        c["function"] for c in calls
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert [c["function"] for c in message.tool_calls] == [
+        {"name": calls[i]["name"], "arguments": calls[i]["arguments"]} for i in (0, 1)
     ]
-    # cut short (length): not a list of calls, so the text is content, as unstreamed
-    cut = ResponseBuilder(shape, "m", None).chunks(0, _out([text[:20]], "length"))
-    choice = json.loads(cut[0][6:])["choices"][0]
-    assert choice["delta"]["content"] == text[:20] and choice["finish_reason"] == "length"
+    assert json.loads(calls[0]["arguments"]) == {"x": 1, "s": 'a}, "b'}
+
+
+def test_required_tool_calls_cut_short_stream_as_unstreamed():
+    shape = Shape("chat", tool_mode="required")
+    text = '[{"name": "f", "parameters": {"x": 12, '
+    for cut, content in [(text[:9], text[:9]), (text, None)]:
+        events = []
+        builder = ResponseBuilder(shape, "m", None)
+        for i, ch in enumerate(cut):  # one character a step
+            events += builder.chunks(0, _out([ch], "length" if i == len(cut) - 1 else None))
+        last = json.loads(events[-1][6:])["choices"][0]
+        whole = ResponseBuilder(shape, "m", None).full([_out([cut], "length")]).choices[0]
+        assert last["finish_reason"] == whole.finish_reason == "length"
+        assert whole.message.content == content and last["delta"].get("content") == content
+        unstreamed = [c["function"] for c in whole.message.tool_calls or ()]
+        streamed = [
+            {"name": c["name"], "arguments": c["arguments"]} for c in _joined(events).values()
+        ]
+        assert streamed == unstreamed
+    assert unstreamed == [{"name": "f", "arguments": '{"x": 12,'}]

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -201,6 +202,43 @@ def test_media_options_change_the_prompt(server):
         "messages": USER, "mm_processor_kwargs": {"resize": 2}, "max_tokens": 1,
     })  # fmt: skip
     assert bad.status_code == 400 and "resize" in bad.json()["error"]["message"]
+
+
+def _mp4_data_url(frames: int = 36, rate: int = 12) -> str:
+    """A 3 s 64x48 H.264 clip (a moving gradient) as a data: URL, written with PyAV."""
+    av = pytest.importorskip("av")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        ramp = np.add.outer(np.arange(48), np.arange(64)).astype(np.uint8)
+        for i in range(frames):
+            frame = np.stack([ramp + 5 * i, ramp, 255 - ramp], axis=-1)  # [H, W, 3]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_per_request_fps_changes_the_video_prompt(server):
+    c = openai_client(server)
+    url = _mp4_data_url()
+
+    def prompt_tokens(part_extra=None, **extra_body):
+        part = {"type": "video_url", "video_url": {"url": url}, **(part_extra or {})}
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}]
+        out = c.chat.completions.create(
+            model="m", messages=messages, max_tokens=1, extra_body=extra_body or None
+        )
+        return out.usage.prompt_tokens
+
+    default = prompt_tokens()  # 2 frames a second: 6 of the 3 s clip
+    slow = prompt_tokens(mm_processor_kwargs={"fps": 1})  # at least 4 frames (Qwen's minimum)
+    fast = prompt_tokens(mm_processor_kwargs={"fps": 4})  # 12 frames
+    assert slow < default < fast
+    assert prompt_tokens({"fps": 4}) == fast  # qwen-vl-utils per-part option
+    assert prompt_tokens(mm_processor_kwargs={"num_frames": 4}) == slow
 
 
 def test_generation_config_defaults_apply_unless_set(server):

@@ -1,12 +1,16 @@
 """Request checks of the server in-process (FastAPI's test client over a real AsyncEngine): a
 body that is not JSON, options that need one another, bad values named by the request's own
-field, empty prompts of a list, and legacy completion logprobs as OpenAI returns them."""
+field (engine errors too, in the message as well as `param`), empty prompts of a list, and
+legacy completion logprobs as OpenAI returns them."""
 
 from __future__ import annotations
 
 import pytest
 
 from polymodal.async_engine import AsyncEngine
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.request_checks import check_request
+from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import tiny_checkpoint
 
 pytest.importorskip("fastapi")
@@ -65,6 +69,34 @@ def test_bad_values_name_the_request_field(client, path, body, param):
     error = error_of(client.post(path, json={**base, "max_tokens": 2, **body}))
     assert error["param"] == param
     assert param.split("[")[0] in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path, body, param, words",
+    [
+        ("/v1/chat/completions", {"logit_bias": {"999999": 5}}, "logit_bias", "token ids"),
+        ("/v1/completions", {"allowed_token_ids": [10**6]}, "allowed_token_ids", "token ids"),
+        ("/v1/chat/completions", {"max_completion_tokens": 10**5}, "max_completion_tokens",
+         "too large"),
+        ("/v1/chat/completions", {"guided_regex": "("}, "guided_regex", "cannot be compiled"),
+        ("/v1/chat/completions", {"structured_outputs": {"regex": "("}}, "structured_outputs",
+         "structured_outputs.regex cannot be compiled"),
+        ("/v1/completions", {"truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens",
+         "greater than max_model_len"),
+    ],
+)  # fmt: skip
+def test_engine_errors_name_the_request_field_in_the_message(client, path, body, param, words):
+    # the engine's checks say SamplingParams.<name> (what LLM users pass); the server's
+    # message names the request's own field, as its param does
+    base = {"messages": USER} if "chat" in path else {"prompt": "Hi"}
+    error = error_of(client.post(path, json={**base, "max_tokens": 2, **body}))
+    assert error["param"] == param and "SamplingParams" not in error["message"]
+    assert error["message"].startswith(f"{param}") and words in error["message"]
+
+
+def test_offline_engine_errors_keep_the_sampling_params_names():
+    with pytest.raises(InvalidInputError, match=r"^SamplingParams\.logit_bias has token ids"):
+        check_request([1, 2], SamplingParams(logit_bias={10**6: 1.0}), 64, 100)
 
 
 @pytest.mark.parametrize("top_n", [0, 2])

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from polymodal.server.required_calls import RequiredCallStream, required_reply
 from polymodal.server.tools import TOOL_PARSERS, ToolStream
 
 CALL = {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}
@@ -20,7 +21,8 @@ REPLIES = {
     "mistral": "Let me check.[TOOL_CALLS]"
     + json.dumps([CALL, {**CALL, "arguments": {"city": "Rome"}}]),
 }
-CONTENT = {"hermes": "Let me check.", "llama3_json": None, "mistral": "Let me check."}
+# the text before the calls as written (vLLM's hermes / mistral parsers); llama3_json: none
+CONTENT = {"hermes": "Let me check.\n", "llama3_json": None, "mistral": "Let me check."}
 
 
 @pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
@@ -47,10 +49,24 @@ def test_streamed_reply_char_by_char(name):
     stream = ToolStream(TOOL_PARSERS[name])
     sent = "".join(stream.feed(ch) for ch in REPLIES[name])
     tail, calls = stream.finish()
-    assert (sent + tail).strip() == (CONTENT[name] or "")
+    assert sent + tail == (CONTENT[name] or "")  # the unstreamed content, spaces and all
     assert len(calls) == 2 and json.loads(calls[1]["function"]["arguments"]) == {"city": "Rome"}
     # no part of the call text ever went out as content
     assert TOOL_PARSERS[name].start.strip("<[|") not in sent
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
+@pytest.mark.parametrize("before", ["Checking. ", "\n\n", " "])
+def test_streamed_content_before_calls_equals_the_unstreamed(name, before):
+    reply = before + REPLIES[name].split("Let me check.")[-1].lstrip()
+    content, calls = TOOL_PARSERS[name].parse(reply)
+    assert len(calls) == 2
+    stream = ToolStream(TOOL_PARSERS[name])
+    sent = "".join(stream.feed(ch) for ch in reply)
+    tail, streamed = stream.finish()
+    assert ((sent + tail) or None) == content
+    spaces_only = not before.strip()
+    assert content == (None if spaces_only and name == "llama3_json" else before)
 
 
 def test_streamed_plain_text_is_all_content():
@@ -60,3 +76,28 @@ def test_streamed_plain_text_is_all_content():
         sent = "".join(stream.feed(ch) for ch in text)
         tail, calls = stream.finish()
         assert sent + tail == text and calls == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"name": "f", "parameters": {"a": [1, {"b": "}]"}], "c": null}}]',
+        '[\n  {"parameters": {"x": "y"} , "name": "late"},\n  {"name": "g", "parameters": {}}\n]',
+        '[{"name": "h\\"q", "parameters": {"t": "line\\nbreak \\\\"}}]',
+    ],
+)
+def test_required_calls_stream_char_by_char_as_the_whole_reply(text):
+    stream = RequiredCallStream()
+    joined: dict[int, dict] = {}
+    for ch in text:
+        for delta in stream.feed(ch):
+            call = joined.setdefault(delta["index"], {"name": None, "arguments": ""})
+            if "id" in delta:
+                call["name"] = delta["function"]["name"]
+            call["arguments"] += delta["function"]["arguments"]
+    whole, complete = required_reply(text)
+    assert complete and [c["function"] for c in whole] == [joined[i] for i in sorted(joined)]
+    assert [json.loads(c["function"]["arguments"]) for c in whole] == [
+        c["parameters"] for c in json.loads(text)
+    ]
+    assert [c["function"]["name"] for c in whole] == [c["name"] for c in json.loads(text)]
