@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from polymodal.llm_core.kv_memory import (
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.layers.moe import enable_moe_decode
 from polymodal.llm_core.loader import build_model, resolve_model_path
+from polymodal.llm_core.media_inputs import embeddings_cached
 from polymodal.llm_core.quantization import resolve_quantization
 from polymodal.llm_core.registry import model_class, tower_graphs
 from polymodal.llm_core.runner import ModelRunner
@@ -270,6 +272,10 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
         runner.encoder_cache,
         runner.lora,
     )
+    if supports_multimodal(net):  # staging skips items the encoder will not see again
+        net.embeddings_cached = partial(
+            embeddings_cached, net, runner.encoder_cache, scheduler.max_num_encoder_tokens
+        )
     # CUDA graphs with the collectives inside are not done yet: tensor parallelism runs eager
     graphs = cfg.cuda_graphs and not pooling and layout.slots and tp.size == 1
     if graphs and device.type == "cuda" and rank.backend.name == "triton":

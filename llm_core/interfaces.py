@@ -13,8 +13,9 @@ with `isinstance`), instead of the engine probing for attributes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,6 +36,17 @@ class SupportsMultiModal:
     #: (`MultimodalItem.embed_runs`; Gemma 3): the scheduler never splits a run across steps
     #: and the runner hands the runs to the attention as per-token key ranges
     bidirectional_media: ClassVar[bool] = False
+    #: set by the engine (`media_inputs.embeddings_cached`): whether the encoder cache holds
+    #: an item's output, so the encoder will not run for it and `stage` leaves its pixels on
+    #: the host (a repeated 64-frame video: no 177 MB upload, no resize); `encode` stages them
+    #: after all if the entry is evicted first. None (no engine): every item is staged.
+    embeddings_cached: Callable[[Any], bool] | None = None
+
+    def items_to_stage(self, items: list) -> list:
+        """The items whose encoder inputs `stage` moves to the device: all but those whose
+        encoder output is cached (`embeddings_cached`)."""
+        cached = self.embeddings_cached
+        return list(items) if cached is None else [item for item in items if not cached(item)]
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """Embeddings `[num_embeds, hidden]` for each media item, in order."""
@@ -57,10 +69,11 @@ class SupportsMultiModal:
     def stage(self, items: list) -> None:
         """Put the items' tensors on the model's device ahead of the step (idempotent; may run
         on a preprocessing thread): raw frames are copied (pinned, asynchronous) and turned
-        into pixel values there by the processor's recipe (`MultimodalItem.stage`)."""
+        into pixel values there by the processor's recipe (`MultimodalItem.stage`). Items
+        whose encoder output is cached are skipped (`items_to_stage`)."""
         device, dtype = self.media_device_dtype()
         move = partial(copy_to, device=device)
-        for item in items:
+        for item in self.items_to_stage(items):
             item.stage(device, dtype, move)
 
     def cross_states(self, items: list, outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -38,6 +38,16 @@ def encoded(model, cache: EncoderCache, items: list) -> dict[str, torch.Tensor]:
     return found
 
 
+def embeddings_cached(model, cache: EncoderCache, max_rows: int, item) -> bool:
+    """Whether `cache` holds `item`'s encoder output (each piece's, for an item the model's
+    `split_media` cuts at `max_rows`: a long video), so no step will encode it unless the
+    entry is evicted first. Runs on preprocessing threads (`model.stage`): it only reads."""
+    if item.content_hash in cache:
+        return True
+    pieces = model.split_media([item], max_rows)
+    return len(pieces) > 1 and all(piece.content_hash in cache for piece in pieces)
+
+
 def encoder_outputs(model, cache: EncoderCache, items: list) -> list[torch.Tensor]:
     """Encoder outputs of `items` in order (cross-attention rows)."""
     found = encoded(model, cache, items)

@@ -78,13 +78,14 @@ def frames_to_rgb(frames: torch.Tensor) -> torch.Tensor:
     return (1 - alpha) * 255 + alpha * frames[:, :3]
 
 
-def _frame_to_array(frame: Any) -> np.ndarray:
-    """One frame (PIL, HW/HWC numpy, CHW/HWC tensor) -> HWC uint8 array."""
+def _frame_source(frame: Any) -> tuple[Image.Image | np.ndarray, tuple[int, ...]]:
+    """One frame (PIL, HW/HWC numpy, CHW/HWC tensor) -> (what to copy its pixels from: a PIL
+    image in RGB / RGBA / L or an HWC uint8 array, its `(H, W, C)` shape); nothing is copied."""
     if isinstance(frame, Image.Image):
         if frame.mode not in ("RGB", "RGBA", "L"):
             frame = frame.convert("RGB")
-        frame = np.array(frame)
-    elif isinstance(frame, torch.Tensor):
+        return frame, (frame.height, frame.width, len(frame.getbands()))
+    if isinstance(frame, torch.Tensor):
         frame = frame.detach().cpu()
         if frame.ndim == 3 and frame.shape[0] in (1, 3, 4) and frame.shape[-1] not in (1, 3, 4):
             frame = frame.permute(1, 2, 0)
@@ -93,25 +94,36 @@ def _frame_to_array(frame: Any) -> np.ndarray:
         raise ValueError(f"unsupported frame type {type(frame).__name__}")
     if frame.dtype != np.uint8:
         raise ValueError(f"frames must be uint8, got dtype {frame.dtype}")
-    return frame[..., None] if frame.ndim == 2 else frame
+    frame = frame[..., None] if frame.ndim == 2 else frame
+    if frame.ndim != 3:
+        raise ValueError(f"a frame must be HxW or HxWxC, got shape {frame.shape}")
+    return frame, frame.shape
 
 
 def frames_from_list(frames: Any, max_pixels: int) -> torch.Tensor:
-    """A list of frames or a `[T, H, W, C]` array -> `[T, 3, H, W]` RGB tensor."""
+    """A list of frames or a `[T, H, W, C]` array -> `[T, 3, H, W]` RGB tensor.
+
+    Each frame's pixels are copied once, straight into one `[T, H, W, C]` buffer (a PIL
+    frame's `np.asarray` view of its bytes, an array itself): the result never shares memory
+    with the caller's frames, so changing them later cannot change what was hashed."""
     if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 4:
         frames = list(frames)
     if not isinstance(frames, (list, tuple)) or not frames:
         raise ValueError("a video must be a file, bytes, or a non-empty list of frames")
-    arrays = [_frame_to_array(frame) for frame in frames]
-    if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"all frames must have one shape, got {sorted({a.shape for a in arrays})}")
-    height, width = arrays[0].shape[:2]
-    if len(arrays) * height * width > max_pixels:
+    sources = [_frame_source(frame) for frame in frames]
+    shapes = {shape for _, shape in sources}
+    if len(shapes) != 1:
+        raise ValueError(f"all frames must have one shape, got {sorted(shapes)}")
+    shape = shapes.pop()
+    height, width = shape[:2]
+    if len(sources) * height * width > max_pixels:
         raise ValueError(
-            f"{len(arrays)} frames of {width}x{height} exceed the limit of {max_pixels} pixels"
+            f"{len(sources)} frames of {width}x{height} exceed the limit of {max_pixels} pixels"
         )
-    video = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [T, C, H, W]
-    return frames_to_rgb(video)
+    video = np.empty((len(sources), *shape), dtype=np.uint8)  # [T, H, W, C]
+    for out, (source, _) in zip(video, sources):
+        out[...] = np.asarray(source).reshape(shape)
+    return frames_to_rgb(torch.from_numpy(video).permute(0, 3, 1, 2))  # [T, C, H, W]
 
 
 def _video_backend() -> str:
