@@ -37,16 +37,16 @@ class SupportsMultiModal:
     #: and the runner hands the runs to the attention as per-token key ranges
     bidirectional_media: ClassVar[bool] = False
     #: set by the engine (`media_inputs.embeddings_cached`): whether the encoder cache holds
-    #: an item's output, so the encoder will not run for it and `stage` leaves its pixels on
-    #: the host (a repeated 64-frame video: no 177 MB upload, no resize); `encode` stages them
-    #: after all if the entry is evicted first. None (no engine): every item is staged.
+    #: an item's output, so the encoder will not run for it and `stage_ahead` leaves its
+    #: pixels on the host (a repeated 64-frame video: no 177 MB upload, no resize); `encode`
+    #: stages them after all if the entry is evicted first. None (no engine): stage all.
     embeddings_cached: Callable[[Any], bool] | None = None
 
-    def items_to_stage(self, items: list) -> list:
-        """The items whose encoder inputs `stage` moves to the device: all but those whose
-        encoder output is cached (`embeddings_cached`)."""
+    def stage_ahead(self, items: list) -> None:
+        """`stage` the items a step may encode, from a preprocessing thread before the request
+        reaches the engine: all but those whose encoder output is cached."""
         cached = self.embeddings_cached
-        return list(items) if cached is None else [item for item in items if not cached(item)]
+        self.stage(list(items) if cached is None else [it for it in items if not cached(it)])
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """Embeddings `[num_embeds, hidden]` for each media item, in order."""
@@ -69,11 +69,10 @@ class SupportsMultiModal:
     def stage(self, items: list) -> None:
         """Put the items' tensors on the model's device ahead of the step (idempotent; may run
         on a preprocessing thread): raw frames are copied (pinned, asynchronous) and turned
-        into pixel values there by the processor's recipe (`MultimodalItem.stage`). Items
-        whose encoder output is cached are skipped (`items_to_stage`)."""
+        into pixel values there by the processor's recipe (`MultimodalItem.stage`)."""
         device, dtype = self.media_device_dtype()
         move = partial(copy_to, device=device)
-        for item in self.items_to_stage(items):
+        for item in items:
             item.stage(device, dtype, move)
 
     def cross_states(self, items: list, outputs: list[torch.Tensor]) -> torch.Tensor:

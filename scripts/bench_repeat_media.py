@@ -68,7 +68,7 @@ def request(engine: Engine, processor: QwenVLProcessor, kind: str, item, seed: i
 
     prompt = processor.process_tokens(ids, [MediaRef(kind, item)])
     lap("process")
-    engine.runner.model.stage(prompt.mm_items)
+    engine.runner.model.stage_ahead(prompt.mm_items)
     lap("stage")
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     request_id = engine.add_request(

@@ -122,14 +122,15 @@ class LLM:
     def process(self, prompt: Any, stage: bool = True) -> ProcessedPrompt:
         """Turn one prompt (any accepted form) into token ids, positions and media items.
 
-        Media tensors are moved to the model's device here (`stage`), so a caller that
-        processes on a worker thread overlaps that copy with the engine's work.
+        Media tensors are moved to the model's device here (`stage_ahead`; not those whose
+        encoder output is cached), so a caller that processes on a worker thread overlaps that
+        copy with the engine's work.
         """
         processed = process_prompt(self.processor, prompt, self.media_defaults, self.model_name)
         check_mm_limits(processed.mm_items, self.limit_mm_per_prompt)
         model = self.engine.runner.model
         if stage and processed.mm_items and supports_multimodal(model):
-            model.stage(processed.mm_items)
+            model.stage_ahead(processed.mm_items)
         return processed
 
     def submit(

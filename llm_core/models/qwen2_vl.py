@@ -47,12 +47,12 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
         copied (pinned + async on CUDA: no wait for the engine's queued work; 4x+ fewer bytes
         than bf16 pixels), then patchified and normalized there, so the host does no copy and
         no float work. Safe to call from a preprocessing thread, so this overlaps the engine's
-        work instead of running inside a step. An item whose tower output is cached (a
-        repeat) is left as it is (`items_to_stage`): no upload, no resize.
+        work instead of running inside a step (`stage_ahead`: a repeat whose tower output is
+        cached is not staged: no upload, no resize).
         """
         device, dtype = self.media_device_dtype()
         move = partial(copy_to, device=device)
-        for it in self.items_to_stage(items):
+        for it in items:
             it.stage(device, dtype, move)
 
     def split_media(self, items: list, max_rows: int) -> list:

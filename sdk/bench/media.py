@@ -109,7 +109,7 @@ def _first_token_ms(ours: OurSide, ids, kind, item) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     prompt = ours.processor.process_tokens(ids, [MediaRef(kind, item)])
-    ours.model.stage(prompt.mm_items)
+    ours.model.stage_ahead(prompt.mm_items)
     request_id = ours._add(prompt, 1)
     while not any(o.request_id == request_id for o in ours.engine.step()):
         pass

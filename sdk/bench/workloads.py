@@ -127,7 +127,7 @@ class OurSide:
     def _prompt(self, image, seed: int):
         ids = self.image_prefix + text_ids(TEXT_TOKENS, seed, self.vocab)
         prompt = self.processor.process_tokens(ids, [MediaRef("image", image)])
-        self.model.stage(prompt.mm_items)  # H2D in the preprocessing thread
+        self.model.stage_ahead(prompt.mm_items)  # H2D in the preprocessing thread
         return prompt
 
     def _add(self, p, max_tokens: int) -> str:
@@ -175,7 +175,7 @@ class OurSide:
             ids = self.image_prefix + text_ids(TEXT_TOKENS, 100 + i, self.vocab)
             prompt = self.processor.process_tokens(ids, [MediaRef("image", image)])
             processed = time.perf_counter()
-            self.model.stage(prompt.mm_items)
+            self.model.stage_ahead(prompt.mm_items)
             staged = time.perf_counter()
             rid = self._add(prompt, 1)
             while not any(o.request_id == rid for o in self.engine.step()):
