@@ -108,7 +108,7 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
 
     from polymodal.llm_core.layers import gemv as gemv_mod
     from polymodal.llm_core.layers import gemv_lora
-    from polymodal.llm_core.lora import triton_lora
+    from polymodal.llm_core.lora import launch_plan, triton_lora
     from polymodal.llm_core.lora.layer import LoRABatch
 
     sizes, k, silu = SITES[name]
@@ -150,8 +150,8 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
 
     base_us = time_us(base)
     term_us = time_us(term) - (base_us if one_row else 0.0)
-    fma_rows = triton_lora.ShrinkConfig().fma_rows
-    splits = triton_lora.shrink_plan(m, len(sizes) * rank, k, gemv_mod.num_sms(dev))[-1]
+    fma_rows = launch_plan.ShrinkConfig().fma_rows
+    splits = launch_plan.shrink_plan(m, len(sizes) * rank, k, gemv_mod.num_sms(dev))[-1]
     timed = [(shrink_us(c), c) for c in sweep if c.fma_rows == fma_rows or m <= fma_rows]
     best_us, c = min(timed, key=lambda t: t[0])
     best = (f"{best_us:.1f} (block_k {c.block_k}, tiles {c.min_tiles}, programs/SM "
@@ -168,7 +168,7 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
 
 def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
     """The `--kernels` rows (module docstring)."""
-    from polymodal.llm_core.lora.triton_lora import ExpandConfig, ShrinkConfig
+    from polymodal.llm_core.lora.launch_plan import ExpandConfig, ShrinkConfig
 
     start = time.perf_counter()
     # fewer, longer K chunks (min_tiles) trade the final split sum against each chunk's loop

@@ -191,7 +191,7 @@ def test_one_row_gemv_lora_epilogue_at_real_sizes(layer):
 def test_launch_configs_at_real_sizes(layer, batch, knobs):
     """Other points of the bench's sweep give the reference too (compiled): tl.dot for one
     token and 4-tile K chunks; or 256-wide expand blocks walking each slot's token blocks."""
-    from polymodal.llm_core.lora import triton_lora
+    from polymodal.llm_core.lora import launch_plan, triton_lora
     from polymodal.llm_core.lora.layer import LoRABatch
     from polymodal.llm_core.lora.ops import lora_reference
 
@@ -205,10 +205,10 @@ def test_launch_configs_at_real_sizes(layer, batch, knobs):
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     expected = lora_reference(x, base.clone(), lora_a, lora_b, list(zip(offsets, sizes)), rank,
                               lora_batch.segments.host_groups)  # fmt: skip
-    shrink_cfg, expand_cfg = triton_lora.ShrinkConfig(fma_rows=0, min_tiles=4), None
+    shrink_cfg, expand_cfg = launch_plan.ShrinkConfig(fma_rows=0, min_tiles=4), None
     if knobs == "walk_wide":
-        shrink_cfg = triton_lora.ShrinkConfig(programs_per_sm=8)
-        expand_cfg = triton_lora.ExpandConfig(block_n=256, token_programs=1, num_warps=8)
+        shrink_cfg = launch_plan.ShrinkConfig(programs_per_sm=8)
+        expand_cfg = launch_plan.ExpandConfig(block_n=256, token_programs=1, num_warps=8)
     out = base.clone()
     y = triton_lora.shrink(x, lora_a, lora_batch.segments, config=shrink_cfg)
     triton_lora.expand(y, lora_b, out, torch.tensor(offsets, dtype=torch.int32, device="cuda"),

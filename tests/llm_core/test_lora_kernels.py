@@ -14,7 +14,7 @@ from polymodal.llm_core.layers import gemv as gemv_ops
 from polymodal.llm_core.layers import gemv_lora
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm, rms_norm_torch
 from polymodal.llm_core.layers.triton_ops import silu_and_mul_ref
-from polymodal.llm_core.lora import triton_lora
+from polymodal.llm_core.lora import launch_plan, triton_lora
 from polymodal.llm_core.lora.layer import LoRABatch
 from polymodal.llm_core.lora.ops import lora_reference, lora_triton
 from tests.llm_core.interpreted import (
@@ -120,16 +120,16 @@ def test_split_plan_spreads_k_over_the_sms(monkeypatch):
     """Compiled-GPU plan (132 SMs): chunks of whole 128-wide tiles covering K exactly once (the
     last one partial), about 4 busy programs an SM over the step's tiles, at most MAX_SPLITS
     chunks; the 7B's K values at one token and at 64 (4 token blocks); prefill: one chunk."""
-    monkeypatch.setattr(triton_lora, "_interpreted", lambda: False)
+    monkeypatch.setattr(launch_plan, "interpreted", lambda: False)
     for k in [1, 100, 128, 300, 3584, 4096, 8192, 8193, 18944, 29568, 100_000]:
         for work in [1, 4, 64, 10_000]:
-            block_k, chunk, splits = triton_lora.split_plan(k, work, 132)
+            block_k, chunk, splits = launch_plan.split_plan(k, work, 132)
             assert block_k == 128 and chunk % block_k == 0, k
-            assert splits <= triton_lora.MAX_SPLITS and (splits - 1) * chunk < k <= splits * chunk
-    assert triton_lora.split_plan(18944, 1, 132) == (128, 128, 148)  # one tile a program
-    assert triton_lora.split_plan(18944, 4, 132) == (128, 256, 74)
-    assert triton_lora.split_plan(3584, 4, 132) == (128, 128, 28)
-    assert triton_lora.split_plan(3584, 1000, 132) == (128, 3584, 1)
+            assert splits <= launch_plan.MAX_SPLITS and (splits - 1) * chunk < k <= splits * chunk
+    assert launch_plan.split_plan(18944, 1, 132) == (128, 128, 148)  # one tile a program
+    assert launch_plan.split_plan(18944, 4, 132) == (128, 256, 74)
+    assert launch_plan.split_plan(3584, 4, 132) == (128, 128, 28)
+    assert launch_plan.split_plan(3584, 1000, 132) == (128, 3584, 1)
 
 
 @pytest.mark.parametrize("fma_rows", [0, 8])
@@ -141,7 +141,7 @@ def test_launch_configs_equal_the_reference(fma_rows, expand_cfg):
     dtype, k_in, sizes, rank = torch.bfloat16, 83, [40, 9, 8], 16
     lora_a, lora_b = _weights(k_in, sizes, rank, 3, dtype, seed=8)
     gen = torch.Generator().manual_seed(9)
-    shrink_cfg = triton_lora.ShrinkConfig(fma_rows=fma_rows)
+    shrink_cfg = launch_plan.ShrinkConfig(fma_rows=fma_rows)
     small = [(2, 2), (-1, 1), (0, 1)]  # 4 tokens
     x = torch.randn(4, k_in, generator=gen).to(dtype)
     y = triton_lora.shrink(x, lora_a, _step(3, small).segments, config=shrink_cfg)
@@ -159,7 +159,7 @@ def test_launch_configs_equal_the_reference(fma_rows, expand_cfg):
     y = triton_lora.shrink(x, lora_a, batch.segments, config=shrink_cfg)
     config = None
     if expand_cfg is not None:
-        config = triton_lora.ExpandConfig(block_n=expand_cfg[0], token_programs=expand_cfg[1])
+        config = launch_plan.ExpandConfig(block_n=expand_cfg[0], token_programs=expand_cfg[1])
     out = base.clone()
     triton_lora.expand(y, lora_b, out, torch.tensor(offsets, dtype=torch.int32),
                        torch.tensor(sizes, dtype=torch.int32), max(sizes), rank, batch.segments,
