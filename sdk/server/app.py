@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
@@ -38,7 +37,7 @@ from polymodal.server.requests import (
     TokenizeRequest,
 )
 from polymodal.server.responses import ResponseBuilder, Shape
-from polymodal.server.serving import error_response, run_beam_search, run_job
+from polymodal.server.serving import CORSMiddleware, error_response, run_beam_search, run_job
 from polymodal.server.tools import TOOL_PARSERS, choice_constraint
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware as StarletteCORS
 
 from polymodal.async_engine import AsyncEngine
 from polymodal.beam_search import BeamSearch, BeamSearchParams
@@ -28,6 +29,23 @@ def error_response(status: int, message: str, param=None, kind=None, code=None) 
     kind = kind or ("invalid_request_error" if status < 500 else "internal_error")
     body = ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+class CORSMiddleware(StarletteCORS):
+    """Starlette's CORS middleware whose refused preflights are OpenAI-shaped errors (400, as
+    Starlette answers them, naming the origin), not plain text."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        origin = request_headers.get("origin")
+        message = f"{bytes(response.body).decode()} (origin {origin!r}; see --allowed-origins)"
+        refused = error_response(400, message, param="Origin")
+        for name in ("access-control-allow-methods", "access-control-max-age", "vary"):
+            if name in response.headers:
+                refused.headers[name] = response.headers[name]
+        return refused
 
 
 def client_error(

@@ -43,6 +43,9 @@ def test_cors_preflight_succeeds_only_where_allowed(engine):
         )
         assert denied.status_code == 400
         assert "access-control-allow-origin" not in denied.headers
+        error = denied.json()["error"]  # OpenAI-shaped, naming the origin
+        assert error["param"] == "Origin" and "https://evil.example" in error["message"]
+        assert "Disallowed CORS origin" in error["message"]
     with TestClient(create_app(engine, "m")) as client:  # no --allowed-origins: no CORS
         resp = client.options("/v1/chat/completions", headers={"Origin": "https://a.b"})
         assert resp.status_code == 405 and "error" in resp.json()
