@@ -18,6 +18,8 @@ the keys of its own range `[lo, hi)` (still inside its window); other steps comp
 Cross attention (MASK 4, always with RANGES) reads the sequence's encoder rows instead of its
 tokens (`seq_lens`: rows, the table: a cross group's) and each query sees exactly the rows of
 its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
+A head dim that is not a power of 2 runs as two power-of-2 parts (`head_dim_split`, `D_LO`):
+S = q_hi k_hi^T + q_lo k_lo^T and two accumulators, so 80 costs 64 + 16 columns, not 128.
 """
 
 from __future__ import annotations
