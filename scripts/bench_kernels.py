@@ -7,7 +7,7 @@
 
 Decode rows report achieved GB/s = bytes of K/V read / time (the roofline of decode).
 Shapes follow Qwen2.5-VL-7B: decoder 28 q heads / 4 kv heads, head_dim 128; vision tower
-16 heads, head_dim 80.
+16 heads, head_dim 80 (its tower sizes, split vs padded head dim: bench_vision_attention.py).
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ def bench_decode(batch, ctx, shape, dtype, device):
     """Paged Triton decode vs the paged torch reference and dense (unpaged) SDPA."""
     heads, kv_heads, head_dim = shape
     q, cache, meta = paged_batch([1] * batch, [ctx] * batch, *shape, dtype, device)
-    scale = head_dim**-0.5
+    spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5)
     backend = TritonAttentionBackend()
-    t = bench_ms(lambda: backend.paged_attention(q, cache, meta, scale), graph=True)
-    t_ref = bench_ms(lambda: TorchAttentionBackend().paged_attention(q, cache, meta, scale))
+    t = bench_ms(lambda: backend.paged_attention(q, cache, meta, spec), graph=True)
+    t_ref = bench_ms(lambda: TorchAttentionBackend().paged_attention(q, cache, meta, spec))
     k, v = (torch.randn(batch, kv_heads, ctx, head_dim, device=device, dtype=dtype) for _ in "kv")
     qd = q.view(batch, heads, 1, head_dim)
     t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True), True)

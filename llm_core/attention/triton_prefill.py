@@ -18,6 +18,8 @@ the keys of its own range `[lo, hi)` (still inside its window); other steps comp
 Cross attention (MASK 4, always with RANGES) reads the sequence's encoder rows instead of its
 tokens (`seq_lens`: rows, the table: a cross group's) and each query sees exactly the rows of
 its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
+A head dim that is not a power of 2 runs as two power-of-2 parts (`head_dim_split`, `D_LO`):
+S = q_hi k_hi^T + q_lo k_lo^T and two accumulators, so 80 costs 64 + 16 columns, not 128.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ def softcap_log2(s, cap_log2):
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale, cap_log2,
-          dims, dim_mask, r_lo, r_hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale,
+          cap_log2, cols, r_lo, r_hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
           PAGED: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
-          RANGES: tl.constexpr):  # fmt: skip
+          RANGES: tl.constexpr, D_LO: tl.constexpr):  # fmt: skip
     """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies the mask and the
-    sequence's tail."""
+    sequence's tail. `cols`: (dims, dim_mask) of the head's first part and (dims_lo,
+    dim_mask_lo) of its second; D_LO > 0 runs the second part (`q_lo`, `acc_lo`) as a narrower
+    dot beside each product's first, D_LO == 0 compiles it away (`acc_lo` passes through)."""
     q_start, table, head_off, stride_kt, stride_ko = kv_base
+    dims, dim_mask, dims_lo, dim_mask_lo = cols
     pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     valid = pos < hi
     if PAGED:
@@ -57,7 +62,13 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
     kv_mask = valid[:, None] & dim_mask[None, :]
     k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+    if D_LO > 0:  # S = q_hi k_hi^T + q_lo k_lo^T, the second accumulated onto the first
+        lo_mask = valid[:, None] & dim_mask_lo[None, :]
+        k_lo = tl.load(k_ptr + kv_off[:, None] + dims_lo[None, :], mask=lo_mask, other=0.0)
+        v_lo = tl.load(v_ptr + kv_off[:, None] + dims_lo[None, :], mask=lo_mask, other=0.0)
+        s = tl.dot(q_lo, tl.trans(k_lo.to(q.dtype)), s, input_precision="ieee")
+    s = s * qk_scale
     if SOFTCAP:
         s = softcap_log2(s, cap_log2)
     if MASKED:
@@ -81,7 +92,10 @@ def _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_sca
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-    return acc, l_i, m_new
+    if D_LO > 0:  # [BLOCK_M, D_LO]
+        pv_lo = tl.dot(p.to(q.dtype), v_lo.to(q.dtype), input_precision="ieee")
+        acc_lo = acc_lo * alpha[:, None] + pv_lo
+    return acc, acc_lo, l_i, m_new
 
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
@@ -113,7 +127,7 @@ def _attn_fwd_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # the head's first part: all of it padded, or D_HI when split
     PAGED: tl.constexpr,
     MASK: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -122,6 +136,7 @@ def _attn_fwd_kernel(
     RANGES: tl.constexpr,
     v_scale=1.0,  # an FP8 cache's value scale (its key scale is folded into qk_scale)
     FP8_KV: tl.constexpr = False,
+    D_LO: tl.constexpr = 0,  # the second part's width (head_dim_split); 0: no second part
 ):
     pdl.wait(USE_PDL)
     seq = tl.program_id(0)
@@ -143,10 +158,18 @@ def _attn_fwd_kernel(
     row_mask = rows < q_len
     dim_mask = dims < HEAD_DIM
     q_pos = ctx_len + rows  # absolute positions
-    q_off = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + dims[None, :]
+    q_row = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh
+    q_off = q_row + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    dims_lo, dim_mask_lo, q_lo = dims, dim_mask, q  # placeholders when D_LO is 0 (never read)
+    if D_LO > 0:  # the head's columns [BLOCK_D, HEAD_DIM) (padded to D_LO)
+        dims_lo = BLOCK_D + tl.arange(0, D_LO)
+        dim_mask_lo = dims_lo < HEAD_DIM
+        q_lo_mask = row_mask[:, None] & dim_mask_lo[None, :]
+        q_lo = tl.load(q_ptr + q_row + dims_lo[None, :], mask=q_lo_mask, other=0.0)
     if DOT_F32:  # the interpreter cannot tl.dot bf16 operands: do the dots in fp32
         q = q.to(tl.float32)
+        q_lo = q_lo.to(tl.float32)
 
     # Key range this query tile can see.
     hi = kv_len
@@ -185,20 +208,35 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_lo = acc  # D_LO 0: carried through the loops unchanged (folded away)
+    if D_LO > 0:
+        acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
+    cols = (dims, dim_mask, dims_lo, dim_mask_lo)
     for n0 in range(lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
-                              qk_scale, cap_log2, dims, dim_mask, r_lo, r_hi, PAGE_SIZE, BLOCK_N,
-                              PAGED, MASK, SOFTCAP, False, RANGES)  # fmt: skip
+        acc, acc_lo, l_i, m_i = _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base,
+                                      n0, hi, window, qk_scale, cap_log2, cols, r_lo, r_hi,
+                                      PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP, False, RANGES,
+                                      D_LO)  # fmt: skip
     for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window,
-                              qk_scale, cap_log2, dims, dim_mask, r_lo, r_hi, PAGE_SIZE, BLOCK_N,
-                              PAGED, MASK, SOFTCAP, True, RANGES)  # fmt: skip
+        acc, acc_lo, l_i, m_i = _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base,
+                                      n0, hi, window, qk_scale, cap_log2, cols, r_lo, r_hi,
+                                      PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP, True, RANGES,
+                                      D_LO)  # fmt: skip
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc / norm
     if FP8_KV:
         out = out * v_scale
-    o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + dims[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
+    o_row = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
+    o_off = o_row + dims[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + o_off, out.to(out_ty), mask=row_mask[:, None] & dim_mask)
+    if D_LO > 0:
+        out_lo = acc_lo / norm
+        if FP8_KV:
+            out_lo = out_lo * v_scale
+        lo_mask = row_mask[:, None] & dim_mask_lo[None, :]
+        tl.store(out_ptr + o_row + dims_lo[None, :], out_lo.to(out_ty), mask=lo_mask)
 
 
 # Query rows from which a launch takes 128-row tiles on 8 warps (64 < head_dim <= 128; 256-wide
@@ -208,6 +246,18 @@ def _attn_fwd_kernel(
 # causal decoder prefill (d 128, GQA 7) 26.1 -> 22.7; its 64-patch windows stay faster on
 # 64-row tiles (0.23 vs 0.41 ms).
 LONG_QUERIES = 1024
+
+
+def head_dim_split(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, D_LO): a head dim that is not a power of 2 runs as two power-of-2 parts, the
+    largest power of 2 <= head_dim and the rest padded to a power of 2 >= 16 (tl.dot's least),
+    when together they are narrower than the padded head: 80 = 64 + 16 (128 padded: 37.5% of
+    both products on zero columns), 96 = 64 + 32, 72 = 64 + 16 (8 masked), 192 = 128 + 64.
+    Else one part, padded to a power of 2: (next_power_of_2(head_dim), 0)."""
+    full = triton.next_power_of_2(head_dim)
+    first = full if full == head_dim else full // 2
+    second = max(triton.next_power_of_2(head_dim - first), 16) if head_dim > first else 0
+    return (first, second) if second and first + second < full else (full, 0)
 
 
 def prefill_config(head_dim: int, is_cuda: bool, max_q: int = 0) -> tuple[int, int, int, int]:
@@ -231,6 +281,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = q_start.shape[0] - 1
     block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.is_cuda, max_q)
+    block_d, d_lo = head_dim_split(head_dim)
     flag = pdl.use_pdl(q)
     extra = {"num_warps": num_warps, "num_stages": num_stages} if q.is_cuda else {}
     if paged:  # k, v: [num_blocks, page_size, kv_heads, head_dim]
@@ -263,7 +314,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         PAGE_SIZE=page_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=block_d,
         PAGED=paged,
         MASK=int(mask),
         SOFTCAP=softcap is not None,
@@ -272,6 +323,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         RANGES=ranges is not None,
         v_scale=v_scale,
         FP8_KV=fp8,
+        D_LO=d_lo,
         launch_pdl=flag,
         **extra,
     )
@@ -323,8 +375,9 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention inside each segment `cu_seqlens[i]:cu_seqlens[i+1]` of flat `q, k, v`.
 
-    q: `[total, heads, head_dim]`, k/v: `[total, kv_heads, head_dim]`; any head_dim (padded to a
-    power of 2 with masks, e.g. 80 for the Qwen2.5-VL vision tower).
+    q: `[total, heads, head_dim]`, k/v: `[total, kv_heads, head_dim]`; any head_dim (split into
+    two power-of-2 parts or padded with masks, `head_dim_split`: the Qwen2.5-VL tower's 80 runs
+    as 64 + 16).
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if k.stride() != v.stride():

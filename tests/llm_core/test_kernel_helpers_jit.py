@@ -61,3 +61,89 @@ def test_kernels_call_only_jit_helpers(name):
             if inspect.isfunction(target) and not isinstance(target, KERNEL_TYPES):
                 plain.append(f"{kernel_name} calls {called}")
     assert not plain, f"{name}: plain Python helpers called from kernels: {plain}"
+
+
+# The prefill kernel compiled for GPUs (no GPU needed: triton's own ptxas) in the variants the
+# launcher makes, head dims split into two parts (`head_dim_split`) or padded: the compiler
+# checks what the interpreter does not (a loop-carried value keeping its shape and dtype,
+# tl.arange sizes, tl.dot's >= 16 dims), and the dots do the work of the head's columns.
+# (arch, head_dim, paged, mask, softcap, ranges, fp8 kv, longest query run)
+PREFILL_VARIANTS = [
+    (90, 80, False, 3, False, False, False, 42_000),  # Qwen2.5-VL tower full attention
+    (90, 80, False, 3, False, False, False, 64),  # its windows
+    (80, 80, False, 3, False, False, False, 4784),  # A100's mma.sync
+    (90, 72, True, 1, True, False, False, 512),  # sliding + soft-cap, 8 columns masked
+    (90, 96, True, 0, False, True, False, 2048),  # media ranges
+    (90, 48, True, 2, False, False, False, 512),  # chunked
+    (90, 80, True, 4, False, True, False, 300),  # cross
+    (90, 192, True, 0, False, False, True, 4096),  # MLA's q/k, FP8 cache
+    (90, 128, True, 0, False, False, False, 38_000),  # one part, as before the split
+]
+
+
+def compile_prefill(arch, head_dim, paged, mask, softcap, ranges, fp8, max_q) -> list[tuple]:
+    """Compile `_attn_fwd_kernel` for sm_`arch` as `_launch` would launch it (bf16 q); its TTIR
+    dots as (M, K, N). Run with TRITON_INTERPRET unset."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from polymodal.llm_core.attention import triton_prefill as prefill
+
+    block_m, block_n, num_warps, num_stages = prefill.prefill_config(head_dim, True, max_q)
+    block_d, d_lo = prefill.head_dim_split(head_dim)
+    const = dict(GROUP=4, HEAD_DIM=head_dim, PAGE_SIZE=16 if paged else 1, BLOCK_M=block_m,
+                 BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged, MASK=mask, SOFTCAP=softcap,
+                 DOT_F32=False, USE_PDL=arch >= 90, RANGES=ranges, FP8_KV=fp8,
+                 D_LO=d_lo)  # fmt: skip
+    kv = "*fp8e4nv" if fp8 else "*bf16"
+    fn = prefill._attn_fwd_kernel
+    types = {
+        name: "constexpr" if name in const
+        else "*bf16" if name in ("q_ptr", "out_ptr")
+        else kv if name in ("k_ptr", "v_ptr")
+        else "*i32" if name.endswith("_ptr")
+        else "fp32" if name in ("qk_scale", "cap_log2", "v_scale")
+        else "i32"
+        for name in fn.arg_names
+    }  # fmt: skip
+    kernel = triton.compile(
+        ASTSource(fn, types, const),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    dot = r"tt\.dot [^:\n]*: tensor<(\d+)x(\d+)x\w+> \* tensor<\d+x(\d+)x\w+>"
+    return [tuple(map(int, m)) for m in re.findall(dot, kernel.asm["ttir"])]
+
+
+def test_prefill_kernel_compiles_for_gpus():
+    """Each variant compiles to a cubin; its dots (QK^T and PV in each key loop: unmasked and
+    masked tiles, masked only where the mask is windowed or has ranges) multiply-add
+    `BLOCK_M * BLOCK_N * (BLOCK_D + D_LO)` each, i.e. 80 columns for d 80, not 128."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json; from tests.llm_core.test_kernel_helpers_jit import PREFILL_VARIANTS as V,"
+        " compile_prefill; print(json.dumps([compile_prefill(*v) for v in V]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    from polymodal.llm_core.attention.triton_prefill import head_dim_split, prefill_config
+
+    for variant, dots in zip(PREFILL_VARIANTS, json.loads(done.stdout.splitlines()[-1])):
+        _, head_dim, _, mask, _, ranges, _, max_q = variant
+        block_m, block_n, *_ = prefill_config(head_dim, True, max_q)
+        width = sum(head_dim_split(head_dim))
+        loops = 1 if mask in (1, 2) or ranges else 2
+        macs = sum(m * k * n for m, k, n in dots)
+        assert macs == loops * 2 * block_m * block_n * width, variant
+        assert width < 2 * head_dim and width >= head_dim, variant
