@@ -33,6 +33,9 @@ CASES = [  # (name, segments, segment length, head_dim)
     ("video frames", 8, 4784, 80),
     ("images 1024", 4, 1024, 80),
     ("windows 64", 64, 64, 80),
+    ("windows 64 x660", 660, 64, 80),  # a 4K image's window layers
+    ("segments 256", 64, 256, 80),
+    ("segments 512", 32, 512, 80),
     ("siglip 4096", 4, 4096, 72),
     ("llama4 frames", 8, 4784, 88),
     ("d96 frames", 8, 4784, 96),
@@ -40,24 +43,45 @@ CASES = [  # (name, segments, segment length, head_dim)
 TINY = [("tiny full", 2, 40, 80), ("tiny windows", 5, 8, 80), ("tiny d72", 2, 33, 72)]
 
 
+def flash_varlen():
+    """torch's flash-attention varlen kernel (`torch.nn.attention.varlen.varlen_attn`), or None
+    where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def bench_case(n_seg, seg, head_dim, heads, dtype, device):
-    """(split ms, padded ms, sdpa ms, max |split - padded|) over `n_seg` segments of `seg`."""
+    """(split ms, padded ms, sdpa ms, flash varlen ms or nan, max |split - padded|, max |flash -
+    split|) over `n_seg` segments of `seg`; CUDA-graph replays on CUDA (no launch overhead)."""
     cu = torch.arange(0, n_seg * seg + 1, seg, device=device).int()
     q, k, v = (torch.randn(n_seg * seg, heads, head_dim, device=device, dtype=dtype) for _ in "qkv")
+    graph = device == "cuda"
 
     def run():
         return triton_prefill.varlen_attention(q, k, v, cu, seg, head_dim**-0.5)
 
     split = triton_prefill.head_dim_split
-    out, t_split = run(), bench_ms(run)
+    out, t_split = run(), bench_ms(run, graph)
     triton_prefill.head_dim_split = lambda d: (triton.next_power_of_2(d), 0)
     try:
-        padded, t_pad = run(), bench_ms(run)
+        padded, t_pad = run(), bench_ms(run, graph)
     finally:
         triton_prefill.head_dim_split = split
     qb, kb, vb = (x.view(n_seg, seg, heads, head_dim).transpose(1, 2) for x in (q, k, v))
-    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qb, kb, vb))
-    return t_split, t_pad, t_sdpa, (out.float() - padded.float()).abs().max().item()
+    t_sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qb, kb, vb), graph)
+    t_flash, flash_diff, varlen = float("nan"), float("nan"), flash_varlen()
+    if varlen is not None and device == "cuda":
+
+        def run_flash():
+            return varlen(q, k, v, cu, cu, seg, seg, scale=head_dim**-0.5)
+
+        flash_diff = (run_flash().float() - out.float()).abs().max().item()
+        t_flash = bench_ms(run_flash, graph)
+    diff = (out.float() - padded.float()).abs().max().item()
+    return t_split, t_pad, t_sdpa, t_flash, diff, flash_diff
 
 
 def main() -> None:
@@ -67,14 +91,16 @@ def main() -> None:
     heads = 2 if tiny else 16
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     print(f"# {name}, {dtype}, {heads} heads, median ms; TFLOP/s of useful work (d columns)")
-    print(f"{'case':16} {'d':>4} {'parts':>7} {'split':>8} {'padded':>8} {'gain':>6} "
-          f"{'sdpa':>8} {'TFLOP/s':>8} {'max diff':>9}")  # fmt: skip
+    head = f"{'case':16} {'d':>4} {'parts':>7} {'split':>8} {'padded':>8} {'gain':>6} "
+    print(head + f"{'sdpa':>8} {'flash':>8} {'TFLOP/s':>8} {'max diff':>9} {'flash diff':>10}")
     for case, n_seg, seg, head_dim in TINY if tiny else CASES:
-        t, t_pad, t_sdpa, diff = bench_case(n_seg, seg, head_dim, heads, dtype, device)
+        t, t_pad, t_sdpa, t_flash, diff, flash_diff = bench_case(
+            n_seg, seg, head_dim, heads, dtype, device
+        )
         parts = "+".join(str(p) for p in triton_prefill.head_dim_split(head_dim) if p)
         tflops = 4 * n_seg * seg * seg * heads * head_dim / t / 1e9
-        print(f"{case:16} {head_dim:4d} {parts:>7} {t:8.3f} {t_pad:8.3f} {t_pad / t:5.2f}x "
-              f"{t_sdpa:8.3f} {tflops:8.1f} {diff:9.1e}")  # fmt: skip
+        row = f"{case:16} {head_dim:4d} {parts:>7} {t:8.3f} {t_pad:8.3f} {t_pad / t:5.2f}x "
+        print(row + f"{t_sdpa:8.3f} {t_flash:8.3f} {tflops:8.1f} {diff:9.1e} {flash_diff:10.1e}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ class HFRunner:
             self.processor.apply_chat_template(chat(im), tokenize=False, add_generation_prompt=True)
             for im in batch
         ]
-        pics = [im for im in batch if im is not None] or None
+        # one list of images per prompt (Gemma 3's processor counts a flat list as one prompt's)
+        pics = [[im] for im in batch if im is not None] or None
         self.processor.tokenizer.padding_side = "left"
         out = self.processor(text=texts, images=pics, return_tensors="pt", padding=True)
         out = {k: v.to(self.device) for k, v in out.items()}

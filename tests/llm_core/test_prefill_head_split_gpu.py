@@ -110,22 +110,26 @@ def paged(q_lens, seq_lens, heads, kv_heads, head_dim, page=16, seed=0):
     return q, cache.cuda(), meta
 
 
-def sdpa_paged(q, cache, meta, scale):
-    """Causal fp32 SDPA of each sequence's new queries over its whole context."""
+def sdpa_paged(q, cache, meta, scale, rows_per_call=2048):
+    """Causal fp32 SDPA of each sequence's new queries over its whole context, `rows_per_call`
+    query rows at a time (fp32 SDPA takes the math path: a 38k x 38k score matrix per head
+    would not fit)."""
     out, start, page = torch.empty_like(q, dtype=torch.float32), 0, cache.shape[2]
     group = q.shape[1] // cache.shape[3]
     for s, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         blocks = meta.block_tables[s, : -(-seq_len // page)].long()
         k, v = (cache[i, blocks].flatten(0, 1)[:seq_len].float() for i in (0, 1))
         k, v = (x.transpose(0, 1).repeat_interleave(group, 0) for x in (k, v))
-        qs = q[start : start + q_len].float().transpose(0, 1)  # [heads, q_len, d]
-        if q_len == seq_len:  # no cached prefix: SDPA's own causal kernel
-            att = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
-        else:
-            rows = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
-            att = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
-        out[start : start + q_len] = att.transpose(0, 1)
+        for a in range(0, q_len, rows_per_call):
+            b = min(q_len, a + rows_per_call)
+            qs = q[start + a : start + b].float().transpose(0, 1)  # [heads, rows, d]
+            last = seq_len - q_len + b  # keys past the chunk's last row are masked anyway
+            rows = torch.arange(seq_len - q_len + a, last, device=q.device)[:, None]
+            mask = torch.arange(last, device=q.device)[None, :] <= rows
+            att = F.scaled_dot_product_attention(
+                qs, k[:, :last], v[:, :last], attn_mask=mask, scale=scale
+            )
+            out[start + a : start + b] = att.transpose(0, 1)
         start += q_len
     return out
 
