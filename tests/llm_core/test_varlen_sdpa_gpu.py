@@ -1,0 +1,84 @@
+"""The Triton backend's encoder attention on CUDA: equal-length segments (one image, same-sized
+tiles) of >= `SDPA_MIN_SEGMENT` rows run as one batched SDPA, others on the Triton kernel; both
+routes against fp32 SDPA per segment, at tower head dims (SigLIP 72, Qwen-VL 80, Llama 4 88)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted here"
+    ),
+]
+
+
+def _backend():
+    from polymodal.llm_core.attention import triton_backend
+
+    return triton_backend
+
+
+def reference(q, k, v, lens, scale, causal):
+    out, start = torch.empty_like(q, dtype=torch.float32), 0
+    for n in lens:
+        qs, ks, vs = (x[start : start + n].float().transpose(0, 1) for x in (q, k, v))
+        att = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        out[start : start + n] = att.transpose(0, 1)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize(
+    "lens,head_dim,causal,routed",
+    [
+        ([4096], 72, False, True),  # Gemma 3's SigLIP: one 896 px image
+        ([577] * 5, 64, False, True),  # LLaVA-NeXT's CLIP: base + 4 crops
+        ([1024, 1024], 80, False, True),
+        ([4784] * 3, 88, False, True),
+        ([300, 300], 80, True, True),
+        ([64] * 40, 80, False, False),  # Qwen2.5-VL windows: the kernel
+        ([1024, 500], 80, False, False),  # unequal segments: the kernel
+    ],
+)
+def test_segments_route_and_match(lens, head_dim, causal, routed):
+    backend = _backend()
+    heads, total = 16, sum(lens)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(total, 3, heads, head_dim, device="cuda", generator=gen).bfloat16()
+    q, k, v = qkv.unbind(1)  # strided views, as a fused qkv projection gives
+    cu = torch.tensor([0, *lens], device="cuda").cumsum(0).int()
+    scale = head_dim**-0.5
+    assert bool(backend.sdpa_segments(q, k, v, cu, max(lens))) == routed
+    out = backend.TritonAttentionBackend().varlen_attention(q, k, v, cu, max(lens), scale, causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(
+        out.float(), reference(q, k, v, lens, scale, causal), atol=2e-2, rtol=2e-2
+    )
+    kernel = _backend().triton_prefill.varlen_attention(q, k, v, cu, max(lens), scale, causal)
+    torch.testing.assert_close(out.float(), kernel.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_graph_capture_of_the_sdpa_route():
+    """Vision towers replay CUDA graphs: the SDPA route captures and replays."""
+    backend = _backend().TritonAttentionBackend()
+    q, k, v = (torch.randn(2048, 16, 72, device="cuda").bfloat16() for _ in "qkv")
+    cu = torch.tensor([0, 1024, 2048], device="cuda").int()
+    eager = backend.varlen_attention(q, k, v, cu, 1024, 0.1)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        backend.varlen_attention(q, k, v, cu, 1024, 0.1)  # warm
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.varlen_attention(q, k, v, cu, 1024, 0.1)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(out, backend.varlen_attention(q, k, v, cu, 1024, 0.1))
+    assert not torch.equal(out, eager)
