@@ -50,6 +50,7 @@ class Gemma3VisionEncoder(nn.Module):
         backend = backend if backend is not None else TorchAttentionBackend()
         self.vision_tower = SiglipVisionTower(hf_config.vision_config, backend)
         self.multi_modal_projector = Gemma3Projector(hf_config)
+        self.graphs = None  # EncoderGraphs of `embed_pixels` once the decoder's are captured
 
     @classmethod
     def from_config(cls, hf_config, dtype=torch.float32, device="cpu", backend=None):
@@ -61,9 +62,14 @@ class Gemma3VisionEncoder(nn.Module):
 
         load_checked(self, named_tensors)
 
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[crops, C, S, S]` -> `[crops, mm_tokens_per_image, text_dim]` (what the CUDA graphs
+        of `Gemma3ForConditionalGeneration.enable_cuda_graphs` replay)."""
+        return self.multi_modal_projector(self.vision_tower(pixels))
+
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for every crop of every item: `[crops * tokens, text_dim]` each."""
         pixels = torch.cat([it.data["pixel_values"] for it in items])  # [crops, C, S, S]
-        embeds = self.multi_modal_projector(self.vision_tower(pixels))
+        embeds = (self.graphs or self.embed_pixels)(pixels)
         crops = [it.data["pixel_values"].shape[0] for it in items]
         return [e.flatten(0, 1) for e in embeds.split(crops)]

@@ -3,7 +3,9 @@
 A tower opts in with `supports_cuda_graphs = True`: its forward must read `grid_thw` on the
 host only and take every grid-derived tensor from a cache (so a replay launches no host->device
 copies). A layout (the list of grids) is captured the second time it is seen; the output is
-cloned after each replay because the encoder cache keeps it beyond the next call.
+cloned after each replay because the encoder cache keeps it beyond the next call. A tower of
+fixed-size images (`[N, C, S, S]` pixels, no grid: Gemma 3's SigLIP) is keyed by its input's
+shape; its forward must make no host->device copy either.
 Capture mode is thread-local: media staging threads may use the device meanwhile.
 """
 
@@ -29,32 +31,38 @@ class EncoderGraphs:
         # layout key -> (graph, static pixel_values, static output)
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
 
-    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Same contract as the tower's forward; `grid_thw` must be a CPU tensor."""
-        key = (tuple(map(tuple, grid_thw.tolist())), pixel_values.dtype)
-        small = len(key[0]) <= self.max_items and pixel_values.shape[0] <= self.max_patches
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None):
+        """Same contract as the tower's forward; `grid_thw` must be a CPU tensor. Without one,
+        `pixel_values` is a batch of `[N, ...]` fixed-size images, N <= `max_items` replayed."""
+        args = (pixel_values,) if grid_thw is None else (pixel_values, grid_thw)
+        if grid_thw is None:
+            key = (tuple(pixel_values.shape), pixel_values.dtype)
+            small = pixel_values.shape[0] <= self.max_items
+        else:
+            key = (tuple(map(tuple, grid_thw.tolist())), pixel_values.dtype)
+            small = len(key[0]) <= self.max_items and pixel_values.shape[0] <= self.max_patches
         if not pixel_values.is_cuda or not small:
-            return self.tower(pixel_values, grid_thw)
+            return self.tower(*args)
         if key not in self.graphs:
             self.seen[key] += 1
             if self.seen[key] < 2:
-                return self.tower(pixel_values, grid_thw)
-            self._capture(key, pixel_values, grid_thw)
+                return self.tower(*args)
+            self._capture(key, args)
         self.graphs.move_to_end(key)
         graph, static_in, static_out = self.graphs[key]
         static_in.copy_(pixel_values)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, key: tuple, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-        static_in = pixel_values.clone()
+    def _capture(self, key: tuple, args: tuple) -> None:
+        static_in = args[0].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.tower(static_in, grid_thw)  # warm-up: layout cached, kernels compiled
+            self.tower(static_in, *args[1:])  # warm-up: layout cached, kernels compiled
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                static_out = self.tower(static_in, grid_thw)
+                static_out = self.tower(static_in, *args[1:])
         torch.cuda.current_stream().wait_stream(stream)
         if len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)

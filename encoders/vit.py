@@ -16,9 +16,10 @@ from polymodal.llm_core.host_copy import copy_to
 
 
 def uniform_segments(count: int, length: int, device: torch.device) -> VisionAttentionMeta:
-    """`count` segments of `length` patches each (equal-sized images or tiles)."""
-    cu_seqlens = torch.arange(0, (count + 1) * length, length, dtype=torch.int32)
-    return VisionAttentionMeta(copy_to(cu_seqlens, device), length)
+    """`count` segments of `length` patches each (equal-sized images or tiles); the offsets are
+    made on `device` (no host->device copy: a CUDA graph can capture the tower)."""
+    cu_seqlens = torch.arange(0, (count + 1) * length, length, dtype=torch.int32, device=device)
+    return VisionAttentionMeta(cu_seqlens, length)
 
 
 def segments(lengths: list[int], device: torch.device) -> VisionAttentionMeta:

@@ -96,14 +96,28 @@ def build_model(
     return model.eval()
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    """A norm layer (torch's and ours: a `...Norm...` class with `reset_parameters` to its
+    identity, e.g. Gemma's and Nemotron's offsets from 1 reset to 0)."""
+    return "Norm" in type(module).__name__ and hasattr(module, "reset_parameters")
+
+
 @torch.no_grad()
 def _randomize(model: torch.nn.Module, done: set = frozenset()) -> None:
-    """Small random weights (norms stay 1) so activations stay finite at any depth; `done`:
-    ids of parameters already filled (quantized layers)."""
+    """Small random weights, norms at their identity, other vectors 0, so activations stay
+    finite at any depth; `done`: ids of parameters already filled (quantized layers). Towers
+    are built uninitialized (`make_uninitialized`): every parameter is written here."""
+    done = set(done)
+    for module in model.modules():
+        if _is_norm(module):
+            module.reset_parameters()  # weight 1 (offsets from 1: 0), bias 0
+            done.update(id(p) for p in module.parameters(recurse=False))
     for name, param in model.named_parameters():
         if id(param) in done:
             continue
         if param.dim() >= 2:
             param.normal_(0.0, 0.02)
-        elif "norm" not in name and "ln" not in name:
+        elif ("norm" in name or "ln" in name) and name.endswith("weight"):
+            param.fill_(1.0)  # a norm of its own kind: scale 1
+        else:
             param.zero_()

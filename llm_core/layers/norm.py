@@ -32,6 +32,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
         self.eps = eps
 
+    def reset_parameters(self) -> None:
+        """The identity scale (a tower built uninitialized, given dummy weights)."""
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda and fused_ops() is not None:
             out, res = fused_ops().rms_norm(x, self.weight, self.eps, residual)
@@ -49,6 +53,10 @@ class GemmaRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
         self.eps = eps
+
+    def reset_parameters(self) -> None:
+        """The identity scale: offsets of 0."""
+        nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda and fused_ops() is not None:

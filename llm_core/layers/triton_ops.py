@@ -310,7 +310,10 @@ def _logits_argmax_kernel(raw_ptr, out_ptr, val_ptr, idx_ptr, counter_ptr, token
     x = tl.load(raw_ptr + row.to(tl.int64) * vocab + cols, mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * vocab + cols, x, mask=mask)
-    best, at = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+    # NaN ranks as +inf (torch.argmax ranks it highest): a row that overflowed still picks an
+    # id inside the vocab, never the masked tail's (an index past the vocab)
+    key = tl.where(x != x, float("inf"), x)
+    best, at = tl.max(key, 0, return_indices=True, return_indices_tie_break_left=True)
     tl.store(val_ptr + row * chunks + chunk, best)
     tl.store(idx_ptr + row * chunks + chunk, chunk * BLOCK + at)
     tl.debug_barrier()  # the partial is written before the counter moves
@@ -327,7 +330,8 @@ def _logits_argmax_kernel(raw_ptr, out_ptr, val_ptr, idx_ptr, counter_ptr, token
 
 def logits_argmax(raw: torch.Tensor, out: torch.Tensor, tokens: torch.Tensor) -> None:
     """One kernel: `out` (fp32 `[M, vocab]`) = raw logits `[M, vocab]` cast, and `tokens[m]`
-    (int64) = the first index of row m's maximum (torch.argmax's answer, NaN aside)."""
+    (int64) = the first index of row m's maximum (torch.argmax's answer; NaN ranks as +inf, so
+    a row of NaN gives its first index)."""
     rows, vocab = raw.shape
     if rows == 0:
         return

@@ -27,6 +27,11 @@ class LayerNorm1P(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size))
         self.eps = eps
 
+    def reset_parameters(self) -> None:
+        """The identity: scale offsets and bias 0."""
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight + 1.0, self.bias, self.eps)
 

@@ -427,6 +427,23 @@ def test_logits_argmax(dtype):
     assert tokens.tolist()[1:] == [70, 5000]
 
 
+def test_logits_argmax_of_non_finite_rows_is_a_token():
+    """Overflowed logits (NaN / inf rows, as a model in 16 bits can give) still pick an id
+    inside the vocabulary: NaN counts as +inf, so an all-NaN row gives its first index, and the
+    masked tail of the last partial chunk never wins (its index would be past the vocab: the
+    next step's embedding lookup asserted on CUDA)."""
+    raw = torch.randn(4, 9000)
+    raw[0] = float("nan")
+    raw[1, 8300:] = float("nan")  # NaN only in the last, partial chunk
+    raw[2, 4200] = float("nan")
+    raw[3] = float("-inf")
+    out = torch.empty(4, 9000)
+    tokens = torch.empty(4, dtype=torch.int64)
+    triton_ops.logits_argmax(raw, out, tokens)
+    assert tokens.tolist() == [0, 8300, 4200, 0]
+    assert torch.equal(out.isnan(), raw.isnan())
+
+
 def test_mrope_cos_sin_matches_the_torch_gather():
     from types import SimpleNamespace
 
