@@ -205,11 +205,14 @@ def _down_kernel(
 
 
 def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool) -> GemvConfig:
-    """One expert launch: the widest feature block (32 .. 4) that still gives ~4 programs per
-    SM over the pairs, weight tiles of `TILE_ELEMENTS`."""
+    """One expert launch: the widest feature block (32 .. 4) that still gives >= 3.5 programs
+    per SM over the pairs, weight tiles of `TILE_ELEMENTS`. H200 sweep (`bench_moe.py --sweep`,
+    one token, both launches): Qwen3-30B-A3B's down (K 768) 28.5 -> 22.3-22.5 us on 32-wide
+    blocks of 256 (512 programs, K in 3 whole tiles; the 4-per-SM rule gave 16 x 512, a tile
+    half masked); Mixtral's down best on 16 x 512 (512 programs). Not yet rerun end to end."""
     if not is_cuda:
         return GemvConfig(block_n=16, block_k=32)
-    block_n = next((b for b in (32, 16, 8) if num_pairs * triton.cdiv(n, b) >= 4 * sms), 4)
+    block_n = next((b for b in (32, 16, 8) if 2 * num_pairs * triton.cdiv(n, b) >= 7 * sms), 4)
     block_k = min(TILE_ELEMENTS // block_n, max(16, triton.next_power_of_2(k)))
     return GemvConfig(block_n=block_n, block_k=block_k)
 
