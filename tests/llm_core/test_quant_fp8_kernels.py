@@ -82,3 +82,17 @@ def test_fp8_gemv(dtype, strategy, rows, split_k):
         out = fp8_kernels.fp8_gemv(x, weight, scale, block, bias, config=(8, 128, split_k))
         assert out.shape == (rows, n) and out.dtype == dtype
         assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_fp8_gemv_amax_over_several_loads(rows):
+    """A row longer than `AMAX_BLOCK` (a 7B's down_proj K is 18944): the scale comes from the
+    amax over every load of the row, here placed in its last, partial one."""
+    n, k = 9, fp8_kernels.AMAX_BLOCK * 2 + 384
+    weight, scale = _weights(n, k, "channel", seed=3)
+    x = exact_x(rows, k, torch.float32, seed=5)
+    x[:, 0] = x[:, 1]  # exact_x's amax (448) moves from feature 0 to the last load
+    x[:, -7] = 448.0 * 2.0**-9
+    ref = fp8_ops.w8a8_reference(x, weight, scale, None)
+    out = fp8_kernels.fp8_gemv(x, weight, scale, None, config=(8, 512, 2))
+    assert_close(out, ref, torch.float32)
