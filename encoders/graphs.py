@@ -22,10 +22,18 @@ class EncoderGraphs:
     would keep its activations in its private memory pool for good (the pieces of a long
     video repeat one layout, which would otherwise be captured)."""
 
-    def __init__(self, tower, max_items: int = 4, max_graphs: int = 8, max_patches: int = 16384):
+    def __init__(
+        self,
+        tower,
+        max_items: int = 4,
+        max_graphs: int = 8,
+        max_patches: int = 16384,
+        max_pixels: int = 4 * 896 * 896,
+    ):
         self.tower = tower
         self.max_items = max_items
         self.max_patches = max_patches
+        self.max_pixels = max_pixels  # no-grid calls: 4 Gemma 3 crops, 28 CLIP 336 px views
         self.max_graphs = max_graphs
         self.seen: Counter = Counter()
         # layout key -> (graph, static pixel_values, static output)
@@ -33,11 +41,12 @@ class EncoderGraphs:
 
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None):
         """Same contract as the tower's forward; `grid_thw` must be a CPU tensor. Without one,
-        `pixel_values` is a batch of `[N, ...]` fixed-size images, N <= `max_items` replayed."""
+        `pixel_values` is a batch of `[N, C, S, S]` fixed-size images, replayed up to
+        `max_pixels` pixels in all."""
         args = (pixel_values,) if grid_thw is None else (pixel_values, grid_thw)
         if grid_thw is None:
             key = (tuple(pixel_values.shape), pixel_values.dtype)
-            small = pixel_values.shape[0] <= self.max_items
+            small = pixel_values[:, 0].numel() <= self.max_pixels
         else:
             key = (tuple(map(tuple, grid_thw.tolist())), pixel_values.dtype)
             small = len(key[0]) <= self.max_items and pixel_values.shape[0] <= self.max_patches

@@ -75,6 +75,7 @@ class LlavaEncoder(nn.Module):
         self.vision_tower = tower(vision, backend)
         width = vision.hidden_size * len(self.layers)  # the chosen layers, concatenated
         self.multi_modal_projector = LlavaProjector(hf_config, width)
+        self.graphs = None  # EncoderGraphs of `features` once the decoder's are captured
 
     @classmethod
     def from_config(cls, hf_config, dtype=torch.float32, device="cpu", backend=None):
@@ -97,7 +98,7 @@ class LlavaEncoder(nn.Module):
 
     def encode(self, items: list) -> list[torch.Tensor]:
         pixels = torch.cat([it.data["pixel_values"] for it in items])  # [N, C, S, S]
-        return list(self.features(pixels).unbind(0))
+        return list((self.graphs or self.features)(pixels).unbind(0))
 
 
 class LlavaNextEncoder(LlavaEncoder):
@@ -112,7 +113,8 @@ class LlavaNextEncoder(LlavaEncoder):
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for every view of every item; then each item's packing."""
         views = [it.data["pixel_values"] for it in items]  # [views, C, S, S] each
-        features = self.features(torch.cat(views)).split([v.shape[0] for v in views])
+        features = (self.graphs or self.features)(torch.cat(views))
+        features = features.split([v.shape[0] for v in views])
         return [self.rows(f, it) for f, it in zip(features, items)]
 
     def rows(self, features: torch.Tensor, item) -> torch.Tensor:

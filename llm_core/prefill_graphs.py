@@ -2,7 +2,9 @@
 step, captured per token-count bucket (with `cuda_graph.capture_buckets`, as the decode graphs;
 the same LoRA sets and thread-local capture). The step's embeddings are computed eagerly and
 copied in; logits and sampling stay outside. Cross-attention tables, row counts and ranges are
-more static inputs; a step that writes encoder rows runs eager.
+more static inputs; a step that writes encoder rows runs eager. A model whose decoder attends
+bidirectionally within an image (`bidirectional_media`: Gemma 3) is captured with per-token
+media key ranges as a static input too, (0, 0) for tokens outside an image.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class PrefillGraphs:
         num_groups: int = 1,
         num_cross_groups: int = 0,
         max_cross_blocks: int = 0,
+        media_ranges: bool = False,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -57,6 +60,11 @@ class PrefillGraphs:
         self.cross_tables = torch.zeros(s, c, max_cross_blocks, dtype=torch.int32, device=device)
         self.cross_lens = torch.zeros(s, dtype=torch.int32, device=device)
         self.cross_ranges = torch.zeros(3, n, dtype=torch.int32, device=device)
+        # media key ranges (lo, hi) per token, or None: the graphs take no ranges
+        self.key_ranges = (
+            torch.zeros(2, n, dtype=torch.int32, device=device) if media_ranges else None
+        )
+        self.key_ranges_cpu = None  # the eager (uncaptured) path's lists, for the torch backend
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}  # as DecodeGraphs'
         self.capture_cost: dict[bool, tuple[float, int]] = {}
@@ -76,6 +84,10 @@ class PrefillGraphs:
             )
             for g in range(self.block_tables.shape[1])
         ]
+        if self.key_ranges is not None:  # the same positions in every group
+            for m in metas:
+                m.media_key_ranges = (self.key_ranges[0, :n], self.key_ranges[1, :n])
+                m.media_key_ranges_cpu = self.key_ranges_cpu
         metas += [  # cross groups: nothing stored (a step writing encoder rows runs eager)
             AttentionMetadata(
                 query_start_loc=self.query_start_loc,
@@ -101,11 +113,14 @@ class PrefillGraphs:
             self.buckets, self._forward, self.pool
         )
 
-    def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int) -> bool:
+    def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int, ranges=None) -> bool:
+        """Whether a step fits the captured buckets; `ranges`: its media key ranges (a step
+        with some fits only graphs captured with them)."""
         return (
             num_tokens <= self.buckets[-1]
             and num_seqs <= PREFILL_MAX_SEQS
             and num_blocks <= self.block_tables.shape[2]
+            and (ranges is None or self.key_ranges is not None)
         )  # (cross tables are never wider than `max_cross_blocks`)
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta, lora: bool = False):
@@ -131,6 +146,8 @@ class PrefillGraphs:
                 self.cross_lens[s:].zero_()
                 self.cross_ranges[:, :n].copy_(group.cross_ranges)
                 self.cross_ranges[:, n:bucket].zero_()
+        if self.key_ranges is not None:
+            self._copy_ranges(meta.media_key_ranges, meta.media_key_ranges_cpu, n, bucket)
         self.query_start_loc[: s + 1].copy_(meta.query_start_loc)
         self.query_start_loc[s + 1 :].fill_(n)  # padding sequences: zero queries
         self.seq_lens[:s].copy_(meta.seq_lens)
@@ -140,3 +157,16 @@ class PrefillGraphs:
         else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
             self._forward(bucket)
         return self.hidden[:n]
+
+    def _copy_ranges(self, ranges, ranges_cpu, n: int, bucket: int) -> None:
+        """The step's media key ranges into the static buffer ((0, 0): none, for a step
+        without media and the padding tokens)."""
+        if ranges is None:
+            self.key_ranges[:, :bucket].zero_()
+        else:
+            self.key_ranges[0, :n].copy_(ranges[0])
+            self.key_ranges[1, :n].copy_(ranges[1])
+            self.key_ranges[:, n:bucket].zero_()
+        if not self.graphs:  # eager: the torch backend reads host lists
+            lows, highs = ranges_cpu if ranges_cpu is not None else ([0] * n, [0] * n)
+            self.key_ranges_cpu = (lows + [0] * (bucket - n), highs + [0] * (bucket - n))

@@ -92,7 +92,7 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
             self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups,
-            self.num_cross_groups, self.max_cross_blocks,
+            self.num_cross_groups, self.max_cross_blocks, self.bidirectional_media,
         )  # fmt: skip
         self._capture(self.prefill_graphs)
 
@@ -186,9 +186,11 @@ class ModelRunner:
         if slot_idx is not None:
             embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
         prefill = self.prefill_graphs
-        fits = prefill and prefill.can_run(len(hb.ids), len(hb.query_lens), hb.max_blocks)
-        # captured graphs know no media key ranges and store no encoder rows
-        if fits and hb.key_ranges is None and states is None:
+        fits = prefill and prefill.can_run(
+            len(hb.ids), len(hb.query_lens), hb.max_blocks, hb.key_ranges
+        )
+        # captured graphs store no encoder rows
+        if fits and states is None:
             hidden = prefill.run(embeds, positions, meta, self.lora_step())
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)

@@ -52,3 +52,10 @@ class LlavaForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
     def encode(self, items: list) -> list[torch.Tensor]:
         self.stage(items)
         return self.vision.encode(items)
+
+    def enable_cuda_graphs(self, wrap) -> None:
+        """Replay the CLIP / SigLIP tower + projector per view count (fixed-size views: one
+        448 px image's 1 + 4 views run 24 layers eager, bound by their launches). Pixtral's
+        variable-size images stay eager."""
+        if hasattr(self.vision, "graphs"):
+            self.vision.graphs = wrap(self.vision.features)

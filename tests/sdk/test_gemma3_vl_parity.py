@@ -97,3 +97,30 @@ def test_chunk_budget_never_splits_an_image(models, budget):
         for a, b in req.atomic_spans:
             assert not (a < start + n < b), f"a step ended at {start + n} inside image [{a}, {b})"
             assert not (a < start < b), f"a step started at {start} inside image [{a}, {b})"
+
+
+def test_padded_prefill_steps_keep_image_ranges(models):
+    """What a prefill CUDA graph runs (`PrefillGraphs`, eager on the CPU: steps padded to a
+    token bucket and 8 sequences), with each image's bidirectional key ranges as the graph's
+    static input: the same tokens as transformers for images, crops and a text-only prompt in
+    one run, and the padded path taken for the image steps."""
+    from polymodal.llm_core.prefill_graphs import PrefillGraphs
+
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=256)
+    runner = llm.engine.runner
+    runner.prefill_graphs = PrefillGraphs(
+        runner.model, runner.kv_caches, 64, runner.kv_caches[0].shape[1], runner.uses_mrope,
+        runner.num_kv_groups, media_ranges=True,
+    )  # fmt: skip
+    padded = runner.prefill_graphs  # not captured: run() pads and runs the forward eagerly
+    calls = []
+    original = padded._copy_ranges
+    padded._copy_ranges = lambda r, rc, n, b: (calls.append(r is not None), original(r, rc, n, b))
+    for case in CASES:
+        tokens, logits = _reference(models, case)
+        assert_single_matches(llm, _prompt(case), tokens, logits, STEPS, case)
+    text = [{"role": "user", "content": "Hello, how are you today?"}]
+    _, hf, processor = models
+    tokens, logits = hf_greedy(hf, hf_inputs(processor, text, []), STEPS)
+    assert_single_matches(llm, {"messages": text}, tokens, logits, STEPS, "text")
+    assert any(calls) and not all(calls)  # image steps with ranges, the text prompt without

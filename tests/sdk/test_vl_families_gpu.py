@@ -90,19 +90,21 @@ def test_bf16_runs_with_graphs(models):
     torch.testing.assert_close(fast_seen[0].float(), ref_seen[0].float(), atol=0.15, rtol=0)
 
 
-def test_gemma3_tower_graph_replays_match_transformers(tmp_path_factory):
-    """Gemma 3's fixed-size crops: the tower + projector captured per crop count on the second
-    sighting and replayed after, each fresh image still equal to transformers."""
+@pytest.mark.parametrize("arch", ["gemma3_vl", "llava", "llava_next"])
+def test_tower_graph_replays_match_transformers(tmp_path_factory, arch):
+    """Towers of fixed-size views (Gemma 3's crops, CLIP's views): the tower + projector
+    captured per view count on the second sighting and replayed after, each fresh image still
+    equal to transformers."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    path = tiny_checkpoint(tmp_path_factory, "gemma3_vl")
+    path = tiny_checkpoint(tmp_path_factory, arch)
     hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = tf.AutoProcessor.from_pretrained(path)
     llm = LLM(str(path), dtype="float32", device="cuda", attention_backend="triton", warmup=False)
     graphs = llm.engine.runner.model.vision.graphs
     assert graphs is not None
-    for seed in range(4):  # eager, captured, replayed, replayed
-        images = [random_image(40 + 7 * seed, 30, 50 + seed)]
+    for seed in range(4):  # eager, captured, replayed, replayed: same size, fresh pixels
+        images = [random_image(60, 40, 50 + seed)]
         tokens, logits = hf_greedy(hf, hf_inputs(processor, messages(images), images), STEPS)
         prompt = {"messages": messages(images)}
         assert_single_matches(llm, prompt, tokens, logits, STEPS, f"image {seed}")
