@@ -20,6 +20,10 @@ class TorchAttentionBackend:
         """Whether `rope_decode` (rotary + KV store + decode in one kernel) exists: not here."""
         return False
 
+    def fresh_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):
+        """A fast path for one fresh causal prompt: none here (`paged_attention` runs it)."""
+        return None
+
     def store_kv(
         self,
         k: torch.Tensor,

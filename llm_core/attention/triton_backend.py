@@ -26,7 +26,7 @@ import triton
 
 from polymodal.llm_core.attention import triton_decode, triton_prefill, triton_store
 from polymodal.llm_core.attention.metadata import AttentionMetadata
-from polymodal.llm_core.attention.spec import AttentionSpec
+from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
 # Split-KV heuristic knobs: a split should cover at least this many keys, and never more
 # than MAX_DECODE_SPLITS splits (bounds the partial buffer and the reduce kernel). One 64-key
@@ -47,6 +47,10 @@ DECODE_STAGES = 3
 # 0.89 vs 2.32, Llama 4 8 x 4784 d 88 2.72 vs 8.10, 64 x 256 d 80 0.081 vs 0.101; 64-row windows
 # stay on the kernel (660 x 64: 0.228 vs 0.158).
 SDPA_MIN_SEGMENT = 128
+# A fresh causal prompt of at least this many tokens (no cached prefix, alone in its step) is
+# attended with SDPA over the step's own k / v (`fresh_prefill`). Set from
+# `.gpu/flash_causal.py` (SDPA vs our kernel at decoder sizes); not yet measured.
+SDPA_MIN_CAUSAL = 4096
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,6 +130,30 @@ class TritonAttentionBackend:
             kv_scales,
             meta.media_key_ranges,
         )
+
+    def fresh_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):
+        """Causal attention of one fresh prompt (the step's only sequence, nothing cached
+        before it) over the step's own k / v with SDPA (cuDNN / flash), or None where that does
+        not apply (`paged_attention` then reads the cache as usual; the keys are stored
+        either way)."""
+        if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+            return None
+        if k is None or kv_cache.dtype != q.dtype or meta.is_decode:
+            return None
+        lens, seqs = meta.query_lens_cpu, meta.seq_lens_cpu
+        if lens is None or seqs is None or len(lens) != 1 or lens[0] != seqs[0]:
+            return None
+        if lens[0] < SDPA_MIN_CAUSAL or q.shape[0] != lens[0]:
+            return None
+        if spec.mask != Mask.CAUSAL or spec.softcap is not None or spec.value_dim != spec.head_dim:
+            return None
+        if meta.media_key_ranges is not None:
+            return None
+        qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, n, d]
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, is_causal=True, scale=spec.scale, enable_gqa=kb.shape[1] != qb.shape[1]
+        )
+        return out[0].transpose(0, 1)
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether `rope_decode` runs as one kernel here (the Triton decode on CUDA)."""

@@ -82,3 +82,48 @@ def test_graph_capture_of_the_sdpa_route():
     graph.replay()
     torch.testing.assert_close(out, backend.varlen_attention(q, k, v, cu, 1024, 0.1))
     assert not torch.equal(out, eager)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,length,routed",
+    [
+        (28, 4, 128, 6000, True),  # a fresh long prompt, GQA 7: SDPA over the step's k / v
+        (16, 8, 256, 4096, True),  # Gemma 3's global layers' head dim
+        (28, 4, 128, 1000, False),  # short: the paged kernel
+    ],
+)
+def test_fresh_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, length, routed):
+    """One fresh causal prompt alone in its step: `fresh_prefill` (SDPA) where it applies,
+    equal to the paged kernel reading the stored cache; None where it does not."""
+    from polymodal.llm_core.attention import AttentionMetadata
+    from polymodal.llm_core.attention.spec import AttentionSpec
+
+    backend = _backend().TritonAttentionBackend()
+    page = 16
+    blocks = -(-length // page)
+    cache = torch.zeros(2, blocks + 2, page, kv_heads, head_dim, device="cuda").bfloat16()
+    table = torch.randperm(blocks + 2, device="cuda")[:blocks].int()[None]
+    slots = (table[0].long()[:, None] * page + torch.arange(page, device="cuda")).flatten()
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, length], device="cuda").int(),
+        seq_lens=torch.tensor([length], device="cuda").int(),
+        block_tables=table,
+        slot_mapping=slots[:length],
+        max_query_len=length,
+        max_seq_len=length,
+        is_decode=False,
+        query_lens_cpu=[length],
+        seq_lens_cpu=[length],
+    )
+    spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5)
+    q = torch.randn(length, heads, head_dim, device="cuda").bfloat16()
+    k, v = (torch.randn(length, kv_heads, head_dim, device="cuda").bfloat16() for _ in "kv")
+    backend.store_kv(k, v, cache, meta.slot_mapping)
+    fast = backend.fresh_prefill(q, k, v, cache, meta, spec)
+    assert (fast is not None) == routed
+    paged = backend.paged_attention(q, cache, meta, spec)
+    if routed:
+        assert fast.shape == q.shape
+        torch.testing.assert_close(fast.float(), paged.float(), atol=2e-2, rtol=2e-2)
+    chunked = AttentionMetadata(**{**meta.__dict__, "query_lens_cpu": [length - 1]})
+    assert backend.fresh_prefill(q, k, v, cache, chunked, spec) is None  # a cached prefix
