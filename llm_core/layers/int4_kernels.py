@@ -44,8 +44,13 @@ def _int4_gemv_kernel(
     HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (n block, k split): out[m, f] = sum over groups of s[g, f] * (sum_k q[k, f] *
-    x[m, k] - z[g, f] * sum_k x[m, k]), the groups of its K tiles (one group per tile)."""
+    """Program (n block, k split): out[m, f] = sum over its K tiles (one group each) of
+    s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k].
+
+    Per weight nibble: shift, mask-or (the nibble as the float 2^23 + q), one subtract
+    (2^23 + z: q - z exactly, no int-to-float convert) and one FMA per row into a
+    `[rows, packed rows, features]` accumulator; the scale multiplies once per tile and
+    the packed rows are summed once per program (no cross-thread reduction in the loop)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BLOCK_KP: tl.constexpr = BLOCK_K // 8  # packed rows per tile
@@ -53,7 +58,8 @@ def _int4_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_KP)
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # features x rows
+    m_mask = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     pdl.wait(USE_PDL)
@@ -66,39 +72,38 @@ def _int4_gemv_kernel(
         g = (tile * BLOCK_K) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        z = z + 8388608.0  # 2^23 + z, exact
+        dots = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
-            q = ((p >> (4 * j)) & 0xF).to(tl.float32)  # [BLOCK_KP, BLOCK_N]: k = 8 row + j
+            bits = ((p >> (4 * j)) & 0xF) | 0x4B000000  # the float 2^23 + q
+            w = bits.to(tl.float32, bitcast=True) - z[None, :]  # q - z: [BLOCK_KP, BLOCK_N]
             k = rows * 8 + j
             if HAS_PERM:  # act order: x's feature that this sorted row multiplies
                 k = tl.load(perm_ptr + k, mask=r_mask, other=0)
-            for m in tl.static_range(BLOCK_M):
-                x = tl.load(x_ptr + m * stride_xm + k, mask=r_mask & (m < M), other=0.0)
-                x = x.to(tl.float32)
-                part = tl.sum(q * x[:, None], axis=0)  # [BLOCK_N]
-                dots += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
-                sums += tl.where(offs_m == m, tl.sum(x, 0), 0.0)
-        acc += s[:, None] * (dots - z[:, None] * sums[None, :])
-    out_offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] -> out[m, f]
-    out_mask = (offs_m[None, :] < M) & n_mask[:, None]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
+            dots += w[None, :, :] * x.to(tl.float32)[:, :, None]
+        acc += s[None, None, :] * dots
+    out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
-        tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        tl.store(part_ptr + pid_k * M * N + out_offs, out, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last split sums all of them in split order
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for sk in tl.static_range(SPLIT_K):
-                acc += tl.load(part_ptr + sk * M * N + out_offs, mask=out_mask, other=0.0,
+                out += tl.load(part_ptr + sk * M * N + out_offs, mask=out_mask, other=0.0,
                                cache_modifier=".cg")  # fmt: skip
             if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int]:
