@@ -128,7 +128,7 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, split_k = config or gemv_config(m, n, k, group_size, num_sms(x.device))
+    block_n, block_k, split_k, *warps = config or gemv_config(m, n, k, group_size, num_sms(x.device))
     n_blocks = triton.cdiv(n, block_n)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
     if split_k > 1:
@@ -143,7 +143,7 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         m, n, k, x.stride(0), group_size, tiles_per_split,
         HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_K=split_k,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=flag,
-        num_warps=4, launch_pdl=flag,
+        num_warps=warps[0] if warps else 4, launch_pdl=flag,
     )  # fmt: skip
     return out
 
