@@ -128,7 +128,8 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, split_k, *warps = config or gemv_config(m, n, k, group_size, num_sms(x.device))
+    sms = num_sms(x.device)
+    block_n, block_k, split_k, *warps = config or gemv_config(m, n, k, group_size, sms)
     n_blocks = triton.cdiv(n, block_n)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
     if split_k > 1:
