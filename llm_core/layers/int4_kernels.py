@@ -107,13 +107,15 @@ def _int4_gemv_kernel(
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K): 64 features (256-byte packed rows), one group per K tile,
-    K split until there are ~4 programs per SM. Not tuned on a GPU yet (docs/performance.md)."""
-    block_n = 64 if n >= 64 * sms else 32
+    """(BLOCK_N, BLOCK_K, SPLIT_K): 32 features, one group per K tile, K split until there
+    are ~8 programs per SM. From one H200 sweep at the 7B's shapes (m = 1; docs/performance.md):
+    32 features won three of four shapes; o (3584 x 3584) and down (18944 -> 3584) were
+    fastest split 16 ways (112 feature blocks each)."""
+    block_n = 32
     block_k = tile_k(group_size)
     tiles = triton.cdiv(k, block_k)
     split_k = 1
-    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 4 * sms and tiles >= 4 * split_k:
+    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 8 * sms and tiles >= 2 * split_k:
         split_k *= 2
     return block_n, block_k, split_k
 
