@@ -1,0 +1,81 @@
+"""Compile a Triton kernel for a GPU offline (no GPU needed: triton ships ptxas / nvdisasm) and
+print the instruction mix of each loop in its SASS: what a K loop costs per weight element,
+whether loads are vectorized or pipelined (LDGSTS), whether tensor-core instructions (HGMMA /
+QGMMA / HMMA) appear, and whether registers spill (LDL / STL).
+
+    python scripts/kernel_sass.py polymodal.llm_core.layers.int4_kernels._int4_gemv_kernel \
+        --const HAS_BIAS=0 HAS_PERM=0 SPLIT_K=8 BLOCK_M=1 BLOCK_N=64 BLOCK_K=128 \
+                GROUP_TILES=1 USE_PDL=1 \
+        --type x_ptr=*bf16 s_ptr=*bf16 b_ptr=*bf16 out_ptr=*bf16 z_ptr=*u8 part_ptr=*fp32
+
+Arguments not named default to `*i32` (names ending in `_ptr`) or `i32`; pointers, `N`, `K`
+and `stride*` are declared 16-divisible, as Triton specializes them at real launches.
+Divide a loop's count by the elements one thread handles per iteration (tile / threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import os
+import re
+
+
+def loop_mix(sass: str) -> list[tuple[str, int, collections.Counter, int]]:
+    """(label, instructions, opcode counts, spills) of each backward-branch loop."""
+    lines = sass.splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\w+:$", line)}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA (\w+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = [x.split("\t")[-1].strip() for x in lines[labels[m.group(1)] + 1 : i + 1]]
+            body = [x for x in body if x]
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body]
+            spills = sum(1 for x in body if re.search(r"\b(LDL|STL)\b", x))
+            loops.append((m.group(1), len(body), collections.Counter(ops), spills))
+    return loops
+
+
+def main() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kernel", help="module.path.kernel_name")
+    parser.add_argument("--const", nargs="*", default=[], help="NAME=int (constexprs)")
+    parser.add_argument("--type", nargs="*", default=[], help="NAME=*bf16 | *u8 | fp32 | ...")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--top", type=int, default=16)
+    args = parser.parse_args()
+    module, name = args.kernel.rsplit(".", 1)
+    fn = getattr(importlib.import_module(module), name)
+    const = {k: int(v) for k, v in (c.split("=") for c in args.const)}
+    given = dict(t.split("=") for t in args.type)
+    types = {
+        n: "constexpr" if n in const else given.get(n, "*i32" if n.endswith("_ptr") else "i32")
+        for n in fn.arg_names
+    }
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(fn.arg_names)
+        if n not in const and (n.endswith("_ptr") or n in ("N", "K") or n.startswith("stride"))
+    }
+    kernel = triton.compile(
+        ASTSource(fn, types, const, aligned),
+        target=GPUTarget("cuda", args.arch, 32),
+        options={"num_warps": args.warps, "num_stages": args.stages},
+    )
+    print(f"{name} sm_{args.arch}: shared memory {kernel.metadata.shared} bytes")
+    for label, count, ops, spills in loop_mix(kernel.asm["sass"]):
+        mix = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
+        print(f"loop {label}: {count} instructions, {spills} spill accesses: {mix}")
+
+
+if __name__ == "__main__":
+    main()
