@@ -46,7 +46,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kernel", help="module.path.kernel_name")
-    parser.add_argument("--const", nargs="*", default=[], help="NAME=int (constexprs)")
+    parser.add_argument("--const", nargs="*", default=[], help="NAME=int or NAME=text (constexprs)")
     parser.add_argument("--type", nargs="*", default=[], help="NAME=*bf16 | *u8 | fp32 | ...")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--warps", type=int, default=4)
@@ -55,7 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     module, name = args.kernel.rsplit(".", 1)
     fn = getattr(importlib.import_module(module), name)
-    const = {k: int(v) for k, v in (c.split("=") for c in args.const)}
+    const = {
+        k: int(v) if v.lstrip("-").isdigit() else v for k, v in (c.split("=") for c in args.const)
+    }
     given = dict(t.split("=") for t in args.type)
     types = {
         n: "constexpr" if n in const else given.get(n, "*i32" if n.endswith("_ptr") else "i32")
