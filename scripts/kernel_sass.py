@@ -38,6 +38,28 @@ def loop_mix(sass: str) -> list[tuple[str, int, collections.Counter, int]]:
     return loops
 
 
+def largest_loop(kernel: str, const: dict, types: dict, warps: int = 4) -> tuple[int, int, dict]:
+    """(instructions, spill accesses, opcode counts) of the kernel's largest loop, compiled by
+    this script in a subprocess (so that a test's TRITON_INTERPRET does not apply)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, __file__, kernel, "--warps", str(warps), "--top", "1000"]
+    args += ["--const", *(f"{k}={v}" for k, v in const.items())]
+    args += ["--type", *(f"{k}={v}" for k, v in types.items())]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-4000:])
+    loops = []
+    for line in done.stdout.splitlines():
+        m = re.match(r"loop \w+: (\d+) instructions, (\d+) spill accesses: (.*)", line)
+        if m:
+            ops = dict(x.rsplit(" ", 1) for x in m.group(3).split(", "))
+            loops.append((int(m.group(1)), int(m.group(2)), {k: int(v) for k, v in ops.items()}))
+    return max(loops)
+
+
 def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
