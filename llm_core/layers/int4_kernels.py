@@ -7,9 +7,10 @@ by group on load and gather x's features through `perm`).
 
 - `int4_gemv` (decode, <= 8 rows): shaped like the 16-bit GEMV (`gemv.py`): a program owns
   `BLOCK_N` features and streams their packed weight along K, one group per tile, so a tile's
-  scale and zero are one row each; the dequantization factors out of the sum: per group
-  `s * (sum_k q x - z * sum_k x)`, leaving shift, mask, convert and one FMA per weight nibble.
-  Split-K programs add fp32 partials; the last to arrive sums them in order (one launch).
+  scale and zero are one row each: per tile `s * sum_k (q - z) x`, the nibble made a float by
+  its bit pattern (`q | 0x4B000000` is 2^23 + q; minus 2^23 + z is q - z exactly, no convert),
+  summed over the tile's packed rows once per program. Split-K programs add fp32 partials;
+  the last to arrive sums them in order (one launch).
 - `int4_gemm` (prefill): tiles of `[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`; the weight tile
   is unpacked and dequantized to the activation dtype in registers (`(q - z) * s`, rounded
   once) and multiplied on tensor cores (`tl.dot`, fp32 accumulation).
