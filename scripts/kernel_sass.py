@@ -3,7 +3,7 @@ print the instruction mix of each loop in its SASS: what a K loop costs per weig
 whether loads are vectorized or pipelined (LDGSTS), whether tensor-core instructions (HGMMA /
 QGMMA / HMMA) appear, and whether registers spill (LDL / STL).
 
-    python scripts/kernel_sass.py polymodal.llm_core.layers.int4_kernels._int4_gemv_kernel \
+    python scripts/kernel_sass.py polymodal.llm_core.layers.int4_gemv._int4_gemv_kernel \
         --const HAS_BIAS=0 HAS_PERM=0 SPLIT_K=8 BLOCK_M=1 BLOCK_N=64 BLOCK_K=128 \
                 GROUP_TILES=1 USE_PDL=1 \
         --type x_ptr=*bf16 s_ptr=*bf16 b_ptr=*bf16 out_ptr=*bf16 z_ptr=*u8 part_ptr=*fp32

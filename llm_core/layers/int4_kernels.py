@@ -5,12 +5,7 @@ int32 `[K/8, N]` (8 consecutive input features per int32), `zeros` uint8 `[G, N]
 `[G, N]`, groups of `group_size` consecutive input features (act-order checkpoints are sorted
 by group on load and gather x's features through `perm`).
 
-- `int4_gemv` (decode, <= 8 rows): shaped like the 16-bit GEMV (`gemv.py`): a program owns
-  `BLOCK_N` features and streams their packed weight along K, one group per tile, so a tile's
-  scale and zero are one row each: per tile `s * sum_k (q - z) x`, the nibble made a float by
-  its bit pattern (`q | 0x4B000000` is 2^23 + q; minus 2^23 + z is q - z exactly, no convert),
-  summed over the tile's packed rows once per program. Split-K programs add fp32 partials;
-  the last to arrive sums them in order (one launch).
+- `int4_gemv` (decode, a few rows): `int4_gemv.py`.
 - `int4_gemm` (prefill): tiles of `[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`; the weight tile
   is unpacked and dequantized to the activation dtype in registers (`(q - z) * s`, rounded
   once) and multiplied on tensor cores (`tl.dot`, fp32 accumulation).
@@ -24,10 +19,6 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
-from polymodal.llm_core.counters import arrival_counters
-from polymodal.llm_core.layers.gemv import num_sms
-
-GEMV_MAX_ROWS = 8
 
 
 def tile_k(group_size: int, cap: int = 128) -> int:
@@ -36,120 +27,6 @@ def tile_k(group_size: int, cap: int = 128) -> int:
     while group_size % tile:
         tile //= 2
     return tile
-
-
-@triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _int4_gemv_kernel(
-    x_ptr, qw_ptr, z_ptr, s_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, stride_xm, group_size, tiles_per_split,
-    HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """Program (n block, k split): out[m, f] = sum over its K tiles (one group each) of
-    s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k].
-
-    Per weight nibble: shift, mask-or (the nibble as the float 2^23 + q), one subtract
-    (2^23 + z: q - z exactly, no int-to-float convert) and one FMA per row into a
-    `[rows, packed rows, features]` accumulator; the scale multiplies once per tile and
-    the packed rows are summed once per program (no cross-thread reduction in the loop)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    BLOCK_KP: tl.constexpr = BLOCK_K // 8  # packed rows per tile
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_KP)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    tile_start = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    pdl.wait(USE_PDL)
-    for tile in range(tile_start, tile_end):
-        rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
-        r_mask = rows < K // 8
-        p = tl.load(qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=r_mask[:, None] & n_mask[None, :], other=0,
-                    eviction_policy="evict_first")  # fmt: skip
-        g = (tile * BLOCK_K) // group_size
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        z = z + 8388608.0  # 2^23 + z, exact
-        dots = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            bits = ((p >> (4 * j)) & 0xF) | 0x4B000000  # the float 2^23 + q
-            w = bits.to(tl.float32, bitcast=True) - z[None, :]  # q - z: [BLOCK_KP, BLOCK_N]
-            k = rows * 8 + j
-            if HAS_PERM:  # act order: x's feature that this sorted row multiplies
-                k = tl.load(perm_ptr + k, mask=r_mask, other=0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
-            dots += w[None, :, :] * x.to(tl.float32)[:, :, None]
-        acc += s[None, None, :] * dots
-    out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:
-        tl.store(part_ptr + pid_k * M * N + out_offs, out, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # the last split sums all of them in split order
-            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for sk in tl.static_range(SPLIT_K):
-                out += tl.load(part_ptr + sk * M * N + out_offs, mask=out_mask, other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-            if HAS_BIAS:
-                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K): 32 features, one group per K tile, K split until there
-    are ~8 programs per SM. From one H200 sweep at the 7B's shapes (m = 1; docs/performance.md):
-    32 features won three of four shapes; o (3584 x 3584) and down (18944 -> 3584) were
-    fastest split 16 ways (112 feature blocks each)."""
-    block_n = 32
-    block_k = tile_k(group_size)
-    tiles = triton.cdiv(k, block_k)
-    split_k = 1
-    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 8 * sms and tiles >= 2 * split_k:
-        split_k *= 2
-    return block_n, block_k, split_k
-
-
-def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None):
-    """`x [M <= 8, K]` times the INT4 weight (layout above): `[M, N]` in x's dtype."""
-    m, k = x.shape
-    n = qweight.shape[1]
-    if m > GEMV_MAX_ROWS or qweight.shape[0] * 8 != k:
-        raise ValueError(f"int4_gemv: x {tuple(x.shape)} vs qweight {tuple(qweight.shape)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    sms = num_sms(x.device)
-    block_n, block_k, split_k, *warps = config or gemv_config(m, n, k, group_size, sms)
-    n_blocks = triton.cdiv(n, block_n)
-    tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
-    if split_k > 1:
-        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, n_blocks)
-    else:
-        part, counters = out, out  # unread
-    flag = pdl.use_pdl(x)
-    _int4_gemv_kernel[(n_blocks, split_k)](
-        x, qweight, zeros, scales, qweight if perm is None else perm,
-        out if bias is None else bias, out, part, counters,
-        m, n, k, x.stride(0), group_size, tiles_per_split,
-        HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_K=split_k,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=flag,
-        num_warps=warps[0] if warps else 4, launch_pdl=flag,
-    )  # fmt: skip
-    return out
 
 
 @triton.jit(do_not_specialize=["M"])

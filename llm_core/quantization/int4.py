@@ -4,9 +4,9 @@ Each format loads its checkpoint tensors as stored (`create_weights` registers t
 checkpoint's names and shapes, so packed q/k/v and gate/up shards slice along the output
 features), then `process_weights` turns them into the one layout the kernels read
 (`int4_pack.py`): K-packed `qweight`, unpacked `zeros`, `scales`, and for act-order GPTQ the
-`perm` that sorts input features by group. On CUDA, <= 4 rows take the Triton GEMV, more the
-Triton GEMM (`layers/int4_kernels.py`); elsewhere the dequantized weight runs through
-`F.linear` (the reference).
+`perm` that sorts input features by group. On CUDA, <= 4 rows take the Triton GEMV
+(`layers/int4_gemv.py`), more the Triton GEMM (`layers/int4_kernels.py`); elsewhere the
+dequantized weight runs through `F.linear` (the reference).
 """
 
 from __future__ import annotations
@@ -191,12 +191,12 @@ class Int4LinearMethod(LinearMethod):
             x = silu_and_mul(x)
         if not x.is_cuda:
             return F.linear(x, self.dequantized(layer).to(x.dtype), layer.bias)
-        from polymodal.llm_core.layers import int4_kernels
+        from polymodal.llm_core.layers import int4_gemv, int4_kernels
 
         rows = x.reshape(-1, x.shape[-1])
         kernel = int4_kernels.int4_gemm
         if rows.shape[0] <= INT4_GEMV_MAX_ROWS:
-            kernel = int4_kernels.int4_gemv
+            kernel = int4_gemv.int4_gemv
         out = kernel(rows, layer.qweight, layer.zeros, layer.scales, self.group_size(layer),
                      layer.perm, layer.bias)  # fmt: skip
         return out.reshape(*x.shape[:-1], out.shape[-1])

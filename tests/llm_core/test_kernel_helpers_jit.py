@@ -32,6 +32,7 @@ MODULES = [
     "polymodal.llm_core.layers.gemv",
     "polymodal.llm_core.layers.triton_moe",
     "polymodal.llm_core.layers.int4_kernels",
+    "polymodal.llm_core.layers.int4_gemv",
     "polymodal.llm_core.layers.triton_ops",
     "polymodal.llm_core.layers.fp8_kernels",
     "polymodal.llm_core.layers.moe_decode",

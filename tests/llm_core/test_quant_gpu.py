@@ -49,7 +49,7 @@ def int4_weights(n, k, group, act_order, seed=0):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_gemv_gpu(shape, rows, act_order, dtype):
-    from polymodal.llm_core.layers.int4_kernels import int4_gemv
+    from polymodal.llm_core.layers.int4_gemv import int4_gemv
 
     n, k = shape
     group = 128

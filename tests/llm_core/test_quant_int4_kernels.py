@@ -1,6 +1,7 @@
-"""The INT4 Triton kernels (`layers/int4_kernels.py`) against the dequantized reference, on CPU
-under TRITON_INTERPRET=1 (`interpreted.py`): partial feature blocks, several groups per K,
-act-order permutations, split-K, bias, 1-5 rows (GEMV) and odd row counts (GEMM)."""
+"""The INT4 Triton kernels (`layers/int4_gemv.py`, `layers/int4_kernels.py`) against the
+dequantized reference, on CPU under TRITON_INTERPRET=1 (`interpreted.py`): partial feature
+blocks, several groups per K, act-order permutations, split-K, bias, 1-4 rows (GEMV) and odd
+row counts (GEMM)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymodal.llm_core.layers import int4_kernels
+from polymodal.llm_core.layers import int4_gemv, int4_kernels
 from polymodal.llm_core.quantization import int4_pack
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
@@ -33,7 +34,7 @@ def make_int4(n: int, k: int, group: int, act_order: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_int4_gemv(dtype, rows, split_k, act_order):
@@ -45,11 +46,45 @@ def test_int4_gemv(dtype, rows, split_k, act_order):
     bias = torch.randn(40, generator=gen).to(dtype)
     ref = F.linear(x.float(), weight, bias.float())
     for _ in range(2):
-        out = int4_kernels.int4_gemv(
+        out = int4_gemv.int4_gemv(
             x, qweight, zeros, scales, 32, perm, bias, config=(32, 32, split_k)
         )
         assert out.shape == (rows, 40) and out.dtype == dtype
         assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    ("group", "k", "config"),
+    [
+        (16, 80, (64, 16, 2, 4)),  # 5 one-group tiles; 64 features = two 32-wide sub-tiles
+        (64, 160, (32, 32, 2, 4)),  # two tiles per group; the last group (32) half a group
+        (128, 192, (16, 64, 1, 2)),  # 16 features (one sub-tile narrower than 32)
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_gemv_groups_and_tiles(group, k, config, rows):
+    """Tiles narrower than the group (several per group), a last group shorter than the
+    others (GPTQ allows K % group != 0), feature blocks of several sub-tiles; x spans
+    magnitudes from 2^-20 to 2^20 (the kernel scales it by up to 2^100 around denormal
+    nibbles) and holds exact zeros."""
+    n = 72
+    gen = torch.Generator().manual_seed(group + rows)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    groups = -(-k // group)
+    zeros = torch.randint(0, 16, (groups, n), generator=gen)
+    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.001
+    idx = torch.arange(k) // group
+    weight = (q - zeros.t()[:, idx]).float() * scales.t()[:, idx]  # [N, K]
+    x = torch.randn(rows, k, generator=gen) * 2.0 ** torch.randint(
+        -20, 21, (rows, k), generator=gen
+    )
+    x[:, ::7] = 0.0
+    out = int4_gemv.int4_gemv(
+        x, int4_pack.pack_k(q.t().contiguous()), zeros.to(torch.uint8), scales, group,
+        config=config,
+    )  # fmt: skip
+    ref = F.linear(x.double(), weight.double()).float()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,5 +104,5 @@ def test_int4_gemm(dtype, rows, group, act_order):
 
 def test_gemv_config_keeps_one_group_per_tile():
     for group in (32, 64, 128, 256, 4096):
-        _, block_k, _ = int4_kernels.gemv_config(1, 4096, 4096, group, 132)
+        _, block_k, *_ = int4_gemv.gemv_config(1, 4096, 4096, group, 132)
         assert group % block_k == 0 and block_k % 8 == 0

@@ -1,0 +1,213 @@
+"""The INT4 GEMV (W4A16 decode: 1-4 rows of x times an AWQ / GPTQ weight in the layout of
+`int4_kernels.py`: `qweight` int32 `[K/8, N]`, `zeros` uint8 `[G, N]`, `scales` `[G, N]`).
+
+A program owns `BLOCK_N` features and streams their packed weight along K, one tile inside one
+group, so a tile's scale and zero are one value per feature. Nibbles 0-3 of a packed int32 `p`
+are read in place from `p`, nibbles 4-7 from `p >> 16`: nibble `i` (of 4) masked in place is the
+denormal float `q 16^i 2^-149` (fp32 FMAs keep denormals: no `.ftz` in Triton's PTX), and x's
+feature, scaled by `2^100 16^-i` as it is loaded, times it is `q x 2^-49` exactly. The zero
+enters once per packed row and feature (`- z * sum of the row's 8 x`), the scale once per tile.
+So a nibble costs one LOP3 and one FFMA per row: no shifts, no int-to-float converts, no
+zero subtraction, no cross-thread sums in the loop (each row has its own 2-D accumulator,
+summed over the packed rows once per program). Split-K programs add fp32 partials; the last
+to arrive sums them in order (one launch).
+Launch parameters derive from shapes only: CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from polymodal.llm_core import pdl
+from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.gemv import num_sms
+from polymodal.llm_core.layers.int4_kernels import tile_k
+
+GEMV_MAX_ROWS = 4
+
+
+@triton.jit
+def _feature(row, perm_ptr, cols, j, x_mask, HAS_PERM: tl.constexpr):
+    """x's feature 8 r + j of each packed row r (act order: the one its sorted row takes)."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols + j, mask=x_mask, other=0) - j
+    return tl.load(row + cols + j, mask=x_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_tile(x_ptr, m, stride_xm, perm_ptr, cols, x_mask, HAS_PERM: tl.constexpr):
+    """Row m's x for one tile, as 9 `[BLOCK_KP]` vectors: each packed row's sum of its 8
+    features times 2^-49 (the zero's term), then feature 8 r + j scaled by 2^100 16^-(j % 4) (a
+    product with its denormal nibble is then q x 2^-49, in fp32's normal range for |x| in
+    [2^-77, 2^28])."""
+    row = x_ptr + m * stride_xm
+    x0 = _feature(row, perm_ptr, cols, 0, x_mask, HAS_PERM)
+    x1 = _feature(row, perm_ptr, cols, 1, x_mask, HAS_PERM)
+    x2 = _feature(row, perm_ptr, cols, 2, x_mask, HAS_PERM)
+    x3 = _feature(row, perm_ptr, cols, 3, x_mask, HAS_PERM)
+    x4 = _feature(row, perm_ptr, cols, 4, x_mask, HAS_PERM)
+    x5 = _feature(row, perm_ptr, cols, 5, x_mask, HAS_PERM)
+    x6 = _feature(row, perm_ptr, cols, 6, x_mask, HAS_PERM)
+    x7 = _feature(row, perm_ptr, cols, 7, x_mask, HAS_PERM)
+    return ((x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7) * 1.7763568394002505e-15,  # 2^-49
+            x0 * 1.2676506002282294e30, x1 * 7.922816251426434e28,  # 2^100, 2^96
+            x2 * 4.951760157141521e27, x3 * 3.094850098213451e26,  # 2^92, 2^88
+            x4 * 1.9342813113834067e25, x5 * 4.951760157141521e27,  # 2^84, 2^92
+            x6 * 3.094850098213451e26, x7 * 1.9342813113834067e25)  # 2^88, 2^84  # fmt: skip
+
+
+@triton.jit
+def _tile_dot(p, hi, z, x):
+    """sum_j (q_j - z) x_j 2^-49 over one tile's packed rows, `[NT, BLOCK_KP, SUB_N]` (x:
+    `_row_tile`'s). Nibble i of p masked in place is the denormal float q 16^i 2^-149; its
+    product with x's scaled feature is exact."""
+    acc = (p & 0xF).to(tl.float32, bitcast=True) * x[1][None, :, None]
+    acc += (p & 0xF0).to(tl.float32, bitcast=True) * x[2][None, :, None]
+    acc += (p & 0xF00).to(tl.float32, bitcast=True) * x[3][None, :, None]
+    acc += (p & 0xF000).to(tl.float32, bitcast=True) * x[4][None, :, None]
+    acc += (p & 0xF0000).to(tl.float32, bitcast=True) * x[5][None, :, None]
+    acc += (hi & 0xF00).to(tl.float32, bitcast=True) * x[6][None, :, None]
+    acc += (hi & 0xF000).to(tl.float32, bitcast=True) * x[7][None, :, None]
+    acc += (hi & 0xF0000).to(tl.float32, bitcast=True) * x[8][None, :, None]
+    return acc - z * x[0][None, :, None]
+
+
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+def _int4_gemv_kernel(
+    x_ptr, qw_ptr, z_ptr, s_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
+    M, N, K, stride_xm, tiles_per_split,
+    HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_TILES: tl.constexpr, SUB_N: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (n block, k split): out[m, f] = sum over its K tiles of
+    s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k] (the module docstring says how)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    BLOCK_KP: tl.constexpr = BLOCK_K // 8  # packed rows per tile
+    NT: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles: a thread's x serves NT times more nibbles
+    offs_n = pid_n * BLOCK_N + tl.arange(0, NT)[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+    offs_r = tl.arange(0, BLOCK_KP)
+    n_mask = offs_n < N  # [NT, SUB_N]
+    acc0 = tl.zeros((NT, BLOCK_KP, SUB_N), dtype=tl.float32)
+    acc1 = tl.zeros((NT, BLOCK_KP, SUB_N), dtype=tl.float32)
+    acc2 = tl.zeros((NT, BLOCK_KP, SUB_N), dtype=tl.float32)
+    acc3 = tl.zeros((NT, BLOCK_KP, SUB_N), dtype=tl.float32)
+    tile_start = pid_k * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    pdl.wait(USE_PDL)
+    for tile in range(tile_start, tile_end):
+        rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
+        r_mask = rows < K // 8
+        lo = tl.load(qw_ptr + rows.to(tl.int64)[None, :, None] * N + offs_n[:, None, :],
+                     mask=r_mask[None, :, None] & n_mask[:, None, :], other=0,
+                     eviction_policy="evict_first")  # fmt: skip
+        hi = lo.to(tl.uint32, bitcast=True) >> 12  # nibbles 5-7 at bits 8-19 (logical shift)
+        g = tile // GROUP_TILES
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        s = (s * 562949953421312.0)[:, None, :]  # [NT, 1, SUB_N]; 2^49: the dots' unit back to 1
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None, :]
+        cols = rows * 8  # x's first feature of each packed row
+        x_mask = r_mask
+        acc0 += s * _tile_dot(
+            lo, hi, z, _row_tile(x_ptr, 0, stride_xm, perm_ptr, cols, x_mask, HAS_PERM)
+        )
+        if BLOCK_M > 1:
+            x = _row_tile(x_ptr, 1, stride_xm, perm_ptr, cols, x_mask & (M > 1), HAS_PERM)
+            acc1 += s * _tile_dot(lo, hi, z, x)
+        if BLOCK_M > 2:
+            x = _row_tile(x_ptr, 2, stride_xm, perm_ptr, cols, x_mask & (M > 2), HAS_PERM)
+            acc2 += s * _tile_dot(lo, hi, z, x)
+            x = _row_tile(x_ptr, 3, stride_xm, perm_ptr, cols, x_mask & (M > 3), HAS_PERM)
+            acc3 += s * _tile_dot(lo, hi, z, x)
+    out_offs = offs_n  # row m's outputs at m N + offs_n
+    if SPLIT_K > 1:
+        part_ptr += pid_k * M * N
+        tl.store(part_ptr + out_offs, tl.sum(acc0, axis=1), mask=n_mask)
+        if BLOCK_M > 1:
+            tl.store(part_ptr + N + out_offs, tl.sum(acc1, axis=1), mask=n_mask & (M > 1))
+        if BLOCK_M > 2:
+            tl.store(part_ptr + 2 * N + out_offs, tl.sum(acc2, axis=1), mask=n_mask & (M > 2))
+            tl.store(part_ptr + 3 * N + out_offs, tl.sum(acc3, axis=1), mask=n_mask & (M > 3))
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last split sums all of them, in split order
+            part_ptr -= pid_k * M * N
+            for m in tl.static_range(BLOCK_M):
+                total = tl.zeros((NT, SUB_N), dtype=tl.float32)
+                for sk in tl.static_range(SPLIT_K):
+                    total += tl.load(
+                        part_ptr + (sk * M + m) * N + out_offs,
+                        mask=n_mask & (m < M),
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                _store_row(total, m, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    else:
+        _store_row(tl.sum(acc0, axis=1), 0, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+        if BLOCK_M > 1:
+            _store_row(tl.sum(acc1, axis=1), 1, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+        if BLOCK_M > 2:
+            _store_row(tl.sum(acc2, axis=1), 2, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+            _store_row(tl.sum(acc3, axis=1), 3, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _store_row(out, m, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS: tl.constexpr):
+    """Row m's `[BLOCK_N]` sums (+ bias) in the output dtype."""
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask & (m < M))
+
+
+def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): 128 features (4 sub-tiles of 32: a thread's x
+    value feeds 16 nibbles), one group per K tile (<= 128), K split until there are ~8
+    programs per SM (each split >= 2 tiles). Counted offline (tests/llm_core/
+    test_int4_gemv_sass.py), not yet swept on a GPU."""
+    block_n = 128 if n >= 2048 else 32
+    block_k = tile_k(group_size)
+    tiles = triton.cdiv(k, block_k)
+    split_k = 1
+    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 8 * sms and tiles >= 2 * split_k:
+        split_k *= 2
+    return block_n, block_k, split_k, 4
+
+
+def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None):
+    """`x [M <= 4, K]` times the INT4 weight: `[M, N]` in x's dtype. `config`: (BLOCK_N,
+    BLOCK_K, SPLIT_K[, num_warps]); BLOCK_K must divide the group."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    if m > GEMV_MAX_ROWS or qweight.shape[0] * 8 != k:
+        raise ValueError(f"int4_gemv: x {tuple(x.shape)} vs qweight {tuple(qweight.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    block_n, block_k, split_k, *warps = config or gemv_config(
+        m, n, k, group_size, num_sms(x.device)
+    )
+    if group_size % block_k or block_k % 8:
+        raise ValueError(f"int4_gemv: BLOCK_K {block_k} must divide the group ({group_size})")
+    n_blocks = triton.cdiv(n, block_n)
+    tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
+    if split_k > 1:
+        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, n_blocks)
+    else:
+        part, counters = out, out  # unread
+    flag = pdl.use_pdl(x)
+    _int4_gemv_kernel[(n_blocks, split_k)](
+        x, qweight, zeros, scales, qweight if perm is None else perm,
+        out if bias is None else bias, out, part, counters,
+        m, n, k, x.stride(0), tiles_per_split,
+        HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_K=split_k,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_TILES=group_size // block_k, SUB_N=min(32, block_n), USE_PDL=flag,
+        num_warps=warps[0] if warps else 4, launch_pdl=flag,
+    )  # fmt: skip
+    return out
