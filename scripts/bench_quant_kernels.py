@@ -1,0 +1,195 @@
+# ruff: noqa: B023  (the sweep lambdas run inside their loop iteration)
+"""Time the quantized linears' kernels at a 7B's shapes against bf16 cuBLAS, sweeping configs.
+
+    python scripts/bench_quant_kernels.py                 # everything below, H200-sized
+    python scripts/bench_quant_kernels.py --only int4_gemv --rows 1,4
+    python scripts/bench_quant_kernels.py --only int4_gemm --rows 290,1024,4096
+    python scripts/bench_quant_kernels.py --only fp8_gemv
+
+Every config is checked against the dequantized reference before it is timed; a config that
+fails to compile or is wrong prints as such. Times are medians of CUDA-graph replays cycling
+through enough weight copies to miss L2 (as decode reads each weight once a token). GB/s
+counts the packed weight + scales + zeros (INT4) or the E4M3 weight + scales (FP8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from polymodal.llm_core.layers import fp8_kernels, int4_gemv, int4_kernels
+from polymodal.llm_core.layers.gemv import num_sms
+from polymodal.llm_core.quantization import fp8_ops, int4_pack
+
+SHAPES = {  # name: (N, K) of Qwen2.5-VL-7B's decoder linears
+    "qkv": (4608, 3584),
+    "o": (3584, 3584),
+    "gate_up": (37888, 3584),
+    "down": (3584, 18944),
+}
+ROTATE_BYTES = 512 << 20  # > the H200's 50 MB L2 many times over
+GROUP = 128
+
+
+def graph_us(fn, rep_ms: int = 40) -> float:
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def rotating(make, nbytes: int) -> list:
+    return [make(i) for i in range(max(1, -(-ROTATE_BYTES // nbytes)))]
+
+
+def int4_weights(n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q, zeros, scales = int4_pack.quantize_rtn(torch.randn(n, k, generator=gen), GROUP, None)
+    weight = int4_pack.dequantize(q, zeros, scales, None)  # [N, K] fp32
+    packed = int4_pack.pack_k(q)  # q: [K, N]
+    return packed.cuda(), zeros.to(torch.uint8).cuda(), scales.to(torch.bfloat16).cuda(), weight
+
+
+def report(name: str, m: int, cublas: float, rows: list[tuple], nbytes: int) -> None:
+    """rows: (config, us or None, error text or None)."""
+    good = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1])
+    print(f"\n{name} m={m}: bf16 cuBLAS {cublas:.1f} us")
+    for config, us, _ in good[:6]:
+        print(f"  {str(config):<28} {us:8.1f} us  {nbytes / us / 1e3:7.0f} GB/s")
+    for config, _, err in rows:
+        if err:
+            print(f"  {str(config):<28} FAILED {err[:160]}")
+
+
+def sweep(fn, ref, configs, copies, rel: float) -> list[tuple]:
+    """fn(config, weight copy) -> out; checked on copy 0 then timed over all copies."""
+    rows = []
+    for config in configs:
+        try:
+            out = fn(config, copies[0]).float()
+            err = (out - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+            if not err <= rel:
+                rows.append((config, None, f"max error {err:.2e} of the output's scale"))
+                continue
+            cycle = itertools.cycle(copies)
+            rows.append((config, graph_us(lambda: fn(config, next(cycle))), None))
+        except Exception as exc:  # a config that does not compile or launch loses, loudly
+            rows.append((config, None, repr(exc)))
+    return rows
+
+
+def bench_int4_gemv(rows_list: list[int]) -> None:
+    sms = num_sms(torch.device("cuda"))
+    for name, (n, k) in SHAPES.items():
+        packed, zeros, scales, weight = int4_weights(n, k, 0)
+        nbytes = packed.numel() * 4 + zeros.numel() + scales.numel() * 2
+        copies = rotating(lambda i: (packed.clone(), zeros.clone(), scales.clone()), nbytes)
+        dense = rotating(lambda i: weight.to(torch.bfloat16).cuda(), n * k * 2)
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            ref = F.linear(x.float(), weight.cuda())
+            cyc = itertools.cycle(dense)
+            cublas = graph_us(lambda: F.linear(x, next(cyc)))
+            default = int4_gemv.gemv_config(m, n, k, GROUP, sms)
+            configs = [default] + [
+                (bn, 128, split, warps)
+                for bn in (32, 64, 128, 256)
+                for warps in (4, 8)
+                for split in (1, 2, 4, 8, 16)
+                if (bn, 128, split, warps) != default and k // 128 >= 2 * split
+            ]
+
+            def run(config, w):
+                return int4_gemv.int4_gemv(x, w[0], w[1], w[2], GROUP, config=config)
+
+            result = sweep(run, ref, configs, copies, 2e-2)
+            print(f"(default {default}: {result[0][1]} us)")
+            report(f"int4_gemv {name}", m, cublas, result, nbytes)
+
+
+def bench_int4_gemm(rows_list: list[int]) -> None:
+    for name, (n, k) in SHAPES.items():
+        packed, zeros, scales, weight = int4_weights(n, k, 0)
+        wd = weight.to(torch.bfloat16).cuda()
+        copies = [(packed, zeros, scales)]
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            ref = F.linear(x.float(), wd.float())
+            cublas = graph_us(lambda: F.linear(x, wd))
+            configs = [None] + [
+                (bm, bn, 64, warps, stages)
+                for bm in (64, 128)
+                for bn in (64, 128, 256)
+                for warps in (4, 8)
+                for stages in (3, 4)
+            ]
+
+            def run(config, w):
+                return int4_kernels.int4_gemm(x, w[0], w[1], w[2], GROUP, config=config)
+
+            result = sweep(run, ref, configs, copies, 2e-2)
+            dense = getattr(int4_kernels, "int4_matmul_dequantized", None)
+            if dense is not None:
+                us = graph_us(lambda: dense(x, packed, zeros, scales, GROUP))
+                result.append(("dequantize+cuBLAS", us, None))
+            flops = 2 * m * n * k
+            print(f"\nint4_gemm {name} m={m}: bf16 cuBLAS {cublas:.1f} us "
+                  f"({flops / cublas / 1e6:.0f} TFLOP/s)")  # fmt: skip
+            for config, us, err in sorted(result, key=lambda r: r[1] or 1e30)[:8]:
+                text = f"{us:8.1f} us {flops / us / 1e6:6.0f} TFLOP/s" if us else f"FAILED {err}"
+                print(f"  {str(config):<32} {text[:170]}")
+
+
+def bench_fp8_gemv(rows_list: list[int]) -> None:
+    sms = num_sms(torch.device("cuda"))
+    for name, (n, k) in SHAPES.items():
+        for strategy in ("channel", "block"):
+            w = torch.randn(n, k) / k**0.5
+            weight, scale = fp8_ops.quantize_weight(w, strategy)
+            weight, scale = weight.cuda(), scale.cuda()
+            block = 128 if strategy == "block" else None
+            nbytes = weight.numel() + scale.numel() * 4
+            copies = rotating(lambda i: (weight.clone(), scale.clone()), nbytes)
+            dense = rotating(lambda i: w.to(torch.bfloat16).cuda(), n * k * 2)
+            for m in rows_list:
+                x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+                ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block)
+                cyc = itertools.cycle(dense)
+                cublas = graph_us(lambda: F.linear(x, next(cyc)))
+                default = tuple(fp8_kernels.gemv_config(m, n, k, block is not None, sms))
+                bks = (128,) if block else (128, 256, 512)
+                configs = [default] + [
+                    (bn, bk, split, *((warps,) if len(default) > 3 else ()))
+                    for bn in (16, 32, 64, 128)
+                    for bk in bks
+                    for split in (1, 2, 4, 8, 16)
+                    for warps in ((4, 8) if len(default) > 3 else (4,))
+                    if k // bk >= 2 * split
+                ]
+
+                def run(config, wt):
+                    return fp8_kernels.fp8_gemv(x, wt[0], wt[1], block, config=config)
+
+                result = sweep(run, ref, list(dict.fromkeys(configs)), copies, 2e-2)
+                print(f"(default {default}: {result[0][1]} us)")
+                report(f"fp8_gemv {name} {strategy}", m, cublas, result, nbytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["int4_gemv", "int4_gemm", "fp8_gemv"])
+    parser.add_argument("--rows", help="x rows, comma-separated")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = [int(r) for r in args.rows.split(",")] if args.rows else None
+    if args.only in (None, "int4_gemv"):
+        bench_int4_gemv(rows or [1, 4])
+    if args.only in (None, "fp8_gemv"):
+        bench_fp8_gemv(rows or [1])
+    if args.only in (None, "int4_gemm"):
+        bench_int4_gemm(rows or [290, 1024, 4096])
+
+
+if __name__ == "__main__":
+    main()
