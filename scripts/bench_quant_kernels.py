@@ -94,7 +94,7 @@ def bench_int4_gemv(rows_list: list[int]) -> None:
             default = int4_gemv.gemv_config(m, n, k, GROUP, sms)
             configs = [default] + [
                 (bn, 128, split, warps)
-                for bn in (32, 64, 128, 256)
+                for bn in (64, 128, 256)
                 for warps in (4, 8)
                 for split in (1, 2, 4, 8, 16)
                 if (bn, 128, split, warps) != default and k // 128 >= 2 * split
