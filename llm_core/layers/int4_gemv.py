@@ -164,15 +164,16 @@ def _store_row(out, m, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS: tl.conste
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): 128 features (4 sub-tiles of 32: a thread's x
-    value feeds 16 nibbles), one group per K tile (<= 128), K split until there are ~8
-    programs per SM (each split >= 2 tiles). Counted offline (tests/llm_core/
-    test_int4_gemv_sass.py), not yet swept on a GPU."""
-    block_n = 128 if n >= 2048 else 32
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): 128 features (four 32-wide sub-tiles: a
+    thread's x value feeds 16 nibbles; 64 for wide N, whose blocks alone fill the GPU), one
+    group per K tile (<= 128), K split until there are ~16 programs per SM. From the H200 sweep
+    at a 7B's shapes (scripts/bench_quant_kernels.py; docs/performance.md, fourteenth session):
+    within 10% of the best config at every shape."""
+    block_n = 64 if n >= 16384 else 128
     block_k = tile_k(group_size)
     tiles = triton.cdiv(k, block_k)
     split_k = 1
-    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 8 * sms and tiles >= 2 * split_k:
+    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 16 * sms and tiles >= 2 * split_k:
         split_k *= 2
     return block_n, block_k, split_k, 4
 
