@@ -20,6 +20,7 @@ import collections
 import importlib
 import os
 import re
+import sys
 
 
 def loop_mix(sass: str) -> list[tuple[str, int, collections.Counter, int]]:
@@ -38,11 +39,13 @@ def loop_mix(sass: str) -> list[tuple[str, int, collections.Counter, int]]:
     return loops
 
 
-def largest_loop(kernel: str, const: dict, types: dict, warps: int = 4) -> tuple[int, int, dict]:
-    """(instructions, spill accesses, opcode counts) of the kernel's largest loop, compiled by
-    this script in a subprocess (so that a test's TRITON_INTERPRET does not apply)."""
+def largest_loop(
+    kernel: str, const: dict, types: dict, warps: int = 4, using: tuple[str, ...] = ()
+) -> tuple[int, int, dict]:
+    """(instructions, spill accesses, opcode counts) of the kernel's largest loop (of those with
+    any of the opcodes `using`, if given), compiled by this script in a subprocess (so that a
+    test's TRITON_INTERPRET does not apply)."""
     import subprocess
-    import sys
 
     args = [sys.executable, __file__, kernel, "--warps", str(warps), "--top", "1000"]
     args += ["--const", *(f"{k}={v}" for k, v in const.items())]
@@ -57,7 +60,7 @@ def largest_loop(kernel: str, const: dict, types: dict, warps: int = 4) -> tuple
         if m:
             ops = dict(x.rsplit(" ", 1) for x in m.group(3).split(", "))
             loops.append((int(m.group(1)), int(m.group(2)), {k: int(v) for k, v in ops.items()}))
-    return max(loops)
+    return max(loop for loop in loops if not using or any(op in loop[2] for op in using))
 
 
 def main() -> None:
@@ -68,7 +71,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kernel", help="module.path.kernel_name")
-    parser.add_argument("--const", nargs="*", default=[], help="NAME=int or NAME=text (constexprs)")
+    parser.add_argument(
+        "--const", nargs="*", default=[], help="NAME=int | True | text (constexprs)"
+    )
     parser.add_argument("--type", nargs="*", default=[], help="NAME=*bf16 | *u8 | fp32 | ...")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--warps", type=int, default=4)
@@ -77,9 +82,15 @@ def main() -> None:
     args = parser.parse_args()
     module, name = args.kernel.rsplit(".", 1)
     fn = getattr(importlib.import_module(module), name)
+    words = {"True": True, "False": False}
     const = {
-        k: int(v) if v.lstrip("-").isdigit() else v for k, v in (c.split("=") for c in args.const)
+        k: int(v) if v.lstrip("-").isdigit() else words.get(v, v)
+        for k, v in (c.split("=") for c in args.const)
     }
+    unknown = [k for k in const if k not in fn.arg_names]
+    if unknown:  # one command line for two versions of a kernel (before / after a change)
+        print(f"{name} takes no {', '.join(unknown)}: ignored", file=sys.stderr)
+        const = {k: v for k, v in const.items() if k in fn.arg_names}
     given = dict(t.split("=") for t in args.type)
     types = {
         n: "constexpr" if n in const else given.get(n, "*i32" if n.endswith("_ptr") else "i32")

@@ -6,10 +6,17 @@ scales, activations quantized per token (per 128-feature group for block weights
   each K tile's product scaled by its activation group's and weight block's scales (block), or
   the whole sum by the row's and channel's (channel). Per-channel weights on CUDA with
   16-aligned shapes go to `torch._scaled_mm` instead (`quantization/fp8.py`).
-- `fp8_gemv` (batch-1 decode): a program owns `BLOCK_N` weight rows and streams them along K
-  (FP8: half the bytes of the 16-bit GEMV); it first reads its x row for the row's scale (per
-  group: each tile's own), quantizes x as it loads it and multiplies in fp32: the same numbers
-  as `quantize_rows` + GEMM, in one launch. Split-K as the 16-bit GEMV.
+- `fp8_gemv` (batch-1 decode, one launch): a program owns `BLOCK_N` (64) weight rows and
+  streams them along K (FP8: half the bytes of the 16-bit GEMV), each `[BLOCK_N, BLOCK_K]` tile
+  as loaded (cp.async, pipelined) into an E4M3 dot with x's tile, fp32 accumulation: wgmma
+  (QGMMA) on sm_90, ~1 instruction a weight byte, where the fp32-converting kernel took 6.
+  x is quantized in the kernel as `quantize_rows` does (same scales and E4M3 rounding: per
+  row from a first pass over the whole row; blockwise per 128-feature group) and padded with
+  zeros to the dot's 16 columns: column m is x's row m, or, for one row of block weights, the
+  tile's group m (BLOCK_K up to 16 groups, each its own x and weight scale; the columns are
+  summed at the end). One row's tile is loaded a tile ahead, quantized once and padded with
+  `tl.where`. Split-K: the last split to arrive sums the splits' fp32 partials in order.
+  Under the interpreter (no FP8 dot) the dots run in fp32 on the same E4M3 values.
 Launch parameters derive from shapes only: CUDA-graph safe.
 """
 
@@ -25,6 +32,7 @@ from polymodal.llm_core.layers.gemv import num_sms
 
 FP8_MAX = tl.constexpr(448.0)  # a global a kernel reads must be a constexpr
 MIN_SCALE = tl.constexpr(1e-12)
+XROWS = tl.constexpr(16)  # the FP8 GEMV's dot columns (x rows or groups): a dot's minimum
 GEMV_MAX_ROWS = 8
 # x features a load in the FP8 GEMV's amax pass (32 a thread at 4 warps): K = 18944 (a 7B's
 # down_proj) in 5 loads, not 37 of BLOCK_K
@@ -52,7 +60,8 @@ def _quantize_rows_kernel(
     for k0 in range(start, stop, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_xm + k, mask=k < stop, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        ax = tl.abs(x)
+        amax = tl.where(ax > amax, ax, amax)
     scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
     tl.store(scale_ptr + row * n_groups + grp, scale)
     for k0 in range(start, stop, BLOCK):
@@ -162,71 +171,119 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
     return out
 
 
+@triton.jit
+def _row_scale(row_ptr, K, valid, AMAX_BLOCK: tl.constexpr):
+    """One x row's scale from its amax over all K (`AMAX_BLOCK` features a load, so that the
+    weights start streaming after a few loads, not K / BLOCK_K dependent ones)."""
+    offs = tl.arange(0, AMAX_BLOCK)
+    amax = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, AMAX_BLOCK):
+        x = tl.load(row_ptr + k0 + offs, mask=(k0 + offs < K) & valid, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    return tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
+
+
+@triton.jit
+def _dot(w, xq, acc, DOT_F32: tl.constexpr):
+    """acc + w @ xq^T in fp32: `[BLOCK_N, BLOCK_K] x [BLOCK_K, 16]`, E4M3 x E4M3 (wgmma on
+    sm_90), or in fp32 where there is no FP8 dot (the interpreter)."""
+    if DOT_F32:
+        acc = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, tl.trans(xq), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
     M, N, K, stride_xm, w_kblocks, tiles_per_split,
     BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, AMAX_BLOCK: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """Program (n block, k split): out[m, f] = sum_k q(x[m, k]) * w[f, k] * scales, x's
-    quantization done here (per row: a first pass over the row for its amax, `AMAX_BLOCK`
-    features a load so the weights start streaming after a few loads, not K / BLOCK_K
-    dependent ones; blockwise: per 128-feature tile, BLOCK_K = 128)."""
+    """Program (n block, k split): out[m, f] = sum_k q(x[m, k]) * w[f, k] * scales. A K tile
+    is one E4M3 dot of the weight tile as loaded and x's quantized tile padded with zeros to
+    the dot's 16 columns: column m is x's row m, or (blockwise, one row) the tile's `GROUP`-
+    feature group m, each with its own x and weight scale (summed over columns at the end).
+    Per channel, x's scale comes from a first pass over the whole row and all scales apply
+    once, at the end; blockwise, each group's on each tile's product."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, XROWS)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # rows past N read row N - 1: no mask, 16-byte copies (their sums are never stored)
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * K
+    sw_row = w_scale_ptr + (pid_n * BLOCK_N // GROUP) * w_kblocks  # BLOCK_N divides GROUP
+    acc = tl.zeros((BLOCK_N, XROWS), dtype=tl.float32)
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    last = tl.maximum(tile_end - 1, 0)  # where one row's x prefetch stops
     pdl.wait(USE_PDL)
-    x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if not BLOCKWISE:  # each row's scale from its whole amax (every program reads x: small)
-        offs_a = tl.arange(0, AMAX_BLOCK)
-        for m in tl.static_range(BLOCK_M):
-            amax = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
-            for k0 in range(0, K, AMAX_BLOCK):
-                k = k0 + offs_a
-                x = tl.load(x_ptr + m * stride_xm + k, mask=(k < K) & (m < M), other=0.0)
-                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-            scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
-            x_scale += tl.where(offs_m == m, scale, 0.0)
+    if not BLOCKWISE:  # every program reads all of x (small) for its rows' scales
+        if BLOCK_M == 1:
+            x_scale = _row_scale(x_ptr, K, True, AMAX_BLOCK)
+        else:
+            x_scale = tl.full((XROWS,), MIN_SCALE, tl.float32)  # padded rows: never NaN
+            for m in tl.static_range(BLOCK_M):
+                scale = _row_scale(x_ptr + m * stride_xm, K, m < M, AMAX_BLOCK)
+                x_scale = tl.where(cols == m, scale, x_scale)
+    if BLOCK_M == 1:  # one row: its tile loaded one iteration ahead, in registers
+        kx = tl.minimum(tile_start, last) * BLOCK_K + offs_k[None, :]
+        x_next = tl.load(x_ptr + kx, mask=(kx < K) | EVEN_K, other=0.0)  # [1, BLOCK_K]
     for tile in range(tile_start, tile_end):
         k = tile * BLOCK_K + offs_k
-        k_mask = k < K
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
-        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for m in tl.static_range(BLOCK_M):
-            x = tl.load(x_ptr + m * stride_xm + k, mask=k_mask & (m < M), other=0.0)
-            x = x.to(tl.float32)
-            if BLOCKWISE:  # this tile is one activation group
-                scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
+        k_mask = (k < K) | EVEN_K
+        w = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K] E4M3  # fmt: skip
+        if BLOCK_M == 1:  # quantize the one row, then pad: not 16-row loads and converts
+            x = x_next.to(tl.float32)
+            kx = tl.minimum(tile + 1, last) * BLOCK_K + offs_k[None, :]
+            x_next = tl.load(x_ptr + kx, mask=(kx < K) | EVEN_K, other=0.0)
+            if BLOCKWISE:  # [G, GROUP]: each group's scale, group g to the dot's column g
+                xg = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
+                x_scale = tl.maximum(tl.max(tl.abs(xg), 1) / FP8_MAX, MIN_SCALE)  # [G]
+                xq = tl.reshape(_quant(xg, x_scale[:, None]).to(tl.float8e4nv), (1, BLOCK_K))
+                col = offs_k // GROUP
             else:
-                scale = tl.sum(tl.where(offs_m == m, x_scale, 0.0), 0)
-            xq = _quant(x, scale).to(tl.float8e4nv).to(tl.float32)
-            dot = tl.sum(w * xq[None, :], axis=1) * scale  # [BLOCK_N]
-            part += tl.where(offs_m[None, :] == m, dot[:, None], 0.0)
+                xq = _quant(x, x_scale).to(tl.float8e4nv)
+                col = tl.zeros_like(offs_k)
+            xq = tl.where(cols[:, None] == col[None, :], xq, tl.zeros_like(xq))  # [16, BLOCK_K]
+        else:
+            x = tl.load(x_ptr + cols[:, None] * stride_xm + k[None, :],
+                        mask=(cols[:, None] < M) & k_mask[None, :], other=0.0)  # fmt: skip
+            x = x.to(tl.float32)  # [16, BLOCK_K]
+            if BLOCKWISE:  # BLOCK_K = GROUP
+                x_scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX, MIN_SCALE)
+            xq = _quant(x, x_scale[:, None]).to(tl.float8e4nv)
         if BLOCKWISE:
-            sw = tl.load(w_scale_ptr + (offs_n // BLOCK_K) * w_kblocks + tile, mask=n_mask,
-                         other=0.0)  # fmt: skip
-            part = part * sw[:, None]
-        acc += part
+            part = _dot(w, xq, tl.zeros((BLOCK_N, XROWS), dtype=tl.float32), DOT_F32)
+            if BLOCK_M == 1:  # column g's scale: group g's x scale times its weight scale
+                g = tl.arange(0, BLOCK_K // GROUP)
+                kb = tile * (BLOCK_K // GROUP) + g
+                sw = tl.load(sw_row + kb, mask=(kb < w_kblocks) | EVEN_K, other=0.0)
+                scale = tl.where(cols[:, None] == g[None, :], (sw * x_scale)[None, :], 0.0)
+                acc += part * tl.sum(scale, 1)[None, :]
+            else:
+                acc += part * (tl.load(sw_row + tile) * x_scale[None, :])
+        else:  # the wgmma accumulates in place
+            acc = _dot(w, xq, acc, DOT_F32)
     if not BLOCKWISE:
-        acc = acc * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
-    out_offs = offs_m[None, :] * N + offs_n[:, None]
-    out_mask = (offs_m[None, :] < M) & n_mask[:, None]
+        sw = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        acc = acc * sw[:, None] * (x_scale if BLOCK_M == 1 else x_scale[None, :])
+    elif BLOCK_M == 1:  # the groups' columns summed: x's one row
+        acc = tl.where(cols[None, :] == 0, tl.sum(acc, 1)[:, None], 0.0)
+    out_offs = cols[None, :] * N + offs_n[:, None]
+    out_mask = (cols[None, :] < M) & n_mask[:, None]
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:  # the last split sums all of them in split order
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, XROWS), dtype=tl.float32)
             for sk in tl.static_range(SPLIT_K):
                 acc += tl.load(part_ptr + sk * M * N + out_offs, mask=out_mask, other=0.0,
                                cache_modifier=".cg")  # fmt: skip
@@ -240,20 +297,28 @@ def _fp8_gemv_kernel(
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def gemv_config(m: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K): 8 rows x 512 FP8 bytes a tile (128 for block weights: one
-    scale block), K split to ~4 programs per SM. Not tuned on a GPU yet."""
-    block_k = 128 if blockwise else min(512, triton.next_power_of_2(k))
-    block_n = 8 if n >= 8 * 4 * sms else 4
+def gemv_config(m: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): 64 weight rows (one warpgroup's wgmma M) x 256
+    FP8 bytes a tile (block weights: two 128-feature groups for one row where K allows, else
+    one), K split until there are ~4 programs per SM (each split >= 4 tiles). Counted offline
+    (tests/llm_core/test_fp8_gemv_sass.py), not yet swept on a GPU."""
+    if blockwise:
+        block_k = 256 if m == 1 and k % 256 == 0 else 128
+    else:
+        block_k = min(256, max(64, triton.next_power_of_2(k)))
+    block_n = 64
     tiles = triton.cdiv(k, block_k)
     split_k = 1
     while split_k < 16 and triton.cdiv(n, block_n) * split_k < 4 * sms and tiles >= 4 * split_k:
         split_k *= 2
-    return block_n, block_k, split_k
+    return block_n, block_k, split_k, 4
 
 
 def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=None):
-    """`x [M <= 8, K]` (16-bit) times the FP8 `weight [N, K]` (scales as `fp8_gemm`)."""
+    """`x [M <= 8, K]` (16-bit) times the FP8 `weight [N, K]` (scales as `fp8_gemm`). `config`:
+    (BLOCK_N, BLOCK_K, SPLIT_K[, num_warps[, num_stages]]), each >= 16 (a dot's minimum;
+    wgmma's M is 64 a warpgroup). Block weights: BLOCK_N divides the block, BLOCK_K is the
+    block (one row: up to 16 blocks)."""
     m, k = x.shape
     n = weight.shape[0]
     if m > GEMV_MAX_ROWS or weight.shape[1] != k:
@@ -262,10 +327,12 @@ def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=Non
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, split_k = config or gemv_config(m, n, k, block is not None,
-                                                      num_sms(x.device))  # fmt: skip
-    if block is not None and block_k != block:
-        raise ValueError("fp8_gemv: block weights need BLOCK_K == the block (128)")
+    block_n, block_k, split_k, *launch = config or gemv_config(
+        m, n, k, block is not None, num_sms(x.device)
+    )
+    groups = block_k // block if block else 1
+    if block and (block % block_n or groups * block != block_k or groups > (16 if m == 1 else 1)):
+        raise ValueError(f"fp8_gemv: tiles {block_n} x {block_k} for {block}-blocks, {m} rows")
     n_blocks = triton.cdiv(n, block_n)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
     if split_k > 1:
@@ -278,7 +345,10 @@ def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=Non
         x, weight, w_scale, out if bias is None else bias, out, part, counters,
         m, n, k, x.stride(0), w_scale.shape[-1], tiles_per_split,
         BLOCKWISE=block is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=flag,
-        AMAX_BLOCK=min(AMAX_BLOCK, triton.next_power_of_2(k)), num_warps=4, launch_pdl=flag,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP=block or block_k, EVEN_K=k % block_k == 0, USE_PDL=flag,
+        AMAX_BLOCK=min(AMAX_BLOCK, triton.next_power_of_2(k)), DOT_F32=not x.is_cuda,
+        num_warps=launch[0] if launch else 4, num_stages=launch[1] if len(launch) > 1 else 3,
+        launch_pdl=flag,
     )  # fmt: skip
     return out

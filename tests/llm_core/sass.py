@@ -14,8 +14,9 @@ _kernel_sass = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_kernel_sass)
 
 
-def largest_loop(kernel: str, const: dict, types: dict, warps: int = 4):
-    """(instructions, spill accesses, opcode counts) of the kernel's largest loop on sm_90."""
+def largest_loop(kernel: str, const: dict, types: dict, warps: int = 4, using=()):
+    """(instructions, spill accesses, opcode counts) of the kernel's largest loop on sm_90 (of
+    those with any of the opcodes `using`, if given)."""
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this triton has no CUDA backend")
-    return _kernel_sass.largest_loop(kernel, const, types, warps)
+    return _kernel_sass.largest_loop(kernel, const, types, warps, using)

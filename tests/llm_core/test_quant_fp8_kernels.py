@@ -69,8 +69,9 @@ def test_fp8_gemm(dtype, strategy, rows):
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 def test_fp8_gemv(dtype, strategy, rows, split_k):
     """x quantized inside the kernel (per row, or per 128-feature tile for block weights):
-    the same numbers as quantize_rows + the GEMM. N=37 in blocks of 8 (one partial), K=384
-    (3 tiles of 128: split 4 leaves a split empty); each call twice (counters reset)."""
+    the same numbers as quantize_rows + the GEMM. N=37 in blocks of 16 (one partial, its rows
+    past N reading row N - 1), K=384 (3 tiles of 128: split 4 leaves a split empty); each call
+    twice (counters reset)."""
     n, k = 37, 384
     weight, scale = _weights(n, k, strategy, seed=split_k)
     gen = torch.Generator().manual_seed(rows + 7)
@@ -79,7 +80,7 @@ def test_fp8_gemv(dtype, strategy, rows, split_k):
     bias = torch.randn(n, generator=gen).to(dtype)
     ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block, bias.float())
     for _ in range(2):
-        out = fp8_kernels.fp8_gemv(x, weight, scale, block, bias, config=(8, 128, split_k))
+        out = fp8_kernels.fp8_gemv(x, weight, scale, block, bias, config=(16, 128, split_k))
         assert out.shape == (rows, n) and out.dtype == dtype
         assert_close(out, ref, dtype)
 
@@ -94,5 +95,32 @@ def test_fp8_gemv_amax_over_several_loads(rows):
     x[:, 0] = x[:, 1]  # exact_x's amax (448) moves from feature 0 to the last load
     x[:, -7] = 448.0 * 2.0**-9
     ref = fp8_ops.w8a8_reference(x, weight, scale, None)
-    out = fp8_kernels.fp8_gemv(x, weight, scale, None, config=(8, 512, 2))
+    out = fp8_kernels.fp8_gemv(x, weight, scale, None, config=(16, 512, 2))
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize(("block_k", "split_k"), [(256, 1), (256, 2), (512, 1), (512, 2)])
+def test_fp8_gemv_block_groups_in_columns(block_k, split_k):
+    """One row, block weights, BLOCK_K = 2 or 4 scale blocks: each 128-feature group of a tile
+    is its own column of the dot with its own scales. K=384 (3 groups): the last tile is
+    partial (a group, or two, past K), and split 2 of one 512-tile leaves a split empty."""
+    n, k = 37, 384
+    weight, scale = _weights(n, k, "block", seed=block_k)
+    x = exact_x(1, k, torch.bfloat16, 128, seed=split_k)
+    x[0, 128:256] *= 2.0**-6  # groups of different scales
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    ref = fp8_ops.w8a8_reference(x.float(), weight, scale, 128, bias.float())
+    out = fp8_kernels.fp8_gemv(x, weight, scale, 128, bias, config=(16, block_k, split_k))
+    assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("rows", "config"), [(1, (16, 192, 1)), (1, (256, 128, 1)), (2, (16, 256, 1))]
+)
+def test_fp8_gemv_block_tiles_must_fit_the_blocks(rows, config):
+    """Block weights: BLOCK_K whole blocks (one only for several rows: a column is a row
+    then), BLOCK_N rows within one block."""
+    weight, scale = _weights(256, 384, "block")
+    x = exact_x(rows, 384, torch.bfloat16, 128)
+    with pytest.raises(ValueError, match="128-blocks"):
+        fp8_kernels.fp8_gemv(x, weight, scale, 128, config=config)
