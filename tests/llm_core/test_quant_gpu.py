@@ -68,13 +68,14 @@ def test_int4_gemm_gpu(shape, rows, act_order):
 
     n, k = shape
     qweight, zeros, scales, perm, weight = int4_weights(n, k, 128, act_order, seed=rows)
-    x = torch.randn(rows, k, device=CUDA).to(torch.bfloat16)
-    ref = F.linear(x.float(), weight.to(torch.bfloat16).float())
-    close(int4_gemm(x, qweight, zeros, scales, 128, perm), ref)
-    out32 = int4_gemm(x.float(), qweight, zeros, scales, 128, perm)  # fp32: exact dots
+    x = torch.randn(rows, k, device=CUDA)
+    for dtype in (torch.bfloat16, torch.float16):  # weights times 2^-38 / scaled back first
+        ref = F.linear(x.to(dtype).float(), weight.to(dtype).float())
+        close(int4_gemm(x.to(dtype), qweight, zeros, scales, 128, perm), ref)
+    out32 = int4_gemm(x, qweight, zeros, scales, 128, perm)  # fp32: exact dots
     # fp32 sums of 18944 products in another order differ by ~1e-6 of the output's scale; a
     # wrong scale, zero or permutation shows at ~1e-2
-    close(out32, F.linear(x.float(), weight), rel=2e-5)
+    close(out32, F.linear(x, weight), rel=2e-5)
 
 
 @pytest.mark.parametrize("group", [None, 128])

@@ -1,7 +1,7 @@
 """The INT4 Triton kernels (`layers/int4_gemv.py`, `layers/int4_kernels.py`) against the
 dequantized reference, on CPU under TRITON_INTERPRET=1 (`interpreted.py`): partial feature
 blocks, several groups per K, act-order permutations, split-K, bias, 1-4 rows (GEMV) and odd
-row counts (GEMM)."""
+row counts (GEMM), K tiles narrower than a group and a last partial group, the scales' range."""
 
 from __future__ import annotations
 
@@ -87,19 +87,86 @@ def test_int4_gemv_groups_and_tiles(group, k, config, rows):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def random_int4(n: int, k: int, group: int, gen, scale_exps=(-10, -4)):
+    """Random codes, zeros (0-16: GPTQ v1 reads a stored 15 as 16) and fp16 scales 2^e
+    (1 + u), e in `scale_exps`, for K % group != 0 too: (qweight, zeros, scales, fp32 weight
+    [N, K], g_idx)."""
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    groups = -(-k // group)
+    zeros = torch.randint(0, 17, (groups, n), generator=gen, dtype=torch.int32)
+    exps = torch.randint(scale_exps[0], scale_exps[1] + 1, (groups, n), generator=gen)
+    scales = ((1 + torch.rand(groups, n, generator=gen)) * 2.0**exps).half()
+    g_idx = torch.arange(k) // group
+    weight = int4_pack.dequantize(q, zeros, scales, g_idx)
+    return int4_pack.pack_k(q), zeros.to(torch.uint8), scales, weight, g_idx
+
+
+def bf16_interpreted(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 as the interpreter casts: truncated (a GPU rounds to nearest even)."""
+    return (t.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def rounded(weight: torch.Tensor, dtype) -> torch.Tensor:
+    """The fp32 weight in `dtype` as the interpreted kernels round it."""
+    return bf16_interpreted(weight) if dtype == torch.bfloat16 else weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [9, 33])
-@pytest.mark.parametrize("group", [16, 64])
+@pytest.mark.parametrize("group", [16, 64, 128])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_int4_gemm(dtype, rows, group, act_order):
-    """M = 9 / 33 rows in 16-row tiles, N=40 in 16-feature tiles, K=128: the weight tile
-    dequantized to x's dtype before the dot (the reference rounds it the same way)."""
-    qweight, zeros, scales, perm, weight = make_int4(40, 128, group, act_order, rows)
-    x = (torch.randn(rows, 128, generator=torch.Generator().manual_seed(3)) / 128**0.5).to(dtype)
-    ref = F.linear(x.float(), weight.to(dtype).float())
-    out = int4_kernels.int4_gemm(x, qweight, zeros, scales, group, perm)
+    """M = 9 / 33 rows in 16-row tiles, N=40 in 16-feature tiles, K=256 in groups of 16-128:
+    the weight tile dequantized to x's dtype before the dot (the reference rounds it the same
+    way); bf16 and fp32 dots carry the weight times 2^-38, fp16 scales it back first."""
+    qweight, zeros, scales, perm, weight = make_int4(40, 256, group, act_order, rows)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(rows, 256, generator=gen) / 256**0.5).to(dtype)
+    bias = torch.randn(40, generator=gen).to(dtype)
+    ref = F.linear(x.float(), rounded(weight, dtype).float(), bias.float())
+    out = int4_kernels.int4_gemm(x, qweight, zeros, scales, group, perm, bias)
     assert out.shape == (rows, 40) and out.dtype == dtype
     assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    ("group", "k", "config"),
+    [
+        (64, 200, (16, 16, 32, 4, 1)),  # groups 64, 64, 64, 8: the last tile 8 features
+        (64, 136, (16, 32, 16, 4, 1)),  # 4 tiles a group; the last group one tile
+        (128, 384, (32, 16, 128, 4, 1)),  # one 128-feature tile a group
+        (16, 80, (16, 16, 16, 4, 1)),  # 5 groups of one tile
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_gemm_tiles_groups_and_scale_range(group, k, config, dtype):
+    """K tiles narrower than the group, a last group shorter than the others (GPTQ allows
+    K % group != 0), 13 rows in partial row tiles; zeros up to 16 and fp16 scales from 2^-24
+    to 2^15 (the 2^-38 denormal products stay exact), x from 2^-20 to 2^20: fp32 outputs
+    within float64 rounding of the exact products, fp16 within its weight rounding."""
+    n, rows = 24, 13
+    gen = torch.Generator().manual_seed(group + k)
+    qweight, zeros, scales, weight, _ = random_int4(n, k, group, gen, (-24, 14))
+    x = torch.randn(rows, k, generator=gen) * 2.0 ** torch.randint(
+        -20, 21, (rows, k), generator=gen
+    )
+    x[:, ::7] = 0.0
+    if dtype == torch.float16:  # fp16 inputs: products in range, weights rounded to fp16
+        scales = scales.clamp(max=2.0**-4)
+        weight = int4_pack.dequantize(int4_pack.unpack_k(qweight), zeros, scales,
+                                      torch.arange(k) // group).to(dtype).float()  # fmt: skip
+        x = (torch.randn(rows, k, generator=gen) / k**0.5).to(dtype)
+    out = int4_kernels.int4_gemm(x, qweight, zeros, scales, group, config=config)
+    ref = F.linear(x.double(), weight.double())
+    atol = (1e-5 if dtype == torch.float32 else 2e-3) * ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=atol)
+
+
+def test_int4_gemm_rejects_a_tile_across_groups():
+    qweight, zeros, scales, _, _ = random_int4(16, 96, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="BLOCK_K 64 must divide the group"):
+        int4_kernels.int4_gemm(torch.randn(5, 96), qweight, zeros, scales, 32,
+                               config=(16, 16, 64, 4, 1))  # fmt: skip
 
 
 def test_gemv_config_keeps_one_group_per_tile():
