@@ -17,6 +17,8 @@ int32 `[K/8, N]` (8 consecutive input features per int32, nibble j holds feature
   keep the 2^-38 exactly and the accumulator is scaled back at the end; fp16's range cannot,
   its weights are scaled back before rounding) and multiplied on tensor cores (`tl.dot`, fp32
   accumulation). Exact for scales in [2^-88, 2^17): every fp16 scale.
+- `int4_matmul_dequantized` (large M): `int4_dequantize` writes the whole weight `[K, N]` in
+  x's dtype and feature order, and cuBLAS multiplies; the dequantization amortizes over rows.
 Launch parameters derive from shapes only: CUDA-graph safe.
 """
 
@@ -166,3 +168,52 @@ def int4_gemm(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         GROUP_M=8, USE_PDL=flag, launch_pdl=flag, **extra,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    qw_ptr, z_ptr, s_ptr, perm_ptr, out_ptr, N, K, group_size,
+    HAS_PERM: tl.constexpr, BLOCK_KP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """`[BLOCK_KP, BLOCK_N]` packed weights -> rows 8 r + j (act order: perm[8 r + j]) of the
+    `[K, N]` weight in out's dtype, `((q - z) s)` exact in fp32 and rounded once."""
+    rows = tl.program_id(0) * BLOCK_KP + tl.arange(0, BLOCK_KP)  # packed rows
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = rows < K // 8
+    mask = r_mask[:, None] & (offs_n < N)[None, :]
+    p = tl.load(qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    g = (rows * 8 // group_size).to(tl.int64)[:, None] * N + offs_n[None, :]  # 8 | group
+    s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
+    for j in tl.static_range(8):
+        w = (((p >> (4 * j)) & 0xF).to(tl.float32) - z) * s
+        k = rows * 8 + j
+        if HAS_PERM:  # sorted row k multiplies x's feature perm[k]
+            k = tl.load(perm_ptr + k, mask=r_mask, other=0)
+        out = out_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def int4_dequantize(qweight, zeros, scales, group_size, perm=None, dtype=torch.bfloat16):
+    """The INT4 weight as a dense `[K, N]` tensor of `dtype`, rows in x's feature order (act
+    order: row perm[k] is sorted row k): `int4_pack.dequantize(...).t().to(dtype)` exactly."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_kp, block_n = (16, 128) if qweight.is_cuda else (4, 16)
+    grid = (triton.cdiv(k // 8, block_kp), triton.cdiv(n, block_n))
+    extra = {"num_warps": 4} if qweight.is_cuda else {}
+    _int4_dequant_kernel[grid](
+        qweight, zeros, scales, qweight if perm is None else perm, out, n, k, group_size,
+        HAS_PERM=perm is not None, BLOCK_KP=block_kp, BLOCK_N=block_n, **extra,
+    )  # fmt: skip
+    return out
+
+
+def int4_matmul_dequantized(x, qweight, zeros, scales, group_size, perm=None, bias=None):
+    """`x [M, K]` times the INT4 weight through a dense copy and cuBLAS (large M: the
+    dequantization, one pass over the weight, amortizes over the rows). Same arguments as
+    `int4_gemm`; the weight rounds to x's dtype as there."""
+    w = int4_dequantize(qweight, zeros, scales, group_size, perm, x.dtype)  # [K, N]
+    if bias is None:
+        return torch.matmul(x, w)
+    return torch.addmm(bias.to(x.dtype), x, w)

@@ -78,6 +78,28 @@ def test_int4_gemm_gpu(shape, rows, act_order):
     close(out32, F.linear(x, weight), rel=2e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_dense_path_gpu(shape, act_order, dtype):
+    """From INT4_DENSE_MIN_ROWS rows: the dequantized weight equals the reference's rounded
+    once to x's dtype (bit for bit; act order: rows in x's feature order), and cuBLAS on it
+    (what `Int4LinearMethod` picks for 1100 rows) matches the reference product."""
+    from polymodal.llm_core.layers import int4_kernels
+    from polymodal.llm_core.quantization.int4 import int4_kernel
+
+    n, k = shape
+    qweight, zeros, scales, perm, weight = int4_weights(n, k, 128, act_order, seed=3)
+    dense = int4_kernels.int4_dequantize(qweight, zeros, scales, 128, perm, dtype)
+    assert torch.equal(dense, weight.t().to(dtype))
+    x = torch.randn(1100, k, device=CUDA).to(dtype)
+    bias = torch.randn(n, device=CUDA).to(dtype)
+    kernel = int4_kernel(x.shape[0])
+    assert kernel is int4_kernels.int4_matmul_dequantized
+    out = kernel(x, qweight, zeros, scales, 128, perm, bias)
+    close(out, F.linear(x.float(), weight.to(dtype).float(), bias.float()))
+
+
 @pytest.mark.parametrize("group", [None, 128])
 def test_fp8_quantize_rows_on_hardware(group):
     """The hardware cast rounds as torch's (the interpreter's does not, near powers of two)."""

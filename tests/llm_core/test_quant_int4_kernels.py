@@ -1,7 +1,8 @@
 """The INT4 Triton kernels (`layers/int4_gemv.py`, `layers/int4_kernels.py`) against the
 dequantized reference, on CPU under TRITON_INTERPRET=1 (`interpreted.py`): partial feature
 blocks, several groups per K, act-order permutations, split-K, bias, 1-4 rows (GEMV) and odd
-row counts (GEMM), K tiles narrower than a group and a last partial group, the scales' range."""
+row counts (GEMM), K tiles narrower than a group and a last partial group, the scales' range;
+the dense path's dequantization bit for bit, and `Int4LinearMethod`'s choice of kernel."""
 
 from __future__ import annotations
 
@@ -167,6 +168,82 @@ def test_int4_gemm_rejects_a_tile_across_groups():
     with pytest.raises(ValueError, match="BLOCK_K 64 must divide the group"):
         int4_kernels.int4_gemm(torch.randn(5, 96), qweight, zeros, scales, 32,
                                config=(16, 16, 64, 4, 1))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("group", "k", "act_order"),
+    [(16, 96, False), (64, 200, False), (32, 128, True), (64, 256, True)],
+)
+def test_int4_dequantize_equals_the_reference(dtype, group, k, act_order):
+    """The dense weight `[K, N]` equals `int4_pack.dequantize` rounded once to the dtype, bit
+    for bit (bf16: as the interpreter casts; the GPU test compares torch's rounding); act
+    order: row perm[j] holds sorted row j, i.e. x's feature order."""
+    n = 40
+    gen = torch.Generator().manual_seed(k + group)
+    qweight, zeros, scales, weight, g_idx = random_int4(n, k, group, gen)
+    perm = None
+    if act_order:  # the checkpoint's g_idx, sorted on load as process_weights does
+        g_idx = int4_pack.act_order_g_idx(k, group, gen)
+        q = int4_pack.unpack_k(qweight)
+        weight = int4_pack.dequantize(q, zeros.int(), scales, g_idx)  # [N, K], x's order
+        perm = torch.argsort(g_idx.long(), stable=True)
+        qweight, perm = int4_pack.pack_k(q[perm]), perm.to(torch.int32)
+    out = int4_kernels.int4_dequantize(qweight, zeros, scales, group, perm, dtype)
+    assert out.shape == (k, n) and out.dtype == dtype
+    assert torch.equal(out, rounded(weight.t(), dtype))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_matmul_dequantized(act_order, dtype):
+    """The dense path (dequantize + torch.matmul / addmm) with bias, against the reference."""
+    qweight, zeros, scales, perm, weight = make_int4(48, 128, 32, act_order, 7)
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(21, 128, generator=gen) / 128**0.5).to(dtype)
+    bias = torch.randn(48, generator=gen).to(dtype)
+    ref = F.linear(x.float(), rounded(weight, dtype).float(), bias.float())
+    out = int4_kernels.int4_matmul_dequantized(x, qweight, zeros, scales, 32, perm, bias)
+    assert out.shape == (21, 48) and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq-act-order"])
+def test_int4_linear_method_kernels_per_row_count(fmt):
+    """`Int4LinearMethod`'s CUDA dispatch (`int4_kernel`): GEMV to 4 rows, the GEMM to
+    INT4_DENSE_MIN_ROWS - 1, dequantize + matmul from there; each, fed the layer's processed
+    tensors (perm, zeros, bias), matches the layer's CPU reference path."""
+    from polymodal.llm_core.layers.linear import Linear
+    from polymodal.llm_core.quantization import int4
+    from polymodal.llm_core.quantization.int4 import Int4LinearMethod, Int4Scheme, int4_kernel
+
+    assert int4_kernel(4) is int4_gemv.int4_gemv
+    assert int4_kernel(5) is int4_kernels.int4_gemm
+    assert int4_kernel(int4.INT4_DENSE_MIN_ROWS - 1) is int4_kernels.int4_gemm
+    assert int4_kernel(int4.INT4_DENSE_MIN_ROWS) is int4_kernels.int4_matmul_dequantized
+    k, n, group = 128, 48, 32
+    act_order = fmt != "awq"
+    scheme = Int4Scheme("awq" if fmt == "awq" else "gptq", group, desc_act=act_order)
+    method = Int4LinearMethod(scheme)
+    layer = Linear(k, n, bias=True, method=method)
+    gen = torch.Generator().manual_seed(5)
+    g_idx = int4_pack.act_order_g_idx(k, group, gen) if act_order else None
+    q, zeros, scales = int4_pack.quantize_rtn(torch.randn(n, k, generator=gen), group, g_idx)
+    if fmt == "awq":
+        layer.qweight.data, layer.qzeros.data = int4_pack.pack_awq(q, zeros)
+    else:
+        layer.qweight.data, layer.qzeros.data = int4_pack.pack_gptq(q, zeros)
+        layer.g_idx.data = g_idx
+    layer.scales.data = scales
+    layer.bias.data = torch.randn(n, generator=gen)
+    method.process_weights(layer)
+    x = torch.randn(6, k, generator=gen) / k**0.5
+    ref = method.apply(layer, x)  # CPU: F.linear with the dequantized weight
+    for rows in (4, 5, int4.INT4_DENSE_MIN_ROWS):
+        kernel = int4_kernel(rows)
+        out = kernel(x[:4] if rows == 4 else x, layer.qweight, layer.zeros, layer.scales, group,
+                     layer.perm, layer.bias)  # fmt: skip
+        assert_close(out, ref[: out.shape[0]], torch.float32)
 
 
 def test_gemv_config_keeps_one_group_per_tile():
