@@ -5,8 +5,9 @@ checkpoint's names and shapes, so packed q/k/v and gate/up shards slice along th
 features), then `process_weights` turns them into the one layout the kernels read
 (`int4_pack.py`): K-packed `qweight`, unpacked `zeros`, `scales`, and for act-order GPTQ the
 `perm` that sorts input features by group. On CUDA, <= 4 rows take the Triton GEMV
-(`layers/int4_gemv.py`), more the Triton GEMM (`layers/int4_kernels.py`); elsewhere the
-dequantized weight runs through `F.linear` (the reference).
+(`layers/int4_gemv.py`), up to 1023 the Triton GEMM, more a dequantized copy of the weight and
+cuBLAS (both `layers/int4_kernels.py`); elsewhere the dequantized weight runs through
+`F.linear` (the reference).
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ from polymodal.llm_core.quantization.base import QuantScheme
 # Rows up to which CUDA calls take the INT4 GEMV (decode); more take the GEMM. Not yet
 # measured on a GPU (docs/performance.md says what to sweep).
 INT4_GEMV_MAX_ROWS = 4
+# Rows from which CUDA calls dequantize the whole weight and call cuBLAS (the dequantization
+# amortizes over the rows) instead of the GEMM. Provisional: a GPU sweep sets it
+# (docs/performance.md: compare 290, 1024, 4096).
+INT4_DENSE_MIN_ROWS = 1024
+
+
+def int4_kernel(rows: int):
+    """The CUDA kernel for `rows` rows of x: GEMV, GEMM or dequantize + cuBLAS (one signature:
+    `(x, qweight, zeros, scales, group_size, perm, bias)`)."""
+    from polymodal.llm_core.layers import int4_gemv, int4_kernels
+
+    if rows <= INT4_GEMV_MAX_ROWS:
+        return int4_gemv.int4_gemv
+    if rows >= INT4_DENSE_MIN_ROWS:
+        return int4_kernels.int4_matmul_dequantized
+    return int4_kernels.int4_gemm
 
 
 class Int4Scheme(QuantScheme):
@@ -191,12 +208,8 @@ class Int4LinearMethod(LinearMethod):
             x = silu_and_mul(x)
         if not x.is_cuda:
             return F.linear(x, self.dequantized(layer).to(x.dtype), layer.bias)
-        from polymodal.llm_core.layers import int4_gemv, int4_kernels
-
         rows = x.reshape(-1, x.shape[-1])
-        kernel = int4_kernels.int4_gemm
-        if rows.shape[0] <= INT4_GEMV_MAX_ROWS:
-            kernel = int4_gemv.int4_gemv
+        kernel = int4_kernel(rows.shape[0])
         out = kernel(rows, layer.qweight, layer.zeros, layer.scales, self.group_size(layer),
                      layer.perm, layer.bias)  # fmt: skip
         return out.reshape(*x.shape[:-1], out.shape[-1])

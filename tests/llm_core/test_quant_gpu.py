@@ -68,13 +68,36 @@ def test_int4_gemm_gpu(shape, rows, act_order):
 
     n, k = shape
     qweight, zeros, scales, perm, weight = int4_weights(n, k, 128, act_order, seed=rows)
-    x = torch.randn(rows, k, device=CUDA).to(torch.bfloat16)
-    ref = F.linear(x.float(), weight.to(torch.bfloat16).float())
-    close(int4_gemm(x, qweight, zeros, scales, 128, perm), ref)
-    out32 = int4_gemm(x.float(), qweight, zeros, scales, 128, perm)  # fp32: exact dots
+    x = torch.randn(rows, k, device=CUDA)
+    for dtype in (torch.bfloat16, torch.float16):  # weights times 2^-38 / scaled back first
+        ref = F.linear(x.to(dtype).float(), weight.to(dtype).float())
+        close(int4_gemm(x.to(dtype), qweight, zeros, scales, 128, perm), ref)
+    out32 = int4_gemm(x, qweight, zeros, scales, 128, perm)  # fp32: exact dots
     # fp32 sums of 18944 products in another order differ by ~1e-6 of the output's scale; a
     # wrong scale, zero or permutation shows at ~1e-2
-    close(out32, F.linear(x.float(), weight), rel=2e-5)
+    close(out32, F.linear(x, weight), rel=2e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_dense_path_gpu(shape, act_order, dtype):
+    """From INT4_DENSE_MIN_ROWS rows: the dequantized weight equals the reference's rounded
+    once to x's dtype (bit for bit; act order: rows in x's feature order), and cuBLAS on it
+    (what `Int4LinearMethod` picks for 1100 rows) matches the reference product."""
+    from polymodal.llm_core.layers import int4_kernels
+    from polymodal.llm_core.quantization.int4 import int4_kernel
+
+    n, k = shape
+    qweight, zeros, scales, perm, weight = int4_weights(n, k, 128, act_order, seed=3)
+    dense = int4_kernels.int4_dequantize(qweight, zeros, scales, 128, perm, dtype)
+    assert torch.equal(dense, weight.t().to(dtype))
+    x = torch.randn(1100, k, device=CUDA).to(dtype)
+    bias = torch.randn(n, device=CUDA).to(dtype)
+    kernel = int4_kernel(x.shape[0])
+    assert kernel is int4_kernels.int4_matmul_dequantized
+    out = kernel(x, qweight, zeros, scales, 128, perm, bias)
+    close(out, F.linear(x.float(), weight.to(dtype).float(), bias.float()))
 
 
 @pytest.mark.parametrize("group", [None, 128])
