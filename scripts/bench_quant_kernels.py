@@ -118,12 +118,10 @@ def bench_int4_gemm(rows_list: list[int]) -> None:
             ref = F.linear(x.float(), wd.float())
             cublas = graph_us(lambda: F.linear(x, wd))
             configs = [None] + [
-                (bm, bn, 64, warps, stages)
-                for bm in (64, 128)
-                for bn in (64, 128, 256)
-                for warps in (4, 8)
-                for stages in (3, 4)
-            ]
+                (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 4),
+                (64, 128, 128, 8, 3), (128, 64, 128, 4, 3), (64, 64, 128, 4, 4),
+                (64, 64, 128, 4, 3), (128, 256, 64, 8, 3),
+            ]  # fmt: skip
 
             def run(config, w):
                 return int4_kernels.int4_gemm(x, w[0], w[1], w[2], GROUP, config=config)
@@ -158,13 +156,12 @@ def bench_fp8_gemv(rows_list: list[int]) -> None:
                 cyc = itertools.cycle(dense)
                 cublas = graph_us(lambda: F.linear(x, next(cyc)))
                 default = tuple(fp8_kernels.gemv_config(m, n, k, block is not None, sms))
-                bks = (128,) if block else (128, 256, 512)
-                configs = [default] + [
-                    (bn, bk, split, *((warps,) if len(default) > 3 else ()))
-                    for bn in (16, 32, 64, 128)
+                bks = (128, 256) if block else (256, 512)
+                configs = [default, (*default[:3], 8)] + [
+                    (bn, bk, split, 4)
+                    for bn in (64, 128)
                     for bk in bks
-                    for split in (1, 2, 4, 8, 16)
-                    for warps in ((4, 8) if len(default) > 3 else (4,))
+                    for split in (2, 4, 8, 16)
                     if k // bk >= 2 * split
                 ]
 
