@@ -299,17 +299,19 @@ def _fp8_gemv_kernel(
 
 def gemv_config(m: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): 64 weight rows (one warpgroup's wgmma M) x 256
-    FP8 bytes a tile (block weights: two 128-feature groups for one row where K allows, else
-    one), K split until there are ~4 programs per SM (each split >= 4 tiles). Counted offline
-    (tests/llm_core/test_fp8_gemv_sass.py), not yet swept on a GPU."""
+    FP8 bytes a tile (512 for long per-channel rows; block weights: two 128-feature groups for
+    one row where K allows, else one), K split until the programs cover the SMs once (each
+    split >= 4 tiles). From the H200 sweep at a 7B's shapes (scripts/bench_quant_kernels.py,
+    docs/performance.md fourteenth session): within 7% of the best config at each shape but
+    block-wise gate_up (9%)."""
     if blockwise:
         block_k = 256 if m == 1 and k % 256 == 0 else 128
     else:
-        block_k = min(256, max(64, triton.next_power_of_2(k)))
+        block_k = 512 if k >= 8192 else min(256, max(64, triton.next_power_of_2(k)))
     block_n = 64
     tiles = triton.cdiv(k, block_k)
     split_k = 1
-    while split_k < 16 and triton.cdiv(n, block_n) * split_k < 4 * sms and tiles >= 4 * split_k:
+    while split_k < 16 and triton.cdiv(n, block_n) * split_k < sms and tiles >= 4 * split_k:
         split_k *= 2
     return block_n, block_k, split_k, 4
 

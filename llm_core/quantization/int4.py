@@ -27,9 +27,10 @@ from polymodal.llm_core.quantization.base import QuantScheme
 # measured on a GPU (docs/performance.md says what to sweep).
 INT4_GEMV_MAX_ROWS = 4
 # Rows from which CUDA calls dequantize the whole weight and call cuBLAS (the dequantization
-# amortizes over the rows) instead of the GEMM. Provisional: a GPU sweep sets it
-# (docs/performance.md: compare 290, 1024, 4096).
-INT4_DENSE_MIN_ROWS = 1024
+# amortizes over the rows) instead of the GEMM. H200 at a 7B's shapes (docs/performance.md,
+# fourteenth session): at 290 rows the dense path took 0.42-0.62x the GEMM's time, at 4096
+# 0.50x; below ~128 rows the GEMM's 4-bit reads should win (not measured between 4 and 290).
+INT4_DENSE_MIN_ROWS = 128
 
 
 def int4_kernel(rows: int):
