@@ -24,38 +24,65 @@ from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
 from polymodal.llm_core.layers.gemv import num_sms
 from polymodal.llm_core.layers.int4_kernels import tile_k
+from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 GEMV_MAX_ROWS = 4
 
 
 @triton.jit
-def _feature(row, perm_ptr, cols, j, x_mask, HAS_PERM: tl.constexpr):
-    """x's feature 8 r + j of each packed row r (act order: the one its sorted row takes)."""
+def _feature(row, cols, j, x_mask, K, perm_ptr, norm_w_ptr, rstd,
+             HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    """x's feature 8 r + j of each packed row r (act order: the one its sorted row takes), in
+    fp32. SILU_MUL: the row is `[gate | up]` and the feature silu(gate) * up, rounded to x's
+    dtype as `silu_and_mul` rounds; NORM: RMS-normalized with the row's `rstd` and the norm
+    weight, rounded as `rms_norm` rounds (the same numbers as the unfused kernels)."""
+    idx = cols + j
     if HAS_PERM:
-        cols = tl.load(perm_ptr + cols + j, mask=x_mask, other=0) - j
-    return tl.load(row + cols + j, mask=x_mask, other=0.0).to(tl.float32)
+        idx = tl.load(perm_ptr + idx, mask=x_mask, other=0)
+    x = tl.load(row + idx, mask=x_mask, other=0.0)
+    if SILU_MUL:
+        gate = x.to(tl.float32)
+        up = tl.load(row + K + idx, mask=x_mask, other=0.0).to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+    if NORM:
+        wn = tl.load(norm_w_ptr + idx, mask=x_mask, other=0.0).to(tl.float32)
+        x = (wn * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
 
 
 @triton.jit
-def _row_tile(x_ptr, m, stride_xm, perm_ptr, cols, x_mask, HAS_PERM: tl.constexpr):
+def _row_tile(x_ptr, m, stride_xm, cols, x_mask, K, perm_ptr, norm_w_ptr, rstd,
+              HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     """Row m's x for one tile, as 9 `[BLOCK_KP]` vectors: each packed row's sum of its 8
     features times 2^-49 (the zero's term), then feature 8 r + j scaled by 2^100 16^-(j % 4) (a
     product with its denormal nibble is then q x 2^-49, in fp32's normal range for |x| in
     [2^-77, 2^28])."""
     row = x_ptr + m * stride_xm
-    x0 = _feature(row, perm_ptr, cols, 0, x_mask, HAS_PERM)
-    x1 = _feature(row, perm_ptr, cols, 1, x_mask, HAS_PERM)
-    x2 = _feature(row, perm_ptr, cols, 2, x_mask, HAS_PERM)
-    x3 = _feature(row, perm_ptr, cols, 3, x_mask, HAS_PERM)
-    x4 = _feature(row, perm_ptr, cols, 4, x_mask, HAS_PERM)
-    x5 = _feature(row, perm_ptr, cols, 5, x_mask, HAS_PERM)
-    x6 = _feature(row, perm_ptr, cols, 6, x_mask, HAS_PERM)
-    x7 = _feature(row, perm_ptr, cols, 7, x_mask, HAS_PERM)
+    x0 = _feature(row, cols, 0, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x1 = _feature(row, cols, 1, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x2 = _feature(row, cols, 2, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x3 = _feature(row, cols, 3, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x4 = _feature(row, cols, 4, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x5 = _feature(row, cols, 5, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x6 = _feature(row, cols, 6, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
+    x7 = _feature(row, cols, 7, x_mask, K, perm_ptr, norm_w_ptr, rstd, HAS_PERM, SILU_MUL, NORM)
     return ((x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7) * 1.7763568394002505e-15,  # 2^-49
             x0 * 1.2676506002282294e30, x1 * 7.922816251426434e28,  # 2^100, 2^96
             x2 * 4.951760157141521e27, x3 * 3.094850098213451e26,  # 2^92, 2^88
             x4 * 1.9342813113834067e25, x5 * 4.951760157141521e27,  # 2^84, 2^92
             x6 * 3.094850098213451e26, x7 * 1.9342813113834067e25)  # 2^88, 2^84  # fmt: skip
+
+
+@triton.jit
+def _rstd(norm_sumsq_ptr, norm_parts, eps, m, M, K, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Row m's 1/rms from its producer's per-block sums of squares (NORM; else unused 0)."""
+    rstd = 0.0
+    if NORM:
+        offs_p = tl.arange(0, BLOCK_P)
+        parts = tl.load(norm_sumsq_ptr + m * norm_parts + offs_p,
+                        mask=(offs_p < norm_parts) & (m < M), other=0.0)  # fmt: skip
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / K + eps)
+    return rstd
 
 
 @triton.jit
@@ -77,13 +104,17 @@ def _tile_dot(p, hi, z, x):
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
+    res_ptr, sumsq_ptr, norm_w_ptr, norm_sumsq_ptr, norm_parts, eps,
     M, N, K, stride_xm, tiles_per_split,
-    HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_TILES: tl.constexpr, SUB_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n block, k split): out[m, f] = sum over its K tiles of
-    s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k] (the module docstring says how)."""
+    s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k] (the module docstring says how). x may be
+    activated (SILU_MUL) or normalized (NORM) as it loads; RESIDUAL adds `res` to the output
+    and writes each row's sum of squares over this feature block to `sumsq[m, pid_n]`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BLOCK_KP: tl.constexpr = BLOCK_K // 8  # packed rows per tile
@@ -98,6 +129,10 @@ def _int4_gemv_kernel(
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     pdl.wait(USE_PDL)
+    rstd0 = _rstd(norm_sumsq_ptr, norm_parts, eps, 0, M, K, NORM, BLOCK_P)
+    rstd1 = _rstd(norm_sumsq_ptr, norm_parts, eps, 1, M, K, NORM and BLOCK_M > 1, BLOCK_P)
+    rstd2 = _rstd(norm_sumsq_ptr, norm_parts, eps, 2, M, K, NORM and BLOCK_M > 2, BLOCK_P)
+    rstd3 = _rstd(norm_sumsq_ptr, norm_parts, eps, 3, M, K, NORM and BLOCK_M > 2, BLOCK_P)
     for tile in range(tile_start, tile_end):
         rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
         r_mask = rows < K // 8
@@ -111,16 +146,19 @@ def _int4_gemv_kernel(
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None, :]
         cols = rows * 8  # x's first feature of each packed row
         x_mask = r_mask
-        acc0 += s * _tile_dot(
-            lo, hi, z, _row_tile(x_ptr, 0, stride_xm, perm_ptr, cols, x_mask, HAS_PERM)
-        )
+        x = _row_tile(x_ptr, 0, stride_xm, cols, x_mask, K, perm_ptr, norm_w_ptr, rstd0,
+                      HAS_PERM, SILU_MUL, NORM)  # fmt: skip
+        acc0 += s * _tile_dot(lo, hi, z, x)
         if BLOCK_M > 1:
-            x = _row_tile(x_ptr, 1, stride_xm, perm_ptr, cols, x_mask & (M > 1), HAS_PERM)
+            x = _row_tile(x_ptr, 1, stride_xm, cols, x_mask & (M > 1), K, perm_ptr, norm_w_ptr,
+                          rstd1, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
             acc1 += s * _tile_dot(lo, hi, z, x)
         if BLOCK_M > 2:
-            x = _row_tile(x_ptr, 2, stride_xm, perm_ptr, cols, x_mask & (M > 2), HAS_PERM)
+            x = _row_tile(x_ptr, 2, stride_xm, cols, x_mask & (M > 2), K, perm_ptr, norm_w_ptr,
+                          rstd2, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
             acc2 += s * _tile_dot(lo, hi, z, x)
-            x = _row_tile(x_ptr, 3, stride_xm, perm_ptr, cols, x_mask & (M > 3), HAS_PERM)
+            x = _row_tile(x_ptr, 3, stride_xm, cols, x_mask & (M > 3), K, perm_ptr, norm_w_ptr,
+                          rstd3, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
             acc3 += s * _tile_dot(lo, hi, z, x)
     out_offs = offs_n  # row m's outputs at m N + offs_n
     if SPLIT_K > 1:
@@ -144,23 +182,103 @@ def _int4_gemv_kernel(
                         other=0.0,
                         cache_modifier=".cg",
                     )
-                _store_row(total, m, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+                _store_row(
+                    total,
+                    m,
+                    offs_n,
+                    n_mask,
+                    M,
+                    N,
+                    b_ptr,
+                    out_ptr,
+                    res_ptr,
+                    sumsq_ptr,
+                    pid_n,
+                    HAS_BIAS,
+                    RESIDUAL,
+                )
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
-        _store_row(tl.sum(acc0, axis=1), 0, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+        _store_row(
+            tl.sum(acc0, axis=1),
+            0,
+            offs_n,
+            n_mask,
+            M,
+            N,
+            b_ptr,
+            out_ptr,
+            res_ptr,
+            sumsq_ptr,
+            pid_n,
+            HAS_BIAS,
+            RESIDUAL,
+        )
         if BLOCK_M > 1:
-            _store_row(tl.sum(acc1, axis=1), 1, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+            _store_row(
+                tl.sum(acc1, axis=1),
+                1,
+                offs_n,
+                n_mask,
+                M,
+                N,
+                b_ptr,
+                out_ptr,
+                res_ptr,
+                sumsq_ptr,
+                pid_n,
+                HAS_BIAS,
+                RESIDUAL,
+            )
         if BLOCK_M > 2:
-            _store_row(tl.sum(acc2, axis=1), 2, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
-            _store_row(tl.sum(acc3, axis=1), 3, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS)
+            _store_row(
+                tl.sum(acc2, axis=1),
+                2,
+                offs_n,
+                n_mask,
+                M,
+                N,
+                b_ptr,
+                out_ptr,
+                res_ptr,
+                sumsq_ptr,
+                pid_n,
+                HAS_BIAS,
+                RESIDUAL,
+            )
+            _store_row(
+                tl.sum(acc3, axis=1),
+                3,
+                offs_n,
+                n_mask,
+                M,
+                N,
+                b_ptr,
+                out_ptr,
+                res_ptr,
+                sumsq_ptr,
+                pid_n,
+                HAS_BIAS,
+                RESIDUAL,
+            )
 
 
 @triton.jit
-def _store_row(out, m, offs_n, n_mask, M, N, b_ptr, out_ptr, HAS_BIAS: tl.constexpr):
-    """Row m's `[BLOCK_N]` sums (+ bias) in the output dtype."""
+def _store_row(out, m, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr, sumsq_ptr, pid_n,
+               HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
+    """Row m's `[NT, SUB_N]` sums (+ bias) in the output dtype; RESIDUAL: plus the residual row
+    (rounded as torch's add rounds) and the block's sum of squares of the result."""
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask & (m < M))
+    mask = n_mask & (m < M)
+    y = out.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        r = tl.load(res_ptr + m * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + r).to(out_ptr.dtype.element_ty)
+        h = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.store(sumsq_ptr + m * tl.num_programs(0) + pid_n, tl.sum(tl.sum(h * h, 1), 0),
+                 mask=m < M)  # fmt: skip
+    tl.store(out_ptr + m * N + offs_n, y, mask=mask)
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int]:
@@ -178,37 +296,57 @@ def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int,
     return block_n, block_k, split_k, 4
 
 
-def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None):
+def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None,
+              silu_mul: bool = False, residual: torch.Tensor | None = None):  # fmt: skip
     """`x [M <= 4, K]` times the INT4 weight: `[M, N]` in x's dtype. `config`: (BLOCK_N,
-    BLOCK_K, SPLIT_K[, num_warps]); BLOCK_K must divide the group."""
-    m, k = x.shape
+    BLOCK_K, SPLIT_K[, num_warps]); BLOCK_K must divide the group. As the 16-bit GEMV
+    (`gemv.gemv`): x may be a `DeferredNorm` (normalized as it loads), `silu_mul` takes x as
+    `[gate | up]`, and `residual` makes it return `AddedResidual(out + residual, sums of
+    squares)` for the next GEMV's deferred norm."""
+    norm = x if isinstance(x, DeferredNorm) else None
+    x = norm.h if norm is not None else x
+    m, width = x.shape
+    k = width // 2 if silu_mul else width
     n = qweight.shape[1]
-    if m > GEMV_MAX_ROWS or qweight.shape[0] * 8 != k:
+    if m > GEMV_MAX_ROWS or qweight.shape[0] * 8 != k or width % (1 + silu_mul):
         raise ValueError(f"int4_gemv: x {tuple(x.shape)} vs qweight {tuple(qweight.shape)}")
+    if norm is not None and silu_mul:
+        raise ValueError("int4_gemv: a deferred norm and silu_mul do not combine")
+    if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous()):
+        raise ValueError(f"int4_gemv residual must be contiguous [{m}, {n}]: {residual.shape}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
     block_n, block_k, split_k, *warps = config or gemv_config(
         m, n, k, group_size, num_sms(x.device)
     )
+    n_blocks = triton.cdiv(n, block_n)
+    sumsq = out  # unread without a residual
+    if residual is not None:
+        sumsq = torch.empty((m, n_blocks), dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        return out if residual is None else AddedResidual(out, sumsq)
     if group_size % block_k or block_k % 8:
         raise ValueError(f"int4_gemv: BLOCK_K {block_k} must divide the group ({group_size})")
-    n_blocks = triton.cdiv(n, block_n)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
     if split_k > 1:
         part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, n_blocks)
     else:
         part, counters = out, out  # unread
+    norm_w, norm_sumsq, eps, parts = out, out, 0.0, 1  # unread without a norm
+    if norm is not None:
+        norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
     flag = pdl.use_pdl(x)
     _int4_gemv_kernel[(n_blocks, split_k)](
         x, qweight, zeros, scales, qweight if perm is None else perm,
         out if bias is None else bias, out, part, counters,
+        out if residual is None else residual, sumsq, norm_w, norm_sumsq, parts, eps,
         m, n, k, x.stride(0), tiles_per_split,
-        HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SILU_MUL=silu_mul,
+        NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts),
+        RESIDUAL=residual is not None, SPLIT_K=split_k,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_TILES=group_size // block_k, SUB_N=min(32, block_n), USE_PDL=flag,
         num_warps=warps[0] if warps else 4, launch_pdl=flag,
     )  # fmt: skip
-    return out
+    return out if residual is None else AddedResidual(out, sumsq)
