@@ -28,7 +28,8 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
-from polymodal.llm_core.layers.gemv import num_sms
+from polymodal.llm_core.layers.gemv import load_x_folded, num_sms, one_row_rstd
+from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 FP8_MAX = tl.constexpr(448.0)  # a global a kernel reads must be a constexpr
 MIN_SCALE = tl.constexpr(1e-12)
@@ -172,13 +173,16 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
 
 
 @triton.jit
-def _row_scale(row_ptr, K, valid, AMAX_BLOCK: tl.constexpr):
+def _row_scale(row_ptr, K, valid, norm_w_ptr, rstd, AMAX_BLOCK: tl.constexpr,
+               SILU_MUL: tl.constexpr = False, NORM: tl.constexpr = False):  # fmt: skip
     """One x row's scale from its amax over all K (`AMAX_BLOCK` features a load, so that the
-    weights start streaming after a few loads, not K / BLOCK_K dependent ones)."""
+    weights start streaming after a few loads, not K / BLOCK_K dependent ones), of x as the
+    folds make it (`gemv.load_x_folded`)."""
     offs = tl.arange(0, AMAX_BLOCK)
     amax = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, AMAX_BLOCK):
-        x = tl.load(row_ptr + k0 + offs, mask=(k0 + offs < K) & valid, other=0.0)
+        mask = (k0 + offs < K) & valid
+        x = load_x_folded(row_ptr, k0 + offs, mask, K, norm_w_ptr, rstd, SILU_MUL, NORM)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     return tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
 
@@ -197,8 +201,10 @@ def _dot(w, xq, acc, DOT_F32: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
+    res_ptr, sumsq_ptr, norm_w_ptr, norm_sumsq_ptr, norm_parts, eps,
     M, N, K, stride_xm, w_kblocks, tiles_per_split,
     BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    SILU_MUL: tl.constexpr, NORM: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, AMAX_BLOCK: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -208,7 +214,9 @@ def _fp8_gemv_kernel(
     the dot's 16 columns: column m is x's row m, or (blockwise, one row) the tile's `GROUP`-
     feature group m, each with its own x and weight scale (summed over columns at the end).
     Per channel, x's scale comes from a first pass over the whole row and all scales apply
-    once, at the end; blockwise, each group's on each tile's product."""
+    once, at the end; blockwise, each group's on each tile's product. One row only: x may be
+    activated (SILU_MUL) or normalized (NORM) as it loads, and RESIDUAL adds `res` to the
+    output and writes its sum of squares over this feature block to `sumsq[0, pid_n]`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -223,17 +231,19 @@ def _fp8_gemv_kernel(
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     last = tl.maximum(tile_end - 1, 0)  # where one row's x prefetch stops
     pdl.wait(USE_PDL)
+    rstd = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 0, M, K, NORM, BLOCK_P)
     if not BLOCKWISE:  # every program reads all of x (small) for its rows' scales
         if BLOCK_M == 1:
-            x_scale = _row_scale(x_ptr, K, True, AMAX_BLOCK)
+            x_scale = _row_scale(x_ptr, K, True, norm_w_ptr, rstd, AMAX_BLOCK, SILU_MUL, NORM)
         else:
             x_scale = tl.full((XROWS,), MIN_SCALE, tl.float32)  # padded rows: never NaN
             for m in tl.static_range(BLOCK_M):
-                scale = _row_scale(x_ptr + m * stride_xm, K, m < M, AMAX_BLOCK)
+                scale = _row_scale(x_ptr + m * stride_xm, K, m < M, x_ptr, 0.0, AMAX_BLOCK)
                 x_scale = tl.where(cols == m, scale, x_scale)
     if BLOCK_M == 1:  # one row: its tile loaded one iteration ahead, in registers
         kx = tl.minimum(tile_start, last) * BLOCK_K + offs_k[None, :]
-        x_next = tl.load(x_ptr + kx, mask=(kx < K) | EVEN_K, other=0.0)  # [1, BLOCK_K]
+        x_next = load_x_folded(x_ptr, kx, (kx < K) | EVEN_K, K, norm_w_ptr, rstd, SILU_MUL,
+                               NORM)  # [1, BLOCK_K]  # fmt: skip
     for tile in range(tile_start, tile_end):
         k = tile * BLOCK_K + offs_k
         k_mask = (k < K) | EVEN_K
@@ -242,7 +252,8 @@ def _fp8_gemv_kernel(
         if BLOCK_M == 1:  # quantize the one row, then pad: not 16-row loads and converts
             x = x_next.to(tl.float32)
             kx = tl.minimum(tile + 1, last) * BLOCK_K + offs_k[None, :]
-            x_next = tl.load(x_ptr + kx, mask=(kx < K) | EVEN_K, other=0.0)
+            x_next = load_x_folded(x_ptr, kx, (kx < K) | EVEN_K, K, norm_w_ptr, rstd, SILU_MUL,
+                                   NORM)  # fmt: skip
             if BLOCKWISE:  # [G, GROUP]: each group's scale, group g to the dot's column g
                 xg = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
                 x_scale = tl.maximum(tl.max(tl.abs(xg), 1) / FP8_MAX, MIN_SCALE)  # [G]
@@ -287,14 +298,28 @@ def _fp8_gemv_kernel(
             for sk in tl.static_range(SPLIT_K):
                 acc += tl.load(part_ptr + sk * M * N + out_offs, mask=out_mask, other=0.0,
                                cache_modifier=".cg")  # fmt: skip
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _store(acc, b_ptr, out_ptr, res_ptr, sumsq_ptr, offs_n, n_mask, out_offs, out_mask,
+                   pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store(acc, b_ptr, out_ptr, res_ptr, sumsq_ptr, offs_n, n_mask, out_offs, out_mask,
+               pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
+
+
+@triton.jit
+def _store(acc, b_ptr, out_ptr, res_ptr, sumsq_ptr, offs_n, n_mask, out_offs, out_mask, pid_n,
+           HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
+    """out = acc (+ bias) in out's dtype; RESIDUAL (one row): plus the residual row, rounded as
+    torch's add rounds, and the block's sum of squares of the result to `sumsq[0, pid_n]`."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y = acc.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + r).to(out_ptr.dtype.element_ty)
+        h = tl.where(out_mask, y.to(tl.float32), 0.0)
+        tl.store(sumsq_ptr + pid_n, tl.sum(tl.sum(h * h, 1), 0))
+    tl.store(out_ptr + out_offs, y, mask=out_mask)
 
 
 def gemv_config(m: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int, int, int, int]:
@@ -316,15 +341,26 @@ def gemv_config(m: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int,
     return block_n, block_k, split_k, 4
 
 
-def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=None):
+def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=None,
+             silu_mul: bool = False, residual: torch.Tensor | None = None):  # fmt: skip
     """`x [M <= 8, K]` (16-bit) times the FP8 `weight [N, K]` (scales as `fp8_gemm`). `config`:
     (BLOCK_N, BLOCK_K, SPLIT_K[, num_warps[, num_stages]]), each >= 16 (a dot's minimum;
     wgmma's M is 64 a warpgroup). Block weights: BLOCK_N divides the block, BLOCK_K is the
-    block (one row: up to 16 blocks)."""
-    m, k = x.shape
+    block (one row: up to 16 blocks). One row takes the 16-bit GEMV's folds (`gemv.gemv`): x
+    may be a `DeferredNorm`, `silu_mul` takes x as `[gate | up]`, and `residual` makes it
+    return `AddedResidual(out + residual, sums of squares)`."""
+    norm = x if isinstance(x, DeferredNorm) else None
+    x = norm.h if norm is not None else x
+    m, width = x.shape
+    k = width // 2 if silu_mul else width
     n = weight.shape[0]
-    if m > GEMV_MAX_ROWS or weight.shape[1] != k:
+    if m > GEMV_MAX_ROWS or weight.shape[1] != k or width % (1 + silu_mul):
         raise ValueError(f"fp8_gemv: x {tuple(x.shape)} vs weight {tuple(weight.shape)}")
+    folded = norm is not None or silu_mul or residual is not None
+    if folded and (m != 1 or (norm is not None and silu_mul)):
+        raise ValueError("fp8_gemv folds a norm, SiLU*mul or residual for one row (not both)")
+    if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous()):
+        raise ValueError(f"fp8_gemv residual must be contiguous [{m}, {n}]: {residual.shape}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -342,15 +378,24 @@ def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=Non
         counters = arrival_counters(x.device, n_blocks)
     else:
         part, counters = out, out  # unread
+    sumsq = out  # unread without a residual
+    if residual is not None:
+        sumsq = torch.empty((m, n_blocks), dtype=torch.float32, device=x.device)
+    norm_w, norm_sumsq, eps, parts = out, out, 0.0, 1  # unread without a norm
+    if norm is not None:
+        norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
     flag = pdl.use_pdl(x)
     _fp8_gemv_kernel[(n_blocks, split_k)](
         x, weight, w_scale, out if bias is None else bias, out, part, counters,
+        out if residual is None else residual, sumsq, norm_w, norm_sumsq, parts, eps,
         m, n, k, x.stride(0), w_scale.shape[-1], tiles_per_split,
         BLOCKWISE=block is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        SILU_MUL=silu_mul, NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts),
+        RESIDUAL=residual is not None,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP=block or block_k, EVEN_K=k % block_k == 0, USE_PDL=flag,
         AMAX_BLOCK=min(AMAX_BLOCK, triton.next_power_of_2(k)), DOT_F32=not x.is_cuda,
         num_warps=launch[0] if launch else 4, num_stages=launch[1] if len(launch) > 1 else 3,
         launch_pdl=flag,
     )  # fmt: skip
-    return out
+    return out if residual is None else AddedResidual(out, sumsq)

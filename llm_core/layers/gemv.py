@@ -150,6 +150,37 @@ def row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM: tl.constexpr,
 
 
 @triton.jit
+def one_row_rstd(norm_sumsq_ptr, norm_parts, eps, m, M, K, NORM: tl.constexpr,
+                 BLOCK_P: tl.constexpr):  # fmt: skip
+    """Row m's 1/rms (a scalar; 0 without NORM) from its producer's per-block sums of squares,
+    for the quantized GEMVs (int4_gemv.py, fp8_kernels.py)."""
+    rstd = 0.0
+    if NORM:
+        offs_p = tl.arange(0, BLOCK_P)
+        parts = tl.load(norm_sumsq_ptr + m * norm_parts + offs_p,
+                        mask=(offs_p < norm_parts) & (m < M), other=0.0)  # fmt: skip
+        rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / K + eps)
+    return rstd
+
+
+@triton.jit
+def load_x_folded(row, idx, mask, K, norm_w_ptr, rstd, SILU_MUL: tl.constexpr,
+                  NORM: tl.constexpr):  # fmt: skip
+    """x's features `idx` of one row (x's dtype), folds applied: SILU_MUL, the row is
+    `[gate | up]` and the feature silu(gate) * up, rounded as `silu_and_mul` rounds; NORM,
+    RMS-normalized with the row's `rstd` and the norm weight, rounded as `rms_norm` rounds."""
+    x = tl.load(row + idx, mask=mask, other=0.0)
+    if SILU_MUL:
+        gate = x.to(tl.float32)
+        up = tl.load(row + K + idx, mask=mask, other=0.0).to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+    if NORM:
+        wn = tl.load(norm_w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        x = (wn * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
 def store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
               delta, RESIDUAL: tl.constexpr, LORA: tl.constexpr):  # fmt: skip
     """out = acc in out's dtype; LORA: out = that + delta (rounded as `out += delta` rounds);

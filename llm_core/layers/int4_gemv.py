@@ -22,7 +22,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
-from polymodal.llm_core.layers.gemv import num_sms
+from polymodal.llm_core.layers.gemv import load_x_folded, num_sms, one_row_rstd
 from polymodal.llm_core.layers.int4_kernels import tile_k
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
@@ -33,20 +33,11 @@ GEMV_MAX_ROWS = 4
 def _feature(row, cols, j, x_mask, K, perm_ptr, norm_w_ptr, rstd,
              HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     """x's feature 8 r + j of each packed row r (act order: the one its sorted row takes), in
-    fp32. SILU_MUL: the row is `[gate | up]` and the feature silu(gate) * up, rounded to x's
-    dtype as `silu_and_mul` rounds; NORM: RMS-normalized with the row's `rstd` and the norm
-    weight, rounded as `rms_norm` rounds (the same numbers as the unfused kernels)."""
+    fp32, with the folds of `gemv.load_x_folded`."""
     idx = cols + j
     if HAS_PERM:
         idx = tl.load(perm_ptr + idx, mask=x_mask, other=0)
-    x = tl.load(row + idx, mask=x_mask, other=0.0)
-    if SILU_MUL:
-        gate = x.to(tl.float32)
-        up = tl.load(row + K + idx, mask=x_mask, other=0.0).to(tl.float32)
-        x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
-    if NORM:
-        wn = tl.load(norm_w_ptr + idx, mask=x_mask, other=0.0).to(tl.float32)
-        x = (wn * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    x = load_x_folded(row, idx, x_mask, K, norm_w_ptr, rstd, SILU_MUL, NORM)
     return x.to(tl.float32)
 
 
@@ -71,18 +62,6 @@ def _row_tile(x_ptr, m, stride_xm, cols, x_mask, K, perm_ptr, norm_w_ptr, rstd,
             x2 * 4.951760157141521e27, x3 * 3.094850098213451e26,  # 2^92, 2^88
             x4 * 1.9342813113834067e25, x5 * 4.951760157141521e27,  # 2^84, 2^92
             x6 * 3.094850098213451e26, x7 * 1.9342813113834067e25)  # 2^88, 2^84  # fmt: skip
-
-
-@triton.jit
-def _rstd(norm_sumsq_ptr, norm_parts, eps, m, M, K, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Row m's 1/rms from its producer's per-block sums of squares (NORM; else unused 0)."""
-    rstd = 0.0
-    if NORM:
-        offs_p = tl.arange(0, BLOCK_P)
-        parts = tl.load(norm_sumsq_ptr + m * norm_parts + offs_p,
-                        mask=(offs_p < norm_parts) & (m < M), other=0.0)  # fmt: skip
-        rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / K + eps)
-    return rstd
 
 
 @triton.jit
@@ -129,10 +108,10 @@ def _int4_gemv_kernel(
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     pdl.wait(USE_PDL)
-    rstd0 = _rstd(norm_sumsq_ptr, norm_parts, eps, 0, M, K, NORM, BLOCK_P)
-    rstd1 = _rstd(norm_sumsq_ptr, norm_parts, eps, 1, M, K, NORM and BLOCK_M > 1, BLOCK_P)
-    rstd2 = _rstd(norm_sumsq_ptr, norm_parts, eps, 2, M, K, NORM and BLOCK_M > 2, BLOCK_P)
-    rstd3 = _rstd(norm_sumsq_ptr, norm_parts, eps, 3, M, K, NORM and BLOCK_M > 2, BLOCK_P)
+    rstd0 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 0, M, K, NORM, BLOCK_P)
+    rstd1 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 1, M, K, NORM and BLOCK_M > 1, BLOCK_P)
+    rstd2 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 2, M, K, NORM and BLOCK_M > 2, BLOCK_P)
+    rstd3 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 3, M, K, NORM and BLOCK_M > 2, BLOCK_P)
     for tile in range(tile_start, tile_end):
         rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
         r_mask = rows < K // 8

@@ -164,6 +164,14 @@ class Fp8LinearMethod(LinearMethod):
         return fp8_ops.dequantize_weight(layer.weight, layer.weight_scale_fp32, self.scheme.block)
 
     def apply(self, layer: Linear, x, silu_mul: bool = False, residual=None):
+        rows_in = x.h if isinstance(x, DeferredNorm) else x
+        if rows_in.is_cuda and rows_in.dim() == 2 and rows_in.shape[0] == FP8_GEMV_MAX_ROWS == 1:
+            # the GEMV folds the deferred norm, SiLU*mul and the residual add, as the 16-bit one
+            from polymodal.llm_core.layers import fp8_kernels
+
+            return fp8_kernels.fp8_gemv(x, layer.weight, layer.weight_scale_fp32,
+                                        self.scheme.block, layer.bias, silu_mul=silu_mul,
+                                        residual=residual)  # fmt: skip
         if isinstance(x, DeferredNorm):
             x = x.materialize()
         if silu_mul:

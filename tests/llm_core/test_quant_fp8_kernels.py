@@ -124,3 +124,41 @@ def test_fp8_gemv_block_tiles_must_fit_the_blocks(rows, config):
     x = exact_x(rows, 384, torch.bfloat16, 128)
     with pytest.raises(ValueError, match="128-blocks"):
         fp8_kernels.fp8_gemv(x, weight, scale, 128, config=config)
+
+
+@pytest.mark.parametrize("strategy", ["channel", "block"])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_fp8_gemv_folds_residual_norm_and_silu(strategy, split_k):
+    """One row, the decode folds of the 16-bit GEMV: `residual` returns h = out + residual
+    (rounded as torch adds) with per-block sums of h^2; `DeferredNorm(h)` quantizes and
+    multiplies the reference RMSNorm of h (its scale from the normalized row); `silu_mul`
+    the reference SiLU*mul. Each against quantize_rows + the reference product of that x."""
+    from polymodal.llm_core.layers import triton_ops
+    from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
+
+    dtype = torch.float32  # the interpreter's fp32 -> E4M3 cast is exact on exact_x's grid
+    block = 128 if strategy == "block" else None
+    weight, scale = _weights(40, 256, strategy, seed=split_k)
+    x = exact_x(1, 256, dtype, block, seed=3)
+    residual = torch.randn(1, 40, generator=torch.Generator().manual_seed(4))
+    config = (16, 128, split_k)  # 3 feature blocks
+    added = fp8_kernels.fp8_gemv(x, weight, scale, block, config=config, residual=residual)
+    assert isinstance(added, AddedResidual) and added.sumsq.shape == (1, 3)
+    out = fp8_ops.w8a8_reference(x, weight, scale, block)
+    assert_close(added.h, out + residual, dtype)
+    blocks = torch.stack([(added.h[:, i : i + 16] ** 2).sum(1) for i in (0, 16, 32)], 1)
+    torch.testing.assert_close(added.sumsq, blocks, rtol=1e-5, atol=1e-5)
+
+    h = exact_x(1, 256, dtype, block, seed=5) * 3.0
+    sumsq = torch.stack([(h[:, i : i + 64] ** 2).sum(1) for i in range(0, 256, 64)], 1)
+    norm_w = torch.full((256,), 0.5)  # powers of two keep the normalized row on the grid
+    deferred = DeferredNorm(h, sumsq, norm_w, 0.0)
+    normed = triton_ops.rms_norm_ref(h, norm_w, 0.0)[0]
+    y = fp8_kernels.fp8_gemv(deferred, weight, scale, block, config=config)
+    torch.testing.assert_close(y, fp8_ops.w8a8_reference(normed, weight, scale, block),
+                               rtol=2e-2, atol=2e-2)  # fmt: skip
+    gate_up = torch.cat([torch.full((1, 256), 30.0), exact_x(1, 256, dtype, block, seed=6)], 1)
+    act = triton_ops.silu_and_mul_ref(gate_up)  # silu(30) = 30 in fp32: x * 30
+    y = fp8_kernels.fp8_gemv(gate_up, weight, scale, block, config=config, silu_mul=True)
+    torch.testing.assert_close(y, fp8_ops.w8a8_reference(act, weight, scale, block),
+                               rtol=2e-5, atol=2e-5)  # fmt: skip
