@@ -5,6 +5,7 @@
     python scripts/bench_quant_kernels.py --only int4_gemv --rows 1,4
     python scripts/bench_quant_kernels.py --only int4_gemm --rows 290,1024,4096
     python scripts/bench_quant_kernels.py --only fp8_gemv
+    python scripts/bench_quant_kernels.py --only int4_folds   # each GEMV fold vs its own kernel
 
 Every config is checked against the dequantized reference before it is timed; a config that
 fails to compile or is wrong prints as such. Times are medians of CUDA-graph replays cycling
@@ -173,9 +174,50 @@ def bench_fp8_gemv(rows_list: list[int]) -> None:
                 report(f"fp8_gemv {name} {strategy}", m, cublas, result, nbytes)
 
 
+def bench_int4_folds() -> None:
+    """One row, a 7B decode layer's INT4 GEMVs with each fold (the deferred RMSNorm into qkv and
+    gate_up, SiLU*mul into down, the residual add into o and down) against the unfolded GEMV
+    after the fold's own kernel (`rms_norm`, `silu_and_mul`, the add): which folds pay."""
+    from polymodal.llm_core.layers import triton_ops
+    from polymodal.llm_core.layers.norm import DeferredNorm
+
+    sms = num_sms(torch.device("cuda"))
+    cases = {"qkv": "norm", "gate_up": "norm", "o": "residual", "down": "silu+residual"}
+    print(f"\n{'shape':<8} {'fold':<14} {'folded us':>10} {'kernel + GEMV us':>17}")
+    for name, fold in cases.items():
+        n, k = SHAPES[name]
+        packed, zeros, scales, _ = int4_weights(n, k, 0)
+        nbytes = packed.numel() * 4 + zeros.numel() + scales.numel() * 2
+        copies = rotating(lambda i: (packed.clone(), zeros.clone(), scales.clone()), nbytes)
+        cfg = int4_gemv.gemv_config(1, n, k, GROUP, sms)
+        h = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+        norm_w = torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5
+        sumsq = (h.float() ** 2).reshape(1, -1, 128).sum(-1)  # per 128-feature block
+        residual = torch.randn(1, n, device="cuda").to(torch.bfloat16)
+        gate_up = torch.randn(1, 2 * k, device="cuda").to(torch.bfloat16)
+        res = residual if "residual" in fold else None
+        cyc = itertools.cycle(copies)
+
+        def folded():
+            w = next(cyc)
+            x = DeferredNorm(h, sumsq, norm_w, 1e-6) if fold == "norm" else h
+            x = gate_up if fold.startswith("silu") else x
+            return int4_gemv.int4_gemv(x, *w, GROUP, config=cfg, silu_mul=fold.startswith("silu"),
+                                       residual=res)  # fmt: skip
+
+        def unfolded():
+            w = next(cyc)
+            x = triton_ops.rms_norm(h, norm_w, 1e-6)[0] if fold == "norm" else h
+            x = triton_ops.silu_and_mul(gate_up) if fold.startswith("silu") else x
+            out = int4_gemv.int4_gemv(x, *w, GROUP, config=cfg)
+            return out + residual if res is not None else out
+
+        print(f"{name:<8} {fold:<14} {graph_us(folded):10.1f} {graph_us(unfolded):17.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["int4_gemv", "int4_gemm", "fp8_gemv"])
+    parser.add_argument("--only", choices=["int4_gemv", "int4_gemm", "fp8_gemv", "int4_folds"])
     parser.add_argument("--rows", help="x rows, comma-separated")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -184,6 +226,8 @@ def main() -> None:
         bench_int4_gemv(rows or [1, 4])
     if args.only in (None, "fp8_gemv"):
         bench_fp8_gemv(rows or [1])
+    if args.only in (None, "int4_folds"):
+        bench_int4_folds()
     if args.only in (None, "int4_gemm"):
         bench_int4_gemm(rows or [290, 1024, 4096])
 
