@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from polymodal.llm_core.layers import fp8_kernels, int4_gemv, int4_kernels
+from polymodal.llm_core.layers import fp8_gemv, int4_gemv, int4_kernels
 from polymodal.llm_core.layers.gemv import num_sms
 from polymodal.llm_core.quantization import fp8_ops, int4_pack
 
@@ -156,7 +156,7 @@ def bench_fp8_gemv(rows_list: list[int]) -> None:
                 ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block)
                 cyc = itertools.cycle(dense)
                 cublas = graph_us(lambda: F.linear(x, next(cyc)))
-                default = tuple(fp8_kernels.gemv_config(m, n, k, block is not None, sms))
+                default = tuple(fp8_gemv.gemv_config(m, n, k, block is not None, sms))
                 bks = (128, 256) if block else (256, 512)
                 configs = [default, (*default[:3], 8)] + [
                     (bn, bk, split, 4)
@@ -167,7 +167,7 @@ def bench_fp8_gemv(rows_list: list[int]) -> None:
                 ]
 
                 def run(config, wt):
-                    return fp8_kernels.fp8_gemv(x, wt[0], wt[1], block, config=config)
+                    return fp8_gemv.fp8_gemv(x, wt[0], wt[1], block, config=config)
 
                 result = sweep(run, ref, list(dict.fromkeys(configs)), copies, 2e-2)
                 print(f"(default {default}: {result[0][1]} us)")

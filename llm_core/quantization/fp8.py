@@ -167,11 +167,10 @@ class Fp8LinearMethod(LinearMethod):
         rows_in = x.h if isinstance(x, DeferredNorm) else x
         if rows_in.is_cuda and rows_in.dim() == 2 and rows_in.shape[0] == FP8_GEMV_MAX_ROWS == 1:
             # the GEMV folds the deferred norm, SiLU*mul and the residual add, as the 16-bit one
-            from polymodal.llm_core.layers import fp8_kernels
+            from polymodal.llm_core.layers import fp8_gemv
 
-            return fp8_kernels.fp8_gemv(x, layer.weight, layer.weight_scale_fp32,
-                                        self.scheme.block, layer.bias, silu_mul=silu_mul,
-                                        residual=residual)  # fmt: skip
+            return fp8_gemv.fp8_gemv(x, layer.weight, layer.weight_scale_fp32, self.scheme.block,
+                                     layer.bias, silu_mul=silu_mul, residual=residual)  # fmt: skip
         if isinstance(x, DeferredNorm):
             x = x.materialize()
         if silu_mul:
@@ -179,12 +178,12 @@ class Fp8LinearMethod(LinearMethod):
         block, scale = self.scheme.block, layer.weight_scale_fp32
         if not x.is_cuda:
             return fp8_ops.w8a8_reference(x, layer.weight, scale, block, layer.bias)
-        from polymodal.llm_core.layers import fp8_kernels
+        from polymodal.llm_core.layers import fp8_gemv, fp8_kernels
 
         rows = x.reshape(-1, x.shape[-1])
         n, k = layer.weight.shape
         if rows.shape[0] <= FP8_GEMV_MAX_ROWS:
-            out = fp8_kernels.fp8_gemv(rows, layer.weight, scale, block, layer.bias)
+            out = fp8_gemv.fp8_gemv(rows, layer.weight, scale, block, layer.bias)
         elif block is None and n % 16 == 0 and k % 16 == 0 and x.dtype != torch.float32:
             out = _scaled_mm(rows, layer.weight, scale, layer.bias)
         else:

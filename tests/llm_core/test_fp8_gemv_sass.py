@@ -7,7 +7,7 @@ zero-padded copy."""
 
 import pytest
 
-from polymodal.llm_core.layers.fp8_kernels import gemv_config
+from polymodal.llm_core.layers.fp8_gemv import gemv_config
 from tests.llm_core.sass import largest_loop
 
 TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "b_ptr": "*bf16",
@@ -22,7 +22,7 @@ def gemv_loop(blockwise: bool, **folds):
              "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP": 128 if blockwise else block_k,
              "EVEN_K": True, "USE_PDL": 1, "AMAX_BLOCK": 4096, "DOT_F32": 0, "SILU_MUL": 0,
              "NORM": 0, "BLOCK_P": 1, "RESIDUAL": 0, **folds}  # fmt: skip
-    kernel = "polymodal.llm_core.layers.fp8_kernels._fp8_gemv_kernel"
+    kernel = "polymodal.llm_core.layers.fp8_gemv._fp8_gemv_kernel"
     # the K loop: the largest that multiplies (the amax pass's loop only compares)
     using = ("QGMMA",) if folds else ("QGMMA", "FFMA", "FMUL")  # a fold's amax pass multiplies
     count, spills, ops = largest_loop(kernel, const, TYPES, warps, using)

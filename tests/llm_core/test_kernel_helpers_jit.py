@@ -35,6 +35,7 @@ MODULES = [
     "polymodal.llm_core.layers.int4_gemv",
     "polymodal.llm_core.layers.triton_ops",
     "polymodal.llm_core.layers.fp8_kernels",
+    "polymodal.llm_core.layers.fp8_gemv",
     "polymodal.llm_core.layers.moe_decode",
     "polymodal.processors.triton_pixels",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polymodal.llm_core.layers import fp8_kernels
+from polymodal.llm_core.layers import fp8_gemv, fp8_kernels
 from polymodal.llm_core.quantization import fp8_ops
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
@@ -80,7 +80,7 @@ def test_fp8_gemv(dtype, strategy, rows, split_k):
     bias = torch.randn(n, generator=gen).to(dtype)
     ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block, bias.float())
     for _ in range(2):
-        out = fp8_kernels.fp8_gemv(x, weight, scale, block, bias, config=(16, 128, split_k))
+        out = fp8_gemv.fp8_gemv(x, weight, scale, block, bias, config=(16, 128, split_k))
         assert out.shape == (rows, n) and out.dtype == dtype
         assert_close(out, ref, dtype)
 
@@ -89,13 +89,13 @@ def test_fp8_gemv(dtype, strategy, rows, split_k):
 def test_fp8_gemv_amax_over_several_loads(rows):
     """A row longer than `AMAX_BLOCK` (a 7B's down_proj K is 18944): the scale comes from the
     amax over every load of the row, here placed in its last, partial one."""
-    n, k = 9, fp8_kernels.AMAX_BLOCK * 2 + 384
+    n, k = 9, fp8_gemv.AMAX_BLOCK * 2 + 384
     weight, scale = _weights(n, k, "channel", seed=3)
     x = exact_x(rows, k, torch.float32, seed=5)
     x[:, 0] = x[:, 1]  # exact_x's amax (448) moves from feature 0 to the last load
     x[:, -7] = 448.0 * 2.0**-9
     ref = fp8_ops.w8a8_reference(x, weight, scale, None)
-    out = fp8_kernels.fp8_gemv(x, weight, scale, None, config=(16, 512, 2))
+    out = fp8_gemv.fp8_gemv(x, weight, scale, None, config=(16, 512, 2))
     assert_close(out, ref, torch.float32)
 
 
@@ -110,7 +110,7 @@ def test_fp8_gemv_block_groups_in_columns(block_k, split_k):
     x[0, 128:256] *= 2.0**-6  # groups of different scales
     bias = torch.randn(n, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     ref = fp8_ops.w8a8_reference(x.float(), weight, scale, 128, bias.float())
-    out = fp8_kernels.fp8_gemv(x, weight, scale, 128, bias, config=(16, block_k, split_k))
+    out = fp8_gemv.fp8_gemv(x, weight, scale, 128, bias, config=(16, block_k, split_k))
     assert_close(out, ref, torch.bfloat16)
 
 
@@ -123,7 +123,7 @@ def test_fp8_gemv_block_tiles_must_fit_the_blocks(rows, config):
     weight, scale = _weights(256, 384, "block")
     x = exact_x(rows, 384, torch.bfloat16, 128)
     with pytest.raises(ValueError, match="128-blocks"):
-        fp8_kernels.fp8_gemv(x, weight, scale, 128, config=config)
+        fp8_gemv.fp8_gemv(x, weight, scale, 128, config=config)
 
 
 @pytest.mark.parametrize("strategy", ["channel", "block"])
@@ -142,7 +142,7 @@ def test_fp8_gemv_folds_residual_norm_and_silu(strategy, split_k):
     x = exact_x(1, 256, dtype, block, seed=3)
     residual = torch.randn(1, 40, generator=torch.Generator().manual_seed(4))
     config = (16, 128, split_k)  # 3 feature blocks
-    added = fp8_kernels.fp8_gemv(x, weight, scale, block, config=config, residual=residual)
+    added = fp8_gemv.fp8_gemv(x, weight, scale, block, config=config, residual=residual)
     assert isinstance(added, AddedResidual) and added.sumsq.shape == (1, 3)
     out = fp8_ops.w8a8_reference(x, weight, scale, block)
     assert_close(added.h, out + residual, dtype)
@@ -154,11 +154,11 @@ def test_fp8_gemv_folds_residual_norm_and_silu(strategy, split_k):
     norm_w = torch.full((256,), 0.5)  # powers of two keep the normalized row on the grid
     deferred = DeferredNorm(h, sumsq, norm_w, 0.0)
     normed = triton_ops.rms_norm_ref(h, norm_w, 0.0)[0]
-    y = fp8_kernels.fp8_gemv(deferred, weight, scale, block, config=config)
+    y = fp8_gemv.fp8_gemv(deferred, weight, scale, block, config=config)
     torch.testing.assert_close(y, fp8_ops.w8a8_reference(normed, weight, scale, block),
                                rtol=2e-2, atol=2e-2)  # fmt: skip
     gate_up = torch.cat([torch.full((1, 256), 30.0), exact_x(1, 256, dtype, block, seed=6)], 1)
     act = triton_ops.silu_and_mul_ref(gate_up)  # silu(30) = 30 in fp32: x * 30
-    y = fp8_kernels.fp8_gemv(gate_up, weight, scale, block, config=config, silu_mul=True)
+    y = fp8_gemv.fp8_gemv(gate_up, weight, scale, block, config=config, silu_mul=True)
     torch.testing.assert_close(y, fp8_ops.w8a8_reference(act, weight, scale, block),
                                rtol=2e-5, atol=2e-5)  # fmt: skip
