@@ -24,9 +24,14 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
-from polymodal.llm_core.counters import arrival_counters
 from polymodal.llm_core.layers.fp8_kernels import FP8_MAX, MIN_SCALE, quantize_e4m3
-from polymodal.llm_core.layers.gemv import load_x_folded, num_sms, one_row_rstd
+from polymodal.llm_core.layers.gemv import (
+    load_x_folded,
+    norm_args,
+    num_sms,
+    one_row_rstd,
+    split_workspace,
+)
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 XROWS = tl.constexpr(16)  # the FP8 GEMV's dot columns (x rows or groups): a dot's minimum
@@ -237,17 +242,11 @@ def fp8_gemv(x, weight, w_scale, block: int | None = None, bias=None, config=Non
         raise ValueError(f"fp8_gemv: tiles {block_n} x {block_k} for {block}-blocks, {m} rows")
     n_blocks = triton.cdiv(n, block_n)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
-    if split_k > 1:
-        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, n_blocks)
-    else:
-        part, counters = out, out  # unread
+    part, counters = split_workspace(split_k, m, n, n_blocks, out)
     sumsq = out  # unread without a residual
     if residual is not None:
         sumsq = torch.empty((m, n_blocks), dtype=torch.float32, device=x.device)
-    norm_w, norm_sumsq, eps, parts = out, out, 0.0, 1  # unread without a norm
-    if norm is not None:
-        norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
+    norm_w, norm_sumsq, eps, parts = norm_args(norm, out)
     flag = pdl.use_pdl(x)
     _fp8_gemv_kernel[(n_blocks, split_k)](
         x, weight, w_scale, out if bias is None else bias, out, part, counters,

@@ -307,6 +307,23 @@ def _gemv_kernel(
                   tl.num_programs(0), delta, RESIDUAL, LORA)  # fmt: skip
 
 
+def split_workspace(split_k: int, m: int, n: int, n_blocks: int, out: torch.Tensor):
+    """(fp32 partials `[split_k, m, n]`, arrival counters per feature block) of a split-K GEMV
+    launch; unsplit, `out` stands in for both (unread)."""
+    if split_k == 1:
+        return out, out
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=out.device)
+    return part, arrival_counters(out.device, n_blocks)
+
+
+def norm_args(norm: DeferredNorm | None, unread: torch.Tensor):
+    """(norm weight, producer's sums of squares, eps, their blocks) of a deferred norm for a
+    GEMV launch; without one, `unread` stands in."""
+    if norm is None:
+        return unread, unread, 0.0, 1
+    return norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
+
+
 def gemv(
     x,
     weight: torch.Tensor,
@@ -360,16 +377,10 @@ def gemv(
     if m == 0 or n == 0:
         return out if residual is None else AddedResidual(out, sumsq)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
-    if cfg.split_k > 1:
-        part = torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, n_blocks)
-    else:  # unread
-        part, counters = out, out
+    part, counters = split_workspace(cfg.split_k, m, n, n_blocks, out)
     b = bias if bias is not None else weight  # unread when HAS_BIAS is False
     res = residual if residual is not None else out  # unread without RESIDUAL
-    norm_w, norm_sumsq, eps, parts = weight, out, 0.0, 1  # unread without a norm
-    if norm is not None:
-        norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
+    norm_w, norm_sumsq, eps, parts = norm_args(norm, out)
     # unread without a LoRA term
     l_y, l_b, l_slot, l_slice, rank, l_slices = out, out, out, out, 1, 1
     if lora is not None:

@@ -21,8 +21,13 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
-from polymodal.llm_core.counters import arrival_counters
-from polymodal.llm_core.layers.gemv import load_x_folded, num_sms, one_row_rstd
+from polymodal.llm_core.layers.gemv import (
+    load_x_folded,
+    norm_args,
+    num_sms,
+    one_row_rstd,
+    split_workspace,
+)
 from polymodal.llm_core.layers.int4_kernels import tile_k
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
@@ -161,85 +166,20 @@ def _int4_gemv_kernel(
                         other=0.0,
                         cache_modifier=".cg",
                     )
-                _store_row(
-                    total,
-                    m,
-                    offs_n,
-                    n_mask,
-                    M,
-                    N,
-                    b_ptr,
-                    out_ptr,
-                    res_ptr,
-                    sumsq_ptr,
-                    pid_n,
-                    HAS_BIAS,
-                    RESIDUAL,
-                )
+                _store_row(total, m, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr,
+                           sumsq_ptr, pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
-        _store_row(
-            tl.sum(acc0, axis=1),
-            0,
-            offs_n,
-            n_mask,
-            M,
-            N,
-            b_ptr,
-            out_ptr,
-            res_ptr,
-            sumsq_ptr,
-            pid_n,
-            HAS_BIAS,
-            RESIDUAL,
-        )
+        _store_row(tl.sum(acc0, axis=1), 0, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr,
+                   sumsq_ptr, pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
         if BLOCK_M > 1:
-            _store_row(
-                tl.sum(acc1, axis=1),
-                1,
-                offs_n,
-                n_mask,
-                M,
-                N,
-                b_ptr,
-                out_ptr,
-                res_ptr,
-                sumsq_ptr,
-                pid_n,
-                HAS_BIAS,
-                RESIDUAL,
-            )
+            _store_row(tl.sum(acc1, axis=1), 1, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr,
+                       sumsq_ptr, pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
         if BLOCK_M > 2:
-            _store_row(
-                tl.sum(acc2, axis=1),
-                2,
-                offs_n,
-                n_mask,
-                M,
-                N,
-                b_ptr,
-                out_ptr,
-                res_ptr,
-                sumsq_ptr,
-                pid_n,
-                HAS_BIAS,
-                RESIDUAL,
-            )
-            _store_row(
-                tl.sum(acc3, axis=1),
-                3,
-                offs_n,
-                n_mask,
-                M,
-                N,
-                b_ptr,
-                out_ptr,
-                res_ptr,
-                sumsq_ptr,
-                pid_n,
-                HAS_BIAS,
-                RESIDUAL,
-            )
+            _store_row(tl.sum(acc2, axis=1), 2, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr,
+                       sumsq_ptr, pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
+            _store_row(tl.sum(acc3, axis=1), 3, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr,
+                       sumsq_ptr, pid_n, HAS_BIAS, RESIDUAL)  # fmt: skip
 
 
 @triton.jit
@@ -307,14 +247,8 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
     if group_size % block_k or block_k % 8:
         raise ValueError(f"int4_gemv: BLOCK_K {block_k} must divide the group ({group_size})")
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, block_k), split_k))
-    if split_k > 1:
-        part = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = arrival_counters(x.device, n_blocks)
-    else:
-        part, counters = out, out  # unread
-    norm_w, norm_sumsq, eps, parts = out, out, 0.0, 1  # unread without a norm
-    if norm is not None:
-        norm_w, norm_sumsq, eps, parts = norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
+    part, counters = split_workspace(split_k, m, n, n_blocks, out)
+    norm_w, norm_sumsq, eps, parts = norm_args(norm, out)
     flag = pdl.use_pdl(x)
     _int4_gemv_kernel[(n_blocks, split_k)](
         x, qweight, zeros, scales, qweight if perm is None else perm,
