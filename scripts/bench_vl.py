@@ -239,6 +239,21 @@ def ttft_floor(llm, bandwidth: float, peak: float) -> dict:
     }
 
 
+def ttft_profile(llm, ours, calls: int = 3) -> dict:
+    """Kernels of `calls` fresh-image TTFTs (processing included): the GPU span of the tower
+    and of the decoder, busy vs wall, the kernels that cost most, where the GPU idles."""
+    from polymodal.bench.profile import calls_profile, print_calls_profile
+
+    runner = llm.engine.runner
+    methods = [(runner.model, "encode", "vision encoder"), (runner.model, "forward", "decoder")]
+    if runner.prefill_graphs is not None:
+        methods.append((runner.prefill_graphs, "run", "decoder graphs"))
+    fresh = iter(images(calls, seed=8765))
+    out = calls_profile(lambda: ours([next(fresh)], 1), calls, methods)
+    print_calls_profile(f"TTFT of one fresh image ({calls} calls)", out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -250,6 +265,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 (H200)")
     parser.add_argument("--json", default="bench_vl.json")
+    parser.add_argument("--profile", action="store_true", help="kernels of one image's TTFT")
     args = parser.parse_args()
     print(json.dumps(run(args), indent=2))
 
@@ -289,6 +305,8 @@ def run(args) -> dict:
         model = llm.engine.runner.model
         results["decode_floor_ms"] = active_decoder_bytes(model, 1) / bandwidth * 1e3
         results.update(ttft_floor(llm, bandwidth, args.peak_tflops * 1e12))
+        if getattr(args, "profile", False):
+            results["ttft_profile"] = ttft_profile(llm, ours)
     if hf is not None:
         del llm
         if device == "cuda":
