@@ -55,7 +55,7 @@ class LlavaForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
 
     def enable_cuda_graphs(self, wrap) -> None:
         """Replay the CLIP / SigLIP tower + projector per view count (fixed-size views: one
-        448 px image's 1 + 4 views run 24 layers eager, bound by their launches). Pixtral's
-        variable-size images stay eager."""
+        448 px image's 1 + 4 views run 24 layers eager, bound by their launches); Pixtral's
+        and Mistral 3's per image size, one image a call."""
         if hasattr(self.vision, "graphs"):
             self.vision.graphs = wrap(self.vision.features)
