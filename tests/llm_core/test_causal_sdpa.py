@@ -157,7 +157,7 @@ def test_engine_chunks_through_the_route(tmp_path_factory):
     the same greedy tokens and logits as the paged kernel, and the route was taken."""
     from polymodal.llm_core.engine import Engine
     from polymodal.llm_core.sampling_params import SamplingParams
-    from tests.helpers import record_logits, tiny_checkpoint
+    from tests.helpers import record_logits, record_sdpa_contexts, tiny_checkpoint
 
     path = tiny_checkpoint(tmp_path_factory, "qwen2")
     prompt = [(7 * i + 3) % 400 + 20 for i in range(90)]
@@ -168,29 +168,12 @@ def test_engine_chunks_through_the_route(tmp_path_factory):
             str(path), dtype="float32", device="cpu", attention_backend="triton",
             max_num_batched_tokens=32, num_kv_blocks=64,
         )  # fmt: skip
-        layers = [m for m in engine.runner.model.modules() if isinstance(m, AttentionLayer)]
-        for layer in layers:
-            layer.backend.causal_sdpa = on
-        contexts = _record_contexts(layers[0].backend)
+        contexts = record_sdpa_contexts(engine, on)
         seen = record_logits(engine)
         rid = engine.add_request(prompt, params)
         runs[on] = (engine.run_until_done()[rid].outputs[0].token_ids, seen, contexts)
-    (tokens, logits, contexts), (ref_tokens, ref_logits, _) = runs[True], runs[False]
-    assert sorted(set(contexts)) == [0, 32, 64]  # fresh, then after 32 and 64 cached tokens
+    (tokens, logits, contexts), (ref_tokens, ref_logits, ref_contexts) = runs[True], runs[False]
+    assert sorted(set(contexts)) == [0, 32, 64] and not ref_contexts  # fresh, after 32, after 64
     assert tokens == ref_tokens
     for got, ref in zip(logits, ref_logits, strict=True):
         assert_close(got, ref, torch.float32)
-
-
-def _record_contexts(backend) -> list:
-    """Wrap `backend.sdpa_prefill` to list the context of each call it routes."""
-    contexts, original = [], backend.sdpa_prefill
-
-    def sdpa_prefill(q, k, v, kv_cache, meta, spec):
-        out = original(q, k, v, kv_cache, meta, spec)
-        if out is not None:
-            contexts.append(meta.seq_lens_cpu[0] - meta.query_lens_cpu[0])
-        return out
-
-    backend.sdpa_prefill = sdpa_prefill
-    return contexts
