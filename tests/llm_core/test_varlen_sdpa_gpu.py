@@ -1,6 +1,8 @@
-"""The Triton backend's encoder attention on CUDA: equal-length segments (one image, same-sized
-tiles) of >= `SDPA_MIN_SEGMENT` rows run as one batched SDPA, others on the Triton kernel; both
-routes against fp32 SDPA per segment, at tower head dims (SigLIP 72, Qwen-VL 80, Llama 4 88)."""
+"""The Triton backend's SDPA routes on CUDA. Encoder attention: equal-length segments (one image,
+same-sized tiles) of >= `SDPA_MIN_SEGMENT` rows run as one batched SDPA, others on the Triton
+kernel; both routes against fp32 SDPA per segment, at tower head dims (SigLIP 72, Qwen-VL 80,
+Llama 4 88). Causal prefill (`sdpa_prefill`): a long chunk, fresh or after cached context,
+against the paged kernel, and a long chunked prompt's logits and greedy tokens."""
 
 from __future__ import annotations
 
