@@ -7,8 +7,9 @@ route (`causal_sdpa.attend`), at Qwen2.5-VL-7B's decoder heads (28 q / 4 kv, hea
 
 Per case: kernel and route ms (do_bench medians), the route's parts (gather of the context's
 K/V from the pages, chunk vs context SDPA, chunk vs itself SDPA, LSE merge; the copies of the
-fused-qkv views to contiguous are the rest), TFLOP/s of the causal work, the fused backends torch
-picked and max |route - kernel|. A 64-frame 720p video (38306 tokens) prefills as 16384 fresh,
+fused-qkv views to contiguous are the rest), the route's first call (cold: cuDNN builds a graph
+for each new shape), TFLOP/s of the causal work, the fused backends torch picked and
+max |route - kernel|. A 64-frame 720p video (38306 tokens) prefills as 16384 fresh,
 16384 after 16384 and 5538 after 32768.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test, CPU ok)")
@@ -58,7 +60,11 @@ def bench_case(context: int, chunk: int, shape, dtype, device) -> str:
     def kernel():
         return backend.paged_attention(q, cache, meta, spec)
 
-    out = route()
+    start = time.perf_counter()
+    out = route()  # cold: cuDNN builds a graph per (chunk, context) shape; Triton compiles once
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t_first = (time.perf_counter() - start) * 1e3
     if out is None:
         return f"{context:6d} {chunk:6d}  not routed: torch picks neither cuDNN nor flash here"
     diff = (out.float() - kernel().float()).abs().max().item()
@@ -89,6 +95,7 @@ def bench_case(context: int, chunk: int, shape, dtype, device) -> str:
     flops = 4 * heads * head_dim * (chunk * context + chunk * chunk / 2)
     return (
         f"{context:6d} {chunk:6d} {t_kernel:9.3f} {t_route:9.3f} {t_kernel / t_route:7.2f}x"
+        f" {t_first:9.1f}"
         f" {flops / t_kernel / 1e9:7.1f} {flops / t_route / 1e9:7.1f}  {'/'.join(names):>22}"
         f" {diff:8.1e}  {parts}"
     )
@@ -108,7 +115,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     print(f"# {device_name}, {dtype}, heads {shape}, torch {torch.__version__}, median ms")
     print(
-        f"{'ctx':>6} {'chunk':>6} {'kernel':>9} {'route':>9} {'speedup':>8} {'TF/s k':>7}"
+        f"{'ctx':>6} {'chunk':>6} {'kernel':>9} {'route':>9} {'speedup':>8} {'1st call':>9}"
+        f" {'TF/s k':>7}"
         f" {'TF/s r':>7}  {'sdpa (ctx/own)':>22} {'max diff':>8}  gather ctx-sdpa own-sdpa merge"
     )
     for pair in cases.split(","):
