@@ -15,7 +15,8 @@ Why not one call with `torch.nn.attention.bias.causal_lower_right`: torch sends 
 `CausalBias` to flash (FA2) or the efficient kernel only (else it materializes the [chunk,
 context + chunk] mask for the math path); it never reaches cuDNN, whose `is_causal` is
 upper-left. The fresh route's measured rate (38k tokens at 28 / 4 heads, d 128: 17.3 ms, ~610
-TFLOP/s on an H200) is cuDNN's; FA2 is slower on Hopper than our kernel's ~470. A [chunk,
+TFLOP/s on an H200) is cuDNN's; FA2 on Hopper runs ~350 (FlashAttention-3's paper), below our
+kernel's ~470. A [chunk,
 context + chunk] bias would make cuDNN compute the whole rectangle (a third more for a 16k chunk
 after 16k) and read the mask. Both cuDNN and flash take GQA as it is (no repeat of the KV heads).
 
