@@ -56,6 +56,28 @@ def spec_for(q, kv_cache, scale, window=None, mask=None, softcap=None):
     return AttentionSpec(q.shape[1], kv_heads, q.shape[2], scale, mask, window, softcap=softcap)
 
 
+def record_sdpa_contexts(engine, causal_sdpa: bool | None) -> list:
+    """Set the engine's attention backends' `causal_sdpa` and wrap their `sdpa_prefill`; returns
+    the list it appends the cached context of every routed call to (one per layer and step)."""
+    from polymodal.llm_core.attention.layer import AttentionLayer
+
+    contexts: list = []
+    modules = engine.runner.model.modules()
+    backends = {id(m.backend): m.backend for m in modules if isinstance(m, AttentionLayer)}
+    for backend in backends.values():
+        backend.causal_sdpa = causal_sdpa
+        original = backend.sdpa_prefill
+
+        def sdpa_prefill(q, k, v, kv_cache, meta, spec, original=original):
+            out = original(q, k, v, kv_cache, meta, spec)
+            if out is not None:
+                contexts.append(meta.seq_lens_cpu[0] - meta.query_lens_cpu[0])
+            return out
+
+        backend.sdpa_prefill = sdpa_prefill
+    return contexts
+
+
 def record_logits_by_request(engine) -> dict:
     """Like `record_logits`, keyed by request: {request id: [logits row per sampled token]}."""
     seen: dict = {}

@@ -64,7 +64,7 @@ class AttentionLayer(nn.Module):
             return out.reshape(num_tokens, -1)
         if k is not None:
             self.backend.store_kv(k, v, kv_cache, meta.slot_mapping, self.kv_scales)
-        out = self.backend.fresh_prefill(q, k, v, kv_cache, meta, self.spec)
+        out = self.backend.sdpa_prefill(q, k, v, kv_cache, meta, self.spec)
         if out is None:
             out = self.backend.paged_attention(q, kv_cache, meta, self.spec, self.kv_scales)
         return out.reshape(num_tokens, -1)  # [num_tokens, heads * head_dim]

@@ -20,8 +20,8 @@ class TorchAttentionBackend:
         """Whether `rope_decode` (rotary + KV store + decode in one kernel) exists: not here."""
         return False
 
-    def fresh_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):
-        """A fast path for one fresh causal prompt: none here (`paged_attention` runs it)."""
+    def sdpa_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):
+        """A fast path for one long causal prefill chunk: none here (`paged_attention` runs it)."""
         return None
 
     def store_kv(

@@ -6,6 +6,8 @@
   Both take the layer's `AttentionSpec`: its mask kind and soft-cap are kernel constexprs.
 - `rope_decode`: decode with the rotary and the KV store done inside the same kernel (one
   launch for the three).
+- `sdpa_prefill`: one long causal prefill chunk alone in its step (fresh, or after cached
+  context) through torch's SDPA (cuDNN / flash) instead of the paged kernel (`causal_sdpa.py`).
 - `varlen_attention`: the same flash-style kernel over flat segments (encoders); segments all
   of one length (one image, same-sized tiles or crops) of >= `SDPA_MIN_SEGMENT` rows run as one
   batched `F.scaled_dot_product_attention` instead (`sdpa_segments`).
@@ -24,9 +26,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from polymodal.llm_core.attention import triton_decode, triton_prefill, triton_store
+from polymodal.llm_core.attention import causal_sdpa, triton_decode, triton_prefill, triton_store
 from polymodal.llm_core.attention.metadata import AttentionMetadata
-from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.attention.spec import AttentionSpec
 
 # Split-KV heuristic knobs: a split should cover at least this many keys, and never more
 # than MAX_DECODE_SPLITS splits (bounds the partial buffer and the reduce kernel). One 64-key
@@ -47,12 +49,6 @@ DECODE_STAGES = 3
 # 0.89 vs 2.32, Llama 4 8 x 4784 d 88 2.72 vs 8.10, 64 x 256 d 80 0.081 vs 0.101; 64-row windows
 # stay on the kernel (660 x 64: 0.228 vs 0.158).
 SDPA_MIN_SEGMENT = 128
-# A fresh causal prompt of at least this many tokens (no cached prefix, alone in its step) is
-# attended with SDPA over the step's own k / v (`fresh_prefill`). Set from
-# `.gpu/flash_causal.py` (SDPA vs our kernel at decoder sizes, H200, ms): Qwen2.5-7B heads
-# 1k 0.033 vs 0.056, 3k 0.144 vs 0.205, 10.6k 1.46 vs 1.88, 38k 17.3 vs 22.5; Gemma 3 d 256
-# 2k 0.093 vs 0.161, 8k 0.95 vs 1.71 (shorter prompts not measured).
-SDPA_MIN_CAUSAL = 1024
 
 
 @functools.lru_cache(maxsize=8)
@@ -80,13 +76,16 @@ class TritonAttentionBackend:
     """Paged attention and varlen attention in Triton (CUDA; or CPU under TRITON_INTERPRET=1).
 
     `decode_splits` pins the number of split-KV partitions of the decode kernel (tests, tuning);
-    `None` picks it with `decode_num_splits` from the batch shape.
+    `None` picks it with `decode_num_splits` from the batch shape. `causal_sdpa`: whether
+    `sdpa_prefill` takes SDPA; None: where it is faster (CUDA, 16-bit), True: wherever it is exact
+    (any device or dtype: tests), False: never (the paged kernel; A/B checks).
     """
 
     name = "triton"
 
-    def __init__(self, decode_splits: int | None = None) -> None:
+    def __init__(self, decode_splits: int | None = None, causal_sdpa: bool | None = None) -> None:
         self.decode_splits = decode_splits
+        self.causal_sdpa = causal_sdpa
 
     def store_kv(
         self,
@@ -133,29 +132,19 @@ class TritonAttentionBackend:
             meta.media_key_ranges,
         )
 
-    def fresh_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):
-        """Causal attention of one fresh prompt (the step's only sequence, nothing cached
-        before it) over the step's own k / v with SDPA (cuDNN / flash), or None where that does
-        not apply (`paged_attention` then reads the cache as usual; the keys are stored
-        either way)."""
-        if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+    def sdpa_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):
+        """Causal attention of one long prefill chunk (the step's only sequence; fresh, or after
+        cached context gathered from its pages) with SDPA, or None where that does not apply
+        (`paged_attention` then reads the cache as usual; the keys are stored either way)."""
+        if self.causal_sdpa is False:
             return None
-        if k is None or kv_cache.dtype != q.dtype or meta.is_decode:
+        fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+        if self.causal_sdpa is None and not fast:
             return None
-        lens, seqs = meta.query_lens_cpu, meta.seq_lens_cpu
-        if lens is None or seqs is None or len(lens) != 1 or lens[0] != seqs[0]:
+        context = causal_sdpa.context_len(q, k, kv_cache, meta, spec)
+        if context is None:
             return None
-        if lens[0] < SDPA_MIN_CAUSAL or q.shape[0] != lens[0]:
-            return None
-        if spec.mask != Mask.CAUSAL or spec.softcap is not None or spec.value_dim != spec.head_dim:
-            return None
-        if meta.media_key_ranges is not None:
-            return None
-        qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, n, d]
-        out = F.scaled_dot_product_attention(
-            qb, kb, vb, is_causal=True, scale=spec.scale, enable_gqa=kb.shape[1] != qb.shape[1]
-        )
-        return out[0].transpose(0, 1)
+        return causal_sdpa.attend(q, k, v, kv_cache, meta, spec, context)
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether `rope_decode` runs as one kernel here (the Triton decode on CUDA)."""

@@ -1,6 +1,8 @@
-"""The Triton backend's encoder attention on CUDA: equal-length segments (one image, same-sized
-tiles) of >= `SDPA_MIN_SEGMENT` rows run as one batched SDPA, others on the Triton kernel; both
-routes against fp32 SDPA per segment, at tower head dims (SigLIP 72, Qwen-VL 80, Llama 4 88)."""
+"""The Triton backend's SDPA routes on CUDA. Encoder attention: equal-length segments (one image,
+same-sized tiles) of >= `SDPA_MIN_SEGMENT` rows run as one batched SDPA, others on the Triton
+kernel; both routes against fp32 SDPA per segment, at tower head dims (SigLIP 72, Qwen-VL 80,
+Llama 4 88). Causal prefill (`sdpa_prefill`): a long chunk, fresh or after cached context,
+against the paged kernel, and a long chunked prompt's logits and greedy tokens."""
 
 from __future__ import annotations
 
@@ -85,45 +87,87 @@ def test_graph_capture_of_the_sdpa_route():
 
 
 @pytest.mark.parametrize(
-    "heads,kv_heads,head_dim,length,routed",
+    "heads,kv_heads,head_dim,context,length,routed",
     [
-        (28, 4, 128, 6000, True),  # a fresh long prompt, GQA 7: SDPA over the step's k / v
-        (16, 8, 256, 4096, True),  # Gemma 3's global layers' head dim
-        (28, 4, 128, 1000, False),  # short: the paged kernel
+        (28, 4, 128, 0, 6000, True),  # a fresh long prompt, GQA 7: SDPA over the step's k / v
+        (16, 8, 256, 0, 4096, True),  # Gemma 3's global layers' head dim
+        (28, 4, 128, 0, 1000, False),  # short: the paged kernel
+        (28, 4, 128, 3072, 2000, True),  # a chunk after cached context: gathered + merged
+        (28, 4, 128, 4099, 3000, True),  # context ending inside a page
+        (16, 8, 256, 2048, 1536, True),
+        (32, 32, 80, 1500, 2500, True),  # Phi-2's head dim, no GQA
+        (28, 4, 128, 5000, 1000, False),  # a short chunk after long context: the kernel
     ],
 )
-def test_fresh_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, length, routed):
-    """One fresh causal prompt alone in its step: `fresh_prefill` (SDPA) where it applies,
-    equal to the paged kernel reading the stored cache; None where it does not."""
+def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, context, length, routed):
+    """One causal chunk alone in its step, fresh or after cached context: `sdpa_prefill` (SDPA)
+    where it applies, equal to the paged kernel reading the stored cache; None where it does not
+    (two sequences in the step)."""
     from polymodal.llm_core.attention import AttentionMetadata
     from polymodal.llm_core.attention.spec import AttentionSpec
 
     backend = _backend().TritonAttentionBackend()
-    page = 16
-    blocks = -(-length // page)
-    cache = torch.zeros(2, blocks + 2, page, kv_heads, head_dim, device="cuda").bfloat16()
-    table = torch.randperm(blocks + 2, device="cuda")[:blocks].int()[None]
+    page, total = 16, context + length
+    blocks = -(-total // page)
+    gen = torch.Generator(device="cuda").manual_seed(context + length)
+    cache = torch.randn(2, blocks + 2, page, kv_heads, head_dim, device="cuda", generator=gen)
+    cache = cache.bfloat16()  # the context's keys: random, as if stored by earlier steps
+    table = torch.randperm(blocks + 2, device="cuda", generator=gen)[:blocks].int()[None]
     slots = (table[0].long()[:, None] * page + torch.arange(page, device="cuda")).flatten()
     meta = AttentionMetadata(
         query_start_loc=torch.tensor([0, length], device="cuda").int(),
-        seq_lens=torch.tensor([length], device="cuda").int(),
+        seq_lens=torch.tensor([total], device="cuda").int(),
         block_tables=table,
-        slot_mapping=slots[:length],
+        slot_mapping=slots[context:total],
         max_query_len=length,
-        max_seq_len=length,
+        max_seq_len=total,
         is_decode=False,
         query_lens_cpu=[length],
-        seq_lens_cpu=[length],
+        seq_lens_cpu=[total],
     )
     spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5)
-    q = torch.randn(length, heads, head_dim, device="cuda").bfloat16()
-    k, v = (torch.randn(length, kv_heads, head_dim, device="cuda").bfloat16() for _ in "kv")
+    # q / k / v as the decoder gives them: views of one fused projection
+    qkv = torch.randn(length, heads + 2 * kv_heads, head_dim, device="cuda", generator=gen)
+    q, k, v = qkv.bfloat16().split([heads, kv_heads, kv_heads], 1)
     backend.store_kv(k, v, cache, meta.slot_mapping)
-    fast = backend.fresh_prefill(q, k, v, cache, meta, spec)
+    fast = backend.sdpa_prefill(q, k, v, cache, meta, spec)
     assert (fast is not None) == routed
     paged = backend.paged_attention(q, cache, meta, spec)
     if routed:
-        assert fast.shape == q.shape
+        assert fast.shape == q.shape and fast.dtype == q.dtype
         torch.testing.assert_close(fast.float(), paged.float(), atol=2e-2, rtol=2e-2)
-    chunked = AttentionMetadata(**{**meta.__dict__, "query_lens_cpu": [length - 1]})
-    assert backend.fresh_prefill(q, k, v, cache, chunked, spec) is None  # a cached prefix
+    two = AttentionMetadata(**{**meta.__dict__, "query_lens_cpu": [1, length - 1]})
+    assert backend.sdpa_prefill(q, k, v, cache, two, spec) is None  # two sequences
+
+
+def test_long_chunked_prompt_keeps_its_greedy_tokens(tmp_path_factory):
+    """A 6000-token prompt in 2048-token chunks (fresh, then after 2048 and 4096 cached tokens),
+    bf16: SDPA route vs the paged kernel alone give the same logits (bf16 noise) and greedy
+    tokens (up to a genuine near tie)."""
+    from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.sampling_params import SamplingParams
+    from tests.helpers import record_logits, record_sdpa_contexts, tiny_checkpoint
+
+    path = tiny_checkpoint(
+        tmp_path_factory, "qwen2", max_position_embeddings=8192, hidden_size=256
+    )  # head dim 64
+    prompt = [(7 * i + 3) % 400 + 20 for i in range(6000)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    runs = {}
+    for on in (True, False):
+        engine = Engine(
+            str(path), dtype="bfloat16", device="cuda", max_num_batched_tokens=2048,
+            num_kv_blocks=640,
+        )  # fmt: skip
+        contexts = record_sdpa_contexts(engine, on)
+        seen = record_logits(engine)
+        rid = engine.add_request(prompt, params)
+        runs[on] = (engine.run_until_done()[rid].outputs[0].token_ids, seen, sorted(set(contexts)))
+    (tokens, logits, contexts), (ref_tokens, ref_logits, ref_contexts) = runs[True], runs[False]
+    assert contexts == [0, 2048, 4096] and ref_contexts == []
+    for step, (got, ref) in enumerate(zip(logits, ref_logits)):
+        torch.testing.assert_close(got, ref, atol=5e-2, rtol=0, msg=f"step {step}")
+        if tokens[step] != ref_tokens[step]:
+            top2 = ref[-1].float().topk(2).values
+            assert top2[0] - top2[1] < 0.1, f"step {step}: greedy token changed without a tie"
+            break

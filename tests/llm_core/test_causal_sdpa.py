@@ -1,0 +1,179 @@
+"""The SDPA route of a long causal prefill chunk (`causal_sdpa.py`, `sdpa_prefill`): fresh and
+after cached context, against the paged Triton kernel in fp32 on CPU (TRITON_INTERPRET=1; CPU
+SDPA runs torch's flash op, the LSE-returning op the route calls). The threshold is lowered so
+tiny chunks route; the steps that must not route still get the kernel's answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polymodal.llm_core.attention import TorchAttentionBackend, causal_sdpa, triton_backend
+from polymodal.llm_core.attention.layer import AttentionLayer
+from polymodal.llm_core.attention.spec import Mask
+from tests.helpers import spec_for
+from tests.llm_core.interpreted import (
+    _interpreted_only,  # noqa: F401  (autouse fixture)
+    assert_close,
+    test_interpreted_in_subprocess,  # noqa: F401
+)
+from tests.llm_core.test_triton_kernels import make_batch
+
+PAGE = 16
+MIN_CHUNK = 16  # SDPA_MIN_CAUSAL in these tests
+
+
+@pytest.fixture(autouse=True)
+def _small_threshold(monkeypatch):
+    monkeypatch.setattr(causal_sdpa, "SDPA_MIN_CAUSAL", MIN_CHUNK)
+
+
+def step(q_lens, seq_lens, heads, kv_heads, head_dim):
+    """A prefill step whose new k / v are stored the way `AttentionLayer` stores them; returns
+    (q, k, v, cache, meta) with the cache holding everything but this step's keys."""
+    q, cache, meta = make_batch(q_lens, seq_lens, heads, kv_heads, head_dim, PAGE)
+    meta.query_lens_cpu, meta.seq_lens_cpu = list(q_lens), list(seq_lens)
+    slots = []
+    for s, (n, total) in enumerate(zip(q_lens, seq_lens)):
+        pos = torch.arange(total - n, total)
+        slots.append(meta.block_tables[s, pos // PAGE].long() * PAGE + pos % PAGE)
+    meta.slot_mapping = torch.cat(slots)
+    gen = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(sum(q_lens), kv_heads, head_dim, generator=gen) for _ in "kv")
+    return q, k, v, cache, meta
+
+
+def layer_output(spec, backend, q, k, v, cache, meta):
+    """What a decoder layer gets: store, then `sdpa_prefill` or the paged kernel."""
+    out = AttentionLayer(spec, backend)(q, k, v, None, cache, meta)
+    return out.view(q.shape[0], q.shape[1], -1)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,context,chunk",
+    [
+        (4, 2, 64, 37, 24),  # context ends inside a page
+        (4, 4, 128, 48, 20),  # no GQA, context on a page boundary
+        (6, 2, 80, 5, 40),  # GQA 3, head dim 80, context shorter than a page
+        (8, 1, 64, 70, 17),  # one KV head
+        (4, 2, 128, 0, 30),  # fresh prompt
+    ],
+)
+def test_route_matches_the_paged_kernel(heads, kv_heads, head_dim, context, chunk):
+    q, k, v, cache, meta = step([chunk], [context + chunk], heads, kv_heads, head_dim)
+    spec = spec_for(q, cache, head_dim**-0.5)
+    assert causal_sdpa.context_len(q, k, cache, meta, spec) == context
+    routed = triton_backend.TritonAttentionBackend(causal_sdpa=True)
+    out = layer_output(spec, routed, q, k, v, cache.clone(), meta)
+    kernel_backend = triton_backend.TritonAttentionBackend(causal_sdpa=False)
+    kernel = layer_output(spec, kernel_backend, q, k, v, cache, meta)
+    assert_close(out, kernel, torch.float32)
+    assert_close(out, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32)
+    assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is not None
+    # by default only CUDA in 16 bits takes the route
+    assert triton_backend.TritonAttentionBackend().sdpa_prefill(q, k, v, cache, meta, spec) is None
+
+
+def _two_sequences():
+    return step([20, 18], [45, 18], 4, 2, 64), {}
+
+
+def _short_chunk():
+    return step([MIN_CHUNK - 1], [40], 4, 2, 64), {}
+
+
+def _window():
+    return step([20], [45], 4, 2, 64), {"window": 8}
+
+
+def _softcap():
+    return step([20], [45], 4, 2, 64), {"softcap": 5.0}
+
+
+def _media_ranges():
+    q, k, v, cache, meta = step([20], [45], 4, 2, 64)
+    lows = torch.tensor([25] * 6 + [0] * 14, dtype=torch.int32)
+    highs = torch.tensor([31] * 6 + [0] * 14, dtype=torch.int32)
+    meta.media_key_ranges = (lows, highs)
+    meta.media_key_ranges_cpu = (lows.tolist(), highs.tolist())
+    return (q, k, v, cache, meta), {}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [_two_sequences, _short_chunk, _window, _softcap, _media_ranges],
+    ids=lambda f: f.__name__,
+)
+def test_steps_that_do_not_route_get_the_kernel(case):
+    (q, k, v, cache, meta), spec_kwargs = case()
+    spec = spec_for(q, cache, 64**-0.5, **spec_kwargs)
+    routed = triton_backend.TritonAttentionBackend(causal_sdpa=True)
+    assert causal_sdpa.context_len(q, k, cache, meta, spec) is None
+    out = layer_output(spec, routed, q, k, v, cache.clone(), meta)
+    kernel_backend = triton_backend.TritonAttentionBackend(causal_sdpa=False)
+    kernel = layer_output(spec, kernel_backend, q, k, v, cache, meta)
+    assert torch.equal(out, kernel)
+
+
+def test_other_caches_and_masks_do_not_route():
+    q, k, v, cache, meta = step([20], [45], 4, 2, 64)
+    spec = spec_for(q, cache, 0.1)
+    assert causal_sdpa.context_len(q, k, cache.half(), meta, spec) is None  # cache dtype != q's
+    assert causal_sdpa.context_len(q, None, cache, meta, spec) is None  # no new keys
+    chunked = spec_for(q, cache, 0.1, window=16, mask=Mask.CHUNKED)
+    assert causal_sdpa.context_len(q, k, cache, meta, chunked) is None
+    q36, k36, _, cache36, meta36 = step([20], [45], 4, 2, 36)  # head dim not 8-aligned
+    spec36 = spec_for(q36, cache36, 0.1)
+    assert causal_sdpa.context_len(q36, k36, cache36, meta36, spec36) is None
+    fresh36 = step([20], [20], 4, 2, 36)  # fresh: F.sdpa pads any head dim
+    assert causal_sdpa.context_len(fresh36[0], fresh36[1], fresh36[3], fresh36[4], spec36) == 0
+
+
+def test_gather_context_reads_the_pages_in_order():
+    _, _, _, cache, meta = step([20], [53], 4, 2, 32)
+    k, v = causal_sdpa.gather_context(cache, meta.block_tables[0], 37)
+    pos = torch.arange(37)
+    blocks = meta.block_tables[0, pos // PAGE].long()
+    assert torch.equal(k, cache[0, blocks, pos % PAGE])
+    assert torch.equal(v, cache[1, blocks, pos % PAGE])
+
+
+def test_merge_partials_weighs_by_lse():
+    """Strided partials (as the fused ops return them), LSEs far apart (no NaN, no overflow)."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, heads, d = 37, 3, 80
+    a = torch.randn(heads, tokens, d, generator=gen).transpose(0, 1)  # [tokens, heads, d] view
+    b = torch.randn(tokens, heads, d, generator=gen)
+    lse_a = torch.randn(tokens, heads, generator=gen).t() * 3  # [heads, tokens] view
+    lse_b = torch.randn(heads, tokens, generator=gen) * 3
+    lse_a[0, :4] = torch.tensor([300.0, -300.0, 0.0, 88.0])
+    out = causal_sdpa.merge_partials(a, lse_a, b, lse_b)
+    share_a = torch.sigmoid(lse_a - lse_b).t()[..., None]  # [tokens, heads, 1]
+    assert_close(out, share_a * a + (1 - share_a) * b, torch.float32)
+
+
+def test_engine_chunks_through_the_route(tmp_path_factory):
+    """A prompt in three chunks (fresh, then two after cached context) through the whole model:
+    the same greedy tokens and logits as the paged kernel, and the route was taken."""
+    from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.sampling_params import SamplingParams
+    from tests.helpers import record_logits, record_sdpa_contexts, tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2")
+    prompt = [(7 * i + 3) % 400 + 20 for i in range(90)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    runs = {}
+    for on in (True, False):
+        engine = Engine(
+            str(path), dtype="float32", device="cpu", attention_backend="triton",
+            max_num_batched_tokens=32, num_kv_blocks=64,
+        )  # fmt: skip
+        contexts = record_sdpa_contexts(engine, on)
+        seen = record_logits(engine)
+        rid = engine.add_request(prompt, params)
+        runs[on] = (engine.run_until_done()[rid].outputs[0].token_ids, seen, contexts)
+    (tokens, logits, contexts), (ref_tokens, ref_logits, ref_contexts) = runs[True], runs[False]
+    assert sorted(set(contexts)) == [0, 32, 64] and not ref_contexts  # fresh, after 32, after 64
+    assert tokens == ref_tokens
+    for got, ref in zip(logits, ref_logits, strict=True):
+        assert_close(got, ref, torch.float32)
