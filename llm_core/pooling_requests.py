@@ -1,5 +1,11 @@
-"""Pooling requests as the engine queues them: one prompt (`pooling_group`) or a batch checked
-and converted at once (`check_pooling_batch`, for `Engine.add_requests`).
+"""Pooling requests as the engine queues them: checked prompts wait in a `PoolingQueue` and
+become requests (`pooling_group`) a step's worth at a time; a batch is checked and converted at
+once (`check_pooling_batch`, for `Engine.add_requests`).
+
+Why a queue of prompts rather than of requests: building a `Request` and its `RequestGroup`
+costs ~5 us a prompt (and the GC's scans of thousands of them more), which, done for a whole
+batch in `add_requests`, delayed the first step by ~20 us a prompt (issue 16: ~80 ms for 4096
+prompts). Built in the step that admits them, they overlap the previous step on the device.
 
 A batch's token ids become one int64 CPU tensor in one conversion (~15 ns a token instead of
 the ~130 of `torch.tensor(list)`), range-checked against the vocab with one min / max, and each
@@ -9,8 +15,9 @@ request keeps its view of it (`Request.prompt_tensor`), which the pooling step c
 from __future__ import annotations
 
 import gc
+from collections import OrderedDict
 from contextlib import contextmanager
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -46,6 +53,48 @@ def pooling_group(
         prompt_tensor=prompt_tensor,
     )
     return RequestGroup(request_id, prompt_token_ids, [seq], [None], [CompletionOutput(index=0)])
+
+
+class PoolingQueue:
+    """Pooling prompts checked and queued, in order, that are not requests yet. `take` builds
+    the first ones as `RequestGroup`s (the engine does it for the step about to be scheduled);
+    a queued prompt can be looked up and dropped by request id (abort)."""
+
+    def __init__(self, max_model_len: int):
+        self.max_model_len = max_model_len
+        # request id -> (token ids, params, segment ids or None, int64 CPU tensor or None)
+        self.prompts: OrderedDict[str, tuple] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.prompts
+
+    def add(self, request_ids: list[str], prompts: list, params: PoolingParams,
+            token_type_ids: list, tensors: list) -> None:  # fmt: skip
+        """Queue checked prompts (their ids, segment ids and tensors: one entry each)."""
+        entries = zip(prompts, repeat(params), token_type_ids, tensors)
+        self.prompts.update(zip(request_ids, entries))
+
+    def discard(self, request_id: str) -> bool:
+        """Drop a queued prompt; whether it was queued."""
+        return self.prompts.pop(request_id, None) is not None
+
+    def take(self, max_seqs: int, max_tokens: int, chunkable: bool) -> list[RequestGroup]:
+        """Requests of the first queued prompts: at most `max_seqs`, and no more once their
+        tokens reach `max_tokens` (what one step may admit; nothing when either is <= 0).
+        `chunkable`: whether the model may split a prompt across steps (a causal one)."""
+        groups, tokens, prompts = [], 0, self.prompts
+        while prompts and len(groups) < max_seqs and tokens < max_tokens:
+            request_id, (ids, params, types, tensor) = prompts.popitem(last=False)
+            groups.append(
+                pooling_group(
+                    request_id, ids, params, self.max_model_len, chunkable, types, tensor
+                )
+            )
+            tokens += len(ids)
+        return groups
 
 
 def check_pooling_batch(

@@ -102,6 +102,7 @@ def test_add_requests_to_a_generation_model(tmp_path_factory):
 def test_encoder_steps_take_the_whole_prompt_path(bert):
     engine = Engine(bert, dtype="float32", device="cpu")
     engine.add_requests(PROMPTS, PoolingParams())
+    engine._admit_pooling()  # the prompts the step may admit, as requests
     sched = engine.scheduler.schedule()
     assert runs_whole_prompts(engine.runner, sched)
     assert all(r.prompt_tensor is not None for r in sched.requests)
@@ -150,6 +151,7 @@ def test_async_pooling_reads_each_step_back_one_step_late(bert):
 def test_finish_all_keeps_the_others_running_in_order(bert):
     engine = Engine(bert, dtype="float32", device="cpu")
     engine.add_requests(PROMPTS, PoolingParams())
+    engine._admit_pooling()
     reqs = engine.scheduler.schedule().requests
     assert engine.scheduler.running == reqs
     engine.scheduler.finish_all([reqs[2], reqs[0], reqs[2]], "stop")
