@@ -122,7 +122,7 @@ class Engine:
                 prompt_token_ids, pooling, token_type_ids, mm_items, **self._pooling_checks()
             )
             self._pooling.add([request_id], [list(prompt_token_ids)], pooling, [token_type_ids],
-                              [None])  # fmt: skip
+                              None)  # fmt: skip
             return request_id
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
@@ -194,9 +194,9 @@ class Engine:
         side = getattr(self.tokenizer, "truncation_side", "right")
         with paused_gc():
             checks = self._pooling_checks()
-            ids, types, tensors = check_pooling_batch(prompts, pooling, token_type_ids, checks, side)
-            request_ids = [f"req-{next(self._ids)}" for _ in ids]
-            self._pooling.add(request_ids, ids, pooling, types, tensors)
+            types, tensors = check_pooling_batch(prompts, pooling, token_type_ids, checks, side)
+            request_ids = [f"req-{next(self._ids)}" for _ in tensors]
+            self._pooling.add(request_ids, None, pooling, types, tensors)
         return request_ids
 
     def _add_each(self, prompts: list, params: Any, token_type_ids: list | None) -> list[str]:
