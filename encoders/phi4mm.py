@@ -84,7 +84,8 @@ class Phi4MMVisionTower(nn.Module):
         backend = self.backend if full else KeyMaskedAttention(mask.flatten(1))
         meta = uniform_segments(crops, patches, x.device)
         depth = len(self.encoder.layers)
-        x = self.encoder(x.reshape(-1, dim), meta, backend, layer % (depth + 1))
+        # row-major (the sum kept the conv output's channel-major layout: see SiglipEmbeddings)
+        x = self.encoder(x.reshape(-1, dim).contiguous(), meta, backend, layer % (depth + 1))
         return x.view(crops, patches, dim)
 
 

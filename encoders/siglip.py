@@ -37,7 +37,10 @@ class SiglipEmbeddings(nn.Module):
             raise ValueError(
                 f"SigLIP takes {self.num_positions} patches an image, got {patches.shape[1]}"
             )
-        return (patches + self.position_embedding.weight).flatten(0, 1)
+        # Row-major: the sum keeps the conv output's channel-major layout, which left the whole
+        # residual stream column-major (every add strided and every LayerNorm copying its input:
+        # ~4 ms of Gemma 3's 17 ms tower on an H200).
+        return (patches + self.position_embedding.weight).flatten(0, 1).contiguous()
 
 
 class SiglipVisionTower(nn.Module):

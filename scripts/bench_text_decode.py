@@ -60,6 +60,20 @@ def decode_ms(engine, vocab, n=256) -> float:
     return float(np.median(np.diff(stamps[1:])) * 1e3)
 
 
+def decode_profile(engine, vocab, steps=32) -> dict:
+    """Kernels of `steps` batch-1 decode steps (graph replays) of one request."""
+    from polymodal.bench.profile import calls_profile, print_calls_profile
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+    engine.add_request(text_ids(32, 1, vocab), params)
+    for _ in range(4):  # the prefill and warm decode steps
+        engine.step()
+    out = calls_profile(engine.step, steps)
+    engine.run_until_done()
+    print_calls_profile(f"batch-1 decode step ({steps} steps)", out)
+    return out
+
+
 def throughput(engine, vocab, prompts, tokens) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -87,6 +101,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--hf-prompts", type=int, default=64)
     parser.add_argument("--json", default="bench_text.json")
+    parser.add_argument("--profile", action="store_true", help="kernel table of decode steps")
     args = parser.parse_args()
     from polymodal.bench.engine import measure_bandwidth
 
@@ -108,6 +123,8 @@ def main() -> None:
     throughput(engine, vocab, 64, 8)  # warm-up: Triton compiles, mixed steps
     results["decode_ms"] = decode_ms(engine, vocab)
     results["decode_of_floor"] = results["decode_floor_ms"] / results["decode_ms"]
+    if args.profile:
+        results["decode_profile"] = decode_profile(engine, vocab)
     results["tokens_s"] = throughput(engine, vocab, args.prompts, args.tokens)
     del engine
     torch.cuda.empty_cache()

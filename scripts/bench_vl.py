@@ -216,14 +216,22 @@ def run_side(gen, device: str, pics, output_tokens: int, batch: int) -> dict:
 
 
 def ttft_floor(llm, bandwidth: float, peak: float) -> dict:
-    """Weights read and FLOPs of one 448x448 image's prefill: the tower's matmul FLOPs as
-    counted by torch (its attention kernel's are not), 2 x the parameters each prompt token
-    touches in the decoder (the LM head once), and every weight the step reads."""
+    """Weights read and FLOPs of one 448x448 image's prefill: the tower's FLOPs as counted by
+    torch (matmuls, and attention where it takes SDPA; our Triton kernel's are not counted),
+    2 x the parameters each prompt token touches in the decoder (the LM head once), and every
+    weight the step reads."""
+    from unittest.mock import patch
+
     from torch.utils.flop_counter import FlopCounterMode
+
+    from polymodal.encoders.graphs import EncoderGraphs
 
     model = llm.engine.runner.model
     prompt = llm.process({"messages": chat(images(1)[0])})
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    # eager: a CUDA-graph replay runs no aten op the counter would see (it counted 0 tower
+    # FLOPs for Gemma 3 once its tower had graphs)
+    eager = patch.object(EncoderGraphs, "__call__", lambda graphs, *args: graphs.tower(*args))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter, eager:
         model.encode(prompt.mm_items)
     size = next(model.parameters()).element_size()
     tokens, head = len(prompt.token_ids), model.lm_head.weight.numel()
@@ -239,6 +247,21 @@ def ttft_floor(llm, bandwidth: float, peak: float) -> dict:
     }
 
 
+def ttft_profile(llm, ours, calls: int = 3) -> dict:
+    """Kernels of `calls` fresh-image TTFTs (processing included): the GPU span of the tower
+    and of the decoder, busy vs wall, the kernels that cost most, where the GPU idles."""
+    from polymodal.bench.profile import calls_profile, print_calls_profile
+
+    runner = llm.engine.runner
+    methods = [(runner.model, "encode", "vision encoder"), (runner.model, "forward", "decoder")]
+    if runner.prefill_graphs is not None:
+        methods.append((runner.prefill_graphs, "run", "decoder graphs"))
+    fresh = iter(images(calls, seed=8765))
+    out = calls_profile(lambda: ours([next(fresh)], 1), calls, methods)
+    print_calls_profile(f"TTFT of one fresh image ({calls} calls)", out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -250,6 +273,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 (H200)")
     parser.add_argument("--json", default="bench_vl.json")
+    parser.add_argument("--profile", action="store_true", help="kernels of one image's TTFT")
     args = parser.parse_args()
     print(json.dumps(run(args), indent=2))
 
@@ -289,6 +313,8 @@ def run(args) -> dict:
         model = llm.engine.runner.model
         results["decode_floor_ms"] = active_decoder_bytes(model, 1) / bandwidth * 1e3
         results.update(ttft_floor(llm, bandwidth, args.peak_tflops * 1e12))
+        if getattr(args, "profile", False):
+            results["ttft_profile"] = ttft_profile(llm, ours)
     if hf is not None:
         del llm
         if device == "cuda":

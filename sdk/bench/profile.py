@@ -288,6 +288,50 @@ def ttft_kernels(ours, runs: int = 3, top: int = 10) -> dict:
     }
 
 
+def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16) -> dict:
+    """Kernels of `calls` calls of `fn()` (a decode step, a TTFT, ...): wall and GPU-busy ms a
+    call, the busy time charged to the kernel that ends it (marginal cost under PDL), the idle
+    gaps, and the GPU span of each `(obj, method name, label)` in `methods`. For the families
+    whose benches are scripts (`scripts/bench_vl.py --profile`, `bench_text_decode.py
+    --profile`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = {label for _, _, label in methods}
+    with _annotated(list(methods)):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+    spans: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key in names:
+            spans[e.key] = max(spans[e.key], e.device_time_total / 1e3 / calls)
+    busy = _busy_seconds(prof, exclude=names)
+    return {
+        "wall_ms": wall / calls * 1e3,
+        "gpu_busy_ms": busy / calls * 1e3,
+        "gpu_idle_share": 1 - busy / wall,
+        **{f"{label} gpu_span_ms": spans[label] for label in sorted(names)},
+        "exclusive_kernels": _exclusive_ms(prof, calls, top),
+        "idle_gaps": _idle_gaps(prof, calls, 8),
+    }
+
+
+def print_calls_profile(title: str, prof: dict) -> None:
+    spans = ", ".join(f"{k[:-12]} {v:.2f} ms" for k, v in prof.items() if k.endswith("gpu_span_ms"))
+    print(
+        f"\n{title}: {prof['wall_ms']:.2f} ms wall (profiled), {prof['gpu_busy_ms']:.2f} ms GPU "
+        f"busy, idle {prof['gpu_idle_share']:.1%}" + (f"; GPU spans: {spans}" if spans else "")
+    )
+    print("  busy time charged to the kernel that ends it:")
+    _print_kernels(prof["exclusive_kernels"], "ms_per_step", "calls_per_step")
+    print("  idle gaps (the kernel that ended -> the one that started):")
+    _print_kernels(prof["idle_gaps"], "ms_per_step", "calls_per_step")
+
+
 def profile_all(ours, pics) -> dict:
     """Kernel tables of decode, TTFT and the vision tower; phase tables of TTFT and
     captioning."""
