@@ -17,7 +17,8 @@ with every prompt's class probabilities on the host:
 Passes alternate (ours, transformers, ours, ...) after a warm-up of each, so clock or load
 drift hits both alike; each side reports sequences/s of its best pass and its median, and
 the largest difference of the class probabilities (a sanity check; the parity tests are
-tests/llm_core/test_pooling.py).
+tests/llm_core/test_pooling.py). `--profile` (CUDA): then the kernels of one pass of each side
+(GPU busy against wall time, the kernels that cost most, where the GPU idles).
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ def rates(times: list[float], n: int) -> dict[str, float]:
     return {"best": n / min(times), "median": n / statistics.median(times)}
 
 
+def profile(engine: Engine, model, prompts: list, args) -> dict:
+    """Kernel tables of one pass of each side (`polymodal.bench.profile.calls_profile`)."""
+    from polymodal.bench.profile import calls_profile, print_calls_profile
+
+    out = {}
+    sides = (
+        ("ours", lambda: ours_pass(engine, prompts, args.add_each),
+         [(engine.runner.model, "forward", "encoder")]),
+        ("transformers", lambda: hf_pass(model, prompts, args.batch, args.device),
+         [(model, "forward", "forward")]),
+    )  # fmt: skip
+    for name, fn, methods in sides:
+        out[name] = calls_profile(fn, 1, methods)
+        print_calls_profile(f"{name}: one pass of {len(prompts)} prompts", out[name])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -87,6 +105,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5, help="timed passes of each side")
     parser.add_argument("--tiny", action="store_true", help="2 layers, hidden 64")
     parser.add_argument("--add-each", action="store_true", help="one add_request per prompt")
+    parser.add_argument("--profile", action="store_true", help="kernels of one pass each (CUDA)")
     parser.add_argument("--json", default="bench_bert.json")
     args = parser.parse_args()
     import transformers as tf
@@ -121,7 +140,9 @@ def main() -> None:
                "ours_median_seq_s": ours["median"], "hf_median_seq_s": hf["median"],
                "median_speedup": ours["median"] / hf["median"],
                "max_prob_diff": diff}  # fmt: skip
-    print(json.dumps(results, indent=2))
+    if args.profile and args.device == "cuda":
+        results["profile"] = profile(engine, model, prompts, args)
+    print(json.dumps({k: v for k, v in results.items() if k != "profile"}, indent=2))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
 
