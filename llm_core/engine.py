@@ -19,7 +19,7 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.pooling import PoolingOutput, PoolingRequestOutput, check_pooling_request
-from polymodal.llm_core.pooling_requests import check_pooling_batch, paused_gc, pooling_group
+from polymodal.llm_core.pooling_requests import PoolingQueue, check_pooling_batch, paused_gc
 from polymodal.llm_core.pooling_step import PoolingFlight, launch_pooling_step
 from polymodal.llm_core.request_checks import (
     atomic_spans,
@@ -66,6 +66,8 @@ class Engine:
         self._in_flight = None  # the launched step whose tokens are not read back yet
         self._pool_flight: PoolingFlight | None = None  # same, of a pooling step
         self._grammar_compiler = None  # built on first use (structured output)
+        # pooling prompts queued but not yet requests: each step builds what it may admit
+        self._pooling = PoolingQueue(self.max_model_len)
         overlap = self.config.async_scheduling
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
         # workers get each step's ids from the host batch: no device-resident ids to chain on
@@ -107,7 +109,7 @@ class Engine:
         pooling = check_pooling_request(params, self.task, mc.architecture, mc.model_dir)
         params = pooling or params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._pooling:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         if pooling is not None:
             if pooling.truncate_prompt_tokens is not None:
@@ -119,16 +121,9 @@ class Engine:
             check_pooling_prompt(
                 prompt_token_ids, pooling, token_type_ids, mm_items, **self._pooling_checks()
             )
-            return self._queue(
-                pooling_group(
-                    request_id,
-                    list(prompt_token_ids),
-                    pooling,
-                    self.max_model_len,
-                    self.runner.model.is_causal,
-                    token_type_ids,
-                )  # fmt: skip
-            )
+            self._pooling.add([request_id], [list(prompt_token_ids)], pooling, [token_type_ids],
+                              None)  # fmt: skip
+            return request_id
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
@@ -189,24 +184,19 @@ class Engine:
 
         A pooling model takes the whole batch at once (`PoolingParams`; `token_type_ids`: per
         prompt its segment ids or None): one copy of the params, one conversion of all token
-        ids (`pooling_requests.py`). This is how to queue thousands of short prompts
-        (`LLM.encode` / `classify` / `embed` do). A generation model queues each prompt through
-        `add_request`."""
+        ids, and the requests built step by step as they are admitted (`pooling_requests.py`).
+        This is how to queue thousands of short prompts (`LLM.encode` / `classify` / `embed`
+        do). A generation model queues each prompt through `add_request`."""
         mc = self.model_config
         pooling = check_pooling_request(params, self.task, mc.architecture, mc.model_dir)
         if pooling is None:
             return self._add_each(prompts, params, token_type_ids)
         side = getattr(self.tokenizer, "truncation_side", "right")
-        causal, request_ids = self.runner.model.is_causal, []
         with paused_gc():
             checks = self._pooling_checks()
-            batch = check_pooling_batch(prompts, pooling, token_type_ids, checks, side)
-            for ids, types, tensor in zip(*batch):
-                request_id = f"req-{next(self._ids)}"
-                group = pooling_group(
-                    request_id, ids, pooling, self.max_model_len, causal, types, tensor
-                )
-                request_ids.append(self._queue(group))
+            types, tensors = check_pooling_batch(prompts, pooling, token_type_ids, checks, side)
+            request_ids = [f"req-{next(self._ids)}" for _ in tensors]
+            self._pooling.add(request_ids, None, pooling, types, tensors)
         return request_ids
 
     def _add_each(self, prompts: list, params: Any, token_type_ids: list | None) -> list[str]:
@@ -268,6 +258,8 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown or finished ids are ignored)."""
+        if self._pooling.discard(request_id):  # queued, not a request yet
+            return
         group = self._groups.pop(request_id, None)
         if group is None:
             return
@@ -277,7 +269,12 @@ class Engine:
             self._seq_to_group.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups or self._pooling)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not running yet (pooling prompts not built yet included)."""
+        return len(self.scheduler.waiting) + len(self._pooling)
 
     @property
     def num_free_blocks(self) -> int:
@@ -329,6 +326,7 @@ class Engine:
         pooled, finished and returned. With async scheduling the step's outputs are read back
         in the next call, after it launched its own step (outputs lag one step)."""
         flight, self._pool_flight = self._pool_flight, None
+        self._admit_pooling()
         sched = self.scheduler.schedule()
         launched = None
         if sched:
@@ -341,6 +339,17 @@ class Engine:
         elif launched is not None:
             outputs += self._pool_outputs(launched)
         return outputs
+
+    def _admit_pooling(self) -> None:
+        """Build the queued pooling prompts the next schedule may admit (as many as fit the
+        step's sequences and tokens after those already waiting) and hand them over."""
+        if not self._pooling:
+            return
+        waiting = self.scheduler.waiting
+        max_seqs = self.scheduler.max_num_seqs - len(self.scheduler.running) - len(waiting)
+        tokens = self.scheduler.max_num_batched_tokens - sum(r.num_tokens for r in waiting)
+        for group in self._pooling.take(max_seqs, tokens, self.runner.model.is_causal):
+            self._queue(group)
 
     def _pool_outputs(self, flight: PoolingFlight) -> list[PoolingRequestOutput]:
         """The outputs of a launched pooling step (its requests are forgotten; one aborted

@@ -11,8 +11,10 @@ encoder replaced by a stand-in that returns a preallocated tensor of the right s
 microseconds are the engine's, not the CPU's matmuls; `--real` runs the model). Prints, for
 prompts queued one `add_request` each and all at once (`add_requests`), microseconds per
 sequence for adding the requests, scheduling, running the step (inputs, the stand-in,
-pooling, the copy to the host) and the rest of the step (finishing, outputs); each part's
-best of `--passes` passes.
+pooling, the copy to the host) and the rest of the step (building the requests admitted,
+finishing, outputs); each part's best of `--passes` passes. `first_launch_ms` is the time from
+the add until the first step is launched: on a GPU the host work after it overlaps the device
+(async scheduling), the work before it does not.
 """
 
 from __future__ import annotations
@@ -35,17 +37,20 @@ MICRO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, interme
 
 
 class Timed:
-    """A function wrapped to add its wall time to `total`."""
+    """A function wrapped to add its wall time to `total` (and note when its first call of a
+    pass returned: `first_end`)."""
 
     def __init__(self, fn):
-        self.fn, self.total = fn, 0.0
+        self.fn, self.total, self.first_end = fn, 0.0, None
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)
         finally:
-            self.total += time.perf_counter() - start
+            end = time.perf_counter()
+            self.total += end - start
+            self.first_end = self.first_end or end
 
 
 def stand_in(engine: Engine, max_tokens: int) -> None:
@@ -59,7 +64,7 @@ def stand_in(engine: Engine, max_tokens: int) -> None:
 def one_pass(engine: Engine, prompts: list, timers: dict, batched: bool) -> dict:
     start = time.perf_counter()
     for t in timers.values():
-        t.total = 0.0
+        t.total, t.first_end = 0.0, None
     add_start = time.perf_counter()
     if batched:  # one call for every prompt (what LLM.classify / embed do)
         ids = engine.add_requests(prompts, PoolingParams())
@@ -79,6 +84,7 @@ def one_pass(engine: Engine, prompts: list, timers: dict, batched: bool) -> dict
         "pooling_step_us": step * us,
         "rest_of_step_us": (run - sched - step) * us,
         "total_us": (time.perf_counter() - start) * us,
+        "first_launch_ms": (timers["step"].first_end - add_start) * 1e3,
     }
 
 

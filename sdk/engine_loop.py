@@ -230,7 +230,7 @@ class EngineLoop:
     def _refresh_stats(self) -> None:
         scheduler = self.engine.scheduler
         self.stats.num_running = len(scheduler.running)
-        self.stats.num_waiting = len(scheduler.waiting) + self._pending
+        self.stats.num_waiting = self.engine.num_waiting + self._pending
         self.stats.num_free_blocks = self.engine.num_free_blocks
         self.stats.num_total_blocks = scheduler.kv.num_blocks
         now = self.stats.as_tuple()

@@ -1,6 +1,7 @@
 """RMSNorm with an optional fused residual add (Triton on CUDA, torch elsewhere), and the
 deferred form a few-row decode step uses: the residual add done in the GEMV before (its
 epilogue, `AddedResidual`), the normalization in the GEMV after (as it loads x, `DeferredNorm`).
+`LayerNorm`: `nn.LayerNorm` that may add a residual first, in the same pass on CUDA (BERT).
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ class RMSNorm(nn.Module):
         else:
             out, res = rms_norm_torch(x, self.weight, self.eps, residual)
         return out if residual is None else (out, res)
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` (same parameters, HF names) whose `forward(x, residual=None)` normalizes
+    `x + residual`: one Triton pass on CUDA (`triton_layer_norm.add_layer_norm`: the add's
+    rounding and the fp32 statistics as eager torch), `nn.LayerNorm(x + residual)` elsewhere."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        fusable = self.weight is not None and self.bias is not None and self.weight.dim() == 1
+        if x.is_cuda and fusable and fused_ops() is not None:  # fused_ops: Triton is there
+            from polymodal.llm_core.layers.triton_layer_norm import add_layer_norm
+
+            return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return super().forward(x if residual is None else x + residual)
 
 
 class GemmaRMSNorm(nn.Module):

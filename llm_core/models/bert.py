@@ -24,6 +24,7 @@ from polymodal.llm_core.embedding_head import embedding_head
 from polymodal.llm_core.errors import UnsupportedModelError
 from polymodal.llm_core.interfaces import SupportsPooling
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
+from polymodal.llm_core.layers.norm import LayerNorm
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.tiny import TinyConfig, sentence_transformers_files
 from polymodal.llm_core.pooling import Pooler, finish_pooled_rows, pooled_rows
@@ -39,15 +40,17 @@ class BertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(text.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(text.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=text.layer_norm_eps)
+        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=text.layer_norm_eps)
 
     def forward(self, input_ids, positions, token_type_ids) -> torch.Tensor:
         embeds = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(embeds + self.position_embeddings(positions))
+        return self.LayerNorm(embeds, self.position_embeddings(positions))  # LN(embeds + pos)
 
 
 class BertLayer(nn.Module):
-    """x = LN(x + attn(x)); x = LN(x + down(gelu(up(x)))), with HF's module nesting."""
+    """x = LN(x + attn(x)); x = LN(x + down(gelu(up(x)))), with HF's module nesting. Each
+    residual add runs inside its LayerNorm (one pass on CUDA); the biases inside the GEMMs
+    (`F.linear`: cuBLAS's bias epilogue)."""
 
     def __init__(self, cfg: ModelConfig, backend):
         super().__init__()
@@ -60,7 +63,7 @@ class BertLayer(nn.Module):
         )
         self.attention.output = nn.Module()
         self.attention.output.dense = Linear(hidden, hidden)
-        self.attention.output.LayerNorm = nn.LayerNorm(hidden, eps=text.layer_norm_eps)
+        self.attention.output.LayerNorm = LayerNorm(hidden, eps=text.layer_norm_eps)
         spec = AttentionSpec(
             self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5, Mask.BIDIRECTIONAL
         )
@@ -69,16 +72,16 @@ class BertLayer(nn.Module):
         self.intermediate.dense = Linear(hidden, cfg.intermediate_size)
         self.output = nn.Module()
         self.output.dense = Linear(cfg.intermediate_size, hidden)
-        self.output.LayerNorm = nn.LayerNorm(hidden, eps=text.layer_norm_eps)
+        self.output.LayerNorm = LayerNorm(hidden, eps=text.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, meta) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.attention.self.qkv(x).view(num_tokens, 3, self.num_heads, -1).unbind(1)
         attn = self.attn(q, k, v, None, None, meta)  # [num_tokens, hidden]
         out = self.attention.output
-        x = out.LayerNorm(out.dense(attn) + x)
+        x = out.LayerNorm(out.dense(attn), x)  # LN(dense(attn) + x)
         up = F.gelu(self.intermediate.dense(x))  # erf GELU ("gelu")
-        return self.output.LayerNorm(self.output.dense(up) + x)
+        return self.output.LayerNorm(self.output.dense(up), x)
 
 
 class BertEncoder(nn.Module):

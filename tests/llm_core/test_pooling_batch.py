@@ -102,6 +102,7 @@ def test_add_requests_to_a_generation_model(tmp_path_factory):
 def test_encoder_steps_take_the_whole_prompt_path(bert):
     engine = Engine(bert, dtype="float32", device="cpu")
     engine.add_requests(PROMPTS, PoolingParams())
+    engine._admit_pooling()  # the prompts the step may admit, as requests
     sched = engine.scheduler.schedule()
     assert runs_whole_prompts(engine.runner, sched)
     assert all(r.prompt_tensor is not None for r in sched.requests)
@@ -150,9 +151,49 @@ def test_async_pooling_reads_each_step_back_one_step_late(bert):
 def test_finish_all_keeps_the_others_running_in_order(bert):
     engine = Engine(bert, dtype="float32", device="cpu")
     engine.add_requests(PROMPTS, PoolingParams())
+    engine._admit_pooling()
     reqs = engine.scheduler.schedule().requests
     assert engine.scheduler.running == reqs
     engine.scheduler.finish_all([reqs[2], reqs[0], reqs[2]], "stop")
     assert engine.scheduler.running == [reqs[1], reqs[3]]
     assert [r.is_finished for r in reqs] == [True, False, True, False]
     assert reqs[0].finish_reason == "stop"
+
+
+def test_queued_prompts_become_requests_step_by_step(bert):
+    """`add_requests` queues checked prompts; each step builds only the requests it may admit
+    (here 2 a step), a queued prompt can be aborted, and the caller changing its lists after
+    the add changes nothing."""
+    engine = Engine(bert, dtype="float32", device="cpu", max_num_seqs=2)
+    expected = _each(engine, PROMPTS)
+    prompts = [list(p) for p in PROMPTS]
+    ids = engine.add_requests(prompts, PoolingParams())
+    prompts[0][1] = prompts[2][0] = 0  # the engine has its own copy
+    assert engine.has_unfinished() and not engine.scheduler.waiting
+    assert engine.num_waiting == 4
+    with pytest.raises(InvalidInputError, match="already in use"):
+        engine.add_request([1, 2], PoolingParams(), request_id=ids[3])
+    first = {out.request_id: out for out in engine.step()}  # synchronous on the CPU
+    assert sorted(first) == ids[:2]
+    assert len(engine._pooling) == 2 and engine.num_waiting == 2  # two built and run
+    engine.abort(ids[2])
+    engine.abort(ids[2])  # unknown now: ignored
+    assert ids[2] not in engine._pooling and engine.num_waiting == 1
+    final = {**first, **engine.run_until_done()}
+    assert sorted(final) == sorted(ids[:2] + ids[3:])
+    for i in (0, 1, 3):
+        assert torch.allclose(final[ids[i]].outputs.data, expected[i], atol=1e-6)  # other steps
+        assert final[ids[i]].prompt_token_ids == PROMPTS[i]
+    assert not engine.has_unfinished() and not engine.scheduler.has_unfinished()
+
+
+def test_add_requests_rejects_ids_that_are_not_ints(bert):
+    engine = Engine(bert, dtype="float32", device="cpu")
+    with pytest.raises(InvalidInputError, match=r"prompt 1: prompt token ids must be integers"):
+        engine.add_requests([[1, 2], [3, 4.5]], PoolingParams())
+    with pytest.raises(InvalidInputError, match=r"prompt 1: prompt token ids \[-3\] are outside"):
+        engine.add_requests([(1, 2), (3, -3)], PoolingParams())  # tuples: converted alike
+    assert not engine.has_unfinished()
+    ids = engine.add_requests([(1, 5, 17), range(3, 9)], PoolingParams())
+    final = engine.run_until_done()
+    assert [final[i].prompt_token_ids for i in ids] == [[1, 5, 17], list(range(3, 9))]

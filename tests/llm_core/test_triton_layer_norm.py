@@ -1,0 +1,50 @@
+"""The residual add + LayerNorm kernel (`layers/triton_layer_norm.py`, BERT's post-LN blocks)
+against its torch reference on CPU under TRITON_INTERPRET=1 (`interpreted.py`); on CUDA:
+test_layer_norm_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polymodal.llm_core.layers import triton_layer_norm as kernels
+from polymodal.llm_core.layers.norm import LayerNorm
+from tests.llm_core.interpreted import (
+    _interpreted_only,  # noqa: F401  (autouse fixture)
+    assert_close,
+    test_interpreted_in_subprocess,  # noqa: F401
+)
+
+
+def _norm(hidden: int, dtype: torch.dtype) -> LayerNorm:
+    norm = LayerNorm(hidden, eps=1e-12).to(dtype)
+    with torch.no_grad():  # not the identity: scale and shift must be applied
+        norm.weight.copy_(torch.randn(hidden))
+        norm.bias.copy_(torch.randn(hidden))
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_layer_norm(dtype, with_residual):
+    """Rows of 48 (a masked tail of the 64-wide block), a mean far from 0 (the centering), and
+    a residual given as a strided view (a column slice of a wider tensor)."""
+    x = (3 * torch.randn(2, 5, 48) + 4).to(dtype)
+    residual = torch.randn(2, 5, 80).to(dtype)[..., 16:64] if with_residual else None
+    norm = _norm(48, dtype)
+    out = kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    ref = kernels.add_layer_norm_ref(x, residual, norm.weight, norm.bias, norm.eps)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+def test_layer_norm_module_adds_the_residual():
+    """`LayerNorm(x, residual)` is `nn.LayerNorm(x + residual)` (the CPU path BERT runs); its
+    parameters keep nn.LayerNorm's names."""
+    norm = _norm(48, torch.float32)
+    x, residual = torch.randn(7, 48), torch.randn(7, 48)
+    plain = torch.nn.LayerNorm(48, eps=1e-12)
+    plain.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x, residual), plain(x + residual))
+    assert torch.equal(norm(x), plain(x))
+    assert sorted(norm.state_dict()) == ["bias", "weight"]
