@@ -147,13 +147,17 @@ class HFPhi4:
                 for k, v in out.items()}  # fmt: skip
 
     @torch.inference_mode()
-    def generate(self, batch: list[list[dict]], tokens: int) -> list[int]:
-        """Output tokens of each request of one batch (processing included)."""
+    def generate_ids(self, batch: list[list[dict]], tokens: int) -> torch.Tensor:
+        """`[len(batch), tokens]` output ids of one batch (processing included)."""
         inputs = self.inputs(batch)
         out = self.model.generate(
             **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
         )
-        return [out.shape[1] - inputs["input_ids"].shape[1]] * len(batch)
+        return out[:, inputs["input_ids"].shape[1] :]
+
+    def generate(self, batch: list[list[dict]], tokens: int) -> list[int]:
+        """Output tokens of each request of one batch."""
+        return [row.numel() for row in self.generate_ids(batch, tokens)]
 
 
 def run_bench(args) -> dict:
