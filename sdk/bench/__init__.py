@@ -123,7 +123,9 @@ def bench_command(parser: argparse.ArgumentParser):
     )
     speech = parser.add_argument_group("speech families (Whisper, Phi-4-multimodal)")
     speech.add_argument("--clips", type=int, default=256, help="requests of each workload")
-    speech.add_argument("--hf-clips", type=int, default=64, help="transformers subset size")
+    speech.add_argument(
+        "--hf-clips", type=int, help="transformers' subset (default: Whisper 64, Phi-4-MM 32)"
+    )
     speech.add_argument(
         "--phi-workloads",
         default="audio,image,mixed",

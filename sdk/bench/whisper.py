@@ -137,7 +137,7 @@ def run_bench(args) -> dict:
         eos = hf.model.generation_config.eos_token_id
 
         reference(fresh[:1], 2)  # warm
-        subset = waves[: args.hf_clips]
+        subset = waves[: args.hf_clips or 64]
         results["hf"] = run_side(
             reference, device, subset, tokens, args.hf_batch, fresh, "transformers"
         )
