@@ -34,27 +34,42 @@ QWEN_SPECIAL_TOKENS = [
 QWEN_FIRST_SPECIAL_ID = 151643
 
 
-def build_qwen_tokenizer(first_special_id: int = QWEN_FIRST_SPECIAL_ID):
-    """A byte-level BPE tokenizer whose special tokens sit at Qwen's ids (ChatML template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from polymodal.demo_model import CHAT_TEMPLATE, build_tokenizer
+def demo_vocab() -> tuple[list[str], list[tuple[str, str]]]:
+    """The demo tokenizer's ordinary tokens (in id order; its special tokens, all `<|...|>`,
+    left out) and merges: the text side of a full-size tokenizer."""
+    from polymodal.demo_model import build_tokenizer
 
     small = json.loads(build_tokenizer()._tokenizer.to_str())["model"]
-    vocab = {tok: i for tok, i in small["vocab"].items() if not tok.startswith("<|")}
+    ordinary = [t for t in sorted(small["vocab"], key=small["vocab"].get) if t[:2] != "<|"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["merges"]]
-    vocab = {tok: i for i, tok in enumerate(sorted(vocab, key=vocab.get))}
+    return ordinary, merges
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list, specials: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` over `vocab` with `specials` marked special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def build_qwen_tokenizer(first_special_id: int = QWEN_FIRST_SPECIAL_ID):
+    """A byte-level BPE tokenizer whose special tokens sit at Qwen's ids (ChatML template)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from polymodal.demo_model import CHAT_TEMPLATE
+
+    ordinary, merges = demo_vocab()
+    vocab = {tok: i for i, tok in enumerate(ordinary)}
     filler = 0
     while len(vocab) < first_special_id:  # never produced by a merge: ids to fill the range
         vocab[f"\u0120w{filler}"] = len(vocab)
         filler += 1
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=byte_level_bpe(vocab, merges, QWEN_SPECIAL_TOKENS),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
@@ -66,14 +81,9 @@ def build_tokenizer_at(vocab_size: int, roles: dict, template: str, ids: dict):
     at their ids, the family's other special tokens (`roles`: role -> token) just below the
     top, unused filler tokens everywhere else (never produced by a merge). A shipped config
     has no tokenizer; this one puts the tokens its config names at the ids it names."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from polymodal.demo_model import build_tokenizer
-
-    small = json.loads(build_tokenizer()._tokenizer.to_str())["model"]
-    ordinary = [t for t in sorted(small["vocab"], key=small["vocab"].get) if not t.startswith("<")]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["merges"]]
+    ordinary, merges = demo_vocab()
     roles = dict(roles)
     named = {r: roles.pop(r) for r in ("bos_token", "eos_token") if r in roles}
     specials = list(dict.fromkeys([*named.values(), *roles.values(), *ids, "<pad>"]))
@@ -86,12 +96,8 @@ def build_tokenizer_at(vocab_size: int, roles: dict, template: str, ids: dict):
     vocab, words = {}, iter(ordinary)
     for i in range(vocab_size):
         vocab[by_id.get(i) or next(words, None) or f"\u0120w{i}"] = i
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=byte_level_bpe(vocab, merges, specials),
         pad_token="<pad>",
         **named,
         extra_special_tokens=roles or None,
