@@ -164,7 +164,7 @@ def run_bench(args) -> dict:
     """The bench (see the module docstring); returns the results."""
     from polymodal import LLM, SamplingParams
     from polymodal.bench import resolve_bench_model
-    from polymodal.bench.sides import run_side, speedup
+    from polymodal.bench.sides import free_device, run_side, speedup
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -212,9 +212,8 @@ def run_bench(args) -> dict:
     }
     if not args.skip_hf:
         del llm
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            hf.model.to(device)
+        free_device(device)
+        hf.model.to(device)
         results["hf"], results["speedup"] = {}, {}
         for kind in kinds:
             hf.use_adapter(ADAPTERS[kind])

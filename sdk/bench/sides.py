@@ -31,6 +31,16 @@ def hf_model(cls, model_dir, device: str, dtype: torch.dtype, random_weights: bo
     return model.eval()
 
 
+def free_device(device: str) -> None:
+    """Give the memory of a side just dropped back (the engine's reference cycles first), so
+    the other side has the device to itself."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -84,7 +84,7 @@ def run_bench(args) -> dict:
     """The bench (see the module docstring); returns the results."""
     from polymodal import Pipeline
     from polymodal.bench import resolve_bench_model
-    from polymodal.bench.sides import run_side, speedup
+    from polymodal.bench.sides import free_device, run_side, speedup
     from polymodal.bench.workloads import clips
 
     device = args.device
@@ -104,7 +104,6 @@ def run_bench(args) -> dict:
     }  # fmt: skip
     if device == "cuda":
         results["card"] = torch.cuda.get_device_name()
-    if device == "cuda":
         hf.model.to("cpu")  # each side alone on the device
         torch.cuda.empty_cache()
     pipe = Pipeline(
@@ -127,14 +126,12 @@ def run_bench(args) -> dict:
     results["ours"] = run_side(ours, device, waves, tokens, len(waves), fresh, "ours")
     if not args.skip_hf:
         del pipe
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            hf.model.to(device)
+        free_device(device)
+        hf.model.to(device)
+        eos = hf.model.generation_config.eos_token_id
 
         def reference(batch: list, n: int) -> list[int]:
             return [tokens_before(row, eos) for row in hf.transcribe(batch, n)]
-
-        eos = hf.model.generation_config.eos_token_id
 
         reference(fresh[:1], 2)  # warm
         subset = waves[: args.hf_clips or 64]
