@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -164,7 +163,7 @@ def run_bench(args) -> dict:
     """The bench (see the module docstring); returns the results."""
     from polymodal import LLM, SamplingParams
     from polymodal.bench import resolve_bench_model
-    from polymodal.bench.sides import free_device, run_side, speedup
+    from polymodal.bench.sides import free_device, park, results_header, run_side, speedup
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -182,15 +181,10 @@ def run_bench(args) -> dict:
         raw = json.loads((given / "config.json").read_text())
         write_random_adapters(hf.model, model_dir, raw, dtype)
     adapters = sorted(p.name for p in model_dir.glob("*-lora"))
-    results: dict = {
-        "model": str(args.model), "device": device, "dtype": str(dtype).split(".")[-1],
-        "clip_seconds": CLIP_SECONDS, "output_tokens": tokens, "random_weights": random_weights,
-        "adapters": adapters, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-    }  # fmt: skip
-    if device == "cuda":
-        results["card"] = torch.cuda.get_device_name()
-        hf.model.to("cpu")  # each side alone on the device
-        torch.cuda.empty_cache()
+    results = results_header(
+        args, device, dtype, random_weights, clip_seconds=CLIP_SECONDS, adapters=adapters
+    )
+    park(hf.model, device)
     llm = LLM(
         str(model_dir), dtype=results["dtype"], device=device, dummy_weights=True,
         max_model_len=4096, gpu_memory_utilization=0.85,

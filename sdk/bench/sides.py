@@ -31,6 +31,29 @@ def hf_model(cls, model_dir, device: str, dtype: torch.dtype, random_weights: bo
     return model.eval()
 
 
+def results_header(args, device: str, dtype: torch.dtype, random_weights: bool, **fields) -> dict:
+    """What a family bench reports first: the model, device, dtype, tokens a request, whether
+    the weights are random, date, versions (and `fields`)."""
+    import time
+
+    results = {
+        "model": str(args.model), "device": device, "dtype": str(dtype).split(".")[-1],
+        "output_tokens": args.output_tokens, "random_weights": random_weights, **fields,
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    }  # fmt: skip
+    if device == "cuda":
+        results["card"] = torch.cuda.get_device_name()
+    return results
+
+
+def park(model: torch.nn.Module, device: str) -> None:
+    """transformers' model to host memory while ours is built and measured (each side has the
+    device to itself; it comes back after `free_device`)."""
+    if device == "cuda":
+        model.to("cpu")
+        torch.cuda.empty_cache()
+
+
 def free_device(device: str) -> None:
     """Give the memory of a side just dropped back (the engine's reference cycles first), so
     the other side has the device to itself."""

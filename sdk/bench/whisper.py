@@ -22,7 +22,6 @@ window and decode the clip's rest again (on both sides: transformers' generate d
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -84,7 +83,7 @@ def run_bench(args) -> dict:
     """The bench (see the module docstring); returns the results."""
     from polymodal import Pipeline
     from polymodal.bench import resolve_bench_model
-    from polymodal.bench.sides import free_device, run_side, speedup
+    from polymodal.bench.sides import free_device, park, results_header, run_side, speedup
     from polymodal.bench.workloads import clips
 
     device = args.device
@@ -97,15 +96,8 @@ def run_bench(args) -> dict:
     # transformers' model is built first (random or the checkpoint's), ours loads its tensors
     hf = HFWhisper(model_dir, device, dtype, random_weights)
     seconds, tokens = hf.extractor.chunk_length, args.output_tokens  # one window a clip
-    results: dict = {
-        "model": str(args.model), "device": device, "dtype": str(dtype).split(".")[-1],
-        "clip_seconds": seconds, "output_tokens": tokens, "random_weights": random_weights,
-        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-    }  # fmt: skip
-    if device == "cuda":
-        results["card"] = torch.cuda.get_device_name()
-        hf.model.to("cpu")  # each side alone on the device
-        torch.cuda.empty_cache()
+    results = results_header(args, device, dtype, random_weights, clip_seconds=seconds)
+    park(hf.model, device)
     pipe = Pipeline(
         str(model_dir), dtype=results["dtype"], device=device, dummy_weights=True,
         gpu_memory_utilization=0.85,
