@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from polymodal.bench import resolve_bench_model
+from polymodal.bench.checkpoint import build_tokenizer_at
 from polymodal.bench.workloads import active_decoder_bytes, images
 
 QUESTION = "Describe this image in detail."
@@ -75,43 +76,6 @@ def family_tokens(config: dict):
     roles = dict(getattr(module, tokens)) if tokens != "None" else {"image_token": "<image>"}
     ids = {token: config[attr] for attr, token in placed.items() if attr in config}
     return roles, getattr(module, template), ids
-
-
-def build_tokenizer_at(vocab_size: int, roles: dict, template: str, ids: dict):
-    """A byte-level BPE of `vocab_size` ids: the demo tokenizer's merges, `ids`' special tokens
-    at their ids, the family's other special tokens just below the top, unused filler tokens
-    everywhere else (never produced by a merge)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from polymodal.demo_model import build_tokenizer
-
-    small = json.loads(build_tokenizer()._tokenizer.to_str())["model"]
-    ordinary = [t for t in sorted(small["vocab"], key=small["vocab"].get) if not t.startswith("<")]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["merges"]]
-    roles = dict(roles)
-    named = {r: roles.pop(r) for r in ("bos_token", "eos_token") if r in roles}
-    specials = list(dict.fromkeys([*named.values(), *roles.values(), "<pad>"]))
-    placed = dict(ids)
-    free = (i for i in range(vocab_size - 1, -1, -1) if i not in ids.values())
-    for token in specials:
-        if token not in placed:
-            placed[token] = next(free)
-    by_id = {i: t for t, i in placed.items()}
-    vocab, words = {}, iter(ordinary)
-    for i in range(vocab_size):
-        vocab[by_id.get(i) or next(words, None) or f"\u0120w{i}"] = i
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        **named,
-        extra_special_tokens=roles or None,
-        chat_template=template,
-    )
 
 
 def user_checkpoint(model_dir: Path) -> Path:

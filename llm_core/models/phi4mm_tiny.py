@@ -37,8 +37,11 @@ LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LORA_RANKS = {"vision": (4, 8), "speech": (6, 6)}  # (r, lora_alpha)
 
 
-def write_lora(folder, model, rank: int, alpha: int, seed: int) -> None:
-    """A random PEFT LoRA adapter (B not zero) on the decoder's LORA_TARGETS."""
+def write_lora(
+    folder, model, rank: int, alpha: int, seed: int, std: float = 0.3, dtype=torch.float32
+) -> None:
+    """A random PEFT LoRA adapter (B not zero; A and B drawn with `std`) on the decoder's
+    LORA_TARGETS."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,8 +53,10 @@ def write_lora(folder, model, rank: int, alpha: int, seed: int) -> None:
                 continue
             out_f, in_f = module.weight.shape
             key = f"base_model.model.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.3
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.3
+            a = torch.randn(rank, in_f, generator=gen) * std
+            b = torch.randn(out_f, rank, generator=gen) * std
+            tensors[f"{key}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{key}.lora_B.weight"] = b.to(dtype)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none",
               "target_modules": list(LORA_TARGETS), "task_type": "CAUSAL_LM"}  # fmt: skip

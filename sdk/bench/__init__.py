@@ -12,6 +12,11 @@ Workloads (`--workload`):
           each again) vs transformers and the compute floor (`bench/media.py`)
 A built-in name (`qwen2.5-vl-7b`) is a shipped config run with random weights; a checkpoint
 directory runs as it is (`--dummy-weights` skips its safetensors).
+
+A speech family's model runs its own bench in place of the engine workload (`FAMILY_BENCHES`,
+by config.json's model_type): Whisper transcription (`bench/whisper.py`), Phi-4-multimodal
+audio / image / mixed requests (`bench/phi4mm.py`), each through the user path next to
+transformers on the same weights.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ BUILTIN = {
     "hyperclovax-seed-vision-3b": CONFIGS / "hyperclovax_seed_vision_3b",
     # meta-llama/Llama-3.2-11B-Vision(-Instruct): cross-attention to the image tiles
     "llama-3.2-11b-vision": CONFIGS / "llama_3_2_11b_vision",
-    # openai/whisper-large-v3 (config + feature extractor; the tokenizer comes with a download)
+    # openai/whisper-large-v3 (config, feature extractor and generation config; the tokenizer
+    # comes with a download; `bench/checkpoint.py` writes one with its special-token ids)
     "whisper-large-v3": CONFIGS / "whisper_large_v3",
     # microsoft/Phi-4-multimodal-instruct in the hub's own layout (config + processor settings;
     # the tokenizer comes with a download; its vision / speech LoRA are not in the dummy weights)
@@ -51,11 +57,24 @@ BUILTIN = {
     "llama4-scout-reduced": CONFIGS / "llama4_scout_reduced",  # 8 of 48 layers: its README
 }
 WORKLOADS = ("engine", "paths", "serve", "media")
+# config.json's model_type -> the bench module that replaces the engine workload for it
+FAMILY_BENCHES = {
+    "whisper": "polymodal.bench.whisper",
+    "phi4mm": "polymodal.bench.phi4mm",  # the hub's layout
+    "phi4_multimodal": "polymodal.bench.phi4mm",  # transformers'
+}
 
 
 def resolve_bench_model(model: str) -> Path:
     """A built-in architecture name -> its shipped config dir; anything else as a path."""
     return BUILTIN.get(model, Path(model))
+
+
+def family_bench(model_dir: Path) -> str | None:
+    """The bench module of `model_dir`'s family when it has its own (`FAMILY_BENCHES`)."""
+    config = model_dir / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return FAMILY_BENCHES.get(model_type)
 
 
 def bench_command(parser: argparse.ArgumentParser):
@@ -102,6 +121,18 @@ def bench_command(parser: argparse.ArgumentParser):
         default=True,
         help="programmatic dependent launch of the Triton kernels on sm_90+ (the default)",
     )
+    speech = parser.add_argument_group("speech families (Whisper, Phi-4-multimodal)")
+    speech.add_argument("--clips", type=int, default=256, help="requests of each workload")
+    speech.add_argument(
+        "--hf-clips", type=int, help="transformers' subset (default: Whisper 64, Phi-4-MM 32)"
+    )
+    speech.add_argument(
+        "--phi-workloads",
+        default="audio,image,mixed",
+        help="Phi-4-multimodal: audio (a 30 s clip + an instruction), image (448x448 + a "
+        "question), mixed (both in one request)",
+    )
+    speech.add_argument("--device", default="cuda", help="cpu: a tiny checkpoint, as the tests")
     paths = parser.add_argument_group("paths and serve workloads")
     paths.add_argument("--caption-files", type=int, default=2048, help="JPEGs `caption` reads")
     paths.add_argument("--ttft-calls", type=int, default=12, help="Pipeline image calls")
@@ -110,7 +141,15 @@ def bench_command(parser: argparse.ArgumentParser):
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 
     def run(args) -> int:
-        if args.workload == "engine":
+        import importlib
+
+        family = family_bench(resolve_bench_model(args.model))
+        if family is not None:
+            if args.workload != "engine":
+                raise SystemExit(f"{args.model}: only its own bench runs ({family}), no --workload")
+            module = importlib.import_module(family)
+            print_table, run_bench = module.print_table, module.run_bench
+        elif args.workload == "engine":
             from polymodal.bench.engine import print_table, run_bench
         elif args.workload == "paths":
             from polymodal.bench.paths import print_table, run_bench

@@ -34,30 +34,74 @@ QWEN_SPECIAL_TOKENS = [
 QWEN_FIRST_SPECIAL_ID = 151643
 
 
-def build_qwen_tokenizer(first_special_id: int = QWEN_FIRST_SPECIAL_ID):
-    """A byte-level BPE tokenizer whose special tokens sit at Qwen's ids (ChatML template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from polymodal.demo_model import CHAT_TEMPLATE, build_tokenizer
+def demo_vocab() -> tuple[list[str], list[tuple[str, str]]]:
+    """The demo tokenizer's ordinary tokens (in id order; its special tokens, all `<|...|>`,
+    left out) and merges: the text side of a full-size tokenizer."""
+    from polymodal.demo_model import build_tokenizer
 
     small = json.loads(build_tokenizer()._tokenizer.to_str())["model"]
-    vocab = {tok: i for tok, i in small["vocab"].items() if not tok.startswith("<|")}
+    ordinary = [t for t in sorted(small["vocab"], key=small["vocab"].get) if t[:2] != "<|"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["merges"]]
-    vocab = {tok: i for i, tok in enumerate(sorted(vocab, key=vocab.get))}
+    return ordinary, merges
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list, specials: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` over `vocab` with `specials` marked special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def build_qwen_tokenizer(first_special_id: int = QWEN_FIRST_SPECIAL_ID):
+    """A byte-level BPE tokenizer whose special tokens sit at Qwen's ids (ChatML template)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from polymodal.demo_model import CHAT_TEMPLATE
+
+    ordinary, merges = demo_vocab()
+    vocab = {tok: i for i, tok in enumerate(ordinary)}
     filler = 0
     while len(vocab) < first_special_id:  # never produced by a merge: ids to fill the range
         vocab[f"\u0120w{filler}"] = len(vocab)
         filler += 1
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=byte_level_bpe(vocab, merges, QWEN_SPECIAL_TOKENS),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tokenizer_at(vocab_size: int, roles: dict, template: str, ids: dict):
+    """A byte-level BPE of `vocab_size` ids: the demo tokenizer's merges, `ids`' special tokens
+    at their ids, the family's other special tokens (`roles`: role -> token) just below the
+    top, unused filler tokens everywhere else (never produced by a merge). A shipped config
+    has no tokenizer; this one puts the tokens its config names at the ids it names."""
+    from transformers import PreTrainedTokenizerFast
+
+    ordinary, merges = demo_vocab()
+    roles = dict(roles)
+    named = {r: roles.pop(r) for r in ("bos_token", "eos_token") if r in roles}
+    specials = list(dict.fromkeys([*named.values(), *roles.values(), *ids, "<pad>"]))
+    placed = dict(ids)
+    free = (i for i in range(vocab_size - 1, -1, -1) if i not in ids.values())
+    for token in specials:
+        if token not in placed:
+            placed[token] = next(free)
+    by_id = {i: t for t, i in placed.items()}
+    vocab, words = {}, iter(ordinary)
+    for i in range(vocab_size):
+        vocab[by_id.get(i) or next(words, None) or f"\u0120w{i}"] = i
+    return PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_bpe(vocab, merges, specials),
+        pad_token="<pad>",
+        **named,
+        extra_special_tokens=roles or None,
+        chat_template=template,
     )
 
 
@@ -106,3 +150,82 @@ def has_tokenizer(model_dir: str | Path) -> bool:
     """Whether `model_dir` already holds a tokenizer (a real checkpoint)."""
     model_dir = Path(model_dir)
     return any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def whisper_special_ids(generation: dict, vocab_size: int) -> dict[str, int]:
+    """Whisper's special tokens at the ids its generation_config.json names: end of text,
+    start of transcript, the languages, the tasks, `<|startoflm|>` / `<|startofprev|>`,
+    `<|nospeech|>` / `<|notimestamps|>`, then the timestamps `<|0.00|>` ... to the vocab's end."""
+    no_timestamps, prev = generation["no_timestamps_token_id"], generation["prev_sot_token_id"]
+    ids = {
+        "<|endoftext|>": generation["eos_token_id"],
+        "<|startoftranscript|>": generation["decoder_start_token_id"],
+        **generation["lang_to_id"],
+        **{f"<|{task}|>": i for task, i in generation["task_to_id"].items()},
+        "<|startoflm|>": prev - 1,
+        "<|startofprev|>": prev,
+        "<|nospeech|>": no_timestamps - 1,
+        "<|notimestamps|>": no_timestamps,
+    }
+    for i in range(vocab_size - no_timestamps - 1):
+        ids[f"<|{i * 0.02:.2f}|>"] = no_timestamps + 1 + i
+    return ids
+
+
+def write_whisper_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Path:
+    """A Whisper config dir (config.json, preprocessor_config.json, generation_config.json)
+    copied into `out_dir` with a tokenizer of `vocab_size` ids holding Whisper's special tokens
+    where generation_config.json puts them."""
+    config_dir, out = Path(config_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in config_dir.glob("*.json"):
+        shutil.copy(path, out / path.name)
+    generation = json.loads((config_dir / "generation_config.json").read_text())
+    vocab = json.loads((config_dir / "config.json").read_text())["vocab_size"]
+    roles = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    ids = whisper_special_ids(generation, vocab)
+    build_tokenizer_at(vocab, roles, None, ids).save_pretrained(out)
+    return out
+
+
+# Phi-4-multimodal's tokenizer (o200k + Phi's specials): the slot and chat-role tokens at the
+# hub tokenizer's ids (its image / audio slots are named <|endoftext10|> / <|endoftext11|>
+# there, <|image|> / <|audio|> in transformers' files)
+PHI4_IDS = {
+    "<|endoftext|>": 199999,
+    "<|image|>": 200010,
+    "<|audio|>": 200011,
+    "<|assistant|>": 200019,
+    "<|end|>": 200020,
+    "<|user|>": 200021,
+}
+
+
+def write_phi4mm_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Path:
+    """A Phi-4-multimodal config dir (the hub's layout, as `sdk/configs/phi_4_multimodal`, or
+    transformers') as a transformers-layout checkpoint without weights in `out_dir`: its
+    config.json converted (`Phi4MMConfig`), transformers' processor files (at most the config
+    dir's `dynamic_hd` crops an image) and a tokenizer of `vocab_size` ids with `PHI4_IDS`.
+    The LoRA adapters come with the weights (`bench/phi4mm.py`)."""
+    import transformers as tf
+
+    from polymodal.llm_core.models.phi4mm_hub import Phi4MMConfig
+    from polymodal.llm_core.models.phi4mm_tiny import PHI4_TEMPLATE, PHI4_TOKENS
+
+    config_dir, out = Path(config_dir), Path(out_dir)
+    config = Phi4MMConfig.from_pretrained(config_dir)
+    config.architectures = ["Phi4MultimodalForCausalLM"]
+    slots = {"<|image|>": config.vision_config.image_token_id,
+             "<|audio|>": config.audio_config.audio_token_id}  # fmt: skip
+    if any(PHI4_IDS[token] != i for token, i in slots.items()):
+        raise ValueError(f"{config_dir}: slot token ids {slots}, the tokenizer has {PHI4_IDS}")
+    config.save_pretrained(out)
+    tokenizer = build_tokenizer_at(config.vocab_size, PHI4_TOKENS, PHI4_TEMPLATE, PHI4_IDS)
+    hd = json.loads((config_dir / "preprocessor_config.json").read_text()).get("dynamic_hd", 36)
+    tf.Phi4MultimodalProcessor(
+        image_processor=tf.Phi4MultimodalImageProcessor(dynamic_hd=hd),
+        audio_processor=tf.Phi4MultimodalFeatureExtractor(),
+        tokenizer=tokenizer,
+        chat_template=PHI4_TEMPLATE,
+    ).save_pretrained(out)
+    return out

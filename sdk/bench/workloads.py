@@ -31,6 +31,20 @@ def images(n: int, size: int = 448, seed: int = 0) -> list[Image.Image]:
     ]
 
 
+def clips(n: int, seconds: float, rate: int = 16_000, seed: int = 0) -> list[np.ndarray]:
+    """n distinct float32 clips of `seconds` at `rate`: three random tones (100-4000 Hz) over
+    noise, each clip its own draw (distinct content: no cache hit helps anyone)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate), dtype=np.float32) / rate
+    out = []
+    for _ in range(n):
+        freqs, amps = rng.uniform(100, 4000, 3), rng.uniform(0.05, 0.3, 3)
+        wave = sum(a * np.sin(2 * np.pi * f * t) for f, a in zip(freqs, amps))
+        noise = rng.standard_normal(t.size).astype(np.float32) * 0.02
+        out.append((wave + noise).astype(np.float32))
+    return out
+
+
 def decoder_bytes(model) -> int:
     """Bytes one decode step must read: every decoder weight and the LM head, once."""
     parts = [model.model.layers, model.model.norm, model.lm_head]
