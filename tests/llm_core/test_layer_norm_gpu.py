@@ -38,8 +38,14 @@ def test_add_layer_norm_on_cuda(dtype):
         ref = kernels.add_layer_norm_ref(x, res, norm.weight, norm.bias, norm.eps)
         if dtype == torch.float32:
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        else:  # one rounding step of bf16 (8 bits of mantissa) at most
-            torch.testing.assert_close(out, ref, atol=0.0, rtol=1 / 128)
+        else:  # one bf16 rounding step (8 bits of mantissa) of the larger term of
+            # `normalized * w + b`: where the two cancel, fp32 statistics rounded differently
+            # move the output by that much (a relative bound fails there)
+            h = (x if res is None else x + res).float()
+            normalized = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True)
+                                                          + norm.eps).sqrt()  # fmt: skip
+            step = ((normalized * norm.weight.float()).abs() + norm.bias.float().abs()) / 128
+            assert ((out.float() - ref.float()).abs() <= step + 1e-6).all()
         assert torch.equal(norm(x, res), out)
 
 
