@@ -85,21 +85,15 @@ class HCXCheckpoint(nn.Module):
         super().__init__()
         import transformers as tf
 
-        from polymodal.encoders.hcx_abstractor import CAbstractor
+        from polymodal.llm_core.registry import encoder_class
 
         self.config = config
-        vision = config.vision_config
         hidden = config.text_config.hidden_size
         self.language_model = tf.AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
-        self.vision_model = tf.SiglipVisionModel._from_config(vision, dtype=dtype)
-        self.mm_projector = CAbstractor(
-            (vision.image_size // vision.patch_size) ** 2,
-            vision.hidden_size,
-            vision.hidden_size,
-            hidden,
-            pos_emb=config.proj_pos_emb,
-            prenorm=config.proj_prenorm,
-        )
+        self.vision_model = tf.SiglipVisionModel._from_config(config.vision_config, dtype=dtype)
+        # the C-Abstractor as the encoder builds it (randomly initialized), through the
+        # registry: llm_core never imports the encoders package
+        self.mm_projector = encoder_class("HCXVisionForCausalLM")(config).mm_projector
         self.image_newline = nn.Parameter(torch.randn(hidden))
         self.to(dtype)
 
