@@ -1,7 +1,7 @@
 """Tiny random LLaVA-family checkpoints for the demo and the tests (transformers' own classes
 and processors, random weights): LLaVA-1.5 and LLaVA-NeXT (CLIP tower, Llama text), Pixtral-12B's
 LLaVA form and Mistral 3 (Pixtral tower, Mistral text), LLaVA-OneVision (SigLIP tower, Qwen2
-text). Their chat templates and special tokens are the families' (scripts/bench_vl.py reuses
+text). Their chat templates and special tokens are the families' (`polymodal.bench.vl` reuses
 them for the shipped configs)."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 source scripts/device/setup.sh
 timeout 150 python3 scripts/bench_text_decode.py qwen3-30b-a3b --prompts 64 --tokens 32 \
   --profile --json /tmp/moe.json 2>&1 | grep -v "^ *\"" | tail -40
-timeout 150 python3 scripts/bench_vl.py gemma-3-12b-it --skip-hf --images 16 --output-tokens 16 \
+timeout 150 python3 -m polymodal.cli bench gemma-3-12b-it --skip-hf --images 16 --output-tokens 16 \
   --profile --json /tmp/gemma.json 2>&1 | grep -v "^ *\"\|^ *[]}{]" | tail -40
 python3 -c "import json; r=json.load(open('/tmp/gemma.json')); print({k: r[k] for k in ('ttft_floor_ms', 'ttft_tflop', 'prompt_tokens') if k in r}, r['ours'])"
 for q in awq fp8; do

@@ -13,10 +13,12 @@ Workloads (`--workload`):
 A built-in name (`qwen2.5-vl-7b`) is a shipped config run with random weights; a checkpoint
 directory runs as it is (`--dummy-weights` skips its safetensors).
 
-A speech family's model runs its own bench in place of the engine workload (`FAMILY_BENCHES`,
-by config.json's model_type): Whisper transcription (`bench/whisper.py`), Phi-4-multimodal
-audio / image / mixed requests (`bench/phi4mm.py`), each through the user path next to
-transformers on the same weights.
+Other families' models run their own bench in place of the engine workload (`FAMILY_BENCHES`,
+by config.json's model_type): the placeholder-expanding VL families (Gemma 3, LLaVA-NeXT,
+LLaVA-OneVision, Pixtral / Mistral 3, Llama 4: TTFT, decode and captioning against their
+floors, `bench/vl.py`), Whisper transcription (`bench/whisper.py`), Phi-4-multimodal audio /
+image / mixed requests (`bench/phi4mm.py`), each through the user path next to transformers
+on the same weights.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent.parent / "configs"
 BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
-    # gemma-3-12b, llava-next-7b, llava-onevision-7b, pixtral-12b, Llama 4 and the MoE configs
-    # build and serve (`polymodal serve <dir> --dummy-weights` with a tokenizer); the engine
-    # workload drives Qwen-VL prompts, so these run through scripts (docs/performance.md, "GPU
-    # to run").
+    # the VL families below run `bench/vl.py` (gemma-3-12b-it, llava-next-7b,
+    # llava-onevision-7b, pixtral-12b, llama4-scout-reduced); the text-only and MoE configs
+    # run through scripts/bench_text_decode.py (the engine workload drives Qwen-VL prompts)
     "gemma-3-12b": CONFIGS / "gemma_3_12b",  # the text decoder alone
     "gemma-3-12b-it": CONFIGS / "gemma_3_12b_it",  # with its SigLIP tower (896 px, 256 tokens)
     "llava-next-7b": CONFIGS / "llava_next_7b",  # llava-v1.6-mistral-7b-hf
@@ -59,6 +60,10 @@ BUILTIN = {
 WORKLOADS = ("engine", "paths", "serve", "media")
 # config.json's model_type -> the bench module that replaces the engine workload for it
 FAMILY_BENCHES = {
+    **dict.fromkeys(
+        ("gemma3", "llava", "llava_next", "llava_onevision", "llama4", "mistral3"),
+        "polymodal.bench.vl",
+    ),
     "whisper": "polymodal.bench.whisper",
     "phi4mm": "polymodal.bench.phi4mm",  # the hub's layout
     "phi4_multimodal": "polymodal.bench.phi4mm",  # transformers'
@@ -88,12 +93,21 @@ def bench_command(parser: argparse.ArgumentParser):
     )
     parser.add_argument("--workload", choices=WORKLOADS, default="engine")
     parser.add_argument("--dummy-weights", action="store_true")
-    parser.add_argument("--images", type=int, default=512, help="captioning workload size")
+    parser.add_argument(
+        "--images", type=int, help="captioning workload size (default 512; VL families 256)"
+    )
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=256)
     engine = parser.add_argument_group("engine workload")
-    engine.add_argument("--hf-images", type=int, default=64, help="transformers subset size")
-    engine.add_argument("--hf-batch", type=int, default=32)
+    engine.add_argument(
+        "--hf-images", type=int, help="transformers' subset (default 64; VL families 32)"
+    )
+    engine.add_argument(
+        "--hf-batch", type=int, help="transformers' batch (default 32; VL families 8)"
+    )
+    engine.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 (H200) for TTFT floors"
+    )
     engine.add_argument("--skip-hf", action="store_true")
     engine.add_argument("--profile", action="store_true", help="add phase and kernel tables")
     engine.add_argument(
@@ -157,6 +171,11 @@ def bench_command(parser: argparse.ArgumentParser):
             from polymodal.bench.media import print_table, run_bench
         else:
             from polymodal.bench.serve import print_table, run_bench
+        vl = family == "polymodal.bench.vl"
+        for name, value in (("images", 256 if vl else 512), ("hf_images", 32 if vl else 64),
+                            ("hf_batch", 8 if vl else 32)):  # fmt: skip
+            if getattr(args, name) is None:
+                setattr(args, name, value)
         results = run_bench(args)
         Path(args.json).write_text(json.dumps(results, indent=2))
         print_table(results)

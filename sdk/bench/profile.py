@@ -292,7 +292,7 @@ def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16) -> d
     """Kernels of `calls` calls of `fn()` (a decode step, a TTFT, ...): wall and GPU-busy ms a
     call, the busy time charged to the kernel that ends it (marginal cost under PDL), the idle
     gaps, and the GPU span of each `(obj, method name, label)` in `methods`. For the families
-    whose benches are scripts (`scripts/bench_vl.py --profile`, `bench_text_decode.py
+    without the engine workload (`polymodal bench VL-MODEL --profile`, `bench_text_decode.py
     --profile`)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,27 +1,22 @@
-"""scripts/bench_vl.py on the CPU: the tokenizer it writes for a shipped config puts the
-family's image tokens at the config's ids (both processors then expand an image into the same
-ids), and on a tiny checkpoint both sides run every workload on the same tensors (the same
-greedy tokens)."""
+"""`polymodal bench` for the VL families (`polymodal.bench.vl`) on the CPU: the tokenizer it
+writes for a shipped config puts the family's image tokens at the config's ids (both
+processors then expand an image into the same ids), a VL config picks this bench, and on a
+tiny checkpoint both sides run every workload on the same tensors (the same greedy tokens)."""
 
-import importlib.util
-from pathlib import Path
-from types import SimpleNamespace
+import json
 
 import pytest
 import torch
 
-from polymodal.bench import BUILTIN
+from polymodal.bench import BUILTIN, family_bench
 from tests.helpers import tiny_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vl", ROOT / "scripts" / "bench_vl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from polymodal.bench import vl
+
+    return vl
 
 
 @pytest.mark.parametrize(
@@ -35,8 +30,6 @@ def bench():
     ],
 )
 def test_shipped_config_gets_a_tokenizer_with_its_ids(bench, name):
-    import json
-
     import transformers as tf
 
     from polymodal.llm_core.registry import processor_class
@@ -59,11 +52,14 @@ def test_runs_both_sides_on_the_same_tensors(bench, tmp_path_factory, tmp_path):
     from polymodal import LLM, SamplingParams
 
     path = tiny_checkpoint(tmp_path_factory, "llama4_vl")
-    args = SimpleNamespace(
-        model=str(path), device="cpu", images=3, output_tokens=3, hf_images=2, hf_batch=1,
-        skip_hf=False, peak_tflops=989.0, json=str(tmp_path / "out.json"),
-    )  # fmt: skip
-    results = bench.run(args)
+    from polymodal.cli import main
+
+    out = tmp_path / "out.json"
+    argv = ["bench", str(path), "--device", "cpu", "--images", "3", "--output-tokens", "3",
+            "--hf-images", "2", "--hf-batch", "1", "--json", str(out)]  # fmt: skip
+    assert family_bench(path) == "polymodal.bench.vl"
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
     assert set(results["speedup"]) == {"captioning", "ttft", "decode"}
     assert results["ours"]["caption_images"] == 3 and results["hf"]["caption_images"] == 2
     # like with like: the weights the bench loads into ours are transformers', and the prompts

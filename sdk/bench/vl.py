@@ -1,10 +1,11 @@
-"""Image-prompt bench for the multimodal families whose processors expand text placeholders
-(Llama 4, Gemma 3, LLaVA-NeXT, LLaVA-OneVision, Pixtral; `polymodal bench`'s engine workload
-is Qwen-VL's): ours next to transformers in the same run, on the same random bf16 tensors.
+"""`polymodal bench` for the multimodal families whose processors expand text placeholders
+(Llama 4, Gemma 3, LLaVA-NeXT, LLaVA-OneVision, Pixtral / Mistral 3; picked by config.json's
+model_type, `FAMILY_BENCHES`): ours next to transformers in the same run, on the same random
+bf16 tensors.
 
-    python scripts/bench_vl.py llama4-scout-reduced [--images 256] [--output-tokens 128]
-    python scripts/bench_vl.py gemma-3-12b-it --hf-images 32 --hf-batch 8
-    python scripts/bench_vl.py DIR --device cpu --images 4     # a tiny checkpoint, as the test
+    polymodal bench llama4-scout-reduced [--images 256] [--output-tokens 128]
+    polymodal bench gemma-3-12b-it --hf-images 32 --hf-batch 8 [--profile]
+    polymodal bench DIR --device cpu --images 4     # a tiny checkpoint, as the test
 
 Workloads, each side alone on the device (transformers' model waits on the host meanwhile):
 TTFT of one fresh 448x448 image + a short question (processing included, median of 5),
@@ -13,7 +14,8 @@ batch-1 decode of a text prompt, captioning N distinct 448x448 images with M for
 processor + `generate` in batches). Floors: batch-1 decode = the bytes a step reads (only the
 chosen experts) / the HBM copy bandwidth; TTFT = max(weights read, FLOPs / `--peak-tflops`)
 of the tower over its tiles and the decoder over the prompt (2 x parameters touched per token;
-attention's own FLOPs are below 2% at these lengths and left out).
+the decoder's attention FLOPs are below 2% at these lengths and left out). `--profile` adds
+the kernels of one image's TTFT.
 
 A built-in name is a shipped config without a tokenizer: one is written with the family's
 special tokens at the ids its config names (ordinary ids filled with unused tokens), so both
@@ -22,7 +24,6 @@ processors expand images into the same token ids.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -226,30 +227,15 @@ def ttft_profile(llm, ours, calls: int = 3) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--output-tokens", type=int, default=128)
-    parser.add_argument("--hf-images", type=int, default=32)
-    parser.add_argument("--hf-batch", type=int, default=8)
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 (H200)")
-    parser.add_argument("--json", default="bench_vl.json")
-    parser.add_argument("--profile", action="store_true", help="kernels of one image's TTFT")
-    args = parser.parse_args()
-    print(json.dumps(run(args), indent=2))
-
-
-def run(args) -> dict:
-    """The bench (see the module docstring); returns the results (also written to --json)."""
+def run_bench(args) -> dict:
+    """The bench (see the module docstring); returns the results."""
     from polymodal import LLM, SamplingParams
 
     model_dir = user_checkpoint(Path(resolve_bench_model(args.model)))
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results: dict = {"model": str(args.model), "device": device}
+    results["output_tokens"] = args.output_tokens
     hf = None if args.skip_hf else HFRunner(model_dir, device, dtype)
     if hf is not None and device == "cuda":
         hf.model.to("cpu")
@@ -277,7 +263,7 @@ def run(args) -> dict:
         model = llm.engine.runner.model
         results["decode_floor_ms"] = active_decoder_bytes(model, 1) / bandwidth * 1e3
         results.update(ttft_floor(llm, bandwidth, args.peak_tflops * 1e12))
-        if getattr(args, "profile", False):
+        if args.profile:
             results["ttft_profile"] = ttft_profile(llm, ours)
     if hf is not None:
         del llm
@@ -293,9 +279,32 @@ def run(args) -> dict:
             "ttft": results["hf"]["ttft_ms"] / results["ours"]["ttft_ms"],
             "decode": results["hf"]["decode_ms_per_token"] / results["ours"]["decode_ms_per_token"],
         }
-    Path(args.json).write_text(json.dumps(results, indent=2))
     return results
 
 
-if __name__ == "__main__":
-    main()
+def print_table(r: dict) -> None:
+    """TTFT against its floor, batch-1 decode against its floor, captioning; ours next to
+    transformers' where it ran."""
+    ours, hf = r["ours"], r.get("hf", {})
+    print(f"\n{r['model']} ({r['device']}): ours vs transformers, same tensors")
+    rows = [
+        ("TTFT ms (one 448x448 image)", "ttft_ms"),
+        ("batch-1 decode ms/token", "decode_ms_per_token"),
+        (f"captioning images/s ({r['output_tokens']} tokens)", "images_s"),
+    ]
+    for label, key in rows:
+        theirs = f"{hf[key]:12.2f}" if key in hf else " " * 12
+        print(f"  {label:40s} {ours[key]:10.2f} {theirs}")
+    if "ttft_floor_ms" in r:
+        ttft, decode = r["ttft_floor_ms"], r["decode_floor_ms"]
+        print(
+            f"  floors: TTFT {ttft:.2f} ms ({r['ttft_tflop']:.2f} TFLOP, {r['prompt_tokens']} "
+            f"prompt tokens): {ours['ttft_ms'] / ttft:.2f}x; decode {decode:.2f} ms: "
+            f"{decode / ours['decode_ms_per_token']:.0%}"
+        )
+    if "speedup" in r:
+        s = r["speedup"]
+        print(
+            f"  vs transformers: captioning {s['captioning']:.1f}x, TTFT {s['ttft']:.2f}x, "
+            f"decode {s['decode']:.1f}x"
+        )
