@@ -1,6 +1,8 @@
 """RMSNorm with an optional fused residual add (Triton on CUDA, torch elsewhere), and the
 deferred form a few-row decode step uses: the residual add done in the GEMV before (its
 epilogue, `AddedResidual`), the normalization in the GEMV after (as it loads x, `DeferredNorm`).
+Gemma's sandwich boundary (`sandwich_norm`: post-norm, add, next pre-norm) and per-head q/k
+norms (`qk_norm`) are one kernel each on CUDA.
 """
 
 from __future__ import annotations
@@ -67,6 +69,26 @@ class GemmaRMSNorm(nn.Module):
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
             out = (h * (1.0 + self.weight.float())).to(res.dtype)
         return out if residual is None else (out, res)
+
+
+def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y: torch.Tensor, residual: torch.Tensor):
+    """Gemma's block boundary: `x = residual + post(y)` (a block's output normalized before it
+    joins the residual stream), returns `(pre(x), x)`; one kernel on CUDA."""
+    if y.is_cuda and fused_ops() is not None:
+        return fused_ops().sandwich_norm(y, residual, post.weight, post.eps, pre.weight, pre.eps)
+    return pre(post(y), residual)
+
+
+def qk_norm(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor, k: torch.Tensor):
+    """`(q_norm(q), k_norm(k))` per head of `q [T, heads, d]`, `k [T, kv_heads, d]` (RMSNorms
+    or GemmaRMSNorms of one eps). On CUDA one kernel normalizes both in place (q and k must be
+    this step's own tensors, e.g. views of the packed qkv output)."""
+    same = type(q_norm) is type(k_norm) and q_norm.eps == k_norm.eps
+    if same and q.is_cuda and fused_ops() is not None:
+        unit = isinstance(q_norm, GemmaRMSNorm)
+        if unit or q_norm.weight.dtype == q.dtype:
+            return fused_ops().qk_rms_norm_(q, k, q_norm.weight, k_norm.weight, q_norm.eps, unit)
+    return q_norm(q), k_norm(k)
 
 
 @dataclass

@@ -1,0 +1,153 @@
+"""Fused norm kernels for Gemma 3's layers (re-exported by `triton_ops`, reached through
+`fused_ops()`):
+
+- `sandwich_norm`: a block's output normalized by its post-norm, added to the residual stream,
+  and the sum normalized by the next block's pre-norm, in one pass (two RMSNorm kernels and two
+  reads of the stream before);
+- `qk_rms_norm_`: the per-head RMSNorm of q and of k in one launch, in place on the views of the
+  packed qkv output (one norm kernel each before, plus a copy each: a `[tokens, heads, d]`
+  view of the packed rows is not one 2-D matrix).
+
+Both compute exactly as `_rms_norm_kernel` does (fp32 math, the same roundings and the same
+reduction per row), so the results are those of the kernels they replace.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from polymodal.llm_core import pdl
+
+
+@triton.jit
+def _sandwich_norm_kernel(
+    y_ptr,
+    res_ptr,
+    w_post_ptr,
+    w_pre_ptr,
+    out_ptr,
+    new_res_ptr,
+    hidden,
+    eps_post,
+    eps_pre,
+    stride_y,
+    stride_r,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program per row: x = residual + post(y); out = pre(x), both (1 + w) RMSNorms in
+    fp32 with one rounding each, the add rounded like torch's."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static
+    w_pre = tl.load(w_pre_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait(USE_PDL)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+    h = y.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden + eps_post)
+    post = ((h * rstd) * (1.0 + w_post)).to(y.dtype)
+    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    x = (post.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
+    tl.store(new_res_ptr + row * hidden + cols, x, mask=mask)
+    hx = x.to(tl.float32)
+    rstd_x = 1.0 / tl.sqrt(tl.sum(hx * hx, 0) / hidden + eps_pre)
+    out = (hx * rstd_x) * (1.0 + w_pre)
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sandwich_norm(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor,
+    post_eps: float,
+    pre_weight: torch.Tensor,
+    pre_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x = residual + post(y)`, `(pre(x), x)`: Gemma's (1 + w) RMSNorms `post` / `pre` with
+    their weights and eps, over the last dim of `y` and `residual` (same shape and dtype)."""
+    hidden = y.shape[-1]
+    y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))  # [rows, hidden]
+    y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+    new_res = torch.empty_like(out)
+    if y2.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        flag = pdl.use_pdl(y2)
+        _sandwich_norm_kernel[(y2.shape[0],)](
+            y2, r2, post_weight, pre_weight, out, new_res, hidden, post_eps, pre_eps,
+            y2.stride(0), r2.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            USE_PDL=flag, launch_pdl=flag,
+        )  # fmt: skip
+    return out.view(y.shape), new_res.view(y.shape)
+
+
+@triton.jit
+def _qk_rms_norm_kernel(
+    q_ptr,
+    k_ptr,
+    wq_ptr,
+    wk_ptr,
+    q_heads,
+    head_dim,
+    eps,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
+):
+    """Program (token, head): heads below `q_heads` are q's, the rest k's; the head's vector is
+    normalized in place as `_rms_norm_kernel` normalizes a row."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < head_dim
+    if head < q_heads:
+        ptr = q_ptr + token * stride_qt + head * stride_qh
+        w_ptr = wq_ptr
+    else:
+        ptr = k_ptr + token * stride_kt + (head - q_heads) * stride_kh
+        w_ptr = wk_ptr
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static: before the wait
+    pdl.wait(USE_PDL)
+    x = tl.load(ptr + cols, mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / head_dim + eps)
+    if UNIT_OFFSET:
+        out = (h * rstd) * (1.0 + w)
+    else:
+        out = w * (h * rstd).to(x.dtype).to(tl.float32)
+    tl.store(ptr + cols, out.to(x.dtype), mask=mask)
+
+
+def qk_rms_norm_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    unit_offset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm each head of `q [T, heads, d]` and `k [T, kv_heads, d]` in place (views of a
+    packed qkv are fine: any token and head strides, unit last stride), q's by `q_weight`, k's
+    by `k_weight` (`[d]`; `unit_offset`: Gemma's (1 + w)). One eps for both. Returns (q, k).
+    Without `unit_offset` the weights must have q's dtype (the result is written in place)."""
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, "in place: unit last stride"
+    assert q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.dtype == k.dtype
+    assert unit_offset or q_weight.dtype == k_weight.dtype == q.dtype
+    tokens, q_heads, head_dim = q.shape
+    if tokens:
+        block = triton.next_power_of_2(head_dim)
+        flag = pdl.use_pdl(q)
+        _qk_rms_norm_kernel[(tokens, q_heads + k.shape[1])](
+            q, k, q_weight, k_weight, q_heads, head_dim, eps, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), BLOCK=block, USE_PDL=flag, UNIT_OFFSET=unit_offset,
+            num_warps=min(16, max(1, block // 256)), launch_pdl=flag,
+        )  # fmt: skip
+    return q, k
