@@ -1,8 +1,9 @@
 """RMSNorm with an optional fused residual add (Triton on CUDA, torch elsewhere), and the
 deferred form a few-row decode step uses: the residual add done in the GEMV before (its
 epilogue, `AddedResidual`), the normalization in the GEMV after (as it loads x, `DeferredNorm`).
-Gemma's sandwich boundary (`sandwich_norm`: post-norm, add, next pre-norm) and per-head q/k
-norms (`qk_norm`) are one kernel each on CUDA.
+Gemma's sandwich boundary (`sandwich_norm`: post-norm, add, next pre-norm), per-head q/k
+norms (`qk_norm`) and a ViT layer's add + LayerNorm (`add_layer_norm`) are one kernel each on
+CUDA.
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def qk_norm(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor, k: torch.Tens
         if unit or q_norm.weight.dtype == q.dtype:
             return fused_ops().qk_rms_norm_(q, k, q_norm.weight, k_norm.weight, q_norm.eps, unit)
     return q_norm(q), k_norm(k)
+
+
+def add_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor | None = None):
+    """A pre-norm layer's residual add and the LayerNorm after it: `s = x + delta` (`x` when
+    `delta` is None), returns `(s, norm(s))`; one kernel on CUDA (an affine LayerNorm over the
+    last dim)."""
+    affine = norm.weight is not None and norm.bias is not None
+    if x.is_cuda and fused_ops() is not None and affine and len(norm.normalized_shape) == 1:
+        return fused_ops().add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    s = x if delta is None else x + delta
+    return s, norm(s)
 
 
 @dataclass

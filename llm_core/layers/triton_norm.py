@@ -1,15 +1,18 @@
-"""Fused norm kernels for Gemma 3's layers (re-exported by `triton_ops`, reached through
-`fused_ops()`):
+"""Fused norm kernels for Gemma 3's decoder layers and the ViT towers (re-exported by
+`triton_ops`, reached through `fused_ops()`):
 
 - `sandwich_norm`: a block's output normalized by its post-norm, added to the residual stream,
   and the sum normalized by the next block's pre-norm, in one pass (two RMSNorm kernels and two
   reads of the stream before);
 - `qk_rms_norm_`: the per-head RMSNorm of q and of k in one launch, in place on the views of the
   packed qkv output (one norm kernel each before, plus a copy each: a `[tokens, heads, d]`
-  view of the packed rows is not one 2-D matrix).
+  view of the packed rows is not one 2-D matrix);
+- `add_layer_norm`: a ViT layer's residual add and the LayerNorm after it (torch's add, then
+  its LayerNorm kernel, before).
 
-Both compute exactly as `_rms_norm_kernel` does (fp32 math, the same roundings and the same
-reduction per row), so the results are those of the kernels they replace.
+The RMSNorms compute exactly as `_rms_norm_kernel` does (fp32 math, the same roundings and the
+same reduction per row), so their results are those of the kernels they replace; the
+LayerNorm's fp32 statistics are summed in another order than torch's (Welford) kernel's.
 """
 
 from __future__ import annotations
@@ -151,3 +154,72 @@ def qk_rms_norm_(
             num_warps=min(16, max(1, block // 256)), launch_pdl=flag,
         )  # fmt: skip
     return q, k
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    x_ptr,
+    delta_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    sum_ptr,
+    hidden,
+    eps,
+    stride_x,
+    stride_d,
+    HAS_DELTA: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program per row: s = x (+ delta, rounded like torch's add); out = LayerNorm(s) in
+    fp32 (mean, then the variance of s - mean), rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static: before the wait
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait(USE_PDL)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * hidden + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    mean = tl.sum(h, 0) / hidden
+    centered = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 0) / hidden + eps)
+    out = centered * rstd * w + b
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + delta` (or `x`) and `LayerNorm(s)` over the last dim with `weight`, `bias`:
+    returns `(s, normed)`, both in x's dtype (delta's must match)."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)  # [rows, hidden]
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if delta is not None:
+        assert delta.dtype == x.dtype and delta.shape == x.shape
+        d2 = delta.reshape(-1, hidden)
+        d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
+        total = torch.empty_like(out)
+    else:
+        d2 = total = x2  # unused by the kernel
+    if x2.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        flag = pdl.use_pdl(x2)
+        _add_layer_norm_kernel[(x2.shape[0],)](
+            x2, d2, weight, bias, out, total, hidden, eps, x2.stride(0), d2.stride(0),
+            HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            USE_PDL=flag, launch_pdl=flag,
+        )  # fmt: skip
+    s = total.view(x.shape) if delta is not None else x
+    return s, out.view(x.shape)

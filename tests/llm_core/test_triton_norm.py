@@ -75,3 +75,21 @@ def test_qk_norm_in_place_on_packed_qkv(dtype, gemma):
     assert_close(k, ref_k, dtype)
     assert torch.equal(q, row_q) and torch.equal(k, row_k)
     assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_layer_norm(dtype, with_delta):
+    """s = x + delta rounded as torch adds (the interpreter truncates to bf16: compared within
+    a rounding there), then torch's LayerNorm of s (fp32 statistics)."""
+    norm = torch.nn.LayerNorm(40, eps=1e-6).to(dtype)
+    norm.weight.data = (1 + 0.5 * torch.randn(40)).to(dtype)
+    norm.bias.data = torch.randn(40).to(dtype)
+    x = (3 + 2 * torch.randn(2, 7, 40)).to(dtype)  # an offset mean: the centring matters
+    delta = torch.randn(2, 7, 40).to(dtype) if with_delta else None
+    s, out = triton_ops.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    want = x + delta if with_delta else x
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(s, want, dtype)
+    assert dtype != torch.float32 or torch.equal(s, want)
+    assert_close(out, norm(s), dtype)
