@@ -64,7 +64,7 @@ class SiglipVisionTower(nn.Module):
         x = self.embeddings(pixel_values)  # [N * patches, dim]
         meta = uniform_segments(count, self.num_positions, x.device)
         if feature_layer is None:
-            x = self.post_layernorm(self.encoder(x, meta, self.attn_backend))
+            x = self.encoder(x, meta, self.attn_backend, final_norm=self.post_layernorm)
         elif isinstance(feature_layer, int):  # the tower runs only as deep as the layer asked
             depth = len(self.encoder.layers)
             x = self.encoder(x, meta, self.attn_backend, feature_layer % (depth + 1))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -44,6 +44,7 @@ from polymodal.processors.input_cache import (
 )
 from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, describe_source, load_image
+from polymodal.processors.token_runs import RunEncoder
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
 
@@ -238,7 +239,7 @@ class MediaProcessor:
         pattern = "|".join(re.escape(m) for m in sorted(modality_of, key=len, reverse=True))
         # each placeholder -> the next expansion of its modality (a function: taken literally)
         expanded = re.sub(pattern, lambda m: next(queues[modality_of[m.group(0)]]), text)
-        ids = self.tokenizer.encode(expanded, add_special_tokens=special)
+        ids = self.run_encoder.encode(expanded, add_special_tokens=special)
         return self.finish(ids, items)
 
     def process_tokens(
@@ -259,10 +260,16 @@ class MediaProcessor:
         for token in token_ids:
             if token in modality_of:
                 text = next(queues[modality_of[token]])
-                ids.extend(self.tokenizer.encode(text, add_special_tokens=False))
+                ids.extend(self.run_encoder.encode(text, add_special_tokens=False))
             else:
                 ids.append(token)
         return self.finish(ids, items)
+
+    @cached_property
+    def run_encoder(self) -> RunEncoder:
+        """The tokenizer's `encode` with runs of the embed tokens collapsed (`token_runs.py`:
+        the same ids, an image's run of slot tokens tokenized as one)."""
+        return RunEncoder(self.tokenizer, self.embed_token_ids().values())
 
     @staticmethod
     def _queues(items: list[MultimodalItem], expansions: list[str]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """RMSNorm with an optional fused residual add (Triton on CUDA, torch elsewhere), and the
 deferred form a few-row decode step uses: the residual add done in the GEMV before (its
 epilogue, `AddedResidual`), the normalization in the GEMV after (as it loads x, `DeferredNorm`).
-`LayerNorm`: `nn.LayerNorm` that may add a residual first, in the same pass on CUDA (BERT).
+Gemma's sandwich boundary (`sandwich_norm`: post-norm, add, next pre-norm), per-head q/k
+norms (`qk_norm`) and a residual add + LayerNorm (`add_layer_norm`: a ViT layer's pre-norm,
+`LayerNorm(x, residual)` for BERT's post-norm) are one kernel each on CUDA.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polymodal.llm_core.layers import fused_ops
@@ -47,16 +50,11 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` (same parameters, HF names) whose `forward(x, residual=None)` normalizes
-    `x + residual`: one Triton pass on CUDA (`triton_layer_norm.add_layer_norm`: the add's
-    rounding and the fp32 statistics as eager torch), `nn.LayerNorm(x + residual)` elsewhere."""
+    `x + residual` (BERT's post-norm blocks), through `add_layer_norm` without keeping the
+    sum."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        fusable = self.weight is not None and self.bias is not None and self.weight.dim() == 1
-        if x.is_cuda and fusable and fused_ops() is not None:  # fused_ops: Triton is there
-            from polymodal.llm_core.layers.triton_layer_norm import add_layer_norm
-
-            return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
-        return super().forward(x if residual is None else x + residual)
+        return add_layer_norm(self, x, residual, keep_sum=False)[1]
 
 
 class GemmaRMSNorm(nn.Module):
@@ -82,6 +80,42 @@ class GemmaRMSNorm(nn.Module):
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
             out = (h * (1.0 + self.weight.float())).to(res.dtype)
         return out if residual is None else (out, res)
+
+
+def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y: torch.Tensor, residual: torch.Tensor):
+    """Gemma's block boundary: `x = residual + post(y)` (a block's output normalized before it
+    joins the residual stream), returns `(pre(x), x)`; one kernel on CUDA."""
+    if y.is_cuda and fused_ops() is not None:
+        return fused_ops().sandwich_norm(y, residual, post.weight, post.eps, pre.weight, pre.eps)
+    return pre(post(y), residual)
+
+
+def qk_norm(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor, k: torch.Tensor):
+    """`(q_norm(q), k_norm(k))` per head of `q [T, heads, d]`, `k [T, kv_heads, d]` (RMSNorms
+    or GemmaRMSNorms of one eps). On CUDA one kernel normalizes both in place (q and k must be
+    this step's own tensors, e.g. views of the packed qkv output)."""
+    same = type(q_norm) is type(k_norm) and q_norm.eps == k_norm.eps
+    if same and q.is_cuda and fused_ops() is not None:
+        unit = isinstance(q_norm, GemmaRMSNorm)
+        if unit or q_norm.weight.dtype == q.dtype:
+            return fused_ops().qk_rms_norm_(q, k, q_norm.weight, k_norm.weight, q_norm.eps, unit)
+    return q_norm(q), k_norm(k)
+
+
+def add_layer_norm(
+    norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor | None = None, keep_sum: bool = True
+):
+    """A residual add and the LayerNorm after it: `s = x + delta` (`x` when `delta` is None),
+    returns `(s, norm(s))` (`(None, norm(s))` when the caller has no use for the sum, as a
+    post-norm block); one kernel on CUDA (an affine LayerNorm over the last dim): the add's
+    rounding and the fp32 statistics as eager torch's."""
+    affine = norm.weight is not None and norm.bias is not None
+    if x.is_cuda and fused_ops() is not None and affine and len(norm.normalized_shape) == 1:
+        ops = fused_ops()
+        return ops.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, keep_sum)
+    s = x if delta is None else x + delta
+    out = F.layer_norm(s, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return (s if keep_sum else None), out
 
 
 @dataclass

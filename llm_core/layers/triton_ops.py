@@ -5,7 +5,9 @@ reference with the same semantics (`*_ref` here; the torch paths of `RotaryEmbed
 `cuda_graph.resolve_ids` and `LlamaForCausalLM.compute_logits`), used by tests and as the
 definition of what the kernel computes.
 
-All math is fp32 inside the kernels; results are cast back to the input dtype.
+All math is fp32 inside the kernels; results are cast back to the input dtype. Gemma 3's fused
+norms (`sandwich_norm`, `qk_rms_norm_`) and the towers' `add_layer_norm` live in
+`triton_norm.py` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.triton_norm import (  # noqa: F401
+    add_layer_norm,
+    qk_rms_norm_,
+    sandwich_norm,
+)
 
 
 @triton.jit

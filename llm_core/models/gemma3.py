@@ -19,7 +19,7 @@ from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import UnsupportedModelError
 from polymodal.llm_core.layers.activation import gelu_tanh_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
-from polymodal.llm_core.layers.norm import GemmaRMSNorm
+from polymodal.llm_core.layers.norm import GemmaRMSNorm, qk_norm, sandwich_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.llama import LlamaForCausalLM
@@ -58,8 +58,9 @@ class Gemma3Attention(nn.Module):
     def forward(self, rope, x: torch.Tensor, kv_cache, meta) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = qk_norm(self.q_norm, self.k_norm, q, k)  # in place on CUDA
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, rope, kv_cache, meta))
 
@@ -82,7 +83,8 @@ class Gemma3MLP(nn.Module):
 
 class Gemma3DecoderLayer(nn.Module):
     """Sandwich norms: each block's output is normalized before it joins the residual stream.
-    The adds fuse with the next norm (`GemmaRMSNorm(x, residual)`)."""
+    A block's post-norm, the add and the next block's pre-norm are one `sandwich_norm`; the
+    MLP's post-norm is left to the next layer (or the final norm), which fuses it so."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
         super().__init__()
@@ -94,15 +96,19 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()
 
-    def forward(self, rope, hidden, residual, kv_cache, meta):
-        """`hidden`: the previous block's normalized output, not yet added to `residual`."""
+    def forward(self, rope, hidden, residual, kv_cache, meta, post_norm=None):
+        """`hidden`: the embeddings (`residual` None), else the previous layer's MLP output
+        before its post-feed-forward norm (`post_norm`). Returns this layer's MLP output, not
+        yet normalized (`post_feedforward_layernorm`) nor added to the returned `residual`."""
         if residual is None:
             x, residual = self.input_layernorm(hidden), hidden
         else:
-            x, residual = self.input_layernorm(hidden, residual)
-        attn = self.post_attention_layernorm(self.self_attn(rope, x, kv_cache, meta))
-        x, residual = self.pre_feedforward_layernorm(attn, residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+            x, residual = sandwich_norm(post_norm, self.input_layernorm, hidden, residual)
+        attn = self.self_attn(rope, x, kv_cache, meta)
+        x, residual = sandwich_norm(
+            self.post_attention_layernorm, self.pre_feedforward_layernorm, attn, residual
+        )
+        return self.mlp(x), residual
 
 
 class Gemma3TextModel(nn.Module):
@@ -136,10 +142,11 @@ class Gemma3TextModel(nn.Module):
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         # cos/sin once per rotary (local and global bases), shared by the layers of its type
         ropes = {kind: rotary.cos_sin(positions) for kind, rotary in self.rotaries.items()}
-        hidden, residual = inputs_embeds, None
+        hidden, residual, post_norm = inputs_embeds, None, None
         for layer, kind, kv_cache in zip(self.layers, self.layer_types, kv_caches):
-            hidden, residual = layer(ropes[kind], hidden, residual, kv_cache, meta)
-        return self.norm(hidden, residual)[0]
+            hidden, residual = layer(ropes[kind], hidden, residual, kv_cache, meta, post_norm)
+            post_norm = layer.post_feedforward_layernorm
+        return sandwich_norm(post_norm, self.norm, hidden, residual)[0]
 
 
 class Gemma3ForCausalLM(ModelBase):

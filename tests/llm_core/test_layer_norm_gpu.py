@@ -1,4 +1,4 @@
-"""The residual add + LayerNorm kernel (`layers/triton_layer_norm.py`) compiled on CUDA at
+"""The residual add + LayerNorm kernel (`layers/triton_norm.py`) compiled on CUDA at
 BERT-base's width, against eager torch; and a BERT-base layer built from it against
 transformers' `BertLayer` in bf16 (on the CPU: test_triton_layer_norm.py, test_pooling.py)."""
 
@@ -23,7 +23,7 @@ def test_add_layer_norm_on_cuda(dtype):
     """A step's rows of width 768 (a masked 1024 block): eager torch's add + LayerNorm up to
     fp32 rounding of the statistics (at most one bf16 step in bf16), with and without the
     residual; `LayerNorm(x, residual)` takes the kernel on CUDA."""
-    from polymodal.llm_core.layers import triton_layer_norm as kernels
+    from polymodal.llm_core.layers import triton_norm as kernels
     from polymodal.llm_core.layers.norm import LayerNorm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -34,8 +34,8 @@ def test_add_layer_norm_on_cuda(dtype):
         norm.weight.normal_(generator=gen)
         norm.bias.normal_(generator=gen)
     for res in (residual, None):
-        out = kernels.add_layer_norm(x, res, norm.weight, norm.bias, norm.eps)
-        ref = kernels.add_layer_norm_ref(x, res, norm.weight, norm.bias, norm.eps)
+        out = kernels.add_layer_norm(x, res, norm.weight, norm.bias, norm.eps, False)[1]
+        ref = kernels.add_layer_norm_ref(x, res, norm.weight, norm.bias, norm.eps)[1]
         if dtype == torch.float32:
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         else:  # one bf16 rounding step (8 bits of mantissa) of the larger term of

@@ -1,5 +1,6 @@
-"""The residual add + LayerNorm kernel (`layers/triton_layer_norm.py`, BERT's post-LN blocks)
-against its torch reference on CPU under TRITON_INTERPRET=1 (`interpreted.py`); on CUDA:
+"""The residual add + LayerNorm kernel (`triton_norm.add_layer_norm`) as BERT's post-LN blocks
+run it (the sum not kept, a strided residual) against its torch reference on CPU under
+TRITON_INTERPRET=1 (`interpreted.py`); the pre-norm form: test_triton_norm.py; on CUDA:
 test_layer_norm_gpu.py."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polymodal.llm_core.layers import triton_layer_norm as kernels
+from polymodal.llm_core.layers import triton_norm as kernels
 from polymodal.llm_core.layers.norm import LayerNorm
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
@@ -32,9 +33,9 @@ def test_add_layer_norm(dtype, with_residual):
     x = (3 * torch.randn(2, 5, 48) + 4).to(dtype)
     residual = torch.randn(2, 5, 80).to(dtype)[..., 16:64] if with_residual else None
     norm = _norm(48, dtype)
-    out = kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
-    ref = kernels.add_layer_norm_ref(x, residual, norm.weight, norm.bias, norm.eps)
-    assert out.shape == x.shape and out.dtype == dtype
+    kept, out = kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, False)
+    _, ref = kernels.add_layer_norm_ref(x, residual, norm.weight, norm.bias, norm.eps)
+    assert kept is None and out.shape == x.shape and out.dtype == dtype
     assert_close(out, ref, dtype)
 
 

@@ -1,0 +1,243 @@
+"""Fused norm kernels for Gemma 3's decoder layers and the ViT towers (re-exported by
+`triton_ops`, reached through `fused_ops()`):
+
+- `sandwich_norm`: a block's output normalized by its post-norm, added to the residual stream,
+  and the sum normalized by the next block's pre-norm, in one pass (two RMSNorm kernels and two
+  reads of the stream before);
+- `qk_rms_norm_`: the per-head RMSNorm of q and of k in one launch, in place on the views of the
+  packed qkv output (one norm kernel each before, plus a copy each: a `[tokens, heads, d]`
+  view of the packed rows is not one 2-D matrix);
+- `add_layer_norm`: a ViT layer's residual add and the LayerNorm after it (torch's add, then
+  its LayerNorm kernel, before).
+
+The RMSNorms compute exactly as `_rms_norm_kernel` does (fp32 math, the same roundings and the
+same reduction per row), so their results are those of the kernels they replace; the
+LayerNorm's fp32 statistics are summed in another order than torch's (Welford) kernel's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from polymodal.llm_core import pdl
+
+
+@triton.jit
+def _sandwich_norm_kernel(
+    y_ptr,
+    res_ptr,
+    w_post_ptr,
+    w_pre_ptr,
+    out_ptr,
+    new_res_ptr,
+    hidden,
+    eps_post,
+    eps_pre,
+    stride_y,
+    stride_r,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program per row: x = residual + post(y); out = pre(x), both (1 + w) RMSNorms in
+    fp32 with one rounding each, the add rounded like torch's."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static
+    w_pre = tl.load(w_pre_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait(USE_PDL)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+    h = y.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden + eps_post)
+    post = ((h * rstd) * (1.0 + w_post)).to(y.dtype)
+    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    x = (post.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
+    tl.store(new_res_ptr + row * hidden + cols, x, mask=mask)
+    hx = x.to(tl.float32)
+    rstd_x = 1.0 / tl.sqrt(tl.sum(hx * hx, 0) / hidden + eps_pre)
+    out = (hx * rstd_x) * (1.0 + w_pre)
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sandwich_norm(
+    y: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor,
+    post_eps: float,
+    pre_weight: torch.Tensor,
+    pre_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x = residual + post(y)`, `(pre(x), x)`: Gemma's (1 + w) RMSNorms `post` / `pre` with
+    their weights and eps, over the last dim of `y` and `residual` (same shape and dtype)."""
+    hidden = y.shape[-1]
+    y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))  # [rows, hidden]
+    y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+    new_res = torch.empty_like(out)
+    if y2.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        flag = pdl.use_pdl(y2)
+        _sandwich_norm_kernel[(y2.shape[0],)](
+            y2, r2, post_weight, pre_weight, out, new_res, hidden, post_eps, pre_eps,
+            y2.stride(0), r2.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            USE_PDL=flag, launch_pdl=flag,
+        )  # fmt: skip
+    return out.view(y.shape), new_res.view(y.shape)
+
+
+@triton.jit
+def _qk_rms_norm_kernel(
+    q_ptr,
+    k_ptr,
+    wq_ptr,
+    wk_ptr,
+    q_heads,
+    head_dim,
+    eps,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
+):
+    """Program (token, head): heads below `q_heads` are q's, the rest k's; the head's vector is
+    normalized in place as `_rms_norm_kernel` normalizes a row."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < head_dim
+    if head < q_heads:
+        ptr = q_ptr + token * stride_qt + head * stride_qh
+        w_ptr = wq_ptr
+    else:
+        ptr = k_ptr + token * stride_kt + (head - q_heads) * stride_kh
+        w_ptr = wk_ptr
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static: before the wait
+    pdl.wait(USE_PDL)
+    x = tl.load(ptr + cols, mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / head_dim + eps)
+    if UNIT_OFFSET:
+        out = (h * rstd) * (1.0 + w)
+    else:
+        out = w * (h * rstd).to(x.dtype).to(tl.float32)
+    tl.store(ptr + cols, out.to(x.dtype), mask=mask)
+
+
+def qk_rms_norm_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    unit_offset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm each head of `q [T, heads, d]` and `k [T, kv_heads, d]` in place (views of a
+    packed qkv are fine: any token and head strides, unit last stride), q's by `q_weight`, k's
+    by `k_weight` (`[d]`; `unit_offset`: Gemma's (1 + w)). One eps for both. Returns (q, k).
+    Without `unit_offset` the weights must have q's dtype (the result is written in place)."""
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, "in place: unit last stride"
+    assert q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.dtype == k.dtype
+    assert unit_offset or q_weight.dtype == k_weight.dtype == q.dtype
+    tokens, q_heads, head_dim = q.shape
+    if tokens:
+        block = triton.next_power_of_2(head_dim)
+        flag = pdl.use_pdl(q)
+        _qk_rms_norm_kernel[(tokens, q_heads + k.shape[1])](
+            q, k, q_weight, k_weight, q_heads, head_dim, eps, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), BLOCK=block, USE_PDL=flag, UNIT_OFFSET=unit_offset,
+            num_warps=min(16, max(1, block // 256)), launch_pdl=flag,
+        )  # fmt: skip
+    return q, k
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    x_ptr,
+    delta_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    sum_ptr,
+    hidden,
+    eps,
+    stride_x,
+    stride_d,
+    HAS_DELTA: tl.constexpr,
+    KEEP_SUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program per row: s = x (+ delta, rounded like torch's add; stored if KEEP_SUM);
+    out = LayerNorm(s) in fp32 (mean, then the variance of s - mean), rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static: before the wait
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl.wait(USE_PDL)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
+        if KEEP_SUM:
+            tl.store(sum_ptr + row * hidden + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    mean = tl.sum(h, 0) / hidden
+    centered = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 0) / hidden + eps)
+    out = centered * rstd * w + b
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    keep_sum: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`s = x + delta` (or `x`) and `LayerNorm(s)` over the last dim with `weight`, `bias`:
+    returns `(s, normed)`, both in x's dtype (delta's must match); `(None, normed)` without
+    `keep_sum` (a post-norm block: the sum is never written)."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)  # [rows, hidden]
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    keep = keep_sum and delta is not None
+    if delta is not None:
+        assert delta.dtype == x.dtype and delta.shape == x.shape
+        d2 = delta.reshape(-1, hidden)
+        d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
+    else:
+        d2 = x2  # unused by the kernel
+    total = torch.empty_like(out) if keep else x2  # x2: never written (KEEP_SUM off)
+    if x2.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        flag = pdl.use_pdl(x2)
+        _add_layer_norm_kernel[(x2.shape[0],)](
+            x2, d2, weight, bias, out, total, hidden, eps, x2.stride(0), d2.stride(0),
+            HAS_DELTA=delta is not None, KEEP_SUM=keep, BLOCK=block,
+            num_warps=min(16, max(1, block // 256)), USE_PDL=flag, launch_pdl=flag,
+        )  # fmt: skip
+    s = total.view(x.shape) if keep else (x if keep_sum else None)
+    return s, out.view(x.shape)
+
+
+def add_layer_norm_ref(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of `add_layer_norm`: torch's `x + delta` (rounded to x's dtype), then
+    `F.layer_norm` (statistics and affine in fp32, one rounding at the end)."""
+    s = x if delta is None else x + delta
+    return s, torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)
