@@ -53,13 +53,19 @@ from polymodal.llm_core.layers.norm import AddedResidual
 
 
 @triton.jit
-def _expert_rows(ids_ptr, pair, M, offs_m, SLOTS: tl.constexpr, BLOCK_J: tl.constexpr,
+def _pair_expert(ids_ptr, pair):
+    """`pair`'s expert (int64), read from L2 (down reads it before its PDL wait, while gate_up
+    runs: see `_down_kernel`)."""
+    return tl.load(ids_ptr + pair, cache_modifier=".cg").to(tl.int64)
+
+
+@triton.jit
+def _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS: tl.constexpr, BLOCK_J: tl.constexpr,
                  BLOCK_PAIRS: tl.constexpr):  # fmt: skip
-    """`pair`'s expert (int64); whether `pair` is the first to choose it (its program serves
-    every row that did); `chosen [BLOCK_M, BLOCK_J]`: row m's slot j holds that expert;
-    `slots`: the pair number of each (m, j). A row's experts are distinct."""
-    expert = tl.load(ids_ptr + pair, cache_modifier=".cg")  # (L2: down reads it before its
-    offs_p = tl.arange(0, BLOCK_PAIRS)  # PDL wait, while gate_up runs; see _down_kernel)
+    """Whether `pair` is the first to choose its `expert` (its program serves every row that
+    did); `chosen [BLOCK_M, BLOCK_J]`: row m's slot j holds that expert; `slots`: the pair
+    number of each (m, j). A row's experts are distinct."""
+    offs_p = tl.arange(0, BLOCK_PAIRS)
     earlier = tl.load(ids_ptr + offs_p, mask=offs_p < pair, other=-1, cache_modifier=".cg")
     first = tl.sum((earlier == expert).to(tl.int32), 0) == 0
     offs_j = tl.arange(0, BLOCK_J)
@@ -67,7 +73,7 @@ def _expert_rows(ids_ptr, pair, M, offs_m, SLOTS: tl.constexpr, BLOCK_J: tl.cons
     valid = (offs_m[:, None] < M) & (offs_j[None, :] < SLOTS)
     chosen = valid & (tl.load(ids_ptr + slots, mask=valid, other=-1, cache_modifier=".cg")
                       == expert)  # fmt: skip
-    return expert.to(tl.int64), first, chosen, slots
+    return first, chosen, slots
 
 
 @triton.jit(do_not_specialize=["M", "norm_parts"])
@@ -99,25 +105,32 @@ def _gate_up_kernel(
     USE_PDL: tl.constexpr,
 ):
     """Program (pair, n block): the gate_up features of the block for every row that chose
-    the pair's expert, if the pair is that expert's first."""
+    the pair's expert, if the pair is that expert's first. The first weight tile loads as soon
+    as the pair's expert id is in, before the first-pair test and the norm statistics (a later
+    pair of the same expert, rows > 1 only, loads lines its first pair's program is reading)."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
     pdl.wait(USE_PDL)  # the expert ids come from the kernel before
-    expert, first, chosen, _ = _expert_rows(ids_ptr, pair, M, offs_m, SLOTS, BLOCK_J, BLOCK_PAIRS)
+    expert = _pair_expert(ids_ptr, pair)
+    first, chosen, _ = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J, BLOCK_PAIRS)
+    if expert < E:  # (after the id loads above: they issue together)
+        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+    else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
+        inter = N // 2
+        up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
+        row = offs_n + (expert - E) * inter + up_skip
+        w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
+    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
+                eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     if first:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_mask = offs_n < N
-        if expert < E:
-            w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
-        else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
-            inter = N // 2
-            up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
-            row = offs_n + (expert - E) * inter + up_skip
-            w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
+                        norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                         eviction_policy=WEIGHT_EVICTION)  # fmt: skip
@@ -170,8 +183,9 @@ def _down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    expert, first, chosen, slots = _expert_rows(ids_ptr, pair, M, offs_m, SLOTS, BLOCK_J,
-                                                BLOCK_PAIRS)  # fmt: skip
+    expert = _pair_expert(ids_ptr, pair)
+    first, chosen, slots = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J,
+                                        BLOCK_PAIRS)  # fmt: skip
     if expert < E:
         w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
     else:  # shared expert s: columns [s * K, (s + 1) * K) of the shared down
