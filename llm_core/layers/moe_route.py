@@ -239,9 +239,15 @@ def _route_kernel(
 
 
 def router_config(num_experts: int, k: int, is_cuda: bool) -> GemvConfig:
-    """Feature block of the routing launch: a few experts per program, long K tiles."""
+    """Feature block of the routing launch. K in one tile (<= 2048, Qwen3-30B-A3B's router):
+    one expert a program in one warp, so every reduction, the last program's top-k included,
+    stays in the warp (shuffles: 4 barriers in the kernel where 4 warps of 4 experts had 29,
+    and 53 before the one-reduction top-k; not yet timed on a GPU: `bench_moe.py --sweep`).
+    Longer K: a few experts a program, long K tiles."""
     if not is_cuda:  # interpreter: small tiles so test shapes span several
         return GemvConfig(block_n=2, block_k=32)
+    if k <= 2048 and num_experts >= 32:
+        return GemvConfig(block_n=1, block_k=max(16, triton.next_power_of_2(k)), num_warps=1)
     block_n = 4 if num_experts >= 128 else 2 if num_experts >= 32 else 1
     return GemvConfig(block_n=block_n, block_k=min(2048, triton.next_power_of_2(k)))
 
