@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 import triton.testing
 
 from polymodal.llm_core.attention.triton_mla import mla_decode
@@ -156,7 +157,8 @@ def bench_decode(name: str, tokens: int) -> None:
 
 
 def sweep_decode(name: str) -> None:
-    """One token: the fastest launch configs of the two expert kernels, 5 of each."""
+    """One token: the fastest launch configs of the two expert kernels, 5 of each, after the
+    defaults' time; then (routers of many experts) the routing launch alone."""
     t = decode_inputs(name, 1)
     x = t["x"].materialize()
     weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
@@ -165,14 +167,18 @@ def sweep_decode(name: str) -> None:
                for n in (4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)
                if 2048 <= n * k <= 16384]  # fmt: skip
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    _, _, hidden, inter = MOE_SHAPES[name]
+    experts, _, hidden, inter = MOE_SHAPES[name]
     pairs = t["top_k"]
-    default = moe_decode.expert_config(pairs, hidden, inter, sms, True)
+    default = (moe_decode.expert_config(pairs, 2 * inter, hidden, sms, True),
+               moe_decode.expert_config(pairs, hidden, inter, sms, True))  # fmt: skip
+    ms = graph_ms(lambda: moe_decode.experts(x, t["gate_up"], t["down"], weights, ids))
+    print(f"sweep {name} default: {ms * 1e3:.1f} us ({nbytes / ms / 1e9:.2f} TB/s)  "
+          f"gate_up {default[0]}  down {default[1]}")  # fmt: skip
     best_gate_up = None
     for which in ("gate_up", "down"):
         times = []
         for cfg in configs:
-            pair = (cfg, default) if which == "gate_up" else (best_gate_up, cfg)
+            pair = (cfg, default[1]) if which == "gate_up" else (best_gate_up, cfg)
             ms = graph_ms(
                 lambda p=pair: moe_decode.experts(
                     x, t["gate_up"], t["down"], weights, ids, configs=p
@@ -185,6 +191,22 @@ def sweep_decode(name: str) -> None:
             print(f"sweep {name} {which}: {ms * 1e3:.1f} us ({nbytes / ms / 1e9:.2f} TB/s both "
                   f"launches)  block_n={cfg.block_n} block_k={cfg.block_k} "
                   f"num_warps={cfg.num_warps}")  # fmt: skip
+    if experts < 32:
+        return
+    default_route = moe_decode.router_config(experts, hidden, True)
+    block_k = min(2048, triton.next_power_of_2(hidden))
+    route_configs = [default_route] + [
+        GemvConfig(block_n=n, block_k=block_k, num_warps=w)
+        for n in (1, 2, 4) for w in (1, 2, 4) if n * block_k // (32 * w) <= 128
+    ]  # fmt: skip
+    times = []
+    for cfg in route_configs:
+        ms = graph_ms(lambda c=cfg: moe_decode.route(t["x"], t["router"], t["top_k"], config=c))
+        times.append((ms, cfg))
+    print(f"sweep {name} route default: {times[0][0] * 1e3:.1f} us  {default_route}")
+    for ms, cfg in sorted(times[1:], key=lambda item: item[0])[:5]:
+        print(f"sweep {name} route: {ms * 1e3:.1f} us  block_n={cfg.block_n} "
+              f"block_k={cfg.block_k} num_warps={cfg.num_warps}")  # fmt: skip
 
 
 def bench_mla(batch: int, context: int, page: int = 16) -> None:

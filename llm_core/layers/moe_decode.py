@@ -53,20 +53,27 @@ from polymodal.llm_core.layers.norm import AddedResidual
 
 
 @triton.jit
-def _expert_rows(ids_ptr, pair, M, offs_m, SLOTS: tl.constexpr, BLOCK_J: tl.constexpr,
+def _pair_expert(ids_ptr, pair):
+    """`pair`'s expert (int64), read from L2 (down reads it before its PDL wait, while gate_up
+    runs: see `_down_kernel`)."""
+    return tl.load(ids_ptr + pair, cache_modifier=".cg").to(tl.int64)
+
+
+@triton.jit
+def _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS: tl.constexpr, BLOCK_J: tl.constexpr,
                  BLOCK_PAIRS: tl.constexpr):  # fmt: skip
-    """`pair`'s expert (int64); whether `pair` is the first to choose it (its program serves
-    every row that did); `chosen [BLOCK_M, BLOCK_J]`: row m's slot j holds that expert;
-    `slots`: the pair number of each (m, j). A row's experts are distinct."""
-    expert = tl.load(ids_ptr + pair)
+    """Whether `pair` is the first to choose its `expert` (its program serves every row that
+    did); `chosen [BLOCK_M, BLOCK_J]`: row m's slot j holds that expert; `slots`: the pair
+    number of each (m, j). A row's experts are distinct."""
     offs_p = tl.arange(0, BLOCK_PAIRS)
-    earlier = tl.load(ids_ptr + offs_p, mask=offs_p < pair, other=-1)
+    earlier = tl.load(ids_ptr + offs_p, mask=offs_p < pair, other=-1, cache_modifier=".cg")
     first = tl.sum((earlier == expert).to(tl.int32), 0) == 0
     offs_j = tl.arange(0, BLOCK_J)
     slots = offs_m[:, None] * SLOTS + offs_j[None, :]
     valid = (offs_m[:, None] < M) & (offs_j[None, :] < SLOTS)
-    chosen = valid & (tl.load(ids_ptr + slots, mask=valid, other=-1) == expert)
-    return expert.to(tl.int64), first, chosen, slots
+    chosen = valid & (tl.load(ids_ptr + slots, mask=valid, other=-1, cache_modifier=".cg")
+                      == expert)  # fmt: skip
+    return first, chosen, slots
 
 
 @triton.jit(do_not_specialize=["M", "norm_parts"])
@@ -98,25 +105,32 @@ def _gate_up_kernel(
     USE_PDL: tl.constexpr,
 ):
     """Program (pair, n block): the gate_up features of the block for every row that chose
-    the pair's expert, if the pair is that expert's first."""
+    the pair's expert, if the pair is that expert's first. The first weight tile loads as soon
+    as the pair's expert id is in, before the first-pair test and the norm statistics (a later
+    pair of the same expert, rows > 1 only, loads lines its first pair's program is reading)."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
     pdl.wait(USE_PDL)  # the expert ids come from the kernel before
-    expert, first, chosen, _ = _expert_rows(ids_ptr, pair, M, offs_m, SLOTS, BLOCK_J, BLOCK_PAIRS)
+    expert = _pair_expert(ids_ptr, pair)
+    first, chosen, _ = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J, BLOCK_PAIRS)
+    if expert < E:  # (after the id loads above: they issue together)
+        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+    else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
+        inter = N // 2
+        up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
+        row = offs_n + (expert - E) * inter + up_skip
+        w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
+    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
+                eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     if first:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_mask = offs_n < N
-        if expert < E:
-            w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
-        else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
-            inter = N // 2
-            up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
-            row = offs_n + (expert - E) * inter + up_skip
-            w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
+                        norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                         eviction_policy=WEIGHT_EVICTION)  # fmt: skip
@@ -157,31 +171,47 @@ def _down_kernel(
 ):
     """Program (pair, n block): if the pair is its expert's first, the down features of the
     block for every row that chose it, times the routing weight, into `part` at that row's
-    pair; then the block's last program sums the pairs per row (slot order) + the residual."""
+    pair; then the block's last program sums the pairs per row (slot order) + the residual.
+
+    Under PDL this kernel starts while gate_up still runs (gate_up's programs let it launch
+    right after their own wait, so `route`, the kernel before gate_up, has finished): the ids,
+    the routing weights, the residual and the first weight tile (all of K where one tile
+    spans it, `expert_config`) load before the wait, so the down weights stream in during
+    gate_up's tail instead of after it."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    pdl.wait(USE_PDL)
-    expert, first, chosen, slots = _expert_rows(ids_ptr, pair, M, offs_m, SLOTS, BLOCK_J,
-                                                BLOCK_PAIRS)  # fmt: skip
+    expert = _pair_expert(ids_ptr, pair)
+    first, chosen, slots = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J,
+                                        BLOCK_PAIRS)  # fmt: skip
+    if expert < E:
+        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
+    else:  # shared expert s: columns [s * K, (s + 1) * K) of the shared down
+        w_rows = shared_ptr + offs_n.to(tl.int64)[:, None] * (num_shared * K) + (expert - E) * K
+    w = tl.load(w_rows + offs_k[None, :], mask=first & n_mask[:, None] & (offs_k < K)[None, :],
+                other=0.0, eviction_policy=WEIGHT_EVICTION)  # fmt: skip
+    routing = tl.sum(tl.load(weights_ptr + slots, mask=chosen, other=0.0, cache_modifier=".cg"),
+                     1)  # [BLOCK_M]  # fmt: skip
+    out_offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] -> out[m, f]
+    out_mask = (offs_m[None, :] < M) & n_mask[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    r = acc  # the residual rows (RESIDUAL): written long before this kernel
+    if RESIDUAL:
+        r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
+    pdl.wait(USE_PDL)  # gate_up's rows are written
     if first:
-        offs_k = tl.arange(0, BLOCK_K)
-        if expert < E:
-            w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
-        else:  # shared expert s: columns [s * K, (s + 1) * K) of the shared down
-            w_rows = shared_ptr + offs_n.to(tl.int64)[:, None] * (num_shared * K) + (expert - E) * K
         x_rows = h_ptr + pair.to(tl.int64) * M * 2 * K  # [M, 2K]: rows m of this expert
         no_rstd, no_wn = tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_K,), tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, offs_k, offs_m, no_rstd, no_wn, BLOCK_M,
+                        True, False)  # SiLU*mul as it loads the [gate | up] rows  # fmt: skip
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                         eviction_policy=WEIGHT_EVICTION)  # fmt: skip
-            acc = gemv_tile(
-                acc, w, x_rows, M, K, 2 * K, k, offs_m, no_rstd, no_wn, BLOCK_M, True, False
-            )  # SiLU*mul as it loads the [gate | up] rows
-        routing = tl.sum(tl.load(weights_ptr + slots, mask=chosen, other=0.0), 1)  # [BLOCK_M]
+            acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, k, offs_m, no_rstd, no_wn, BLOCK_M,
+                            True, False)  # fmt: skip
         dest = tl.sum(tl.where(chosen, slots, 0), 1)  # each row's pair of this expert
         has = tl.max(chosen.to(tl.int32), 1) > 0
         tl.store(part_ptr + dest.to(tl.int64)[None, :] * N + offs_n[:, None],
@@ -189,29 +219,37 @@ def _down_kernel(
     tl.debug_barrier()  # every thread's partial is written before the counter moves
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) - 1:  # every pair's block is in: sum per row, slot order
-        out_offs = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] -> out[m, f]
-        out_mask = (offs_m[None, :] < M) & n_mask[:, None]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for j in tl.static_range(SLOTS):
             part = part_ptr + (offs_m * SLOTS + j).to(tl.int64)[None, :] * N + offs_n[:, None]
             acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
-        r = acc
-        if RESIDUAL:
-            r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
         # no LoRA delta here (`acc` fills the unread argument)
         store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
                   tl.num_programs(1), acc, RESIDUAL, False)  # fmt: skip
         tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
+# One-tile expert launches: K up to this many elements loads in one weight tile per program
+# (every load in flight at once; down's whole tile before its PDL wait), while the launch has at
+# most ONE_TILE_ROWS weight rows (the pairs' N). Qwen3-30B-A3B at 1-2 rows takes it (gate_up
+# K 2048, down K 768); Mixtral's and DeepSeek-V3's larger experts keep the tiled rule.
+ONE_TILE_K = 2048
+ONE_TILE_ROWS = 32768
+
+
 def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool) -> GemvConfig:
-    """One expert launch: the widest feature block (32 .. 4) that still gives >= 3.5 programs
-    per SM over the pairs, weight tiles of `TILE_ELEMENTS`. H200 sweep (`bench_moe.py --sweep`,
-    one token, both launches): Qwen3-30B-A3B's down (K 768) 28.5 -> 22.3-22.5 us on 32-wide
-    blocks of 256 (512 programs, K in 3 whole tiles; the 4-per-SM rule gave 16 x 512, a tile
-    half masked); Mixtral's down best on 16 x 512 (512 programs). Not yet rerun end to end."""
+    """One expert launch. A short K (`ONE_TILE_K`, at most `ONE_TILE_ROWS` rows over the pairs):
+    the whole of K in one tile of `TILE_ELEMENTS` (4 x 2048 for Qwen3-30B-A3B's gate_up, the
+    H200 sweep's best: 25.7 vs 28.5 us for both launches; 8 x 1024 for its down), 8 warps.
+    Otherwise the widest feature block (32 .. 4) that still gives >= 3.5 programs per SM over
+    the pairs, weight tiles of `TILE_ELEMENTS` (H200 sweep, `bench_moe.py --sweep`, one token:
+    Qwen3-30B-A3B's down 28.5 -> 22.3-22.5 us on 32-wide blocks of 256, K in 3 whole tiles;
+    Mixtral's down best on 16 x 512)."""
     if not is_cuda:
         return GemvConfig(block_n=16, block_k=32)
+    if k <= ONE_TILE_K and num_pairs * n <= ONE_TILE_ROWS:
+        block_k = max(16, triton.next_power_of_2(k))
+        return GemvConfig(block_n=max(4, TILE_ELEMENTS // block_k), block_k=block_k, num_warps=8)
     block_n = next((b for b in (32, 16, 8) if 2 * num_pairs * triton.cdiv(n, b) >= 7 * sms), 4)
     block_k = min(TILE_ELEMENTS // block_n, max(16, triton.next_power_of_2(k)))
     return GemvConfig(block_n=block_n, block_k=block_k)

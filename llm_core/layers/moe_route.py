@@ -73,23 +73,31 @@ def _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E,
                    BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_M: tl.constexpr):  # fmt: skip
     """Each row's `TOP_K` experts from its fp32 logits `[M, E]`: softmax over all of them, the
-    best left slot by slot (the lowest id on ties), renormalized, times `scaling`."""
+    best left slot by slot (the lowest id on ties), renormalized, times `scaling`.
+
+    One reduction a slot: each expert is an int64 key, its probability's bits (a float >= 0
+    orders as its bits do) over `_NO_ID - id` (the lower id is the larger key on a tie); the
+    row's max key is the slot's expert and weight at once. A NaN probability (graph padding)
+    keys as 0, so such a row still names distinct experts; a taken or padding expert is -1."""
     offs_e = tl.arange(0, BLOCK_E)
     rows, cols = offs_m[:, None] < M, offs_e[None, :] < E
     logits = tl.load(logits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=rows & cols,
                      other=0.0, cache_modifier=".cg")  # fmt: skip
     logits = tl.where(cols, logits, float("-inf"))
     probs = tl.exp(logits - tl.max(logits, 1)[:, None])
-    probs = tl.where(cols, probs / tl.sum(probs, 1)[:, None], -1.0)  # padding: never chosen
+    probs = probs / tl.sum(probs, 1)[:, None]
+    bits = tl.where(probs == probs, probs, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(cols, (bits << 32) | (-offs_e[None, :] + _NO_ID).to(tl.int64), -1)
     offs_j = tl.arange(0, BLOCK_J)
     top_w = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     top_id = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.int32)
     for j in tl.static_range(TOP_K):  # slot j: the best expert left (the lowest id on ties)
-        best = tl.argmax(probs, 1, tie_break_left=True)  # [BLOCK_M]
-        best = tl.minimum(best, E - 1)  # a NaN row (graph padding) still names an expert
-        top_w = tl.where(offs_j[None, :] == j, tl.max(probs, 1)[:, None], top_w)
-        top_id = tl.where(offs_j[None, :] == j, best[:, None], top_id)
-        probs = tl.where(offs_e[None, :] == best[:, None], -1.0, probs)
+        best = tl.max(key, 1)  # [BLOCK_M]
+        best_id = -best.to(tl.int32) + _NO_ID  # the low half (the cast truncates)
+        best_w = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        top_w = tl.where(offs_j[None, :] == j, best_w[:, None], top_w)
+        top_id = tl.where(offs_j[None, :] == j, best_id[:, None], top_id)
+        key = tl.where(offs_e[None, :] == best_id[:, None], -1, key)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, 1)[:, None]
     _store_slots(weights_ptr, ids_ptr, top_w * scaling, top_id, offs_m, M, E, TOP_K,
@@ -231,9 +239,15 @@ def _route_kernel(
 
 
 def router_config(num_experts: int, k: int, is_cuda: bool) -> GemvConfig:
-    """Feature block of the routing launch: a few experts per program, long K tiles."""
+    """Feature block of the routing launch. K in one tile (<= 2048, Qwen3-30B-A3B's router):
+    one expert a program in one warp, so every reduction, the last program's top-k included,
+    stays in the warp (shuffles: 4 barriers in the kernel where 4 warps of 4 experts had 29,
+    and 53 before the one-reduction top-k; not yet timed on a GPU: `bench_moe.py --sweep`).
+    Longer K: a few experts a program, long K tiles."""
     if not is_cuda:  # interpreter: small tiles so test shapes span several
         return GemvConfig(block_n=2, block_k=32)
+    if k <= 2048 and num_experts >= 32:
+        return GemvConfig(block_n=1, block_k=max(16, triton.next_power_of_2(k)), num_warps=1)
     block_n = 4 if num_experts >= 128 else 2 if num_experts >= 32 else 1
     return GemvConfig(block_n=block_n, block_k=min(2048, triton.next_power_of_2(k)))
 

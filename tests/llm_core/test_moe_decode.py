@@ -104,6 +104,25 @@ def test_route_scaling_and_small_tiles():
     torch.testing.assert_close(weights, ref_weights)
 
 
+def test_route_one_tile_config_and_nan_rows():
+    """K in one tile, one expert a program (the CUDA config for Qwen3's router): the torch
+    router's choice. A NaN row (CUDA-graph padding) still names distinct experts in range and
+    leaves the other rows' choice alone."""
+    num_experts, top_k = ROUTERS["qwen3"]
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(num_experts, HIDDEN, generator=gen)
+    x = torch.randn(3, HIDDEN, generator=gen)
+    ref_weights, ref_ids = route(F.linear(x, weight), RouterConfig(top_k, True))
+    one_tile = GemvConfig(block_n=1, block_k=64, num_warps=1)
+    weights, ids = moe_decode.route(x, weight, top_k, True, config=one_tile)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(weights, ref_weights)
+    x[1] = float("nan")
+    weights, ids = moe_decode.route(x, weight, top_k, True, config=one_tile)
+    assert sorted(ids[1].tolist()) == list(range(top_k))  # distinct, in range
+    assert torch.equal(ids[[0, 2]].long(), ref_ids[[0, 2]])
+
+
 EXPERT_CASES = {  # name: (rows, experts, top_k, experts the rows choose from)
     "mixtral_one_row": (1, 8, 2, None),
     "qwen3_one_row": (1, 32, 8, None),
@@ -134,6 +153,43 @@ def test_experts_match_the_dense_reference(case, dtype):
         out = moe_decode.experts(x, gate_up, down, weights, ids)
         assert out.dtype == dtype and out.shape == (rows, HIDDEN)
         assert_close(out, ref, dtype)
+
+
+# (gate_up's, down's) launch: all of K in one tile (down's first tile loads before its PDL
+# wait: all of it), one of each, both tiled (gate_up K 48, down K 40)
+ONE_TILE_CONFIGS = {
+    "both_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=64)),
+    "gate_up_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=16)),
+    "down_one_tile": (GemvConfig(block_n=16, block_k=16), GemvConfig(block_n=4, block_k=64)),
+}
+
+
+@pytest.mark.parametrize("configs", sorted(ONE_TILE_CONFIGS))
+@pytest.mark.parametrize("case", ["qwen3_one_row", "rows_share_experts", "eight_rows"])
+def test_experts_one_tile_configs_match_the_dense_reference(configs, case):
+    """Every launch shape `expert_config` picks, with a deferred norm in and the residual out:
+    the dense loop's output (random routing, fewer rows than experts, rows sharing experts)."""
+    rows, num_experts, top_k, allowed = EXPERT_CASES[case]
+    gate_up, down = make_experts(num_experts, torch.float32)
+    weights, ids = make_routing(rows, num_experts, top_k, allowed, seed=rows)
+    x, normed = deferred(rows, torch.float32, seed=rows)
+    residual = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(6))
+    ref = experts_reference(normed, gate_up, down, weights, ids) + residual
+    for _ in range(2):  # the counters reset
+        added = moe_decode.experts(x, gate_up, down, weights, ids, residual,
+                                   configs=ONE_TILE_CONFIGS[configs])  # fmt: skip
+        assert_close(added.h, ref, torch.float32)
+
+
+def test_expert_config_takes_one_tile_for_short_k():
+    """Qwen3-30B-A3B's experts at 1-2 rows: all of K in one tile (gate_up 4 x 2048, down
+    8 x 1024); more rows, or Mixtral's and DeepSeek-V3's long K / many rows: the tiled rule."""
+    config = moe_decode.expert_config
+    assert config(8, 1536, 2048, 132, True) == GemvConfig(block_n=4, block_k=2048, num_warps=8)
+    assert config(16, 2048, 768, 132, True) == GemvConfig(block_n=8, block_k=1024, num_warps=8)
+    for pairs, n, k in ((32, 2048, 768), (2, 28672, 4096), (9, 7168, 2048)):
+        cfg = config(pairs, n, k, 132, True)
+        assert cfg.block_k * cfg.block_n == 8192 and cfg.num_warps == 4
 
 
 @pytest.mark.parametrize("rows", [1, 3])

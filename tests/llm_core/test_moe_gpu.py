@@ -137,6 +137,31 @@ def test_moe_decode_experts_match_the_dense_reference(name, rows):
                                atol=0)  # fmt: skip
 
 
+SWEPT = [(4, 2048, 8), (8, 1024, 8), (8, 1024, 4), (16, 512, 4), (32, 256, 8)]
+
+
+@pytest.mark.parametrize("gate_up_cfg", SWEPT)
+@pytest.mark.parametrize("down_cfg", SWEPT)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_moe_decode_swept_configs_match_the_dense_reference(gate_up_cfg, down_cfg, rows):
+    """Qwen3-30B-A3B's experts under launch configs `bench_moe.py --sweep` times (one-tile K
+    and tiled, down's first tile loaded before its PDL wait): the dense loop's output."""
+    from polymodal.llm_core.layers import moe_decode
+    from polymodal.llm_core.layers.gemv import GemvConfig
+
+    num_experts, top_k, hidden, inter = SHAPES["qwen3_30b_a3b"]
+    gate_up, down = _experts(num_experts, hidden, inter)
+    weights, ids = _routing(rows, num_experts, top_k, seed=rows)
+    x, normed = _deferred(rows, hidden)
+    residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+    ref = experts_reference(normed.float(), gate_up.float(), down.float(), weights, ids)
+    configs = tuple(GemvConfig(block_n=n, block_k=k, num_warps=w)
+                    for n, k, w in (gate_up_cfg, down_cfg))  # fmt: skip
+    added = moe_decode.experts(x, gate_up, down, weights, ids, residual, configs=configs)
+    scale = ref.abs().max().item()
+    assert (added.h.float() - residual.float() - ref).abs().max().item() <= 2e-2 * scale
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_moe_decode_captures_in_a_cuda_graph(rows):
     """Route + experts captured once; replays on new input rows give the eager result (twice:
