@@ -122,7 +122,7 @@ def run_bench(args) -> dict:
     if args.profile:
         from polymodal.bench.whisper_profile import profile_whisper
 
-        results["profile"] = profile_whisper(pipe, ours, waves, tokens, device)
+        results["profile"] = profile_whisper(pipe, ours, len(waves), seconds, tokens, device)
     if not args.skip_hf:
         del pipe
         free_device(device)

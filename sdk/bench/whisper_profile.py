@@ -101,22 +101,26 @@ def decode_steps(llm, waves: list, calls: int) -> dict:
     return prof
 
 
-def profile_whisper(pipe, ours, waves: list, tokens: int, device: str) -> dict:
-    """The tables above; `ours(waves, tokens)` is the timed side's call."""
+def profile_whisper(pipe, ours, count: int, seconds: float, tokens: int, device: str) -> dict:
+    """The tables above; `ours(waves, tokens)` is the timed side's call. Each part runs on
+    `count` clips of its own (`seconds` long): clips seen before would hit the encoder cache."""
+    from polymodal.bench.workloads import clips
+
     engine = pipe.llm.engine
     torch.cuda.synchronize()
     start = time.perf_counter()
     with step_log(engine.runner) as log:
-        ours(waves, tokens)
+        ours(clips(count, seconds, RATE, seed=101), tokens)
     torch.cuda.synchronize()
     steps = {"seconds": time.perf_counter() - start, **step_summary(log)}
+    waves = clips(count, seconds, RATE, seed=102)
     phases = profile_run(engine, lambda: ours(waves, tokens), "audio encoder")
     return {
         "steps": steps,
         "phases": phases,
         "features_ms": feature_ms(pipe.llm.processor, waves[0], device),
-        "decode_one_clip": decode_steps(pipe.llm, waves[:1], 32),
-        "decode_all_clips": decode_steps(pipe.llm, waves, 16),
+        "decode_one_clip": decode_steps(pipe.llm, clips(1, seconds, RATE, seed=103), 32),
+        "decode_all_clips": decode_steps(pipe.llm, clips(count, seconds, RATE, seed=104), 16),
     }
 
 
