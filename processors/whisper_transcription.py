@@ -78,6 +78,7 @@ class Transcription:
         duration: float,
         params: SamplingParams,
         *,
+        clip_hash: str | None = None,
         language: str | None = None,
         task: str | None = None,
         timestamps: bool = False,
@@ -92,7 +93,9 @@ class Transcription:
         aligner: Callable[..., torch.Tensor] | None = None,
     ):
         self.processor = processor
-        self.features = features  # [num_mel_bins, frames]
+        self.features = features  # [num_mel_bins, frames], on the host or the model's device
+        # the clip's content hash: a window's is it and the window's start (None: its features')
+        self.clip_hash = clip_hash
         self.duration = duration
         self.num_frames = features.shape[-1]
         self.timestamps = timestamps or self.num_frames > processor.num_frames
@@ -133,10 +136,18 @@ class Transcription:
         self._waiting: dict[str, Any] = {}
 
     @classmethod
-    def load(cls, processor: Any, audio: Any, params: SamplingParams, **options: Any):
-        """A transcription of `audio` (anything `load_audio` takes), its features computed."""
-        features, duration = processor.features(audio)
-        return cls(processor, features, duration, params, **options)
+    def load(
+        cls,
+        processor: Any,
+        audio: Any,
+        params: SamplingParams,
+        device: Any = None,
+        **options: Any,
+    ):
+        """A transcription of `audio` (anything `load_audio` takes), its features computed
+        (on `device`, the model's, for a clip of one window: `WhisperProcessor.features`)."""
+        features, duration, clip_hash = processor.features(audio, device=device)
+        return cls(processor, features, duration, params, clip_hash=clip_hash, **options)
 
     def _clip_frames(self, processor: Any) -> int:
         """The clip's own mel frames (transformers' attention-mask length), padding left out."""
@@ -181,7 +192,8 @@ class Transcription:
         the last batch's outputs are not all in."""
         if self.done or self._waiting:
             return []
-        item = self.processor.window_item(self._window())
+        key = f"{self.clip_hash}@{self.seek}" if self.clip_hash else None
+        item = self.processor.window_item(self._window(), key=key)
         sot = self.processor.sot
 
         def prompt(ids: list[int]) -> ProcessedPrompt:

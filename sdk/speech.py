@@ -24,7 +24,11 @@ from polymodal.feeder import PROCESS_WORKERS, Finished, run_prompts
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.processors.whisper_transcription import Transcription
 
-LOAD_AHEAD = 4  # clips decoded ahead of the engine
+# Clips loaded (decoded, features made) ahead of the engine. A step admits only clips that
+# are loaded, and every step that admits some runs eagerly (it writes their encoder rows), so
+# few clips ahead meant many small admissions: with 4, 128 clips entered over 32+ eager steps,
+# where one H200 step's encoder budget (16384 rows) takes 10 windows of 1500 rows.
+LOAD_AHEAD = 16
 
 
 def model_aligner(llm: Any) -> Any:
@@ -38,6 +42,13 @@ def model_aligner(llm: Any) -> Any:
     if llm.engine.executor is not None:
         raise InvalidInputError("word timestamps do not run with tensor_parallel_size > 1")
     return partial(cross_attention_weights, llm.engine.runner.model)
+
+
+def feature_device(llm: Any) -> Any:
+    """Where a clip's log-mel features are made: the model's device when it is a GPU (the
+    engine runs in this process), else None (the host)."""
+    device = llm.engine.runner.model.media_device_dtype()[0]
+    return device if device.type == "cuda" else None
 
 
 def takes_transcription(processor: Any) -> bool:
@@ -54,6 +65,7 @@ class _Requests:
         self.llm = llm
         self.jobs = iter(jobs)
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="polymodal-audio")
+        self.device = feature_device(llm)
         self.loading: deque[tuple[Any, Future]] = deque()
         self.queue: deque[tuple[Any, Any, Any]] = deque()
         self.running: dict[Any, Transcription] = {}
@@ -86,7 +98,7 @@ class _Requests:
                     self.errors.append(Finished(key, error=exc))
                     continue
             load = self.pool.submit(
-                Transcription.load, self.llm.processor, audio, params, **options
+                Transcription.load, self.llm.processor, audio, params, self.device, **options
             )
             self.loading.append((key, load))
         if not self.loading or (self.in_engine and not self.loading[0][1].done()):

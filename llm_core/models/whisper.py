@@ -5,13 +5,17 @@ imports no encoder) through the cross KV kind.
 Each decoder layer: pre-LayerNorm causal self-attention (learned absolute positions, no rotary),
 cross-attention over the request's encoder rows (one 30 s window: `max_source_positions` rows,
 their K/V written once, in the request's first step), and a GELU MLP; queries are scaled before
-the product as transformers does; the output projection is tied to the token embedding. The
+the product as transformers does (inside the attention kernel when the scale is a power of two:
+the same bits); the output projection is tied to the token embedding. At one row (batch-1
+decode) the residual adds run in the output projections' GEMV. The
 decoder prompt carries the task (`<|startoftranscript|>`, language, task, `<|notimestamps|>`:
 `processors/whisper.py`); transformers' `suppress_tokens` / `begin_suppress_tokens` come from
 generation_config.json as sampling defaults.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,7 @@ from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.host_copy import copy_to
 from polymodal.llm_core.interfaces import SupportsMultiModal
 from polymodal.llm_core.layers.linear import Linear
+from polymodal.llm_core.layers.norm import AddedResidual
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.tiny import TinyConfig
 
@@ -56,21 +61,35 @@ class WhisperAttention(nn.Module):
         self.out_proj = Linear(dim, dim, bias=True)
         self.cross = encoder_rows is not None
         mask = Mask.CROSS if self.cross else Mask.CAUSAL
-        # scale 1: q is scaled before the product (transformers' order of rounding)
-        spec = AttentionSpec(self.heads, self.heads, self.head_dim, 1.0, mask,
-                             encoder_rows=encoder_rows)  # fmt: skip
+        # transformers scales q before the product. A power of two (head_dim 64: 1/8, every
+        # released size) scales exactly wherever it is applied, so the attention kernel
+        # applies it (one kernel fewer a layer); any other scale stays on q (its rounding).
+        scale = self.head_dim**-0.5
+        exact = math.frexp(scale)[0] == 0.5
+        self.q_scale = 1.0 if exact else scale
+        spec = AttentionSpec(self.heads, self.heads, self.head_dim, scale if exact else 1.0,
+                             mask, encoder_rows=encoder_rows)  # fmt: skip
         self.attn = AttentionLayer(spec, backend)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.heads, self.head_dim)  # [rows, heads, head_dim]
 
-    def forward(self, x: torch.Tensor, kv_cache, meta) -> torch.Tensor:
-        q = self._heads(self.q_proj(x) * self.head_dim**-0.5)
+    def forward(self, x: torch.Tensor, kv_cache, meta, residual: torch.Tensor) -> torch.Tensor:
+        """`residual + out_proj(attention(x))`."""
+        q = self.q_proj(x)
+        q = self._heads(q if self.q_scale == 1.0 else q * self.q_scale)
         source = meta.group(self.attn.kv_group).cross_states if self.cross else x
         k = v = None
         if source is not None:  # self: this step's tokens; cross: rows of first steps only
             k, v = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
-        return self.out_proj(self.attn(q, k, v, None, kv_cache, meta))
+        return add_output(self.out_proj, self.attn(q, k, v, None, kv_cache, meta), residual)
+
+
+def add_output(linear: Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`residual + linear(x)`: the add folded into a one-row GEMV's epilogue (batch-1 decode:
+    one kernel fewer; the product rounded first, as the eager add), else a separate add."""
+    out = linear.fused(x, residual=residual)
+    return out.h if isinstance(out, AddedResidual) else residual + out
 
 
 class WhisperDecoderLayer(nn.Module):
@@ -87,14 +106,15 @@ class WhisperDecoderLayer(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, dim, bias=True)
         self.final_layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, h: torch.Tensor, self_cache, cross_cache, meta) -> torch.Tensor:
-        h = h + self.self_attn(self.self_attn_layer_norm(h), self_cache, meta)
-        cross = meta.group(self.encoder_attn.attn.kv_group)
-        if cross.any_cross:
-            attended = h + self.encoder_attn(self.encoder_attn_layer_norm(h), cross_cache, meta)
-            lo, hi, _ = cross.cross_ranges
-            h = torch.where((hi > lo)[:, None], attended, h)  # a request without audio: skip
-        return h + self.fc2(F.gelu(self.fc1(self.final_layer_norm(h))))
+    def forward(
+        self, h: torch.Tensor, self_cache, cross_cache, meta, audio: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`audio`: bool `[tokens, 1]`, the tokens with encoder rows (None: no token has any)."""
+        h = self.self_attn(self.self_attn_layer_norm(h), self_cache, meta, h)
+        if audio is not None:
+            attended = self.encoder_attn(self.encoder_attn_layer_norm(h), cross_cache, meta, h)
+            h = torch.where(audio, attended, h)  # a request without audio: skip
+        return add_output(self.fc2, F.gelu(self.fc1(self.final_layer_norm(h))), h)
 
 
 class WhisperDecoder(nn.Module):
@@ -113,9 +133,15 @@ class WhisperDecoder(nn.Module):
 
     def forward(self, positions, inputs_embeds, kv_caches, meta) -> torch.Tensor:
         h = inputs_embeds + self.embed_positions(positions)
+        # which tokens have encoder rows: the same in every cross group, found once
+        cross = meta.group(self.layers[0].encoder_attn.attn.kv_group)
+        audio = None
+        if cross.any_cross:
+            lo, hi, _ = cross.cross_ranges
+            audio = (hi > lo)[:, None]  # [tokens, 1]
         # one self and one cross cache per layer, in module order
         for i, layer in enumerate(self.layers):
-            h = layer(h, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
+            h = layer(h, kv_caches[2 * i], kv_caches[2 * i + 1], meta, audio)
         return self.layer_norm(h)
 
 

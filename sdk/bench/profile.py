@@ -49,14 +49,14 @@ class PhaseTimer:
 
 
 @contextmanager
-def phases(engine):
+def phases(engine, encoder: str = "vision encoder"):
     """Time schedule / prepare / encoder / forward (graph or eager) / sample of `engine`."""
     timer = PhaseTimer()
     runner = engine.runner
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(runner, "host_batch", "batch inputs (host lists)")
     timer.wrap(runner, "prepare", "device inputs (eager steps)")
-    timer.wrap(runner.model, "encode", "vision encoder")
+    timer.wrap(runner.model, "encode", encoder)
     timer.wrap(runner, "sample", "logits + sample")
     if runner.graphs is not None:
         timer.wrap(runner.graphs, "run", "decode (graph replay)")
@@ -69,9 +69,9 @@ def phases(engine):
         timer.restore()
 
 
-def profile_run(engine, fn) -> dict:
+def profile_run(engine, fn, encoder: str = "vision encoder") -> dict:
     """Run `fn()` once with phase timers; returns the phase table and the total."""
-    with phases(engine) as timer:
+    with phases(engine, encoder) as timer:
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()

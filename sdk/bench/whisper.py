@@ -10,7 +10,8 @@ noise, fixed seed), each transcribed in English with exactly `--output-tokens` t
   language="en", max_new_tokens=T, min_new_tokens=T)` in batches of `--hf-batch` (bf16, sdpa;
   on a subset of `--hf-clips`: its rate does not depend on the count).
 Both apply the checkpoint's generation_config.json (suppressed tokens). Reported: clips/s,
-output tokens/s, and the latency of one clip alone (median of 3, fresh clips).
+output tokens/s, and the latency of one clip alone (median of 3, fresh clips). `--profile` adds
+where our side's time goes (`bench/whisper_profile.py`: steps, phases, decode kernels).
 
 Random weights (`--dummy-weights` or a built-in config) emit garbage tokens; the count is what
 is compared, and the bench checks that every clip got exactly T on both sides. Their timestamp
@@ -89,6 +90,8 @@ def run_bench(args) -> dict:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("polymodal bench needs a CUDA device (or --device cpu)")
+    if args.profile and device != "cuda":
+        raise SystemExit("polymodal bench --profile: the kernel tables need a CUDA device")
     given = Path(resolve_bench_model(args.model))
     model_dir = bench_checkpoint(given)
     random_weights = args.dummy_weights or not any(model_dir.glob("*.safetensors"))
@@ -116,6 +119,10 @@ def run_bench(args) -> dict:
     fresh = clips(3, seconds, RATE, seed=4321)
     ours(clips(min(32, args.clips), seconds, RATE, seed=77), tokens)  # warm: kernels, threads
     results["ours"] = run_side(ours, device, waves, tokens, len(waves), fresh, "ours")
+    if args.profile:
+        from polymodal.bench.whisper_profile import profile_whisper
+
+        results["profile"] = profile_whisper(pipe, ours, len(waves), seconds, tokens, device)
     if not args.skip_hf:
         del pipe
         free_device(device)
@@ -151,3 +158,7 @@ def print_table(r: dict) -> None:
         print(
             f"speedup vs transformers: clips/s {s['requests_s']:.1f}x, latency {s['latency']:.1f}x"
         )
+    if "profile" in r:
+        from polymodal.bench.whisper_profile import print_profile
+
+        print_profile(r["profile"], r["ours"]["requests"])

@@ -175,6 +175,24 @@ def test_graph_step_paths(models):
     assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0
 
 
+def test_default_sampling_decodes_on_the_graph_path(models):
+    """A request with the checkpoint's sampling defaults (suppress lists: logit rules) takes
+    every decode step from the decode graph (eagerly here): the rules do not force eager steps
+    and keep the step free of host reads (`needs_host_tokens` is False)."""
+    from polymodal.llm_core.cuda_graph import DecodeGraphs
+
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=128)
+    runner = llm.engine.runner
+    groups = (runner.uses_mrope, runner.num_kv_groups, runner.num_cross_groups,
+              runner.max_cross_blocks)  # fmt: skip
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, 4, *groups)
+    params = _params(llm)
+    assert params.has_logit_rules and not params.needs_host_tokens
+    name = "noise_en_transcribe"
+    _check(llm, [_prompt(name)], [_reference(models, name)])
+    assert runner.graphs.runs == STEPS - 1  # the first token comes from the prefill step
+
+
 def test_processor_prompts_and_features(models):
     """The forced ids as `generate` builds them, and features equal to the extractor's."""
     proc = WhisperProcessor.from_pretrained(models[0])
@@ -267,3 +285,24 @@ def test_cuda_triton_graphs_match_transformers(models):
     rid = fast.submit(_prompt(names[0]), _params(fast))
     fast.run([rid])
     torch.testing.assert_close(seen[rid][0].float().cpu(), refs[0][2][0], atol=0.15, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch1_gemv_folds_match_the_unfused_step(models):
+    """bf16 batch-1 decode (graphs): the GEMV with the residual adds folded in (and q scaled in
+    the attention kernel) gives the logits of cuBLAS with separate adds, step by step while the
+    two runs' tokens agree (they differ only in accumulation order)."""
+    runs = []
+    for gemv in (True, False):
+        llm = LLM(str(models[0]), dtype="bfloat16", device="cuda", decode_gemv=gemv)
+        seen = record_logits_by_request(llm.engine)
+        rid = llm.submit(_prompt("noise_en_transcribe"), _params(llm))
+        out = {o.request_id: o for o in llm.run([rid])}[rid]
+        assert llm.engine.runner.graphs.runs >= STEPS - 1
+        runs.append((out.outputs[0].token_ids, [row.float().cpu() for row in seen[rid]]))
+    (tokens, logits), (ref_tokens, ref_logits) = runs
+    for step in range(STEPS):
+        torch.testing.assert_close(logits[step], ref_logits[step], atol=0.05, rtol=0)
+        if tokens[step] != ref_tokens[step]:
+            break
