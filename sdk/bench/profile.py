@@ -257,6 +257,15 @@ def _annotated(methods: list[tuple]):
             delattr(obj, name)
 
 
+def _spans(prof, names: set[str], calls: int) -> dict[str, float]:
+    """GPU span (first to last kernel, ms a call) of each profiler range named in `names`."""
+    spans: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key in names:
+            spans[e.key] = max(spans[e.key], e.device_time_total / 1e3 / calls)
+    return spans
+
+
 def ttft_kernels(ours, runs: int = 3, top: int = 10) -> dict:
     """GPU time of one TTFT (image + 32 tokens): kernel busy time, and the GPU span of the
     vision tower and of the decoder forward (first to last kernel, launch gaps included).
@@ -275,10 +284,7 @@ def ttft_kernels(ours, runs: int = 3, top: int = 10) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             ours.ttft_ms(None, repeats=runs - 1)
             torch.cuda.synchronize()
-    spans: dict[str, float] = defaultdict(float)
-    for e in prof.key_averages():
-        if e.key in names:
-            spans[e.key] = max(spans[e.key], e.device_time_total / 1e3 / runs)
+    spans = _spans(prof, names, runs)
     kernels = _kernels(prof, exclude=names)
     return {
         "gpu_busy_ms": _busy_seconds(prof, exclude=names) * 1e3 / runs,
@@ -305,10 +311,7 @@ def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16) -> d
                 fn()
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
-    spans: dict[str, float] = defaultdict(float)
-    for e in prof.key_averages():
-        if e.key in names:
-            spans[e.key] = max(spans[e.key], e.device_time_total / 1e3 / calls)
+    spans = _spans(prof, names, calls)
     busy = _busy_seconds(prof, exclude=names)
     return {
         "wall_ms": wall / calls * 1e3,
