@@ -1,0 +1,50 @@
+"""Where a size's first request goes (host profile of the first 1080p image and the first
+64-frame video after the 448 px warm-up), then fresh same-size calls timed, and a kernel table
+of a 64-frame video's TTFT. Output: stdout and $OUT/first_calls.txt."""
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+import torch
+
+from polymodal.bench import resolve_bench_model
+from polymodal.bench.media import MAX_MODEL_LEN, _first_token_ms, media, ours_ttft
+from polymodal.bench.profile import calls_profile, print_calls_profile
+from polymodal.bench.workloads import TEXT_TOKENS, OurSide, _max_positions, text_ids
+
+model_dir = resolve_bench_model("qwen2.5-vl-7b")
+ours = OurSide(model_dir, dummy_weights=True, max_model_len=min(MAX_MODEL_LEN, _max_positions(model_dir)),
+               prefix_caching=True)
+ours_ttft(ours, "448px", [900, 901], again=False)
+cfg = ours.processor.config
+
+
+def call(name, seed):
+    kind, item = media(name, seed)
+    token = cfg.image_token_id if kind == "image" else cfg.video_token_id
+    ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1] + text_ids(TEXT_TOKENS, seed, ours.vocab)
+    return _first_token_ms(ours, ids, kind, item)
+
+
+def host_profile(name, seed, top=28):
+    prof = cProfile.Profile()
+    prof.enable()
+    ms = call(name, seed)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(top)
+    text = "\n".join(l[:160] for l in s.getvalue().splitlines() if l.strip())
+    print(f"=== first {name}: {ms:.1f} ms\n{text}", flush=True)
+
+
+host_profile("1080p", 11)
+print("1080p again fresh:", [round(call("1080p", s), 1) for s in (12, 13)], flush=True)
+host_profile("video64", 11)
+print("video64 fresh:", [round(call("video64", s), 1) for s in (12,)], flush=True)
+seeds = iter([13, 14])
+prof = calls_profile(lambda: call("video64", next(seeds)), 1,
+                     [(ours.model, "encode", "vision encoder"), (ours.model, "forward", "decoder")], top=14)
+print_calls_profile("64-frame TTFT (fresh video, profiled)", prof)
