@@ -9,7 +9,8 @@ Workloads (`--workload`):
   serve   the real `polymodal serve` process under N concurrent streamed image requests vs
           the offline rate of the same requests (`bench/serve.py`)
   media   TTFT of 448 px / 1080p / 4K images and 16 / 64 / 256-frame 720p videos (and of
-          each again) vs transformers and the compute floor (`bench/media.py`)
+          each again) vs transformers and the compute floor (`bench/media.py`), and
+          captioning 1080p images vs the floor's rate (`bench/media_caption.py`)
 A built-in name (`qwen2.5-vl-7b`) is a shipped config run with random weights; a checkpoint
 directory runs as it is (`--dummy-weights` skips its safetensors).
 
@@ -94,7 +95,9 @@ def bench_command(parser: argparse.ArgumentParser):
     parser.add_argument("--workload", choices=WORKLOADS, default="engine")
     parser.add_argument("--dummy-weights", action="store_true")
     parser.add_argument(
-        "--images", type=int, help="captioning workload size (default 512; VL families 256)"
+        "--images",
+        type=int,
+        help="captioning workload size (default 512; VL families 256; media: 64 1080p images)",
     )
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=256)

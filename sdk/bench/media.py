@@ -10,7 +10,8 @@ it); the same input again (the encoder and prefix caches hit); transformers'
 `generate(max_new_tokens=1)` on the same weights. The floor is the input's FLOPs (decoder
 GEMMs and causal attention, vision tower GEMMs, full- and window-attention) over the bf16
 matrix rate measured in the same run. An input our engine refuses (over `max_model_len`) is
-reported with its error, never a crash.
+reported with its error, never a crash. Then captioning 1080p images against the floor's
+rate (`bench/media_caption.py`; `--images`, default 64, `--output-tokens`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ def run_bench(args) -> dict:
         row["fraction_of_floor"] = row["floor_ms"] / row["ttft_ms"]
         rows[name] = row
         print(f"{name}: {row}", flush=True)  # a run cut short still shows what it measured
+    from polymodal.bench.media_caption import caption_1080p
+
+    results["caption_1080p"] = caption_1080p(ours, args.images or 64, args.output_tokens, rate)
     ours.free()
     if hf is not None:
         hf.model.to("cuda")
@@ -195,3 +199,7 @@ def print_table(r: dict) -> None:
         ]
         text = [f.format(v) if v is not None else "-".rjust(len(f.format(0))) for f, v in cells]
         print(f"{name:10s} " + " ".join(text))
+    if "caption_1080p" in r:
+        from polymodal.bench.media_caption import print_row
+
+        print_row(r["caption_1080p"])

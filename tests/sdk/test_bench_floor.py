@@ -52,3 +52,17 @@ def test_one_token_reads_top_k_experts_a_layer(name, active_params):
 def test_dense_model_floor_is_unchanged():
     model = _meta_model("gemma-3-12b")
     assert active_decoder_bytes(model, 1) == decoder_bytes(model)
+
+
+def test_caption_floor_counts_decoder_and_head_once_per_output_token():
+    """Qwen2.5-VL-7B: 6.53B decoder-layer weights (28 x 233M) + the 0.545B LM head (untied;
+    the embedding table is a lookup), 2 FLOPs each per output token; attention over the
+    context on top, linear in it."""
+    from polymodal.bench.media_caption import output_flops
+
+    model = _meta_model("qwen2.5-vl-7b")
+    per_token = output_flops(model, 0, 1)
+    assert abs(per_token / 2 - (6.53e9 + 0.545e9)) / 7.07e9 < 0.01, per_token / 2
+    attn = 4 * 28 * 28 * 128  # layers x heads x head_dim, two products, per context token
+    assert output_flops(model, 1000, 1) - per_token == attn * 1000
+    assert output_flops(model, 0, 10) > 10 * per_token  # each step sees a longer context

@@ -64,4 +64,4 @@ def test_media_workload_runs_and_refuses_what_does_not_fit(tmp_path_factory, cap
     args = parser.parse_args([ckpt, "--workload", "media", "--json", "/dev/null"])
     assert run(args) == 0
     out = capsys.readouterr().out
-    assert "448px" in out and "refused" in out
+    assert "448px" in out and "refused" in out and "captioning 1080p" in out
