@@ -7,8 +7,10 @@ config) with rank-16 adapters on every decoder linear (random, written in PEFT's
     python scripts/bench_lora.py --kernels --batch 1,64   # one layer's LoRA sites, kernel by kernel
 
 Rows: base engine (no LoRA), LoRA engine with no adapter in the batch, LoRA engine with
-`--adapters` adapters. ms/step is the median of `--steps` pure decode steps (CUDA graphs on);
-the target (issue 20) is the adapters row within 15% of the base row at B = 64. Then what each
+`--adapters` adapters. ms/step: `--steps` pure decode steps back to back (CUDA graphs on, async
+scheduling: what a serving engine sustains); "synced": the median of steps each synchronized
+alone (every host cost in series). The target (issue 20) is the adapters row within 15% of the
+base row at B = 64. `--profile`: the adapters' steps' kernel table. Then what each
 engine's graph sets cost to capture (a LoRA engine captures a set without LoRA too).
 
 `--kernels`: each LoRA site of one decoder layer (qkv, o, gate_up, down) alone, as CUDA-graph
@@ -74,15 +76,24 @@ def write_adapter(out: Path, config: dict, rank: int, seed: int) -> Path:
     return out
 
 
-def decode_ms(engine: Engine, batch: int, loras: list, steps: int) -> float:
-    """Median ms of a pure decode step of `batch` sequences (prompts of 128 tokens)."""
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+def decode_ms(engine: Engine, batch: int, loras: list, steps: int, profile: bool = False):
+    """ms a pure decode step of `batch` sequences (prompts of 128 tokens) takes in a run of
+    `steps` back-to-back steps, as a serving engine runs them (async scheduling overlaps each
+    step's host work with the previous step's kernels), and the median of `steps` steps each
+    synchronized on its own (host work in series). `profile`: a kernel table of 8 more steps."""
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True)
     for i in range(batch):
         prompt = [(7 * i + j) % 1000 + 100 for j in range(128)]
         engine.add_request(prompt, params, lora_request=loras[i % len(loras)] if loras else None)
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running) \
             or engine.scheduler.waiting:  # fmt: skip
         engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    run = (time.perf_counter() - start) * 1000 / steps
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -90,8 +101,13 @@ def decode_ms(engine: Engine, batch: int, loras: list, steps: int) -> float:
         engine.step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
+    if profile:
+        from polymodal.bench.profile import calls_profile, print_calls_profile
+
+        label = f"decode step, batch {batch}, {len(loras)} adapters"
+        print_calls_profile(label, calls_profile(engine.step, 8, top=14))
     engine.run_until_done()
-    return statistics.median(times)
+    return run, statistics.median(times)
 
 
 SITES = {  # Qwen2.5-VL-7B decoder: name -> (out slices, in features, silu_mul)
@@ -196,6 +212,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--kernels", action="store_true", help="one layer's sites, per kernel")
+    parser.add_argument("--profile", action="store_true", help="kernel table of the LoRA steps")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if args.kernels:
@@ -225,14 +242,17 @@ def main() -> None:
                     for lora, (seconds, used) in graphs.capture_cost.items():
                         costs.append((label.split(",")[0], kind, lora, seconds, used / 2**20))
             for batch in batches:
-                rows.append((label, batch, decode_ms(engine, batch, use, args.steps)))
+                run, alone = decode_ms(engine, batch, use, args.steps, args.profile and bool(use))
+                rows.append((label, batch, run, alone))
             del engine
             gc.collect()
             torch.cuda.empty_cache()
-    base = {b: ms for label, b, ms in rows if label.startswith("base")}
-    print(f"{'engine':34} {'batch':>5} {'ms/step':>8} {'vs base':>8}")
-    for label, batch, ms in rows:
-        print(f"{label:34} {batch:5d} {ms:8.3f} {100 * (ms / base[batch] - 1):+7.1f}%")
+    base = {b: (run, alone) for label, b, run, alone in rows if label.startswith("base")}
+    print(f"{'engine':34} {'batch':>5} {'ms/step':>8} {'vs base':>8} {'synced':>8} {'vs base':>8}")
+    for label, batch, run, alone in rows:
+        b_run, b_alone = base[batch]
+        print(f"{label:34} {batch:5d} {run:8.3f} {100 * (run / b_run - 1):+7.1f}% "
+              f"{alone:8.3f} {100 * (alone / b_alone - 1):+7.1f}%")  # fmt: skip
     print(f"\n{'graphs captured':34} {'set':>8} {'seconds':>8} {'MiB':>8}")
     for label, kind, lora, seconds, mib in costs:
         name = f"{label}: {kind}"
