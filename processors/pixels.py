@@ -113,7 +113,7 @@ def normalize_frames(
 
         mean, std = copy_to(torch.stack([mean, std]), frames.device).view(2, 1, -1, 1, 1)
     else:
-        mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        mean, std = (t.to(frames.device).view(1, -1, 1, 1) for t in (mean, std))
     out = frames.to(torch.float32, copy=True)
     out.sub_(mean).div_(std)
     return out.to(dtype)
