@@ -69,7 +69,9 @@ class Gemma3VisionEncoder(nn.Module):
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for every crop of every item: `[crops * tokens, text_dim]` each."""
-        pixels = torch.cat([it.data["pixel_values"] for it in items])  # [crops, C, S, S]
+        views = [it.data["pixel_values"] for it in items]
+        # [crops, C, S, S]; one item's as is (a cat would copy them, then the graph again)
+        pixels = views[0] if len(views) == 1 else torch.cat(views)
         embeds = (self.graphs or self.embed_pixels)(pixels)
         crops = [it.data["pixel_values"].shape[0] for it in items]
         return [e.flatten(0, 1) for e in embeds.split(crops)]

@@ -56,8 +56,11 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decoder CUDA graphs (CUDA + Triton backend only)
     max_graph_batch: int = 512  # decode steps of up to this many sequences replay a graph
     # Prefill / mixed steps of up to this many tokens (<= 8 sequences) replay a graph: a short
-    # prompt's prefill is otherwise bound by kernel launches. 0 = always eager.
-    max_prefill_graph_tokens: int = 512
+    # prompt's prefill is otherwise bound by kernel launches (a one-image prompt of Pixtral
+    # takes 827 tokens). The graphs' pool holds the largest bucket's activations, about twice
+    # 512's: ~0.1 GB for a 12B decoder at 1024 (Mistral-Nemo's gate_up output alone: 1024 x
+    # 28672 bf16 = 59 MB; `PrefillGraphs.capture_cost` says what it took). 0 = always eager.
+    max_prefill_graph_tokens: int = 1024
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks)
     # Launch step N+1 before reading step N's tokens back (hides host time behind the GPU;
     # outputs are identical). None = on for CUDA, off on the CPU (no device to overlap with).

@@ -81,7 +81,9 @@ def slot_embeddings(sched: SchedulerOutput, model, cache: EncoderCache, device):
     if not pieces:
         return None, None
     embeds = [found[key][a:b] for key, a, b in pieces]
-    return to_device(indices, torch.int64, device), torch.cat(embeds)
+    # one piece (a lone image) as is: the merge only reads it
+    rows = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
+    return to_device(indices, torch.int64, device), rows
 
 
 def media_key_ranges(sched: SchedulerOutput) -> tuple[list[int], list[int]] | None:

@@ -14,8 +14,10 @@ import torch
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.cuda_graph import cache_device, cache_page, capture_buckets
 
-# 16-token steps up to 512 (an image prompt's prefill pads by < 16 tokens), coarser above.
-PREFILL_BUCKETS = [*range(16, 513, 16), 640, 768, 896, 1024]
+# 16-token steps up to 512 (an image prompt's prefill pads by < 16 tokens), 32-token steps up
+# to 1024 (Pixtral-12B's one-image prompt, 827 tokens, pads to 832: every padded row is a
+# decoder row of GEMM work, so coarse buckets there would cost more than the graph saves).
+PREFILL_BUCKETS = [*range(16, 513, 16), *range(544, 1025, 32)]
 PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
 
 

@@ -80,7 +80,12 @@ def pad_to_square(frames: torch.Tensor, colour: tuple[int, ...]) -> torch.Tensor
     side = max(height, width)
     left, top = (side - width) // 2, (side - height) // 2
     out = frames.new_empty((*frames.shape[:-2], side, side))
-    out[...] = torch.tensor(colour, dtype=frames.dtype).to(frames.device).view(-1, 1, 1)
+    fill = torch.tensor(colour, dtype=frames.dtype)
+    if frames.is_cuda:  # pinned and asynchronous: a pageable copy would wait for the stream
+        from polymodal.llm_core.host_copy import copy_to
+
+        fill = copy_to(fill, frames.device)
+    out[...] = fill.to(frames.device).view(-1, 1, 1)
     out[..., top : top + height, left : left + width] = frames
     return out
 

@@ -103,9 +103,17 @@ def normalize_frames(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """uint8 `[N, C, H, W]` -> float32 `(x - mean) / std` per channel, cast to `dtype`, wherever
-    `frames` are (`mean` / `std` from `scaled_mean_std`, host tensors)."""
-    mean = mean.to(frames.device).view(1, -1, 1, 1)
-    std = std.to(frames.device).view(1, -1, 1, 1)
+    `frames` are (`mean` / `std` from `scaled_mean_std`, host tensors).
+
+    On CUDA mean and std go over in one pinned asynchronous copy: a pageable `.to(device)`
+    waits for the stream to drain, i.e. a staging thread would wait for every step the engine
+    queued before it (and a lone prompt's staging for its own upload and resize)."""
+    if frames.is_cuda:
+        from polymodal.llm_core.host_copy import copy_to
+
+        mean, std = copy_to(torch.stack([mean, std]), frames.device).view(2, 1, -1, 1, 1)
+    else:
+        mean, std = (t.to(frames.device).view(1, -1, 1, 1) for t in (mean, std))
     out = frames.to(torch.float32, copy=True)
     out.sub_(mean).div_(std)
     return out.to(dtype)

@@ -132,3 +132,24 @@ def test_greedy_tokens_do_not_depend_on_where_the_pixels_were_made(tmp_path_fact
     for image in images:
         gpu, host = final[routes["gpu", image.size]], final[routes["host", image.size]]
         assert gpu.outputs[0].token_ids == host.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("name", ["gemma3@896", "pixtral_12b", "llava_next_7b", "llava_padded@336"])
+def test_staging_never_waits_for_the_device(tmp_path_factory, name):
+    """Staging an image (upload, resize, pad, views, normalize) only queues device work: a wait
+    there (mean, std and the pad colour copied from pageable memory did) makes a staging thread
+    wait for every step the engine queued, and a lone prompt's TTFT for its own upload and
+    resize."""
+    proc = _released(tmp_path_factory, name)
+    warm = proc.process(prompt=proc.placeholder, images=[_photo(640, 480)])
+    _stage(warm.mm_items, torch.bfloat16)  # this size's taps on the device, kernels compiled
+    image = _photo(640, 480, 1)
+    expected = proc.process(prompt=proc.placeholder, images=[image]).mm_items[0]
+    items = proc.process(prompt=proc.placeholder, images=[image]).mm_items
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = _stage(items, torch.bfloat16)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), expected.pixel_values(torch.bfloat16))
