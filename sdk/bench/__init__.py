@@ -18,8 +18,11 @@ Other families' models run their own bench in place of the engine workload (`FAM
 by config.json's model_type): the placeholder-expanding VL families (Gemma 3, LLaVA-NeXT,
 LLaVA-OneVision, Pixtral / Mistral 3, Llama 4: TTFT, decode and captioning against their
 floors, `bench/vl.py`), Whisper transcription (`bench/whisper.py`), Phi-4-multimodal audio /
-image / mixed requests (`bench/phi4mm.py`), each through the user path next to transformers
-on the same weights.
+image / mixed requests (`bench/phi4mm.py`), NVILA captioning and a 64-frame video's TTFT
+(`bench/vila.py`, next to the reference composed from transformers' blocks: transformers has
+no VILA), each through the user path next to transformers on the same weights. A family
+bench module may set `DEFAULTS` for the shared count options (`--images`, `--hf-images`,
+`--hf-batch`).
 """
 
 from __future__ import annotations
@@ -68,7 +71,10 @@ FAMILY_BENCHES = {
     "whisper": "polymodal.bench.whisper",
     "phi4mm": "polymodal.bench.phi4mm",  # the hub's layout
     "phi4_multimodal": "polymodal.bench.phi4mm",  # transformers'
+    "llava_llama": "polymodal.bench.vila",  # VILA / NVILA (`LlavaLlamaModel`)
 }
+# the shared count options' defaults, unless the family bench module sets its own (`DEFAULTS`)
+COUNT_DEFAULTS = {"images": 512, "hf_images": 64, "hf_batch": 32}
 
 
 def resolve_bench_model(model: str) -> Path:
@@ -97,16 +103,16 @@ def bench_command(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--images",
         type=int,
-        help="captioning workload size (default 512; VL families 256; media: 64 1080p images)",
+        help="captioning size (default 512; VL families 256, NVILA 128; media: 64 1080p)",
     )
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=256)
     engine = parser.add_argument_group("engine workload")
     engine.add_argument(
-        "--hf-images", type=int, help="transformers' subset (default 64; VL families 32)"
+        "--hf-images", type=int, help="transformers' subset (default 64; VL 32, NVILA 16)"
     )
     engine.add_argument(
-        "--hf-batch", type=int, help="transformers' batch (default 32; VL families 8)"
+        "--hf-batch", type=int, help="transformers' batch (default 32; VL families, NVILA 8)"
     )
     engine.add_argument(
         "--peak-tflops", type=float, default=989.0, help="dense bf16 (H200) for TTFT floors"
@@ -150,6 +156,10 @@ def bench_command(parser: argparse.ArgumentParser):
         "question), mixed (both in one request)",
     )
     speech.add_argument("--device", default="cuda", help="cpu: a tiny checkpoint, as the tests")
+    vila = parser.add_argument_group("NVILA")
+    vila.add_argument(
+        "--video-frames", type=int, default=64, help="frames of the one video request (448x448)"
+    )
     paths = parser.add_argument_group("paths and serve workloads")
     paths.add_argument("--caption-files", type=int, default=2048, help="JPEGs `caption` reads")
     paths.add_argument("--ttft-calls", type=int, default=12, help="Pipeline image calls")
@@ -161,11 +171,13 @@ def bench_command(parser: argparse.ArgumentParser):
         import importlib
 
         family = family_bench(resolve_bench_model(args.model))
+        defaults = dict(COUNT_DEFAULTS)
         if family is not None:
             if args.workload != "engine":
                 raise SystemExit(f"{args.model}: only its own bench runs ({family}), no --workload")
             module = importlib.import_module(family)
             print_table, run_bench = module.print_table, module.run_bench
+            defaults.update(getattr(module, "DEFAULTS", {}))
         elif args.workload == "engine":
             from polymodal.bench.engine import print_table, run_bench
         elif args.workload == "paths":
@@ -174,9 +186,7 @@ def bench_command(parser: argparse.ArgumentParser):
             from polymodal.bench.media import print_table, run_bench
         else:
             from polymodal.bench.serve import print_table, run_bench
-        vl = family == "polymodal.bench.vl"
-        for name, value in (("images", 256 if vl else 512), ("hf_images", 32 if vl else 64),
-                            ("hf_batch", 8 if vl else 32)):  # fmt: skip
+        for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
         results = run_bench(args)

@@ -38,6 +38,8 @@ from polymodal.bench.checkpoint import build_tokenizer_at
 from polymodal.bench.workloads import active_decoder_bytes, images
 
 QUESTION = "Describe this image in detail."
+# the family's own defaults for the shared count options (`polymodal bench` applies them)
+DEFAULTS = {"images": 256, "hf_images": 32, "hf_batch": 8}
 # family (config model_type) -> (module and names of its tiny tokens / template, config
 # attribute -> special token placed at that id)
 FAMILIES = {

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from polymodal.bench.vila_reference import flat_square, merge_chessboard, split_chessboard
 from polymodal.encoders.vila import VilaEncoder, merge_tiles, split_tiles
 from polymodal.encoders.vila_projector import (
     SpaceToChannel,
@@ -21,7 +22,6 @@ from polymodal.encoders.vila_projector import (
 from polymodal.llm_core.models.vila import VilaConfig
 from polymodal.llm_core.models.vila_tiny import TINY_SIGLIP
 from polymodal.processors.types import MultimodalItem
-from tests.sdk.vila_reference import flat_square, merge_chessboard, split_chessboard
 
 KINDS = {  # kind: its k x k fold
     "mlp_downsample": 2,

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from polymodal.bench.vila_reference import VICUNA_SYSTEM, VilaReference
 from polymodal.llm_core.errors import MediaError
 from polymodal.processors.media import to_rgb
 from polymodal.processors.vila import VilaProcessor, vila_frame_indices
 from polymodal.processors.vila_chat import CONVERSATION_TEMPLATES, conversation_template
 from tests.helpers import tiny_checkpoint
-from tests.sdk.vila_reference import VICUNA_SYSTEM, VilaReference
 
 SIGLIP_448 = dict(model_type="siglip_vision_model", image_size=448, patch_size=14, hidden_size=1152)
 SIGLIP_384 = {**SIGLIP_448, "image_size": 384}

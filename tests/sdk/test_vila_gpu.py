@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from polymodal import LLM, SamplingParams
+from polymodal.bench.vila_reference import VilaReference
 from tests.helpers import record_logits, tiny_checkpoint
 from tests.sdk.test_vila_parity import CASES, STEPS, messages
-from tests.sdk.vila_reference import VilaReference
 from tests.sdk.vl_reference import assert_batch_matches, assert_single_matches
 
 pytestmark = [

@@ -8,8 +8,8 @@ chunked prefill that splits media across steps. Checkpoints are in the hub's fol
 import pytest
 
 from polymodal import LLM
+from polymodal.bench.vila_reference import VilaReference
 from tests.helpers import tiny_checkpoint
-from tests.sdk.vila_reference import VilaReference
 from tests.sdk.vl_reference import assert_batch_matches, assert_single_matches, random_image
 
 STEPS = 6

@@ -6,7 +6,9 @@ composes them, step by step as written there: PIL tiles, per-tile image processo
 `hidden_states[select_layer]`, dynamic-S2 chessboard merges with "area" resizes, the projector's
 `view` / `permute` space-to-channel, the encoders' end-token embeddings, and the decoder run on
 `inputs_embeds`, greedy by re-forwarding the whole sequence each step. It reads the checkpoint
-in the hub's folder layout and shares no code with polymodal.
+in the hub's folder layout and shares no code with polymodal (it lives in the package because
+`polymodal bench nvila-8b` measures it: `bench/vila.py`, on the GPU in bf16, batched as the
+public `generate` batches).
 """
 
 from __future__ import annotations
@@ -135,11 +137,12 @@ def ratios(lo, hi):
 
 
 class VilaReference:
-    """The public code's inference path on a tiny checkpoint (fp32, CPU)."""
+    """The public code's inference path (the tests: a tiny checkpoint, fp32 on the CPU)."""
 
-    def __init__(self, path, models: bool = True):
+    def __init__(self, path, models: bool = True, device="cpu", dtype=torch.float32):
         """`models=False`: the preprocessing only (no decoder, tower or projector loaded)."""
         root = Path(path)
+        self.device, self.dtype = torch.device(device), dtype
         self.cfg = json.loads((root / "config.json").read_text())
         self.images = tf.SiglipImageProcessor.from_pretrained(root / "vision_tower")
         self.size = self.images.size["height"]
@@ -153,20 +156,28 @@ class VilaReference:
         for token in (IMAGE, VIDEO):
             if token not in self.tok.get_vocab():
                 self.tok.add_tokens([token], special_tokens=True)
-        self.llm = tf.AutoModelForCausalLM.from_pretrained(root / "llm", dtype=torch.float32).eval()
-        self.tower = tf.SiglipVisionModel.from_pretrained(
-            root / "vision_tower", dtype=torch.float32
-        ).eval()
-        kind = self.cfg["mm_projector_cfg"]["mm_projector_type"]
-        mm_hidden = self.tower.config.hidden_size * (
-            len(self.scales) if self.cfg.get("dynamic_s2") else 1
-        )
-        self.projector = build_projector(kind, mm_hidden, self.llm.config.hidden_size)
+        self.load_models(root)
+        self.llm.to(self.device).eval()
+        self.tower.to(self.device).eval()
+        self.projector.to(self.device, dtype)
+
+    def load_models(self, root: Path) -> None:
+        """`llm`, `tower` and `projector` from the checkpoint's three folders."""
+        self.llm = tf.AutoModelForCausalLM.from_pretrained(root / "llm", dtype=self.dtype)
+        self.tower = tf.SiglipVisionModel.from_pretrained(root / "vision_tower", dtype=self.dtype)
+        self.projector = self.new_projector(self.tower.config, self.llm.config)
         state = {
             k[len("layers.") :]: v
             for k, v in load_file(str(root / "mm_projector" / "model.safetensors")).items()
         }
         self.projector.load_state_dict(state, strict=True)
+
+    def new_projector(self, tower_config, llm_config) -> nn.Sequential:
+        kind = self.cfg["mm_projector_cfg"]["mm_projector_type"]
+        mm_hidden = tower_config.hidden_size * (
+            len(self.scales) if self.cfg.get("dynamic_s2") else 1
+        )
+        return build_projector(kind, mm_hidden, llm_config.hidden_size)
 
     # ---- prompt and media (generate_content, extract_media) ----
     def prompt_ids(self, value: str) -> list[int]:
@@ -221,7 +232,7 @@ class VilaReference:
 
     # ---- encoders (encode_images, BasicImageEncoder, TSPVideoEncoder) ----
     def encode_images(self, images, block_sizes=None):
-        out = self.tower(images, output_hidden_states=True)
+        out = self.tower(images.to(self.device, self.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.cfg["mm_vision_select_layer"]]  # cls_patch: all tokens
         if not self.cfg.get("dynamic_s2"):
             return list(self.projector(feats))
@@ -260,7 +271,8 @@ class VilaReference:
     def embed_text(self, text):
         if not text:
             return None
-        return self.llm.get_input_embeddings()(torch.tensor(self.tok(text).input_ids))
+        ids = torch.tensor(self.tok(text).input_ids, device=self.device)
+        return self.llm.get_input_embeddings()(ids)
 
     def image_embeds(self, features):
         end = self.embed_text("\n")
@@ -309,7 +321,11 @@ class VilaReference:
             )
             pixels = torch.stack([self.single(frames[i]) for i in picks])
             embeds["video"].append(self.video_embeds(torch.stack(self.encode_images(pixels))))
-        ids = self.prompt_ids(value)
+        return self.splice(self.prompt_ids(value), embeds)
+
+    def splice(self, ids: list[int], embeds: dict) -> torch.Tensor:
+        """The prompt's embeddings: each media token of `ids` replaced by the next of
+        `embeds[kind]` (`[n, hidden]` each, consumed), the other tokens embedded."""
         media = {
             self.tok.convert_tokens_to_ids(IMAGE): "image",
             self.tok.convert_tokens_to_ids(VIDEO): "video",
@@ -318,7 +334,10 @@ class VilaReference:
         pieces = []
         for token in ids:
             kind = media.get(token)
-            pieces.append(embeds[kind].pop(0) if kind else table(torch.tensor([token])))
+            if kind:
+                pieces.append(embeds[kind].pop(0))
+            else:
+                pieces.append(table(torch.tensor([token], device=self.device)))
         assert not embeds["image"] and not embeds["video"], "media left unconsumed"
         return torch.cat(pieces)
 
@@ -331,5 +350,6 @@ class VilaReference:
             logits = self.llm(inputs_embeds=x).logits[0, -1].float()
             logits_seen.append(logits)
             tokens.append(int(logits.argmax()))
-            x = torch.cat([x, self.llm.get_input_embeddings()(torch.tensor([[tokens[-1]]]))], 1)
+            last = torch.tensor([[tokens[-1]]], device=self.device)
+            x = torch.cat([x, self.llm.get_input_embeddings()(last)], 1)
         return tokens, logits_seen
