@@ -52,6 +52,10 @@ class EngineConfig:
     max_num_seqs: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
+    # Which shapes torch's cuDNN SDPA gets (Triton backend; llm_core/attention/sdpa_shapes.py):
+    # "second" bucketed lengths, a new shape built on its second sight (the Triton kernel
+    # before), "first" bucketed, built on first sight, "exact" every length its own plan.
+    sdpa_shapes: str = "second"
     dummy_weights: bool = False  # random weights from config.json alone (benchmarks)
     cuda_graphs: bool = True  # capture decoder CUDA graphs (CUDA + Triton backend only)
     max_graph_batch: int = 512  # decode steps of up to this many sequences replay a graph
@@ -207,7 +211,7 @@ def build_rank(
     if quant is not None:
         quant.check_device(device)
     kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, model_config.dtype, device)
-    backend = get_backend(cfg.attention_backend, str(device))
+    backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
     # M-RoPE positions can run past the token count (video time axis): leave headroom. The
     # rotary tables hold every position: past 128k (Llama 4's 10M) only max_len's are kept.
     max_positions = max(max_len, min(model_config.max_position_embeddings, 131072)) + 1024
