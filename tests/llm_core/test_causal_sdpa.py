@@ -89,7 +89,9 @@ def test_bucketed_lengths_equal_exact_ones(context, chunk):
     bucketed = causal_sdpa.attend(q, k, v, cache, meta, spec, context, SdpaShapes("first"))
     assert bucketed.shape == exact.shape == q.shape
     assert_close(bucketed, exact, torch.float32)
-    assert_close(bucketed, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32)
+    assert_close(
+        bucketed, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32
+    )
 
 
 def test_a_new_cudnn_shape_takes_the_kernel_until_seen_twice(monkeypatch):
@@ -103,7 +105,9 @@ def test_a_new_cudnn_shape_takes_the_kernel_until_seen_twice(monkeypatch):
         AttentionLayer(spec, TorchAttentionBackend())(q, k, v, None, cache, meta)
         assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
         out = routed.sdpa_prefill(q, k, v, cache, meta, spec)
-        assert_close(out, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32)
+        assert_close(
+            out, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32
+        )
     with routed.shapes.building(False):  # the warm-up's kernel pass
         assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
 

@@ -14,7 +14,14 @@ def test_buckets_pad_by_less_than_an_eighth():
     assert [bucket_up(n) for n in (1, 16, 17, 1024, 1025, 2725, 16384, 38306)] == [
         16, 16, 32, 1024, 1152, 2816, 16384, 40960,
     ]  # fmt: skip
-    assert [bucket_down(n) for n in (5, 37, 100, 1100, 16384, 20000)] == [0, 32, 96, 1024, 16384, 18432]
+    assert [bucket_down(n) for n in (5, 37, 100, 1100, 16384, 20000)] == [
+        0,
+        32,
+        96,
+        1024,
+        16384,
+        18432,
+    ]
     for n in range(1, 70000, 37):
         up, down = bucket_up(n), bucket_down(n)
         assert down <= n <= up and up - n < max(16, n / 8) and n - down < max(16, n / 8)
