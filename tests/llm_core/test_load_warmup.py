@@ -47,6 +47,12 @@ def engine_and_backend(path):
     return engine, engine.runner.model.visual.attn_backend, contexts
 
 
+def small_grids(model, calls: list) -> None:
+    """The model's encoder warm-up at tiny grids, counted."""
+    calls.append(1)
+    type(model).warm_up_encoder(model, ((1, 4, 8), (2, 4, 4)))
+
+
 def test_warm_up_builds_what_it_runs_and_changes_no_output(tmp_path_factory):
     from polymodal.llm_core.sampling_params import SamplingParams
 
@@ -58,10 +64,7 @@ def test_warm_up_builds_what_it_runs_and_changes_no_output(tmp_path_factory):
         engine, backend, contexts = engine_and_backend(path)
         model = engine.runner.model
         calls = []
-        model.warm_up_encoder = partial(
-            lambda grids: calls.append(grids) or type(model).warm_up_encoder(model, grids),
-            ((1, 4, 8), (2, 4, 4)),
-        )
+        model.warm_up_encoder = partial(small_grids, model, calls)
         if warm:
             seconds = warm_up_long_paths(engine.runner, 128, 64, chunk=CHUNK)
             assert seconds > 0 and len(calls) == 2  # built, then the kernels' pass
