@@ -11,6 +11,10 @@ in q's dtype (`context_len`, host ints only). Query i of a chunk after `context`
   and chunk vs itself (causal, square: the alignment question does not arise), each from the
   fused op that returns its log-sum-exp; `merge_partials` weighs the two by their LSE (exact).
 
+Lengths go through the backend's `SdpaShapes` (`sdpa_shapes.py`): padded to buckets, so that
+cuDNN builds a plan per bucket instead of per prompt length, and a shape not yet built in this
+thread may be kept off cuDNN (`attend` returns None: the paged kernel).
+
 Why not one call with `torch.nn.attention.bias.causal_lower_right`: torch sends a lower-right
 `CausalBias` to flash (FA2) or the efficient kernel only (else it materializes the [chunk,
 context + chunk] mask for the math path); it never reaches cuDNN, whose `is_causal` is

@@ -11,6 +11,7 @@
 - `varlen_attention`: the same flash-style kernel over flat segments (encoders); segments all
   of one length (one image, same-sized tiles or crops) of >= `SDPA_MIN_SEGMENT` rows run as one
   batched `F.scaled_dot_product_attention` instead (`sdpa_segments`).
+- Which shapes torch's cuDNN SDPA gets (both SDPA routes): `self.shapes` (`sdpa_shapes.py`).
 
 Host-side reads (what a CUDA graph freezes): the decode path reads only tensor *shapes*
 (`q.shape`, `kv_cache.shape`, `meta.block_tables.shape[1]`) and no meta host ints, so it never
