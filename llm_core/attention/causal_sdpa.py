@@ -194,7 +194,9 @@ def _flash_cpu(q, k, v, causal, scale):
     return op(q, k, v, 0.0, causal, scale=scale)
 
 
-@triton.jit
+# The token count is not specialized on (divisible by 16 or not): a first chunk of the other
+# kind would compile a second variant in the middle of a request.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_kernel(
     a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, out_ptr, num_tokens,
     stride_at, stride_ah, stride_bt, stride_bh,
