@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from polymodal.llm_core.kv_memory import (
 )
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.layers.moe import enable_moe_decode
+from polymodal.llm_core.load_warmup import warm_up_long_paths
 from polymodal.llm_core.loader import build_model, resolve_model_path
 from polymodal.llm_core.media_inputs import embeddings_cached
 from polymodal.llm_core.quantization import resolve_quantization
@@ -31,6 +33,8 @@ from polymodal.llm_core.registry import model_class, tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
 from polymodal.llm_core.tensor_parallel import SINGLE, TPGroup, tensor_parallel
+
+log = logging.getLogger("polymodal")
 
 
 @dataclass
@@ -52,6 +56,10 @@ class EngineConfig:
     max_num_seqs: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
+    # Which shapes torch's cuDNN SDPA gets (Triton backend; llm_core/attention/sdpa_shapes.py):
+    # "second" bucketed lengths, a new shape built on its second sight (the Triton kernel
+    # before), "first" bucketed, built on first sight, "exact" every length its own plan.
+    sdpa_shapes: str = "second"
     dummy_weights: bool = False  # random weights from config.json alone (benchmarks)
     cuda_graphs: bool = True  # capture decoder CUDA graphs (CUDA + Triton backend only)
     max_graph_batch: int = 512  # decode steps of up to this many sequences replay a graph
@@ -210,7 +218,7 @@ def build_rank(
     if quant is not None:
         quant.check_device(device)
     kv_dtype = kv_cache_dtype(cfg.kv_cache_dtype, model_config.dtype, device)
-    backend = get_backend(cfg.attention_backend, str(device))
+    backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
     # M-RoPE positions can run past the token count (video time axis): leave headroom. The
     # rotary tables hold every position: past 128k (Llama 4's 10M) only max_len's are kept.
     max_positions = max(max_len, min(model_config.max_position_embeddings, 131072)) + 1024
@@ -288,6 +296,11 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
             runner.capture_prefill_graphs(prefill_tokens, max_len)
         if supports_multimodal(net):
             net.enable_cuda_graphs(tower_graphs)
+        runner.warm_up_seconds = warm_up_long_paths(runner, max_len, rank.num_blocks)
+        log.info(
+            "load-time warm-up of long prompts and large media (cuDNN SDPA plans, Triton "
+            "variants): %.2f s", runner.warm_up_seconds,
+        )  # fmt: skip
     cls = model_class(model_config.architecture)
     tokenizer_dir = cls.tokenizer_dir(path) if hasattr(cls, "tokenizer_dir") else path
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(tokenizer_dir)

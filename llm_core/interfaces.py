@@ -52,6 +52,10 @@ class SupportsMultiModal:
         """Embeddings `[num_embeds, hidden]` for each media item, in order."""
         raise NotImplementedError
 
+    def warm_up_encoder(self) -> None:
+        """Run the encoder once on dummy media of the sizes whose first call compiles or builds
+        something (`llm_core/load_warmup.py`: at load, on CUDA). Default: nothing."""
+
     def split_media(self, items: list, max_rows: int) -> list:
         """The items as the engine books and encodes them. A model whose encoder computes an
         item's rows in independent parts (Qwen-VL: each temporal patch of a video alone) may

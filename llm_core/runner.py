@@ -70,6 +70,7 @@ class ModelRunner:
         # LoRAManager when adapters are on: it fills each step's token -> adapter-slot mapping
         self.lora = None
         self.prefill_graphs = None  # PrefillGraphs once capture_prefill_graphs() ran
+        self.warm_up_seconds = 0.0  # load_warmup.warm_up_long_paths's time at load (CUDA)
         # tensor_parallel_size > 1: the TPExecutor that hands each step to the other ranks
         # (this runner is rank 0's: it alone samples); None runs as one process
         self.executor = None

@@ -37,6 +37,7 @@ from bench_kernels import bench_ms, paged_batch  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
 
 from polymodal.llm_core.attention import causal_sdpa  # noqa: E402
+from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes  # noqa: E402
 from polymodal.llm_core.attention.spec import AttentionSpec  # noqa: E402
 from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
@@ -55,7 +56,7 @@ def bench_case(context: int, chunk: int, shape, dtype, device) -> str:
     spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5)
 
     def route():
-        return causal_sdpa.attend(q, k, v, cache, meta, spec, context)
+        return causal_sdpa.attend(q, k, v, cache, meta, spec, context, SdpaShapes("exact"))
 
     def kernel():
         return backend.paged_attention(q, cache, meta, spec)
@@ -69,12 +70,12 @@ def bench_case(context: int, chunk: int, shape, dtype, device) -> str:
         return f"{context:6d} {chunk:6d}  not routed: torch picks neither cuDNN nor flash here"
     diff = (out.float() - kernel().float()).abs().max().item()
     t_kernel, t_route = bench_ms(kernel), bench_ms(route)
-    qb, kb, vb = (causal_sdpa._bhsd(x) for x in (q, k, v))
+    qb, kb, vb = (_contiguous(x) for x in (q, k, v))
     own = causal_sdpa._lse_attention(qb, kb, vb, causal=True)
     names, parts = [backend_name(qb, kb, vb, True)], ""
     if context:
         k_old, v_old = causal_sdpa.gather_context(cache, table, context)
-        kob, vob = causal_sdpa._bhsd(k_old), causal_sdpa._bhsd(v_old)
+        kob, vob = _contiguous(k_old), _contiguous(v_old)
         old = causal_sdpa._lse_attention(qb, kob, vob, causal=False)
         o_old, l_old = old(qb, kob, vob, False, spec.scale)[:2]
         o_new, l_new = own(qb, kb, vb, True, spec.scale)[:2]
@@ -99,6 +100,10 @@ def bench_case(context: int, chunk: int, shape, dtype, device) -> str:
         f" {flops / t_kernel / 1e9:7.1f} {flops / t_route / 1e9:7.1f}  {'/'.join(names):>22}"
         f" {diff:8.1e}  {parts}"
     )
+
+
+def _contiguous(x):
+    return causal_sdpa._rows([(0, x)], x.shape[0])
 
 
 def backend_name(q, k, v, causal: bool) -> str:

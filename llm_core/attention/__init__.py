@@ -12,8 +12,9 @@ from polymodal.llm_core.attention.torch_ref import TorchAttentionBackend
 __all__ = ["AttentionMetadata", "TorchAttentionBackend", "get_backend"]
 
 
-def get_backend(name: str = "auto", device: str = "cpu"):
-    """Return an attention backend instance by name."""
+def get_backend(name: str = "auto", device: str = "cpu", sdpa_shapes: str = "second"):
+    """Return an attention backend instance by name; `sdpa_shapes`: the Triton backend's policy
+    for cuDNN SDPA shapes (`attention/sdpa_shapes.py`)."""
     if name == "auto":
         name = ("flash" if _flash_ok() else "triton") if str(device).startswith("cuda") else "torch"
     if name == "torch":
@@ -21,7 +22,7 @@ def get_backend(name: str = "auto", device: str = "cpu"):
     if name == "triton":
         from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(sdpa_shapes=sdpa_shapes)
     if name == "flash":
         from polymodal.llm_core.attention.flash_backend import FlashAttnBackend
 

@@ -11,6 +11,10 @@ in q's dtype (`context_len`, host ints only). Query i of a chunk after `context`
   and chunk vs itself (causal, square: the alignment question does not arise), each from the
   fused op that returns its log-sum-exp; `merge_partials` weighs the two by their LSE (exact).
 
+Lengths go through the backend's `SdpaShapes` (`sdpa_shapes.py`): padded to buckets, so that
+cuDNN builds a plan per bucket instead of per prompt length, and a shape not yet built in this
+thread may be kept off cuDNN (`attend` returns None: the paged kernel).
+
 Why not one call with `torch.nn.attention.bias.causal_lower_right`: torch sends a lower-right
 `CausalBias` to flash (FA2) or the efficient kernel only (else it materializes the [chunk,
 context + chunk] mask for the math path); it never reaches cuDNN, whose `is_causal` is
@@ -35,6 +39,7 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes, cudnn_key
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
 # A causal chunk of at least this many queries takes SDPA. Set from `.gpu/flash_causal.py`
@@ -67,33 +72,56 @@ def context_len(q, k, kv_cache, meta: AttentionMetadata, spec: AttentionSpec) ->
     return context
 
 
-def attend(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, context: int):
+def attend(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, context: int,
+           shapes: SdpaShapes):  # fmt: skip
     """`[tokens, heads, head_dim]` attention of the chunk `q, k, v` (k / v already stored in the
     cache) after `context` cached tokens of the step's only sequence; None where torch would not
-    run the calls on cuDNN or flash (the caller falls back to the paged kernel)."""
-    qb, kb, vb = (_bhsd(x) for x in (q, k, v))
+    run the calls on cuDNN or flash, or where `shapes` keeps a cuDNN shape off (the caller falls
+    back to the paged kernel).
+
+    Lengths go through `shapes` (`sdpa_shapes.py`): the chunk is padded at the end to
+    `shapes.up` rows (causal: no real query sees a padded key); the context call takes the first
+    `shapes.down(context)` cached keys, and the rest `r` of the context leads the chunk's own
+    causal call as `r` dummy query rows, so that query i of the chunk (row r + i) sees those r
+    keys and the chunk's keys 0..i: the same keys as unpadded."""
+    n, heads = q.shape[0], q.shape[1]
+    gqa = k.shape[1] != heads
     if context == 0:
-        out = F.scaled_dot_product_attention(
-            qb, kb, vb, is_causal=True, scale=spec.scale, enable_gqa=kb.shape[1] != qb.shape[1]
-        )
-        return out[0].transpose(0, 1)
-    own = _lse_attention(qb, kb, vb, causal=True)
-    if own is None:
+        total = shapes.up(n)
+        qb, kb, vb = (_rows([(0, x)], total) for x in (q, k, v))
+        key = cudnn_key(qb, kb, vb, True, gqa)
+        if key is not None and not shapes.admit(("fresh", key)):
+            return None
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=spec.scale,
+                                             enable_gqa=gqa)  # fmt: skip
+        return out[0, :, :n].transpose(0, 1)
+    base = shapes.down(context)  # cached keys of the context call
+    rest = context - base  # cached keys that lead the chunk's own call
+    k_old, v_old = gather_context(kv_cache, meta.block_tables[0], context)
+    own_len = shapes.up(rest + n)
+    qo = _rows([(rest, q)], own_len)
+    ko = _rows([(0, k_old[base:]), (rest, k)], own_len)
+    vo = _rows([(0, v_old[base:]), (rest, v)], own_len)
+    own = _lse_attention(qo, ko, vo, causal=True)
+    calls = [("own", cudnn_key(qo, ko, vo, True, gqa))]
+    if base:
+        qc = _rows([(0, q)], shapes.up(n))
+        kc, vc = (x[:base][None].transpose(1, 2) for x in (k_old, v_old))
+        old = _lse_attention(qc, kc, vc, causal=False)
+        calls.append(("context", cudnn_key(qc, kc, vc, False, gqa)))
+    if own is None or (base and old is None):
         return None
-    k_old, v_old = (_bhsd(x) for x in gather_context(kv_cache, meta.block_tables[0], context))
-    old = _lse_attention(qb, k_old, v_old, causal=False)
-    if old is None:
+    if any(key is not None for _, key in calls) and not shapes.admit(tuple(calls)):
         return None
-    out_old, lse_old = old(qb, k_old, v_old, False, spec.scale)[:2]
-    out_new, lse_new = own(qb, kb, vb, True, spec.scale)[:2]
-    heads, tokens = qb.shape[1], qb.shape[2]
-    # outputs [1, heads, tokens, d] -> [tokens, heads, d]; LSEs [1, heads, tokens(, 1)]
-    return merge_partials(
-        out_old[0].transpose(0, 1),
-        lse_old.reshape(heads, tokens),
-        out_new[0].transpose(0, 1),
-        lse_new.reshape(heads, tokens),
-    )
+    out_own, lse_own = own(qo, ko, vo, True, spec.scale)[:2]
+    # outputs [1, heads, rows, d] -> [tokens, heads, d]; LSEs [1, heads, rows(, 1)]
+    out_own = out_own[0, :, rest : rest + n].transpose(0, 1)
+    lse_own = lse_own.reshape(heads, own_len)[:, rest : rest + n]
+    if not base:
+        return out_own
+    out_old, lse_old = old(qc, kc, vc, False, spec.scale)[:2]
+    out_old = out_old[0, :, :n].transpose(0, 1)
+    return merge_partials(out_old, lse_old.reshape(heads, -1)[:, :n], out_own, lse_own)
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, context: int):
@@ -123,11 +151,21 @@ def merge_partials(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
     return out
 
 
-def _bhsd(x: torch.Tensor) -> torch.Tensor:
-    """`[tokens, heads, d]` -> a `[1, heads, tokens, d]` view of a contiguous copy: torch gives
-    cuDNN only q / k / v whose strides are those of one contiguous [tokens, heads, d] each (views
-    of the fused qkv projection are not)."""
-    return x.contiguous()[None].transpose(1, 2)
+def _rows(parts, total: int) -> torch.Tensor:
+    """A `[1, heads, total, d]` view of a new contiguous `[total, heads, d]` tensor holding each
+    `(offset, x [rows, heads, d])` of `parts` (in order, not overlapping) at its rows and zeros
+    elsewhere: torch gives cuDNN only q / k / v whose strides are those of one contiguous
+    [tokens, heads, d] each (views of the fused qkv projection are not); one part filling
+    `total` rows is that contiguous copy."""
+    first = parts[0][1]
+    out = first.new_empty(total, first.shape[1], first.shape[2])
+    end = 0
+    for offset, x in parts:
+        out[end:offset].zero_()
+        out[offset : offset + x.shape[0]] = x
+        end = offset + x.shape[0]
+    out[end:].zero_()
+    return out[None].transpose(1, 2)
 
 
 def _lse_attention(q, k, v, causal: bool):
@@ -156,7 +194,9 @@ def _flash_cpu(q, k, v, causal, scale):
     return op(q, k, v, 0.0, causal, scale=scale)
 
 
-@triton.jit
+# The token count is not specialized on (divisible by 16 or not): a first chunk of the other
+# kind would compile a second variant in the middle of a request.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_kernel(
     a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, out_ptr, num_tokens,
     stride_at, stride_ah, stride_bt, stride_bh,

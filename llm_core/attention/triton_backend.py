@@ -11,6 +11,7 @@
 - `varlen_attention`: the same flash-style kernel over flat segments (encoders); segments all
   of one length (one image, same-sized tiles or crops) of >= `SDPA_MIN_SEGMENT` rows run as one
   batched `F.scaled_dot_product_attention` instead (`sdpa_segments`).
+- Which shapes torch's cuDNN SDPA gets (both SDPA routes): `self.shapes` (`sdpa_shapes.py`).
 
 Host-side reads (what a CUDA graph freezes): the decode path reads only tensor *shapes*
 (`q.shape`, `kv_cache.shape`, `meta.block_tables.shape[1]`) and no meta host ints, so it never
@@ -28,6 +29,7 @@ import triton
 
 from polymodal.llm_core.attention import causal_sdpa, triton_decode, triton_prefill, triton_store
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes, cudnn_key
 from polymodal.llm_core.attention.spec import AttentionSpec
 
 # Split-KV heuristic knobs: a split should cover at least this many keys, and never more
@@ -78,14 +80,22 @@ class TritonAttentionBackend:
     `decode_splits` pins the number of split-KV partitions of the decode kernel (tests, tuning);
     `None` picks it with `decode_num_splits` from the batch shape. `causal_sdpa`: whether
     `sdpa_prefill` takes SDPA; None: where it is faster (CUDA, 16-bit), True: wherever it is exact
-    (any device or dtype: tests), False: never (the paged kernel; A/B checks).
+    (any device or dtype: tests), False: never (the paged kernel; A/B checks). `sdpa_shapes`:
+    which shapes cuDNN's SDPA gets (`sdpa_shapes.POLICIES`): bucketed lengths, and a new shape
+    built on its first or second sight (the Triton kernel until then), or every exact shape.
     """
 
     name = "triton"
 
-    def __init__(self, decode_splits: int | None = None, causal_sdpa: bool | None = None) -> None:
+    def __init__(
+        self,
+        decode_splits: int | None = None,
+        causal_sdpa: bool | None = None,
+        sdpa_shapes: str = "second",
+    ) -> None:
         self.decode_splits = decode_splits
         self.causal_sdpa = causal_sdpa
+        self.shapes = SdpaShapes(sdpa_shapes)
 
     def store_kv(
         self,
@@ -144,7 +154,7 @@ class TritonAttentionBackend:
         context = causal_sdpa.context_len(q, k, kv_cache, meta, spec)
         if context is None:
             return None
-        return causal_sdpa.attend(q, k, v, kv_cache, meta, spec, context)
+        return causal_sdpa.attend(q, k, v, kv_cache, meta, spec, context, self.shapes)
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether `rope_decode` runs as one kernel here (the Triton decode on CUDA)."""
@@ -209,13 +219,17 @@ class TritonAttentionBackend:
         scale: float,
         causal: bool = False,
     ) -> torch.Tensor:
-        """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill)."""
+        """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill).
+        Equal segments run one batched SDPA unless it would be a cuDNN shape that `self.shapes`
+        keeps off for now (its length cannot be padded without a mask): then the kernel."""
         segments = sdpa_segments(q, k, v, cu_seqlens, max_seqlen)
         if segments:
             view = [segments, max_seqlen, q.shape[1], q.shape[2]]
             qb, kb, vb = (x.view(view).transpose(1, 2) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)
-            return out.transpose(1, 2).reshape(q.shape)
+            key = cudnn_key(qb, kb, vb, causal)
+            if key is None or self.shapes.admit(("segments", key)):
+                out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)
+                return out.transpose(1, 2).reshape(q.shape)
         return triton_prefill.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)
 
 

@@ -19,6 +19,10 @@ from polymodal.llm_core.interfaces import SupportsMultiModal
 from polymodal.llm_core.models.llama import LlamaForCausalLM
 from polymodal.llm_core.models.tiny import TinyConfig
 
+# (t, h, w) patch grids of `warm_up_encoder`: 1932 x 1092 px (a 1080p image resized), two
+# temporal patches of 1288 x 728 px (720p video frames)
+WARM_GRIDS = ((1, 78, 138), (2, 52, 92))
+
 
 class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
     """Decoder + vision tower; `encode(items)` turns media items into slot embeddings."""
@@ -73,6 +77,18 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
                 continue
             pieces.extend(_temporal_piece(item, t0, min(t, t0 + step)) for t0 in range(0, t, step))
         return pieces
+
+    def warm_up_encoder(self, grids=WARM_GRIDS) -> None:
+        """The tower (eager: no graph of a dummy layout is captured) on zero pixels of each
+        grid: a 1080p image's and two 720p frame pairs' (their full-attention segments take
+        the SDPA route, their windows the Triton kernel at token counts not a multiple of 16)."""
+        device, dtype = self.media_device_dtype()
+        row = self.visual.patch_embed.proj.weight[0].numel()  # C * T * P * P
+        for grid in grids:
+            t, h, w = grid
+            self.visual(
+                torch.zeros(t * h * w, row, device=device, dtype=dtype), torch.tensor([grid])
+            )
 
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call for all `items` (images and video alike) -> `[num_slots, hidden]` each."""

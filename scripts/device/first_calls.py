@@ -1,6 +1,7 @@
 """Where a size's first request goes (host profile of the first 1080p image and the first
 64-frame video after the 448 px warm-up), then fresh same-size calls timed, and a kernel table
-of a 64-frame video's TTFT. Output: stdout and $OUT/first_calls.txt."""
+of a 64-frame video's TTFT. Output: stdout and $OUT/first_calls.txt.
+Argument: the engine's `sdpa_shapes` policy (second, first, exact; default second)."""
 
 import cProfile
 import io
@@ -17,7 +18,9 @@ from polymodal.bench.workloads import TEXT_TOKENS, OurSide, _max_positions, text
 
 model_dir = resolve_bench_model("qwen2.5-vl-7b")
 ours = OurSide(model_dir, dummy_weights=True, max_model_len=min(MAX_MODEL_LEN, _max_positions(model_dir)),
-               prefix_caching=True)
+               prefix_caching=True, sdpa_shapes=sys.argv[1] if len(sys.argv) > 1 else "second")
+print(f"sdpa_shapes={ours.model.visual.attn_backend.shapes.policy}, "
+      f"load-time warm-up {ours.engine.runner.warm_up_seconds:.2f} s", flush=True)
 ours_ttft(ours, "448px", [900, 901], again=False)
 cfg = ours.processor.config
 

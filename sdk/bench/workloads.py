@@ -106,9 +106,11 @@ class OurSide:
         prefix_caching: bool = False,
         quantization=None,
         kv_cache_dtype="auto",
+        sdpa_shapes="second",
     ):
         """`max_model_len` (default 4096) and `prefix_caching` (default off: distinct inputs
-        everywhere) are for workloads of long media (`bench/media.py`)."""
+        everywhere) are for workloads of long media (`bench/media.py`); `sdpa_shapes` as
+        `EngineConfig`'s (A/B of first calls)."""
         config = EngineConfig(
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
@@ -123,6 +125,7 @@ class OurSide:
             enable_prefix_caching=prefix_caching,
             async_scheduling=async_scheduling,
             decode_gemv=decode_gemv,
+            sdpa_shapes=sdpa_shapes,
         )
         self.engine = Engine(str(model_dir), config)
         self.model = self.engine.runner.model

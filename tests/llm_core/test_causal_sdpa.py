@@ -10,6 +10,7 @@ import torch
 
 from polymodal.llm_core.attention import TorchAttentionBackend, causal_sdpa, triton_backend
 from polymodal.llm_core.attention.layer import AttentionLayer
+from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes
 from polymodal.llm_core.attention.spec import Mask
 from tests.helpers import spec_for
 from tests.llm_core.interpreted import (
@@ -72,6 +73,43 @@ def test_route_matches_the_paged_kernel(heads, kv_heads, head_dim, context, chun
     assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is not None
     # by default only CUDA in 16 bits takes the route
     assert triton_backend.TritonAttentionBackend().sdpa_prefill(q, k, v, cache, meta, spec) is None
+
+
+@pytest.mark.parametrize(
+    "context,chunk",
+    [(0, 17), (0, 40), (5, 24), (37, 24), (70, 17), (100, 40), (48, 16)],
+)
+def test_bucketed_lengths_equal_exact_ones(context, chunk):
+    """Padded chunks and a context cut to a bucket (its rest attended in the chunk's own call:
+    down(37) = 32 leaves 5, down(5) = 0 leaves all) give the unpadded answer."""
+    q, k, v, cache, meta = step([chunk], [context + chunk], 4, 2, 64)
+    spec = spec_for(q, cache, 64**-0.5)
+    AttentionLayer(spec, TorchAttentionBackend())(q, k, v, None, cache, meta)  # store k / v
+    exact = causal_sdpa.attend(q, k, v, cache, meta, spec, context, SdpaShapes("exact"))
+    bucketed = causal_sdpa.attend(q, k, v, cache, meta, spec, context, SdpaShapes("first"))
+    assert bucketed.shape == exact.shape == q.shape
+    assert_close(bucketed, exact, torch.float32)
+    assert_close(
+        bucketed, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32
+    )
+
+
+def test_a_new_cudnn_shape_takes_the_kernel_until_seen_twice(monkeypatch):
+    """Policy "second" (cuDNN faked: CPU runs flash): the first sight of a shape returns None
+    (the layer then runs the paged kernel), the second builds it, for each (chunk, context)."""
+    monkeypatch.setattr(causal_sdpa, "cudnn_key", lambda q, k, v, causal, gqa=False: q.shape)
+    routed = triton_backend.TritonAttentionBackend(causal_sdpa=True)
+    for context in (0, 37):
+        q, k, v, cache, meta = step([24], [context + 24], 4, 2, 64)
+        spec = spec_for(q, cache, 64**-0.5)
+        AttentionLayer(spec, TorchAttentionBackend())(q, k, v, None, cache, meta)
+        assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
+        out = routed.sdpa_prefill(q, k, v, cache, meta, spec)
+        assert_close(
+            out, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32
+        )
+    with routed.shapes.building(False):  # the warm-up's kernel pass
+        assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
 
 
 def _two_sequences():

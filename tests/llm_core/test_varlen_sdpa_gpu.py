@@ -6,6 +6,7 @@ against the paged kernel, and a long chunked prompt's logits and greedy tokens."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -58,7 +59,8 @@ def test_segments_route_and_match(lens, head_dim, causal, routed):
     cu = torch.tensor([0, *lens], device="cuda").cumsum(0).int()
     scale = head_dim**-0.5
     assert bool(backend.sdpa_segments(q, k, v, cu, max(lens))) == routed
-    out = backend.TritonAttentionBackend().varlen_attention(q, k, v, cu, max(lens), scale, causal)
+    first = backend.TritonAttentionBackend(sdpa_shapes="first")  # cuDNN at first sight
+    out = first.varlen_attention(q, k, v, cu, max(lens), scale, causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(
         out.float(), reference(q, k, v, lens, scale, causal), atol=2e-2, rtol=2e-2
@@ -69,7 +71,7 @@ def test_segments_route_and_match(lens, head_dim, causal, routed):
 
 def test_graph_capture_of_the_sdpa_route():
     """Vision towers replay CUDA graphs: the SDPA route captures and replays."""
-    backend = _backend().TritonAttentionBackend()
+    backend = _backend().TritonAttentionBackend(sdpa_shapes="first")
     q, k, v = (torch.randn(2048, 16, 72, device="cuda").bfloat16() for _ in "qkv")
     cu = torch.tensor([0, 1024, 2048], device="cuda").int()
     eager = backend.varlen_attention(q, k, v, cu, 1024, 0.1)
@@ -86,27 +88,12 @@ def test_graph_capture_of_the_sdpa_route():
     assert not torch.equal(out, eager)
 
 
-@pytest.mark.parametrize(
-    "heads,kv_heads,head_dim,context,length,routed",
-    [
-        (28, 4, 128, 0, 6000, True),  # a fresh long prompt, GQA 7: SDPA over the step's k / v
-        (16, 8, 256, 0, 4096, True),  # Gemma 3's global layers' head dim
-        (28, 4, 128, 0, 1000, False),  # short: the paged kernel
-        (28, 4, 128, 3072, 2000, True),  # a chunk after cached context: gathered + merged
-        (28, 4, 128, 4099, 3000, True),  # context ending inside a page
-        (16, 8, 256, 2048, 1536, True),
-        (32, 32, 80, 1500, 2500, True),  # Phi-2's head dim, no GQA
-        (28, 4, 128, 5000, 1000, False),  # a short chunk after long context: the kernel
-    ],
-)
-def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, context, length, routed):
-    """One causal chunk alone in its step, fresh or after cached context: `sdpa_prefill` (SDPA)
-    where it applies, equal to the paged kernel reading the stored cache; None where it does not
-    (two sequences in the step)."""
+def chunk_step(backend, heads, kv_heads, head_dim, context, length):
+    """One sequence's chunk of `length` tokens after `context` cached ones, bf16 on CUDA: its
+    q / k / v (views of one fused projection, k / v stored), the cache, metadata and spec."""
     from polymodal.llm_core.attention import AttentionMetadata
     from polymodal.llm_core.attention.spec import AttentionSpec
 
-    backend = _backend().TritonAttentionBackend()
     page, total = 16, context + length
     blocks = -(-total // page)
     gen = torch.Generator(device="cuda").manual_seed(context + length)
@@ -130,13 +117,35 @@ def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, contex
     qkv = torch.randn(length, heads + 2 * kv_heads, head_dim, device="cuda", generator=gen)
     q, k, v = qkv.bfloat16().split([heads, kv_heads, kv_heads], 1)
     backend.store_kv(k, v, cache, meta.slot_mapping)
+    return q, k, v, cache, meta, spec
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,context,length,routed",
+    [
+        (28, 4, 128, 0, 6000, True),  # a fresh long prompt, GQA 7: SDPA over the step's k / v
+        (16, 8, 256, 0, 4096, True),  # Gemma 3's global layers' head dim
+        (28, 4, 128, 0, 1000, False),  # short: the paged kernel
+        (28, 4, 128, 3072, 2000, True),  # a chunk after cached context: gathered + merged
+        (28, 4, 128, 4099, 3000, True),  # context ending inside a page
+        (16, 8, 256, 2048, 1536, True),
+        (32, 32, 80, 1500, 2500, True),  # Phi-2's head dim, no GQA
+        (28, 4, 128, 5000, 1000, False),  # a short chunk after long context: the kernel
+    ],
+)
+def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, context, length, routed):
+    """One causal chunk alone in its step, fresh or after cached context: `sdpa_prefill` (SDPA)
+    where it applies, equal to the paged kernel reading the stored cache; None where it does not
+    (two sequences in the step)."""
+    backend = _backend().TritonAttentionBackend(sdpa_shapes="first")
+    q, k, v, cache, meta, spec = chunk_step(backend, heads, kv_heads, head_dim, context, length)
     fast = backend.sdpa_prefill(q, k, v, cache, meta, spec)
     assert (fast is not None) == routed
     paged = backend.paged_attention(q, cache, meta, spec)
     if routed:
         assert fast.shape == q.shape and fast.dtype == q.dtype
         torch.testing.assert_close(fast.float(), paged.float(), atol=2e-2, rtol=2e-2)
-    two = AttentionMetadata(**{**meta.__dict__, "query_lens_cpu": [1, length - 1]})
+    two = dataclasses.replace(meta, query_lens_cpu=[1, length - 1])
     assert backend.sdpa_prefill(q, k, v, cache, two, spec) is None  # two sequences
 
 
@@ -157,7 +166,7 @@ def test_long_chunked_prompt_keeps_its_greedy_tokens(tmp_path_factory):
     for on in (True, False):
         engine = Engine(
             str(path), dtype="bfloat16", device="cuda", max_num_batched_tokens=2048,
-            num_kv_blocks=640,
+            num_kv_blocks=640, sdpa_shapes="first",
         )  # fmt: skip
         contexts = record_sdpa_contexts(engine, on)
         seen = record_logits(engine)
@@ -171,3 +180,39 @@ def test_long_chunked_prompt_keeps_its_greedy_tokens(tmp_path_factory):
             top2 = ref[-1].float().topk(2).values
             assert top2[0] - top2[1] < 0.1, f"step {step}: greedy token changed without a tie"
             break
+
+
+@pytest.mark.parametrize(
+    "context,length",
+    [(0, 2725), (0, 1025), (1100, 1500), (900, 3000), (16384, 5538), (20000, 4096)],
+)
+def test_bucketed_lengths_equal_exact_ones(context, length):
+    """`sdpa_shapes`: a chunk padded to its bucket, its context cut to one (the rest leading the
+    chunk's own causal call) give the exact shapes' answer on cuDNN, bf16 (28 / 4 heads, d 128);
+    the paged kernel agrees."""
+    from polymodal.llm_core.attention import causal_sdpa
+    from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes, bucket_down, bucket_up
+
+    backend = _backend().TritonAttentionBackend(sdpa_shapes="first")
+    q, k, v, cache, meta, spec = chunk_step(backend, 28, 4, 128, context, length)
+    exact = causal_sdpa.attend(q, k, v, cache, meta, spec, context, SdpaShapes("exact"))
+    bucketed = causal_sdpa.attend(q, k, v, cache, meta, spec, context, backend.shapes)
+    assert bucket_up(length) != length or bucket_down(context) != context or context == 0
+    assert bucketed.shape == q.shape and not bucketed.isnan().any()
+    torch.testing.assert_close(bucketed.float(), exact.float(), atol=2e-2, rtol=2e-2)
+    paged = backend.paged_attention(q, cache, meta, spec)
+    torch.testing.assert_close(bucketed.float(), paged.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_new_tower_shape_runs_the_kernel_until_seen_twice():
+    """Policy "second" (the default): an image size's first full-attention call runs the Triton
+    kernel (no cuDNN plan built), its second builds one; both match the reference."""
+    backend = _backend()
+    policy = backend.TritonAttentionBackend()
+    q, k, v = (torch.randn(4356, 16, 80, device="cuda").bfloat16() for _ in "qkv")
+    cu = torch.tensor([0, 4356], device="cuda").int()
+    ref = reference(q, k, v, [4356], 0.1, False)
+    for sight in (1, 2):
+        out = policy.varlen_attention(q, k, v, cu, 4356, 0.1)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        assert len(policy.shapes.built()) == sight - 1  # cuDNN picked by torch on an H200
