@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from polymodal.bench.timing import graph_ms  # noqa: E402
 from polymodal.llm_core.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from polymodal.llm_core.attention.spec import AttentionSpec  # noqa: E402
 from polymodal.llm_core.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -57,7 +58,7 @@ def bench_ms(fn, graph: bool = False, rep: int = 100) -> float:
         import triton.testing
 
         if graph:
-            return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+            return graph_ms(fn, rep)
         return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     times = []
     for _ in range(3):

@@ -14,7 +14,7 @@ base row at B = 64. `--profile`: the adapters' steps' kernel table. Then what ea
 engine's graph sets cost to capture (a LoRA engine captures a set without LoRA too).
 
 `--kernels`: each LoRA site of one decoder layer (qkv, o, gate_up, down) alone, as CUDA-graph
-replays (`triton.testing.do_bench_cudagraph`, median): the base product (the one-row GEMV at
+replays (`polymodal.bench.timing.graph_ms`, median): the base product (the one-row GEMV at
 B = 1, `F.linear` above the GEMV's rows), the shrink (default `ShrinkConfig`, its K splits),
 and the LoRA term (the GEMV with its LoRA epilogue minus the plain GEMV at B = 1; `expand`
 with the default `expand_config` above), then the best of the shrink's launch configs
@@ -120,8 +120,7 @@ SITES = {  # Qwen2.5-VL-7B decoder: name -> (out slices, in features, silu_mul)
 
 def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sweep: list) -> str:
     """One `--kernels` row: site `name` (`SITES`) at `m` tokens, round robin over the slots."""
-    import triton.testing
-
+    from polymodal.bench.timing import graph_ms
     from polymodal.llm_core.layers import gemv as gemv_mod
     from polymodal.llm_core.layers import gemv_lora
     from polymodal.llm_core.lora import launch_plan, triton_lora
@@ -159,7 +158,7 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
         return expand()
 
     def time_us(fn, rep=100) -> float:
-        return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep)
+        return 1e3 * graph_ms(fn, rep)
 
     def shrink_us(config=None) -> float:
         return time_us(lambda: triton_lora.shrink(x, lora_a, seg, silu, config), rep=40)

@@ -3,6 +3,7 @@
     python scripts/bench_moe.py                  # bf16, the shipped models' shapes
     python scripts/bench_moe.py --tokens 1,8,64,512
     python scripts/bench_moe.py --only decode --sweep   # + the decode experts' config sweep
+    python scripts/bench_moe.py --only decode --ab      # one token: one-tile / early loads A/B
 
 MoE rows: `fused_experts` for one layer; GB/s = bytes of the distinct experts the tokens chose
 (what the step must read) / time; against the dense per-expert loop (transformers' algorithm)
@@ -14,20 +15,27 @@ does (fp32 logits, sigmoid + correction bias, 8 groups keep 4, top-8) and add it
 expert: unfused, torch routing and the shared MLP on its own (GEMVs at one row, as the engine
 runs it); `moe_decode`, routed + shared in the same two launches. `--sweep`: one token,
 `moe_decode.experts`
-over launch configs of gate_up (down at its default), then of down. MLA rows: `mla_decode`
+over launch configs of gate_up (down at its default), then of down. `--ab`: one token, the
+experts with the one-tile configs or the tiled ones (`expert_config(one_tile=...)`), down's
+loads before its PDL wait or after (`early_loads`), and the routing launch; one table.
+`--sweep` and `--ab` call `experts` as the model does (a `DeferredNorm` in, the residual out)
+and cycle through disjoint sets of experts (`expert_sets`), so no call finds its weights in L2
+(a model's layers each read their own). MLA rows: `mla_decode`
 (absorbed form) over a paged latent cache; GB/s = latent bytes of every sequence's context /
 time (the cache read once per step is the floor). Timings are CUDA-graph replays
-(`triton.testing.do_bench_cudagraph`, median).
+(`polymodal.bench.timing.graph_ms`, median).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import triton
 import triton.testing
 
+from polymodal.bench.timing import graph_ms
 from polymodal.llm_core.attention.triton_mla import mla_decode
 from polymodal.llm_core.layers import moe_decode, triton_ops
 from polymodal.llm_core.layers.activation import silu_and_mul
@@ -44,10 +52,6 @@ MOE_SHAPES = {  # name: (experts, top_k, hidden, expert intermediate)
 # DeepSeek-V3's router and shared expert (the decode rows): RouterConfig and the shared count
 DEEPSEEK_ROUTER = RouterConfig(8, True, "sigmoid", num_groups=8, topk_groups=4, scaling=2.5)
 DEEPSEEK_SHARED = 1
-
-
-def graph_ms(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def bench_moe(name: str, tokens: int) -> None:
@@ -156,22 +160,79 @@ def bench_decode(name: str, tokens: int) -> None:
           f"{old_all * 1e3:.1f} | {new_all * 1e3:.1f} |")  # fmt: skip
 
 
+def expert_sets(t: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One-token routings (weights, ids) over disjoint sets of experts, as many as fit (at most
+    16): Qwen3-30B-A3B's 16 sets of 8 are 1.2 GB of weights, well past the 50 MB L2, where one
+    set (75 MB) timed over and over partly hits it."""
+    experts, top_k = t["gate_up"].shape[0], t["top_k"]
+    order = torch.randperm(experts, generator=torch.Generator().manual_seed(0)).cuda()
+    sets = []
+    for i in range(min(16, experts // top_k)):
+        ids = order[i * top_k : (i + 1) * top_k].view(1, top_k).to(torch.int32)
+        weights = torch.rand(1, top_k, device="cuda")
+        sets.append((weights / weights.sum(), ids))
+    return sets
+
+
+def cycled_experts(t: dict, sets: list, **options):
+    """`moe_decode.experts` as the model calls it (the `DeferredNorm`, the residual), on the
+    next of `sets` at each call (a CUDA graph of n calls cycles through them)."""
+    routings = itertools.cycle(sets)
+
+    def run():
+        weights, ids = next(routings)
+        return moe_decode.experts(t["x"], t["gate_up"], t["down"], weights, ids, t["residual"],
+                                  **options)  # fmt: skip
+
+    return run
+
+
+def one_token_configs(name: str, one_tile: bool) -> tuple[GemvConfig, GemvConfig]:
+    """(gate_up's, down's) `expert_config` at one token."""
+    _, top_k, hidden, inter = MOE_SHAPES[name]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return tuple(moe_decode.expert_config(top_k, n, k, sms, True, one_tile=one_tile)
+                 for n, k in ((2 * inter, hidden), (hidden, inter)))  # fmt: skip
+
+
+def launch_text(cfg: GemvConfig) -> str:
+    return f"{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w"
+
+
+def ab_decode(name: str) -> None:
+    """One token: the experts (us, TB/s of the chosen experts' weights) with the tiled and the
+    one-tile configs (where they differ), down's loads before / after its PDL wait; the routing
+    launch alone. Rows of the `--ab` table."""
+    t = decode_inputs(name, 1)
+    sets = expert_sets(t)
+    nbytes = t["top_k"] * t["gate_up"][0].numel() * 3 // 2 * 2
+    tiled = one_token_configs(name, one_tile=False)
+    for configs in dict.fromkeys((tiled, one_token_configs(name, one_tile=True))):
+        kind = "tiled" if configs == tiled else "one-tile"
+        for early in (True, False):
+            ms = graph_ms(cycled_experts(t, sets, configs=configs, early_loads=early), rep=50)
+            print(f"| {name} | {kind}: gate_up {launch_text(configs[0])}, down "
+                  f"{launch_text(configs[1])} | {'before' if early else 'after'} | "
+                  f"{ms * 1e3:.1f} ({nbytes / ms / 1e9:.2f}) |")  # fmt: skip
+    experts, _, hidden, _ = MOE_SHAPES[name]
+    ms = graph_ms(lambda: moe_decode.route(t["x"], t["router"], t["top_k"]), rep=50)
+    route_cfg = moe_decode.router_config(experts, hidden, True)
+    print(f"| {name} | route: {route_cfg.block_n} expert(s) x {route_cfg.block_k} "
+          f"{route_cfg.num_warps}w a program | | {ms * 1e3:.1f} |")  # fmt: skip
+
+
 def sweep_decode(name: str) -> None:
     """One token: the fastest launch configs of the two expert kernels, 5 of each, after the
     defaults' time; then (routers of many experts) the routing launch alone."""
     t = decode_inputs(name, 1)
-    x = t["x"].materialize()
-    weights, ids = moe_decode.route(t["x"], t["router"], t["top_k"])
+    sets = expert_sets(t)
     nbytes = t["top_k"] * t["gate_up"][0].numel() * 3 // 2 * 2
     configs = [GemvConfig(block_n=n, block_k=k, num_warps=w)
                for n in (4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)
                if 2048 <= n * k <= 16384]  # fmt: skip
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    experts, _, hidden, inter = MOE_SHAPES[name]
-    pairs = t["top_k"]
-    default = (moe_decode.expert_config(pairs, 2 * inter, hidden, sms, True),
-               moe_decode.expert_config(pairs, hidden, inter, sms, True))  # fmt: skip
-    ms = graph_ms(lambda: moe_decode.experts(x, t["gate_up"], t["down"], weights, ids))
+    experts, _, hidden, _ = MOE_SHAPES[name]
+    default = one_token_configs(name, one_tile=False)
+    ms = graph_ms(cycled_experts(t, sets), rep=50)
     print(f"sweep {name} default: {ms * 1e3:.1f} us ({nbytes / ms / 1e9:.2f} TB/s)  "
           f"gate_up {default[0]}  down {default[1]}")  # fmt: skip
     best_gate_up = None
@@ -179,12 +240,7 @@ def sweep_decode(name: str) -> None:
         times = []
         for cfg in configs:
             pair = (cfg, default[1]) if which == "gate_up" else (best_gate_up, cfg)
-            ms = graph_ms(
-                lambda p=pair: moe_decode.experts(
-                    x, t["gate_up"], t["down"], weights, ids, configs=p
-                )  # fmt: skip
-            )
-            times.append((ms, cfg))
+            times.append((graph_ms(cycled_experts(t, sets, configs=pair), rep=50), cfg))
         times.sort(key=lambda item: item[0])
         best_gate_up = best_gate_up or times[0][1]
         for ms, cfg in times[:5]:
@@ -201,7 +257,8 @@ def sweep_decode(name: str) -> None:
     ]  # fmt: skip
     times = []
     for cfg in route_configs:
-        ms = graph_ms(lambda c=cfg: moe_decode.route(t["x"], t["router"], t["top_k"], config=c))
+        ms = graph_ms(lambda c=cfg: moe_decode.route(t["x"], t["router"], t["top_k"], config=c),
+                      rep=50)  # fmt: skip
         times.append((ms, cfg))
     print(f"sweep {name} route default: {times[0][0] * 1e3:.1f} us  {default_route}")
     for ms, cfg in sorted(times[1:], key=lambda item: item[0])[:5]:
@@ -229,19 +286,28 @@ def main() -> None:
     parser.add_argument("--mla", default="1x1024,1x8192,1x32768,32x4096,256x1024")
     parser.add_argument("--only", choices=("moe", "decode", "mla"), help="one section")
     parser.add_argument("--sweep", action="store_true", help="decode experts' launch configs")
+    parser.add_argument("--ab", action="store_true",
+                        help="decode: tiled / one-tile experts, down's early loads on / off, "
+                        "the routing launch; one table in place of the decode table")  # fmt: skip
     args = parser.parse_args()
     if args.only in (None, "moe"):
         for name in MOE_SHAPES:
             for tokens in map(int, args.tokens.split(",")):
                 bench_moe(name, tokens)
     if args.only in (None, "decode"):
-        print(
-            "\n| layer | tokens | experts read | experts: unfused us (TB/s) | moe_decode us "
-            "(TB/s) | block: unfused us | moe_decode us |\n|---|---|---|---|---|---|---|"
-        )
-        for name in MOE_SHAPES:
-            for tokens in map(int, args.decode_tokens.split(",")):
-                bench_decode(name, tokens)
+        if args.ab:  # in place of the decode table
+            print("\n| layer (1 token) | expert launches | down's loads vs its PDL wait | "
+                  "us (TB/s) |\n|---|---|---|---|")  # fmt: skip
+            for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
+                ab_decode(name)
+        else:
+            print(
+                "\n| layer | tokens | experts read | experts: unfused us (TB/s) | moe_decode us "
+                "(TB/s) | block: unfused us | moe_decode us |\n|---|---|---|---|---|---|---|"
+            )
+            for name in MOE_SHAPES:
+                for tokens in map(int, args.decode_tokens.split(",")):
+                    bench_decode(name, tokens)
         if args.sweep:
             for name in ("qwen3-30b-a3b", "mixtral-8x7b"):  # the models that take it
                 sweep_decode(name)

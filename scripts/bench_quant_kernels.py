@@ -20,8 +20,8 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-import triton.testing
 
+from polymodal.bench.timing import graph_ms
 from polymodal.llm_core.layers import fp8_gemv, int4_gemv, int4_kernels
 from polymodal.llm_core.layers.gemv import num_sms
 from polymodal.llm_core.quantization import fp8_ops, int4_pack
@@ -37,7 +37,7 @@ GROUP = 128
 
 
 def graph_us(fn, rep_ms: int = 40) -> float:
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    return 1e3 * graph_ms(fn, rep_ms)
 
 
 def rotating(make, nbytes: int) -> list:

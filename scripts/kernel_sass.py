@@ -1,7 +1,8 @@
 """Compile a Triton kernel for a GPU offline (no GPU needed: triton ships ptxas / nvdisasm) and
-print the instruction mix of each loop in its SASS: what a K loop costs per weight element,
-whether loads are vectorized or pipelined (LDGSTS), whether tensor-core instructions (HGMMA /
-QGMMA / HMMA) appear, and whether registers spill (LDL / STL).
+print its registers a thread (with the warps: programs an SM holds, so waves a grid takes) and
+the instruction mix of each loop in its SASS: what a K loop costs per weight element, whether
+loads are vectorized or pipelined (LDGSTS), whether tensor-core instructions (HGMMA / QGMMA /
+HMMA) appear, and whether registers spill (LDL / STL).
 
     python scripts/kernel_sass.py polymodal.llm_core.layers.int4_gemv._int4_gemv_kernel \
         --const HAS_BIAS=0 HAS_PERM=0 SPLIT_K=8 BLOCK_M=1 BLOCK_N=64 BLOCK_K=128 \
@@ -63,6 +64,23 @@ def largest_loop(
     return max(loop for loop in loops if not using or any(op in loop[2] for op in using))
 
 
+def registers(cubin: bytes) -> int:
+    """Registers a thread of the compiled kernel (`cuobjdump`, shipped with triton): with the
+    warps, how many programs an SM holds (65536 registers an SM)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
 def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -106,7 +124,8 @@ def main() -> None:
         target=GPUTarget("cuda", args.arch, 32),
         options={"num_warps": args.warps, "num_stages": args.stages},
     )
-    print(f"{name} sm_{args.arch}: shared memory {kernel.metadata.shared} bytes")
+    print(f"{name} sm_{args.arch}: shared memory {kernel.metadata.shared} bytes, "
+          f"{registers(kernel.asm['cubin'])} registers a thread")  # fmt: skip
     for label, count, ops, spills in loop_mix(kernel.asm["sass"]):
         mix = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
         print(f"loop {label}: {count} instructions, {spills} spill accesses: {mix}")

@@ -168,6 +168,7 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_LOADS: tl.constexpr,  # the loads below before the PDL wait, not after it
 ):
     """Program (pair, n block): if the pair is its expert's first, the down features of the
     block for every row that chose it, times the routing weight, into `part` at that row's
@@ -175,14 +176,16 @@ def _down_kernel(
 
     Under PDL this kernel starts while gate_up still runs (gate_up's programs let it launch
     right after their own wait, so `route`, the kernel before gate_up, has finished): the ids,
-    the routing weights, the residual and the first weight tile (all of K where one tile
-    spans it, `expert_config`) load before the wait, so the down weights stream in during
-    gate_up's tail instead of after it."""
+    the routing weights, the residual and the first weight tile load before the wait, so the
+    down weights stream in during gate_up's tail instead of after it (EARLY_LOADS; without it,
+    all after the wait)."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
+    if not EARLY_LOADS:
+        pdl.wait(USE_PDL)
     expert = _pair_expert(ids_ptr, pair)
     first, chosen, slots = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J,
                                         BLOCK_PAIRS)  # fmt: skip
@@ -200,7 +203,8 @@ def _down_kernel(
     r = acc  # the residual rows (RESIDUAL): written long before this kernel
     if RESIDUAL:
         r = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
-    pdl.wait(USE_PDL)  # gate_up's rows are written
+    if EARLY_LOADS:
+        pdl.wait(USE_PDL)  # gate_up's rows are written
     if first:
         x_rows = h_ptr + pair.to(tl.int64) * M * 2 * K  # [M, 2K]: rows m of this expert
         no_rstd, no_wn = tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_K,), tl.float32)
@@ -229,25 +233,34 @@ def _down_kernel(
         tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-# One-tile expert launches: K up to this many elements loads in one weight tile per program
-# (every load in flight at once; down's whole tile before its PDL wait), while the launch has at
-# most ONE_TILE_ROWS weight rows (the pairs' N). Qwen3-30B-A3B at 1-2 rows takes it (gate_up
-# K 2048, down K 768); Mixtral's and DeepSeek-V3's larger experts keep the tiled rule.
+# One-tile expert launches (`expert_config(one_tile=True)`, off by default; `bench_moe.py --ab`
+# times them): K up to ONE_TILE_K in one weight tile a program, while the launch has at most
+# ONE_TILE_ROWS weight rows (the pairs' N).
 ONE_TILE_K = 2048
 ONE_TILE_ROWS = 32768
 
 
-def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool) -> GemvConfig:
-    """One expert launch. A short K (`ONE_TILE_K`, at most `ONE_TILE_ROWS` rows over the pairs):
-    the whole of K in one tile of `TILE_ELEMENTS` (4 x 2048 for Qwen3-30B-A3B's gate_up, the
-    H200 sweep's best: 25.7 vs 28.5 us for both launches; 8 x 1024 for its down), 8 warps.
-    Otherwise the widest feature block (32 .. 4) that still gives >= 3.5 programs per SM over
-    the pairs, weight tiles of `TILE_ELEMENTS` (H200 sweep, `bench_moe.py --sweep`, one token:
-    Qwen3-30B-A3B's down 28.5 -> 22.3-22.5 us on 32-wide blocks of 256, K in 3 whole tiles;
-    Mixtral's down best on 16 x 512)."""
+def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool,
+                  one_tile: bool = False) -> GemvConfig:  # fmt: skip
+    """One expert launch: the widest feature block (32 .. 4) that still gives >= 3.5 programs
+    per SM over the pairs, weight tiles of `TILE_ELEMENTS` (H200 sweep, `bench_moe.py --sweep`,
+    one token: Qwen3-30B-A3B's down 28.5 -> 22.3-22.5 us on 32-wide blocks of 256, K in 3 whole
+    tiles; Mixtral's down best on 16 x 512). That is one wave: Qwen3's gate_up 16 x 512 (80
+    registers, 6 programs an SM: 792 slots on an H200 for 768 programs), its down 32 x 256 (126
+    registers, 4 an SM: 528 slots for 512).
+
+    `one_tile` and a short K (`ONE_TILE_K`, `ONE_TILE_ROWS`): all of K in one tile of
+    `TILE_ELEMENTS`, 8 warps (Qwen3's gate_up 4 x 2048, down 8 x 1024). The fifteenth session's
+    default (with down's early loads; Qwen3-30B-A3B end to end, a layer: gate_up 16.6 -> 19.6
+    us, down 11.7 -> 18.2). Why, from the code: 4x the programs at no more resident per SM
+    (gate_up 3072 at 6 an SM, down 2048 at 4; sm_90 register counts), so ~4 waves, each paying
+    again the chain a program waits through (ids from L2, then its weights from HBM, then a
+    cross-warp reduction; down adds its input rows, the arrival atomic and the final sum);
+    down's loads before its PDL wait cover only its first wave; down's K 768 leaves a quarter
+    of each 1024-wide tile masked."""
     if not is_cuda:
         return GemvConfig(block_n=16, block_k=32)
-    if k <= ONE_TILE_K and num_pairs * n <= ONE_TILE_ROWS:
+    if one_tile and k <= ONE_TILE_K and num_pairs * n <= ONE_TILE_ROWS:
         block_k = max(16, triton.next_power_of_2(k))
         return GemvConfig(block_n=max(4, TILE_ELEMENTS // block_k), block_k=block_k, num_warps=8)
     block_n = next((b for b in (32, 16, 8) if 2 * num_pairs * triton.cdiv(n, b) >= 7 * sms), 4)
@@ -283,6 +296,7 @@ def experts(
     residual: torch.Tensor | None = None,
     configs: tuple[GemvConfig, GemvConfig] | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    early_loads: bool = True,
 ):
     """`sum_j weights[m, j] * down[e] @ (silu(gate[e] @ x[m]) * up[e] @ x[m])`, `e = ids[m, j]`,
     in two launches; each chosen expert's weights are read once.
@@ -293,7 +307,9 @@ def experts(
     as experts `E .. E + S - 1` where `ids` names them (`route(..., shared_experts=S)` appends
     them with weight 1). Returns `[M, H]` in x's dtype, or with `residual [M, H]`:
     `AddedResidual(out + residual, sums of squares)` as `gemv` does. `configs`: (gate_up's,
-    down's) launch; default `expert_config`.
+    down's) launch; default `expert_config`. `early_loads`: down loads its ids, routing
+    weights, residual and first weight tile before its PDL wait (False: after it; for A/B
+    timing, `bench_moe.py --ab`).
     """
     norm, rows = decode_rows(x, gate_up, "experts")
     m, hidden = rows.shape
@@ -338,7 +354,8 @@ def experts(
     _down_kernel[(num_pairs, n_blocks)](
         gate_up_rows, down, shared_down, part, arrival_counters(device, n_blocks), ids, weights,
         res, out, sumsq, m, gate_up.shape[0], hidden, inter, num_shared,
-        RESIDUAL=residual is not None, BLOCK_N=down_cfg.block_n, BLOCK_K=down_cfg.block_k,
-        num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages, **pairs,
+        RESIDUAL=residual is not None, EARLY_LOADS=early_loads, BLOCK_N=down_cfg.block_n,
+        BLOCK_K=down_cfg.block_k, num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages,
+        **pairs,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)

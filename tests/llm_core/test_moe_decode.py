@@ -155,8 +155,9 @@ def test_experts_match_the_dense_reference(case, dtype):
         assert_close(out, ref, dtype)
 
 
-# (gate_up's, down's) launch: all of K in one tile (down's first tile loads before its PDL
-# wait: all of it), one of each, both tiled (gate_up K 48, down K 40)
+# (gate_up's, down's) launch: all of K in one tile (`expert_config(one_tile=True)`; down's
+# first tile, loaded before its PDL wait, is all of it), one of each, both tiled (gate_up K 48,
+# down K 40)
 ONE_TILE_CONFIGS = {
     "both_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=64)),
     "gate_up_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=16)),
@@ -164,11 +165,15 @@ ONE_TILE_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("configs", sorted(ONE_TILE_CONFIGS))
+@pytest.mark.parametrize(
+    "configs,early_loads",
+    [(name, True) for name in sorted(ONE_TILE_CONFIGS)] + [("down_one_tile", False)],
+)
 @pytest.mark.parametrize("case", ["qwen3_one_row", "rows_share_experts", "eight_rows"])
-def test_experts_one_tile_configs_match_the_dense_reference(configs, case):
-    """Every launch shape `expert_config` picks, with a deferred norm in and the residual out:
-    the dense loop's output (random routing, fewer rows than experts, rows sharing experts)."""
+def test_experts_one_tile_configs_match_the_dense_reference(configs, early_loads, case):
+    """Every launch shape `expert_config` picks, with a deferred norm in and the residual out,
+    down's loads before or after its wait (`early_loads`): the dense loop's output (random
+    routing, fewer rows than experts, rows sharing experts)."""
     rows, num_experts, top_k, allowed = EXPERT_CASES[case]
     gate_up, down = make_experts(num_experts, torch.float32)
     weights, ids = make_routing(rows, num_experts, top_k, allowed, seed=rows)
@@ -177,19 +182,27 @@ def test_experts_one_tile_configs_match_the_dense_reference(configs, case):
     ref = experts_reference(normed, gate_up, down, weights, ids) + residual
     for _ in range(2):  # the counters reset
         added = moe_decode.experts(x, gate_up, down, weights, ids, residual,
-                                   configs=ONE_TILE_CONFIGS[configs])  # fmt: skip
+                                   configs=ONE_TILE_CONFIGS[configs],
+                                   early_loads=early_loads)  # fmt: skip
         assert_close(added.h, ref, torch.float32)
 
 
-def test_expert_config_takes_one_tile_for_short_k():
-    """Qwen3-30B-A3B's experts at 1-2 rows: all of K in one tile (gate_up 4 x 2048, down
-    8 x 1024); more rows, or Mixtral's and DeepSeek-V3's long K / many rows: the tiled rule."""
+def test_expert_config_is_tiled_unless_one_tile_is_asked():
+    """Qwen3-30B-A3B's experts at one token (8 pairs, an H200's 132 SMs): one wave of tiled
+    programs by default (gate_up 16 x 512: 768 programs, down 32 x 256: 512); `one_tile`: all
+    of K in one tile (gate_up 4 x 2048, down 8 x 1024, 8 warps) where K and the rows are short;
+    Mixtral's and DeepSeek-V3's long K / many rows stay tiled either way."""
     config = moe_decode.expert_config
-    assert config(8, 1536, 2048, 132, True) == GemvConfig(block_n=4, block_k=2048, num_warps=8)
-    assert config(16, 2048, 768, 132, True) == GemvConfig(block_n=8, block_k=1024, num_warps=8)
+    assert config(8, 1536, 2048, 132, True) == GemvConfig(block_n=16, block_k=512)
+    assert config(8, 2048, 768, 132, True) == GemvConfig(block_n=32, block_k=256)
+    one_tile = GemvConfig(block_n=4, block_k=2048, num_warps=8)
+    assert config(8, 1536, 2048, 132, True, one_tile=True) == one_tile
+    one_tile = GemvConfig(block_n=8, block_k=1024, num_warps=8)
+    assert config(16, 2048, 768, 132, True, one_tile=True) == one_tile
     for pairs, n, k in ((32, 2048, 768), (2, 28672, 4096), (9, 7168, 2048)):
-        cfg = config(pairs, n, k, 132, True)
-        assert cfg.block_k * cfg.block_n == 8192 and cfg.num_warps == 4
+        for flag in (False, True):
+            cfg = config(pairs, n, k, 132, True, one_tile=flag)
+            assert cfg.block_k * cfg.block_n == 8192 and cfg.num_warps == 4
 
 
 @pytest.mark.parametrize("rows", [1, 3])

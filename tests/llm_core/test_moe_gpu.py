@@ -162,6 +162,28 @@ def test_moe_decode_swept_configs_match_the_dense_reference(gate_up_cfg, down_cf
     assert (added.h.float() - residual.float() - ref).abs().max().item() <= 2e-2 * scale
 
 
+@pytest.mark.parametrize("down_cfg", SWEPT)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_moe_decode_late_down_loads_match_the_dense_reference(down_cfg, rows):
+    """`early_loads=False` (down loads everything after its PDL wait; `bench_moe.py --ab`'s
+    other side) at each swept down config: the dense loop's output."""
+    from polymodal.llm_core.layers import moe_decode
+    from polymodal.llm_core.layers.gemv import GemvConfig
+
+    num_experts, top_k, hidden, inter = SHAPES["qwen3_30b_a3b"]
+    gate_up, down = _experts(num_experts, hidden, inter)
+    weights, ids = _routing(rows, num_experts, top_k, seed=rows)
+    x, normed = _deferred(rows, hidden)
+    residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+    ref = experts_reference(normed.float(), gate_up.float(), down.float(), weights, ids)
+    n, k, w = down_cfg
+    configs = (GemvConfig(block_n=16, block_k=512), GemvConfig(block_n=n, block_k=k, num_warps=w))
+    added = moe_decode.experts(x, gate_up, down, weights, ids, residual, configs=configs,
+                               early_loads=False)  # fmt: skip
+    scale = ref.abs().max().item()
+    assert (added.h.float() - residual.float() - ref).abs().max().item() <= 2e-2 * scale
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_moe_decode_captures_in_a_cuda_graph(rows):
     """Route + experts captured once; replays on new input rows give the eager result (twice:
