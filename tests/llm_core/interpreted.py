@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._device import _device_constructors
 
 IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1" or (
     "triton" not in sys.modules and not torch.cuda.is_available()
@@ -36,6 +37,10 @@ def _interpreted_only(request, monkeypatch):
     """Skip in-process tests where triton compiles; poison every fresh allocation with NaN."""
     if not IN_PROCESS and request.node.name != "test_interpreted_in_subprocess":
         pytest.skip("kernels are compiled in this process; see test_interpreted_in_subprocess")
+    # torch's device contexts (`with torch.device(...)`) cache the constructors they redirect on
+    # first use: filled while `torch.empty` is patched below, the cache would hold the patch,
+    # and `with torch.device("meta")` would build on the CPU for the rest of the process
+    _device_constructors()
     empty, empty_like = torch.empty, torch.empty_like
 
     def poison(t):
