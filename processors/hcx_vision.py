@@ -19,7 +19,8 @@ chat template renders inside the image's turns; it expands to one `<|dummy3|>` p
 
 Video (frames combined onto 3 x 3 canvases, slow / fast query counts) is not served: its frame
 sampling, canvas layout and prompt block live in the hub's `processing_hyperclovax.py`, which
-could not be read (docs/models.md); a video part is refused by name.
+could not be read; vLLM and TensorRT-LLM call that file rather than reproduce it
+(docs/models.md); a video part is refused by name.
 """
 
 from __future__ import annotations
