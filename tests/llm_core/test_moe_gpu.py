@@ -146,20 +146,11 @@ SWEPT = [(4, 2048, 8), (8, 1024, 8), (8, 1024, 4), (16, 512, 4), (32, 256, 8)]
 def test_moe_decode_swept_configs_match_the_dense_reference(gate_up_cfg, down_cfg, rows):
     """Qwen3-30B-A3B's experts under launch configs `bench_moe.py --sweep` times (one-tile K
     and tiled, down's first tile loaded before its PDL wait): the dense loop's output."""
-    from polymodal.llm_core.layers import moe_decode
     from polymodal.llm_core.layers.gemv import GemvConfig
 
-    num_experts, top_k, hidden, inter = SHAPES["qwen3_30b_a3b"]
-    gate_up, down = _experts(num_experts, hidden, inter)
-    weights, ids = _routing(rows, num_experts, top_k, seed=rows)
-    x, normed = _deferred(rows, hidden)
-    residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
-    ref = experts_reference(normed.float(), gate_up.float(), down.float(), weights, ids)
     configs = tuple(GemvConfig(block_n=n, block_k=k, num_warps=w)
                     for n, k, w in (gate_up_cfg, down_cfg))  # fmt: skip
-    added = moe_decode.experts(x, gate_up, down, weights, ids, residual, configs=configs)
-    scale = ref.abs().max().item()
-    assert (added.h.float() - residual.float() - ref).abs().max().item() <= 2e-2 * scale
+    _check_qwen3_experts(rows, configs=configs)
 
 
 @pytest.mark.parametrize("down_cfg", SWEPT)
@@ -167,8 +158,17 @@ def test_moe_decode_swept_configs_match_the_dense_reference(gate_up_cfg, down_cf
 def test_moe_decode_late_down_loads_match_the_dense_reference(down_cfg, rows):
     """`early_loads=False` (down loads everything after its PDL wait; `bench_moe.py --ab`'s
     other side) at each swept down config: the dense loop's output."""
-    from polymodal.llm_core.layers import moe_decode
     from polymodal.llm_core.layers.gemv import GemvConfig
+
+    n, k, w = down_cfg
+    configs = (GemvConfig(block_n=16, block_k=512), GemvConfig(block_n=n, block_k=k, num_warps=w))
+    _check_qwen3_experts(rows, configs=configs, early_loads=False)
+
+
+def _check_qwen3_experts(rows: int, **launch):
+    """Qwen3-30B-A3B's experts through `moe_decode.experts` (x a `DeferredNorm`, a residual)
+    under `launch` (configs, early_loads): the dense loop's output, to 2% of its largest value."""
+    from polymodal.llm_core.layers import moe_decode
 
     num_experts, top_k, hidden, inter = SHAPES["qwen3_30b_a3b"]
     gate_up, down = _experts(num_experts, hidden, inter)
@@ -176,10 +176,7 @@ def test_moe_decode_late_down_loads_match_the_dense_reference(down_cfg, rows):
     x, normed = _deferred(rows, hidden)
     residual = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
     ref = experts_reference(normed.float(), gate_up.float(), down.float(), weights, ids)
-    n, k, w = down_cfg
-    configs = (GemvConfig(block_n=16, block_k=512), GemvConfig(block_n=n, block_k=k, num_warps=w))
-    added = moe_decode.experts(x, gate_up, down, weights, ids, residual, configs=configs,
-                               early_loads=False)  # fmt: skip
+    added = moe_decode.experts(x, gate_up, down, weights, ids, residual, **launch)
     scale = ref.abs().max().item()
     assert (added.h.float() - residual.float() - ref).abs().max().item() <= 2e-2 * scale
 
