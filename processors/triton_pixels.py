@@ -13,8 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
+# Sizes and strides are not specialized on (Triton compiles a variant per "divisible by 16 or
+# not" of each int): a first image of a new size compiled mid-request (~0.15 s on an H200).
+_SIZE_ARGS = ["stride_t", "stride_c", "stride_h", "stride_w", "blocks_h", "blocks_w"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _patchify_normalize_kernel(
     frames_ptr,  # [T, 3, H, W], any strides (e.g. a decoded HWC image seen as CHW)
     out_ptr,  # [num_patches, 3 * T_PATCH * REPEAT * PATCH * PATCH]

@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 
 def warm_up(llm: LLM) -> float:
     """Run one short request of each kind `llm`'s model takes (text, sampled and greedy; two
-    448x448 JPEGs and a video for a multimodal model) through the whole path, so that what
-    compiles, captures or allocates on first use (Triton kernels, the tower's CUDA graph of
-    that layout, the sampler's kernels, cuBLAS plans, the pinned ring, the JPEG decoder,
-    the chat template) does it now. Returns the seconds it took."""
+    448x448 JPEGs, a 500x333 one and a video for a multimodal model) through the whole path, so
+    that what compiles, captures or allocates on first use (Triton kernels, the tower's CUDA
+    graph of that layout, the sampler's kernels, cuBLAS plans, the pinned ring, the JPEG
+    decoder, the GPU resize of an odd size, the chat template) does it now. Returns the
+    seconds it took."""
     start = time.perf_counter()
     if llm.engine.task != "generate":  # pooling models: no sampling path to warm
         return 0.0
@@ -40,9 +41,11 @@ def warm_up(llm: LLM) -> float:
         # encoded files, as users send: the decoder plugins load on first use. Two of one
         # size, different content (the same bytes would hit the encoder cache): a tower
         # with CUDA graphs captures a layout on its second call
-        for colour in ((120, 60, 200), (30, 160, 90)):
+        # A third of a photo's odd size: its GPU resize passes compile now (448 needs none)
+        for colour, size in (((120, 60, 200), (448, 448)), ((30, 160, 90), (448, 448)),
+                             ((200, 40, 40), (500, 333))):  # fmt: skip
             buffer = io.BytesIO()
-            Image.new("RGB", (448, 448), colour).save(buffer, format="JPEG")
+            Image.new("RGB", size, colour).save(buffer, format="JPEG")
             image = {"type": "image", "image": buffer.getvalue()}
             prompts.append(
                 [{"role": "user", "content": [image, {"type": "text", "text": "Warm up."}]}]

@@ -5,30 +5,37 @@ Argument: the engine's `sdpa_shapes` policy (second, first, exact; default secon
 
 import cProfile
 import io
-import os
 import pstats
 import sys
 
-import torch
-
 from polymodal.bench import resolve_bench_model
-from polymodal.bench.media import MAX_MODEL_LEN, _first_token_ms, media, ours_ttft
+from polymodal.bench.media import MAX_MODEL_LEN, _first_token_ms, media, warm_up
 from polymodal.bench.profile import calls_profile, print_calls_profile
 from polymodal.bench.workloads import TEXT_TOKENS, OurSide, _max_positions, text_ids
 
 model_dir = resolve_bench_model("qwen2.5-vl-7b")
-ours = OurSide(model_dir, dummy_weights=True, max_model_len=min(MAX_MODEL_LEN, _max_positions(model_dir)),
-               prefix_caching=True, sdpa_shapes=sys.argv[1] if len(sys.argv) > 1 else "second")
-print(f"sdpa_shapes={ours.model.visual.attn_backend.shapes.policy}, "
-      f"load-time warm-up {ours.engine.runner.warm_up_seconds:.2f} s", flush=True)
-ours_ttft(ours, "448px", [900, 901], again=False)
+ours = OurSide(
+    model_dir,
+    dummy_weights=True,
+    max_model_len=min(MAX_MODEL_LEN, _max_positions(model_dir)),
+    prefix_caching=True,
+    sdpa_shapes=sys.argv[1] if len(sys.argv) > 1 else "second",
+)
+print(
+    f"sdpa_shapes={ours.model.visual.attn_backend.shapes.policy}, "
+    f"load-time warm-up {ours.engine.runner.warm_up_seconds:.2f} s",
+    flush=True,
+)
+warm_up(ours)
 cfg = ours.processor.config
 
 
 def call(name, seed):
     kind, item = media(name, seed)
     token = cfg.image_token_id if kind == "image" else cfg.video_token_id
-    ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1] + text_ids(TEXT_TOKENS, seed, ours.vocab)
+    ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1] + text_ids(
+        TEXT_TOKENS, seed, ours.vocab
+    )
     return _first_token_ms(ours, ids, kind, item)
 
 
@@ -39,7 +46,7 @@ def host_profile(name, seed, top=28):
     prof.disable()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(top)
-    text = "\n".join(l[:160] for l in s.getvalue().splitlines() if l.strip())
+    text = "\n".join(line[:160] for line in s.getvalue().splitlines() if line.strip())
     print(f"=== {name} seed {seed}: {ms:.1f} ms\n{text}", flush=True)
 
 
@@ -48,14 +55,22 @@ print("1080p again fresh:", [round(call("1080p", s), 1) for s in (12, 13)], flus
 host_profile("video64", 11)
 print("video64 fresh:", [round(call("video64", s), 1) for s in (12,)], flush=True)
 seeds = iter([13, 14])
-prof = calls_profile(lambda: call("video64", next(seeds)), 1,
-                     [(ours.model, "encode", "vision encoder"), (ours.model, "forward", "decoder")], top=14)
+prof = calls_profile(
+    lambda: call("video64", next(seeds)),
+    1,
+    [(ours.model, "encode", "vision encoder"), (ours.model, "forward", "decoder")],
+    top=14,
+)
 print_calls_profile("64-frame TTFT (fresh video, profiled)", prof)
 
 # a repeated input (processed-input cache, encoder and prefix caches hit): host and GPU
 for name, seed in (("1080p", 12), ("video64", 12)):
     call(name, seed)  # the same input as an earlier call: now a hit
     host_profile(name, seed, top=22)
-    prof = calls_profile(lambda n=name, s=seed: call(n, s), 2,
-                         [(ours.model, "encode", "vision encoder"), (ours.model, "forward", "decoder")], top=10)
+    prof = calls_profile(
+        lambda n=name, s=seed: call(n, s),
+        2,
+        [(ours.model, "encode", "vision encoder"), (ours.model, "forward", "decoder")],
+        top=10,
+    )
     print_calls_profile(f"{name} again (profiled)", prof)

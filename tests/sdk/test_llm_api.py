@@ -1,6 +1,9 @@
 """The LLM API as a user calls it: chat, streaming deltas, stop strings, logprobs, n."""
 
+import io
+
 import pytest
+from PIL import Image
 
 from polymodal import LLM, SamplingParams
 from tests.helpers import tiny_checkpoint
@@ -77,11 +80,15 @@ def test_warm_up_runs_each_kind_and_leaves_the_engine_clean(tmp_path_factory, mo
         [p.get("type") for p in prompt[0]["content"]] if isinstance(prompt[0], dict) else "ids"
         for prompt in seen
     ]
-    assert kinds == ["ids", "ids", ["image", "text"], ["image", "text"], ["video", "text"]]
+    image = ["image", "text"]
+    assert kinds == ["ids", "ids", image, image, image, ["video", "text"]]
     assert temperatures[0] > 0 and temperatures[1] == 0  # the sampler's kernels warm too
     # the two images differ: the same content would hit the encoder cache the second time,
     # and the tower's CUDA graph of that layout would wait for the first user request
     assert seen[2][0]["content"][0]["image"] != seen[3][0]["content"][0]["image"]
+    # the third is of an odd size, so the GPU resize kernels compile at load too
+    odd = Image.open(io.BytesIO(seen[4][0]["content"][0]["image"]))
+    assert odd.size[0] % 28 and odd.size[1] % 28
     assert warm.warmup_seconds > 0
     assert not warm.engine.has_unfinished()
     assert warm.engine.num_free_blocks == warm.engine.scheduler.kv.num_blocks

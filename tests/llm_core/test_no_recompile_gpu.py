@@ -1,0 +1,47 @@
+"""A first request of a new size compiles no Triton kernel variant mid-run (issue 13): kernels
+whose integer arguments or pointers vary with image sizes or prompt lengths keep one compiled
+variant across sizes whose values differ in what Triton specializes on (divisibility by 16,
+16-byte alignment)."""
+
+import pytest
+import torch
+
+from polymodal.llm_core.attention.causal_sdpa import _merge_kernel, merge_partials
+from polymodal.processors.triton_pixels import _patchify_normalize_kernel, patchify_normalize
+
+pytestmark = pytest.mark.gpu
+
+
+def _variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+def test_patchify_keeps_one_variant_across_image_sizes():
+    before = _variants(_patchify_normalize_kernel)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    for height, width in ((448, 448), (1092, 1932), (756, 1316)):  # row strides 1344, 5796, 3948
+        hwc = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, device="cuda")
+        frames = hwc.permute(2, 0, 1)[None]  # a decoded image seen as CHW
+        out = patchify_normalize(frames, mean, std, (2, 14, 2, 2), torch.bfloat16)
+        assert out.shape[0] == (height // 14) * (width // 14)
+    assert _variants(_patchify_normalize_kernel) <= before + 1
+
+
+def test_merge_keeps_one_variant_across_lengths_and_offsets():
+    before = _variants(_merge_kernel)
+    heads, d = 4, 128
+    for tokens, offset in ((32, 0), (33, 3), (1100, 5), (48, 16)):
+        out_a, out_b = torch.randn(2, tokens, heads, d, device="cuda", dtype=torch.bfloat16)
+        lse = torch.randn(2, heads, tokens + offset, device="cuda")
+        lse_a, lse_b = lse[0, :, offset:], lse[1, :, offset:]
+        merged = merge_partials(out_a, lse_a, out_b, lse_b)
+        share = torch.sigmoid(lse_a - lse_b).T[..., None]
+        want = out_b.float() + share * (out_a.float() - out_b.float())
+        torch.testing.assert_close(merged.float(), want, atol=2e-2, rtol=2e-2)
+    assert _variants(_merge_kernel) <= before + 1
