@@ -6,8 +6,10 @@ process), then `polymodal serve` started as a user starts it (a subprocess), war
 requests, and the N requests sent at once as streamed `/v1/chat/completions` over HTTP by 8 client
 processes (one would be the bottleneck itself).
 Reported: requests/s and output tokens/s (first request sent to last response done), TTFT
-(request sent to first content chunk) and inter-chunk latency percentiles, and the server's
-rate as a share of the offline one.
+(request sent to first content chunk) percentiles and deciles, inter-chunk latency
+percentiles, the server's rate as a share of the offline one, and where the server says the
+TTFT went (its `/metrics`: arrival to first token, queued in the engine, first step to first
+token).
 """
 
 from __future__ import annotations
@@ -139,6 +141,43 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def histogram_quantiles(metrics_text: str, name: str, qs=(0.1, 0.5, 0.9)) -> dict | None:
+    """Quantiles (seconds) of a Prometheus histogram in `/metrics` text, interpolated linearly
+    inside the bucket each falls in (as PromQL's histogram_quantile); None if it is empty."""
+    buckets = []
+    prefix = f"{name}_bucket{{"
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix):
+            labels, value = line[len(prefix) :].rsplit("} ", 1)
+            le = dict(kv.split("=", 1) for kv in labels.split(","))["le"].strip('"')
+            buckets.append((float(le), float(value)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total, out = buckets[-1][1], {}
+    for q in qs:
+        rank, lower, below = q * total, 0.0, 0.0
+        for upper, count in buckets:
+            if count >= rank:
+                share = (rank - below) / (count - below) if count > below else 1.0
+                out[f"p{round(q * 100)}"] = lower + share * (upper - lower)
+                break
+            lower, below = upper, count
+    return out
+
+
+def server_phases(port: int) -> dict:
+    """Where the server says a request's time went (its `/metrics` histograms, the warm-up's
+    few requests included): arrival to first token, queued in the engine, first step to first
+    token."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    names = {"ttft": "time_to_first_token_seconds", "queue": "request_queue_time_seconds",
+             "prefill": "request_prefill_time_seconds"}  # fmt: skip
+    return {key: histogram_quantiles(text, f"polymodal:{name}") for key, name in names.items()}
+
+
 def summarize(runs: list[dict]) -> dict:
     start, end = min(r["sent"] for r in runs), max(r["done"] for r in runs)
     ttft = [(r["chunks"][0] - r["sent"]) * 1e3 for r in runs if r["chunks"]]
@@ -149,6 +188,7 @@ def summarize(runs: list[dict]) -> dict:
         "output_tokens_s": generated / (end - start),
         "ttft_p50_ms": statistics.median(ttft),
         "ttft_p99_ms": percentile(ttft, 0.99),
+        "ttft_deciles_ms": [percentile(ttft, q / 10) for q in range(1, 10)],
         "itl_p50_ms": statistics.median(gaps) if gaps else float("nan"),
         "itl_p99_ms": percentile(gaps, 0.99),
         "chunks_per_request": statistics.mean(len(r["chunks"]) for r in runs),
@@ -181,6 +221,7 @@ def run_bench(args) -> dict:
         asyncio.run(burst(args.port, [data_url(p) for p in warm], 8))
         runs = burst_from_processes(args.port, urls, args.output_tokens, CLIENT_PROCESSES)
         results["server"] = summarize(runs)
+        results["server_phases_s"] = server_phases(args.port)
         results["client_processes"] = CLIENT_PROCESSES
     finally:
         server.terminate()
@@ -199,4 +240,8 @@ def print_table(r: dict) -> None:
     print(f"{'output tokens/s':24s} {s['output_tokens_s']:9.0f} {o['output_tokens_s']:9.0f}")
     print(f"server / offline: {r['server_share_of_offline']:.1%}")
     print(f"TTFT p50 {s['ttft_p50_ms']:.0f} ms, p99 {s['ttft_p99_ms']:.0f} ms")
+    print("TTFT deciles (ms):", " ".join(f"{v:.0f}" for v in s["ttft_deciles_ms"]))
+    for phase, q in (r.get("server_phases_s") or {}).items():
+        if q:  # the server's own view: arrival -> first token, queued, first step -> token
+            print(f"server {phase:8s} " + " ".join(f"{k} {v * 1e3:.0f} ms" for k, v in q.items()))
     print(f"inter-chunk p50 {s['itl_p50_ms']:.1f} ms, p99 {s['itl_p99_ms']:.1f} ms")
