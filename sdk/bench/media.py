@@ -109,14 +109,17 @@ def ours_ttft(ours: OurSide, name: str, seeds: list[int], again: bool) -> dict:
 
 def warm_up(ours: OurSide) -> None:
     """What `LLM`'s load-time warm-up runs before a user's first request (`llm_warmup.py`): two
-    448 px images (compiles, the tower graph's capture) and one of an odd size (the GPU resize
-    kernels)."""
+    448 px images (compiles, the tower graph's capture), one of an odd size (the GPU resize
+    kernels) and a 4-frame 224 px video (the video layout's kernels)."""
     ours_ttft(ours, "448px", [900, 901], again=False)
     cfg = ours.processor.config
-    ids = [cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_start_token_id + 1]
-    _first_token_ms(
-        ours, ids + text_ids(TEXT_TOKENS, 902, ours.vocab), "image", photo((500, 333), 902)
-    )
+    text = text_ids(TEXT_TOKENS, 902, ours.vocab)
+    for kind, token, item in (
+        ("image", cfg.image_token_id, photo((500, 333), 902)),
+        ("video", cfg.video_token_id, [photo((224, 224), 903 + i) for i in range(4)]),
+    ):
+        ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1] + text
+        _first_token_ms(ours, ids, kind, item)
 
 
 def _first_token_ms(ours: OurSide, ids, kind, item) -> float:

@@ -28,7 +28,8 @@ def test_patchify_keeps_one_variant_across_image_sizes():
     for height, width in ((448, 448), (1092, 1932), (756, 1316)):  # row strides 1344, 5796, 3948
         hwc = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, device="cuda")
         frames = hwc.permute(2, 0, 1)[None]  # a decoded image seen as CHW
-        out = patchify_normalize(frames, mean, std, (2, 14, 2, 2), torch.bfloat16)
+        # an image's layout (plan_patches): t_patch 1, patch 14, merge 2, repeated twice in time
+        out = patchify_normalize(frames, mean, std, (1, 14, 2, 2), torch.bfloat16)
         assert out.shape[0] == (height // 14) * (width // 14)
     assert _variants(_patchify_normalize_kernel) <= before + 1
 
