@@ -23,12 +23,11 @@ def _wrapped(layer, dtype=torch.float32):
 
 def _adapter(layer, gen):
     """`{shard: (A [r, in], B [size, r])}` of ranks below RANK for every slice."""
-    method = layer.method
-    return {
-        shard: (torch.randn(3, layer.in_features, generator=gen),
-                torch.randn(size, 3, generator=gen) * 0.1)  # fmt: skip
-        for shard, _, size in method.slice_table()
-    }
+    slices = {}
+    for shard, _, size in layer.method.slice_table():
+        a = torch.randn(3, layer.in_features, generator=gen)
+        slices[shard] = (a, torch.randn(size, 3, generator=gen) * 0.1)
+    return slices
 
 
 def test_dense_layers_keep_every_slots_a_under_their_weight():
