@@ -48,9 +48,10 @@ def _expand_folded_kernel(
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Program (token program, N block, slot x slice): its B tile (read before the PDL wait;
-    zeros for the rows without an adapter) times y of each of its segment's token blocks
-    pid_m, pid_m + programs, ..., plus the base columns, stored to out."""
+    """Program (token program, N block, slot x slice): its B tile and its first token block's
+    row indices (read before the PDL wait: written before the step's first kernel; B zeros
+    for the rows without an adapter) times y of each of its segment's token blocks pid_m,
+    pid_m + programs, ..., plus the base columns, stored to out."""
     pid_m, pid_n, pid_ls = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot, piece = pid_ls // NUM_SLICES, pid_ls % NUM_SLICES
     adapted = slot < NUM_SLOTS
@@ -72,6 +73,8 @@ def _expand_folded_kernel(
     )
     if DOT_F32:
         b = b.to(tl.float32)
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the first block's rows, also before
+    rows = tl.load(sorted_ptr + start + offs, mask=busy & (offs < length), other=0)
     pdl.wait(USE_PDL)
     if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
         return
@@ -79,8 +82,9 @@ def _expand_folded_kernel(
     for m0 in range(pid_m * BLOCK_M, length, token_step):
         offs = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs < length
-        rows = tl.load(sorted_ptr + start + offs, mask=row_ok, other=0).to(tl.int64)
-        row_ptrs = cat_ptr + rows[:, None] * stride_cm
+        if m0 != pid_m * BLOCK_M:  # the next block's rows
+            rows = tl.load(sorted_ptr + start + offs, mask=row_ok, other=0)
+        row_ptrs = cat_ptr + rows.to(tl.int64)[:, None] * stride_cm
         y = tl.load(row_ptrs + y_col + rs[None, :],  # [BLOCK_M, BLOCK_R]
                     mask=adapted & row_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
         if DOT_F32:
@@ -89,7 +93,7 @@ def _expand_folded_kernel(
             delta = tl.dot(y.to(b.dtype), b)
         mask = row_ok[:, None] & col_ok[None, :]
         base = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        out_ptrs = out_ptr + rows[:, None] * N_out + cols[None, :]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_out + cols[None, :]
         tl.store(out_ptrs, (base + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
