@@ -325,10 +325,11 @@ def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool, d
 
     ranks = [int(_peft_config(c).get("r", 8)) for c, _ in builtin.values()]
     max_loras = max(cfg.max_loras, len(builtin)) if cfg.enable_lora else len(builtin)
+    # rows a forward can have: a step's tokens, or a decode graph's (padded) sequences
+    rows = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
     manager = LoRAManager(
-        net, max_loras, max([cfg.max_lora_rank, *ranks]), cfg.max_num_batched_tokens, device,
-        cfg.max_cpu_loras, dtype,
-    )  # fmt: skip
+        net, max_loras, max([cfg.max_lora_rank, *ranks]), rows, device, cfg.max_cpu_loras, dtype
+    )
     net.adapter_requests = {}
     for index, (name, (config, tensors)) in enumerate(builtin.items()):
         # ids far above a user's; the path names where the adapter came from

@@ -117,6 +117,8 @@ def expand_folded(
     if stacked.shape[1] != out_features + slots * num_slices * rank or stacked.stride(1) != 1:
         raise ValueError(f"folded product {tuple(stacked.shape)} is not [T, {out_features} + "
                          f"{slots} x {num_slices} x {rank}] with unit column stride")  # fmt: skip
+    if num_tokens > seg.sorted_tokens.shape[0]:  # the no-adapter segment runs on to row T
+        raise ValueError(f"{num_tokens} rows exceed the LoRA batch's {seg.sorted_tokens.shape}")
     out = torch.empty(num_tokens, out_features, dtype=stacked.dtype, device=stacked.device)
     if num_tokens == 0:
         return out

@@ -63,7 +63,8 @@ def test_mixed_batch_bf16_equals_single_adapter_batches(setup):
     base, adapters = setup
     opts = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 64, "max_num_seqs": 8}
     engine = Engine(str(base), enable_lora=True, max_loras=3, **opts)
-    mixed = _run(engine, PROMPTS, _loras(adapters, NAMES))
+    assert all(layer.method.folded for layer in engine.runner.lora.layers.values())
+    mixed = _run(engine, PROMPTS, _loras(adapters, NAMES))  # 5 rows: the folded GEMM + expand
     for prompt, name, (tokens, _) in zip(PROMPTS, NAMES, mixed):
         alone = _run(engine, [prompt], _loras(adapters, [name]))[0]
         assert tokens == alone[0], name
