@@ -242,6 +242,9 @@ def build_rank(
         )
     for layer, group in zip(net.attention_layers(), layout.layer_groups()):
         layer.kv_group = group or 0  # which block tables it reads
+    # before the KV cache takes its share: the adapters' buffers (and the dense layers' weights,
+    # moved into longer storage) count in the memory it measures
+    lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
     encoder_cache = encoder_cache_bytes(cfg, model_config) if supports_multimodal(net) else 0
     num_blocks = cfg.num_kv_blocks or num_kv_blocks(
         kv_dtype, layout, cfg, device, max_len, encoder_cache
@@ -257,7 +260,7 @@ def build_rank(
         net, kv_caches, cfg.block_size, device, layout.num_groups - cross, max(encoder_cache, 1),
         cross, max((g.spec.max_rows for g in layout.groups), default=0),
     )  # fmt: skip
-    runner.lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
+    runner.lora = lora
     return RankParts(net, runner, layout, num_blocks, max_len, backend)
 
 
@@ -322,10 +325,11 @@ def _lora_manager(net, cfg: EngineConfig, device: torch.device, pooling: bool, d
 
     ranks = [int(_peft_config(c).get("r", 8)) for c, _ in builtin.values()]
     max_loras = max(cfg.max_loras, len(builtin)) if cfg.enable_lora else len(builtin)
+    # rows a forward can have: a step's tokens, or a decode graph's (padded) sequences
+    rows = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
     manager = LoRAManager(
-        net, max_loras, max([cfg.max_lora_rank, *ranks]), cfg.max_num_batched_tokens, device,
-        cfg.max_cpu_loras, dtype,
-    )  # fmt: skip
+        net, max_loras, max([cfg.max_lora_rank, *ranks]), rows, device, cfg.max_cpu_loras, dtype
+    )
     net.adapter_requests = {}
     for index, (name, (config, tensors)) in enumerate(builtin.items()):
         # ids far above a user's; the path names where the adapter came from

@@ -19,6 +19,10 @@ B = 1, `F.linear` above the GEMV's rows), the shrink (default `ShrinkConfig`, it
 and the LoRA term (the GEMV with its LoRA epilogue minus the plain GEMV at B = 1; `expand`
 with the default `expand_config` above), then the best of the shrink's launch configs
 (`ShrinkConfig`) and, above the GEMV's rows, of expand's (`ExpandConfig`), swept per site.
+Above the GEMV's rows, the path the engine takes for dense layers: the shrink folded into the
+base GEMM (`F.linear` of `[W; A of every slot]`: its time over the base product's) plus
+`expand_folded` (default config, then the best of the same sweep); that sum is the site's
+LoRA cost there, to compare with shrink + expand.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
     from polymodal.bench.timing import graph_ms
     from polymodal.llm_core.layers import gemv as gemv_mod
     from polymodal.llm_core.layers import gemv_lora
-    from polymodal.llm_core.lora import launch_plan, triton_lora
+    from polymodal.llm_core.lora import launch_plan, triton_fold, triton_lora
     from polymodal.llm_core.lora.layer import LoRABatch
 
     sizes, k, silu = SITES[name]
@@ -171,14 +175,32 @@ def site_row(name: str, m: int, adapters: int, rank: int, sweep: list, expand_sw
     best_us, c = min(timed, key=lambda t: t[0])
     best = (f"{best_us:.1f} (block_k {c.block_k}, tiles {c.min_tiles}, programs/SM "
             f"{c.programs_per_sm}, warps {c.num_warps}, fma_rows {c.fma_rows})")  # fmt: skip
-    best_expand = "-"
+    best_expand = folded = best_folded = "-"
     if not one_row:
         timed = [(time_us(lambda c=c: expand(c), rep=40), c) for c in expand_sweep]
-        us, c = min(timed, key=lambda t: t[0])
-        best_expand = (f"{us:.1f} (block_n {c.block_n}, warps {c.num_warps}, token programs "
-                       f"{c.token_programs or 'all'})")  # fmt: skip
+        best_expand = _expand_best(timed)
+        # the engine's path here: the shrink inside the base GEMM, then expand_folded
+        stacked_w = torch.cat([weight, lora_a.flatten(0, 1)])  # [n + L * S * R, k]
+        stacked = torch.nn.functional.linear(xs, stacked_w)
+
+        def fold_expand(config=None):
+            return triton_fold.expand_folded(stacked, lora_b, n, offsets, sizes_t, max(sizes),
+                                             rank, seg, config)  # fmt: skip
+
+        gemm_us = time_us(lambda: torch.nn.functional.linear(xs, stacked_w))
+        fold_us = time_us(fold_expand)
+        folded = f"{gemm_us - base_us:+.1f} + {fold_us:.1f} = {gemm_us - base_us + fold_us:.1f}"
+        timed = [(time_us(lambda c=c: fold_expand(c), rep=40), c) for c in expand_sweep]
+        best_folded = _expand_best(timed)
     return (f"| {name} | {m} | {base_us:.1f} | {shrink_us():.1f} ({splits} splits) | "
-            f"{term_us:.1f} | {best} | {best_expand} |")  # fmt: skip
+            f"{term_us:.1f} | {best} | {best_expand} | {folded} | {best_folded} |")  # fmt: skip
+
+
+def _expand_best(timed: list) -> str:
+    us, c = min(timed, key=lambda t: t[0])
+    return f"{us:.1f} (block_n {c.block_n}, warps {c.num_warps}, token programs " + (
+        f"{c.token_programs or 'all'})"
+    )
 
 
 def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
@@ -196,8 +218,9 @@ def bench_kernels(batches: list[int], adapters: int, rank: int) -> None:
                     for bn in (64, 128, 256) for tp in (None, 1)]  # fmt: skip
     expand_sweep += [ExpandConfig(block_n=128, num_warps=8), ExpandConfig(block_n=256)]
     print("| site | B | base us | shrink us | LoRA term us | best shrink us (config) "
-          "| best expand us (config) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| best expand us (config) | folded: GEMM extra + expand us | best folded expand "
+          "us (config) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in SITES:
         for m in batches:
             print(site_row(name, m, adapters, rank, sweep, expand_sweep), flush=True)

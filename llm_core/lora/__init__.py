@@ -1,8 +1,9 @@
 """LoRA adapters: PEFT directories, per-request adapters, batched multi-LoRA in one step.
 
 `adapter.py` (LoRARequest, the PEFT loader), `manager.py` (slots and who holds them),
-`layer.py` (the `LinearMethod` wrapper and the step's token -> slot mapping), `ops.py` (the
-torch reference) and `triton_lora.py` (segmented shrink / expand kernels).
+`layer.py` (the `LinearMethod` wrapper, the dense layers' folded storage and the step's
+token -> slot mapping), `ops.py` (the torch reference), `triton_lora.py` (segmented shrink /
+expand kernels) and `triton_fold.py` (the expand of a shrink folded into the base GEMM).
 """
 
 from polymodal.llm_core.lora.adapter import LoRAAdapter, LoRARequest, load_adapter

@@ -7,18 +7,23 @@ the model's forward: like the KV caches, it is a set of static device buffers th
 refills before each forward (`set_step`), which is what lets a captured CUDA graph replay the
 kernels with each step's adapter mapping. Each wrapped layer holds the stacked weights of every
 slot (`lora_a [max_loras, S * R, in]`, `lora_b [max_loras, out, R]`, scaling folded into B,
-rank zero-padded to `max_lora_rank`).
+rank zero-padded to `max_lora_rank`). A dense layer keeps `lora_a` in the rows right under its
+weight (`fold_storage`), so one GEMM of the stacked weight gives the base product and every
+slot's shrink: the few-thousand-element shrink of a decode step then costs a few more GEMM
+columns instead of a latency-bound kernel per layer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from polymodal.llm_core.host_copy import upload
 from polymodal.llm_core.layers.activation import silu_and_mul
 from polymodal.llm_core.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from polymodal.llm_core.layers.norm import DeferredNorm
-from polymodal.llm_core.lora.ops import LoRASegments, lora_reference
+from polymodal.llm_core.lora.ops import LoRASegments, lora_folded_reference, lora_reference
 
 
 class LoRABatch:
@@ -30,14 +35,17 @@ class LoRABatch:
         self.device = torch.device(device)
         zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
         token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
+        # segments: one per slot, then the tokens without an adapter (`triton_fold`): the
+        # step's, then every row after them (identity), so a graph bucket's padding is in it
+        order = torch.arange(max_tokens, dtype=torch.int32, device=self.device)
         self.segments = LoRASegments(
-            zeros(max_tokens), zeros(max_loras), zeros(max_loras), token_slot, []
+            order, zeros(max_loras + 1), zeros(max_loras + 1), token_slot, []
         )
         self.num_active = 0  # slots with tokens this step
         # kernels run whatever the step holds: set while the LoRA CUDA graphs are captured
         self.always_run = False
         self.use_triton = self.device.type == "cuda"
-        self._slot_rows = 0  # leading rows of `token_slot` the last upload wrote
+        self._rows = 0  # leading rows of `token_slot` / `sorted_tokens` the last upload wrote
 
     def set_step(self, slots_and_counts: list[tuple[int, int]]) -> None:
         """The step's requests in batch order as `(slot, num_tokens)`; slot -1: no adapter.
@@ -59,12 +67,16 @@ class LoRABatch:
         if not (self.use_triton and groups):
             return
         lengths = [len(groups.get(slot, ())) for slot in range(self.max_loras)]
-        starts = [sum(lengths[:slot]) for slot in range(self.max_loras)]
-        tokens = [t for slot in sorted(groups) for t in groups[slot]]
-        # each token's slot; rows the last upload set beyond this step's are reset to -1
+        starts = [sum(lengths[:slot]) for slot in range(self.max_loras + 1)]
+        lengths.append(position - starts[-1])  # the tokens without an adapter
+        # each token's slot; rows the last upload set beyond this step's are reset: to -1,
+        # and in the order to themselves (the no-adapter segment runs on to the grid's rows)
         token_slots = [slot for slot, count in slots_and_counts for _ in range(count)]
-        token_slots += [-1] * (self._slot_rows - position)
-        self._slot_rows = position
+        tokens = [t for slot in sorted(groups) for t in groups[slot]]
+        tokens += [t for t, slot in enumerate(token_slots) if slot < 0]
+        tokens += range(position, self._rows)
+        token_slots += [-1] * (self._rows - position)
+        self._rows = position
         # one pinned asynchronous upload, then device copies into the static buffers
         lists = [lengths, starts, tokens, token_slots]
         lens, begins, order, owner = upload(lists, torch.int32, self.device)
@@ -77,9 +89,12 @@ class LoRABatch:
         """No token uses an adapter, on the host and in the device buffers (before a capture:
         the LoRA graphs record kernels that find no tokens)."""
         self.set_step([])
-        self.segments.seg_len.zero_()
-        self.segments.token_slot.fill_(-1)
-        self._slot_rows = 0
+        seg = self.segments
+        seg.seg_len.zero_()
+        seg.seg_start.zero_()
+        seg.token_slot.fill_(-1)
+        torch.arange(seg.sorted_tokens.shape[0], out=seg.sorted_tokens)
+        self._rows = 0
 
 
 class LoRALinearMethod(LinearMethod):
@@ -91,7 +106,11 @@ class LoRALinearMethod(LinearMethod):
     must follow the delta (`out = (base + delta) + residual`, rounded in that order): a one-row
     GEMV adds the delta in its epilogue before the residual (every fold kept), any other method
     returns its plain product, `expand` adds the delta, and the caller adds the residual
-    (`add_norm`). The torch path (CPU) applies the fused work first, then `lora_reference`."""
+    (`add_norm`). A dense layer's rows above the GEMV's (`folded`) take no shrink kernel:
+    `F.linear(x, [W; A of every slot])` (x normalized / activated first, as the plain product
+    takes it), then `triton_fold.expand_folded` adds each token's own slot's term and writes a
+    contiguous `[T, out]`. The torch path (CPU) applies the fused work first, then the same
+    math (`lora_folded_reference`; `lora_reference` for the other methods)."""
 
     def __init__(self, base: LinearMethod, batch: LoRABatch, layer: Linear, max_loras: int,
                  max_rank: int, dtype: torch.dtype):  # fmt: skip
@@ -104,11 +123,15 @@ class LoRALinearMethod(LinearMethod):
         self.rank = max_rank
         device = next(p for p in layer.parameters()).device  # adapters in the model dtype
         num = len(self.slices)
-        layer.register_buffer(
-            "lora_a",
-            torch.zeros(max_loras, num * max_rank, layer.in_features, dtype=dtype, device=device),
-            persistent=False,
-        )
+        # dense layers (not a row shard: its all-reduce is the wrapper's) keep A under W
+        self.folded = type(base) is UnquantizedLinearMethod and layer.weight.dtype == dtype
+        if self.folded:
+            lora_a = fold_storage(layer, max_loras * num * max_rank)
+            lora_a = lora_a.view(max_loras, num * max_rank, layer.in_features)
+        else:
+            lora_a = torch.zeros(max_loras, num * max_rank, layer.in_features, dtype=dtype,
+                                 device=device)  # fmt: skip
+        layer.register_buffer("lora_a", lora_a, persistent=False)
         layer.register_buffer(
             "lora_b",
             torch.zeros(max_loras, layer.out_features, max_rank, dtype=dtype, device=device),
@@ -149,21 +172,29 @@ class LoRALinearMethod(LinearMethod):
         batch = self.batch
         if not batch.num_active and not batch.always_run:
             return self.base.apply(layer, x, silu_mul=silu_mul, residual=residual)
+        seg = batch.segments
         if not batch.use_triton:
-            if isinstance(x, DeferredNorm):
-                x = x.materialize()
-            if silu_mul:
-                x = silu_and_mul(x)
+            x = _plain_input(x, silu_mul)
+            groups = seg.host_groups
+            if self.folded:
+                stacked = F.linear(x, layer.folded_weight, layer.folded_bias)
+                return lora_folded_reference(stacked, layer.out_features, layer.lora_b,
+                                             self.slices, self.rank, groups)  # fmt: skip
             out = self.base.apply(layer, x)  # [num_tokens, out]
-            groups = batch.segments.host_groups
             return lora_reference(x, out, layer.lora_a, layer.lora_b, self.slices, self.rank,
                                   groups)  # fmt: skip
         from polymodal.llm_core.layers.gemv_lora import LoRADelta  # Triton: an optional dependency
-        from polymodal.llm_core.lora import triton_lora
+        from polymodal.llm_core.lora import triton_fold, triton_lora
 
-        seg = batch.segments
+        gemv = isinstance(self.base, UnquantizedLinearMethod) and self.base.uses_gemv(layer, x)
+        if self.folded and not gemv:  # the shrink inside the base GEMM, then the expand
+            stacked = F.linear(_plain_input(x, silu_mul), layer.folded_weight, layer.folded_bias)
+            return triton_fold.expand_folded(
+                stacked, layer.lora_b, layer.out_features, self.slice_offsets, self.slice_sizes,
+                self.max_slice, self.rank, seg,
+            )  # fmt: skip
         y = triton_lora.shrink(x, layer.lora_a, seg, silu_mul)  # fp32 [num_tokens, S * R]
-        if isinstance(self.base, UnquantizedLinearMethod) and self.base.uses_gemv(layer, x):
+        if gemv:
             delta = LoRADelta(y, layer.lora_b, seg.token_slot, self.slice_offsets)
             return layer.gemv(x, layer.weight, layer.bias, silu_mul=silu_mul, residual=residual,
                               lora=delta)  # fmt: skip
@@ -171,6 +202,33 @@ class LoRALinearMethod(LinearMethod):
         triton_lora.expand(y, layer.lora_b, out, self.slice_offsets, self.slice_sizes,
                            self.max_slice, self.rank, seg)  # fmt: skip
         return out
+
+
+def _plain_input(x, silu_mul: bool) -> torch.Tensor:
+    """x as a plain product takes it: a `DeferredNorm` normalized, `[gate | up]` activated."""
+    if isinstance(x, DeferredNorm):
+        x = x.materialize()
+    return silu_and_mul(x) if silu_mul else x
+
+
+def fold_storage(layer: Linear, extra_rows: int) -> torch.Tensor:
+    """Move a dense layer's weight (and bias) into storage `extra_rows` rows longer: the
+    parameters become views of its first `out_features` rows (contiguous: the GEMV, the plain
+    product and weight loading see what they saw), `layer.folded_weight` / `folded_bias` the
+    whole (the tail zero: bias 0 for the LoRA columns). Returns the tail rows `[extra, in]`."""
+    out = layer.out_features
+    for name in ("weight", "bias"):
+        old = getattr(layer, name)
+        if old is None:
+            setattr(layer, f"folded_{name}", None)
+            continue
+        whole = old.new_zeros(out + extra_rows, *old.shape[1:])
+        whole[:out].copy_(old.detach())
+        param = nn.Parameter(whole[:out], requires_grad=old.requires_grad)
+        param.__dict__.update(old.__dict__)  # loader hooks, output_dim and the like
+        setattr(layer, name, param)
+        setattr(layer, f"folded_{name}", whole)
+    return layer.folded_weight[out:]
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, Linear]:
@@ -193,4 +251,8 @@ def wrap_model(
         method = LoRALinearMethod(layer.method, batch, layer, max_loras, max_rank, dtype)
         layer.method = method
         layer.lora_slices = method.slice_table
+        if method.folded and layer.weight.is_cuda:
+            # the old weight's segment back to the device, so the next layer's (longer) storage
+            # reuses it: cached, it could only hold smaller tensors, and stay reserved
+            torch.cuda.empty_cache()
     return layers

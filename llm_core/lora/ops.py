@@ -10,6 +10,8 @@ Shapes, for one layer with `S` output slices (q/k/v of a packed qkv: 3; a plain 
     y        [T, S * R]  float32     shrink: y[t, s*R:(s+1)*R] = A[slot(t), s] x[t] (the
                                      kernel sums split-K partials [splits, T, S * R] into it)
     out      [T, out]                expand: out[t, slice s] += B[slot(t), slice s] y[t, s]
+    stacked  [T, out + L * S * R]    folded: `x @ [W; lora_a]^T`, the base product and every
+                                     slot's y in one GEMM (the dense layers, layer.py)
 
 Tokens are grouped by adapter slot (`LoRASegments`): the tokens of slot l are
 `sorted_tokens[seg_start[l] : seg_start[l] + seg_len[l]]`; tokens without an adapter are in
@@ -49,12 +51,39 @@ def lora_reference(
     for slot, tokens in groups:
         tokens = tokens.to(x.device)
         y = x[tokens].float() @ lora_a[slot].float().T  # [n, S * R]
-        delta = torch.empty(tokens.shape[0], out.shape[1], dtype=torch.float32, device=x.device)
-        for s, (offset, size) in enumerate(slices):
-            b = lora_b[slot, offset : offset + size].float()  # [size, R]
-            delta[:, offset : offset + size] = y[:, s * rank : (s + 1) * rank] @ b.T
-        out.index_put_((tokens,), (out[tokens].float() + delta).to(out.dtype))
+        _add_delta(out, tokens, y, lora_b[slot], slices, rank)
     return out
+
+
+def lora_folded_reference(
+    stacked: torch.Tensor,
+    out_features: int,
+    lora_b: torch.Tensor,
+    slices: list[tuple[int, int]],
+    rank: int,
+    groups: list[tuple[int, torch.Tensor]],
+) -> torch.Tensor:
+    """The same product when the shrink ran inside the base GEMM (`x @ [W; A_0; ...; A_L-1]^T`,
+    `lora/layer.py`'s folded storage): `stacked [T, out + L * S * R]` holds the base product,
+    then every slot's y (rounded to the GEMM's dtype). Returns a fresh contiguous `[T, out]`:
+    the base columns, plus `B[slot] y[t, slot's columns]` for the tokens of each group."""
+    out = stacked[:, :out_features].clone()
+    width = (stacked.shape[1] - out_features) // lora_b.shape[0]  # S * R
+    for slot, tokens in groups:
+        tokens = tokens.to(stacked.device)
+        begin = out_features + slot * width
+        y = stacked[tokens, begin : begin + width].float()  # [n, S * R]
+        _add_delta(out, tokens, y, lora_b[slot], slices, rank)
+    return out
+
+
+def _add_delta(out, tokens, y, lora_b, slices, rank) -> None:
+    """`out[tokens, slice s] += y[:, s*R:(s+1)*R] @ lora_b[slice s]^T` (fp32, rounded once)."""
+    delta = torch.empty(tokens.shape[0], out.shape[1], dtype=torch.float32, device=out.device)
+    for s, (offset, size) in enumerate(slices):
+        b = lora_b[offset : offset + size].float()  # [size, R]
+        delta[:, offset : offset + size] = y[:, s * rank : (s + 1) * rank] @ b.T
+    out.index_put_((tokens,), (out[tokens].float() + delta).to(out.dtype))
 
 
 def lora_triton(

@@ -60,6 +60,8 @@ def test_mixed_adapters_in_one_batch_equal_merged_weights(family):
     loras = [None if n is None else _lora(adapters, n, 1 + list(adapters).index(n)) for n in names]
     # two slots for three adapters: slots are reused as requests finish
     engine = Engine(str(base), enable_lora=True, max_loras=2, max_lora_rank=16, **ENGINE)
+    # dense layers: the shrink rides in the base GEMM (`fold_storage`; torch path here)
+    assert all(layer.method.folded for layer in engine.runner.lora.layers.values())
     batched = _run(engine, PROMPTS, loras)
     references = {None: Engine(str(base), **ENGINE)}
     for name, (_, merged) in adapters.items():

@@ -3,7 +3,7 @@ adapters in one batch (fp32) give what each request gives alone on PEFT's merged
 in bf16 a mixed batch gives each request's tokens of a batch of its own adapter only. Steps
 without adapter tokens replay the graphs captured without LoRA (the plain engine's). The
 kernels at Qwen2.5-VL-7B's layer shapes (split-K shrink, expand, the one-row GEMV's LoRA
-epilogue) against the torch reference."""
+epilogue, the shrink folded into the base GEMM with its expand) against the torch reference."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def test_mixed_batch_bf16_equals_single_adapter_batches(setup):
     base, adapters = setup
     opts = {"device": "cuda", "dtype": "bfloat16", "num_kv_blocks": 64, "max_num_seqs": 8}
     engine = Engine(str(base), enable_lora=True, max_loras=3, **opts)
-    mixed = _run(engine, PROMPTS, _loras(adapters, NAMES))
+    assert all(layer.method.folded for layer in engine.runner.lora.layers.values())
+    mixed = _run(engine, PROMPTS, _loras(adapters, NAMES))  # 5 rows: the folded GEMM + expand
     for prompt, name, (tokens, _) in zip(PROMPTS, NAMES, mixed):
         alone = _run(engine, [prompt], _loras(adapters, [name]))[0]
         assert tokens == alone[0], name
@@ -72,7 +73,8 @@ def test_mixed_batch_bf16_equals_single_adapter_batches(setup):
 def test_steps_without_adapters_replay_the_plain_graphs(setup):
     """Both graph sets are captured; a batch without adapters replays the plain set only and
     equals the plain engine; a batch-1 decode with an adapter (the GEMV's LoRA epilogue, in
-    the LoRA set) equals the same engine without the GEMV (cuBLAS + expand) in fp16."""
+    the LoRA set) equals the same engine without the GEMV (the shrink folded into the cuBLAS
+    GEMM, then `expand_folded`) in fp16."""
     base, adapters = setup
     opts = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 8}
     engine = Engine(str(base), enable_lora=True, max_loras=2, **opts)
@@ -142,6 +144,44 @@ def test_kernels_at_real_sizes(layer, batch):
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=2e-2)
     untouched = [t for t, (slot, _) in enumerate(requests) if slot < 0] + list(range(batch, 96))
     assert torch.equal(out[untouched], base[untouched])
+
+
+@pytest.mark.parametrize("layer", list(QWEN_7B))
+def test_folded_gemm_and_expand_at_real_sizes(layer):
+    """The dense path above the GEMV's rows: one cuBLAS GEMM of `[W; A of 4 slots]` and
+    `expand_folded`, 64 tokens round robin over the 4 adapters and none in a 96-row bucket,
+    equal to the unfolded reference (bf16 y, as `expand` rounds it); rows without an adapter
+    get the base product's columns exactly."""
+    import torch.nn.functional as F
+
+    from polymodal.llm_core.lora import triton_fold
+    from polymodal.llm_core.lora.layer import LoRABatch
+    from polymodal.llm_core.lora.ops import lora_folded_reference, lora_reference
+
+    in_features, sizes, rank, slots = *QWEN_7B[layer], 16, 4
+    gen = torch.Generator().manual_seed(5)
+    lora_a, lora_b = _lora_weights(in_features, sizes, rank, slots, gen)
+    weight = (torch.randn(sum(sizes), in_features, generator=gen) * in_features**-0.5).to(
+        "cuda", torch.bfloat16
+    )
+    requests = [(i % 5 - 1, 1) for i in range(64)]
+    lora_batch = LoRABatch(slots, 128, "cuda")
+    lora_batch.set_step(requests)
+    x = torch.randn(96, in_features, generator=gen).to("cuda", torch.bfloat16)
+    stacked = F.linear(x, torch.cat([weight, lora_a.flatten(0, 1)]))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    slices, groups = list(zip(offsets, sizes)), lora_batch.segments.host_groups
+    out = triton_fold.expand_folded(
+        stacked, lora_b, sum(sizes), torch.tensor(offsets, dtype=torch.int32, device="cuda"),
+        torch.tensor(sizes, dtype=torch.int32, device="cuda"), max(sizes), rank,
+        lora_batch.segments,
+    )  # fmt: skip
+    folded = lora_folded_reference(stacked, sum(sizes), lora_b, slices, rank, groups)
+    torch.testing.assert_close(out.float(), folded.float(), atol=1e-2, rtol=1e-2)
+    plain = lora_reference(x, F.linear(x, weight), lora_a, lora_b, slices, rank, groups)
+    torch.testing.assert_close(out.float(), plain.float(), atol=3e-2, rtol=2e-2)
+    untouched = [t for t, (slot, _) in enumerate(requests) if slot < 0] + list(range(64, 96))
+    assert torch.equal(out[untouched], stacked[untouched, : sum(sizes)])
 
 
 @pytest.mark.parametrize("layer", list(QWEN_7B))

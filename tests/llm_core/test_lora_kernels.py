@@ -74,6 +74,43 @@ def test_shrink_expand_equal_the_reference(case, dtype):
     assert torch.equal(out[untouched], base[untouched])  # no adapter: rows left as they were
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in CASES if any(slot >= 0 for slot, _ in CASES[c][4])])
+def test_folded_expand_equals_the_reference(case, dtype):  # (a step of no adapter: base method)
+    """The shrink inside the base GEMM (`x @ [W; A]^T`), then `expand_folded`: equal to the
+    torch math of the same (`lora_folded_reference`), and in fp32 to the unfolded reference;
+    rows without an adapter and a bucket's padding rows get the base columns exactly, in a
+    fresh contiguous output."""
+    from polymodal.llm_core.lora import triton_fold
+    from polymodal.llm_core.lora.ops import lora_folded_reference
+
+    in_features, sizes, rank, slots, requests = CASES[case]
+    lora_a, lora_b = _weights(in_features, sizes, rank, slots, dtype)
+    num_tokens, out_features = sum(n for _, n in requests), sum(sizes)
+    padded = num_tokens + 5
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(padded, in_features, generator=gen).to(dtype)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.2).to(dtype)
+    stacked = F.linear(x, torch.cat([weight, lora_a.flatten(0, 1)]))  # [T, out + L * S * R]
+    batch = _step(slots, requests)
+    batch.set_step([(0, padded)])  # an earlier, longer step: its rows are reset
+    batch.set_step(requests)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    slices, groups = list(zip(offsets, sizes)), batch.segments.host_groups
+    expected = lora_folded_reference(stacked, out_features, lora_b, slices, rank, groups)
+    if dtype == torch.float32:
+        plain = lora_reference(x, F.linear(x, weight), lora_a, lora_b, slices, rank, groups)
+        torch.testing.assert_close(expected, plain, atol=1e-4, rtol=1e-4)
+    out = triton_fold.expand_folded(
+        stacked, lora_b, out_features, torch.tensor(offsets, dtype=torch.int32),
+        torch.tensor(sizes, dtype=torch.int32), max(sizes), rank, batch.segments,
+    )  # fmt: skip
+    assert out.shape == (padded, out_features) and out.is_contiguous()
+    assert_close(out, expected, dtype)
+    untouched = [t for t, slot in enumerate(_token_slots(requests, padded)) if slot < 0]
+    assert torch.equal(out[untouched], stacked[untouched, :out_features])
+
+
 def _step(slots, requests):
     batch = LoRABatch(slots, 64, "cpu")
     batch.use_triton = True
@@ -222,8 +259,9 @@ def test_segments_group_tokens_by_slot():
     batch.use_triton = True
     batch.set_step([(2, 2), (-1, 3), (0, 1), (2, 1)])
     seg = batch.segments
-    assert seg.seg_len.tolist() == [1, 0, 3] and seg.seg_start.tolist() == [0, 1, 1]
-    assert seg.sorted_tokens[:4].tolist() == [5, 0, 1, 6]
+    # then the tokens without an adapter (2, 3, 4), and every row after the step's in order
+    assert seg.seg_len.tolist() == [1, 0, 3, 3] and seg.seg_start.tolist() == [0, 1, 1, 4]
+    assert seg.sorted_tokens[:9].tolist() == [5, 0, 1, 6, 2, 3, 4, 7, 8]
     assert [(s, t.tolist()) for s, t in seg.host_groups] == [(0, [5]), (2, [0, 1, 6])]
     assert seg.token_slot[:8].tolist() == [2, 2, -1, -1, -1, 0, 2, -1]
     assert batch.num_active == 2
@@ -231,9 +269,12 @@ def test_segments_group_tokens_by_slot():
     assert batch.num_active == 0 and seg.host_groups == []
     batch.set_step([(1, 2)])  # rows the step before last set are reset
     assert seg.token_slot[:8].tolist() == [1, 1, -1, -1, -1, -1, -1, -1]
-    assert seg.seg_len.tolist() == [0, 2, 0]
+    assert seg.sorted_tokens[:9].tolist() == list(range(9))
+    assert seg.seg_len.tolist() == [0, 2, 0, 0] and seg.seg_start.tolist() == [0, 0, 2, 2]
+    batch.set_step([(-1, 1), (0, 1)])
     batch.clear()  # before a capture: the device buffers hold no token either
-    assert seg.seg_len.tolist() == [0, 0, 0] and seg.token_slot[:2].tolist() == [-1, -1]
+    assert seg.seg_len.tolist() == [0] * 4 and seg.seg_start.tolist() == [0] * 4
+    assert seg.token_slot[:2].tolist() == [-1, -1] and seg.sorted_tokens[:3].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="33 tokens exceed"):
         batch.set_step([(0, 33)])
 
