@@ -232,7 +232,6 @@ def build_rank(
             layer.kv_scales = scales.get(layer, (1.0, 1.0))
     if cfg.decode_gemv:  # before graph capture, which records whichever kernel runs
         enable_gemv(net)
-        enable_moe_decode(net)
     pooling = is_pooling_model(net)  # runs prompts once: no prefix reuse, no decode graphs
     layout = plan_layout(net.kv_cache_specs())
     if kv_dtype != model_config.dtype and any(g.spec.kind == MLA for g in layout.groups):
@@ -245,6 +244,8 @@ def build_rank(
     # before the KV cache takes its share: the adapters' buffers (and the dense layers' weights,
     # moved into longer storage) count in the memory it measures
     lora = _lora_manager(net, cfg, device, pooling, model_config.dtype)
+    if cfg.decode_gemv:  # after LoRA wraps the layers: a block whose shared experts carried
+        enable_moe_decode(net)  # adapters would keep the unfused path (moe_decode has no LoRA)
     encoder_cache = encoder_cache_bytes(cfg, model_config) if supports_multimodal(net) else 0
     num_blocks = cfg.num_kv_blocks or num_kv_blocks(
         kv_dtype, layout, cfg, device, max_len, encoder_cache
