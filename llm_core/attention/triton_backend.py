@@ -140,6 +140,7 @@ class TritonAttentionBackend:
             spec,
             kv_scales,
             meta.media_key_ranges,
+            meta.max_seq_len,
         )
 
     def sdpa_prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec):

@@ -20,6 +20,15 @@ tokens (`seq_lens`: rows, the table: a cross group's) and each query sees exactl
 its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
 A head dim that is not a power of 2 runs as two power-of-2 parts (`head_dim_split`, `D_LO`):
 S = q_hi k_hi^T + q_lo k_lo^T and two accumulators, so 80 costs 64 + 16 columns, not 128.
+
+Split-KV (`SPLITS` > 1, causal paged launches only: no window, chunk, ranges or cross): a
+launch of few query tiles over a long cache (a repeated video's 16-token text tail after 38k
+cached tokens: 28 programs on 132 SMs, each streaming every key) cuts each program's key range
+into up to `SPLITS` runs of whole tiles, a grid axis of their own (`split_count` on the host).
+How many have work is decided on the device (at least `MIN_TILES` tiles each), so one launch
+captured in a prefill graph serves every cache length: with several, each writes its
+normalized partial and log2-sum-exp (fp32) and `_merge_splits_kernel` combines them; with one,
+that program writes the output itself and the merge's programs exit.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.layers.gemv import num_sms
 
 _LOG2E = 1.4426950408889634
 
@@ -100,7 +110,7 @@ def _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base, n0, hi, 
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
 # so a new width never compiles a new variant in the middle of a run.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "num_tokens"])
 def _attn_fwd_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_ptr,  # PAGED: [num_blocks, page_size, kv_heads, head_dim]; else [num_tokens, kv_heads, d]
@@ -137,11 +147,20 @@ def _attn_fwd_kernel(
     v_scale=1.0,  # an FP8 cache's value scale (its key scale is folded into qk_scale)
     FP8_KV: tl.constexpr = False,
     D_LO: tl.constexpr = 0,  # the second part's width (head_dim_split); 0: no second part
+    num_tokens=0,  # SPLITS > 1: the rows of q (the parts' second dim)
+    part_out_ptr=None,  # SPLITS > 1: fp32 [SPLITS, num_tokens, num_heads, HEAD_DIM]
+    part_lse_ptr=None,  # SPLITS > 1: fp32 [SPLITS, num_tokens, num_heads] (log2 units)
+    SPLITS: tl.constexpr = 1,  # programs a (seq, q block, head)'s key range is cut over
+    MIN_TILES: tl.constexpr = 1,  # key tiles a split takes at least (fewer splits are active)
 ):
     pdl.wait(USE_PDL)
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
     head = tl.program_id(2)
+    split = 0
+    if SPLITS > 1:
+        split = head % SPLITS
+        head = head // SPLITS
     kv_head = head // GROUP
     q_start = tl.load(q_start_ptr + seq)
     q_len = tl.load(q_start_ptr + seq + 1) - q_start
@@ -212,31 +231,116 @@ def _attn_fwd_kernel(
     if D_LO > 0:
         acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
     cols = (dims, dim_mask, dims_lo, dim_mask_lo)
+    active = 1
+    if SPLITS > 1:  # this program's share of [lo, hi): whole tiles from lo (causal: lo = 0)
+        tiles = tl.cdiv(hi - lo, BLOCK_N)
+        active = tl.minimum(SPLITS, tl.maximum(tl.cdiv(tiles, MIN_TILES), 1))
+        if split >= active:
+            return
+        per = tl.cdiv(tiles, active)
+        lo = lo + split * per * BLOCK_N
+        end = tl.minimum(hi, lo + per * BLOCK_N)
+        full_end = tl.minimum(full_end, end)
+    else:
+        end = hi
     for n0 in range(lo, full_end, BLOCK_N):
         acc, acc_lo, l_i, m_i = _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base,
                                       n0, hi, window, qk_scale, cap_log2, cols, r_lo, r_hi,
                                       PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP, False, RANGES,
                                       D_LO)  # fmt: skip
-    for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
+    for n0 in range(tl.maximum(full_end, lo), end, BLOCK_N):
         acc, acc_lo, l_i, m_i = _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base,
                                       n0, hi, window, qk_scale, cap_log2, cols, r_lo, r_hi,
                                       PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP, True, RANGES,
                                       D_LO)  # fmt: skip
 
-    norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    norm = l_safe[:, None]
     out = acc / norm
+    out_lo = acc_lo
+    if D_LO > 0:
+        out_lo = acc_lo / norm
     if FP8_KV:
         out = out * v_scale
+        out_lo = out_lo * v_scale
+    final = row_mask  # rows this program writes to `out` (all of them unless split)
+    if SPLITS > 1:  # several active splits: a partial (normalized) and its log2-sum-exp
+        partial = row_mask & (active > 1)
+        final = row_mask & (active == 1)
+        num_heads = tl.num_programs(2) // SPLITS  # parts are [SPLITS, num_tokens, heads(, d)]
+        part_row = (split * num_tokens + q_start + rows).to(tl.int64) * num_heads + head
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(part_lse_ptr + part_row, lse, mask=partial)
+        p_off = part_row[:, None] * HEAD_DIM
+        tl.store(part_out_ptr + p_off + dims[None, :], out, mask=partial[:, None] & dim_mask)
+        if D_LO > 0:
+            lo_mask = partial[:, None] & dim_mask_lo[None, :]
+            tl.store(part_out_ptr + p_off + dims_lo[None, :], out_lo, mask=lo_mask)
     o_row = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
     o_off = o_row + dims[None, :]
     out_ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + o_off, out.to(out_ty), mask=row_mask[:, None] & dim_mask)
+    tl.store(out_ptr + o_off, out.to(out_ty), mask=final[:, None] & dim_mask)
     if D_LO > 0:
-        out_lo = acc_lo / norm
-        if FP8_KV:
-            out_lo = out_lo * v_scale
-        lo_mask = row_mask[:, None] & dim_mask_lo[None, :]
+        lo_mask = final[:, None] & dim_mask_lo[None, :]
         tl.store(out_ptr + o_row + dims_lo[None, :], out_lo.to(out_ty), mask=lo_mask)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _merge_splits_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    part_out_ptr,  # fp32 [SPLITS, num_tokens, num_heads, HEAD_DIM]
+    part_lse_ptr,  # fp32 [SPLITS, num_tokens, num_heads], log2 units
+    q_start_ptr,
+    seq_lens_ptr,
+    num_tokens,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    MIN_TILES: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """The split-KV prefill's second half, one program a (seq, q block, head) as the first's
+    grid: the same count of active splits from the causal key range (one: the first half wrote
+    the output itself, nothing to do), then out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
+    pdl.wait(USE_PDL)
+    seq = tl.program_id(0)
+    q_block = tl.program_id(1)
+    head = tl.program_id(2)
+    num_heads = tl.num_programs(2)
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_start_ptr + seq + 1) - q_start
+    if q_block * BLOCK_M >= q_len:
+        return
+    kv_len = tl.load(seq_lens_ptr + seq)
+    hi = tl.minimum(kv_len, kv_len - q_len + (q_block + 1) * BLOCK_M)  # causal, lo = 0
+    active = tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(hi, BLOCK_N), MIN_TILES), 1))
+    if active > 1:
+        rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < q_len
+        dims = tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for split in range(0, active):
+            part_row = (split * num_tokens + q_start + rows).to(tl.int64) * num_heads + head
+            lse = tl.load(part_lse_ptr + part_row, mask=row_mask, other=float("-inf"))
+            o = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], mask=mask,
+                        other=0.0)  # fmt: skip
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)
+            total = total * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o
+            m = m_new
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + o_off + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Query rows from which a launch takes 128-row tiles on 8 warps (64 < head_dim <= 128; 256-wide
@@ -246,6 +350,11 @@ def _attn_fwd_kernel(
 # causal decoder prefill (d 128, GQA 7) 26.1 -> 22.7; its 64-patch windows stay faster on
 # 64-row tiles (0.23 vs 0.41 ms).
 LONG_QUERIES = 1024
+# Split-KV prefill (`split_count`): launches of at most this many queries, cut into at most
+# SPLIT_MAX key ranges of at least SPLIT_MIN_TILES tiles each.
+SPLIT_MAX_QUERIES = 64
+SPLIT_MAX = 16
+SPLIT_MIN_TILES = 8
 
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
@@ -270,11 +379,29 @@ def prefill_config(head_dim: int, is_cuda: bool, max_q: int = 0) -> tuple[int, i
     return (128, 64, 8, 3) if max_q >= LONG_QUERIES and head_dim <= 128 else (64, 64, 4, 3)
 
 
+def split_count(max_q: int, num_heads: int, max_seq_len: int, is_cuda: bool) -> int:
+    """Key-range splits of a causal paged prefill launch (1: the one-pass kernel): a launch of
+    few query tiles (a short chunk after a long cached prefix: a repeated image's or video's
+    text tail, a chat turn) gets about two programs an SM; a context too short to give each
+    split `SPLIT_MIN_TILES` key tiles keeps one pass (no partials, no merge launch). Inside a
+    prefill graph `max_seq_len` is the table's whole width: the kernel then decides on the
+    device how many splits have work (one: no partials, the merge programs exit)."""
+    if max_q > SPLIT_MAX_QUERIES:
+        return 1
+    block_m, block_n, _, _ = prefill_config(128, is_cuda, max_q)
+    min_tiles = SPLIT_MIN_TILES if is_cuda else 1
+    if max_seq_len < 2 * min_tiles * block_n:
+        return 1
+    programs = triton.cdiv(max_q, block_m) * num_heads
+    return max(1, min(SPLIT_MAX, (2 * num_sms() if is_cuda else 4) // programs))
+
+
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
-            paged, kv_scales=None, ranges=None):  # fmt: skip
+            paged, kv_scales=None, ranges=None, splits=1):  # fmt: skip
     """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
     `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale; `ranges`
-    (lo, hi) per query: keys it sees besides its mask's."""
+    (lo, hi) per query: keys it sees besides its mask's; `splits` > 1 (paged, causal, no
+    ranges only): the key range cut over that many programs, merged by a second launch."""
     v_scale, fp8 = 1.0, k.dtype == torch.float8_e4m3fn
     if fp8 and kv_scales is not None:
         scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
@@ -291,7 +418,19 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         kv_heads, page_size = k.shape[1], 1
         strides = (k.stride(0), 0, k.stride(1), 0)
     assert k.stride() == v.stride(), "k and v need the same layout"
-    grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads)
+    grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads * splits)
+    parts = {}
+    min_tiles = SPLIT_MIN_TILES if q.is_cuda else 1
+    if splits > 1:
+        assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
+        tokens = q.shape[0]
+        parts = {
+            "num_tokens": tokens,
+            "part_out_ptr": q.new_empty((splits, tokens, num_heads, head_dim), dtype=torch.float32),
+            "part_lse_ptr": q.new_empty((splits, tokens, num_heads), dtype=torch.float32),
+            "SPLITS": splits,
+            "MIN_TILES": min_tiles,
+        }
     _attn_fwd_kernel[grid](
         q,
         k,
@@ -325,8 +464,17 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         FP8_KV=fp8,
         D_LO=d_lo,
         launch_pdl=flag,
+        **parts,
         **extra,
     )
+    if splits > 1:
+        _merge_splits_kernel[(num_seqs, triton.cdiv(max_q, block_m), num_heads)](
+            out, parts["part_out_ptr"], parts["part_lse_ptr"], q_start, seq_lens,
+            parts["num_tokens"], out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=splits, MIN_TILES=min_tiles,
+            USE_PDL=flag, launch_pdl=flag,
+        )  # fmt: skip
     return out
 
 
@@ -344,23 +492,31 @@ def paged_prefill(
     spec: AttentionSpec,
     kv_scales: tuple[float, float] | None = None,
     key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seq_len: int = 0,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of flat `q [num_tokens, heads, head_dim]` over the paged cache, masked and
     soft-capped as `spec` says; `key_ranges` (int32 `[num_tokens]` lo, hi) add keys each
     query sees (`AttentionMetadata.media_key_ranges`).
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
-    An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`).
+    An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`). A causal launch
+    of few queries over a long cache (`max_seq_len`, host int) splits its key ranges
+    (`split_count`; `splits` overrides the count: tests).
     """
     q = _unit_last(q)
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
+    if spec.mask != Mask.CAUSAL or key_ranges is not None:
+        splits = 1
+    elif splits is None:
+        splits = split_count(max_query_len, q.shape[1], max_seq_len, q.is_cuda)
     return _launch(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True, kv_scales,
-        key_ranges,
+        key_ranges, splits,
     )  # fmt: skip
 
 

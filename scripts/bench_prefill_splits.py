@@ -1,0 +1,53 @@
+"""Split-KV paged prefill on CUDA: a causal chunk of few queries after a long cached prefix,
+one-pass kernel (splits 1) vs the split form `split_count` picks, at Qwen2.5-VL-7B's decoder
+heads (28 / 4, d 128, bf16, page 16). CUDA-graph replays (`polymodal.bench.timing.graph_ms`).
+
+    python scripts/bench_prefill_splits.py
+
+Rows: (queries, cached + new keys): a repeated 1080p image's text tail (16, 2.7k), a repeated
+64-frame video's (16, 38k), a chat turn (64, 8k), a short prompt (512, 1k: never split).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polymodal.bench.timing import graph_ms
+from polymodal.llm_core.attention import triton_prefill
+from polymodal.llm_core.attention.spec import AttentionSpec
+
+HEADS, KV_HEADS, D, PAGE = 28, 4, 128, 16
+CASES = [(16, 2741), (16, 38322), (64, 8192), (512, 1024)]
+
+
+def case(queries: int, keys: int):
+    pages = -(-keys // PAGE)
+    cache = torch.randn(2, pages + 1, PAGE, KV_HEADS, D, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(pages, device="cuda", dtype=torch.int32)[None]
+    q = torch.randn(queries, HEADS, D, device="cuda", dtype=torch.bfloat16)
+    starts = torch.tensor([0, queries], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([keys], device="cuda", dtype=torch.int32)
+    spec = AttentionSpec(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=D, scale=D**-0.5)
+
+    def run(splits):
+        return triton_prefill.paged_prefill(
+            q, cache, starts, lens, table, queries, spec, max_seq_len=keys, splits=splits
+        )
+
+    return run
+
+
+def main() -> None:
+    print("| queries | keys | one pass us | splits | split us | max diff |")
+    print("|---|---|---|---|---|---|")
+    for queries, keys in CASES:
+        run = case(queries, keys)
+        splits = triton_prefill.split_count(queries, HEADS, keys, True)
+        diff = (run(1).float() - run(splits).float()).abs().max().item()
+        one = graph_ms(lambda run=run: run(1)) * 1e3
+        split = graph_ms(lambda run=run, n=splits: run(n)) * 1e3
+        print(f"| {queries} | {keys} | {one:.1f} | {splits} | {split:.1f} | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

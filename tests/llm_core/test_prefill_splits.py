@@ -1,0 +1,78 @@
+"""Split-KV paged prefill (`triton_prefill.split_count`, the `SPLITS` form of the kernel and
+its merge): a causal chunk's key range cut over several programs, merged exactly by log-sum-exp,
+equals the one-pass kernel and the torch reference; a context too short for more than one
+split is written by the first split directly (no partials). CPU, TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polymodal.llm_core.attention import TorchAttentionBackend, triton_prefill
+from polymodal.llm_core.attention.spec import Mask
+from tests.helpers import spec_for
+from tests.llm_core.interpreted import (
+    _interpreted_only,  # noqa: F401  (autouse fixture)
+    assert_close,
+    test_interpreted_in_subprocess,  # noqa: F401
+)
+from tests.llm_core.test_triton_kernels import make_batch
+
+REF = TorchAttentionBackend()
+CASES = {  # name: (q_lens, seq_lens): few queries after cached prefixes of several tiles
+    "one_long": ([3], [150]),
+    "several": ([5, 1, 16, 2], [101, 40, 16, 70]),
+    "short_context": ([4], [20]),  # 2 tiles of 16: one split per tile
+    "two_q_blocks": ([20], [90]),  # 20 queries: two 16-row tiles
+}
+
+
+def _prefill(q, cache, meta, spec, splits):
+    return triton_prefill.paged_prefill(
+        q, cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len,
+        spec, max_seq_len=meta.max_seq_len, splits=splits,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("head_dim", [32, 80])
+def test_split_equals_one_pass_and_reference(case, splits, head_dim):
+    q, cache, meta = make_batch(*CASES[case], heads=6, kv_heads=2, head_dim=head_dim, page=8)
+    meta.is_decode = False
+    spec = spec_for(q, cache, 0.2)
+    one = _prefill(q, cache, meta, spec, 1)
+    split = _prefill(q, cache, meta, spec, splits)
+    assert_close(split, REF.paged_attention(q, cache, meta, spec), torch.float32)
+    assert_close(split, one, torch.float32)
+
+
+def test_split_fp8_cache_scales_values():
+    q, cache, meta = make_batch([3, 2], [70, 45], heads=4, kv_heads=2, head_dim=32, page=16)
+    meta.is_decode = False
+    cache8 = cache.to(torch.float8_e4m3fn)
+    spec = spec_for(q, cache, 0.2)
+    args = (q, cache8, meta.query_start_loc, meta.seq_lens, meta.block_tables, 3, spec, (0.5, 2.0))
+    one = triton_prefill.paged_prefill(*args, max_seq_len=70, splits=1)
+    split = triton_prefill.paged_prefill(*args, max_seq_len=70, splits=4)
+    assert_close(split, one, torch.float32)
+
+
+def test_split_count_rule(monkeypatch):
+    """About two programs an SM (an H200's 132 here), only for few queries over a cache long
+    enough to give every split its minimum of key tiles."""
+    monkeypatch.setattr(triton_prefill, "num_sms", lambda: 132)
+    count = triton_prefill.split_count
+    assert count(16, 28, 38000, True) == 264 // 28  # one 64-row tile a head: 28 programs
+    assert count(16, 4, 38000, True) == triton_prefill.SPLIT_MAX
+    assert count(16, 28, 1000, True) == 1  # < 2 x 8 tiles of 64 keys: one pass
+    assert count(triton_prefill.SPLIT_MAX_QUERIES + 1, 28, 38000, True) == 1
+    assert count(64, 28, 38000, True) == 264 // 28
+
+
+def test_other_masks_keep_one_pass():
+    """Windows, media ranges and bidirectional masks never split (the merge assumes causal)."""
+    q, cache, meta = make_batch([3], [150], heads=4, kv_heads=2, head_dim=32, page=8)
+    spec = spec_for(q, cache, 0.2, 20, Mask.SLIDING)
+    out = _prefill(q, cache, meta, spec, 4)  # the override is ignored for a window
+    assert_close(out, REF.paged_attention(q, cache, meta, spec), torch.float32)
