@@ -42,7 +42,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for queries, keys in CASES:
         run = case(queries, keys)
-        splits = triton_prefill.split_count(queries, HEADS, keys, True)
+        splits = triton_prefill.split_count(queries, HEADS, keys, torch.device("cuda"))
         diff = (run(1).float() - run(splits).float()).abs().max().item()
         one = graph_ms(lambda run=run: run(1)) * 1e3
         split = graph_ms(lambda run=run, n=splits: run(n)) * 1e3

@@ -379,21 +379,20 @@ def prefill_config(head_dim: int, is_cuda: bool, max_q: int = 0) -> tuple[int, i
     return (128, 64, 8, 3) if max_q >= LONG_QUERIES and head_dim <= 128 else (64, 64, 4, 3)
 
 
-def split_count(max_q: int, num_heads: int, max_seq_len: int, is_cuda: bool) -> int:
+def split_count(max_q: int, num_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Key-range splits of a causal paged prefill launch (1: the one-pass kernel): a launch of
     few query tiles (a short chunk after a long cached prefix: a repeated image's or video's
     text tail, a chat turn) gets about two programs an SM; a context too short to give each
     split `SPLIT_MIN_TILES` key tiles keeps one pass (no partials, no merge launch). Inside a
     prefill graph `max_seq_len` is the table's whole width: the kernel then decides on the
     device how many splits have work (one: no partials, the merge programs exit)."""
-    if max_q > SPLIT_MAX_QUERIES:
+    if max_q > SPLIT_MAX_QUERIES or device.type != "cuda":  # (interpreted: tests ask for it)
         return 1
-    block_m, block_n, _, _ = prefill_config(128, is_cuda, max_q)
-    min_tiles = SPLIT_MIN_TILES if is_cuda else 1
-    if max_seq_len < 2 * min_tiles * block_n:
+    block_m, block_n, _, _ = prefill_config(128, True, max_q)
+    if max_seq_len < 2 * SPLIT_MIN_TILES * block_n:
         return 1
     programs = triton.cdiv(max_q, block_m) * num_heads
-    return max(1, min(SPLIT_MAX, (2 * num_sms() if is_cuda else 4) // programs))
+    return max(1, min(SPLIT_MAX, 2 * num_sms(device) // programs))
 
 
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
@@ -512,7 +511,7 @@ def paged_prefill(
     if spec.mask != Mask.CAUSAL or key_ranges is not None:
         splits = 1
     elif splits is None:
-        splits = split_count(max_query_len, q.shape[1], max_seq_len, q.is_cuda)
+        splits = split_count(max_query_len, q.shape[1], max_seq_len, q.device)
     return _launch(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True, kv_scales,

@@ -61,13 +61,25 @@ def test_split_fp8_cache_scales_values():
 def test_split_count_rule(monkeypatch):
     """About two programs an SM (an H200's 132 here), only for few queries over a cache long
     enough to give every split its minimum of key tiles."""
-    monkeypatch.setattr(triton_prefill, "num_sms", lambda: 132)
+    from polymodal.llm_core.layers import gemv
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(gemv.torch.cuda, "get_device_properties", _FakeProps)
     count = triton_prefill.split_count
-    assert count(16, 28, 38000, True) == 264 // 28  # one 64-row tile a head: 28 programs
-    assert count(16, 4, 38000, True) == triton_prefill.SPLIT_MAX
-    assert count(16, 28, 1000, True) == 1  # < 2 x 8 tiles of 64 keys: one pass
-    assert count(triton_prefill.SPLIT_MAX_QUERIES + 1, 28, 38000, True) == 1
-    assert count(64, 28, 38000, True) == 264 // 28
+    assert count(16, 28, 38000, cuda) == 264 // 28  # one 64-row tile a head: 28 programs
+    assert count(16, 4, 38000, cuda) == triton_prefill.SPLIT_MAX
+    assert count(16, 28, 1000, cuda) == 1  # < 2 x 8 tiles of 64 keys: one pass
+    assert count(triton_prefill.SPLIT_MAX_QUERIES + 1, 28, 38000, cuda) == 1
+    assert count(64, 28, 38000, cuda) == 264 // 28
+    # interpreted (CPU): one pass unless a test asks for splits
+    assert count(3, 2, 150, torch.device("cpu")) == 1
+
+
+class _FakeProps:
+    multi_processor_count = 132
+
+    def __init__(self, device):
+        pass
 
 
 def test_other_masks_keep_one_pass():
