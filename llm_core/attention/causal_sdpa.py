@@ -32,6 +32,8 @@ MiB); two partial outputs (117 MiB each) and their fp32 LSEs (1.8 MiB each).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -72,54 +74,101 @@ def context_len(q, k, kv_cache, meta: AttentionMetadata, spec: AttentionSpec) ->
     return context
 
 
-def attend(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, context: int,
-           shapes: SdpaShapes):  # fmt: skip
-    """`[tokens, heads, head_dim]` attention of the chunk `q, k, v` (k / v already stored in the
-    cache) after `context` cached tokens of the step's only sequence; None where torch would not
-    run the calls on cuDNN or flash, or where `shapes` keeps a cuDNN shape off (the caller falls
-    back to the paged kernel).
+@dataclass(frozen=True)
+class SdpaPlan:
+    """How one step's chunk runs on SDPA, decided once a step (`step_plan`) for all its layers
+    of one shape: the lengths, the fused ops torch picked, and that `shapes` admitted them."""
 
-    Lengths go through `shapes` (`sdpa_shapes.py`): the chunk is padded at the end to
-    `shapes.up` rows (causal: no real query sees a padded key); the context call takes the first
-    `shapes.down(context)` cached keys, and the rest `r` of the context leads the chunk's own
-    causal call as `r` dummy query rows, so that query i of the chunk (row r + i) sees those r
-    keys and the chunk's keys 0..i: the same keys as unpadded."""
-    n, heads = q.shape[0], q.shape[1]
-    gqa = k.shape[1] != heads
+    context: int  # cached tokens before the chunk
+    rows: int  # fresh: the padded chunk; with context: the chunk's own causal call
+    base: int  # cached keys of the context call (0: no context call)
+    chunk_rows: int = 0  # the context call's padded queries (when `base`)
+    own: object = None  # with context: the fused op of the own call (`_lse_attention`) ...
+    old: object = None  # ... and of the context call (when `base`)
+
+
+def step_plan(q, k, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, shapes: SdpaShapes):
+    """`plan` of this step for a layer like this one, or None (the paged kernel): decided at the
+    step's first such layer and kept in `meta.sdpa_plans`, so that the other layers neither
+    repeat torch's backend choice, the bucket math and the admission, nor pad anything for a
+    shape `shapes` keeps off. Layers differ only where the key does (spec, head counts,
+    dtypes)."""
+    key = (spec, q.dtype, q.shape[1:], None if k is None else k.shape[1:], kv_cache.dtype,
+           id(shapes))  # fmt: skip
+    plans = meta.sdpa_plans
+    if key not in plans:
+        context = context_len(q, k, kv_cache, meta, spec)
+        plans[key] = None if context is None else plan(q, k, spec, context, shapes)
+    return plans[key]
+
+
+def plan(q, k, spec: AttentionSpec, context: int, shapes: SdpaShapes) -> SdpaPlan | None:
+    """The route of the chunk `q, k` after `context` cached tokens: its padded lengths, the ops
+    torch picks for them (asked on empty tensors of the padded layout: no copy yet), or None
+    where torch would not run them on cuDNN or flash, or where `shapes` keeps a cuDNN shape off
+    (counted one sight)."""
+    n, heads, kv_heads = q.shape[0], q.shape[1], k.shape[1]
+    gqa = kv_heads != heads
     if context == 0:
-        total = shapes.up(n)
-        qb, kb, vb = (_rows([(0, x)], total) for x in (q, k, v))
-        key = cudnn_key(qb, kb, vb, True, gqa)
+        rows = shapes.up(n)
+        key = cudnn_key(_empty(q, rows), _empty(k, rows), _empty(k, rows), True, gqa)
         if key is not None and not shapes.admit(("fresh", key)):
             return None
-        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=spec.scale,
-                                             enable_gqa=gqa)  # fmt: skip
-        return out[0, :, :n].transpose(0, 1)
+        return SdpaPlan(context, rows, 0)
     base = shapes.down(context)  # cached keys of the context call
-    rest = context - base  # cached keys that lead the chunk's own call
-    k_old, v_old = gather_context(kv_cache, meta.block_tables[0], context)
-    own_len = shapes.up(rest + n)
-    qo = _rows([(rest, q)], own_len)
-    ko = _rows([(0, k_old[base:]), (rest, k)], own_len)
-    vo = _rows([(0, v_old[base:]), (rest, v)], own_len)
-    own = _lse_attention(qo, ko, vo, causal=True)
-    calls = [("own", cudnn_key(qo, ko, vo, True, gqa))]
+    rows = shapes.up(context - base + n)
+    qo, ko = _empty(q, rows), _empty(k, rows)
+    own, old = _lse_attention(qo, ko, ko, causal=True), None
+    calls = [("own", cudnn_key(qo, ko, ko, True, gqa))]
+    chunk_rows = shapes.up(n) if base else 0
     if base:
-        qc = _rows([(0, q)], shapes.up(n))
-        kc, vc = (x[:base][None].transpose(1, 2) for x in (k_old, v_old))
-        old = _lse_attention(qc, kc, vc, causal=False)
-        calls.append(("context", cudnn_key(qc, kc, vc, False, gqa)))
+        qc, kc = _empty(q, chunk_rows), _empty(k, base)
+        old = _lse_attention(qc, kc, kc, causal=False)
+        calls.append(("context", cudnn_key(qc, kc, kc, False, gqa)))
     if own is None or (base and old is None):
         return None
     if any(key is not None for _, key in calls) and not shapes.admit(tuple(calls)):
         return None
-    out_own, lse_own = own(qo, ko, vo, True, spec.scale)[:2]
+    return SdpaPlan(context, rows, base, chunk_rows, own, old)
+
+
+def attend(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, context: int,
+           shapes: SdpaShapes):  # fmt: skip
+    """`run` with a `plan` made for this call alone (benchmarks, tests), or None where the plan
+    is None."""
+    route = plan(q, k, spec, context, shapes)
+    return None if route is None else run(q, k, v, kv_cache, meta, spec, route)
+
+
+def run(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, route: SdpaPlan):
+    """`[tokens, heads, head_dim]` attention of the chunk `q, k, v` (k / v already stored in the
+    cache) after `route.context` cached tokens of the step's only sequence, as `route` says.
+
+    The chunk is padded at the end to `route.rows` (causal: no real query sees a padded key);
+    the context call takes the first `route.base` cached keys, and the rest `r` of the context
+    leads the chunk's own causal call as `r` dummy query rows, so that query i of the chunk
+    (row r + i) sees those r keys and the chunk's keys 0..i: the same keys as unpadded."""
+    n, heads = q.shape[0], q.shape[1]
+    context, base, rows = route.context, route.base, route.rows
+    if context == 0:
+        qb, kb, vb = (_rows([(0, x)], rows) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=spec.scale,
+                                             enable_gqa=k.shape[1] != heads)  # fmt: skip
+        return out[0, :, :n].transpose(0, 1)
+    rest = context - base  # cached keys that lead the chunk's own call
+    k_old, v_old = gather_context(kv_cache, meta.block_tables[0], context)
+    qo = _rows([(rest, q)], rows)
+    ko = _rows([(0, k_old[base:]), (rest, k)], rows)
+    vo = _rows([(0, v_old[base:]), (rest, v)], rows)
+    out_own, lse_own = route.own(qo, ko, vo, True, spec.scale)[:2]
     # outputs [1, heads, rows, d] -> [tokens, heads, d]; LSEs [1, heads, rows(, 1)]
     out_own = out_own[0, :, rest : rest + n].transpose(0, 1)
-    lse_own = lse_own.reshape(heads, own_len)[:, rest : rest + n]
+    lse_own = lse_own.reshape(heads, rows)[:, rest : rest + n]
     if not base:
         return out_own
-    out_old, lse_old = old(qc, kc, vc, False, spec.scale)[:2]
+    qc = _rows([(0, q)], route.chunk_rows)
+    kc, vc = (x[:base][None].transpose(1, 2) for x in (k_old, v_old))
+    out_old, lse_old = route.old(qc, kc, vc, False, spec.scale)[:2]
     out_old = out_old[0, :, :n].transpose(0, 1)
     return merge_partials(out_old, lse_old.reshape(heads, -1)[:, :n], out_own, lse_own)
 
@@ -166,6 +215,12 @@ def _rows(parts, total: int) -> torch.Tensor:
         end = offset + x.shape[0]
     out[end:].zero_()
     return out[None].transpose(1, 2)
+
+
+def _empty(x, rows: int) -> torch.Tensor:
+    """An uninitialized `[1, heads, rows, d]` tensor laid out as `_rows` makes it: what torch's
+    backend choice and the cuDNN plan key look at (shapes, strides, dtype, device)."""
+    return x.new_empty(rows, x.shape[1], x.shape[2])[None].transpose(1, 2)
 
 
 def _lse_attention(q, k, v, causal: bool):

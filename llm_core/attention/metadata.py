@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,9 @@ class AttentionMetadata:
     cross_ranges_cpu: list[list[int]] | None = None
     cross_states: torch.Tensor | None = None
     any_cross: bool = True
+    # The causal-SDPA route of this step per layer shape (`causal_sdpa.step_plan`): decided by
+    # the first layer of a shape, reused by the others (not copied by `dataclasses.replace`).
+    sdpa_plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def group(self, index: int) -> AttentionMetadata:
         """The metadata of KV group `index` (a layer's `kv_group`)."""

@@ -152,10 +152,10 @@ class TritonAttentionBackend:
         fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
         if self.causal_sdpa is None and not fast:
             return None
-        context = causal_sdpa.context_len(q, k, kv_cache, meta, spec)
-        if context is None:
+        route = causal_sdpa.step_plan(q, k, kv_cache, meta, spec, self.shapes)
+        if route is None:
             return None
-        return causal_sdpa.attend(q, k, v, kv_cache, meta, spec, context, self.shapes)
+        return causal_sdpa.run(q, k, v, kv_cache, meta, spec, route)
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether `rope_decode` runs as one kernel here (the Triton decode on CUDA)."""

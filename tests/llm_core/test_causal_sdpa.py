@@ -5,6 +5,8 @@ tiny chunks route; the steps that must not route still get the kernel's answer."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -95,21 +97,62 @@ def test_bucketed_lengths_equal_exact_ones(context, chunk):
 
 
 def test_a_new_cudnn_shape_takes_the_kernel_until_seen_twice(monkeypatch):
-    """Policy "second" (cuDNN faked: CPU runs flash): the first sight of a shape returns None
-    (the layer then runs the paged kernel), the second builds it, for each (chunk, context)."""
+    """Policy "second" (cuDNN faked: CPU runs flash): the first step of a shape returns None for
+    every layer (the layers then run the paged kernel), the next step builds it, for each
+    (chunk, context). A sight is a step, not a layer."""
     monkeypatch.setattr(causal_sdpa, "cudnn_key", lambda q, k, v, causal, gqa=False: q.shape)
     routed = triton_backend.TritonAttentionBackend(causal_sdpa=True)
     for context in (0, 37):
         q, k, v, cache, meta = step([24], [context + 24], 4, 2, 64)
         spec = spec_for(q, cache, 64**-0.5)
         AttentionLayer(spec, TorchAttentionBackend())(q, k, v, None, cache, meta)
-        assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
-        out = routed.sdpa_prefill(q, k, v, cache, meta, spec)
+        for _layer in range(3):
+            assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
+        out = routed.sdpa_prefill(q, k, v, cache, dataclasses.replace(meta), spec)  # next step
         assert_close(
             out, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32
         )
     with routed.shapes.building(False):  # the warm-up's kernel pass
+        assert routed.sdpa_prefill(q, k, v, cache, dataclasses.replace(meta), spec) is None
+
+
+@pytest.mark.parametrize("context", [0, 37])
+def test_the_route_is_decided_once_a_step(monkeypatch, context):
+    """A step's layers of one shape share one decision: torch's backend choice, the admission
+    and the bucket math run at its first layer only, and no layer pads q / k / v for a shape
+    the policy keeps off."""
+    calls = {"choice": 0, "key": 0, "admit": 0, "rows": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    key = counted("key", lambda q, k, v, causal, gqa=False: q.shape)
+    monkeypatch.setattr(causal_sdpa, "cudnn_key", key)
+    monkeypatch.setattr(torch, "_fused_sdp_choice", counted("choice", torch._fused_sdp_choice))
+    monkeypatch.setattr(causal_sdpa, "_rows", counted("rows", causal_sdpa._rows))
+    routed = triton_backend.TritonAttentionBackend(causal_sdpa=True)
+    shapes = routed.shapes
+    monkeypatch.setattr(shapes, "admit", counted("admit", shapes.admit))
+    q, k, v, cache, meta = step([24], [context + 24], 4, 2, 64)
+    spec = spec_for(q, cache, 64**-0.5)
+    AttentionLayer(spec, TorchAttentionBackend())(q, k, v, None, cache, meta)
+    layers = 4
+    for _ in range(layers):  # first sight: kept off, nothing padded
         assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is None
+    # one plan: the chunk's own call and, after context (down(37) = 32), the context call
+    plan_calls = 1 if context == 0 else 2
+    assert calls == {"choice": 0 if context == 0 else 2, "key": plan_calls,
+                     "admit": 1, "rows": 0}  # fmt: skip
+    meta = dataclasses.replace(meta)  # the next step: built
+    for _ in range(layers):
+        assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is not None
+    assert calls["admit"] == 2 and calls["key"] == 2 * plan_calls
+    assert calls["choice"] == (0 if context == 0 else 4)  # F.sdpa's own choice is in C++
+    assert calls["rows"] == layers * (3 if context == 0 else 4)  # q, k, v (+ the context's q)
 
 
 def _two_sequences():
