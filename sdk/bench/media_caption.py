@@ -8,13 +8,14 @@ attention) plus each output token's 2 FLOPs a decoder and LM-head weight and its
 the context, all at the bf16 matrix rate measured in the same run. Decode steps of a full batch
 are bound by the same matrix rate (the weights are read once a step for many sequences), so the
 floor is an upper bound on images/s. GPU idle is measured on a smaller, profiled run (the
-profiler slows the host a little: the share is an upper bound too).
+profiler slows the host a little: the share is an upper bound too), with the step phases as
+profiler ranges (`engine_ranges`) and the host work inside the largest gap pairs (`gap_hosts`).
 """
 
 from __future__ import annotations
 
 from polymodal.bench.media import IMAGES, input_flops, photo
-from polymodal.bench.profile import calls_profile
+from polymodal.bench.profile import calls_profile, engine_ranges, print_gap_hosts
 from polymodal.bench.workloads import TEXT_TOKENS, OurSide, text_ids
 from polymodal.processors.chat import MediaRef
 
@@ -52,9 +53,11 @@ def caption_1080p(ours: OurSide, count: int, output_tokens: int, rate: float) ->
     out.update(prompt_tokens=tokens, output_tokens=output_tokens, floor_images_s=1e3 / floor_ms)
     out["fraction_of_floor"] = out["images_s"] / out["floor_images_s"]
     more = [photo(SIZE, 900 + i) for i in range(PROFILED_IMAGES)]
-    prof = calls_profile(lambda: ours.caption(more, output_tokens), 1)
+    run = lambda: ours.caption(more, output_tokens)  # noqa: E731
+    prof = calls_profile(run, 1, engine_ranges(ours.engine), host_pairs=4)
     out["profiled_gpu_idle_share"] = prof["gpu_idle_share"]
     out["profiled_idle_gaps"] = prof["idle_gaps"][:4]
+    out["profiled_gap_hosts"] = prof["gap_hosts"]
     return out
 
 
@@ -64,3 +67,6 @@ def print_row(row: dict) -> None:
           f"floor {row['floor_images_s']:.2f} -> {row['fraction_of_floor']:.0%} of the floor "
           f"rate; GPU idle {row['profiled_gpu_idle_share']:.1%} ({PROFILED_IMAGES} images "
           "profiled)")  # fmt: skip
+    if row.get("profiled_gap_hosts"):
+        print("  idle gaps and what the engine thread ran meanwhile (self time, profiled run):")
+        print_gap_hosts(row["profiled_gap_hosts"])

@@ -183,25 +183,118 @@ def _exclusive_ms(prof, calls: int, top: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def _idle_gaps(prof, calls: int, top: int) -> list[dict]:
+def _idle_gaps(prof, calls: int, top: int, exclude=()) -> list[dict]:
     """Where the device idles: each gap between busy intervals, charged to the pair (the
-    kernel whose end opened it -> the kernel whose start closed it), largest total first."""
+    kernel whose end opened it -> the kernel whose start closed it), largest total first.
+    `exclude`: our profiler ranges' names (their device-side spans would cover the gaps)."""
     gaps: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    end, last = float("-inf"), ""
-    for start, stop, name in sorted(_device_spans(prof)):
-        if start > end and last:
-            pair = f"{last[:40]} -> {name[:40]}"
-            gaps[pair] += start - end
-            counts[pair] += 1
-        if stop > end:
-            end, last = stop, name
+    for start, stop, pair in _gaps(prof, exclude):
+        gaps[pair] += stop - start
+        counts[pair] += 1
     rows = sorted(gaps, key=lambda pair: -gaps[pair])[:top]
     return [
         {"name": pair, "ms_per_step": gaps[pair] / 1e3 / calls,
          "calls_per_step": counts[pair] / calls}
         for pair in rows
     ]  # fmt: skip
+
+
+def _gaps(prof, exclude=()) -> list[tuple[float, float, str]]:
+    """Every idle interval of the device: (start, end) in microseconds and the pair (the kernel
+    whose end opened it -> the one whose start closed it), as `_idle_gaps` names them."""
+    out, end, last = [], float("-inf"), ""
+    for start, stop, name in sorted(_device_spans(prof, exclude)):
+        if start > end and last:
+            out.append((end, start, f"{last[:40]} -> {name[:40]}"))
+        if stop > end:
+            end, last = stop, name
+    return out
+
+
+def _launch_thread_events(prof) -> list:
+    """CPU events of the thread that launched the most kernels (the engine's), by start time."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    cpu = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    launches = Counter(e.thread for e in cpu if "LaunchKernel" in e.name)
+    thread = (launches or Counter(e.thread for e in cpu)).most_common(1)[0][0]
+    return sorted((e for e in cpu if e.thread == thread), key=lambda e: e.time_range.start)
+
+
+def _host_in(events, starts, gap_start: float, gap_end: float, open_events: list):
+    """What the launch thread ran in [gap_start, gap_end): {name: self-overlap in us} (an
+    event's overlap less its children's: where the host time went) and the names of the
+    events open at the gap's start, outermost first (the ranges it fell in)."""
+    from bisect import bisect_left
+
+    inside = events[bisect_left(starts, gap_start) : bisect_left(starts, gap_end)]
+    candidates = {id(e): e for e in open_events + inside}
+    own: dict[int, float] = {}
+    for key, e in candidates.items():
+        own[key] = own.get(key, 0.0) + min(e.time_range.end, gap_end) - max(
+            e.time_range.start, gap_start
+        )
+        parent = getattr(e, "cpu_parent", None)
+        if parent is not None and id(parent) in candidates:
+            overlap = min(e.time_range.end, gap_end) - max(e.time_range.start, gap_start)
+            own[id(parent)] = own.get(id(parent), 0.0) - overlap
+    names: dict[str, float] = defaultdict(float)
+    for key, us in own.items():
+        names[candidates[key].name] += max(us, 0.0)
+    return names, [e.name for e in open_events]
+
+
+def gap_hosts(prof, exclude=(), pairs: int = 4, ops: int = 8) -> list[dict]:
+    """Host attribution of the idle gaps: for the `pairs` pairs with the most idle time, the
+    CPU ops and profiler ranges (our `record_function` labels) the launch thread ran while the
+    device idled (self time summed over the pair's gaps, top `ops`), the enclosing ranges of
+    its largest gap and that gap's length. A gap the host caused shows its work here (Python
+    ranges, aten ops, allocator or copy calls, a sync); a gap full of `cudaStreamSynchronize`
+    or `cudaEventSynchronize` is a wait, not work."""
+    gaps = _gaps(prof, exclude)
+    total: dict[str, float] = defaultdict(float)
+    for start, stop, pair in gaps:
+        total[pair] += stop - start
+    chosen = sorted(total, key=lambda pair: -total[pair])[:pairs]
+    events = _launch_thread_events(prof)
+    starts = [e.time_range.start for e in events]
+    rows = {pair: {"pair": pair, "gaps": 0, "idle_ms": total[pair] / 1e3, "largest_ms": 0.0,
+                   "host_ms": defaultdict(float), "ranges": []} for pair in chosen}  # fmt: skip
+    stack: list = []
+    index = 0
+    for start, stop, pair in gaps:  # in time order, as the events: one sweep keeps the stack
+        while index < len(events) and starts[index] <= start:
+            stack.append(events[index])
+            index += 1
+        stack = [e for e in stack if e.time_range.end > start]
+        if pair not in rows:
+            continue
+        row = rows[pair]
+        names, ranges = _host_in(events, starts, start, stop, stack)
+        row["gaps"] += 1
+        for name, us in names.items():
+            row["host_ms"][name] += us / 1e3
+        if (stop - start) / 1e3 > row["largest_ms"]:
+            row["largest_ms"], row["ranges"] = (stop - start) / 1e3, ranges
+    out = []
+    for pair in chosen:
+        row = rows[pair]
+        top = sorted(row["host_ms"].items(), key=lambda kv: -kv[1])[:ops]
+        row["host_ms"] = [{"name": name[:80], "ms": ms} for name, ms in top]
+        out.append(row)
+    return out
+
+
+def print_gap_hosts(rows: list[dict]) -> None:
+    """`gap_hosts` as text: a pair, its gaps, what the host ran meanwhile."""
+    for row in rows:
+        print(f"  {row['idle_ms']:7.3f} ms in {row['gaps']} gaps  {row['pair']}  (largest "
+              f"{row['largest_ms']:.3f} ms, inside: {' > '.join(n[:40] for n in row['ranges'])})")  # fmt: skip
+        for op in row["host_ms"]:
+            print(f"      host {op['ms']:7.3f} ms  {op['name']}")
 
 
 def _kernel_table(prof, calls: int, top: int, exclude=()) -> list[dict]:
@@ -257,6 +350,35 @@ def _annotated(methods: list[tuple]):
             delattr(obj, name)
 
 
+def engine_ranges(engine) -> list[tuple]:
+    """`(obj, method name, label)` of an engine's step phases, for `calls_profile`'s ranges:
+    the step, scheduling, host lists, device inputs, encoder, decoder forward (eager) and graph
+    replays, the attention routes (per layer), sampling and the read-back. `gap_hosts` then
+    names the phase a gap fell in."""
+    from polymodal.llm_core.attention.layer import AttentionLayer
+
+    runner = engine.runner
+    methods = [
+        (engine, "step", "engine.step"),
+        (engine.scheduler, "schedule", "schedule"),
+        (runner, "host_batch", "host_batch"),
+        (runner, "prepare", "prepare (device inputs)"),
+        (runner.model, "encode", "encode"),
+        (runner.model, "forward", "decoder forward (eager)"),
+        (runner, "sample", "sample"),
+        (runner, "resolve", "resolve (read back)"),
+    ]
+    if runner.graphs is not None:
+        methods.append((runner.graphs, "run", "decode graph"))
+    if runner.prefill_graphs is not None:
+        methods.append((runner.prefill_graphs, "run", "prefill graph"))
+    layers = [m for m in runner.model.modules() if isinstance(m, AttentionLayer)]
+    for backend in {id(m.backend): m.backend for m in layers}.values():
+        methods.append((backend, "sdpa_prefill", "attention: causal sdpa route"))
+        methods.append((backend, "paged_attention", "attention: paged kernel"))
+    return [m for m in methods if hasattr(m[0], m[1])]
+
+
 def _spans(prof, names: set[str], calls: int) -> dict[str, float]:
     """GPU span (first to last kernel, ms a call) of each profiler range named in `names`."""
     spans: dict[str, float] = defaultdict(float)
@@ -294,12 +416,13 @@ def ttft_kernels(ours, runs: int = 3, top: int = 10) -> dict:
     }
 
 
-def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16) -> dict:
+def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16,
+                  host_pairs: int = 0) -> dict:  # fmt: skip
     """Kernels of `calls` calls of `fn()` (a decode step, a TTFT, ...): wall and GPU-busy ms a
     call, the busy time charged to the kernel that ends it (marginal cost under PDL), the idle
     gaps, and the GPU span of each `(obj, method name, label)` in `methods`. For the families
     without the engine workload (`polymodal bench VL-MODEL --profile`, `bench_text_decode.py
-    --profile`)."""
+    --profile`). `host_pairs` > 0: also `gap_hosts` of that many gap pairs ("gap_hosts")."""
     from torch.profiler import ProfilerActivity, profile
 
     names = {label for _, _, label in methods}
@@ -313,14 +436,17 @@ def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16) -> d
             wall = time.perf_counter() - start
     spans = _spans(prof, names, calls)
     busy = _busy_seconds(prof, exclude=names)
-    return {
+    out = {
         "wall_ms": wall / calls * 1e3,
         "gpu_busy_ms": busy / calls * 1e3,
         "gpu_idle_share": 1 - busy / wall,
         **{f"{label} gpu_span_ms": spans[label] for label in sorted(names)},
         "exclusive_kernels": _exclusive_ms(prof, calls, top),
-        "idle_gaps": _idle_gaps(prof, calls, 8),
+        "idle_gaps": _idle_gaps(prof, calls, 8, names),
     }
+    if host_pairs:
+        out["gap_hosts"] = gap_hosts(prof, names, host_pairs)
+    return out
 
 
 def print_calls_profile(title: str, prof: dict) -> None:

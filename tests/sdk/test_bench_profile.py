@@ -13,3 +13,43 @@ def test_busy_marginal_and_gaps(monkeypatch):
     assert charged == {"a": 11.0, "b": 2.0, "c": 3.0}
     gaps = {r["name"]: r["ms_per_step"] * 1e3 for r in bench_profile._idle_gaps(None, 1, 9)}
     assert gaps == {"b -> c": 5.0, "c -> a": 2.0}
+
+
+class _Event:
+    """The fields of a profiler `FunctionEvent` that `gap_hosts` reads (a CPU event)."""
+
+    def __init__(self, name, start, end, parent=None, thread=1):
+        from types import SimpleNamespace
+
+        from torch.autograd import DeviceType
+
+        self.name, self.thread, self.cpu_parent = name, thread, parent
+        self.time_range = SimpleNamespace(start=start, end=end)
+        self.device_type = DeviceType.CPU
+
+
+def test_gap_hosts_names_the_host_work_inside_each_gap(monkeypatch):
+    """Gaps b -> c (12..17 us) and c -> a (20..22): the engine thread's ranges and ops that ran
+    then, by self time; another thread's work (media processing) is left out."""
+    monkeypatch.setattr(bench_profile, "_device_spans", lambda prof, exclude=(): SPANS)
+    step = _Event("engine.step", 0.0, 30.0)
+    launch_b = _Event("cudaLaunchKernel", 7.0, 8.0, step)
+    prepare = _Event("prepare (device inputs)", 11.0, 16.5, step)  # 4.5 us in the first gap
+    copy = _Event("aten::copy_", 13.0, 15.0, prepare)  # 2 of them its own
+    launch_c = _Event("cudaLaunchKernel", 16.5, 17.0, step)
+    sync = _Event("cudaStreamSynchronize", 19.0, 21.5, step)
+    other = _Event("resize", 0.0, 30.0, thread=2)
+    events = [step, launch_b, prepare, copy, launch_c, sync, other]
+    prof = type("Prof", (), {"events": lambda self: events})()
+    rows = bench_profile.gap_hosts(prof, pairs=2)
+    assert [(r["pair"], r["gaps"], r["idle_ms"] * 1e3) for r in rows] == [
+        ("b -> c", 1, 5.0),
+        ("c -> a", 1, 2.0),
+    ]
+    first = {op["name"]: op["ms"] * 1e3 for op in rows[0]["host_ms"]}
+    assert first == {"prepare (device inputs)": 2.5, "aten::copy_": 2.0, "cudaLaunchKernel": 0.5,
+                     "engine.step": 0.0}  # fmt: skip
+    assert rows[0]["ranges"] == ["engine.step", "prepare (device inputs)"]
+    second = {op["name"]: op["ms"] * 1e3 for op in rows[1]["host_ms"]}
+    assert second == {"cudaStreamSynchronize": 1.5, "engine.step": 0.5}
+    assert rows[1]["ranges"] == ["engine.step", "cudaStreamSynchronize"]
