@@ -216,3 +216,31 @@ def test_a_new_tower_shape_runs_the_kernel_until_seen_twice():
         out = policy.varlen_attention(q, k, v, cu, 4356, 0.1)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
         assert len(policy.shapes.built()) == sight - 1  # cuDNN picked by torch on an H200
+
+
+@pytest.mark.parametrize("context,length", [(0, 2725), (1100, 1500)])
+def test_a_steps_layers_share_one_route_decision(monkeypatch, context, length):
+    """Policy "second": every layer of a shape's first step runs the paged kernel where torch
+    picks cuDNN (none of them pads or asks torch for a backend again), every layer of the next
+    step runs SDPA with the first layer's plan; the answer is the paged kernel's."""
+    from polymodal.llm_core.attention import causal_sdpa
+
+    choices = []
+    original = torch._fused_sdp_choice
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: choices.append(1) or
+                        original(*a, **kw))  # fmt: skip
+    backend = _backend().TritonAttentionBackend(sdpa_shapes="second")
+    q, k, v, cache, meta, spec = chunk_step(backend, 28, 4, 128, context, length)
+    first = [backend.sdpa_prefill(q, k, v, cache, meta, spec) for _ in range(4)]
+    per_plan = len(choices)
+    assert len({out is None for out in first}) == 1  # one decision for the step's layers
+    assert 1 <= per_plan <= 4 and len(meta.sdpa_plans) == 1
+    meta = dataclasses.replace(meta)  # the next step
+    outs = [backend.sdpa_prefill(q, k, v, cache, meta, spec) for _ in range(4)]
+    assert len(choices) == 2 * per_plan  # once a step, not once a layer
+    plan = next(iter(meta.sdpa_plans.values()))
+    assert isinstance(plan, causal_sdpa.SdpaPlan) and plan.context == context
+    paged = backend.paged_attention(q, cache, meta, spec)
+    for out in outs:
+        assert out is not None
+        torch.testing.assert_close(out.float(), paged.float(), atol=2e-2, rtol=2e-2)
