@@ -40,12 +40,17 @@ def profiled(fn, top: int) -> tuple[float, str]:
     return wall, text.getvalue()
 
 
-def _longer_positions(config_path, length: int) -> None:
-    config = json.loads(config_path.read_text())
+def _as_the_7b(path, length: int) -> None:
+    """Longer positions than the tiny text config's 2048, and Qwen2.5-VL's own pixel limit
+    (the tiny processor caps images at 200k pixels): a 1080p image is 2691 slots again."""
+    config = json.loads((path / "config.json").read_text())
     for cfg in (config, config.get("text_config") or {}):
         if "max_position_embeddings" in cfg:
             cfg["max_position_embeddings"] = length
-    config_path.write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps(config))
+    processor = json.loads((path / "processor_config.json").read_text())
+    processor["image_processor"]["size"]["longest_edge"] = 12845056
+    (path / "processor_config.json").write_text(json.dumps(processor))
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
     path = write_demo_checkpoint(tempfile.mkdtemp(), "qwen2_5_vl")
-    _longer_positions(path / "config.json", 8192)  # the tiny text config says 2048
+    _as_the_7b(path, 8192)
     config = EngineConfig(dtype="float32", device="cpu", attention_backend=args.backend,
                           skip_tokenizer_init=True, max_model_len=4096, num_kv_blocks=1024,
                           max_num_batched_tokens=16384, enable_prefix_caching=False)  # fmt: skip
