@@ -372,11 +372,16 @@ def engine_ranges(engine) -> list[tuple]:
         methods.append((runner.graphs, "run", "decode graph"))
     if runner.prefill_graphs is not None:
         methods.append((runner.prefill_graphs, "run", "prefill graph"))
-    layers = [m for m in runner.model.modules() if isinstance(m, AttentionLayer)]
+    modules = list(runner.model.modules())
+    layers = [m for m in modules if isinstance(m, AttentionLayer)]
     for backend in {id(m.backend): m.backend for m in layers}.values():
         methods.append((backend, "sdpa_prefill", "attention: causal sdpa route"))
         methods.append((backend, "paged_attention", "attention: paged kernel"))
-    return [m for m in methods if hasattr(m[0], m[1])]
+    towers = [m.attn_backend for m in modules if getattr(m, "attn_backend", None) is not None]
+    for backend in {id(b): b for b in towers}.values():
+        methods.append((backend, "varlen_attention", "attention: encoder segments"))
+    unique = {(id(obj), name): (obj, name, label) for obj, name, label in methods}
+    return [m for m in unique.values() if hasattr(m[0], m[1])]
 
 
 def _spans(prof, names: set[str], calls: int) -> dict[str, float]:

@@ -53,3 +53,29 @@ def test_gap_hosts_names_the_host_work_inside_each_gap(monkeypatch):
     second = {op["name"]: op["ms"] * 1e3 for op in rows[1]["host_ms"]}
     assert second == {"cudaStreamSynchronize": 1.5, "engine.step": 0.5}
     assert rows[1]["ranges"] == ["engine.step", "cudaStreamSynchronize"]
+
+
+def test_engine_ranges_name_a_steps_phases(tmp_path_factory):
+    """A tiny Qwen2.5-VL engine's image request on the CPU under `engine_ranges`: the profile
+    holds the step's phases and the attention routes as ranges; unwrapped after."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from polymodal import LLM, SamplingParams
+    from tests.helpers import tiny_checkpoint
+
+    llm = LLM(str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")), dtype="float32",
+              device="cpu", num_kv_blocks=64)  # fmt: skip
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    parts = [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    methods = bench_profile.engine_ranges(llm.engine)
+    with bench_profile._annotated(methods):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            llm.generate([{"role": "user", "content": parts}], params, use_tqdm=False)
+    names = {e.name for e in prof.events()}
+    for label in ("engine.step", "schedule", "host_batch", "prepare (device inputs)", "encode",
+                  "decoder forward (eager)", "sample", "attention: paged kernel",
+                  "attention: encoder segments"):  # fmt: skip
+        assert label in names, label
+    assert all(name not in vars(obj) for obj, name, _ in methods)  # unwrapped
