@@ -234,12 +234,10 @@ def _host_in(events, starts, gap_start: float, gap_end: float, open_events: list
     candidates = {id(e): e for e in open_events + inside}
     own: dict[int, float] = {}
     for key, e in candidates.items():
-        own[key] = own.get(key, 0.0) + min(e.time_range.end, gap_end) - max(
-            e.time_range.start, gap_start
-        )
+        overlap = min(e.time_range.end, gap_end) - max(e.time_range.start, gap_start)
+        own[key] = own.get(key, 0.0) + overlap
         parent = getattr(e, "cpu_parent", None)
         if parent is not None and id(parent) in candidates:
-            overlap = min(e.time_range.end, gap_end) - max(e.time_range.start, gap_start)
             own[id(parent)] = own.get(id(parent), 0.0) - overlap
     names: dict[str, float] = defaultdict(float)
     for key, us in own.items():
@@ -291,8 +289,9 @@ def gap_hosts(prof, exclude=(), pairs: int = 4, ops: int = 8) -> list[dict]:
 def print_gap_hosts(rows: list[dict]) -> None:
     """`gap_hosts` as text: a pair, its gaps, what the host ran meanwhile."""
     for row in rows:
+        inside = " > ".join(name[:40] for name in row["ranges"])
         print(f"  {row['idle_ms']:7.3f} ms in {row['gaps']} gaps  {row['pair']}  (largest "
-              f"{row['largest_ms']:.3f} ms, inside: {' > '.join(n[:40] for n in row['ranges'])})")  # fmt: skip
+              f"{row['largest_ms']:.3f} ms, inside: {inside})")  # fmt: skip
         for op in row["host_ms"]:
             print(f"      host {op['ms']:7.3f} ms  {op['name']}")
 
