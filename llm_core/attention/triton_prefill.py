@@ -28,7 +28,11 @@ into up to `SPLITS` runs of whole tiles, a grid axis of their own (`split_count`
 How many have work is decided on the device (at least `MIN_TILES` tiles each), so one launch
 captured in a prefill graph serves every cache length: with several, each writes its
 normalized partial and log2-sum-exp (fp32) and `_merge_splits_kernel` combines them; with one,
-that program writes the output itself and the merge's programs exit.
+that program writes the output itself and the merge's programs exit. What a short context
+still pays once the host has picked splits (a prefill graph always does for buckets <= 64: its
+table is the whole context wide): `SPLITS` - 1 programs per (seq, q block, head) that exit
+after reading their query tile, and the merge launch, whose programs exit after three loads
+(no partials are written or read); `scripts/bench_prefill_splits.py`'s last row measures it.
 """
 
 from __future__ import annotations
@@ -355,6 +359,9 @@ LONG_QUERIES = 1024
 SPLIT_MAX_QUERIES = 64
 SPLIT_MAX = 16
 SPLIT_MIN_TILES = 8
+# Interpreted (CPU tests, 16-key tiles): 1 so tiny contexts split many ways; a test sets 2 to
+# check the device-side count of active splits that SPLIT_MIN_TILES drives on CUDA.
+SPLIT_MIN_TILES_INTERPRETED = 1
 
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
@@ -419,7 +426,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     assert k.stride() == v.stride(), "k and v need the same layout"
     grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads * splits)
     parts = {}
-    min_tiles = SPLIT_MIN_TILES if q.is_cuda else 1
+    min_tiles = SPLIT_MIN_TILES if q.is_cuda else SPLIT_MIN_TILES_INTERPRETED
     if splits > 1:
         assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
         tokens = q.shape[0]
