@@ -28,7 +28,11 @@ into up to `SPLITS` runs of whole tiles, a grid axis of their own (`split_count`
 How many have work is decided on the device (at least `MIN_TILES` tiles each), so one launch
 captured in a prefill graph serves every cache length: with several, each writes its
 normalized partial and log2-sum-exp (fp32) and `_merge_splits_kernel` combines them; with one,
-that program writes the output itself and the merge's programs exit.
+that program writes the output itself and the merge's programs exit. What a short context
+still pays once the host has picked splits (a prefill graph always does for buckets <= 64: its
+table is the whole context wide): `SPLITS` - 1 idle programs per (seq, q block, head) and the
+merge launch, all of whose programs exit after three int loads (no partials written or read);
+`scripts/bench_prefill_splits.py`'s last row measures it.
 """
 
 from __future__ import annotations
@@ -108,6 +112,15 @@ def _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base, n0, hi, 
     return acc, acc_lo, l_i, m_new
 
 
+@triton.jit
+def _active_splits(kv_len, q_len, q_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):  # fmt: skip
+    """Splits with work for a causal query tile: its keys [0, hi) in runs of >= MIN_TILES
+    tiles, at most SPLITS (the attention kernel and the merge must agree on it)."""
+    hi = tl.minimum(kv_len, kv_len - q_len + (q_block + 1) * BLOCK_M)
+    return tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(hi, BLOCK_N), MIN_TILES), 1))
+
+
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
 # so a new width never compiles a new variant in the middle of a run.
 @triton.jit(do_not_specialize=["stride_bt", "num_tokens"])
@@ -171,6 +184,11 @@ def _attn_fwd_kernel(
     else:
         kv_len = q_len
     ctx_len = kv_len - q_len  # cached prefix before the new queries
+    active = 1
+    if SPLITS > 1:  # idle splits (a short context in a wide graph) leave before any q load
+        active = _active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
+        if split >= active:
+            return
 
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index in the sequence
     dims = tl.arange(0, BLOCK_D)
@@ -231,13 +249,8 @@ def _attn_fwd_kernel(
     if D_LO > 0:
         acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
     cols = (dims, dim_mask, dims_lo, dim_mask_lo)
-    active = 1
     if SPLITS > 1:  # this program's share of [lo, hi): whole tiles from lo (causal: lo = 0)
-        tiles = tl.cdiv(hi - lo, BLOCK_N)
-        active = tl.minimum(SPLITS, tl.maximum(tl.cdiv(tiles, MIN_TILES), 1))
-        if split >= active:
-            return
-        per = tl.cdiv(tiles, active)
+        per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), active)
         lo = lo + split * per * BLOCK_N
         end = tl.minimum(hi, lo + per * BLOCK_N)
         full_end = tl.minimum(full_end, end)
@@ -316,8 +329,7 @@ def _merge_splits_kernel(
     if q_block * BLOCK_M >= q_len:
         return
     kv_len = tl.load(seq_lens_ptr + seq)
-    hi = tl.minimum(kv_len, kv_len - q_len + (q_block + 1) * BLOCK_M)  # causal, lo = 0
-    active = tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(hi, BLOCK_N), MIN_TILES), 1))
+    active = _active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
     if active > 1:
         rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < q_len
@@ -355,6 +367,9 @@ LONG_QUERIES = 1024
 SPLIT_MAX_QUERIES = 64
 SPLIT_MAX = 16
 SPLIT_MIN_TILES = 8
+# Interpreted (CPU tests, 16-key tiles): 1 so tiny contexts split many ways; a test sets 2 to
+# check the device-side count of active splits that SPLIT_MIN_TILES drives on CUDA.
+SPLIT_MIN_TILES_INTERPRETED = 1
 
 
 def head_dim_split(head_dim: int) -> tuple[int, int]:
@@ -419,7 +434,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     assert k.stride() == v.stride(), "k and v need the same layout"
     grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads * splits)
     parts = {}
-    min_tiles = SPLIT_MIN_TILES if q.is_cuda else 1
+    min_tiles = SPLIT_MIN_TILES if q.is_cuda else SPLIT_MIN_TILES_INTERPRETED
     if splits > 1:
         assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
         tokens = q.shape[0]

@@ -88,3 +88,15 @@ def test_other_masks_keep_one_pass():
     spec = spec_for(q, cache, 0.2, 20, Mask.SLIDING)
     out = _prefill(q, cache, meta, spec, 4)  # the override is ignored for a window
     assert_close(out, REF.paged_attention(q, cache, meta, spec), torch.float32)
+
+
+def test_active_splits_decided_on_the_device(monkeypatch):
+    """As in a prefill graph (host splits from the table's width, 8 here): at least 2 tiles a
+    split leaves 10 tiles 5 active splits, 3 tiles 2, and 2 tiles one (written directly)."""
+    monkeypatch.setattr(triton_prefill, "SPLIT_MIN_TILES_INTERPRETED", 2)
+    q, cache, meta = make_batch([3, 2, 4], [150, 30, 40], heads=4, kv_heads=2, head_dim=32, page=8)
+    meta.is_decode = False
+    spec = spec_for(q, cache, 0.2)
+    split = _prefill(q, cache, meta, spec, 8)
+    assert_close(split, REF.paged_attention(q, cache, meta, spec), torch.float32)
+    assert_close(split, _prefill(q, cache, meta, spec, 1), torch.float32)

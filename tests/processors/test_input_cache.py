@@ -106,6 +106,31 @@ def test_video_files_hit_with_the_same_sampling(fresh, decodes, video_file):
     assert len(decodes) == 2
 
 
+def test_frame_lists_hit_by_content(fresh, decodes, photos):
+    from PIL import Image
+
+    def frames():  # new PIL objects each call, the same pixels
+        return [photos["astronaut"].resize((56, 56)) for _ in range(2)] + [
+            photos["camera"].convert("RGB").resize((56, 56)) for _ in range(2)
+        ]
+
+    first = fresh.process(prompt=VIDEO, videos=[frames()]).mm_items[0]
+    again = fresh.process(prompt=VIDEO, videos=[frames()])
+    _same(again.mm_items[0], first)
+    as_arrays = fresh.process(prompt=VIDEO, videos=[[np.asarray(f) for f in frames()]])
+    _same(as_arrays.mm_items[0], first)  # the same pixels as arrays: the same key
+    assert len(decodes) == 1 and fresh.input_cache.hits == 2
+    # one pixel changed: a miss, and the item differs
+    pixels = np.asarray(frames()[3]).copy()
+    pixels[7, 9, 1] ^= 1
+    changed = frames()[:3] + [Image.fromarray(pixels)]
+    other = fresh.process(prompt=VIDEO, videos=[changed]).mm_items[0]
+    assert len(decodes) == 2 and other.content_hash != first.content_hash
+    # another rate is another key (second_per_grid is part of the item)
+    fresh.process(prompt=VIDEO, videos=[frames()], fps=12)
+    assert len(decodes) == 3
+
+
 def test_bounded_by_bytes_least_recent_out(photos):
     cache = ProcessedInputCache(max_mb=1)
     item = qwen_vl.QwenMediaItem(
