@@ -54,6 +54,10 @@ class EngineConfig:
     # makes captioning and a loaded server fast).
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    # An online server (`polymodal serve`): its default token budget on a GPU is half the
+    # offline one (8192 on an H100+), as vLLM's API server's: a burst's first tokens come a
+    # step sooner and, on the H200's image burst, requests/s was higher too (performance.md).
+    serving: bool = False
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     # Which shapes torch's cuDNN SDPA gets (Triton backend; llm_core/attention/sdpa_shapes.py):
@@ -124,6 +128,7 @@ def resolve_batch_limits(cfg: EngineConfig, device: torch.device) -> EngineConfi
     if device.type == "cuda":
         gib = torch.cuda.get_device_properties(device).total_memory / (1 << 30)
         seqs, tokens = next((s, t) for floor, s, t in GPU_BATCH_LIMITS if gib >= floor)
+        tokens //= 2 if cfg.serving else 1
     return replace(
         cfg,
         max_num_seqs=cfg.max_num_seqs or seqs,

@@ -2,11 +2,13 @@
 decoding, resizing and hashing.
 
 The key is BLAKE3 of the item's raw bytes (a file's content, a data: URL's payload, bytes
-given directly) plus the options that shape its preprocessing; the value is the processed item
-(resized uint8 frames, grid, content hash). A hit returns a shallow copy: the tensors are
-shared read-only, the item's own fields (slots, staged data) are not. Sources without raw
-bytes (PIL images, arrays, tensors, frame lists) are not cached here: their content hash is
-taken on the decoded pixels as before, and the prefix cache still skips the tower for them.
+given directly; a PIL image's pixel memory, read in place: `hashing.image_key`) plus the
+options that shape its preprocessing; the value is the processed item (resized uint8 frames,
+grid, content hash). A hit returns a shallow copy: the tensors are shared read-only, the item's
+own fields (slots, staged data) are not. Sources without such bytes (arrays, tensors; a PIL
+image Pillow cannot export in place: a palette, several memory blocks) are not cached here:
+their content hash is taken on the decoded pixels, and the prefix cache still skips the tower
+for them. Frame lists are keyed by their processor (`video.frames_key`).
 
 Entries are bounded by the bytes of their tensors, least recently used out first; lookups and
 inserts are thread-safe (media is processed on worker threads).
@@ -21,15 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+from PIL import Image
 
+from polymodal.processors.hashing import image_key
 from polymodal.processors.media import read_source_bytes
 
 DEFAULT_MAX_MB = 2048
 
 
 def raw_media_key(source: Any, allow_http: bool = False) -> str | None:
-    """BLAKE3 (hex) of `source`'s raw bytes, or None when it has none (decoded images, arrays,
-    frame lists) or cannot be read (the loader then reports the error, naming the item)."""
+    """BLAKE3 (hex) of `source`'s raw bytes (a PIL image: its pixels, `image_key`), or None
+    when it has none (arrays, frame lists) or cannot be read (the loader then reports the
+    error, naming the item)."""
+    if isinstance(source, Image.Image):
+        return image_key(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data: bytes | Path = bytes(source)
     elif isinstance(source, (str, Path)):

@@ -20,7 +20,7 @@ import torch
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
 from polymodal.processors.base import refuse_modalities
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
-from polymodal.processors.hashing import content_hash
+from polymodal.processors.hashing import content_hash, image_key
 from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key
 from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import (
@@ -238,7 +238,10 @@ class QwenVLProcessor:
             plan = plan_patches(frames, icfg, min_pixels=min_pixels, max_pixels=max_pixels)
         except ValueError as exc:
             raise media_error("image", index, ref.source, str(exc)) from None
-        key = _media_key(pixels, min_pixels, max_pixels, icfg)  # as decoded (no copy)
+        # hashed as decoded: the image's memory in place where Pillow exports it (a PIL source
+        # already in RGB: the key `_cached` took), else the decoded pixels (no copy)
+        viewed = cache_key[1] if cache_key is not None and image is ref.source else None
+        key = _media_key(viewed or image_key(image) or pixels, min_pixels, max_pixels, icfg)
         item = self._item("image", frames, plan, icfg, key)
         if cache_key is not None:
             self.input_cache.put(cache_key, item)
@@ -333,10 +336,17 @@ def _time_interval(cfg, second_per_grid: float) -> float:
     return 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
 
 
-def _media_key(frames: torch.Tensor, min_pixels, max_pixels, cfg) -> dict[str, torch.Tensor]:
-    """What the content hash covers: the decoded uint8 frames and every knob of their
-    preprocessing. Hashing these (not the pixel values, 8x larger as float32) keeps the hash cheap;
-    equal keys give equal pixel values because preprocessing is deterministic."""
+def _media_key(
+    frames: torch.Tensor | str, min_pixels, max_pixels, cfg
+) -> dict[str, torch.Tensor]:
+    """What the content hash covers: the decoded uint8 frames (or a decoded image's
+    `image_key`: its pixels hashed in place) and every knob of their preprocessing. Hashing
+    these (not the pixel values, 8x larger as float32) keeps the hash cheap; equal keys give
+    equal pixel values because preprocessing is deterministic."""
     knobs = [min_pixels, max_pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size]
     knobs += [*cfg.image_mean, *cfg.image_std, cfg.rescale_factor, cfg.resample]
-    return {"frames": frames, "knobs": torch.tensor(knobs, dtype=torch.float64)}
+    knobs_tensor = torch.tensor(knobs, dtype=torch.float64)
+    if isinstance(frames, str):
+        digest = torch.frombuffer(bytearray.fromhex(frames), dtype=torch.uint8)
+        return {"image_key": digest, "knobs": knobs_tensor}
+    return {"frames": frames, "knobs": knobs_tensor}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.processors.hashing import hasher
+from polymodal.processors.hashing import hash_pixels, hasher
 from polymodal.processors.media import media_error, read_source_bytes
 
 DEFAULT_FRAME_LIST_FPS = 24.0  # what transformers assumes for frames given without metadata
@@ -126,12 +126,19 @@ def frames_key(frames: Any, max_pixels: int) -> str:
     """BLAKE3 (hex) of a frame list's pixels as `frames_from_list` reads them (count, shape,
     every byte): equal content gives one key whatever objects hold it, one changed pixel
     another. Frames are hashed one at a time and not kept: a processed-input cache hit then
-    costs one read of each PIL frame and the hash, with no stacking (holding all 64 frames of
-    720p as PIL copies made those reads ~3x slower on the CPU box: 177 MB of fresh pages)."""
+    costs the hash of each frame's memory (PIL frames read in place: `hash_pixels`), with no
+    stacking (holding all 64 frames of 720p as copies made those reads ~3x slower on the CPU
+    box: 177 MB of fresh pages)."""
     sources, shape = frame_sources(frames, max_pixels)
     digest = hasher(len(sources) * int(np.prod(shape)))
     digest.update(f"frames|{len(sources)}|{shape}|".encode())
     for source in sources:
+        # a PIL frame's own memory where Pillow exports it (no copy: ~1 ms a 720p frame on an
+        # H200's host), else its bytes as `frames_from_list` reads them; tagged, so the two
+        # forms never run together into one byte stream
+        if isinstance(source, Image.Image) and hash_pixels(digest, source, b"|view|"):
+            continue
+        digest.update(b"|copy|")
         digest.update(np.ascontiguousarray(np.asarray(source).reshape(shape)))
     return digest.hexdigest()
 

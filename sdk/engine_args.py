@@ -17,7 +17,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int)
     parser.add_argument("--max-num-seqs", type=int, help="default: by device (512 on an H100+)")
     parser.add_argument(
-        "--max-num-batched-tokens", type=int, help="default: by device (16384 on an H100+)"
+        "--max-num-batched-tokens",
+        type=int,
+        help="default: by device (16384 on an H100+; `serve`: half that)",
     )
     parser.add_argument(
         "--gpu-memory-utilization",

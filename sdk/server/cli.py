@@ -103,7 +103,10 @@ def serve_command(parser: argparse.ArgumentParser):
             print(f"polymodal serve: {exc}", file=sys.stderr)
             return 2
         engine = AsyncEngine(
-            args.model, generation_config=args.generation_config, **engine_kwargs(args)
+            args.model,
+            generation_config=args.generation_config,
+            serving=True,
+            **engine_kwargs(args),
         )
         app = create_app(
             engine,

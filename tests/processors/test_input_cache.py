@@ -87,13 +87,54 @@ def test_other_bytes_options_or_limits_miss(fresh, decodes, photos):
         fresh.process(prompt=IMAGE, images=[data])
 
 
-def test_decoded_sources_are_not_cached(fresh, decodes, photos):
+def test_arrays_are_not_cached(fresh, decodes, photos):
     image = photos["astronaut"].resize((64, 64))
     for _ in range(2):
-        fresh.process(prompt=IMAGE, images=[image])
         fresh.process(prompt=IMAGE, images=[np.asarray(image)])
-    assert len(decodes) == 4 and len(fresh.input_cache) == 0
-    assert raw_media_key(image) is None and raw_media_key("https://example.com/a.jpg") is None
+    assert len(decodes) == 2 and len(fresh.input_cache) == 0
+    assert raw_media_key(np.asarray(image)) is None
+    assert raw_media_key("https://example.com/a.jpg") is None
+
+
+def test_pil_images_hit_by_their_pixels(fresh, decodes, photos):
+    from PIL import Image
+
+    def image():  # a new PIL object each call, the same pixels
+        return photos["astronaut"].convert("RGB").resize((64, 48))
+
+    first = fresh.process(prompt="x " + IMAGE, images=[image()]).mm_items[0]
+    again = fresh.process(prompt="x " + IMAGE, images=[image()]).mm_items[0]
+    _same(again, first)
+    assert len(decodes) == 1 and fresh.input_cache.hits == 1
+    # one pixel changed in place: a miss, another content hash
+    changed = image()
+    changed.putpixel((5, 7), (1, 2, 3))
+    other = fresh.process(prompt="x " + IMAGE, images=[changed]).mm_items[0]
+    assert other.content_hash != first.content_hash
+    # the same pixels with an EXIF rotation load rotated: another key
+    rotated = image()
+    rotated.getexif()[0x0112] = 6
+    decoded = len(decodes)
+    turned = fresh.process(prompt="x " + IMAGE, images=[rotated]).mm_items[0]
+    assert len(decodes) == decoded + 1 and turned.content_hash != first.content_hash
+    assert torch.equal(
+        turned.data["pixel_frames"][0],
+        torch.from_numpy(np.array(image().rotate(-90, expand=True))).permute(2, 0, 1),
+    )
+    decoded = len(decodes)
+    # a palette image has no key (its pixels are indices): decoded every time
+    palette = image().convert("P")
+    assert raw_media_key(palette) is None
+    for _ in range(2):
+        fresh.process(prompt="x " + IMAGE, images=[palette])
+    assert len(decodes) == decoded + 2
+    assert isinstance(palette, Image.Image)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_video_files_hit_with_the_same_sampling(fresh, decodes, video_file):
@@ -117,18 +158,22 @@ def test_frame_lists_hit_by_content(fresh, decodes, photos):
     first = fresh.process(prompt=VIDEO, videos=[frames()]).mm_items[0]
     again = fresh.process(prompt=VIDEO, videos=[frames()])
     _same(again.mm_items[0], first)
-    as_arrays = fresh.process(prompt=VIDEO, videos=[[np.asarray(f) for f in frames()]])
-    _same(as_arrays.mm_items[0], first)  # the same pixels as arrays: the same key
-    assert len(decodes) == 1 and fresh.input_cache.hits == 2
+    assert len(decodes) == 1 and fresh.input_cache.hits == 1
+    # the same pixels as arrays: their own key (PIL frames are hashed in place, as Pillow
+    # holds them), the same item
+    as_arrays = [np.asarray(f) for f in frames()]
+    _same(fresh.process(prompt=VIDEO, videos=[as_arrays]).mm_items[0], first)
+    _same(fresh.process(prompt=VIDEO, videos=[as_arrays]).mm_items[0], first)
+    assert len(decodes) == 2 and fresh.input_cache.hits == 2
     # one pixel changed: a miss, and the item differs
     pixels = np.asarray(frames()[3]).copy()
     pixels[7, 9, 1] ^= 1
     changed = frames()[:3] + [Image.fromarray(pixels)]
     other = fresh.process(prompt=VIDEO, videos=[changed]).mm_items[0]
-    assert len(decodes) == 2 and other.content_hash != first.content_hash
+    assert len(decodes) == 3 and other.content_hash != first.content_hash
     # another rate is another key (second_per_grid is part of the item)
     fresh.process(prompt=VIDEO, videos=[frames()], fps=12)
-    assert len(decodes) == 3
+    assert len(decodes) == 4
 
 
 def test_bounded_by_bytes_least_recent_out(photos):
@@ -230,3 +275,41 @@ def test_cached_items_generate_as_decoded_ones(arch, tmp_path_factory, photos):
     for _ in range(2):
         got = [o.outputs[0].token_ids for o in llm.chat([chat(data), chat(data)], params)]
         assert got == want * 2
+
+
+def test_image_key_reads_the_pixels_in_place(photos):
+    import blake3
+    from PIL import Image
+
+    from polymodal.processors.hashing import hash_pixels, image_key
+
+    # an RGB image is held as RGBX; from an array X is 255: the bytes of its RGBA form
+    image = Image.fromarray(np.asarray(photos["astronaut"].convert("RGB").resize((96, 64))))
+    viewed = blake3.blake3()
+    assert hash_pixels(viewed, image, b"t")
+    copied = blake3.blake3(b"t" + np.asarray(image.convert("RGBA")).tobytes())
+    assert viewed.hexdigest() == copied.hexdigest()
+    assert image_key(image) == image_key(image.copy()) is not None
+    assert image_key(image) != image_key(image.resize((64, 96)))
+    assert image_key(image.convert("L")) not in (None, image_key(image))
+    # no view: a palette, a transparency key, an image over one memory block
+    assert image_key(image.convert("P")) is None
+    keyed = image.copy()
+    keyed.info["transparency"] = (0, 0, 0)
+    assert image_key(keyed) is None
+    assert image_key(Image.new("RGB", (3840, 2160))) is None
+    # an image opened lazily is decoded for its key, equal to the decoded one's
+    assert image_key(Image.open(io.BytesIO(_png(image)))) == image_key(image)
+
+
+def test_frame_keys_tag_in_place_and_copied_frames(photos):
+    from polymodal.processors.video import frames_key
+
+    frame = photos["astronaut"].convert("RGB").resize((56, 56))
+    array = np.asarray(frame)
+    keys = {
+        frames_key(pair, 1 << 30)
+        for pair in ([frame, frame], [array, array], [frame, array], [array, frame])
+    }
+    assert len(keys) == 4  # each mix of forms its own key
+    assert frames_key([frame.copy(), frame.copy()], 1 << 30) == frames_key([frame, frame], 1 << 30)
