@@ -165,6 +165,11 @@ def bench_command(parser: argparse.ArgumentParser):
     paths.add_argument("--ttft-calls", type=int, default=12, help="Pipeline image calls")
     paths.add_argument("--requests", type=int, default=256, help="concurrent server requests")
     paths.add_argument("--port", type=int, default=8765)
+    paths.add_argument(
+        "--server-args", default="",
+        help="more `polymodal serve` options for the serve workload, one string "
+        "(e.g. '--max-num-batched-tokens 8192')",
+    )  # fmt: skip
     parser.add_argument("--json", default="bench.json", help="where to write the results")
 
     def run(args) -> int:

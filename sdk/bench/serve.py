@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -114,13 +115,15 @@ def burst_from_processes(port: int, urls: list[str], tokens: int, processes: int
     return [run for part in parts for run in part]
 
 
-def start_server(ckpt: Path, dummy: bool, port: int) -> subprocess.Popen:
-    """`polymodal serve` as a user starts it; returns once /health answers."""
+def start_server(ckpt: Path, dummy: bool, port: int, extra: str = "") -> subprocess.Popen:
+    """`polymodal serve` as a user starts it (plus the options in `extra`, shell-split);
+    returns once /health answers."""
     import httpx
 
     cmd = [sys.executable, "-m", "polymodal.cli", "serve", str(ckpt), "--port", str(port)]
     cmd += ["--served-model-name", "bench", "--log-level", "warning"]
     cmd += ["--load-format", "dummy"] if dummy else []
+    cmd += shlex.split(extra)
     server = subprocess.Popen(cmd)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -213,9 +216,10 @@ def run_bench(args) -> dict:
         "workload": "serve",
         "requests": args.requests,
         "output_tokens": args.output_tokens,
+        "server_args": args.server_args,
     }
     results["offline"] = in_child(offline_rate, ckpt, dummy, urls, args.output_tokens)
-    server = start_server(ckpt, dummy, args.port)
+    server = start_server(ckpt, dummy, args.port, args.server_args)
     try:
         warm = write_jpegs(work / "warm", 8, seed=8)
         asyncio.run(burst(args.port, [data_url(p) for p in warm], 8))
