@@ -268,9 +268,7 @@ class QwenVLProcessor:
                          num_frames, min_pixels, max_pixels)  # fmt: skip
             hit = self.input_cache.get(cache_key)
         else:
-            cache_key, hit = self._cached(
-                "video", source, fps, num_frames, min_pixels, max_pixels
-            )
+            cache_key, hit = self._cached("video", source, fps, num_frames, min_pixels, max_pixels)
         if hit is not None:
             return hit, _time_interval(cfg, hit.second_per_grid)
         video = load_video(
@@ -336,9 +334,7 @@ def _time_interval(cfg, second_per_grid: float) -> float:
     return 1.0 if cfg.tokens_per_second is None else second_per_grid * cfg.tokens_per_second
 
 
-def _media_key(
-    frames: torch.Tensor | str, min_pixels, max_pixels, cfg
-) -> dict[str, torch.Tensor]:
+def _media_key(frames: torch.Tensor | str, min_pixels, max_pixels, cfg) -> dict[str, torch.Tensor]:
     """What the content hash covers: the decoded uint8 frames (or a decoded image's
     `image_key`: its pixels hashed in place) and every knob of their preprocessing. Hashing
     these (not the pixel values, 8x larger as float32) keeps the hash cheap; equal keys give
