@@ -96,8 +96,9 @@ def hash_pixels(digest: blake3.blake3, image: Image.Image, tag: bytes = b"") -> 
     """Feed `tag`, then `image`'s pixel memory to `digest` as Pillow holds it (RGB as RGBX, 4
     bytes a pixel), without copying it; False (nothing fed) when Pillow cannot export it so (an
     image over `PIXEL_VIEW_BYTES`, e.g. 4K RGB: several memory blocks; an old Pillow; a mode
-    outside `PIXEL_VIEW_MODES`). An image not yet decoded (`Image.open`) is decoded here: the
-    size bound keeps that far below any processor's pixel limit."""
+    outside `PIXEL_VIEW_MODES`; pixels Pillow does not own: `readonly`). An image not yet
+    decoded (`Image.open`) is decoded here: the size bound keeps that far below any
+    processor's pixel limit."""
     if image.mode not in PIXEL_VIEW_MODES or "transparency" in image.info:
         return False
     if image.width * image.height * 4 > PIXEL_VIEW_BYTES:
@@ -107,6 +108,10 @@ def hash_pixels(digest: blake3.blake3, image: Image.Image, tag: bytes = b"") -> 
         return False
     try:
         image.load()
+        # pixels in a caller's buffer (`fromarray` of L / RGBA, `frombuffer`, a memory-mapped
+        # file once loaded): Pillow 12.3's export dereferences blocks those do not have
+        if image.readonly:
+            return False
         _schema, capsule = export()
     except (ValueError, OSError):
         return False

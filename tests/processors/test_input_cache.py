@@ -277,7 +277,7 @@ def test_cached_items_generate_as_decoded_ones(arch, tmp_path_factory, photos):
         assert got == want * 2
 
 
-def test_image_key_reads_the_pixels_in_place(photos):
+def test_image_key_reads_the_pixels_in_place(photos, tmp_path):
     import blake3
     from PIL import Image
 
@@ -298,6 +298,15 @@ def test_image_key_reads_the_pixels_in_place(photos):
     keyed.info["transparency"] = (0, 0, 0)
     assert image_key(keyed) is None
     assert image_key(Image.new("RGB", (3840, 2160))) is None
+    # pixels in the caller's buffer (`fromarray` maps L and RGBA arrays): no view, no crash
+    # (Pillow's export dereferences a block list such images do not have)
+    for array in (np.asarray(image.convert("L")), np.asarray(image.convert("RGBA"))):
+        mapped = Image.fromarray(array)
+        assert mapped.readonly and image_key(mapped) is None
+    assert image_key(Image.fromarray(np.asarray(image.convert("L"))).copy()) is not None
+    raw = tmp_path / "gray.ppm"  # raw pixels in a file: Pillow maps them on load
+    image.convert("L").save(raw)
+    assert image_key(Image.open(raw)) is None
     # an image opened lazily is decoded for its key, equal to the decoded one's
     assert image_key(Image.open(io.BytesIO(_png(image)))) == image_key(image)
 
