@@ -298,6 +298,7 @@ def test_image_key_reads_the_pixels_in_place(photos, tmp_path):
     keyed.info["transparency"] = (0, 0, 0)
     assert image_key(keyed) is None
     assert image_key(Image.new("RGB", (3840, 2160))) is None
+    assert image_key(Image.new("RGB", (0, 0))) is None and image_key(Image.new("L", (0, 5))) is None
     # pixels in the caller's buffer (`fromarray` maps L and RGBA arrays): no view, no crash
     # (Pillow's export dereferences a block list such images do not have)
     for array in (np.asarray(image.convert("L")), np.asarray(image.convert("RGBA"))):
