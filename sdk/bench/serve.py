@@ -171,13 +171,16 @@ def histogram_quantiles(metrics_text: str, name: str, qs=(0.1, 0.5, 0.9)) -> dic
 
 def server_phases(port: int) -> dict:
     """Where the server says a request's time went (its `/metrics` histograms, the warm-up's
-    few requests included): arrival to first token, queued in the engine, first step to first
-    token."""
+    few requests included): arrival to first token, and its four parts: arrival to queued in
+    the engine (parsing, media, hand-off), queued, first step to first token, first token to
+    the handler."""
     import httpx
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    names = {"ttft": "time_to_first_token_seconds", "queue": "request_queue_time_seconds",
-             "prefill": "request_prefill_time_seconds"}  # fmt: skip
+    names = {"ttft": "time_to_first_token_seconds",
+             "preprocess": "request_preprocess_time_seconds",
+             "queue": "request_queue_time_seconds", "prefill": "request_prefill_time_seconds",
+             "delivery": "request_first_token_delivery_seconds"}  # fmt: skip
     return {key: histogram_quantiles(text, f"polymodal:{name}") for key, name in names.items()}
 
 

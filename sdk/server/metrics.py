@@ -65,6 +65,16 @@ class ServerMetrics:
             "request_prefill_time_seconds", "First step to first token (prompt and media)."
         )
         self.decode = histogram("request_decode_time_seconds", "First token to the last.")
+        # Ours (no vLLM equivalent): with queue and prefill, they split the TTFT in four
+        self.preprocess = histogram(
+            "request_preprocess_time_seconds",
+            "Arrival (HTTP) until queued in the engine: parsing, media loading and processing, "
+            "the hand-off to the engine thread.",
+        )
+        self.delivery = histogram(
+            "request_first_token_delivery_seconds",
+            "The first token sampled (engine) until the HTTP handler had it.",
+        )
         stats = engine.stats
         gauges = {
             "num_requests_running": ("Requests in the running batch.", "num_running"),
@@ -92,18 +102,21 @@ class ServerMetrics:
         seconds: float,
         finals: list[RequestOutput] | None = None,
         ttft: float | None = None,
+        arrival_wall: float | None = None,
+        first_wall: float | None = None,
     ) -> None:
         """Count one ended HTTP request: `seconds` since its arrival, `ttft` to its first
         tokens (both as the server saw them) and, when it finished, its engine outputs (one
-        per prompt)."""
+        per prompt); `arrival_wall` / `first_wall`: `time.time()` of its arrival and of its
+        first tokens at the handler (the engine's phases are wall-clock times too)."""
         self.requests.labels(endpoint, status).inc()
         self.e2e.labels(endpoint).observe(seconds)
         if ttft is not None:
             self.ttft.observe(ttft)
         for final in finals or ():
-            self._observe_engine(final)
+            self._observe_engine(final, arrival_wall, first_wall)
 
-    def _observe_engine(self, final: RequestOutput) -> None:
+    def _observe_engine(self, final: RequestOutput, arrival_wall=None, first_wall=None) -> None:
         """One finished engine request's tokens and phases."""
         self.prompt_tokens.inc(final.usage.prompt_tokens)
         self.generation_tokens.inc(final.usage.completion_tokens)
@@ -113,6 +126,10 @@ class ServerMetrics:
         if m.first_scheduled_time is not None:
             self.queue.observe(m.time_in_queue)
             self.prefill.observe(m.first_token_time - m.first_scheduled_time)
+        if arrival_wall is not None:
+            self.preprocess.observe(max(0.0, m.arrival_time - arrival_wall))
+        if first_wall is not None:
+            self.delivery.observe(max(0.0, first_wall - m.first_token_time))
         end = m.finished_time or m.last_token_time
         self.decode.observe(end - m.first_token_time)
         later_tokens = max(len(c.token_ids) for c in final.outputs) - 1

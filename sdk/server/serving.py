@@ -77,11 +77,11 @@ async def run_job(
     """Submit one engine request per prompt (all with `params` and `lora_request`, the
     adapter the request's model name selects) and answer them together. An input error names
     `param`, or the request field (`fields`: SamplingParams name -> it) the engine's names."""
-    start = time.monotonic()
+    start, arrival_wall = time.monotonic(), time.time()
     ids = [engine.submit(p, params, lora_request=lora_request) for p in prompts]
     streams = [engine.stream(i) for i in ids]
     watcher = asyncio.create_task(_abort_on_disconnect(request, engine, ids))
-    first_at = None  # when the first tokens reached the server
+    first_at = first_wall = None  # when the first tokens reached the server
 
     async def cleanup(status: str, finals: list[RequestOutput] | None = None) -> None:
         # synchronous work first: under cancellation every await may raise again
@@ -90,14 +90,15 @@ async def run_job(
             for request_id in ids:
                 engine.abort(request_id)
         ttft = first_at - start if first_at is not None else None
-        metrics.observe(endpoint, status, time.monotonic() - start, finals, ttft)
+        metrics.observe(endpoint, status, time.monotonic() - start, finals, ttft,
+                        arrival_wall, first_wall)  # fmt: skip
         for s in streams:
             with contextlib.suppress(BaseException):
                 await s.aclose()
 
     try:
         firsts = [await s.__anext__() for s in streams]
-        first_at = time.monotonic()
+        first_at, first_wall = time.monotonic(), time.time()
     except asyncio.CancelledError:  # the server cancelled us: the client went away
         await cleanup("aborted")
         raise

@@ -278,8 +278,13 @@ def test_metrics_have_millisecond_buckets_and_request_phases(server):
     exported = httpx.get(f"{server}/metrics", timeout=10).text
     assert first_bucket in exported
     for name in ("inter_token_latency", "request_queue_time", "request_prefill_time",
-                 "request_decode_time", "request_time_per_output_token"):  # fmt: skip
+                 "request_decode_time", "request_time_per_output_token",
+                 "request_preprocess_time", "request_first_token_delivery"):  # fmt: skip
         assert _metric(server, f"polymodal:{name}_seconds_count") > 0, name
+    # the four parts of a TTFT, each a share of it: their sums within the TTFTs' sum
+    parts = sum(_metric(server, f"polymodal:request_{name}_seconds_sum") for name in (
+        "preprocess_time", "queue_time", "prefill_time", "first_token_delivery"))  # fmt: skip
+    assert 0 < parts <= _metric(server, "polymodal:time_to_first_token_seconds_sum") * 1.05
     assert _metric(server, "polymodal:generation_tokens_total") > 0
     assert 0 <= _metric(server, "polymodal:kv_cache_usage_perc") <= 1
 
