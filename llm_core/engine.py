@@ -172,6 +172,22 @@ class Engine:
         )  # fmt: skip
         return self._queue(group)
 
+    def add_processed(
+        self,
+        prompt: Any,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        grammar: Any = None,
+        lora_request: Any = None,
+        token_type_ids: list[int] | None = None,
+    ) -> str:
+        """`add_request` of a processed prompt passed whole (a `ProcessedPrompt`: its token ids,
+        M-RoPE positions and delta, media items), as every front end holds it."""
+        return self.add_request(
+            prompt.token_ids, params, request_id, prompt.positions, prompt.mrope_delta,
+            prompt.mm_items, grammar, token_type_ids, lora_request,
+        )  # fmt: skip
+
     def add_requests(
         self,
         prompts: list[list[int]],

@@ -193,13 +193,10 @@ class EngineLoop:
                 if not live:  # aborted while it was being processed
                     continue
                 try:
-                    self.engine.add_request(
-                        p.token_ids,
+                    self.engine.add_processed(
+                        p,
                         params,
                         request_id,
-                        p.positions,
-                        p.mrope_delta,
-                        p.mm_items,
                         grammar,
                         lora_request=lora,
                         token_type_ids=token_types,

@@ -84,10 +84,7 @@ def run_prompts(
                 ahead.popleft()
                 try:
                     p, grammar = pending.result() if pool else llm.prepare(pending, params)
-                    request_id = engine.add_request(
-                        p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items,
-                        grammar, lora_request=lora_request,
-                    )  # fmt: skip
+                    request_id = engine.add_processed(p, params, None, grammar, lora_request)
                     in_flight[request_id] = key
                 except Exception as exc:  # noqa: BLE001 - this item's error, the rest go on
                     yield Finished(key, error=exc)

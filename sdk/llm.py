@@ -147,10 +147,7 @@ class LLM:
         `lora_request` runs it with that adapter.
         """
         p = self.process(prompt)
-        return self.engine.add_request(
-            p.token_ids, params, request_id, p.positions, p.mrope_delta, p.mm_items, grammar,
-            lora_request=lora_request,
-        )  # fmt: skip
+        return self.engine.add_processed(p, params, request_id, grammar, lora_request)
 
     def prepare(self, prompt: Any, params: SamplingParams) -> tuple[ProcessedPrompt, Any]:
         """`process(prompt)` plus the request's compiled grammar (None without structured

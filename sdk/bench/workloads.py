@@ -149,9 +149,7 @@ class OurSide:
 
     def _add(self, p, max_tokens: int) -> str:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        return self.engine.add_request(
-            p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
-        )
+        return self.engine.add_processed(p, params)
 
     def decode_ms(self, n: int) -> float:
         """Median inter-token time of one request decoding alone (after its first token)."""

@@ -105,8 +105,6 @@ def test_greedy_tokens_do_not_depend_on_where_the_resize_ran(ckpt):
             for it in p.mm_items:
                 it.set_pixel_values(it.pixel_values())
         llm.engine.runner.model.stage(p.mm_items)
-        routes[route] = llm.engine.add_request(
-            p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
-        )
+        routes[route] = llm.engine.add_processed(p, params)
     final = llm.engine.run_until_done()
     assert final[routes["gpu"]].outputs[0].token_ids == final[routes["host"]].outputs[0].token_ids

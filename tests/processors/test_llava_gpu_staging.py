@@ -125,9 +125,7 @@ def test_greedy_tokens_do_not_depend_on_where_the_pixels_were_made(tmp_path_fact
                     assert it.data["pixel_frames"].device.type == "cpu"  # not staged yet
                     it.set_pixel_values(it.pixel_values())
             llm.engine.runner.model.stage(p.mm_items)
-            routes[route, image.size] = llm.engine.add_request(
-                p.token_ids, params, None, p.positions, p.mrope_delta, p.mm_items
-            )
+            routes[route, image.size] = llm.engine.add_processed(p, params)
     final = llm.engine.run_until_done()
     for image in images:
         gpu, host = final[routes["gpu", image.size]], final[routes["host", image.size]]

@@ -128,7 +128,7 @@ def test_caption_files_fills_the_batch_and_bounds_the_prefetch(tmp_path, monkeyp
         def __init__(self):
             self.left = {}
 
-        def add_request(self, *_, **__):
+        def add_processed(self, *_, **__):
             counts["added"] += 1
             rid = str(counts["added"])
             self.left[rid] = 3  # steps until it finishes
