@@ -21,6 +21,7 @@ from polymodal.llm_core import pdl
 from polymodal.llm_core.layers.gemv import num_sms
 from polymodal.llm_core.lora.launch_plan import DOT_ROWS, ExpandConfig, expand_config, interpreted
 from polymodal.llm_core.lora.ops import LoRASegments
+from polymodal.llm_core.lora.triton_lora import b_tile
 
 
 @triton.jit(do_not_specialize=["num_tokens", "token_step"])
@@ -58,21 +59,11 @@ def _expand_folded_kernel(
     start = tl.load(seg_start_ptr + slot)
     length = tl.load(seg_len_ptr + slot)
     length = tl.where(adapted, length, num_tokens - start)  # padding rows too
-    size = tl.load(slice_size_ptr + piece)
+    b, size, cols, col_ok, rs, r_ok = b_tile(
+        b_ptr, slot, piece, length, adapted, slice_offset_ptr, slice_size_ptr, R,
+        stride_bl, stride_bn, BLOCK_M, BLOCK_N, BLOCK_R, DOT_F32,
+    )  # fmt: skip
     busy = (pid_m * BLOCK_M < length) & (pid_n * BLOCK_N < size)
-    offset = tl.load(slice_offset_ptr + piece)
-    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = local < size
-    cols = (offset + local).to(tl.int64)
-    rs = tl.arange(0, BLOCK_R)
-    r_ok = rs < R
-    b = tl.load(  # [BLOCK_R, BLOCK_N]: the slot's B rows `cols`, transposed
-        b_ptr + slot.to(tl.int64) * stride_bl + cols[None, :] * stride_bn + rs[:, None],
-        mask=busy & adapted & r_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    )
-    if DOT_F32:
-        b = b.to(tl.float32)
     offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the first block's rows, also before
     rows = tl.load(sorted_ptr + start + offs, mask=busy & (offs < length), other=0)
     pdl.wait(USE_PDL)

@@ -193,6 +193,32 @@ def _shrink_kernel(
         tl.store(y_ptr + tile, acc, mask=tile_ok)
 
 
+@triton.jit
+def b_tile(b_ptr, slot, piece, length, adapted, slice_offset_ptr, slice_size_ptr, R,
+           stride_bl, stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """An expand program's `[BLOCK_R, BLOCK_N]` tile of the slot's B rows for its slice's
+    N block (transposed; zeros where the program has no work or the slot no adapter), with
+    the slice's size, the tile's output columns and masks: (b, size, cols, col_ok, rs, r_ok)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    size = tl.load(slice_size_ptr + piece)
+    busy = (pid_m * BLOCK_M < length) & (pid_n * BLOCK_N < size)
+    offset = tl.load(slice_offset_ptr + piece)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = local < size
+    cols = (offset + local).to(tl.int64)
+    rs = tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    b = tl.load(
+        b_ptr + slot.to(tl.int64) * stride_bl + cols[None, :] * stride_bn + rs[:, None],
+        mask=busy & adapted & r_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    if DOT_F32:
+        b = b.to(tl.float32)
+    return b, size, cols, col_ok, rs, r_ok
+
+
 @triton.jit(do_not_specialize=["token_step"])
 def _expand_kernel(
     y_ptr,  # fp32 [T, S * R]
@@ -220,21 +246,10 @@ def _expand_kernel(
     pid_m, pid_n, pid_ls = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot, piece = pid_ls // NUM_SLICES, pid_ls % NUM_SLICES
     length = tl.load(seg_len_ptr + slot)
-    size = tl.load(slice_size_ptr + piece)
-    busy = (pid_m * BLOCK_M < length) & (pid_n * BLOCK_N < size)
-    offset = tl.load(slice_offset_ptr + piece)
-    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = local < size
-    cols = (offset + local).to(tl.int64)
-    rs = tl.arange(0, BLOCK_R)
-    r_ok = rs < R
-    b = tl.load(  # [BLOCK_R, BLOCK_N]: the slot's B rows `cols`, transposed
-        b_ptr + slot.to(tl.int64) * stride_bl + cols[None, :] * stride_bn + rs[:, None],
-        mask=busy & r_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    )
-    if DOT_F32:
-        b = b.to(tl.float32)
+    b, size, cols, col_ok, rs, r_ok = b_tile(
+        b_ptr, slot, piece, length, length > 0, slice_offset_ptr, slice_size_ptr, R,
+        stride_bl, stride_bn, BLOCK_M, BLOCK_N, BLOCK_R, DOT_F32,
+    )  # fmt: skip
     pdl.wait(USE_PDL)
     if pid_m * BLOCK_M >= length or pid_n * BLOCK_N >= size:
         return
