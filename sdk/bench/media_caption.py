@@ -15,7 +15,8 @@ profiler ranges (`engine_ranges`) and the host work inside the largest gap pairs
 from __future__ import annotations
 
 from polymodal.bench.media import IMAGES, input_flops, photo
-from polymodal.bench.profile import calls_profile, engine_ranges, print_gap_hosts
+from polymodal.bench.profile import calls_profile, engine_ranges
+from polymodal.bench.trace import print_gap_hosts
 from polymodal.bench.workloads import TEXT_TOKENS, OurSide, text_ids
 from polymodal.processors.chat import MediaRef
 

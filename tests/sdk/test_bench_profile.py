@@ -1,17 +1,18 @@
 """The profile's arithmetic over kernel intervals: busy time, marginal cost, idle gaps."""
 
 from polymodal.bench import profile as bench_profile
+from polymodal.bench import trace
 
 # (start, end, name) in microseconds: a and b overlap (PDL), then a 5 us gap, c, a 2 us gap, a
 SPANS = [(0.0, 10.0, "a"), (8.0, 12.0, "b"), (17.0, 20.0, "c"), (22.0, 23.0, "a")]
 
 
 def test_busy_marginal_and_gaps(monkeypatch):
-    monkeypatch.setattr(bench_profile, "_device_spans", lambda prof, exclude=(): SPANS)
-    assert bench_profile._busy_seconds(None) * 1e6 == 12 + 3 + 1
-    charged = {r["name"]: r["ms_per_step"] * 1e3 for r in bench_profile._exclusive_ms(None, 1, 9)}
+    monkeypatch.setattr(trace, "_device_spans", lambda prof, exclude=(): SPANS)
+    assert trace.busy_seconds(None) * 1e6 == 12 + 3 + 1
+    charged = {r["name"]: r["ms_per_step"] * 1e3 for r in trace.exclusive_ms(None, 1, 9)}
     assert charged == {"a": 11.0, "b": 2.0, "c": 3.0}
-    gaps = {r["name"]: r["ms_per_step"] * 1e3 for r in bench_profile._idle_gaps(None, 1, 9)}
+    gaps = {r["name"]: r["ms_per_step"] * 1e3 for r in trace.idle_gaps(None, 1, 9)}
     assert gaps == {"b -> c": 5.0, "c -> a": 2.0}
 
 
@@ -31,7 +32,7 @@ class _Event:
 def test_gap_hosts_names_the_host_work_inside_each_gap(monkeypatch):
     """Gaps b -> c (12..17 us) and c -> a (20..22): the engine thread's ranges and ops that ran
     then, by self time; another thread's work (media processing) is left out."""
-    monkeypatch.setattr(bench_profile, "_device_spans", lambda prof, exclude=(): SPANS)
+    monkeypatch.setattr(trace, "_device_spans", lambda prof, exclude=(): SPANS)
     step = _Event("engine.step", 0.0, 30.0)
     launch_b = _Event("cudaLaunchKernel", 7.0, 8.0, step)
     prepare = _Event("prepare (device inputs)", 11.0, 16.5, step)  # 4.5 us in the first gap
@@ -41,7 +42,7 @@ def test_gap_hosts_names_the_host_work_inside_each_gap(monkeypatch):
     other = _Event("resize", 0.0, 30.0, thread=2)
     events = [step, launch_b, prepare, copy, launch_c, sync, other]
     prof = type("Prof", (), {"events": lambda self: events})()
-    rows = bench_profile.gap_hosts(prof, pairs=2)
+    rows = trace.gap_hosts(prof, pairs=2)
     assert [(r["pair"], r["gaps"], r["idle_ms"] * 1e3) for r in rows] == [
         ("b -> c", 1, 5.0),
         ("c -> a", 1, 2.0),
