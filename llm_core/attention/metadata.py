@@ -50,10 +50,57 @@ class AttentionMetadata:
     # The causal-SDPA route of this step per layer shape (`causal_sdpa.step_plan`): decided by
     # the first layer of a shape, reused by the others (not copied by `dataclasses.replace`).
     sdpa_plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # `decode_split`'s result, made once a step (False: not made yet)
+    _split: object = field(default=False, init=False, repr=False, compare=False)
 
     def group(self, index: int) -> AttentionMetadata:
         """The metadata of KV group `index` (a layer's `kv_group`)."""
         return self if index == 0 else self.groups[index]
+
+    def decode_split(self) -> tuple[AttentionMetadata, AttentionMetadata] | None:
+        """(head, tail) of a mixed eager step whose first sequences decode one token each (the
+        scheduler puts running requests first): the head's metadata (`is_decode`, its rows
+        0..d-1 one a sequence) and the tail's (the other sequences, whose rows keep their place
+        in the step: `query_start_loc[d:]`). None for a step without both parts, or without
+        host lists (a captured graph: its layout changes between replays), or with media key
+        ranges or cross rows. Made once a step, on first use, and kept."""
+        if self._split is False:
+            self._split = self._make_split()
+        return self._split
+
+    def _make_split(self) -> tuple[AttentionMetadata, AttentionMetadata] | None:
+        lens = self.query_lens_cpu
+        if self.is_decode or lens is None or self.seq_lens_cpu is None:
+            return None
+        if self.media_key_ranges is not None or self.cross_ranges is not None:
+            return None
+        d = 0
+        while d < len(lens) and lens[d] == 1:
+            d += 1
+        if d == 0 or d == len(lens):
+            return None
+        head = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: d + 1],
+            seq_lens=self.seq_lens[:d],
+            block_tables=self.block_tables[:d],
+            slot_mapping=self.slot_mapping[:d],
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+            is_decode=True,
+            query_lens_cpu=lens[:d],
+            seq_lens_cpu=self.seq_lens_cpu[:d],
+        )
+        tail = AttentionMetadata(
+            query_start_loc=self.query_start_loc[d:],
+            seq_lens=self.seq_lens[d:],
+            block_tables=self.block_tables[d:],
+            slot_mapping=self.slot_mapping[d:],
+            max_query_len=self.max_query_len,
+            max_seq_len=self.max_seq_len,
+            query_lens_cpu=lens[d:],
+            seq_lens_cpu=self.seq_lens_cpu[d:],
+        )
+        return head, tail
 
     @property
     def num_seqs(self) -> int:

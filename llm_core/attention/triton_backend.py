@@ -130,6 +130,15 @@ class TritonAttentionBackend:
             )  # fmt: skip
         if meta.is_decode and spec.is_causal and meta.media_key_ranges is None:
             return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales)
+        split = meta.decode_split() if spec.is_causal else None
+        if split is not None:  # decode rows first, then the prompts' chunks
+            head, tail = split
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            triton_prefill.paged_prefill(
+                q, kv_cache, tail.query_start_loc, tail.seq_lens, tail.block_tables,
+                tail.max_query_len, spec, kv_scales, None, tail.max_seq_len, out=out,
+            )  # fmt: skip
+            return self._decode_head(q, kv_cache, head, spec, kv_scales, out)
         return triton_prefill.paged_prefill(
             q,
             kv_cache,
@@ -152,10 +161,28 @@ class TritonAttentionBackend:
         fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
         if self.causal_sdpa is None and not fast:
             return None
-        route = causal_sdpa.step_plan(q, k, kv_cache, meta, spec, self.shapes)
+        split = meta.decode_split()
+        if split is None:
+            route = causal_sdpa.step_plan(q, k, kv_cache, meta, spec, self.shapes)
+            return None if route is None else causal_sdpa.run(q, k, v, kv_cache, meta, spec, route)
+        head, tail = split  # decode rows, then one long chunk: SDPA for the chunk alone
+        d = head.num_seqs
+        route = causal_sdpa.step_plan(q[d:], k[d:], kv_cache, tail, spec, self.shapes)
         if route is None:
             return None
-        return causal_sdpa.run(q, k, v, kv_cache, meta, spec, route)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out[d:] = causal_sdpa.run(q[d:], k[d:], v[d:], kv_cache, tail, spec, route)
+        return self._decode_head(q, kv_cache, head, spec, None, out)
+
+    def _decode_head(self, q, kv_cache, head: AttentionMetadata, spec: AttentionSpec,
+                     kv_scales, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """`out` with its first rows (a mixed step's decode rows, one a sequence of `head`)
+        attended by the decode kernel: it reads each sequence's keys once for all query heads
+        of a key head, where the prefill kernel's programs (one a query head) read them once
+        each, GQA-group times, with 1-row query tiles (`AttentionMetadata.decode_split`)."""
+        d = head.num_seqs
+        out[:d] = self._decode(q[:d], kv_cache, head, spec, kv_scales=kv_scales)
+        return out
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether `rope_decode` runs as one kernel here (the Triton decode on CUDA)."""

@@ -508,10 +508,14 @@ def paged_prefill(
     key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seq_len: int = 0,
     splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of flat `q [num_tokens, heads, head_dim]` over the paged cache, masked and
     soft-capped as `spec` says; `key_ranges` (int32 `[num_tokens]` lo, hi) add keys each
-    query sees (`AttentionMetadata.media_key_ranges`).
+    query sees (`AttentionMetadata.media_key_ranges`). `out` (`[num_tokens, heads, head_dim]`,
+    head_dim contiguous) receives the rows of the sequences of `query_start_loc` (which may
+    start past row 0: a mixed step's tail, `AttentionMetadata.decode_split`); other rows are
+    left as they are.
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
     An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`). A causal launch
@@ -519,7 +523,7 @@ def paged_prefill(
     (`split_count`; `splits` overrides the count: tests).
     """
     q = _unit_last(q)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0:
         return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
