@@ -11,7 +11,8 @@ non-multiple-of-16 token counts of the norms and rotary kernels). Each new SDPA 
 costs a cuDNN plan: `attention/sdpa_shapes.py` bounds and defers those.
 
 The warm-up runs one synthetic sequence through the decoder (a fresh chunk of `chunk` tokens,
-then a chunk after that many cached tokens: the SDPA route's two forms) and the model's
+then a chunk after that many cached tokens: the SDPA route's two forms; then that chunk again
+after one decode row: a mixed step's split, whose decode rows take the unfused decode kernel) and the model's
 encoder on dummy media (`SupportsMultiModal.warm_up_encoder`), each twice: once with every
 cuDNN shape admitted (built now) and once with none (the Triton fallbacks compiled). The
 synthetic tokens write K/V into the first blocks of the cache, which no request holds yet;
@@ -43,7 +44,7 @@ def warm_up_long_paths(runner, max_len: int, num_blocks: int, chunk: int = WARM_
         if hasattr(b, "shapes")
     }
     shapes = [b.shapes for b in backends.values()]
-    fits = 2 * chunk <= min(max_len, num_blocks * runner.block_size)
+    fits = 2 * chunk + 1 <= min(max_len, num_blocks * runner.block_size)
     decoder = fits and runner.num_cross_groups == 0 and runner.lora is None
     encoder = getattr(model, "warm_up_encoder", None)
     if not shapes or not (decoder or encoder):
@@ -57,6 +58,7 @@ def warm_up_long_paths(runner, max_len: int, num_blocks: int, chunk: int = WARM_
                 if decoder:
                     _prefill(runner, 0, chunk)
                     _prefill(runner, chunk, chunk)
+                    _prefill(runner, chunk, chunk, decode_rows=1)  # a mixed step
                 if encoder is not None:
                     encoder()
     if runner.device.type == "cuda":
@@ -64,26 +66,33 @@ def warm_up_long_paths(runner, max_len: int, num_blocks: int, chunk: int = WARM_
     return time.perf_counter() - start
 
 
-def _prefill(runner, context: int, n: int) -> None:
+def _prefill(runner, context: int, n: int, decode_rows: int = 0) -> None:
     """One eager decoder step of a single sequence: `n` new tokens at positions context..
-    context + n - 1, its block table the cache's first blocks (slot == position)."""
+    context + n - 1, its block table the cache's first blocks (slot == position); with
+    `decode_rows`, that many one-token sequences first, each at position context + n of the
+    same table (a mixed step: `AttentionMetadata.decode_split`)."""
     device, model = runner.device, runner.model
     total = context + n
-    table = torch.arange(-(-total // runner.block_size), dtype=torch.int32, device=device)[None]
-    positions = torch.arange(context, total, device=device)
+    rows = decode_rows + n
+    width = -(-(total + 1) // runner.block_size)
+    table = torch.arange(width, dtype=torch.int32, device=device)[None].expand(decode_rows + 1, -1)
+    positions = torch.cat([torch.full((decode_rows,), total, device=device),
+                           torch.arange(context, total, device=device)])  # fmt: skip
+    lens = [1] * decode_rows + [n]
+    seq_lens = [total + 1] * decode_rows + [total]
     meta = AttentionMetadata(
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([total], dtype=torch.int32, device=device),
-        block_tables=table,
+        query_start_loc=torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=table.contiguous(),
         slot_mapping=positions,
         max_query_len=n,
-        max_seq_len=total,
-        query_lens_cpu=[n],
-        seq_lens_cpu=[total],
+        max_seq_len=total + 1,
+        query_lens_cpu=lens,
+        seq_lens_cpu=seq_lens,
     )
     if runner.num_kv_groups > 1:  # every group: the same table and slots
         meta.groups = [meta] * runner.num_kv_groups
     if runner.uses_mrope:  # text positions: the same on the three axes
-        positions = positions.expand(3, n)
-    embeds = torch.zeros(n, model.config.hidden_size, dtype=model.config.dtype, device=device)
+        positions = positions.expand(3, rows)
+    embeds = torch.zeros(rows, model.config.hidden_size, dtype=model.config.dtype, device=device)
     model(positions, embeds, runner.kv_caches, meta)

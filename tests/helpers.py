@@ -71,7 +71,8 @@ def record_sdpa_contexts(engine, causal_sdpa: bool | None) -> list:
         def sdpa_prefill(q, k, v, kv_cache, meta, spec, original=original):
             out = original(q, k, v, kv_cache, meta, spec)
             if out is not None:
-                contexts.append(meta.seq_lens_cpu[0] - meta.query_lens_cpu[0])
+                # the routed chunk: the step's last sequence (any before it decode one token)
+                contexts.append(meta.seq_lens_cpu[-1] - meta.query_lens_cpu[-1])
             return out
 
         backend.sdpa_prefill = sdpa_prefill

@@ -90,10 +90,12 @@ class AttentionMetadata:
             query_lens_cpu=lens[:d],
             seq_lens_cpu=self.seq_lens_cpu[:d],
         )
+        # the tail's tensors copied (a few hundred bytes): views at offset d would change the
+        # pointers' 16-byte alignment with d, and Triton compiles a kernel variant per alignment
         tail = AttentionMetadata(
-            query_start_loc=self.query_start_loc[d:],
-            seq_lens=self.seq_lens[d:],
-            block_tables=self.block_tables[d:],
+            query_start_loc=self.query_start_loc[d:].clone(),
+            seq_lens=self.seq_lens[d:].clone(),
+            block_tables=self.block_tables[d:].clone(),
             slot_mapping=self.slot_mapping[d:],
             max_query_len=self.max_query_len,
             max_seq_len=self.max_seq_len,

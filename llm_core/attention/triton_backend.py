@@ -181,7 +181,9 @@ class TritonAttentionBackend:
         of a key head, where the prefill kernel's programs (one a query head) read them once
         each, GQA-group times, with 1-row query tiles (`AttentionMetadata.decode_split`)."""
         d = head.num_seqs
-        out[:d] = self._decode(q[:d], kv_cache, head, spec, kv_scales=kv_scales)
+        # one KV split: one kernel variant whatever the head's size (the split count is a
+        # constexpr; decode graphs compiled theirs at capture, this unfused form is new)
+        out[:d] = self._decode(q[:d], kv_cache, head, spec, kv_scales=kv_scales, splits=1)
         return out
 
     def fuses_rope_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -208,14 +210,19 @@ class TritonAttentionBackend:
         return self._decode(q, kv_cache, meta, spec, new, kv_scales)
 
     def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None, kv_scales=None,
-                ranges=None):  # fmt: skip
-        """One token per sequence; reads shapes only (CUDA-graph safe)."""
+                ranges=None, splits: int | None = None):  # fmt: skip
+        """One token per sequence; reads shapes only (CUDA-graph safe). `splits` pins the KV
+        splits (else `decode_splits`, else `decode_num_splits`)."""
         num_seqs, num_kv_heads, page_size = q.shape[0], kv_cache.shape[3], kv_cache.shape[2]
         max_context = meta.block_tables.shape[1] * page_size
         if spec.window is not None:  # a window or a chunk bounds the keys a query sees
             max_context = min(max_context, spec.window)
-        num_splits = self.decode_splits or decode_num_splits(
-            num_seqs, num_kv_heads, max_context, _num_sms(q.device), MAX_DECODE_SPLITS
+        num_splits = (
+            splits
+            or self.decode_splits
+            or decode_num_splits(
+                num_seqs, num_kv_heads, max_context, _num_sms(q.device), MAX_DECODE_SPLITS
+            )
         )
         # A pinned split count is used as is; the heuristic's is a maximum that each sequence
         # scales down in-kernel to MIN_KEYS_PER_SPLIT keys a split of its real context.

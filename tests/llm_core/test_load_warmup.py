@@ -72,7 +72,9 @@ def test_warm_up_builds_what_it_runs_and_changes_no_output(tmp_path_factory):
                 key[0] if isinstance(key[0], str) else "context" for key in backend.shapes.built()
             }
             assert kinds == {"fresh", "context", "segments"}  # decoder, both forms; tower
-            assert sorted(set(contexts)) == [0, CHUNK]  # the routed pass: fresh, after a chunk
+            # the routed pass: fresh, after a chunk, and after a chunk behind a decode row
+            assert sorted(set(contexts)) == [0, CHUNK]
+            assert contexts.count(CHUNK) == 2 * contexts.count(0)  # the mixed step routed too
         logits = record_logits(engine)
         rid = engine.add_request(prompt, params)
         runs.append((engine.run_until_done()[rid].outputs[0].token_ids, logits))
