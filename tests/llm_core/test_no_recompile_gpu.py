@@ -46,3 +46,20 @@ def test_merge_keeps_one_variant_across_lengths_and_offsets():
         want = out_b.float() + share * (out_a.float() - out_b.float())
         torch.testing.assert_close(merged.float(), want, atol=2e-2, rtol=2e-2)
     assert _variants(_merge_kernel) <= before + 1
+
+
+def test_mixed_steps_keep_one_variant_across_head_sizes():
+    """A mixed step's decode rows (`AttentionMetadata.decode_split`) of any count: one unfused
+    decode variant (one KV split) and no prefill variant per tail offset."""
+    from polymodal.llm_core.attention import triton_backend, triton_decode, triton_prefill
+    from tests.helpers import spec_for
+    from tests.llm_core.test_mixed_step_split_gpu import _step
+
+    backend = triton_backend.TritonAttentionBackend(causal_sdpa=False)
+    counts = []
+    for rows in (1, 3, 5, 40, 70):
+        q, cache, meta = _step([1] * rows + [300, 17], [900] * rows + [1300, 17])
+        backend.paged_attention(q, cache, meta, spec_for(q, cache, 128**-0.5))
+        counts.append((_variants(triton_decode._decode_kernel),
+                       _variants(triton_prefill._attn_fwd_kernel)))  # fmt: skip
+    assert counts[-1] == counts[0], counts  # nothing new after the first mixed step
