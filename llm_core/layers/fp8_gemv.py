@@ -67,6 +67,52 @@ def _dot(w, xq, acc, DOT_F32: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _tile_step(acc, w, tile, x_next, x_scale, x_ptr, sw_row, w_kblocks, norm_w_ptr, rstd, M, K,
+               stride_xm, last, cols, offs_k, BLOCKWISE: tl.constexpr, SILU_MUL: tl.constexpr,
+               NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """One K tile of `_fp8_gemv_kernel`: x's tile quantized (one row: `x_next`, and the tile
+    after it loaded for the next step) and padded, its E4M3 dot with the weight tile `w`, the
+    scales applied (blockwise) or left to the end (per channel); returns (acc, x_next)."""
+    k = tile * BLOCK_K + offs_k
+    k_mask = (k < K) | EVEN_K
+    if BLOCK_M == 1:  # quantize the one row, then pad: not 16-row loads and converts
+        x = x_next.to(tl.float32)
+        kx = tl.minimum(tile + 1, last) * BLOCK_K + offs_k[None, :]
+        x_next = load_x_folded(x_ptr, kx, (kx < K) | EVEN_K, K, norm_w_ptr, rstd, SILU_MUL,
+                               NORM)  # fmt: skip
+        if BLOCKWISE:  # [G, GROUP]: each group's scale, group g to the dot's column g
+            xg = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
+            x_scale = tl.maximum(tl.max(tl.abs(xg), 1) / FP8_MAX, MIN_SCALE)  # [G]
+            xq = tl.reshape(quantize_e4m3(xg, x_scale[:, None]).to(tl.float8e4nv), (1, BLOCK_K))
+            col = offs_k // GROUP
+        else:
+            xq = quantize_e4m3(x, x_scale).to(tl.float8e4nv)
+            col = tl.zeros_like(offs_k)
+        xq = tl.where(cols[:, None] == col[None, :], xq, tl.zeros_like(xq))  # [16, BLOCK_K]
+    else:
+        x = tl.load(x_ptr + cols[:, None] * stride_xm + k[None, :],
+                    mask=(cols[:, None] < M) & k_mask[None, :], other=0.0)  # fmt: skip
+        x = x.to(tl.float32)  # [16, BLOCK_K]
+        if BLOCKWISE:  # BLOCK_K = GROUP
+            x_scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX, MIN_SCALE)
+        xq = quantize_e4m3(x, x_scale[:, None]).to(tl.float8e4nv)
+    if BLOCKWISE:
+        part = _dot(w, xq, tl.zeros_like(acc), DOT_F32)
+        if BLOCK_M == 1:  # column g's scale: group g's x scale times its weight scale
+            g = tl.arange(0, BLOCK_K // GROUP)
+            kb = tile * (BLOCK_K // GROUP) + g
+            sw = tl.load(sw_row + kb, mask=(kb < w_kblocks) | EVEN_K, other=0.0)
+            scale = tl.where(cols[:, None] == g[None, :], (sw * x_scale)[None, :], 0.0)
+            acc += part * tl.sum(scale, 1)[None, :]
+        else:
+            acc += part * (tl.load(sw_row + tile) * x_scale[None, :])
+    else:  # the wgmma accumulates in place
+        acc = _dot(w, xq, acc, DOT_F32)
+    return acc, x_next
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
@@ -99,58 +145,39 @@ def _fp8_gemv_kernel(
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     last = tl.maximum(tile_end - 1, 0)  # where one row's x prefetch stops
+    # the first weight tile before the PDL wait (nothing earlier writes weights): it streams in
+    # while the previous kernel ends and x's scale pass runs (a split without tiles reads one)
+    k = tl.minimum(tile_start, last) * BLOCK_K + offs_k
+    w_first = tl.load(w_rows + k[None, :], mask=((k < K) | EVEN_K)[None, :], other=0.0,
+                      eviction_policy="evict_first")  # fmt: skip
     pdl.wait(USE_PDL)
     rstd = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 0, M, K, NORM, BLOCK_P)
+    x_scale = tl.full((XROWS,), MIN_SCALE, tl.float32)  # padded rows: never NaN
     if not BLOCKWISE:  # every program reads all of x (small) for its rows' scales
         if BLOCK_M == 1:
             x_scale = _row_scale(x_ptr, K, True, norm_w_ptr, rstd, AMAX_BLOCK, SILU_MUL, NORM)
         else:
-            x_scale = tl.full((XROWS,), MIN_SCALE, tl.float32)  # padded rows: never NaN
             for m in tl.static_range(BLOCK_M):
                 scale = _row_scale(x_ptr + m * stride_xm, K, m < M, x_ptr, 0.0, AMAX_BLOCK)
                 x_scale = tl.where(cols == m, scale, x_scale)
+    x_next = tl.zeros((1, BLOCK_K), dtype=x_ptr.dtype.element_ty)  # one row's next x tile
     if BLOCK_M == 1:  # one row: its tile loaded one iteration ahead, in registers
         kx = tl.minimum(tile_start, last) * BLOCK_K + offs_k[None, :]
         x_next = load_x_folded(x_ptr, kx, (kx < K) | EVEN_K, K, norm_w_ptr, rstd, SILU_MUL,
                                NORM)  # [1, BLOCK_K]  # fmt: skip
-    for tile in range(tile_start, tile_end):
+    if tile_start < tile_end:
+        acc, x_next = _tile_step(acc, w_first, tile_start, x_next, x_scale, x_ptr, sw_row,
+                                 w_kblocks, norm_w_ptr, rstd, M, K, stride_xm, last, cols,
+                                 offs_k, BLOCKWISE, SILU_MUL, NORM, BLOCK_M, BLOCK_K, GROUP,
+                                 EVEN_K, DOT_F32)  # fmt: skip
+    for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
-        k_mask = (k < K) | EVEN_K
-        w = tl.load(w_rows + k[None, :], mask=k_mask[None, :], other=0.0,
+        w = tl.load(w_rows + k[None, :], mask=((k < K) | EVEN_K)[None, :], other=0.0,
                     eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K] E4M3  # fmt: skip
-        if BLOCK_M == 1:  # quantize the one row, then pad: not 16-row loads and converts
-            x = x_next.to(tl.float32)
-            kx = tl.minimum(tile + 1, last) * BLOCK_K + offs_k[None, :]
-            x_next = load_x_folded(x_ptr, kx, (kx < K) | EVEN_K, K, norm_w_ptr, rstd, SILU_MUL,
-                                   NORM)  # fmt: skip
-            if BLOCKWISE:  # [G, GROUP]: each group's scale, group g to the dot's column g
-                xg = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
-                x_scale = tl.maximum(tl.max(tl.abs(xg), 1) / FP8_MAX, MIN_SCALE)  # [G]
-                xq = tl.reshape(quantize_e4m3(xg, x_scale[:, None]).to(tl.float8e4nv), (1, BLOCK_K))
-                col = offs_k // GROUP
-            else:
-                xq = quantize_e4m3(x, x_scale).to(tl.float8e4nv)
-                col = tl.zeros_like(offs_k)
-            xq = tl.where(cols[:, None] == col[None, :], xq, tl.zeros_like(xq))  # [16, BLOCK_K]
-        else:
-            x = tl.load(x_ptr + cols[:, None] * stride_xm + k[None, :],
-                        mask=(cols[:, None] < M) & k_mask[None, :], other=0.0)  # fmt: skip
-            x = x.to(tl.float32)  # [16, BLOCK_K]
-            if BLOCKWISE:  # BLOCK_K = GROUP
-                x_scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX, MIN_SCALE)
-            xq = quantize_e4m3(x, x_scale[:, None]).to(tl.float8e4nv)
-        if BLOCKWISE:
-            part = _dot(w, xq, tl.zeros((BLOCK_N, XROWS), dtype=tl.float32), DOT_F32)
-            if BLOCK_M == 1:  # column g's scale: group g's x scale times its weight scale
-                g = tl.arange(0, BLOCK_K // GROUP)
-                kb = tile * (BLOCK_K // GROUP) + g
-                sw = tl.load(sw_row + kb, mask=(kb < w_kblocks) | EVEN_K, other=0.0)
-                scale = tl.where(cols[:, None] == g[None, :], (sw * x_scale)[None, :], 0.0)
-                acc += part * tl.sum(scale, 1)[None, :]
-            else:
-                acc += part * (tl.load(sw_row + tile) * x_scale[None, :])
-        else:  # the wgmma accumulates in place
-            acc = _dot(w, xq, acc, DOT_F32)
+        acc, x_next = _tile_step(acc, w, tile, x_next, x_scale, x_ptr, sw_row, w_kblocks,
+                                 norm_w_ptr, rstd, M, K, stride_xm, last, cols, offs_k,
+                                 BLOCKWISE, SILU_MUL, NORM, BLOCK_M, BLOCK_K, GROUP, EVEN_K,
+                                 DOT_F32)  # fmt: skip
     if not BLOCKWISE:
         sw = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
         acc = acc * sw[:, None] * (x_scale if BLOCK_M == 1 else x_scale[None, :])

@@ -85,6 +85,49 @@ def _tile_dot(p, hi, z, x):
     return acc - z * x[0][None, :, None]
 
 
+@triton.jit
+def _load_tile(qw_ptr, z_ptr, s_ptr, tile, offs_r, offs_n, n_mask, N, K,
+               BLOCK_KP: tl.constexpr, GROUP_TILES: tl.constexpr):  # fmt: skip
+    """One K tile's packed weights `[NT, BLOCK_KP, SUB_N]` (rows past K: 0), and its group's
+    scales (times 2^49: the dots' unit back to 1) and zeros `[NT, 1, SUB_N]`, in fp32."""
+    rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
+    lo = tl.load(qw_ptr + rows.to(tl.int64)[None, :, None] * N + offs_n[:, None, :],
+                 mask=(rows < K // 8)[None, :, None] & n_mask[:, None, :], other=0,
+                 eviction_policy="evict_first")  # fmt: skip
+    g = tile // GROUP_TILES
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    s = (s * 562949953421312.0)[:, None, :]
+    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None, :]
+    return lo, s, z
+
+
+@triton.jit
+def _tile_step(acc0, acc1, acc2, acc3, lo, s, z, tile, offs_r, x_ptr, stride_xm, M, K,
+               perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM: tl.constexpr,
+               SILU_MUL: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_KP: tl.constexpr):  # fmt: skip
+    """One loaded K tile (`_load_tile`) times each row's x: the rows' accumulators updated."""
+    rows = tile * BLOCK_KP + offs_r
+    cols = rows * 8  # x's first feature of each packed row
+    x_mask = rows < K // 8
+    hi = lo.to(tl.uint32, bitcast=True) >> 12  # nibbles 5-7 at bits 8-19 (logical shift)
+    x = _row_tile(x_ptr, 0, stride_xm, cols, x_mask, K, perm_ptr, norm_w_ptr, rstd0,
+                  HAS_PERM, SILU_MUL, NORM)  # fmt: skip
+    acc0 += s * _tile_dot(lo, hi, z, x)
+    if BLOCK_M > 1:
+        x = _row_tile(x_ptr, 1, stride_xm, cols, x_mask & (M > 1), K, perm_ptr, norm_w_ptr,
+                      rstd1, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
+        acc1 += s * _tile_dot(lo, hi, z, x)
+    if BLOCK_M > 2:
+        x = _row_tile(x_ptr, 2, stride_xm, cols, x_mask & (M > 2), K, perm_ptr, norm_w_ptr,
+                      rstd2, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
+        acc2 += s * _tile_dot(lo, hi, z, x)
+        x = _row_tile(x_ptr, 3, stride_xm, cols, x_mask & (M > 3), K, perm_ptr, norm_w_ptr,
+                      rstd3, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
+        acc3 += s * _tile_dot(lo, hi, z, x)
+    return acc0, acc1, acc2, acc3
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, perm_ptr, b_ptr, out_ptr, part_ptr, counter_ptr,
@@ -112,38 +155,30 @@ def _int4_gemv_kernel(
     acc3 = tl.zeros((NT, BLOCK_KP, SUB_N), dtype=tl.float32)
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    # the first tile's weights, scales and zeros before the PDL wait (nothing earlier writes
+    # them): they stream in while the previous kernel ends (a split without tiles reads one)
+    first = tl.maximum(tl.minimum(tile_start, tile_end - 1), 0)
+    lo, s, z = _load_tile(qw_ptr, z_ptr, s_ptr, first, offs_r, offs_n, n_mask, N, K, BLOCK_KP,
+                          GROUP_TILES)  # fmt: skip
     pdl.wait(USE_PDL)
     rstd0 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 0, M, K, NORM, BLOCK_P)
     rstd1 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 1, M, K, NORM and BLOCK_M > 1, BLOCK_P)
     rstd2 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 2, M, K, NORM and BLOCK_M > 2, BLOCK_P)
     rstd3 = one_row_rstd(norm_sumsq_ptr, norm_parts, eps, 3, M, K, NORM and BLOCK_M > 2, BLOCK_P)
-    for tile in range(tile_start, tile_end):
-        rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
-        r_mask = rows < K // 8
-        lo = tl.load(qw_ptr + rows.to(tl.int64)[None, :, None] * N + offs_n[:, None, :],
-                     mask=r_mask[None, :, None] & n_mask[:, None, :], other=0,
-                     eviction_policy="evict_first")  # fmt: skip
-        hi = lo.to(tl.uint32, bitcast=True) >> 12  # nibbles 5-7 at bits 8-19 (logical shift)
-        g = tile // GROUP_TILES
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        s = (s * 562949953421312.0)[:, None, :]  # [NT, 1, SUB_N]; 2^49: the dots' unit back to 1
-        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None, :]
-        cols = rows * 8  # x's first feature of each packed row
-        x_mask = r_mask
-        x = _row_tile(x_ptr, 0, stride_xm, cols, x_mask, K, perm_ptr, norm_w_ptr, rstd0,
-                      HAS_PERM, SILU_MUL, NORM)  # fmt: skip
-        acc0 += s * _tile_dot(lo, hi, z, x)
-        if BLOCK_M > 1:
-            x = _row_tile(x_ptr, 1, stride_xm, cols, x_mask & (M > 1), K, perm_ptr, norm_w_ptr,
-                          rstd1, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
-            acc1 += s * _tile_dot(lo, hi, z, x)
-        if BLOCK_M > 2:
-            x = _row_tile(x_ptr, 2, stride_xm, cols, x_mask & (M > 2), K, perm_ptr, norm_w_ptr,
-                          rstd2, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
-            acc2 += s * _tile_dot(lo, hi, z, x)
-            x = _row_tile(x_ptr, 3, stride_xm, cols, x_mask & (M > 3), K, perm_ptr, norm_w_ptr,
-                          rstd3, HAS_PERM, SILU_MUL, NORM)  # fmt: skip
-            acc3 += s * _tile_dot(lo, hi, z, x)
+    if tile_start < tile_end:
+        acc0, acc1, acc2, acc3 = _tile_step(
+            acc0, acc1, acc2, acc3, lo, s, z, tile_start, offs_r, x_ptr, stride_xm, M, K,
+            perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM, SILU_MUL, NORM,
+            BLOCK_M, BLOCK_KP,
+        )  # fmt: skip
+    for tile in range(tile_start + 1, tile_end):
+        lo, s, z = _load_tile(qw_ptr, z_ptr, s_ptr, tile, offs_r, offs_n, n_mask, N, K,
+                              BLOCK_KP, GROUP_TILES)  # fmt: skip
+        acc0, acc1, acc2, acc3 = _tile_step(
+            acc0, acc1, acc2, acc3, lo, s, z, tile, offs_r, x_ptr, stride_xm, M, K,
+            perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM, SILU_MUL, NORM,
+            BLOCK_M, BLOCK_KP,
+        )  # fmt: skip
     out_offs = offs_n  # row m's outputs at m N + offs_n
     if SPLIT_K > 1:
         part_ptr += pid_k * M * N
