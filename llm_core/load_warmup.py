@@ -12,11 +12,11 @@ costs a cuDNN plan: `attention/sdpa_shapes.py` bounds and defers those.
 
 The warm-up runs one synthetic sequence through the decoder (a fresh chunk of `chunk` tokens,
 then a chunk after that many cached tokens: the SDPA route's two forms; then that chunk again
-after one decode row: a mixed step's split, whose decode rows take the unfused decode kernel) and the model's
-encoder on dummy media (`SupportsMultiModal.warm_up_encoder`), each twice: once with every
-cuDNN shape admitted (built now) and once with none (the Triton fallbacks compiled). The
-synthetic tokens write K/V into the first blocks of the cache, which no request holds yet;
-nothing else is kept.
+after one decode row: a mixed step's split, whose decode rows take the unfused decode kernel)
+and the model's encoder on dummy media (`SupportsMultiModal.warm_up_encoder`), each twice:
+once with every cuDNN shape admitted (built now) and once with none (the Triton fallbacks
+compiled). The synthetic tokens write K/V into the first blocks of the cache, which no
+request holds yet; nothing else is kept.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from polymodal.bench.timing import graph_ms
-from polymodal.llm_core.attention import triton_prefill
+from polymodal.llm_core.attention import prefill_splits, triton_prefill
 from polymodal.llm_core.attention.spec import AttentionSpec
 
 HEADS, KV_HEADS, D, PAGE = 28, 4, 128, 16
@@ -48,7 +48,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for queries, keys, table_keys in CASES:
         run, width = case(queries, keys, table_keys)
-        splits = triton_prefill.split_count(queries, HEADS, width, torch.device("cuda"))
+        splits = prefill_splits.split_count(queries, HEADS, width, torch.device("cuda"))
         diff = (run(1).float() - run(splits).float()).abs().max().item()
         one = graph_ms(lambda run=run: run(1)) * 1e3
         split = graph_ms(lambda run=run, n=splits: run(n)) * 1e3

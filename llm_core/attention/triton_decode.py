@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.attention.prefill_tiles import softcap_log2
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
-from polymodal.llm_core.attention.triton_prefill import softcap_log2
 from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
 

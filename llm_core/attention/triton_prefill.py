@@ -20,19 +20,8 @@ tokens (`seq_lens`: rows, the table: a cross group's) and each query sees exactl
 its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
 A head dim that is not a power of 2 runs as two power-of-2 parts (`head_dim_split`, `D_LO`):
 S = q_hi k_hi^T + q_lo k_lo^T and two accumulators, so 80 costs 64 + 16 columns, not 128.
-
-Split-KV (`SPLITS` > 1, causal paged launches only: no window, chunk, ranges or cross): a
-launch of few query tiles over a long cache (a repeated video's 16-token text tail after 38k
-cached tokens: 28 programs on 132 SMs, each streaming every key) cuts each program's key range
-into up to `SPLITS` runs of whole tiles, a grid axis of their own (`split_count` on the host).
-How many have work is decided on the device (at least `MIN_TILES` tiles each), so one launch
-captured in a prefill graph serves every cache length: with several, each writes its
-normalized partial and log2-sum-exp (fp32) and `_merge_splits_kernel` combines them; with one,
-that program writes the output itself and the merge's programs exit. What a short context
-still pays once the host has picked splits (a prefill graph always does for buckets <= 64: its
-table is the whole context wide): `SPLITS` - 1 idle programs per (seq, q block, head) and the
-merge launch, all of whose programs exit after three int loads (no partials written or read);
-`scripts/bench_prefill_splits.py`'s last row measures it.
+Tile sizes and one key tile's step: `prefill_tiles.py`. A causal launch of few queries over a
+long cache splits its key range over several programs (`SPLITS`): `prefill_splits.py`.
 """
 
 from __future__ import annotations
@@ -42,83 +31,16 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
+from polymodal.llm_core.attention.prefill_splits import (
+    active_splits,
+    merge_splits,
+    split_buffers,
+    split_count,
+)
+from polymodal.llm_core.attention.prefill_tiles import head_dim_split, key_tile, prefill_config
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
-from polymodal.llm_core.layers.gemv import num_sms
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def softcap_log2(s, cap_log2):
-    """`cap * tanh(x / cap)` of logits `s = x * log2(e)` kept in log2 units (`cap_log2 = cap *
-    log2(e)`); tanh as 2 * sigmoid(2y) - 1 (no libdevice call, so it runs interpreted too)."""
-    return cap_log2 * (2.0 * tl.sigmoid(2.0 * (s / cap_log2)) - 1.0)
-
-
-@triton.jit
-def _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base, n0, hi, window, qk_scale,
-          cap_log2, cols, r_lo, r_hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-          PAGED: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
-          RANGES: tl.constexpr, D_LO: tl.constexpr):  # fmt: skip
-    """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies the mask and the
-    sequence's tail. `cols`: (dims, dim_mask) of the head's first part and (dims_lo,
-    dim_mask_lo) of its second; D_LO > 0 runs the second part (`q_lo`, `acc_lo`) as a narrower
-    dot beside each product's first, D_LO == 0 compiles it away (`acc_lo` passes through)."""
-    q_start, table, head_off, stride_kt, stride_ko = kv_base
-    dims, dim_mask, dims_lo, dim_mask_lo = cols
-    pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-    valid = pos < hi
-    if PAGED:
-        page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        kv_off = page * stride_kt + (pos % PAGE_SIZE) * stride_ko + head_off
-    else:
-        kv_off = (q_start + pos).to(tl.int64) * stride_kt + head_off
-    kv_mask = valid[:, None] & dim_mask[None, :]
-    k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
-    if D_LO > 0:  # S = q_hi k_hi^T + q_lo k_lo^T, the second accumulated onto the first
-        lo_mask = valid[:, None] & dim_mask_lo[None, :]
-        k_lo = tl.load(k_ptr + kv_off[:, None] + dims_lo[None, :], mask=lo_mask, other=0.0)
-        v_lo = tl.load(v_ptr + kv_off[:, None] + dims_lo[None, :], mask=lo_mask, other=0.0)
-        s = tl.dot(q_lo, tl.trans(k_lo.to(q.dtype)), s, input_precision="ieee")
-    s = s * qk_scale
-    if SOFTCAP:
-        s = softcap_log2(s, cap_log2)
-    if MASKED:
-        visible = valid[None, :]  # [BLOCK_M, BLOCK_N]
-        if MASK < 3:  # causal (not bidirectional, not cross), or inside the query's media range
-            seen = pos[None, :] <= q_pos[:, None]
-            if RANGES:
-                seen = seen | ((pos[None, :] >= r_lo[:, None]) & (pos[None, :] < r_hi[:, None]))
-            visible = visible & seen
-        if MASK == 1:  # sliding window
-            visible = visible & (pos[None, :] > q_pos[:, None] - window)
-        if MASK == 2:  # chunked local
-            visible = visible & (pos[None, :] >= (q_pos[:, None] // window) * window)
-        if MASK == 4:  # cross: the rows of the query's range only
-            visible = visible & (pos[None, :] >= r_lo[:, None]) & (pos[None, :] < r_hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows with nothing visible yet keep m = -inf; shift by 0 there to avoid inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-    if D_LO > 0:  # [BLOCK_M, D_LO]
-        pv_lo = tl.dot(p.to(q.dtype), v_lo.to(q.dtype), input_precision="ieee")
-        acc_lo = acc_lo * alpha[:, None] + pv_lo
-    return acc, acc_lo, l_i, m_new
-
-
-@triton.jit
-def _active_splits(kv_len, q_len, q_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):  # fmt: skip
-    """Splits with work for a causal query tile: its keys [0, hi) in runs of >= MIN_TILES
-    tiles, at most SPLITS (the attention kernel and the merge must agree on it)."""
-    hi = tl.minimum(kv_len, kv_len - q_len + (q_block + 1) * BLOCK_M)
-    return tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(hi, BLOCK_N), MIN_TILES), 1))
 
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
@@ -186,7 +108,7 @@ def _attn_fwd_kernel(
     ctx_len = kv_len - q_len  # cached prefix before the new queries
     active = 1
     if SPLITS > 1:  # idle splits (a short context in a wide graph) leave before any q load
-        active = _active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
+        active = active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
         if split >= active:
             return
 
@@ -257,15 +179,15 @@ def _attn_fwd_kernel(
     else:
         end = hi
     for n0 in range(lo, full_end, BLOCK_N):
-        acc, acc_lo, l_i, m_i = _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base,
-                                      n0, hi, window, qk_scale, cap_log2, cols, r_lo, r_hi,
-                                      PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP, False, RANGES,
-                                      D_LO)  # fmt: skip
+        acc, acc_lo, l_i, m_i = key_tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr,
+                                         kv_base, n0, hi, window, qk_scale, cap_log2, cols,
+                                         r_lo, r_hi, PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP,
+                                         False, RANGES, D_LO)  # fmt: skip
     for n0 in range(tl.maximum(full_end, lo), end, BLOCK_N):
-        acc, acc_lo, l_i, m_i = _tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr, kv_base,
-                                      n0, hi, window, qk_scale, cap_log2, cols, r_lo, r_hi,
-                                      PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP, True, RANGES,
-                                      D_LO)  # fmt: skip
+        acc, acc_lo, l_i, m_i = key_tile(acc, acc_lo, l_i, m_i, q, q_lo, q_pos, k_ptr, v_ptr,
+                                         kv_base, n0, hi, window, qk_scale, cap_log2, cols,
+                                         r_lo, r_hi, PAGE_SIZE, BLOCK_N, PAGED, MASK, SOFTCAP,
+                                         True, RANGES, D_LO)  # fmt: skip
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     norm = l_safe[:, None]
@@ -298,118 +220,6 @@ def _attn_fwd_kernel(
         tl.store(out_ptr + o_row + dims_lo[None, :], out_lo.to(out_ty), mask=lo_mask)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _merge_splits_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_dim]
-    part_out_ptr,  # fp32 [SPLITS, num_tokens, num_heads, HEAD_DIM]
-    part_lse_ptr,  # fp32 [SPLITS, num_tokens, num_heads], log2 units
-    q_start_ptr,
-    seq_lens_ptr,
-    num_tokens,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLITS: tl.constexpr,
-    MIN_TILES: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """The split-KV prefill's second half, one program a (seq, q block, head) as the first's
-    grid: the same count of active splits from the causal key range (one: the first half wrote
-    the output itself, nothing to do), then out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
-    pdl.wait(USE_PDL)
-    seq = tl.program_id(0)
-    q_block = tl.program_id(1)
-    head = tl.program_id(2)
-    num_heads = tl.num_programs(2)
-    q_start = tl.load(q_start_ptr + seq)
-    q_len = tl.load(q_start_ptr + seq + 1) - q_start
-    if q_block * BLOCK_M >= q_len:
-        return
-    kv_len = tl.load(seq_lens_ptr + seq)
-    active = _active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
-    if active > 1:
-        rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < q_len
-        dims = tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for split in range(0, active):
-            part_row = (split * num_tokens + q_start + rows).to(tl.int64) * num_heads + head
-            lse = tl.load(part_lse_ptr + part_row, mask=row_mask, other=float("-inf"))
-            o = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], mask=mask,
-                        other=0.0)  # fmt: skip
-            m_new = tl.maximum(m, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            w = tl.exp2(lse - m_safe)
-            total = total * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o
-            m = m_new
-        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-        o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(out_ptr + o_off + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# Query rows from which a launch takes 128-row tiles on 8 warps (64 < head_dim <= 128; 256-wide
-# heads would not fit the shared memory of 3 stages). H200, bf16
-# (`.gpu/attn_bench.py`, eleventh session): Qwen2.5-VL tower full attention over 42k patches
-# (d 80) 35.5 -> 30.1 ms, 64 frames' per-frame segments of 4784 17.5 -> 14.7, a 38k-token
-# causal decoder prefill (d 128, GQA 7) 26.1 -> 22.7; its 64-patch windows stay faster on
-# 64-row tiles (0.23 vs 0.41 ms).
-LONG_QUERIES = 1024
-# Split-KV prefill (`split_count`): launches of at most this many queries, cut into at most
-# SPLIT_MAX key ranges of at least SPLIT_MIN_TILES tiles each.
-SPLIT_MAX_QUERIES = 64
-SPLIT_MAX = 16
-SPLIT_MIN_TILES = 8
-# Interpreted (CPU tests, 16-key tiles): 1 so tiny contexts split many ways; a test sets 2 to
-# check the device-side count of active splits that SPLIT_MIN_TILES drives on CUDA.
-SPLIT_MIN_TILES_INTERPRETED = 1
-
-
-def head_dim_split(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_D, D_LO): a head dim that is not a power of 2 runs as two power-of-2 parts, the
-    largest power of 2 <= head_dim and the rest padded to a power of 2 >= 16 (tl.dot's least),
-    when together they are narrower than the padded head: 80 = 64 + 16 (128 padded: 37.5% of
-    both products on zero columns), 96 = 64 + 32, 72 = 64 + 16 (8 masked), 192 = 128 + 64.
-    Else one part, padded to a power of 2: (next_power_of_2(head_dim), 0)."""
-    full = triton.next_power_of_2(head_dim)
-    first = full if full == head_dim else full // 2
-    second = max(triton.next_power_of_2(head_dim - first), 16) if head_dim > first else 0
-    return (first, second) if second and first + second < full else (full, 0)
-
-
-def prefill_config(head_dim: int, is_cuda: bool, max_q: int = 0) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head_dim and the longest query run of
-    the launch; tiny tiles when interpreted."""
-    if not is_cuda:  # TRITON_INTERPRET: small tiles so short test sequences span several
-        return 16, 16, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return (128, 64, 8, 3) if max_q >= LONG_QUERIES and head_dim <= 128 else (64, 64, 4, 3)
-
-
-def split_count(max_q: int, num_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Key-range splits of a causal paged prefill launch (1: the one-pass kernel): a launch of
-    few query tiles (a short chunk after a long cached prefix: a repeated image's or video's
-    text tail, a chat turn) gets about two programs an SM; a context too short to give each
-    split `SPLIT_MIN_TILES` key tiles keeps one pass (no partials, no merge launch). Inside a
-    prefill graph `max_seq_len` is the table's whole width: the kernel then decides on the
-    device how many splits have work (one: no partials, the merge programs exit)."""
-    if max_q > SPLIT_MAX_QUERIES or device.type != "cuda":  # (interpreted: tests ask for it)
-        return 1
-    block_m, block_n, _, _ = prefill_config(128, True, max_q)
-    if max_seq_len < 2 * SPLIT_MIN_TILES * block_n:
-        return 1
-    programs = triton.cdiv(max_q, block_m) * num_heads
-    return max(1, min(SPLIT_MAX, 2 * num_sms(device) // programs))
-
-
 def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, window, softcap,
             paged, kv_scales=None, ranges=None, splits=1):  # fmt: skip
     """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
@@ -434,17 +244,9 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     assert k.stride() == v.stride(), "k and v need the same layout"
     grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads * splits)
     parts = {}
-    min_tiles = SPLIT_MIN_TILES if q.is_cuda else SPLIT_MIN_TILES_INTERPRETED
     if splits > 1:
         assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
-        tokens = q.shape[0]
-        parts = {
-            "num_tokens": tokens,
-            "part_out_ptr": q.new_empty((splits, tokens, num_heads, head_dim), dtype=torch.float32),
-            "part_lse_ptr": q.new_empty((splits, tokens, num_heads), dtype=torch.float32),
-            "SPLITS": splits,
-            "MIN_TILES": min_tiles,
-        }
+        parts = split_buffers(q, splits)
     _attn_fwd_kernel[grid](
         q,
         k,
@@ -482,13 +284,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         **extra,
     )
     if splits > 1:
-        _merge_splits_kernel[(num_seqs, triton.cdiv(max_q, block_m), num_heads)](
-            out, parts["part_out_ptr"], parts["part_lse_ptr"], q_start, seq_lens,
-            parts["num_tokens"], out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=splits, MIN_TILES=min_tiles,
-            USE_PDL=flag, launch_pdl=flag,
-        )  # fmt: skip
+        merge_splits(out, parts, q_start, seq_lens, max_q, block_m, block_n, flag)
     return out
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from polymodal.engine_args import add_engine_arguments, engine_kwargs, lora_modules
+from polymodal.feeder import PROCESS_WORKERS
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -83,6 +84,13 @@ def serve_command(parser: argparse.ArgumentParser):
         choices=["hermes", "llama3_json", "mistral"],
         help="the model's tool-call format (Qwen2.5/Hermes, Llama 3/4 JSON, Mistral)",
     )
+    parser.add_argument(
+        "--media-workers",
+        type=int,
+        default=PROCESS_WORKERS,
+        help="threads in the engine process that load, resize and hash media and tokenize "
+        f"prompts (default {PROCESS_WORKERS})",
+    )
     parser.add_argument("--log-level", default="info")
     add_engine_arguments(parser)
 
@@ -102,8 +110,12 @@ def serve_command(parser: argparse.ArgumentParser):
         except ValueError as exc:
             print(f"polymodal serve: {exc}", file=sys.stderr)
             return 2
+        if args.media_workers < 1:
+            print("polymodal serve: --media-workers must be at least 1", file=sys.stderr)
+            return 2
         engine = AsyncEngine(
             args.model,
+            process_workers=args.media_workers,
             generation_config=args.generation_config,
             serving=True,
             **engine_kwargs(args),

@@ -28,6 +28,8 @@ MODULES = [
     "polymodal.llm_core.attention.triton_store",
     "polymodal.llm_core.attention.triton_mla",
     "polymodal.llm_core.attention.triton_prefill",
+    "polymodal.llm_core.attention.prefill_tiles",
+    "polymodal.llm_core.attention.prefill_splits",
     "polymodal.llm_core.lora.triton_lora",
     "polymodal.llm_core.layers.gemv",
     "polymodal.llm_core.layers.triton_moe",

@@ -1,4 +1,4 @@
-"""Split-KV paged prefill (`triton_prefill.split_count`, the `SPLITS` form of the kernel and
+"""Split-KV paged prefill (`prefill_splits.split_count`, the `SPLITS` form of the kernel and
 its merge): a causal chunk's key range cut over several programs, merged exactly by log-sum-exp,
 equals the one-pass kernel and the torch reference; a context too short for more than one
 split is written by the first split directly (no partials). CPU, TRITON_INTERPRET=1."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polymodal.llm_core.attention import TorchAttentionBackend, triton_prefill
+from polymodal.llm_core.attention import TorchAttentionBackend, prefill_splits, triton_prefill
 from polymodal.llm_core.attention.spec import Mask
 from tests.helpers import spec_for
 from tests.llm_core.interpreted import (
@@ -65,11 +65,11 @@ def test_split_count_rule(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(gemv.torch.cuda, "get_device_properties", _FakeProps)
-    count = triton_prefill.split_count
+    count = prefill_splits.split_count
     assert count(16, 28, 38000, cuda) == 264 // 28  # one 64-row tile a head: 28 programs
-    assert count(16, 4, 38000, cuda) == triton_prefill.SPLIT_MAX
+    assert count(16, 4, 38000, cuda) == prefill_splits.SPLIT_MAX
     assert count(16, 28, 1000, cuda) == 1  # < 2 x 8 tiles of 64 keys: one pass
-    assert count(triton_prefill.SPLIT_MAX_QUERIES + 1, 28, 38000, cuda) == 1
+    assert count(prefill_splits.SPLIT_MAX_QUERIES + 1, 28, 38000, cuda) == 1
     assert count(64, 28, 38000, cuda) == 264 // 28
     # interpreted (CPU): one pass unless a test asks for splits
     assert count(3, 2, 150, torch.device("cpu")) == 1
@@ -93,7 +93,7 @@ def test_other_masks_keep_one_pass():
 def test_active_splits_decided_on_the_device(monkeypatch):
     """As in a prefill graph (host splits from the table's width, 8 here): at least 2 tiles a
     split leaves 10 tiles 5 active splits, 3 tiles 2, and 2 tiles one (written directly)."""
-    monkeypatch.setattr(triton_prefill, "SPLIT_MIN_TILES_INTERPRETED", 2)
+    monkeypatch.setattr(prefill_splits, "SPLIT_MIN_TILES_INTERPRETED", 2)
     q, cache, meta = make_batch([3, 2, 4], [150, 30, 40], heads=4, kv_heads=2, head_dim=32, page=8)
     meta.is_decode = False
     spec = spec_for(q, cache, 0.2)

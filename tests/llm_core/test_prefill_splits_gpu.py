@@ -6,7 +6,7 @@ prefill graph's: the active splits are decided on the device)."""
 import pytest
 import torch
 
-from polymodal.llm_core.attention import triton_prefill
+from polymodal.llm_core.attention import prefill_splits, triton_prefill
 from polymodal.llm_core.attention.spec import AttentionSpec
 
 pytestmark = pytest.mark.gpu
@@ -43,7 +43,7 @@ SPEC = AttentionSpec(num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=D, scale=D
 def test_split_equals_one_pass(q_lens, seq_lens):
     q, cache, starts, lens, table = _inputs(q_lens, seq_lens, -(-max(seq_lens) // PAGE))
     max_q, max_len = max(q_lens), max(seq_lens)
-    splits = triton_prefill.split_count(max_q, HEADS, max_len, q.device)
+    splits = prefill_splits.split_count(max_q, HEADS, max_len, q.device)
     assert splits > 1
     args = (q, cache, starts, lens, table, max_q, SPEC)
     one = triton_prefill.paged_prefill(*args, max_seq_len=max_len, splits=1)
@@ -57,7 +57,7 @@ def test_split_in_a_graph_with_a_wide_table():
     width = 4096  # a prefill graph's table: 64k keys
     q, cache, starts, lens, table = _inputs([16], [38322], width)
     args = (q, cache, starts, lens, table, 16, SPEC)
-    splits = triton_prefill.split_count(16, HEADS, width * PAGE, q.device)
+    splits = prefill_splits.split_count(16, HEADS, width * PAGE, q.device)
     out = triton_prefill.paged_prefill(*args, max_seq_len=width * PAGE, splits=splits)  # warm
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from polymodal.async_engine import AsyncEngine
+from polymodal.feeder import PROCESS_WORKERS
 from polymodal.server.cli import load_chat_template, parse_origins, serve_command
 from tests.helpers import tiny_checkpoint
 
@@ -71,7 +72,7 @@ def test_chat_template_names_and_tool_choice_auto(engine):
         assert "--tool-call-parser" in resp.json()["error"]["message"]
 
 
-def test_cli_parsers(tmp_path):
+def test_cli_parsers(tmp_path, capsys):
     assert parse_origins('["https://a", "https://b"]') == ["https://a", "https://b"]
     assert parse_origins("https://a, https://b") == ["https://a", "https://b"]
     path = tmp_path / "t.jinja"
@@ -84,6 +85,11 @@ def test_cli_parsers(tmp_path):
     serve_command(parser)
     args = parser.parse_args(["x", "--gpu-memory-utilization", "0.5", "--served-model-name", "a"])
     assert args.gpu_memory_utilization == 0.5 and args.served_model_name == ["a"]
+    assert args.media_workers == PROCESS_WORKERS
+    bad = argparse.ArgumentParser()
+    run = serve_command(bad)
+    assert run(bad.parse_args(["x", "--media-workers", "0"])) == 2  # before any model loads
+    assert "--media-workers must be at least 1" in capsys.readouterr().err
 
 
 def test_unexpected_errors_are_openai_shaped_500s(engine, monkeypatch):
