@@ -136,7 +136,7 @@ def chunk_step(backend, heads, kv_heads, head_dim, context, length):
 def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, context, length, routed):
     """One causal chunk alone in its step, fresh or after cached context: `sdpa_prefill` (SDPA)
     where it applies, equal to the paged kernel reading the stored cache; None where it does not
-    (two sequences in the step)."""
+    (two prompts' chunks in the step)."""
     backend = _backend().TritonAttentionBackend(sdpa_shapes="first")
     q, k, v, cache, meta, spec = chunk_step(backend, heads, kv_heads, head_dim, context, length)
     fast = backend.sdpa_prefill(q, k, v, cache, meta, spec)
@@ -145,8 +145,10 @@ def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, contex
     if routed:
         assert fast.shape == q.shape and fast.dtype == q.dtype
         torch.testing.assert_close(fast.float(), paged.float(), atol=2e-2, rtol=2e-2)
-    two = dataclasses.replace(meta, query_lens_cpu=[1, length - 1])
-    assert backend.sdpa_prefill(q, k, v, cache, two, spec) is None  # two sequences
+    # two prompts' chunks in one step: not routed (a step whose first rows decode is split
+    # first, `AttentionMetadata.decode_split`, and its one chunk may be: test_mixed_step_split)
+    two = dataclasses.replace(meta, query_lens_cpu=[2, length - 2])
+    assert backend.sdpa_prefill(q, k, v, cache, two, spec) is None
 
 
 def test_long_chunked_prompt_keeps_its_greedy_tokens(tmp_path_factory):
