@@ -18,7 +18,7 @@ from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
-from polymodal.llm_core.pooling import PoolingOutput, PoolingRequestOutput, check_pooling_request
+from polymodal.llm_core.pooling import PoolingRequestOutput, check_pooling_request
 from polymodal.llm_core.pooling_requests import PoolingQueue, check_pooling_batch, paused_gc
 from polymodal.llm_core.pooling_step import PoolingFlight, launch_pooling_step
 from polymodal.llm_core.request_checks import (
@@ -349,38 +349,18 @@ class Engine:
             launched = launch_pooling_step(self.runner, sched, self.async_scheduling)
             self.scheduler.update(sched)
             self.scheduler.finish_all(launched.requests, "stop")  # pooled: nothing more to run
-        outputs = self._pool_outputs(flight) if flight is not None else []
+        outputs = flight.outputs(self._seq_to_group, self._groups) if flight is not None else []
         if launched is not None and self.async_scheduling:
             self._pool_flight = launched
         elif launched is not None:
-            outputs += self._pool_outputs(launched)
+            outputs += launched.outputs(self._seq_to_group, self._groups)
         return outputs
 
     def _admit_pooling(self) -> None:
-        """Build the queued pooling prompts the next schedule may admit (as many as fit the
-        step's sequences and tokens after those already waiting) and hand them over."""
-        if not self._pooling:
-            return
-        waiting = self.scheduler.waiting
-        max_seqs = self.scheduler.max_num_seqs - len(self.scheduler.running) - len(waiting)
-        tokens = self.scheduler.max_num_batched_tokens - sum(r.num_tokens for r in waiting)
-        for group in self._pooling.take(max_seqs, tokens, self.runner.model.is_causal):
-            self._queue(group)
-
-    def _pool_outputs(self, flight: PoolingFlight) -> list[PoolingRequestOutput]:
-        """The outputs of a launched pooling step (its requests are forgotten; one aborted
-        meanwhile is skipped)."""
-        outputs = []
-        for seq, data in zip(flight.requests, flight.resolve()):
-            entry = self._seq_to_group.pop(seq.request_id, None)
-            if entry is None:  # aborted after its step was launched
-                continue
-            group = entry[0]
-            self._groups.pop(group.request_id, None)
-            outputs.append(
-                PoolingRequestOutput(group.request_id, group.prompt_token_ids, PoolingOutput(data))
-            )
-        return outputs
+        """Build the queued pooling prompts the next schedule may admit and hand them over."""
+        if self._pooling:
+            for group in self._pooling.admit(self.scheduler, self.runner.model.is_causal):
+                self._queue(group)
 
     def _resolve(self, flight, touched: dict[str, RequestGroup]) -> None:
         """Read a launched step's tokens back and book them (stops, text, outputs)."""

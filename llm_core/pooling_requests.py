@@ -85,6 +85,14 @@ class PoolingQueue:
         """Drop a queued prompt; whether it was queued."""
         return self.prompts.pop(request_id, None) is not None
 
+    def admit(self, scheduler, chunkable: bool) -> list[RequestGroup]:
+        """`take` what the scheduler's next step may admit: as many prompts as fit its
+        sequences and tokens after those already running or waiting."""
+        waiting = scheduler.waiting
+        max_seqs = scheduler.max_num_seqs - len(scheduler.running) - len(waiting)
+        tokens = scheduler.max_num_batched_tokens - sum(r.num_tokens for r in waiting)
+        return self.take(max_seqs, tokens, chunkable)
+
     def take(self, max_seqs: int, max_tokens: int, chunkable: bool) -> list[RequestGroup]:
         """Requests of the first queued prompts: at most `max_seqs`, and no more once their
         tokens reach `max_tokens` (what one step may admit; nothing when either is <= 0).

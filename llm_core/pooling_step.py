@@ -23,7 +23,12 @@ import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.host_copy import host_tensor, to_device, upload_tensors
-from polymodal.llm_core.pooling import PoolingInput, PromptRows
+from polymodal.llm_core.pooling import (
+    PoolingInput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    PromptRows,
+)
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.scheduler import SchedulerOutput
 
@@ -57,6 +62,21 @@ class PoolingFlight:
         event = torch.cuda.Event()
         event.record()
         return cls(requests, host, shapes, event)
+
+    def outputs(self, seq_to_group: dict, groups: dict) -> list[PoolingRequestOutput]:
+        """The step's outputs, one a request, each forgotten from the engine's maps
+        (`seq_to_group`: sequence id -> (group, index); `groups`: request id -> group); a
+        request aborted after the launch is skipped."""
+        outputs = []
+        for seq, data in zip(self.requests, self.resolve()):
+            entry = seq_to_group.pop(seq.request_id, None)
+            if entry is None:  # aborted after its step was launched
+                continue
+            group = entry[0]
+            groups.pop(group.request_id, None)
+            out = PoolingOutput(data)
+            outputs.append(PoolingRequestOutput(group.request_id, group.prompt_token_ids, out))
+        return outputs
 
     def resolve(self) -> list[torch.Tensor]:
         """Each request's pooled tensor on the host (waits for this step's copy only)."""
