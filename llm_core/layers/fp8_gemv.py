@@ -26,12 +26,10 @@ import triton.language as tl
 from polymodal.llm_core import pdl
 from polymodal.llm_core.layers.fp8_kernels import FP8_MAX, MIN_SCALE, quantize_e4m3
 from polymodal.llm_core.layers.gemv import (
-    load_x_folded,
-    norm_args,
     num_sms,
-    one_row_rstd,
     split_workspace,
 )
+from polymodal.llm_core.layers.gemv_folds import load_x_folded, norm_args, one_row_rstd
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 XROWS = tl.constexpr(16)  # the FP8 GEMV's dot columns (x rows or groups): a dot's minimum
@@ -46,7 +44,7 @@ def _row_scale(row_ptr, K, valid, norm_w_ptr, rstd, AMAX_BLOCK: tl.constexpr,
                SILU_MUL: tl.constexpr = False, NORM: tl.constexpr = False):  # fmt: skip
     """One x row's scale from its amax over all K (`AMAX_BLOCK` features a load, so that the
     weights start streaming after a few loads, not K / BLOCK_K dependent ones), of x as the
-    folds make it (`gemv.load_x_folded`)."""
+    folds make it (`gemv_folds.load_x_folded`)."""
     offs = tl.arange(0, AMAX_BLOCK)
     amax = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, AMAX_BLOCK):

@@ -22,12 +22,10 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.layers.gemv import (
-    load_x_folded,
-    norm_args,
     num_sms,
-    one_row_rstd,
     split_workspace,
 )
+from polymodal.llm_core.layers.gemv_folds import load_x_folded, norm_args, one_row_rstd
 from polymodal.llm_core.layers.int4_kernels import tile_k
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
@@ -38,7 +36,7 @@ GEMV_MAX_ROWS = 4
 def _feature(row, cols, j, x_mask, K, perm_ptr, norm_w_ptr, rstd,
              HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     """x's feature 8 r + j of each packed row r (act order: the one its sorted row takes), in
-    fp32, with the folds of `gemv.load_x_folded`."""
+    fp32, with the folds of `gemv_folds.load_x_folded`."""
     idx = cols + j
     if HAS_PERM:
         idx = tl.load(perm_ptr + idx, mask=x_mask, other=0)

@@ -39,9 +39,9 @@ from polymodal.llm_core.layers.gemv import (
     GemvConfig,
     gemv_tile,
     num_sms,
-    row_rstd,
     store_out,
 )
+from polymodal.llm_core.layers.gemv_folds import row_rstd
 from polymodal.llm_core.layers.moe_route import (  # noqa: F401  (route: part of this API)
     decode_rows,
     norm_args,

@@ -33,8 +33,8 @@ from polymodal.llm_core.layers.gemv import (
     WEIGHT_EVICTION,
     GemvConfig,
     gemv_tile,
-    row_rstd,
 )
+from polymodal.llm_core.layers.gemv_folds import row_rstd
 from polymodal.llm_core.layers.norm import DeferredNorm
 
 SCORINGS = ("softmax", "sigmoid")

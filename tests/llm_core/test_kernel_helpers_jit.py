@@ -32,6 +32,7 @@ MODULES = [
     "polymodal.llm_core.attention.prefill_splits",
     "polymodal.llm_core.lora.triton_lora",
     "polymodal.llm_core.layers.gemv",
+    "polymodal.llm_core.layers.gemv_folds",
     "polymodal.llm_core.layers.triton_moe",
     "polymodal.llm_core.layers.int4_kernels",
     "polymodal.llm_core.layers.int4_gemv",
