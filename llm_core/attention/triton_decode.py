@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
-from polymodal.llm_core.attention.prefill_tiles import softcap_log2
+from polymodal.llm_core.attention.decode_tiles import attend_tile, kv_offsets, merge_splits, rotate
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
@@ -151,7 +151,7 @@ def _decode_kernel(
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     pos = start + tl.arange(0, BLOCK_N)  # the first tile's absolute key positions
     valid = pos < end
-    kv_off = _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch, PAGE_SIZE)
+    kv_off = kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch, PAGE_SIZE)
     older = (valid & (pos < seq_len - 1))[:, None] & dim_mask[None, :]
     k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
     v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=older, other=0.0)
@@ -168,9 +168,9 @@ def _decode_kernel(
         v = tl.where(newest, v_new, v)
     else:  # rotate q and the new key as they load; the first split stores the new key/value
         q_row = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
-        q = _rotate(q_row, dims[None, :], partner[None, :], q_mask, cos[None, :],
+        q = rotate(q_row, dims[None, :], partner[None, :], q_mask, cos[None, :],
                     sin[None, :], lower[None, :])  # fmt: skip
-        k_new = _rotate(new_k_ptr + seq * stride_ks + kv_head * stride_kh, dims, partner,
+        k_new = rotate(new_k_ptr + seq * stride_ks + kv_head * stride_kh, dims, partner,
                         dim_mask, cos, sin, lower)  # fmt: skip
         v_new = tl.load(new_v_ptr + seq * stride_vs + kv_head * stride_vh + dims, mask=dim_mask)
         if FP8_KV:  # as stored: scaled, saturated, E4M3 (attended as such)
@@ -192,16 +192,16 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if start < end:  # (an all-masked tile would give exp2(-inf + inf) = NaN)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        kv_off = _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
+        kv_off = kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
                              PAGE_SIZE)  # fmt: skip
         kv_mask = valid[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP)
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if FP8_KV:  # the FP8 values' scale (a constant factor of every split)
@@ -222,72 +222,10 @@ def _decode_kernel(
         counter = counter_ptr + seq * tl.num_programs(1) + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
             # The last split of this (sequence, kv head) merges all of them, in split order.
-            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims,
+            merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims,
                           row_mask, out_mask, stride_os, stride_oh, active, HEAD_DIM,
                           BLOCK_G, BLOCK_D)  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _rotate(row_ptr, dims, partner, mask, cos, sin, lower):
-    """Neox rotary of the features at `dims` of the rows at `row_ptr` (loaded here): x*cos -
-    partner*sin in the lower half, x*cos + partner*sin in the upper (cos 1, sin 0 past the
-    rotated features), in fp32 rounded once to the input dtype: the same fma and product as
-    `triton_ops.rotary_embedding`, so the same bits."""
-    x = tl.load(row_ptr + dims, mask=mask, other=0.0)
-    xf = x.to(tl.float32)
-    ps = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32) * sin
-    return tl.where(lower, tl.fma(xf, cos, -ps), tl.fma(xf, cos, ps)).to(x.dtype)
-
-
-@triton.jit
-def _kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
-                PAGE_SIZE: tl.constexpr):  # fmt: skip
-    """Cache offsets of the keys at `pos` (one kv head) through the sequence's block table."""
-    page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-    return page * stride_cb + (pos % PAGE_SIZE) * stride_co + kv_head * stride_ch
-
-
-@triton.jit
-def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
-    """Online-softmax update of (max, sum, output) with one tile of keys (invalid: -inf)."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale  # log2 units
-    if SOFTCAP:
-        s = softcap_log2(s, cap_log2)
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims, row_mask,
-                  out_mask, stride_os, stride_oh, active, HEAD_DIM: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """out[head] = log-sum-exp weighted average of the `active` split partials of each head."""
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(0, active):
-        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        m = tl.maximum(m, lse)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty -> zeros
-    total = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(0, active):
-        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        w = tl.exp2(lse - m)  # [BLOCK_G]
-        part = tl.load(part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=out_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
-        total += w
-        acc += part * w[:, None]
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def paged_decode(

@@ -25,6 +25,7 @@ KERNEL_TYPES = tuple(
 
 MODULES = [
     "polymodal.llm_core.attention.triton_decode",
+    "polymodal.llm_core.attention.decode_tiles",
     "polymodal.llm_core.attention.triton_store",
     "polymodal.llm_core.attention.triton_mla",
     "polymodal.llm_core.attention.triton_prefill",

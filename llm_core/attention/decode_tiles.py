@@ -1,0 +1,73 @@
+"""The paged decode kernel's steps (`triton_decode.py`): the rotary of a new token's q / k as it
+loads (`rotate`), a key tile's cache offsets through the block table (`kv_offsets`), one tile's
+online-softmax update (`attend_tile`, logits soft-capped as the prefill kernel's) and the
+log-sum-exp merge of a head's split partials (`merge_splits`)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from polymodal.llm_core.attention.prefill_tiles import softcap_log2
+
+
+@triton.jit
+def rotate(row_ptr, dims, partner, mask, cos, sin, lower):
+    """Neox rotary of the features at `dims` of the rows at `row_ptr` (loaded here): x*cos -
+    partner*sin in the lower half, x*cos + partner*sin in the upper (cos 1, sin 0 past the
+    rotated features), in fp32 rounded once to the input dtype: the same fma and product as
+    `triton_ops.rotary_embedding`, so the same bits."""
+    x = tl.load(row_ptr + dims, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    ps = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32) * sin
+    return tl.where(lower, tl.fma(xf, cos, -ps), tl.fma(xf, cos, ps)).to(x.dtype)
+
+
+@triton.jit
+def kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
+                PAGE_SIZE: tl.constexpr):  # fmt: skip
+    """Cache offsets of the keys at `pos` (one kv head) through the sequence's block table."""
+    page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    return page * stride_cb + (pos % PAGE_SIZE) * stride_co + kv_head * stride_ch
+
+
+@triton.jit
+def attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
+    """Online-softmax update of (max, sum, output) with one tile of keys (invalid: -inf)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale  # log2 units
+    if SOFTCAP:
+        s = softcap_log2(s, cap_log2)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims, row_mask,
+                  out_mask, stride_os, stride_oh, active, HEAD_DIM: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """out[head] = log-sum-exp weighted average of the `active` split partials of each head."""
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in range(0, active):
+        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
+                      cache_modifier=".cg")  # fmt: skip
+        m = tl.maximum(m, lse)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty -> zeros
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(0, active):
+        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
+                      cache_modifier=".cg")  # fmt: skip
+        w = tl.exp2(lse - m)  # [BLOCK_G]
+        part = tl.load(part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=out_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
+        total += w
+        acc += part * w[:, None]
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
