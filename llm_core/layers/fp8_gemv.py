@@ -11,6 +11,8 @@ zeros to the dot's 16 columns: column m is x's row m, or, for one row of block w
 tile's group m (BLOCK_K up to 16 groups, each its own x and weight scale; the columns are
 summed at the end). One row's tile is loaded a tile ahead, quantized once and padded with
 `tl.where`. Split-K: the last split to arrive sums the splits' fp32 partials in order.
+The first weight tile loads before the PDL wait, as the 16-bit GEMV's (H200 FP8 decode 327.1
+-> 337.2 tokens/s): it streams in while the previous kernel ends and x's scale pass runs.
 Under the interpreter (no FP8 dot) the dots run in fp32 on the same E4M3 values.
 At one row it takes the 16-bit GEMV's folds (`gemv.gemv`): a deferred RMSNorm or SiLU*mul
 applied to x as it loads (the amax pass sees x as folded), the residual add in the epilogue.

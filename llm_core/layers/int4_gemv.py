@@ -10,7 +10,8 @@ enters once per packed row and feature (`- z * sum of the row's 8 x`), the scale
 So a nibble costs one LOP3 and one FFMA per row: no shifts, no int-to-float converts, no
 zero subtraction, no cross-thread sums in the loop (each row has its own 2-D accumulator,
 summed over the packed rows once per program). Split-K programs add fp32 partials; the last
-to arrive sums them in order (one launch).
+to arrive sums them in order (one launch). The first tile (weights, scales, zeros) loads before
+the PDL wait, as the 16-bit GEMV's (H200 AWQ decode 396.3 -> 414.6 tokens/s).
 Launch parameters derive from shapes only: CUDA-graph safe.
 """
 
