@@ -79,8 +79,11 @@ def read_source_bytes(source: str | Path | bytes, *, allow_http: bool = False) -
     if source.startswith(("http://", "https://")):
         if not allow_http:
             raise ValueError("http(s) URLs are not fetched unless allow_http=True is passed")
-        with urllib.request.urlopen(source, timeout=30) as response:  # noqa: S310 (opt-in)
-            return response.read()
+        try:
+            with urllib.request.urlopen(source, timeout=30) as response:  # noqa: S310 (opt-in)
+                return response.read()
+        except OSError as exc:  # refused, unreachable, timed out, an HTTP error status
+            raise ValueError(f"cannot fetch the URL: {exc}") from None
     if source.startswith("file://"):
         source = urllib.parse.unquote(source[len("file://") :])
     path = Path(source)

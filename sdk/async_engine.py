@@ -71,8 +71,10 @@ class AsyncEngine:
     `engine_kwargs` (`LLM` keywords) in its own engine process, or in this one with
     `separate_process=False`. `engine_setup(llm)` runs once the `LLM` is built, in the process
     that holds it (a picklable callable; `scripts/bench_frontend.py` fakes the model step
-    there). Call `submit` and `stream` from inside a running event loop;
-    `close()` stops the engine.
+    there). `process_workers` threads process prompts next to the engine; `media_processes`
+    worker processes (0: none) load and tokenize the prompts that carry media first
+    (`polymodal.media_processes`). Call `submit` and `stream` from inside a running event
+    loop; `close()` stops the engine.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class AsyncEngine:
         model: LLM | str,
         *,
         process_workers: int = PROCESS_WORKERS,
+        media_processes: int = 0,
         separate_process: bool = True,
         engine_setup: Any = None,
         **engine_kwargs: Any,
@@ -93,7 +96,13 @@ class AsyncEngine:
 
             self.llm = None  # it lives in the engine process
             self._core = EngineProcess(
-                model, engine_kwargs, self._deliver, self._fail_all, process_workers, engine_setup
+                model,
+                engine_kwargs,
+                self._deliver,
+                self._fail_all,
+                process_workers,
+                engine_setup,
+                media_processes,
             )
             self.model_info = self._core.info
             self.tokenizer = load_tokenizer(self.model_info["model_dir"])
@@ -101,7 +110,12 @@ class AsyncEngine:
             self.llm = model if isinstance(model, LLM) else LLM(model, **engine_kwargs)
             if engine_setup is not None:
                 engine_setup(self.llm)
-            self._core = EngineLoop(self.llm, self._deliver, process_workers=process_workers)
+            self._core = EngineLoop(
+                self.llm,
+                self._deliver,
+                process_workers=process_workers,
+                media_processes=media_processes,
+            )
             self.model_info = self._core.model_info()
             self.tokenizer = self.llm.tokenizer
         # model_dir, architecture, vocab_size, eos_token_ids, max_model_len, default_sampling

@@ -2,7 +2,9 @@
 
 Threads: prompts are processed (media loaded, resized, hashed, staged on the device;
 tokenized; structured-output grammars compiled) on a small worker pool, so a big image never
-stalls decoding; one engine thread owns the `Engine` (which is not thread-safe) and is the
+stalls decoding; with `media_processes`, prompts carrying media are loaded and tokenized in
+worker processes first (`media_processes.py`: their GIL is not the engine thread's) and only
+staged here. One engine thread owns the `Engine` (which is not thread-safe) and is the
 only one that touches it. Commands reach it
 through a locked queue. Everything a request produces leaves through one callback,
 `emit([(request_id, item), ...])`, called once per step with that step's items: a
@@ -22,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -34,6 +36,7 @@ from polymodal.llm_core.request_checks import check_max_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_pooling import pooling_prompt
 from polymodal.llm_prompts import MEDIA_OPTIONS
+from polymodal.media_processes import MediaProcesses, ProcessorSpec
 
 END = None  # the item that ends an aborted request's stream (no final output)
 
@@ -56,7 +59,9 @@ class EngineStats:
 class EngineLoop:
     """Serve `submit`ted prompts of one `LLM` from a background thread (see the module doc).
 
-    `emit` receives the items of one step; `on_stats` (optional) the stats after each change.
+    `emit` receives the items of one step; `on_stats` (optional) the stats after each change;
+    `media_processes` > 0 starts that many worker processes for prompts with media (and waits
+    until they are ready).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class EngineLoop:
         emit: Callable[[list[tuple[str, Any]]], None],
         *,
         process_workers: int = PROCESS_WORKERS,
+        media_processes: int = 0,
         on_stats: Callable[[EngineStats], None] | None = None,
     ):
         self.llm = llm
@@ -82,6 +88,10 @@ class EngineLoop:
         self._last_stats: tuple = ()
         self._refresh_stats()
         self._pool = ThreadPoolExecutor(process_workers, thread_name_prefix="polymodal-process")
+        self._media = None
+        if media_processes and llm.is_multimodal:
+            self._media = MediaProcesses(ProcessorSpec.of(llm, media_processes), media_processes)
+            self._media.start()
         self._thread = threading.Thread(target=self._loop, name="polymodal-engine", daemon=True)
         self._thread.start()
 
@@ -94,6 +104,15 @@ class EngineLoop:
         with self._lock:
             self._live.add(request_id)
             self._pending += 1
+        media = self._media
+        if media is not None and not isinstance(params, PoolingParams) and media.takes(prompt):
+            # loaded and tokenized in a media process, then staged and queued by a thread
+            media.submit(prompt).add_done_callback(
+                lambda done: self._pool.submit(
+                    self._process, request_id, done, params, lora_request
+                )
+            )
+            return
         self._pool.submit(self._process, request_id, prompt, params, lora_request)
 
     def abort(self, request_id: str) -> None:
@@ -103,6 +122,8 @@ class EngineLoop:
     def set_processor_option(self, name: str, value: Any) -> None:
         """Set an attribute of the model's processor (e.g. `allow_http`)."""
         setattr(self.llm.processor, name, value)
+        if self._media is not None:
+            self._media.set_option(name, value)
 
     def model_info(self) -> dict[str, Any]:
         """What a front end needs to know of the model (plain values: it may cross a pipe)."""
@@ -144,6 +165,8 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._media is not None:
+            self._media.close()
 
     # ---- worker side ---------------------------------------------------------------------
     def _command(self, command: tuple) -> None:
@@ -154,9 +177,12 @@ class EngineLoop:
     def _process(self, request_id: str, prompt: Any, params: SamplingParams, lora=None) -> None:
         """Worker pool: load media, tokenize, compile the grammar (structured output), check
         an explicit `max_tokens` against the context (vLLM's server rule); hand the result
-        (or the error) on."""
+        (or the error) on. `prompt` may be a Future of a media process's `ProcessedPrompt`
+        (then it is only staged here)."""
         token_types = None
         try:
+            if isinstance(prompt, Future):
+                prompt = prompt.result()
             if isinstance(params, PoolingParams):  # no grammar, no output tokens
                 (processed, token_types), grammar = pooling_prompt(self.llm, prompt, params), None
             else:

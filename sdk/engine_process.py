@@ -62,15 +62,17 @@ class EngineProcess:
         on_death: Callable[[Exception], None],
         process_workers: int = PROCESS_WORKERS,
         setup: Callable[[Any], None] | None = None,
+        media_processes: int = 0,
     ):
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(
             target=run_engine_process,
-            args=(child_conn, model, engine_kwargs, process_workers, setup),
+            args=(child_conn, model, engine_kwargs, process_workers, setup, media_processes),
             name="polymodal-engine-core",
-            # a daemonic process may not start processes: tensor-parallel workers need it not
-            daemon=engine_kwargs.get("tensor_parallel_size", 1) == 1,
+            # a daemonic process may not start processes: tensor-parallel workers and media
+            # processes need it not (without the parent's pipe it exits all the same)
+            daemon=engine_kwargs.get("tensor_parallel_size", 1) == 1 and not media_processes,
         )
         self._process.start()
         child_conn.close()
@@ -199,26 +201,27 @@ class EngineProcess:
 
 
 def run_engine_process(
-    conn, model: str, engine_kwargs: dict, process_workers: int, setup=None
+    conn, model: str, engine_kwargs: dict, process_workers: int, setup=None, media_processes=0
 ) -> None:
-    """The child: load the model (then `setup(llm)`, if given), serve commands until `close`
-    or the parent goes away."""
+    """The child: load the model (then `setup(llm)`, if given; then start `media_processes`
+    worker processes), serve commands until `close` or the parent goes away."""
     from polymodal.llm import LLM
 
     try:
         llm = LLM(model, **engine_kwargs)
         if setup is not None:
             setup(llm)
+        outbox = Outbox(conn)
+        loop = EngineLoop(
+            llm,
+            outbox.put_items,
+            process_workers=process_workers,
+            media_processes=media_processes,
+            on_stats=lambda stats: outbox.put_stats(stats.as_tuple()),
+        )
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", picklable(exc)))
         return
-    outbox = Outbox(conn)
-    loop = EngineLoop(
-        llm,
-        outbox.put_items,
-        process_workers=process_workers,
-        on_stats=lambda stats: outbox.put_stats(stats.as_tuple()),
-    )
     freeze_heap()  # the loaded model's objects: out of the collector's full collections
     conn.send(("ready", loop.model_info()))
     outbox.start()  # from here on only its thread writes to the pipe

@@ -128,8 +128,13 @@ class LLM:
         """
         processed = process_prompt(self.processor, prompt, self.media_defaults, self.model_name)
         check_mm_limits(processed.mm_items, self.limit_mm_per_prompt)
+        return self.stage(processed) if stage else processed
+
+    def stage(self, processed: ProcessedPrompt) -> ProcessedPrompt:
+        """Start moving `processed`'s media tensors to the model's device (`stage_ahead`: not
+        those whose encoder output is cached); returns it."""
         model = self.engine.runner.model
-        if stage and processed.mm_items and supports_multimodal(model):
+        if processed.mm_items and supports_multimodal(model):
             model.stage_ahead(processed.mm_items)
         return processed
 

@@ -89,7 +89,15 @@ def serve_command(parser: argparse.ArgumentParser):
         type=int,
         default=PROCESS_WORKERS,
         help="threads in the engine process that load, resize and hash media and tokenize "
-        f"prompts (default {PROCESS_WORKERS})",
+        f"prompts (default {PROCESS_WORKERS}); with media processes, they only stage media",
+    )
+    parser.add_argument(
+        "--media-processes",
+        type=int,
+        default=0,
+        help="worker processes that load media and tokenize the prompts carrying it, off the "
+        "engine process's GIL; a decoder crash then kills a worker, not the engine (default 0: "
+        "the media workers' threads do it all)",
     )
     parser.add_argument("--log-level", default="info")
     add_engine_arguments(parser)
@@ -113,9 +121,13 @@ def serve_command(parser: argparse.ArgumentParser):
         if args.media_workers < 1:
             print("polymodal serve: --media-workers must be at least 1", file=sys.stderr)
             return 2
+        if args.media_processes < 0:
+            print("polymodal serve: --media-processes must be 0 or more", file=sys.stderr)
+            return 2
         engine = AsyncEngine(
             args.model,
             process_workers=args.media_workers,
+            media_processes=args.media_processes,
             generation_config=args.generation_config,
             serving=True,
             **engine_kwargs(args),

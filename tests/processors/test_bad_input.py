@@ -75,6 +75,8 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path):
 def test_other_bad_images():
     with pytest.raises(MediaError, match="image 1 .*allow_http=True"):
         load_image("https://example.com/cat.jpg")
+    with pytest.raises(MediaError, match="image 1 .*cannot fetch the URL.*refused"):
+        load_image("http://127.0.0.1:9/cat.jpg", allow_http=True)  # nothing listens on port 9
     with pytest.raises(MediaError, match="unsupported image type int"):
         load_image(42)
     with pytest.raises(MediaError, match="uint8"):

@@ -90,6 +90,9 @@ def test_cli_parsers(tmp_path, capsys):
     run = serve_command(bad)
     assert run(bad.parse_args(["x", "--media-workers", "0"])) == 2  # before any model loads
     assert "--media-workers must be at least 1" in capsys.readouterr().err
+    assert args.media_processes == 0  # off unless asked for
+    assert run(bad.parse_args(["x", "--media-processes", "-1"])) == 2
+    assert "--media-processes must be 0 or more" in capsys.readouterr().err
 
 
 def test_unexpected_errors_are_openai_shaped_500s(engine, monkeypatch):
