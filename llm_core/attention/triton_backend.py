@@ -43,6 +43,10 @@ MAX_DECODE_SPLITS = 16
 # per layer on an H200 but the whole batch-1 step 1% slower (260.5 -> 257.7 tok/s, same
 # machine): the o_proj GEMV that prefetches its weights under the attention (PDL) had less room.
 DECODE_BLOCK_N = 64
+# Wider heads take fewer keys a tile, so a K / V tile stays at most 64 x 128 elements: at head
+# dim 256 (Gemma 3) 32-key tiles ran batch-1 decode of Gemma-3-12B 6.600 ms a token against
+# 6.749 with 64 (H200, dummy weights, 256 tokens after 32; 85.0% vs 83.1% of the floor).
+DECODE_TILE_ELEMENTS = 64 * 128
 DECODE_WARPS = 4
 DECODE_STAGES = 3
 # Equal-length segments of at least this many rows take torch's SDPA (cuDNN / flash on CUDA)
@@ -58,6 +62,12 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # CPU / interpreter: a small stand-in so the heuristic still splits
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_block_n(head_dim: int) -> int:
+    """Keys per decode tile on CUDA: `DECODE_BLOCK_N`, fewer for heads wider than 128."""
+    block_d = triton.next_power_of_2(head_dim)
+    return max(16, min(DECODE_BLOCK_N, DECODE_TILE_ELEMENTS // block_d))
 
 
 def decode_num_splits(
@@ -227,7 +237,7 @@ class TritonAttentionBackend:
         # A pinned split count is used as is; the heuristic's is a maximum that each sequence
         # scales down in-kernel to MIN_KEYS_PER_SPLIT keys a split of its real context.
         min_keys = 1 if self.decode_splits else MIN_KEYS_PER_SPLIT
-        block_n = DECODE_BLOCK_N if q.is_cuda else 16
+        block_n = decode_block_n(q.shape[-1]) if q.is_cuda else 16
         return triton_decode.paged_decode(
             q if q.stride(-1) == 1 else q.contiguous(),
             kv_cache,

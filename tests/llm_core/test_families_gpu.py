@@ -28,6 +28,7 @@ FAMILIES = {  # demo name: overrides
             "full_attention",
         ],
     },
+    "gemma3_head_dim_256": {"head_dim": 256},  # 32-key decode tiles (decode_block_n)
     "exaone4": {},
     "exaone4_global_first": {"layer_types": ["full_attention"] + ["sliding_attention"] * 3},
     "nemotron": {},

@@ -220,6 +220,11 @@ def test_decode_split_heuristic():
     assert pick(0, 4, 16, 132, 16) == 1
 
 
+def test_decode_tiles_hold_at_most_64_x_128_elements():
+    pick = triton_backend.decode_block_n
+    assert [pick(d) for d in (64, 80, 128, 256, 512, 1024)] == [64, 64, 64, 32, 16, 16]
+
+
 def test_store_then_decode_matches_reference():
     """store_kv + decode through the backend equal the reference doing the same."""
     q, cache, meta = make_batch([1, 1], [17, 32], heads=4, kv_heads=2)

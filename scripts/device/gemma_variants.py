@@ -1,0 +1,75 @@
+"""Gemma-3-12B batch-1 decode (dummy bf16 weights, 256 tokens after 32) under launch variants
+of its two non-GEMV costs (the twentieth session's profile: decode attention 10.5 us a layer at
+head_dim 256, the sandwich norm 4.2 us a call): the sandwich kernel's warps (16 by default: one
+program of 4096 lanes) and the decode kernel's key tile (64). One engine per variant in this
+process, the base first and last (drift). Prints ms a token and % of the floor."""
+
+import sys
+import time
+
+import torch
+import triton
+
+from polymodal.bench import resolve_bench_model
+from polymodal.bench.engine import measure_bandwidth
+from polymodal.bench.workloads import active_decoder_bytes
+from polymodal.llm_core import pdl
+from polymodal.llm_core.attention import triton_backend
+from polymodal.llm_core.engine import Engine
+from polymodal.llm_core.engine_config import EngineConfig
+from polymodal.llm_core.layers import triton_norm
+
+sys.path.insert(0, "scripts")
+from bench_text_decode import decode_ms, throughput  # noqa: E402
+
+original = triton_norm.sandwich_norm
+
+
+def sandwich_with(warps):
+    def sandwich_norm(y, residual, post_weight, post_eps, pre_weight, pre_eps):
+        hidden = y.shape[-1]
+        y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))
+        y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+        out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+        new_res = torch.empty_like(out)
+        if y2.shape[0] > 0:
+            flag = pdl.use_pdl(y2)
+            triton_norm._sandwich_norm_kernel[(y2.shape[0],)](
+                y2, r2, post_weight, pre_weight, out, new_res, hidden, post_eps, pre_eps,
+                y2.stride(0), r2.stride(0), BLOCK=triton.next_power_of_2(hidden),
+                num_warps=warps, USE_PDL=flag, launch_pdl=flag,
+            )  # fmt: skip
+        return out.view(y.shape), new_res.view(y.shape)
+
+    return sandwich_norm
+
+
+def run(label, warps=None, block_n=64):
+    triton_norm.sandwich_norm = sandwich_with(warps) if warps else original
+    # triton_ops re-exports it: patch what fused_ops() hands out too
+    from polymodal.llm_core.layers import triton_ops
+
+    triton_ops.sandwich_norm = triton_norm.sandwich_norm
+    triton_backend.DECODE_BLOCK_N = block_n
+    config = EngineConfig(dtype="bfloat16", dummy_weights=True, skip_tokenizer_init=True,
+                          max_model_len=4096, gpu_memory_utilization=0.85,
+                          enable_prefix_caching=False)  # fmt: skip
+    engine = Engine(str(model_dir), config)
+    vocab = engine.model_config.vocab_size
+    floor_ms = active_decoder_bytes(engine.runner.model, 1) / bw * 1e3
+    throughput(engine, vocab, 16, 8)  # warm-up
+    ms = min(decode_ms(engine, vocab) for _ in range(2))
+    print(f"{label:28s} {ms:.3f} ms  floor {floor_ms:.3f}  {100 * floor_ms / ms:.1f}%", flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    time.sleep(1)
+
+
+model_dir = resolve_bench_model("gemma-3-12b")
+bw = measure_bandwidth()
+run("base (16 warps, 64 keys)")
+run("sandwich 4 warps", warps=4)
+run("sandwich 8 warps", warps=8)
+run("decode 32-key tiles", block_n=32)
+run("base again")
