@@ -140,6 +140,20 @@ def test_paged_decode_scales_splits_to_the_context(window):
         assert_close(out, want, torch.float32)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_wide_heads_at_their_cuda_tile(splits):
+    """Head dim 256 (Gemma 3) at the keys a tile CUDA uses for it (`decode_block_n`: 32),
+    contexts shorter than, equal to and spanning several tiles, a window on one pass."""
+    from polymodal.llm_core.attention.triton_decode import paged_decode
+
+    q, cache, meta = make_batch([1] * 4, [5, 32, 33, 100], heads=4, kv_heads=2, head_dim=256)
+    block_n = triton_backend.decode_block_n(256)
+    for window in (None, 40):
+        spec = spec_for(q, cache, 0.05, window)
+        out = paged_decode(q, cache, meta.block_tables, meta.seq_lens, spec, splits, block_n)
+        assert_close(out, REF.paged_attention(q, cache, meta, spec), torch.float32)
+
+
 def _naive(q, cache, meta, spec):
     """Attention spelled out per query: its visible keys by the spec's definition, logits
     scaled and soft-capped, softmax, weighted values (the reference's reference)."""
