@@ -27,8 +27,10 @@ engine, and CPU-heavy media (many videos at once) scales past one process's GIL.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -105,6 +107,8 @@ class MediaProcesses:
             pool.shutdown(wait=False)
 
     def close(self) -> None:
+        """Stop taking prompts; the workers exit once their current one is done (or, when this
+        process ends first, within a second of it: `_exit_with`)."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
@@ -120,7 +124,7 @@ class MediaProcesses:
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_worker,
-                    initargs=(self.spec,),
+                    initargs=(self.spec, os.getpid()),
                 )
             return self._pool
 
@@ -168,9 +172,12 @@ class MediaProcesses:
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(spec: ProcessorSpec) -> None:
-    """Build the processor as `LLM` does, with this worker's share of the input cache."""
+def _start_worker(spec: ProcessorSpec, parent_pid: int) -> None:
+    """Build the processor as `LLM` does, with this worker's share of the input cache; exit
+    when the process that started the pool is gone (killed: its pipes would keep us waiting)."""
     import torch
+
+    threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True).start()
 
     from polymodal.llm_core.registry import processor_class
     from polymodal.processors.input_cache import ProcessedInputCache
@@ -189,6 +196,13 @@ def _start_worker(spec: ProcessorSpec) -> None:
     for name, value in spec.options.items():
         setattr(processor, name, value)
     _worker.update(processor=processor, spec=spec)
+
+
+def _exit_with(parent_pid: int, period: float = 1.0) -> None:
+    """Exit this worker once its parent is not `parent_pid` any more (reparented)."""
+    while os.getppid() == parent_pid:
+        time.sleep(period)
+    os._exit(0)
 
 
 def _ready() -> bool:

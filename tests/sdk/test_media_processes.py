@@ -103,5 +103,32 @@ def test_engine_process_with_media_processes_serves_like_generate(llm, tmp_path_
                 break
             time.sleep(0.05)
         assert remote.stats.num_free_blocks == 256 and remote.stats.num_waiting == 0
+
+        engine_pid = remote._core._process.pid  # killed: its media workers exit too
+        workers = _children(engine_pid)
+        assert len(workers) >= 2
+        os.kill(engine_pid, signal.SIGKILL)
+        for _ in range(100):
+            if not any(_alive(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers)
     finally:
         remote.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux: /proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
