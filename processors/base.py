@@ -43,7 +43,12 @@ from polymodal.processors.input_cache import (
     raw_media_key,
 )
 from polymodal.processors.item_pool import run_items
-from polymodal.processors.media import DEFAULT_MAX_IMAGE_PIXELS, describe_source, load_image
+from polymodal.processors.media import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    describe_source,
+    load_image,
+    media_error,
+)
 from polymodal.processors.token_runs import RunEncoder
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
@@ -322,7 +327,12 @@ class MediaProcessor:
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
-        item, expansion = self.image_item(image, item_options)
+        try:
+            item, expansion = self.image_item(image, item_options)
+        except ValueError as exc:  # the family's own limits (a side resized to nothing, ...)
+            if isinstance(exc, MediaError):
+                raise
+            raise media_error("image", index, ref.source, str(exc)) from None
         if key is not None:
             self.input_cache.put(key, _Cached(item, expansion))
         return item, expansion

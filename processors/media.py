@@ -151,6 +151,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     (5.24): transparency (an alpha band, or a palette's transparent colour) is composited onto
     white, every other mode converts as PIL converts it. (transformers up to 5.17 dropped the
     alpha instead: docs/models.md.)"""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image is empty ({image.width}x{image.height})")
     try:
         if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # (else exif_transpose only copies)
             image = ImageOps.exif_transpose(image)

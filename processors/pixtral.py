@@ -66,6 +66,8 @@ class PixtralProcessor(MediaProcessor):
         size = pixtral_size(image.height, image.width, self.longest, self.unit)
         pixel_fn = partial(view_pixel_values, plan=ViewPlan(size, self.resample))
         rows, cols = size[0] // self.unit, size[1] // self.unit
+        if rows == 0 or cols == 0:  # a side shrank to nothing (transformers fails there too)
+            raise ValueError(f"the aspect ratio is too extreme (resized to {size[1]}x{size[0]})")
         knobs = [self.longest, self.unit, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
         key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy

@@ -115,6 +115,8 @@ def frame_sources(frames: Any, max_pixels: int) -> tuple[list, tuple[int, ...]]:
         raise ValueError(f"all frames must have one shape, got {sorted(shapes)}")
     shape = shapes.pop()
     height, width = shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"the frames are empty ({width}x{height})")
     if len(sources) * height * width > max_pixels:
         raise ValueError(
             f"{len(sources)} frames of {width}x{height} exceed the limit of {max_pixels} pixels"

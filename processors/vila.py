@@ -325,6 +325,8 @@ class VilaProcessor(MediaProcessor):
                     else source[picks]
                 )
                 frames = frames_from_list(chosen, DEFAULT_MAX_VIDEO_PIXELS)
+        except MediaError:  # already names the video (a loader's)
+            raise
         except ValueError as exc:
             raise MediaError(f"video {index + 1} ({describe_source(source)}): {exc}") from None
         if frames.dtype != torch.uint8:  # alpha-blended frames: back to whole values

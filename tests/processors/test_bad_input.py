@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError
@@ -85,6 +86,13 @@ def test_other_bad_images():
         load_image(np.zeros((8, 8, 5), dtype=np.uint8))
     with pytest.raises(MediaError, match="malformed data: URL"):
         load_image("data:image/png;base64")
+    for empty in (
+        np.zeros((0, 8, 3), np.uint8),
+        Image.new("RGB", (0, 5)),
+        torch.zeros(3, 8, 0, dtype=torch.uint8),
+    ):
+        with pytest.raises(MediaError, match=r"image 1 .*the image is empty"):
+            load_image(empty)  # was a ZeroDivisionError in the resize plan
     assert isinstance(MediaError("x"), InvalidInputError)
 
 
@@ -134,3 +142,5 @@ def test_bad_videos_name_the_item(tmp_path, video_file, our_processors):
         load_video([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)])
     with pytest.raises(MediaError, match="non-empty list of frames"):
         load_video([])
+    with pytest.raises(MediaError, match=r"video 1 .*the frames are empty \(8x0\)"):
+        load_video(np.zeros((4, 0, 8, 3), np.uint8))  # was a ZeroDivisionError

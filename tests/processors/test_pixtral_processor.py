@@ -7,7 +7,9 @@ Mistral 3's (1540 px, 14 px patches merged 2x2)."""
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
+from polymodal.llm_core.errors import MediaError
 from polymodal.processors.pixtral import PixtralProcessor, pixtral_size
 from tests.helpers import tiny_checkpoint
 from tests.processors.conftest import as_reference_sees
@@ -91,3 +93,14 @@ def test_resize_rule():
     assert pixtral_size(512, 512, 1024, 16) == (512, 512)  # never grown
     assert pixtral_size(600, 2000, 1024, 16) == (320, 1024)  # fit, then up to 16s
     assert pixtral_size(13, 20, 1540, 28) == (28, 28)  # tiny: one merged patch
+
+
+def test_a_side_that_shrinks_to_nothing_names_the_image(processors):
+    ours = processors[1]
+    with pytest.raises(MediaError, match=r"image 2 .*aspect ratio is too extreme"):
+        ours.process(messages=_messages_of([Image.new("RGB", (8, 8)), Image.new("RGB", (9000, 4))]))
+
+
+def _messages_of(images):
+    parts = [{"type": "image", "image": image} for image in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe this."}]}]

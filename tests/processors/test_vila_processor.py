@@ -186,6 +186,9 @@ def test_user_errors_name_the_input(tmp_path_factory):
     frames = [np.zeros((30, 30, 3), np.uint8)] * 3
     with pytest.raises(MediaError, match="num_frames as a multiple of 2"):
         proc.process(prompt="<vila/video>Hi", videos=[frames], num_frames=3)
+    with pytest.raises(MediaError) as missing:
+        proc.process(prompt="<vila/video>Hi", videos=["/nonexistent.mp4"])
+    assert str(missing.value) == "video 1 ('nonexistent.mp4'): no such file: '/nonexistent.mp4'"
 
 
 def test_hash_follows_what_the_encoder_sees(tmp_path_factory, photos):
