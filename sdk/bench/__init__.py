@@ -164,6 +164,11 @@ def bench_command(parser: argparse.ArgumentParser):
     paths.add_argument("--caption-files", type=int, default=2048, help="JPEGs `caption` reads")
     paths.add_argument("--ttft-calls", type=int, default=12, help="Pipeline image calls")
     paths.add_argument("--requests", type=int, default=256, help="concurrent server requests")
+    paths.add_argument(
+        "--bursts", type=int, default=1,
+        help="serve: bursts in a row on the one server, each of fresh images (the first is the "
+        "headline; later ones show the warm server)",
+    )  # fmt: skip
     paths.add_argument("--port", type=int, default=8765)
     paths.add_argument(
         "--server-args", default="",

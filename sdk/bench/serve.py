@@ -4,12 +4,14 @@ One run: N 448x448 JPEGs as data: URLs, each asked for `--output-tokens` tokens 
 `ignore_eos`). First the offline rate of exactly those requests (`LLM.generate` in this
 process), then `polymodal serve` started as a user starts it (a subprocess), warmed with a few
 requests, and the N requests sent at once as streamed `/v1/chat/completions` over HTTP by 8 client
-processes (one would be the bottleneck itself).
-Reported: requests/s and output tokens/s (first request sent to last response done), TTFT
-(request sent to first content chunk) percentiles and deciles, inter-chunk latency
-percentiles, the server's rate as a share of the offline one, and where the server says the
-TTFT went (its `/metrics`: arrival to first token, queued in the engine, first step to first
-token).
+processes (one would be the bottleneck itself); with `--bursts B`, B such bursts one after
+another, each of its own fresh images (the first pays what a new server process pays once:
+cuDNN plans and tower graphs of new batch compositions; later ones show a warm server).
+Reported (per burst; the first is the headline): requests/s and output tokens/s (first
+request sent to last response done), TTFT (request sent to first content chunk)
+percentiles and deciles, inter-chunk latency percentiles, the server's rate as a share of
+the offline one, and where the server says the TTFT went (its `/metrics`: arrival to first
+token, queued in the engine, first step to first token).
 """
 
 from __future__ import annotations
@@ -144,9 +146,8 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def histogram_quantiles(metrics_text: str, name: str, qs=(0.1, 0.5, 0.9)) -> dict | None:
-    """Quantiles (seconds) of a Prometheus histogram in `/metrics` text, interpolated linearly
-    inside the bucket each falls in (as PromQL's histogram_quantile); None if it is empty."""
+def histogram_buckets(metrics_text: str, name: str) -> list[tuple[float, float]]:
+    """A Prometheus histogram's cumulative buckets in `/metrics` text: (upper edge, count)."""
     buckets = []
     prefix = f"{name}_bucket{{"
     for line in metrics_text.splitlines():
@@ -154,7 +155,19 @@ def histogram_quantiles(metrics_text: str, name: str, qs=(0.1, 0.5, 0.9)) -> dic
             labels, value = line[len(prefix) :].rsplit("} ", 1)
             le = dict(kv.split("=", 1) for kv in labels.split(","))["le"].strip('"')
             buckets.append((float(le), float(value)))
-    buckets.sort()
+    return sorted(buckets)
+
+
+def histogram_quantiles(
+    metrics_text: str, name: str, qs=(0.1, 0.5, 0.9), since: str | None = None
+) -> dict | None:
+    """Quantiles (seconds) of a Prometheus histogram in `/metrics` text, interpolated linearly
+    inside the bucket each falls in (as PromQL's histogram_quantile); None if it is empty.
+    `since`: an earlier `/metrics` text, whose counts are taken off (what happened between)."""
+    buckets = histogram_buckets(metrics_text, name)
+    if since is not None:
+        before = dict(histogram_buckets(since, name))
+        buckets = [(le, count - before.get(le, 0.0)) for le, count in buckets]
     if not buckets or buckets[-1][1] == 0:
         return None
     total, out = buckets[-1][1], {}
@@ -169,19 +182,26 @@ def histogram_quantiles(metrics_text: str, name: str, qs=(0.1, 0.5, 0.9)) -> dic
     return out
 
 
-def server_phases(port: int) -> dict:
-    """Where the server says a request's time went (its `/metrics` histograms, the warm-up's
-    few requests included): arrival to first token, and its four parts: arrival to queued in
-    the engine (parsing, media, hand-off), queued, first step to first token, first token to
-    the handler."""
+def metrics_text(port: int) -> str:
     import httpx
 
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+
+
+def server_phases(port: int, since: str | None = None) -> dict:
+    """Where the server says a request's time went (its `/metrics` histograms; since the
+    `/metrics` text `since`, if given): arrival to first token, and its four parts: arrival to
+    queued in the engine (parsing, media, hand-off), queued, first step to first token, first
+    token to the handler."""
+    text = metrics_text(port)
     names = {"ttft": "time_to_first_token_seconds",
              "preprocess": "request_preprocess_time_seconds",
              "queue": "request_queue_time_seconds", "prefill": "request_prefill_time_seconds",
              "delivery": "request_first_token_delivery_seconds"}  # fmt: skip
-    return {key: histogram_quantiles(text, f"polymodal:{name}") for key, name in names.items()}
+    return {
+        key: histogram_quantiles(text, f"polymodal:{name}", since=since)
+        for key, name in names.items()
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -208,10 +228,16 @@ def run_bench(args) -> dict:
 
     if not torch.cuda.is_available():
         raise SystemExit("polymodal bench needs a CUDA device")
+    if args.bursts < 1:
+        raise SystemExit(f"polymodal bench: --bursts must be at least 1, got {args.bursts}")
     work = Path(tempfile.mkdtemp(prefix="polymodal-bench-"))
     ckpt, dummy = user_checkpoint(resolve_bench_model(args.model), work)
     dummy = dummy or args.dummy_weights
-    urls = [data_url(p) for p in write_jpegs(work / "jpegs", args.requests, seed=7)]
+    bursts = [
+        [data_url(p) for p in write_jpegs(work / f"jpegs{b}", args.requests, seed=7 + 10 * b)]
+        for b in range(args.bursts)
+    ]
+    urls = bursts[0]
     results = {
         "card": torch.cuda.get_device_name(),
         "date": time.strftime("%Y-%m-%d"),
@@ -220,22 +246,28 @@ def run_bench(args) -> dict:
         "requests": args.requests,
         "output_tokens": args.output_tokens,
         "server_args": args.server_args,
+        "bursts": args.bursts,
     }
     results["offline"] = in_child(offline_rate, ckpt, dummy, urls, args.output_tokens)
     server = start_server(ckpt, dummy, args.port, args.server_args)
     try:
         warm = write_jpegs(work / "warm", 8, seed=8)
         asyncio.run(burst(args.port, [data_url(p) for p in warm], 8))
-        runs = burst_from_processes(args.port, urls, args.output_tokens, CLIENT_PROCESSES)
-        results["server"] = summarize(runs)
-        results["server_phases_s"] = server_phases(args.port)
+        each, phases = [], []
+        for burst_urls in bursts:
+            before = metrics_text(args.port)
+            runs = burst_from_processes(args.port, burst_urls, args.output_tokens, CLIENT_PROCESSES)
+            each.append(summarize(runs))
+            phases.append(server_phases(args.port, since=before))
+        results["server"], results["server_phases_s"] = each[0], phases[0]
+        results["server_bursts"], results["server_bursts_phases_s"] = each, phases
         results["client_processes"] = CLIENT_PROCESSES
     finally:
         server.terminate()
         server.wait(timeout=60)
-    results["server_share_of_offline"] = (
-        results["server"]["requests_s"] / results["offline"]["requests_s"]
-    )
+    offline = results["offline"]["requests_s"]
+    results["server_share_of_offline"] = results["server"]["requests_s"] / offline
+    results["server_bursts_share_of_offline"] = [b["requests_s"] / offline for b in each]
     return results
 
 
@@ -252,3 +284,11 @@ def print_table(r: dict) -> None:
         if q:  # the server's own view: arrival -> first token, queued, first step -> token
             print(f"server {phase:8s} " + " ".join(f"{k} {v * 1e3:.0f} ms" for k, v in q.items()))
     print(f"inter-chunk p50 {s['itl_p50_ms']:.1f} ms, p99 {s['itl_p99_ms']:.1f} ms")
+    bursts = r.get("server_bursts") or []
+    if len(bursts) > 1:  # the same workload again on the warm server, fresh images each time
+        print("each burst:  requests/s  vs offline  TTFT p50 / p99 ms  server queue p50 ms")
+        for i, (b, share) in enumerate(zip(bursts, r["server_bursts_share_of_offline"])):
+            queue = (r["server_bursts_phases_s"][i].get("queue") or {}).get("p50", float("nan"))
+            ttft = f"{b['ttft_p50_ms']:7.0f} / {b['ttft_p99_ms']:5.0f}"
+            rate = f"{b['requests_s']:10.2f}  {share:9.1%}"
+            print(f"  burst {i + 1}  {rate}  {ttft}  {queue * 1e3:10.0f}")

@@ -2,6 +2,7 @@
 profile tables and the transformers side run and report sane numbers. Timings are not checked."""
 
 import argparse
+import json
 
 import pytest
 
@@ -47,12 +48,16 @@ def test_user_path_workloads_run_end_to_end(tmp_path_factory, tmp_path, workload
     argv = [ckpt, "--workload", workload, "--images", "8", "--output-tokens", "4"]
     argv += ["--decode-tokens", "8", "--caption-files", "16", "--ttft-calls", "3"]
     argv += ["--requests", "8", "--json", str(tmp_path / "bench.json")]
+    argv += ["--bursts", "2"] if workload == "serve" else []
     assert run(parser.parse_args(argv)) == 0
     out = capsys.readouterr().out
     if workload == "paths":
         assert "captioning images/s" in out and "TTFT ms, first call" in out
     else:
         assert "server / offline" in out and "TTFT p50" in out
+        assert "burst 1" in out and "burst 2" in out  # the warm server's second burst
+        results = json.loads((tmp_path / "bench.json").read_text())
+        assert [p["ttft"] is not None for p in results["server_bursts_phases_s"]] == [True] * 2
 
 
 def test_media_workload_runs_and_refuses_what_does_not_fit(tmp_path_factory, capsys):

@@ -26,3 +26,20 @@ def test_quantiles_interpolate_inside_the_bucket():
 def test_empty_or_missing_histogram_is_none():
     assert histogram_quantiles(_metrics([]), "polymodal:x_seconds") is None
     assert histogram_quantiles(_metrics([0.2]), "polymodal:other_seconds") is None
+
+
+def test_quantiles_since_an_earlier_scrape_count_only_what_came_between():
+    """A second burst's phases: the counts of the scrape before it are taken off."""
+    registry = CollectorRegistry()
+    h = Histogram("polymodal:x_seconds", "doc", buckets=(0.1, 0.5, 1.0, 2.5), registry=registry)
+    for _ in range(10):
+        h.observe(2.0)  # the first burst: slow
+    before = generate_latest(registry).decode()
+    for _ in range(10):
+        h.observe(0.05)  # the second: fast
+    after = generate_latest(registry).decode()
+    both = histogram_quantiles(after, "polymodal:x_seconds", (0.75,))  # both bursts
+    assert both["p75"] == pytest.approx(1.0 + 0.5 * 1.5)
+    since = histogram_quantiles(after, "polymodal:x_seconds", (0.5, 0.9), since=before)
+    assert since["p50"] == pytest.approx(0.05) and since["p90"] == pytest.approx(0.09)
+    assert histogram_quantiles(before, "polymodal:x_seconds", since=before) is None  # nothing new
