@@ -147,8 +147,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        first = _most_specific(exc.errors())
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_branch(p)]
         param = _dotted(loc) or None
         if first.get("type") == "json_invalid":  # loc is ("body", character offset)
             why = (first.get("ctx") or {}).get("error", first.get("msg"))
@@ -362,6 +362,20 @@ def _tool_params(body: ChatCompletionRequest, params, shape: Shape, parser):
     shape.tool_mode = "required" if choice == "required" else "named"
     shape.tool_name = None if choice == "required" else choice.function.name
     return params.model_copy(update={"structured_outputs": constraint})
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """The error to report: the deepest (a union such as a message's `content`, a string or a
+    list of parts, reports one error per branch; the branch shaped like the input goes
+    deepest, e.g. to the part whose `type` is unknown), the first among equals."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    return max(errors, key=lambda e: len(e.get("loc", ())))  # max keeps the first maximum
+
+
+def _is_branch(part) -> bool:
+    """A union branch's tag in pydantic's error location (`str`, `list[ContentPart]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def _dotted(loc: list[str]) -> str:

@@ -48,6 +48,26 @@ def test_a_body_that_is_not_json_is_named_as_such(client):
 
 
 @pytest.mark.parametrize(
+    "part, param, words",
+    [
+        ({"type": "hologram"}, "messages[0].content[0].type", "'text', 'image_url'"),
+        (
+            {"type": "image_url", "image_url": {}},
+            "messages[0].content[0].image_url.url",
+            "required",
+        ),
+        ({"type": "text", "text": {"a": 1}}, "messages[0].content[0].text", "valid string"),
+    ],
+)
+def test_a_bad_content_part_is_named_not_the_string_branch(client, part, param, words):
+    """`content` is a string or a list of parts: the error names the part that is wrong, not
+    the string the list is not."""
+    messages = [{"role": "user", "content": [part]}]
+    error = error_of(client.post("/v1/chat/completions", json={"messages": messages}))
+    assert error["param"] == param and words in error["message"]
+
+
+@pytest.mark.parametrize(
     "path, body, param",
     [
         # vLLM: "Stream options can only be defined when `stream=True`"
