@@ -113,6 +113,33 @@ class EngineConfig:
     # registered architecture: BAAI/bge-m3 as "BgeM3EmbeddingModel", as vLLM's docs say)
     hf_overrides: dict | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse sizes out of range (0 or negative where a count is meant: never read as
+        "the default"), naming the knob."""
+        for name in ("max_model_len", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs",
+                     "max_num_encoder_tokens", "max_cpu_loras"):  # fmt: skip
+            _check_range(name, getattr(self, name), 1, none_ok=True)
+        for name in ("block_size", "max_loras", "max_lora_rank", "tensor_parallel_size"):
+            _check_range(name, getattr(self, name), 1)
+        for name in ("max_graph_batch", "max_prefill_graph_tokens"):
+            _check_range(name, getattr(self, name), 0)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidInputError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not self.cpu_kv_cache_gb > 0:
+            raise InvalidInputError(f"cpu_kv_cache_gb must be positive, got {self.cpu_kv_cache_gb}")
+        if self.encoder_cache_mb is not None and not self.encoder_cache_mb >= 0:
+            raise InvalidInputError(f"encoder_cache_mb must be >= 0, got {self.encoder_cache_mb}")
+
+
+def _check_range(name: str, value, low: int, none_ok: bool = False) -> None:
+    """An integer knob `>= low` (None allowed with `none_ok`), else `InvalidInputError`."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 # (min GPU memory in GiB, max_num_seqs, max_num_batched_tokens), first match wins. An H100 or
 # H200 takes the bench's sizes (512 sequences, 16k tokens a step: docs/performance.md).
@@ -161,9 +188,15 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load the tokenizer: {exc}") from exc
+    if len(tokenizer) < 2:  # no vocabulary file: transformers builds an empty one, silently
+        raise ModelLoadError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...): "
+            f"the tokenizer transformers built has {len(tokenizer)} token(s)"
+        )
+    return tokenizer
 
 
 def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):

@@ -75,6 +75,35 @@ def test_missing_weight_file(ckpt, tmp_path):
         Engine(str(out), device="cpu")
 
 
+def test_missing_tokenizer_files(tmp_path_factory, tmp_path):
+    """Without them transformers builds an empty Qwen2 tokenizer and says nothing (Llama's
+    fails to build, also a ModelLoadError)."""
+    out = _copy(tiny_checkpoint(tmp_path_factory, "qwen2"), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        Engine(str(out), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "knob, value, words",
+    [
+        ("max_model_len", 0, "max_model_len must be an integer >= 1, got 0"),
+        ("num_kv_blocks", -3, "num_kv_blocks must be"),
+        ("max_num_seqs", 2.5, "max_num_seqs must be an integer"),
+        ("block_size", 0, "block_size must be"),
+        ("gpu_memory_utilization", 2.0, r"gpu_memory_utilization must be in \(0, 1\], got 2.0"),
+        ("gpu_memory_utilization", 0.0, "gpu_memory_utilization must be in"),
+        ("cpu_kv_cache_gb", -1.0, "cpu_kv_cache_gb must be positive"),
+        ("tensor_parallel_size", 0, "tensor_parallel_size must be"),
+    ],
+)
+def test_engine_sizes_out_of_range_are_refused(ckpt, knob, value, words):
+    """0 is not read as "the default" (max_model_len=0 used to give the model's own length)."""
+    with pytest.raises(InvalidInputError, match=words):
+        Engine(str(ckpt), device="cpu", **{knob: value})
+
+
 def test_truncated_safetensors(ckpt, tmp_path):
     out = _copy(ckpt, tmp_path)
     weights = out / "model.safetensors"
