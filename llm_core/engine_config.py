@@ -137,8 +137,10 @@ def _check_range(name: str, value, low: int, none_ok: bool = False) -> None:
     """An integer knob `>= low` (None allowed with `none_ok`), else `InvalidInputError`."""
     if value is None and none_ok:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise InvalidInputError(f"{name} must be >= {low}, got {value}")
 
 
 # (min GPU memory in GiB, max_num_seqs, max_num_batched_tokens), first match wins. An H100 or

@@ -88,9 +88,9 @@ def test_missing_tokenizer_files(tmp_path_factory, tmp_path):
 @pytest.mark.parametrize(
     "knob, value, words",
     [
-        ("max_model_len", 0, "max_model_len must be an integer >= 1, got 0"),
-        ("num_kv_blocks", -3, "num_kv_blocks must be"),
-        ("max_num_seqs", 2.5, "max_num_seqs must be an integer"),
+        ("max_model_len", 0, "max_model_len must be >= 1, got 0"),
+        ("num_kv_blocks", -3, "num_kv_blocks must be >= 1, got -3"),
+        ("max_num_seqs", 2.5, "max_num_seqs must be an integer, got 2.5"),
         ("block_size", 0, "block_size must be"),
         ("gpu_memory_utilization", 2.0, r"gpu_memory_utilization must be in \(0, 1\], got 2.0"),
         ("gpu_memory_utilization", 0.0, "gpu_memory_utilization must be in"),
