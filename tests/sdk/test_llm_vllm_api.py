@@ -81,6 +81,8 @@ def test_bad_prompts_and_keywords_are_named(llm, ckpt):
         llm.embed("hello")
     with pytest.raises(InvalidInputError, match="not a pooling request"):
         llm.classify("hello")
+    with pytest.raises(InvalidInputError, match="a SamplingParams or a list of them, got dict"):
+        llm.generate("hello", {"max_tokens": 2})  # a dict of one key was read as one params
 
 
 def test_vllm_keywords_limits_and_progress(ckpt, capsys):
