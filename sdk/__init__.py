@@ -13,6 +13,18 @@ from polymodal.llm_core.outputs import CompletionOutput, RequestMetrics, Request
 from polymodal.llm_core.registry import register_model
 from polymodal.llm_core.sampling_params import SamplingParams, StructuredOutputsParams
 
+POOLING_NAMES = (
+    "PoolingParams",
+    "PoolingOutput",
+    "PoolingRequestOutput",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "ScoringOutput",
+    "ScoringRequestOutput",
+)
+
 
 def __getattr__(name: str):
     # LLM and Pipeline import the engine (torch models): load them on first use.
@@ -32,6 +44,10 @@ def __getattr__(name: str):
         from polymodal.llm_core.lora.adapter import LoRARequest
 
         return LoRARequest
+    if name in POOLING_NAMES:  # vLLM exports these at its top level too
+        from polymodal.llm_core import pooling
+
+        return getattr(pooling, name)
     raise AttributeError(f"module 'polymodal' has no attribute {name!r}")
 
 
@@ -42,6 +58,7 @@ __all__ = [
     "SamplingParams",
     "StructuredOutputsParams",
     "LoRARequest",
+    *POOLING_NAMES,
     "BeamSearchParams",
     "BeamSearchOutput",
     "BeamSearchSequence",

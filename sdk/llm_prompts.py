@@ -221,6 +221,13 @@ def params_per_prompt(params: Any, n: int) -> list[SamplingParams]:
     """One SamplingParams for every prompt, or a list with one per prompt."""
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, (list, tuple)) or not all(
+        isinstance(p, SamplingParams) for p in params
+    ):
+        raise InvalidInputError(
+            f"sampling_params must be a SamplingParams or a list of them, got "
+            f"{type(params).__name__}"
+        )
     params = list(params)
     if len(params) != n:
         raise InvalidInputError(f"{len(params)} sampling params given for {n} prompts")

@@ -141,6 +141,9 @@ class MediaProcesses:
     def _done(
         self, pool: ProcessPoolExecutor, prompt: Any, result: Future, retries: int, job: Future
     ) -> None:
+        if job.cancelled():  # closed before a worker took it
+            result.set_exception(RuntimeError("media processes are closed"))
+            return
         error = job.exception()
         if isinstance(error, BrokenProcessPool):
             self._broken(pool, prompt, result, retries, error)
@@ -160,7 +163,10 @@ class MediaProcesses:
             if pool is not None and self._pool is pool:
                 self._pool = None
             closed = self._closed
-        if retries > 0 and not closed:
+        if closed:
+            result.set_exception(RuntimeError("media processes are closed"))
+            return
+        if retries > 0:
             self._run(prompt, result, retries - 1)
             return
         result.set_exception(

@@ -81,6 +81,8 @@ def test_bad_prompts_and_keywords_are_named(llm, ckpt):
         llm.embed("hello")
     with pytest.raises(InvalidInputError, match="not a pooling request"):
         llm.classify("hello")
+    with pytest.raises(InvalidInputError, match="a SamplingParams or a list of them, got dict"):
+        llm.generate("hello", {"max_tokens": 2})  # a dict of one key was read as one params
 
 
 def test_vllm_keywords_limits_and_progress(ckpt, capsys):
@@ -144,3 +146,15 @@ def test_generation_config_defaults(tmp_path, ckpt):
     short = LLM(str(model), device="cpu", num_kv_blocks=64,
                 override_generation_config={"max_new_tokens": 2})  # fmt: skip
     assert short.get_default_sampling_params().max_tokens == 2
+
+
+def test_vllm_top_level_names_import():
+    """`from vllm import ...` as users write it works with polymodal in its place."""
+    import polymodal
+
+    names = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput",
+             "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
+             "ScoringRequestOutput", "PoolingOutput", "EmbeddingOutput", "ClassificationOutput",
+             "ScoringOutput"]  # fmt: skip
+    assert set(names) <= set(polymodal.__all__)
+    assert all(getattr(polymodal, name) is not None for name in polymodal.__all__)

@@ -76,6 +76,8 @@ def test_processed_prompts_match_and_a_dead_worker_is_replaced(llm):
             media.submit(image_prompt(url)).result(120)
     finally:
         media.close()
+    with pytest.raises(RuntimeError, match="media processes are closed"):
+        media.submit(prompt).result(10)
 
 
 def test_engine_process_with_media_processes_serves_like_generate(llm, tmp_path_factory):
