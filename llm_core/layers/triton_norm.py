@@ -68,9 +68,11 @@ def sandwich_norm(
     post_eps: float,
     pre_weight: torch.Tensor,
     pre_eps: float,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x = residual + post(y)`, `(pre(x), x)`: Gemma's (1 + w) RMSNorms `post` / `pre` with
-    their weights and eps, over the last dim of `y` and `residual` (same shape and dtype)."""
+    their weights and eps, over the last dim of `y` and `residual` (same shape and dtype).
+    `num_warps`: the one program's warps (default: a warp per 256 features, at most 16)."""
     hidden = y.shape[-1]
     y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))  # [rows, hidden]
     y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
@@ -82,7 +84,8 @@ def sandwich_norm(
         flag = pdl.use_pdl(y2)
         _sandwich_norm_kernel[(y2.shape[0],)](
             y2, r2, post_weight, pre_weight, out, new_res, hidden, post_eps, pre_eps,
-            y2.stride(0), r2.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            y2.stride(0), r2.stride(0), BLOCK=block,
+            num_warps=num_warps or min(16, max(1, block // 256)),
             USE_PDL=flag, launch_pdl=flag,
         )  # fmt: skip
     return out.view(y.shape), new_res.view(y.shape)

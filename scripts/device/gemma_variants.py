@@ -4,16 +4,15 @@ head_dim 256, the sandwich norm 4.2 us a call): the sandwich kernel's warps (16 
 program of 4096 lanes) and the decode kernel's key tile (64). One engine per variant in this
 process, the base first and last (drift). Prints ms a token and % of the floor."""
 
+import functools
 import sys
 import time
 
 import torch
-import triton
 
 from polymodal.bench import resolve_bench_model
 from polymodal.bench.engine import measure_bandwidth
 from polymodal.bench.workloads import active_decoder_bytes
-from polymodal.llm_core import pdl
 from polymodal.llm_core.attention import triton_backend
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
@@ -26,23 +25,7 @@ original = triton_norm.sandwich_norm
 
 
 def sandwich_with(warps):
-    def sandwich_norm(y, residual, post_weight, post_eps, pre_weight, pre_eps):
-        hidden = y.shape[-1]
-        y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))
-        y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-        out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-        new_res = torch.empty_like(out)
-        if y2.shape[0] > 0:
-            flag = pdl.use_pdl(y2)
-            triton_norm._sandwich_norm_kernel[(y2.shape[0],)](
-                y2, r2, post_weight, pre_weight, out, new_res, hidden, post_eps, pre_eps,
-                y2.stride(0), r2.stride(0), BLOCK=triton.next_power_of_2(hidden),
-                num_warps=warps, USE_PDL=flag, launch_pdl=flag,
-            )  # fmt: skip
-        return out.view(y.shape), new_res.view(y.shape)
-
-    return sandwich_norm
+    return functools.partial(original, num_warps=warps)
 
 
 def run(label, warps=None, block_n=64):
@@ -51,7 +34,7 @@ def run(label, warps=None, block_n=64):
     from polymodal.llm_core.layers import triton_ops
 
     triton_ops.sandwich_norm = triton_norm.sandwich_norm
-    triton_backend.DECODE_BLOCK_N = block_n
+    triton_backend.decode_block_n = lambda head_dim: block_n  # pinned, whatever the head dim
     config = EngineConfig(dtype="bfloat16", dummy_weights=True, skip_tokenizer_init=True,
                           max_model_len=4096, gpu_memory_utilization=0.85,
                           enable_prefix_caching=False)  # fmt: skip
