@@ -12,9 +12,13 @@ projection needs no activation kernel then). The residual add and the RMSNorm be
 blocks fold in too: a GEMV given `residual` adds it to its output and writes each feature
 block's sum of squares; the next GEMV, given that as a `DeferredNorm`, sums those (in a fixed
 order) to each row's 1/rms and normalizes x as it loads it (batch-1 decode runs no norm
-kernel between layers). A LoRA layer's low-rank term (`LoRADelta`, gemv_lora.py) is added
-in the epilogue too, after the rounding to the output dtype and before the residual: the same
-order as the unfused path (product, `+= delta`, then the add), so LoRA keeps every fold.
+kernel between layers). Gemma's sandwich boundary folds the same way: given `post_norm` the
+GEMV's last feature block to finish normalizes the whole output rows, adds them to the
+residual and writes h's sums of squares (`gemv_folds.post_norm_tail`), and the next GEMV
+applies the unit-offset `(1 + w)` norm as it loads x. A LoRA layer's low-rank term
+(`LoRADelta`, gemv_lora.py) is added in the epilogue too, after the rounding to the output
+dtype and before the residual: the same order as the unfused path (product, `+= delta`, then
+the add), so LoRA keeps every fold.
 
 Everything the launch depends on is a host int derived from shapes, so calls can be captured
 in CUDA graphs (no syncs, no autotuning at first call).
@@ -31,7 +35,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
-from polymodal.llm_core.layers.gemv_folds import norm_args, row_rstd
+from polymodal.llm_core.layers.gemv_folds import norm_args, post_norm_tail, row_rstd
 from polymodal.llm_core.layers.gemv_lora import LoRADelta, lora_delta, lora_rows
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
@@ -112,12 +116,14 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 def gemv_tile(
     acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
+    UNIT: tl.constexpr = False,
 ):  # fmt: skip
     """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0).
 
     SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
     input dtype exactly as `triton_ops.silu_and_mul` rounds it. NORM: x[m, k] is RMS-normalized
-    with row m's `rstd` and the norm weight tile `wn` (fp32), rounded as `rms_norm` rounds.
+    with row m's `rstd` and the norm weight tile `wn` (fp32), rounded as `rms_norm` rounds
+    (UNIT: Gemma's, `(x * rstd) * (1 + wn)` rounded once).
     """
     k_mask = k < K
     w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
@@ -130,7 +136,10 @@ def gemv_tile(
             x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
         if NORM:
             rstd_m = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
-            x = (wn * (x.to(tl.float32) * rstd_m).to(x.dtype).to(tl.float32)).to(x.dtype)
+            if UNIT:
+                x = ((x.to(tl.float32) * rstd_m) * (1.0 + wn)).to(x.dtype)
+            else:
+                x = (wn * (x.to(tl.float32) * rstd_m).to(x.dtype).to(tl.float32)).to(x.dtype)
         part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
         acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
     return acc
@@ -138,15 +147,16 @@ def gemv_tile(
 
 @triton.jit
 def store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
-              delta, RESIDUAL: tl.constexpr, LORA: tl.constexpr):  # fmt: skip
+              delta, RESIDUAL: tl.constexpr, LORA: tl.constexpr, SUMSQ: tl.constexpr):  # fmt: skip
     """out = acc in out's dtype; LORA: out = that + delta (rounded as `out += delta` rounds);
-    RESIDUAL: out = that + r (the residual rows of this block, rounded like torch's add) and
+    RESIDUAL: out = that + r (the residual rows of this block, rounded like torch's add). SUMSQ:
     this feature block's sums of out^2 per row go to `sumsq[m, pid_n]`."""
     y = acc.to(out_ptr.dtype.element_ty)
     if LORA:
         y = (y.to(tl.float32) + delta).to(out_ptr.dtype.element_ty)
     if RESIDUAL:
         y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if SUMSQ:
         h = tl.where(out_mask, y.to(tl.float32), 0.0)
         tl.store(sumsq_ptr + offs_m * n_blocks + pid_n, tl.sum(h * h, 0), mask=offs_m < M)
     tl.store(out_ptr + out_offs, y, mask=out_mask)
@@ -171,6 +181,11 @@ def _gemv_kernel(
     lora_slot_ptr,  # int32 [>= M]: each row's adapter slot, -1: none (LORA)
     lora_slice_ptr,  # int32 [LORA_SLICES]: each slice's first feature (LORA)
     R,
+    post_w_ptr,  # [N] Gemma post-norm weight (POST_NORM)
+    post_eps,
+    h_ptr,  # [M, N] out: residual + post-norm(out) (POST_NORM)
+    hsq_ptr,  # fp32 [M, 1] out: h's sums of squares (POST_NORM)
+    done_ptr,  # int32, zero between calls: feature blocks finished (POST_NORM)
     M,
     N,
     K,
@@ -180,7 +195,10 @@ def _gemv_kernel(
     SILU_MUL: tl.constexpr,
     RESIDUAL: tl.constexpr,
     NORM: tl.constexpr,
+    UNIT: tl.constexpr,  # the deferred norm is Gemma's (1 + w)
     BLOCK_P: tl.constexpr,  # norm_parts padded to a power of 2
+    POST_NORM: tl.constexpr,  # Gemma's post-norm and the residual add in the epilogue
+    BLOCK_Q: tl.constexpr,  # feature blocks padded to a power of 2 (POST_NORM)
     LORA: tl.constexpr,
     LORA_SLICES: tl.constexpr,
     BLOCK_R: tl.constexpr,  # R padded to a power of 2 (LORA)
@@ -233,7 +251,7 @@ def _gemv_kernel(
                            BLOCK_M, BLOCK_R)  # fmt: skip
     if tile_start < tile_end:
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                         BLOCK_M, SILU_MUL, NORM)  # fmt: skip
+                         BLOCK_M, SILU_MUL, NORM, UNIT)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
@@ -241,7 +259,7 @@ def _gemv_kernel(
         if NORM:
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                         BLOCK_M, SILU_MUL, NORM)  # fmt: skip
+                         BLOCK_M, SILU_MUL, NORM, UNIT)  # fmt: skip
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
@@ -254,13 +272,19 @@ def _gemv_kernel(
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-                      tl.num_programs(0), delta, RESIDUAL, LORA)  # fmt: skip
+                      tl.num_programs(0), delta, RESIDUAL, LORA, RESIDUAL or POST_NORM)  # fmt: skip
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            if POST_NORM:
+                post_norm_tail(out_ptr, res_ptr, post_w_ptr, h_ptr, sumsq_ptr, hsq_ptr, done_ptr,
+                               post_eps, M, N, BLOCK_Q, 1024)  # fmt: skip
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-                  tl.num_programs(0), delta, RESIDUAL, LORA)  # fmt: skip
+                  tl.num_programs(0), delta, RESIDUAL, LORA, RESIDUAL or POST_NORM)  # fmt: skip
+        if POST_NORM:
+            post_norm_tail(out_ptr, res_ptr, post_w_ptr, h_ptr, sumsq_ptr, hsq_ptr, done_ptr,
+                           post_eps, M, N, BLOCK_Q, 1024)  # fmt: skip
 
 
 def split_workspace(split_k: int, m: int, n: int, n_blocks: int, out: torch.Tensor):
@@ -280,6 +304,7 @@ def gemv(
     silu_mul: bool = False,
     residual: torch.Tensor | None = None,
     lora: LoRADelta | None = None,
+    post_norm: tuple[torch.Tensor, float] | None = None,
 ):
     """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
     (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
@@ -292,6 +317,9 @@ def gemv(
     kernel launched just before, which must not be what wrote it (the decoder's residual stream
     was written a block earlier).
     `lora`: each row's low-rank term is added to the output before the residual (`LoRADelta`).
+    `post_norm = (weight, eps)` of a Gemma RMSNorm, with `residual`: returns
+    `AddedResidual(residual + post_norm(out), its sums of squares [M, 1])`, the last feature
+    block to finish normalizing the whole rows (`gemv_folds.post_norm_tail`).
     `config=None` picks `default_config` from the shape and the device's SM count.
     """
     norm = x if isinstance(x, DeferredNorm) else None
@@ -310,6 +338,8 @@ def gemv(
         raise ValueError(f"gemv residual must be contiguous [{m}, {n}]: {tuple(residual.shape)}")
     if norm is not None and silu_mul:
         raise ValueError("gemv: a deferred norm and silu_mul do not combine")
+    if post_norm is not None and (residual is None or post_norm[0].shape != (n,)):
+        raise ValueError(f"gemv post_norm needs a residual and a weight [{n}]")
     if lora is not None and (lora.y.shape[0] != m or lora.lora_b.shape[1:2] != (n,)):
         raise ValueError(
             f"gemv lora terms {tuple(lora.y.shape)}, B {tuple(lora.lora_b.shape)} do not "
@@ -320,10 +350,17 @@ def gemv(
     cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul)
     n_blocks = triton.cdiv(n, cfg.block_n)
     sumsq = out  # unread without a residual
-    if residual is not None:
+    if residual is not None:  # with a post-norm: out's sums of squares per feature block
         sumsq = torch.empty((m, n_blocks), dtype=torch.float32, device=x.device)
+    # POST_NORM: out is the product; the residual stream h and its sums of squares come back
+    h, hsq, done, post_w, post_eps = out, sumsq, out, out, 0.0  # unread without a post-norm
+    if post_norm is not None:
+        h = torch.empty_like(out)
+        hsq = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        done = arrival_counters(x.device, n_blocks + 1)[n_blocks:]  # after the split counters
+        post_w, post_eps = post_norm
     if m == 0 or n == 0:
-        return out if residual is None else AddedResidual(out, sumsq)
+        return out if residual is None else AddedResidual(h, hsq)
     tiles_per_split = max(1, triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k))
     part, counters = split_workspace(cfg.split_k, m, n, n_blocks, out)
     b = bias if bias is not None else weight  # unread when HAS_BIAS is False
@@ -337,13 +374,16 @@ def gemv(
     flag = pdl.use_pdl(x)
     _gemv_kernel[(n_blocks, cfg.split_k)](
         x, weight, b, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
-        l_y, l_b, l_slot, l_slice, rank,
+        l_y, l_b, l_slot, l_slice, rank, post_w, post_eps, h, hsq, done,
         m, n, k, x.stride(0), tiles_per_split,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
-        NORM=norm is not None, BLOCK_P=triton.next_power_of_2(parts), LORA=lora is not None,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        RESIDUAL=residual is not None and post_norm is None, NORM=norm is not None,
+        UNIT=norm is not None and norm.unit_offset, BLOCK_P=triton.next_power_of_2(parts),
+        POST_NORM=post_norm is not None, BLOCK_Q=triton.next_power_of_2(n_blocks),
+        LORA=lora is not None,
         LORA_SLICES=l_slices, BLOCK_R=triton.next_power_of_2(rank),
         SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
-    return out if residual is None else AddedResidual(out, sumsq)
+    return out if residual is None else AddedResidual(h, hsq)

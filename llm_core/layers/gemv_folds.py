@@ -1,8 +1,9 @@
 """What the GEMVs (16-bit `gemv.py`, `fp8_gemv.py`, `int4_gemv.py`, the MoE router and experts)
 fold into x as they load it: a deferred RMSNorm (each row's 1/rms from its producer's per-block
 sums of squares, `row_rstd` / `one_row_rstd`, then the norm weight) or SiLU-and-multiply of a
-`[gate | up]` row (`load_x_folded`), rounded as the unfused kernels round; and a deferred
-norm's launch arguments (`norm_args`)."""
+`[gate | up]` row (`load_x_folded`), rounded as the unfused kernels round; a deferred norm's
+launch arguments (`norm_args`); and the 16-bit GEMV's epilogue fold of Gemma's post-norm and
+residual add (`post_norm_tail`)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,38 @@ def norm_args(norm: DeferredNorm | None, unread: torch.Tensor):
     if norm is None:
         return unread, unread, 0.0, 1
     return norm.weight, norm.sumsq, norm.eps, norm.sumsq.shape[1]
+
+
+@triton.jit
+def post_norm_tail(y_ptr, res_ptr, w_ptr, h_ptr, ysq_ptr, hsq_ptr, done_ptr, eps, M, N,
+                   BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """Gemma's post-norm and residual add folded into a GEMV's epilogue (`gemv(post_norm=)`):
+    called by each feature block's finishing program after it stored its block of `y [M, N]`
+    and the block's sums of y^2 (`ysq [M, blocks]`). The last block to arrive (a counter at
+    `done_ptr`, reset after) does every row: `h = residual + (1 + w) y / rms(y)` rounded as
+    `sandwich_norm` rounds, stored to `h [M, N]` with its sum of squares (`hsq [M, 1]`: the
+    next GEMV's deferred norm)."""
+    n_blocks = tl.num_programs(0)
+    tl.debug_barrier()  # every thread's y and partial are written before the counter moves
+    arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_blocks - 1:
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_t = tl.arange(0, BLOCK_T)
+        for m in range(0, M):
+            parts = tl.load(ysq_ptr + m * n_blocks + offs_q, mask=offs_q < n_blocks, other=0.0,
+                            cache_modifier=".cg")  # fmt: skip
+            rstd = 1.0 / tl.sqrt(tl.sum(parts, 0) / N + eps)
+            acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_T):
+                cols = n0 + offs_t
+                mask = cols < N
+                y = tl.load(y_ptr + m * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                r = tl.load(res_ptr + m * N + cols, mask=mask, other=0.0).to(tl.float32)
+                post = ((y.to(tl.float32) * rstd) * (1.0 + w)).to(y.dtype)
+                h = (post.to(tl.float32) + r).to(y.dtype)
+                tl.store(h_ptr + m * N + cols, h, mask=mask)
+                hf = tl.where(mask, h.to(tl.float32), 0.0)
+                acc += hf * hf
+            tl.store(hsq_ptr + m, tl.sum(acc, 0))
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")

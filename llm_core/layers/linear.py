@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.llm_core.layers.activation import silu_and_mul
-from polymodal.llm_core.layers.norm import DeferredNorm
+from polymodal.llm_core.layers.norm import DeferredNorm, plain
 
 # Inputs of at most this many rows take the GEMV when enabled: measured on an H200, it beats
 # cuBLAS at one row (batch-1 decode) and loses from two rows up (docs/performance.md).
@@ -105,7 +105,7 @@ class Linear(nn.Module):
     `gemv` is None (plain `F.linear`) unless `enable_gemv` set it at model build time.
     """
 
-    gemv = None  # `layers.gemv.gemv(x, weight, bias, silu_mul=False, residual=None)` or alike
+    gemv = None  # `layers.gemv.gemv(x, weight, bias, ..., residual=, post_norm=)` or alike
     parallel = None  # a tensor-parallel shard (layers/parallel.py): None on one rank
 
     def __init__(
@@ -189,14 +189,29 @@ class Linear(nn.Module):
     def forward(self, x) -> torch.Tensor:
         """The plain product. `x`: a tensor or a `DeferredNorm` (normalized as the GEMV loads
         it, else first)."""
-        return self.method.apply(self, x)
+        return self.method.apply(self, self._input(x))
 
-    def fused(self, x, residual: torch.Tensor | None = None, silu_mul: bool = False):
+    def _input(self, x):
+        """`x` as the method takes it: a Gemma (unit-offset) `DeferredNorm` only the 16-bit
+        GEMV folds; the other methods get it normalized."""
+        return x if self.uses_gemv(x) else plain(x)
+
+    def fused(self, x, residual: torch.Tensor | None = None, silu_mul: bool = False,
+              post_norm: nn.Module | None = None):  # fmt: skip
         """The product with the fused work this call site asks for: `silu_mul` (x is a packed
         `[gate | up]`, activated as it loads) and the `residual` add. Where the method folds
         the add (the GEMV) an `AddedResidual` comes back; otherwise the plain output, and the
-        caller adds (`add_norm` takes either)."""
-        return self.method.apply(self, x, silu_mul=silu_mul, residual=residual)
+        caller adds (`add_norm` takes either). `post_norm` (a `GemmaRMSNorm`, with `residual`):
+        the output is normalized by it before the add; only the 16-bit GEMV folds that
+        (`sandwich_norm` takes either)."""
+        x = self._input(x)
+        if post_norm is None:
+            return self.method.apply(self, x, silu_mul=silu_mul, residual=residual)
+        if self.uses_gemv(x):
+            fold = (post_norm.weight, post_norm.eps)
+            return self.gemv(x, self.weight, self.bias, silu_mul=silu_mul, residual=residual,
+                             post_norm=fold)  # fmt: skip
+        return self.method.apply(self, x, silu_mul=silu_mul)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + (

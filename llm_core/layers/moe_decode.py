@@ -229,7 +229,7 @@ def _down_kernel(
             acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
         # no LoRA delta here (`acc` fills the unread argument)
         store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-                  tl.num_programs(1), acc, RESIDUAL, False)  # fmt: skip
+                  tl.num_programs(1), acc, RESIDUAL, False, RESIDUAL)  # fmt: skip
         tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 

@@ -35,7 +35,7 @@ from polymodal.llm_core.layers.gemv import (
     gemv_tile,
 )
 from polymodal.llm_core.layers.gemv_folds import row_rstd
-from polymodal.llm_core.layers.norm import DeferredNorm
+from polymodal.llm_core.layers.norm import DeferredNorm, plain
 
 SCORINGS = ("softmax", "sigmoid")
 # larger than any expert id: loses every "lowest id" contest (a global a kernel reads must be a
@@ -253,7 +253,9 @@ def router_config(num_experts: int, k: int, is_cuda: bool) -> GemvConfig:
 
 
 def decode_rows(x, weight: torch.Tensor, what: str):
-    """(the DeferredNorm or None, the rows) of x, checked against a `[..., K]` weight."""
+    """(the DeferredNorm or None, the rows) of x, checked against a `[..., K]` weight (a
+    Gemma unit-offset norm materialized: not one these kernels fold)."""
+    x = plain(x)
     norm = x if isinstance(x, DeferredNorm) else None
     rows = norm.h if norm is not None else x
     if rows.dim() != 2 or rows.shape[0] > MAX_ROWS or rows.shape[1] != weight.shape[-1]:

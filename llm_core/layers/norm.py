@@ -3,7 +3,9 @@ deferred form a few-row decode step uses: the residual add done in the GEMV befo
 epilogue, `AddedResidual`), the normalization in the GEMV after (as it loads x, `DeferredNorm`).
 Gemma's sandwich boundary (`sandwich_norm`: post-norm, add, next pre-norm), per-head q/k
 norms (`qk_norm`) and a residual add + LayerNorm (`add_layer_norm`: a ViT layer's pre-norm,
-`LayerNorm(x, residual)` for BERT's post-norm) are one kernel each on CUDA.
+`LayerNorm(x, residual)` for BERT's post-norm) are one kernel each on CUDA; at one row the
+sandwich's post-norm and add fold into the GEMV before (`Linear.fused(post_norm=)`) and its
+pre-norm into the GEMV after (a unit-offset `DeferredNorm`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ def rms_norm_torch(
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype), x
+
+
+def gemma_rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's `(x * rsqrt(mean(x^2) + eps)) * (1 + weight)` in fp32, cast once."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -76,15 +85,17 @@ class GemmaRMSNorm(nn.Module):
             out, res = fused_ops().rms_norm(x, self.weight, self.eps, residual, unit_offset=True)
         else:
             res = x if residual is None else x + residual
-            h = res.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-            out = (h * (1.0 + self.weight.float())).to(res.dtype)
+            out = gemma_rms_norm_torch(res, self.weight, self.eps)
         return out if residual is None else (out, res)
 
 
-def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y: torch.Tensor, residual: torch.Tensor):
+def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y, residual: torch.Tensor):
     """Gemma's block boundary: `x = residual + post(y)` (a block's output normalized before it
-    joins the residual stream), returns `(pre(x), x)`; one kernel on CUDA."""
+    joins the residual stream), returns `(pre(x), x)`; one kernel on CUDA. `y` may be an
+    `AddedResidual` whose GEMV did the post-norm and the add (`Linear.fused(post_norm=)`):
+    then `pre` is deferred to the next GEMV (a `DeferredNorm` with Gemma's unit offset)."""
+    if isinstance(y, AddedResidual):
+        return DeferredNorm(y.h, y.sumsq, pre.weight, pre.eps, unit_offset=True), y.h
     if y.is_cuda and fused_ops() is not None:
         return fused_ops().sandwich_norm(y, residual, post.weight, post.eps, pre.weight, pre.eps)
     return pre(post(y), residual)
@@ -121,8 +132,9 @@ def add_layer_norm(
 @dataclass
 class AddedResidual:
     """A block's output already added to the residual stream by the GEMV that produced it:
-    `h = out + residual` `[M, N]`, and the sums of h^2 over each of its feature blocks
-    (`sumsq [M, blocks]` fp32), which is what an RMSNorm of `h` needs besides h."""
+    `h = out + residual` `[M, N]` (Gemma: `residual + post_norm(out)`), and the sums of h^2
+    over each of its feature blocks (`sumsq [M, blocks]` fp32; Gemma: one block), which is
+    what an RMSNorm of `h` needs besides h."""
 
     h: torch.Tensor
     sumsq: torch.Tensor
@@ -130,18 +142,31 @@ class AddedResidual:
 
 @dataclass
 class DeferredNorm:
-    """`RMSNorm(weight, eps)(h)` not computed yet: a GEMV that takes it normalizes each row as it
-    loads it (`layers.gemv`); anything else calls `materialize()`."""
+    """`RMSNorm(weight, eps)(h)` not computed yet (`unit_offset`: `GemmaRMSNorm`'s): a GEMV that
+    takes it normalizes each row as it loads it (`layers.gemv`); anything else calls
+    `materialize()` (`plain()` does where a kernel has no unit-offset fold)."""
 
     h: torch.Tensor
     sumsq: torch.Tensor
     weight: torch.Tensor
     eps: float
+    unit_offset: bool = False
 
     def materialize(self) -> torch.Tensor:
         if self.h.is_cuda and fused_ops() is not None:
-            return fused_ops().rms_norm(self.h, self.weight, self.eps)[0]
+            ops = fused_ops()
+            return ops.rms_norm(self.h, self.weight, self.eps, unit_offset=self.unit_offset)[0]
+        if self.unit_offset:
+            return gemma_rms_norm_torch(self.h, self.weight, self.eps)
         return rms_norm_torch(self.h, self.weight, self.eps)[0]
+
+
+def plain(x):
+    """`x` for a kernel whose deferred-norm fold is the plain RMSNorm's: a unit-offset
+    `DeferredNorm` (Gemma's) materialized, anything else as is."""
+    if isinstance(x, DeferredNorm) and x.unit_offset:
+        return x.materialize()
+    return x
 
 
 def add_norm(norm: RMSNorm, hidden, residual: torch.Tensor | None):

@@ -19,7 +19,7 @@ from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import UnsupportedModelError
 from polymodal.llm_core.layers.activation import gelu_tanh_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
-from polymodal.llm_core.layers.norm import GemmaRMSNorm, qk_norm, sandwich_norm
+from polymodal.llm_core.layers.norm import DeferredNorm, GemmaRMSNorm, qk_norm, sandwich_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.llama import LlamaForCausalLM
@@ -55,14 +55,17 @@ class Gemma3Attention(nn.Module):
         )
         self.attn = AttentionLayer(spec, backend, rotary)
 
-    def forward(self, rope, x: torch.Tensor, kv_cache, meta) -> torch.Tensor:
-        num_tokens = x.shape[0]
+    def forward(self, rope, x, kv_cache, meta, residual, post_norm):
+        """`x` as `Linear.forward` takes it; returns o_proj's output, or with the GEMV the
+        stream after it: `residual + post_norm(out)` (`Linear.fused`, `sandwich_norm`)."""
+        num_tokens = (x.h if isinstance(x, DeferredNorm) else x).shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = qk_norm(self.q_norm, self.k_norm, q, k)  # in place on CUDA
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, rope, kv_cache, meta))
+        out = self.attn(q, k, v, rope, kv_cache, meta)
+        return self.o_proj.fused(out, residual=residual, post_norm=post_norm)
 
 
 class Gemma3MLP(nn.Module):
@@ -77,14 +80,18 @@ class Gemma3MLP(nn.Module):
         self.gate_up_proj = PackedLinear(cfg.hidden_size, sizes, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
+    def forward(self, x, residual, post_norm):
+        """As `Gemma3Attention.forward`: down's output, or the stream after it."""
+        act = gelu_tanh_and_mul(self.gate_up_proj(x))
+        return self.down_proj.fused(act, residual=residual, post_norm=post_norm)
 
 
 class Gemma3DecoderLayer(nn.Module):
     """Sandwich norms: each block's output is normalized before it joins the residual stream.
     A block's post-norm, the add and the next block's pre-norm are one `sandwich_norm`; the
-    MLP's post-norm is left to the next layer (or the final norm), which fuses it so."""
+    MLP's post-norm is left to the next layer (or the final norm), which fuses it so. With the
+    one-row GEMV the post-norm and the add fold into the block's last GEMV and the pre-norm
+    into the next block's first (no norm kernel between them)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, backend):
         super().__init__()
@@ -99,16 +106,17 @@ class Gemma3DecoderLayer(nn.Module):
     def forward(self, rope, hidden, residual, kv_cache, meta, post_norm=None):
         """`hidden`: the embeddings (`residual` None), else the previous layer's MLP output
         before its post-feed-forward norm (`post_norm`). Returns this layer's MLP output, not
-        yet normalized (`post_feedforward_layernorm`) nor added to the returned `residual`."""
+        yet normalized (`post_feedforward_layernorm`) nor added to the returned `residual`
+        (or, folded, an `AddedResidual` with both done)."""
         if residual is None:
             x, residual = self.input_layernorm(hidden), hidden
         else:
             x, residual = sandwich_norm(post_norm, self.input_layernorm, hidden, residual)
-        attn = self.self_attn(rope, x, kv_cache, meta)
+        attn = self.self_attn(rope, x, kv_cache, meta, residual, self.post_attention_layernorm)
         x, residual = sandwich_norm(
             self.post_attention_layernorm, self.pre_feedforward_layernorm, attn, residual
         )
-        return self.mlp(x), residual
+        return self.mlp(x, residual, self.post_feedforward_layernorm), residual
 
 
 class Gemma3TextModel(nn.Module):
@@ -146,7 +154,8 @@ class Gemma3TextModel(nn.Module):
         for layer, kind, kv_cache in zip(self.layers, self.layer_types, kv_caches):
             hidden, residual = layer(ropes[kind], hidden, residual, kv_cache, meta, post_norm)
             post_norm = layer.post_feedforward_layernorm
-        return sandwich_norm(post_norm, self.norm, hidden, residual)[0]
+        x = sandwich_norm(post_norm, self.norm, hidden, residual)[0]
+        return x.materialize() if isinstance(x, DeferredNorm) else x
 
 
 class Gemma3ForCausalLM(ModelBase):

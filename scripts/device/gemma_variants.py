@@ -1,10 +1,9 @@
-"""Gemma-3-12B batch-1 decode (dummy bf16 weights, 256 tokens after 32) under launch variants
-of its two non-GEMV costs (the twentieth session's profile: decode attention 10.5 us a layer at
-head_dim 256, the sandwich norm 4.2 us a call): the sandwich kernel's warps (16 by default: one
-program of 4096 lanes) and the decode kernel's key tile (64). One engine per variant in this
-process, the base first and last (drift). Prints ms a token and % of the floor."""
+"""Gemma-3-12B batch-1 decode (dummy bf16 weights, 256 tokens after 32) with and without the
+sandwich-norm fold (o_proj / down do the post-norm and the add in their epilogue, qkv / gate_up
+the next pre-norm as they load x; `Linear.fused(post_norm=)`), against the `sandwich_norm`
+kernel between them (the twentieth session's profile: 4.2 us a call, 96 a token). One engine
+per variant in this process, alternating (drift). Prints ms a token and % of the floor."""
 
-import functools
 import sys
 import time
 
@@ -13,28 +12,25 @@ import torch
 from polymodal.bench import resolve_bench_model
 from polymodal.bench.engine import measure_bandwidth
 from polymodal.bench.workloads import active_decoder_bytes
-from polymodal.llm_core.attention import triton_backend
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
-from polymodal.llm_core.layers import triton_norm
+from polymodal.llm_core.layers.linear import Linear
 
 sys.path.insert(0, "scripts")
 from bench_text_decode import decode_ms, throughput  # noqa: E402
 
-original = triton_norm.sandwich_norm
+folded = Linear.fused
 
 
-def sandwich_with(warps):
-    return functools.partial(original, num_warps=warps)
+def unfolded(self, x, residual=None, silu_mul=False, post_norm=None):
+    """`Linear.fused` without the post-norm fold: the plain product, `sandwich_norm` after."""
+    if post_norm is not None:
+        return folded(self, x, silu_mul=silu_mul)
+    return folded(self, x, residual, silu_mul)
 
 
-def run(label, warps=None, block_n=64):
-    triton_norm.sandwich_norm = sandwich_with(warps) if warps else original
-    # triton_ops re-exports it: patch what fused_ops() hands out too
-    from polymodal.llm_core.layers import triton_ops
-
-    triton_ops.sandwich_norm = triton_norm.sandwich_norm
-    triton_backend.decode_block_n = lambda head_dim: block_n  # pinned, whatever the head dim
+def run(label, fold):
+    Linear.fused = folded if fold else unfolded
     config = EngineConfig(dtype="bfloat16", dummy_weights=True, skip_tokenizer_init=True,
                           max_model_len=4096, gpu_memory_utilization=0.85,
                           enable_prefix_caching=False)  # fmt: skip
@@ -51,8 +47,6 @@ def run(label, warps=None, block_n=64):
 
 model_dir = resolve_bench_model("gemma-3-12b")
 bw = measure_bandwidth()
-run("base (16 warps, 64 keys)")
-run("sandwich 4 warps", warps=4)
-run("sandwich 8 warps", warps=8)
-run("decode 32-key tiles", block_n=32)
-run("base again")
+for _ in range(2):
+    run("sandwich folded into GEMVs", fold=True)
+    run("sandwich_norm kernel", fold=False)

@@ -101,3 +101,29 @@ def test_gemv_cuda_graph_replay_matches_eager():
         torch.testing.assert_close(static_split, gemv(x, weight, bias, split), atol=0, rtol=0)
         torch.testing.assert_close(static_plain, gemv(x, weight, None, plain), atol=0, rtol=0)
         check(static_split, x.float() @ weight.float().t() + bias.float())
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("name,n,k", [("o_proj", 3840, 4096), ("down", 3840, 15360)])
+def test_gemv_post_norm_equals_the_sandwich_kernel(name, n, k, rows):
+    """Gemma-3-12B's o_proj / down with the post-norm and the add folded (default configs: the
+    down's split-K finisher, o_proj's 960 feature blocks): h is the `sandwich_norm` kernel's
+    new residual on the plain GEMV's output, but for rare elements one bf16 rounding apart (the
+    same sums of squares in another order), twice (the arrival counter reset); the unit-offset
+    deferred norm into the next GEMV equals the GEMV of the kernel's normalized output."""
+    from polymodal.llm_core.layers import triton_ops as ops
+    from polymodal.llm_core.layers.gemv import gemv
+    from polymodal.llm_core.layers.norm import DeferredNorm
+
+    x, weight, _ = gemv_inputs(rows, n, k, False, seed=11)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    residual = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+    post_w, pre_w = (0.5 * torch.randn(n, device="cuda", generator=gen).bfloat16() for _ in "ab")
+    ref_x, ref_h = ops.sandwich_norm(gemv(x, weight), residual, post_w, 1e-6, pre_w, 1e-6)
+    for _ in range(2):
+        added = gemv(x, weight, residual=residual, post_norm=(post_w, 1e-6))
+        torch.testing.assert_close(added.h.float(), ref_h.float(), atol=0, rtol=2**-7)
+        assert (added.h != ref_h).float().mean() < 0.01
+    nxt = (torch.randn(15360 * 2, n, device="cuda", generator=gen) * n**-0.5).bfloat16()
+    deferred = DeferredNorm(added.h, added.sumsq, pre_w, 1e-6, unit_offset=True)
+    check(gemv(deferred, nxt), gemv(ref_x, nxt))

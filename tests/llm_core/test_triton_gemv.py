@@ -97,18 +97,17 @@ def test_gemv_residual_then_deferred_norm(rows, split_k):
     assert_close(deferred.materialize(), normed, dtype)
 
 
-def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
-    """Every decoder Linear on the GEMV (as `enable_gemv` sets it on CUDA): batch-1 decode
-    steps add the residual in o_proj / down and normalize as qkv / gate_up load x, with no norm
-    between layers (decode graphs' step, run eagerly here); the logits and tokens equal the
-    plain model's."""
+def _one_row_folds(path):
+    """Greedy decode of one prompt on `path` plainly, then with every decoder Linear on the GEMV
+    (as `enable_gemv` sets it on CUDA; decode graphs' step, run eagerly here). Returns (plain
+    tokens, fused tokens, plain logits, fused logits, the fused run's GEMV calls as (x's type,
+    silu_mul, residual given, post_norm given), the model)."""
     from polymodal.llm_core.cuda_graph import DecodeGraphs
     from polymodal.llm_core.engine import Engine
     from polymodal.llm_core.layers.linear import Linear
     from polymodal.llm_core.sampling_params import SamplingParams
-    from tests.helpers import record_logits, tiny_checkpoint
+    from tests.helpers import record_logits
 
-    path = tiny_checkpoint(tmp_path_factory, "qwen2")  # q/k/v bias
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     runs = []
     for fused in (False, True):
@@ -116,12 +115,14 @@ def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
                         skip_tokenizer_init=True)  # fmt: skip
         calls = []
 
-        def traced(x, weight, bias=None, config=None, silu_mul=False, residual=None, calls=calls):
-            calls.append((type(x).__name__, silu_mul, residual is not None))
-            return gemv_ops.gemv(x, weight, bias, config, silu_mul, residual)
+        def traced(x, weight, bias=None, config=None, silu_mul=False, residual=None,
+                   post_norm=None, calls=calls):  # fmt: skip
+            calls.append((type(x).__name__, silu_mul, residual is not None, post_norm is not None))
+            return gemv_ops.gemv(x, weight, bias, config, silu_mul, residual, post_norm=post_norm)
 
         runner = engine.runner
-        runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 1, 16, runner.uses_mrope)
+        runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 1, 16, runner.uses_mrope,
+                                     runner.num_kv_groups)  # fmt: skip
         if fused:
             for module in runner.model.modules():
                 if isinstance(module, Linear):
@@ -130,16 +131,83 @@ def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
         rid = engine.add_request([5, 17, 42, 99, 3], params)
         runs.append((engine.run_until_done()[rid].outputs[0].token_ids, seen, calls))
     (tokens, seen, _), (fused_tokens, fused_seen, calls) = runs
+    return tokens, fused_tokens, seen, fused_seen, calls, engine.runner.model
+
+
+def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
+    """Batch-1 decode steps add the residual in o_proj / down and normalize as qkv / gate_up
+    load x, with no norm between layers; the logits and tokens equal the plain model's."""
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2")  # q/k/v bias
+    tokens, fused_tokens, seen, fused_seen, calls, model = _one_row_folds(path)
     assert fused_tokens == tokens and len(fused_seen) == len(seen) == 4
     for got, ref in zip(fused_seen, seen):
         assert_close(got, ref, torch.float32)
-    layers = len(engine.runner.model.model.layers)
+    layers = len(model.model.layers)
     step = calls[-(4 * layers + 1) :]  # the last decode step: 4 GEMVs a layer + the LM head
-    assert step[0] == ("Tensor", False, False)  # layer 0's qkv: its input norm ran plainly
-    assert step[1:4] == [("Tensor", False, True), ("DeferredNorm", False, False),
-                         ("Tensor", True, True)]  # fmt: skip
-    assert step[4] == ("DeferredNorm", False, False)  # layer 1's qkv: no norm kernel before
-    assert step[-1] == ("Tensor", False, False)  # LM head after the final norm (a kernel)
+    assert step[0] == ("Tensor", False, False, False)  # layer 0's qkv: its norm ran plainly
+    assert step[1:4] == [("Tensor", False, True, False), ("DeferredNorm", False, False, False),
+                         ("Tensor", True, True, False)]  # fmt: skip
+    assert step[4] == ("DeferredNorm", False, False, False)  # layer 1's qkv: no norm kernel
+    assert step[-1] == ("Tensor", False, False, False)  # LM head after the final norm (a kernel)
+
+
+def test_gemma3_one_row_folds_sandwich_norms_into_gemvs(tmp_path_factory):
+    """Gemma 3 (sandwich norms): o_proj and down do the post-norm and the add
+    (`post_norm`), qkv and gate_up the next pre-norm as they load x (a unit-offset
+    `DeferredNorm`): no norm kernel between them; the logits and tokens equal the plain
+    model's."""
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, "gemma3")
+    tokens, fused_tokens, seen, fused_seen, calls, model = _one_row_folds(path)
+    assert fused_tokens == tokens and len(fused_seen) == len(seen) == 4
+    for got, ref in zip(fused_seen, seen):
+        assert_close(got, ref, torch.float32)
+    layers = len(model.model.layers)
+    step = calls[-(4 * layers + 1) :]
+    assert step[0] == ("Tensor", False, False, False)  # layer 0's qkv: its norm ran plainly
+    # o_proj folds post-norm + add; gate_up loads the pre-norm; down (GELU ran apart) folds
+    assert step[1:4] == [("Tensor", False, True, True), ("DeferredNorm", False, False, False),
+                         ("Tensor", False, True, True)]  # fmt: skip
+    assert step[4] == ("DeferredNorm", False, False, False)  # layer 1's qkv
+    assert step[-1] == ("Tensor", False, False, False)  # LM head after the final norm
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_post_norm_then_unit_deferred_norm(rows, split_k):
+    """Gemma's sandwich boundary folded into GEMVs (bf16): a GEMV given `residual` and
+    `post_norm` returns h = residual + post(out), bit for bit the new residual of the
+    `sandwich_norm` kernel on the plain GEMV's output, with h's sums of squares; a GEMV given
+    the unit-offset `DeferredNorm(h)` equals the GEMV of that kernel's normalized output."""
+    from polymodal.llm_core.counters import arrival_counters
+    from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
+
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(rows + 10 * split_k)
+    x = torch.randn(rows, 83, generator=gen).to(dtype)
+    w1 = (torch.randn(37, 83, generator=gen) / 83**0.5).to(dtype)
+    residual = torch.randn(rows, 37, generator=gen).to(dtype)
+    post_w, pre_w = ((0.5 * torch.randn(37, generator=gen)).to(dtype) for _ in range(2))
+    config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)  # 5 feature blocks
+    y = gemv_ops.gemv(x, w1, None, config)
+    ref_x, ref_h = triton_ops.sandwich_norm(y, residual, post_w, 1e-6, pre_w, 1e-5)
+    for _ in range(2):  # the arrival counters are reset
+        added = gemv_ops.gemv(x, w1, None, config, residual=residual, post_norm=(post_w, 1e-6))
+        assert isinstance(added, AddedResidual) and added.sumsq.shape == (rows, 1)
+        assert torch.equal(added.h, ref_h)
+        torch.testing.assert_close(added.sumsq[:, 0], (ref_h.float() ** 2).sum(1))
+        assert not arrival_counters(x.device, 6)[:6].any()
+    w2 = (torch.randn(29, 37, generator=gen) / 37**0.5).to(dtype)
+    deferred = DeferredNorm(added.h, added.sumsq, pre_w, 1e-5, unit_offset=True)
+    out = gemv_ops.gemv(deferred, w2, None, gemv_ops.GemvConfig(block_n=8, block_k=16))
+    assert_close(out, gemv_ops.gemv(ref_x, w2, None, gemv_ops.GemvConfig(block_n=8, block_k=16)),
+                 dtype)  # fmt: skip
+    assert_close(deferred.materialize(), ref_x, dtype)
+    with pytest.raises(ValueError, match="post_norm needs a residual"):
+        gemv_ops.gemv(x, w1, None, config, post_norm=(post_w, 1e-6))
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 300, 2000), (8, 300, 2000), (6, 130, 515), (1, 1, 5)])
@@ -189,3 +257,37 @@ def test_gemv_default_config_heuristic():
             assert -(-n // cfg.block_n) * cfg.split_k >= 2 * 132, (n, k, rows, cfg)
             assert -(-k // cfg.block_k) >= 2 * cfg.split_k  # 2+ K tiles per split
     assert pick(1, 64, 40, 132) == gemv_ops.GemvConfig(block_n=4, block_k=64)  # K < tile
+
+
+def test_only_the_gemv_gets_a_unit_offset_deferred_norm():
+    """A Gemma (unit-offset) `DeferredNorm` reaches the 16-bit GEMV as is (one row); any other
+    method, and the plain path above the GEMV's rows, gets it normalized (`norm.plain`); a
+    plain deferred norm still reaches methods that fold it."""
+    from polymodal.llm_core.layers.linear import Linear, UnquantizedLinearMethod
+    from polymodal.llm_core.layers.norm import DeferredNorm
+
+    seen = []
+
+    class Recording(UnquantizedLinearMethod):
+        supports_gemv = False
+
+        def apply(self, layer, x, silu_mul=False, residual=None):
+            seen.append(x)
+            return super().apply(layer, x.materialize() if isinstance(x, DeferredNorm) else x)
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 24).bfloat16()
+    weight = torch.randn(24).bfloat16()
+    sumsq = (h.float() ** 2).sum(1, keepdim=True)
+    unit = DeferredNorm(h, sumsq, weight, 1e-6, unit_offset=True)
+    other = Linear(24, 8, bias=False, method=Recording()).bfloat16()
+    other(unit)
+    assert isinstance(seen[-1], torch.Tensor) and torch.equal(seen[-1], unit.materialize())
+    other(DeferredNorm(h, sumsq, weight, 1e-6))
+    assert isinstance(seen[-1], DeferredNorm)
+    dense = Linear(24, 8, bias=False).bfloat16()
+    dense.gemv = gemv_ops.gemv
+    ref = F.linear(unit.materialize().float(), dense.weight.float())
+    assert_close(dense(unit), ref, torch.bfloat16)  # 3 rows: normalized, then F.linear
+    one = DeferredNorm(h[:1], sumsq[:1], weight, 1e-6, unit_offset=True)
+    assert_close(dense(one), ref[:1], torch.bfloat16)  # the GEMV folds it

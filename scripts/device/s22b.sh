@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Issue 13 (GPU): the serve bench's GPU test with two bursts, then `--workload serve --bursts 3`:
+# is the first burst's shortfall (cuDNN plans / tower graphs of new batch compositions) gone in
+# the second and third?
+source scripts/device/setup.sh
+timeout 200 python3 -m pytest -p no:cacheprovider -q tests/sdk/test_bench_gpu.py -k "serve" 2>&1 | tail -2
+timeout 300 python3 -m polymodal.cli bench --workload serve --bursts 3 --json $OUT/serve3.json \
+  > $OUT/serve3.log 2>&1
+grep -A24 "^NVIDIA" $OUT/serve3.log | cut -c1-200; tail -3 $OUT/serve3.log | grep -i "error\|Trace"
