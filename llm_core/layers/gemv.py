@@ -116,12 +116,13 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 def gemv_tile(
     acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
-    UNIT: tl.constexpr = False,
+    UNIT: tl.constexpr = False, GELU_TANH: tl.constexpr = False,
 ):  # fmt: skip
     """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0).
 
     SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
-    input dtype exactly as `triton_ops.silu_and_mul` rounds it. NORM: x[m, k] is RMS-normalized
+    input dtype exactly as `triton_ops.silu_and_mul` rounds it (GELU_TANH: gelu_tanh(gate) * up,
+    as its `gelu_tanh=True`). NORM: x[m, k] is RMS-normalized
     with row m's `rstd` and the norm weight tile `wn` (fp32), rounded as `rms_norm` rounds
     (UNIT: Gemma's, `(x * rstd) * (1 + wn)` rounded once).
     """
@@ -133,7 +134,11 @@ def gemv_tile(
         if SILU_MUL:
             gate = x.to(tl.float32)
             up = tl.load(x_ptr + m * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
-            x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+            if GELU_TANH:  # as `silu_and_mul(gelu_tanh=True)`: 2 sqrt(2/pi) (g + 0.044715 g^3)
+                inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
+                x = (gate * tl.sigmoid(inner) * up).to(x.dtype)
+            else:
+                x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
         if NORM:
             rstd_m = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
             if UNIT:
@@ -193,6 +198,7 @@ def _gemv_kernel(
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    GELU_TANH: tl.constexpr,  # SILU_MUL's activation is GELU-tanh (Gemma)
     RESIDUAL: tl.constexpr,
     NORM: tl.constexpr,
     UNIT: tl.constexpr,  # the deferred norm is Gemma's (1 + w)
@@ -251,7 +257,7 @@ def _gemv_kernel(
                            BLOCK_M, BLOCK_R)  # fmt: skip
     if tile_start < tile_end:
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                         BLOCK_M, SILU_MUL, NORM, UNIT)  # fmt: skip
+                         BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
@@ -259,7 +265,7 @@ def _gemv_kernel(
         if NORM:
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                         BLOCK_M, SILU_MUL, NORM, UNIT)  # fmt: skip
+                         BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
@@ -305,6 +311,7 @@ def gemv(
     residual: torch.Tensor | None = None,
     lora: LoRADelta | None = None,
     post_norm: tuple[torch.Tensor, float] | None = None,
+    gelu_tanh: bool = False,
 ):
     """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
     (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
@@ -317,6 +324,8 @@ def gemv(
     kernel launched just before, which must not be what wrote it (the decoder's residual stream
     was written a block earlier).
     `lora`: each row's low-rank term is added to the output before the residual (`LoRADelta`).
+    `gelu_tanh=True` (with `silu_mul`): GELU-tanh instead of SiLU, as
+    `silu_and_mul(gelu_tanh=True)` (Gemma's MLP).
     `post_norm = (weight, eps)` of a Gemma RMSNorm, with `residual`: returns
     `AddedResidual(residual + post_norm(out), its sums of squares [M, 1])`, the last feature
     block to finish normalizing the whole rows (`gemv_folds.post_norm_tail`).
@@ -338,6 +347,8 @@ def gemv(
         raise ValueError(f"gemv residual must be contiguous [{m}, {n}]: {tuple(residual.shape)}")
     if norm is not None and silu_mul:
         raise ValueError("gemv: a deferred norm and silu_mul do not combine")
+    if gelu_tanh and not silu_mul:
+        raise ValueError("gemv: gelu_tanh is the activation of silu_mul")
     if post_norm is not None and (residual is None or post_norm[0].shape != (n,)):
         raise ValueError(f"gemv post_norm needs a residual and a weight [{n}]")
     if lora is not None and (lora.y.shape[0] != m or lora.lora_b.shape[1:2] != (n,)):
@@ -376,7 +387,7 @@ def gemv(
         x, weight, b, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
         l_y, l_b, l_slot, l_slice, rank, post_w, post_eps, h, hsq, done,
         m, n, k, x.stride(0), tiles_per_split,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, GELU_TANH=gelu_tanh,
         RESIDUAL=residual is not None and post_norm is None, NORM=norm is not None,
         UNIT=norm is not None and norm.unit_offset, BLOCK_P=triton.next_power_of_2(parts),
         POST_NORM=post_norm is not None, BLOCK_Q=triton.next_power_of_2(n_blocks),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.llm_core.layers.activation import silu_and_mul
+from polymodal.llm_core.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from polymodal.llm_core.layers.norm import DeferredNorm, plain
 
 # Inputs of at most this many rows take the GEMV when enabled: measured on an H200, it beats
@@ -197,21 +197,24 @@ class Linear(nn.Module):
         return x if self.uses_gemv(x) else plain(x)
 
     def fused(self, x, residual: torch.Tensor | None = None, silu_mul: bool = False,
-              post_norm: nn.Module | None = None):  # fmt: skip
+              post_norm: nn.Module | None = None, gelu_tanh: bool = False):  # fmt: skip
         """The product with the fused work this call site asks for: `silu_mul` (x is a packed
-        `[gate | up]`, activated as it loads) and the `residual` add. Where the method folds
-        the add (the GEMV) an `AddedResidual` comes back; otherwise the plain output, and the
-        caller adds (`add_norm` takes either). `post_norm` (a `GemmaRMSNorm`, with `residual`):
-        the output is normalized by it before the add; only the 16-bit GEMV folds that
-        (`sandwich_norm` takes either)."""
+        `[gate | up]`, activated as it loads; `gelu_tanh`: by GELU-tanh, Gemma's) and the
+        `residual` add. Where the method folds the add (the GEMV) an `AddedResidual` comes
+        back; otherwise the plain output, and the caller adds (`add_norm` takes either).
+        `post_norm` (a `GemmaRMSNorm`, with `residual`): the output is normalized by it before
+        the add; only the 16-bit GEMV folds that and GELU-tanh (`sandwich_norm` takes
+        either)."""
         x = self._input(x)
-        if post_norm is None:
-            return self.method.apply(self, x, silu_mul=silu_mul, residual=residual)
-        if self.uses_gemv(x):
-            fold = (post_norm.weight, post_norm.eps)
+        if self.uses_gemv(x) and (post_norm is not None or gelu_tanh):
+            fold = None if post_norm is None else (post_norm.weight, post_norm.eps)
             return self.gemv(x, self.weight, self.bias, silu_mul=silu_mul, residual=residual,
-                             post_norm=fold)  # fmt: skip
-        return self.method.apply(self, x, silu_mul=silu_mul)
+                             post_norm=fold, gelu_tanh=gelu_tanh)  # fmt: skip
+        if gelu_tanh and silu_mul:
+            x, silu_mul = gelu_tanh_and_mul(x), False
+        if post_norm is not None:  # the caller normalizes and adds
+            return self.method.apply(self, x, silu_mul=silu_mul)
+        return self.method.apply(self, x, silu_mul=silu_mul, residual=residual)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + (

@@ -17,7 +17,6 @@ from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import UnsupportedModelError
-from polymodal.llm_core.layers.activation import gelu_tanh_and_mul
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
 from polymodal.llm_core.layers.norm import DeferredNorm, GemmaRMSNorm, qk_norm, sandwich_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
@@ -81,9 +80,10 @@ class Gemma3MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, residual, post_norm):
-        """As `Gemma3Attention.forward`: down's output, or the stream after it."""
-        act = gelu_tanh_and_mul(self.gate_up_proj(x))
-        return self.down_proj.fused(act, residual=residual, post_norm=post_norm)
+        """As `Gemma3Attention.forward`: down's output, or the stream after it (on the GEMV
+        GELU-tanh * up applied as down loads x, too)."""
+        return self.down_proj.fused(self.gate_up_proj(x), residual=residual, silu_mul=True,
+                                    post_norm=post_norm, gelu_tanh=True)  # fmt: skip
 
 
 class Gemma3DecoderLayer(nn.Module):

@@ -1,8 +1,10 @@
-"""Gemma-3-12B batch-1 decode (dummy bf16 weights, 256 tokens after 32) with and without the
-sandwich-norm fold (o_proj / down do the post-norm and the add in their epilogue, qkv / gate_up
-the next pre-norm as they load x; `Linear.fused(post_norm=)`), against the `sandwich_norm`
-kernel between them (the twentieth session's profile: 4.2 us a call, 96 a token). One engine
-per variant in this process, alternating (drift). Prints ms a token and % of the floor."""
+"""Gemma-3-12B batch-1 decode (dummy bf16 weights, 256 tokens after 32) with and without its
+one-row folds: the sandwich norms (o_proj / down do the post-norm and the add in their
+epilogue, qkv / gate_up the next pre-norm as they load x; `Linear.fused(post_norm=)`) against
+the `sandwich_norm` kernel between them (the twentieth session's profile: 4.2 us a call, 96 a
+token), and GELU-tanh * up as down loads x (`gelu_tanh=True`) against its kernel (1.1 us, 48
+a token). One engine per variant in this process, the first again last (drift). Prints ms a token and
+% of the floor."""
 
 import sys
 import time
@@ -14,6 +16,7 @@ from polymodal.bench.engine import measure_bandwidth
 from polymodal.bench.workloads import active_decoder_bytes
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
+from polymodal.llm_core.layers.activation import gelu_tanh_and_mul
 from polymodal.llm_core.layers.linear import Linear
 
 sys.path.insert(0, "scripts")
@@ -22,15 +25,22 @@ from bench_text_decode import decode_ms, throughput  # noqa: E402
 folded = Linear.fused
 
 
-def unfolded(self, x, residual=None, silu_mul=False, post_norm=None):
-    """`Linear.fused` without the post-norm fold: the plain product, `sandwich_norm` after."""
-    if post_norm is not None:
-        return folded(self, x, silu_mul=silu_mul)
-    return folded(self, x, residual, silu_mul)
+def without(sandwich: bool, gelu: bool):
+    """`Linear.fused` without the sandwich fold (the plain product, `sandwich_norm` after) and /
+    or without the GELU fold (the activation kernel first)."""
+
+    def fused(self, x, residual=None, silu_mul=False, post_norm=None, gelu_tanh=False):
+        if gelu and gelu_tanh:
+            x, silu_mul, gelu_tanh = gelu_tanh_and_mul(x), False, False
+        if sandwich and post_norm is not None:
+            return folded(self, x, silu_mul=silu_mul, gelu_tanh=gelu_tanh)
+        return folded(self, x, residual, silu_mul, post_norm, gelu_tanh)
+
+    return fused
 
 
-def run(label, fold):
-    Linear.fused = folded if fold else unfolded
+def run(label, sandwich=False, gelu=False):
+    Linear.fused = without(sandwich, gelu) if sandwich or gelu else folded
     config = EngineConfig(dtype="bfloat16", dummy_weights=True, skip_tokenizer_init=True,
                           max_model_len=4096, gpu_memory_utilization=0.85,
                           enable_prefix_caching=False)  # fmt: skip
@@ -47,6 +57,8 @@ def run(label, fold):
 
 model_dir = resolve_bench_model("gemma-3-12b")
 bw = measure_bandwidth()
-for _ in range(2):
-    run("sandwich folded into GEMVs", fold=True)
-    run("sandwich_norm kernel", fold=False)
+run("all folded")
+run("sandwich_norm kernel", sandwich=True)
+run("GELU kernel", gelu=True)
+run("neither (before)", sandwich=True, gelu=True)
+run("all folded again")

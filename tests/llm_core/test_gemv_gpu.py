@@ -58,10 +58,12 @@ def test_gemv_real_shapes(name, rows):
         check(out, ref)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_silu_mul_down_shape(rows):
-    """The decode MLP's down projection with SiLU*mul on load (default config: the one-row
-    split-K pick for one row) against silu_and_mul + F.linear in fp32, twice (counters reset)."""
+def test_gemv_silu_mul_down_shape(rows, gelu):
+    """The decode MLP's down projection with SiLU*mul (Gemma: GELU-tanh * up) on load (default
+    config: the one-row split-K pick for one row) against the activation kernel + F.linear in
+    fp32, twice (counters reset)."""
     import torch.nn.functional as F
 
     from polymodal.llm_core.layers import triton_ops as ops
@@ -71,9 +73,9 @@ def test_gemv_silu_mul_down_shape(rows):
     gen = torch.Generator(device="cuda").manual_seed(3)
     gate_up = torch.randn(rows, 2 * k, device="cuda", generator=gen).bfloat16()
     weight = (torch.randn(n, k, device="cuda", generator=gen) * k**-0.5).bfloat16()
-    ref = F.linear(ops.silu_and_mul_ref(gate_up).float(), weight.float())
+    ref = F.linear(ops.silu_and_mul(gate_up, gelu_tanh=gelu).float(), weight.float())
     for _ in range(2):
-        check(gemv(gate_up, weight, silu_mul=True), ref)
+        check(gemv(gate_up, weight, silu_mul=True, gelu_tanh=gelu), ref)
 
 
 def test_gemv_cuda_graph_replay_matches_eager():

@@ -116,9 +116,10 @@ def _one_row_folds(path):
         calls = []
 
         def traced(x, weight, bias=None, config=None, silu_mul=False, residual=None,
-                   post_norm=None, calls=calls):  # fmt: skip
+                   post_norm=None, gelu_tanh=False, calls=calls):  # fmt: skip
             calls.append((type(x).__name__, silu_mul, residual is not None, post_norm is not None))
-            return gemv_ops.gemv(x, weight, bias, config, silu_mul, residual, post_norm=post_norm)
+            return gemv_ops.gemv(x, weight, bias, config, silu_mul, residual, post_norm=post_norm,
+                                 gelu_tanh=gelu_tanh)  # fmt: skip
 
         runner = engine.runner
         runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 1, 16, runner.uses_mrope,
@@ -156,8 +157,8 @@ def test_decoder_one_row_folds_adds_and_norms_into_gemvs(tmp_path_factory):
 def test_gemma3_one_row_folds_sandwich_norms_into_gemvs(tmp_path_factory):
     """Gemma 3 (sandwich norms): o_proj and down do the post-norm and the add
     (`post_norm`), qkv and gate_up the next pre-norm as they load x (a unit-offset
-    `DeferredNorm`): no norm kernel between them; the logits and tokens equal the plain
-    model's."""
+    `DeferredNorm`), down the GELU-tanh * up: no norm or activation kernel between them; the
+    logits and tokens equal the plain model's."""
     from tests.helpers import tiny_checkpoint
 
     path = tiny_checkpoint(tmp_path_factory, "gemma3")
@@ -168,9 +169,10 @@ def test_gemma3_one_row_folds_sandwich_norms_into_gemvs(tmp_path_factory):
     layers = len(model.model.layers)
     step = calls[-(4 * layers + 1) :]
     assert step[0] == ("Tensor", False, False, False)  # layer 0's qkv: its norm ran plainly
-    # o_proj folds post-norm + add; gate_up loads the pre-norm; down (GELU ran apart) folds
+    # o_proj folds post-norm + add; gate_up loads the pre-norm; down GELU-tanh * up as it
+    # loads x, then post-norm + add
     assert step[1:4] == [("Tensor", False, True, True), ("DeferredNorm", False, False, False),
-                         ("Tensor", False, True, True)]  # fmt: skip
+                         ("Tensor", True, True, True)]  # fmt: skip
     assert step[4] == ("DeferredNorm", False, False, False)  # layer 1's qkv
     assert step[-1] == ("Tensor", False, False, False)  # LM head after the final norm
 
@@ -291,3 +293,20 @@ def test_only_the_gemv_gets_a_unit_offset_deferred_norm():
     assert_close(dense(unit), ref, torch.bfloat16)  # 3 rows: normalized, then F.linear
     one = DeferredNorm(h[:1], sumsq[:1], weight, 1e-6, unit_offset=True)
     assert_close(dense(one), ref[:1], torch.bfloat16)  # the GEMV folds it
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_gelu_tanh_mul_on_load(rows):
+    """`silu_mul=True, gelu_tanh=True`: x is `[gate | up]` and the product uses
+    gelu_tanh(gate) * up rounded as `silu_and_mul(gelu_tanh=True)` rounds (bf16)."""
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = (2 * torch.randn(rows, 2 * 72, generator=gen)).bfloat16()
+    weight = (torch.randn(24, 72, generator=gen) / 72**0.5).bfloat16()
+    config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=2)
+    act = triton_ops.silu_and_mul(gate_up, gelu_tanh=True)
+    got = gemv_ops.gemv(gate_up, weight, None, config, silu_mul=True, gelu_tanh=True)
+    assert torch.equal(got, gemv_ops.gemv(act, weight, None, config))
+    silu = gemv_ops.gemv(gate_up, weight, None, config, silu_mul=True)
+    assert not torch.equal(got, silu)
+    with pytest.raises(ValueError, match="activation of silu_mul"):
+        gemv_ops.gemv(act, weight, None, config, gelu_tanh=True)
