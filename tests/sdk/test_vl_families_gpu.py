@@ -27,7 +27,7 @@ pytestmark = [
 ]
 # transformers 5.24's Llama4ForConditionalGeneration.forward raises (test_llama4_vl_parity.py)
 _LLAMA4_REFERENCE = pytest.mark.skipif(
-    Version(tf.__version__) >= Version("5.24"), reason="transformers 5.24's Llama 4 is broken"
+    Version(tf.__version__).release[:2] == (5, 24), reason="transformers 5.24's Llama 4 is broken"
 )
 ARCHS = [
     "gemma3_vl",
