@@ -112,6 +112,11 @@ class EngineConfig:
     # vLLM's `hf_overrides`: only {"architectures": [name]} (serve the checkpoint as another
     # registered architecture: BAAI/bge-m3 as "BgeM3EmbeddingModel", as vLLM's docs say)
     hf_overrides: dict | None = None
+    # Where a hub id is fetched from (vLLM's names): `revision` a branch, tag or commit (None:
+    # main); `hf_token` a token, or True for the saved login (None: HF_TOKEN or that login).
+    # Refused with a local checkpoint folder (nothing to pick a revision of).
+    revision: str | None = None
+    hf_token: str | bool | None = None
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as
@@ -308,7 +313,7 @@ def build_rank(
 def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EngineParts:
     """The engine's parts; with an `executor` (tensor_parallel_size > 1) this process builds
     rank 0 while the executor's workers build the other ranks."""
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, cfg.revision, cfg.hf_token)
     model_config, device, cfg, max_len = resolve_model(path, cfg)
     tp = executor.group if executor is not None else SINGLE
     ready = executor.wait_ready if executor is not None else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from polymodal.llm_core.config import ModelConfig
-from polymodal.llm_core.errors import ModelLoadError, ModelNotFoundError
+from polymodal.llm_core.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.layers.linear import deferred_weights
 from polymodal.llm_core.quantization import QuantScheme
@@ -22,25 +22,36 @@ from polymodal.llm_core.registry import encoder_class, model_class
 from polymodal.llm_core.weights import iter_checkpoint, run_post_load_hooks
 
 
-def resolve_model_path(model: str | Path) -> Path:
-    """A local checkpoint directory as is; otherwise a hub id through huggingface_hub.
-
-    Offline and not cached -> ModelNotFoundError naming the id.
-    """
+def resolve_model_path(
+    model: str | Path, revision: str | None = None, token: str | bool | None = None
+) -> Path:
+    """A local checkpoint directory as is; otherwise a hub id through huggingface_hub, at
+    `revision` (a branch, tag or commit; None: main) with `token` (None: HF_TOKEN or the saved
+    login). Offline and not cached -> ModelNotFoundError naming the id (and revision); a
+    revision with a local directory -> InvalidInputError."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise InvalidInputError(
+                f"revision={revision!r} picks a hub revision, but model {str(model)!r} is a "
+                "local directory"
+            )
         return path
     if path.exists():
         raise ModelNotFoundError(f"model {str(model)!r} is a file, not a checkpoint directory")
+    at = "" if revision is None else f" at revision {revision!r}"
     try:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-        return Path(snapshot_download(str(model), allow_patterns=patterns))
+        return Path(
+            snapshot_download(str(model), revision=revision, token=token, allow_patterns=patterns)
+        )
     except Exception as exc:  # hub errors have many types: offline, 404, gated, bad id
         raise ModelNotFoundError(
-            f"model {str(model)!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face hub (offline and not cached, or no such repo): {exc.__class__.__name__}"
+            f"model {str(model)!r}{at} is not a local directory and could not be fetched from "
+            "the Hugging Face hub (offline and not cached, no such repo or revision, or gated): "
+            f"{exc.__class__.__name__}"
         ) from exc
 
 

@@ -70,8 +70,8 @@ class RequestGroup:
             seqs.append(seq)
             detoks.append(
                 IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params)
-                if tokenizer is not None
-                else None  # skip_tokenizer_init: token ids only
+                if tokenizer is not None and params.detokenize
+                else None  # skip_tokenizer_init or detokenize=False: token ids only
             )
         outputs = [CompletionOutput(index=i) for i in range(params.n)]
         return cls(request_id, list(prompt_token_ids), seqs, detoks, outputs)

@@ -137,6 +137,9 @@ class SamplingParams(BaseModel):
     """Leave special tokens out of the output text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the output text."""
+    detokenize: bool = True
+    """Turn the output tokens into text; False: `text` stays "" (token ids only, no tokenizer
+    work per token, as RL rollouts want). Stop strings need the text."""
     min_tokens: int = 0
     """EOS, `stop_token_ids` and stop strings do not end generation before this many tokens."""
     logit_bias: dict[int, float] | None = None
@@ -331,6 +334,13 @@ class SamplingParams(BaseModel):
         max_tokens = info.data.get("max_tokens")
         if max_tokens is not None and value > max_tokens:
             raise ValueError(f"must not exceed max_tokens={max_tokens}")
+        return value
+
+    @field_validator("detokenize")
+    @classmethod
+    def _check_detokenize(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and info.data.get("stop"):
+            raise ValueError("must be True with stop strings (they match the text)")
         return value
 
     @field_validator("logit_bias")

@@ -67,6 +67,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="vLLM's --hf-overrides, architectures only: '{\"architectures\": "
         '["BgeM3EmbeddingModel"]}\' (BAAI/bge-m3 with its lexical weights and ColBERT vectors)',
     )
+    parser.add_argument("--revision", help="hub revision of the model: branch, tag or commit")
+    parser.add_argument("--hf-token", help="Hugging Face token (default: HF_TOKEN or the login)")
     parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
@@ -95,6 +97,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         runner=args.runner,
         hf_overrides=args.hf_overrides,
+        revision=args.revision,
+        hf_token=args.hf_token,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -22,7 +22,6 @@ ENGINE_KEYWORDS = {f.name for f in fields(EngineConfig)}
 VLLM_DEFAULT_ONLY = {
     "pipeline_parallel_size": 1,
     "tokenizer_mode": "auto",
-    "revision": None,
     "tokenizer_revision": None,
     "speculative_config": None,
     "cpu_offload_gb": 0,

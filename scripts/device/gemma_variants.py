@@ -3,8 +3,8 @@ one-row folds: the sandwich norms (o_proj / down do the post-norm and the add in
 epilogue, qkv / gate_up the next pre-norm as they load x; `Linear.fused(post_norm=)`) against
 the `sandwich_norm` kernel between them (the twentieth session's profile: 4.2 us a call, 96 a
 token), and GELU-tanh * up as down loads x (`gelu_tanh=True`) against its kernel (1.1 us, 48
-a token). One engine per variant in this process, the first again last (drift). Prints ms a token and
-% of the floor."""
+a token). One engine per variant in this process, the first again last (drift). Prints ms a
+token and % of the floor."""
 
 import sys
 import time

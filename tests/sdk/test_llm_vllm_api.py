@@ -158,3 +158,17 @@ def test_vllm_top_level_names_import():
              "ScoringOutput"]  # fmt: skip
     assert set(names) <= set(polymodal.__all__)
     assert all(getattr(polymodal, name) is not None for name in polymodal.__all__)
+
+
+def test_detokenize_false_gives_the_same_tokens_without_text(llm):
+    """`detokenize=False` (vLLM's): the same token ids (and logprobs), no text; with stop
+    strings it is refused naming the field."""
+    prompt = {"prompt": MARK + "What?", "images": [_image()]}
+    params = dict(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    with_text = llm.generate(prompt, SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    ids_only = llm.generate(prompt, SamplingParams(**params, detokenize=False), use_tqdm=False)
+    out = ids_only[0].outputs[0]
+    assert with_text.text and out.text == ""
+    assert out.token_ids == with_text.token_ids and out.logprobs == with_text.logprobs
+    with pytest.raises(InvalidInputError, match="detokenize must be True with stop strings"):
+        SamplingParams(stop=["."], detokenize=False)
