@@ -58,7 +58,10 @@ def serve_command(parser: argparse.ArgumentParser):
     )
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on API routes")
     parser.add_argument(
-        "--allowed-media-dir", help="let requests name local media files under this directory"
+        "--allowed-media-dir",
+        "--allowed-local-media-path",  # vLLM's spelling
+        dest="allowed_media_dir",
+        help="let requests name local media files under this directory",
     )
     parser.add_argument("--allow-http", action="store_true", help="fetch http(s) media URLs")
     parser.add_argument("--default-max-tokens", type=int, help="when a request sets none")

@@ -129,3 +129,10 @@ def test_sampling_params_fields_match_the_api_table():
     for name in refused:
         with pytest.raises(InvalidInputError, match=f"{name} is not a sampling parameter"):
             SamplingParams(**{name: 1})
+
+
+def test_vllm_media_path_spelling_is_the_media_dir():
+    parser = argparse.ArgumentParser()
+    serve_command(parser)
+    args = parser.parse_args(["some/model", "--allowed-local-media-path", "/data"])
+    assert args.allowed_media_dir == "/data"
