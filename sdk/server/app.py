@@ -222,7 +222,7 @@ def create_app(
         params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         shape = Shape("chat", top_n, params.n)
-        shape.prompt_logprobs = body.prompt_logprobs
+        _output_extras(shape, body)
         if body.tools:
             params = _tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
@@ -264,7 +264,7 @@ def create_app(
                 for p in prompts
             ]
         shape = Shape("completion", body.logprobs, body.n or 1)
-        shape.prompt_logprobs = body.prompt_logprobs
+        _output_extras(shape, body)
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0
@@ -332,6 +332,15 @@ def create_app(
     app.include_router(v1)
     app.include_router(auth)
     return app
+
+
+def _output_extras(shape: Shape, body) -> None:
+    """vLLM's per-request output extras onto the response's `Shape`: prompt logprobs, token
+    ids, logprobs' tokens as ids, the caller's request id."""
+    shape.prompt_logprobs = body.prompt_logprobs
+    shape.token_ids = bool(body.return_token_ids)
+    shape.ids_as_tokens = bool(body.return_tokens_as_token_ids)
+    shape.request_id = body.request_id
 
 
 def _tool_params(body: ChatCompletionRequest, params, shape: Shape, parser):

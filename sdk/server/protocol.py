@@ -36,9 +36,10 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
-def new_id(prefix: str) -> str:
-    """An OpenAI-style object id, e.g. `chatcmpl-3f2a...`."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, given: str | None = None) -> str:
+    """An OpenAI-style object id, e.g. `chatcmpl-3f2a...` (`given`: the caller's request id
+    after the prefix, as vLLM builds it)."""
+    return f"{prefix}-{given or uuid.uuid4().hex}"
 
 
 def now() -> int:
@@ -63,6 +64,7 @@ class ChatChoice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token that ended it
+    token_ids: list[int] | None = None  # vLLM: with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -75,6 +77,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM: when asked for
+    prompt_token_ids: list[int] | None = None  # vLLM: with return_token_ids
 
 
 class ChatChunkChoice(BaseModel):
@@ -84,6 +87,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatResponseMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # vLLM: this chunk's new ids, with return_token_ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -95,6 +99,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM: the first chunk, with return_token_ids
 
 
 class CompletionChoice(BaseModel):
@@ -106,6 +111,10 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM: when asked for
+    # vLLM, with return_token_ids: the prompt's ids (a stream's first chunk) and the choice's
+    # (a stream: each chunk's new ones)
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -192,6 +192,12 @@ class _Request(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    # vLLM's output extras: the prompt's and each choice's token ids next to the text (streams:
+    # the prompt's in the first chunk, each chunk's new ids); logprobs tokens as "token_id:N";
+    # the response id built from the caller's id
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    request_id: str | None = None
 
     def structured(self) -> StructuredOutputsParams | None:
         """The one structured-output constraint the request asks for (or None)."""

@@ -74,6 +74,9 @@ class Shape:
     echo: list[str] = field(default_factory=list)  # text put before each prompt's choices
     echo_only: bool = False  # completions with echo and max_tokens 0: the prompt alone
     prompt_logprobs: int | None = None  # asked for: returned (vLLM's field)
+    token_ids: bool = False  # vLLM's return_token_ids: prompt and choice token ids
+    ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprobs' "token_id:N"
+    request_id: str | None = None  # the caller's id: the response id is built from it
 
 
 class ResponseBuilder:
@@ -82,10 +85,11 @@ class ResponseBuilder:
     def __init__(self, shape: Shape, model: str, tokenizer: Any):
         self.shape = shape
         self.kind = shape.kind
-        self.id = new_id("chatcmpl" if shape.kind == "chat" else "cmpl")
+        self.id = new_id("chatcmpl" if shape.kind == "chat" else "cmpl", shape.request_id)
         self.created = now()
         self.model = model
         self.tokenizer = tokenizer
+        self._namer = _IdTokens() if shape.ids_as_tokens else tokenizer  # logprobs' tokens
         self._started: set[int] = set()  # choices whose first chunk was sent
         self._finished: set[int] = set()
         self._streams: dict[int, ToolStream] = {}  # auto tool calling, per choice
@@ -94,7 +98,7 @@ class ResponseBuilder:
         # but a choice's first and last) is a template per choice, the text put in place.
         # Pydantic built each one before: ~10x the time, per token of every stream.
         plain = shape.tool_mode is None if self.kind == "chat" else not shape.echo_only
-        self._plain = plain and shape.top_n is None
+        self._plain = plain and shape.top_n is None and not shape.token_ids
         self._templates: dict[int, tuple[str, str] | None] = {}
 
     # ---- whole responses ----------------------------------------------------------------
@@ -109,7 +113,10 @@ class ResponseBuilder:
         common = dict(id=self.id, created=self.created, model=self.model, usage=usage_info(outs))
         if self.kind == "chat":
             plp = self._prompt_logprobs(outs[0]) if outs else None
-            return ChatCompletionResponse(choices=choices, prompt_logprobs=plp, **common)
+            ids = outs[0].prompt_token_ids if outs and self.shape.token_ids else None
+            return ChatCompletionResponse(
+                choices=choices, prompt_logprobs=plp, prompt_token_ids=ids, **common
+            )
         return CompletionResponse(choices=choices, **common)
 
     def _returned(self, seqs: list[CompletionOutput]) -> list[CompletionOutput]:
@@ -129,6 +136,7 @@ class ResponseBuilder:
             logprobs=self._logprobs(c.token_ids, c.logprobs),
             finish_reason=reason,
             stop_reason=c.stop_reason,
+            token_ids=list(c.token_ids) if self.shape.token_ids else None,
         )
 
     def _chat_message(self, text: str, reason: str | None):
@@ -163,6 +171,7 @@ class ResponseBuilder:
                 token_ids = prompt + list(token_ids)
             logprobs = self._logprobs(token_ids, tables)
         reason = "length" if self.shape.echo_only else _finish_reason(c.finish_reason)
+        ids = self.shape.token_ids
         return CompletionChoice(
             index=index,
             text=text,
@@ -170,6 +179,8 @@ class ResponseBuilder:
             finish_reason=reason,
             stop_reason=c.stop_reason,
             prompt_logprobs=self._prompt_logprobs(out),
+            prompt_token_ids=list(out.prompt_token_ids) if ids else None,
+            token_ids=([] if self.shape.echo_only else list(c.token_ids)) if ids else None,
         )
 
     def _prompt_logprobs(self, out: RequestOutput):
@@ -181,7 +192,7 @@ class ResponseBuilder:
         if self.shape.top_n is None or tables is None:
             return None
         fmt = chat_logprobs if self.kind == "chat" else completion_logprobs
-        return fmt(self.tokenizer, token_ids, tables, self.shape.top_n)
+        return fmt(self._namer, token_ids, tables, self.shape.top_n)
 
     # ---- streaming ----------------------------------------------------------------------
     def chunks(self, p: int, out: RequestOutput) -> list[str]:
@@ -205,32 +216,42 @@ class ResponseBuilder:
             reason = _finish_reason(c.finish_reason)
             if reason is not None:
                 self._finished.add(index)
+            # return_token_ids: every step's new ids go out, with text or without (withheld)
+            new_ids = list(c.delta_token_ids) if self.shape.token_ids else None
             if self.kind == "chat":
                 delta, reason = self._chat_delta(index, c.delta_text, reason)
-                if delta is None and reason is None and logprobs is None:
+                if delta is None and reason is None and logprobs is None and not new_ids:
                     continue
                 delta = delta or ChatResponseMessage()
                 if index not in self._started:
                     delta.role = "assistant"
                     if self.shape.echo:
                         delta.content = self.shape.echo[0] + (delta.content or "")
+                prompt_ids = None
+                if self.shape.token_ids and not self._started:  # the response's first chunk
+                    prompt_ids = list(out.prompt_token_ids)
                 self._started.add(index)
                 choice = ChatChunkChoice(
-                    index=index, delta=delta, logprobs=logprobs, finish_reason=reason
-                )
-                events.append(sse(self._chat_chunk([choice])))
+                    index=index, delta=delta, logprobs=logprobs, finish_reason=reason,
+                    token_ids=new_ids,
+                )  # fmt: skip
+                events.append(sse(self._chat_chunk([choice], prompt_token_ids=prompt_ids)))
                 continue
             text = "" if self.shape.echo_only else c.delta_text
             if index not in self._started and self.shape.echo:
                 text = self.shape.echo[p] + text
-            if not text and reason is None and logprobs is None:
+            if not text and reason is None and logprobs is None and not new_ids:
                 continue
+            prompt_ids = None
+            if self.shape.token_ids and index not in self._started:  # the choice's first chunk
+                prompt_ids = list(out.prompt_token_ids)
             self._started.add(index)
             if self.shape.echo_only:
                 logprobs, reason = None, ("length" if reason else None)
             choice = CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=reason
-            )
+                index=index, text=text, logprobs=logprobs, finish_reason=reason,
+                prompt_token_ids=prompt_ids, token_ids=new_ids,
+            )  # fmt: skip
             events.append(sse(self._completion_chunk([choice])))
         return events
 
@@ -292,15 +313,25 @@ class ResponseBuilder:
             return sse(self._chat_chunk([], usage_info(outs)))
         return sse(self._completion_chunk([], usage_info(outs)))
 
-    def _chat_chunk(self, choices, usage=None) -> ChatCompletionChunk:
+    def _chat_chunk(self, choices, usage=None, prompt_token_ids=None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+            prompt_token_ids=prompt_token_ids,
+        )  # fmt: skip
 
     def _completion_chunk(self, choices, usage=None) -> CompletionResponse:
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
         )
+
+
+class _IdTokens:
+    """Stands for the tokenizer in logprob tables under vLLM's `return_tokens_as_token_ids`:
+    each token as "token_id:N" (a token whose bytes are not valid UTF-8 stays identifiable)."""
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:
+        return "".join(f"token_id:{t}" for t in ids)
 
 
 def _indexed(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:

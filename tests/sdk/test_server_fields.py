@@ -290,3 +290,38 @@ def test_beam_search_returns_n_beams(server):
     assert len(post(server, "/v1/chat/completions", body).json()["choices"]) == 2
     streamed = post(server, "/v1/chat/completions", {**body, "stream": True})
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+
+
+def test_return_token_ids_request_id_and_tokens_as_ids(server):
+    """vLLM's output extras: the prompt's and the choice's token ids (a stream: the prompt's in
+    its first chunk, the choice's as deltas adding up to the whole), the response id from the
+    caller's `request_id`, logprobs' tokens as "token_id:N"."""
+    c = openai_client(server)
+    prompt = "Once upon a time"
+    extra = {"return_token_ids": True, "request_id": "abc123", "return_tokens_as_token_ids": True}
+    out = c.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0, logprobs=1,
+                               extra_body=extra)  # fmt: skip
+    choice = out.choices[0]
+    assert out.id == "cmpl-abc123"
+    assert choice.prompt_token_ids == post(server, "/tokenize", {"prompt": prompt}).json()["tokens"]
+    assert len(choice.token_ids) == out.usage.completion_tokens == 6
+    assert choice.logprobs.tokens == [f"token_id:{t}" for t in choice.token_ids]
+    plain = c.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0)
+    assert plain.choices[0].text == choice.text and plain.id != out.id
+    assert getattr(plain.choices[0], "token_ids", None) is None
+    ids_only = {"return_token_ids": True}
+    chunks = list(c.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0,
+                                       stream=True, extra_body=ids_only))  # fmt: skip
+    assert chunks[0].choices[0].prompt_token_ids == choice.prompt_token_ids
+    assert [t for ch in chunks for t in ch.choices[0].token_ids] == choice.token_ids
+    chat = c.chat.completions.create(model="m", messages=USER, max_tokens=5, temperature=0,
+                                     extra_body={"return_token_ids": True})  # fmt: skip
+    assert len(chat.prompt_token_ids) == chat.usage.prompt_tokens
+    assert len(chat.choices[0].token_ids) == chat.usage.completion_tokens
+    chunks = list(c.chat.completions.create(model="m", messages=USER, max_tokens=5,
+                                            temperature=0, stream=True,
+                                            extra_body={"return_token_ids": True}))  # fmt: skip
+    assert chunks[0].prompt_token_ids == chat.prompt_token_ids
+    assert all(getattr(ch, "prompt_token_ids", None) is None for ch in chunks[1:])
+    streamed = [t for ch in chunks for choice in ch.choices for t in choice.token_ids or []]
+    assert streamed == chat.choices[0].token_ids
