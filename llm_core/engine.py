@@ -95,11 +95,14 @@ class Engine:
         grammar: Any = None,
         token_type_ids: list[int] | None = None,
         lora_request: Any = None,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a tokenized prompt (with optional media slots); returns the request id.
 
         `lora_request` (a `LoRARequest`) runs it with that adapter (the engine needs
         `enable_lora`); the adapter is read and checked here, so a bad one fails this request.
+        `cache_salt` (vLLM's): its prefix-cache blocks are shared only with requests of the
+        same salt (tenants that must not learn of each other's prompts through cache timing).
 
         `grammar` is `params.structured_outputs` already compiled (`compile_grammar`, e.g. on
         a worker thread); without it the engine compiles it here. A pooling model takes
@@ -169,6 +172,7 @@ class Engine:
             max_model_len=self.max_model_len,
             bad_words_ids=bad_words_token_ids(self.tokenizer, params.bad_words),
             lora_request=lora_request,
+            cache_salt=cache_salt,
         )  # fmt: skip
         return self._queue(group)
 
@@ -185,7 +189,7 @@ class Engine:
         M-RoPE positions and delta, media items), as every front end holds it."""
         return self.add_request(
             prompt.token_ids, params, request_id, prompt.positions, prompt.mrope_delta,
-            prompt.mm_items, grammar, token_type_ids, lora_request,
+            prompt.mm_items, grammar, token_type_ids, lora_request, prompt.cache_salt,
         )  # fmt: skip
 
     def add_requests(

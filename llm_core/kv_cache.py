@@ -106,10 +106,11 @@ class KVCacheManager:
                 blocks = [0, *blocks]  # every token reads them: the chain's first block has them
             for i in blocks:
                 media.setdefault(i, []).append((item.content_hash, item.slot_start))
-        # the chain starts at the request's adapter: blocks computed with one LoRA (or none)
-        # are never served to another
+        # the chain starts at the request's adapter and salt: blocks computed with one LoRA (or
+        # none) are never served to another, nor to a request of another `cache_salt`
         parent = hashes[-1] if hashes else (
-            req.lora_request.cache_key if req.lora_request is not None else None
+            req.lora_request.cache_key if req.lora_request is not None else None,
+            req.cache_salt,
         )  # fmt: skip
         for i in range(first, last):
             offset = (i - first) * bs

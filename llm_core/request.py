@@ -68,6 +68,7 @@ class Request:
     bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words tokenized
     grammar: Any = None  # structured output state (structured_output.GrammarState)
     lora_request: Any = None  # lora.LoRARequest: the adapter this sequence runs with
+    cache_salt: str | None = None  # prefix-cache salt: only requests with the same one share
     lora_slot: int = -1  # its adapter's slot while admitted (LoRAManager.acquire)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)

@@ -153,3 +153,4 @@ class ProcessedPrompt:
     positions: list[list[int]] | None
     mrope_delta: int
     mm_items: list[MultimodalItem] = field(default_factory=list)
+    cache_salt: str | None = None  # the prompt's `cache_salt` (vLLM's): see `Engine.add_request`

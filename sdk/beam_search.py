@@ -249,5 +249,6 @@ def extend_prompt(prompt: ProcessedPrompt, generated: list[int]) -> ProcessedPro
         extra = list(range(start, start + len(generated)))
         positions = [row + extra for row in positions]
     return ProcessedPrompt(
-        prompt.token_ids + generated, positions, prompt.mrope_delta, prompt.mm_items
-    )
+        prompt.token_ids + generated, positions, prompt.mrope_delta, prompt.mm_items,
+        prompt.cache_salt,
+    )  # fmt: skip

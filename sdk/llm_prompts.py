@@ -11,6 +11,7 @@
     {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
      "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
     {"prompt": ..., "images": [...], "videos": [...], "max_pixels": ...}   polymodal's own form
+    any dict form + "cache_salt": "..."    vLLM's: prefix-cache blocks shared only within a salt
 
 Audio (`multi_modal_data={"audio": ...}`, `audios=[...]`, or `input_audio` / `audio_url` /
 `audio` message parts) goes only to a model whose processor takes it (`MODALITIES`); any
@@ -26,6 +27,7 @@ that is none of these raises an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from polymodal.llm_core.errors import InvalidInputError
@@ -47,7 +49,7 @@ TEMPLATE_KEYS = (
 SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages")
 PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}
 PROMPT_KEYS |= {"audios"}
-PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS}
+PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS, "cache_salt"}
 # multi_modal_data key -> media list
 MODALITIES = {"image": "images", "video": "videos", "audio": "audios"}
 
@@ -127,6 +129,16 @@ def process_prompt(
         raise InvalidInputError(
             f"a prompt dict needs exactly one of {list(SOURCE_KEYS)}, got {sources or 'none'}"
         )
+    salt = prompt.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise InvalidInputError(f"cache_salt must be a non-empty string, got {salt!r}")
+    processed = _process_dict(processor, prompt, options, allowed, text_only)
+    # a copy: a processor may hand out one cached ProcessedPrompt for repeated media
+    return processed if salt is None else dataclasses.replace(processed, cache_salt=salt)
+
+
+def _process_dict(processor, prompt: dict, options: dict, allowed: tuple, text_only: bool):
+    """`process_prompt` of a checked prompt dict."""
     keys = dict.fromkeys([*MEDIA_OPTIONS, *allowed])
     options.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs", allowed))

@@ -239,6 +239,8 @@ def create_app(
             "continue_final_message": body.continue_final_message,
             "mm_processor_kwargs": body.mm_processor_kwargs,
         }
+        if body.cache_salt is not None:
+            prompt["cache_salt"] = body.cache_salt
         params = params.with_defaults({"max_tokens": None, **defaults})
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
@@ -268,6 +270,12 @@ def create_app(
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0
+        if body.cache_salt is not None:
+            prompts = [
+                {"prompt" if isinstance(p, str) else "prompt_token_ids": p,
+                 "cache_salt": body.cache_salt}
+                for p in prompts
+            ]  # fmt: skip
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
             if served in adapters:

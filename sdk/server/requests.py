@@ -198,6 +198,7 @@ class _Request(_Strict):
     return_token_ids: bool | None = None
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = None
+    cache_salt: str | None = None  # prefix-cache blocks shared only with the same salt
 
     def structured(self) -> StructuredOutputsParams | None:
         """The one structured-output constraint the request asks for (or None)."""

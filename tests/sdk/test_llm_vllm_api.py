@@ -172,3 +172,24 @@ def test_detokenize_false_gives_the_same_tokens_without_text(llm):
     assert out.token_ids == with_text.token_ids and out.logprobs == with_text.logprobs
     with pytest.raises(InvalidInputError, match="detokenize must be True with stop strings"):
         SamplingParams(stop=["."], detokenize=False)
+
+
+def test_cache_salt_keeps_prefix_hits_within_a_salt(ckpt):
+    """vLLM's `cache_salt`: the same prompt hits the prefix cache only under the same salt (or
+    none); a bad salt is named."""
+    llm = LLM(ckpt, dtype="float32", device="cpu", num_kv_blocks=128, enable_prefix_caching=True)
+    kv = llm.engine.scheduler.kv
+    text = "A long shared system prompt that fills several blocks of the KV cache. " * 4
+
+    def hit(**salt) -> int:
+        before = kv.num_hit_tokens
+        out = llm.generate({"prompt": text, **salt}, GREEDY, use_tqdm=False)[0]
+        return kv.num_hit_tokens - before, out.outputs[0].token_ids
+
+    first, tokens = hit()
+    assert first == 0 and hit()[0] > 0
+    assert hit(cache_salt="tenant-a") == (0, tokens)  # another tenant: no hit, same answer
+    assert hit(cache_salt="tenant-a")[0] > 0
+    assert hit(cache_salt="tenant-b")[0] == 0
+    with pytest.raises(InvalidInputError, match="cache_salt must be a non-empty string"):
+        llm.generate({"prompt": text, "cache_salt": ""}, GREEDY, use_tqdm=False)

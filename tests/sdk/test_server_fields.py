@@ -325,3 +325,21 @@ def test_return_token_ids_request_id_and_tokens_as_ids(server):
     assert all(getattr(ch, "prompt_token_ids", None) is None for ch in chunks[1:])
     streamed = [t for ch in chunks for choice in ch.choices for t in choice.token_ids or []]
     assert streamed == chat.choices[0].token_ids
+
+
+def test_cache_salt_is_taken_and_checked(server):
+    """`cache_salt` on both routes: the same answer as without (it only scopes prefix-cache
+    hits: tests/sdk/test_llm_vllm_api.py); an empty salt is a 400 naming it."""
+    c = openai_client(server)
+    salted = {"cache_salt": "tenant-a"}
+    plain = c.completions.create(model="m", prompt="Once upon", max_tokens=4, temperature=0)
+    got = c.completions.create(model="m", prompt="Once upon", max_tokens=4, temperature=0,
+                               extra_body=salted)  # fmt: skip
+    assert got.choices[0].text == plain.choices[0].text
+    chat = c.chat.completions.create(model="m", messages=USER, max_tokens=4, temperature=0)
+    salted_chat = c.chat.completions.create(model="m", messages=USER, max_tokens=4,
+                                            temperature=0, extra_body=salted)  # fmt: skip
+    assert salted_chat.choices[0].message.content == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model="m", prompt="Once", max_tokens=2, extra_body={"cache_salt": ""})
+    assert "cache_salt" in err.value.body["message"]
