@@ -30,6 +30,7 @@ from polymodal.server.metrics import ServerMetrics
 from polymodal.server.openai_format import MediaPolicy, engine_messages, request_error
 from polymodal.server.pooling_routes import add_pooling_routes, serving_routes
 from polymodal.server.protocol import ModelCard, ModelList
+from polymodal.server.reasoning import PARSERS as REASONING_PARSERS
 from polymodal.server.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,6 +58,7 @@ def create_app(
     chat_template: str | None = None,
     tool_call_parser: str | None = None,
     lora_modules: dict[str, Any] | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """Build the app; the caller owns `engine` (and closes it after the server stops).
 
@@ -64,7 +66,8 @@ def create_app(
     `lora_modules`: served name -> `LoRARequest`: a request naming one runs with that adapter
     (vLLM's `--lora-modules`; they are listed in `/v1/models` with the base model as parent).
     `allowed_origins` turns CORS on; `chat_template` replaces the checkpoint's;
-    `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`.
+    `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`;
+    `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py).
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     app = FastAPI(title="polymodal", version="0.1.0")
@@ -78,10 +81,12 @@ def create_app(
     policy = MediaPolicy(Path(allowed_media_dir) if allowed_media_dir else None, allow_http)
     if allow_http:
         engine.set_processor_option("allow_http", True)
-    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
-        raise InvalidInputError(
-            f"tool_call_parser {tool_call_parser!r} is unknown; choose from {sorted(TOOL_PARSERS)}"
-        )
+    for name, value, known in (
+        ("tool_call_parser", tool_call_parser, sorted(TOOL_PARSERS)),
+        ("reasoning_parser", reasoning_parser, REASONING_PARSERS),
+    ):
+        if value is not None and value not in known:
+            raise InvalidInputError(f"{name} {value!r} is unknown; choose from {list(known)}")
     parser = TOOL_PARSERS.get(tool_call_parser) if tool_call_parser else None
     tokenizer = engine.tokenizer
     defaults = dict(engine.model_info["default_sampling"])
@@ -222,7 +227,7 @@ def create_app(
         params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         shape = Shape("chat", top_n, params.n)
-        _output_extras(shape, body)
+        shape.take_extras(body, reasoning_parser)
         if body.tools:
             params = _tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
@@ -266,16 +271,11 @@ def create_app(
                 for p in prompts
             ]
         shape = Shape("completion", body.logprobs, body.n or 1)
-        _output_extras(shape, body)
+        shape.take_extras(body)
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0
-        if body.cache_salt is not None:
-            prompts = [
-                {"prompt" if isinstance(p, str) else "prompt_token_ids": p,
-                 "cache_salt": body.cache_salt}
-                for p in prompts
-            ]  # fmt: skip
+        prompts = body.salted(prompts)
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
             if served in adapters:
@@ -340,15 +340,6 @@ def create_app(
     app.include_router(v1)
     app.include_router(auth)
     return app
-
-
-def _output_extras(shape: Shape, body) -> None:
-    """vLLM's per-request output extras onto the response's `Shape`: prompt logprobs, token
-    ids, logprobs' tokens as ids, the caller's request id."""
-    shape.prompt_logprobs = body.prompt_logprobs
-    shape.token_ids = bool(body.return_token_ids)
-    shape.ids_as_tokens = bool(body.return_tokens_as_token_ids)
-    shape.request_id = body.request_id
 
 
 def _tool_params(body: ChatCompletionRequest, params, shape: Shape, parser):

@@ -88,6 +88,12 @@ def serve_command(parser: argparse.ArgumentParser):
         help="the model's tool-call format (Qwen2.5/Hermes, Llama 3/4 JSON, Mistral)",
     )
     parser.add_argument(
+        "--reasoning-parser",
+        choices=["deepseek_r1", "qwen3"],
+        help="put chat replies' <think>...</think> apart as message.reasoning_content "
+        "(DeepSeek-R1 and its distills, QwQ, Qwen3)",
+    )
+    parser.add_argument(
         "--media-workers",
         type=int,
         default=PROCESS_WORKERS,
@@ -146,6 +152,7 @@ def serve_command(parser: argparse.ArgumentParser):
             chat_template=chat_template,
             tool_call_parser=args.tool_call_parser,
             lora_modules=adapters,
+            reasoning_parser=args.reasoning_parser,
         )
         try:
             serve_app(app, args.host, args.port, args.log_level)

@@ -54,6 +54,9 @@ class ChatResponseMessage(BaseModel):
     role: str | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    # with --reasoning-parser: the thinking (DeepSeek's / SGLang's name, and vLLM's newer one)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(BaseModel):

@@ -289,6 +289,7 @@ class ChatCompletionRequest(_Request):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # with --reasoning-parser; False: the answer alone
 
     def sampling_params(self) -> SamplingParams:
         """The engine's SamplingParams (raises InvalidInputError naming a bad field)."""
@@ -325,6 +326,13 @@ class CompletionRequest(_Request):
     echo: bool = False
     best_of: int | None = None
     add_special_tokens: bool = True
+
+    def salted(self, prompts: list) -> list:
+        """`prompts` (texts or token-id lists) as prompt dicts carrying `cache_salt`, when set."""
+        if self.cache_salt is None:
+            return prompts
+        key = lambda p: "prompt" if isinstance(p, str) else "prompt_token_ids"  # noqa: E731
+        return [{key(p): p, "cache_salt": self.cache_salt} for p in prompts]
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per engine request."""

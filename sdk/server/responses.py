@@ -30,6 +30,7 @@ from polymodal.server.protocol import (
     new_id,
     now,
 )
+from polymodal.server.reasoning import Reasoning, ReasoningStream
 from polymodal.server.required_calls import RequiredCallStream, required_reply
 from polymodal.server.tools import ToolParser, ToolStream, new_call_id
 
@@ -77,6 +78,19 @@ class Shape:
     token_ids: bool = False  # vLLM's return_token_ids: prompt and choice token ids
     ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprobs' "token_id:N"
     request_id: str | None = None  # the caller's id: the response id is built from it
+    reasoning: Reasoning | None = None  # chat with --reasoning-parser: thinking apart
+
+    def take_extras(self, body, reasoning_parser: str | None = None) -> None:
+        """vLLM's per-request output extras of `body`: prompt logprobs, token ids, logprobs'
+        tokens as ids, the caller's request id; a chat's reasoning split."""
+        self.prompt_logprobs = body.prompt_logprobs
+        self.token_ids = bool(body.return_token_ids)
+        self.ids_as_tokens = bool(body.return_tokens_as_token_ids)
+        self.request_id = body.request_id
+        if reasoning_parser is not None:
+            self.reasoning = Reasoning.for_request(
+                reasoning_parser, body.chat_template_kwargs, body.include_reasoning
+            )
 
 
 class ResponseBuilder:
@@ -94,6 +108,7 @@ class ResponseBuilder:
         self._finished: set[int] = set()
         self._streams: dict[int, ToolStream] = {}  # auto tool calling, per choice
         self._required: dict[int, RequiredCallStream] = {}  # "required" calls, per choice
+        self._thinking: dict[int, ReasoningStream] = {}  # --reasoning-parser, per choice
         # A chunk that only carries text (no role, logprobs, finish reason or tool calls: all
         # but a choice's first and last) is a template per choice, the text put in place.
         # Pydantic built each one before: ~10x the time, per token of every stream.
@@ -127,12 +142,20 @@ class ResponseBuilder:
         return ranked[: self.shape.n]
 
     def _chat_choice(self, index: int, c: CompletionOutput) -> ChatChoice:
-        content, calls, reason = self._chat_message(c.text, _finish_reason(c.finish_reason))
+        thinking, text = None, c.text
+        if self.shape.reasoning is not None:
+            thinking, text = self.shape.reasoning.split(c.text)
+            thinking = thinking if self.shape.reasoning.include else None
+        content, calls, reason = self._chat_message(text or "", _finish_reason(c.finish_reason))
+        if text is None and not calls:
+            content = None  # all thinking (cut short before its answer)
         if self.shape.echo and content is not None:
             content = self.shape.echo[0] + content
+        message = ChatResponseMessage(role="assistant", content=content, tool_calls=calls)
+        message.reasoning_content = message.reasoning = thinking
         return ChatChoice(
             index=index,
-            message=ChatResponseMessage(role="assistant", content=content, tool_calls=calls),
+            message=message,
             logprobs=self._logprobs(c.token_ids, c.logprobs),
             finish_reason=reason,
             stop_reason=c.stop_reason,
@@ -207,6 +230,7 @@ class ResponseBuilder:
                 and c.delta_text
                 and c.finish_reason is None
                 and index in self._started
+                and (index not in self._thinking or self._thinking[index].answering)
                 and (template := self._template(index)) is not None
             ):
                 events.append(template[0] + encode_basestring(c.delta_text) + template[1])
@@ -219,7 +243,11 @@ class ResponseBuilder:
             # return_token_ids: every step's new ids go out, with text or without (withheld)
             new_ids = list(c.delta_token_ids) if self.shape.token_ids else None
             if self.kind == "chat":
-                delta, reason = self._chat_delta(index, c.delta_text, reason)
+                thinking, text = self._split_thinking(index, c.delta_text, reason)
+                delta, reason = self._chat_delta(index, text, reason)
+                if thinking:
+                    delta = delta or ChatResponseMessage()
+                    delta.reasoning_content = delta.reasoning = thinking
                 if delta is None and reason is None and logprobs is None and not new_ids:
                     continue
                 delta = delta or ChatResponseMessage()
@@ -268,6 +296,17 @@ class ResponseBuilder:
             clean = mark and _MARK not in before + after
             self._templates[index] = (before, after) if clean else None
         return self._templates[index]
+
+    def _split_thinking(self, index: int, text: str, reason: str | None) -> tuple[str, str]:
+        """(reasoning, answer) of a chat choice's step (no reasoning parser: all answer)."""
+        if self.shape.reasoning is None:
+            return "", text
+        stream = self._thinking.setdefault(index, self.shape.reasoning.stream())
+        thinking, answer = stream.feed(text)
+        if reason is not None:
+            more, tail = stream.finish()
+            thinking, answer = thinking + more, answer + tail
+        return (thinking if self.shape.reasoning.include else ""), answer
 
     def _chat_delta(self, index: int, text: str, reason: str | None):
         """(delta message or None, finish reason) of one chat choice's step."""
