@@ -67,6 +67,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="vLLM's --hf-overrides, architectures only: '{\"architectures\": "
         '["BgeM3EmbeddingModel"]}\' (BAAI/bge-m3 with its lexical weights and ColBERT vectors)',
     )
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs (vLLM's spelling)"
+    )
     parser.add_argument("--revision", help="hub revision of the model: branch, tag or commit")
     parser.add_argument("--hf-token", help="Hugging Face token (default: HF_TOKEN or the login)")
     parser.add_argument(
@@ -99,6 +102,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         hf_overrides=args.hf_overrides,
         revision=args.revision,
         hf_token=args.hf_token,
+        cuda_graphs=False if args.enforce_eager else None,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -62,6 +62,8 @@ def test_token_and_revision_reach_the_hub_client(monkeypatch, tmp_path):
     add_engine_arguments(parser)
     kwargs = engine_kwargs(parser.parse_args(["--revision", "v2", "--hf-token", "hf_x"]))
     assert kwargs["revision"] == "v2" and kwargs["hf_token"] == "hf_x"
+    assert "cuda_graphs" not in kwargs
+    assert engine_kwargs(parser.parse_args(["--enforce-eager"]))["cuda_graphs"] is False
     seen = {}
 
     def fake(repo_id, revision=None, token=None, allow_patterns=None):
