@@ -96,6 +96,7 @@ class Engine:
         token_type_ids: list[int] | None = None,
         lora_request: Any = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a tokenized prompt (with optional media slots); returns the request id.
 
@@ -103,6 +104,7 @@ class Engine:
         `enable_lora`); the adapter is read and checked here, so a bad one fails this request.
         `cache_salt` (vLLM's): its prefix-cache blocks are shared only with requests of the
         same salt (tenants that must not learn of each other's prompts through cache timing).
+        `priority` (lower first) needs `scheduling_policy="priority"`.
 
         `grammar` is `params.structured_outputs` already compiled (`compile_grammar`, e.g. on
         a worker thread); without it the engine compiles it here. A pooling model takes
@@ -147,6 +149,11 @@ class Engine:
             model, cross_specs, self.model_config.architecture, mm_items or [],
             len(prompt_token_ids),
         )  # fmt: skip
+        if priority != 0 and self.scheduler.policy != "priority":
+            raise InvalidInputError(
+                f"priority={priority} needs scheduling_policy='priority' (the engine's is "
+                f"{self.scheduler.policy!r})"
+            )
         needs_text = params.stop or params.bad_words or params.structured_outputs
         if self.tokenizer is None and needs_text:
             raise InvalidInputError(
@@ -173,6 +180,7 @@ class Engine:
             bad_words_ids=bad_words_token_ids(self.tokenizer, params.bad_words),
             lora_request=lora_request,
             cache_salt=cache_salt,
+            priority=priority,
         )  # fmt: skip
         return self._queue(group)
 
@@ -190,6 +198,7 @@ class Engine:
         return self.add_request(
             prompt.token_ids, params, request_id, prompt.positions, prompt.mrope_delta,
             prompt.mm_items, grammar, token_type_ids, lora_request, prompt.cache_salt,
+            prompt.priority,
         )  # fmt: skip
 
     def add_requests(

@@ -117,6 +117,9 @@ class EngineConfig:
     # Refused with a local checkpoint folder (nothing to pick a revision of).
     revision: str | None = None
     hf_token: str | bool | None = None
+    # vLLM's: "fcfs" (arrival order), or "priority" (each request's `priority`, lower first;
+    # the scheduler's docstring says how)
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as
@@ -134,6 +137,10 @@ class EngineConfig:
             )
         if not self.cpu_kv_cache_gb > 0:
             raise InvalidInputError(f"cpu_kv_cache_gb must be positive, got {self.cpu_kv_cache_gb}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise InvalidInputError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
         if self.encoder_cache_mb is not None and not self.encoder_cache_mb >= 0:
             raise InvalidInputError(f"encoder_cache_mb must be >= 0, got {self.encoder_cache_mb}")
 
@@ -331,6 +338,7 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
         cfg.max_num_encoder_tokens,
         runner.encoder_cache,
         runner.lora,
+        cfg.scheduling_policy,
     )
     if supports_multimodal(net):  # staging skips items the encoder will not see again
         net.embeddings_cached = partial(

@@ -69,6 +69,7 @@ class Request:
     grammar: Any = None  # structured output state (structured_output.GrammarState)
     lora_request: Any = None  # lora.LoRARequest: the adapter this sequence runs with
     cache_salt: str | None = None  # prefix-cache salt: only requests with the same one share
+    priority: int = 0  # scheduling_policy="priority": lower first (scheduler.py)
     lora_slot: int = -1  # its adapter's slot while admitted (LoRAManager.acquire)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)

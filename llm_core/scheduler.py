@@ -6,6 +6,11 @@ and decodes are never starved behind it). Running requests go first, in arrival 
 the block pool runs out, the most recently admitted running request is preempted (its blocks
 freed, its tokens recomputed later), never the engine.
 
+`policy="priority"` (vLLM's `scheduling_policy`): both queues are kept in the order of
+(`Request.priority`, arrival), a lower value first: a waiting request is admitted before every
+waiting request of a higher value, and a full pool preempts the running request of the highest
+value (the latest to arrive among equals). Under the default `"fcfs"` every priority is 0.
+
 Media add two limits to a prefill chunk (`_fit`):
 - a request's `atomic_spans` (an image whose tokens a model attends to bidirectionally) are
   never cut: a chunk ends before such a span when the whole span does not fit, and a prefix
@@ -20,6 +25,7 @@ Media add two limits to a prefill chunk (`_fit`):
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,7 +61,11 @@ class Scheduler:
         max_num_encoder_tokens: int | None = None,
         encoder_cache=None,
         lora=None,
+        policy: str = "fcfs",
     ):
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy {policy!r}: one of {POLICIES}")
+        self.policy = policy
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -71,7 +81,25 @@ class Scheduler:
         self.lora = lora
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        self._wait(req)
+
+    def _wait(self, req: Request, front: bool = False) -> None:
+        """Queue `req`: at the back (fcfs; `front`: a preempted request, first again), or at
+        its (priority, arrival) place."""
+        if self.policy == "priority":
+            self.waiting.insert(bisect.bisect(self.waiting, _rank(req), key=_rank), req)
+        elif front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
+
+    def _run(self, req: Request) -> None:
+        """Add an admitted request to the running queue (priority: at its place, so the last
+        is always the one to preempt)."""
+        if self.policy == "priority":
+            self.running.insert(bisect.bisect(self.running, _rank(req), key=_rank), req)
+        else:
+            self.running.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -137,11 +165,15 @@ class Scheduler:
                 self.lora.acquire(req)  # can_acquire said yes: this takes the slot
             req.first_scheduled_time = req.first_scheduled_time or time.time()
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._run(req)
             out.requests.append(req)
             out.num_new_tokens.append(n)
             budget -= n
-        self.waiting.extendleft(reversed(no_slot))  # back at the front, in their order
+        if self.policy == "priority":
+            for req in no_slot:
+                self._wait(req)
+        else:
+            self.waiting.extendleft(reversed(no_slot))  # back at the front, in their order
         return out
 
     def _fit(self, req: Request, start: int, n: int, encoding: _EncoderWork) -> int:
@@ -176,7 +208,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+        self._wait(req, front=True)
 
     def update(self, out: SchedulerOutput) -> None:
         """After launching the forward pass: advance computed counts, register full blocks,
@@ -221,6 +253,14 @@ class Scheduler:
                 self.lora.release(req)
             req.status = RequestStatus.FINISHED
             req.finish_reason = req.finish_reason or reason
+
+
+POLICIES = ("fcfs", "priority")
+
+
+def _rank(req: Request) -> tuple[int, float]:
+    """A request's place under the priority policy: lower priority values, then arrivals."""
+    return req.priority, req.arrival_time
 
 
 def _span_around(spans: list[tuple[int, int]], position: int) -> tuple[int, int] | None:

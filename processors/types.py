@@ -154,3 +154,4 @@ class ProcessedPrompt:
     mrope_delta: int
     mm_items: list[MultimodalItem] = field(default_factory=list)
     cache_salt: str | None = None  # the prompt's `cache_salt` (vLLM's): see `Engine.add_request`
+    priority: int = 0  # the request's scheduling priority: see `Engine.add_request`

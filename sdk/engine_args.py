@@ -70,6 +70,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs (vLLM's spelling)"
     )
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=("fcfs", "priority"),
+        help="fcfs (default): arrival order; priority: each request's priority, lower first",
+    )
     parser.add_argument("--revision", help="hub revision of the model: branch, tag or commit")
     parser.add_argument("--hf-token", help="Hugging Face token (default: HF_TOKEN or the login)")
     parser.add_argument(
@@ -103,6 +108,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         revision=args.revision,
         hf_token=args.hf_token,
         cuda_graphs=False if args.enforce_eager else None,
+        scheduling_policy=args.scheduling_policy,
     )
     return {k: v for k, v in kwargs.items() if v is not None}
 

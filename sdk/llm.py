@@ -36,6 +36,7 @@ from polymodal.llm_prompts import (
     media_options,
     params_per_prompt,
     process_prompt,
+    with_priority,
 )
 from polymodal.llm_warmup import warm_up
 from polymodal.processors.text import TextProcessor
@@ -165,8 +166,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; results in input order.
+
+        `priority` (vLLM's): one per prompt, lower first, for an engine built with
+        `scheduling_policy="priority"`.
 
         `lora_request` (vLLM's keyword; the engine needs `enable_lora=True`): one adapter for
         every prompt, or a list with one per prompt (None: the base model). Requests with
@@ -178,6 +183,12 @@ class LLM:
         a progress bar of finished prompts.
         """
         batch = as_batch(prompts)
+        if priority is not None:
+            if len(priority) != len(batch):
+                raise InvalidInputError(
+                    f"priority has {len(priority)} values for {len(batch)} prompts"
+                )
+            batch = [with_priority(p, value) for p, value in zip(batch, priority)]
         params = params_per_prompt(
             sampling_params or self.get_default_sampling_params(), len(batch)
         )

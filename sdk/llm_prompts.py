@@ -12,6 +12,7 @@
      "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
     {"prompt": ..., "images": [...], "videos": [...], "max_pixels": ...}   polymodal's own form
     any dict form + "cache_salt": "..."    vLLM's: prefix-cache blocks shared only within a salt
+    any dict form + "priority": 1          scheduling priority (lower first; "priority" policy)
 
 Audio (`multi_modal_data={"audio": ...}`, `audios=[...]`, or `input_audio` / `audio_url` /
 `audio` message parts) goes only to a model whose processor takes it (`MODALITIES`); any
@@ -49,7 +50,7 @@ TEMPLATE_KEYS = (
 SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages")
 PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}
 PROMPT_KEYS |= {"audios"}
-PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS, "cache_salt"}
+PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS, "cache_salt", "priority"}
 # multi_modal_data key -> media list
 MODALITIES = {"image": "images", "video": "videos", "audio": "audios"}
 
@@ -129,12 +130,16 @@ def process_prompt(
         raise InvalidInputError(
             f"a prompt dict needs exactly one of {list(SOURCE_KEYS)}, got {sources or 'none'}"
         )
-    salt = prompt.get("cache_salt")
+    salt, priority = prompt.get("cache_salt"), prompt.get("priority", 0)
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise InvalidInputError(f"cache_salt must be a non-empty string, got {salt!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidInputError(f"priority must be an integer, got {priority!r}")
     processed = _process_dict(processor, prompt, options, allowed, text_only)
+    if salt is None and priority == 0:
+        return processed
     # a copy: a processor may hand out one cached ProcessedPrompt for repeated media
-    return processed if salt is None else dataclasses.replace(processed, cache_salt=salt)
+    return dataclasses.replace(processed, cache_salt=salt, priority=priority)
 
 
 def _process_dict(processor, prompt: dict, options: dict, allowed: tuple, text_only: bool):
@@ -202,6 +207,23 @@ def _tokens(processor, ids: list[int], refs: list, options: dict, text_only: boo
             raise InvalidInputError("this model is text-only: it takes no images or videos")
         return ProcessedPrompt(ids, None, 0)
     return processor.process_tokens(ids, refs, options)
+
+
+def with_priority(prompt: Any, priority: int) -> Any:
+    """`prompt` (any form above) as a dict carrying `priority` (vLLM's `generate(priority=)`)."""
+    if priority == 0:
+        return prompt
+    if isinstance(prompt, ProcessedPrompt):
+        return dataclasses.replace(prompt, priority=priority)
+    if isinstance(prompt, dict):
+        return {**prompt, "priority": priority}
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "priority": priority}
+    if is_token_ids(prompt):
+        return {"prompt_token_ids": list(prompt), "priority": priority}
+    if is_messages(prompt):
+        return {"messages": list(prompt), "priority": priority}
+    return prompt  # not a prompt: process_prompt names what it is
 
 
 def is_token_ids(x: Any) -> bool:

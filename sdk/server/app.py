@@ -244,8 +244,7 @@ def create_app(
             "continue_final_message": body.continue_final_message,
             "mm_processor_kwargs": body.mm_processor_kwargs,
         }
-        if body.cache_salt is not None:
-            prompt["cache_salt"] = body.cache_salt
+        prompt.update(body.prompt_extras())
         params = params.with_defaults({"max_tokens": None, **defaults})
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
@@ -275,7 +274,7 @@ def create_app(
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0
-        prompts = body.salted(prompts)
+        prompts = body.with_extras(prompts)
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
             if served in adapters:

@@ -13,9 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.llm_core.sampling_params import SamplingParams, StructuredOutputsParams
+from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.chat import ITEM_OPTIONS
 from polymodal.server.errors import RequestError
+from polymodal.server.structured_fields import StructuredFields
 
 
 class _Strict(BaseModel):
@@ -156,7 +157,7 @@ def build_sampling_params(fields: dict[str, Any], renames: dict[str, str]) -> Sa
         raise RequestError(_SAMPLING_FIELD.sub(name, str(exc), count=1), name) from None
 
 
-class _Request(_Strict):
+class _Request(StructuredFields, _Strict):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -199,47 +200,12 @@ class _Request(_Strict):
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = None
     cache_salt: str | None = None  # prefix-cache blocks shared only with the same salt
+    priority: int = 0  # with --scheduling-policy priority: lower first
 
-    def structured(self) -> StructuredOutputsParams | None:
-        """The one structured-output constraint the request asks for (or None)."""
-        given = self._constraints()
-        if len(given) > 1:
-            names = ", ".join(name for name, _ in given)
-            raise RequestError(f"give one structured output constraint, got {names}", given[1][0])
-        if not given:
-            return None
-        name, spec = given[0]
-        try:
-            return StructuredOutputsParams(**spec)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"{name}: {str(exc).splitlines()[0]}", name) from None
-
-    def field_names(self) -> dict[str, str]:
-        """SamplingParams name -> the request field that set it, where they differ: engine
-        errors name the request's field (see `openai_format.request_error`)."""
-        given = self._constraints()
-        return {"structured_outputs": given[0][0]} if given else {}
-
-    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
-        """(request field, StructuredOutputsParams fields) of each constraint given."""
-        given = []
-        if self.response_format is not None and self.response_format.type != "text":
-            fmt = self.response_format
-            if fmt.type == "json_object":
-                given.append(("response_format", {"json_object": True}))
-            elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise RequestError(
-                    "response_format json_schema needs json_schema.schema", "response_format"
-                )
-            else:
-                given.append(("response_format", {"json": fmt.json_schema.schema_}))
-        if self.structured_outputs is not None:
-            given.append(("structured_outputs", self.structured_outputs))
-        for name in ("json", "regex", "choice", "grammar"):
-            value = getattr(self, f"guided_{name}")
-            if value is not None:
-                given.append((f"guided_{name}", {name: value}))
-        return given
+    def prompt_extras(self) -> dict[str, Any]:
+        """vLLM's request fields the engine reads from the prompt dict (set ones only)."""
+        extras = {"cache_salt": self.cache_salt} if self.cache_salt is not None else {}
+        return extras | ({"priority": self.priority} if self.priority else {})
 
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams fields this request sets (max_tokens aside); request options
@@ -327,12 +293,13 @@ class CompletionRequest(_Request):
     best_of: int | None = None
     add_special_tokens: bool = True
 
-    def salted(self, prompts: list) -> list:
-        """`prompts` (texts or token-id lists) as prompt dicts carrying `cache_salt`, when set."""
-        if self.cache_salt is None:
+    def with_extras(self, prompts: list) -> list:
+        """`prompts` (texts or token-id lists) as prompt dicts carrying `prompt_extras`."""
+        extras = self.prompt_extras()
+        if not extras:
             return prompts
         key = lambda p: "prompt" if isinstance(p, str) else "prompt_token_ids"  # noqa: E731
-        return [{key(p): p, "cache_salt": self.cache_salt} for p in prompts]
+        return [{key(p): p, **extras} for p in prompts]
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per engine request."""

@@ -343,3 +343,14 @@ def test_cache_salt_is_taken_and_checked(server):
     with pytest.raises(openai.BadRequestError) as err:
         c.completions.create(model="m", prompt="Once", max_tokens=2, extra_body={"cache_salt": ""})
     assert "cache_salt" in err.value.body["message"]
+
+
+def test_priority_needs_the_priority_policy(server):
+    """This server schedules first come, first served: a non-zero `priority` is a 400 saying
+    which policy it needs (tests/llm_core/test_priority_scheduling.py runs the policy)."""
+    c = openai_client(server)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model="m", prompt="Once", max_tokens=2, extra_body={"priority": 1})
+    assert "scheduling_policy='priority'" in err.value.body["message"]
+    ok = c.completions.create(model="m", prompt="Once", max_tokens=2, extra_body={"priority": 0})
+    assert ok.choices[0].finish_reason == "length"

@@ -1,0 +1,55 @@
+"""What a chat or completion request asks of structured output: one constraint from
+`response_format`, `structured_outputs` or vLLM's older `guided_*` fields (a mixin of the
+request models in `requests.py`, which hold those fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polymodal.llm_core.sampling_params import StructuredOutputsParams
+from polymodal.server.errors import RequestError
+
+
+class StructuredFields:
+    """`structured()`, `field_names()` of a request with the structured-output fields."""
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the request asks for (or None)."""
+        given = self._constraints()
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise RequestError(f"give one structured output constraint, got {names}", given[1][0])
+        if not given:
+            return None
+        name, spec = given[0]
+        try:
+            return StructuredOutputsParams(**spec)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"{name}: {str(exc).splitlines()[0]}", name) from None
+
+    def field_names(self) -> dict[str, str]:
+        """SamplingParams name -> the request field that set it, where they differ: engine
+        errors name the request's field (see `openai_format.request_error`)."""
+        given = self._constraints()
+        return {"structured_outputs": given[0][0]} if given else {}
+
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(request field, StructuredOutputsParams fields) of each constraint given."""
+        given = []
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise RequestError(
+                    "response_format json_schema needs json_schema.schema", "response_format"
+                )
+            else:
+                given.append(("response_format", {"json": fmt.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                given.append((f"guided_{name}", {name: value}))
+        return given
