@@ -232,6 +232,8 @@ def create_app(
             params = _tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
             raise RequestError("tool_choice needs tools", "tool_choice")
+        if params.structured_outputs is not None:  # a grammar leaves no room to think
+            shape.reasoning = None
         last = body.messages[-1]
         if body.echo and last.role == "assistant" and isinstance(last.content, str):
             shape.echo = [last.content]

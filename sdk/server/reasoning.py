@@ -7,7 +7,8 @@ output); the text before `</think>` is reasoning, the text after it the answer. 
 `</think>` the whole output is reasoning (cut short while thinking), except for `qwen3` when the
 request turned thinking off (`chat_template_kwargs: {"enable_thinking": false}`): then it is
 all answer. Streams are split as they come, holding back text that may be the start of a tag
-split across deltas.
+split across deltas. A request under a grammar (structured output, a named or required tool
+choice) is not split: the grammar leaves the model no room to think.
 """
 
 from __future__ import annotations

@@ -104,3 +104,32 @@ def test_the_server_option_and_unknown_parsers():
     assert args.reasoning_parser == "qwen3"
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--reasoning-parser", "nope"])
+
+
+def test_a_real_server_splits_free_replies_and_not_constrained_ones(tmp_path_factory):
+    """`polymodal serve --reasoning-parser deepseek_r1`: a free reply of this random model has
+    no `</think>`, so it is all reasoning (content null); a reply under response_format is all
+    answer (the grammar left no room to think)."""
+    openai = pytest.importorskip("openai")
+    from tests.helpers import tiny_checkpoint
+    from tests.sdk.server_process import openai_client, running_server
+
+    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
+    args = ("--num-kv-blocks", "128", "--reasoning-parser", "deepseek_r1")
+    with running_server(ckpt, tmp_path_factory.mktemp("log"), *args) as url:
+        c = openai_client(url)
+        user = [{"role": "user", "content": "Think, then answer."}]
+        free = c.chat.completions.create(model="m", messages=user, max_tokens=8, temperature=0)
+        message = free.choices[0].message
+        assert message.content is None and message.reasoning_content
+        assert message.reasoning == message.reasoning_content
+        fmt = {"type": "json_object"}
+        json_reply = c.chat.completions.create(
+            model="m", messages=user, max_tokens=20, temperature=0, response_format=fmt
+        )
+        reply = json_reply.choices[0].message  # (cut at 20 tokens: a JSON object's start)
+        assert getattr(reply, "reasoning_content", None) is None
+        assert reply.content.lstrip().startswith("{")
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="m", messages=user, max_tokens=2,
+                                      extra_body={"include_reasoning": "maybe"})  # fmt: skip
