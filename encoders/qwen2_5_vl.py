@@ -138,15 +138,21 @@ class Qwen2_5VisionMLP(nn.Module):
 
         Qwen2.5-VL's hidden 3420 leaves rows 8-byte aligned, which sends cuBLAS to slow
         align-2 kernels; zero padding is exact (silu(0) * 0 = 0 meets zero down_proj columns).
+        A later load (`LLM.load_weights`) writes the same tensors: captured tower graphs see it.
         """
-        self._fused = None
         if not (self.gate_proj.weight.is_cuda and self.act is F.silu and fused_ops()):
+            self._fused = None
             return
         pad = -self.gate_proj.out_features % 64
         gate_up = torch.cat([F.pad(self.gate_proj.weight, (0, 0, 0, pad)),
                              F.pad(self.up_proj.weight, (0, 0, 0, pad))])  # fmt: skip
         bias = torch.cat([F.pad(self.gate_proj.bias, (0, pad)), F.pad(self.up_proj.bias, (0, pad))])
-        self._fused = (gate_up, bias, F.pad(self.down_proj.weight, (0, pad)).contiguous())
+        fused = (gate_up, bias, F.pad(self.down_proj.weight, (0, pad)).contiguous())
+        if getattr(self, "_fused", None) is None:
+            self._fused = fused
+            return
+        for old, new in zip(self._fused, fused):
+            old.copy_(new)
 
 
 class Qwen2_5VisionBlock(nn.Module):

@@ -45,6 +45,12 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def clear(self) -> None:
+        """Drop every entry (the encoder's weights changed)."""
+        self.entries.clear()
+        self.sizes.clear()
+        self.num_bytes = 0
+
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
         if value is not None:

@@ -69,6 +69,13 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return len(self.free)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block's content (they stay free, reused first); call it with
+        no request holding blocks."""
+        self.cached.clear()
+        for block in self.blocks:
+            block.block_hash = None
+
     @property
     def num_usable_blocks(self) -> int:
         """Blocks requests can hold (all but the null block)."""

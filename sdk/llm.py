@@ -6,7 +6,7 @@ keywords), llm_warmup.py (the load-time warm-up), llm_pooling.py (the pooling me
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 
 from polymodal.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from polymodal.feeder import PROCESS_WORKERS, run_prompts
+from polymodal.llm_core import weight_update
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
@@ -119,6 +120,17 @@ class LLM:
         """SamplingParams with the model's generation_config.json defaults (vLLM's rule: used
         when `generate` / `chat` get no sampling params)."""
         return SamplingParams(**self.default_sampling)
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget the cached KV blocks (and encoder outputs); False while requests
+        run."""
+        return weight_update.reset_prefix_cache(self.engine)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model's weights in place with `weights` (`(name, tensor)` pairs named as
+        in the checkpoint, a complete set; e.g. an RL trainer's new policy), then forget the
+        prefix and encoder caches (`llm_core/weight_update.py`)."""
+        weight_update.load_weights(self.engine, weights)
 
     def process(self, prompt: Any, stage: bool = True) -> ProcessedPrompt:
         """Turn one prompt (any accepted form) into token ids, positions and media items.
