@@ -25,6 +25,7 @@ from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
     check_pooling_prompt,
+    check_priority,
     check_request,
     media_cross_ranges,
     truncate_pooling_prompt,
@@ -100,12 +101,9 @@ class Engine:
     ) -> str:
         """Queue a tokenized prompt (with optional media slots); returns the request id.
 
-        `lora_request` (a `LoRARequest`) runs it with that adapter (the engine needs
-        `enable_lora`); the adapter is read and checked here, so a bad one fails this request.
-        `cache_salt` (vLLM's): its prefix-cache blocks are shared only with requests of the
-        same salt (tenants that must not learn of each other's prompts through cache timing).
-        `priority` (lower first) needs `scheduling_policy="priority"`.
-
+        `lora_request` (a `LoRARequest`, `enable_lora`) runs it with that adapter, read and
+        checked here (a bad one fails this request). `cache_salt` (vLLM's): prefix-cache blocks
+        shared only within the salt. `priority`: lower first (`scheduling_policy="priority"`).
         `grammar` is `params.structured_outputs` already compiled (`compile_grammar`, e.g. on
         a worker thread); without it the engine compiles it here. A pooling model takes
         `PoolingParams` (and, for BERT, optional `token_type_ids`).
@@ -149,11 +147,7 @@ class Engine:
             model, cross_specs, self.model_config.architecture, mm_items or [],
             len(prompt_token_ids),
         )  # fmt: skip
-        if priority != 0 and self.scheduler.policy != "priority":
-            raise InvalidInputError(
-                f"priority={priority} needs scheduling_policy='priority' (the engine's is "
-                f"{self.scheduler.policy!r})"
-            )
+        check_priority(priority, self.scheduler.policy)
         needs_text = params.stop or params.bad_words or params.structured_outputs
         if self.tokenizer is None and needs_text:
             raise InvalidInputError(

@@ -1,6 +1,6 @@
 """What `Engine.add_request` checks and derives before a request is queued: prompt and token-id
 limits (a pooling prompt's included), `truncate_prompt_tokens`, `bad_words` as token sequences,
-and a media request's atomic spans and cross-attention ranges."""
+the scheduling priority, and a media request's atomic spans and cross-attention ranges."""
 
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ def check_request(
             f"SamplingParams.timestamp_rules: no_timestamps_token_id "
             f"{rules.no_timestamps_token_id} and eos_token_id {rules.eos_token_id} must leave "
             f"the timestamps inside the vocab [0, {vocab_size})"
+        )
+
+
+def check_priority(priority: int, policy: str) -> None:
+    """A request's `priority` other than 0 needs the engine's "priority" scheduling policy."""
+    if priority != 0 and policy != "priority":
+        raise InvalidInputError(
+            f"priority={priority} needs scheduling_policy='priority' (the engine's is {policy!r})"
         )
 
 
