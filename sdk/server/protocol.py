@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 
 class ErrorInfo(BaseModel):
@@ -47,7 +47,22 @@ def now() -> int:
     return int(time.time())
 
 
-class ChatResponseMessage(BaseModel):
+class _VllmExtras(BaseModel):
+    """A response model whose vLLM extras (`_extras`) are left out while None, as vLLM leaves
+    them out: a stream's chunks carry them only when asked for."""
+
+    _extras: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extras(self, handler):
+        data = handler(self)
+        for key in self._extras:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class ChatResponseMessage(_VllmExtras):
     """The assistant message of a choice (or the delta of a streamed chunk). `tool_calls` are
     `{"id", "type": "function", "function": {"name", "arguments"}}` (deltas add `index`)."""
 
@@ -57,9 +72,10 @@ class ChatResponseMessage(BaseModel):
     # with --reasoning-parser: the thinking (DeepSeek's / SGLang's name, and vLLM's newer one)
     reasoning_content: str | None = None
     reasoning: str | None = None
+    _extras = ("reasoning_content", "reasoning")
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_VllmExtras):
     """One of the `n` answers of a chat completion."""
 
     index: int
@@ -68,9 +84,10 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token that ended it
     token_ids: list[int] | None = None  # vLLM: with return_token_ids
+    _extras = ("token_ids",)
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_VllmExtras):
     """Answer of a non-streamed chat completion."""
 
     id: str
@@ -81,9 +98,10 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM: when asked for
     prompt_token_ids: list[int] | None = None  # vLLM: with return_token_ids
+    _extras = ("prompt_token_ids",)
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_VllmExtras):
     """One choice's delta in a streamed chunk."""
 
     index: int
@@ -91,9 +109,10 @@ class ChatChunkChoice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None  # vLLM: this chunk's new ids, with return_token_ids
+    _extras = ("token_ids",)
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_VllmExtras):
     """One `data: {...}` event of a streamed chat completion."""
 
     id: str
@@ -103,9 +122,10 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None  # vLLM: the first chunk, with return_token_ids
+    _extras = ("prompt_token_ids",)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_VllmExtras):
     """One answer of a (legacy) completion; also the streamed form."""
 
     index: int
@@ -118,6 +138,7 @@ class CompletionChoice(BaseModel):
     # (a stream: each chunk's new ones)
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
+    _extras = ("prompt_token_ids", "token_ids")
 
 
 class CompletionResponse(BaseModel):

@@ -116,3 +116,16 @@ def test_required_tool_calls_cut_short_stream_as_unstreamed():
         ]
         assert streamed == unstreamed
     assert unstreamed == [{"name": "f", "arguments": '{"x": 12,'}]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_vllm_extras_are_left_out_unless_asked_for(kind):
+    """`token_ids`, `prompt_token_ids`, `reasoning_content` / `reasoning`: absent from a stream
+    that did not ask for them (as vLLM's), present in one that did."""
+    events = ResponseBuilder(Shape(kind), "m", None).chunks(0, _out(["hi"], "stop"))
+    for key in ("token_ids", "prompt_token_ids", "reasoning_content", "reasoning"):
+        assert f'"{key}"' not in events[0]
+    asked = Shape(kind, token_ids=True)
+    event = json.loads(ResponseBuilder(asked, "m", None).chunks(0, _out(["hi"], "stop"))[0][6:])
+    assert event["choices"][0]["token_ids"] == [1]
+    assert (event if kind == "chat" else event["choices"][0])["prompt_token_ids"] == [1, 2]
