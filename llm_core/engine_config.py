@@ -117,6 +117,7 @@ class EngineConfig:
     # Refused with a local checkpoint folder (nothing to pick a revision of).
     revision: str | None = None
     hf_token: str | bool | None = None
+    download_dir: str | None = None  # the hub cache (None: huggingface_hub's default)
     # vLLM's: "fcfs" (arrival order), or "priority" (each request's `priority`, lower first;
     # the scheduler's docstring says how)
     scheduling_policy: str = "fcfs"
@@ -320,7 +321,7 @@ def build_rank(
 def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EngineParts:
     """The engine's parts; with an `executor` (tensor_parallel_size > 1) this process builds
     rank 0 while the executor's workers build the other ranks."""
-    path = resolve_model_path(model, cfg.revision, cfg.hf_token)
+    path = resolve_model_path(model, cfg.revision, cfg.hf_token, cfg.download_dir)
     model_config, device, cfg, max_len = resolve_model(path, cfg)
     tp = executor.group if executor is not None else SINGLE
     ready = executor.wait_ready if executor is not None else None

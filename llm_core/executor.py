@@ -158,7 +158,7 @@ class TPExecutor:
         naming what stops them, before any process starts), then start the workers."""
         from polymodal.llm_core.loader import resolve_model_path
 
-        path = resolve_model_path(model, cfg.revision, cfg.hf_token)
+        path = resolve_model_path(model, cfg.revision, cfg.hf_token, cfg.download_dir)
         model_config, device, _, _ = resolve_model(path, cfg)
         check_tensor_parallel(model_config, cfg, device)
         return cls(path, cfg, "nccl" if device.type == "cuda" else "gloo")

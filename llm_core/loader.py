@@ -23,12 +23,16 @@ from polymodal.llm_core.weights import iter_checkpoint, run_post_load_hooks
 
 
 def resolve_model_path(
-    model: str | Path, revision: str | None = None, token: str | bool | None = None
+    model: str | Path,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
 ) -> Path:
     """A local checkpoint directory as is; otherwise a hub id through huggingface_hub, at
     `revision` (a branch, tag or commit; None: main) with `token` (None: HF_TOKEN or the saved
-    login). Offline and not cached -> ModelNotFoundError naming the id (and revision); a
-    revision with a local directory -> InvalidInputError."""
+    login), in `cache_dir` (None: the hub client's default). Offline and not cached ->
+    ModelNotFoundError naming the id (and revision); a revision with a local directory ->
+    InvalidInputError."""
     path = Path(model).expanduser()
     if path.is_dir():
         if revision is not None:
@@ -45,8 +49,11 @@ def resolve_model_path(
 
         patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
         return Path(
-            snapshot_download(str(model), revision=revision, token=token, allow_patterns=patterns)
-        )
+            snapshot_download(
+                str(model), revision=revision, token=token, cache_dir=cache_dir,
+                allow_patterns=patterns,
+            )
+        )  # fmt: skip
     except Exception as exc:  # hub errors have many types: offline, 404, gated, bad id
         raise ModelNotFoundError(
             f"model {str(model)!r}{at} is not a local directory and could not be fetched from "

@@ -76,6 +76,39 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="fcfs (default): arrival order; priority: each request's priority, lower first",
     )
     parser.add_argument("--revision", help="hub revision of the model: branch, tag or commit")
+    parser.add_argument("--download-dir", help="the hub cache to download into / read from")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM's command lines: polymodal never runs a checkpoint's own code",
+    )
+    parser.add_argument("--tokenizer", help="only the model's own (vLLM's option)")
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="reuse the KV blocks of shared prefixes (default on)",
+    )
+    parser.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        help="long prompts are always split across steps (--no-enable-chunked-prefill: refused)",
+    )
+    parser.add_argument("--block-size", type=int, help="tokens a KV block holds (default 16)")
+    parser.add_argument(
+        "--limit-mm-per-prompt",
+        type=json.loads,
+        help="media items a prompt may hold: '{\"image\": 4}'",
+    )
+    parser.add_argument(
+        "--mm-processor-kwargs",
+        type=json.loads,
+        help="default media options: '{\"max_pixels\": N}'",
+    )
+    parser.add_argument(
+        "--override-generation-config",
+        type=json.loads,
+        help="sampling defaults over generation_config.json's (JSON)",
+    )
     parser.add_argument("--hf-token", help="Hugging Face token (default: HF_TOKEN or the login)")
     parser.add_argument(
         "--load-format",
@@ -109,7 +142,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         hf_token=args.hf_token,
         cuda_graphs=False if args.enforce_eager else None,
         scheduling_policy=args.scheduling_policy,
+        download_dir=args.download_dir,
+        trust_remote_code=args.trust_remote_code or None,
+        tokenizer=args.tokenizer,
+        enable_prefix_caching=args.enable_prefix_caching,
+        block_size=args.block_size,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        mm_processor_kwargs=args.mm_processor_kwargs,
+        override_generation_config=args.override_generation_config,
     )
+    if args.enable_chunked_prefill is False:
+        raise SystemExit("--no-enable-chunked-prefill: polymodal always splits long prompts")
     return {k: v for k, v in kwargs.items() if v is not None}
 
 

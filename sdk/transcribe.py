@@ -101,14 +101,14 @@ def transcript_record(transcript: Any, timestamps: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def audio_processor(model: str, revision: str | None = None, token: str | None = None) -> Any:
+def audio_processor(model: str, revision=None, token=None, cache_dir=None) -> Any:
     """The processor of `model`, built from its config and tokenizer files (no weights are
     loaded); InvalidInputError naming the model when it takes no audio. None when the config
     names no architecture (`LLM` then says what is wrong)."""
     from polymodal.llm_core.loader import resolve_model_path
     from polymodal.llm_core.registry import processor_class
 
-    path = resolve_model_path(model, revision, token)
+    path = resolve_model_path(model, revision, token, cache_dir)
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures")
     except (OSError, ValueError, AttributeError):
@@ -277,7 +277,7 @@ def transcribe_command(parser: argparse.ArgumentParser):
         paths, todo = plan_job(args.inputs, args.out, AUDIO_EXTENSIONS, "audio")
         if not todo:
             return nothing_to_do(args.out, TRANSCRIPT_FIELDS, len(paths), "transcribed")
-        processor = audio_processor(args.model, args.revision, args.hf_token)
+        processor = audio_processor(args.model, args.revision, args.hf_token, args.download_dir)
         options = {"language": args.language, "task": args.task, "prompt": args.prompt}
         speech = {
             "temperatures": fallback_temperatures(

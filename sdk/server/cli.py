@@ -108,7 +108,10 @@ def serve_command(parser: argparse.ArgumentParser):
         "engine process's GIL; a decoder crash then kills a worker, not the engine (default 0: "
         "the media workers' threads do it all)",
     )
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info")
+    parser.add_argument("--seed", type=int, help="the engine's random stream (default 0)")
+    for flag in ("--disable-log-requests", "--disable-log-stats"):  # vLLM's command lines
+        parser.add_argument(flag, action="store_true", help="accepted: polymodal logs neither")
     add_engine_arguments(parser)
 
     def run(args) -> int:
@@ -140,6 +143,7 @@ def serve_command(parser: argparse.ArgumentParser):
             generation_config=args.generation_config,
             serving=True,
             **engine_kwargs(args),
+            **({} if args.seed is None else {"seed": args.seed}),
         )
         app = create_app(
             engine,

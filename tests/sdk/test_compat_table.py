@@ -136,3 +136,38 @@ def test_vllm_media_path_spelling_is_the_media_dir():
     serve_command(parser)
     args = parser.parse_args(["some/model", "--allowed-local-media-path", "/data"])
     assert args.allowed_media_dir == "/data"
+
+
+def test_a_vllm_serve_command_line_parses_and_builds(tmp_path_factory):
+    """The options vLLM users' launch scripts carry parse, and the engine keywords they give
+    build an `LLM` that honours them (`limit_mm_per_prompt`, `mm_processor_kwargs`, the
+    generation-config override); `--no-enable-chunked-prefill` is refused."""
+    from polymodal import LLM
+    from polymodal.engine_args import engine_kwargs
+    from tests.helpers import tiny_checkpoint
+
+    ckpt = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    parser = argparse.ArgumentParser()
+    serve_command(parser)
+    argv = [ckpt, "--trust-remote-code", "--limit-mm-per-prompt", '{"image": 1}',
+            "--mm-processor-kwargs", '{"max_pixels": 3136}', "--enable-prefix-caching",
+            "--enable-chunked-prefill", "--block-size", "16", "--seed", "3",
+            "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "warning",
+            "--tokenizer", ckpt, "--override-generation-config", '{"temperature": 0.5}',
+            "--device", "cpu", "--num-kv-blocks", "64"]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert (args.seed, args.log_level) == (3, "warning")
+    kwargs = engine_kwargs(args)
+    llm = LLM(ckpt, **kwargs, seed=args.seed)
+    assert llm.get_default_sampling_params().temperature == 0.5
+    assert llm.engine.config.block_size == 16 and llm.engine.config.enable_prefix_caching
+    from PIL import Image
+
+    img = Image.new("RGB", (112, 112))
+    mark = "<|vision_start|><|image_pad|><|vision_end|>"
+    small = llm.process({"prompt": mark + "hi", "images": [img]}, stage=False)
+    assert len(small.token_ids) < 10  # max_pixels 3136: one 56x56 image, 4 tokens
+    with pytest.raises(InvalidInputError, match="limit_mm_per_prompt"):
+        llm.process({"prompt": mark * 2, "images": [img, img]}, stage=False)
+    with pytest.raises(SystemExit, match="always splits long prompts"):
+        engine_kwargs(parser.parse_args([ckpt, "--no-enable-chunked-prefill"]))

@@ -60,16 +60,20 @@ def test_token_and_revision_reach_the_hub_client(monkeypatch, tmp_path):
 
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
-    kwargs = engine_kwargs(parser.parse_args(["--revision", "v2", "--hf-token", "hf_x"]))
+    argv = ["--revision", "v2", "--hf-token", "hf_x", "--download-dir", "/hub"]
+    kwargs = engine_kwargs(parser.parse_args(argv))
     assert kwargs["revision"] == "v2" and kwargs["hf_token"] == "hf_x"
     assert "cuda_graphs" not in kwargs
     assert engine_kwargs(parser.parse_args(["--enforce-eager"]))["cuda_graphs"] is False
     seen = {}
 
-    def fake(repo_id, revision=None, token=None, allow_patterns=None):
-        seen.update(repo_id=repo_id, revision=revision, token=token)
+    def fake(repo_id, revision=None, token=None, cache_dir=None, allow_patterns=None):
+        seen.update(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir)
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    assert loader.resolve_model_path(REPO, kwargs["revision"], kwargs["hf_token"]) == Path(tmp_path)
-    assert seen == {"repo_id": REPO, "revision": "v2", "token": "hf_x"}
+    path = loader.resolve_model_path(
+        REPO, kwargs["revision"], kwargs["hf_token"], kwargs["download_dir"]
+    )
+    assert path == Path(tmp_path)
+    assert seen == {"repo_id": REPO, "revision": "v2", "token": "hf_x", "cache_dir": "/hub"}
