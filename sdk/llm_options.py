@@ -8,6 +8,7 @@ passes is silently dropped.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.llm_core.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
+
+logger = logging.getLogger("polymodal")
 
 ENGINE_KEYWORDS = {f.name for f in fields(EngineConfig)}
 # vLLM keywords polymodal accepts only at vLLM's default value (anything else needs a feature
@@ -26,12 +29,19 @@ VLLM_DEFAULT_ONLY = {
     "speculative_config": None,
     "cpu_offload_gb": 0,
 }
+# vLLM keywords polymodal takes with nothing to do (what it does instead), logged when given.
+VLLM_NO_EFFECT = {
+    "swap_space": "preempted requests are recomputed, never swapped to the CPU (as vLLM v1)",
+    "max_seq_len_to_capture": "CUDA graphs serve every context length",
+    "disable_custom_all_reduce": "tensor parallelism uses NCCL's all-reduce",
+    "disable_log_stats": "polymodal logs no periodic stats",
+}
 # vLLM keywords with a polymodal effect under another name.
 VLLM_DTYPES = {"half": "float16", "float": "float32"}
 # vLLM keywords handled one by one below: enforce_eager (-> cuda_graphs), tokenizer (only the
 # model's own), trust_remote_code (accepted: polymodal never runs code shipped with a
-# checkpoint, so there is nothing to trust or refuse).
-VLLM_KEYWORDS = ("enforce_eager", "tokenizer", "trust_remote_code")
+# checkpoint, so there is nothing to trust or refuse), enable_chunked_prefill (always on).
+VLLM_KEYWORDS = ("enforce_eager", "tokenizer", "trust_remote_code", "enable_chunked_prefill")
 
 
 def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +59,14 @@ def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
                     f"LLM(tokenizer={value!r}): a tokenizer other than the model's is not "
                     "supported; the checkpoint's own tokenizer is used"
                 )
+        elif key in VLLM_NO_EFFECT:
+            logger.info("LLM(%s=%r) has no effect: %s", key, value, VLLM_NO_EFFECT[key])
+        elif key == "enable_chunked_prefill":
+            if value is False:
+                raise InvalidInputError(
+                    "LLM(enable_chunked_prefill=False) is not supported: polymodal always splits "
+                    "long prompts across steps"
+                )
         elif key in VLLM_DEFAULT_ONLY:
             if value != VLLM_DEFAULT_ONLY[key]:
                 raise InvalidInputError(
@@ -58,7 +76,8 @@ def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         elif key != "trust_remote_code":
             unknown.append(key)
     if unknown:
-        known = sorted(ENGINE_KEYWORDS | set(VLLM_DEFAULT_ONLY) | set(VLLM_KEYWORDS))
+        known = sorted(ENGINE_KEYWORDS | set(VLLM_DEFAULT_ONLY) | set(VLLM_KEYWORDS)
+                       | set(VLLM_NO_EFFECT))  # fmt: skip
         raise InvalidInputError(
             f"LLM() got unknown keyword(s) {', '.join(map(repr, unknown))}; "
             f"engine keywords are {', '.join(known)}"

@@ -193,3 +193,20 @@ def test_cache_salt_keeps_prefix_hits_within_a_salt(ckpt):
     assert hit(cache_salt="tenant-b")[0] == 0
     with pytest.raises(InvalidInputError, match="cache_salt must be a non-empty string"):
         llm.generate({"prompt": text, "cache_salt": ""}, GREEDY, use_tqdm=False)
+
+
+def test_vllm_keywords_without_an_effect_are_taken_and_logged(ckpt, caplog):
+    """`swap_space`, `max_seq_len_to_capture`, `disable_custom_all_reduce`, `disable_log_stats`:
+    taken (vLLM v1 scripts pass them), each logged with what polymodal does instead;
+    `enable_chunked_prefill=False` is refused."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="polymodal"):
+        llm = LLM(ckpt, dtype="float32", device="cpu", num_kv_blocks=32, swap_space=16,
+                  max_seq_len_to_capture=8192, disable_custom_all_reduce=True,
+                  disable_log_stats=True, enable_chunked_prefill=True)  # fmt: skip
+    assert "swap_space=16) has no effect: preempted requests are recomputed" in caplog.text
+    assert "max_seq_len_to_capture" in caplog.text and "disable_log_stats" in caplog.text
+    assert run(llm, "Hello")[1]
+    with pytest.raises(InvalidInputError, match="enable_chunked_prefill=False"):
+        LLM(ckpt, device="cpu", enable_chunked_prefill=False)
