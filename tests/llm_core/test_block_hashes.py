@@ -1,7 +1,8 @@
 """Prefix-cache block hashes are computed per block and per item (a 38k-token video prompt:
 2.4k blocks), not per token: the chain must stay exactly the per-token definition's, whatever
-the media layout (slots, empty spans, cross-attention items), the LoRA root, and however the
-tokens arrive (prompt, then generated tokens, hashed a few blocks at a time)."""
+the media layout (slots, empty spans, cross-attention items), the root (the LoRA adapter and the
+`cache_salt`), and however the tokens arrive (prompt, then generated tokens, hashed a few blocks
+at a time)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class _Lora:
 def _reference_hashes(req: Request, bs: int) -> list[int]:
     """The definition, one token and one item at a time."""
     hashes = []
-    root = req.lora_request.cache_key if req.lora_request is not None else None
+    root = (req.lora_request.cache_key if req.lora_request is not None else None, req.cache_salt)
     for i in range(req.num_known_tokens // bs):
         lo, hi = i * bs, (i + 1) * bs
         tokens = tuple(req.token_id(j) for j in range(lo, hi))
@@ -64,6 +65,7 @@ def _random_request(rng: random.Random, bs: int) -> Request:
         mm_items=items,
     )
     req.lora_request = _Lora("adapter") if rng.random() < 0.3 else None
+    req.cache_salt = rng.choice([None, None, "tenant-a"])
     return req
 
 
@@ -90,3 +92,11 @@ def test_media_at_a_block_edge_belongs_to_the_blocks_it_overlaps():
     hashes, base = kv._update_hashes(req), kv._update_hashes(plain)
     assert hashes[0] == base[0] and hashes[1] != base[1]
     assert hashes == _reference_hashes(req, 16)
+
+
+def test_a_salt_changes_every_block_hash():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    plain, salted, other = (Request(r, list(range(12)), SamplingParams()) for r in "abc")
+    salted.cache_salt, other.cache_salt = "tenant-a", "tenant-b"
+    chains = [kv._update_hashes(r) for r in (plain, salted, other)]
+    assert all(len(set(block)) == 3 for block in zip(*chains))
