@@ -4,7 +4,7 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/audio/tra
 and `/v1/audio/translations` (speech models), `GET /v1/models`,
 `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, vLLM's pooling routes
 (`pooling_routes.py`: for pooling models; a 400 for the others, and generation routes answer
-a pooling model with a 400), `GET /health`, `GET /metrics`. Every error, 404s included, is
+a pooling model with a 400), `GET /health` (`/ping`), `/version`, `/metrics`. Every error is
 OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. A client that disconnects
 (streaming or not) has its requests aborted and their KV blocks freed.
 """
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from polymodal import __version__
 from polymodal.async_engine import AsyncEngine
 from polymodal.beam_search import BeamSearchParams
 from polymodal.llm_core.errors import InvalidInputError
@@ -70,7 +71,7 @@ def create_app(
     `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py).
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name)
-    app = FastAPI(title="polymodal", version="0.1.0")
+    app = FastAPI(title="polymodal", version=__version__)
     if allowed_origins:
         # pure ASGI (unlike BaseHTTPMiddleware): client disconnects still reach the handlers
         app.add_middleware(
@@ -95,8 +96,7 @@ def create_app(
     app.state.engine, app.state.metrics = engine, metrics
 
     async def check_api_key(request: Request) -> None:
-        # A dependency, not an HTTP middleware: BaseHTTPMiddleware wraps `receive` and would
-        # hide client disconnects from the handlers.
+        # a dependency: BaseHTTPMiddleware would hide client disconnects from the handlers
         if api_key:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -194,6 +194,12 @@ def create_app(
             "free_kv_blocks": s.num_free_blocks,
             "total_kv_blocks": s.num_total_blocks,
         }
+
+    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's check)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -354,3 +354,15 @@ def test_priority_needs_the_priority_policy(server):
     assert "scheduling_policy='priority'" in err.value.body["message"]
     ok = c.completions.create(model="m", prompt="Once", max_tokens=2, extra_body={"priority": 0})
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_ping_and_version(server):
+    """vLLM's `/ping` (GET and POST: SageMaker's health check) answers as `/health`;
+    `/version` gives the package's."""
+    import polymodal
+
+    health = httpx.get(f"{server}/health", timeout=10).json()
+    for method in ("GET", "POST"):
+        ping = httpx.request(method, f"{server}/ping", timeout=10)
+        assert ping.status_code == 200 and ping.json()["status"] == health["status"] == "ok"
+    assert httpx.get(f"{server}/version", timeout=10).json() == {"version": polymodal.__version__}
