@@ -3,6 +3,7 @@
 polymodal demo-model DIR [--arch qwen2_vl]     write a tiny random checkpoint (offline)
 polymodal generate MODEL --text ... [--image PATH ...] [--video PATH]
 polymodal serve MODEL                         OpenAI-compatible server   (extra: serve)
+polymodal run-batch -i IN -o OUT --model M    an OpenAI batch file, offline (extra: serve)
 polymodal demo MODEL                          Gradio app                 (extra: demo)
 polymodal caption INPUTS --model M --out F    resumable batch captioning (.parquet: batch)
 polymodal transcribe INPUTS --model M --out F resumable batch transcription (.parquet: batch)
@@ -23,6 +24,7 @@ COMMANDS = {
     "demo-model": "polymodal.cli_basic:demo_model_command",
     "generate": "polymodal.cli_basic:generate_command",
     "serve": "polymodal.server.cli:serve_command",
+    "run-batch": "polymodal.server.run_batch:run_batch_command",
     "demo": "polymodal.demo_app:demo_command",
     "caption": "polymodal.caption:caption_command",
     "transcribe": "polymodal.transcribe:transcribe_command",
@@ -32,6 +34,7 @@ COMMANDS = {
 # subcommand -> (the extra that installs what it needs, the modules it imports)
 EXTRAS = {
     "serve": ("serve", ("fastapi", "uvicorn", "prometheus_client")),
+    "run-batch": ("serve", ("fastapi", "httpx", "prometheus_client")),
     "demo": ("demo", ("gradio",)),
 }
 

@@ -40,7 +40,8 @@ def polymodal(*argv, hidden=ALL_EXTRAS) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
 
 
-COMMANDS = ["demo-model", "generate", "serve", "demo", "caption", "transcribe", "bench"]
+COMMANDS = ["demo-model", "generate", "serve", "run-batch", "demo", "caption", "transcribe",
+            "bench"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -51,10 +52,12 @@ def test_every_command_has_help_without_extras(command):
 
 
 @pytest.mark.parametrize(
-    "command, extra, module", [("serve", "serve", "fastapi"), ("demo", "demo", "gradio")]
+    "command, extra, module",
+    [("serve", "serve", "fastapi"), ("run-batch", "serve", "fastapi"), ("demo", "demo", "gradio")],
 )
 def test_a_missing_extra_is_one_line_naming_the_install(tmp_path, command, extra, module):
-    run = polymodal(command, tmp_path)
+    files = ["-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--model"]
+    run = polymodal(command, *(files if command == "run-batch" else ()), tmp_path)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
