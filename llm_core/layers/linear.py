@@ -193,8 +193,10 @@ class Linear(nn.Module):
 
     def _input(self, x):
         """`x` as the method takes it: a Gemma (unit-offset) `DeferredNorm` only the 16-bit
-        GEMV folds; the other methods get it normalized."""
-        return x if self.uses_gemv(x) else plain(x)
+        GEMV folds; the other methods get it normalized (one isinstance for anything else)."""
+        if isinstance(x, DeferredNorm) and x.unit_offset and not self.uses_gemv(x):
+            return plain(x)
+        return x
 
     def fused(self, x, residual: torch.Tensor | None = None, silu_mul: bool = False,
               post_norm: nn.Module | None = None, gelu_tanh: bool = False):  # fmt: skip
