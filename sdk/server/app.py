@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app over one `AsyncEngine`.
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/audio/transcriptions`
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses`
+(`responses_api.py`), `POST /v1/audio/transcriptions`
 and `/v1/audio/translations` (speech models), `GET /v1/models`,
 `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, vLLM's pooling routes
 (`pooling_routes.py`: for pooling models; a 400 for the others, and generation routes answer
@@ -39,8 +40,9 @@ from polymodal.server.requests import (
     TokenizeRequest,
 )
 from polymodal.server.responses import ResponseBuilder, Shape
+from polymodal.server.responses_api import add_responses_route
 from polymodal.server.serving import CORSMiddleware, error_response, run_beam_search, run_job
-from polymodal.server.tools import TOOL_PARSERS, choice_constraint
+from polymodal.server.tools import TOOL_PARSERS, tool_params
 
 
 class _AuthError(Exception):
@@ -235,7 +237,7 @@ def create_app(
         shape = Shape("chat", top_n, params.n)
         shape.take_extras(body, reasoning_parser)
         if body.tools:
-            params = _tool_params(body, params, shape, parser)
+            params = tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
             raise RequestError("tool_choice needs tools", "tool_choice")
         if params.structured_outputs is not None:  # a grammar leaves no room to think
@@ -344,39 +346,12 @@ def create_app(
 
     add_pooling_routes(auth, engine, names[0], check_model, metrics)
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
+    chat_prompt = lambda m: {"messages": engine_messages(m, policy, takes_audio),  # noqa: E731
+                             "chat_template": chat_template}  # fmt: skip
+    add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults)
     app.include_router(v1)
     app.include_router(auth)
     return app
-
-
-def _tool_params(body: ChatCompletionRequest, params, shape: Shape, parser):
-    """Set up tool calling: a constraint for a named / required tool_choice, the parser for
-    "auto" (the default with tools, as in vLLM)."""
-    choice = body.tool_choice or "auto"
-    if choice == "none":
-        return params
-    if choice == "auto":
-        if parser is None:
-            raise RequestError(
-                '"auto" tool choice needs a tool-call parser: start the server with '
-                "--enable-auto-tool-choice --tool-call-parser {hermes,llama3_json,mistral}, "
-                'or send tool_choice "required", "none" or a named function',
-                "tool_choice",
-            )
-        shape.tool_mode, shape.parser, shape.parallel = "auto", parser, body.parallel_tool_calls
-        if parser.name == "mistral" and "skip_special_tokens" not in params.model_fields_set:
-            # [TOOL_CALLS] is a special token: keep it in the text the parser reads
-            return params.model_copy(update={"skip_special_tokens": False})
-        return params
-    if params.structured_outputs is not None:
-        raise RequestError(
-            "tool_choice required or a named function cannot be combined with another "
-            "structured output constraint", "tool_choice",
-        )  # fmt: skip
-    constraint = choice_constraint(body.tools, choice, body.parallel_tool_calls)
-    shape.tool_mode = "required" if choice == "required" else "named"
-    shape.tool_name = None if choice == "required" else choice.function.name
-    return params.model_copy(update={"structured_outputs": constraint})
 
 
 def _most_specific(errors: list[dict]) -> dict:

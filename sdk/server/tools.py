@@ -1,5 +1,6 @@
 """Tool calling: `tool_choice` -> a structured-output constraint (named, required) and the
-model's own tool-call text -> OpenAI `tool_calls` (auto), whole or streamed.
+model's own tool-call text -> OpenAI `tool_calls` (auto), whole or streamed; `tool_params`
+sets a chat request up for either.
 
 Parsers (vLLM's `--tool-call-parser` names):
 
@@ -202,3 +203,34 @@ def _partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:length]):
             return length
     return 0
+
+
+def tool_params(body, params, shape, parser):
+    """A chat request's (`body`) sampling `params` with its tool calling set up on its response
+    `shape` (`responses.Shape`): a constraint for a named / required tool_choice, the `parser`
+    for "auto" (the default with tools, as in vLLM)."""
+    choice = body.tool_choice or "auto"
+    if choice == "none":
+        return params
+    if choice == "auto":
+        if parser is None:
+            raise RequestError(
+                '"auto" tool choice needs a tool-call parser: start the server with '
+                "--enable-auto-tool-choice --tool-call-parser {hermes,llama3_json,mistral}, "
+                'or send tool_choice "required", "none" or a named function',
+                "tool_choice",
+            )
+        shape.tool_mode, shape.parser, shape.parallel = "auto", parser, body.parallel_tool_calls
+        if parser.name == "mistral" and "skip_special_tokens" not in params.model_fields_set:
+            # [TOOL_CALLS] is a special token: keep it in the text the parser reads
+            return params.model_copy(update={"skip_special_tokens": False})
+        return params
+    if params.structured_outputs is not None:
+        raise RequestError(
+            "tool_choice required or a named function cannot be combined with another "
+            "structured output constraint", "tool_choice",
+        )  # fmt: skip
+    constraint = choice_constraint(body.tools, choice, body.parallel_tool_calls)
+    shape.tool_mode = "required" if choice == "required" else "named"
+    shape.tool_name = None if choice == "required" else choice.function.name
+    return params.model_copy(update={"structured_outputs": constraint})
