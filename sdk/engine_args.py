@@ -8,6 +8,27 @@ from __future__ import annotations
 import argparse
 import json
 
+# options whose value is JSON (vLLM's spellings), and on / off switches
+JSON_OPTIONS = {
+    "--limit-mm-per-prompt": "media items a prompt may hold: '{\"image\": 4}'",
+    "--mm-processor-kwargs": "default media options: '{\"max_pixels\": N}'",
+    "--override-generation-config": "sampling defaults over generation_config.json's (JSON)",
+}
+SWITCHES = {
+    "--trust-remote-code": "accepted for vLLM's command lines: polymodal runs no checkpoint code",
+    "--enable-prefix-caching": "reuse the KV blocks of shared prefixes (default on)",
+    "--enable-chunked-prefill": "long prompts are always split across steps (--no-: refused)",
+}
+# options passed to `LLM` as they are parsed (None: not given, the engine's default)
+PASSED = (
+    "device", "dtype", "max_model_len", "num_kv_blocks", "max_num_seqs",
+    "max_num_batched_tokens", "gpu_memory_utilization", "quantization", "kv_cache_dtype",
+    "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size", "runner",
+    "hf_overrides", "revision", "hf_token", "scheduling_policy", "download_dir", "tokenizer",
+    "enable_prefix_caching", "block_size", "limit_mm_per_prompt", "mm_processor_kwargs",
+    "override_generation_config",
+)  # fmt: skip
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the engine options (names as vLLM's where vLLM has the same knob)."""
@@ -77,38 +98,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", help="hub revision of the model: branch, tag or commit")
     parser.add_argument("--download-dir", help="the hub cache to download into / read from")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="accepted for vLLM's command lines: polymodal never runs a checkpoint's own code",
-    )
     parser.add_argument("--tokenizer", help="only the model's own (vLLM's option)")
-    parser.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        help="reuse the KV blocks of shared prefixes (default on)",
-    )
-    parser.add_argument(
-        "--enable-chunked-prefill",
-        action=argparse.BooleanOptionalAction,
-        help="long prompts are always split across steps (--no-enable-chunked-prefill: refused)",
-    )
     parser.add_argument("--block-size", type=int, help="tokens a KV block holds (default 16)")
-    parser.add_argument(
-        "--limit-mm-per-prompt",
-        type=json.loads,
-        help="media items a prompt may hold: '{\"image\": 4}'",
-    )
-    parser.add_argument(
-        "--mm-processor-kwargs",
-        type=json.loads,
-        help="default media options: '{\"max_pixels\": N}'",
-    )
-    parser.add_argument(
-        "--override-generation-config",
-        type=json.loads,
-        help="sampling defaults over generation_config.json's (JSON)",
-    )
+    for flag, text in JSON_OPTIONS.items():
+        parser.add_argument(flag, type=json.loads, help=text)
+    for flag, text in SWITCHES.items():
+        action = "store_true" if flag == "--trust-remote-code" else argparse.BooleanOptionalAction
+        parser.add_argument(flag, action=action, help=text)
     parser.add_argument("--hf-token", help="Hugging Face token (default: HF_TOKEN or the login)")
     parser.add_argument(
         "--load-format",
@@ -119,37 +115,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """EngineConfig keywords from the parsed engine options."""
-    kwargs = dict(
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        num_kv_blocks=args.num_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
+    """`LLM` keywords (EngineConfig's and vLLM's) from the parsed engine options."""
+    kwargs = {name: getattr(args, name) for name in PASSED}
+    kwargs.update(
         dummy_weights=args.load_format == "dummy" or None,
-        quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
         enable_lora=bool(args.enable_lora or args.lora_modules) or None,
-        max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank,
-        max_cpu_loras=args.max_cpu_loras,
-        tensor_parallel_size=args.tensor_parallel_size,
-        runner=args.runner,
-        hf_overrides=args.hf_overrides,
-        revision=args.revision,
-        hf_token=args.hf_token,
         cuda_graphs=False if args.enforce_eager else None,
-        scheduling_policy=args.scheduling_policy,
-        download_dir=args.download_dir,
         trust_remote_code=args.trust_remote_code or None,
-        tokenizer=args.tokenizer,
-        enable_prefix_caching=args.enable_prefix_caching,
-        block_size=args.block_size,
-        limit_mm_per_prompt=args.limit_mm_per_prompt,
-        mm_processor_kwargs=args.mm_processor_kwargs,
-        override_generation_config=args.override_generation_config,
     )
     if args.enable_chunked_prefill is False:
         raise SystemExit("--no-enable-chunked-prefill: polymodal always splits long prompts")

@@ -32,6 +32,14 @@ def png_data_url(width: int = 48, height: int = 40, color=(200, 30, 60)) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def tiny_server(tmp_path_factory, *args: str, arch: str = "qwen2_vl"):
+    """`running_server` of the tiny `arch` checkpoint, its log in a fresh folder."""
+    from tests.helpers import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path_factory, arch)
+    return running_server(ckpt, tmp_path_factory.mktemp("log"), *args)
+
+
 @contextlib.contextmanager
 def running_server(ckpt, log_dir, *args: str):
     """Base URL of `polymodal serve ckpt --served-model-name m --api-key ... *args`."""

@@ -111,12 +111,10 @@ def test_a_real_server_splits_free_replies_and_not_constrained_ones(tmp_path_fac
     no `</think>`, so it is all reasoning (content null); a reply under response_format is all
     answer (the grammar left no room to think)."""
     openai = pytest.importorskip("openai")
-    from tests.helpers import tiny_checkpoint
-    from tests.sdk.server_process import openai_client, running_server
+    from tests.sdk.server_process import openai_client, tiny_server
 
-    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
     args = ("--num-kv-blocks", "128", "--reasoning-parser", "deepseek_r1")
-    with running_server(ckpt, tmp_path_factory.mktemp("log"), *args) as url:
+    with tiny_server(tmp_path_factory, *args) as url:
         c = openai_client(url)
         user = [{"role": "user", "content": "Think, then answer."}]
         free = c.chat.completions.create(model="m", messages=user, max_tokens=8, temperature=0)

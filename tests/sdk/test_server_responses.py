@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import tiny_checkpoint
-from tests.sdk.server_process import openai_client, png_data_url, running_server
+from tests.sdk.server_process import openai_client, png_data_url, tiny_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -17,8 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
-    with running_server(ckpt, tmp_path_factory.mktemp("log"), "--num-kv-blocks", "128") as url:
+    with tiny_server(tmp_path_factory, "--num-kv-blocks", "128") as url:
         yield url
 
 

@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-from tests.helpers import tiny_checkpoint
-from tests.sdk.server_process import openai_client, post, running_server
+from tests.sdk.server_process import openai_client, post, tiny_server
 from tests.sdk.test_structured_output import SCHEMA, satisfies
 
 openai = pytest.importorskip("openai")
@@ -21,8 +20,7 @@ USER = [{"role": "user", "content": "Describe a cat as JSON."}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = tiny_checkpoint(tmp_path_factory, "qwen2_vl")
-    with running_server(ckpt, tmp_path_factory.mktemp("log"), "--num-kv-blocks", "256") as url:
+    with tiny_server(tmp_path_factory, "--num-kv-blocks", "256") as url:
         yield url
 
 
