@@ -41,7 +41,13 @@ from polymodal.server.requests import (
 )
 from polymodal.server.responses import ResponseBuilder, Shape
 from polymodal.server.responses_api import add_responses_route
-from polymodal.server.serving import CORSMiddleware, error_response, run_beam_search, run_job
+from polymodal.server.serving import (
+    CORSMiddleware,
+    RequestIdHeaders,
+    error_response,
+    run_beam_search,
+    run_job,
+)
 from polymodal.server.tools import TOOL_PARSERS, tool_params
 
 
@@ -62,6 +68,7 @@ def create_app(
     tool_call_parser: str | None = None,
     lora_modules: dict[str, Any] | None = None,
     reasoning_parser: str | None = None,
+    request_id_headers: bool = False,
 ) -> FastAPI:
     """Build the app; the caller owns `engine` (and closes it after the server stops).
 
@@ -70,7 +77,8 @@ def create_app(
     (vLLM's `--lora-modules`; they are listed in `/v1/models` with the base model as parent).
     `allowed_origins` turns CORS on; `chat_template` replaces the checkpoint's;
     `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`;
-    `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py).
+    `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py);
+    `request_id_headers` adds `X-Request-Id` to every response.
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     app = FastAPI(title="polymodal", version=__version__)
@@ -80,6 +88,8 @@ def create_app(
             CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
             allow_headers=["*"], allow_credentials="*" not in allowed_origins,
         )  # fmt: skip
+    if request_id_headers:
+        app.add_middleware(RequestIdHeaders)
     metrics = ServerMetrics(engine)
     policy = MediaPolicy(Path(allowed_media_dir) if allowed_media_dir else None, allow_http)
     if allow_http:
@@ -235,7 +245,7 @@ def create_app(
         params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         shape = Shape("chat", top_n, params.n)
-        shape.take_extras(body, reasoning_parser)
+        shape.take_extras(body, reasoning_parser, request.headers.get("x-request-id"))
         if body.tools:
             params = tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
@@ -280,7 +290,7 @@ def create_app(
                 for p in prompts
             ]
         shape = Shape("completion", body.logprobs, body.n or 1)
-        shape.take_extras(body)
+        shape.take_extras(body, None, request.headers.get("x-request-id"))
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0

@@ -110,6 +110,11 @@ def serve_command(parser: argparse.ArgumentParser):
     )
     parser.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info")
     parser.add_argument("--seed", type=int, help="the engine's random stream (default 0)")
+    parser.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="X-Request-Id on every response: the request's own header, or a fresh id",
+    )
     for flag in ("--disable-log-requests", "--disable-log-stats"):  # vLLM's command lines
         parser.add_argument(flag, action="store_true", help="accepted: polymodal logs neither")
     add_engine_arguments(parser)
@@ -157,6 +162,7 @@ def serve_command(parser: argparse.ArgumentParser):
             tool_call_parser=args.tool_call_parser,
             lora_modules=adapters,
             reasoning_parser=args.reasoning_parser,
+            request_id_headers=args.enable_request_id_headers,
         )
         try:
             serve_app(app, args.host, args.port, args.log_level)

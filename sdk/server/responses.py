@@ -80,13 +80,14 @@ class Shape:
     request_id: str | None = None  # the caller's id: the response id is built from it
     reasoning: Reasoning | None = None  # chat with --reasoning-parser: thinking apart
 
-    def take_extras(self, body, reasoning_parser: str | None = None) -> None:
+    def take_extras(self, body, reasoning_parser: str | None = None, header_id=None) -> None:
         """vLLM's per-request output extras of `body`: prompt logprobs, token ids, logprobs'
-        tokens as ids, the caller's request id; a chat's reasoning split."""
+        tokens as ids, the caller's request id (the body's, else its `X-Request-Id` header:
+        `header_id`); a chat's reasoning split."""
         self.prompt_logprobs = body.prompt_logprobs
         self.token_ids = bool(body.return_token_ids)
         self.ids_as_tokens = bool(body.return_tokens_as_token_ids)
-        self.request_id = body.request_id
+        self.request_id = body.request_id or header_id
         if reasoning_parser is not None:
             self.reasoning = Reasoning.for_request(
                 reasoning_parser, body.chat_template_kwargs, body.include_reasoning

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from typing import Any
 
 from fastapi import Request
@@ -46,6 +47,27 @@ class CORSMiddleware(StarletteCORS):
             if name in response.headers:
                 refused.headers[name] = response.headers[name]
         return refused
+
+
+class RequestIdHeaders:
+    """vLLM's `--enable-request-id-headers`: every response carries `X-Request-Id`, the
+    request's own (its header) or a fresh one (pure ASGI: disconnects still reach handlers)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id")
+        value = given or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", value)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def client_error(

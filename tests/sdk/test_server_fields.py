@@ -32,7 +32,8 @@ def server(tmp_path_factory):
     shutil.copytree(tiny_checkpoint(tmp_path_factory, "qwen2_vl"), ckpt)
     gen = json.loads((ckpt / "generation_config.json").read_text())
     (ckpt / "generation_config.json").write_text(json.dumps({**gen, "top_k": 1}))
-    args = ["--num-kv-blocks", "256", "--allowed-origins", '["https://app.example"]']
+    args = ["--num-kv-blocks", "256", "--allowed-origins", '["https://app.example"]',
+            "--enable-request-id-headers"]  # fmt: skip
     with running_server(ckpt, tmp_path_factory.mktemp("log"), *args) as url:
         yield url
 
@@ -366,3 +367,14 @@ def test_ping_and_version(server):
         ping = httpx.request(method, f"{server}/ping", timeout=10)
         assert ping.status_code == 200 and ping.json()["status"] == health["status"] == "ok"
     assert httpx.get(f"{server}/version", timeout=10).json() == {"version": polymodal.__version__}
+
+
+def test_request_id_headers(server):
+    """`--enable-request-id-headers`: a response carries the request's `X-Request-Id` (and the
+    completion's id is built from it, as vLLM's), or a fresh one."""
+    body = {"model": "m", "prompt": "Once", "max_tokens": 2}
+    given = post(server, "/v1/completions", body, headers={"X-Request-Id": "trace-7"})
+    assert given.headers["x-request-id"] == "trace-7" and given.json()["id"] == "cmpl-trace-7"
+    fresh = post(server, "/v1/completions", body)
+    assert len(fresh.headers["x-request-id"]) == 32
+    assert httpx.get(f"{server}/health", timeout=10).headers["x-request-id"]
