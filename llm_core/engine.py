@@ -33,7 +33,7 @@ from polymodal.llm_core.request_checks import (
 )
 from polymodal.llm_core.request_group import RequestGroup
 from polymodal.llm_core.sampling_params import SamplingParams
-from polymodal.llm_core.structured_output import GrammarCompiler
+from polymodal.llm_core.structured_output import Grammars
 
 
 class Engine:
@@ -66,7 +66,8 @@ class Engine:
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
         self._pool_flight: PoolingFlight | None = None  # same, of a pooling step
-        self._grammar_compiler = None  # built on first use (structured output)
+        mc = self.model_config
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
         # pooling prompts queued but not yet requests: each step builds what it may admit
         self._pooling = PoolingQueue(self.max_model_len)
         overlap = self.config.async_scheduling
@@ -269,15 +270,7 @@ class Engine:
     def compile_grammar(self, params: SamplingParams) -> Any:
         """`params.structured_outputs` compiled for this model's tokenizer (thread-safe; None
         without structured output). Raises `InvalidInputError` for a bad schema or regex."""
-        if params.structured_outputs is None:
-            return None
-        if self.tokenizer is None:
-            raise InvalidInputError("structured_outputs need a tokenizer")
-        if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(
-                self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
-            )
-        return self._grammar_compiler.compile(params.structured_outputs)
+        return self.grammars.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown or finished ids are ignored)."""

@@ -77,6 +77,26 @@ class GrammarCompiler:
         return c.compile_grammar(spec.grammar)
 
 
+class Grammars:
+    """A model's grammars for requests' `structured_outputs`: its `GrammarCompiler` is built
+    on the first request that has one (xgrammar's tokenizer tables take a while)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+        self._args = (tokenizer, vocab_size, stop_token_ids)
+        self._compiler: GrammarCompiler | None = None
+
+    def compile(self, spec: StructuredOutputsParams | None) -> Any:
+        """`spec` compiled (None without one); `InvalidInputError` for a bad one, or when the
+        model has no tokenizer (`skip_tokenizer_init`)."""
+        if spec is None:
+            return None
+        if self._args[0] is None:
+            raise InvalidInputError("structured_outputs need a tokenizer")
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(*self._args)
+        return self._compiler.compile(spec)
+
+
 def _reason(exc: Exception) -> str:
     """xgrammar's message without its log prefix ("[time] file.cc:line: Check failed: ...")."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

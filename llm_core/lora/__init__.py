@@ -3,7 +3,8 @@
 `adapter.py` (LoRARequest, the PEFT loader), `manager.py` (slots and who holds them),
 `layer.py` (the `LinearMethod` wrapper, the dense layers' folded storage and the step's
 token -> slot mapping), `ops.py` (the torch reference), `triton_lora.py` (segmented shrink /
-expand kernels) and `triton_fold.py` (the expand of a shrink folded into the base GEMM).
+expand kernels), `triton_fold.py` (the expand of a shrink folded into the base GEMM) and
+`engine_setup.py` (the manager an engine builds).
 """
 
 from polymodal.llm_core.lora.adapter import LoRAAdapter, LoRARequest, load_adapter
