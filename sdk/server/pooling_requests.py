@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
 from polymodal.server.errors import RequestError
+from polymodal.server.requests import StrictBody
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class _Truncated(_Strict):
+class _Truncated(StrictBody):
     """vLLM's `truncate_prompt_tokens`: a longer prompt keeps k tokens (-1: max_model_len)."""
 
     truncate_prompt_tokens: int | None = None

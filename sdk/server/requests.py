@@ -19,38 +19,41 @@ from polymodal.server.errors import RequestError
 from polymodal.server.structured_fields import StructuredFields
 
 
-class _Strict(BaseModel):
+class StrictBody(BaseModel):
+    """A request body (or part of one) that refuses fields it does not define: every request
+    model of the server derives from it."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictBody):
     """`stream_options`: `include_usage` adds a last chunk with token counts."""
 
     include_usage: bool = False
 
 
-class ImageURL(_Strict):
+class ImageURL(StrictBody):
     """`{"url": ..., "detail": ...}`; detail "low" caps the image at 512x512 pixels."""
 
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class AudioURL(_Strict):
+class AudioURL(StrictBody):
     """vLLM's `audio_url`: `{"url": ...}` (a data: URL, a path under --allowed-media-dir, or
     http(s) with --allow-http)."""
 
     url: str
 
 
-class InputAudio(_Strict):
+class InputAudio(StrictBody):
     """OpenAI's `input_audio`: base64 `data` and its `format` ("wav", "mp3", ...)."""
 
     data: str
     format: str
 
 
-class ContentPart(_Strict):
+class ContentPart(StrictBody):
     """One part of a message: text, an image URL, a video URL (+ qwen-vl-utils' per-item
     `min_pixels` / `max_pixels` / `fps` / `num_frames`), or audio (`input_audio`,
     `audio_url`)."""
@@ -67,14 +70,14 @@ class ContentPart(_Strict):
     num_frames: int | None = None
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictBody):
     """A function call: its name and JSON-encoded arguments."""
 
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictBody):
     """A tool call of an assistant message."""
 
     id: str
@@ -82,7 +85,7 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictBody):
     """A chat message; `content` is a string or a list of parts."""
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
@@ -92,7 +95,7 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(StrictBody):
     """A function the model may call: name, description, JSON-schema parameters."""
 
     name: str
@@ -101,25 +104,25 @@ class FunctionDefinition(_Strict):
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictBody):
     """`{"type": "function", "function": {...}}`."""
 
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictBody):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictBody):
     """`tool_choice` naming one function: the output is a call of it."""
 
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictBody):
     """`response_format.json_schema`."""
 
     name: str
@@ -128,7 +131,7 @@ class JsonSchemaFormat(_Strict):
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictBody):
     """`{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -157,7 +160,7 @@ def build_sampling_params(fields: dict[str, Any], renames: dict[str, str]) -> Sa
         raise RequestError(_SAMPLING_FIELD.sub(name, str(exc), count=1), name) from None
 
 
-class _Request(StructuredFields, _Strict):
+class _Request(StructuredFields, StrictBody):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -344,7 +347,7 @@ class CompletionRequest(_Request):
         return {**super().field_names(), **({"n": "best_of"} if self.best_of else {})}
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictBody):
     """Body of `POST /tokenize` (vLLM's): a raw `prompt` or chat `messages`."""
 
     model: str | None = None
@@ -360,7 +363,7 @@ class TokenizeRequest(_Strict):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictBody):
     """Body of `POST /detokenize` (vLLM's)."""
 
     model: str | None = None

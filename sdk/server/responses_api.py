@@ -16,20 +16,22 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.sampling_params import StructuredOutputsParams
 from polymodal.server.errors import RequestError
-from polymodal.server.requests import ChatMessage, ContentPart, ImageURL, build_sampling_params
+from polymodal.server.requests import (
+    ChatMessage,
+    ContentPart,
+    ImageURL,
+    StrictBody,
+    build_sampling_params,
+)
 from polymodal.server.serving import run_job
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class InputPart(_Strict):
+class InputPart(StrictBody):
     """A part of an input message: text, an image (a URL or data: URL), or the text of an
     earlier reply (`output_text`, in a conversation passed whole)."""
 
@@ -40,7 +42,7 @@ class InputPart(_Strict):
     annotations: list[Any] | None = None  # output_text's, ignored with the reply it came with
 
 
-class InputItem(_Strict):
+class InputItem(StrictBody):
     """A message item of `input` (an earlier reply's item may keep its `id` and `status`)."""
 
     type: Literal["message"] = "message"
@@ -50,7 +52,7 @@ class InputItem(_Strict):
     status: str | None = None
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictBody):
     """`text.format`: plain text, any JSON object, or JSON matching `schema`."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -60,11 +62,11 @@ class TextFormat(_Strict):
     strict: bool | None = None
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictBody):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(StrictBody):
     """The body of `POST /v1/responses` (the fields this server runs; the others refused)."""
 
     model: str | None = None
