@@ -33,6 +33,7 @@ from polymodal.llm_core.request_checks import (
 )
 from polymodal.llm_core.request_group import RequestGroup
 from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_core.speculative import Speculation
 from polymodal.llm_core.structured_output import Grammars
 
 
@@ -74,6 +75,9 @@ class Engine:
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
         # workers get each step's ids from the host batch: no device-resident ids to chain on
         self.async_scheduling = self.async_scheduling and self.executor is None
+        # n-gram drafts follow each sequence's newest token: such an engine steps synchronously
+        self.speculation = Speculation.start(self.config.speculative_config, self.task)
+        self.async_scheduling = self.async_scheduling and self.speculation is None
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
         # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.
         gc.collect()
@@ -315,6 +319,8 @@ class Engine:
         if flight is not None and not overlap:
             self._resolve(flight, touched)
             flight = self._in_flight = None
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         # rules that follow the previous tokens (grammars, penalties, bad words, logprobs)
         # sample after that step is read back, while the GPU runs this step's forward pass
@@ -369,10 +375,15 @@ class Engine:
         for seq in flight.reqs:
             seq.num_pending -= 1
             tok = sampled.get(seq.request_id)
+            if type(tok) is list:  # drafts checked: the accepted ones and the token after them
+                tok = self.speculation.book(seq, tok)
             if tok is None or seq.is_finished:  # aborted or stopped meanwhile: discard
                 continue
             group, i = self._seq_to_group[seq.request_id]
-            reason = group.append(i, tok, now, self.max_model_len)
+            if type(tok) is list:
+                reason = group.append_all(i, tok, now, self.max_model_len)
+            else:
+                reason = group.append(i, tok, now, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             touched[group.request_id] = group

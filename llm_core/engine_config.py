@@ -32,6 +32,7 @@ from polymodal.llm_core.quantization import resolve_quantization
 from polymodal.llm_core.registry import model_class, tower_graphs
 from polymodal.llm_core.runner import ModelRunner
 from polymodal.llm_core.scheduler import Scheduler
+from polymodal.llm_core.speculative import SpeculativeConfig
 from polymodal.llm_core.tensor_parallel import SINGLE, TPGroup, tensor_parallel
 
 log = logging.getLogger("polymodal")
@@ -121,6 +122,9 @@ class EngineConfig:
     # vLLM's: "fcfs" (arrival order), or "priority" (each request's `priority`, lower first;
     # the scheduler's docstring says how)
     scheduling_policy: str = "fcfs"
+    # vLLM's: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
+    # "prompt_lookup_max": b} (speculative.py: prompt-lookup drafts, verified in one step)
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as
@@ -142,6 +146,7 @@ class EngineConfig:
             raise InvalidInputError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.encoder_cache_mb is not None and not self.encoder_cache_mb >= 0:
             raise InvalidInputError(f"encoder_cache_mb must be >= 0, got {self.encoder_cache_mb}")
 

@@ -73,6 +73,10 @@ class Request:
     lora_slot: int = -1  # its adapter's slot while admitted (LoRAManager.acquire)
 
     num_pending: int = 0  # sampled on the device, not yet read back (async scheduling)
+    # draft tokens this step verifies after the last one (speculative.py): counted in
+    # `num_tokens` until the step's tokens are booked
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_context: Any = field(default=None, repr=False)  # (token array, length) drafts search
     # Pooling requests (`params` is a PoolingParams): no tokens are sampled; the hidden states
     # of the prompt's chunks gather until it is whole. A non-causal model's prompt is never
     # split across steps (`chunkable`).
@@ -105,8 +109,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens of the sequence, counting one still in flight."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+        """Tokens of the sequence, counting one still in flight and the drafts."""
+        return (
+            len(self.prompt_token_ids)
+            + len(self.output_token_ids)
+            + self.num_pending
+            + len(self.spec_token_ids)
+        )
 
     @property
     def num_known_tokens(self) -> int:

@@ -118,6 +118,20 @@ class RequestGroup:
         out.token_ids = seq.output_token_ids  # live list; `_snapshot` copies it out
         return reason
 
+    def append_all(self, i: int, toks: list, now: float, max_model_len: int) -> str | None:
+        """`append` of several tokens one step yielded (accepted drafts and the token after
+        them) until one ends the sequence; the output's deltas hold all that were booked."""
+        out, text, ids = self.outputs[i], "", []
+        reason = None
+        for tok in toks:
+            reason = self.append(i, tok, now, max_model_len)
+            text += out.delta_text
+            ids += out.delta_token_ids
+            if reason is not None:
+                break
+        out.delta_text, out.delta_token_ids = text, ids
+        return reason
+
     def output(self, now: float) -> RequestOutput:
         """The request's state now, for the caller to keep (deltas are reset here)."""
         finished = self.finished

@@ -32,6 +32,7 @@ from polymodal.llm_core.media_inputs import encoder_outputs, media_key_ranges, s
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
+from polymodal.llm_core.speculative import draft_contexts, split_rows
 from polymodal.llm_core.step_batch import HostBatch, device_batch, host_batch
 
 PROMPT_LOGPROB_CHUNK = 512  # prompt rows per LM-head call when computing prompt logprobs
@@ -279,6 +280,9 @@ class ModelRunner:
             )
             for r in reqs
         ]
+        drafting = any(r.spec_token_ids for r in reqs)
+        if drafting:  # a row per draft, then the bonus row (speculative.py)
+            contexts = draft_contexts(reqs, contexts)
         if greedy is not None and all(r.plain_argmax for r in reqs):
             tokens, raw_logprobs = greedy, None
             if not (overlap and tokens.is_cuda):  # read after the next step rewrote the buffer
@@ -286,6 +290,8 @@ class ModelRunner:
         else:
             tokens, raw_logprobs = self.sampler.sample(logits, contexts)
         flight = InFlight(reqs, contexts, tokens, raw_logprobs)
+        if drafting:
+            flight.rows = [1 + len(r.spec_token_ids) for r in reqs]
         if overlap and tokens.is_cuda and raw_logprobs is None:
             flight.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             flight.host.copy_(tokens, non_blocking=True)
@@ -302,6 +308,8 @@ class ModelRunner:
             sampled = [SampledToken(t) for t in flight.host.tolist()]
         else:
             sampled = self.sampler.package(flight.tokens, flight.raw_logprobs, flight.contexts)
+        if flight.rows is not None:  # drafts: each request's rows as a list
+            sampled = split_rows(sampled, flight.rows)
         return {r.request_id: tok for r, tok in zip(flight.reqs, sampled)}
 
 
@@ -316,6 +324,7 @@ class InFlight:
     host: torch.Tensor | None = None  # pinned copy of `tokens`, valid once `event` completes
     event: torch.cuda.Event | None = None
     deferred: tuple | None = None  # (logits, greedy, overlap) until `finish_sampling`
+    rows: list[int] | None = None  # sampled rows per request when some verify drafts
 
     def row_of(self) -> dict[str, int]:
         """request id -> row in `tokens`."""

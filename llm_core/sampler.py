@@ -45,6 +45,9 @@ class SamplingContext:
     """Tokens already sampled but not yet in `output_token_ids` (async scheduling)."""
     has_rules: bool | None = None
     """`params.has_logit_rules`, read once per request by the engine (None: read it here)."""
+    draft: int | None = None
+    """A speculative draft this row checks: a sampled row keeps it with its probability,
+    else samples from the rest of the distribution (a greedy row is its argmax either way)."""
 
     def __post_init__(self) -> None:
         if self.has_rules is None:
@@ -221,7 +224,23 @@ class Sampler:
             ).exponential_()
         for j in seeded:
             noise[j].exponential_(generator=contexts[rows[j]].generator)
-        return (probs / noise.clamp_(min=_MIN_NOISE)).argmax(dim=-1)
+        checks = [j for j, i in enumerate(rows) if contexts[i].draft is not None]
+        if not checks:
+            return (probs / noise.clamp_(min=_MIN_NOISE)).argmax(dim=-1)
+        # rows checking a draft d: keep d with probability p(d), else sample from p without d
+        # (speculative sampling with a one-token draft: the output is distributed as p)
+        at = to_device(checks, torch.int64, device)
+        drafts = to_device([contexts[rows[j]].draft for j in checks], torch.int64, device)
+        keep = probs[at, drafts]
+        uniform = torch.empty(len(checks), device=device).uniform_()
+        for n, j in enumerate(checks):
+            generator = contexts[rows[j]].generator
+            if generator is not None:
+                uniform[n] = torch.rand((), device=device, generator=generator)
+        probs[at, drafts] = 0.0
+        picked = (probs / noise.clamp_(min=_MIN_NOISE)).argmax(dim=-1)
+        picked[at] = torch.where(uniform < keep, drafts, picked[at])
+        return picked
 
     @staticmethod
     def package(

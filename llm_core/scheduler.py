@@ -115,12 +115,18 @@ class Scheduler:
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.spec_token_ids:  # drafts are verified all in one step: keep those that fit
+                n = _fit_drafts(req, n)
             if req.mm_items and req.num_computed_tokens < len(req.prompt_token_ids):
                 n = self._fit(req, req.num_computed_tokens, n, encoding)
                 if n == 0:  # its next image does not fit this step: wait for the next one
                     i += 1
                     continue
             while not self.kv.allocate_slots(req, n):
+                if req.spec_token_ids:  # drafts never cost another request its place
+                    n -= len(req.spec_token_ids)
+                    req.spec_token_ids.clear()
+                    continue
                 victim = self.running.pop()  # lowest priority: admitted last
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -204,6 +210,7 @@ class Scheduler:
         self.kv.free_request(req)
         if self.lora is not None:
             self.lora.release(req)
+        req.spec_token_ids.clear()
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -256,6 +263,13 @@ class Scheduler:
 
 
 POLICIES = ("fcfs", "priority")
+
+
+def _fit_drafts(req: Request, n: int) -> int:
+    """`n` (a budget-capped step of `req`) with `req`'s drafts cut to those that fit in it."""
+    base = req.num_tokens - req.num_computed_tokens - len(req.spec_token_ids)
+    del req.spec_token_ids[max(0, n - base) :]
+    return min(n, base + len(req.spec_token_ids))
 
 
 def _rank(req: Request) -> tuple[int, float]:

@@ -91,15 +91,16 @@ def host_batch(
             hb.ids.extend(req.prompt_token_ids[start:end])
         elif n == 1:  # decode: the last sampled token
             hb.ids.append(req.output_token_ids[start - prompt_len])
-        else:
-            hb.ids.extend(req.all_token_ids[start:end])
+        else:  # a chunk past the prompt: the last token and the drafts after it
+            hb.ids.extend((req.all_token_ids + req.spec_token_ids)[start:end])
         _positions(req, start, end, hb.rows, uses_mrope)
         for group_slots, table in zip(slots, req.block_tables):
             group_slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         hb.query_lens.append(n)
         hb.seq_lens.append(end)
         if end == req.num_tokens:  # caught up: this step yields its next token
-            hb.sample_rows.append(len(hb.ids) - 1)
+            # (and one row per draft, each sampled where its draft is checked)
+            hb.sample_rows.extend(range(len(hb.ids) - 1 - len(req.spec_token_ids), len(hb.ids)))
     if not sched.requests[0].block_tables:  # no layer keeps a KV cache: nothing stored
         slots0.extend([-1] * len(hb.ids))
         hb.tables = [[[] for _ in sched.requests]]

@@ -13,6 +13,7 @@ JSON_OPTIONS = {
     "--limit-mm-per-prompt": "media items a prompt may hold: '{\"image\": 4}'",
     "--mm-processor-kwargs": "default media options: '{\"max_pixels\": N}'",
     "--override-generation-config": "sampling defaults over generation_config.json's (JSON)",
+    "--speculative-config": "n-gram drafts: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'",
 }
 SWITCHES = {
     "--trust-remote-code": "accepted for vLLM's command lines: polymodal runs no checkpoint code",
@@ -26,7 +27,7 @@ PASSED = (
     "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size", "runner",
     "hf_overrides", "revision", "hf_token", "scheduling_policy", "download_dir", "tokenizer",
     "enable_prefix_caching", "block_size", "limit_mm_per_prompt", "mm_processor_kwargs",
-    "override_generation_config",
+    "override_generation_config", "speculative_config",
 )  # fmt: skip
 
 

@@ -26,7 +26,6 @@ VLLM_DEFAULT_ONLY = {
     "pipeline_parallel_size": 1,
     "tokenizer_mode": "auto",
     "tokenizer_revision": None,
-    "speculative_config": None,
     "cpu_offload_gb": 0,
 }
 # vLLM keywords polymodal takes with nothing to do (what it does instead), logged when given.

@@ -1,0 +1,221 @@
+"""Speculative decoding by n-gram prompt lookup (vLLM's `speculative_config={"method": "ngram"}`).
+
+Before a step, each decoding sequence looks for the last `n` tokens of its context (prompt and
+output, `prompt_lookup_max` >= n >= `prompt_lookup_min`, longest first) earlier in the same
+context; the tokens that followed the latest such match are its drafts (at most
+`num_speculative_tokens`). The step then runs the last token and the drafts as one chunk and
+samples a token at every position; a draft is accepted while the token sampled before it
+agrees with it (`accepted`), so one step yields 1 to k + 1 tokens. KV written for rejected
+drafts is simply overwritten later (`Request.num_computed_tokens` goes back).
+
+Greedy outputs are exactly those of decoding without drafts. A sampled row accepts its draft
+with the target probability of the draft and otherwise samples from the rest of the
+distribution (the sampler's `drafts`): the output distribution is the target's, though not the
+same random stream as without drafts (seeded requests give other, equally distributed tokens).
+
+Requests with a grammar (structured output) decode one token a step. Steps run synchronously
+(async scheduling is off): a sequence's drafts follow its newest token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from polymodal.llm_core.errors import InvalidInputError
+
+METHODS = ("ngram",)
+# draft-model methods vLLM has that need a second model (or heads) polymodal does not load
+OTHER_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
+                 "deepseek_mtp", "suffix", "ngram_gpu")  # fmt: skip
+_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """The n-gram proposer's settings (vLLM's keys and defaults)."""
+
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 5
+    prompt_lookup_max: int = 5
+    method: str = "ngram"
+
+    @classmethod
+    def parse(cls, value: Any) -> SpeculativeConfig | None:
+        """A config from vLLM's dict (or a SpeculativeConfig, or None); anything polymodal does
+        not do raises `InvalidInputError` naming the key or the method."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidInputError(
+                f"speculative_config must be a dict such as {{'method': 'ngram', "
+                f"'num_speculative_tokens': 4}}, got {type(value).__name__}"
+            )
+        unknown = sorted(set(value) - _KEYS)
+        if unknown:
+            raise InvalidInputError(
+                f"speculative_config: {', '.join(unknown)} not supported (keys: {sorted(_KEYS)})"
+            )
+        method = value.get("method") or ("ngram" if value.get("model") in ("ngram", "[ngram]")
+                                         else value.get("model"))  # fmt: skip
+        if method not in METHODS:
+            known = " (a draft model or heads, which polymodal does not run)"
+            raise InvalidInputError(
+                f"speculative_config method {method!r} is not supported: only 'ngram' (prompt "
+                f"lookup){known if method in OTHER_METHODS or value.get('model') else ''}"
+            )
+        k = value.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
+            raise InvalidInputError(
+                f"speculative_config num_speculative_tokens must be an int in 1..64, got {k!r}"
+            )
+        lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+        for name, n in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise InvalidInputError(f"speculative_config {name} must be an int >= 1, got {n!r}")
+        if lo > hi:
+            raise InvalidInputError(
+                f"speculative_config prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}"
+            )
+        return cls(k, lo, hi)
+
+    def propose(self, req) -> list[int]:
+        """Drafts for `req`'s next step (none for a request that cannot take them)."""
+        room = min(
+            self.num_speculative_tokens,
+            (req.params.max_tokens or 1 << 62) - len(req.output_token_ids) - 1,
+            req.max_model_len - req.num_tokens - 1,
+        )
+        if room <= 0 or req.grammar is not None:
+            return []
+        tokens = context_array(req)
+        return ngram_drafts(tokens, self.prompt_lookup_min, self.prompt_lookup_max, room)
+
+
+def context_array(req) -> np.ndarray:
+    """`req`'s known tokens as an array, kept on the request and extended by its new outputs
+    (never converted whole again: a long prompt costs its copy once)."""
+    known = req.num_known_tokens
+    buf, filled = req.draft_context or (None, 0)
+    if buf is None or buf.shape[0] < known:
+        grown = np.empty(max(2 * known, 256), dtype=np.int64)
+        if buf is None:
+            grown[: len(req.prompt_token_ids)] = req.prompt_token_ids
+            filled = len(req.prompt_token_ids)
+        else:
+            grown[:filled] = buf[:filled]
+        buf = grown
+    if filled < known:
+        prompt_len = len(req.prompt_token_ids)
+        buf[filled:known] = req.output_token_ids[filled - prompt_len : known - prompt_len]
+    req.draft_context = (buf, known)
+    return buf[:known]
+
+
+def ngram_drafts(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[int]:
+    """Up to `k` tokens that followed the latest earlier occurrence of the longest suffix of
+    `tokens` of length n_max >= n >= n_min; [] when no such suffix occurs earlier.
+
+    One pass over the context finds where its last token occurs before; the matches then
+    grow backwards one token at a time among those candidates only."""
+    size = tokens.shape[0]
+    if size <= n_min:
+        return []
+    ends = np.flatnonzero(tokens[: size - 1] == tokens[size - 1])  # matches of length 1
+    found = ends if n_min <= 1 else None
+    for m in range(1, min(n_max, size - 1)):  # grow matches of length m to m + 1
+        ends = ends[ends >= m]
+        ends = ends[tokens[ends - m] == tokens[size - 1 - m]]
+        if not ends.size:
+            break
+        if m + 1 >= n_min:
+            found = ends
+    if found is None or not found.size:
+        return []
+    start = int(found[-1]) + 1
+    return tokens[start : start + k].tolist()
+
+
+def accepted(tokens: list, drafts: list[int]) -> list:
+    """The tokens one step yields: `tokens` (one per row: a row per draft, then the bonus row)
+    up to and including the first whose id differs from its row's draft."""
+    for j, draft in enumerate(drafts):
+        if tokens[j].token_id != draft:
+            return tokens[: j + 1]
+    return tokens
+
+
+def draft_contexts(reqs: list, contexts: list) -> list:
+    """One sampling context per row of a step with drafts: a request with k drafts gets k + 1,
+    row j seeing drafts [:j] as output (penalties, bad words, min_tokens follow them) and
+    checking draft j; others keep their one row."""
+    rows = []
+    for req, ctx in zip(reqs, contexts):
+        drafts = req.spec_token_ids
+        for j in range(len(drafts)):
+            seen = ctx.output_token_ids + drafts[:j]
+            rows.append(replace(ctx, output_token_ids=seen, draft=drafts[j]))
+        if drafts:
+            ctx = replace(ctx, output_token_ids=ctx.output_token_ids + drafts)
+        rows.append(ctx)
+    return rows
+
+
+def split_rows(sampled: list, rows: list[int]) -> list:
+    """Per request, its sampled row (one) or rows (a list, with drafts): `rows` counts them."""
+    out, i = [], 0
+    for count in rows:
+        out.append(sampled[i] if count == 1 else sampled[i : i + count])
+        i += count
+    return out
+
+
+class Speculation:
+    """An engine's drafting: proposes before each step, books each checked step, and counts
+    drafts as vLLM's metrics do."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.num_drafts = 0  # steps of a sequence that checked drafts
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+
+    @classmethod
+    def start(cls, config: SpeculativeConfig | None, task: str) -> Speculation | None:
+        if config is None:
+            return None
+        if task != "generate":
+            raise InvalidInputError(
+                f"speculative_config: a {task} model generates no tokens to speculate on"
+            )
+        return cls(config)
+
+    def propose(self, running: list) -> None:
+        """Drafts for each running sequence that decodes next step (its last token known and
+        not yet computed)."""
+        for req in running:
+            if (
+                not req.spec_token_ids
+                and not req.num_pending
+                and req.output_token_ids
+                and req.num_computed_tokens == req.num_known_tokens - 1
+            ):
+                req.spec_token_ids = self.config.propose(req)
+
+    def book(self, req, tokens: list) -> list:
+        """The tokens `req`'s checked step yields; its computed count goes back past the
+        rejected drafts (their KV is overwritten later) and its drafts are cleared."""
+        drafts = req.spec_token_ids
+        kept = accepted(tokens, drafts)
+        rejected = len(drafts) - (len(kept) - 1)
+        req.num_computed_tokens -= rejected
+        req.spec_token_ids = []
+        self.num_drafts += 1
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += len(drafts) - rejected
+        return kept

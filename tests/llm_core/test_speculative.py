@@ -1,0 +1,289 @@
+"""N-gram speculative decoding (`speculative_config`): greedy outputs equal decoding without
+drafts (batches, chunk budgets, preemption, prefix hits, stops, penalties, logprobs, sliding
+windows, images), sampled rows keep the target distribution, and bad configs are refused."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from polymodal.llm_core.engine import Engine
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.sampler import Sampler, SamplingContext
+from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_core.speculative import SpeculativeConfig, accepted, ngram_drafts
+from tests.helpers import tiny_checkpoint
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+         "prompt_lookup_max": 4}  # fmt: skip
+rng = random.Random(0)
+PROMPTS = []
+for n in range(4, 40, 5):  # prompts that repeat themselves: drafts find matches
+    base = [rng.randrange(10, 470) for _ in range(n)]
+    PROMPTS.append(base + base[: n // 2] + base)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny_checkpoint(tmp_path_factory, "qwen2"))
+
+
+def _engine(ckpt, spec=True, **kw):
+    kw.setdefault("num_kv_blocks", 256)
+    if spec:
+        kw["speculative_config"] = NGRAM
+    return Engine(ckpt, dtype="float32", device="cpu", **kw)
+
+
+def _run(engine, prompts=PROMPTS, params=GREEDY):
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = engine.run_until_done()
+    return [final[i].outputs[0] for i in ids]
+
+
+def _ids(outs):
+    return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def plain(ckpt):
+    return _ids(_run(_engine(ckpt, spec=False)))
+
+
+def _accepts(engine) -> None:
+    """The test drafted and kept some drafts (else it checked nothing)."""
+    spec = engine.speculation
+    assert spec.num_draft_tokens > spec.num_accepted_tokens > 0
+
+
+def test_greedy_equals_decoding_without_drafts(ckpt, plain):
+    engine = _engine(ckpt)
+    assert _ids(_run(engine)) == plain
+    _accepts(engine)
+    assert engine.num_free_blocks == 256
+    assert not engine.async_scheduling
+
+
+def test_chunk_budget_cuts_drafts_preemption_and_prefix_hits(ckpt, plain):
+    small = _engine(ckpt, max_num_batched_tokens=6)
+    assert _ids(_run(small)) == plain
+    _accepts(small)
+    tiny = _engine(ckpt, num_kv_blocks=14, enable_prefix_caching=False)
+    ids = [tiny.add_request(p, GREEDY) for p in PROMPTS]
+    seqs = [tiny._groups[i].seqs[0] for i in ids]
+    final = tiny.run_until_done()
+    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+    assert [final[i].outputs[0].token_ids for i in ids] == plain
+    assert tiny.num_free_blocks == 14
+    cached = _engine(ckpt)
+    first = _ids(_run(cached))
+    hits = cached.scheduler.kv.num_hit_tokens
+    assert _ids(_run(cached)) == first == plain
+    assert cached.scheduler.kv.num_hit_tokens > hits
+
+
+def test_stops_inside_an_accepted_run(ckpt, plain):
+    """max_tokens and stop token ids that fall among accepted drafts end the output there."""
+    for max_tokens in (1, 2, 5, 7):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        assert _ids(_run(_engine(ckpt), params=params)) == [p[:max_tokens] for p in plain]
+    stop = plain[0][9]
+    params = SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop], ignore_eos=True)
+    outs = _run(_engine(ckpt), params=params)
+    for out, ref in zip(outs, plain):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert out.token_ids == ref[:cut]
+        assert out.finish_reason == ("stop" if stop in ref else "length")
+
+
+def test_logprobs_and_logit_rules_follow_the_drafts(ckpt, plain):
+    """Penalties, min_tokens and logprobs of each row see the drafts before it (penalties
+    mild enough that the outputs still repeat, so drafts get accepted)."""
+    params = SamplingParams(
+        temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=3, repetition_penalty=1.03,
+        frequency_penalty=0.01, min_tokens=5, logit_bias={17: 0.5},
+    )  # fmt: skip
+    engine = _engine(ckpt)
+    spec, ref = _run(engine, params=params), _run(_engine(ckpt, spec=False), params=params)
+    assert _ids(spec) == _ids(ref) != plain  # the penalties change the outputs
+    _accepts(engine)
+    for a, b in zip(spec, ref):
+        for table_a, table_b in zip(a.logprobs, b.logprobs):
+            assert table_a.keys() == table_b.keys()
+            assert all(abs(table_a[t] - table_b[t]) < 1e-4 for t in table_a)
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-3)
+
+
+def test_streamed_deltas_add_up(ckpt, plain):
+    """A step that books several tokens reports all of them in its output's deltas."""
+    engine = _engine(ckpt)
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    seen = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id] += out.outputs[0].delta_token_ids
+    assert [seen[i] for i in ids] == plain
+    assert max(len(o) for o in plain) == 30
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2_vl", "mllama", "llama4", "deepseek_v3"])
+def test_other_families(tmp_path_factory, arch):
+    """Gemma 3's sliding-window KV groups (blocks freed as windows slide), Qwen2-VL's M-RoPE
+    positions after the prompt, Mllama's cross-attention groups, Llama 4's chunked local
+    attention, DeepSeek-V3's latent (MLA) cache."""
+    path = str(tiny_checkpoint(tmp_path_factory, arch))
+    prompts = [p[:30] for p in PROMPTS]
+    plain = _ids(_run(_engine(path, spec=False, block_size=4), prompts))
+    engine = _engine(path, block_size=4)
+    assert _ids(_run(engine, prompts)) == plain
+    _accepts(engine)
+
+
+def test_interpreted_triton_kernels(tmp_path_factory):
+    """The Triton attention kernels (interpreted on CPU) check drafts as a chunk over the
+    cached context, with Gemma 3's window groups."""
+    pytest.importorskip("triton")
+    from tests.llm_core import interpreted
+
+    if not interpreted.IN_PROCESS:
+        pytest.skip("the Triton kernels are compiled in this process (GPU tests cover them)")
+    path = str(tiny_checkpoint(tmp_path_factory, "gemma3"))
+    prompts, params = [PROMPTS[1], PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=12)
+    kw = {"attention_backend": "triton", "block_size": 4}
+    engine = _engine(path, **kw)
+    assert _ids(_run(engine, prompts, params)) == _ids(_run(_engine(path, False, **kw), prompts,
+                                                            params))  # fmt: skip
+    _accepts(engine)
+
+
+def test_image_prompt(tmp_path_factory):
+    from PIL import Image
+
+    from polymodal import LLM
+
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 84, 3), np.uint8))
+    text = "<|vision_start|><|image_pad|><|vision_end|>" + "a b c d a b c d a b c d"
+    prompt = {"prompt": text, "multi_modal_data": {"image": image}}
+    outs = []
+    for spec in ({}, {"speculative_config": NGRAM}):
+        llm = LLM(path, dtype="float32", device="cpu", num_kv_blocks=128, **spec)
+        outs.append(llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids)
+    assert outs[0] == outs[1]
+
+
+def test_seeded_sampling_is_batch_independent(ckpt):
+    params = [SamplingParams(temperature=0.8, top_k=20, seed=7 + i, max_tokens=20) for i in range(3)]
+    alone = [_ids(_run(_engine(ckpt), [PROMPTS[i]], params[i]))[0] for i in range(3)]
+    engine = _engine(ckpt)
+    ids = [engine.add_request(PROMPTS[i], params[i]) for i in (2, 0, 1)]
+    final = engine.run_until_done()
+    mixed = dict(zip((2, 0, 1), (final[i].outputs[0].token_ids for i in ids)))
+    assert [mixed[i] for i in range(3)] == alone
+
+
+def test_a_sampled_row_keeps_the_target_distribution():
+    """Each row checking a draft yields the draft with its probability and otherwise a token
+    from the rest: the row's token is distributed as the row's own distribution."""
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    rows = 40000
+    logits = probs.log().expand(rows, -1).clone()
+    params = SamplingParams(temperature=1.0)
+    for draft in (0, 3):
+        contexts = [SamplingContext(params, [], [], draft=draft) for _ in range(rows)]
+        tokens, _ = Sampler().sample(logits, contexts)
+        freq = torch.bincount(tokens, minlength=5).float() / rows
+        assert (freq - probs).abs().max() < 0.012, freq
+    greedy = SamplingParams(temperature=0.0)
+    tokens, _ = Sampler().sample(logits[:2], [SamplingContext(greedy, [], [], draft=3)] * 2)
+    assert tokens.tolist() == [0, 0]  # a greedy row is its argmax, draft or not
+
+
+def _drafts(tokens, n_min, n_max, k):
+    return ngram_drafts(np.asarray(tokens), n_min, n_max, k)
+
+
+def _reference_drafts(tokens, n_min, n_max, k):
+    """The definition, by brute force: the longest suffix found earlier, its latest place."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == suffix]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + k]
+    return []
+
+
+def test_ngram_drafts():
+    assert _drafts([1, 2, 3, 4, 1, 2], 2, 3, 3) == [3, 4, 1]
+    assert _drafts([1, 2, 3, 1, 2, 4, 1, 2], 2, 2, 2) == [4, 1]  # the latest match
+    assert _drafts([5, 1, 2, 9, 7, 1, 2, 3, 1, 2], 1, 3, 2) == [3, 1]  # the longest n
+    assert _drafts([1, 2, 3, 4], 1, 2, 3) == []
+    assert _drafts([7, 7], 1, 1, 4) == [7]
+    assert _drafts([7], 1, 1, 4) == []
+    gen = random.Random(3)
+    for _ in range(3000):
+        tokens = [gen.randrange(4) for _ in range(gen.randrange(1, 30))]
+        n_min = gen.randrange(1, 5)
+        args = (n_min, n_min + gen.randrange(4), gen.randrange(1, 6))
+        assert _drafts(tokens, *args) == _reference_drafts(tokens, *args), (tokens, args)
+
+
+def test_the_context_array_follows_the_outputs(ckpt):
+    engine = _engine(ckpt)
+    rid = engine.add_request(list(range(10, 300)), GREEDY)
+    seq = engine._groups[rid].seqs[0]
+    while engine.has_unfinished():
+        engine.step()
+        if seq.draft_context is not None:
+            buf, known = seq.draft_context
+            assert buf[:known].tolist() == seq.all_token_ids[:known]
+    assert known > 300  # extended by the outputs, step after step
+
+
+def test_accepted_stops_at_the_first_disagreement():
+    class T:
+        def __init__(self, token_id):
+            self.token_id = token_id
+
+    toks = [T(5), T(6), T(9), T(1)]
+    assert [t.token_id for t in accepted(toks, [5, 6, 7])] == [5, 6, 9]
+    assert [t.token_id for t in accepted(toks, [5, 6, 9])] == [5, 6, 9, 1]
+    assert [t.token_id for t in accepted(toks, [4, 6, 9])] == [5]
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"method": "eagle", "model": "x", "num_speculative_tokens": 3}, "'eagle' is not supported"),
+        ({"model": "some/draft-model", "num_speculative_tokens": 3}, "draft model"),
+        ({"method": "ngram"}, "num_speculative_tokens must be an int"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0},
+         "prompt_lookup_min must be an int >= 1, got 0"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+          "prompt_lookup_max": 2}, "prompt_lookup_min=4 must be <= prompt_lookup_max=2"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
+         "draft_tensor_parallel_size not supported"),
+        ("ngram", "must be a dict"),
+    ],
+)  # fmt: skip
+def test_bad_configs_are_refused(config, words):
+    with pytest.raises(InvalidInputError, match=words):
+        SpeculativeConfig.parse(config)
+
+
+def test_config_defaults_as_vllm():
+    k = {"method": "ngram", "num_speculative_tokens": 3}
+    assert SpeculativeConfig.parse(k) == SpeculativeConfig(3, 5, 5)
+    assert SpeculativeConfig.parse({**k, "prompt_lookup_max": 4}) == SpeculativeConfig(3, 4, 4)
+    assert SpeculativeConfig.parse({**k, "prompt_lookup_min": 2}) == SpeculativeConfig(3, 2, 2)
+    assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).method == "ngram"
+
+
+def test_pooling_models_refuse_it(tmp_path_factory):
+    path = str(tiny_checkpoint(tmp_path_factory, "bert_cls"))
+    with pytest.raises(InvalidInputError, match="generates no tokens"):
+        Engine(path, device="cpu", speculative_config=NGRAM)
