@@ -51,6 +51,11 @@ class EngineStats:
     num_total_blocks: int = 0
     num_steps: int = 0
     num_failed_steps: int = 0
+    # speculative decoding (vLLM's spec_decode counters): sequence steps that checked drafts,
+    # drafts checked, drafts accepted
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
     def as_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -256,6 +261,11 @@ class EngineLoop:
         self.stats.num_waiting = self.engine.num_waiting + self._pending
         self.stats.num_free_blocks = self.engine.num_free_blocks
         self.stats.num_total_blocks = scheduler.kv.num_blocks
+        spec = self.engine.speculation
+        if spec is not None:
+            self.stats.spec_num_drafts = spec.num_drafts
+            self.stats.spec_num_draft_tokens = spec.num_draft_tokens
+            self.stats.spec_num_accepted_tokens = spec.num_accepted_tokens
         now = self.stats.as_tuple()
         if self.on_stats is not None and now != self._last_stats:
             self.on_stats(self.stats)

@@ -8,6 +8,7 @@ is ~15 ms on an H200, and inter-token latencies are a few ms.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from polymodal.async_engine import AsyncEngine
 from polymodal.llm_core.outputs import RequestOutput
@@ -89,6 +90,7 @@ class ServerMetrics:
         Gauge(
             "polymodal:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1).", registry=r
         ).set_function(lambda: 1 - stats.num_free_blocks / max(1, stats.num_total_blocks))
+        r.register(_SpecDecodeCounters(stats))
 
     def observe_stream_gap(self, seconds: float, tokens: int) -> None:
         """A streamed output arrived `seconds` after the previous one, carrying `tokens`."""
@@ -139,3 +141,22 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class _SpecDecodeCounters:
+    """Speculative decoding's counters (vLLM's `spec_decode_*`), read from the engine's stats:
+    0 without `--speculative-config`. Acceptance rate = accepted / draft tokens."""
+
+    COUNTERS = (
+        ("num_drafts", "Sequence steps that checked drafts.", "spec_num_drafts"),
+        ("num_draft_tokens", "Draft tokens checked.", "spec_num_draft_tokens"),
+        ("num_accepted_tokens", "Draft tokens accepted.", "spec_num_accepted_tokens"),
+    )
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        for name, doc, attr in self.COUNTERS:
+            value = getattr(self.stats, attr)
+            yield CounterMetricFamily(f"polymodal:spec_decode_{name}", doc, value=value)

@@ -175,7 +175,8 @@ def test_image_prompt(tmp_path_factory):
 
 
 def test_seeded_sampling_is_batch_independent(ckpt):
-    params = [SamplingParams(temperature=0.8, top_k=20, seed=7 + i, max_tokens=20) for i in range(3)]
+    params = [SamplingParams(temperature=0.8, top_k=20, seed=7 + i, max_tokens=20)
+              for i in range(3)]  # fmt: skip
     alone = [_ids(_run(_engine(ckpt), [PROMPTS[i]], params[i]))[0] for i in range(3)]
     engine = _engine(ckpt)
     ids = [engine.add_request(PROMPTS[i], params[i]) for i in (2, 0, 1)]
@@ -257,7 +258,8 @@ def test_accepted_stops_at_the_first_disagreement():
 @pytest.mark.parametrize(
     "config, words",
     [
-        ({"method": "eagle", "model": "x", "num_speculative_tokens": 3}, "'eagle' is not supported"),
+        ({"method": "eagle", "model": "x", "num_speculative_tokens": 3},
+         "'eagle' is not supported"),
         ({"model": "some/draft-model", "num_speculative_tokens": 3}, "draft model"),
         ({"method": "ngram"}, "num_speculative_tokens must be an int"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
@@ -280,7 +282,8 @@ def test_config_defaults_as_vllm():
     assert SpeculativeConfig.parse(k) == SpeculativeConfig(3, 5, 5)
     assert SpeculativeConfig.parse({**k, "prompt_lookup_max": 4}) == SpeculativeConfig(3, 4, 4)
     assert SpeculativeConfig.parse({**k, "prompt_lookup_min": 2}) == SpeculativeConfig(3, 2, 2)
-    assert SpeculativeConfig.parse({"model": "[ngram]", "num_speculative_tokens": 2}).method == "ngram"
+    old_form = {"model": "[ngram]", "num_speculative_tokens": 2}
+    assert SpeculativeConfig.parse(old_form).method == "ngram"
 
 
 def test_pooling_models_refuse_it(tmp_path_factory):

@@ -1,0 +1,39 @@
+"""N-gram speculative decoding on CUDA: the Triton backend with decode and prefill graphs (a
+step of one sequence with drafts replays a prefill graph; more than eight run eager), in fp32,
+gives the tokens of decoding without drafts (in bf16 a chunk's and a decode step's rounding may
+differ, so near ties can flip: the bench measures bf16)."""
+
+import pytest
+import torch
+
+from polymodal.llm_core.engine import Engine
+from polymodal.llm_core.sampling_params import SamplingParams
+from tests.helpers import tiny_checkpoint
+from tests.llm_core.test_speculative import NGRAM, PROMPTS
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def _outputs(path, prompts, dtype, spec):
+    engine = Engine(path, dtype=dtype, device="cuda", num_kv_blocks=512,
+                    **({"speculative_config": NGRAM} if spec else {}))  # fmt: skip
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    final = engine.run_until_done()
+    assert engine.num_free_blocks == 512 - (engine.scheduler.kv.null_block is not None)
+    return engine, [final[i].outputs[0].token_ids for i in ids]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("batch", [1, 12])
+def test_greedy_equals_decoding_without_drafts(tmp_path_factory, arch, batch):
+    path = str(tiny_checkpoint(tmp_path_factory, arch))
+    prompts = (PROMPTS * 2)[:batch]
+    engine, spec = _outputs(path, prompts, "float32", True)
+    _, plain = _outputs(path, prompts, "float32", False)
+    assert engine.runner.graphs is not None and engine.runner.prefill_graphs is not None
+    assert spec == plain
+    assert engine.speculation.num_accepted_tokens > 0
