@@ -139,6 +139,12 @@ def bench_command(parser: argparse.ArgumentParser):
     )
     engine.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
     engine.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        help="our side drafts (n-gram, JSON as serve's): decode is then timed per token of "
+        "wall time and the acceptance rate reported",
+    )
+    engine.add_argument(
         "--pdl",
         action=argparse.BooleanOptionalAction,
         default=True,

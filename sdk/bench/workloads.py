@@ -107,6 +107,7 @@ class OurSide:
         quantization=None,
         kv_cache_dtype="auto",
         sdpa_shapes="second",
+        speculative_config=None,
     ):
         """`max_model_len` (default 4096) and `prefix_caching` (default off: distinct inputs
         everywhere) are for workloads of long media (`bench/media.py`); `sdpa_shapes` as
@@ -126,6 +127,7 @@ class OurSide:
             async_scheduling=async_scheduling,
             decode_gemv=decode_gemv,
             sdpa_shapes=sdpa_shapes,
+            speculative_config=speculative_config,
         )
         self.engine = Engine(str(model_dir), config)
         self.model = self.engine.runner.model

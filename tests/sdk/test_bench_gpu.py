@@ -38,6 +38,21 @@ def test_bench_runs_every_workload(tmp_path_factory, async_scheduling, capsys):
     assert "speedup vs transformers" in capsys.readouterr().out
 
 
+def test_bench_with_drafts_reports_the_acceptance(tmp_path_factory, capsys):
+    """`--speculative-config`: our side drafts; decode timed per token, acceptance reported."""
+    parser = argparse.ArgumentParser()
+    bench_command(parser)
+    argv = [str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")), "--dummy-weights", "--skip-hf"]
+    argv += ["--images", "8", "--output-tokens", "4", "--decode-tokens", "32"]
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    r = run_bench(parser.parse_args(argv + ["--speculative-config", json.dumps(spec)]))
+    print_table(r)
+    assert r["speculative"]["draft_tokens"] > 0
+    assert 0 <= r["speculative"]["acceptance_rate"] <= 1
+    assert r["ours"]["decode_ms_per_token"] > 0
+    assert "accepted" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("workload", ["paths", "serve"])
 def test_user_path_workloads_run_end_to_end(tmp_path_factory, tmp_path, workload, capsys):
     """`--workload paths` (Pipeline, the caption CLI) and `--workload serve` (a real server
