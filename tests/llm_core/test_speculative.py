@@ -290,3 +290,60 @@ def test_pooling_models_refuse_it(tmp_path_factory):
     path = str(tiny_checkpoint(tmp_path_factory, "bert_cls"))
     with pytest.raises(InvalidInputError, match="generates no tokens"):
         Engine(path, device="cpu", speculative_config=NGRAM)
+
+
+def test_n_sequences_and_prompt_logprobs(ckpt, plain):
+    """Each of a request's n sequences drafts from its own tokens; prompt logprobs are the
+    prompt's, as without drafts."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, n=2, ignore_eos=True,
+                            prompt_logprobs=2)  # fmt: skip
+    outs = {}
+    for spec in (True, False):
+        engine = _engine(ckpt, spec=spec)
+        rid = engine.add_request(PROMPTS[2], params)
+        outs[spec] = engine.run_until_done()[rid]
+    assert [o.token_ids for o in outs[True].outputs] == [plain[2]] * 2
+    assert outs[True].prompt_logprobs == outs[False].prompt_logprobs
+
+
+def test_lora_adapters(tmp_path_factory):
+    pytest.importorskip("peft")
+    from polymodal.llm_core.lora.adapter import LoRARequest
+    from tests.llm_core.lora_adapters import make_adapters
+
+    base = tiny_checkpoint(tmp_path_factory, "llama")
+    adapters = make_adapters(base, tmp_path_factory.mktemp("lora_spec"))
+    lora = LoRARequest("all", 1, str(adapters["all"][0]))
+    outs = []
+    for spec in (True, False):
+        engine = _engine(str(base), spec=spec, enable_lora=True, max_loras=2, num_kv_blocks=64)
+        ids = [engine.add_request(p, GREEDY, lora_request=lora if i % 2 else None)
+               for i, p in enumerate(PROMPTS[:4])]  # fmt: skip
+        final = engine.run_until_done()
+        outs.append([final[i].outputs[0].token_ids for i in ids])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.timeout(300)
+def test_tensor_parallel_ranks(ckpt, plain):
+    engine = _engine(ckpt, tensor_parallel_size=2)
+    try:
+        assert _ids(_run(engine, PROMPTS[:3])) == plain[:3]
+        _accepts(engine)
+    finally:
+        engine.close()
+
+
+def test_beam_search_on_a_drafting_engine(ckpt):
+    """Beam search (one token a step per beam) gives the same beams with drafts on."""
+    from polymodal import LLM
+    from polymodal.beam_search import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=2, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    beams = []
+    for spec in ({"speculative_config": NGRAM}, {}):
+        llm = LLM(ckpt, dtype="float32", device="cpu", num_kv_blocks=128, **spec)
+        outs = llm.beam_search(prompts, params)
+        beams.append([[s.tokens for s in o.sequences] for o in outs])
+    assert beams[0] == beams[1]
