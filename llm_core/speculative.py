@@ -13,7 +13,8 @@ with the target probability of the draft and otherwise samples from the rest of 
 distribution (the sampler's `drafts`): the output distribution is the target's, though not the
 same random stream as without drafts (seeded requests give other, equally distributed tokens).
 
-Requests with a grammar (structured output) decode one token a step. Steps run synchronously
+A request with a grammar (structured output) drafts only what its grammar allows in a row, and
+each row is masked by the grammar's state after the drafts before it. Steps run synchronously
 (async scheduling is off): a sequence's drafts follow its newest token.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.structured_output import DraftGrammar
 
 METHODS = ("ngram",)
 # draft-model methods vLLM has that need a second model (or heads) polymodal does not load
@@ -91,10 +93,13 @@ class SpeculativeConfig:
             (req.params.max_tokens or 1 << 62) - len(req.output_token_ids) - 1,
             req.max_model_len - req.num_tokens - 1,
         )
-        if room <= 0 or req.grammar is not None:
+        if room <= 0:
             return []
         tokens = context_array(req)
-        return ngram_drafts(tokens, self.prompt_lookup_min, self.prompt_lookup_max, room)
+        drafts = ngram_drafts(tokens, self.prompt_lookup_min, self.prompt_lookup_max, room)
+        if drafts and req.grammar is not None:  # only what the grammar allows in a row
+            del drafts[req.grammar.legal_drafts(drafts) :]
+        return drafts
 
 
 def context_array(req) -> np.ndarray:
@@ -157,12 +162,16 @@ def draft_contexts(reqs: list, contexts: list) -> list:
     rows = []
     for req, ctx in zip(reqs, contexts):
         drafts = req.spec_token_ids
-        for j in range(len(drafts)):
+        if not drafts:
+            rows.append(ctx)
+            continue
+        grammars = [None] * (len(drafts) + 1)
+        if ctx.grammar is not None:  # each row masked by the state after its drafts
+            grammars = DraftGrammar(ctx.grammar, drafts).rows()
+        for j in range(len(drafts) + 1):
             seen = ctx.output_token_ids + drafts[:j]
-            rows.append(replace(ctx, output_token_ids=seen, draft=drafts[j]))
-        if drafts:
-            ctx = replace(ctx, output_token_ids=ctx.output_token_ids + drafts)
-        rows.append(ctx)
+            draft = drafts[j] if j < len(drafts) else None
+            rows.append(replace(ctx, output_token_ids=seen, draft=draft, grammar=grammars[j]))
     return rows
 
 

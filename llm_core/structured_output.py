@@ -123,3 +123,54 @@ class GrammarState:
     def is_terminated(self) -> bool:
         """The grammar is complete and its stop token was accepted: nothing may follow."""
         return self._matcher.is_terminated()
+
+    def legal_drafts(self, drafts: list[int]) -> int:
+        """How many of `drafts` the grammar allows in a row from here (the state is kept)."""
+        n = 0
+        for token in drafts:
+            if self._matcher.is_terminated() or not self._matcher.accept_token(token):
+                break
+            n += 1
+        self._matcher.rollback(n)
+        return n
+
+    def draft_masks(self, drafts: list[int], masks: torch.Tensor) -> None:
+        """Fill int32 `masks[j]` with the tokens allowed after `drafts[:j]`, j = 0..len(drafts)
+        (the state is kept). Rows past a draft the grammar refuses repeat the last mask: their
+        tokens are never kept (the refused draft is rejected before them)."""
+        n = 0
+        for j in range(len(drafts) + 1):
+            self._matcher.fill_next_token_bitmask(masks, j)
+            if j == len(drafts):
+                break
+            if self._matcher.is_terminated() or not self._matcher.accept_token(drafts[j]):
+                masks[j + 1 :] = masks[j]
+                break
+            n += 1
+        self._matcher.rollback(n)
+
+
+class DraftGrammar:
+    """A sequence's grammar along its drafts for the rows of one step (`rows()[j]`: the state
+    after drafts[:j]); the masks are filled once, on the first row's call."""
+
+    def __init__(self, state: GrammarState, drafts: list[int]):
+        self.state, self.drafts = state, drafts
+        self.masks: torch.Tensor | None = None
+
+    def rows(self) -> list[_DraftRow]:
+        return [_DraftRow(self, j) for j in range(len(self.drafts) + 1)]
+
+
+class _DraftRow:
+    """One row's view of a `DraftGrammar`, shaped as a `GrammarState` for the sampler."""
+
+    def __init__(self, grammar: DraftGrammar, index: int):
+        self.grammar, self.index = grammar, index
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        g = self.grammar
+        if g.masks is None:
+            g.masks = torch.full((len(g.drafts) + 1, bitmask.shape[1]), -1, dtype=torch.int32)
+            g.state.draft_masks(g.drafts, g.masks)
+        bitmask[row] = g.masks[self.index]

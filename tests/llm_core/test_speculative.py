@@ -2,7 +2,9 @@
 drafts (batches, chunk budgets, preemption, prefix hits, stops, penalties, logprobs, sliding
 windows, images), sampled rows keep the target distribution, and bad configs are refused."""
 
+import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -347,3 +349,29 @@ def test_beam_search_on_a_drafting_engine(ckpt):
         outs = llm.beam_search(prompts, params)
         beams.append([[s.tokens for s in o.sequences] for o in outs])
     assert beams[0] == beams[1]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"regex": "[a-z ]{1,80}"}, {"regex": "[0-9]{1,60}"}, {"json": {"type": "array"}}],
+)
+def test_structured_output_drafts_only_what_the_grammar_allows(ckpt, spec):
+    """Drafts are cut to what the grammar allows; each row is masked by the state after the
+    drafts before it: the outputs equal those without drafts, and they still match."""
+    from polymodal.llm_core.sampling_params import StructuredOutputsParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(**spec))  # fmt: skip
+    prompts = [list(range(10, 20)) * 3, PROMPTS[4], PROMPTS[1]]
+    outs = []
+    for drafting in (True, False):
+        engine = _engine(ckpt, spec=drafting)
+        outs.append([(o.token_ids, o.text, o.finish_reason) for o in _run(engine, prompts, params)])
+        if drafting and "regex" in spec:
+            _accepts(engine)
+    assert outs[0] == outs[1]
+    for _, text, reason in outs[0]:
+        if "regex" in spec:
+            assert re.fullmatch(spec["regex"], text), text
+        elif reason == "stop":  # complete (else cut by max_tokens)
+            assert isinstance(json.loads(text), list)
