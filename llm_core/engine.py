@@ -144,7 +144,8 @@ class Engine:
             )
         vocab = self.model_config.vocab_size
         embeddable = vocab + self.runner.model.extra_input_ids
-        check_request(prompt_token_ids, params, self.max_model_len, vocab, embeddable)
+        check_request(prompt_token_ids, params, self.max_model_len, vocab, embeddable,
+                      self.config.max_logprobs)  # fmt: skip
         model, budget = self.runner.model, self.scheduler.max_num_batched_tokens
         atomic = atomic_spans(model, mm_items or [], budget)
         cross_specs = [s for s in self.scheduler.kv.specs if s.is_cross]

@@ -125,6 +125,8 @@ class EngineConfig:
     # vLLM's: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
     # "prompt_lookup_max": b} (speculative.py: prompt-lookup drafts, verified in one step)
     speculative_config: Any = None
+    # vLLM's: the most logprobs (top-N per token, prompt logprobs) a request may ask for
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as
@@ -134,7 +136,7 @@ class EngineConfig:
             _check_range(name, getattr(self, name), 1, none_ok=True)
         for name in ("block_size", "max_loras", "max_lora_rank", "tensor_parallel_size"):
             _check_range(name, getattr(self, name), 1)
-        for name in ("max_graph_batch", "max_prefill_graph_tokens"):
+        for name in ("max_graph_batch", "max_prefill_graph_tokens", "max_logprobs"):
             _check_range(name, getattr(self, name), 0)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidInputError(

@@ -10,7 +10,7 @@ from typing import Any
 from polymodal.llm_core.embedding_head import check_dimensions, matryoshka_dimensions
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.request import CROSS_ATTENTION
-from polymodal.llm_core.sampling_params import SamplingParams
+from polymodal.llm_core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def check_request(
@@ -19,6 +19,7 @@ def check_request(
     max_model_len: int,
     vocab_size: int,
     input_vocab_size: int | None = None,
+    max_logprobs: int = MAX_LOGPROBS,
 ) -> None:
     """Raise `InvalidInputError` naming the input when the prompt or a token id does not fit.
     Prompt ids may reach `input_vocab_size` (default `vocab_size`): Mllama embeds its image
@@ -54,6 +55,13 @@ def check_request(
             raise InvalidInputError(
                 f"SamplingParams.{name} has token ids {outside[:5]} outside the vocab "
                 f"[0, {vocab_size})"
+            )
+    for name in ("logprobs", "prompt_logprobs"):
+        n = getattr(params, name)
+        if n is not None and n > min(max_logprobs, vocab_size):
+            raise InvalidInputError(
+                f"SamplingParams.{name}={n} is more than the engine allows: max_logprobs="
+                f"{max_logprobs} (LLM(max_logprobs=...), serve --max-logprobs), vocab {vocab_size}"
             )
     rules = params.timestamp_rules
     if rules is not None and not rules.timestamp_begin < vocab_size > rules.eos_token_id:

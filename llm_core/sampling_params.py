@@ -21,7 +21,7 @@ from polymodal.llm_core.timestamp_rules import TimestampRules
 
 # Temperatures below this are treated as greedy (argmax), as vLLM does.
 SAMPLING_EPS = 1e-5
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`: the most top logprobs a request may ask
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 # Fields a model's generation_config.json may default (vLLM reads the same ones).
 GENERATION_CONFIG_FIELDS = (
@@ -127,7 +127,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     """Keep generating after EOS."""
     logprobs: int | None = None
-    """Return the chosen token's logprob plus the top-N (0..20) logprobs per generated token."""
+    """Return the chosen token's logprob plus the top-N logprobs per generated token (N up to
+    the engine's `max_logprobs`, default 20)."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     """Which distribution `logprobs` are read from: the model's raw logits, or the logits after
     the logit rules (allowed ids, suppressed tokens, timestamp rules, bias, ...) and penalties,
@@ -159,7 +160,8 @@ class SamplingParams(BaseModel):
     bad_words: list[str] = Field(default_factory=list)
     """Words never generated (each banned as tokenized with and without a leading space)."""
     prompt_logprobs: int | None = None
-    """Return each prompt token's logprob plus the top-N (0..20) at every prompt position."""
+    """Return each prompt token's logprob plus the top-N at every prompt position (N up to the
+    engine's `max_logprobs`)."""
     truncate_prompt_tokens: int | None = None
     """Keep only the last k prompt tokens (-1: as many as max_model_len allows)."""
     structured_outputs: StructuredOutputsParams | None = None
@@ -300,8 +302,8 @@ class SamplingParams(BaseModel):
     @field_validator("logprobs")
     @classmethod
     def _check_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            _check_range(value, 0, MAX_LOGPROBS)
+        if value is not None:  # the engine's max_logprobs bounds it (request_checks)
+            _check_range(value, 0, math.inf)
         return value
 
     @field_validator("stop")
@@ -364,7 +366,7 @@ class SamplingParams(BaseModel):
     @classmethod
     def _check_prompt_logprobs(cls, value: int | None) -> int | None:
         if value is not None:
-            _check_range(value, 0, MAX_LOGPROBS)
+            _check_range(value, 0, math.inf)
         return value
 
     @field_validator("truncate_prompt_tokens")

@@ -28,7 +28,7 @@ PASSED = (
     "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size", "runner",
     "hf_overrides", "revision", "hf_token", "scheduling_policy", "download_dir", "tokenizer",
     "enable_prefix_caching", "block_size", "limit_mm_per_prompt", "mm_processor_kwargs",
-    "override_generation_config", "speculative_config",
+    "override_generation_config", "speculative_config", "max_logprobs",
 )  # fmt: skip
 
 
@@ -102,6 +102,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-dir", help="the hub cache to download into / read from")
     parser.add_argument("--tokenizer", help="only the model's own (vLLM's option)")
     parser.add_argument("--block-size", type=int, help="tokens a KV block holds (default 16)")
+    parser.add_argument(
+        "--max-logprobs", type=int, help="most top logprobs a request may ask (default 20)"
+    )
     for flag, text in JSON_OPTIONS.items():
         parser.add_argument(flag, type=json.loads, help=text)
     for flag, text in SWITCHES.items():

@@ -132,3 +132,21 @@ def test_completion_top_logprobs_hold_the_chosen_token(client, top_n):
     ):
         assert top[token] == pytest.approx(chosen)  # OpenAI: "up to logprobs + 1" entries
         assert top_n <= len(top) <= top_n + 1
+
+
+def test_max_logprobs_bounds_what_a_request_may_ask(tmp_path_factory):
+    """`LLM(max_logprobs=N)` (`--max-logprobs`): up to N top logprobs, more refused naming the
+    field and the knob; the default is vLLM's 20."""
+    from polymodal import LLM
+
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2"))
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=32, max_logprobs=30)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, logprobs=30, prompt_logprobs=25),
+                       use_tqdm=False)[0]  # fmt: skip
+    assert all(len(table) >= 30 for table in out.outputs[0].logprobs)
+    assert all(len(t) >= 25 for t in out.prompt_logprobs[1:])
+    with pytest.raises(InvalidInputError, match=r"logprobs=31 is more .* max_logprobs=30"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, logprobs=31), use_tqdm=False)
+    default = LLM(path, device="cpu", dtype="float32", num_kv_blocks=32)
+    with pytest.raises(InvalidInputError, match=r"prompt_logprobs=21 is more .* max_logprobs=20"):
+        default.generate([[5, 6]], SamplingParams(prompt_logprobs=21), use_tqdm=False)
