@@ -91,7 +91,11 @@ def host_batch(
             hb.ids.extend(req.prompt_token_ids[start:end])
         elif n == 1:  # decode: the last sampled token
             hb.ids.append(req.output_token_ids[start - prompt_len])
-        else:  # a chunk past the prompt: the last token and the drafts after it
+        elif start >= prompt_len:  # the last token and the drafts after it
+            hb.ids.extend(
+                (req.output_token_ids + req.spec_token_ids)[start - prompt_len : end - prompt_len]
+            )
+        else:  # the prompt's end and outputs (a preempted request recomputing)
             hb.ids.extend((req.all_token_ids + req.spec_token_ids)[start:end])
         _positions(req, start, end, hb.rows, uses_mrope)
         for group_slots, table in zip(slots, req.block_tables):
