@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Speculative decoding (n-gram drafts) on the GPU: its GPU tests (greedy tokens of decoding
+# without drafts under decode / prefill graphs and the Triton backend; the bench's report), then
+# the 7B bench with and without drafts in one process each: batch-1 decode (wall time per
+# token), TTFT, captioning, and the acceptance rate on random weights (whatever the random
+# model repeats: the rate is the workload's, not a property of the method).
+source scripts/device/setup.sh
+timeout 150 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_speculative_gpu.py \
+  tests/sdk/test_bench_gpu.py -k "greedy or drafts" 2>&1 | tail -3
+SPEC='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
+for spec in "" "$SPEC"; do
+  timeout 200 python3 -m polymodal.cli bench --skip-hf --dummy-weights --images 128 \
+    ${spec:+--speculative-config "$spec"} --json $OUT/spec${spec:+_on}.json 2>&1 \
+    | grep -E "decode|speculative|TTFT|captioning" | head -8
+done
