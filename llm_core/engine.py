@@ -76,7 +76,9 @@ class Engine:
         # workers get each step's ids from the host batch: no device-resident ids to chain on
         self.async_scheduling = self.async_scheduling and self.executor is None
         # n-gram drafts follow each sequence's newest token: such an engine steps synchronously
-        self.speculation = Speculation.start(self.config.speculative_config, self.task)
+        self.speculation = Speculation.start(
+            self.config.speculative_config, self.task, self.model_config.vocab_size
+        )
         self.async_scheduling = self.async_scheduling and self.speculation is None
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
         # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.

@@ -86,8 +86,9 @@ class SpeculativeConfig:
             )
         return cls(k, lo, hi)
 
-    def propose(self, req) -> list[int]:
-        """Drafts for `req`'s next step (none for a request that cannot take them)."""
+    def propose(self, req, vocab_size: int) -> list[int]:
+        """Drafts for `req`'s next step (none for a request that cannot take them); they end
+        before an id the LM head cannot produce (an image token embedded past its vocab)."""
         room = min(
             self.num_speculative_tokens,
             (req.params.max_tokens or 1 << 62) - len(req.output_token_ids) - 1,
@@ -97,6 +98,10 @@ class SpeculativeConfig:
             return []
         tokens = context_array(req)
         drafts = ngram_drafts(tokens, self.prompt_lookup_min, self.prompt_lookup_max, room)
+        for i, token in enumerate(drafts):
+            if token >= vocab_size:
+                del drafts[i:]
+                break
         if drafts and req.grammar is not None:  # only what the grammar allows in a row
             del drafts[req.grammar.legal_drafts(drafts) :]
         return drafts
@@ -188,21 +193,23 @@ class Speculation:
     """An engine's drafting: proposes before each step, books each checked step, and counts
     drafts as vLLM's metrics do."""
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, vocab_size: int):
         self.config = config
+        self.vocab_size = vocab_size  # the LM head's: drafts stay below it
         self.num_drafts = 0  # steps of a sequence that checked drafts
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
     @classmethod
-    def start(cls, config: SpeculativeConfig | None, task: str) -> Speculation | None:
+    def start(cls, config: SpeculativeConfig | None, task: str, vocab_size: int
+              ) -> Speculation | None:  # fmt: skip
         if config is None:
             return None
         if task != "generate":
             raise InvalidInputError(
                 f"speculative_config: a {task} model generates no tokens to speculate on"
             )
-        return cls(config)
+        return cls(config, vocab_size)
 
     def propose(self, running: list) -> None:
         """Drafts for each running sequence that decodes next step (its last token known and
@@ -214,7 +221,7 @@ class Speculation:
                 and req.output_token_ids
                 and req.num_computed_tokens == req.num_known_tokens - 1
             ):
-                req.spec_token_ids = self.config.propose(req)
+                req.spec_token_ids = self.config.propose(req, self.vocab_size)
 
     def book(self, req, tokens: list) -> list:
         """The tokens `req`'s checked step yields; its computed count goes back past the

@@ -375,3 +375,21 @@ def test_structured_output_drafts_only_what_the_grammar_allows(ckpt, spec):
             assert re.fullmatch(spec["regex"], text), text
         elif reason == "stop":  # complete (else cut by max_tokens)
             assert isinstance(json.loads(text), list)
+
+
+def test_drafts_end_before_ids_the_lm_head_cannot_produce():
+    """A context may hold ids past the LM head's vocab (Mllama's image token is embedded past
+    it): drafts stop before one, so no row checks a token it cannot sample."""
+
+    class Seq:  # what the proposer reads of a request
+        params = SamplingParams(max_tokens=50)
+        grammar, max_model_len, num_known_tokens, num_tokens = None, 1000, 9, 9
+
+        def __init__(self, prompt):
+            self.prompt_token_ids, self.output_token_ids = prompt, [3]
+            self.draft_context = None
+
+    config = SpeculativeConfig(4, 1, 3)
+    assert config.propose(Seq([1, 2, 3, 900, 5, 7, 1, 2]), 1000) == [900, 5, 7, 1]
+    assert config.propose(Seq([1, 2, 3, 900, 5, 7, 1, 2]), 512) == []
+    assert config.propose(Seq([1, 2, 3, 4, 900, 5, 1, 2]), 512) == [4]
