@@ -18,9 +18,9 @@ from polymodal.llm_core.engine_config import EngineConfig, build_engine_parts
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
-from polymodal.llm_core.pooling import PoolingRequestOutput, check_pooling_request
+from polymodal.llm_core.pooling import check_pooling_request
 from polymodal.llm_core.pooling_requests import PoolingQueue, check_pooling_batch, paused_gc
-from polymodal.llm_core.pooling_step import PoolingFlight, launch_pooling_step
+from polymodal.llm_core.pooling_step import PoolingFlight, pooling_engine_step
 from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
@@ -315,7 +315,7 @@ class Engine:
         samples once they are read back (`ModelRunner.finish_sampling`).
         """
         if self.task != "generate":
-            return self._pool_step()
+            return pooling_engine_step(self)
         touched: dict[str, RequestGroup] = {}
         flight = self._in_flight
         overlap = self.async_scheduling
@@ -345,31 +345,6 @@ class Engine:
         if finished_only:
             groups = [g for g in groups if g.finished]
         return [self._output(g, now) for g in groups]
-
-    def _pool_step(self) -> list[PoolingRequestOutput]:
-        """One step of a pooling model: the scheduled prompt chunks run; whole prompts are
-        pooled, finished and returned. With async scheduling the step's outputs are read back
-        in the next call, after it launched its own step (outputs lag one step)."""
-        flight, self._pool_flight = self._pool_flight, None
-        self._admit_pooling()
-        sched = self.scheduler.schedule()
-        launched = None
-        if sched:
-            launched = launch_pooling_step(self.runner, sched, self.async_scheduling)
-            self.scheduler.update(sched)
-            self.scheduler.finish_all(launched.requests, "stop")  # pooled: nothing more to run
-        outputs = flight.outputs(self._seq_to_group, self._groups) if flight is not None else []
-        if launched is not None and self.async_scheduling:
-            self._pool_flight = launched
-        elif launched is not None:
-            outputs += launched.outputs(self._seq_to_group, self._groups)
-        return outputs
-
-    def _admit_pooling(self) -> None:
-        """Build the queued pooling prompts the next schedule may admit and hand them over."""
-        if self._pooling:
-            for group in self._pooling.admit(self.scheduler, self.runner.model.is_causal):
-                self._queue(group)
 
     def _resolve(self, flight, touched: dict[str, RequestGroup]) -> None:
         """Read a launched step's tokens back and book them (stops, text, outputs)."""

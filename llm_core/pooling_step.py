@@ -194,3 +194,32 @@ def _gather_chunks(sched: SchedulerOutput, hidden: torch.Tensor):
             rows.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks))  # [len, hidden]
             done.append(req)
     return done, rows
+
+
+def pooling_engine_step(engine) -> list[PoolingRequestOutput]:
+    """`Engine.step` of a pooling model: the queued prompts it may admit are built and handed
+    to the scheduler, the scheduled prompt chunks run, whole prompts are pooled, finished and
+    returned. With async scheduling the step's outputs are read back in the next call, after
+    it launched its own step (outputs lag one step)."""
+    flight, engine._pool_flight = engine._pool_flight, None
+    admit_pooling(engine)
+    sched = engine.scheduler.schedule()
+    launched = None
+    if sched:
+        launched = launch_pooling_step(engine.runner, sched, engine.async_scheduling)
+        engine.scheduler.update(sched)
+        engine.scheduler.finish_all(launched.requests, "stop")  # pooled: nothing more to run
+    groups = engine._seq_to_group, engine._groups
+    outputs = flight.outputs(*groups) if flight is not None else []
+    if launched is not None and engine.async_scheduling:
+        engine._pool_flight = launched
+    elif launched is not None:
+        outputs += launched.outputs(*groups)
+    return outputs
+
+
+def admit_pooling(engine) -> None:
+    """Build the queued pooling prompts the next schedule may admit and hand them over."""
+    if engine._pooling:
+        for group in engine._pooling.admit(engine.scheduler, engine.runner.model.is_causal):
+            engine._queue(group)

@@ -16,7 +16,7 @@ from polymodal.llm_core.pooling import (
     pool_rows,
     pooled_rows,
 )
-from polymodal.llm_core.pooling_step import runs_whole_prompts
+from polymodal.llm_core.pooling_step import admit_pooling, runs_whole_prompts
 from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import tiny_checkpoint
 
@@ -102,7 +102,7 @@ def test_add_requests_to_a_generation_model(tmp_path_factory):
 def test_encoder_steps_take_the_whole_prompt_path(bert):
     engine = Engine(bert, dtype="float32", device="cpu")
     engine.add_requests(PROMPTS, PoolingParams())
-    engine._admit_pooling()  # the prompts the step may admit, as requests
+    admit_pooling(engine)  # the prompts the step may admit, as requests
     sched = engine.scheduler.schedule()
     assert runs_whole_prompts(engine.runner, sched)
     assert all(r.prompt_tensor is not None for r in sched.requests)
@@ -151,7 +151,7 @@ def test_async_pooling_reads_each_step_back_one_step_late(bert):
 def test_finish_all_keeps_the_others_running_in_order(bert):
     engine = Engine(bert, dtype="float32", device="cpu")
     engine.add_requests(PROMPTS, PoolingParams())
-    engine._admit_pooling()
+    admit_pooling(engine)
     reqs = engine.scheduler.schedule().requests
     assert engine.scheduler.running == reqs
     engine.scheduler.finish_all([reqs[2], reqs[0], reqs[2]], "stop")
