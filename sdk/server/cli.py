@@ -84,8 +84,18 @@ def serve_command(parser: argparse.ArgumentParser):
     )
     parser.add_argument(
         "--tool-call-parser",
-        choices=["hermes", "llama3_json", "mistral"],
-        help="the model's tool-call format (Qwen2.5/Hermes, Llama 3/4 JSON, Mistral)",
+        choices=[
+            "hermes",
+            "llama3_json",
+            "mistral",
+            "pythonic",
+            "llama4_pythonic",
+            "deepseek_v3",
+            "phi4_mini_json",
+        ],  # fmt: skip
+        help="the model's tool-call format: hermes (Qwen2.5 / Qwen3 / Hermes), llama3_json "
+        "(Llama 3.x), mistral, pythonic (Llama 3.2 / 4), llama4_pythonic, deepseek_v3, "
+        "phi4_mini_json (Phi-4-mini / -multimodal)",
     )
     parser.add_argument(
         "--reasoning-parser",

@@ -12,6 +12,7 @@ Parsers (vLLM's `--tool-call-parser` names):
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -68,6 +69,7 @@ class ToolParser:
     name = ""
     start = ""
     keeps_blank_content = True  # spaces alone before the calls are content
+    content_first = True  # text may come before the calls
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, tool calls) of a whole reply; no calls -> (text, [])."""
@@ -150,7 +152,106 @@ class MistralParser(ToolParser):
         return self.content_before(text, at), calls
 
 
-TOOL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser())}
+class PythonicParser(ToolParser):
+    """Llama 3.2 / Llama 4's pythonic calls (vLLM's `pythonic`): the whole reply is a Python list
+    of calls with keyword arguments of literal values, `[get_weather(city="Paris", days=2)]`."""
+
+    name, start = "pythonic", "["
+    keeps_blank_content = False
+    content_first = False  # calls are the whole reply: text before them makes it content
+    wrapper = ("", "")  # markers around the list (llama4_pythonic's python tags)
+
+    def starts_calls(self, text):
+        stripped = text.lstrip()
+        if stripped.startswith("[") or (self.wrapper[0] and stripped.startswith(self.start)):
+            return len(text) - len(stripped)
+        return None
+
+    def parse(self, text):
+        at = self.starts_calls(text)
+        if at is None:
+            return text, []
+        body = text[at:].strip()
+        opener, closer = self.wrapper
+        if opener and body.startswith(opener):
+            body = body[len(opener) :].removesuffix(closer).strip()
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                raise ValueError("not a list of calls")
+            calls = [_python_call(node) for node in tree.elts]
+        except (SyntaxError, ValueError, TypeError):
+            return text, []
+        return self.content_before(text, at), calls
+
+
+class Llama4PythonicParser(PythonicParser):
+    """Llama 4's pythonic calls, inside `<|python_start|>` ... `<|python_end|>` or bare."""
+
+    name, start = "llama4_pythonic", "<|python_start|>"
+    wrapper = ("<|python_start|>", "<|python_end|>")
+
+
+def _python_call(node: ast.AST) -> dict[str, Any]:
+    """A tool call from `name(key=literal, ...)` (no positional arguments, as vLLM's)."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        raise ValueError("not a call with keyword arguments")
+    arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+    return tool_call(node.func.id, arguments)
+
+
+class DeepSeekV3Parser(ToolParser):
+    """DeepSeek-V3 / R1's calls (vLLM's `deepseek_v3`): between its tool-call tokens, each
+    `function<sep>NAME` then the arguments as a fenced JSON block."""
+
+    name, start = "deepseek_v3", "<｜tool▁calls▁begin｜>"
+    _call = re.compile(
+        r"<｜tool▁call▁begin｜>(?P<type>.*?)<｜tool▁sep｜>(?P<name>.*?)\n```json\n"
+        r"(?P<arguments>.*?)\n```<｜tool▁call▁end｜>",
+        re.DOTALL,
+    )
+
+    def parse(self, text):
+        at = self.starts_calls(text)
+        if at is None:
+            return text, []
+        try:
+            calls = [tool_call(m["name"].strip(), json.loads(m["arguments"]))
+                     for m in self._call.finditer(text, at)]  # fmt: skip
+        except (ValueError, TypeError):
+            return text, []
+        return (self.content_before(text, at), calls) if calls else (text, [])
+
+
+class Phi4MiniJsonParser(ToolParser):
+    """Phi-4-mini / Phi-4-multimodal's calls (vLLM's `phi4_mini_json`): `functools[{...}, ...]`,
+    each with `name` and `arguments` (or `parameters`)."""
+
+    name, start = "phi4_mini_json", "functools["
+    keeps_blank_content = False
+
+    def parse(self, text):
+        at = self.starts_calls(text)
+        if at is None:
+            return text, []
+        try:
+            objects, _ = json.JSONDecoder().raw_decode(text, at + len(self.start) - 1)
+            # each call's "parameters", else its "arguments"
+            calls = _calls_from(objects if isinstance(objects, list) else [objects], "parameters")
+        except (ValueError, TypeError):
+            return text, []
+        return self.content_before(text, at), calls
+
+
+TOOL_PARSERS = {
+    p.name: p
+    for p in (
+        HermesParser(), Llama3JsonParser(), MistralParser(), PythonicParser(),
+        Llama4PythonicParser(), DeepSeekV3Parser(), Phi4MiniJsonParser(),
+    )
+}  # fmt: skip
+# parsers whose start is a special token the detokenizer must keep
+SPECIAL_START = ("mistral", "deepseek_v3", "llama4_pythonic")
 
 
 @dataclass
@@ -216,13 +317,13 @@ def tool_params(body, params, shape, parser):
         if parser is None:
             raise RequestError(
                 '"auto" tool choice needs a tool-call parser: start the server with '
-                "--enable-auto-tool-choice --tool-call-parser {hermes,llama3_json,mistral}, "
+                "--enable-auto-tool-choice --tool-call-parser {" + ",".join(TOOL_PARSERS) + "}, "
                 'or send tool_choice "required", "none" or a named function',
                 "tool_choice",
             )
         shape.tool_mode, shape.parser, shape.parallel = "auto", parser, body.parallel_tool_calls
-        if parser.name == "mistral" and "skip_special_tokens" not in params.model_fields_set:
-            # [TOOL_CALLS] is a special token: keep it in the text the parser reads
+        if parser.name in SPECIAL_START and "skip_special_tokens" not in params.model_fields_set:
+            # [TOOL_CALLS] (and the like) is a special token: keep it in the text the parser reads
             return params.model_copy(update={"skip_special_tokens": False})
         return params
     if params.structured_outputs is not None:
