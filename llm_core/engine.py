@@ -61,6 +61,8 @@ class Engine:
         self.runner = parts.runner
         self.max_model_len = parts.max_model_len
         self.device = parts.device
+        self.capture_graphs = parts.capture_graphs
+        self.sleeping = None  # sleep.Sleep while asleep (sleep mode)
         self.task = self.model_config.task  # generate, or a pooling task
         self._groups: dict[str, RequestGroup] = {}
         self._seq_to_group: dict[str, tuple[RequestGroup, int]] = {}
@@ -115,6 +117,8 @@ class Engine:
         a worker thread); without it the engine compiles it here. A pooling model takes
         `PoolingParams` (and, for BERT, optional `token_type_ids`).
         """
+        if self.sleeping is not None:
+            raise InvalidInputError("the engine is asleep (sleep mode): call wake_up() first")
         mc = self.model_config
         pooling = check_pooling_request(params, self.task, mc.architecture, mc.model_dir)
         params = pooling or params or SamplingParams()

@@ -127,6 +127,8 @@ class EngineConfig:
     speculative_config: Any = None
     # vLLM's: the most logprobs (top-N per token, prompt logprobs) a request may ask for
     max_logprobs: int = 20
+    # vLLM's: `sleep()` / `wake_up()` may free and retake the GPU memory (sleep.py)
+    enable_sleep_mode: bool = False
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as
@@ -195,6 +197,7 @@ class EngineParts:
     max_model_len: int
     device: torch.device
     model_path: Path
+    capture_graphs: Any  # () -> None: (re)capture the CUDA graphs this engine uses
 
 
 def _device(name: str) -> torch.device:
@@ -356,13 +359,10 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
         )
     # CUDA graphs with the collectives inside are not done yet: tensor parallelism runs eager
     graphs = cfg.cuda_graphs and not pooling and layout.slots and tp.size == 1
-    if graphs and device.type == "cuda" and rank.backend.name == "triton":
-        runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
-        prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
-        if prefill_tokens > 0 and getattr(net, "supports_prefill_graphs", True):
-            runner.capture_prefill_graphs(prefill_tokens, max_len)
-        if supports_multimodal(net):
-            net.enable_cuda_graphs(tower_graphs)
+    graphs = graphs and device.type == "cuda" and rank.backend.name == "triton"
+    capture = partial(capture_graphs, runner, cfg, max_len) if graphs else _no_graphs
+    capture()
+    if graphs:
         runner.warm_up_seconds = warm_up_long_paths(runner, max_len, rank.num_blocks)
         log.info(
             "load-time warm-up of long prompts and large media (cuDNN SDPA plans, Triton "
@@ -371,4 +371,22 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
     cls = model_class(model_config.architecture)
     tokenizer_dir = cls.tokenizer_dir(path) if hasattr(cls, "tokenizer_dir") else path
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(tokenizer_dir)
-    return EngineParts(cfg, model_config, tokenizer, scheduler, runner, max_len, device, path)
+    return EngineParts(
+        cfg, model_config, tokenizer, scheduler, runner, max_len, device, path, capture
+    )
+
+
+def capture_graphs(runner: ModelRunner, cfg: EngineConfig, max_len: int) -> None:
+    """Capture the decoder's CUDA graphs (decode, small prefill steps) and let the towers
+    capture theirs (at load, and again when an engine wakes up: `sleep.py`)."""
+    net = runner.model
+    runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
+    prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
+    if prefill_tokens > 0 and getattr(net, "supports_prefill_graphs", True):
+        runner.capture_prefill_graphs(prefill_tokens, max_len)
+    if supports_multimodal(net):
+        net.enable_cuda_graphs(tower_graphs)
+
+
+def _no_graphs() -> None:
+    """An engine without CUDA graphs (CPU, the torch backend, pooling, tensor parallelism)."""

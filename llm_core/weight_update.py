@@ -33,6 +33,8 @@ def load_weights(engine, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     tensor-parallel one (`InvalidInputError`)."""
     if engine.has_unfinished():
         raise InvalidInputError("load_weights while requests run: let them finish or abort them")
+    if engine.sleeping is not None and "weights" in engine.sleeping.asleep:
+        raise InvalidInputError("load_weights while the weights sleep: wake_up(['weights']) first")
     if engine.executor is not None:
         raise InvalidInputError("load_weights is not supported with tensor_parallel_size > 1")
     if engine.config.quantization is not None or engine.model_config.quantization_config:

@@ -210,6 +210,11 @@ class AsyncEngine:
         (word timestamps), as a `concurrent.futures.Future`."""
         return self._core.align_later(features, token_ids, heads)
 
+    async def control(self, name: str, *args: Any) -> Any:
+        """Sleep mode on the engine thread, wherever it runs: `control("sleep", level)`,
+        `control("wake_up", tags)`, `control("is_sleeping")` (llm_core/sleep.py)."""
+        return await asyncio.wrap_future(self._core.control_later(name, *args))
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; a running `stream` of it ends. Thread-safe."""
         if self.alive:

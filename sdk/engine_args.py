@@ -105,6 +105,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-logprobs", type=int, help="most top logprobs a request may ask (default 20)"
     )
+    parser.add_argument(
+        "--enable-sleep-mode",
+        action="store_true",
+        help="the engine may free its GPU memory while idle (serve: POST /sleep, /wake_up)",
+    )
     for flag, text in JSON_OPTIONS.items():
         parser.add_argument(flag, type=json.loads, help=text)
     for flag, text in SWITCHES.items():
@@ -127,6 +132,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_lora=bool(args.enable_lora or args.lora_modules) or None,
         cuda_graphs=False if args.enforce_eager else None,
         trust_remote_code=args.trust_remote_code or None,
+        enable_sleep_mode=args.enable_sleep_mode or None,
     )
     if args.enable_chunked_prefill is False:
         raise SystemExit("--no-enable-chunked-prefill: polymodal always splits long prompts")

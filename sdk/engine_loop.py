@@ -150,6 +150,7 @@ class EngineLoop:
             "embedding_dimension": embedding_dimension(self.engine.runner.model),
             "matryoshka": list(matryoshka_dimensions(mc.text_config)),
             "do_lower_case": mc.do_lower_case,  # sentence_bert_config.json: text lower-cased
+            "sleep_mode": self.engine.config.enable_sleep_mode,  # the sleep routes are served
         }
 
     def process_later(self, prompt: Any) -> Any:
@@ -163,6 +164,13 @@ class EngineLoop:
         from polymodal.speech import model_aligner
 
         return self._pool.submit(lambda: model_aligner(self.llm)(features, token_ids, heads))
+
+    def control_later(self, name: str, *args: Any) -> Future:
+        """Sleep mode's `sleep` / `wake_up` / `is_sleeping` (llm_core/sleep.py) on the engine
+        thread, between steps, as a `concurrent.futures.Future` of its result."""
+        future: Future = Future()
+        self._command(("control", name, args, future))
+        return future
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine thread (requests still running are aborted)."""
@@ -236,6 +244,12 @@ class EngineLoop:
                         self._added.add(request_id)
                 except Exception as exc:  # noqa: BLE001
                     self._end([(request_id, exc)])
+            elif command[0] == "control":
+                _, name, args, future = command
+                try:
+                    future.set_result(_control(self.engine, name, args))
+                except Exception as exc:  # noqa: BLE001 - the caller's error, not the engine's
+                    future.set_exception(exc)
             else:  # abort
                 _, request_id = command
                 with self._lock:
@@ -294,6 +308,17 @@ class EngineLoop:
         for request_id in leftover:
             self.engine.abort(request_id)
         self._end([(request_id, END) for request_id in leftover])
+
+
+def _control(engine, name: str, args: tuple) -> Any:
+    """One sleep-mode call on `engine` (the engine thread's)."""
+    from polymodal.llm_core import sleep
+
+    if name == "is_sleeping":
+        return engine.sleeping is not None
+    if name not in ("sleep", "wake_up"):
+        raise ValueError(f"unknown engine control {name!r}")
+    return getattr(sleep, name)(engine, *args)
 
 
 def embedding_dimension(model) -> int | None:

@@ -10,6 +10,7 @@ and outputs cross, pickled.
 
 Protocol: parent -> child, a list of commands per message, each a tuple: `("add", id, prompt,
 params, lora)`, `("abort", id)`, `("option", name, value)`, `("process", token, prompt)`,
+`("control", token, name, args)` (sleep mode),
 `("align", token, args)`, `("close",)`; child -> parent (each message a tuple) `("ready",
 info)` or `("failed", exc)` once at start, then `("items", [(id, item), ...])`, `("stats",
 tuple)` and `("processed", token, result, error)`.
@@ -126,6 +127,13 @@ class EngineProcess:
         token, future = next(self._tokens), Future()
         self._calls[token] = future
         self._send(("align", token, (features, token_ids, heads)))
+        return future
+
+    def control_later(self, name: str, *args: Any) -> Future:
+        """`EngineLoop.control_later` in the child (sleep mode), as a Future."""
+        token, future = next(self._tokens), Future()
+        self._calls[token] = future
+        self._send(("control", token, name, args))
         return future
 
     def close(self, timeout: float = 10.0) -> None:
@@ -254,6 +262,10 @@ def run_commands(loop: EngineLoop, outbox: Outbox, commands: list[tuple]) -> boo
         elif command[0] == "align":
             _, token, args = command
             future = loop.align_later(*args)
+            future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
+        elif command[0] == "control":
+            _, token, name, args = command
+            future = loop.control_later(name, *args)
             future.add_done_callback(lambda f, t=token: outbox.put_processed(t, f))
         elif command[0] == "close":
             return False

@@ -132,6 +132,22 @@ class LLM:
         prefix and encoder caches (`llm_core/weight_update.py`)."""
         weight_update.load_weights(self.engine, weights)
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's: free the GPU memory of an idle engine (`enable_sleep_mode=True`): level 1
+        keeps the weights on the host, level 2 drops them (load new ones after `wake_up`)."""
+        from polymodal.llm_core import sleep
+
+        sleep.sleep(self.engine, level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """vLLM's: take the memory back: `["weights"]`, `["kv_cache"]`, or both (default)."""
+        from polymodal.llm_core import sleep
+
+        sleep.wake_up(self.engine, tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.sleeping is not None
+
     def process(self, prompt: Any, stage: bool = True) -> ProcessedPrompt:
         """Turn one prompt (any accepted form) into token ids, positions and media items.
 

@@ -48,6 +48,7 @@ from polymodal.server.serving import (
     run_beam_search,
     run_job,
 )
+from polymodal.server.sleep_routes import add_sleep_routes
 from polymodal.server.tools import TOOL_PARSERS, tool_params
 
 
@@ -356,6 +357,8 @@ def create_app(
 
     add_pooling_routes(auth, engine, names[0], check_model, metrics)
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
+    if engine.model_info.get("sleep_mode"):
+        add_sleep_routes(auth, engine)
     chat_prompt = lambda m: {"messages": engine_messages(m, policy, takes_audio),  # noqa: E731
                              "chat_template": chat_template}  # fmt: skip
     add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults)
