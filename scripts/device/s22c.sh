@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speculative decoding (n-gram drafts) on the GPU: its GPU tests (greedy tokens of decoding
+# Sleep mode's GPU test, and speculative decoding (n-gram drafts) on the GPU: its GPU tests (greedy tokens of decoding
 # without drafts under decode / prefill graphs and the Triton backend; the bench's report), then
 # the 7B bench with and without drafts in one process each: batch-1 decode (wall time per
 # token), TTFT, captioning, and the acceptance rate on random weights (whatever the random
@@ -7,6 +7,8 @@
 source scripts/device/setup.sh
 timeout 150 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_speculative_gpu.py \
   tests/sdk/test_bench_gpu.py -k "greedy or drafts" 2>&1 | tail -3
+# sleep mode: memory given back at levels 1 and 2, graphs recaptured, the same tokens
+timeout 100 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_sleep.py -k gpu 2>&1 | tail -3
 SPEC='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 for spec in "" "$SPEC"; do
   timeout 200 python3 -m polymodal.cli bench --skip-hf --dummy-weights --images 128 \
