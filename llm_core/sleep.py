@@ -84,19 +84,37 @@ def wake_up(engine, tags: list[str] | None = None) -> None:
         return  # awake already, as vLLM's
     with torch.inference_mode():
         if "weights" in wanted and "weights" in state.asleep:
-            for storage, nbytes, host in state.weights:
-                storage.resize_(nbytes)
+            _give_back("weights", [(s, n) for s, n, _ in state.weights])
+            for storage, _, host in state.weights:
                 if host is not None:
                     _bytes(storage).copy_(host)
             state.weights, state.asleep = [], state.asleep - {"weights"}
         if "kv_cache" in wanted and "kv_cache" in state.asleep:
-            for storage, nbytes in state.kv:
-                storage.resize_(nbytes)
+            _give_back("kv_cache", state.kv)
+            for storage, _ in state.kv:
                 _bytes(storage).zero_()
             state.kv, state.asleep = [], state.asleep - {"kv_cache"}
     if not state.asleep:
         engine.sleeping = None
         engine.capture_graphs()
+
+
+def _give_back(tag: str, storages: list) -> None:
+    """Each `(storage, bytes)` its memory again, all or none: out of memory (the GPU's other
+    tenant still holds it), the ones given back are freed again and the error names the tag."""
+    done = []
+    try:
+        for storage, nbytes in storages:
+            storage.resize_(nbytes)
+            done.append(storage)
+    except torch.OutOfMemoryError as exc:
+        for storage in done:
+            storage.resize_(0)
+        need = sum(n for _, n in storages) / (1 << 30)
+        raise InvalidInputError(
+            f"wake_up: not enough device memory for the {tag} ({need:.2f} GiB); free it and "
+            "call wake_up again (the engine stays asleep)"
+        ) from exc
 
 
 def drop_graphs(runner) -> None:

@@ -106,6 +106,29 @@ def test_what_is_refused(tmp_path_factory):
     assert len(_tokens(llm)) == 2
 
 
+def test_out_of_memory_on_waking_leaves_the_engine_asleep(tmp_path_factory, monkeypatch):
+    """The GPU's other tenant still holds the memory: wake_up says so, frees what it took,
+    and a later wake_up works."""
+    llm = _llm(tiny_checkpoint(tmp_path_factory, "qwen2"))
+    before = _tokens(llm)
+    llm.sleep()
+    real, calls = torch.UntypedStorage.resize_, []
+
+    def failing(storage, nbytes):
+        calls.append(nbytes)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(storage, nbytes)
+
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", failing)
+    with pytest.raises(InvalidInputError, match="not enough device memory for the weights"):
+        llm.wake_up()
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", real)
+    assert llm.is_sleeping() and _freed(llm)
+    llm.wake_up()
+    assert _tokens(llm) == before
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("level", [1, 2])
