@@ -17,6 +17,8 @@ import importlib
 import importlib.util
 import sys
 
+from polymodal.config_file import expand_config
+
 # subcommand -> "module:function" taking the parser (adds its arguments) and returning a
 # runner `run(args) -> int`; modules import heavy dependencies inside `run`, so every
 # command's `--help` works whatever extras are installed.
@@ -70,6 +72,10 @@ def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, dict]:
         if name == command:
             module, func = target.split(":")
             runners[name] = getattr(importlib.import_module(module), func)(subparser)
+            # option string -> nargs (0: a switch), for `--config` (config_file.py)
+            parser.options = {
+                s: action.nargs for action in subparser._actions for s in action.option_strings
+            }
     return parser, runners
 
 
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser, runners = build_parser(command)
+    argv = expand_config(argv, command, getattr(parser, "options", {}))
     args = parser.parse_args(argv)
     missing = missing_extra(args.command)
     if missing:

@@ -34,6 +34,11 @@ PASSED = (
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the engine options (names as vLLM's where vLLM has the same knob)."""
+    parser.add_argument(
+        "--config",
+        help="a YAML file of options (vLLM's): `max_model_len: 8192`, ...; the command line's "
+        "options win (polymodal.config_file)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int)

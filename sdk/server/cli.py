@@ -35,14 +35,35 @@ def parse_origins(value: str) -> list[str]:
     return [o.strip() for o in value.split(",") if o.strip()]
 
 
-def serve_app(app, host: str, port: int, log_level: str = "info") -> None:
-    """Run `app` on uvicorn until it is stopped (`polymodal serve` and the frontend bench)."""
+def serve_app(app, host: str, port: int, log_level: str = "info", **uvicorn_options) -> None:
+    """Run `app` on uvicorn until it is stopped (`polymodal serve` and the frontend bench);
+    `uvicorn_options`: TLS files, `root_path`, `access_log`."""
     import uvicorn
 
     from polymodal.engine_process import freeze_heap
 
     freeze_heap()  # what the app holds now (modules, torch, the tokenizer) lives on
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options)
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn's settings from vLLM's serve options (TLS, a proxy's path prefix, access log)."""
+    options = {
+        "ssl_keyfile": args.ssl_keyfile,
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_ca_certs": args.ssl_ca_certs,
+        "root_path": args.root_path,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.disable_uvicorn_access_log:
+        options["access_log"] = False
+    for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = options.get(name)
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"polymodal serve: --{name.replace('_', '-')} {path}: no such file")
+    if ("ssl_keyfile" in options) != ("ssl_certfile" in options):
+        raise SystemExit("polymodal serve: --ssl-keyfile and --ssl-certfile go together")
+    return options
 
 
 def serve_command(parser: argparse.ArgumentParser):
@@ -119,6 +140,13 @@ def serve_command(parser: argparse.ArgumentParser):
         "the media workers' threads do it all)",
     )
     parser.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info")
+    parser.add_argument("--ssl-keyfile", help="TLS: the server's private key (PEM)")
+    parser.add_argument("--ssl-certfile", help="TLS: the server's certificate (PEM)")
+    parser.add_argument("--ssl-ca-certs", help="TLS: CA certificates to check clients' with")
+    parser.add_argument("--root-path", help="the path prefix a proxy serves the API under")
+    parser.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request"
+    )
     parser.add_argument("--seed", type=int, help="the engine's random stream (default 0)")
     parser.add_argument(
         "--enable-request-id-headers",
@@ -151,6 +179,7 @@ def serve_command(parser: argparse.ArgumentParser):
         if args.media_processes < 0:
             print("polymodal serve: --media-processes must be 0 or more", file=sys.stderr)
             return 2
+        server_options = uvicorn_options(args)  # a missing TLS file fails before the model loads
         engine = AsyncEngine(
             args.model,
             process_workers=args.media_workers,
@@ -175,7 +204,7 @@ def serve_command(parser: argparse.ArgumentParser):
             request_id_headers=args.enable_request_id_headers,
         )
         try:
-            serve_app(app, args.host, args.port, args.log_level)
+            serve_app(app, args.host, args.port, args.log_level, **server_options)
         finally:
             engine.close()
         return 0
