@@ -53,11 +53,12 @@ def _has_media(messages) -> bool:
 
 
 def _flatten(message: dict) -> dict:
-    """Join text parts so plain-string chat templates accept OpenAI-style content lists."""
+    """Join text parts so plain-string chat templates accept OpenAI-style content lists (one
+    per line, as vLLM's and TensorRT-LLM's servers join them)."""
     if not isinstance(message, dict) or "role" not in message:
         raise InvalidInputError(f"each message needs a 'role' and 'content', got {message!r:.80}")
     (message,), _ = split_messages([message])  # tool calls parsed, content None -> ""
     content = message["content"]
     if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
     return {**message, "content": content}
