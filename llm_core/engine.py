@@ -77,11 +77,10 @@ class Engine:
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
         # workers get each step's ids from the host batch: no device-resident ids to chain on
         self.async_scheduling = self.async_scheduling and self.executor is None
-        # n-gram drafts follow each sequence's newest token: such an engine steps synchronously
+        # n-gram drafts follow each sequence's newest token: a step that drafts runs synchronously
         self.speculation = Speculation.start(
             self.config.speculative_config, self.task, self.model_config.vocab_size
         )
-        self.async_scheduling = self.async_scheduling and self.speculation is None
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
         # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.
         gc.collect()
@@ -322,11 +321,12 @@ class Engine:
             return pooling_engine_step(self)
         touched: dict[str, RequestGroup] = {}
         flight = self._in_flight
-        overlap = self.async_scheduling
+        drafting = self.speculation is not None and self.speculation.active(self.scheduler)
+        overlap = self.async_scheduling and not drafting
         if flight is not None and not overlap:
             self._resolve(flight, touched)
             flight = self._in_flight = None
-        if self.speculation is not None:
+        if drafting:
             self.speculation.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         # rules that follow the previous tokens (grammars, penalties, bad words, logprobs)

@@ -14,8 +14,9 @@ distribution (the sampler's `drafts`): the output distribution is the target's, 
 same random stream as without drafts (seeded requests give other, equally distributed tokens).
 
 A request with a grammar (structured output) drafts only what its grammar allows in a row, and
-each row is masked by the grammar's state after the drafts before it. Steps run synchronously
-(async scheduling is off): a sequence's drafts follow its newest token.
+each row is masked by the grammar's state after the drafts before it. A step that drafts runs
+synchronously (a sequence's drafts follow its newest token); with `disable_by_batch_size`, the
+steps of a larger batch draft nothing and keep async scheduling.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ METHODS = ("ngram",)
 # draft-model methods vLLM has that need a second model (or heads) polymodal does not load
 OTHER_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
                  "deepseek_mtp", "suffix", "ngram_gpu")  # fmt: skip
-_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
+         "disable_by_batch_size"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 5
     prompt_lookup_max: int = 5
     method: str = "ngram"
+    # vLLM's: no drafts while more than this many requests are queued or running (those steps
+    # keep async scheduling); None: always draft
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, value: Any) -> SpeculativeConfig | None:
@@ -84,7 +89,13 @@ class SpeculativeConfig:
             raise InvalidInputError(
                 f"speculative_config prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}"
             )
-        return cls(k, lo, hi)
+        limit = value.get("disable_by_batch_size")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):  # fmt: skip
+            raise InvalidInputError(
+                f"speculative_config disable_by_batch_size must be an int >= 1, got {limit!r}"
+            )
+        return cls(k, lo, hi, disable_by_batch_size=limit)
 
     def propose(self, req, vocab_size: int) -> list[int]:
         """Drafts for `req`'s next step (none for a request that cannot take them); they end
@@ -210,6 +221,12 @@ class Speculation:
                 f"speculative_config: a {task} model generates no tokens to speculate on"
             )
         return cls(config, vocab_size)
+
+    def active(self, scheduler) -> bool:
+        """Whether this step drafts: always, unless more requests than `disable_by_batch_size`
+        are queued or running."""
+        limit = self.config.disable_by_batch_size
+        return limit is None or len(scheduler.running) + len(scheduler.waiting) <= limit
 
     def propose(self, running: list) -> None:
         """Drafts for each running sequence that decodes next step (its last token known and

@@ -65,7 +65,27 @@ def test_greedy_equals_decoding_without_drafts(ckpt, plain):
     assert _ids(_run(engine)) == plain
     _accepts(engine)
     assert engine.num_free_blocks == 256
-    assert not engine.async_scheduling
+
+
+def test_large_batches_keep_async_scheduling(ckpt, plain):
+    """`disable_by_batch_size`: while more requests than that are queued or running, steps
+    draft nothing and overlap (async scheduling); once fewer remain, they draft again."""
+    config = {**NGRAM, "disable_by_batch_size": 3}
+    engine = _engine(ckpt, False, async_scheduling=True, speculative_config=config)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True)
+              for i in range(len(PROMPTS))]  # fmt: skip
+    ids = [engine.add_request(p, q) for p, q in zip(PROMPTS, params)]
+    overlapped = drafting = 0
+    final = {}
+    while engine.has_unfinished():
+        drafts = engine.speculation.num_draft_tokens
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+        overlapped += engine._in_flight is not None
+        drafting += engine.speculation.num_draft_tokens > drafts
+    assert overlapped > 0 and drafting > 0
+    want = [ref[: q.max_tokens] for ref, q in zip(plain, params)]
+    assert [final[i].outputs[0].token_ids for i in ids] == want
+    assert engine.num_free_blocks == 256
 
 
 def test_chunk_budget_cuts_drafts_preemption_and_prefix_hits(ckpt, plain):
@@ -272,6 +292,8 @@ def test_accepted_stops_at_the_first_disagreement():
         ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1},
          "draft_tensor_parallel_size not supported"),
         ("ngram", "must be a dict"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+         "disable_by_batch_size must be an int >= 1, got 0"),
     ],
 )  # fmt: skip
 def test_bad_configs_are_refused(config, words):
