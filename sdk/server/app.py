@@ -70,6 +70,9 @@ def create_app(
     lora_modules: dict[str, Any] | None = None,
     reasoning_parser: str | None = None,
     request_id_headers: bool = False,
+    response_role: str = "assistant",
+    tokens_as_ids: bool = False,
+    api_docs: bool = True,
 ) -> FastAPI:
     """Build the app; the caller owns `engine` (and closes it after the server stops).
 
@@ -79,10 +82,13 @@ def create_app(
     `allowed_origins` turns CORS on; `chat_template` replaces the checkpoint's;
     `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`;
     `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py);
-    `request_id_headers` adds `X-Request-Id` to every response.
+    `request_id_headers` adds `X-Request-Id` to every response; `response_role` names chat
+    replies' role, `tokens_as_ids` is `return_tokens_as_token_ids`' default; `api_docs=False`
+    serves no /docs, /redoc, /openapi.json.
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name)
-    app = FastAPI(title="polymodal", version=__version__)
+    docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="polymodal", version=__version__, **docs)
     if allowed_origins:
         # pure ASGI (unlike BaseHTTPMiddleware): client disconnects still reach the handlers
         app.add_middleware(
@@ -245,8 +251,10 @@ def create_app(
         generates("/v1/chat/completions")
         params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        shape = Shape("chat", top_n, params.n)
-        shape.take_extras(body, reasoning_parser, request.headers.get("x-request-id"))
+        shape = Shape("chat", top_n, params.n, role=response_role)
+        shape.take_extras(
+            body, reasoning_parser, request.headers.get("x-request-id"), tokens_as_ids
+        )
         if body.tools:
             params = tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
@@ -291,7 +299,7 @@ def create_app(
                 for p in prompts
             ]
         shape = Shape("completion", body.logprobs, body.n or 1)
-        shape.take_extras(body, None, request.headers.get("x-request-id"))
+        shape.take_extras(body, None, request.headers.get("x-request-id"), tokens_as_ids)
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0

@@ -147,6 +147,16 @@ def serve_command(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request"
     )
+    parser.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs, /redoc")
+    parser.add_argument("--response-role", default="assistant", help="chat replies' role")
+    parser.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help='logprobs name tokens as "token_id:N" unless a request says otherwise',
+    )
+    parser.add_argument(
+        "--max-log-len", type=int, help="accepted for vLLM's command lines: no prompt is logged"
+    )
     parser.add_argument("--seed", type=int, help="the engine's random stream (default 0)")
     parser.add_argument(
         "--enable-request-id-headers",
@@ -202,6 +212,9 @@ def serve_command(parser: argparse.ArgumentParser):
             lora_modules=adapters,
             reasoning_parser=args.reasoning_parser,
             request_id_headers=args.enable_request_id_headers,
+            response_role=args.response_role,
+            tokens_as_ids=args.return_tokens_as_token_ids,
+            api_docs=not args.disable_fastapi_docs,
         )
         try:
             serve_app(app, args.host, args.port, args.log_level, **server_options)

@@ -79,14 +79,18 @@ class Shape:
     ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprobs' "token_id:N"
     request_id: str | None = None  # the caller's id: the response id is built from it
     reasoning: Reasoning | None = None  # chat with --reasoning-parser: thinking apart
+    role: str = "assistant"  # a chat reply's role (vLLM's --response-role)
 
-    def take_extras(self, body, reasoning_parser: str | None = None, header_id=None) -> None:
+    def take_extras(
+        self, body, reasoning_parser: str | None = None, header_id=None, ids_as_tokens=False
+    ) -> None:
         """vLLM's per-request output extras of `body`: prompt logprobs, token ids, logprobs'
-        tokens as ids, the caller's request id (the body's, else its `X-Request-Id` header:
-        `header_id`); a chat's reasoning split."""
+        tokens as ids (`ids_as_tokens`: the server's default), the caller's request id (the
+        body's, else its `X-Request-Id` header: `header_id`); a chat's reasoning split."""
         self.prompt_logprobs = body.prompt_logprobs
         self.token_ids = bool(body.return_token_ids)
-        self.ids_as_tokens = bool(body.return_tokens_as_token_ids)
+        given = body.return_tokens_as_token_ids
+        self.ids_as_tokens = bool(ids_as_tokens if given is None else given)
         self.request_id = body.request_id or header_id
         if reasoning_parser is not None:
             self.reasoning = Reasoning.for_request(
@@ -152,7 +156,7 @@ class ResponseBuilder:
             content = None  # all thinking (cut short before its answer)
         if self.shape.echo and content is not None:
             content = self.shape.echo[0] + content
-        message = ChatResponseMessage(role="assistant", content=content, tool_calls=calls)
+        message = ChatResponseMessage(role=self.shape.role, content=content, tool_calls=calls)
         message.reasoning_content = message.reasoning = thinking
         return ChatChoice(
             index=index,
@@ -253,7 +257,7 @@ class ResponseBuilder:
                     continue
                 delta = delta or ChatResponseMessage()
                 if index not in self._started:
-                    delta.role = "assistant"
+                    delta.role = self.shape.role
                     if self.shape.echo:
                         delta.content = self.shape.echo[0] + (delta.content or "")
                 prompt_ids = None

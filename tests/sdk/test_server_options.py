@@ -126,3 +126,23 @@ def test_generation_config_option_reaches_the_served_defaults(tmp_path_factory):
             assert eng.model_info["default_sampling"].get("top_k") == expected
         finally:
             eng.close()
+
+
+def test_response_role_token_ids_default_and_no_docs(engine):
+    """vLLM's --response-role, --return-tokens-as-token-ids (a request may still say false),
+    --disable-fastapi-docs."""
+    app = create_app(engine, "m", response_role="bot", tokens_as_ids=True, api_docs=False)
+    body = {"messages": USER, "max_tokens": 3, "temperature": 0, "logprobs": True}
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert reply["message"]["role"] == "bot"
+        assert all(t["token"].startswith("token_id:") for t in reply["logprobs"]["content"])
+        plain = {**body, "return_tokens_as_token_ids": False}
+        reply = client.post("/v1/chat/completions", json=plain).json()["choices"][0]
+        assert not any(t["token"].startswith("token_id:") for t in reply["logprobs"]["content"])
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+        assert '"role":"bot"' in streamed.replace(" ", "")
+        assert client.get("/docs").status_code == 404
+        assert client.get("/openapi.json").status_code == 404
+    with TestClient(create_app(engine, "m")) as client:
+        assert client.get("/openapi.json").status_code == 200
