@@ -306,3 +306,19 @@ def test_cuda_batch1_gemv_folds_match_the_unfused_step(models):
         torch.testing.assert_close(logits[step], ref_logits[step], atol=0.05, rtol=0)
         if tokens[step] != ref_tokens[step]:
             break
+
+
+def test_speculative_drafts_keep_the_transcripts(models):
+    """n-gram drafts on an encoder-decoder model (cross-attention rows, suppressed tokens,
+    timestamp rules): transformers' tokens still."""
+    llm = LLM(str(models[0]), dtype="float32", device="cpu", num_kv_blocks=128,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                  "prompt_lookup_min": 1, "prompt_lookup_max": 2})  # fmt: skip
+    names = list(CASES)
+    ids = [llm.submit(_prompt(n), _params(llm)) for n in names]
+    final = {o.request_id: o for o in llm.run(ids)}
+    for rid, name in zip(ids, names):  # (logits: a step holds several rows of a request)
+        prompt, tokens, _ = _reference(models, name)
+        assert final[rid].prompt_token_ids == prompt
+        assert final[rid].outputs[0].token_ids == tokens[:STEPS]
+    assert llm.engine.speculation.num_draft_tokens > 0
