@@ -44,7 +44,7 @@ def test_generation_stops_at_max_model_len(ckpt):
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
-        ({"logprobs": 99}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),  # above max_logprobs: the engine refuses it
         ({"top_k": -5}, "top_k"),
     ],
 )
