@@ -367,9 +367,12 @@ def create_app(
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     if engine.model_info.get("sleep_mode"):
         add_sleep_routes(auth, engine)
-    chat_prompt = lambda m: {"messages": engine_messages(m, policy, takes_audio),  # noqa: E731
-                             "chat_template": chat_template}  # fmt: skip
-    add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults)
+    chat_prompt = lambda m, tools=None: {  # noqa: E731
+        "messages": engine_messages(m, policy, takes_audio), "tools": tools,
+        "chat_template": chat_template,
+    }  # fmt: skip
+    add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults,
+                        parser)  # fmt: skip
     app.include_router(v1)
     app.include_router(auth)
     return app

@@ -98,6 +98,25 @@ class Shape:
             )
 
 
+def reply_parts(shape: Shape, text: str, reason: str | None):
+    """(content, tool_calls, finish_reason) of a finished reply under `shape`'s tool mode."""
+    mode = shape.tool_mode
+    if mode == "named":
+        call = {"id": new_call_id(), "type": "function"}
+        call["function"] = {"name": shape.tool_name, "arguments": text}
+        return None, [call], reason
+    if mode == "required":
+        calls, whole = required_reply(text)
+        if not calls:  # cut short (length) before a call was named: the text is content
+            return text, None, reason
+        return None, calls, "tool_calls" if whole else reason
+    if mode == "auto":
+        content, calls = shape.parser.parse(text)
+        if calls:
+            return content, calls if shape.parallel else calls[:1], "tool_calls"
+    return text, None, reason
+
+
 class ResponseBuilder:
     """Builds the responses of one HTTP request (see `Shape`)."""
 
@@ -151,7 +170,9 @@ class ResponseBuilder:
         if self.shape.reasoning is not None:
             thinking, text = self.shape.reasoning.split(c.text)
             thinking = thinking if self.shape.reasoning.include else None
-        content, calls, reason = self._chat_message(text or "", _finish_reason(c.finish_reason))
+        content, calls, reason = reply_parts(
+            self.shape, text or "", _finish_reason(c.finish_reason)
+        )
         if text is None and not calls:
             content = None  # all thinking (cut short before its answer)
         if self.shape.echo and content is not None:
@@ -166,24 +187,6 @@ class ResponseBuilder:
             stop_reason=c.stop_reason,
             token_ids=list(c.token_ids) if self.shape.token_ids else None,
         )
-
-    def _chat_message(self, text: str, reason: str | None):
-        """(content, tool_calls, finish_reason) of a finished reply."""
-        mode = self.shape.tool_mode
-        if mode == "named":
-            call = {"id": new_call_id(), "type": "function"}
-            call["function"] = {"name": self.shape.tool_name, "arguments": text}
-            return None, [call], reason
-        if mode == "required":
-            calls, whole = required_reply(text)
-            if not calls:  # cut short (length) before a call was named: the text is content
-                return text, None, reason
-            return None, calls, "tool_calls" if whole else reason
-        if mode == "auto":
-            content, calls = self.shape.parser.parse(text)
-            if calls:
-                return content, calls if self.shape.parallel else calls[:1], "tool_calls"
-        return text, None, reason
 
     def _completion_choice(self, index, p: int, out: RequestOutput, c: CompletionOutput):
         echo = self.shape.echo[p] if self.shape.echo else ""
@@ -342,7 +345,7 @@ class ResponseBuilder:
     def _required_delta(self, index: int, text: str, reason: str | None):
         """A "required" choice's step: each call's id / name once known, then its arguments as
         they come. At the end, a list of calls finishes with "tool_calls"; an output cut short
-        before any call was named goes out as content (as unstreamed: see `_chat_message`)."""
+        before any call was named goes out as content (as unstreamed: see `reply_parts`)."""
         stream = self._required.setdefault(index, RequiredCallStream())
         calls = stream.feed(text)
         if reason is not None:
