@@ -30,9 +30,9 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.structured_output import DraftGrammar
 
 METHODS = ("ngram",)
-# draft-model methods vLLM has that need a second model (or heads) polymodal does not load
-OTHER_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
-                 "deepseek_mtp", "suffix", "ngram_gpu")  # fmt: skip
+# vLLM's methods that draft with a second model (or heads) polymodal does not load
+DRAFT_MODEL_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
+                       "deepseek_mtp")  # fmt: skip
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size"}  # fmt: skip
 
@@ -68,10 +68,11 @@ class SpeculativeConfig:
         method = value.get("method") or ("ngram" if value.get("model") in ("ngram", "[ngram]")
                                          else value.get("model"))  # fmt: skip
         if method not in METHODS:
-            known = " (a draft model or heads, which polymodal does not run)"
+            drafter = method in DRAFT_MODEL_METHODS or value.get("model")
+            why = " (a draft model or heads, which polymodal does not run)" if drafter else ""
             raise InvalidInputError(
                 f"speculative_config method {method!r} is not supported: only 'ngram' (prompt "
-                f"lookup){known if method in OTHER_METHODS or value.get('model') else ''}"
+                f"lookup){why}"
             )
         k = value.get("num_speculative_tokens")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
