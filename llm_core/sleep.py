@@ -55,16 +55,19 @@ def sleep(engine, level: int = 1) -> None:
     params = {
         s.data_ptr() for s in _unique([p.untyped_storage() for p in runner.model.parameters()])
     }
+    kv = _unique([t.untyped_storage() for t in runner.kv_caches if t is not None])
+    kv_ptrs = {s.data_ptr() for s in kv}
     with torch.inference_mode():
         for storage in model_storages(runner.model, runner.device):
+            if storage.data_ptr() in kv_ptrs:  # a layer's view of the KV cache: not a weight
+                continue
             nbytes = storage.nbytes()
             host = None
             if level == 1 or storage.data_ptr() not in params:  # level 2 keeps the buffers
                 host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
                 host.copy_(_bytes(storage))
             state.weights.append((storage, nbytes, host))
-        for storage in _unique([t.untyped_storage() for t in runner.kv_caches if t is not None]):
-            state.kv.append((storage, storage.nbytes()))
+        state.kv = [(storage, storage.nbytes()) for storage in kv]
     for storage, *_ in state.weights + state.kv:
         storage.resize_(0)
     engine.sleeping = state
