@@ -27,9 +27,11 @@ class StrictBody(BaseModel):
 
 
 class StreamOptions(StrictBody):
-    """`stream_options`: `include_usage` adds a last chunk with token counts."""
+    """`stream_options`: `include_usage` adds a last chunk with token counts; vLLM's
+    `continuous_usage_stats` (with it) puts the counts so far in every chunk too."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class ImageURL(StrictBody):

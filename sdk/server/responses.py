@@ -80,6 +80,7 @@ class Shape:
     request_id: str | None = None  # the caller's id: the response id is built from it
     reasoning: Reasoning | None = None  # chat with --reasoning-parser: thinking apart
     role: str = "assistant"  # a chat reply's role (vLLM's --response-role)
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: usage in every chunk
 
     def take_extras(
         self, body, reasoning_parser: str | None = None, header_id=None, ids_as_tokens=False
@@ -92,6 +93,10 @@ class Shape:
         given = body.return_tokens_as_token_ids
         self.ids_as_tokens = bool(ids_as_tokens if given is None else given)
         self.request_id = body.request_id or header_id
+        options = body.stream_options
+        self.continuous_usage = bool(
+            options and options.include_usage and options.continuous_usage_stats
+        )
         if reasoning_parser is not None:
             self.reasoning = Reasoning.for_request(
                 reasoning_parser, body.chat_template_kwargs, body.include_reasoning
@@ -137,7 +142,9 @@ class ResponseBuilder:
         # but a choice's first and last) is a template per choice, the text put in place.
         # Pydantic built each one before: ~10x the time, per token of every stream.
         plain = shape.tool_mode is None if self.kind == "chat" else not shape.echo_only
-        self._plain = plain and shape.top_n is None and not shape.token_ids
+        self._plain = (
+            plain and shape.top_n is None and not shape.token_ids and not shape.continuous_usage
+        )
         self._templates: dict[int, tuple[str, str] | None] = {}
 
     # ---- whole responses ----------------------------------------------------------------
@@ -229,6 +236,7 @@ class ResponseBuilder:
     def chunks(self, p: int, out: RequestOutput) -> list[str]:
         """SSE events for what one engine step added to prompt `p`'s request (one per choice)."""
         events = []
+        usage = usage_info([out]) if self.shape.continuous_usage else None
         for c in out.outputs:
             index = p * self.shape.n + c.index
             if index in self._finished:
@@ -271,7 +279,7 @@ class ResponseBuilder:
                     index=index, delta=delta, logprobs=logprobs, finish_reason=reason,
                     token_ids=new_ids,
                 )  # fmt: skip
-                events.append(sse(self._chat_chunk([choice], prompt_token_ids=prompt_ids)))
+                events.append(sse(self._chat_chunk([choice], usage, prompt_ids)))
                 continue
             text = "" if self.shape.echo_only else c.delta_text
             if index not in self._started and self.shape.echo:
@@ -288,7 +296,7 @@ class ResponseBuilder:
                 index=index, text=text, logprobs=logprobs, finish_reason=reason,
                 prompt_token_ids=prompt_ids, token_ids=new_ids,
             )  # fmt: skip
-            events.append(sse(self._completion_chunk([choice])))
+            events.append(sse(self._completion_chunk([choice], usage)))
         return events
 
     def _template(self, index: int) -> tuple[str, str] | None:
