@@ -19,16 +19,19 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.outputs import RequestOutput
 from polymodal.llm_core.pooling import check_pooling_request
-from polymodal.llm_core.pooling_requests import PoolingQueue, check_pooling_batch, paused_gc
+from polymodal.llm_core.pooling_requests import (
+    PoolingQueue,
+    check_pooling_batch,
+    paused_gc,
+    queue_pooling_prompt,
+)
 from polymodal.llm_core.pooling_step import PoolingFlight, pooling_engine_step
 from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
-    check_pooling_prompt,
     check_priority,
     check_request,
     media_cross_ranges,
-    truncate_pooling_prompt,
     truncate_prompt,
 )
 from polymodal.llm_core.request_group import RequestGroup
@@ -125,17 +128,9 @@ class Engine:
         if request_id in self._groups or request_id in self._pooling:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         if pooling is not None:
-            if pooling.truncate_prompt_tokens is not None:
-                side = getattr(self.tokenizer, "truncation_side", "right")
-                prompt_token_ids, token_type_ids = truncate_pooling_prompt(
-                    prompt_token_ids, token_type_ids, pooling.truncate_prompt_tokens,
-                    self.max_model_len, side,
-                )  # fmt: skip
-            check_pooling_prompt(
-                prompt_token_ids, pooling, token_type_ids, mm_items, **self._pooling_checks()
-            )
-            self._pooling.add([request_id], [list(prompt_token_ids)], pooling, [token_type_ids],
-                              None)  # fmt: skip
+            media = (positions, mrope_delta, mm_items)
+            queue_pooling_prompt(self, request_id, prompt_token_ids, pooling, token_type_ids,
+                                 media)  # fmt: skip
             return request_id
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(

@@ -66,8 +66,10 @@ class SupportsMultiModal:
         return items
 
     def media_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        """Where and in what dtype the encoder takes its inputs (default: the LM head's)."""
-        weight = self.lm_head.weight
+        """Where and in what dtype the encoder takes its inputs (default: the LM head's; an
+        embedding model, which drops it: the token embeddings')."""
+        head = getattr(self, "lm_head", None)
+        weight = head.weight if head is not None else self.model.embed_tokens.weight
         return weight.device, weight.dtype
 
     def stage(self, items: list) -> None:

@@ -104,3 +104,13 @@ def media_key_ranges(sched: SchedulerOutput) -> tuple[list[int], list[int]] | No
         lows.extend(lo_row)
         highs.extend(hi_row)
     return (lows, highs) if any_run else None
+
+
+def step_has_media(sched) -> bool:
+    """Whether any media slot falls in this step's tokens (decodes of media requests don't)."""
+    for req, n in zip(sched.requests, sched.num_new_tokens):
+        start, end = req.num_computed_tokens, req.num_computed_tokens + n
+        for item in req.mm_items:
+            if item.slot_start < end and item.slot_end > start and item.target == "slots":
+                return True
+    return False

@@ -28,7 +28,12 @@ from polymodal.llm_core.errors import InvalidInputError, PolymodalError
 from polymodal.llm_core.outputs import CompletionOutput
 from polymodal.llm_core.pooling import PoolingParams
 from polymodal.llm_core.request import Request
-from polymodal.llm_core.request_checks import check_pooling_prompt, truncate_pooling_prompt
+from polymodal.llm_core.request_checks import (
+    atomic_spans,
+    check_pooling_prompt,
+    truncate_pooling_prompt,
+    truncate_prompt,
+)
 from polymodal.llm_core.request_group import RequestGroup
 
 
@@ -40,9 +45,11 @@ def pooling_group(
     chunkable: bool,
     token_type_ids: list[int] | None = None,
     prompt_tensor: torch.Tensor | None = None,
+    media: dict | None = None,
 ) -> RequestGroup:
     """A pooling request: one sequence (`<id>#0`) that samples nothing. The sequence and the
-    group share `prompt_token_ids` (the engine never changes a pooling prompt)."""
+    group share `prompt_token_ids` (the engine never changes a pooling prompt). `media`: a
+    multimodal prompt's Request fields (positions, mrope_delta, mm_items, atomic_spans)."""
     seq = Request(
         request_id=f"{request_id}#0",
         prompt_token_ids=prompt_token_ids,
@@ -52,6 +59,7 @@ def pooling_group(
         chunkable=chunkable,
         token_type_ids=token_type_ids,
         prompt_tensor=prompt_tensor,
+        **(media or {}),
     )
     return RequestGroup(request_id, prompt_token_ids, [seq], [None], [CompletionOutput(index=0)])
 
@@ -64,7 +72,8 @@ class PoolingQueue:
     def __init__(self, max_model_len: int):
         self.max_model_len = max_model_len
         # request id -> (token ids or None, params, segment ids or None, int64 CPU tensor or
-        # None): one of ids and tensor is given (`add_requests` gives tensors)
+        # None, media fields or None): one of ids and tensor is given (`add_requests` gives
+        # tensors)
         self.prompts: OrderedDict[str, tuple] = OrderedDict()
 
     def __len__(self) -> int:
@@ -74,11 +83,13 @@ class PoolingQueue:
         return request_id in self.prompts
 
     def add(self, request_ids: list[str], prompts: list | None, params: PoolingParams,
-            token_type_ids: list, tensors: list | None) -> None:  # fmt: skip
-        """Queue checked prompts: per prompt its token ids (lists) or its int64 tensor, and
-        its segment ids (None: the model's zeros)."""
+            token_type_ids: list, tensors: list | None,
+            media: list | None = None) -> None:  # fmt: skip
+        """Queue checked prompts: per prompt its token ids (lists) or its int64 tensor, its
+        segment ids (None: the model's zeros) and its media fields (`pooling_group`)."""
         none = repeat(None)
-        entries = zip(prompts or none, repeat(params), token_type_ids, tensors or none)
+        entries = zip(prompts or none, repeat(params), token_type_ids, tensors or none,
+                      media or none)  # fmt: skip
         self.prompts.update(zip(request_ids, entries))
 
     def discard(self, request_id: str) -> bool:
@@ -99,13 +110,38 @@ class PoolingQueue:
         `chunkable`: whether the model may split a prompt across steps (a causal one)."""
         groups, tokens, prompts = [], 0, self.prompts
         while prompts and len(groups) < max_seqs and tokens < max_tokens:
-            request_id, (ids, params, types, tensor) = prompts.popitem(last=False)
+            request_id, (ids, params, types, tensor, media) = prompts.popitem(last=False)
             ids = tensor.tolist() if ids is None else ids
-            groups.append(
-                pooling_group(request_id, ids, params, self.max_model_len, chunkable, types, tensor)
-            )
+            groups.append(pooling_group(request_id, ids, params, self.max_model_len, chunkable,
+                                        types, tensor, media))  # fmt: skip
             tokens += len(ids)
         return groups
+
+
+def queue_pooling_prompt(engine, request_id: str, ids: list[int], params: PoolingParams,
+                         token_type_ids: list[int] | None, media: tuple) -> None:  # fmt: skip
+    """`Engine.add_request` of one pooling prompt: truncated (`truncate_prompt_tokens`),
+    checked and queued. `media`: (positions, mrope_delta, mm_items) of a multimodal prompt
+    (a multimodal embedding model's), kept for its request."""
+    positions, mrope_delta, mm_items = media
+    keep = params.truncate_prompt_tokens
+    if keep is not None and mm_items:  # cut as a generation prompt is (media kept whole)
+        ids, positions, mrope_delta, mm_items = truncate_prompt(
+            ids, positions, mrope_delta, mm_items, keep, engine.max_model_len
+        )
+    elif keep is not None:
+        side = getattr(engine.tokenizer, "truncation_side", "right")
+        ids, token_type_ids = truncate_pooling_prompt(
+            ids, token_type_ids, keep, engine.max_model_len, side
+        )
+    check_pooling_prompt(ids, params, token_type_ids, mm_items, **engine._pooling_checks())
+    fields = None
+    if mm_items or positions is not None:
+        model, budget = engine.runner.model, engine.scheduler.max_num_batched_tokens
+        mm_items = model.split_media(mm_items, engine.scheduler.max_num_encoder_tokens)
+        fields = {"positions": positions, "mrope_delta": mrope_delta, "mm_items": mm_items,
+                  "atomic_spans": atomic_spans(model, mm_items, budget)}  # fmt: skip
+    engine._pooling.add([request_id], [list(ids)], params, [token_type_ids], None, [fields])
 
 
 def check_pooling_batch(

@@ -23,6 +23,8 @@ import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.host_copy import host_tensor, to_device, upload_tensors
+from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
+from polymodal.llm_core.media_inputs import media_key_ranges, slot_embeddings, step_has_media
 from polymodal.llm_core.pooling import (
     PoolingInput,
     PoolingOutput,
@@ -152,12 +154,19 @@ def launch_pooling_step(runner, sched: SchedulerOutput, overlap: bool = False) -
             sched, runner.device, model.embeds_positions
         )
     else:
-        input_ids, positions, meta = runner.prepare(sched)
+        hb = runner.host_batch(sched)
+        media = step_has_media(sched)
+        if media and runner.bidirectional_media:
+            hb.key_ranges = media_key_ranges(sched)
+        input_ids, positions, meta = runner.prepare(sched, hb)
         token_types = segment_ids(sched, input_ids.device) if model.embeds_positions else None
     if model.embeds_positions:  # absolute position (and segment) embeddings: BERT
         embeds = model.embed(input_ids, positions, token_types)
     else:
         embeds = model.embed(input_ids)
+    if not whole and media:  # a multimodal embedding model's prompts: media fill their slots
+        slot_idx, mm = slot_embeddings(sched, model, runner.encoder_cache, runner.device)
+        embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
     hidden = model(positions, embeds, runner.kv_caches, meta)  # [num_tokens, hidden]
     if whole:
         done = sched.requests

@@ -9,6 +9,7 @@ from typing import Any
 
 from polymodal.llm_core.embedding_head import check_dimensions, matryoshka_dimensions
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.request import CROSS_ATTENTION
 from polymodal.llm_core.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -114,8 +115,10 @@ def check_pooling_prompt(
     bad = out_of_range(ids, vocab) if check_vocab else []
     if bad:
         raise InvalidInputError(f"prompt token ids {bad[:5]} are outside the vocab [0, {vocab})")
-    if mm_items:
-        raise InvalidInputError("pooling requests take text only (no media)")
+    if mm_items and not supports_multimodal(model):
+        raise InvalidInputError(
+            f"pooling requests to {model_config.architecture} take text only (no media)"
+        )
     if params.dimensions is not None:
         allowed, sizes = matryoshka_dimensions(model_config.text_config)
         check_dimensions(

@@ -28,7 +28,12 @@ from polymodal.llm_core.cross_inputs import cross_states
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.host_copy import to_device, upload
 from polymodal.llm_core.layers.embedding import merge_multimodal_embeddings
-from polymodal.llm_core.media_inputs import encoder_outputs, media_key_ranges, slot_embeddings
+from polymodal.llm_core.media_inputs import (
+    encoder_outputs,
+    media_key_ranges,
+    slot_embeddings,
+    step_has_media,
+)
 from polymodal.llm_core.request import Request
 from polymodal.llm_core.sampler import SampledToken, Sampler, SamplingContext
 from polymodal.llm_core.scheduler import SchedulerOutput
@@ -150,7 +155,7 @@ class ModelRunner:
         whose rules follow the previous tokens (grammars, penalties, bad words) samples in
         `finish_sampling`, once `prev` is resolved, while the GPU runs this forward pass.
         """
-        has_media = _step_has_media(sched)
+        has_media = step_has_media(sched)
         # The encoder goes first: the device starts on it while the host builds the batch.
         slot_idx, mm = (
             slot_embeddings(sched, self.model, self.encoder_cache, self.device)
@@ -338,13 +343,3 @@ def _sampling_requests(sched: SchedulerOutput) -> list[Request]:
         for req, n in zip(sched.requests, sched.num_new_tokens)
         if req.num_computed_tokens + n == req.num_tokens
     ]
-
-
-def _step_has_media(sched: SchedulerOutput) -> bool:
-    """Whether any media slot falls in this step's tokens (decodes of media requests don't)."""
-    for req, n in zip(sched.requests, sched.num_new_tokens):
-        start, end = req.num_computed_tokens, req.num_computed_tokens + n
-        for item in req.mm_items:
-            if item.slot_start < end and item.slot_end > start and item.target == "slots":
-                return True
-    return False

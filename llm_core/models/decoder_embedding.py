@@ -1,5 +1,6 @@
 """A generation model's decoder served for the embed task (vLLM's `as_embedding_model`):
-Qwen3-Embedding (`Qwen3ForCausalLM` weights), gte-Qwen2, Llama-based embedders.
+Qwen3-Embedding (`Qwen3ForCausalLM` weights), gte-Qwen2, Llama-based embedders, and
+multimodal ones on a VL decoder (GME / DSE on Qwen2-VL: images and text in one prompt).
 
 The decoder runs as it does for generation (causal, paged KV cache, chunked prefill); its
 final hidden states go through the checkpoint's sentence-transformers modules
@@ -24,12 +25,13 @@ _CLASSES: dict[type, type] = {}
 
 
 def as_embedding_model(cls: type) -> type:
-    """`cls` (a text generation model with a `model.` decoder stack) as an embedding model
+    """`cls` (a generation model with a `model.` decoder stack; a multimodal one keeps its
+    tower: its prompts' media fill their slots as for generation) as an embedding model
     class; one class per `cls`."""
-    if supports_multimodal(cls):
+    if supports_multimodal(cls) and not getattr(cls, "embeddable", False):
         raise UnsupportedModelError(
-            f"{cls.__name__} takes media: serving a multimodal model for embeddings is not "
-            "supported"
+            f"{cls.__name__} takes media: of the multimodal models, Qwen2-VL and Qwen2.5-VL "
+            "are served for embeddings (runner='pooling')"
         )
     if cls not in _CLASSES:
         attributes = {
@@ -46,8 +48,8 @@ class DecoderEmbedding(SupportsPooling):
 
     default_pooling = PoolingConfig(("lasttoken",), True, "vLLM's default for decoder embedders")
 
-    def __init__(self, cfg, backend, max_positions: int):
-        super().__init__(cfg, backend, max_positions)
+    def __init__(self, cfg, backend, max_positions: int, **parts):
+        super().__init__(cfg, backend, max_positions, **parts)  # a multimodal model's tower
         del self.lm_head
         self.tied_parameters = {}
         self.head = embedding_head(cfg.model_dir, cfg.hidden_size, self.default_pooling)

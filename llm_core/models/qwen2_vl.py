@@ -32,6 +32,9 @@ class Qwen2VLForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
     # The decoder splits over the ranks; the tower is replicated on each (rank 0 runs it and
     # broadcasts the step's media embeddings to the others: llm_core/executor.py).
     supports_tensor_parallel = True
+    # `runner="pooling"` serves it as a multimodal embedding model (GME, DSE:
+    # models/decoder_embedding.py): its checkpoint names root at `model.` / `lm_head.`
+    embeddable = True
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, tower: type):
         super().__init__(cfg, backend, max_positions)

@@ -1,0 +1,66 @@
+"""A VL decoder served as an embedding model (`runner="pooling"` on Qwen2-VL / Qwen2.5-VL: GME,
+DSE): prompts with images and text, last-token pooling + normalization; vectors equal
+transformers' model (tower + decoder) on the HF processor's inputs within 1e-4, batched with
+text-only prompts, chunked across steps, and through `LLM.embed`'s chat messages."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+
+from polymodal import LLM
+from tests.helpers import tiny_checkpoint
+
+MARK = "<|vision_start|><|image_pad|><|vision_end|>"
+TOL = 1e-4
+
+
+def _image(seed, w=84, h=56):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+
+
+def _reference(path, text: str, images: list) -> torch.Tensor:
+    """transformers: the processor's ids and pixels through the model (no LM head); the last
+    token's final hidden state, L2-normalized."""
+    processor = tf.AutoProcessor.from_pretrained(path)
+    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        hidden = hf.model(**inputs).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden, dim=-1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_image_and_text_prompts_equal_transformers(tmp_path_factory, arch):
+    path = str(tiny_checkpoint(tmp_path_factory, arch))
+    cases = [
+        (MARK + "What is in the image?", [_image(1)]),
+        ("A photo: " + MARK + MARK + " two of them", [_image(2, 56, 84), _image(3)]),
+        ("plain text, no image", []),
+    ]
+    prompts = [{"prompt": t, "multi_modal_data": {"image": i}} if i else t for t, i in cases]
+    for budget in (None, 16):  # whole prompts, and chunks of 16 tokens across steps
+        llm = LLM(path, device="cpu", dtype="float32", runner="pooling", num_kv_blocks=128,
+                  max_num_batched_tokens=budget)  # fmt: skip
+        outs = llm.embed(prompts)
+        for out, (text, images) in zip(outs, cases):
+            want = _reference(path, text, images)
+            assert (torch.tensor(out.outputs.embedding) - want).abs().max() <= TOL
+        assert llm.engine.num_free_blocks == llm.engine.scheduler.kv.num_usable_blocks
+
+
+def test_chat_messages_with_an_image(tmp_path_factory):
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    llm = LLM(path, device="cpu", dtype="float32", runner="pooling", num_kv_blocks=64)
+    image = _image(4)
+    parts = [{"type": "image_url", "image_url": {"url": image}},
+             {"type": "text", "text": "Describe it."}]  # fmt: skip
+    (out,) = llm.embed([[{"role": "user", "content": parts}]])
+    processor = tf.AutoProcessor.from_pretrained(path)
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    ]
+    text = processor.apply_chat_template(chat, add_generation_prompt=False)
+    want = _reference(path, text, [image])
+    assert (torch.tensor(out.outputs.embedding) - want).abs().max() <= TOL
