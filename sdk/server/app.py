@@ -363,7 +363,8 @@ def create_app(
             raise RequestError(f"token ids {bad[:5]} are outside the vocab [0, {vocab})", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    add_pooling_routes(auth, engine, names[0], check_model, metrics)
+    add_pooling_routes(auth, engine, names[0], check_model, metrics,
+                       lambda m: engine_messages(m, policy, takes_audio))  # fmt: skip
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     if engine.model_info.get("sleep_mode"):
         add_sleep_routes(auth, engine)

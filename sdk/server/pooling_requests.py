@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import ValidationError, field_validator
 
 from polymodal.server.errors import RequestError
-from polymodal.server.requests import StrictBody
+from polymodal.server.requests import ChatMessage, StrictBody
 
 
 class _Truncated(StrictBody):
@@ -54,8 +54,10 @@ class _ChatInputRequest(_InputRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def prompts(self) -> list[Any]:
-        """`input`'s prompts, or the one conversation of `messages` (a prompt dict)."""
+    def prompts(self, convert=None) -> list[Any]:
+        """`input`'s prompts, or the one conversation of `messages` (a prompt dict);
+        `convert(messages)`: the chat route's checks of the messages as `ChatMessage`s (media
+        under the server's policy: a multimodal embedding model's images)."""
         if self.messages is None:
             if self.input is None:
                 raise RequestError("input: give `input` (or `messages`)", "input")
@@ -72,13 +74,27 @@ class _ChatInputRequest(_InputRequest):
         for i, message in enumerate(self.messages):
             if not isinstance(message, dict) or "role" not in message:
                 raise RequestError(f"messages[{i}]: a message needs a role", f"messages[{i}]")
+        messages = self.messages
+        if convert is not None:
+            messages = convert([_chat_message(m, i) for i, m in enumerate(messages)])
         template = {
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
             "chat_template": self.chat_template,
             "chat_template_kwargs": self.chat_template_kwargs,
         }
-        return [{"messages": self.messages, **template}]
+        return [{"messages": messages, **template}]
+
+
+def _chat_message(message: dict, i: int) -> ChatMessage:
+    """A pooling request's message checked as the chat route checks one (400 naming it)."""
+    try:
+        return ChatMessage.model_validate(message)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        param = f"messages[{i}]" + (f".{where}" if where else "")
+        raise RequestError(f"{param}: {error.get('msg')}", param) from None
 
 
 class EmbeddingRequest(_ChatInputRequest):

@@ -68,9 +68,16 @@ def serving_routes(task: str, cross_encoder: bool) -> list[str]:
 
 
 def add_pooling_routes(
-    router: APIRouter, engine: AsyncEngine, name: str, check_model: Callable, metrics: Any
+    router: APIRouter,
+    engine: AsyncEngine,
+    name: str,
+    check_model: Callable,
+    metrics: Any,
+    messages_of: Callable | None = None,
 ) -> None:
-    """Register every pooling route on `router` (which carries the API-key check)."""
+    """Register every pooling route on `router` (which carries the API-key check);
+    `messages_of`: chat-form inputs' messages checked and their media under the server's
+    policy (`openai_format.engine_messages`)."""
     info = engine.model_info
     task, architecture = info.get("task", "generate"), info["architecture"]
     labels = info.get("labels") or []
@@ -138,7 +145,7 @@ def add_pooling_routes(
             )
         except InvalidInputError as exc:
             raise RequestError(str(exc), "dimensions", "unsupported_value") from None
-        prompts = prepared(body.prompts(), body.add_special_tokens)
+        prompts = prepared(body.prompts(messages_of), body.add_special_tokens)
         params = PoolingParams(
             "embed", body.normalize, dimensions=body.dimensions,
             truncate_prompt_tokens=truncation(body),
@@ -161,7 +168,7 @@ def add_pooling_routes(
             check_pooling_request(PoolingParams(wanted), task, architecture, info["model_dir"])
         except InvalidInputError as exc:
             raise RequestError(f"task: {name!r}: {exc}", "task") from None
-        prompts = prepared(body.prompts(), body.add_special_tokens)
+        prompts = prepared(body.prompts(messages_of), body.add_special_tokens)
         params = PoolingParams(
             wanted, body.normalize, body.activation, truncate_prompt_tokens=truncation(body)
         )
