@@ -13,6 +13,7 @@ OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. A client that 
 from __future__ import annotations
 
 import hmac
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -363,15 +364,13 @@ def create_app(
             raise RequestError(f"token ids {bad[:5]} are outside the vocab [0, {vocab})", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    add_pooling_routes(auth, engine, names[0], check_model, metrics,
-                       lambda m: engine_messages(m, policy, takes_audio))  # fmt: skip
+    messages_of = partial(engine_messages, policy=policy, takes_audio=takes_audio)
+    add_pooling_routes(auth, engine, names[0], check_model, metrics, messages_of)
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     if engine.model_info.get("sleep_mode"):
         add_sleep_routes(auth, engine)
     chat_prompt = lambda m, tools=None: {  # noqa: E731
-        "messages": engine_messages(m, policy, takes_audio), "tools": tools,
-        "chat_template": chat_template,
-    }  # fmt: skip
+        "messages": messages_of(m), "tools": tools, "chat_template": chat_template}  # fmt: skip
     add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults,
                         parser)  # fmt: skip
     app.include_router(v1)
