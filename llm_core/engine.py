@@ -219,7 +219,7 @@ class Engine:
         mc = self.model_config
         pooling = check_pooling_request(params, self.task, mc.architecture, mc.model_dir)
         if pooling is None:
-            return self._add_each(prompts, params, token_type_ids)
+            return self.add_each(prompts, params, token_type_ids)
         side = getattr(self.tokenizer, "truncation_side", "right")
         with paused_gc():
             checks = self._pooling_checks()
@@ -228,14 +228,18 @@ class Engine:
             self._pooling.add(request_ids, None, pooling, types, tensors)
         return request_ids
 
-    def _add_each(self, prompts: list, params: Any, token_type_ids: list | None) -> list[str]:
-        """`add_requests` one prompt at a time; a bad prompt aborts those queued before it."""
+    def add_each(self, prompts: list, params: Any, token_type_ids: list | None = None,
+                 processed: bool = False) -> list[str]:  # fmt: skip
+        """`add_request` of each prompt (token ids; `processed`: `ProcessedPrompt`s, as
+        `add_processed` takes them), in order; a bad prompt raises naming its index and
+        aborts those queued before it."""
         types = token_type_ids if token_type_ids is not None else [None] * len(prompts)
+        add = self.add_processed if processed else self.add_request
         request_ids: list[str] = []
         try:
             for i, (prompt, segments) in enumerate(zip(prompts, types)):
                 try:
-                    request_ids.append(self.add_request(prompt, params, token_type_ids=segments))
+                    request_ids.append(add(prompt, params, token_type_ids=segments))
                 except PolymodalError as exc:
                     raise type(exc)(f"prompt {i}: {exc}") from exc
         except BaseException:

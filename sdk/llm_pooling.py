@@ -83,30 +83,14 @@ def pool(
             queued.append(pooling_prompt(llm, prompt, params))
         except PolymodalError as exc:
             raise type(exc)(f"prompt {i}: {exc}") from exc
-    if any(p.mm_items or p.positions is not None for p, _ in queued):
-        return llm.run(_add_media_prompts(llm.engine, queued, params))
+    if any(p.mm_items or p.positions is not None for p, _ in queued):  # media: one by one
+        prompts, types = [p for p, _ in queued], [t for _, t in queued]
+        return llm.run(llm.engine.add_each(prompts, params, types, processed=True))
     # one batch: checked whole (a bad prompt raises naming its index, nothing queued)
     token_ids = [p.token_ids for p, _ in queued]
     token_types = [types for _, types in queued]
     ids = llm.engine.add_requests(token_ids, params, token_type_ids=token_types)
     return llm.run(ids)
-
-
-def _add_media_prompts(engine, queued: list, params: PoolingParams) -> list[str]:
-    """Queue processed prompts with media (a multimodal embedding model's) one by one, with
-    their positions and media items; a bad one aborts those queued before it, naming it."""
-    ids: list[str] = []
-    try:
-        for i, (processed, types) in enumerate(queued):
-            try:
-                ids.append(engine.add_processed(processed, params, token_type_ids=types))
-            except PolymodalError as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from exc
-    except BaseException:
-        for request_id in ids:
-            engine.abort(request_id)
-        raise
-    return ids
 
 
 def as_classification(out: PoolingRequestOutput) -> ClassificationRequestOutput:

@@ -134,3 +134,13 @@ def with_pair_tokenizer(path):
     tok.init_kwargs["model_input_names"] = tok.model_input_names
     tok.save_pretrained(path)
     return path
+
+
+def run_preempted(engine, prompts: list, params) -> list[list[int]]:
+    """The outputs' token ids of `prompts` run together on `engine`, whose KV pool is meant to
+    be too small for them all: asserts that some request was preempted."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    seqs = [engine._groups[i].seqs[0] for i in ids]
+    final = engine.run_until_done()
+    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+    return [final[i].outputs[0].token_ids for i in ids]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.errors import ModelLoadError
 from polymodal.llm_core.sampling_params import SamplingParams
-from tests.helpers import assert_matches_transformers, tiny_checkpoint
+from tests.helpers import assert_matches_transformers, run_preempted, tiny_checkpoint
 
 PROMPTS = [
     [5, 17, 42, 99, 3, 250, 77, 13, 8, 31, 64, 128, 200, 11, 19, 23, 29],
@@ -76,11 +76,7 @@ def test_invariant_to_batch_chunking_preemption_and_prefix_hits(tmp_path_factory
     assert _run(engine(max_num_batched_tokens=5), PROMPTS) == alone
     tiny = engine(num_kv_blocks=14, block_size=4, max_num_batched_tokens=8,
                   enable_prefix_caching=False)  # fmt: skip
-    ids = [tiny.add_request(p, GREEDY) for p in PROMPTS]
-    seqs = [tiny._groups[i].seqs[0] for i in ids]
-    final = tiny.run_until_done()
-    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
-    assert [final[i].outputs[0].token_ids for i in ids] == alone
+    assert run_preempted(tiny, PROMPTS, GREEDY) == alone
     assert tiny.num_free_blocks == 14
     cached = engine()
     first = _run(cached, PROMPTS)

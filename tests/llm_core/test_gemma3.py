@@ -6,7 +6,7 @@ import pytest
 
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.sampling_params import SamplingParams
-from tests.helpers import assert_matches_transformers, tiny_checkpoint
+from tests.helpers import assert_matches_transformers, run_preempted, tiny_checkpoint
 
 PROMPTS = [
     [5, 17, 42, 99, 3, 250, 77, 13, 8, 31, 64, 128, 200, 11, 19, 23, 29],  # 17 > window 8
@@ -87,11 +87,7 @@ def test_invariant_to_batch_chunking_preemption_and_prefix_hits(ckpt, alone):
     tiny = _engine(
         ckpt, num_kv_blocks=40, block_size=4, max_num_batched_tokens=8, enable_prefix_caching=False
     )
-    ids = [tiny.add_request(p, GREEDY) for p in PROMPTS]
-    seqs = [tiny._groups[i].seqs[0] for i in ids]
-    final = tiny.run_until_done()
-    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
-    assert [final[i].outputs[0].token_ids for i in ids] == alone
+    assert run_preempted(tiny, PROMPTS, GREEDY) == alone
     assert tiny.num_free_blocks == 39  # all but the null block
     cached = _engine(ckpt)
     first = _run(cached, PROMPTS)

@@ -6,7 +6,7 @@ import pytest
 
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.sampling_params import SamplingParams
-from tests.helpers import tiny_checkpoint
+from tests.helpers import run_preempted, tiny_checkpoint
 
 rng = random.Random(0)
 PROMPTS = [[rng.randrange(10, 470) for _ in range(n)] for n in range(4, 68, 4)]  # 16 prompts
@@ -47,11 +47,7 @@ def test_chunked_prefill_budget_below_longest_prompt(ckpt, alone):
 
 def test_preemption_by_tiny_block_pool(ckpt, alone):
     engine = _engine(ckpt, num_kv_blocks=12, enable_prefix_caching=False)
-    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
-    seqs = [engine._groups[i].seqs[0] for i in ids]
-    final = engine.run_until_done()
-    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
-    assert [final[i].outputs[0].token_ids for i in ids] == alone
+    assert run_preempted(engine, PROMPTS, GREEDY) == alone
     assert engine.num_free_blocks == 12
 
 

@@ -15,7 +15,7 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampler import Sampler, SamplingContext
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.llm_core.speculative import SpeculativeConfig, accepted, ngram_drafts
-from tests.helpers import tiny_checkpoint
+from tests.helpers import run_preempted, tiny_checkpoint
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}  # fmt: skip
@@ -93,11 +93,7 @@ def test_chunk_budget_cuts_drafts_preemption_and_prefix_hits(ckpt, plain):
     assert _ids(_run(small)) == plain
     _accepts(small)
     tiny = _engine(ckpt, num_kv_blocks=14, enable_prefix_caching=False)
-    ids = [tiny.add_request(p, GREEDY) for p in PROMPTS]
-    seqs = [tiny._groups[i].seqs[0] for i in ids]
-    final = tiny.run_until_done()
-    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
-    assert [final[i].outputs[0].token_ids for i in ids] == plain
+    assert run_preempted(tiny, PROMPTS, GREEDY) == plain
     assert tiny.num_free_blocks == 14
     cached = _engine(ckpt)
     first = _ids(_run(cached))
