@@ -372,7 +372,7 @@ def create_app(
     chat_prompt = lambda m, tools=None: {  # noqa: E731
         "messages": messages_of(m), "tools": tools, "chat_template": chat_template}  # fmt: skip
     add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults,
-                        parser)  # fmt: skip
+                        parser, reasoning_parser)  # fmt: skip
     app.include_router(v1)
     app.include_router(auth)
     return app

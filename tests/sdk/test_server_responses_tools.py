@@ -11,7 +11,8 @@ import json
 import pytest
 
 from polymodal.llm_core.outputs import CompletionOutput, RequestOutput
-from polymodal.server.responses_api import ResponsesBuilder, ResponsesRequest
+from polymodal.server.responses_api import ResponsesRequest
+from polymodal.server.responses_builder import ResponsesBuilder
 from polymodal.server.responses_tools import tool_setup
 from polymodal.server.tools import TOOL_PARSERS
 from tests.sdk.server_process import openai_client, post, tiny_server
@@ -125,3 +126,38 @@ def test_auto_calls_parsed_from_the_reply_whole_and_streamed():
     args = [d["delta"] for d in data if d["type"] == "response.function_call_arguments.delta"]
     assert [json.loads(a) for a in args] == [{"city": "Rome"}]
     assert data[-1]["response"]["output"][1]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3"])
+def test_reasoning_item_before_the_message_and_calls(parser):
+    """With a reasoning parser, the `<think>` part is a `reasoning` item first, whole and
+    streamed (deltas adding up to it), then the message and the calls."""
+    from polymodal.server.reasoning import Reasoning
+
+    body = ResponsesRequest(input=ASK, tools=FLAT)
+    _, shape, _ = tool_setup(body, __import__("polymodal").SamplingParams(),
+                             TOOL_PARSERS["hermes"])  # fmt: skip
+    reply = "<think>Paris: look it up.</think>Checking. <tool_call>\n" \
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'  # fmt: skip
+    reasoning = Reasoning.for_request(parser, None, True)
+    whole = ResponsesBuilder(body, "m", shape, reasoning).full([_output(reply, True)])
+    assert [item["type"] for item in whole.output] == ["reasoning", "message", "function_call"]
+    assert whole.output[0]["content"][0]["text"] == "Paris: look it up."
+    assert whole.output[1]["content"][0]["text"] == "Checking. "
+    builder = ResponsesBuilder(body, "m", shape, reasoning)
+    events = []
+    for i, ch in enumerate(reply):
+        events += builder.chunks(0, _output(ch, i == len(reply) - 1))
+    data = [json.loads(e.split("data: ", 1)[1]) for e in events]
+    think = "".join(d["delta"] for d in data if d["type"] == "response.reasoning_text.delta")
+    text = "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta")
+    assert think == "Paris: look it up." and text == "Checking. "
+    added = [(d["output_index"], d["item"]["type"]) for d in data
+             if d["type"] == "response.output_item.added"]  # fmt: skip
+    assert added == [(0, "reasoning"), (1, "message"), (2, "function_call")]
+
+    def shown(items):  # ids are drawn per builder
+        return [(i["type"], i.get("content"), i.get("name"), i.get("arguments")) for i in items]
+
+    assert shown(data[-1]["response"]["output"]) == shown(whole.model_dump()["output"])
+    assert [d["sequence_number"] for d in data] == list(range(1, len(data) + 1))
