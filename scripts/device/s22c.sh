@@ -8,7 +8,8 @@ source scripts/device/setup.sh
 timeout 150 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_speculative_gpu.py \
   tests/sdk/test_bench_gpu.py -k "greedy or drafts" 2>&1 | tail -3
 # sleep mode: memory given back at levels 1 and 2, graphs recaptured, the same tokens
-timeout 100 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_sleep.py -k gpu 2>&1 | tail -3
+timeout 100 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_sleep.py \
+  tests/llm_core/test_vl_embedding.py -k "gpu or cuda" 2>&1 | tail -3  # + VL embeddings on CUDA
 SPEC='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 for spec in "" "$SPEC"; do
   timeout 200 python3 -m polymodal.cli bench --skip-hf --dummy-weights --images 128 \

@@ -64,3 +64,15 @@ def test_chat_messages_with_an_image(tmp_path_factory):
     text = processor.apply_chat_template(chat, add_generation_prompt=False)
     want = _reference(path, text, [image])
     assert (torch.tensor(out.outputs.embedding) - want).abs().max() <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_image_prompt_equals_transformers(tmp_path_factory):
+    """On CUDA (fp32, the Triton backend's pooling steps): transformers' vector within 1e-4."""
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2_5_vl"))
+    llm = LLM(path, device="cuda", dtype="float32", runner="pooling", num_kv_blocks=128)
+    text, images = MARK + "What is in the image?", [_image(5)]
+    (out,) = llm.embed([{"prompt": text, "multi_modal_data": {"image": images[0]}}])
+    want = _reference(path, text, images)
+    assert (torch.tensor(out.outputs.embedding) - want).abs().max() <= TOL
