@@ -1,6 +1,8 @@
 """A generation model's decoder served for the embed task (vLLM's `as_embedding_model`):
 Qwen3-Embedding (`Qwen3ForCausalLM` weights), gte-Qwen2, Llama-based embedders, and
-multimodal ones on a VL decoder (GME / DSE on Qwen2-VL: images and text in one prompt).
+multimodal ones on a VL model that declares `embeddable` (GME / DSE on Qwen2-VL, E5-V on
+LLaVA-NeXT, the LLaVA family, Gemma 3: images and text in one prompt; a VL checkpoint's names
+load as the family maps them).
 
 The decoder runs as it does for generation (causal, paged KV cache, chunked prefill); its
 final hidden states go through the checkpoint's sentence-transformers modules
@@ -30,13 +32,14 @@ def as_embedding_model(cls: type) -> type:
     class; one class per `cls`."""
     if supports_multimodal(cls) and not getattr(cls, "embeddable", False):
         raise UnsupportedModelError(
-            f"{cls.__name__} takes media: of the multimodal models, Qwen2-VL and Qwen2.5-VL "
+            f"{cls.__name__} takes media: of the multimodal models, Qwen2-VL / Qwen2.5-VL, "
+            "the LLaVA family (LLaVA-1.5, -NeXT, -OneVision, Pixtral, Mistral 3) and Gemma 3 "
             "are served for embeddings (runner='pooling')"
         )
     if cls not in _CLASSES:
         attributes = {
             "__doc__": f"{cls.__name__}'s decoder served for embeddings (DecoderEmbedding).",
-            "ignored_weights": (*cls.ignored_weights, r"^lm_head\."),
+            "ignored_weights": (*cls.ignored_weights, r"(^|\.)lm_head\."),
         }
         _CLASSES[cls] = type(f"{cls.__name__}ForEmbedding", (DecoderEmbedding, cls), attributes)
     return _CLASSES[cls]
@@ -61,6 +64,8 @@ class DecoderEmbedding(SupportsPooling):
             (name if name.startswith(("model.", "lm_head.")) else "model." + name, tensor)
             for name, tensor in named_tensors
         )
+        if supports_multimodal(self):  # a VL checkpoint: names as the family maps them
+            rooted = named_tensors
         super().load_weights(chain(rooted, self.head.checkpoint_tensors("head.")), source)
 
     def pool(self, hidden: list[torch.Tensor], prompts: list) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ class Gemma3ForConditionalGeneration(SupportsMultiModal, Gemma3ForCausalLM):
     """Gemma 3 decoder + image encoder; `encode(items)` gives each image's soft-token rows."""
 
     bidirectional_media = True
+    embeddable = True  # `runner="pooling"`: images and text pooled (decoder_embedding.py)
     # transformers v5 names (`model.language_model.`), the hub's v4 names
     # (`language_model.model.`), and the tower with or without its `vision_model.` level
     weight_name_remap = [

@@ -23,6 +23,8 @@ TEXT_FLAVORS = {"qwen2": Flavor(qkv_bias=True, qk_norm=False, o_bias=False)}
 class LlavaForConditionalGeneration(SupportsMultiModal, LlamaForCausalLM):
     """Decoder + image encoder; `encode(items)` gives each image's slot rows."""
 
+    embeddable = True  # `runner="pooling"`: a multimodal embedding model (E5-V: LLaVA-NeXT)
+
     # transformers v5 (`model.language_model.`, `model.vision_tower.`), the hub's v4 layout
     # (`language_model.model.`, `vision_tower.vision_model.`), and v5's saved form (no
     # `vision_model.` level): all onto the decoder's `model.` and the encoder's `vision.`

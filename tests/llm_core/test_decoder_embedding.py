@@ -109,14 +109,14 @@ def test_runner_errors(tmp_path_factory):
         LLM(qwen3, device="cpu", runner="pooling", tensor_parallel_size=2)
 
 
-def test_multimodal_models_other_than_qwen_vl_are_not_converted():
-    """Qwen2-VL / Qwen2.5-VL serve as embedding models (test_vl_embedding.py); the others
-    are refused naming them."""
+def test_multimodal_models_not_declared_embeddable_are_refused():
+    """Qwen2-VL / Qwen2.5-VL, the LLaVA family and Gemma 3 serve as embedding models
+    (test_vl_embedding.py); the others are refused naming them."""
     from polymodal.llm_core.errors import UnsupportedModelError
     from polymodal.llm_core.registry import model_class
 
     assert model_class("Qwen2VLForConditionalGeneration", "embed").is_pooling_model
-    for arch in ("LlavaForConditionalGeneration", "MllamaForConditionalGeneration",
-                 "Gemma3ForConditionalGeneration", "WhisperForConditionalGeneration"):  # fmt: skip
+    for arch in ("MllamaForConditionalGeneration", "WhisperForConditionalGeneration",
+                 "Llama4ForConditionalGeneration"):  # fmt: skip
         with pytest.raises(UnsupportedModelError, match="takes media"):
             model_class(arch, "embed")

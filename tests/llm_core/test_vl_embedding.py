@@ -1,7 +1,8 @@
-"""A VL decoder served as an embedding model (`runner="pooling"` on Qwen2-VL / Qwen2.5-VL: GME,
-DSE): prompts with images and text, last-token pooling + normalization; vectors equal
-transformers' model (tower + decoder) on the HF processor's inputs within 1e-4, batched with
-text-only prompts, chunked across steps, and through `LLM.embed`'s chat messages."""
+"""VL models served as embedding models (`runner="pooling"`: GME / DSE on Qwen2-VL, E5-V on
+LLaVA-NeXT, the LLaVA family, Gemma 3): prompts with images and text, last-token pooling +
+normalization; vectors equal transformers' model (tower + decoder) on the HF processor's inputs
+within 1e-4, batched with text-only prompts, chunked across steps, and through `LLM.embed`'s
+chat messages."""
 
 import numpy as np
 import pytest
@@ -48,6 +49,24 @@ def test_image_and_text_prompts_equal_transformers(tmp_path_factory, arch):
             want = _reference(path, text, images)
             assert (torch.tensor(out.outputs.embedding) - want).abs().max() <= TOL
         assert llm.engine.num_free_blocks == llm.engine.scheduler.kv.num_usable_blocks
+
+
+@pytest.mark.parametrize(
+    "arch", ["llava_next", "llava_onevision", "pixtral", "mistral3", "gemma3_vl"]
+)
+def test_other_families_equal_transformers(tmp_path_factory, arch):
+    """The family's own chat template and image tokens (Gemma 3: its image attends to itself
+    both ways, as in generation)."""
+    path = str(tiny_checkpoint(tmp_path_factory, arch))
+    processor = tf.AutoProcessor.from_pretrained(path)
+    content = [{"type": "image"}, {"type": "text", "text": "Describe it."}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=False)  # fmt: skip
+    image = _image(6)
+    llm = LLM(path, device="cpu", dtype="float32", runner="pooling", num_kv_blocks=256)
+    (out,) = llm.embed([{"prompt": text, "multi_modal_data": {"image": image}}])
+    want = _reference(path, text, [image])
+    assert (torch.tensor(out.outputs.embedding) - want).abs().max() <= TOL
 
 
 def test_chat_messages_with_an_image(tmp_path_factory):
