@@ -338,3 +338,26 @@ def test_64_concurrent_image_streams_match_offline_and_free_every_block(server, 
     expected = [out.outputs[0].text for out in llm.generate([[m] for m in offline], params)]
     assert served == expected
     assert wait_idle(server, timeout=60)["free_kv_blocks"] == start["free_kv_blocks"]
+
+
+def test_continuous_usage_stats_in_every_chunk(server):
+    """vLLM's `stream_options.continuous_usage_stats`: every chunk carries the counts so far
+    (completion tokens growing to the final usage); without it, only the last chunk."""
+    c, cat = client(server), [{"role": "user", "content": "Describe a cat."}]
+    for route in ("chat", "completion"):
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        if route == "chat":
+            stream = c.chat.completions.create(model="m", messages=cat, max_tokens=6,
+                                               stream=True, stream_options=options)  # fmt: skip
+        else:
+            stream = c.completions.create(model="m", prompt="Once upon a time", max_tokens=6,
+                                          stream=True, stream_options=options)  # fmt: skip
+        chunks = list(stream)
+        with_choices = [ch for ch in chunks if ch.choices]
+        assert all(ch.usage is not None for ch in with_choices)
+        counts = [ch.usage.completion_tokens for ch in with_choices]
+        assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
+        assert all(ch.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for ch in chunks)
+    plain = c.chat.completions.create(model="m", messages=cat, max_tokens=6, stream=True,
+                                      stream_options={"include_usage": True})  # fmt: skip
+    assert all(ch.usage is None for ch in list(plain) if ch.choices)
