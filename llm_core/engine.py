@@ -26,6 +26,7 @@ from polymodal.llm_core.pooling_requests import (
     queue_pooling_prompt,
 )
 from polymodal.llm_core.pooling_step import PoolingFlight, pooling_engine_step
+from polymodal.llm_core.prompt_embeds import check_embeds_request, given_embeds, truncate_embeds
 from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
@@ -127,17 +128,24 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups or request_id in self._pooling:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
+        embeds = given_embeds(mm_items)
+        if embeds is not None:
+            check_embeds_request(self, embeds, mm_items, params)
         if pooling is not None:
             media = (positions, mrope_delta, mm_items)
             queue_pooling_prompt(self, request_id, prompt_token_ids, pooling, token_type_ids,
                                  media)  # fmt: skip
             return request_id
-        if params.truncate_prompt_tokens is not None:
+        if embeds is not None and params.truncate_prompt_tokens is not None:
+            prompt_token_ids, mm_items = truncate_embeds(
+                prompt_token_ids, embeds, params.truncate_prompt_tokens, self.max_model_len
+            )
+        elif params.truncate_prompt_tokens is not None:
             prompt_token_ids, positions, mrope_delta, mm_items = truncate_prompt(
                 prompt_token_ids, positions, mrope_delta, mm_items or [],
                 params.truncate_prompt_tokens, self.max_model_len,
             )  # fmt: skip
-        if mm_items and supports_multimodal(self.runner.model):
+        if mm_items and supports_multimodal(self.runner.model) and embeds is None:
             # a long video as pieces, each within one step's encoder budget
             mm_items = self.runner.model.split_media(
                 mm_items, self.scheduler.max_num_encoder_tokens
@@ -181,6 +189,7 @@ class Engine:
             lora_request=lora_request,
             cache_salt=cache_salt,
             priority=priority,
+            prompt_embeds=embeds is not None,
         )  # fmt: skip
         return self._queue(group)
 

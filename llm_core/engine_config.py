@@ -129,6 +129,8 @@ class EngineConfig:
     max_logprobs: int = 20
     # vLLM's: `sleep()` / `wake_up()` may free and retake the GPU memory (sleep.py)
     enable_sleep_mode: bool = False
+    # vLLM's: prompts may be given as embeddings, `{"prompt_embeds": tensor}` (prompt_embeds.py)
+    enable_prompt_embeds: bool = False
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as

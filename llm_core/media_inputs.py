@@ -13,6 +13,7 @@ import torch
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device
+from polymodal.llm_core.request import PROMPT_EMBEDS
 from polymodal.llm_core.scheduler import SchedulerOutput
 
 
@@ -21,7 +22,9 @@ def encoded(model, cache: EncoderCache, items: list) -> dict[str, torch.Tensor]:
     found, missing = {}, {}
     for item in items:
         key = item.content_hash
-        if key not in found:
+        if item.modality == PROMPT_EMBEDS:  # rows as given: no encoder, no cache entry
+            found[key] = item.data["embeds"]
+        elif key not in found:
             found[key] = cache.get(key)
             if found[key] is None:
                 missing[key] = item
@@ -44,6 +47,8 @@ def embeddings_cached(model, cache: EncoderCache, max_rows: int, item) -> bool:
     entry is evicted first. Runs on preprocessing threads (`model.stage`): it only reads."""
     if item.content_hash in cache:
         return True
+    if item.modality == PROMPT_EMBEDS:  # never cached: staged like pixels
+        return False
     pieces = model.split_media([item], max_rows)
     return len(pieces) > 1 and all(piece.content_hash in cache for piece in pieces)
 
@@ -80,7 +85,8 @@ def slot_embeddings(sched: SchedulerOutput, model, cache: EncoderCache, device):
     found = encoded(model, cache, list(items.values())) if items else {}
     if not pieces:
         return None, None
-    embeds = [found[key][a:b] for key, a, b in pieces]
+    # given prompt embeddings may still be on the host (a text model stages nothing)
+    embeds = [found[key][a:b].to(device, non_blocking=True) for key, a, b in pieces]
     # one piece (a lone image) as is: the merge only reads it
     rows = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
     return to_device(indices, torch.int64, device), rows

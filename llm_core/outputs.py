@@ -68,7 +68,7 @@ class RequestOutput:
     """State of one request after an engine step (or at the end)."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | None  # None: the prompt was given as embeddings
     outputs: list[CompletionOutput]
     finished: bool = False
     usage: Usage = field(default_factory=Usage)
@@ -77,6 +77,8 @@ class RequestOutput:
     # per prompt token (the first is None): its logprob and the top-N, when requested
     prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: RequestMetrics | None = None
+    # vLLM's: prompt tokens served from the prefix cache when it was first scheduled
+    num_cached_tokens: int | None = None
 
     @property
     def text(self) -> str:

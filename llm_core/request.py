@@ -12,6 +12,8 @@ import torch
 # `MultimodalItem.target` of items whose encoder rows cross-attention layers read
 # (processors.types.CROSS_ATTENTION; the core does not import the processors)
 CROSS_ATTENTION = "cross_attention"
+# `MultimodalItem.modality` of a prompt given as embeddings (processors.types.PROMPT_EMBEDS)
+PROMPT_EMBEDS = "prompt_embeds"
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +47,8 @@ class Request:
     # cleared once the step that writes them is launched).
     cross_ranges: list[tuple[int, int, int, int]] = field(default_factory=list)
     cross_pending: bool = False
+    # the prompt was given as embeddings (prompt_embeds.py): its token ids are placeholders
+    prompt_embeds: bool = False
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -58,6 +62,7 @@ class Request:
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # set by the scheduler when first admitted
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served then
     first_token_time: float | None = None
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)

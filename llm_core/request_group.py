@@ -69,7 +69,9 @@ class RequestGroup:
                 seq.prompt_logprobs = [None] * len(prompt_token_ids)
             seqs.append(seq)
             detoks.append(
-                IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, params)
+                IncrementalDetokenizer(
+                    tokenizer, [] if seq.prompt_embeds else seq.prompt_token_ids, params
+                )
                 if tokenizer is not None and params.detokenize
                 else None  # skip_tokenizer_init or detokenize=False: token ids only
             )
@@ -150,7 +152,8 @@ class RequestGroup:
         )
         return RequestOutput(
             request_id=self.request_id,
-            prompt_token_ids=self.prompt_token_ids,
+            # a prompt given as embeddings has no token ids (vLLM's None)
+            prompt_token_ids=None if self.seqs[0].prompt_embeds else self.prompt_token_ids,
             outputs=[_snapshot(o) for o in self.outputs],
             finished=finished,
             usage=Usage(len(self.prompt_token_ids), sum(len(o.token_ids) for o in self.outputs)),
@@ -160,6 +163,7 @@ class RequestGroup:
             ),
             prompt_logprobs=self.seqs[0].prompt_logprobs,
             metrics=metrics,
+            num_cached_tokens=self.seqs[0].num_cached_tokens,
         )
 
 

@@ -274,7 +274,7 @@ class ModelRunner:
         contexts = [
             SamplingContext(
                 r.params,
-                r.prompt_token_ids,
+                [] if r.prompt_embeds else r.prompt_token_ids,  # placeholders: no tokens
                 r.output_token_ids,
                 r.generator,
                 r.stop_ids,

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polymodal.llm_core.kv_cache import KVCacheManager
-from polymodal.llm_core.request import CROSS_ATTENTION, Request, RequestStatus
+from polymodal.llm_core.request import CROSS_ATTENTION, PROMPT_EMBEDS, Request, RequestStatus
 
 
 @dataclass
@@ -170,6 +170,8 @@ class Scheduler:
             if self.lora is not None:
                 self.lora.acquire(req)  # can_acquire said yes: this takes the slot
             req.first_scheduled_time = req.first_scheduled_time or time.time()
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = hit
             req.status = RequestStatus.RUNNING
             self._run(req)
             out.requests.append(req)
@@ -297,8 +299,8 @@ class _EncoderWork:
     def take(self, item) -> bool:
         """Book `item`'s encoding if it needs one and fits (the step's first always fits)."""
         key = item.content_hash
-        if key in self.cache or key in self.hashes:
-            return True
+        if key in self.cache or key in self.hashes or item.modality == PROMPT_EMBEDS:
+            return True  # cached, booked, or given as embeddings: no encoder work
         cost = item.num_embeds
         if self.hashes and self.used + cost > self.budget:
             return False

@@ -19,6 +19,9 @@ RAW_PIXEL_KEYS = ("pixel_frames", "pixel_mean", "pixel_std", "patch_layout")
 # where an item's embeddings go
 SLOTS = "slots"  # rows replace the embeddings of its slot tokens
 CROSS_ATTENTION = "cross_attention"  # states the decoder's cross-attention layers read
+# the modality of a prompt given as embeddings (vLLM's `prompt_embeds`): its rows are
+# `data["embeds"]` as given, no encoder runs (llm_core/prompt_embeds.py)
+PROMPT_EMBEDS = "prompt_embeds"
 
 # `pixel_fn(frames, mean, std, dtype=...) -> pixel_values`: the family's normalization of raw
 # frames, run wherever the frames are (host, or the device after staging)
@@ -45,7 +48,7 @@ class MultimodalItem:
     `pixel_values()` makes them anywhere.
     """
 
-    modality: str  # "image" | "video" | "audio"
+    modality: str  # "image" | "video" | "audio" | PROMPT_EMBEDS
     data: dict[str, torch.Tensor]
     slot_start: int
     num_slots: int
@@ -86,8 +89,8 @@ class MultimodalItem:
     def embed_runs(self) -> list[tuple[int, int]]:
         """Maximal runs `[start, end)` of embedded positions (absolute token indices): one run
         per crop or tile an image brings (Gemma 3's bidirectional groups)."""
-        if self.target == CROSS_ATTENTION:
-            return []
+        if self.target == CROSS_ATTENTION or self.modality == PROMPT_EMBEDS:
+            return []  # a prompt given as embeddings is text to the model: causal
         if self.embed_mask is None:
             return [(self.slot_start, self.slot_end)] if self.num_slots else []
         mask = self.embed_mask.to(torch.int8)
@@ -130,9 +133,14 @@ class MultimodalItem:
         """Make `pixel_values` on `device` in `dtype` (idempotent; safe on a worker thread).
 
         `move` copies a tensor to `device` (the engine passes a pinned asynchronous copy);
-        items without pixels (precomputed embeddings) are left as they are.
+        given embeddings (`PROMPT_EMBEDS`) are moved and cast as they are.
         """
         data = self.data
+        if self.modality == PROMPT_EMBEDS:
+            rows = data["embeds"]
+            if rows.device != torch.device(device) or rows.dtype != dtype:
+                self.data = {"embeds": (move or (lambda t: t.to(device)))(rows).to(dtype)}
+            return
         if "pixel_frames" not in data and "pixel_values" not in data:
             return
         pixels = data.get("pixel_values")

@@ -115,6 +115,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the engine may free its GPU memory while idle (serve: POST /sleep, /wake_up)",
     )
+    parser.add_argument(
+        "--enable-prompt-embeds",
+        action="store_true",
+        help="prompts may be given as embeddings (completions' prompt_embeds: base64 tensors)",
+    )
     for flag, text in JSON_OPTIONS.items():
         parser.add_argument(flag, type=json.loads, help=text)
     for flag, text in SWITCHES.items():
@@ -138,6 +143,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cuda_graphs=False if args.enforce_eager else None,
         trust_remote_code=args.trust_remote_code or None,
         enable_sleep_mode=args.enable_sleep_mode or None,
+        enable_prompt_embeds=args.enable_prompt_embeds or None,
     )
     if args.enable_chunked_prefill is False:
         raise SystemExit("--no-enable-chunked-prefill: polymodal always splits long prompts")

@@ -151,6 +151,7 @@ class EngineLoop:
             "matryoshka": list(matryoshka_dimensions(mc.text_config)),
             "do_lower_case": mc.do_lower_case,  # sentence_bert_config.json: text lower-cased
             "sleep_mode": self.engine.config.enable_sleep_mode,  # the sleep routes are served
+            "prompt_embeds": self.engine.config.enable_prompt_embeds,  # completions take them
         }
 
     def process_later(self, prompt: Any) -> Any:

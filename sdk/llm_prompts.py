@@ -11,6 +11,8 @@
     {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
      "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
     {"prompt": ..., "images": [...], "videos": [...], "max_pixels": ...}   polymodal's own form
+    {"prompt_embeds": tensor [num_tokens, hidden_size]}    vLLM's embeddings prompt (the engine
+                                                 needs enable_prompt_embeds=True)
     any dict form + "cache_salt": "..."    vLLM's: prefix-cache blocks shared only within a salt
     any dict form + "priority": 1          scheduling priority (lower first; "priority" policy)
 
@@ -35,6 +37,7 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.lora import LoRARequest
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, part_modality
+from polymodal.processors.prompt_embeds import embeds_prompt
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
@@ -47,7 +50,7 @@ TEMPLATE_KEYS = (
     "add_generation_prompt",
     "continue_final_message",
 )
-SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages")
+SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages", "prompt_embeds")
 PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}
 PROMPT_KEYS |= {"audios"}
 PROMPT_KEYS |= {*MEDIA_OPTIONS, *TEMPLATE_KEYS, "cache_salt", "priority"}
@@ -144,6 +147,11 @@ def process_prompt(
 
 def _process_dict(processor, prompt: dict, options: dict, allowed: tuple, text_only: bool):
     """`process_prompt` of a checked prompt dict."""
+    if "prompt_embeds" in prompt:
+        extra = sorted(set(prompt) - {"prompt_embeds", "cache_salt", "priority"})
+        if extra:
+            raise InvalidInputError(f"a prompt_embeds prompt takes no {extra}")
+        return embeds_prompt(prompt["prompt_embeds"])
     keys = dict.fromkeys([*MEDIA_OPTIONS, *allowed])
     options.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     options.update(media_options(prompt.get("mm_processor_kwargs"), "mm_processor_kwargs", allowed))

@@ -50,7 +50,11 @@ def encode(out: RequestOutput, first: bool) -> tuple:
         m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
         m.finished_time,
     )  # fmt: skip
-    prompt = (out.prompt_token_ids, out.prompt_logprobs, out.prompt) if first else None
+    prompt = (
+        (out.prompt_token_ids, out.prompt_logprobs, out.prompt, out.num_cached_tokens)
+        if first
+        else None
+    )
     return (
         out.finished,
         choices,
@@ -85,7 +89,8 @@ class Assembler:
     """The parent's side: rebuilds each request's `RequestOutput` from its encoded steps."""
 
     def __init__(self) -> None:
-        # request id -> [(prompt ids, prompt logprobs, prompt), {index: [text, ids, logprobs]}]
+        # request id -> [(prompt ids, prompt logprobs, prompt, cached tokens),
+        #                {index: [text, ids, logprobs]}]
         self._requests: dict[str, list] = {}
 
     def __call__(self, request_id: str, item: Any) -> Any:
@@ -99,7 +104,7 @@ class Assembler:
         finished, choices, usage, timings, metrics, prompt = item[1]
         state = self._requests.get(request_id)
         if state is None:
-            state = self._requests[request_id] = [prompt or ([], None, None), {}]
+            state = self._requests[request_id] = [prompt or ([], None, None, None), {}]
         seqs = state[1]
         outputs = []
         for index, delta, delta_ids, reason, stop, logprobs, cumulative, text in choices:
@@ -118,7 +123,7 @@ class Assembler:
             )
         if finished:
             del self._requests[request_id]
-        token_ids, prompt_logprobs, prompt_text = state[0]
+        token_ids, prompt_logprobs, prompt_text, cached = state[0]
         return RequestOutput(
             request_id,
             token_ids,
@@ -129,6 +134,7 @@ class Assembler:
             prompt_text,
             prompt_logprobs,
             None if metrics is None else RequestMetrics(*metrics),
+            cached,
         )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. A client that 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from functools import partial
 from pathlib import Path
@@ -32,14 +33,10 @@ from polymodal.server.errors import RequestError
 from polymodal.server.metrics import ServerMetrics
 from polymodal.server.openai_format import MediaPolicy, engine_messages, request_error
 from polymodal.server.pooling_routes import add_pooling_routes, serving_routes
+from polymodal.server.prompt_embeds import decode_prompt_embeds
 from polymodal.server.protocol import ModelCard, ModelList
 from polymodal.server.reasoning import PARSERS as REASONING_PARSERS
-from polymodal.server.requests import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
+from polymodal.server.requests import ChatCompletionRequest, CompletionRequest
 from polymodal.server.responses import ResponseBuilder, Shape
 from polymodal.server.responses_api import add_responses_route
 from polymodal.server.serving import (
@@ -50,6 +47,7 @@ from polymodal.server.serving import (
     run_job,
 )
 from polymodal.server.sleep_routes import add_sleep_routes
+from polymodal.server.token_routes import add_token_routes
 from polymodal.server.tools import TOOL_PARSERS, tool_params
 
 
@@ -73,6 +71,7 @@ def create_app(
     request_id_headers: bool = False,
     response_role: str = "assistant",
     tokens_as_ids: bool = False,
+    tokens_details: bool = False,
     api_docs: bool = True,
 ) -> FastAPI:
     """Build the app; the caller owns `engine` (and closes it after the server stops).
@@ -84,8 +83,9 @@ def create_app(
     `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`;
     `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py);
     `request_id_headers` adds `X-Request-Id` to every response; `response_role` names chat
-    replies' role, `tokens_as_ids` is `return_tokens_as_token_ids`' default; `api_docs=False`
-    serves no /docs, /redoc, /openapi.json.
+    replies' role, `tokens_as_ids` is `return_tokens_as_token_ids`' default; `tokens_details`
+    reports cached prompt tokens in `usage.prompt_tokens_details` (vLLM's
+    `--enable-prompt-tokens-details`); `api_docs=False` serves no /docs, /redoc, /openapi.json.
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -252,7 +252,7 @@ def create_app(
         generates("/v1/chat/completions")
         params = body.sampling_params()
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        shape = Shape("chat", top_n, params.n, role=response_role)
+        shape = Shape("chat", top_n, params.n, role=response_role, cached_tokens=tokens_details)
         shape.take_extras(
             body, reasoning_parser, request.headers.get("x-request-id"), tokens_as_ids
         )
@@ -299,11 +299,21 @@ def create_app(
                 tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p
                 for p in prompts
             ]
-        shape = Shape("completion", body.logprobs, body.n or 1)
+        shape = Shape("completion", body.logprobs, body.n or 1, cached_tokens=tokens_details)
         shape.take_extras(body, None, request.headers.get("x-request-id"), tokens_as_ids)
         if body.echo:
             shape.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
             shape.echo_only = body.max_tokens == 0
+        if body.prompt_embeds is not None:
+            if not engine.model_info.get("prompt_embeds"):
+                raise RequestError(
+                    "prompt_embeds need the server started with --enable-prompt-embeds",
+                    "prompt_embeds",
+                )  # fmt: skip
+            if body.echo:
+                raise RequestError("echo needs prompt tokens: not with prompt_embeds", "echo")
+            tensors = await asyncio.to_thread(decode_prompt_embeds, body.prompt_embeds)
+            prompts += [{"prompt_embeds": t} for t in tensors]
         prompts = body.with_extras(prompts)
         builder = ResponseBuilder(shape, served, tokenizer)
         if body.use_beam_search:
@@ -332,39 +342,8 @@ def create_app(
         out = await run_beam_search(engine, prompt, beam)
         return JSONResponse(builder.full([out]).model_dump())
 
-    @auth.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise RequestError("give exactly one of prompt or messages", "prompt")
-        if body.prompt is not None:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        else:
-            prompt = {
-                "messages": engine_messages(body.messages, policy, takes_audio),
-                "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()] or None,
-                "chat_template": body.chat_template or chat_template,
-                "chat_template_kwargs": body.chat_template_kwargs,
-                "add_generation_prompt": body.add_generation_prompt,
-                "continue_final_message": body.continue_final_message,
-                "mm_processor_kwargs": body.mm_processor_kwargs,
-            }
-            ids = (await engine.process(prompt)).token_ids
-        out = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
-        if body.return_token_strs:
-            out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
-        return out
-
-    @auth.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        check_model(body.model)
-        vocab = engine.model_info["vocab_size"]
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocab [0, {vocab})", "tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
-
     messages_of = partial(engine_messages, policy=policy, takes_audio=takes_audio)
+    add_token_routes(auth, engine, check_model, messages_of, chat_template)
     add_pooling_routes(auth, engine, names[0], check_model, metrics, messages_of)
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     if engine.model_info.get("sleep_mode"):

@@ -155,6 +155,11 @@ def serve_command(parser: argparse.ArgumentParser):
         help='logprobs name tokens as "token_id:N" unless a request says otherwise',
     )
     parser.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="usage reports the prompt tokens served from the prefix cache",
+    )
+    parser.add_argument(
         "--max-log-len", type=int, help="accepted for vLLM's command lines: no prompt is logged"
     )
     parser.add_argument("--seed", type=int, help="the engine's random stream (default 0)")
@@ -214,6 +219,7 @@ def serve_command(parser: argparse.ArgumentParser):
             request_id_headers=args.enable_request_id_headers,
             response_role=args.response_role,
             tokens_as_ids=args.return_tokens_as_token_ids,
+            tokens_details=args.enable_prompt_tokens_details,
             api_docs=not args.disable_fastapi_docs,
         )
         try:

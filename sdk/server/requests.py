@@ -290,9 +290,11 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    """Body of `POST /v1/completions`: one prompt or several (strings or token-id lists)."""
+    """Body of `POST /v1/completions`: one prompt or several (strings or token-id lists), and
+    vLLM's `prompt_embeds` (base64 tensors; after the prompts when both are given)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    prompt_embeds: str | list[str] | None = None
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -304,11 +306,16 @@ class CompletionRequest(_Request):
         if not extras:
             return prompts
         key = lambda p: "prompt" if isinstance(p, str) else "prompt_token_ids"  # noqa: E731
-        return [{key(p): p, **extras} for p in prompts]
+        return [{**p, **extras} if isinstance(p, dict) else {key(p): p, **extras} for p in prompts]
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompts, one per engine request."""
+        """The prompts (texts or token-id lists), one per engine request; none when only
+        `prompt_embeds` are given."""
         p = self.prompt
+        if p is None:
+            if self.prompt_embeds is None:
+                raise RequestError("give prompt or prompt_embeds", "prompt")
+            return []
         if isinstance(p, str):
             return [p]
         if not p:

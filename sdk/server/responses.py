@@ -26,6 +26,7 @@ from polymodal.server.protocol import (
     ChatResponseMessage,
     CompletionChoice,
     CompletionResponse,
+    PromptTokensDetails,
     UsageInfo,
     new_id,
     now,
@@ -48,13 +49,23 @@ def sse(payload: Any) -> str:
     return f"data: {body}\n\n"
 
 
-def usage_info(outs: list[RequestOutput]) -> UsageInfo:
-    """OpenAI usage summed over the engine requests of one HTTP request."""
+def usage_info(outs: list[RequestOutput], cached_tokens: bool = False) -> UsageInfo:
+    """OpenAI usage summed over the engine requests of one HTTP request; `cached_tokens`:
+    with the prompt tokens the prefix cache served (vLLM's `prompt_tokens_details`)."""
     prompt = sum(o.usage.prompt_tokens for o in outs)
     completion = sum(o.usage.completion_tokens for o in outs)
-    return UsageInfo(
+    usage = UsageInfo(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+    if cached_tokens:
+        cached = sum(o.num_cached_tokens or 0 for o in outs)
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
+    return usage
+
+
+def _ids(token_ids: list[int] | None) -> list[int] | None:
+    """A copy of `token_ids` (None stays None: a prompt given as embeddings has none)."""
+    return None if token_ids is None else list(token_ids)
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -81,6 +92,7 @@ class Shape:
     reasoning: Reasoning | None = None  # chat with --reasoning-parser: thinking apart
     role: str = "assistant"  # a chat reply's role (vLLM's --response-role)
     continuous_usage: bool = False  # vLLM's continuous_usage_stats: usage in every chunk
+    cached_tokens: bool = False  # usage.prompt_tokens_details (--enable-prompt-tokens-details)
 
     def take_extras(
         self, body, reasoning_parser: str | None = None, header_id=None, ids_as_tokens=False
@@ -156,7 +168,12 @@ class ResponseBuilder:
                 index = p * self.shape.n + j
                 choices.append(self._chat_choice(index, c) if self.kind == "chat" else
                                self._completion_choice(index, p, out, c))  # fmt: skip
-        common = dict(id=self.id, created=self.created, model=self.model, usage=usage_info(outs))
+        common = dict(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            usage=usage_info(outs, self.shape.cached_tokens),
+        )
         if self.kind == "chat":
             plp = self._prompt_logprobs(outs[0]) if outs else None
             ids = outs[0].prompt_token_ids if outs and self.shape.token_ids else None
@@ -217,7 +234,7 @@ class ResponseBuilder:
             finish_reason=reason,
             stop_reason=c.stop_reason,
             prompt_logprobs=self._prompt_logprobs(out),
-            prompt_token_ids=list(out.prompt_token_ids) if ids else None,
+            prompt_token_ids=_ids(out.prompt_token_ids) if ids else None,
             token_ids=([] if self.shape.echo_only else list(c.token_ids)) if ids else None,
         )
 
@@ -236,7 +253,7 @@ class ResponseBuilder:
     def chunks(self, p: int, out: RequestOutput) -> list[str]:
         """SSE events for what one engine step added to prompt `p`'s request (one per choice)."""
         events = []
-        usage = usage_info([out]) if self.shape.continuous_usage else None
+        usage = usage_info([out], self.shape.cached_tokens) if self.shape.continuous_usage else None
         for c in out.outputs:
             index = p * self.shape.n + c.index
             if index in self._finished:
@@ -288,7 +305,7 @@ class ResponseBuilder:
                 continue
             prompt_ids = None
             if self.shape.token_ids and index not in self._started:  # the choice's first chunk
-                prompt_ids = list(out.prompt_token_ids)
+                prompt_ids = _ids(out.prompt_token_ids)
             self._started.add(index)
             if self.shape.echo_only:
                 logprobs, reason = None, ("length" if reason else None)
@@ -365,8 +382,8 @@ class ResponseBuilder:
     def usage_chunk(self, outs: list[RequestOutput]) -> str:
         """The last chunk of a stream with `stream_options.include_usage` (no choices)."""
         if self.kind == "chat":
-            return sse(self._chat_chunk([], usage_info(outs)))
-        return sse(self._completion_chunk([], usage_info(outs)))
+            return sse(self._chat_chunk([], usage_info(outs, self.shape.cached_tokens)))
+        return sse(self._completion_chunk([], usage_info(outs, self.shape.cached_tokens)))
 
     def _chat_chunk(self, choices, usage=None, prompt_token_ids=None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
