@@ -49,10 +49,15 @@ def _check_range(
         raise ValueError(f"must be in {left}{lo:g}, {hi:g}{right}")
 
 
+# the constraints given by value (json_object is a flag)
+KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
+
+
 @dataclass(config=ConfigDict(extra="forbid"))
 class StructuredOutputsParams:
     """Constrain the output to a grammar (vLLM's `StructuredOutputsParams`); set exactly one of
-    `json`, `regex`, `choice`, `grammar`, `json_object`. Compiled with xgrammar."""
+    `json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag`. Compiled with
+    xgrammar."""
 
     json: str | dict | None = None
     """A JSON schema (a dict or its JSON text): the output is one JSON value matching it."""
@@ -64,16 +69,20 @@ class StructuredOutputsParams:
     """An EBNF (GBNF) grammar with a `root` rule."""
     json_object: bool | None = None
     """The output is any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    structural_tag: str | dict | None = None
+    """xgrammar's structural tag (a dict or its JSON text): `{"type": "structural_tag",
+    "format": {...}}`, or the older `{"structures": [{"begin", "schema", "end"}], "triggers":
+    [...]}`: free text until a trigger, then the tagged structure (tool calls, reasoning)."""
     disable_any_whitespace: bool = False
     """JSON without free whitespace between tokens (compact output)."""
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given = [k for k in KINDS if getattr(self, k) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError(
-                "set exactly one of json, regex, choice, grammar, json_object"
+                "set exactly one of json, regex, choice, grammar, json_object, structural_tag"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.choice is not None and not self.choice:
@@ -82,8 +91,9 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
-        for key in ("json", "regex", "choice", "grammar"):
+        """Which constraint is set: "json", "regex", "choice", "grammar", "structural_tag" or
+        "json_object"."""
+        for key in KINDS:
             if getattr(self, key) is not None:
                 return key
         return "json_object"

@@ -71,10 +71,38 @@ class GrammarCompiler:
             )
         if kind == "regex":
             return c.compile_regex(spec.regex)
+        if kind == "structural_tag":
+            return _structural_tag(c, spec.structural_tag)
         if kind == "choice":
             # JSON string literals are valid EBNF literals (same escapes)
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in spec.choice))
         return c.compile_grammar(spec.grammar)
+
+
+def _structural_tag(compiler, tag: str | dict) -> Any:
+    """A structural tag compiled: xgrammar's form as is, the older `structures` + `triggers`
+    form (vLLM's legacy `response_format`) as tags and triggers."""
+    if isinstance(tag, str):
+        try:
+            tag = json.loads(tag)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(tag, dict):
+        raise ValueError("a structural tag is a JSON object")
+    if "structures" not in tag:
+        return compiler.compile_structural_tag(json.dumps(tag))
+    xgr = _xgrammar()
+    try:
+        items = [
+            xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+            for s in tag["structures"]
+        ]
+        triggers = list(tag["triggers"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(
+            f"structures need begin, schema and end, and triggers a list of strings ({exc!r})"
+        ) from None
+    return compiler.compile_structural_tag(items, triggers)
 
 
 class Grammars:

@@ -134,10 +134,15 @@ class JsonSchemaFormat(StrictBody):
 
 
 class ResponseFormat(StrictBody):
-    """`{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`."""
+    """`{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`, or vLLM's
+    `{"type": "structural_tag", "format": {...}}` (xgrammar's structural tag) and its older
+    `{"type": "structural_tag", "structures": [...], "triggers": [...]}`."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
 
 # Request fields that map one to one onto SamplingParams.
@@ -197,6 +202,7 @@ class _Request(StructuredFields, StrictBody):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structural_tag: str | None = None  # vLLM's: a structural tag's JSON text
     mm_processor_kwargs: dict[str, Any] | None = None
     # vLLM's output extras: the prompt's and each choice's token ids next to the text (streams:
     # the prompt's in the first chunk, each chunk's new ids); logprobs tokens as "token_id:N";

@@ -40,6 +40,8 @@ class StructuredFields:
             fmt = self.response_format
             if fmt.type == "json_object":
                 given.append(("response_format", {"json_object": True}))
+            elif fmt.type == "structural_tag":
+                given.append(("response_format", {"structural_tag": _tag(fmt)}))
             elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise RequestError(
                     "response_format json_schema needs json_schema.schema", "response_format"
@@ -48,8 +50,27 @@ class StructuredFields:
                 given.append(("response_format", {"json": fmt.json_schema.schema_}))
         if self.structured_outputs is not None:
             given.append(("structured_outputs", self.structured_outputs))
+        if self.structural_tag is not None:
+            given.append(("structural_tag", {"structural_tag": self.structural_tag}))
         for name in ("json", "regex", "choice", "grammar"):
             value = getattr(self, f"guided_{name}")
             if value is not None:
                 given.append((f"guided_{name}", {name: value}))
         return given
+
+
+def _tag(fmt) -> dict[str, Any]:
+    """The structural tag of a `response_format` of type structural_tag (either form)."""
+    if fmt.format is not None:
+        if fmt.structures is not None or fmt.triggers is not None:
+            raise RequestError(
+                "response_format structural_tag: give format, or structures and triggers",
+                "response_format",
+            )
+        return {"type": "structural_tag", "format": fmt.format}
+    if fmt.structures is None or fmt.triggers is None:
+        raise RequestError(
+            "response_format structural_tag needs format (or structures and triggers)",
+            "response_format",
+        )
+    return {"structures": fmt.structures, "triggers": fmt.triggers}

@@ -68,6 +68,40 @@ def test_vllm_spellings(server):
     assert satisfies(json.loads(chat(guided_json=SCHEMA, max_tokens=1500)))
 
 
+def test_structural_tags(server):
+    """vLLM's response_format structural_tag (xgrammar's form, and the older structures +
+    triggers) and the top-level `structural_tag` field (JSON text)."""
+    c = openai_client(server)
+    fmt = {"type": "tag", "begin": "<a>", "end": "</a>",
+           "content": {"type": "regex", "pattern": "[0-9]{3}"}}  # fmt: skip
+
+    def chat(**extra):
+        out = c.chat.completions.create(
+            model="m", messages=USER, max_tokens=60, temperature=0, extra_body=extra
+        )
+        return out.choices[0].message.content
+
+    assert re.fullmatch(r"<a>[0-9]{3}</a>", chat(response_format={
+        "type": "structural_tag", "format": fmt}))  # fmt: skip
+    tag = json.dumps({"type": "structural_tag", "format": fmt})
+    assert re.fullmatch(r"<a>[0-9]{3}</a>", chat(structural_tag=tag))
+    legacy = {"type": "structural_tag", "triggers": ["<f"],
+              "structures": [{"begin": "<f>", "schema": SCHEMA, "end": "</f>"}]}  # fmt: skip
+    assert isinstance(chat(response_format=legacy), str)
+    for extra, param in [
+        ({"response_format": {"type": "structural_tag"}}, "response_format"),
+        (
+            {"response_format": {"type": "structural_tag", "format": fmt, "triggers": []}},
+            "response_format",
+        ),
+        ({"structural_tag": "{oops"}, "structural_tag"),
+        ({"structural_tag": tag, "guided_regex": "a"}, "guided_regex"),
+    ]:
+        resp = post(server, "/v1/chat/completions", {"messages": USER, **extra})
+        assert resp.status_code == 400, (extra, resp.text)
+        assert resp.json()["error"]["param"].startswith(param), resp.json()
+
+
 def test_bad_or_conflicting_constraints_are_400s(server):
     cases = [
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
