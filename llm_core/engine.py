@@ -285,6 +285,10 @@ class Engine:
             )
         self.runner.lora.load(lora_request)
 
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop adapter `lora_int_id` (vLLM's; LoRAManager.remove); False if not loaded."""
+        return self.runner.lora is not None and self.runner.lora.remove(lora_int_id)
+
     def compile_grammar(self, params: SamplingParams) -> Any:
         """`params.structured_outputs` compiled for this model's tokenizer (thread-safe; None
         without structured output). Raises `InvalidInputError` for a bad schema or regex."""

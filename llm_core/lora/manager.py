@@ -78,6 +78,21 @@ class LoRAManager:
                 del self.loaded[old]
         return adapter
 
+    def remove(self, lora_int_id: int) -> bool:
+        """Forget adapter `lora_int_id` (not a registered one): its host copy goes, and an
+        unheld slot holding it is emptied; a held slot keeps it until its requests finish.
+        False if it is not loaded."""
+        with self._lock:
+            key = self.ids.get(lora_int_id)
+            if key is None or key in self.pinned:
+                return False
+            del self.ids[lora_int_id]
+            self.loaded.pop(key, None)
+            for slot, held in enumerate(self.slot_key):
+                if held == key and self.slot_users[slot] == 0:
+                    self.slot_key[slot] = None
+            return True
+
     def register(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
         """Keep an adapter built by the model (its checkpoint's own) under `request`; it is
         never dropped from the host."""

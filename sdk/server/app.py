@@ -30,6 +30,7 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_pooling import is_cross_encoder
 from polymodal.server.audio_routes import add_audio_routes
 from polymodal.server.errors import RequestError
+from polymodal.server.lora_routes import add_lora_routes, runtime_updates_allowed
 from polymodal.server.metrics import ServerMetrics
 from polymodal.server.openai_format import MediaPolicy, engine_messages, request_error
 from polymodal.server.pooling_routes import add_pooling_routes, serving_routes
@@ -348,6 +349,8 @@ def create_app(
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     if engine.model_info.get("sleep_mode"):
         add_sleep_routes(auth, engine)
+    if runtime_updates_allowed():
+        add_lora_routes(v1, engine, adapters, names)
     chat_prompt = lambda m, tools=None: {  # noqa: E731
         "messages": messages_of(m), "tools": tools, "chat_template": chat_template}  # fmt: skip
     add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults,

@@ -69,6 +69,9 @@ def test_lora_modules_served_by_name(setup, tmp_path):
         beam = post(url, "/v1/completions",
                     {"model": "all", "prompt": "x", "use_beam_search": True, "n": 2})  # fmt: skip
         assert beam.status_code == 400 and "LoRA" in beam.json()["error"]["message"]
+        # runtime updating is off without VLLM_ALLOW_RUNTIME_LORA_UPDATING (vLLM's switch)
+        runtime = post(url, "/v1/load_lora_adapter", {"lora_name": "z", "lora_path": "/x"})
+        assert runtime.status_code == 404
 
 
 def test_lora_modules_option_parsing(tmp_path):
