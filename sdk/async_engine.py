@@ -73,7 +73,8 @@ class AsyncEngine:
     that holds it (a picklable callable; `scripts/bench_frontend.py` fakes the model step
     there). `process_workers` threads process prompts next to the engine; `media_processes`
     worker processes (0: none) load and tokenize the prompts that carry media first
-    (`polymodal.media_processes`). Call `submit` and `stream` from inside a running event
+    (`polymodal.media_processes`). `data_parallel_size` > 1 runs that many engine processes,
+    each on its own GPUs, and spreads the requests over them (`polymodal.data_parallel`). Call `submit` and `stream` from inside a running event
     loop; `close()` stops the engine.
     """
 
@@ -85,25 +86,31 @@ class AsyncEngine:
         media_processes: int = 0,
         separate_process: bool = True,
         engine_setup: Any = None,
+        data_parallel_size: int = 1,
         **engine_kwargs: Any,
     ):
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        if data_parallel_size != 1 and not (isinstance(model, str) and separate_process):
+            raise InvalidInputError("data_parallel_size > 1 needs engine processes: pass a path")
         if isinstance(model, str) and separate_process:
+            from polymodal.data_parallel import DataParallelCores
             from polymodal.engine_process import EngineProcess
             from polymodal.llm_core.engine_config import load_tokenizer
 
-            self.llm = None  # it lives in the engine process
-            self._core = EngineProcess(
-                model,
-                engine_kwargs,
-                self._deliver,
-                self._fail_all,
-                process_workers,
-                engine_setup,
-                media_processes,
-            )
+            self.llm = None  # it lives in the engine process(es)
+            cores = {"process_workers": process_workers, "setup": engine_setup,
+                     "media_processes": media_processes}  # fmt: skip
+            if data_parallel_size == 1:
+                self._core = EngineProcess(
+                    model, engine_kwargs, self._deliver, self._fail_all, **cores
+                )
+            else:  # data_parallel.py
+                self._core = DataParallelCores(
+                    data_parallel_size, model, engine_kwargs, self._deliver, self._fail_all,
+                    **cores,
+                )  # fmt: skip
             self.model_info = self._core.info
             self.tokenizer = load_tokenizer(self.model_info["model_dir"])
         else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import itertools
 import multiprocessing
+import os
 import pickle
 import threading
 from collections import deque
@@ -42,6 +43,9 @@ from polymodal.llm_core.errors import ModelLoadError
 from polymodal.output_wire import Assembler, Encoder
 
 
+_START_LOCK = threading.Lock()
+
+
 class EngineDiedError(RuntimeError):
     """The engine process ended while requests were in it."""
 
@@ -53,6 +57,8 @@ class EngineProcess:
     `setup(llm)` (picklable: a module-level function or a partial of one) runs in the child
     once the `LLM` is built (the frontend bench installs its fake model step there). `emit`
     gets each message's items on a reader thread; `on_death(exc)` runs once if the child dies.
+    `env`: environment variables the child starts with (a data-parallel rank's
+    `CUDA_VISIBLE_DEVICES`).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class EngineProcess:
         process_workers: int = PROCESS_WORKERS,
         setup: Callable[[Any], None] | None = None,
         media_processes: int = 0,
+        env: dict[str, str] | None = None,
     ):
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child_conn = ctx.Pipe()
@@ -75,7 +82,17 @@ class EngineProcess:
             # processes need it not (without the parent's pipe it exits all the same)
             daemon=engine_kwargs.get("tensor_parallel_size", 1) == 1 and not media_processes,
         )
-        self._process.start()
+        with _START_LOCK:  # `env` (a data-parallel rank's GPUs) is what the child inherits
+            saved = {name: os.environ.get(name) for name in env or {}}
+            os.environ.update(env or {})
+            try:
+                self._process.start()
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
         child_conn.close()
         self._send_lock = threading.Lock()
         self._outgoing: list[tuple] = []  # commands for the sender thread

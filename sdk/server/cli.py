@@ -139,6 +139,14 @@ def serve_command(parser: argparse.ArgumentParser):
         "engine process's GIL; a decoder crash then kills a worker, not the engine (default 0: "
         "the media workers' threads do it all)",
     )
+    parser.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="engine processes of the model, each on its own GPUs (tensor-parallel-size each); "
+        "requests go to the least loaded (default 1)",
+    )
     parser.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info")
     parser.add_argument("--ssl-keyfile", help="TLS: the server's private key (PEM)")
     parser.add_argument("--ssl-certfile", help="TLS: the server's certificate (PEM)")
@@ -191,6 +199,9 @@ def serve_command(parser: argparse.ArgumentParser):
         if args.media_workers < 1:
             print("polymodal serve: --media-workers must be at least 1", file=sys.stderr)
             return 2
+        if args.data_parallel_size < 1:
+            print("polymodal serve: --data-parallel-size must be at least 1", file=sys.stderr)
+            return 2
         if args.media_processes < 0:
             print("polymodal serve: --media-processes must be 0 or more", file=sys.stderr)
             return 2
@@ -199,6 +210,7 @@ def serve_command(parser: argparse.ArgumentParser):
             args.model,
             process_workers=args.media_workers,
             media_processes=args.media_processes,
+            data_parallel_size=args.data_parallel_size,
             generation_config=args.generation_config,
             serving=True,
             **engine_kwargs(args),
