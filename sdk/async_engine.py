@@ -74,8 +74,8 @@ class AsyncEngine:
     there). `process_workers` threads process prompts next to the engine; `media_processes`
     worker processes (0: none) load and tokenize the prompts that carry media first
     (`polymodal.media_processes`). `data_parallel_size` > 1 runs that many engine processes,
-    each on its own GPUs, and spreads the requests over them (`polymodal.data_parallel`). Call `submit` and `stream` from inside a running event
-    loop; `close()` stops the engine.
+    each on its own GPUs, and spreads the requests over them (`polymodal.data_parallel`).
+    Call `submit` and `stream` from inside a running event loop; `close()` stops the engine.
     """
 
     def __init__(

@@ -42,7 +42,6 @@ from polymodal.feeder import PROCESS_WORKERS
 from polymodal.llm_core.errors import ModelLoadError
 from polymodal.output_wire import Assembler, Encoder
 
-
 _START_LOCK = threading.Lock()
 
 
