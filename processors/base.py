@@ -229,7 +229,8 @@ class MediaProcessor:
                 )
             template_messages, refs = split_messages(messages)
             text = self.render_chat(template_messages, template)
-            special = False  # the template writes the special tokens (BOS) itself
+            # the template writes the special tokens (BOS) itself, unless asked
+            special = (template or ChatTemplateOptions()).add_special_tokens
         else:
             if not isinstance(prompt, str):
                 raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")

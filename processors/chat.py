@@ -174,13 +174,18 @@ def _tool_call(call: Any, where: str) -> dict[str, Any]:
 @dataclass
 class ChatTemplateOptions:
     """How to render chat messages: the template (the checkpoint's unless given), tools,
-    extra template variables, and whether to open an assistant turn."""
+    documents (retrieval-augmented templates' `documents` variable), extra template variables,
+    whether to open an assistant turn, and whether tokenizing the rendered text adds the
+    tokenizer's special tokens (vLLM's chat `add_special_tokens`, default False: the template
+    writes them)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    documents: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = False
 
     def render(self, tokenizer: Any, messages: list[dict[str, Any]]) -> str:
         """The prompt text; errors name the option at fault."""
@@ -192,7 +197,8 @@ class ChatTemplateOptions:
             raise InvalidInputError(
                 "add_generation_prompt and continue_final_message cannot both be true"
             )
-        reserved = {"messages", "tools", "chat_template", "add_generation_prompt", "tokenize"}
+        reserved = {"messages", "tools", "chat_template", "add_generation_prompt", "tokenize",
+                    "documents"}  # fmt: skip
         clash = sorted(reserved & set(self.chat_template_kwargs))
         if clash:
             raise InvalidInputError(f"chat_template_kwargs may not set {clash}")
@@ -200,6 +206,7 @@ class ChatTemplateOptions:
             return tokenizer.apply_chat_template(
                 messages,
                 tools=self.tools,
+                documents=self.documents,
                 chat_template=self.chat_template,
                 add_generation_prompt=self.add_generation_prompt,
                 continue_final_message=self.continue_final_message,

@@ -223,7 +223,8 @@ class Phi4MMProcessor:
         audio_iter = iter([it for it in items if it.modality == "audio"])
         text = IMAGE_PATTERN.sub(lambda _: self.image_token * next(images_iter).num_slots, text)
         text = AUDIO_PATTERN.sub(lambda _: self.audio_token * next(audio_iter).num_slots, text)
-        ids = self.tokenizer.encode(text, add_special_tokens=messages is None)
+        special = messages is None or (template or ChatTemplateOptions()).add_special_tokens
+        ids = self.tokenizer.encode(text, add_special_tokens=special)
         return self.finish(ids, items)
 
     def process_tokens(self, token_ids: list[int], refs: list[MediaRef],

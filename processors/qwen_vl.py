@@ -161,13 +161,15 @@ class QwenVLProcessor:
                 )
             template_messages, refs = split_messages(messages)
             prompt = self.render_chat(template_messages, template)
+            special = (template or ChatTemplateOptions()).add_special_tokens
         else:
             if not isinstance(prompt, str):
                 raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
             refs = [MediaRef("image", src) for src in images] + [
                 MediaRef("video", src) for src in videos
             ]
-        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            special = False  # as the HF processor tokenizes a Qwen-VL prompt
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=special)
         return self.process_tokens(token_ids, refs, defaults)
 
     def process_tokens(

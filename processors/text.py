@@ -34,8 +34,9 @@ class TextProcessor:
             raise InvalidInputError("pass exactly one of messages= or prompt=")
         if messages is not None:
             flat = [_flatten(m) for m in messages]
-            text = (template or ChatTemplateOptions()).render(self.tokenizer, flat)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            template = template or ChatTemplateOptions()
+            text = template.render(self.tokenizer, flat)
+            ids = self.tokenizer.encode(text, add_special_tokens=template.add_special_tokens)
         else:
             if not isinstance(prompt, str):
                 raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")

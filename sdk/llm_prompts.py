@@ -9,7 +9,8 @@
                                                  vLLM's Whisper prompt (one clip: a tuple)
     {"prompt_token_ids": [...], "multi_modal_data": ...}                 vLLM's tokens prompt
     {"messages": [...], "tools": [...], "chat_template": ..., "chat_template_kwargs": {...},
-     "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...}
+     "add_generation_prompt": True, "continue_final_message": False, "mm_processor_kwargs": ...,
+     "documents": [...], "add_special_tokens": False}
     {"prompt": ..., "images": [...], "videos": [...], "max_pixels": ...}   polymodal's own form
     {"prompt_embeds": tensor [num_tokens, hidden_size]}    vLLM's embeddings prompt (the engine
                                                  needs enable_prompt_embeds=True)
@@ -49,6 +50,8 @@ TEMPLATE_KEYS = (
     "chat_template_kwargs",
     "add_generation_prompt",
     "continue_final_message",
+    "documents",
+    "add_special_tokens",
 )
 SOURCE_KEYS = ("prompt", "prompt_token_ids", "messages", "prompt_embeds")
 PROMPT_KEYS = {*SOURCE_KEYS, "multi_modal_data", "mm_processor_kwargs", "images", "videos"}

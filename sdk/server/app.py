@@ -270,9 +270,11 @@ def create_app(
             "messages": engine_messages(body.messages, policy, takes_audio),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()] or None,
             "chat_template": body.chat_template or chat_template,
-            "chat_template_kwargs": body.chat_template_kwargs,
+            "chat_template_kwargs": body.template_kwargs(),
             "add_generation_prompt": body.add_generation_prompt,
             "continue_final_message": body.continue_final_message,
+            "documents": body.documents,
+            "add_special_tokens": body.add_special_tokens,
             "mm_processor_kwargs": body.mm_processor_kwargs,
         }
         prompt.update(body.prompt_extras())

@@ -267,6 +267,15 @@ class ChatCompletionRequest(_Request):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     include_reasoning: bool = True  # with --reasoning-parser; False: the answer alone
+    documents: list[dict[str, Any]] | None = None  # the template's `documents` (RAG)
+    add_special_tokens: bool = False  # tokenizing the rendered chat adds BOS & co.
+    reasoning_effort: Literal["low", "medium", "high"] | None = None  # a template variable
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """`chat_template_kwargs`, with `reasoning_effort` as a template variable when set."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {**(self.chat_template_kwargs or {}), "reasoning_effort": self.reasoning_effort}
 
     def sampling_params(self) -> SamplingParams:
         """The engine's SamplingParams (raises InvalidInputError naming a bad field)."""
