@@ -312,14 +312,18 @@ class EngineLoop:
 
 
 def _control(engine, name: str, args: tuple) -> Any:
-    """One control call on `engine` (the engine thread's): sleep mode, or a served adapter
-    checked / removed (the server's runtime LoRA routes)."""
+    """One control call on `engine` (the engine thread's): sleep mode, a served adapter
+    checked / removed (the server's runtime LoRA routes), a profiler trace started / stopped."""
     from polymodal.llm_core import sleep
 
     if name == "is_sleeping":
         return engine.sleeping is not None
     if name in ("check_lora", "remove_lora"):
         return getattr(engine, name)(*args)
+    if name in ("start_profile", "stop_profile"):
+        from polymodal.llm_core import profiler
+
+        return getattr(profiler, name)(engine)
     if name not in ("sleep", "wake_up"):
         raise ValueError(f"unknown engine control {name!r}")
     return getattr(sleep, name)(engine, *args)

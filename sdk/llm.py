@@ -6,7 +6,7 @@ keywords), llm_warmup.py (the load-time warm-up), llm_pooling.py (the pooling me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 
 from polymodal.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from polymodal.feeder import PROCESS_WORKERS, run_prompts
-from polymodal.llm_core import weight_update
+from polymodal.llm_controls import EngineControls
 from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.errors import InvalidInputError, PolymodalError
@@ -44,7 +44,7 @@ from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
 
-class LLM:
+class LLM(EngineControls):
     """Load a model once; generate for many prompts with continuous batching.
 
     >>> llm = LLM("Qwen/Qwen2.5-VL-7B-Instruct", max_model_len=8192)
@@ -120,33 +120,6 @@ class LLM:
         """SamplingParams with the model's generation_config.json defaults (vLLM's rule: used
         when `generate` / `chat` get no sampling params)."""
         return SamplingParams(**self.default_sampling)
-
-    def reset_prefix_cache(self) -> bool:
-        """vLLM's: forget the cached KV blocks (and encoder outputs); False while requests
-        run."""
-        return weight_update.reset_prefix_cache(self.engine)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the model's weights in place with `weights` (`(name, tensor)` pairs named as
-        in the checkpoint, a complete set; e.g. an RL trainer's new policy), then forget the
-        prefix and encoder caches (`llm_core/weight_update.py`)."""
-        weight_update.load_weights(self.engine, weights)
-
-    def sleep(self, level: int = 1) -> None:
-        """vLLM's: free the GPU memory of an idle engine (`enable_sleep_mode=True`): level 1
-        keeps the weights on the host, level 2 drops them (load new ones after `wake_up`)."""
-        from polymodal.llm_core import sleep
-
-        sleep.sleep(self.engine, level)
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        """vLLM's: take the memory back: `["weights"]`, `["kv_cache"]`, or both (default)."""
-        from polymodal.llm_core import sleep
-
-        sleep.wake_up(self.engine, tags)
-
-    def is_sleeping(self) -> bool:
-        return self.engine.sleeping is not None
 
     def process(self, prompt: Any, stage: bool = True) -> ProcessedPrompt:
         """Turn one prompt (any accepted form) into token ids, positions and media items.

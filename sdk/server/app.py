@@ -27,6 +27,7 @@ from polymodal import __version__
 from polymodal.async_engine import AsyncEngine
 from polymodal.beam_search import BeamSearchParams
 from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.profiler import trace_dir
 from polymodal.llm_pooling import is_cross_encoder
 from polymodal.server.audio_routes import add_audio_routes
 from polymodal.server.errors import RequestError
@@ -47,7 +48,7 @@ from polymodal.server.serving import (
     run_beam_search,
     run_job,
 )
-from polymodal.server.sleep_routes import add_sleep_routes
+from polymodal.server.sleep_routes import add_profile_routes, add_sleep_routes
 from polymodal.server.token_routes import add_token_routes
 from polymodal.server.tools import TOOL_PARSERS, tool_params
 
@@ -351,6 +352,8 @@ def create_app(
     add_audio_routes(v1, engine, check_model, takes_audio, defaults)
     if engine.model_info.get("sleep_mode"):
         add_sleep_routes(auth, engine)
+    if trace_dir() is not None:
+        add_profile_routes(auth, engine)
     if runtime_updates_allowed():
         add_lora_routes(v1, engine, adapters, names)
     chat_prompt = lambda m, tools=None: {  # noqa: E731
