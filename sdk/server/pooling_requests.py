@@ -53,12 +53,18 @@ class _ChatInputRequest(_InputRequest):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # the messages' media (max_pixels, ...)
 
     def prompts(self, convert=None) -> list[Any]:
         """`input`'s prompts, or the one conversation of `messages` (a prompt dict);
         `convert(messages)`: the chat route's checks of the messages as `ChatMessage`s (media
         under the server's policy: a multimodal embedding model's images)."""
         if self.messages is None:
+            if self.mm_processor_kwargs is not None:
+                raise RequestError(
+                    "mm_processor_kwargs: applies to `messages` (their images)",
+                    "mm_processor_kwargs",
+                )
             if self.input is None:
                 raise RequestError("input: give `input` (or `messages`)", "input")
             return input_prompts(self.input, "input")
@@ -82,6 +88,7 @@ class _ChatInputRequest(_InputRequest):
             "continue_final_message": self.continue_final_message,
             "chat_template": self.chat_template,
             "chat_template_kwargs": self.chat_template_kwargs,
+            "mm_processor_kwargs": self.mm_processor_kwargs,
         }
         return [{"messages": messages, **template}]
 
@@ -121,8 +128,9 @@ class PoolingRequest(_ChatInputRequest):
     normalize: bool | None = None
 
 
-class ClassificationRequest(_InputRequest):
-    """vLLM's `POST /classify`: class probabilities and the top label per input."""
+class ClassificationRequest(_ChatInputRequest):
+    """vLLM's `POST /classify`: class probabilities and the top label per input (or for the
+    one conversation of `messages`)."""
 
     activation: bool | None = None
 
@@ -147,6 +155,7 @@ class RerankRequest(_Truncated):
     top_n: int | None = None
     user: str | None = None
     activation: bool | None = None
+    return_documents: bool = True  # False: results carry no `document`
 
 
 def input_prompts(value: Any, field: str) -> list[str | list[int]]:

@@ -185,7 +185,7 @@ def add_pooling_routes(
             refuse("/classify", "a classification model")
         body = await parse(request, ClassificationRequest)
         served = check_model(body.model)
-        prompts = prepared(body.prompts(), body.add_special_tokens)
+        prompts = prepared(body.prompts(messages_of), body.add_special_tokens)
         params = PoolingParams(
             "classify", activation=body.activation, truncate_prompt_tokens=truncation(body)
         )
@@ -270,10 +270,10 @@ def add_pooling_routes(
             request, "rerank", query, documents, ("query", "documents"), body,
             (body.query, body.documents),
         )  # fmt: skip
-        results = [
-            {"index": i, "document": {"text": documents[i]}, "relevance_score": s}
-            for i, s in enumerate(scores)
-        ]
+        results = [{"index": i, "relevance_score": s} for i, s in enumerate(scores)]
+        if body.return_documents:
+            for result in results:
+                result["document"] = {"text": documents[result["index"]]}
         results.sort(key=lambda r: -r["relevance_score"])
         if body.top_n:
             results = results[: body.top_n]

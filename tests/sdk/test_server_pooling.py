@@ -99,6 +99,19 @@ def test_classify_equals_llm_classify(classifier):
     assert cut["usage"]["prompt_tokens"] == 3 * len(inputs)
 
 
+def test_classify_messages(classifier):
+    """vLLM's chat-form /classify: one conversation rendered by the (request's) template."""
+    url, llm = classifier
+    template = "{% for m in messages %}{{ m.content }} {% endfor %}"
+    messages = [{"role": "user", "content": TEXTS[0]}, {"role": "user", "content": TEXTS[1]}]
+    body = ok(post(url, "/classify", {"messages": messages, "chat_template": template}))
+    (want,) = llm.classify([{"messages": messages, "chat_template": template,
+                             "add_generation_prompt": False}])  # fmt: skip
+    assert close(body["data"][0]["probs"], want.outputs.probs)
+    both = error(post(url, "/classify", {"messages": messages, "input": "x"}))
+    assert both["param"] == "messages"
+
+
 def test_pooling_route_equals_llm_encode_and_classify(classifier):
     url, llm = classifier
     raw = ok(post(url, "/pooling", {"input": TEXTS, "task": "encode"}))
@@ -139,6 +152,8 @@ def test_score_and_rerank_equal_llm_score(cross_encoder):
         assert [r["document"]["text"] for r in body["results"]] == [docs[i] for i in order]
         assert close([r["relevance_score"] for r in body["results"]], [want[i] for i in order])
         assert body["usage"]["total_tokens"] > 0
+    bare = ok(post(url, "/rerank", {"query": query, "documents": docs, "return_documents": False}))
+    assert [sorted(r) for r in bare["results"]] == [["index", "relevance_score"]] * 3
 
 
 def test_reward_pooling_equals_llm_reward(prm):
@@ -232,7 +247,7 @@ def test_routes_that_do_not_fit_the_task_say_so(classifier, prm):
         ({"input": 5}, "input", "a string"),
         ({"input": ["a", 3]}, "input[1]", "a string or a list of token ids"),
         ({"input": [[1, 2.5]]}, "input[0]", "integers"),
-        ({}, "input", "got nothing"),
+        ({}, "input", "give `input`"),
         ({"input": list(range(3, 200))}, "input", "max_model_len"),
         ({"input": [[3, 4], [1, 100000]]}, "input[1]", "outside the vocab"),
         ({"input": "x", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens", "positive"),

@@ -38,6 +38,16 @@ def test_chat_form_embeddings_with_an_image(server, tmp_path_factory):
     assert (vector - torch.tensor(want.outputs.embedding)).abs().max() < 1e-4
     text_only = post(server, "/v1/embeddings", {"input": "A picture."}).json()
     assert text_only["usage"]["prompt_tokens"] < got.json()["usage"]["prompt_tokens"]
+    # the messages' media options: a smaller image, fewer image tokens
+    big = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(224, 168)}}]}]  # fmt: skip
+    full = post(server, "/v1/embeddings", {"messages": big}).json()["usage"]["prompt_tokens"]
+    options = {"max_pixels": 56 * 56}
+    small = post(server, "/v1/embeddings", {"messages": big, "mm_processor_kwargs": options})
+    assert small.status_code == 200, small.text
+    assert small.json()["usage"]["prompt_tokens"] < full
+    misplaced = post(server, "/v1/embeddings", {"input": "x", "mm_processor_kwargs": {}})
+    assert misplaced.json()["error"]["param"] == "mm_processor_kwargs"
     local = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}]}]  # fmt: skip
     refused = post(server, "/v1/embeddings", {"messages": local})
