@@ -1,5 +1,6 @@
 """polymodal: fast multimodal LLM inference."""
 
+from polymodal import log
 from polymodal.llm_core.errors import (
     EngineDeadError,
     InvalidInputError,
@@ -12,6 +13,8 @@ from polymodal.llm_core.errors import (
 from polymodal.llm_core.outputs import CompletionOutput, RequestMetrics, RequestOutput, Usage
 from polymodal.llm_core.registry import register_model
 from polymodal.llm_core.sampling_params import SamplingParams, StructuredOutputsParams
+
+log.configure()
 
 POOLING_NAMES = (
     "PoolingParams",

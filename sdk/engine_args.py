@@ -20,7 +20,19 @@ SWITCHES = {
     "--trust-remote-code": "accepted for vLLM's command lines: polymodal runs no checkpoint code",
     "--enable-prefix-caching": "reuse the KV blocks of shared prefixes (default on)",
     "--enable-chunked-prefill": "long prompts are always split across steps (--no-: refused)",
+    "--async-scheduling": "launch each step before reading the last one's tokens back (default: "
+    "on for CUDA, off on the CPU)",
 }
+# vLLM's engine options `LLM` takes only at vLLM's default value, or with nothing to do (logged;
+# llm_options.VLLM_DEFAULT_ONLY / VLLM_NO_EFFECT say which and why): their value's type
+VLLM_ACCEPTED = {
+    "pipeline_parallel_size": int, "tokenizer_mode": str, "tokenizer_revision": str,
+    "cpu_offload_gb": float, "model_impl": str, "swap_space": float,
+    "max_seq_len_to_capture": int, "disable_custom_all_reduce": "switch",
+    "max_parallel_loading_workers": int, "long_prefill_token_threshold": int,
+    "max_num_partial_prefills": int, "cuda_graph_sizes": int, "compilation_config": json.loads,
+}  # fmt: skip
+VLLM_HELP = "vLLM's option: taken at vLLM's default only, or with no effect (docs/serving.md)"
 # options passed to `LLM` as they are parsed (None: not given, the engine's default)
 PASSED = (
     "device", "dtype", "max_model_len", "num_kv_blocks", "max_num_seqs",
@@ -28,7 +40,7 @@ PASSED = (
     "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size", "runner",
     "hf_overrides", "revision", "hf_token", "scheduling_policy", "download_dir", "tokenizer",
     "enable_prefix_caching", "block_size", "limit_mm_per_prompt", "mm_processor_kwargs",
-    "override_generation_config", "speculative_config", "max_logprobs",
+    "override_generation_config", "speculative_config", "max_logprobs", "async_scheduling",
 )  # fmt: skip
 
 
@@ -42,7 +54,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--num-kv-blocks", type=int)
+    parser.add_argument(
+        "--num-kv-blocks", "--num-gpu-blocks-override", type=int, help="the KV pool's blocks"
+    )
     parser.add_argument("--max-num-seqs", type=int, help="default: by device (512 on an H100+)")
     parser.add_argument(
         "--max-num-batched-tokens",
@@ -120,6 +134,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="prompts may be given as embeddings (completions' prompt_embeds: base64 tensors)",
     )
+    for key, kind in VLLM_ACCEPTED.items():  # LLM refuses other values / logs "no effect"
+        flag = "--" + key.replace("_", "-")
+        if kind == "switch":
+            parser.add_argument(flag, action="store_true", default=None, help=VLLM_HELP)
+        else:
+            nargs = "+" if key == "cuda_graph_sizes" else None
+            parser.add_argument(flag, type=kind, nargs=nargs, help=VLLM_HELP)
     for flag, text in JSON_OPTIONS.items():
         parser.add_argument(flag, type=json.loads, help=text)
     for flag, text in SWITCHES.items():
@@ -136,7 +157,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """`LLM` keywords (EngineConfig's and vLLM's) from the parsed engine options."""
-    kwargs = {name: getattr(args, name) for name in PASSED}
+    kwargs = {name: getattr(args, name) for name in (*PASSED, *VLLM_ACCEPTED)}
     kwargs.update(
         dummy_weights=args.load_format == "dummy" or None,
         enable_lora=bool(args.enable_lora or args.lora_modules) or None,

@@ -27,6 +27,7 @@ VLLM_DEFAULT_ONLY = {
     "tokenizer_mode": "auto",
     "tokenizer_revision": None,
     "cpu_offload_gb": 0,
+    "model_impl": "auto",
 }
 # vLLM keywords polymodal takes with nothing to do (what it does instead), logged when given.
 VLLM_NO_EFFECT = {
@@ -34,13 +35,20 @@ VLLM_NO_EFFECT = {
     "max_seq_len_to_capture": "CUDA graphs serve every context length",
     "disable_custom_all_reduce": "tensor parallelism uses NCCL's all-reduce",
     "disable_log_stats": "polymodal logs no periodic stats",
+    "max_parallel_loading_workers": "the checkpoint loads in one pass",
+    "long_prefill_token_threshold": "long prompts are split by the step's token budget",
+    "max_num_partial_prefills": "long prompts are split by the step's token budget",
+    "cuda_graph_sizes": "decode graphs are captured for every batch size up to the graph limit",
+    "compilation_config": "polymodal runs its own kernels and CUDA graphs, not torch.compile",
 }
 # vLLM keywords with a polymodal effect under another name.
 VLLM_DTYPES = {"half": "float16", "float": "float32"}
 # vLLM keywords handled one by one below: enforce_eager (-> cuda_graphs), tokenizer (only the
-# model's own), trust_remote_code (accepted: polymodal never runs code shipped with a
-# checkpoint, so there is nothing to trust or refuse), enable_chunked_prefill (always on).
-VLLM_KEYWORDS = ("enforce_eager", "tokenizer", "trust_remote_code", "enable_chunked_prefill")
+# model's own), num_gpu_blocks_override (-> num_kv_blocks), trust_remote_code (accepted:
+# polymodal never runs code shipped with a checkpoint, so there is nothing to trust or refuse),
+# enable_chunked_prefill (always on).
+VLLM_KEYWORDS = ("enforce_eager", "tokenizer", "trust_remote_code", "enable_chunked_prefill",
+                 "num_gpu_blocks_override")  # fmt: skip
 
 
 def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +60,8 @@ def engine_config_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
             out[key] = VLLM_DTYPES.get(value, value) if key == "dtype" else value
         elif key == "enforce_eager":
             out["cuda_graphs"] = not value
+        elif key == "num_gpu_blocks_override":  # vLLM's name for the KV pool's size
+            out["num_kv_blocks"] = value
         elif key == "tokenizer":
             if value is not None and str(value) != str(model):
                 raise InvalidInputError(

@@ -66,6 +66,8 @@ def create_app(
     allow_http: bool = False,
     default_max_tokens: int | None = None,
     allowed_origins: list[str] | None = None,
+    allowed_methods: list[str] | None = None,
+    allowed_headers: list[str] | None = None,
     chat_template: str | None = None,
     tool_call_parser: str | None = None,
     lora_modules: dict[str, Any] | None = None,
@@ -81,7 +83,8 @@ def create_app(
     `model_name`: the served name(s) a request's `model` must match (the first is reported).
     `lora_modules`: served name -> `LoRARequest`: a request naming one runs with that adapter
     (vLLM's `--lora-modules`; they are listed in `/v1/models` with the base model as parent).
-    `allowed_origins` turns CORS on; `chat_template` replaces the checkpoint's;
+    `allowed_origins` turns CORS on (`allowed_methods`, `allowed_headers`: default all);
+    `chat_template` replaces the checkpoint's;
     `tool_call_parser` (hermes, llama3_json, mistral) enables `tool_choice: "auto"`;
     `reasoning_parser` (deepseek_r1, qwen3) puts chat replies' thinking apart (reasoning.py);
     `request_id_headers` adds `X-Request-Id` to every response; `response_role` names chat
@@ -95,8 +98,8 @@ def create_app(
     if allowed_origins:
         # pure ASGI (unlike BaseHTTPMiddleware): client disconnects still reach the handlers
         app.add_middleware(
-            CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
-            allow_headers=["*"], allow_credentials="*" not in allowed_origins,
+            CORSMiddleware, allow_origins=allowed_origins, allow_methods=allowed_methods or ["*"],
+            allow_headers=allowed_headers or ["*"], allow_credentials="*" not in allowed_origins,
         )  # fmt: skip
     if request_id_headers:
         app.add_middleware(RequestIdHeaders)

@@ -66,6 +66,23 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def option_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the serve options that argparse cannot see, or None."""
+    checks = (
+        (args.media_workers < 1, "--media-workers must be at least 1"),
+        (args.media_processes < 0, "--media-processes must be 0 or more"),
+        (args.data_parallel_size < 1, "--data-parallel-size must be at least 1"),
+        (args.api_server_count != 1, "--api-server-count: only 1 (one API process serves)"),
+        (args.chat_template_content_format != "auto",
+         "--chat-template-content-format: only auto (each model family's processor lays out "
+         "message content as its chat template expects)"),
+        (args.disable_frontend_multiprocessing and args.data_parallel_size > 1,
+         "--disable-frontend-multiprocessing keeps one engine in the server's process: not "
+         "with --data-parallel-size"),
+    )  # fmt: skip
+    return next((message for failed, message in checks if failed), None)
+
+
 def serve_command(parser: argparse.ArgumentParser):
     """Add the `serve` arguments; returns `run(args) -> int`."""
     parser.description = "Serve a model over an OpenAI-compatible HTTP API."
@@ -168,7 +185,33 @@ def serve_command(parser: argparse.ArgumentParser):
         help="usage reports the prompt tokens served from the prefix cache",
     )
     parser.add_argument(
-        "--max-log-len", type=int, help="accepted for vLLM's command lines: no prompt is logged"
+        "--enable-log-requests",
+        action="store_true",
+        help="log a line per request: its id, prompt (media as their kind) and params",
+    )
+    parser.add_argument(
+        "--max-log-len", type=int, help="with --enable-log-requests: prompts cut at N characters"
+    )
+    parser.add_argument(
+        "--allowed-methods", type=json.loads, help='CORS: methods allowed (default ["*"])'
+    )
+    parser.add_argument(
+        "--allowed-headers", type=json.loads, help='CORS: headers allowed (default ["*"])'
+    )
+    parser.add_argument(
+        "--disable-frontend-multiprocessing",
+        action="store_true",
+        help="run the engine in the server's process (default: a process of its own)",
+    )
+    parser.add_argument(
+        "--chat-template-content-format",
+        default="auto",
+        choices=("auto", "string", "openai"),
+        help="vLLM's: only auto (each family's processor lays out message content as its "
+        "template expects)",
+    )
+    parser.add_argument(
+        "--api-server-count", type=int, default=1, help="vLLM's: only 1 (one API process)"
     )
     parser.add_argument("--seed", type=int, help="the engine's random stream (default 0)")
     parser.add_argument(
@@ -196,14 +239,9 @@ def serve_command(parser: argparse.ArgumentParser):
         except ValueError as exc:
             print(f"polymodal serve: {exc}", file=sys.stderr)
             return 2
-        if args.media_workers < 1:
-            print("polymodal serve: --media-workers must be at least 1", file=sys.stderr)
-            return 2
-        if args.data_parallel_size < 1:
-            print("polymodal serve: --data-parallel-size must be at least 1", file=sys.stderr)
-            return 2
-        if args.media_processes < 0:
-            print("polymodal serve: --media-processes must be 0 or more", file=sys.stderr)
+        problem = option_error(args)
+        if problem is not None:
+            print(f"polymodal serve: {problem}", file=sys.stderr)
             return 2
         server_options = uvicorn_options(args)  # a missing TLS file fails before the model loads
         engine = AsyncEngine(
@@ -211,6 +249,7 @@ def serve_command(parser: argparse.ArgumentParser):
             process_workers=args.media_workers,
             media_processes=args.media_processes,
             data_parallel_size=args.data_parallel_size,
+            separate_process=not args.disable_frontend_multiprocessing,
             generation_config=args.generation_config,
             serving=True,
             **engine_kwargs(args),
@@ -224,6 +263,8 @@ def serve_command(parser: argparse.ArgumentParser):
             allow_http=args.allow_http,
             default_max_tokens=args.default_max_tokens,
             allowed_origins=args.allowed_origins,
+            allowed_methods=args.allowed_methods,
+            allowed_headers=args.allowed_headers,
             chat_template=chat_template,
             tool_call_parser=args.tool_call_parser,
             lora_modules=adapters,
@@ -234,6 +275,8 @@ def serve_command(parser: argparse.ArgumentParser):
             tokens_details=args.enable_prompt_tokens_details,
             api_docs=not args.disable_fastapi_docs,
         )
+        # --enable-log-requests: a line per request, its prompt cut at --max-log-len
+        app.state.log_requests = args.max_log_len if args.enable_log_requests else False
         try:
             serve_app(app, args.host, args.port, args.log_level, **server_options)
         finally:

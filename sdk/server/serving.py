@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any
@@ -23,6 +24,8 @@ from polymodal.server.errors import RequestError
 from polymodal.server.openai_format import request_error
 from polymodal.server.protocol import ErrorInfo, ErrorResponse
 from polymodal.server.responses import DONE, ResponseBuilder, sse
+
+logger = logging.getLogger("polymodal.server")
 
 
 def error_response(status: int, message: str, param=None, kind=None, code=None) -> JSONResponse:
@@ -82,6 +85,40 @@ def client_error(
     return error_response(status, message, param=param)
 
 
+def log_requests(endpoint: str, ids: list[str], prompts: list, params: Any, lora: Any,
+                 max_len: int | None) -> None:  # fmt: skip
+    """One log line per engine request (vLLM's `--enable-log-requests`): its id, endpoint,
+    prompt (its first `max_len` characters, `--max-log-len`; media as their kind) and params."""
+    for request_id, prompt in zip(ids, prompts):
+        text = _described(prompt)
+        if max_len is not None and len(text) > max_len:
+            text = text[:max_len] + "..."
+        adapter = f", lora: {lora.lora_name}" if lora is not None else ""
+        logger.info("Received request %s (%s): prompt: %s, params: %s%s", request_id,
+                    endpoint, text, params, adapter)  # fmt: skip
+
+
+def _described(prompt: Any) -> str:
+    """A prompt as a log line shows it: text as is, token ids as a list, a conversation's text
+    with each media part as `<its type>`, given embeddings by their shape."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, dict):
+        return repr(prompt)
+    if "prompt_embeds" in prompt:
+        return f"<prompt_embeds {list(prompt['prompt_embeds'].shape)}>"
+    if "messages" not in prompt:
+        return _described(prompt.get("prompt", prompt.get("prompt_token_ids")))
+    lines = []
+    for message in prompt["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") if p.get("type") == "text" else
+                              f"<{p.get('type')}>" for p in content)  # fmt: skip
+        lines.append(f"{message.get('role')}: {content}")
+    return " | ".join(lines)
+
+
 async def run_job(
     request: Request,
     engine: AsyncEngine,
@@ -101,6 +138,9 @@ async def run_job(
     `param`, or the request field (`fields`: SamplingParams name -> it) the engine's names."""
     start, arrival_wall = time.monotonic(), time.time()
     ids = [engine.submit(p, params, lora_request=lora_request) for p in prompts]
+    max_log_len = getattr(request.app.state, "log_requests", False)
+    if max_log_len is not False:  # --enable-log-requests
+        log_requests(endpoint, ids, prompts, params, lora_request, max_log_len)
     streams = [engine.stream(i) for i in ids]
     watcher = asyncio.create_task(_abort_on_disconnect(request, engine, ids))
     first_at = first_wall = None  # when the first tokens reached the server
