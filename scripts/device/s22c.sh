@@ -10,6 +10,8 @@ timeout 150 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_specula
 # sleep mode: memory given back at levels 1 and 2, graphs recaptured, the same tokens
 timeout 100 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_sleep.py \
   tests/llm_core/test_vl_embedding.py -k "gpu or cuda" 2>&1 | tail -3  # + VL embeddings on CUDA
+timeout 100 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_prompt_embeds.py \
+  -k gpu 2>&1 | tail -2  # prompt embeddings on CUDA (bf16, graphs, a VL model's staging)
 SPEC='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 for spec in "" "$SPEC"; do
   timeout 200 python3 -m polymodal.cli bench --skip-hf --dummy-weights --images 128 \
