@@ -4,9 +4,11 @@ message items whose parts are `input_text` / `input_image` / earlier `output_tex
 `temperature`, `top_p` and `text.format` (text, json_object, json_schema: structured output)
 the sampling, and the reply a `reasoning` item (with `--reasoning-parser`), a `message` item of
 `output_text` and a `function_call` item per tool call (function `tools`: responses_tools.py),
-whole or streamed as the Responses events (responses_builder.py). Not kept: `store: true` and
-`previous_response_id` (responses are not stored), `reasoning` (effort), `background`, tools
-other than functions: each a 400 naming it.
+whole or streamed as the Responses events (responses_builder.py). With
+`VLLM_ENABLE_RESPONSES_API_STORE=1`, responses are kept (`store`, default true) and
+`previous_response_id` continues one; `GET` / `DELETE /v1/responses/{id}` (responses_store.py);
+without it, `store: true` and `previous_response_id` are refused. Not run: `reasoning`
+(effort), `background`, tools other than functions: each a 400 naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from polymodal.server.requests import (
     build_sampling_params,
 )
 from polymodal.server.responses_builder import ResponsesBuilder
+from polymodal.server.responses_store import ENV as STORE_ENV
+from polymodal.server.responses_store import ResponseStore, store_enabled
 from polymodal.server.responses_tools import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -108,11 +112,13 @@ class ResponsesRequest(StrictBody):
     background: bool | None = None
     truncation: Literal["disabled"] | None = None
 
-    def check(self) -> None:
-        """400 for what this server does not keep or run, naming the field."""
+    def check(self, stored: bool) -> None:
+        """400 for what this server does not keep or run, naming the field (`stored`: the
+        server keeps responses)."""
+        why = f"responses are not stored (the server runs without {STORE_ENV}=1)"
         refused = {
-            "store": (self.store, "responses are not stored: send the whole conversation"),
-            "previous_response_id": (self.previous_response_id, "responses are not stored"),
+            "store": (self.store and not stored, why + ": send the whole conversation"),
+            "previous_response_id": (self.previous_response_id and not stored, why),
             "reasoning": (self.reasoning, "not supported"),
             "background": (self.background, "not supported"),
         }
@@ -122,13 +128,16 @@ class ResponsesRequest(StrictBody):
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise RequestError("max_output_tokens must be at least 1", "max_output_tokens")
 
-    def messages(self) -> list[ChatMessage]:
-        """`instructions` and `input` as chat messages."""
-        items = (
-            [InputItem(role="user", content=self.input)]
-            if isinstance(self.input, str)
-            else self.input
-        )
+    def input_items(self) -> list:
+        """`input` as items (a string: one user message)."""
+        if isinstance(self.input, str):
+            return [InputItem(role="user", content=self.input)]
+        return list(self.input)
+
+    def messages(self, prior: list | None = None) -> list[ChatMessage]:
+        """`instructions`, then the items of the conversation so far (`prior`: a stored
+        response's), then `input`, as chat messages."""
+        items = [*(prior or ()), *self.input_items()]
         messages = (
             [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
         )
@@ -187,17 +196,63 @@ def add_responses_route(
     `parser`: the server's tool-call parser (tool_choice "auto"); `reasoning_parser`: the
     server's (its replies' thinking as a `reasoning` item)."""
 
+    store = ResponseStore() if store_enabled() else None
+
     @router.post("/responses")
     async def responses(body: ResponsesRequest, request: Request):
         served = check_model(body.model)
         generates("/v1/responses")
-        body.check()
+        body.check(store is not None)
+        prior = []
+        if body.previous_response_id is not None:
+            found = store.get(body.previous_response_id)
+            if found is None:
+                raise RequestError(
+                    f"previous_response_id: no stored response {body.previous_response_id!r}",
+                    "previous_response_id", "not_found", 404,
+                )  # fmt: skip
+            prior = found[1]
         params = body.sampling_params().with_defaults({"max_tokens": None, **defaults})
         params, shape, tools = tool_setup(body, params, parser)
         reasoning = None  # a grammar (structured output, a named or required call) leaves no room
         if reasoning_parser is not None and params.structured_outputs is None:
             reasoning = Reasoning.for_request(reasoning_parser, None, True)
-        builder = ResponsesBuilder(body, served, shape, reasoning)
-        prompt = prompt_of(body.messages(), tools)
+        keep = None
+        if store is not None and body.store is not False:
+            items = [*prior, *body.input_items()]
+            keep = lambda response: store.put(response, items + output_items(response))  # noqa: E731
+        builder = ResponsesBuilder(body, served, shape, reasoning, on_done=keep)
+        prompt = prompt_of(body.messages(prior), tools)
         return await run_job(request, engine, metrics, "responses", [prompt], params, builder,
                              body.stream, False, "input")  # fmt: skip
+
+    if store is not None:
+
+        @router.get("/responses/{response_id}")
+        async def get_response(response_id: str):
+            found = store.get(response_id)
+            if found is None:
+                raise RequestError(f"no stored response {response_id!r}", "response_id",
+                                   "not_found", 404)  # fmt: skip
+            return found[0]
+
+        @router.delete("/responses/{response_id}")
+        async def delete_response(response_id: str):
+            if not store.delete(response_id):
+                raise RequestError(f"no stored response {response_id!r}", "response_id",
+                                   "not_found", 404)  # fmt: skip
+            return {"id": response_id, "object": "response", "deleted": True}
+
+
+def output_items(response: dict) -> list:
+    """A response's output as input items of the conversation it continues: its message and
+    function calls (its reasoning is not sent back)."""
+    items = []
+    for item in response["output"]:
+        if item["type"] == "message":
+            parts = [InputPart(type="output_text", text=p.get("text", "")) for p in item["content"]]
+            items.append(InputItem(role="assistant", content=parts))
+        elif item["type"] == "function_call":
+            fields = {k: item[k] for k in ("call_id", "name", "arguments")}
+            items.append(FunctionCallItem(type="function_call", **fields))
+    return items

@@ -48,6 +48,7 @@ class ResponseBody(BaseModel):
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     previous_response_id: str | None = None
     truncation: str = "disabled"
+    store: bool = False
 
 
 class ResponsesBuilder:
@@ -55,8 +56,9 @@ class ResponsesBuilder:
     stream's events for each step). `shape` holds the tool mode the reply is parsed with;
     `reasoning` (a `reasoning.Reasoning`) splits its thinking apart."""
 
-    def __init__(self, body, model: str, shape=None, reasoning=None):
+    def __init__(self, body, model: str, shape=None, reasoning=None, on_done=None):
         self.body, self.model, self.shape, self.reasoning = body, model, shape, reasoning
+        self.on_done = on_done  # gets the final Response (a dict): the store keeps it
         self.id = f"resp_{uuid.uuid4().hex}"
         self.ids = {"message": f"msg_{uuid.uuid4().hex}", "reasoning": f"rs_{uuid.uuid4().hex}"}
         self.created_at = int(time.time())
@@ -122,12 +124,17 @@ class ResponsesBuilder:
             tools=[t.model_dump(exclude_none=True) for t in b.tools or ()],
             tool_choice=b.tool_choice if isinstance(b.tool_choice, str) else "auto",
             parallel_tool_calls=b.parallel_tool_calls is not False,
+            previous_response_id=b.previous_response_id,
+            store=self.on_done is not None,
         )  # fmt: skip
 
     def full(self, finals: list[RequestOutput]) -> ResponseBody:
         out = finals[0]
         reply = self._reply(out.outputs[0].text, out.outputs[0].finish_reason)
-        return self._response("completed", out, reply)
+        done = self._response("completed", out, reply)
+        if self.on_done is not None:
+            self.on_done(done.model_dump())
+        return done
 
     # ---- the stream -------------------------------------------------------------------------
     def _event(self, kind: str, **payload) -> str:
@@ -239,6 +246,8 @@ class ResponsesBuilder:
             index += 1
         kind = "response.completed" if done["status"] == "completed" else "response.incomplete"
         events.append(self._event(kind, response=done))
+        if self.on_done is not None:
+            self.on_done(done)
         return events
 
     def usage_chunk(self, finals: list[RequestOutput]) -> str:
