@@ -16,11 +16,11 @@ def load_chat_template(value: str | None) -> str | None:
     vLLM: text with jinja braces or newlines is a template; anything else must be a file)."""
     if value is None:
         return None
+    if any(c in value for c in "{}\n"):  # a template (however long: no file name to stat)
+        return value
     path = Path(value)
     if path.is_file():
         return path.read_text()
-    if any(c in value for c in "{}\n"):
-        return value
     raise SystemExit(f"polymodal serve: --chat-template {value!r}: no such file")
 
 

@@ -7,8 +7,9 @@ the sampling, and the reply a `reasoning` item (with `--reasoning-parser`), a `m
 whole or streamed as the Responses events (responses_builder.py). With
 `VLLM_ENABLE_RESPONSES_API_STORE=1`, responses are kept (`store`, default true) and
 `previous_response_id` continues one; `GET` / `DELETE /v1/responses/{id}` (responses_store.py);
-without it, `store: true` and `previous_response_id` are refused. Not run: `reasoning`
-(effort), `background`, tools other than functions: each a 400 naming it.
+without it, `store: true` and `previous_response_id` are refused. `reasoning.effort` is the
+chat template's `reasoning_effort`. Not run: `reasoning.summary`, `background`, tools other
+than functions: each a 400 naming it.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class ResponsesRequest(StrictBody):
         refused = {
             "store": (self.store and not stored, why + ": send the whole conversation"),
             "previous_response_id": (self.previous_response_id and not stored, why),
-            "reasoning": (self.reasoning, "not supported"),
+            "reasoning": (set(self.reasoning or {}) - {"effort"}, "only effort is supported"),
             "background": (self.background, "not supported"),
         }
         for name, (value, why) in refused.items():
@@ -223,6 +224,11 @@ def add_responses_route(
             keep = lambda response: store.put(response, items + output_items(response))  # noqa: E731
         builder = ResponsesBuilder(body, served, shape, reasoning, on_done=keep)
         prompt = prompt_of(body.messages(prior), tools)
+        effort = (body.reasoning or {}).get("effort")
+        if effort is not None:  # the chat template's variable, as the chat route's
+            if effort not in ("low", "medium", "high"):
+                raise RequestError("reasoning.effort: low, medium or high", "reasoning")
+            prompt["chat_template_kwargs"] = {"reasoning_effort": effort}
         return await run_job(request, engine, metrics, "responses", [prompt], params, builder,
                              body.stream, False, "input")  # fmt: skip
 

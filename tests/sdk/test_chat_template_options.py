@@ -1,7 +1,8 @@
 """Chat template options vLLM's chat requests carry: `documents` (a RAG template's variable),
 `add_special_tokens` (the tokenizer's BOS on the rendered text; off by default: the template
 writes its own), `reasoning_effort` (a template variable): offline through a messages prompt
-dict for a text and a VL model, and through the server's `/v1/chat/completions`."""
+dict for a text and a VL model, and through the server's `/v1/chat/completions` (and the
+Responses API's `reasoning.effort`)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_server_chat_options(tmp_path_factory, tmp_path):
     from tests.sdk.server_process import post, running_server
 
     path = _with_bos(tiny_checkpoint(tmp_path_factory, "qwen2"), tmp_path / "bos")
-    with running_server(path, tmp_path, "--num-kv-blocks", "32") as url:
+    with running_server(path, tmp_path, "--num-kv-blocks", "32", "--chat-template",
+                        TEMPLATE) as url:  # fmt: skip
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                 "chat_template": TEMPLATE, "return_token_ids": True}  # fmt: skip
 
@@ -75,3 +77,11 @@ def test_server_chat_options(tmp_path_factory, tmp_path):
         assert post(url, "/detokenize", {"tokens": plain}).json()["prompt"] == "user: hi\n"
         bad = post(url, "/v1/chat/completions", {**body, "reasoning_effort": "max"})
         assert bad.status_code == 400 and "reasoning_effort" in bad.json()["error"]["param"]
+        # the Responses API's reasoning.effort: the same template variable
+        ask = {"model": "m", "input": "hi", "max_output_tokens": 2}
+        plain = post(url, "/v1/responses", ask).json()["usage"]["input_tokens"]
+        high = post(url, "/v1/responses", {**ask, "reasoning": {"effort": "high"}}).json()
+        assert plain == len(prompt_ids())  # the chat route's prompt for the same message
+        assert high["usage"]["input_tokens"] == len(prompt_ids(reasoning_effort="high")) > plain
+        summary = post(url, "/v1/responses", {**ask, "reasoning": {"summary": "auto"}})
+        assert summary.status_code == 400 and summary.json()["error"]["param"] == "reasoning"

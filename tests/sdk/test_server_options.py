@@ -79,6 +79,8 @@ def test_cli_parsers(tmp_path, capsys):
     path.write_text("{{ messages }}")
     assert load_chat_template(str(path)) == "{{ messages }}"
     assert load_chat_template("{{ messages }}") == "{{ messages }}"
+    long = "{{ messages }}" + "x" * 400  # longer than a file name may be: still inline
+    assert load_chat_template(long) == long
     with pytest.raises(SystemExit, match="no such file"):
         load_chat_template("missing.jinja")
     parser = argparse.ArgumentParser()
