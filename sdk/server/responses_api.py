@@ -7,9 +7,10 @@ the sampling, and the reply a `reasoning` item (with `--reasoning-parser`), a `m
 whole or streamed as the Responses events (responses_builder.py). With
 `VLLM_ENABLE_RESPONSES_API_STORE=1`, responses are kept (`store`, default true) and
 `previous_response_id` continues one; `GET` / `DELETE /v1/responses/{id}` (responses_store.py);
-without it, `store: true` and `previous_response_id` are refused. `reasoning.effort` is the
-chat template's `reasoning_effort`. Not run: `reasoning.summary`, `background`, tools other
-than functions: each a 400 naming it.
+without it, `store: true` and `previous_response_id` are refused; `background: true` runs a
+stored response while the POST answers `queued` (responses_background.py). `reasoning.effort`
+is the chat template's `reasoning_effort`. Not run: `reasoning.summary`, tools other than
+functions: each a 400 naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from polymodal.server.requests import (
     StrictBody,
     build_sampling_params,
 )
+from polymodal.server.responses_background import BackgroundResponses
 from polymodal.server.responses_builder import ResponsesBuilder
 from polymodal.server.responses_store import ENV as STORE_ENV
 from polymodal.server.responses_store import ResponseStore, store_enabled
@@ -121,8 +123,9 @@ class ResponsesRequest(StrictBody):
             "store": (self.store and not stored, why + ": send the whole conversation"),
             "previous_response_id": (self.previous_response_id and not stored, why),
             "reasoning": (set(self.reasoning or {}) - {"effort"}, "only effort is supported"),
-            "background": (self.background, "not supported"),
-        }
+            "background": (self.background and (not stored or self.store is False or self.stream),
+                           "needs the response store and store, and is not streamed"),
+        }  # fmt: skip
         for name, (value, why) in refused.items():
             if value:
                 raise RequestError(f"{name}: {why}", name)
@@ -198,6 +201,7 @@ def add_responses_route(
     server's (its replies' thinking as a `reasoning` item)."""
 
     store = ResponseStore() if store_enabled() else None
+    jobs = BackgroundResponses(engine, store) if store is not None else None
 
     @router.post("/responses")
     async def responses(body: ResponsesRequest, request: Request):
@@ -229,6 +233,8 @@ def add_responses_route(
             if effort not in ("low", "medium", "high"):
                 raise RequestError("reasoning.effort: low, medium or high", "reasoning")
             prompt["chat_template_kwargs"] = {"reasoning_effort": effort}
+        if body.background:  # answered now; the store follows it (responses_background.py)
+            return jobs.start(builder, prompt, params, [*prior, *body.input_items()])
         return await run_job(request, engine, metrics, "responses", [prompt], params, builder,
                              body.stream, False, "input")  # fmt: skip
 
@@ -241,6 +247,10 @@ def add_responses_route(
                 raise RequestError(f"no stored response {response_id!r}", "response_id",
                                    "not_found", 404)  # fmt: skip
             return found[0]
+
+        @router.post("/responses/{response_id}/cancel")
+        async def cancel_response(response_id: str):
+            return jobs.cancel(response_id)
 
         @router.delete("/responses/{response_id}")
         async def delete_response(response_id: str):

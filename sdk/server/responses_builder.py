@@ -128,6 +128,10 @@ class ResponsesBuilder:
             store=self.on_done is not None,
         )  # fmt: skip
 
+    def status_only(self, status: str) -> ResponseBody:
+        """The response with `status` and no output yet (a background response's states)."""
+        return self._response(status, None)
+
     def full(self, finals: list[RequestOutput]) -> ResponseBody:
         out = finals[0]
         reply = self._reply(out.outputs[0].text, out.outputs[0].finish_reason)

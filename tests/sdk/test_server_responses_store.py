@@ -67,3 +67,34 @@ def test_streamed_and_unstored_responses(server):
     assert kept_out.store is False
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(kept_out.id)
+
+
+def test_background_responses(server):
+    import time
+
+    c = openai_client(server)
+    queued = c.responses.create(input="Name a color.", background=True, **ARGS)
+    assert queued.status == "queued" and queued.output == []
+    deadline = time.monotonic() + 60
+    while (got := c.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, got.status
+        time.sleep(0.1)
+    want = c.responses.create(input="Name a color.", store=False, **ARGS)
+    assert got.status == want.status and got.output_text == want.output_text
+    with pytest.raises(openai.BadRequestError, match="only a running background"):
+        c.responses.cancel(queued.id)
+    # a long one, cancelled while it runs: its blocks freed, stored as cancelled
+    long = c.responses.create(input="Once upon a time", background=True, model="m",
+                              max_output_tokens=1500)  # fmt: skip
+    cancelled = c.responses.cancel(long.id)
+    assert cancelled.status == "cancelled"
+    time.sleep(0.5)
+    assert c.responses.retrieve(long.id).status == "cancelled"
+    import httpx
+
+    health = httpx.get(f"{server}/health", timeout=30).json()
+    assert health["running"] == 0 and health["free_kv_blocks"] == health["total_kv_blocks"]
+    for extra in ({"store": False}, {"stream": True}):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.responses.create(input="x", background=True, **ARGS, **extra)
+        assert err.value.body["param"] == "background"
