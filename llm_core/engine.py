@@ -73,8 +73,7 @@ class Engine:
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
         self._pool_flight: PoolingFlight | None = None  # same, of a pooling step
-        mc = self.model_config
-        self.grammars = Grammars(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.model_config, self.config.reasoning_parser)
         # pooling prompts queued but not yet requests: each step builds what it may admit
         self._pooling = PoolingQueue(self.max_model_len)
         overlap = self.config.async_scheduling
@@ -176,6 +175,7 @@ class Engine:
             self.check_lora(lora_request)
         if params.structured_outputs is not None and grammar is None:
             grammar = self.compile_grammar(params)
+        grammar = self.grammars.after_reasoning(grammar, prompt_token_ids)
         group = RequestGroup.sample(
             request_id, prompt_token_ids, params, self.tokenizer, self.device, grammar,
             mm_items or [],

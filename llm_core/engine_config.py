@@ -131,6 +131,9 @@ class EngineConfig:
     enable_sleep_mode: bool = False
     # vLLM's: prompts may be given as embeddings, `{"prompt_embeds": tensor}` (prompt_embeds.py)
     enable_prompt_embeds: bool = False
+    # vLLM's: "deepseek_r1" or "qwen3": structured output holds after `</think>`
+    # (structured_output.py); the server's --reasoning-parser sets it too
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse sizes out of range (0 or negative where a count is meant: never read as

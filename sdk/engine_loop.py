@@ -152,6 +152,8 @@ class EngineLoop:
             "do_lower_case": mc.do_lower_case,  # sentence_bert_config.json: text lower-cased
             "sleep_mode": self.engine.config.enable_sleep_mode,  # the sleep routes are served
             "prompt_embeds": self.engine.config.enable_prompt_embeds,  # completions take them
+            # grammars wait for the reasoning's end tag (the engine's reasoning_parser)
+            "grammar_waits": self.engine.grammars.tags is not None,
         }
 
     def process_later(self, prompt: Any) -> Any:

@@ -133,6 +133,8 @@ def create_app(
             engine.engine.check_lora(lora)
 
     takes = engine.model_info.get("modalities", ())
+    # the engine holds grammars back until the reasoning ends (its reasoning_parser)
+    grammar_waits = reasoning_parser is not None and engine.model_info.get("grammar_waits")
     architecture = engine.model_info.get("architecture")
     task = engine.model_info.get("task", "generate")
 
@@ -265,8 +267,8 @@ def create_app(
             params = tool_params(body, params, shape, parser)
         elif body.tool_choice not in (None, "none"):
             raise RequestError("tool_choice needs tools", "tool_choice")
-        if params.structured_outputs is not None:  # a grammar leaves no room to think
-            shape.reasoning = None
+        if params.structured_outputs is not None and not grammar_waits:
+            shape.reasoning = None  # a grammar from the first token leaves no room to think
         last = body.messages[-1]
         if body.echo and last.role == "assistant" and isinstance(last.content, str):
             shape.echo = [last.content]
@@ -362,7 +364,7 @@ def create_app(
     chat_prompt = lambda m, tools=None: {  # noqa: E731
         "messages": messages_of(m), "tools": tools, "chat_template": chat_template}  # fmt: skip
     add_responses_route(v1, engine, metrics, check_model, generates, chat_prompt, defaults,
-                        parser, reasoning_parser)  # fmt: skip
+                        parser, reasoning_parser, grammar_waits)  # fmt: skip
     app.include_router(v1)
     app.include_router(auth)
     return app

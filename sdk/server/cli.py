@@ -254,6 +254,8 @@ def serve_command(parser: argparse.ArgumentParser):
             serving=True,
             **engine_kwargs(args),
             **({} if args.seed is None else {"seed": args.seed}),
+            # structured output after the reasoning (the grammar waits for its end tag)
+            **({"reasoning_parser": args.reasoning_parser} if args.reasoning_parser else {}),
         )
         app = create_app(
             engine,

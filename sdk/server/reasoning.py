@@ -8,15 +8,18 @@ output); the text before `</think>` is reasoning, the text after it the answer. 
 request turned thinking off (`chat_template_kwargs: {"enable_thinking": false}`): then it is
 all answer. Streams are split as they come, holding back text that may be the start of a tag
 split across deltas. A request under a grammar (structured output, a named or required tool
-choice) is not split: the grammar leaves the model no room to think.
+choice) is split too: the server's engine holds the grammar back until `</think>`
+(llm_core/structured_output.py), so the answer after it is what the grammar shapes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-START, END = "<think>", "</think>"
-PARSERS = ("deepseek_r1", "qwen3")
+from polymodal.llm_core.structured_output import REASONING_TAGS
+
+PARSERS = tuple(REASONING_TAGS)  # each reads <think>...</think>
+START, END = REASONING_TAGS["qwen3"]
 
 
 @dataclass

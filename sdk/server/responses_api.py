@@ -194,11 +194,13 @@ def add_responses_route(
     defaults,
     parser=None,
     reasoning_parser: str | None = None,
+    grammar_waits: bool = False,
 ):
     """Register `POST /responses` on `router` (the `/v1` one). `prompt_of(messages, tools)`:
     the engine prompt of chat messages (the server's template, media policy and audio check);
     `parser`: the server's tool-call parser (tool_choice "auto"); `reasoning_parser`: the
-    server's (its replies' thinking as a `reasoning` item)."""
+    server's (its replies' thinking as a `reasoning` item); `grammar_waits`: the engine holds
+    grammars back until the reasoning ends (else a grammar leaves no room to think)."""
 
     store = ResponseStore() if store_enabled() else None
     jobs = BackgroundResponses(engine, store) if store is not None else None
@@ -219,8 +221,8 @@ def add_responses_route(
             prior = found[1]
         params = body.sampling_params().with_defaults({"max_tokens": None, **defaults})
         params, shape, tools = tool_setup(body, params, parser)
-        reasoning = None  # a grammar (structured output, a named or required call) leaves no room
-        if reasoning_parser is not None and params.structured_outputs is None:
+        reasoning = None  # a grammar from the first token (no grammar_waits) leaves no room
+        if reasoning_parser is not None and (params.structured_outputs is None or grammar_waits):
             reasoning = Reasoning.for_request(reasoning_parser, None, True)
         keep = None
         if store is not None and body.store is not False:
