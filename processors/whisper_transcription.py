@@ -317,6 +317,10 @@ class Transcription:
         # skips the window instead of decoding it forever
         self.seek += advance if advance > 0 else window_frames
 
+    def text_so_far(self) -> str:
+        """The text of the segments accepted so far (`result().text` once done)."""
+        return self.processor.decode_text([t for s in self.segments for t in s.tokens])
+
     def result(self) -> Transcript:
         """The finished transcript (its text: every segment's tokens, decoded)."""
         if not self.done:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from typing import Any
@@ -170,19 +170,34 @@ async def transcribe_async(
 ) -> Any:
     """One clip through an `AsyncEngine` (the server): its `Transcript`. The audio is decoded
     on a thread; each batch of the clip's requests runs concurrently with other requests."""
-    words = bool(options.get("word_timestamps"))
-    if words:  # the alignment pass runs where the model is; this waits on a thread
+    transcription = await load_async(engine, processor, audio, params, **options)
+    async for _ in run_windows(engine, transcription):  # (the text so far: streams use it)
+        pass
+    return transcription.result()
+
+
+async def load_async(engine: Any, processor: Any, audio: Any, params: Any, **options: Any):
+    """A clip's `Transcription` for `run_windows`, its audio decoded on a thread (a bad clip
+    raises here, before any engine work)."""
+    if options.get("word_timestamps"):  # the alignment pass runs where the model is
         options = {**options, "aligner": lambda *args: engine.align_later(*args).result()}
-    transcription = await asyncio.to_thread(Transcription.load, processor, audio, params, **options)
+    return await asyncio.to_thread(Transcription.load, processor, audio, params, **options)
+
+
+async def run_windows(engine: Any, transcription: Transcription) -> AsyncIterator[str]:
+    """Run `transcription`'s requests on `engine` batch after batch (each batch concurrently
+    with other requests), yielding the text decided so far after each batch: the segments'
+    text, which grows as windows are accepted (a retried window adds nothing until kept)."""
+    words = transcription.words is not None
     while not transcription.done:
         batch = transcription.requests()
         outputs = await asyncio.gather(*(engine.generate(prompt, p) for _, prompt, p in batch))
         for (tag, _, _), output in zip(batch, outputs):
-            if words:
+            if words:  # the alignment pass waits on the engine: off the event loop
                 await asyncio.to_thread(transcription.add_output, tag, output)
             else:
                 transcription.add_output(tag, output)
-    return transcription.result()
+        yield transcription.text_so_far()
 
 
 def _drain(errors: list[Finished]) -> Iterator[Finished]:

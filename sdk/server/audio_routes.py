@@ -13,17 +13,21 @@ cross-attention, computed where the engine runs; a model without `alignment_head
 400). `temperature`: one value, as OpenAI takes it; extra form fields (transformers' names):
 `compression_ratio_threshold`, `logprob_threshold`, `no_speech_threshold` turn on the
 temperature fallback (0.2 hotter per retry, up to 1.0) and `condition_on_prev_tokens=true` the
-previous-window context. A model whose processor builds no speech prompts answers a 400 naming
-it; a bad field, a 400 naming the field.
+previous-window context. `stream=true` (json / text) streams each accepted window's text
+(`transcription_chunks`, vLLM's chunk format). A model whose processor builds no speech prompts
+answers a 400 naming it; a bad field, a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from polymodal.llm_core.errors import PolymodalError
 from polymodal.llm_core.registry import processor_class
@@ -31,7 +35,7 @@ from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.whisper_transcription import check_fallback
 from polymodal.server.errors import RequestError
 from polymodal.server.serving import client_error
-from polymodal.speech import takes_transcription, transcribe_async
+from polymodal.speech import load_async, run_windows, takes_transcription, transcribe_async
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 TIMED_FORMATS = ("verbose_json", "srt", "vtt")
@@ -115,9 +119,18 @@ def add_audio_routes(
                 processor.language_id(options["language"])
             except PolymodalError as exc:
                 raise RequestError(str(exc), "language") from None
+        stream = _flag(form, "stream")
+        if stream and (fmt not in ("json", "text") or options["word_timestamps"]):
+            raise RequestError("stream takes response_format json or text", "stream")
         try:
             params = SamplingParams(temperature=temperature).with_defaults(defaults)
             audio = await upload.read()
+            if stream:  # the clip is decoded (or refused) before the stream starts
+                loaded = await load_async(engine, processor, audio, params, **options)
+                usage = _flag(form, "stream_include_usage")
+                served = form.get("model") or engine.model_info["model_dir"]
+                chunks = transcription_chunks(engine, loaded, served, usage)
+                return StreamingResponse(chunks, media_type="text/event-stream")
             transcript = await transcribe_async(engine, processor, audio, params, **options)
         except PolymodalError as exc:
             return client_error(exc, "file")
@@ -165,6 +178,37 @@ def fallback_ladder(temperature: float, thresholds: dict[str, float | None]) -> 
         return None
     steps = max(0, int(round((1.0 - temperature) / 0.2, 6)))
     return tuple(round(temperature + 0.2 * k, 6) for k in range(steps + 1))
+
+
+async def transcription_chunks(engine, transcription, model: str, include_usage: bool):
+    """vLLM's streamed transcription: `transcription.chunk` events with the text of each
+    accepted window as `choices[0].delta.content`, a last one with the finish reason, the usage
+    when asked (`stream_include_usage`), then `[DONE]`."""
+    base = {"id": f"trsc-{uuid.uuid4().hex}", "object": "transcription.chunk",
+            "created": int(time.time()), "model": model}  # fmt: skip
+
+    def event(choices: list, **extra) -> str:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+    sent = ""
+    try:
+        async for text in run_windows(engine, transcription):
+            if text.startswith(sent) and len(text) > len(sent):
+                delta, sent = text[len(sent) :], text
+                yield event([{"delta": {"content": delta}, "finish_reason": None}])
+        final = transcription.result()
+        rest = final.text[len(sent) :] if final.text.startswith(sent) else ""
+        reason = final.finish_reason or "stop"
+        yield event([{"delta": {"content": rest}, "finish_reason": reason}])
+        if include_usage:
+            prompt, completion = final.prompt_tokens, final.completion_tokens
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                     "total_tokens": prompt + completion}  # fmt: skip
+            yield event([], usage=usage)
+    except PolymodalError as exc:  # after the first chunk: the error ends the stream
+        error = {"message": str(exc), "type": type(exc).__name__}
+        yield f"data: {json.dumps({'error': error})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _number(form: Any, name: str) -> float | None:
