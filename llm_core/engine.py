@@ -26,7 +26,7 @@ from polymodal.llm_core.pooling_requests import (
     queue_pooling_prompt,
 )
 from polymodal.llm_core.pooling_step import PoolingFlight, pooling_engine_step
-from polymodal.llm_core.prompt_embeds import check_embeds_request, given_embeds, truncate_embeds
+from polymodal.llm_core.prompt_embeds import check_given_embeds, truncate_embeds
 from polymodal.llm_core.request_checks import (
     atomic_spans,
     bad_words_token_ids,
@@ -127,9 +127,7 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._groups or request_id in self._pooling:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
-        embeds = given_embeds(mm_items)
-        if embeds is not None:
-            check_embeds_request(self, embeds, mm_items, params)
+        embeds = check_given_embeds(self, mm_items, params)  # a prompt given as embeddings
         if pooling is not None:
             media = (positions, mrope_delta, mm_items)
             queue_pooling_prompt(self, request_id, prompt_token_ids, pooling, token_type_ids,

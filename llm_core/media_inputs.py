@@ -13,7 +13,6 @@ import torch
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.host_copy import to_device
-from polymodal.llm_core.request import PROMPT_EMBEDS
 from polymodal.llm_core.scheduler import SchedulerOutput
 
 
@@ -22,7 +21,7 @@ def encoded(model, cache: EncoderCache, items: list) -> dict[str, torch.Tensor]:
     found, missing = {}, {}
     for item in items:
         key = item.content_hash
-        if item.modality == PROMPT_EMBEDS:  # rows as given: no encoder, no cache entry
+        if "embeds" in item.data:  # rows as given: no encoder, no cache entry
             found[key] = item.data["embeds"]
         elif key not in found:
             found[key] = cache.get(key)
@@ -47,7 +46,7 @@ def embeddings_cached(model, cache: EncoderCache, max_rows: int, item) -> bool:
     entry is evicted first. Runs on preprocessing threads (`model.stage`): it only reads."""
     if item.content_hash in cache:
         return True
-    if item.modality == PROMPT_EMBEDS:  # never cached: staged like pixels
+    if "embeds" in item.data:  # given rows: never cached, staged like pixels
         return False
     pieces = model.split_media([item], max_rows)
     return len(pieces) > 1 and all(piece.content_hash in cache for piece in pieces)

@@ -19,18 +19,31 @@ from polymodal.llm_core.request import PROMPT_EMBEDS
 from polymodal.llm_core.sampling_params import SamplingParams
 
 
-def given_embeds(mm_items: list | None):
-    """The prompt's `PROMPT_EMBEDS` item if it was given as embeddings, else None."""
+def check_given_embeds(engine, mm_items: list | None, params):
+    """Check the rows a prompt brings instead of its encoders' (`data["embeds"]`: a prompt
+    given as embeddings, images given as their tower's output) against `engine`'s model;
+    returns the prompt's `PROMPT_EMBEDS` item, if it was given as embeddings."""
+    mc, whole = engine.model_config, None
     for item in mm_items or ():
+        if "embeds" not in item.data:
+            continue
+        width = item.data["embeds"].shape[1]
+        if width != mc.hidden_size:
+            name = "prompt_embeds" if item.modality == PROMPT_EMBEDS else "image_embeds"
+            raise InvalidInputError(
+                f"{name} have {width} columns but {mc.architecture}'s hidden size is "
+                f"{mc.hidden_size}"
+            )
         if item.modality == PROMPT_EMBEDS:
-            return item
-    return None
+            whole = item
+    if whole is not None:
+        check_embeds_request(engine, whole, mm_items, params)
+    return whole
 
 
 def check_embeds_request(engine, item, mm_items: list, params) -> None:
     """Refuse a prompt given as embeddings that `engine` cannot run, naming why."""
-    mc = engine.model_config
-    architecture, hidden_size = mc.architecture, mc.hidden_size
+    architecture = engine.model_config.architecture
     if not engine.config.enable_prompt_embeds:
         raise InvalidInputError(
             "prompt_embeds need an engine built with enable_prompt_embeds=True "
@@ -44,11 +57,6 @@ def check_embeds_request(engine, item, mm_items: list, params) -> None:
         raise InvalidInputError(
             f"prompt_embeds: {architecture} is an encoder-decoder model; prompts given as "
             "embeddings go to decoder-only models"
-        )
-    width = item.data["embeds"].shape[1]
-    if width != hidden_size:
-        raise InvalidInputError(
-            f"prompt_embeds have {width} columns but {architecture}'s hidden size is {hidden_size}"
         )
     if params.prompt_logprobs is not None:
         raise InvalidInputError("prompt_logprobs need prompt tokens: not with prompt_embeds")

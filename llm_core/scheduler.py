@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from polymodal.llm_core.kv_cache import KVCacheManager
-from polymodal.llm_core.request import CROSS_ATTENTION, PROMPT_EMBEDS, Request, RequestStatus
+from polymodal.llm_core.request import CROSS_ATTENTION, Request, RequestStatus
 
 
 @dataclass
@@ -299,7 +299,7 @@ class _EncoderWork:
     def take(self, item) -> bool:
         """Book `item`'s encoding if it needs one and fits (the step's first always fits)."""
         key = item.content_hash
-        if key in self.cache or key in self.hashes or item.modality == PROMPT_EMBEDS:
+        if key in self.cache or key in self.hashes or "embeds" in item.data:
             return True  # cached, booked, or given as embeddings: no encoder work
         cost = item.num_embeds
         if self.hashes and self.used + cost > self.budget:

@@ -199,6 +199,11 @@ def load_image(
             if isinstance(data, Path) and data.stat().st_size == 0:
                 raise ValueError("cannot decode: empty file (0 bytes)")
             return to_rgb(_open_checked(data, max_pixels))
+        if isinstance(source, dict) and "image_embeds" in source:
+            raise ValueError(
+                "image_embeds (a vision tower's output given in place of the image) are taken "
+                "by Qwen2-VL / Qwen2.5-VL models; this model's processor takes images"
+            )
         raise ValueError(
             f"unsupported image type {type(source).__name__}; pass a path, bytes, data: URL, "
             "PIL image, numpy array or torch tensor"

@@ -31,6 +31,12 @@ from polymodal.processors.media import (
 )
 from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.pixels import resize
+from polymodal.processors.prompt_embeds import (
+    GivenImage,
+    image_embeds_item,
+    is_image_embeds,
+    split_image_embeds,
+)
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
     VisionPreprocessConfig,
@@ -58,6 +64,19 @@ class QwenMediaItem(MultimodalItem):
 
     # Seconds covered by one temporal grid step (temporal_patch_size / sampled fps); videos only.
     second_per_grid: float | None = None
+
+
+def given_images(refs: list[MediaRef], cfg) -> list[MediaRef]:
+    """Image refs with each `{"image_embeds", "image_grid_thw"}` source (vLLM's embeddings
+    input) split into one `GivenImage` ref per image it holds."""
+    out = []
+    for i, ref in enumerate(refs):
+        if not is_image_embeds(ref.source):
+            out.append(ref)
+            continue
+        for given in split_image_embeds(ref.source, cfg.image.merge_size, f"image {i + 1}"):
+            out.append(MediaRef("image", given, ref.options))
+    return out
 
 
 def _plural(count: int, noun: str) -> str:
@@ -178,7 +197,7 @@ class QwenVLProcessor:
         """Expand the placeholders of tokenized `token_ids` with the media `refs` (in order)."""
         refuse_modalities(self, refs)
         cfg = self.config
-        images = [ref for ref in refs if ref.modality == "image"]
+        images = given_images([ref for ref in refs if ref.modality == "image"], cfg)
         videos = [ref for ref in refs if ref.modality == "video"]
         for kind, token_id, given in (
             ("image", cfg.image_token_id, images),
@@ -224,6 +243,8 @@ class QwenVLProcessor:
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
     ) -> tuple[QwenMediaItem, float]:
         """Load and preprocess one image; returns the item (slots unset) and its time interval."""
+        if isinstance(ref.source, GivenImage):  # the tower's output, given: no pixels
+            return image_embeds_item(ref.source, QwenMediaItem), 1.0
         options = {**defaults, **ref.options}
         icfg = self.config.image
         min_pixels = options.get("min_pixels", icfg.min_pixels)

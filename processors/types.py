@@ -133,13 +133,14 @@ class MultimodalItem:
         """Make `pixel_values` on `device` in `dtype` (idempotent; safe on a worker thread).
 
         `move` copies a tensor to `device` (the engine passes a pinned asynchronous copy);
-        given embeddings (`PROMPT_EMBEDS`) are moved and cast as they are.
+        given embeddings (`data["embeds"]`: a prompt's, an image's) are moved and cast.
         """
         data = self.data
-        if self.modality == PROMPT_EMBEDS:
+        if "embeds" in data:  # given rows (a prompt's, an image's): moved and cast as they are
             rows = data["embeds"]
             if rows.device != torch.device(device) or rows.dtype != dtype:
-                self.data = {"embeds": (move or (lambda t: t.to(device)))(rows).to(dtype)}
+                rows = (move or (lambda t: t.to(device)))(rows).to(dtype)
+                self.data = {**data, "embeds": rows}
             return
         if "pixel_frames" not in data and "pixel_values" not in data:
             return

@@ -1,0 +1,89 @@
+"""Images given as their vision tower's output (vLLM's `{"image_embeds", "image_grid_thw"}`
+for Qwen2-VL / Qwen2.5-VL): the rows transformers' `get_image_features` makes for an image,
+given in its place, yield the image's greedy tokens (M-RoPE positions from the grid), one image
+or several in one dict, mixed with a real image; malformed inputs are refused naming them."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from PIL import Image
+
+from polymodal import LLM, InvalidInputError, SamplingParams
+from tests.helpers import tiny_checkpoint
+
+MARK = "<|vision_start|><|image_pad|><|vision_end|>"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def _image(seed, w=84, h=56):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+
+
+def _tower_rows(path, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' merged vision rows of `images` (one after another) and their grids."""
+    processor = tf.AutoProcessor.from_pretrained(path)
+    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    rows = out.pooler_output if hasattr(out, "pooler_output") else out
+    rows = torch.cat(list(rows)) if isinstance(rows, (list, tuple)) else rows
+    return rows, inputs["image_grid_thw"]
+
+
+def _tokens(llm, prompt) -> list[int]:
+    return llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_given_rows_decode_as_the_image(tmp_path_factory, arch):
+    path = str(tiny_checkpoint(tmp_path_factory, arch))
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=128)
+    one, two = _image(1), _image(2, 56, 84)
+    rows, grids = _tower_rows(path, [one, two])
+    first = int(grids[0].prod()) // 4
+    text = "Look: " + MARK + " and " + MARK + " compare."
+    want = _tokens(llm, {"prompt": text, "multi_modal_data": {"image": [one, two]}})
+    both = {"image_embeds": rows, "image_grid_thw": grids}  # two images in one dict
+    assert _tokens(llm, {"prompt": text, "multi_modal_data": {"image": both}}) == want
+    each = [{"image_embeds": rows[:first], "image_grid_thw": grids[0]},
+            {"image_embeds": rows[first:], "image_grid_thw": grids[1]}]  # fmt: skip
+    assert _tokens(llm, {"prompt": text, "multi_modal_data": {"image": each}}) == want
+    mixed = [each[0], two]  # given rows beside a real image
+    assert _tokens(llm, {"prompt": text, "multi_modal_data": {"image": mixed}}) == want
+    assert llm.engine.num_free_blocks == llm.engine.scheduler.kv.num_usable_blocks
+
+
+def test_bad_image_embeds_refused(tmp_path_factory):
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=64)
+    hidden = llm.model_config.hidden_size
+    grid = torch.tensor([1, 4, 4])  # 16 patches: 4 rows after the 2x2 merge
+    cases = {
+        "makes 4 rows": {"image_embeds": torch.randn(5, hidden), "image_grid_thw": grid},
+        "hidden size": {"image_embeds": torch.randn(4, hidden + 2), "image_grid_thw": grid},
+        "with image_grid_thw": {"image_embeds": torch.randn(4, hidden)},
+        "unknown keys": {
+            "image_embeds": torch.randn(4, hidden),
+            "image_grid_thw": grid,
+            "extra": 1,
+        },  # fmt: skip
+        "NaN or infinite": {
+            "image_embeds": torch.full((4, hidden), float("inf")),
+            "image_grid_thw": grid,
+        },  # fmt: skip
+    }
+    for message, given in cases.items():
+        with pytest.raises(InvalidInputError, match=message):
+            llm.generate({"prompt": MARK, "multi_modal_data": {"image": given}}, GREEDY)
+    ok = {"image_embeds": torch.randn(4, hidden), "image_grid_thw": grid}
+    assert len(_tokens(llm, {"prompt": MARK + "x", "multi_modal_data": {"image": ok}})) == 8
+
+
+def test_other_families_say_which_take_them(tmp_path_factory):
+    llm = LLM(str(tiny_checkpoint(tmp_path_factory, "llava_next")), device="cpu",
+              num_kv_blocks=64)  # fmt: skip
+    given = {"image_embeds": torch.randn(4, 8), "image_grid_thw": torch.tensor([1, 4, 4])}
+    with pytest.raises(InvalidInputError, match="taken by Qwen2-VL / Qwen2.5-VL models"):
+        llm.generate({"prompt": "<image>hi", "multi_modal_data": {"image": given}}, GREEDY)
