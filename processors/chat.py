@@ -51,6 +51,7 @@ def _url_of(value: Any, options: dict[str, Any], where: str) -> Any:
 PART_MODALITY = {
     "image": "image",
     "image_url": "image",
+    "image_embeds": "image",  # vLLM's: a vision tower's output (prompt_embeds.py)
     "video": "video",
     "video_url": "video",
     "audio": "audio",
@@ -98,6 +99,10 @@ def _part_media(part: dict[str, Any], where: str) -> MediaRef | None:
         if not isinstance(part.get("text"), str):
             raise InvalidInputError(f"{where}: a text part needs a string 'text'")
         return None
+    if kind == "image_embeds":  # {"image_embeds": rows, "image_grid_thw": grid}, or the rows
+        given = part.get("image_embeds")
+        given = given if isinstance(given, dict) else {"image_embeds": given}
+        return MediaRef("image", given, options)
     if kind in ("image", "image_url", "video", "video_url"):
         source = part.get(kind, part.get("url", part.get("path")))  # transformers: url / path
         source = _url_of(source, options, where)

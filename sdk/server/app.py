@@ -76,6 +76,7 @@ def create_app(
     response_role: str = "assistant",
     tokens_as_ids: bool = False,
     tokens_details: bool = False,
+    mm_embeds: bool = False,
     api_docs: bool = True,
 ) -> FastAPI:
     """Build the app; the caller owns `engine` (and closes it after the server stops).
@@ -90,7 +91,8 @@ def create_app(
     `request_id_headers` adds `X-Request-Id` to every response; `response_role` names chat
     replies' role, `tokens_as_ids` is `return_tokens_as_token_ids`' default; `tokens_details`
     reports cached prompt tokens in `usage.prompt_tokens_details` (vLLM's
-    `--enable-prompt-tokens-details`); `api_docs=False` serves no /docs, /redoc, /openapi.json.
+    `--enable-prompt-tokens-details`); `mm_embeds` takes `image_embeds` message parts;
+    `api_docs=False` serves no /docs, /redoc, /openapi.json.
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -104,7 +106,8 @@ def create_app(
     if request_id_headers:
         app.add_middleware(RequestIdHeaders)
     metrics = ServerMetrics(engine)
-    policy = MediaPolicy(Path(allowed_media_dir) if allowed_media_dir else None, allow_http)
+    policy = MediaPolicy(Path(allowed_media_dir) if allowed_media_dir else None, allow_http,
+                         mm_embeds)  # fmt: skip
     if allow_http:
         engine.set_processor_option("allow_http", True)
     for name, value, known in (

@@ -185,6 +185,11 @@ def serve_command(parser: argparse.ArgumentParser):
         help="usage reports the prompt tokens served from the prefix cache",
     )
     parser.add_argument(
+        "--enable-mm-embeds",
+        action="store_true",
+        help="chat messages may carry image_embeds parts (base64 torch.save tensors)",
+    )
+    parser.add_argument(
         "--enable-log-requests",
         action="store_true",
         help="log a line per request: its id, prompt (media as their kind) and params",
@@ -275,6 +280,7 @@ def serve_command(parser: argparse.ArgumentParser):
             response_role=args.response_role,
             tokens_as_ids=args.return_tokens_as_token_ids,
             tokens_details=args.enable_prompt_tokens_details,
+            mm_embeds=args.enable_mm_embeds,
             api_docs=not args.disable_fastapi_docs,
         )
         # --enable-log-requests: a line per request, its prompt cut at --max-log-len

@@ -21,6 +21,7 @@ class MediaPolicy:
 
     allowed_media_dir: Path | None = None
     allow_http: bool = False
+    allow_embeds: bool = False  # `image_embeds` parts (--enable-mm-embeds)
 
     def check(self, url: str, param: str) -> str:
         """The source to load for `url`, or `RequestError` naming `param` if not allowed."""
@@ -90,6 +91,9 @@ def engine_messages(
             if part.type in ("input_audio", "audio_url"):
                 parts.append(_audio_part(part, where, policy, takes_audio))
                 continue
+            if part.type == "image_embeds":
+                parts.append(_embeds_part(part, where, policy))
+                continue
             url = part.image_url if part.type == "image_url" else part.video_url
             if url is None:
                 raise RequestError(
@@ -102,6 +106,23 @@ def engine_messages(
             )
         out.append({"role": role, "content": parts, **extra})
     return out
+
+
+def _embeds_part(part: Any, where: str, policy: MediaPolicy) -> dict[str, Any]:
+    """An `image_embeds` part (vLLM's): its base64 tensors read (`weights_only`), as the
+    engine's `{"image_embeds": rows, "image_grid_thw": grid}` source."""
+    from polymodal.server.prompt_embeds import decode_tensor
+
+    if not policy.allow_embeds:
+        raise RequestError(
+            "image_embeds parts need the server started with --enable-mm-embeds", where
+        )
+    value = part.image_embeds
+    if value is None:
+        raise RequestError("an image_embeds part needs 'image_embeds'", f"{where}.image_embeds")
+    named = value if isinstance(value, dict) else {"image_embeds": value}
+    given = {k: decode_tensor(v, f"{where}.image_embeds.{k}") for k, v in named.items()}
+    return {"type": "image_embeds", "image_embeds": given}
 
 
 def _audio_part(part: Any, where: str, policy: MediaPolicy, takes_audio) -> dict[str, Any]:

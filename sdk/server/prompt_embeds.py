@@ -1,7 +1,8 @@
-"""`/v1/completions`' `prompt_embeds` (vLLM's, served with `--enable-prompt-embeds`): each a
-base64 string of a tensor `[num_tokens, hidden_size]` saved with `torch.save`, read with
-`weights_only=True` (tensors only: no code runs) onto the CPU. The engine checks the rest
-(shape, dtype, finite values, the model's hidden size: processors/prompt_embeds.py)."""
+"""Tensors sent as base64 `torch.save` files (vLLM's embedding inputs): `/v1/completions`'
+`prompt_embeds` (`--enable-prompt-embeds`), each `[num_tokens, hidden_size]`, and chat's
+`image_embeds` parts (`--enable-mm-embeds`), read with `weights_only=True` (tensors only: no code
+runs) onto the CPU. The engine checks the rest (shape, dtype, finite values, the model's hidden
+size: processors/prompt_embeds.py)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def decode_prompt_embeds(values: str | list[str]) -> list[torch.Tensor]:
     items = [values] if single else list(values)
     if not items:
         raise RequestError("prompt_embeds must not be empty", "prompt_embeds")
-    return [_decode(v, "prompt_embeds" if single else f"prompt_embeds[{i}]")
+    return [decode_tensor(v, "prompt_embeds" if single else f"prompt_embeds[{i}]")
             for i, v in enumerate(items)]  # fmt: skip
 
 
-def _decode(value: str, where: str) -> torch.Tensor:
+def decode_tensor(value: str, where: str) -> torch.Tensor:
+    """One base64 `torch.save`d tensor (a 400 naming `where` when it is not one)."""
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:

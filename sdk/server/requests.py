@@ -60,8 +60,10 @@ class ContentPart(StrictBody):
     `min_pixels` / `max_pixels` / `fps` / `num_frames`), or audio (`input_audio`,
     `audio_url`)."""
 
-    type: Literal["text", "image_url", "video_url", "input_audio", "audio_url"]
+    type: Literal["text", "image_url", "video_url", "input_audio", "audio_url", "image_embeds"]
     text: str | None = None
+    # vLLM's (--enable-mm-embeds): base64 `torch.save` tensors, the rows alone or with the grid
+    image_embeds: str | dict[str, str] | None = None
     image_url: ImageURL | None = None
     video_url: ImageURL | None = None
     input_audio: InputAudio | None = None

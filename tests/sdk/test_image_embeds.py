@@ -87,3 +87,44 @@ def test_other_families_say_which_take_them(tmp_path_factory):
     given = {"image_embeds": torch.randn(4, 8), "image_grid_thw": torch.tensor([1, 4, 4])}
     with pytest.raises(InvalidInputError, match="taken by Qwen2-VL / Qwen2.5-VL models"):
         llm.generate({"prompt": "<image>hi", "multi_modal_data": {"image": given}}, GREEDY)
+
+
+def test_chat_parts_offline_and_served(tmp_path_factory):
+    """An `image_embeds` message part (vLLM's): offline with tensors, served as base64
+    `torch.save` files with `--enable-mm-embeds` (refused without it, naming the part)."""
+    import base64
+    import io
+
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2_vl"))
+    image = _image(3)
+    rows, grids = _tower_rows(path, [image])
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=64)
+
+    def chat(part):
+        return [{"role": "user", "content": [part, {"type": "text", "text": "Describe."}]}]
+
+    want = llm.chat(chat({"type": "image", "image": image}), GREEDY)[0].outputs[0]
+    given = {"image_embeds": rows, "image_grid_thw": grids[0]}
+    got = llm.chat(chat({"type": "image_embeds", "image_embeds": given}), GREEDY)[0]
+    assert got.outputs[0].token_ids == want.token_ids
+
+    pytest.importorskip("fastapi")
+    from tests.sdk.server_process import post, tiny_server
+
+    def b64(tensor) -> str:
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    encoded = {"image_embeds": b64(rows), "image_grid_thw": b64(grids[0])}
+    part = {"type": "image_embeds", "image_embeds": encoded}
+    body = {"model": "m", "messages": chat(part), "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    args = ("--enable-mm-embeds", "--dtype", "float32", "--num-kv-blocks", "64")
+    with tiny_server(tmp_path_factory, *args) as url:
+        reply = post(url, "/v1/chat/completions", body).json()
+        assert reply["choices"][0]["message"]["content"] == want.text
+    with tiny_server(tmp_path_factory, "--num-kv-blocks", "32") as url:
+        refused = post(url, "/v1/chat/completions", body).json()["error"]
+        assert "--enable-mm-embeds" in refused["message"]
+        assert refused["param"] == "messages[0].content[0]"
