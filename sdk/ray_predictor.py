@@ -30,12 +30,14 @@ from polymodal.caption_io import media_kind
 from polymodal.feeder import run_prompts
 
 
-def actor_resources(workers: int, use_gpu: bool) -> dict[str, float]:
+def actor_resources(workers: int, use_gpu: bool, gpus_per_worker: int = 1) -> dict[str, float]:
     """`map_batches` resources for `workers` engine actors that leave one CPU of the cluster to
     Ray Data's own tasks (reading, decoding, writing): with every CPU held by an actor, a read
     task never gets one and the job waits forever (2 CPUs, 2 CPU actors).
 
-    A GPU actor asks for one GPU and a share of the spare CPUs; a CPU actor for its share."""
+    A GPU actor asks for `gpus_per_worker` GPUs (its engine's `tensor_parallel_size`: Ray
+    gives the actor those GPUs as its visible devices) and a share of the spare CPUs; a CPU
+    actor for its share."""
     import ray
 
     if not ray.is_initialized():
@@ -43,7 +45,9 @@ def actor_resources(workers: int, use_gpu: bool) -> dict[str, float]:
     spare = max(0.0, ray.cluster_resources().get("CPU", 1.0) - 1.0)
     share = round(min(1.0, spare / max(1, workers)), 3)
     if use_gpu:
-        return {"num_gpus": 1, "num_cpus": share}
+        if gpus_per_worker < 1:
+            raise ValueError(f"gpus_per_worker must be >= 1, got {gpus_per_worker}")
+        return {"num_gpus": gpus_per_worker, "num_cpus": share}
     return {"num_cpus": max(share, 0.001)}
 
 

@@ -79,3 +79,18 @@ def test_documented_example_command_finishes_on_this_machine(tmp_path_factory, t
     assert run.returncode == 0, run.stderr[-3000:]
     rows = pq.read_table(out).to_pylist()
     assert rows and all(r["caption"] and r["error"] is None for r in rows)
+
+
+def test_actor_resources_per_gpu_group():
+    """An engine split over N GPUs asks Ray for N GPUs per actor."""
+    from polymodal.ray_predictor import actor_resources
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert actor_resources(2, True, gpus_per_worker=4)["num_gpus"] == 4
+        assert actor_resources(2, True)["num_gpus"] == 1
+        assert "num_gpus" not in actor_resources(2, False)
+        with pytest.raises(ValueError, match="gpus_per_worker"):
+            actor_resources(1, True, gpus_per_worker=0)
+    finally:
+        ray.shutdown()
