@@ -49,15 +49,13 @@ def _check_range(
         raise ValueError(f"must be in {left}{lo:g}, {hi:g}{right}")
 
 
-# the constraints given by value (json_object is a flag)
-KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
+KINDS = ("json", "regex", "choice", "grammar", "structural_tag")  # (json_object: a flag)
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
 class StructuredOutputsParams:
-    """Constrain the output to a grammar (vLLM's `StructuredOutputsParams`); set exactly one of
-    `json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag`. Compiled with
-    xgrammar."""
+    """Constrain the output to a grammar (vLLM's `StructuredOutputsParams`): exactly one of
+    `KINDS` or `json_object`. Compiled with xgrammar."""
 
     json: str | dict | None = None
     """A JSON schema (a dict or its JSON text): the output is one JSON value matching it."""
@@ -70,9 +68,8 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     """The output is any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
     structural_tag: str | dict | None = None
-    """xgrammar's structural tag (a dict or its JSON text): `{"type": "structural_tag",
-    "format": {...}}`, or the older `{"structures": [{"begin", "schema", "end"}], "triggers":
-    [...]}`: free text until a trigger, then the tagged structure (tool calls, reasoning)."""
+    """xgrammar's structural tag (dict or JSON text): `{"type": "structural_tag", "format"}` or
+    the older `{"structures": [{"begin", "schema", "end"}], "triggers"}`."""
     disable_any_whitespace: bool = False
     """JSON without free whitespace between tokens (compact output)."""
 
@@ -91,8 +88,7 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        """Which constraint is set: "json", "regex", "choice", "grammar", "structural_tag" or
-        "json_object"."""
+        """Which constraint is set: one of `KINDS`, or "json_object"."""
         for key in KINDS:
             if getattr(self, key) is not None:
                 return key

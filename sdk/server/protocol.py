@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, Field, model_serializer
+
+if TYPE_CHECKING:
+    from polymodal.llm_core.outputs import RequestOutput
 
 
 class ErrorInfo(BaseModel):
@@ -174,3 +177,17 @@ class ModelList(BaseModel):
 
     object: str = "list"
     data: list[ModelCard]
+
+
+def usage_info(outs: list[RequestOutput], cached_tokens: bool = False) -> UsageInfo:
+    """OpenAI usage summed over the engine requests of one HTTP request; `cached_tokens`:
+    with the prompt tokens the prefix cache served (vLLM's `prompt_tokens_details`)."""
+    prompt = sum(o.usage.prompt_tokens for o in outs)
+    completion = sum(o.usage.completion_tokens for o in outs)
+    usage = UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+    if cached_tokens:
+        cached = sum(o.num_cached_tokens or 0 for o in outs)
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
+    return usage

@@ -26,10 +26,9 @@ from polymodal.server.protocol import (
     ChatResponseMessage,
     CompletionChoice,
     CompletionResponse,
-    PromptTokensDetails,
-    UsageInfo,
     new_id,
     now,
+    usage_info,
 )
 from polymodal.server.reasoning import Reasoning, ReasoningStream
 from polymodal.server.required_calls import RequiredCallStream, required_reply
@@ -47,20 +46,6 @@ def sse(payload: Any) -> str:
         else (json.dumps(payload))
     )
     return f"data: {body}\n\n"
-
-
-def usage_info(outs: list[RequestOutput], cached_tokens: bool = False) -> UsageInfo:
-    """OpenAI usage summed over the engine requests of one HTTP request; `cached_tokens`:
-    with the prompt tokens the prefix cache served (vLLM's `prompt_tokens_details`)."""
-    prompt = sum(o.usage.prompt_tokens for o in outs)
-    completion = sum(o.usage.completion_tokens for o in outs)
-    usage = UsageInfo(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
-    if cached_tokens:
-        cached = sum(o.num_cached_tokens or 0 for o in outs)
-        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
-    return usage
 
 
 def _ids(token_ids: list[int] | None) -> list[int] | None:
