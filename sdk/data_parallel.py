@@ -2,9 +2,12 @@
 its own GPUs (rank r: GPUs `[r * tp, (r + 1) * tp)` of those visible, tp the tensor-parallel
 size), behind one `AsyncEngine` and one server.
 
-`DataParallelCores` has the interface of one `EngineProcess`. A request goes to the rank with
-the fewest open requests (submitted and not yet ended: a finished output, an error or an
-abort's END), and its aborts follow it there. Prompt processing calls (`/tokenize`, beam
+`DataParallelCores` has the interface of one `EngineProcess`. A request goes to the rank its
+prompt's prefix hashes to (`prefix_key`: a conversation's first two messages, a text's first
+characters, the first token ids), so a conversation's turns and prompts sharing a long prefix
+meet that rank's prefix cache, unless that rank has `SLACK` more open requests (submitted and
+not yet ended: a finished output, an error or an abort's END) than the least loaded one, which
+then takes it. Its aborts follow it. Prompt processing calls (`/tokenize`, beam
 search) go round the ranks; processor options and control calls (sleep mode, adapters
 checked or removed) go to every rank, and a control call answers with rank 0's result once
 every rank has answered (the first error, if any rank fails). Stats are summed over the ranks.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields
@@ -26,6 +30,10 @@ from polymodal.engine_loop import EngineStats
 from polymodal.engine_process import EngineProcess
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.outputs import RequestOutput
+
+# A prompt goes to its home rank unless that has SLACK more open requests than the least
+# loaded; the prefix that picks the home: characters of a text, token ids
+SLACK, PREFIX_CHARS, PREFIX_IDS = 8, 512, 128
 
 
 class SummedStats:
@@ -84,8 +92,12 @@ class DataParallelCores:
         return all(core.alive for core in self.cores)
 
     def submit(self, request_id: str, prompt: Any, params: Any, lora_request: Any = None) -> None:
+        key = prefix_key(prompt)
         with self._lock:
             rank = min(range(len(self.cores)), key=self._open.__getitem__)
+            if key is not None:
+                home = zlib.crc32(key) % len(self.cores)
+                rank = home if self._open[home] <= self._open[rank] + SLACK else rank
             self._open[rank] += 1
             self._owner[request_id] = rank
         self.cores[rank].submit(request_id, prompt, params, lora_request)
@@ -141,6 +153,39 @@ class DataParallelCores:
                 if ended and self._owner.pop(request_id, None) is not None:
                     self._open[rank] -= 1
         self._emit(items)
+
+
+def prefix_key(prompt: Any) -> bytes | None:
+    """What decides a prompt's home rank: the first two messages of a conversation (its
+    system prompt and first turn: the same for every later turn), else the first
+    `PREFIX_CHARS` characters of a text or `PREFIX_IDS` token ids; None for other prompts."""
+    if isinstance(prompt, dict):
+        if "messages" in prompt:
+            prompt = prompt["messages"]
+        else:
+            prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+    if isinstance(prompt, str):
+        return prompt[:PREFIX_CHARS].encode()
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return repr(prompt[:PREFIX_IDS]).encode()
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return "\x00".join(_message_text(m) for m in prompt[:2]).encode()
+    return None
+
+
+def _message_text(message: dict) -> str:
+    """A message's role and text, media parts by the start of their URL or path (a PIL
+    image or bytes: by their kind only)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return f"{message.get('role')}:{str(content)[:PREFIX_CHARS]}"
+    parts = []
+    for part in content:
+        kind = part.get("type", "") if isinstance(part, dict) else ""
+        value = part.get(kind) if isinstance(part, dict) else None
+        value = value.get("url") if isinstance(value, dict) else value
+        parts.append(f"{kind}={value[:256] if isinstance(value, str) else ''}")
+    return f"{message.get('role')}:{'|'.join(parts)}"
 
 
 def rank_environments(size: int, engine_kwargs: dict[str, Any]) -> list[dict[str, str]]:

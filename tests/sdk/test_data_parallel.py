@@ -93,3 +93,34 @@ def test_server_with_two_ranks(tmp_path_factory):
         resp = post(url, "/v1/completions", body)
         assert resp.status_code == 200 and len(resp.json()["choices"]) == 3
         assert post(url, "/tokenize", {"prompt": "Hello"}).status_code == 200
+
+
+def test_prefix_routing_keeps_a_conversation_on_its_rank():
+    import threading
+
+    from polymodal.data_parallel import SLACK, DataParallelCores, prefix_key
+
+    calls = []
+
+    class FakeCore:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def submit(self, request_id, *args):
+            calls.append(self.rank)
+
+    cores = object.__new__(DataParallelCores)  # the routing alone: no engine processes
+    cores.cores = [FakeCore(r) for r in range(3)]
+    cores._lock, cores._owner, cores._open = threading.Lock(), {}, [0, 0, 0]
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    later = [*first, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"}]
+    cores.submit("a", {"messages": first}, None)
+    cores.submit("b", {"messages": later}, None)
+    assert calls[0] == calls[1]  # every turn of a conversation meets its prefix cache
+    home = calls[0]
+    cores._open[home] += SLACK + 1  # an overloaded home gives the request away
+    cores.submit("c", {"messages": later}, None)
+    assert calls[2] != home and cores._owner["c"] == calls[2]
+    assert prefix_key("x" * 600) == prefix_key("x" * 512 + "y")  # a long shared text prefix
+    assert prefix_key([1, 2, 3]) != prefix_key([1, 2, 4])
+    assert prefix_key({"prompt_embeds": None}) is None  # no key: the least loaded rank
