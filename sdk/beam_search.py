@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampling_params import MAX_LOGPROBS, SamplingParams
-from polymodal.processors.types import ProcessedPrompt
+from polymodal.processors.types import PROMPT_EMBEDS, ProcessedPrompt
 
 _DEAD = -1.0e9  # transformers' score for beams that cannot be chosen
 
@@ -125,6 +125,8 @@ class BeamSearch:
         self.scoring_params = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=self.keep, ignore_eos=True
         )
+        if any(item.modality == PROMPT_EMBEDS for p in prompts for item in p.mm_items):
+            raise InvalidInputError("beam search takes token prompts, not prompt_embeds")
         self._searches = [_Search(p, [_Beam([], 0.0)]) for p in prompts]
         self._live: list[tuple[_Search, _Beam]] = []
         self._step = 0

@@ -133,6 +133,10 @@ def test_bad_inputs_refused(tmp_path_factory):
         llm.generate({"prompt_embeds": rows, "multi_modal_data": {}})
     with pytest.raises(InvalidInputError, match="exactly one of"):
         llm.generate({"prompt_embeds": rows, "prompt": "hi"})
+    from polymodal.beam_search import BeamSearchParams
+
+    with pytest.raises(InvalidInputError, match="beam search takes token prompts"):
+        llm.beam_search([{"prompt_embeds": rows}], BeamSearchParams(beam_width=2, max_tokens=2))
     # a batch-level [1, n, hidden] tensor is one prompt; the engine still serves others
     out = llm.generate([{"prompt_embeds": rows[None]}, [1, 2, 3]], _params())
     assert [len(o.outputs[0].token_ids) for o in out] == [STEPS, STEPS]
