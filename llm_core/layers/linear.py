@@ -26,6 +26,12 @@ from polymodal.llm_core.layers.norm import DeferredNorm, plain
 # cuBLAS at one row (batch-1 decode) and loses from two rows up (docs/performance.md).
 GEMV_MAX_ROWS = 1
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
+# Gemma's one-row epilogue folds (the sandwich post-norm + add, GELU-tanh * up) in the GEMV:
+# off, measured slower on an H200 (Gemma-3-12B batch-1 decode, 2026-12-05,
+# scripts/device/gemma_variants.py: 81.7% of the floor folded, 83.9% with the `sandwich_norm`
+# and activation kernels between the GEMVs). The kernels keep them (tests/llm_core/
+# test_triton_gemv.py); set True to measure them again.
+FOLD_GEMMA_EPILOGUES = False
 # Set by `deferred_weights()`: Linears built meanwhile without an explicit method allocate
 # their weights on the meta device until `Linear.set_method` gives them their real method.
 _DEFERRED = contextvars.ContextVar("polymodal_deferred_linear_weights", default=False)
@@ -205,10 +211,11 @@ class Linear(nn.Module):
         `residual` add. Where the method folds the add (the GEMV) an `AddedResidual` comes
         back; otherwise the plain output, and the caller adds (`add_norm` takes either).
         `post_norm` (a `GemmaRMSNorm`, with `residual`): the output is normalized by it before
-        the add; only the 16-bit GEMV folds that and GELU-tanh (`sandwich_norm` takes
-        either)."""
+        the add; only the 16-bit GEMV folds that and GELU-tanh, with `FOLD_GEMMA_EPILOGUES`
+        (`sandwich_norm` takes either)."""
         x = self._input(x)
-        if self.uses_gemv(x) and (post_norm is not None or gelu_tanh):
+        folds = FOLD_GEMMA_EPILOGUES and (post_norm is not None or gelu_tanh)
+        if folds and self.uses_gemv(x):
             fold = None if post_norm is None else (post_norm.weight, post_norm.eps)
             return self.gemv(x, self.weight, self.bias, silu_mul=silu_mul, residual=residual,
                              post_norm=fold, gelu_tanh=gelu_tanh)  # fmt: skip
