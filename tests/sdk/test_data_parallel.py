@@ -39,10 +39,11 @@ def test_requests_spread_and_match_llm(tmp_path_factory):
             outs = await asyncio.gather(*(_collect(engine, p) for p in prompts))
             # an aborted request frees its blocks on its own rank
             rid = engine.submit("a long one", SamplingParams(max_tokens=500, ignore_eos=True))
-            async for _ in engine.stream(rid):
-                break  # the stream's end aborts it
-            for _ in range(200):
-                if engine.stats.num_running == 0 and engine.stats.num_waiting == 0:
+            stream = engine.stream(rid)
+            await stream.__anext__()  # it runs
+            await stream.aclose()  # the stream's end aborts it
+            for _ in range(200):  # its rank's END comes back: no request open anywhere
+                if not cores._owner and engine.stats.num_running == 0:
                     break
                 await asyncio.sleep(0.05)
             sleeping = await engine.control("is_sleeping")
