@@ -16,6 +16,7 @@ import dataclasses
 
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.request import PROMPT_EMBEDS
+from polymodal.llm_core.request_checks import kept_tokens
 from polymodal.llm_core.sampling_params import SamplingParams
 
 
@@ -65,12 +66,7 @@ def check_embeds_request(engine, item, mm_items: list, params) -> None:
 def truncate_embeds(ids: list[int], item, keep: int, max_model_len: int) -> tuple[list[int], list]:
     """The last `keep` rows (-1: max_model_len - 1) of a prompt given as embeddings, as
     vLLM's left truncation (`truncate_prompt_tokens`): (ids, [its item])."""
-    if keep > max_model_len:
-        raise InvalidInputError(
-            f"SamplingParams.truncate_prompt_tokens={keep} is greater than max_model_len="
-            f"{max_model_len}: select a smaller truncation size (or -1: max_model_len - 1)"
-        )
-    keep = max_model_len - 1 if keep == -1 else keep
+    keep = kept_tokens(keep, max_model_len)
     if keep >= len(ids):
         return ids, [item]
     # the kept rows' key: a function of the whole rows' key and the cut, so equal inputs

@@ -157,6 +157,17 @@ def check_max_tokens(num_prompt_tokens: int, params: SamplingParams, max_model_l
         )
 
 
+def kept_tokens(keep: int, max_model_len: int) -> int:
+    """A generation prompt's `truncate_prompt_tokens` as a count (-1: max_model_len - 1); one
+    past max_model_len raises, as in vLLM (it could never be honoured)."""
+    if keep > max_model_len:
+        raise InvalidInputError(
+            f"SamplingParams.truncate_prompt_tokens={keep} is greater than max_model_len="
+            f"{max_model_len}: select a smaller truncation size (or -1: max_model_len - 1)"
+        )
+    return max_model_len - 1 if keep == -1 else keep
+
+
 def truncate_prompt(
     ids: list[int],
     positions: list[list[int]] | None,
@@ -171,12 +182,7 @@ def truncate_prompt(
     slot starts are rebased so the result equals processing the kept tokens alone. A `keep`
     past max_model_len raises, as in vLLM (it could never be honoured).
     """
-    if keep > max_model_len:
-        raise InvalidInputError(
-            f"SamplingParams.truncate_prompt_tokens={keep} is greater than max_model_len="
-            f"{max_model_len}: select a smaller truncation size (or -1: max_model_len - 1)"
-        )
-    keep = max_model_len - 1 if keep == -1 else keep
+    keep = kept_tokens(keep, max_model_len)
     cut = len(ids) - keep
     if cut <= 0:
         return ids, positions, mrope_delta, mm_items
