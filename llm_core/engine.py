@@ -80,10 +80,11 @@ class Engine:
         self.async_scheduling = self.device.type == "cuda" if overlap is None else overlap
         # workers get each step's ids from the host batch: no device-resident ids to chain on
         self.async_scheduling = self.async_scheduling and self.executor is None
-        # n-gram drafts follow each sequence's newest token: a step that drafts runs synchronously
+        # drafts follow each sequence's newest token: a step that drafts runs synchronously
         self.speculation = Speculation.start(
-            self.config.speculative_config, self.task, self.model_config.vocab_size
-        )
+            self.config.speculative_config, self.task, self.model_config.vocab_size,
+            self.runner.draft,
+        )  # fmt: skip
         # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
         # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.
         gc.collect()
@@ -337,7 +338,7 @@ class Engine:
             self._resolve(flight, touched)
             flight = self._in_flight = None
         if drafting:
-            self.speculation.propose(self.scheduler.running)
+            self.speculation.propose(self.scheduler)
         sched = self.scheduler.schedule()
         # rules that follow the previous tokens (grammars, penalties, bad words, logprobs)
         # sample after that step is read back, while the GPU runs this step's forward pass

@@ -12,7 +12,8 @@ import torch
 
 from polymodal.llm_core.attention import get_backend
 from polymodal.llm_core.config import ModelConfig, load_config
-from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.draft_model import build_draft_model
+from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.interfaces import is_pooling_model, supports_multimodal
 from polymodal.llm_core.kv_cache import KVCacheManager
 from polymodal.llm_core.kv_cache_spec import MLA, KVCacheLayout, plan_layout
@@ -26,7 +27,7 @@ from polymodal.llm_core.kv_memory import (
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.layers.moe import enable_moe_decode
 from polymodal.llm_core.load_warmup import warm_up_long_paths
-from polymodal.llm_core.loader import build_model, resolve_model_path
+from polymodal.llm_core.loader import build_model, load_tokenizer, resolve_model_path
 from polymodal.llm_core.media_inputs import embeddings_cached
 from polymodal.llm_core.quantization import resolve_quantization
 from polymodal.llm_core.registry import model_class, tower_graphs
@@ -123,7 +124,7 @@ class EngineConfig:
     # the scheduler's docstring says how)
     scheduling_policy: str = "fcfs"
     # vLLM's: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
-    # "prompt_lookup_max": b} (speculative.py: prompt-lookup drafts, verified in one step)
+    # "prompt_lookup_max": b}, or {"method": "draft_model", "model": DIR, ...} (speculative.py)
     speculative_config: Any = None
     # vLLM's: the most logprobs (top-N per token, prompt logprobs) a request may ask for
     max_logprobs: int = 20
@@ -211,22 +212,6 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInputError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
-
-
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer (with its chat template) through transformers."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot load the tokenizer: {exc}") from exc
-    if len(tokenizer) < 2:  # no vocabulary file: transformers builds an empty one, silently
-        raise ModelLoadError(
-            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...): "
-            f"the tokenizer transformers built has {len(tokenizer)} token(s)"
-        )
-    return tokenizer
 
 
 def resolve_model(path: Path, cfg: EngineConfig, rank: int = 0):
@@ -317,8 +302,9 @@ def build_rank(
     if cfg.decode_gemv:  # after LoRA wraps the layers: a block whose shared experts carried
         enable_moe_decode(net)  # adapters would keep the unfused path (moe_decode has no LoRA)
     encoder_cache = encoder_cache_bytes(cfg, model_config) if supports_multimodal(net) else 0
+    draft = build_draft_model(cfg, layout, device, model_config)  # its pages share block ids
     num_blocks = cfg.num_kv_blocks or num_kv_blocks(
-        kv_dtype, layout, cfg, device, max_len, encoder_cache
+        kv_dtype, layout, cfg, device, max_len, encoder_cache, draft and draft.block_bytes
     )
     if tp.size > 1:
         if before_sync is not None:
@@ -332,6 +318,7 @@ def build_rank(
         cross, max((g.spec.max_rows for g in layout.groups), default=0),
     )  # fmt: skip
     runner.lora = lora
+    runner.draft = draft and draft.attach_kv(num_blocks)
     return RankParts(net, runner, layout, num_blocks, max_len, backend)
 
 

@@ -48,12 +48,14 @@ def num_kv_blocks(
     device: torch.device,
     max_len: int,
     reserved: int = 0,
+    draft_block_bytes: int | None = 0,
 ) -> int:
-    """KV blocks that fit the memory budget less `reserved` bytes (the encoder cache)."""
+    """KV blocks that fit the memory budget less `reserved` bytes (the encoder cache);
+    `draft_block_bytes`: a draft model's pages at the same block ids (draft_model.py)."""
     if not layout.slots:
         return 1  # no layer keeps a KV cache
     # a block id is one page of every slot tensor
-    per_block = layout.block_elements(cfg.block_size) * kv_dtype.itemsize
+    per_block = layout.block_elements(cfg.block_size) * kv_dtype.itemsize + (draft_block_bytes or 0)
     if device.type == "cuda":
         # Weights are already on the card: what is free now, less the share we leave alone
         # and 1 GiB of headroom for activations, holds the KV cache.

@@ -62,6 +62,27 @@ def resolve_model_path(
         ) from exc
 
 
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's tokenizer through transformers, with `chat_template.jinja` as its
+    template when it has none."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer: {exc}") from exc
+    if len(tokenizer) < 2:  # no vocabulary file: transformers builds an empty one, silently
+        raise ModelLoadError(
+            f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, "
+            f"...): the tokenizer transformers built has {len(tokenizer)} token(s)"
+        )
+    template_file = model_dir / "chat_template.jinja"
+    if getattr(tokenizer, "chat_template", None) is None and template_file.is_file():
+        tokenizer.chat_template = template_file.read_text()
+    return tokenizer
+
+
 def build_model(
     cfg: ModelConfig,
     device: torch.device,

@@ -61,7 +61,6 @@ class Request:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    first_scheduled_time: float | None = None  # set by the scheduler when first admitted
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served then
     first_token_time: float | None = None
     num_preemptions: int = 0
@@ -82,6 +81,7 @@ class Request:
     # `num_tokens` until the step's tokens are booked
     spec_token_ids: list[int] = field(default_factory=list)
     draft_context: Any = field(default=None, repr=False)  # (token array, length) drafts search
+    draft_state: Any = field(default=None, repr=False)  # draft_model.DraftState: its draft cache
     # Pooling requests (`params` is a PoolingParams): no tokens are sampled; the hidden states
     # of the prompt's chunks gather until it is whole. A non-causal model's prompt is never
     # split across steps (`chunkable`).

@@ -80,6 +80,8 @@ class ModelRunner:
         # tensor_parallel_size > 1: the TPExecutor that hands each step to the other ranks
         # (this runner is rank 0's: it alone samples); None runs as one process
         self.executor = None
+        # speculative decoding with a draft model: its draft_model.DraftModel, else None
+        self.draft = None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""

@@ -3,7 +3,8 @@ its GPU memory back, e.g. to a trainer sharing the GPU (RL), and takes it again 
 
 `sleep(level=1)` copies the weights to host memory and frees them and the KV cache; `level=2`
 frees the parameters without a copy (the caller loads new ones after waking: `load_weights`;
-buffers such as rotary tables are kept on the host, as vLLM's).
+buffers such as rotary tables are kept on the host, as vLLM's). A draft model (speculative
+decoding) sleeps with the engine, its weights always kept on the host.
 Memory is freed storage by storage (`untyped_storage().resize_(0)`, as FSDP frees parameters):
 every tensor and view of the model keeps its identity, shapes and sharing (tied weights, packed
 q/k/v views, a layer's fused copies), and `wake_up` gives each storage its bytes again. Storage
@@ -55,15 +56,22 @@ def sleep(engine, level: int = 1) -> None:
     params = {
         s.data_ptr() for s in _unique([p.untyped_storage() for p in runner.model.parameters()])
     }
-    kv = _unique([t.untyped_storage() for t in runner.kv_caches if t is not None])
+    draft = runner.draft  # a draft model (speculative decoding): its weights and KV too
+    caches = runner.kv_caches + (draft.kv_caches if draft is not None else [])
+    kv = _unique([t.untyped_storage() for t in caches if t is not None])
     kv_ptrs = {s.data_ptr() for s in kv}
+    # level 2 keeps the buffers, and the draft's weights (`load_weights` loads the target's)
+    kept = [(s, level == 1 or s.data_ptr() not in params)
+            for s in model_storages(runner.model, runner.device)]  # fmt: skip
+    if draft is not None:
+        kept += [(s, True) for s in model_storages(draft.net, runner.device)]
     with torch.inference_mode():
-        for storage in model_storages(runner.model, runner.device):
+        for storage, copy in kept:
             if storage.data_ptr() in kv_ptrs:  # a layer's view of the KV cache: not a weight
                 continue
             nbytes = storage.nbytes()
             host = None
-            if level == 1 or storage.data_ptr() not in params:  # level 2 keeps the buffers
+            if copy:
                 host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
                 host.copy_(_bytes(storage))
             state.weights.append((storage, nbytes, host))

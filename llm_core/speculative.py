@@ -17,6 +17,9 @@ A request with a grammar (structured output) drafts only what its grammar allows
 each row is masked by the grammar's state after the drafts before it. A step that drafts runs
 synchronously (a sequence's drafts follow its newest token); with `disable_by_batch_size`, the
 steps of a larger batch draft nothing and keep async scheduling.
+
+With a draft model (`{"method": "draft_model", "model": DIR}`), the drafts are that model's
+greedy continuation instead (draft_model.py); everything after the proposal is the same.
 """
 
 from __future__ import annotations
@@ -29,17 +32,17 @@ import numpy as np
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.structured_output import DraftGrammar
 
-METHODS = ("ngram",)
-# vLLM's methods that draft with a second model (or heads) polymodal does not load
-DRAFT_MODEL_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
-                       "deepseek_mtp")  # fmt: skip
+METHODS = ("ngram", "draft_model")
+# vLLM's methods that draft with heads polymodal does not load
+HEAD_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "deepseek_mtp")
+_NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """The n-gram proposer's settings (vLLM's keys and defaults)."""
+    """The proposer's settings (vLLM's keys and defaults): n-gram lookup, or a draft model."""
 
     num_speculative_tokens: int
     prompt_lookup_min: int = 5
@@ -48,6 +51,7 @@ class SpeculativeConfig:
     # vLLM's: no drafts while more than this many requests are queued or running (those steps
     # keep async scheduling); None: always draft
     disable_by_batch_size: int | None = None
+    model: str | None = None  # the draft model (method "draft_model"): a folder or a hub id
 
     @classmethod
     def parse(cls, value: Any) -> SpeculativeConfig | None:
@@ -65,14 +69,26 @@ class SpeculativeConfig:
             raise InvalidInputError(
                 f"speculative_config: {', '.join(unknown)} not supported (keys: {sorted(_KEYS)})"
             )
-        method = value.get("method") or ("ngram" if value.get("model") in ("ngram", "[ngram]")
-                                         else value.get("model"))  # fmt: skip
+        model = value.get("model")
+        method = value.get("method") or ("ngram" if model in ("ngram", "[ngram]")
+                                         else "draft_model" if model else None)  # fmt: skip
         if method not in METHODS:
-            drafter = method in DRAFT_MODEL_METHODS or value.get("model")
-            why = " (a draft model or heads, which polymodal does not run)" if drafter else ""
+            why = " (heads on the target's hidden states, which polymodal does not run)"
             raise InvalidInputError(
-                f"speculative_config method {method!r} is not supported: only 'ngram' (prompt "
-                f"lookup){why}"
+                f"speculative_config method {method!r} is not supported: 'ngram' (prompt "
+                f"lookup) or 'draft_model' (a smaller model, 'model': its folder or hub id)"
+                f"{why if method in HEAD_METHODS else ''}"
+            )
+        if method == "draft_model" and (not isinstance(model, str) or not model):
+            raise InvalidInputError(
+                "speculative_config method 'draft_model' needs 'model': the draft model's "
+                f"folder or hub id, got {model!r}"
+            )
+        lookup = [key for key in _NGRAM_KEYS if key in value]
+        if method == "draft_model" and lookup:
+            raise InvalidInputError(
+                f"speculative_config {', '.join(lookup)}: n-gram settings, but the method is "
+                "'draft_model'"
             )
         k = value.get("num_speculative_tokens")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
@@ -96,16 +112,21 @@ class SpeculativeConfig:
             raise InvalidInputError(
                 f"speculative_config disable_by_batch_size must be an int >= 1, got {limit!r}"
             )
-        return cls(k, lo, hi, disable_by_batch_size=limit)
+        draft = model if method == "draft_model" else None
+        return cls(k, lo, hi, method, limit, draft)
 
-    def propose(self, req, vocab_size: int) -> list[int]:
-        """Drafts for `req`'s next step (none for a request that cannot take them); they end
-        before an id the LM head cannot produce (an image token embedded past its vocab)."""
-        room = min(
+    def room(self, req) -> int:
+        """How many drafts `req`'s next step can check (none past max_tokens or the context)."""
+        return min(
             self.num_speculative_tokens,
             (req.params.max_tokens or 1 << 62) - len(req.output_token_ids) - 1,
             req.max_model_len - req.num_tokens - 1,
         )
+
+    def propose(self, req, vocab_size: int) -> list[int]:
+        """N-gram drafts for `req`'s next step (none for a request that cannot take them); they
+        end before an id the LM head cannot produce (an image token embedded past its vocab)."""
+        room = self.room(req)
         if room <= 0:
             return []
         tokens = context_array(req)
@@ -205,23 +226,24 @@ class Speculation:
     """An engine's drafting: proposes before each step, books each checked step, and counts
     drafts as vLLM's metrics do."""
 
-    def __init__(self, config: SpeculativeConfig, vocab_size: int):
+    def __init__(self, config: SpeculativeConfig, vocab_size: int, drafter=None):
         self.config = config
         self.vocab_size = vocab_size  # the LM head's: drafts stay below it
+        self.drafter = drafter  # draft_model.DraftModel, or None (n-gram lookup)
         self.num_drafts = 0  # steps of a sequence that checked drafts
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
     @classmethod
-    def start(cls, config: SpeculativeConfig | None, task: str, vocab_size: int
-              ) -> Speculation | None:  # fmt: skip
+    def start(cls, config: SpeculativeConfig | None, task: str, vocab_size: int,
+              drafter=None) -> Speculation | None:  # fmt: skip
         if config is None:
             return None
         if task != "generate":
             raise InvalidInputError(
                 f"speculative_config: a {task} model generates no tokens to speculate on"
             )
-        return cls(config, vocab_size)
+        return cls(config, vocab_size, drafter)
 
     def active(self, scheduler) -> bool:
         """Whether this step drafts: always, unless more requests than `disable_by_batch_size`
@@ -229,17 +251,27 @@ class Speculation:
         limit = self.config.disable_by_batch_size
         return limit is None or len(scheduler.running) + len(scheduler.waiting) <= limit
 
-    def propose(self, running: list) -> None:
+    def propose(self, scheduler) -> None:
         """Drafts for each running sequence that decodes next step (its last token known and
-        not yet computed)."""
-        for req in running:
-            if (
-                not req.spec_token_ids
-                and not req.num_pending
-                and req.output_token_ids
-                and req.num_computed_tokens == req.num_known_tokens - 1
-            ):
+        not yet computed; not a prompt given as embeddings, whose ids are placeholders)."""
+        ready = [
+            req
+            for req in scheduler.running
+            if not req.spec_token_ids
+            and not req.num_pending
+            and req.output_token_ids
+            and req.num_computed_tokens == req.num_known_tokens - 1
+        ]
+        if self.drafter is None:
+            for req in ready:
                 req.spec_token_ids = self.config.propose(req, self.vocab_size)
+            return
+        ready = [req for req in ready if not req.prompt_embeds]
+        rooms = [self.config.room(req) for req in ready]
+        self.drafter.max_step_tokens = scheduler.max_num_batched_tokens
+        found = self.drafter.propose(scheduler.kv, ready, rooms, self.vocab_size)
+        for req, drafts in zip(ready, found):
+            req.spec_token_ids = drafts
 
     def book(self, req, tokens: list) -> list:
         """The tokens `req`'s checked step yields; its computed count goes back past the

@@ -34,7 +34,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
+from polymodal.llm_core.errors import InvalidInputError, MediaError
+from polymodal.llm_core.loader import load_tokenizer
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.input_cache import (
     DEFAULT_MAX_MB,
@@ -108,20 +109,6 @@ class MultimodalProcessor(Protocol):
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def load_tokenizer(model_dir: Path):
-    """The checkpoint's tokenizer, with `chat_template.jinja` as its template when it has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from None
-    template_file = model_dir / "chat_template.jinja"
-    if getattr(tokenizer, "chat_template", None) is None and template_file.is_file():
-        tokenizer.chat_template = template_file.read_text()
-    return tokenizer
 
 
 class MediaProcessor:

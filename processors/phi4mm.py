@@ -30,9 +30,10 @@ from typing import Any, ClassVar
 import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError
+from polymodal.llm_core.loader import load_tokenizer
 from polymodal.processors.audio import load_audio
 from polymodal.processors.audio_features import Phi4MMFeatures, audio_content_hash
-from polymodal.processors.base import load_tokenizer, plural
+from polymodal.processors.base import plural
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError
-from polymodal.processors.base import MediaProcessor, load_tokenizer, plural
+from polymodal.llm_core.loader import load_tokenizer
+from polymodal.processors.base import MediaProcessor, plural
 from polymodal.processors.chat import MediaRef, split_messages
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.input_cache import copy_item, raw_media_key

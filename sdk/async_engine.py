@@ -97,7 +97,7 @@ class AsyncEngine:
         if isinstance(model, str) and separate_process:
             from polymodal.data_parallel import DataParallelCores
             from polymodal.engine_process import EngineProcess
-            from polymodal.llm_core.engine_config import load_tokenizer
+            from polymodal.llm_core.loader import load_tokenizer
 
             self.llm = None  # it lives in the engine process(es)
             cores = {"process_workers": process_workers, "setup": engine_setup,

@@ -192,7 +192,7 @@ def _start_worker(spec: ProcessorSpec, parent_pid: int) -> None:
     torch.set_num_threads(1)  # one prompt at a time per worker; the workers are the parallelism
     cls = processor_class(spec.architecture)
     if cls is None:
-        from polymodal.llm_core.engine_config import load_tokenizer
+        from polymodal.llm_core.loader import load_tokenizer
 
         processor = TextProcessor(load_tokenizer(spec.model_dir))
     else:

@@ -67,6 +67,27 @@ def test_level_2_weights_loaded_again_between_the_tags(tmp_path_factory):
     assert _tokens(llm) == before
 
 
+def test_a_draft_model_sleeps_with_the_engine(tmp_path_factory):
+    """Speculative decoding with a draft model: its weights and KV are freed too; at level 2
+    its weights come back from the host (`load_weights` loads the target's), so its drafts
+    are still the target's own tokens."""
+    path = tiny_checkpoint(tmp_path_factory, "qwen2")
+    spec = {"method": "draft_model", "model": str(path), "num_speculative_tokens": 3}
+    llm = _llm(path, speculative_config=spec)
+    before = _tokens(llm)
+    llm.sleep(level=2)
+    draft = llm.engine.runner.draft
+    assert not model_storages(draft.net, draft.device)
+    assert not any(t.untyped_storage().nbytes() for t in draft.kv_caches)
+    llm.wake_up(["weights"])
+    llm.load_weights(_checkpoint_weights(path))
+    llm.wake_up(["kv_cache"])
+    spec = llm.engine.speculation
+    drafted, accepted = spec.num_draft_tokens, spec.num_accepted_tokens
+    assert _tokens(llm) == before
+    assert spec.num_accepted_tokens - accepted == spec.num_draft_tokens - drafted > 0
+
+
 def test_an_image_request_after_waking(tmp_path_factory):
     llm = _llm(tiny_checkpoint(tmp_path_factory, "qwen2_vl"), num_kv_blocks=128)
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (56, 84, 3), np.uint8))

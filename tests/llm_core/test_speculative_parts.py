@@ -76,8 +76,11 @@ def test_accepted_stops_at_the_first_disagreement():
     "config, words",
     [
         ({"method": "eagle", "model": "x", "num_speculative_tokens": 3},
-         "'eagle' is not supported"),
-        ({"model": "some/draft-model", "num_speculative_tokens": 3}, "draft model"),
+         "'eagle' is not supported.*heads on the target's hidden states"),
+        ({"num_speculative_tokens": 3}, "method None is not supported: 'ngram'"),
+        ({"method": "draft_model", "num_speculative_tokens": 3}, "needs 'model'"),
+        ({"model": "d", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
+         "prompt_lookup_max: n-gram settings, but the method is 'draft_model'"),
         ({"method": "ngram"}, "num_speculative_tokens must be an int"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0},
@@ -103,6 +106,9 @@ def test_config_defaults_as_vllm():
     assert SpeculativeConfig.parse({**k, "prompt_lookup_min": 2}) == SpeculativeConfig(3, 2, 2)
     old_form = {"model": "[ngram]", "num_speculative_tokens": 2}
     assert SpeculativeConfig.parse(old_form).method == "ngram"
+    # a model without a method is a draft model, as vLLM infers it
+    draft = SpeculativeConfig.parse({"model": "some/draft", "num_speculative_tokens": 2})
+    assert (draft.method, draft.model) == ("draft_model", "some/draft")
 
 
 def test_drafts_end_before_ids_the_lm_head_cannot_produce():

@@ -1,5 +1,6 @@
-"""`polymodal serve --speculative-config` (n-gram drafts): completions, whole and streamed,
-equal `LLM.generate` without drafts; `/metrics` counts the drafts checked and accepted."""
+"""`polymodal serve --speculative-config` (n-gram drafts, a draft model): completions, whole
+and streamed, equal `LLM.generate` without drafts; `/metrics` counts the drafts checked and
+accepted."""
 
 from __future__ import annotations
 
@@ -62,3 +63,26 @@ def test_completions_equal_decoding_without_drafts(server, tmp_path_factory):
     accepted = _metric(server, "polymodal:spec_decode_num_accepted_tokens_total")
     assert drafts > accepted > 0
     assert _metric(server, "polymodal:spec_decode_num_drafts_total") > 0
+
+
+def test_a_draft_model_through_the_server(tmp_path_factory):
+    """`--speculative-config` with a draft model (the target itself, so its drafts are
+    accepted): streamed and whole completions equal `LLM.generate` without drafts."""
+    from polymodal import LLM, SamplingParams
+    from tests.helpers import tiny_checkpoint
+
+    ckpt = str(tiny_checkpoint(tmp_path_factory, "qwen2"))
+    draft = {"method": "draft_model", "model": ckpt, "num_speculative_tokens": 3}
+    llm = LLM(ckpt, device="cpu", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+    with tiny_server(tmp_path_factory, "--speculative-config", json.dumps(draft),
+                     "--num-kv-blocks", "128", arch="qwen2") as url:  # fmt: skip
+        for prompt, ids in zip(PROMPTS, want):
+            body = {"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+            got = httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=120)
+            assert got.json()["choices"][0]["token_ids"] == ids
+            assert _streamed(url, body) == ids
+        drafts = _metric(url, "polymodal:spec_decode_num_draft_tokens_total")
+        assert _metric(url, "polymodal:spec_decode_num_accepted_tokens_total") >= 0.9 * drafts > 0

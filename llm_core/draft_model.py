@@ -1,0 +1,201 @@
+"""Speculative decoding with a draft model (vLLM's `{"method": "draft_model", "model": DIR,
+"num_speculative_tokens": k}`): a smaller model with the target's tokenizer proposes each
+decoding sequence's next k tokens greedily; the target checks them in one step
+(speculative.py). A greedy proposal is a one-point distribution, so the sampler's check keeps
+the target's distribution for sampled rows as it does for n-gram drafts.
+
+The draft has its own KV tensors but no block tables: it writes at the block ids of the
+sequence's table in the target's pool (vLLM's layout), in tensors of the same block count, so
+the memory budget counts both models' pages per block (`block_bytes`). Before a drafting step
+each sequence's slots for that step (its last token and k drafts) are allocated in its table;
+then the draft runs one forward over the tokens its cache lacks (the whole context at first,
+afterwards those accepted since: at most a step's token budget, the rest next step), then
+k - 1 one-token forwards, every sequence in one batch. Its cache is valid as far as the
+tokens it was fed agree with the sequence's context; a sequence whose blocks changed
+(preemption) starts over. Blocks a prefix hit shares were written by the draft of the
+request that computed them, or are written again with the same values (same tokens, same
+positions), so the draft always computes its own whole context.
+
+Needs one full-attention KV group in both models (no sliding windows, chunked or cross layers,
+no MLA); the draft model runs eagerly (no CUDA graphs) and without LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polymodal.llm_core.config import load_config
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.interfaces import supports_multimodal
+from polymodal.llm_core.kv_cache_spec import FULL, KVCacheLayout, plan_layout
+from polymodal.llm_core.step_batch import HostBatch, device_batch
+
+
+@dataclass
+class DraftState:
+    """What a sequence's draft cache holds: valid keys below `valid`, and `fed` (the drafts
+    it ran last time) at positions from `valid`, still to be checked against the context."""
+
+    table: list[int]  # the target block table it wrote through (a new one: start over)
+    valid: int = 0
+    fed: tuple[int, ...] = ()
+
+    def computed(self, req) -> int:
+        """Positions of `req`'s context whose draft keys are valid now."""
+        n, known = self.valid, req.num_known_tokens
+        for token in self.fed:
+            if n >= known or req.token_id(n) != token:
+                break
+            n += 1
+        return min(n, known)
+
+
+class DraftModel:
+    """The draft model, its KV tensors and its proposals."""
+
+    def __init__(self, net, layout: KVCacheLayout, block_size: int, device, config):
+        self.net = net
+        self.kv_caches: list = []  # `attach_kv`, once the pool's block count is known
+        self.layout = layout
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.config = config  # its ModelConfig
+        self.vocab_size = config.vocab_size  # ids it can embed
+        self.max_step_tokens = 1 << 30  # catch-up tokens one drafting step runs (the budget)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of the draft's pages at one block id."""
+        return self.layout.block_elements(self.block_size) * self.config.dtype.itemsize
+
+    def attach_kv(self, num_blocks: int) -> DraftModel:
+        """Allocate the draft's KV tensors: `num_blocks` pages, as the target's pool holds."""
+        from polymodal.llm_core.kv_memory import allocate_kv_caches
+
+        self.kv_caches = allocate_kv_caches(
+            self.layout, num_blocks, self.block_size, self.config.dtype, self.device
+        )
+        return self
+
+    @torch.inference_mode()
+    def propose(self, kv, reqs: list, rooms: list[int], vocab_size: int) -> list[list[int]]:
+        """Greedy drafts for `reqs` (each decoding: its last token known, not yet computed),
+        at most `rooms[i]` each; [] for a sequence whose slots do not fit the pool now, whose
+        context the draft cannot embed, or whose catch-up waits for the next step. `kv`: the
+        target's `KVCacheManager`, which allocates the step's slots; `vocab_size`: ids the
+        target's LM head produces (drafts end before one it cannot)."""
+        drafts: list[list[int]] = [[] for _ in reqs]
+        runs, live, budget = [], [], self.max_step_tokens
+        for i, (req, room) in enumerate(zip(reqs, rooms)):
+            if room <= 0 or budget <= 0 or not kv.allocate_slots(req, 1 + room):
+                continue
+            state = req.draft_state
+            if state is None or state.table is not req.block_tables[0]:
+                state = req.draft_state = DraftState(req.block_tables[0])
+            start, known = state.computed(req), req.num_known_tokens
+            end = min(known, start + budget)
+            ids = [req.token_id(p) for p in range(start, end)]
+            if max(ids) >= self.vocab_size:  # an id past the draft's embeddings
+                continue
+            budget -= end - start
+            state.valid, state.fed = end, ()
+            runs.append((req, start, ids, end == known))
+            if end == known:  # caught up: drafts this step
+                live.append((i, req, room))
+        tokens = self._forward(runs)
+        for step in range(max((room for *_, room in live), default=0)):
+            more = []
+            for (i, req, room), token in zip(live, tokens):
+                if token >= vocab_size:
+                    continue
+                drafts[i].append(token)
+                if step + 1 < room:
+                    more.append((i, req, room))
+            live, runs = more, []
+            for i, req, _ in live:  # the newest draft, at the position after the one before
+                runs.append((req, req.num_known_tokens + step, [drafts[i][-1]], True))
+                req.draft_state.fed += (drafts[i][-1],)
+            tokens = self._forward(runs)
+        for req, found in zip(reqs, drafts):
+            if found and req.grammar is not None:  # only what the grammar allows in a row
+                del found[req.grammar.legal_drafts(found) :]
+        return drafts
+
+    def _forward(self, runs: list) -> list[int]:
+        """Run `runs` (request, first position, token ids, samples) through the draft model,
+        writing their keys; the greedy next token after each run that samples."""
+        if not runs:
+            return []
+        bs = self.block_size
+        hb = HostBatch(rows=[[]], slots=[[]])
+        for req, start, ids, samples in runs:
+            table = req.block_tables[0]
+            end = start + len(ids)
+            hb.ids.extend(ids)
+            hb.rows[0].extend(range(start, end))
+            hb.slots[0].extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            hb.query_lens.append(len(ids))
+            hb.seq_lens.append(end)
+            if samples:
+                hb.sample_rows.append(len(hb.ids) - 1)
+        hb.tables = [[req.block_tables[0] for req, *_ in runs]]
+        hb.max_blocks = max(map(len, hb.tables[0]))
+        input_ids, positions, meta = device_batch(hb, False, self.device)
+        hidden = self.net(positions, self.net.embed(input_ids), self.kv_caches, meta)
+        if not hb.sample_rows:
+            return []
+        rows = torch.tensor(hb.sample_rows, device=hidden.device)
+        return self.net.compute_logits(hidden[rows]).argmax(-1).tolist()
+
+
+def build_draft_model(
+    cfg, target_layout: KVCacheLayout, device, target_config
+) -> DraftModel | None:
+    """The draft model of `cfg.speculative_config` on `device`, weights loaded, KV not yet
+    allocated (`attach_kv`); None without one. Refuses what the draft path does not do,
+    naming it."""
+    from polymodal.llm_core.attention import get_backend
+    from polymodal.llm_core.layers.linear import enable_gemv
+    from polymodal.llm_core.loader import build_model, resolve_model_path
+    from polymodal.llm_core.registry import model_class
+
+    config = cfg.speculative_config
+    if config is None or config.method != "draft_model":
+        return None
+    if cfg.tensor_parallel_size != 1:
+        raise InvalidInputError(
+            "speculative_config with a draft model: tensor_parallel_size > 1 is not supported"
+        )
+    kinds = {g.spec.kind for g in target_layout.groups}
+    if target_layout.num_groups != 1 or kinds != {FULL}:
+        raise InvalidInputError(
+            f"speculative_config with a draft model: {target_config.architecture}'s KV cache "
+            f"has {sorted(kinds)} layers; draft models need one full-attention group"
+        )
+    path = resolve_model_path(config.model, None, cfg.hf_token, cfg.download_dir)
+    draft_config = load_config(path, cfg.dtype, "generate")
+    if device.type == "cpu" and draft_config.dtype == torch.float16:
+        draft_config.dtype = torch.float32  # as the target's: fp16 matmuls are slow on CPU
+    cls = model_class(draft_config.architecture)
+    if draft_config.task != "generate" or supports_multimodal(cls):
+        raise InvalidInputError(
+            f"speculative_config model {config.model!r} ({draft_config.architecture}) is not a "
+            "text generation model"
+        )
+    backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
+    max_positions = draft_config.max_position_embeddings + 1024
+    net = build_model(draft_config, device, backend, max_positions, cfg.dummy_weights, cfg.seed)
+    if cfg.decode_gemv:
+        enable_gemv(net)
+    layout = plan_layout(net.kv_cache_specs())
+    kinds = {g.spec.kind for g in layout.groups}
+    if layout.num_groups != 1 or kinds != {FULL}:
+        raise InvalidInputError(
+            f"speculative_config model {config.model!r} ({draft_config.architecture}) has "
+            f"{sorted(kinds)} KV layers; a draft model needs one full-attention group"
+        )
+    for layer in net.attention_layers():
+        layer.kv_group = 0
+    return DraftModel(net, layout, cfg.block_size, device, draft_config)
