@@ -16,8 +16,10 @@ tokens it was fed agree with the sequence's context; a sequence whose blocks cha
 request that computed them, or are written again with the same values (same tokens, same
 positions), so the draft always computes its own whole context.
 
-Needs one full-attention KV group in both models (no sliding windows, chunked or cross layers,
-no MLA); the draft model runs eagerly (no CUDA graphs) and without LoRA.
+The drafts stay on the device from one draft step to the next (read back once, after the
+last); the one-token steps replay the draft's own decode graphs on CUDA (`DecodeGraphs`, up to
+`MAX_GRAPH_BATCH` sequences), the catch-up runs eagerly. Needs one full-attention KV group in
+both models (no sliding windows, chunked or cross layers, no MLA); the draft runs without LoRA.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.interfaces import supports_multimodal
 from polymodal.llm_core.kv_cache_spec import FULL, KVCacheLayout, plan_layout
 from polymodal.llm_core.step_batch import HostBatch, device_batch
+
+# the draft's one-token steps replay CUDA graphs up to this many sequences (above: eager);
+# drafting pays at small batches, and each bucket holds [batch, vocab] fp32 logits
+MAX_GRAPH_BATCH = 128
 
 
 @dataclass
@@ -70,14 +76,33 @@ class DraftModel:
         """Bytes of the draft's pages at one block id."""
         return self.layout.block_elements(self.block_size) * self.config.dtype.itemsize
 
-    def attach_kv(self, num_blocks: int) -> DraftModel:
-        """Allocate the draft's KV tensors: `num_blocks` pages, as the target's pool holds."""
+    def attach_kv(self, num_blocks: int, max_len: int, graph_batch: int) -> DraftModel:
+        """Allocate the draft's KV tensors (`num_blocks` pages, as the target's pool holds) and
+        its decode graphs' buffers (steps of up to `graph_batch` sequences; captured by
+        `capture`, else run padded and eagerly, as on the CPU)."""
         from polymodal.llm_core.kv_memory import allocate_kv_caches
 
         self.kv_caches = allocate_kv_caches(
             self.layout, num_blocks, self.block_size, self.config.dtype, self.device
         )
+        self.max_blocks = -(-max_len // self.block_size)
+        self.graph_batch = min(graph_batch, MAX_GRAPH_BATCH)
+        self.reset_graphs()
         return self
+
+    def reset_graphs(self) -> None:
+        """Uncaptured decode graphs (sleep drops the captured ones: addresses change)."""
+        from polymodal.llm_core.cuda_graph import DecodeGraphs
+
+        self.graphs = None
+        if self.graph_batch > 0:
+            self.graphs = DecodeGraphs(self.net, self.kv_caches, self.graph_batch,
+                                       self.max_blocks, False)  # fmt: skip
+
+    def capture(self) -> None:
+        """Capture the draft's one-token steps (CUDA, the Triton backend)."""
+        if self.graphs is not None:
+            self.graphs.capture(False)
 
     @torch.inference_mode()
     def propose(self, kv, reqs: list, rooms: list[int], vocab_size: int) -> list[list[int]]:
@@ -85,8 +110,8 @@ class DraftModel:
         at most `rooms[i]` each; [] for a sequence whose slots do not fit the pool now, whose
         context the draft cannot embed, or whose catch-up waits for the next step. `kv`: the
         target's `KVCacheManager`, which allocates the step's slots; `vocab_size`: ids the
-        target's LM head produces (drafts end before one it cannot)."""
-        drafts: list[list[int]] = [[] for _ in reqs]
+        target's LM head produces (drafts end before one it cannot). The drafts stay on the
+        device from step to step and are read back once."""
         runs, live, budget = [], [], self.max_step_tokens
         for i, (req, room) in enumerate(zip(reqs, rooms)):
             if room <= 0 or budget <= 0 or not kv.allocate_slots(req, 1 + room):
@@ -101,33 +126,62 @@ class DraftModel:
                 continue
             budget -= end - start
             state.valid, state.fed = end, ()
-            runs.append((req, start, ids, end == known))
             if end == known:  # caught up: drafts this step
-                live.append((i, req, room))
-        tokens = self._forward(runs)
-        for step in range(max((room for *_, room in live), default=0)):
-            more = []
-            for (i, req, room), token in zip(live, tokens):
-                if token >= vocab_size:
-                    continue
+                live.append((i, req, room, len(live)))
+            runs.append((req, start, ids, end == known))
+        drafts: list[list[int]] = [[] for _ in reqs]
+        if not runs:
+            return drafts
+        steps = [self._forward(runs)]  # per step, one id per sequence still drafting
+        live.sort(key=lambda entry: -entry[2])  # most room first: each step's rows a prefix
+        src = [row for *_, row in live]  # the first step's rows, in that order
+        for step in range(1, max((room for _, _, room, _ in live), default=0)):
+            n = sum(room > step for _, _, room, _ in live)
+            steps.append(self._step([req for _, req, _, _ in live[:n]], step, steps[-1], src[:n]))
+            src = list(range(n))
+        found = torch.cat(steps).tolist()  # the one read-back
+        for i, _, _, row in live:
+            drafts[i].append(found[row])
+        offset = len(live)
+        for ids in steps[1:]:  # step s: the (s + 1)-th draft of the first rows of `live`
+            for (i, *_), token in zip(live, found[offset : offset + len(ids)]):
                 drafts[i].append(token)
-                if step + 1 < room:
-                    more.append((i, req, room))
-            live, runs = more, []
-            for i, req, _ in live:  # the newest draft, at the position after the one before
-                runs.append((req, req.num_known_tokens + step, [drafts[i][-1]], True))
-                req.draft_state.fed += (drafts[i][-1],)
-            tokens = self._forward(runs)
-        for req, found in zip(reqs, drafts):
-            if found and req.grammar is not None:  # only what the grammar allows in a row
-                del found[req.grammar.legal_drafts(found) :]
+            offset += len(ids)
+        for i, req, room, _ in live:
+            req.draft_state.fed = tuple(drafts[i][: room - 1])  # the drafts it ran
+            cut = next((j for j, t in enumerate(drafts[i]) if t >= vocab_size), room)
+            del drafts[i][cut:]
+            if drafts[i] and req.grammar is not None:  # only what the grammar allows in a row
+                del drafts[i][req.grammar.legal_drafts(drafts[i]) :]
         return drafts
 
-    def _forward(self, runs: list) -> list[int]:
+    def _step(self, reqs: list, step: int, prev: torch.Tensor, src: list[int]) -> torch.Tensor:
+        """One token per sequence of `reqs`: its draft number `step` (`prev[src[r]]`, still on
+        the device), at the position after its context's end plus `step - 1`; returns the
+        next drafts (a copy: the graph's buffer is rewritten by the next replay)."""
+        bs, n = self.block_size, len(reqs)
+        hb = HostBatch(rows=[[]], slots=[[]], ids=[0] * n, query_lens=[1] * n)
+        for req in reqs:
+            position, table = req.num_known_tokens + step - 1, req.block_tables[0]
+            hb.rows[0].append(position)
+            hb.slots[0].append(table[position // bs] * bs + position % bs)
+            hb.seq_lens.append(position + 1)
+        hb.sample_rows = list(range(n))
+        hb.pending_rows, hb.pending_src = list(range(n)), list(src)
+        hb.tables = [[req.block_tables[0] for req in reqs]]
+        hb.max_blocks = max(map(len, hb.tables[0]))
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(n, hb.max_blocks):
+            return graphs.run(hb, prev)[1].clone()
+        input_ids, positions, meta = device_batch(hb, False, self.device)
+        input_ids = prev[torch.tensor(src, device=prev.device)]
+        hidden = self.net(positions, self.net.embed(input_ids), self.kv_caches, meta)
+        return self.net.compute_logits(hidden).argmax(-1)
+
+    def _forward(self, runs: list) -> torch.Tensor:
         """Run `runs` (request, first position, token ids, samples) through the draft model,
-        writing their keys; the greedy next token after each run that samples."""
-        if not runs:
-            return []
+        writing their keys; the greedy next token after each run that samples (on the
+        device)."""
         bs = self.block_size
         hb = HostBatch(rows=[[]], slots=[[]])
         for req, start, ids, samples in runs:
@@ -144,10 +198,10 @@ class DraftModel:
         hb.max_blocks = max(map(len, hb.tables[0]))
         input_ids, positions, meta = device_batch(hb, False, self.device)
         hidden = self.net(positions, self.net.embed(input_ids), self.kv_caches, meta)
-        if not hb.sample_rows:
-            return []
-        rows = torch.tensor(hb.sample_rows, device=hidden.device)
-        return self.net.compute_logits(hidden[rows]).argmax(-1).tolist()
+        if not hb.sample_rows:  # catch-ups cut by the budget only: their keys are written
+            return torch.zeros(0, dtype=torch.int64, device=hidden.device)
+        rows = torch.tensor(hb.sample_rows, dtype=torch.int64, device=hidden.device)
+        return self.net.compute_logits(hidden[rows]).argmax(-1)
 
 
 def build_draft_model(

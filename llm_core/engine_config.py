@@ -312,13 +312,14 @@ def build_rank(
         num_blocks = tp.min_int(num_blocks)  # every rank holds the same block ids
     max_len = fit_one_request(layout, num_blocks, cfg, max_len, model_config)
     kv_caches = allocate_kv_caches(layout, num_blocks, cfg.block_size, kv_dtype, device)
+    graph_batch = min(cfg.max_graph_batch, cfg.max_num_seqs)
+    draft = draft and draft.attach_kv(num_blocks, max_len, graph_batch)
     cross = layout.num_cross_groups
     runner = ModelRunner(
         net, kv_caches, cfg.block_size, device, layout.num_groups - cross, max(encoder_cache, 1),
         cross, max((g.spec.max_rows for g in layout.groups), default=0),
     )  # fmt: skip
-    runner.lora = lora
-    runner.draft = draft and draft.attach_kv(num_blocks)
+    runner.lora, runner.draft = lora, draft
     return RankParts(net, runner, layout, num_blocks, max_len, backend)
 
 
@@ -378,6 +379,8 @@ def capture_graphs(runner: ModelRunner, cfg: EngineConfig, max_len: int) -> None
         runner.capture_prefill_graphs(prefill_tokens, max_len)
     if supports_multimodal(net):
         net.enable_cuda_graphs(tower_graphs)
+    if runner.draft is not None:
+        runner.draft.capture()
 
 
 def _no_graphs() -> None:

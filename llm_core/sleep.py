@@ -133,6 +133,8 @@ def drop_graphs(runner) -> None:
     replay fixed addresses)."""
     runner.graphs = None
     runner.prefill_graphs = None
+    if runner.draft is not None:
+        runner.draft.reset_graphs()
     for module in runner.model.modules():
         for value in vars(module).values():
             if hasattr(value, "graphs") and hasattr(value, "seen") and callable(value):

@@ -53,15 +53,27 @@ def plain(ckpt):
     return _run(_engine(ckpt))
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_the_target_as_its_own_draft_is_accepted(ckpt, plain, k):
-    engine = _engine(ckpt, ckpt, k)
+@pytest.mark.parametrize("k, graph_batch", [(1, 512), (4, 512), (4, 0)])
+def test_the_target_as_its_own_draft_is_accepted(ckpt, plain, k, graph_batch):
+    """Drafts of the target's own weights are its greedy tokens. The draft's one-token steps
+    run through its decode-graph buffers (padded, eager on the CPU) or, with
+    `max_graph_batch=0`, plainly; requests near `max_tokens` draft fewer than k."""
+    engine = _engine(ckpt, ckpt, k, max_graph_batch=graph_batch)
+    assert (engine.runner.draft.graphs is None) == (graph_batch == 0)
     assert _run(engine) == plain
     spec = engine.speculation
     assert spec.num_draft_tokens > 0
     # the same weights propose the target's own greedy tokens (fp32: a rare near-tie may differ)
     assert spec.num_accepted_tokens >= 0.95 * spec.num_draft_tokens
     assert engine.num_free_blocks == 256
+    mixed = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True)
+             for i in range(len(PROMPTS))]  # fmt: skip
+    want = []
+    for prompt, params in zip(PROMPTS, mixed):
+        want += _run(_engine(ckpt), [prompt], params)
+    ids = [engine.add_request(p, q) for p, q in zip(PROMPTS, mixed)]
+    final = engine.run_until_done()
+    assert [final[i].outputs[0].token_ids for i in ids] == want
 
 
 def test_another_draft_keeps_the_target_outputs(ckpt, other_draft, plain):

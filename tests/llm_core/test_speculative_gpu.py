@@ -1,7 +1,8 @@
-"""N-gram speculative decoding on CUDA: the Triton backend with decode and prefill graphs (a
-step of one sequence with drafts replays a prefill graph; more than eight run eager), in fp32,
-gives the tokens of decoding without drafts (in bf16 a chunk's and a decode step's rounding may
-differ, so near ties can flip: the bench measures bf16)."""
+"""Speculative decoding on CUDA: the Triton backend with decode and prefill graphs (a step of
+one sequence with drafts replays a prefill graph; more than eight run eager), in fp32, gives
+the tokens of decoding without drafts (in bf16 a chunk's and a decode step's rounding may
+differ, so near ties can flip: the bench measures bf16). N-gram drafts, and a draft model
+whose one-token steps replay its own captured decode graphs."""
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
 def _outputs(path, prompts, dtype, spec):
+    spec = NGRAM if spec is True else spec
     engine = Engine(path, dtype=dtype, device="cuda", num_kv_blocks=512,
-                    **({"speculative_config": NGRAM} if spec else {}))  # fmt: skip
+                    **({"speculative_config": spec} if spec else {}))  # fmt: skip
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     final = engine.run_until_done()
     assert engine.num_free_blocks == 512 - (engine.scheduler.kv.null_block is not None)
@@ -37,3 +39,19 @@ def test_greedy_equals_decoding_without_drafts(tmp_path_factory, arch, batch):
     assert engine.runner.graphs is not None and engine.runner.prefill_graphs is not None
     assert spec == plain
     assert engine.speculation.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("batch", [1, 12])
+def test_a_draft_model_with_captured_graphs(tmp_path_factory, batch):
+    """The target as its own draft: the draft's graphs are captured and replayed, its drafts
+    are the target's greedy tokens, and the outputs equal decoding without drafts."""
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2"))
+    prompts = (PROMPTS * 2)[:batch]
+    config = {"method": "draft_model", "model": path, "num_speculative_tokens": 4}
+    engine, spec = _outputs(path, prompts, "float32", config)
+    _, plain = _outputs(path, prompts, "float32", False)
+    draft = engine.runner.draft
+    assert draft.graphs.graphs and draft.graphs.runs > 0
+    assert spec == plain
+    stats = engine.speculation
+    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens > 0
