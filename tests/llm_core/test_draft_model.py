@@ -27,8 +27,11 @@ def other_draft(tmp_path_factory):
     """Another model of the same tokenizer: one layer, other weights (its drafts are mostly
     wrong, which the check must survive)."""
     out = tmp_path_factory.mktemp("draft")
-    return str(write_demo_checkpoint(out, "qwen2", seed=1, num_hidden_layers=1,
-                                     layer_types=["full_attention"]))
+    return str(
+        write_demo_checkpoint(
+            out, "qwen2", seed=1, num_hidden_layers=1, layer_types=["full_attention"]
+        )
+    )
 
 
 def _config(draft, k=3):
@@ -159,8 +162,10 @@ def test_ids_past_the_draft_vocab_get_no_drafts(ckpt, tmp_path):
 def test_what_the_draft_path_does_not_do_is_refused(tmp_path_factory, tmp_path, target, draft,
                                                     words):  # fmt: skip
     ckpt = str(tiny_checkpoint(tmp_path_factory, target))
-    path = str(tmp_path / "nothing") if draft == "missing" else str(
-        tiny_checkpoint(tmp_path_factory, draft)
+    path = (
+        str(tmp_path / "nothing")
+        if draft == "missing"
+        else str(tiny_checkpoint(tmp_path_factory, draft))
     )
     error = ModelNotFoundError if draft == "missing" else InvalidInputError
     with pytest.raises(error, match=words):
@@ -170,4 +175,3 @@ def test_what_the_draft_path_does_not_do_is_refused(tmp_path_factory, tmp_path, 
 def test_tensor_parallel_is_refused(ckpt):
     with pytest.raises(InvalidInputError, match="tensor_parallel_size > 1 is not supported"):
         _engine(ckpt, ckpt, tensor_parallel_size=2)
-
