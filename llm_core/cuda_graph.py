@@ -30,6 +30,7 @@ import time
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.aux_states import outputs_aux
 from polymodal.llm_core.host_copy import to_device
 from polymodal.llm_core.layers import fused_ops
 
@@ -118,6 +119,10 @@ class DecodeGraphs:
         self.runs = 0
         self.lora_runs = 0  # of which with the LoRA kernels
         self.pool = None
+        # per bucket: its hidden states and kept residual streams (aux_states.py); the last
+        # step's rows of them (`last_hidden`, `last_aux`: read by an EAGLE head)
+        self.outputs: dict[int, tuple] = {}
+        self.last_hidden, self.last_aux = None, []
 
     def _meta(self, bs: int) -> AttentionMetadata:
         v = self.inputs.device_views
@@ -158,6 +163,7 @@ class DecodeGraphs:
         hidden = self.model(v["positions"][..., :bs], self.model.embed(ids), self.kv_caches,
                             self._meta(bs))  # fmt: skip
         self.model.compute_logits(hidden, out=self.logits[:bs], argmax=self.tokens[:bs])
+        self.outputs[bs] = (hidden, outputs_aux(self.model))  # static once captured
 
     @torch.inference_mode()
     def capture(self, lora: bool = False) -> None:
@@ -219,6 +225,8 @@ class DecodeGraphs:
             self.graphs[lora][bs].replay()
         else:  # not captured (CPU tests): the same padded step, eagerly
             self._forward(bs)
+        hidden, aux = self.outputs[bs]
+        self.last_hidden, self.last_aux = hidden[:n], [a[:n] for a in aux]
         return self.logits[:n], self.tokens[:n]
 
 

@@ -61,6 +61,8 @@ class DraftState:
 class DraftModel:
     """The draft model, its KV tensors and its proposals."""
 
+    records = False  # whether the runner hands it each step's outputs (EAGLE heads do)
+
     def __init__(self, net, layout: KVCacheLayout, block_size: int, device, config):
         self.net = net
         self.kv_caches: list = []  # `attach_kv`, once the pool's block count is known
@@ -204,31 +206,34 @@ class DraftModel:
         return self.net.compute_logits(hidden[rows]).argmax(-1)
 
 
-def build_draft_model(
-    cfg, target_layout: KVCacheLayout, device, target_config
-) -> DraftModel | None:
-    """The draft model of `cfg.speculative_config` on `device`, weights loaded, KV not yet
-    allocated (`attach_kv`); None without one. Refuses what the draft path does not do,
-    naming it."""
+def build_draft_model(cfg, target_layout: KVCacheLayout, device, target_config, target
+                      ) -> DraftModel | None:  # fmt: skip
+    """The drafter of `cfg.speculative_config` on `device`: a draft model, or an EAGLE head
+    over `target` (eagle.py); weights loaded, KV not yet allocated (`attach_kv`); None for
+    n-gram lookup. Refuses what the draft path does not do, naming it."""
     from polymodal.llm_core.attention import get_backend
+    from polymodal.llm_core.eagle import build_eagle
     from polymodal.llm_core.layers.linear import enable_gemv
     from polymodal.llm_core.loader import build_model, resolve_model_path
     from polymodal.llm_core.registry import model_class
 
     config = cfg.speculative_config
-    if config is None or config.method != "draft_model":
+    if config is None or config.method == "ngram":
         return None
+    what = "a draft model" if config.method == "draft_model" else f"method {config.method!r}"
     if cfg.tensor_parallel_size != 1:
         raise InvalidInputError(
-            "speculative_config with a draft model: tensor_parallel_size > 1 is not supported"
+            f"speculative_config with {what}: tensor_parallel_size > 1 is not supported"
         )
     kinds = {g.spec.kind for g in target_layout.groups}
     if target_layout.num_groups != 1 or kinds != {FULL}:
         raise InvalidInputError(
-            f"speculative_config with a draft model: {target_config.architecture}'s KV cache "
-            f"has {sorted(kinds)} layers; draft models need one full-attention group"
+            f"speculative_config with {what}: {target_config.architecture}'s KV cache has "
+            f"{sorted(kinds)} layers; drafters need one full-attention group"
         )
     path = resolve_model_path(config.model, None, cfg.hf_token, cfg.download_dir)
+    if config.method != "draft_model":
+        return build_eagle(cfg, config, device, target_config, target, path)
     draft_config = load_config(path, cfg.dtype, "generate")
     if device.type == "cpu" and draft_config.dtype == torch.float16:
         draft_config.dtype = torch.float32  # as the target's: fp16 matmuls are slow on CPU

@@ -302,7 +302,7 @@ def build_rank(
     if cfg.decode_gemv:  # after LoRA wraps the layers: a block whose shared experts carried
         enable_moe_decode(net)  # adapters would keep the unfused path (moe_decode has no LoRA)
     encoder_cache = encoder_cache_bytes(cfg, model_config) if supports_multimodal(net) else 0
-    draft = build_draft_model(cfg, layout, device, model_config)  # its pages share block ids
+    draft = build_draft_model(cfg, layout, device, model_config, net)  # pages at our block ids
     num_blocks = cfg.num_kv_blocks or num_kv_blocks(
         kv_dtype, layout, cfg, device, max_len, encoder_cache, draft and draft.block_bytes
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.aux_states import outputs_aux
 from polymodal.llm_core.cuda_graph import cache_device, cache_page, capture_buckets
 
 # 16-token steps up to 512 (an image prompt's prefill pads by < 16 tokens), 32-token steps up
@@ -73,6 +74,9 @@ class PrefillGraphs:
         self.pool = None
         self.runs = 0
         self.lora_runs = 0
+        # per bucket its kept residual streams (aux_states.py); the last step's rows of them
+        self.aux: dict[int, list] = {}
+        self.last_aux: list = []
 
     def _forward(self, n: int) -> None:
         metas = [
@@ -106,6 +110,7 @@ class PrefillGraphs:
         meta.groups = metas if len(metas) > 1 else None
         positions = self.positions[..., :n]
         self.hidden[:n] = self.model(positions, self.embeds[:n], self.kv_caches, meta)
+        self.aux[n] = outputs_aux(self.model)  # kept residual streams (static once captured)
 
     @torch.inference_mode()
     def capture(self, lora: bool = False) -> None:
@@ -158,6 +163,7 @@ class PrefillGraphs:
             self.graphs[lora][bucket].replay()
         else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
             self._forward(bucket)
+        self.last_aux = [a[:n] for a in self.aux[bucket]]
         return self.hidden[:n]
 
     def _copy_ranges(self, ranges, ranges_cpu, n: int, bucket: int) -> None:

@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 
+from polymodal.llm_core.aux_states import outputs_aux
 from polymodal.llm_core.cross_inputs import cross_states
 from polymodal.llm_core.encoder_cache import EncoderCache
 from polymodal.llm_core.host_copy import to_device, upload
@@ -80,7 +81,8 @@ class ModelRunner:
         # tensor_parallel_size > 1: the TPExecutor that hands each step to the other ranks
         # (this runner is rank 0's: it alone samples); None runs as one process
         self.executor = None
-        # speculative decoding with a draft model: its draft_model.DraftModel, else None
+        # speculative decoding with a draft model or an EAGLE head (draft_model.DraftModel,
+        # eagle.EagleDrafter: handed each step's hidden states), else None
         self.draft = None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
@@ -201,8 +203,12 @@ class ModelRunner:
         # captured graphs store no encoder rows
         if fits and states is None:
             hidden = prefill.run(embeds, positions, meta, self.lora_step())
+            aux = prefill.last_aux
         else:
             hidden = self.model(positions, embeds, self.kv_caches, meta)
+            aux = outputs_aux(self.model)
+        if self.draft is not None and self.draft.records:  # an EAGLE head's features
+            self.draft.record(sched, hidden, aux)
         if hb.prompt_logprob_spans:
             self._prompt_logprobs(hidden, hb.prompt_logprob_spans)
         return self.sample(sched, hidden, hb.sample_rows, overlap, defer)
@@ -235,6 +241,8 @@ class ModelRunner:
         """A decode step as one graph replay (of the LoRA set when `lora`): LM head and greedy
         argmax included."""
         logits, greedy = self.graphs.run(hb, prev.tokens if hb.pending_rows else None, lora)
+        if self.draft is not None and self.draft.records:
+            self.draft.record(sched, self.graphs.last_hidden, self.graphs.last_aux)
         reqs = _sampling_requests(sched)
         if not hb.sample_rows:
             return InFlight(reqs)

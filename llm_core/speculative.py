@@ -19,7 +19,8 @@ synchronously (a sequence's drafts follow its newest token); with `disable_by_ba
 steps of a larger batch draft nothing and keep async scheduling.
 
 With a draft model (`{"method": "draft_model", "model": DIR}`), the drafts are that model's
-greedy continuation instead (draft_model.py); everything after the proposal is the same.
+greedy continuation instead (draft_model.py), with an EAGLE / EAGLE-3 head (`"method":
+"eagle" | "eagle3"`) the head's (eagle.py); everything after the proposal is the same.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import numpy as np
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.structured_output import DraftGrammar
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # vLLM's methods that draft with heads polymodal does not load
-HEAD_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "deepseek_mtp")
+HEAD_METHODS = ("medusa", "mlp_speculator", "mtp", "deepseek_mtp")
 _NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size"}  # fmt: skip
@@ -51,7 +52,8 @@ class SpeculativeConfig:
     # vLLM's: no drafts while more than this many requests are queued or running (those steps
     # keep async scheduling); None: always draft
     disable_by_batch_size: int | None = None
-    model: str | None = None  # the draft model (method "draft_model"): a folder or a hub id
+    # the draft model or EAGLE head (the other methods): a folder or a hub id
+    model: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> SpeculativeConfig | None:
@@ -73,22 +75,22 @@ class SpeculativeConfig:
         method = value.get("method") or ("ngram" if model in ("ngram", "[ngram]")
                                          else "draft_model" if model else None)  # fmt: skip
         if method not in METHODS:
-            why = " (heads on the target's hidden states, which polymodal does not run)"
+            why = " (heads polymodal does not run)"
             raise InvalidInputError(
                 f"speculative_config method {method!r} is not supported: 'ngram' (prompt "
-                f"lookup) or 'draft_model' (a smaller model, 'model': its folder or hub id)"
-                f"{why if method in HEAD_METHODS else ''}"
+                f"lookup), 'draft_model' (a smaller model), 'eagle' or 'eagle3' (a head; "
+                f"'model': its folder or hub id){why if method in HEAD_METHODS else ''}"
             )
-        if method == "draft_model" and (not isinstance(model, str) or not model):
+        if method != "ngram" and (not isinstance(model, str) or not model):
             raise InvalidInputError(
-                "speculative_config method 'draft_model' needs 'model': the draft model's "
-                f"folder or hub id, got {model!r}"
+                f"speculative_config method {method!r} needs 'model': the drafter's folder or "
+                f"hub id, got {model!r}"
             )
         lookup = [key for key in _NGRAM_KEYS if key in value]
-        if method == "draft_model" and lookup:
+        if method != "ngram" and lookup:
             raise InvalidInputError(
                 f"speculative_config {', '.join(lookup)}: n-gram settings, but the method is "
-                "'draft_model'"
+                f"{method!r}"
             )
         k = value.get("num_speculative_tokens")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
@@ -112,7 +114,7 @@ class SpeculativeConfig:
             raise InvalidInputError(
                 f"speculative_config disable_by_batch_size must be an int >= 1, got {limit!r}"
             )
-        draft = model if method == "draft_model" else None
+        draft = model if method != "ngram" else None
         return cls(k, lo, hi, method, limit, draft)
 
     def room(self, req) -> int:
@@ -229,7 +231,7 @@ class Speculation:
     def __init__(self, config: SpeculativeConfig, vocab_size: int, drafter=None):
         self.config = config
         self.vocab_size = vocab_size  # the LM head's: drafts stay below it
-        self.drafter = drafter  # draft_model.DraftModel, or None (n-gram lookup)
+        self.drafter = drafter  # draft_model.DraftModel / eagle.EagleDrafter; None: n-gram
         self.num_drafts = 0  # steps of a sequence that checked drafts
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0

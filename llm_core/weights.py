@@ -50,9 +50,20 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 
 
 def iter_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, so peak host memory stays near one tensor."""
+    """Yield (name, tensor) one at a time, so peak host memory stays near one tensor. A folder
+    with no safetensors but PyTorch's `pytorch_model*.bin` files (older checkpoints, EAGLE
+    heads) is read from those (`torch.load`, tensors only, memory-mapped)."""
     from safetensors import SafetensorError, safe_open
 
+    bins = sorted(Path(model_dir).glob("pytorch_model*.bin"))
+    if bins and not any(Path(model_dir).glob("*.safetensors")):
+        for path in bins:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise ModelLoadError(f"{path}: unreadable PyTorch weights file ({exc})") from exc
+            yield from state.items()
+        return
     for path in safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -69,7 +80,8 @@ def iter_checkpoint(
     (`ModelBase.weight_folders`: subfolder -> name prefix): the root's tensors as they are,
     then each subfolder's with its prefix. ModelLoadError when none has weights."""
     model_dir = Path(model_dir)
-    parts = [(model_dir, "")] if not folders or any(model_dir.glob("*.safetensors")) else []
+    weights = [*model_dir.glob("*.safetensors"), *model_dir.glob("pytorch_model*.bin")]
+    parts = [(model_dir, "")] if not folders or weights else []
     parts += [(model_dir / sub, prefix) for sub, prefix in (folders or {}).items()]
     parts = [(path, prefix) for path, prefix in parts if path == model_dir or path.is_dir()]
     if not parts:

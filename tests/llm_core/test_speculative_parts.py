@@ -75,8 +75,9 @@ def test_accepted_stops_at_the_first_disagreement():
 @pytest.mark.parametrize(
     "config, words",
     [
-        ({"method": "eagle", "model": "x", "num_speculative_tokens": 3},
-         "'eagle' is not supported.*heads on the target's hidden states"),
+        ({"method": "medusa", "model": "x", "num_speculative_tokens": 3},
+         "'medusa' is not supported.*heads polymodal does not run"),
+        ({"method": "eagle3", "num_speculative_tokens": 3}, "'eagle3' needs 'model'"),
         ({"num_speculative_tokens": 3}, "method None is not supported: 'ngram'"),
         ({"method": "draft_model", "num_speculative_tokens": 3}, "needs 'model'"),
         ({"model": "d", "num_speculative_tokens": 3, "prompt_lookup_max": 3},

@@ -1,0 +1,221 @@
+"""Speculative decoding with an EAGLE / EAGLE-3 head (vLLM's `{"method": "eagle" | "eagle3",
+"model": DIR, "num_speculative_tokens": k}`; the head itself: models/eagle.py).
+
+The head drafts from the target's features, so the runner hands it each step's outputs
+(`record`: the target's hidden rows, and for EAGLE-3 the residual streams of three of its
+layers, taken by forward pre-hooks and kept by the decode / prefill graphs as static outputs),
+and each sequence keeps the feature rows of the positions its head has not run yet. Before a
+drafting step (`propose`), like a draft model (draft_model.py: the pages at the target's block
+ids, the step's slots allocated first), the head runs the rows its cache lacks, position p
+taking the token at p + 1 with the target's feature at p (the last computed position's row
+predicts the first draft), then k - 1 one-token steps on its own output features, all on the
+device, read back once. Features of drafts the target rejected are dropped; the head's keys at
+the draft positions are rewritten by the next catch-up from the target's true features.
+
+A prefix hit (or any position whose target features were never seen) is skipped: the head
+reads the keys its blocks hold (written by the head of the request that computed them).
+Not done: CUDA graphs for the head's steps (it runs eagerly; one layer), `disable_by_batch_size`
+(the features of steps that do not draft would go unread), tensor parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polymodal.llm_core.draft_model import DraftModel, DraftState
+from polymodal.llm_core.errors import InvalidInputError
+from polymodal.llm_core.kv_cache_spec import FULL, plan_layout
+from polymodal.llm_core.step_batch import HostBatch, device_batch
+
+
+@dataclass
+class FeatureState(DraftState):
+    """A sequence's head cache (`DraftState`) and the target feature rows from `start` on."""
+
+    rows: torch.Tensor | None = None
+    start: int = 0
+
+    def keep(self, start: int, rows: torch.Tensor) -> None:
+        """Feature rows of positions `start`...; a gap or an earlier start begins anew."""
+        held = 0 if self.rows is None else self.rows.shape[0]
+        if self.rows is None or not self.start <= start <= self.start + held:
+            self.rows, self.start = rows, start
+        else:  # rows past `start` were drafts the target rejected
+            self.rows = torch.cat([self.rows[: start - self.start], rows])
+
+
+class EagleDrafter(DraftModel):
+    """An EAGLE head over the engine's target model: its KV pages, its features, its drafts."""
+
+    records = True  # the runner hands it every step's outputs
+
+    def attach_kv(self, num_blocks: int, max_len: int, graph_batch: int) -> EagleDrafter:
+        super().attach_kv(num_blocks, max_len, 0)  # eager steps (no graphs yet)
+        return self
+
+    def record(self, sched, hidden: torch.Tensor, aux: list[torch.Tensor]) -> None:
+        """Keep the features of the positions each scheduled sequence computed this step
+        (before the scheduler counts them); copies: graph outputs are rewritten."""
+        if self.net.variant == "eagle3" and len(aux) != 3:
+            return  # a path that kept no residual streams (none here: each graph keeps them)
+        feature = self.net.feature(hidden, aux)
+        offset = 0
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            state = req.draft_state
+            if state is None or state.table is not req.block_tables[0]:
+                state = req.draft_state = FeatureState(req.block_tables[0])
+            state.keep(req.num_computed_tokens, feature[offset : offset + n].clone())
+            offset += n
+
+    @torch.inference_mode()
+    def propose(self, kv, reqs: list, rooms: list[int], vocab_size: int) -> list[list[int]]:
+        """As `DraftModel.propose`, from the sequences' feature rows."""
+        runs, live, budget = [], [], self.max_step_tokens
+        for i, (req, room) in enumerate(zip(reqs, rooms)):
+            state = req.draft_state
+            if state is None or state.rows is None or room <= 0 or budget <= 0:
+                continue
+            if state.table is not req.block_tables[0] or not kv.allocate_slots(req, 1 + room):
+                continue
+            end = req.num_computed_tokens  # features known below it (the last token's is not)
+            start = min(max(state.valid, state.start), end - 1)
+            if start < state.start:
+                continue
+            stop = min(end, start + budget)
+            ids = [req.token_id(p + 1) for p in range(start, stop)]
+            if max(ids) >= self.vocab_size:
+                continue
+            budget -= stop - start
+            rows = state.rows[start - state.start : stop - state.start]
+            if stop == end:  # caught up: drafts this step
+                live.append((i, req, room, len(live)))
+            runs.append((req, start, ids, rows, stop == end))
+            state.valid = stop
+        drafts: list[list[int]] = [[] for _ in reqs]
+        if not runs:
+            return drafts
+        first, feature = self._forward(runs)
+        for req, _, _, _, _ in runs:  # keep the last row used: a catch-up reruns at least it
+            state = req.draft_state
+            state.rows, state.start = state.rows[state.valid - 1 - state.start :], state.valid - 1
+        live.sort(key=lambda entry: -entry[2])  # most room first: each step's rows a prefix
+        order = torch.tensor([row for *_, row in live], dtype=torch.int64, device=first.device)
+        tokens, feature = first[order], feature[order]
+        steps = [tokens]
+        for step in range(1, max((room for _, _, room, _ in live), default=0)):
+            n = sum(room > step for _, _, room, _ in live)
+            tokens, feature = self._step([r for _, r, _, _ in live[:n]], step, tokens[:n],
+                                         feature[:n])  # fmt: skip
+            steps.append(tokens)
+        found = torch.cat(steps).tolist()  # the one read-back
+        offset = 0
+        for ids in steps:  # step s: the (s + 1)-th draft of the first rows of `live`
+            for (i, *_), token in zip(live, found[offset : offset + len(ids)]):
+                drafts[i].append(token)
+            offset += len(ids)
+        for i, req, _, _ in live:
+            cut = next((j for j, t in enumerate(drafts[i]) if t >= vocab_size), len(drafts[i]))
+            del drafts[i][cut:]
+            if drafts[i] and req.grammar is not None:
+                del drafts[i][req.grammar.legal_drafts(drafts[i]) :]
+        return drafts
+
+    def _step(self, reqs, step: int, tokens, feature):
+        """Draft `step` (`tokens`, on the device) of each sequence with the head's own
+        feature, at the position after the last computed one plus `step - 1`."""
+        bs, n = self.block_size, len(reqs)
+        hb = HostBatch(rows=[[]], slots=[[]], ids=[0] * n, query_lens=[1] * n)
+        for req in reqs:
+            position, table = req.num_computed_tokens + step - 1, req.block_tables[0]
+            hb.rows[0].append(position)
+            hb.slots[0].append(table[position // bs] * bs + position % bs)
+            hb.seq_lens.append(position + 1)
+        hb.tables = [[req.block_tables[0] for req in reqs]]
+        hb.max_blocks = max(map(len, hb.tables[0]))
+        _, positions, meta = device_batch(hb, False, self.device)
+        out, feature = self.net(positions, self.net.embed(tokens), feature, self.kv_caches, meta)
+        return self.net.greedy(out), feature
+
+    def _forward(self, runs: list):
+        """The catch-up runs (request, first position, token ids, feature rows, samples):
+        keys written; the first drafts and the features after the runs that sample."""
+        bs = self.block_size
+        hb = HostBatch(rows=[[]], slots=[[]])
+        for req, start, ids, _, samples in runs:
+            table = req.block_tables[0]
+            end = start + len(ids)
+            hb.ids.extend(ids)
+            hb.rows[0].extend(range(start, end))
+            hb.slots[0].extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            hb.query_lens.append(len(ids))
+            hb.seq_lens.append(end)
+            if samples:
+                hb.sample_rows.append(len(hb.ids) - 1)
+        hb.tables = [[req.block_tables[0] for req, *_ in runs]]
+        hb.max_blocks = max(map(len, hb.tables[0]))
+        input_ids, positions, meta = device_batch(hb, False, self.device)
+        rows = torch.cat([r for _, _, _, r, _ in runs])
+        out, feature = self.net(positions, self.net.embed(input_ids), rows, self.kv_caches, meta)
+        index = torch.tensor(hb.sample_rows, dtype=torch.int64, device=out.device)
+        if not hb.sample_rows:
+            return index, feature[:0]
+        return self.net.greedy(out[index]), feature[index]
+
+
+def build_eagle(cfg, config, device, target_config, target, path) -> EagleDrafter:
+    """The EAGLE head of `config` (a `SpeculativeConfig`, method eagle / eagle3) from `path`,
+    over `target`, its layers' KV not yet allocated."""
+    from polymodal.llm_core.attention import get_backend
+    from polymodal.llm_core.config import load_config
+    from polymodal.llm_core.loader import _randomize
+    from polymodal.llm_core.models.eagle import EagleHead, aux_layer_ids
+    from polymodal.llm_core.weights import iter_checkpoint, run_post_load_hooks
+
+    if config.disable_by_batch_size is not None:
+        raise InvalidInputError(
+            f"speculative_config {config.method}: disable_by_batch_size is not supported (the "
+            "head reads the target's features of every step)"
+        )
+    head_config = load_config(path, target_config.dtype, "generate",
+                              {"architectures": ["LlamaForCausalLM"]})  # fmt: skip
+    head_config.dtype = target_config.dtype
+    if head_config.hidden_size != target_config.hidden_size:
+        raise InvalidInputError(
+            f"speculative_config model {config.model!r}: its hidden size "
+            f"{head_config.hidden_size} is not the target's {target_config.hidden_size}"
+        )
+    tensors = {} if cfg.dummy_weights else dict(iter_checkpoint(path))
+    names = set(tensors)
+    if not names and config.method == "eagle3":  # dummy weights: the published layout's
+        names = {"lm_head.weight", "d2t"}
+    backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
+    max_positions = target_config.max_position_embeddings + 1024
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(head_config.dtype)
+    try:
+        with torch.device(device):
+            head = EagleHead(head_config, backend, max_positions, config.method, target, names,
+                             target_config.hidden_size)  # fmt: skip
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if cfg.dummy_weights:
+        _randomize(head)
+        run_post_load_hooks(head)
+    else:
+        head.load_weights(tensors.items(), source=str(path))
+    head.eval()
+    if config.method == "eagle3":
+        from polymodal.llm_core.aux_states import aux_hooks
+
+        aux_hooks(target, aux_layer_ids(head_config.text_config, target_config.num_layers))
+    layout = plan_layout(head.kv_cache_specs())
+    if layout.num_groups != 1 or {g.spec.kind for g in layout.groups} != {FULL}:
+        raise InvalidInputError(
+            f"speculative_config model {config.model!r}: its layers are not full attention"
+        )
+    for layer in head.attention_layers():
+        layer.kv_group = 0
+    head_config.vocab_size = target_config.vocab_size  # it embeds with the target's table
+    return EagleDrafter(head, layout, cfg.block_size, device, head_config)

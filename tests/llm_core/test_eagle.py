@@ -1,0 +1,126 @@
+"""EAGLE / EAGLE-3 heads (`speculative_config={"method": "eagle" | "eagle3", "model": DIR}`):
+every proposal equals an independent reference of the published heads (plain torch, whole
+sequence recomputed) on the same context; greedy outputs equal decoding without drafts
+(batches, chunked prefill, preemption, stops); the published layouts load (safetensors and
+`pytorch_model.bin`, `midlayer.`, `d2t`); what is not done is refused naming it."""
+
+import pytest
+import torch
+
+from polymodal.llm_core.engine import Engine
+from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.sampling_params import SamplingParams
+from tests.helpers import run_preempted, tiny_checkpoint
+from tests.llm_core.eagle_reference import reference_drafts, write_head
+
+PROMPTS = [[(11 * i + 5 * j) % 450 + 20 for j in range(n)] for i, n in enumerate(range(4, 50, 9))]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A 4-layer tiny Llama (EAGLE-3 reads three of its layers)."""
+    return str(tiny_checkpoint(tmp_path_factory, "llama", num_hidden_layers=4))
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    return {v: write_head(root / v, v, seed=3) for v in ("eagle", "eagle3")}
+
+
+def _engine(target, head=None, variant="eagle", k=3, **kw):
+    kw.setdefault("num_kv_blocks", 256)
+    if head is not None:
+        kw["speculative_config"] = {"method": variant, "model": str(head),
+                                    "num_speculative_tokens": k}  # fmt: skip
+    return Engine(target, dtype="float32", device="cpu", **kw)
+
+
+def _run(engine, prompts=PROMPTS, params=GREEDY):
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = engine.run_until_done()
+    return [final[i].outputs[0].token_ids for i in ids]
+
+
+def _record(engine):
+    """Every proposal: (the sequence's context then, its drafts)."""
+    seen, drafter = [], engine.speculation.drafter
+    propose = drafter.propose
+
+    def wrapped(kv, reqs, rooms, vocab):
+        drafts = propose(kv, reqs, rooms, vocab)
+        seen.extend((r.all_token_ids, d) for r, d in zip(reqs, drafts) if d)
+        return drafts
+
+    drafter.propose = wrapped
+    return seen
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    return _run(_engine(target))
+
+
+@pytest.fixture(scope="module")
+def hf_target(target):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
+@pytest.mark.parametrize("budget", [None, 16])
+def test_drafts_equal_the_reference_and_outputs_do_not_change(target, heads, hf_target, plain,
+                                                              variant, budget):  # fmt: skip
+    """A step budget of 16 tokens splits the prompts (and the head's catch-up) over steps."""
+    engine = _engine(target, heads[variant], variant, 3, max_num_batched_tokens=budget)
+    seen = _record(engine)
+    assert _run(engine) == plain
+    assert len(seen) > 20
+    for context, drafts in seen:
+        want = reference_drafts(hf_target, heads[variant], variant, context, len(drafts))
+        assert drafts == want, context
+    assert engine.num_free_blocks == 256
+
+
+def test_preemption_stops_and_sampled_rows(target, heads, plain):
+    small = _engine(target, heads["eagle3"], "eagle3", 2, num_kv_blocks=8, max_num_seqs=4)
+    assert run_preempted(small, PROMPTS[2:6], GREEDY) == plain[2:6]
+    assert small.num_free_blocks == 8
+    engine = _engine(target, heads["eagle"], "eagle", 4)
+    stop = plain[3][6]
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True,
+                            stop_token_ids=[stop])  # fmt: skip
+    assert _run(engine, [PROMPTS[3]], params) == [plain[3][: plain[3].index(stop) + 1]]
+    seeded = SamplingParams(temperature=0.7, seed=5, max_tokens=10, ignore_eos=True)
+    assert len(_run(engine, [PROMPTS[1]], seeded)[0]) == 10
+    assert engine.speculation.num_draft_tokens > 0
+
+
+def test_a_binary_checkpoint_loads(target, heads, hf_target, tmp_path):
+    """`pytorch_model.bin` (how the published EAGLE heads ship) reads as safetensors do."""
+    head = write_head(tmp_path / "bin", "eagle3", seed=3, binary=True)
+    engine = _engine(target, head, "eagle3", 2)
+    seen = _record(engine)
+    _run(engine, PROMPTS[:2])
+    context, drafts = seen[0]
+    assert drafts == reference_drafts(hf_target, head, "eagle3", context, len(drafts))
+
+
+def test_what_is_not_done_is_refused(target, heads, tmp_path, tmp_path_factory):
+    with pytest.raises(InvalidInputError, match="disable_by_batch_size is not supported"):
+        Engine(target, dtype="float32", device="cpu", num_kv_blocks=64, speculative_config={
+            "method": "eagle", "model": str(heads["eagle"]), "num_speculative_tokens": 2,
+            "disable_by_batch_size": 4})  # fmt: skip
+    other = str(tiny_checkpoint(tmp_path_factory, "qwen2"))  # hidden 64 too, 2 layers
+    with pytest.raises(InvalidInputError, match=r"no decoder layers \[1, 2, 3\]"):
+        _engine(other, heads["eagle3"], "eagle3")
+    bad = write_head(tmp_path / "bad", "eagle")
+    (bad / "config.json").write_text((bad / "config.json").read_text().replace(
+        '"hidden_size": 64', '"hidden_size": 32'))  # fmt: skip
+    with pytest.raises((InvalidInputError, ModelLoadError), match="hidden size 32"):
+        _engine(target, bad, "eagle")
+    gemma = str(tiny_checkpoint(tmp_path_factory, "gemma3"))
+    with pytest.raises(InvalidInputError, match="drafters need one full-attention group"):
+        _engine(gemma, heads["eagle"], "eagle")
