@@ -13,8 +13,8 @@ JSON_OPTIONS = {
     "--limit-mm-per-prompt": "media items a prompt may hold: '{\"image\": 4}'",
     "--mm-processor-kwargs": "default media options: '{\"max_pixels\": N}'",
     "--override-generation-config": "sampling defaults over generation_config.json's (JSON)",
-    "--speculative-config": 'drafts: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-    'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\' (docs/api.md)',
+    "--speculative-config": 'drafts: \'{"method": "ngram", "num_speculative_tokens": 4}\', '
+    'or "method": "draft_model" | "eagle" | "eagle3" with "model": DIR (docs/api.md)',
 }
 SWITCHES = {
     "--trust-remote-code": "accepted for vLLM's command lines: polymodal runs no checkpoint code",

@@ -84,6 +84,33 @@ def test_drafts_equal_the_reference_and_outputs_do_not_change(target, heads, hf_
     assert engine.num_free_blocks == 256
 
 
+@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
+def test_features_from_the_graph_paths(target, heads, hf_target, plain, variant):
+    """The target's decode and prefill graphs (uncaptured on the CPU: the same padded forward
+    run eagerly) keep the hidden states and residual streams the head reads: every other step
+    drafts nothing (a decode-graph step), and the next proposal reads its features."""
+    from polymodal.llm_core.cuda_graph import DecodeGraphs
+    from polymodal.llm_core.prefill_graphs import PrefillGraphs
+
+    engine = _engine(target, heads[variant], variant, 2)
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, 16, False)
+    runner.prefill_graphs = PrefillGraphs(runner.model, runner.kv_caches, 64, 16, False)
+    seen = _record(engine)
+    drafter, calls = engine.speculation.drafter, []
+    propose = drafter.propose
+
+    def every_other(kv, reqs, rooms, vocab):  # a step without drafts replays a decode graph
+        calls.append(len(calls) % 2)
+        return propose(kv, reqs, rooms, vocab) if calls[-1] else [[] for _ in reqs]
+
+    drafter.propose = every_other
+    assert _run(engine, PROMPTS[:4]) == plain[:4]
+    assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0 and len(seen) > 8
+    for context, drafts in seen:
+        assert drafts == reference_drafts(hf_target, heads[variant], variant, context, len(drafts))
+
+
 def test_preemption_stops_and_sampled_rows(target, heads, plain):
     small = _engine(target, heads["eagle3"], "eagle3", 2, num_kv_blocks=8, max_num_seqs=4)
     assert run_preempted(small, PROMPTS[2:6], GREEDY) == plain[2:6]

@@ -1,8 +1,9 @@
 """Speculative decoding on CUDA: the Triton backend with decode and prefill graphs (a step of
 one sequence with drafts replays a prefill graph; more than eight run eager), in fp32, gives
 the tokens of decoding without drafts (in bf16 a chunk's and a decode step's rounding may
-differ, so near ties can flip: the bench measures bf16). N-gram drafts, and a draft model
-whose one-token steps replay its own captured decode graphs."""
+differ, so near ties can flip: the bench measures bf16). N-gram drafts, a draft model whose
+one-token steps replay its own captured decode graphs, and EAGLE / EAGLE-3 heads fed by the
+target's decode and prefill graphs."""
 
 import pytest
 import torch
@@ -55,3 +56,37 @@ def test_a_draft_model_with_captured_graphs(tmp_path_factory, batch):
     assert spec == plain
     stats = engine.speculation
     assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("variant", ["eagle", "eagle3"])
+@pytest.mark.parametrize("batch", [1, 12])
+def test_eagle_heads_under_the_target_graphs(tmp_path_factory, variant, batch):
+    """The head's features come from the target's captured graphs (their kept outputs): the
+    outputs equal decoding without drafts and the drafts match the CPU reference (fp32; a
+    near tie may flip one)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.llm_core.eagle_reference import reference_drafts, write_head
+
+    path = str(tiny_checkpoint(tmp_path_factory, "llama", num_hidden_layers=4))
+    head = write_head(tmp_path_factory.mktemp("head") / variant, variant, seed=3)
+    config = {"method": variant, "model": str(head), "num_speculative_tokens": 3}
+    prompts = (PROMPTS * 2)[:batch]
+    engine = Engine(path, dtype="float32", device="cuda", num_kv_blocks=512,
+                    speculative_config=config)  # fmt: skip
+    seen, propose = [], engine.speculation.drafter.propose
+
+    def record(kv, reqs, rooms, vocab):
+        drafts = propose(kv, reqs, rooms, vocab)
+        seen.extend((r.all_token_ids, d) for r, d in zip(reqs, drafts) if d)
+        return drafts
+
+    engine.speculation.drafter.propose = record
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    final = engine.run_until_done()
+    _, plain = _outputs(path, prompts, "float32", False)
+    assert [final[i].outputs[0].token_ids for i in ids] == plain
+    assert engine.runner.graphs.runs > 0 or engine.runner.prefill_graphs.runs > 0
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    same = sum(d == reference_drafts(hf, head, variant, c, len(d)) for c, d in seen)
+    assert seen and same >= 0.9 * len(seen)
