@@ -151,3 +151,22 @@ def test_what_is_not_done_is_refused(target, heads, tmp_path, tmp_path_factory):
     gemma = str(tiny_checkpoint(tmp_path_factory, "gemma3"))
     with pytest.raises(InvalidInputError, match="drafters need one full-attention group"):
         _engine(gemma, heads["eagle"], "eagle")
+
+
+def test_dummy_weights_need_only_the_head_config(target, heads, tmp_path):
+    """`dummy_weights` (the bench's `--dummy-weights`): a head folder with only config.json
+    builds with random weights, as the target does (`sdk/configs/eagle3_qwen2_5_vl_7b`)."""
+    (tmp_path / "config.json").write_text((heads["eagle3"] / "config.json").read_text())
+    engine = _engine(target, tmp_path, "eagle3", 2, dummy_weights=True)
+    head = engine.speculation.drafter.net
+    assert head.lm_head.out_features == 200 and head.d2t is not None
+    outs = _run(engine, PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert [len(o) for o in outs] == [5, 5] and engine.speculation.num_draft_tokens > 0
+    from pathlib import Path
+
+    from polymodal.llm_core.config import load_config
+
+    shipped = Path(__file__).resolve().parents[2] / "sdk" / "configs" / "eagle3_qwen2_5_vl_7b"
+    parsed = load_config(shipped, "auto", "generate", {"architectures": ["LlamaForCausalLM"]})
+    assert (parsed.hidden_size, parsed.num_layers, parsed.dtype) == (3584, 1, torch.bfloat16)
+    assert parsed.text_config.draft_vocab_size == 32000
