@@ -24,6 +24,7 @@ from polymodal.llm_core.kv_memory import (
     kv_cache_dtype,
     num_kv_blocks,
 )
+from polymodal.llm_core.kv_offload import build_host_tier, check_offload_options
 from polymodal.llm_core.layers.linear import enable_gemv
 from polymodal.llm_core.layers.moe import enable_moe_decode
 from polymodal.llm_core.load_warmup import warm_up_long_paths
@@ -132,6 +133,9 @@ class EngineConfig:
     enable_sleep_mode: bool = False
     # vLLM's: prompts may be given as embeddings, `{"prompt_embeds": tensor}` (prompt_embeds.py)
     enable_prompt_embeds: bool = False
+    # vLLM's: GiB of host memory under the prefix cache (kv_offload.py); backend "native" only
+    kv_offloading_size: float | None = None
+    kv_offloading_backend: str | None = None
     # vLLM's: "deepseek_r1" or "qwen3": structured output holds after `</think>`
     # (structured_output.py); the server's --reasoning-parser sets it too
     reasoning_parser: str | None = None
@@ -157,6 +161,7 @@ class EngineConfig:
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        check_offload_options(self.kv_offloading_size, self.kv_offloading_backend)
         if self.encoder_cache_mb is not None and not self.encoder_cache_mb >= 0:
             raise InvalidInputError(f"encoder_cache_mb must be >= 0, got {self.encoder_cache_mb}")
 
@@ -337,6 +342,7 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
     kv = KVCacheManager(rank.num_blocks, cfg.block_size, prefix_caching, specs)
+    kv.host = runner.kv_tier = build_host_tier(cfg, layout, runner)
     scheduler = Scheduler(
         kv,
         cfg.max_num_batched_tokens,

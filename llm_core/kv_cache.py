@@ -64,6 +64,8 @@ class KVCacheManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(first, num_blocks))
         self.cached: dict[tuple[int, int], int] = {}  # (group, block hash) -> block id
         self.num_hit_tokens = 0  # prompt tokens served from the prefix cache (a statistic)
+        # kv_offload.HostKVTier: evicted cached blocks kept in host memory, read back on a hit
+        self.host = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,6 +75,8 @@ class KVCacheManager:
         """Forget every cached block's content (they stay free, reused first); call it with
         no request holding blocks."""
         self.cached.clear()
+        if self.host is not None:
+            self.host.reset()
         for block in self.blocks:
             block.block_hash = None
 
@@ -140,6 +144,8 @@ class KVCacheManager:
         while length and length * bs >= req.num_tokens:  # the last token must run for logits
             length -= 1
         found = {g: [self.cached.get((g, h)) for h in hashes[:length]] for g in self.token_groups}
+        if self.host is not None:  # past the device cache: the host tier's blocks
+            self._load_from_host(found[0], hashes, length)
         changed = True
         while changed and length:  # shrink until every group can serve the same length
             changed = False
@@ -157,6 +163,27 @@ class KVCacheManager:
             first = spec.first_needed(length * bs) // bs
             hits.append([self.null_block] * first + found[g][first:length])
         return hits
+
+    def _load_from_host(self, ids: list, hashes: list[int], length: int) -> None:
+        """Fill `ids` (the prefix's cached block per position, None past the device cache)
+        from the host tier while it holds the next block: each copied into a free block that
+        is not one of the prefix's, which then counts as cached (kv_offload.py)."""
+        first = next((i for i, b in enumerate(ids) if b is None), length)
+        keep = set(ids[:first])
+        spare = len(self.free) - sum(b in self.free for b in keep)
+        for i in range(first, length):
+            slot = self.host.lookup((0, hashes[i]))
+            if slot is None or spare <= 0:
+                return
+            block_id = self._take_free(keep)
+            block = self.blocks[block_id]
+            block.ref_count, block.block_hash = 0, (0, hashes[i])
+            self.cached[block.block_hash] = block_id
+            self.free[block_id] = None  # free and cached, as a device hit's block
+            self.host.load(slot, block_id)
+            ids[i] = block_id
+            keep.add(block_id)
+            spare -= 1
 
     # ---- allocation ---------------------------------------------------------------------
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list = ()) -> bool:
@@ -225,12 +252,18 @@ class KVCacheManager:
         skipped = max(0, spec.first_needed(start) // self.block_size - first_index)
         return count - min(count, skipped)
 
-    def _take_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+    def _take_free(self, keep: set | frozenset = frozenset()) -> int:
+        """The next free block (least recently used first), none of `keep`."""
+        block_id = next(iter(self.free))
+        if keep:
+            block_id = next(b for b in self.free if b not in keep)
+        del self.free[block_id]
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict its cached content
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
+                if self.host is not None:  # keep it in host memory first
+                    self.host.save(block_id, block.block_hash)
             block.block_hash = None
         block.ref_count = 1
         return block_id

@@ -84,6 +84,7 @@ class ModelRunner:
         # speculative decoding with a draft model or an EAGLE head (draft_model.DraftModel,
         # eagle.EagleDrafter: handed each step's hidden states), else None
         self.draft = None
+        self.kv_tier = None  # kv_offload.HostKVTier: its queued copies run before each step
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture CUDA graphs for decode batches up to `max_batch` (needs a graph-safe backend)."""
@@ -159,6 +160,8 @@ class ModelRunner:
         whose rules follow the previous tokens (grammars, penalties, bad words) samples in
         `finish_sampling`, once `prev` is resolved, while the GPU runs this forward pass.
         """
+        if self.kv_tier is not None:  # blocks saved to / loaded from host memory, first
+            self.kv_tier.run_pending()
         has_media = step_has_media(sched)
         # The encoder goes first: the device starts on it while the host builds the batch.
         slot_idx, mm = (

@@ -41,6 +41,7 @@ PASSED = (
     "hf_overrides", "revision", "hf_token", "scheduling_policy", "download_dir", "tokenizer",
     "enable_prefix_caching", "block_size", "limit_mm_per_prompt", "mm_processor_kwargs",
     "override_generation_config", "speculative_config", "max_logprobs", "async_scheduling",
+    "kv_offloading_size", "kv_offloading_backend",
 )  # fmt: skip
 
 
@@ -129,6 +130,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the engine may free its GPU memory while idle (serve: POST /sleep, /wake_up)",
     )
+    parser.add_argument(
+        "--kv-offloading-size",
+        type=float,
+        help="GiB of host memory under the prefix cache: evicted blocks come back from it",
+    )
+    parser.add_argument("--kv-offloading-backend", choices=("native", "lmcache"))
     parser.add_argument(
         "--enable-prompt-embeds",
         action="store_true",
