@@ -98,6 +98,10 @@ def check_offload_options(size: float | None, backend: str | None) -> None:
         )
     if size is not None and (isinstance(size, bool) or not size > 0):
         raise InvalidInputError(f"kv_offloading_size must be > 0 GiB, got {size!r}")
+    if backend is not None and size is None:
+        raise InvalidInputError(
+            f"kv_offloading_backend={backend!r} needs kv_offloading_size (GiB of host memory)"
+        )
 
 
 def build_host_tier(cfg, layout, runner) -> HostKVTier | None:

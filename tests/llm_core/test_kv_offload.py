@@ -101,6 +101,11 @@ def test_host_slots_are_reused_least_recently_used_first():
     [
         ("qwen2", {"kv_offloading_backend": "lmcache"}, "only 'native'"),
         ("qwen2", {"kv_offloading_size": 0}, "must be > 0 GiB, got 0"),
+        (
+            "qwen2",
+            {"kv_offloading_size": None, "kv_offloading_backend": "native"},
+            "needs kv_offloading_size",
+        ),
         ("qwen2", {"enable_prefix_caching": False}, "the prefix cache, which is off"),
         ("gemma3", {}, r"\['full', 'sliding'\] layers; only one full-attention group"),
     ],
@@ -109,3 +114,24 @@ def test_what_it_does_not_do_is_refused(tmp_path_factory, arch, kw, words):
     kw = {"kv_offloading_size": 0.01, **kw}
     with pytest.raises(InvalidInputError, match=words):
         _engine(str(tiny_checkpoint(tmp_path_factory, arch)), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_with_graphs(tmp_path_factory):
+    """On the GPU (pinned host slots, asynchronous copies on the step's stream, decode and
+    prefill graphs): the evicted prefix comes back with the outputs of computing it again."""
+    path = str(tiny_checkpoint(tmp_path_factory, "qwen2"))
+
+    def engine(**kw):
+        return Engine(path, dtype="float32", device="cuda", block_size=4, num_kv_blocks=24, **kw)
+
+    fresh = _one(engine(), FIRST)
+    tiered = engine(kv_offloading_size=0.01)
+    host = tiered.scheduler.kv.host
+    assert host.host[0].is_pinned() and tiered.runner.graphs is not None
+    _one(tiered, FIRST)
+    for prompt in OTHERS:
+        _one(tiered, prompt)
+    again = _one(tiered, FIRST)
+    assert host.num_loaded == 11 and again.token_ids == fresh.token_ids
