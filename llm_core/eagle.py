@@ -14,8 +14,9 @@ the draft positions are rewritten by the next catch-up from the target's true fe
 
 A prefix hit (or any position whose target features were never seen) is skipped: the head
 reads the keys its blocks hold (written by the head of the request that computed them).
-Not done: CUDA graphs for the head's steps (it runs eagerly; one layer), `disable_by_batch_size`
-(the features of steps that do not draft would go unread), tensor parallelism.
+The head's one-token steps replay its own CUDA graphs (eagle_graphs.py; the catch-up runs
+eagerly). Not done: `disable_by_batch_size` (the features of steps that do not draft would go
+unread), tensor parallelism.
 """
 
 from __future__ import annotations
@@ -51,9 +52,18 @@ class EagleDrafter(DraftModel):
 
     records = True  # the runner hands it every step's outputs
 
-    def attach_kv(self, num_blocks: int, max_len: int, graph_batch: int) -> EagleDrafter:
-        super().attach_kv(num_blocks, max_len, 0)  # eager steps (no graphs yet)
-        return self
+    def reset_graphs(self) -> None:
+        """Uncaptured graphs of the head's one-token steps (eagle_graphs.py)."""
+        from polymodal.llm_core.eagle_graphs import HeadGraphs
+
+        self.graphs = None
+        if self.graph_batch > 0:
+            self.graphs = HeadGraphs(self.net, self.kv_caches, self.graph_batch,
+                                     self.max_blocks, self.block_size)  # fmt: skip
+
+    def capture(self) -> None:
+        if self.graphs is not None:
+            self.graphs.capture()
 
     def record(self, sched, hidden: torch.Tensor, aux: list[torch.Tensor]) -> None:
         """Keep the features of the positions each scheduled sequence computed this step
@@ -124,7 +134,8 @@ class EagleDrafter(DraftModel):
 
     def _step(self, reqs, step: int, tokens, feature):
         """Draft `step` (`tokens`, on the device) of each sequence with the head's own
-        feature, at the position after the last computed one plus `step - 1`."""
+        feature, at the position after the last computed one plus `step - 1` (a graph replay
+        where one fits)."""
         bs, n = self.block_size, len(reqs)
         hb = HostBatch(rows=[[]], slots=[[]], ids=[0] * n, query_lens=[1] * n)
         for req in reqs:
@@ -134,6 +145,8 @@ class EagleDrafter(DraftModel):
             hb.seq_lens.append(position + 1)
         hb.tables = [[req.block_tables[0] for req in reqs]]
         hb.max_blocks = max(map(len, hb.tables[0]))
+        if self.graphs is not None and self.graphs.can_run(n, hb.max_blocks):
+            return self.graphs.run(hb.rows[0], hb.slots[0], hb.tables[0], tokens, feature)
         _, positions, meta = device_batch(hb, False, self.device)
         out, feature = self.net(positions, self.net.embed(tokens), feature, self.kv_caches, meta)
         return self.net.greedy(out), feature

@@ -73,8 +73,13 @@ def hf_target(target):
 @pytest.mark.parametrize("budget", [None, 16])
 def test_drafts_equal_the_reference_and_outputs_do_not_change(target, heads, hf_target, plain,
                                                               variant, budget):  # fmt: skip
-    """A step budget of 16 tokens splits the prompts (and the head's catch-up) over steps."""
-    engine = _engine(target, heads[variant], variant, 3, max_num_batched_tokens=budget)
+    """The head's one-token steps run through its graphs' padded buffers (uncaptured on the
+    CPU); with a step budget of 16 tokens (the prompts and the head's catch-up split over
+    steps) they run plainly (`max_graph_batch=0`)."""
+    graphs = 0 if budget else 512
+    engine = _engine(target, heads[variant], variant, 3, max_num_batched_tokens=budget,
+                     max_graph_batch=graphs)  # fmt: skip
+    assert (engine.speculation.drafter.graphs is None) == (graphs == 0)
     seen = _record(engine)
     assert _run(engine) == plain
     assert len(seen) > 20

@@ -87,6 +87,8 @@ def test_eagle_heads_under_the_target_graphs(tmp_path_factory, variant, batch):
     _, plain = _outputs(path, prompts, "float32", False)
     assert [final[i].outputs[0].token_ids for i in ids] == plain
     assert engine.runner.graphs.runs > 0 or engine.runner.prefill_graphs.runs > 0
+    head_graphs = engine.speculation.drafter.graphs
+    assert head_graphs.graphs and head_graphs.runs > 0  # the head's steps replayed
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     same = sum(d == reference_drafts(hf, head, variant, c, len(d)) for c, d in seen)
     assert seen and same >= 0.9 * len(seen)
