@@ -30,7 +30,7 @@ def check_given_embeds(engine, mm_items: list | None, params):
             continue
         width = item.data["embeds"].shape[1]
         if width != mc.hidden_size:
-            name = "prompt_embeds" if item.modality == PROMPT_EMBEDS else "image_embeds"
+            name = "prompt_embeds" if item.modality == PROMPT_EMBEDS else f"{item.modality}_embeds"
             raise InvalidInputError(
                 f"{name} have {width} columns but {mc.architecture}'s hidden size is "
                 f"{mc.hidden_size}"

@@ -32,10 +32,10 @@ from polymodal.processors.media import (
 from polymodal.processors.mrope import MediaSpan, mrope_positions
 from polymodal.processors.pixels import resize
 from polymodal.processors.prompt_embeds import (
-    GivenImage,
-    image_embeds_item,
-    is_image_embeds,
-    split_image_embeds,
+    GivenMedia,
+    is_media_embeds,
+    media_embeds_item,
+    split_media_embeds,
 )
 from polymodal.processors.qwen_config import QwenVLCheckpointConfig, load_qwen_vl_config
 from polymodal.processors.qwen_vision import (
@@ -66,16 +66,19 @@ class QwenMediaItem(MultimodalItem):
     second_per_grid: float | None = None
 
 
-def given_images(refs: list[MediaRef], cfg) -> list[MediaRef]:
-    """Image refs with each `{"image_embeds", "image_grid_thw"}` source (vLLM's embeddings
-    input) split into one `GivenImage` ref per image it holds."""
-    out = []
-    for i, ref in enumerate(refs):
-        if not is_image_embeds(ref.source):
+def given_media(refs: list[MediaRef], cfg) -> list[MediaRef]:
+    """Media refs with each `{"image_embeds", "image_grid_thw"}` / `{"video_embeds",
+    "video_grid_thw"}` source (vLLM's embeddings input) split into one `GivenMedia` ref per
+    item it holds."""
+    out, counts = [], {"image": 0, "video": 0}
+    for ref in refs:
+        counts[ref.modality] = counts.get(ref.modality, 0) + 1
+        if not is_media_embeds(ref.source, ref.modality):
             out.append(ref)
             continue
-        for given in split_image_embeds(ref.source, cfg.image.merge_size, f"image {i + 1}"):
-            out.append(MediaRef("image", given, ref.options))
+        where = f"{ref.modality} {counts[ref.modality]}"
+        for given in split_media_embeds(ref.source, ref.modality, cfg.image.merge_size, where):
+            out.append(MediaRef(ref.modality, given, ref.options))
     return out
 
 
@@ -197,8 +200,8 @@ class QwenVLProcessor:
         """Expand the placeholders of tokenized `token_ids` with the media `refs` (in order)."""
         refuse_modalities(self, refs)
         cfg = self.config
-        images = given_images([ref for ref in refs if ref.modality == "image"], cfg)
-        videos = [ref for ref in refs if ref.modality == "video"]
+        images = given_media([ref for ref in refs if ref.modality == "image"], cfg)
+        videos = given_media([ref for ref in refs if ref.modality == "video"], cfg)
         for kind, token_id, given in (
             ("image", cfg.image_token_id, images),
             ("video", cfg.video_token_id, videos),
@@ -243,8 +246,8 @@ class QwenVLProcessor:
         self, index: int, ref: MediaRef, defaults: dict[str, Any]
     ) -> tuple[QwenMediaItem, float]:
         """Load and preprocess one image; returns the item (slots unset) and its time interval."""
-        if isinstance(ref.source, GivenImage):  # the tower's output, given: no pixels
-            return image_embeds_item(ref.source, QwenMediaItem), 1.0
+        if isinstance(ref.source, GivenMedia):  # the tower's output, given: no pixels
+            return media_embeds_item(ref.source, QwenMediaItem), 1.0
         options = {**defaults, **ref.options}
         icfg = self.config.image
         min_pixels = options.get("min_pixels", icfg.min_pixels)
@@ -275,6 +278,10 @@ class QwenVLProcessor:
     ) -> tuple[QwenMediaItem, float]:
         """Load, sample and preprocess one video; returns the item and its temporal step."""
         cfg, vcfg = self.config, self.config.video
+        if isinstance(ref.source, GivenMedia):  # the tower's output, given: no frames
+            item = media_embeds_item(ref.source, QwenMediaItem)
+            item.second_per_grid = ref.source.second_per_grid
+            return item, _time_interval(cfg, ref.source.second_per_grid)
         options = {**defaults, **ref.options}
         fps, num_frames = options.get("fps"), options.get("num_frames")
         min_pixels = options.get("min_pixels", vcfg.min_pixels)

@@ -299,6 +299,11 @@ def load_video(
                 min_frames=min_frames,
                 max_frames=max_frames,
             )
+        if isinstance(source, dict) and "video_embeds" in source:
+            raise ValueError(
+                "video_embeds (a vision tower's output given in place of the video) are taken "
+                "by Qwen2-VL / Qwen2.5-VL models; this model's processor takes videos"
+            )
         frames = frames_from_list(source, max_pixels)
         return VideoFrames(frames, DEFAULT_FRAME_LIST_FPS if fps is None else float(fps))
     except ValueError as exc:

@@ -1,7 +1,9 @@
-"""Images given as their vision tower's output (vLLM's `{"image_embeds", "image_grid_thw"}`
-for Qwen2-VL / Qwen2.5-VL): the rows transformers' `get_image_features` makes for an image,
-given in its place, yield the image's greedy tokens (M-RoPE positions from the grid), one image
-or several in one dict, mixed with a real image; malformed inputs are refused naming them."""
+"""Images and videos given as their vision tower's output (vLLM's `{"image_embeds",
+"image_grid_thw"}` / `{"video_embeds", "video_grid_thw", "second_per_grid_ts"}` for Qwen2-VL /
+Qwen2.5-VL): the rows transformers' `get_image_features` / `get_video_features` make, given in
+their place, yield the media's greedy tokens (M-RoPE positions from the grid, a video's time
+steps from its seconds per grid step), one item or several in one dict, mixed with real media;
+malformed inputs are refused naming them."""
 
 import numpy as np
 import pytest
@@ -79,6 +81,44 @@ def test_bad_image_embeds_refused(tmp_path_factory):
             llm.generate({"prompt": MARK, "multi_modal_data": {"image": given}}, GREEDY)
     ok = {"image_embeds": torch.randn(4, hidden), "image_grid_thw": grid}
     assert len(_tokens(llm, {"prompt": MARK + "x", "multi_modal_data": {"image": ok}})) == 8
+
+
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_given_video_rows_decode_as_the_video(tmp_path_factory, arch):
+    path = str(tiny_checkpoint(tmp_path_factory, arch))
+    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=128)
+    frames = [np.asarray(_image(10 + i, 84, 56)) for i in range(4)]
+    processor = tf.AutoProcessor.from_pretrained(path)
+    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = processor.video_processor(videos=[np.stack(frames)], return_tensors="pt",
+                                       input_data_format="channels_last")  # fmt: skip
+    with torch.no_grad():
+        out = hf.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    rows = out.pooler_output if hasattr(out, "pooler_output") else out
+    rows = torch.cat(list(rows)) if isinstance(rows, (list, tuple)) else rows
+    text = "Watch: " + VIDEO + " then " + MARK + " now."
+    image = _image(5)
+    want = _tokens(llm, {"prompt": text, "multi_modal_data": {"video": [frames], "image": image}})
+    processed = llm.processor.process(prompt=text, videos=[frames], images=[image])
+    seconds = next(i for i in processed.mm_items if i.modality == "video").second_per_grid
+    given = {"video_embeds": rows, "video_grid_thw": inputs["video_grid_thw"],
+             "second_per_grid_ts": [seconds]}  # fmt: skip
+    got = _tokens(llm, {"prompt": text, "multi_modal_data": {"video": given, "image": image}})
+    assert got == want
+    if arch == "qwen2_5_vl":  # another time step moves the positions: other tokens may follow
+        other = llm.processor.process(
+            prompt=text, videos=[{**given, "second_per_grid_ts": 4 * seconds}], images=[image]
+        )
+        assert other.positions != processed.positions
+    with pytest.raises(InvalidInputError, match="second_per_grid_ts must be one positive"):
+        bad = {**given, "second_per_grid_ts": [1.0, 2.0]}
+        llm.generate({"prompt": text, "multi_modal_data": {"video": bad, "image": image}})
+    with pytest.raises(InvalidInputError, match=r"video_grid_thw \[\[.*makes \d+ rows"):
+        bad = {"video_embeds": rows[:-1], "video_grid_thw": inputs["video_grid_thw"]}
+        llm.generate({"prompt": text, "multi_modal_data": {"video": bad, "image": image}})
 
 
 def test_other_families_say_which_take_them(tmp_path_factory):
