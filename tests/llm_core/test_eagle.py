@@ -175,3 +175,44 @@ def test_dummy_weights_need_only_the_head_config(target, heads, tmp_path):
     parsed = load_config(shipped, "auto", "generate", {"architectures": ["LlamaForCausalLM"]})
     assert (parsed.hidden_size, parsed.num_layers, parsed.dtype) == (3584, 1, torch.bfloat16)
     assert parsed.text_config.draft_vocab_size == 32000
+
+
+def test_grammars_sleep_and_the_server(target, heads, hf_target, tmp_path_factory):
+    """A grammar's rows draft only what it allows; sleep mode frees and restores the head
+    (its drafts are the reference's after waking); `--speculative-config` with an EAGLE-3 head
+    through a real server gives `LLM.generate`'s tokens."""
+    import json
+
+    from polymodal import LLM
+    from polymodal.llm_core.sampling_params import StructuredOutputsParams
+    from tests.sdk.server_process import post, running_server
+
+    spec = {"method": "eagle3", "model": str(heads["eagle3"]), "num_speculative_tokens": 3}
+    llm = LLM(target, device="cpu", dtype="float32", num_kv_blocks=128, enable_sleep_mode=True,
+              speculative_config=spec)  # fmt: skip
+    choice = SamplingParams(
+        temperature=0.0,
+        max_tokens=8,
+        structured_outputs=StructuredOutputsParams(choice=["alpha", "beta"]),
+    )
+    plain_llm = LLM(target, device="cpu", dtype="float32", num_kv_blocks=128)
+    want = plain_llm.generate("pick one", choice, use_tqdm=False)[0].outputs[0].text
+    assert llm.generate("pick one", choice, use_tqdm=False)[0].outputs[0].text == want
+    before = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS[:3]], GREEDY, use_tqdm=False)]  # fmt: skip
+    llm.sleep(level=1)
+    llm.wake_up()
+    seen = _record(llm.engine)
+    after = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS[:3]], GREEDY, use_tqdm=False)]  # fmt: skip
+    assert after == before and seen
+    for context, drafts in seen:
+        assert drafts == reference_drafts(hf_target, heads["eagle3"], "eagle3", context,
+                                          len(drafts))  # fmt: skip
+    log_dir = tmp_path_factory.mktemp("log")
+    with running_server(target, log_dir, "--speculative-config", json.dumps(spec),
+                        "--dtype", "float32", "--num-kv-blocks", "64") as url:  # fmt: skip
+        body = {"model": "m", "prompt": PROMPTS[1], "max_tokens": 14, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        reply = post(url, "/v1/completions", body).json()
+        assert reply["choices"][0]["token_ids"] == before[1]
