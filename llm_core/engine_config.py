@@ -342,7 +342,7 @@ def build_engine_parts(model: str, cfg: EngineConfig, executor=None) -> EnginePa
     specs = [g.spec for g in layout.groups]
     prefix_caching = cfg.enable_prefix_caching and not pooling  # a cached prefix has no hidden
     kv = KVCacheManager(rank.num_blocks, cfg.block_size, prefix_caching, specs)
-    kv.host = runner.kv_tier = build_host_tier(cfg, layout, runner)
+    kv.host = runner.kv_tier = build_host_tier(cfg, layout, runner, prefix_caching)
     scheduler = Scheduler(
         kv,
         cfg.max_num_batched_tokens,

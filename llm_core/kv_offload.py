@@ -104,8 +104,9 @@ def check_offload_options(size: float | None, backend: str | None) -> None:
         )
 
 
-def build_host_tier(cfg, layout, runner) -> HostKVTier | None:
-    """The engine's host tier (`cfg.kv_offloading_size` GiB), or None without one; refuses
+def build_host_tier(cfg, layout, runner, prefix_caching: bool) -> HostKVTier | None:
+    """The engine's host tier (`cfg.kv_offloading_size` GiB), or None without one;
+    `prefix_caching`: whether the engine caches prefixes (not for pooling models). Refuses
     what it does not do, naming it."""
     from polymodal.llm_core.errors import InvalidInputError
     from polymodal.llm_core.kv_cache_spec import FULL
@@ -113,8 +114,9 @@ def build_host_tier(cfg, layout, runner) -> HostKVTier | None:
     if not cfg.kv_offloading_size:
         return None
     why = None
-    if not cfg.enable_prefix_caching:
-        why = "it extends the prefix cache, which is off (enable_prefix_caching=False)"
+    if not prefix_caching:
+        why = "it extends the prefix cache, which is off (enable_prefix_caching=False, or a "
+        why += "pooling model)"
     elif layout.num_groups != 1 or layout.groups[0].spec.kind != FULL:
         kinds = sorted({g.spec.kind for g in layout.groups})
         why = f"the model's KV cache has {kinds} layers; only one full-attention group is done"

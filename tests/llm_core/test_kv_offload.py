@@ -108,6 +108,7 @@ def test_host_slots_are_reused_least_recently_used_first():
         ),
         ("qwen2", {"enable_prefix_caching": False}, "the prefix cache, which is off"),
         ("gemma3", {}, r"\['full', 'sliding'\] layers; only one full-attention group"),
+        ("bert_cls", {}, "the prefix cache, which is off"),
     ],
 )
 def test_what_it_does_not_do_is_refused(tmp_path_factory, arch, kw, words):
