@@ -134,76 +134,98 @@ class DraftModel:
         drafts: list[list[int]] = [[] for _ in reqs]
         if not runs:
             return drafts
-        steps = [self._forward(runs)]  # per step, one id per sequence still drafting
+        first = self._forward(runs)
         live.sort(key=lambda entry: -entry[2])  # most room first: each step's rows a prefix
-        src = [row for *_, row in live]  # the first step's rows, in that order
+        order = torch.tensor([row for *_, row in live], dtype=torch.int64, device=first.device)
+        steps = [first[order]]  # per step, one id per sequence still drafting, in `live` order
         for step in range(1, max((room for _, _, room, _ in live), default=0)):
             n = sum(room > step for _, _, room, _ in live)
-            steps.append(self._step([req for _, req, _, _ in live[:n]], step, steps[-1], src[:n]))
-            src = list(range(n))
-        found = torch.cat(steps).tolist()  # the one read-back
-        for i, _, _, row in live:
-            drafts[i].append(found[row])
-        offset = len(live)
-        for ids in steps[1:]:  # step s: the (s + 1)-th draft of the first rows of `live`
-            for (i, *_), token in zip(live, found[offset : offset + len(ids)]):
-                drafts[i].append(token)
-            offset += len(ids)
+            steps.append(self._step([req for _, req, _, _ in live[:n]], step, steps[-1][:n]))
+        read_back(drafts, live, steps)
         for i, req, room, _ in live:
             req.draft_state.fed = tuple(drafts[i][: room - 1])  # the drafts it ran
-            cut = next((j for j, t in enumerate(drafts[i]) if t >= vocab_size), room)
-            del drafts[i][cut:]
-            if drafts[i] and req.grammar is not None:  # only what the grammar allows in a row
-                del drafts[i][req.grammar.legal_drafts(drafts[i]) :]
+        trim(drafts, live, vocab_size)
         return drafts
 
-    def _step(self, reqs: list, step: int, prev: torch.Tensor, src: list[int]) -> torch.Tensor:
-        """One token per sequence of `reqs`: its draft number `step` (`prev[src[r]]`, still on
-        the device), at the position after its context's end plus `step - 1`; returns the
-        next drafts (a copy: the graph's buffer is rewritten by the next replay)."""
-        bs, n = self.block_size, len(reqs)
-        hb = HostBatch(rows=[[]], slots=[[]], ids=[0] * n, query_lens=[1] * n)
-        for req in reqs:
-            position, table = req.num_known_tokens + step - 1, req.block_tables[0]
-            hb.rows[0].append(position)
-            hb.slots[0].append(table[position // bs] * bs + position % bs)
-            hb.seq_lens.append(position + 1)
-        hb.sample_rows = list(range(n))
-        hb.pending_rows, hb.pending_src = list(range(n)), list(src)
-        hb.tables = [[req.block_tables[0] for req in reqs]]
-        hb.max_blocks = max(map(len, hb.tables[0]))
+    def _step(self, reqs: list, step: int, prev: torch.Tensor) -> torch.Tensor:
+        """One token per sequence of `reqs`: its draft number `step` (`prev`, on the device),
+        at the position after its context's end plus `step - 1`; returns the next drafts (a
+        copy: the graph's buffer is rewritten by the next replay)."""
+        n = len(reqs)
+        positions = [req.num_known_tokens + step - 1 for req in reqs]
+        hb = one_token_batch(reqs, positions, self.block_size)
+        hb.sample_rows, hb.pending_rows, hb.pending_src = [*range(n)], [*range(n)], [*range(n)]
         graphs = self.graphs
         if graphs is not None and graphs.can_run(n, hb.max_blocks):
             return graphs.run(hb, prev)[1].clone()
-        input_ids, positions, meta = device_batch(hb, False, self.device)
-        input_ids = prev[torch.tensor(src, device=prev.device)]
-        hidden = self.net(positions, self.net.embed(input_ids), self.kv_caches, meta)
+        _, positions, meta = device_batch(hb, False, self.device)
+        hidden = self.net(positions, self.net.embed(prev), self.kv_caches, meta)
         return self.net.compute_logits(hidden).argmax(-1)
 
     def _forward(self, runs: list) -> torch.Tensor:
         """Run `runs` (request, first position, token ids, samples) through the draft model,
         writing their keys; the greedy next token after each run that samples (on the
         device)."""
-        bs = self.block_size
-        hb = HostBatch(rows=[[]], slots=[[]])
-        for req, start, ids, samples in runs:
-            table = req.block_tables[0]
-            end = start + len(ids)
-            hb.ids.extend(ids)
-            hb.rows[0].extend(range(start, end))
-            hb.slots[0].extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            hb.query_lens.append(len(ids))
-            hb.seq_lens.append(end)
-            if samples:
-                hb.sample_rows.append(len(hb.ids) - 1)
-        hb.tables = [[req.block_tables[0] for req, *_ in runs]]
-        hb.max_blocks = max(map(len, hb.tables[0]))
+        hb = catch_up_batch(runs, self.block_size)
         input_ids, positions, meta = device_batch(hb, False, self.device)
         hidden = self.net(positions, self.net.embed(input_ids), self.kv_caches, meta)
-        if not hb.sample_rows:  # catch-ups cut by the budget only: their keys are written
-            return torch.zeros(0, dtype=torch.int64, device=hidden.device)
         rows = torch.tensor(hb.sample_rows, dtype=torch.int64, device=hidden.device)
+        if not hb.sample_rows:  # catch-ups cut by the budget only: their keys are written
+            return rows
         return self.net.compute_logits(hidden[rows]).argmax(-1)
+
+
+def catch_up_batch(runs: list, block_size: int) -> HostBatch:
+    """The flat batch of `runs` (request, first position, token ids, samples, ...): each run's
+    tokens at its positions, slots from the request's table, a sample row at each run's last
+    token when it samples."""
+    bs, hb = block_size, HostBatch(rows=[[]], slots=[[]])
+    for req, start, ids, samples, *_ in runs:
+        table = req.block_tables[0]
+        end = start + len(ids)
+        hb.ids.extend(ids)
+        hb.rows[0].extend(range(start, end))
+        hb.slots[0].extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        hb.query_lens.append(len(ids))
+        hb.seq_lens.append(end)
+        if samples:
+            hb.sample_rows.append(len(hb.ids) - 1)
+    hb.tables = [[req.block_tables[0] for req, *_ in runs]]
+    hb.max_blocks = max(map(len, hb.tables[0]))
+    return hb
+
+
+def one_token_batch(reqs: list, positions: list[int], block_size: int) -> HostBatch:
+    """A decode batch of one token per request at `positions` (ids filled in later)."""
+    bs, n = block_size, len(reqs)
+    hb = HostBatch(rows=[list(positions)], slots=[[]], ids=[0] * n, query_lens=[1] * n)
+    for req, position in zip(reqs, positions):
+        table = req.block_tables[0]
+        hb.slots[0].append(table[position // bs] * bs + position % bs)
+        hb.seq_lens.append(position + 1)
+    hb.tables = [[req.block_tables[0] for req in reqs]]
+    hb.max_blocks = max(map(len, hb.tables[0]))
+    return hb
+
+
+def read_back(drafts: list[list[int]], live: list, steps: list[torch.Tensor]) -> None:
+    """Append to `drafts[i]` each step's ids (step s: one per sequence of the prefix of `live`
+    still drafting), read from the device at once."""
+    found, offset = torch.cat(steps).tolist(), 0
+    for ids in steps:
+        for (i, *_), token in zip(live, found[offset : offset + len(ids)]):
+            drafts[i].append(token)
+        offset += len(ids)
+
+
+def trim(drafts: list[list[int]], live: list, vocab_size: int) -> None:
+    """Cut each sequence's drafts before an id the target's LM head cannot produce, and to what
+    its grammar allows in a row."""
+    for i, req, *_ in live:
+        cut = next((j for j, t in enumerate(drafts[i]) if t >= vocab_size), len(drafts[i]))
+        del drafts[i][cut:]
+        if drafts[i] and req.grammar is not None:
+            del drafts[i][req.grammar.legal_drafts(drafts[i]) :]
 
 
 def build_draft_model(cfg, target_layout: KVCacheLayout, device, target_config, target

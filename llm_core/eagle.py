@@ -25,10 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
-from polymodal.llm_core.draft_model import DraftModel, DraftState
+from polymodal.llm_core.draft_model import (
+    DraftModel,
+    DraftState,
+    catch_up_batch,
+    one_token_batch,
+    read_back,
+    trim,
+)
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.kv_cache_spec import FULL, plan_layout
-from polymodal.llm_core.step_batch import HostBatch, device_batch
+from polymodal.llm_core.step_batch import device_batch
 
 
 @dataclass
@@ -101,13 +108,13 @@ class EagleDrafter(DraftModel):
             rows = state.rows[start - state.start : stop - state.start]
             if stop == end:  # caught up: drafts this step
                 live.append((i, req, room, len(live)))
-            runs.append((req, start, ids, rows, stop == end))
+            runs.append((req, start, ids, stop == end, rows))
             state.valid = stop
         drafts: list[list[int]] = [[] for _ in reqs]
         if not runs:
             return drafts
         first, feature = self._forward(runs)
-        for req, _, _, _, _ in runs:  # keep the last row used: a catch-up reruns at least it
+        for req, *_ in runs:  # keep the last row used: a catch-up reruns at least it
             state = req.draft_state
             state.rows, state.start = state.rows[state.valid - 1 - state.start :], state.valid - 1
         live.sort(key=lambda entry: -entry[2])  # most room first: each step's rows a prefix
@@ -119,57 +126,28 @@ class EagleDrafter(DraftModel):
             tokens, feature = self._step([r for _, r, _, _ in live[:n]], step, tokens[:n],
                                          feature[:n])  # fmt: skip
             steps.append(tokens)
-        found = torch.cat(steps).tolist()  # the one read-back
-        offset = 0
-        for ids in steps:  # step s: the (s + 1)-th draft of the first rows of `live`
-            for (i, *_), token in zip(live, found[offset : offset + len(ids)]):
-                drafts[i].append(token)
-            offset += len(ids)
-        for i, req, _, _ in live:
-            cut = next((j for j, t in enumerate(drafts[i]) if t >= vocab_size), len(drafts[i]))
-            del drafts[i][cut:]
-            if drafts[i] and req.grammar is not None:
-                del drafts[i][req.grammar.legal_drafts(drafts[i]) :]
+        read_back(drafts, live, steps)
+        trim(drafts, live, vocab_size)
         return drafts
 
     def _step(self, reqs, step: int, tokens, feature):
         """Draft `step` (`tokens`, on the device) of each sequence with the head's own
         feature, at the position after the last computed one plus `step - 1` (a graph replay
         where one fits)."""
-        bs, n = self.block_size, len(reqs)
-        hb = HostBatch(rows=[[]], slots=[[]], ids=[0] * n, query_lens=[1] * n)
-        for req in reqs:
-            position, table = req.num_computed_tokens + step - 1, req.block_tables[0]
-            hb.rows[0].append(position)
-            hb.slots[0].append(table[position // bs] * bs + position % bs)
-            hb.seq_lens.append(position + 1)
-        hb.tables = [[req.block_tables[0] for req in reqs]]
-        hb.max_blocks = max(map(len, hb.tables[0]))
-        if self.graphs is not None and self.graphs.can_run(n, hb.max_blocks):
+        positions = [req.num_computed_tokens + step - 1 for req in reqs]
+        hb = one_token_batch(reqs, positions, self.block_size)
+        if self.graphs is not None and self.graphs.can_run(len(reqs), hb.max_blocks):
             return self.graphs.run(hb.rows[0], hb.slots[0], hb.tables[0], tokens, feature)
         _, positions, meta = device_batch(hb, False, self.device)
         out, feature = self.net(positions, self.net.embed(tokens), feature, self.kv_caches, meta)
         return self.net.greedy(out), feature
 
     def _forward(self, runs: list):
-        """The catch-up runs (request, first position, token ids, feature rows, samples):
-        keys written; the first drafts and the features after the runs that sample."""
-        bs = self.block_size
-        hb = HostBatch(rows=[[]], slots=[[]])
-        for req, start, ids, _, samples in runs:
-            table = req.block_tables[0]
-            end = start + len(ids)
-            hb.ids.extend(ids)
-            hb.rows[0].extend(range(start, end))
-            hb.slots[0].extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            hb.query_lens.append(len(ids))
-            hb.seq_lens.append(end)
-            if samples:
-                hb.sample_rows.append(len(hb.ids) - 1)
-        hb.tables = [[req.block_tables[0] for req, *_ in runs]]
-        hb.max_blocks = max(map(len, hb.tables[0]))
+        """The catch-up runs (request, first position, token ids, samples, feature rows): keys
+        written; the first drafts and the features after the runs that sample."""
+        hb = catch_up_batch(runs, self.block_size)
         input_ids, positions, meta = device_batch(hb, False, self.device)
-        rows = torch.cat([r for _, _, _, r, _ in runs])
+        rows = torch.cat([r for *_, r in runs])
         out, feature = self.net(positions, self.net.embed(input_ids), rows, self.kv_caches, meta)
         index = torch.tensor(hb.sample_rows, dtype=torch.int64, device=out.device)
         if not hb.sample_rows:

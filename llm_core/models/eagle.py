@@ -32,7 +32,7 @@ from polymodal.llm_core.layers.linear import PackedLinear
 from polymodal.llm_core.layers.norm import RMSNorm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
-from polymodal.llm_core.models.llama import MLP, Attention, DecoderLayer, Flavor
+from polymodal.llm_core.models.llama import MLP, Attention, DecoderLayer, Flavor, LlamaForCausalLM
 
 VARIANTS = ("eagle", "eagle3")
 
@@ -74,13 +74,7 @@ class EagleHead(ModelBase):
     without an LM head of its own, `compute_logits`; not a submodule: its weights are the
     target's)."""
 
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
     weight_name_remap = [("model.", ""), ("midlayer.", "layers.0.")]
     ignored_weights = (r"^(model\.)?embed_tokens\.", r"^t2d$")
     supports_prefill_graphs = False
