@@ -25,7 +25,8 @@ greedy continuation instead (draft_model.py), with an EAGLE / EAGLE-3 head (`"me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from copy import copy
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -209,9 +210,12 @@ def draft_contexts(reqs: list, contexts: list) -> list:
         if ctx.grammar is not None:  # each row masked by the state after its drafts
             grammars = DraftGrammar(ctx.grammar, drafts).rows()
         for j in range(len(drafts) + 1):
-            seen = ctx.output_token_ids + drafts[:j]
-            draft = drafts[j] if j < len(drafts) else None
-            rows.append(replace(ctx, output_token_ids=seen, draft=draft, grammar=grammars[j]))
+            row = copy(ctx)  # (`dataclasses.replace` reruns __init__: ~5x the time)
+            if ctx.has_rules:  # only rules read the output so far
+                row.output_token_ids = ctx.output_token_ids + drafts[:j]
+            row.draft = drafts[j] if j < len(drafts) else None
+            row.grammar = grammars[j]
+            rows.append(row)
     return rows
 
 
