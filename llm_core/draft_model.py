@@ -31,7 +31,7 @@ import torch
 from polymodal.llm_core.config import load_config
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.interfaces import supports_multimodal
-from polymodal.llm_core.kv_cache_spec import FULL, KVCacheLayout, plan_layout
+from polymodal.llm_core.kv_cache_spec import FULL, MLA, KVCacheLayout, plan_layout
 from polymodal.llm_core.step_batch import HostBatch, device_batch
 
 # the draft's one-token steps replay CUDA graphs up to this many sequences (above: eager);
@@ -248,12 +248,13 @@ def build_draft_model(cfg, target_layout: KVCacheLayout, device, target_config, 
             f"speculative_config with {what}: tensor_parallel_size > 1 is not supported"
         )
     kinds = {g.spec.kind for g in target_layout.groups}
-    if target_layout.num_groups != 1 or kinds != {FULL}:
+    if target_layout.num_groups != 1 or kinds - {FULL, MLA}:
         raise InvalidInputError(
             f"speculative_config with {what}: {target_config.architecture}'s KV cache has "
-            f"{sorted(kinds)} layers; drafters need one full-attention group"
+            f"{sorted(kinds)} layers; drafters need one full-attention (or MLA) group"
         )
-    path = resolve_model_path(config.model, None, cfg.hf_token, cfg.download_dir)
+    given = config.model or str(target_config.model_dir)  # MTP: the target's own checkpoint
+    path = resolve_model_path(given, None, cfg.hf_token, cfg.download_dir)
     if config.method != "draft_model":
         return build_eagle(cfg, config, device, target_config, target, path)
     draft_config = load_config(path, cfg.dtype, "generate")

@@ -34,7 +34,8 @@ from polymodal.llm_core.draft_model import (
     trim,
 )
 from polymodal.llm_core.errors import InvalidInputError
-from polymodal.llm_core.kv_cache_spec import FULL, plan_layout
+from polymodal.llm_core.kv_cache_spec import FULL, MLA, plan_layout
+from polymodal.llm_core.speculative import MTP_METHODS
 from polymodal.llm_core.step_batch import device_batch
 
 
@@ -156,19 +157,56 @@ class EagleDrafter(DraftModel):
 
 
 def build_eagle(cfg, config, device, target_config, target, path) -> EagleDrafter:
-    """The EAGLE head of `config` (a `SpeculativeConfig`, method eagle / eagle3) from `path`,
-    over `target`, its layers' KV not yet allocated."""
+    """The head of `config` (a `SpeculativeConfig`: eagle / eagle3 from `path`, or mtp: the
+    target checkpoint's own MTP layer) over `target`, its layers' KV not yet allocated."""
     from polymodal.llm_core.attention import get_backend
-    from polymodal.llm_core.config import load_config
     from polymodal.llm_core.loader import _randomize
-    from polymodal.llm_core.models.eagle import EagleHead, aux_layer_ids
-    from polymodal.llm_core.weights import iter_checkpoint, run_post_load_hooks
+    from polymodal.llm_core.weights import run_post_load_hooks
 
     if config.disable_by_batch_size is not None:
         raise InvalidInputError(
             f"speculative_config {config.method}: disable_by_batch_size is not supported (the "
             "head reads the target's features of every step)"
         )
+    backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
+    max_positions = target_config.max_position_embeddings + 1024
+    make = _mtp_head if config.method in MTP_METHODS else _eagle_head
+    head_config, tensors, build = make(cfg, config, target_config, path)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(head_config.dtype)
+    try:
+        with torch.device(device):
+            head = build(backend, max_positions, target)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if cfg.dummy_weights:
+        _randomize(head)
+        run_post_load_hooks(head)
+    else:
+        head.load_weights(tensors.items(), source=str(path))
+    head.eval()
+    if config.method == "eagle3":
+        from polymodal.llm_core.aux_states import aux_hooks
+        from polymodal.llm_core.models.eagle import aux_layer_ids
+
+        aux_hooks(target, aux_layer_ids(head_config.text_config, target_config.num_layers))
+    layout = plan_layout(head.kv_cache_specs())
+    if layout.num_groups != 1 or {g.spec.kind for g in layout.groups} - {FULL, MLA}:
+        raise InvalidInputError(
+            f"speculative_config model {config.model!r}: its layers are not full attention"
+        )
+    for layer in head.attention_layers():
+        layer.kv_group = 0
+    head_config.vocab_size = target_config.vocab_size  # it embeds with the target's table
+    return EagleDrafter(head, layout, cfg.block_size, device, head_config)
+
+
+def _eagle_head(cfg, config, target_config, path):
+    """(head config, tensors, build) of an EAGLE / EAGLE-3 head folder."""
+    from polymodal.llm_core.config import load_config
+    from polymodal.llm_core.models.eagle import EagleHead
+    from polymodal.llm_core.weights import iter_checkpoint
+
     head_config = load_config(path, target_config.dtype, "generate",
                               {"architectures": ["LlamaForCausalLM"]})  # fmt: skip
     head_config.dtype = target_config.dtype
@@ -181,32 +219,44 @@ def build_eagle(cfg, config, device, target_config, target, path) -> EagleDrafte
     names = set(tensors)
     if not names and config.method == "eagle3":  # dummy weights: the published layout's
         names = {"lm_head.weight", "d2t"}
-    backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
-    max_positions = target_config.max_position_embeddings + 1024
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(head_config.dtype)
-    try:
-        with torch.device(device):
-            head = EagleHead(head_config, backend, max_positions, config.method, target, names,
-                             target_config.hidden_size)  # fmt: skip
-    finally:
-        torch.set_default_dtype(default_dtype)
-    if cfg.dummy_weights:
-        _randomize(head)
-        run_post_load_hooks(head)
-    else:
-        head.load_weights(tensors.items(), source=str(path))
-    head.eval()
-    if config.method == "eagle3":
-        from polymodal.llm_core.aux_states import aux_hooks
+    hidden = target_config.hidden_size
+    return (
+        head_config,
+        tensors,
+        lambda backend, max_positions, target: EagleHead(
+            head_config, backend, max_positions, config.method, target, names, hidden
+        ),
+    )
 
-        aux_hooks(target, aux_layer_ids(head_config.text_config, target_config.num_layers))
-    layout = plan_layout(head.kv_cache_specs())
-    if layout.num_groups != 1 or {g.spec.kind for g in layout.groups} != {FULL}:
+
+def _mtp_head(cfg, config, target_config, path):
+    """(config, tensors, build) of the MTP layer in the target's checkpoint `path`."""
+    from dataclasses import replace
+
+    from polymodal.llm_core.models.mtp import DeepSeekMTPHead
+    from polymodal.llm_core.weights import iter_checkpoint
+
+    layers = getattr(target_config.text_config, "num_nextn_predict_layers", 0) or 0
+    if target_config.architecture != "DeepseekV3ForCausalLM" or not layers:
         raise InvalidInputError(
-            f"speculative_config model {config.model!r}: its layers are not full attention"
+            f"speculative_config method {config.method!r}: {target_config.architecture} has no "
+            "multi-token-prediction layer (num_nextn_predict_layers; DeepSeek-V3 / R1 do)"
         )
-    for layer in head.attention_layers():
-        layer.kv_group = 0
-    head_config.vocab_size = target_config.vocab_size  # it embeds with the target's table
-    return EagleDrafter(head, layout, cfg.block_size, device, head_config)
+    layer = target_config.num_layers  # the first MTP layer (vLLM runs it for every draft)
+    prefix = f"model.layers.{layer}."
+    tensors = {}
+    if not cfg.dummy_weights:
+        tensors = {n: t for n, t in iter_checkpoint(path) if n.startswith(prefix)}
+        if not tensors:
+            raise InvalidInputError(
+                f"speculative_config method {config.method!r}: {path} holds no {prefix}* "
+                "tensors (the MTP layer)"
+            )
+    head_config = replace(target_config)
+    return (
+        head_config,
+        tensors,
+        lambda backend, max_positions, target: DeepSeekMTPHead(
+            head_config, backend, max_positions, target, layer
+        ),
+    )

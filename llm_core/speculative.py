@@ -20,7 +20,8 @@ steps of a larger batch draft nothing and keep async scheduling.
 
 With a draft model (`{"method": "draft_model", "model": DIR}`), the drafts are that model's
 greedy continuation instead (draft_model.py), with an EAGLE / EAGLE-3 head (`"method":
-"eagle" | "eagle3"`) the head's (eagle.py); everything after the proposal is the same.
+"eagle" | "eagle3"`) or DeepSeek-V3's MTP layer (`"mtp"`) the head's (eagle.py); everything
+after the proposal is the same.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import numpy as np
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.structured_output import DraftGrammar
 
-METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp", "deepseek_mtp")
+MTP_METHODS = ("mtp", "deepseek_mtp")  # the target's own MTP layer: no "model" needed
 # vLLM's methods that draft with heads polymodal does not load
-HEAD_METHODS = ("medusa", "mlp_speculator", "mtp", "deepseek_mtp")
+HEAD_METHODS = ("medusa", "mlp_speculator")
 _NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size"}  # fmt: skip
@@ -80,9 +82,12 @@ class SpeculativeConfig:
             raise InvalidInputError(
                 f"speculative_config method {method!r} is not supported: 'ngram' (prompt "
                 f"lookup), 'draft_model' (a smaller model), 'eagle' or 'eagle3' (a head; "
-                f"'model': its folder or hub id){why if method in HEAD_METHODS else ''}"
+                f"'model': its folder or hub id), 'mtp' / 'deepseek_mtp' (DeepSeek-V3's own "
+                f"MTP layer){why if method in HEAD_METHODS else ''}"
             )
-        if method != "ngram" and (not isinstance(model, str) or not model):
+        if method in MTP_METHODS and model is None:
+            pass  # the target checkpoint's own MTP layer
+        elif method != "ngram" and (not isinstance(model, str) or not model):
             raise InvalidInputError(
                 f"speculative_config method {method!r} needs 'model': the drafter's folder or "
                 f"hub id, got {model!r}"

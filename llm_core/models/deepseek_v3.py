@@ -15,8 +15,8 @@ mixture-of-experts MLPs with shared experts and grouped sigmoid routing.
   `decode_gemv`) run the whole block, routing and shared experts included, on the fused
   `moe_decode` path (`SparseMoeBlock`, `enable_moe_decode`); prefill keeps this one.
 - Multi-token prediction: the checkpoint's `num_nextn_predict_layers` extra layers (indices
-  from `num_hidden_layers` on) are skipped by the mapping (`ignored_weights`), kept for
-  speculative decoding later.
+  from `num_hidden_layers` on) are skipped by this mapping (`ignored_weights`); the first is a
+  draft head for speculative decoding (`speculative_config={"method": "mtp"}`: models/mtp.py).
 Block-wise FP8 checkpoints (`quantization_config`) need the quantized `LinearMethod` /
 `ExpertsMethod`: not loaded here yet.
 """

@@ -154,7 +154,7 @@ def test_what_is_not_done_is_refused(target, heads, tmp_path, tmp_path_factory):
     with pytest.raises((InvalidInputError, ModelLoadError), match="hidden size 32"):
         _engine(target, bad, "eagle")
     gemma = str(tiny_checkpoint(tmp_path_factory, "gemma3"))
-    with pytest.raises(InvalidInputError, match="drafters need one full-attention group"):
+    with pytest.raises(InvalidInputError, match="drafters need one full-attention"):
         _engine(gemma, heads["eagle"], "eagle")
 
 
