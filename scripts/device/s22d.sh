@@ -5,8 +5,8 @@
 # sides: what this measures is each drafter's cost per step, not its acceptance.
 source scripts/device/setup.sh
 # the host KV tier on CUDA (pinned slots, copies on the step's stream, graphs)
-timeout 90 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_kv_offload.py -m gpu \
-  2>&1 | tail -2
+timeout 120 python3 -m pytest -p no:cacheprovider -q tests/llm_core/test_kv_offload.py \
+  tests/llm_core/test_mtp.py -m gpu 2>&1 | tail -2  # + DeepSeek-V3's MTP drafts on CUDA
 DRAFT='{"method": "draft_model", "model": "sdk/configs/qwen2_5_0_5b", "num_speculative_tokens": 4}'
 # a synthetic EAGLE-3 config (sdk/configs/eagle3_qwen2_5_vl_7b)
 EAGLE='{"method": "eagle3", "model": "sdk/configs/eagle3_qwen2_5_vl_7b", "num_speculative_tokens": 3}'
