@@ -125,7 +125,7 @@ class EngineConfig:
     # the scheduler's docstring says how)
     scheduling_policy: str = "fcfs"
     # vLLM's: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a,
-    # "prompt_lookup_max": b}, or {"method": "draft_model", "model": DIR, ...} (speculative.py)
+    # "prompt_lookup_max": b}; "draft_model" / "eagle" / "eagle3" with "model": DIR; "mtp"
     speculative_config: Any = None
     # vLLM's: the most logprobs (top-N per token, prompt logprobs) a request may ask for
     max_logprobs: int = 20

@@ -172,6 +172,9 @@ class KVCacheManager:
         keep = set(ids[:first])
         spare = len(self.free) - sum(b in self.free for b in keep)
         for i in range(first, length):
+            if ids[i] is not None:  # on the device after a hole: nothing to copy
+                keep.add(ids[i])
+                continue
             slot = self.host.lookup((0, hashes[i]))
             if slot is None or spare <= 0:
                 return
