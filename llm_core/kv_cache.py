@@ -173,6 +173,7 @@ class KVCacheManager:
         spare = len(self.free) - sum(b in self.free for b in keep)
         for i in range(first, length):
             if ids[i] is not None:  # on the device after a hole: nothing to copy
+                spare -= ids[i] in self.free and ids[i] not in keep
                 keep.add(ids[i])
                 continue
             slot = self.host.lookup((0, hashes[i]))
