@@ -26,7 +26,6 @@ after the proposal is the same.
 
 from __future__ import annotations
 
-from copy import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,7 +214,8 @@ def draft_contexts(reqs: list, contexts: list) -> list:
         if ctx.grammar is not None:  # each row masked by the state after its drafts
             grammars = DraftGrammar(ctx.grammar, drafts).rows()
         for j in range(len(drafts) + 1):
-            row = copy(ctx)  # (`dataclasses.replace` reruns __init__: ~5x the time)
+            row = object.__new__(type(ctx))  # a shallow copy: ~1 us (copy.copy ~5, replace ~6)
+            row.__dict__.update(ctx.__dict__)
             if ctx.has_rules:  # only rules read the output so far
                 row.output_token_ids = ctx.output_token_ids + drafts[:j]
             row.draft = drafts[j] if j < len(drafts) else None
