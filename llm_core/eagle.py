@@ -15,8 +15,9 @@ the draft positions are rewritten by the next catch-up from the target's true fe
 A prefix hit (or any position whose target features were never seen) is skipped: the head
 reads the keys its blocks hold (written by the head of the request that computed them).
 The head's one-token steps replay its own CUDA graphs (eagle_graphs.py; the catch-up runs
-eagerly). Not done: `disable_by_batch_size` (the features of steps that do not draft would go
-unread), tensor parallelism.
+eagerly). With `disable_by_batch_size`, steps that do not draft still record their features
+(up to `MAX_FEATURE_ROWS` a sequence), read when drafting resumes. Not done: tensor
+parallelism.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ from polymodal.llm_core.kv_cache_spec import FULL, MLA, plan_layout
 from polymodal.llm_core.speculative import MTP_METHODS
 from polymodal.llm_core.step_batch import device_batch
 
+# Feature rows a sequence keeps for its head at most: while steps do not draft
+# (`disable_by_batch_size`), each adds one; past this the oldest go (a row of a 7B's features
+# is 7 KiB in bf16: 3.5 MiB a sequence at most) and the head's keys there stay as they were.
+MAX_FEATURE_ROWS = 512
+
 
 @dataclass
 class FeatureState(DraftState):
@@ -47,12 +53,16 @@ class FeatureState(DraftState):
     start: int = 0
 
     def keep(self, start: int, rows: torch.Tensor) -> None:
-        """Feature rows of positions `start`...; a gap or an earlier start begins anew."""
+        """Feature rows of positions `start`...; a gap or an earlier start begins anew; at most
+        `MAX_FEATURE_ROWS` (the oldest go: the head skips their positions)."""
         held = 0 if self.rows is None else self.rows.shape[0]
         if self.rows is None or not self.start <= start <= self.start + held:
             self.rows, self.start = rows, start
         else:  # rows past `start` were drafts the target rejected
             self.rows = torch.cat([self.rows[: start - self.start], rows])
+        extra = self.rows.shape[0] - MAX_FEATURE_ROWS
+        if extra > 0:
+            self.rows, self.start = self.rows[extra:], self.start + extra
 
 
 class EagleDrafter(DraftModel):
@@ -163,11 +173,6 @@ def build_eagle(cfg, config, device, target_config, target, path) -> EagleDrafte
     from polymodal.llm_core.loader import _randomize
     from polymodal.llm_core.weights import run_post_load_hooks
 
-    if config.disable_by_batch_size is not None:
-        raise InvalidInputError(
-            f"speculative_config {config.method}: disable_by_batch_size is not supported (the "
-            "head reads the target's features of every step)"
-        )
     backend = get_backend(cfg.attention_backend, str(device), cfg.sdpa_shapes)
     max_positions = target_config.max_position_embeddings + 1024
     make = _mtp_head if config.method in MTP_METHODS else _eagle_head

@@ -116,6 +116,37 @@ def test_features_from_the_graph_paths(target, heads, hf_target, plain, variant)
         assert drafts == reference_drafts(hf_target, heads[variant], variant, context, len(drafts))
 
 
+def test_steps_that_do_not_draft_keep_their_features(target, heads, hf_target, plain,
+                                                     monkeypatch):  # fmt: skip
+    """`disable_by_batch_size`: while more sequences run than it allows, steps draft nothing
+    (and overlap, with async scheduling) but record their features; once fewer run, the head
+    catches up on them and drafts as the reference does. With the rows capped below what a
+    sequence gathered, the oldest positions are skipped: the outputs stay the same."""
+    config = {"method": "eagle3", "model": str(heads["eagle3"]), "num_speculative_tokens": 3,
+              "disable_by_batch_size": 2}  # fmt: skip
+    engine = _engine(target, num_kv_blocks=256, async_scheduling=True, speculative_config=config)
+    seen = _record(engine)
+    budgets = [SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True)
+               for i in range(len(PROMPTS))]  # fmt: skip
+    ids = [engine.add_request(p, q) for p, q in zip(PROMPTS, budgets)]
+    final = engine.run_until_done()
+    assert [final[i].outputs[0].token_ids for i in ids] == [
+        w[: 4 + 2 * i] for i, w in enumerate(plain)
+    ]
+    assert seen and engine.num_free_blocks == 256
+    for context, drafts in seen:
+        want = reference_drafts(hf_target, heads["eagle3"], "eagle3", context, len(drafts))
+        assert drafts == want, context
+    monkeypatch.setattr("polymodal.llm_core.eagle.MAX_FEATURE_ROWS", 8)
+    engine = _engine(target, num_kv_blocks=256, speculative_config=config)
+    ids = [engine.add_request(p, q) for p, q in zip(PROMPTS, budgets)]
+    final = engine.run_until_done()
+    assert [final[i].outputs[0].token_ids for i in ids] == [
+        w[: 4 + 2 * i] for i, w in enumerate(plain)
+    ]
+    assert engine.speculation.num_draft_tokens > 0
+
+
 def test_preemption_stops_and_sampled_rows(target, heads, plain):
     small = _engine(target, heads["eagle3"], "eagle3", 2, num_kv_blocks=8, max_num_seqs=4)
     assert run_preempted(small, PROMPTS[2:6], GREEDY) == plain[2:6]
@@ -141,10 +172,6 @@ def test_a_binary_checkpoint_loads(target, heads, hf_target, tmp_path):
 
 
 def test_what_is_not_done_is_refused(target, heads, tmp_path, tmp_path_factory):
-    with pytest.raises(InvalidInputError, match="disable_by_batch_size is not supported"):
-        Engine(target, dtype="float32", device="cpu", num_kv_blocks=64, speculative_config={
-            "method": "eagle", "model": str(heads["eagle"]), "num_speculative_tokens": 2,
-            "disable_by_batch_size": 4})  # fmt: skip
     other = str(tiny_checkpoint(tmp_path_factory, "qwen2"))  # hidden 64 too, 2 layers
     with pytest.raises(InvalidInputError, match=r"no decoder layers \[1, 2, 3\]"):
         _engine(other, heads["eagle3"], "eagle3")
