@@ -116,6 +116,20 @@ def test_features_from_the_graph_paths(target, heads, hf_target, plain, variant)
         assert drafts == reference_drafts(hf_target, heads[variant], variant, context, len(drafts))
 
 
+def test_prefix_hits_read_the_heads_keys_in_the_cached_blocks(target, heads, hf_target, plain):
+    """The prompts again: their blocks come from the prefix cache, with the keys the first
+    run's head wrote in them (the target never recomputes those positions, so the head has no
+    features for them); the drafts still equal the reference."""
+    engine = _engine(target, heads["eagle3"], "eagle3", 3)
+    assert _run(engine) == plain
+    seen = _record(engine)
+    assert _run(engine) == plain
+    assert engine.scheduler.kv.num_hit_tokens > 0 and seen
+    for context, drafts in seen:
+        want = reference_drafts(hf_target, heads["eagle3"], "eagle3", context, len(drafts))
+        assert drafts == want, context
+
+
 def test_steps_that_do_not_draft_keep_their_features(target, heads, hf_target, plain,
                                                      monkeypatch):  # fmt: skip
     """`disable_by_batch_size`: while more sequences run than it allows, steps draft nothing
