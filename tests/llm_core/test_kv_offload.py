@@ -55,6 +55,24 @@ def test_an_evicted_prefix_comes_back_from_host_memory(ckpt, async_scheduling):
     assert engine.num_free_blocks == 24
 
 
+def test_preempted_requests_come_back_through_the_tier(ckpt):
+    """A pool too small for the batch preempts; a preempted request's blocks are evicted while
+    it waits (and kept in host memory) and its recompute reads them back: the outputs of a
+    pool that never preempts."""
+    from tests.helpers import run_preempted
+
+    prompts = [FIRST, *OTHERS[:3]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    roomy = _engine(ckpt, num_kv_blocks=256)
+    ids = [roomy.add_request(p, params) for p in prompts]
+    final = roomy.run_until_done()
+    want = [final[i].outputs[0].token_ids for i in ids]
+    small = _engine(ckpt, num_kv_blocks=26, kv_offloading_size=0.01, max_num_seqs=4)
+    assert run_preempted(small, prompts, params) == want
+    host = small.scheduler.kv.host
+    assert host.num_saved > 0 and host.num_loaded > 0 and small.num_free_blocks == 26
+
+
 def test_without_the_tier_the_prefix_is_computed_again(ckpt):
     engine = _engine(ckpt)
     _one(engine, FIRST)
