@@ -18,8 +18,10 @@ positions), so the draft always computes its own whole context.
 
 The drafts stay on the device from one draft step to the next (read back once, after the
 last); the one-token steps replay the draft's own decode graphs on CUDA (`DecodeGraphs`, up to
-`MAX_GRAPH_BATCH` sequences), the catch-up runs eagerly. Needs one full-attention KV group in
-both models (no sliding windows, chunked or cross layers, no MLA); the draft runs without LoRA.
+`MAX_GRAPH_BATCH` sequences), the catch-up runs eagerly. The target needs one KV group of full
+attention (or MLA), the draft one of full attention (no sliding windows, chunked or cross
+layers); the draft runs without LoRA. The batches, read-back and trim here serve the EAGLE /
+MTP heads too (eagle.py).
 """
 
 from __future__ import annotations
