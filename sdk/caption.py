@@ -25,6 +25,7 @@ from polymodal.batch_job import (
 from polymodal.batch_job import plan_job as plan_batch
 from polymodal.caption_io import RECORD_FIELDS, VISUAL_EXTENSIONS, media_kind
 from polymodal.feeder import PROCESS_WORKERS
+from polymodal.llm_core.errors import InvalidInputError
 
 DEFAULT_PROMPT = "Describe this {kind} in detail."
 _PLACEHOLDER = re.compile(r"\{(kind|name|path)\}")
@@ -96,32 +97,44 @@ def caption_command(parser: argparse.ArgumentParser):
     parser.add_argument("--max-pixels", type=int, help="resize budget per image / frame")
     parser.add_argument("--fps", type=float, help="video frames sampled per second")
     parser.add_argument("--num-frames", type=int, help="video frames sampled in all")
+    parser.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="N caption processes, each its own engine on its own GPUs (the items split "
+        "among them; caption_parallel.py)",
+    )
     add_engine_arguments(parser)
 
     def run(args) -> int:
+        from polymodal.caption_parallel import caption_parallel, merge_shards
+
+        if args.data_parallel_size < 1:
+            raise InvalidInputError("--data-parallel-size must be at least 1")
+        merge_shards(args.out)  # what a killed parallel run finished counts as done
         # Everything that can fail without the model is checked before it loads.
         paths, todo = plan_job(args.inputs, args.out)
         if not todo:
             return nothing_to_do(args.out, RECORD_FIELDS, len(paths), "captioned")
-
-        from polymodal.llm import LLM
-
-        llm = LLM(args.model, **engine_kwargs(args))
-        counts = caption_files(
-            llm,
-            paths,
-            args.out,
-            prompt=args.prompt,
-            params=sampling_params(args),
-            batch_size=args.batch_size,
-            workers=args.workers,
-            media_options={
+        options = {
+            "prompt": args.prompt,
+            "params": sampling_params(args),
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "media_options": {
                 "max_pixels": args.max_pixels,
                 "fps": args.fps,
                 "num_frames": args.num_frames,
             },
-            progress=not args.no_progress,
-        )
+        }
+        if args.data_parallel_size > 1:
+            counts = caption_parallel(args, todo, len(paths) - len(todo), options)
+        else:
+            from polymodal.llm import LLM
+
+            llm = LLM(args.model, **engine_kwargs(args))
+            counts = caption_files(llm, paths, args.out, progress=not args.no_progress,
+                                   **options)  # fmt: skip
         report(counts, args.out, "captioned")
         return 0
 
