@@ -69,22 +69,43 @@ class Eagle3Layer(nn.Module):
         return self.mlp(x), residual
 
 
-class EagleHead(ModelBase):
-    """One EAGLE / EAGLE-3 head over a target model (`target`: its `embed` and, for EAGLE
-    without an LM head of its own, `compute_logits`; not a submodule: its weights are the
-    target's)."""
+class DraftHead(ModelBase):
+    """A draft head over a target model: it embeds with the target's table and drafts from the
+    target's features (`target` is not a submodule: its weights are the target's). The
+    drafter's contract (eagle.py): `feature(hidden, aux)`, `forward(positions, embeds, feature,
+    kv_caches, meta) -> (rows, next features)`, `greedy(rows)`."""
+
+    supports_prefill_graphs = False
+    supports_lora = False
+
+    def __init__(self, target):
+        super().__init__()
+        self._target = [target]  # a list: not a submodule
+
+    @property
+    def target(self):
+        return self._target[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.target.embed(input_ids)
+
+    def feature(self, hidden: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
+        """The target's feature rows from a step's outputs: its last hidden states."""
+        return hidden
+
+
+class EagleHead(DraftHead):
+    """One EAGLE / EAGLE-3 head (for EAGLE without an LM head of its own, the target's
+    `compute_logits` reads its rows)."""
 
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
     weight_name_remap = [("model.", ""), ("midlayer.", "layers.0.")]
     ignored_weights = (r"^(model\.)?embed_tokens\.", r"^t2d$")
-    supports_prefill_graphs = False
-    supports_lora = False
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, variant: str, target,
                  tensor_names: set[str], target_hidden: int):  # fmt: skip
-        super().__init__()
+        super().__init__(target)
         self.config, self.variant = cfg, variant
-        self._target = [target]  # a list: not a submodule
         h = cfg.hidden_size
         bias = bool(getattr(cfg.text_config, "attention_bias", False))
         flavor = Flavor(bias, False, bias)
@@ -108,13 +129,6 @@ class EagleHead(ModelBase):
         if "d2t" in names:
             ids = torch.zeros(self.lm_head.out_features, dtype=torch.int64)
             self.d2t = nn.Parameter(ids, requires_grad=False)
-
-    @property
-    def target(self):
-        return self._target[0]
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.target.embed(input_ids)
 
     def feature(self, hidden: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
         """The target's feature rows from a step's outputs: its hidden state (EAGLE), or `fc`

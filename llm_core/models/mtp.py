@@ -21,8 +21,8 @@ from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers.moe import HF_EXPERT_MAPPING
 from polymodal.llm_core.layers.norm import AddedResidual, RMSNorm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
-from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3ForCausalLM
+from polymodal.llm_core.models.eagle import DraftHead
 
 
 class SharedHead(nn.Module):
@@ -32,19 +32,17 @@ class SharedHead(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
-class DeepSeekMTPHead(ModelBase):
-    """The MTP layer `layer` of a DeepSeek-V3 checkpoint over its `target` model (not a
-    submodule: the embedding is the target's)."""
+class DeepSeekMTPHead(DraftHead):
+    """The MTP layer `layer` of a DeepSeek-V3 checkpoint over its `target` model; its feature
+    is the target's last hidden state."""
 
     packed_modules_mapping = DeepseekV3ForCausalLM.packed_modules_mapping
     expert_modules_mapping = HF_EXPERT_MAPPING
-    supports_prefill_graphs = False
-    supports_lora = False
     variant = "mtp"
 
     def __init__(self, cfg: ModelConfig, backend, max_positions: int, target, layer: int):
-        super().__init__()
-        self.config, self._target = cfg, [target]
+        super().__init__(target)
+        self.config = cfg
         h = cfg.hidden_size
         self.rotary = RotaryEmbedding(cfg.text_config, cfg.text_config.qk_rope_head_dim,
                                       max_positions)  # fmt: skip
@@ -58,17 +56,6 @@ class DeepSeekMTPHead(ModelBase):
         self.weight_name_remap = [(prefix + b, "mtp_block." + b) for b in block]
         self.weight_name_remap.append((prefix, ""))
         self.ignored_weights = ("^" + re.escape(prefix + "embed_tokens."),)
-
-    @property
-    def target(self):
-        return self._target[0]
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.target.embed(input_ids)
-
-    def feature(self, hidden: torch.Tensor, aux: list[torch.Tensor]) -> torch.Tensor:
-        """The target's feature rows: its last hidden states (after the final norm)."""
-        return hidden
 
     def forward(self, positions, embeds, feature, kv_caches, meta):
         """(the block's output rows, the same as the next step's features)."""

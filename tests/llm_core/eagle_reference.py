@@ -69,6 +69,21 @@ def write_head(out: Path, variant: str, seed: int = 0, aux_layers=(1, 2, 3), bin
     return out
 
 
+def record_proposals(engine) -> list[tuple[list[int], list[int]]]:
+    """Wrap `engine`'s drafter: every proposal lands in the returned list as (the sequence's
+    context then, its drafts)."""
+    seen, drafter = [], engine.speculation.drafter
+    propose = drafter.propose
+
+    def wrapped(kv, reqs, rooms, vocab):
+        drafts = propose(kv, reqs, rooms, vocab)
+        seen.extend((r.all_token_ids, d) for r, d in zip(reqs, drafts) if d)
+        return drafts
+
+    drafter.propose = wrapped
+    return seen
+
+
 def _rms(x, weight, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

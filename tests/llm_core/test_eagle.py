@@ -11,7 +11,7 @@ from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import run_preempted, tiny_checkpoint
-from tests.llm_core.eagle_reference import reference_drafts, write_head
+from tests.llm_core.eagle_reference import record_proposals, reference_drafts, write_head
 
 PROMPTS = [[(11 * i + 5 * j) % 450 + 20 for j in range(n)] for i, n in enumerate(range(4, 50, 9))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
@@ -43,20 +43,6 @@ def _run(engine, prompts=PROMPTS, params=GREEDY):
     return [final[i].outputs[0].token_ids for i in ids]
 
 
-def _record(engine):
-    """Every proposal: (the sequence's context then, its drafts)."""
-    seen, drafter = [], engine.speculation.drafter
-    propose = drafter.propose
-
-    def wrapped(kv, reqs, rooms, vocab):
-        drafts = propose(kv, reqs, rooms, vocab)
-        seen.extend((r.all_token_ids, d) for r, d in zip(reqs, drafts) if d)
-        return drafts
-
-    drafter.propose = wrapped
-    return seen
-
-
 @pytest.fixture(scope="module")
 def plain(target):
     return _run(_engine(target))
@@ -80,7 +66,7 @@ def test_drafts_equal_the_reference_and_outputs_do_not_change(target, heads, hf_
     engine = _engine(target, heads[variant], variant, 3, max_num_batched_tokens=budget,
                      max_graph_batch=graphs)  # fmt: skip
     assert (engine.speculation.drafter.graphs is None) == (graphs == 0)
-    seen = _record(engine)
+    seen = record_proposals(engine)
     assert _run(engine) == plain
     assert len(seen) > 20
     for context, drafts in seen:
@@ -101,7 +87,7 @@ def test_features_from_the_graph_paths(target, heads, hf_target, plain, variant)
     runner = engine.runner
     runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, 8, 16, False)
     runner.prefill_graphs = PrefillGraphs(runner.model, runner.kv_caches, 64, 16, False)
-    seen = _record(engine)
+    seen = record_proposals(engine)
     drafter, calls = engine.speculation.drafter, []
     propose = drafter.propose
 
@@ -122,7 +108,7 @@ def test_prefix_hits_read_the_heads_keys_in_the_cached_blocks(target, heads, hf_
     features for them); the drafts still equal the reference."""
     engine = _engine(target, heads["eagle3"], "eagle3", 3)
     assert _run(engine) == plain
-    seen = _record(engine)
+    seen = record_proposals(engine)
     assert _run(engine) == plain
     assert engine.scheduler.kv.num_hit_tokens > 0 and seen
     for context, drafts in seen:
@@ -139,7 +125,7 @@ def test_steps_that_do_not_draft_keep_their_features(target, heads, hf_target, p
     config = {"method": "eagle3", "model": str(heads["eagle3"]), "num_speculative_tokens": 3,
               "disable_by_batch_size": 2}  # fmt: skip
     engine = _engine(target, num_kv_blocks=256, async_scheduling=True, speculative_config=config)
-    seen = _record(engine)
+    seen = record_proposals(engine)
     budgets = [SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True)
                for i in range(len(PROMPTS))]  # fmt: skip
     ids = [engine.add_request(p, q) for p, q in zip(PROMPTS, budgets)]
@@ -179,7 +165,7 @@ def test_a_binary_checkpoint_loads(target, heads, hf_target, tmp_path):
     """`pytorch_model.bin` (how the published EAGLE heads ship) reads as safetensors do."""
     head = write_head(tmp_path / "bin", "eagle3", seed=3, binary=True)
     engine = _engine(target, head, "eagle3", 2)
-    seen = _record(engine)
+    seen = record_proposals(engine)
     _run(engine, PROMPTS[:2])
     context, drafts = seen[0]
     assert drafts == reference_drafts(hf_target, head, "eagle3", context, len(drafts))
@@ -243,7 +229,7 @@ def test_grammars_sleep_and_the_server(target, heads, hf_target, tmp_path_factor
         [{"prompt_token_ids": p} for p in PROMPTS[:3]], GREEDY, use_tqdm=False)]  # fmt: skip
     llm.sleep(level=1)
     llm.wake_up()
-    seen = _record(llm.engine)
+    seen = record_proposals(llm.engine)
     after = [o.outputs[0].token_ids for o in llm.generate(
         [{"prompt_token_ids": p} for p in PROMPTS[:3]], GREEDY, use_tqdm=False)]  # fmt: skip
     assert after == before and seen

@@ -16,6 +16,7 @@ from polymodal.llm_core.engine import Engine
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import tiny_checkpoint
+from tests.llm_core.eagle_reference import record_proposals
 
 PROMPTS = [[(13 * i + 7 * j) % 400 + 20 for j in range(n)] for i, n in enumerate(range(5, 40, 8))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -114,14 +115,7 @@ def test_drafts_equal_the_reference_and_outputs_do_not_change(ckpt):
     plain = _run(_engine(ckpt, spec=False))
     engine = _engine(ckpt)
     assert engine.runner.draft.layout.groups[0].spec.kind == "mla"
-    seen, propose = [], engine.speculation.drafter.propose
-
-    def record(kv, reqs, rooms, vocab):
-        drafts = propose(kv, reqs, rooms, vocab)
-        seen.extend((r.all_token_ids, d) for r, d in zip(reqs, drafts) if d)
-        return drafts
-
-    engine.speculation.drafter.propose = record
+    seen = record_proposals(engine)
     assert _run(engine) == plain
     assert engine.num_free_blocks == 256 and len(seen) > 10
     hf = tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()

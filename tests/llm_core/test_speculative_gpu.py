@@ -66,7 +66,7 @@ def test_eagle_heads_under_the_target_graphs(tmp_path_factory, variant, batch):
     near tie may flip one)."""
     from transformers import AutoModelForCausalLM
 
-    from tests.llm_core.eagle_reference import reference_drafts, write_head
+    from tests.llm_core.eagle_reference import record_proposals, reference_drafts, write_head
 
     path = str(tiny_checkpoint(tmp_path_factory, "llama", num_hidden_layers=4))
     head = write_head(tmp_path_factory.mktemp("head") / variant, variant, seed=3)
@@ -74,14 +74,7 @@ def test_eagle_heads_under_the_target_graphs(tmp_path_factory, variant, batch):
     prompts = (PROMPTS * 2)[:batch]
     engine = Engine(path, dtype="float32", device="cuda", num_kv_blocks=512,
                     speculative_config=config)  # fmt: skip
-    seen, propose = [], engine.speculation.drafter.propose
-
-    def record(kv, reqs, rooms, vocab):
-        drafts = propose(kv, reqs, rooms, vocab)
-        seen.extend((r.all_token_ids, d) for r, d in zip(reqs, drafts) if d)
-        return drafts
-
-    engine.speculation.drafter.propose = record
+    seen = record_proposals(engine)
     ids = [engine.add_request(p, GREEDY) for p in prompts]
     final = engine.run_until_done()
     _, plain = _outputs(path, prompts, "float32", False)
