@@ -85,16 +85,19 @@ class EagleDrafter(DraftModel):
 
     def record(self, sched, hidden: torch.Tensor, aux: list[torch.Tensor]) -> None:
         """Keep the features of the positions each scheduled sequence computed this step
-        (before the scheduler counts them); copies: graph outputs are rewritten."""
+        (before the scheduler counts them); the target's hidden rows are copied (a graph
+        rewrites its outputs), EAGLE-3's `fc` output is fresh already."""
         if self.net.variant == "eagle3" and len(aux) != 3:
             return  # a path that kept no residual streams (none here: each graph keeps them)
         feature = self.net.feature(hidden, aux)
+        static = feature is hidden  # the target's own rows: a graph's buffer, rewritten later
         offset = 0
         for req, n in zip(sched.requests, sched.num_new_tokens):
             state = req.draft_state
             if state is None or state.table is not req.block_tables[0]:
                 state = req.draft_state = FeatureState(req.block_tables[0])
-            state.keep(req.num_computed_tokens, feature[offset : offset + n].clone())
+            rows = feature[offset : offset + n]
+            state.keep(req.num_computed_tokens, rows.clone() if static else rows)
             offset += n
 
     @torch.inference_mode()
