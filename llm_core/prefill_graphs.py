@@ -20,6 +20,8 @@ from polymodal.llm_core.cuda_graph import cache_device, cache_page, capture_buck
 # decoder row of GEMM work, so coarse buckets there would cost more than the graph saves).
 PREFILL_BUCKETS = [*range(16, 513, 16), *range(544, 1025, 32)]
 PREFILL_MAX_SEQS = 8  # sequences per captured prefill step (padding ones have no queries)
+# sequences per captured verify step (speculative decoding), above PREFILL_MAX_SEQS
+VERIFY_SEQS = [12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 
 
 class PrefillGraphs:
@@ -44,12 +46,19 @@ class PrefillGraphs:
         num_cross_groups: int = 0,
         max_cross_blocks: int = 0,
         media_ranges: bool = False,
+        verify_width: int = 0,
+        max_seqs: int = 0,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [max_tokens]
+        # (tokens, sequences, longest query) of each graph, by tokens: the prompt buckets, then
+        # verify steps of `verify_width` (k + 1) queries a sequence, up to `max_seqs` sequences
+        w = verify_width
+        verify = [(c * w, c, w) for c in VERIFY_SEQS if c <= max_seqs and c * w <= max_tokens]
+        self.shapes = sorted([(b, PREFILL_MAX_SEQS, b) for b in self.buckets] + verify)
         device = cache_device(kv_caches)
-        n, s = self.buckets[-1], PREFILL_MAX_SEQS
+        n, s = self.buckets[-1], max(c for _, c, _ in self.shapes)
         hidden, dtype = model.config.hidden_size, model.config.dtype
         self.embeds = torch.zeros(n, hidden, dtype=dtype, device=device)
         self.positions = torch.zeros((3, n) if uses_mrope else n, dtype=torch.int64, device=device)
@@ -69,23 +78,26 @@ class PrefillGraphs:
         )
         self.key_ranges_cpu = None  # the eager (uncaptured) path's lists, for the torch backend
         self.hidden = torch.zeros(n, hidden, dtype=dtype, device=device)
-        self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}  # as DecodeGraphs'
+        # by shape index (`shapes`), as DecodeGraphs' by bucket
+        self.graphs: dict[bool, dict[int, torch.cuda.CUDAGraph]] = {}
         self.capture_cost: dict[bool, tuple[float, int]] = {}
         self.pool = None
         self.runs = 0
         self.lora_runs = 0
-        # per bucket its kept residual streams (aux_states.py); the last step's rows of them
+        self.verify_runs = 0
+        # per shape its kept residual streams (aux_states.py); the last step's rows of them
         self.aux: dict[int, list] = {}
         self.last_aux: list = []
 
-    def _forward(self, n: int) -> None:
+    def _forward(self, shape: int) -> None:
+        n, s, max_q = self.shapes[shape]
         metas = [
             AttentionMetadata(
-                query_start_loc=self.query_start_loc,
-                seq_lens=self.seq_lens,
-                block_tables=self.block_tables[:, g],
+                query_start_loc=self.query_start_loc[: s + 1],
+                seq_lens=self.seq_lens[:s],
+                block_tables=self.block_tables[:s, g],
                 slot_mapping=self.slot_mapping[g, :n],
-                max_query_len=n,  # sizes the prefill grid for any split of n tokens
+                max_query_len=max_q,  # sizes the prefill grid for any split of n tokens
                 max_seq_len=self.block_tables.shape[2] * cache_page(self.kv_caches),
             )
             for g in range(self.block_tables.shape[1])
@@ -96,11 +108,11 @@ class PrefillGraphs:
                 m.media_key_ranges_cpu = self.key_ranges_cpu
         metas += [  # cross groups: nothing stored (a step writing encoder rows runs eager)
             AttentionMetadata(
-                query_start_loc=self.query_start_loc,
-                seq_lens=self.cross_lens,
-                block_tables=self.cross_tables[:, c],
+                query_start_loc=self.query_start_loc[: s + 1],
+                seq_lens=self.cross_lens[:s],
+                block_tables=self.cross_tables[:s, c],
                 slot_mapping=self.slot_mapping[0, :0],
-                max_query_len=n,
+                max_query_len=max_q,
                 max_seq_len=self.cross_tables.shape[2] * cache_page(self.kv_caches),
                 cross_ranges=self.cross_ranges[:, :n],
             )
@@ -110,32 +122,46 @@ class PrefillGraphs:
         meta.groups = metas if len(metas) > 1 else None
         positions = self.positions[..., :n]
         self.hidden[:n] = self.model(positions, self.embeds[:n], self.kv_caches, meta)
-        self.aux[n] = outputs_aux(self.model)  # kept residual streams (static once captured)
+        self.aux[shape] = outputs_aux(self.model)  # kept residual streams (static once captured)
 
     @torch.inference_mode()
     def capture(self, lora: bool = False) -> None:
-        """Capture every bucket as the set `lora` (as `DecodeGraphs.capture`; no queries during
+        """Capture every shape as the set `lora` (as `DecodeGraphs.capture`; no queries during
         capture: nothing is stored or read)."""
         self.graphs[lora], self.pool, self.capture_cost[lora] = capture_buckets(
-            self.buckets, self._forward, self.pool
+            list(range(len(self.shapes))), self._forward, self.pool
         )
 
-    def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int, ranges=None) -> bool:
-        """Whether a step fits the captured buckets; `ranges`: its media key ranges (a step
-        with some fits only graphs captured with them)."""
+    def shape_for(self, num_tokens: int, num_seqs: int, max_query_len: int) -> int | None:
+        """The index of the smallest shape that holds a step, or None."""
+        return next(
+            (
+                i
+                for i, (n, s, q) in enumerate(self.shapes)
+                if n >= num_tokens and s >= num_seqs and q >= max_query_len
+            ),
+            None,
+        )
+
+    def can_run(self, num_tokens: int, num_seqs: int, num_blocks: int, ranges=None,
+                max_query_len: int | None = None) -> bool:  # fmt: skip
+        """Whether a step fits a captured shape (`max_query_len`: its longest query, the
+        step's tokens when not given); `ranges`: its media key ranges (a step with some fits
+        only graphs captured with them)."""
         return (
-            num_tokens <= self.buckets[-1]
-            and num_seqs <= PREFILL_MAX_SEQS
+            self.shape_for(num_tokens, num_seqs, max_query_len or num_tokens) is not None
             and num_blocks <= self.block_tables.shape[2]
             and (ranges is None or self.key_ranges is not None)
         )  # (cross tables are never wider than `max_cross_blocks`)
 
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, meta, lora: bool = False):
-        """Replay the smallest bucket that holds this step, from the set `lora`; returns hidden
+        """Replay the smallest shape that holds this step, from the set `lora`; returns hidden
         `[num_tokens, hidden]` (a view of a static buffer: valid until the next replay)."""
         n, s = embeds.shape[0], meta.num_seqs
-        bucket = next(b for b in self.buckets if b >= n)
+        shape = self.shape_for(n, s, meta.max_query_len)
+        bucket = self.shapes[shape][0]
         self.runs += 1
+        self.verify_runs += self.shapes[shape][1] > PREFILL_MAX_SEQS
         self.lora_runs += lora
         self.embeds[:n].copy_(embeds)
         self.positions[..., :n].copy_(positions)
@@ -160,10 +186,10 @@ class PrefillGraphs:
         self.seq_lens[:s].copy_(meta.seq_lens)
         self.seq_lens[s:].zero_()
         if self.graphs:
-            self.graphs[lora][bucket].replay()
+            self.graphs[lora][shape].replay()
         else:  # not captured (CPU tests of the padding): the same padded forward, eagerly
-            self._forward(bucket)
-        self.last_aux = [a[:n] for a in self.aux[bucket]]
+            self._forward(shape)
+        self.last_aux = [a[:n] for a in self.aux[shape]]
         return self.hidden[:n]
 
     def _copy_ranges(self, ranges, ranges_cpu, n: int, bucket: int) -> None:

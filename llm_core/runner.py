@@ -97,14 +97,17 @@ class ModelRunner:
         )  # fmt: skip
         self._capture(self.graphs)
 
-    def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
-        """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens."""
+    def capture_prefill_graphs(self, max_tokens: int, max_model_len: int, verify_width: int = 0,
+                               max_seqs: int = 0) -> None:  # fmt: skip
+        """Capture CUDA graphs for non-decode steps of up to `max_tokens` tokens (and verify
+        steps of `verify_width` tokens a sequence, up to `max_seqs` sequences)."""
         from polymodal.llm_core.prefill_graphs import PrefillGraphs
 
         max_blocks = -(-max_model_len // self.block_size)
         self.prefill_graphs = PrefillGraphs(
             self.model, self.kv_caches, max_tokens, max_blocks, self.uses_mrope, self.num_kv_groups,
-            self.num_cross_groups, self.max_cross_blocks, self.bidirectional_media,
+            self.num_cross_groups, self.max_cross_blocks, self.bidirectional_media, verify_width,
+            max_seqs,
         )  # fmt: skip
         self._capture(self.prefill_graphs)
 
@@ -201,7 +204,7 @@ class ModelRunner:
             embeds = merge_multimodal_embeddings(embeds, slot_idx, mm)
         prefill = self.prefill_graphs
         fits = prefill and prefill.can_run(
-            len(hb.ids), len(hb.query_lens), hb.max_blocks, hb.key_ranges
+            len(hb.ids), len(hb.query_lens), hb.max_blocks, hb.key_ranges, meta.max_query_len
         )
         # captured graphs store no encoder rows
         if fits and states is None:

@@ -1,5 +1,5 @@
 """Speculative decoding on CUDA: the Triton backend with decode and prefill graphs (a step of
-one sequence with drafts replays a prefill graph; more than eight run eager), in fp32, gives
+one sequence with drafts replays a prefill graph; more than eight a verify shape's), in fp32, gives
 the tokens of decoding without drafts (in bf16 a chunk's and a decode step's rounding may
 differ, so near ties can flip: the bench measures bf16). N-gram drafts, a draft model whose
 one-token steps replay its own captured decode graphs, and EAGLE / EAGLE-3 heads fed by the
@@ -40,6 +40,7 @@ def test_greedy_equals_decoding_without_drafts(tmp_path_factory, arch, batch):
     assert engine.runner.graphs is not None and engine.runner.prefill_graphs is not None
     assert spec == plain
     assert engine.speculation.num_accepted_tokens > 0
+    assert (engine.runner.prefill_graphs.verify_runs > 0) == (batch > 8)
 
 
 @pytest.mark.parametrize("batch", [1, 12])
