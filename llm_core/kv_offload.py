@@ -9,7 +9,10 @@ next blocks by their hashes here and `load` queues their copy into fresh device 
 then count as cached. The copies are queued in order and run by the runner at the start of
 its next step (`run_pending`), before that step's forward writes any block: on one CUDA
 stream (pinned host memory, asynchronous), so a save always reads what the steps before it
-wrote and a load always follows the save that filled its slot.
+wrote and a load always follows the save that filled its slot. The queue runs in batches (a
+run of saves or of loads, each slot and block once): per KV tensor one gather (or scatter)
+kernel over the batch's device blocks and one copy per run of consecutive host slots, not a
+copy per block and tensor (a 2000-token prefix of a 7B: ~56 launches, not ~7000).
 
 One host slot holds a block id's pages in every KV tensor (and in a drafter's). Layouts of one
 full-attention group only (no sliding windows, chunked, cross or MLA layers: as vLLM's).
@@ -21,16 +24,19 @@ from collections import OrderedDict
 
 import torch
 
+from polymodal.llm_core.host_copy import to_device
+
 
 class HostKVTier:
     """`num_blocks` host slots mirroring the device pool's pages of `tensors` (the KV tensors,
-    each `[planes, blocks, block_size, heads, dim]`, each once)."""
+    each `[planes, blocks, block_size, heads, dim]`, each once); a slot's pages of one tensor
+    are contiguous in host memory (`host[i][slot]`: `[planes, block_size, heads, dim]`)."""
 
     def __init__(self, tensors: list[torch.Tensor], num_blocks: int):
         self.tensors = tensors
         pin = tensors[0].is_cuda
         self.host = [
-            torch.zeros((t.shape[0], num_blocks, *t.shape[2:]), dtype=t.dtype, pin_memory=pin)
+            torch.zeros((num_blocks, t.shape[0], *t.shape[2:]), dtype=t.dtype, pin_memory=pin)
             for t in tensors
         ]
         self.num_blocks = num_blocks
@@ -73,18 +79,50 @@ class HostKVTier:
             return
         ops, self.pending = self.pending, []
         with torch.inference_mode():
-            for save, block_id, slot in ops:
+            for save, blocks, slots in _batches(ops):
+                ids = to_device(blocks, torch.int64, self.tensors[0].device)
                 for device, host in zip(self.tensors, self.host):
-                    if save:
-                        host[:, slot].copy_(device[:, block_id], non_blocking=True)
-                    else:
-                        device[:, block_id].copy_(host[:, slot], non_blocking=True)
+                    pages = device.transpose(0, 1)  # [blocks, planes, ...]
+                    if save:  # gathered into one contiguous buffer, then copied out in runs
+                        staged = pages[ids]
+                        for i, j, slot in _runs(slots):
+                            host[slot : slot + j - i].copy_(staged[i:j], non_blocking=True)
+                    else:  # copied in by runs of slots, then scattered to the blocks
+                        parts = [host[slot : slot + j - i].to(device.device, non_blocking=True)
+                                 for i, j, slot in _runs(slots)]  # fmt: skip
+                        pages[ids] = parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def reset(self) -> None:
         """Forget every saved block (the prefix cache was reset: weights changed, sleep)."""
         self.slots.clear()
         self.free = list(range(self.num_blocks - 1, -1, -1))
         self.pending.clear()
+
+
+def _batches(ops: list[tuple[bool, int, int]]):
+    """The queued copies in order as (save?, device blocks, host slots) batches: a run of one
+    kind that touches each slot and each block once (a second copy to either starts the next
+    batch: a scatter to one block twice has no order on the GPU)."""
+    batch, kind, seen = ([], []), None, set()
+    for save, block_id, slot in ops:
+        if save is not kind or ("s", slot) in seen or ("b", block_id) in seen:
+            if batch[0]:
+                yield kind, *batch
+            batch, kind, seen = ([], []), save, set()
+        batch[0].append(block_id)
+        batch[1].append(slot)
+        seen.update((("s", slot), ("b", block_id)))
+    if batch[0]:
+        yield kind, *batch
+
+
+def _runs(slots: list[int]):
+    """(i, j, first slot) of each run of consecutive slots in `slots[i:j]`."""
+    i = 0
+    for j in range(1, len(slots) + 1):
+        if j == len(slots) or slots[j] != slots[j - 1] + 1:
+            yield i, j, slots[i]
+            i = j
 
 
 def check_offload_options(size: float | None, backend: str | None) -> None:

@@ -109,9 +109,55 @@ def test_host_slots_are_reused_least_recently_used_first():
     assert tier.lookup("b") is None and tier.lookup("c") == 1 and tier.num_saved == 3
     tier.load(1, 5)  # block 2's content (as "c") into block 5, after the saves, in order
     tier.run_pending()
-    assert torch.equal(device[:, 5], device[:, 2]) and torch.equal(tier.host[0][:, 0], device[:, 0])
+    assert torch.equal(device[:, 5], device[:, 2]) and torch.equal(tier.host[0][0], device[:, 0])
     tier.reset()
     assert tier.lookup("a") is None and tier.free == [1, 0]
+
+
+def _copy_one_by_one(tensors, host, ops):
+    """The queued copies one block and one tensor at a time (what the batches must equal)."""
+    for save, block_id, slot in ops:
+        for device, pages in zip(tensors, host):
+            if save:
+                pages[slot] = device[:, block_id]
+            else:
+                device[:, block_id] = pages[slot]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_copies_equal_copying_block_by_block(seed):
+    """Saves and loads in any order (slots consecutive or not, a slot saved twice, a load
+    right after the save of its slot, a block saved after a load into it) leave the device
+    pool and the host slots as copying each block on its own, in order, does."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(2, 12, 2, 3, 4, generator=gen) for _ in range(2)]
+    tier = HostKVTier([t.clone() for t in tensors], 8)
+    ops = []
+    for _ in range(40):
+        save = bool(torch.randint(0, 3, (1,), generator=gen)) or not ops
+        block, slot = (int(torch.randint(0, n, (1,), generator=gen)) for n in (12, 8))
+        slot = ops[-1][2] + 1 if ops and slot % 2 and ops[-1][2] < 7 else slot  # runs
+        ops.append((save, block, slot))
+    want_device = [t.clone() for t in tensors]
+    want_host = [h.clone() for h in tier.host]
+    _copy_one_by_one(want_device, want_host, ops)
+    tier.pending = list(ops)
+    tier.run_pending()
+    assert all(torch.equal(a, b) for a, b in zip(tier.tensors, want_device))
+    assert all(torch.equal(a, b) for a, b in zip(tier.host, want_host))
+
+
+def test_copies_batch_by_kind_and_run():
+    """Saves to consecutive slots are one batch and one copy; a second copy to a block or a
+    slot, or the other kind, starts a new batch."""
+    from polymodal.llm_core.kv_offload import _batches, _runs
+
+    saves = [(True, b, s) for b, s in zip([7, 3, 9, 1], [0, 1, 2, 3])]
+    assert list(_batches(saves)) == [(True, [7, 3, 9, 1], [0, 1, 2, 3])]
+    assert list(_runs([0, 1, 2, 3])) == [(0, 4, 0)]
+    assert list(_runs([4, 5, 1, 2, 6])) == [(0, 2, 4), (2, 4, 1), (4, 5, 6)]
+    ops = [(False, 2, 0), (False, 2, 1), (False, 3, 1), (True, 4, 1)]
+    assert [(k, b) for k, b, _ in _batches(ops)] == [(False, [2]), (False, [2, 3]), (True, [4])]
 
 
 @pytest.mark.parametrize(
