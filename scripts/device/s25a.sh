@@ -9,3 +9,4 @@ timeout 240 python3 -m pytest -p no:cacheprovider -q -rfE tests/llm_core/test_sp
 timeout 200 python3 -m pytest -p no:cacheprovider -q -rfE tests/llm_core/test_weight_update.py \
   tests/llm_core/test_sleep.py tests/llm_core/test_vl_embedding.py tests/llm_core/test_prompt_embeds.py \
   tests/sdk/test_image_embeds.py -k "captured or gpu or cuda" 2>&1 | tail -8
+timeout 60 python3 scripts/device/kv_tier_copies.py 2>&1 | tail -6  # batched host-tier copies
