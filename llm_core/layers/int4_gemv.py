@@ -88,7 +88,8 @@ def _tile_dot(p, hi, z, x):
 def _load_tile(qw_ptr, z_ptr, s_ptr, tile, offs_r, offs_n, n_mask, N, K,
                BLOCK_KP: tl.constexpr, GROUP_TILES: tl.constexpr):  # fmt: skip
     """One K tile's packed weights `[NT, BLOCK_KP, SUB_N]` (rows past K: 0), and its group's
-    scales (times 2^49: the dots' unit back to 1) and zeros `[NT, 1, SUB_N]`, in fp32."""
+    scales (times 2^49: the dots' unit back to 1) and zeros `[NT, 1, SUB_N]`, in fp32 (features
+    outside `n_mask`: zeros, not read)."""
     rows = tile * BLOCK_KP + offs_r  # packed rows of this tile
     lo = tl.load(qw_ptr + rows.to(tl.int64)[None, :, None] * N + offs_n[:, None, :],
                  mask=(rows < K // 8)[None, :, None] & n_mask[:, None, :], other=0,
@@ -136,6 +137,7 @@ def _int4_gemv_kernel(
     NORM: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_TILES: tl.constexpr, SUB_N: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n block, k split): out[m, f] = sum over its K tiles of
     s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k] (the module docstring says how). x may be
@@ -170,14 +172,30 @@ def _int4_gemv_kernel(
             perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM, SILU_MUL, NORM,
             BLOCK_M, BLOCK_KP,
         )  # fmt: skip
-    for tile in range(tile_start + 1, tile_end):
-        lo, s, z = _load_tile(qw_ptr, z_ptr, s_ptr, tile, offs_r, offs_n, n_mask, N, K,
-                              BLOCK_KP, GROUP_TILES)  # fmt: skip
-        acc0, acc1, acc2, acc3 = _tile_step(
-            acc0, acc1, acc2, acc3, lo, s, z, tile, offs_r, x_ptr, stride_xm, M, K,
-            perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM, SILU_MUL, NORM,
-            BLOCK_M, BLOCK_KP,
-        )  # fmt: skip
+    if PREFETCH:  # two tiles in flight: the next tile's loads issue before this tile's math
+        lo, s, z = _load_tile(qw_ptr, z_ptr, s_ptr, tile_start + 1, offs_r, offs_n,
+                              n_mask & (tile_start + 1 < tile_end), N, K, BLOCK_KP,
+                              GROUP_TILES)  # fmt: skip
+        for tile in range(tile_start + 1, tile_end):
+            lo_next, s_next, z_next = _load_tile(
+                qw_ptr, z_ptr, s_ptr, tile + 1, offs_r, offs_n, n_mask & (tile + 1 < tile_end),
+                N, K, BLOCK_KP, GROUP_TILES,
+            )  # fmt: skip
+            acc0, acc1, acc2, acc3 = _tile_step(
+                acc0, acc1, acc2, acc3, lo, s, z, tile, offs_r, x_ptr, stride_xm, M, K,
+                perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM, SILU_MUL, NORM,
+                BLOCK_M, BLOCK_KP,
+            )  # fmt: skip
+            lo, s, z = lo_next, s_next, z_next
+    else:
+        for tile in range(tile_start + 1, tile_end):
+            lo, s, z = _load_tile(qw_ptr, z_ptr, s_ptr, tile, offs_r, offs_n, n_mask, N, K,
+                                  BLOCK_KP, GROUP_TILES)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _tile_step(
+                acc0, acc1, acc2, acc3, lo, s, z, tile, offs_r, x_ptr, stride_xm, M, K,
+                perm_ptr, norm_w_ptr, rstd0, rstd1, rstd2, rstd3, HAS_PERM, SILU_MUL, NORM,
+                BLOCK_M, BLOCK_KP,
+            )  # fmt: skip
     out_offs = offs_n  # row m's outputs at m N + offs_n
     if SPLIT_K > 1:
         part_ptr += pid_k * M * N
@@ -252,10 +270,11 @@ def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int,
 def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None,
               silu_mul: bool = False, residual: torch.Tensor | None = None):  # fmt: skip
     """`x [M <= 4, K]` times the INT4 weight: `[M, N]` in x's dtype. `config`: (BLOCK_N,
-    BLOCK_K, SPLIT_K[, num_warps]); BLOCK_K must divide the group. As the 16-bit GEMV
-    (`gemv.gemv`): x may be a `DeferredNorm` (normalized as it loads), `silu_mul` takes x as
-    `[gate | up]`, and `residual` makes it return `AddedResidual(out + residual, sums of
-    squares)` for the next GEMV's deferred norm."""
+    BLOCK_K, SPLIT_K[, num_warps[, prefetch]]); BLOCK_K must divide the group; prefetch (one
+    row): the next tile's loads issue before a tile's math (two tiles in flight a program).
+    As the 16-bit GEMV (`gemv.gemv`): x may be a `DeferredNorm` (normalized as it loads),
+    `silu_mul` takes x as `[gate | up]`, and `residual` makes it return
+    `AddedResidual(out + residual, sums of squares)` for the next GEMV's deferred norm."""
     norm = x if isinstance(x, DeferredNorm) else None
     x = norm.h if norm is not None else x
     m, width = x.shape
@@ -269,9 +288,12 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         raise ValueError(f"int4_gemv residual must be contiguous [{m}, {n}]: {residual.shape}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, split_k, *warps = config or gemv_config(
+    block_n, block_k, split_k, *launch = config or gemv_config(
         m, n, k, group_size, num_sms(x.device)
     )
+    prefetch = len(launch) > 1 and bool(launch[1])
+    if prefetch and m > 1:  # four rows' accumulators and two tiles spill (sm_90)
+        raise ValueError(f"int4_gemv: prefetch is for one row, got {m}")
     n_blocks = triton.cdiv(n, block_n)
     sumsq = out  # unread without a residual
     if residual is not None:
@@ -294,6 +316,7 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         RESIDUAL=residual is not None, SPLIT_K=split_k,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_TILES=group_size // block_k, SUB_N=min(32, block_n), USE_PDL=flag,
-        num_warps=warps[0] if warps else 4, launch_pdl=flag,
+        PREFETCH=prefetch,
+        num_warps=launch[0] if launch else 4, launch_pdl=flag,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)

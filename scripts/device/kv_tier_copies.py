@@ -33,16 +33,18 @@ def timed(fn, reps: int = 5) -> float:
 tensors = [torch.randn(2, 2048, 16, 4, 128, dtype=torch.bfloat16, device="cuda") for _ in range(28)]
 tier = HostKVTier(tensors, 1024)
 blocks = random.Random(0).sample(range(2048), 125)
-for name, slots in (("consecutive", list(range(125))),
-                    ("scattered", random.Random(1).sample(range(1024), 125))):
+for name, slots in (
+    ("consecutive", list(range(125))),
+    ("scattered", random.Random(1).sample(range(1024), 125)),
+):
     for kind in (True, False):
         ops = [(kind, b, s) for b, s in zip(blocks, slots)]
 
-        def batched():
+        def batched(ops=ops):
             tier.pending = list(ops)
             tier.run_pending()
 
-        b, o = timed(batched), timed(lambda: one_by_one(tier, ops))
+        b, o = timed(batched), timed(lambda ops=ops: one_by_one(tier, ops))
         label = "save" if kind else "load"
         print(f"{label} 125 blocks, slots {name}: batched {b:.2f} ms, one by one {o:.2f} ms")
 ops = [(True, b, s) for b, s in zip(blocks, range(125))]

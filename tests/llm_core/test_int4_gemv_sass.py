@@ -12,7 +12,7 @@ TYPES = {"x_ptr": "*bf16", "s_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16
 def gemv_loop(block_m: int, block_n: int = 128, warps: int = 4, **folds):
     const = {"HAS_BIAS": 0, "HAS_PERM": 0, "SILU_MUL": 0, "NORM": 0, "BLOCK_P": 1, "RESIDUAL": 0,
              "SPLIT_K": 8, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128,
-             "GROUP_TILES": 1, "SUB_N": 32, "USE_PDL": 1, **folds}  # fmt: skip
+             "GROUP_TILES": 1, "SUB_N": 32, "USE_PDL": 1, "PREFETCH": 0, **folds}  # fmt: skip
     count, spills, ops = largest_loop(
         "polymodal.llm_core.layers.int4_gemv._int4_gemv_kernel", const, TYPES, warps
     )
@@ -29,6 +29,14 @@ def test_int4_gemv_decode_loop_is_one_mask_and_one_fma_a_nibble():
     assert ops.get("FADD", 0) <= nibbles / 8  # no per-nibble zero subtraction
     converts = sum(n for op, n in ops.items() if op.startswith("I2F"))
     assert converts <= nibbles / 32  # the tile's zeros only: no nibble converted
+
+
+def test_int4_gemv_prefetch_keeps_the_loop_cost():
+    """A tile ahead (PREFETCH: the next tile's loads issued before this tile's math): the same
+    instructions a nibble, no spills (the second tile's registers fit)."""
+    plain, _, _ = gemv_loop(1)
+    ahead, spills, ops = gemv_loop(1, PREFETCH=1)
+    assert spills == 0 and ahead <= plain + 0.3, (plain, ahead, ops)
 
 
 def test_int4_gemv_rows_share_the_unpacked_nibbles():

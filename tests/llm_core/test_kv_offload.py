@@ -158,7 +158,10 @@ def test_copies_batch_by_kind_and_run():
     assert list(_runs([4, 5, 1, 2, 6])) == [(0, 2, 4), (2, 4, 1), (4, 5, 6)]
     ops = [(False, 2, 0), (False, 2, 1), (False, 3, 2), (True, 4, 1), (True, 5, 1)]
     assert [(k, b) for k, b, _ in _batches(ops)] == [
-        (False, [2]), (False, [2, 3]), (True, [4]), (True, [5])
+        (False, [2]),
+        (False, [2, 3]),
+        (True, [4]),
+        (True, [5]),
     ]
 
 

@@ -61,6 +61,22 @@ def test_int4_gemv_gpu(shape, rows, act_order, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemv_prefetch_gpu(shape, act_order):
+    """One row with the next tile's loads issued a tile ahead (the bench's sweep variant)."""
+    from polymodal.llm_core.layers.gemv import num_sms
+    from polymodal.llm_core.layers.int4_gemv import gemv_config, int4_gemv
+
+    n, k = shape
+    qweight, zeros, scales, perm, weight = int4_weights(n, k, 128, act_order)
+    x = torch.randn(1, k, device=CUDA).to(torch.bfloat16)
+    config = (*gemv_config(1, n, k, 128, num_sms(x.device)), True)
+    for _ in range(2):
+        out = int4_gemv(x, qweight, zeros, scales, 128, perm, config=config)
+        close(out, F.linear(x.float(), weight))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [5, 100, 1000])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_int4_gemm_gpu(shape, rows, act_order):
