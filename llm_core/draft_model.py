@@ -232,9 +232,9 @@ def trim(drafts: list[list[int]], live: list, vocab_size: int) -> None:
 
 def build_draft_model(cfg, target_layout: KVCacheLayout, device, target_config, target
                       ) -> DraftModel | None:  # fmt: skip
-    """The drafter of `cfg.speculative_config` on `device`: a draft model, or an EAGLE head
-    over `target` (eagle.py); weights loaded, KV not yet allocated (`attach_kv`); None for
-    n-gram lookup. Refuses what the draft path does not do, naming it."""
+    """The drafter of `cfg.speculative_config` on `device`: a draft model, an EAGLE head over
+    `target` (eagle.py) or Medusa heads (medusa.py); weights loaded, KV not yet allocated
+    (`attach_kv`); None for n-gram lookup. Refuses what the draft path does not do, naming it."""
     from polymodal.llm_core.attention import get_backend
     from polymodal.llm_core.eagle import build_eagle
     from polymodal.llm_core.layers.linear import enable_gemv
@@ -249,6 +249,11 @@ def build_draft_model(cfg, target_layout: KVCacheLayout, device, target_config, 
         raise InvalidInputError(
             f"speculative_config with {what}: tensor_parallel_size > 1 is not supported"
         )
+    if config.method == "medusa":  # heads over the hidden state: no KV of their own
+        from polymodal.llm_core.medusa import build_medusa
+
+        path = resolve_model_path(config.model, None, cfg.hf_token, cfg.download_dir)
+        return build_medusa(cfg, config, device, target_config, path)
     kinds = {g.spec.kind for g in target_layout.groups}
     if target_layout.num_groups != 1 or kinds - {FULL, MLA}:
         raise InvalidInputError(

@@ -20,8 +20,8 @@ steps of a larger batch draft nothing and keep async scheduling.
 
 With a draft model (`{"method": "draft_model", "model": DIR}`), the drafts are that model's
 greedy continuation instead (draft_model.py), with an EAGLE / EAGLE-3 head (`"method":
-"eagle" | "eagle3"`) or DeepSeek-V3's MTP layer (`"mtp"`) the head's (eagle.py); everything
-after the proposal is the same.
+"eagle" | "eagle3"`) or DeepSeek-V3's MTP layer (`"mtp"`) the head's (eagle.py), with Medusa
+heads (`"medusa"`) theirs (medusa.py); everything after the proposal is the same.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import numpy as np
 from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.structured_output import DraftGrammar
 
-METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp", "deepseek_mtp")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp", "deepseek_mtp", "medusa")
 MTP_METHODS = ("mtp", "deepseek_mtp")  # the target's own MTP layer: no "model" needed
 # vLLM's methods that draft with heads polymodal does not load
-HEAD_METHODS = ("medusa", "mlp_speculator")
+HEAD_METHODS = ("mlp_speculator",)
 _NGRAM_KEYS = ("prompt_lookup_min", "prompt_lookup_max")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size"}  # fmt: skip
@@ -80,8 +80,8 @@ class SpeculativeConfig:
             why = " (heads polymodal does not run)"
             raise InvalidInputError(
                 f"speculative_config method {method!r} is not supported: 'ngram' (prompt "
-                f"lookup), 'draft_model' (a smaller model), 'eagle' or 'eagle3' (a head; "
-                f"'model': its folder or hub id), 'mtp' / 'deepseek_mtp' (DeepSeek-V3's own "
+                f"lookup), 'draft_model' (a smaller model), 'eagle', 'eagle3' or 'medusa' (heads; "
+                f"'model': their folder or hub id), 'mtp' / 'deepseek_mtp' (DeepSeek-V3's own "
                 f"MTP layer){why if method in HEAD_METHODS else ''}"
             )
         if method in MTP_METHODS and model is None:

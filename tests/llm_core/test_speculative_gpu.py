@@ -86,3 +86,23 @@ def test_eagle_heads_under_the_target_graphs(tmp_path_factory, variant, batch):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     same = sum(d == reference_drafts(hf, head, variant, c, len(d)) for c, d in seen)
     assert seen and same >= 0.9 * len(seen)
+
+
+@pytest.mark.parametrize("batch", [1, 12])
+def test_medusa_heads_under_the_target_graphs(tmp_path_factory, batch):
+    """Medusa heads (an echo head first: the model's repeats are accepted) read the rows of
+    the target's captured graphs: the outputs equal decoding without drafts."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.llm_core.test_medusa import make_heads, write_vllm
+
+    path = str(tiny_checkpoint(tmp_path_factory, "llama", num_hidden_layers=2))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    heads = write_vllm(tmp_path_factory.mktemp("medusa") / "h", hf, make_heads(hf))
+    config = {"method": "medusa", "model": str(heads), "num_speculative_tokens": 3}
+    prompts = (PROMPTS * 2)[:batch]
+    engine, spec = _outputs(path, prompts, "float32", config)
+    _, plain = _outputs(path, prompts, "float32", False)
+    assert spec == plain
+    assert engine.runner.graphs.runs > 0 and engine.runner.prefill_graphs.runs > 0
+    assert engine.speculation.num_accepted_tokens > 0

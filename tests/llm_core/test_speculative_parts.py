@@ -75,8 +75,9 @@ def test_accepted_stops_at_the_first_disagreement():
 @pytest.mark.parametrize(
     "config, words",
     [
-        ({"method": "medusa", "model": "x", "num_speculative_tokens": 3},
-         "'medusa' is not supported.*heads polymodal does not run"),
+        ({"method": "mlp_speculator", "model": "x", "num_speculative_tokens": 3},
+         "'mlp_speculator' is not supported.*heads polymodal does not run"),
+        ({"method": "medusa", "num_speculative_tokens": 3}, "'medusa' needs 'model'"),
         ({"method": "eagle3", "num_speculative_tokens": 3}, "'eagle3' needs 'model'"),
         ({"num_speculative_tokens": 3}, "method None is not supported: 'ngram'"),
         ({"method": "draft_model", "num_speculative_tokens": 3}, "needs 'model'"),
