@@ -6,7 +6,8 @@ is the floor of the idle gap between decode steps. Runs on the CPU with a tiny c
     python scripts/bench_host.py [--batch 1 256] [--steps 60]
     python scripts/bench_host.py --drafters          # + each speculative drafter's steps
 
-`--drafters` times a step that drafts (n-gram lookup, a draft model, an EAGLE-3 head, k = 3;
+`--drafters` times a step that drafts (n-gram lookup, a draft model, an EAGLE-3 head, Medusa
+heads, k = 3;
 their forwards stubbed too) against a plain decode step, on a tiny Llama: what speculative
 decoding adds to the host's side of each step (the drafts are whatever the stubs propose).
 """
@@ -33,20 +34,26 @@ def drafters(batches: list[int], steps: int) -> None:
     root = Path(tempfile.mkdtemp())
     target = str(write_demo_checkpoint(root / "t", "llama", num_hidden_layers=4))
     head = str(write_head(root / "h", "eagle3"))
+    medusa = root / "m"  # random Medusa heads: a config alone (dummy weights)
+    medusa.mkdir()
+    (medusa / "config.json").write_text(json.dumps({"num_heads": 3, "num_hidden_layers": 1}))
     configs = {
         "none": None,
         "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
         "draft_model": {"method": "draft_model", "model": target, "num_speculative_tokens": 3},
         "eagle3": {"method": "eagle3", "model": head, "num_speculative_tokens": 3},
+        "medusa": {"method": "medusa", "model": str(medusa), "num_speculative_tokens": 3},
     }
     for name, config in configs.items():
         engine = Engine(target, dtype="float32", device="cpu", num_kv_blocks=4096,
                         skip_tokenizer_init=True, max_num_seqs=max(batches),
-                        speculative_config=config)  # fmt: skip
+                        speculative_config=config, dummy_weights=name == "medusa")  # fmt: skip
         for layer in engine.runner.model.model.layers:  # hooks on them still run (EAGLE-3)
             layer.forward = lambda rope, hidden, residual, kv, meta: (hidden, hidden)
         drafter = engine.runner.draft
-        if drafter is not None and drafter.records:  # the EAGLE head: (rows, features)
+        if name == "medusa":  # its heads run as they are (a few tiny matmuls)
+            pass
+        elif drafter is not None and drafter.records:  # the EAGLE head: (rows, features)
             drafter.net.forward = lambda positions, embeds, feature, kv, meta: (embeds, feature)
         elif drafter is not None:
             drafter.net.forward = lambda positions, embeds, kv, meta: embeds
