@@ -70,6 +70,14 @@ def decode_block_n(head_dim: int) -> int:
     return max(16, min(DECODE_BLOCK_N, DECODE_TILE_ELEMENTS // block_d))
 
 
+def split_keys(block_n: int) -> int:
+    """Keys a decode split takes at least (of a sequence's real context): one tile, as the
+    64-key measurement above; a wide head's tile of 32 (`decode_block_n`) then has its own split
+    too, rather than two chained in one (below 16 tiles every split is one tile, loaded before
+    the PDL wait)."""
+    return min(MIN_KEYS_PER_SPLIT, block_n)
+
+
 def decode_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int, max_splits: int
 ) -> int:
@@ -235,9 +243,11 @@ class TritonAttentionBackend:
             )
         )
         # A pinned split count is used as is; the heuristic's is a maximum that each sequence
-        # scales down in-kernel to MIN_KEYS_PER_SPLIT keys a split of its real context.
-        min_keys = 1 if self.decode_splits else MIN_KEYS_PER_SPLIT
+        # scales down in-kernel to one tile a split of its real context (`split_keys`; the
+        # interpreter's 16-key tiles keep 64 keys a split).
         block_n = decode_block_n(q.shape[-1]) if q.is_cuda else 16
+        min_keys = split_keys(block_n) if q.is_cuda else MIN_KEYS_PER_SPLIT
+        min_keys = 1 if self.decode_splits else min_keys
         return triton_decode.paged_decode(
             q if q.stride(-1) == 1 else q.contiguous(),
             kv_cache,

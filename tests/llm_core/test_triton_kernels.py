@@ -148,9 +148,12 @@ def test_paged_decode_wide_heads_at_their_cuda_tile(splits):
 
     q, cache, meta = make_batch([1] * 4, [5, 32, 33, 100], heads=4, kv_heads=2, head_dim=256)
     block_n = triton_backend.decode_block_n(256)
+    keys = triton_backend.split_keys(block_n)  # one tile a split, as CUDA runs it
+    assert keys == block_n == 32
     for window in (None, 40):
         spec = spec_for(q, cache, 0.05, window)
-        out = paged_decode(q, cache, meta.block_tables, meta.seq_lens, spec, splits, block_n)
+        out = paged_decode(q, cache, meta.block_tables, meta.seq_lens, spec, splits, block_n,
+                           min_split_keys=keys)  # fmt: skip
         assert_close(out, REF.paged_attention(q, cache, meta, spec), torch.float32)
 
 
