@@ -83,6 +83,26 @@ def throughput(engine, vocab, prompts, tokens) -> float:
     return prompts * tokens / (time.perf_counter() - start)
 
 
+def variant_ms(label: str, model_dir, bandwidth: float, **config) -> float:
+    """One engine (dummy bf16 weights, `config` more EngineConfig fields) built, warmed and
+    timed at batch-1 decode (best of two runs of 256 tokens after 32), then freed: prints
+    `label`, ms a token and % of its floor at `bandwidth` bytes/s. Device scripts A/B code
+    variants in one process with it (scripts/device/gemma_*.py)."""
+    config = EngineConfig(dtype="bfloat16", dummy_weights=True, skip_tokenizer_init=True,
+                          gpu_memory_utilization=0.85, enable_prefix_caching=False,
+                          **config)  # fmt: skip
+    engine = Engine(str(model_dir), config)
+    vocab = engine.model_config.vocab_size
+    floor_ms = active_decoder_bytes(engine.runner.model, 1) / bandwidth * 1e3
+    throughput(engine, vocab, 16, 8)  # warm-up
+    ms = min(decode_ms(engine, vocab) for _ in range(2))
+    print(f"{label:30s} {ms:.3f} ms  floor {floor_ms:.3f}  {100 * floor_ms / ms:.1f}%", flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    time.sleep(1)
+    return ms
+
+
 def hf_throughput(model, vocab, prompts, tokens, batch=32) -> float:
     ids = torch.tensor([text_ids(32, 100 + i, vocab) for i in range(batch)], device="cuda")
     start = time.perf_counter()

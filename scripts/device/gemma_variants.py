@@ -7,20 +7,14 @@ a token). One engine per variant in this process, the first again last (drift). 
 token and % of the floor."""
 
 import sys
-import time
-
-import torch
 
 from polymodal.bench import resolve_bench_model
 from polymodal.bench.engine import measure_bandwidth
-from polymodal.bench.workloads import active_decoder_bytes
-from polymodal.llm_core.engine import Engine
-from polymodal.llm_core.engine_config import EngineConfig
 from polymodal.llm_core.layers.activation import gelu_tanh_and_mul
 from polymodal.llm_core.layers.linear import Linear
 
 sys.path.insert(0, "scripts")
-from bench_text_decode import decode_ms, throughput  # noqa: E402
+from bench_text_decode import variant_ms  # noqa: E402
 
 folded = Linear.fused
 
@@ -41,18 +35,7 @@ def without(sandwich: bool, gelu: bool):
 
 def run(label, sandwich=False, gelu=False):
     Linear.fused = without(sandwich, gelu) if sandwich or gelu else folded
-    config = EngineConfig(dtype="bfloat16", dummy_weights=True, skip_tokenizer_init=True,
-                          max_model_len=4096, gpu_memory_utilization=0.85,
-                          enable_prefix_caching=False)  # fmt: skip
-    engine = Engine(str(model_dir), config)
-    vocab = engine.model_config.vocab_size
-    floor_ms = active_decoder_bytes(engine.runner.model, 1) / bw * 1e3
-    throughput(engine, vocab, 16, 8)  # warm-up
-    ms = min(decode_ms(engine, vocab) for _ in range(2))
-    print(f"{label:28s} {ms:.3f} ms  floor {floor_ms:.3f}  {100 * floor_ms / ms:.1f}%", flush=True)
-    del engine
-    torch.cuda.empty_cache()
-    time.sleep(1)
+    variant_ms(label, model_dir, bw, max_model_len=4096)
 
 
 model_dir = resolve_bench_model("gemma-3-12b")

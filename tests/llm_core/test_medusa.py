@@ -17,9 +17,7 @@ from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.llm_core.sampling_params import SamplingParams
 from tests.helpers import run_preempted, tiny_checkpoint
 from tests.llm_core.eagle_reference import record_proposals
-
-PROMPTS = [[(11 * i + 5 * j) % 450 + 20 for j in range(n)] for i, n in enumerate(range(4, 50, 9))]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+from tests.llm_core.test_eagle import GREEDY, PROMPTS, _run
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +85,6 @@ def _engine(target, heads=None, k=3, **kw):
         kw["speculative_config"] = {"method": "medusa", "model": str(heads),
                                     "num_speculative_tokens": k}  # fmt: skip
     return Engine(target, dtype="float32", device="cpu", **kw)
-
-
-def _run(engine, prompts=PROMPTS, params=GREEDY):
-    ids = [engine.add_request(p, params) for p in prompts]
-    final = engine.run_until_done()
-    return [final[i].outputs[0].token_ids for i in ids]
 
 
 @pytest.fixture(scope="module")
