@@ -382,9 +382,10 @@ def capture_graphs(runner: ModelRunner, cfg: EngineConfig, max_len: int) -> None
     runner.capture_decode_graphs(min(cfg.max_graph_batch, cfg.max_num_seqs), max_len)
     prefill_tokens = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
     if prefill_tokens > 0 and getattr(net, "supports_prefill_graphs", True):
-        spec = cfg.speculative_config  # verify steps: k + 1 tokens a sequence
+        spec = cfg.speculative_config  # verify steps: k + 1 tokens a sequence, as many as draft
         width = spec.num_speculative_tokens + 1 if spec is not None else 0
-        runner.capture_prefill_graphs(prefill_tokens, max_len, width, cfg.max_num_seqs)
+        seqs = min(cfg.max_num_seqs, (spec and spec.disable_by_batch_size) or cfg.max_num_seqs)
+        runner.capture_prefill_graphs(prefill_tokens, max_len, width, seqs)
     if supports_multimodal(net):
         net.enable_cuda_graphs(tower_graphs)
     if runner.draft is not None:
