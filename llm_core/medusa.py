@@ -19,6 +19,7 @@ import torch
 
 from polymodal.llm_core.draft_model import trim
 from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
+from polymodal.llm_core.host_copy import to_device
 
 
 class MedusaDrafter:
@@ -55,7 +56,7 @@ class MedusaDrafter:
             offset += n
         if not index:
             return
-        rows = hidden[torch.tensor(index, dtype=torch.int64, device=hidden.device)]
+        rows = hidden[to_device(index, torch.int64, hidden.device)]
         at = 0
         for req, start, m in spans:
             req.draft_state = (start, rows[at : at + m])
