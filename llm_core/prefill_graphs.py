@@ -55,7 +55,7 @@ class PrefillGraphs:
         # (tokens, sequences, longest query) of each graph, by tokens: the prompt buckets, then
         # verify steps of `verify_width` (k + 1) queries a sequence, up to `max_seqs` sequences
         w = verify_width
-        verify = [(c * w, c, w) for c in VERIFY_SEQS if c <= max_seqs and c * w <= max_tokens]
+        verify = [(c * w, c, w) for c in VERIFY_SEQS if c <= max_seqs and 0 < c * w <= max_tokens]
         self.shapes = sorted([(b, PREFILL_MAX_SEQS, b) for b in self.buckets] + verify)
         device = cache_device(kv_caches)
         n, s = self.buckets[-1], max(c for _, c, _ in self.shapes)
