@@ -100,8 +100,9 @@ def bench_int4_gemv(rows_list: list[int]) -> None:
                 for split in (1, 2, 4, 8, 16)
                 if (bn, 128, split, warps) != default and k // 128 >= 2 * split
             ]
-            if m == 1:  # each with the next tile's loads a tile ahead
-                configs += [(*c, True) for c in configs]
+            if m == 1:  # each with and without the next tile's loads a tile ahead
+                configs = list(dict.fromkeys(
+                    (*c[:4], p) for c in configs for p in (False, True)))  # fmt: skip
 
             def run(config, w):
                 return int4_gemv.int4_gemv(x, w[0], w[1], w[2], GROUP, config=config)

@@ -252,19 +252,21 @@ def _store_row(out, m, offs_n, n_mask, M, N, b_ptr, out_ptr, res_ptr, sumsq_ptr,
     tl.store(out_ptr + m * N + offs_n, y, mask=mask)
 
 
-def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps): 128 features (four 32-wide sub-tiles: a
-    thread's x value feeds 16 nibbles; 64 for wide N, whose blocks alone fill the GPU), one
+def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, prefetch): 128 features (four 32-wide sub-tiles:
+    a thread's x value feeds 16 nibbles; 64 for wide N, whose blocks alone fill the GPU), one
     group per K tile (<= 128), K split until there are ~16 programs per SM. From the H200 sweep
     at a 7B's shapes (scripts/bench_quant_kernels.py; docs/performance.md, fourteenth session):
-    within 10% of the best config at every shape."""
+    within 10% of the best config at every shape. One row of 128-feature blocks loads a tile
+    ahead (H200, 2026-12-05, us: qkv 7.2 -> 7.0, o 6.2 -> 6.1, down 21.1 -> 19.4; gate_up's
+    64-feature blocks 30.6 -> 31.2, so not there)."""
     block_n = 64 if n >= 16384 else 128
     block_k = tile_k(group_size)
     tiles = triton.cdiv(k, block_k)
     split_k = 1
     while split_k < 16 and triton.cdiv(n, block_n) * split_k < 16 * sms and tiles >= 2 * split_k:
         split_k *= 2
-    return block_n, block_k, split_k, 4
+    return block_n, block_k, split_k, 4, m == 1 and block_n == 128
 
 
 def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None,

@@ -70,7 +70,7 @@ def test_int4_gemv_prefetch_gpu(shape, act_order):
     n, k = shape
     qweight, zeros, scales, perm, weight = int4_weights(n, k, 128, act_order)
     x = torch.randn(1, k, device=CUDA).to(torch.bfloat16)
-    config = (*gemv_config(1, n, k, 128, num_sms(x.device)), True)
+    config = (*gemv_config(1, n, k, 128, num_sms(x.device))[:4], True)
     for _ in range(2):
         out = int4_gemv(x, qweight, zeros, scales, 128, perm, config=config)
         close(out, F.linear(x.float(), weight))
