@@ -50,24 +50,29 @@ def attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, cap_log2, SOFTCAP: tl.c
 @triton.jit
 def merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims, row_mask,
                   out_mask, stride_os, stride_oh, active, HEAD_DIM: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """out[head] = log-sum-exp weighted average of the `active` split partials of each head."""
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(0, active):
-        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        m = tl.maximum(m, lse)
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  UNROLL: tl.constexpr):  # fmt: skip
+    """out[head] = log-sum-exp weighted average of the `active` split partials of each head
+    (`BLOCK_S` >= the launch's splits). The merging program is the last split to finish, so
+    its loads are the kernel's tail: every split's LSE comes in one load, and the partials
+    `UNROLL` at a time (independent loads in flight, not one round trip a split), summed in
+    split order."""
+    splits = tl.arange(0, BLOCK_S)
+    lse = tl.load(part_lse_ptr + head_base[:, None] + splits[None, :],
+                  mask=row_mask[:, None] & (splits < active)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")  # [BLOCK_G, BLOCK_S]  # fmt: skip
+    m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty -> zeros
-    total = tl.zeros([BLOCK_G], tl.float32)
+    weights = tl.exp2(lse - m[:, None])  # unused splits: 0
+    total = tl.sum(weights, 1)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(0, active):
-        lse = tl.load(part_lse_ptr + head_base + s, mask=row_mask, other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        w = tl.exp2(lse - m)  # [BLOCK_G]
-        part = tl.load(part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=out_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
-        total += w
-        acc += part * w[:, None]
+    for s0 in range(0, active, UNROLL):
+        for u in tl.static_range(UNROLL):
+            s = s0 + u
+            part = tl.load(part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
+                           mask=out_mask & (s < active), other=0.0, cache_modifier=".cg")
+            w = tl.sum(tl.where(splits[None, :] == s, weights, 0.0), 1)  # [BLOCK_G]
+            acc += part * w[:, None]
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     o_off = seq * stride_os + heads[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)

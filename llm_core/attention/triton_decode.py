@@ -36,6 +36,9 @@ from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
 
 _LOG2E = 1.4426950408889634
+# Split partials the merging program loads at once (1: one round trip a split, as before; for
+# A/B runs, scripts/device/gemma_s26.py).
+MERGE_UNROLL = 4
 
 
 class NewTokens(NamedTuple):
@@ -96,6 +99,8 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of 2
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of 2
+    MERGE_UNROLL: tl.constexpr,  # split partials a merge loads at once
     MIN_SPLIT_KEYS: tl.constexpr,  # keys per split at least, when the context is short
     MASK: tl.constexpr,  # 0 causal, 1 sliding window, 2 chunked local
     SOFTCAP: tl.constexpr,
@@ -224,7 +229,7 @@ def _decode_kernel(
             # The last split of this (sequence, kv head) merges all of them, in split order.
             merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dims,
                           row_mask, out_mask, stride_os, stride_oh, active, HEAD_DIM,
-                          BLOCK_G, BLOCK_D)  # fmt: skip
+                          BLOCK_G, BLOCK_D, BLOCK_S, MERGE_UNROLL)  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
@@ -341,6 +346,8 @@ def paged_decode(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        MERGE_UNROLL=MERGE_UNROLL,
         MIN_SPLIT_KEYS=min_split_keys,
         MASK=int(spec.mask),
         SOFTCAP=spec.softcap is not None,

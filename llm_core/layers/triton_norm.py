@@ -23,6 +23,10 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 
+# The sandwich kernel reads the residual before its PDL wait, off the wait -> store chain
+# (False: after it, as before; for A/B runs, scripts/device/gemma_s26.py).
+RESIDUAL_BEFORE_WAIT = True
+
 
 @triton.jit
 def _sandwich_norm_kernel(
@@ -39,20 +43,25 @@ def _sandwich_norm_kernel(
     stride_r,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_RESIDUAL: tl.constexpr,
 ):
     """One program per row: x = residual + post(y); out = pre(x), both (1 + w) RMSNorms in
-    fp32 with one rounding each, the add rounded like torch's."""
+    fp32 with one rounding each, the add rounded like torch's. EARLY_RESIDUAL: the residual
+    loads before the PDL wait with the weights (`sandwich_norm` says when that is safe)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # static
     w_pre = tl.load(w_pre_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if EARLY_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
     pdl.wait(USE_PDL)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+    if not EARLY_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
     h = y.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / hidden + eps_post)
     post = ((h * rstd) * (1.0 + w_post)).to(y.dtype)
-    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
     x = (post.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
     tl.store(new_res_ptr + row * hidden + cols, x, mask=mask)
     hx = x.to(tl.float32)
@@ -72,7 +81,11 @@ def sandwich_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x = residual + post(y)`, `(pre(x), x)`: Gemma's (1 + w) RMSNorms `post` / `pre` with
     their weights and eps, over the last dim of `y` and `residual` (same shape and dtype).
-    `num_warps`: the one program's warps (default: a warp per 256 features, at most 16)."""
+    `num_warps`: the one program's warps (default: a warp per 256 features, at most 16).
+    Under PDL `residual` is read before the wait (`RESIDUAL_BEFORE_WAIT`), with the weights:
+    the kernel just before may write `y`, not `residual` (Gemma's residual stream is written
+    by the previous block boundary, several kernels earlier; `pdl.py` says why that is
+    complete when this kernel starts)."""
     hidden = y.shape[-1]
     y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))  # [rows, hidden]
     y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
@@ -86,7 +99,7 @@ def sandwich_norm(
             y2, r2, post_weight, pre_weight, out, new_res, hidden, post_eps, pre_eps,
             y2.stride(0), r2.stride(0), BLOCK=block,
             num_warps=num_warps or min(16, max(1, block // 256)),
-            USE_PDL=flag, launch_pdl=flag,
+            USE_PDL=flag, launch_pdl=flag, EARLY_RESIDUAL=flag and RESIDUAL_BEFORE_WAIT,
         )  # fmt: skip
     return out.view(y.shape), new_res.view(y.shape)
 
