@@ -69,8 +69,12 @@ def merge_splits(part_out_ptr, part_lse_ptr, out_ptr, head_base, seq, heads, dim
     for s0 in range(0, active, UNROLL):
         for u in tl.static_range(UNROLL):
             s = s0 + u
-            part = tl.load(part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
-                           mask=out_mask & (s < active), other=0.0, cache_modifier=".cg")
+            part = tl.load(
+                part_out_ptr + (head_base + s)[:, None] * HEAD_DIM + dims[None, :],
+                mask=out_mask & (s < active),
+                other=0.0,
+                cache_modifier=".cg",
+            )
             w = tl.sum(tl.where(splits[None, :] == s, weights, 0.0), 1)  # [BLOCK_G]
             acc += part * w[:, None]
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]

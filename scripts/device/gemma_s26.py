@@ -1,29 +1,34 @@
-"""Batch-1 decode A/B of the twenty-sixth session's two latency changes, one engine per
-variant in this process (dummy bf16 weights, 256 tokens after 32, best of two; the first
-variant again last for drift), ms a token and % of the floor at this process's copy rate:
+"""Batch-1 decode A/B of the twenty-sixth session's three latency changes, one engine per
+variant in this process (dummy bf16 weights, 256 tokens after 32, best of two; all on again
+last for drift), ms a token and % of the floor at this process's copy rate:
 
-- the sandwich-norm kernel reads the residual before its PDL wait
+- early: the sandwich-norm kernel reads the residual before its PDL wait
   (`triton_norm.RESIDUAL_BEFORE_WAIT`);
-- the decode kernel's split merge loads every split's LSE at once and the partials four at a
-  time (`triton_decode.MERGE_UNROLL`; 1: one split a load).
+- merge: the decode kernel's split merge loads every split's LSE at once and the partials four
+  at a time (`triton_decode.MERGE_UNROLL`; 1: one split a load);
+- defer: the sandwich kernel leaves the next block's pre-norm to the GEMV after it
+  (`norm.DEFER_SANDWICH_PRE_NORM`).
 
-Gemma-3-12B (issue 16's >= 85%) with all four combinations; Qwen2.5-VL-7B with the merge on
-and off (`python3 scripts/device/gemma_s26.py [gemma|qwen|both]`)."""
+Gemma-3-12B (issue 16's >= 85%): all on, each one off, all off, all on again; Qwen2.5-VL-7B:
+the merge on and off (`python3 scripts/device/gemma_s26.py [gemma|qwen|both]`)."""
 
 import sys
 
 from polymodal.bench import resolve_bench_model
 from polymodal.bench.engine import measure_bandwidth
 from polymodal.llm_core.attention import triton_decode
-from polymodal.llm_core.layers import triton_norm
+from polymodal.llm_core.layers import norm, triton_norm
 
 sys.path.insert(0, "scripts")
 from bench_text_decode import variant_ms  # noqa: E402
 
+CHANGES = ("early", "merge", "defer")
 
-def run(label, model, early=True, unroll=4):
-    triton_norm.RESIDUAL_BEFORE_WAIT = early
-    triton_decode.MERGE_UNROLL = unroll
+
+def run(label, model, off=()):
+    triton_norm.RESIDUAL_BEFORE_WAIT = "early" not in off
+    triton_decode.MERGE_UNROLL = 1 if "merge" in off else 4
+    norm.DEFER_SANDWICH_PRE_NORM = "defer" not in off
     variant_ms(label, model, bw)
 
 
@@ -31,13 +36,13 @@ which = sys.argv[1] if len(sys.argv) > 1 else "both"
 bw = measure_bandwidth()
 if which in ("gemma", "both"):
     gemma = resolve_bench_model("gemma-3-12b")
-    run("gemma: both (new)", gemma)
-    run("gemma: neither (before)", gemma, early=False, unroll=1)
-    run("gemma: early residual only", gemma, unroll=1)
-    run("gemma: merge unroll only", gemma, early=False)
-    run("gemma: both again", gemma)
+    run("gemma: all three", gemma)
+    run("gemma: none (before)", gemma, CHANGES)
+    for change in CHANGES:
+        run(f"gemma: all but {change}", gemma, (change,))
+    run("gemma: all three again", gemma)
 if which in ("qwen", "both"):
     qwen = resolve_bench_model("qwen2.5-vl-7b")
     run("qwen 7b: merge unroll 4", qwen)
-    run("qwen 7b: merge unroll 1", qwen, unroll=1)
+    run("qwen 7b: merge unroll 1", qwen, ("merge",))
     run("qwen 7b: merge unroll 4 again", qwen)
