@@ -73,6 +73,7 @@ class Engine:
         self._ids = count()
         self._in_flight = None  # the launched step whose tokens are not read back yet
         self._pool_flight: PoolingFlight | None = None  # same, of a pooling step
+        self.on_finished = None  # called with each finished request's output (get_metrics)
         self.grammars = Grammars(self.tokenizer, self.model_config, self.config.reasoning_parser)
         # pooling prompts queued but not yet requests: each step builds what it may admit
         self._pooling = PoolingQueue(self.max_model_len)
@@ -85,8 +86,8 @@ class Engine:
             self.config.speculative_config, self.task, self.model_config.vocab_size,
             self.runner.draft,
         )  # fmt: skip
-        # What exists now (weights, graphs, tokenizer) lives as long as the engine: move it out
-        # of the cyclic GC's scans, which otherwise stall steps longer as the heap grows.
+        # What exists now lives as long as the engine: out of the cyclic GC's scans (they
+        # would stall steps longer as the heap grows)
         gc.collect()
         gc.freeze()
 
@@ -201,8 +202,7 @@ class Engine:
         lora_request: Any = None,
         token_type_ids: list[int] | None = None,
     ) -> str:
-        """`add_request` of a processed prompt passed whole (a `ProcessedPrompt`: its token ids,
-        M-RoPE positions and delta, media items), as every front end holds it."""
+        """`add_request` of a `ProcessedPrompt` (ids, M-RoPE positions, media) passed whole."""
         return self.add_request(
             prompt.token_ids, params, request_id, prompt.positions, prompt.mrope_delta,
             prompt.mm_items, grammar, token_type_ids, lora_request, prompt.cache_salt,
@@ -258,12 +258,9 @@ class Engine:
 
     def _pooling_checks(self) -> dict[str, Any]:
         """`check_pooling_prompt`'s model-side arguments."""
-        return {
-            "model": self.runner.model,
-            "model_config": self.model_config,
-            "max_model_len": self.max_model_len,
-            "budget": self.scheduler.max_num_batched_tokens,
-        }
+        return {"model": self.runner.model, "model_config": self.model_config,
+                "max_model_len": self.max_model_len,
+                "budget": self.scheduler.max_num_batched_tokens}  # fmt: skip
 
     def _queue(self, group: RequestGroup) -> str:
         """Hand a new request's sequences to the scheduler; returns its id."""
@@ -382,12 +379,15 @@ class Engine:
             touched[group.request_id] = group
 
     def _output(self, group: RequestGroup, now: float) -> RequestOutput:
-        """The group's output now; a finished group is forgotten."""
+        """The group's output now; a finished group is forgotten (`on_finished` sees it)."""
+        out = group.output(now)
         if group.finished:
             self._groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._seq_to_group.pop(seq.request_id, None)
-        return group.output(now)
+            if self.on_finished is not None:
+                self.on_finished(out)
+        return out
 
     def run_until_done(self) -> dict[str, RequestOutput]:
         """Step until every queued request finishes; the final output of each."""

@@ -244,6 +244,8 @@ class Speculation:
         self.num_drafts = 0  # steps of a sequence that checked drafts
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        # accepted drafts by position (vLLM's spec_decode_num_accepted_tokens_per_pos)
+        self.accepted_per_pos = [0] * config.num_speculative_tokens
 
     @classmethod
     def start(cls, config: SpeculativeConfig | None, task: str, vocab_size: int,
@@ -295,4 +297,6 @@ class Speculation:
         self.num_drafts += 1
         self.num_draft_tokens += len(drafts)
         self.num_accepted_tokens += len(drafts) - rejected
+        for pos in range(len(drafts) - rejected):
+            self.accepted_per_pos[pos] += 1
         return kept

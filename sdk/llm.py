@@ -40,6 +40,7 @@ from polymodal.llm_prompts import (
     with_priority,
 )
 from polymodal.llm_warmup import warm_up
+from polymodal.metrics_reader import EngineMetrics
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
 
@@ -82,6 +83,8 @@ class LLM(EngineControls):
         if "seed" in kwargs:  # as vLLM: the global stream of requests without their own seed
             torch.manual_seed(kwargs["seed"])
         self.engine = Engine(model, EngineConfig(**config))
+        self.metrics = EngineMetrics()  # `get_metrics` (every finished request)
+        self.engine.on_finished = self.metrics.observe
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.model_name = f"{model!r} ({self.model_config.architecture})"

@@ -1,5 +1,6 @@
 """`LLM`'s calls on the engine itself rather than on prompts (vLLM's names): the prefix cache
-reset, weights loaded in place, sleep mode, the model handed to a function, profiler traces."""
+reset, weights loaded in place, sleep mode, the model handed to a function, profiler traces,
+metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class EngineControls:
     """Mixed into `LLM` (which sets `self.engine`)."""
 
     engine: Any
+    metrics: Any  # metrics_reader.EngineMetrics
 
     def reset_prefix_cache(self) -> bool:
         """vLLM's: forget the cached KV blocks (and encoder outputs); False while requests
@@ -59,6 +61,12 @@ class EngineControls:
         """vLLM's: record a torch profiler trace of the engine's work until `stop_profile`
         (needs `VLLM_TORCH_PROFILER_DIR`; llm_core/profiler.py)."""
         profiler.start_profile(self.engine)
+
+    def get_metrics(self) -> list:
+        """vLLM's: the engine's counters, gauges and histograms now (`Counter`, `Gauge`,
+        `Histogram`, `Vector` of `polymodal.metrics_reader`), named as the server's
+        `/metrics`; latencies from each request's arrival in the engine."""
+        return self.metrics.snapshot(self.engine)
 
     def stop_profile(self) -> str:
         """vLLM's: stop the recording and write the trace; returns its path."""

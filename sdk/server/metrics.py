@@ -12,14 +12,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from polymodal.async_engine import AsyncEngine
 from polymodal.llm_core.outputs import RequestOutput
-
-# seconds: 1 ms .. 40 min, ~2.5x apart at the low end (vLLM's TTFT buckets start at 1 ms too)
-LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-    0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
-                 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)  # fmt: skip
+from polymodal.metrics_reader import LATENCY_BUCKETS, TOKEN_BUCKETS
 
 
 class ServerMetrics:
