@@ -132,10 +132,11 @@ class EngineMetrics:
         if m.first_scheduled_time is not None:
             h["request_prefill_time_seconds"].observe(m.first_token_time - m.first_scheduled_time)
         if end is not None:
-            h["request_decode_time_seconds"].observe(end - m.first_token_time)
+            decode = end - m.first_token_time
+            h["request_decode_time_seconds"].observe(decode)
             later = max((len(c.token_ids) for c in out.outputs), default=1) - 1
             if later > 0:
-                h["request_time_per_output_token_seconds"].observe((end - m.first_token_time) / later)
+                h["request_time_per_output_token_seconds"].observe(decode / later)
 
     def snapshot(self, engine: Any) -> list[Metric]:
         """Every metric now, `engine`'s gauges and counters read at the call."""

@@ -40,8 +40,10 @@ def test_metrics_add_up_to_the_requests(ckpt):
     assert all(k.startswith("polymodal:") for k in m)
     assert m["polymodal:prompt_tokens"].value == 6 + 3 + 6
     generated = sum(len(c.token_ids) for o in [*outs, *again] for c in o.outputs)
-    assert m["polymodal:generation_tokens"].value == generated == 5 + 2 * 3 + len(
-        again[0].outputs[0].token_ids
+    assert (
+        m["polymodal:generation_tokens"].value
+        == generated
+        == 5 + 2 * 3 + len(again[0].outputs[0].token_ids)
     )
     success = {k: v.value for k, v in m.items() if k.startswith("polymodal:request_success")}
     reasons = [c.finish_reason for o in [*outs, *again] for c in o.outputs]
