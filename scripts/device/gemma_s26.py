@@ -1,6 +1,5 @@
 """Batch-1 decode A/B of the twenty-sixth session's three latency changes, one engine per
-variant in this process (dummy bf16 weights, 256 tokens after 32, best of two; all on again
-last for drift), ms a token and % of the floor at this process's copy rate:
+variant in this process (dummy bf16 weights, 256 tokens after 32, best of two), ms a token and % of the floor at this process's copy rate:
 
 - early: the sandwich-norm kernel reads the residual before its PDL wait
   (`triton_norm.RESIDUAL_BEFORE_WAIT`);
@@ -40,7 +39,6 @@ if which in ("gemma", "both"):
     run("gemma: none (before)", gemma, CHANGES)
     for change in CHANGES:
         run(f"gemma: all but {change}", gemma, (change,))
-    run("gemma: all three again", gemma)
 if which in ("qwen", "both"):
     qwen = resolve_bench_model("qwen2.5-vl-7b")
     run("qwen 7b: merge unroll 4", qwen)
