@@ -1,5 +1,6 @@
 """Batch-1 decode A/B of the twenty-sixth session's three latency changes, one engine per
-variant in this process (dummy bf16 weights, 256 tokens after 32, best of two), ms a token and % of the floor at this process's copy rate:
+variant in this process (dummy bf16 weights, 256 tokens after 32, best of two), ms a token
+and % of the floor at this process's copy rate:
 
 - early: the sandwich-norm kernel reads the residual before its PDL wait
   (`triton_norm.RESIDUAL_BEFORE_WAIT`);
