@@ -12,6 +12,7 @@ import json
 JSON_OPTIONS = {
     "--limit-mm-per-prompt": "media items a prompt may hold: '{\"image\": 4}'",
     "--mm-processor-kwargs": "default media options: '{\"max_pixels\": N}'",
+    "--media-io-kwargs": 'vLLM\'s video loader options: \'{"video": {"num_frames": N}}\'',
     "--override-generation-config": "sampling defaults over generation_config.json's (JSON)",
     "--speculative-config": 'drafts: \'{"method": "ngram", "num_speculative_tokens": 4}\', '
     'or "method": "draft_model" | "eagle" | "eagle3" with "model": DIR (docs/api.md)',
@@ -40,8 +41,8 @@ PASSED = (
     "max_loras", "max_lora_rank", "max_cpu_loras", "tensor_parallel_size", "runner",
     "hf_overrides", "revision", "hf_token", "scheduling_policy", "download_dir", "tokenizer",
     "enable_prefix_caching", "block_size", "limit_mm_per_prompt", "mm_processor_kwargs",
-    "override_generation_config", "speculative_config", "max_logprobs", "async_scheduling",
-    "kv_offloading_size", "kv_offloading_backend",
+    "media_io_kwargs", "override_generation_config", "speculative_config", "max_logprobs",
+    "async_scheduling", "kv_offloading_size", "kv_offloading_backend",
 )  # fmt: skip
 
 

@@ -32,9 +32,11 @@ from polymodal.llm_options import (
 from polymodal.llm_prompts import (
     MEDIA_OPTIONS,
     as_batch,
+    io_options,
     is_messages,
     loras_per_prompt,
     media_options,
+    merged_options,
     params_per_prompt,
     process_prompt,
     with_priority,
@@ -62,7 +64,8 @@ class LLM(EngineControls):
     media be fetched from http(s) URLs; `generation_config` ("auto": the model's
     generation_config.json supplies default sampling params when `sampling_params` is None,
     "vllm": it does not, or a folder); `override_generation_config`; `mm_processor_kwargs`
-    (default media options: min_pixels, max_pixels, fps, num_frames); `limit_mm_per_prompt`
+    (default media options: min_pixels, max_pixels, fps, num_frames; vLLM's `media_io_kwargs`
+    `{"video": {"num_frames": N, "fps": F}}` sets the same two); `limit_mm_per_prompt`
     ({"image": 4, "video": 1}). An unknown keyword raises an error naming it.
     """
 
@@ -74,6 +77,7 @@ class LLM(EngineControls):
         generation_config: str = "auto",
         override_generation_config: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        media_io_kwargs: dict[str, dict[str, Any]] | None = None,
         limit_mm_per_prompt: dict[str, int] | None = None,
         warmup: bool | None = None,
         **kwargs: Any,
@@ -92,8 +96,10 @@ class LLM(EngineControls):
         model_dir = self.model_config.model_dir
         self.processor = cls.from_pretrained(model_dir) if cls else TextProcessor(self.tokenizer)
         allowed = tuple(getattr(self.processor, "MEDIA_OPTIONS", MEDIA_OPTIONS))
-        self.media_defaults = media_options(
-            mm_processor_kwargs, "LLM(mm_processor_kwargs=...)", allowed
+        self.media_defaults = merged_options(
+            media_options(mm_processor_kwargs, "LLM(mm_processor_kwargs=...)", allowed),
+            io_options(media_io_kwargs, "LLM(media_io_kwargs=...)", allowed),
+            "LLM(mm_processor_kwargs=..., media_io_kwargs=...)",
         )
         if allow_http:
             if not hasattr(self.processor, "allow_http"):

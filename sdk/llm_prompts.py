@@ -75,6 +75,40 @@ def media_options(
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+# vLLM's `media_io_kwargs` (per modality, what its media loaders take) -> the media option
+IO_OPTIONS = {("video", "num_frames"): "num_frames", ("video", "fps"): "fps"}
+
+
+def io_options(
+    kwargs: dict[str, Any] | None, where: str, allowed: tuple[str, ...] = MEDIA_OPTIONS
+) -> dict[str, Any]:
+    """vLLM's `media_io_kwargs` (`{"video": {"num_frames": 32}}`) as media options: the video
+    loader's frame count and rate; anything else is refused naming it."""
+    options: dict[str, Any] = {}
+    for modality, values in (kwargs or {}).items():
+        if not isinstance(values, dict):
+            raise InvalidInputError(f"{where}[{modality!r}] must be an object of options")
+        for key, value in values.items():
+            name = IO_OPTIONS.get((modality, key))
+            if name is None or name not in allowed:
+                takes = [f"{m}.{k}" for (m, k), n in IO_OPTIONS.items() if n in allowed]
+                raise InvalidInputError(
+                    f"{where} has unsupported option {modality}.{key}; supported: {takes}"
+                )
+            if value is not None:
+                options[name] = value
+    return options
+
+
+def merged_options(first: dict[str, Any], second: dict[str, Any], where: str) -> dict[str, Any]:
+    """Two sources of media options for one prompt (or engine); a key both set differently is
+    refused naming it."""
+    clash = sorted(k for k in set(first) & set(second) if first[k] != second[k])
+    if clash:
+        raise InvalidInputError(f"{where}: {clash} set twice with different values")
+    return {**first, **second}
+
+
 def check_modalities(processor: Any, used: set[str], model: str) -> None:
     """Refuse audio for a model whose processor takes none (it has no audio encoder)."""
     takes = tuple(processor.MODALITIES)

@@ -284,7 +284,7 @@ def create_app(
             "continue_final_message": body.continue_final_message,
             "documents": body.documents,
             "add_special_tokens": body.add_special_tokens,
-            "mm_processor_kwargs": body.mm_processor_kwargs,
+            "mm_processor_kwargs": body.media_kwargs(),
         }
         prompt.update(body.prompt_extras())
         params = params.with_defaults({"max_tokens": None, **defaults})

@@ -16,6 +16,7 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.chat import ITEM_OPTIONS
 from polymodal.server.errors import RequestError
+from polymodal.server.media_fields import MediaFields
 from polymodal.server.structured_fields import StructuredFields
 
 
@@ -252,7 +253,7 @@ class _Request(StructuredFields, StrictBody):
         return {"max_tokens": value}
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(MediaFields, _Request):
     """Body of `POST /v1/chat/completions`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -272,6 +273,7 @@ class ChatCompletionRequest(_Request):
     documents: list[dict[str, Any]] | None = None  # the template's `documents` (RAG)
     add_special_tokens: bool = False  # tokenizing the rendered chat adds BOS & co.
     reasoning_effort: Literal["low", "medium", "high"] | None = None  # a template variable
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None  # {"video": {"num_frames": N}}
 
     def template_kwargs(self) -> dict[str, Any] | None:
         """`chat_template_kwargs`, with `reasoning_effort` as a template variable when set."""

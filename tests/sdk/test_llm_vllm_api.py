@@ -37,7 +37,7 @@ def run(llm, prompt, params=GREEDY):
     return out.prompt_token_ids, out.outputs[0].token_ids
 
 
-def test_vllm_prompt_forms_equal_the_native_forms(llm):
+def test_vllm_prompt_forms_equal_the_native_forms(llm, ckpt):
     img = _image()
     native = run(llm, {"prompt": MARK + "What?", "images": [img]})
     assert run(llm, {"prompt": MARK + "What?", "multi_modal_data": {"image": img}}) == native
@@ -58,6 +58,11 @@ def test_vllm_prompt_forms_equal_the_native_forms(llm):
     assert run(llm, video) == run(llm, {"prompt": VMARK + "Go", "videos": [frames]})
     as_array = {"prompt": VMARK + "Go", "multi_modal_data": {"video": np.stack(frames)}}
     assert run(llm, as_array) == run(llm, video)
+    # vLLM's media_io_kwargs: the video loader's frame count, as mm_processor_kwargs sets it
+    few = LLM(ckpt, dtype="float32", device="cpu", num_kv_blocks=128,
+              media_io_kwargs={"video": {"num_frames": 2}})  # fmt: skip
+    assert run(few, video) == run(llm, {**video, "mm_processor_kwargs": {"num_frames": 2}})
+    assert few.media_defaults == {"num_frames": 2}  # its effect on a clip: test_server_fields
 
 
 def test_bad_prompts_and_keywords_are_named(llm, ckpt):
@@ -69,6 +74,11 @@ def test_bad_prompts_and_keywords_are_named(llm, ckpt):
         llm.generate({"prompt": "x", "multi_modal_data": {"speech": b""}})
     with pytest.raises(InvalidInputError, match="'resize'"):
         llm.generate({"prompt": "x", "mm_processor_kwargs": {"resize": 1}})
+    with pytest.raises(InvalidInputError, match="audio.sample_rate"):
+        LLM(ckpt, device="cpu", media_io_kwargs={"audio": {"sample_rate": 8000}})
+    with pytest.raises(InvalidInputError, match=r"\['fps'\] set twice"):
+        LLM(ckpt, device="cpu", mm_processor_kwargs={"fps": 1},
+            media_io_kwargs={"video": {"fps": 2}})  # fmt: skip
     with pytest.raises(InvalidInputError, match="'swap_spaec', 'lora'"):
         LLM(ckpt, device="cpu", swap_spaec=4, lora=True)
     with pytest.raises(InvalidInputError, match="tensor_parallel_size=3 does not divide"):
