@@ -244,10 +244,10 @@ def test_per_request_fps_changes_the_video_prompt(server):
     assert prompt_tokens(media_io_kwargs={"video": {"num_frames": 4}}) == slow
     assert prompt_tokens(media_io_kwargs={"video": {"fps": 4}}) == fast
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    for io, named in (({"image": {"image_mode": "L"}}, "image.image_mode"),
+    for io_kwargs, named in (({"image": {"image_mode": "L"}}, "image.image_mode"),
                       ({"video": {"num_frames": 4}}, "'num_frames'")):  # fmt: skip
         extra = {"mm_processor_kwargs": {"num_frames": 8}} if named == "'num_frames'" else {}
-        bad = post(server, "/v1/chat/completions", {**body, "media_io_kwargs": io, **extra})
+        bad = post(server, "/v1/chat/completions", {**body, "media_io_kwargs": io_kwargs, **extra})
         error = bad.json()["error"]
         assert bad.status_code == 400 and named in error["message"], error
         assert error["param"] == "media_io_kwargs"
