@@ -245,7 +245,7 @@ def test_per_request_fps_changes_the_video_prompt(server):
     assert prompt_tokens(media_io_kwargs={"video": {"fps": 4}}) == fast
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     for io_kwargs, named in (({"image": {"image_mode": "L"}}, "image.image_mode"),
-                      ({"video": {"num_frames": 4}}, "'num_frames'")):  # fmt: skip
+                            ({"video": {"num_frames": 4}}, "'num_frames'")):  # fmt: skip
         extra = {"mm_processor_kwargs": {"num_frames": 8}} if named == "'num_frames'" else {}
         bad = post(server, "/v1/chat/completions", {**body, "media_io_kwargs": io_kwargs, **extra})
         error = bad.json()["error"]
