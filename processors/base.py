@@ -37,6 +37,7 @@ import torch
 from polymodal.llm_core.errors import InvalidInputError, MediaError
 from polymodal.llm_core.loader import load_tokenizer
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
+from polymodal.processors.image_embeds import embeds_item, given_rows
 from polymodal.processors.input_cache import (
     DEFAULT_MAX_MB,
     ProcessedInputCache,
@@ -159,6 +160,11 @@ class MediaProcessor:
         """One video (a file, bytes, or a list of frames; `index`: 0-based among the prompt's
         videos, for errors) -> (item without its span, its expansion text)."""
         raise NotImplementedError
+
+    def embeds_expansion(self, num_rows: int) -> str | None:
+        """The expansion text of an image given as `num_rows` rows of its projected tower
+        output (image_embeds.py); None: the family takes none."""
+        return None
 
     def placeholders(self) -> dict[str, str]:
         """Modality -> the text marking one item of it in a prompt (images, and videos for a
@@ -307,6 +313,9 @@ class MediaProcessor:
         }
         if ref.modality == "video":
             return self.video_item(ref.source, index, item_options)
+        rows = given_rows(ref.source)
+        if rows is not None:  # the image given as its projected tower output
+            return embeds_item(self, index, rows)
         item_options.update(self.image_options(refs))
         key = self._cache_key(ref.source, item_options)
         hit = self.input_cache.get(key) if key is not None else None

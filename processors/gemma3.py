@@ -100,7 +100,13 @@ class Gemma3Processor(MediaProcessor):
             )
         self.placeholder = boi
         self.embed_token_id = tokenizer.convert_tokens_to_ids(image)
+        self.image_token = image
         self.full_image = f"\n\n{boi}{image * self.image_seq_length}{eoi}\n\n"
+
+    def embeds_expansion(self, num_rows: int) -> str:
+        """An image given as its projected rows: between the begin / end-of-image tokens."""
+        return self.full_image.replace(self.image_token * self.image_seq_length,
+                                       self.image_token * num_rows)  # fmt: skip
 
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
         """The image (and its crops) resized to the tower's size, and the expansion text."""

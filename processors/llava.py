@@ -92,6 +92,10 @@ class LlavaProcessor(MediaProcessor):
             return PixtralProcessor.from_pretrained(model_dir, **kwargs)
         return super().from_pretrained(model_dir, **kwargs)
 
+    def embeds_expansion(self, num_rows: int) -> str:
+        """An image given as its projected rows: one image token each (vLLM's)."""
+        return self.placeholder * num_rows
+
     def tokens_per_view(self, height: int, width: int) -> int:
         count = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
         return count - 1 if self.drop_cls else count

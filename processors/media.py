@@ -201,8 +201,9 @@ def load_image(
             return to_rgb(_open_checked(data, max_pixels))
         if isinstance(source, dict) and "image_embeds" in source:
             raise ValueError(
-                "image_embeds (a vision tower's output given in place of the image) are taken "
-                "by Qwen2-VL / Qwen2.5-VL models; this model's processor takes images"
+                "image_embeds with a grid (a vision tower's output given in place of the "
+                "image) are taken by Qwen2-VL / Qwen2.5-VL models; this model's processor "
+                "takes images (LLaVA-1.5, LLaVA-NeXT and Gemma 3 also take the rows alone)"
             )
         raise ValueError(
             f"unsupported image type {type(source).__name__}; pass a path, bytes, data: URL, "

@@ -38,6 +38,7 @@ from polymodal.llm_core.errors import InvalidInputError
 from polymodal.llm_core.lora import LoRARequest
 from polymodal.llm_core.sampling_params import SamplingParams
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, part_modality
+from polymodal.processors.image_embeds import split_batched
 from polymodal.processors.prompt_embeds import embeds_prompt
 from polymodal.processors.text import TextProcessor
 from polymodal.processors.types import ProcessedPrompt
@@ -229,7 +230,7 @@ def _media(prompt: dict) -> dict[str, list]:
         one = (key == "video" and _is_frame_list(items)) or (key == "audio" and _is_clip(items))
         if one or not isinstance(items, (list, tuple)):
             items = [items]  # one item (a video given as a list of frames is one item)
-        media[MODALITIES[key]].extend(items)
+        media[MODALITIES[key]].extend(split_batched(items) if key == "image" else items)
     return media
 
 
