@@ -18,10 +18,6 @@ from torch import nn
 
 from polymodal.llm_core.layers import fused_ops
 
-# Gemma's block boundary before a 16-bit GEMV leaves the next block's pre-norm to the GEMV
-# (`sandwich_norm`; False: the kernel applies it, as before; for A/B runs).
-DEFER_SANDWICH_PRE_NORM = True
-
 
 def rms_norm_torch(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -93,24 +89,15 @@ class GemmaRMSNorm(nn.Module):
         return out if residual is None else (out, res)
 
 
-def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y, residual: torch.Tensor,
-                  consumer=None):  # fmt: skip
+def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y, residual: torch.Tensor):
     """Gemma's block boundary: `x = residual + post(y)` (a block's output normalized before it
     joins the residual stream), returns `(pre(x), x)`; one kernel on CUDA. `y` may be an
     `AddedResidual` whose GEMV did the post-norm and the add (`Linear.fused(post_norm=)`):
-    then `pre` is deferred to the next GEMV (a `DeferredNorm` with Gemma's unit offset). So it
-    is when `consumer`, the `Linear` that takes `pre(x)`, runs it through the 16-bit GEMV
-    (`DEFER_SANDWICH_PRE_NORM`): the kernel stores x and its sums of squares, and the GEMV
-    normalizes x as it loads it (one reduction and one store less on the kernel's chain)."""
+    then `pre` is deferred to the next GEMV (a `DeferredNorm` with Gemma's unit offset)."""
     if isinstance(y, AddedResidual):
         return DeferredNorm(y.h, y.sumsq, pre.weight, pre.eps, unit_offset=True), y.h
     if y.is_cuda and fused_ops() is not None:
-        ops = fused_ops()
-        if DEFER_SANDWICH_PRE_NORM and consumer is not None and consumer.uses_gemv(y):
-            sumsq, x = ops.sandwich_norm(y, residual, post.weight, post.eps, pre.weight,
-                                         pre.eps, defer_pre=True)  # fmt: skip
-            return DeferredNorm(x, sumsq, pre.weight, pre.eps, unit_offset=True), x
-        return ops.sandwich_norm(y, residual, post.weight, post.eps, pre.weight, pre.eps)
+        return fused_ops().sandwich_norm(y, residual, post.weight, post.eps, pre.weight, pre.eps)
     return pre(post(y), residual)
 
 

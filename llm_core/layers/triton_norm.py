@@ -44,12 +44,10 @@ def _sandwich_norm_kernel(
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_RESIDUAL: tl.constexpr,
-    DEFER_PRE: tl.constexpr,
 ):
     """One program per row: x = residual + post(y); out = pre(x), both (1 + w) RMSNorms in
     fp32 with one rounding each, the add rounded like torch's. EARLY_RESIDUAL: the residual
-    loads before the PDL wait with the weights (`sandwich_norm` says when that is safe).
-    DEFER_PRE: out is fp32 `[rows, 1]`, each row's sum of x^2 (the next GEMV applies `pre`)."""
+    loads before the PDL wait with the weights (`sandwich_norm` says when that is safe)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -67,13 +65,9 @@ def _sandwich_norm_kernel(
     x = (post.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
     tl.store(new_res_ptr + row * hidden + cols, x, mask=mask)
     hx = x.to(tl.float32)
-    sumsq = tl.sum(hx * hx, 0)
-    if DEFER_PRE:
-        tl.store(out_ptr + row, sumsq)
-    else:
-        rstd_x = 1.0 / tl.sqrt(sumsq / hidden + eps_pre)
-        out = (hx * rstd_x) * (1.0 + w_pre)
-        tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    rstd_x = 1.0 / tl.sqrt(tl.sum(hx * hx, 0) / hidden + eps_pre)
+    out = (hx * rstd_x) * (1.0 + w_pre)
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sandwich_norm(
@@ -84,13 +78,10 @@ def sandwich_norm(
     pre_weight: torch.Tensor,
     pre_eps: float,
     num_warps: int | None = None,
-    defer_pre: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x = residual + post(y)`, `(pre(x), x)`: Gemma's (1 + w) RMSNorms `post` / `pre` with
     their weights and eps, over the last dim of `y` and `residual` (same shape and dtype).
     `num_warps`: the one program's warps (default: a warp per 256 features, at most 16).
-    `defer_pre`: `(sumsq, x)` instead, x's sums of squares over each row (fp32 `[rows, 1]`) for
-    a GEMV that applies `pre` as it loads x (`norm.DeferredNorm`: the same bits as `pre(x)`).
     Under PDL `residual` is read before the wait (`RESIDUAL_BEFORE_WAIT`), with the weights:
     the kernel just before may write `y`, not `residual` (Gemma's residual stream is written
     by the previous block boundary, several kernels earlier; `pdl.py` says why that is
@@ -99,13 +90,9 @@ def sandwich_norm(
     y2, r2 = (t.reshape(-1, hidden) for t in (y, residual))  # [rows, hidden]
     y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
     r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-    rows = y2.shape[0]
-    if defer_pre:
-        out = torch.empty((rows, 1), dtype=torch.float32, device=y.device)
-    else:
-        out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-    new_res = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-    if rows > 0:
+    out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+    new_res = torch.empty_like(out)
+    if y2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
         flag = pdl.use_pdl(y2)
         _sandwich_norm_kernel[(y2.shape[0],)](
@@ -113,9 +100,8 @@ def sandwich_norm(
             y2.stride(0), r2.stride(0), BLOCK=block,
             num_warps=num_warps or min(16, max(1, block // 256)),
             USE_PDL=flag, launch_pdl=flag, EARLY_RESIDUAL=flag and RESIDUAL_BEFORE_WAIT,
-            DEFER_PRE=defer_pre,
         )  # fmt: skip
-    return (out if defer_pre else out.view(y.shape)), new_res.view(y.shape)
+    return out.view(y.shape), new_res.view(y.shape)
 
 
 @triton.jit

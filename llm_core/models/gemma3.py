@@ -111,11 +111,11 @@ class Gemma3DecoderLayer(nn.Module):
         if residual is None:
             x, residual = self.input_layernorm(hidden), hidden
         else:
-            x, residual = sandwich_norm(post_norm, self.input_layernorm, hidden, residual,
-                                        self.self_attn.qkv_proj)  # fmt: skip
+            x, residual = sandwich_norm(post_norm, self.input_layernorm, hidden, residual)
         attn = self.self_attn(rope, x, kv_cache, meta, residual, self.post_attention_layernorm)
-        x, residual = sandwich_norm(self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                                    attn, residual, self.mlp.gate_up_proj)  # fmt: skip
+        x, residual = sandwich_norm(
+            self.post_attention_layernorm, self.pre_feedforward_layernorm, attn, residual
+        )
         return self.mlp(x, residual, self.post_feedforward_layernorm), residual
 
 

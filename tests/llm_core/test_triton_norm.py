@@ -41,29 +41,6 @@ def test_sandwich_norm(dtype):
     assert torch.equal(out, two_out) and torch.equal(new_res, two_res)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_sandwich_norm_deferred_pre_norm_through_the_gemv(rows):
-    """`defer_pre`: the kernel stores x and its row sums of squares, and the GEMV given the
-    `DeferredNorm` applies the pre-norm as it loads x: the same bits as the GEMV over the
-    kernel's normalized output, and the same new residual."""
-    from polymodal.llm_core.layers.gemv import gemv
-    from polymodal.llm_core.layers.norm import DeferredNorm
-
-    dtype = torch.bfloat16
-    post, pre = gemma_norm(96, dtype, 4), gemma_norm(96, dtype, 5)
-    y = (4 * torch.randn(rows, 96)).to(dtype)
-    residual = torch.randn(rows, 96).to(dtype)
-    weight = (0.1 * torch.randn(40, 96)).to(dtype)
-    out, new_res = triton_ops.sandwich_norm(y, residual, post.weight, 1e-6, pre.weight, 1e-5)
-    sumsq, x = triton_ops.sandwich_norm(y, residual, post.weight, 1e-6, pre.weight, 1e-5,
-                                        defer_pre=True)  # fmt: skip
-    assert sumsq.shape == (rows, 1) and sumsq.dtype == torch.float32
-    assert torch.equal(x, new_res)
-    deferred = DeferredNorm(x, sumsq, pre.weight, 1e-5, unit_offset=True)
-    assert torch.equal(gemv(deferred, weight), gemv(out, weight))
-    assert_close(deferred.materialize(), out, dtype)  # torch off CUDA: HF's order
-
-
 def test_sandwich_norm_strided_rows():
     """Rows of a wider buffer (a slice of a packed output) are read with their stride."""
     post, pre = gemma_norm(32, torch.float32, 2), gemma_norm(32, torch.float32, 3)
