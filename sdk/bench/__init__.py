@@ -20,8 +20,10 @@ LLaVA-OneVision, Pixtral / Mistral 3, Llama 4: TTFT, decode and captioning again
 floors, `bench/vl.py`), Whisper transcription (`bench/whisper.py`), Phi-4-multimodal audio /
 image / mixed requests (`bench/phi4mm.py`), NVILA captioning and a 64-frame video's TTFT
 (`bench/vila.py`, next to the reference composed from transformers' blocks: transformers has
-no VILA), each through the user path next to transformers on the same weights. A family
-bench module may set `DEFAULTS` for the shared count options (`--images`, `--hf-images`,
+no VILA), each through the user path next to transformers on the same weights; a text-only
+decoder (`*ForCausalLM`: Gemma 3 text, Qwen3-MoE, Mixtral, DeepSeek-V3, Llama-like) its
+batch-1 decode against the floor and its throughput against transformers' (`bench/text.py`).
+A family bench module may set `DEFAULTS` for the shared count options (`--images`, `--hf-images`,
 `--hf-batch`).
 """
 
@@ -36,7 +38,7 @@ BUILTIN = {
     "qwen2.5-vl-7b": CONFIGS / "qwen2_5_vl_7b",
     # the VL families below run `bench/vl.py` (gemma-3-12b-it, llava-next-7b,
     # llava-onevision-7b, pixtral-12b, llama4-scout-reduced); the text-only and MoE configs
-    # run through scripts/bench_text_decode.py (the engine workload drives Qwen-VL prompts)
+    # run `bench/text.py` (the engine workload drives Qwen-VL prompts)
     "gemma-3-12b": CONFIGS / "gemma_3_12b",  # the text decoder alone
     "gemma-3-12b-it": CONFIGS / "gemma_3_12b_it",  # with its SigLIP tower (896 px, 256 tokens)
     "llava-next-7b": CONFIGS / "llava_next_7b",  # llava-v1.6-mistral-7b-hf
@@ -83,10 +85,16 @@ def resolve_bench_model(model: str) -> Path:
 
 
 def family_bench(model_dir: Path) -> str | None:
-    """The bench module of `model_dir`'s family when it has its own (`FAMILY_BENCHES`)."""
+    """The bench module of `model_dir`'s family when it has its own (`FAMILY_BENCHES`; a
+    text-only `*ForCausalLM` without a vision config: `bench/text.py`)."""
     config = model_dir / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    return FAMILY_BENCHES.get(model_type)
+    cfg = json.loads(config.read_text()) if config.is_file() else {}
+    if cfg.get("model_type") in FAMILY_BENCHES:
+        return FAMILY_BENCHES[cfg["model_type"]]
+    text_only = "vision_config" not in cfg and "audio_config" not in cfg
+    if text_only and any(a.endswith("ForCausalLM") for a in cfg.get("architectures") or ()):
+        return "polymodal.bench.text"
+    return None
 
 
 def bench_command(parser: argparse.ArgumentParser):
