@@ -13,6 +13,7 @@ from polymodal import LLM, InvalidInputError
 from tests.helpers import tiny_checkpoint
 from tests.sdk.vl_reference import (
     assert_single_matches,
+    hf_and_ours,
     hf_greedy,
     hf_sample_inputs,
     media_messages,
@@ -25,11 +26,7 @@ IMAGES = [random_image(64, 48, 0), random_image(90, 40, 2)]
 
 @pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision", "gemma3_vl"])
 def models(request, tmp_path_factory):
-    path = tiny_checkpoint(tmp_path_factory, request.param)
-    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    processor = tf.AutoProcessor.from_pretrained(path)
-    llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=256)
-    return hf, processor, llm
+    return hf_and_ours(tmp_path_factory, request.param)
 
 
 def _rows(hf, processor, images) -> list[torch.Tensor]:

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 from PIL import Image
 
-from polymodal import LLM, SamplingParams
-from tests.helpers import record_logits, tiny_checkpoint
+from polymodal import SamplingParams
+from tests.helpers import record_logits
+from tests.sdk.vl_reference import hf_and_ours
 
 STEPS = 8
 
@@ -62,11 +62,7 @@ def _hf_greedy(hf, processor, images, videos, steps):
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def models(request, tmp_path_factory):
-    path = tiny_checkpoint(tmp_path_factory, request.param)
-    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    processor = tf.AutoProcessor.from_pretrained(path)
-    llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=256)
-    return hf, processor, llm
+    return hf_and_ours(tmp_path_factory, request.param)
 
 
 @pytest.mark.parametrize("case", list(CASES))

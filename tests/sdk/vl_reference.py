@@ -14,6 +14,20 @@ from tests.helpers import record_logits, record_logits_by_request
 TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
 
+def hf_and_ours(tmp_path_factory, arch: str):
+    """(transformers' fp32 model, its processor, our fp32 CPU `LLM`) on the tiny `arch`
+    checkpoint."""
+    import transformers as tf
+
+    from polymodal import LLM
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, arch)
+    hf = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = tf.AutoProcessor.from_pretrained(path)
+    return hf, processor, LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=256)
+
+
 def random_image(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
