@@ -6,6 +6,9 @@ experts, shared experts, the head) over the HBM copy bandwidth measured in the s
 median step of one request of `--decode-tokens` after 32 prompt tokens; then captioning-style
 throughput (`--images` prompts x `--output-tokens` forced tokens) against transformers on the
 same tensors (`--skip-hf`: ours alone; Mixtral-8x7B's second copy does not fit one GPU).
+The engine workload's `--quantization`, `--kv-cache-dtype`, `--speculative-config`,
+`--[no-]async-scheduling`, `--[no-]gemv` and `--[no-]pdl` apply to our side (quantized: random
+weights, as there).
 transformers' model is built first (random weights), ours loads its very tensors, and
 transformers runs after ours is freed, at `--hf-batch` on `--hf-images` of the prompts (its rate
 does not depend on the count). A built-in name is a shipped config with random bf16 weights.
@@ -139,9 +142,11 @@ def run_bench(args) -> dict:
 
     from polymodal.bench import resolve_bench_model
     from polymodal.bench.engine import measure_bandwidth
+    from polymodal.llm_core import pdl
 
     if not torch.cuda.is_available():
         raise SystemExit("polymodal bench needs a CUDA device")
+    pdl.set_enabled(getattr(args, "pdl", True))  # before any kernel compiles
     model_dir = resolve_bench_model(args.model)
     results = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "model": str(args.model), "workload": "text decode",
@@ -150,11 +155,20 @@ def run_bench(args) -> dict:
     if hf is not None:
         hf.to("cpu")  # each side has the GPU to itself
         torch.cuda.empty_cache()
+    quantization = getattr(args, "quantization", None)
+    engine_options = {  # the engine workload's flags (the script's defaults without them)
+        "quantization": quantization,
+        "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
+        "speculative_config": getattr(args, "speculative_config", None),
+        "async_scheduling": getattr(args, "async_scheduling", None),
+        "decode_gemv": getattr(args, "gemv", True),
+    }
+    results.update(quantization=quantization, kv_cache_dtype=engine_options["kv_cache_dtype"])
     has_weights = any(model_dir.glob("*.safetensors"))
-    dummy = args.dummy_weights or not has_weights or hf is not None
-    engine = build_engine(model_dir, max_model_len=4096, dummy_weights=dummy)
-    if hf is not None:
-        engine.runner.model.load_weights(hf_tensors(hf), "transformers model")
+    dummy = args.dummy_weights or not has_weights or hf is not None or quantization is not None
+    engine = build_engine(model_dir, max_model_len=4096, dummy_weights=dummy, **engine_options)
+    if hf is not None and quantization is None:  # quantized: random weights, as the engine
+        engine.runner.model.load_weights(hf_tensors(hf), "transformers model")  # workload
     vocab = engine.model_config.vocab_size
     floor_bytes = active_decoder_bytes(engine.runner.model, 1)
     results["decode_floor_ms"] = floor_bytes / (results["hbm_copy_tb_s"] * 1e12) * 1e3
