@@ -35,6 +35,14 @@ def hf_model(model_dir):
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    card = torch.cuda.get_device_properties(0).total_memory
+    if 2 * size > 0.9 * card:  # its bf16 copy alone
+        raise SystemExit(
+            f"transformers' bf16 copy of {model_dir.name} ({2 * size / 2**30:.0f} GiB) does not "
+            f"fit this card ({card / 2**30:.0f} GiB): pass --skip-hf"
+        )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
