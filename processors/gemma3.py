@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from polymodal.llm_core.errors import ModelLoadError
+from polymodal.llm_core.errors import MediaError, ModelLoadError
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.llava_views import CropsPlan, crops_pixel_values
@@ -100,13 +100,17 @@ class Gemma3Processor(MediaProcessor):
             )
         self.placeholder = boi
         self.embed_token_id = tokenizer.convert_tokens_to_ids(image)
-        self.image_token = image
         self.full_image = f"\n\n{boi}{image * self.image_seq_length}{eoi}\n\n"
 
     def embeds_expansion(self, num_rows: int) -> str:
-        """An image given as its projected rows: between the begin / end-of-image tokens."""
-        return self.full_image.replace(self.image_token * self.image_seq_length,
-                                       self.image_token * num_rows)  # fmt: skip
+        """An image given as its projected rows, one view's (`image_seq_length`, 256): between
+        the begin / end-of-image tokens, as an image without pan-and-scan crops."""
+        if num_rows != self.image_seq_length:
+            raise MediaError(
+                f"Gemma 3 image embeddings are one view's {self.image_seq_length} rows, got "
+                f"{num_rows} (pan-and-scan crops: give the image itself)"
+            )
+        return self.full_image
 
     def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
         """The image (and its crops) resized to the tower's size, and the expansion text."""

@@ -8,7 +8,7 @@ The rows go where the tower's would: the image's placeholder expands to `num_row
 tokens (the family's `embeds_expansion`: LLaVA's image tokens, Gemma 3's between its
 begin / end-of-image tokens), no encoder runs, and the rows' content hash keys the prefix
 cache. As vLLM takes them, the rows are the whole image's: LLaVA-NeXT's anyres rows with their
-newline rows, Gemma 3's 256 pooled rows (several with pan-and-scan crops). Qwen-VL takes rows
+newline rows, Gemma 3's 256 pooled rows of one view (no pan-and-scan crops). Qwen-VL takes rows
 with their patch grid (`prompt_embeds.split_media_embeds`).
 """
 

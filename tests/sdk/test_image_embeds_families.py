@@ -81,6 +81,18 @@ def test_bad_rows_are_refused(models, tmp_path_factory):
                      use_tqdm=False)  # fmt: skip
 
 
+def test_gemma3_takes_one_views_rows(tmp_path_factory):
+    """Gemma 3's rows are one view's (`image_seq_length`); more (pan-and-scan crops) is an
+    error saying to give the image."""
+    llm = LLM(str(tiny_checkpoint(tmp_path_factory, "gemma3_vl")), dtype="float32",
+              device="cpu", num_kv_blocks=64)  # fmt: skip
+    per_view = llm.processor.image_seq_length
+    rows = torch.randn(2 * per_view, llm.model_config.hidden_size)
+    parts = [{"type": "image_embeds", "image_embeds": rows}]
+    with pytest.raises(InvalidInputError, match=f"one view's {per_view} rows, got {2 * per_view}"):
+        llm.generate({"messages": _with_parts(parts)}, use_tqdm=False)
+
+
 def test_a_family_without_embeddings_names_those_with(tmp_path_factory):
     llm = LLM(str(tiny_checkpoint(tmp_path_factory, "pixtral")), dtype="float32", device="cpu",
               num_kv_blocks=64)  # fmt: skip
