@@ -1,8 +1,9 @@
 """Images given as their projected vision-tower output (vLLM's image embeddings) for the
 families whose placeholders expand in the prompt text (processors/base.py): LLaVA-1.5,
-LLaVA-NeXT and Gemma 3 take `multi_modal_data={"image": rows}`, `rows` a floating-point
-tensor `[num_rows, hidden_size]` of one image (a `[k, num_rows, hidden_size]` tensor: k images;
-a uint8 tensor stays pixels), or a chat part `{"type": "image_embeds", "image_embeds": rows}`.
+LLaVA-NeXT, LLaVA-OneVision and Gemma 3 take `multi_modal_data={"image": rows}`, `rows` a
+floating-point tensor `[num_rows, hidden_size]` of one image (a `[k, num_rows, hidden_size]`
+tensor: k images; a uint8 tensor stays pixels), or a chat part `{"type": "image_embeds",
+"image_embeds": rows}`.
 
 The rows go where the tower's would: the image's placeholder expands to `num_rows` embed
 tokens (the family's `embeds_expansion`: LLaVA's image tokens, Gemma 3's between its
@@ -23,7 +24,10 @@ from polymodal.processors.hashing import content_hash
 from polymodal.processors.prompt_embeds import as_embeds
 from polymodal.processors.types import MultimodalItem
 
-TAKES_EMBEDS = "Qwen2-VL / Qwen2.5-VL (rows with image_grid_thw), LLaVA-1.5, LLaVA-NeXT, Gemma 3"
+TAKES_EMBEDS = (
+    "Qwen2-VL / Qwen2.5-VL (rows with image_grid_thw), LLaVA-1.5, LLaVA-OneVision, LLaVA-NeXT, "
+    "Gemma 3"
+)
 
 
 def given_rows(source: Any) -> torch.Tensor | None:

@@ -88,6 +88,37 @@ class _Histogram:
         return Histogram(name, {}, cumulative, self.sum, buckets)
 
 
+# engine_phases' keys -> their histograms
+PHASE_HISTOGRAMS = {
+    "queue": "request_queue_time_seconds",
+    "prefill": "request_prefill_time_seconds",
+    "decode": "request_decode_time_seconds",
+    "per_output_token": "request_time_per_output_token_seconds",
+}
+
+
+def engine_phases(out: RequestOutput) -> dict[str, float]:
+    """Seconds of a finished request's phases in the engine, those its times give: queue
+    (arrival -> first step), prefill (first step -> first token), decode (first token -> the
+    end) and per_output_token (decode over the tokens after the first). The server's
+    `/metrics` observes the same phases."""
+    m = out.metrics
+    if m is None:
+        return {}
+    phases = {}
+    if m.first_scheduled_time is not None:
+        phases["queue"] = m.time_in_queue
+    first, end = m.first_token_time, m.finished_time or m.last_token_time
+    if first is not None and m.first_scheduled_time is not None:
+        phases["prefill"] = first - m.first_scheduled_time
+    if first is not None and end is not None:
+        phases["decode"] = end - first
+        later = max((len(c.token_ids) for c in out.outputs), default=1) - 1
+        if later > 0:
+            phases["per_output_token"] = phases["decode"] / later
+    return phases
+
+
 class EngineMetrics:
     """What `get_metrics` reports: fed each finished request (`observe`), read with the
     engine's live state (`snapshot`)."""
@@ -124,19 +155,10 @@ class EngineMetrics:
         end = m.finished_time or m.last_token_time
         if end is not None:
             h["e2e_request_latency_seconds"].observe(end - m.arrival_time)
-        if m.first_scheduled_time is not None:
-            h["request_queue_time_seconds"].observe(m.time_in_queue)
-        if m.first_token_time is None:
-            return
-        h["time_to_first_token_seconds"].observe(m.first_token_time - m.arrival_time)
-        if m.first_scheduled_time is not None:
-            h["request_prefill_time_seconds"].observe(m.first_token_time - m.first_scheduled_time)
-        if end is not None:
-            decode = end - m.first_token_time
-            h["request_decode_time_seconds"].observe(decode)
-            later = max((len(c.token_ids) for c in out.outputs), default=1) - 1
-            if later > 0:
-                h["request_time_per_output_token_seconds"].observe(decode / later)
+        if m.first_token_time is not None:
+            h["time_to_first_token_seconds"].observe(m.first_token_time - m.arrival_time)
+        for phase, seconds in engine_phases(out).items():
+            h[PHASE_HISTOGRAMS[phase]].observe(seconds)
 
     def snapshot(self, engine: Any) -> list[Metric]:
         """Every metric now, `engine`'s gauges and counters read at the call."""

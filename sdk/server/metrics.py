@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from polymodal.async_engine import AsyncEngine
 from polymodal.llm_core.outputs import RequestOutput
-from polymodal.metrics_reader import LATENCY_BUCKETS, TOKEN_BUCKETS
+from polymodal.metrics_reader import LATENCY_BUCKETS, TOKEN_BUCKETS, engine_phases
 
 
 class ServerMetrics:
@@ -118,18 +118,14 @@ class ServerMetrics:
         m = final.metrics
         if m is None or m.first_token_time is None:
             return
-        if m.first_scheduled_time is not None:
-            self.queue.observe(m.time_in_queue)
-            self.prefill.observe(m.first_token_time - m.first_scheduled_time)
         if arrival_wall is not None:
             self.preprocess.observe(max(0.0, m.arrival_time - arrival_wall))
         if first_wall is not None:
             self.delivery.observe(max(0.0, first_wall - m.first_token_time))
-        end = m.finished_time or m.last_token_time
-        self.decode.observe(end - m.first_token_time)
-        later_tokens = max(len(c.token_ids) for c in final.outputs) - 1
-        if later_tokens > 0:
-            self.tpot.observe((end - m.first_token_time) / later_tokens)
+        histograms = {"queue": self.queue, "prefill": self.prefill, "decode": self.decode,
+                      "per_output_token": self.tpot}  # fmt: skip
+        for phase, seconds in engine_phases(final).items():
+            histograms[phase].observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format."""
