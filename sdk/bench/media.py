@@ -12,7 +12,8 @@ same input again (the encoder and prefix caches hit); transformers'
 GEMMs and causal attention, vision tower GEMMs, full- and window-attention) over the bf16
 matrix rate measured in the same run. An input our engine refuses (over `max_model_len`) is
 reported with its error, never a crash. Then captioning 1080p images against the floor's
-rate (`bench/media_caption.py`; `--images`, default 64, `--output-tokens`).
+rate (`bench/media_caption.py`; `--images`, default 64, `--output-tokens`). `--profile` adds
+the kernel table of one more fresh 1080p, 4K and 64-frame TTFT each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from polymodal.processors.chat import MediaRef
 IMAGES = {"448px": (448, 448), "1080p": (1920, 1080), "4k": (3840, 2160)}
 VIDEOS = {"video16": 16, "video64": 64, "video256": 256}
 VIDEO_SIZE = (1280, 720)
+PROFILED = ("1080p", "4k", "video64")  # `--profile`: a kernel table of one fresh TTFT each
 MAX_MODEL_LEN = 131072  # the engine's own limit for the long videos (Qwen2.5-VL: 128k)
 
 
@@ -135,6 +137,22 @@ def _first_token_ms(ours: OurSide, ids, kind, item) -> float:
     return elapsed
 
 
+def ttft_profile(ours: OurSide, name: str) -> dict:
+    """Kernel table of one fresh input's TTFT (`--profile`): GPU busy time, each step phase's
+    and attention route's GPU span, the kernels by exclusive time, the idle gaps."""
+    from polymodal.bench.profile import calls_profile, engine_ranges, print_calls_profile
+
+    cfg = ours.processor.config
+    kind, item = media(name, 31)
+    token = cfg.image_token_id if kind == "image" else cfg.video_token_id
+    ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1]
+    ids += text_ids(TEXT_TOKENS, 31, ours.vocab)
+    out = calls_profile(lambda: _first_token_ms(ours, ids, kind, item), 1,
+                        engine_ranges(ours.engine), top=24)  # fmt: skip
+    print_calls_profile(f"{name} TTFT, a fresh input", out)
+    return out
+
+
 def hf_ttft(hf, name: str, seeds: list[int]) -> float:
     """transformers: processor + `generate(max_new_tokens=1)`, median over fresh inputs."""
     times = []
@@ -183,6 +201,8 @@ def run_bench(args) -> dict:
         row["fraction_of_floor"] = row["floor_ms"] / row["ttft_ms"]
         rows[name] = row
         print(f"{name}: {row}", flush=True)  # a run cut short still shows what it measured
+    if getattr(args, "profile", False):
+        results["profiles"] = {n: ttft_profile(ours, n) for n in PROFILED if n in rows}
     from polymodal.bench.media_caption import caption_1080p
 
     results["caption_1080p"] = caption_1080p(ours, args.images or 64, args.output_tokens, rate)
