@@ -281,7 +281,7 @@ def calls_profile(fn, calls: int, methods: list[tuple] = (), top: int = 16,
         "gpu_busy_ms": busy / calls * 1e3,
         "gpu_idle_share": 1 - busy / wall,
         **{f"{label} gpu_span_ms": spans[label] for label in sorted(names)},
-        "exclusive_kernels": exclusive_ms(prof, calls, top),
+        "exclusive_kernels": exclusive_ms(prof, calls, top, exclude=names),
         "idle_gaps": idle_gaps(prof, calls, 8, names),
     }
     if host_pairs:

@@ -46,15 +46,17 @@ def busy_seconds(prof, exclude=()) -> float:
     return busy / 1e6  # microseconds -> s
 
 
-def exclusive_ms(prof, calls: int, top: int) -> list[dict]:
+def exclusive_ms(prof, calls: int, top: int, exclude=()) -> list[dict]:
     """Busy time charged to the kernel that ends it: in end order, each kernel gets the time
     from the previous kernel's end (or its own start, if later) to its own end. With kernels
     overlapping under PDL this is each kernel's marginal cost (rows sum to the busy time unless
-    a kernel runs wholly inside another, e.g. on a second stream)."""
+    a kernel runs wholly inside another, e.g. on a second stream). `exclude`: our profiler
+    ranges' names (a range's device span ends with its last kernel and took that kernel's
+    charge)."""
     charged: dict[str, float] = defaultdict(float)
     launches: dict[str, int] = defaultdict(int)
     last_end = float("-inf")
-    for start, stop, name in sorted(_device_spans(prof), key=lambda span: span[1]):
+    for start, stop, name in sorted(_device_spans(prof, exclude), key=lambda span: span[1]):
         charged[name] += stop - max(start, last_end)
         launches[name] += 1
         last_end = stop

@@ -108,10 +108,11 @@ class OurSide:
         kv_cache_dtype="auto",
         sdpa_shapes="second",
         speculative_config=None,
+        max_num_batched_tokens=16384,
     ):
         """`max_model_len` (default 4096) and `prefix_caching` (default off: distinct inputs
-        everywhere) are for workloads of long media (`bench/media.py`); `sdpa_shapes` as
-        `EngineConfig`'s (A/B of first calls)."""
+        everywhere) are for workloads of long media (`bench/media.py`); `sdpa_shapes` and
+        `max_num_batched_tokens` as `EngineConfig`'s (A/B runs)."""
         config = EngineConfig(
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
@@ -121,7 +122,7 @@ class OurSide:
             max_model_len=max_model_len or min(4096, _max_positions(model_dir)),
             max_num_seqs=512,
             max_graph_batch=512,
-            max_num_batched_tokens=16384,
+            max_num_batched_tokens=max_num_batched_tokens,
             gpu_memory_utilization=0.85,
             enable_prefix_caching=prefix_caching,
             async_scheduling=async_scheduling,
@@ -225,5 +226,10 @@ class OurSide:
         return caption_rates(len(pics), output_tokens, time.perf_counter() - start)
 
     def free(self) -> None:
+        """Drop the engine and give its GPU memory back (`bench.text.free`: the engine froze
+        the heap at build, so its cycles are collected only after `gc.unfreeze`)."""
+        from polymodal.bench.text import free
+
+        engine = self.engine
         del self.engine, self.model
-        torch.cuda.empty_cache()
+        free(engine)
