@@ -58,7 +58,9 @@ def num_kv_blocks(
     per_block = layout.block_elements(cfg.block_size) * kv_dtype.itemsize + (draft_block_bytes or 0)
     if device.type == "cuda":
         # Weights are already on the card: what is free now, less the share we leave alone
-        # and 1 GiB of headroom for activations, holds the KV cache.
+        # and 1 GiB of headroom for activations, holds the KV cache. Blocks torch's allocator
+        # still caches (an engine dropped before this one was built) count as free.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         budget = free - total * (1 - cfg.gpu_memory_utilization) - (1 << 30) - reserved
     else:

@@ -118,12 +118,12 @@ def build_engine(model_dir, **config):
     return Engine(str(model_dir), EngineConfig(**config))
 
 
-def free(engine) -> None:
-    """Drop `engine` and give its GPU memory back: it froze the heap at build (`gc.freeze`), so
-    its reference cycles are collected only after `gc.unfreeze`."""
+def release_memory() -> None:
+    """Give the GPU memory of engines no longer referenced back (call after dropping the last
+    reference: a caller's local keeps an engine alive). An engine froze the heap at build
+    (`gc.freeze`), so its reference cycles are collected only after `gc.unfreeze`."""
     import torch
 
-    del engine
     gc.unfreeze()
     gc.collect()
     torch.cuda.empty_cache()
@@ -140,7 +140,8 @@ def variant_ms(label: str, model_dir, bandwidth: float, **config) -> float:
     throughput(engine, vocab, 16, 8)  # warm-up
     ms = min(decode_ms(engine, vocab) for _ in range(2))
     print(f"{label:30s} {ms:.3f} ms  floor {floor_ms:.3f}  {100 * floor_ms / ms:.1f}%", flush=True)
-    free(engine)
+    del engine
+    release_memory()
     time.sleep(1)
     return ms
 
@@ -187,7 +188,8 @@ def run_bench(args) -> dict:
         results["decode_profile"] = decode_profile(engine, vocab)
     results["prompts"], results["output_tokens"] = args.images, args.output_tokens
     results["tokens_s"] = throughput(engine, vocab, args.images, args.output_tokens)
-    free(engine)
+    del engine
+    release_memory()
     if hf is not None:
         hf.to("cuda")
         results["hf_tokens_s"] = hf_throughput(

@@ -226,10 +226,8 @@ class OurSide:
         return caption_rates(len(pics), output_tokens, time.perf_counter() - start)
 
     def free(self) -> None:
-        """Drop the engine and give its GPU memory back (`bench.text.free`: the engine froze
-        the heap at build, so its cycles are collected only after `gc.unfreeze`)."""
-        from polymodal.bench.text import free
+        """Drop the engine and give its GPU memory back (`bench.text.release_memory`)."""
+        from polymodal.bench.text import release_memory
 
-        engine = self.engine
         del self.engine, self.model
-        free(engine)
+        release_memory()

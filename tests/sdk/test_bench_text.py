@@ -61,3 +61,24 @@ def test_the_script_keeps_the_device_scripts_helpers():
         sys.path.pop(0)
     for name in ("variant_ms", "decode_ms", "throughput", "run_bench", "main"):
         assert callable(getattr(script, name))
+
+
+def test_a_freed_bench_engine_is_collected(tmp_path_factory):
+    """A/B runs build one engine after another in one process: `OurSide.free` must leave no
+    reference to the engine (the heap frozen at build hid its cycles from the collector, and a
+    caller's local kept it alive: the next engine found no memory for its KV cache)."""
+    import gc
+    import weakref
+
+    from polymodal.bench.workloads import OurSide
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, "qwen2_5_vl")
+    ours = OurSide(path, dummy_weights=True, max_model_len=512, prefix_caching=True)
+    engine = weakref.ref(ours.engine)
+    gc.disable()  # collected by `free` itself, not by a later automatic pass
+    try:
+        ours.free()
+        assert engine() is None
+    finally:
+        gc.enable()
