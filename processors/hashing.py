@@ -63,12 +63,20 @@ def row_major_bytes(tensor: torch.Tensor) -> np.ndarray:
 # Pillow (>= 11.2) exports an image held in one memory block through the Arrow C data
 # interface: an `ArrowArray` whose (last) data buffer is the image's own pixel memory. Reading
 # it costs nothing, where `np.asarray(image)` copies every byte through `tobytes` (2-3 ms for
-# a 1080p image on an H200's host; 64 frames of 720p ~70 ms): a repeated image's or frame
-# list's key is then one hash. Modes whose pixels alone do not say what the image is (a
-# palette, a transparency key in `info`) have no view.
+# a 1080p image on an H200's host; a 4K image ~35 ms, 64 frames of 720p ~90 ms): a repeated
+# image's or frame list's key is then one hash, and the processors read a fresh image's pixels
+# from there (`pixel_view`). Modes whose pixels alone do not say what the image is (a palette,
+# a transparency key in `info`) have no view.
 PIXEL_VIEW_MODES = ("RGB", "RGBA", "L")
-# Pillow's default memory block: a larger image is held in several and cannot be exported
-PIXEL_VIEW_BYTES = 16 << 20
+# Pillow holds an image larger than its memory block size in several blocks, which it cannot
+# export. Its default block is 16 MiB (a 4K RGB image takes 33 MB as RGBX): images allocated
+# after this module loads take one block up to 256 MiB (64 megapixels), so a 4K photo decoded
+# here (or by a user after importing polymodal) is read in place too. Only the allocation's
+# granularity changes: Pillow allocates what an image needs, in fewer pieces.
+PIXEL_VIEW_BLOCK_BYTES = 256 << 20
+if hasattr(Image.core, "set_block_size") and Image.core.get_block_size() < PIXEL_VIEW_BLOCK_BYTES:
+    Image.core.set_block_size(PIXEL_VIEW_BLOCK_BYTES)
+USE_PIXEL_VIEWS = True  # False: `pixel_view` declines (A/B runs against the copy)
 
 
 class _ArrowArray(ctypes.Structure):
@@ -92,39 +100,68 @@ _capsule_pointer.restype = ctypes.c_void_p
 _capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 
 
-def hash_pixels(digest: blake3.blake3, image: Image.Image, tag: bytes = b"") -> bool:
-    """Feed `tag`, then `image`'s pixel memory to `digest` as Pillow holds it (RGB as RGBX, 4
-    bytes a pixel), without copying it; False (nothing fed) when Pillow cannot export it so (an
-    image over `PIXEL_VIEW_BYTES`, e.g. 4K RGB: several memory blocks; an old Pillow; a mode
-    outside `PIXEL_VIEW_MODES`; pixels Pillow does not own: `readonly`). An image not yet
-    decoded (`Image.open`) is decoded here: the size bound keeps that far below any
-    processor's pixel limit."""
+def _exported_pixels(image: Image.Image):
+    """`image`'s pixel memory as Pillow holds it (RGB as RGBX, 4 bytes a pixel), a ctypes
+    char array over it that holds the Arrow capsule (which keeps the memory alive), or None
+    where Pillow cannot export it so: several memory blocks (an image allocated before this
+    module loaded, or over `PIXEL_VIEW_BLOCK_BYTES`), an old Pillow, a mode outside
+    `PIXEL_VIEW_MODES`, pixels Pillow does not own (`readonly`). An image not yet decoded
+    (`Image.open`) is decoded here."""
     if image.mode not in PIXEL_VIEW_MODES or "transparency" in image.info:
-        return False
-    if not 0 < image.width * image.height * 4 <= PIXEL_VIEW_BYTES:  # (empty: the export crashes)
-        return False
+        return None
+    if not 0 < image.width * image.height * 4 <= PIXEL_VIEW_BLOCK_BYTES:  # (empty: crashes)
+        return None
     export = getattr(image, "__arrow_c_array__", None)
     if export is None:
-        return False
+        return None
     try:
         image.load()
         # pixels in a caller's buffer (`fromarray` of L / RGBA, `frombuffer`, a memory-mapped
         # file once loaded): Pillow 12.3's export dereferences blocks those do not have
         if image.readonly:
-            return False
-        _schema, capsule = export()
+            return None
+        _schema, capsule = export()  # ValueError: several blocks
     except (ValueError, OSError):
-        return False
+        return None
     array = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array"))
     while array.n_children:  # RGB / RGBA: a fixed-size list of 4 uint8 over one child
         array = array.children[0].contents
     size = image.width * image.height * (1 if image.mode == "L" else 4)  # uint8 elements
     if array.n_buffers != 2 or not array.buffers[1] or array.length != size:
-        return False
+        return None
     pixels = (ctypes.c_char * size).from_address(array.buffers[1] + array.offset)
+    pixels.capsule = capsule  # released (and the memory with it) when the view is dropped
+    return pixels
+
+
+def hash_pixels(digest: blake3.blake3, image: Image.Image, tag: bytes = b"") -> bool:
+    """Feed `tag`, then `image`'s pixel memory to `digest` as Pillow holds it (RGB as RGBX),
+    without copying it; False (nothing fed) where `_exported_pixels` has no view."""
+    pixels = _exported_pixels(image)
+    if pixels is None:
+        return False
     digest.update(tag)
-    digest.update(memoryview(pixels).cast("B"))  # the capsule (held here) keeps the memory alive
+    digest.update(memoryview(pixels).cast("B"))
     return True
+
+
+def rgbx_view(image: Image.Image) -> np.ndarray | None:
+    """An RGB image's memory as Pillow holds it, `[H, W, 4]` uint8 (RGB and a pad byte a
+    pixel), viewed without a copy, or None (another mode, or no export: `np.asarray` then
+    copies). The view keeps the memory alive; writes to the image show through it."""
+    if not USE_PIXEL_VIEWS or image.mode != "RGB":
+        return None
+    pixels = _exported_pixels(image)
+    if pixels is None:
+        return None
+    return np.frombuffer(pixels, np.uint8).reshape(image.height, image.width, 4)
+
+
+def pixel_view(image: Image.Image) -> np.ndarray | None:
+    """An RGB image's pixels `[H, W, 3]` uint8 as a view of Pillow's own memory (`rgbx_view`
+    less the pad byte: strides (4W, 4, 1)), or None."""
+    view = rgbx_view(image)
+    return None if view is None else view[:, :, :3]
 
 
 def image_key(image: Image.Image) -> str | None:

@@ -14,14 +14,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import torch
 
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
 from polymodal.processors.base import refuse_modalities
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
-from polymodal.processors.hashing import content_hash, image_key
-from polymodal.processors.input_cache import DEFAULT_MAX_MB, ProcessedInputCache, raw_media_key
+from polymodal.processors.hashing import content_hash, image_key, pixel_view
+from polymodal.processors.input_cache import (
+    DEFAULT_MAX_MB,
+    ProcessedInputCache,
+    copy_item,
+    raw_media_key,
+)
 from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -254,12 +260,14 @@ class QwenVLProcessor:
         max_pixels = options.get("max_pixels", icfg.max_pixels)
         cache_key, hit = self._cached("image", ref.source, min_pixels, max_pixels)
         if hit is not None:
+            if "pixel_frames" not in hit.data:  # kept without the caller's pixels (below): the
+                hit.data["pixel_frames"] = _image_frames(ref.source)[0]  # ones just hashed
             return hit, 1.0
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
-        pixels = torch.from_numpy(np.array(image))  # [H, W, 3] uint8
-        frames = pixels.permute(2, 0, 1)[None]  # [1, 3, H, W]
+        frames, viewed_memory = _image_frames(image)  # [1, 3, H, W] uint8
+        pixels = frames[0].permute(1, 2, 0)  # [H, W, 3]
         try:
             plan = plan_patches(frames, icfg, min_pixels=min_pixels, max_pixels=max_pixels)
         except ValueError as exc:
@@ -270,7 +278,10 @@ class QwenVLProcessor:
         key = _media_key(viewed or image_key(image) or pixels, min_pixels, max_pixels, icfg)
         item = self._item("image", frames, plan, icfg, key)
         if cache_key is not None:
-            self.input_cache.put(cache_key, item)
+            # a view of the caller's own image is not kept: changed later, it would no longer
+            # be what the key hashed (a hit takes the pixels of the image it was asked with)
+            borrowed = viewed_memory and image is ref.source
+            self.input_cache.put(cache_key, _without_frames(item) if borrowed else item)
         return item, 1.0
 
     def _video_item(
@@ -286,7 +297,7 @@ class QwenVLProcessor:
         fps, num_frames = options.get("fps"), options.get("num_frames")
         min_pixels = options.get("min_pixels", vcfg.min_pixels)
         max_pixels = options.get("max_pixels", vcfg.max_pixels)
-        source = ref.source
+        source, raw = ref.source, None
         if self.input_cache is not None and not isinstance(source, RAW_SOURCES):
             # a frame list: keyed by a hash of its pixels, so a hit skips stacking them and
             # hashing the stack (a miss reads the frames twice: ~30 ms of a 64-frame miss)
@@ -321,8 +332,16 @@ class QwenVLProcessor:
         except ValueError as exc:
             raise media_error("video", index, ref.source, str(exc)) from None
         second_per_grid = vcfg.temporal_patch_size / video.sampled_fps
-        # hashed as decoded, [T, H, W, C] (a view, no copy: [T, C, H, W] is a permuted view)
-        key = _media_key(video.frames.permute(0, 2, 3, 1), min_pixels, max_pixels, vcfg)
+        # hashed as decoded, [T, H, W, C] (a view, no copy: [T, C, H, W] is a permuted view);
+        # a frame list hashed for the input cache already: that digest, with how it was read
+        # (the frames follow from them), not a second pass over every pixel (64 frames of
+        # 720p: ~25 ms on an H100's host)
+        if raw is not None:
+            read = f"{raw}|{self.max_video_pixels}|{fps}|{num_frames}".encode()
+            frames_digest = blake3.blake3(read).hexdigest()
+            key = _media_key(frames_digest, min_pixels, max_pixels, vcfg)
+        else:
+            key = _media_key(video.frames.permute(0, 2, 3, 1), min_pixels, max_pixels, vcfg)
         frames = video.frames
         if frames.dtype != torch.uint8:
             # alpha-blended float32 frames: torch's float kernel differs by device in the last
@@ -357,6 +376,23 @@ class QwenVLProcessor:
             frames_to_pixel_values, layout=tuple(layout), size=size, resample=cfg.resample
         )
         return QwenMediaItem(modality, data, -1, 0, content_hash(modality, key), pixel_fn=pixel_fn)
+
+
+def _image_frames(image) -> tuple[torch.Tensor, bool]:
+    """A decoded RGB PIL image -> (uint8 `[1, 3, H, W]`, whether it views Pillow's memory):
+    the RGB of Pillow's own RGBX bytes where it exports them (`hashing.pixel_view`, no copy),
+    else a copy (`np.array`, through Pillow's `tobytes`: ~35 ms for a 4K image on an H100's
+    host, where the view costs nothing and `copy_to` uploads the RGBX block as it is)."""
+    view = pixel_view(image)
+    pixels = torch.from_numpy(np.array(image) if view is None else view)  # [H, W, 3]
+    return pixels.permute(2, 0, 1)[None], view is not None
+
+
+def _without_frames(item: QwenMediaItem) -> QwenMediaItem:
+    """A copy of `item` that shares its tensors but the frames."""
+    kept = copy_item(item)
+    del kept.data["pixel_frames"]
+    return kept
 
 
 def _time_interval(cfg, second_per_grid: float) -> float:

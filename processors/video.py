@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.processors.hashing import hash_pixels, hasher
+from polymodal.processors.hashing import hash_pixels, hasher, rgbx_view
 from polymodal.processors.media import media_error, read_source_bytes
 
 DEFAULT_FRAME_LIST_FPS = 24.0  # what transformers assumes for frames given without metadata
@@ -152,10 +152,31 @@ def frames_from_list(frames: Any, max_pixels: int) -> torch.Tensor:
     frame's `np.asarray` view of its bytes, an array itself): the result never shares memory
     with the caller's frames, so changing them later cannot change what was hashed."""
     sources, shape = frame_sources(frames, max_pixels)
+    views = _rgbx_views(sources)
+    if views is not None:  # RGB frames Pillow exports: their RGBX memory, one dense copy each
+        video = np.empty((len(views), *shape[:2], 4), dtype=np.uint8)  # [T, H, W, RGBX]
+        for out, view in zip(video, views):
+            out[...] = view
+        return torch.from_numpy(video)[..., :3].permute(0, 3, 1, 2)  # [T, 3, H, W], a view
     video = np.empty((len(sources), *shape), dtype=np.uint8)  # [T, H, W, C]
     for out, source in zip(video, sources):
         out[...] = np.asarray(source).reshape(shape)
     return frames_to_rgb(torch.from_numpy(video).permute(0, 3, 1, 2))  # [T, C, H, W]
+
+
+def _rgbx_views(sources: list) -> list[np.ndarray] | None:
+    """Each frame's `rgbx_view` when every frame is an RGB PIL image that has one, else None.
+    Copying those is one memcpy a frame (64 frames of 720p: ~11 ms on the CPU box), where
+    `np.asarray` goes through Pillow's `tobytes` (~90 ms on an H100's host) and a 3-of-4-byte
+    strided copy would take ~250 ms; the pad bytes ride along to the device (`copy_to`
+    uploads the dense block and drops them there)."""
+    views = []
+    for source in sources:
+        view = rgbx_view(source) if isinstance(source, Image.Image) else None
+        if view is None:
+            return None
+        views.append(view)
+    return views
 
 
 def _video_backend() -> str:

@@ -2,8 +2,9 @@
 
 The media bench's profile (H100) showed the GPU idle 10-22% of a fresh 1080p / 4K / 64-frame
 TTFT, mostly before its first kernel: the processor's host work (decoding to arrays, content
-hashes, the upload). This times `process_tokens` + `stage_ahead` of fresh inputs, then
-cProfiles one of each (top functions by own time).
+hashes, the upload). This times `process_tokens` + `stage_ahead` of fresh inputs with
+Pillow's pixels read in place and copied (`hashing.USE_PIXEL_VIEWS`), cProfiles one of each,
+then times the fresh and repeated TTFTs (views on).
 
     python3 scripts/device/host_media.py
 """
@@ -16,8 +17,16 @@ import time
 import torch
 
 from polymodal.bench import resolve_bench_model
-from polymodal.bench.media import MAX_MODEL_LEN, media, warm_up
+from polymodal.bench.media import (
+    MAX_MODEL_LEN,
+    input_flops,
+    matmul_tflops,
+    media,
+    ours_ttft,
+    warm_up,
+)
 from polymodal.bench.workloads import TEXT_TOKENS, OurSide, _max_positions, text_ids
+from polymodal.processors import hashing
 from polymodal.processors.chat import MediaRef
 
 model_dir = resolve_bench_model("qwen2.5-vl-7b")
@@ -50,11 +59,23 @@ def host(name, seed, profiler=None):
     return (processed - start) * 1e3, (end - start) * 1e3
 
 
-for name in ("1080p", "4k", "video64"):
-    runs = [host(name, 50 + i) for i in range(3)]
-    print(f"{name:8s} process_tokens {statistics.median(r[0] for r in runs):7.1f} ms, "
-          f"+ stage_ahead + sync {statistics.median(r[1] for r in runs):7.1f} ms", flush=True)
+for views in (False, True, False, True):  # Pillow's memory read in place, or copied
+    hashing.USE_PIXEL_VIEWS = views
+    for name in ("1080p", "4k", "video64"):
+        runs = [host(name, 50 + i + 10 * views) for i in range(3)]
+        print(f"views {views!s:5s} {name:8s} process_tokens "
+              f"{statistics.median(r[0] for r in runs):7.1f} ms, + stage_ahead + sync "
+              f"{statistics.median(r[1] for r in runs):7.1f} ms", flush=True)
+for name in ("4k", "video64"):
     prof = cProfile.Profile()
-    host(name, 60, prof)
+    host(name, 80, prof)
     stats = pstats.Stats(prof)
-    stats.sort_stats("tottime").print_stats(10)
+    stats.sort_stats("tottime").print_stats(8)
+rate = matmul_tflops()
+for name, seeds in (("1080p", [91, 92, 93, 94, 95]), ("4k", [91, 92, 93, 94, 95]),
+                    ("video64", [91, 92, 93])):  # fmt: skip
+    row = ours_ttft(ours, name, seeds, again=True)
+    floor = input_flops(ours.model, row["grid_thw"], row["prompt_tokens"]) / rate / 1e9
+    print(f"TTFT {name:8s} {row['ttft_ms']:7.1f} ms, floor {floor:.1f} ms = "
+          f"{100 * floor / row['ttft_ms']:.0f}% (calls {[round(t, 1) for t in row['calls_ms']]}"
+          f"), again {row['repeat_ttft_ms']:.1f} ms", flush=True)

@@ -7,7 +7,14 @@ import threading
 import pytest
 import torch
 
-from polymodal.llm_core.host_copy import PinnedRing, copy_to, host_tensor, upload, upload_tensors
+from polymodal.llm_core.host_copy import (
+    PinnedRing,
+    _widened,
+    copy_to,
+    host_tensor,
+    upload,
+    upload_tensors,
+)
 
 
 def test_cpu_targets_are_plain_moves():
@@ -27,7 +34,28 @@ def test_upload_starts_every_part_on_16_bytes(dtype):
     assert all(v.dtype == dtype and v.data_ptr() % 16 == 0 for v in views)
 
 
+def test_a_view_that_skips_pad_bytes_widens_to_its_dense_block():
+    """RGB of RGBX pixels (`hashing.pixel_view`): copied as the dense `[..., 4]` block, never
+    gathered on the host; other layouts are not widened."""
+    rgbx = torch.arange(2 * 5 * 7 * 4, dtype=torch.int32).to(torch.uint8).view(2, 5, 7, 4)
+    rgb = rgbx[..., :3]
+    assert _widened(rgb).data_ptr() == rgbx.data_ptr() and torch.equal(_widened(rgb), rgbx)
+    assert _widened(rgbx) is None  # dense already
+    assert _widened(rgbx[:, ::2, :, :3]) is None  # rows skipped: not one block
+    assert _widened(rgbx[..., 1:4]) is None  # its block would end past the storage
+    assert torch.equal(_widened(rgbx[..., :2]), rgbx)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_rgb_of_rgbx_frames_copy_exactly():
+    rgbx = torch.randint(0, 256, (3, 9, 11, 4), dtype=torch.uint8)
+    frames = rgbx[..., :3].permute(0, 3, 1, 2)  # [T, 3, H, W] as the processors keep it
+    moved = copy_to(frames, torch.device("cuda"))
+    assert moved.shape == frames.shape and torch.equal(moved.cpu(), frames)
 
 
 @pytest.mark.gpu

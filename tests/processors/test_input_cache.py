@@ -46,8 +46,8 @@ def decodes(monkeypatch):
     return calls
 
 
-def _same(a, b):
-    assert a.content_hash == b.content_hash
+def _same(a, b, same_key=True):
+    assert (a.content_hash == b.content_hash) is same_key
     assert a.data.keys() == b.data.keys()
     for name in a.data:
         assert torch.equal(a.data[name], b.data[name])
@@ -160,10 +160,12 @@ def test_frame_lists_hit_by_content(fresh, decodes, photos):
     _same(again.mm_items[0], first)
     assert len(decodes) == 1 and fresh.input_cache.hits == 1
     # the same pixels as arrays: their own key (PIL frames are hashed in place, as Pillow
-    # holds them), the same item
+    # holds them, and the item's content hash follows from that key: a fresh video's pixels
+    # are hashed once), the same pixels; the arrays again: a hit, the same item
     as_arrays = [np.asarray(f) for f in frames()]
-    _same(fresh.process(prompt=VIDEO, videos=[as_arrays]).mm_items[0], first)
-    _same(fresh.process(prompt=VIDEO, videos=[as_arrays]).mm_items[0], first)
+    from_arrays = fresh.process(prompt=VIDEO, videos=[as_arrays]).mm_items[0]
+    _same(from_arrays, first, same_key=False)
+    _same(fresh.process(prompt=VIDEO, videos=[as_arrays]).mm_items[0], from_arrays)
     assert len(decodes) == 2 and fresh.input_cache.hits == 2
     # one pixel changed: a miss, and the item differs
     pixels = np.asarray(frames()[3]).copy()
@@ -297,7 +299,13 @@ def test_image_key_reads_the_pixels_in_place(photos, tmp_path):
     keyed = image.copy()
     keyed.info["transparency"] = (0, 0, 0)
     assert image_key(keyed) is None
-    assert image_key(Image.new("RGB", (3840, 2160))) is None
+    assert image_key(Image.new("RGB", (3840, 2160))) is not None  # one block (hashing.py)
+    block = Image.core.get_block_size()
+    Image.core.set_block_size(1 << 20)  # as Pillow's default 16 MiB holds a 4K image: blocks
+    try:
+        assert image_key(Image.new("RGB", (1024, 768))) is None
+    finally:
+        Image.core.set_block_size(block)
     assert image_key(Image.new("RGB", (0, 0))) is None and image_key(Image.new("L", (0, 5))) is None
     # pixels in the caller's buffer (`fromarray` maps L and RGBA arrays): no view, no crash
     # (Pillow's export dereferences a block list such images do not have)
@@ -323,3 +331,20 @@ def test_frame_keys_tag_in_place_and_copied_frames(photos):
     }
     assert len(keys) == 4  # each mix of forms its own key
     assert frames_key([frame.copy(), frame.copy()], 1 << 30) == frames_key([frame, frame], 1 << 30)
+
+
+def test_a_view_of_the_callers_image_is_not_kept(fresh, photos):
+    """A fresh PIL image's pixels are read where Pillow holds them (no copy); the cached item
+    does not keep that view, so an image changed after its request cannot feed a later hit."""
+    from polymodal.processors.hashing import pixel_view
+
+    image = photos["astronaut"].convert("RGB").resize((112, 84))
+    original = image.copy()
+    first = fresh.process(prompt=IMAGE, images=[image]).mm_items[0]
+    view = pixel_view(image)
+    assert view is not None and np.shares_memory(first.data["pixel_frames"].numpy(), view)
+    image.paste((255, 0, 0), (0, 0, 50, 50))  # the caller draws on it afterwards
+    again = fresh.process(prompt=IMAGE, images=[original]).mm_items[0]
+    assert fresh.input_cache.hits == 1 and again.content_hash == first.content_hash
+    want = torch.from_numpy(np.asarray(original)).permute(2, 0, 1)[None]
+    assert torch.equal(again.data["pixel_frames"], want)

@@ -139,3 +139,24 @@ def test_no_video_decoder_is_a_clear_error(video_file, monkeypatch):
     frames = [Image.new("RGB", (56, 56), (i * 40, 0, 0)) for i in range(4)]
     assert load_video(frames).frames.shape == (4, 3, 56, 56)
     assert load_video(torch.zeros(2, 56, 56, 3, dtype=torch.uint8)).frames.shape == (2, 3, 56, 56)
+
+
+def test_rgb_frames_read_in_place_equal_a_copy():
+    """A list of RGB PIL frames is stacked from Pillow's own RGBX memory (one dense copy a
+    frame); the frames equal those of the copying path (`np.asarray`)."""
+    from PIL import Image
+
+    from polymodal.processors import hashing
+    from polymodal.processors.video import frames_from_list
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)) for _ in range(3)]
+    viewed = frames_from_list(frames, 10**6)
+    assert viewed.shape == (3, 3, 30, 44) and viewed.stride()[-1] == 4  # RGB of RGBX bytes
+    hashing.USE_PIXEL_VIEWS = False
+    try:
+        copied = frames_from_list(frames, 10**6)
+    finally:
+        hashing.USE_PIXEL_VIEWS = True
+    assert copied.stride()[-1] == 3
+    assert torch.equal(viewed, copied)
