@@ -24,6 +24,28 @@ def rotate(row_ptr, dims, partner, mask, cos, sin, lower):
 
 
 @triton.jit
+def norm_rotate(row_ptr, dims, partner, mask, cos, sin, lower, w, w_partner, eps,
+                HEAD_DIM: tl.constexpr, UNIT_OFFSET: tl.constexpr, AXIS: tl.constexpr):  # fmt: skip
+    """`rotate` of the rows' per-head RMSNorm (`w`, `w_partner`: the norm weight at `dims`
+    and at `partner`, fp32; `AXIS`: the rows' feature axis): the norm computed as `_qk_rms_norm_kernel`
+    computes it (fp32 statistics over `HEAD_DIM`; rounded to the input dtype as it stores)
+    and the rotation as `rotate`, so the result is the two kernels' up to the sum's order."""
+    x = tl.load(row_ptr + dims, mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    hp = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
+    if UNIT_OFFSET:  # Gemma: scaled in fp32, rounded once
+        n = ((h * rstd) * (1.0 + w)).to(x.dtype).to(tl.float32)
+        n_partner = ((hp * rstd) * (1.0 + w_partner)).to(x.dtype).to(tl.float32)
+    else:  # HF rounds the normalized row before scaling by the weight
+        n = (w * (h * rstd).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+        n_partner = (w_partner * (hp * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+        n_partner = n_partner.to(tl.float32)
+    ps = n_partner * sin
+    return tl.where(lower, tl.fma(n, cos, -ps), tl.fma(n, cos, ps)).to(x.dtype)
+
+
+@triton.jit
 def kv_offsets(table, pos, valid, kv_head, stride_cb, stride_co, stride_ch,
                 PAGE_SIZE: tl.constexpr):  # fmt: skip
     """Cache offsets of the keys at `pos` (one kv head) through the sequence's block table."""

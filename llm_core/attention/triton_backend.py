@@ -218,13 +218,14 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         spec: AttentionSpec,
         kv_scales: tuple[float, float] | None = None,
+        norms: triton_decode.QKNorms | None = None,
     ) -> torch.Tensor:
         """Decode attention of unrotated `q, k, v` (one token per sequence): rotates q and k
         with `rope` = (cos, sin) `[num_seqs, rotary_dim / 2]` (neox style), stores k and v at
         `meta.slot_mapping` and attends, all in one kernel. Equals `triton_ops.rotary_embedding`
-        + `store_kv` + `paged_attention`."""
+        + `store_kv` + `paged_attention` (with `norms`: `qk_rms_norm_` before them)."""
         _check_spec(spec)
-        new = triton_decode.NewTokens(k, v, *rope, meta.slot_mapping)
+        new = triton_decode.NewTokens(k, v, *rope, meta.slot_mapping, norms)
         return self._decode(q, kv_cache, meta, spec, new, kv_scales)
 
     def _decode(self, q, kv_cache, meta, spec: AttentionSpec, new=None, kv_scales=None,

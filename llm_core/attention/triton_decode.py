@@ -30,15 +30,29 @@ import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
-from polymodal.llm_core.attention.decode_tiles import attend_tile, kv_offsets, merge_splits, rotate
+from polymodal.llm_core.attention.decode_tiles import (
+    attend_tile,
+    kv_offsets,
+    merge_splits,
+    norm_rotate,
+    rotate,
+)
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
 
 _LOG2E = 1.4426950408889634
-# Split partials the merging program loads at once (1: one round trip a split, as before; for
-# A/B runs, scripts/device/gemma_s26.py).
+# Split partials the merging program loads at once (A/B runs: scripts/device/gemma_s26.py)
 MERGE_UNROLL = 4
+
+
+class QKNorms(NamedTuple):
+    """q's and k's per-head RMSNorms as `qk_rms_norm_` computes them (`unit_offset`: Gemma's)."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    unit_offset: bool
 
 
 class NewTokens(NamedTuple):
@@ -47,6 +61,7 @@ class NewTokens(NamedTuple):
     k, v: `[num_seqs, kv_heads, head_dim]` (views of a packed qkv row are fine: unit last
     stride); cos, sin: fp32 `[num_seqs, rotary_dim / 2]` (neox style, the first `rotary_dim`
     features rotate); slot_mapping: each new key's cache slot (-1: padding, not stored).
+    `norms`: the per-head RMSNorms of q and k before the rotary (`QKNorms`), or None.
     """
 
     k: torch.Tensor
@@ -54,6 +69,7 @@ class NewTokens(NamedTuple):
     cos: torch.Tensor
     sin: torch.Tensor
     slot_mapping: torch.Tensor
+    norms: QKNorms | None = None
 
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
@@ -74,6 +90,9 @@ def _decode_kernel(
     cos_ptr,  # fp32 [num_seqs, ROPE_HALF] (ROPE_HALF > 0)
     sin_ptr,
     slot_ptr,  # int [num_seqs] the new key's cache slot, -1: padding (ROPE_HALF > 0)
+    q_norm_ptr,  # [head_dim] q's and k's RMSNorm weights (QK_NORM > 0)
+    k_norm_ptr,
+    norm_eps,
     range_lo_ptr,  # int32 [num_seqs] cross rows [lo, hi) each query sees (MASK 4)
     range_hi_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -106,6 +125,7 @@ def _decode_kernel(
     SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr,
     ROPE_HALF: tl.constexpr,  # 0: q is rotated and the new key stored; else rotary_dim // 2
+    QK_NORM: tl.constexpr,  # (ROPE_HALF > 0) 0: q / k as given; 1: RMSNorm each head; 2: Gemma's
     USE_PDL: tl.constexpr,
     k_scale=1.0,  # FP8 cache: what the stored keys / values are divided by (k_scale also
     v_scale=1.0,  # folds into qk_scale)
@@ -153,6 +173,11 @@ def _decode_kernel(
         sin = tl.load(sin_ptr + seq * stride_rope + freq, mask=rotated, other=0.0).to(tl.float32)
         partner = tl.where(lower, dims + ROPE_HALF, tl.where(rotated, dims - ROPE_HALF, dims))
         slot = tl.load(slot_ptr + seq).to(tl.int64)
+        if QK_NORM != 0:  # the norms' weights at each feature and at its partner
+            wq = tl.load(q_norm_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
+            wq_partner = tl.load(q_norm_ptr + partner, mask=dim_mask, other=0.0).to(tl.float32)
+            wk = tl.load(k_norm_ptr + dims, mask=dim_mask, other=0.0).to(tl.float32)
+            wk_partner = tl.load(k_norm_ptr + partner, mask=dim_mask, other=0.0).to(tl.float32)
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
     pos = start + tl.arange(0, BLOCK_N)  # the first tile's absolute key positions
     valid = pos < end
@@ -173,10 +198,17 @@ def _decode_kernel(
         v = tl.where(newest, v_new, v)
     else:  # rotate q and the new key as they load; the first split stores the new key/value
         q_row = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
-        q = rotate(q_row, dims[None, :], partner[None, :], q_mask, cos[None, :],
-                    sin[None, :], lower[None, :])  # fmt: skip
-        k_new = rotate(new_k_ptr + seq * stride_ks + kv_head * stride_kh, dims, partner,
-                        dim_mask, cos, sin, lower)  # fmt: skip
+        k_row = new_k_ptr + seq * stride_ks + kv_head * stride_kh
+        if QK_NORM == 0:
+            q = rotate(q_row, dims[None, :], partner[None, :], q_mask, cos[None, :],
+                        sin[None, :], lower[None, :])  # fmt: skip
+            k_new = rotate(k_row, dims, partner, dim_mask, cos, sin, lower)
+        else:  # each head RMS-normalized first, as `qk_rms_norm_` does
+            q = norm_rotate(q_row, dims[None, :], partner[None, :], q_mask, cos[None, :],
+                            sin[None, :], lower[None, :], wq[None, :], wq_partner[None, :],
+                            norm_eps, HEAD_DIM, QK_NORM == 2, 1)  # fmt: skip
+            k_new = norm_rotate(k_row, dims, partner, dim_mask, cos, sin, lower, wk,
+                                wk_partner, norm_eps, HEAD_DIM, QK_NORM == 2, 0)  # fmt: skip
         v_new = tl.load(new_v_ptr + seq * stride_vs + kv_head * stride_vh + dims, mask=dim_mask)
         if FP8_KV:  # as stored: scaled, saturated, E4M3 (attended as such)
             k_new = fp8_scaled(k_new, k_scale)
@@ -261,7 +293,8 @@ def paged_decode(
 
     `new` given: q is unrotated, and the kernel rotates q and `new.k`, stores `new.k`/`new.v`
     at `new.slot_mapping` and attends to them: the same as `rotary_embedding`, `store_kv` and
-    this call without `new`. Then q/k/v are read after the PDL wait (the kernel just before may
+    this call without `new`; with `new.norms`, q and k are RMS-normalized per head first (as
+    `qk_rms_norm_` before those three). Then q/k/v are read after the PDL wait (the kernel just before may
     write them: the qkv projection) and cos/sin/slots before it.
 
     An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`, as `store_kv`
@@ -306,6 +339,7 @@ def paged_decode(
             raise ValueError("paged_decode: cos and sin need the same strides")
     else:  # unread by the kernel
         new = NewTokens(q, q, out, out, seq_lens)
+    norms = new.norms
     flag = pdl.use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
@@ -322,6 +356,7 @@ def paged_decode(
         new.cos,
         new.sin,
         new.slot_mapping,
+        *(norms[:3] if norms is not None else (out, out, 0.0)),
         *(key_ranges if key_ranges is not None else (seq_lens, seq_lens)),
         spec.scale * _LOG2E * (1.0 if kv_scales is None else kv_scales[0]),
         (spec.softcap or 1.0) * _LOG2E,
@@ -353,6 +388,7 @@ def paged_decode(
         SOFTCAP=spec.softcap is not None,
         DOT_F32=not q.is_cuda,
         ROPE_HALF=half,
+        QK_NORM=0 if norms is None else 1 + norms.unit_offset,
         USE_PDL=flag,
         k_scale=1.0 if kv_scales is None else float(kv_scales[0]),
         v_scale=1.0 if kv_scales is None else float(kv_scales[1]),

@@ -18,7 +18,7 @@ from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.errors import UnsupportedModelError
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
-from polymodal.llm_core.layers.norm import DeferredNorm, GemmaRMSNorm, qk_norm, sandwich_norm
+from polymodal.llm_core.layers.norm import DeferredNorm, GemmaRMSNorm, sandwich_norm
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
 from polymodal.llm_core.models.llama import LlamaForCausalLM
@@ -61,9 +61,9 @@ class Gemma3Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = qk_norm(self.q_norm, self.k_norm, q, k)  # in place on CUDA
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, rope, kv_cache, meta)
+        out = self.attn(q, k, v, rope, kv_cache, meta, (self.q_norm, self.k_norm))  # (folded
+        # into the decode kernel, else `qk_norm`: in place on CUDA)
         return self.o_proj.fused(out, residual=residual, post_norm=post_norm)
 
 

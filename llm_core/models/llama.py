@@ -17,7 +17,7 @@ from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.attention.spec import AttentionSpec
 from polymodal.llm_core.config import ModelConfig
 from polymodal.llm_core.layers.linear import Linear, PackedLinear
-from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm, qk_norm
+from polymodal.llm_core.layers.norm import DeferredNorm, RMSNorm, add_norm
 from polymodal.llm_core.layers.parallel import column, local_vocab, row, vocab, vocab_embedding
 from polymodal.llm_core.layers.rotary import RotaryEmbedding
 from polymodal.llm_core.models.base import ModelBase
@@ -95,9 +95,8 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # (one kernel for both on CUDA, in place on the qkv views)
-            q, k = qk_norm(self.q_norm, self.k_norm, q, k)
-        out = self.attn(q, k, v, rope, kv_cache, meta)  # [num_tokens, heads * head_dim]
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else None  # (folded in decode)
+        out = self.attn(q, k, v, rope, kv_cache, meta, norms)  # [num_tokens, heads * head_dim]
         # [num_tokens, hidden]; or the add folded in (an AddedResidual, see Linear.fused)
         return self.o_proj.fused(out, residual=residual)
 
