@@ -46,6 +46,13 @@ def largest_loop(
     """(instructions, spill accesses, opcode counts) of the kernel's largest loop (of those with
     any of the opcodes `using`, if given), compiled by this script in a subprocess (so that a
     test's TRITON_INTERPRET does not apply)."""
+    loops = compiled(kernel, const, types, warps)[1]
+    return max(loop for loop in loops if not using or any(op in loop[2] for op in using))
+
+
+def compiled(kernel: str, const: dict, types: dict, warps: int = 4) -> tuple[int, list]:
+    """(registers a thread, [(instructions, spill accesses, opcode counts) of each loop]) of
+    the kernel compiled by this script in a subprocess."""
     import subprocess
 
     args = [sys.executable, __file__, kernel, "--warps", str(warps), "--top", "1000"]
@@ -61,7 +68,7 @@ def largest_loop(
         if m:
             ops = dict(x.rsplit(" ", 1) for x in m.group(3).split(", "))
             loops.append((int(m.group(1)), int(m.group(2)), {k: int(v) for k, v in ops.items()}))
-    return max(loop for loop in loops if not using or any(op in loop[2] for op in using))
+    return int(re.search(r"(\d+) registers a thread", done.stdout).group(1)), loops
 
 
 def registers(cubin: bytes) -> int:

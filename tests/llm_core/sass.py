@@ -20,3 +20,11 @@ def largest_loop(kernel: str, const: dict, types: dict, warps: int = 4, using=()
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this triton has no CUDA backend")
     return _kernel_sass.largest_loop(kernel, const, types, warps, using)
+
+
+def compiled(kernel: str, const: dict, types: dict, warps: int = 4):
+    """(registers a thread, each loop's (instructions, spill accesses, opcode counts)) on
+    sm_90."""
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no CUDA backend")
+    return _kernel_sass.compiled(kernel, const, types, warps)
