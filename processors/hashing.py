@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import blake3
 import numpy as np
@@ -76,7 +77,9 @@ PIXEL_VIEW_MODES = ("RGB", "RGBA", "L")
 PIXEL_VIEW_BLOCK_BYTES = 256 << 20
 if hasattr(Image.core, "set_block_size") and Image.core.get_block_size() < PIXEL_VIEW_BLOCK_BYTES:
     Image.core.set_block_size(PIXEL_VIEW_BLOCK_BYTES)
-USE_PIXEL_VIEWS = True  # False: `pixel_view` declines (A/B runs against the copy)
+# False (or POLYMODAL_PIXEL_VIEWS=0, e.g. for a server process): `rgbx_view` declines and the
+# processors copy, as before (A/B runs)
+USE_PIXEL_VIEWS = os.environ.get("POLYMODAL_PIXEL_VIEWS", "1") != "0"
 
 
 class _ArrowArray(ctypes.Structure):
