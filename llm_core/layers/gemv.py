@@ -56,6 +56,7 @@ class GemvConfig:
     split_k: int = 1  # programs sharing one block of features (fp32 partials when > 1)
     num_warps: int = 4
     num_stages: int = 1  # Triton 3.8 emits the same code for 1..4 here (nothing to pipeline)
+    prefetch: bool = False  # the MoE expert kernels (`moe_decode`): the next tile a tile ahead
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):

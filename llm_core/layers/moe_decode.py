@@ -76,6 +76,13 @@ def _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS: tl.constexpr, BLOCK_J:
     return first, chosen, slots
 
 
+@triton.jit
+def _weight_tile(w_rows, k, n_mask, K, WEIGHT_EVICTION: tl.constexpr):
+    """The `[BLOCK_N, BLOCK_K]` weight tile at columns `k` of the rows `w_rows` (0 past K)."""
+    return tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
+                   eviction_policy=WEIGHT_EVICTION)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["M", "norm_parts"])
 def _gate_up_kernel(
     x_ptr,  # [M, K] (NORM: before the RMSNorm)
@@ -103,11 +110,13 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """Program (pair, n block): the gate_up features of the block for every row that chose
     the pair's expert, if the pair is that expert's first. The first weight tile loads as soon
     as the pair's expert id is in, before the first-pair test and the norm statistics (a later
-    pair of the same expert, rows > 1 only, loads lines its first pair's program is reading)."""
+    pair of the same expert, rows > 1 only, loads lines its first pair's program is reading).
+    PREFETCH: each next weight tile loads before the current one is used (two in flight)."""
     pair, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,14 +135,20 @@ def _gate_up_kernel(
     w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
                 eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     if first:
+        w_next = w
+        if PREFETCH:
+            w_next = _weight_tile(w_rows, BLOCK_K + offs_k, n_mask, K, WEIGHT_EVICTION)
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
                         norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
-                        eviction_policy=WEIGHT_EVICTION)  # fmt: skip
+            if PREFETCH:
+                w = w_next
+                w_next = _weight_tile(w_rows, k + BLOCK_K, n_mask, K, WEIGHT_EVICTION)
+            else:
+                w = _weight_tile(w_rows, k, n_mask, K, WEIGHT_EVICTION)
             acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd,
                             norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
         has = tl.max(chosen.to(tl.int32), 1) > 0  # [BLOCK_M]
@@ -169,6 +184,7 @@ def _down_kernel(
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_LOADS: tl.constexpr,  # the loads below before the PDL wait, not after it
+    PREFETCH: tl.constexpr = False,  # each next weight tile a tile ahead (as gate_up's)
 ):
     """Program (pair, n block): if the pair is its expert's first, the down features of the
     block for every row that chose it, times the routing weight, into `part` at that row's
@@ -208,12 +224,18 @@ def _down_kernel(
     if first:
         x_rows = h_ptr + pair.to(tl.int64) * M * 2 * K  # [M, 2K]: rows m of this expert
         no_rstd, no_wn = tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_K,), tl.float32)
+        w_next = w
+        if PREFETCH:
+            w_next = _weight_tile(w_rows, BLOCK_K + offs_k, n_mask, K, WEIGHT_EVICTION)
         acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, offs_k, offs_m, no_rstd, no_wn, BLOCK_M,
                         True, False)  # SiLU*mul as it loads the [gate | up] rows  # fmt: skip
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
-                        eviction_policy=WEIGHT_EVICTION)  # fmt: skip
+            if PREFETCH:
+                w = w_next
+                w_next = _weight_tile(w_rows, k + BLOCK_K, n_mask, K, WEIGHT_EVICTION)
+            else:
+                w = _weight_tile(w_rows, k, n_mask, K, WEIGHT_EVICTION)
             acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, k, offs_m, no_rstd, no_wn, BLOCK_M,
                             True, False)  # fmt: skip
         dest = tl.sum(tl.where(chosen, slots, 0), 1)  # each row's pair of this expert
@@ -348,7 +370,7 @@ def experts(
         m, gate_up.shape[0], two_inter, hidden, num_shared, rows.stride(0), NORM=norm is not None,
         BLOCK_P=triton.next_power_of_2(parts), BLOCK_N=gate_up_cfg.block_n,
         BLOCK_K=gate_up_cfg.block_k, num_warps=gate_up_cfg.num_warps,
-        num_stages=gate_up_cfg.num_stages, **pairs,
+        num_stages=gate_up_cfg.num_stages, PREFETCH=gate_up_cfg.prefetch, **pairs,
     )  # fmt: skip
     res = residual if residual is not None else out  # unread without RESIDUAL
     _down_kernel[(num_pairs, n_blocks)](
@@ -356,6 +378,6 @@ def experts(
         res, out, sumsq, m, gate_up.shape[0], hidden, inter, num_shared,
         RESIDUAL=residual is not None, EARLY_LOADS=early_loads, BLOCK_N=down_cfg.block_n,
         BLOCK_K=down_cfg.block_k, num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages,
-        **pairs,
+        PREFETCH=down_cfg.prefetch, **pairs,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)

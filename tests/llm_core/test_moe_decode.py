@@ -162,12 +162,16 @@ ONE_TILE_CONFIGS = {
     "both_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=64)),
     "gate_up_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=16)),
     "down_one_tile": (GemvConfig(block_n=16, block_k=16), GemvConfig(block_n=4, block_k=64)),
+    # each next tile a tile ahead (three tiles of 16, down's last one partial)
+    "both_prefetch": (GemvConfig(block_n=4, block_k=16, prefetch=True),
+                      GemvConfig(block_n=8, block_k=16, prefetch=True)),  # fmt: skip
 }
 
 
 @pytest.mark.parametrize(
     "configs,early_loads",
-    [(name, True) for name in sorted(ONE_TILE_CONFIGS)] + [("down_one_tile", False)],
+    [(name, True) for name in sorted(ONE_TILE_CONFIGS)]
+    + [("down_one_tile", False), ("both_prefetch", False)],
 )
 @pytest.mark.parametrize("case", ["qwen3_one_row", "rows_share_experts", "eight_rows"])
 def test_experts_one_tile_configs_match_the_dense_reference(configs, early_loads, case):
