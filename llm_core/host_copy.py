@@ -173,6 +173,7 @@ def _widened(stored: torch.Tensor) -> torch.Tensor | None:
         if size != 1 and stride != count:
             return None
         count *= size
-    if (stored.storage_offset() + count) * stored.element_size() > stored.untyped_storage().nbytes():
+    end = (stored.storage_offset() + count) * stored.element_size()
+    if end > stored.untyped_storage().nbytes():
         return None
     return stored.as_strided(shape, stored.stride())

@@ -27,9 +27,10 @@ def rotate(row_ptr, dims, partner, mask, cos, sin, lower):
 def norm_rotate(row_ptr, dims, partner, mask, cos, sin, lower, w, w_partner, eps,
                 HEAD_DIM: tl.constexpr, UNIT_OFFSET: tl.constexpr, AXIS: tl.constexpr):  # fmt: skip
     """`rotate` of the rows' per-head RMSNorm (`w`, `w_partner`: the norm weight at `dims`
-    and at `partner`, fp32; `AXIS`: the rows' feature axis): the norm computed as `_qk_rms_norm_kernel`
-    computes it (fp32 statistics over `HEAD_DIM`; rounded to the input dtype as it stores)
-    and the rotation as `rotate`, so the result is the two kernels' up to the sum's order."""
+    and at `partner`, fp32; `AXIS`: the rows' feature axis): the norm computed as
+    `_qk_rms_norm_kernel` computes it (fp32 statistics over `HEAD_DIM`; rounded to the input
+    dtype as it stores) and the rotation as `rotate`: the two kernels' result up to the order
+    of the sum of squares."""
     x = tl.load(row_ptr + dims, mask=mask, other=0.0)
     h = x.to(tl.float32)
     hp = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)

@@ -14,9 +14,8 @@ from torch import nn
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.kv_cache_spec import KVCacheSpec, kv_spec_of
-from polymodal.llm_core.attention.triton_decode import QKNorms
 from polymodal.llm_core.layers import fused_ops
-from polymodal.llm_core.layers.norm import GemmaRMSNorm, RMSNorm, qk_norm
+from polymodal.llm_core.layers.norm import foldable_qk_norms, qk_norm
 
 
 class AttentionLayer(nn.Module):
@@ -57,7 +56,7 @@ class AttentionLayer(nn.Module):
         num_tokens = q.shape[0]
         meta = meta.group(self.kv_group)  # this layer's block tables and slots
         if self.fuse_rope(meta, q, kv_cache):  # rotary + KV store + attention in one kernel
-            folded = norms and foldable_norms(*norms, q)
+            folded = norms and foldable_qk_norms(*norms, q)
             if norms and folded is None:
                 q, k = qk_norm(*norms, q, k)
             out = self.backend.rope_decode(q, k, v, rope, kv_cache, meta, self.spec,
@@ -92,14 +91,3 @@ class AttentionLayer(nn.Module):
             and fused_ops() is not None
             and self.backend.fuses_rope_decode(q, kv_cache)
         )
-
-
-def foldable_norms(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor) -> QKNorms | None:
-    """The norms as the decode kernel folds them, where `qk_norm` would run its one kernel
-    (RMSNorms or GemmaRMSNorms of one eps; RMSNorm weights in q's dtype), else None."""
-    if type(q_norm) is not type(k_norm) or q_norm.eps != k_norm.eps:
-        return None
-    unit = isinstance(q_norm, GemmaRMSNorm)
-    if not (unit or isinstance(q_norm, RMSNorm) and q_norm.weight.dtype == q.dtype):
-        return None
-    return QKNorms(q_norm.weight, k_norm.weight, q_norm.eps, unit)

@@ -31,6 +31,7 @@ from polymodal.llm_core.attention import causal_sdpa, triton_decode, triton_pref
 from polymodal.llm_core.attention.metadata import AttentionMetadata
 from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes, cudnn_key
 from polymodal.llm_core.attention.spec import AttentionSpec
+from polymodal.llm_core.layers.norm import QKNorms
 
 # Split-KV heuristic knobs: a split should cover at least this many keys, and never more
 # than MAX_DECODE_SPLITS splits (bounds the partial buffer and the reduce kernel). One 64-key
@@ -218,7 +219,7 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         spec: AttentionSpec,
         kv_scales: tuple[float, float] | None = None,
-        norms: triton_decode.QKNorms | None = None,
+        norms: QKNorms | None = None,
     ) -> torch.Tensor:
         """Decode attention of unrotated `q, k, v` (one token per sequence): rotates q and k
         with `rope` = (cos, sin) `[num_seqs, rotary_dim / 2]` (neox style), stores k and v at

@@ -40,19 +40,11 @@ from polymodal.llm_core.attention.decode_tiles import (
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.norm import QKNorms
 
 _LOG2E = 1.4426950408889634
 # Split partials the merging program loads at once (A/B runs: scripts/device/gemma_s26.py)
 MERGE_UNROLL = 4
-
-
-class QKNorms(NamedTuple):
-    """q's and k's per-head RMSNorms as `qk_rms_norm_` computes them (`unit_offset`: Gemma's)."""
-
-    q_weight: torch.Tensor
-    k_weight: torch.Tensor
-    eps: float
-    unit_offset: bool
 
 
 class NewTokens(NamedTuple):
@@ -294,8 +286,8 @@ def paged_decode(
     `new` given: q is unrotated, and the kernel rotates q and `new.k`, stores `new.k`/`new.v`
     at `new.slot_mapping` and attends to them: the same as `rotary_embedding`, `store_kv` and
     this call without `new`; with `new.norms`, q and k are RMS-normalized per head first (as
-    `qk_rms_norm_` before those three). Then q/k/v are read after the PDL wait (the kernel just before may
-    write them: the qkv projection) and cos/sin/slots before it.
+    `qk_rms_norm_` before those three). Then q/k/v are read after the PDL wait (the kernel
+    just before may write them: the qkv projection) and cos/sin/slots before it.
 
     An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`, as `store_kv`
     writes them): the key scale folds into the softmax scale, the value scale into the output.

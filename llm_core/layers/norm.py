@@ -11,6 +11,7 @@ pre-norm into the GEMV after (a unit-offset `DeferredNorm`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,27 @@ def sandwich_norm(post: GemmaRMSNorm, pre: GemmaRMSNorm, y, residual: torch.Tens
     if y.is_cuda and fused_ops() is not None:
         return fused_ops().sandwich_norm(y, residual, post.weight, post.eps, pre.weight, pre.eps)
     return pre(post(y), residual)
+
+
+class QKNorms(NamedTuple):
+    """q's and k's per-head RMSNorms as `qk_rms_norm_` computes them (`unit_offset`: Gemma's
+    `(1 + w)`), handed to a kernel that applies them as it loads q and k (paged decode)."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    unit_offset: bool
+
+
+def foldable_qk_norms(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor) -> QKNorms | None:
+    """The norms as a kernel folds them, where `qk_norm` would run its one kernel (RMSNorms or
+    GemmaRMSNorms of one eps; RMSNorm weights in q's dtype: the same roundings), else None."""
+    if type(q_norm) is not type(k_norm) or q_norm.eps != k_norm.eps:
+        return None
+    unit = isinstance(q_norm, GemmaRMSNorm)
+    if not (unit or isinstance(q_norm, RMSNorm) and q_norm.weight.dtype == q.dtype):
+        return None
+    return QKNorms(q_norm.weight, k_norm.weight, q_norm.eps, unit)
 
 
 def qk_norm(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor, k: torch.Tensor):

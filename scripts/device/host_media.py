@@ -63,9 +63,12 @@ for run, views in enumerate((False, True, False, True)):  # read in place, or co
     hashing.USE_PIXEL_VIEWS = views
     for name in ("1080p", "4k", "video64"):
         runs = [host(name, 100 * run + 50 + i) for i in range(3)]  # fresh: no cache hits
-        print(f"views {views!s:5s} {name:8s} process_tokens "
-              f"{statistics.median(r[0] for r in runs):7.1f} ms, + stage_ahead + sync "
-              f"{statistics.median(r[1] for r in runs):7.1f} ms", flush=True)
+        print(
+            f"views {views!s:5s} {name:8s} process_tokens "
+            f"{statistics.median(r[0] for r in runs):7.1f} ms, + stage_ahead + sync "
+            f"{statistics.median(r[1] for r in runs):7.1f} ms",
+            flush=True,
+        )
 for name in ("4k", "video64"):
     prof = cProfile.Profile()
     host(name, 80, prof)
@@ -76,6 +79,9 @@ for name, seeds in (("1080p", [91, 92, 93, 94, 95]), ("4k", [91, 92, 93, 94, 95]
                     ("video64", [91, 92, 93])):  # fmt: skip
     row = ours_ttft(ours, name, seeds, again=True)
     floor = input_flops(ours.model, row["grid_thw"], row["prompt_tokens"]) / rate / 1e9
-    print(f"TTFT {name:8s} {row['ttft_ms']:7.1f} ms, floor {floor:.1f} ms = "
-          f"{100 * floor / row['ttft_ms']:.0f}% (calls {[round(t, 1) for t in row['calls_ms']]}"
-          f"), again {row['repeat_ttft_ms']:.1f} ms", flush=True)
+    print(
+        f"TTFT {name:8s} {row['ttft_ms']:7.1f} ms, floor {floor:.1f} ms = "
+        f"{100 * floor / row['ttft_ms']:.0f}% (calls {[round(t, 1) for t in row['calls_ms']]}"
+        f"), again {row['repeat_ttft_ms']:.1f} ms",
+        flush=True,
+    )

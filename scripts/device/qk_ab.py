@@ -16,10 +16,10 @@ VARIANTS = ("two kernels", "one kernel", "folded")
 name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-30b-a3b"
 model_dir = resolve_bench_model(name)
 bandwidth = measure_bandwidth()
-fold, qk_norm = layer.foldable_norms, layer.qk_norm
+fold, qk_norm = layer.foldable_qk_norms, layer.qk_norm
 # Gemma's norms were one kernel already before the fold
 for variant in sys.argv[2:] or (VARIANTS[1:] if "gemma" in name else VARIANTS):
-    layer.foldable_norms = fold if variant == "folded" else (lambda *args: None)
+    layer.foldable_qk_norms = fold if variant == "folded" else (lambda *args: None)
     layer.qk_norm = ((lambda qn, kn, q, k: (qn(q), kn(k))) if variant == "two kernels"
                      else qk_norm)  # fmt: skip
     variant_ms(f"{name} {variant}", model_dir, bandwidth, max_model_len=4096, dummy_weights=True)

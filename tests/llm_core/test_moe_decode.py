@@ -163,8 +163,10 @@ ONE_TILE_CONFIGS = {
     "gate_up_one_tile": (GemvConfig(block_n=4, block_k=64), GemvConfig(block_n=8, block_k=16)),
     "down_one_tile": (GemvConfig(block_n=16, block_k=16), GemvConfig(block_n=4, block_k=64)),
     # each next tile a tile ahead (three tiles of 16, down's last one partial)
-    "both_prefetch": (GemvConfig(block_n=4, block_k=16, prefetch=True),
-                      GemvConfig(block_n=8, block_k=16, prefetch=True)),  # fmt: skip
+    "both_prefetch": (
+        GemvConfig(block_n=4, block_k=16, prefetch=True),
+        GemvConfig(block_n=8, block_k=16, prefetch=True),
+    ),  # fmt: skip
 }
 
 

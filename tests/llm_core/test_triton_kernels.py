@@ -309,7 +309,7 @@ def test_rope_decode_folds_the_qk_norms(unit_offset, dtype, rotary_dim):
     """q's and k's per-head RMSNorms inside the decode kernel equal `qk_rms_norm_` before the
     rotary, KV store and attention: the stored keys within one rounding of the input dtype
     (the fp32 sums may add in another order), the output as close."""
-    from polymodal.llm_core.attention.triton_decode import QKNorms
+    from polymodal.llm_core.layers.norm import QKNorms
     from polymodal.llm_core.layers.triton_norm import qk_rms_norm_
 
     heads, kv_heads, head_dim = 6, 2, 32
