@@ -75,6 +75,9 @@ PIXEL_VIEW_MODES = ("RGB", "RGBA", "L")
 # here (or by a user after importing polymodal) is read in place too. Only the allocation's
 # granularity changes: Pillow allocates what an image needs, in fewer pieces.
 PIXEL_VIEW_BLOCK_BYTES = 256 << 20
+# An image not yet decoded (`Image.open`) is decoded for its view only up to this size: far
+# below any processor's pixel limit, which `load_image` checks before it decodes larger ones
+PIXEL_VIEW_DECODE_BYTES = 16 << 20
 if hasattr(Image.core, "set_block_size") and Image.core.get_block_size() < PIXEL_VIEW_BLOCK_BYTES:
     Image.core.set_block_size(PIXEL_VIEW_BLOCK_BYTES)
 # False (or POLYMODAL_PIXEL_VIEWS=0, e.g. for a server process): `rgbx_view` declines and the
@@ -109,11 +112,13 @@ def _exported_pixels(image: Image.Image):
     where Pillow cannot export it so: several memory blocks (an image allocated before this
     module loaded, or over `PIXEL_VIEW_BLOCK_BYTES`), an old Pillow, a mode outside
     `PIXEL_VIEW_MODES`, pixels Pillow does not own (`readonly`). An image not yet decoded
-    (`Image.open`) is decoded here."""
+    (`Image.open`) is decoded here up to `PIXEL_VIEW_DECODE_BYTES`."""
     if image.mode not in PIXEL_VIEW_MODES or "transparency" in image.info:
         return None
-    if not 0 < image.width * image.height * 4 <= PIXEL_VIEW_BLOCK_BYTES:  # (empty: crashes)
-        return None
+    nbytes = image.width * image.height * 4
+    decoded = getattr(image, "_im", True) is not None  # (an older Pillow: decoded or not)
+    if not 0 < nbytes <= (PIXEL_VIEW_BLOCK_BYTES if decoded else PIXEL_VIEW_DECODE_BYTES):
+        return None  # (empty: the export crashes)
     export = getattr(image, "__arrow_c_array__", None)
     if export is None:
         return None

@@ -300,6 +300,13 @@ def test_image_key_reads_the_pixels_in_place(photos, tmp_path):
     keyed.info["transparency"] = (0, 0, 0)
     assert image_key(keyed) is None
     assert image_key(Image.new("RGB", (3840, 2160))) is not None  # one block (hashing.py)
+    # an image not yet decoded is decoded for its key only while small: a large one is left to
+    # `load_image`, which checks the processor's pixel limit first
+    for size, keyed in (((96, 64), True), ((3000, 2000), False)):
+        data = io.BytesIO()
+        Image.new("RGB", size, (20, 90, 160)).save(data, "JPEG")  # (PNG: getexif decodes)
+        opened = Image.open(io.BytesIO(data.getvalue()))
+        assert (image_key(opened) is not None) is keyed and (opened._im is not None) is keyed
     block = Image.core.get_block_size()
     Image.core.set_block_size(1 << 20)  # as Pillow's default 16 MiB holds a 4K image: blocks
     try:
