@@ -59,12 +59,13 @@ def raw_media_key(source: Any, allow_http: bool = False) -> str | None:
     return digest.hexdigest()
 
 
-def copy_item(value: Any) -> Any:
+def copy_item(value: Any, drop: tuple[str, ...] = ()) -> Any:
     """A copy of a cached value that shares its tensors: a `MultimodalItem` (its `data` dict
-    copied), or a value with its own `copy()`."""
+    copied, less the keys in `drop`), or a value with its own `copy()` (`drop` unused)."""
     if hasattr(value, "copy"):
         return value.copy()
-    return dataclasses.replace(value, data=dict(value.data))
+    data = {name: t for name, t in value.data.items() if name not in drop}
+    return dataclasses.replace(value, data=data)
 
 
 class ProcessedInputCache:

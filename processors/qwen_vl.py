@@ -21,7 +21,7 @@ import torch
 from polymodal.llm_core.errors import InvalidInputError, MediaError, ModelLoadError
 from polymodal.processors.base import refuse_modalities
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
-from polymodal.processors.hashing import content_hash, image_key, pixel_view
+from polymodal.processors.hashing import content_hash, image_key
 from polymodal.processors.input_cache import (
     DEFAULT_MAX_MB,
     ProcessedInputCache,
@@ -36,7 +36,7 @@ from polymodal.processors.media import (
     media_error,
 )
 from polymodal.processors.mrope import MediaSpan, mrope_positions
-from polymodal.processors.pixels import resize
+from polymodal.processors.pixels import image_frames_in_place, resize
 from polymodal.processors.prompt_embeds import (
     GivenMedia,
     is_media_embeds,
@@ -261,12 +261,12 @@ class QwenVLProcessor:
         cache_key, hit = self._cached("image", ref.source, min_pixels, max_pixels)
         if hit is not None:
             if "pixel_frames" not in hit.data:  # kept without the caller's pixels (below): the
-                hit.data["pixel_frames"] = _image_frames(ref.source)[0]  # ones just hashed
+                hit.data["pixel_frames"] = image_frames_in_place(ref.source)[0]  # just hashed
             return hit, 1.0
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
-        frames, viewed_memory = _image_frames(image)  # [1, 3, H, W] uint8
+        frames, viewed_memory = image_frames_in_place(image)  # [1, 3, H, W] uint8
         pixels = frames[0].permute(1, 2, 0)  # [H, W, 3]
         try:
             plan = plan_patches(frames, icfg, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -281,7 +281,7 @@ class QwenVLProcessor:
             # a view of the caller's own image is not kept: changed later, it would no longer
             # be what the key hashed (a hit takes the pixels of the image it was asked with)
             borrowed = viewed_memory and image is ref.source
-            self.input_cache.put(cache_key, _without_frames(item) if borrowed else item)
+            self.input_cache.put(cache_key, copy_item(item, drop=("pixel_frames",) * borrowed))
         return item, 1.0
 
     def _video_item(
@@ -376,23 +376,6 @@ class QwenVLProcessor:
             frames_to_pixel_values, layout=tuple(layout), size=size, resample=cfg.resample
         )
         return QwenMediaItem(modality, data, -1, 0, content_hash(modality, key), pixel_fn=pixel_fn)
-
-
-def _image_frames(image) -> tuple[torch.Tensor, bool]:
-    """A decoded RGB PIL image -> (uint8 `[1, 3, H, W]`, whether it views Pillow's memory):
-    the RGB of Pillow's own RGBX bytes where it exports them (`hashing.pixel_view`, no copy),
-    else a copy (`np.array`, through Pillow's `tobytes`: ~35 ms for a 4K image on an H100's
-    host, where the view costs nothing and `copy_to` uploads the RGBX block as it is)."""
-    view = pixel_view(image)
-    pixels = torch.from_numpy(np.array(image) if view is None else view)  # [H, W, 3]
-    return pixels.permute(2, 0, 1)[None], view is not None
-
-
-def _without_frames(item: QwenMediaItem) -> QwenMediaItem:
-    """A copy of `item` that shares its tensors but the frames."""
-    kept = copy_item(item)
-    del kept.data["pixel_frames"]
-    return kept
 
 
 def _time_interval(cfg, second_per_grid: float) -> float:
