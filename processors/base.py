@@ -48,6 +48,7 @@ from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
     describe_source,
+    hold_images_in_one_block,
     load_image,
     media_error,
 )
@@ -140,6 +141,7 @@ class MediaProcessor:
     ) -> None:
         """`max_image_pixels` bounds decoded sizes; `processed_cache_mb` the processed-input
         cache (0: off; `input_cache.py`)."""
+        hold_images_in_one_block()  # fresh images read in place (`hashing.pixel_view`)
         self.tokenizer = tokenizer
         self.max_image_pixels = max_image_pixels
         self.allow_http = allow_http

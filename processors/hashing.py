@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.processors.media import ORIENTATION_TAG
+from polymodal.processors.media import IMAGE_BLOCK_BYTES, ORIENTATION_TAG
 
 
 def content_hash(modality: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -69,20 +69,16 @@ def row_major_bytes(tensor: torch.Tensor) -> np.ndarray:
 # from there (`pixel_view`). Modes whose pixels alone do not say what the image is (a palette,
 # a transparency key in `info`) have no view.
 PIXEL_VIEW_MODES = ("RGB", "RGBA", "L")
-# Pillow holds an image larger than its memory block size in several blocks, which it cannot
-# export. Its default block is 16 MiB (a 4K RGB image takes 33 MB as RGBX): images allocated
-# after this module loads take one block up to 256 MiB (64 megapixels), so a 4K photo decoded
-# here (or by a user after importing polymodal) is read in place too. Only the allocation's
-# granularity changes: Pillow allocates what an image needs, in fewer pieces.
-PIXEL_VIEW_BLOCK_BYTES = 256 << 20
+# Pillow holds an image larger than its memory block in several blocks, which it cannot export
+# (`media.hold_images_in_one_block` raises the block to this once a processor exists or loads
+# an image)
+PIXEL_VIEW_BLOCK_BYTES = IMAGE_BLOCK_BYTES
 # An image not yet decoded (`Image.open`) is decoded for its view only up to this size: far
 # below any processor's pixel limit, which `load_image` checks before it decodes larger ones
 PIXEL_VIEW_DECODE_BYTES = 16 << 20
-if hasattr(Image.core, "set_block_size") and Image.core.get_block_size() < PIXEL_VIEW_BLOCK_BYTES:
-    Image.core.set_block_size(PIXEL_VIEW_BLOCK_BYTES)
-# False (or POLYMODAL_PIXEL_VIEWS=0, e.g. for a server process): `rgbx_view` declines and the
-# processors copy, as before (A/B runs)
-USE_PIXEL_VIEWS = os.environ.get("POLYMODAL_PIXEL_VIEWS", "1") != "0"
+# False (or POLYMODAL_PIXEL_VIEWS=0 in the environment, e.g. of a server process): `rgbx_view`
+# declines and the processors copy, as before (A/B runs)
+USE_PIXEL_VIEWS = True
 
 
 class _ArrowArray(ctypes.Structure):
@@ -157,7 +153,9 @@ def rgbx_view(image: Image.Image) -> np.ndarray | None:
     """An RGB image's memory as Pillow holds it, `[H, W, 4]` uint8 (RGB and a pad byte a
     pixel), viewed without a copy, or None (another mode, or no export: `np.asarray` then
     copies). The view keeps the memory alive; writes to the image show through it."""
-    if not USE_PIXEL_VIEWS or image.mode != "RGB":
+    if not USE_PIXEL_VIEWS or os.environ.get("POLYMODAL_PIXEL_VIEWS") == "0":
+        return None
+    if image.mode != "RGB":
         return None
     pixels = _exported_pixels(image)
     if pixels is None:

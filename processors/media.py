@@ -165,6 +165,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError(f"cannot convert mode {image.mode!r} to RGB: {exc}") from None
 
 
+# Pillow's memory block for images allocated from now on (its default, 16 MiB, holds a 4K RGB
+# image, 33 MB as RGBX, in three blocks, which its Arrow export cannot view in place:
+# `hashing.pixel_view`). Images up to 64 megapixels then take one block; only the allocation's
+# granularity changes (Pillow allocates what an image needs, in fewer pieces).
+IMAGE_BLOCK_BYTES = 256 << 20
+
+
+def hold_images_in_one_block() -> None:
+    """Raise Pillow's memory block to `IMAGE_BLOCK_BYTES` (process-wide, for images allocated
+    afterwards: the ones the processors decode, and a caller's made after a processor exists)."""
+    core = Image.core
+    if hasattr(core, "set_block_size") and core.get_block_size() < IMAGE_BLOCK_BYTES:
+        core.set_block_size(IMAGE_BLOCK_BYTES)
+
+
 def load_image(
     source: Any,
     *,
@@ -177,6 +192,7 @@ def load_image(
     `index` (0-based) is the item's position among the request's images, used in messages;
     `max_pixels` bounds width * height and is checked before any pixel is decoded.
     """
+    hold_images_in_one_block()
     try:
         if isinstance(source, Image.Image):
             if source.width * source.height > max_pixels:

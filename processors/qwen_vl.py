@@ -32,6 +32,7 @@ from polymodal.processors.item_pool import run_items
 from polymodal.processors.media import (
     DEFAULT_MAX_IMAGE_PIXELS,
     describe_source,
+    hold_images_in_one_block,
     load_image,
     media_error,
 )
@@ -110,6 +111,7 @@ class QwenVLProcessor:
     ) -> None:
         """`max_image_pixels` / `max_video_pixels` bound decoded sizes (videos: all frames);
         `processed_cache_mb` bounds the processed-input cache (0: off; `input_cache.py`)."""
+        hold_images_in_one_block()  # fresh images read in place (`hashing.pixel_view`)
         self.tokenizer = tokenizer
         self.config = config
         self.max_image_pixels = max_image_pixels

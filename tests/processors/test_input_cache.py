@@ -284,6 +284,7 @@ def test_image_key_reads_the_pixels_in_place(photos, tmp_path):
     from PIL import Image
 
     from polymodal.processors.hashing import hash_pixels, image_key
+    from polymodal.processors.media import hold_images_in_one_block
 
     # an RGB image is held as RGBX; from an array X is 255: the bytes of its RGBA form
     image = Image.fromarray(np.asarray(photos["astronaut"].convert("RGB").resize((96, 64))))
@@ -299,7 +300,8 @@ def test_image_key_reads_the_pixels_in_place(photos, tmp_path):
     keyed = image.copy()
     keyed.info["transparency"] = (0, 0, 0)
     assert image_key(keyed) is None
-    assert image_key(Image.new("RGB", (3840, 2160))) is not None  # one block (hashing.py)
+    hold_images_in_one_block()  # (what building a processor or loading an image does)
+    assert image_key(Image.new("RGB", (3840, 2160))) is not None  # one block now
     # an image not yet decoded is decoded for its key only while small: a large one is left to
     # `load_image`, which checks the processor's pixel limit first
     for size, keyed in (((96, 64), True), ((3000, 2000), False)):
