@@ -6,7 +6,8 @@ Inputs (photo-like, distinct per call): 448x448, 1920x1080 and 3840x2160 images;
 raw media to the first token, processing included: the first input of its size ("first"),
 then the median of fresh inputs of that size once the engine has seen the size twice (the
 tower captures a CUDA graph per layout and a new SDPA shape gets its cuDNN plan on the second
-sight, so a stream of same-size media replays them; long videos: the third of three); the
+sight, so a stream of same-size media replays them; long videos: the third of three) and
+its host share ("host": processing and staging, before the engine sees the request); the
 same input again (the encoder and prefix caches hit); transformers'
 `generate(max_new_tokens=1)` on the same weights. The floor is the input's FLOPs (decoder
 GEMMs and causal attention, vision tower GEMMs, full- and window-attention) over the bf16
@@ -91,19 +92,20 @@ def input_flops(model, grid_thw: torch.Tensor, num_tokens: int) -> float:
 def ours_ttft(ours: OurSide, name: str, seeds: list[int], again: bool) -> dict:
     """Median TTFT (ms) over fresh inputs; with `again`, also the last input repeated."""
     cfg = ours.processor.config
-    times, last, tokens, grid = [], None, 0, None
+    times, host, last, tokens, grid = [], [], None, 0, None
     for seed in seeds:
         kind, item = media(name, seed)
         token = cfg.image_token_id if kind == "image" else cfg.video_token_id
         ids = [cfg.vision_start_token_id, token, cfg.vision_start_token_id + 1]
         ids += text_ids(TEXT_TOKENS, seed, ours.vocab)
         last = (ids, kind, item)
-        times.append(_first_token_ms(ours, ids, kind, item))
+        times.append(_first_token_ms(ours, ids, kind, item, host))
         prompt = ours.processor.process_tokens(ids, [MediaRef(kind, item)])
         tokens, grid = len(prompt.token_ids), prompt.mm_items[0].data["grid_thw"]
     steady = times[2:] or times  # after the size's eager sight and the graph capture
     out = {"ttft_ms": statistics.median(steady), "first_ttft_ms": times[0],
-           "calls_ms": times, "prompt_tokens": tokens, "grid_thw": grid}  # fmt: skip
+           "host_ms": statistics.median(host[2:] or host), "calls_ms": times,
+           "prompt_tokens": tokens, "grid_thw": grid}  # fmt: skip
     if again:
         out["repeat_ttft_ms"] = _first_token_ms(ours, *last)
     return out
@@ -124,11 +126,15 @@ def warm_up(ours: OurSide) -> None:
         _first_token_ms(ours, ids, kind, item)
 
 
-def _first_token_ms(ours: OurSide, ids, kind, item) -> float:
+def _first_token_ms(ours: OurSide, ids, kind, item, host: list | None = None) -> float:
+    """Raw media -> first token, ms; `host` gets the host's share before the engine sees the
+    request (processing, and staging's queueing of the upload and the resize)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     prompt = ours.processor.process_tokens(ids, [MediaRef(kind, item)])
     ours.model.stage_ahead(prompt.mm_items)
+    if host is not None:
+        host.append((time.perf_counter() - start) * 1e3)
     request_id = ours._add(prompt, 1)
     while not any(o.request_id == request_id for o in ours.engine.step()):
         pass
@@ -231,9 +237,9 @@ def run_bench(args) -> dict:
 def print_table(r: dict) -> None:
     print(f"\n{r['card']}  {r['date']}  {r['model']}  (media; bf16 GEMM "
           f"{r['matmul_tflops']:.0f} TFLOP/s)")  # fmt: skip
-    head = ("input", "tokens", "first ms", "TTFT ms", "again ms", "floor ms", "% floor", "HF ms",
-            "x HF")  # fmt: skip
-    print("{:10s} {:>7s} {:>9s} {:>9s} {:>9s} {:>9s} {:>8s} {:>9s} {:>6s}".format(*head))
+    head = ("input", "tokens", "first ms", "TTFT ms", "host ms", "again ms", "floor ms",
+            "% floor", "HF ms", "x HF")  # fmt: skip
+    print("{:10s} {:>7s} {:>9s} {:>9s} {:>8s} {:>9s} {:>9s} {:>8s} {:>9s} {:>6s}".format(*head))
     for name, row in r["inputs"].items():
         if "error" in row:
             print(f"{name:10s} refused: {row['error'][:90]}")
@@ -242,6 +248,7 @@ def print_table(r: dict) -> None:
             ("{:7d}", row["prompt_tokens"]),
             ("{:9.1f}", row["first_ttft_ms"]),
             ("{:9.1f}", row["ttft_ms"]),
+            ("{:8.1f}", row.get("host_ms")),
             ("{:9.1f}", row["repeat_ttft_ms"]),
             ("{:9.1f}", row["floor_ms"]),
             ("{:7.0f}%", 100 * row["fraction_of_floor"]),

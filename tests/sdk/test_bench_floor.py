@@ -66,3 +66,21 @@ def test_caption_floor_counts_decoder_and_head_once_per_output_token():
     attn = 4 * 28 * 28 * 128  # layers x heads x head_dim, two products, per context token
     assert output_flops(model, 1000, 1) - per_token == attn * 1000
     assert output_flops(model, 0, 10) > 10 * per_token  # each step sees a longer context
+
+
+def test_media_table_shows_each_inputs_host_share(capsys):
+    """`polymodal bench --workload media`'s table: TTFT, the host's share of it, the repeat,
+    the floor; a refused input is a row with its error, not a crash of the table."""
+    from polymodal.bench.media import print_table
+
+    rows = {
+        "4k": {"prompt_tokens": 10583, "first_ttft_ms": 504.1, "ttft_ms": 459.4, "host_ms": 8.6,
+               "repeat_ttft_ms": 12.3, "floor_ms": 320.6, "fraction_of_floor": 320.6 / 459.4},
+        "video256": {"error": "InvalidInputError: the prompt has 153122 tokens"},
+    }  # fmt: skip
+    print_table({"card": "NVIDIA H200", "date": "2026-12-05", "model": "qwen2.5-vl-7b",
+                 "matmul_tflops": 805.0, "inputs": rows})  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "host ms" in out[1]
+    assert out[2].split()[:8] == ["4k", "10583", "504.1", "459.4", "8.6", "12.3", "320.6", "70%"]
+    assert out[3].startswith("video256   refused: InvalidInputError")
