@@ -283,7 +283,8 @@ class QwenVLProcessor:
             # a view of the caller's own image is not kept: changed later, it would no longer
             # be what the key hashed (a hit takes the pixels of the image it was asked with)
             borrowed = viewed_memory and image is ref.source
-            self.input_cache.put(cache_key, copy_item(item, drop=("pixel_frames",) * borrowed))
+            drop = ("pixel_frames",) if borrowed else ()
+            self.input_cache.put(cache_key, copy_item(item, drop=drop))
         return item, 1.0
 
     def _video_item(
