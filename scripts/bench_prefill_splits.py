@@ -13,6 +13,8 @@ is the cost the split form adds to short contexts (idle programs and the merge l
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import torch
 
 from polymodal.bench.timing import graph_ms
@@ -20,7 +22,14 @@ from polymodal.llm_core.attention import prefill_splits, triton_prefill
 from polymodal.llm_core.attention.spec import AttentionSpec
 
 HEADS, KV_HEADS, D, PAGE = 28, 4, 128, 16
-CASES = [(16, 2741, 0), (16, 38322, 0), (64, 8192, 0), (512, 1024, 0), (16, 300, 65536)]
+CASES = [
+    (16, 2741, 0),
+    (16, 38322, 0),
+    (64, 8192, 0),
+    (8, 8192, 0),
+    (512, 1024, 0),
+    (16, 300, 65536),
+]
 
 
 def case(queries: int, keys: int, table_keys: int):
@@ -44,15 +53,31 @@ def case(queries: int, keys: int, table_keys: int):
 
 
 def main() -> None:
-    print("| queries | keys | table keys | one pass us | splits | split us | max diff |")
+    """Columns: one pass; the split form with one head's queries a program (as before the
+    packing); the split form packed by kv head (the default) at SPLIT_MIN_TILES 8 / 4 / 2."""
+    cuda = torch.device("cuda")
+    group = HEADS // KV_HEADS
+    print("| queries | keys | table keys | one pass us | unpacked (splits) | packed, min tiles"
+          " 8 / 4 / 2 (splits) | max diff |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for queries, keys, table_keys in CASES:
         run, width = case(queries, keys, table_keys)
-        splits = prefill_splits.split_count(queries, HEADS, width, torch.device("cuda"))
-        diff = (run(1).float() - run(splits).float()).abs().max().item()
         one = graph_ms(lambda run=run: run(1)) * 1e3
-        split = graph_ms(lambda run=run, n=splits: run(n)) * 1e3
-        print(f"| {queries} | {keys} | {width} | {one:.1f} | {splits} | {split:.1f} | {diff:.1e} |")
+        ref = run(1).float()
+        unpacked = prefill_splits.split_count(queries, HEADS, width, cuda)
+        with patch.object(triton_prefill, "packed_rows", lambda block_m, group: block_m):
+            old = graph_ms(lambda run=run, n=unpacked: run(n)) * 1e3
+        packed, diff = [], 0.0
+        splits = prefill_splits.split_count(queries, HEADS, width, cuda, group)
+        for tiles in (8, 4, 2):
+            with patch.object(prefill_splits, "SPLIT_MIN_TILES", tiles):
+                diff = max(diff, (run(splits).float() - ref).abs().max().item())
+                packed.append(graph_ms(lambda run=run, n=splits: run(n)) * 1e3)
+        cells = " / ".join(f"{t:.1f}" for t in packed)
+        print(
+            f"| {queries} | {keys} | {width} | {one:.1f} | {old:.1f} ({unpacked}) | {cells} "
+            f"({splits}) | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

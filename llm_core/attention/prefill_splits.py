@@ -35,19 +35,30 @@ SPLIT_MIN_TILES = 8
 SPLIT_MIN_TILES_INTERPRETED = 1
 
 
-def split_count(max_q: int, num_heads: int, max_seq_len: int, device: torch.device) -> int:
+def packed_rows(block_m: int, group: int) -> int:
+    """Queries a split launch's program holds: with GQA (`group` query heads a kv head, at most
+    `block_m`) the group's heads packed into the tile's rows, `block_m // group` queries x
+    `group` heads, so each key tile is read once a kv head, not once a query head; else one
+    head's `block_m` queries."""
+    return block_m // group if 1 < group <= block_m else block_m
+
+
+def split_count(max_q: int, num_heads: int, max_seq_len: int, device: torch.device,
+                group: int = 1) -> int:  # fmt: skip
     """Key-range splits of a causal paged prefill launch (1: the one-pass kernel): a launch of
     few query tiles (a short chunk after a long cached prefix: a repeated image's or video's
-    text tail, a chat turn) gets about two programs an SM; a context too short to give each
-    split `SPLIT_MIN_TILES` key tiles keeps one pass (no partials, no merge launch). Inside a
-    prefill graph `max_seq_len` is the table's whole width: the kernel then decides on the
-    device how many splits have work (one: no partials, the merge programs exit)."""
+    text tail, a chat turn, a speculative verify step) gets about two programs an SM, its
+    tiles packed by kv head (`packed_rows`; `group` query heads a kv head); a context too
+    short to give each split `SPLIT_MIN_TILES` key tiles keeps one pass (no partials, no merge
+    launch). Inside a prefill graph `max_seq_len` is the table's whole width: the kernel then
+    decides on the device how many splits have work (one: no partials, the merge exits)."""
     if max_q > SPLIT_MAX_QUERIES or device.type != "cuda":  # (interpreted: tests ask for it)
         return 1
     block_m, block_n, _, _ = prefill_config(128, True, max_q)
     if max_seq_len < 2 * SPLIT_MIN_TILES * block_n:
         return 1
-    programs = triton.cdiv(max_q, block_m) * num_heads
+    rows = packed_rows(block_m, group)
+    programs = triton.cdiv(max_q, rows) * (num_heads // group if rows < block_m else num_heads)
     return max(1, min(SPLIT_MAX, 2 * num_sms(device) // programs))
 
 
@@ -79,12 +90,12 @@ def merge_splits(out, parts: dict, q_start, seq_lens, max_q: int, block_m: int, 
 
 
 @triton.jit
-def active_splits(kv_len, q_len, q_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):  # fmt: skip
-    """Splits with work for a causal query tile: its keys [0, hi) in runs of >= MIN_TILES
-    tiles, at most SPLITS (the attention kernel and the merge must agree on it)."""
-    hi = tl.minimum(kv_len, kv_len - q_len + (q_block + 1) * BLOCK_M)
-    return tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(hi, BLOCK_N), MIN_TILES), 1))
+def active_splits(kv_len, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):
+    """Splits with work for a sequence's causal launch: its keys [0, kv_len) in runs of >=
+    MIN_TILES tiles, at most SPLITS. The attention kernel and the merge must agree on it, so it
+    depends on the sequence only, not on a program's query rows (a tile of early queries, whose
+    keys end before kv_len, may leave its last splits empty: their partials weigh nothing)."""
+    return tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(kv_len, BLOCK_N), MIN_TILES), 1))
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -118,7 +129,7 @@ def merge_splits_kernel(
     if q_block * BLOCK_M >= q_len:
         return
     kv_len = tl.load(seq_lens_ptr + seq)
-    active = active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
+    active = active_splits(kv_len, BLOCK_N, SPLITS, MIN_TILES)
     if active > 1:
         rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < q_len

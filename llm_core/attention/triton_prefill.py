@@ -34,6 +34,7 @@ from polymodal.llm_core import pdl
 from polymodal.llm_core.attention.prefill_splits import (
     active_splits,
     merge_splits,
+    packed_rows,
     split_buffers,
     split_count,
 )
@@ -87,6 +88,8 @@ def _attn_fwd_kernel(
     part_lse_ptr=None,  # SPLITS > 1: fp32 [SPLITS, num_tokens, num_heads] (log2 units)
     SPLITS: tl.constexpr = 1,  # programs a (seq, q block, head)'s key range is cut over
     MIN_TILES: tl.constexpr = 1,  # key tiles a split takes at least (fewer splits are active)
+    PACK: tl.constexpr = False,  # SPLITS > 1: a program holds a kv head's GROUP query heads
+    Q_ROWS: tl.constexpr = 0,  # PACK: queries a program holds (BLOCK_M // GROUP)
 ):
     pdl.wait(USE_PDL)
     seq = tl.program_id(0)
@@ -97,9 +100,12 @@ def _attn_fwd_kernel(
         split = head % SPLITS
         head = head // SPLITS
     kv_head = head // GROUP
+    TOKENS: tl.constexpr = Q_ROWS if PACK else BLOCK_M  # queries a program holds
+    if PACK:  # grid axis 2 counts kv heads: rows are (query, head of the group) pairs
+        kv_head = head
     q_start = tl.load(q_start_ptr + seq)
     q_len = tl.load(q_start_ptr + seq + 1) - q_start
-    if q_block * BLOCK_M >= q_len:  # this sequence has fewer queries than the grid
+    if q_block * TOKENS >= q_len:  # this sequence has fewer queries than the grid
         return
     if PAGED:
         kv_len = tl.load(seq_lens_ptr + seq)
@@ -108,16 +114,26 @@ def _attn_fwd_kernel(
     ctx_len = kv_len - q_len  # cached prefix before the new queries
     active = 1
     if SPLITS > 1:  # idle splits (a short context in a wide graph) leave before any q load
-        active = active_splits(kv_len, q_len, q_block, BLOCK_M, BLOCK_N, SPLITS, MIN_TILES)
+        active = active_splits(kv_len, BLOCK_N, SPLITS, MIN_TILES)
         if split >= active:
             return
 
-    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index in the sequence
+    if PACK:  # row r: query r // GROUP of the tile, head r % GROUP of the kv head's group
+        r = tl.arange(0, BLOCK_M)
+        rows = q_block * TOKENS + r // GROUP  # [BLOCK_M] query index in the sequence
+        heads = kv_head * GROUP + r % GROUP
+        row_mask = (r < TOKENS * GROUP) & (rows < q_len)
+    else:
+        rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        heads = head
+        row_mask = rows < q_len
     dims = tl.arange(0, BLOCK_D)
-    row_mask = rows < q_len
     dim_mask = dims < HEAD_DIM
     q_pos = ctx_len + rows  # absolute positions
-    q_row = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh
+    head_off = heads * stride_qh
+    if PACK:
+        head_off = head_off[:, None]
+    q_row = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head_off
     q_off = q_row + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
     dims_lo, dim_mask_lo, q_lo = dims, dim_mask, q  # placeholders when D_LO is 0 (never read)
@@ -133,7 +149,7 @@ def _attn_fwd_kernel(
     # Key range this query tile can see.
     hi = kv_len
     if MASK < 3:  # causal
-        hi = tl.minimum(kv_len, ctx_len + (q_block + 1) * BLOCK_M)
+        hi = tl.minimum(kv_len, ctx_len + (q_block + 1) * TOKENS)
     lo = 0
     if MASK == 1:  # the window of the tile's first query
         lo = tl.maximum(ctx_len + q_block * BLOCK_M - window + 1, 0)
@@ -145,7 +161,7 @@ def _attn_fwd_kernel(
     # Tiles in [lo, full_end) are visible to every query of this tile: no masks there.
     full_end = (hi // BLOCK_N) * BLOCK_N
     if MASK < 3:
-        full_end = (tl.minimum(hi, ctx_len + q_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N
+        full_end = (tl.minimum(hi, ctx_len + q_block * TOKENS + 1) // BLOCK_N) * BLOCK_N
     if MASK == 1:  # windowed kinds mask every tile
         full_end = lo
     if MASK == 2:
@@ -203,7 +219,9 @@ def _attn_fwd_kernel(
         partial = row_mask & (active > 1)
         final = row_mask & (active == 1)
         num_heads = tl.num_programs(2) // SPLITS  # parts are [SPLITS, num_tokens, heads(, d)]
-        part_row = (split * num_tokens + q_start + rows).to(tl.int64) * num_heads + head
+        if PACK:
+            num_heads = num_heads * GROUP
+        part_row = (split * num_tokens + q_start + rows).to(tl.int64) * num_heads + heads
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(part_lse_ptr + part_row, lse, mask=partial)
         p_off = part_row[:, None] * HEAD_DIM
@@ -211,7 +229,10 @@ def _attn_fwd_kernel(
         if D_LO > 0:
             lo_mask = partial[:, None] & dim_mask_lo[None, :]
             tl.store(part_out_ptr + p_off + dims_lo[None, :], out_lo, mask=lo_mask)
-    o_row = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
+    o_head = heads * stride_oh
+    if PACK:
+        o_head = o_head[:, None]
+    o_row = (q_start + rows)[:, None].to(tl.int64) * stride_ot + o_head
     o_off = o_row + dims[None, :]
     out_ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + o_off, out.to(out_ty), mask=final[:, None] & dim_mask)
@@ -242,11 +263,14 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         kv_heads, page_size = k.shape[1], 1
         strides = (k.stride(0), 0, k.stride(1), 0)
     assert k.stride() == v.stride(), "k and v need the same layout"
-    grid = (num_seqs, triton.cdiv(max_q, block_m), num_heads * splits)
+    group = num_heads // kv_heads
+    rows = packed_rows(block_m, group) if splits > 1 else block_m
+    pack = rows < block_m  # split launches hold a kv head's query group a program
+    grid = (num_seqs, triton.cdiv(max_q, rows), (kv_heads if pack else num_heads) * splits)
     parts = {}
     if splits > 1:
         assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
-        parts = split_buffers(q, splits)
+        parts = {**split_buffers(q, splits), "PACK": pack, "Q_ROWS": rows}
     _attn_fwd_kernel[grid](
         q,
         k,
@@ -264,7 +288,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         out.stride(0),
         out.stride(1),
         *strides,
-        GROUP=num_heads // kv_heads,
+        GROUP=group,
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
         BLOCK_M=block_m,
@@ -326,7 +350,8 @@ def paged_prefill(
     if spec.mask != Mask.CAUSAL or key_ranges is not None:
         splits = 1
     elif splits is None:
-        splits = split_count(max_query_len, q.shape[1], max_seq_len, q.device)
+        group = q.shape[1] // k_cache.shape[2]
+        splits = split_count(max_query_len, q.shape[1], max_seq_len, q.device, group)
     return _launch(
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         max_query_len, spec.scale, spec.mask, spec.window, spec.softcap, True, kv_scales,

@@ -37,8 +37,13 @@ def _prefill(q, cache, meta, spec, splits):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("splits", [2, 3, 8])
 @pytest.mark.parametrize("head_dim", [32, 80])
-def test_split_equals_one_pass_and_reference(case, splits, head_dim):
-    q, cache, meta = make_batch(*CASES[case], heads=6, kv_heads=2, head_dim=head_dim, page=8)
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3), (32, 1)])  # packed by kv head (group 3 of
+# 16-row tiles: 5 queries x 3 heads a program), no group, a group wider than a tile
+def test_split_equals_one_pass_and_reference(case, splits, head_dim, heads):
+    if heads != (6, 2) and (splits == 3 or head_dim == 80):
+        pytest.skip("the unpacked forms: one split count and head dim suffice")
+    q, cache, meta = make_batch(*CASES[case], heads=heads[0], kv_heads=heads[1],
+                                head_dim=head_dim, page=8)  # fmt: skip
     meta.is_decode = False
     spec = spec_for(q, cache, 0.2)
     one = _prefill(q, cache, meta, spec, 1)
@@ -71,6 +76,12 @@ def test_split_count_rule(monkeypatch):
     assert count(16, 28, 1000, cuda) == 1  # < 2 x 8 tiles of 64 keys: one pass
     assert count(prefill_splits.SPLIT_MAX_QUERIES + 1, 28, 38000, cuda) == 1
     assert count(64, 28, 38000, cuda) == 264 // 28
+    # packed (group 7 into 64-row tiles: 9 queries a program): 16 queries, 2 x 4 programs
+    assert prefill_splits.packed_rows(64, 7) == 9
+    assert count(16, 28, 38000, cuda, group=7) == prefill_splits.SPLIT_MAX
+    assert count(64, 28, 38000, cuda, group=7) == 264 // (8 * 4)
+    assert prefill_splits.packed_rows(64, 1) == 64  # no group: one head's queries
+    assert prefill_splits.packed_rows(16, 32) == 16  # a group wider than the tile
     # interpreted (CPU): one pass unless a test asks for splits
     assert count(3, 2, 150, torch.device("cpu")) == 1
 
