@@ -1,18 +1,20 @@
-"""Split-KV paged prefill: the host's split count, the active-split rule both kernels share,
-the partials' buffers and the merge kernel (`triton_prefill._attn_fwd_kernel` takes `SPLITS`).
+"""Split-KV paged prefill: the host's split count, the query packing, the active-split rule,
+the partials' buffers and their merge (`triton_prefill._attn_fwd_kernel` takes `SPLITS`).
 
 Split-KV (`SPLITS` > 1, causal paged launches only: no window, chunk, ranges or cross): a
-launch of few query tiles over a long cache (a repeated video's 16-token text tail after 38k
-cached tokens: 28 programs on 132 SMs, each streaming every key) cuts each program's key range
-into up to `SPLITS` runs of whole tiles, a grid axis of their own (`split_count` on the host).
-How many have work is decided on the device (at least `MIN_TILES` tiles each), so one launch
-captured in a prefill graph serves every cache length: with several, each writes its
-normalized partial and log2-sum-exp (fp32) and `merge_splits_kernel` combines them; with one,
-that program writes the output itself and the merge's programs exit. What a short context
-still pays once the host has picked splits (a prefill graph always does for buckets <= 64: its
-table is the whole context wide): `SPLITS` - 1 idle programs per (seq, q block, head) and the
-merge launch, all of whose programs exit after three int loads (no partials written or read);
-`scripts/bench_prefill_splits.py`'s last row measures it.
+launch of few queries over a long cache (a repeated video's 16-token text tail after 38k
+cached tokens: 28 programs on 132 SMs, each streaming every key; a speculative verify step)
+cuts each program's key range into up to `SPLITS` runs of whole tiles, a grid axis of their
+own (`split_count` on the host), and packs a kv head's query heads into one program's rows
+(`packed_rows`: each key tile read once a kv head, not once a query head). How many splits
+have work is decided on the device from the sequence's length (at least `MIN_TILES` tiles
+each), so one launch captured in a prefill graph serves every cache length: with several,
+each writes its normalized partial and log2-sum-exp (fp32) and counts its arrival on its
+tile's counter (`llm_core/counters.py`); the last to arrive merges them (`merge_split_rows`), so
+the attention stays one launch. With one, that program writes the output itself. What a short
+context still pays once the host has picked splits (a prefill graph always does for buckets
+<= 64: its table is the whole context wide): `SPLITS` - 1 idle programs per tile, which exit
+after two int loads; `scripts/bench_prefill_splits.py`'s last row measures it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from polymodal.llm_core import pdl
 from polymodal.llm_core.attention.prefill_tiles import prefill_config
+from polymodal.llm_core.counters import arrival_counters
 from polymodal.llm_core.layers.gemv import num_sms
 
 # Split-KV prefill (`split_count`): launches of at most this many queries, cut into at most
@@ -62,31 +64,21 @@ def split_count(max_q: int, num_heads: int, max_seq_len: int, device: torch.devi
     return max(1, min(SPLIT_MAX, 2 * num_sms(device) // programs))
 
 
-def split_buffers(q: torch.Tensor, splits: int) -> dict:
-    """The attention kernel's split arguments for `splits` > 1 programs a key range: the
-    partials (fp32 `[splits, tokens, heads, head_dim]`), their log2-sum-exps, the active-split
-    rule's least tiles (`SPLIT_MIN_TILES`; interpreted `SPLIT_MIN_TILES_INTERPRETED`)."""
+def split_buffers(q: torch.Tensor, splits: int, tiles: int) -> dict:
+    """The attention kernel's split arguments for `splits` > 1 programs a key range of each of
+    `tiles` (seq, q block, head) tiles: the partials (fp32 `[splits, tokens, heads,
+    head_dim]`), their log2-sum-exps, a zeroed arrival counter a tile (the last split to
+    finish merges: `merge_split_rows`), the active-split rule's least tiles (`SPLIT_MIN_TILES`;
+    interpreted `SPLIT_MIN_TILES_INTERPRETED`)."""
     tokens, num_heads, head_dim = q.shape
     return {
         "num_tokens": tokens,
         "part_out_ptr": q.new_empty((splits, tokens, num_heads, head_dim), dtype=torch.float32),
         "part_lse_ptr": q.new_empty((splits, tokens, num_heads), dtype=torch.float32),
+        "counter_ptr": arrival_counters(q.device, tiles),
         "SPLITS": splits,
         "MIN_TILES": SPLIT_MIN_TILES if q.is_cuda else SPLIT_MIN_TILES_INTERPRETED,
     }
-
-
-def merge_splits(out, parts: dict, q_start, seq_lens, max_q: int, block_m: int, block_n: int,
-                 use_pdl: bool) -> None:  # fmt: skip
-    """The split launch's second half: `out` from the partials of `split_buffers`' `parts`."""
-    num_seqs, num_heads, head_dim = q_start.shape[0] - 1, out.shape[1], out.shape[2]
-    merge_splits_kernel[(num_seqs, triton.cdiv(max_q, block_m), num_heads)](
-        out, parts["part_out_ptr"], parts["part_lse_ptr"], q_start, seq_lens,
-        parts["num_tokens"], out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=parts["SPLITS"],
-        MIN_TILES=parts["MIN_TILES"], USE_PDL=use_pdl, launch_pdl=use_pdl,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -98,58 +90,41 @@ def active_splits(kv_len, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES
     return tl.minimum(SPLITS, tl.maximum(tl.cdiv(tl.cdiv(kv_len, BLOCK_N), MIN_TILES), 1))
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def merge_splits_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_dim]
-    part_out_ptr,  # fp32 [SPLITS, num_tokens, num_heads, HEAD_DIM]
-    part_lse_ptr,  # fp32 [SPLITS, num_tokens, num_heads], log2 units
-    q_start_ptr,
-    seq_lens_ptr,
-    num_tokens,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLITS: tl.constexpr,
-    MIN_TILES: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """The split-KV prefill's second half, one program a (seq, q block, head) as the first's
-    grid: the same count of active splits from the causal key range (one: the first half wrote
-    the output itself, nothing to do), then out = sum_s 2^(lse_s - max) o_s / sum_s 2^(...)."""
-    pdl.wait(USE_PDL)
-    seq = tl.program_id(0)
-    q_block = tl.program_id(1)
-    head = tl.program_id(2)
-    num_heads = tl.num_programs(2)
-    q_start = tl.load(q_start_ptr + seq)
-    q_len = tl.load(q_start_ptr + seq + 1) - q_start
-    if q_block * BLOCK_M >= q_len:
-        return
-    kv_len = tl.load(seq_lens_ptr + seq)
-    active = active_splits(kv_len, BLOCK_N, SPLITS, MIN_TILES)
-    if active > 1:
-        rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < q_len
-        dims = tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for split in range(0, active):
-            part_row = (split * num_tokens + q_start + rows).to(tl.int64) * num_heads + head
-            lse = tl.load(part_lse_ptr + part_row, mask=row_mask, other=float("-inf"))
-            o = tl.load(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], mask=mask,
-                        other=0.0)  # fmt: skip
-            m_new = tl.maximum(m, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            w = tl.exp2(lse - m_safe)
-            total = total * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o
-            m = m_new
-        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-        o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(out_ptr + o_off + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+@triton.jit
+def merge_split_rows(part_out_ptr, part_lse_ptr, part_row, split_rows, row_mask, cols, out_lo,
+                    active, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_LO: tl.constexpr):  # fmt: skip
+    """A split tile's output rows from its `active` partials (the last split to finish runs
+    it): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max), split by split in order, the
+    head's two column parts as the kernel holds them (`cols`; `out_lo` passes through when
+    D_LO is 0). `part_row`: split 0's row of each tile row; `split_rows`: a split's rows. The
+    loads bypass L1 (`.cg`): other programs wrote them."""
+    dims, dim_mask, dims_lo, dim_mask_lo = cols
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_lo = out_lo
+    if D_LO > 0:
+        acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
+    for split in range(0, active):
+        row = part_row + split * split_rows
+        lse = tl.load(part_lse_ptr + row, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        total = total * alpha + w
+        p_off = row[:, None] * HEAD_DIM
+        o = tl.load(part_out_ptr + p_off + dims[None, :], mask=row_mask[:, None] & dim_mask,
+                    other=0.0, cache_modifier=".cg")  # fmt: skip
+        acc = acc * alpha[:, None] + w[:, None] * o
+        if D_LO > 0:
+            o_lo = tl.load(part_out_ptr + p_off + dims_lo[None, :],
+                           mask=row_mask[:, None] & dim_mask_lo[None, :], other=0.0,
+                           cache_modifier=".cg")  # fmt: skip
+            acc_lo = acc_lo * alpha[:, None] + w[:, None] * o_lo
+        m = m_new
+    inv = 1.0 / tl.where(total == 0.0, 1.0, total)
+    if D_LO > 0:
+        acc_lo = acc_lo * inv[:, None]
+    return acc * inv[:, None], acc_lo

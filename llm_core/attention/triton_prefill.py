@@ -33,7 +33,7 @@ import triton.language as tl
 from polymodal.llm_core import pdl
 from polymodal.llm_core.attention.prefill_splits import (
     active_splits,
-    merge_splits,
+    merge_split_rows,
     packed_rows,
     split_buffers,
     split_count,
@@ -86,6 +86,7 @@ def _attn_fwd_kernel(
     num_tokens=0,  # SPLITS > 1: the rows of q (the parts' second dim)
     part_out_ptr=None,  # SPLITS > 1: fp32 [SPLITS, num_tokens, num_heads, HEAD_DIM]
     part_lse_ptr=None,  # SPLITS > 1: fp32 [SPLITS, num_tokens, num_heads] (log2 units)
+    counter_ptr=None,  # SPLITS > 1: int32 per (seq, q block, axis-2 head), zero between launches
     SPLITS: tl.constexpr = 1,  # programs a (seq, q block, head)'s key range is cut over
     MIN_TILES: tl.constexpr = 1,  # key tiles a split takes at least (fewer splits are active)
     PACK: tl.constexpr = False,  # SPLITS > 1: a program holds a kv head's GROUP query heads
@@ -229,6 +230,17 @@ def _attn_fwd_kernel(
         if D_LO > 0:
             lo_mask = partial[:, None] & dim_mask_lo[None, :]
             tl.store(part_out_ptr + p_off + dims_lo[None, :], out_lo, mask=lo_mask)
+        if active > 1:
+            tl.debug_barrier()  # every thread's partial is written before the counter moves
+            tile = (seq * tl.num_programs(1) + q_block) * (tl.num_programs(2) // SPLITS) + head
+            if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu") == active - 1:
+                # the last split of this tile to finish merges all of them, in split order
+                base = part_row - split * num_tokens * num_heads
+                out, out_lo = merge_split_rows(part_out_ptr, part_lse_ptr, base,
+                                             num_tokens * num_heads, row_mask, cols, out_lo,
+                                             active, HEAD_DIM, BLOCK_M, BLOCK_D, D_LO)  # fmt: skip
+                final = row_mask
+                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
     o_head = heads * stride_oh
     if PACK:
         o_head = o_head[:, None]
@@ -246,7 +258,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
     `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale; `ranges`
     (lo, hi) per query: keys it sees besides its mask's; `splits` > 1 (paged, causal, no
-    ranges only): the key range cut over that many programs, merged by a second launch."""
+    ranges only): the key range cut over that many programs, merged by the last to finish."""
     v_scale, fp8 = 1.0, k.dtype == torch.float8_e4m3fn
     if fp8 and kv_scales is not None:
         scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
@@ -270,7 +282,8 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     parts = {}
     if splits > 1:
         assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
-        parts = {**split_buffers(q, splits), "PACK": pack, "Q_ROWS": rows}
+        tiles = num_seqs * grid[1] * grid[2] // splits
+        parts = {**split_buffers(q, splits, tiles), "PACK": pack, "Q_ROWS": rows}
     _attn_fwd_kernel[grid](
         q,
         k,
@@ -307,8 +320,6 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
         **parts,
         **extra,
     )
-    if splits > 1:
-        merge_splits(out, parts, q_start, seq_lens, max_q, block_m, block_n, flag)
     return out
 
 

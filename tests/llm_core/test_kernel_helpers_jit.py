@@ -103,7 +103,7 @@ def compile_prefill(arch, head_dim, paged, mask, softcap, ranges, fp8, max_q) ->
     const = dict(GROUP=4, HEAD_DIM=head_dim, PAGE_SIZE=16 if paged else 1, BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged, MASK=mask, SOFTCAP=softcap,
                  DOT_F32=False, USE_PDL=arch >= 90, RANGES=ranges, FP8_KV=fp8,
-                 D_LO=d_lo, SPLITS=1, MIN_TILES=1)  # fmt: skip
+                 D_LO=d_lo, SPLITS=1, MIN_TILES=1, PACK=False, Q_ROWS=0)  # fmt: skip
     kv = "*fp8e4nv" if fp8 else "*bf16"
     fn = prefill._attn_fwd_kernel
     types = {

@@ -10,6 +10,7 @@ import torch
 
 from polymodal.llm_core.attention import TorchAttentionBackend, prefill_splits, triton_prefill
 from polymodal.llm_core.attention.spec import Mask
+from polymodal.llm_core.counters import arrival_counters
 from tests.helpers import spec_for
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
@@ -111,3 +112,7 @@ def test_active_splits_decided_on_the_device(monkeypatch):
     split = _prefill(q, cache, meta, spec, 8)
     assert_close(split, REF.paged_attention(q, cache, meta, spec), torch.float32)
     assert_close(split, _prefill(q, cache, meta, spec, 1), torch.float32)
+    # the last split of each tile merged and set its arrival counter back to zero: a second
+    # launch (as a graph replay) merges the same way
+    assert not arrival_counters(q.device, 1).any()
+    assert torch.equal(_prefill(q, cache, meta, spec, 8), split)
