@@ -35,6 +35,8 @@ SPLIT_MIN_TILES = 8
 # Interpreted (CPU tests, 16-key tiles): 1 so tiny contexts split many ways; a test sets 2 to
 # check the device-side count of active splits that SPLIT_MIN_TILES drives on CUDA.
 SPLIT_MIN_TILES_INTERPRETED = 1
+# Partials the merging split loads at once (`merge_split_rows`)
+MERGE_UNROLL = tl.constexpr(4)
 
 
 def packed_rows(block_m: int, group: int) -> int:
@@ -98,7 +100,7 @@ def merge_split_rows(part_out_ptr, part_lse_ptr, part_row, split_rows, row_mask,
     it): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max), split by split in order, the
     head's two column parts as the kernel holds them (`cols`; `out_lo` passes through when
     D_LO is 0). `part_row`: split 0's row of each tile row; `split_rows`: a split's rows. The
-    loads bypass L1 (`.cg`): other programs wrote them."""
+    loads bypass L1 (`.cg`: other programs wrote them), MERGE_UNROLL splits at a time."""
     dims, dim_mask, dims_lo, dim_mask_lo = cols
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
@@ -106,24 +108,27 @@ def merge_split_rows(part_out_ptr, part_lse_ptr, part_row, split_rows, row_mask,
     acc_lo = out_lo
     if D_LO > 0:
         acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
-    for split in range(0, active):
-        row = part_row + split * split_rows
-        lse = tl.load(part_lse_ptr + row, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)
-        total = total * alpha + w
-        p_off = row[:, None] * HEAD_DIM
-        o = tl.load(part_out_ptr + p_off + dims[None, :], mask=row_mask[:, None] & dim_mask,
-                    other=0.0, cache_modifier=".cg")  # fmt: skip
-        acc = acc * alpha[:, None] + w[:, None] * o
-        if D_LO > 0:
-            o_lo = tl.load(part_out_ptr + p_off + dims_lo[None, :],
-                           mask=row_mask[:, None] & dim_mask_lo[None, :], other=0.0,
-                           cache_modifier=".cg")  # fmt: skip
-            acc_lo = acc_lo * alpha[:, None] + w[:, None] * o_lo
-        m = m_new
+    for s0 in range(0, active, MERGE_UNROLL):
+        for u in tl.static_range(MERGE_UNROLL):  # independent loads in flight, not one a split
+            split = s0 + u
+            row = part_row + split * split_rows
+            rows = row_mask & (split < active)
+            lse = tl.load(part_lse_ptr + row, mask=rows, other=float("-inf"), cache_modifier=".cg")
+            p_off = row[:, None] * HEAD_DIM
+            o = tl.load(part_out_ptr + p_off + dims[None, :], mask=rows[:, None] & dim_mask,
+                        other=0.0, cache_modifier=".cg")  # fmt: skip
+            m_new = tl.maximum(m, lse)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)
+            total = total * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o
+            if D_LO > 0:
+                o_lo = tl.load(part_out_ptr + p_off + dims_lo[None, :],
+                               mask=rows[:, None] & dim_mask_lo[None, :], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                acc_lo = acc_lo * alpha[:, None] + w[:, None] * o_lo
+            m = m_new
     inv = 1.0 / tl.where(total == 0.0, 1.0, total)
     if D_LO > 0:
         acc_lo = acc_lo * inv[:, None]
