@@ -1,11 +1,13 @@
 """Split-KV paged prefill on CUDA: a causal chunk of few queries after a long cached prefix,
-one-pass kernel (splits 1) vs the split form `split_count` picks, at Qwen2.5-VL-7B's decoder
+one-pass kernel (splits 1) vs the split forms (`split_count`'s counts; one query head a
+program, and a kv head's 7 query heads packed into a program's rows), at Qwen2.5-VL-7B's decoder
 heads (28 / 4, d 128, bf16, page 16). CUDA-graph replays (`polymodal.bench.timing.graph_ms`).
 
     python scripts/bench_prefill_splits.py
 
 Rows: (queries, cached + new keys): a repeated 1080p image's text tail (16, 2.7k), a repeated
-64-frame video's (16, 38k), a chat turn (64, 8k), a short prompt (512, 1k: never split). The
+64-frame video's (16, 38k), a chat turn (64, 8k), a speculative verify step (8, 8k), a short
+prompt (512, 1k: never split). The
 last row is a short chat turn (16 queries over 300 keys) sized as a prefill graph sizes it (a
 64k-key table): the host picks splits, the device finds one with work, so its "split" column
 is the cost the split form adds to short contexts (idle programs and the merge launch).
