@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.encoders.vision_layers import load_checked, make_uninitialized
-from polymodal.encoders.vit import uniform_segments
+from polymodal.encoders.vit import PackedQKV, uniform_segments
 from polymodal.llm_core.attention import TorchAttentionBackend
 from polymodal.llm_core.host_copy import copy_to
+from polymodal.llm_core.layers import fused_ops
+from polymodal.llm_core.layers.norm import add_layer_norm
 
 
 def tile_rotary(side: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,25 +48,25 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-class Llama4VisionAttention(nn.Module):
-    """Bidirectional attention within each tile; biased q/k/v/o, q and k rotated per pair."""
+class Llama4VisionAttention(PackedQKV):
+    """Bidirectional attention within each tile; biased q/k/v/o (q/k/v one GEMM once loaded),
+    q and k rotated per pair: on CUDA in place by one Triton launch (fp32 math, one rounding,
+    as `rotate_pairs`)."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads)
         self.o_proj = nn.Linear(dim, dim)
 
     def forward(self, x, rotary, meta, backend) -> torch.Tensor:
-        n, shape = x.shape[0], (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = (proj(x).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = rotate_pairs(q, *rotary), rotate_pairs(k, *rotary)
+        q, k, v = self.project_qkv(x)
+        if q.is_cuda and fused_ops() is not None:
+            fused_ops().rotary_embedding(q, k, *rotary, pairs=True)
+        else:
+            q, k = rotate_pairs(q, *rotary), rotate_pairs(k, *rotary)
         out = backend.varlen_attention(
             q, k, v, meta.cu_seqlens, meta.max_seqlen, self.head_dim**-0.5, causal=False
         )
-        return self.o_proj(out.reshape(n, -1))
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class Llama4VisionMLP(nn.Module):
@@ -90,8 +92,17 @@ class Llama4VisionLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size)
 
     def forward(self, x, rotary, meta, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, mlp = self.run(x, None, rotary, meta, backend)
+        return x + mlp
+
+    def run(self, x, delta, rotary, meta, backend):
+        """The layer over the stream `x + delta` (`x` when `delta` is None), each residual add
+        inside the LayerNorm after it: returns the stream before the MLP's add and the MLP's
+        output."""
+        x, h = add_layer_norm(self.input_layernorm, x, delta)
+        attn = self.self_attn(h, rotary, meta, backend)
+        x, h = add_layer_norm(self.post_attention_layernorm, x, attn)
+        return x, self.mlp(h)
 
 
 class Llama4PixelShuffleMLP(nn.Module):
@@ -163,10 +174,11 @@ class Llama4VisionModel(nn.Module):
         x = x.flatten(0, 1)  # [N * tokens, dim]: one attention segment a tile
         meta = uniform_segments(count, tokens, x.device)
         rotary = tuple(t.repeat(count, 1) for t in self._rotary(x.device))  # [N * tokens, d/2]
+        delta = None  # the last layer's MLP output, added inside the next LayerNorm
         for layer in self.model.layers:
-            x = layer(x, rotary, meta, self.attn_backend)
-        x = self.layernorm_post(x).view(count, tokens, -1)[:, :-1]
-        return self.vision_adapter(x)
+            x, delta = layer.run(x, delta, rotary, meta, self.attn_backend)
+        x = add_layer_norm(self.layernorm_post, x, delta, keep_sum=False)[1]
+        return self.vision_adapter(x.view(count, tokens, -1)[:, :-1])
 
 
 class Llama4VisionEncoder(nn.Module):
@@ -181,6 +193,7 @@ class Llama4VisionEncoder(nn.Module):
         self.multi_modal_projector.linear_1 = nn.Linear(
             vision.vision_output_dim, hf_config.get_text_config().hidden_size, bias=False
         )
+        self.graphs = None  # EncoderGraphs of `embed_tiles` once the decoder's are captured
 
     @classmethod
     def from_config(cls, hf_config, dtype=torch.float32, device="cpu", backend=None):
@@ -191,10 +204,16 @@ class Llama4VisionEncoder(nn.Module):
         """Checkpoint tensors named `vision_model.*` / `multi_modal_projector.*`."""
         load_checked(self, named_tensors)
 
+    def embed_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """`[N, C, S, S]` tiles -> `[N, tokens_per_tile, text_hidden]` (what the CUDA graphs of
+        `Llama4ForConditionalGeneration.enable_cuda_graphs` replay)."""
+        return self.multi_modal_projector.linear_1(self.vision_model(tiles))
+
     def encode(self, items: list) -> list[torch.Tensor]:
         """One tower call over every tile of every item (each tile its own segment):
         `[tiles * tokens_per_tile, text_hidden]` per item, tiles in the processor's order."""
-        tiles = [it.data["pixel_values"] for it in items]  # [tiles, C, S, S] each
-        features = self.vision_model(torch.cat(tiles))
-        rows = self.multi_modal_projector.linear_1(features.flatten(0, 1))
-        return list(rows.split([t.shape[0] * features.shape[1] for t in tiles]))
+        views = [it.data["pixel_values"] for it in items]  # [tiles, C, S, S] each
+        # one item's as is (a cat would copy them, then the graph again)
+        tiles = views[0] if len(views) == 1 else torch.cat(views)
+        rows = (self.graphs or self.embed_tiles)(tiles)
+        return [r.flatten(0, 1) for r in rows.split([v.shape[0] for v in views])]

@@ -35,9 +35,11 @@ def segments(lengths: list[int], device: torch.device) -> VisionAttentionMeta:
     return VisionAttentionMeta(copy_to(cu_seqlens, device), max(lengths))
 
 
-class ViTAttention(nn.Module):
-    """Bidirectional attention within each segment; HF names `q_proj`, `k_proj`, `v_proj`,
-    `out_proj` (all biased)."""
+class PackedQKV(nn.Module):
+    """Biased `q_proj`, `k_proj`, `v_proj` of `dim` -> `dim` (HF names) run as one GEMM: once
+    loaded, their weights and biases are views of one packed `[3 dim, dim]` weight and bias.
+    Checkpoints still load by HF's three names (into the views), and a later load writes the
+    packed memory itself: CUDA graphs captured on it see the new weights."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -46,14 +48,10 @@ class ViTAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
         self.qkv_packed: tuple[torch.Tensor, torch.Tensor] | None = None  # set by post_load
 
     def post_load(self) -> None:
-        """Make q/k/v's weights and biases views of one packed weight `[3 dim, dim]` and bias,
-        so the three projections are one GEMM. Checkpoints still load by HF's three names (into
-        the views), and a later load writes the packed memory itself: CUDA graphs captured on
-        it see the new weights."""
+        """Make q/k/v's weights and biases views of one packed weight and bias."""
         if self.packed_qkv() is not None:
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -75,21 +73,31 @@ class ViTAttention(nn.Module):
                 return None
         return self.qkv_packed
 
-    def forward(self, x: torch.Tensor, meta: VisionAttentionMeta, backend) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor):
+        """`[n, dim]` -> q, k, v `[n, heads, head_dim]` each (views of one GEMM's output when
+        packed)."""
         n = x.shape[0]
         packed = self.packed_qkv()
-        if packed is not None:  # [num_patches, 3 * dim] -> 3 views [num_patches, heads, head_dim]
-            qkv = F.linear(x, *packed).view(n, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.unbind(1)
-        else:  # [num_patches, dim] -> [num_patches, heads, head_dim] each
-            q, k, v = (
-                p(x).view(n, self.num_heads, self.head_dim)
-                for p in (self.q_proj, self.k_proj, self.v_proj)
-            )
+        if packed is not None:
+            return F.linear(x, *packed).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        return tuple(p(x).view(n, self.num_heads, self.head_dim) for p in projs)
+
+
+class ViTAttention(PackedQKV):
+    """Bidirectional attention within each segment; HF names `q_proj`, `k_proj`, `v_proj`,
+    `out_proj` (all biased)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, meta: VisionAttentionMeta, backend) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)
         out = backend.varlen_attention(
             q, k, v, meta.cu_seqlens, meta.max_seqlen, self.head_dim**-0.5, causal=False
         )
-        return self.out_proj(out.reshape(n, -1))
+        return self.out_proj(out.reshape(x.shape[0], -1))
 
 
 class ViTMLP(nn.Module):

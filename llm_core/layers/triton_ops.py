@@ -151,44 +151,40 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_heads(
-    x_ptr, cos, sin, num_heads, stride_h, col_mask, cols, HALF: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """Rotate `x_ptr[:num_heads, :2*HALF]` (one token's heads) in place, neox style."""
+def _rotate_heads(x_ptr, cos, sin, num_heads, stride_h, col_mask, cols, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, PAIRS: tl.constexpr = False):  # fmt: skip
+    """Rotate `x_ptr[:num_heads, :2*HALF]` (one token's heads) in place: feature i with
+    i + HALF (neox), or with `PAIRS` each 2i with 2i + 1 (interleaved pairs)."""
     heads = tl.arange(0, BLOCK_H)
     mask = (heads[:, None] < num_heads) & col_mask[None, :]
-    ptr1 = x_ptr + heads[:, None] * stride_h + cols[None, :]  # first half
+    if PAIRS:
+        ptr1 = x_ptr + heads[:, None] * stride_h + 2 * cols[None, :]  # even features
+        ptr2 = ptr1 + 1
+    else:
+        ptr1 = x_ptr + heads[:, None] * stride_h + cols[None, :]  # first half
+        ptr2 = ptr1 + HALF
     x1 = tl.load(ptr1, mask=mask, other=0.0)
-    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
+    x2 = tl.load(ptr2, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     # Explicit fma: the rounding is fixed, so decode attention's in-kernel rotary (triton_decode
     # `_rotate`, the same two ops) gives the same bits whatever the compiler would contract.
     c, s = cos[None, :], sin[None, :]
     tl.store(ptr1, tl.fma(a, c, -(b * s)).to(x1.dtype), mask=mask)
-    tl.store(ptr1 + HALF, tl.fma(b, c, a * s).to(x1.dtype), mask=mask)
+    tl.store(ptr2, tl.fma(b, c, a * s).to(x1.dtype), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr,
-    k_ptr,
-    cos_ptr,
-    sin_ptr,
-    num_q_heads,
-    num_k_heads,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_ct,
-    stride_st,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, num_q_heads, num_k_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
     HALF: tl.constexpr,  # rotary_dim // 2
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,  # 0: no k
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
-):
-    """One program per token: rotate q[t] and k[t] of every head, neox style, in place.
+    PAIRS: tl.constexpr = False,  # interleaved pairs instead of halves
+):  # fmt: skip
+    """One program per token: rotate q[t] and k[t] of every head in place.
 
     cos/sin (built once per forward, before the layers) load ahead of the PDL wait."""
     token = tl.program_id(0).to(tl.int64)
@@ -198,16 +194,18 @@ def _rotary_kernel(
     sin = tl.load(sin_ptr + token * stride_st + cols, mask=col_mask, other=0.0).to(tl.float32)
     pdl.wait(USE_PDL)
     q_row = q_ptr + token * stride_qt
-    _rotate_heads(q_row, cos, sin, num_q_heads, stride_qh, col_mask, cols, HALF, BLOCK_QH)
+    _rotate_heads(q_row, cos, sin, num_q_heads, stride_qh, col_mask, cols, HALF, BLOCK_QH, PAIRS)
     if BLOCK_KH > 0:
         k_row = k_ptr + token * stride_kt
-        _rotate_heads(k_row, cos, sin, num_k_heads, stride_kh, col_mask, cols, HALF, BLOCK_KH)
+        _rotate_heads(k_row, cos, sin, num_k_heads, stride_kh, col_mask, cols, HALF, BLOCK_KH,
+                      PAIRS)  # fmt: skip
 
 
 def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox rotary embedding applied in place to `q [T, heads, D]` and `k [T, kv_heads, D]`.
+    """Neox rotary embedding applied in place to `q [T, heads, D]` and `k [T, kv_heads, D]`
+    (`pairs`: each feature 2i turns with 2i + 1, as a complex multiply; Llama 4's vision tower).
 
     `cos, sin`: `[T, rotary_dim / 2]`, already gathered per token (M-RoPE sections merged by the
     caller). Only the first `rotary_dim` features rotate. Views (e.g. slices of a packed qkv)
@@ -229,7 +227,8 @@ def rotary_embedding(
         k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         HALF=half, BLOCK_QH=triton.next_power_of_2(q.shape[1]),
         BLOCK_KH=triton.next_power_of_2(k.shape[1]) if has_k else 0,
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, USE_PDL=flag, launch_pdl=flag,
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, USE_PDL=flag, PAIRS=pairs,
+        launch_pdl=flag,
     )  # fmt: skip
     return q, k
 

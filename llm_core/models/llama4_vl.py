@@ -45,6 +45,11 @@ class Llama4ForConditionalGeneration(SupportsMultiModal, Llama4ForCausalLM):
         self.stage(items)
         return self.vision.encode(items)
 
+    def enable_cuda_graphs(self, wrap) -> None:
+        """Replay the tower + projector per tile count (fixed 336 px tiles: at most 17 shapes;
+        eager, one image's 34 tower layers were bound by their launches: 44% of the GPU idle)."""
+        self.vision.graphs = wrap(self.vision.embed_tiles)
+
 
 LLAMA4_TOKENS = {
     "bos_token": "<|begin_of_text|>",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polymodal.encoders import get_encoder_class
-from polymodal.encoders.llama4 import Llama4VisionEncoder, tile_rotary
+from polymodal.encoders.llama4 import Llama4VisionEncoder, rotate_pairs, tile_rotary
 from polymodal.llm_core.attention import TorchAttentionBackend
 from polymodal.llm_core.weights import iter_safetensors
 from polymodal.processors.types import MultimodalItem
@@ -64,6 +64,41 @@ def test_rotary_table_is_transformers(models):
     )
     torch.testing.assert_close(cos, ref.real, atol=1e-6, rtol=0)
     torch.testing.assert_close(sin, ref.imag, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_pair_rotation_is_rotate_pairs(dtype):
+    """The CUDA path's one launch (`rotary_embedding(pairs=True)`, here interpreted) rotates q
+    and k, views of one packed projection, in place as `rotate_pairs` does (fp32, one rounding;
+    the class token's angle 0 leaves it as is); v untouched."""
+    from polymodal.llm_core.layers import triton_ops
+
+    tokens, heads, head_dim = 17, 3, 16
+    qkv = torch.randn(tokens, 3, heads, head_dim).to(dtype)
+    q, k, v = qkv.unbind(1)
+    cos, sin = tile_rotary(4, head_dim, 10000.0)
+    before = qkv.clone()
+    want_q, want_k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+    triton_ops.rotary_embedding(q, k, cos, sin, pairs=True)
+    # fp32: equal to rounding; bf16: a one-ulp difference where fma rounds once, torch twice
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    assert torch.equal(q[-1], before[-1, 0]) and torch.equal(v, before[:, 2])
+    assert (q[:-1] != before[:-1, 0]).float().mean() > 0.5  # the patches did turn
+
+
+def test_packed_projection_after_load(models):
+    """Once loaded, q/k/v's weights are views of one packed weight (one GEMM); the packed and
+    the three-projection forms give the same rows."""
+    path, hf = models
+    encoder = _encoder(path, hf.config)
+    attn = encoder.vision_model.model.layers[0].self_attn
+    assert attn.packed_qkv() is not None
+    x = torch.randn(5, attn.q_proj.in_features)
+    packed = attn.project_qkv(x)
+    attn.qkv_packed = None  # the three projections apart
+    for got, proj in zip(packed, (attn.q_proj, attn.k_proj, attn.v_proj)):
+        torch.testing.assert_close(got, proj(x).view(5, attn.num_heads, -1), atol=1e-6, rtol=0)
 
 
 class RecordingBackend(TorchAttentionBackend):

@@ -90,11 +90,15 @@ def test_bf16_runs_with_graphs(models):
     torch.testing.assert_close(fast_seen[0].float(), ref_seen[0].float(), atol=0.15, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_vl", "llava", "llava_next", "pixtral", "mistral3"])
+@pytest.mark.parametrize(
+    "arch",
+    ["gemma3_vl", "llava", "llava_next", "pixtral", "mistral3",
+     pytest.param("llama4_vl", marks=_LLAMA4_REFERENCE)],
+)  # fmt: skip
 def test_tower_graph_replays_match_transformers(tmp_path_factory, arch):
-    """Towers of fixed-size views (Gemma 3's crops, CLIP's views) captured per view count,
-    Pixtral's / Mistral 3's per image size: the tower + projector captured on the second
-    sighting and replayed after, each fresh image still equal to transformers."""
+    """Towers of fixed-size views (Gemma 3's crops, CLIP's views, Llama 4's tiles) captured per
+    view count, Pixtral's / Mistral 3's per image size: the tower + projector captured on the
+    second sighting and replayed after, each fresh image still equal to transformers."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     path = tiny_checkpoint(tmp_path_factory, arch)
