@@ -57,8 +57,9 @@ def spec_for(q, kv_cache, scale, window=None, mask=None, softcap=None):
 
 
 def record_sdpa_contexts(engine, causal_sdpa: bool | None) -> list:
-    """Set the engine's attention backends' `causal_sdpa` and wrap their `sdpa_prefill`; returns
-    the list it appends the cached context of every routed call to (one per layer and step)."""
+    """Set the engine's attention backends' `causal_sdpa` and wrap their `sdpa_prefill` and
+    `fresh_prefill`; returns the list it appends the cached context of every routed call to (one
+    per layer and step)."""
     from polymodal.llm_core.attention.layer import AttentionLayer
 
     contexts: list = []
@@ -76,6 +77,15 @@ def record_sdpa_contexts(engine, causal_sdpa: bool | None) -> list:
             return out
 
         backend.sdpa_prefill = sdpa_prefill
+        fresh = backend.fresh_prefill
+
+        def fresh_prefill(q, k, v, rope, kv_cache, meta, spec, fresh=fresh):
+            out = fresh(q, k, v, rope, kv_cache, meta, spec)
+            if out is not None:  # a fresh chunk, rotated and stored in the same launch
+                contexts.append(0)
+            return out
+
+        backend.fresh_prefill = fresh_prefill
     return contexts
 
 

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend
 
 from polymodal.llm_core.attention.metadata import AttentionMetadata
+from polymodal.llm_core.attention.sdpa_pack import rope_store_pack
 from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes, cudnn_key
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
@@ -151,10 +152,7 @@ def run(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, route: 
     n, heads = q.shape[0], q.shape[1]
     context, base, rows = route.context, route.base, route.rows
     if context == 0:
-        qb, kb, vb = (_rows([(0, x)], rows) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=spec.scale,
-                                             enable_gqa=k.shape[1] != heads)  # fmt: skip
-        return out[0, :, :n].transpose(0, 1)
+        return _fresh(*(_rows([(0, x)], rows) for x in (q, k, v)), n, spec)
     rest = context - base  # cached keys that lead the chunk's own call
     k_old, v_old = gather_context(kv_cache, meta.block_tables[0], context)
     qo = _rows([(rest, q)], rows)
@@ -171,6 +169,22 @@ def run(q, k, v, kv_cache, meta: AttentionMetadata, spec: AttentionSpec, route: 
     out_old, lse_old = route.old(qc, kc, vc, False, spec.scale)[:2]
     out_old = out_old[0, :, :n].transpose(0, 1)
     return merge_partials(out_old, lse_old.reshape(heads, -1)[:, :n], out_own, lse_own)
+
+
+def run_fresh(q, k, v, rope, kv_cache, slot_mapping, spec: AttentionSpec, route: SdpaPlan):
+    """`run` of a fresh chunk (`route.context == 0`) from unrotated, unstored q / k / v: the
+    rotary (`rope`: (cos, sin), or None), the KV store and the padded copies in one launch
+    (`sdpa_pack.rope_store_pack`), then the causal SDPA."""
+    padded = rope_store_pack(q, k, v, rope, kv_cache, slot_mapping, route.rows)
+    return _fresh(*(x[None].transpose(1, 2) for x in padded), q.shape[0], spec)
+
+
+def _fresh(qb, kb, vb, n: int, spec: AttentionSpec) -> torch.Tensor:
+    """Causal SDPA over `[1, heads, rows, d]` padded q / k / v -> the first `n` rows'
+    `[n, heads, d]`."""
+    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=spec.scale,
+                                         enable_gqa=kb.shape[1] != qb.shape[1])  # fmt: skip
+    return out[0, :, :n].transpose(0, 1)
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, context: int):

@@ -64,6 +64,9 @@ class AttentionLayer(nn.Module):
             return out.reshape(num_tokens, -1)
         if norms:
             q, k = qk_norm(*norms, q, k)
+        out = self.fresh_prefill(q, k, v, rope, kv_cache, meta)
+        if out is not None:  # rotary + KV store + SDPA's padded copies in one launch
+            return out.reshape(num_tokens, -1)
         if self.rotary is not None:
             q, k = self.rotary.apply(rope, q, k)
         if not self.uses_kv_cache:  # every prompt is whole in this step: attend in place
@@ -81,6 +84,17 @@ class AttentionLayer(nn.Module):
     def kv_cache_spec(self) -> KVCacheSpec:
         """What this layer keeps in the KV cache (from its attention spec)."""
         return kv_spec_of(self.spec)
+
+    def fresh_prefill(self, q, k, v, rope, kv_cache, meta: AttentionMetadata):
+        """The backend's `fresh_prefill` (a fresh chunk on SDPA, rotated and stored on the way)
+        where this layer keeps a KV cache and its rotary, if any, would run as that kernel's
+        math; else None."""
+        if not self.uses_kv_cache or k is None:
+            return None
+        if self.rotary is not None and not self.rotary.runs_fused(q):
+            return None
+        rope = rope if self.rotary is not None else None
+        return self.backend.fresh_prefill(q, k, v, rope, kv_cache, meta, self.spec)
 
     def fuse_rope(self, meta: AttentionMetadata, q: torch.Tensor, kv_cache) -> bool:
         """Decode with a backend that rotates and stores inside its kernel, where the rotary

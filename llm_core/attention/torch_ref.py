@@ -24,6 +24,11 @@ class TorchAttentionBackend:
         """A fast path for one long causal prefill chunk: none here (`paged_attention` runs it)."""
         return None
 
+    def fresh_prefill(self, q, k, v, rope, kv_cache, meta: AttentionMetadata,
+                      spec: AttentionSpec):  # fmt: skip
+        """Rotary, KV store and attention of a fresh chunk at once: none here."""
+        return None
+
     def store_kv(
         self,
         k: torch.Tensor,

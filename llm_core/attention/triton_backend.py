@@ -175,10 +175,7 @@ class TritonAttentionBackend:
         """Causal attention of one long prefill chunk (the step's only sequence; fresh, or after
         cached context gathered from its pages) with SDPA, or None where that does not apply
         (`paged_attention` then reads the cache as usual; the keys are stored either way)."""
-        if self.causal_sdpa is False:
-            return None
-        fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-        if self.causal_sdpa is None and not fast:
+        if not self._takes_sdpa(q):
             return None
         split = meta.decode_split()
         if split is None:
@@ -192,6 +189,24 @@ class TritonAttentionBackend:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[d:] = causal_sdpa.run(q[d:], k[d:], v[d:], kv_cache, tail, spec, route)
         return self._decode_head(q, kv_cache, head, spec, None, out)
+
+    def fresh_prefill(self, q, k, v, rope, kv_cache, meta: AttentionMetadata,
+                      spec: AttentionSpec):  # fmt: skip
+        """`sdpa_prefill` of a fresh chunk (no cached context, the step's only sequence) from
+        unrotated, unstored q / k / v: the rotary (`rope`: (cos, sin), or None), the KV store
+        and SDPA's padded copies in one launch (`causal_sdpa.run_fresh`). None where the step is
+        not that: the layer then rotates, stores and calls `sdpa_prefill` as before."""
+        if not self._takes_sdpa(q) or meta.decode_split() is not None:
+            return None
+        route = causal_sdpa.step_plan(q, k, kv_cache, meta, spec, self.shapes)
+        if route is None or route.context:
+            return None
+        return causal_sdpa.run_fresh(q, k, v, rope, kv_cache, meta.slot_mapping, spec, route)
+
+    def _takes_sdpa(self, q: torch.Tensor) -> bool:
+        """Whether a long causal chunk may take SDPA here (`causal_sdpa`)."""
+        fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+        return self.causal_sdpa is True or (self.causal_sdpa is None and fast)
 
     def _decode_head(self, q, kv_cache, head: AttentionMetadata, spec: AttentionSpec,
                      kv_scales, out: torch.Tensor) -> torch.Tensor:  # fmt: skip

@@ -113,10 +113,16 @@ class RotaryEmbedding(nn.Module):
         the torch path rounds like HF.
         """
         cos, sin = cos_sin
-        if q.is_cuda and fused_ops() is not None:
+        if self.runs_fused(q):
             return fused_ops().rotary_embedding(q, k, cos, sin)
         rotated_q = apply_rotary(q, cos, sin, self.rotary_dim)
         return rotated_q, apply_rotary(k, cos, sin, self.rotary_dim)
+
+    @staticmethod
+    def runs_fused(q: torch.Tensor) -> bool:
+        """Whether `apply` rotates `q` with the Triton kernel (fp32 math, one rounding), which
+        kernels that fold the rotary in reproduce bit for bit."""
+        return q.is_cuda and fused_ops() is not None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):

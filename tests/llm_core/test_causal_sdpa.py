@@ -10,10 +10,17 @@ import dataclasses
 import pytest
 import torch
 
-from polymodal.llm_core.attention import TorchAttentionBackend, causal_sdpa, triton_backend
+from polymodal.llm_core.attention import (
+    TorchAttentionBackend,
+    causal_sdpa,
+    sdpa_pack,
+    triton_backend,
+    triton_store,
+)
 from polymodal.llm_core.attention.layer import AttentionLayer
 from polymodal.llm_core.attention.sdpa_shapes import SdpaShapes
 from polymodal.llm_core.attention.spec import Mask
+from polymodal.llm_core.layers import triton_ops
 from tests.helpers import spec_for
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
@@ -67,14 +74,44 @@ def test_route_matches_the_paged_kernel(heads, kv_heads, head_dim, context, chun
     spec = spec_for(q, cache, head_dim**-0.5)
     assert causal_sdpa.context_len(q, k, cache, meta, spec) == context
     routed = triton_backend.TritonAttentionBackend(causal_sdpa=True)
-    out = layer_output(spec, routed, q, k, v, cache.clone(), meta)
+    routed_cache = cache.clone()
+    out = layer_output(spec, routed, q, k, v, routed_cache, meta)
     kernel_backend = triton_backend.TritonAttentionBackend(causal_sdpa=False)
     kernel = layer_output(spec, kernel_backend, q, k, v, cache, meta)
     assert_close(out, kernel, torch.float32)
+    assert torch.equal(routed_cache, cache)  # fresh: stored by the pack launch
     assert_close(out, TorchAttentionBackend().paged_attention(q, cache, meta, spec), torch.float32)
     assert routed.sdpa_prefill(q, k, v, cache, meta, spec) is not None
     # by default only CUDA in 16 bits takes the route
     assert triton_backend.TritonAttentionBackend().sdpa_prefill(q, k, v, cache, meta, spec) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 32, 0], ids=["full", "partial", "no_rotary"])
+def test_pack_is_rotary_store_and_copies(rotary_dim, dtype):
+    """`rope_store_pack` (a fresh chunk's one launch) == the Triton rotary in place, `store_kv`
+    and `_rows`'s padded copies, bit for bit: q / k / v of packed-qkv views, zeros after the
+    tokens, the cache (a -1 slot not stored)."""
+    n, rows, heads, kv_heads, d = 21, 32, 4, 2, 64
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(n, heads + 2 * kv_heads, d, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], 1)
+    cache = torch.randn(2, 4, PAGE, kv_heads, d, generator=gen).to(dtype)
+    slots = torch.randperm(4 * PAGE, generator=gen)[:n]
+    slots[5] = -1
+    angles = torch.randn(n, rotary_dim // 2, generator=gen)
+    rope = (angles.cos(), angles.sin()) if rotary_dim else None
+    packed_cache = cache.clone()
+    packed = sdpa_pack.rope_store_pack(q, k, v, rope, packed_cache, slots, rows)
+    want_q, want_k = q.clone(), k.clone()
+    if rope is not None:
+        triton_ops.rotary_embedding(want_q, want_k, *rope)
+    triton_store.store_kv(want_k, v, cache, slots)
+    for got, want in zip(packed, (want_q, want_k, v)):
+        assert got.is_contiguous() and got.shape == (rows, *want.shape[1:])
+        assert torch.equal(got, causal_sdpa._rows([(0, want)], rows)[0].transpose(0, 1))
+    assert torch.equal(packed_cache, cache)
+    assert not torch.equal(packed[1][:n], k) or rope is None  # k did turn
 
 
 @pytest.mark.parametrize(
@@ -233,12 +270,22 @@ def test_merge_partials_weighs_by_lse():
     assert_close(out, share_a * a + (1 - share_a) * b, torch.float32)
 
 
-def test_engine_chunks_through_the_route(tmp_path_factory):
+@pytest.mark.parametrize("triton_rotary", [False, True], ids=["torch_rotary", "triton_rotary"])
+def test_engine_chunks_through_the_route(tmp_path_factory, monkeypatch, triton_rotary):
     """A prompt in three chunks (fresh, then two after cached context) through the whole model:
-    the same greedy tokens and logits as the paged kernel, and the route was taken."""
+    the same greedy tokens and logits as the paged kernel, and the route was taken. With the
+    rotary as its Triton kernel (as on CUDA), the fresh chunk is rotated, stored and padded by
+    `fresh_prefill`'s one launch."""
     from polymodal.llm_core.engine import Engine
+    from polymodal.llm_core.layers.rotary import RotaryEmbedding
     from polymodal.llm_core.sampling_params import SamplingParams
     from tests.helpers import record_logits, record_sdpa_contexts, tiny_checkpoint
+
+    if triton_rotary:
+        monkeypatch.setattr(RotaryEmbedding, "runs_fused", staticmethod(lambda q: True))
+    packs = []
+    pack = causal_sdpa.rope_store_pack
+    monkeypatch.setattr(causal_sdpa, "rope_store_pack", lambda *a: packs.append(1) or pack(*a))
 
     path = tiny_checkpoint(tmp_path_factory, "qwen2")
     prompt = [(7 * i + 3) % 400 + 20 for i in range(90)]
@@ -255,6 +302,7 @@ def test_engine_chunks_through_the_route(tmp_path_factory):
         runs[on] = (engine.run_until_done()[rid].outputs[0].token_ids, seen, contexts)
     (tokens, logits, contexts), (ref_tokens, ref_logits, ref_contexts) = runs[True], runs[False]
     assert sorted(set(contexts)) == [0, 32, 64] and not ref_contexts  # fresh, after 32, after 64
+    assert bool(packs) == triton_rotary  # the fresh chunk's one launch, a layer
     assert tokens == ref_tokens
     for got, ref in zip(logits, ref_logits, strict=True):
         assert_close(got, ref, torch.float32)

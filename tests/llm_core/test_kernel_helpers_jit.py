@@ -31,6 +31,7 @@ MODULES = [
     "polymodal.llm_core.attention.triton_prefill",
     "polymodal.llm_core.attention.prefill_tiles",
     "polymodal.llm_core.attention.prefill_splits",
+    "polymodal.llm_core.attention.sdpa_pack",
     "polymodal.llm_core.lora.triton_lora",
     "polymodal.llm_core.layers.gemv",
     "polymodal.llm_core.layers.gemv_folds",

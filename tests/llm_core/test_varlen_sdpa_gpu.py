@@ -151,6 +151,26 @@ def test_sdpa_prefill_matches_the_paged_kernel(heads, kv_heads, head_dim, contex
     assert backend.sdpa_prefill(q, k, v, cache, two, spec) is None
 
 
+@pytest.mark.parametrize("context,length", [(0, 6000), (0, 2725)])
+def test_fresh_prefill_is_rotary_store_and_sdpa(context, length):
+    """A fresh chunk's `fresh_prefill` (rotary, KV store and SDPA's padded copies in one
+    launch) at Qwen2.5-VL-7B's heads, bf16: its cache bit for bit the Triton rotary + `store_kv`
+    one, its output equal to `sdpa_prefill` on the rotated, stored q / k / v."""
+    backend = _backend().TritonAttentionBackend(sdpa_shapes="first")
+    q, k, v, cache, meta, spec = chunk_step(backend, 28, 4, 128, context, length)
+    cache.zero_()  # chunk_step stored the unrotated k
+    angles = torch.randn(length, 64, device="cuda")
+    rope = (angles.cos(), angles.sin())
+    fused_cache = cache.clone()
+    fused = backend.fresh_prefill(q, k, v, rope, fused_cache, meta, spec)
+    from polymodal.llm_core.layers import triton_ops
+
+    q, k = triton_ops.rotary_embedding(q, k, *rope)
+    backend.store_kv(k, v, cache, meta.slot_mapping)
+    assert torch.equal(fused_cache, cache)
+    assert torch.equal(fused, backend.sdpa_prefill(q, k, v, cache, meta, spec))
+
+
 def test_long_chunked_prompt_keeps_its_greedy_tokens(tmp_path_factory):
     """A 6000-token prompt in 2048-token chunks (fresh, then after 2048 and 4096 cached tokens),
     bf16: SDPA route vs the paged kernel alone give the same logits (bf16 noise) and greedy
