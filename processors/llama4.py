@@ -6,7 +6,9 @@ the smallest upscale, else the least downscale; ties to the smaller area); the i
 resized into it without distortion (bilinear; never upscaled past one tile unless
 `resize_to_max_canvas`), zero-padded at the right and bottom, cut into tiles, and when there
 is more than one tile a global view (the whole image squashed to one tile) comes last. Pixels
-are rescaled and normalized in bfloat16, as the reference does. The placeholder becomes
+are rescaled and normalized in bfloat16, as the reference does. The resize, padding and tiling
+run at staging, where the model is (`tiles_pixel_values`: on CUDA the upload is the decoded
+image, not its tiles, and the host does no pixel work). The placeholder becomes
 `<|image_start|>`, per tile row the tiles' `<|patch|>` runs (`<|tile_x_separator|>` between,
 `<|tile_y_separator|>` after), then `<|image|>`, the global view's patches and `<|image_end|>`;
 each tile gives `(tile / patch)^2 * pixel_shuffle_ratio^2` patch tokens.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,38 @@ def fit_without_distortion(size: tuple[int, int], target: tuple) -> tuple[int, i
     return int(max(new[0], 1)), int(max(new[1], 1))
 
 
+@dataclass(frozen=True)
+class TilesPlan:
+    """How an image becomes its tiles: resized (`resample`) into `fitted` (h, w), zero-padded
+    at the right and bottom to `canvas` (h, w), cut into `tile`-square tiles row-major, and,
+    with more than one tile, the whole image squashed to one tile last."""
+
+    fitted: tuple[int, int]
+    canvas: tuple[int, int]
+    tile: int
+    resample: int
+
+
+def tile_frames(frames: torch.Tensor, plan: TilesPlan) -> torch.Tensor:
+    """Decoded uint8 `[1, 3, H, W]` -> its tiles `[tiles, 3, tile, tile]`, where `frames` are
+    (on CUDA: staging's resize kernel, the CPU kernel's bits)."""
+    fitted = resize(frames, plan.fitted, plan.resample)
+    (height, width), tile = plan.canvas, plan.tile
+    padded = F.pad(fitted, (0, width - fitted.shape[-1], 0, height - fitted.shape[-2]))
+    rows, cols = height // tile, width // tile
+    views = split_tiles(padded, rows, cols, tile)  # transformers' split_to_tiles
+    if rows * cols > 1:  # the global view last
+        views = torch.cat([views, resize(frames, (tile, tile), plan.resample)])
+    return views
+
+
+def tiles_pixel_values(frames, mean, std, dtype=torch.float32, *, plan: TilesPlan,
+                       rescale: float = 1 / 255):  # fmt: skip
+    """Pixel values `[tiles, 3, tile, tile]` in `dtype` (a `MultimodalItem.pixel_fn`): the
+    tiles of `plan`, rescaled and normalized in bfloat16."""
+    return bf16_normalize(tile_frames(frames, plan), mean, std, dtype, rescale)
+
+
 def bf16_normalize(frames, mean, std, dtype=torch.float32, rescale: float = 1 / 255):
     """Llama 4's rescale + normalize in bfloat16 (`x.bf16() * r`, then `(x - mean) / std` in
     bfloat16), cast to `dtype`; wherever `frames` are."""
@@ -133,19 +168,17 @@ class Llama4Processor(MediaProcessor):
         if not opts["resize_to_max_canvas"]:  # never upscale past one tile (same min / max
             # as transformers: each entry stays an int or becomes a tensor as there)
             target = tuple(min(max(s, self.tile), c) for s, c in zip(size, target))
-        fitted = resize(frames, fit_without_distortion(size, target), self.resample)
         canvas = (int(best[0]), int(best[1]))
-        padded = F.pad(fitted, (0, canvas[1] - fitted.shape[-1], 0, canvas[0] - fitted.shape[-2]))
+        plan = TilesPlan(fit_without_distortion(size, target), canvas, self.tile, self.resample)
         rows, cols = canvas[0] // self.tile, canvas[1] // self.tile
-        views = split_tiles(padded, rows, cols, self.tile)  # transformers' split_to_tiles
-        if rows * cols > 1:  # the global view last
-            views = torch.cat([views, resize(frames, (self.tile, self.tile), self.resample)])
         knobs = [self.tile, self.resample, self.rescale, *self.mean.tolist(), *self.std.tolist()]
         knobs += [float(opts["max_patches"]), float(bool(opts["resize_to_max_canvas"]))]
-        key = {"frames": frames[0], "knobs": torch.tensor(knobs, dtype=torch.float64)}
-        data = {"pixel_frames": views, "pixel_mean": self.mean, "pixel_std": self.std}
-        pixel_fn = partial(bf16_normalize, rescale=self.rescale)
-        num_embeds = views.shape[0] * self.tokens_per_tile
+        knobs = torch.tensor(knobs, dtype=torch.float64)
+        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
+        # the tiles are cut at staging, on the model's device (`tiles_pixel_values`)
+        data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
+        pixel_fn = partial(tiles_pixel_values, plan=plan, rescale=self.rescale)
+        num_embeds = (rows * cols + (rows * cols > 1)) * self.tokens_per_tile
         item = MultimodalItem(
             "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=pixel_fn
         )

@@ -84,7 +84,7 @@ def test_chat_messages_match_hf(names, photos, processors):
     ref = hf(text=[text], images=images, return_tensors="pt")
     result = ours.process(messages=messages)
     _check(result, ref, _patch_id(ours))
-    tiles = [item.data["pixel_frames"].shape[0] for item in result.mm_items]
+    tiles = [item.pixel_values().shape[0] for item in result.mm_items]
     assert [item.num_embeds for item in result.mm_items] == [
         t * ours.tokens_per_tile for t in tiles
     ]
