@@ -123,7 +123,10 @@ def bench_command(parser: argparse.ArgumentParser):
         "--hf-batch", type=int, help="transformers' batch (default 32; VL families, NVILA 8)"
     )
     engine.add_argument(
-        "--peak-tflops", type=float, default=989.0, help="dense bf16 (H200) for TTFT floors"
+        "--peak-tflops",
+        type=float,
+        help="bf16 TFLOP/s of the VL families' TTFT floors (default: the 8192^3 product's rate "
+        "measured in the same run, as the media bench's)",
     )
     engine.add_argument("--skip-hf", action="store_true")
     engine.add_argument("--profile", action="store_true", help="add phase and kernel tables")

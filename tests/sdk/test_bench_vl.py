@@ -74,3 +74,21 @@ def test_runs_both_sides_on_the_same_tensors(bench, tmp_path_factory, tmp_path):
     assert out[0].outputs[0].token_ids == ref
     floor = bench.ttft_floor(llm, bandwidth=1e12, peak=1e14)
     assert floor["prompt_tokens"] > 20 and floor["ttft_floor_ms"] > 0
+    assert floor["ttft_floor_ms"] == max(floor["ttft_weights_ms"], floor["ttft_tflop"] * 1e1)
+
+
+def test_table_gives_the_ttft_against_the_measured_rate_and_the_datasheet(bench, capsys):
+    """The floor's FLOP term at the rate measured in the run, and the datasheet ratio beside
+    it (the weights term where it is the larger)."""
+    r = {"model": "m", "device": "cuda", "output_tokens": 8, "prompt_tokens": 756,
+         "ours": {"ttft_ms": 40.0, "decode_ms_per_token": 2.0, "images_s": 9.0},
+         "ttft_floor_ms": 10.0, "ttft_tflop": 8.0, "ttft_weights_ms": 3.0,
+         "matmul_tflops": 800.0, "decode_floor_ms": 1.5}  # fmt: skip
+    bench.print_table(r)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "floors:" in x)
+    assert "at 800 TFLOP/s" in line and ": 4.00x" in line  # 40 / 10
+    assert f"({40 / (8 / 989 * 1e3):.2f}x at the datasheet's 989)" in line
+    r["ttft_weights_ms"] = 9.5  # weight-bound at the datasheet rate (8.09 ms of FLOPs)
+    bench.print_table(r)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "floors:" in x)
+    assert f"({40 / 9.5:.2f}x at the datasheet's 989)" in line and "decode 1.50 ms: 75%" in line
