@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Thirtieth session: vision towers' attention at odd head dims, as is and zero-padded (issue 18).
+source scripts/device/setup.sh
+timeout 300 python3 scripts/device/sdpa_pad.py 2>&1 | grep -E "^sdpa|Error" | tr '|' '\n'
