@@ -4,6 +4,8 @@ zero v columns give zero outputs, sliced off), so the fastest is known before th
 Prints one row a shape: us and TFLOP/s per (backend, padded dim); "-" where a backend refuses.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,7 +39,7 @@ for name, (b, h, s, d) in SHAPES.items():
                 with sdpa_kernel(backend):
                     out = F.scaled_dot_product_attention(qp, kp, vp, scale=scale)[..., :d]
                     err = (out.float() - ref).abs().max().item()
-                    ms = graph_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, scale=scale))
+                    ms = graph_ms(partial(F.scaled_dot_product_attention, qp, kp, vp, scale=scale))
                 cells.append(f"{label}/{dim} {ms * 1e3:.0f}us {flops / ms / 1e9:.0f}TF e{err:.0e}")
             except RuntimeError:
                 cells.append(f"{label}/{dim} -")
