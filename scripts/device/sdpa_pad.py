@@ -16,6 +16,7 @@ SHAPES = {  # (batch, heads, tokens, head dim)
     "gemma3 siglip 896px": (1, 16, 4096, 72),
     "llama4 vision 5 tiles": (5, 16, 577, 88),
     "qwen2.5-vl 1080p full": (1, 16, 10472, 80),
+    "qwen2.5-vl 4K full": (1, 16, 42336, 80),
     "pixtral 448px": (1, 16, 784, 64),
 }
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
