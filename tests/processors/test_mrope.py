@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from polymodal.processors import MediaSpan, mrope_positions
+from polymodal.processors.mrope import vision_positions
 
 MARK_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 MARK_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -124,3 +125,15 @@ def test_decode_position_rule(our_processors, photos):
     # the first generated token comes right after the largest prompt position
     first_decode = len(result.token_ids) + result.mrope_delta
     assert first_decode == max(max(row) for row in result.positions) + 1
+
+
+def test_cached_grid_rows_are_shared_read_only_and_offset_per_prompt():
+    """Two prompts with the same grid at different starts (the rows come from one cached,
+    read-only array): each gets its own offsets, and the cached rows stay relative."""
+    a, _ = mrope_positions(1 + 4 + 1, [MediaSpan(1, (1, 4, 4), 1.0)], merge_size=2)
+    b, _ = mrope_positions(3 + 4 + 1, [MediaSpan(3, (1, 4, 4), 1.0)], merge_size=2)
+    assert a[1] == [0, 1, 1, 2, 2, 3] and a[2] == [0, 1, 2, 1, 2, 3]
+    assert b[1] == [0, 1, 2, 3, 3, 4, 4, 5] and b[2] == [0, 1, 2, 3, 4, 3, 4, 5]
+    rows = vision_positions((1, 4, 4), 2, 1.0)
+    assert rows is vision_positions((1, 4, 4), 2, 1.0) and not rows.flags.writeable
+    assert rows.tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 0, 1]]
