@@ -31,10 +31,10 @@ for name, (b, h, s, d) in SHAPES.items():
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     flops = 4 * b * h * s * s * d
+    scale = d**-0.5  # the unpadded head's
     cells = []
-    for dim in sorted({d, 80, 96, 128} - {x for x in (80, 96, 128) if x < d}):
+    for dim in sorted({d} | {x for x in (80, 96, 128) if x > d}):
         qp, kp, vp = (padded(t, dim) for t in (q, k, v))
-        scale = d**-0.5
         for label, backend in BACKENDS.items():
             try:
                 with sdpa_kernel(backend):
