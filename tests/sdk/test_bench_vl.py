@@ -74,21 +74,34 @@ def test_runs_both_sides_on_the_same_tensors(bench, tmp_path_factory, tmp_path):
     assert out[0].outputs[0].token_ids == ref
     floor = bench.ttft_floor(llm, bandwidth=1e12, peak=1e14)
     assert floor["prompt_tokens"] > 20 and floor["ttft_floor_ms"] > 0
-    assert floor["ttft_floor_ms"] == max(floor["ttft_weights_ms"], floor["ttft_tflop"] * 1e1)
+    tower, decoder = floor["ttft_phases"]["tower"], floor["ttft_phases"]["decoder"]
+    assert tower["tflop"] > 0 and decoder["tflop"] > 0 and decoder["weights_ms"] > 0
+    # each phase's larger term (1e14 FLOP/s: 10 ms a TFLOP), summed: never below the totals'
+    phases = max(tower["weights_ms"], tower["tflop"] * 1e1)
+    phases += max(decoder["weights_ms"], decoder["tflop"] * 1e1)
+    assert floor["ttft_floor_ms"] == pytest.approx(phases, rel=1e-12)
+    totals = max(floor["ttft_weights_ms"], floor["ttft_tflop"] * 1e1)
+    assert floor["ttft_floor_ms"] >= totals * (1 - 1e-12)
 
 
 def test_table_gives_the_ttft_against_the_measured_rate_and_the_datasheet(bench, capsys):
-    """The floor's FLOP term at the rate measured in the run, and the datasheet ratio beside
-    it (the weights term where it is the larger)."""
+    """The floor's FLOP terms at the rate measured in the run, and the datasheet ratio beside
+    it, each phase's larger term summed (a weight-bound decoder after a compute-bound tower)."""
+    phases = {"tower": {"tflop": 4.0, "weights_ms": 0.5},
+              "decoder": {"tflop": 4.0, "weights_ms": 2.5}}  # fmt: skip
+    floor = bench.phase_floor_ms(phases, 800.0)  # 5 + 5 ms
     r = {"model": "m", "device": "cuda", "output_tokens": 8, "prompt_tokens": 756,
          "ours": {"ttft_ms": 40.0, "decode_ms_per_token": 2.0, "images_s": 9.0},
-         "ttft_floor_ms": 10.0, "ttft_tflop": 8.0, "ttft_weights_ms": 3.0,
-         "matmul_tflops": 800.0, "decode_floor_ms": 1.5}  # fmt: skip
+         "ttft_floor_ms": floor, "ttft_tflop": 8.0, "ttft_weights_ms": 3.0,
+         "ttft_phases": phases, "matmul_tflops": 800.0, "decode_floor_ms": 1.5}  # fmt: skip
     bench.print_table(r)
     line = next(x for x in capsys.readouterr().out.splitlines() if "floors:" in x)
     assert "at 800 TFLOP/s" in line and ": 4.00x" in line  # 40 / 10
+    assert "decoder 4.00 TFLOP / 2.50 ms of weights" in line
     assert f"({40 / (8 / 989 * 1e3):.2f}x at the datasheet's 989)" in line
-    r["ttft_weights_ms"] = 9.5  # weight-bound at the datasheet rate (8.09 ms of FLOPs)
+    phases["decoder"]["weights_ms"] = 6.0  # the decoder weight-bound at the datasheet rate
     bench.print_table(r)
     line = next(x for x in capsys.readouterr().out.splitlines() if "floors:" in x)
-    assert f"({40 / 9.5:.2f}x at the datasheet's 989)" in line and "decode 1.50 ms: 75%" in line
+    datasheet = 4 / 989 * 1e3 + 6.0  # the tower's FLOPs, then the decoder's weights
+    assert f"({40 / datasheet:.2f}x at the datasheet's 989)" in line
+    assert "decode 1.50 ms: 75%" in line
