@@ -5,6 +5,7 @@
     python scripts/bench_quant_kernels.py --only int4_gemv --rows 1,4
     python scripts/bench_quant_kernels.py --only int4_gemm --rows 290,1024,4096
     python scripts/bench_quant_kernels.py --only fp8_gemv
+    python scripts/bench_quant_kernels.py --only fp8_w8a16   # one row: the 16-bit GEMV on E4M3
     python scripts/bench_quant_kernels.py --only int4_folds   # each GEMV fold vs its own kernel
 
 Every config is checked against the dequantized reference before it is timed; a config that
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.bench.timing import graph_ms
-from polymodal.llm_core.layers import fp8_gemv, int4_gemv, int4_kernels
-from polymodal.llm_core.layers.gemv import num_sms
+from polymodal.llm_core.layers import fp8_gemv, gemv, int4_gemv, int4_kernels, triton_ops
+from polymodal.llm_core.layers.gemv import GemvConfig, num_sms
 from polymodal.llm_core.quantization import fp8_ops, int4_pack
 
 SHAPES = {  # name: (N, K) of Qwen2.5-VL-7B's decoder linears
@@ -177,11 +178,46 @@ def bench_fp8_gemv(rows_list: list[int]) -> None:
                 report(f"fp8_gemv {name} {strategy}", m, cublas, result, nbytes)
 
 
+def bench_fp8_w8a16() -> None:
+    """One row, per channel: the 16-bit GEMV on E4M3 weights (`gemv(w_scale=)`, W8A16) over
+    its configs (<= 64 accumulators a thread), beside the E4M3 wgmma GEMV's default (W8A8)."""
+    sms = num_sms(torch.device("cuda"))
+    for name, (n, k) in SHAPES.items():
+        silu = name == "down"  # as decode runs it: SiLU*mul as x loads
+        w = torch.randn(n, k) / k**0.5
+        weight, scale = (t.cuda() for t in fp8_ops.quantize_weight(w, "channel"))
+        nbytes = weight.numel() + scale.numel() * 4
+        copies = rotating(lambda i: (weight.clone(), scale.clone()), nbytes)
+        dense = rotating(lambda i: w.to(torch.bfloat16).cuda(), n * k * 2)
+        x = torch.randn(1, k * (1 + silu), device="cuda").to(torch.bfloat16)
+        rows = triton_ops.silu_and_mul_ref(x) if silu else x
+        ref = F.linear(rows.float(), fp8_ops.dequantize_weight(weight, scale))
+        cyc = itertools.cycle(dense)
+        cublas = graph_us(lambda: F.linear(rows, next(cyc)))
+        wgmma = itertools.cycle(copies)
+        old = graph_us(lambda: fp8_gemv.fp8_gemv(x, *next(wgmma), silu_mul=silu))
+        default = gemv.default_config(1, n, k, sms, silu, True)
+        configs = [default] + [
+            GemvConfig(bn, bk, split, warps)
+            for bn in (8, 16, 32)
+            for bk in (256, 512, 1024)
+            for warps in (4, 8)
+            for split in (1, 2, 4, 8)
+            if bn * bk <= 64 * 32 * warps and k // bk >= 2 * split
+        ]
+
+        def run(config, wt):
+            return gemv.gemv(x, wt[0], config=config, silu_mul=silu, w_scale=wt[1])
+
+        result = sweep(run, ref, list(dict.fromkeys(configs)), copies, 2e-2)
+        print(f"(default {default}: {result[0][1]} us; E4M3 wgmma GEMV's default {old:.1f} us)")
+        report(f"fp8 w8a16 {name}", 1, cublas, result, nbytes)
+
+
 def bench_int4_folds() -> None:
     """One row, a 7B decode layer's INT4 GEMVs with each fold (the deferred RMSNorm into qkv and
     gate_up, SiLU*mul into down, the residual add into o and down) against the unfolded GEMV
     after the fold's own kernel (`rms_norm`, `silu_and_mul`, the add): which folds pay."""
-    from polymodal.llm_core.layers import triton_ops
     from polymodal.llm_core.layers.norm import DeferredNorm
 
     sms = num_sms(torch.device("cuda"))
@@ -220,7 +256,9 @@ def bench_int4_folds() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["int4_gemv", "int4_gemm", "fp8_gemv", "int4_folds"])
+    parser.add_argument(
+        "--only", choices=["int4_gemv", "int4_gemm", "fp8_gemv", "fp8_w8a16", "int4_folds"]
+    )
     parser.add_argument("--rows", help="x rows, comma-separated")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -229,6 +267,8 @@ def main() -> None:
         bench_int4_gemv(rows or [1, 4])
     if args.only in (None, "fp8_gemv"):
         bench_fp8_gemv(rows or [1])
+    if args.only in (None, "fp8_w8a16"):
+        bench_fp8_w8a16()
     if args.only in (None, "int4_folds"):
         bench_int4_folds()
     if args.only in (None, "int4_gemm"):

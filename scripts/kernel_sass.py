@@ -116,6 +116,9 @@ def main() -> None:
     if unknown:  # one command line for two versions of a kernel (before / after a change)
         print(f"{name} takes no {', '.join(unknown)}: ignored", file=sys.stderr)
         const = {k: v for k, v in const.items() if k in fn.arg_names}
+    for param in fn.params:  # a constexpr with a default, not named: its default
+        if param.is_constexpr and param.has_default and param.name not in const:
+            const[param.name] = param.default
     given = dict(t.split("=") for t in args.type)
     types = {
         n: "constexpr" if n in const else given.get(n, "*i32" if n.endswith("_ptr") else "i32")

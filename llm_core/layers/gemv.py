@@ -26,90 +26,55 @@ in CUDA graphs (no syncs, no autotuning at first call).
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers.gemv_config import (  # noqa: F401  (GemvConfig .. : this API too)
+    TILE_ELEMENTS,
+    GemvConfig,
+    default_config,
+    num_sms,
+)
 from polymodal.llm_core.layers.gemv_folds import norm_args, post_norm_tail, row_rstd
 from polymodal.llm_core.layers.gemv_lora import LoRADelta, lora_delta, lora_rows
 from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
 MAX_ROWS = 8  # x rows the kernel takes (padded to a power of two inside)
-TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
 # L2 eviction hint of the weight loads (read once a step: let them go first, keep what is re-read;
 # H200 7B decode: 3.762 with the default policy -> 3.735 ms a token)
 WEIGHT_EVICTION = "evict_first"
 
 
-@dataclass(frozen=True)
-class GemvConfig:
-    """Launch parameters of `gemv`; block sizes are powers of two."""
+@triton.jit
+def x_row(x_ptr, m, M, K, stride_xm, k, rstd, wn, offs_m, SILU_MUL: tl.constexpr,
+          NORM: tl.constexpr, UNIT: tl.constexpr, GELU_TANH: tl.constexpr):  # fmt: skip
+    """x[m, k] (x's dtype; 0 past K and for padded rows m >= M), folds applied as they load.
 
-    block_n: int = 32  # output features per program
-    block_k: int = 256  # K elements per weight tile
-    split_k: int = 1  # programs sharing one block of features (fp32 partials when > 1)
-    num_warps: int = 4
-    num_stages: int = 1  # Triton 3.8 emits the same code for 1..4 here (nothing to pipeline)
-    prefetch: bool = False  # the MoE expert kernels (`moe_decode`): the next tile a tile ahead
-
-    def __post_init__(self):
-        for name in ("block_n", "block_k", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"GemvConfig.{name}={value} must be a power of two")
-        if self.split_k < 1 or self.num_stages < 1:
-            raise ValueError(f"GemvConfig split_k/num_stages must be >= 1: {self}")
-
-
-@functools.lru_cache(maxsize=8)
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of `device`; a small stand-in on CPU (interpreter)."""
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=256)
-def default_config(m: int, n: int, k: int, sms: int, silu_mul: bool = False) -> GemvConfig:
-    """About 4 programs per SM, each loading `TILE_ELEMENTS` of weight per K step.
-
-    The feature block is the widest of 32 .. 4 that still gives that many programs, but at
-    least 4 features per padded x row (every program reads all of x; this keeps x traffic at
-    most a quarter of the weight's). K splits only while programs are short, 2+ tiles each.
-    """
-    if m == 1 and n >= 2048 and k >= 2048:
-        return _one_row_config(n, k, silu_mul)
-    rows = triton.next_power_of_2(max(m, 1))
-    target = 4 * sms
-    block_n = next((b for b in (32, 16, 8) if triton.cdiv(n, b) >= target), 4)
-    block_n = min(max(block_n, 4 * rows), 32)
-    block_k = min(TILE_ELEMENTS // block_n, max(16, triton.next_power_of_2(k)))
-    k_tiles = triton.cdiv(k, block_k)
-    split_k = 1
-    while split_k < 8 and triton.cdiv(n, block_n) * split_k < target and k_tiles >= 4 * split_k:
-        split_k *= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
-
-
-def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
-    """Batch-1 decode, from H200 sweeps of Qwen2.5-VL-7B's shapes under programmatic dependent
-    launch (`scripts/bench_kernels.py --gemv --rows 1`, docs/performance.md): narrow feature
-    blocks and long K tiles; only a long K (down_proj) splits. Times: cuBLAS -> this."""
-    if k > 8192:  # down_proj 3584 x 18944
-        if silu_mul:  # as decode runs it, SiLU*mul on load: 38.4 (+ the SiLU kernel) -> 35.1 us
-            return GemvConfig(block_n=8, block_k=2048, split_k=4, num_warps=8, num_stages=3)
-        return GemvConfig(block_n=32, block_k=256, split_k=8, num_warps=8, num_stages=3)  # 35.4
-    if n >= 65536:  # LM head 152064 x 3584: 258 -> 242 us
-        return GemvConfig(block_n=32, block_k=256, num_stages=3)
-    if n >= 16384:  # gate_up 37888 x 3584: 70.6 -> 62.4 us
-        return GemvConfig(block_n=8, block_k=512)
-    # qkv 4608 x 3584: 11.4 -> 9.5 us; o_proj 3584 x 3584: 11.7 -> 7.1 us (2 warps; 8.2 with 4)
-    return GemvConfig(block_n=4, block_k=2048, num_warps=2 if n <= 4096 else 4)
+    SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
+    input dtype exactly as `triton_ops.silu_and_mul` rounds it (GELU_TANH: gelu_tanh(gate) * up,
+    as its `gelu_tanh=True`). NORM: x[m, k] is RMS-normalized with row m's `rstd` (of `[BLOCK_M]`)
+    and the norm weight tile `wn` (fp32), rounded as `rms_norm` rounds (UNIT: Gemma's,
+    `(x * rstd) * (1 + wn)` rounded once)."""
+    mask = (k < K) & (m < M)
+    x = tl.load(x_ptr + m * stride_xm + k, mask=mask, other=0.0)
+    if SILU_MUL:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + m * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
+        if GELU_TANH:  # as `silu_and_mul(gelu_tanh=True)`: 2 sqrt(2/pi) (g + 0.044715 g^3)
+            inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
+            x = (gate * tl.sigmoid(inner) * up).to(x.dtype)
+        else:
+            x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+    if NORM:
+        rstd_m = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
+        if UNIT:
+            x = ((x.to(tl.float32) * rstd_m) * (1.0 + wn)).to(x.dtype)
+        else:
+            x = (wn * (x.to(tl.float32) * rstd_m).to(x.dtype).to(tl.float32)).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -118,36 +83,25 @@ def gemv_tile(
     BLOCK_M: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
     UNIT: tl.constexpr = False, GELU_TANH: tl.constexpr = False,
 ):  # fmt: skip
-    """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0).
-
-    SILU_MUL: x rows are `[gate | up]` (2K wide) and x[m, k] = silu(gate) * up, rounded to the
-    input dtype exactly as `triton_ops.silu_and_mul` rounds it (GELU_TANH: gelu_tanh(gate) * up,
-    as its `gelu_tanh=True`). NORM: x[m, k] is RMS-normalized
-    with row m's `rstd` and the norm weight tile `wn` (fp32), rounded as `rms_norm` rounds
-    (UNIT: Gemma's, `(x * rstd) * (1 + wn)` rounded once).
-    """
-    k_mask = k < K
+    """acc[f, m] += sum over the tile's k of w[f, k] * x[m, k] (padded rows m >= M read 0),
+    x's rows as `x_row` loads them (folds applied)."""
     w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
     for m in tl.static_range(BLOCK_M):
-        mask = k_mask & (m < M)
-        x = tl.load(x_ptr + m * stride_xm + k, mask=mask, other=0.0)
-        if SILU_MUL:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + m * stride_xm + K + k, mask=mask, other=0.0).to(tl.float32)
-            if GELU_TANH:  # as `silu_and_mul(gelu_tanh=True)`: 2 sqrt(2/pi) (g + 0.044715 g^3)
-                inner = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
-                x = (gate * tl.sigmoid(inner) * up).to(x.dtype)
-            else:
-                x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
-        if NORM:
-            rstd_m = tl.sum(tl.where(offs_m == m, rstd, 0.0), 0)
-            if UNIT:
-                x = ((x.to(tl.float32) * rstd_m) * (1.0 + wn)).to(x.dtype)
-            else:
-                x = (wn * (x.to(tl.float32) * rstd_m).to(x.dtype).to(tl.float32)).to(x.dtype)
+        x = x_row(x_ptr, m, M, K, stride_xm, k, rstd, wn, offs_m, SILU_MUL, NORM, UNIT,
+                  GELU_TANH)  # fmt: skip
         part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
         acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
     return acc
+
+
+@triton.jit
+def fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL: tl.constexpr,
+             NORM: tl.constexpr, UNIT: tl.constexpr, GELU_TANH: tl.constexpr):  # fmt: skip
+    """One row: acc2[f, k] += w[f, k] * x[0, k], a `[BLOCK_N, BLOCK_K]` fp32 accumulator summed
+    over k once, after the K loop (one FFMA a weight where `gemv_tile` multiplies, then sums
+    each tile across threads: what an FP8 weight's extra convert leaves room for)."""
+    x = x_row(x_ptr, 0, M, K, 0, k, rstd, wn, offs_m, SILU_MUL, NORM, UNIT, GELU_TANH)
+    return acc2 + w.to(tl.float32) * x.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -172,6 +126,7 @@ def _gemv_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
+    w_scale_ptr,  # fp32 [N]: an FP8 weight's per-channel scale (W_SCALE)
     out_ptr,
     part_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
     counter_ptr,  # int32 per feature block, zero between calls (SPLIT_K > 1)
@@ -214,6 +169,8 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    W_SCALE: tl.constexpr = False,  # FP8 weights times their scale, x as is (W8A16)
+    FMA2D: tl.constexpr = False,  # one row, `fma_tile`'s 2-D accumulator
 ):
     """Program (n block, k split): acc[f, m] = sum over its K tiles of w[f, k] * x[m, k].
 
@@ -221,7 +178,8 @@ def _gemv_kernel(
     sums and the last split of a feature block to arrive (an atomic counter) adds all of them
     in split order, so the sum is deterministic and no second kernel runs; that program resets
     the counter for the next call. The first weight tile is loaded before the PDL wait: it
-    streams in while the previous kernel finishes.
+    streams in while the previous kernel finishes. W_SCALE: w is E4M3, each feature's sum
+    times its scale (x stays 16-bit); one row then accumulates in 2-D (`fma_tile`).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -231,6 +189,8 @@ def _gemv_kernel(
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: features x rows
+    if FMA2D:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     tile_start = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     k = tile_start * BLOCK_K + offs_k
@@ -256,16 +216,28 @@ def _gemv_kernel(
         delta = lora_delta(lora_y_ptr, lora_b, slots, piece, offs_m, R, LORA_SLICES, BLOCK_N,
                            BLOCK_M, BLOCK_R)  # fmt: skip
     if tile_start < tile_end:
-        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                         BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
+        if FMA2D:
+            acc2 = fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL, NORM, UNIT,
+                            GELU_TANH)  # fmt: skip
+        else:
+            acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+                             BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                     eviction_policy=WEIGHT_EVICTION)  # fmt: skip
         if NORM:
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                         BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
+        if FMA2D:
+            acc2 = fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL, NORM, UNIT,
+                            GELU_TANH)  # fmt: skip
+        else:
+            acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
+                             BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
+    if FMA2D:
+        acc = tl.sum(acc2, 1)[:, None]
+    if W_SCALE:  # per channel: on each split's partial sum (the sum is linear in it)
+        acc *= tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
     if SPLIT_K > 1:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
@@ -312,6 +284,7 @@ def gemv(
     lora: LoRADelta | None = None,
     post_norm: tuple[torch.Tensor, float] | None = None,
     gelu_tanh: bool = False,
+    w_scale: torch.Tensor | None = None,
 ):
     """`F.linear(x, weight, bias)` for `x [M, K]` with `M <= MAX_ROWS`, `weight [N, K]`
     (nn.Linear layout, contiguous); fp32 accumulation, output `[M, N]` in `x.dtype`.
@@ -329,6 +302,9 @@ def gemv(
     `post_norm = (weight, eps)` of a Gemma RMSNorm, with `residual`: returns
     `AddedResidual(residual + post_norm(out), its sums of squares [M, 1])`, the last feature
     block to finish normalizing the whole rows (`gemv_folds.post_norm_tail`).
+    `w_scale [N]` (fp32): `weight` is E4M3 (`torch.float8_e4m3fn`) with one scale a feature
+    (per channel, or a per-tensor one repeated): the product of x as it is (16-bit, not
+    quantized: W8A16) and the weight times its scale, every fold as above.
     `config=None` picks `default_config` from the shape and the device's SM count.
     """
     norm = x if isinstance(x, DeferredNorm) else None
@@ -336,10 +312,17 @@ def gemv(
     m, width = x.shape
     k = width // 2 if silu_mul else width
     n = weight.shape[0]
-    if m > MAX_ROWS or weight.shape[1] != k or x.dtype != weight.dtype or width % (1 + silu_mul):
+    w_dtype = x.dtype if w_scale is None else torch.float8_e4m3fn
+    if m > MAX_ROWS or weight.shape[1] != k or weight.dtype != w_dtype or width % (1 + silu_mul):
         raise ValueError(
-            f"gemv takes x [M <= {MAX_ROWS}, K] ([M, 2K] with silu_mul) and weight [N, K] of one "
-            f"dtype; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+            f"gemv takes x [M <= {MAX_ROWS}, K] ([M, 2K] with silu_mul) and weight [N, K] of x's "
+            f"dtype (E4M3 with w_scale); got x {tuple(x.shape)} {x.dtype}, weight "
+            f"{tuple(weight.shape)} {weight.dtype}"
+        )
+    if w_scale is not None and (w_scale.numel() != n or w_scale.dtype != torch.float32):
+        raise ValueError(
+            f"gemv w_scale must be fp32 with one scale a feature ({n}): "
+            f"{tuple(w_scale.shape)} {w_scale.dtype}"
         )
     if not weight.is_contiguous():
         raise ValueError("gemv needs a contiguous weight [N, K]")
@@ -358,7 +341,7 @@ def gemv(
         )
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul)
+    cfg = config or default_config(m, n, k, num_sms(x.device), silu_mul, w_scale is not None)
     n_blocks = triton.cdiv(n, cfg.block_n)
     sumsq = out  # unread without a residual
     if residual is not None:  # with a post-norm: out's sums of squares per feature block
@@ -382,9 +365,10 @@ def gemv(
     if lora is not None:
         l_y, l_b, l_slot, l_slice = lora.y, lora.lora_b, lora.token_slot, lora.slice_offsets
         rank, l_slices = lora.lora_b.shape[2], l_slice.shape[0]
+    scale = out if w_scale is None else w_scale.reshape(n)  # unread without one
     flag = pdl.use_pdl(x)
     _gemv_kernel[(n_blocks, cfg.split_k)](
-        x, weight, b, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
+        x, weight, b, scale, out, part, counters, res, sumsq, norm_w, norm_sumsq, parts, eps,
         l_y, l_b, l_slot, l_slice, rank, post_w, post_eps, h, hsq, done,
         m, n, k, x.stride(0), tiles_per_split,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, GELU_TANH=gelu_tanh,
@@ -395,6 +379,7 @@ def gemv(
         LORA_SLICES=l_slices, BLOCK_R=triton.next_power_of_2(rank),
         SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag,
+        W_SCALE=w_scale is not None, FMA2D=w_scale is not None and m == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     return out if residual is None else AddedResidual(h, hsq)

@@ -1,5 +1,8 @@
-"""FP8 W8A8 linears: E4M3 weights with per-tensor, per-channel or 128x128 block scales;
-activations quantized per token (per 128-feature group for block weights) as they run.
+"""FP8 linears: E4M3 weights with per-tensor, per-channel or 128x128 block scales;
+activations quantized per token (per 128-feature group for block weights) as they run (W8A8),
+but for one 16-bit row on CUDA with per-tensor / per-channel scales (batch-1 decode): the
+16-bit GEMV streams the E4M3 weights with x as it is (W8A16, `gemv.gemv(w_scale=)`, every fold
+of the 16-bit decode), nearer the dequantized weights than W8A8.
 
 Checkpoint formats (config.json `quantization_config`):
   fp8 (online)        `quantization="fp8"` on a 16-bit checkpoint: per-channel scales computed
@@ -29,6 +32,9 @@ from polymodal.llm_core.quantization.base import QuantScheme
 
 # Rows up to which CUDA calls take the FP8 GEMV (batch-1 decode, as the 16-bit GEMV).
 FP8_GEMV_MAX_ROWS = 1
+# that row with per-channel / per-tensor scales through the 16-bit GEMV (W8A16); False: the
+# E4M3 wgmma GEMV (W8A8; `scripts/device/fp8_ab.py` times both)
+ONE_ROW_W8A16 = True
 
 
 class Fp8Scheme(QuantScheme):
@@ -167,8 +173,11 @@ class Fp8LinearMethod(LinearMethod):
         rows_in = x.h if isinstance(x, DeferredNorm) else x
         if rows_in.is_cuda and rows_in.dim() == 2 and rows_in.shape[0] == FP8_GEMV_MAX_ROWS == 1:
             # the GEMV folds the deferred norm, SiLU*mul and the residual add, as the 16-bit one
-            from polymodal.llm_core.layers import fp8_gemv
+            from polymodal.llm_core.layers import fp8_gemv, gemv
 
+            if self.scheme.block is None and ONE_ROW_W8A16:
+                return gemv.gemv(x, layer.weight, layer.bias, silu_mul=silu_mul,
+                                 residual=residual, w_scale=layer.weight_scale_fp32)  # fmt: skip
             return fp8_gemv.fp8_gemv(x, layer.weight, layer.weight_scale_fp32, self.scheme.block,
                                      layer.bias, silu_mul=silu_mul, residual=residual)  # fmt: skip
         if isinstance(x, DeferredNorm):

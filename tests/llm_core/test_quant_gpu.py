@@ -135,7 +135,8 @@ def test_fp8_quantize_rows_on_hardware(group):
 @pytest.mark.parametrize("rows", [1, 2, 7, 300])
 def test_fp8_linear_gpu(shape, strategy, rows):
     """`Fp8LinearMethod.apply` on each path (GEMV at 1 row, _scaled_mm or the Triton GEMM
-    above) against the W8A8 reference on the same FP8 numbers."""
+    above) against the W8A8 reference on the same FP8 numbers; one row per channel is W8A16
+    (the 16-bit GEMV on E4M3 weights): x as it is times the dequantized weight."""
     needs_fp8()
     from polymodal.llm_core.layers.linear import Linear
     from polymodal.llm_core.quantization.fp8 import Fp8LinearMethod, Fp8Scheme
@@ -150,6 +151,9 @@ def test_fp8_linear_gpu(shape, strategy, rows):
     layer.post_load()
     x = torch.randn(rows, k, device=CUDA).to(torch.bfloat16)
     ref = fp8_ops.w8a8_reference(x.float(), w, scale, scheme.block, layer.bias.float())
+    if rows == 1 and strategy == "channel":
+        deq = fp8_ops.dequantize_weight(w, scale)
+        ref = F.linear(x.float(), deq, layer.bias.float())
     close(layer(x), ref)
 
 

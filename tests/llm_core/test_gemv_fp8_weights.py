@@ -1,0 +1,93 @@
+"""The 16-bit GEMV streaming E4M3 weights with per-channel scales (`gemv.gemv(w_scale=)`, FP8
+batch-1 decode: W8A16) against F.linear of the dequantized weight, its folds, its launch
+config and its bad inputs, on CPU under TRITON_INTERPRET=1 (`interpreted.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polymodal.llm_core.layers import gemv as gemv_ops
+from polymodal.llm_core.layers import triton_ops
+from polymodal.llm_core.quantization import fp8_ops
+from tests.llm_core.interpreted import (
+    _interpreted_only,  # noqa: F401  (autouse fixture)
+    assert_close,
+    test_interpreted_in_subprocess,  # noqa: F401
+)
+
+
+def fp8_weight(n: int, k: int, gen: torch.Generator):
+    """(E4M3 weight [n, k], fp32 scales [n, 1]) of a random weight, per channel."""
+    return fp8_ops.quantize_weight(torch.randn(n, k, generator=gen) / k**0.5, "channel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_fp8_weights_times_their_scales(dtype, rows, split_k, silu_mul):
+    """N=37, K=83 in 16 x 32 tiles (a partial feature block, a partial last K tile, an empty
+    split at 4): x as it is (not quantized) times the dequantized weight, plus the bias; one
+    row through the 2-D accumulator, 3 rows through the per-row sums. Each call twice (the
+    split counters reset)."""
+    gen = torch.Generator().manual_seed(10 * rows + split_k + 100 * silu_mul)
+    x = torch.randn(rows, 83 * (1 + silu_mul), generator=gen).to(dtype)
+    weight, scale = fp8_weight(37, 83, gen)
+    bias = torch.randn(37, generator=gen).to(dtype)
+    config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k)
+    rows_in = triton_ops.silu_and_mul_ref(x) if silu_mul else x
+    deq = fp8_ops.dequantize_weight(weight, scale)
+    ref = F.linear(rows_in.float(), deq, bias.float())
+    for _ in range(2):
+        out = gemv_ops.gemv(x, weight, bias, config, silu_mul=silu_mul, w_scale=scale)
+        assert out.shape == (rows, 37) and out.dtype == dtype
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_fp8_weights_take_the_norm_and_residual_folds(split_k):
+    """One bf16 row: a deferred RMSNorm on load and the residual add in the epilogue with the
+    blocks' sums of squares, as the 16-bit weights take them."""
+    from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
+
+    dtype, gen = torch.bfloat16, torch.Generator().manual_seed(7 + split_k)
+    h = torch.randn(1, 83, generator=gen).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(83, generator=gen)).to(dtype)
+    sumsq = (h.float() ** 2).sum(1, keepdim=True)
+    weight, scale = fp8_weight(37, 83, gen)
+    residual = torch.randn(1, 37, generator=gen).to(dtype)
+    config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)  # 5 feature blocks
+    added = gemv_ops.gemv(DeferredNorm(h, sumsq, norm_w, 1e-6), weight, None, config,
+                          residual=residual, w_scale=scale)  # fmt: skip
+    assert isinstance(added, AddedResidual) and added.sumsq.shape == (1, 5)
+    normed = triton_ops.rms_norm_ref(h, norm_w, 1e-6)[0]
+    out = F.linear(normed.float(), fp8_ops.dequantize_weight(weight, scale)).to(dtype)
+    assert_close(added.h, (out.float() + residual.float()).to(dtype), dtype)
+    blocks = torch.stack([(added.h.float()[:, i : i + 8] ** 2).sum(1) for i in range(0, 37, 8)], 1)
+    torch.testing.assert_close(added.sumsq, blocks, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_weights_one_row_config():
+    """One row of FP8 weights: 16 features x 512 at 4 warps (64 accumulators a thread), K
+    split until ~4 programs an SM; several rows keep the 16-bit rule."""
+    pick = gemv_ops.default_config
+    qkv = pick(1, 4608, 3584, 132, False, True)
+    assert (qkv.block_n, qkv.block_k, qkv.num_warps, qkv.split_k) == (16, 512, 4, 2)
+    down = pick(1, 3584, 18944, 132, True, True)
+    assert (down.block_n, down.block_k, down.split_k) == (16, 512, 4)
+    assert pick(2, 4608, 3584, 132, False, True) == pick(2, 4608, 3584, 132)
+    assert pick(1, 4608, 3584, 132) != qkv  # the 16-bit one-row tiles stay as swept
+
+
+def test_fp8_weights_bad_inputs_name_the_argument():
+    gen = torch.Generator().manual_seed(3)
+    weight, scale = fp8_weight(16, 32, gen)
+    x = torch.randn(1, 32)
+    with pytest.raises(ValueError, match="E4M3 with w_scale"):
+        gemv_ops.gemv(x, weight)  # an FP8 weight without its scales
+    with pytest.raises(ValueError, match="w_scale must be fp32 with one scale a feature"):
+        gemv_ops.gemv(x, weight, w_scale=scale[:8])
+    with pytest.raises(ValueError, match="E4M3 with w_scale"):
+        gemv_ops.gemv(x, weight.float(), w_scale=scale)  # scales for a 16-bit weight
