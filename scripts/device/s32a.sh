@@ -10,4 +10,4 @@ timeout 100 python3 -m pytest -p no:cacheprovider -q -rfE -m gpu tests/encoders/
 timeout 100 python3 -m pytest -p no:cacheprovider -q -rfE -m gpu tests/llm_core/test_quant_gpu.py \
   -k "fp8_linear or (graph_replay and fp8) or fp8_greedy" 2>&1 | tail -4
 timeout 120 python3 scripts/bench_quant_kernels.py --only fp8_w8a16 > $OUT/w8a16.txt 2>&1
-grep -E "^fp8|^\(default|^  " $OUT/w8a16.txt | grep -v FAILED | awk '/^fp8/{n=0} {if (n++ < 4) print}' | cut -c1-120
+grep -E "^fp8|^\(default|^  " $OUT/w8a16.txt | awk '/^fp8/{n=0} {if (n++ < 5) print}' | cut -c1-120

@@ -232,7 +232,7 @@ def test_gemv_edge_cases():
     assert torch.equal(empty_k, bias.expand(2, 5))
     with pytest.raises(ValueError, match="M <= 8"):
         gemv_ops.gemv(torch.randn(9, 7), weight)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="of x.s dtype"):
         gemv_ops.gemv(torch.randn(2, 7).half(), weight)
     with pytest.raises(ValueError, match="contiguous"):
         gemv_ops.gemv(torch.randn(2, 5), weight.t())
