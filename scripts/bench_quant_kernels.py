@@ -180,7 +180,8 @@ def bench_fp8_gemv(rows_list: list[int]) -> None:
 
 def bench_fp8_w8a16() -> None:
     """One row, per channel: the 16-bit GEMV on E4M3 weights (`gemv(w_scale=)`, W8A16) over
-    its configs (<= 64 accumulators a thread), beside the E4M3 wgmma GEMV's default (W8A8)."""
+    its configs (the 2-D accumulator and the per-row sums), beside the E4M3 wgmma GEMV's
+    default (W8A8)."""
     sms = num_sms(torch.device("cuda"))
     for name, (n, k) in SHAPES.items():
         silu = name == "down"  # as decode runs it: SiLU*mul as x loads
@@ -197,13 +198,21 @@ def bench_fp8_w8a16() -> None:
         wgmma = itertools.cycle(copies)
         old = graph_us(lambda: fp8_gemv.fp8_gemv(x, *next(wgmma), silu_mul=silu))
         default = gemv.default_config(1, n, k, sms, silu, True)
-        configs = [default] + [
+        configs = [default] + [  # the 2-D accumulator: <= 64 fp32 a thread
             GemvConfig(bn, bk, split, warps)
-            for bn in (8, 16, 32)
-            for bk in (256, 512, 1024)
+            for bn in (8, 16)
+            for bk in (256, 512, 1024, 2048)
             for warps in (4, 8)
-            for split in (1, 2, 4, 8)
+            for split in (1, 2)
             if bn * bk <= 64 * 32 * warps and k // bk >= 2 * split
+        ]
+        configs += [  # per-row sums each tile (few registers: more programs an SM)
+            GemvConfig(bn, bk, split, warps, fma2d=False)
+            for bn in (4, 8)
+            for bk in (1024, 2048, 4096)
+            for warps in (2, 4)
+            for split in (1, 2)
+            if k // bk >= 2 * split
         ]
 
         def run(config, wt):

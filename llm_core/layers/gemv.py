@@ -379,7 +379,7 @@ def gemv(
         LORA_SLICES=l_slices, BLOCK_R=triton.next_power_of_2(rank),
         SPLIT_K=cfg.split_k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag,
-        W_SCALE=w_scale is not None, FMA2D=w_scale is not None and m == 1,
+        W_SCALE=w_scale is not None, FMA2D=w_scale is not None and m == 1 and cfg.fma2d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     return out if residual is None else AddedResidual(h, hsq)

@@ -22,6 +22,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1  # Triton 3.8 emits the same code for 1..4 here (nothing to pipeline)
     prefetch: bool = False  # the MoE expert kernels (`moe_decode`): the next tile a tile ahead
+    fma2d: bool = True  # one row of FP8 weights: `gemv.fma_tile`'s 2-D accumulator (else sums)
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -46,23 +47,20 @@ def default_config(
 ) -> GemvConfig:
     """About 4 programs per SM, each loading `TILE_ELEMENTS` of weight per K step.
 
-    FP8 weights, one row: 16 features x 512 (`gemv.fma_tile`'s 2-D accumulator: 64 fp32 a
-    thread at 4 warps; x's load and folds shared by 16 weight rows: 3.6 sm_90 instructions a
-    weight byte in the K loop, against 5.0 at the 16-bit one-row tiles of 4 x 2048 and the
-    16-bit GEMV's 3.0), K split as below (not yet swept on a GPU).
+    FP8 weights, one row: `_fp8_one_row_config`.
 
     The feature block is the widest of 32 .. 4 that still gives that many programs, but at
     least 4 features per padded x row (every program reads all of x; this keeps x traffic at
     most a quarter of the weight's). K splits only while programs are short, 2+ tiles each.
     """
-    if m == 1 and n >= 2048 and k >= 2048 and not fp8:
-        return _one_row_config(n, k, silu_mul)
+    if m == 1 and n >= 2048 and k >= 2048:
+        return _fp8_one_row_config(n, k) if fp8 else _one_row_config(n, k, silu_mul)
     rows = triton.next_power_of_2(max(m, 1))
     target = 4 * sms
     block_n = next((b for b in (32, 16, 8) if triton.cdiv(n, b) >= target), 4)
     block_n = min(max(block_n, 4 * rows), 32)
     if fp8 and m == 1:
-        block_n = 16
+        block_n = 8
     block_k = min(TILE_ELEMENTS // block_n, max(16, triton.next_power_of_2(k)))
     k_tiles = triton.cdiv(k, block_k)
     split_k = 1
@@ -85,3 +83,16 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
         return GemvConfig(block_n=8, block_k=512)
     # qkv 4608 x 3584: 11.4 -> 9.5 us; o_proj 3584 x 3584: 11.7 -> 7.1 us (2 warps; 8.2 with 4)
     return GemvConfig(block_n=4, block_k=2048, num_warps=2 if n <= 4096 else 4)
+
+
+def _fp8_one_row_config(n: int, k: int) -> GemvConfig:
+    """E4M3 weights, one row (`gemv(w_scale=)`; `fma_tile`'s 2-D accumulator holds a thread's
+    share of a tile: <= 64 fp32 here), from the H100 sweep (`scripts/bench_quant_kernels.py
+    --only fp8_w8a16`, docs/performance.md; first defaults -> these, us): no K split."""
+    if k > 8192:  # down 3584 x 18944: 29.5 -> 27.6
+        return GemvConfig(block_n=8, block_k=1024)
+    if n >= 16384:  # gate_up 37888 x 3584: 48.8 -> 48.6
+        return GemvConfig(block_n=16, block_k=256)
+    if n <= 4096:  # o_proj 3584 x 3584: 7.3 -> 6.1
+        return GemvConfig(block_n=8, block_k=1024)
+    return GemvConfig(block_n=8, block_k=512, num_warps=8)  # qkv 4608 x 3584: 10.0 -> 7.6

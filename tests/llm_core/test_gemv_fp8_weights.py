@@ -27,16 +27,17 @@ def fp8_weight(n: int, k: int, gen: torch.Generator):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("silu_mul", [False, True])
-def test_fp8_weights_times_their_scales(dtype, rows, split_k, silu_mul):
+@pytest.mark.parametrize("fma2d", [True, False])
+def test_fp8_weights_times_their_scales(dtype, rows, split_k, silu_mul, fma2d):
     """N=37, K=83 in 16 x 32 tiles (a partial feature block, a partial last K tile, an empty
     split at 4): x as it is (not quantized) times the dequantized weight, plus the bias; one
-    row through the 2-D accumulator, 3 rows through the per-row sums. Each call twice (the
-    split counters reset)."""
+    row through the 2-D accumulator (or the per-row sums: `fma2d=False`), 3 rows through the
+    per-row sums. Each call twice (the split counters reset)."""
     gen = torch.Generator().manual_seed(10 * rows + split_k + 100 * silu_mul)
     x = torch.randn(rows, 83 * (1 + silu_mul), generator=gen).to(dtype)
     weight, scale = fp8_weight(37, 83, gen)
     bias = torch.randn(37, generator=gen).to(dtype)
-    config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k)
+    config = gemv_ops.GemvConfig(block_n=16, block_k=32, split_k=split_k, fma2d=fma2d)
     rows_in = triton_ops.silu_and_mul_ref(x) if silu_mul else x
     deq = fp8_ops.dequantize_weight(weight, scale)
     ref = F.linear(rows_in.float(), deq, bias.float())
@@ -70,13 +71,16 @@ def test_fp8_weights_take_the_norm_and_residual_folds(split_k):
 
 
 def test_fp8_weights_one_row_config():
-    """One row of FP8 weights: 16 features x 512 at 4 warps (64 accumulators a thread), K
-    split until ~4 programs an SM; several rows keep the 16-bit rule."""
+    """One row of FP8 weights: the H100 sweep's tiles, each <= 64 accumulators a thread, no K
+    split; several rows keep the 16-bit rule."""
     pick = gemv_ops.default_config
     qkv = pick(1, 4608, 3584, 132, False, True)
-    assert (qkv.block_n, qkv.block_k, qkv.num_warps, qkv.split_k) == (16, 512, 4, 2)
+    assert (qkv.block_n, qkv.block_k, qkv.num_warps, qkv.split_k) == (8, 512, 8, 1)
     down = pick(1, 3584, 18944, 132, True, True)
-    assert (down.block_n, down.block_k, down.split_k) == (16, 512, 4)
+    assert (down.block_n, down.block_k, down.num_warps, down.split_k) == (8, 1024, 4, 1)
+    for n, k in ((4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (2048, 768)):
+        cfg = pick(1, n, k, 132, False, True)
+        assert cfg.fma2d and cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps, cfg
     assert pick(2, 4608, 3584, 132, False, True) == pick(2, 4608, 3584, 132)
     assert pick(1, 4608, 3584, 132) != qkv  # the 16-bit one-row tiles stay as swept
 
