@@ -105,3 +105,13 @@ def test_table_gives_the_ttft_against_the_measured_rate_and_the_datasheet(bench,
     datasheet = 4 / 989 * 1e3 + 6.0  # the tower's FLOPs, then the decoder's weights
     assert f"({40 / datasheet:.2f}x at the datasheet's 989)" in line
     assert "decode 1.50 ms: 75%" in line
+
+
+def test_flop_counter_counts_the_fused_gelu_gemm(bench):
+    """`_addmm_activation` (the towers' fc1 + bias + GELU in one GEMM on CUDA) counts as the
+    addmm it is: 2 x rows x out x in; torch's own table leaves it out."""
+    x, w, b = torch.randn(6, 5), torch.randn(7, 5), torch.randn(7)
+    with bench.flop_counter() as counter:
+        torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        torch.nn.functional.linear(x, w, b)
+    assert counter.get_total_flops() == 2 * (2 * 6 * 7 * 5)
