@@ -1,6 +1,5 @@
-"""SigLIP vision tower (transformers' `SiglipVisionModel`, no pooling head): the Conv2d patch
-embedding (run as one GEMM over the patches) + learned position embedding, pre-norm ViT
-layers, final LayerNorm.
+"""SigLIP vision tower (transformers' `SiglipVisionModel`, no pooling head): Conv2d patch
+embedding + learned position embedding, pre-norm ViT layers, final LayerNorm.
 
 Parameter names as HF's under the tower's root: `embeddings.patch_embedding`,
 `embeddings.position_embedding`, `encoder.layers.N.*`, `post_layernorm` (checkpoints nest
@@ -10,6 +9,7 @@ them under `vision_tower.vision_model.` or `vision_tower.`; the model's remap ta
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polymodal.encoders.vit import ViTEncoder, uniform_segments
@@ -28,25 +28,19 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.num_positions, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        weight = self.patch_embedding.weight  # [dim, C, p, p]
-        n, c, height, width = pixel_values.shape
-        p, side = self.patch_size, round(self.num_positions**0.5)
-        if (height, width) != (side * p, side * p):
+        weight = self.patch_embedding.weight
+        # [N, dim, S/p, S/p] -> [N, patches, dim]
+        patches = F.conv2d(pixel_values.to(weight.dtype), weight, self.patch_embedding.bias,
+                           stride=self.patch_size)  # fmt: skip
+        patches = patches.flatten(2).transpose(1, 2)
+        if patches.shape[1] != self.num_positions:
             raise ValueError(
-                f"SigLIP takes {side * p}x{side * p} images ({self.num_positions} patches), got "
-                f"{height}x{width}"
+                f"SigLIP takes {self.num_positions} patches an image, got {patches.shape[1]}"
             )
-        # the patches as rows [N * side^2, C * p * p] (the conv weight's order) and one GEMM:
-        # cuDNN's implicit-GEMM conv took 0.28 ms of a Gemma 3 TTFT on an H100, and its
-        # channel-major output needed a transposing copy
-        rows = pixel_values.to(weight.dtype).reshape(n, c, side, p, side, p)
-        rows = rows.permute(0, 2, 4, 1, 3, 5).reshape(n * side * side, c * p * p)
-        flat = weight.reshape(weight.shape[0], -1).t()
-        bias = self.patch_embedding.bias
-        patches = rows @ flat if bias is None else torch.addmm(bias, rows, flat)
-        # row-major: the residual stream's layout (column-major, every add was strided and
-        # every LayerNorm copied its input: ~4 ms of Gemma 3's 17 ms tower on an H200)
-        return (patches.view(n, side * side, -1) + self.position_embedding.weight).flatten(0, 1)
+        # Row-major: the sum keeps the conv output's channel-major layout, which left the whole
+        # residual stream column-major (every add strided and every LayerNorm copying its input:
+        # ~4 ms of Gemma 3's 17 ms tower on an H200).
+        return (patches + self.position_embedding.weight).flatten(0, 1).contiguous()
 
 
 class SiglipVisionTower(nn.Module):

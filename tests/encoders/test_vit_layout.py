@@ -8,7 +8,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from unittest.mock import patch
 
-import pytest
 import torch
 from torch import nn
 
@@ -56,17 +55,3 @@ def test_phi4mm_tower_norms_see_row_major_inputs():
         inputs = _norm_inputs(tower, lambda p=pixels, m=mask: tower(p, m, -1))
         assert len(inputs) >= 2 * CONFIG.num_hidden_layers
         assert all(x.is_contiguous() for x in inputs), [x.stride() for x in inputs]
-
-
-def test_patch_embedding_gemm_equals_the_conv():
-    """The patch embedding as one GEMM over the patches equals HF's Conv2d (then flatten,
-    transpose and the position embeddings); an image of another size is an error naming it."""
-    torch.manual_seed(0)
-    tower = SiglipVisionTower(CONFIG, TorchAttentionBackend())
-    emb = tower.embeddings
-    pixels = torch.randn(2, 3, 16, 16)
-    conv = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
-    want = (conv + emb.position_embedding.weight).flatten(0, 1)
-    torch.testing.assert_close(emb(pixels), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="16x16 images .* got 20x16"):
-        emb(torch.randn(1, 3, 20, 16))
