@@ -105,6 +105,19 @@ def fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL: tl.constexpr,
 
 
 @triton.jit
+def _k_step(acc, acc2, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn, BLOCK_M: tl.constexpr,
+            SILU_MUL: tl.constexpr, NORM: tl.constexpr, UNIT: tl.constexpr,
+            GELU_TANH: tl.constexpr, FMA2D: tl.constexpr):  # fmt: skip
+    """One K tile of `_gemv_kernel` into `acc2` (FMA2D: `fma_tile`) or `acc` (`gemv_tile`)."""
+    if FMA2D:
+        acc2 = fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL, NORM, UNIT, GELU_TANH)
+    else:
+        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn, BLOCK_M, SILU_MUL,
+                        NORM, UNIT, GELU_TANH)  # fmt: skip
+    return acc, acc2
+
+
+@triton.jit
 def store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n, n_blocks,
               delta, RESIDUAL: tl.constexpr, LORA: tl.constexpr, SUMSQ: tl.constexpr):  # fmt: skip
     """out = acc in out's dtype; LORA: out = that + delta (rounded as `out += delta` rounds);
@@ -189,6 +202,7 @@ def _gemv_kernel(
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: features x rows
+    acc2 = tl.zeros((1, 1), dtype=tl.float32)  # FMA2D: `fma_tile`'s accumulator
     if FMA2D:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     tile_start = pid_k * tiles_per_split
@@ -216,24 +230,16 @@ def _gemv_kernel(
         delta = lora_delta(lora_y_ptr, lora_b, slots, piece, offs_m, R, LORA_SLICES, BLOCK_N,
                            BLOCK_M, BLOCK_R)  # fmt: skip
     if tile_start < tile_end:
-        if FMA2D:
-            acc2 = fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL, NORM, UNIT,
-                            GELU_TANH)  # fmt: skip
-        else:
-            acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                             BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
+        acc, acc2 = _k_step(acc, acc2, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn, BLOCK_M,
+                            SILU_MUL, NORM, UNIT, GELU_TANH, FMA2D)  # fmt: skip
     for tile in range(tile_start + 1, tile_end):
         k = tile * BLOCK_K + offs_k
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
                     eviction_policy=WEIGHT_EVICTION)  # fmt: skip
         if NORM:
             wn = tl.load(norm_w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        if FMA2D:
-            acc2 = fma_tile(acc2, w, x_ptr, M, K, k, offs_m, rstd, wn, SILU_MUL, NORM, UNIT,
-                            GELU_TANH)  # fmt: skip
-        else:
-            acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn,
-                             BLOCK_M, SILU_MUL, NORM, UNIT, GELU_TANH)  # fmt: skip
+        acc, acc2 = _k_step(acc, acc2, w, x_ptr, M, K, stride_xm, k, offs_m, rstd, wn, BLOCK_M,
+                            SILU_MUL, NORM, UNIT, GELU_TANH, FMA2D)  # fmt: skip
     if FMA2D:
         acc = tl.sum(acc2, 1)[:, None]
     if W_SCALE:  # per channel: on each split's partial sum (the sum is linear in it)
