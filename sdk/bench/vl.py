@@ -16,9 +16,9 @@ chosen experts) / the HBM copy bandwidth; TTFT = max(weights read, FLOPs / the b
 rate) of the tower over its tiles, plus the same of the decoder over the prompt (2 x parameters
 touched per token; the decoder's attention FLOPs are below 2% at these lengths and left out):
 the decoder cannot start before the tower's last layer, so a phase's floor does not hide the
-other's. The rate is
-the 8192^3 product's measured in the same run, as the media bench's floor (`--peak-tflops`
-sets one instead); the table also gives the ratio to the datasheet's dense peak. `--profile` adds
+other's. The rate is the 8192^3 product's measured in the same run, as the media bench's floor
+(`--peak-tflops` sets one instead); the table also gives the ratio to the datasheet's dense
+peak. `--profile` adds
 the kernels of one image's TTFT.
 
 A built-in name is a shipped config without a tokenizer: one is written with the family's
@@ -209,11 +209,10 @@ def flop_counter():
 
 def ttft_floor(llm, bandwidth: float, peak: float) -> dict:
     """Weights read and FLOPs of one 448x448 image's prefill, per phase: the tower (its FLOPs
-    as counted by torch: matmuls, and attention where it takes SDPA; our Triton kernel's are
-    not counted; all its weights), then the decoder (2 x the parameters each prompt token
-    touches, the LM head once; every weight the step reads, the chosen experts of all tokens).
-    The tower's FLOPs are counted as it runs (`flop_counter`), eagerly.
-    The floor sums each phase's larger term (`phase_floor_ms`)."""
+    counted by `flop_counter` as it runs eagerly: matmuls, and attention where it takes SDPA;
+    our Triton kernel's are not counted; all its weights), then the decoder (2 x the parameters
+    each prompt token touches, the LM head once; every weight the step reads, the chosen
+    experts of all tokens). The floor sums each phase's larger term (`phase_floor_ms`)."""
     from unittest.mock import patch
 
     from polymodal.encoders.graphs import EncoderGraphs
@@ -230,14 +229,12 @@ def ttft_floor(llm, bandwidth: float, peak: float) -> dict:
     per_token = active_decoder_bytes(model, 1) / size - head
     tower = sum(p.numel() for p in model.vision.parameters()) * size
     phases = {
-        "tower": {"tflop": counter.get_total_flops() / 1e12, "weights_ms": tower / bandwidth},
+        "tower": {"tflop": counter.get_total_flops() / 1e12, "weights_ms": tower / bandwidth * 1e3},
         "decoder": {
             "tflop": 2 * (per_token * tokens + head) / 1e12,
-            "weights_ms": active_decoder_bytes(model, tokens) / bandwidth,
+            "weights_ms": active_decoder_bytes(model, tokens) / bandwidth * 1e3,
         },
     }
-    for ph in phases.values():
-        ph["weights_ms"] *= 1e3
     return {
         "prompt_tokens": tokens,
         "ttft_phases": phases,
