@@ -18,8 +18,7 @@ touched per token; the decoder's attention FLOPs are below 2% at these lengths a
 the decoder cannot start before the tower's last layer, so a phase's floor does not hide the
 other's. The rate is the 8192^3 product's measured in the same run, as the media bench's floor
 (`--peak-tflops` sets one instead); the table also gives the ratio to the datasheet's dense
-peak. `--profile` adds
-the kernels of one image's TTFT.
+peak. `--profile` adds the kernels of one image's TTFT.
 
 A built-in name is a shipped config without a tokenizer: one is written with the family's
 special tokens at the ids its config names (ordinary ids filled with unused tokens), so both
