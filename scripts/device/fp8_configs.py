@@ -1,6 +1,7 @@
-"""Issue 19: FP8 W8A16 batch-1 decode under alternative one-row configs for gate_up and down
-(the per-row sums the kernel sweep chose vs the 2-D accumulator), each the engine bench
-(`polymodal bench --quantization fp8 --skip-hf`) in one process, one after the other.
+"""Issue 19: FP8 W8A16 batch-1 decode under alternative one-row configs of the decoder's four
+linears (qkv, o, gate_up, down), each the engine bench (`polymodal bench --quantization fp8
+--skip-hf`) in one process, one after the other: the kernel sweep runs without the engine's
+programmatic dependent launch and folds, and its winners can lose end to end.
 
     python3 scripts/device/fp8_configs.py [more bench arguments]
 """
@@ -9,27 +10,34 @@ import sys
 
 from polymodal.cli import main
 from polymodal.llm_core.layers import gemv_config
-from polymodal.llm_core.layers.gemv_config import GemvConfig
+from polymodal.llm_core.layers.gemv_config import GemvConfig as C
 
 DEFAULT = gemv_config._fp8_one_row_config
-TILES = {  # name: (gate_up, down)
-    "sums (default)": (None, None),
-    "2-D both": (GemvConfig(block_n=16, block_k=256), GemvConfig(block_n=8, block_k=1024)),
-    "2-D gate_up": (GemvConfig(block_n=16, block_k=256), None),
-    "2-D down": (None, GemvConfig(block_n=8, block_k=1024)),
-    "2-D down split 4": (None, GemvConfig(block_n=8, block_k=1024, split_k=4, num_warps=8)),
+SUMS = {"fma2d": False}
+VARIANTS = {
+    "default": {},
+    "down 8x2048 8w": {"down": C(8, 2048, num_warps=8)},
+    "down 16x512": {"down": C(16, 512)},
+    "down 4x2048": {"down": C(4, 2048)},
+    "down 8x512 2w": {"down": C(8, 512, num_warps=2)},
+    "down 16x1024 8w": {"down": C(16, 1024, num_warps=8)},
+    "gate_up sums 8x1024": {"gate_up": C(8, 1024, **SUMS)},
+    "gate_up sums 4x2048": {"gate_up": C(4, 2048, **SUMS)},
+    "gate_up sums 4x512 1w": {"gate_up": C(4, 512, num_warps=1, **SUMS)},
+    "qkv sums 4x1024 2w": {"qkv": C(4, 1024, num_warps=2, **SUMS)},
+    "o sums 4x1024 2w": {"o": C(4, 1024, num_warps=2, **SUMS)},
+    "default again": {},
 }
 
-for label, (gate_up, down) in TILES.items():
 
-    def config(n, k, gate_up=gate_up, down=down):
-        if k > 8192 and down is not None:
-            return down
-        if n >= 16384 and k <= 8192 and gate_up is not None:
-            return gate_up
-        return DEFAULT(n, k)
+def part(n: int, k: int) -> str:
+    return "down" if k > 8192 else "gate_up" if n >= 16384 else "o" if n <= 4096 else "qkv"
 
-    gemv_config._fp8_one_row_config = config
+
+for label, tiles in VARIANTS.items():
+    gemv_config._fp8_one_row_config = lambda n, k, tiles=tiles: (
+        tiles.get(part(n, k)) or DEFAULT(n, k)
+    )
     gemv_config.default_config.cache_clear()
     print(f"== {label}", flush=True)
     main(["bench", "--skip-hf", "--images", "8", "--quantization", "fp8", *sys.argv[1:]])
