@@ -3,7 +3,10 @@ linears (qkv, o, gate_up, down), each the engine bench (`polymodal bench --quant
 --skip-hf`) in one process, one after the other: the kernel sweep runs without the engine's
 programmatic dependent launch and folds, and its winners can lose end to end.
 
-    python3 scripts/device/fp8_configs.py [more bench arguments]
+    python3 scripts/device/fp8_configs.py [VARIANT ...]   # all by default
+
+Each variant in a process of its own (`scripts/device/s33b.sh`): six engines in one process
+ran out of GPU memory.
 """
 
 import sys
@@ -34,10 +37,20 @@ def part(n: int, k: int) -> str:
     return "down" if k > 8192 else "gate_up" if n >= 16384 else "o" if n <= 4096 else "qkv"
 
 
-for label, tiles in VARIANTS.items():
+for label in sys.argv[1:] or VARIANTS:
+    tiles = VARIANTS[label]
     gemv_config._fp8_one_row_config = lambda n, k, tiles=tiles: (
         tiles.get(part(n, k)) or DEFAULT(n, k)
     )
     gemv_config.default_config.cache_clear()
     print(f"== {label}", flush=True)
-    main(["bench", "--skip-hf", "--images", "8", "--quantization", "fp8", *sys.argv[1:]])
+    main(
+        [
+            "bench",
+            "--skip-hf",
+            "--images",
+            "8",
+            "--quantization",
+            "fp8",
+        ]
+    )
