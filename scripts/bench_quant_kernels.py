@@ -7,6 +7,7 @@
     python scripts/bench_quant_kernels.py --only fp8_gemv
     python scripts/bench_quant_kernels.py --only fp8_w8a16   # one row: the 16-bit GEMV on E4M3
     python scripts/bench_quant_kernels.py --only int4_folds   # each GEMV fold vs its own kernel
+    python scripts/bench_quant_kernels.py --only quantize_rows --rows 16,290,2048  # one pass or two
 
 Every config is checked against the dequantized reference before it is timed; a config that
 fails to compile or is wrong prints as such. Times are medians of CUDA-graph replays cycling
@@ -23,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.bench.timing import graph_ms
-from polymodal.llm_core.layers import fp8_gemv, gemv, int4_gemv, int4_kernels, triton_ops
+from polymodal.llm_core.layers import (
+    fp8_gemv,
+    fp8_kernels,
+    gemv,
+    int4_gemv,
+    int4_kernels,
+    triton_ops,
+)
 from polymodal.llm_core.layers.gemv import GemvConfig, num_sms
 from polymodal.llm_core.quantization import fp8_ops, int4_pack
 
@@ -263,10 +271,31 @@ def bench_int4_folds() -> None:
         print(f"{name:<8} {fold:<14} {graph_us(folded):10.1f} {graph_us(unfolded):17.1f}")
 
 
+def bench_quantize_rows(rows: list[int]) -> None:
+    """W8A8's per-token activation quantization (`fp8_kernels.quantize_rows`, before every
+    FP8 GEMM of 2+ rows) at the 7B's two K: each row read once, whole, vs two passes of
+    1024-feature loads (`ONE_PASS_MAX` = 0), us and GB/s (x read, E4M3 written)."""
+    print(f"\n{'rows':>6} {'K':>6} {'one pass us':>12} {'two passes us':>14} {'GB/s (one)':>11}")
+    default = fp8_kernels.ONE_PASS_MAX
+    for m, k in itertools.product(rows, (3584, 18944)):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        ref_q, ref_s = fp8_ops.quantize_per_token(x)
+        times = []
+        for limit in (default, 0):
+            fp8_kernels.ONE_PASS_MAX = limit
+            xq, xs = fp8_kernels.quantize_rows(x)
+            bad = (xq.float() != ref_q.float()).float().mean().item()
+            assert bad < 1e-3 and torch.allclose(xs, ref_s.reshape(xs.shape), rtol=1e-6), limit
+            times.append(graph_us(lambda: fp8_kernels.quantize_rows(x)))
+        fp8_kernels.ONE_PASS_MAX = default
+        print(f"{m:>6} {k:>6} {times[0]:12.1f} {times[1]:14.1f} {m * k * 3 / times[0] / 1e3:11.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", choices=["int4_gemv", "int4_gemm", "fp8_gemv", "fp8_w8a16", "int4_folds"]
+        "--only",
+        choices=["int4_gemv", "int4_gemm", "fp8_gemv", "fp8_w8a16", "int4_folds", "quantize_rows"],
     )
     parser.add_argument("--rows", help="x rows, comma-separated")
     args = parser.parse_args()
@@ -280,6 +309,8 @@ def main() -> None:
         bench_fp8_w8a16()
     if args.only in (None, "int4_folds"):
         bench_int4_folds()
+    if args.only in (None, "quantize_rows"):
+        bench_quantize_rows(rows or [1, 16, 64, 290, 2048])
     if args.only in (None, "int4_gemm"):
         bench_int4_gemm(rows or [290, 1024, 4096])
 

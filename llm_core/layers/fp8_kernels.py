@@ -28,34 +28,52 @@ def quantize_e4m3(x, scale):
     return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
 
 
+# a row (or group) of at most this many features is read once, whole (`_quantize_rows_kernel`'s
+# one pass: one load of each element, its amax, the quantized store); longer ones twice
+ONE_PASS_MAX = 32768
+
+
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, out_ptr, scale_ptr, K, stride_xm, n_groups,
-    GROUP: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, group): the group's amax -> scale, then the quantized features."""
+    """Program (row, group): the group's amax -> scale, then the quantized features. ONE_PASS
+    (BLOCK >= GROUP): the group in registers, loaded once; else an amax pass, then a second
+    pass that loads again and stores."""
     row = tl.program_id(0)
     grp = tl.program_id(1)
     pdl.wait(USE_PDL)
     start = grp * GROUP
     stop = tl.minimum(start + GROUP, K)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(start, stop, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        k = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_xm + k, mask=k < stop, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        amax = tl.where(ax > amax, ax, amax)
-    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
-    tl.store(scale_ptr + row * n_groups + grp, scale)
-    for k0 in range(start, stop, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_xm + k, mask=k < stop, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
+        tl.store(scale_ptr + row * n_groups + grp, scale)
         tl.store(out_ptr + row * K + k, quantize_e4m3(x, scale).to(out_ptr.dtype.element_ty),
                  mask=k < stop)  # fmt: skip
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(start, stop, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + k, mask=k < stop, other=0.0).to(tl.float32)
+            ax = tl.abs(x)
+            amax = tl.where(ax > amax, ax, amax)
+        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
+        tl.store(scale_ptr + row * n_groups + grp, scale)
+        for k0 in range(start, stop, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + k, mask=k < stop, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * K + k, quantize_e4m3(x, scale).to(out_ptr.dtype.element_ty),
+                     mask=k < stop)  # fmt: skip
 
 
 def quantize_rows(x: torch.Tensor, group: int | None = None):
-    """(fp8 `[M, K]`, fp32 scales `[M, 1]` or `[M, K / group]`): `fp8_ops.quantize_per_token`."""
+    """(fp8 `[M, K]`, fp32 scales `[M, 1]` or `[M, K / group]`): `fp8_ops.quantize_per_token`.
+    A row (group) of up to `ONE_PASS_MAX` features is loaded once, by up to 16 warps (32-64
+    features a thread); the old two-pass loop of 1024-feature loads took ~11 us a launch at a
+    7B's shapes (H100), a fifth of the prefill's FP8 GEMM time."""
     m, k = x.shape
     groups = 1 if group is None else k // group
     out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
@@ -64,10 +82,13 @@ def quantize_rows(x: torch.Tensor, group: int | None = None):
         return out, scales
     x = x if x.stride(-1) == 1 else x.contiguous()
     span = k if group is None else group
+    one_pass = span <= ONE_PASS_MAX
+    block = triton.next_power_of_2(span) if one_pass else 1024
+    warps = min(16, max(1, block // 1024)) if one_pass else 4
     flag = pdl.use_pdl(x)
     _quantize_rows_kernel[(m, groups)](
-        x, out, scales, k, x.stride(0), groups, GROUP=span,
-        BLOCK=min(1024, triton.next_power_of_2(span)), USE_PDL=flag, launch_pdl=flag,
+        x, out, scales, k, x.stride(0), groups, GROUP=span, BLOCK=block, ONE_PASS=one_pass,
+        USE_PDL=flag, num_warps=warps, launch_pdl=flag,
     )  # fmt: skip
     return out, scales
 

@@ -88,8 +88,9 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 def _fp8_one_row_config(n: int, k: int) -> GemvConfig:
     """E4M3 weights, one row (`gemv(w_scale=)`), from the H100 sweeps (`scripts/
     bench_quant_kernels.py --only fp8_w8a16`, docs/performance.md; first defaults -> these,
-    us): the short launches take `fma_tile`'s 2-D accumulator (<= 64 fp32 a thread), the long
-    ones the per-row sums (few registers: more programs an SM); no K split."""
+    us; then the engine's decode, `scripts/device/fp8_configs.py`): `fma_tile`'s 2-D
+    accumulator (<= 64 fp32 a thread) but for gate_up, summed per row (few registers: more
+    programs an SM); no K split."""
     if k > 8192:  # down 3584 x 18944: 29.5 -> 27.6 (26.3 summed per row, 10% slower decode)
         return GemvConfig(block_n=8, block_k=1024)
     if n >= 16384:  # gate_up 37888 x 3584: 48.8 -> 45.6

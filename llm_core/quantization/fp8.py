@@ -35,8 +35,6 @@ FP8_GEMV_MAX_ROWS = 1
 # that row with per-channel / per-tensor scales through the 16-bit GEMV (W8A16); False: the
 # E4M3 wgmma GEMV (W8A8; `scripts/device/fp8_ab.py` times both)
 ONE_ROW_W8A16 = True
-# and there SiLU*mul as the down projection loads x (True), or its own kernel first (False)
-ONE_ROW_SILU_FOLD = True
 
 
 class Fp8Scheme(QuantScheme):
@@ -178,8 +176,6 @@ class Fp8LinearMethod(LinearMethod):
             from polymodal.llm_core.layers import fp8_gemv, gemv
 
             if self.scheme.block is None and ONE_ROW_W8A16:
-                if silu_mul and not ONE_ROW_SILU_FOLD:
-                    x, silu_mul = silu_and_mul(x), False
                 return gemv.gemv(x, layer.weight, layer.bias, silu_mul=silu_mul,
                                  residual=residual, w_scale=layer.weight_scale_fp32)  # fmt: skip
             return fp8_gemv.fp8_gemv(x, layer.weight, layer.weight_scale_fp32, self.scheme.block,

@@ -14,7 +14,6 @@ import sys
 from polymodal.cli import main
 from polymodal.llm_core.layers import gemv_config
 from polymodal.llm_core.layers.gemv_config import GemvConfig as C
-from polymodal.llm_core.quantization import fp8
 
 DEFAULT = gemv_config._fp8_one_row_config
 SUMS = {"fma2d": False}
@@ -31,11 +30,6 @@ VARIANTS = {
     "qkv sums 4x1024 2w": {"qkv": C(4, 1024, num_warps=2, **SUMS)},
     "o sums 4x1024 2w": {"o": C(4, 1024, num_warps=2, **SUMS)},
     "default again": {},
-    "no SiLU fold": {"fold": False},
-    "no SiLU fold, down sums 8x4096": {"fold": False, "down": C(8, 4096, **SUMS)},
-    "no SiLU fold, down 16x1024 8w": {"fold": False, "down": C(16, 1024, num_warps=8)},
-    "no SiLU fold, down 8x2048 8w": {"fold": False, "down": C(8, 2048, num_warps=8)},
-    "no SiLU fold, down sums 4x2048 2w": {"fold": False, "down": C(4, 2048, num_warps=2, **SUMS)},
 }
 
 
@@ -45,7 +39,6 @@ def part(n: int, k: int) -> str:
 
 for label in sys.argv[1:] or VARIANTS:
     tiles = VARIANTS[label]
-    fp8.ONE_ROW_SILU_FOLD = tiles.get("fold", True)
     gemv_config._fp8_one_row_config = lambda n, k, tiles=tiles: (
         tiles.get(part(n, k)) or DEFAULT(n, k)
     )

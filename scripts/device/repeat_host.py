@@ -49,8 +49,10 @@ print("fresh", call())
 rows = [call() for _ in range(8)]
 for name, i in (("process", 0), ("stage", 1), ("add", 2), ("steps", 3), ("total", 4)):
     vals = [r[0][i] for r in rows]
-    print(f"repeat {name:8s} median {statistics.median(vals):6.2f} ms  "
-          + " ".join(f"{v:.2f}" for v in vals))
+    print(
+        f"repeat {name:8s} median {statistics.median(vals):6.2f} ms  "
+        + " ".join(f"{v:.2f}" for v in vals)
+    )
 print("steps before the token:", [r[1] for r in rows])
 prof = cProfile.Profile()
 prof.enable()

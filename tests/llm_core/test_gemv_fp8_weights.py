@@ -71,14 +71,19 @@ def test_fp8_weights_take_the_norm_and_residual_folds(split_k):
 
 
 def test_fp8_weights_one_row_config():
-    """One row of FP8 weights: the H100 sweep's tiles, no K split (the 2-D accumulator's <= 64
-    fp32 a thread); several rows keep the 16-bit rule."""
+    """One row of FP8 weights: the H100 sweeps' tiles, no K split (the 2-D accumulator's <= 64
+    fp32 a thread; gate_up summed per row); several rows keep the 16-bit rule."""
     pick = gemv_ops.default_config
     qkv = pick(1, 4608, 3584, 132, False, True)
     assert (qkv.block_n, qkv.block_k, qkv.num_warps, qkv.split_k) == (8, 512, 8, 1)
     down = pick(1, 3584, 18944, 132, True, True)
-    assert (down.block_n, down.block_k, down.split_k, down.fma2d) == (8, 4096, 1, False)
-    for n, k in ((4608, 3584), (3584, 3584), (2048, 768)):  # 2-D: <= 64 fp32 a thread
+    assert (down.block_n, down.block_k, down.split_k, down.fma2d) == (8, 1024, 1, True)
+    for n, k in (
+        (4608, 3584),
+        (3584, 3584),
+        (3584, 18944),
+        (2048, 768),
+    ):  # 2-D: <= 64 fp32 a thread
         cfg = pick(1, n, k, 132, False, True)
         assert cfg.fma2d and cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps, cfg
     assert not pick(1, 37888, 3584, 132, False, True).fma2d  # gate_up: the per-row sums

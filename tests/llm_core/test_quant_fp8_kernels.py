@@ -36,10 +36,17 @@ def _weights(n, k, strategy, seed=0):
     return fp8_ops.quantize_weight(w, strategy)
 
 
+@pytest.mark.parametrize("one_pass_max", [fp8_kernels.ONE_PASS_MAX, 0])
 @pytest.mark.parametrize("group", [None, 128])
-def test_quantize_rows_equals_reference(group):
-    x = exact_x(5, 384, torch.bfloat16, group)
+@pytest.mark.parametrize("k", [384, 2560])
+def test_quantize_rows_equals_reference(group, k, one_pass_max, monkeypatch):
+    """Both forms: the row (group) read once, whole, and the two passes of 1024-feature loads
+    (K 2560: three loads, the last partial; a row's amax placed in its last load)."""
+    monkeypatch.setattr(fp8_kernels, "ONE_PASS_MAX", one_pass_max)
+    x = exact_x(5, k, torch.bfloat16, group)
     x[2] = 0  # an all-zero row: the minimum scale, zeros out
+    if group is None:  # row 3's amax in its last features (the last, partial load)
+        x[3, 0], x[3, -1] = x[3, 1], -448.0 * 2.0**-9
     xq, xs = fp8_kernels.quantize_rows(x, group)
     ref_q, ref_s = fp8_ops.quantize_per_token(x, group)
     torch.testing.assert_close(xs, ref_s.reshape(xs.shape), rtol=0, atol=0)
