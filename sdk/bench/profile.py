@@ -301,13 +301,18 @@ def print_calls_profile(title: str, prof: dict) -> None:
     _print_kernels(prof["idle_gaps"], "ms_per_step", "calls_per_step")
 
 
+CAPTION_PROFILED = 32  # images of the profiled captioning job (its kernel table)
+
+
 def profile_all(ours, pics) -> dict:
-    """Kernel tables of decode, TTFT and the vision tower; phase tables of TTFT and
-    captioning."""
+    """Kernel tables of decode, TTFT, the vision tower and a captioning job of
+    `CAPTION_PROFILED` images; phase tables of TTFT and captioning."""
+    job = pics[:CAPTION_PROFILED]
     return {
         "decode_kernels": decode_kernels(ours),
         "ttft_kernels": ttft_kernels(ours),
         "encoder_kernels": encoder_kernels(ours, pics[:16]),
+        "caption_kernels": calls_profile(lambda: ours.caption(job, 128), 1, top=20),
         "ttft_phases": profile_run(ours.engine, lambda: ours.ttft_ms(None, repeats=2)),
         "caption_phases": profile_run(ours.engine, lambda: ours.caption(pics, 128)),
     }
@@ -340,6 +345,8 @@ def print_profile(prof: dict) -> None:
         f"{ek['batch_ms']:.1f} ms"
     )
     _print_kernels(ek["top_kernels"], "ms_per_call", "launches")
+    print_calls_profile(f"captioning {CAPTION_PROFILED} images x 128 tokens",
+                        prof["caption_kernels"])  # fmt: skip
     for name in ("ttft_phases", "caption_phases"):
         print(f"{name}: total {prof[name]['total_seconds']:.2f}s")
         for phase, v in prof[name]["phases"].items():
