@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# Next session's second run (written in the thirty-second): kernel tables of FP8 and bf16
-# captioning (issue 19: FP8 captioning 1.12-1.17x bf16 against 1.4x), the media repeats
-# (issue 15: 64 frames again 67.8 ms vs 33.9 the session before, 1080p 10.4 vs <= 8).
+# Next session's second run (written in the thirty-second). Issue 19: W8A8's activation
+# quantization read once a row vs two passes at 128 images, twice (46.4 vs 48.4 images/s at 64
+# in one run each), then bf16.
 source scripts/device/setup.sh
-for q in "--quantization fp8" "--dummy-weights"; do  # where FP8 captioning's time goes
-  timeout 170 python3 -m polymodal.cli bench --skip-hf --images 64 --profile $q > $OUT/prof.txt 2>&1
-  echo "== $q"; grep -A26 "^captioning 32 images" $OUT/prof.txt | cut -c1-150
+for v in "one pass" "two passes" "one pass" "two passes" "bf16"; do
+  timeout 100 python3 scripts/device/fp8_quant_ab.py "$v" 128 > $OUT/ab.txt 2>&1
+  grep -E "^==|tok/s|TTFT ms|images/s|fraction of floor|Error" $OUT/ab.txt | cut -c1-160
 done
-timeout 150 python3 -m polymodal.cli bench --workload media --skip-hf --images 16 \
-  > $OUT/media.txt 2>&1; grep -A8 "^NVIDIA" $OUT/media.txt | head -9
