@@ -17,6 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from polymodal.bench.engine import measure_bandwidth
 from polymodal.bench.media import matmul_tflops
 from polymodal.bench.timing import graph_ms
 
@@ -43,14 +44,6 @@ MODELS = {  # decoder linears (N, K)
 ROTATE_BYTES = 256 << 20  # > L2 (50-60 MB) several times
 
 
-def copy_rate() -> float:
-    """Device-to-device copy, bytes read + written a second."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = graph_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms / 1e3)
-
-
 def time_shape(m: int, n: int, k: int) -> list[float]:
     """us of F.linear, the swapped product, the rows padded to 64 and to 128."""
     copies = max(1, -(-ROTATE_BYTES // (n * k * 2)))
@@ -75,7 +68,7 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="gemma-3-12b")
     parser.add_argument("--rows", default="287")
     args = parser.parse_args()
-    peak, bandwidth = matmul_tflops() * 1e12, copy_rate()
+    peak, bandwidth = matmul_tflops() * 1e12, measure_bandwidth()
     print(f"bf16 GEMM {peak / 1e12:.0f} TFLOP/s, copy {bandwidth / 1e12:.2f} TB/s")
     print(f"{'linear':<8} {'rows':>5} {'floor us':>9} {'F.linear':>9} {'swapped':>9} "
           f"{'pad 64':>9} {'pad 128':>9}  (us; the floor's share of F.linear)")  # fmt: skip

@@ -44,13 +44,4 @@ for label in sys.argv[1:] or VARIANTS:
     )
     gemv_config.default_config.cache_clear()
     print(f"== {label}", flush=True)
-    main(
-        [
-            "bench",
-            "--skip-hf",
-            "--images",
-            "8",
-            "--quantization",
-            "fp8",
-        ]
-    )
+    main(["bench", "--skip-hf", "--images", "8", "--quantization", "fp8"])
