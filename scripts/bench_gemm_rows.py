@@ -49,8 +49,9 @@ def time_shape(m: int, n: int, k: int) -> list[float]:
     copies = max(1, -(-ROTATE_BYTES // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    # outputs ~ sqrt(K) in size: bf16 rounds them by up to ~sqrt(K) / 128
     torch.testing.assert_close((weights[0] @ x.t()).t(), F.linear(x, weights[0]), rtol=2e-2,
-                               atol=2e-1)  # fmt: skip
+                               atol=0.02 * k**0.5)  # fmt: skip
     turn = itertools.count()
 
     def timed(fn) -> float:  # fn(weight), a different copy each call of the graph

@@ -6,6 +6,7 @@
     python scripts/bench_quant_kernels.py --only int4_gemm --rows 290,1024,4096
     python scripts/bench_quant_kernels.py --only fp8_gemv
     python scripts/bench_quant_kernels.py --only fp8_w8a16   # one row: the 16-bit GEMV on E4M3
+    python scripts/bench_quant_kernels.py --only fp8_rows --rows 2,32  # W8A8 at decode batches
     python scripts/bench_quant_kernels.py --only int4_folds   # each GEMV fold vs its own kernel
     python scripts/bench_quant_kernels.py --only quantize_rows --rows 16,290,2048  # one pass or two
 
@@ -291,11 +292,68 @@ def bench_quantize_rows(rows: list[int]) -> None:
         print(f"{m:>6} {k:>6} {times[0]:12.1f} {times[1]:14.1f} {m * k * 3 / times[0] / 1e3:11.0f}")
 
 
+def bench_fp8_rows(rows: list[int]) -> None:
+    """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` as the engine calls it
+    (x [M, K] times weight^T; quantization included), the swapped product `(W @ xq^T)^T` (the
+    weight's N as cuBLAS's M, rows padded to 16), the Triton `fp8_gemm` at small tiles, the
+    FP8 GEMV up to 8 rows, against bf16 `F.linear`. us, and GB/s of the best FP8 form."""
+    from polymodal.llm_core.quantization.fp8 import _scaled_mm
+
+    tiles = [(16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4)]
+    print(f"{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>8} {'triton':>7} "
+          f"{'gemv':>7}  best tile")  # fmt: skip
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k) / k**0.5
+        weight, scale = (t.cuda() for t in fp8_ops.quantize_weight(w, "channel"))
+        copies = rotating(lambda i: (weight.clone(), scale.clone()), n * k)
+        dense = rotating(lambda i: w.to(torch.bfloat16).cuda(), n * k * 2)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            ref = fp8_ops.w8a8_reference(x.float(), weight, scale)
+            padded = F.pad(x, (0, 0, 0, -m % 16))
+
+            def swapped(wt):
+                xq, xs = fp8_kernels.quantize_rows(padded)
+                out = torch._scaled_mm(wt[0], xq.t(), scale_a=wt[1], scale_b=xs.reshape(1, -1),
+                                       out_dtype=torch.bfloat16)  # fmt: skip
+                return out.t()[:m].contiguous()
+
+            forms = {
+                "scaled": lambda c, wt: _scaled_mm(x, wt[0], wt[1], None),
+                "swapped": lambda c, wt: swapped(wt),
+            }
+            cyc = itertools.cycle(dense)
+            line = [graph_us(lambda: F.linear(x, next(cyc)))]
+            for form in forms.values():
+                line.append(sweep(form, ref, [None], copies, 2e-2)[0][1])
+            cfgs = [dict(BLOCK_M=a, BLOCK_N=b, num_warps=c, num_stages=d) for a, b, c, d in tiles]
+            tri = sweep(lambda c, wt: fp8_kernels.fp8_gemm(x, wt[0], wt[1], config=c), ref,
+                        cfgs, copies, 2e-2)  # fmt: skip
+            best = min((r for r in tri if r[1] is not None), key=lambda r: r[1], default=None)
+            line.append(best[1] if best else None)
+            gemv_us = None
+            if m <= fp8_gemv.GEMV_MAX_ROWS:
+                gemv_us = sweep(lambda c, wt: fp8_gemv.fp8_gemv(x, wt[0], wt[1]), ref, [None],
+                                copies, 2e-2)[0][1]  # fmt: skip
+            line.append(gemv_us)
+            cells = " ".join(f"{'-' if t is None else f'{t:.1f}':>7}" for t in line)
+            tile = tuple(best[0].values()) if best else "-"
+            print(f"{name:>8} {m:>5} {cells}  {tile}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        choices=["int4_gemv", "int4_gemm", "fp8_gemv", "fp8_w8a16", "int4_folds", "quantize_rows"],
+        choices=[
+            "int4_gemv",
+            "int4_gemm",
+            "fp8_gemv",
+            "fp8_w8a16",
+            "fp8_rows",
+            "int4_folds",
+            "quantize_rows",
+        ],  # fmt: skip
     )
     parser.add_argument("--rows", help="x rows, comma-separated")
     args = parser.parse_args()
@@ -307,6 +365,8 @@ def main() -> None:
         bench_fp8_gemv(rows or [1])
     if args.only in (None, "fp8_w8a16"):
         bench_fp8_w8a16()
+    if args.only in (None, "fp8_rows"):
+        bench_fp8_rows(rows or [2, 8, 16, 32, 64, 128])
     if args.only in (None, "int4_folds"):
         bench_int4_folds()
     if args.only in (None, "quantize_rows"):

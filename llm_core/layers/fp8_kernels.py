@@ -149,9 +149,11 @@ def _fp8_gemm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=None):
+def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=None,
+             config: dict | None = None):  # fmt: skip
     """`x [M, K]` (16-bit; quantized here) times the FP8 `weight [N, K]`: `[M, N]`.
-    `w_scale`: `[N, 1]` per channel, or `[ceil(N/128), K/128]` with `block=128`."""
+    `w_scale`: `[N, 1]` per channel, or `[ceil(N/128), K/128]` with `block=128`. `config`:
+    BLOCK_M, BLOCK_N, num_warps, num_stages in place of the default (benchmarks sweep it)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
@@ -164,6 +166,7 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
                    num_stages=3)  # fmt: skip
     else:  # interpreted: small tiles
         cfg = dict(BLOCK_M=16, BLOCK_N=16)
+    cfg = config or cfg
     flag = pdl.use_pdl(x)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemm_kernel[grid](
