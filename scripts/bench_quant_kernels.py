@@ -299,7 +299,11 @@ def bench_fp8_rows(rows: list[int]) -> None:
     FP8 GEMV up to 8 rows, against bf16 `F.linear`. us, and GB/s of the best FP8 form."""
     from polymodal.llm_core.quantization.fp8 import _scaled_mm
 
-    tiles = [(16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4)]
+    tiles = [(64, 64, 128, 4, 4), (64, 128, 128, 4, 3)] + [
+        (bm, bn, bk, w, st)
+        for bm, bn in ((16, 32), (32, 32), (64, 32), (64, 16), (32, 16))
+        for bk, w, st in ((128, 4, 4), (128, 4, 6), (256, 4, 4), (256, 8, 4))
+    ]
     print(f"{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>8} {'triton':>7} "
           f"{'gemv':>7}  best tile")  # fmt: skip
     for name, (n, k) in SHAPES.items():
@@ -326,7 +330,8 @@ def bench_fp8_rows(rows: list[int]) -> None:
             line = [graph_us(lambda: F.linear(x, next(cyc)))]
             for form in forms.values():
                 line.append(sweep(form, ref, [None], copies, 2e-2)[0][1])
-            cfgs = [dict(BLOCK_M=a, BLOCK_N=b, num_warps=c, num_stages=d) for a, b, c, d in tiles]
+            keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+            cfgs = [dict(zip(keys, tile, strict=True)) for tile in tiles]
             tri = sweep(lambda c, wt: fp8_kernels.fp8_gemm(x, wt[0], wt[1], config=c), ref,
                         cfgs, copies, 2e-2)  # fmt: skip
             best = min((r for r in tri if r[1] is not None), key=lambda r: r[1], default=None)

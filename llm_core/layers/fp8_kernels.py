@@ -153,7 +153,7 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
              config: dict | None = None):  # fmt: skip
     """`x [M, K]` (16-bit; quantized here) times the FP8 `weight [N, K]`: `[M, N]`.
     `w_scale`: `[N, 1]` per channel, or `[ceil(N/128), K/128]` with `block=128`. `config`:
-    BLOCK_M, BLOCK_N, num_warps, num_stages in place of the default (benchmarks sweep it)."""
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages over the default (benchmarks sweep it)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
@@ -166,14 +166,13 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
                    num_stages=3)  # fmt: skip
     else:  # interpreted: small tiles
         cfg = dict(BLOCK_M=16, BLOCK_N=16)
-    cfg = config or cfg
+    cfg = {"BLOCK_K": 128 if block is not None or x.is_cuda else 32, **cfg, **(config or {})}
     flag = pdl.use_pdl(x)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _fp8_gemm_kernel[grid](
         xq, xs, weight, w_scale, out if bias is None else bias, out,
         m, n, k, xs.shape[1], w_scale.shape[-1],
         BLOCKWISE=block is not None, HAS_BIAS=bias is not None, DOT_F32=not x.is_cuda,
-        BLOCK_K=128 if block is not None or x.is_cuda else 32, GROUP_M=8, USE_PDL=flag,
-        launch_pdl=flag, **cfg,
+        GROUP_M=8, USE_PDL=flag, launch_pdl=flag, **cfg,
     )  # fmt: skip
     return out
