@@ -160,7 +160,11 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
     if m == 0 or n == 0:
         return out
     xq, xs = quantize_rows(x, block)
-    if x.is_cuda:
+    if x.is_cuda and m <= 64 and block is None:  # decode batches: narrow N tiles, deep K,
+        # so that a 3584-wide output spreads over 112 CTAs (bench_quant_kernels --only fp8_rows)
+        cfg = dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=256, num_warps=4,
+                   num_stages=4)  # fmt: skip
+    elif x.is_cuda:
         block_m = 64 if m <= 64 else 128
         cfg = dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=8 if block_m == 128 else 4,
                    num_stages=3)  # fmt: skip

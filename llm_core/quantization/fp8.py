@@ -35,6 +35,11 @@ FP8_GEMV_MAX_ROWS = 1
 # that row with per-channel / per-tensor scales through the 16-bit GEMV (W8A16); False: the
 # E4M3 wgmma GEMV (W8A8; `scripts/device/fp8_ab.py` times both)
 ONE_ROW_W8A16 = True
+# Rows (decode batches) up to which per-channel W8A8 takes the Triton GEMM's narrow tiles, not
+# cuBLAS: its FP8 kernel tiles N by 128 (28 CTAs for a 3584-wide output) and reads weights at
+# a third of the copy rate (H100, 32 rows, a 7B's layer: 110 vs 150 us; bf16 170;
+# `scripts/bench_quant_kernels.py --only fp8_rows`). 0: cuBLAS from 2 rows.
+TRITON_MAX_ROWS = 64
 
 
 class Fp8Scheme(QuantScheme):
@@ -193,7 +198,13 @@ class Fp8LinearMethod(LinearMethod):
         n, k = layer.weight.shape
         if rows.shape[0] <= FP8_GEMV_MAX_ROWS:
             out = fp8_gemv.fp8_gemv(rows, layer.weight, scale, block, layer.bias)
-        elif block is None and n % 16 == 0 and k % 16 == 0 and x.dtype != torch.float32:
+        elif (
+            block is None
+            and rows.shape[0] > TRITON_MAX_ROWS
+            and n % 16 == 0
+            and k % 16 == 0
+            and x.dtype != torch.float32
+        ):
             out = _scaled_mm(rows, layer.weight, scale, layer.bias)
         else:
             out = fp8_kernels.fp8_gemm(rows, layer.weight, scale, block, layer.bias)

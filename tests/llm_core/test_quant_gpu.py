@@ -132,11 +132,12 @@ def test_fp8_quantize_rows_on_hardware(group):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("strategy", ["channel", "block"])
-@pytest.mark.parametrize("rows", [1, 2, 7, 300])
+@pytest.mark.parametrize("rows", [1, 2, 7, 17, 64, 65, 300])
 def test_fp8_linear_gpu(shape, strategy, rows):
-    """`Fp8LinearMethod.apply` on each path (GEMV at 1 row, _scaled_mm or the Triton GEMM
-    above) against the W8A8 reference on the same FP8 numbers; one row per channel is W8A16
-    (the 16-bit GEMV on E4M3 weights): x as it is times the dequantized weight."""
+    """`Fp8LinearMethod.apply` on each path (GEMV at 1 row; the Triton GEMM's narrow tiles to
+    64 rows, _scaled_mm above, the Triton GEMM for block scales) against the W8A8 reference
+    on the same FP8 numbers; one row per channel is W8A16 (the 16-bit GEMV on E4M3 weights):
+    x as it is times the dequantized weight."""
     needs_fp8()
     from polymodal.llm_core.layers.linear import Linear
     from polymodal.llm_core.quantization.fp8 import Fp8LinearMethod, Fp8Scheme
