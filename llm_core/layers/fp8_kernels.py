@@ -129,9 +129,8 @@ def _fp8_gemm_kernel(
         w = tl.load(w_rows + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:  # the interpreter has no FP8 dot
             part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:  # promoted to fp32 after every wgmma's 32 features: Triton's sm_90 default
-            # (2**30) keeps FP8 sums in the tensor cores' ~14-bit accumulator all along K
-            part = tl.dot(a, w, max_num_imprecise_acc=32)
+        else:
+            part = tl.dot(a, w)
         if BLOCKWISE:
             kb = k0 // BLOCK_K
             sa = tl.load(a_scale_ptr + offs_m * a_groups + kb, mask=m_mask, other=0.0)
