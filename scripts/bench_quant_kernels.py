@@ -293,19 +293,26 @@ def bench_quantize_rows(rows: list[int]) -> None:
 
 
 def bench_fp8_rows(rows: list[int]) -> None:
-    """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` as the engine calls it
-    (x [M, K] times weight^T; quantization included), the swapped product `(W @ xq^T)^T` (the
-    weight's N as cuBLAS's M, rows padded to 16), the Triton `fp8_gemm` at small tiles, the
-    FP8 GEMV up to 8 rows, against bf16 `F.linear`. us, and GB/s of the best FP8 form."""
+    """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` (x [M, K] times weight^T;
+    quantization included), the swapped product `(W @ xq^T)^T` (the weight's N as cuBLAS's M,
+    rows padded to 16), the Triton `fp8_gemm` with its default tile and the best of a sweep
+    (narrow N tiles, deep K, split-K), the FP8 GEMV up to 8 rows, against bf16 `F.linear`; us.
+    Which of them the engine runs: `fp8.TRITON_MAX_ROWS`."""
     from polymodal.llm_core.quantization.fp8 import _scaled_mm
 
-    tiles = [(64, 64, 128, 4, 4), (64, 128, 128, 4, 3)] + [
-        (bm, bn, bk, w, st)
-        for bm, bn in ((16, 32), (32, 32), (64, 32), (64, 16), (32, 16), (128, 32), (128, 64))
-        for bk, w, st in ((128, 4, 4), (128, 4, 6), (256, 4, 4), (256, 8, 4))
+    tiles = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1)]
+    tiles += [
+        (bm, bn, bk, w, st, 1)
+        for bm, bn in ((16, 32), (32, 32), (64, 32), (64, 16), (128, 32), (128, 64))
+        for bk, w, st in ((128, 4, 4), (256, 4, 4), (256, 8, 4), (512, 4, 3))
     ]
-    print(f"{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>8} {'triton':>7} "
-          f"{'gemv':>7}  best tile")  # fmt: skip
+    tiles += [
+        (bm, bn, bk, w, 4, split)
+        for bm, bn, bk, w in ((64, 32, 256, 4), (128, 64, 128, 8), (128, 32, 256, 8))
+        for split in (2, 4)
+    ]
+    print(f"{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>7} {'default':>7} "
+          f"{'triton':>7} {'gemv':>7}  best tile (M, N, K, warps, stages, split)")  # fmt: skip
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k) / k**0.5
         weight, scale = (t.cuda() for t in fp8_ops.quantize_weight(w, "channel"))
@@ -330,19 +337,19 @@ def bench_fp8_rows(rows: list[int]) -> None:
             line = [graph_us(lambda: F.linear(x, next(cyc)))]
             for form in forms.values():
                 line.append(sweep(form, ref, [None], copies, 2e-2)[0][1])
-            keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-            cfgs = [dict(zip(keys, tile, strict=True)) for tile in tiles]
+            keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")
+            cfgs = [None] + [dict(zip(keys, tile, strict=True)) for tile in tiles]
             tri = sweep(lambda c, wt: fp8_kernels.fp8_gemm(x, wt[0], wt[1], config=c), ref,
                         cfgs, copies, 2e-2)  # fmt: skip
             best = min((r for r in tri if r[1] is not None), key=lambda r: r[1], default=None)
-            line.append(best[1] if best else None)
+            line += [tri[0][1], best[1] if best else None]  # fp8_gemm's default tile, the best
             gemv_us = None
             if m <= fp8_gemv.GEMV_MAX_ROWS:
                 gemv_us = sweep(lambda c, wt: fp8_gemv.fp8_gemv(x, wt[0], wt[1]), ref, [None],
                                 copies, 2e-2)[0][1]  # fmt: skip
             line.append(gemv_us)
             cells = " ".join(f"{'-' if t is None else f'{t:.1f}':>7}" for t in line)
-            tile = tuple(best[0].values()) if best else "-"
+            tile = tuple((best[0] or {"": "default"}).values()) if best else "-"
             print(f"{name:>8} {m:>5} {cells}  {tile}")
 
 

@@ -4,8 +4,9 @@ scales, activations quantized per token (per 128-feature group for block weights
 - `quantize_rows`: dynamic activation quantization, one program per row (and group).
 - `fp8_gemm`: `[BLOCK_M, 128] x [128, BLOCK_N]` FP8 tiles on tensor cores (fp32 accumulation),
   each K tile's product scaled by its activation group's and weight block's scales (block), or
-  the whole sum by the row's and channel's (channel). Per-channel weights on CUDA with
-  16-aligned shapes go to `torch._scaled_mm` instead (`quantization/fp8.py`).
+  the whole sum by the row's and channel's (channel); split-K into fp32 planes summed in
+  order by `_sum_splits_kernel`. Per-channel weights on CUDA with 16-aligned shapes go to
+  `torch._scaled_mm` instead from `fp8.TRITON_MAX_ROWS` + 1 rows (`quantization/fp8.py`).
 - `fp8_gemv` (batch-1 decode): `fp8_gemv.py`.
 Launch parameters derive from shapes only: CUDA-graph safe.
 """
@@ -97,15 +98,18 @@ def quantize_rows(x: torch.Tensor, group: int | None = None):
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr,
-    M, N, K, a_groups, w_kblocks,
+    M, N, K, a_groups, w_kblocks, k_per_split,
     BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, USE_PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """out = (a * a_scale) @ (w * w_scale)^T. BLOCKWISE: BLOCK_K = 128 = the scale blocks, so
     each K tile's partial product takes one activation scale per row and one weight scale per
-    (128-feature block of) output; else the scales apply once, at the end."""
+    (128-feature block of) output; else the scales apply once, at the end. SPLIT_K > 1: program
+    (tile, s) sums features [s * k_per_split, (s + 1) * k_per_split) and stores its scaled fp32
+    partial (the bias in split 0's) at `out_ptr`'s plane s; `_sum_splits_kernel` adds them."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     band = pid // (GROUP_M * grid_n)
@@ -122,9 +126,10 @@ def _fp8_gemm_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[None, :] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     pdl.wait(USE_PDL)
-    for k0 in range(0, K, BLOCK_K):
+    k_stop = tl.minimum(K, (split + 1) * k_per_split)
+    for k0 in range(split * k_per_split, k_stop, BLOCK_K):
         k = k0 + offs_k
-        k_mask = k < K
+        k_mask = k < k_stop
         a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_F32:  # the interpreter has no FP8 dot
@@ -144,16 +149,33 @@ def _fp8_gemm_kernel(
         sw = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
         acc = acc * sa[:, None] * sw[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        bias = tl.load(b_ptr + offs_n, mask=n_mask & (split == 0), other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out = out_ptr + split.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr):  # fmt: skip
+    """out = the sum of the SPLIT_K fp32 planes of `size` elements, in split order (the same
+    sum every run: no atomics), cast to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    pdl.wait(USE_PDL)
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=None,
              config: dict | None = None):  # fmt: skip
     """`x [M, K]` (16-bit; quantized here) times the FP8 `weight [N, K]`: `[M, N]`.
     `w_scale`: `[N, 1]` per channel, or `[ceil(N/128), K/128]` with `block=128`. `config`:
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages over the default (benchmarks sweep it)."""
+    BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages over the default (benchmarks
+    sweep it). SPLIT_K > 1 cuts K into that many spans of whole BLOCK_K tiles, each summed by
+    its own programs into an fp32 plane, then added in a fixed order (deterministic)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
@@ -171,12 +193,23 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
     else:  # interpreted: small tiles
         cfg = dict(BLOCK_M=16, BLOCK_N=16)
     cfg = {"BLOCK_K": 128 if block is not None or x.is_cuda else 32, **cfg, **(config or {})}
+    tiles = triton.cdiv(k, cfg["BLOCK_K"])
+    split = min(cfg.pop("SPLIT_K", 1), tiles)
+    k_per_split = triton.cdiv(tiles, split) * cfg["BLOCK_K"]
+    split = triton.cdiv(k, k_per_split)  # every split has features
+    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
+                                                device=x.device)  # fmt: skip
     flag = pdl.use_pdl(x)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _fp8_gemm_kernel[grid](
-        xq, xs, weight, w_scale, out if bias is None else bias, out,
-        m, n, k, xs.shape[1], w_scale.shape[-1],
+        xq, xs, weight, w_scale, out if bias is None else bias, target,
+        m, n, k, xs.shape[1], w_scale.shape[-1], k_per_split,
         BLOCKWISE=block is not None, HAS_BIAS=bias is not None, DOT_F32=not x.is_cuda,
-        GROUP_M=8, USE_PDL=flag, launch_pdl=flag, **cfg,
+        GROUP_M=8, SPLIT_K=split, USE_PDL=flag, launch_pdl=flag, **cfg,
     )  # fmt: skip
+    if split > 1:
+        size, width = m * n, 1024
+        _sum_splits_kernel[(triton.cdiv(size, width),)](
+            target, out, size, SPLIT_K=split, BLOCK=width, USE_PDL=flag, launch_pdl=flag
+        )
     return out

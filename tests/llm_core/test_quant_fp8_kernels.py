@@ -56,16 +56,19 @@ def test_quantize_rows_equals_reference(group, k, one_pass_max, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("strategy", ["channel", "block"])
 @pytest.mark.parametrize("rows", [2, 17])
-def test_fp8_gemm(dtype, strategy, rows):
-    """N=200 (a partial 128-row scale block and 16-feature tiles), K=256 (two scale blocks)."""
-    n, k = 200, 256
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fp8_gemm(dtype, strategy, rows, split_k):
+    """N=200 (a partial 128-row scale block and 16-feature tiles), K=384 (three scale blocks;
+    split 3: one K tile a split, the bias in split 0's plane only)."""
+    n, k = 200, 384
     weight, scale = _weights(n, k, strategy)
     gen = torch.Generator().manual_seed(rows)
     block = 128 if strategy == "block" else None
     x = exact_x(rows, k, dtype, block, seed=rows)
     bias = torch.randn(n, generator=gen).to(dtype)
     ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block, bias.float())
-    out = fp8_kernels.fp8_gemm(x, weight, scale, block, bias)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": split_k}
+    out = fp8_kernels.fp8_gemm(x, weight, scale, block, bias, config=config)
     assert out.shape == (rows, n) and out.dtype == dtype
     assert_close(out, ref, dtype)
 
