@@ -7,6 +7,7 @@
     python scripts/bench_quant_kernels.py --only fp8_gemv
     python scripts/bench_quant_kernels.py --only fp8_w8a16   # one row: the 16-bit GEMV on E4M3
     python scripts/bench_quant_kernels.py --only fp8_rows --rows 2,32  # W8A8 at decode batches
+    python scripts/bench_quant_kernels.py --only fp8_rows_block  # the same, 128x128 block scales
     python scripts/bench_quant_kernels.py --only int4_folds   # each GEMV fold vs its own kernel
     python scripts/bench_quant_kernels.py --only quantize_rows --rows 16,290,2048  # one pass or two
 
@@ -292,12 +293,13 @@ def bench_quantize_rows(rows: list[int]) -> None:
         print(f"{m:>6} {k:>6} {times[0]:12.1f} {times[1]:14.1f} {m * k * 3 / times[0] / 1e3:11.0f}")
 
 
-def bench_fp8_rows(rows: list[int]) -> None:
+def bench_fp8_rows(rows: list[int], strategy: str = "channel") -> None:
     """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` (x [M, K] times weight^T;
     quantization included), the swapped product `(W @ xq^T)^T` (the weight's N as cuBLAS's M,
     rows padded to 16), the Triton `fp8_gemm` with its default tile and the best of a sweep
     (narrow N tiles, deep K, split-K), the FP8 GEMV up to 8 rows, against bf16 `F.linear`; us.
-    Which of them the engine runs: `fp8.TRITON_MAX_ROWS`."""
+    Which of them the engine runs: `fp8.TRITON_MAX_ROWS`. `strategy="block"`: 128x128 block
+    scales (DeepSeek / Qwen3 FP8), Triton only, tiles of BLOCK_K 128 (the scale blocks)."""
     from polymodal.llm_core.quantization.fp8 import _scaled_mm
 
     tiles = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1)]
@@ -311,16 +313,18 @@ def bench_fp8_rows(rows: list[int]) -> None:
         for bm, bn, bk, w in ((64, 32, 256, 4), (128, 64, 128, 8), (128, 32, 256, 8))
         for split in (2, 4)
     ]
-    print(f"{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>7} {'default':>7} "
-          f"{'triton':>7} {'gemv':>7}  best tile (M, N, K, warps, stages, split)")  # fmt: skip
+    block = 128 if strategy == "block" else None
+    tiles = [t for t in tiles if block is None or t[2] == block]
+    print(f"{strategy}\n{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>7} "
+          f"{'default':>7} {'triton':>7} {'gemv':>7}  best (M, N, K, warps, stages, split)")  # fmt: skip
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k) / k**0.5
-        weight, scale = (t.cuda() for t in fp8_ops.quantize_weight(w, "channel"))
+        weight, scale = (t.cuda() for t in fp8_ops.quantize_weight(w, strategy))
         copies = rotating(lambda i: (weight.clone(), scale.clone()), n * k)
         dense = rotating(lambda i: w.to(torch.bfloat16).cuda(), n * k * 2)
         for m in rows:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            ref = fp8_ops.w8a8_reference(x.float(), weight, scale)
+            ref = fp8_ops.w8a8_reference(x.float(), weight, scale, block)
             padded = F.pad(x, (0, 0, 0, -m % 16))
 
             def swapped(wt):
@@ -335,18 +339,19 @@ def bench_fp8_rows(rows: list[int]) -> None:
             }
             cyc = itertools.cycle(dense)
             line = [graph_us(lambda: F.linear(x, next(cyc)))]
-            for form in forms.values():
+            for form in forms.values() if block is None else ():
                 line.append(sweep(form, ref, [None], copies, 2e-2)[0][1])
+            line += [None, None] if block else []
             keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")
             cfgs = [None] + [dict(zip(keys, tile, strict=True)) for tile in tiles]
-            tri = sweep(lambda c, wt: fp8_kernels.fp8_gemm(x, wt[0], wt[1], config=c), ref,
-                        cfgs, copies, 2e-2)  # fmt: skip
+            tri = sweep(lambda c, wt: fp8_kernels.fp8_gemm(x, wt[0], wt[1], block, config=c),
+                        ref, cfgs, copies, 2e-2)  # fmt: skip
             best = min((r for r in tri if r[1] is not None), key=lambda r: r[1], default=None)
             line += [tri[0][1], best[1] if best else None]  # fp8_gemm's default tile, the best
             gemv_us = None
             if m <= fp8_gemv.GEMV_MAX_ROWS:
-                gemv_us = sweep(lambda c, wt: fp8_gemv.fp8_gemv(x, wt[0], wt[1]), ref, [None],
-                                copies, 2e-2)[0][1]  # fmt: skip
+                gemv_us = sweep(lambda c, wt: fp8_gemv.fp8_gemv(x, wt[0], wt[1], block), ref,
+                                [None], copies, 2e-2)[0][1]  # fmt: skip
             line.append(gemv_us)
             cells = " ".join(f"{'-' if t is None else f'{t:.1f}':>7}" for t in line)
             tile = tuple((best[0] or {"": "default"}).values()) if best else "-"
@@ -363,6 +368,7 @@ def main() -> None:
             "fp8_gemv",
             "fp8_w8a16",
             "fp8_rows",
+            "fp8_rows_block",
             "int4_folds",
             "quantize_rows",
         ],  # fmt: skip
@@ -379,6 +385,8 @@ def main() -> None:
         bench_fp8_w8a16()
     if args.only in (None, "fp8_rows"):
         bench_fp8_rows(rows or [2, 8, 16, 32, 64, 128])
+    if args.only in (None, "fp8_rows_block"):
+        bench_fp8_rows(rows or [2, 16, 32, 64], "block")
     if args.only in (None, "int4_folds"):
         bench_int4_folds()
     if args.only in (None, "quantize_rows"):

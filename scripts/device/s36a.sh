@@ -9,3 +9,4 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/llm_core/test_quant_g
   -k "split_k or fp8_linear" 2>&1 | grep -E "Error:|passed|failed" | head -6
 timeout 420 python3 scripts/bench_quant_kernels.py --only fp8_rows --rows 32,64,128,256 \
   > $OUT/rows.txt 2>&1; tail -18 $OUT/rows.txt
+timeout 150 python3 scripts/bench_quant_kernels.py --only fp8_rows_block --rows 2,32,64 2>&1 | tail -14
