@@ -297,7 +297,7 @@ def bench_fp8_rows(rows: list[int], strategy: str = "channel") -> None:
     """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` (x [M, K] times weight^T;
     quantization included), the swapped product `(W @ xq^T)^T` (the weight's N as cuBLAS's M,
     rows padded to 16), the Triton `fp8_gemm` with its default tile and the best of a sweep
-    (narrow N tiles, deep K, split-K), the FP8 GEMV up to 8 rows, against bf16 `F.linear`; us.
+    (narrow N tiles, deep K, split-K; printed as M, N, K, warps, stages, split), the FP8 GEMV up to 8 rows, against bf16 `F.linear`; us.
     Which of them the engine runs: `fp8.TRITON_MAX_ROWS`. `strategy="block"`: 128x128 block
     scales (DeepSeek / Qwen3 FP8), Triton only, tiles of BLOCK_K 128 (the scale blocks)."""
     from polymodal.llm_core.quantization.fp8 import _scaled_mm
@@ -316,7 +316,7 @@ def bench_fp8_rows(rows: list[int], strategy: str = "channel") -> None:
     block = 128 if strategy == "block" else None
     tiles = [t for t in tiles if block is None or t[2] == block]
     print(f"{strategy}\n{'shape':>8} {'rows':>5} {'bf16':>7} {'scaled':>7} {'swapped':>7} "
-          f"{'default':>7} {'triton':>7} {'gemv':>7}  best (M, N, K, warps, stages, split)")  # fmt: skip
+          f"{'default':>7} {'triton':>7} {'gemv':>7}  best tile")  # fmt: skip
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k) / k**0.5
         weight, scale = (t.cuda() for t in fp8_ops.quantize_weight(w, strategy))
