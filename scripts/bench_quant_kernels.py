@@ -297,9 +297,10 @@ def bench_fp8_rows(rows: list[int], strategy: str = "channel") -> None:
     """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` (x [M, K] times weight^T;
     quantization included), the swapped product `(W @ xq^T)^T` (the weight's N as cuBLAS's M,
     rows padded to 16), the Triton `fp8_gemm` with its default tile and the best of a sweep
-    (narrow N tiles, deep K, split-K; printed as M, N, K, warps, stages, split), the FP8 GEMV up to 8 rows, against bf16 `F.linear`; us.
-    Which of them the engine runs: `fp8.TRITON_MAX_ROWS`. `strategy="block"`: 128x128 block
-    scales (DeepSeek / Qwen3 FP8), Triton only, tiles of BLOCK_K 128 (the scale blocks)."""
+    (narrow N tiles, deep K, split-K; printed as M, N, K, warps, stages, split), the FP8 GEMV
+    up to 8 rows, against bf16 `F.linear`; us. Which of them the engine runs:
+    `fp8.TRITON_MAX_ROWS`. `strategy="block"`: 128x128 block scales (DeepSeek / Qwen3 FP8),
+    Triton only, tiles of BLOCK_K 128 (the scale blocks)."""
     from polymodal.llm_core.quantization.fp8 import _scaled_mm
 
     tiles = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1)]
