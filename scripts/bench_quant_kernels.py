@@ -135,7 +135,8 @@ def bench_int4_gemm(rows_list: list[int]) -> None:
             configs = [None] + [
                 (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 64, 8, 4),
                 (64, 128, 128, 8, 3), (128, 64, 128, 4, 3), (64, 64, 128, 4, 4),
-                (64, 64, 128, 4, 3), (128, 256, 64, 8, 3),
+                (64, 64, 128, 4, 3), (128, 256, 64, 8, 3), (256, 64, 64, 8, 3),
+                (256, 64, 128, 8, 3), (256, 128, 64, 8, 3), (256, 32, 128, 4, 3),
             ]  # fmt: skip
 
             def run(config, w):
@@ -294,13 +295,11 @@ def bench_quantize_rows(rows: list[int]) -> None:
 
 
 def bench_fp8_rows(rows: list[int], strategy: str = "channel") -> None:
-    """W8A8 per channel at decode-batch rows: cuBLAS `_scaled_mm` (x [M, K] times weight^T;
-    quantization included), the swapped product `(W @ xq^T)^T` (the weight's N as cuBLAS's M,
-    rows padded to 16), the Triton `fp8_gemm` with its default tile and the best of a sweep
-    (narrow N tiles, deep K, split-K; printed as M, N, K, warps, stages, split), the FP8 GEMV
-    up to 8 rows, against bf16 `F.linear`; us. Which of them the engine runs:
-    `fp8.TRITON_MAX_ROWS`. `strategy="block"`: 128x128 block scales (DeepSeek / Qwen3 FP8),
-    Triton only, tiles of BLOCK_K 128 (the scale blocks)."""
+    """W8A8 at decode-batch rows (us): cuBLAS `_scaled_mm` (quantization included), the swapped
+    product `(W @ xq^T)^T` (rows padded to 16), the Triton `fp8_gemm`'s default tile and the
+    best of a sweep (narrow N, deep K, split-K; as M, N, K, warps, stages, split), the FP8 GEMV
+    to 8 rows, bf16 `F.linear`. The engine's pick: `fp8.TRITON_MAX_ROWS`. `strategy="block"`:
+    128x128 block scales (DeepSeek / Qwen3 FP8), Triton only, BLOCK_K 128 (the scale blocks)."""
     from polymodal.llm_core.quantization.fp8 import _scaled_mm
 
     tiles = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1)]
