@@ -95,6 +95,11 @@ def quantize_rows(x: torch.Tensor, group: int | None = None):
     return out, scales
 
 
+# Rows up to which `fp8_gemm` (per-channel) takes narrow N tiles with deep K: decode batches,
+# where a 3584-wide output must spread over ~112 CTAs (`bench_quant_kernels.py --only fp8_rows`)
+NARROW_MAX_ROWS = 64
+
+
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, b_ptr, out_ptr,
@@ -182,8 +187,7 @@ def fp8_gemm(x, weight, w_scale, block: int | None = None, bias=None, out_dtype=
     if m == 0 or n == 0:
         return out
     xq, xs = quantize_rows(x, block)
-    if x.is_cuda and m <= 64 and block is None:  # decode batches: narrow N tiles, deep K,
-        # so that a 3584-wide output spreads over 112 CTAs (bench_quant_kernels --only fp8_rows)
+    if x.is_cuda and m <= NARROW_MAX_ROWS and block is None:
         cfg = dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=32, BLOCK_K=256, num_warps=4,
                    num_stages=4)  # fmt: skip
     elif x.is_cuda:

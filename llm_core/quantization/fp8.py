@@ -35,11 +35,11 @@ FP8_GEMV_MAX_ROWS = 1
 # that row with per-channel / per-tensor scales through the 16-bit GEMV (W8A16); False: the
 # E4M3 wgmma GEMV (W8A8; `scripts/device/fp8_ab.py` times both)
 ONE_ROW_W8A16 = True
-# Rows (decode batches) up to which per-channel W8A8 takes the Triton GEMM's narrow tiles, not
-# cuBLAS: its FP8 kernel tiles N by 128 (28 CTAs for a 3584-wide output) and reads weights at
-# a third of the copy rate (H100, 32 rows, a 7B's layer: 110 vs 150 us, bf16 170, in
-# `scripts/bench_quant_kernels.py --only fp8_rows`; captioning 32 / 64 images 8% / 10% faster,
-# `scripts/device/fp8_quant_ab.py`). 0: cuBLAS from 2 rows.
+# Rows (decode batches) up to which per-channel W8A8 takes the Triton GEMM (narrow tiles up to
+# `fp8_kernels.NARROW_MAX_ROWS`), not cuBLAS: its FP8 kernel tiles N by 128 (28 CTAs for a
+# 3584-wide output), qkv / o / down at 1.0-1.2 TB/s (H100, 32 rows, a 7B's layer: 110 vs
+# 150 us, bf16 170, `scripts/bench_quant_kernels.py --only fp8_rows`; captioning 32 / 64
+# images 8% / 10% faster, `scripts/device/fp8_quant_ab.py`). 0: cuBLAS from 2 rows.
 TRITON_MAX_ROWS = 64
 
 
