@@ -29,6 +29,11 @@ VARIANTS = {
     "gate_up sums 4x512 1w": {"gate_up": C(4, 512, num_warps=1, **SUMS)},
     "qkv sums 4x1024 2w": {"qkv": C(4, 1024, num_warps=2, **SUMS)},
     "o sums 4x1024 2w": {"o": C(4, 1024, num_warps=2, **SUMS)},
+    # the whole K in one tile (3584 of 4096 lanes), so every weight load is issued before the
+    # PDL wait: o's while the (latency-bound) decode attention runs; 4 programs an SM fit
+    "o one tile 8x4096 sums": {"o": C(8, 4096, **SUMS)},
+    "o one tile 4x4096 2w sums": {"o": C(4, 4096, num_warps=2, **SUMS)},
+    "qkv+o one tile 8x4096 sums": {"qkv": C(8, 4096, **SUMS), "o": C(8, 4096, **SUMS)},
     "default again": {},
 }
 
