@@ -34,6 +34,20 @@ VARIANTS = {
     "o one tile 8x4096 sums": {"o": C(8, 4096, **SUMS)},
     "o one tile 4x4096 2w sums": {"o": C(4, 4096, num_warps=2, **SUMS)},
     "qkv+o one tile 8x4096 sums": {"qkv": C(8, 4096, **SUMS), "o": C(8, 4096, **SUMS)},
+    "qkv+o+gate_up one tile": {
+        "qkv": C(8, 4096, **SUMS),
+        "o": C(8, 4096, **SUMS),
+        "gate_up": C(4, 4096, **SUMS),
+    },
+    "qkv 16x4096 8w + o one tile": {
+        "qkv": C(16, 4096, num_warps=8, **SUMS),
+        "o": C(8, 4096, **SUMS),
+    },  # fmt: skip
+    "qkv+o one tile, gate_up 8x4096": {
+        "qkv": C(8, 4096, **SUMS),
+        "o": C(8, 4096, **SUMS),
+        "gate_up": C(8, 4096, **SUMS),
+    },
     "default again": {},
 }
 
