@@ -48,6 +48,21 @@ VARIANTS = {
         "o": C(8, 4096, **SUMS),
         "gate_up": C(8, 4096, **SUMS),
     },
+    "one tile, gate_up 16x4096 8w": {
+        "qkv": C(8, 4096, **SUMS),
+        "o": C(8, 4096, **SUMS),
+        "gate_up": C(16, 4096, num_warps=8, **SUMS),
+    },
+    "one tile, o 4x4096 2w": {
+        "qkv": C(8, 4096, **SUMS),
+        "o": C(4, 4096, num_warps=2, **SUMS),
+        "gate_up": C(8, 4096, **SUMS),
+    },
+    "one tile, qkv+o 4x4096 2w": {
+        "qkv": C(4, 4096, num_warps=2, **SUMS),
+        "o": C(4, 4096, num_warps=2, **SUMS),
+        "gate_up": C(8, 4096, **SUMS),
+    },
     "default again": {},
 }
 
