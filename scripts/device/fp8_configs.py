@@ -16,6 +16,7 @@ from polymodal.llm_core.layers import gemv_config
 from polymodal.llm_core.layers.gemv_config import GemvConfig as C
 
 DEFAULT = gemv_config._fp8_one_row_config
+DEFAULT16 = gemv_config._one_row_config
 SUMS = {"fma2d": False}
 VARIANTS = {
     "default": {},
@@ -63,6 +64,22 @@ VARIANTS = {
         "o": C(4, 4096, num_warps=2, **SUMS),
         "gate_up": C(8, 4096, **SUMS),
     },
+    "one tile 8 warps": {
+        "qkv": C(8, 4096, num_warps=8, **SUMS),
+        "o": C(8, 4096, num_warps=8, **SUMS),
+        "gate_up": C(8, 4096, num_warps=8, **SUMS),
+    },
+    "one tile, gate_up 8w": {
+        "qkv": C(8, 4096, **SUMS),
+        "o": C(8, 4096, **SUMS),
+        "gate_up": C(8, 4096, num_warps=8, **SUMS),
+    },
+    "one tile + LM head 4x4096": {
+        "qkv": C(8, 4096, **SUMS),
+        "o": C(8, 4096, **SUMS),
+        "gate_up": C(8, 4096, **SUMS),
+        "lm_head": C(4, 4096),
+    },
     "default again": {},
 }
 
@@ -76,6 +93,9 @@ for label in sys.argv[1:] or VARIANTS:
     gemv_config._fp8_one_row_config = lambda n, k, tiles=tiles: (
         tiles.get(part(n, k)) or DEFAULT(n, k)
     )
+    gemv_config._one_row_config = lambda n, k, silu_mul, tiles=tiles: (
+        tiles.get("lm_head") if n >= 65536 and "lm_head" in tiles else DEFAULT16(n, k, silu_mul)
+    )  # the 16-bit LM head
     gemv_config.default_config.cache_clear()
     print(f"== {label}", flush=True)
     main(["bench", "--skip-hf", "--images", "8", "--quantization", "fp8"])
