@@ -10,6 +10,10 @@ import torch
 import triton
 
 TILE_ELEMENTS = 8192  # weight elements per program and K step in the default config
+# One-row launches whose whole K fits one tile this wide load every weight before the PDL
+# wait, so they stream while the kernel before them (decode attention, a short GEMV) runs:
+# H100, Qwen2.5-VL-7B FP8 decode 324.0 -> 338.4 tok/s (docs/performance.md, s36i.sh)
+ONE_TILE_MAX_K = 4096
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
         if silu_mul:  # as decode runs it, SiLU*mul on load: 38.4 (+ the SiLU kernel) -> 35.1 us
             return GemvConfig(block_n=8, block_k=2048, split_k=4, num_warps=8, num_stages=3)
         return GemvConfig(block_n=32, block_k=256, split_k=8, num_warps=8, num_stages=3)  # 35.4
-    if n >= 65536:  # LM head 152064 x 3584: 258 -> 242 us
+    if n >= 65536:  # LM head 152064 x 3584: 258 -> 242 us; then one whole-K tile (below)
+        if k <= ONE_TILE_MAX_K:
+            return GemvConfig(block_n=4, block_k=triton.next_power_of_2(k))
         return GemvConfig(block_n=32, block_k=256, num_stages=3)
     if n >= 16384:  # gate_up 37888 x 3584: 70.6 -> 62.4 us
         return GemvConfig(block_n=8, block_k=512)
@@ -88,11 +94,13 @@ def _one_row_config(n: int, k: int, silu_mul: bool) -> GemvConfig:
 def _fp8_one_row_config(n: int, k: int) -> GemvConfig:
     """E4M3 weights, one row (`gemv(w_scale=)`), from the H100 sweeps (`scripts/
     bench_quant_kernels.py --only fp8_w8a16`, docs/performance.md; first defaults -> these,
-    us; then the engine's decode, `scripts/device/fp8_configs.py`): `fma_tile`'s 2-D
-    accumulator (<= 64 fp32 a thread) but for gate_up, summed per row (few registers: more
-    programs an SM); no K split."""
+    us; then the engine's decode, `scripts/device/fp8_configs.py`): K up to `ONE_TILE_MAX_K`
+    (qkv, o, gate_up) one whole-K tile of 8 features a program, summed per row; down
+    `fma_tile`'s 2-D accumulator (<= 64 fp32 a thread); no K split."""
     if k > 8192:  # down 3584 x 18944: 29.5 -> 27.6 (26.3 summed per row, 10% slower decode)
         return GemvConfig(block_n=8, block_k=1024)
+    if k <= ONE_TILE_MAX_K:  # qkv, o, gate_up as one whole-K tile a program, summed per row
+        return GemvConfig(block_n=8, block_k=triton.next_power_of_2(k), fma2d=False)
     if n >= 16384:  # gate_up 37888 x 3584: 48.8 -> 45.6
         return GemvConfig(block_n=4, block_k=1024, num_warps=2, fma2d=False)
     if n <= 4096:  # o_proj 3584 x 3584: 7.3 -> 6.1-6.3
