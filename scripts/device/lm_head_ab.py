@@ -2,7 +2,7 @@
 thirty-fourth session: 4 features x next_pow2(K)) or the tiled config before it (32 x 256, 3
 stages): the engine bench, bf16, one variant a process.
 
-    python3 scripts/device/lm_head_ab.py one-tile|tiled
+    python3 scripts/device/lm_head_ab.py one-tile|tiled [MODEL]
 """
 
 import sys
@@ -21,4 +21,5 @@ if variant == "tiled":
 
     gemv_config._one_row_config = tiled
 print(f"== {variant}", flush=True)
-main(["bench", "--skip-hf", "--images", "8", "--dummy-weights"])
+model = sys.argv[2:3]  # a VL family (its TTFT against the floor), else the 7B engine bench
+main(["bench", *model, "--skip-hf", "--images", "32" if model else "8", "--dummy-weights"])
