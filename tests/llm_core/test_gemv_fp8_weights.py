@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.llm_core.layers import gemv as gemv_ops
-from polymodal.llm_core.layers import triton_ops
+from polymodal.llm_core.layers import gemv_config, triton_ops
 from polymodal.llm_core.quantization import fp8_ops
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
@@ -71,24 +71,29 @@ def test_fp8_weights_take_the_norm_and_residual_folds(split_k):
 
 
 def test_fp8_weights_one_row_config():
-    """One row of FP8 weights: the H100 sweeps' tiles, no K split (the 2-D accumulator's <= 64
-    fp32 a thread; gate_up summed per row); several rows keep the 16-bit rule."""
+    """One row of FP8 weights: K up to `ONE_TILE_MAX_K` (qkv, o, gate_up) one whole-K tile of 8
+    features a program, summed per row (every weight load before the PDL wait); a longer K the
+    H100 sweeps' tiles (the 2-D accumulator's <= 64 fp32 a thread; down 8 x 1024), no K split;
+    several rows keep the 16-bit rule, and so does the 16-bit LM head's own one-tile rule."""
     pick = gemv_ops.default_config
-    qkv = pick(1, 4608, 3584, 132, False, True)
-    assert (qkv.block_n, qkv.block_k, qkv.num_warps, qkv.split_k) == (8, 512, 8, 1)
+    assert gemv_config.ONE_TILE_MAX_K == 4096
+    for n in (4608, 3584, 37888):  # a 7B's qkv, o, gate_up
+        cfg = pick(1, n, 3584, 132, False, True)
+        assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split_k) == (8, 4096, 4, 1)
+        assert not cfg.fma2d
     down = pick(1, 3584, 18944, 132, True, True)
     assert (down.block_n, down.block_k, down.split_k, down.fma2d) == (8, 1024, 1, True)
-    for n, k in (
-        (4608, 3584),
-        (3584, 3584),
-        (3584, 18944),
-        (2048, 768),
-    ):  # 2-D: <= 64 fp32 a thread
+    qkv = pick(1, 7168, 5120, 132, False, True)  # K past one tile: the swept tiles
+    assert (qkv.block_n, qkv.block_k, qkv.num_warps, qkv.split_k) == (8, 512, 8, 1)
+    for n, k in ((7168, 5120), (5120, 5120), (3584, 18944), (2048, 768)):  # 2-D: <= 64 fp32
         cfg = pick(1, n, k, 132, False, True)
         assert cfg.fma2d and cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps, cfg
-    assert not pick(1, 37888, 3584, 132, False, True).fma2d  # gate_up: the per-row sums
+    assert not pick(1, 37888, 5120, 132, False, True).fma2d  # gate_up: the per-row sums
     assert pick(2, 4608, 3584, 132, False, True) == pick(2, 4608, 3584, 132)
-    assert pick(1, 4608, 3584, 132) != qkv  # the 16-bit one-row tiles stay as swept
+    assert pick(1, 4608, 3584, 132) != pick(1, 4608, 3584, 132, False, True)
+    head = pick(1, 152064, 3584, 132)  # the 16-bit LM head: one tile up to 4096, else tiled
+    assert (head.block_n, head.block_k) == (4, 4096)
+    assert (pick(1, 152064, 5120, 132).block_n, pick(1, 152064, 5120, 132).block_k) == (32, 256)
 
 
 def test_fp8_weights_bad_inputs_name_the_argument():

@@ -244,9 +244,11 @@ def test_gemv_default_config_heuristic():
     """Qwen2.5-VL-7B shapes on 132 SMs: one row takes the configs measured fastest; more rows
     ~4 programs per SM with 8192-element weight tiles, rows widening the feature block."""
     pick, Config = gemv_ops.default_config, gemv_ops.GemvConfig
-    # one row: the configs measured fastest on an H200
+    # one row: the configs measured fastest on an H200; the LM head one whole-K tile while K
+    # fits `ONE_TILE_MAX_K` (an H100's FP8 and bf16 decode), tiled past it
     assert pick(1, 37888, 3584, 132) == Config(block_n=8, block_k=512)
-    assert pick(1, 152064, 3584, 132) == Config(block_n=32, block_k=256, num_stages=3)
+    assert pick(1, 152064, 3584, 132) == Config(block_n=4, block_k=4096)
+    assert pick(1, 152064, 5120, 132) == Config(block_n=32, block_k=256, num_stages=3)
     down = Config(block_n=32, block_k=256, split_k=8, num_warps=8, num_stages=3)
     assert pick(1, 3584, 18944, 132) == down
     down_silu = Config(block_n=8, block_k=2048, split_k=4, num_warps=8, num_stages=3)
