@@ -5,8 +5,8 @@ checkpoint's names and shapes, so packed q/k/v and gate/up shards slice along th
 features), then `process_weights` turns them into the one layout the kernels read
 (`int4_pack.py`): K-packed `qweight`, unpacked `zeros`, `scales`, and for act-order GPTQ the
 `perm` that sorts input features by group. On CUDA, <= 4 rows take the Triton GEMV
-(`layers/int4_gemv.py`), up to 1023 the Triton GEMM, more a dequantized copy of the weight and
-cuBLAS (both `layers/int4_kernels.py`); elsewhere the dequantized weight runs through
+(`layers/int4_gemv.py`), up to 127 the Triton GEMM, from `INT4_DENSE_MIN_ROWS` (128) a
+dequantized copy of the weight and cuBLAS (both `layers/int4_kernels.py`); elsewhere the dequantized weight runs through
 `F.linear` (the reference).
 """
 
