@@ -47,10 +47,12 @@ def test_fp8_weights_times_their_scales(dtype, rows, split_k, silu_mul, fma2d):
         assert_close(out, ref, dtype)
 
 
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_fp8_weights_take_the_norm_and_residual_folds(split_k):
+@pytest.mark.parametrize("split_k,block_k", [(1, 32), (2, 32), (1, 128)])
+def test_fp8_weights_take_the_norm_and_residual_folds(split_k, block_k):
     """One bf16 row: a deferred RMSNorm on load and the residual add in the epilogue with the
-    blocks' sums of squares, as the 16-bit weights take them."""
+    blocks' sums of squares, as the 16-bit weights take them; in 32-wide K tiles, or all of
+    K (83) in one 128-wide tile summed per row, as the one-row defaults take a K up to
+    `ONE_TILE_MAX_K`."""
     from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
     dtype, gen = torch.bfloat16, torch.Generator().manual_seed(7 + split_k)
@@ -59,7 +61,7 @@ def test_fp8_weights_take_the_norm_and_residual_folds(split_k):
     sumsq = (h.float() ** 2).sum(1, keepdim=True)
     weight, scale = fp8_weight(37, 83, gen)
     residual = torch.randn(1, 37, generator=gen).to(dtype)
-    config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)  # 5 feature blocks
+    config = gemv_ops.GemvConfig(block_n=8, block_k=block_k, split_k=split_k, fma2d=block_k < 83)
     added = gemv_ops.gemv(DeferredNorm(h, sumsq, norm_w, 1e-6), weight, None, config,
                           residual=residual, w_scale=scale)  # fmt: skip
     assert isinstance(added, AddedResidual) and added.sumsq.shape == (1, 5)
