@@ -6,8 +6,8 @@ features), then `process_weights` turns them into the one layout the kernels rea
 (`int4_pack.py`): K-packed `qweight`, unpacked `zeros`, `scales`, and for act-order GPTQ the
 `perm` that sorts input features by group. On CUDA, <= 4 rows take the Triton GEMV
 (`layers/int4_gemv.py`), up to 127 the Triton GEMM, from `INT4_DENSE_MIN_ROWS` (128) a
-dequantized copy of the weight and cuBLAS (both `layers/int4_kernels.py`); elsewhere the dequantized weight runs through
-`F.linear` (the reference).
+dequantized copy of the weight and cuBLAS (both `layers/int4_kernels.py`); elsewhere the
+dequantized weight runs through `F.linear` (the reference).
 """
 
 from __future__ import annotations
