@@ -36,13 +36,14 @@ def make_int4(n: int, k: int, group: int, act_order: bool, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("split_k", [1, 2, 4])
+@pytest.mark.parametrize("split_k", [1, 2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_int4_gemv(dtype, rows, split_k, act_order, prefetch):
     """N=40 in 32-feature blocks (one partial), K=96 in groups of 32 (3 tiles: split 2 gets
-    2 + 1, split 4 leaves one split empty); each call twice (the arrival counters reset); with
-    the next tile's loads issued a tile ahead or not."""
+    2 + 1, split 3 one tile a program, all of it loaded before the PDL wait, split 4 leaves
+    one split empty); each call twice (the arrival counters reset); with the next tile's loads
+    issued a tile ahead or not."""
     qweight, zeros, scales, perm, weight = make_int4(40, 96, 32, act_order, rows + split_k)
     gen = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, 96, generator=gen) / 96**0.5).to(dtype)
