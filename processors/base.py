@@ -37,6 +37,7 @@ import torch
 from polymodal.llm_core.errors import InvalidInputError, MediaError
 from polymodal.llm_core.loader import load_tokenizer
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
+from polymodal.processors.hashing import image_key
 from polymodal.processors.image_embeds import embeds_item, given_rows
 from polymodal.processors.input_cache import (
     DEFAULT_MAX_MB,
@@ -154,8 +155,12 @@ class MediaProcessor:
         return cls(load_tokenizer(model_dir), model_dir=model_dir, **kwargs)
 
     # ---- what a family provides --------------------------------------------------------
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
-        """One decoded RGB image -> (item without its span, its expansion text)."""
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
+        """One decoded RGB image -> (item without its span, its expansion text). `pixels_key`:
+        the image's `hashing.image_key` where it is the caller's own, already hashed
+        (`pixels.decoded_pixels`)."""
         raise NotImplementedError
 
     def video_item(self, source, index: int, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
@@ -326,8 +331,11 @@ class MediaProcessor:
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
+        pixels_key = None  # the caller's own image, as loading left it: hashed in place here
+        if image is ref.source:
+            pixels_key = key[1] if key is not None else image_key(image)
         try:
-            item, expansion = self.image_item(image, item_options)
+            item, expansion = self.image_item(image, item_options, pixels_key=pixels_key)
         except ValueError as exc:  # the family's own limits (a side resized to nothing, ...)
             if isinstance(exc, MediaError):
                 raise

@@ -30,8 +30,8 @@ from polymodal.processors.llava_views import CropsPlan, crops_pixel_values
 from polymodal.processors.pixels import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
+    decoded_pixels,
     image_processor_section,
-    image_to_frames,
     processor_section,
     scaled_mean_std,
 )
@@ -112,10 +112,12 @@ class Gemma3Processor(MediaProcessor):
             )
         return self.full_image
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         """The image (and its crops) resized to the tower's size, and the expansion text."""
         opts = {**PAN_AND_SCAN_DEFAULTS, **options}
-        frames = image_to_frames(image)  # [1, 3, H, W] uint8
+        frames, pixels = decoded_pixels(image, pixels_key)  # [1, 3, H, W] uint8
         boxes = []
         if opts["do_pan_and_scan"]:
             boxes = pan_and_scan_boxes(
@@ -130,7 +132,7 @@ class Gemma3Processor(MediaProcessor):
         knobs = [*self.size, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs += [float(bool(opts["do_pan_and_scan"]))] + [float(b) for box in boxes for b in box]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
+        key = {**pixels, "knobs": knobs}
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
         num_embeds = (1 + len(boxes)) * self.image_seq_length
         pixel_fn = partial(crops_pixel_values, plan=plan)

@@ -40,8 +40,8 @@ from polymodal.processors.hashing import content_hash
 from polymodal.processors.llava import fit_size, select_best_resolution
 from polymodal.processors.pixels import (
     image_processor_section,
-    image_to_frames,
     normalize_frames,
+    pixels_part,
     scaled_mean_std,
 )
 from polymodal.processors.qwen_vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -162,7 +162,9 @@ class HCXVisionProcessor(MediaProcessor):
         top, left = (grid.height - self.crop) // 2, (grid.width - self.crop) // 2
         return np.asarray(grid)[top : top + self.crop, left : left + self.crop]
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         q = self.side
         extra = {}
         if self.anyres:
@@ -180,10 +182,7 @@ class HCXVisionProcessor(MediaProcessor):
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [G, 3, S, S]
         knobs = [self.size, self.crop, self.resample, self.pad_to_square, q, self.unpad]
         knobs += [v for r in self.resolutions for v in r] + self.mean.tolist() + self.std.tolist()
-        key = {
-            "frames": image_to_frames(image)[0],
-            "knobs": torch.tensor(knobs, dtype=torch.float64),
-        }
+        key = {**pixels_part(image, pixels_key), "knobs": torch.tensor(knobs, dtype=torch.float64)}
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std, **extra}
         item = MultimodalItem(
             "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=normalize_frames

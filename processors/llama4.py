@@ -30,8 +30,8 @@ from polymodal.llm_core.errors import InvalidInputError, ModelLoadError
 from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.pixels import (
+    decoded_pixels,
     image_processor_section,
-    image_to_frames,
     processor_section,
     resize,
     split_tiles,
@@ -155,9 +155,11 @@ class Llama4Processor(MediaProcessor):
         if self.embed_token_id is None or self.embed_token_id == tokenizer.unk_token_id:
             raise ModelLoadError("the Llama 4 tokenizer lacks the <|patch|> token")
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         opts = {**self.defaults, **options}
-        frames = image_to_frames(image)  # [1, 3, H, W]
+        frames, pixels = decoded_pixels(image, pixels_key)  # [1, 3, H, W]
         size = (image.height, image.width)
         max_patches = opts["max_patches"]
         if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
@@ -174,7 +176,7 @@ class Llama4Processor(MediaProcessor):
         knobs = [self.tile, self.resample, self.rescale, *self.mean.tolist(), *self.std.tolist()]
         knobs += [float(opts["max_patches"]), float(bool(opts["resize_to_max_canvas"]))]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
+        key = {**pixels, "knobs": knobs}
         # the tiles are cut at staging, on the model's device (`tiles_pixel_values`)
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
         pixel_fn = partial(tiles_pixel_values, plan=plan, rescale=self.rescale)

@@ -35,8 +35,8 @@ from polymodal.processors.llava_views import (
     view_pixel_values,
 )
 from polymodal.processors.pixels import (
+    decoded_pixels,
     image_processor_section,
-    image_to_frames,
     processor_section,
     scaled_mean_std,
 )
@@ -100,7 +100,9 @@ class LlavaProcessor(MediaProcessor):
         count = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
         return count - 1 if self.drop_cls else count
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         size = (image.height, image.width)
         if self.do_pad:  # squared with the mean colour first
             size = (max(size), max(size))
@@ -110,17 +112,18 @@ class LlavaProcessor(MediaProcessor):
         plan = ViewPlan(resized, self.resample, square, crop)
         knobs = [self.shortest, *self.crop, self.do_pad, self.resample]
         num_embeds = self.tokens_per_view(*(crop or resized))
-        item = self._item(image, partial(view_pixel_values, plan=plan), knobs, num_embeds, {})
+        pixel_fn = partial(view_pixel_values, plan=plan)
+        item = self._item(image, pixels_key, pixel_fn, knobs, num_embeds, {})
         return item, self.placeholder * item.num_slots
 
-    def _item(self, image, pixel_fn, knobs, num_embeds, extra) -> MultimodalItem:
+    def _item(self, image, pixels_key, pixel_fn, knobs, num_embeds, extra) -> MultimodalItem:
         """An item that keeps the decoded frames; `pixel_fn` (a `llava_views` recipe) makes
         the pixel values at staging, on the model's device. Hashed as decoded, with the knobs
         that decide its views (the plan follows from them and the image's size)."""
         knobs = [*knobs, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        frames = image_to_frames(image)  # uint8 [1, 3, H, W], a view of the decoded HWC pixels
-        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
+        frames, pixels = decoded_pixels(image, pixels_key)  # uint8 [1, 3, H, W]
+        key = {**pixels, "knobs": knobs}
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std, **extra}
         return MultimodalItem(
             "image", data, -1, num_embeds, content_hash("image", key), pixel_fn=pixel_fn
@@ -143,7 +146,9 @@ class LlavaNextProcessor(LlavaProcessor):
         self.tile = self.crop[0]
         self.feature_side = self.tile // self.patch_size  # features per tile side
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         size = (image.height, image.width)
         plan = self.anyres_plan(size)
         layout = self.tile_layout(size, *plan.grid)
@@ -153,7 +158,7 @@ class LlavaNextProcessor(LlavaProcessor):
         knobs = [*self.view, self.tile, self.resample, *(v for p in self.pinpoints for v in p)]
         extra = {"tile_layout": torch.tensor(layout, dtype=torch.int64)}
         pixel_fn = partial(anyres_pixel_values, plan=plan)
-        item = self._item(image, pixel_fn, knobs, num_embeds, extra)
+        item = self._item(image, pixels_key, pixel_fn, knobs, num_embeds, extra)
         return item, self.placeholder * num_embeds
 
     def tile_layout(self, size: tuple[int, int], rows: int, cols: int) -> list[int]:

@@ -117,14 +117,17 @@ class LlavaOnevisionProcessor(LlavaNextProcessor):
     def image_options(self, refs: list[MediaRef]) -> dict[str, Any]:
         return {IMAGES_IN_PROMPT: sum(ref.modality == "image" for ref in refs)}
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         if options.get(IMAGES_IN_PROMPT, 1) == 1:
-            return super().image_item(image, options)
+            return super().image_item(image, options, pixels_key)
         # one of several: a single view, squared with the mean colour (no tiles)
         plan = ViewPlan(self.view, self.resample, square=tuple(self.pad_colour))
         num_embeds = self.tokens_per_view(*self.view) + 1  # its features and one newline
         knobs = [0, *self.view, self.resample, *self.pad_colour]
-        item = self._item(image, partial(view_pixel_values, plan=plan), knobs, num_embeds, {})
+        pixel_fn = partial(view_pixel_values, plan=plan)
+        item = self._item(image, pixels_key, pixel_fn, knobs, num_embeds, {})
         return item, self.placeholder * num_embeds
 
     def video_item(self, source, index: int, options: dict[str, Any]) -> tuple[MultimodalItem, str]:

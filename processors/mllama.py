@@ -29,8 +29,8 @@ from polymodal.processors.hashing import content_hash
 from polymodal.processors.pixels import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
+    decoded_pixels,
     image_processor_section,
-    image_to_frames,
     normalize_frames,
     read_json,
     resize,
@@ -130,17 +130,19 @@ class MllamaProcessor(MediaProcessor):
             prompt = with_bos(prompt, bos, self.placeholder)
         return super().process(messages, prompt, images, videos, **options)
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
         """The image resized to its canvas (uint8, unpadded), with its tile grid; the text keeps
         the one `<|image|>` token."""
-        frames = image_to_frames(image)  # [1, 3, H, W] uint8
+        frames, pixels = decoded_pixels(image, pixels_key)  # [1, 3, H, W] uint8
         height, width = frames.shape[-2:]
         canvas = best_canvas(height, width, self.max_tiles, self.tile)
         resized = resize(frames, fit_to_canvas(height, width, canvas, self.tile), self.resample)
         grid = (canvas[0] // self.tile, canvas[1] // self.tile)
         aspect_ratio_id = tile_arrangements(self.max_tiles).index(grid) + 1
         knobs = [self.tile, self.max_tiles, self.resample, *self.mean.tolist(), *self.std.tolist()]
-        key = {"frames": frames[0], "knobs": torch.tensor(knobs, dtype=torch.float64)}
+        key = {**pixels, "knobs": torch.tensor(knobs, dtype=torch.float64)}
         data = {
             "pixel_frames": resized,
             "pixel_mean": self.mean,

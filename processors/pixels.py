@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from polymodal.llm_core.errors import ModelLoadError
 from polymodal.processors.hashing import NUMPY_DTYPES, pixel_view
+from polymodal.processors.hashing import image_key as hashed_image_key
 
 # PIL resample codes used in HF configs -> torch interpolate modes
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
@@ -85,6 +86,31 @@ def image_frames_in_place(image) -> tuple[torch.Tensor, bool]:
     if view is None:
         return image_to_frames(image), False
     return torch.from_numpy(view).permute(2, 0, 1)[None], True
+
+
+def decoded_pixels(image, image_key: str | None = None) -> tuple[torch.Tensor, dict]:
+    """A decoded RGB PIL image -> (uint8 `[1, 3, H, W]` frames, what its content hash covers of
+    its pixels: `pixels_part`). `image_key` is given for the caller's own image, hashed in place
+    already (`hashing.image_key`: the processed-input cache's key): its frames are a copy, as
+    the caller may change the image later. An image the loader made is viewed in place
+    (`image_frames_in_place`: no `tobytes` copy, ~35 ms for a 4K image) and hashed there."""
+    if image_key is not None:
+        frames = image_to_frames(image)
+    else:
+        frames, _ = image_frames_in_place(image)
+    return frames, pixels_part(image, image_key, frames)
+
+
+def pixels_part(image, image_key: str | None = None, frames: torch.Tensor | None = None) -> dict:
+    """What a content hash covers of a decoded image's pixels: its `hashing.image_key` (given,
+    or taken here in place), the same for the same pixels whatever the source (file, bytes,
+    PIL image), so one hash instead of a second one over a copy; else its uint8 frames (HWC
+    as stored: no copy; taken from `image` unless given)."""
+    image_key = image_key or hashed_image_key(image)
+    if image_key is not None:
+        return {"image_key": torch.frombuffer(bytearray.fromhex(image_key), dtype=torch.uint8)}
+    frames = image_to_frames(image) if frames is None else frames
+    return {"frames": frames[0].permute(1, 2, 0)}
 
 
 def split_tiles(frames: torch.Tensor, rows: int, cols: int, tile: int) -> torch.Tensor:

@@ -23,8 +23,8 @@ from polymodal.processors.base import MediaProcessor
 from polymodal.processors.hashing import content_hash
 from polymodal.processors.llava_views import ViewPlan, view_pixel_values
 from polymodal.processors.pixels import (
+    decoded_pixels,
     image_processor_section,
-    image_to_frames,
     processor_section,
     scaled_mean_std,
 )
@@ -61,8 +61,10 @@ class PixtralProcessor(MediaProcessor):
         self.end_token = own.get("image_end_token", "[IMG_END]")
         self.embed_token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
 
-    def image_item(self, image, options: dict[str, Any]) -> tuple[MultimodalItem, str]:
-        frames = image_to_frames(image)  # as decoded: staging resizes (`llava_views`)
+    def image_item(
+        self, image, options: dict[str, Any], pixels_key: str | None = None
+    ) -> tuple[MultimodalItem, str]:
+        frames, pixels = decoded_pixels(image, pixels_key)  # staging resizes (`llava_views`)
         size = pixtral_size(image.height, image.width, self.longest, self.unit)
         pixel_fn = partial(view_pixel_values, plan=ViewPlan(size, self.resample))
         rows, cols = size[0] // self.unit, size[1] // self.unit
@@ -70,7 +72,7 @@ class PixtralProcessor(MediaProcessor):
             raise ValueError(f"the aspect ratio is too extreme (resized to {size[1]}x{size[0]})")
         knobs = [self.longest, self.unit, self.resample, *self.mean.tolist(), *self.std.tolist()]
         knobs = torch.tensor(knobs, dtype=torch.float64)
-        key = {"frames": frames[0].permute(1, 2, 0), "knobs": knobs}  # HWC as stored: no copy
+        key = {**pixels, "knobs": knobs}
         data = {"pixel_frames": frames, "pixel_mean": self.mean, "pixel_std": self.std}
         item = MultimodalItem(
             "image", data, -1, rows * cols, content_hash("image", key), pixel_fn=pixel_fn
