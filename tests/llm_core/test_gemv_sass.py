@@ -3,7 +3,7 @@ configs Gemma-3-12B's decode runs (qkv / gate_up: 4 features x 2048, 2 warps): G
 (the unit-offset deferred norm and GELU-tanh * up as x loads, the post-norm and add in the
 epilogue) compile, add little to the K loop, and the epilogue's fold nothing."""
 
-from tests.llm_core.sass import largest_loop
+from tests.llm_core.sass import compiled, largest_loop
 
 TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
          "part_ptr": "*fp32", "res_ptr": "*bf16", "sumsq_ptr": "*fp32", "norm_w_ptr": "*bf16",
@@ -12,12 +12,14 @@ TYPES = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16
          "hsq_ptr": "*fp32"}  # fmt: skip
 
 
+K_LOOP_CONST = {"HAS_BIAS": 0, "SILU_MUL": 0, "GELU_TANH": 0, "RESIDUAL": 0, "NORM": 1,
+                "UNIT": 0, "BLOCK_P": 1, "POST_NORM": 0, "BLOCK_Q": 1024, "LORA": 0,
+                "LORA_SLICES": 1, "BLOCK_R": 1, "SPLIT_K": 1, "BLOCK_M": 1, "BLOCK_N": 4,
+                "BLOCK_K": 2048, "WEIGHT_EVICTION": "evict_first", "USE_PDL": 1}  # fmt: skip
+
+
 def k_loop(warps=2, **folds):
-    const = {"HAS_BIAS": 0, "SILU_MUL": 0, "GELU_TANH": 0, "RESIDUAL": 0, "NORM": 1, "UNIT": 0,
-             "BLOCK_P": 1,
-             "POST_NORM": 0, "BLOCK_Q": 1024, "LORA": 0, "LORA_SLICES": 1, "BLOCK_R": 1,
-             "SPLIT_K": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 2048,
-             "WEIGHT_EVICTION": "evict_first", "USE_PDL": 1, **folds}  # fmt: skip
+    const = {**K_LOOP_CONST, **folds}
     return largest_loop("polymodal.llm_core.layers.gemv._gemv_kernel", const, TYPES, warps)
 
 
@@ -31,6 +33,16 @@ def test_gemma_folds_leave_the_k_loop_as_it_was():
     # speed, ~19 a weight on an H200 SM)
     assert unit <= plain + 128, (plain, unit)
     assert folded <= unit + 8, (unit, folded)  # the post-norm lives in the epilogue
+
+
+def test_one_whole_k_tile_keeps_gemma_folds_in_registers():
+    """The one-row default for K up to 4096 (`gemv_config.ONE_TILE_MAX_K`: 4 features x 4096,
+    4 warps, 128 weights a thread): Gemma's qkv / gate_up (unit-offset deferred norm) and o
+    (post-norm and residual in the epilogue) fit the registers (126-127, no spill)."""
+    for folds in ({"UNIT": 1}, {"NORM": 0, "UNIT": 1, "RESIDUAL": 1, "POST_NORM": 1}):
+        const = {**K_LOOP_CONST, "BLOCK_K": 4096, **folds}
+        registers, loops = compiled("polymodal.llm_core.layers.gemv._gemv_kernel", const, TYPES)
+        assert registers <= 128 and all(spills == 0 for _, spills, _ in loops), (folds, loops)
 
 
 def test_gelu_tanh_on_load_costs_little():

@@ -179,13 +179,14 @@ def test_gemma3_one_row_folds_sandwich_norms_into_gemvs(tmp_path_factory, monkey
     assert step[-1] == ("Tensor", False, False, False)  # LM head after the final norm
 
 
-@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("split_k,block_k", [(1, 32), (2, 32), (1, 128)])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_post_norm_then_unit_deferred_norm(rows, split_k):
+def test_gemv_post_norm_then_unit_deferred_norm(rows, split_k, block_k):
     """Gemma's sandwich boundary folded into GEMVs (bf16): a GEMV given `residual` and
     `post_norm` returns h = residual + post(out), bit for bit the new residual of the
     `sandwich_norm` kernel on the plain GEMV's output, with h's sums of squares; a GEMV given
-    the unit-offset `DeferredNorm(h)` equals the GEMV of that kernel's normalized output."""
+    the unit-offset `DeferredNorm(h)` equals the GEMV of that kernel's normalized output. K in
+    three tiles, or all of it in one (the one-row default up to `ONE_TILE_MAX_K`)."""
     from polymodal.llm_core.counters import arrival_counters
     from polymodal.llm_core.layers.norm import AddedResidual, DeferredNorm
 
@@ -195,7 +196,7 @@ def test_gemv_post_norm_then_unit_deferred_norm(rows, split_k):
     w1 = (torch.randn(37, 83, generator=gen) / 83**0.5).to(dtype)
     residual = torch.randn(rows, 37, generator=gen).to(dtype)
     post_w, pre_w = ((0.5 * torch.randn(37, generator=gen)).to(dtype) for _ in range(2))
-    config = gemv_ops.GemvConfig(block_n=8, block_k=32, split_k=split_k)  # 5 feature blocks
+    config = gemv_ops.GemvConfig(block_n=8, block_k=block_k, split_k=split_k)  # 5 feature blocks
     y = gemv_ops.gemv(x, w1, None, config)
     ref_x, ref_h = triton_ops.sandwich_norm(y, residual, post_w, 1e-6, pre_w, 1e-5)
     for _ in range(2):  # the arrival counters are reset
@@ -206,9 +207,9 @@ def test_gemv_post_norm_then_unit_deferred_norm(rows, split_k):
         assert not arrival_counters(x.device, 6)[:6].any()
     w2 = (torch.randn(29, 37, generator=gen) / 37**0.5).to(dtype)
     deferred = DeferredNorm(added.h, added.sumsq, pre_w, 1e-5, unit_offset=True)
-    out = gemv_ops.gemv(deferred, w2, None, gemv_ops.GemvConfig(block_n=8, block_k=16))
-    assert_close(out, gemv_ops.gemv(ref_x, w2, None, gemv_ops.GemvConfig(block_n=8, block_k=16)),
-                 dtype)  # fmt: skip
+    config = gemv_ops.GemvConfig(block_n=8, block_k=16 if block_k == 32 else 64)
+    out = gemv_ops.gemv(deferred, w2, None, config)
+    assert_close(out, gemv_ops.gemv(ref_x, w2, None, config), dtype)
     assert_close(deferred.materialize(), ref_x, dtype)
     with pytest.raises(ValueError, match="post_norm needs a residual"):
         gemv_ops.gemv(x, w1, None, config, post_norm=(post_w, 1e-6))
@@ -244,17 +245,21 @@ def test_gemv_default_config_heuristic():
     """Qwen2.5-VL-7B shapes on 132 SMs: one row takes the configs measured fastest; more rows
     ~4 programs per SM with 8192-element weight tiles, rows widening the feature block."""
     pick, Config = gemv_ops.default_config, gemv_ops.GemvConfig
-    # one row: the configs measured fastest on an H200; the LM head one whole-K tile while K
-    # fits `ONE_TILE_MAX_K` (an H100's FP8 and bf16 decode), tiled past it
-    assert pick(1, 37888, 3584, 132) == Config(block_n=8, block_k=512)
-    assert pick(1, 152064, 3584, 132) == Config(block_n=4, block_k=4096)
+    # one row: K up to `ONE_TILE_MAX_K` one whole-K tile of 4 features (qkv, o, gate_up, the
+    # LM head: an H100's decode); past it the tiles measured fastest on an H200
+    one_tile = Config(block_n=4, block_k=4096)
+    for n in (4608, 3584, 37888, 152064):
+        assert pick(1, n, 3584, 132) == one_tile
+    assert pick(1, 2048, 4096, 132) == one_tile  # Qwen3-30B-A3B's o
+    assert pick(1, 5120, 2048, 132) == Config(block_n=4, block_k=2048)  # and its qkv
     assert pick(1, 152064, 5120, 132) == Config(block_n=32, block_k=256, num_stages=3)
+    assert pick(1, 55296, 5120, 132) == Config(block_n=8, block_k=512)
+    assert pick(1, 7168, 5120, 132) == Config(block_n=4, block_k=2048, num_warps=4)
+    assert pick(1, 4096, 5120, 132) == Config(block_n=4, block_k=2048, num_warps=2)
     down = Config(block_n=32, block_k=256, split_k=8, num_warps=8, num_stages=3)
     assert pick(1, 3584, 18944, 132) == down
     down_silu = Config(block_n=8, block_k=2048, split_k=4, num_warps=8, num_stages=3)
     assert pick(1, 3584, 18944, 132, silu_mul=True) == down_silu
-    assert pick(1, 4608, 3584, 132) == Config(block_n=4, block_k=2048, num_warps=4)
-    assert pick(1, 3584, 3584, 132) == Config(block_n=4, block_k=2048, num_warps=2)
     for n, k in [(4608, 3584), (3584, 3584), (3584, 18944)]:  # qkv, o_proj, down
         for rows in (2, 4, 8):
             cfg = pick(rows, n, k, 132)
