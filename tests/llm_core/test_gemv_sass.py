@@ -1,7 +1,8 @@
-"""The 16-bit GEMV's sm_90 code, compiled offline (`tests/llm_core/sass.py`), in the one-row
-configs Gemma-3-12B's decode runs (qkv / gate_up: 4 features x 2048, 2 warps): Gemma's folds
-(the unit-offset deferred norm and GELU-tanh * up as x loads, the post-norm and add in the
-epilogue) compile, add little to the K loop, and the epilogue's fold nothing."""
+"""The 16-bit GEMV's sm_90 code, compiled offline (`tests/llm_core/sass.py`), in one-row
+configs: Gemma's folds (the unit-offset deferred norm and GELU-tanh * up as x loads, the
+post-norm and add in the epilogue) compile, add little to a K loop of 4 features x 2048 (2
+warps), and the epilogue's fold nothing; in the default for K up to 4096 (its qkv / o /
+gate_up: one whole-K tile, 4 warps) they stay in registers."""
 
 from tests.llm_core.sass import compiled, largest_loop
 
