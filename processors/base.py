@@ -37,7 +37,7 @@ import torch
 from polymodal.llm_core.errors import InvalidInputError, MediaError
 from polymodal.llm_core.loader import load_tokenizer
 from polymodal.processors.chat import ChatTemplateOptions, MediaRef, split_messages
-from polymodal.processors.hashing import image_key
+from polymodal.processors.hashing import views_image
 from polymodal.processors.image_embeds import embeds_item, given_rows
 from polymodal.processors.input_cache import (
     DEFAULT_MAX_MB,
@@ -53,6 +53,7 @@ from polymodal.processors.media import (
     load_image,
     media_error,
 )
+from polymodal.processors.pixels import image_frames_in_place
 from polymodal.processors.token_runs import RunEncoder
 from polymodal.processors.types import MultimodalItem, ProcessedPrompt
 
@@ -327,13 +328,14 @@ class MediaProcessor:
         key = self._cache_key(ref.source, item_options)
         hit = self.input_cache.get(key) if key is not None else None
         if hit is not None:
+            if "pixel_frames" not in hit.item.data:  # kept without the caller's pixels (below)
+                hit.item.data["pixel_frames"] = image_frames_in_place(ref.source)[0]
             return hit.item, hit.expansion
         image = load_image(
             ref.source, index=index, max_pixels=self.max_image_pixels, allow_http=self.allow_http
         )
-        pixels_key = None  # the caller's own image, as loading left it: hashed in place here
-        if image is ref.source:
-            pixels_key = key[1] if key is not None else image_key(image)
+        # the caller's own image as loading left it: its key hashed its pixels already
+        pixels_key = key[1] if key is not None and image is ref.source else None
         try:
             item, expansion = self.image_item(image, item_options, pixels_key=pixels_key)
         except ValueError as exc:  # the family's own limits (a side resized to nothing, ...)
@@ -341,7 +343,11 @@ class MediaProcessor:
                 raise
             raise media_error("image", index, ref.source, str(exc)) from None
         if key is not None:
-            self.input_cache.put(key, _Cached(item, expansion))
+            # a view of the caller's own image is not kept: changed later, it would no longer
+            # be what the key hashed (a hit views the image it is asked with, above)
+            borrowed = image is ref.source and views_image(item.data.get("pixel_frames"), image)
+            kept = copy_item(item, drop=("pixel_frames",)) if borrowed else item
+            self.input_cache.put(key, _Cached(kept, expansion))
         return item, expansion
 
     def image_options(self, refs: list[MediaRef]) -> dict[str, Any]:

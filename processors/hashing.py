@@ -177,3 +177,9 @@ def image_key(image: Image.Image) -> str | None:
     orientation = image.getexif().get(ORIENTATION_TAG, 1)  # loaders apply it
     digest.update(f"pixels|{image.mode}|{image.width}x{image.height}|{orientation}|".encode())
     return digest.hexdigest() if hash_pixels(digest, image) else None
+
+
+def views_image(tensor: torch.Tensor | None, image: Image.Image) -> bool:
+    """Whether `tensor` views `image`'s own pixel memory (`rgbx_view`: its first byte's)."""
+    view = rgbx_view(image) if tensor is not None else None
+    return view is not None and tensor.data_ptr() == view.ctypes.data

@@ -89,15 +89,12 @@ def image_frames_in_place(image) -> tuple[torch.Tensor, bool]:
 
 
 def decoded_pixels(image, image_key: str | None = None) -> tuple[torch.Tensor, dict]:
-    """A decoded RGB PIL image -> (uint8 `[1, 3, H, W]` frames, what its content hash covers of
-    its pixels: `pixels_part`). `image_key` is given for the caller's own image, hashed in place
-    already (`hashing.image_key`: the processed-input cache's key): its frames are a copy, as
-    the caller may change the image later. An image the loader made is viewed in place
-    (`image_frames_in_place`: no `tobytes` copy, ~35 ms for a 4K image) and hashed there."""
-    if image_key is not None:
-        frames = image_to_frames(image)
-    else:
-        frames, _ = image_frames_in_place(image)
+    """A decoded RGB PIL image -> (uint8 `[1, 3, H, W]` frames, viewed in place where Pillow
+    exports them (`image_frames_in_place`: no `tobytes` copy, ~35 ms for a 4K image on an
+    H100's host), what its content hash covers of its pixels: `pixels_part`). `image_key`: the
+    image's `hashing.image_key` where the caller has it (the processed-input cache's key of a
+    PIL image loading left as it is), else it is taken here, in place."""
+    frames, _ = image_frames_in_place(image)
     return frames, pixels_part(image, image_key, frames)
 
 

@@ -357,3 +357,34 @@ def test_a_view_of_the_callers_image_is_not_kept(fresh, photos):
     assert fresh.input_cache.hits == 1 and again.content_hash == first.content_hash
     want = torch.from_numpy(np.asarray(original)).permute(2, 0, 1)[None]
     assert torch.equal(again.data["pixel_frames"], want)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_family_views_the_callers_image_and_does_not_keep_it(arch, tmp_path_factory, photos):
+    """The shared MediaProcessor flow, as Qwen-VL's above: a caller's PIL image is read in place
+    (its frames view Pillow's memory where the family keeps them as decoded; its key's hash is
+    the content hash's, not a second one over a copy), the cached item does not keep that view,
+    and a later hit gives the pixel values of the image it is asked with."""
+    from polymodal.llm_core.registry import processor_class
+    from polymodal.processors.hashing import pixel_view
+    from tests.helpers import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path_factory, arch)
+    proc = processor_class(_architecture(path)).from_pretrained(path)
+    image = photos["astronaut"].convert("RGB").resize((112, 84))
+    original = image.copy()
+
+    def item(picture):
+        parts = [{"type": "image", "image": picture}, {"type": "text", "text": "hi"}]
+        return proc.process(messages=[{"role": "user", "content": parts}]).mm_items[0]
+
+    first = item(image)
+    want = first.pixel_values().clone()
+    if arch != "mllama":  # (Mllama keeps its frames resized to the canvas: a copy)
+        assert np.shares_memory(first.data["pixel_frames"].numpy(), pixel_view(image))
+    image.paste((255, 0, 0), (0, 0, 50, 50))  # the caller draws on it afterwards
+    again = item(original)
+    assert proc.input_cache.hits == 1 and again.content_hash == first.content_hash
+    assert torch.equal(again.pixel_values(), want)
+    changed = item(image)  # its own key: a miss, another hash
+    assert proc.input_cache.hits == 1 and changed.content_hash != first.content_hash
