@@ -11,11 +11,5 @@ for i in 1 2 3; do
   timeout 100 python3 scripts/device/gemm_swap_ab.py linear > $OUT/bench.txt 2>&1
   grep -E "TTFT ms|floors|Error" $OUT/bench.txt | cut -c1-200
 done
-# the 16-bit one-tile default on Gemma-3-12B's decode (K 3840 / 4096; not measured when made
-# the default): against the tiles before it, alternating
-for v in default tiled default tiled; do
-  timeout 100 python3 scripts/device/bf16_one_tile_ab.py $v gemma-3-12b > $OUT/g.txt 2>&1
-  echo "== $v"; grep -E -i "decode|Error" $OUT/g.txt | head -3 | cut -c1-160
-done
 timeout 150 python3 -m polymodal.cli bench --workload media --skip-hf --images 16 \
   > $OUT/media.txt 2>&1; grep -A8 "^NVIDIA" $OUT/media.txt | head -9
