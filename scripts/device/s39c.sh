@@ -7,7 +7,7 @@ source scripts/device/setup.sh
 for kv in "--kv-cache-dtype fp8" "" "--kv-cache-dtype fp8" ""; do
   timeout 110 python3 -m polymodal.cli bench --skip-hf --images 256 --quantization fp8 $kv \
     > $OUT/b.txt 2>&1
-  echo "== fp8 $kv"; grep -E "decode tok/s|TTFT ms|captioning images/s|kv cache|Error" $OUT/b.txt | head -5 | cut -c1-160
+  echo "== fp8 $kv"; grep -E "decode tok/s|TTFT ms|captioning images/s|^quantization|Error" $OUT/b.txt | head -5 | cut -c1-160
 done
 timeout 110 python3 -m polymodal.cli bench --skip-hf --images 256 --dummy-weights > $OUT/b.txt 2>&1
 echo "== bf16"; grep -E "decode tok/s|captioning images/s|Error" $OUT/b.txt | head -3 | cut -c1-160
