@@ -174,7 +174,10 @@ def image_key(image: Image.Image) -> str | None:
     """BLAKE3 (hex) of a PIL image's mode, size, EXIF orientation and pixels (`hash_pixels`:
     no copy), or None when it has no such view. Two images with one key load alike."""
     digest = hasher(image.width * image.height * 4)
-    orientation = image.getexif().get(ORIENTATION_TAG, 1)  # loaders apply it
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)  # loaders apply it
+    except (ValueError, OSError):  # closed, truncated: the loader names the error
+        return None
     digest.update(f"pixels|{image.mode}|{image.width}x{image.height}|{orientation}|".encode())
     return digest.hexdigest() if hash_pixels(digest, image) else None
 

@@ -162,7 +162,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:
-        raise ValueError(f"cannot convert mode {image.mode!r} to RGB: {exc}") from None
+        raise ValueError(f"cannot read the {image.mode} image as RGB: {exc}") from None
 
 
 # Pillow's memory block for images allocated from now on (its default, 16 MiB, holds a 4K RGB

@@ -96,6 +96,28 @@ def test_other_bad_images():
     assert isinstance(MediaError("x"), InvalidInputError)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "gemma3_vl"])
+def test_a_closed_pil_image_names_the_item(arch, our_processors, tmp_path_factory):
+    """A PIL image closed before the call: a MediaError naming it (its processed-input key and
+    its loading both read it; the key gives up, the loader names the item), in Qwen-VL's
+    processor and in the shared MediaProcessor flow."""
+    from polymodal.processors.gemma3 import Gemma3Processor
+    from tests.helpers import tiny_checkpoint
+
+    if arch == "qwen2_vl":
+        proc, mark = our_processors[arch], MARK
+    else:
+        proc = Gemma3Processor.from_pretrained(tiny_checkpoint(tmp_path_factory, arch))
+        mark = proc.placeholder
+    buffer = io.BytesIO()
+    Image.new("RGB", (50, 40)).save(buffer, format="PNG")
+    closed = Image.open(io.BytesIO(buffer.getvalue()))
+    closed.load()
+    closed.close()
+    with pytest.raises(MediaError, match=r"image 1 \(<PIL image RGB 50x40>\): .*closed image"):
+        proc.process(prompt=mark, images=[closed])
+
+
 def test_extreme_aspect_ratio_names_the_item(our_processors):
     with pytest.raises(MediaError, match=r"image 1 .*aspect ratio must be at most 200"):
         our_processors["qwen2_vl"].process(prompt=MARK, images=[Image.new("RGB", (3000, 10))])
