@@ -229,8 +229,10 @@ def _pcm_to_float(array: np.ndarray) -> np.ndarray:
 
 def audio_from_array(array: Any, rate: Any, max_seconds: float) -> tuple[torch.Tensor, int, int]:
     """`[num_samples]` or 2-D (channels on the shorter axis) -> (mono waveform, rate, channels)."""
+    if isinstance(rate, (float, np.floating)) and float(rate).is_integer():
+        rate = int(rate)  # 16000.0 (vLLM's pairs take a float rate)
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise ValueError(f"sampling rate must be a positive int, got {rate!r}")
+        raise ValueError(f"sampling rate must be a positive whole number of Hz, got {rate!r}")
     rate = int(rate)
     if rate > MAX_SOURCE_RATE:
         raise ValueError(f"sampling rate {rate} Hz is above the limit of {MAX_SOURCE_RATE}")

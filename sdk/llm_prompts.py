@@ -235,8 +235,13 @@ def _media(prompt: dict) -> dict[str, list]:
 
 
 def _is_clip(items: Any) -> bool:
-    """vLLM's `(waveform, sampling_rate)` pair is one audio clip, not a list of two."""
-    return isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], (int, float))
+    """vLLM's `(waveform, sampling_rate)` pair is one audio clip, not a list of two (a pair of
+    a waveform and something else too: its loader then names the bad rate)."""
+    if not isinstance(items, tuple) or len(items) != 2:
+        return False
+    return isinstance(items[1], (int, float)) or (
+        hasattr(items[0], "shape") and not hasattr(items[1], "shape")
+    )
 
 
 def _is_frame_list(items: Any) -> bool:

@@ -232,6 +232,18 @@ def test_bad_requests_name_the_problem(models, kwargs, message):
         proc.process(audios=[audio], **kwargs)
 
 
+def test_a_pair_with_a_bad_rate_is_one_clip_named(llm):
+    """vLLM's `(waveform, sampling_rate)` pair with a rate that is not a number is still one
+    clip (not a list of two), and its loader names the rate."""
+    from polymodal.llm_core.errors import MediaError
+
+    for rate in ("16k", None):
+        prompt = {"prompt": "", "multi_modal_data": {"audio": (clip("tone"), rate)},
+                  "mm_processor_kwargs": {"language": "en"}}  # fmt: skip
+        with pytest.raises(MediaError, match=rf"audio 1 .*whole number of Hz, got {rate!r}"):
+            llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
+
+
 def test_previous_text_prompt_matches_generate_prompt_ids(models, llm):
     """Text with the audio is previous context: `<|startofprev|>` + its tokens before the
     task prompt, as `generate(prompt_ids=...)` puts it."""

@@ -49,6 +49,14 @@ def test_lossy_containers_decode(fmt):
     assert 0.3 < float(audio.waveform.abs().max()) < 0.7
 
 
+def test_a_float_rate_that_is_whole_is_taken():
+    """vLLM's `(waveform, sampling_rate)` pairs take a float rate: 16000.0 is 16000 Hz."""
+    wave = tone(440.0, 0.25, RATE)
+    as_int, as_float = load_audio((wave, RATE)), load_audio((wave, float(RATE)))
+    assert as_float.source_rate == as_int.source_rate == RATE
+    assert torch.equal(as_float.waveform, as_int.waveform)
+
+
 def test_8khz_mono_is_resampled_to_16khz():
     clip = tone(1000.0, 1.0, 8000)
     audio = load_audio(encode(clip, 8000, "wav"))
@@ -163,8 +171,10 @@ def test_limits_and_bad_input(tmp_path):
         load_audio(str(tmp_path / "missing.wav"))
     with pytest.raises(MediaError, match="no sampling rate: pass \\(array, sampling_rate\\)"):
         load_audio(np.zeros(100, np.float32))
-    with pytest.raises(MediaError, match="positive int"):
+    with pytest.raises(MediaError, match="positive whole number of Hz, got 0"):
         load_audio((np.zeros(100, np.float32), 0))
+    with pytest.raises(MediaError, match="positive whole number of Hz, got 16000.5"):
+        load_audio((np.zeros(100, np.float32), 16000.5))
     with pytest.raises(MediaError, match="NaN"):
         load_audio((np.full(100, np.nan, np.float32), RATE))
     with pytest.raises(MediaError, match="1-D or 2-D"):
