@@ -3,7 +3,7 @@
 # tests with every MediaProcessor family's frames now viewing the caller's PIL memory (f62486b:
 # an RGBX view uploaded by `copy_to` and sliced on the device); then Gemma-3-12B-it's TTFT
 # against its floor, three times (issue 18: 2.00x median on one H100, 2.04-2.12x on another),
-# and the media bench (issue 15: the 1080p repeat, 9.2-9.5 ms on an H100, target 8).
+# (the media bench moved to s39e.sh).
 source scripts/device/setup.sh
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/processors/test_llava_gpu_staging.py \
   tests/processors/test_gpu_resize.py 2>&1 | tail -3
@@ -17,5 +17,3 @@ timeout 130 python3 -m polymodal.cli bench gemma-3-12b-it --dummy-weights --skip
   --profile > $OUT/gemma_prof.txt 2>&1
 grep -E "TTFT ms|floors|Error" $OUT/gemma_prof.txt | cut -c1-200
 grep -A40 "^TTFT of one fresh image" $OUT/gemma_prof.txt | cut -c1-150
-timeout 150 python3 -m polymodal.cli bench --workload media --skip-hf --images 16 \
-  > $OUT/media.txt 2>&1; grep -A8 "^NVIDIA" $OUT/media.txt | head -9
