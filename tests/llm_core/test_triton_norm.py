@@ -54,9 +54,11 @@ def test_sandwich_norm_strided_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gemma", [True, False])
-def test_qk_norm_in_place_on_packed_qkv(dtype, gemma):
+@pytest.mark.parametrize("heads_per_program", [None, 1, 2])
+def test_qk_norm_in_place_on_packed_qkv(dtype, gemma, heads_per_program):
     """Each head of the q and k views of a packed qkv normalized in place by its own weight;
-    v untouched; the same bits as the row kernel over contiguous copies."""
+    v untouched; the same bits as the row kernel over contiguous copies. Heads a program: the
+    default (q's three in one, k's two in another), one, two (q's last block half past q)."""
     tokens, heads, kv_heads, d = 5, 3, 2, 32
     qkv = (3 * torch.randn(tokens, (heads + 2 * kv_heads) * d)).to(dtype)
     q = qkv[:, : heads * d].view(tokens, heads, d)
@@ -69,7 +71,8 @@ def test_qk_norm_in_place_on_packed_qkv(dtype, gemma):
     ref_q, ref_k = q_norm(q.clone()), k_norm(k.clone())
     row_q = triton_ops.rms_norm(q.contiguous(), q_norm.weight, 1e-6, unit_offset=gemma)[0]
     row_k = triton_ops.rms_norm(k.contiguous(), k_norm.weight, 1e-6, unit_offset=gemma)[0]
-    out_q, out_k = triton_ops.qk_rms_norm_(q, k, q_norm.weight, k_norm.weight, 1e-6, gemma)
+    out_q, out_k = triton_ops.qk_rms_norm_(q, k, q_norm.weight, k_norm.weight, 1e-6, gemma,
+                                           heads_per_program)  # fmt: skip
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
     assert_close(q, ref_q, dtype)
     assert_close(k, ref_k, dtype)
