@@ -6,12 +6,17 @@ fresh streamed image requests, each recorded by the engine process's torch profi
 CUDA runtime calls that only a first burst should make (allocations, graph captures, module
 loads), the host ops with the most self time, and the kernels with the most time.
 
-    python3 scripts/device/burst_profile.py [REQUESTS]
+With `spy`, py-spy (carried in .whl) samples the server's processes instead, and the
+functions whose samples grew most from the second burst to the first are printed.
+
+    python3 scripts/device/burst_profile.py torch|spy|spyn [REQUESTS]   (spyn: py-spy --native)
 """
 
 import asyncio
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +66,10 @@ def summarize_trace(path: str, label: str) -> None:
     for e in events:
         if e.get("cat") == "cpu_op":
             ops[e["name"]] += e["dur"] / 1e3
+    longest = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: -e["dur"])
+    print("longest single host ops (ms, ms into the window):")
+    for e in longest[:8]:
+        print(f"  {e['name'][:60]:60s} {e['dur'] / 1e3:8.1f} {(e['ts'] - start) / 1e3:8.0f}")
     print("host ops by total ms (incl. children):")
     for name, ms in ops.most_common(12):
         print(f"  {name[:60]:60s} {ms:9.1f}")
@@ -77,9 +86,31 @@ def summarize_trace(path: str, label: str) -> None:
     print("host op ms by thread:", ", ".join(f"{t}: {ms:.0f}" for t, ms in threads.most_common(6)))
 
 
+def spy_samples(path: Path) -> tuple[Counter, Counter]:
+    """py-spy's raw stacks -> samples by leaf frame, and by function anywhere in the stack."""
+    leaf, inclusive = Counter(), Counter()
+    for line in path.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        leaf[frames[-1][:100]] += int(n)
+        for name in {re.sub(r" \(.*", "", f)[:80] for f in frames}:
+            inclusive[name] += int(n)
+    return leaf, inclusive
+
+
+def print_spy_diff(first: Path, second: Path) -> None:
+    (leaf1, inc1), (leaf2, inc2) = spy_samples(first), spy_samples(second)
+    for label, a, b, n in (("leaf", leaf1, leaf2, 30), ("inclusive", inc1, inc2, 45)):
+        print(f"\n== py-spy samples by {label} frame: burst 1, burst 2 (most grown first)")
+        for name, count in sorted(a.items(), key=lambda kv: kv[1] - b.get(kv[0], 0))[::-1][:n]:
+            print(f"  {count:6d} {b.get(name, 0):6d}  {name}")
+
+
 def main() -> None:
-    requests = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+    mode = sys.argv[1]
+    requests = int(sys.argv[2]) if len(sys.argv) > 2 else 256
     traces = Path(os.environ.get("OUT", "/tmp")) / "traces"
+    traces.mkdir(parents=True, exist_ok=True)
     os.environ["VLLM_TORCH_PROFILER_DIR"] = str(traces)
     work = Path(tempfile.mkdtemp(prefix="burst-profile-"))
     ckpt, dummy = user_checkpoint(resolve_bench_model("qwen2.5-vl-7b"), work)
@@ -92,20 +123,33 @@ def main() -> None:
         paths = []
         for b in range(2):
             urls = [data_url(p) for p in write_jpegs(work / f"j{b}", requests, seed=7 + 10 * b)]
-            httpx.post(f"{base}/start_profile", timeout=60).raise_for_status()
+            out = traces / f"spy{b + 1}.txt"
+            if mode == "torch":
+                httpx.post(f"{base}/start_profile", timeout=60).raise_for_status()
+            else:
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "--subprocesses",
+                                        "-r", "250", "-d", "9", "--format", "raw", "-o", str(out),
+                                        *(["--native"] if mode == "spyn" else [])],
+                                       stdout=subprocess.DEVNULL)  # fmt: skip
             started = time.perf_counter()
             runs = burst_from_processes(port, urls, 128, 8)
             wall = time.perf_counter() - started
-            stop = httpx.post(f"{base}/stop_profile", timeout=600)
-            stop.raise_for_status()
+            if mode == "torch":
+                httpx.post(f"{base}/stop_profile", timeout=600).raise_for_status()
+                paths.append(sorted(traces.glob("*.json"), key=os.path.getmtime)[-1])
+            else:
+                spy.wait()
+                paths.append(out)
             s = summarize(runs)
             print(f"burst {b + 1}: {s['requests_s']:.1f} requests/s, TTFT p50 "
                   f"{s['ttft_p50_ms']:.0f} ms, p99 {s['ttft_p99_ms']:.0f}; wall {wall:.1f} s",
                   flush=True)  # fmt: skip
-            paths.append(sorted(traces.glob("*.json"), key=os.path.getmtime)[-1])
     finally:
         server.terminate()
         server.wait(timeout=60)
+    if mode != "torch":
+        print_spy_diff(*paths)
+        return
     for b, path in enumerate(paths):
         summarize_trace(str(path), f"burst {b + 1}")
         path.unlink()

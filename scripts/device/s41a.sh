@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Thirty-seventh session (issue 13): a fresh server's first burst against its second, each
-# under the engine process's torch profiler (scripts/device/burst_profile.py).
+# Thirty-seventh session (issue 13): a fresh server's first burst against its second
+# (scripts/device/burst_profile.py): MODE torch (the engine process's torch profiler), spy
+# (py-spy over the server's processes) or spyn (py-spy --native).
 source scripts/device/setup.sh
-timeout 560 python3 scripts/device/burst_profile.py 2>&1 | grep -v -i "warn" | tail -90
+export PATH=/tmp/site/bin:$PATH
+timeout 560 python3 scripts/device/burst_profile.py ${1:-spy} 2>&1 | grep -v -i "warn" | tail -110

@@ -14,5 +14,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   typing-extensions==4.16.0 blake3==1.0.11 fastapi==0.135.0 starlette==1.10.0 \
   uvicorn==0.55.0 httptools==0.9.0 python-multipart==0.0.34 xgrammar==0.2.9 \
-  apache-tvm-ffi==0.1.15.post2
-du -sh .whl
+  apache-tvm-ffi==0.1.15.post2 py-spy==0.4.3
+du -sh .whl  # py-spy: a sampling profiler for the server's host side (burst_profile.py spy)
