@@ -292,17 +292,37 @@ class TritonAttentionBackend:
         causal: bool = False,
     ) -> torch.Tensor:
         """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill).
-        Equal segments run one batched SDPA unless it would be a cuDNN shape that `self.shapes`
-        keeps off for now (its length cannot be padded without a mask): then the kernel."""
+        Equal segments run as batched SDPAs of power-of-2 segment counts (`segment_groups`),
+        each on the kernel instead while it would be a cuDNN shape that `self.shapes` keeps off
+        for now (its length cannot be padded without a mask)."""
         segments = sdpa_segments(q, k, v, cu_seqlens, max_seqlen)
-        if segments:
-            view = [segments, max_seqlen, q.shape[1], q.shape[2]]
-            qb, kb, vb = (x.view(view).transpose(1, 2) for x in (q, k, v))
-            key = cudnn_key(qb, kb, vb, causal)
-            if key is None or self.shapes.admit(("segments", key)):
-                out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)
-                return out.transpose(1, 2).reshape(q.shape)
-        return triton_prefill.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+        if not segments:
+            return triton_prefill.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+        outs, first = [], 0
+        for count in segment_groups(segments):
+            rows = slice(first * max_seqlen, (first + count) * max_seqlen)
+            outs.append(self._segments(q[rows], k[rows], v[rows], cu_seqlens[: count + 1],
+                                       max_seqlen, scale, causal))  # fmt: skip
+            first += count
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _segments(self, q, k, v, cu_seqlens, length: int, scale: float, causal: bool):
+        """`len(cu_seqlens) - 1` segments of `length` rows: one batched SDPA, or the kernel."""
+        view = [cu_seqlens.shape[0] - 1, length, q.shape[1], q.shape[2]]
+        qb, kb, vb = (x.view(view).transpose(1, 2) for x in (q, k, v))
+        key = cudnn_key(qb, kb, vb, causal)
+        if key is None or self.shapes.admit(("segments", key)):
+            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)
+            return out.transpose(1, 2).reshape(q.shape)
+        return triton_prefill.varlen_attention(q, k, v, cu_seqlens, length, scale, causal)
+
+
+def segment_groups(segments: int) -> list[int]:
+    """Equal segments -> the power-of-2 counts one SDPA call each takes, largest first (25 ->
+    16, 8, 1). cuDNN builds a plan for each new batch size (~35-40 ms on an H100 / H200): a
+    server's steps batch every count of 448 px images from 1 to ~25, and a fresh server built
+    a plan for each of them mid-burst; powers of 2 bound that to 6 below 64 images."""
+    return [1 << bit for bit in reversed(range(segments.bit_length())) if segments >> bit & 1]
 
 
 def sdpa_segments(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> int:

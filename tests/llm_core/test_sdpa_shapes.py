@@ -65,3 +65,16 @@ def test_built_shapes_are_per_thread():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="sdpa_shapes='fast'"):
         SdpaShapes("fast")
+
+
+def test_segment_groups_are_the_binary_digits_largest_first():
+    from polymodal.llm_core.attention.triton_backend import segment_groups
+
+    assert segment_groups(1) == [1]
+    assert segment_groups(4) == [4]
+    assert segment_groups(25) == [16, 8, 1]
+    assert segment_groups(7) == [4, 2, 1]
+    for n in range(1, 300):
+        groups = segment_groups(n)
+        assert sum(groups) == n and groups == sorted(set(groups), reverse=True)
+        assert all(g & (g - 1) == 0 for g in groups)
