@@ -388,3 +388,18 @@ def test_every_family_views_the_callers_image_and_does_not_keep_it(arch, tmp_pat
     assert torch.equal(again.pixel_values(), want)
     changed = item(image)  # its own key: a miss, another hash
     assert proc.input_cache.hits == 1 and changed.content_hash != first.content_hash
+
+
+@pytest.mark.parametrize("size", [50_000, 5 << 20])  # one thread / the thread pool
+def test_raw_keys_are_the_bytes_blake3_however_they_come(tmp_path, size):
+    """A small input (a 448 px JPEG) is hashed on one thread, a large one on every core: the
+    same digest as plain BLAKE3 of the bytes, given as bytes, a data: URL or a file."""
+    import blake3
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    want = blake3.blake3(data).hexdigest()
+    path = tmp_path / "x.jpg"
+    path.write_bytes(data)
+    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    assert raw_media_key(data) == raw_media_key(url) == raw_media_key(str(path)) == want
+    assert raw_media_key(str(tmp_path / "missing.jpg")) is None
