@@ -9,7 +9,9 @@ loads), the host ops with the most self time, and the kernels with the most time
 With `spy`, py-spy (carried in .whl) samples the server's processes instead, and the
 functions whose samples grew most from the second burst to the first are printed.
 
-    python3 scripts/device/burst_profile.py torch|spy|spyn [REQUESTS]   (spyn: py-spy --native)
+    python3 scripts/device/burst_profile.py torch|spy|spyn|spygil [REQUESTS]
+
+(spyn: py-spy --native; spygil: only the thread holding the GIL is sampled)
 """
 
 import asyncio
@@ -129,7 +131,7 @@ def main() -> None:
             else:
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "--subprocesses",
                                         "-r", "250", "-d", "9", "--format", "raw", "-o", str(out),
-                                        *(["--native"] if mode == "spyn" else [])],
+                                        *{"spyn": ["--native"], "spygil": ["--gil"]}.get(mode, [])],
                                        stdout=subprocess.DEVNULL)  # fmt: skip
             started = time.perf_counter()
             runs = burst_from_processes(port, urls, 128, 8)
