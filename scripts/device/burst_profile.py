@@ -106,6 +106,9 @@ def print_spy_diff(first: Path, second: Path) -> None:
         print(f"\n== py-spy samples by {label} frame: burst 1, burst 2 (most grown first)")
         for name, count in sorted(a.items(), key=lambda kv: kv[1] - b.get(kv[0], 0))[::-1][:n]:
             print(f"  {count:6d} {b.get(name, 0):6d}  {name}")
+    print("\n== py-spy samples by function anywhere in the stack: burst 1, burst 2 (most first)")
+    for name, count in inc1.most_common(50):
+        print(f"  {count:6d} {inc2.get(name, 0):6d}  {name}")
 
 
 def main() -> None:
