@@ -56,6 +56,8 @@ DECODE_STAGES = 3
 # 0.89 vs 2.32, Llama 4 8 x 4784 d 88 2.72 vs 8.10, 64 x 256 d 80 0.081 vs 0.101; 64-row windows
 # stay on the kernel (660 x 64: 0.228 vs 0.158).
 SDPA_MIN_SEGMENT = 128
+# Equal segments up to this many run as one SDPA call whatever their count (`segment_groups`)
+WHOLE_SEGMENTS = 8
 
 
 @functools.lru_cache(maxsize=8)
@@ -318,11 +320,18 @@ class TritonAttentionBackend:
 
 
 def segment_groups(segments: int) -> list[int]:
-    """Equal segments -> the power-of-2 counts one SDPA call each takes, largest first (25 ->
-    16, 8, 1). cuDNN builds a plan for each new batch size (~35-40 ms on an H100 / H200): a
-    server's steps batch every count of 448 px images from 1 to ~25, and a fresh server built
-    a plan for each of them mid-burst; powers of 2 bound that to 6 below 64 images."""
-    return [1 << bit for bit in reversed(range(segments.bit_length())) if segments >> bit & 1]
+    """Equal segments -> the counts one SDPA call each takes: up to `WHOLE_SEGMENTS` in one
+    call (one image's views or crops: no split, no concatenation), more as power-of-2 counts of
+    at least that many, largest first, then the rest in one (25 -> 16, 8, 1; 13 -> 8, 5).
+    cuDNN builds a plan for each new batch size (~35-40 ms on an H100 / H200): a server's steps
+    batch every count of 448 px images from 1 to ~25, and a fresh server built a plan for each
+    mid-burst; now at most `WHOLE_SEGMENTS` plus one a power of 2 (10 below 32 images)."""
+    if segments <= WHOLE_SEGMENTS:
+        return [segments]
+    groups = [1 << b for b in reversed(range(segments.bit_length())) if segments >> b & 1]
+    large = [g for g in groups if g >= WHOLE_SEGMENTS]
+    rest = segments - sum(large)
+    return large + [rest] if rest else large
 
 
 def sdpa_segments(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> int:

@@ -67,14 +67,19 @@ def test_unknown_policy_is_refused():
         SdpaShapes("fast")
 
 
-def test_segment_groups_are_the_binary_digits_largest_first():
-    from polymodal.llm_core.attention.triton_backend import segment_groups
+def test_segment_groups_keep_small_counts_whole_and_split_large_ones_by_powers_of_2():
+    from polymodal.llm_core.attention.triton_backend import WHOLE_SEGMENTS, segment_groups
 
-    assert segment_groups(1) == [1]
-    assert segment_groups(4) == [4]
+    assert [segment_groups(n) for n in (1, 5, 8)] == [[1], [5], [8]]
     assert segment_groups(25) == [16, 8, 1]
-    assert segment_groups(7) == [4, 2, 1]
+    assert segment_groups(13) == [8, 5]
+    assert segment_groups(29) == [16, 8, 5]
+    shapes = set()
     for n in range(1, 300):
         groups = segment_groups(n)
-        assert sum(groups) == n and groups == sorted(set(groups), reverse=True)
-        assert all(g & (g - 1) == 0 for g in groups)
+        assert sum(groups) == n and groups == sorted(groups, reverse=True)
+        large = [g for g in groups if g > WHOLE_SEGMENTS]
+        assert all(g & (g - 1) == 0 for g in large) and len(set(large)) == len(large)
+        assert sum(g <= WHOLE_SEGMENTS for g in groups) <= 1 + (WHOLE_SEGMENTS in groups)
+        shapes.update(groups)
+    assert len(shapes) == WHOLE_SEGMENTS + 5  # 1..8, then 16, 32, 64, 128, 256

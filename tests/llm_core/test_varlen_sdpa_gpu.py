@@ -44,7 +44,7 @@ def reference(q, k, v, lens, scale, causal):
         ([4096], 72, False, True),  # Gemma 3's SigLIP: one 896 px image
         ([577] * 5, 64, False, True),  # LLaVA-NeXT's CLIP: base + 4 crops
         ([1024, 1024], 80, False, True),
-        ([1024] * 7, 80, False, True),  # three SDPA calls: 4, 2 and 1 segments
+        ([256] * 13, 80, False, True),  # two SDPA calls: 8 and 5 segments
         ([4784] * 3, 88, False, True),
         ([300, 300], 80, True, True),
         ([64] * 40, 80, False, False),  # Qwen2.5-VL windows: the kernel
@@ -71,19 +71,19 @@ def test_segments_route_and_match(lens, head_dim, causal, routed):
 
 
 def test_segment_groups_under_the_second_sight_rule():
-    """Five equal segments run as SDPAs of 4 and 1: on the kernel at first sight, on cuDNN
-    (two plans, of batch 4 and 1) from the second; the same values either way."""
+    """Eleven equal segments run as SDPAs of 8 and 3: on the kernel at first sight, on cuDNN
+    (two plans, of batch 8 and 3) from the second; the same values either way."""
     backend = _backend().TritonAttentionBackend(sdpa_shapes="second")
     gen = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = torch.randn(3, 5 * 1024, 16, 80, device="cuda", generator=gen).bfloat16().unbind(0)
-    cu = torch.arange(6, device="cuda", dtype=torch.int32) * 1024
-    want = reference(q, k, v, [1024] * 5, 0.1, False)
+    q, k, v = torch.randn(3, 11 * 512, 16, 80, device="cuda", generator=gen).bfloat16().unbind(0)
+    cu = torch.arange(12, device="cuda", dtype=torch.int32) * 512
+    want = reference(q, k, v, [512] * 11, 0.1, False)
     for _ in range(2):
-        out = backend.varlen_attention(q, k, v, cu, 1024, 0.1)
+        out = backend.varlen_attention(q, k, v, cu, 512, 0.1)
         torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
     if torch.backends.cudnn.is_available() and backend.shapes.built():
         batches = sorted(key[1][0][0] for key in backend.shapes.built())
-        assert batches == [1, 4]
+        assert batches == [3, 8]
 
 
 def test_graph_capture_of_the_sdpa_route():
