@@ -61,7 +61,8 @@ def media_error(kind: str, index: int, source: Any, reason: str) -> MediaError:
 class _LastDataUrl(threading.local):
     """The last base64 data: URL this thread decoded (the string object itself) and its bytes:
     a request's media is read twice on one thread, for the processed-input cache's key and by
-    the loader, and a 448 px JPEG's base64 took ~160 us to decode (CPU box), GIL held."""
+    the loader, and a 448 px JPEG's base64 took ~160 us to decode (CPU box), GIL held. Kept
+    until the thread decodes another (`MEMO_DATA_URL_BYTES` at most)."""
 
     source: str | None = None
     data: bytes = b""

@@ -294,9 +294,9 @@ class TritonAttentionBackend:
         causal: bool = False,
     ) -> torch.Tensor:
         """Attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]` (encoders, prefill).
-        Equal segments run as batched SDPAs of power-of-2 segment counts (`segment_groups`),
-        each on the kernel instead while it would be a cuDNN shape that `self.shapes` keeps off
-        for now (its length cannot be padded without a mask)."""
+        Equal segments run as batched SDPAs of the counts `segment_groups` gives, each on the
+        kernel instead while it would be a cuDNN shape that `self.shapes` keeps off for now
+        (its length cannot be padded without a mask)."""
         segments = sdpa_segments(q, k, v, cu_seqlens, max_seqlen)
         if not segments:
             return triton_prefill.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)
