@@ -388,36 +388,3 @@ def test_every_family_views_the_callers_image_and_does_not_keep_it(arch, tmp_pat
     assert torch.equal(again.pixel_values(), want)
     changed = item(image)  # its own key: a miss, another hash
     assert proc.input_cache.hits == 1 and changed.content_hash != first.content_hash
-
-
-@pytest.mark.parametrize("size", [50_000, 5 << 20])  # one thread / the thread pool
-def test_raw_keys_are_the_bytes_blake3_however_they_come(tmp_path, size):
-    """A small input (a 448 px JPEG) is hashed on one thread, a large one on every core: the
-    same digest as plain BLAKE3 of the bytes, given as bytes, a data: URL or a file."""
-    import blake3
-
-    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    want = blake3.blake3(data).hexdigest()
-    path = tmp_path / "x.jpg"
-    path.write_bytes(data)
-    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
-    assert raw_media_key(data) == raw_media_key(url) == raw_media_key(str(path)) == want
-    assert raw_media_key(str(tmp_path / "missing.jpg")) is None
-
-
-def test_a_data_url_is_decoded_once_a_request(fresh, photos, monkeypatch):
-    """The cache key's read and the loader's read of one data: URL share one base64 decode;
-    another request with the same bytes decodes its own URL, and a cache hit decodes once."""
-    from polymodal.processors import media
-
-    url = "data:image/jpeg;base64," + base64.b64encode(_jpeg(photos["astronaut"])).decode()
-    calls = []
-    real = media.base64.b64decode
-    monkeypatch.setattr(media.base64, "b64decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = fresh.process(prompt=IMAGE, images=[url])
-    assert len(calls) == 1
-    again = fresh.process(prompt=IMAGE, images=["" + url[:10] + url[10:]])  # another object
-    assert len(calls) == 2 and fresh.input_cache.hits == 1
-    _same(again.mm_items[0], first.mm_items[0])
-    with pytest.raises(Exception, match="malformed base64"):
-        media.read_source_bytes("data:image/png;base64,abc")  # a bad one still names itself
