@@ -16,7 +16,7 @@ directory runs as it is (`--dummy-weights` skips its safetensors).
 
 Other families' models run their own bench in place of the engine workload (`FAMILY_BENCHES`,
 by config.json's model_type): the placeholder-expanding VL families (Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Pixtral / Mistral 3, Llama 4: TTFT, decode and captioning against their
+LLaVA-OneVision, Pixtral / Mistral 3, Llama 4, Mllama: TTFT, decode and captioning against their
 floors, `bench/vl.py`), Whisper transcription (`bench/whisper.py`), Phi-4-multimodal audio /
 image / mixed requests (`bench/phi4mm.py`), NVILA captioning and a 64-frame video's TTFT
 (`bench/vila.py`, next to the reference composed from transformers' blocks: transformers has
@@ -67,7 +67,7 @@ WORKLOADS = ("engine", "paths", "serve", "media")
 # config.json's model_type -> the bench module that replaces the engine workload for it
 FAMILY_BENCHES = {
     **dict.fromkeys(
-        ("gemma3", "llava", "llava_next", "llava_onevision", "llama4", "mistral3"),
+        ("gemma3", "llava", "llava_next", "llava_onevision", "llama4", "mistral3", "mllama"),
         "polymodal.bench.vl",
     ),
     "whisper": "polymodal.bench.whisper",

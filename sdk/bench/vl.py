@@ -1,10 +1,11 @@
-"""`polymodal bench` for the multimodal families whose processors expand text placeholders
-(Llama 4, Gemma 3, LLaVA-NeXT, LLaVA-OneVision, Pixtral / Mistral 3; picked by config.json's
-model_type, `FAMILY_BENCHES`): ours next to transformers in the same run, on the same random
-bf16 tensors.
+"""`polymodal bench` for the image-text families (Llama 4, Gemma 3, LLaVA-NeXT, LLaVA-OneVision,
+Pixtral / Mistral 3, whose processors expand text placeholders, and Mllama, whose decoder reads
+the image through cross-attention; picked by config.json's model_type, `FAMILY_BENCHES`): ours
+next to transformers in the same run, on the same random bf16 tensors.
 
     polymodal bench llama4-scout-reduced [--images 256] [--output-tokens 128]
     polymodal bench gemma-3-12b-it --hf-images 32 --hf-batch 8 [--profile]
+    polymodal bench llama-3.2-11b-vision
     polymodal bench DIR --device cpu --images 4     # a tiny checkpoint, as the test
 
 Workloads, each side alone on the device (transformers' model waits on the host meanwhile):
@@ -14,7 +15,9 @@ batch-1 decode of a text prompt, captioning N distinct 448x448 images with M for
 processor + `generate` in batches). Floors: batch-1 decode = the bytes a step reads (only the
 chosen experts) / the HBM copy bandwidth; TTFT = max(weights read, FLOPs / the bf16 matrix
 rate) of the tower over its tiles, plus the same of the decoder over the prompt (2 x parameters
-touched per token; the decoder's attention FLOPs are below 2% at these lengths and left out):
+touched per token; the decoder's attention FLOPs are below 2% at these lengths and left out;
+Mllama's cross-attention K / V projections of the image rows, done once a request, are left out
+too, so its floor is low: ~0.86 TFLOP for 4 tiles at 11B):
 the decoder cannot start before the tower's last layer, so a phase's floor does not hide the
 other's. The rate is the 8192^3 product's measured in the same run, as the media bench's floor
 (`--peak-tflops` sets one instead); the table also gives the ratio to the datasheet's dense
@@ -68,6 +71,7 @@ FAMILIES = {
         "llava_tiny:ONEVISION_TOKENS:ONEVISION_TEMPLATE",
         {"image_token_index": "<image>", "video_token_index": "<video>"},
     ),
+    "mllama": ("mllama:MLLAMA_TOKENS:MLLAMA_TEMPLATE", {"image_token_index": "<|image|>"}),
     # the shipped `llava` config is Pixtral-12B's LLaVA form: Mistral's tokens
     "llava": ("llava_tiny:MISTRAL_TOKENS:MISTRAL_TEMPLATE", {"image_token_index": "[IMG]"}),
 }

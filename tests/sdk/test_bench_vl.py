@@ -27,6 +27,7 @@ def bench():
         "llava-next-7b",
         "llava-onevision-7b",
         "pixtral-12b",
+        "llama-3.2-11b-vision",
     ],
 )
 def test_shipped_config_gets_a_tokenizer_with_its_ids(bench, name):
@@ -48,10 +49,11 @@ def test_shipped_config_gets_a_tokenizer_with_its_ids(bench, name):
     assert got == ref and ids[next(iter(ids))] in got  # the image token is in the prompt
 
 
-def test_runs_both_sides_on_the_same_tensors(bench, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("arch", ["llama4_vl", "mllama"])  # slot tokens; cross-attention
+def test_runs_both_sides_on_the_same_tensors(bench, tmp_path_factory, tmp_path, arch):
     from polymodal import LLM, SamplingParams
 
-    path = tiny_checkpoint(tmp_path_factory, "llama4_vl")
+    path = tiny_checkpoint(tmp_path_factory, arch)
     from polymodal.cli import main
 
     out = tmp_path / "out.json"
