@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Thirty-eighth session: Mllama's first bench (issue 18: captioning >= 10x transformers, TTFT
-# <= 2x its floor) and its GPU tests, then the tower segment rule's GPU tests (issue 13:
-# `triton_backend.segment_groups`, never run on a GPU in its final form).
+# Thirty-eighth session (issue 18): Mllama's first bench (captioning >= 10x transformers, TTFT
+# <= 2x its floor), then its TTFT with the tower attention as one masked SDPA call (the code
+# before; AB_MLLAMA through scripts/device/ab), then its GPU tests.
 source scripts/device/setup.sh
-timeout 400 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --json $OUT/mllama.json > $OUT/mllama.txt 2>&1
+timeout 330 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --json $OUT/mllama.json > $OUT/mllama.txt 2>&1
 echo "bench rc=$?"; grep -v -i "warn\|regex" $OUT/mllama.txt | tail -14
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/sdk/test_vl_families_gpu.py -k mllama 2>&1 | tail -2
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/llm_core/test_varlen_sdpa_gpu.py 2>&1 | tail -3
+AB_MLLAMA=mask PYTHONPATH=$PWD/scripts/device/ab:$PYTHONPATH timeout 150 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --skip-hf --images 32 --json $OUT/mllama_mask.json > $OUT/mllama_mask.txt 2>&1
+echo "mask rc=$?"; grep -v -i "warn\|regex" $OUT/mllama_mask.txt | tail -8
+timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/sdk/test_vl_families_gpu.py -k mllama 2>&1 | tail -2
