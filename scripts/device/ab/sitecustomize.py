@@ -36,3 +36,32 @@ if os.environ.get("AB_MLLAMA") == "mask":  # Mllama's tower attention as one mas
         return self.o_proj(out.transpose(1, 2).reshape(n, length, -1))
 
     mllama.MllamaVisionAttention.forward = _masked
+
+_STEPLOG = os.environ.get("AB_STEPLOG")  # a file: each request's arrival and each step's work
+if _STEPLOG:
+    import time
+
+    from polymodal.llm_core import scheduler as _scheduler
+
+    _log = open(f"{_STEPLOG}.{os.getpid()}", "a", buffering=1)
+    _add, _schedule = _scheduler.Scheduler.add, _scheduler.Scheduler.schedule
+
+    def _logged_add(self, req):
+        _log.write(f"add {time.monotonic():.6f}\n")
+        return _add(self, req)
+
+    def _logged_schedule(self):
+        out = _schedule(self)
+        prefill = decode = done = images = 0
+        for req, n in zip(out.requests, out.num_new_tokens):
+            prompt = len(req.prompt_token_ids)
+            if req.num_computed_tokens >= prompt:
+                decode += 1
+                continue
+            prefill += n
+            images += len(req.mm_items) if req.num_computed_tokens == 0 else 0
+            done += req.num_computed_tokens + n >= prompt
+        _log.write(f"step {time.monotonic():.6f} {prefill} {decode} {done} {images}\n")
+        return out
+
+    _scheduler.Scheduler.add, _scheduler.Scheduler.schedule = _logged_add, _logged_schedule
