@@ -3,8 +3,8 @@
 # <= 2x its floor), then its TTFT with the tower attention as one masked SDPA call (the code
 # before; AB_MLLAMA through scripts/device/ab), then its GPU tests.
 source scripts/device/setup.sh
-timeout 330 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --json $OUT/mllama.json > $OUT/mllama.txt 2>&1
+timeout 300 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --json $OUT/mllama.json > $OUT/mllama.txt 2>&1
 echo "bench rc=$?"; grep -v -i "warn\|regex" $OUT/mllama.txt | tail -14
-AB_MLLAMA=mask PYTHONPATH=$PWD/scripts/device/ab:$PYTHONPATH timeout 150 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --skip-hf --images 32 --json $OUT/mllama_mask.json > $OUT/mllama_mask.txt 2>&1
+AB_MLLAMA=mask PYTHONPATH=$PWD/scripts/device/ab:$PYTHONPATH timeout 130 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --skip-hf --images 32 --json $OUT/mllama_mask.json > $OUT/mllama_mask.txt 2>&1
 echo "mask rc=$?"; grep -v -i "warn\|regex" $OUT/mllama_mask.txt | tail -8
-timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu tests/sdk/test_vl_families_gpu.py -k mllama 2>&1 | tail -2
+timeout 70 python3 -m pytest -q -p no:cacheprovider -m gpu tests/sdk/test_vl_families_gpu.py -k mllama 2>&1 | tail -2
