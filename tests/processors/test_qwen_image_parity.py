@@ -27,7 +27,12 @@ SIZE_CASES = [
 ]
 
 
-def _hf(hf_proc, text, images, **kwargs):
+def _hf(hf_proc, text, images, min_pixels=None, max_pixels=None):
+    """transformers' ids, pixels and grids; pixel bounds as its `size` (the `min_pixels` /
+    `max_pixels` call arguments are deprecated there since 5.23)."""
+    kwargs = {}
+    if min_pixels is not None:
+        kwargs["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     out = hf_proc(text=[text], images=images or None, return_tensors="pt", **kwargs)
     return out["input_ids"][0].tolist(), out.get("pixel_values"), out.get("image_grid_thw")
 
