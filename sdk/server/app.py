@@ -225,7 +225,9 @@ def create_app(
             "total_kv_blocks": s.num_total_blocks,
         }
 
-    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's check)
+    for method in ("GET", "POST"):  # vLLM's (SageMaker's check); a route a method: one
+        # OpenAPI operation id each (a two-method route gives both the same)
+        app.add_api_route("/ping", health, methods=[method], name=f"ping_{method.lower()}")
 
     @app.get("/version")
     async def version():

@@ -148,3 +148,16 @@ def test_response_role_token_ids_default_and_no_docs(engine):
         assert client.get("/openapi.json").status_code == 404
     with TestClient(create_app(engine, "m")) as client:
         assert client.get("/openapi.json").status_code == 200
+
+
+def test_openapi_operation_ids_are_unique(engine):
+    """Every route and method has its own OpenAPI operation id (client generators need it;
+    FastAPI warns at a duplicate); /ping answers GET and POST."""
+    import warnings
+
+    with TestClient(create_app(engine, "m")) as client, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = client.get("/openapi.json").json()
+        ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+        assert len(ids) == len(set(ids)) and "/ping" in schema["paths"]
+        assert client.get("/ping").status_code == client.post("/ping").status_code == 200
