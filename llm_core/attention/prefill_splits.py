@@ -1,9 +1,10 @@
 """Split-KV paged prefill: the host's split count, the query packing, the active-split rule,
 the partials' buffers and their merge (`triton_prefill._attn_fwd_kernel` takes `SPLITS`).
 
-Split-KV (`SPLITS` > 1, causal paged launches only: no window, chunk, ranges or cross): a
-launch of few queries over a long cache (a repeated video's 16-token text tail after 38k
-cached tokens: 28 programs on 132 SMs, each streaming every key; a speculative verify step)
+Split-KV (`SPLITS` > 1, paged launches, causal without window, chunk or media ranges, or
+cross): a launch of few queries over a long cache (a repeated video's 16-token text tail after
+38k cached tokens: 28 programs on 132 SMs, each streaming every key; a speculative verify step;
+an Mllama prompt's cross layers over its image's 6404 encoder rows, 32 programs before)
 cuts each program's key range into up to `SPLITS` runs of whole tiles, a grid axis of their
 own (`split_count` on the host), and packs a kv head's query heads into one program's rows
 (`packed_rows`: each key tile read once a kv head, not once a query head). How many splits

@@ -147,7 +147,7 @@ class TritonAttentionBackend:
                 return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales, ranges=ranges)
             return triton_prefill.paged_prefill(
                 q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_query_len, spec, kv_scales, ranges,
+                meta.max_query_len, spec, kv_scales, ranges, meta.max_seq_len,
             )  # fmt: skip
         if meta.is_decode and spec.is_causal and meta.media_key_ranges is None:
             return self._decode(q, kv_cache, meta, spec, kv_scales=kv_scales)

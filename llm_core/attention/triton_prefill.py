@@ -21,7 +21,8 @@ its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
 A head dim that is not a power of 2 runs as two power-of-2 parts (`head_dim_split`, `D_LO`):
 S = q_hi k_hi^T + q_lo k_lo^T and two accumulators, so 80 costs 64 + 16 columns, not 128.
 Tile sizes and one key tile's step: `prefill_tiles.py`. A causal launch of few queries over a
-long cache splits its key range over several programs (`SPLITS`): `prefill_splits.py`.
+long cache (or a cross launch of few queries over many encoder rows: Mllama's prompt over an
+image's 6404) splits its key range over several programs (`SPLITS`): `prefill_splits.py`.
 """
 
 from __future__ import annotations
@@ -257,8 +258,9 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
             paged, kv_scales=None, ranges=None, splits=1):  # fmt: skip
     """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
     `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale; `ranges`
-    (lo, hi) per query: keys it sees besides its mask's; `splits` > 1 (paged, causal, no
-    ranges only): the key range cut over that many programs, merged by the last to finish."""
+    (lo, hi) per query: keys it sees besides its mask's; `splits` > 1 (paged: causal without
+    ranges, or cross): the key range cut over that many programs, merged by the last to
+    finish."""
     v_scale, fp8 = 1.0, k.dtype == torch.float8_e4m3fn
     if fp8 and kv_scales is not None:
         scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
@@ -281,7 +283,8 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     grid = (num_seqs, triton.cdiv(max_q, rows), (kv_heads if pack else num_heads) * splits)
     parts = {}
     if splits > 1:
-        assert paged and int(mask) == int(Mask.CAUSAL) and ranges is None, "split: causal only"
+        causal = int(mask) == int(Mask.CAUSAL) and ranges is None
+        assert paged and (causal or int(mask) == int(Mask.CROSS)), "split: causal or cross only"
         tiles = num_seqs * grid[1] * grid[2] // splits
         parts = {**split_buffers(q, splits, tiles), "PACK": pack, "Q_ROWS": rows}
     _attn_fwd_kernel[grid](
@@ -349,16 +352,18 @@ def paged_prefill(
     left as they are.
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
-    An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`). A causal launch
-    of few queries over a long cache (`max_seq_len`, host int) splits its key ranges
-    (`split_count`; `splits` overrides the count: tests).
+    An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`). A causal or
+    cross launch of few queries over a long cache (`max_seq_len`, host int: a cross group's
+    most encoder rows) splits its key ranges (`split_count`; `splits` overrides the count:
+    tests).
     """
     q = _unit_last(q)
     out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0:
         return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, page_size, kv_heads, head_dim]
-    if spec.mask != Mask.CAUSAL or key_ranges is not None:
+    cross = spec.mask == Mask.CROSS  # its ranges are the rows it reads: splittable
+    if not cross and (spec.mask != Mask.CAUSAL or key_ranges is not None):
         splits = 1
     elif splits is None:
         group = q.shape[1] // k_cache.shape[2]

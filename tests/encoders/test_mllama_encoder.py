@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymodal.encoders.mllama import MllamaVisionAttention, _real_first
+from polymodal.encoders.mllama import MllamaVisionAttention, _real_first, add_parts
 
 TILES, PATCHES, LENGTH = 4, 5, 8  # 5 patch rows a tile, padded to 8
 
@@ -42,11 +42,21 @@ def _masked(attn: MllamaVisionAttention, x: torch.Tensor, real: int) -> torch.Te
     return attn.o_proj(out.transpose(1, 2).reshape(n, length, -1))
 
 
+def _rows(attn: MllamaVisionAttention, x: torch.Tensor, real: int) -> torch.Tensor:
+    """The attention's output parts (real rows, then padding rows) as one tensor."""
+    parts = attn(x, real)
+    padding = [x.shape[1] - real] if real < x.shape[1] else []
+    assert [p.shape[1] for p in parts] == [real] + padding
+    return torch.cat(parts, dim=1)
+
+
 @pytest.mark.parametrize("real", [5, 10, 20, 32])
 def test_two_unmasked_calls_equal_the_masked_one(real):
     attn, x = _attention(), torch.randn(2, TILES * LENGTH, 32)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, real), _masked(attn, x, real), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            _rows(attn, x, real), _masked(attn, x, real), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_padding_rows_see_only_the_real_rows():
@@ -57,6 +67,23 @@ def test_padding_rows_see_only_the_real_rows():
     moved = x.clone()
     moved[:, real + 1 :] += torch.randn_like(moved[:, real + 1 :])
     with torch.no_grad():
-        before, after = attn(x, real), attn(moved, real)
+        before, after = _rows(attn, x, real), _rows(attn, moved, real)
     torch.testing.assert_close(after[:, real], before[:, real], atol=1e-6, rtol=1e-6)
     assert (after[:, :real] - before[:, :real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_add_parts_equals_the_concatenated_sum(dtype, gated):
+    """Each part added into its rows gives `x + gate * cat(parts)` bit for bit (the same
+    roundings), for a batch of two images (strided row slices)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 16, dtype=dtype)
+    parts = (torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 7, 16, dtype=dtype))
+    gate = torch.tensor([0.3], dtype=dtype).tanh() if gated else None
+    whole = torch.cat(parts, dim=1)
+    expected = x + (gate * whole if gated else whole)
+    with torch.no_grad():
+        assert torch.equal(add_parts(x, parts, gate), expected)
+        assert torch.equal(add_parts(x, (whole,), gate), expected)
+    assert torch.equal(add_parts(x, parts, gate), expected)  # autograd: the plain expression

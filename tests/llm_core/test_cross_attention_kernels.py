@@ -8,8 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polymodal.llm_core.attention import AttentionMetadata, TorchAttentionBackend, triton_backend
+from polymodal.llm_core.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    triton_backend,
+    triton_prefill,
+)
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.counters import arrival_counters
 from tests.llm_core.interpreted import (
     _interpreted_only,  # noqa: F401  (autouse fixture)
     assert_close,
@@ -91,6 +97,40 @@ def test_cross_prefill(case, heads, kv_heads):
     ref = REF.paged_attention(q, cache, meta, spec)
     assert_close(ref, dense_reference(q, cache, meta, spec), torch.float32)
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])  # packed by kv head, and not
+def test_cross_prefill_split(case, splits, heads, kv_heads):
+    """A cross launch's rows cut over several programs a query tile (few queries over many
+    encoder rows: Mllama's prompt over its image), merged by log-sum-exp, equals one pass and
+    the reference; queries without rows (a text-only sequence) stay zeros through the merge."""
+    q, cache, meta, spec = cross_batch(*CASES[case], heads=heads, kv_heads=kv_heads)
+    args = (q, cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            meta.max_query_len, spec, None, (meta.cross_ranges[0], meta.cross_ranges[1]),
+            meta.max_seq_len)  # fmt: skip
+    split = triton_prefill.paged_prefill(*args, splits=splits)
+    assert_close(split, triton_prefill.paged_prefill(*args, splits=1), torch.float32)
+    assert_close(split, dense_reference(q, cache, meta, spec), torch.float32)
+    assert not split.isnan().any()
+    if case == "sub_ranges_and_text_only":
+        assert torch.equal(split[6:10], torch.zeros_like(split[6:10]))
+    assert not arrival_counters(q.device, 1).any()  # every merging split reset its counter
+
+
+def test_cross_prefill_picks_splits(monkeypatch):
+    """The backend hands a cross prefill its cross group's most encoder rows, so a launch of
+    few queries over a long range splits as a causal one does."""
+    calls = []
+    real = triton_prefill._launch
+    monkeypatch.setattr(triton_prefill, "split_count", lambda *a, **k: 4)
+    monkeypatch.setattr(triton_prefill, "_launch", lambda *a: calls.append(a[-1]) or real(*a))
+    q, cache, meta, spec = cross_batch(*CASES["all_rows"])
+    meta.is_decode = False
+    out = triton_backend.TritonAttentionBackend().paged_attention(q, cache, meta, spec)
+    assert calls == [4]
+    assert_close(out, dense_reference(q, cache, meta, spec), torch.float32)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -67,3 +67,29 @@ def test_split_in_a_graph_with_a_wide_table():
         graph.replay()
         one = triton_prefill.paged_prefill(*args, max_seq_len=keys, splits=1)
         torch.testing.assert_close(out.float(), one.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_cross_split_at_mllama_shape():
+    """Mllama-11B's cross layers (32 / 8 heads, d 128) for a 30-token prompt over one image's
+    6404 encoder rows (the prompt's text after the image sees them all, the text before it
+    too, as transformers' mask has it): the split launch `split_count` picks equals one pass."""
+    from polymodal.llm_core.attention.spec import Mask
+
+    heads, kv_heads, rows, q_len = 32, 8, 6404, 30
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    blocks = -(-rows // PAGE)
+    cache = torch.randn(2, blocks, PAGE, kv_heads, D, device="cuda", generator=gen).bfloat16()
+    table = torch.randperm(blocks, device="cuda", generator=gen).to(torch.int32)[None]
+    q = torch.randn(q_len, heads, D, device="cuda", generator=gen).bfloat16()
+    starts = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([rows], dtype=torch.int32, device="cuda")
+    lo = torch.zeros(q_len, dtype=torch.int32, device="cuda")
+    hi = torch.full((q_len,), rows, dtype=torch.int32, device="cuda")
+    hi[-3:] = 1601  # a sub-range too
+    spec = AttentionSpec(heads, kv_heads, D, D**-0.5, Mask.CROSS, encoder_rows=rows)
+    splits = prefill_splits.split_count(q_len, heads, rows, q.device, heads // kv_heads)
+    assert splits > 1
+    args = (q, cache, starts, lens, table, q_len, spec, None, (lo, hi), rows)
+    one = triton_prefill.paged_prefill(*args, splits=1)
+    split = triton_prefill.paged_prefill(*args)  # the backend's choice: `split_count`'s
+    torch.testing.assert_close(split.float(), one.float(), atol=2e-2, rtol=2e-2)

@@ -147,7 +147,8 @@ def test_vision_encoder_matches_transformers(models, llm):
         ).last_hidden_state
         ref = hf.model.multi_modal_projector(vision)[0]  # [images, tiles, patches + 1, hidden]
     prompt = llm.process({"messages": messages(images)})
-    ours = llm.engine.runner.model.encode(prompt.mm_items)
+    with torch.inference_mode():  # as the engine runs it (`add_parts` in place)
+        ours = llm.engine.runner.model.encode(prompt.mm_items)
     for i, rows in enumerate(ours):
         assert (rows - ref[i].flatten(0, 1)).abs().max().item() <= 1e-5
 
