@@ -79,9 +79,15 @@ def tiles_pixel_values(
     tile: int,
     grid: tuple[int, int],
     max_tiles: int,
+    size: tuple[int, int] | None = None,
+    resample: int = 2,
 ) -> torch.Tensor:
-    """Resized uint8 `[1, C, h, w]` -> `[max_tiles, C, tile, tile]`: zero-padded to the
-    `grid` canvas, cut into tiles row-major, normalized, zero tiles after."""
+    """Decoded uint8 `[1, C, H, W]` -> `[max_tiles, C, tile, tile]` (a `MultimodalItem.pixel_fn`):
+    resized to `size` (`fit_to_canvas`; on CUDA staging's resize kernel, the CPU kernel's
+    bits), zero-padded to the `grid` canvas, cut into tiles row-major, normalized, zero tiles
+    after."""
+    if size is not None:
+        frames = resize(frames, size, resample)
     rows, cols = grid
     channels, height, width = frames.shape[1:]
     canvas = F.pad(frames, (0, cols * tile - width, 0, rows * tile - height))
@@ -133,24 +139,26 @@ class MllamaProcessor(MediaProcessor):
     def image_item(
         self, image, options: dict[str, Any], pixels_key: str | None = None
     ) -> tuple[MultimodalItem, str]:
-        """The image resized to its canvas (uint8, unpadded), with its tile grid; the text keeps
+        """The decoded image (uint8) with its canvas size and tile grid: resized, tiled and
+        normalized at staging, on the model's device (`tiles_pixel_values`); the text keeps
         the one `<|image|>` token."""
         frames, pixels = decoded_pixels(image, pixels_key)  # [1, 3, H, W] uint8
         height, width = frames.shape[-2:]
         canvas = best_canvas(height, width, self.max_tiles, self.tile)
-        resized = resize(frames, fit_to_canvas(height, width, canvas, self.tile), self.resample)
+        size = fit_to_canvas(height, width, canvas, self.tile)
         grid = (canvas[0] // self.tile, canvas[1] // self.tile)
         aspect_ratio_id = tile_arrangements(self.max_tiles).index(grid) + 1
         knobs = [self.tile, self.max_tiles, self.resample, *self.mean.tolist(), *self.std.tolist()]
         key = {**pixels, "knobs": torch.tensor(knobs, dtype=torch.float64)}
         data = {
-            "pixel_frames": resized,
+            "pixel_frames": frames,
             "pixel_mean": self.mean,
             "pixel_std": self.std,
             "aspect_ratio_id": torch.tensor(aspect_ratio_id),
             "num_tiles": torch.tensor(grid[0] * grid[1]),
         }
-        pixel_fn = partial(tiles_pixel_values, tile=self.tile, grid=grid, max_tiles=self.max_tiles)
+        pixel_fn = partial(tiles_pixel_values, tile=self.tile, grid=grid,
+                           max_tiles=self.max_tiles, size=size, resample=self.resample)  # fmt: skip
         item = MultimodalItem(
             "image", data, -1, 1, content_hash("image", key), target=CROSS_ATTENTION,
             pixel_fn=pixel_fn, encoder_rows=self.rows_per_image,

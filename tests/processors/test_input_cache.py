@@ -380,8 +380,7 @@ def test_every_family_views_the_callers_image_and_does_not_keep_it(arch, tmp_pat
 
     first = item(image)
     want = first.pixel_values().clone()
-    if arch != "mllama":  # (Mllama keeps its frames resized to the canvas: a copy)
-        assert np.shares_memory(first.data["pixel_frames"].numpy(), pixel_view(image))
+    assert np.shares_memory(first.data["pixel_frames"].numpy(), pixel_view(image))
     image.paste((255, 0, 0), (0, 0, 50, 50))  # the caller draws on it afterwards
     again = item(original)
     assert proc.input_cache.hits == 1 and again.content_hash == first.content_hash
