@@ -86,6 +86,13 @@ class SupportsMultiModal:
         the encoder outputs of its cross-attention items (in order). Default: concatenated."""
         return torch.cat(outputs)
 
+    def store_cross_states(self, states: torch.Tensor, kv_caches: list, meta) -> bool:
+        """Write a step's encoder rows' K/V (`cross_states`, at each cross group's slots) into
+        the cross caches ahead of the step, so the step itself may replay a prefill graph
+        (graphs store no encoder rows). Returns whether it did; default False: the step runs
+        eager and its cross layers store them as they run."""
+        return False
+
     def cross_ranges(self, items: list, num_prompt_tokens: int) -> list[tuple[int, int, int, int]]:
         """Which of a request's encoder rows (as `cross_states` lays them out) each token attends
         to: pieces `(first position, lo, hi, gate)` in position order, each holding until the

@@ -206,7 +206,13 @@ class ModelRunner:
         fits = prefill and prefill.can_run(
             len(hb.ids), len(hb.query_lens), hb.max_blocks, hb.key_ranges, meta.max_query_len
         )
-        # captured graphs store no encoder rows
+        # captured graphs store no encoder rows: the model may store them first (Mllama)
+        if (
+            fits
+            and states is not None
+            and self.model.store_cross_states(states, self.kv_caches, meta)
+        ):
+            states = None
         if fits and states is None:
             hidden = prefill.run(embeds, positions, meta, self.lora_step())
             aux = prefill.last_aux

@@ -65,9 +65,19 @@ class MllamaCrossAttention(nn.Module):
         states = meta.group(self.attn.kv_group).cross_states  # [rows, hidden] or None
         k = v = None
         if states is not None:  # requests in their first step: store their rows' K/V
-            k = self.k_norm(self.k_proj(states).view(-1, self.kv_heads, self.head_dim))
-            v = self.v_proj(states).view(-1, self.kv_heads, self.head_dim)
+            k, v = self._kv(states)
         return self.o_proj(self.attn(q, k, v, None, kv_cache, meta))
+
+    def _kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k_norm(self.k_proj(states).view(-1, self.kv_heads, self.head_dim))
+        return k, self.v_proj(states).view(-1, self.kv_heads, self.head_dim)
+
+    def store(self, states: torch.Tensor, kv_cache, meta) -> None:
+        """The rows' K/V into this layer's cross cache, at its group's slots (what `forward`
+        stores when its step carries `cross_states`)."""
+        k, v = self._kv(states)
+        slots = meta.group(self.attn.kv_group).slot_mapping
+        self.attn.backend.store_kv(k, v, kv_cache, slots, self.attn.kv_scales)
 
 
 class MllamaCrossLayer(nn.Module):
@@ -166,6 +176,14 @@ class MllamaForConditionalGeneration(SupportsMultiModal, ModelBase):
         """Each image's `max_tiles * (patches + 1)` rows (padding tiles included)."""
         self.stage(items)
         return self.vision.encode(items)
+
+    def store_cross_states(self, states: torch.Tensor, kv_caches: list, meta) -> bool:
+        """Every cross layer's K/V of the rows, ahead of a step that then replays a prefill
+        graph (the projections of an image's 6404 rows are large GEMMs, eager either way)."""
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            if isinstance(layer, MllamaCrossLayer):
+                layer.cross_attn.store(states, kv_cache, meta)
+        return True
 
     def cross_states(self, items: list, outputs: list[torch.Tensor]) -> torch.Tensor:
         """Every image's real tiles first (image order), then every padding tile: a run of

@@ -169,10 +169,13 @@ def test_graph_step_paths_match_transformers(models):
     assert runner.num_cross_groups == 2  # two cross layers of five: groups of one layer
     runner.graphs = DecodeGraphs(*shape, 8, 16, *groups)
     runner.prefill_graphs = PrefillGraphs(*shape, 64, 16, *groups)
+    stored = []  # first steps: the rows' K/V stored ahead, then the step through the graph
+    store = runner.model.store_cross_states
+    runner.model.store_cross_states = lambda *args: stored.append(1) or store(*args)
     cases = ["one_image", "text_only", "images_between_text", "three_images"]
     refs = [_reference(models, case) for case in cases]
     assert_batch_matches(llm, [_prompt(case) for case in cases], refs, STEPS)
-    assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0
+    assert runner.graphs.runs > 0 and runner.prefill_graphs.runs > 0 and stored
 
 
 def test_too_many_images_name_the_limit(llm):
