@@ -3,7 +3,12 @@ on PYTHONPATH, read at every interpreter's start. `AB_SEGMENTS=one`: a step's eq
 segments as one SDPA call (before the thirty-seventh session); `AB_SEGMENTS=pow2`: as pure
 power-of-2 pieces (that session's first rule, measured on an H200), instead of
 `triton_backend.segment_groups`. `AB_MLLAMA=mask`: Mllama's tower attention as one
-masked SDPA call over all rows (before the thirty-eighth session's unmasked pair of calls)."""
+masked SDPA call over all rows (before the thirty-eighth session's unmasked pair of calls);
+`AB_MLLAMA=cat`: the pair of calls concatenated before `o_proj` (before the thirty-ninth
+session's parts-wise residual). `AB_CROSS_SPLIT=0`: cross prefill launches in one pass (no
+split-KV, before the thirty-ninth session). `AB_STORE_AHEAD=0`: a step writing Mllama's encoder
+rows runs eager (no `store_cross_states`). `AB_MLLAMA_RESIZE=host`: the Mllama processor
+resizes on the host, as before the thirty-ninth session."""
 
 import os
 
@@ -33,9 +38,64 @@ if os.environ.get("AB_MLLAMA") == "mask":  # Mllama's tower attention as one mas
         rows = torch.arange(length, device=x.device) < real
         allowed = (rows[:, None] | rows[None, :]).expand(n, 1, length, length).contiguous()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.o_proj(out.transpose(1, 2).reshape(n, length, -1))
+        return (self.o_proj(out.transpose(1, 2).reshape(n, length, -1)),)
 
     mllama.MllamaVisionAttention.forward = _masked
+
+if os.environ.get("AB_MLLAMA") == "cat":  # the two calls' outputs concatenated, then o_proj
+    import torch
+    import torch.nn.functional as F
+
+    from polymodal.encoders import mllama
+
+    def _concatenated(self, x, real):
+        n, length, _ = x.shape
+        q, k, v = (
+            p(x).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = F.scaled_dot_product_attention(q[:, :, :real], k, v)
+        if real < length:
+            pad = F.scaled_dot_product_attention(q[:, :, real:], k[:, :, :real], v[:, :, :real])
+            out = torch.cat([out, pad], dim=2)
+        return (self.o_proj(out.transpose(1, 2).reshape(n, length, -1)),)
+
+    mllama.MllamaVisionAttention.forward = _concatenated
+
+if os.environ.get("AB_CROSS_SPLIT") == "0":  # cross prefill in one pass
+    from polymodal.llm_core.attention import triton_prefill
+    from polymodal.llm_core.attention.spec import Mask
+
+    _prefill = triton_prefill.paged_prefill
+
+    def _one_pass_cross(*args, **kwargs):
+        if args[6].mask == Mask.CROSS:
+            kwargs["splits"] = 1
+        return _prefill(*args, **kwargs)
+
+    triton_prefill.paged_prefill = _one_pass_cross
+
+if os.environ.get("AB_STORE_AHEAD") == "0":  # a step writing encoder rows runs eager
+    from polymodal.llm_core.models import mllama as _mllama_model
+
+    _mllama_model.MllamaForConditionalGeneration.store_cross_states = lambda *a: False
+
+if os.environ.get("AB_MLLAMA_RESIZE") == "host":  # the canvas resize on the host, as before
+    from functools import partial
+
+    from polymodal.processors import mllama as _mllama_proc
+    from polymodal.processors.pixels import resize
+
+    _image_item = _mllama_proc.MllamaProcessor.image_item
+
+    def _host_resize(self, image, options, pixels_key=None):
+        item, text = _image_item(self, image, options, pixels_key)
+        kw = item.pixel_fn.keywords
+        item.data["pixel_frames"] = resize(item.data["pixel_frames"], kw["size"], kw["resample"])
+        item.pixel_fn = partial(item.pixel_fn.func, **{**kw, "size": None})
+        return item, text
+
+    _mllama_proc.MllamaProcessor.image_item = _host_resize
 
 _STEPLOG = os.environ.get("AB_STEPLOG")  # a file: each request's arrival and each step's work
 if _STEPLOG:
