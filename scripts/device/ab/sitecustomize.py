@@ -110,6 +110,8 @@ if _STEPLOG:
         _log.write(f"add {time.monotonic():.6f}\n")
         return _add(self, req)
 
+    _seen = set()  # requests already scheduled once (a prefix hit starts past token 0)
+
     def _logged_schedule(self):
         out = _schedule(self)
         prefill = decode = done = images = 0
@@ -119,7 +121,9 @@ if _STEPLOG:
                 decode += 1
                 continue
             prefill += n
-            images += len(req.mm_items) if req.num_computed_tokens == 0 else 0
+            if id(req) not in _seen:  # its first step: its images start (or hit the cache)
+                _seen.add(id(req))
+                images += len(req.mm_items)
             done += req.num_computed_tokens + n >= prompt
         _log.write(f"step {time.monotonic():.6f} {prefill} {decode} {done} {images}\n")
         return out
