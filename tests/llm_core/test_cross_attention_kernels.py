@@ -191,9 +191,14 @@ def _assert_same(path, prompts, **kwargs):
         assert_close(logits, ref_logits, torch.float32)
 
 
-def test_mllama_through_the_triton_backend(tmp_path_factory):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mllama_through_the_triton_backend(tmp_path_factory, monkeypatch, splits):
     """The whole model on the Triton kernels (cross prefill in 16-token chunks with per-token
-    ranges, cross decode, a text-only request alongside) equals the torch reference."""
+    ranges, cross decode, a text-only request alongside) equals the torch reference; with
+    `splits` 3 every prefill launch that may split does (as a GPU's few-query cross launches:
+    on the CPU `split_count` keeps one pass)."""
+    if splits > 1:
+        monkeypatch.setattr(triton_prefill, "split_count", lambda *a, **k: splits)
     from tests.helpers import tiny_checkpoint
     from tests.sdk.vl_reference import messages, random_image
 
