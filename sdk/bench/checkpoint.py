@@ -105,6 +105,22 @@ def build_tokenizer_at(vocab_size: int, roles: dict, template: str, ids: dict):
     )
 
 
+def copy_configs(config_dir: Path, out: Path) -> None:
+    """`config_dir`'s JSON files into `out`, config.json stamped with the installed
+    transformers' version where it names none (as `save_pretrained` writes it): without one,
+    transformers takes a local checkpoint for an old Mistral one and warns about its
+    tokenizer's regex at every load."""
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in config_dir.glob("*.json"):
+        shutil.copy(path, out / path.name)
+    config = json.loads((out / "config.json").read_text())
+    if "transformers_version" not in config:
+        config["transformers_version"] = transformers.__version__
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_user_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Path:
     """`config_dir`'s config and processor files plus a Qwen-id tokenizer, in `out_dir`."""
     config_dir, out = Path(config_dir), Path(out_dir)
@@ -113,9 +129,7 @@ def write_user_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Path:
         return write_vila_checkpoint(config_dir, out)
     if config.get("model_type") not in ("qwen2_vl", "qwen2_5_vl", "qwen2"):
         raise ValueError(f"{config_dir}: a user-path checkpoint is built for Qwen families only")
-    out.mkdir(parents=True, exist_ok=True)
-    for path in config_dir.glob("*.json"):
-        shutil.copy(path, out / path.name)
+    copy_configs(config_dir, out)
     tokenizer = build_qwen_tokenizer()
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "eos_token_id"):
         token = tokenizer.convert_ids_to_tokens(config[name]) if name in config else None
@@ -177,9 +191,7 @@ def write_whisper_checkpoint(config_dir: str | Path, out_dir: str | Path) -> Pat
     copied into `out_dir` with a tokenizer of `vocab_size` ids holding Whisper's special tokens
     where generation_config.json puts them."""
     config_dir, out = Path(config_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in config_dir.glob("*.json"):
-        shutil.copy(path, out / path.name)
+    copy_configs(config_dir, out)
     generation = json.loads((config_dir / "generation_config.json").read_text())
     vocab = json.loads((config_dir / "config.json").read_text())["vocab_size"]
     roles = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}

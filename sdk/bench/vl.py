@@ -31,7 +31,6 @@ processors expand images into the same token ids.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 from polymodal.bench import resolve_bench_model
-from polymodal.bench.checkpoint import build_tokenizer_at
+from polymodal.bench.checkpoint import build_tokenizer_at, copy_configs
 from polymodal.bench.workloads import active_decoder_bytes, images
 
 QUESTION = "Describe this image in detail."
@@ -94,8 +93,7 @@ def user_checkpoint(model_dir: Path) -> Path:
     if (model_dir / "tokenizer.json").is_file():
         return model_dir
     out = Path(tempfile.mkdtemp(prefix="bench_vl_"))
-    for path in model_dir.glob("*.json"):
-        shutil.copy(path, out / path.name)
+    copy_configs(model_dir, out)
     config = json.loads((model_dir / "config.json").read_text())
     roles, template, ids = family_tokens(config)
     vocab = (config.get("text_config") or config)["vocab_size"]

@@ -117,3 +117,27 @@ def test_flop_counter_counts_the_fused_gelu_gemm(bench):
         torch._addmm_activation(b, x, w.t(), use_gelu=True)
         torch.nn.functional.linear(x, w, b)
     assert counter.get_total_flops() == 2 * (2 * 6 * 7 * 5)
+
+
+@pytest.mark.parametrize("name", ["pixtral-12b", "llama-3.2-11b-vision", "qwen2.5-vl-7b"])
+def test_bench_checkpoints_load_without_a_regex_warning(bench, name, capfd):
+    """The checkpoints the benches write name the transformers that wrote them (as
+    `save_pretrained` does), so transformers does not take them for old Mistral checkpoints
+    and warn about their tokenizer's regex at every load (every process of a serve bench)."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from polymodal.bench import resolve_bench_model
+    from polymodal.bench.checkpoint import write_user_checkpoint
+
+    config_dir = Path(resolve_bench_model(name))
+    if name.startswith("qwen"):
+        out = write_user_checkpoint(config_dir, Path(tempfile.mkdtemp()) / "checkpoint")
+    else:
+        out = bench.user_checkpoint(config_dir)
+    assert "transformers_version" in json.loads((out / "config.json").read_text())
+    capfd.readouterr()
+    AutoTokenizer.from_pretrained(out)
+    assert "incorrect regex" not in capfd.readouterr().err
