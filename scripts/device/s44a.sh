@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The thirty-ninth session's short Mllama run (issue 18; no device was lent after its code changes):
+# The thirty-ninth session's Mllama run (issue 18; no device after its code changes): the bench next to
 # transformers, the split and Mllama GPU tests, its TTFT profile.
 source scripts/device/setup.sh
 timeout 200 python3 -m polymodal.cli bench llama-3.2-11b-vision --dummy-weights --json $OUT/mllama.json > $OUT/mllama.txt 2>&1
