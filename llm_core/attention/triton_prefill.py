@@ -20,9 +20,8 @@ tokens (`seq_lens`: rows, the table: a cross group's) and each query sees exactl
 its range (`meta.cross_ranges`); a query whose range is empty gets zeros.
 A head dim that is not a power of 2 runs as two power-of-2 parts (`head_dim_split`, `D_LO`):
 S = q_hi k_hi^T + q_lo k_lo^T and two accumulators, so 80 costs 64 + 16 columns, not 128.
-Tile sizes and one key tile's step: `prefill_tiles.py`. A causal launch of few queries over a
-long cache (or a cross launch of few queries over many encoder rows: Mllama's prompt over an
-image's 6404) splits its key range over several programs (`SPLITS`): `prefill_splits.py`.
+Tile sizes and one key tile's step: `prefill_tiles.py`. A causal or cross launch of few queries
+over many keys splits its key range over several programs (`SPLITS`): `prefill_splits.py`.
 """
 
 from __future__ import annotations
@@ -259,8 +258,7 @@ def _launch(q, k, v, out, q_start, seq_lens, block_table, max_q, scale, mask, wi
     """Shared launch: block sizes by device, strides by mode; `mask` a `spec.Mask` code;
     `kv_scales` (k, v) of an FP8 cache: the key's folds into the softmax scale; `ranges`
     (lo, hi) per query: keys it sees besides its mask's; `splits` > 1 (paged: causal without
-    ranges, or cross): the key range cut over that many programs, merged by the last to
-    finish."""
+    ranges, or cross): the key range cut over that many programs, merged by the last one."""
     v_scale, fp8 = 1.0, k.dtype == torch.float8_e4m3fn
     if fp8 and kv_scales is not None:
         scale, v_scale = scale * kv_scales[0], float(kv_scales[1])
@@ -353,9 +351,8 @@ def paged_prefill(
 
     `max_query_len` (a host int) sizes the grid; queries past a sequence's length exit early.
     An FP8 cache holds keys / `k_scale` and values / `v_scale` (`kv_scales`). A causal or
-    cross launch of few queries over a long cache (`max_seq_len`, host int: a cross group's
-    most encoder rows) splits its key ranges (`split_count`; `splits` overrides the count:
-    tests).
+    cross launch of few queries over many keys (`max_seq_len`, host int: for cross the most
+    encoder rows) splits its key ranges (`split_count`; `splits` overrides it: tests).
     """
     q = _unit_last(q)
     out = torch.empty_like(q) if out is None else out
