@@ -97,6 +97,21 @@ if os.environ.get("AB_MLLAMA_RESIZE") == "host":  # the canvas resize on the hos
 
     _mllama_proc.MllamaProcessor.image_item = _host_resize
 
+_COMPILELOG = os.environ.get("AB_COMPILELOG")  # a file: each Triton compile, when and what
+if _COMPILELOG:
+    import time
+
+    import triton
+
+    _clog = open(f"{_COMPILELOG}.{os.getpid()}", "a", buffering=1)
+
+    def _compiled(*, key, repr, fn, compile, **_):
+        consts = {k[-1] if isinstance(k, tuple) else k: v for k, v in compile["constants"].items()}
+        spec = repr[repr.index("](") + 2 :] if "](" in repr else repr
+        _clog.write(f"compile {time.monotonic():.6f} {fn.name} {consts} | {spec}\n")
+
+    triton.knobs.runtime.jit_post_compile_hook = _compiled
+
 _STEPLOG = os.environ.get("AB_STEPLOG")  # a file: each request's arrival and each step's work
 if _STEPLOG:
     import time
