@@ -10,5 +10,6 @@ for path in sorted(glob.glob(sys.argv[1] + ".*")):
     print(f"{path}: {len(steps)} steps over {times[-1] - times[0]:.2f} s")
     for i in range(len(steps) - 1):
         if times[i + 1] - times[i] > 0.3:
-            print(f"  step {i} at {times[i] - times[0]:6.2f} s took {times[i + 1] - times[i]:.2f} s:"
+            took = times[i + 1] - times[i]
+            print(f"  step {i} at {times[i] - times[0]:6.2f} s took {took:.2f} s:"
                   f" prefill {steps[i][2]} decode {steps[i][3]}")  # fmt: skip

@@ -106,9 +106,13 @@ if _COMPILELOG:
     _clog = open(f"{_COMPILELOG}.{os.getpid()}", "a", buffering=1)
 
     def _compiled(*, key, repr, fn, compile, **_):
-        consts = {k[-1] if isinstance(k, tuple) else k: v for k, v in compile["constants"].items()}
-        spec = repr[repr.index("](") + 2 :] if "](" in repr else repr
-        _clog.write(f"compile {time.monotonic():.6f} {fn.name} {consts} | {spec}\n")
+        try:
+            items = compile["constants"].items()
+            consts = {k[-1] if isinstance(k, tuple) else k: v for k, v in items}
+            spec = repr[repr.index("](") + 2 :] if "](" in repr else repr
+        except Exception as e:  # the log must never fail a launch
+            consts, spec = {}, f"({e!r}) {repr}"
+        _clog.write(f"compile {time.monotonic():.6f} {getattr(fn, 'name', fn)} {consts} | {spec}\n")
 
     triton.knobs.runtime.jit_post_compile_hook = _compiled
 
