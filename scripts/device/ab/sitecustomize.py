@@ -109,7 +109,7 @@ if _COMPILELOG:
         try:
             items = compile["constants"].items()
             consts = {k[-1] if isinstance(k, tuple) else k: v for k, v in items}
-            spec = repr[repr.index("](") + 2 :] if "](" in repr else repr
+            spec = str(key)  # the arguments' specialization (divisibility, alignment)
         except Exception as e:  # the log must never fail a launch
             consts, spec = {}, f"({e!r}) {repr}"
         _clog.write(f"compile {time.monotonic():.6f} {getattr(fn, 'name', fn)} {consts} | {spec}\n")
