@@ -12,7 +12,8 @@ costs a cuDNN plan: `attention/sdpa_shapes.py` bounds and defers those.
 
 The warm-up runs one synthetic sequence through the decoder (a fresh chunk of `chunk` tokens,
 then a chunk after that many cached tokens: the SDPA route's two forms; then that chunk again
-after one decode row: a mixed step's split, whose decode rows take the unfused decode kernel)
+after one decode row: a mixed step's split, whose decode rows take the unfused decode kernel;
+a cross-attention model's cross layers pass it through, as a text-only request's step)
 and the model's encoder on dummy media (`SupportsMultiModal.warm_up_encoder`), each twice:
 once with every cuDNN shape admitted (built now) and once with none (the Triton fallbacks
 compiled). The synthetic tokens write K/V into the first blocks of the cache, which no
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 
@@ -45,7 +47,7 @@ def warm_up_long_paths(runner, max_len: int, num_blocks: int, chunk: int = WARM_
     }
     shapes = [b.shapes for b in backends.values()]
     fits = 2 * chunk + 1 <= min(max_len, num_blocks * runner.block_size)
-    decoder = fits and runner.num_cross_groups == 0 and runner.lora is None
+    decoder = fits and runner.lora is None
     encoder = getattr(model, "warm_up_encoder", None)
     if not shapes or not (decoder or encoder):
         return 0.0
@@ -90,8 +92,12 @@ def _prefill(runner, context: int, n: int, decode_rows: int = 0) -> None:
         query_lens_cpu=lens,
         seq_lens_cpu=seq_lens,
     )
-    if runner.num_kv_groups > 1:  # every group: the same table and slots
-        meta.groups = [meta] * runner.num_kv_groups
+    if runner.num_kv_groups > 1 or runner.num_cross_groups:  # the same table and slots
+        # a cross group (Mllama, Whisper): no encoder rows, as a text-only request's step, whose
+        # cross layers pass the tokens through
+        meta.groups = [meta] * runner.num_kv_groups + [replace(meta, any_cross=False)] * (
+            runner.num_cross_groups
+        )
     if runner.uses_mrope:  # text positions: the same on the three axes
         positions = positions.expand(3, rows)
     embeds = torch.zeros(rows, model.config.hidden_size, dtype=model.config.dtype, device=device)

@@ -85,3 +85,19 @@ class AttentionSpec:
         a query sees `window` keys, its own included)."""
         mask = Mask.CAUSAL if window is None else Mask.SLIDING
         return cls(num_heads, num_kv_heads, head_dim, scale, mask, window, **kw)
+
+
+# The int32 step metadata the attention kernels read (query starts, context lengths, block
+# tables, cross rows, slots), never specialized on 16-byte alignment: an eager step's are views
+# at any int32 offset of one upload (`cross_inputs.cross_metas`), a captured graph's whole
+# buffers, so each alignment compiled a kernel variant of its own inside a step (1-1.4 s on an
+# H100: Mllama's first eager mixed steps); the loads are scalar or at offsets the compiler does
+# not know, so the hint gains nothing.
+PREFILL_METADATA = [
+    "q_start_ptr",
+    "seq_lens_ptr",
+    "block_table_ptr",
+    "range_lo_ptr",
+    "range_hi_ptr",
+]
+DECODE_METADATA = ["seq_lens_ptr", "block_table_ptr", "range_lo_ptr", "range_hi_ptr", "slot_ptr"]

@@ -37,7 +37,7 @@ from polymodal.llm_core.attention.decode_tiles import (
     norm_rotate,
     rotate,
 )
-from polymodal.llm_core.attention.spec import AttentionSpec, Mask
+from polymodal.llm_core.attention.spec import DECODE_METADATA, AttentionSpec, Mask
 from polymodal.llm_core.attention.triton_store import fp8_scaled
 from polymodal.llm_core.counters import arrival_counters
 from polymodal.llm_core.layers.norm import QKNorms
@@ -66,7 +66,7 @@ class NewTokens(NamedTuple):
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
 # so a new width never compiles a new variant in the middle of a run.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=DECODE_METADATA)
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, page_size, kv_heads, head_dim]

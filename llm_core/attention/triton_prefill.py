@@ -7,8 +7,7 @@ softmax (fp32 running max / sum / accumulator, exp2 with the scale folded in).
 - `PAGED=True` (decoder prefill, chunked prefill, prefix-cache hits): keys come from the paged
   cache through the block table; the sequence's new queries are its last `query_len` positions,
   so query `i` sits at `seq_len - query_len + i` and sees the keys its mask allows.
-- `PAGED=False` (encoders): q/k/v are flat `[total_tokens, heads, head_dim]` segments given by
-  `cu_seqlens`.
+- `PAGED=False` (encoders): q/k/v are flat `[total_tokens, heads, head_dim]` `cu_seqlens` segments.
 
 The mask is a constexpr `MASK` (`spec.Mask`: 0 causal, 1 sliding window, 2 chunked local,
 3 bidirectional, 4 cross), so each kind compiles its own variant and causal runs no window code.
@@ -39,6 +38,7 @@ from polymodal.llm_core.attention.prefill_splits import (
     split_count,
 )
 from polymodal.llm_core.attention.prefill_tiles import head_dim_split, key_tile, prefill_config
+from polymodal.llm_core.attention.spec import PREFILL_METADATA as METADATA
 from polymodal.llm_core.attention.spec import AttentionSpec, Mask
 
 _LOG2E = 1.4426950408889634
@@ -46,7 +46,7 @@ _LOG2E = 1.4426950408889634
 
 # The block-table stride (a step's widest table) changes from step to step: not specialized on,
 # so a new width never compiles a new variant in the middle of a run.
-@triton.jit(do_not_specialize=["stride_bt", "num_tokens"])
+@triton.jit(do_not_specialize=["stride_bt", "num_tokens"], do_not_specialize_on_alignment=METADATA)
 def _attn_fwd_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_ptr,  # PAGED: [num_blocks, page_size, kv_heads, head_dim]; else [num_tokens, kv_heads, d]

@@ -89,3 +89,52 @@ def test_no_warm_up_without_a_shape_policy(tmp_path_factory):
 
     engine = Engine(str(tiny_checkpoint(tmp_path_factory, "qwen2")), dtype="float32", device="cpu")
     assert warm_up_long_paths(engine.runner, 128, 64, chunk=CHUNK) == 0.0  # torch backend
+
+
+def test_warm_up_runs_a_cross_attention_decoder_and_changes_no_output(tmp_path_factory):
+    """Mllama (cross KV groups): the decoder's warm-up steps run as a text-only request's, its
+    cross layers passing them through (a mixed step's unfused decode kernel compiles at load,
+    not inside a captioning job's first eager step), and a later image request's greedy tokens
+    and logits equal those of an engine that never warmed up."""
+    from polymodal import LLM, SamplingParams
+    from tests.helpers import record_logits_by_request
+    from tests.sdk.vl_reference import messages, random_image
+
+    path = tiny_checkpoint(tmp_path_factory, "mllama")
+    prompts = [{"messages": messages([random_image(64, 48, 0)])}, {"messages": messages([])}]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    runs = []
+    for warm in (True, False):
+        llm = LLM(str(path), dtype="float32", device="cpu", attention_backend="triton",
+                  num_kv_blocks=256, max_num_batched_tokens=32)  # fmt: skip
+        runner = llm.engine.runner
+        assert runner.num_cross_groups > 0
+        if warm:
+            contexts = record_sdpa_contexts(llm.engine, True)
+            runner.model.warm_up_encoder = lambda: None
+            crossed = _cross_calls(partial(warm_up_long_paths, runner, 128, 256, chunk=CHUNK))
+            assert sorted(set(contexts)) == [0, CHUNK] and crossed == 0
+        seen = record_logits_by_request(llm.engine)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, torch.stack(seen[o.request_id])) for o in outs])
+    for (tokens, logits), (ref_tokens, ref_logits) in zip(*runs, strict=True):
+        assert tokens == ref_tokens
+        assert_close(logits, ref_logits, torch.float32)
+
+
+def _cross_calls(fn) -> int:
+    """How many Mllama cross-attention calls `fn()` makes (it must return a positive time)."""
+    from polymodal.llm_core.models import mllama
+
+    calls, original = [], mllama.MllamaCrossAttention.forward
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    mllama.MllamaCrossAttention.forward = counted
+    try:
+        assert fn() > 0
+    finally:
+        mllama.MllamaCrossAttention.forward = original
+    return len(calls)
