@@ -18,9 +18,11 @@ real rows come first (`_real_first`), and each attention is two unmasked SDPA ca
 rows' queries over every key, the padding rows' queries over the real keys only. The same pairs
 meet as under the mask, on the fused kernels (a mask forces the slower masked ones) and with
 no work on the pairs the mask drops (56% of the pairs for a one-tile image of 4). The two
-outputs are projected and added to the residual's rows part by part (`add_parts`), so no
-layer concatenates them (H100, one 448 px image: the concatenation and its re-layout were
-2.7 of the tower's 37.6 ms).
+outputs are projected and added to the residual's rows part by part inside the next
+LayerNorm's kernel, so no layer concatenates them (H100, one 448 px image: the concatenation
+and its re-layout were 2.7 of the tower's 37.6 ms); each MLP branch (times its gate) is added
+inside the next layer's first LayerNorm (`add_layer_norm`: one kernel a norm on CUDA, rounded
+as eager torch's `x + gate * branch`).
 Images are grouped by their tile count, each group one pass (its own order).
 `encode` gives each image `max_num_tiles * (patches + 1)` rows in tile order, the padding tiles'
 rows included (the decoder's text before an image attends to them, as in transformers).
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymodal.encoders.vision_layers import get_activation, load_checked, make_uninitialized
+from polymodal.llm_core.layers.norm import add_layer_norm, residual_sum
 
 
 class GatedAspectRatioEmbedding(nn.Module):
@@ -92,7 +95,7 @@ class MllamaVisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, real: int) -> tuple[torch.Tensor, ...]:
         """The output rows as parts: `(real rows,)`, or `(real rows, padding rows)` when there
-        are padding rows, each `[N, rows, hidden]` (no concatenation: `add_parts`)."""
+        are padding rows, each `[N, rows, hidden]` (`add_layer_norm` adds them unconcatenated)."""
         n, length, _ = x.shape
         # [N, L, dim] -> [N, heads, L, head_dim]
         q, k, v = (
@@ -109,22 +112,6 @@ class MllamaVisionAttention(nn.Module):
         return tuple(self.o_proj(o.transpose(1, 2).reshape(n, o.shape[2], -1)) for o in parts)
 
 
-def add_parts(x: torch.Tensor, parts: tuple[torch.Tensor, ...], gate=None) -> torch.Tensor:
-    """`x + gate * cat(parts, 1)` (`gate` None: 1) without building the concatenation: each
-    part added into its rows of the result, rounded as the unsplit expression rounds. Under
-    autograd (`out=` is not differentiable) the plain expression."""
-    if torch.is_grad_enabled():
-        whole = torch.cat(parts, dim=1)
-        return x + (whole if gate is None else gate * whole)
-    out = torch.empty_like(x)
-    start = 0
-    for part in parts:
-        rows = slice(start, start + part.shape[1])
-        torch.add(x[:, rows], part if gate is None else gate * part, out=out[:, rows])
-        start = rows.stop
-    return out
-
-
 class MllamaVisionLayer(nn.Module):
     """Pre-LayerNorm block; a global layer scales both branches by tanh of a learned gate."""
 
@@ -139,11 +126,16 @@ class MllamaVisionLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.full((1,), math.pi / 4))
             self.gate_ffn = nn.Parameter(torch.full((1,), math.pi / 4))
 
-    def forward(self, x: torch.Tensor, real: int) -> torch.Tensor:
-        parts = self.self_attn(self.input_layernorm(x), real)
-        x = add_parts(x, parts, self.gate_attn.tanh() if self.gated else None)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + (self.gate_ffn.tanh() * h if self.gated else h)
+    def forward(self, x: torch.Tensor, pending: tuple, real: int) -> tuple[torch.Tensor, tuple]:
+        """The layer's input is `residual_sum(x, *pending)`: the previous layer's MLP branch
+        and its gate (or `(None, None)`) are added inside this layer's first norm, each
+        attention part inside its second (`add_layer_norm`: one kernel each on CUDA, rounded
+        as `x + gate * branch`); returns the sum so far and this layer's pending MLP branch."""
+        x, h = add_layer_norm(self.input_layernorm, x, pending[0], gate=pending[1])
+        parts = self.self_attn(h, real)
+        gate = self.gate_attn.tanh() if self.gated else None
+        x, h = add_layer_norm(self.post_attention_layernorm, x, parts, gate=gate)
+        return x, (self.mlp(h), self.gate_ffn.tanh() if self.gated else None)
 
 
 class _Mlp(nn.Module):
@@ -222,15 +214,20 @@ class MllamaVisionTower(nn.Module):
         real = count * self.num_patches
         x = x.view(n, tiles * length, self.dim)[:, order]
         kept = {}  # layer index -> its output
+        pending = (None, None)  # the last MLP branch and its gate, not added yet
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, real)
+            x, pending = layer(x, pending, real)
             if i in self.kept:
+                x, pending = residual_sum(x, *pending), (None, None)
                 kept[i] = x
-        x = self.layernorm_post(x)[:, back].view(n, tiles, length, self.dim)  # tile order
+        _, x = add_layer_norm(self.layernorm_post, x, pending[0], False, pending[1])
+        x = x[:, back].view(n, tiles, length, self.dim)  # tile order
         x = self.post_tile_positional_embedding(x, aspect_ratio_ids)
         x = x.view(n, tiles * length, self.dim)[:, order]
+        pending = (None, None)
         for layer in self.global_transformer.layers:
-            x = layer(x, real)
+            x, pending = layer(x, pending, real)
+        x = residual_sum(x, *pending)
         # [N, T*L, D * (1 + kept)]: the final states, then the kept layers' features
         # interleaved (HF stacks them on a last axis and flattens), back in tile order
         stacked = torch.stack([kept[i] for i in self.kept], dim=-1).flatten(-2)

@@ -135,18 +135,33 @@ def qk_norm(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor, k: torch.Tens
     return q_norm(q), k_norm(k)
 
 
+def residual_sum(x: torch.Tensor, delta=None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """`x + gate * delta` as eager torch rounds it (`delta` None: x; `gate` None: 1; `delta` a
+    tuple: parts along dim 1, concatenated)."""
+    if delta is None:
+        return x
+    if isinstance(delta, tuple):
+        delta = delta[0] if len(delta) == 1 else torch.cat(delta, dim=1)
+    return x + (delta if gate is None else gate * delta)
+
+
 def add_layer_norm(
-    norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor | None = None, keep_sum: bool = True
+    norm: nn.LayerNorm,
+    x: torch.Tensor,
+    delta: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    keep_sum: bool = True,
+    gate: torch.Tensor | None = None,
 ):
-    """A residual add and the LayerNorm after it: `s = x + delta` (`x` when `delta` is None),
+    """A residual add and the LayerNorm after it: `s = x + gate * delta` (`residual_sum`),
     returns `(s, norm(s))` (`(None, norm(s))` when the caller has no use for the sum, as a
-    post-norm block); one kernel on CUDA (an affine LayerNorm over the last dim): the add's
-    rounding and the fp32 statistics as eager torch's."""
+    post-norm block); one kernel on CUDA (an affine LayerNorm over the last dim; `delta` may
+    be two parts along dim 1, the first `real` rows and the rest): each op's rounding and the
+    fp32 statistics as eager torch's."""
     affine = norm.weight is not None and norm.bias is not None
     if x.is_cuda and fused_ops() is not None and affine and len(norm.normalized_shape) == 1:
         ops = fused_ops()
-        return ops.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, keep_sum)
-    s = x if delta is None else x + delta
+        return ops.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, keep_sum, gate)
+    s = residual_sum(x, delta, gate)
     out = F.layer_norm(s, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return (s if keep_sum else None), out
 

@@ -198,6 +198,8 @@ def qk_rms_norm_(
 def _add_layer_norm_kernel(
     x_ptr,
     delta_ptr,
+    delta2_ptr,
+    gate_ptr,
     w_ptr,
     b_ptr,
     out_ptr,
@@ -206,13 +208,20 @@ def _add_layer_norm_kernel(
     eps,
     stride_x,
     stride_d,
+    stride_d2,
+    length,
+    real,
     HAS_DELTA: tl.constexpr,
     KEEP_SUM: tl.constexpr,
+    PARTS: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One program per row: s = x (+ delta, rounded like torch's add; stored if KEEP_SUM);
-    out = LayerNorm(s) in fp32 (mean, then the variance of s - mean), rounded once."""
+    """One program per row: s = x (+ gate * delta, each op rounded like torch's; stored if
+    KEEP_SUM); out = LayerNorm(s) in fp32 (mean, then the variance of s - mean), rounded once.
+    PARTS: delta in two parts along a sample's `length` rows, its first `real` rows, then the
+    rest (`[N, real, hidden]`, `[N, length - real, hidden]`)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -221,7 +230,17 @@ def _add_layer_norm_kernel(
     pdl.wait(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
-        d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        if PARTS:
+            n, r = row // length, row % length
+            if r < real:
+                d = tl.load(delta_ptr + (n * real + r) * stride_d + cols, mask=mask, other=0.0)
+            else:
+                rest = n * (length - real) + r - real
+                d = tl.load(delta2_ptr + rest * stride_d2 + cols, mask=mask, other=0.0)
+        else:
+            d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        if GATED:  # torch's gate * delta: rounded to the dtype before the add
+            d = (tl.load(gate_ptr).to(tl.float32) * d.to(tl.float32)).to(x.dtype)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
         if KEEP_SUM:
             tl.store(sum_ptr + row * hidden + cols, x, mask=mask)
@@ -233,35 +252,49 @@ def _add_layer_norm_kernel(
     tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """`t` as `[rows, hidden]` with unit column stride."""
+    t2 = t.reshape(-1, hidden)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def add_layer_norm(
     x: torch.Tensor,
-    delta: torch.Tensor | None,
+    delta: torch.Tensor | tuple[torch.Tensor, ...] | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
     keep_sum: bool = True,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """`s = x + delta` (or `x`) and `LayerNorm(s)` over the last dim with `weight`, `bias`:
-    returns `(s, normed)`, both in x's dtype (delta's must match); `(None, normed)` without
-    `keep_sum` (a post-norm block: the sum is never written)."""
+    """`s = x + gate * delta` (or `x`; `gate` a one-element tensor, None: 1) and `LayerNorm(s)`
+    over the last dim with `weight`, `bias`: returns `(s, normed)`, both in x's dtype (delta's
+    must match); `(None, normed)` without `keep_sum` (a post-norm block: the sum is never
+    written). `delta` may be parts along dim 1 of x `[N, length, hidden]` (one or two: the
+    first `real` rows, then the rest), added without building their concatenation."""
     hidden = x.shape[-1]
-    x2 = x.reshape(-1, hidden)  # [rows, hidden]
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = _rows(x, hidden)  # [rows, hidden]
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     keep = keep_sum and delta is not None
+    parts = delta if isinstance(delta, tuple) else (delta,)
+    length = real = 0
     if delta is not None:
-        assert delta.dtype == x.dtype and delta.shape == x.shape
-        d2 = delta.reshape(-1, hidden)
-        d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
-    else:
-        d2 = x2  # unused by the kernel
+        assert all(p.dtype == x.dtype for p in parts)
+        if len(parts) == 2:
+            length, real = x.shape[1], parts[0].shape[1]
+            assert parts[0].shape[0] * length == x2.shape[0] and parts[1].shape[1] == length - real
+        else:
+            assert parts[0].shape == x.shape
+    d2 = [_rows(p, hidden) for p in parts] if delta is not None else [x2]  # x2: unused
     total = torch.empty_like(out) if keep else x2  # x2: never written (KEEP_SUM off)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
         flag = pdl.use_pdl(x2)
         _add_layer_norm_kernel[(x2.shape[0],)](
-            x2, d2, weight, bias, out, total, hidden, eps, x2.stride(0), d2.stride(0),
-            HAS_DELTA=delta is not None, KEEP_SUM=keep, BLOCK=block,
+            x2, d2[0], d2[-1], gate if gate is not None else out, weight, bias, out, total,
+            hidden, eps, x2.stride(0), d2[0].stride(0), d2[-1].stride(0), length, real,
+            HAS_DELTA=delta is not None, KEEP_SUM=keep, PARTS=len(d2) == 2,
+            GATED=gate is not None and delta is not None, BLOCK=block,
             num_warps=min(16, max(1, block // 256)), USE_PDL=flag, launch_pdl=flag,
         )  # fmt: skip
     s = total.view(x.shape) if keep else (x if keep_sum else None)
@@ -270,12 +303,16 @@ def add_layer_norm(
 
 def add_layer_norm_ref(
     x: torch.Tensor,
-    delta: torch.Tensor | None,
+    delta: torch.Tensor | tuple[torch.Tensor, ...] | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of `add_layer_norm`: torch's `x + delta` (rounded to x's dtype), then
-    `F.layer_norm` (statistics and affine in fp32, one rounding at the end)."""
-    s = x if delta is None else x + delta
+    """Torch reference of `add_layer_norm`: torch's `x + gate * delta` (`norm.residual_sum`,
+    each op rounded to x's dtype), then `F.layer_norm` (statistics and affine in fp32, one
+    rounding at the end)."""
+    from polymodal.llm_core.layers.norm import residual_sum
+
+    s = residual_sum(x, delta, gate)
     return s, torch.nn.functional.layer_norm(s, (s.shape[-1],), weight, bias, eps)

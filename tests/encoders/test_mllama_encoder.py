@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polymodal.encoders.mllama import MllamaVisionAttention, _real_first, add_parts
+from polymodal.encoders.mllama import MllamaVisionAttention, _real_first
 
 TILES, PATCHES, LENGTH = 4, 5, 8  # 5 patch rows a tile, padded to 8
 
@@ -70,20 +70,3 @@ def test_padding_rows_see_only_the_real_rows():
         before, after = _rows(attn, x, real), _rows(attn, moved, real)
     torch.testing.assert_close(after[:, real], before[:, real], atol=1e-6, rtol=1e-6)
     assert (after[:, :real] - before[:, :real]).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("gated", [False, True])
-def test_add_parts_equals_the_concatenated_sum(dtype, gated):
-    """Each part added into its rows gives `x + gate * cat(parts)` bit for bit (the same
-    roundings), for a batch of two images (strided row slices)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 12, 16, dtype=dtype)
-    parts = (torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 7, 16, dtype=dtype))
-    gate = torch.tensor([0.3], dtype=dtype).tanh() if gated else None
-    whole = torch.cat(parts, dim=1)
-    expected = x + (gate * whole if gated else whole)
-    with torch.no_grad():
-        assert torch.equal(add_parts(x, parts, gate), expected)
-        assert torch.equal(add_parts(x, (whole,), gate), expected)
-    assert torch.equal(add_parts(x, parts, gate), expected)  # autograd: the plain expression

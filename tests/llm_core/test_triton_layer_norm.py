@@ -49,3 +49,27 @@ def test_layer_norm_module_adds_the_residual():
     assert torch.equal(norm(x, residual), plain(x + residual))
     assert torch.equal(norm(x), plain(x))
     assert sorted(norm.state_dict()) == ["bias", "weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("split", [True, False])
+def test_add_layer_norm_of_gated_parts(dtype, gated, split):
+    """Mllama's tower form: the delta as two parts along a sample's rows (its first 5 rows,
+    then 7) for a batch of two, or whole, times a gate: the sum is `x + gate * cat(parts)` (bit
+    for bit in fp32; in bf16 the interpreter's casts may differ from torch's by an ulp),
+    the norm as the reference's."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 12, 48) + 4).to(dtype)
+    parts = (torch.randn(2, 5, 48).to(dtype), torch.randn(2, 7, 48).to(dtype))
+    delta = parts if split else torch.cat(parts, dim=1)
+    gate = torch.tensor([0.3]).tanh().to(dtype) if gated else None
+    norm = _norm(48, dtype)
+    total, out = kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, True, gate)
+    ref_total, ref = kernels.add_layer_norm_ref(x, parts, norm.weight, norm.bias, norm.eps, gate)
+    whole = torch.cat(parts, dim=1)
+    assert torch.equal(ref_total, x + (gate * whole if gated else whole))
+    if dtype == torch.float32:
+        assert torch.equal(total, ref_total)
+    assert_close(total, ref_total, dtype)
+    assert_close(out, ref, dtype)
