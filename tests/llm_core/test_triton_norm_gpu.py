@@ -69,6 +69,26 @@ def test_add_layer_norm_matches_torch():
         assert (out.float() - want32).abs().max() <= (norm(want).float() - want32).abs().max() * 2
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_add_layer_norm_of_mllama_parts(gated):
+    """Mllama-11B's tower (two images of 4 x 1608 rows of 1280, the first 1601 real): the
+    attention's two row parts times tanh(gate) added in the norm kernel give torch's
+    `x + gate * cat(parts)` bit for bit, and its LayerNorm."""
+    from polymodal.llm_core.layers import triton_ops as ops
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", generator=gen).bfloat16()  # noqa: E731
+    x, parts = rnd(2, 6432, 1280), (rnd(2, 1601, 1280), rnd(2, 4831, 1280))
+    gate = torch.tensor([0.7], device="cuda").bfloat16().tanh() if gated else None
+    norm = torch.nn.LayerNorm(1280, eps=1e-5).cuda().bfloat16()
+    norm.weight.data.normal_(1.0, 0.3, generator=gen)
+    whole = torch.cat(parts, dim=1)
+    want = x + (gate * whole if gated else whole)
+    s, out = ops.add_layer_norm(x, parts, norm.weight, norm.bias, norm.eps, True, gate)
+    assert torch.equal(s, want)
+    torch.testing.assert_close(out, norm(want), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vit_mlp_gelu_epilogue_is_the_tanh_gelu(dtype):
     """fc1's GEMM with cuBLASLt's GELU epilogue computes SigLIP's `gelu_pytorch_tanh` (not
