@@ -239,8 +239,16 @@ def _add_layer_norm_kernel(
                 d = tl.load(delta2_ptr + rest * stride_d2 + cols, mask=mask, other=0.0)
         else:
             d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
-        if GATED:  # torch's gate * delta: rounded to the dtype before the add
-            d = (tl.load(gate_ptr).to(tl.float32) * d.to(tl.float32)).to(x.dtype)
+        if GATED:  # torch's gate * delta, rounded to the dtype before the add
+            p = tl.load(gate_ptr).to(tl.float32) * d.to(tl.float32)
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                # to bf16 (nearest, ties to even) with integer ops: the compiler dropped a
+                # cast's rounding here and added the product unrounded (an H100: a quarter of
+                # the sums one bf16 step off torch's)
+                bits = p.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                p = bits.to(tl.float32, bitcast=True)
+            d = p.to(x.dtype)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
         if KEEP_SUM:
             tl.store(sum_ptr + row * hidden + cols, x, mask=mask)
@@ -271,12 +279,16 @@ def add_layer_norm(
     over the last dim with `weight`, `bias`: returns `(s, normed)`, both in x's dtype (delta's
     must match); `(None, normed)` without `keep_sum` (a post-norm block: the sum is never
     written). `delta` may be parts along dim 1 of x `[N, length, hidden]` (one or two: the
-    first `real` rows, then the rest), added without building their concatenation."""
+    first `real` rows, then the rest), added without building their concatenation. A gate
+    in float16 is applied by torch first (the kernel rounds a gated product as torch does in
+    bfloat16; in float32 the GPU may fuse it into the add, one rounding)."""
     hidden = x.shape[-1]
     x2 = _rows(x, hidden)  # [rows, hidden]
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     keep = keep_sum and delta is not None
     parts = delta if isinstance(delta, tuple) else (delta,)
+    if gate is not None and delta is not None and x.dtype not in (torch.bfloat16, torch.float32):
+        parts, gate = tuple(gate * p for p in parts), None
     length = real = 0
     if delta is not None:
         assert all(p.dtype == x.dtype for p in parts)

@@ -73,3 +73,16 @@ def test_add_layer_norm_of_gated_parts(dtype, gated, split):
         assert torch.equal(total, ref_total)
     assert_close(total, ref_total, dtype)
     assert_close(out, ref, dtype)
+
+
+def test_gated_product_rounds_to_nearest_bf16():
+    """With x = 0 the sum is the gated product itself: bf16's nearest (ties to even) of
+    gate * delta, bit for bit torch's, however the casts round (the kernel rounds it with
+    integer ops: the GPU compiler had dropped that cast's rounding)."""
+    torch.manual_seed(1)
+    delta = torch.randn(4, 64).bfloat16()
+    gate = torch.tensor([0.7]).bfloat16().tanh()
+    norm = _norm(64, torch.bfloat16)
+    x = torch.zeros_like(delta)
+    total, _ = kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, True, gate)
+    assert torch.equal(total, gate * delta)
