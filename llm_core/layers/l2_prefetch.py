@@ -40,21 +40,27 @@ def prefetchable(tensor: torch.Tensor | None) -> bool:
 
 
 @triton.jit
-def prefetch_l2(ptr, nbytes, part, parts):
+def prefetch_l2(ptr, nbytes, part, parts, EVICT_LAST: tl.constexpr = False):
     """Ask L2 for part `part` of `parts` of the `nbytes` bytes at `ptr` (16-byte aligned, nbytes
     a multiple of 16): one bulk request a warp (a uniform instruction: per-thread addresses
     would make the compiler loop over the lanes), for a 16-byte multiple. Returns at once (the
-    lines arrive while the program goes on)."""
+    lines arrive while the program goes on). EVICT_LAST: the lines carry L2's evict-last
+    priority (streams loaded evict-first pass them by)."""
     piece = tl.cdiv(tl.cdiv(nbytes, parts), 16) * 16  # bytes a program asks for
     start = part.to(tl.int64) * piece
     size = tl.minimum(tl.maximum(nbytes - start, 0), piece).to(tl.int32)
     addr = ptr.to(tl.pointer_type(tl.int8)) + start
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.b32 $0, 0; }",
-        "=r,l,r",
-        [addr, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+    if EVICT_LAST:  # (the assembly must be a literal at each call)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b64 policy; setp.gt.s32 p, $2, 0; "
+            "createpolicy.fractional.L2::evict_last.b64 policy, 1.0; "
+            "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, policy; "
+            "mov.b32 $0, 0; }",
+            "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip

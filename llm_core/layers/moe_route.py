@@ -43,6 +43,7 @@ SCORINGS = ("softmax", "sigmoid")
 # can stream during the routing chain (~5 us a layer at ~3 TB/s on an H100); 0 switches the
 # prefetch off. `scripts/device/moe_prefetch_ab.py` measures it.
 L2_PREFETCH_BYTES = 16 << 20
+L2_PREFETCH_EVICT_LAST = False  # the prefetched lines at L2's evict-last priority
 # larger than any expert id: loses every "lowest id" contest (a global a kernel reads must be a
 # constexpr)
 _NO_ID = tl.constexpr(1 << 30)
@@ -206,6 +207,7 @@ def _route_kernel(
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr = False,
+    EVICT_LAST: tl.constexpr = False,
 ):
     """Program n: logits of experts [n * BLOCK_N, (n + 1) * BLOCK_N) for every row; the last
     program to arrive picks each row's experts. The first weight tile loads before the PDL wait.
@@ -220,7 +222,7 @@ def _route_kernel(
                 eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     pdl.wait(USE_PDL)
     if PREFETCH:
-        prefetch_l2(prefetch_ptr, prefetch_bytes, tl.program_id(0), tl.num_programs(0))
+        prefetch_l2(prefetch_ptr, prefetch_bytes, tl.program_id(0), tl.num_programs(0), EVICT_LAST)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [experts, rows]
     acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
@@ -358,6 +360,7 @@ def route(
         BLOCK_S=triton.next_power_of_2(group_size), BLOCK_P=triton.next_power_of_2(parts),
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag, PREFETCH=ahead > 0,
+        EVICT_LAST=L2_PREFETCH_EVICT_LAST,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     return weights, ids

@@ -5,4 +5,4 @@
 source scripts/device/setup.sh
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/llm_core/test_l2_prefetch.py \
   tests/llm_core/test_moe_gpu.py tests/llm_core/test_families_gpu.py -k "prefetch or decode or moe or mixtral" 2>&1 | tail -3
-timeout 420 python3 scripts/device/moe_prefetch_ab.py qwen3-30b-a3b 0 16 0 16 8 24 2>&1 | grep -v -i "warn\|regex"
+timeout 420 python3 scripts/device/moe_prefetch_ab.py qwen3-30b-a3b 0 16 0 16last 8 24 2>&1 | grep -v -i "warn\|regex"

@@ -60,7 +60,8 @@ fn = moe_route._route_kernel
 const = dict(NORM=True, SIGMOID=False, FP32_LOGITS=False, BIAS=False, RENORMALIZE=True, TOP_K=8,
              NUM_SHARED=0, NUM_GROUPS=1, TOPK_GROUPS=1, BLOCK_J=8, BLOCK_E=128, BLOCK_G=1,
              BLOCK_S=128, BLOCK_P=1, BLOCK_M=1, BLOCK_N=1, BLOCK_K=2048,
-             WEIGHT_EVICTION="evict_first", USE_PDL=True, PREFETCH=sys.argv[1] == "1")
+             WEIGHT_EVICTION="evict_first", USE_PDL=True, PREFETCH=sys.argv[1] == "1",
+             EVICT_LAST=sys.argv[2] == "1")
 bf16 = ("x_ptr", "w_ptr", "norm_w_ptr", "prefetch_ptr")
 ints = ("counter_ptr", "ids_ptr")
 types = {n: "constexpr" if n in const else "*bf16" if n in bf16 else "*i32" if n in ints
@@ -72,12 +73,13 @@ print(json.dumps(kernel.asm["ptx"]))
 """
 
 
-def _route_ptx(prefetch: bool) -> str:
+def _route_ptx(prefetch: bool, evict_last: bool = False) -> str:
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, "1" if prefetch else "0"], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    flags = [str(int(prefetch)), str(int(evict_last))]
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *flags], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -89,6 +91,10 @@ def test_routing_issues_one_bulk_prefetch_after_its_pdl_wait():
     assert ptx.count("cp.async.bulk.prefetch.L2.global") == 1
     assert ptx.index("griddepcontrol.wait") < ptx.index("cp.async.bulk.prefetch.L2.global")
     assert "cp.async.bulk.prefetch" not in _route_ptx(False)
+    assert "prefetch.L2.global [" in ptx  # no cache hint: L2's normal priority
+    hinted = _route_ptx(True, evict_last=True)
+    assert hinted.count("cp.async.bulk.prefetch.L2.global.L2::cache_hint") == 1
+    assert "createpolicy.fractional.L2::evict_last" in hinted
 
 
 @pytest.mark.gpu
