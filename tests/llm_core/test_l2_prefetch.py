@@ -34,7 +34,8 @@ def test_prefetch_size_is_the_first_bytes_up_to_the_cap(monkeypatch):
     assert moe_route.prefetch_size(weight) == 0  # no CUDA here
     monkeypatch.setattr(moe_route, "prefetchable", lambda t: t is not None)
     monkeypatch.setattr(moe_route, "supported", lambda device: True)
-    assert moe_route.prefetch_size(weight) == moe_route.L2_PREFETCH_BYTES
+    monkeypatch.setattr(moe_route, "L2_PREFETCH_BYTES", 16 << 20)
+    assert moe_route.prefetch_size(weight) == 16 << 20
     assert moe_route.prefetch_size(weight[:8]) == 8 * 2048 * 2
     assert moe_route.prefetch_size(None) == 0
     monkeypatch.setattr(moe_route, "L2_PREFETCH_BYTES", 1000)
@@ -100,7 +101,7 @@ def test_routing_issues_one_bulk_prefetch_after_its_pdl_wait():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [1, 2])
-def test_routing_with_a_prefetch_changes_no_result(rows):
+def test_routing_with_a_prefetch_changes_no_result(rows, monkeypatch):
     """Qwen3-30B-A3B's router with the next qkv weight (21 MB, more than the cap) or one of its
     rows asked of L2: the same experts and weights bit for bit, eager and replayed in
     a CUDA graph."""
@@ -113,6 +114,7 @@ def test_routing_with_a_prefetch_changes_no_result(rows):
     x = DeferredNorm(h, h.float().square().sum(1, keepdim=True), torch.ones_like(h[0]), 1e-6)
     qkv = torch.randn(5120, hidden, device="cuda", generator=gen).bfloat16()
     plain = moe_route.route(x, router, 8)
+    monkeypatch.setattr(moe_route, "L2_PREFETCH_BYTES", 16 << 20)  # (the default may be off)
     for ahead in (qkv, qkv[3:4]):
         if l2_prefetch.supported(qkv.device):
             assert moe_route.prefetch_size(ahead) > 0
