@@ -39,10 +39,12 @@ from polymodal.llm_core.layers.l2_prefetch import prefetch_l2, prefetchable, sup
 from polymodal.llm_core.layers.norm import DeferredNorm, plain
 
 SCORINGS = ("softmax", "sigmoid")
-# At most this many bytes of `route(prefetch=...)` are asked of L2 (the first ones): what HBM
-# can stream during the routing chain (~5 us a layer at ~3 TB/s on an H100); 0 switches the
-# prefetch off. `scripts/device/moe_prefetch_ab.py` measures it.
-L2_PREFETCH_BYTES = 16 << 20
+# At most this many bytes of `route(prefetch=...)` are asked of L2 (the first ones); 0: none.
+# What HBM could stream during the routing chain is ~16 MB (~5 us a layer at ~3 TB/s on an
+# H100), but no GPU has timed it yet (`scripts/device/s48b.sh`: `moe_prefetch_ab.py` by size,
+# alternating), and earlier prefetches of a kernel's own weights lost (docs/performance.md,
+# run d): off until a run shows it gains.
+L2_PREFETCH_BYTES = 0
 L2_PREFETCH_EVICT_LAST = False  # the prefetched lines at L2's evict-last priority
 # larger than any expert id: loses every "lowest id" contest (a global a kernel reads must be a
 # constexpr)
