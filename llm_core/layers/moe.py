@@ -345,16 +345,17 @@ def enable_moe_decode(model: nn.Module) -> int:
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.fused_decode_fits()]
     if not blocks or fused_ops() is None:  # no Triton
         return 0
+    named = list(model.named_modules())
     for block in blocks:
         block.fused_decode = True
-        block.prefetch_source = _next_linear(model, block)
+        block.prefetch_source = _next_linear(named, block)
     return len(blocks)
 
 
-def _next_linear(model: nn.Module, block: SparseMoeBlock) -> tuple[nn.Module, ...]:
-    """(the first `Linear` after `block` in module order, outside it,) or (): the next layer's
-    first projection, whose weight the block's decode routing asks L2 for."""
-    named = list(model.named_modules())
+def _next_linear(named: list, block: SparseMoeBlock) -> tuple[nn.Module, ...]:
+    """(the first `Linear` after `block` in the model's `named_modules()` order, outside it,)
+    or (): the next layer's first projection, whose weight the block's decode routing asks L2
+    for."""
     at = next(i for i, (_, module) in enumerate(named) if module is block)
     inside = named[at][0] + "."
     later = (

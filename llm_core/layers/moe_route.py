@@ -371,6 +371,6 @@ def route(
 def prefetch_size(tensor: torch.Tensor | None) -> int:
     """Bytes of `tensor` a routing launch asks L2 for: its first `L2_PREFETCH_BYTES` (a
     multiple of 16) where the card and the tensor allow a bulk prefetch, else 0."""
-    if not prefetchable(tensor) or not supported(tensor.device):
+    if L2_PREFETCH_BYTES <= 0 or not prefetchable(tensor) or not supported(tensor.device):
         return 0
     return min(tensor.numel() * tensor.element_size(), L2_PREFETCH_BYTES) // 16 * 16

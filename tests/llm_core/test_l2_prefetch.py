@@ -22,11 +22,12 @@ def test_each_block_prefetches_the_next_layers_first_projection(tmp_path_factory
     path = tiny_checkpoint(tmp_path_factory, "qwen3_moe")
     model = Engine(str(path), dtype="float32", device="cpu").runner.model
     layers = model.model.layers
+    named = list(model.named_modules())
     sparse = [i for i, layer in enumerate(layers) if isinstance(layer.mlp, SparseMoeBlock)]
     assert sparse == [0, 2, 3]
     for i in sparse[:-1]:
-        assert _next_linear(model, layers[i].mlp) == (layers[i + 1].self_attn.qkv_proj,)
-    assert _next_linear(model, layers[-1].mlp) == (model.lm_head,)
+        assert _next_linear(named, layers[i].mlp) == (layers[i + 1].self_attn.qkv_proj,)
+    assert _next_linear(named, layers[-1].mlp) == (model.lm_head,)
 
 
 def test_prefetch_size_is_the_first_bytes_up_to_the_cap(monkeypatch):
