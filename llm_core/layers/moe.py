@@ -241,9 +241,6 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.gate, self.experts = gate, experts
         self.shared_experts = shared_experts
-        # (the module whose weight the fused decode's routing prefetches,): the next layer's
-        # first projection, set by `enable_moe_decode`; a tuple, so it is no submodule
-        self.prefetch_source: tuple[nn.Module, ...] = ()
 
     @property
     def top_k(self) -> int:
@@ -322,12 +319,8 @@ class SparseMoeBlock(nn.Module):
             from polymodal.llm_core.layers import moe_decode
 
             cfg = self.gate.cfg
-            ahead = (
-                getattr(self.prefetch_source[0], "weight", None) if self.prefetch_source else None
-            )
             weights, ids = moe_decode.route(x, self.gate.weight, cfg.top_k, cfg.renormalize,
-                                            cfg.scaling, prefetch=ahead,
-                                            **self._decode_router_args())  # fmt: skip
+                                            cfg.scaling, **self._decode_router_args())  # fmt: skip
             gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
             shared = None if self.shared_experts is None else self._decode_shared_weights()
             return moe_decode.experts(x, gate_up, down, weights, ids, residual, shared=shared)
@@ -345,21 +338,6 @@ def enable_moe_decode(model: nn.Module) -> int:
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.fused_decode_fits()]
     if not blocks or fused_ops() is None:  # no Triton
         return 0
-    named = list(model.named_modules())
     for block in blocks:
         block.fused_decode = True
-        block.prefetch_source = _next_linear(named, block)
     return len(blocks)
-
-
-def _next_linear(named: list, block: SparseMoeBlock) -> tuple[nn.Module, ...]:
-    """(the first `Linear` after `block` in the model's `named_modules()` order, outside it,)
-    or (): the next layer's first projection, whose weight the block's decode routing asks L2
-    for."""
-    at = next(i for i, (_, module) in enumerate(named) if module is block)
-    inside = named[at][0] + "."
-    later = (
-        m for name, m in named[at + 1 :] if isinstance(m, Linear) and not name.startswith(inside)
-    )
-    first = next(later, None)
-    return () if first is None else (first,)

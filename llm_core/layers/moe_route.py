@@ -35,17 +35,9 @@ from polymodal.llm_core.layers.gemv import (
     gemv_tile,
 )
 from polymodal.llm_core.layers.gemv_folds import row_rstd
-from polymodal.llm_core.layers.l2_prefetch import prefetch_l2, prefetchable, supported
 from polymodal.llm_core.layers.norm import DeferredNorm, plain
 
 SCORINGS = ("softmax", "sigmoid")
-# At most this many bytes of `route(prefetch=...)` are asked of L2 (the first ones); 0: none.
-# What HBM could stream during the routing chain is ~16 MB (~5 us a layer at ~3 TB/s on an
-# H100), but no GPU has timed it yet (`scripts/device/s48b.sh`: `moe_prefetch_ab.py` by size,
-# alternating), and earlier prefetches of a kernel's own weights lost (docs/performance.md,
-# run d): off until a run shows it gains.
-L2_PREFETCH_BYTES = 0
-L2_PREFETCH_EVICT_LAST = False  # the prefetched lines at L2's evict-last priority
 # larger than any expert id: loses every "lowest id" contest (a global a kernel reads must be a
 # constexpr)
 _NO_ID = tl.constexpr(1 << 30)
@@ -179,8 +171,6 @@ def _route_kernel(
     ids_ptr,  # int32 [M, TOP_K + NUM_SHARED] out
     norm_w_ptr,  # [K] RMSNorm weight (NORM)
     norm_sumsq_ptr,  # fp32 [M, norm_parts]: x's sums of squares (NORM)
-    prefetch_ptr,  # bytes to ask L2 for after the wait (PREFETCH)
-    prefetch_bytes,
     norm_parts,
     eps,
     scaling,
@@ -208,13 +198,9 @@ def _route_kernel(
     BLOCK_K: tl.constexpr,
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
-    EVICT_LAST: tl.constexpr = False,
 ):
     """Program n: logits of experts [n * BLOCK_N, (n + 1) * BLOCK_N) for every row; the last
-    program to arrive picks each row's experts. The first weight tile loads before the PDL wait.
-    PREFETCH: right after the wait (the kernel before is done: HBM is free), the programs ask L2
-    for `prefetch_bytes` at `prefetch_ptr` (a later kernel's weights), a share each."""
+    program to arrive picks each row's experts. The first weight tile loads before the PDL wait."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -223,8 +209,6 @@ def _route_kernel(
     w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
                 eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     pdl.wait(USE_PDL)
-    if PREFETCH:
-        prefetch_l2(prefetch_ptr, prefetch_bytes, tl.program_id(0), tl.num_programs(0), EVICT_LAST)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [experts, rows]
     acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
@@ -320,7 +304,6 @@ def route(
     num_groups: int = 1,
     topk_groups: int = 1,
     shared_experts: int = 0,
-    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing in one launch: (weights fp32 `[M, top_k + shared_experts]`, expert ids
     int32 of the same shape), routed slots by decreasing (biased) score, ties to the lower id,
@@ -332,8 +315,6 @@ def route(
     experts in fp32; "sigmoid": DeepSeek-V3's choice with the fp32 `correction_bias [E]` and
     `num_groups` / `topk_groups` (see the module docstring). `renormalize`: the chosen weights
     divided by their sum (+ 1e-20 for sigmoid); then * scaling. As `moe.route` computes.
-    `prefetch`: a tensor a later kernel reads (the next layer's first weight): its first
-    `L2_PREFETCH_BYTES` are asked of L2 during the routing (sm_90+; a hint, results unchanged).
     """
     norm, rows = decode_rows(x, weight, "route")
     m, k = rows.shape
@@ -349,11 +330,9 @@ def route(
     cfg = config or router_config(num_experts, k, rows.is_cuda)
     flag = pdl.use_pdl(rows)
     group_size = num_experts // num_groups
-    ahead = prefetch_size(prefetch)
     _route_kernel[(triton.cdiv(num_experts, cfg.block_n),)](
         rows, weight, correction_bias if correction_bias is not None else logits, logits,
-        arrival_counters(rows.device, 1), weights, ids, norm_w, norm_sumsq,
-        prefetch if ahead else logits, ahead, parts, eps, scaling,
+        arrival_counters(rows.device, 1), weights, ids, norm_w, norm_sumsq, parts, eps, scaling,
         m, num_experts, k, group_size, rows.stride(0), NORM=norm is not None,
         SIGMOID=scoring == "sigmoid", FP32_LOGITS=fp32_logits, BIAS=correction_bias is not None,
         RENORMALIZE=renormalize, TOP_K=top_k, NUM_SHARED=shared_experts, NUM_GROUPS=num_groups,
@@ -361,16 +340,7 @@ def route(
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_G=triton.next_power_of_2(num_groups),
         BLOCK_S=triton.next_power_of_2(group_size), BLOCK_P=triton.next_power_of_2(parts),
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag, PREFETCH=ahead > 0,
-        EVICT_LAST=L2_PREFETCH_EVICT_LAST,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=flag,
+        WEIGHT_EVICTION=WEIGHT_EVICTION, USE_PDL=flag, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=flag,
     )  # fmt: skip
     return weights, ids
-
-
-def prefetch_size(tensor: torch.Tensor | None) -> int:
-    """Bytes of `tensor` a routing launch asks L2 for: its first `L2_PREFETCH_BYTES` (a
-    multiple of 16) where the card and the tensor allow a bulk prefetch, else 0."""
-    if L2_PREFETCH_BYTES <= 0 or not prefetchable(tensor) or not supported(tensor.device):
-        return 0
-    return min(tensor.numel() * tensor.element_size(), L2_PREFETCH_BYTES) // 16 * 16

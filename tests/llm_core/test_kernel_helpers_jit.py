@@ -43,7 +43,6 @@ MODULES = [
     "polymodal.llm_core.layers.fp8_gemv",
     "polymodal.llm_core.layers.moe_decode",
     "polymodal.llm_core.layers.moe_route",
-    "polymodal.llm_core.layers.l2_prefetch",
     "polymodal.processors.triton_pixels",
 ]
 
