@@ -39,6 +39,10 @@ from polymodal.llm_core.layers.norm import DeferredNorm
 # 62 / 35 at 1 row, 129 / 59 at 2, 163 / 155 at 4, 206 / 397 at 8; Mixtral 235 / 211 at 1,
 # 461 / 434 at 2, 522 / 835 at 4: the fused path wins up to 2 rows.
 DECODE_MAX_TOKENS = 2
+# Those decode blocks as one persistent launch (`moe_layer`: routing, gate_up and down with
+# waits inside the launch) instead of `moe_decode`'s three; off until a GPU run times it
+# (scripts/device/moe_layer_ab.py).
+ONE_LAUNCH_DECODE = False
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 HF_EXPERT_MAPPING = {
@@ -318,11 +322,17 @@ class SparseMoeBlock(nn.Module):
         if self.fused_decode and rows.shape[0] <= DECODE_MAX_TOKENS:
             from polymodal.llm_core.layers import moe_decode
 
-            cfg = self.gate.cfg
-            weights, ids = moe_decode.route(x, self.gate.weight, cfg.top_k, cfg.renormalize,
-                                            cfg.scaling, **self._decode_router_args())  # fmt: skip
+            cfg, router = self.gate.cfg, self._decode_router_args()
             gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
             shared = None if self.shared_experts is None else self._decode_shared_weights()
+            if ONE_LAUNCH_DECODE:
+                from polymodal.llm_core.layers.moe_layer import moe_layer
+
+                del router["shared_experts"]  # (`shared` names them)
+                return moe_layer(x, self.gate.weight, gate_up, down, cfg.top_k, cfg.renormalize,
+                                 cfg.scaling, residual, shared=shared, **router)[0]  # fmt: skip
+            weights, ids = moe_decode.route(x, self.gate.weight, cfg.top_k, cfg.renormalize,
+                                            cfg.scaling, **router)  # fmt: skip
             return moe_decode.experts(x, gate_up, down, weights, ids, residual, shared=shared)
         if isinstance(x, DeferredNorm):
             x = x.materialize()

@@ -37,9 +37,7 @@ from polymodal.llm_core.layers.gemv import (
     TILE_ELEMENTS,
     WEIGHT_EVICTION,
     GemvConfig,
-    gemv_tile,
     num_sms,
-    store_out,
 )
 from polymodal.llm_core.layers.gemv_folds import row_rstd
 from polymodal.llm_core.layers.moe_route import (  # noqa: F401  (route: part of this API)
@@ -48,6 +46,15 @@ from polymodal.llm_core.layers.moe_route import (  # noqa: F401  (route: part of
     norm_tile,
     route,
     router_config,
+)
+from polymodal.llm_core.layers.moe_tiles import (
+    down_rows,
+    expert_gemv,
+    gate_up_rows,
+    store_down_part,
+    store_gate_up,
+    sum_pairs,
+    weight_tile,
 )
 from polymodal.llm_core.layers.norm import AddedResidual
 
@@ -74,13 +81,6 @@ def _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS: tl.constexpr, BLOCK_J:
     chosen = valid & (tl.load(ids_ptr + slots, mask=valid, other=-1, cache_modifier=".cg")
                       == expert)  # fmt: skip
     return first, chosen, slots
-
-
-@triton.jit
-def _weight_tile(w_rows, k, n_mask, K, WEIGHT_EVICTION: tl.constexpr):
-    """The `[BLOCK_N, BLOCK_K]` weight tile at columns `k` of the rows `w_rows` (0 past K)."""
-    return tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
-                   eviction_policy=WEIGHT_EVICTION)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "norm_parts"])
@@ -125,36 +125,15 @@ def _gate_up_kernel(
     pdl.wait(USE_PDL)  # the expert ids come from the kernel before
     expert = _pair_expert(ids_ptr, pair)
     first, chosen, _ = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J, BLOCK_PAIRS)
-    if expert < E:  # (after the id loads above: they issue together)
-        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
-    else:  # shared expert s: gate rows s * I + f, up rows S * I + s * I + f - I
-        inter = N // 2
-        up_skip = tl.where(offs_n >= inter, num_shared - 1, 0) * inter  # past other gates
-        row = offs_n + (expert - E) * inter + up_skip
-        w_rows = shared_ptr + row.to(tl.int64)[:, None] * K
-    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0,
-                eviction_policy=WEIGHT_EVICTION)  # fmt: skip
+    # (after the id loads above: they issue together)
+    w_rows = gate_up_rows(w_ptr, shared_ptr, expert, offs_n, E, N, K, num_shared)
+    w = weight_tile(w_rows, offs_k, n_mask, K, WEIGHT_EVICTION)
     if first:
-        w_next = w
-        if PREFETCH:
-            w_next = _weight_tile(w_rows, BLOCK_K + offs_k, n_mask, K, WEIGHT_EVICTION)
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
-                        norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + offs_k
-            if PREFETCH:
-                w = w_next
-                w_next = _weight_tile(w_rows, k + BLOCK_K, n_mask, K, WEIGHT_EVICTION)
-            else:
-                w = _weight_tile(w_rows, k, n_mask, K, WEIGHT_EVICTION)
-            acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd,
-                            norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
-        has = tl.max(chosen.to(tl.int32), 1) > 0  # [BLOCK_M]
-        rows = pair * M + offs_m
-        tl.store(out_ptr + rows.to(tl.int64)[None, :] * N + offs_n[:, None],
-                 acc.to(out_ptr.dtype.element_ty), mask=has[None, :] & n_mask[:, None])  # fmt: skip
+        acc = expert_gemv(w, w_rows, n_mask, x_ptr, M, K, stride_xm, offs_m, rstd, norm_w_ptr,
+                          False, NORM, BLOCK_N, BLOCK_M, BLOCK_K, WEIGHT_EVICTION,
+                          PREFETCH)  # fmt: skip
+        store_gate_up(out_ptr, acc, pair, chosen, M, N, offs_m, offs_n, n_mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -205,10 +184,7 @@ def _down_kernel(
     expert = _pair_expert(ids_ptr, pair)
     first, chosen, slots = _expert_rows(ids_ptr, pair, expert, M, offs_m, SLOTS, BLOCK_J,
                                         BLOCK_PAIRS)  # fmt: skip
-    if expert < E:
-        w_rows = w_ptr + expert * N * K + offs_n.to(tl.int64)[:, None] * K
-    else:  # shared expert s: columns [s * K, (s + 1) * K) of the shared down
-        w_rows = shared_ptr + offs_n.to(tl.int64)[:, None] * (num_shared * K) + (expert - E) * K
+    w_rows = down_rows(w_ptr, shared_ptr, expert, offs_n, E, N, K, num_shared)
     w = tl.load(w_rows + offs_k[None, :], mask=first & n_mask[:, None] & (offs_k < K)[None, :],
                 other=0.0, eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     routing = tl.sum(tl.load(weights_ptr + slots, mask=chosen, other=0.0, cache_modifier=".cg"),
@@ -223,35 +199,16 @@ def _down_kernel(
         pdl.wait(USE_PDL)  # gate_up's rows are written
     if first:
         x_rows = h_ptr + pair.to(tl.int64) * M * 2 * K  # [M, 2K]: rows m of this expert
-        no_rstd, no_wn = tl.zeros((BLOCK_M,), tl.float32), tl.zeros((BLOCK_K,), tl.float32)
-        w_next = w
-        if PREFETCH:
-            w_next = _weight_tile(w_rows, BLOCK_K + offs_k, n_mask, K, WEIGHT_EVICTION)
-        acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, offs_k, offs_m, no_rstd, no_wn, BLOCK_M,
-                        True, False)  # SiLU*mul as it loads the [gate | up] rows  # fmt: skip
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + offs_k
-            if PREFETCH:
-                w = w_next
-                w_next = _weight_tile(w_rows, k + BLOCK_K, n_mask, K, WEIGHT_EVICTION)
-            else:
-                w = _weight_tile(w_rows, k, n_mask, K, WEIGHT_EVICTION)
-            acc = gemv_tile(acc, w, x_rows, M, K, 2 * K, k, offs_m, no_rstd, no_wn, BLOCK_M,
-                            True, False)  # fmt: skip
-        dest = tl.sum(tl.where(chosen, slots, 0), 1)  # each row's pair of this expert
-        has = tl.max(chosen.to(tl.int32), 1) > 0
-        tl.store(part_ptr + dest.to(tl.int64)[None, :] * N + offs_n[:, None],
-                 acc * routing[None, :], mask=has[None, :] & n_mask[:, None])  # fmt: skip
+        no_rstd = tl.zeros((BLOCK_M,), tl.float32)
+        acc = expert_gemv(w, w_rows, n_mask, x_rows, M, K, 2 * K, offs_m, no_rstd, w_ptr, True,
+                          False, BLOCK_N, BLOCK_M, BLOCK_K, WEIGHT_EVICTION,
+                          PREFETCH)  # SiLU*mul as it loads the [gate | up] rows  # fmt: skip
+        store_down_part(part_ptr, acc, routing, chosen, slots, N, offs_n, n_mask)
     tl.debug_barrier()  # every thread's partial is written before the counter moves
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) - 1:  # every pair's block is in: sum per row, slot order
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for j in tl.static_range(SLOTS):
-            part = part_ptr + (offs_m * SLOTS + j).to(tl.int64)[None, :] * N + offs_n[:, None]
-            acc += tl.load(part, mask=out_mask, other=0.0, cache_modifier=".cg")
-        # no LoRA delta here (`acc` fills the unread argument)
-        store_out(acc, out_ptr, r, sumsq_ptr, out_offs, out_mask, offs_m, M, pid_n,
-                  tl.num_programs(1), acc, RESIDUAL, False, RESIDUAL)  # fmt: skip
+        sum_pairs(part_ptr, r, out_ptr, sumsq_ptr, offs_m, offs_n, M, N, pid_n,
+                  tl.num_programs(1), RESIDUAL, SLOTS, BLOCK_N, BLOCK_M)  # fmt: skip
         tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
@@ -290,7 +247,7 @@ def expert_config(num_pairs: int, n: int, k: int, sms: int, is_cuda: bool,
     return GemvConfig(block_n=block_n, block_k=block_k)
 
 
-def _shared_weights(shared, gate_up: torch.Tensor, down: torch.Tensor) -> tuple:
+def shared_weights(shared, gate_up: torch.Tensor, down: torch.Tensor) -> tuple:
     """(S, shared gate_up, shared down) checked against the routed experts' sizes; without
     shared experts (0, the routed weights as unread stand-ins)."""
     if shared is None:
@@ -341,7 +298,7 @@ def experts(
                          f"gate_up {tuple(gate_up.shape)}")  # fmt: skip
     if residual is not None and (residual.shape != (m, hidden) or not residual.is_contiguous()):
         raise ValueError(f"moe decode residual must be contiguous [{m}, {hidden}]")
-    num_shared, shared_gate_up, shared_down = _shared_weights(shared, gate_up, down)
+    num_shared, shared_gate_up, shared_down = shared_weights(shared, gate_up, down)
     slots = ids.shape[1]
     num_pairs = m * slots
     ids = ids.to(torch.int32).contiguous()  # no copy when it comes from `route`

@@ -53,27 +53,22 @@ def norm_tile(norm_w_ptr, k, K, NORM: tl.constexpr):
 
 
 @triton.jit
-def _store_slots(weights_ptr, ids_ptr, top_w, top_id, offs_m, M, E, TOP_K: tl.constexpr,
-                 NUM_SHARED: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-    """Row m's slots `[TOP_K routed | NUM_SHARED shared]`: the routed ones from `top_w` /
-    `top_id` `[BLOCK_M, BLOCK_J]`, shared slot s as expert `E + s - TOP_K` with weight 1."""
+def store_slots(weights_ptr, ids_ptr, top_w, top_id, offs_m, M, SLOTS: tl.constexpr,
+                BLOCK_J: tl.constexpr):  # fmt: skip
+    """Each row's `SLOTS` weights and ids (`[BLOCK_M, BLOCK_J]`, from `pick_experts`)."""
     offs_j = tl.arange(0, BLOCK_J)[None, :]
-    shared = offs_j >= TOP_K
-    top_w = tl.where(shared, 1.0, top_w)
-    top_id = tl.where(shared, E + offs_j - TOP_K, top_id)
-    out = offs_m[:, None] * (TOP_K + NUM_SHARED) + offs_j
-    mask = (offs_m[:, None] < M) & (offs_j < TOP_K + NUM_SHARED)
+    out = offs_m[:, None] * SLOTS + offs_j
+    mask = (offs_m[:, None] < M) & (offs_j < SLOTS)
     tl.store(weights_ptr + out, top_w, mask=mask)
     tl.store(ids_ptr + out, top_id, mask=mask)
 
 
 @triton.jit
-def _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E,
-                   RENORMALIZE: tl.constexpr, TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr,
+def _softmax_top_k(logits_ptr, offs_m, M, E, RENORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
                    BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_M: tl.constexpr):  # fmt: skip
     """Each row's `TOP_K` experts from its fp32 logits `[M, E]`: softmax over all of them, the
-    best left slot by slot (the lowest id on ties), renormalized, times `scaling`.
+    best left slot by slot (the lowest id on ties), renormalized: (weights, ids).
 
     One reduction a slot: each expert is an int64 key, its probability's bits (a float >= 0
     orders as its bits do) over `_NO_ID - id` (the lower id is the larger key on a tie); the
@@ -100,21 +95,19 @@ def _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E,
         key = tl.where(offs_e[None, :] == best_id[:, None], -1, key)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, 1)[:, None]
-    _store_slots(weights_ptr, ids_ptr, top_w * scaling, top_id, offs_m, M, E, TOP_K,
-                 NUM_SHARED, BLOCK_J)  # fmt: skip
+    return top_w, top_id
 
 
 @triton.jit
-def _sigmoid_grouped_top_k(logits_ptr, bias_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E,
-                           group_size, BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
-                           TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr,
+def _sigmoid_grouped_top_k(logits_ptr, bias_ptr, offs_m, M, E, group_size, BIAS: tl.constexpr,
+                           RENORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
                            NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                            BLOCK_J: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
                            BLOCK_M: tl.constexpr):  # fmt: skip
     """DeepSeek-V3's choice from fp32 logits `[M, E]`, held as `[rows, groups, experts of the
     group]`: sigmoid scores, + bias for the choice, the best `TOPK_GROUPS` groups by the sum of
     their two best, then the `TOP_K` best experts of those (lowest ids on ties; a NaN row still
-    names distinct experts), weighted by their unbiased scores."""
+    names distinct experts), weighted by their unbiased scores: (weights, ids)."""
     offs_g = tl.arange(0, BLOCK_G)[None, :, None]
     offs_s = tl.arange(0, BLOCK_S)[None, None, :]
     expert = offs_g * group_size + offs_s  # [1, BLOCK_G, BLOCK_S]
@@ -156,8 +149,54 @@ def _sigmoid_grouped_top_k(logits_ptr, bias_ptr, weights_ptr, ids_ptr, scaling, 
         taken = tl.where(one, 1, taken)
     if RENORMALIZE:
         top_w = top_w / (tl.sum(top_w, 1)[:, None] + 1e-20)
-    _store_slots(weights_ptr, ids_ptr, top_w * scaling, top_id, offs_m, M, E, TOP_K,
-                 NUM_SHARED, BLOCK_J)  # fmt: skip
+    return top_w, top_id
+
+
+@triton.jit
+def pick_experts(logits_ptr, bias_ptr, scaling, offs_m, M, E, group_size, SIGMOID: tl.constexpr,
+                 BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, TOP_K: tl.constexpr,
+                 NUM_SHARED: tl.constexpr, NUM_GROUPS: tl.constexpr,
+                 TOPK_GROUPS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_M: tl.constexpr):  # fmt: skip
+    """Each row's slots `[TOP_K routed | NUM_SHARED shared]` from the fp32 logits `[M, E]`:
+    (weights fp32, ids int32), `[BLOCK_M, BLOCK_J]`; the routed weights times `scaling`, shared
+    slot s as expert `E + s - TOP_K` with weight 1."""
+    if SIGMOID:
+        top_w, top_id = _sigmoid_grouped_top_k(logits_ptr, bias_ptr, offs_m, M, E, group_size,
+                                               BIAS, RENORMALIZE, TOP_K, NUM_GROUPS,
+                                               TOPK_GROUPS, BLOCK_J, BLOCK_G, BLOCK_S,
+                                               BLOCK_M)  # fmt: skip
+    else:
+        top_w, top_id = _softmax_top_k(logits_ptr, offs_m, M, E, RENORMALIZE, TOP_K, BLOCK_J,
+                                       BLOCK_E, BLOCK_M)  # fmt: skip
+    offs_j = tl.arange(0, BLOCK_J)[None, :]
+    shared = offs_j >= TOP_K
+    return tl.where(shared, 1.0, top_w * scaling), tl.where(shared, E + offs_j - TOP_K, top_id)
+
+
+@triton.jit
+def router_logits(w, w_rows, n_mask, x_ptr, logits_ptr, offs_n, offs_m, rstd, norm_w_ptr, M, E,
+                  K, stride_xm, NORM: tl.constexpr, FP32_LOGITS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  WEIGHT_EVICTION: tl.constexpr):  # fmt: skip
+    """Stores the logits of experts `offs_n` (rows `w_rows` of the router, the first K tile `w`
+    already loaded) for every row: fp32 dots, rounded to x's dtype unless FP32_LOGITS."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [experts, rows]
+    acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
+                    norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + offs_k
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
+                    eviction_policy=WEIGHT_EVICTION)  # fmt: skip
+        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd,
+                        norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
+    logits = acc
+    if not FP32_LOGITS:
+        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear's output
+    mask = (offs_m[None, :] < M) & n_mask[:, None]
+    tl.store(logits_ptr + offs_m[None, :] * E + offs_n[:, None], logits, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "norm_parts"])
@@ -210,31 +249,17 @@ def _route_kernel(
                 eviction_policy=WEIGHT_EVICTION)  # fmt: skip
     pdl.wait(USE_PDL)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [experts, rows]
-    acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
-                    norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + offs_k
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0,
-                    eviction_policy=WEIGHT_EVICTION)  # fmt: skip
-        acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, k, offs_m, rstd,
-                        norm_tile(norm_w_ptr, k, K, NORM), BLOCK_M, False, NORM)  # fmt: skip
-    logits = acc
-    if not FP32_LOGITS:
-        logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear's output
-    mask = (offs_m[None, :] < M) & n_mask[:, None]
-    tl.store(logits_ptr + offs_m[None, :] * E + offs_n[:, None], logits, mask=mask)
+    router_logits(w, w_rows, n_mask, x_ptr, logits_ptr, offs_n, offs_m, rstd, norm_w_ptr, M, E,
+                  K, stride_xm, NORM, FP32_LOGITS, BLOCK_N, BLOCK_M, BLOCK_K,
+                  WEIGHT_EVICTION)  # fmt: skip
     tl.debug_barrier()  # every thread's logits are written before the counter moves
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) - 1:  # every block's logits are in: pick the experts
-        if SIGMOID:
-            _sigmoid_grouped_top_k(logits_ptr, bias_ptr, weights_ptr, ids_ptr, scaling, offs_m,
-                                   M, E, group_size, BIAS, RENORMALIZE, TOP_K, NUM_SHARED,
-                                   NUM_GROUPS, TOPK_GROUPS, BLOCK_J, BLOCK_G, BLOCK_S,
-                                   BLOCK_M)  # fmt: skip
-        else:
-            _softmax_top_k(logits_ptr, weights_ptr, ids_ptr, scaling, offs_m, M, E, RENORMALIZE,
-                           TOP_K, NUM_SHARED, BLOCK_J, BLOCK_E, BLOCK_M)  # fmt: skip
+        top_w, top_id = pick_experts(logits_ptr, bias_ptr, scaling, offs_m, M, E, group_size,
+                                     SIGMOID, BIAS, RENORMALIZE, TOP_K, NUM_SHARED, NUM_GROUPS,
+                                     TOPK_GROUPS, BLOCK_J, BLOCK_E, BLOCK_G, BLOCK_S,
+                                     BLOCK_M)  # fmt: skip
+        store_slots(weights_ptr, ids_ptr, top_w, top_id, offs_m, M, TOP_K + NUM_SHARED, BLOCK_J)
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -274,7 +299,7 @@ def norm_args(norm: DeferredNorm | None, unused: torch.Tensor) -> tuple:
     return norm.weight, norm.sumsq, norm.sumsq.shape[1], norm.eps
 
 
-def _check_scoring(scoring, num_experts, top_k, bias, num_groups, topk_groups) -> None:
+def check_scoring(scoring, num_experts, top_k, bias, num_groups, topk_groups) -> None:
     if scoring not in SCORINGS:
         raise ValueError(f"moe decode route: scoring must be one of {SCORINGS}, got {scoring!r}")
     if scoring == "softmax" and (bias is not None or num_groups != 1):
@@ -319,7 +344,7 @@ def route(
     norm, rows = decode_rows(x, weight, "route")
     m, k = rows.shape
     num_experts = weight.shape[0]
-    _check_scoring(scoring, num_experts, top_k, correction_bias, num_groups, topk_groups)
+    check_scoring(scoring, num_experts, top_k, correction_bias, num_groups, topk_groups)
     slots = top_k + shared_experts
     weights = torch.empty((m, slots), dtype=torch.float32, device=rows.device)
     ids = torch.empty((m, slots), dtype=torch.int32, device=rows.device)

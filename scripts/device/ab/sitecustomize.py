@@ -8,7 +8,8 @@ masked SDPA call over all rows (before the thirty-eighth session's unmasked pair
 session's parts-wise residual). `AB_CROSS_SPLIT=0`: cross prefill launches in one pass (no
 split-KV, before the thirty-ninth session). `AB_STORE_AHEAD=0`: a step writing Mllama's encoder
 rows runs eager (no `store_cross_states`). `AB_MLLAMA_RESIZE=host`: the Mllama processor
-resizes on the host, as before the thirty-ninth session."""
+resizes on the host, as before the thirty-ninth session. `AB_MOE_LAUNCH=one`: decode MoE
+blocks take `moe_layer`'s one persistent launch (`moe.ONE_LAUNCH_DECODE`)."""
 
 import os
 
@@ -148,3 +149,8 @@ if _STEPLOG:
         return out
 
     _scheduler.Scheduler.add, _scheduler.Scheduler.schedule = _logged_add, _logged_schedule
+
+if os.environ.get("AB_MOE_LAUNCH") == "one":  # decode MoE blocks in one persistent launch
+    from polymodal.llm_core.layers import moe
+
+    moe.ONE_LAUNCH_DECODE = True
