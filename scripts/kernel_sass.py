@@ -9,8 +9,9 @@ HMMA) appear, and whether registers spill (LDL / STL).
                 GROUP_TILES=1 USE_PDL=1 \
         --type x_ptr=*bf16 s_ptr=*bf16 b_ptr=*bf16 out_ptr=*bf16 z_ptr=*u8 part_ptr=*fp32
 
-Arguments not named default to `*i32` (names ending in `_ptr`) or `i32`; pointers, `N`, `K`
-and `stride*` are declared 16-divisible, as Triton specializes them at real launches.
+Arguments not named default to `*i32` (names ending in `_ptr`) or `i32`; pointers, `N`, `K`,
+`stride*` and the names after `--aligned` are declared 16-divisible, as Triton specializes them
+at real launches.
 Divide a loop's count by the elements one thread handles per iteration (tile / threads).
 """
 
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--top", type=int, default=16)
+    parser.add_argument("--aligned", nargs="*", default=[],
+                        help="more int arguments a real launch sees 16-divisible")  # fmt: skip
     args = parser.parse_args()
     module, name = args.kernel.rsplit(".", 1)
     fn = getattr(importlib.import_module(module), name)
@@ -127,7 +130,8 @@ def main() -> None:
     aligned = {
         (i,): [["tt.divisibility", 16]]
         for i, n in enumerate(fn.arg_names)
-        if n not in const and (n.endswith("_ptr") or n in ("N", "K") or n.startswith("stride"))
+        if n not in const
+        and (n.endswith("_ptr") or n in ("N", "K", *args.aligned) or n.startswith("stride"))
     }
     kernel = triton.compile(
         ASTSource(fn, types, const, aligned),

@@ -29,8 +29,7 @@ CASES = {  # name: (experts, top_k, rows)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype,residual", [(torch.float32, False), (torch.bfloat16, True)])
 def test_one_launch_equals_route_then_experts(case, dtype, residual):
     """The torch router's choice; then, given that choice, bit for bit `experts`' output (the
     same tiles in the same order) and its sums of squares. Twice: the counters reset."""
