@@ -9,7 +9,7 @@ hold at once; `layer_programs`) and runs:
 
 1. Router: program p computes the logits of experts `[p * BLOCK_R, (p + 1) * BLOCK_R)` for every
    row (its router rows loaded before the PDL wait), stores them and arrives on a grid counter;
-   every program waits for all the others (a grid barrier), then picks each row's experts
+   every program waits for all of those (a grid barrier), then picks each row's experts
    itself from the logits (`moe_route.pick_experts`: `route`'s choice, in registers, no ids
    round trip; program 0 also stores them for the caller).
 2. Work items, dealt round-robin over the programs: every (pair, gate_up feature block) first,
@@ -149,13 +149,14 @@ def _moe_layer_kernel(
     w_r = weight_tile(r_rows, tl.arange(0, BLOCK_KR), e_mask, H, WEIGHT_EVICTION)
     pdl.wait(USE_PDL)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, H, NORM, BLOCK_P)
-    if pid * BLOCK_R < E:
+    routers = tl.cdiv(E, BLOCK_R)  # the programs with router rows arrive; all wait for them
+    if pid < routers:
         router_logits(w_r, r_rows, e_mask, x_ptr, logits_ptr, offs_e, offs_m, rstd, norm_w_ptr,
                       M, E, H, stride_xm, NORM, FP32_LOGITS, BLOCK_R, BLOCK_M, BLOCK_KR,
                       WEIGHT_EVICTION)  # fmt: skip
-    tl.debug_barrier()  # every thread's logits are written before the counter moves
-    tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    _wait_until(counter_ptr, programs)
+        tl.debug_barrier()  # every thread's logits are written before the counter moves
+        tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    _wait_until(counter_ptr, routers)
     top_w, top_id = pick_experts(logits_ptr, bias_ptr, scaling, offs_m, M, E, group_size, SIGMOID,
                                  BIAS, RENORMALIZE, TOP_K, NUM_SHARED, NUM_GROUPS, TOPK_GROUPS,
                                  BLOCK_J, BLOCK_E, BLOCK_G, BLOCK_S, BLOCK_M)  # fmt: skip

@@ -6,6 +6,8 @@ CUDA graph (replays timed; us a layer), three launches then `moe_layer` by confi
 
     python3 scripts/device/moe_layer_ab.py layers
     python3 scripts/device/moe_layer_ab.py engine [config ...]
+    python3 scripts/device/moe_layer_ab.py both  (the engine A/B of the fastest config, if any
+                                                  beats the three launches)
 """
 
 import sys
@@ -17,13 +19,17 @@ from polymodal.llm_core.layers.norm import DeferredNorm
 
 CONFIGS = {
     "default": moe_layer.LayerConfig(),
-    "g16": moe_layer.LayerConfig(gate_up_n=16),
-    "g16k1024": moe_layer.LayerConfig(gate_up_n=16, gate_up_k=1024),
     "w4x2": moe_layer.LayerConfig(gate_up_n=16, down_n=16, num_warps=4, per_sm=2),
-    "w4x4": moe_layer.LayerConfig(gate_up_n=16, down_n=16, num_warps=4, per_sm=4),
-    "w8x2": moe_layer.LayerConfig(per_sm=2),
-    "w16": moe_layer.LayerConfig(gate_up_n=64, down_n=64, num_warps=16),
-    "noprefetch": moe_layer.LayerConfig(prefetch=False),
+    "w4x3": moe_layer.LayerConfig(gate_up_n=16, down_n=16, num_warps=4, per_sm=3),
+    "w4x5": moe_layer.LayerConfig(
+        gate_up_n=16, down_n=16, num_warps=4, per_sm=5, prefetch=False
+    ),  # fmt: skip
+    "w2x8": moe_layer.LayerConfig(
+        gate_up_n=8, down_n=16, num_warps=2, per_sm=8, prefetch=False
+    ),  # fmt: skip
+    "w2x6": moe_layer.LayerConfig(
+        gate_up_n=8, down_n=16, num_warps=2, per_sm=6, prefetch=False
+    ),  # fmt: skip
 }
 LAYERS = 8
 
@@ -76,17 +82,24 @@ def graph_us(fn, layers):
 
 
 def layers_part():
+    """Prints each config's us a layer; returns the names faster than the three launches."""
     layers = [layer_inputs(seed) for seed in range(LAYERS)]
     ref = [three(t).h.clone() for t in layers]
-    print(f"three launches        {graph_us(three, layers):6.1f} us a layer", flush=True)
+    base = graph_us(three, layers)
+    print(f"three launches        {base:6.1f} us a layer", flush=True)
+    faster = []
     for name, cfg in CONFIGS.items():
         try:
             out = [one(t, cfg).h for t in layers]
             err = max((o.float() - r.float()).abs().max().item() for o, r in zip(out, ref))
             us = graph_us(lambda t, c=cfg: one(t, c), layers)
-            print(f"one launch {name:10s} {us:6.1f} us a layer  (max diff {err:.3g})", flush=True)
+            print(f"one launch {name:10s} {us:6.1f} us a layer  (max diff {err:.3g}, "
+                  f"{moe_layer._COMPILED.get(next(reversed(moe_layer._COMPILED)))} an SM fit)",
+                  flush=True)  # fmt: skip
+            faster += [(us, name)] if us < base else []
         except Exception as exc:  # a config that does not compile or fit: say so, go on
             print(f"one launch {name:10s} failed: {type(exc).__name__}: {exc}"[:300], flush=True)
+    return [name for _, name in sorted(faster)]
 
 
 def engine_part(names):
@@ -108,5 +121,9 @@ def engine_part(names):
 if __name__ == "__main__":
     if sys.argv[1] == "layers":
         layers_part()
+    elif sys.argv[1] == "both":  # the engine A/B of the best config, if one beats three launches
+        best = layers_part()[:1]
+        if best:
+            engine_part(["three", best[0], "three", best[0]])
     else:
         engine_part(sys.argv[2:] or ["three", "default", "three", "default"])

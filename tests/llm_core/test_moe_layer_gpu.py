@@ -19,7 +19,9 @@ SHAPES = {  # name: (experts, top_k, hidden, expert intermediate)
 CONFIGS = {
     "default": moe_layer.LayerConfig(),
     "two_an_sm": moe_layer.LayerConfig(gate_up_n=16, down_n=16, num_warps=4, per_sm=2),
-    "no_prefetch": moe_layer.LayerConfig(prefetch=False, gate_up_k=1024),
+    "eight_an_sm": moe_layer.LayerConfig(
+        gate_up_n=8, down_n=16, num_warps=2, per_sm=8, prefetch=False
+    ),  # fmt: skip
 }
 
 
@@ -68,13 +70,14 @@ def _check(out, weights, ids, t):
     ref = _three_launches(t, ids, weights)[0]
     scale = ref.h.float().abs().max().item()
     assert (out.h.float() - ref.h.float()).abs().max().item() <= 1e-2 * scale
-    torch.testing.assert_close(out.sumsq, ref.sumsq, rtol=2e-2, atol=1e-3)
+    # (per feature block: the launches' blocks may differ)
+    torch.testing.assert_close(out.sumsq.sum(1), ref.sumsq.sum(1), rtol=2e-2, atol=1e-3)
 
 
 CASES = [("default", "qwen3_30b_a3b", 1), ("default", "qwen3_30b_a3b", 2),
          ("default", "qwen3_30b_a3b", 8), ("default", "mixtral_8x7b", 1),
          ("default", "mixtral_8x7b", 3), ("two_an_sm", "qwen3_30b_a3b", 1),
-         ("two_an_sm", "qwen3_30b_a3b", 8), ("no_prefetch", "qwen3_30b_a3b", 1)]  # fmt: skip
+         ("two_an_sm", "qwen3_30b_a3b", 8), ("eight_an_sm", "qwen3_30b_a3b", 1)]  # fmt: skip
 
 
 @pytest.mark.parametrize("config,name,rows", CASES)
