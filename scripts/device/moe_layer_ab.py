@@ -4,10 +4,10 @@ CUDA graph (replays timed; us a layer), three launches then `moe_layer` by confi
 (`engine`): batch-1 decode of the dummy-weight model, one engine per variant in one process,
 `moe.ONE_LAUNCH_DECODE` off / on alternating (with `moe_layer.DEFAULT` set to a config).
 
-    python3 scripts/device/moe_layer_ab.py layers
+    python3 scripts/device/moe_layer_ab.py layers [config ...]
     python3 scripts/device/moe_layer_ab.py engine [config ...]
-    python3 scripts/device/moe_layer_ab.py both  (the engine A/B of the fastest config, if any
-                                                  beats the three launches)
+    python3 scripts/device/moe_layer_ab.py both [config ...]  (the engine A/B of the fastest
+                                                           config, if one beats three launches)
 """
 
 import sys
@@ -81,14 +81,15 @@ def graph_us(fn, layers):
     return best
 
 
-def layers_part():
+def layers_part(names):
     """Prints each config's us a layer; returns the names faster than the three launches."""
     layers = [layer_inputs(seed) for seed in range(LAYERS)]
     ref = [three(t).h.clone() for t in layers]
     base = graph_us(three, layers)
     print(f"three launches        {base:6.1f} us a layer", flush=True)
     faster = []
-    for name, cfg in CONFIGS.items():
+    for name in names:
+        cfg = CONFIGS[name]
         try:
             out = [one(t, cfg).h for t in layers]
             err = max((o.float() - r.float()).abs().max().item() for o, r in zip(out, ref))
@@ -120,9 +121,9 @@ def engine_part(names):
 
 if __name__ == "__main__":
     if sys.argv[1] == "layers":
-        layers_part()
+        layers_part(sys.argv[2:] or list(CONFIGS))
     elif sys.argv[1] == "both":  # the engine A/B of the best config, if one beats three launches
-        best = layers_part()[:1]
+        best = layers_part(sys.argv[2:] or list(CONFIGS))[:1]
         if best:
             engine_part(["three", best[0], "three", best[0]])
     else:
