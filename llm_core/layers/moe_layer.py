@@ -38,6 +38,7 @@ import triton.language as tl
 
 from polymodal.llm_core import pdl
 from polymodal.llm_core.counters import arrival_counters
+from polymodal.llm_core.layers import moe_tiles
 from polymodal.llm_core.layers.gemv import WEIGHT_EVICTION, num_sms
 from polymodal.llm_core.layers.gemv_folds import row_rstd
 from polymodal.llm_core.layers.moe_decode import shared_weights
@@ -48,15 +49,6 @@ from polymodal.llm_core.layers.moe_route import (
     pick_experts,
     router_logits,
     store_slots,
-)
-from polymodal.llm_core.layers.moe_tiles import (
-    down_rows,
-    expert_gemv,
-    gate_up_rows,
-    store_down_part,
-    store_gate_up,
-    sum_pairs,
-    weight_tile,
 )
 from polymodal.llm_core.layers.norm import AddedResidual
 
@@ -146,7 +138,7 @@ def _moe_layer_kernel(
     offs_e = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     e_mask = offs_e < E
     r_rows = router_ptr + offs_e.to(tl.int64)[:, None] * H
-    w_r = weight_tile(r_rows, tl.arange(0, BLOCK_KR), e_mask, H, WEIGHT_EVICTION)
+    w_r = moe_tiles.weight_tile(r_rows, tl.arange(0, BLOCK_KR), e_mask, H, WEIGHT_EVICTION)
     pdl.wait(USE_PDL)
     rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, H, NORM, BLOCK_P)
     routers = tl.cdiv(E, BLOCK_R)  # the programs with router rows arrive; all wait for them
@@ -174,13 +166,13 @@ def _moe_layer_kernel(
         if first:
             offs_g = (item % n_gate_up) * BLOCK_NG + tl.arange(0, BLOCK_NG)
             g_mask = offs_g < 2 * I
-            g_rows = gate_up_rows(gate_up_ptr, shared_gate_up_ptr, expert, offs_g, E, 2 * I, H,
-                                  NUM_SHARED)  # fmt: skip
-            w_g = weight_tile(g_rows, tl.arange(0, BLOCK_KG), g_mask, H, WEIGHT_EVICTION)
-            acc_g = expert_gemv(w_g, g_rows, g_mask, x_ptr, M, H, stride_xm, offs_m, rstd,
-                                norm_w_ptr, False, NORM, BLOCK_NG, BLOCK_M, BLOCK_KG,
-                                WEIGHT_EVICTION, PREFETCH)  # fmt: skip
-            store_gate_up(h_ptr, acc_g, pair, chosen, M, 2 * I, offs_m, offs_g, g_mask)
+            g_rows = moe_tiles.gate_up_rows(gate_up_ptr, shared_gate_up_ptr, expert, offs_g, E,
+                                            2 * I, H, NUM_SHARED)  # fmt: skip
+            w_g = moe_tiles.weight_tile(g_rows, tl.arange(0, BLOCK_KG), g_mask, H, WEIGHT_EVICTION)
+            acc_g = moe_tiles.expert_gemv(w_g, g_rows, g_mask, x_ptr, M, H, stride_xm, offs_m, rstd,
+                                          norm_w_ptr, False, NORM, BLOCK_NG, BLOCK_M, BLOCK_KG,
+                                          WEIGHT_EVICTION, PREFETCH)  # fmt: skip
+            moe_tiles.store_gate_up(h_ptr, acc_g, pair, chosen, M, 2 * I, offs_m, offs_g, g_mask)
             tl.debug_barrier()  # every thread's rows are written before the counter moves
             tl.atomic_add(pair_ptr + pair, 1, sem="release", scope="gpu")
     # 2b. down items, continuing the round-robin where the gate_up items ended
@@ -193,15 +185,16 @@ def _moe_layer_kernel(
         offs_d = pid_n * BLOCK_ND + tl.arange(0, BLOCK_ND)
         d_mask = offs_d < H
         if first_d:
-            d_rows = down_rows(down_ptr, shared_down_ptr, expert_d, offs_d, E, H, I, NUM_SHARED)
-            w_d = weight_tile(d_rows, tl.arange(0, BLOCK_KD), d_mask, I, WEIGHT_EVICTION)
+            d_rows = moe_tiles.down_rows(down_ptr, shared_down_ptr, expert_d, offs_d, E, H, I,
+                                         NUM_SHARED)  # fmt: skip
+            w_d = moe_tiles.weight_tile(d_rows, tl.arange(0, BLOCK_KD), d_mask, I, WEIGHT_EVICTION)
             _wait_until(pair_ptr + pair_d, n_gate_up)  # the pair's [gate | up] rows are in
             x_rows = h_ptr + pair_d.to(tl.int64) * M * 2 * I
-            acc_d = expert_gemv(w_d, d_rows, d_mask, x_rows, M, I, 2 * I, offs_m, no_rstd,
-                                norm_w_ptr, True, False, BLOCK_ND, BLOCK_M, BLOCK_KD,
-                                WEIGHT_EVICTION, PREFETCH)  # SiLU*mul on load  # fmt: skip
+            acc_d = moe_tiles.expert_gemv(w_d, d_rows, d_mask, x_rows, M, I, 2 * I, offs_m, no_rstd,
+                                          norm_w_ptr, True, False, BLOCK_ND, BLOCK_M, BLOCK_KD,
+                                          WEIGHT_EVICTION, PREFETCH)  # SiLU*mul on load # fmt: skip
             routing = tl.sum(tl.where(chosen_d, top_w, 0.0), 1)  # [BLOCK_M]
-            store_down_part(part_ptr, acc_d, routing, chosen_d, slots, H, offs_d, d_mask)
+            moe_tiles.store_down_part(part_ptr, acc_d, routing, chosen_d, slots, H, offs_d, d_mask)
         tl.debug_barrier()  # every thread's part is written before the counter moves
         arrived = tl.atomic_add(block_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == pairs - 1:  # every pair's part of the block is in
@@ -210,8 +203,8 @@ def _moe_layer_kernel(
                 out_offs = offs_m[None, :] * H + offs_d[:, None]
                 r = tl.load(res_ptr + out_offs, mask=(offs_m[None, :] < M) & d_mask[:, None],
                             other=0.0)  # fmt: skip
-            sum_pairs(part_ptr, r, out_ptr, sumsq_ptr, offs_m, offs_d, M, H, pid_n, n_down,
-                      RESIDUAL, SLOTS, BLOCK_ND, BLOCK_M)  # fmt: skip
+            moe_tiles.sum_pairs(part_ptr, r, out_ptr, sumsq_ptr, offs_m, offs_d, M, H, pid_n,
+                                n_down, RESIDUAL, SLOTS, BLOCK_ND, BLOCK_M)  # fmt: skip
             tl.atomic_xchg(block_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     # 3. the last program out zeroes the barrier and pair counters
     tl.debug_barrier()

@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from polymodal.llm_core.layers import moe_decode, moe_layer
+from tests.llm_core.test_moe_gpu import SHAPES  # (experts, top_k, hidden, intermediate)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-SHAPES = {  # name: (experts, top_k, hidden, expert intermediate)
-    "qwen3_30b_a3b": (128, 8, 2048, 768),
-    "mixtral_8x7b": (8, 2, 4096, 14336),
-}
 CONFIGS = {
     "default": moe_layer.LayerConfig(),
     "two_an_sm": moe_layer.LayerConfig(gate_up_n=16, down_n=16, num_warps=4, per_sm=2),
