@@ -43,6 +43,8 @@ MODULES = [
     "polymodal.llm_core.layers.fp8_gemv",
     "polymodal.llm_core.layers.moe_decode",
     "polymodal.llm_core.layers.moe_route",
+    "polymodal.llm_core.layers.moe_tiles",
+    "polymodal.llm_core.layers.moe_layer",
     "polymodal.processors.triton_pixels",
 ]
 
@@ -156,3 +158,70 @@ def test_prefill_kernel_compiles_for_gpus():
         macs = sum(m * k * n for m, k, n in dots)
         assert macs == loops * 2 * block_m * block_n * width, variant
         assert width < 2 * head_dim and width >= head_dim, variant
+
+
+# The one-launch MoE block compiled for sm_90 as `moe_layer` launches it: (name, constexprs,
+# warps); each loop-carried value must keep its shape across the persistent loops (a check the
+# interpreter does not make).
+MOE_LAYER_VARIANTS = [
+    ("qwen3", dict(NORM=True, RESIDUAL=True, SIGMOID=False, FP32_LOGITS=False, BIAS=False,
+                   TOP_K=8, NUM_SHARED=0, SLOTS=8, NUM_GROUPS=1, TOPK_GROUPS=1, BLOCK_J=8,
+                   BLOCK_E=128, BLOCK_G=1, BLOCK_S=128, BLOCK_R=1, BLOCK_KR=2048, BLOCK_NG=32,
+                   BLOCK_KG=512, BLOCK_ND=32, BLOCK_KD=256, PREFETCH=True), 8),
+    ("deepseek", dict(NORM=True, RESIDUAL=True, SIGMOID=True, FP32_LOGITS=True, BIAS=True,
+                      TOP_K=8, NUM_SHARED=1, SLOTS=9, NUM_GROUPS=8, TOPK_GROUPS=4, BLOCK_J=16,
+                      BLOCK_E=256, BLOCK_G=8, BLOCK_S=32, BLOCK_R=2, BLOCK_KR=4096, BLOCK_NG=16,
+                      BLOCK_KG=512, BLOCK_ND=16, BLOCK_KD=256, PREFETCH=False), 4),
+]  # fmt: skip
+
+
+def compile_moe_layer(name: str) -> bool:
+    """Compile `_moe_layer_kernel` for sm_90 in variant `name` (bf16, one row); whether a cubin
+    came out. Run with TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from polymodal.llm_core.layers import moe_layer
+
+    variant, warps = next((const, warps) for n, const, warps in MOE_LAYER_VARIANTS if n == name)
+    const = dict(variant, RENORMALIZE=True, BLOCK_P=8, BLOCK_M=1, BLOCK_PAIRS=16,
+                 WEIGHT_EVICTION="evict_first", USE_PDL=True)  # fmt: skip
+    fn = moe_layer._moe_layer_kernel
+    fp32 = ("bias_ptr", "logits_ptr", "weights_ptr", "part_ptr", "sumsq_ptr", "norm_sumsq_ptr")
+    types = {
+        arg: "constexpr" if arg in const
+        else "*fp32" if arg in fp32
+        else "*i32" if arg in ("ids_ptr", "counter_ptr")
+        else "*bf16" if arg.endswith("_ptr")
+        else "fp32" if arg in ("eps", "scaling")
+        else "i32"
+        for arg in fn.arg_names
+    }  # fmt: skip
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+               if arg.endswith("_ptr") or arg in ("E", "H", "I", "stride_xm")}  # fmt: skip
+    kernel = triton.compile(
+        ASTSource(fn, types, const, aligned),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, "num_stages": 1},
+    )
+    return len(kernel.asm["cubin"]) > 0
+
+
+def test_moe_layer_kernel_compiles_for_gpus():
+    import os
+    import subprocess
+    import sys
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    names = [name for name, _, _ in MOE_LAYER_VARIANTS]
+    code = (
+        "from tests.llm_core.test_kernel_helpers_jit import compile_moe_layer as c;"
+        f" print([c(n) for n in {names!r}])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert done.stdout.splitlines()[-1] == str([True] * len(names))
