@@ -40,8 +40,8 @@ from polymodal.llm_core.layers.norm import DeferredNorm
 # 461 / 434 at 2, 522 / 835 at 4: the fused path wins up to 2 rows.
 DECODE_MAX_TOKENS = 2
 # Those decode blocks as one persistent launch (`moe_layer`: routing, gate_up and down with
-# waits inside the launch) instead of `moe_decode`'s three; off until a GPU run times it
-# (scripts/device/moe_layer_ab.py).
+# waits inside the launch) instead of `moe_decode`'s three; off: bit-identical but slower on an
+# H100 (46.5 vs 36.6 us a layer, s49a); more programs an SM untimed (scripts/device/s49c.sh).
 ONE_LAUNCH_DECODE = False
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -235,7 +235,7 @@ class LayerConfig:
                 raise ValueError(f"LayerConfig.{name}={value} must be a power of two")
 
 
-DEFAULT = LayerConfig()  # on CUDA (not yet swept: scripts/device/moe_layer_ab.py)
+DEFAULT = LayerConfig()  # on CUDA (s49a swept 1-3 programs an SM; s49c tries more)
 CPU_CONFIG = LayerConfig(gate_up_n=16, gate_up_k=32, down_n=16, down_k=32, num_warps=4)
 # registers, warps and programs an SM holds (sm_80 .. sm_90)
 _SM_REGISTERS, _SM_WARPS, _SM_PROGRAMS = 65536, 64, 32
