@@ -138,6 +138,7 @@ def _int4_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_TILES: tl.constexpr, SUB_N: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """Program (n block, k split): out[m, f] = sum over its K tiles of
     s[g, f] * sum_k (q[k, f] - z[g, f]) x[m, k] (the module docstring says how). x may be
@@ -188,7 +189,7 @@ def _int4_gemv_kernel(
             )  # fmt: skip
             lo, s, z = lo_next, s_next, z_next
     else:
-        for tile in range(tile_start + 1, tile_end):
+        for tile in tl.range(tile_start + 1, tile_end, num_stages=STAGES):
             lo, s, z = _load_tile(qw_ptr, z_ptr, s_ptr, tile, offs_r, offs_n, n_mask, N, K,
                                   BLOCK_KP, GROUP_TILES)  # fmt: skip
             acc0, acc1, acc2, acc3 = _tile_step(
@@ -272,8 +273,10 @@ def gemv_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple:
 def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, config=None,
               silu_mul: bool = False, residual: torch.Tensor | None = None):  # fmt: skip
     """`x [M <= 4, K]` times the INT4 weight: `[M, N]` in x's dtype. `config`: (BLOCK_N,
-    BLOCK_K, SPLIT_K[, num_warps[, prefetch]]); BLOCK_K must divide the group; prefetch (one
-    row): the next tile's loads issue before a tile's math (two tiles in flight a program).
+    BLOCK_K, SPLIT_K[, num_warps[, prefetch[, stages]]]); BLOCK_K must divide the group;
+    prefetch (one row): the next tile's loads issue before a tile's math (two tiles in flight
+    a program); stages > 1: the K loop's tiles stream through shared memory (`cp.async`),
+    stages - 1 tiles ahead, without the registers prefetch holds.
     As the 16-bit GEMV (`gemv.gemv`): x may be a `DeferredNorm` (normalized as it loads),
     `silu_mul` takes x as `[gate | up]`, and `residual` makes it return
     `AddedResidual(out + residual, sums of squares)` for the next GEMV's deferred norm."""
@@ -294,6 +297,9 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         m, n, k, group_size, num_sms(x.device)
     )
     prefetch = len(launch) > 1 and bool(launch[1])
+    stages = launch[2] if len(launch) > 2 else 1
+    if prefetch and stages > 1:
+        raise ValueError("int4_gemv: prefetch and a pipelined K loop (stages > 1) exclude")
     if prefetch and m > 1:  # four rows' accumulators and two tiles spill (sm_90)
         raise ValueError(f"int4_gemv: prefetch is for one row, got {m}")
     n_blocks = triton.cdiv(n, block_n)
@@ -318,7 +324,7 @@ def int4_gemv(x, qweight, zeros, scales, group_size, perm=None, bias=None, confi
         RESIDUAL=residual is not None, SPLIT_K=split_k,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_TILES=group_size // block_k, SUB_N=min(32, block_n), USE_PDL=flag,
-        PREFETCH=prefetch,
+        PREFETCH=prefetch, STAGES=stages,
         num_warps=launch[0] if launch else 4, launch_pdl=flag,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)
