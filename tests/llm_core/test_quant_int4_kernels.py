@@ -38,18 +38,18 @@ def make_int4(n: int, k: int, group: int, act_order: bool, seed: int = 0):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("split_k", [1, 2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_int4_gemv(dtype, rows, split_k, act_order, prefetch):
+@pytest.mark.parametrize(("prefetch", "stages"), [(False, 1), (True, 1), (False, 3)])
+def test_int4_gemv(dtype, rows, split_k, act_order, prefetch, stages):
     """N=40 in 32-feature blocks (one partial), K=96 in groups of 32 (3 tiles: split 2 gets
     2 + 1, split 3 one tile a program, all of it loaded before the PDL wait, split 4 leaves
     one split empty); each call twice (the arrival counters reset); with the next tile's loads
-    issued a tile ahead or not."""
+    issued a tile ahead, or the K loop pipelined through shared memory (stages 3), or neither."""
     qweight, zeros, scales, perm, weight = make_int4(40, 96, 32, act_order, rows + split_k)
     gen = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, 96, generator=gen) / 96**0.5).to(dtype)
     bias = torch.randn(40, generator=gen).to(dtype)
     ref = F.linear(x.float(), weight, bias.float())
-    config = (32, 32, split_k, 4, prefetch)
+    config = (32, 32, split_k, 4, prefetch, stages)
     if prefetch and rows > 1:
         with pytest.raises(ValueError, match="prefetch is for one row"):
             int4_gemv.int4_gemv(x, qweight, zeros, scales, 32, perm, bias, config=config)
@@ -58,6 +58,13 @@ def test_int4_gemv(dtype, rows, split_k, act_order, prefetch):
         out = int4_gemv.int4_gemv(x, qweight, zeros, scales, 32, perm, bias, config=config)
         assert out.shape == (rows, 40) and out.dtype == dtype
         assert_close(out, ref, dtype)
+
+
+def test_int4_gemv_prefetch_and_stages_exclude():
+    qweight, zeros, scales, _, _ = make_int4(40, 96, 32, False, 0)
+    x = torch.randn(1, 96)
+    with pytest.raises(ValueError, match="exclude"):
+        int4_gemv.int4_gemv(x, qweight, zeros, scales, 32, config=(32, 32, 1, 4, True, 3))
 
 
 @pytest.mark.parametrize(
