@@ -20,16 +20,15 @@ from polymodal.llm_core.layers import int4_gemv  # noqa: E402
 from polymodal.llm_core.layers.gemv import num_sms  # noqa: E402
 
 
-def configs(default: tuple, k: int) -> list[tuple]:
-    split = default[2]
+def configs(default: tuple, k: int, wide: bool) -> list[tuple]:
+    """The default, then (BLOCK_N, 128, split, warps, no prefetch, stages): `wide` sweeps
+    BLOCK_N 64 / 128, 4 / 8 warps and the default's split or twice it, else only stages."""
+    bn, _, split, warps = default[:4]
+    grid = [(b, w, sk) for b in (64, 128) for w in (4, 8) for sk in (split, split * 2)]
     out = [default]
-    for bn in (64, 128):
-        for warps in (4, 8):
-            for sk in sorted({max(1, split // 2), split, split * 2}):
-                if k // 128 < 2 * sk:
-                    continue
-                for stages in (1, 3, 5):
-                    out.append((bn, 128, sk, warps, False, stages))
+    for b, w, sk in grid if wide else [(bn, warps, split)]:
+        if k // 128 >= 2 * sk:
+            out += [(b, 128, sk, w, False, stages) for stages in (1, 3, 5)]
     return list(dict.fromkeys(out))
 
 
@@ -45,7 +44,7 @@ def shape_sweep(name: str, sms: int) -> tuple:
     def run(config, w):
         return int4_gemv.int4_gemv(x, w[0], w[1], w[2], GROUP, config=config)
 
-    rows = sweep(run, ref, configs(default, k), copies, 2e-2)
+    rows = sweep(run, ref, configs(default, k, name in ("gate_up", "down")), copies, 2e-2)
     print(f"(default {default}: {next(r[1] for r in rows if r[0] == default)} us)")
     report(f"int4_gemv {name}", 1, float("nan"), rows, nbytes)
     return min((r for r in rows if r[1] is not None), key=lambda r: r[1])[0]
@@ -73,8 +72,10 @@ def main(args: list[str]) -> None:
     if args[0] == "engine":
         return engine(args[1])
     sms = num_sms(torch.device("cuda"))
-    best = {name: shape_sweep(name, sms) for name in args[2:] or list(SHAPES)}
-    json.dump(best, open(args[1], "w"))
+    best = {}
+    for name in args[2:] or list(SHAPES):
+        best[name] = shape_sweep(name, sms)
+        json.dump(best, open(args[1], "w"))  # each shape's as it comes (a run cut short keeps them)
     print("best:", best)
 
 
