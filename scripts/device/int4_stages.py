@@ -22,9 +22,11 @@ from polymodal.llm_core.layers.gemv import num_sms  # noqa: E402
 
 def configs(default: tuple, k: int, wide: bool) -> list[tuple]:
     """The default, then (BLOCK_N, 128, split, warps, no prefetch, stages): `wide` sweeps
-    BLOCK_N 64 / 128, 4 / 8 warps and the default's split or twice it, else only stages."""
+    BLOCK_N 64 / 128 (4 / 8 warps), 256 (8 warps) and the default's split or twice it, else
+    only stages."""
     bn, _, split, warps = default[:4]
     grid = [(b, w, sk) for b in (64, 128) for w in (4, 8) for sk in (split, split * 2)]
+    grid += [(256, 8, split), (256, 8, split * 2)]  # 16 words a thread at 8 warps
     out = [default]
     for b, w, sk in grid if wide else [(bn, warps, split)]:
         if k // 128 >= 2 * sk:
