@@ -9,6 +9,7 @@ int32 at 48-96 registers; stages keep more tiles in flight without the registers
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -18,6 +19,9 @@ from bench_quant_kernels import GROUP, SHAPES, int4_weights, report, rotating, s
 
 from polymodal.llm_core.layers import int4_gemv  # noqa: E402
 from polymodal.llm_core.layers.gemv import num_sms  # noqa: E402
+
+
+WIDE = os.environ.get("INT4_WIDE", "gate_up,down").split(",")  # shapes swept wide
 
 
 def configs(default: tuple, k: int, wide: bool) -> list[tuple]:
@@ -34,7 +38,7 @@ def configs(default: tuple, k: int, wide: bool) -> list[tuple]:
     return list(dict.fromkeys(out))
 
 
-def shape_sweep(name: str, sms: int) -> tuple:
+def shape_sweep(name: str, sms: int, wide: bool) -> tuple:
     n, k = SHAPES[name]
     packed, zeros, scales, weight = int4_weights(n, k, 0)
     nbytes = packed.numel() * 4 + zeros.numel() + scales.numel() * 2
@@ -46,7 +50,7 @@ def shape_sweep(name: str, sms: int) -> tuple:
     def run(config, w):
         return int4_gemv.int4_gemv(x, w[0], w[1], w[2], GROUP, config=config)
 
-    rows = sweep(run, ref, configs(default, k, name in ("gate_up", "down")), copies, 2e-2)
+    rows = sweep(run, ref, configs(default, k, wide), copies, 2e-2)
     print(f"(default {default}: {next(r[1] for r in rows if r[0] == default)} us)")
     report(f"int4_gemv {name}", 1, float("nan"), rows, nbytes)
     return min((r for r in rows if r[1] is not None), key=lambda r: r[1])[0]
@@ -76,7 +80,7 @@ def main(args: list[str]) -> None:
     sms = num_sms(torch.device("cuda"))
     best = {}
     for name in args[2:] or list(SHAPES):
-        best[name] = shape_sweep(name, sms)
+        best[name] = shape_sweep(name, sms, name in WIDE)
         json.dump(best, open(args[1], "w"))  # each shape's as it comes (a run cut short keeps them)
     print("best:", best)
 
