@@ -20,7 +20,6 @@ from bench_quant_kernels import GROUP, SHAPES, int4_weights, report, rotating, s
 from polymodal.llm_core.layers import int4_gemv  # noqa: E402
 from polymodal.llm_core.layers.gemv import num_sms  # noqa: E402
 
-
 WIDE = os.environ.get("INT4_WIDE", "gate_up,down").split(",")  # shapes swept wide
 
 
