@@ -227,12 +227,13 @@ def sweep_decode(name: str) -> None:
     t = decode_inputs(name, 1)
     sets = expert_sets(t)
     nbytes = t["top_k"] * t["gate_up"][0].numel() * 3 // 2 * 2
-    configs = [GemvConfig(block_n=n, block_k=k, num_warps=w, prefetch=p)
+    configs = [GemvConfig(block_n=n, block_k=k, num_warps=w, prefetch=p, num_stages=s)
                for n in (4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)
-               for p in (False, True)
-               if 2048 <= n * k <= (8192 if p else 16384)]  # fmt: skip
+               for p, s in ((False, 1), (True, 1), (False, 2), (False, 3))
+               if 2048 <= n * k <= (8192 if p or s > 1 else 16384)]  # fmt: skip
     # (prefetch: two tiles in flight a program, so half-size tiles at most: Qwen3's gate_up at
-    # 16 x 512 takes 80 -> 149 registers with it, halving the programs an SM holds)
+    # 16 x 512 takes 80 -> 149 registers with it, halving the programs an SM holds; stages 2-3:
+    # the K loop through shared memory, 80 -> 96 registers, 18-37 KB a program, sm_90 offline)
     experts, _, hidden, _ = MOE_SHAPES[name]
     default = one_token_configs(name, one_tile=False)
     ms = graph_ms(cycled_experts(t, sets), rep=50)
@@ -249,7 +250,8 @@ def sweep_decode(name: str) -> None:
         for ms, cfg in times[:5]:
             print(f"sweep {name} {which}: {ms * 1e3:.1f} us ({nbytes / ms / 1e9:.2f} TB/s both "
                   f"launches)  block_n={cfg.block_n} block_k={cfg.block_k} "
-                  f"num_warps={cfg.num_warps} prefetch={cfg.prefetch}")  # fmt: skip
+                  f"num_warps={cfg.num_warps} prefetch={cfg.prefetch} "
+                  f"stages={cfg.num_stages}")  # fmt: skip
     if experts < 32:
         return
     default_route = moe_decode.router_config(experts, hidden, True)

@@ -24,7 +24,8 @@ class GemvConfig:
     block_k: int = 256  # K elements per weight tile
     split_k: int = 1  # programs sharing one block of features (fp32 partials when > 1)
     num_warps: int = 4
-    num_stages: int = 1  # Triton 3.8 emits the same code for 1..4 here (nothing to pipeline)
+    num_stages: int = 1  # `gemv`: the same code for 1..4 (its plain range is not pipelined);
+    # the MoE expert kernels: their K loop through shared memory (`tl.range`) when > 1
     prefetch: bool = False  # the MoE expert kernels (`moe_decode`): the next tile a tile ahead
     fma2d: bool = True  # one row of FP8 weights: `gemv.fma_tile`'s 2-D accumulator (else sums)
 

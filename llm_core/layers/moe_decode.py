@@ -111,6 +111,7 @@ def _gate_up_kernel(
     WEIGHT_EVICTION: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):
     """Program (pair, n block): the gate_up features of the block for every row that chose
     the pair's expert, if the pair is that expert's first. The first weight tile loads as soon
@@ -132,7 +133,7 @@ def _gate_up_kernel(
         rstd = row_rstd(norm_sumsq_ptr, norm_parts, eps, offs_m, M, K, NORM, BLOCK_P)
         acc = expert_gemv(w, w_rows, n_mask, x_ptr, M, K, stride_xm, offs_m, rstd, norm_w_ptr,
                           False, NORM, BLOCK_N, BLOCK_M, BLOCK_K, WEIGHT_EVICTION,
-                          PREFETCH)  # fmt: skip
+                          PREFETCH, STAGES)  # fmt: skip
         store_gate_up(out_ptr, acc, pair, chosen, M, N, offs_m, offs_n, n_mask)
 
 
@@ -164,6 +165,7 @@ def _down_kernel(
     USE_PDL: tl.constexpr,
     EARLY_LOADS: tl.constexpr,  # the loads below before the PDL wait, not after it
     PREFETCH: tl.constexpr = False,  # each next weight tile a tile ahead (as gate_up's)
+    STAGES: tl.constexpr = 1,  # the K loop through shared memory (as gate_up's)
 ):
     """Program (pair, n block): if the pair is its expert's first, the down features of the
     block for every row that chose it, times the routing weight, into `part` at that row's
@@ -201,8 +203,8 @@ def _down_kernel(
         x_rows = h_ptr + pair.to(tl.int64) * M * 2 * K  # [M, 2K]: rows m of this expert
         no_rstd = tl.zeros((BLOCK_M,), tl.float32)
         acc = expert_gemv(w, w_rows, n_mask, x_rows, M, K, 2 * K, offs_m, no_rstd, w_ptr, True,
-                          False, BLOCK_N, BLOCK_M, BLOCK_K, WEIGHT_EVICTION,
-                          PREFETCH)  # SiLU*mul as it loads the [gate | up] rows  # fmt: skip
+                          False, BLOCK_N, BLOCK_M, BLOCK_K, WEIGHT_EVICTION, PREFETCH,
+                          STAGES)  # SiLU*mul as it loads the [gate | up] rows  # fmt: skip
         store_down_part(part_ptr, acc, routing, chosen, slots, N, offs_n, n_mask)
     tl.debug_barrier()  # every thread's partial is written before the counter moves
     arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -286,7 +288,8 @@ def experts(
     as experts `E .. E + S - 1` where `ids` names them (`route(..., shared_experts=S)` appends
     them with weight 1). Returns `[M, H]` in x's dtype, or with `residual [M, H]`:
     `AddedResidual(out + residual, sums of squares)` as `gemv` does. `configs`: (gate_up's,
-    down's) launch; default `expert_config`. `early_loads`: down loads its ids, routing
+    down's) launch; default `expert_config` (`num_stages` > 1: each K loop through shared
+    memory, that many tiles deep; not with `prefetch`). `early_loads`: down loads its ids, routing
     weights, residual and first weight tile before its PDL wait (False: after it; for A/B
     timing, `bench_moe.py --ab`).
     """
@@ -299,6 +302,9 @@ def experts(
     if residual is not None and (residual.shape != (m, hidden) or not residual.is_contiguous()):
         raise ValueError(f"moe decode residual must be contiguous [{m}, {hidden}]")
     num_shared, shared_gate_up, shared_down = shared_weights(shared, gate_up, down)
+    for cfg in configs or ():
+        if cfg.prefetch and cfg.num_stages > 1:
+            raise ValueError(f"moe decode experts: prefetch and num_stages > 1 exclude: {cfg}")
     slots = ids.shape[1]
     num_pairs = m * slots
     ids = ids.to(torch.int32).contiguous()  # no copy when it comes from `route`
@@ -327,14 +333,14 @@ def experts(
         m, gate_up.shape[0], two_inter, hidden, num_shared, rows.stride(0), NORM=norm is not None,
         BLOCK_P=triton.next_power_of_2(parts), BLOCK_N=gate_up_cfg.block_n,
         BLOCK_K=gate_up_cfg.block_k, num_warps=gate_up_cfg.num_warps,
-        num_stages=gate_up_cfg.num_stages, PREFETCH=gate_up_cfg.prefetch, **pairs,
+        num_stages=1, PREFETCH=gate_up_cfg.prefetch, STAGES=gate_up_cfg.num_stages, **pairs,
     )  # fmt: skip
     res = residual if residual is not None else out  # unread without RESIDUAL
     _down_kernel[(num_pairs, n_blocks)](
         gate_up_rows, down, shared_down, part, arrival_counters(device, n_blocks), ids, weights,
         res, out, sumsq, m, gate_up.shape[0], hidden, inter, num_shared,
         RESIDUAL=residual is not None, EARLY_LOADS=early_loads, BLOCK_N=down_cfg.block_n,
-        BLOCK_K=down_cfg.block_k, num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages,
-        PREFETCH=down_cfg.prefetch, **pairs,
+        BLOCK_K=down_cfg.block_k, num_warps=down_cfg.num_warps, num_stages=1,
+        PREFETCH=down_cfg.prefetch, STAGES=down_cfg.num_stages, **pairs,
     )  # fmt: skip
     return out if residual is None else AddedResidual(out, sumsq)

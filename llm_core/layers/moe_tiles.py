@@ -49,10 +49,11 @@ def down_rows(w_ptr, shared_ptr, expert, offs_n, E, N, K, num_shared):
 def expert_gemv(w, w_rows, n_mask, x_ptr, M, K, stride_xm, offs_m, rstd, norm_w_ptr,
                 SILU_MUL: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHT_EVICTION: tl.constexpr,
-                PREFETCH: tl.constexpr):  # fmt: skip
+                PREFETCH: tl.constexpr, STAGES: tl.constexpr = 1):  # fmt: skip
     """`[BLOCK_N, BLOCK_M]` fp32: the weight rows `w_rows` (their first K tile `w` loaded)
     times every x row (`gemv_tile`'s folds). PREFETCH: each next weight tile loads before the
-    current one is used (two in flight)."""
+    current one is used (two in flight, in registers); STAGES > 1: the K loop's tiles stream
+    through shared memory (`cp.async`), STAGES - 1 ahead (a plain `range` is not pipelined)."""
     offs_k = tl.arange(0, BLOCK_K)
     w_next = w
     if PREFETCH:
@@ -60,7 +61,7 @@ def expert_gemv(w, w_rows, n_mask, x_ptr, M, K, stride_xm, offs_m, rstd, norm_w_
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc = gemv_tile(acc, w, x_ptr, M, K, stride_xm, offs_k, offs_m, rstd,
                     norm_tile(norm_w_ptr, offs_k, K, NORM), BLOCK_M, SILU_MUL, NORM)  # fmt: skip
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         k = k0 + offs_k
         if PREFETCH:
             w = w_next

@@ -167,6 +167,12 @@ ONE_TILE_CONFIGS = {
         GemvConfig(block_n=4, block_k=16, prefetch=True),
         GemvConfig(block_n=8, block_k=16, prefetch=True),
     ),  # fmt: skip
+    # the K loops through shared memory (`tl.range(num_stages=...)`; the interpreter runs them
+    # as plain loops: this checks the loop bounds and the arguments' path)
+    "both_stages": (
+        GemvConfig(block_n=4, block_k=16, num_stages=3),
+        GemvConfig(block_n=8, block_k=16, num_stages=2),
+    ),  # fmt: skip
 }
 
 
@@ -191,6 +197,15 @@ def test_experts_one_tile_configs_match_the_dense_reference(configs, early_loads
                                    configs=ONE_TILE_CONFIGS[configs],
                                    early_loads=early_loads)  # fmt: skip
         assert_close(added.h, ref, torch.float32)
+
+
+def test_experts_refuse_prefetch_with_stages():
+    gate_up, down = make_experts(4, torch.float32)
+    weights, ids = make_routing(1, 4, 2, None, seed=0)
+    cfg = GemvConfig(block_n=4, block_k=16, prefetch=True, num_stages=2)
+    with pytest.raises(ValueError, match="exclude"):
+        moe_decode.experts(torch.randn(1, HIDDEN), gate_up, down, weights, ids,
+                           configs=(cfg, cfg))  # fmt: skip
 
 
 def test_expert_config_is_tiled_unless_one_tile_is_asked():
