@@ -36,6 +36,8 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name}={value} must be a power of two")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"GemvConfig split_k/num_stages must be >= 1: {self}")
+        if self.prefetch and self.num_stages > 1:
+            raise ValueError(f"GemvConfig prefetch and num_stages > 1 exclude: {self}")
 
 
 @functools.lru_cache(maxsize=8)

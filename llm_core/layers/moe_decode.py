@@ -302,9 +302,6 @@ def experts(
     if residual is not None and (residual.shape != (m, hidden) or not residual.is_contiguous()):
         raise ValueError(f"moe decode residual must be contiguous [{m}, {hidden}]")
     num_shared, shared_gate_up, shared_down = shared_weights(shared, gate_up, down)
-    for cfg in configs or ():
-        if cfg.prefetch and cfg.num_stages > 1:
-            raise ValueError(f"moe decode experts: prefetch and num_stages > 1 exclude: {cfg}")
     slots = ids.shape[1]
     num_pairs = m * slots
     ids = ids.to(torch.int32).contiguous()  # no copy when it comes from `route`

@@ -71,15 +71,15 @@ def engine_part(names: list[str]) -> None:
     model_dir = resolve_bench_model("qwen3-30b-a3b")
     bandwidth = measure_bandwidth()
     print(f"copy rate {bandwidth / 1e12:.2f} TB/s", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen = variants(DEFAULT(8, 1536, 2048, sms, True), DEFAULT(8, 2048, 768, sms, True))
     for name in names:
 
-        def config(num_pairs, n, k, sms, is_cuda, one_tile=False, name=name):
+        def config(num_pairs, n, k, sms, is_cuda, one_tile=False, pair=chosen[name]):
             cfg = DEFAULT(num_pairs, n, k, sms, is_cuda, one_tile)
-            if name == "default" or num_pairs != 8 or not is_cuda:
+            if num_pairs != 8 or not is_cuda:
                 return cfg
-            gate_up, down = variants(DEFAULT(8, 1536, 2048, sms, True),
-                                     DEFAULT(8, 2048, 768, sms, True))[name]  # fmt: skip
-            return gate_up if (n, k) == (1536, 2048) else down if (n, k) == (2048, 768) else cfg
+            return pair[0] if (n, k) == (1536, 2048) else pair[1] if (n, k) == (2048, 768) else cfg
 
         moe_decode.expert_config = config
         variant_ms(f"qwen3-30b-a3b {name}", model_dir, bandwidth, max_model_len=4096,
