@@ -3,8 +3,9 @@ memory (`GemvConfig.num_stages` > 1: `tl.range(num_stages=...)`; a plain `range`
 pipelined, so every earlier config streamed each tile only after the previous one's math).
 Part 1: the experts at one token (`bench_moe.cycled_experts`: 16 disjoint expert sets, CUDA
 graph replays, us and TB/s of the chosen experts' weights), the defaults then each variant;
-part 2 (`both`): batch-1 decode of the dummy-weight model with the fastest variant against the
-defaults, alternating.
+part 2 (`both`): batch-1 decode of the dummy-weight model with the fastest variant (if one wins
+by > 3%) against the defaults, and with the route launch skipped (`fixed_route`: the bound of a
+router fold), alternating.
 
     python3 scripts/device/moe_stages.py layers
     python3 scripts/device/moe_stages.py both
@@ -21,6 +22,7 @@ from bench_moe import cycled_experts, decode_inputs, expert_sets, graph_ms  # no
 from polymodal.llm_core.layers import moe_decode  # noqa: E402
 
 DEFAULT = moe_decode.expert_config
+ROUTE = moe_decode.route
 
 
 def variants(gate_up, down) -> dict:
@@ -63,6 +65,24 @@ def layers_part() -> list[str]:
     return [name for _, name in sorted(faster)]
 
 
+def fixed_route(x, weight, top_k, *args, shared_experts=0, **kwargs):
+    """`moe_decode.route` without its launch: each row's first `top_k` experts (and the shared
+    ones) at weight 1/top_k, static tensors a graph captures. Timing only (the tokens are
+    nonsense): the most folding the router into the o-proj GEMV could save."""
+    rows = x.h if hasattr(x, "h") else x
+    key = (rows.shape[0], top_k, shared_experts, weight.shape[0])
+    if key not in FIXED:
+        ids = torch.arange(top_k + shared_experts, dtype=torch.int32, device=rows.device)
+        ids[top_k:] += weight.shape[0] - top_k  # shared expert s is id E + s
+        weights = torch.full(ids.shape, 1.0 / top_k, device=rows.device)
+        weights[top_k:] = 1.0
+        FIXED[key] = (weights.repeat(rows.shape[0], 1), ids.repeat(rows.shape[0], 1))
+    return FIXED[key]
+
+
+FIXED: dict = {}
+
+
 def engine_part(names: list[str]) -> None:
     from polymodal.bench import resolve_bench_model
     from polymodal.bench.engine import measure_bandwidth
@@ -74,6 +94,12 @@ def engine_part(names: list[str]) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     chosen = variants(DEFAULT(8, 1536, 2048, sms, True), DEFAULT(8, 2048, 768, sms, True))
     for name in names:
+        if name == "no route":  # the upper bound of a router fold: the defaults, route skipped
+            moe_decode.expert_config, moe_decode.route = DEFAULT, fixed_route
+            variant_ms("qwen3-30b-a3b no route", model_dir, bandwidth, max_model_len=4096,
+                       dummy_weights=True)  # fmt: skip
+            moe_decode.route = ROUTE
+            continue
 
         def config(num_pairs, n, k, sms, is_cuda, one_tile=False, pair=chosen[name]):
             cfg = DEFAULT(num_pairs, n, k, sms, is_cuda, one_tile)
@@ -89,5 +115,5 @@ def engine_part(names: list[str]) -> None:
 if __name__ == "__main__":
     best = layers_part()
     print("faster than the default by > 3%:", best or "none", flush=True)
-    if sys.argv[1:] == ["both"] and best:
-        engine_part(["default", best[0], "default", best[0]])
+    if sys.argv[1:] == ["both"]:
+        engine_part(["default", *best[:1], "no route", "default", *best[:1], "no route"])
