@@ -65,6 +65,9 @@ def layers_part() -> list[str]:
     return [name for _, name in sorted(faster)]
 
 
+FIXED: dict = {}  # (rows, top_k, shared, experts): `fixed_route`'s tensors
+
+
 def fixed_route(x, weight, top_k, *args, shared_experts=0, **kwargs):
     """`moe_decode.route` without its launch: each row's first `top_k` experts (and the shared
     ones) at weight 1/top_k, static tensors a graph captures. Timing only (the tokens are
@@ -78,9 +81,6 @@ def fixed_route(x, weight, top_k, *args, shared_experts=0, **kwargs):
         weights[top_k:] = 1.0
         FIXED[key] = (weights.repeat(rows.shape[0], 1), ids.repeat(rows.shape[0], 1))
     return FIXED[key]
-
-
-FIXED: dict = {}
 
 
 def engine_part(names: list[str]) -> None:
